@@ -1,0 +1,42 @@
+# loragate — the two commands a fresh machine needs: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint typecheck pytest test-vllm bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+
+$(VENV)/.runtime-installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(VENV)/.runtime-installed $@
+
+demo: $(VENV)/.runtime-installed
+	$(VENV)/bin/loragate demo $(DEMO_ARGS)
+
+test: $(VENV)/.dev-installed
+	bash scripts/ensure_redis.sh
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy --strict src
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.dev-installed
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench || true
+
+typecheck: $(VENV)/.dev-installed
+	$(VENV)/bin/mypy --strict src
+
+pytest: $(VENV)/.dev-installed
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build src/*.egg-info

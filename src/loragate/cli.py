@@ -1,0 +1,66 @@
+"""``loragate`` console script: one subcommand per module in ``loragate.commands``.
+
+Each command module defines ``HELP: str``, ``add_arguments(parser)`` and ``run(args) -> int``.
+Modules are imported lazily so ``loragate --help`` stays fast and a command's heavy
+dependencies load only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+# name -> module under loragate.commands
+COMMANDS: dict[str, str] = {
+    "replica": "replica",
+    "serve": "serve",
+    "demo": "demo",
+    "twin": "twin",
+    "simulate": "simulate",
+}
+
+
+def _load(module: str) -> ModuleType:
+    return importlib.import_module(f"loragate.commands.{module}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loragate",
+        description="Adapter-aware load-balancing gateway for multi-tenant LoRA serving on vLLM.",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, module_name in COMMANDS.items():
+        try:
+            module = _load(module_name)
+        except ModuleNotFoundError as exc:  # a command whose module is not written yet
+            if exc.name != f"loragate.commands.{module_name}":
+                raise
+            continue
+        cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def _version() -> str:
+    from loragate import __version__
+
+    return f"loragate {__version__}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run = args._run
+    code = run(args)
+    return int(code) if code is not None else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Plain value types shared across packages. No I/O, no third-party imports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+AdapterId = str
+ReplicaId = str
+TenantId = str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdapterSpec:
+    """A LoRA adapter the deployment serves.
+
+    ``tenants`` is the set of tenants allowed to use it; ``None`` means every tenant.
+    """
+
+    name: AdapterId
+    path: str
+    rank: int = 8
+    tenants: frozenset[TenantId] | None = None
+
+    def allows(self, tenant: TenantId | None) -> bool:
+        return self.tenants is None or (tenant is not None and tenant in self.tenants)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplicaSettings:
+    """The LoRA-relevant engine settings of one replica (from config or discovered)."""
+
+    max_loras: int = 4
+    max_cpu_loras: int = 8
+    max_lora_rank: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Residency:
+    """loragate's model of which adapters a replica holds.
+
+    ``gpu`` and ``cpu`` are in LRU order: least recently used first, most recent last.
+    """
+
+    registered: frozenset[AdapterId] = frozenset()
+    gpu: tuple[AdapterId, ...] = ()
+    cpu: tuple[AdapterId, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplicaSnapshot:
+    """What routing knows about one replica at one moment."""
+
+    replica_id: ReplicaId
+    url: str
+    healthy: bool = True
+    settings: ReplicaSettings = field(default_factory=ReplicaSettings)
+    # From the replica's /metrics (may lag by one poll interval).
+    num_running: int = 0
+    num_waiting: int = 0
+    num_deferred: int = 0
+    kv_usage: float = 0.0
+    active_adapters: frozenset[AdapterId] = frozenset()
+    # Gateway-side bookkeeping (fresh on every request).
+    in_flight: int = 0
+    residency: Residency = field(default_factory=Residency)
+    scraped_at_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoutingRequest:
+    """The part of a client request that routing looks at."""
+
+    request_id: str
+    adapter: AdapterId | None
+    tenant: TenantId | None = None
+    prompt_tokens: int = 0
+    max_tokens: int = 16
+    stream: bool = False
