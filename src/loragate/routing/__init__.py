@@ -1,1 +1,48 @@
-"""loragate.routing"""
+"""Pure, synchronous routing: filters, scorers and a picker composed into policies.
+
+Public API::
+
+    from loragate.routing import build_policy, RoutingContext, NoCandidateError
+
+    policy = build_policy("least_loaded", seed=0)          # or the config's routing: mapping
+    ctx = policy.context(now_s=clock.now())                # or RoutingContext(now_s=..., rng=...)
+    replica_id = policy.choose(request, snapshots, ctx)    # NoCandidateError -> 503
+
+``NoCandidateError`` subclasses ``loragate.core.errors.NoReplicaAvailableError``.
+"""
+
+from loragate.routing.builtins import default_registry
+from loragate.routing.config import build_policy
+from loragate.routing.framework import (
+    Filter,
+    NoCandidateError,
+    Picker,
+    Policy,
+    RoutingContext,
+    RoutingProfile,
+    Scorer,
+    WeightedScorer,
+    load_of,
+)
+from loragate.routing.params import Params
+from loragate.routing.registry import BuildEnv, Registry
+from loragate.routing.step_time import LinearStepTimeModel, StepTimeModel
+
+__all__ = [
+    "BuildEnv",
+    "Filter",
+    "LinearStepTimeModel",
+    "NoCandidateError",
+    "Params",
+    "Picker",
+    "Policy",
+    "Registry",
+    "RoutingContext",
+    "RoutingProfile",
+    "Scorer",
+    "StepTimeModel",
+    "WeightedScorer",
+    "build_policy",
+    "default_registry",
+    "load_of",
+]

@@ -1,0 +1,161 @@
+"""Building a routing policy from the config file's ``routing:`` section.
+
+Accepted forms (``routing`` is the key path used in error messages):
+
+* a built-in name: ``routing: least_loaded``;
+* a built-in with parameters, inline or under ``params``::
+
+      routing: {policy: consistent_hash, load_factor: 1.25, virtual_nodes: 160}
+      routing: {policy: consistent_hash, params: {load_factor: 1.25}}
+
+* a composition (``name`` optional, ``filters`` and ``scorers`` optional, ``picker`` defaults to
+  ``max_score``)::
+
+      routing:
+        name: my-affinity
+        filters: [{name: max_load, params: {max_load: 64}}]
+        scorers:
+          - {name: lora_affinity, weight: 2}
+          - {name: queue, weight: 1}
+        picker: {name: max_score, params: {tie_break: random}}
+
+Everything is checked here, once: unknown names, weights that are not finite non-negative
+numbers (or are all zero), and parameters of the wrong type fail with one ``ConfigError`` whose
+``key`` names the offending path, e.g. ``routing.scorers[1].weight``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from loragate.core.errors import ConfigError
+from loragate.routing.builtins import default_registry
+from loragate.routing.framework import Filter, RoutingProfile, WeightedScorer
+from loragate.routing.params import Params, check_mapping, check_number
+from loragate.routing.registry import BuildEnv, Registry, lookup
+from loragate.routing.step_time import LinearStepTimeModel, StepTimeModel
+
+_COMPOSITION_KEYS = ("name", "filters", "scorers", "picker")
+_PLUGIN_KEYS = ("name", "params")
+_SCORER_KEYS = ("name", "weight", "params")
+
+
+def build_policy(
+    spec: object,
+    seed: int = 0,
+    step_time_model: StepTimeModel | None = None,
+    *,
+    registry: Registry | None = None,
+    key: str = "routing",
+) -> RoutingProfile:
+    """A ready ``RoutingProfile`` for ``spec``; raises ``ConfigError`` naming the bad key."""
+    reg = registry if registry is not None else default_registry()
+    env = BuildEnv(
+        seed=seed,
+        step_time_model=step_time_model if step_time_model is not None else LinearStepTimeModel(),
+    )
+    if isinstance(spec, str):
+        factory = lookup(reg.profiles, "policy", spec, key)
+        return factory(Params(None, key), env)
+    raw = check_mapping(spec, key)
+    if "policy" in raw:
+        return _build_named(raw, env, reg, key)
+    if not any(k in raw for k in ("filters", "scorers", "picker")):
+        raise ConfigError(
+            "needs 'policy: NAME' (one of "
+            f"{', '.join(sorted(reg.profiles))}) or a composition of filters/scorers/picker",
+            key=key,
+        )
+    return _build_composed(raw, env, reg, key)
+
+
+def _build_named(
+    raw: Mapping[str, object], env: BuildEnv, reg: Registry, key: str
+) -> RoutingProfile:
+    factory = lookup(reg.profiles, "policy", raw["policy"], f"{key}.policy")
+    rest = {k: v for k, v in raw.items() if k != "policy"}
+    if "params" in rest:
+        extra = [k for k in rest if k != "params"]
+        if extra:
+            raise ConfigError(
+                "give parameters either inline or under 'params'", key=f"{key}.{extra[0]}"
+            )
+        return factory(Params(check_mapping(rest["params"], f"{key}.params"), f"{key}.params"), env)
+    return factory(Params(rest, key), env)
+
+
+def _plugin_spec(
+    item: object, key: str, allowed: Sequence[str]
+) -> tuple[object, Mapping[str, object]]:
+    """(name, raw item) of a list entry given as ``NAME`` or ``{name: NAME, ...}``."""
+    if isinstance(item, str):
+        return item, {}
+    raw = check_mapping(item, key)
+    for k in raw:
+        if k not in allowed:
+            raise ConfigError(f"unknown key (allowed: {', '.join(allowed)})", key=f"{key}.{k}")
+    if "name" not in raw:
+        raise ConfigError("missing 'name'", key=key)
+    return raw["name"], raw
+
+
+def _params(raw: Mapping[str, object], key: str) -> Params:
+    value = raw.get("params")
+    return Params(None if value is None else check_mapping(value, f"{key}.params"), f"{key}.params")
+
+
+def _as_list(value: object, key: str) -> list[object]:
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ConfigError(f"must be a list, got {type(value).__name__} {value!r}", key=key)
+    return list(value)
+
+
+def _build_composed(
+    raw: Mapping[str, object], env: BuildEnv, reg: Registry, key: str
+) -> RoutingProfile:
+    for k in raw:
+        if k not in _COMPOSITION_KEYS:
+            raise ConfigError(
+                f"unknown key (a composition takes: {', '.join(_COMPOSITION_KEYS)})",
+                key=f"{key}.{k}",
+            )
+    name = raw.get("name", "custom")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"must be a non-empty string, got {name!r}", key=f"{key}.name")
+
+    filters: list[Filter] = []
+    for i, item in enumerate(_as_list(raw.get("filters"), f"{key}.filters")):
+        ikey = f"{key}.filters[{i}]"
+        fname, fraw = _plugin_spec(item, ikey, _PLUGIN_KEYS)
+        factory = lookup(reg.filters, "filter", fname, f"{ikey}.name" if fraw else ikey)
+        params = _params(fraw, ikey)
+        filters.append(factory(params, env))
+        params.finish()
+
+    scorers: list[WeightedScorer] = []
+    items = _as_list(raw.get("scorers"), f"{key}.scorers")
+    for i, item in enumerate(items):
+        ikey = f"{key}.scorers[{i}]"
+        sname, sraw = _plugin_spec(item, ikey, _SCORER_KEYS)
+        sfactory = lookup(reg.scorers, "scorer", sname, f"{ikey}.name" if sraw else ikey)
+        weight = 1.0
+        if "weight" in sraw:
+            weight = check_number(sraw["weight"], f"{ikey}.weight", min_value=0.0)
+        params = _params(sraw, ikey)
+        scorers.append(WeightedScorer(weight, sfactory(params, env)))
+        params.finish()
+    if scorers and all(s.weight == 0.0 for s in scorers):
+        raise ConfigError(
+            "every scorer weight is 0; at least one must be positive", key=f"{key}.scorers"
+        )
+
+    pkey = f"{key}.picker"
+    pname, praw = _plugin_spec(raw.get("picker", "max_score"), pkey, _PLUGIN_KEYS)
+    pfactory = lookup(reg.pickers, "picker", pname, f"{pkey}.name" if praw else pkey)
+    pparams = _params(praw, pkey)
+    picker = pfactory(pparams, env)
+    pparams.finish()
+
+    return RoutingProfile(name=name, filters=filters, scorers=scorers, picker=picker, seed=env.seed)

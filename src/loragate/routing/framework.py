@@ -1,0 +1,152 @@
+"""The routing framework: filters, scorers and a picker chained into a profile.
+
+A routing decision runs, in order:
+
+1. the implicit health filter (an unhealthy replica never gets traffic);
+2. each ``Filter`` of the profile, narrowing the candidate list;
+3. each ``Scorer``, giving every candidate a score in [0, 1] (clamped here, whatever the scorer
+   returns); the profile sums ``weight * score`` per candidate;
+4. the ``Picker``, choosing one replica from the weighted totals.
+
+Everything is pure and synchronous: no I/O, no clocks read, no globals. Time and randomness come in
+through the ``RoutingContext``; state kept across decisions (a round-robin counter, a hash ring)
+lives inside the plugin objects of one profile.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from loragate.core.errors import NoReplicaAvailableError
+from loragate.core.types import ReplicaId, ReplicaSnapshot, RoutingRequest
+
+
+class NoCandidateError(NoReplicaAvailableError):
+    """No replica can take the request (none healthy, or every one filtered out)."""
+
+
+@dataclass(slots=True)
+class RoutingContext:
+    """Per-decision inputs besides the request and the replicas.
+
+    ``now_s`` is the caller's clock (wall or virtual), ``rng`` a seeded random source shared by the
+    caller across decisions (so a simulation is reproducible for a seed), ``scratch`` a dict for
+    plugins of one decision to share intermediate results (e.g. each replica's load).
+    """
+
+    now_s: float = 0.0
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
+    scratch: dict[str, object] = field(default_factory=dict)
+
+
+class Filter(Protocol):
+    """Narrows the candidate list. May return the input unchanged; must keep input order."""
+
+    def filter(
+        self, ctx: RoutingContext, req: RoutingRequest, replicas: Sequence[ReplicaSnapshot]
+    ) -> Sequence[ReplicaSnapshot]: ...
+
+
+class Scorer(Protocol):
+    """Scores candidates; values outside [0, 1] are clamped, a missing replica scores 0."""
+
+    def score(
+        self, ctx: RoutingContext, req: RoutingRequest, replicas: Sequence[ReplicaSnapshot]
+    ) -> Mapping[ReplicaId, float]: ...
+
+
+class Picker(Protocol):
+    """Chooses one replica from the weighted score totals (insertion order = candidate order)."""
+
+    def pick(self, ctx: RoutingContext, scored: Mapping[ReplicaId, float]) -> ReplicaId: ...
+
+
+def load_of(replica: ReplicaSnapshot) -> int:
+    """The load measure shared by the load-based policies: in-flight plus waiting requests."""
+    return replica.in_flight + replica.num_waiting
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedScorer:
+    weight: float
+    scorer: Scorer
+
+
+class RoutingProfile:
+    """Filters, weighted scorers and one picker, applied in that order.
+
+    Named ``RoutingProfile`` (not ``Profile``) to keep clear of the twin's performance profiles.
+    """
+
+    __slots__ = ("_filters", "_picker", "_rng", "_scorers", "name")
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        filters: Sequence[Filter] = (),
+        scorers: Sequence[WeightedScorer] = (),
+        picker: Picker,
+        seed: int = 0,
+    ) -> None:
+        self.name = name
+        self._filters = tuple(filters)
+        self._scorers = tuple((ws.weight, ws.scorer) for ws in scorers if ws.weight > 0.0)
+        self._picker = picker
+        self._rng = random.Random(seed)
+
+    @property
+    def filters(self) -> tuple[Filter, ...]:
+        return self._filters
+
+    @property
+    def scorers(self) -> tuple[WeightedScorer, ...]:
+        return tuple(WeightedScorer(w, s) for w, s in self._scorers)
+
+    @property
+    def picker(self) -> Picker:
+        return self._picker
+
+    def context(self, now_s: float = 0.0) -> RoutingContext:
+        """A fresh context that shares this profile's seeded RNG (deterministic for a seed)."""
+        return RoutingContext(now_s=now_s, rng=self._rng)
+
+    def choose(
+        self,
+        request: RoutingRequest,
+        replicas: Sequence[ReplicaSnapshot],
+        ctx: RoutingContext | None = None,
+    ) -> ReplicaId:
+        """The replica to send ``request`` to; raises ``NoCandidateError`` if there is none."""
+        if ctx is None:
+            ctx = RoutingContext(rng=self._rng)
+        candidates: Sequence[ReplicaSnapshot] = [r for r in replicas if r.healthy]
+        for flt in self._filters:
+            if not candidates:
+                break
+            candidates = flt.filter(ctx, request, candidates)
+        if not candidates:
+            what = "no healthy replica" if not any(r.healthy for r in replicas) else "no replica"
+            raise NoCandidateError(
+                f"{what} can serve model {request.adapter or '<base>'!r} "
+                f"({len(replicas)} known, policy {self.name!r})",
+                param="model",
+            )
+        totals: dict[ReplicaId, float] = dict.fromkeys([r.replica_id for r in candidates], 0.0)
+        for weight, scorer in self._scorers:
+            scores = scorer.score(ctx, request, candidates)
+            for rid in totals:
+                v = scores.get(rid, 0.0)
+                if v > 1.0:
+                    v = 1.0
+                elif not v >= 0.0:  # negative or NaN
+                    v = 0.0
+                totals[rid] += weight * v
+        return self._picker.pick(ctx, totals)
+
+
+# The name other modules may use for "a routing policy".
+Policy = RoutingProfile
