@@ -1,0 +1,134 @@
+"""Read a calibration folder (BSC CSV format) into plain numeric rows.
+
+The folder layout is the one of ``shared/data/bsc-vllm-lora/calibration/``:
+``base_latency.csv``, ``lora_overhead.csv``, ``loading.csv``, ``kv_capacity.csv`` and,
+optionally, scheduler-overhead runs (``scheduler_overhead.csv`` in the folder, or the two R3
+CSVs ``metrics_data_{aggregated_rate,adapter_rates}.csv`` anywhere below it). Every file and
+every non-key column is optional: a missing value reads as ``nan`` and the fitter skips the
+row or falls back to another source. Only the ``model`` column is used to filter rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loragate.core.errors import ConfigError
+
+Row = dict[str, float]
+
+BASE_LATENCY_FILE = "base_latency.csv"
+LORA_OVERHEAD_FILE = "lora_overhead.csv"
+LOADING_FILE = "loading.csv"
+KV_CAPACITY_FILE = "kv_capacity.csv"
+SCHEDULER_FILE = "scheduler_overhead.csv"
+R3_FILES = ("metrics_data_aggregated_rate.csv", "metrics_data_adapter_rates.csv")
+
+# Text columns kept as strings (everything else is parsed as float, '' / 'fail' -> nan).
+_TEXT_COLUMNS = frozenset(
+    {"group", "model", "phase", "max_num_seqs_source", "source_path", "fail_reason"}
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Table:
+    """Rows of one CSV file: numeric columns in ``values``, text columns in ``text``."""
+
+    values: list[Row] = field(default_factory=list)
+    text: list[dict[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def column(self, name: str) -> list[float]:
+        return [row.get(name, math.nan) for row in self.values]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CalibrationData:
+    """All tables of one calibration folder, already filtered to one model."""
+
+    model: str
+    base_latency: Table
+    lora_overhead: Table
+    loading: Table
+    kv_capacity: Table
+    scheduler: Table
+    # Rows of the other models (used only for documented fallbacks, e.g. prefill weight).
+    base_latency_all: Table
+
+
+def _to_float(text: str) -> float:
+    text = text.strip()
+    if not text:
+        return math.nan
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def read_table(path: Path, *, model: str | None = None) -> Table:
+    """Read one CSV; keep rows whose ``model`` column equals ``model`` (if both exist)."""
+    if not path.is_file():
+        return Table()
+    values: list[Row] = []
+    text: list[dict[str, str]] = []
+    with path.open(newline="", encoding="utf-8") as handle:
+        for raw in csv.DictReader(handle):
+            row_model = raw.get("model")
+            if model is not None and row_model not in (None, "", model):
+                continue
+            values.append(
+                {k: _to_float(v) for k, v in raw.items() if k and k not in _TEXT_COLUMNS}
+            )
+            text.append({k: (v or "") for k, v in raw.items() if k and k in _TEXT_COLUMNS})
+    return Table(values=values, text=text)
+
+
+def _concat(tables: list[Table]) -> Table:
+    return Table(
+        values=[row for t in tables for row in t.values],
+        text=[row for t in tables for row in t.text],
+    )
+
+
+def _scheduler_table(folder: Path, model: str) -> Table:
+    direct = folder / SCHEDULER_FILE
+    if direct.is_file():
+        return read_table(direct, model=model)
+    found = [p for name in R3_FILES for p in sorted(folder.rglob(name))]
+    # R3 runs do not name their model (scheduling is CPU-side and model-agnostic).
+    return _concat([read_table(p) for p in found])
+
+
+def available_models(folder: Path) -> list[str]:
+    """Model names present in the folder's ``base_latency.csv`` / ``lora_overhead.csv``."""
+    names: set[str] = set()
+    for name in (BASE_LATENCY_FILE, LORA_OVERHEAD_FILE, KV_CAPACITY_FILE):
+        for row in read_table(folder / name).text:
+            if row.get("model"):
+                names.add(row["model"])
+    return sorted(names)
+
+
+def load_calibration_data(folder: str | Path, model: str) -> CalibrationData:
+    """Load every table of ``folder`` for ``model``; raise ConfigError if nothing matches."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise ConfigError(f"calibration folder not found: {path}")
+    data = CalibrationData(
+        model=model,
+        base_latency=read_table(path / BASE_LATENCY_FILE, model=model),
+        lora_overhead=read_table(path / LORA_OVERHEAD_FILE, model=model),
+        loading=read_table(path / LOADING_FILE, model=model),
+        kv_capacity=read_table(path / KV_CAPACITY_FILE, model=model),
+        scheduler=_scheduler_table(path, model),
+        base_latency_all=read_table(path / BASE_LATENCY_FILE),
+    )
+    if not len(data.base_latency) and not len(data.lora_overhead):
+        known = ", ".join(available_models(path)) or "none"
+        raise ConfigError(f"no calibration rows for model {model!r} in {path} (models: {known})")
+    return data
