@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 AdapterId = str
 ReplicaId = str
@@ -62,8 +64,14 @@ class ReplicaSnapshot:
     num_deferred: int = 0
     kv_usage: float = 0.0
     active_adapters: frozenset[AdapterId] = frozenset()
+    # Adapters listed as waiting by the replica (``waiting_lora_adapters``; vLLM 0.32 repeats
+    # the running list there). Optional; read by the ``lora_affinity`` scorer.
+    waiting_adapters: frozenset[AdapterId] = frozenset()
     # Gateway-side bookkeeping (fresh on every request).
     in_flight: int = 0
+    # In-flight requests per adapter on this replica (optional; base-model requests are not
+    # listed). Fresher than ``active_adapters``; the ``loragate`` policy uses it when given.
+    adapter_in_flight: Mapping[AdapterId, int] = field(default_factory=lambda: MappingProxyType({}))
     residency: Residency = field(default_factory=Residency)
     scraped_at_s: float = 0.0
 
@@ -78,3 +86,6 @@ class RoutingRequest:
     prompt_tokens: int = 0
     max_tokens: int = 16
     stream: bool = False
+    # LoRA rank of ``adapter`` if known (from its AdapterSpec); routing's load-cost estimates
+    # use it, falling back to a default rank when ``None``.
+    adapter_rank: int | None = None
