@@ -1,0 +1,246 @@
+"""Response bodies and SSE chunks of vLLM 0.32's OpenAI-compatible API, field for field.
+
+Key order and the set of ``null`` fields follow ``shared/design/vllm-0.32/transcript_basic.md``.
+JSON is compact (``separators=(",", ":")``) and UTF-8, as pydantic's ``model_dump_json`` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+VLLM_VERSION = "0.32.0"
+SYSTEM_FINGERPRINT = "vllm-0.32.0-3216f9d5"  # as recorded
+SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + dumps(obj) + b"\n\n"
+
+
+def new_id(kind: str) -> str:
+    """``cmpl-<16 hex>`` or ``chatcmpl-<16 hex>``."""
+    prefix = "chatcmpl" if kind == "chat" else "cmpl"
+    return f"{prefix}-{secrets.token_hex(8)}"
+
+
+def now_unix() -> int:
+    return int(time.time())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChoiceResult:
+    index: int
+    text: str
+    finish_reason: str
+    completion_tokens: int
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, *, details: bool) -> dict[str, Any]:
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+    }
+    if details:
+        usage["prompt_tokens_details"] = None
+        usage["completion_tokens_details"] = None
+    return usage
+
+
+def completion_body(
+    *, request_id: str, created: int, model: str, choices: list[ChoiceResult], prompt_tokens: int
+) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": c.index,
+                "text": c.text,
+                "logprobs": None,
+                "finish_reason": c.finish_reason,
+                "stop_reason": None,
+                "token_ids": None,
+                "prompt_logprobs": None,
+                "prompt_token_ids": None,
+                "routed_experts": None,
+            }
+            for c in choices
+        ],
+        "service_tier": None,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "usage": _usage(prompt_tokens, sum(c.completion_tokens for c in choices), details=True),
+        "kv_transfer_params": None,
+        "ec_transfer_params": None,
+        "metrics": None,
+    }
+
+
+def chat_body(
+    *, request_id: str, created: int, model: str, choices: list[ChoiceResult], prompt_tokens: int
+) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": c.index,
+                "message": {
+                    "role": "assistant",
+                    "content": c.text,
+                    "refusal": None,
+                    "annotations": None,
+                    "audio": None,
+                    "function_call": None,
+                    "reasoning": None,
+                },
+                "logprobs": None,
+                "finish_reason": c.finish_reason,
+                "stop_reason": None,
+                "token_ids": None,
+                "routed_experts": None,
+            }
+            for c in choices
+        ],
+        "service_tier": None,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "usage": _usage(prompt_tokens, sum(c.completion_tokens for c in choices), details=True),
+        "prompt_logprobs": None,
+        "prompt_token_ids": None,
+        "prompt_text": None,
+        "kv_transfer_params": None,
+        "ec_transfer_params": None,
+        "metrics": None,
+    }
+
+
+def completion_chunk(
+    *, request_id: str, created: int, model: str, index: int, text: str, finish_reason: str | None
+) -> dict[str, Any]:
+    choice: dict[str, Any] = {
+        "index": index,
+        "text": text,
+        "logprobs": None,
+        "finish_reason": finish_reason,
+        "stop_reason": None,
+        "prompt_token_ids": None,
+        "token_ids": None,
+    }
+    chunk: dict[str, Any] = {
+        "id": request_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+    }
+    if finish_reason is not None:
+        chunk["system_fingerprint"] = SYSTEM_FINGERPRINT
+    return chunk
+
+
+def chat_role_chunk(*, request_id: str, created: int, model: str, index: int) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": index,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+        ],
+        "prompt_token_ids": None,
+        "prompt_text": None,
+    }
+
+
+def chat_chunk(
+    *, request_id: str, created: int, model: str, index: int, text: str, finish_reason: str | None
+) -> dict[str, Any]:
+    choice: dict[str, Any] = {
+        "index": index,
+        "delta": {"content": text},
+        "logprobs": None,
+        "finish_reason": finish_reason,
+    }
+    if finish_reason is not None:
+        choice["stop_reason"] = None
+    choice["token_ids"] = None
+    chunk: dict[str, Any] = {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+    }
+    if finish_reason is not None:
+        chunk["system_fingerprint"] = SYSTEM_FINGERPRINT
+    return chunk
+
+
+def usage_chunk(
+    *,
+    kind: str,
+    request_id: str,
+    created: int,
+    model: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+) -> dict[str, Any]:
+    """The final ``stream_options.include_usage`` chunk: empty ``choices`` and the usage."""
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": _usage(prompt_tokens, completion_tokens, details=False),
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+    }
+
+
+def model_card(
+    *, model_id: str, created: int, root: str, parent: str | None, max_model_len: int | None
+) -> dict[str, Any]:
+    """One ``/v1/models`` entry (``created`` and the permission id are fresh on every call)."""
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "vllm",
+        "root": root,
+        "parent": parent,
+        "max_model_len": max_model_len,
+        "permission": [
+            {
+                "id": f"modelperm-{secrets.token_hex(8)}",
+                "object": "model_permission",
+                "created": created,
+                "allow_create_engine": False,
+                "allow_sampling": True,
+                "allow_logprobs": True,
+                "allow_search_indices": False,
+                "allow_view": True,
+                "allow_fine_tuning": False,
+                "organization": "*",
+                "group": None,
+                "is_blocking": False,
+            }
+        ],
+    }
