@@ -1,0 +1,285 @@
+"""The replica pool: one :class:`VllmClient` per replica, a poller that keeps a
+:class:`ReplicaSnapshot` of each from ``/health``, ``/metrics`` and ``/v1/models``, passive
+health (a failed proxy connection takes a replica out at once), and single-flight adapter loads.
+
+Health: a replica is taken out of rotation after ``failures_to_unhealthy`` failed polls in a
+row, or at once when the gateway reports a failed connection; one successful poll brings it
+back. Registered adapters: the set from ``/v1/models`` (entries with a ``parent``), plus the
+adapters this gateway loaded since that poll began (a poll that started before a load finished
+cannot see it, so it must not erase it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+
+import aiohttp
+
+from loragate.backends.client import VllmClient
+from loragate.backends.metrics import VllmMetrics
+from loragate.core.clock import Clock, WallClock
+from loragate.core.config import PollerConfig, ReplicaConfig
+from loragate.core.errors import LoragateError, NoReplicaAvailableError
+from loragate.core.types import AdapterSpec, ReplicaId, ReplicaSettings, ReplicaSnapshot, Residency
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(slots=True)
+class _Replica:
+    config: ReplicaConfig
+    client: VllmClient | None = None
+    snapshot: ReplicaSnapshot | None = None
+    registered: set[str] = dataclasses.field(default_factory=set)
+    loaded_at_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    failures: int = 0
+    last_error: str | None = None
+    adapter_loads: int = 0
+
+
+class ReplicaPool:
+    """Owns the replicas' clients and their latest snapshots. Start it with :meth:`start`."""
+
+    def __init__(
+        self,
+        replicas: Sequence[ReplicaConfig],
+        *,
+        poller: PollerConfig | None = None,
+        admin_timeout_s: float = 60.0,
+        clock: Clock | None = None,
+    ) -> None:
+        if not replicas:
+            raise ValueError("a pool needs at least one replica")
+        self._poller = poller or PollerConfig()
+        self._admin_timeout_s = admin_timeout_s
+        self._clock: Clock = clock or WallClock()
+        self._replicas: dict[ReplicaId, _Replica] = {}
+        for cfg in replicas:
+            rep = _Replica(config=cfg)
+            rep.snapshot = ReplicaSnapshot(
+                replica_id=cfg.replica_id,
+                url=cfg.url,
+                healthy=False,
+                settings=cfg.settings or ReplicaSettings(),
+            )
+            self._replicas[cfg.replica_id] = rep
+        self._healthy: tuple[ReplicaSnapshot, ...] = ()
+        self._loads: dict[tuple[str, ReplicaId], asyncio.Task[None]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self, session: aiohttp.ClientSession, *, first_poll: bool = True) -> None:
+        """Bind clients to ``session``, poll once (so routing starts with real health), then
+        keep polling in a background task until :meth:`stop`."""
+        for rep in self._replicas.values():
+            rep.client = VllmClient(
+                session,
+                rep.config.url,
+                api_key=rep.config.api_key,
+                poll_timeout_s=self._poller.timeout_s,
+                admin_timeout_s=self._admin_timeout_s,
+            )
+        if first_poll:
+            await self.poll_once()
+        self._task = asyncio.create_task(self._run(), name="loragate-replica-poller")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for load in list(self._loads.values()):
+            load.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._poller.interval_s)
+            try:
+                await self.poll_once()
+            except Exception:  # never let the poller die
+                log.exception("replica poll failed unexpectedly")
+
+    # -- polling ----------------------------------------------------------------------------
+
+    async def poll_once(self) -> None:
+        """Poll every replica concurrently and update snapshots and health."""
+        await asyncio.gather(*(self._poll(rep) for rep in self._replicas.values()))
+        self._rebuild_healthy()
+
+    async def _poll(self, rep: _Replica) -> None:
+        client = self._client(rep)
+        started = self._clock.now()
+        try:
+            ok, metrics, models = await asyncio.gather(
+                client.health(), client.metrics(), client.list_models()
+            )
+            if not ok:
+                raise LoragateError("/health is not 200")
+        except (LoragateError, ValueError) as exc:
+            self._record_failure(rep, str(exc), immediate=False)
+            return
+        if rep.failures or rep.snapshot is None or not rep.snapshot.healthy:
+            log.info("replica %s is healthy", rep.config.replica_id)
+        rep.failures = 0
+        rep.last_error = None
+        recent = {a for a, t in rep.loaded_at_s.items() if t >= started}
+        rep.registered = set(models.adapters) | recent
+        rep.loaded_at_s = {a: t for a, t in rep.loaded_at_s.items() if a in recent}
+        rep.snapshot = self._snapshot_from(rep, metrics, healthy=True)
+
+    def _snapshot_from(self, rep: _Replica, m: VllmMetrics, *, healthy: bool) -> ReplicaSnapshot:
+        settings = rep.config.settings
+        if settings is None:
+            settings = ReplicaSettings()
+            if m.max_loras is not None:  # discovered from lora_requests_info's label
+                settings = dataclasses.replace(settings, max_loras=m.max_loras)
+        old = rep.snapshot
+        return ReplicaSnapshot(
+            replica_id=rep.config.replica_id,
+            url=rep.config.url,
+            healthy=healthy,
+            settings=settings,
+            num_running=m.num_running,
+            num_waiting=m.num_waiting,
+            num_deferred=m.num_deferred,
+            kv_usage=m.kv_usage,
+            active_adapters=m.active_adapters,
+            in_flight=old.in_flight if old is not None else 0,
+            residency=Residency(registered=frozenset(rep.registered)),
+            scraped_at_s=self._clock.now(),
+        )
+
+    def _record_failure(self, rep: _Replica, error: str, *, immediate: bool) -> None:
+        rep.failures += 1
+        rep.last_error = error
+        snap = rep.snapshot
+        if snap is None or not snap.healthy:
+            return
+        if immediate or rep.failures >= self._poller.failures_to_unhealthy:
+            log.warning("replica %s is unhealthy: %s", rep.config.replica_id, error)
+            rep.snapshot = dataclasses.replace(snap, healthy=False)
+            self._rebuild_healthy()
+
+    def _rebuild_healthy(self) -> None:
+        self._healthy = tuple(
+            r.snapshot
+            for r in self._replicas.values()
+            if r.snapshot is not None and r.snapshot.healthy
+        )
+
+    def report_failure(self, replica_id: ReplicaId, error: str) -> None:
+        """Passive health: the gateway could not talk to this replica. It gets no traffic until
+        a poll succeeds again."""
+        rep = self._replicas.get(replica_id)
+        if rep is not None:
+            self._record_failure(rep, error, immediate=True)
+
+    # -- queries ----------------------------------------------------------------------------
+
+    @property
+    def replica_ids(self) -> tuple[ReplicaId, ...]:
+        return tuple(self._replicas)
+
+    def client(self, replica_id: ReplicaId) -> VllmClient:
+        return self._client(self._replicas[replica_id])
+
+    @staticmethod
+    def _client(rep: _Replica) -> VllmClient:
+        if rep.client is None:
+            raise RuntimeError("ReplicaPool.start() has not been called")
+        return rep.client
+
+    def healthy_snapshots(self) -> tuple[ReplicaSnapshot, ...]:
+        """Snapshots of the replicas that may get traffic (same tuple until something changes)."""
+        return self._healthy
+
+    def snapshots(self) -> tuple[ReplicaSnapshot, ...]:
+        return tuple(r.snapshot for r in self._replicas.values() if r.snapshot is not None)
+
+    def snapshot(self, replica_id: ReplicaId) -> ReplicaSnapshot:
+        snap = self._replicas[replica_id].snapshot
+        assert snap is not None
+        return snap
+
+    def is_healthy(self, replica_id: ReplicaId) -> bool:
+        snap = self._replicas[replica_id].snapshot
+        return snap is not None and snap.healthy
+
+    def last_error(self, replica_id: ReplicaId) -> str | None:
+        return self._replicas[replica_id].last_error
+
+    def registered_adapters(self) -> Mapping[ReplicaId, frozenset[str]]:
+        return {rid: frozenset(r.registered) for rid, r in self._replicas.items()}
+
+    def is_registered(self, replica_id: ReplicaId, adapter: str) -> bool:
+        return adapter in self._replicas[replica_id].registered
+
+    def adapter_loads(self) -> Mapping[ReplicaId, int]:
+        """How many admin loads this gateway made on each replica."""
+        return {rid: r.adapter_loads for rid, r in self._replicas.items()}
+
+    # -- adapters ---------------------------------------------------------------------------
+
+    async def ensure_adapter(self, replica_id: ReplicaId, spec: AdapterSpec) -> bool:
+        """Make sure ``spec`` is registered on the replica, loading it through the admin API if
+        needed. One load per (adapter, replica) at a time however many requests wait; a waiter
+        that is cancelled does not cancel the load for the others. Returns True if this call
+        waited for a load, False if the adapter was already registered."""
+        rep = self._replicas[replica_id]
+        if spec.name in rep.registered:
+            return False
+        key = (spec.name, replica_id)
+        task = self._loads.get(key)
+        if task is None:
+            task = asyncio.create_task(self._load(rep, spec), name=f"load {key}")
+            self._loads[key] = task
+            task.add_done_callback(lambda t: self._load_done(key, t))
+        await asyncio.shield(task)
+        return True
+
+    def _load_done(self, key: tuple[str, ReplicaId], task: asyncio.Task[None]) -> None:
+        if self._loads.get(key) is task:
+            del self._loads[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: all waiters may have gone away
+
+    async def _load(self, rep: _Replica, spec: AdapterSpec) -> None:
+        # Errors are already loragate errors: AdapterLoadError (the replica refused the
+        # adapter), UpstreamConnectError or UpstreamTimeoutError (the replica is unreachable).
+        await self._client(rep).load_adapter(spec.name, spec.path)
+        rep.adapter_loads += 1
+        rep.registered.add(spec.name)
+        rep.loaded_at_s[spec.name] = self._clock.now()
+        self._refresh_residency(rep)
+
+    def forget_adapter(self, replica_id: ReplicaId, adapter: str) -> None:
+        """The replica said it does not know ``adapter`` (e.g. it restarted): drop it so the
+        next request loads it again."""
+        rep = self._replicas[replica_id]
+        if adapter in rep.registered:
+            rep.registered.discard(adapter)
+            rep.loaded_at_s.pop(adapter, None)
+            self._refresh_residency(rep)
+
+    def _refresh_residency(self, rep: _Replica) -> None:
+        snap = rep.snapshot
+        if snap is None:
+            return
+        rep.snapshot = dataclasses.replace(
+            snap,
+            residency=dataclasses.replace(snap.residency, registered=frozenset(rep.registered)),
+        )
+        if snap.healthy:
+            self._rebuild_healthy()
+
+    def require_healthy(self) -> tuple[ReplicaSnapshot, ...]:
+        healthy = self._healthy
+        if not healthy:
+            raise NoReplicaAvailableError("no healthy replica is available")
+        return healthy

@@ -1,0 +1,399 @@
+"""Gateway configuration: a plain mapping (parsed from YAML by the caller) -> frozen dataclasses.
+
+All validation lives here, so a bad file fails at load time with one :class:`ConfigError` that
+names the offending key (``replicas[1].url``), never per request. ``core`` may not import
+``yaml`` (see ``tests/test_architecture.py``); ``loragate.gateway.config_file.load_config``
+reads the file and calls :func:`config_from_mapping`.
+
+Example (see ``examples/gateway.yaml``)::
+
+    base_model: tiny-llama
+    replicas:
+      - {id: r0, url: "http://127.0.0.1:18101", settings: {max_loras: 2}}
+    adapters:
+      - {name: lora-0, path: /loras/lora-0, rank: 8, tenants: [acme]}
+    tenants:
+      - {name: acme, api_keys: [sk-acme]}
+    routing: least_loaded          # or a mapping passed to loragate.routing.build_policy
+    limits: {max_body_bytes: 1048576, request_timeout_s: 600}
+    poller: {interval_s: 0.5}
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from loragate.core.errors import ConfigError
+from loragate.core.types import AdapterSpec, ReplicaSettings
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplicaConfig:
+    """One vLLM (or simulated) replica. ``settings`` None = use defaults / discover."""
+
+    replica_id: str
+    url: str
+    api_key: str | None = None
+    settings: ReplicaSettings | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TenantConfig:
+    name: str
+    api_keys: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoutingConfig:
+    """The ``routing:`` section. ``spec`` is what ``loragate.routing.build_policy`` takes:
+    a policy name or a read-only mapping (converted back to a dict by :meth:`build_spec`)."""
+
+    spec: str | Mapping[str, Any] = "round_robin"
+    seed: int = 0
+
+    def build_spec(self) -> str | dict[str, Any]:
+        return self.spec if isinstance(self.spec, str) else _thaw(self.spec)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitsConfig:
+    max_body_bytes: int = 4 * 1024 * 1024
+    connect_timeout_s: float = 3.0
+    # Whole non-streaming request, and time to response headers of a streaming one.
+    request_timeout_s: float = 600.0
+    # Longest silence between two chunks of a stream.
+    stream_read_timeout_s: float = 300.0
+    admin_timeout_s: float = 60.0
+    max_upstream_connections: int = 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PollerConfig:
+    interval_s: float = 0.5
+    timeout_s: float = 2.0
+    # Consecutive failed polls before a replica is taken out of rotation (a failed proxy
+    # connection takes it out at once; one successful poll brings it back).
+    failures_to_unhealthy: int = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayConfig:
+    base_model: str
+    replicas: tuple[ReplicaConfig, ...]
+    adapters: tuple[AdapterSpec, ...] = ()
+    tenants: tuple[TenantConfig, ...] = ()
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    poller: PollerConfig = field(default_factory=PollerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.tenants)
+
+    def tenant_by_key(self) -> dict[str, str]:
+        """API key -> tenant name."""
+        return {key: t.name for t in self.tenants for key in t.api_keys}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing helpers: each takes the dotted key path so errors can name it.
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return types.MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _type_name(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _mapping(value: object, key: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"expected a mapping, got {_type_name(value)}", key=key)
+    for k in value:
+        if not isinstance(k, str):
+            raise ConfigError(f"keys must be strings, got {k!r}", key=key)
+    return value
+
+
+def _sequence(value: object, key: str) -> Sequence[Any]:
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"expected a list, got {_type_name(value)}", key=key)
+    return value
+
+
+def _check_keys(data: Mapping[str, Any], allowed: set[str], key: str) -> None:
+    for k in data:
+        if k not in allowed:
+            where = f"{key}.{k}" if key else k
+            raise ConfigError(f"unknown key (allowed: {', '.join(sorted(allowed))})", key=where)
+
+
+def _str(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"expected a non-empty string, got {_type_name(value)}", key=key)
+    return value
+
+
+def _int(value: object, key: str, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"expected an integer, got {_type_name(value)}", key=key)
+    if value < minimum:
+        raise ConfigError(f"must be >= {minimum}, got {value}", key=key)
+    return value
+
+
+def _seconds(value: object, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"expected a number of seconds, got {_type_name(value)}", key=key)
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"must be a positive number of seconds, got {value}", key=key)
+    return float(value)
+
+
+def _url(value: object, key: str) -> str:
+    url = _str(value, key)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"expected an http(s) URL, got {url!r}", key=key)
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"bad port in {url!r}", key=key) from exc
+    return url.rstrip("/")
+
+
+def _str_list(value: object, key: str) -> tuple[str, ...]:
+    return tuple(_str(v, f"{key}[{i}]") for i, v in enumerate(_sequence(value, key)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+_SETTINGS_KEYS = {
+    "max_loras",
+    "max_cpu_loras",
+    "max_lora_rank",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+}
+
+
+def _settings(value: object, key: str) -> ReplicaSettings:
+    data = _mapping(value, key)
+    _check_keys(data, _SETTINGS_KEYS, key)
+    kwargs = {k: _int(v, f"{key}.{k}", minimum=1) for k, v in data.items()}
+    return ReplicaSettings(**kwargs)
+
+
+def _replicas(value: object) -> tuple[ReplicaConfig, ...]:
+    items = _sequence(value, "replicas")
+    if not items:
+        raise ConfigError("at least one replica is required", key="replicas")
+    out: list[ReplicaConfig] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(items):
+        key = f"replicas[{i}]"
+        if isinstance(raw, str):  # shorthand: just the URL
+            raw = {"url": raw}
+        data = _mapping(raw, key)
+        _check_keys(data, {"id", "url", "api_key", "settings"}, key)
+        if "url" not in data:
+            raise ConfigError("missing required key", key=f"{key}.url")
+        rid = _str(data.get("id", f"r{i}"), f"{key}.id")
+        if rid in seen:
+            raise ConfigError(f"duplicate replica id {rid!r}", key=f"{key}.id")
+        seen.add(rid)
+        api_key = data.get("api_key")
+        out.append(
+            ReplicaConfig(
+                replica_id=rid,
+                url=_url(data["url"], f"{key}.url"),
+                api_key=None if api_key is None else _str(api_key, f"{key}.api_key"),
+                settings=None
+                if data.get("settings") is None
+                else _settings(data["settings"], f"{key}.settings"),
+            )
+        )
+    return tuple(out)
+
+
+def _tenants(value: object) -> tuple[TenantConfig, ...]:
+    out: list[TenantConfig] = []
+    names: set[str] = set()
+    keys: set[str] = set()
+    for i, raw in enumerate(_sequence(value, "tenants")):
+        key = f"tenants[{i}]"
+        data = _mapping(raw, key)
+        _check_keys(data, {"name", "api_keys"}, key)
+        for required in ("name", "api_keys"):
+            if required not in data:
+                raise ConfigError("missing required key", key=f"{key}.{required}")
+        name = _str(data["name"], f"{key}.name")
+        if name in names:
+            raise ConfigError(f"duplicate tenant {name!r}", key=f"{key}.name")
+        names.add(name)
+        api_keys = _str_list(data["api_keys"], f"{key}.api_keys")
+        if not api_keys:
+            raise ConfigError("a tenant needs at least one API key", key=f"{key}.api_keys")
+        for j, api_key in enumerate(api_keys):
+            if api_key in keys:
+                raise ConfigError("API key used twice", key=f"{key}.api_keys[{j}]")
+            keys.add(api_key)
+        out.append(TenantConfig(name=name, api_keys=frozenset(api_keys)))
+    return tuple(out)
+
+
+def _adapters(value: object, *, base_model: str, tenants: set[str]) -> tuple[AdapterSpec, ...]:
+    out: list[AdapterSpec] = []
+    names: set[str] = set()
+    for i, raw in enumerate(_sequence(value, "adapters")):
+        key = f"adapters[{i}]"
+        data = _mapping(raw, key)
+        _check_keys(data, {"name", "path", "rank", "tenants"}, key)
+        for required in ("name", "path"):
+            if required not in data:
+                raise ConfigError("missing required key", key=f"{key}.{required}")
+        name = _str(data["name"], f"{key}.name")
+        if name == base_model:
+            raise ConfigError("an adapter cannot be named like the base model", key=f"{key}.name")
+        if name in names:
+            raise ConfigError(f"duplicate adapter {name!r}", key=f"{key}.name")
+        names.add(name)
+        allowed: frozenset[str] | None = None
+        if data.get("tenants") is not None:
+            listed = _str_list(data["tenants"], f"{key}.tenants")
+            for j, tenant in enumerate(listed):
+                if tenant not in tenants:
+                    raise ConfigError(f"unknown tenant {tenant!r}", key=f"{key}.tenants[{j}]")
+            allowed = frozenset(listed)
+        out.append(
+            AdapterSpec(
+                name=name,
+                path=_str(data["path"], f"{key}.path"),
+                rank=_int(data.get("rank", 8), f"{key}.rank", minimum=1),
+                tenants=allowed,
+            )
+        )
+    return tuple(out)
+
+
+def _routing(value: object) -> RoutingConfig:
+    if isinstance(value, str):
+        return RoutingConfig(spec=_str(value, "routing"))
+    data = dict(_mapping(value, "routing"))
+    seed = _int(data.pop("seed", 0), "routing.seed", minimum=0)
+    if not data:
+        raise ConfigError("empty routing section", key="routing")
+    return RoutingConfig(spec=_freeze(data), seed=seed)
+
+
+def _limits(value: object) -> LimitsConfig:
+    data = _mapping(value, "limits")
+    seconds = {"connect_timeout_s", "request_timeout_s", "stream_read_timeout_s", "admin_timeout_s"}
+    counts = {"max_body_bytes", "max_upstream_connections"}
+    _check_keys(data, seconds | counts, "limits")
+    kwargs: dict[str, Any] = {}
+    for k, v in data.items():
+        kwargs[k] = (
+            _seconds(v, f"limits.{k}") if k in seconds else _int(v, f"limits.{k}", minimum=1)
+        )
+    return LimitsConfig(**kwargs)
+
+
+def _poller(value: object) -> PollerConfig:
+    data = _mapping(value, "poller")
+    _check_keys(data, {"interval_s", "timeout_s", "failures_to_unhealthy"}, "poller")
+    kwargs: dict[str, Any] = {}
+    for k, v in data.items():
+        if k == "failures_to_unhealthy":
+            kwargs[k] = _int(v, f"poller.{k}", minimum=1)
+        else:
+            kwargs[k] = _seconds(v, f"poller.{k}")
+    return PollerConfig(**kwargs)
+
+
+def _server(value: object) -> ServerConfig:
+    data = _mapping(value, "server")
+    _check_keys(data, {"host", "port"}, "server")
+    kwargs: dict[str, Any] = {}
+    if "host" in data:
+        kwargs["host"] = _str(data["host"], "server.host")
+    if "port" in data:
+        port = _int(data["port"], "server.port", minimum=0)
+        if port > 65535:
+            raise ConfigError(f"must be <= 65535, got {port}", key="server.port")
+        kwargs["port"] = port
+    return ServerConfig(**kwargs)
+
+
+_TOP_KEYS = {
+    "base_model",
+    "replicas",
+    "adapters",
+    "tenants",
+    "routing",
+    "limits",
+    "poller",
+    "server",
+}
+
+
+def config_from_mapping(data: object) -> GatewayConfig:
+    """Validate a parsed config document and build the frozen :class:`GatewayConfig`."""
+    if data is None:
+        raise ConfigError("the config file is empty")
+    top = _mapping(data, "")
+    _check_keys(top, _TOP_KEYS, "")
+    for required in ("base_model", "replicas"):
+        if required not in top:
+            raise ConfigError("missing required key", key=required)
+    base_model = _str(top["base_model"], "base_model")
+    tenants = _tenants(top.get("tenants") or [])
+    kwargs: dict[str, Any] = {}
+    if top.get("routing") is not None:
+        kwargs["routing"] = _routing(top["routing"])
+    if top.get("limits") is not None:
+        kwargs["limits"] = _limits(top["limits"])
+    if top.get("poller") is not None:
+        kwargs["poller"] = _poller(top["poller"])
+    if top.get("server") is not None:
+        kwargs["server"] = _server(top["server"])
+    return GatewayConfig(
+        base_model=base_model,
+        replicas=_replicas(top["replicas"]),
+        adapters=_adapters(
+            top.get("adapters") or [],
+            base_model=base_model,
+            tenants={t.name for t in tenants},
+        ),
+        tenants=tenants,
+        **kwargs,
+    )

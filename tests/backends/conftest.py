@@ -1,0 +1,34 @@
+"""Fixtures: scripted vLLM stand-ins (``vllm_stub_server.StubVllm``) on loopback sockets."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+from vllm_stub_server import StubVllm, serve_app
+
+
+@pytest.fixture
+async def stub_vllm() -> AsyncIterator[StubVllm]:
+    stub = StubVllm()
+    runner, stub.url = await serve_app(stub.app)
+    try:
+        yield stub
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def stub_pair() -> AsyncIterator[tuple[StubVllm, StubVllm, list[web.AppRunner]]]:
+    """Two stubs; the list holds their runners so a test can stop one (a dead replica)."""
+    stubs = (StubVllm(), StubVllm())
+    runners = []
+    for stub in stubs:
+        runner, stub.url = await serve_app(stub.app)
+        runners.append(runner)
+    try:
+        yield stubs[0], stubs[1], runners
+    finally:
+        for runner in runners:
+            await runner.cleanup()

@@ -1,0 +1,204 @@
+"""ReplicaPool: snapshots from real polls, health in and out, single-flight adapter loads."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+from vllm_stub_server import StubVllm
+
+from loragate.backends.pool import ReplicaPool
+from loragate.core.config import PollerConfig, ReplicaConfig
+from loragate.core.errors import AdapterLoadError
+from loragate.core.types import AdapterSpec, ReplicaSettings
+
+SLOW_POLLS = PollerConfig(interval_s=3600.0, timeout_s=2.0)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+def _pool(*stubs: StubVllm, settings: ReplicaSettings | None = None) -> ReplicaPool:
+    replicas = [
+        ReplicaConfig(replica_id=f"r{i}", url=s.url, settings=settings) for i, s in enumerate(stubs)
+    ]
+    return ReplicaPool(replicas, poller=SLOW_POLLS)
+
+
+async def test_first_poll_builds_snapshots(
+    stub_vllm: StubVllm, session: aiohttp.ClientSession
+) -> None:
+    stub_vllm.adapters["pre"] = "/loras/pre"
+    pool = _pool(stub_vllm)
+    await pool.start(session)
+    try:
+        (snap,) = pool.healthy_snapshots()
+        assert snap.replica_id == "r0" and snap.healthy
+        assert (snap.num_running, snap.num_waiting, snap.num_deferred) == (1, 3, 2)
+        assert snap.kv_usage == pytest.approx(0.5)
+        assert snap.active_adapters == frozenset({"a"})  # the newest lora_requests_info series
+        assert snap.settings.max_loras == 3  # discovered from the max_lora label
+        assert snap.residency.registered == frozenset({"pre"})
+    finally:
+        await pool.stop()
+
+
+async def test_configured_settings_win_over_discovery(
+    stub_vllm: StubVllm, session: aiohttp.ClientSession
+) -> None:
+    pool = _pool(stub_vllm, settings=ReplicaSettings(max_loras=7))
+    await pool.start(session)
+    try:
+        assert pool.snapshot("r0").settings.max_loras == 7
+    finally:
+        await pool.stop()
+
+
+async def test_unhealthy_replica_leaves_and_comes_back(
+    stub_pair: tuple[StubVllm, StubVllm, list[web.AppRunner]], session: aiohttp.ClientSession
+) -> None:
+    a, b, _ = stub_pair
+    pool = _pool(a, b)
+    await pool.start(session)
+    try:
+        assert [s.replica_id for s in pool.healthy_snapshots()] == ["r0", "r1"]
+        b.health_status = 503
+        await pool.poll_once()
+        assert [s.replica_id for s in pool.healthy_snapshots()] == ["r0"]
+        assert not pool.is_healthy("r1") and pool.last_error("r1")
+        b.health_status = 200
+        await pool.poll_once()
+        assert [s.replica_id for s in pool.healthy_snapshots()] == ["r0", "r1"]
+        # Passive health: a failed proxy connection takes it out at once, a poll restores it.
+        pool.report_failure("r0", "connection reset")
+        assert [s.replica_id for s in pool.healthy_snapshots()] == ["r1"]
+        await pool.poll_once()
+        assert len(pool.healthy_snapshots()) == 2
+    finally:
+        await pool.stop()
+
+
+async def test_stopped_replica_is_dropped(
+    stub_pair: tuple[StubVllm, StubVllm, list[web.AppRunner]], session: aiohttp.ClientSession
+) -> None:
+    a, b, runners = stub_pair
+    pool = _pool(a, b)
+    await pool.start(session)
+    try:
+        await runners[1].cleanup()
+        await pool.poll_once()
+        assert [s.replica_id for s in pool.healthy_snapshots()] == ["r0"]
+    finally:
+        await pool.stop()
+
+
+async def test_failures_to_unhealthy_threshold(
+    stub_vllm: StubVllm, session: aiohttp.ClientSession
+) -> None:
+    pool = ReplicaPool(
+        [ReplicaConfig(replica_id="r0", url=stub_vllm.url)],
+        poller=PollerConfig(interval_s=3600.0, failures_to_unhealthy=2),
+    )
+    await pool.start(session)
+    try:
+        stub_vllm.health_status = 500
+        await pool.poll_once()
+        assert pool.is_healthy("r0")  # one failure is tolerated
+        await pool.poll_once()
+        assert not pool.is_healthy("r0")
+    finally:
+        await pool.stop()
+
+
+async def test_concurrent_requests_share_one_adapter_load(
+    stub_vllm: StubVllm, session: aiohttp.ClientSession
+) -> None:
+    stub_vllm.load_delay_s = 0.2
+    pool = _pool(stub_vllm)
+    await pool.start(session)
+    spec = AdapterSpec(name="lora-0", path="/loras/lora-0")
+    try:
+        waited = await asyncio.gather(*(pool.ensure_adapter("r0", spec) for _ in range(20)))
+        assert waited == [True] * 20
+        assert stub_vllm.load_calls == 1
+        assert pool.is_registered("r0", "lora-0")
+        assert pool.snapshot("r0").residency.registered == frozenset({"lora-0"})
+        assert pool.adapter_loads() == {"r0": 1}
+        assert await pool.ensure_adapter("r0", spec) is False  # already there: no call
+        assert stub_vllm.load_calls == 1
+    finally:
+        await pool.stop()
+
+
+async def test_cancelled_waiter_does_not_cancel_the_load(
+    stub_vllm: StubVllm, session: aiohttp.ClientSession
+) -> None:
+    stub_vllm.load_delay_s = 0.3
+    pool = _pool(stub_vllm)
+    await pool.start(session)
+    spec = AdapterSpec(name="lora-0", path="/loras/lora-0")
+    try:
+        first = asyncio.create_task(pool.ensure_adapter("r0", spec))
+        second = asyncio.create_task(pool.ensure_adapter("r0", spec))
+        await asyncio.sleep(0.05)
+        first.cancel()
+        assert await second is True
+        assert stub_vllm.load_calls == 1 and "lora-0" in stub_vllm.adapters
+    finally:
+        await pool.stop()
+
+
+async def test_failed_load_reaches_every_waiter(
+    stub_vllm: StubVllm, session: aiohttp.ClientSession
+) -> None:
+    pool = _pool(stub_vllm)
+    await pool.start(session)
+    spec = AdapterSpec(name="bad", path="/nowhere/bad")
+    try:
+        results = await asyncio.gather(
+            *(pool.ensure_adapter("r0", spec) for _ in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(r, AdapterLoadError) and r.status == 404 for r in results)
+        assert not pool.is_registered("r0", "bad")
+    finally:
+        await pool.stop()
+
+
+async def test_registered_set_is_reconciled_with_v1_models(
+    stub_vllm: StubVllm, session: aiohttp.ClientSession
+) -> None:
+    pool = _pool(stub_vllm)
+    await pool.start(session)
+    try:
+        await pool.ensure_adapter("r0", AdapterSpec(name="x", path="/loras/x"))
+        stub_vllm.adapters["external"] = "/loras/external"  # e.g. vLLM's resolver loaded it
+        del stub_vllm.adapters["x"]  # e.g. the replica restarted
+        await pool.poll_once()
+        assert pool.registered_adapters() == {"r0": frozenset({"external"})}
+        pool.forget_adapter("r0", "external")
+        assert not pool.is_registered("r0", "external")
+    finally:
+        await pool.stop()
+
+
+async def test_background_poller_runs(stub_vllm: StubVllm, session: aiohttp.ClientSession) -> None:
+    pool = ReplicaPool(
+        [ReplicaConfig(replica_id="r0", url=stub_vllm.url)],
+        poller=PollerConfig(interval_s=0.05),
+    )
+    await pool.start(session)
+    try:
+        stub_vllm.health_status = 503
+        for _ in range(100):  # bounded: at most ~5 s
+            if not pool.is_healthy("r0"):
+                break
+            await asyncio.sleep(0.05)
+        assert not pool.is_healthy("r0")
+    finally:
+        await pool.stop()

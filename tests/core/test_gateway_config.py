@@ -1,0 +1,121 @@
+"""Gateway config: a mapping -> frozen dataclasses; a bad document is one ConfigError naming
+the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from loragate.core.config import GatewayConfig, config_from_mapping
+from loragate.core.errors import ConfigError
+from loragate.core.types import ReplicaSettings
+
+
+def _base() -> dict[str, Any]:
+    return {
+        "base_model": "tiny-llama",
+        "replicas": [
+            {"id": "a", "url": "http://127.0.0.1:18101/", "settings": {"max_loras": 2}},
+            "http://127.0.0.1:18102",
+        ],
+        "adapters": [
+            {"name": "lora-0", "path": "/loras/lora-0", "rank": 16, "tenants": ["acme"]},
+            {"name": "lora-1", "path": "/loras/lora-1"},
+        ],
+        "tenants": [
+            {"name": "acme", "api_keys": ["sk-acme"]},
+            {"name": "beta", "api_keys": ["sk-beta-1", "sk-beta-2"]},
+        ],
+        "routing": {"policy": "least_loaded", "seed": 7},
+        "limits": {"max_body_bytes": 1000, "request_timeout_s": 5},
+        "poller": {"interval_s": 0.25, "failures_to_unhealthy": 2},
+        "server": {"host": "0.0.0.0", "port": 9000},
+    }
+
+
+def test_full_document_builds_frozen_config() -> None:
+    cfg = config_from_mapping(_base())
+    assert isinstance(cfg, GatewayConfig)
+    assert cfg.base_model == "tiny-llama"
+    assert [r.replica_id for r in cfg.replicas] == ["a", "r1"]
+    assert cfg.replicas[0].url == "http://127.0.0.1:18101"  # trailing slash dropped
+    assert cfg.replicas[0].settings == ReplicaSettings(max_loras=2)
+    assert cfg.replicas[1].settings is None
+    assert cfg.adapters[0].rank == 16 and cfg.adapters[0].tenants == frozenset({"acme"})
+    assert cfg.adapters[1].rank == 8 and cfg.adapters[1].tenants is None
+    assert cfg.tenant_by_key() == {"sk-acme": "acme", "sk-beta-1": "beta", "sk-beta-2": "beta"}
+    assert cfg.auth_required
+    assert cfg.routing.build_spec() == {"policy": "least_loaded"}
+    assert cfg.routing.seed == 7
+    assert cfg.limits.max_body_bytes == 1000 and cfg.limits.request_timeout_s == 5.0
+    assert cfg.poller.failures_to_unhealthy == 2
+    assert cfg.server.port == 9000
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.base_model = "x"  # type: ignore[misc]
+
+
+def test_minimal_document_uses_defaults() -> None:
+    cfg = config_from_mapping({"base_model": "m", "replicas": ["http://h:1"]})
+    assert cfg.routing.build_spec() == "round_robin"
+    assert not cfg.auth_required and cfg.adapters == () and cfg.tenants == ()
+    assert cfg.limits.max_body_bytes > 0
+
+
+def _set(doc: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    node: Any = doc
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    elif value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return doc
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "key"),
+    [
+        ("base_model", _DELETE, "base_model"),
+        ("base_model", 3, "base_model"),
+        ("replicas", [], "replicas"),
+        ("replicas.0.url", "ftp://x", "replicas[0].url"),
+        ("replicas.0.url", "http://h:99999", "replicas[0].url"),
+        ("replicas.1", {"id": "a", "url": "http://h:2"}, "replicas[1].id"),
+        ("replicas.0.settings", {"max_loras": 0}, "replicas[0].settings.max_loras"),
+        ("replicas.0.settings", {"max_lora": 2}, "replicas[0].settings.max_lora"),
+        ("adapters.0.name", "tiny-llama", "adapters[0].name"),
+        ("adapters.1.name", "lora-0", "adapters[1].name"),
+        ("adapters.0.tenants", ["nobody"], "adapters[0].tenants[0]"),
+        ("adapters.0.rank", "8", "adapters[0].rank"),
+        ("adapters.1.path", _DELETE, "adapters[1].path"),
+        ("tenants.1.api_keys", ["sk-acme"], "tenants[1].api_keys[0]"),
+        ("tenants.1.name", "acme", "tenants[1].name"),
+        ("limits.request_timeout_s", -1, "limits.request_timeout_s"),
+        ("limits.max_body_bytes", True, "limits.max_body_bytes"),
+        ("limits.timeout", 3, "limits.timeout"),
+        ("poller.interval_s", "fast", "poller.interval_s"),
+        ("server.port", 70000, "server.port"),
+        ("routing", 5, "routing"),
+        ("extra", 1, "extra"),
+    ],
+)
+def test_bad_value_names_the_key(path: str, value: Any, key: str) -> None:
+    doc = _set(_base(), path, value)
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(doc)
+    assert info.value.key == key
+    assert str(info.value).startswith(f"{key}: ")
+
+
+def test_empty_document_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="empty"):
+        config_from_mapping(None)
