@@ -1,0 +1,153 @@
+"""Every Redis key name and every TTL of the shared state, in one place.
+
+Layout (``P`` is the key prefix, ``loragate:`` by default; ``R`` a replica id):
+
+==========================  ======  ===========================================================
+key                          type    content / lifetime
+==========================  ======  ===========================================================
+``P epoch``                  STRING  random token set once per Redis dataset; a change (or its
+                                     absence) tells a gateway that Redis lost its data
+``P version``                STRING  config/registry version: INCR on every adapter-registry or
+                                     replica-registry change and on ``bump_version``
+``P replicas``               SET     replica ids
+``P rep:R``                  HASH    replica record: url, healthy, updated_s, ReplicaSettings
+``P rep:R:reg``              SET     registered adapters (shadow residency)
+``P rep:R:gpu``              LIST    GPU-slot LRU, least recent first (``max_loras`` long)
+``P rep:R:cpu``              LIST    CPU-cache LRU, least recent first (``max_cpu_loras`` long)
+``P rep:R:inflight``         ZSET    in-flight leases ``<instance>|<request id>`` -> expiry
+                                     (ms, Redis server time); key PEXPIREs ``lease_ttl_s``
+                                     after its last write
+``P adapters``               HASH    adapter registry: name -> JSON {path, rank, tenants}
+``P demand:B``               HASH    adapter -> requests routed in bucket ``B``
+                                     (``B = floor(t / demand_bucket_s)``); EXPIRE
+                                     ``demand_retention_s``
+``P leader:N``               STRING  holder of leader lease ``N``; PX = the caller's TTL
+==========================  ======  ===========================================================
+
+The snapshot and resync scripts build per-replica key names from the prefix inside Lua, so the
+layout targets a single Redis (or a primary with replicas), not Redis Cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loragate.core.types import ReplicaId
+
+LEASE_SEPARATOR = "|"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ttls:
+    """Lifetimes and periods of the shared state (seconds)."""
+
+    # An in-flight lease lives this long unless its gateway renews it; a crashed gateway's
+    # requests stop counting after at most this long.
+    lease_ttl_s: float = 30.0
+    # A live gateway renews all of its leases this often (must be well below lease_ttl_s).
+    lease_renew_s: float = 10.0
+    # Width of one demand bucket, and how long buckets are kept.
+    demand_bucket_s: float = 10.0
+    demand_retention_s: float = 24 * 3600.0
+    # How often a ResilientStore pulls the shared view (0 Redis calls per request in between).
+    refresh_s: float = 0.25
+    # Retry backoff while Redis is unreachable.
+    retry_initial_s: float = 0.1
+    retry_max_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "lease_ttl_s",
+            "lease_renew_s",
+            "demand_bucket_s",
+            "demand_retention_s",
+            "refresh_s",
+            "retry_initial_s",
+            "retry_max_s",
+        ):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"Ttls.{name} must be > 0")
+        if self.lease_renew_s >= self.lease_ttl_s:
+            raise ValueError("Ttls.lease_renew_s must be below Ttls.lease_ttl_s")
+
+    @property
+    def lease_ttl_ms(self) -> int:
+        return max(1, round(self.lease_ttl_s * 1000))
+
+    def demand_bucket(self, t_s: float) -> int:
+        return int(t_s // self.demand_bucket_s)
+
+    def demand_buckets(self, since_s: float, until_s: float) -> range:
+        """Buckets overlapping ``[since_s, until_s)``, at most the retained number (newest)."""
+        lo = self.demand_bucket(since_s)
+        hi = self.demand_bucket(until_s)
+        if hi * self.demand_bucket_s >= until_s:
+            hi -= 1
+        lo = max(lo, hi - self.demand_retention_buckets + 1)
+        return range(lo, hi + 1)
+
+    @property
+    def demand_retention_buckets(self) -> int:
+        return max(1, int(self.demand_retention_s // self.demand_bucket_s))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeySpace:
+    """Key names under one prefix (tests use a unique prefix per test)."""
+
+    prefix: str = "loragate:"
+
+    @property
+    def epoch(self) -> str:
+        return f"{self.prefix}epoch"
+
+    @property
+    def version(self) -> str:
+        return f"{self.prefix}version"
+
+    @property
+    def replicas(self) -> str:
+        return f"{self.prefix}replicas"
+
+    @property
+    def adapters(self) -> str:
+        return f"{self.prefix}adapters"
+
+    @property
+    def replica_base(self) -> str:
+        """Prefix of the per-replica keys (the Lua scripts append ``R`` and a suffix)."""
+        return f"{self.prefix}rep:"
+
+    def replica(self, replica_id: ReplicaId) -> str:
+        return f"{self.replica_base}{replica_id}"
+
+    def registered(self, replica_id: ReplicaId) -> str:
+        return f"{self.replica_base}{replica_id}:reg"
+
+    def gpu(self, replica_id: ReplicaId) -> str:
+        return f"{self.replica_base}{replica_id}:gpu"
+
+    def cpu(self, replica_id: ReplicaId) -> str:
+        return f"{self.replica_base}{replica_id}:cpu"
+
+    def in_flight(self, replica_id: ReplicaId) -> str:
+        return f"{self.replica_base}{replica_id}:inflight"
+
+    def demand(self, bucket: int) -> str:
+        return f"{self.prefix}demand:{bucket}"
+
+    def leader(self, name: str) -> str:
+        return f"{self.prefix}leader:{name}"
+
+    def residency_keys(self, replica_id: ReplicaId) -> list[str]:
+        """Keys of one replica's shadow residency, in the order the Lua scripts expect."""
+        return [
+            self.registered(replica_id),
+            self.gpu(replica_id),
+            self.cpu(replica_id),
+            self.replica(replica_id),
+        ]
+
+
+def lease_member(instance_id: str, request_id: str) -> str:
+    return f"{instance_id}{LEASE_SEPARATOR}{request_id}"

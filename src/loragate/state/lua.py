@@ -1,0 +1,236 @@
+"""Lua scripts of ``RedisStore``. Each runs atomically on the Redis server.
+
+The residency functions (``lru_touch``, ``res_touch``, ``res_load``) implement exactly the
+transitions of ``state/residency.py``; ``tests/state/test_equivalence.py`` checks that both
+give the same result on random sequences. Lease expiry uses the Redis server clock (``TIME``),
+so gateway hosts need no synchronised clocks.
+"""
+
+from __future__ import annotations
+
+_COMMON = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function lru_touch(key, item, cap)
+  redis.call('LREM', key, 0, item)
+  redis.call('RPUSH', key, item)
+  local evicted = {}
+  local n = redis.call('LLEN', key)
+  while n > cap do
+    evicted[#evicted + 1] = redis.call('LPOP', key)
+    n = n - 1
+  end
+  return evicted
+end
+
+local function caps(info_key, default_gpu, default_cpu)
+  local v = redis.call('HMGET', info_key, 'max_loras', 'max_cpu_loras')
+  local g = tonumber(v[1]) or tonumber(default_gpu)
+  local c = tonumber(v[2]) or tonumber(default_cpu)
+  if g < 1 then g = 1 end
+  if c < g then c = g end
+  return g, c
+end
+
+-- residency keys: reg (SET), gpu (LIST), cpu (LIST), info (HASH)
+local function res_load(reg, gpu, cpu, info, adapter, dg, dc)
+  local _, c = caps(info, dg, dc)
+  redis.call('SADD', reg, adapter)
+  local evicted = lru_touch(cpu, adapter, c)
+  for _, e in ipairs(evicted) do redis.call('LREM', gpu, 0, e) end
+end
+
+local function res_touch(reg, gpu, cpu, info, adapter, dg, dc)
+  local g, _ = caps(info, dg, dc)
+  res_load(reg, gpu, cpu, info, adapter, dg, dc)
+  lru_touch(gpu, adapter, g)
+end
+
+local function list_filter(key, keep)
+  local items = redis.call('LRANGE', key, 0, -1)
+  redis.call('DEL', key)
+  for _, a in ipairs(items) do
+    if keep[a] then redis.call('RPUSH', key, a) end
+  end
+end
+"""
+
+# KEYS: inflight, reg, gpu, cpu, info, demand
+# ARGV: lease member ('' = none), lease ttl ms, adapter ('' = base model), default max_loras,
+#       default max_cpu_loras, demand ttl s
+BEGIN = (
+    _COMMON
+    + """
+if ARGV[1] ~= '' then
+  local now = now_ms()
+  local ttl = tonumber(ARGV[2])
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+if ARGV[3] ~= '' then
+  res_touch(KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[3], ARGV[4], ARGV[5])
+  redis.call('HINCRBY', KEYS[6], ARGV[3], 1)
+  redis.call('EXPIRE', KEYS[6], ARGV[6])
+end
+return 1
+"""
+)
+
+# KEYS: reg, gpu, cpu, info
+# ARGV: op ('load' | 'unload' | 'reconcile'), default max_loras, default max_cpu_loras, adapters…
+RESIDENCY = (
+    _COMMON
+    + """
+local op = ARGV[1]
+if op == 'load' then
+  res_load(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[4], ARGV[2], ARGV[3])
+elseif op == 'unload' then
+  redis.call('SREM', KEYS[1], ARGV[4])
+  redis.call('LREM', KEYS[2], 0, ARGV[4])
+  redis.call('LREM', KEYS[3], 0, ARGV[4])
+elseif op == 'reconcile' then
+  local keep = {}
+  redis.call('DEL', KEYS[1])
+  for i = 4, #ARGV do
+    keep[ARGV[i]] = true
+    redis.call('SADD', KEYS[1], ARGV[i])
+  end
+  list_filter(KEYS[2], keep)
+  list_filter(KEYS[3], keep)
+else
+  return redis.error_reply('unknown residency op ' .. op)
+end
+return 1
+"""
+)
+
+# KEYS: replicas, version, adapters, epoch
+# ARGV: per-replica key prefix, version the caller already knows ('' = none)
+# Returns {version, epoch or '', adapters (flat HGETALL) or 0 if unchanged, rows…};
+# row = {id, info (flat HGETALL), registered, gpu, cpu, in-flight count}.
+SNAPSHOT = (
+    _COMMON
+    + """
+local now = now_ms()
+local version = redis.call('GET', KEYS[2]) or '0'
+local epoch = redis.call('GET', KEYS[4]) or ''
+local adapters = 0
+if version ~= ARGV[2] then adapters = redis.call('HGETALL', KEYS[3]) end
+local out = {version, epoch, adapters}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local base = ARGV[1] .. id
+  out[#out + 1] = {
+    id,
+    redis.call('HGETALL', base),
+    redis.call('SMEMBERS', base .. ':reg'),
+    redis.call('LRANGE', base .. ':gpu', 0, -1),
+    redis.call('LRANGE', base .. ':cpu', 0, -1),
+    redis.call('ZCOUNT', base .. ':inflight', '(' .. now, '+inf'),
+  }
+end
+return out
+"""
+)
+
+# KEYS: the in-flight ZSETs of the replicas the instance has (or had) leases on
+# ARGV: member prefix of this instance ('<instance>|'), ttl ms, then for each key: the number
+#       of members n, followed by its n members.
+# Makes this instance's leases on each key exactly the given set, all expiring in ttl ms.
+SYNC_LEASES = (
+    _COMMON
+    + """
+local now = now_ms()
+local prefix = ARGV[1]
+local ttl = tonumber(ARGV[2])
+local pos = 3
+for k = 1, #KEYS do
+  local key = KEYS[k]
+  local n = tonumber(ARGV[pos])
+  local want = {}
+  for i = 1, n do want[ARGV[pos + i]] = true end
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  for _, m in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    if string.sub(m, 1, #prefix) == prefix and not want[m] then redis.call('ZREM', key, m) end
+  end
+  for i = 1, n do redis.call('ZADD', key, now + ttl, ARGV[pos + i]) end
+  if n > 0 then redis.call('PEXPIRE', key, ttl) end
+  pos = pos + n + 1
+end
+return 1
+"""
+)
+
+# KEYS: replica info HASH; ARGV: healthy ('1' | '0'), updated_s. No-op for unknown replicas.
+SET_HEALTH = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'healthy', ARGV[1], 'updated_s', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: adapters, version; ARGV: name. Returns 1 if it existed.
+DELETE_ADAPTER = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+  redis.call('INCR', KEYS[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: leader key; ARGV: holder, ttl ms. Acquire if free, renew if ours.
+LEADER_ACQUIRE = """
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+elseif v == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: leader key; ARGV: holder.
+LEADER_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+# KEYS: epoch; ARGV: a fresh token. Returns {epoch, 1 if this call created it}.
+ENSURE_EPOCH = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') then return {ARGV[1], 1} end
+return {redis.call('GET', KEYS[1]), 0}
+"""
+
+# KEYS: replicas, adapters, version
+# ARGV: per-replica key prefix, JSON {"version": n, "adapters": {name: json},
+#       "replicas": [{"id", "info": [k, v, …], "reg": [], "gpu": [], "cpu": []}]}
+# Fills in what is missing after Redis lost its data; never overwrites what is there (another
+# gateway may have pushed first), so the first instance back wins per replica.
+PUSH_MISSING = """
+local state = cjson.decode(ARGV[2])
+for _, r in ipairs(state.replicas) do
+  local base = ARGV[1] .. r.id
+  if redis.call('EXISTS', base) == 0 then
+    redis.call('HSET', base, unpack(r.info))
+    redis.call('SADD', KEYS[1], r.id)
+  end
+  if redis.call('EXISTS', base .. ':reg', base .. ':gpu', base .. ':cpu') == 0 then
+    for _, a in ipairs(r.reg) do redis.call('SADD', base .. ':reg', a) end
+    for _, a in ipairs(r.gpu) do redis.call('RPUSH', base .. ':gpu', a) end
+    for _, a in ipairs(r.cpu) do redis.call('RPUSH', base .. ':cpu', a) end
+  end
+end
+for name, spec in pairs(state.adapters) do redis.call('HSETNX', KEYS[2], name, spec) end
+local v = tonumber(redis.call('GET', KEYS[3]) or '0')
+if v <= tonumber(state.version) then redis.call('SET', KEYS[3], tonumber(state.version) + 1) end
+return 1
+"""

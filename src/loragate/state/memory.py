@@ -1,0 +1,193 @@
+"""``MemoryStore``: the embedded state store of a single gateway process (and the simulator).
+
+Also the reference model for ``RedisStore`` (tests run both through the same sequences) and
+the local mirror inside ``ResilientStore``.
+
+In-flight leases here carry no TTL: they live in the same process as the requests, so they
+cannot outlive a crashed gateway; the gateway must call ``end_request`` in a ``finally``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from loragate.core.clock import Clock, WallClock
+from loragate.core.types import AdapterId, AdapterSpec, ReplicaId, ReplicaSettings, Residency
+from loragate.state import residency as rz
+from loragate.state.keys import Ttls
+from loragate.state.store import ReplicaRecord, StateView
+
+_DEFAULT_SETTINGS = ReplicaSettings()
+
+
+class MemoryStore:
+    """Single-process ``StateStore``. ``clock`` measures leader-lease TTLs."""
+
+    def __init__(self, *, ttls: Ttls | None = None, clock: Clock | None = None) -> None:
+        self._ttls = ttls or Ttls()
+        self._clock: Clock = clock or WallClock()
+        self._replicas: dict[ReplicaId, ReplicaRecord] = {}
+        self._residency: dict[ReplicaId, Residency] = {}
+        self._leases: dict[ReplicaId, set[str]] = defaultdict(set)
+        self._adapters: dict[AdapterId, AdapterSpec] = {}
+        self._demand: dict[int, dict[AdapterId, int]] = {}
+        self._leaders: dict[str, tuple[str, float]] = {}
+        self._version = 0
+
+    # --- hot path -------------------------------------------------------------------------
+    async def begin_request(
+        self, replica_id: ReplicaId, adapter: AdapterId | None, request_id: str, now_s: float
+    ) -> None:
+        self._leases[replica_id].add(request_id)
+        if adapter is not None:
+            self.apply_touch(replica_id, adapter)
+            self.count_demand(adapter, now_s, 1)
+
+    async def end_request(self, replica_id: ReplicaId, request_id: str) -> None:
+        leases = self._leases.get(replica_id)
+        if leases is not None:
+            leases.discard(request_id)
+            if not leases:
+                del self._leases[replica_id]
+
+    async def snapshot(self) -> StateView:
+        return StateView(
+            version=self._version,
+            replicas=dict(self._replicas),
+            residency={r: self._residency.get(r, rz.EMPTY) for r in self._replicas},
+            in_flight={r: len(self._leases.get(r, ())) for r in self._replicas},
+            adapters=dict(self._adapters),
+            degraded=False,
+        )
+
+    # --- synchronous helpers (also used by ResilientStore) --------------------------------
+    def settings_of(self, replica_id: ReplicaId) -> ReplicaSettings:
+        rec = self._replicas.get(replica_id)
+        return rec.settings if rec is not None else _DEFAULT_SETTINGS
+
+    def apply_touch(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
+        res = self._residency.get(replica_id, rz.EMPTY)
+        self._residency[replica_id] = rz.touch(res, adapter, self.settings_of(replica_id))
+
+    def count_demand(self, adapter: AdapterId, now_s: float, n: int) -> None:
+        bucket = self._ttls.demand_bucket(now_s)
+        counts = self._demand.setdefault(bucket, {})
+        counts[adapter] = counts.get(adapter, 0) + n
+        oldest = bucket - self._ttls.demand_retention_buckets
+        if len(self._demand) > self._ttls.demand_retention_buckets:
+            for b in [b for b in self._demand if b <= oldest]:
+                del self._demand[b]
+
+    def own_in_flight(self) -> dict[ReplicaId, int]:
+        return {r: len(ids) for r, ids in self._leases.items() if ids}
+
+    def own_leases(self) -> dict[str, ReplicaId]:
+        return {rid: r for r, ids in self._leases.items() for rid in ids}
+
+    def replace_shared(self, view: StateView) -> None:
+        """Adopt a shared view (registry, residency, adapters, version); keep own leases and
+        demand counts."""
+        self._replicas = dict(view.replicas)
+        self._residency = dict(view.residency)
+        self._adapters = dict(view.adapters)
+        self._version = view.version
+
+    # --- replica registry -----------------------------------------------------------------
+    async def upsert_replica(self, record: ReplicaRecord) -> None:
+        self._replicas[record.replica_id] = record
+        self._residency.setdefault(record.replica_id, rz.EMPTY)
+        self._version += 1
+
+    async def remove_replica(self, replica_id: ReplicaId) -> None:
+        self._replicas.pop(replica_id, None)
+        self._residency.pop(replica_id, None)
+        self._leases.pop(replica_id, None)
+        self._version += 1
+
+    async def set_replica_health(self, replica_id: ReplicaId, healthy: bool, now_s: float) -> None:
+        rec = self._replicas.get(replica_id)
+        if rec is not None:
+            self._replicas[replica_id] = ReplicaRecord(
+                replica_id=rec.replica_id,
+                url=rec.url,
+                settings=rec.settings,
+                healthy=healthy,
+                updated_s=now_s,
+            )
+
+    # --- residency --------------------------------------------------------------------------
+    async def record_load(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
+        res = self._residency.get(replica_id, rz.EMPTY)
+        self._residency[replica_id] = rz.load(res, adapter, self.settings_of(replica_id))
+
+    async def record_unload(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
+        self._residency[replica_id] = rz.unload(self._residency.get(replica_id, rz.EMPTY), adapter)
+
+    async def reconcile(self, replica_id: ReplicaId, seen: frozenset[AdapterId]) -> None:
+        self._residency[replica_id] = rz.reconcile(
+            self._residency.get(replica_id, rz.EMPTY), seen
+        )
+
+    # --- adapter registry -------------------------------------------------------------------
+    async def put_adapter(self, spec: AdapterSpec) -> None:
+        self._adapters[spec.name] = spec
+        self._version += 1
+
+    async def delete_adapter(self, name: AdapterId) -> bool:
+        if self._adapters.pop(name, None) is None:
+            return False
+        self._version += 1
+        return True
+
+    async def list_adapters(self) -> list[AdapterSpec]:
+        return [self._adapters[n] for n in sorted(self._adapters)]
+
+    # --- demand -------------------------------------------------------------------------------
+    async def demand(self, since_s: float, until_s: float) -> dict[float, dict[AdapterId, int]]:
+        width = self._ttls.demand_bucket_s
+        return {
+            b * width: dict(self._demand[b])
+            for b in self._ttls.demand_buckets(since_s, until_s)
+            if self._demand.get(b)
+        }
+
+    # --- leader and version ---------------------------------------------------------------------
+    async def acquire_leader(self, name: str, holder: str, ttl_s: float) -> bool:
+        now = self._clock.now()
+        current = self._leaders.get(name)
+        if current is None or current[1] <= now or current[0] == holder:
+            self._leaders[name] = (holder, now + ttl_s)
+            return True
+        return False
+
+    async def release_leader(self, name: str, holder: str) -> bool:
+        current = self._leaders.get(name)
+        if current is not None and current[0] == holder:
+            del self._leaders[name]
+            return current[1] > self._clock.now()
+        return False
+
+    async def leader(self, name: str) -> str | None:
+        current = self._leaders.get(name)
+        if current is None or current[1] <= self._clock.now():
+            return None
+        return current[0]
+
+    async def bump_version(self) -> int:
+        self._version += 1
+        return self._version
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    async def maintain(self) -> None:
+        return None
+
+    @property
+    def degraded(self) -> bool:
+        return False
+
+    @property
+    def error_count(self) -> int:
+        return 0
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,428 @@
+"""``RedisStore``: the shared state in Redis (``redis.asyncio``, hiredis parser if installed).
+
+Round trips: ``begin_request`` 1 (one EVALSHA: GC + lease + residency touch + demand),
+``end_request`` 1 (ZREM), ``snapshot`` 1 (one EVALSHA returning every replica). Every
+multi-key write is one Lua script or one MULTI/EXEC.
+
+This class is the raw store: when Redis is unreachable every method raises
+``StateUnavailableError``. The gateway wraps it in ``ResilientStore``, which never does.
+It remembers its own in-flight leases so that ``sync_leases`` can renew them (every
+``Ttls.lease_renew_s``, from ``maintain``) and re-create them after Redis lost its data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import math
+import uuid
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from loragate.core.clock import Clock, WallClock
+from loragate.core.types import AdapterId, AdapterSpec, ReplicaId, ReplicaSettings, Residency
+from loragate.state import lua
+from loragate.state.keys import KeySpace, Ttls, lease_member
+from loragate.state.store import ReplicaRecord, StateUnavailableError, StateView
+
+log = logging.getLogger("loragate.state")
+
+T = TypeVar("T")
+
+_DEFAULT_SETTINGS = ReplicaSettings()
+_SETTINGS_FIELDS = tuple(f.name for f in dataclasses.fields(ReplicaSettings))
+
+
+def encode_replica(record: ReplicaRecord) -> dict[str, str]:
+    info = {
+        "url": record.url,
+        "healthy": "1" if record.healthy else "0",
+        "updated_s": repr(float(record.updated_s)),
+    }
+    for name in _SETTINGS_FIELDS:
+        info[name] = json.dumps(getattr(record.settings, name))
+    return info
+
+
+def decode_replica(replica_id: ReplicaId, info: Mapping[str, str]) -> ReplicaRecord:
+    settings = ReplicaSettings(**{n: json.loads(info[n]) for n in _SETTINGS_FIELDS if n in info})
+    return ReplicaRecord(
+        replica_id=replica_id,
+        url=info.get("url", ""),
+        settings=settings,
+        healthy=info.get("healthy", "1") == "1",
+        updated_s=float(info.get("updated_s", "0")),
+    )
+
+
+def encode_adapter(spec: AdapterSpec) -> str:
+    tenants = None if spec.tenants is None else sorted(spec.tenants)
+    return json.dumps({"path": spec.path, "rank": spec.rank, "tenants": tenants})
+
+
+def decode_adapter(name: AdapterId, raw: str) -> AdapterSpec:
+    d = json.loads(raw)
+    tenants = d.get("tenants")
+    return AdapterSpec(
+        name=name,
+        path=d["path"],
+        rank=int(d.get("rank", 8)),
+        tenants=None if tenants is None else frozenset(tenants),
+    )
+
+
+def _pairs(flat: Sequence[str]) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+class RedisStore:
+    """``StateStore`` on one Redis. Build with ``RedisStore.from_url``."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        keys: KeySpace | None = None,
+        ttls: Ttls | None = None,
+        instance_id: str | None = None,
+        op_timeout_s: float = 0.5,
+        clock: Clock | None = None,
+    ) -> None:
+        self._r = client
+        self.keys = keys or KeySpace()
+        self.ttls = ttls or Ttls()
+        self.instance_id = instance_id or uuid.uuid4().hex[:12]
+        self._op_timeout_s = op_timeout_s
+        self._clock: Clock = clock or WallClock()
+        self._begin = client.register_script(lua.BEGIN)
+        self._residency = client.register_script(lua.RESIDENCY)
+        self._snapshot = client.register_script(lua.SNAPSHOT)
+        self._sync_leases = client.register_script(lua.SYNC_LEASES)
+        self._set_health = client.register_script(lua.SET_HEALTH)
+        self._delete_adapter = client.register_script(lua.DELETE_ADAPTER)
+        self._leader_acquire = client.register_script(lua.LEADER_ACQUIRE)
+        self._leader_release = client.register_script(lua.LEADER_RELEASE)
+        self._ensure_epoch = client.register_script(lua.ENSURE_EPOCH)
+        self._push_missing = client.register_script(lua.PUSH_MISSING)
+        # request id -> (replica id, lease member) of this instance's in-flight requests
+        self._own: dict[str, tuple[ReplicaId, str]] = {}
+        # replicas whose in-flight ZSET may still hold a lease of ours
+        self._lease_replicas: set[ReplicaId] = set()
+        self._last_lease_sync_s = -math.inf
+        self._adapters_cache: tuple[str, int, dict[AdapterId, AdapterSpec]] | None = None
+        self.epoch: str | None = None
+        self._errors = 0
+        self._failing = False
+        self._demand_ttl_s = math.ceil(self.ttls.demand_retention_s + self.ttls.demand_bucket_s)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        op_timeout_s: float = 0.5,
+        keys: KeySpace | None = None,
+        ttls: Ttls | None = None,
+        instance_id: str | None = None,
+        clock: Clock | None = None,
+    ) -> RedisStore:
+        """A client that fails fast (no client-side retries: the caller decides what to do)."""
+        client = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=op_timeout_s,
+            socket_connect_timeout=op_timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+        return cls(
+            client,
+            keys=keys,
+            ttls=ttls,
+            instance_id=instance_id,
+            op_timeout_s=op_timeout_s,
+            clock=clock,
+        )
+
+    # --- plumbing ---------------------------------------------------------------------------
+    async def _io(self, aw: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self._op_timeout_s):
+                result = await aw
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._errors += 1
+            self._failing = True
+            raise StateUnavailableError(f"redis: {type(exc).__name__}: {exc}") from exc
+        self._failing = False
+        return result
+
+    def _settings_args(self) -> list[int]:
+        return [_DEFAULT_SETTINGS.max_loras, _DEFAULT_SETTINGS.max_cpu_loras]
+
+    # --- leases (no I/O) ------------------------------------------------------------------------
+    def note_begin(self, replica_id: ReplicaId, request_id: str) -> str:
+        """Remember a lease of ours (``begin_request`` does this; ``ResilientStore`` calls it
+        directly while Redis is down so that ``sync_leases`` re-creates the lease later)."""
+        member = lease_member(self.instance_id, request_id)
+        self._own[request_id] = (replica_id, member)
+        self._lease_replicas.add(replica_id)
+        return member
+
+    def note_end(self, request_id: str) -> tuple[ReplicaId, str] | None:
+        return self._own.pop(request_id, None)
+
+    def own_in_flight(self) -> dict[ReplicaId, int]:
+        counts: dict[ReplicaId, int] = {}
+        for replica_id, _ in self._own.values():
+            counts[replica_id] = counts.get(replica_id, 0) + 1
+        return counts
+
+    # --- hot path -------------------------------------------------------------------------------
+    async def begin_request(
+        self, replica_id: ReplicaId, adapter: AdapterId | None, request_id: str, now_s: float
+    ) -> None:
+        member = self.note_begin(replica_id, request_id)
+        await self._run_begin(replica_id, adapter, member, now_s)
+
+    async def replay_touch(self, replica_id: ReplicaId, adapter: AdapterId, now_s: float) -> None:
+        """Residency touch and demand count of a request routed while Redis was down."""
+        await self._run_begin(replica_id, adapter, "", now_s)
+
+    async def _run_begin(
+        self, replica_id: ReplicaId, adapter: AdapterId | None, member: str, now_s: float
+    ) -> None:
+        k = self.keys
+        bucket = self.ttls.demand_bucket(now_s)
+        await self._io(
+            self._begin(
+                keys=[k.in_flight(replica_id), *k.residency_keys(replica_id), k.demand(bucket)],
+                args=[
+                    member,
+                    self.ttls.lease_ttl_ms,
+                    adapter or "",
+                    *self._settings_args(),
+                    self._demand_ttl_s,
+                ],
+            )
+        )
+
+    async def end_request(self, replica_id: ReplicaId, request_id: str) -> None:
+        own = self.note_end(request_id)
+        member = own[1] if own is not None else lease_member(self.instance_id, request_id)
+        await self._io(self._r.zrem(self.keys.in_flight(replica_id), member))
+
+    async def snapshot(self) -> StateView:
+        k = self.keys
+        cache = self._adapters_cache
+        known = str(cache[1]) if cache is not None and cache[0] == self.epoch else ""
+        raw: list[Any] = await self._io(
+            self._snapshot(
+                keys=[k.replicas, k.version, k.adapters, k.epoch], args=[k.replica_base, known]
+            )
+        )
+        version = int(raw[0])
+        epoch = str(raw[1])
+        self.epoch = epoch or None
+        if isinstance(raw[2], list):
+            adapters = {n: decode_adapter(n, v) for n, v in _pairs(raw[2]).items()}
+        elif cache is not None and cache[0] == epoch:
+            adapters = cache[2]
+        else:  # Redis was replaced under us and the version matches by chance
+            adapters = await self._load_adapters()
+        self._adapters_cache = (epoch, version, adapters)
+        replicas: dict[ReplicaId, ReplicaRecord] = {}
+        residency: dict[ReplicaId, Residency] = {}
+        in_flight: dict[ReplicaId, int] = {}
+        for row in raw[3:]:
+            replica_id = str(row[0])
+            replicas[replica_id] = decode_replica(replica_id, _pairs(row[1]))
+            residency[replica_id] = Residency(
+                registered=frozenset(row[2]), gpu=tuple(row[3]), cpu=tuple(row[4])
+            )
+            in_flight[replica_id] = int(row[5])
+        return StateView(
+            version=version,
+            replicas=replicas,
+            residency=residency,
+            in_flight=in_flight,
+            adapters=adapters,
+            degraded=False,
+        )
+
+    # --- replica registry -----------------------------------------------------------------------
+    async def upsert_replica(self, record: ReplicaRecord) -> None:
+        k = self.keys
+        pipe = self._r.pipeline(transaction=True)
+        pipe.delete(k.replica(record.replica_id))
+        info: dict[Any, Any] = dict(encode_replica(record))
+        pipe.hset(k.replica(record.replica_id), mapping=info)
+        pipe.sadd(k.replicas, record.replica_id)
+        pipe.incr(k.version)
+        await self._io(pipe.execute())
+
+    async def remove_replica(self, replica_id: ReplicaId) -> None:
+        k = self.keys
+        pipe = self._r.pipeline(transaction=True)
+        pipe.srem(k.replicas, replica_id)
+        pipe.delete(*k.residency_keys(replica_id), k.in_flight(replica_id))
+        pipe.incr(k.version)
+        await self._io(pipe.execute())
+
+    async def set_replica_health(self, replica_id: ReplicaId, healthy: bool, now_s: float) -> None:
+        await self._io(
+            self._set_health(
+                keys=[self.keys.replica(replica_id)],
+                args=["1" if healthy else "0", repr(float(now_s))],
+            )
+        )
+
+    # --- residency ----------------------------------------------------------------------------
+    async def _residency_op(self, replica_id: ReplicaId, op: str, adapters: list[str]) -> None:
+        await self._io(
+            self._residency(
+                keys=self.keys.residency_keys(replica_id),
+                args=[op, *self._settings_args(), *adapters],
+            )
+        )
+
+    async def record_load(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
+        await self._residency_op(replica_id, "load", [adapter])
+
+    async def record_unload(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
+        await self._residency_op(replica_id, "unload", [adapter])
+
+    async def reconcile(self, replica_id: ReplicaId, seen: frozenset[AdapterId]) -> None:
+        await self._residency_op(replica_id, "reconcile", sorted(seen))
+
+    # --- adapter registry ---------------------------------------------------------------------
+    async def put_adapter(self, spec: AdapterSpec) -> None:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hset(self.keys.adapters, spec.name, encode_adapter(spec))
+        pipe.incr(self.keys.version)
+        await self._io(pipe.execute())
+
+    async def delete_adapter(self, name: AdapterId) -> bool:
+        deleted = await self._io(
+            self._delete_adapter(keys=[self.keys.adapters, self.keys.version], args=[name])
+        )
+        return int(deleted) == 1
+
+    async def _load_adapters(self) -> dict[AdapterId, AdapterSpec]:
+        raw = await self._io(self._r.hgetall(self.keys.adapters))
+        return {str(n): decode_adapter(str(n), str(v)) for n, v in raw.items()}
+
+    async def list_adapters(self) -> list[AdapterSpec]:
+        adapters = await self._load_adapters()
+        return [adapters[n] for n in sorted(adapters)]
+
+    # --- demand -------------------------------------------------------------------------------
+    async def demand(self, since_s: float, until_s: float) -> dict[float, dict[AdapterId, int]]:
+        buckets = self.ttls.demand_buckets(since_s, until_s)
+        if not buckets:
+            return {}
+        pipe = self._r.pipeline(transaction=False)
+        for b in buckets:
+            pipe.hgetall(self.keys.demand(b))
+        rows: list[dict[str, str]] = await self._io(pipe.execute())
+        width = self.ttls.demand_bucket_s
+        return {
+            b * width: {a: int(n) for a, n in row.items()}
+            for b, row in zip(buckets, rows, strict=True)
+            if row
+        }
+
+    # --- leader and version -------------------------------------------------------------------
+    async def acquire_leader(self, name: str, holder: str, ttl_s: float) -> bool:
+        ok = await self._io(
+            self._leader_acquire(
+                keys=[self.keys.leader(name)], args=[holder, max(1, round(ttl_s * 1000))]
+            )
+        )
+        return int(ok) == 1
+
+    async def release_leader(self, name: str, holder: str) -> bool:
+        ok = await self._io(self._leader_release(keys=[self.keys.leader(name)], args=[holder]))
+        return int(ok) == 1
+
+    async def leader(self, name: str) -> str | None:
+        holder = await self._io(self._r.get(self.keys.leader(name)))
+        return None if holder is None else str(holder)
+
+    async def bump_version(self) -> int:
+        version: int = await self._io(self._r.incr(self.keys.version))
+        return version
+
+    # --- resynchronisation (used by ResilientStore) -----------------------------------------------
+    async def ensure_epoch(self) -> tuple[str, bool]:
+        """The dataset's epoch token, creating it if missing. Returns (epoch, created)."""
+        raw: list[Any] = await self._io(
+            self._ensure_epoch(keys=[self.keys.epoch], args=[uuid.uuid4().hex])
+        )
+        return str(raw[0]), int(raw[1]) == 1
+
+    async def push_missing(self, view: StateView) -> None:
+        """Write ``view`` where Redis has nothing (after Redis lost its data)."""
+        payload = {
+            "version": view.version,
+            "adapters": {n: encode_adapter(s) for n, s in view.adapters.items()},
+            "replicas": [
+                {
+                    "id": r,
+                    "info": [x for kv in encode_replica(rec).items() for x in kv],
+                    "reg": sorted(view.residency_of(r).registered),
+                    "gpu": list(view.residency_of(r).gpu),
+                    "cpu": list(view.residency_of(r).cpu),
+                }
+                for r, rec in view.replicas.items()
+            ],
+        }
+        k = self.keys
+        await self._io(
+            self._push_missing(
+                keys=[k.replicas, k.adapters, k.version],
+                args=[k.replica_base, json.dumps(payload)],
+            )
+        )
+
+    async def sync_leases(self) -> None:
+        """Make Redis hold exactly this instance's live leases, all renewed to a full TTL."""
+        by_replica: dict[ReplicaId, list[str]] = {r: [] for r in self._lease_replicas}
+        for replica_id, member in self._own.values():
+            by_replica.setdefault(replica_id, []).append(member)
+        if not by_replica:
+            return
+        keys: list[str] = []
+        args: list[str | int] = [f"{self.instance_id}|", self.ttls.lease_ttl_ms]
+        for replica_id, members in by_replica.items():
+            keys.append(self.keys.in_flight(replica_id))
+            args.append(len(members))
+            args.extend(members)
+        await self._io(self._sync_leases(keys=keys, args=args))
+        self._lease_replicas = {r for r, m in by_replica.items() if m}
+        self._last_lease_sync_s = self._clock.now()
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    async def maintain(self) -> None:
+        """Renew our leases when due."""
+        if self._clock.now() - self._last_lease_sync_s >= self.ttls.lease_renew_s:
+            await self.sync_leases()
+
+    @property
+    def degraded(self) -> bool:
+        return self._failing
+
+    @property
+    def error_count(self) -> int:
+        return self._errors
+
+    async def ping(self) -> None:
+        await self._io(self._r.ping())
+
+    async def close(self) -> None:
+        await self._r.aclose()

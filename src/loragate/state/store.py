@@ -1,0 +1,167 @@
+"""The ``StateStore`` protocol and the values it returns.
+
+Every gateway instance talks to the shared state through this protocol. Implementations:
+``MemoryStore`` (embedded, one process), ``RedisStore`` (raw Redis; raises
+``StateUnavailableError`` when Redis is unreachable) and ``ResilientStore`` (Redis behind a
+local mirror; never raises because Redis is down). The gateway should use ``MemoryStore`` or
+``ResilientStore``.
+
+Times: ``now_s`` arguments are *event* times used to pick demand buckets. The gateway passes
+epoch seconds (``time.time()``) so all instances agree on buckets; the simulator passes its
+virtual time. Lease expiry is measured by the store itself (Redis server time for Redis).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from loragate.core.errors import LoragateError
+from loragate.core.types import (
+    AdapterId,
+    AdapterSpec,
+    ReplicaId,
+    ReplicaSettings,
+    ReplicaSnapshot,
+    Residency,
+)
+from loragate.state.residency import EMPTY
+
+
+class StateUnavailableError(LoragateError):
+    """The shared state backend (Redis) could not be reached or answered with an error."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplicaRecord:
+    """One replica in the shared replica registry."""
+
+    replica_id: ReplicaId
+    url: str
+    settings: ReplicaSettings = field(default_factory=ReplicaSettings)
+    healthy: bool = True
+    # Event time (caller's clock) of the last registry or health write.
+    updated_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateView:
+    """A consistent read of the shared state (one Redis round trip for ``RedisStore``).
+
+    ``in_flight`` counts live leases of every gateway instance. ``residency`` holds an entry for
+    every registered replica. ``degraded`` is True when the view is local-only because the
+    shared backend is unreachable.
+    """
+
+    version: int = 0
+    replicas: Mapping[ReplicaId, ReplicaRecord] = field(default_factory=dict)
+    residency: Mapping[ReplicaId, Residency] = field(default_factory=dict)
+    in_flight: Mapping[ReplicaId, int] = field(default_factory=dict)
+    adapters: Mapping[AdapterId, AdapterSpec] = field(default_factory=dict)
+    degraded: bool = False
+
+    def residency_of(self, replica_id: ReplicaId) -> Residency:
+        return self.residency.get(replica_id, EMPTY)
+
+    def in_flight_of(self, replica_id: ReplicaId) -> int:
+        return self.in_flight.get(replica_id, 0)
+
+    def apply_to(self, snapshots: Iterable[ReplicaSnapshot]) -> list[ReplicaSnapshot]:
+        """Fill the gateway-side fields (in-flight count, residency) of pool snapshots."""
+        return [
+            dataclasses.replace(
+                s,
+                in_flight=self.in_flight_of(s.replica_id),
+                residency=self.residency_of(s.replica_id),
+            )
+            for s in snapshots
+        ]
+
+
+class StateStore(Protocol):
+    """Shared state of a loragate deployment (see module docstring for time conventions)."""
+
+    # --- hot path: one call each per routed request -------------------------------------
+    async def begin_request(
+        self, replica_id: ReplicaId, adapter: AdapterId | None, request_id: str, now_s: float
+    ) -> None:
+        """A request was routed: take an in-flight lease on the replica, touch the adapter in
+        its shadow residency, count one request of demand for the adapter (``None`` = base
+        model: lease only). One Redis round trip."""
+        ...
+
+    async def end_request(self, replica_id: ReplicaId, request_id: str) -> None:
+        """The request finished (success or not): release its lease. One Redis round trip.
+        Call it in a ``finally``."""
+        ...
+
+    async def snapshot(self) -> StateView:
+        """Everything routing needs, for every replica."""
+        ...
+
+    # --- replica registry and health ------------------------------------------------------
+    async def upsert_replica(self, record: ReplicaRecord) -> None: ...
+
+    async def remove_replica(self, replica_id: ReplicaId) -> None: ...
+
+    async def set_replica_health(
+        self, replica_id: ReplicaId, healthy: bool, now_s: float
+    ) -> None: ...
+
+    # --- shadow residency from admin calls and polls --------------------------------------
+    async def record_load(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
+        """Our ``/v1/load_lora_adapter`` call succeeded."""
+        ...
+
+    async def record_unload(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
+        """Our ``/v1/unload_lora_adapter`` call succeeded."""
+        ...
+
+    async def reconcile(self, replica_id: ReplicaId, seen: frozenset[AdapterId]) -> None:
+        """A ``/v1/models`` poll listed ``seen`` as the replica's adapters."""
+        ...
+
+    # --- adapter registry (admin API) -----------------------------------------------------
+    async def put_adapter(self, spec: AdapterSpec) -> None: ...
+
+    async def delete_adapter(self, name: AdapterId) -> bool: ...
+
+    async def list_adapters(self) -> list[AdapterSpec]: ...
+
+    # --- demand ---------------------------------------------------------------------------
+    async def demand(self, since_s: float, until_s: float) -> dict[float, dict[AdapterId, int]]:
+        """Requests per adapter per bucket, keyed by bucket start (seconds), buckets that
+        overlap ``[since_s, until_s)``; empty buckets are left out."""
+        ...
+
+    # --- leader lease and config version --------------------------------------------------
+    async def acquire_leader(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take the lease if free, or renew it if ``holder`` holds it. False otherwise (and
+        always False while the shared backend is unreachable)."""
+        ...
+
+    async def release_leader(self, name: str, holder: str) -> bool: ...
+
+    async def leader(self, name: str) -> str | None: ...
+
+    async def bump_version(self) -> int:
+        """Tell every instance that configuration changed (they see a new ``version``)."""
+        ...
+
+    # --- lifecycle ------------------------------------------------------------------------
+    async def maintain(self) -> None:
+        """Periodic housekeeping (renew leases, refresh the view, retry Redis). The gateway
+        calls it from a background loop, see ``run_maintenance``."""
+        ...
+
+    @property
+    def degraded(self) -> bool: ...
+
+    @property
+    def error_count(self) -> int:
+        """Errors talking to the shared backend so far (for /metrics)."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,177 @@
+"""Behaviour every StateStore shares, run against MemoryStore and RedisStore alike."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from loragate.core.clock import VirtualClock
+from loragate.core.types import AdapterSpec, ReplicaSettings, ReplicaSnapshot, Residency
+from loragate.state.keys import KeySpace, Ttls
+from loragate.state.memory import MemoryStore
+from loragate.state.redis_store import RedisStore
+from loragate.state.store import ReplicaRecord, StateStore
+from redis_fixture import RedisServer
+
+StoreFactory = Callable[..., RedisStore]
+
+SETTINGS = ReplicaSettings(max_loras=2, max_cpu_loras=3)
+TTLS = Ttls(demand_bucket_s=10.0, demand_retention_s=3600.0)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
+    if request.param == "memory":
+        yield MemoryStore(ttls=TTLS)
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        redis_store = RedisStore.from_url(
+            server.url, keys=KeySpace(prefix="contract:"), ttls=TTLS, op_timeout_s=2.0
+        )
+        yield redis_store
+        await redis_store.close()
+
+
+async def add_replicas(store: StateStore, *ids: str) -> None:
+    for r in ids:
+        await store.upsert_replica(
+            ReplicaRecord(replica_id=r, url=f"http://{r}:8000", settings=SETTINGS, updated_s=1.5)
+        )
+
+
+async def test_registry_roundtrip_and_version(store: StateStore) -> None:
+    v0 = (await store.snapshot()).version
+    await add_replicas(store, "r1", "r2")
+    view = await store.snapshot()
+    assert set(view.replicas) == {"r1", "r2"}
+    assert view.replicas["r1"].url == "http://r1:8000"
+    assert view.replicas["r1"].settings == SETTINGS
+    assert view.replicas["r1"].healthy
+    assert view.replicas["r1"].updated_s == 1.5
+    assert view.version == v0 + 2
+    assert view.residency_of("r1") == Residency()
+    assert view.in_flight == {"r1": 0, "r2": 0}
+
+    await store.set_replica_health("r2", False, 9.0)
+    await store.set_replica_health("ghost", False, 9.0)  # unknown replica: no-op
+    view = await store.snapshot()
+    assert not view.replicas["r2"].healthy
+    assert view.replicas["r2"].updated_s == 9.0
+    assert "ghost" not in view.replicas
+    assert view.version == v0 + 2  # health is not a config change
+
+    await store.remove_replica("r1")
+    view = await store.snapshot()
+    assert set(view.replicas) == {"r2"}
+    assert view.version == v0 + 3
+
+
+async def test_begin_end_counts_and_residency(store: StateStore) -> None:
+    await add_replicas(store, "r1", "r2")
+    await store.begin_request("r1", "a", "q1", 100.0)
+    await store.begin_request("r1", "b", "q2", 100.0)
+    await store.begin_request("r1", "c", "q3", 101.0)
+    await store.begin_request("r2", None, "q4", 101.0)  # base model: lease only
+    view = await store.snapshot()
+    assert view.in_flight == {"r1": 3, "r2": 1}
+    assert view.residency_of("r1") == Residency(
+        registered=frozenset("abc"), gpu=("b", "c"), cpu=("a", "b", "c")
+    )
+    assert view.residency_of("r2") == Residency()
+
+    await store.end_request("r1", "q2")
+    await store.end_request("r1", "q2")  # twice is harmless
+    await store.end_request("r2", "q4")
+    view = await store.snapshot()
+    assert view.in_flight == {"r1": 2, "r2": 0}
+
+
+async def test_admin_residency_ops(store: StateStore) -> None:
+    await add_replicas(store, "r1")
+    await store.record_load("r1", "a")
+    await store.record_load("r1", "b")
+    await store.begin_request("r1", "a", "q1", 0.0)
+    await store.record_unload("r1", "b")
+    await store.record_load("r1", "c")
+    await store.reconcile("r1", frozenset({"a", "c", "z"}))
+    view = await store.snapshot()
+    assert view.residency_of("r1") == Residency(
+        registered=frozenset({"a", "c", "z"}), gpu=("a",), cpu=("a", "c")
+    )
+
+
+async def test_adapter_registry(store: StateStore) -> None:
+    v0 = (await store.snapshot()).version
+    spec = AdapterSpec(name="sql", path="/m/sql", rank=16, tenants=frozenset({"t1", "t2"}))
+    await store.put_adapter(spec)
+    await store.put_adapter(AdapterSpec(name="chat", path="/m/chat"))
+    assert await store.list_adapters() == [AdapterSpec(name="chat", path="/m/chat"), spec]
+    view = await store.snapshot()
+    assert view.adapters["sql"] == spec
+    assert view.version == v0 + 2
+    assert await store.delete_adapter("chat")
+    assert not await store.delete_adapter("chat")
+    view = await store.snapshot()
+    assert set(view.adapters) == {"sql"}
+    assert view.version == v0 + 3
+    assert await store.bump_version() == v0 + 4
+
+
+async def test_demand_buckets(store: StateStore) -> None:
+    await add_replicas(store, "r1")
+    for i, t in enumerate([0.0, 5.0, 9.9, 10.0, 35.0]):
+        await store.begin_request("r1", "a", f"q{i}", t)
+    await store.begin_request("r1", "b", "qb", 12.0)
+    await store.begin_request("r1", None, "qbase", 12.0)
+    assert await store.demand(0.0, 40.0) == {0.0: {"a": 3}, 10.0: {"a": 1, "b": 1}, 30.0: {"a": 1}}
+    # [10, 30) covers buckets 10 and 20 only; a range ending on a boundary excludes that bucket
+    assert await store.demand(10.0, 30.0) == {10.0: {"a": 1, "b": 1}}
+    assert await store.demand(9.0, 10.0) == {0.0: {"a": 3}}
+    assert await store.demand(40.0, 100.0) == {}
+
+
+async def test_leader_lease() -> None:
+    clock = VirtualClock()
+    store = MemoryStore(clock=clock)
+    assert await store.acquire_leader("planner", "g1", 5.0)
+    assert not await store.acquire_leader("planner", "g2", 5.0)
+    assert await store.acquire_leader("planner", "g1", 5.0)  # renew
+    assert await store.leader("planner") == "g1"
+    clock.advance_by(6.0)
+    assert await store.leader("planner") is None
+    assert await store.acquire_leader("planner", "g2", 5.0)
+    assert not await store.release_leader("planner", "g1")
+    assert await store.release_leader("planner", "g2")
+    assert await store.leader("planner") is None
+
+
+async def test_leader_lease_redis(redis_stores: StoreFactory) -> None:
+    a, b = redis_stores(), redis_stores()
+    assert await a.acquire_leader("planner", "g1", 0.3)
+    assert not await b.acquire_leader("planner", "g2", 5.0)
+    assert await a.acquire_leader("planner", "g1", 5.0)  # renew (compare-and-renew)
+    assert await b.leader("planner") == "g1"
+    assert not await b.release_leader("planner", "g2")  # not the holder: no effect
+    assert await b.leader("planner") == "g1"
+    assert await a.release_leader("planner", "g1")
+    assert await b.acquire_leader("planner", "g2", 0.05)
+    # PX expiry: poll until gone (bounded), then g1 can take it
+    for _ in range(200):
+        if await a.leader("planner") is None:
+            break
+        await asyncio.sleep(0.01)
+    assert await a.acquire_leader("planner", "g1", 5.0)
+
+
+async def test_view_fills_pool_snapshots(store: StateStore) -> None:
+    await add_replicas(store, "r1", "r2")
+    await store.begin_request("r2", "a", "q1", 0.0)
+    view = await store.snapshot()
+    snaps = [ReplicaSnapshot(replica_id="r1", url="u1"), ReplicaSnapshot(replica_id="r2", url="u2")]
+    filled = view.apply_to(snaps)
+    assert [s.in_flight for s in filled] == [0, 1]
+    assert filled[1].residency.gpu == ("a",)
+    assert filled[0].residency == Residency()
+
