@@ -56,9 +56,12 @@ class FittedCoefficients:
     per_token_ms: float
     prefill_token_weight: float
     context_ms_per_token: float
+    lora_intercept_ms: float
     lora_per_token_ms: float
+    lora_per_token_slot_ms: float
     lora_per_adapter_ms: float
     lora_rank_ms_per_rank_token: float
+    lora_reference_max_loras: float
     sched_base_ms: float
     sched_per_running_ms: float
     sched_per_waiting_ms: float
@@ -282,7 +285,7 @@ def fit_prefill_weight(data: CalibrationData, base: _Base, sched: _Sched) -> tup
 
 
 def fit_lora(
-    table: Table, base: _Base, sched: _Sched, w_p: float
+    table: Table, base: _Base, sched: _Sched, w_p: float, intercept_ms: float = 0.0
 ) -> tuple[float, float, ComponentFit]:
     """lora_ms = l_tok * T_eff + l_ad * A on the R5 runs (all prompts at once).
 
@@ -300,7 +303,7 @@ def fit_lora(
     ok &= np.isfinite(adapters)
     if ok.sum() < 2:
         return 0.0, 0.0, _quality(_arr([]), _arr([]), "no LoRA rows: no LoRA overhead")
-    y = compute - base.predict(tokens, ctx)
+    y = compute - base.predict(tokens, ctx) - intercept_ms
     total = compute
     x = np.c_[tokens, adapters]
     keep = ok.copy()
@@ -327,6 +330,57 @@ def _wlstsq_rel_total(x: FloatArray, y: FloatArray, offset: FloatArray) -> Float
     w = 1.0 / np.maximum(np.abs(offset + y), 1e-9)
     coef, *_ = np.linalg.lstsq(x * w[:, None], y * w, rcond=None)
     return np.asarray(coef, dtype=np.float64)
+
+
+def fit_lora_intercept(table: Table, base: _Base, sched: _Sched) -> tuple[float, str]:
+    """LoRA cost of a one-request batch from the R6 runs (max_loras 1: requests run alone).
+
+    A swap happens between requests, so it is in the TTFT, not in the ITL: the ITL of these
+    runs is the step time of a single decode with one adapter.
+    """
+    loras = _arr(table.column("max_loras"))
+    itl = _arr(table.column("itl_mean_ms"))
+    ok = (loras == 1) & np.isfinite(itl)
+    if not ok.any():
+        return 0.0, "no single-request LoRA runs: LoRA intercept 0"
+    one = np.ones(1)
+    plain = float(base.predict(one, np.zeros(1))[0] + sched.predict(one, np.zeros(1))[0])
+    value = max(float(np.median(itl[ok])) - plain, 0.0)
+    return value, f"median ITL of {int(ok.sum())} max_loras=1 runs minus the base step"
+
+
+def fit_slot_share(table: Table, reference_max_loras: float) -> tuple[float, str]:
+    """Share of the per-token LoRA cost that grows with ``max_loras`` (R3 step intervals).
+
+    The triton LoRA kernels launch one program per (token tile, LoRA slot) and the programs of
+    empty slots exit early, so part of the per-token cost scales with the number of slots.
+    R3 (600-s runs at max_loras 8..448, no queue) gives the split: step - sched =
+    c + b_run*B + b_ad*A + b_slot*B*max_loras, share = b_slot*G / (b_run + b_slot*G) at the
+    reference G of the LoRA-overhead runs (a lower bound: b_run also holds base compute).
+    """
+    if not len(table) or not math.isfinite(reference_max_loras):
+        return 0.0, "no scheduler/slot data: per-token LoRA cost independent of max_loras"
+    steps = _arr(table.column("steps"))
+    duration = _arr(table.column("duration"))
+    sched = _arr(table.column("total_scheduling_time"))
+    running = _arr(table.column("avg_batch_size"))
+    waiting = _arr(table.column("avg_waiting_queue"))
+    adapters = _arr(table.column("mean_loras_by_batch"))
+    slots = _arr(table.column("gpu_loras"))
+    y = (duration - sched) / np.where(steps > 0, steps, np.nan) * 1000.0
+    ok = np.isfinite(y) & np.isfinite(running) & np.isfinite(adapters) & np.isfinite(slots)
+    ok &= (np.nan_to_num(waiting, nan=1e9) < 10.0) & (running > 2.0)
+    if ok.sum() < 10 or np.unique(slots[ok]).size < 3:
+        return 0.0, "too few R3 rows: per-token LoRA cost independent of max_loras"
+    x = np.c_[np.ones(int(ok.sum())), running[ok], adapters[ok], running[ok] * slots[ok]]
+    c = _wlstsq(x, y[ok])
+    b_run, b_slot = max(float(c[1]), 0.0), max(float(c[3]), 0.0)
+    if b_run + b_slot <= 0:
+        return 0.0, "R3 shows no per-token cost: per-token LoRA cost independent of max_loras"
+    share = b_slot * reference_max_loras / (b_run + b_slot * reference_max_loras)
+    return share, (f"R3 ({int(ok.sum())} runs without queue): b_run={b_run:.4f} ms, "
+                   f"b_slot={b_slot:.6f} ms/slot -> share {share:.2f} at "
+                   f"max_loras={reference_max_loras:.0f}")
 
 
 # ---------------------------------------------------------------- adapter loads
@@ -411,7 +465,11 @@ def fit_coefficients(data: CalibrationData) -> FitReport:
     for _ in range(_PREFILL_ITERATIONS):
         base, q_base = fit_base(data.base_latency, sched, w_p)
         w_p, w_note = fit_prefill_weight(data, base, sched)
-    l_tok, l_ad, q_lora = fit_lora(data.lora_overhead, base, sched, w_p)
+    l_0, l0_note = fit_lora_intercept(data.loading, base, sched)
+    l_tok, l_ad, q_lora = fit_lora(data.lora_overhead, base, sched, w_p, l_0)
+    ref_slots = float(np.nanmedian(_arr(data.lora_overhead.column("max_loras")) + 0.0)) \
+        if len(data.lora_overhead) else math.nan
+    share, share_note = fit_slot_share(data.scheduler, ref_slots)
     c0, c_rank, c_pad, q_cpu = fit_cpu_load(data.loading)
     d0, d_rank, q_disk = fit_disk_load(data.loading)
     kv0, kv_rank, kv_slot, kv_plain, q_kv = fit_kv(data.kv_capacity)
@@ -421,9 +479,12 @@ def fit_coefficients(data: CalibrationData) -> FitReport:
         per_token_ms=base.a,
         prefill_token_weight=w_p,
         context_ms_per_token=base.a_ctx,
-        lora_per_token_ms=l_tok,
+        lora_intercept_ms=l_0,
+        lora_per_token_ms=l_tok * (1.0 - share),
+        lora_per_token_slot_ms=l_tok * share / ref_slots if share > 0 else 0.0,
         lora_per_adapter_ms=l_ad,
         lora_rank_ms_per_rank_token=0.0,
+        lora_reference_max_loras=ref_slots,
         sched_base_ms=sched.s0,
         sched_per_running_ms=sched.s_run,
         sched_per_waiting_ms=sched.s_wait,
@@ -442,6 +503,10 @@ def fit_coefficients(data: CalibrationData) -> FitReport:
         "base_decode": q_base,
         "prefill": ComponentFit(rows=0, mape_pct=math.nan, max_abs_pct=math.nan, note=w_note),
         "lora": q_lora,
+        "lora_intercept": ComponentFit(rows=0, mape_pct=math.nan, max_abs_pct=math.nan,
+                                       note=l0_note),
+        "lora_slots": ComponentFit(rows=0, mape_pct=math.nan, max_abs_pct=math.nan,
+                                   note=share_note),
         "cpu_load": q_cpu,
         "disk_load": q_disk,
         "kv": q_kv,
