@@ -1,0 +1,695 @@
+"""The digital twin of one vLLM V1 engine with LoRA: a pure, deterministic step model.
+
+No asyncio, no I/O, no clock: time is passed in. :meth:`Engine.step` runs exactly one engine step
+(the wall-time replica streams its tokens); :meth:`Engine.run_until` advances virtual time fast,
+jumping over runs of identical decode steps in closed form. Both share one scheduler, so they
+produce the same schedule (and the same records) for the same inputs.
+
+Scheduling follows vLLM V1 (``vllm/v1/core/sched/scheduler.py``), see DIGITAL_TWIN.md:
+
+* running requests first, in admission order: a decode takes 1 token of the budget, the (single)
+  partially prefilled request continues its chunked prefill; a request that needs a KV block when
+  none is free preempts the tail of the running queue (recompute: blocks freed, request reset and
+  put back at the front of the waiting queue); no waiting request is admitted in that step;
+* then the FCFS waiting queue under ``max_num_batched_tokens``, ``max_num_seqs``, KV blocks and
+  the adapter budget (at most ``max_loras`` distinct adapters among running requests; a request of
+  another adapter is skipped -- deferred -- and the walk goes on past it);
+* a prompt whose prefill completes in a step yields its first output token in that step; output
+  length is exactly ``max_tokens``.
+
+How it stays fast (no per-request Python work per step): time is kept in integer nanoseconds (so
+``k`` identical steps add up exactly); every decoding request is described by the global step
+index at which it started decoding, so its token count is implicit; finishing requests sit in a
+heap keyed by the step index at which they finish; KV usage is updated from a histogram of the
+decoders' block phases (``step index mod block_size``); waiting requests sit in per-adapter queues
+(plus a lazily cleaned global FCFS queue), so deferral never rescans the waiting list.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+
+from loragate.core.errors import InvalidRequestError
+from loragate.twin.engine_types import (
+    EngineConfig,
+    EngineRequest,
+    EngineStartupError,
+    RequestRecord,
+    StepResult,
+    TokenEvent,
+    validate_request,
+)
+from loragate.twin.lora_cache import LoraCaches
+from loragate.twin.profile import PerformanceProfile
+
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "EngineRequest",
+    "EngineStartupError",
+    "RequestRecord",
+    "StepResult",
+    "TokenEvent",
+    "validate_request",
+]
+
+NS = 1_000_000_000
+_PENDING, _WAITING, _PREFILL, _DECODE, _DONE = range(5)
+
+
+def _ns(t_s: float) -> int:
+    return round(t_s * NS)
+
+
+class _Adapter:
+    """Scheduler state of one adapter (``name`` None = base model)."""
+
+    __slots__ = ("g0", "n_running", "n_waiting", "name", "queue", "r_acc", "rank")
+
+    def __init__(self, name: str | None, rank: int) -> None:
+        self.name = name
+        self.rank = rank
+        self.queue: deque[_Req] = deque()  # waiting requests of this adapter, FCFS
+        self.n_waiting = 0
+        self.n_running = 0
+        self.r_acc = 0  # ns of "slots full" time during which this adapter was running
+        self.g0 = 0  # value of the engine's slots-full clock when the adapter became running
+
+
+class _Req:
+    __slots__ = (
+        "adapter",
+        "arrival_ns",
+        "arrival_s",
+        "aseq",
+        "ast",
+        "b",
+        "c0",
+        "computed",
+        "def_snap",
+        "deferred_ns",
+        "epoch",
+        "first_ns",
+        "fstep",
+        "max_tokens",
+        "o0",
+        "out",
+        "preemptions",
+        "prompt",
+        "rank",
+        "res",
+        "rid",
+        "state",
+        "target",
+        "wseq",
+    )
+
+    def __init__(self, req: EngineRequest, ast: _Adapter) -> None:
+        self.rid = req.request_id
+        self.adapter = req.adapter
+        self.ast = ast
+        self.rank = req.adapter_rank if req.adapter is not None else 0
+        self.prompt = req.prompt_tokens
+        self.max_tokens = req.max_tokens
+        self.arrival_s = req.arrival_s
+        self.arrival_ns = _ns(req.arrival_s)
+        self.state = _PENDING
+        self.out = 0  # output tokens so far (for decoders: o0 + steps since b)
+        self.computed = 0  # prompt(+recomputed output) tokens in KV while prefilling
+        self.target = req.prompt_tokens  # tokens to prefill (prompt + outputs after preemption)
+        self.b = 0  # step index of the first decode step
+        self.c0 = 0  # KV tokens at the start of step b
+        self.o0 = 0  # output tokens at the start of step b
+        self.res = 0  # decode step index residue at which a new KV block is needed
+        self.fstep = 0  # step index of the last decode step
+        self.epoch = 0  # invalidates stale finish-heap entries
+        self.aseq = 0  # admission order (= running-queue order)
+        self.wseq = 0  # position in the waiting order (preempted requests go to the front)
+        self.def_snap = 0
+        self.deferred_ns = 0
+        self.first_ns = -1
+        self.preemptions = 0
+
+
+class Engine:
+    """One simulated vLLM V1 engine. See the module docstring."""
+
+    def __init__(self, config: EngineConfig, profile: PerformanceProfile) -> None:
+        config.check()
+        self.config = config
+        self.profile = profile
+        cap = config.kv_capacity_tokens
+        if cap is None:
+            cap = profile.kv_capacity_tokens(
+                max_loras=config.max_loras,
+                max_lora_rank=config.max_lora_rank,
+                lora_enabled=config.enable_lora,
+            )
+        self._bs = bs = config.block_size
+        self._total_blocks = cap // bs
+        if self._total_blocks * bs < config.max_model_len:
+            raise EngineStartupError(
+                f"The model's max seq len ({config.max_model_len}) is larger than the maximum "
+                f"number of tokens that can be stored in KV cache ({self._total_blocks * bs}). "
+                "Try increasing `gpu_memory_utilization` or decreasing `max_model_len` when "
+                "initializing the engine.",
+                key="max_model_len",
+            )
+        self.kv_capacity_tokens = self._total_blocks * bs
+        self._lora = config.enable_lora
+        self._max_loras = config.max_loras if config.enable_lora else 1 << 30
+        self._max_seqs = config.max_num_seqs
+        self._max_tokens = config.max_num_batched_tokens
+        self._caches = LoraCaches(
+            max_gpu=max(1, config.max_loras), max_cpu=max(config.max_loras, config.max_cpu_loras)
+        )
+        self._si = 0  # index of the next step
+        self._tn = 0  # ns: end of the last step (earliest start of the next one)
+        self._gfull = 0  # ns of step time during which all adapter slots were taken
+        self._extra_s = 0.0  # adapter registration time charged to the next step
+        self._pending: list[tuple[int, int, _Req]] = []  # future arrivals
+        self._nseq = 0
+        self._reqs: dict[str, _Req] = {}  # every unfinished request
+        self._adapters: dict[str | None, _Adapter] = {}
+        self._wq: deque[tuple[int, _Req]] = deque()  # global FCFS waiting order (lazy)
+        self._front = -1
+        self._back = 0
+        self._n_waiting = 0
+        self._running: dict[_Req, None] = {}  # running queue in admission order
+        self._run_ad: dict[str, _Adapter] = {}  # adapters with running requests
+        self._ranks: dict[int, int] = {}  # rank -> running requests of that rank
+        self._prefiller: _Req | None = None  # the partially prefilled request (tail of running)
+        self._heap: list[tuple[int, int, int, _Req]] = []  # (fstep, aseq, epoch, req)
+        self._cnt = [0] * bs  # decoders by block phase
+        self._n_decode = 0
+        self._used = 0  # KV blocks in use
+        self._aseq = 0
+        self.num_preemptions_total = 0
+        self.loads_from_disk = 0
+        self.loads_from_memory = 0
+        self.steps_total = 0
+
+    # --- observable state ---------------------------------------------------------------------
+
+    @property
+    def time_s(self) -> float:
+        """End of the last step (engine seconds)."""
+        return self._tn / NS
+
+    @property
+    def next_step_start_s(self) -> float | None:
+        """When the next step would start, or None when there is nothing to do."""
+        if self._running or self._n_waiting:
+            return self._tn / NS
+        while self._pending and self._pending[0][2].state != _PENDING:
+            heapq.heappop(self._pending)
+        if self._pending:
+            return max(self._tn, self._pending[0][0]) / NS
+        return None
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return self._n_waiting
+
+    @property
+    def num_deferred(self) -> int:
+        """Waiting requests whose adapter is locked out because all adapter slots are taken."""
+        if not self._lora or len(self._run_ad) < self._max_loras:
+            return 0
+        base = self._adapters.get(None)
+        n = self._n_waiting - (base.n_waiting if base is not None else 0)
+        return n - sum(a.n_waiting for a in self._run_ad.values())
+
+    @property
+    def kv_usage(self) -> float:
+        return self._used / self._total_blocks
+
+    @property
+    def running_adapters(self) -> list[str]:
+        return list(self._run_ad)
+
+    def gpu_adapters(self) -> list[str]:
+        return self._caches.gpu()
+
+    def cpu_adapters(self) -> list[str]:
+        return self._caches.cpu()
+
+    def has_unfinished(self) -> bool:
+        return bool(self._reqs)
+
+    # --- requests and adapters ----------------------------------------------------------------
+
+    def add_request(self, req: EngineRequest) -> None:
+        validate_request(req, self.config)
+        if req.request_id in self._reqs:
+            raise InvalidRequestError(
+                f"request id {req.request_id!r} is already in use", param="request_id"
+            )
+        ast = self._adapter(req.adapter, req.adapter_rank)
+        r = _Req(req, ast)
+        self._reqs[r.rid] = r
+        if r.arrival_ns <= self._tn:
+            self._enqueue_back(r)
+        else:
+            self._nseq += 1
+            heapq.heappush(self._pending, (r.arrival_ns, self._nseq, r))
+
+    def abort(self, request_id: str) -> bool:
+        """Drop an unfinished request wherever it is (between steps). False if unknown."""
+        r = self._reqs.pop(request_id, None)
+        if r is None:
+            return False
+        st = r.state
+        ast = r.ast
+        if st == _WAITING:
+            ast.queue.remove(r)
+            ast.n_waiting -= 1
+            self._n_waiting -= 1
+        elif st == _PREFILL:
+            self._used -= -(-r.computed // self._bs)
+            self._prefiller = None
+            self._leave_running(r)
+        elif st == _DECODE:
+            self._used -= -(-(r.c0 + self._si - r.b) // self._bs)
+            self._cnt[r.res] -= 1
+            self._n_decode -= 1
+            self._leave_running(r)
+        r.state = _DONE
+        r.epoch += 1
+        return True
+
+    def load_adapter(self, name: str, rank: int, *, to_gpu: bool = False) -> float:
+        """Register ``name`` in the CPU cache (and a GPU slot if ``to_gpu`` and one is free).
+
+        Models vLLM's start-up (``--lora-modules``) and runtime (``/v1/load_lora_adapter``)
+        loads. Returns the load time; when the engine is busy it is added to the next step.
+        """
+        ast = self._adapter(name, rank)
+        from_disk, gpu = self._caches.preload(name, to_gpu=to_gpu)
+        cost = 0.0
+        if from_disk:
+            self.loads_from_disk += 1
+            cost += self.profile.disk_to_cpu_load_s(ast.rank)
+        if gpu:
+            self.loads_from_memory += 1
+            cost += self.profile.cpu_to_gpu_load_s(ast.rank)
+        if self._running or self._n_waiting:
+            self._extra_s += cost
+        return cost
+
+    def unload_adapter(self, name: str) -> bool:
+        """Drop an idle adapter from the caches (False if absent or in use)."""
+        return self._caches.remove(name)
+
+    # --- driving the engine -------------------------------------------------------------------
+
+    def step(self, now_s: float) -> StepResult:
+        """Run exactly one engine step starting at ``max(now_s, time_s)``.
+
+        With nothing to do, returns a zero-length result and does not move time.
+        """
+        start = max(self._tn, _ns(now_s))
+        self._admit_arrivals(start)
+        if not self._running and not self._n_waiting:
+            return StepResult(start / NS, 0.0)
+        self._tn = start
+        res = StepResult(start / NS, 0.0)
+        dur = self._step(res.events, res.finished)
+        res.duration_s = dur / NS
+        return res
+
+    def run_until(self, t_s: float) -> list[RequestRecord]:
+        """Run every step that starts before ``t_s``; return the requests finished meanwhile."""
+        t_end = _ns(t_s)
+        records: list[RequestRecord] = []
+        pending = self._pending
+        while self._tn < t_end:
+            self._admit_arrivals(self._tn)
+            if not self._running and not self._n_waiting:
+                while pending and pending[0][2].state != _PENDING:
+                    heapq.heappop(pending)
+                if pending and pending[0][0] < t_end:
+                    self._tn = pending[0][0]
+                    continue
+                break
+            if not self._fast_forward(t_end):
+                self._step(None, records)
+        return records
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _adapter(self, name: str | None, rank: int) -> _Adapter:
+        ast = self._adapters.get(name)
+        if ast is None:
+            ast = self._adapters[name] = _Adapter(name, rank)
+        elif rank > ast.rank:
+            ast.rank = rank
+        return ast
+
+    def _deferred_clock(self, ast: _Adapter) -> int:
+        """ns so far during which all slots were taken and ``ast`` was not among them."""
+        if ast.n_running:
+            return ast.g0 - ast.r_acc
+        return self._gfull - ast.r_acc
+
+    def _admit_arrivals(self, t_ns: int) -> None:
+        pending = self._pending
+        while pending and pending[0][0] <= t_ns:
+            r = heapq.heappop(pending)[2]
+            if r.state == _PENDING:
+                self._enqueue_back(r)
+
+    def _enqueue_back(self, r: _Req) -> None:
+        r.state = _WAITING
+        r.wseq = self._back
+        self._back += 1
+        self._wq.append((r.wseq, r))
+        ast = r.ast
+        ast.queue.append(r)
+        ast.n_waiting += 1
+        self._n_waiting += 1
+        r.def_snap = self._deferred_clock(ast)
+
+    def _enqueue_front(self, r: _Req) -> None:
+        r.state = _WAITING
+        r.wseq = self._front
+        self._front -= 1
+        self._wq.appendleft((r.wseq, r))
+        ast = r.ast
+        ast.queue.appendleft(r)
+        ast.n_waiting += 1
+        self._n_waiting += 1
+        r.def_snap = self._deferred_clock(ast)
+
+    def _candidate(self) -> _Req | None:
+        """The first waiting request the scheduler's walk would not skip (None: all deferred)."""
+        if len(self._run_ad) < self._max_loras:
+            wq = self._wq
+            while True:
+                wseq, r = wq[0]
+                if r.state == _WAITING and r.wseq == wseq:
+                    return r
+                wq.popleft()
+        best: _Req | None = None
+        base = self._adapters.get(None)
+        if base is not None and base.n_waiting:
+            best = base.queue[0]
+        for ast in self._run_ad.values():
+            if ast.n_waiting:
+                h = ast.queue[0]
+                if best is None or h.wseq < best.wseq:
+                    best = h
+        return best
+
+    def _admit(self, r: _Req) -> float:
+        """Move ``r`` from waiting to running; returns the adapter load time it causes."""
+        ast = r.ast
+        if ast.name is not None:
+            r.deferred_ns += self._deferred_clock(ast) - r.def_snap
+        ast.queue.popleft()
+        ast.n_waiting -= 1
+        self._n_waiting -= 1
+        wq = self._wq
+        if wq and wq[0][1] is r:
+            wq.popleft()
+        r.state = _PREFILL
+        self._aseq += 1
+        r.aseq = self._aseq
+        self._running[r] = None
+        self._ranks[r.rank] = self._ranks.get(r.rank, 0) + 1
+        load = 0.0
+        if ast.n_running == 0 and ast.name is not None:
+            ast.g0 = self._gfull
+            self._run_ad[ast.name] = ast
+            from_disk, from_mem = self._caches.acquire(ast.name)
+            if from_disk:
+                self.loads_from_disk += 1
+                load += self.profile.disk_to_cpu_load_s(ast.rank)
+            if from_mem:
+                self.loads_from_memory += 1
+                load += self.profile.cpu_to_gpu_load_s(ast.rank)
+        ast.n_running += 1
+        return load
+
+    def _leave_running(self, r: _Req) -> None:
+        del self._running[r]
+        n = self._ranks[r.rank] - 1
+        if n:
+            self._ranks[r.rank] = n
+        else:
+            del self._ranks[r.rank]
+        ast = r.ast
+        ast.n_running -= 1
+        if ast.n_running == 0 and ast.name is not None:
+            del self._run_ad[ast.name]
+            ast.r_acc += self._gfull - ast.g0
+            self._caches.release(ast.name)
+
+    def _preempt(self, v: _Req, s: int) -> None:
+        bs = self._bs
+        if v.state == _DECODE:
+            v.out = v.o0 + s - v.b
+            self._used -= -(-(v.c0 + s - v.b) // bs)
+            self._cnt[v.res] -= 1
+            self._n_decode -= 1
+            v.epoch += 1
+        else:
+            self._used -= -(-v.computed // bs)
+            self._prefiller = None
+        self._leave_running(v)
+        v.computed = 0
+        v.target = v.prompt + v.out
+        v.preemptions += 1
+        self.num_preemptions_total += 1
+        self._enqueue_front(v)
+
+    def _running_loop_with_preemption(self, s: int) -> tuple[int, int]:
+        """Slow path of the running loop when KV blocks run out; returns (budget, prefill)."""
+        bs = self._bs
+        total = self._total_blocks
+        running = self._running
+        budget = self._max_tokens
+        pf_chunk = 0
+        phase = s % bs
+        for r in list(running):
+            if r not in running:
+                break
+            if r.state == _DECODE:
+                n = 1
+                nb = 1 if r.res == phase else 0
+            else:
+                n = min(r.target - r.computed, budget)
+                nb = -(-(r.computed + n) // bs) + (r.computed // -bs)
+            gone = False
+            while nb > total - self._used:
+                victim = next(reversed(running))
+                self._preempt(victim, s)
+                if victim is r:
+                    gone = True
+                    break
+            if gone:
+                break
+            self._used += nb
+            budget -= n
+            if r.state == _PREFILL:
+                pf_chunk = n
+        return budget, pf_chunk
+
+    def _step(self, events: list[TokenEvent] | None, records: list[RequestRecord]) -> int:
+        """One engine step starting at ``self._tn``; returns its duration in ns."""
+        s = self._si
+        bs = self._bs
+        total = self._total_blocks
+        running = self._running
+        cnt = self._cnt
+        pf = self._prefiller
+        budget = self._max_tokens - self._n_decode
+        need = cnt[s % bs]
+        pf_chunk = 0
+        if pf is not None:
+            pf_chunk = min(pf.target - pf.computed, budget)
+            need += -(-(pf.computed + pf_chunk) // bs) + (pf.computed // -bs)
+        preempted = need > total - self._used
+        if preempted:
+            budget, pf_chunk = self._running_loop_with_preemption(s)
+            pf = self._prefiller
+        else:
+            self._used += need
+            budget -= pf_chunk
+        pdone: list[_Req] = []
+        if pf is not None:
+            pf.computed += pf_chunk
+            if pf.computed == pf.target:
+                pdone.append(pf)
+                self._prefiller = None
+        prefill_tokens = pf_chunk
+        load_s = 0.0
+        # Waiting queue (skipped entirely in a step that preempted, as vLLM does).
+        if not preempted and budget > 0 and self._n_waiting:
+            max_seqs = self._max_seqs
+            while budget > 0 and self._n_waiting and len(running) < max_seqs:
+                r = self._candidate()
+                if r is None:
+                    break
+                n = min(r.target, budget)
+                nb = -(-n // bs)
+                if nb > total - self._used:
+                    break
+                load_s += self._admit(r)
+                self._used += nb
+                budget -= n
+                prefill_tokens += n
+                r.computed = n
+                if n == r.target:
+                    pdone.append(r)
+                else:
+                    self._prefiller = r
+        ranks = self._ranks
+        n_adapters = len(self._run_ad)
+        dur_s = self.profile.step_time_s(
+            batch_size=len(running),
+            distinct_adapters=n_adapters,
+            prefill_tokens=prefill_tokens,
+            decode_tokens=self._n_decode,
+            max_rank_in_batch=max(ranks) if ranks else 0,
+            num_waiting=self._n_waiting,
+            lora_enabled=self._lora,
+        )
+        dur_s += load_s + self._extra_s
+        self._extra_s = 0.0
+        dur = max(1, round(dur_s * NS))
+        if n_adapters >= self._max_loras:
+            self._gfull += dur
+        end = self._tn + dur
+        if events is not None:
+            t = end / NS
+            for r in running:
+                if r.state == _DECODE:
+                    events.append(TokenEvent(r.rid, t, 1, r.fstep == s, False))
+            for r in pdone:
+                events.append(TokenEvent(r.rid, t, 1, r.out + 1 >= r.max_tokens, r.out == 0))
+        # Decoders finishing in this step.
+        heap = self._heap
+        while heap and heap[0][0] <= s:
+            _, _, epoch, r = heapq.heappop(heap)
+            if r.epoch != epoch or r.state != _DECODE:
+                continue
+            self._used -= -(-(r.c0 + s - r.b + 1) // bs)
+            cnt[r.res] -= 1
+            self._n_decode -= 1
+            r.out = r.max_tokens
+            self._finish(r, end, records)
+        # Prefills completed in this step: first (or next, after preemption) output token.
+        nxt = s + 1
+        for r in pdone:
+            r.out += 1
+            if r.first_ns < 0:
+                r.first_ns = end
+            if r.out >= r.max_tokens:
+                self._used -= -(-r.target // bs)
+                self._finish(r, end, records)
+                continue
+            r.state = _DECODE
+            r.b = nxt
+            r.c0 = r.target
+            r.o0 = r.out
+            r.res = (nxt - r.target) % bs
+            r.fstep = nxt + r.max_tokens - 1 - r.out
+            cnt[r.res] += 1
+            self._n_decode += 1
+            heapq.heappush(heap, (r.fstep, r.aseq, r.epoch, r))
+        self._tn = end
+        self._si = nxt
+        self.steps_total += 1
+        return dur
+
+    def _finish(self, r: _Req, end: int, records: list[RequestRecord]) -> None:
+        self._leave_running(r)
+        r.state = _DONE
+        del self._reqs[r.rid]
+        records.append(
+            RequestRecord(
+                request_id=r.rid,
+                adapter=r.adapter,
+                arrival_s=r.arrival_s,
+                first_token_s=r.first_ns / NS,
+                finish_s=end / NS,
+                prompt_tokens=r.prompt,
+                output_tokens=r.out,
+                deferred_s=r.deferred_ns / NS,
+                preemptions=r.preemptions,
+            )
+        )
+
+    def _fast_forward(self, t_end: int) -> bool:
+        """Advance a run of identical pure-decode steps in closed form; False if none."""
+        n_dec = self._n_decode
+        if self._prefiller is not None or self._extra_s or n_dec == 0:
+            return False
+        heap = self._heap
+        while True:
+            _, _, epoch, r = heap[0]
+            if r.epoch == epoch and r.state == _DECODE:
+                break
+            heapq.heappop(heap)
+        s = self._si
+        k = heap[0][0] - s  # steps before the first finishing step
+        if k <= 0:
+            return False
+        bs = self._bs
+        cnt = self._cnt
+        phase = s % bs
+        free = self._total_blocks - self._used
+        if cnt[phase] > free:
+            return False
+        if self._n_waiting and len(self._running) < self._max_seqs:
+            c = self._candidate()
+            if c is not None:
+                n = min(c.target, self._max_tokens - n_dec)
+                if -(-n // bs) <= free - cnt[phase]:
+                    return False  # an admission would happen in this step
+        ranks = self._ranks
+        n_adapters = len(self._run_ad)
+        dur_s = self.profile.step_time_s(
+            batch_size=n_dec,
+            distinct_adapters=n_adapters,
+            prefill_tokens=0,
+            decode_tokens=n_dec,
+            max_rank_in_batch=max(ranks) if ranks else 0,
+            num_waiting=self._n_waiting,
+            lora_enabled=self._lora,
+        )
+        dur = max(1, round(dur_s * NS))
+        t0 = self._tn
+        k = min(k, (t_end - t0 + dur - 1) // dur)
+        pending = self._pending
+        if pending:
+            k = min(k, (pending[0][0] - t0 + dur - 1) // dur)
+        # KV: the longest run whose block allocations all fit.
+        cycles, rem = divmod(free, n_dec)
+        j = 0
+        acc = 0
+        while j < bs:
+            acc += cnt[(phase + j) % bs]
+            if acc > rem:
+                break
+            j += 1
+        k = min(k, cycles * bs + j)
+        if k <= 0:
+            return False
+        full, part = divmod(k, bs)
+        used = full * n_dec
+        for i in range(part):
+            used += cnt[(phase + i) % bs]
+        self._used += used
+        self._tn = t0 + k * dur
+        self._si = s + k
+        if n_adapters >= self._max_loras:
+            self._gfull += k * dur
+        self.steps_total += k
+        return True
