@@ -23,6 +23,8 @@ def _snap(
     registered: Iterable[str] | None = None,
     max_loras: int = 4,
     max_cpu_loras: int = 8,
+    max_num_seqs: int = 256,
+    per_adapter: dict[str, int] | None = None,
     healthy: bool = True,
 ) -> ReplicaSnapshot:
     gpu_t, cpu_t = tuple(gpu), tuple(cpu)
@@ -31,13 +33,16 @@ def _snap(
         replica_id=rid,
         url=f"http://127.0.0.1:1/{rid}",
         healthy=healthy,
-        settings=ReplicaSettings(max_loras=max_loras, max_cpu_loras=max_cpu_loras),
+        settings=ReplicaSettings(
+            max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_num_seqs=max_num_seqs
+        ),
         num_running=running,
         num_waiting=waiting,
         num_deferred=deferred,
         kv_usage=kv,
         active_adapters=frozenset(active),
         in_flight=in_flight,
+        adapter_in_flight=dict(per_adapter or {}),
         residency=Residency(registered=reg, gpu=gpu_t, cpu=cpu_t),
     )
 

@@ -2,16 +2,27 @@
 
 Built-in policies (each also usable as a baseline in comparisons):
 
-==================  ======================================================================
-``round_robin``     cycle through the healthy replicas
-``least_loaded``    fewest in-flight + waiting requests; ties random (or first)
-==================  ======================================================================
+===================  =====================================================================
+``round_robin``      cycle through the healthy replicas
+``least_loaded``     fewest in-flight + waiting requests; ties random (or first)
+``consistent_hash``  hash ring on the adapter with bounded loads (``consistent_hash.py``)
+``lora_affinity``    Gateway API Inference Extension LoRA affinity + queue + KV scorers
+                     (``lora_affinity.py``)
+``lru_multiplex``    Ray Serve model multiplexing: replicas holding the adapter, else the
+                     least loaded (``multiplex.py``)
+``loragate``         lowest expected time to first token (``expected_ttft.py``)
+===================  =====================================================================
 """
 
 from __future__ import annotations
 
+from loragate.core.errors import ConfigError
+from loragate.routing.consistent_hash import BoundedLoadFilter, HashRingScorer
+from loragate.routing.expected_ttft import CostParams, ExpectedTTFTScorer
 from loragate.routing.filters import KVUsageFilter, MaxLoadFilter, RegisteredFilter
 from loragate.routing.framework import RoutingProfile, WeightedScorer
+from loragate.routing.lora_affinity import LoraAffinityScorer
+from loragate.routing.multiplex import FALLBACKS, MultiplexFilter
 from loragate.routing.params import Params
 from loragate.routing.pickers import (
     TIE_BREAKS,
@@ -31,6 +42,10 @@ def default_registry() -> Registry:
     _register_plugins(reg)
     reg.add_profile("round_robin", _round_robin)
     reg.add_profile("least_loaded", _least_loaded)
+    reg.add_profile("consistent_hash", _consistent_hash)
+    reg.add_profile("lora_affinity", _lora_affinity)
+    reg.add_profile("lru_multiplex", _lru_multiplex)
+    reg.add_profile("loragate", _loragate)
     return reg
 
 
@@ -52,10 +67,17 @@ def _register_plugins(reg: Registry) -> None:
     reg.add_filter(
         "registered", lambda p, env: RegisteredFilter(fallback=p.boolean("fallback", True))
     )
+    reg.add_filter("bounded_load", lambda p, env: BoundedLoadFilter(_load_factor(p)))
+    reg.add_filter("multiplex", lambda p, env: _multiplex_filter(p))
     # scorers
     reg.add_scorer("load", lambda p, env: LoadScorer())
     reg.add_scorer("queue", lambda p, env: QueueScorer())
     reg.add_scorer("kv_cache", lambda p, env: KVCacheScorer())
+    reg.add_scorer("lora_affinity", lambda p, env: LoraAffinityScorer())
+    reg.add_scorer("hash_ring", lambda p, env: HashRingScorer(_virtual_nodes(p)))
+    reg.add_scorer(
+        "expected_ttft", lambda p, env: ExpectedTTFTScorer(env.step_time_model, _cost_params(p))
+    )
     # pickers
     reg.add_picker(
         "max_score", lambda p, env: MaxScorePicker(p.choice("tie_break", "random", TIE_BREAKS))
@@ -78,5 +100,97 @@ def _least_loaded(p: Params, env: BuildEnv) -> RoutingProfile:
         name="least_loaded",
         scorers=[WeightedScorer(1.0, LoadScorer())],
         picker=MaxScorePicker(tie_break),
+        seed=env.seed,
+    )
+
+
+def _load_factor(p: Params) -> float:
+    return p.number("load_factor", 1.25, min_value=1.0)
+
+
+def _virtual_nodes(p: Params) -> int:
+    return p.integer("virtual_nodes", 160, min_value=1)
+
+
+def _consistent_hash(p: Params, env: BuildEnv) -> RoutingProfile:
+    load_factor = _load_factor(p)
+    virtual_nodes = _virtual_nodes(p)
+    p.finish()
+    return RoutingProfile(
+        name="consistent_hash",
+        filters=[BoundedLoadFilter(load_factor)],
+        scorers=[WeightedScorer(1.0, HashRingScorer(virtual_nodes))],
+        picker=MaxScorePicker("first"),
+        seed=env.seed,
+    )
+
+
+def _lora_affinity(p: Params, env: BuildEnv) -> RoutingProfile:
+    # The extension's default: every scorer at weight 1, max-score picker, random ties.
+    affinity_w = p.number("affinity_weight", 1.0, min_value=0.0)
+    queue_w = p.number("queue_weight", 1.0, min_value=0.0)
+    kv_w = p.number("kv_weight", 1.0, min_value=0.0)
+    p.finish()
+    if affinity_w + queue_w + kv_w <= 0.0:
+        raise ConfigError("every scorer weight is 0; at least one must be positive", key=p.key)
+    return RoutingProfile(
+        name="lora_affinity",
+        scorers=[
+            WeightedScorer(affinity_w, LoraAffinityScorer()),
+            WeightedScorer(queue_w, QueueScorer()),
+            WeightedScorer(kv_w, KVCacheScorer()),
+        ],
+        picker=MaxScorePicker("random"),
+        seed=env.seed,
+    )
+
+
+def _multiplex_filter(p: Params) -> MultiplexFilter:
+    return MultiplexFilter(
+        max_ongoing_requests=p.optional_integer("max_ongoing_requests", min_value=1),
+        include_registered=p.boolean("include_registered", False),
+        fallback=p.choice("fallback", "least_loaded", FALLBACKS),
+    )
+
+
+def _lru_multiplex(p: Params, env: BuildEnv) -> RoutingProfile:
+    flt = _multiplex_filter(p)
+    choice = p.choice("choice", "least_loaded", ("least_loaded", "power_of_two"))
+    p.finish()
+    picker = MaxScorePicker("random") if choice == "least_loaded" else PowerOfTwoPicker()
+    return RoutingProfile(
+        name="lru_multiplex",
+        filters=[flt],
+        scorers=[WeightedScorer(1.0, LoadScorer())],
+        picker=picker,
+        seed=env.seed,
+    )
+
+
+def _cost_params(p: Params) -> CostParams:
+    d = CostParams()
+    return CostParams(
+        default_rank=p.integer("default_rank", d.default_rank, min_value=1),
+        mean_output_tokens=p.number("mean_output_tokens", d.mean_output_tokens, min_value=1.0),
+        mean_prompt_tokens=p.number("mean_prompt_tokens", d.mean_prompt_tokens, min_value=1.0),
+        length_ewma_alpha=p.number(
+            "length_ewma_alpha", d.length_ewma_alpha, min_value=0.0, max_value=1.0
+        ),
+        hold_factor=p.number("hold_factor", d.hold_factor, min_value=0.0),
+        new_slot_weight=p.number("new_slot_weight", d.new_slot_weight, min_value=0.0),
+        congestion_weight=p.number("congestion_weight", d.congestion_weight, min_value=0.0),
+        rho_max=p.number("rho_max", d.rho_max, min_value=0.0, max_value=0.999),
+        register_s=p.number("register_s", d.register_s, min_value=0.0),
+        kv_full=p.number("kv_full", d.kv_full, min_value=0.01, max_value=1.0),
+    )
+
+
+def _loragate(p: Params, env: BuildEnv) -> RoutingProfile:
+    scorer = ExpectedTTFTScorer(env.step_time_model, _cost_params(p))
+    p.finish()
+    return RoutingProfile(
+        name="loragate",
+        scorers=[WeightedScorer(1.0, scorer)],
+        picker=MaxScorePicker("random"),
         seed=env.seed,
     )

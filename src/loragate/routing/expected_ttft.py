@@ -1,0 +1,222 @@
+"""loragate's own policy: route to the replica with the lowest expected time to first token.
+
+Cost model (seconds, per candidate replica ``r``, for a request of adapter ``a``)::
+
+    cost = t_first + wait_seq + congestion + wait_slot + t_load + slot_penalty
+
+with, from the snapshot of ``r`` and a ``StepTimeModel`` (the twin's profile, or the linear
+default of ``step_time.LinearStepTimeModel``):
+
+* ``n``  requests in the replica: ``max(in_flight, num_running + num_waiting)``; ``n_eff =
+  n - num_deferred`` of them hold a sequence slot; ``B = min(n_eff, max_num_seqs)`` run.
+* ``D``  adapters with requests in flight there (``adapter_in_flight`` keys — fresh gateway
+  bookkeeping — else the metrics' ``active_adapters``), ``d = |D|``; ``L = max_loras``.
+  Deferred adapters ahead: ``k = max(d - L, 0)`` (or ``num_deferred`` without per-adapter
+  counts).
+* ``t_step = step_time_s(B + 1, min(d + new, L))``, ``new`` = 1 if ``a`` would take a new slot.
+  ``T_seq = E[out] * t_step`` is how long a request holds a sequence slot; ``T_hold =
+  hold_factor * T_seq`` how long an adapter holds a LoRA slot. ``E[out]`` and ``E[prompt]`` are
+  running means (EWMA) of the requests' ``max_tokens`` / ``prompt_tokens`` seen by the policy.
+
+Terms:
+
+* ``t_first``: the prefill of the waiting requests ahead (``num_waiting - num_deferred``, each
+  ``E[prompt]`` tokens) and of this prompt, under the step token budget left by the running
+  decodes (``max_num_batched_tokens - B``), in steps of ``t_step``; at least one step.
+* ``wait_seq``: if the replica is full (``n_eff + 1 > S_eff``, where ``S_eff`` is
+  ``max_num_seqs`` or lower when KV usage says memory runs out first), the excess must wait
+  for completions, which come at rate ``B / T_seq``: work ahead / service rate.
+* ``congestion``: the mean wait of an M/M/c queue at utilisation ``rho = (n_eff + 1) / S_eff``
+  (capped at ``rho_max``) with ``c = S_eff`` servers of service time ``T_seq``, in Sakasegawa's
+  approximation ``T_seq * rho^(sqrt(2(c+1))) / (c (1 - rho))`` (Sakasegawa 1977; Hopp &
+  Spearman, *Factory Physics*). FCFS means later arrivals do not delay this request, so this
+  is the price of pushing a replica towards saturation for the requests after it: near zero at
+  moderate load, steep close to the limit, so a replica is relieved before it really queues.
+* ``wait_slot`` (LoRA slot pressure, vLLM defers a request whose adapter would exceed
+  ``max_loras`` distinct adapters in the batch): 0 if ``a`` runs there; if ``a`` is itself
+  deferred there, half the deferred queue; otherwise 0 with a free slot, else ``(k + 1)``
+  slot turnovers, which come at rate ``L / T_hold``: ``(k + 1) * T_hold / L``.
+* ``t_load``: 0 if ``a`` is in a GPU slot or running; else ``load_s(rank, from_disk)`` with
+  ``from_disk`` unless ``a`` is in the CPU cache, plus ``register_s`` (our admin load call) if it
+  is not registered there.
+* ``slot_penalty``: taking a new LoRA slot is not free for the *next* requests — it holds the
+  slot for ``T_hold`` while other adapters may need it. Charged as ``new_slot_weight * T_hold /
+  L * min(1, (d + 1) / L)^2``: cheap on an empty replica, dear on one whose slots are nearly
+  full (the chance that a later adapter finds no free slot grows with the occupancy).
+  This is what keeps an adapter's traffic concentrated on the replicas already running it while
+  they have headroom; when ``wait_seq + congestion`` there grows beyond the penalty (one replica
+  cannot keep up), the adapter spreads to the next cheapest replica.
+
+Base-model requests need no slot: no ``wait_slot``, ``t_load`` or ``slot_penalty``.
+
+The scorer turns costs into scores ``(c_min + tau) / (c + tau)`` (the cheapest replica 1.0, one
+twice as slow ~0.5), and the ``loragate`` profile picks the maximum (random among ties).
+Per decision the work is O(replicas): a handful of arithmetic per replica and memoised step
+times.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from loragate.core.types import ReplicaId, ReplicaSnapshot, RoutingRequest
+from loragate.routing.framework import RoutingContext
+from loragate.routing.step_time import StepTimeModel
+
+SCORE_TAU_S = 0.001
+# Bound on memoised (batch, adapters) step times; cleared when exceeded.
+MAX_MEMO = 65_536
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CostParams:
+    """Tunables of the cost model (config: the ``loragate`` policy's parameters)."""
+
+    default_rank: int = 16
+    mean_output_tokens: float = 256.0
+    mean_prompt_tokens: float = 512.0
+    # Weight of each new observation in the running means; 0 keeps the initial values.
+    length_ewma_alpha: float = 0.02
+    hold_factor: float = 1.0
+    new_slot_weight: float = 0.5
+    congestion_weight: float = 1.0
+    # Utilisation at which the congestion term stops growing (the backlog term takes over).
+    rho_max: float = 0.95
+    register_s: float = 0.005
+    kv_full: float = 0.95
+
+
+class ExpectedTTFTScorer:
+    """Scores replicas by the expected time to first token of the request (see module doc)."""
+
+    __slots__ = ("_mean_out", "_mean_prompt", "_memo", "model", "p")
+
+    def __init__(self, model: StepTimeModel, params: CostParams | None = None) -> None:
+        self.model = model
+        self.p = params if params is not None else CostParams()
+        self._mean_out = self.p.mean_output_tokens
+        self._mean_prompt = self.p.mean_prompt_tokens
+        self._memo: dict[tuple[int, int], float] = {}
+
+    def _step(self, batch: int, adapters: int) -> float:
+        key = (batch, adapters)
+        t = self._memo.get(key)
+        if t is None:
+            if len(self._memo) >= MAX_MEMO:
+                self._memo.clear()
+            t = self._memo[key] = self.model.step_time_s(batch, adapters)
+        return t
+
+    def _observe(self, req: RoutingRequest) -> None:
+        alpha = self.p.length_ewma_alpha
+        if alpha > 0.0:
+            if req.max_tokens > 0:
+                self._mean_out += alpha * (req.max_tokens - self._mean_out)
+            if req.prompt_tokens > 0:
+                self._mean_prompt += alpha * (req.prompt_tokens - self._mean_prompt)
+
+    def costs(self, req: RoutingRequest, replicas: Sequence[ReplicaSnapshot]) -> list[float]:
+        """Expected seconds to first token on each replica (same order), without learning."""
+        p = self.p
+        adapter = req.adapter
+        mean_out = self._mean_out
+        mean_prompt = self._mean_prompt
+        prompt = req.prompt_tokens if req.prompt_tokens > 0 else mean_prompt
+        rank = req.adapter_rank if req.adapter_rank is not None else p.default_rank
+        load_cpu = load_disk = 0.0
+        if adapter is not None:
+            load_cpu = self.model.load_s(rank, False)
+            load_disk = self.model.load_s(rank, True)
+        out: list[float] = []
+        for r in replicas:
+            st = r.settings
+            slots = st.max_loras if st.max_loras > 0 else 1
+            seqs = st.max_num_seqs if st.max_num_seqs > 0 else 1
+            n = r.num_running + r.num_waiting
+            if r.in_flight > n:
+                n = r.in_flight
+            n_eff = n - r.num_deferred
+            if n_eff < 0:
+                n_eff = 0
+            batch = n_eff if n_eff < seqs else seqs
+            # LoRA slots: which adapters are in flight, is ``adapter`` one of them, running?
+            aif = r.adapter_in_flight
+            if aif:
+                d = len(aif)
+                deferred_ahead = d - slots if d > slots else 0
+                in_flight_here = adapter is not None and adapter in aif
+                running = in_flight_here and (d <= slots or adapter in r.active_adapters)
+            else:
+                d = len(r.active_adapters)
+                deferred_ahead = r.num_deferred
+                running = in_flight_here = adapter is not None and adapter in r.active_adapters
+            new_slot = adapter is not None and not in_flight_here
+            distinct = d + 1 if new_slot else d
+            t_step = self._step(batch + 1, distinct if distinct < slots else slots)
+            t_seq = mean_out * t_step
+            t_hold = p.hold_factor * t_seq
+            # Prefill of the capacity-waiting requests ahead plus ours, then the first token.
+            waiting_ahead = r.num_waiting - r.num_deferred
+            budget = st.max_num_batched_tokens - batch
+            if budget < 1:
+                budget = 1
+            ahead_tokens = (waiting_ahead if waiting_ahead > 0 else 0) * mean_prompt
+            cost = (1.0 + (ahead_tokens + prompt) // budget) * t_step
+            # Sequence slots (max_num_seqs, or KV memory if that runs out first).
+            cap = float(seqs)
+            kv = r.kv_usage
+            if kv >= p.kv_full:
+                cap = min(cap, float(n_eff))
+            elif kv > 0.0 and n_eff > 0:
+                cap = min(cap, n_eff * p.kv_full / kv)
+            if cap < 1.0:
+                cap = 1.0
+            excess = n_eff + 1 - cap
+            if excess > 0.0:
+                cost += excess * t_seq / (batch if batch > 0 else 1)
+            if p.congestion_weight > 0.0:
+                rho = (n_eff + 1) / cap
+                if rho > p.rho_max:
+                    rho = p.rho_max
+                cost += (
+                    p.congestion_weight
+                    * t_seq
+                    * rho ** math.sqrt(2.0 * (cap + 1.0))
+                    / (cap * (1.0 - rho))
+                )
+            if adapter is None:
+                out.append(cost)
+                continue
+            # LoRA slot wait.
+            if not running:
+                if in_flight_here:
+                    cost += (deferred_ahead + 1) * 0.5 * t_hold / slots
+                elif d >= slots or deferred_ahead > 0:
+                    cost += (deferred_ahead + 1) * t_hold / slots
+            # Adapter load.
+            res = r.residency
+            if not running and adapter not in res.gpu:
+                cost += load_cpu if adapter in res.cpu else load_disk
+                if adapter not in res.registered:
+                    cost += p.register_s
+            # The slot this request would take from the requests after it.
+            if new_slot:
+                occupancy = (d + 1) / slots
+                if occupancy > 1.0:
+                    occupancy = 1.0
+                cost += p.new_slot_weight * t_hold / slots * occupancy * occupancy
+            out.append(cost)
+        return out
+
+    def score(
+        self, ctx: RoutingContext, req: RoutingRequest, replicas: Sequence[ReplicaSnapshot]
+    ) -> Mapping[ReplicaId, float]:
+        costs = self.costs(req, replicas)
+        self._observe(req)
+        ctx.scratch["expected_ttft_s"] = costs
+        best = min(costs) + SCORE_TAU_S
+        return {
+            r.replica_id: best / (c + SCORE_TAU_S) for r, c in zip(replicas, costs, strict=True)
+        }

@@ -1,0 +1,186 @@
+"""The loragate policy: expected-TTFT cost model, table-tested on explicit snapshots."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+
+from loragate.core.types import ReplicaSnapshot, RoutingRequest
+from loragate.routing import LinearStepTimeModel, RoutingContext, build_policy
+from loragate.routing.expected_ttft import CostParams, ExpectedTTFTScorer
+
+Snap = Callable[..., ReplicaSnapshot]
+Req = Callable[..., RoutingRequest]
+
+
+def _holding(adapter: str, n: int, **kw: object) -> dict[str, object]:
+    """Snapshot kwargs for a replica running ``n`` requests of ``adapter``."""
+    return {
+        "in_flight": n,
+        "running": n,
+        "per_adapter": {adapter: n},
+        "active": [adapter],
+        "gpu": [adapter],
+        "cpu": [adapter],
+        **kw,
+    }
+
+
+# name, replicas (kwargs of snap), expected choice for adapter "a"
+TABLE: list[tuple[str, list[dict[str, object]], str]] = [
+    ("running adapter beats idle replica", [{}, _holding("a", 1)], "r1"),
+    (
+        "concentrate while there is headroom",
+        [{"in_flight": 10, "per_adapter": {"b": 10}}, _holding("a", 60)],
+        "r1",
+    ),
+    (
+        "spread when the replica running it is saturated",
+        [{"in_flight": 20, "per_adapter": {"b": 20}}, _holding("a", 300, max_num_seqs=256)],
+        "r0",
+    ),
+    ("GPU-resident beats disk", [{}, {"gpu": ["a"], "cpu": ["a"]}], "r1"),
+    ("CPU cache beats disk", [{"registered": ["a"]}, {"cpu": ["a"]}], "r1"),
+    (
+        "free LoRA slot beats full slots",
+        [
+            {"in_flight": 4, "per_adapter": {"b": 1, "c": 1, "d": 1, "e": 1}, "cpu": ["a"]},
+            {"in_flight": 30, "per_adapter": {"f": 30}},
+        ],
+        "r1",
+    ),
+    (
+        "shorter deferred backlog when every replica is full",
+        [
+            {"in_flight": 6, "per_adapter": {x: 1 for x in "bcdefg"}},  # 2 adapters deferred
+            {"in_flight": 5, "per_adapter": {x: 1 for x in "hijkl"}},  # 1 adapter deferred
+        ],
+        "r1",
+    ),
+    (
+        "fewer distinct adapters (slot pressure) at equal load",
+        [
+            {"in_flight": 6, "per_adapter": {"b": 2, "c": 2, "d": 2}},
+            {"in_flight": 6, "per_adapter": {"e": 6}},
+        ],
+        "r1",
+    ),
+    (
+        "metrics-only snapshot: deferred requests count against a replica",
+        [
+            {"waiting": 3, "deferred": 3, "running": 4, "active": ["b", "c", "d", "e"]},
+            {"running": 8, "active": ["f", "g"]},
+        ],
+        "r1",
+    ),
+    (
+        "KV memory nearly full counts as saturated",
+        [{"in_flight": 40, "per_adapter": {"b": 40}}, _holding("a", 40, kv=0.99)],
+        "r0",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "spec", "expected"), TABLE, ids=[t[0] for t in TABLE])
+def test_loragate_table(
+    snap: Snap, req: Req, name: str, spec: list[dict[str, object]], expected: str
+) -> None:
+    policy = build_policy("loragate", seed=5)
+    reps = [snap(f"r{i}", **kw) for i, kw in enumerate(spec)]
+    picks = {policy.choose(req("a", max_tokens=256, prompt_tokens=512), reps) for _ in range(5)}
+    assert picks == {expected}
+
+
+def test_base_model_request_goes_to_least_busy(snap: Snap, req: Req) -> None:
+    policy = build_policy("loragate")
+    reps = [
+        snap("r0", **_holding("b", 200)),
+        snap("r1", in_flight=250, running=250, per_adapter={"c": 250}),
+        snap("r2", in_flight=20, running=20, per_adapter={x: 4 for x in "defgh"}),
+    ]
+    # Slots are irrelevant for the base model: r2 is the least loaded despite its adapters.
+    assert policy.choose(req(None), reps) == "r2"
+
+
+def _cost(scorer: ExpectedTTFTScorer, rep: ReplicaSnapshot, req: RoutingRequest) -> float:
+    return scorer.costs(req, [rep])[0]
+
+
+def test_cost_grows_with_queue_and_deferral(snap: Snap, req: Req) -> None:
+    scorer = ExpectedTTFTScorer(LinearStepTimeModel())
+    r = req("a", max_tokens=128, prompt_tokens=256)
+    by_load = [_cost(scorer, snap("r", **_holding("a", n)), r) for n in (0, 50, 200, 255, 400)]
+    assert by_load == sorted(by_load)
+    assert by_load[-1] > 2 * by_load[0]
+    by_adapters = [
+        _cost(scorer, snap("r", in_flight=k, per_adapter={f"x{i}": 1 for i in range(k)}), r)
+        for k in (0, 2, 3, 4, 6)
+    ]
+    assert by_adapters == sorted(by_adapters)
+
+
+def test_running_mean_of_lengths_is_learned_and_deterministic(snap: Snap, req: Req) -> None:
+    scorer = ExpectedTTFTScorer(LinearStepTimeModel(), CostParams(mean_output_tokens=10.0))
+    rep = snap("r", in_flight=4, per_adapter={x: 1 for x in "bcde"})
+    r = req("a", max_tokens=1000)
+    before = _cost(scorer, rep, r)
+    for _ in range(200):
+        scorer.score(RoutingContext(), r, [rep])
+    after = _cost(scorer, rep, r)
+    # Longer requests hold slots longer: waiting for a LoRA slot costs more.
+    assert after > 5 * before
+    frozen = ExpectedTTFTScorer(
+        LinearStepTimeModel(), CostParams(mean_output_tokens=10.0, length_ewma_alpha=0.0)
+    )
+    for _ in range(50):
+        frozen.score(RoutingContext(), r, [rep])
+    assert _cost(frozen, rep, r) == pytest.approx(before)
+
+
+@dataclass(frozen=True)
+class _SlowDisk:
+    """A step-time model whose disk loads are very slow (like a cold object store)."""
+
+    def step_time_s(self, batch_size: int, distinct_adapters: int) -> float:
+        return 0.02
+
+    def load_s(self, rank: int, from_disk: bool) -> float:
+        return 30.0 if from_disk else 0.001
+
+
+def test_injected_step_time_model_is_used(snap: Snap, req: Req) -> None:
+    reps = [
+        snap("r0", in_flight=1, per_adapter={"b": 1}),  # idle-ish, adapter on disk
+        snap("r1", in_flight=260, per_adapter={"c": 260}, cpu=["a"]),  # full, adapter in CPU
+    ]
+    default = build_policy("loragate")
+    slow_disk = build_policy("loragate", step_time_model=_SlowDisk())
+    r = req("a", max_tokens=64, prompt_tokens=64)
+    assert default.choose(r, reps) == "r0"
+    assert slow_disk.choose(r, reps) == "r1"
+
+
+def test_scores_rank_by_cost_and_are_exposed(snap: Snap, req: Req) -> None:
+    scorer = ExpectedTTFTScorer(LinearStepTimeModel())
+    reps = [snap("r0"), snap("r1", **_holding("a", 1)), snap("r2", in_flight=300, running=256)]
+    ctx = RoutingContext()
+    scores = scorer.score(ctx, req("a"), reps)
+    costs = ctx.scratch["expected_ttft_s"]
+    assert isinstance(costs, list)
+    assert scores["r1"] == 1.0
+    order_by_score = sorted(scores, key=lambda k: -scores[k])
+    order_by_cost = [reps[i].replica_id for i in sorted(range(3), key=lambda i: costs[i])]
+    assert order_by_score == order_by_cost
+    assert all(0.0 < v <= 1.0 for v in scores.values())
+
+
+def test_loragate_params_validate() -> None:
+    from loragate.core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        build_policy({"policy": "loragate", "new_slot_weight": -1})
+    assert exc.value.key == "routing.new_slot_weight"
+    p = build_policy({"policy": "loragate", "params": {"hold_factor": 2, "default_rank": 32}})
+    assert p.name == "loragate"
