@@ -1,0 +1,41 @@
+"""``loragate serve --config FILE``: run the gateway (aiohttp on uvloop)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+HELP = "Run the loragate gateway (OpenAI-compatible front door for vLLM replicas)."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="FILE", help="gateway YAML config")
+    parser.add_argument("--host", default=None, help="bind address (default: server.host)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: server.port)")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="log level (per-request events are never logged at INFO)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from loragate.core.errors import ConfigError
+    from loragate.gateway import load_config, serve_until_signalled
+
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"loragate serve: bad config {args.config}: {exc}", file=sys.stderr)
+        return 2
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve_until_signalled(config, host=args.host, port=args.port))
+    return 0

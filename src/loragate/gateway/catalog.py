@@ -1,0 +1,98 @@
+"""Who may call, and which models they may name: API keys -> tenants, model -> adapter.
+
+An adapter a tenant may not use is reported exactly like an unknown one (404), so other
+tenants' adapters stay invisible. The catalog is immutable; a config reload or the admin API
+swaps in a new one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+
+from loragate.core.errors import AuthenticationError, NotFoundError
+from loragate.core.types import AdapterSpec, TenantId
+
+_BEARER = "bearer "
+
+
+class Catalog:
+    """The models the deployment serves and the tenants allowed to call it."""
+
+    __slots__ = ("_adapters", "_auth_required", "_by_header", "_by_key", "_created", "_models_json",
+                 "base_model")  # fmt: skip
+
+    def __init__(
+        self,
+        *,
+        base_model: str,
+        adapters: Iterable[AdapterSpec] = (),
+        api_keys: Mapping[str, TenantId] | None = None,
+    ) -> None:
+        self.base_model = base_model
+        self._adapters: dict[str, AdapterSpec] = {a.name: a for a in adapters}
+        self._by_key: dict[str, TenantId] = dict(api_keys or {})
+        self._by_header = {f"Bearer {k}": t for k, t in self._by_key.items()}
+        self._auth_required = bool(self._by_key)
+        self._created = int(time.time())
+        self._models_json: dict[TenantId | None, bytes] = {}
+
+    @property
+    def auth_required(self) -> bool:
+        return self._auth_required
+
+    @property
+    def adapters(self) -> Mapping[str, AdapterSpec]:
+        return self._adapters
+
+    def tenant_of(self, authorization: str | None) -> TenantId | None:
+        """The tenant of an ``Authorization`` header; None when no tenants are configured."""
+        if not self._auth_required:
+            return None
+        if authorization is None:
+            raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'")
+        tenant = self._by_header.get(authorization)
+        if tenant is not None:
+            return tenant
+        scheme_ok = authorization[:7].lower() == _BEARER
+        tenant = self._by_key.get(authorization[7:].strip()) if scheme_ok else None
+        if tenant is None:
+            raise AuthenticationError("invalid API key")
+        return tenant
+
+    def resolve(self, model: str | None, tenant: TenantId | None) -> AdapterSpec | None:
+        """The adapter ``model`` names (None = the base model); 404 if unknown or not allowed."""
+        if model is None or model == self.base_model:
+            return None
+        spec = self._adapters.get(model)
+        if spec is None or not spec.allows(tenant):
+            raise NotFoundError(f"The model `{model}` does not exist.", param="model")
+        return spec
+
+    def visible_models(self, tenant: TenantId | None) -> list[str]:
+        return [self.base_model] + [n for n, a in self._adapters.items() if a.allows(tenant)]
+
+    def models_json(self, tenant: TenantId | None) -> bytes:
+        """The OpenAI model list for ``tenant`` (cached per tenant)."""
+        cached = self._models_json.get(tenant)
+        if cached is None:
+            data = [self._card(self.base_model, None)]
+            data += [
+                self._card(name, self.base_model)
+                for name, spec in self._adapters.items()
+                if spec.allows(tenant)
+            ]
+            cached = json.dumps({"object": "list", "data": data}).encode()
+            self._models_json[tenant] = cached
+        return cached
+
+    def _card(self, model_id: str, parent: str | None) -> dict[str, object]:
+        return {
+            "id": model_id,
+            "object": "model",
+            "created": self._created,
+            "owned_by": "loragate",
+            "root": model_id,
+            "parent": parent,
+        }

@@ -1,0 +1,69 @@
+"""The one place where loragate errors become HTTP statuses and OpenAI-shaped error bodies:
+``{"error": {"message", "type", "param", "code"}}``."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from loragate.core.errors import (
+    AdapterLoadError,
+    AuthenticationError,
+    InvalidRequestError,
+    LoragateError,
+    NoReplicaAvailableError,
+    NotFoundError,
+    PayloadTooLargeError,
+    UpstreamTimeoutError,
+)
+
+# (status, OpenAI error type, code), most specific class first.
+_MAPPING: tuple[tuple[type[LoragateError], int, str, str], ...] = (
+    (InvalidRequestError, 400, "invalid_request_error", "invalid_request"),
+    (AuthenticationError, 401, "authentication_error", "invalid_api_key"),
+    (NotFoundError, 404, "invalid_request_error", "model_not_found"),
+    (PayloadTooLargeError, 413, "invalid_request_error", "request_too_large"),
+    (NoReplicaAvailableError, 503, "service_unavailable", "no_replica_available"),
+    (UpstreamTimeoutError, 504, "upstream_error", "upstream_timeout"),
+    (AdapterLoadError, 502, "upstream_error", "adapter_load_failed"),
+)
+
+
+def classify(exc: LoragateError) -> tuple[int, str, str]:
+    """(HTTP status, error type, code) for ``exc``; any other loragate error is a 502."""
+    for cls, status, err_type, code in _MAPPING:
+        if isinstance(exc, cls):
+            return status, err_type, code
+    return 502, "upstream_error", "upstream_unavailable"
+
+
+def error_payload(message: str, err_type: str, code: str, param: str | None = None) -> bytes:
+    body = {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+    return json.dumps(body).encode()
+
+
+def error_response(exc: LoragateError) -> web.Response:
+    status, err_type, code = classify(exc)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return web.Response(
+        status=status,
+        body=error_payload(exc.message, err_type, code, exc.param),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def internal_error_response() -> web.Response:
+    return web.Response(
+        status=500,
+        body=error_payload("internal gateway error", "server_error", "internal_error"),
+        content_type="application/json",
+    )
+
+
+def sse_error_event(exc: LoragateError) -> bytes:
+    """A final SSE event for a stream that broke off: the ``openai`` SDK raises ``APIError``
+    when an event's data carries an ``error`` key."""
+    _, err_type, code = classify(exc)
+    return b"data: " + error_payload(exc.message, err_type, code, exc.param) + b"\n\n"

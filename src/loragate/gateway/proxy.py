@@ -1,0 +1,365 @@
+"""The hot path: ``POST /v1/completions`` and ``POST /v1/chat/completions``.
+
+Per request: authenticate (one dict lookup), read the body as bytes, ``json.loads`` it once to
+validate it and read the few fields routing needs, resolve the model to an adapter the tenant
+may use, route, make sure the chosen replica has the adapter registered (single-flight admin
+load), then forward the *original bytes* upstream on the app's pooled keep-alive session and
+pass the answer back: non-streaming bodies as bytes, streams chunk by chunk as they arrive.
+
+Faults: a replica that refuses or drops the connection before answering is reported to the
+pool (no more traffic until a poll succeeds) and the request is retried once on another
+replica. A timeout is a 504 (not retried: the replica may still be working on it). A stream
+that breaks off after it started ends with an SSE error event, and the break is logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+from typing import Any
+
+import aiohttp
+from aiohttp import hdrs, web
+
+from loragate.backends.client import map_client_error
+from loragate.backends.pool import ReplicaPool
+from loragate.core.clock import Clock
+from loragate.core.config import LimitsConfig
+from loragate.core.errors import (
+    InvalidRequestError,
+    LoragateError,
+    NoReplicaAvailableError,
+    PayloadTooLargeError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
+from loragate.core.types import AdapterSpec, ReplicaId, ReplicaSnapshot, RoutingRequest
+from loragate.gateway.catalog import Catalog
+from loragate.gateway.errors import (
+    classify,
+    error_response,
+    internal_error_response,
+    sse_error_event,
+)
+from loragate.gateway.inflight import InFlightTracker
+from loragate.gateway.telemetry import Telemetry
+from loragate.routing import Policy
+
+log = logging.getLogger(__name__)
+
+REPLICA_HEADER = "X-Loragate-Replica"
+_JSON = "application/json"
+_DEFAULT_MAX_TOKENS = 16
+_RETRYABLE = (aiohttp.ClientError, TimeoutError)
+
+
+class Proxy:
+    """Request handlers of the OpenAI front door (bound methods are the aiohttp handlers)."""
+
+    __slots__ = (
+        "_ids",
+        "_inflight",
+        "_max_body",
+        "_now",
+        "_policy",
+        "_pool",
+        "_stream_timeout",
+        "_telemetry",
+        "_timeout",
+        "_view",
+        "_view_src",
+        "catalog",
+    )
+
+    def __init__(
+        self,
+        *,
+        catalog: Catalog,
+        pool: ReplicaPool,
+        policy: Policy,
+        inflight: InFlightTracker,
+        telemetry: Telemetry,
+        limits: LimitsConfig,
+        clock: Clock,
+    ) -> None:
+        self.catalog = catalog
+        self._pool = pool
+        self._policy = policy
+        self._inflight = inflight
+        self._telemetry = telemetry
+        self._max_body = limits.max_body_bytes
+        self._timeout = aiohttp.ClientTimeout(
+            total=limits.request_timeout_s, sock_connect=limits.connect_timeout_s
+        )
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=limits.connect_timeout_s,
+            sock_read=limits.stream_read_timeout_s,
+        )
+        self._now = clock.now
+        self._ids = itertools.count(1)
+        self._view: list[ReplicaSnapshot] = []
+        self._view_src: tuple[ReplicaSnapshot, ...] = ()
+
+    def set_policy(self, policy: Policy) -> None:
+        self._policy = policy
+
+    # -- handlers ---------------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, True)
+
+    async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        t0 = self._now()
+        adapter_label = ""
+        try:
+            tenant = self.catalog.tenant_of(request.headers.get(hdrs.AUTHORIZATION))
+            body = await self._read_body(request)
+            spec, stream, max_tokens = self._parse(body, chat, tenant)
+            if spec is not None:
+                adapter_label = spec.name
+            rreq = RoutingRequest(
+                request_id=str(next(self._ids)),
+                adapter=spec.name if spec is not None else None,
+                tenant=tenant,
+                prompt_tokens=len(body) >> 2,  # rough: ~4 bytes per token
+                max_tokens=max_tokens,
+                stream=stream,
+                adapter_rank=spec.rank if spec is not None else None,
+            )
+            return await self._forward(request, body, rreq, spec, chat, t0)
+        except LoragateError as exc:
+            self._telemetry.count(adapter_label, "", str(classify(exc)[0]))
+            return error_response(exc)
+        except Exception:
+            log.exception("unexpected error while proxying %s", request.path)
+            self._telemetry.count(adapter_label, "", "500")
+            return internal_error_response()
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            raise PayloadTooLargeError(
+                f"request body of {length} bytes exceeds the limit of {self._max_body} bytes"
+            )
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            raise PayloadTooLargeError(
+                f"request body exceeds the limit of {self._max_body} bytes"
+            ) from exc
+        if not body:
+            raise InvalidRequestError("the request body is empty; expected a JSON object")
+        return body
+
+    def _parse(
+        self, body: bytes, chat: bool, tenant: str | None
+    ) -> tuple[AdapterSpec | None, bool, int]:
+        """Validate the JSON and read what routing needs: (adapter, stream, max_tokens)."""
+        try:
+            payload: Any = json.loads(body)
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from exc
+        if type(payload) is not dict:
+            raise InvalidRequestError("the request body must be a JSON object")
+        model = payload.get("model")
+        if model is not None and type(model) is not str:
+            raise InvalidRequestError("'model' must be a string", param="model")
+        stream = payload.get("stream")
+        if stream is None:
+            stream = False
+        elif type(stream) is not bool:
+            raise InvalidRequestError("'stream' must be a boolean", param="stream")
+        if chat:
+            messages = payload.get("messages")
+            if type(messages) is not list or not messages:
+                raise InvalidRequestError("'messages' must be a non-empty list", param="messages")
+            max_tokens = payload.get("max_completion_tokens", payload.get("max_tokens"))
+        else:
+            prompt = payload.get("prompt")
+            if type(prompt) is not str and type(prompt) is not list:
+                raise InvalidRequestError("'prompt' must be a string or a list", param="prompt")
+            max_tokens = payload.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = _DEFAULT_MAX_TOKENS
+        elif type(max_tokens) is not int or max_tokens < 1:
+            raise InvalidRequestError("'max_tokens' must be a positive integer", param="max_tokens")
+        return self.catalog.resolve(model, tenant), stream, max_tokens
+
+    # -- routing ----------------------------------------------------------------------------
+
+    def _choose(self, rreq: RoutingRequest, exclude: ReplicaId | None) -> ReplicaId:
+        healthy = self._pool.healthy_snapshots()
+        inflight = self._inflight
+        if healthy is not self._view_src:  # the pool polled or health changed: rebuild
+            self._view_src = healthy
+            self._view = [
+                dataclasses.replace(
+                    s,
+                    in_flight=inflight.count(s.replica_id),
+                    adapter_in_flight=inflight.adapter_counts(s.replica_id),
+                )
+                for s in healthy
+            ]
+        view = self._view
+        count = inflight.count
+        for i in range(len(view)):
+            snap = view[i]
+            n = count(snap.replica_id)
+            if snap.in_flight != n:  # adapter_in_flight is a live view: no copy needed
+                view[i] = dataclasses.replace(snap, in_flight=n)
+        candidates = view if exclude is None else [s for s in view if s.replica_id != exclude]
+        if not candidates:
+            raise NoReplicaAvailableError("no healthy replica is available", param="model")
+        return self._policy.choose(rreq, candidates, self._policy.context(self._now()))
+
+    # -- forwarding -------------------------------------------------------------------------
+
+    async def _forward(
+        self,
+        request: web.Request,
+        body: bytes,
+        rreq: RoutingRequest,
+        spec: AdapterSpec | None,
+        chat: bool,
+        t0: float,
+    ) -> web.StreamResponse:
+        pool = self._pool
+        stream = rreq.stream
+        adapter_label = rreq.adapter or ""
+        exclude: ReplicaId | None = None
+        retried = reloaded = False
+        while True:
+            rid = self._choose(rreq, exclude)
+            client = pool.client(rid)
+            self._inflight.acquire(rid, rreq.adapter)
+            try:
+                if spec is not None and not pool.is_registered(rid, spec.name):
+                    try:
+                        await pool.ensure_adapter(rid, spec)
+                    except UpstreamConnectError as exc:
+                        self._upstream_failed(exc, rid, rreq, f"loading adapter {spec.name!r}")
+                        if not retried and self._can_retry(rid):
+                            retried, exclude = True, rid
+                            continue
+                        raise
+                t_send = self._now()
+                try:
+                    resp = await client.session.post(
+                        client.chat_url if chat else client.completions_url,
+                        data=body,
+                        headers=client.json_headers,
+                        timeout=self._stream_timeout if stream else self._timeout,
+                    )
+                except _RETRYABLE as exc:
+                    err = self._upstream_failed(exc, rid, rreq, "connecting")
+                    if not retried and self._can_retry(rid):
+                        retried, exclude = True, rid
+                        continue
+                    raise err from exc
+                try:
+                    status = resp.status
+                    if status == 404 and spec is not None and not reloaded:
+                        # The replica forgot the adapter (restart, external unload): reload once.
+                        await resp.read()
+                        pool.forget_adapter(rid, spec.name)
+                        reloaded = True
+                        continue
+                    if not stream or status != 200:
+                        try:
+                            data = await resp.read()
+                        except _RETRYABLE as exc:
+                            err = self._upstream_failed(exc, rid, rreq, "reading the answer")
+                            if not retried and self._can_retry(rid):
+                                retried, exclude = True, rid
+                                continue
+                            raise err from exc
+                        self._telemetry.observe_latency(rid, self._now() - t_send)
+                        self._telemetry.count(adapter_label, rid, str(status))
+                        return web.Response(
+                            body=data,
+                            status=status,
+                            headers={
+                                hdrs.CONTENT_TYPE: resp.headers.get(hdrs.CONTENT_TYPE, _JSON),
+                                REPLICA_HEADER: rid,
+                            },
+                        )
+                    return await self._pipe(request, resp, rid, rreq, t0, t_send)
+                finally:
+                    resp.release()
+            finally:
+                self._inflight.release(rid, rreq.adapter)
+
+    def _can_retry(self, failed: ReplicaId) -> bool:
+        return any(s.replica_id != failed for s in self._pool.healthy_snapshots())
+
+    def _upstream_failed(
+        self, exc: BaseException, rid: ReplicaId, rreq: RoutingRequest, stage: str
+    ) -> UpstreamError:
+        err = map_client_error(exc, f"replica {rid} failed while {stage}")
+        if not isinstance(err, UpstreamTimeoutError):
+            self._pool.report_failure(rid, err.message)
+        log.warning(
+            "request %s (model %s): %s", rreq.request_id, rreq.adapter or "<base>", err.message
+        )
+        return err
+
+    async def _pipe(
+        self,
+        request: web.Request,
+        resp: aiohttp.ClientResponse,
+        rid: ReplicaId,
+        rreq: RoutingRequest,
+        t0: float,
+        t_send: float,
+    ) -> web.StreamResponse:
+        """Relay a streaming answer chunk by chunk; never buffer it whole."""
+        out = web.StreamResponse(
+            status=200,
+            headers={
+                hdrs.CONTENT_TYPE: resp.headers.get(hdrs.CONTENT_TYPE, "text/event-stream"),
+                hdrs.CACHE_CONTROL: "no-cache",
+                REPLICA_HEADER: rid,
+            },
+        )
+        await out.prepare(request)
+        content = resp.content
+        telemetry = self._telemetry
+        last = b""
+        relayed = 0
+        outcome = "200"
+        while True:
+            try:
+                chunk = await content.readany()
+            except _RETRYABLE as exc:
+                err = self._upstream_failed(exc, rid, rreq, f"streaming (after {relayed} bytes)")
+                outcome = "stream_error"
+                prefix = b"" if not last or last.endswith(b"\n\n") else b"\n\n"
+                with contextlib.suppress(ConnectionError):
+                    await out.write(prefix + sse_error_event(err))
+                break
+            if not chunk:
+                break
+            if not relayed:
+                telemetry.observe_ttft(rid, self._now() - t0)
+            relayed += len(chunk)
+            last = chunk
+            try:
+                await out.write(chunk)
+            except ConnectionError:
+                # The client went away: closing the upstream connection aborts the generation.
+                resp.close()
+                telemetry.count(rreq.adapter or "", rid, "client_closed")
+                return out
+        telemetry.observe_latency(rid, self._now() - t_send)
+        telemetry.count(rreq.adapter or "", rid, outcome)
+        with contextlib.suppress(ConnectionError):
+            await out.write_eof()
+        return out

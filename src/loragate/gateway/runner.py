@@ -1,0 +1,84 @@
+"""Run a gateway app on a socket: in-process for tests and the demo, or until a signal for
+``loragate serve``. The event loop (uvloop or not) is the caller's choice."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from loragate.core.config import GatewayConfig
+from loragate.gateway.app import GATEWAY, Gateway, create_app
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RunningGateway:
+    url: str  # e.g. "http://127.0.0.1:41234" (no trailing slash; the OpenAI base is url + "/v1")
+    host: str
+    port: int
+    app: web.Application
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.app[GATEWAY]
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(
+    config: GatewayConfig,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    shutdown_timeout_s: float = 5.0,
+    **create_app_kwargs: Any,
+) -> AsyncIterator[RunningGateway]:
+    """Serve a gateway built by ``create_app(config, **create_app_kwargs)`` until the block
+    exits. ``port=0`` picks a free port; ``host``/``port`` default to ``config.server``."""
+    host = config.server.host if host is None else host
+    port = config.server.port if port is None else port
+    app = create_app(config, **create_app_kwargs)
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout_s
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = runner.addresses[0]
+        actual_host, actual_port = str(bound[0]), int(bound[1])
+        url_host = f"[{actual_host}]" if ":" in actual_host else actual_host
+        yield RunningGateway(
+            url=f"http://{url_host}:{actual_port}", host=actual_host, port=actual_port, app=app
+        )
+    finally:
+        await runner.cleanup()
+
+
+async def serve_until_signalled(
+    config: GatewayConfig, *, host: str | None = None, port: int | None = None
+) -> None:
+    """Run until SIGINT or SIGTERM, then shut down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with running_gateway(config, host=host, port=port) as running:
+        healthy = len(running.gateway.pool.healthy_snapshots())
+        log.info(
+            "loragate gateway listening on %s (%d/%d replicas healthy, policy %s)",
+            running.url,
+            healthy,
+            len(config.replicas),
+            running.gateway.policy.name,
+        )
+        await stop.wait()
+        log.info("shutting down")

@@ -1,0 +1,172 @@
+"""Test upstreams for the gateway: a scripted vLLM-like replica on a real loopback socket that
+can also misbehave on purpose (hang, die before answering, die mid-stream), plus helpers to
+build configs and run a gateway in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from loragate.core.config import GatewayConfig, config_from_mapping
+
+BASE = "tiny-llama"
+
+
+def _err(status: int, message: str, err_type: str, param: str | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": err_type, "param": param, "code": status}}
+    return web.Response(status=status, text=json.dumps(body), content_type="application/json")
+
+
+class ScriptedReplica:
+    """vLLM 0.32's API surface, answering instantly. ``mode`` changes how completions behave:
+    ``ok``, ``hang`` (never answers), ``drop`` (closes the connection before answering),
+    ``die_mid_stream`` (sends two SSE events, then drops the connection)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.mode = "ok"
+        self.adapters: dict[str, str] = {}
+        self.health_status = 200
+        self.load_calls = 0
+        self.load_delay_s = 0.0
+        self.requests: list[dict[str, Any]] = []
+        self.stream_gate: asyncio.Event | None = None  # if set, hold the stream after event 1
+        self.url = ""
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/load_lora_adapter", self._load)
+        app.router.add_post("/v1/unload_lora_adapter", self._unload)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._completions)
+        self.app = app
+
+    async def _health(self, _: web.Request) -> web.Response:
+        return web.Response(status=self.health_status)
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        text = (
+            f'vllm:num_requests_running{{engine="0",model_name="{BASE}"}} 0.0\n'
+            f'vllm:num_requests_waiting{{engine="0",model_name="{BASE}"}} 0.0\n'
+        )
+        return web.Response(text=text, content_type="text/plain")
+
+    async def _models(self, _: web.Request) -> web.Response:
+        data = [{"id": BASE, "object": "model", "parent": None}]
+        data += [{"id": n, "object": "model", "parent": BASE} for n in self.adapters]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _load(self, request: web.Request) -> web.Response:
+        self.load_calls += 1
+        body = await request.json()
+        name, path = body["lora_name"], body["lora_path"]
+        if name in self.adapters:
+            return _err(
+                400,
+                f"The lora adapter '{name}' has already been loaded. If you want to load the "
+                "adapter in place, set 'load_inplace' to True.",
+                "InvalidUserInput",
+            )
+        if not path.startswith("/loras/"):
+            return _err(404, f"Loading lora {name} failed: No adapter found for <path>", "NotFound")
+        if self.load_delay_s:
+            await asyncio.sleep(self.load_delay_s)
+        self.adapters[name] = path
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def _unload(self, request: web.Request) -> web.Response:
+        name = (await request.json())["lora_name"]
+        if self.adapters.pop(name, None) is None:
+            return _err(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError")
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        model = body.get("model", BASE)
+        if model != BASE and model not in self.adapters:
+            return _err(
+                404,
+                f"The model `{model}` does not exist. Valid aliases: {BASE}.",
+                "NotFoundError",
+                "model",
+            )
+        if self.mode == "hang":
+            await asyncio.sleep(3600)
+        if self.mode == "drop":
+            assert request.transport is not None
+            request.transport.abort()
+            await asyncio.sleep(3600)
+        chat = request.path.endswith("/chat/completions")
+        if not body.get("stream"):
+            return web.json_response(_answer(model, chat, self.name))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
+        for i, piece in enumerate((" one", " two", " three")):
+            await resp.write(b"data: " + json.dumps(_chunk(model, chat, piece)).encode() + b"\n\n")
+            if i == 0 and self.stream_gate is not None:
+                await self.stream_gate.wait()
+            if i == 1 and self.mode == "die_mid_stream":
+                assert request.transport is not None
+                request.transport.abort()
+                await asyncio.sleep(3600)
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+def _answer(model: str, chat: bool, replica: str) -> dict[str, Any]:
+    usage = {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+    if chat:
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": f"hi from {replica}"},
+            "finish_reason": "length",
+        }
+        return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": model,
+                "choices": [choice], "usage": usage}  # fmt: skip
+    choice = {"index": 0, "text": f"hi from {replica}", "finish_reason": "length"}
+    return {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": model,
+            "choices": [choice], "usage": usage}  # fmt: skip
+
+
+def _chunk(model: str, chat: bool, piece: str) -> dict[str, Any]:
+    if chat:
+        choice: dict[str, Any] = {"index": 0, "delta": {"content": piece}, "finish_reason": None}
+        return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+                "model": model, "choices": [choice]}  # fmt: skip
+    choice = {"index": 0, "text": piece, "finish_reason": None}
+    return {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": model,
+            "choices": [choice]}  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[tuple[str, web.AppRunner]]:
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.1)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}", runner
+    finally:
+        await runner.cleanup()
+
+
+def gateway_config(urls: list[str], **sections: Any) -> GatewayConfig:
+    """A config for ``urls`` (replica ids r0, r1, ...) with fast polling, merged with
+    ``sections`` (top-level keys of the YAML document)."""
+    doc: dict[str, Any] = {
+        "base_model": BASE,
+        "replicas": [{"id": f"r{i}", "url": u} for i, u in enumerate(urls)],
+        "adapters": [{"name": f"lora-{i}", "path": f"/loras/lora-{i}"} for i in range(4)],
+        "poller": {"interval_s": 3600},  # tests poll explicitly unless they say otherwise
+    }
+    doc.update(sections)
+    return config_from_mapping(doc)
