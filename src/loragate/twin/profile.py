@@ -21,7 +21,7 @@ to the step by the engine, which calls :meth:`cpu_to_gpu_load_s` / :meth:`disk_t
 from __future__ import annotations
 
 import bisect
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,13 @@ class StepModel:
     decode_intercept_ms: float
     decode_ms_per_seq: float
     prefill_ms_per_token: float = 0.0
+    # Optional (calibrated profiles, see twin/calibrate.py). ``knee_seqs``: the per-token cost
+    # applies only above this many effective tokens (decode is weight-bandwidth bound below).
+    # ``ms_per_context_token``: attention cost per KV token of the running requests, which are
+    # ``context_tokens_per_seq`` long on average (a workload property: ``specialize``).
+    knee_seqs: float = 0.0
+    ms_per_context_token: float = 0.0
+    context_tokens_per_seq: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,6 +56,16 @@ class LoraModel:
     intercept_pct: float = 100.0
     pct_per_rank: float = 0.0
     zero_adapter_pct: float | None = None
+    # Optional additive LoRA cost (ms), added after the factor: ``extra_intercept_ms +
+    # (extra_ms_per_token + extra_ms_per_token_per_slot * max_loras) * T + extra_ms_per_adapter
+    # * A`` with T = B + P * prefill_ms_per_token / decode_ms_per_seq (effective tokens).
+    # The per-slot term models the triton kernels' programs per (token tile, LoRA slot);
+    # ``max_loras`` is the engine's slot count (``specialize``; the calibration's by default).
+    extra_intercept_ms: float = 0.0
+    extra_ms_per_token: float = 0.0
+    extra_ms_per_token_per_slot: float = 0.0
+    extra_ms_per_adapter: float = 0.0
+    max_loras: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,6 +106,10 @@ class RankCost:
 class LoadModel:
     cpu_to_gpu: RankCost = field(default_factory=RankCost)
     disk_to_cpu: RankCost = field(default_factory=RankCost)
+    # Optional: extra CPU->GPU time when the adapter's rank is below the engine's
+    # max_lora_rank (its weights are padded into the slot); ``max_lora_rank``: ``specialize``.
+    cpu_to_gpu_pad_ms: float = 0.0
+    max_lora_rank: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -104,6 +125,7 @@ class KvModel:
     tokens_per_slot_rank: float = 0.0
     no_lora_tokens: int | None = None
     table: tuple[tuple[int, int, int | None], ...] = ()
+    tokens_per_slot: float = 0.0  # optional rank-independent cost of one slot
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -134,11 +156,12 @@ class PerformanceProfile:
         """Duration of one engine step in seconds (without adapter load times)."""
         del decode_tokens  # decode cost is per sequence in the batch (the paper's regressor)
         s = self.step
-        compute_ms = (
-            s.decode_intercept_ms
-            + s.decode_ms_per_seq * batch_size
-            + s.prefill_ms_per_token * prefill_tokens
-        )
+        linear_ms = s.decode_ms_per_seq * batch_size + s.prefill_ms_per_token * prefill_tokens
+        if s.knee_seqs:
+            linear_ms = max(0.0, linear_ms - s.decode_ms_per_seq * s.knee_seqs)
+        compute_ms = s.decode_intercept_ms + linear_ms
+        if s.ms_per_context_token:
+            compute_ms += s.ms_per_context_token * s.context_tokens_per_seq * batch_size
         if lora_enabled:
             lo = self.lora
             if distinct_adapters == 0 and lo.zero_adapter_pct is not None:
@@ -150,6 +173,16 @@ class PerformanceProfile:
                     + lo.pct_per_rank * max_rank_in_batch
                 )
             compute_ms *= pct / 100.0
+            if lo.extra_ms_per_token or lo.extra_ms_per_token_per_slot or lo.extra_intercept_ms \
+                    or lo.extra_ms_per_adapter:
+                per_seq = s.decode_ms_per_seq
+                weight = s.prefill_ms_per_token / per_seq if per_seq else 1.0
+                tokens = batch_size + weight * prefill_tokens
+                per_token = lo.extra_ms_per_token + lo.extra_ms_per_token_per_slot * lo.max_loras
+                compute_ms += (
+                    lo.extra_intercept_ms + per_token * tokens
+                    + lo.extra_ms_per_adapter * distinct_adapters
+                )
         sc = self.scheduler
         waiting = num_waiting if sc.max_waiting is None else min(num_waiting, sc.max_waiting)
         sched_ms = sc.intercept_ms + sc.ms_per_running * batch_size + sc.ms_per_waiting * waiting
@@ -157,7 +190,9 @@ class PerformanceProfile:
 
     def cpu_to_gpu_load_s(self, rank: int) -> float:
         """Time to copy an adapter of ``rank`` from the CPU cache into a GPU slot."""
-        return self.loading.cpu_to_gpu.ms(rank) / 1000.0
+        ld = self.loading
+        pad = ld.cpu_to_gpu_pad_ms if rank < ld.max_lora_rank else 0.0
+        return (ld.cpu_to_gpu.ms(rank) + pad) / 1000.0
 
     def disk_to_cpu_load_s(self, rank: int) -> float:
         """Time to read an adapter of ``rank`` from disk into the CPU cache."""
@@ -171,7 +206,25 @@ class PerformanceProfile:
         for slots, rank, tokens in kv.table:
             if slots == max_loras and rank == max_lora_rank and tokens is not None:
                 return tokens
-        return max(0, int(kv.kv0_tokens - kv.tokens_per_slot_rank * max_loras * max_lora_rank))
+        return max(0, int(kv.kv0_tokens - kv.tokens_per_slot_rank * max_loras * max_lora_rank
+                          - kv.tokens_per_slot * max_loras))
+
+    def specialize(
+        self,
+        *,
+        max_loras: int | None = None,
+        max_lora_rank: int | None = None,
+        context_tokens_per_seq: float | None = None,
+    ) -> PerformanceProfile:
+        """A copy bound to an engine's settings / a workload's mean context (optional terms)."""
+        p = self
+        if max_loras is not None:
+            p = replace(p, lora=replace(p.lora, max_loras=max_loras))
+        if max_lora_rank is not None:
+            p = replace(p, loading=replace(p.loading, max_lora_rank=max_lora_rank))
+        if context_tokens_per_seq is not None:
+            p = replace(p, step=replace(p.step, context_tokens_per_seq=context_tokens_per_seq))
+        return p
 
 
 # --- YAML ---------------------------------------------------------------------------------------
@@ -231,6 +284,7 @@ def _kv(data: Any) -> KvModel:
         tokens_per_slot_rank=float(data.get("tokens_per_slot_rank", 0.0)),
         no_lora_tokens=None if no_lora is None else int(no_lora),
         table=tuple(rows),
+        tokens_per_slot=float(data.get("tokens_per_slot", 0.0)),
     )
 
 
@@ -244,7 +298,9 @@ def profile_from_dict(raw: dict[str, Any]) -> PerformanceProfile:
     loading_raw = raw.get("loading") or {}
     if not isinstance(loading_raw, dict):
         raise ConfigError("must be a mapping", key="loading")
-    unknown = sorted(set(loading_raw) - {"cpu_to_gpu_ms", "disk_to_cpu_ms"})
+    unknown = sorted(
+        set(loading_raw) - {"cpu_to_gpu_ms", "disk_to_cpu_ms", "cpu_to_gpu_pad_ms", "max_lora_rank"}
+    )
     if unknown:
         raise ConfigError(f"unknown field(s) {unknown}", key="loading")
     fit = raw.get("fit") or {}
@@ -260,6 +316,8 @@ def profile_from_dict(raw: dict[str, Any]) -> PerformanceProfile:
         loading=LoadModel(
             cpu_to_gpu=_rank_cost(loading_raw.get("cpu_to_gpu_ms"), "loading.cpu_to_gpu_ms"),
             disk_to_cpu=_rank_cost(loading_raw.get("disk_to_cpu_ms"), "loading.disk_to_cpu_ms"),
+            cpu_to_gpu_pad_ms=float(loading_raw.get("cpu_to_gpu_pad_ms", 0.0)),
+            max_lora_rank=int(loading_raw.get("max_lora_rank", 0)),
         ),
         kv=_kv(raw.get("kv")),
         fit=dict(fit),
@@ -283,12 +341,18 @@ def profile_to_dict(p: PerformanceProfile) -> dict[str, Any]:
         "loading": {
             "cpu_to_gpu_ms": _rank_cost_dict(p.loading.cpu_to_gpu),
             "disk_to_cpu_ms": _rank_cost_dict(p.loading.disk_to_cpu),
+            **(
+                {"cpu_to_gpu_pad_ms": p.loading.cpu_to_gpu_pad_ms,
+                 "max_lora_rank": p.loading.max_lora_rank}
+                if p.loading.cpu_to_gpu_pad_ms or p.loading.max_lora_rank else {}
+            ),
         },
         "kv": {
             "kv0_tokens": p.kv.kv0_tokens,
             "tokens_per_slot_rank": p.kv.tokens_per_slot_rank,
             "no_lora_tokens": p.kv.no_lora_tokens,
             "table": [list(row) for row in p.kv.table],
+            **({"tokens_per_slot": p.kv.tokens_per_slot} if p.kv.tokens_per_slot else {}),
         },
         "fit": dict(p.fit),
     }
