@@ -37,7 +37,16 @@ import numpy as np
 import numpy.typing as npt
 
 from loragate.core.errors import ConfigError
-from loragate.twin.calibration_data import CalibrationData, Table
+from loragate.twin.calibration_data import CalibrationData, Table, load_calibration_data
+from loragate.twin.profile import (
+    KvModel,
+    LoadModel,
+    LoraModel,
+    PerformanceProfile,
+    RankCost,
+    SchedulerModel,
+    StepModel,
+)
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -512,3 +521,94 @@ def fit_coefficients(data: CalibrationData) -> FitReport:
         "kv": q_kv,
     }
     return FitReport(model=data.model, coefficients=coefficients, components=components)
+
+
+# ---------------------------------------------------------------- profile
+
+
+# Mean context (prompt + generated so far) of a running request in ShareGPT-like chat traffic;
+# used when the caller does not specialize the profile to its workload (validate does).
+DEFAULT_CONTEXT_TOKENS_PER_SEQ = 330.0
+
+
+def _kv_table(table: Table) -> tuple[tuple[int, int, int | None], ...]:
+    rows: dict[tuple[int, int], int | None] = {}
+    for values, text in zip(table.values, table.text, strict=True):
+        if text.get("group", "R7") != "R7":
+            continue
+        loras, rank = values.get("max_loras", math.nan), values.get("max_lora_rank", math.nan)
+        if not (math.isfinite(loras) and math.isfinite(rank)):
+            continue
+        kv = values.get("kv_tokens", math.nan)
+        rows[(int(loras), int(rank))] = int(kv) if math.isfinite(kv) else None
+    return tuple((a, b, v) for (a, b), v in sorted(rows.items()))
+
+
+def build_profile(
+    report: FitReport, data: CalibrationData, *, name: str, description: str = "",
+    source: str = "",
+) -> PerformanceProfile:
+    """Map fitted coefficients onto the profile schema (optional calibrated terms)."""
+    c = report.coefficients
+    ref_slots = int(c.lora_reference_max_loras) if math.isfinite(c.lora_reference_max_loras) else 0
+    return PerformanceProfile(
+        name=name,
+        description=description or f"Fitted by loragate twin calibrate for {report.model}",
+        source=source,
+        step=StepModel(
+            decode_intercept_ms=round(c.base_ms, 6),
+            decode_ms_per_seq=round(c.per_token_ms, 8),
+            prefill_ms_per_token=round(c.per_token_ms * c.prefill_token_weight, 8),
+            knee_seqs=float(c.knee_tokens),
+            ms_per_context_token=round(c.context_ms_per_token, 10),
+            context_tokens_per_seq=DEFAULT_CONTEXT_TOKENS_PER_SEQ,
+        ),
+        lora=LoraModel(
+            pct_per_adapter=0.0,
+            intercept_pct=100.0,
+            extra_intercept_ms=round(c.lora_intercept_ms, 6),
+            extra_ms_per_token=round(c.lora_per_token_ms, 8),
+            extra_ms_per_token_per_slot=round(c.lora_per_token_slot_ms, 10),
+            extra_ms_per_adapter=round(c.lora_per_adapter_ms, 6),
+            max_loras=ref_slots,
+        ),
+        scheduler=SchedulerModel(
+            intercept_ms=round(c.sched_base_ms, 6),
+            ms_per_running=round(c.sched_per_running_ms, 8),
+            ms_per_waiting=round(c.sched_per_waiting_ms, 10),
+        ),
+        loading=LoadModel(
+            cpu_to_gpu=RankCost(intercept_ms=round(c.cpu_load_base_ms, 6),
+                                ms_per_rank=round(c.cpu_load_per_rank_ms, 8)),
+            disk_to_cpu=RankCost(intercept_ms=round(c.disk_load_base_ms, 6),
+                                 ms_per_rank=round(c.disk_load_per_rank_ms, 8)),
+            cpu_to_gpu_pad_ms=round(c.cpu_load_pad_ms, 6),
+        ),
+        kv=KvModel(
+            kv0_tokens=round(c.kv_base_tokens),
+            tokens_per_slot_rank=round(c.kv_per_slot_rank_tokens, 6),
+            tokens_per_slot=round(c.kv_per_slot_tokens, 6),
+            no_lora_tokens=int(c.kv_no_lora_tokens) if math.isfinite(c.kv_no_lora_tokens)
+            else None,
+            table=_kv_table(data.kv_capacity),
+        ),
+        fit={
+            "model": report.model,
+            "components": {
+                k: {"rows": v.rows,
+                    "mape_pct": None if math.isnan(v.mape_pct) else round(v.mape_pct, 3),
+                    "note": v.note}
+                for k, v in report.components.items()
+            },
+        },
+    )
+
+
+def calibrate_profile(
+    folder: str, model: str, *, name: str, description: str = "", source: str = ""
+) -> tuple[PerformanceProfile, FitReport]:
+    """Read ``folder``, fit ``model`` and return the profile and the fit report."""
+    data = load_calibration_data(folder, model)
+    report = fit_coefficients(data)
+    profile = build_profile(report, data, name=name, description=description, source=source)
+    return profile, report

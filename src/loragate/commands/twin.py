@@ -1,0 +1,160 @@
+"""``loragate twin``: fit performance profiles, validate the twin against real runs, list profiles.
+
+    loragate twin calibrate --data DIR --model NAME --out FILE [--name PROFILE]
+    loragate twin validate --real-runs CSV [--paper-runs CSV] [--profile P | MODEL=P ...] --json
+    loragate twin profiles
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from loragate.core.errors import LoragateError
+
+HELP = "digital twin: calibrate profiles from benchmark data, validate against real vLLM runs"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="twin_command", metavar="SUBCOMMAND")
+    sub.required = True
+
+    cal = sub.add_parser("calibrate", help="fit a performance profile from a calibration folder")
+    cal.add_argument("--data", required=True, help="calibration folder (BSC CSV format)")
+    cal.add_argument("--model", required=True, help="model name as in the CSVs' model column")
+    cal.add_argument("--out", required=True, help="profile YAML to write")
+    cal.add_argument("--name", default=None, help="profile name (default: --out file stem)")
+    cal.add_argument("--description", default="")
+    cal.add_argument("--json", action="store_true", help="print the fit report as JSON")
+    cal.set_defaults(_twin=_calibrate)
+
+    val = sub.add_parser("validate", help="replay real runs in the twin and report errors")
+    val.add_argument("--real-runs", required=True, help="real_runs.csv")
+    val.add_argument("--paper-runs", default=None,
+                     help="paper_twin_runs.csv (default: next to --real-runs if present)")
+    val.add_argument("--profile", action="append", default=[],
+                     help="profile for all models, or MODEL=PROFILE (repeatable)")
+    val.add_argument("--model", action="append", default=[], help="only runs of this model")
+    val.add_argument("--run-id", action="append", default=[], help="only this run (repeatable)")
+    val.add_argument("--limit", type=int, default=None, help="at most this many runs")
+    val.add_argument("--window-s", type=float, default=3600.0, help="replayed window (s)")
+    val.add_argument("--seed", type=int, default=0)
+    val.add_argument("--jobs", type=int, default=0, help="worker processes (0 = all cores)")
+    val.add_argument("--json", action="store_true", help="print the full result as JSON")
+    val.add_argument("--out", default=None, help="also write the JSON result to this file")
+    val.set_defaults(_twin=_validate)
+
+    prof = sub.add_parser("profiles", help="list the built-in profiles")
+    prof.set_defaults(_twin=_profiles)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return int(args._twin(args))
+    except LoragateError as exc:
+        err = {"error": {"message": exc.message, "type": "invalid_request_error",
+                         "param": exc.param, "code": 400}}
+        print(json.dumps(err), file=sys.stderr)
+        return 2
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from loragate.twin.calibrate import calibrate_profile
+    from loragate.twin.profile import dump_profile
+
+    out = Path(args.out)
+    name = args.name or out.stem
+    source = (f"loragate twin calibrate --data {args.data} --model {args.model} "
+              f"--out {args.out}" + (f" --name {args.name}" if args.name else ""))
+    profile, report = calibrate_profile(args.data, args.model, name=name,
+                                        description=args.description, source=source)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dump_profile(profile, out)
+    if args.json:
+        print(json.dumps(_clean(report.as_dict()), indent=2))
+    else:
+        print(f"wrote {out} (profile {name!r}, model {args.model})")
+        for key, comp in report.components.items():
+            mape = "" if math.isnan(comp.mape_pct) else f" MAPE {comp.mape_pct:.1f}%"
+            print(f"  {key:<15} rows={comp.rows:<4}{mape}  {comp.note}")
+    return 0
+
+
+def _profile_map(values: list[str]) -> dict[str, str]:
+    from loragate.twin.validate import DEFAULT_PROFILES
+
+    out: dict[str, str] = {}
+    for value in values:
+        if "=" in value:
+            model, _, prof = value.partition("=")
+            out[model] = prof
+        else:
+            out |= {model: value for model in DEFAULT_PROFILES}
+    return out
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from loragate.twin.validate import ValidateConfig, validate
+
+    paper = args.paper_runs
+    if paper is None:
+        guess = Path(args.real_runs).with_name("paper_twin_runs.csv")
+        paper = str(guess) if guess.is_file() else None
+    result = validate(
+        args.real_runs,
+        paper_runs=paper,
+        profile_for=_profile_map(args.profile),
+        cfg=ValidateConfig(window_s=args.window_s, seed=args.seed),
+        models=args.model,
+        run_ids=args.run_id,
+        limit=args.limit,
+        jobs=args.jobs,
+    )
+    text = json.dumps(_clean(result), indent=1)
+    if args.out:
+        Path(args.out).write_text(text)
+    if args.json:
+        print(text)
+    else:
+        print(format_table(result))
+    return 0
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"runs replayed: {result['runs_replayed']}  failed: {len(result['runs_failed'])}  "
+             f"elapsed: {result['elapsed_s']:.1f} s  cpu: {result['cpu_s_total']:.1f} s"]
+    head = f"{'model':<24}{'who':<7}{'metric':<16}{'n':>4}{'MAPE':>8}{'SMAPE':>8}" \
+           f"{'SMAPEp':>8}{'bias':>8}"
+    lines.append(head)
+    for m in result["models"]:
+        for who in ("ours", "paper"):
+            for metric, s in m[who].items():
+                lines.append(
+                    f"{m['model'][:23]:<24}{who:<7}{metric:<16}{s['n']:>4}"
+                    f"{s['mape_pct']:>8.2f}{s['smape_pct']:>8.2f}{s['smape_paper_pct']:>8.2f}"
+                    f"{s['median_bias_pct']:>+8.2f}"
+                )
+    return "\n".join(lines)
+
+
+def _profiles(args: argparse.Namespace) -> int:
+    from loragate.twin.profile import list_profiles, load_profile
+
+    for name in list_profiles():
+        print(f"{name:<28} {load_profile(name).description.strip()[:90]}")
+    return 0
+
+
+def _clean(obj: Any) -> Any:
+    """JSON without NaN/inf (they become null)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    return obj

@@ -1,0 +1,471 @@
+"""Replay real vLLM runs in the twin (virtual time) and compare run by run.
+
+One real run (a row of ``validation/real_runs.csv``) is replayed as follows:
+
+- served adapters: ``max_cpu_loras`` adapters, ranks cycling through ``ranks_set`` (exactly the
+  ``rank_counts`` of the run); per-adapter Poisson rates from ``rate_counts``, assigned to
+  adapters in a seeded random order (the real rank-to-rate association is not recorded);
+- offered load: the benchmark client of heavily overloaded runs sent fewer requests than the
+  nominal rates imply, so the rates are scaled to ``requests_sent / window`` when known;
+- lengths: a heavy-tailed (log-normal) prompt/output distribution with the benchmark's filter
+  (prompt 4..1024, output >= 4, prompt + output <= 2048) whose means equal the run's
+  ``pool_mean_input_tokens`` / ``pool_mean_output_tokens``;
+- engine: the run's ``max_loras``, ``max_cpu_loras``, ``max_lora_rank``, token budget 2048,
+  ``max_num_seqs`` 2048, the model's ``max_model_len`` (vLLM's start-up check);
+- window: 3600 s; requests unfinished at the end are not counted (as in the benchmark).
+
+Measured quantities are made comparable with the benchmark's: throughput = (prompt + output
+tokens of completed requests) / window; mean ITL = pooled mean of the inter-token gaps of all
+completed requests = sum(finish - first token) / sum(output tokens - 1) (streaming, one chunk
+per step); mean TTFT over completed requests, and the paper's penalised TTFT (each unfinished
+request counts the window length).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from loragate.core.errors import ConfigError
+from loragate.twin.metrics_errors import ErrorSummary, summarize
+
+# Model-default max_model_len of the validation models (the servers ran with the default).
+MODEL_MAX_LEN: dict[str, int] = {
+    "llama-3.1-8b-instruct": 131072,
+    "qwen-2.5-7b-instruct": 32768,
+}
+# Fitted profile used for each model of the data set unless --profile overrides it.
+DEFAULT_PROFILES: dict[str, str] = {
+    "llama-3.1-8b-instruct": "llama-3.1-8b-h100",
+    "qwen-2.5-7b-instruct": "qwen-2.5-7b-h100",
+}
+PAPER_PROFILES: dict[str, str] = {
+    "llama-3.1-8b-instruct": "paper-llama-3.1-8b-h100",
+    "qwen-2.5-7b-instruct": "paper-qwen-2.5-7b-h100",
+}
+EXCLUDED_FLAGS = frozenset({"served_adapters_mismatch"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LengthModel:
+    """Log-normal prompt/output lengths, truncated as the benchmark's ShareGPT filter.
+
+    ShareGPT turns are heavy-tailed (many short prompts, a long tail up to the filter's limits);
+    the sigmas are shape assumptions, the means are matched to each run.
+    """
+
+    prompt_sigma: float = 1.0
+    output_sigma: float = 0.9
+    min_prompt: int = 4
+    max_prompt: int = 1024
+    min_output: int = 4
+    max_total: int = 2048
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ValidateConfig:
+    window_s: float = 3600.0
+    token_budget: int = 2048
+    max_num_seqs: int = 2048
+    seed: int = 0
+    lengths: LengthModel = field(default_factory=LengthModel)
+    use_requests_sent: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunSpec:
+    """The configuration of one real run, as needed to replay it."""
+
+    run_id: str
+    model: str
+    workload: str
+    max_loras: int
+    max_cpu_loras: int
+    max_lora_rank: int
+    ranks: tuple[int, ...]  # rank of each served adapter
+    rates_rps: tuple[float, ...]  # nominal rate of each served adapter (before shuffling)
+    requests_sent: int | None
+    mean_prompt_tokens: float
+    mean_output_tokens: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunMetrics:
+    total_throughput: float
+    itl_mean_ms: float
+    ttft_mean_ms: float
+    ttft_mean_penalised_ms: float
+    requests_sent: int
+    successful_requests: int
+    preemptions: int = 0
+    wall_s: float = 0.0
+    error: str = ""
+
+
+# ---------------------------------------------------------------- reading runs
+
+
+def _counts(text: str) -> list[tuple[float, int]]:
+    """Parse ``"0.025:2 0.05:3"`` (also ``;`` / ``,`` separated) into (value, count)."""
+    out: list[tuple[float, int]] = []
+    for part in text.replace(";", " ").replace(",", " ").split():
+        value, _, count = part.partition(":")
+        out.append((float(value), int(count or 1)))
+    return out
+
+
+def _float(row: dict[str, str], key: str) -> float:
+    text = (row.get(key) or "").strip()
+    try:
+        return float(text) if text else math.nan
+    except ValueError:
+        return math.nan
+
+
+def run_spec_from_row(row: dict[str, str]) -> RunSpec:
+    rank_counts = _counts(row["rank_counts"])
+    served = int(float(row["max_cpu_loras"]))
+    ranks_set = [int(v) for v, _ in _counts(row.get("ranks_set", "").replace("_", " "))]
+    if not ranks_set:
+        ranks_set = sorted({int(v) for v, _ in rank_counts})
+    # Served adapters cycle through ranks_set (round robin); checked against rank_counts.
+    ranks = tuple(ranks_set[i % len(ranks_set)] for i in range(served))
+    if sorted((r, ranks.count(r)) for r in set(ranks)) != sorted(
+        (int(v), c) for v, c in rank_counts
+    ):
+        ranks = tuple(int(v) for v, c in rank_counts for _ in range(c))
+    rates = tuple(v for v, c in _counts(row["rate_counts"]) for _ in range(c))
+    sent = _float(row, "requests_sent")
+    return RunSpec(
+        run_id=row["run_id"],
+        model=row["model"],
+        workload=row.get("workload", ""),
+        max_loras=int(float(row["max_loras"])),
+        max_cpu_loras=served,
+        max_lora_rank=int(float(row["max_lora_rank"])),
+        ranks=ranks,
+        rates_rps=rates,
+        requests_sent=int(sent) if math.isfinite(sent) else None,
+        mean_prompt_tokens=_float(row, "pool_mean_input_tokens"),
+        mean_output_tokens=_float(row, "pool_mean_output_tokens"),
+    )
+
+
+def read_rows(path: str | Path) -> list[dict[str, str]]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"runs file not found: {p}", key="real_runs")
+    with p.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+# ---------------------------------------------------------------- workload synthesis
+
+
+def _truncated_lognormal_pairs(
+    rng: np.random.Generator, n: int, mu_p: float, mu_o: float, lm: LengthModel
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """``n`` (prompt, output) pairs passing the benchmark filter (rejection sampling)."""
+    prompts: list[npt.NDArray[np.int64]] = []
+    outputs: list[npt.NDArray[np.int64]] = []
+    have = 0
+    while have < n:
+        m = max(2 * (n - have), 64)
+        p = np.rint(np.exp(mu_p + lm.prompt_sigma * rng.standard_normal(m))).astype(np.int64)
+        o = np.rint(np.exp(mu_o + lm.output_sigma * rng.standard_normal(m))).astype(np.int64)
+        ok = (p >= lm.min_prompt) & (p <= lm.max_prompt) & (o >= lm.min_output)
+        ok &= p + o <= lm.max_total
+        prompts.append(p[ok])
+        outputs.append(o[ok])
+        have += int(ok.sum())
+    return np.concatenate(prompts)[:n], np.concatenate(outputs)[:n]
+
+
+def fit_length_mus(
+    mean_prompt: float, mean_output: float, lm: LengthModel, *, samples: int = 40000
+) -> tuple[float, float]:
+    """Log-normal locations whose filtered means equal the targets (fixed-point on a sample)."""
+    mu_p = math.log(max(mean_prompt, 1.0)) - lm.prompt_sigma**2 / 2
+    mu_o = math.log(max(mean_output, 1.0)) - lm.output_sigma**2 / 2
+    for _ in range(12):
+        rng = np.random.default_rng(12345)  # common random numbers: a smooth map of mu
+        p, o = _truncated_lognormal_pairs(rng, samples, mu_p, mu_o, lm)
+        mp, mo = float(p.mean()), float(o.mean())
+        mu_p += math.log(mean_prompt / mp)
+        mu_o += math.log(mean_output / mo)
+        if abs(mp / mean_prompt - 1) < 2e-3 and abs(mo / mean_output - 1) < 2e-3:
+            break
+    return mu_p, mu_o
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Arrivals:
+    time_s: npt.NDArray[np.float64]
+    adapter: npt.NDArray[np.int64]
+    prompt: npt.NDArray[np.int64]
+    output: npt.NDArray[np.int64]
+
+
+def synthesize_arrivals(spec: RunSpec, cfg: ValidateConfig) -> Arrivals:
+    """Seeded Poisson arrivals per adapter and filtered heavy-tailed lengths for one run."""
+    seed = cfg.seed + sum(ord(ch) * (i + 1) for i, ch in enumerate(spec.run_id)) % 1_000_003
+    rng = np.random.default_rng(seed)
+    rates = np.array(spec.rates_rps, dtype=np.float64)
+    rng.shuffle(rates)
+    nominal = float(rates.sum()) * cfg.window_s
+    if cfg.use_requests_sent and spec.requests_sent and spec.requests_sent < nominal:
+        rates *= spec.requests_sent / nominal
+    counts = rng.poisson(rates * cfg.window_s)
+    times = np.concatenate([rng.uniform(0.0, cfg.window_s, c) for c in counts])
+    adapters = np.repeat(np.arange(rates.size, dtype=np.int64), counts)
+    order = np.argsort(times, kind="stable")
+    mu_p, mu_o = fit_length_mus(spec.mean_prompt_tokens, spec.mean_output_tokens, cfg.lengths)
+    prompt, output = _truncated_lognormal_pairs(rng, int(times.size), mu_p, mu_o, cfg.lengths)
+    return Arrivals(time_s=times[order], adapter=adapters[order], prompt=prompt, output=output)
+
+
+# ---------------------------------------------------------------- replay one run
+
+
+def replay_run(spec: RunSpec, profile_ref: str, cfg: ValidateConfig) -> RunMetrics:
+    """Replay one run in virtual time and measure it like the benchmark does."""
+    from loragate.twin.engine import Engine, EngineConfig, EngineRequest, EngineStartupError
+    from loragate.twin.profile import load_profile
+
+    started = time.process_time()
+    profile = load_profile(profile_ref)
+    arrivals = synthesize_arrivals(spec, cfg)
+    n = int(arrivals.time_s.size)
+    engine_cfg = EngineConfig(
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.token_budget,
+        max_model_len=MODEL_MAX_LEN.get(spec.model, 4096),
+        enable_lora=True,
+        max_loras=spec.max_loras,
+        max_cpu_loras=spec.max_cpu_loras,
+        max_lora_rank=spec.max_lora_rank,
+    )
+    # Bind the profile to this engine (slot-dependent LoRA cost, padding of smaller ranks) and
+    # to this workload's mean context of a running request (time-weighted: a request is
+    # running for as many steps as it has output tokens).
+    out_f = arrivals.output.astype(np.float64)
+    ctx = float(np.sum(out_f * (arrivals.prompt + (out_f - 1.0) / 2.0)) / max(out_f.sum(), 1.0))
+    profile = profile.specialize(max_loras=spec.max_loras, max_lora_rank=spec.max_lora_rank,
+                                 context_tokens_per_seq=ctx)
+    try:
+        engine = Engine(engine_cfg, profile)
+    except EngineStartupError as exc:
+        return RunMetrics(total_throughput=math.nan, itl_mean_ms=math.nan, ttft_mean_ms=math.nan,
+                          ttft_mean_penalised_ms=math.nan, requests_sent=n,
+                          successful_requests=0, error=f"startup: {exc}")
+    names = [f"adapter-{i}" for i in range(len(spec.ranks))]
+    # The benchmark's server loads every served adapter at start-up (idle: costs no step time).
+    for name, rank in zip(names, spec.ranks, strict=True):
+        engine.load_adapter(name, rank, to_gpu=True)
+    times = arrivals.time_s.tolist()
+    adapters = arrivals.adapter.tolist()
+    prompts = arrivals.prompt.tolist()
+    outputs = arrivals.output.tolist()
+    records = []
+    for i in range(n):
+        t = times[i]
+        records.extend(engine.run_until(t))
+        a = adapters[i]
+        engine.add_request(EngineRequest(
+            request_id=str(i), adapter=names[a], adapter_rank=spec.ranks[a],
+            prompt_tokens=int(prompts[i]), max_tokens=int(outputs[i]), arrival_s=t,
+        ))
+    records.extend(engine.run_until(cfg.window_s))
+    done = [r for r in records if r.finish_s <= cfg.window_s]
+    tokens = sum(r.prompt_tokens + r.output_tokens for r in done)
+    gaps = sum(r.finish_s - r.first_token_s for r in done if r.output_tokens > 1)
+    gap_count = sum(r.output_tokens - 1 for r in done if r.output_tokens > 1)
+    ttft_sum = sum(r.first_token_s - r.arrival_s for r in done)
+    unfinished = n - len(done)
+    return RunMetrics(
+        total_throughput=tokens / cfg.window_s,
+        itl_mean_ms=1000.0 * gaps / gap_count if gap_count else math.nan,
+        ttft_mean_ms=1000.0 * ttft_sum / len(done) if done else math.nan,
+        ttft_mean_penalised_ms=(
+            1000.0 * (ttft_sum + unfinished * cfg.window_s) / n if n else math.nan
+        ),
+        requests_sent=n,
+        successful_requests=len(done),
+        preemptions=int(getattr(engine, "num_preemptions_total", 0)),
+        wall_s=time.process_time() - started,
+    )
+
+
+def _replay_job(job: tuple[RunSpec, str, ValidateConfig]) -> RunMetrics:
+    spec, profile_ref, cfg = job
+    try:
+        return replay_run(spec, profile_ref, cfg)
+    except Exception as exc:  # one bad run must not sink the whole table
+        return RunMetrics(total_throughput=math.nan, itl_mean_ms=math.nan, ttft_mean_ms=math.nan,
+                          ttft_mean_penalised_ms=math.nan, requests_sent=0,
+                          successful_requests=0, error=f"{type(exc).__name__}: {exc}")
+
+
+# ---------------------------------------------------------------- the whole table
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunResult:
+    spec: RunSpec
+    profile: str
+    ours: RunMetrics
+    real: dict[str, float]
+    paper: dict[str, float] | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelSummary:
+    model: str
+    profile: str
+    n: int
+    ours: dict[str, ErrorSummary]
+    paper: dict[str, ErrorSummary]
+
+
+_REAL_KEYS = ("total_throughput", "itl_mean_ms", "ttft_mean_ms", "ttft_mean_penalised_ms",
+              "successful_requests", "requests_sent")
+_PAPER_KEYS = ("total_throughput", "itl_mean_ms", "ttft_mean_penalised_ms")
+
+
+def select_specs(
+    rows: Sequence[dict[str, str]], *, models: Sequence[str] = (), limit: int | None = None,
+    run_ids: Sequence[str] = (),
+) -> list[RunSpec]:
+    specs: list[RunSpec] = []
+    for row in rows:
+        if (row.get("flag") or "") in EXCLUDED_FLAGS:
+            continue
+        if models and row.get("model") not in models:
+            continue
+        if run_ids and row.get("run_id") not in run_ids:
+            continue
+        specs.append(run_spec_from_row(row))
+    return specs[:limit] if limit is not None else specs
+
+
+def _expected_cost(spec: RunSpec) -> float:
+    return sum(spec.rates_rps) * (spec.mean_prompt_tokens + spec.mean_output_tokens)
+
+
+def run_validation(
+    specs: Sequence[RunSpec],
+    *,
+    profile_for: dict[str, str],
+    cfg: ValidateConfig,
+    jobs: int = 0,
+) -> list[RunMetrics]:
+    """Replay ``specs`` (in a process pool when jobs != 1); results in the order of specs."""
+    work = [(s, profile_for.get(s.model, DEFAULT_PROFILES.get(s.model, s.model)), cfg)
+            for s in specs]
+    workers = jobs if jobs > 0 else (os.cpu_count() or 1)
+    if workers == 1 or len(work) <= 1:
+        return [_replay_job(j) for j in work]
+    # Longest runs first so the pool ends evenly.
+    order = sorted(range(len(work)), key=lambda i: -_expected_cost(work[i][0]))
+    out: list[RunMetrics | None] = [None] * len(work)
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for i, result in zip(order, pool.map(_replay_job, [work[i] for i in order]), strict=True):
+            out[i] = result
+    return [r for r in out if r is not None]
+
+
+def _row_floats(row: dict[str, str] | None, keys: Sequence[str]) -> dict[str, float]:
+    if row is None:
+        return {}
+    return {k: _float(row, k) for k in keys}
+
+
+def summarize_results(results: Sequence[RunResult]) -> list[ModelSummary]:
+    out: list[ModelSummary] = []
+    for model in sorted({r.spec.model for r in results}):
+        rs = [r for r in results if r.spec.model == model and not r.ours.error]
+        both = [r for r in rs if r.paper]
+        ours = {
+            "throughput": summarize([r.real["total_throughput"] for r in rs],
+                                    [r.ours.total_throughput for r in rs]),
+            "itl": summarize([r.real["itl_mean_ms"] for r in rs], [r.ours.itl_mean_ms for r in rs]),
+            "ttft": summarize([r.real["ttft_mean_ms"] for r in rs],
+                              [r.ours.ttft_mean_ms for r in rs]),
+            "ttft_penalised": summarize([r.real["ttft_mean_penalised_ms"] for r in rs],
+                                        [r.ours.ttft_mean_penalised_ms for r in rs]),
+        }
+        paper = {
+            "throughput": summarize([r.real["total_throughput"] for r in both],
+                                    [(r.paper or {})["total_throughput"] for r in both]),
+            "itl": summarize([r.real["itl_mean_ms"] for r in both],
+                             [(r.paper or {})["itl_mean_ms"] for r in both]),
+            "ttft_penalised": summarize([r.real["ttft_mean_penalised_ms"] for r in both],
+                                        [(r.paper or {})["ttft_mean_penalised_ms"] for r in both]),
+        }
+        out.append(ModelSummary(model=model, profile=rs[0].profile if rs else "", n=len(rs),
+                                ours=ours, paper=paper))
+    return out
+
+
+def validate(
+    real_runs: str | Path,
+    *,
+    paper_runs: str | Path | None = None,
+    profile_for: dict[str, str] | None = None,
+    cfg: ValidateConfig | None = None,
+    models: Sequence[str] = (),
+    run_ids: Sequence[str] = (),
+    limit: int | None = None,
+    jobs: int = 0,
+) -> dict[str, object]:
+    """Replay the runs, compare with the real and the paper twin's, return a JSON-able dict."""
+    cfg = cfg or ValidateConfig()
+    profile_for = dict(DEFAULT_PROFILES) | dict(profile_for or {})
+    rows = read_rows(real_runs)
+    specs = select_specs(rows, models=models, limit=limit, run_ids=run_ids)
+    if not specs:
+        raise ConfigError("no runs selected", key="real_runs")
+    paper_rows = {r["run_id"]: r for r in read_rows(paper_runs)} if paper_runs else {}
+    by_id = {r["run_id"]: r for r in rows}
+    started = time.perf_counter()
+    metrics = run_validation(specs, profile_for=profile_for, cfg=cfg, jobs=jobs)
+    elapsed = time.perf_counter() - started
+    results = [
+        RunResult(spec=s, profile=profile_for.get(s.model, s.model), ours=m,
+                  real=_row_floats(by_id[s.run_id], _REAL_KEYS),
+                  paper=_row_floats(paper_rows.get(s.run_id), _PAPER_KEYS) or None)
+        for s, m in zip(specs, metrics, strict=True)
+    ]
+    summaries = summarize_results(results)
+    return {
+        "config": asdict(cfg),
+        "runs_replayed": len(results),
+        "runs_failed": [{"run_id": r.spec.run_id, "error": r.ours.error}
+                        for r in results if r.ours.error],
+        "elapsed_s": elapsed,
+        "cpu_s_total": sum(r.ours.wall_s for r in results),
+        "models": [
+            {"model": s.model, "profile": s.profile, "n": s.n,
+             "ours": {k: v.as_dict() for k, v in s.ours.items()},
+             "paper": {k: v.as_dict() for k, v in s.paper.items()}}
+            for s in summaries
+        ],
+        "runs": [
+            {"run_id": r.spec.run_id, "model": r.spec.model, "profile": r.profile,
+             "ours": asdict(r.ours), "real": r.real, "paper": r.paper}
+            for r in results
+        ],
+    }
+
+
+def with_window(cfg: ValidateConfig, window_s: float) -> ValidateConfig:
+    return replace(cfg, window_s=window_s)
