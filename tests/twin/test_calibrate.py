@@ -266,3 +266,41 @@ def test_expected_distinct_matches_simulation() -> None:
     sims = [len(set(rng.integers(0, n, batch).tolist())) for _ in range(400)]
     est = float(expected_distinct(np.array([n], float), np.array([batch], float))[0])
     assert est == pytest.approx(float(np.mean(sims)), rel=0.02)
+
+
+def test_cli_calibrate_round_trip(tmp_path: Path) -> None:
+    from loragate.cli import main as cli_main
+    from loragate.twin.profile import load_profile
+
+    folder = make_folder(tmp_path, noise=0.0)
+    out = tmp_path / "profiles" / "toy.yaml"
+    code = cli_main(["twin", "calibrate", "--data", str(folder), "--model", MODEL,
+                     "--out", str(out)])
+    assert code == 0
+    profile = load_profile(out)
+    assert profile.name == "toy"
+    assert "--model toy-8b" in profile.source
+    # The loaded profile reproduces the generating model's step time (decode, LoRA, sched).
+    batch, adapters, waiting = 300, 40, 1000
+    got_ms = 1000 * profile.step_time_s(
+        batch_size=batch, distinct_adapters=adapters, prefill_tokens=0, decode_tokens=batch,
+        max_rank_in_batch=8, num_waiting=waiting, lora_enabled=True,
+    ) - profile.step.ms_per_context_token * profile.step.context_tokens_per_seq * batch
+    want_ms = (_base(batch, 0) + _sched(batch, waiting) + TRUE["l0"]
+               + TRUE["l_tok"] * batch + TRUE["l_ad"] * adapters)
+    assert got_ms == pytest.approx(want_ms, rel=0.03)
+    plain_ms = 1000 * profile.step_time_s(
+        batch_size=batch, distinct_adapters=0, prefill_tokens=0, decode_tokens=batch,
+        max_rank_in_batch=0, num_waiting=0, lora_enabled=False,
+    )
+    assert plain_ms < got_ms
+    # fewer LoRA slots -> cheaper LoRA kernels (per-slot term), same everything else
+    small = profile.specialize(max_loras=8)
+    assert small.step_time_s(
+        batch_size=batch, distinct_adapters=adapters, prefill_tokens=0, decode_tokens=batch,
+        max_rank_in_batch=8, num_waiting=waiting, lora_enabled=True,
+    ) < got_ms / 1000
+    assert profile.kv_capacity_tokens(max_loras=64, max_lora_rank=16, lora_enabled=True) == \
+        pytest.approx(TRUE["kv0"] - 64 * (TRUE["kv_rank"] * 16 + TRUE["kv_slot"]), rel=0.01)
+    assert profile.cpu_to_gpu_load_s(8) == pytest.approx((TRUE["c0"] + 8 * TRUE["c_rank"]) / 1e3,
+                                                         rel=0.05)

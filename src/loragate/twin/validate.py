@@ -96,6 +96,7 @@ class RunSpec:
     requests_sent: int | None
     mean_prompt_tokens: float
     mean_output_tokens: float
+    real_window_s: float = 3600.0  # the window requests_sent was counted over
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -145,6 +146,7 @@ def run_spec_from_row(row: dict[str, str]) -> RunSpec:
         ranks = tuple(int(v) for v, c in rank_counts for _ in range(c))
     rates = tuple(v for v, c in _counts(row["rate_counts"]) for _ in range(c))
     sent = _float(row, "requests_sent")
+    window = _float(row, "total_time_s")
     return RunSpec(
         run_id=row["run_id"],
         model=row["model"],
@@ -157,6 +159,7 @@ def run_spec_from_row(row: dict[str, str]) -> RunSpec:
         requests_sent=int(sent) if math.isfinite(sent) else None,
         mean_prompt_tokens=_float(row, "pool_mean_input_tokens"),
         mean_output_tokens=_float(row, "pool_mean_output_tokens"),
+        real_window_s=window if math.isfinite(window) and window > 0 else 3600.0,
     )
 
 
@@ -221,7 +224,7 @@ def synthesize_arrivals(spec: RunSpec, cfg: ValidateConfig) -> Arrivals:
     rng = np.random.default_rng(seed)
     rates = np.array(spec.rates_rps, dtype=np.float64)
     rng.shuffle(rates)
-    nominal = float(rates.sum()) * cfg.window_s
+    nominal = float(rates.sum()) * spec.real_window_s
     if cfg.use_requests_sent and spec.requests_sent and spec.requests_sent < nominal:
         rates *= spec.requests_sent / nominal
     counts = rng.poisson(rates * cfg.window_s)

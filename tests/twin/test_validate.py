@@ -1,0 +1,141 @@
+"""Run-by-run validation: parsing, workload synthesis, end-to-end replay on a tiny subset."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loragate.cli import main as cli_main
+from loragate.twin.validate import (
+    LengthModel,
+    ValidateConfig,
+    fit_length_mus,
+    run_spec_from_row,
+    synthesize_arrivals,
+    validate,
+)
+
+FIELDS = ["run_id", "model", "workload", "ranks_set", "rate_counts", "rank_counts", "max_loras",
+          "max_cpu_loras", "max_lora_rank", "requests_sent", "pool_mean_input_tokens",
+          "pool_mean_output_tokens", "flag", "total_throughput", "itl_mean_ms", "ttft_mean_ms",
+          "ttft_mean_penalised_ms", "successful_requests"]
+
+
+def _row(run_id: str, model: str, *, loras: int, served: int, rates: str, sent: str = "",
+         flag: str = "") -> dict[str, str]:
+    return {
+        "run_id": run_id, "model": model, "workload": "w", "ranks_set": "8 16",
+        "rate_counts": rates, "rank_counts": f"8:{(served + 1) // 2} 16:{served // 2}",
+        "max_loras": str(loras), "max_cpu_loras": str(served), "max_lora_rank": "16",
+        "requests_sent": sent, "pool_mean_input_tokens": "223", "pool_mean_output_tokens": "196",
+        "flag": flag, "total_throughput": "800", "itl_mean_ms": "17", "ttft_mean_ms": "40",
+        "ttft_mean_penalised_ms": "45", "successful_requests": "100",
+    }
+
+
+def _write_runs(path: Path, rows: list[dict[str, str]]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def runs_csv(tmp_path: Path) -> Path:
+    return _write_runs(tmp_path / "real_runs.csv", [
+        _row("llama-3.1-8b-instruct/w/_4_8_16_", "llama-3.1-8b-instruct", loras=4, served=8,
+             rates="0.5:4 1:4"),
+        _row("qwen-2.5-7b-instruct/w/_8_8_16_", "qwen-2.5-7b-instruct", loras=8, served=8,
+             rates="0.5:8"),
+        _row("qwen-2.5-7b-instruct/w/_2_4_16_", "qwen-2.5-7b-instruct", loras=2, served=4,
+             rates="20:4", sent="3000"),
+        _row("qwen-2.5-7b-instruct/w/_9_9_16_", "qwen-2.5-7b-instruct", loras=9, served=9,
+             rates="1:9", flag="served_adapters_mismatch"),
+    ])
+
+
+def test_run_spec_parsing() -> None:
+    spec = run_spec_from_row(_row("m/w/_2_5_16_", "m", loras=2, served=5, rates="0.1:2 0.05:3"))
+    assert spec.ranks == (8, 16, 8, 16, 8)
+    assert sorted(spec.rates_rps) == [0.05, 0.05, 0.05, 0.1, 0.1]
+    assert (spec.max_loras, spec.max_cpu_loras, spec.max_lora_rank) == (2, 5, 16)
+    assert spec.requests_sent is None
+
+
+def test_length_model_matches_means_and_filter() -> None:
+    lm = LengthModel()
+    spec = run_spec_from_row(_row("m/w/_8_8_16_", "m", loras=8, served=8, rates="5:8"))
+    arr = synthesize_arrivals(spec, ValidateConfig(window_s=600.0))
+    assert arr.prompt.min() >= lm.min_prompt and arr.prompt.max() <= lm.max_prompt
+    assert arr.output.min() >= lm.min_output
+    assert int((arr.prompt + arr.output).max()) <= lm.max_total
+    assert float(arr.prompt.mean()) == pytest.approx(223, rel=0.04)
+    assert float(arr.output.mean()) == pytest.approx(196, rel=0.04)
+    # heavy tail: the median is well below the mean
+    assert float(np.median(arr.prompt)) < 0.85 * float(arr.prompt.mean())
+    mu_p, mu_o = fit_length_mus(223.0, 196.0, lm)
+    assert mu_p < np.log(223.0) and mu_o < np.log(196.0)
+
+
+def test_requests_sent_scales_the_offered_load() -> None:
+    full = run_spec_from_row(_row("m/w/_2_4_16_", "m", loras=2, served=4, rates="20:4"))
+    capped = run_spec_from_row(_row("m/w/_2_4_16_", "m", loras=2, served=4, rates="20:4",
+                                    sent="28800"))
+    cfg = ValidateConfig(window_s=3600.0)
+    n_full = synthesize_arrivals(full, cfg).time_s.size
+    n_capped = synthesize_arrivals(capped, cfg).time_s.size
+    assert n_full == pytest.approx(288000, rel=0.02)
+    assert n_capped == pytest.approx(28800, rel=0.03)
+    times = synthesize_arrivals(capped, cfg).time_s
+    assert bool(np.all(np.diff(times) >= 0))
+
+
+def test_validate_end_to_end_small_subset(runs_csv: Path) -> None:
+    cfg = ValidateConfig(window_s=120.0)
+    result = validate(runs_csv, cfg=cfg, jobs=1)
+    assert result["runs_replayed"] == 3  # the flagged run is excluded
+    assert result["runs_failed"] == []
+    runs = {r["run_id"]: r for r in result["runs"]}  # type: ignore[attr-defined]
+    light = runs["qwen-2.5-7b-instruct/w/_8_8_16_"]["ours"]
+    # light load: every request but the last few finishes; ITL is about one small-batch step
+    assert light["successful_requests"] >= 0.9 * light["requests_sent"]
+    assert 13.0 < light["itl_mean_ms"] < 25.0
+    assert light["ttft_mean_ms"] < 200.0
+    heavy = runs["qwen-2.5-7b-instruct/w/_2_4_16_"]["ours"]
+    # 3000 requests/h offered over a 120 s window: about 100 arrivals
+    assert 60 < heavy["requests_sent"] < 140
+    models = {m["model"]: m for m in result["models"]}  # type: ignore[attr-defined]
+    assert set(models) == {"llama-3.1-8b-instruct", "qwen-2.5-7b-instruct"}
+    assert models["qwen-2.5-7b-instruct"]["n"] == 2
+    # deterministic for a seed, different for another seed
+    again = validate(runs_csv, cfg=cfg, jobs=1)
+    assert [r["ours"] | {"wall_s": 0} for r in again["runs"]] == [  # type: ignore[attr-defined]
+        r["ours"] | {"wall_s": 0} for r in result["runs"]  # type: ignore[attr-defined]
+    ]
+    other = validate(runs_csv, cfg=ValidateConfig(window_s=120.0, seed=7), jobs=1)
+    assert [r["ours"]["requests_sent"] for r in other["runs"]] != [  # type: ignore[attr-defined]
+        r["ours"]["requests_sent"] for r in result["runs"]  # type: ignore[attr-defined]
+    ]
+
+
+def test_cli_validate_json(runs_csv: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli_main(["twin", "validate", "--real-runs", str(runs_csv), "--window-s", "60",
+                     "--jobs", "1", "--model", "qwen-2.5-7b-instruct", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["runs_replayed"] == 2
+    assert out["models"][0]["ours"]["throughput"]["n"] == 2
+
+
+def test_cli_validate_bad_file_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli_main(["twin", "validate", "--real-runs", str(tmp_path / "none.csv")])
+    assert code == 2
+    err = json.loads(capsys.readouterr().err)
+    assert "runs file not found" in err["error"]["message"]
