@@ -38,7 +38,8 @@ Terms:
   slot turnovers, which come at rate ``L / T_hold``: ``(k + 1) * T_hold / L``.
 * ``t_load``: 0 if ``a`` is in a GPU slot or running; else ``load_s(rank, from_disk)`` with
   ``from_disk`` unless ``a`` is in the CPU cache, plus ``register_s`` (our admin load call) if it
-  is not registered there.
+  is not registered there (the GPU and CPU tiers are taken to be subsets of the registered set,
+  as ``state.residency`` maintains them).
 * ``slot_penalty``: taking a new LoRA slot is not free for the *next* requests — it holds the
   slot for ``T_hold`` while other adapters may need it. Charged as ``new_slot_weight * T_hold /
   L * min(1, (d + 1) / L)^2``: cheap on an empty replica, dear on one whose slots are nearly
@@ -66,6 +67,8 @@ from loragate.routing.framework import RoutingContext
 from loragate.routing.step_time import StepTimeModel
 
 SCORE_TAU_S = 0.001
+# Any single time from the step-time model is clipped to this (keeps costs finite).
+MAX_TIME_S = 1.0e6
 # Bound on memoised (batch, adapters) step times; cleared when exceeded.
 MAX_MEMO = 65_536
 
@@ -88,8 +91,17 @@ class CostParams:
     kv_full: float = 0.95
 
 
+def _sane(seconds: float) -> float:
+    """A model's time clipped to [0, MAX_TIME_S] (NaN -> 0), so scores stay in [0, 1]."""
+    if not seconds >= 0.0:
+        return 0.0
+    return seconds if seconds < MAX_TIME_S else MAX_TIME_S
+
+
 class ExpectedTTFTScorer:
     """Scores replicas by the expected time to first token of the request (see module doc)."""
+
+    bounded_scores = True
 
     __slots__ = ("_mean_out", "_mean_prompt", "_memo", "model", "p")
 
@@ -99,15 +111,6 @@ class ExpectedTTFTScorer:
         self._mean_out = self.p.mean_output_tokens
         self._mean_prompt = self.p.mean_prompt_tokens
         self._memo: dict[tuple[int, int], float] = {}
-
-    def _step(self, batch: int, adapters: int) -> float:
-        key = (batch, adapters)
-        t = self._memo.get(key)
-        if t is None:
-            if len(self._memo) >= MAX_MEMO:
-                self._memo.clear()
-            t = self._memo[key] = self.model.step_time_s(batch, adapters)
-        return t
 
     def _observe(self, req: RoutingRequest) -> None:
         alpha = self.p.length_ewma_alpha
@@ -127,8 +130,13 @@ class ExpectedTTFTScorer:
         rank = req.adapter_rank if req.adapter_rank is not None else p.default_rank
         load_cpu = load_disk = 0.0
         if adapter is not None:
-            load_cpu = self.model.load_s(rank, False)
-            load_disk = self.model.load_s(rank, True)
+            load_cpu = _sane(self.model.load_s(rank, False))
+            load_disk = _sane(self.model.load_s(rank, True))
+        hold_factor, kv_full, rho_max = p.hold_factor, p.kv_full, p.rho_max
+        congestion_w, slot_w, register_s = p.congestion_weight, p.new_slot_weight, p.register_s
+        memo = self._memo
+        step_time = self.model.step_time_s
+        sqrt = math.sqrt
         out: list[float] = []
         for r in replicas:
             st = r.settings
@@ -137,9 +145,8 @@ class ExpectedTTFTScorer:
             n = r.num_running + r.num_waiting
             if r.in_flight > n:
                 n = r.in_flight
-            n_eff = n - r.num_deferred
-            if n_eff < 0:
-                n_eff = 0
+            deferred = r.num_deferred
+            n_eff = n - deferred if n > deferred else 0
             batch = n_eff if n_eff < seqs else seqs
             # LoRA slots: which adapters are in flight, is ``adapter`` one of them, running?
             aif = r.adapter_in_flight
@@ -150,63 +157,66 @@ class ExpectedTTFTScorer:
                 running = in_flight_here and (d <= slots or adapter in r.active_adapters)
             else:
                 d = len(r.active_adapters)
-                deferred_ahead = r.num_deferred
+                deferred_ahead = deferred
                 running = in_flight_here = adapter is not None and adapter in r.active_adapters
             new_slot = adapter is not None and not in_flight_here
             distinct = d + 1 if new_slot else d
-            t_step = self._step(batch + 1, distinct if distinct < slots else slots)
+            key = (batch + 1, distinct if distinct < slots else slots)
+            t_step = memo.get(key)
+            if t_step is None:
+                if len(memo) >= MAX_MEMO:
+                    memo.clear()
+                t_step = memo[key] = _sane(step_time(*key))
             t_seq = mean_out * t_step
-            t_hold = p.hold_factor * t_seq
             # Prefill of the capacity-waiting requests ahead plus ours, then the first token.
-            waiting_ahead = r.num_waiting - r.num_deferred
+            waiting_ahead = r.num_waiting - deferred
             budget = st.max_num_batched_tokens - batch
             if budget < 1:
                 budget = 1
-            ahead_tokens = (waiting_ahead if waiting_ahead > 0 else 0) * mean_prompt
+            ahead_tokens = waiting_ahead * mean_prompt if waiting_ahead > 0 else 0.0
             cost = (1.0 + (ahead_tokens + prompt) // budget) * t_step
             # Sequence slots (max_num_seqs, or KV memory if that runs out first).
             cap = float(seqs)
             kv = r.kv_usage
-            if kv >= p.kv_full:
-                cap = min(cap, float(n_eff))
+            if kv >= kv_full:
+                if n_eff < cap:
+                    cap = float(n_eff)
             elif kv > 0.0 and n_eff > 0:
-                cap = min(cap, n_eff * p.kv_full / kv)
+                kv_cap = n_eff * kv_full / kv
+                if kv_cap < cap:
+                    cap = kv_cap
             if cap < 1.0:
                 cap = 1.0
             excess = n_eff + 1 - cap
             if excess > 0.0:
                 cost += excess * t_seq / (batch if batch > 0 else 1)
-            if p.congestion_weight > 0.0:
+            if congestion_w > 0.0:
                 rho = (n_eff + 1) / cap
-                if rho > p.rho_max:
-                    rho = p.rho_max
-                cost += (
-                    p.congestion_weight
-                    * t_seq
-                    * rho ** math.sqrt(2.0 * (cap + 1.0))
-                    / (cap * (1.0 - rho))
-                )
+                if rho > rho_max:
+                    rho = rho_max
+                cost += congestion_w * t_seq * rho ** sqrt(2.0 * (cap + 1.0)) / (cap * (1.0 - rho))
             if adapter is None:
                 out.append(cost)
                 continue
-            # LoRA slot wait.
+            t_hold = hold_factor * t_seq
             if not running:
+                # LoRA slot wait.
                 if in_flight_here:
                     cost += (deferred_ahead + 1) * 0.5 * t_hold / slots
                 elif d >= slots or deferred_ahead > 0:
                     cost += (deferred_ahead + 1) * t_hold / slots
-            # Adapter load.
-            res = r.residency
-            if not running and adapter not in res.gpu:
-                cost += load_cpu if adapter in res.cpu else load_disk
-                if adapter not in res.registered:
-                    cost += p.register_s
+                # Adapter load.
+                res = r.residency
+                if adapter not in res.registered:  # the GPU and CPU tiers are within it
+                    cost += load_disk + register_s
+                elif adapter not in res.gpu:
+                    cost += load_cpu if adapter in res.cpu else load_disk
             # The slot this request would take from the requests after it.
             if new_slot:
                 occupancy = (d + 1) / slots
                 if occupancy > 1.0:
                     occupancy = 1.0
-                cost += p.new_slot_weight * t_hold / slots * occupancy * occupancy
+                cost += slot_w * t_hold / slots * occupancy * occupancy
             out.append(cost)
         return out
 

@@ -32,6 +32,8 @@ QUEUED = 0.6
 
 
 class LoraAffinityScorer:
+    bounded_scores = True
+
     __slots__ = ()
 
     def score(

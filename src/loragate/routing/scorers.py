@@ -11,6 +11,8 @@ from loragate.routing.framework import RoutingContext, load_of
 class LoadScorer:
     """Fewer in-flight + waiting requests scores higher: min-max scaled, 1.0 when all equal."""
 
+    bounded_scores = True
+
     __slots__ = ()
 
     def score(
@@ -31,6 +33,8 @@ class QueueScorer:
     Source read: kubernetes-sigs/gateway-api-inference-extension,
     pkg/epp/scheduling/framework/plugins/scorer/queue.go.
     """
+
+    bounded_scores = True
 
     __slots__ = ()
 
