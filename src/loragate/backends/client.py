@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 from loragate.backends.metrics import VllmMetrics, parse_vllm_metrics
 from loragate.core.errors import (
@@ -125,8 +126,9 @@ class VllmClient:
     ) -> None:
         self.session = session
         self.base_url = base_url.rstrip("/")
-        self.completions_url = f"{self.base_url}/v1/completions"
-        self.chat_url = f"{self.base_url}/v1/chat/completions"
+        # yarl URLs built once: aiohttp skips parsing a URL object on every request.
+        self.completions_url = URL(f"{self.base_url}/v1/completions")
+        self.chat_url = URL(f"{self.base_url}/v1/chat/completions")
         self.headers: Mapping[str, str] = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.json_headers: Mapping[str, str] = {**self.headers, "Content-Type": "application/json"}
         self.poll_timeout = aiohttp.ClientTimeout(total=poll_timeout_s)

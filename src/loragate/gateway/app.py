@@ -129,6 +129,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     session = aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,  # pass bodies through as they are
+        cookie_jar=aiohttp.DummyCookieJar(),  # replicas set no cookies: skip the jar's work
         skip_auto_headers=(hdrs.USER_AGENT,),
     )
     gateway.session = session
