@@ -1,0 +1,175 @@
+"""``loragate simulate``: N twin replicas behind a routing policy, in virtual time."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loragate.core.errors import ConfigError, LoragateError
+from loragate.simulate import (
+    RecordWriter,
+    ReplicaEngineSettings,
+    SimulationConfig,
+    run_simulation,
+)
+from loragate.simulate.records import RecordFormat
+from loragate.workload import Workload, load_spec
+
+HELP = "Simulate a deployment (twin replicas + routing policy) on a workload, in virtual time."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workload", required=True, metavar="W.yaml", help="workload spec")
+    parser.add_argument("--replicas", type=int, required=True, metavar="N")
+    parser.add_argument("--profile", default="fast", help="twin profile name or YAML path")
+    parser.add_argument(
+        "--policy",
+        default="round_robin",
+        help="routing policy name (round_robin, least_loaded, consistent_hash, lora_affinity, "
+        "lru_multiplex, loragate) or a YAML file with a routing: mapping",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="default: the workload's seed")
+    parser.add_argument("--duration-s", type=float, default=None, help="override the spec's")
+    parser.add_argument("--ttft-slo-ms", type=float, default=1000.0)
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write records.{csv,jsonl} and summary.json here",
+    )
+    parser.add_argument("--records", choices=("csv", "jsonl"), default="csv")
+    parser.add_argument(
+        "--scrape-interval-s",
+        type=float,
+        default=0.0,
+        help="engine metrics refresh period seen by routing (0 = fresh at every arrival)",
+    )
+    parser.add_argument(
+        "--drain-s",
+        type=float,
+        default=600.0,
+        help="virtual time allowed after the workload to finish requests",
+    )
+    e = parser.add_argument_group("replica (vLLM) settings")
+    e.add_argument("--max-loras", type=int, default=4)
+    e.add_argument("--max-cpu-loras", type=int, default=8)
+    e.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=None,
+        help="default: the largest adapter rank in the workload",
+    )
+    e.add_argument("--max-num-seqs", type=int, default=256)
+    e.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    e.add_argument("--max-model-len", type=int, default=4096)
+    e.add_argument(
+        "--kv-capacity-tokens",
+        type=int,
+        default=None,
+        help="default: the profile's KV memory model",
+    )
+
+
+def _policy(arg: str) -> str | dict[str, Any]:
+    path = Path(arg)
+    if arg.endswith((".yaml", ".yml")) or path.is_file():
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read policy file {arg}: {exc}", key="policy") from exc
+        if isinstance(data, dict) and "routing" in data:
+            data = data["routing"]
+        if not isinstance(data, str | dict):
+            raise ConfigError("policy file must hold a name or a mapping", key="policy")
+        return data
+    return arg
+
+
+def config_from_args(args: argparse.Namespace) -> SimulationConfig:
+    return SimulationConfig(
+        replicas=args.replicas,
+        profile=args.profile,
+        policy=_policy(args.policy),
+        engine=ReplicaEngineSettings(
+            max_loras=args.max_loras,
+            max_cpu_loras=args.max_cpu_loras,
+            max_lora_rank=args.max_lora_rank,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=args.max_model_len,
+            kv_capacity_tokens=args.kv_capacity_tokens,
+        ),
+        seed=args.seed,
+        ttft_slo_ms=args.ttft_slo_ms,
+        scrape_interval_s=args.scrape_interval_s,
+        drain_s=args.drain_s,
+    )
+
+
+def _fmt(v: object) -> str:
+    return "-" if v is None else f"{v * 1000:.1f} ms" if isinstance(v, float) else str(v)
+
+
+def _print_text(summary: dict[str, Any]) -> None:
+    req = summary["requests"]
+    tp = summary["throughput"]
+    cfg = summary["config"]
+    print(
+        f"{cfg['workload']}: {cfg['replicas']} replicas, policy {cfg['policy']}, "
+        f"profile {cfg['profile']}, seed {cfg['seed']}"
+    )
+    print(
+        f"requests {req['total']} (ok {req['ok']}, rejected {req['rejected']}, "
+        f"unfinished {req['unfinished']}); tokens/s achieved {tp['achieved_tokens_per_s']:.1f} "
+        f"of {tp['offered_tokens_per_s']:.1f} offered; starved: {summary['starved']}"
+    )
+    for name in ("ttft_s", "itl_s", "e2e_s"):
+        s = summary[name]
+        print(f"{name[:-2].upper():5} p50 {_fmt(s['p50'])}  p99 {_fmt(s['p99'])}")
+    slo = summary["slo"]
+    att = slo["attainment"]
+    print(f"TTFT SLO {slo['ttft_ms']:g} ms attained by {att:.1%}" if att is not None else "")
+    loads = {r: v["adapter_loads"] for r, v in summary["replicas"].items()}
+    print(f"adapter loads per replica {loads}; deferred requests {summary['deferred']['requests']}")
+    print(f"simulated {summary['duration_s']:g} s in {summary['wall_s']:.2f} s wall")
+
+
+def run(args: argparse.Namespace) -> int:
+    writer: RecordWriter | None = None
+    try:
+        config = config_from_args(args)
+        spec = load_spec(args.workload)
+        if args.duration_s is not None:
+            if args.duration_s <= 0:
+                raise ConfigError("must be > 0", key="duration_s")
+            spec = dataclasses.replace(spec, duration_s=args.duration_s)
+        if args.seed is not None:
+            spec = dataclasses.replace(spec, seed=args.seed)
+        workload = Workload(spec)
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            fmt: RecordFormat = args.records
+            writer = RecordWriter(args.out / f"records.{fmt}", fmt)
+        result = run_simulation(workload, config, writer.write if writer else None)
+    except LoragateError as exc:
+        print(f"loragate simulate: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if writer is not None:
+            writer.close()
+    summary = result.summary
+    if args.out is not None:
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_text(summary)
+    return 0

@@ -1,0 +1,58 @@
+"""Settings of one whole-deployment simulation run."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from loragate.core.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplicaEngineSettings:
+    """vLLM settings of every simulated replica (all replicas are identical).
+
+    ``max_lora_rank`` None = the largest adapter rank in the workload (what an operator sets).
+    """
+
+    max_loras: int = 4
+    max_cpu_loras: int = 8
+    max_lora_rank: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 4096
+    kv_capacity_tokens: int | None = None  # None: from the profile's KV memory model
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SimulationConfig:
+    """``policy`` is what ``loragate.routing.build_policy`` takes (a name or a mapping).
+
+    ``scrape_interval_s`` 0 gives routing the engines' state at every arrival; > 0 refreshes the
+    engine-side fields of the snapshots only that often (as the gateway's metrics poller does),
+    while the gateway-side fields (in-flight, residency) stay fresh. ``drain_s`` bounds how long
+    after the last arrival the engines may run to finish outstanding requests.
+    """
+
+    replicas: int
+    profile: str = "fast"
+    policy: str | Mapping[str, Any] = "round_robin"
+    engine: ReplicaEngineSettings = ReplicaEngineSettings()
+    seed: int | None = None  # None: the workload spec's seed
+    ttft_slo_ms: float = 1000.0
+    scrape_interval_s: float = 0.0
+    drain_s: float = 600.0
+    preregister: Literal["all", "none"] = "all"
+
+    def check(self) -> None:
+        if self.replicas < 1:
+            raise ConfigError("must be >= 1", key="replicas")
+        if self.ttft_slo_ms <= 0:
+            raise ConfigError("must be > 0", key="ttft_slo_ms")
+        if self.scrape_interval_s < 0:
+            raise ConfigError("must be >= 0", key="scrape_interval_s")
+        if self.drain_s < 0:
+            raise ConfigError("must be >= 0", key="drain_s")
+        if self.seed is not None and self.seed < 0:
+            raise ConfigError("must be >= 0", key="seed")

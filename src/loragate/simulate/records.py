@@ -1,0 +1,100 @@
+"""Per-request records of a simulation and their streaming writers (CSV or JSON lines)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import IO, Literal
+
+Status = Literal["ok", "rejected", "unfinished"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SimRecord:
+    """One request's fate. Times are simulated seconds; NaN where they do not apply.
+
+    ``itl_s`` is the mean inter-token latency ``(finish - first token) / (output_tokens - 1)``
+    (NaN for one-token outputs). ``status``: ``ok`` finished, ``rejected`` refused before
+    routing (too long for ``max_model_len``), ``unfinished`` still running when the drain
+    limit was reached.
+    """
+
+    request_id: str
+    adapter: str | None
+    rank: int
+    replica: str | None
+    arrival_s: float
+    first_token_s: float
+    finish_s: float
+    prompt_tokens: int
+    max_tokens: int
+    output_tokens: int
+    deferred_s: float
+    preemptions: int
+    status: Status
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first_token_s - self.arrival_s
+
+    @property
+    def e2e_s(self) -> float:
+        return self.finish_s - self.arrival_s
+
+    @property
+    def itl_s(self) -> float:
+        if self.output_tokens < 2:
+            return math.nan
+        return (self.finish_s - self.first_token_s) / (self.output_tokens - 1)
+
+    def row(self) -> dict[str, object]:
+        out: dict[str, object] = asdict(self)
+        out["ttft_s"] = self.ttft_s
+        out["itl_s"] = self.itl_s
+        out["e2e_s"] = self.e2e_s
+        return out
+
+
+COLUMNS = [f.name for f in fields(SimRecord)] + ["ttft_s", "itl_s", "e2e_s"]
+RecordFormat = Literal["csv", "jsonl"]
+
+
+class RecordWriter:
+    """Writes records as they are produced (memory stays flat for long runs)."""
+
+    __slots__ = ("_csv", "_fh", "_format", "count", "path")
+
+    def __init__(self, path: Path, fmt: RecordFormat = "csv") -> None:
+        self.path = path
+        self._format = fmt
+        self._fh: IO[str] = path.open("w", encoding="utf-8", newline="")
+        self._csv: csv.DictWriter[str] | None = None
+        if fmt == "csv":
+            self._csv = csv.DictWriter(self._fh, fieldnames=COLUMNS)
+            self._csv.writeheader()
+        self.count = 0
+
+    def write(self, rec: SimRecord) -> None:
+        row = rec.row()
+        if self._csv is not None:
+            self._csv.writerow({k: _csv_value(v) for k, v in row.items()})
+        else:
+            clean = {
+                k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()
+            }
+            self._fh.write(json.dumps(clean, separators=(",", ":")) + "\n")
+        self.count += 1
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _csv_value(v: object) -> object:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6f}"
+    return v

@@ -1,0 +1,130 @@
+"""Aggregate statistics of a simulation run, accumulated record by record.
+
+Throughput is measured inside the workload window ``[0, duration_s]``: a request's output
+tokens are spread evenly between its first token and its finish (the first token at the first
+token time), and only tokens emitted inside the window count. A run is *starved* when this
+achieved token throughput is below 0.9 x the offered token throughput (the ``max_tokens`` of
+the requests that arrived in the window, per second) — the seed paper's criterion
+(shared/design/DIGITAL_TWIN.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from loragate.simulate.records import SimRecord
+
+STARVATION_RATIO = 0.9
+
+
+def _tokens_within(rec: SimRecord, end_s: float) -> float:
+    n = rec.output_tokens
+    if n <= 0 or rec.first_token_s > end_s:
+        return 0.0
+    if rec.finish_s <= end_s or n == 1:
+        return float(n)
+    frac = (end_s - rec.first_token_s) / (rec.finish_s - rec.first_token_s)
+    return 1.0 + (n - 1) * frac
+
+
+def _pct(values: list[float]) -> dict[str, float | None]:
+    arr = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
+    if len(arr) == 0:
+        return {"mean": None, "p50": None, "p90": None, "p99": None, "max": None}
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return {
+        "mean": float(arr.mean()),
+        "p50": float(p50),
+        "p90": float(p90),
+        "p99": float(p99),
+        "max": float(arr.max()),
+    }
+
+
+class SummaryBuilder:
+    """Feed every record once with :meth:`add`; :meth:`build` returns the summary dict."""
+
+    def __init__(self, *, duration_s: float, ttft_slo_ms: float) -> None:
+        self.duration_s = duration_s
+        self.ttft_slo_s = ttft_slo_ms / 1000.0
+        self._ttft: list[float] = []
+        self._itl: list[float] = []
+        self._e2e: list[float] = []
+        self._status: Counter[str] = Counter()
+        self._slo_ok = 0
+        self._offered_tokens = 0
+        self._achieved_tokens = 0.0
+        self._output_tokens = 0
+        self._deferred = 0
+        self._deferred_s = 0.0
+        self._preemptions = 0
+        self._per_replica: Counter[str] = Counter()
+        self._per_replica_adapters: dict[str, set[str]] = {}
+        self._last_finish_s = 0.0
+
+    def add(self, rec: SimRecord) -> None:
+        self._status[rec.status] += 1
+        if rec.arrival_s <= self.duration_s:
+            self._offered_tokens += rec.max_tokens
+        if rec.replica is not None:
+            self._per_replica[rec.replica] += 1
+            if rec.adapter is not None:
+                self._per_replica_adapters.setdefault(rec.replica, set()).add(rec.adapter)
+        if rec.status != "ok":
+            return
+        ttft = rec.ttft_s
+        self._ttft.append(ttft)
+        self._itl.append(rec.itl_s)
+        self._e2e.append(rec.e2e_s)
+        if ttft <= self.ttft_slo_s:
+            self._slo_ok += 1
+        self._output_tokens += rec.output_tokens
+        self._achieved_tokens += _tokens_within(rec, self.duration_s)
+        if rec.deferred_s > 0:
+            self._deferred += 1
+            self._deferred_s += rec.deferred_s
+        self._preemptions += rec.preemptions
+        self._last_finish_s = max(self._last_finish_s, rec.finish_s)
+
+    def build(self, **extra: Any) -> dict[str, Any]:
+        total = sum(self._status.values())
+        ok = self._status["ok"]
+        offered_tps = self._offered_tokens / self.duration_s
+        achieved_tps = self._achieved_tokens / self.duration_s
+        out: dict[str, Any] = {
+            "requests": {
+                "total": total,
+                "ok": ok,
+                "rejected": self._status["rejected"],
+                "unfinished": self._status["unfinished"],
+            },
+            "duration_s": self.duration_s,
+            "makespan_s": self._last_finish_s,
+            "throughput": {
+                "requests_per_s": ok / self.duration_s,
+                "offered_tokens_per_s": offered_tps,
+                "achieved_tokens_per_s": achieved_tps,
+                "output_tokens_total": self._output_tokens,
+            },
+            "starved": achieved_tps < STARVATION_RATIO * offered_tps,
+            "ttft_s": _pct(self._ttft),
+            "itl_s": _pct(self._itl),
+            "e2e_s": _pct(self._e2e),
+            "slo": {
+                "ttft_ms": self.ttft_slo_s * 1000.0,
+                # Rejected and unfinished requests count as misses.
+                "attainment": self._slo_ok / total if total else None,
+            },
+            "deferred": {"requests": self._deferred, "total_s": self._deferred_s},
+            "preemptions": self._preemptions,
+            "routed_per_replica": dict(sorted(self._per_replica.items())),
+            "adapters_per_replica": {
+                r: len(a) for r, a in sorted(self._per_replica_adapters.items())
+            },
+        }
+        out.update(extra)
+        return out
