@@ -12,6 +12,7 @@ from loragate.core.types import AdapterSpec, ReplicaSettings, ReplicaSnapshot, R
 from loragate.state.keys import KeySpace, Ttls
 from loragate.state.memory import MemoryStore
 from loragate.state.redis_store import RedisStore
+from loragate.state.resilient import ResilientStore
 from loragate.state.store import ReplicaRecord, StateStore
 from redis_fixture import RedisServer
 
@@ -21,7 +22,7 @@ SETTINGS = ReplicaSettings(max_loras=2, max_cpu_loras=3)
 TTLS = Ttls(demand_bucket_s=10.0, demand_retention_s=3600.0)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "resilient"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
     if request.param == "memory":
         yield MemoryStore(ttls=TTLS)
@@ -30,7 +31,13 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
         redis_store = RedisStore.from_url(
             server.url, keys=KeySpace(prefix="contract:"), ttls=TTLS, op_timeout_s=2.0
         )
-        yield redis_store
+        if request.param == "redis":
+            yield redis_store
+        else:
+            resilient = ResilientStore(redis_store)
+            await resilient.start()
+            assert not resilient.degraded
+            yield resilient
         await redis_store.close()
 
 

@@ -9,6 +9,7 @@ cannot outlive a crashed gateway; the gateway must call ``end_request`` in a ``f
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 
 from loragate.core.clock import Clock, WallClock
@@ -51,12 +52,17 @@ class MemoryStore:
                 del self._leases[replica_id]
 
     async def snapshot(self) -> StateView:
+        return self.view()
+
+    def view(self) -> StateView:
+        """The snapshot, synchronously. Costs O(replicas): the replica and adapter maps are
+        copy-on-write, so the view shares them instead of copying."""
         return StateView(
             version=self._version,
-            replicas=dict(self._replicas),
+            replicas=self._replicas,
             residency={r: self._residency.get(r, rz.EMPTY) for r in self._replicas},
             in_flight={r: len(self._leases.get(r, ())) for r in self._replicas},
-            adapters=dict(self._adapters),
+            adapters=self._adapters,
             degraded=False,
         )
 
@@ -89,17 +95,17 @@ class MemoryStore:
         demand counts."""
         self._replicas = dict(view.replicas)
         self._residency = dict(view.residency)
-        self._adapters = dict(view.adapters)
+        self._adapters = dict(view.adapters)  # copy-on-write from here on
         self._version = view.version
 
     # --- replica registry -----------------------------------------------------------------
     async def upsert_replica(self, record: ReplicaRecord) -> None:
-        self._replicas[record.replica_id] = record
+        self._replicas = {**self._replicas, record.replica_id: record}
         self._residency.setdefault(record.replica_id, rz.EMPTY)
         self._version += 1
 
     async def remove_replica(self, replica_id: ReplicaId) -> None:
-        self._replicas.pop(replica_id, None)
+        self._replicas = {r: v for r, v in self._replicas.items() if r != replica_id}
         self._residency.pop(replica_id, None)
         self._leases.pop(replica_id, None)
         self._version += 1
@@ -107,13 +113,8 @@ class MemoryStore:
     async def set_replica_health(self, replica_id: ReplicaId, healthy: bool, now_s: float) -> None:
         rec = self._replicas.get(replica_id)
         if rec is not None:
-            self._replicas[replica_id] = ReplicaRecord(
-                replica_id=rec.replica_id,
-                url=rec.url,
-                settings=rec.settings,
-                healthy=healthy,
-                updated_s=now_s,
-            )
+            new = dataclasses.replace(rec, healthy=healthy, updated_s=now_s)
+            self._replicas = {**self._replicas, replica_id: new}
 
     # --- residency --------------------------------------------------------------------------
     async def record_load(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
@@ -130,12 +131,13 @@ class MemoryStore:
 
     # --- adapter registry -------------------------------------------------------------------
     async def put_adapter(self, spec: AdapterSpec) -> None:
-        self._adapters[spec.name] = spec
+        self._adapters = {**self._adapters, spec.name: spec}
         self._version += 1
 
     async def delete_adapter(self, name: AdapterId) -> bool:
-        if self._adapters.pop(name, None) is None:
+        if name not in self._adapters:
             return False
+        self._adapters = {n: v for n, v in self._adapters.items() if n != name}
         self._version += 1
         return True
 

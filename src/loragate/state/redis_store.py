@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -115,6 +116,7 @@ class RedisStore:
         self._own: dict[str, tuple[ReplicaId, str]] = {}
         # replicas whose in-flight ZSET may still hold a lease of ours
         self._lease_replicas: set[ReplicaId] = set()
+        self.lease_changes = 0  # bumped on every note_begin / note_end
         self._last_lease_sync_s = -math.inf
         self._adapters_cache: tuple[str, int, dict[AdapterId, AdapterSpec]] | None = None
         self.epoch: str | None = None
@@ -128,19 +130,27 @@ class RedisStore:
         url: str,
         *,
         op_timeout_s: float = 0.5,
+        max_connections: int = 64,
         keys: KeySpace | None = None,
         ttls: Ttls | None = None,
         instance_id: str | None = None,
         clock: Clock | None = None,
     ) -> RedisStore:
-        """A client that fails fast (no client-side retries: the caller decides what to do)."""
-        client = aioredis.Redis.from_url(
+        """A client that fails fast (no client-side retries: the caller decides what to do).
+
+        Bursts beyond ``max_connections`` concurrent calls wait for a free connection (up to
+        ``op_timeout_s``) instead of failing.
+        """
+        pool = BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=op_timeout_s,
             decode_responses=True,
             socket_timeout=op_timeout_s,
             socket_connect_timeout=op_timeout_s,
             retry=Retry(NoBackoff(), 0),
         )
+        client = aioredis.Redis(connection_pool=pool)
         return cls(
             client,
             keys=keys,
@@ -172,9 +182,11 @@ class RedisStore:
         member = lease_member(self.instance_id, request_id)
         self._own[request_id] = (replica_id, member)
         self._lease_replicas.add(replica_id)
+        self.lease_changes += 1
         return member
 
     def note_end(self, request_id: str) -> tuple[ReplicaId, str] | None:
+        self.lease_changes += 1
         return self._own.pop(request_id, None)
 
     def own_in_flight(self) -> dict[ReplicaId, int]:
@@ -425,4 +437,4 @@ class RedisStore:
         await self._io(self._r.ping())
 
     async def close(self) -> None:
-        await self._r.aclose()
+        await self._r.aclose(close_connection_pool=True)

@@ -1,0 +1,334 @@
+"""``ResilientStore``: Redis-backed shared state that keeps serving when Redis is down.
+
+The gateway's store in a multi-instance deployment. It keeps a local mirror (a
+``MemoryStore``) of the shared view and applies every write to it first, so:
+
+* ``snapshot()`` costs no Redis call: it reads the mirror, which ``maintain()`` refreshes
+  from Redis every ``Ttls.refresh_s`` (one round trip) and this instance's own writes keep
+  current in between. In-flight counts are this instance's live count plus the other
+  instances' count at the last refresh. Routing thus costs 2 Redis round trips per request:
+  ``begin_request`` and ``end_request``.
+* When a Redis call fails the store turns *degraded*: it logs once, counts the error
+  (``error_count``), and from then on serves from the mirror without touching Redis (no
+  client request waits on a dead Redis more than once per outage). Writes go to a bounded
+  journal; leases are remembered. ``maintain()`` retries with exponential backoff.
+* On reconnect it resynchronises: if Redis lost its data (the epoch token is gone or new) it
+  first writes the mirror where Redis has nothing (registry, adapters, residency); then it
+  replays the journal (residency touches, demand counts, admin writes), replaces this
+  instance's leases with the live ones, and refreshes the mirror.
+
+The leader lease is never granted while degraded (a partitioned instance must not plan).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from loragate.core.clock import Clock, WallClock
+from loragate.core.types import AdapterId, AdapterSpec, ReplicaId
+from loragate.state.memory import MemoryStore
+from loragate.state.redis_store import RedisStore
+from loragate.state.store import ReplicaRecord, StateStore, StateUnavailableError, StateView
+
+log = logging.getLogger("loragate.state")
+
+RemoteOp = Callable[[RedisStore], Awaitable[object]]
+
+
+class ResilientStore:
+    """``StateStore`` over a ``RedisStore`` that never fails a request because Redis is down.
+
+    Call ``start()`` once (it connects, or starts degraded) and run ``run_maintenance(store)``
+    as a background task.
+    """
+
+    def __init__(
+        self,
+        remote: RedisStore,
+        *,
+        local: MemoryStore | None = None,
+        clock: Clock | None = None,
+        journal_max: int = 10_000,
+        jitter: float = 0.2,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._remote = remote
+        self._ttls = remote.ttls
+        self._local = local or MemoryStore(ttls=remote.ttls)
+        self._clock: Clock = clock or WallClock()
+        self._journal: deque[RemoteOp] = deque()
+        self._journal_max = journal_max
+        self.journal_dropped = 0
+        self._jitter = jitter
+        self._rng = rng or random.Random()
+        self._degraded = True  # until the first successful sync
+        self._backoff_s = self._ttls.retry_initial_s
+        self._next_retry_s = -math.inf
+        self._last_refresh_s = -math.inf
+        self._others: dict[ReplicaId, int] = {}
+        self._known_epoch: str | None = None
+        self.resyncs = 0
+
+    # --- status -------------------------------------------------------------------------------
+    @property
+    def degraded(self) -> bool:
+        return self._degraded
+
+    @property
+    def error_count(self) -> int:
+        return self._remote.error_count
+
+    @property
+    def journal_len(self) -> int:
+        return len(self._journal)
+
+    @property
+    def remote(self) -> RedisStore:
+        return self._remote
+
+    # --- failure handling -----------------------------------------------------------------------
+    def _on_error(self, exc: StateUnavailableError) -> None:
+        if not self._degraded:
+            log.warning("state: Redis unreachable, serving from the local view (%s)", exc)
+            self._degraded = True
+            self._backoff_s = self._ttls.retry_initial_s
+            self._next_retry_s = self._clock.now() + self._backoff_s
+
+    def _journal_append(self, op: RemoteOp) -> None:
+        if len(self._journal) >= self._journal_max:
+            self._journal.popleft()
+            if self.journal_dropped == 0:
+                log.warning("state: Redis journal full, dropping the oldest entries")
+            self.journal_dropped += 1
+        self._journal.append(op)
+
+    async def _write(self, op: RemoteOp) -> None:
+        if self._degraded:
+            self._journal_append(op)
+            return
+        try:
+            await op(self._remote)
+        except StateUnavailableError as exc:
+            self._on_error(exc)
+            self._journal_append(op)
+
+    # --- synchronisation ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect and synchronise now; if Redis is down, stay degraded (no exception)."""
+        await self._try_recover()
+
+    async def _try_recover(self) -> None:
+        try:
+            await self._recover()
+        except StateUnavailableError as exc:
+            self._degraded = True
+            self._next_retry_s = self._clock.now() + self._backoff_s * (
+                1.0 + self._jitter * self._rng.random()
+            )
+            self._backoff_s = min(self._backoff_s * 2.0, self._ttls.retry_max_s)
+            log.debug("state: Redis still unreachable (%s)", exc)
+            return
+        if self.resyncs > 0:
+            log.warning("state: Redis reachable again, resynchronised")
+        self.resyncs += 1
+        self._degraded = False
+        self._backoff_s = self._ttls.retry_initial_s
+
+    async def _recover(self) -> None:
+        remote = self._remote
+        epoch, created = await remote.ensure_epoch()
+        if created or epoch != self._known_epoch:
+            # Redis lost its data (or we never saw it): fill in what it misses from our view.
+            await remote.push_missing(self._local.view())
+        await self._drain()
+        self._known_epoch = epoch
+        await self._refresh(allow_resync=False)
+        # Writes made while we were awaiting above went to the journal: drain again. The caller
+        # clears ``degraded`` right after this returns, with no await in between.
+        await self._drain()
+
+    async def _drain(self) -> None:
+        """Replay the journal and sync our leases until nothing changed meanwhile."""
+        remote = self._remote
+        while True:
+            while self._journal:
+                await self._journal[0](remote)
+                self._journal.popleft()
+            mark = remote.lease_changes
+            await remote.sync_leases()
+            if not self._journal and remote.lease_changes == mark:
+                return
+
+    async def _refresh(self, *, allow_resync: bool = True) -> None:
+        own_before = self._remote.own_in_flight()
+        view = await self._remote.snapshot()
+        if allow_resync and self._remote.epoch != self._known_epoch:
+            # Redis was replaced without a failed call in between: resynchronise.
+            await self._recover()
+            return
+        self._others = {
+            r: max(0, n - own_before.get(r, 0)) for r, n in view.in_flight.items()
+        }
+        self._local.replace_shared(view)
+        self._last_refresh_s = self._clock.now()
+
+    async def maintain(self) -> None:
+        """One round of housekeeping: retry Redis if degraded and the backoff elapsed; else
+        renew leases when due and refresh the mirror when due."""
+        now = self._clock.now()
+        if self._degraded:
+            if now >= self._next_retry_s:
+                await self._try_recover()
+            return
+        try:
+            await self._remote.maintain()
+            if now - self._last_refresh_s >= self._ttls.refresh_s:
+                await self._refresh()
+        except StateUnavailableError as exc:
+            self._on_error(exc)
+
+    # --- hot path -------------------------------------------------------------------------------
+    async def begin_request(
+        self, replica_id: ReplicaId, adapter: AdapterId | None, request_id: str, now_s: float
+    ) -> None:
+        await self._local.begin_request(replica_id, adapter, request_id, now_s)
+        if self._degraded:
+            self._remote.note_begin(replica_id, request_id)
+            if adapter is not None:
+                self._journal_append(lambda r: r.replay_touch(replica_id, adapter, now_s))
+            return
+        try:
+            await self._remote.begin_request(replica_id, adapter, request_id, now_s)
+        except StateUnavailableError as exc:
+            self._on_error(exc)  # the lease is remembered; sync_leases re-creates it
+            if adapter is not None:
+                self._journal_append(lambda r: r.replay_touch(replica_id, adapter, now_s))
+
+    async def end_request(self, replica_id: ReplicaId, request_id: str) -> None:
+        await self._local.end_request(replica_id, request_id)
+        if self._degraded:
+            self._remote.note_end(request_id)  # sync_leases drops it from Redis later
+            return
+        try:
+            await self._remote.end_request(replica_id, request_id)
+        except StateUnavailableError as exc:
+            self._on_error(exc)
+
+    async def snapshot(self) -> StateView:
+        return self.view()
+
+    def view(self) -> StateView:
+        """The current view, without I/O (fine to call on every request)."""
+        base = self._local.view()
+        own = self._local.own_in_flight()
+        return dataclasses.replace(
+            base,
+            in_flight={r: self._others.get(r, 0) + own.get(r, 0) for r in base.replicas},
+            degraded=self._degraded,
+        )
+
+    # --- replica registry and residency -----------------------------------------------------------
+    async def upsert_replica(self, record: ReplicaRecord) -> None:
+        await self._local.upsert_replica(record)
+        await self._write(lambda r: r.upsert_replica(record))
+
+    async def remove_replica(self, replica_id: ReplicaId) -> None:
+        await self._local.remove_replica(replica_id)
+        await self._write(lambda r: r.remove_replica(replica_id))
+
+    async def set_replica_health(self, replica_id: ReplicaId, healthy: bool, now_s: float) -> None:
+        await self._local.set_replica_health(replica_id, healthy, now_s)
+        await self._write(lambda r: r.set_replica_health(replica_id, healthy, now_s))
+
+    async def record_load(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
+        await self._local.record_load(replica_id, adapter)
+        await self._write(lambda r: r.record_load(replica_id, adapter))
+
+    async def record_unload(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
+        await self._local.record_unload(replica_id, adapter)
+        await self._write(lambda r: r.record_unload(replica_id, adapter))
+
+    async def reconcile(self, replica_id: ReplicaId, seen: frozenset[AdapterId]) -> None:
+        await self._local.reconcile(replica_id, seen)
+        await self._write(lambda r: r.reconcile(replica_id, seen))
+
+    # --- adapter registry -------------------------------------------------------------------------
+    async def put_adapter(self, spec: AdapterSpec) -> None:
+        await self._local.put_adapter(spec)
+        await self._write(lambda r: r.put_adapter(spec))
+
+    async def delete_adapter(self, name: AdapterId) -> bool:
+        existed = await self._local.delete_adapter(name)
+        await self._write(lambda r: r.delete_adapter(name))
+        return existed
+
+    async def list_adapters(self) -> list[AdapterSpec]:
+        return await self._local.list_adapters()
+
+    # --- demand, leader, version -------------------------------------------------------------
+    async def demand(self, since_s: float, until_s: float) -> dict[float, dict[AdapterId, int]]:
+        """Shared counts; this instance's own counts only while degraded."""
+        if not self._degraded:
+            try:
+                return await self._remote.demand(since_s, until_s)
+            except StateUnavailableError as exc:
+                self._on_error(exc)
+        return await self._local.demand(since_s, until_s)
+
+    async def acquire_leader(self, name: str, holder: str, ttl_s: float) -> bool:
+        if self._degraded:
+            return False
+        try:
+            return await self._remote.acquire_leader(name, holder, ttl_s)
+        except StateUnavailableError as exc:
+            self._on_error(exc)
+            return False
+
+    async def release_leader(self, name: str, holder: str) -> bool:
+        if self._degraded:
+            return False
+        try:
+            return await self._remote.release_leader(name, holder)
+        except StateUnavailableError as exc:
+            self._on_error(exc)
+            return False
+
+    async def leader(self, name: str) -> str | None:
+        if self._degraded:
+            return None
+        try:
+            return await self._remote.leader(name)
+        except StateUnavailableError as exc:
+            self._on_error(exc)
+            return None
+
+    async def bump_version(self) -> int:
+        local = await self._local.bump_version()
+        if not self._degraded:
+            try:
+                return await self._remote.bump_version()
+            except StateUnavailableError as exc:
+                self._on_error(exc)
+        self._journal_append(lambda r: r.bump_version())
+        return local
+
+    async def close(self) -> None:
+        await self._remote.close()
+
+
+async def run_maintenance(store: StateStore, *, interval_s: float = 0.05) -> None:
+    """Background loop for the gateway: ``store.maintain()`` forever; cancel to stop."""
+    while True:
+        try:
+            await store.maintain()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # never let housekeeping die; the next round retries
+            log.exception("state: maintenance round failed")
+        await asyncio.sleep(interval_s)
