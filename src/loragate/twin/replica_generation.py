@@ -1,0 +1,267 @@
+"""``/v1/completions`` and ``/v1/chat/completions`` of the simulated replica.
+
+Each choice (prompt x ``n``) becomes one engine request whose ``max_tokens`` is the length of
+its synthetic output plan; the engine decides *when* each token exists, the plan decides *what*
+it says. Non-streaming answers when every choice has finished; streaming writes one SSE event
+per engine token event, as vLLM does (one token per decode step). ``usage`` counts exactly the
+tokens the engine emitted. A client that disconnects aborts its engine requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from loragate.twin.adapters import RegisteredAdapter
+from loragate.twin.engine import EngineRequest, TokenEvent
+from loragate.twin.replica_protocol import (
+    GenerationRequest,
+    Kind,
+    parse_generation_request,
+    resolve_max_tokens,
+)
+from loragate.twin.replica_responses import (
+    SSE_CONTENT_TYPE,
+    SSE_DONE,
+    ChoiceResult,
+    chat_body,
+    chat_chunk,
+    chat_role_chunk,
+    completion_body,
+    completion_chunk,
+    dumps,
+    new_id,
+    now_unix,
+    sse,
+    usage_chunk,
+)
+from loragate.twin.synthetic_text import OutputPlan, OutputSampler
+from loragate.twin.vllm_errors import model_not_found, parse_json_object
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterable
+
+    from loragate.twin.server import ReplicaState
+
+
+@dataclass(slots=True, kw_only=True)
+class _Choice:
+    index: int
+    request_id: str
+    plan: OutputPlan
+    stream: AsyncIterable[TokenEvent] | None = None
+    emitted: int = 0
+    finished: bool = False
+
+
+class Generator:
+    """Runs generation requests against the replica's realtime engine."""
+
+    def __init__(self, state: ReplicaState) -> None:
+        self._state = state
+        self._sampler = OutputSampler(
+            seed=state.config.seed, mean_output_tokens=state.config.mean_output_tokens
+        )
+
+    async def _resolve_model(self, name: str | None) -> tuple[str, RegisteredAdapter | None]:
+        registry = self._state.registry
+        base = self._state.config.base_model_name
+        if name is None or name == base:
+            return base, None
+        adapter = registry.get(name)
+        if adapter is None:
+            adapter = registry.resolve(name)  # vLLM's filesystem resolver, if configured
+            if adapter is None:
+                raise model_not_found(name, base)
+            await self._state.add_lora(adapter)
+        return name, adapter
+
+    async def handle(self, request: web.Request, kind: str) -> web.StreamResponse:
+        gen_kind: Kind = "chat" if kind == "chat" else "completion"
+        body = parse_json_object(await request.read())
+        gen = parse_generation_request(gen_kind, body)
+        model, adapter = await self._resolve_model(gen.model)
+        choices = self._plan(gen, model)
+        request_id = new_id(gen_kind)
+        prompt_tokens = sum(p.prompt_tokens for p in gen.prompts)
+        try:
+            self._submit(gen, choices, request_id, adapter)
+            if gen.stream:
+                return await self._stream(request, gen, choices, request_id, model, prompt_tokens)
+            await asyncio.gather(*(self._drain(c) for c in choices))
+        finally:
+            self._abort_unfinished(choices)
+        results = [
+            ChoiceResult(
+                index=c.index,
+                text=c.plan.text,
+                finish_reason=c.plan.finish_reason,
+                completion_tokens=c.emitted,
+            )
+            for c in choices
+        ]
+        build = chat_body if gen_kind == "chat" else completion_body
+        payload = build(
+            request_id=request_id,
+            created=now_unix(),
+            model=model,
+            choices=results,
+            prompt_tokens=prompt_tokens,
+        )
+        return web.Response(body=dumps(payload), content_type="application/json")
+
+    def _plan(self, gen: GenerationRequest, model: str) -> list[_Choice]:
+        max_len = self._state.config.max_model_len
+        choices: list[_Choice] = []
+        for p_index, spec in enumerate(gen.prompts):
+            max_tokens = resolve_max_tokens(gen.kind, spec, gen.max_tokens, max_len)
+            for j in range(gen.n):
+                plan = self._sampler.plan(
+                    model=model,
+                    prompt_key=f"{spec.key}#{j}" if j else spec.key,
+                    max_tokens=max_tokens,
+                    ignore_eos=gen.ignore_eos,
+                    min_tokens=min(gen.min_tokens, max_tokens),
+                    greedy=gen.greedy,
+                    request_seed=gen.seed,
+                )
+                choices.append(_Choice(index=p_index * gen.n + j, request_id="", plan=plan))
+        return choices
+
+    def _submit(
+        self,
+        gen: GenerationRequest,
+        choices: list[_Choice],
+        request_id: str,
+        adapter: RegisteredAdapter | None,
+    ) -> None:
+        state = self._state
+        for c in choices:
+            spec = gen.prompts[c.index // gen.n]
+            c.request_id = f"{request_id}-{c.index}"
+            c.stream = state.realtime.submit(
+                EngineRequest(
+                    request_id=c.request_id,
+                    adapter=adapter.name if adapter is not None else None,
+                    adapter_rank=adapter.rank if adapter is not None else 0,
+                    prompt_tokens=spec.prompt_tokens,
+                    max_tokens=c.plan.num_tokens,
+                    arrival_s=state.realtime.now_s(),
+                )
+            )
+            state.counters.prompt_tokens_total += spec.prompt_tokens
+
+    def _advance(self, c: _Choice, event: TokenEvent) -> tuple[str, str | None]:
+        state = self._state
+        start = c.emitted
+        c.emitted += event.n_tokens
+        state.counters.generation_tokens_total += event.n_tokens
+        state.observe_step()
+        finish: str | None = None
+        if event.finished:
+            c.finished = True
+            finish = c.plan.finish_reason
+            state.counters.finished(finish)
+        return "".join(c.plan.token_texts[start : c.emitted]), finish
+
+    async def _drain(self, c: _Choice) -> None:
+        assert c.stream is not None
+        async for event in c.stream:
+            self._advance(c, event)
+
+    async def _events(
+        self, choices: list[_Choice]
+    ) -> AsyncIterator[tuple[_Choice, str, str | None]]:
+        if len(choices) == 1:
+            c = choices[0]
+            assert c.stream is not None
+            async for event in c.stream:
+                text, finish = self._advance(c, event)
+                yield c, text, finish
+            return
+        queue: asyncio.Queue[tuple[_Choice, str, str | None] | None] = asyncio.Queue()
+
+        async def pump(c: _Choice) -> None:
+            try:
+                assert c.stream is not None
+                async for event in c.stream:
+                    text, finish = self._advance(c, event)
+                    await queue.put((c, text, finish))
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(c)) for c in choices]
+        try:
+            done = 0
+            while done < len(tasks):
+                item = await queue.get()
+                if item is None:
+                    done += 1
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        gen: GenerationRequest,
+        choices: list[_Choice],
+        request_id: str,
+        model: str,
+        prompt_tokens: int,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": SSE_CONTENT_TYPE})
+        await response.prepare(request)
+        created = now_unix()
+        chunk: Callable[..., dict[str, Any]] = (
+            chat_chunk if gen.kind == "chat" else completion_chunk
+        )
+        try:
+            if gen.kind == "chat":
+                for c in choices:
+                    role = chat_role_chunk(
+                        request_id=request_id, created=created, model=model, index=c.index
+                    )
+                    await response.write(sse(role))
+            async for c, text, finish in self._events(choices):
+                await response.write(
+                    sse(
+                        chunk(
+                            request_id=request_id,
+                            created=created,
+                            model=model,
+                            index=c.index,
+                            text=text,
+                            finish_reason=finish,
+                        )
+                    )
+                )
+            if gen.include_usage:
+                usage = usage_chunk(
+                    kind=gen.kind,
+                    request_id=request_id,
+                    created=created,
+                    model=model,
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=sum(c.emitted for c in choices),
+                )
+                await response.write(sse(usage))
+            await response.write(SSE_DONE)
+            await response.write_eof()
+        except ConnectionResetError:
+            pass  # client went away; the caller's ``finally`` aborts the engine requests
+        return response
+
+    def _abort_unfinished(self, choices: list[_Choice]) -> None:
+        for c in choices:
+            if c.stream is not None and not c.finished:
+                c.finished = True
+                self._state.realtime.abort(c.request_id)
+                self._state.counters.finished("abort")

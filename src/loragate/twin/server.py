@@ -1,0 +1,366 @@
+"""``loragate replica``: the twin engine in wall-clock time behind vLLM 0.32's HTTP API.
+
+Composition root: ``create_replica_app(config)`` builds the engine (``loragate.twin.engine``)
+from a performance profile, drives it with ``RealtimeEngine`` and serves the endpoints recorded
+in ``shared/design/vllm-0.32/``. ``run_replica(config, host=..., port=0)`` runs it on a socket
+for tests, the demo and the CLI::
+
+    async with run_replica(ReplicaConfig(enable_lora=True, max_loras=2), port=0) as replica:
+        print(replica.url)  # http://127.0.0.1:PORT
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from loragate.core.clock import Clock, WallClock
+from loragate.core.errors import ConfigError
+from loragate.twin.adapters import AdapterRegistry, RegisteredAdapter
+from loragate.twin.engine import Engine, EngineConfig
+from loragate.twin.profile import PerformanceProfile, load_profile
+from loragate.twin.realtime import RealtimeEngine
+from loragate.twin.replica_config import ReplicaConfig
+from loragate.twin.replica_generation import Generator
+from loragate.twin.replica_responses import VLLM_VERSION, dumps, model_card, now_unix
+from loragate.twin.vllm_errors import (
+    FieldError,
+    VllmApiError,
+    missing,
+    parse_json_object,
+    validation_error,
+)
+from loragate.twin.vllm_metrics import (
+    CONTENT_TYPE as METRICS_CONTENT_TYPE,
+)
+from loragate.twin.vllm_metrics import (
+    EngineGauges,
+    LoraRequestsInfo,
+    RequestCounters,
+    render_metrics,
+)
+
+log = logging.getLogger(__name__)
+
+_NO_CONTENT_TYPE = "loragate.no_content_type"
+CLIENT_MAX_SIZE_BYTES = 32 * 1024 * 1024
+
+
+class ReplicaState:
+    """Everything one simulated replica holds; handlers are thin methods over it."""
+
+    def __init__(
+        self,
+        config: ReplicaConfig,
+        *,
+        profile: PerformanceProfile | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.config = config
+        self.profile = profile if profile is not None else load_profile(config.profile)
+        self.engine = Engine(
+            EngineConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=config.max_model_len,
+                enable_lora=config.enable_lora,
+                max_loras=config.max_loras,
+                max_cpu_loras=config.effective_max_cpu_loras,
+                max_lora_rank=config.max_lora_rank,
+                block_size=config.block_size,
+                kv_capacity_tokens=config.kv_capacity_tokens,
+            ),
+            self.profile,
+        )
+        self.realtime = RealtimeEngine(
+            self.engine, clock if clock is not None else WallClock(), time_scale=config.time_scale
+        )
+        self.registry = AdapterRegistry(
+            base_model_name=config.base_model_name,
+            model=config.model,
+            enable_lora=config.enable_lora,
+            max_lora_rank=config.max_lora_rank,
+            resolver_dir=config.resolver_dir,
+        )
+        for module in config.lora_modules:
+            try:
+                adapter = self.registry.load(module.name, module.path)
+            except VllmApiError as exc:
+                raise ConfigError(exc.message, key="lora_modules") from exc
+            self.engine.load_adapter(adapter.name, adapter.rank)
+        self.lora_info = LoraRequestsInfo(max_lora=config.max_loras) if config.enable_lora else None
+        self.counters = RequestCounters()
+        self.server_load = 0
+        self.generator = Generator(self)
+
+    async def add_lora(self, adapter: RegisteredAdapter) -> None:
+        """Put a newly registered adapter in the engine's CPU cache, taking its load time.
+
+        vLLM's ``add_lora`` is synchronous: the admin call (or the resolver's first request)
+        answers once the adapter has been read from disk.
+        """
+        cost_s = self.engine.load_adapter(adapter.name, adapter.rank)
+        if cost_s > 0:
+            await asyncio.sleep(cost_s / self.config.time_scale)
+
+    def observe_step(self) -> None:
+        """Called for every token event: refreshes ``vllm:lora_requests_info``."""
+        if self.lora_info is not None:
+            self.lora_info.observe(list(self.engine.running_adapters))
+
+    def gauges(self) -> EngineGauges:
+        e = self.engine
+        return EngineGauges(
+            num_running=e.num_running,
+            num_waiting=e.num_waiting,
+            num_deferred=e.num_deferred,
+            kv_usage=e.kv_usage,
+            num_preemptions_total=e.num_preemptions_total,
+        )
+
+    # --- handlers ------------------------------------------------------------------------
+
+    async def health(self, _: web.Request) -> web.Response:
+        return web.Response()
+
+    async def version(self, _: web.Request) -> web.Response:
+        return _json({"version": VLLM_VERSION})
+
+    async def load(self, _: web.Request) -> web.Response:
+        return _json({"server_load": self.server_load})
+
+    async def models(self, _: web.Request) -> web.Response:
+        created = now_unix()
+        base = self.config.base_model_name
+        data = [
+            model_card(
+                model_id=base,
+                created=created,
+                root=self.config.model,
+                parent=None,
+                max_model_len=self.config.max_model_len,
+            )
+        ]
+        data += [
+            model_card(
+                model_id=a.name, created=created, root=a.path, parent=base, max_model_len=None
+            )
+            for a in self.registry.all()
+        ]
+        return _json({"object": "list", "data": data})
+
+    async def metrics(self, _: web.Request) -> web.Response:
+        text = render_metrics(
+            model_name=self.config.base_model_name,
+            gauges=self.gauges(),
+            counters=self.counters,
+            lora_info=self.lora_info,
+        )
+        return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    async def load_lora_adapter(self, request: web.Request) -> web.Response:
+        body = parse_json_object(await request.read())
+        name, path = _required_strings(body, "lora_name", "lora_path")
+        adapter = self.registry.load(name, path, load_inplace=_flag(body, "load_inplace"))
+        await self.add_lora(adapter)
+        return _plain(f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_lora_adapter(self, request: web.Request) -> web.Response:
+        body = parse_json_object(await request.read())
+        (name,) = _required_strings(body, "lora_name")
+        self.registry.unload(name)
+        return _plain(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    async def sagemaker_load(self, request: web.Request) -> web.Response:
+        body = parse_json_object(await request.read())
+        name, src = _required_strings(body, "name", "src")
+        await self.add_lora(self.registry.load(name, src))
+        return _plain(f"Adapter {name} registered")
+
+    async def sagemaker_unload(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self.registry.unload(name)
+        return _plain(f"Adapter {name} unregistered")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._tracked(request, "completion")
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._tracked(request, "chat")
+
+    async def _tracked(self, request: web.Request, kind: str) -> web.StreamResponse:
+        track = self.config.enable_server_load_tracking
+        if track:
+            self.server_load += 1
+        try:
+            return await self.generator.handle(request, kind)
+        finally:
+            if track:
+                self.server_load -= 1
+
+
+def _required_strings(body: dict[str, Any], *fields: str) -> tuple[str, ...]:
+    errors = [missing(f, body) for f in fields if f not in body]
+    errors += [
+        FieldError(
+            kind="string_type",
+            loc=("body", f),
+            msg="Input should be a valid string",
+            input=body[f],
+        )
+        for f in fields
+        if f in body and not isinstance(body[f], str)
+    ]
+    if errors:
+        raise validation_error(errors)
+    return tuple(str(body[f]) for f in fields)
+
+
+def _flag(body: dict[str, Any], field: str) -> bool:
+    value = body.get(field, False)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise validation_error(
+        [
+            FieldError(
+                kind="bool_type",
+                loc=("body", field),
+                msg="Input should be a valid boolean",
+                input=value,
+            )
+        ]
+    )
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=dumps(obj), status=status, content_type="application/json")
+
+
+def _plain(text: str) -> web.Response:
+    """vLLM's admin success bodies: a bare string with no Content-Type header at all."""
+    response = web.Response(body=text.encode())
+    response[_NO_CONTENT_TYPE] = True
+    return response
+
+
+async def _strip_content_type(_: web.Request, response: web.StreamResponse) -> None:
+    if response.get(_NO_CONTENT_TYPE):
+        response.headers.popall("Content-Type", None)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _vllm_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except VllmApiError as exc:
+        return web.Response(body=exc.body(), status=exc.status, content_type="application/json")
+    except web.HTTPException as exc:
+        if exc.status in (404, 405):  # FastAPI's shape for unknown routes / methods
+            return _json({"detail": exc.reason}, status=exc.status)
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as exc:  # a replica bug must still answer in vLLM's shape
+        log.exception("replica handler failed")
+        err = VllmApiError(500, f"{type(exc).__name__}: {exc}", "InternalServerError")
+        return web.Response(body=err.body(), status=500, content_type="application/json")
+
+
+STATE_KEY: web.AppKey[ReplicaState] = web.AppKey("replica_state", ReplicaState)
+
+
+def create_replica_app(
+    config: ReplicaConfig,
+    *,
+    profile: PerformanceProfile | None = None,
+    clock: Clock | None = None,
+) -> web.Application:
+    """The replica's aiohttp app. Raises ``ConfigError``/``EngineStartupError`` on bad settings.
+
+    Run it with ``handler_cancellation=True`` (``run_replica`` does) so a client that goes away
+    aborts its engine request even while it waits for its first token.
+    """
+    state = ReplicaState(config, profile=profile, clock=clock)
+    app = web.Application(middlewares=[_vllm_errors], client_max_size=CLIENT_MAX_SIZE_BYTES)
+    app[STATE_KEY] = state
+    app.on_response_prepare.append(_strip_content_type)
+
+    async def start(_: web.Application) -> None:
+        await state.realtime.start()
+
+    async def stop(_: web.Application) -> None:
+        await state.realtime.stop()
+
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
+    r = app.router
+    r.add_get("/health", state.health)
+    r.add_get("/ping", state.health)
+    r.add_post("/ping", state.health)
+    r.add_get("/version", state.version)
+    r.add_get("/load", state.load)
+    r.add_get("/metrics", state.metrics)
+    r.add_get("/v1/models", state.models)
+    r.add_post("/v1/completions", state.completions)
+    r.add_post("/v1/chat/completions", state.chat_completions)
+    r.add_post("/v1/load_lora_adapter", state.load_lora_adapter)
+    r.add_post("/v1/unload_lora_adapter", state.unload_lora_adapter)
+    r.add_post("/adapters", state.sagemaker_load)
+    r.add_delete("/adapters/{name}", state.sagemaker_unload)
+    return app
+
+
+@dataclass(frozen=True, slots=True)
+class RunningReplica:
+    """A replica listening on a socket (from ``run_replica``)."""
+
+    url: str
+    host: str
+    port: int
+    app: web.Application
+
+    @property
+    def state(self) -> ReplicaState:
+        return self.app[STATE_KEY]
+
+
+@contextlib.asynccontextmanager
+async def run_replica(
+    config: ReplicaConfig,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    profile: PerformanceProfile | None = None,
+    clock: Clock | None = None,
+) -> AsyncIterator[RunningReplica]:
+    """Serve a replica on ``host:port`` (defaults from ``config``; port 0 picks a free port)."""
+    app = create_replica_app(config, profile=profile, clock=clock)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    try:
+        bind_host = host if host is not None else config.host
+        site = web.TCPSite(runner, bind_host, port if port is not None else config.port)
+        await site.start()
+        bound_port = _bound_port(runner)
+        url_host = f"[{bind_host}]" if ":" in bind_host else bind_host
+        yield RunningReplica(
+            url=f"http://{url_host}:{bound_port}", host=bind_host, port=bound_port, app=app
+        )
+    finally:
+        await runner.cleanup()
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    raise RuntimeError("replica is not listening on a TCP socket")
