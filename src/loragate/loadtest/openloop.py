@@ -1,0 +1,217 @@
+"""Open-loop load generation against any OpenAI-compatible URL.
+
+Requests are sent at their scheduled times (``WorkloadRequest.t_s`` after the start) whether
+or not earlier ones have finished, as real clients do; a concurrency cap bounds what one
+process keeps in flight, and a deadline bounds the run. Every request is streamed so the time
+to first token is measured on the client side; a result is recorded for every request sent,
+errors included, so nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import aiohttp
+
+from loragate.workload.generator import WorkloadRequest
+
+# Words the simulated replica counts as one token each; any OpenAI server accepts them.
+_WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestResult:
+    """The outcome of one request as the client saw it."""
+
+    index: int
+    adapter: str | None
+    endpoint: str
+    scheduled_s: float  # offset from the start of the run
+    sent_s: float
+    status: int  # HTTP status; 0 when no response arrived
+    ttft_s: float | None
+    latency_s: float
+    output_tokens: int
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.status == 200
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpenLoopConfig:
+    base_url: str  # e.g. "http://127.0.0.1:8080/v1"
+    base_model: str
+    api_key: str | None = None
+    max_concurrency: int = 256
+    deadline_s: float = 120.0  # hard stop of the whole run, from its start
+    request_timeout_s: float = 60.0
+    chat_every: int = 3  # every n-th request uses /chat/completions (0: never)
+
+
+def prompt_of(n_tokens: int, index: int) -> str:
+    """A prompt of ``n_tokens`` whitespace-separated words."""
+    return " ".join(_WORDS[(index + i) % len(_WORDS)] for i in range(max(1, n_tokens)))
+
+
+def request_body(cfg: OpenLoopConfig, req: WorkloadRequest, index: int) -> tuple[str, bytes]:
+    """The endpoint path and JSON body for one workload request."""
+    model = req.adapter if req.adapter is not None else cfg.base_model
+    common = {
+        "model": model,
+        "max_tokens": int(req.max_tokens),
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
+    prompt = prompt_of(int(req.prompt_tokens), index)
+    if cfg.chat_every and index % cfg.chat_every == cfg.chat_every - 1:
+        body = {**common, "messages": [{"role": "user", "content": prompt}]}
+        return "/chat/completions", json.dumps(body).encode()
+    return "/completions", json.dumps({**common, "prompt": prompt}).encode()
+
+
+async def _send(
+    session: aiohttp.ClientSession,
+    cfg: OpenLoopConfig,
+    req: WorkloadRequest,
+    index: int,
+    start: float,
+) -> RequestResult:
+    endpoint, body = request_body(cfg, req, index)
+    headers = {"Content-Type": "application/json"}
+    if cfg.api_key:
+        headers["Authorization"] = f"Bearer {cfg.api_key}"
+    sent = time.perf_counter()
+    ttft: float | None = None
+    tokens = 0
+    status = 0
+    error: str | None = None
+    try:
+        async with session.post(cfg.base_url + endpoint, data=body, headers=headers) as resp:
+            status = resp.status
+            if status != 200:
+                error = _error_message(await resp.read(), status)
+            else:
+                async for raw in resp.content:
+                    line = raw.strip()
+                    if not line.startswith(b"data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        break
+                    event = json.loads(payload)
+                    if "error" in event:
+                        error = str(event["error"].get("message", event["error"]))
+                        break
+                    if ttft is None and event.get("choices"):
+                        ttft = time.perf_counter() - sent
+                    usage = event.get("usage")
+                    if usage:
+                        tokens = int(usage.get("completion_tokens", 0))
+                if error is None and tokens == 0:
+                    error = "stream ended without usage"
+    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    return RequestResult(
+        index=index,
+        adapter=req.adapter,
+        endpoint=endpoint,
+        scheduled_s=req.t_s,
+        sent_s=sent - start,
+        status=status,
+        ttft_s=ttft,
+        latency_s=time.perf_counter() - sent,
+        output_tokens=tokens,
+        error=error,
+    )
+
+
+def _error_message(body: bytes, status: int) -> str:
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {status}: {body[:200]!r}"
+
+
+async def run_open_loop(
+    cfg: OpenLoopConfig,
+    requests: Iterable[WorkloadRequest],
+    *,
+    on_result: Callable[[RequestResult], None] | None = None,
+) -> list[RequestResult]:
+    """Send ``requests`` at their scheduled offsets until they run out or the deadline passes.
+
+    Requests still scheduled after the deadline are not sent; requests in flight at the
+    deadline are cancelled and recorded as errors.
+    """
+    results: list[RequestResult] = []
+    slots = asyncio.Semaphore(cfg.max_concurrency)
+    timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s)
+    connector = aiohttp.TCPConnector(limit=cfg.max_concurrency)
+    start = time.perf_counter()
+    deadline = start + cfg.deadline_s
+    pending: dict[asyncio.Task[RequestResult], tuple[int, WorkloadRequest, float]] = {}
+
+    def finished(task: asyncio.Task[RequestResult]) -> None:
+        slots.release()
+        if task.cancelled():
+            return
+        result = task.result()
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        for index, req in enumerate(requests):
+            due = start + req.t_s
+            if due >= deadline:
+                break
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await slots.acquire()
+            if time.perf_counter() >= deadline:  # waited for a slot past the deadline
+                slots.release()
+                break
+            task = asyncio.create_task(_send(session, cfg, req, index, start))
+            pending[task] = (index, req, time.perf_counter() - start)
+            task.add_done_callback(finished)
+        unfinished = [t for t in pending if not t.done()]
+        if unfinished:
+            remaining_s = max(0.0, deadline - time.perf_counter())
+            _, late = await asyncio.wait(unfinished, timeout=remaining_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+            for task in late:
+                index, req, sent_s = pending[task]
+                result = _cancelled_result(index, req, sent_s, time.perf_counter() - start)
+                results.append(result)
+                if on_result is not None:
+                    on_result(result)
+    results.sort(key=lambda r: r.index)
+    return results
+
+
+def _cancelled_result(
+    index: int, req: WorkloadRequest, sent_s: float, now_s: float
+) -> RequestResult:
+    return RequestResult(
+        index=index,
+        adapter=req.adapter,
+        endpoint="",
+        scheduled_s=req.t_s,
+        sent_s=sent_s,
+        status=0,
+        ttft_s=None,
+        latency_s=now_s - sent_s,
+        output_tokens=0,
+        error="cancelled at the run's deadline",
+    )
