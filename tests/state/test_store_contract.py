@@ -13,7 +13,7 @@ from loragate.state.keys import KeySpace, Ttls
 from loragate.state.memory import MemoryStore
 from loragate.state.redis_store import RedisStore
 from loragate.state.resilient import ResilientStore
-from loragate.state.store import ReplicaRecord, StateStore
+from loragate.state.store import GatewayStore, ReplicaRecord, StateStore
 from redis_fixture import RedisServer
 
 StoreFactory = Callable[..., RedisStore]
@@ -182,3 +182,12 @@ async def test_view_fills_pool_snapshots(store: StateStore) -> None:
     assert filled[1].residency.gpu == ("a",)
     assert filled[0].residency == Residency()
 
+
+
+async def test_gateway_stores_satisfy_the_protocol(redis_stores: StoreFactory) -> None:
+    stores: list[GatewayStore] = [MemoryStore(), ResilientStore(redis_stores())]
+    for s in stores:
+        await s.upsert_replica(ReplicaRecord(replica_id="r1", url="u"))
+        await s.begin_request("r1", "a", "q1", 0.0)
+        assert s.view().in_flight == {"r1": 1}
+        assert s.view().residency_of("r1").gpu == ("a",)

@@ -165,3 +165,12 @@ class StateStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class GatewayStore(StateStore, Protocol):
+    """A store with a local view: what the gateway uses (``MemoryStore``, ``ResilientStore``).
+
+    ``view()`` is synchronous and does no I/O, so the gateway may call it on every request.
+    """
+
+    def view(self) -> StateView: ...
