@@ -155,8 +155,9 @@ def test_injected_step_time_model_is_used(snap: Snap, req: Req) -> None:
         snap("r0", in_flight=1, per_adapter={"b": 1}),  # idle-ish, adapter on disk
         snap("r1", in_flight=260, per_adapter={"c": 260}, cpu=["a"]),  # full, adapter in CPU
     ]
-    default = build_policy("loragate")
-    slow_disk = build_policy("loragate", step_time_model=_SlowDisk())
+    no_stickiness = {"policy": "loragate", "gpu_miss_s": 0, "cpu_miss_s": 0}
+    default = build_policy(no_stickiness)
+    slow_disk = build_policy(no_stickiness, step_time_model=_SlowDisk())
     r = req("a", max_tokens=64, prompt_tokens=64)
     assert default.choose(r, reps) == "r0"
     assert slow_disk.choose(r, reps) == "r1"
@@ -184,3 +185,16 @@ def test_loragate_params_validate() -> None:
     assert exc.value.key == "routing.new_slot_weight"
     p = build_policy({"policy": "loragate", "params": {"hold_factor": 2, "default_rank": 32}})
     assert p.name == "loragate"
+
+
+def test_miss_penalty_brings_idle_adapters_home(snap: Snap, req: Req) -> None:
+    reps = [
+        snap("r0", in_flight=2, per_adapter={"b": 2}),  # slots free, adapter only on disk
+        # holds "a" in GPU, but the last free LoRA slot would go to it
+        snap("r1", in_flight=30, per_adapter={"c": 10, "d": 10, "e": 10}, gpu=["a"], cpu=["a"]),
+    ]
+    r = req("a", max_tokens=256, prompt_tokens=512)
+    sticky = build_policy("loragate")
+    loose = build_policy({"policy": "loragate", "gpu_miss_s": 0, "cpu_miss_s": 0})
+    assert sticky.choose(r, reps) == "r1"
+    assert loose.choose(r, reps) == "r0"

@@ -2,7 +2,7 @@
 
 Cost model (seconds, per candidate replica ``r``, for a request of adapter ``a``)::
 
-    cost = t_first + wait_seq + congestion + wait_slot + t_load + slot_penalty
+    cost = t_first + wait_seq + congestion + wait_slot + t_load + miss_penalty + slot_penalty
 
 with, from the snapshot of ``r`` and a ``StepTimeModel`` (the twin's profile, or the linear
 default of ``step_time.LinearStepTimeModel``):
@@ -40,15 +40,23 @@ Terms:
   ``from_disk`` unless ``a`` is in the CPU cache, plus ``register_s`` (our admin load call) if it
   is not registered there (the GPU and CPU tiers are taken to be subsets of the registered set,
   as ``state.residency`` maintains them).
+* ``miss_penalty``: ``gpu_miss_s`` when ``a`` is not in a GPU slot there, plus ``cpu_miss_s``
+  when it is not in the CPU cache either (and not running). Not part of this request's TTFT:
+  the price of the eviction it causes (another adapter's later reload) and of scattering an
+  adapter's residency. It makes idle adapters return to the replica that still holds them,
+  cutting adapter loads (in our 4-replica twin runs: ~45% fewer than ``round_robin``, and a
+  lower TTFT p99 than without it), while seconds of slot wait still outweigh it.
 * ``slot_penalty``: taking a new LoRA slot is not free for the *next* requests — it holds the
   slot for ``T_hold`` while other adapters may need it. Charged as ``new_slot_weight * T_hold /
-  L * min(1, (d + 1) / L)^2``: cheap on an empty replica, dear on one whose slots are nearly
+  L * min(1, (d + 1) / L)^2`` (with ``own_length``, ``T_hold`` uses this request's
+  ``max_tokens`` instead of the mean): cheap on an empty replica, dear on one whose slots are nearly
   full (the chance that a later adapter finds no free slot grows with the occupancy).
   This is what keeps an adapter's traffic concentrated on the replicas already running it while
   they have headroom; when ``wait_seq + congestion`` there grows beyond the penalty (one replica
   cannot keep up), the adapter spreads to the next cheapest replica.
 
-Base-model requests need no slot: no ``wait_slot``, ``t_load`` or ``slot_penalty``.
+Base-model requests need no slot: no ``wait_slot``, ``t_load``, ``miss_penalty`` or
+``slot_penalty``.
 
 The scorer turns costs into scores ``(c_min + tau) / (c + tau)`` (the cheapest replica 1.0, one
 twice as slow ~0.5), and the ``loragate`` profile picks the maximum (random among ties).
@@ -88,6 +96,9 @@ class CostParams:
     # Utilisation at which the congestion term stops growing (the backlog term takes over).
     rho_max: float = 0.95
     register_s: float = 0.005
+    own_length: bool = False
+    gpu_miss_s: float = 0.2
+    cpu_miss_s: float = 0.5
     kv_full: float = 0.95
 
 
@@ -127,6 +138,7 @@ class ExpectedTTFTScorer:
         mean_out = self._mean_out
         mean_prompt = self._mean_prompt
         prompt = req.prompt_tokens if req.prompt_tokens > 0 else mean_prompt
+        own_out = float(req.max_tokens) if p.own_length and req.max_tokens > 0 else mean_out
         rank = req.adapter_rank if req.adapter_rank is not None else p.default_rank
         load_cpu = load_disk = 0.0
         if adapter is not None:
@@ -134,6 +146,7 @@ class ExpectedTTFTScorer:
             load_disk = _sane(self.model.load_s(rank, True))
         hold_factor, kv_full, rho_max = p.hold_factor, p.kv_full, p.rho_max
         congestion_w, slot_w, register_s = p.congestion_weight, p.new_slot_weight, p.register_s
+        miss_gpu, miss_disk = p.gpu_miss_s, p.gpu_miss_s + p.cpu_miss_s
         memo = self._memo
         step_time = self.model.step_time_s
         sqrt = math.sqrt
@@ -208,15 +221,15 @@ class ExpectedTTFTScorer:
                 # Adapter load.
                 res = r.residency
                 if adapter not in res.registered:  # the GPU and CPU tiers are within it
-                    cost += load_disk + register_s
+                    cost += load_disk + register_s + miss_disk
                 elif adapter not in res.gpu:
-                    cost += load_cpu if adapter in res.cpu else load_disk
+                    cost += load_cpu + miss_gpu if adapter in res.cpu else load_disk + miss_disk
             # The slot this request would take from the requests after it.
             if new_slot:
                 occupancy = (d + 1) / slots
                 if occupancy > 1.0:
                     occupancy = 1.0
-                cost += slot_w * t_hold / slots * occupancy * occupancy
+                cost += slot_w * own_out * t_step * hold_factor / slots * occupancy * occupancy
             out.append(cost)
         return out
 
