@@ -152,3 +152,23 @@ async def test_lora_modules_at_startup_and_lora_disabled(
         body = {"lora_name": "a", "lora_path": adapter_dir("a")}
         async with http.post(r.url + "/v1/load_lora_adapter", data=json.dumps(body)) as resp:
             assert resp.status == 400
+
+
+async def test_non_streaming_client_timeout_aborts(
+    start_replica: StartReplica, http: aiohttp.ClientSession
+) -> None:
+    async with start_replica(time_scale=1.0) as r:
+        body = {"prompt": "slow", "max_tokens": 400, "ignore_eos": True}
+        timeout = aiohttp.ClientTimeout(total=0.1)
+        try:
+            async with http.post(r.url + "/v1/completions", json=body, timeout=timeout) as resp:
+                await resp.read()
+            raise AssertionError("the request should have timed out")
+        except TimeoutError:
+            pass
+        for _ in range(POLLS):
+            if not r.state.engine.has_unfinished():
+                break
+            await asyncio.sleep(0.005)
+        assert not r.state.engine.has_unfinished()
+        assert r.state.counters.success_by_reason.get("abort") == 1

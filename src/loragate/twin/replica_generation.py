@@ -10,9 +10,9 @@ tokens the engine emitted. A client that disconnects aborts its engine requests.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -28,11 +28,10 @@ from loragate.twin.replica_responses import (
     SSE_CONTENT_TYPE,
     SSE_DONE,
     ChoiceResult,
+    TokenChunkEncoder,
     chat_body,
-    chat_chunk,
     chat_role_chunk,
     completion_body,
-    completion_chunk,
     dumps,
     new_id,
     now_unix,
@@ -220,8 +219,8 @@ class Generator:
         response = web.StreamResponse(headers={"Content-Type": SSE_CONTENT_TYPE})
         await response.prepare(request)
         created = now_unix()
-        chunk: Callable[..., dict[str, Any]] = (
-            chat_chunk if gen.kind == "chat" else completion_chunk
+        encoder = TokenChunkEncoder(
+            kind=gen.kind, request_id=request_id, created=created, model=model
         )
         try:
             if gen.kind == "chat":
@@ -231,18 +230,10 @@ class Generator:
                     )
                     await response.write(sse(role))
             async for c, text, finish in self._events(choices):
-                await response.write(
-                    sse(
-                        chunk(
-                            request_id=request_id,
-                            created=created,
-                            model=model,
-                            index=c.index,
-                            text=text,
-                            finish_reason=finish,
-                        )
-                    )
-                )
+                if finish is None:
+                    await response.write(encoder.token(c.index, text))
+                else:
+                    await response.write(encoder.final(c.index, text, finish))
             if gen.include_usage:
                 usage = usage_chunk(
                     kind=gen.kind,

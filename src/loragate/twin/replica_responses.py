@@ -244,3 +244,52 @@ def model_card(
             }
         ],
     }
+
+
+_TEXT_SENTINEL = "@@loragate-token-text@@"
+_SENTINEL_JSON = dumps(_TEXT_SENTINEL)
+
+
+class TokenChunkEncoder:
+    """Fast SSE encoding of the many mid-stream token chunks of one response.
+
+    Every non-final token chunk of a choice is the same JSON except for its text, so the bytes
+    around the text are rendered once per choice index and reused (identical output to
+    ``sse(completion_chunk(...))`` / ``sse(chat_chunk(...))`` with ``finish_reason=None``).
+    """
+
+    __slots__ = ("_build", "_cache", "_created", "_model", "_request_id")
+
+    def __init__(self, *, kind: str, request_id: str, created: int, model: str) -> None:
+        self._build = chat_chunk if kind == "chat" else completion_chunk
+        self._request_id = request_id
+        self._created = created
+        self._model = model
+        self._cache: dict[int, tuple[bytes, bytes]] = {}
+
+    def token(self, index: int, text: str) -> bytes:
+        parts = self._cache.get(index)
+        if parts is None:
+            chunk = self._build(
+                request_id=self._request_id,
+                created=self._created,
+                model=self._model,
+                index=index,
+                text=_TEXT_SENTINEL,
+                finish_reason=None,
+            )
+            prefix, _, suffix = sse(chunk).partition(_SENTINEL_JSON)
+            parts = self._cache[index] = (prefix, suffix)
+        return parts[0] + dumps(text) + parts[1]
+
+    def final(self, index: int, text: str, finish_reason: str) -> bytes:
+        return sse(
+            self._build(
+                request_id=self._request_id,
+                created=self._created,
+                model=self._model,
+                index=index,
+                text=text,
+                finish_reason=finish_reason,
+            )
+        )

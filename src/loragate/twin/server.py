@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from loragate.core.clock import Clock, WallClock
-from loragate.core.errors import ConfigError
+from loragate.core.errors import ConfigError, InvalidRequestError
 from loragate.twin.adapters import AdapterRegistry, RegisteredAdapter
 from loragate.twin.engine import Engine, EngineConfig
 from loragate.twin.profile import PerformanceProfile, load_profile
@@ -263,6 +263,9 @@ async def _vllm_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return await handler(request)
     except VllmApiError as exc:
         return web.Response(body=exc.body(), status=exc.status, content_type="application/json")
+    except InvalidRequestError as exc:  # the engine's own request checks
+        err = VllmApiError(400, exc.message, "BadRequestError", exc.param)
+        return web.Response(body=err.body(), status=400, content_type="application/json")
     except web.HTTPException as exc:
         if exc.status in (404, 405):  # FastAPI's shape for unknown routes / methods
             return _json({"detail": exc.reason}, status=exc.status)
