@@ -139,6 +139,8 @@ def test_summary_agrees_with_records() -> None:
     assert summary["ttft_s"]["p50"] == pytest.approx(ttfts[len(ttfts) // 2], rel=0.05)
     assert summary["requests"]["total"] == len(records) == len(list(wl.requests()))
     assert summary["deferred"]["requests"] == sum(r.deferred_s > 0 for r in ok)
+    in_window = sum(r.finish_s <= wl.spec.duration_s for r in ok)
+    assert summary["throughput"]["requests_per_s"] == pytest.approx(in_window / 30.0)
     assert all(r.first_token_s >= r.arrival_s and r.finish_s >= r.first_token_s for r in ok)
     itl = [r.itl_s for r in ok if r.output_tokens > 1]
     assert all(x > 0 for x in itl)
