@@ -1,9 +1,9 @@
 """HTTP client for one vLLM 0.32 replica: admin calls, model list, metrics, health.
 
 The client does not own its ``aiohttp.ClientSession``: one session per gateway app is shared by
-every replica (pooled keep-alive connections). The proxy hot path (``loragate.gateway.proxy``)
-uses :attr:`VllmClient.session`, the precomputed URLs and :attr:`VllmClient.json_headers`
-directly; everything here maps aiohttp errors onto ``loragate.core.errors`` at the boundary.
+every replica for polling and admin calls. The proxy hot path (``loragate.gateway.proxy``) uses
+:attr:`VllmClient.upstream`, a lean keep-alive HTTP/1.1 client (``backends.upstream``).
+Everything here maps aiohttp errors onto ``loragate.core.errors`` at the boundary.
 
 Admin success bodies are plain strings, not JSON (VLLM_API.md §4.2), so results are decided by
 status code.
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from yarl import URL
 
 from loragate.backends.metrics import VllmMetrics, parse_vllm_metrics
+from loragate.backends.upstream import UpstreamPool
 from loragate.core.errors import (
     AdapterLoadError,
     UpstreamConnectError,
@@ -107,12 +107,11 @@ class VllmClient:
     __slots__ = (
         "admin_timeout",
         "base_url",
-        "chat_url",
-        "completions_url",
         "headers",
         "json_headers",
         "poll_timeout",
         "session",
+        "upstream",
     )
 
     def __init__(
@@ -123,12 +122,12 @@ class VllmClient:
         api_key: str | None = None,
         poll_timeout_s: float = 2.0,
         admin_timeout_s: float = 60.0,
+        connect_timeout_s: float = 3.0,
     ) -> None:
         self.session = session
+        # The proxy hot path's lean keep-alive client (completions and chat completions).
+        self.upstream = UpstreamPool(base_url, api_key=api_key, connect_timeout_s=connect_timeout_s)
         self.base_url = base_url.rstrip("/")
-        # yarl URLs built once: aiohttp skips parsing a URL object on every request.
-        self.completions_url = URL(f"{self.base_url}/v1/completions")
-        self.chat_url = URL(f"{self.base_url}/v1/chat/completions")
         self.headers: Mapping[str, str] = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.json_headers: Mapping[str, str] = {**self.headers, "Content-Type": "application/json"}
         self.poll_timeout = aiohttp.ClientTimeout(total=poll_timeout_s)

@@ -50,12 +50,14 @@ class ReplicaPool:
         *,
         poller: PollerConfig | None = None,
         admin_timeout_s: float = 60.0,
+        connect_timeout_s: float = 3.0,
         clock: Clock | None = None,
     ) -> None:
         if not replicas:
             raise ValueError("a pool needs at least one replica")
         self._poller = poller or PollerConfig()
         self._admin_timeout_s = admin_timeout_s
+        self._connect_timeout_s = connect_timeout_s
         self._clock: Clock = clock or WallClock()
         self._replicas: dict[ReplicaId, _Replica] = {}
         for cfg in replicas:
@@ -83,6 +85,7 @@ class ReplicaPool:
                 api_key=rep.config.api_key,
                 poll_timeout_s=self._poller.timeout_s,
                 admin_timeout_s=self._admin_timeout_s,
+                connect_timeout_s=self._connect_timeout_s,
             )
         if first_poll:
             await self.poll_once()
@@ -96,6 +99,9 @@ class ReplicaPool:
                 await task
         for load in list(self._loads.values()):
             load.cancel()
+        for rep in self._replicas.values():
+            if rep.client is not None:
+                rep.client.upstream.close()
 
     async def _run(self) -> None:
         while True:

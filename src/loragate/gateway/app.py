@@ -74,6 +74,7 @@ def create_app(
             config.replicas,
             poller=config.poller,
             admin_timeout_s=config.limits.admin_timeout_s,
+            connect_timeout_s=config.limits.connect_timeout_s,
             clock=clock,
         )
     if policy is None:

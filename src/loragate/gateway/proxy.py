@@ -21,11 +21,10 @@ import json
 import logging
 from typing import Any
 
-import aiohttp
 from aiohttp import hdrs, web
 
-from loragate.backends.client import map_client_error
 from loragate.backends.pool import ReplicaPool
+from loragate.backends.upstream import UpstreamConn
 from loragate.core.clock import Clock
 from loragate.core.config import LimitsConfig
 from loragate.core.errors import (
@@ -35,6 +34,7 @@ from loragate.core.errors import (
     PayloadTooLargeError,
     UpstreamConnectError,
     UpstreamError,
+    UpstreamProtocolError,
     UpstreamTimeoutError,
 )
 from loragate.core.types import AdapterSpec, ReplicaId, ReplicaSnapshot, RoutingRequest
@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 REPLICA_HEADER = "X-Loragate-Replica"
 _JSON = "application/json"
 _DEFAULT_MAX_TOKENS = 16
-_RETRYABLE = (aiohttp.ClientError, TimeoutError)
+_COMPLETIONS = "/v1/completions"
+_CHAT = "/v1/chat/completions"
 
 
 class Proxy:
@@ -67,9 +68,9 @@ class Proxy:
         "_now",
         "_policy",
         "_pool",
-        "_stream_timeout",
+        "_stream_timeout_s",
         "_telemetry",
-        "_timeout",
+        "_timeout_s",
         "_view",
         "_view_src",
         "catalog",
@@ -92,14 +93,8 @@ class Proxy:
         self._inflight = inflight
         self._telemetry = telemetry
         self._max_body = limits.max_body_bytes
-        self._timeout = aiohttp.ClientTimeout(
-            total=limits.request_timeout_s, sock_connect=limits.connect_timeout_s
-        )
-        self._stream_timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=limits.connect_timeout_s,
-            sock_read=limits.stream_read_timeout_s,
-        )
+        self._timeout_s = limits.request_timeout_s
+        self._stream_timeout_s = limits.stream_read_timeout_s
         self._now = clock.now
         self._ids = itertools.count(1)
         self._view: list[ReplicaSnapshot] = []
@@ -233,12 +228,12 @@ class Proxy:
     ) -> web.StreamResponse:
         pool = self._pool
         stream = rreq.stream
-        adapter_label = rreq.adapter or ""
+        path = _CHAT if chat else _COMPLETIONS
         exclude: ReplicaId | None = None
         retried = reloaded = False
         while True:
             rid = self._choose(rreq, exclude)
-            client = pool.client(rid)
+            upstream = pool.client(rid).upstream
             self._inflight.acquire(rid, rreq.adapter)
             try:
                 if spec is not None and not pool.is_registered(rid, spec.name):
@@ -252,69 +247,73 @@ class Proxy:
                         raise
                 t_send = self._now()
                 try:
-                    resp = await client.session.post(
-                        client.chat_url if chat else client.completions_url,
-                        data=body,
-                        headers=client.json_headers,
-                        timeout=self._stream_timeout if stream else self._timeout,
+                    conn = await upstream.start(
+                        path,
+                        body,
+                        whole=not stream,
+                        timeout_s=self._stream_timeout_s if stream else self._timeout_s,
                     )
-                except _RETRYABLE as exc:
-                    err = self._upstream_failed(exc, rid, rreq, "connecting")
+                except (UpstreamConnectError, UpstreamProtocolError) as exc:
+                    # Nothing reached the client yet: safe to try another replica once.
+                    self._upstream_failed(exc, rid, rreq, "answering")
                     if not retried and self._can_retry(rid):
                         retried, exclude = True, rid
                         continue
-                    raise err from exc
+                    raise
                 try:
-                    status = resp.status
+                    status = conn.status
                     if status == 404 and spec is not None and not reloaded:
                         # The replica forgot the adapter (restart, external unload): reload once.
-                        await resp.read()
                         pool.forget_adapter(rid, spec.name)
                         reloaded = True
                         continue
-                    if not stream or status != 200:
-                        try:
-                            data = await resp.read()
-                        except _RETRYABLE as exc:
-                            err = self._upstream_failed(exc, rid, rreq, "reading the answer")
-                            if not retried and self._can_retry(rid):
-                                retried, exclude = True, rid
-                                continue
-                            raise err from exc
-                        self._telemetry.observe_latency(rid, self._now() - t_send)
-                        self._telemetry.count(adapter_label, rid, str(status))
-                        return web.Response(
-                            body=data,
-                            status=status,
-                            headers={
-                                hdrs.CONTENT_TYPE: resp.headers.get(hdrs.CONTENT_TYPE, _JSON),
-                                REPLICA_HEADER: rid,
-                            },
-                        )
-                    return await self._pipe(request, resp, rid, rreq, t0, t_send)
+                    if stream and status == 200:
+                        return await self._pipe(request, conn, rid, rreq, t0, t_send)
+                    data = conn.body() if not stream else await self._drain(conn)
+                    telemetry = self._telemetry
+                    telemetry.observe_latency(rid, self._now() - t_send)
+                    telemetry.count(rreq.adapter or "", rid, str(status))
+                    return web.Response(
+                        body=data,
+                        status=status,
+                        headers={
+                            hdrs.CONTENT_TYPE: conn.content_type or _JSON,
+                            REPLICA_HEADER: rid,
+                        },
+                    )
                 finally:
-                    resp.release()
+                    upstream.release(conn)
             finally:
                 self._inflight.release(rid, rreq.adapter)
+
+    async def _drain(self, conn: UpstreamConn) -> bytes:
+        """The whole body of a streaming request's non-200 answer (vLLM's JSON error)."""
+        parts = []
+        while chunk := await conn.read_chunk(self._stream_timeout_s):
+            parts.append(chunk)
+        return b"".join(parts)
 
     def _can_retry(self, failed: ReplicaId) -> bool:
         return any(s.replica_id != failed for s in self._pool.healthy_snapshots())
 
     def _upstream_failed(
-        self, exc: BaseException, rid: ReplicaId, rreq: RoutingRequest, stage: str
-    ) -> UpstreamError:
-        err = map_client_error(exc, f"replica {rid} failed while {stage}")
+        self, err: UpstreamError, rid: ReplicaId, rreq: RoutingRequest, stage: str
+    ) -> None:
         if not isinstance(err, UpstreamTimeoutError):
-            self._pool.report_failure(rid, err.message)
+            self._pool.report_failure(rid, f"{stage}: {err.message}")
         log.warning(
-            "request %s (model %s): %s", rreq.request_id, rreq.adapter or "<base>", err.message
+            "request %s (model %s) on replica %s failed while %s: %s",
+            rreq.request_id,
+            rreq.adapter or "<base>",
+            rid,
+            stage,
+            err.message,
         )
-        return err
 
     async def _pipe(
         self,
         request: web.Request,
-        resp: aiohttp.ClientResponse,
+        conn: UpstreamConn,
         rid: ReplicaId,
         rreq: RoutingRequest,
         t0: float,
@@ -324,24 +323,25 @@ class Proxy:
         out = web.StreamResponse(
             status=200,
             headers={
-                hdrs.CONTENT_TYPE: resp.headers.get(hdrs.CONTENT_TYPE, "text/event-stream"),
+                hdrs.CONTENT_TYPE: conn.content_type or "text/event-stream",
                 hdrs.CACHE_CONTROL: "no-cache",
                 REPLICA_HEADER: rid,
             },
         )
         await out.prepare(request)
-        content = resp.content
         telemetry = self._telemetry
+        timeout_s = self._stream_timeout_s
         last = b""
         relayed = 0
         outcome = "200"
         while True:
             try:
-                chunk = await content.readany()
-            except _RETRYABLE as exc:
-                err = self._upstream_failed(exc, rid, rreq, f"streaming (after {relayed} bytes)")
+                chunk = await conn.read_chunk(timeout_s)
+            except UpstreamError as exc:
+                self._upstream_failed(exc, rid, rreq, f"streaming (after {relayed} bytes)")
                 outcome = "stream_error"
                 prefix = b"" if not last or last.endswith(b"\n\n") else b"\n\n"
+                err = UpstreamConnectError(f"the replica broke off the stream: {exc.message}")
                 with contextlib.suppress(ConnectionError):
                     await out.write(prefix + sse_error_event(err))
                 break
@@ -354,8 +354,8 @@ class Proxy:
             try:
                 await out.write(chunk)
             except ConnectionError:
-                # The client went away: closing the upstream connection aborts the generation.
-                resp.close()
+                # The client went away; releasing the unfinished connection closes it, which
+                # aborts the generation on the replica.
                 telemetry.count(rreq.adapter or "", rid, "client_closed")
                 return out
         telemetry.observe_latency(rid, self._now() - t_send)
