@@ -60,6 +60,7 @@ class _Replica:
     # Finished in a step that started before the current time but ends after it: the gateway
     # sees these completions only once virtual time reaches their finish.
     ahead: deque[RequestRecord] = field(default_factory=deque)
+    scrape_key: tuple[int, int] = (-1, -1)
 
     def advance(self, t_s: float) -> list[RequestRecord]:
         """Run the engine to ``t_s``; the requests whose completion the gateway has seen."""
@@ -74,6 +75,13 @@ class _Replica:
 
     def scrape(self, now_s: float) -> None:
         e = self.engine
+        # The engine's state changes only by steps and by our own submissions (arrivals are
+        # admitted inside a step): if neither happened, the last scrape still holds.
+        key = (e.steps_total, len(self.pending))
+        if key == self.scrape_key:
+            self.view.scraped_at_s = now_s
+            return
+        self.scrape_key = key
         active = frozenset(e.running_adapters)
         self.view = _EngineView(
             num_running=e.num_running,
