@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -47,6 +46,14 @@ class LoadResult:
         return self.requests / self.duration_s if self.duration_s > 0 else 0.0
 
 
+def set_realtime(pid: int, on: bool) -> None:
+    """SCHED_FIFO priority 1 (needs root), or back to the normal policy (niceness kept)."""
+    if on:
+        os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(1))
+    else:
+        os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
+
+
 def wrk_path() -> str | None:
     return shutil.which("wrk")
 
@@ -72,9 +79,13 @@ def run_wrk(
     connections: int,
     duration_s: float,
     cpu: int | None,
+    nice: int = 0,
+    realtime: bool = False,
+    think_ms: int = 0,
     timeout_s: float = 5.0,
 ) -> LoadResult:
-    """One ``wrk -t1`` run against ``url`` (``http://host:port``)."""
+    """One ``wrk -t1`` run against ``url`` (``http://host:port``); ``think_ms`` pauses each
+    connection between a response and its next request, ``realtime`` runs wrk SCHED_FIFO."""
     exe = wrk_path()
     if exe is None:
         raise RuntimeError("wrk is not installed")
@@ -82,6 +93,8 @@ def run_wrk(
     lines.append('wrk.headers["Content-Type"] = "application/json"')
     for name, value in request.headers:
         lines.append(f"wrk.headers[{_lua_string(name.encode())}] = {_lua_string(value.encode())}")
+    if think_ms > 0:
+        lines.append(f"function delay() return {int(think_ms)} end")
     script = "\n".join(lines) + "\n" + _WRK_DONE
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
         fh.write(script)
@@ -97,9 +110,15 @@ def run_wrk(
         script_path,
         url + request.path,
     ]
-    preexec: Callable[[], None] | None = None
-    if cpu is not None:
-        preexec = lambda: os.sched_setaffinity(0, {cpu})  # noqa: E731
+
+    def preexec() -> None:
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+        if nice:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+        if realtime:
+            set_realtime(0, True)
+
     try:
         proc = subprocess.run(
             cmd,
@@ -180,7 +199,13 @@ class _Conn(asyncio.Protocol):
 
 
 async def _python_load(
-    host: str, port: int, request: Request, connections: int, duration_s: float, max_requests: int
+    host: str,
+    port: int,
+    request: Request,
+    connections: int,
+    duration_s: float,
+    max_requests: int,
+    think_ms: int,
 ) -> LoadResult:
     loop = asyncio.get_running_loop()
     head = f"POST {request.path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
@@ -206,6 +231,8 @@ async def _python_load(
                 latencies.append(time.perf_counter_ns() - t0)
                 if not 200 <= status < 300:
                     errors += 1
+                if think_ms > 0:
+                    await asyncio.sleep(think_ms / 1e3)
             except (OSError, TimeoutError):
                 errors += 1
                 conn = None
@@ -237,6 +264,8 @@ def run_python(
     connections: int,
     duration_s: float,
     max_requests: int = 2_000_000,
+    realtime: bool = False,
+    think_ms: int = 0,
 ) -> LoadResult:
     """The fallback generator, in this process (pin the process to the load core first)."""
     hostport = url.split("://", 1)[1]
@@ -247,7 +276,15 @@ def run_python(
         runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
     except ImportError:
         runner = asyncio.Runner()
-    with runner:
-        return runner.run(
-            _python_load(host, int(port), request, connections, duration_s, max_requests)
-        )
+    if realtime:
+        set_realtime(0, True)
+    try:
+        with runner:
+            return runner.run(
+                _python_load(
+                    host, int(port), request, connections, duration_s, max_requests, think_ms
+                )
+            )
+    finally:
+        if realtime:
+            set_realtime(0, False)

@@ -45,6 +45,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -54,6 +55,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,7 +63,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _instant_upstream import ADAPTER, BASE_MODEL
-from _loadgen import LoadResult, Request, run_python, run_wrk, wrk_path
+from _loadgen import LoadResult, Request, run_python, run_wrk, set_realtime, wrk_path
 
 HERE = Path(__file__).resolve().parent
 API_KEY = "sk-bench-0123456789"
@@ -82,8 +84,10 @@ _PR_SET_PDEATHSIG = 1
 # -- processes --------------------------------------------------------------------------------
 
 
-def _preexec(cpu: int | None) -> Callable[[], None]:
+def _preexec(cpu: int | None, nice: int = 0) -> Callable[[], None]:
     def setup() -> None:
+        if nice:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
         with contextlib.suppress(OSError, AttributeError):  # die with the bench, however it ends
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         if cpu is not None:
@@ -120,6 +124,7 @@ def spawn(
     workdir: Path,
     env: dict[str, str] | None = None,
     wait_ports: bool = True,
+    nice: int = 0,
 ) -> Iterator[Child]:
     """Start ``cmd`` (stdin held open by us, stdout parsed for ``PORTS ...``, stderr to a log)
     and stop it at the end of the block."""
@@ -130,7 +135,7 @@ def spawn(
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE if wait_ports else log,
             stderr=log,
-            preexec_fn=_preexec(cpu),
+            preexec_fn=_preexec(cpu, nice),
             env=env,
         )
     child = Child(name=name, proc=proc, log_path=log_path)
@@ -263,12 +268,55 @@ class Settings:
     warmup_s: float
     load_cpu: int | None
     use_wrk: bool
+    nice: int = 0
+    realtime: bool = False
+    think_ms: int = 0
+    profile_dir: Path | None = None
 
 
-def load(url: str, req: Request, connections: int, duration_s: float, s: Settings) -> LoadResult:
+def load(
+    url: str,
+    req: Request,
+    connections: int,
+    duration_s: float,
+    s: Settings,
+    *,
+    realtime: bool = False,
+    think_ms: int = 0,
+) -> LoadResult:
     if s.use_wrk:
-        return run_wrk(url, req, connections=connections, duration_s=duration_s, cpu=s.load_cpu)
-    return run_python(url, req, connections=connections, duration_s=duration_s)
+        return run_wrk(
+            url,
+            req,
+            connections=connections,
+            duration_s=duration_s,
+            cpu=s.load_cpu,
+            nice=s.nice,
+            realtime=realtime,
+            think_ms=think_ms,
+        )
+    return run_python(
+        url,
+        req,
+        connections=connections,
+        duration_s=duration_s,
+        realtime=realtime,
+        think_ms=think_ms,
+    )
+
+
+def latency_run(url: str, req: Request, pids: Sequence[int], s: Settings) -> LoadResult:
+    """The c=1 run; with ``--realtime`` the proxy, the upstream and the load generator run
+    SCHED_FIFO meanwhile, so a busy machine's run queues do not decide the latency."""
+    if not s.realtime:
+        return load(url, req, 1, s.duration_s, s, think_ms=s.think_ms)
+    for pid in pids:
+        set_realtime(pid, True)
+    try:
+        return load(url, req, 1, s.duration_s, s, realtime=True, think_ms=s.think_ms)
+    finally:
+        for pid in pids:
+            set_realtime(pid, False)
 
 
 def measure(
@@ -281,7 +329,7 @@ def measure(
     for kind in KINDS:
         req = make_request(s.path, kind == "stream")
         p0 = cpu_ns(proxy_pid) if proxy_pid else 0
-        c1 = load(url, req, 1, s.duration_s, s)
+        c1 = latency_run(url, req, [p for p in (proxy_pid, upstream_pid) if p], s)
         p1 = cpu_ns(proxy_pid) if proxy_pid else 0
         u1 = cpu_ns(upstream_pid)
         c64 = load(url, req, 64, s.duration_s, s)
@@ -300,7 +348,79 @@ def measure(
                 errors=c1.errors + c64.errors,
             )
         )
+        if s.profile_dir is not None and proxy_pid:
+            profile(target, kind, url, req, proxy_pid, rows[-1].cpu_us or 0.0, s)
     return rows
+
+
+def profile(
+    target: str, kind: str, url: str, req: Request, pid: int, cpu_us: float, s: Settings
+) -> None:
+    """Sample the proxy with py-spy during an extra c=64 run (not the measured one) and print
+    the top functions by self and inclusive time, in % of samples and µs per request."""
+    assert s.profile_dir is not None
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(exe).exists():
+        print("note: py-spy is not installed (pip install py-spy): no profile", file=sys.stderr)
+        return
+    raw = s.profile_dir / f"{target.replace(' ', '_')}-{kind}.txt"
+    seconds = max(1, round(s.duration_s))
+    spy = subprocess.Popen(
+        [exe, "record", "--nonblocking", "-r", "997", "-d", str(seconds + 1), "-f", "raw",
+         "-o", str(raw), "-p", str(pid)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(0.5)  # py-spy attaches
+    try:
+        load(url, req, 64, seconds, s)
+    finally:
+        try:
+            spy.wait(timeout=seconds + 30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
+    if raw.exists():
+        print(summarize_profile(raw, cpu_us, f"{target} {kind}"), file=sys.stderr)
+
+
+def summarize_profile(raw: Path, cpu_us: float, title: str, top: int = 25) -> str:
+    """Top functions of a py-spy ``raw`` (collapsed stacks) file."""
+    own: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [_frame_name(f) for f in stack.split(";")]
+        frames = [f for f in frames if f]
+        if not frames:
+            continue
+        own[frames[-1]] += n
+        for f in set(frames):
+            incl[f] += n
+    if not total:
+        return f"profile {title}: no samples"
+    out = [f"profile {title}: {total} samples, {cpu_us:.0f} µs CPU/request"]
+    for name, table in (("self", own), ("inclusive", incl)):
+        out.append(f"  top {top} by {name} time:  % samples  µs/request")
+        for fn, n in table.most_common(top):
+            out.append(f"    {100 * n / total:6.1f}%  {cpu_us * n / total:7.1f}  {fn}")
+    return "\n".join(out)
+
+
+def _frame_name(frame: str) -> str:
+    """``func (path/to/file.py:123)`` -> ``func (file.py)``; process/thread frames dropped."""
+    name, _, where = frame.partition(" (")
+    if not where:
+        return ""
+    file = where.rsplit(":", 1)[0].rstrip(")")
+    parts = Path(file).parts
+    short = "/".join(parts[-2:]) if len(parts) > 1 else file
+    return f"{name} ({short})"
 
 
 def gateway_config(upstream_ports: Sequence[int], policy: str) -> dict[str, object]:
@@ -343,7 +463,9 @@ def run_round(
                 cmd = [sys.executable, str(HERE / "_baseline_proxy.py"), "--watch-stdin"]
                 for u in upstream_urls:
                     cmd += ["--upstream", u]
-                child = stack.enter_context(spawn("baseline", cmd, cpu=proxy_cpu, workdir=workdir))
+                child = stack.enter_context(
+                    spawn("baseline", cmd, cpu=proxy_cpu, workdir=workdir, nice=s.nice)
+                )
                 url = f"http://127.0.0.1:{child.ports[0]}"
             else:
                 cfg = workdir / f"gateway-{spec.policy}.yaml"
@@ -374,6 +496,7 @@ def run_round(
                         workdir=workdir,
                         env=env,
                         wait_ports=False,
+                        nice=s.nice,
                     )
                 )
                 url = f"http://127.0.0.1:{port}"
@@ -546,6 +669,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also write the results as JSON (to stdout without FILE)",
     )
     p.add_argument("--check", action="store_true", help="exit 1 if the target is not met")
+    p.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="niceness of the proxy, upstream and load generator (negative needs "
+        "root: steadier latencies on a busy machine)",
+    )
+    p.add_argument(
+        "--realtime",
+        action="store_true",
+        help="run the c=1 latency runs SCHED_FIFO (root): on a busy machine the run queues "
+        "otherwise decide the latency, not the proxy",
+    )
+    p.add_argument(
+        "--think-ms",
+        type=int,
+        default=0,
+        help="pause between a response and the next request in the c=1 runs (keeps a "
+        "--realtime run from hogging the cores)",
+    )
+    p.add_argument(
+        "--py-spy",
+        metavar="DIR",
+        help="after each measurement, profile the proxy with py-spy during an "
+        "extra c=64 run; raw stacks to DIR, top functions to stderr",
+    )
     args = p.parse_args(argv)
     if not 1 <= args.rounds <= 20 or not 0.5 <= args.duration_s <= 120:
         p.error("--rounds must be 1..20 and --duration-s 0.5..120")
@@ -579,7 +728,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup_s=args.warmup_s,
         load_cpu=load_cpu,
         use_wrk=use_wrk,
+        nice=args.nice,
+        realtime=args.realtime,
+        think_ms=args.think_ms,
+        profile_dir=Path(args.py_spy) if args.py_spy else None,
     )
+    if settings.profile_dir is not None:
+        settings.profile_dir.mkdir(parents=True, exist_ok=True)
+    if args.nice:
+        os.setpriority(os.PRIO_PROCESS, 0, args.nice)
     specs = [TargetSpec("direct", "direct")]
     if args.baseline_proxy:
         specs.append(TargetSpec("aiohttp pass-through", "baseline"))
@@ -600,7 +757,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             str(args.replicas),
             "--watch-stdin",
         ]
-        with spawn("upstream", upstream_cmd, cpu=load_cpu, workdir=workdir) as upstream:
+        with spawn(
+            "upstream", upstream_cmd, cpu=load_cpu, workdir=workdir, nice=args.nice
+        ) as upstream:
             for i in range(args.rounds):
                 print(f"round {i + 1}/{args.rounds}", file=sys.stderr, flush=True)
                 rounds.append(run_round(specs, upstream, settings, workdir, proxy_cpu))
