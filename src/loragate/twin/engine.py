@@ -254,6 +254,7 @@ class Engine:
         r = _Req(req, ast)
         self._reqs[r.rid] = r
         if r.arrival_ns <= self._tn:
+            self._admit_arrivals(self._tn)  # earlier arrivals first: FCFS by arrival time
             self._enqueue_back(r)
         else:
             self._nseq += 1
