@@ -1,18 +1,24 @@
 """Prometheus metrics of one gateway app, in its own ``CollectorRegistry``.
 
 Hot-path cost is kept to one counter increment and one or two histogram observations per
-request: labelled children are bound once and cached in plain dicts. Gauges that can be read
-at scrape time instead (in-flight per replica, replica health, adapter loads) are produced by
-a custom collector, so they cost nothing per request.
+request, each a plain dict/list update (no locks, no per-bucket walk); the Prometheus families
+are built from them only when ``/metrics`` is scraped. Gauges that can be read at scrape time
+(in-flight per replica, replica health, adapter loads) cost nothing per request either.
 """
 
 from __future__ import annotations
 
+import itertools
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -60,34 +66,72 @@ class _ScrapeTimeGauges(Collector):
         yield loads
 
 
+class _Histogram:
+    """One label set of a histogram: per-bucket counts (the last is +Inf) and the sum."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self, buckets: int) -> None:
+        self.counts = [0] * (buckets + 1)
+        self.total = 0.0
+
+
+class _ProxyMetrics(Collector):
+    """The per-request counters and histograms, as plain ints and floats (one event loop, no
+    locks), turned into Prometheus families only when ``/metrics`` is scraped."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.latency: dict[str, _Histogram] = {}
+        self.ttft: dict[str, _Histogram] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "loragate_requests",
+            "Requests by adapter ('' = base model), replica ('' = none chosen) and status.",
+            labels=["adapter", "replica", "status"],
+        )
+        for labels, n in self.requests.items():
+            requests.add_metric(list(labels), n)
+        yield requests
+        yield _histogram_family(
+            "loragate_upstream_latency_seconds",
+            "Time from sending a request upstream to the end of its response, by replica.",
+            self.latency,
+        )
+        yield _histogram_family(
+            "loragate_ttft_seconds",
+            "Streaming requests: time from arrival at the gateway to the first body chunk.",
+            self.ttft,
+        )
+
+
+def _histogram_family(name: str, doc: str, series: Mapping[str, _Histogram]) -> Metric:
+    family = HistogramMetricFamily(name, doc, labels=["replica"])
+    bounds = [repr(b) for b in _LATENCY_BUCKETS_S] + ["+Inf"]  # "0.005", "1.0": Prometheus' own
+    for replica, hist in series.items():
+        cumulative = list(itertools.accumulate(hist.counts))
+        family.add_metric(
+            [replica], list(zip(bounds, cumulative, strict=True)), sum_value=hist.total
+        )
+    return family
+
+
 class Telemetry:
-    """Counters and histograms of the proxy, bound children cached per label set."""
+    """Counters and histograms of the proxy.
+
+    Per request this is a dict update and a ``bisect`` into the bucket bounds: the Prometheus
+    client's own ``Counter``/``Histogram`` children take a lock and walk every bucket on each
+    call, several times dearer, for values nobody reads between scrapes.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._requests = Counter(
-            "loragate_requests",
-            "Requests by adapter ('' = base model), replica ('' = none chosen) and status.",
-            ["adapter", "replica", "status"],
-            registry=self.registry,
-        )
-        self._latency = Histogram(
-            "loragate_upstream_latency_seconds",
-            "Time from sending a request upstream to the end of its response, by replica.",
-            ["replica"],
-            buckets=_LATENCY_BUCKETS_S,
-            registry=self.registry,
-        )
-        self._ttft = Histogram(
-            "loragate_ttft_seconds",
-            "Streaming requests: time from arrival at the gateway to the first body chunk.",
-            ["replica"],
-            buckets=_LATENCY_BUCKETS_S,
-            registry=self.registry,
-        )
-        self._request_children: dict[tuple[str, str, str], Any] = {}
-        self._latency_children: dict[str, Any] = {}
-        self._ttft_children: dict[str, Any] = {}
+        self._metrics = _ProxyMetrics()
+        self.registry.register(self._metrics)
+        self._requests = self._metrics.requests
+        self._latency = self._metrics.latency
+        self._ttft = self._metrics.ttft
 
     def bind_state(
         self,
@@ -100,22 +144,22 @@ class Telemetry:
 
     def count(self, adapter: str, replica: str, status: str) -> None:
         key = (adapter, replica, status)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._request_children[key] = self._requests.labels(adapter, replica, status)
-        child.inc()
+        requests = self._requests
+        requests[key] = requests.get(key, 0) + 1
 
     def observe_latency(self, replica: str, seconds: float) -> None:
-        child = self._latency_children.get(replica)
-        if child is None:
-            child = self._latency_children[replica] = self._latency.labels(replica)
-        child.observe(seconds)
+        hist = self._latency.get(replica)
+        if hist is None:
+            hist = self._latency[replica] = _Histogram(len(_LATENCY_BUCKETS_S))
+        hist.counts[bisect_left(_LATENCY_BUCKETS_S, seconds)] += 1
+        hist.total += seconds
 
     def observe_ttft(self, replica: str, seconds: float) -> None:
-        child = self._ttft_children.get(replica)
-        if child is None:
-            child = self._ttft_children[replica] = self._ttft.labels(replica)
-        child.observe(seconds)
+        hist = self._ttft.get(replica)
+        if hist is None:
+            hist = self._ttft[replica] = _Histogram(len(_LATENCY_BUCKETS_S))
+        hist.counts[bisect_left(_LATENCY_BUCKETS_S, seconds)] += 1
+        hist.total += seconds
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))
