@@ -36,6 +36,7 @@ class ScriptedReplica:
         self.load_delay_s = 0.0
         self.requests: list[dict[str, Any]] = []
         self.stream_gate: asyncio.Event | None = None  # if set, hold the stream after event 1
+        self.cancelled = 0  # completions whose client (the gateway) went away mid-answer
         self.url = ""
         app = web.Application()
         app.router.add_get("/health", self._health)
@@ -87,6 +88,13 @@ class ScriptedReplica:
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await self._answer(request)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
         model = body.get("model", BASE)

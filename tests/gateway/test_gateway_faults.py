@@ -165,3 +165,37 @@ async def test_metrics_and_health_endpoints(replicas: list[ScriptedReplica]) -> 
     assert 'loragate_in_flight_requests{replica="r0"} 0.0' in text
     assert 'loragate_replica_healthy{replica="r1"} 1.0' in text
     assert "loragate_adapter_loads" in text
+
+
+async def _until(predicate: object, what: str) -> None:
+    for _ in range(200):  # bounded: at most ~10 s
+        if predicate():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_client_going_away_aborts_the_upstream_request(
+    replicas: list[ScriptedReplica],
+) -> None:
+    replicas[0].mode = "hang"
+    gate = asyncio.Event()
+    replicas[1].stream_gate = gate  # r1 holds its stream after the first event
+    cfg = gateway_config([r.url for r in replicas], routing="round_robin")
+    async with running_gateway(cfg, port=0) as gw:
+        inflight = gw.gateway.inflight
+        # Non-streaming, on r0 (hangs): the client gives up after 0.3 s.
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as http:
+            with pytest.raises(TimeoutError):
+                async with http.post(gw.url + "/v1/completions", json={"prompt": "p"}) as r:
+                    await r.read()
+        await _until(lambda: replicas[0].cancelled == 1, "r0 to see the abort")
+        # Streaming, on r1: the client reads the first event, then disconnects.
+        async with aiohttp.ClientSession() as http:
+            body = {"prompt": "p", "stream": True}
+            async with http.post(gw.url + "/v1/completions", json=body) as resp:
+                assert resp.status == 200
+                assert (await resp.content.readline()).startswith(b"data: ")
+        await _until(lambda: replicas[1].cancelled == 1, "r1 to see the abort")
+        await _until(lambda: inflight.counts() == {"r0": 0, "r1": 0}, "in-flight to drain")
+        assert gw.gateway.pool.is_healthy("r0") and gw.gateway.pool.is_healthy("r1")

@@ -123,10 +123,16 @@ class VllmClient:
         poll_timeout_s: float = 2.0,
         admin_timeout_s: float = 60.0,
         connect_timeout_s: float = 3.0,
+        max_idle_connections: int = 256,
     ) -> None:
         self.session = session
         # The proxy hot path's lean keep-alive client (completions and chat completions).
-        self.upstream = UpstreamPool(base_url, api_key=api_key, connect_timeout_s=connect_timeout_s)
+        self.upstream = UpstreamPool(
+            base_url,
+            api_key=api_key,
+            connect_timeout_s=connect_timeout_s,
+            max_idle=max_idle_connections,
+        )
         self.base_url = base_url.rstrip("/")
         self.headers: Mapping[str, str] = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.json_headers: Mapping[str, str] = {**self.headers, "Content-Type": "application/json"}

@@ -51,6 +51,7 @@ class ReplicaPool:
         poller: PollerConfig | None = None,
         admin_timeout_s: float = 60.0,
         connect_timeout_s: float = 3.0,
+        max_idle_connections: int = 256,
         clock: Clock | None = None,
     ) -> None:
         if not replicas:
@@ -58,6 +59,7 @@ class ReplicaPool:
         self._poller = poller or PollerConfig()
         self._admin_timeout_s = admin_timeout_s
         self._connect_timeout_s = connect_timeout_s
+        self._max_idle_connections = max_idle_connections
         self._clock: Clock = clock or WallClock()
         self._replicas: dict[ReplicaId, _Replica] = {}
         for cfg in replicas:
@@ -86,6 +88,7 @@ class ReplicaPool:
                 poll_timeout_s=self._poller.timeout_s,
                 admin_timeout_s=self._admin_timeout_s,
                 connect_timeout_s=self._connect_timeout_s,
+                max_idle_connections=self._max_idle_connections,
             )
         if first_poll:
             await self.poll_once()

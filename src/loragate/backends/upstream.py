@@ -304,6 +304,13 @@ class UpstreamConn(asyncio.Protocol):
             transport.writelines((head, body))
         return waiter
 
+    def abort(self) -> None:
+        """Drop the connection (e.g. the client went away: this aborts the generation)."""
+        self.reusable = False
+        self._cancel_timer()
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
     def raise_for_error(self) -> None:
         if self._error is not None:
             raise self._error
@@ -418,8 +425,8 @@ class UpstreamPool:
         if conn.complete and conn.reusable and not conn.closed and len(self._idle) < self._max_idle:
             conn.idle_since = time.monotonic()
             self._idle.append(conn)
-        elif conn.transport is not None and not conn.closed:
-            conn.transport.close()
+        else:
+            conn.abort()
 
     async def start(self, path: str, body: bytes, *, whole: bool, timeout_s: float) -> UpstreamConn:
         """Send ``POST path`` with ``body``. Returns the connection once the whole response
@@ -428,7 +435,7 @@ class UpstreamPool:
         head = self._heads[path] + str(len(body)).encode() + _HEAD_END
         conn = self._take_idle()
         if conn is not None:
-            await conn.send(head, body, whole=whole, timeout_s=timeout_s)
+            await self._send(conn, head, body, whole, timeout_s)
             if (
                 conn._error is None
                 or not conn.failed_before_answer
@@ -438,9 +445,19 @@ class UpstreamPool:
                 return conn
             # A stale keep-alive connection the server had closed: retry on a fresh one.
         conn = await self._connect()
-        await conn.send(head, body, whole=whole, timeout_s=timeout_s)
+        await self._send(conn, head, body, whole, timeout_s)
         conn.raise_for_error()
         return conn
+
+    @staticmethod
+    async def _send(
+        conn: UpstreamConn, head: bytes, body: bytes, whole: bool, timeout_s: float
+    ) -> None:
+        try:
+            await conn.send(head, body, whole=whole, timeout_s=timeout_s)
+        except BaseException:  # cancelled (the client went away): do not leave it half-used
+            conn.abort()
+            raise
 
     def close(self) -> None:
         while self._idle:

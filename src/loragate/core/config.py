@@ -71,6 +71,7 @@ class LimitsConfig:
     # Longest silence between two chunks of a stream.
     stream_read_timeout_s: float = 300.0
     admin_timeout_s: float = 60.0
+    # Idle keep-alive connections kept open to each replica for proxied requests.
     max_upstream_connections: int = 1024
 
 

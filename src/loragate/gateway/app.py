@@ -1,9 +1,10 @@
 """The composition root: :func:`create_app` wires config, replica pool, routing policy,
 in-flight tracker, telemetry and handlers into one ``aiohttp`` application.
 
-Lifecycle (cleanup context): one ``ClientSession`` with a pooled keep-alive connector is made
-at startup, the pool polls every replica once and then keeps polling in the background; at
-cleanup the poller stops and the session closes.
+Lifecycle (cleanup context): one ``ClientSession`` (polling and admin calls) is made at
+startup, the pool polls every replica once and then keeps polling in the background; at
+cleanup the poller stops, the replicas' keep-alive connections close and the session closes.
+Proxied requests go through each replica's lean keep-alive pool (``backends.upstream``).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def create_app(
             poller=config.poller,
             admin_timeout_s=config.limits.admin_timeout_s,
             connect_timeout_s=config.limits.connect_timeout_s,
+            max_idle_connections=config.limits.max_upstream_connections,
             clock=clock,
         )
     if policy is None:
@@ -120,10 +122,10 @@ def create_app(
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     gateway = app[GATEWAY]
-    limits = gateway.config.limits
+    # Polling and admin calls only; the proxy uses each replica's lean keep-alive pool.
     connector = aiohttp.TCPConnector(
-        limit=limits.max_upstream_connections,
-        limit_per_host=0,
+        limit=64,
+        limit_per_host=8,
         keepalive_timeout=30.0,
         enable_cleanup_closed=False,
     )

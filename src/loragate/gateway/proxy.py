@@ -3,8 +3,9 @@
 Per request: authenticate (one dict lookup), read the body as bytes, ``json.loads`` it once to
 validate it and read the few fields routing needs, resolve the model to an adapter the tenant
 may use, route, make sure the chosen replica has the adapter registered (single-flight admin
-load), then forward the *original bytes* upstream on the app's pooled keep-alive session and
-pass the answer back: non-streaming bodies as bytes, streams chunk by chunk as they arrive.
+load), then forward the *original bytes* upstream on the replica's keep-alive connection pool
+(``backends.upstream``, a lean HTTP/1.1 client) and pass the answer back: non-streaming bodies
+as bytes, streams chunk by chunk as they arrive.
 
 Faults: a replica that refuses or drops the connection before answering is reported to the
 pool (no more traffic until a poll succeeds) and the request is retried once on another

@@ -45,8 +45,14 @@ async def running_gateway(
     host = config.server.host if host is None else host
     port = config.server.port if port is None else port
     app = create_app(config, **create_app_kwargs)
+    # handler_cancellation: a client that goes away cancels its handler, which drops the
+    # upstream connection, which makes vLLM abort the generation.
     runner = web.AppRunner(
-        app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout_s
+        app,
+        access_log=None,
+        handle_signals=False,
+        handler_cancellation=True,
+        shutdown_timeout=shutdown_timeout_s,
     )
     await runner.setup()
     try:
