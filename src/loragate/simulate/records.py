@@ -5,9 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 Status = Literal["ok", "rejected", "unfinished"]
 
@@ -50,12 +50,29 @@ class SimRecord:
             return math.nan
         return (self.finish_s - self.first_token_s) / (self.output_tokens - 1)
 
+    def values(self) -> tuple[object, ...]:
+        """Field values in :data:`COLUMNS` order."""
+        return (
+            self.request_id,
+            self.adapter,
+            self.rank,
+            self.replica,
+            self.arrival_s,
+            self.first_token_s,
+            self.finish_s,
+            self.prompt_tokens,
+            self.max_tokens,
+            self.output_tokens,
+            self.deferred_s,
+            self.preemptions,
+            self.status,
+            self.ttft_s,
+            self.itl_s,
+            self.e2e_s,
+        )
+
     def row(self) -> dict[str, object]:
-        out: dict[str, object] = asdict(self)
-        out["ttft_s"] = self.ttft_s
-        out["itl_s"] = self.itl_s
-        out["e2e_s"] = self.e2e_s
-        return out
+        return dict(zip(COLUMNS, self.values(), strict=True))
 
 
 COLUMNS = [f.name for f in fields(SimRecord)] + ["ttft_s", "itl_s", "e2e_s"]
@@ -71,17 +88,17 @@ class RecordWriter:
         self.path = path
         self._format = fmt
         self._fh: IO[str] = path.open("w", encoding="utf-8", newline="")
-        self._csv: csv.DictWriter[str] | None = None
+        self._csv: Any = None
         if fmt == "csv":
-            self._csv = csv.DictWriter(self._fh, fieldnames=COLUMNS)
-            self._csv.writeheader()
+            self._csv = csv.writer(self._fh)
+            self._csv.writerow(COLUMNS)
         self.count = 0
 
     def write(self, rec: SimRecord) -> None:
-        row = rec.row()
         if self._csv is not None:
-            self._csv.writerow({k: _csv_value(v) for k, v in row.items()})
+            self._csv.writerow([_csv_value(v) for v in rec.values()])
         else:
+            row = rec.row()
             clean = {
                 k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()
             }
@@ -95,6 +112,6 @@ class RecordWriter:
 def _csv_value(v: object) -> object:
     if v is None:
         return ""
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.6f}"
+    if type(v) is float:
+        return "" if v != v else f"{v:.6f}"
     return v
