@@ -26,7 +26,7 @@ import numpy as np
 
 from .client import RequestSpec, parse_cache_config, register_adapter, stream_completion
 from .replica import SERVED_NAME, Replica, ReplicaConfig, adapter_dirs, start_replica
-from .runner import Row, median_rows, run_closed_loop, summarize
+from .runner import EXTRA_COLS, Row, median_rows, run_closed_loop, summarize
 
 MODEL = "tiny-llama-cpu"
 SOURCE = "bench/calibrate_vllm_cpu.py"
@@ -127,7 +127,8 @@ async def base_sweep(plan: CalibrationPlan, work_dir: Path, log: Log) -> tuple[l
                                               n_requests=b * plan.waves, models=[SERVED_NAME],
                                               input_tokens=plan.decode_input_len,
                                               output_tokens=out_len, seed=r * 7919 + b,
-                                              min_duration_s=plan.min_run_s)
+                                              min_duration_s=plan.min_run_s,
+                                              cpu_probe=rep.cpu_seconds)
                     row = _base_row("decode", cfg, rep, b, plan.decode_input_len, out_len,
                                     len(o.results), r, summarize(o))
                     reps.append(row)
@@ -138,7 +139,8 @@ async def base_sweep(plan: CalibrationPlan, work_dir: Path, log: Log) -> tuple[l
                     n = max(plan.prefill_requests, conc * 2)
                     o = await run_closed_loop(rep.base_url, concurrency=conc, n_requests=n,
                                               models=[SERVED_NAME], input_tokens=in_len,
-                                              output_tokens=1, seed=r * 7919 + in_len)
+                                              output_tokens=1, seed=r * 7919 + in_len,
+                                              cpu_probe=rep.cpu_seconds)
                     row = _base_row("prefill", cfg, rep, conc, in_len, 1, n, r, summarize(o))
                     reps.append(row)
                     log(f"  prefill rep{r} C={conc} in={in_len}: ttft "
@@ -174,6 +176,7 @@ def _base_row(phase: str, cfg: ReplicaConfig, rep: Replica, conc: int, in_len: i
         "concurrency": conc, "max_num_batched_tokens": cfg.max_num_batched_tokens,
         "mean_tokens_per_step": s["mean_tokens_per_step"], "rep": r,
         "loadavg_1m_start": s["loadavg_1m_start"], "loadavg_1m_end": s["loadavg_1m_end"],
+        **{k: s[k] for k in EXTRA_COLS},
     }
 
 
@@ -213,7 +216,8 @@ async def lora_sweep(plan: CalibrationPlan, work_dir: Path, base_rows: Sequence[
                 o = await run_closed_loop(rep.base_url, concurrency=b, n_requests=b * plan.waves,
                                           models=[SERVED_NAME], input_tokens=plan.decode_input_len,
                                           output_tokens=out_len, seed=r * 31 + b,
-                                          min_duration_s=plan.min_run_s)
+                                          min_duration_s=plan.min_run_s,
+                                              cpu_probe=rep.cpu_seconds)
                 reps.append(_lora_row(cfg, rep, b, 0, None, out_len, len(o.results), plan, r,
                                       summarize(o), base_itl.get((b, out_len))))
                 for rank in plan.lora_ranks:
@@ -225,7 +229,8 @@ async def lora_sweep(plan: CalibrationPlan, work_dir: Path, base_rows: Sequence[
                             rep.base_url, concurrency=b, n_requests=b * plan.waves,
                             models=names[rank][:n], input_tokens=plan.decode_input_len,
                             output_tokens=out_len, seed=r * 31 + b * 7 + n,
-                            min_duration_s=plan.min_run_s)
+                            min_duration_s=plan.min_run_s,
+                                              cpu_probe=rep.cpu_seconds)
                         row = _lora_row(cfg, rep, b, n, rank, out_len, len(o.results), plan, r,
                                         summarize(o), base_itl.get((b, out_len)))
                         reps.append(row)
@@ -265,6 +270,7 @@ def _lora_row(cfg: ReplicaConfig, rep: Replica, conc: int, n: int, rank: int | N
         "output_throughput": s["output_throughput"],
         "mean_tokens_per_step": s["mean_tokens_per_step"], "rep": r,
         "loadavg_1m_start": s["loadavg_1m_start"], "loadavg_1m_end": s["loadavg_1m_end"],
+        **{k: s[k] for k in EXTRA_COLS},
     }
 
 

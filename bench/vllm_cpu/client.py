@@ -148,6 +148,10 @@ def parse_metrics(text: str) -> dict[str, float]:
             "vllm:iteration_tokens_total_sum": "step_tokens",
             "vllm:generation_tokens_total": "generation_tokens",
             "vllm:prompt_tokens_total": "prompt_tokens",
+            "vllm:inter_token_latency_seconds_sum": "itl_sum_s",
+            "vllm:inter_token_latency_seconds_count": "itl_count",
+            "vllm:time_to_first_token_seconds_sum": "ttft_sum_s",
+            "vllm:time_to_first_token_seconds_count": "ttft_count",
         }.get(name)
         if key:
             out[key] = val

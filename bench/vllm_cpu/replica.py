@@ -81,6 +81,9 @@ class ReplicaConfig:
     dtype: str = "bfloat16"
     prefix_caching: bool = False
     server_load_tracking: bool = True
+    # vLLM CPU forces eager mode (CompilationMode.NONE) when LoRA is enabled but compiles the
+    # no-LoRA model with torch.compile/inductor; eager=True keeps no-LoRA servers comparable.
+    eager: bool = True
     resolver_dir: Path | None = None
     extra_args: tuple[str, ...] = ()
 
@@ -97,6 +100,8 @@ class ReplicaConfig:
             args.append("--no-enable-prefix-caching")
         if self.server_load_tracking:
             args.append("--enable-server-load-tracking")
+        if self.eager and not self.enable_lora:
+            args += ["--compilation-config", '{"mode": 0}']
         if self.enable_lora:
             args += [
                 "--enable-lora", "--max-loras", str(self.max_loras),
@@ -178,6 +183,12 @@ class Replica:
     def model_dir(self) -> Path:
         return self.work_dir / "models" / SERVED_NAME
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user+system, s) used so far by the server's processes, by role: "api"
+        (API server), "engine" (EngineCore), "worker" (model runner). On a shared machine the
+        CPU time per engine step is a contention-free estimate of the step's compute cost."""
+        return process_tree_cpu_s(self.proc.pid)
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -201,6 +212,29 @@ class Replica:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree_cpu_s(session_id: int) -> dict[str, float]:
+    out = {"api": 0.0, "engine": 0.0, "worker": 0.0, "other": 0.0}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            raw = stat.read_text()
+        except OSError:
+            continue
+        comm = raw[raw.index("(") + 1:raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2:].split()
+        # fields[0] is state (field 3); session is field 6, utime 14, stime 15
+        if int(fields[3]) != session_id:
+            continue
+        cpu = (int(fields[11]) + int(fields[12])) * _TICK_S
+        pid = int(stat.parent.name)
+        role = ("api" if pid == session_id else "engine" if "EngineCor" in comm
+                else "worker" if "Worker" in comm else "other")
+        out[role] += cpu
+    return out
 
 
 def _http_ok(url: str, timeout_s: float = 2.0) -> bool:

@@ -7,8 +7,8 @@ import asyncio
 import contextlib
 import statistics
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import aiohttp
 import numpy as np
@@ -22,6 +22,15 @@ from .client import (
 )
 
 Row = dict[str, object]
+CpuProbe = Callable[[], dict[str, float]]
+# extra per-run columns: server-side latency histograms and CPU time of the server processes
+EXTRA_COLS = ("itl_server_mean_ms", "ttft_server_mean_ms", "worker_cpu_ms_per_step",
+              "engine_cpu_ms_per_step", "worker_cpu_util", "worker_cpu_s", "engine_cpu_s",
+              "api_cpu_s")
+
+
+def _no_cpu() -> dict[str, float]:
+    return {}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,6 +51,8 @@ class RunOutcome:
     after: dict[str, float]
     load_start: float
     load_end: float
+    cpu_before: dict[str, float] = field(default_factory=dict)
+    cpu_after: dict[str, float] = field(default_factory=dict)
 
 
 def _connector() -> aiohttp.TCPConnector:
@@ -60,6 +71,7 @@ async def run_closed_loop(
     min_duration_s: float = 0.0,
     max_requests: int = 100_000,
     poll_s: float = 0.2,
+    cpu_probe: CpuProbe = _no_cpu,
 ) -> RunOutcome:
     """``concurrency`` workers; worker w always uses ``models[w % len(models)]`` so every batch
     holds min(len(models), concurrency) distinct adapters. Requests go in waves of
@@ -94,14 +106,17 @@ async def run_closed_loop(
                 results.append(await stream_completion(session, base_url, spec))
 
         load0 = load_average()
+        cpu0 = cpu_probe()
         poller.start()
         t0 = t_start = time.perf_counter()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         t1 = time.perf_counter()
+        cpu1 = cpu_probe()
         await poller.stop()
         after = await poller.sample()
         return RunOutcome(results=results, t0=t0, t1=t1, samples=poller.window(t0, t1),
-                          before=before, after=after, load_start=load0, load_end=load_average())
+                          before=before, after=after, load_start=load0, load_end=load_average(),
+                          cpu_before=cpu0, cpu_after=cpu1)
 
 
 async def run_open_loop(
@@ -110,6 +125,7 @@ async def run_open_loop(
     *,
     window_s: float,
     poll_s: float = 1.0,
+    cpu_probe: CpuProbe = _no_cpu,
 ) -> RunOutcome:
     """Send each request at its arrival time; at ``window_s`` cancel what is still running
     (those requests count as not completed, as in the BSC 1-hour runs)."""
@@ -126,12 +142,14 @@ async def run_open_loop(
             results[i] = await stream_completion(session, base_url, tr.spec)
 
         load0 = load_average()
+        cpu0 = cpu_probe()
         poller.start()
         t0 = time.perf_counter()
         tasks = [asyncio.create_task(one(i, tr, t0)) for i, tr in enumerate(schedule)
                  if tr.t_arrival_s < window_s]
         _, pending = await asyncio.wait(tasks, timeout=window_s)
         t1 = time.perf_counter()
+        cpu1 = cpu_probe()
         for t in pending:
             t.cancel()
         for t in pending:
@@ -145,7 +163,7 @@ async def run_open_loop(
                 r.error = r.error or "cancelled at window end"
         return RunOutcome(results=ordered, t0=t0, t1=t1, samples=poller.window(t0, t1),
                           before=before, after=after, load_start=load0,
-                          load_end=load_average())
+                          load_end=load_average(), cpu_before=cpu0, cpu_after=cpu1)
 
 
 def _ms(xs: Sequence[float]) -> tuple[float | None, float | None, float | None]:
@@ -171,8 +189,13 @@ def summarize(out: RunOutcome, *, duration_s: float | None = None) -> Row:
     wait = [s.get("waiting", 0.0) for s in out.samples]
     deferred = [s.get("deferred", 0.0) for s in out.samples]
     kv = [s.get("kv_usage", 0.0) for s in out.samples]
-    steps = out.after.get("steps", 0.0) - out.before.get("steps", 0.0)
-    step_tok = out.after.get("step_tokens", 0.0) - out.before.get("step_tokens", 0.0)
+    def delta(key: str) -> float:
+        return out.after.get(key, 0.0) - out.before.get(key, 0.0)
+
+    steps = delta("steps")
+    step_tok = delta("step_tokens")
+    cpu = {k: out.cpu_after[k] - out.cpu_before.get(k, 0.0) for k in out.cpu_after}
+    srv_itl_n, srv_ttft_n = delta("itl_count"), delta("ttft_count")
     return {
         "requests_sent": len(out.results),
         "completed": len(ok),
@@ -200,6 +223,16 @@ def summarize(out: RunOutcome, *, duration_s: float | None = None) -> Row:
         "n_steps": int(steps),
         "mean_step_interval_ms": dur * 1000.0 / steps if steps > 0 else None,
         "mean_tokens_per_step": step_tok / steps if steps > 0 else None,
+        "itl_server_mean_ms": delta("itl_sum_s") * 1000.0 / srv_itl_n if srv_itl_n else None,
+        "ttft_server_mean_ms": (delta("ttft_sum_s") * 1000.0 / srv_ttft_n
+                                if srv_ttft_n else None),
+        "worker_cpu_s": cpu.get("worker"), "engine_cpu_s": cpu.get("engine"),
+        "api_cpu_s": cpu.get("api"),
+        "worker_cpu_ms_per_step": (cpu["worker"] * 1000.0 / steps
+                                   if steps > 0 and "worker" in cpu else None),
+        "engine_cpu_ms_per_step": (cpu["engine"] * 1000.0 / steps
+                                   if steps > 0 and "engine" in cpu else None),
+        "worker_cpu_util": cpu["worker"] / dur if "worker" in cpu and dur > 0 else None,
         "loadavg_1m_start": out.load_start,
         "loadavg_1m_end": out.load_end,
     }

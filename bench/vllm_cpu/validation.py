@@ -36,7 +36,7 @@ import numpy as np
 
 from .client import RequestSpec, register_adapter
 from .replica import Replica, ReplicaConfig, adapter_dirs, start_replica
-from .runner import Row, TimedRequest, run_open_loop, summarize
+from .runner import EXTRA_COLS, Row, TimedRequest, run_open_loop, summarize
 
 MODEL = "tiny-llama-cpu"
 Log = Callable[[str], None]
@@ -170,7 +170,8 @@ async def run_scenario(sc: Scenario, rep: Replica, work_dir: Path,
                                               seed=sc.seed * 1_000_003 + k))
                 for k, p in enumerate(planned)]
     log(f"  {sc.name}: {len(schedule)} requests over {sc.window_s:.0f} s ...")
-    out = await run_open_loop(rep.base_url, schedule, window_s=sc.window_s)
+    out = await run_open_loop(rep.base_url, schedule, window_s=sc.window_s,
+                              cpu_probe=rep.cpu_seconds)
     s_row = summarize(out, duration_s=sc.window_s)
     reqs: list[Row] = []
     for k, (p, r) in enumerate(zip(planned, out.results, strict=True)):
@@ -251,6 +252,8 @@ def _real_row(sc: Scenario, rep: Replica, planned: Sequence[PlannedRequest], s: 
         "failed_requests": sent - ok,
         "loadavg_1m_start": s["loadavg_1m_start"], "loadavg_1m_end": s["loadavg_1m_end"],
         "requests_file": "validation/requests.csv",
+        "n_steps": s["n_steps"], "mean_tokens_per_step": s["mean_tokens_per_step"],
+        **{k: s[k] for k in EXTRA_COLS},
     }
 
 
