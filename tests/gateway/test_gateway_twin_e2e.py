@@ -23,10 +23,6 @@ from loragate.twin.server import RunningReplica, run_replica
 BASE = "tiny-llama"
 N_ADAPTERS = 6
 
-# loragate.twin.server stores a flag on responses under a plain string key, which aiohttp 3.14
-# reports with NotAppKeyWarning (an error under our warning filter, turning the replica's admin
-# answers into 500s). Reported to the twin's owner; drop this mark once it uses web.ResponseKey.
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 
 
 class Cluster:

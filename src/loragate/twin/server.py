@@ -48,7 +48,7 @@ from loragate.twin.vllm_metrics import (
 
 log = logging.getLogger(__name__)
 
-_NO_CONTENT_TYPE = "loragate.no_content_type"
+_NO_CONTENT_TYPE = web.ResponseKey("loragate.no_content_type", bool)
 CLIENT_MAX_SIZE_BYTES = 32 * 1024 * 1024
 
 
