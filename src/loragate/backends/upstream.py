@@ -206,42 +206,56 @@ class UpstreamConn(asyncio.Protocol):
             self._deliver(data)
 
     def _feed_chunked(self, data: bytes) -> None:
+        """Decode chunked framing. Everything decoded from one read is delivered as one piece
+        (an SSE stream's events arrive many to a read: one relay write instead of one each);
+        only an incomplete size line is kept over to the next read."""
         buf = self._buf
-        buf += data
-        while buf:
-            state = self._c_state
-            if state == _C_DATA:
-                take = min(self._c_left, len(buf))
-                self._deliver(bytes(buf[:take]))
-                del buf[:take]
-                self._c_left -= take
-                if self._c_left == 0:
-                    self._c_state = _C_DATA_END
-                continue
-            i = buf.find(_CRLF)
-            if i < 0:
-                if len(buf) > 4096:
-                    raise ValueError("chunk size line too long")
-                return
-            line = bytes(buf[:i])
-            del buf[: i + 2]
-            if state == _C_SIZE:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-                if size == 0:
-                    self._c_state = _C_TRAILER
-                else:
-                    self._c_left = size
-                    self._c_state = _C_DATA
-            elif state == _C_DATA_END:
-                if line:
-                    raise ValueError("missing CRLF after chunk data")
-                self._c_state = _C_SIZE
-            elif not line:  # _C_TRAILER: the empty line ends the message
-                if buf:
-                    self.reusable = False
-                    buf.clear()
-                self._finish()
-                return
+        if buf:
+            buf += data
+            data = bytes(buf)
+            buf.clear()
+        pieces: list[bytes] = []
+        pos, n = 0, len(data)
+        try:
+            while pos < n:
+                state = self._c_state
+                if state == _C_DATA:
+                    end = min(pos + self._c_left, n)
+                    pieces.append(data[pos:end])
+                    self._c_left -= end - pos
+                    pos = end
+                    if self._c_left == 0:
+                        self._c_state = _C_DATA_END
+                    continue
+                i = data.find(_CRLF, pos)
+                if i < 0:
+                    if n - pos > 4096:
+                        raise ValueError("chunk size line too long")
+                    buf += data[pos:]
+                    return
+                line = data[pos:i]
+                pos = i + 2
+                if state == _C_SIZE:
+                    size = int(line.split(b";", 1)[0].strip(), 16)
+                    if size == 0:
+                        self._c_state = _C_TRAILER
+                    else:
+                        self._c_left = size
+                        self._c_state = _C_DATA
+                elif state == _C_DATA_END:
+                    if line:
+                        raise ValueError("missing CRLF after chunk data")
+                    self._c_state = _C_SIZE
+                elif not line:  # _C_TRAILER: the empty line ends the message
+                    if pos < n:
+                        self.reusable = False
+                    self._deliver(b"".join(pieces))
+                    pieces.clear()
+                    self._finish()
+                    return
+        finally:
+            if pieces:
+                self._deliver(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
     def _deliver(self, data: bytes) -> None:
         if not data:
@@ -324,11 +338,18 @@ class UpstreamConn(asyncio.Protocol):
         return body[0] if len(body) == 1 else b"".join(body)
 
     async def read_chunk(self, timeout_s: float) -> bytes:
-        """The next piece of a streamed body; ``b""`` at its end."""
+        """The next piece of a streamed body (all of it that has arrived); ``b""`` at its
+        end."""
         while True:
-            if self._chunks:
-                chunk = self._chunks.popleft()
-                if self._paused and len(self._chunks) < 16 and self.transport is not None:
+            chunks = self._chunks
+            if chunks:
+                # Everything that arrived since the last read, as one piece (one relay write).
+                if len(chunks) == 1:
+                    chunk = chunks.popleft()
+                else:
+                    chunk = b"".join(chunks)
+                    chunks.clear()
+                if self._paused and self.transport is not None:
                     self._paused = False
                     self.transport.resume_reading()
                 return chunk
