@@ -187,3 +187,16 @@ async def test_n_and_batched_prompts(
             per_index[idx] = per_index.get(idx, 0) + 1
         assert per_index == {0: 3, 1: 3, 2: 3, 3: 3}
         assert chunks[-1]["usage"]["completion_tokens"] == 12
+
+
+async def test_x_request_id_names_the_response(
+    start_replica: StartReplica, http: aiohttp.ClientSession
+) -> None:
+    async with start_replica() as r:
+        body = {"prompt": "hi", "max_tokens": 2}
+        headers = {"X-Request-Id": "gw-42"}
+        results = []
+        for _ in range(2):  # the same id twice is fine
+            async with http.post(r.url + "/v1/completions", json=body, headers=headers) as resp:
+                results.append((resp.status, (await resp.json())["id"]))
+        assert results == [(200, "cmpl-gw-42")] * 2

@@ -10,6 +10,7 @@ tokens the engine emitted. A client that disconnects aborts its engine requests.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -62,6 +63,7 @@ class Generator:
 
     def __init__(self, state: ReplicaState) -> None:
         self._state = state
+        self._engine_ids = itertools.count()
         self._sampler = OutputSampler(
             seed=state.config.seed, mean_output_tokens=state.config.mean_output_tokens
         )
@@ -85,7 +87,7 @@ class Generator:
         gen = parse_generation_request(gen_kind, body)
         model, adapter = await self._resolve_model(gen.model)
         choices = self._plan(gen, model)
-        request_id = new_id(gen_kind)
+        request_id = new_id(gen_kind, request.headers.get("X-Request-Id"))
         prompt_tokens = sum(p.prompt_tokens for p in gen.prompts)
         try:
             self._submit(gen, choices, request_id, adapter)
@@ -141,7 +143,8 @@ class Generator:
         state = self._state
         for c in choices:
             spec = gen.prompts[c.index // gen.n]
-            c.request_id = f"{request_id}-{c.index}"
+            # Engine ids stay unique even when clients reuse an X-Request-Id.
+            c.request_id = f"{request_id}-{c.index}-{next(self._engine_ids)}"
             c.stream = state.realtime.submit(
                 EngineRequest(
                     request_id=c.request_id,

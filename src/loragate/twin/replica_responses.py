@@ -26,10 +26,10 @@ def sse(obj: Any) -> bytes:
     return b"data: " + dumps(obj) + b"\n\n"
 
 
-def new_id(kind: str) -> str:
-    """``cmpl-<16 hex>`` or ``chatcmpl-<16 hex>``."""
+def new_id(kind: str, base: str | None = None) -> str:
+    """``cmpl-<16 hex>`` or ``chatcmpl-<16 hex>``; vLLM uses an ``X-Request-Id`` as ``base``."""
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
-    return f"{prefix}-{secrets.token_hex(8)}"
+    return f"{prefix}-{base or secrets.token_hex(8)}"
 
 
 def now_unix() -> int:
