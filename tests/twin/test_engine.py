@@ -243,3 +243,15 @@ def test_load_adapter_warms_the_cpu_cache() -> None:
     run_all(e)
     assert (e.loads_from_disk, e.loads_from_memory) == (1, 1)  # only CPU->GPU at first use
     assert e.unload_adapter("a") and e.cpu_adapters() == [] and e.gpu_adapters() == []
+
+
+def test_bulk_add_then_abort_and_duplicate_check() -> None:
+    e = Engine(EngineConfig(max_loras=1), FAST)
+    e.add_requests([req("a", "a", out=50), req("b", "b"), req("c", None, at=5.0)])
+    assert e.has_unfinished()
+    e.step(0.0)
+    assert e.abort("b") and e.abort("c") and not e.abort("zzz")
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        e.add_request(req("a"))
+    assert [r.request_id for r in e.run_until(100.0)] == ["a"]
+    assert not e.has_unfinished()

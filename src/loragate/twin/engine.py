@@ -27,8 +27,11 @@ decoders' block phases (``step index mod block_size``); waiting requests sit in 
 
 from __future__ import annotations
 
+import gc
 import heapq
 from collections import deque
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from loragate.core.errors import InvalidRequestError
 from loragate.twin.engine_types import (
@@ -59,7 +62,21 @@ _PENDING, _WAITING, _PREFILL, _DECODE, _DONE = range(5)
 
 
 def _ns(t_s: float) -> int:
-    return round(t_s * NS)
+    return int(t_s * NS + 0.5)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic GC: the engine allocates many small acyclic objects and no garbage
+    cycles, so generation scans over its live requests would only burn CPU."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 class _Adapter:
@@ -78,10 +95,10 @@ class _Adapter:
 
 
 class _Req:
+    """Engine-side state of one request (the caller's EngineRequest stays untouched)."""
+
     __slots__ = (
-        "adapter",
         "arrival_ns",
-        "arrival_s",
         "aseq",
         "ast",
         "b",
@@ -92,41 +109,41 @@ class _Req:
         "epoch",
         "first_ns",
         "fstep",
-        "max_tokens",
+        "nseq",
         "o0",
         "out",
         "preemptions",
-        "prompt",
         "rank",
+        "req",
         "res",
-        "rid",
         "state",
         "target",
         "wseq",
     )
+    # Set on admission / first decode step / enqueue (declared for the type checker):
+    # computed: KV tokens while prefilling; b/c0/o0: step index, KV tokens and outputs at the
+    # first decode step; res: step residue needing a new block; fstep: last decode step;
+    # aseq: admission order; wseq: waiting order (negative = put back at the front).
+    computed: int
+    b: int
+    c0: int
+    o0: int
+    res: int
+    fstep: int
+    aseq: int
+    wseq: int
+    def_snap: int
 
-    def __init__(self, req: EngineRequest, ast: _Adapter) -> None:
-        self.rid = req.request_id
-        self.adapter = req.adapter
+    def __init__(self, req: EngineRequest, ast: _Adapter, arrival_ns: int, nseq: int) -> None:
+        self.req = req
         self.ast = ast
         self.rank = req.adapter_rank if req.adapter is not None else 0
-        self.prompt = req.prompt_tokens
-        self.max_tokens = req.max_tokens
-        self.arrival_s = req.arrival_s
-        self.arrival_ns = _ns(req.arrival_s)
+        self.target = req.prompt_tokens  # tokens to (re)compute: prompt (+ outputs if preempted)
+        self.arrival_ns = arrival_ns
+        self.nseq = nseq
         self.state = _PENDING
-        self.out = 0  # output tokens so far (for decoders: o0 + steps since b)
-        self.computed = 0  # prompt(+recomputed output) tokens in KV while prefilling
-        self.target = req.prompt_tokens  # tokens to prefill (prompt + outputs after preemption)
-        self.b = 0  # step index of the first decode step
-        self.c0 = 0  # KV tokens at the start of step b
-        self.o0 = 0  # output tokens at the start of step b
-        self.res = 0  # decode step index residue at which a new KV block is needed
-        self.fstep = 0  # step index of the last decode step
+        self.out = 0  # output tokens so far (decoders: o0 + steps since b)
         self.epoch = 0  # invalidates stale finish-heap entries
-        self.aseq = 0  # admission order (= running-queue order)
-        self.wseq = 0  # position in the waiting order (preempted requests go to the front)
-        self.def_snap = 0
         self.deferred_ns = 0
         self.first_ns = -1
         self.preemptions = 0
@@ -161,6 +178,8 @@ class Engine:
         self._max_loras = config.max_loras if config.enable_lora else 1 << 30
         self._max_seqs = config.max_num_seqs
         self._max_tokens = config.max_num_batched_tokens
+        self._max_len = config.max_model_len
+        self._max_rank = config.max_lora_rank
         self._caches = LoraCaches(
             max_gpu=max(1, config.max_loras), max_cpu=max(config.max_loras, config.max_cpu_loras)
         )
@@ -168,11 +187,18 @@ class Engine:
         self._tn = 0  # ns: end of the last step (earliest start of the next one)
         self._gfull = 0  # ns of step time during which all adapter slots were taken
         self._extra_s = 0.0  # adapter registration time charged to the next step
-        self._pending: list[tuple[int, int, _Req]] = []  # future arrivals
+        self._pend: deque[_Req] = deque()  # future arrivals, in arrival order
+        self._pend_heap: list[tuple[int, int, _Req]] = []  # ... and those added out of order
+        self._pend_last = -(1 << 62)
         self._nseq = 0
-        self._reqs: dict[str, _Req] = {}  # every unfinished request
+        self._reqs: dict[str, _Req] = {}  # unfinished requests by id (see _index_all)
+        self._unindexed = False  # some unfinished bulk-added requests are not in _reqs
+        self._n_live = 0  # unfinished requests
         self._adapters: dict[str | None, _Adapter] = {}
-        self._wq: deque[tuple[int, _Req]] = deque()  # global FCFS waiting order (lazy)
+        # Global FCFS order = the smallest head of the per-adapter queues: a lazy heap of
+        # (wseq of a queue's head when it became head, tiebreak, adapter).
+        self._heads: list[tuple[int, int, _Adapter]] = []
+        self._nheads = 0
         self._front = -1
         self._back = 0
         self._n_waiting = 0
@@ -202,11 +228,8 @@ class Engine:
         """When the next step would start, or None when there is nothing to do."""
         if self._running or self._n_waiting:
             return self._tn / NS
-        while self._pending and self._pending[0][2].state != _PENDING:
-            heapq.heappop(self._pending)
-        if self._pending:
-            return max(self._tn, self._pending[0][0]) / NS
-        return None
+        nxt = self._next_arrival_ns()
+        return None if nxt is None else max(self._tn, nxt) / NS
 
     @property
     def num_running(self) -> int:
@@ -240,35 +263,91 @@ class Engine:
         return self._caches.cpu()
 
     def has_unfinished(self) -> bool:
-        return bool(self._reqs)
+        return self._n_live > 0
 
     # --- requests and adapters ----------------------------------------------------------------
 
     def add_request(self, req: EngineRequest) -> None:
-        validate_request(req, self.config)
+        """Queue ``req``; it joins the waiting queue at ``req.arrival_s`` (validated first).
+
+        Raises :class:`InvalidRequestError` as vLLM would (context length, LoRA rank, ...).
+        """
+        if self._unindexed:
+            self._index_all()
         if req.request_id in self._reqs:
             raise InvalidRequestError(
                 f"request id {req.request_id!r} is already in use", param="request_id"
             )
-        ast = self._adapter(req.adapter, req.adapter_rank)
-        r = _Req(req, ast)
-        self._reqs[r.rid] = r
-        if r.arrival_ns <= self._tn:
-            self._admit_arrivals(self._tn)  # earlier arrivals first: FCFS by arrival time
-            self._enqueue_back(r)
-        else:
-            self._nseq += 1
-            heapq.heappush(self._pending, (r.arrival_ns, self._nseq, r))
+        self._add((req,), index=True)
+
+    def add_requests(self, reqs: Iterable[EngineRequest]) -> None:
+        """``add_request`` for many requests at once: the fast path for simulations.
+
+        Request ids must be unique (not checked here); they are indexed only when needed
+        (by :meth:`abort` or :meth:`add_request`).
+        """
+        self._add(reqs, index=False)
+
+    def _add(self, reqs: Iterable[EngineRequest], *, index: bool) -> None:
+        by_id = self._reqs
+        adapters = self._adapters
+        pend = self._pend
+        max_len, max_rank, lora = self._max_len, self._max_rank, self._lora
+        tn = self._tn
+        with _gc_paused():  # many small acyclic objects: generation scans would only cost
+            for req in reqs:
+                p, m, adapter, rank = (
+                    req.prompt_tokens,
+                    req.max_tokens,
+                    req.adapter,
+                    req.adapter_rank,
+                )
+                if not (
+                    p > 0
+                    and m > 0
+                    and p + m <= max_len
+                    and (adapter is None or (lora and rank <= max_rank))
+                ):
+                    validate_request(req, self.config)
+                ast = adapters.get(adapter)
+                if ast is None or rank > ast.rank:
+                    ast = self._adapter(adapter, rank)
+                arrival_ns = int(req.arrival_s * NS + 0.5)
+                self._nseq += 1
+                r = _Req(req, ast, arrival_ns, self._nseq)
+                if index:
+                    by_id[req.request_id] = r
+                else:
+                    self._unindexed = True
+                self._n_live += 1
+                if arrival_ns > tn:
+                    if arrival_ns >= self._pend_last:
+                        pend.append(r)
+                        self._pend_last = arrival_ns
+                    else:
+                        heapq.heappush(self._pend_heap, (arrival_ns, r.nseq, r))
+                else:
+                    if pend or self._pend_heap:
+                        self._admit_arrivals(tn)  # earlier arrivals first: FCFS by arrival
+                    self._enqueue_back(r)
 
     def abort(self, request_id: str) -> bool:
         """Drop an unfinished request wherever it is (between steps). False if unknown."""
         r = self._reqs.pop(request_id, None)
+        if r is None and self._unindexed:
+            self._index_all()
+            r = self._reqs.pop(request_id, None)
         if r is None:
             return False
+        self._n_live -= 1
         st = r.state
         ast = r.ast
         if st == _WAITING:
-            ast.queue.remove(r)
+            q = ast.queue
+            was_head = q[0] is r
+            q.remove(r)
+            if was_head and q:
+                self._push_head(q[0].wseq, ast)
             ast.n_waiting -= 1
             self._n_waiting -= 1
         elif st == _PREFILL:
@@ -326,16 +405,17 @@ class Engine:
 
     def run_until(self, t_s: float) -> list[RequestRecord]:
         """Run every step that starts before ``t_s``; return the requests finished meanwhile."""
-        t_end = _ns(t_s)
+        with _gc_paused():
+            return self._run_until(_ns(t_s))
+
+    def _run_until(self, t_end: int) -> list[RequestRecord]:
         records: list[RequestRecord] = []
-        pending = self._pending
         while self._tn < t_end:
             self._admit_arrivals(self._tn)
             if not self._running and not self._n_waiting:
-                while pending and pending[0][2].state != _PENDING:
-                    heapq.heappop(pending)
-                if pending and pending[0][0] < t_end:
-                    self._tn = pending[0][0]
+                nxt = self._next_arrival_ns()
+                if nxt is not None and nxt < t_end:
+                    self._tn = nxt
                     continue
                 break
             if not self._fast_forward(t_end):
@@ -343,6 +423,14 @@ class Engine:
         return records
 
     # --- internals ----------------------------------------------------------------------------
+
+    def _index_all(self) -> None:
+        """Index every unfinished request by id (bulk adds skip it: it costs per request)."""
+        live: list[_Req] = [*self._pend, *(h[2] for h in self._pend_heap), *self._running]
+        for ast in self._adapters.values():
+            live += ast.queue
+        self._reqs = {r.req.request_id: r for r in live if r.state != _DONE}
+        self._unindexed = False
 
     def _adapter(self, name: str | None, rank: int) -> _Adapter:
         ast = self._adapters.get(name)
@@ -358,10 +446,56 @@ class Engine:
             return ast.g0 - ast.r_acc
         return self._gfull - ast.r_acc
 
+    def _next_arrival_ns(self) -> int | None:
+        pend = self._pend
+        while pend and pend[0].state != _PENDING:
+            pend.popleft()
+        heap = self._pend_heap
+        while heap and heap[0][2].state != _PENDING:
+            heapq.heappop(heap)
+        if pend:
+            return min(pend[0].arrival_ns, heap[0][0]) if heap else pend[0].arrival_ns
+        return heap[0][0] if heap else None
+
     def _admit_arrivals(self, t_ns: int) -> None:
-        pending = self._pending
-        while pending and pending[0][0] <= t_ns:
-            r = heapq.heappop(pending)[2]
+        """Move arrivals up to ``t_ns`` into the waiting queue, by (arrival, insertion)."""
+        pend = self._pend
+        heap = self._pend_heap
+        if not heap:
+            if not pend or pend[0].arrival_ns > t_ns:
+                return
+            back = self._back
+            gfull = self._gfull
+            n = 0
+            while pend and pend[0].arrival_ns <= t_ns:
+                r = pend.popleft()
+                if r.state != _PENDING:
+                    continue
+                # Inlined _enqueue_back (the hottest path under heavy load).
+                r.state = _WAITING
+                r.wseq = back
+                ast = r.ast
+                q = ast.queue
+                if not q:
+                    self._push_head(back, ast)
+                q.append(r)
+                back += 1
+                ast.n_waiting += 1
+                n += 1
+                r.def_snap = (ast.g0 if ast.n_running else gfull) - ast.r_acc
+            self._back = back
+            self._n_waiting += n
+            return
+        while True:
+            a = pend[0] if pend else None
+            if heap and (a is None or (heap[0][0], heap[0][1]) < (a.arrival_ns, a.nseq)):
+                if heap[0][0] > t_ns:
+                    return
+                r = heapq.heappop(heap)[2]
+            elif a is not None and a.arrival_ns <= t_ns:
+                r = pend.popleft()
+            else:
+                return
             if r.state == _PENDING:
                 self._enqueue_back(r)
 
@@ -369,33 +503,44 @@ class Engine:
         r.state = _WAITING
         r.wseq = self._back
         self._back += 1
-        self._wq.append((r.wseq, r))
         ast = r.ast
+        if not ast.queue:
+            self._push_head(r.wseq, ast)
         ast.queue.append(r)
         ast.n_waiting += 1
         self._n_waiting += 1
-        r.def_snap = self._deferred_clock(ast)
+        r.def_snap = (ast.g0 if ast.n_running else self._gfull) - ast.r_acc
 
     def _enqueue_front(self, r: _Req) -> None:
         r.state = _WAITING
         r.wseq = self._front
         self._front -= 1
-        self._wq.appendleft((r.wseq, r))
         ast = r.ast
         ast.queue.appendleft(r)
+        self._push_head(r.wseq, ast)
         ast.n_waiting += 1
         self._n_waiting += 1
         r.def_snap = self._deferred_clock(ast)
 
+    def _push_head(self, wseq: int, ast: _Adapter) -> None:
+        heads = self._heads
+        self._nheads += 1
+        heapq.heappush(heads, (wseq, self._nheads, ast))
+        if len(heads) > 64 + 4 * len(self._adapters):  # drop stale entries now and then
+            live = [h for h in heads if h[2].queue and h[2].queue[0].wseq == h[0]]
+            heapq.heapify(live)
+            self._heads = live
+
     def _candidate(self) -> _Req | None:
         """The first waiting request the scheduler's walk would not skip (None: all deferred)."""
         if len(self._run_ad) < self._max_loras:
-            wq = self._wq
+            heads = self._heads
             while True:
-                wseq, r = wq[0]
-                if r.state == _WAITING and r.wseq == wseq:
-                    return r
-                wq.popleft()
+                wseq, _, ast = heads[0]
+                q = ast.queue
+                if q and q[0].wseq == wseq:
+                    return q[0]
+                heapq.heappop(heads)
         best: _Req | None = None
         base = self._adapters.get(None)
         if base is not None and base.n_waiting:
@@ -412,12 +557,12 @@ class Engine:
         ast = r.ast
         if ast.name is not None:
             r.deferred_ns += self._deferred_clock(ast) - r.def_snap
-        ast.queue.popleft()
+        q = ast.queue
+        q.popleft()
+        if q:
+            self._push_head(q[0].wseq, ast)
         ast.n_waiting -= 1
         self._n_waiting -= 1
-        wq = self._wq
-        if wq and wq[0][1] is r:
-            wq.popleft()
         r.state = _PREFILL
         self._aseq += 1
         r.aseq = self._aseq
@@ -464,42 +609,31 @@ class Engine:
             self._prefiller = None
         self._leave_running(v)
         v.computed = 0
-        v.target = v.prompt + v.out
+        v.target = v.req.prompt_tokens + v.out
         v.preemptions += 1
         self.num_preemptions_total += 1
         self._enqueue_front(v)
 
-    def _running_loop_with_preemption(self, s: int) -> tuple[int, int]:
-        """Slow path of the running loop when KV blocks run out; returns (budget, prefill)."""
-        bs = self._bs
-        total = self._total_blocks
+    def _preempt_for(self, s: int, need: int, pf_need: int) -> None:
+        """Running loop when the step's KV needs exceed the free blocks: preempt from the tail.
+
+        vLLM walks the running queue in order and, whenever a request cannot get its blocks,
+        preempts the tail until it can (or the request itself was the tail). The requests left
+        are the longest prefix whose needs fit in the free blocks plus the blocks freed by the
+        preempted suffix, so the suffix is found from the tail without walking the prefix.
+        """
         running = self._running
-        budget = self._max_tokens
-        pf_chunk = 0
-        phase = s % bs
-        for r in list(running):
-            if r not in running:
-                break
-            if r.state == _DECODE:
-                n = 1
-                nb = 1 if r.res == phase else 0
+        phase = s % self._bs
+        total = self._total_blocks
+        while need > total - self._used:
+            v = next(reversed(running))
+            if v.state == _DECODE:
+                if v.res == phase:
+                    need -= 1
             else:
-                n = min(r.target - r.computed, budget)
-                nb = -(-(r.computed + n) // bs) + (r.computed // -bs)
-            gone = False
-            while nb > total - self._used:
-                victim = next(reversed(running))
-                self._preempt(victim, s)
-                if victim is r:
-                    gone = True
-                    break
-            if gone:
-                break
-            self._used += nb
-            budget -= n
-            if r.state == _PREFILL:
-                pf_chunk = n
-        return budget, pf_chunk
+                need -= pf_need
+            self._preempt(v, s)
+        self._used += need
 
     def _step(self, events: list[TokenEvent] | None, records: list[RequestRecord]) -> int:
         """One engine step starting at ``self._tn``; returns its duration in ns."""
@@ -517,8 +651,12 @@ class Engine:
             need += -(-(pf.computed + pf_chunk) // bs) + (pf.computed // -bs)
         preempted = need > total - self._used
         if preempted:
-            budget, pf_chunk = self._running_loop_with_preemption(s)
-            pf = self._prefiller
+            pf_need = need - cnt[s % bs]
+            self._preempt_for(s, need, pf_need)
+            if pf is not None and self._prefiller is None:
+                pf = None
+                pf_chunk = 0
+            budget = self._max_tokens - self._n_decode - pf_chunk
         else:
             self._used += need
             budget -= pf_chunk
@@ -571,9 +709,10 @@ class Engine:
             t = end / NS
             for r in running:
                 if r.state == _DECODE:
-                    events.append(TokenEvent(r.rid, t, 1, r.fstep == s, False))
+                    events.append(TokenEvent(r.req.request_id, t, 1, r.fstep == s, False))
             for r in pdone:
-                events.append(TokenEvent(r.rid, t, 1, r.out + 1 >= r.max_tokens, r.out == 0))
+                done = r.out + 1 >= r.req.max_tokens
+                events.append(TokenEvent(r.req.request_id, t, 1, done, r.out == 0))
         # Decoders finishing in this step.
         heap = self._heap
         while heap and heap[0][0] <= s:
@@ -583,7 +722,7 @@ class Engine:
             self._used -= -(-(r.c0 + s - r.b + 1) // bs)
             cnt[r.res] -= 1
             self._n_decode -= 1
-            r.out = r.max_tokens
+            r.out = r.req.max_tokens
             self._finish(r, end, records)
         # Prefills completed in this step: first (or next, after preemption) output token.
         nxt = s + 1
@@ -591,7 +730,8 @@ class Engine:
             r.out += 1
             if r.first_ns < 0:
                 r.first_ns = end
-            if r.out >= r.max_tokens:
+            m = r.req.max_tokens
+            if r.out >= m:
                 self._used -= -(-r.target // bs)
                 self._finish(r, end, records)
                 continue
@@ -600,7 +740,7 @@ class Engine:
             r.c0 = r.target
             r.o0 = r.out
             r.res = (nxt - r.target) % bs
-            r.fstep = nxt + r.max_tokens - 1 - r.out
+            r.fstep = nxt + m - 1 - r.out
             cnt[r.res] += 1
             self._n_decode += 1
             heapq.heappush(heap, (r.fstep, r.aseq, r.epoch, r))
@@ -612,18 +752,21 @@ class Engine:
     def _finish(self, r: _Req, end: int, records: list[RequestRecord]) -> None:
         self._leave_running(r)
         r.state = _DONE
-        del self._reqs[r.rid]
+        req = r.req
+        self._n_live -= 1
+        if self._reqs:
+            self._reqs.pop(req.request_id, None)
         records.append(
             RequestRecord(
-                request_id=r.rid,
-                adapter=r.adapter,
-                arrival_s=r.arrival_s,
-                first_token_s=r.first_ns / NS,
-                finish_s=end / NS,
-                prompt_tokens=r.prompt,
-                output_tokens=r.out,
-                deferred_s=r.deferred_ns / NS,
-                preemptions=r.preemptions,
+                req.request_id,
+                req.adapter,
+                req.arrival_s,
+                r.first_ns / NS,
+                end / NS,
+                req.prompt_tokens,
+                r.out,
+                r.deferred_ns / NS,
+                r.preemptions,
             )
         )
 
@@ -668,9 +811,9 @@ class Engine:
         dur = max(1, round(dur_s * NS))
         t0 = self._tn
         k = min(k, (t_end - t0 + dur - 1) // dur)
-        pending = self._pending
-        if pending:
-            k = min(k, (pending[0][0] - t0 + dur - 1) // dur)
+        nxt = self._next_arrival_ns()
+        if nxt is not None:
+            k = min(k, (nxt - t0 + dur - 1) // dur)
         # KV: the longest run whose block allocations all fit.
         cycles, rem = divmod(free, n_dec)
         j = 0

@@ -76,7 +76,7 @@ class TokenEvent:
     is_first: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestRecord:
     """What a finished request experienced (times in engine seconds)."""
 

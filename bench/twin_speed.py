@@ -1,0 +1,198 @@
+"""Twin engine speed: simulated seconds per CPU second for one replica over one simulated hour.
+
+Usage: .venv/bin/python bench/twin_speed.py [--hours 1.0] [--only low,heavy,...] [--seed 0]
+
+Workloads (paper profile ``paper-llama-3.1-8b-h100``, vLLM settings of the paper's 1-hour runs:
+max_num_seqs 2048, max_num_batched_tokens 2048; Poisson arrivals per adapter; ShareGPT-like
+heavy-tailed lengths, lognormal with means ~220 prompt / ~200 output tokens, prompt <= 1024,
+prompt + output <= 2048):
+
+* low:       64 adapters at the paper's light rates {0.1, 0.05, 0.025} req/s (~3.7 req/s)
+* heavy-32:  32 adapters at the paper's heavy rates {1.6, 0.8, 0.4} req/s (~30 req/s, at capacity)
+* heavy-320: 320 adapters at {1.6, 0.8, 0.4} req/s (~300 req/s offered: the paper's heaviest
+             validation workload, 32 GPU slots, ranks {8, 16, 32}; ~1M arrivals per hour)
+* saturated: 32 adapters, 8 GPU slots, 2x the replica's capacity (the queue never drains)
+
+The engine is fed like a simulator would: arrivals are added 10 simulated seconds at a time,
+then ``run_until``. "engine" CPU time covers ``add_request`` + ``run_until`` (request objects are
+built beforehand); "total" also includes building the requests. The paper twin's speed is shown
+beside (DIGITAL_TWIN.md: ~89x on average, 17x under heavy load; its replays of the validation runs,
+``validation/paper_twin_runs.csv`` sim_wall_time_s: median 898x light, 45x heavy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from loragate.twin.engine import Engine, EngineConfig, EngineRequest
+from loragate.twin.profile import load_profile
+
+PAPER = {"low": "~89x avg (median 898x light)", "heavy": "17x heavy (median 45x)"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Case:
+    name: str
+    adapters: int
+    rates_rps: tuple[float, ...]
+    ranks: tuple[int, ...]
+    max_loras: int
+    max_lora_rank: int
+    rate_scale: float = 1.0
+    paper: str = ""
+
+
+CASES = [
+    Case(
+        name="low",
+        adapters=64,
+        rates_rps=(0.1, 0.05, 0.025),
+        ranks=(8, 16),
+        max_loras=32,
+        max_lora_rank=16,
+        paper=PAPER["low"],
+    ),
+    Case(
+        name="heavy-32",
+        adapters=32,
+        rates_rps=(1.6, 0.8, 0.4),
+        ranks=(8, 16, 32),
+        max_loras=16,
+        max_lora_rank=32,
+        paper=PAPER["heavy"],
+    ),
+    Case(
+        name="heavy-320",
+        adapters=320,
+        rates_rps=(1.6, 0.8, 0.4),
+        ranks=(8, 16, 32),
+        max_loras=32,
+        max_lora_rank=32,
+        paper=PAPER["heavy"],
+    ),
+    Case(
+        name="saturated",
+        adapters=32,
+        rates_rps=(1.6, 0.8, 0.4),
+        ranks=(8, 16),
+        max_loras=8,
+        max_lora_rank=16,
+        rate_scale=2.5,
+        paper="",
+    ),
+]
+
+
+def lengths(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Heavy-tailed ShareGPT-like lengths (lognormal, sigma 1), clipped like the paper's runs."""
+    prompt = np.clip(rng.lognormal(np.log(220.0) - 0.5, 1.0, n), 4, 1024).astype(np.int64)
+    out = rng.lognormal(np.log(200.0) - 0.5, 1.0, n)
+    out = np.clip(out, 4, 2048 - prompt).astype(np.int64)
+    return prompt, out
+
+
+def build(case: Case, hours: float, seed: int) -> list[EngineRequest]:
+    rng = np.random.default_rng(seed)
+    horizon = hours * 3600.0
+    times: list[np.ndarray] = []
+    names: list[np.ndarray] = []
+    for a in range(case.adapters):
+        rate = case.rates_rps[a % len(case.rates_rps)] * case.rate_scale
+        n = rng.poisson(rate * horizon)
+        times.append(np.sort(rng.uniform(0.0, horizon, n)))
+        names.append(np.full(n, a))
+    t = np.concatenate(times)
+    ad = np.concatenate(names)
+    order = np.argsort(t, kind="stable")
+    t, ad = t[order], ad[order]
+    prompt, out = lengths(rng, len(t))
+    ranks = case.ranks
+    return [
+        EngineRequest(
+            request_id=f"r{i}",
+            adapter=f"lora-{a}",
+            adapter_rank=ranks[a % len(ranks)],
+            prompt_tokens=int(p),
+            max_tokens=int(o),
+            arrival_s=float(ts),
+        )
+        for i, (ts, a, p, o) in enumerate(
+            zip(t.tolist(), ad.tolist(), prompt.tolist(), out.tolist(), strict=True)
+        )
+    ]
+
+
+def run(case: Case, hours: float, seed: int) -> dict[str, float]:
+    profile = load_profile("paper-llama-3.1-8b-h100")
+    cfg = EngineConfig(
+        max_num_seqs=2048,
+        max_num_batched_tokens=2048,
+        max_model_len=131072,
+        max_loras=case.max_loras,
+        max_cpu_loras=max(case.max_loras, case.adapters),
+        max_lora_rank=case.max_lora_rank,
+    )
+    c0 = time.process_time()
+    reqs = build(case, hours, seed)
+    c1 = time.process_time()
+    engine = Engine(cfg, profile)
+    horizon = hours * 3600.0
+    finished = 0
+    i = 0
+    t = 0.0
+    while t < horizon:
+        t = min(horizon, t + 10.0)
+        j = i
+        while j < len(reqs) and reqs[j].arrival_s <= t:
+            j += 1
+        engine.add_requests(reqs[i:j])
+        i = j
+        finished += len(engine.run_until(t))
+    c2 = time.process_time()
+    return {
+        "requests": len(reqs),
+        "finished": finished,
+        "steps": engine.steps_total,
+        "engine_cpu_s": c2 - c1,
+        "total_cpu_s": c2 - c0,
+        "speed_engine": horizon / (c2 - c1),
+        "speed_total": horizon / (c2 - c0),
+        "waiting_end": engine.num_waiting,
+        "running_end": engine.num_running,
+        "preemptions": engine.num_preemptions_total,
+        "loads": engine.loads_from_memory,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hours", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", default="", help="comma-separated case names")
+    args = ap.parse_args()
+    wanted = set(filter(None, args.only.split(",")))
+    header = (
+        f"{'case':<10} {'requests':>9} {'finished':>9} {'steps':>8} {'preempt':>7} {'loads':>6} "
+        f"{'engine CPU s':>12} {'x real (engine)':>15} {'x real (total)':>14}  paper twin"
+    )
+    print(f"one replica, {args.hours:g} simulated hour(s), profile paper-llama-3.1-8b-h100")
+    print(header)
+    for case in CASES:
+        if wanted and case.name not in wanted:
+            continue
+        r = run(case, args.hours, args.seed)
+        print(
+            f"{case.name:<10} {r['requests']:>9.0f} {r['finished']:>9.0f} {r['steps']:>8.0f} "
+            f"{r['preemptions']:>7.0f} {r['loads']:>6.0f} {r['engine_cpu_s']:>12.2f} "
+            f"{r['speed_engine']:>14.0f}x {r['speed_total']:>13.0f}x  {case.paper}",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
