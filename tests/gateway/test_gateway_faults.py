@@ -155,7 +155,12 @@ async def test_metrics_and_health_endpoints(replicas: list[ScriptedReplica]) -> 
                 text = await resp.text()
             async with http.get(gw.url + "/health") as resp:
                 health = await resp.json()
-    assert health == {"status": "ok", "replicas_healthy": 2, "replicas_total": 2}
+    assert health == {
+        "status": "ok",
+        "replicas_healthy": 2,
+        "replicas_total": 2,
+        "state": {"backend": "memory", "degraded": False},
+    }
     counted = [line for line in text.splitlines() if line.startswith("loragate_requests_total")]
     assert sum(float(line.rsplit(" ", 1)[1]) for line in counted) == 3
     assert any('adapter="lora-0"' in line and 'status="200"' in line for line in counted)

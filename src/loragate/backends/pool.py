@@ -7,6 +7,10 @@ row, or at once when the gateway reports a failed connection; one successful pol
 back. Registered adapters: the set from ``/v1/models`` (entries with a ``parent``), plus the
 adapters this gateway loaded since that poll began (a poll that started before a load finished
 cannot see it, so it must not erase it).
+
+A :class:`PoolListener` (the gateway's shared state) hears about every poll, every adapter
+load and unload, so the shadow residency shared by all gateway instances follows the pool.
+Replicas can be added and removed while running (config reload).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import aiohttp
 
@@ -23,10 +28,24 @@ from loragate.backends.client import VllmClient
 from loragate.backends.metrics import VllmMetrics
 from loragate.core.clock import Clock, WallClock
 from loragate.core.config import PollerConfig, ReplicaConfig
-from loragate.core.errors import LoragateError, NoReplicaAvailableError
+from loragate.core.errors import LoragateError, NoReplicaAvailableError, UpstreamConnectError
 from loragate.core.types import AdapterSpec, ReplicaId, ReplicaSettings, ReplicaSnapshot, Residency
 
 log = logging.getLogger(__name__)
+
+
+class PoolListener(Protocol):
+    """Told about what the pool learns (the gateway keeps the shared state with it)."""
+
+    async def replica_polled(self, snapshot: ReplicaSnapshot, *, models_seen: bool) -> None:
+        """A poll finished. ``models_seen``: ``/v1/models`` answered, and
+        ``snapshot.residency.registered`` is the registered set it gave (plus adapters this
+        gateway loaded while the poll ran)."""
+        ...
+
+    async def adapter_loaded(self, replica_id: ReplicaId, adapter: str) -> None: ...
+
+    async def adapter_unloaded(self, replica_id: ReplicaId, adapter: str) -> None: ...
 
 
 @dataclasses.dataclass(slots=True)
@@ -53,6 +72,7 @@ class ReplicaPool:
         connect_timeout_s: float = 3.0,
         max_idle_connections: int = 256,
         clock: Clock | None = None,
+        listener: PoolListener | None = None,
     ) -> None:
         if not replicas:
             raise ValueError("a pool needs at least one replica")
@@ -63,33 +83,43 @@ class ReplicaPool:
         self._clock: Clock = clock or WallClock()
         self._replicas: dict[ReplicaId, _Replica] = {}
         for cfg in replicas:
-            rep = _Replica(config=cfg)
-            rep.snapshot = ReplicaSnapshot(
-                replica_id=cfg.replica_id,
-                url=cfg.url,
-                healthy=False,
-                settings=cfg.settings or ReplicaSettings(),
-            )
-            self._replicas[cfg.replica_id] = rep
+            self._replicas[cfg.replica_id] = self._new_replica(cfg)
         self._healthy: tuple[ReplicaSnapshot, ...] = ()
         self._loads: dict[tuple[str, ReplicaId], asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.listener = listener
+
+    @staticmethod
+    def _new_replica(cfg: ReplicaConfig) -> _Replica:
+        rep = _Replica(config=cfg)
+        rep.snapshot = ReplicaSnapshot(
+            replica_id=cfg.replica_id,
+            url=cfg.url,
+            healthy=False,
+            settings=cfg.settings or ReplicaSettings(),
+        )
+        return rep
+
+    def _bind(self, rep: _Replica, session: aiohttp.ClientSession) -> None:
+        rep.client = VllmClient(
+            session,
+            rep.config.url,
+            api_key=rep.config.api_key,
+            poll_timeout_s=self._poller.timeout_s,
+            admin_timeout_s=self._admin_timeout_s,
+            connect_timeout_s=self._connect_timeout_s,
+            max_idle_connections=self._max_idle_connections,
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self, session: aiohttp.ClientSession, *, first_poll: bool = True) -> None:
         """Bind clients to ``session``, poll once (so routing starts with real health), then
         keep polling in a background task until :meth:`stop`."""
+        self._session = session
         for rep in self._replicas.values():
-            rep.client = VllmClient(
-                session,
-                rep.config.url,
-                api_key=rep.config.api_key,
-                poll_timeout_s=self._poller.timeout_s,
-                admin_timeout_s=self._admin_timeout_s,
-                connect_timeout_s=self._connect_timeout_s,
-                max_idle_connections=self._max_idle_connections,
-            )
+            self._bind(rep, session)
         if first_poll:
             await self.poll_once()
         self._task = asyncio.create_task(self._run(), name="loragate-replica-poller")
@@ -105,6 +135,38 @@ class ReplicaPool:
         for rep in self._replicas.values():
             if rep.client is not None:
                 rep.client.upstream.close()
+
+    # -- membership (config reload) ------------------------------------------------------------
+
+    async def add_replica(self, cfg: ReplicaConfig) -> None:
+        """Add (or replace, if its URL, key or settings changed) a replica and poll it once."""
+        old = self._replicas.get(cfg.replica_id)
+        if old is not None and old.config == cfg:
+            return
+        if old is not None:
+            self.remove_replica(cfg.replica_id)
+        rep = self._new_replica(cfg)
+        if self._session is not None:
+            self._bind(rep, self._session)
+        self._replicas[cfg.replica_id] = rep
+        if self._session is not None:
+            await self._poll(rep)
+        self._rebuild_healthy()
+
+    def remove_replica(self, replica_id: ReplicaId) -> None:
+        """Stop routing to a replica. Requests already on it finish; its idle connections
+        close."""
+        rep = self._replicas.pop(replica_id, None)
+        if rep is None:
+            return
+        if not self._replicas:
+            self._replicas[replica_id] = rep
+            raise ValueError("a pool needs at least one replica")
+        for key in [k for k in self._loads if k[1] == replica_id]:
+            self._loads[key].cancel()
+        if rep.client is not None:
+            rep.client.upstream.close()
+        self._rebuild_healthy()
 
     async def _run(self) -> None:
         while True:
@@ -132,6 +194,7 @@ class ReplicaPool:
                 raise LoragateError("/health is not 200")
         except (LoragateError, ValueError) as exc:
             self._record_failure(rep, str(exc), immediate=False)
+            await self._tell_polled(rep, models_seen=False)
             return
         if rep.failures or rep.snapshot is None or not rep.snapshot.healthy:
             log.info("replica %s is healthy", rep.config.replica_id)
@@ -141,6 +204,16 @@ class ReplicaPool:
         rep.registered = set(models.adapters) | recent
         rep.loaded_at_s = {a: t for a, t in rep.loaded_at_s.items() if a in recent}
         rep.snapshot = self._snapshot_from(rep, metrics, healthy=True)
+        await self._tell_polled(rep, models_seen=True)
+
+    async def _tell_polled(self, rep: _Replica, *, models_seen: bool) -> None:
+        listener, snap = self.listener, rep.snapshot
+        if listener is None or snap is None:
+            return
+        try:
+            await listener.replica_polled(snap, models_seen=models_seen)
+        except Exception:
+            log.exception("pool listener failed on a poll of %s", rep.config.replica_id)
 
     def _snapshot_from(self, rep: _Replica, m: VllmMetrics, *, healthy: bool) -> ReplicaSnapshot:
         settings = rep.config.settings
@@ -228,7 +301,11 @@ class ReplicaPool:
         return {rid: frozenset(r.registered) for rid, r in self._replicas.items()}
 
     def is_registered(self, replica_id: ReplicaId, adapter: str) -> bool:
-        return adapter in self._replicas[replica_id].registered
+        rep = self._replicas.get(replica_id)
+        return rep is not None and adapter in rep.registered
+
+    def has_replica(self, replica_id: ReplicaId) -> bool:
+        return replica_id in self._replicas
 
     def adapter_loads(self) -> Mapping[ReplicaId, int]:
         """How many admin loads this gateway made on each replica."""
@@ -241,7 +318,9 @@ class ReplicaPool:
         needed. One load per (adapter, replica) at a time however many requests wait; a waiter
         that is cancelled does not cancel the load for the others. Returns True if this call
         waited for a load, False if the adapter was already registered."""
-        rep = self._replicas[replica_id]
+        rep = self._replicas.get(replica_id)
+        if rep is None:  # removed by a reload while the request was being routed
+            raise UpstreamConnectError(f"replica {replica_id} was removed from the pool")
         if spec.name in rep.registered:
             return False
         key = (spec.name, replica_id)
@@ -267,12 +346,29 @@ class ReplicaPool:
         rep.registered.add(spec.name)
         rep.loaded_at_s[spec.name] = self._clock.now()
         self._refresh_residency(rep)
+        if self.listener is not None:
+            try:
+                await self.listener.adapter_loaded(rep.config.replica_id, spec.name)
+            except Exception:
+                log.exception("pool listener failed on a load of %s", spec.name)
+
+    async def unload_adapter(self, replica_id: ReplicaId, adapter: str) -> bool:
+        """Unregister ``adapter`` on the replica through the admin API. Returns False if the
+        replica did not know it. Errors (unreachable replica, refusal) propagate."""
+        rep = self._replicas[replica_id]
+        known = await self._client(rep).unload_adapter(adapter)
+        rep.registered.discard(adapter)
+        rep.loaded_at_s.pop(adapter, None)
+        self._refresh_residency(rep)
+        if self.listener is not None:
+            await self.listener.adapter_unloaded(replica_id, adapter)
+        return known
 
     def forget_adapter(self, replica_id: ReplicaId, adapter: str) -> None:
         """The replica said it does not know ``adapter`` (e.g. it restarted): drop it so the
         next request loads it again."""
-        rep = self._replicas[replica_id]
-        if adapter in rep.registered:
+        rep = self._replicas.get(replica_id)
+        if rep is not None and adapter in rep.registered:
             rep.registered.discard(adapter)
             rep.loaded_at_s.pop(adapter, None)
             self._refresh_residency(rep)

@@ -17,6 +17,8 @@ Example (see ``examples/gateway.yaml``)::
     routing: least_loaded          # or a mapping passed to loragate.routing.build_policy
     limits: {max_body_bytes: 1048576, request_timeout_s: 600}
     poller: {interval_s: 0.5}
+    state: {backend: redis, redis_url: "redis://127.0.0.1:6379/0"}   # default: memory
+    admin: {token: change-me}      # or env LORAGATE_ADMIN_TOKEN; no token = no admin API
 """
 
 from __future__ import annotations
@@ -91,6 +93,34 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StateConfig:
+    """The ``state:`` section: where gateway instances share residency, in-flight leases,
+    demand and the adapter registry. ``memory`` = embedded, one instance, no Redis."""
+
+    backend: str = "memory"  # "memory" | "redis"
+    redis_url: str | None = None
+    key_prefix: str = "loragate:"
+    # Each Redis call gives up after this long (then the gateway serves from its local view).
+    op_timeout_s: float = 0.5
+    # How often the local view is refreshed from Redis (other instances' in-flight counts,
+    # residency, adapter registry).
+    refresh_s: float = 0.25
+    # In-flight leases of a crashed gateway stop counting after lease_ttl_s.
+    lease_ttl_s: float = 30.0
+    lease_renew_s: float = 10.0
+    # Background housekeeping period (lease renewal, refresh, reconnect attempts).
+    maintenance_interval_s: float = 0.05
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdminConfig:
+    """The ``admin:`` section. Without a token (here or in ``LORAGATE_ADMIN_TOKEN``) the
+    ``/admin`` routes answer 404."""
+
+    token: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GatewayConfig:
     base_model: str
     replicas: tuple[ReplicaConfig, ...]
@@ -100,6 +130,8 @@ class GatewayConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     poller: PollerConfig = field(default_factory=PollerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
 
     @property
     def auth_required(self) -> bool:
@@ -355,6 +387,51 @@ def _server(value: object) -> ServerConfig:
     return ServerConfig(**kwargs)
 
 
+_STATE_SECONDS = {
+    "op_timeout_s",
+    "refresh_s",
+    "lease_ttl_s",
+    "lease_renew_s",
+    "maintenance_interval_s",
+}
+
+
+def _state(value: object) -> StateConfig:
+    data = _mapping(value, "state")
+    _check_keys(data, {"backend", "redis_url", "key_prefix"} | _STATE_SECONDS, "state")
+    kwargs: dict[str, Any] = {}
+    backend = _str(data.get("backend", "memory"), "state.backend")
+    if backend not in ("memory", "redis"):
+        raise ConfigError(f"expected 'memory' or 'redis', got {backend!r}", key="state.backend")
+    kwargs["backend"] = backend
+    if data.get("redis_url") is not None:
+        url = _str(data["redis_url"], "state.redis_url")
+        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError(
+                f"expected a redis://, rediss:// or unix:// URL, got {url!r}", key="state.redis_url"
+            )
+        kwargs["redis_url"] = url
+    elif backend == "redis":
+        raise ConfigError("required when state.backend is 'redis'", key="state.redis_url")
+    if "key_prefix" in data:
+        kwargs["key_prefix"] = _str(data["key_prefix"], "state.key_prefix")
+    for k in _STATE_SECONDS & data.keys():
+        kwargs[k] = _seconds(data[k], f"state.{k}")
+    config = StateConfig(**kwargs)
+    if config.lease_renew_s >= config.lease_ttl_s:
+        raise ConfigError(
+            f"must be below state.lease_ttl_s ({config.lease_ttl_s})", key="state.lease_renew_s"
+        )
+    return config
+
+
+def _admin(value: object) -> AdminConfig:
+    data = _mapping(value, "admin")
+    _check_keys(data, {"token"}, "admin")
+    token = data.get("token")
+    return AdminConfig(token=None if token is None else _str(token, "admin.token"))
+
+
 _TOP_KEYS = {
     "base_model",
     "replicas",
@@ -364,6 +441,8 @@ _TOP_KEYS = {
     "limits",
     "poller",
     "server",
+    "state",
+    "admin",
 }
 
 
@@ -387,6 +466,10 @@ def config_from_mapping(data: object) -> GatewayConfig:
         kwargs["poller"] = _poller(top["poller"])
     if top.get("server") is not None:
         kwargs["server"] = _server(top["server"])
+    if top.get("state") is not None:
+        kwargs["state"] = _state(top["state"])
+    if top.get("admin") is not None:
+        kwargs["admin"] = _admin(top["admin"])
     return GatewayConfig(
         base_model=base_model,
         replicas=_replicas(top["replicas"]),

@@ -35,6 +35,10 @@ class NotFoundError(LoragateError):
     """A model, adapter or resource does not exist (or is invisible to the caller)."""
 
 
+class ConflictError(LoragateError):
+    """The request conflicts with the current state (e.g. an adapter name already taken)."""
+
+
 class PayloadTooLargeError(LoragateError):
     """The request body exceeds the configured limit."""
 

@@ -1,17 +1,27 @@
 """The composition root: :func:`create_app` wires config, replica pool, routing policy,
-in-flight tracker, telemetry and handlers into one ``aiohttp`` application.
+shared state (store), in-flight tracker, telemetry, the admin API and handlers into one
+``aiohttp`` application.
 
 Lifecycle (cleanup context): one ``ClientSession`` (polling and admin calls) is made at
-startup, the pool polls every replica once and then keeps polling in the background; at
-cleanup the poller stops, the replicas' keep-alive connections close and the session closes.
-Proxied requests go through each replica's lean keep-alive pool (``backends.upstream``).
+startup; the state store connects (a ``ResilientStore`` starts degraded if Redis is down, it
+never fails the start) and gets the configured replicas; the pool polls every replica once and
+then keeps polling in the background (each poll reconciles the shared shadow residency); a
+background task maintains the store (lease renewal, refresh, reconnects) and picks up adapter
+registry changes made by other instances. At cleanup the maintenance task and the poller stop,
+pending lease releases drain, the store and the replicas' keep-alive connections close, then
+the session. Proxied requests go through each replica's lean keep-alive pool
+(``backends.upstream``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import os
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -21,12 +31,18 @@ from loragate.backends.pool import ReplicaPool
 from loragate.core.clock import Clock, WallClock
 from loragate.core.config import GatewayConfig
 from loragate.core.errors import LoragateError
+from loragate.core.types import AdapterId, AdapterSpec
+from loragate.gateway.admin import AdminApi
 from loragate.gateway.catalog import Catalog
 from loragate.gateway.errors import error_response
 from loragate.gateway.inflight import InFlightTracker, LocalInFlight
 from loragate.gateway.proxy import Proxy
+from loragate.gateway.shared import SharedState, build_store
 from loragate.gateway.telemetry import CONTENT_TYPE, Telemetry
 from loragate.routing import Policy, build_policy
+from loragate.state import GatewayStore
+
+ADMIN_TOKEN_ENV = "LORAGATE_ADMIN_TOKEN"
 
 
 @dataclass(slots=True, kw_only=True)
@@ -40,20 +56,41 @@ class Gateway:
     telemetry: Telemetry
     proxy: Proxy
     clock: Clock
+    shared: SharedState
+    config_path: Path | None = None
     session: aiohttp.ClientSession | None = None
+    # Serialises reloads and admin writes that rebuild the catalog.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def catalog(self) -> Catalog:
         return self.proxy.catalog
 
+    @property
+    def admin_token(self) -> str | None:
+        """From ``admin.token``, else the ``LORAGATE_ADMIN_TOKEN`` environment variable."""
+        return self.config.admin.token or os.environ.get(ADMIN_TOKEN_ENV) or None
+
+    def rebuild_catalog(self, shared: Mapping[AdapterId, AdapterSpec] | None = None) -> None:
+        """Config adapters plus those registered through the admin API (shared store)."""
+        adapters = self.shared.shared_adapters() if shared is None else shared
+        self.proxy.catalog = catalog_from_config(self.config, adapters)
+
 
 GATEWAY = web.AppKey("loragate.gateway", Gateway)
 
 
-def catalog_from_config(config: GatewayConfig) -> Catalog:
+def catalog_from_config(
+    config: GatewayConfig, shared: Mapping[AdapterId, AdapterSpec] | None = None
+) -> Catalog:
+    """The config file's adapters, plus ``shared`` ones (admin API) it does not define."""
+    adapters = list(config.adapters)
+    if shared:
+        own = {a.name for a in adapters}
+        adapters += [shared[n] for n in sorted(shared) if n not in own]
     return Catalog(
         base_model=config.base_model,
-        adapters=config.adapters,
+        adapters=adapters,
         api_keys=config.tenant_by_key(),
     )
 
@@ -66,9 +103,13 @@ def create_app(
     policy: Policy | None = None,
     inflight: InFlightTracker | None = None,
     registry: CollectorRegistry | None = None,
+    store: GatewayStore | None = None,
+    config_path: str | Path | None = None,
 ) -> web.Application:
     """Build the gateway app. Every collaborator can be passed in; the defaults come from
-    ``config``. The app starts and stops ``pool`` (binding it to the app's session)."""
+    ``config`` (``store``: from its ``state:`` section). The app starts and stops ``pool``
+    (binding it to the app's session) and ``store``. ``config_path`` is the file that
+    ``POST /admin/reload`` and SIGHUP re-read."""
     clock = clock or WallClock()
     if pool is None:
         pool = ReplicaPool(
@@ -83,6 +124,14 @@ def create_app(
         policy = build_policy(config.routing.build_spec(), seed=config.routing.seed)
     if inflight is None:
         inflight = LocalInFlight(pool.replica_ids)
+    backend = config.state.backend if store is None else type(store).__name__
+    shared = SharedState(
+        store if store is not None else build_store(config.state),
+        inflight,
+        backend=backend,
+        maintenance_interval_s=config.state.maintenance_interval_s,
+    )
+    pool.listener = shared
     telemetry = Telemetry(registry)
     tracker = inflight
     telemetry.bind_state(
@@ -90,11 +139,13 @@ def create_app(
         healthy=lambda: {rid: pool.is_healthy(rid) for rid in pool.replica_ids},
         adapter_loads=pool.adapter_loads,
     )
+    telemetry.bind_shared_state(degraded=lambda: shared.degraded, errors=lambda: shared.error_count)
     proxy = Proxy(
         catalog=catalog_from_config(config),
         pool=pool,
         policy=policy,
         inflight=inflight,
+        state=shared,
         telemetry=telemetry,
         limits=config.limits,
         clock=clock,
@@ -107,7 +158,10 @@ def create_app(
         telemetry=telemetry,
         proxy=proxy,
         clock=clock,
+        shared=shared,
+        config_path=None if config_path is None else Path(config_path),
     )
+    shared.on_adapters = gateway.rebuild_catalog
     # aiohttp enforces the body limit while reading chunked bodies; the proxy maps it to 413.
     app = web.Application(client_max_size=config.limits.max_body_bytes)
     app[GATEWAY] = gateway
@@ -117,6 +171,7 @@ def create_app(
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    AdminApi(gateway).register(app.router)
     return app
 
 
@@ -136,11 +191,22 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         skip_auto_headers=(hdrs.USER_AGENT,),
     )
     gateway.session = session
+    shared = gateway.shared
+    maintenance: asyncio.Task[None] | None = None
     try:
+        await shared.start()
+        await shared.register_replicas(gateway.config.replicas)
+        shared.check_adapters()  # adapters other instances registered before we started
         await gateway.pool.start(session)
+        maintenance = asyncio.create_task(shared.run(), name="loragate-state-maintenance")
         yield
     finally:
+        if maintenance is not None:
+            maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await maintenance
         await gateway.pool.stop()
+        await shared.close()
         await session.close()
         gateway.session = None
 
@@ -159,12 +225,22 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    """``GET /health``: 200 ``ok`` (all replicas healthy) or ``degraded`` (some), 503 if none."""
-    pool = request.app[GATEWAY].pool
+    """``GET /health``: 200 ``ok`` (all replicas healthy, shared state reachable) or
+    ``degraded`` (some replicas, or Redis unreachable: routing on the local view), 503 if no
+    replica is healthy."""
+    gateway = request.app[GATEWAY]
+    pool = gateway.pool
     total = len(pool.replica_ids)
     healthy = len(pool.healthy_snapshots())
-    status = "ok" if healthy == total else ("degraded" if healthy else "unavailable")
-    body = {"status": status, "replicas_healthy": healthy, "replicas_total": total}
+    state = gateway.shared.status()
+    ok = healthy == total and not state["degraded"]
+    status = "ok" if ok else ("degraded" if healthy else "unavailable")
+    body = {
+        "status": status,
+        "replicas_healthy": healthy,
+        "replicas_total": total,
+        "state": state,
+    }
     return web.Response(
         status=200 if healthy else 503,
         body=json.dumps(body).encode(),

@@ -10,6 +10,8 @@ from aiohttp import web
 from loragate.core.errors import (
     AdapterLoadError,
     AuthenticationError,
+    ConfigError,
+    ConflictError,
     InvalidRequestError,
     LoragateError,
     NoReplicaAvailableError,
@@ -21,8 +23,10 @@ from loragate.core.errors import (
 # (status, OpenAI error type, code), most specific class first.
 _MAPPING: tuple[tuple[type[LoragateError], int, str, str], ...] = (
     (InvalidRequestError, 400, "invalid_request_error", "invalid_request"),
+    (ConfigError, 400, "invalid_request_error", "invalid_config"),
     (AuthenticationError, 401, "authentication_error", "invalid_api_key"),
     (NotFoundError, 404, "invalid_request_error", "model_not_found"),
+    (ConflictError, 409, "invalid_request_error", "conflict"),
     (PayloadTooLargeError, 413, "invalid_request_error", "request_too_large"),
     (NoReplicaAvailableError, 503, "service_unavailable", "no_replica_available"),
     (UpstreamTimeoutError, 504, "upstream_error", "upstream_timeout"),

@@ -2,10 +2,12 @@
 
 Per request: authenticate (one dict lookup), read the body as bytes, ``json.loads`` it once to
 validate it and read the few fields routing needs, resolve the model to an adapter the tenant
-may use, route, make sure the chosen replica has the adapter registered (single-flight admin
-load), then forward the *original bytes* upstream on the replica's keep-alive connection pool
-(``backends.upstream``, a lean HTTP/1.1 client) and pass the answer back: non-streaming bodies
-as bytes, streams chunk by chunk as they arrive.
+may use, route (the pool's snapshots with in-flight counts and shadow residency from the shared
+state, read locally), take the in-flight lease (``SharedState.begin``: one Redis round trip
+with Redis, released in the ``finally``), make sure the chosen replica has the adapter
+registered (single-flight admin load), then forward the *original bytes* upstream on the
+replica's keep-alive connection pool (``backends.upstream``, a lean HTTP/1.1 client) and pass
+the answer back: non-streaming bodies as bytes, streams chunk by chunk as they arrive.
 
 Faults: a replica that refuses or drops the connection before answering is reported to the
 pool (no more traffic until a poll succeeds) and the request is retried once on another
@@ -47,6 +49,7 @@ from loragate.gateway.errors import (
     sse_error_event,
 )
 from loragate.gateway.inflight import InFlightTracker
+from loragate.gateway.shared import SharedState
 from loragate.gateway.telemetry import Telemetry
 from loragate.routing import Policy
 
@@ -70,6 +73,7 @@ class Proxy:
         "_now",
         "_policy",
         "_pool",
+        "_state",
         "_stream_timeout_s",
         "_telemetry",
         "_timeout_s",
@@ -85,6 +89,7 @@ class Proxy:
         pool: ReplicaPool,
         policy: Policy,
         inflight: InFlightTracker,
+        state: SharedState,
         telemetry: Telemetry,
         limits: LimitsConfig,
         clock: Clock,
@@ -92,11 +97,10 @@ class Proxy:
         self.catalog = catalog
         self._pool = pool
         self._policy = policy
-        self._inflight = inflight
+        self._inflight = inflight  # this instance's own counts, per adapter
+        self._state = state
         self._telemetry = telemetry
-        self._max_body = limits.max_body_bytes
-        self._timeout_s = limits.request_timeout_s
-        self._stream_timeout_s = limits.stream_read_timeout_s
+        self.set_limits(limits)
         self._now = clock.now
         self._ids = itertools.count(1)
         self._view: list[ReplicaSnapshot] = []
@@ -104,6 +108,12 @@ class Proxy:
 
     def set_policy(self, policy: Policy) -> None:
         self._policy = policy
+
+    def set_limits(self, limits: LimitsConfig) -> None:
+        """Request limits (a reload may change them; requests already running keep theirs)."""
+        self._max_body = limits.max_body_bytes
+        self._timeout_s = limits.request_timeout_s
+        self._stream_timeout_s = limits.stream_read_timeout_s
 
     # -- handlers ---------------------------------------------------------------------------
 
@@ -198,23 +208,26 @@ class Proxy:
         if healthy is not self._view_src:  # the pool polled or health changed: rebuild
             self._view_src = healthy
             self._view = [
-                dataclasses.replace(
-                    s,
-                    in_flight=inflight.count(s.replica_id),
-                    adapter_in_flight=inflight.adapter_counts(s.replica_id),
-                )
+                dataclasses.replace(s, adapter_in_flight=inflight.adapter_counts(s.replica_id))
                 for s in healthy
             ]
         view = self._view
-        count = inflight.count
+        # In-flight counts of every gateway instance and the shadow residency, from the shared
+        # state's local view (no I/O).
+        count = self._state.in_flight_of
+        residency_of = self._state.residency_of
         for snap in view:
-            n = count(snap.replica_id)
+            rid = snap.replica_id
+            n = count(rid)
             if snap.in_flight != n:
                 # The view holds this proxy's own copies (made just above) and routing keeps
-                # no snapshot across decisions: update the count in place rather than copy a
+                # no snapshot across decisions: update the fields in place rather than copy a
                 # 14-field frozen dataclass per replica per request (~25x dearer).
                 # adapter_in_flight is a live read-only view: never stale.
                 _set_field(snap, "in_flight", n)
+            res = residency_of(rid)
+            if snap.residency is not res:
+                _set_field(snap, "residency", res)
         candidates = view if exclude is None else [s for s in view if s.replica_id != exclude]
         if not candidates:
             raise NoReplicaAvailableError("no healthy replica is available", param="model")
@@ -236,10 +249,11 @@ class Proxy:
         path = _CHAT if chat else _COMPLETIONS
         exclude: ReplicaId | None = None
         retried = reloaded = False
+        state = self._state
         while True:
             rid = self._choose(rreq, exclude)
             upstream = pool.client(rid).upstream
-            self._inflight.acquire(rid, rreq.adapter)
+            lease = await state.begin(rid, rreq.adapter)
             try:
                 if spec is not None and not pool.is_registered(rid, spec.name):
                     try:
@@ -289,7 +303,7 @@ class Proxy:
                 finally:
                     upstream.release(conn)
             finally:
-                self._inflight.release(rid, rreq.adapter)
+                state.end(rid, rreq.adapter, lease)
 
     async def _drain(self, conn: UpstreamConn) -> bytes:
         """The whole body of a streaming request's non-200 answer (vLLM's JSON error)."""

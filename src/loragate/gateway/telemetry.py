@@ -66,6 +66,26 @@ class _ScrapeTimeGauges(Collector):
         yield loads
 
 
+class _StateGauges(Collector):
+    """The shared state store's health, read when ``/metrics`` is scraped."""
+
+    def __init__(self, degraded: Callable[[], bool], errors: Callable[[], int]) -> None:
+        self._degraded = degraded
+        self._errors = errors
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "loragate_state_degraded",
+            "1 while the shared state (Redis) is unreachable and routing uses the local view.",
+            value=1.0 if self._degraded() else 0.0,
+        )
+        yield CounterMetricFamily(
+            "loragate_state_errors",
+            "Failed calls to the shared state backend (Redis) since start.",
+            value=self._errors(),
+        )
+
+
 class _Histogram:
     """One label set of a histogram: per-bucket counts (the last is +Inf) and the sum."""
 
@@ -141,6 +161,11 @@ class Telemetry:
         adapter_loads: Callable[[], Mapping[str, int]],
     ) -> None:
         self.registry.register(_ScrapeTimeGauges(in_flight, healthy, adapter_loads))
+
+    def bind_shared_state(
+        self, *, degraded: Callable[[], bool], errors: Callable[[], int]
+    ) -> None:
+        self.registry.register(_StateGauges(degraded, errors))
 
     def count(self, adapter: str, replica: str, status: str) -> None:
         key = (adapter, replica, status)

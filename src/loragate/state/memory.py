@@ -66,6 +66,14 @@ class MemoryStore:
             degraded=False,
         )
 
+    def in_flight_of(self, replica_id: ReplicaId) -> int:
+        """Live leases on one replica, without building a view (the gateway's hot path)."""
+        return len(self._leases.get(replica_id, ()))
+
+    def residency_of(self, replica_id: ReplicaId) -> Residency:
+        """One replica's shadow residency, without building a view (the gateway's hot path)."""
+        return self._residency.get(replica_id, rz.EMPTY)
+
     # --- synchronous helpers (also used by ResilientStore) --------------------------------
     def settings_of(self, replica_id: ReplicaId) -> ReplicaSettings:
         rec = self._replicas.get(replica_id)

@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 from loragate.core.clock import Clock, WallClock
-from loragate.core.types import AdapterId, AdapterSpec, ReplicaId
+from loragate.core.types import AdapterId, AdapterSpec, ReplicaId, Residency
 from loragate.state.memory import MemoryStore
 from loragate.state.redis_store import RedisStore
 from loragate.state.store import ReplicaRecord, StateStore, StateUnavailableError, StateView
@@ -232,6 +232,14 @@ class ResilientStore:
             in_flight={r: self._others.get(r, 0) + own.get(r, 0) for r in base.replicas},
             degraded=self._degraded,
         )
+
+    def in_flight_of(self, replica_id: ReplicaId) -> int:
+        """``view().in_flight_of(replica_id)`` without building the view."""
+        return self._others.get(replica_id, 0) + self._local.in_flight_of(replica_id)
+
+    def residency_of(self, replica_id: ReplicaId) -> Residency:
+        """``view().residency_of(replica_id)`` without building the view."""
+        return self._local.residency_of(replica_id)
 
     # --- replica registry and residency -----------------------------------------------------------
     async def upsert_replica(self, record: ReplicaRecord) -> None:

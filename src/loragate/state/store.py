@@ -170,7 +170,13 @@ class StateStore(Protocol):
 class GatewayStore(StateStore, Protocol):
     """A store with a local view: what the gateway uses (``MemoryStore``, ``ResilientStore``).
 
-    ``view()`` is synchronous and does no I/O, so the gateway may call it on every request.
+    ``view()`` is synchronous and does no I/O, so the gateway may call it on every request;
+    ``in_flight_of`` and ``residency_of`` read one replica's entry of that view without
+    building it (what the gateway's routing reads per request and replica).
     """
 
     def view(self) -> StateView: ...
+
+    def in_flight_of(self, replica_id: ReplicaId) -> int: ...
+
+    def residency_of(self, replica_id: ReplicaId) -> Residency: ...

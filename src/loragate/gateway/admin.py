@@ -1,0 +1,243 @@
+"""The admin API: ``/admin/*``, behind a bearer token.
+
+==========================  ==================================================================
+``GET /admin/replicas``     every replica: health, engine metrics, in-flight counts (all
+                            instances, and this one's), settings and shadow residency
+``GET /admin/adapters``     every adapter: config-file ones and admin-registered ones
+``POST /admin/adapters``    register ``{name, path, rank?, tenants?}``: 201; 400 naming the
+                            bad key; 409 if the name is taken
+``DELETE /admin/adapters/N``  remove an admin-registered adapter and unload it from the
+                            replicas that registered it: 200; 404 unknown; 409 if the config
+                            file defines it (edit the file and reload instead)
+``POST /admin/reload``      re-read the config file (see ``gateway.reload``): 200; 400 with
+                            the error naming the key (the old config stays in force)
+==========================  ==================================================================
+
+The token comes from ``admin.token`` or ``LORAGATE_ADMIN_TOKEN``; without one every admin
+route answers 404 (as if absent), with a wrong or missing ``Authorization: Bearer`` 401.
+Errors use the OpenAI error shape. Adapter changes go to the shared state store (with a
+version bump), so every gateway instance on the same Redis serves them within its refresh
+interval.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import hdrs, web
+
+from loragate.core.errors import (
+    AuthenticationError,
+    ConflictError,
+    InvalidRequestError,
+    LoragateError,
+    NotFoundError,
+)
+from loragate.core.types import AdapterSpec
+from loragate.gateway.errors import error_response
+from loragate.gateway.reload import reload_from_file
+
+if TYPE_CHECKING:
+    from loragate.gateway.app import Gateway
+
+log = logging.getLogger(__name__)
+
+_ADAPTER_KEYS = ("name", "path", "rank", "tenants")
+_MAX_ADMIN_BODY = 64 * 1024
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status, body=json.dumps(data).encode(), content_type="application/json"
+    )
+
+
+def adapter_json(spec: AdapterSpec) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "path": spec.path,
+        "rank": spec.rank,
+        "tenants": None if spec.tenants is None else sorted(spec.tenants),
+    }
+
+
+def parse_adapter(payload: object, *, base_model: str, tenants: set[str]) -> AdapterSpec:
+    """Validate a ``POST /admin/adapters`` body; errors name the key (``param``)."""
+    if not isinstance(payload, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    for key in payload:
+        if key not in _ADAPTER_KEYS:
+            raise InvalidRequestError(
+                f"unknown key {key!r} (allowed: {', '.join(_ADAPTER_KEYS)})", param=str(key)
+            )
+    for key in ("name", "path"):
+        value = payload.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidRequestError(f"'{key}' must be a non-empty string", param=key)
+    name = payload["name"]
+    if name == base_model:
+        raise InvalidRequestError("an adapter cannot be named like the base model", param="name")
+    rank = payload.get("rank", 8)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise InvalidRequestError("'rank' must be a positive integer", param="rank")
+    allowed: frozenset[str] | None = None
+    raw_tenants = payload.get("tenants")
+    if raw_tenants is not None:
+        if not isinstance(raw_tenants, list):
+            raise InvalidRequestError("'tenants' must be a list of tenant names", param="tenants")
+        for i, tenant in enumerate(raw_tenants):
+            if not isinstance(tenant, str) or tenant not in tenants:
+                raise InvalidRequestError(f"unknown tenant {tenant!r}", param=f"tenants[{i}]")
+        allowed = frozenset(raw_tenants)
+    return AdapterSpec(name=name, path=payload["path"], rank=rank, tenants=allowed)
+
+
+class AdminApi:
+    """Handlers of ``/admin/*`` for one gateway (bound methods are the aiohttp handlers)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gw = gateway
+
+    def register(self, router: web.UrlDispatcher) -> None:
+        router.add_get("/admin/replicas", self._guard(self.replicas))
+        router.add_get("/admin/adapters", self._guard(self.adapters))
+        router.add_post("/admin/adapters", self._guard(self.add_adapter))
+        router.add_delete("/admin/adapters/{name}", self._guard(self.delete_adapter))
+        router.add_post("/admin/reload", self._guard(self.reload))
+
+    def _guard(self, handler: Any) -> Any:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            token = self._gw.admin_token
+            if token is None:
+                return error_response(NotFoundError(f"no route {request.path}"))
+            sent = request.headers.get(hdrs.AUTHORIZATION, "")
+            expected = f"Bearer {token}"
+            if not hmac.compare_digest(sent.encode(), expected.encode()):
+                return error_response(
+                    AuthenticationError("admin API: missing or invalid admin token")
+                )
+            try:
+                response: web.StreamResponse = await handler(request)
+            except LoragateError as exc:
+                return error_response(exc)
+            return response
+
+        return guarded
+
+    # -- replicas ---------------------------------------------------------------------------
+
+    async def replicas(self, _: web.Request) -> web.Response:
+        gw = self._gw
+        pool, shared = gw.pool, gw.shared
+        loads = pool.adapter_loads()
+        out = []
+        for snap in pool.snapshots():
+            rid = snap.replica_id
+            res = shared.residency_of(rid)
+            out.append(
+                {
+                    "id": rid,
+                    "url": snap.url,
+                    "healthy": snap.healthy,
+                    "last_error": pool.last_error(rid) if pool.has_replica(rid) else None,
+                    "settings": {
+                        "max_loras": snap.settings.max_loras,
+                        "max_cpu_loras": snap.settings.max_cpu_loras,
+                        "max_lora_rank": snap.settings.max_lora_rank,
+                        "max_num_seqs": snap.settings.max_num_seqs,
+                        "max_num_batched_tokens": snap.settings.max_num_batched_tokens,
+                    },
+                    "num_running": snap.num_running,
+                    "num_waiting": snap.num_waiting,
+                    "num_deferred": snap.num_deferred,
+                    "kv_usage": snap.kv_usage,
+                    "active_adapters": sorted(snap.active_adapters),
+                    "in_flight": shared.in_flight_of(rid),
+                    "in_flight_here": gw.inflight.count(rid),
+                    "adapter_loads_here": loads.get(rid, 0),
+                    "residency": {
+                        "registered": sorted(res.registered),
+                        "gpu": list(res.gpu),
+                        "cpu": list(res.cpu),
+                    },
+                    "scraped_at_s": snap.scraped_at_s,
+                }
+            )
+        return _json({"replicas": out, "policy": gw.policy.name, "state": shared.status()})
+
+    # -- adapters ---------------------------------------------------------------------------
+
+    async def adapters(self, _: web.Request) -> web.Response:
+        gw = self._gw
+        configured = {a.name for a in gw.config.adapters}
+        registered = gw.pool.registered_adapters()
+        out = []
+        for name, spec in sorted(gw.catalog.adapters.items()):
+            item = adapter_json(spec)
+            item["source"] = "config" if name in configured else "admin"
+            item["registered_on"] = sorted(r for r, names in registered.items() if name in names)
+            out.append(item)
+        return _json({"adapters": out})
+
+    async def add_adapter(self, request: web.Request) -> web.Response:
+        gw = self._gw
+        payload = await _read_json(request)
+        spec = parse_adapter(
+            payload,
+            base_model=gw.config.base_model,
+            tenants={t.name for t in gw.config.tenants},
+        )
+        async with gw.lock:
+            if spec.name in gw.catalog.adapters or spec.name in gw.shared.shared_adapters():
+                raise ConflictError(f"adapter {spec.name!r} already exists", param="name")
+            await gw.shared.store.put_adapter(spec)
+            gw.shared.check_adapters()  # this instance serves it at once
+        log.info("admin: registered adapter %s (%s)", spec.name, spec.path)
+        return _json(adapter_json(spec), status=201)
+
+    async def delete_adapter(self, request: web.Request) -> web.Response:
+        gw = self._gw
+        name = request.match_info["name"]
+        async with gw.lock:
+            if any(a.name == name for a in gw.config.adapters):
+                raise ConflictError(
+                    f"adapter {name!r} is defined in the config file: remove it there and reload",
+                    param="name",
+                )
+            if name not in gw.shared.shared_adapters():
+                raise NotFoundError(f"adapter {name!r} does not exist", param="name")
+            await gw.shared.store.delete_adapter(name)
+            gw.shared.check_adapters()
+        unloaded, errors = [], {}
+        pool = gw.pool
+        for rid in pool.replica_ids:
+            if not (
+                pool.is_registered(rid, name) or name in gw.shared.residency_of(rid).registered
+            ):
+                continue
+            try:
+                await pool.unload_adapter(rid, name)
+                unloaded.append(rid)
+            except LoragateError as exc:
+                errors[rid] = exc.message
+        log.info("admin: deleted adapter %s (unloaded from %s)", name, unloaded)
+        return _json({"deleted": name, "unloaded_from": unloaded, "unload_errors": errors})
+
+    # -- reload -----------------------------------------------------------------------------
+
+    async def reload(self, _: web.Request) -> web.Response:
+        result = await reload_from_file(self._gw)
+        return _json(result.to_json())
+
+
+async def _read_json(request: web.Request) -> object:
+    if request.content_length is not None and request.content_length > _MAX_ADMIN_BODY:
+        raise InvalidRequestError("the request body is too large")
+    body = await request.read()
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from exc

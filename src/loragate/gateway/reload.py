@@ -1,0 +1,137 @@
+"""Reload a running gateway's config (``POST /admin/reload``, SIGHUP in ``loragate serve``).
+
+The new file is read and validated completely (``load_config``: every section, and the routing
+policy built once) before anything changes, so a bad file leaves the old config in force and
+the error names the key. Then, without dropping a request:
+
+* routing policy, catalog (adapters, tenants, API keys) and request limits are swapped (a
+  request already running keeps the policy and limits it started with);
+* replicas: new ones are added to the pool (and polled once), removed ones stop getting
+  traffic (requests already on them finish), changed ones (URL, key, settings) are replaced;
+* ``admin.token`` changes take effect at once.
+
+Sections read only at start (``server``, ``state``, ``poller``, and the ``limits`` that size
+connections) are reported in ``restart_required`` when they changed, and keep their old value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loragate.core.config import GatewayConfig
+from loragate.core.errors import ConfigError
+from loragate.gateway.config_file import load_config
+from loragate.routing import build_policy
+
+if TYPE_CHECKING:
+    from loragate.gateway.app import Gateway
+
+log = logging.getLogger(__name__)
+
+# limits that size connections or the app's body reader: fixed at start.
+_STARTUP_LIMITS = ("connect_timeout_s", "admin_timeout_s", "max_upstream_connections",
+                   "max_body_bytes")  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReloadResult:
+    policy: str
+    replicas_added: tuple[str, ...]
+    replicas_removed: tuple[str, ...]
+    replicas_changed: tuple[str, ...]
+    restart_required: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": "reloaded",
+            "policy": self.policy,
+            "replicas_added": list(self.replicas_added),
+            "replicas_removed": list(self.replicas_removed),
+            "replicas_changed": list(self.replicas_changed),
+            "restart_required": list(self.restart_required),
+        }
+
+
+def restart_required(old: GatewayConfig, new: GatewayConfig) -> tuple[str, ...]:
+    keys = [n for n in ("server", "state", "poller") if getattr(old, n) != getattr(new, n)]
+    keys += [
+        f"limits.{name}"
+        for name in _STARTUP_LIMITS
+        if getattr(old.limits, name) != getattr(new.limits, name)
+    ]
+    return tuple(keys)
+
+
+async def reload_from_file(gateway: Gateway, path: Path | None = None) -> ReloadResult:
+    """Re-read ``path`` (default: the file the gateway started with) and apply it.
+    Raises ``ConfigError`` (nothing changed) if the file is bad or there is no file."""
+    path = path or gateway.config_path
+    if path is None:
+        raise ConfigError("the gateway was started without a config file: nothing to reload")
+    return await apply_config(gateway, load_config(path))
+
+
+async def apply_config(gateway: Gateway, new: GatewayConfig) -> ReloadResult:
+    """Apply a validated config to a running gateway (see the module docstring)."""
+    async with gateway.lock:
+        old = gateway.config
+        # Validated by load_config already; build now so nothing below can fail on it.
+        policy = build_policy(new.routing.build_spec(), seed=new.routing.seed)
+        frozen = restart_required(old, new)
+        # Keep the sections that need a restart as they were.
+        effective = _keep_startup_sections(old, new)
+        added, removed, changed = await _apply_replicas(gateway, old, effective)
+        gateway.config = effective
+        gateway.policy = policy
+        gateway.proxy.set_policy(policy)
+        gateway.proxy.set_limits(effective.limits)
+        gateway.rebuild_catalog()
+    result = ReloadResult(
+        policy=policy.name,
+        replicas_added=added,
+        replicas_removed=removed,
+        replicas_changed=changed,
+        restart_required=frozen,
+    )
+    log.info(
+        "config reloaded: policy %s, replicas +%s -%s ~%s%s",
+        policy.name,
+        list(added),
+        list(removed),
+        list(changed),
+        f", restart needed for {list(frozen)}" if frozen else "",
+    )
+    return result
+
+
+def _keep_startup_sections(old: GatewayConfig, new: GatewayConfig) -> GatewayConfig:
+    limits = dataclasses.replace(
+        new.limits, **{name: getattr(old.limits, name) for name in _STARTUP_LIMITS}
+    )
+    return dataclasses.replace(
+        new, server=old.server, state=old.state, poller=old.poller, limits=limits
+    )
+
+
+async def _apply_replicas(
+    gateway: Gateway, old: GatewayConfig, new: GatewayConfig
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    pool, shared = gateway.pool, gateway.shared
+    before = {r.replica_id: r for r in old.replicas}
+    after = {r.replica_id: r for r in new.replicas}
+    added = tuple(rid for rid in after if rid not in before)
+    removed = tuple(rid for rid in before if rid not in after)
+    changed = tuple(rid for rid in after if rid in before and before[rid] != after[rid])
+    for rid in changed:
+        shared.forget_replica(rid)
+    await shared.register_replicas(tuple(after[rid] for rid in added + changed))
+    for rid in added + changed:
+        await pool.add_replica(after[rid])
+    for rid in removed:
+        pool.remove_replica(rid)
+        shared.forget_replica(rid)
+    return added, removed, changed

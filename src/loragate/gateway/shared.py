@@ -1,0 +1,287 @@
+"""The gateway's side of the shared state: one object between the proxy, the replica pool and
+the ``GatewayStore`` (``MemoryStore`` for one instance, ``ResilientStore`` over Redis for many).
+
+Hot path (per routed request)::
+
+    in_flight_of(r), residency_of(r)    # routing's view: local reads, no I/O
+    lease = await begin(r, adapter)     # 1 Redis round trip: lease + residency touch + demand
+    try: ... proxy ...
+    finally: end(r, adapter, lease)     # 1 Redis round trip, sent in the background
+
+``end`` does not make the client wait for Redis: the response (a non-streaming body is sent
+after the ``finally``) goes out while the lease release travels. Releases are ordered after
+their ``begin`` because ``begin`` is awaited before the request is proxied.
+
+Off the hot path: the pool reports every poll (``replica_polled``: settings, health and the
+``/v1/models`` set, reconciled into the shadow residency) and every admin load/unload; the
+background loop (:meth:`run`) keeps the store maintained (lease renewal, refresh from Redis,
+reconnects) and calls ``on_adapters`` when the shared adapter registry changed (another
+instance's admin API call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+import time
+from collections.abc import Callable, Coroutine, Generator, Mapping
+from typing import Any
+
+from loragate.core.config import ReplicaConfig, StateConfig
+from loragate.core.types import AdapterId, AdapterSpec, ReplicaId, ReplicaSnapshot, Residency
+from loragate.gateway.inflight import InFlightTracker
+from loragate.state import (
+    GatewayStore,
+    KeySpace,
+    MemoryStore,
+    RedisStore,
+    ReplicaRecord,
+    ResilientStore,
+    Ttls,
+)
+
+log = logging.getLogger(__name__)
+
+AdaptersCallback = Callable[[Mapping[AdapterId, AdapterSpec]], None]
+
+
+def build_store(config: StateConfig) -> GatewayStore:
+    """The store the ``state:`` section asks for (Redis is not contacted here)."""
+    if config.backend == "memory":
+        return MemoryStore()
+    assert config.redis_url is not None  # validated by the config loader
+    ttls = Ttls(
+        lease_ttl_s=config.lease_ttl_s,
+        lease_renew_s=config.lease_renew_s,
+        refresh_s=config.refresh_s,
+    )
+    remote = RedisStore.from_url(
+        config.redis_url,
+        op_timeout_s=config.op_timeout_s,
+        keys=KeySpace(prefix=config.key_prefix),
+        ttls=ttls,
+    )
+    return ResilientStore(remote)
+
+
+class SharedState:
+    """Hot-path reads and writes of the shared state, plus the pool's and the admin API's
+    bookkeeping. ``backend`` is ``memory`` or ``redis`` (for /health)."""
+
+    __slots__ = (
+        "_ends",
+        "_inflight",
+        "_lease_ids",
+        "_maintenance_interval_s",
+        "_records",
+        "_seen_adapters",
+        "backend",
+        "in_flight_of",
+        "on_adapters",
+        "residency_of",
+        "store",
+    )
+
+    def __init__(
+        self,
+        store: GatewayStore,
+        inflight: InFlightTracker,
+        *,
+        backend: str = "memory",
+        maintenance_interval_s: float = 0.05,
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self._inflight = inflight
+        self._maintenance_interval_s = maintenance_interval_s
+        # Bound methods, looked up once: routing reads them per replica per request.
+        self.in_flight_of: Callable[[ReplicaId], int] = store.in_flight_of
+        self.residency_of: Callable[[ReplicaId], Residency] = store.residency_of
+        self._lease_ids = itertools.count(1)
+        self._ends: set[asyncio.Task[None]] = set()
+        self._records: dict[ReplicaId, ReplicaRecord] = {}
+        self._seen_adapters: Mapping[AdapterId, AdapterSpec] | None = None
+        self.on_adapters: AdaptersCallback | None = None
+
+    # -- hot path ---------------------------------------------------------------------------
+
+    async def begin(self, replica_id: ReplicaId, adapter: AdapterId | None) -> str:
+        """A request was routed to ``replica_id``: count it in flight (this instance's counts
+        at once, the shared ones in the same round trip as the residency touch and demand
+        count). Returns the lease id to pass to :meth:`end`."""
+        lease = str(next(self._lease_ids))
+        self._inflight.acquire(replica_id, adapter)
+        try:
+            await self.store.begin_request(replica_id, adapter, lease, time.time())
+        except BaseException:
+            self.end(replica_id, adapter, lease)
+            raise
+        return lease
+
+    def end(self, replica_id: ReplicaId, adapter: AdapterId | None, lease: str) -> None:
+        """The request finished (any outcome): release its lease in the background."""
+        self._inflight.release(replica_id, adapter)
+        coro = self.store.end_request(replica_id, lease)
+        try:
+            # MemoryStore and a degraded ResilientStore finish without suspending: no task.
+            first = coro.send(None)
+        except StopIteration:
+            return
+        except Exception:
+            log.exception("state: releasing lease %s on %s failed", lease, replica_id)
+            return
+        # It is waiting on Redis (``first`` is what it awaits): a task drives the rest.
+        task = asyncio.ensure_future(_finish(coro, first))
+        self._ends.add(task)
+        task.add_done_callback(self._ends.discard)
+
+    # -- pool listener (backends.pool.PoolListener) -------------------------------------------
+
+    async def register_replicas(self, replicas: tuple[ReplicaConfig, ...]) -> None:
+        """Put the configured replicas in the shared registry (before the first poll)."""
+        for cfg in replicas:
+            if cfg.replica_id in self._records:
+                continue
+            record = ReplicaRecord(
+                replica_id=cfg.replica_id,
+                url=cfg.url,
+                healthy=False,
+                updated_s=time.time(),
+                **({"settings": cfg.settings} if cfg.settings is not None else {}),
+            )
+            await self.store.upsert_replica(record)
+            self._records[cfg.replica_id] = record
+
+    async def replica_polled(self, snapshot: ReplicaSnapshot, *, models_seen: bool) -> None:
+        """A poll finished: keep the registry's settings and health current, and reconcile
+        the shadow residency with the ``/v1/models`` set (``snapshot.residency.registered``)."""
+        rid = snapshot.replica_id
+        old = self._records.get(rid)
+        now = time.time()
+        if old is None or old.settings != snapshot.settings or old.url != snapshot.url:
+            record = ReplicaRecord(
+                replica_id=rid,
+                url=snapshot.url,
+                settings=snapshot.settings,
+                healthy=snapshot.healthy,
+                updated_s=now,
+            )
+            await self.store.upsert_replica(record)
+            self._records[rid] = record
+        elif old.healthy != snapshot.healthy:
+            await self.store.set_replica_health(rid, snapshot.healthy, now)
+            self._records[rid] = ReplicaRecord(
+                replica_id=rid,
+                url=old.url,
+                settings=old.settings,
+                healthy=snapshot.healthy,
+                updated_s=now,
+            )
+        if models_seen:
+            await self.store.reconcile(rid, snapshot.residency.registered)
+
+    async def adapter_loaded(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
+        await self.store.record_load(replica_id, adapter)
+
+    async def adapter_unloaded(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
+        await self.store.record_unload(replica_id, adapter)
+
+    def forget_replica(self, replica_id: ReplicaId) -> None:
+        """The replica left this instance's config (reload). Its shared entry stays: other
+        instances may still route to it."""
+        self._records.pop(replica_id, None)
+
+    # -- adapter registry -------------------------------------------------------------------
+
+    def shared_adapters(self) -> Mapping[AdapterId, AdapterSpec]:
+        """Adapters registered through the admin API (of any instance)."""
+        return self.store.view().adapters
+
+    def check_adapters(self) -> None:
+        """Call ``on_adapters`` if the shared adapter registry changed since the last call."""
+        adapters = self.shared_adapters()
+        if self._seen_adapters is not None and (
+            adapters is self._seen_adapters or adapters == self._seen_adapters
+        ):
+            return
+        self._seen_adapters = adapters
+        if self.on_adapters is not None:
+            self.on_adapters(adapters)
+
+    # -- status and lifecycle -----------------------------------------------------------------
+
+    @property
+    def degraded(self) -> bool:
+        return self.store.degraded
+
+    @property
+    def error_count(self) -> int:
+        return self.store.error_count
+
+    def status(self) -> dict[str, Any]:
+        return {"backend": self.backend, "degraded": self.store.degraded}
+
+    async def start(self) -> None:
+        """Connect (``ResilientStore``: never raises; starts degraded if Redis is down)."""
+        start = getattr(self.store, "start", None)
+        if start is not None:
+            await start()
+
+    async def run(self) -> None:
+        """Background loop: store housekeeping and adapter-registry changes; cancel to stop."""
+        while True:
+            try:
+                await self.store.maintain()
+                self.check_adapters()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let housekeeping die; the next round retries
+                log.exception("state: maintenance round failed")
+            await asyncio.sleep(self._maintenance_interval_s)
+
+    async def close(self, *, drain_timeout_s: float = 2.0) -> None:
+        """Wait (bounded) for background lease releases, then close the store."""
+        if self._ends:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(drain_timeout_s):
+                    await asyncio.gather(*self._ends, return_exceptions=True)
+        await self.store.close()
+
+
+async def _finish(coro: Coroutine[Any, Any, None], first: Any) -> None:
+    """Drive a coroutine that :meth:`SharedState.end` started and that suspended on
+    ``first`` to completion, inside a task."""
+    try:
+        await _Resume(coro, first)
+    except Exception:
+        log.exception("state: releasing a lease failed")
+
+
+class _Resume:
+    """``await _Resume(coro, first)`` continues a started coroutine as if it had been awaited
+    from the start: ``first`` (the future it suspended on) goes to the event loop, then each
+    value or exception the loop sends back goes into the coroutine."""
+
+    __slots__ = ("_coro", "_first")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], first: Any) -> None:
+        self._coro = coro
+        self._first = first
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coro = self._coro
+        yielded = self._first
+        while True:
+            try:
+                value = yield yielded
+            except BaseException as exc:
+                step = functools.partial(coro.throw, exc)
+            else:
+                step = functools.partial(coro.send, value)
+            try:
+                yielded = step()
+            except StopIteration:
+                return
