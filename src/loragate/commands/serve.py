@@ -1,4 +1,5 @@
-"""``loragate serve --config FILE``: run the gateway (aiohttp on uvloop)."""
+"""``loragate serve --config FILE``: run the gateway (aiohttp on uvloop). SIGHUP reloads FILE
+(a bad file is logged and the running config stays); SIGINT/SIGTERM stop it."""
 
 from __future__ import annotations
 
@@ -37,5 +38,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"loragate serve: bad config {args.config}: {exc}", file=sys.stderr)
         return 2
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve_until_signalled(config, host=args.host, port=args.port))
+        runner.run(
+            serve_until_signalled(config, host=args.host, port=args.port, config_path=args.config)
+        )
     return 0

@@ -9,12 +9,15 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from loragate.core.config import GatewayConfig
+from loragate.core.errors import ConfigError
 from loragate.gateway.app import GATEWAY, Gateway, create_app
+from loragate.gateway.reload import reload_from_file
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +71,41 @@ async def running_gateway(
         await runner.cleanup()
 
 
+async def reload_logged(gateway: Gateway) -> bool:
+    """Reload the config file (SIGHUP); a bad file is logged and the old config stays."""
+    try:
+        await reload_from_file(gateway)
+    except ConfigError as exc:
+        log.error("config reload rejected, keeping the running config: %s", exc)
+        return False
+    return True
+
+
 async def serve_until_signalled(
-    config: GatewayConfig, *, host: str | None = None, port: int | None = None
+    config: GatewayConfig,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    config_path: str | Path | None = None,
 ) -> None:
-    """Run until SIGINT or SIGTERM, then shut down gracefully."""
+    """Run until SIGINT or SIGTERM, then shut down gracefully. SIGHUP reloads
+    ``config_path`` (when given) without dropping requests."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    async with running_gateway(config, host=host, port=port) as running:
+    reloads: set[asyncio.Task[bool]] = set()
+    async with running_gateway(config, host=host, port=port, config_path=config_path) as running:
+        if config_path is not None:
+
+            def on_hup() -> None:
+                task = loop.create_task(reload_logged(running.gateway))
+                reloads.add(task)
+                task.add_done_callback(reloads.discard)
+
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(signal.SIGHUP, on_hup)
         healthy = len(running.gateway.pool.healthy_snapshots())
         log.info(
             "loragate gateway listening on %s (%d/%d replicas healthy, policy %s)",

@@ -76,6 +76,7 @@ class SharedState:
         "_inflight",
         "_lease_ids",
         "_maintenance_interval_s",
+        "_missing",
         "_records",
         "_seen_adapters",
         "backend",
@@ -103,6 +104,7 @@ class SharedState:
         self._lease_ids = itertools.count(1)
         self._ends: set[asyncio.Task[None]] = set()
         self._records: dict[ReplicaId, ReplicaRecord] = {}
+        self._missing: dict[ReplicaId, frozenset[AdapterId]] = {}
         self._seen_adapters: Mapping[AdapterId, AdapterSpec] | None = None
         self.on_adapters: AdaptersCallback | None = None
 
@@ -157,7 +159,12 @@ class SharedState:
 
     async def replica_polled(self, snapshot: ReplicaSnapshot, *, models_seen: bool) -> None:
         """A poll finished: keep the registry's settings and health current, and reconcile
-        the shadow residency with the ``/v1/models`` set (``snapshot.residency.registered``)."""
+        the shadow residency with the ``/v1/models`` set (``snapshot.residency.registered``).
+
+        An adapter the shared residency holds is dropped only when two polls in a row did not
+        list it: another instance may have loaded it after this poll read ``/v1/models``
+        (a real unload is thus noticed one poll later; our own unloads are recorded at once).
+        """
         rid = snapshot.replica_id
         old = self._records.get(rid)
         now = time.time()
@@ -181,7 +188,11 @@ class SharedState:
                 updated_s=now,
             )
         if models_seen:
-            await self.store.reconcile(rid, snapshot.residency.registered)
+            listed = snapshot.residency.registered
+            missing = self.store.residency_of(rid).registered - listed
+            keep = missing - self._missing.get(rid, frozenset())
+            self._missing[rid] = missing
+            await self.store.reconcile(rid, listed | keep)
 
     async def adapter_loaded(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
         await self.store.record_load(replica_id, adapter)
@@ -193,6 +204,7 @@ class SharedState:
         """The replica left this instance's config (reload). Its shared entry stays: other
         instances may still route to it."""
         self._records.pop(replica_id, None)
+        self._missing.pop(replica_id, None)
 
     # -- adapter registry -------------------------------------------------------------------
 
