@@ -46,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     val.add_argument("--jobs", type=int, default=0, help="worker processes (0 = all cores)")
     val.add_argument("--json", action="store_true", help="print the full result as JSON")
     val.add_argument("--out", default=None, help="also write the JSON result to this file")
+    val.add_argument("--progress", action="store_true", help="one line per finished run (stderr)")
     val.set_defaults(_twin=_validate)
 
     prof = sub.add_parser("profiles", help="list the built-in profiles")
@@ -113,6 +114,7 @@ def _validate(args: argparse.Namespace) -> int:
         run_ids=args.run_id,
         limit=args.limit,
         jobs=args.jobs,
+        progress=args.progress,
     )
     text = json.dumps(_clean(result), indent=1)
     if args.out:

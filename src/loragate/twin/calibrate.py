@@ -74,6 +74,7 @@ class FittedCoefficients:
     sched_base_ms: float
     sched_per_running_ms: float
     sched_per_waiting_ms: float
+    sched_per_waiting_slots_full_ms: float | None
     cpu_load_base_ms: float
     cpu_load_per_rank_ms: float
     cpu_load_pad_ms: float
@@ -156,27 +157,47 @@ class _Sched:
     s0: float
     s_run: float
     s_wait: float
+    s_wait_full: float | None = None  # while every LoRA slot is taken (queue walk)
 
     def predict(self, running: FloatArray, waiting: FloatArray) -> FloatArray:
         return self.s0 + self.s_run * running + self.s_wait * waiting
 
 
 def fit_scheduler(table: Table, base: Table) -> tuple[_Sched, ComponentFit]:
-    """sched_ms = s0 + s_run*B + s_wait*W from R3 (or the base runs' scheduler lines)."""
+    """sched_ms = s0 + s_run*B + s_wait*W from R3 (or the base runs' scheduler lines).
+
+    Where R3 records the slots and the adapters per batch, the waiting term is fitted
+    separately for runs whose batches hold every slot (mean adapters >= 90% of max_loras):
+    vLLM 0.8.5 then walks the whole waiting queue each step, skipping other adapters.
+    """
     if len(table):
         total = _arr(table.column("total_scheduling_time"))
         steps = _arr(table.column("steps"))
         running = _arr(table.column("avg_batch_size"))
         waiting = _arr(table.column("avg_waiting_queue"))
+        slots = _arr(table.column("gpu_loras"))
+        adapters = _arr(table.column("mean_loras_by_batch"))
         y = total / np.where(steps > 0, steps, np.nan) * 1000.0
         ok = np.isfinite(y) & np.isfinite(running) & np.isfinite(waiting) & (y > 0)
+        full = np.isfinite(slots) & np.isfinite(adapters) & (adapters >= 0.9 * slots)
+        split = (ok & full).sum() >= 5 and (ok & ~full).sum() >= 5
         if ok.sum() >= 3:
-            x = np.c_[np.ones(int(ok.sum())), running[ok], waiting[ok]]
-            c = _wlstsq(x, y[ok], relative=False)
+            cols = [np.ones(int(ok.sum())), running[ok]]
+            if split:
+                cols += [(waiting * ~full)[ok], (waiting * full)[ok]]
+            else:
+                cols.append(waiting[ok])
+            c = _wlstsq(np.column_stack(cols), y[ok], relative=False)
+            s_full = max(float(c[3]), 0.0) if split else None
             sched = _Sched(s0=max(float(c[0]), 0.0), s_run=max(float(c[1]), 0.0),
-                           s_wait=max(float(c[2]), 0.0))
+                           s_wait=max(float(c[2]), 0.0), s_wait_full=s_full)
             pred = sched.predict(running[ok], waiting[ok])
-            return sched, _quality(pred, y[ok], "R3 total_scheduling_time/steps")
+            if s_full is not None:
+                pred = pred + (s_full - sched.s_wait) * (waiting * full)[ok]
+            note = "R3 total_scheduling_time/steps"
+            if split:
+                note += f" ({int((ok & full).sum())} runs with all LoRA slots taken)"
+            return sched, _quality(pred, y[ok], note)
     running = _arr(base.column("mean_running_batch"))
     y = _arr(base.column("sched_time_mean_ms"))
     ok = np.isfinite(running) & np.isfinite(y)
@@ -497,6 +518,7 @@ def fit_coefficients(data: CalibrationData) -> FitReport:
         sched_base_ms=sched.s0,
         sched_per_running_ms=sched.s_run,
         sched_per_waiting_ms=sched.s_wait,
+        sched_per_waiting_slots_full_ms=sched.s_wait_full,
         cpu_load_base_ms=c0,
         cpu_load_per_rank_ms=c_rank,
         cpu_load_pad_ms=c_pad,
@@ -576,6 +598,8 @@ def build_profile(
             intercept_ms=round(c.sched_base_ms, 6),
             ms_per_running=round(c.sched_per_running_ms, 8),
             ms_per_waiting=round(c.sched_per_waiting_ms, 10),
+            ms_per_waiting_slots_full=None if c.sched_per_waiting_slots_full_ms is None
+            else round(c.sched_per_waiting_slots_full_ms, 10),
         ),
         loading=LoadModel(
             cpu_to_gpu=RankCost(intercept_ms=round(c.cpu_load_base_ms, 6),

@@ -76,6 +76,9 @@ class SchedulerModel:
     ms_per_running: float = 0.0
     ms_per_waiting: float = 0.0
     max_waiting: int | None = None  # the waiting term saturates at this queue length
+    # Optional: per-waiting-request cost while every LoRA slot is taken (A >= lora.max_loras):
+    # vLLM 0.8.5's scheduler then walks the whole waiting queue, skipping other adapters.
+    ms_per_waiting_slots_full: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -185,7 +188,14 @@ class PerformanceProfile:
                 )
         sc = self.scheduler
         waiting = num_waiting if sc.max_waiting is None else min(num_waiting, sc.max_waiting)
-        sched_ms = sc.intercept_ms + sc.ms_per_running * batch_size + sc.ms_per_waiting * waiting
+        per_waiting = sc.ms_per_waiting
+        if (
+            sc.ms_per_waiting_slots_full is not None
+            and lora_enabled
+            and 0 < self.lora.max_loras <= distinct_adapters
+        ):
+            per_waiting = sc.ms_per_waiting_slots_full
+        sched_ms = sc.intercept_ms + sc.ms_per_running * batch_size + per_waiting * waiting
         return max(compute_ms + sched_ms, 1e-6) / 1000.0
 
     def cpu_to_gpu_load_s(self, rank: int) -> float:

@@ -23,12 +23,14 @@ request counts the window length).
 
 from __future__ import annotations
 
+import bisect
 import csv
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -53,6 +55,7 @@ PAPER_PROFILES: dict[str, str] = {
     "qwen-2.5-7b-instruct": "paper-qwen-2.5-7b-h100",
 }
 EXCLUDED_FLAGS = frozenset({"served_adapters_mismatch"})
+FEED_CHUNK_S = 5.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -279,15 +282,22 @@ def replay_run(spec: RunSpec, profile_ref: str, cfg: ValidateConfig) -> RunMetri
     prompts = arrivals.prompt.tolist()
     outputs = arrivals.output.tolist()
     records = []
-    for i in range(n):
-        t = times[i]
-        records.extend(engine.run_until(t))
-        a = adapters[i]
-        engine.add_request(EngineRequest(
-            request_id=str(i), adapter=names[a], adapter_rank=spec.ranks[a],
-            prompt_tokens=int(prompts[i]), max_tokens=int(outputs[i]), arrival_s=t,
-        ))
-    records.extend(engine.run_until(cfg.window_s))
+    # Arrivals are handed over a chunk ahead of time (the engine queues future arrivals and
+    # admits each at its own time), so run_until is called once per chunk, not per request.
+    ranks = spec.ranks
+    start = 0
+    chunk_end = 0.0
+    while chunk_end < cfg.window_s:
+        chunk_end = min(chunk_end + FEED_CHUNK_S, cfg.window_s)
+        stop = bisect.bisect_left(times, chunk_end, lo=start)
+        engine.add_requests(
+            EngineRequest(request_id=str(i), adapter=names[adapters[i]],
+                          adapter_rank=ranks[adapters[i]], prompt_tokens=prompts[i],
+                          max_tokens=outputs[i], arrival_s=times[i])
+            for i in range(start, stop)
+        )
+        start = stop
+        records.extend(engine.run_until(chunk_end))
     done = [r for r in records if r.finish_s <= cfg.window_s]
     tokens = sum(r.prompt_tokens + r.output_tokens for r in done)
     gaps = sum(r.finish_s - r.first_token_s for r in done if r.output_tokens > 1)
@@ -370,6 +380,7 @@ def run_validation(
     profile_for: dict[str, str],
     cfg: ValidateConfig,
     jobs: int = 0,
+    progress: bool = False,
 ) -> list[RunMetrics]:
     """Replay ``specs`` (in a process pool when jobs != 1); results in the order of specs."""
     work = [(s, profile_for.get(s.model, DEFAULT_PROFILES.get(s.model, s.model)), cfg)
@@ -381,8 +392,14 @@ def run_validation(
     order = sorted(range(len(work)), key=lambda i: -_expected_cost(work[i][0]))
     out: list[RunMetrics | None] = [None] * len(work)
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        for i, result in zip(order, pool.map(_replay_job, [work[i] for i in order]), strict=True):
-            out[i] = result
+        futures = {pool.submit(_replay_job, work[i]): i for i in order}
+        for done, future in enumerate(as_completed(futures), start=1):
+            i = futures[future]
+            out[i] = future.result()
+            if progress:
+                m = out[i]
+                print(f"[{done}/{len(work)}] {work[i][0].run_id} cpu {m.wall_s if m else 0:.1f}s",
+                      file=sys.stderr, flush=True)
     return [r for r in out if r is not None]
 
 
@@ -429,6 +446,7 @@ def validate(
     run_ids: Sequence[str] = (),
     limit: int | None = None,
     jobs: int = 0,
+    progress: bool = False,
 ) -> dict[str, object]:
     """Replay the runs, compare with the real and the paper twin's, return a JSON-able dict."""
     cfg = cfg or ValidateConfig()
@@ -440,7 +458,8 @@ def validate(
     paper_rows = {r["run_id"]: r for r in read_rows(paper_runs)} if paper_runs else {}
     by_id = {r["run_id"]: r for r in rows}
     started = time.perf_counter()
-    metrics = run_validation(specs, profile_for=profile_for, cfg=cfg, jobs=jobs)
+    metrics = run_validation(specs, profile_for=profile_for, cfg=cfg, jobs=jobs,
+                             progress=progress)
     elapsed = time.perf_counter() - started
     results = [
         RunResult(spec=s, profile=profile_for.get(s.model, s.model), ours=m,

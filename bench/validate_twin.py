@@ -1,0 +1,70 @@
+"""Validate the twin against every real BSC run and print the error table with the runtime.
+
+    .venv/bin/python bench/validate_twin.py [--jobs 2] [--out result.json] [--limit N]
+
+Same as ``loragate twin validate --real-runs ../shared/data/bsc-vllm-lora/validation/real_runs.csv``
+plus a per-workload breakdown of our errors (where the twin is weakest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from loragate.commands.twin import _clean, format_table
+from loragate.twin.metrics_errors import summarize
+from loragate.twin.validate import ValidateConfig, validate
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsc-vllm-lora" / "validation"
+
+
+def _per_workload(result: dict[str, object]) -> str:
+    groups: dict[str, list[dict[str, dict[str, float]]]] = defaultdict(list)
+    for run in result["runs"]:  # type: ignore[attr-defined]
+        if run["ours"].get("error"):
+            continue
+        groups[run["run_id"].rsplit("/", 1)[0]].append(run)
+    lines = [f"{'workload':<52}{'n':>4}{'thr MAPE':>10}{'thr bias':>10}{'ITL MAPE':>10}"
+             f"{'ITL bias':>10}"]
+    for key in sorted(groups):
+        runs = groups[key]
+        thr = summarize([r["real"]["total_throughput"] for r in runs],
+                        [r["ours"]["total_throughput"] for r in runs])
+        itl = summarize([r["real"]["itl_mean_ms"] for r in runs],
+                        [r["ours"]["itl_mean_ms"] for r in runs])
+        lines.append(f"{key:<52}{len(runs):>4}{thr.mape_pct:>10.2f}{thr.median_bias_pct:>+10.2f}"
+                     f"{itl.mape_pct:>10.2f}{itl.median_bias_pct:>+10.2f}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--real-runs", default=str(DATA / "real_runs.csv"))
+    parser.add_argument("--paper-runs", default=str(DATA / "paper_twin_runs.csv"))
+    parser.add_argument("--jobs", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    result = validate(args.real_runs, paper_runs=args.paper_runs, cfg=ValidateConfig(),
+                      jobs=args.jobs, limit=args.limit)
+    wall = time.perf_counter() - started
+    print(format_table(result))
+    print()
+    print(_per_workload(result))
+    sim_s = 3600.0 * float(result["runs_replayed"])  # type: ignore[arg-type]
+    cpu = float(result["cpu_s_total"])  # type: ignore[arg-type]
+    print(f"\nwall {wall:.1f} s; simulated {sim_s / 3600:.0f} h in {cpu:.1f} CPU s "
+          f"({sim_s / cpu if cpu > 0 and math.isfinite(cpu) else math.nan:.0f}x real time)")
+    if args.out:
+        Path(args.out).write_text(json.dumps(_clean(result), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
