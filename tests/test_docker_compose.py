@@ -76,3 +76,12 @@ def test_gateway_config_matches_the_replicas(compose: dict[str, Any]) -> None:
         source = adapter_files[f"{adapter.path}/adapter_config.json"]
         peft = json.loads(compose["configs"][source]["content"])
         assert peft["peft_type"] == "LORA" and peft["r"] == adapter.rank
+
+
+def test_gateway_shares_state_through_the_redis_service(compose: dict[str, Any]) -> None:
+    config = parse_config_text(compose["configs"]["gateway"]["content"], source="compose")
+    assert config.state.backend == "redis"
+    assert config.state.redis_url is not None and "//redis:6379" in config.state.redis_url
+    gateway = compose["services"]["gateway"]
+    assert "redis" in gateway["depends_on"]
+    assert gateway["environment"]["LORAGATE_ADMIN_TOKEN"]
