@@ -200,3 +200,39 @@ async def test_x_request_id_names_the_response(
             async with http.post(r.url + "/v1/completions", json=body, headers=headers) as resp:
                 results.append((resp.status, (await resp.json())["id"]))
         assert results == [(200, "cmpl-gw-42")] * 2
+
+
+async def test_engine_stop_mid_stream_reports_an_error_event(
+    start_replica: StartReplica, http: aiohttp.ClientSession
+) -> None:
+    async with start_replica(time_scale=1.0) as r:
+        body = {"prompt": "long", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        async with http.post(r.url + "/v1/completions", json=body) as resp:
+            await resp.content.readuntil(b"\n\n")
+            await r.state.stop_engine()
+            rest = (await resp.read()).decode()
+        events = [e[len("data: ") :] for e in rest.split("\n\n") if e]
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == 500 and error["type"] == "InternalServerError"
+        body.pop("stream")
+        async with http.post(r.url + "/v1/completions", json=body) as resp:
+            assert resp.status == 503
+            assert (await resp.json())["error"]["type"] == "ServiceUnavailableError"
+
+
+async def test_leaving_run_replica_ends_streams_in_flight(
+    start_replica: StartReplica, http: aiohttp.ClientSession
+) -> None:
+    ctx = start_replica(time_scale=0.1)  # 400 tokens would take many seconds
+    r = await ctx.__aenter__()
+    body = {"prompt": "long", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    resp = await http.post(r.url + "/v1/completions", json=body)
+    try:
+        await resp.content.readuntil(b"\n\n")
+        await ctx.__aexit__(None, None, None)
+        rest = (await resp.read()).decode()
+    finally:
+        resp.release()
+    assert rest.endswith("data: [DONE]\n\n")
+    assert '"error":' in rest and '"finish_reason":"length"' not in rest

@@ -10,6 +10,7 @@ tokens the engine emitted. A client that disconnects aborts its engine requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from aiohttp import web
 
 from loragate.twin.adapters import RegisteredAdapter
 from loragate.twin.engine import EngineRequest, TokenEvent
+from loragate.twin.realtime import EngineStoppedError
 from loragate.twin.replica_protocol import (
     GenerationRequest,
     Kind,
@@ -40,7 +42,7 @@ from loragate.twin.replica_responses import (
     usage_chunk,
 )
 from loragate.twin.synthetic_text import OutputPlan, OutputSampler
-from loragate.twin.vllm_errors import model_not_found, parse_json_object
+from loragate.twin.vllm_errors import VllmApiError, model_not_found, parse_json_object
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterable
@@ -83,6 +85,8 @@ class Generator:
 
     async def handle(self, request: web.Request, kind: str) -> web.StreamResponse:
         gen_kind: Kind = "chat" if kind == "chat" else "completion"
+        if not self._state.accepting:
+            raise VllmApiError(503, "The replica is shutting down.", "ServiceUnavailableError")
         body = parse_json_object(await request.read())
         gen = parse_generation_request(gen_kind, body)
         model, adapter = await self._resolve_model(gen.model)
@@ -94,6 +98,10 @@ class Generator:
             if gen.stream:
                 return await self._stream(request, gen, choices, request_id, model, prompt_tokens)
             await asyncio.gather(*(self._drain(c) for c in choices))
+            if not all(c.finished for c in choices):
+                raise VllmApiError(
+                    500, "The engine stopped before the request finished.", "InternalServerError"
+                )
         finally:
             self._abort_unfinished(choices)
         results = [
@@ -237,6 +245,8 @@ class Generator:
                     await response.write(encoder.token(c.index, text))
                 else:
                     await response.write(encoder.final(c.index, text, finish))
+            if not all(c.finished for c in choices):
+                raise EngineStoppedError("the replica is shutting down")
             if gen.include_usage:
                 usage = usage_chunk(
                     kind=gen.kind,
@@ -251,6 +261,12 @@ class Generator:
             await response.write_eof()
         except ConnectionResetError:
             pass  # client went away; the caller's ``finally`` aborts the engine requests
+        except EngineStoppedError as exc:
+            # Headers are sent: report in-band as vLLM does, then end the stream.
+            err = VllmApiError(500, f"The engine stopped: {exc}", "InternalServerError")
+            with contextlib.suppress(ConnectionResetError):
+                await response.write(b"data: " + err.body() + b"\n\n" + SSE_DONE)
+                await response.write_eof()
         return response
 
     def _abort_unfinished(self, choices: list[_Choice]) -> None:

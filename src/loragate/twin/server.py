@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 _NO_CONTENT_TYPE = web.ResponseKey("loragate.no_content_type", bool)
 CLIENT_MAX_SIZE_BYTES = 32 * 1024 * 1024
+SHUTDOWN_TIMEOUT_S = 5.0
 
 
 class ReplicaState:
@@ -97,7 +98,17 @@ class ReplicaState:
         self.lora_info = LoraRequestsInfo(max_lora=config.max_loras) if config.enable_lora else None
         self.counters = RequestCounters()
         self.server_load = 0
+        self.accepting = True
         self.generator = Generator(self)
+
+    async def start_engine(self) -> None:
+        self.accepting = True
+        await self.realtime.start()
+
+    async def stop_engine(self) -> None:
+        """Stop stepping: streams in flight end with an error event, new requests get 503."""
+        self.accepting = False
+        await self.realtime.stop()
 
     async def add_lora(self, adapter: RegisteredAdapter) -> None:
         """Put a newly registered adapter in the engine's CPU cache, taking its load time.
@@ -298,10 +309,10 @@ def create_replica_app(
     app.on_response_prepare.append(_strip_content_type)
 
     async def start(_: web.Application) -> None:
-        await state.realtime.start()
+        await state.start_engine()
 
     async def stop(_: web.Application) -> None:
-        await state.realtime.stop()
+        await state.stop_engine()
 
     app.on_startup.append(start)
     app.on_cleanup.append(stop)
@@ -347,7 +358,9 @@ async def run_replica(
 ) -> AsyncIterator[RunningReplica]:
     """Serve a replica on ``host:port`` (defaults from ``config``; port 0 picks a free port)."""
     app = create_replica_app(config, profile=profile, clock=clock)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+    )
     await runner.setup()
     try:
         bind_host = host if host is not None else config.host
@@ -359,6 +372,7 @@ async def run_replica(
             url=f"http://{url_host}:{bound_port}", host=bind_host, port=bound_port, app=app
         )
     finally:
+        await app[STATE_KEY].stop_engine()  # in-flight requests end now, not at their last token
         await runner.cleanup()
 
 
