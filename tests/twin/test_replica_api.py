@@ -425,3 +425,42 @@ async def test_eos_sampling_stops_early_and_is_seeded(
     first = await lengths(5)
     assert any(reason == "stop" and n < 40 for n, reason in first)
     assert first == await lengths(5)
+
+
+async def test_metrics_after_sequential_adapter_requests_like_the_recording(
+    start_replica: StartReplica, http: aiohttp.ClientSession, adapter_dir: MakeAdapterDir
+) -> None:
+    async with start_replica() as r:
+        status, ctype, raw = await call(http, "GET", r.url + "/metrics")
+        assert (status, ctype) == (200, "text/plain; version=1.0.0; charset=utf-8")
+        assert "vllm:lora_requests_info{" not in raw.decode()  # nothing seen before a step
+        for name in ("lora-0", "lora-1"):
+            await call(
+                http,
+                "POST",
+                r.url + "/v1/load_lora_adapter",
+                {"lora_name": name, "lora_path": adapter_dir(name)},
+            )
+            body = {"model": name, "prompt": "hi", "max_tokens": 4, "ignore_eos": True}
+            assert (await call(http, "POST", r.url + "/v1/completions", body))[0] == 200
+        text = (await call(http, "GET", r.url + "/metrics"))[2].decode()
+    lines = text.splitlines()
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:num_requests_waiting_by_reason",
+        "vllm:kv_cache_usage_perc",
+        "vllm:lora_requests_info",
+    ):
+        assert f"# TYPE {name} gauge" in lines
+        assert any(line.startswith(f"# HELP {name} ") for line in lines)
+    assert 'vllm:num_preemptions_total{engine="0",model_name="tiny-llama"} 0.0' in lines
+    series = re.findall(
+        r'^vllm:lora_requests_info\{max_lora="2",running_lora_adapters="([^"]*)",'
+        r'waiting_lora_adapters="\1"\} (\d\.\d+e\+09)$',
+        text,
+        flags=re.MULTILINE,
+    )
+    assert [s[0] for s in series] == ["lora-0", "", "lora-1"]
+    newest = max(series, key=lambda s: float(s[1]))
+    assert newest[0] == ""  # idle now: the empty combination was seen last
