@@ -58,7 +58,8 @@ __all__ = [
 ]
 
 NS = 1_000_000_000
-_PENDING, _WAITING, _PREFILL, _DECODE, _DONE = range(5)
+# _WAITING: never admitted yet; _REQUEUED: waiting again after a preemption.
+_PENDING, _WAITING, _PREFILL, _DECODE, _DONE, _REQUEUED = range(6)
 
 
 def _ns(t_s: float) -> int:
@@ -109,7 +110,6 @@ class _Req:
         "epoch",
         "first_ns",
         "fstep",
-        "nseq",
         "o0",
         "out",
         "preemptions",
@@ -133,20 +133,21 @@ class _Req:
     aseq: int
     wseq: int
     def_snap: int
+    rank: int
+    out: int  # output tokens so far (decoders: o0 + steps since b)
+    epoch: int  # invalidates stale finish-heap entries
+    deferred_ns: int
+    first_ns: int
+    preemptions: int
 
-    def __init__(self, req: EngineRequest, ast: _Adapter, arrival_ns: int, nseq: int) -> None:
+    def __init__(self, req: EngineRequest, ast: _Adapter, arrival_ns: int) -> None:
+        # Kept minimal: under overload most requests only ever wait. The running-side fields
+        # (rank, out, epoch, deferred_ns, first_ns, preemptions) are set on first admission.
         self.req = req
         self.ast = ast
-        self.rank = req.adapter_rank if req.adapter is not None else 0
         self.target = req.prompt_tokens  # tokens to (re)compute: prompt (+ outputs if preempted)
         self.arrival_ns = arrival_ns
-        self.nseq = nseq
         self.state = _PENDING
-        self.out = 0  # output tokens so far (decoders: o0 + steps since b)
-        self.epoch = 0  # invalidates stale finish-heap entries
-        self.deferred_ns = 0
-        self.first_ns = -1
-        self.preemptions = 0
 
 
 class Engine:
@@ -198,6 +199,7 @@ class Engine:
         # Global FCFS order = the smallest head of the per-adapter queues: a lazy heap of
         # (wseq of a queue's head when it became head, tiebreak, adapter).
         self._heads: list[tuple[int, int, _Adapter]] = []
+        self._elig: list[tuple[int, int, _Adapter]] = []  # same, adapters holding a slot
         self._nheads = 0
         self._front = -1
         self._back = 0
@@ -313,8 +315,7 @@ class Engine:
                 if ast is None or rank > ast.rank:
                     ast = self._adapter(adapter, rank)
                 arrival_ns = int(req.arrival_s * NS + 0.5)
-                self._nseq += 1
-                r = _Req(req, ast, arrival_ns, self._nseq)
+                r = _Req(req, ast, arrival_ns)
                 if index:
                     by_id[req.request_id] = r
                 else:
@@ -325,7 +326,8 @@ class Engine:
                         pend.append(r)
                         self._pend_last = arrival_ns
                     else:
-                        heapq.heappush(self._pend_heap, (arrival_ns, r.nseq, r))
+                        self._nseq += 1
+                        heapq.heappush(self._pend_heap, (arrival_ns, self._nseq, r))
                 else:
                     if pend or self._pend_heap:
                         self._admit_arrivals(tn)  # earlier arrivals first: FCFS by arrival
@@ -342,7 +344,7 @@ class Engine:
         self._n_live -= 1
         st = r.state
         ast = r.ast
-        if st == _WAITING:
+        if st in (_WAITING, _REQUEUED):
             q = ast.queue
             was_head = q[0] is r
             q.remove(r)
@@ -358,9 +360,9 @@ class Engine:
             self._used -= -(-(r.c0 + self._si - r.b) // self._bs)
             self._cnt[r.res] -= 1
             self._n_decode -= 1
+            r.epoch += 1
             self._leave_running(r)
         r.state = _DONE
-        r.epoch += 1
         return True
 
     def load_adapter(self, name: str, rank: int, *, to_gpu: bool = False) -> float:
@@ -488,7 +490,7 @@ class Engine:
             return
         while True:
             a = pend[0] if pend else None
-            if heap and (a is None or (heap[0][0], heap[0][1]) < (a.arrival_ns, a.nseq)):
+            if heap and (a is None or heap[0][0] < a.arrival_ns):  # ties: in-order first
                 if heap[0][0] > t_ns:
                     return
                 r = heapq.heappop(heap)[2]
@@ -512,7 +514,7 @@ class Engine:
         r.def_snap = (ast.g0 if ast.n_running else self._gfull) - ast.r_acc
 
     def _enqueue_front(self, r: _Req) -> None:
-        r.state = _WAITING
+        r.state = _REQUEUED
         r.wseq = self._front
         self._front -= 1
         ast = r.ast
@@ -523,13 +525,26 @@ class Engine:
         r.def_snap = self._deferred_clock(ast)
 
     def _push_head(self, wseq: int, ast: _Adapter) -> None:
-        heads = self._heads
+        """``ast``'s queue has a new head: record it in the global-order heap, and in the heap
+        of eligible heads (adapters holding a slot) when ``ast`` has running requests."""
         self._nheads += 1
-        heapq.heappush(heads, (wseq, self._nheads, ast))
-        if len(heads) > 64 + 4 * len(self._adapters):  # drop stale entries now and then
-            live = [h for h in heads if h[2].queue and h[2].queue[0].wseq == h[0]]
+        entry = (wseq, self._nheads, ast)
+        limit = 64 + 4 * len(self._adapters)
+        heapq.heappush(self._heads, entry)
+        if len(self._heads) > limit:  # drop stale entries now and then
+            live = [h for h in self._heads if h[2].queue and h[2].queue[0].wseq == h[0]]
             heapq.heapify(live)
             self._heads = live
+        if ast.n_running and ast.name is not None:
+            heapq.heappush(self._elig, entry)
+            if len(self._elig) > limit:
+                live = [
+                    h
+                    for h in self._elig
+                    if h[2].n_running and h[2].queue and h[2].queue[0].wseq == h[0]
+                ]
+                heapq.heapify(live)
+                self._elig = live
 
     def _candidate(self) -> _Req | None:
         """The first waiting request the scheduler's walk would not skip (None: all deferred)."""
@@ -541,26 +556,36 @@ class Engine:
                 if q and q[0].wseq == wseq:
                     return q[0]
                 heapq.heappop(heads)
+        # All slots taken: only base-model requests and adapters holding a slot are eligible.
         best: _Req | None = None
         base = self._adapters.get(None)
         if base is not None and base.n_waiting:
             best = base.queue[0]
-        for ast in self._run_ad.values():
-            if ast.n_waiting:
-                h = ast.queue[0]
+        elig = self._elig
+        while elig:
+            wseq, _, ast = elig[0]
+            q = ast.queue
+            if ast.n_running and q and q[0].wseq == wseq:
+                h = q[0]
                 if best is None or h.wseq < best.wseq:
                     best = h
+                break
+            heapq.heappop(elig)
         return best
 
     def _admit(self, r: _Req) -> float:
         """Move ``r`` from waiting to running; returns the adapter load time it causes."""
         ast = r.ast
-        if ast.name is not None:
-            r.deferred_ns += self._deferred_clock(ast) - r.def_snap
+        deferred = self._deferred_clock(ast) - r.def_snap if ast.name is not None else 0
+        if r.state == _WAITING:  # first admission
+            r.rank = r.req.adapter_rank if ast.name is not None else 0
+            r.out = r.epoch = r.preemptions = 0
+            r.first_ns = -1
+            r.deferred_ns = deferred
+        else:
+            r.deferred_ns += deferred
         q = ast.queue
         q.popleft()
-        if q:
-            self._push_head(q[0].wseq, ast)
         ast.n_waiting -= 1
         self._n_waiting -= 1
         r.state = _PREFILL
@@ -580,6 +605,8 @@ class Engine:
                 self.loads_from_memory += 1
                 load += self.profile.cpu_to_gpu_load_s(ast.rank)
         ast.n_running += 1
+        if q:
+            self._push_head(q[0].wseq, ast)
         return load
 
     def _leave_running(self, r: _Req) -> None:
