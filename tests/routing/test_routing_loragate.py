@@ -198,3 +198,60 @@ def test_miss_penalty_brings_idle_adapters_home(snap: Snap, req: Req) -> None:
     loose = build_policy({"policy": "loragate", "gpu_miss_s": 0, "cpu_miss_s": 0})
     assert sticky.choose(r, reps) == "r1"
     assert loose.choose(r, reps) == "r0"
+
+
+@dataclass(frozen=True)
+class _CostlyPrefill:
+    """The linear model plus a prefill cost per prompt token (optional protocol method)."""
+
+    per_token_s: float = 70e-6
+
+    def step_time_s(self, batch_size: int, distinct_adapters: int) -> float:
+        return LinearStepTimeModel().step_time_s(batch_size, distinct_adapters)
+
+    def load_s(self, rank: int, from_disk: bool) -> float:
+        return LinearStepTimeModel().load_s(rank, from_disk)
+
+    def prefill_token_s(self) -> float:
+        return self.per_token_s
+
+
+def test_prefill_time_prices_the_prompts_ahead(snap: Snap, req: Req) -> None:
+    reps = [snap("r0", **_holding("a", 1, waiting=3)), snap("r1", **_holding("a", 1))]
+    flat = ExpectedTTFTScorer(LinearStepTimeModel(), CostParams(length_ewma_alpha=0.0))
+    costly = ExpectedTTFTScorer(_CostlyPrefill(), CostParams(length_ewma_alpha=0.0))
+    r = req("a", max_tokens=64, prompt_tokens=2000)
+    gap_flat = flat.costs(r, reps)[0] - flat.costs(r, reps)[1]
+    gap_costly = costly.costs(r, reps)[0] - costly.costs(r, reps)[1]
+    # three waiting prompts of the mean length (512 tokens) at 70 us per token
+    assert gap_costly - gap_flat == pytest.approx(3 * 512 * 70e-6, rel=1e-6)
+    # and the request's own prompt is charged on every replica
+    assert costly.costs(r, reps)[1] - flat.costs(r, reps)[1] == pytest.approx(2000 * 70e-6)
+
+
+def test_prefill_memory_spreads_back_to_back_long_prompts(snap: Snap, req: Req) -> None:
+    reps = [snap("r0"), snap("r1")]  # identical and idle: the engines show nothing yet
+    policy = build_policy(
+        {"policy": "loragate", "gpu_miss_s": 0, "cpu_miss_s": 0}, step_time_model=_CostlyPrefill()
+    )
+    for t in (0.0, 100.0, 200.0):  # the second long prompt avoids the first one's prefill
+        a = policy.choose(req(None, prompt_tokens=4000, max_tokens=8), reps, policy.context(t))
+        b = policy.choose(req(None, prompt_tokens=4000, max_tokens=8), reps, policy.context(t))
+        assert a != b
+    # the remembered work drains at one second per second
+    scorer = ExpectedTTFTScorer(_CostlyPrefill())
+    ctx = RoutingContext(now_s=0.0)
+    scorer.score(ctx, req(None, prompt_tokens=4000), reps)
+    scorer.chosen(ctx, "r0")
+    busy = scorer.costs(req(None, prompt_tokens=10), reps, now_s=0.1)
+    drained = scorer.costs(req(None, prompt_tokens=10), reps, now_s=10.0)
+    assert busy[0] - busy[1] == pytest.approx(4000 * 70e-6 - 0.1)
+    assert drained[0] == pytest.approx(drained[1])
+    # switched off, nothing is remembered
+    off = ExpectedTTFTScorer(_CostlyPrefill(), CostParams(prefill_memory=False))
+    ctx = RoutingContext(now_s=0.0)
+    off.score(ctx, req(None, prompt_tokens=4000), reps)
+    off.chosen(ctx, "r0")
+    assert off.costs(req(None, prompt_tokens=10), reps)[0] == pytest.approx(
+        off.costs(req(None, prompt_tokens=10), reps)[1]
+    )

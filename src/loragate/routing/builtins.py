@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from loragate.core.errors import ConfigError
 from loragate.routing.consistent_hash import BoundedLoadFilter, HashRingScorer
-from loragate.routing.expected_ttft import CostParams, ExpectedTTFTScorer
+from loragate.routing.expected_ttft import CostParams, ExpectedTTFTPicker, ExpectedTTFTScorer
 from loragate.routing.filters import KVUsageFilter, MaxLoadFilter, RegisteredFilter
 from loragate.routing.framework import RoutingProfile, WeightedScorer
 from loragate.routing.lora_affinity import LoraAffinityScorer
@@ -185,6 +185,7 @@ def _cost_params(p: Params) -> CostParams:
         gpu_miss_s=p.number("gpu_miss_s", d.gpu_miss_s, min_value=0.0),
         cpu_miss_s=p.number("cpu_miss_s", d.cpu_miss_s, min_value=0.0),
         kv_full=p.number("kv_full", d.kv_full, min_value=0.01, max_value=1.0),
+        prefill_memory=p.boolean("prefill_memory", d.prefill_memory),
     )
 
 
@@ -194,6 +195,6 @@ def _loragate(p: Params, env: BuildEnv) -> RoutingProfile:
     return RoutingProfile(
         name="loragate",
         scorers=[WeightedScorer(1.0, scorer)],
-        picker=MaxScorePicker("random"),
+        picker=ExpectedTTFTPicker(scorer, "random"),
         seed=env.seed,
     )

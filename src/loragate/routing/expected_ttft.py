@@ -22,7 +22,15 @@ Terms:
 
 * ``t_first``: the prefill of the waiting requests ahead (``num_waiting - num_deferred``, each
   ``E[prompt]`` tokens) and of this prompt, under the step token budget left by the running
-  decodes (``max_num_batched_tokens - B``), in steps of ``t_step``; at least one step.
+  decodes (``max_num_batched_tokens - B``), in steps of ``t_step``; at least one step. Plus,
+  when the model has ``prefill_token_s()`` (the twin's profiles: ~70 µs a token for Llama-8B
+  with LoRA on an H100, so a 2048-token chunk makes a step ~10x a decode step), the prompt
+  tokens' own time: this prompt's, and the larger of the waiting prompts' and the *prefill
+  backlog* this policy itself sent there (with ``prefill_memory``: every routed prompt's
+  prefill seconds, drained at one second per second of ``ctx.now_s``). The backlog sees the
+  prompts the engine metrics cannot: those just routed, and the one being prefilled in chunks
+  (it counts as running). The ``loragate`` profile's picker (``ExpectedTTFTPicker``) reports
+  each choice back to the scorer for this.
 * ``wait_seq``: if the replica is full (``n_eff + 1 > S_eff``, where ``S_eff`` is
   ``max_num_seqs`` or lower when KV usage says memory runs out first), the excess must wait
   for completions, which come at rate ``B / T_seq``: work ahead / service rate.
@@ -72,7 +80,8 @@ from dataclasses import dataclass
 
 from loragate.core.types import ReplicaId, ReplicaSnapshot, RoutingRequest
 from loragate.routing.framework import RoutingContext
-from loragate.routing.step_time import StepTimeModel
+from loragate.routing.pickers import MaxScorePicker, TieBreak
+from loragate.routing.step_time import StepTimeModel, prefill_token_s
 
 SCORE_TAU_S = 0.001
 # Any single time from the step-time model is clipped to this (keeps costs finite).
@@ -100,6 +109,8 @@ class CostParams:
     gpu_miss_s: float = 0.2
     cpu_miss_s: float = 0.5
     kv_full: float = 0.95
+    # Remember the prefill work this policy sent to each replica (drained in real time).
+    prefill_memory: bool = True
 
 
 def _sane(seconds: float) -> float:
@@ -114,7 +125,7 @@ class ExpectedTTFTScorer:
 
     bounded_scores = True
 
-    __slots__ = ("_mean_out", "_mean_prompt", "_memo", "model", "p")
+    __slots__ = ("_backlog", "_mean_out", "_mean_prompt", "_memo", "_ptok", "model", "p")
 
     def __init__(self, model: StepTimeModel, params: CostParams | None = None) -> None:
         self.model = model
@@ -122,6 +133,9 @@ class ExpectedTTFTScorer:
         self._mean_out = self.p.mean_output_tokens
         self._mean_prompt = self.p.mean_prompt_tokens
         self._memo: dict[tuple[int, int], float] = {}
+        self._ptok = prefill_token_s(model)
+        # replica -> (seconds of prefill work routed there not yet done, as of time t)
+        self._backlog: dict[ReplicaId, tuple[float, float]] = {}
 
     def _observe(self, req: RoutingRequest) -> None:
         alpha = self.p.length_ewma_alpha
@@ -131,7 +145,9 @@ class ExpectedTTFTScorer:
             if req.prompt_tokens > 0:
                 self._mean_prompt += alpha * (req.prompt_tokens - self._mean_prompt)
 
-    def costs(self, req: RoutingRequest, replicas: Sequence[ReplicaSnapshot]) -> list[float]:
+    def costs(
+        self, req: RoutingRequest, replicas: Sequence[ReplicaSnapshot], now_s: float = 0.0
+    ) -> list[float]:
         """Expected seconds to first token on each replica (same order), without learning."""
         p = self.p
         adapter = req.adapter
@@ -149,6 +165,8 @@ class ExpectedTTFTScorer:
         miss_gpu, miss_disk = p.gpu_miss_s, p.gpu_miss_s + p.cpu_miss_s
         memo = self._memo
         step_time = self.model.step_time_s
+        ptok = self._ptok
+        backlog = self._backlog if p.prefill_memory else {}
         sqrt = math.sqrt
         out: list[float] = []
         for r in replicas:
@@ -188,6 +206,15 @@ class ExpectedTTFTScorer:
                 budget = 1
             ahead_tokens = waiting_ahead * mean_prompt if waiting_ahead > 0 else 0.0
             cost = (1.0 + (ahead_tokens + prompt) // budget) * t_step
+            if ptok > 0.0:
+                ahead_s = ahead_tokens * ptok
+                routed = backlog.get(r.replica_id)
+                if routed is not None:
+                    elapsed = now_s - routed[1]
+                    left = routed[0] - elapsed if elapsed > 0.0 else routed[0]
+                    if left > ahead_s:
+                        ahead_s = left
+                cost += ahead_s + prompt * ptok
             # Sequence slots (max_num_seqs, or KV memory if that runs out first).
             cap = float(seqs)
             kv = r.kv_usage
@@ -236,10 +263,43 @@ class ExpectedTTFTScorer:
     def score(
         self, ctx: RoutingContext, req: RoutingRequest, replicas: Sequence[ReplicaSnapshot]
     ) -> Mapping[ReplicaId, float]:
-        costs = self.costs(req, replicas)
+        costs = self.costs(req, replicas, ctx.now_s)
         self._observe(req)
         ctx.scratch["expected_ttft_s"] = costs
+        if self._ptok > 0.0 and self.p.prefill_memory:
+            prompt = req.prompt_tokens if req.prompt_tokens > 0 else self._mean_prompt
+            ctx.scratch["prefill_s"] = prompt * self._ptok
         best = min(costs) + SCORE_TAU_S
         return {
             r.replica_id: best / (c + SCORE_TAU_S) for r, c in zip(replicas, costs, strict=True)
         }
+
+    def chosen(self, ctx: RoutingContext, replica_id: ReplicaId) -> None:
+        """The request just scored goes to ``replica_id``: add its prefill to that backlog."""
+        work = ctx.scratch.get("prefill_s")
+        if not isinstance(work, float):
+            return
+        now = ctx.now_s
+        prev = self._backlog.get(replica_id)
+        left = 0.0
+        if prev is not None:
+            elapsed = now - prev[1]
+            left = prev[0] - elapsed if elapsed > 0.0 else prev[0]
+        if len(self._backlog) >= MAX_MEMO and prev is None:
+            self._backlog.clear()
+        self._backlog[replica_id] = ((left if left > 0.0 else 0.0) + work, now)
+
+
+class ExpectedTTFTPicker(MaxScorePicker):
+    """``MaxScorePicker`` that tells the scorer where its request went (prefill backlog)."""
+
+    __slots__ = ("scorer",)
+
+    def __init__(self, scorer: ExpectedTTFTScorer, tie_break: TieBreak = "random") -> None:
+        super().__init__(tie_break)
+        self.scorer = scorer
+
+    def pick(self, ctx: RoutingContext, scored: Mapping[ReplicaId, float]) -> ReplicaId:
+        rid = super().pick(ctx, scored)
+        self.scorer.chosen(ctx, rid)
+        return rid

@@ -55,3 +55,13 @@ class LinearStepTimeModel:
         if from_disk:
             ms += self.disk_load_ms_base + self.disk_load_ms_per_rank * rank
         return ms / 1000.0
+
+
+def prefill_token_s(model: StepTimeModel) -> float:
+    """Seconds one more prompt token adds to a step, if the model says so (optional method
+    ``prefill_token_s()``); 0 for models that, like Agulló et al.'s, leave prefill out."""
+    fn = getattr(model, "prefill_token_s", None)
+    if fn is None:
+        return 0.0
+    value = float(fn())
+    return value if value > 0.0 else 0.0

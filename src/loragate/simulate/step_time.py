@@ -30,6 +30,24 @@ class ProfileStepTime:
             lora_enabled=True,
         )
 
+    def prefill_token_s(self) -> float:
+        """Marginal seconds per prompt token in a step (one full chunk of 2048 tokens, minus the
+        same step without it, per token)."""
+        tokens = 2048
+
+        def step(prefill: int) -> float:
+            return self._profile.step_time_s(
+                batch_size=2 if prefill else 1,
+                distinct_adapters=1,
+                prefill_tokens=prefill,
+                decode_tokens=1,
+                max_rank_in_batch=self._rank,
+                num_waiting=0,
+                lora_enabled=True,
+            )
+
+        return max(0.0, (step(tokens) - step(0)) / tokens)
+
     def load_s(self, rank: int, from_disk: bool) -> float:
         t = self._profile.cpu_to_gpu_load_s(rank)
         if from_disk:
