@@ -23,6 +23,8 @@ beside (DIGITAL_TWIN.md: ~89x on average, 17x under heavy load; its replays of t
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -171,17 +173,32 @@ def main() -> int:
     ap.add_argument("--hours", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default="", help="comma-separated case names")
+    ap.add_argument("--no-header", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    wanted = set(filter(None, args.only.split(",")))
-    header = (
-        f"{'case':<10} {'requests':>9} {'finished':>9} {'steps':>8} {'preempt':>7} {'loads':>6} "
-        f"{'engine CPU s':>12} {'x real (engine)':>15} {'x real (total)':>14}  paper twin"
-    )
-    print(f"one replica, {args.hours:g} simulated hour(s), profile paper-llama-3.1-8b-h100")
-    print(header)
-    for case in CASES:
-        if wanted and case.name not in wanted:
-            continue
+    wanted = [c for c in CASES if not args.only or c.name in args.only.split(",")]
+    if not args.no_header:
+        print(f"one replica, {args.hours:g} simulated hour(s), profile paper-llama-3.1-8b-h100")
+        print(
+            f"{'case':<10} {'requests':>9} {'finished':>9} {'steps':>8} {'preempt':>7} "
+            f"{'loads':>6} {'engine CPU s':>12} {'x real (engine)':>15} {'x real (total)':>14}"
+            "  paper twin",
+            flush=True,
+        )
+    if len(wanted) > 1:  # one fresh process per case: no heap left over from the previous one
+        for case in wanted:
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    f"--hours={args.hours}",
+                    f"--seed={args.seed}",
+                    f"--only={case.name}",
+                    "--no-header",
+                ],
+                check=True,
+            )
+        return 0
+    for case in wanted:
         r = run(case, args.hours, args.seed)
         print(
             f"{case.name:<10} {r['requests']:>9.0f} {r['finished']:>9.0f} {r['steps']:>8.0f} "
