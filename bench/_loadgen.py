@@ -40,6 +40,7 @@ class LoadResult:
     p99_ms: float
     errors: int  # connect/read/write/timeouts and non-2xx answers
     tool: str
+    error_detail: str = ""
 
     @property
     def rate_rps(self) -> float:
@@ -65,9 +66,9 @@ def _lua_string(data: bytes) -> str:
 _WRK_DONE = """
 done = function(summary, latency, requests)
   local e = summary.errors
-  io.write(string.format("LOADRESULT %d %d %.1f %.1f %d %d\\n",
+  io.write(string.format("LOADRESULT %d %d %.1f %.1f %d %d %d %d %d\\n",
     summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
-    e.connect + e.read + e.write + e.timeout, e.status))
+    e.connect, e.read, e.write, e.timeout, e.status))
 end
 """
 
@@ -132,14 +133,22 @@ def run_wrk(
         os.unlink(script_path)
     for line in proc.stdout.splitlines():
         if line.startswith("LOADRESULT "):
-            n, dur_us, p50_us, p99_us, errs, status_errs = line.split()[1:]
+            n, dur_us, p50_us, p99_us, *errs = line.split()[1:]
+            connect, read, write, timeout, status = (int(e) for e in errs[:5])
+            detail = ", ".join(
+                f"{count} {kind}"
+                for kind, count in (("connect", connect), ("read", read), ("write", write),
+                                    ("timeout", timeout), ("non-2xx", status))
+                if count
+            )  # fmt: skip
             return LoadResult(
                 requests=int(n),
                 duration_s=int(dur_us) / 1e6,
                 p50_ms=float(p50_us) / 1e3,
                 p99_ms=float(p99_us) / 1e3,
-                errors=int(errs) + int(status_errs),
+                errors=connect + read + write + timeout + status,
                 tool="wrk",
+                error_detail=detail,
             )
     raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout}")
 
@@ -235,7 +244,7 @@ async def _python_load(
                     await asyncio.sleep(think_ms / 1e3)
             except (OSError, TimeoutError):
                 errors += 1
-                conn = None
+                conn = None  # timeouts and connection errors alike
 
     t_start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(connections)))

@@ -1,10 +1,17 @@
 """What the gateway adds to a request: latency, throughput and CPU (issue 2 item 9).
 
-Run::
+Run (the first is the reference command; ``--realtime``/``--nice`` need root)::
 
-    .venv/bin/python bench/gateway_overhead.py                   # loragate, both policies
-    .venv/bin/python bench/gateway_overhead.py --baseline-proxy --rounds 3 --json out.json
-    .venv/bin/python bench/gateway_overhead.py --policies least_loaded --check
+    .venv/bin/python bench/gateway_overhead.py --baseline-proxy --realtime --think-ms 1 \
+        --nice -10 --rounds 3
+    .venv/bin/python bench/gateway_overhead.py --policies least_loaded --check --json out.json
+    .venv/bin/python bench/gateway_overhead.py --py-spy /tmp/prof     # + top functions
+    .venv/bin/python bench/gateway_overhead.py --extra-src old=/tmp/old/src   # A/B two trees
+
+Latency on a busy shared machine is decided by the run queues unless the c=1 runs are
+``--realtime`` (SCHED_FIFO for the proxy, the upstream and wrk; ``--think-ms 1`` keeps that
+from hogging a core): without it the same gateway measured +4 ms to +11 ms p50 instead of
++0.3 ms. CPU µs per request is robust either way (±10 % run to run here).
 
 Set-up (everything on 127.0.0.1, ephemeral ports; every child process is stopped at the end,
 and dies with the bench if it is killed):
@@ -34,8 +41,44 @@ Every request is ``POST /v1/completions`` for the adapter ``bench-lora`` with an
 (``--path /v1/chat/completions`` for chat); the answer is checked once per target before
 measuring (status 200, the body or the SSE stream intact).
 
-Results (see ``README.md``; the table and the exact command are printed by each run) and,
-where the target is not met, the profile of where the time goes belong in this docstring.
+Results (2 cores, load average 8-10 from other work, loragate at dcf296d; 3 rounds, medians)::
+
+    .venv/bin/python bench/gateway_overhead.py --baseline-proxy --realtime --think-ms 1 \
+        --nice -10 --rounds 3 --src /tmp/lg-final/src       # = git archive dcf296d src
+
+    target                kind        +p50 ms  +p99 ms  req/s c=64  CPU µs/req  vs aiohttp
+    direct                non-stream        -        -        2687           -           -
+    aiohttp pass-through  non-stream   +0.381   +0.937        1222         192       1.00x
+    aiohttp pass-through  stream       +0.392   +0.504         832         241       1.00x
+    loragate least_loaded non-stream   +0.300   +0.379        1247         128       0.67x
+    loragate least_loaded stream       +0.345   +0.577        1005         167       0.69x
+    loragate loragate     non-stream   +0.304   +0.403        1464         135       0.71x
+    loragate loragate     stream       +0.350   +0.464         930         189       0.78x
+
+(req/s is whatever share of a core the busy machine left the proxy; compare CPU µs instead.)
+The naive aiohttp floor measured 192 µs / +0.38 ms here against the issue's 178 µs / +0.33 ms,
+so this machine ran ~10-15 % slow. Target (<= 120 µs, <= +0.25 ms): NOT met in absolute
+terms (128-135 µs, +0.30 ms); as a ratio to the floor measured in the same run (0.67-0.71x
+CPU, 0.79x latency) it sits right at the target's own ratio (120/178 = 0.67x, 0.25/0.33 =
+0.76x).
+
+Where the time goes (``--py-spy``, loragate policy, non-stream, 130 µs per request)::
+
+    event loop + socket reads/epoll (uvloop, Runner.run self)          ~28 µs
+    upstream request write (UpstreamConn.send: the loopback send)      ~17 µs
+    aiohttp server: parse, Request, router, Response, headers, write   ~37 µs
+    routing (policy.choose incl. ExpectedTTFTScorer, the view)          ~8 µs
+    shared state begin/end (residency touch, demand count, leases)      ~7 µs
+    body read, json.loads, auth, catalog, RoutingRequest/dataclasses  ~10 µs
+    upstream pool bookkeeping (take/release, head parse)                ~5 µs
+    poller (aiohttp client, amortised) and the rest                    ~15 µs
+
+The aiohttp server is the largest removable share: a minimal aiohttp app answering a fixed
+body costs 55-58 µs per request on this machine (``web.Server`` low-level: 55 µs), a bare
+``asyncio.Protocol`` doing the same 11.5 µs. A lean HTTP/1.1 front protocol for the two POST
+routes (handing any other request or connection to aiohttp) would take the gateway to
+~85-90 µs; per-request residency ``touch`` (state) rebuilding an unchanged ``Residency`` is
+another ~4-8 µs (20 µs with 1,000 registered adapters).
 """
 
 from __future__ import annotations
@@ -335,6 +378,10 @@ def measure(
         c64 = load(url, req, 64, s.duration_s, s)
         p2 = cpu_ns(proxy_pid) if proxy_pid else 0
         u2 = cpu_ns(upstream_pid)
+        for run, result in (("c=1", c1), ("c=64", c64)):
+            if result.errors:
+                detail = result.error_detail or f"{result.errors} errors"
+                print(f"  warning: {target} {kind} {run}: {detail}", file=sys.stderr)
         rows.append(
             Row(
                 target=target,
@@ -651,6 +698,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also measure the loragate tree at SRC_DIR (its src/ folder) "
         "with the first policy, e.g. head=/tmp/lg-head/src",
     )
+    p.add_argument(
+        "--src",
+        default="",
+        metavar="SRC_DIR",
+        help="run loragate from SRC_DIR (e.g. an exported commit's src/) instead of the "
+        "installed tree",
+    )
     p.add_argument("--replicas", type=int, default=2, help="instant upstream replicas")
     p.add_argument(
         "--path", default="/v1/completions", choices=("/v1/completions", "/v1/chat/completions")
@@ -742,7 +796,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         specs.append(TargetSpec("aiohttp pass-through", "baseline"))
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     if not args.no_gateway:
-        specs += [TargetSpec(f"loragate {p}", "loragate", policy=p) for p in policies]
+        specs += [TargetSpec(f"loragate {p}", "loragate", policy=p, src=args.src) for p in policies]
     for extra in args.extra_src:
         label, _, src = extra.partition("=")
         specs.append(TargetSpec(f"loragate@{label} {policies[0]}", "loragate", policies[0], src))
