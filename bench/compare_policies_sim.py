@@ -37,8 +37,9 @@ Targets checked (item 8): ``loragate`` has the lowest mean TTFT p99, at least 30
 other policy, and at most one third of ``round_robin``'s adapter loads (shown for the summary's
 total and for ``gpu`` and ``disk`` separately). ``--check`` exits 1 if a target is missed.
 
-Cost: one 1-hour 4-replica run at ~8 req/s takes ~3-5 s CPU; the full table (6 policies x 3
-seeds plus the bisection) about a minute on 2 cores.
+Cost: one 1-hour 4-replica run at ~7 req/s takes ~2-3 s CPU (~7 s at 21 req/s); the default
+table (bisection with 27 short runs, then 6 policies x 3 seeds) ~65 s CPU, ~4 min wall on a
+busy 2-core machine.
 """
 
 from __future__ import annotations
