@@ -61,6 +61,11 @@ async def test_two_instances_share_in_flight_residency_and_adapters(
             stream = raw.parse()
             await stream.__aiter__().__anext__()  # the stream is flowing
             streams.append(stream)
+            # Both instances see every stream opened so far before the next one is routed.
+            opened = sum(expected.values())
+            await eventually(
+                views, lambda vs, n=opened: all(sum(_in_flight(v).values()) == n for v in vs)
+            )
         seen = await eventually(views, lambda vs: all(_in_flight(v) == expected for v in vs))
         assert [_in_flight(v) for v in seen] == [expected, expected]
         # least_loaded on shared counts spreads them (each instance alone would not know).

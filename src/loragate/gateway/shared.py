@@ -9,8 +9,9 @@ Hot path (per routed request)::
     finally: end(r, adapter, lease)     # 1 Redis round trip, sent in the background
 
 ``end`` does not make the client wait for Redis: the response (a non-streaming body is sent
-after the ``finally``) goes out while the lease release travels. Releases are ordered after
-their ``begin`` because ``begin`` is awaited before the request is proxied.
+after the ``finally``) goes out while the lease release travels in a task of its own (the
+embedded store releases at once, without a task). Releases are ordered after their ``begin``
+because ``begin`` is awaited before the request is proxied.
 
 Off the hot path: the pool reports every poll (``replica_polled``: settings, health and the
 ``/v1/models`` set, reconciled into the shadow residency) and every admin load/unload; the
@@ -23,11 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import logging
 import time
-from collections.abc import Callable, Coroutine, Generator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from loragate.core.config import ReplicaConfig, StateConfig
@@ -79,6 +79,7 @@ class SharedState:
         "_missing",
         "_records",
         "_seen_adapters",
+        "_sync_end",
         "backend",
         "in_flight_of",
         "on_adapters",
@@ -103,6 +104,7 @@ class SharedState:
         self.residency_of: Callable[[ReplicaId], Residency] = store.residency_of
         self._lease_ids = itertools.count(1)
         self._ends: set[asyncio.Task[None]] = set()
+        self._sync_end = type(store) is MemoryStore
         self._records: dict[ReplicaId, ReplicaRecord] = {}
         self._missing: dict[ReplicaId, frozenset[AdapterId]] = {}
         self._seen_adapters: Mapping[AdapterId, AdapterSpec] | None = None
@@ -127,18 +129,24 @@ class SharedState:
         """The request finished (any outcome): release its lease in the background."""
         self._inflight.release(replica_id, adapter)
         coro = self.store.end_request(replica_id, lease)
-        try:
-            # MemoryStore and a degraded ResilientStore finish without suspending: no task.
-            first = coro.send(None)
-        except StopIteration:
-            return
-        except Exception:
-            log.exception("state: releasing lease %s on %s failed", lease, replica_id)
-            return
-        # It is waiting on Redis (``first`` is what it awaits): a task drives the rest.
-        task = asyncio.ensure_future(_finish(coro, first))
+        if self._sync_end:
+            # MemoryStore.end_request never suspends: run it here rather than make a task.
+            try:
+                coro.send(None)
+            except StopIteration:
+                return
+            coro.close()
+            raise RuntimeError("MemoryStore.end_request suspended")
+        # Redis: a task of its own (timeouts inside the store bind to the current task, so
+        # the release must not start in the request's task and continue elsewhere).
+        task = asyncio.ensure_future(coro)
         self._ends.add(task)
-        task.add_done_callback(self._ends.discard)
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._ends.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("state: releasing a lease failed: %r", task.exception())
 
     # -- pool listener (backends.pool.PoolListener) -------------------------------------------
 
@@ -261,39 +269,3 @@ class SharedState:
                 async with asyncio.timeout(drain_timeout_s):
                     await asyncio.gather(*self._ends, return_exceptions=True)
         await self.store.close()
-
-
-async def _finish(coro: Coroutine[Any, Any, None], first: Any) -> None:
-    """Drive a coroutine that :meth:`SharedState.end` started and that suspended on
-    ``first`` to completion, inside a task."""
-    try:
-        await _Resume(coro, first)
-    except Exception:
-        log.exception("state: releasing a lease failed")
-
-
-class _Resume:
-    """``await _Resume(coro, first)`` continues a started coroutine as if it had been awaited
-    from the start: ``first`` (the future it suspended on) goes to the event loop, then each
-    value or exception the loop sends back goes into the coroutine."""
-
-    __slots__ = ("_coro", "_first")
-
-    def __init__(self, coro: Coroutine[Any, Any, None], first: Any) -> None:
-        self._coro = coro
-        self._first = first
-
-    def __await__(self) -> Generator[Any, Any, None]:
-        coro = self._coro
-        yielded = self._first
-        while True:
-            try:
-                value = yield yielded
-            except BaseException as exc:
-                step = functools.partial(coro.throw, exc)
-            else:
-                step = functools.partial(coro.send, value)
-            try:
-                yielded = step()
-            except StopIteration:
-                return

@@ -433,6 +433,14 @@ class RedisStore:
     def error_count(self) -> int:
         return self._errors
 
+    async def drop_idle_connections(self) -> None:
+        """Close the pooled idle connections (after an outage they point at a dead server;
+        a restarted Redis would fail each of them once)."""
+        try:
+            await self._r.connection_pool.disconnect(inuse_connections=False)
+        except (RedisError, OSError) as exc:
+            log.debug("state: closing idle Redis connections: %s", exc)
+
     async def ping(self) -> None:
         await self._io(self._r.ping())
 

@@ -142,6 +142,8 @@ class ResilientStore:
 
     async def _recover(self) -> None:
         remote = self._remote
+        if self.resyncs > 0:  # an outage: do not reuse connections to the old server
+            await remote.drop_idle_connections()
         epoch, created = await remote.ensure_epoch()
         if created or epoch != self._known_epoch:
             # Redis lost its data (or we never saw it): fill in what it misses from our view.
