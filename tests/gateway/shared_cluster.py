@@ -43,8 +43,9 @@ async def twin_replicas(tmp: Path, n: int, n_adapters: int) -> AsyncIterator[lis
 
 
 def shared_config(
-    replicas: list[RunningReplica], tmp: Path, redis_url: str, n_adapters: int, **sections: Any
+    running: list[RunningReplica], tmp: Path, redis_url: str, n_adapters: int, **sections: Any
 ) -> GatewayConfig:
+    """Replica ids r0, r1, ... with the twins' settings; ``sections`` override top-level keys."""
     doc: dict[str, Any] = {
         "base_model": BASE,
         "replicas": [
@@ -53,7 +54,7 @@ def shared_config(
                 "url": r.url,
                 "settings": {"max_loras": MAX_LORAS, "max_cpu_loras": MAX_CPU_LORAS},
             }
-            for i, r in enumerate(replicas)
+            for i, r in enumerate(running)
         ],
         "adapters": [
             {"name": f"lora-{i}", "path": str(tmp / f"lora-{i}")} for i in range(n_adapters)
