@@ -36,9 +36,13 @@ def lru_touch(
 
     Returns (new order, evicted items in eviction order).
     """
-    kept = [a for a in order if a != item]
+    kept = list(order)
+    if item in kept:  # C-level scans: cheaper than a comprehension on the hot path
+        kept.remove(item)
     kept.append(item)
-    cut = max(0, len(kept) - capacity)
+    cut = len(kept) - capacity
+    if cut <= 0:
+        return tuple(kept), ()
     return tuple(kept[cut:]), tuple(kept[:cut])
 
 
@@ -50,10 +54,24 @@ def touch(res: Residency, adapter: AdapterId, settings: ReplicaSettings) -> Resi
     the GPU slots (evicting the slots' LRU, which stays in the CPU cache).
     """
     gpu_cap, cpu_cap = capacities(settings)
-    cpu, evicted = lru_touch(res.cpu, adapter, cpu_cap)
-    gpu = tuple(a for a in res.gpu if a not in evicted)
+    gpu, cpu, registered = res.gpu, res.cpu, res.registered
+    if (
+        gpu
+        and gpu[-1] == adapter
+        and cpu
+        and cpu[-1] == adapter
+        and adapter in registered
+        and len(gpu) <= gpu_cap
+        and len(cpu) <= cpu_cap
+    ):
+        return res  # already the most recent in both LRUs: nothing moves
+    cpu, evicted = lru_touch(cpu, adapter, cpu_cap)
+    if evicted:
+        gpu = tuple(a for a in gpu if a not in evicted)
     gpu, _ = lru_touch(gpu, adapter, gpu_cap)
-    return Residency(registered=res.registered | {adapter}, gpu=gpu, cpu=cpu)
+    if adapter not in registered:
+        registered = registered | {adapter}
+    return Residency(registered=registered, gpu=gpu, cpu=cpu)
 
 
 def load(res: Residency, adapter: AdapterId, settings: ReplicaSettings) -> Residency:
