@@ -1,11 +1,11 @@
 """Gateway-side in-flight request counts per replica (and per adapter on each replica),
 behind a small interface.
 
-Routing sees these counts (fresher than the replicas' ``/metrics``) in
-``ReplicaSnapshot.in_flight`` and ``ReplicaSnapshot.adapter_in_flight``. ``LocalInFlight`` is
-the in-process implementation; a shared store (several gateway instances) can implement the
-same protocol later: the calls stay synchronous on the hot path, and a store would publish its
-local counts in the background.
+These are *this instance's* counts: routing sees them per adapter in
+``ReplicaSnapshot.adapter_in_flight`` and ``/metrics`` reports them. The per-replica total that
+routing sees in ``ReplicaSnapshot.in_flight`` comes from the shared state store instead
+(``gateway.shared.SharedState``: leases of every gateway instance), which calls
+``acquire``/``release`` here on each request's begin and end.
 """
 
 from __future__ import annotations
