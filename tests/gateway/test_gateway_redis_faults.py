@@ -121,3 +121,33 @@ async def test_redis_outage_under_traffic(
             return [r["in_flight"] for r in view["replicas"]]
 
         assert await eventually(in_flight, lambda ns: ns == [0, 0]) == [0, 0]
+
+
+async def test_gateway_starts_and_serves_while_redis_is_down(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    await asyncio.to_thread(redis_server.stop)
+    async with contextlib.AsyncExitStack() as stack:
+        replicas = await stack.enter_async_context(twin_replicas(tmp_path, 2, N_ADAPTERS))
+        cfg = shared_config(replicas, tmp_path, redis_server.url, N_ADAPTERS)
+        gw = await stack.enter_async_context(running_gateway(cfg, port=0))
+        client = await stack.enter_async_context(sdk(gw.url))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+
+        async def health() -> str:
+            return str((await get_json(http, gw.url + "/health"))["status"])
+
+        assert await health() == "degraded"
+        for n in range(N_ADAPTERS):
+            done = await client.completions.create(model=f"lora-{n}", prompt="x", max_tokens=1)
+            assert done.model == f"lora-{n}"
+        await asyncio.to_thread(redis_server.start)
+        assert await eventually(health, lambda s: s == "ok", timeout_s=20.0) == "ok"
+        # What the gateway learnt while Redis was down is in Redis now.
+        probe = RedisStore.from_url(redis_server.url, keys=KeySpace(prefix=cfg.state.key_prefix))
+        try:
+            shared = await probe.snapshot()
+        finally:
+            await probe.close()
+        routed = set().union(*(shared.residency_of(r).registered for r in ("r0", "r1")))
+        assert routed == {f"lora-{n}" for n in range(N_ADAPTERS)}
