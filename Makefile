@@ -40,3 +40,10 @@ pytest: $(VENV)/.dev-installed
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build src/*.egg-info
+
+# Real vLLM (CPU build) end-to-end tests: builds the env outside the repo if missing
+# ($LORAGATE_VLLM_DIR, default /tmp/loragate-vllm; ~2.5 GB, ~2 min), then runs tests/e2e.
+LORAGATE_VLLM_DIR ?= /tmp/loragate-vllm
+test-vllm: $(VENV)/.dev-installed
+	bash scripts/vllm_cpu_env.sh $(LORAGATE_VLLM_DIR)
+	LORAGATE_VLLM_DIR=$(LORAGATE_VLLM_DIR) $(VENV)/bin/pytest -m vllm tests/e2e $(PYTEST_ARGS)

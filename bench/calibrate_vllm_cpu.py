@@ -32,7 +32,7 @@ from vllm_cpu.runner import Row
 from vllm_cpu.validation import SCENARIOS, run_validation
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("base", "lora", "loading", "validation")
+PARTS = ("base", "lora", "loading", "validation", "prefill")  # prefill: redo only those rows
 
 
 def _fmt(v: object) -> str:
@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "data" / "tiny-llama-cpu")
     ap.add_argument("--work-dir", type=Path, default=None,
                     help="real-vLLM env (default $LORAGATE_VLLM_DIR or /tmp/loragate-vllm)")
-    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {PARTS}")
+    ap.add_argument("--parts", default=",".join(PARTS[:4]), help=f"comma list of {PARTS}")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3)")
     ap.add_argument("--window-s", type=float, default=None,
                     help="validation window per run (default per scenario, 90 s)")
@@ -131,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, rows in tables.items():
             if name == "kv_capacity":
                 merge_csv(kv_path, rows, key="group")
+            elif rows and name.startswith(("base_latency", "raw/base_latency")) and \
+                    "base" not in calib:
+                merge_csv(a.out / "calibration" / f"{name}.csv", rows, key="phase")
             elif rows:
                 write_csv(a.out / "calibration" / f"{name}.csv", rows)
         _log(f"calibration written ({', '.join(k for k, v in tables.items() if v)}); "

@@ -42,8 +42,9 @@ class CalibrationPlan:
     decode_output_lens: tuple[int, ...] = (256,)
     decode_input_len: int = 8
     prefill_input_lens: tuple[int, ...] = (16, 64, 128, 256, 448)
-    prefill_concurrency: tuple[int, ...] = (1, 8)
-    prefill_requests: int = 16
+    prefill_concurrency: tuple[int, ...] = (1, 16)
+    prefill_min_run_s: float = 2.0
+    prefill_requests: int = 32  # >= 20 engine steps at concurrency 1 (twin calibrate uses it)
     lora_batches: tuple[int, ...] = (8, 16, 32)
     lora_distinct: tuple[int, ...] = (1, 2, 4, 8, 16)
     lora_ranks: tuple[int, ...] = (8, 16)
@@ -54,8 +55,8 @@ class CalibrationPlan:
     def quick() -> CalibrationPlan:
         return CalibrationPlan(reps=1, waves=1, min_run_s=1.0, decode_batches=(1, 8),
                                prefill_input_lens=(16, 256), prefill_concurrency=(1,),
-                               prefill_requests=4, lora_batches=(8,), lora_distinct=(1, 8),
-                               lora_ranks=(8,), loading_requests=6)
+                               prefill_min_run_s=0.5, prefill_requests=4, lora_batches=(8,),
+                               lora_distinct=(1, 8), lora_ranks=(8,), loading_requests=6)
 
 
 async def _kv_row(group: str, rep: Replica) -> Row:
@@ -112,8 +113,8 @@ def _server_cols(c: ReplicaConfig, kv_tokens: int | None) -> Row:
             "max_model_len": c.max_model_len, "kv_tokens": kv_tokens}
 
 
-async def base_sweep(plan: CalibrationPlan, work_dir: Path, log: Log) -> tuple[list[Row],
-                                                                              list[Row], Row]:
+async def base_sweep(plan: CalibrationPlan, work_dir: Path, log: Log, *, decode: bool = True,
+                     prefill: bool = True) -> tuple[list[Row], list[Row], Row]:
     cfg = ReplicaConfig(enable_lora=False, max_num_seqs=plan.base_max_num_seqs)
     rep = _start(cfg, work_dir, "base", log)
     try:
@@ -121,7 +122,7 @@ async def base_sweep(plan: CalibrationPlan, work_dir: Path, log: Log) -> tuple[l
         await _warm(rep, [SERVED_NAME] * 3)
         reps: list[Row] = []
         for r in range(plan.reps):
-            for out_len in plan.decode_output_lens:
+            for out_len in plan.decode_output_lens if decode else ():
                 for b in plan.decode_batches:
                     o = await run_closed_loop(rep.base_url, concurrency=b,
                                               n_requests=b * plan.waves, models=[SERVED_NAME],
@@ -134,14 +135,16 @@ async def base_sweep(plan: CalibrationPlan, work_dir: Path, log: Log) -> tuple[l
                     reps.append(row)
                     log(f"  decode rep{r} B={b} out={out_len}: itl {row['itl_mean_ms']:.2f} ms "
                         f"batch {row['mean_running_batch']}")
-            for conc in plan.prefill_concurrency:
+            for conc in plan.prefill_concurrency if prefill else ():
                 for in_len in plan.prefill_input_lens:
                     n = max(plan.prefill_requests, conc * 2)
                     o = await run_closed_loop(rep.base_url, concurrency=conc, n_requests=n,
                                               models=[SERVED_NAME], input_tokens=in_len,
                                               output_tokens=1, seed=r * 7919 + in_len,
+                                              min_duration_s=plan.prefill_min_run_s,
                                               cpu_probe=rep.cpu_seconds)
-                    row = _base_row("prefill", cfg, rep, conc, in_len, 1, n, r, summarize(o))
+                    row = _base_row("prefill", cfg, rep, conc, in_len, 1, len(o.results), r,
+                                    summarize(o))
                     reps.append(row)
                     log(f"  prefill rep{r} C={conc} in={in_len}: ttft "
                         f"{row['ttft_mean_ms']:.2f} ms")
@@ -370,6 +373,10 @@ def run_calibration(plan: CalibrationPlan, work_dir: Path, log: Log, parts: Sequ
         rows, raw, kv = asyncio.run(base_sweep(plan, work_dir, log))
         out["base_latency"], out["raw/base_latency_reps"] = rows, raw
         base_rows = rows
+        out["kv_capacity"].append(kv)
+    elif "prefill" in parts:  # only the prefill rows; the caller merges them into the files
+        rows, raw, kv = asyncio.run(base_sweep(plan, work_dir, log, decode=False))
+        out["base_latency"], out["raw/base_latency_reps"] = rows, raw
         out["kv_capacity"].append(kv)
     if "lora" in parts:
         rows, raw, kv = asyncio.run(lora_sweep(plan, work_dir, base_rows, log))

@@ -1,0 +1,174 @@
+"""Our simulated replica (``loragate.twin.server``) and real vLLM answer the same sequence of API
+calls with the same status codes, the same body shapes (keys and JSON types, recursively) and,
+where VLLM_API.md records them, the same messages. Every mismatch is listed in one failure."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from vllm_e2e import BASE, REAL_CONFIG
+
+from loragate.twin.replica_config import ReplicaConfig
+from loragate.twin.server import run_replica
+from vllm_cpu.replica import Replica
+
+pytestmark = pytest.mark.vllm
+
+# Fields whose values legitimately differ between the two servers (ids, clocks, paths, text).
+VOLATILE = {"id", "created", "text", "content", "system_fingerprint", "root"}
+# Differences seen on 2026-11-27 and reported to the twin's owner. While one of them is the ONLY
+# difference left the test xfails (visibly), naming it; any other difference fails the test.
+# Remove an entry once the twin is fixed.
+KNOWN_DIFFS = {
+    # real vLLM puts system_fingerprint only on the usage chunk of a completion stream; the
+    # twin also puts it on the last text chunk (the one with finish_reason)
+    "completion stream: chunk -2 shape",
+}
+
+
+def shape(obj: Any) -> Any:
+    """Keys and JSON types, recursively (lists by their first element)."""
+    if isinstance(obj, dict):
+        return {k: shape(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [shape(obj[0])] if obj else []
+    if obj is None:
+        return "null"
+    if isinstance(obj, bool):
+        return "bool"
+    if isinstance(obj, int | float):
+        return "number"
+    return "string"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Answer:
+    status: int
+    content_type: str
+    text: str
+    events: list[str] = field(default_factory=list)
+
+    def json(self) -> Any:
+        return json.loads(self.text)
+
+
+async def call(http: aiohttp.ClientSession, base: str, method: str, path: str,
+               body: dict[str, Any] | None) -> Answer:
+    async with http.request(method, base + path, json=body) as r:
+        text = await r.text()
+        events = [ln[5:].strip() for ln in text.splitlines() if ln.startswith("data:")]
+        return Answer(status=r.status, content_type=r.content_type, text=text,
+                      events=events if r.content_type == "text/event-stream" else [])
+
+
+def compare(label: str, real: Answer, twin: Answer, *, exact_message: bool) -> list[str]:
+    out: list[str] = []
+    if real.status != twin.status:
+        return [f"{label}: status real {real.status} vs twin {twin.status} ({twin.text[:200]})"]
+    if real.events:
+        if not twin.events:
+            return [f"{label}: real streams SSE, twin answered {twin.content_type}"]
+        if real.events[-1] != twin.events[-1]:
+            out.append(f"{label}: last event {real.events[-1]!r} vs {twin.events[-1]!r}")
+        r_chunks = [json.loads(e) for e in real.events if e != "[DONE]"]
+        t_chunks = [json.loads(e) for e in twin.events if e != "[DONE]"]
+        if len(r_chunks) != len(t_chunks):
+            out.append(f"{label}: {len(r_chunks)} real chunks vs {len(t_chunks)} twin chunks")
+        for i in (0, len(r_chunks) // 2, -2, -1):
+            if i < len(t_chunks) and shape(r_chunks[i]) != shape(t_chunks[i]):
+                out.append(f"{label}: chunk {i} shape\n  real {shape(r_chunks[i])}\n"
+                           f"  twin {shape(t_chunks[i])}")
+        return out
+    try:
+        rj = real.json()
+    except json.JSONDecodeError:
+        if real.text != twin.text:
+            out.append(f"{label}: text {real.text!r} vs {twin.text!r}")
+        return out
+    try:
+        tj = twin.json()
+    except json.JSONDecodeError:
+        return [f"{label}: real answered JSON, twin {twin.text[:200]!r}"]
+    if shape(rj) != shape(tj):
+        out.append(f"{label}: body shape\n  real {shape(rj)}\n  twin {shape(tj)}")
+    if isinstance(rj, dict) and "error" in rj and isinstance(tj, dict) and "error" in tj:
+        for key in ("type", "param", "code") + (("message",) if exact_message else ()):
+            if rj["error"].get(key) != tj["error"].get(key):
+                out.append(f"{label}: error.{key} {rj['error'].get(key)!r} vs "
+                           f"{tj['error'].get(key)!r}")
+    return out
+
+
+def script(name: str, r8: str, missing_dir: str) -> list[tuple[str, str, str, Any, bool]]:
+    """(label, method, path, body, compare error messages exactly) in order."""
+    load, unload = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
+    comp = {"prompt": "hello world the", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0,
+            "ignore_eos": True}
+    usage = {"stream": True, "stream_options": {"include_usage": True}}
+    return [
+        ("models", "GET", "/v1/models", None, True),
+        ("load", "POST", load, {"lora_name": name, "lora_path": r8}, True),
+        ("load duplicate", "POST", load, {"lora_name": name, "lora_path": r8}, True),
+        ("load inplace", "POST", load, {"lora_name": name, "lora_path": r8,
+                                        "load_inplace": True}, True),
+        ("load missing dir", "POST", load, {"lora_name": name + "-x",
+                                            "lora_path": missing_dir}, True),
+        ("load base name", "POST", load, {"lora_name": BASE, "lora_path": r8}, True),
+        ("load no path", "POST", load, {"lora_name": name + "-y"}, False),
+        ("load empty path", "POST", load, {"lora_name": name + "-z", "lora_path": ""}, True),
+        ("unload unknown", "POST", unload, {"lora_name": name + "-never"}, True),
+        ("models after load", "GET", "/v1/models", None, True),
+        ("completion", "POST", "/v1/completions", {"model": name, **comp}, True),
+        ("completion stream", "POST", "/v1/completions", {"model": name, **comp, **usage}, True),
+        ("completion no model", "POST", "/v1/completions", comp, True),
+        ("chat", "POST", "/v1/chat/completions", {"model": name, **chat}, True),
+        ("chat stream", "POST", "/v1/chat/completions", {"model": name, **chat,
+                                                         "stream": True}, True),
+        ("unknown model", "POST", "/v1/completions", {"model": "nope-x", **comp}, True),
+        ("unknown model stream", "POST", "/v1/completions", {"model": "nope-x", **comp,
+                                                             "stream": True}, True),
+        ("chat unknown model", "POST", "/v1/chat/completions", {"model": "nope-x", **chat},
+         True),
+        ("unload", "POST", unload, {"lora_name": name}, True),
+        ("completion after unload", "POST", "/v1/completions", {"model": name, **comp}, True),
+        ("health", "GET", "/health", None, True),
+        ("version", "GET", "/version", None, True),
+        ("load endpoint", "GET", "/load", None, True),
+    ]
+
+
+async def test_twin_and_real_vllm_answer_the_same_api_calls(
+    real_vllm: Replica, http: aiohttp.ClientSession, lora_paths: dict[int, list[str]],
+    unique_name: str, tmp_path: Any,
+) -> None:
+    c = REAL_CONFIG
+    twin_cfg = ReplicaConfig(
+        model=str(real_vllm.model_dir), served_model_name=BASE, enable_lora=True,
+        max_loras=c.max_loras, max_cpu_loras=c.max_cpu_loras, max_lora_rank=c.max_lora_rank,
+        max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
+        max_model_len=c.max_model_len, profile="fast", time_scale=10.0,
+    )
+    problems: list[str] = []
+    async with run_replica(twin_cfg, host="127.0.0.1", port=0) as twin:
+        for label, method, path, body, exact in script(unique_name, lora_paths[8][0],
+                                                       str(tmp_path / "missing")):
+            real = await call(http, real_vllm.base_url, method, path, body)
+            sim = await call(http, twin.url, method, path, body)
+            problems += compare(label, real, sim, exact_message=exact)
+    unknown = [p for p in problems if p.split("\n")[0] not in KNOWN_DIFFS]
+    assert not unknown, "twin differs from real vLLM:\n" + "\n".join(problems)
+    if problems:
+        pytest.xfail("known twin/vLLM differences: " + "; ".join(p.split("\n")[0]
+                                                                 for p in problems))
+
+
+def test_shape_ignores_values_but_not_keys() -> None:
+    assert shape({"a": 1, "b": [{"c": None}]}) == shape({"a": 2.5, "b": [{"c": None}]})
+    assert shape({"a": 1}) != shape({"a": 1, "b": 2})
+    assert shape({"a": "x"}) != shape({"a": 1})
+    assert VOLATILE  # documented: values of these fields are never compared
