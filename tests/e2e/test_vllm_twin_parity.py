@@ -23,11 +23,7 @@ VOLATILE = {"id", "created", "text", "content", "system_fingerprint", "root"}
 # Differences seen on 2026-11-27 and reported to the twin's owner. While one of them is the ONLY
 # difference left the test xfails (visibly), naming it; any other difference fails the test.
 # Remove an entry once the twin is fixed.
-KNOWN_DIFFS = {
-    # real vLLM puts system_fingerprint only on the usage chunk of a completion stream; the
-    # twin also puts it on the last text chunk (the one with finish_reason)
-    "completion stream: chunk -2 shape",
-}
+KNOWN_DIFFS: set[str] = set()
 
 
 def shape(obj: Any) -> Any:

@@ -61,6 +61,8 @@ async def test_completion_stream_matches_recording(
             "token_ids",
         ]
         assert [c["choices"][0]["finish_reason"] for c in token_chunks] == [None] * 7 + ["length"]
+        # As real vLLM 0.32: the fingerprint rides only on the usage chunk, not the last token.
+        assert all("system_fingerprint" not in c for c in token_chunks)
         assert usage["choices"] == [] and list(usage["usage"]) == [
             "prompt_tokens",
             "total_tokens",

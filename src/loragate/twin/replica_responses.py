@@ -146,8 +146,8 @@ def completion_chunk(
         "model": model,
         "choices": [choice],
     }
-    if finish_reason is not None:
-        chunk["system_fingerprint"] = SYSTEM_FINGERPRINT
+    # Real vLLM 0.32 puts system_fingerprint only on the usage chunk of a completion stream
+    # (checked against a live server in tests/e2e/test_vllm_twin_parity.py); chat differs.
     return chunk
 
 
