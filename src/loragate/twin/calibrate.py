@@ -75,6 +75,7 @@ class FittedCoefficients:
     sched_per_running_ms: float
     sched_per_waiting_ms: float
     sched_per_waiting_slots_full_ms: float | None
+    max_waiting_requests: int | None
     cpu_load_base_ms: float
     cpu_load_per_rank_ms: float
     cpu_load_pad_ms: float
@@ -158,6 +159,7 @@ class _Sched:
     s_run: float
     s_wait: float
     s_wait_full: float | None = None  # while every LoRA slot is taken (queue walk)
+    max_waiting: int | None = None  # vLLM's waiting queue saturates here (front end)
 
     def predict(self, running: FloatArray, waiting: FloatArray) -> FloatArray:
         return self.s0 + self.s_run * running + self.s_wait * waiting
@@ -189,8 +191,11 @@ def fit_scheduler(table: Table, base: Table) -> tuple[_Sched, ComponentFit]:
                 cols.append(waiting[ok])
             c = _wlstsq(np.column_stack(cols), y[ok], relative=False)
             s_full = max(float(c[3]), 0.0) if split else None
+            # Offered far beyond capacity (R3 goes to 150 req/s), the engine's waiting queue
+            # stops growing: the largest mean queue is where the front end saturates.
+            sat = int(np.nanmax(waiting[ok])) if np.nanmax(waiting[ok]) >= 1000 else None
             sched = _Sched(s0=max(float(c[0]), 0.0), s_run=max(float(c[1]), 0.0),
-                           s_wait=max(float(c[2]), 0.0), s_wait_full=s_full)
+                           s_wait=max(float(c[2]), 0.0), s_wait_full=s_full, max_waiting=sat)
             pred = sched.predict(running[ok], waiting[ok])
             if s_full is not None:
                 pred = pred + (s_full - sched.s_wait) * (waiting * full)[ok]
@@ -519,6 +524,7 @@ def fit_coefficients(data: CalibrationData) -> FitReport:
         sched_per_running_ms=sched.s_run,
         sched_per_waiting_ms=sched.s_wait,
         sched_per_waiting_slots_full_ms=sched.s_wait_full,
+        max_waiting_requests=sched.max_waiting,
         cpu_load_base_ms=c0,
         cpu_load_per_rank_ms=c_rank,
         cpu_load_pad_ms=c_pad,
@@ -600,6 +606,7 @@ def build_profile(
             ms_per_waiting=round(c.sched_per_waiting_ms, 10),
             ms_per_waiting_slots_full=None if c.sched_per_waiting_slots_full_ms is None
             else round(c.sched_per_waiting_slots_full_ms, 10),
+            max_waiting=c.max_waiting_requests,
         ),
         loading=LoadModel(
             cpu_to_gpu=RankCost(intercept_ms=round(c.cpu_load_base_ms, 6),
