@@ -139,3 +139,26 @@ def test_cli_validate_bad_file_is_a_clear_error(
     assert code == 2
     err = json.loads(capsys.readouterr().err)
     assert "runs file not found" in err["error"]["message"]
+
+
+def test_front_end_cap_bounds_the_engine_queue(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from loragate.twin.profile import dump_profile, load_profile
+    from loragate.twin.validate import replay_run
+
+    base = load_profile("qwen-2.5-7b-h100")
+    # a steep queue-walk cost makes the engine's queue length visible in the step time
+    prof = replace(base, name="capped", scheduler=replace(
+        base.scheduler, max_waiting=50, ms_per_waiting_slots_full=0.05))
+    path = tmp_path / "capped.yaml"
+    dump_profile(prof, path)
+    spec = run_spec_from_row(_row("qwen-2.5-7b-instruct/w/_2_8_16_", "qwen-2.5-7b-instruct",
+                                  loras=2, served=8, rates="6:8"))
+    capped = replay_run(spec, str(path), ValidateConfig(window_s=120.0))
+    uncapped = replay_run(spec, str(path), ValidateConfig(window_s=120.0, front_end_cap=False))
+    assert capped.requests_sent == uncapped.requests_sent
+    assert capped.mean_waiting > 200  # overloaded: a long backlog builds up in both cases
+    # the engine only walks (and pays for) the capped queue
+    assert capped.itl_mean_ms < uncapped.itl_mean_ms
+    assert capped.successful_requests > 0

@@ -57,6 +57,7 @@ PAPER_PROFILES: dict[str, str] = {
 }
 EXCLUDED_FLAGS = frozenset({"served_adapters_mismatch"})
 FEED_CHUNK_S = 5.0
+BACKLOG_CHUNK_S = 0.25
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,6 +114,8 @@ class RunMetrics:
     requests_sent: int
     successful_requests: int
     preemptions: int = 0
+    mean_running: float = math.nan
+    mean_waiting: float = math.nan  # engine queue + front-end backlog
     wall_s: float = 0.0
     error: str = ""
 
@@ -292,10 +295,14 @@ def replay_run(spec: RunSpec, profile_ref: str, cfg: ValidateConfig) -> RunMetri
     # send time (their TTFT includes the front-end wait).
     cap = profile.scheduler.max_waiting if cfg.front_end_cap else None
     backlog: deque[int] = deque()
+    running_samples: list[int] = []  # sampled every FEED_CHUNK_S, like the real .npy series
+    next_sample_s = FEED_CHUNK_S
+    waiting_samples: list[int] = []
     start = 0
     chunk_end = 0.0
     while chunk_end < cfg.window_s:
-        chunk_end = min(chunk_end + FEED_CHUNK_S, cfg.window_s)
+        # With a backlog the engine queue is topped up often, so it never runs dry meanwhile.
+        chunk_end = min(chunk_end + (BACKLOG_CHUNK_S if backlog else FEED_CHUNK_S), cfg.window_s)
         stop = bisect.bisect_left(times, chunk_end, lo=start)
         if cap is None:
             admit: range | list[int] = range(start, stop)
@@ -311,6 +318,10 @@ def replay_run(spec: RunSpec, profile_ref: str, cfg: ValidateConfig) -> RunMetri
         )
         start = stop
         records.extend(engine.run_until(chunk_end))
+        if chunk_end >= next_sample_s:
+            next_sample_s += FEED_CHUNK_S
+            running_samples.append(engine.num_running)
+            waiting_samples.append(engine.num_waiting + len(backlog))
     done = [r for r in records if r.finish_s <= cfg.window_s]
     tokens = sum(r.prompt_tokens + r.output_tokens for r in done)
     gaps = sum(r.finish_s - r.first_token_s for r in done if r.output_tokens > 1)
@@ -327,6 +338,8 @@ def replay_run(spec: RunSpec, profile_ref: str, cfg: ValidateConfig) -> RunMetri
         requests_sent=n,
         successful_requests=len(done),
         preemptions=int(getattr(engine, "num_preemptions_total", 0)),
+        mean_running=float(np.mean(running_samples)) if running_samples else math.nan,
+        mean_waiting=float(np.mean(waiting_samples)) if waiting_samples else math.nan,
         wall_s=time.process_time() - started,
     )
 
@@ -363,7 +376,8 @@ class ModelSummary:
 
 
 _REAL_KEYS = ("total_throughput", "itl_mean_ms", "ttft_mean_ms", "ttft_mean_penalised_ms",
-              "successful_requests", "requests_sent")
+              "successful_requests", "requests_sent", "mean_running", "mean_waiting",
+              "preemptions")
 _PAPER_KEYS = ("total_throughput", "itl_mean_ms", "ttft_mean_penalised_ms")
 
 
