@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck pytest test-vllm bench clean
+.PHONY: demo test lint typecheck pytest test-vllm clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import openai
+import pytest
+import yaml
+
+from loragate.core.config import config_from_mapping
 from loragate.gateway import load_config
+from loragate.gateway.runner import running_gateway
+from loragate.twin.replica_config import ReplicaConfig
+from loragate.twin.server import run_replica
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -22,3 +31,29 @@ def test_two_instance_example_shares_state_through_redis() -> None:
     assert config.state.refresh_s < config.state.lease_renew_s < config.state.lease_ttl_s
     assert config.routing.build_spec() == "loragate"
     assert {r.replica_id for r in config.replicas} == {"r0", "r1"}
+
+
+async def test_local_example_serves_its_adapters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """examples/local: the README's run-it-yourself set-up works as written (ports aside)."""
+    repo = EXAMPLES.parent
+    monkeypatch.chdir(repo)  # adapter paths are relative to the replicas' working directory
+    data = yaml.safe_load((EXAMPLES / "local" / "gateway.yaml").read_text(encoding="utf-8"))
+    replica_cfg = ReplicaConfig(
+        served_model_name=data["base_model"], enable_lora=True, max_loras=2, max_cpu_loras=4
+    )
+    async with run_replica(replica_cfg, port=0) as r0, run_replica(replica_cfg, port=0) as r1:
+        for entry, replica in zip(data["replicas"], (r0, r1), strict=True):
+            entry["url"] = replica.url
+        config = config_from_mapping(data)
+        for adapter in config.adapters:
+            meta = json.loads((repo / adapter.path / "adapter_config.json").read_text("utf-8"))
+            assert meta["r"] == adapter.rank
+        async with running_gateway(config, port=0) as gw:
+            client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="sk-acme-123")
+            try:
+                out = await client.completions.create(model="lora-0", prompt="hi", max_tokens=3)
+                assert out.model == "lora-0" and out.usage is not None
+                with pytest.raises(openai.NotFoundError):  # globex's adapter is invisible
+                    await client.completions.create(model="lora-2", prompt="hi", max_tokens=3)
+            finally:
+                await client.close()
