@@ -57,7 +57,8 @@ def main() -> int:
     print(format_table(result))
     print()
     print(_per_workload(result))
-    sim_s = 3600.0 * float(result["runs_replayed"])  # type: ignore[arg-type]
+    replayed = int(result["runs_replayed"]) - len(result["runs_failed"])  # type: ignore[call-overload,arg-type]
+    sim_s = 3600.0 * replayed
     cpu = float(result["cpu_s_total"])  # type: ignore[arg-type]
     print(f"\nwall {wall:.1f} s; simulated {sim_s / 3600:.0f} h in {cpu:.1f} CPU s "
           f"({sim_s / cpu if cpu > 0 and math.isfinite(cpu) else math.nan:.0f}x real time)")
