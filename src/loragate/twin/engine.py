@@ -478,9 +478,9 @@ class Engine:
                 r.wseq = back
                 ast = r.ast
                 q = ast.queue
-                if not q:
+                q.append(r)  # before _push_head, whose pruning drops entries of empty queues
+                if len(q) == 1:
                     self._push_head(back, ast)
-                q.append(r)
                 back += 1
                 ast.n_waiting += 1
                 n += 1
@@ -506,9 +506,10 @@ class Engine:
         r.wseq = self._back
         self._back += 1
         ast = r.ast
-        if not ast.queue:
+        q = ast.queue
+        q.append(r)  # before _push_head, whose pruning drops entries of empty queues
+        if len(q) == 1:
             self._push_head(r.wseq, ast)
-        ast.queue.append(r)
         ast.n_waiting += 1
         self._n_waiting += 1
         r.def_snap = (ast.g0 if ast.n_running else self._gfull) - ast.r_acc
