@@ -32,6 +32,11 @@ class RecordingProfile:
         self.calls.append(kw)
         return self.inner.step_time_s(**kw)
 
+    def specialize(self, **kw: Any) -> RecordingProfile:
+        # The engine binds its profile to its settings; keep recording through that copy.
+        self.inner = self.inner.specialize(**kw)
+        return self
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
@@ -255,3 +260,17 @@ def test_bulk_add_then_abort_and_duplicate_check() -> None:
         e.add_request(req("a"))
     assert [r.request_id for r in e.run_until(100.0)] == ["a"]
     assert not e.has_unfinished()
+
+
+def test_engine_binds_the_profile_to_its_lora_settings() -> None:
+    fitted = load_profile("llama-3.1-8b-h100")
+    cfg = EngineConfig(max_loras=8, max_cpu_loras=32, max_lora_rank=32, max_model_len=4096)
+    engine = Engine(cfg, fitted)
+    assert engine.profile.lora.max_loras == 8
+    assert engine.profile.loading.max_lora_rank == 32
+    # The slot-dependent LoRA cost differs from the unbound profile's (fitted at 300 slots).
+    kw: dict[str, Any] = {
+        "batch_size": 64, "distinct_adapters": 8, "prefill_tokens": 0, "decode_tokens": 64,
+        "max_rank_in_batch": 16, "num_waiting": 0, "lora_enabled": True,
+    }
+    assert engine.profile.step_time_s(**kw) != fitted.step_time_s(**kw)

@@ -156,7 +156,13 @@ class Engine:
     def __init__(self, config: EngineConfig, profile: PerformanceProfile) -> None:
         config.check()
         self.config = config
-        self.profile = profile
+        # Bind the profile's slot-dependent terms to this engine's LoRA settings (the fitted
+        # profiles price per-slot LoRA cost and padding by max_loras / max_lora_rank);
+        # a profile already specialised by the caller (validate adds the workload's context
+        # length) keeps its other settings.
+        self.profile = profile = profile.specialize(
+            max_loras=config.max_loras, max_lora_rank=config.max_lora_rank
+        )
         cap = config.kv_capacity_tokens
         if cap is None:
             cap = profile.kv_capacity_tokens(
