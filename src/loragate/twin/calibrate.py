@@ -236,20 +236,33 @@ def _steady_rows(
     All prompts are sent at once and the running set turns over continuously, so in steady
     state each step also prefills ``running * prompt / output`` prompt tokens, and a running
     request is on average half-way through its output.
+
+    Where the engine's own counters exist (real vLLM CPU data, ``data/tiny-llama-cpu``), they
+    replace the client-side figures: the server-side ITL (``itl_server_mean_ms``, the
+    ``vllm:inter_token_latency_seconds`` histogram; the client's ITL is distorted by token
+    coalescing in the API server at fast steps) and the exact tokens per engine step
+    (``mean_tokens_per_step``) instead of the polled running batch.
     """
     running = _arr(table.column("mean_running_batch"))
     itl = _arr(table.column("itl_mean_ms"))
+    itl_server = _arr(table.column("itl_server_mean_ms"))
+    itl = np.where(np.isfinite(itl_server), itl_server, itl)
     prompt = _arr(table.column("mean_input_tokens_per_prompt"))
     prompt = np.nan_to_num(np.where(np.isfinite(prompt), prompt, _arr(table.column("input_len"))),
                            nan=1.0)
     out = _arr(table.column("output_len"))
     sched_meas = _arr(table.column("sched_time_mean_ms"))
     sched_ms = np.where(np.isfinite(sched_meas), sched_meas,
-                        sched.predict(running, np.zeros_like(running)))
-    ok = np.isfinite(running) & np.isfinite(itl) & np.isfinite(out) & (running > 0) & (out > 1)
-    safe_out = np.where(ok, out, 1.0)
-    tokens = running * (1.0 + w_p * prompt / safe_out)
-    ctx = running * (prompt + safe_out / 2.0)
+                        sched.predict(np.nan_to_num(running), np.zeros_like(running)))
+    safe_out = np.where(np.isfinite(out) & (out > 1), out, 1.0)
+    per_step = _arr(table.column("mean_tokens_per_step"))
+    # Decode sequences per step: from the step counter (prompt and output tokens of a request
+    # are in the proportion prompt : output) where recorded, else the polled running batch.
+    decode = np.where(np.isfinite(per_step), per_step * safe_out / (safe_out + prompt), running)
+    ok = np.isfinite(decode) & np.isfinite(itl) & np.isfinite(out) & (decode > 0) & (out > 1)
+    decode = np.where(ok, decode, 1.0)
+    tokens = decode * (1.0 + w_p * prompt / safe_out)
+    ctx = decode * (prompt + safe_out / 2.0)
     return tokens, ctx, itl - sched_ms, ok
 
 
@@ -259,15 +272,21 @@ def fit_base(table: Table, sched: _Sched, w_p: float = 0.6) -> tuple[_Base, Comp
     running, ctx, y = tokens[ok], ctx[ok], y[ok]
     if y.size < 4:
         raise ConfigError("need at least 4 decode rows in base_latency.csv to fit the step time")
+    # The context term needs rows whose context per token varies (different prompt/output
+    # lengths); with one shape (e.g. the CPU sweep: 8 in / 256 out) it is collinear with the
+    # token term and is left out.
+    per_token_ctx = ctx / np.maximum(running, 1e-9)
+    use_ctx = float(np.std(per_token_ctx)) > 0.01 * float(np.mean(per_token_ctx))
     best: tuple[float, _Base] | None = None
     for knee in _KNEE_GRID:
         if knee >= float(np.max(running)):
             break
-        x = np.c_[np.ones_like(y), np.maximum(0.0, running - knee), ctx]
+        x = np.c_[np.ones_like(y), np.maximum(0.0, running - knee), ctx if use_ctx else 0 * ctx]
         c = _wlstsq(x, y)
         if c[1] <= 0:
             continue
-        base = _Base(m0=float(c[0]), knee=float(knee), a=float(c[1]), a_ctx=max(float(c[2]), 0.0))
+        base = _Base(m0=float(c[0]), knee=float(knee), a=float(c[1]),
+                     a_ctx=max(float(c[2]), 0.0) if use_ctx else 0.0)
         err = float(np.mean(np.abs(base.predict(running, ctx) - y) / y))
         if best is None or err < best[0]:
             best = (err, base)
@@ -320,27 +339,37 @@ def fit_prefill_weight(data: CalibrationData, base: _Base, sched: _Sched) -> tup
 
 
 def fit_lora(
-    table: Table, base: _Base, sched: _Sched, w_p: float, intercept_ms: float = 0.0
-) -> tuple[float, float, ComponentFit]:
-    """lora_ms = l_tok * T_eff + l_ad * A on the R5 runs (all prompts at once).
+    table: Table, base: _Base, sched: _Sched, w_p: float, intercept_ms: float | None = 0.0
+) -> tuple[float, float, float, ComponentFit]:
+    """lora_ms = l_0 + l_tok * T_eff + l_ad * A on the R5 runs (all prompts at once).
 
-    Rows whose ITL the fit misses by more than ``_TRIM_PCT`` are dropped once and the fit is
-    repeated (reported in the note), so a single odd probe cannot drag the coefficients.
+    ``intercept_ms`` is l_0 when measured elsewhere (single-request runs); ``None`` fits it
+    here. Rows whose ITL the fit misses by more than ``_TRIM_PCT`` are dropped once and the fit
+    is repeated (reported in the note), so a single odd probe cannot drag the coefficients.
+    Returns (l_0, l_tok, l_ad, quality).
     """
     tokens, ctx, compute, ok = _steady_rows(table, sched, w_p)
     running = _arr(table.column("mean_running_batch"))
     unique = _arr(table.column("mean_unique_adapters_per_step"))
     n_distinct = _arr(table.column("n_distinct_adapters"))
+    clients = _arr(table.column("concurrency"))
     # Where the server log is missing, the per-step unique adapters are not known: use the
     # expectation for a batch drawn uniformly over the requested adapters (checked against
-    # the rows where both exist, see the note).
-    adapters = np.where(np.isfinite(unique), unique, expected_distinct(n_distinct, running))
-    ok &= np.isfinite(adapters)
-    if ok.sum() < 2:
-        return 0.0, 0.0, _quality(_arr([]), _arr([]), "no LoRA rows: no LoRA overhead")
-    y = compute - base.predict(tokens, ctx) - intercept_ms
+    # the rows where both exist, see the note). Closed-loop runs whose client w always uses
+    # adapter w mod n (``concurrency`` recorded) hold exactly min(n, batch) adapters.
+    guess = np.where(np.isfinite(clients),
+                     np.minimum(n_distinct, np.maximum(np.nan_to_num(running), 1.0)),
+                     expected_distinct(n_distinct, running))
+    adapters = np.where(np.isfinite(unique), unique, guess)
+    # Base-model requests on a LoRA server (no adapter) are another regime (no LoRA kernels
+    # for the batch's tokens): not part of this fit.
+    ok &= np.isfinite(adapters) & (np.nan_to_num(n_distinct, nan=1.0) > 0)
+    fit_l0 = intercept_ms is None
+    if ok.sum() < (3 if fit_l0 else 2):
+        return 0.0, 0.0, 0.0, _quality(_arr([]), _arr([]), "no LoRA rows: no LoRA overhead")
+    y = compute - base.predict(tokens, ctx) - (intercept_ms or 0.0)
     total = compute
-    x = np.c_[tokens, adapters]
+    x = np.c_[np.ones_like(tokens), tokens, adapters] if fit_l0 else np.c_[tokens, adapters]
     keep = ok.copy()
     for _ in range(2):
         c = _wlstsq_rel_total(x[keep], y[keep], total[keep] - y[keep])
@@ -349,15 +378,21 @@ def fit_lora(
         if new_keep.sum() < 2 or (new_keep == keep).all():
             break
         keep = new_keep
+    if fit_l0:
+        l_0, c = max(float(c[0]), 0.0), c[1:]
+    else:
+        l_0 = float(intercept_ms or 0.0)
     l_tok, l_ad = max(float(c[0]), 0.0), max(float(c[1]), 0.0)
-    pred = total - y + l_tok * tokens + l_ad * adapters
+    pred = total - y + (l_0 if fit_l0 else 0.0) + l_tok * tokens + l_ad * adapters
     both = np.isfinite(unique) & np.isfinite(n_distinct) & np.isfinite(running)
     note = f"ITL of LoRA runs; {int(ok.sum() - keep.sum())} rows beyond {_TRIM_PCT:.0f}% dropped"
     if both.any():
         est = expected_distinct(n_distinct[both], running[both])
         note += (f"; expected-distinct estimate vs logged unique adapters: "
                  f"{float(np.mean(np.abs(est - unique[both]) / unique[both]) * 100):.1f}% MAPE")
-    return l_tok, l_ad, _quality(pred[keep], total[keep], note)
+    if fit_l0:
+        note += f"; LoRA intercept {l_0:.2f} ms fitted on these rows"
+    return l_0, l_tok, l_ad, _quality(pred[keep], total[keep], note)
 
 
 def _wlstsq_rel_total(x: FloatArray, y: FloatArray, offset: FloatArray) -> FloatArray:
@@ -367,7 +402,7 @@ def _wlstsq_rel_total(x: FloatArray, y: FloatArray, offset: FloatArray) -> Float
     return np.asarray(coef, dtype=np.float64)
 
 
-def fit_lora_intercept(table: Table, base: _Base, sched: _Sched) -> tuple[float, str]:
+def fit_lora_intercept(table: Table, base: _Base, sched: _Sched) -> tuple[float | None, str]:
     """LoRA cost of a one-request batch from the R6 runs (max_loras 1: requests run alone).
 
     A swap happens between requests, so it is in the TTFT, not in the ITL: the ITL of these
@@ -377,7 +412,7 @@ def fit_lora_intercept(table: Table, base: _Base, sched: _Sched) -> tuple[float,
     itl = _arr(table.column("itl_mean_ms"))
     ok = (loras == 1) & np.isfinite(itl)
     if not ok.any():
-        return 0.0, "no single-request LoRA runs: LoRA intercept 0"
+        return None, "no single-request LoRA runs"
     one = np.ones(1)
     plain = float(base.predict(one, np.zeros(1))[0] + sched.predict(one, np.zeros(1))[0])
     value = max(float(np.median(itl[ok])) - plain, 0.0)
@@ -427,18 +462,25 @@ def fit_cpu_load(table: Table) -> tuple[float, float, float, ComponentFit]:
     max_rank = _arr(table.column("max_lora_rank"))
     swap = _arr(table.column("swap_ms_mean"))
     swap = np.where(np.isfinite(swap), swap, _arr(table.column("swap_ms_paper_method")))
-    ok = np.isfinite(rank) & np.isfinite(swap) & (swap > 0)
+    # Where the per-request noise exceeds the effect (std > |mean|: TTFT differences on a
+    # contended CPU, ``data/tiny-llama-cpu``), the mean is dragged by outliers: use the median,
+    # a negative median read as a free swap.
+    std = _arr(table.column("swap_ms_std"))
+    median = _arr(table.column("swap_ms_median"))
+    noisy = np.isfinite(std) & np.isfinite(median) & (std > np.abs(np.nan_to_num(swap)))
+    swap = np.where(noisy, np.maximum(median, 0.0), swap)
+    ok = np.isfinite(rank) & np.isfinite(swap) & ((swap > 0) | noisy)
     if not ok.any():
         return 0.0, 0.0, 0.0, _quality(_arr([]), _arr([]), "no loading rows: loads are free")
     max_rank = np.where(np.isfinite(max_rank), max_rank, rank)
     pad = (rank < max_rank).astype(np.float64)
     cols = [np.ones(int(ok.sum())), rank[ok]]
-    if 0 < pad[ok].sum() < ok.sum():
+    if 0 < pad[ok].sum() < ok.sum() and ok.sum() > 2:  # a padding term needs a third row
         cols.append(pad[ok])
     x = np.column_stack(cols)
     if ok.sum() < x.shape[1] or np.unique(rank[ok]).size < 2:
         x = x[:, :1] if np.unique(rank[ok]).size < 2 else x
-    c = _wlstsq(x, swap[ok])
+    c = _wlstsq(x, swap[ok], relative=not noisy[ok].any())
     coef = [float(v) for v in c] + [0.0] * (3 - len(c))
     c0, c_rank, c_pad = coef[0], coef[1], coef[2] if x.shape[1] == 3 else 0.0
     pred = c0 + c_rank * rank[ok] + c_pad * pad[ok]
@@ -478,6 +520,12 @@ def fit_kv(table: Table) -> tuple[float, float, float, float, ComponentFit]:
     no_lora = kv[(lora_on == 0) & np.isfinite(kv)]
     kv_no_lora = float(np.median(no_lora)) if no_lora.size else math.nan
     if ok.sum() < 3:
+        if ok.any():  # a few start-ups (e.g. an explicit KV byte budget on CPU): their median
+            base = float(np.median(kv[ok]))
+            plain = kv_no_lora if math.isfinite(kv_no_lora) else base
+            return base, 0.0, 0.0, plain, _quality(
+                np.full(int(ok.sum()), base), kv[ok],
+                f"{int(ok.sum())} LoRA start-ups: constant capacity, no slot/rank term")
         base = kv_no_lora if math.isfinite(kv_no_lora) else 0.0
         return base, 0.0, 0.0, base, _quality(_arr([]), _arr([]), "too few KV rows")
     x = np.c_[np.ones(int(ok.sum())), -loras[ok] * rank[ok], -loras[ok]]
@@ -500,8 +548,10 @@ def fit_coefficients(data: CalibrationData) -> FitReport:
     for _ in range(_PREFILL_ITERATIONS):
         base, q_base = fit_base(data.base_latency, sched, w_p)
         w_p, w_note = fit_prefill_weight(data, base, sched)
-    l_0, l0_note = fit_lora_intercept(data.loading, base, sched)
-    l_tok, l_ad, q_lora = fit_lora(data.lora_overhead, base, sched, w_p, l_0)
+    l_0_measured, l0_note = fit_lora_intercept(data.loading, base, sched)
+    l_0, l_tok, l_ad, q_lora = fit_lora(data.lora_overhead, base, sched, w_p, l_0_measured)
+    if l_0_measured is None:
+        l0_note = f"no single-request LoRA runs: fitted with the LoRA rows ({l_0:.2f} ms)"
     ref_slots = float(np.nanmedian(_arr(data.lora_overhead.column("max_loras")) + 0.0)) \
         if len(data.lora_overhead) else math.nan
     share, share_note = fit_slot_share(data.scheduler, ref_slots)
