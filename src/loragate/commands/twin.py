@@ -135,6 +135,8 @@ def format_table(result: dict[str, Any]) -> str:
     for m in result["models"]:
         for who in ("ours", "paper"):
             for metric, s in m[who].items():
+                if who == "paper" and not s["n"]:
+                    continue  # no paper-twin figures for these runs
                 lines.append(
                     f"{m['model'][:23]:<24}{who:<7}{metric:<16}{s['n']:>4}"
                     f"{s['mape_pct']:>8.2f}{s['smape_pct']:>8.2f}{s['smape_paper_pct']:>8.2f}"

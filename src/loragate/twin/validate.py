@@ -14,6 +14,13 @@ One real run (a row of ``validation/real_runs.csv``) is replayed as follows:
   ``max_num_seqs`` 2048, the model's ``max_model_len`` (vLLM's start-up check);
 - window: 3600 s; requests unfinished at the end are not counted (as in the benchmark).
 
+Runs that name their exact requests (``requests_file``, as ``data/tiny-llama-cpu``'s real vLLM
+CPU runs) are replayed exactly instead: every request's send time, adapter (with its rank) and
+prompt/output lengths from that file, the run's own ``max_num_seqs`` / ``max_num_batched_tokens``
+/ ``max_model_len`` / ``window_s``, the served adapters of ``adapter_ranks`` (``max_cpu_loras``
+may be smaller) registered in order a0..aN-1 into the CPU cache with no adapter in a GPU slot
+at t = 0, as the benchmark did.
+
 Measured quantities are made comparable with the benchmark's: throughput = (prompt + output
 tokens of completed requests) / window; mean ITL = pooled mean of the inter-token gaps of all
 completed requests = sum(finish - first token) / sum(output tokens - 1) (streaming, one chunk
@@ -50,6 +57,7 @@ MODEL_MAX_LEN: dict[str, int] = {
 DEFAULT_PROFILES: dict[str, str] = {
     "llama-3.1-8b-instruct": "llama-3.1-8b-h100",
     "qwen-2.5-7b-instruct": "qwen-2.5-7b-h100",
+    "tiny-llama-cpu": "tiny-llama-cpu",
 }
 PAPER_PROFILES: dict[str, str] = {
     "llama-3.1-8b-instruct": "paper-llama-3.1-8b-h100",
@@ -103,6 +111,13 @@ class RunSpec:
     mean_prompt_tokens: float
     mean_output_tokens: float
     real_window_s: float = 3600.0  # the window requests_sent was counted over
+    # Optional (exact replays of runs that recorded every request; None: ValidateConfig's /
+    # the model's defaults).
+    max_num_seqs: int | None = None
+    token_budget: int | None = None
+    max_model_len: int | None = None
+    requests_path: str = ""  # requests.csv with this run's requests: replayed exactly
+    adapters_in_gpu_at_start: bool = True  # False: registered into the CPU cache only
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -140,7 +155,28 @@ def _float(row: dict[str, str], key: str) -> float:
         return math.nan
 
 
-def run_spec_from_row(row: dict[str, str]) -> RunSpec:
+def _int_or_none(row: dict[str, str], key: str) -> int | None:
+    value = _float(row, key)
+    return int(value) if math.isfinite(value) else None
+
+
+def _requests_path(row: dict[str, str], base: Path | None) -> str:
+    """The run's ``requests_file`` next to the runs file or one level up (its data folder)."""
+    name = (row.get("requests_file") or "").strip()
+    if not name or base is None:
+        return ""
+    for candidate in (base / name, base.parent / name, base / Path(name).name):
+        if candidate.is_file():
+            return str(candidate)
+    raise ConfigError(f"requests file {name!r} of run {row.get('run_id')!r} not found near {base}",
+                      key="real_runs")
+
+
+def run_spec_from_row(row: dict[str, str], base: Path | None = None) -> RunSpec:
+    """One run's configuration; ``base``: the runs file's folder (to find ``requests_file``)."""
+    explicit = [int(float(v)) for v in (row.get("adapter_ranks") or "").split()]
+    if explicit:
+        return _explicit_spec(row, explicit, base)
     rank_counts = _counts(row["rank_counts"])
     served = int(float(row["max_cpu_loras"]))
     ranks_set = [int(v) for v, _ in _counts(row.get("ranks_set", "").replace("_", " "))]
@@ -168,6 +204,37 @@ def run_spec_from_row(row: dict[str, str]) -> RunSpec:
         mean_prompt_tokens=_float(row, "pool_mean_input_tokens"),
         mean_output_tokens=_float(row, "pool_mean_output_tokens"),
         real_window_s=window if math.isfinite(window) and window > 0 else 3600.0,
+    )
+
+
+def _explicit_spec(row: dict[str, str], ranks: list[int], base: Path | None) -> RunSpec:
+    """Runs listing every served adapter (``adapter_ranks`` / ``adapter_rates_rps``)."""
+    rates = tuple(float(v) for v in (row.get("adapter_rates_rps") or "").split())
+    if len(rates) != len(ranks):
+        raise ConfigError(f"run {row.get('run_id')!r}: {len(rates)} adapter rates for "
+                          f"{len(ranks)} adapter ranks", key="real_runs")
+    window = _float(row, "window_s")
+    if not (math.isfinite(window) and window > 0):
+        window = _float(row, "duration_s")
+    sent = _float(row, "requests_sent")
+    return RunSpec(
+        run_id=row["run_id"],
+        model=row["model"],
+        workload=row.get("workload", ""),
+        max_loras=int(float(row["max_loras"])),
+        max_cpu_loras=int(float(row["max_cpu_loras"])),
+        max_lora_rank=int(float(row["max_lora_rank"])),
+        ranks=tuple(ranks),
+        rates_rps=rates,
+        requests_sent=int(sent) if math.isfinite(sent) else None,
+        mean_prompt_tokens=_float(row, "pool_mean_input_tokens"),
+        mean_output_tokens=_float(row, "pool_mean_output_tokens"),
+        real_window_s=window if math.isfinite(window) and window > 0 else 3600.0,
+        max_num_seqs=_int_or_none(row, "max_num_seqs"),
+        token_budget=_int_or_none(row, "max_num_batched_tokens"),
+        max_model_len=_int_or_none(row, "max_model_len"),
+        requests_path=_requests_path(row, base),
+        adapters_in_gpu_at_start=False,
     )
 
 
@@ -244,6 +311,39 @@ def synthesize_arrivals(spec: RunSpec, cfg: ValidateConfig) -> Arrivals:
     return Arrivals(time_s=times[order], adapter=adapters[order], prompt=prompt, output=output)
 
 
+def exact_arrivals(spec: RunSpec, window_s: float) -> Arrivals:
+    """The run's recorded requests sent before ``window_s`` (send time, adapter, lengths)."""
+    times: list[float] = []
+    adapter: list[int] = []
+    prompt: list[int] = []
+    output: list[int] = []
+    with open(spec.requests_path, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            if row["run_id"] != spec.run_id:
+                continue
+            sent = _float(row, "t_send_offset_s")
+            t = sent if math.isfinite(sent) else float(row["t_arrival_s"])
+            if t >= window_s:
+                continue
+            name = row["adapter"].strip()
+            idx = int(name[1:]) if name[:1] == "a" and name[1:].isdigit() else -1
+            if not 0 <= idx < len(spec.ranks):
+                raise ConfigError(f"run {spec.run_id!r}: unknown adapter {name!r}",
+                                  key="requests_file")
+            times.append(t)
+            adapter.append(idx)
+            prompt.append(int(float(row["input_tokens"])))
+            output.append(int(float(row["output_tokens"])))
+    if not times:
+        raise ConfigError(f"no requests of run {spec.run_id!r} in {spec.requests_path}",
+                          key="requests_file")
+    order = np.argsort(np.asarray(times), kind="stable")
+    return Arrivals(time_s=np.asarray(times, dtype=np.float64)[order],
+                    adapter=np.asarray(adapter, dtype=np.int64)[order],
+                    prompt=np.asarray(prompt, dtype=np.int64)[order],
+                    output=np.asarray(output, dtype=np.int64)[order])
+
+
 # ---------------------------------------------------------------- replay one run
 
 
@@ -254,12 +354,17 @@ def replay_run(spec: RunSpec, profile_ref: str, cfg: ValidateConfig) -> RunMetri
 
     started = time.process_time()
     profile = load_profile(profile_ref)
-    arrivals = synthesize_arrivals(spec, cfg)
+    if spec.requests_path:
+        window_s = min(cfg.window_s, spec.real_window_s)
+        arrivals = exact_arrivals(spec, window_s)
+    else:
+        window_s = cfg.window_s
+        arrivals = synthesize_arrivals(spec, cfg)
     n = int(arrivals.time_s.size)
     engine_cfg = EngineConfig(
-        max_num_seqs=cfg.max_num_seqs,
-        max_num_batched_tokens=cfg.token_budget,
-        max_model_len=MODEL_MAX_LEN.get(spec.model, 4096),
+        max_num_seqs=spec.max_num_seqs or cfg.max_num_seqs,
+        max_num_batched_tokens=spec.token_budget or cfg.token_budget,
+        max_model_len=spec.max_model_len or MODEL_MAX_LEN.get(spec.model, 4096),
         enable_lora=True,
         max_loras=spec.max_loras,
         max_cpu_loras=spec.max_cpu_loras,
@@ -279,9 +384,10 @@ def replay_run(spec: RunSpec, profile_ref: str, cfg: ValidateConfig) -> RunMetri
                           ttft_mean_penalised_ms=math.nan, requests_sent=n,
                           successful_requests=0, error=f"startup: {exc}")
     names = [f"adapter-{i}" for i in range(len(spec.ranks))]
-    # The benchmark's server loads every served adapter at start-up (idle: costs no step time).
+    # The benchmark's server loads every served adapter at start-up (idle: costs no step time);
+    # exact replays register them in order into the CPU cache only (its LRU keeps the last).
     for name, rank in zip(names, spec.ranks, strict=True):
-        engine.load_adapter(name, rank, to_gpu=True)
+        engine.load_adapter(name, rank, to_gpu=spec.adapters_in_gpu_at_start)
     times = arrivals.time_s.tolist()
     adapters = arrivals.adapter.tolist()
     prompts = arrivals.prompt.tolist()
@@ -295,14 +401,16 @@ def replay_run(spec: RunSpec, profile_ref: str, cfg: ValidateConfig) -> RunMetri
     # send time (their TTFT includes the front-end wait).
     cap = profile.scheduler.max_waiting if cfg.front_end_cap else None
     backlog: deque[int] = deque()
-    running_samples: list[int] = []  # sampled every FEED_CHUNK_S, like the real .npy series
-    next_sample_s = FEED_CHUNK_S
+    # Sampled every feed_s, like the real series (.npy every 5 s; exact replays: /metrics 1 s).
+    feed_s = 1.0 if spec.requests_path else FEED_CHUNK_S
+    running_samples: list[int] = []
+    next_sample_s = feed_s
     waiting_samples: list[int] = []
     start = 0
     chunk_end = 0.0
-    while chunk_end < cfg.window_s:
+    while chunk_end < window_s:
         # With a backlog the engine queue is topped up often, so it never runs dry meanwhile.
-        chunk_end = min(chunk_end + (BACKLOG_CHUNK_S if backlog else FEED_CHUNK_S), cfg.window_s)
+        chunk_end = min(chunk_end + (BACKLOG_CHUNK_S if backlog else feed_s), window_s)
         stop = bisect.bisect_left(times, chunk_end, lo=start)
         if cap is None:
             admit: range | list[int] = range(start, stop)
@@ -319,21 +427,21 @@ def replay_run(spec: RunSpec, profile_ref: str, cfg: ValidateConfig) -> RunMetri
         start = stop
         records.extend(engine.run_until(chunk_end))
         if chunk_end >= next_sample_s:
-            next_sample_s += FEED_CHUNK_S
+            next_sample_s += feed_s
             running_samples.append(engine.num_running)
             waiting_samples.append(engine.num_waiting + len(backlog))
-    done = [r for r in records if r.finish_s <= cfg.window_s]
+    done = [r for r in records if r.finish_s <= window_s]
     tokens = sum(r.prompt_tokens + r.output_tokens for r in done)
     gaps = sum(r.finish_s - r.first_token_s for r in done if r.output_tokens > 1)
     gap_count = sum(r.output_tokens - 1 for r in done if r.output_tokens > 1)
     ttft_sum = sum(r.first_token_s - r.arrival_s for r in done)
     unfinished = n - len(done)
     return RunMetrics(
-        total_throughput=tokens / cfg.window_s,
+        total_throughput=tokens / window_s,
         itl_mean_ms=1000.0 * gaps / gap_count if gap_count else math.nan,
         ttft_mean_ms=1000.0 * ttft_sum / len(done) if done else math.nan,
         ttft_mean_penalised_ms=(
-            1000.0 * (ttft_sum + unfinished * cfg.window_s) / n if n else math.nan
+            1000.0 * (ttft_sum + unfinished * window_s) / n if n else math.nan
         ),
         requests_sent=n,
         successful_requests=len(done),
@@ -383,7 +491,7 @@ _PAPER_KEYS = ("total_throughput", "itl_mean_ms", "ttft_mean_penalised_ms")
 
 def select_specs(
     rows: Sequence[dict[str, str]], *, models: Sequence[str] = (), limit: int | None = None,
-    run_ids: Sequence[str] = (),
+    run_ids: Sequence[str] = (), base: Path | None = None,
 ) -> list[RunSpec]:
     specs: list[RunSpec] = []
     for row in rows:
@@ -393,7 +501,7 @@ def select_specs(
             continue
         if run_ids and row.get("run_id") not in run_ids:
             continue
-        specs.append(run_spec_from_row(row))
+        specs.append(run_spec_from_row(row, base))
     return specs[:limit] if limit is not None else specs
 
 
@@ -479,7 +587,8 @@ def validate(
     cfg = cfg or ValidateConfig()
     profile_for = dict(DEFAULT_PROFILES) | dict(profile_for or {})
     rows = read_rows(real_runs)
-    specs = select_specs(rows, models=models, limit=limit, run_ids=run_ids)
+    specs = select_specs(rows, models=models, limit=limit, run_ids=run_ids,
+                         base=Path(real_runs).resolve().parent)
     if not specs:
         raise ConfigError("no runs selected", key="real_runs")
     paper_rows = {r["run_id"]: r for r in read_rows(paper_runs)} if paper_runs else {}
