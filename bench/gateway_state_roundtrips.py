@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-import socket
 import statistics
-import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -30,6 +28,7 @@ from pathlib import Path
 import aiohttp
 import redis.asyncio as aioredis
 
+from _redis_server import start_redis
 from loragate.core.config import config_from_mapping
 from loragate.gateway import running_gateway
 from loragate.state import lua
@@ -39,31 +38,6 @@ from loragate.twin.server import run_replica
 
 BASE = "tiny-llama"
 N_ADAPTERS = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start_redis() -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server not found")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", tempfile.gettempdir()],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    for _ in range(500):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-        except OSError:
-            time.sleep(0.01)
-    return proc, f"redis://127.0.0.1:{port}/0"
 
 
 def _sha(script: str) -> str:
@@ -156,7 +130,7 @@ async def _run(url: str, replica_url: str, adapters_dir: Path, n: int) -> dict[s
 
 
 async def main(args: argparse.Namespace) -> None:
-    proc, url = (None, args.url) if args.url else _start_redis()
+    proc, url = (None, args.url) if args.url else start_redis()
     tmp = Path(tempfile.mkdtemp(prefix="loragate-bench-"))
     try:
         for i in range(N_ADAPTERS):

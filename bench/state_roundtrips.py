@@ -14,44 +14,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import shutil
-import socket
 import statistics
-import subprocess
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 from redis.utils import HIREDIS_AVAILABLE
 
+from _redis_server import start_redis
 from loragate.core.types import ReplicaSettings
 from loragate.state import KeySpace, MemoryStore, RedisStore, ReplicaRecord, ResilientStore
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start_redis() -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server not found (scripts/ensure_redis.sh)")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", tempfile.gettempdir()],
-        stdout=subprocess.DEVNULL,
-    )
-    for _ in range(500):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-        except OSError:
-            time.sleep(0.01)
-    return proc, f"redis://127.0.0.1:{port}/0"
 
 
 def _us(samples: list[float]) -> str:
@@ -101,7 +73,7 @@ async def _count_round_trips(url: str, n: int, one: Callable[[int], Awaitable[ob
 
 
 async def main(args: argparse.Namespace) -> None:
-    proc, url = (None, args.url) if args.url else _start_redis()
+    proc, url = (None, args.url) if args.url else start_redis()
     try:
         store = RedisStore.from_url(url, keys=KeySpace(prefix="bench:"))
         settings = ReplicaSettings(max_loras=8, max_cpu_loras=32)

@@ -1,0 +1,35 @@
+"""A throwaway redis-server on a free loopback port, for the state benchmarks."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_redis() -> tuple[subprocess.Popen[bytes], str]:
+    """Start redis-server (no persistence) and wait until it accepts connections."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server not found (scripts/ensure_redis.sh installs it)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", tempfile.gettempdir()],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    for _ in range(500):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            time.sleep(0.01)
+    return proc, f"redis://127.0.0.1:{port}/0"
