@@ -1,4 +1,4 @@
-"""Fixtures: scripted vLLM stand-ins (``vllm_stub_server.StubVllm``) on loopback sockets."""
+"""Fixtures: scripted vLLM stand-ins (``vllm_stub.StubVllm``) on loopback sockets."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
-from vllm_stub_server import StubVllm, serve_app
+
+from vllm_stub import StubVllm, serve_app
 
 
 @pytest.fixture

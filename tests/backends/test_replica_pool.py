@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 from aiohttp import web
-from vllm_stub_server import StubVllm
 
 from loragate.backends.pool import ReplicaPool
 from loragate.core.config import PollerConfig, ReplicaConfig
 from loragate.core.errors import AdapterLoadError
 from loragate.core.types import AdapterSpec, ReplicaSettings
+from vllm_stub import StubVllm
 
 SLOW_POLLS = PollerConfig(interval_s=3600.0, timeout_s=2.0)
 

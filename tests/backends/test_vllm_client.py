@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from vllm_stub_server import StubVllm
 
 from loragate.backends.client import VllmClient, error_message, parse_models
 from loragate.core.errors import AdapterLoadError, UpstreamConnectError, UpstreamProtocolError
+from vllm_stub import StubVllm
 
 # GET /v1/models after loads, recorded (shortened permission lists).
 MODELS_JSON = {

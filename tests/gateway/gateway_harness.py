@@ -13,43 +13,25 @@ from typing import Any
 from aiohttp import web
 
 from loragate.core.config import GatewayConfig, config_from_mapping
+from vllm_stub import StubVllm, vllm_error
 
 BASE = "tiny-llama"
 
 
-def _err(status: int, message: str, err_type: str, param: str | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": err_type, "param": param, "code": status}}
-    return web.Response(status=status, text=json.dumps(body), content_type="application/json")
-
-
-class ScriptedReplica:
+class ScriptedReplica(StubVllm):
     """vLLM 0.32's API surface, answering instantly. ``mode`` changes how completions behave:
     ``ok``, ``hang`` (never answers), ``drop`` (closes the connection before answering),
     ``die_mid_stream`` (sends two SSE events, then drops the connection)."""
 
     def __init__(self, name: str) -> None:
+        super().__init__(BASE)  # health, /v1/models and the admin API with vLLM's answers
         self.name = name
         self.mode = "ok"
-        self.adapters: dict[str, str] = {}
-        self.health_status = 200
-        self.load_calls = 0
-        self.load_delay_s = 0.0
         self.requests: list[dict[str, Any]] = []
         self.stream_gate: asyncio.Event | None = None  # if set, hold the stream after event 1
         self.cancelled = 0  # completions whose client (the gateway) went away mid-answer
-        self.url = ""
-        app = web.Application()
-        app.router.add_get("/health", self._health)
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/v1/models", self._models)
-        app.router.add_post("/v1/load_lora_adapter", self._load)
-        app.router.add_post("/v1/unload_lora_adapter", self._unload)
-        app.router.add_post("/v1/completions", self._completions)
-        app.router.add_post("/v1/chat/completions", self._completions)
-        self.app = app
-
-    async def _health(self, _: web.Request) -> web.Response:
-        return web.Response(status=self.health_status)
+        self.app.router.add_post("/v1/completions", self._completions)
+        self.app.router.add_post("/v1/chat/completions", self._completions)
 
     async def _metrics(self, _: web.Request) -> web.Response:
         text = (
@@ -57,35 +39,6 @@ class ScriptedReplica:
             f'vllm:num_requests_waiting{{engine="0",model_name="{BASE}"}} 0.0\n'
         )
         return web.Response(text=text, content_type="text/plain")
-
-    async def _models(self, _: web.Request) -> web.Response:
-        data = [{"id": BASE, "object": "model", "parent": None}]
-        data += [{"id": n, "object": "model", "parent": BASE} for n in self.adapters]
-        return web.json_response({"object": "list", "data": data})
-
-    async def _load(self, request: web.Request) -> web.Response:
-        self.load_calls += 1
-        body = await request.json()
-        name, path = body["lora_name"], body["lora_path"]
-        if name in self.adapters:
-            return _err(
-                400,
-                f"The lora adapter '{name}' has already been loaded. If you want to load the "
-                "adapter in place, set 'load_inplace' to True.",
-                "InvalidUserInput",
-            )
-        if not path.startswith("/loras/"):
-            return _err(404, f"Loading lora {name} failed: No adapter found for <path>", "NotFound")
-        if self.load_delay_s:
-            await asyncio.sleep(self.load_delay_s)
-        self.adapters[name] = path
-        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
-
-    async def _unload(self, request: web.Request) -> web.Response:
-        name = (await request.json())["lora_name"]
-        if self.adapters.pop(name, None) is None:
-            return _err(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError")
-        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -99,7 +52,7 @@ class ScriptedReplica:
         self.requests.append(body)
         model = body.get("model", BASE)
         if model != BASE and model not in self.adapters:
-            return _err(
+            return vllm_error(
                 404,
                 f"The model `{model}` does not exist. Valid aliases: {BASE}.",
                 "NotFoundError",

@@ -19,7 +19,10 @@ vllm:lora_requests_info{max_lora="3",running_lora_adapters="b",waiting_lora_adap
 """
 
 
-def _err(status: int, message: str, err_type: str, param: str | None = None) -> web.Response:
+def vllm_error(
+    status: int, message: str, err_type: str, param: str | None = None
+) -> web.Response:
+    """An error in vLLM's JSON shape."""
     body = {"error": {"message": message, "type": err_type, "param": param, "code": status}}
     return web.Response(status=status, text=json.dumps(body), content_type="application/json")
 
@@ -59,27 +62,27 @@ class StubVllm:
         self.load_calls += 1
         body = await request.json()
         if "lora_path" not in body:
-            return _err(400, "1 validation error: lora_path", "Bad Request", "body.lora_path")
+            return vllm_error(400, "1 validation error: lora_path", "Bad Request", "body.lora_path")
         name, path = body.get("lora_name", ""), body["lora_path"]
         if not name or not path:
-            return _err(
+            return vllm_error(
                 400, "Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput"
             )
         if name == self.base_model:
-            return _err(
+            return vllm_error(
                 400,
                 f"The lora adapter '{name}' conflicts with a served base model.",
                 "InvalidUserInput",
             )
         if name in self.adapters and not body.get("load_inplace"):
-            return _err(
+            return vllm_error(
                 400,
                 f"The lora adapter '{name}' has already been loaded. If you want to load the "
                 "adapter in place, set 'load_inplace' to True.",
                 "InvalidUserInput",
             )
         if not path.startswith("/loras/"):
-            return _err(
+            return vllm_error(
                 404, f"Loading lora {name} failed: No adapter found for <path>", "NotFoundError"
             )
         if self.load_delay_s:
@@ -90,7 +93,7 @@ class StubVllm:
     async def _unload(self, request: web.Request) -> web.Response:
         name = (await request.json()).get("lora_name")
         if name not in self.adapters:
-            return _err(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError")
+            return vllm_error(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError")
         del self.adapters[name]
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
