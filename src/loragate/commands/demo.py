@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -145,7 +146,11 @@ async def _demo(args: argparse.Namespace, spec: WorkloadSpec, console: Console) 
             )
             for i in range(args.replicas)
         ]
-        async with _Replicas(replica_cfgs) as replicas:
+        async with contextlib.AsyncExitStack() as stack:
+            replicas: list[RunningReplica] = [
+                await stack.enter_async_context(run_replica(cfg, host="127.0.0.1", port=0))
+                for cfg in replica_cfgs
+            ]
             config = GatewayConfig(
                 base_model=BASE_MODEL,
                 replicas=tuple(
@@ -158,26 +163,6 @@ async def _demo(args: argparse.Namespace, spec: WorkloadSpec, console: Console) 
             async with running_gateway(config, host="127.0.0.1", port=0) as gateway:
                 results, elapsed_s = await _drive(args, workload, gateway, console)
                 return _summarise(results, elapsed_s, gateway, replicas)
-
-
-class _Replicas:
-    """Start several simulated replicas on free loopback ports; stop them all on exit."""
-
-    def __init__(self, configs: Sequence[ReplicaConfig]) -> None:
-        self._configs = configs
-        self._stack: list[Any] = []
-
-    async def __aenter__(self) -> list[RunningReplica]:
-        running = []
-        for cfg in self._configs:
-            ctx = run_replica(cfg, host="127.0.0.1", port=0)
-            running.append(await ctx.__aenter__())
-            self._stack.append(ctx)
-        return running
-
-    async def __aexit__(self, *exc: object) -> None:
-        while self._stack:
-            await self._stack.pop().__aexit__(None, None, None)
 
 
 async def _drive(
