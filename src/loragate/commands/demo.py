@@ -26,6 +26,7 @@ from loragate.core.config import ReplicaConfig as GatewayReplica
 from loragate.core.types import AdapterSpec, ReplicaSettings
 from loragate.gateway.runner import RunningGateway, running_gateway
 from loragate.loadtest.openloop import OpenLoopConfig, RequestResult, run_open_loop
+from loragate.twin.adapters import write_adapter_folder
 from loragate.twin.replica_config import ReplicaConfig
 from loragate.twin.server import RunningReplica, run_replica
 from loragate.workload.generator import Workload
@@ -107,20 +108,16 @@ def run(args: argparse.Namespace) -> int:
 
 def write_adapter_dirs(root: Path, adapters: Sequence[AdapterSpec]) -> tuple[AdapterSpec, ...]:
     """Create one PEFT-style adapter folder per adapter (config only: the twin needs no weights)."""
-    out = []
-    for a in adapters:
-        folder = root / a.name
-        folder.mkdir(parents=True, exist_ok=True)
-        config = {
-            "peft_type": "LORA",
-            "r": a.rank,
-            "lora_alpha": 2 * a.rank,
-            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-            "base_model_name_or_path": BASE_MODEL,
-        }
-        (folder / "adapter_config.json").write_text(json.dumps(config), encoding="utf-8")
-        out.append(AdapterSpec(name=a.name, path=str(folder), rank=a.rank))
-    return tuple(out)
+    return tuple(
+        AdapterSpec(
+            name=a.name,
+            path=write_adapter_folder(
+                str(root / a.name), rank=a.rank, base_model_name_or_path=BASE_MODEL
+            ),
+            rank=a.rank,
+        )
+        for a in adapters
+    )
 
 
 async def _demo(args: argparse.Namespace, spec: WorkloadSpec, console: Console) -> DemoSummary:
