@@ -83,6 +83,33 @@ def _pairs(flat: Sequence[str]) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved, so an abandoned call's error is not logged as unhandled
+
+
+async def bounded(aw: Awaitable[T], timeout_s: float) -> T:
+    """Await ``aw`` for at most ``timeout_s``, raising ``TimeoutError`` after that.
+
+    Unlike ``asyncio.timeout`` around the call, this does not depend on the awaited code
+    honouring cancellation: redis-py's asyncio client has had paths that swallow a
+    ``CancelledError`` (redis/redis-py#2551), which turns a timeout into a hang. The call runs
+    as its own task; on timeout it is cancelled and abandoned, and the caller goes on.
+    """
+    task = asyncio.ensure_future(aw)
+    try:
+        done, _ = await asyncio.wait((task,), timeout=timeout_s)
+    except asyncio.CancelledError:
+        task.cancel()
+        task.add_done_callback(_consume)
+        raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(_consume)
+        raise TimeoutError(f"no answer within {timeout_s} s")
+    return task.result()
+
 class RedisStore:
     """``StateStore`` on one Redis. Build with ``RedisStore.from_url``."""
 
@@ -163,8 +190,7 @@ class RedisStore:
     # --- plumbing ---------------------------------------------------------------------------
     async def _io(self, aw: Awaitable[T]) -> T:
         try:
-            async with asyncio.timeout(self._op_timeout_s):
-                result = await aw
+            result = await bounded(aw, self._op_timeout_s)
         except (RedisError, OSError, TimeoutError) as exc:
             self._errors += 1
             self._failing = True
@@ -437,9 +463,11 @@ class RedisStore:
         """Close the pooled idle connections (after an outage they point at a dead server;
         a restarted Redis would fail each of them once)."""
         try:
-            await self._r.connection_pool.disconnect(inuse_connections=False)
-        except (RedisError, OSError) as exc:
-            log.debug("state: closing idle Redis connections: %s", exc)
+            await bounded(
+                self._r.connection_pool.disconnect(inuse_connections=False), self._op_timeout_s
+            )
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.debug("state: closing idle Redis connections: %r", exc)
 
     async def ping(self) -> None:
         await self._io(self._r.ping())
