@@ -245,3 +245,50 @@ async def test_stop_and_restart_under_concurrent_traffic(
     assert raw.in_flight == {"r1": 0, "r2": 0}  # every lease released or dropped at resync
     assert set(raw.replicas) == {"r1", "r2"}
     assert all(raw.residency_of(r).gpu for r in ("r1", "r2"))
+
+
+async def test_resync_ends_while_leases_change_during_every_sync(
+    redis_server: RedisServer, redis_stores: StoreFactory
+) -> None:
+    """Leases begin and end between every await of the resync: the lease sync would chase them
+    forever without a bound. The resync ends after MAX_DRAIN_PASSES syncs, and the next
+    renewal leaves Redis holding exactly the live leases."""
+    clock = VirtualClock()
+    gw = ResilientStore(redis_stores(instance_id="gw-churn"), clock=clock, jitter=0.0,
+                        journal_max=200)
+    await gw.start()
+    await gw.upsert_replica(ReplicaRecord(replica_id="r1", url="r1", settings=SETTINGS))
+    redis_server.stop()
+    await gw.begin_request("r1", "lora-0", "down-0", 1.0)  # flips to degraded
+    assert gw.degraded
+    redis_server.start()
+
+    stop = asyncio.Event()
+    churned = 0
+
+    async def churn() -> None:
+        nonlocal churned
+        i = 0
+        while not stop.is_set():
+            await gw.begin_request("r1", f"lora-{i % 3}", f"churn-{i}", 2.0)
+            await asyncio.sleep(0)
+            await gw.end_request("r1", f"churn-{i}")
+            churned += 1
+            i += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(churn())
+    try:
+        await asyncio.sleep(0)
+        # A hang guard, not a timing assertion: an unbounded drain never returns.
+        await asyncio.wait_for(_recover(gw, clock), timeout=60)
+    finally:
+        stop.set()
+        await task
+    assert not gw.degraded
+    assert churned > 0
+    assert gw.drain_pass_limit_hits >= 1  # the bound was what ended the resync
+    await gw.end_request("r1", "down-0")
+    await gw.remote.sync_leases()  # what the periodic renewal does
+    raw = await redis_stores().snapshot()
+    assert raw.in_flight == {"r1": 0}

@@ -38,6 +38,9 @@ from loragate.state.store import ReplicaRecord, StateStore, StateUnavailableErro
 
 log = logging.getLogger("loragate.state")
 
+# Lease syncs per resynchronisation before giving the rest to the periodic renewal.
+MAX_DRAIN_PASSES = 8
+
 RemoteOp = Callable[[RedisStore], Awaitable[object]]
 
 
@@ -65,6 +68,7 @@ class ResilientStore:
         self._journal: deque[RemoteOp] = deque()
         self._journal_max = journal_max
         self.journal_dropped = 0
+        self.drain_pass_limit_hits = 0  # resyncs whose lease sync hit MAX_DRAIN_PASSES
         self._jitter = jitter
         self._rng = rng or random.Random()
         self._degraded = True  # until the first successful sync
@@ -156,16 +160,34 @@ class ResilientStore:
         await self._drain()
 
     async def _drain(self) -> None:
-        """Replay the journal and sync our leases until nothing changed meanwhile."""
+        """Replay the journal and sync our leases until nothing changed meanwhile.
+
+        Bounded: traffic goes on while each replay and sync awaits Redis, so both could chase
+        new entries forever. Each pass replays the journal entries present when it starts, and
+        there are at most ``MAX_DRAIN_PASSES`` passes. What is left then is bounded and
+        self-correcting: a lease begun meanwhile reaches Redis with the next renewal
+        (``maintain`` runs ``sync_leases`` every ``lease_renew_s``, which makes Redis hold
+        exactly our live leases), one ended meanwhile expires at its TTL at the latest, and the
+        journal entries still waiting (adapter touches, registry writes) are dropped, logged and
+        counted in ``journal_dropped``.
+        """
         remote = self._remote
-        while True:
-            while self._journal:
+        for _ in range(MAX_DRAIN_PASSES):
+            for _ in range(len(self._journal)):
                 await self._journal[0](remote)
                 self._journal.popleft()
             mark = remote.lease_changes
             await remote.sync_leases()
             if not self._journal and remote.lease_changes == mark:
                 return
+        self.drain_pass_limit_hits += 1
+        if self._journal:
+            log.warning("state: dropping %d journal entries written during the resync",
+                        len(self._journal))
+            self.journal_dropped += len(self._journal)
+            self._journal.clear()
+        log.info("state: lease sync still racing traffic after %d passes; the next renewal "
+                 "completes it", MAX_DRAIN_PASSES)
 
     async def _refresh(self, *, allow_resync: bool = True) -> None:
         own_before = self._remote.own_in_flight()
