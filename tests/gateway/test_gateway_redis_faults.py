@@ -94,8 +94,13 @@ async def test_redis_outage_under_traffic(
             assert _metric(text, "loragate_state_errors_total") >= 1.0
             await traffic.at_least(30)  # routing goes on from the local view
 
+            assert _metric(text, "loragate_state_resyncs_total") == 0.0
+
             await asyncio.to_thread(redis_server.start)
             assert await eventually(health, lambda s: s == "ok", timeout_s=20.0) == "ok"
+            text = await metrics()
+            assert _metric(text, "loragate_state_resyncs_total") == 1.0
+            assert _metric(text, "loragate_state_journal_dropped_total") == 0.0
             await traffic.at_least(20)
         finally:
             traffic.stop.set()

@@ -139,7 +139,11 @@ def create_app(
         healthy=lambda: {rid: pool.is_healthy(rid) for rid in pool.replica_ids},
         adapter_loads=pool.adapter_loads,
     )
-    telemetry.bind_shared_state(degraded=lambda: shared.degraded, errors=lambda: shared.error_count)
+    telemetry.bind_shared_state(
+        degraded=lambda: shared.degraded,
+        errors=lambda: shared.error_count,
+        resync_counts=shared.resync_counts,
+    )
     proxy = Proxy(
         catalog=catalog_from_config(config),
         pool=pool,

@@ -241,6 +241,13 @@ class SharedState:
     def error_count(self) -> int:
         return self.store.error_count
 
+    def resync_counts(self) -> dict[str, int]:
+        """Resyncs after Redis outages and journal entries dropped (0 for the embedded store)."""
+        return {
+            "resyncs": max(0, int(getattr(self.store, "resyncs", 0)) - 1),  # the first is the start
+            "journal_dropped": int(getattr(self.store, "journal_dropped", 0)),
+        }
+
     def status(self) -> dict[str, Any]:
         return {"backend": self.backend, "degraded": self.store.degraded}
 

@@ -69,9 +69,15 @@ class _ScrapeTimeGauges(Collector):
 class _StateGauges(Collector):
     """The shared state store's health, read when ``/metrics`` is scraped."""
 
-    def __init__(self, degraded: Callable[[], bool], errors: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        degraded: Callable[[], bool],
+        errors: Callable[[], int],
+        resync_counts: Callable[[], Mapping[str, int]],
+    ) -> None:
         self._degraded = degraded
         self._errors = errors
+        self._resync_counts = resync_counts
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
@@ -83,6 +89,18 @@ class _StateGauges(Collector):
             "loragate_state_errors",
             "Failed calls to the shared state backend (Redis) since start.",
             value=self._errors(),
+        )
+        counts = self._resync_counts()
+        yield CounterMetricFamily(
+            "loragate_state_resyncs",
+            "Resynchronisations with the shared state backend (Redis) after an outage.",
+            value=counts.get("resyncs", 0),
+        )
+        yield CounterMetricFamily(
+            "loragate_state_journal_dropped",
+            "Writes made while Redis was unreachable that were dropped, not replayed "
+            "(journal full, or still arriving when a resync ended).",
+            value=counts.get("journal_dropped", 0),
         )
 
 
@@ -163,9 +181,13 @@ class Telemetry:
         self.registry.register(_ScrapeTimeGauges(in_flight, healthy, adapter_loads))
 
     def bind_shared_state(
-        self, *, degraded: Callable[[], bool], errors: Callable[[], int]
+        self,
+        *,
+        degraded: Callable[[], bool],
+        errors: Callable[[], int],
+        resync_counts: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
-        self.registry.register(_StateGauges(degraded, errors))
+        self.registry.register(_StateGauges(degraded, errors, resync_counts))
 
     def count(self, adapter: str, replica: str, status: str) -> None:
         key = (adapter, replica, status)
