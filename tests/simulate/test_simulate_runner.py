@@ -168,6 +168,18 @@ def test_starvation_flag_and_unfinished() -> None:
     assert s_heavy["requests"]["unfinished"] > 0
     assert sum(r.status == "unfinished" for r in recs) == s_heavy["requests"]["unfinished"]
     assert all(math.isnan(r.finish_s) for r in recs if r.status == "unfinished")
+    # Starved requests: unfinished, or first token after more than starvation_wait_s (60 s).
+    assert s_light["starvation"]["requests"] == 0
+    assert s_light["starvation"]["adapters"] == 0
+    starved = [
+        r for r in recs if r.status == "unfinished" or (r.status == "ok" and r.ttft_s > 60.0)
+    ]
+    st = s_heavy["starvation"]
+    assert st["wait_s"] == 60.0
+    assert st["requests"] == len(starved) >= s_heavy["requests"]["unfinished"]
+    assert st["fraction"] == pytest.approx(len(starved) / len(recs))
+    assert st["adapters"] == len({r.adapter or "" for r in starved})
+    assert sum(st["worst_adapters"].values()) <= len(starved)
 
 
 def test_too_long_requests_are_rejected() -> None:

@@ -37,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="default: the workload's seed")
     parser.add_argument("--duration-s", type=float, default=None, help="override the spec's")
     parser.add_argument("--ttft-slo-ms", type=float, default=1000.0)
+    parser.add_argument(
+        "--starvation-wait-s",
+        type=float,
+        default=60.0,
+        help="a request waiting longer than this for its first token counts as starved",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument(
         "--out",
@@ -109,6 +115,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         ),
         seed=args.seed,
         ttft_slo_ms=args.ttft_slo_ms,
+        starvation_wait_s=args.starvation_wait_s,
         scrape_interval_s=args.scrape_interval_s,
         drain_s=args.drain_s,
     )
@@ -139,6 +146,11 @@ def _print_text(summary: dict[str, Any]) -> None:
     print(f"TTFT SLO {slo['ttft_ms']:g} ms attained by {att:.1%}" if att is not None else "")
     loads = {r: v["adapter_loads"] for r, v in summary["replicas"].items()}
     print(f"adapter loads per replica {loads}; deferred requests {summary['deferred']['requests']}")
+    st = summary["starvation"]
+    print(
+        f"starved requests (first token after > {st['wait_s']:g} s, or never) {st['requests']} "
+        f"({st['fraction']:.2%}) of {st['adapters']} adapters"
+    )
     print(f"simulated {summary['duration_s']:g} s in {summary['wall_s']:.2f} s wall")
 
 

@@ -41,6 +41,8 @@ class SimulationConfig:
     engine: ReplicaEngineSettings = ReplicaEngineSettings()
     seed: int | None = None  # None: the workload spec's seed
     ttft_slo_ms: float = 1000.0
+    # A request that waits longer than this for its first token (or never gets it) is starved.
+    starvation_wait_s: float = 60.0
     scrape_interval_s: float = 0.0
     drain_s: float = 600.0
     preregister: Literal["all", "none"] = "all"
@@ -50,6 +52,8 @@ class SimulationConfig:
             raise ConfigError("must be >= 1", key="replicas")
         if self.ttft_slo_ms <= 0:
             raise ConfigError("must be > 0", key="ttft_slo_ms")
+        if self.starvation_wait_s <= 0:
+            raise ConfigError("must be > 0", key="starvation_wait_s")
         if self.scrape_interval_s < 0:
             raise ConfigError("must be >= 0", key="scrape_interval_s")
         if self.drain_s < 0:

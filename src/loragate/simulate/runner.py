@@ -193,7 +193,11 @@ class Simulation:
         wall0 = time.perf_counter()
         spec = self.workload.spec
         cfg = self.config
-        summary = SummaryBuilder(duration_s=spec.duration_s, ttft_slo_ms=cfg.ttft_slo_ms)
+        summary = SummaryBuilder(
+            duration_s=spec.duration_s,
+            ttft_slo_ms=cfg.ttft_slo_ms,
+            starvation_wait_s=cfg.starvation_wait_s,
+        )
 
         def emit(rec: SimRecord) -> None:
             summary.add(rec)

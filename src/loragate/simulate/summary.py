@@ -6,6 +6,11 @@ token time), and only tokens emitted inside the window count. A run is *starved*
 achieved token throughput is below 0.9 x the offered token throughput (the ``max_tokens`` of
 the requests that arrived in the window, per second) — the seed paper's criterion
 (shared/design/DIGITAL_TWIN.md).
+
+That criterion is cluster-wide: when LoRA slots are the bottleneck, hot adapters keep their slots
+and the cluster's throughput keeps up while cold adapters' requests wait for minutes. So the
+summary also counts *starved requests* — those that waited longer than ``starvation_wait_s`` for
+their first token, or never got one (unfinished) — and the adapters they belong to.
 """
 
 from __future__ import annotations
@@ -48,9 +53,14 @@ def _pct(values: list[float]) -> dict[str, float | None]:
 class SummaryBuilder:
     """Feed every record once with :meth:`add`; :meth:`build` returns the summary dict."""
 
-    def __init__(self, *, duration_s: float, ttft_slo_ms: float) -> None:
+    def __init__(
+        self, *, duration_s: float, ttft_slo_ms: float, starvation_wait_s: float = 60.0
+    ) -> None:
         self.duration_s = duration_s
         self.ttft_slo_s = ttft_slo_ms / 1000.0
+        self.starvation_wait_s = starvation_wait_s
+        self._starved_requests = 0
+        self._starved_by_adapter: Counter[str] = Counter()
         self._ttft: list[float] = []
         self._itl: list[float] = []
         self._e2e: list[float] = []
@@ -75,6 +85,11 @@ class SummaryBuilder:
             self._per_replica[rec.replica] += 1
             if rec.adapter is not None:
                 self._per_replica_adapters.setdefault(rec.replica, set()).add(rec.adapter)
+        if rec.status == "unfinished" or (
+            rec.status == "ok" and rec.ttft_s > self.starvation_wait_s
+        ):
+            self._starved_requests += 1
+            self._starved_by_adapter[rec.adapter or ""] += 1
         if rec.status != "ok":
             return
         ttft = rec.ttft_s
@@ -115,6 +130,14 @@ class SummaryBuilder:
                 "output_tokens_total": self._output_tokens,
             },
             "starved": achieved_tps < STARVATION_RATIO * offered_tps,
+            "starvation": {
+                "wait_s": self.starvation_wait_s,
+                "requests": self._starved_requests,
+                "fraction": self._starved_requests / total if total else 0.0,
+                # "" = base-model requests
+                "adapters": len(self._starved_by_adapter),
+                "worst_adapters": dict(self._starved_by_adapter.most_common(5)),
+            },
             "ttft_s": _pct(self._ttft),
             "itl_s": _pct(self._itl),
             "e2e_s": _pct(self._e2e),
