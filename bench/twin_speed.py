@@ -13,9 +13,10 @@ prompt + output <= 2048):
              validation workload, 32 GPU slots, ranks {8, 16, 32}; ~1M arrivals per hour)
 * saturated: 32 adapters, 8 GPU slots, 2x the replica's capacity (the queue never drains)
 
-The engine is fed like a simulator would: arrivals are added 10 simulated seconds at a time,
-then ``run_until``. "engine" CPU time covers ``add_request`` + ``run_until`` (request objects are
-built beforehand); "total" also includes building the requests. The paper twin's speed is shown
+The engine is fed like a simulator would: arrivals are added 10 simulated seconds at a time
+(``Engine.add_arrays``: columns, no request objects), then ``run_until``. "engine" CPU time covers
+``add_arrays`` + ``run_until``; "total" also includes drawing the workload and building its
+columns (request ids included). The paper twin's speed is shown
 beside (DIGITAL_TWIN.md: ~89x on average, 17x under heavy load; its replays of the validation runs,
 ``validation/paper_twin_runs.csv`` sim_wall_time_s: median 898x light, 45x heavy).
 """
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loragate.twin.engine import Engine, EngineConfig, EngineRequest
+from loragate.twin.engine import Engine, EngineConfig
 from loragate.twin.profile import load_profile
 
 PAPER = {"low": "~89x avg (median 898x light)", "heavy": "17x heavy (median 45x)"}
@@ -97,7 +98,19 @@ def lengths(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     return prompt, out
 
 
-def build(case: Case, hours: float, seed: int) -> list[EngineRequest]:
+@dataclass(frozen=True)
+class Workload:
+    """The requests of one case as columns, sorted by arrival."""
+
+    request_ids: list[str]
+    arrival_s: np.ndarray
+    adapter: np.ndarray  # index into ``adapters``
+    prompt: np.ndarray
+    output: np.ndarray
+    adapters: list[tuple[str | None, int]]  # (name, rank)
+
+
+def build(case: Case, hours: float, seed: int) -> Workload:
     rng = np.random.default_rng(seed)
     horizon = hours * 3600.0
     times: list[np.ndarray] = []
@@ -113,19 +126,14 @@ def build(case: Case, hours: float, seed: int) -> list[EngineRequest]:
     t, ad = t[order], ad[order]
     prompt, out = lengths(rng, len(t))
     ranks = case.ranks
-    return [
-        EngineRequest(
-            request_id=f"r{i}",
-            adapter=f"lora-{a}",
-            adapter_rank=ranks[a % len(ranks)],
-            prompt_tokens=int(p),
-            max_tokens=int(o),
-            arrival_s=float(ts),
-        )
-        for i, (ts, a, p, o) in enumerate(
-            zip(t.tolist(), ad.tolist(), prompt.tolist(), out.tolist(), strict=True)
-        )
-    ]
+    return Workload(
+        request_ids=[f"r{i}" for i in range(len(t))],
+        arrival_s=t,
+        adapter=ad,
+        prompt=prompt,
+        output=out,
+        adapters=[(f"lora-{a}", ranks[a % len(ranks)]) for a in range(case.adapters)],
+    )
 
 
 def run(case: Case, hours: float, seed: int) -> dict[str, float]:
@@ -139,22 +147,27 @@ def run(case: Case, hours: float, seed: int) -> dict[str, float]:
         max_lora_rank=case.max_lora_rank,
     )
     c0 = time.process_time()
-    reqs = build(case, hours, seed)
+    w = build(case, hours, seed)
     horizon = hours * 3600.0
     # The caller's side: which requests arrive in each 10-s slice (not engine work).
     ticks = [min(horizon, 10.0 * (k + 1)) for k in range(int(np.ceil(horizon / 10.0)))]
-    arrivals = np.fromiter((r.arrival_s for r in reqs), dtype=np.float64, count=len(reqs))
-    bounds = np.searchsorted(arrivals, ticks, side="right").tolist()
-    slices = [reqs[i:j] for i, j in zip([0, *bounds[:-1]], bounds, strict=True)]
+    bounds = np.searchsorted(w.arrival_s, ticks, side="right").tolist()
     c1 = time.process_time()
     engine = Engine(cfg, profile)
     finished = 0
-    for t, batch in zip(ticks, slices, strict=True):
-        engine.add_requests(batch)
+    for t, i, j in zip(ticks, [0, *bounds[:-1]], bounds, strict=True):
+        engine.add_arrays(
+            w.request_ids[i:j],
+            w.arrival_s[i:j],
+            w.adapter[i:j],
+            w.prompt[i:j],
+            w.output[i:j],
+            adapters=w.adapters,
+        )
         finished += len(engine.run_until(t))
     c2 = time.process_time()
     return {
-        "requests": len(reqs),
+        "requests": len(w.request_ids),
         "finished": finished,
         "steps": engine.steps_total,
         "engine_cpu_s": c2 - c1,

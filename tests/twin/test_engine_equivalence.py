@@ -64,11 +64,11 @@ def check_invariants(e: Engine) -> None:
     for r in e._running:
         if r.state == 3:  # decoding: KV tokens implied by the step index
             used += -(-(r.c0 + s - r.b) // bs)
-            assert r.o0 + s - r.b < r.req.max_tokens
+            assert r.o0 + s - r.b < r.max_tokens
         else:
             used += -(-r.computed // bs)
-        if r.req.adapter is not None:
-            adapters.add(r.req.adapter)
+        if r.ast.name is not None:
+            adapters.add(r.ast.name)
     assert used == e._used
     assert e._used <= e._total_blocks
     assert 0.0 <= e.kv_usage <= 1.0

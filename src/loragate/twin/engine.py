@@ -30,8 +30,12 @@ from __future__ import annotations
 import gc
 import heapq
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from operator import le
+
+import numpy as np
+from numpy.typing import ArrayLike
 
 from loragate.core.errors import InvalidRequestError
 from loragate.twin.engine_types import (
@@ -58,8 +62,11 @@ __all__ = [
 ]
 
 NS = 1_000_000_000
-# _WAITING: never admitted yet; _REQUEUED: waiting again after a preemption.
-_PENDING, _WAITING, _PREFILL, _DECODE, _DONE, _REQUEUED = range(6)
+# States of an admitted request; _REQUEUED: waiting again after a preemption.
+_PREFILL, _DECODE, _DONE, _REQUEUED = range(2, 6)
+_SHIFT = 12  # request rows are stored in blocks of 4096
+_BLOCK = 1 << _SHIFT
+_MASK = _BLOCK - 1
 
 
 def _ns(t_s: float) -> int:
@@ -88,42 +95,65 @@ class _Adapter:
     def __init__(self, name: str | None, rank: int) -> None:
         self.name = name
         self.rank = rank
-        self.queue: deque[_Req] = deque()  # waiting requests of this adapter, FCFS
+        self.queue: deque[_Entry] = deque()  # waiting requests of this adapter, FCFS
         self.n_waiting = 0
         self.n_running = 0
         self.r_acc = 0  # ns of "slots full" time during which this adapter was running
         self.g0 = 0  # value of the engine's slots-full clock when the adapter became running
 
 
+class _Rows:
+    """One block of ``_BLOCK`` request rows (columns), for requests never admitted yet.
+
+    A request that has not yet run is only a row number ``g`` (block ``g >> _SHIFT``, index
+    ``g & _MASK``): under overload most requests only ever wait, and an int per request (no
+    object, nothing for the cyclic GC to track) is the cheapest way to queue them. Its
+    :class:`_Req` is created when it is first admitted. ``live``: rows neither admitted nor
+    dropped; a full block with no live row is freed.
+    """
+
+    __slots__ = ("arr_s", "ast", "live", "max_tokens", "ns", "prompt", "rank", "rid")
+
+    def __init__(self) -> None:
+        self.rid: list[str] = []
+        self.ast: list[_Adapter] = []
+        self.rank: list[int] = []
+        self.prompt: list[int] = []
+        self.max_tokens: list[int] = []
+        self.arr_s: list[float] = []
+        self.ns: list[int] = []  # arrival, integer ns
+        self.live = 0
+
+
 class _Req:
-    """Engine-side state of one request (the caller's EngineRequest stays untouched)."""
+    """Engine-side state of one admitted request (copied from its row on first admission)."""
 
     __slots__ = (
-        "arrival_ns",
+        "arr_s",
         "aseq",
         "ast",
         "b",
         "c0",
         "computed",
-        "def_snap",
         "deferred_ns",
         "epoch",
         "first_ns",
         "fstep",
+        "max_tokens",
         "o0",
         "out",
         "preemptions",
+        "prompt",
         "rank",
-        "req",
         "res",
+        "rid",
         "state",
         "target",
-        "wseq",
     )
-    # Set on admission / first decode step / enqueue (declared for the type checker):
+    # Set on admission / first decode step (declared for the type checker):
     # computed: KV tokens while prefilling; b/c0/o0: step index, KV tokens and outputs at the
     # first decode step; res: step residue needing a new block; fstep: last decode step;
-    # aseq: admission order; wseq: waiting order (negative = put back at the front).
+    # aseq: admission order.
     computed: int
     b: int
     c0: int
@@ -131,23 +161,36 @@ class _Req:
     res: int
     fstep: int
     aseq: int
-    wseq: int
-    def_snap: int
-    rank: int
-    out: int  # output tokens so far (decoders: o0 + steps since b)
-    epoch: int  # invalidates stale finish-heap entries
-    deferred_ns: int
-    first_ns: int
-    preemptions: int
 
-    def __init__(self, req: EngineRequest, ast: _Adapter, arrival_ns: int) -> None:
-        # Kept minimal: under overload most requests only ever wait. The running-side fields
-        # (rank, out, epoch, deferred_ns, first_ns, preemptions) are set on first admission.
-        self.req = req
+    def __init__(
+        self,
+        rid: str,
+        ast: _Adapter,
+        rank: int,
+        prompt: int,
+        max_tokens: int,
+        arr_s: float,
+        deferred_ns: int,
+    ) -> None:
+        self.rid = rid
         self.ast = ast
-        self.target = req.prompt_tokens  # tokens to (re)compute: prompt (+ outputs if preempted)
-        self.arrival_ns = arrival_ns
-        self.state = _PENDING
+        self.rank = rank
+        self.prompt = prompt
+        self.max_tokens = max_tokens
+        self.arr_s = arr_s
+        self.target = prompt  # tokens to (re)compute: prompt (+ outputs if preempted)
+        self.state = _PREFILL
+        self.out = 0  # output tokens so far (decoders: o0 + steps since b)
+        self.epoch = 0  # invalidates stale finish-heap entries
+        self.preemptions = 0
+        self.first_ns = -1
+        self.deferred_ns = deferred_ns
+
+
+# A waiting-queue entry: (wseq, deferred-clock snapshot at enqueue, tokens to compute, request).
+# wseq is the waiting order (negative = put back at the front after a preemption); the request
+# is a row number (never admitted yet) or its _Req (preempted and requeued).
+_Entry = tuple[int, int, int, "int | _Req"]
 
 
 class Engine:
@@ -194,11 +237,13 @@ class Engine:
         self._tn = 0  # ns: end of the last step (earliest start of the next one)
         self._gfull = 0  # ns of step time during which all adapter slots were taken
         self._extra_s = 0.0  # adapter registration time charged to the next step
-        self._pend: deque[_Req] = deque()  # future arrivals, in arrival order
-        self._pend_heap: list[tuple[int, int, _Req]] = []  # ... and those added out of order
+        self._blocks: dict[int, _Rows] = {}  # rows of requests never admitted, by block
+        self._next_row = 0
+        self._pend: deque[int] = deque()  # rows of future arrivals, in arrival order
+        self._pend_heap: list[tuple[int, int]] = []  # ... and (ns, row) of those out of order
         self._pend_last = -(1 << 62)
-        self._nseq = 0
-        self._reqs: dict[str, _Req] = {}  # unfinished requests by id (see _index_all)
+        self._dropped: set[int] = set()  # rows aborted while still in the future
+        self._reqs: dict[str, int | _Req] = {}  # unfinished requests by id (see _index_all)
         self._unindexed = False  # some unfinished bulk-added requests are not in _reqs
         self._n_live = 0  # unfinished requests
         self._adapters: dict[str | None, _Adapter] = {}
@@ -282,62 +327,200 @@ class Engine:
         """
         if self._unindexed:
             self._index_all()
-        if req.request_id in self._reqs:
-            raise InvalidRequestError(
-                f"request id {req.request_id!r} is already in use", param="request_id"
-            )
-        self._add((req,), index=True)
+        rid = req.request_id
+        if rid in self._reqs:
+            raise InvalidRequestError(f"request id {rid!r} is already in use", param="request_id")
+        validate_request(req, self.config)
+        adapter, rank = req.adapter, req.adapter_rank
+        ast = self._adapter(adapter, rank)
+        ns = int(req.arrival_s * NS + 0.5)
+        g = self._next_row
+        with _gc_paused():
+            blk = self._blocks.get(g >> _SHIFT)
+            if blk is None:
+                blk = self._blocks[g >> _SHIFT] = _Rows()
+            blk.rid.append(rid)
+            blk.ast.append(ast)
+            blk.rank.append(rank if adapter is not None else 0)
+            blk.prompt.append(req.prompt_tokens)
+            blk.max_tokens.append(req.max_tokens)
+            blk.arr_s.append(req.arrival_s)
+            blk.ns.append(ns)
+            blk.live += 1
+            self._next_row = g + 1
+            self._reqs[rid] = g
+            self._n_live += 1
+            self._place(g, ns)
 
     def add_requests(self, reqs: Iterable[EngineRequest]) -> None:
         """``add_request`` for many requests at once: the fast path for simulations.
 
         Request ids must be unique (not checked here); they are indexed only when needed
-        (by :meth:`abort` or :meth:`add_request`).
+        (by :meth:`abort` or :meth:`add_request`). If a request is invalid, the ones before it
+        are queued and :class:`InvalidRequestError` is raised for it.
         """
-        self._add(reqs, index=False)
-
-    def _add(self, reqs: Iterable[EngineRequest], *, index: bool) -> None:
-        by_id = self._reqs
-        adapters = self._adapters
-        pend = self._pend
+        rid: list[str] = []
+        adapter: list[str | None] = []
+        rank: list[int] = []
+        prompt: list[int] = []
+        max_tokens: list[int] = []
+        arr_s: list[float] = []
         max_len, max_rank, lora = self._max_len, self._max_rank, self._lora
+        bad: EngineRequest | None = None
+        for req in reqs:
+            p, m, a, k = req.prompt_tokens, req.max_tokens, req.adapter, req.adapter_rank
+            if not (
+                p > 0 and m > 0 and p + m <= max_len and (a is None or (lora and k <= max_rank))
+            ):
+                bad = req
+                break
+            rid.append(req.request_id)
+            adapter.append(a)
+            rank.append(k)
+            prompt.append(p)
+            max_tokens.append(m)
+            arr_s.append(req.arrival_s)
+        names: dict[str | None, int] = {}
+        for a, k in zip(adapter, rank, strict=True):  # the adapter's rank: the largest seen
+            if names.get(a, -1) < k:
+                names[a] = k
+        asts = {a: self._adapter(a, k) for a, k in names.items()}
+        self._add_rows(
+            rid,
+            [asts[a] for a in adapter],
+            [k if a is not None else 0 for a, k in zip(adapter, rank, strict=True)],
+            prompt,
+            max_tokens,
+            arr_s,
+            [int(t * NS + 0.5) for t in arr_s],
+        )
+        if bad is not None:
+            validate_request(bad, self.config)
+            raise AssertionError(
+                "unreachable: the request failed the fast check"
+            )  # pragma: no cover
+
+    def add_arrays(
+        self,
+        request_ids: Sequence[str],
+        arrival_s: ArrayLike,
+        adapter: ArrayLike,
+        prompt_tokens: ArrayLike,
+        max_tokens: ArrayLike,
+        *,
+        adapters: Sequence[tuple[str | None, int]],
+    ) -> None:
+        """``add_requests`` from columns: request ``i`` arrives at ``arrival_s[i]`` for adapter
+        ``adapters[adapter[i]]`` (a ``(name, rank)`` pair, name None = base model).
+
+        The cheapest way to feed a simulation (no request objects). All or nothing: if a request
+        is invalid, none is queued and :class:`InvalidRequestError` is raised for the first one.
+        """
+        t = np.asarray(arrival_s, dtype=np.float64)
+        idx = np.asarray(adapter, dtype=np.int64)
+        p = np.asarray(prompt_tokens, dtype=np.int64)
+        m = np.asarray(max_tokens, dtype=np.int64)
+        n = len(request_ids)
+        if not t.shape == idx.shape == p.shape == m.shape == (n,):
+            raise ValueError("add_arrays: the columns must be 1-D and of the same length")
+        if n and (idx.min() < 0 or idx.max() >= len(adapters)):
+            raise ValueError("add_arrays: an adapter index is out of range")
+        ranks = np.array([k if a is not None else 0 for a, k in adapters], dtype=np.int64)
+        named = np.array([a is not None for a, _ in adapters], dtype=bool)
+        bad = (p < 1) | (m < 1) | (p + m > self._max_len)
+        if self._lora:
+            bad |= named[idx] & (ranks[idx] > self._max_rank)
+        else:
+            bad |= named[idx]
+        if bad.any():
+            i = int(np.argmax(bad))
+            name, rank = adapters[int(idx[i])]
+            req = EngineRequest(
+                request_id=request_ids[i],
+                adapter=name,
+                adapter_rank=rank,
+                prompt_tokens=int(p[i]),
+                max_tokens=int(m[i]),
+                arrival_s=float(t[i]),
+            )
+            validate_request(req, self.config)
+            raise AssertionError(
+                "unreachable: the request failed the vector check"
+            )  # pragma: no cover
+        used = np.zeros(len(adapters), dtype=bool)
+        used[idx] = True
+        table: list[_Adapter | None] = [None] * len(adapters)
+        for j in np.flatnonzero(used).tolist():  # the adapter's rank: the largest seen
+            name, rank = adapters[j]
+            table[j] = self._adapter(name, rank)
+        self._add_rows(
+            list(request_ids),
+            np.array(table, dtype=object)[idx].tolist(),
+            ranks[idx].tolist(),
+            p.tolist(),
+            m.tolist(),
+            t.tolist(),
+            (t * NS + 0.5).astype(np.int64).tolist(),  # int(t * NS + 0.5), element-wise
+        )
+
+    def _add_rows(
+        self,
+        rid: list[str],
+        ast: list[_Adapter],
+        rank: list[int],
+        prompt: list[int],
+        max_tokens: list[int],
+        arr_s: list[float],
+        ns: list[int],
+    ) -> None:
+        """Store validated requests as rows and queue them (future ones by arrival)."""
+        n = len(rid)
+        if not n:
+            return
+        g0 = g = self._next_row
+        blocks = self._blocks
+        with _gc_paused():
+            pos = 0
+            while pos < n:
+                blk = blocks.get(g >> _SHIFT)
+                if blk is None:
+                    blk = blocks[g >> _SHIFT] = _Rows()
+                end = pos + min(n - pos, _BLOCK - (g & _MASK))
+                blk.rid += rid[pos:end]
+                blk.ast += ast[pos:end]
+                blk.rank += rank[pos:end]
+                blk.prompt += prompt[pos:end]
+                blk.max_tokens += max_tokens[pos:end]
+                blk.arr_s += arr_s[pos:end]
+                blk.ns += ns[pos:end]
+                blk.live += end - pos
+                g += end - pos
+                pos = end
+            self._next_row = g
+            self._unindexed = True
+            self._n_live += n
+            first = ns[0]
+            if first > self._tn and first >= self._pend_last and all(map(le, ns, ns[1:])):
+                self._pend.extend(range(g0, g))  # in order, all in the future: the usual case
+                self._pend_last = ns[-1]
+                return
+            for i, t in enumerate(ns):
+                self._place(g0 + i, t)
+
+    def _place(self, g: int, ns: int) -> None:
+        """Queue row ``g`` arriving at ``ns``: in the future, or at the back of the waiting
+        queue (after the earlier arrivals still pending) when it is already due."""
         tn = self._tn
-        with _gc_paused():  # many small acyclic objects: generation scans would only cost
-            for req in reqs:
-                p, m, adapter, rank = (
-                    req.prompt_tokens,
-                    req.max_tokens,
-                    req.adapter,
-                    req.adapter_rank,
-                )
-                if not (
-                    p > 0
-                    and m > 0
-                    and p + m <= max_len
-                    and (adapter is None or (lora and rank <= max_rank))
-                ):
-                    validate_request(req, self.config)
-                ast = adapters.get(adapter)
-                if ast is None or rank > ast.rank:
-                    ast = self._adapter(adapter, rank)
-                arrival_ns = int(req.arrival_s * NS + 0.5)
-                r = _Req(req, ast, arrival_ns)
-                if index:
-                    by_id[req.request_id] = r
-                else:
-                    self._unindexed = True
-                self._n_live += 1
-                if arrival_ns > tn:
-                    if arrival_ns >= self._pend_last:
-                        pend.append(r)
-                        self._pend_last = arrival_ns
-                    else:
-                        self._nseq += 1
-                        heapq.heappush(self._pend_heap, (arrival_ns, self._nseq, r))
-                else:
-                    if pend or self._pend_heap:
-                        self._admit_arrivals(tn)  # earlier arrivals first: FCFS by arrival
-                    self._enqueue_back(r)
+        if ns > tn:
+            if ns >= self._pend_last:
+                self._pend.append(g)
+                self._pend_last = ns
+            else:
+                heapq.heappush(self._pend_heap, (ns, g))
+        else:
+            if self._pend or self._pend_heap:
+                self._admit_arrivals(tn)  # earlier arrivals first: FCFS by arrival
+            self._enqueue_back(g)
 
     def abort(self, request_id: str) -> bool:
         """Drop an unfinished request wherever it is (between steps). False if unknown."""
@@ -348,16 +531,17 @@ class Engine:
         if r is None:
             return False
         self._n_live -= 1
+        if not isinstance(r, _Req):  # never admitted: waiting, or still in the future
+            ast = self._blocks[r >> _SHIFT].ast[r & _MASK]
+            if not self._unqueue(ast, r):
+                self._dropped.add(r)  # skipped (and its row released) when it comes due
+                return True
+            self._release_row(r)
+            return True
         st = r.state
         ast = r.ast
-        if st in (_WAITING, _REQUEUED):
-            q = ast.queue
-            was_head = q[0] is r
-            q.remove(r)
-            if was_head and q:
-                self._push_head(q[0].wseq, ast)
-            ast.n_waiting -= 1
-            self._n_waiting -= 1
+        if st == _REQUEUED:
+            self._unqueue(ast, r)
         elif st == _PREFILL:
             self._used -= -(-r.computed // self._bs)
             self._prefiller = None
@@ -370,6 +554,19 @@ class Engine:
             self._leave_running(r)
         r.state = _DONE
         return True
+
+    def _unqueue(self, ast: _Adapter, req: int | _Req) -> bool:
+        """Remove ``req`` from ``ast``'s waiting queue; False if it is not there."""
+        q = ast.queue
+        for k, e in enumerate(q):
+            if e[3] is req or (not isinstance(req, _Req) and e[3] == req):
+                del q[k]
+                if k == 0 and q:
+                    self._push_head(q[0][0], ast)
+                ast.n_waiting -= 1
+                self._n_waiting -= 1
+                return True
+        return False
 
     def load_adapter(self, name: str, rank: int, *, to_gpu: bool = False) -> float:
         """Register ``name`` in the CPU cache (and a GPU slot if ``to_gpu`` and one is free).
@@ -434,11 +631,32 @@ class Engine:
 
     def _index_all(self) -> None:
         """Index every unfinished request by id (bulk adds skip it: it costs per request)."""
-        live: list[_Req] = [*self._pend, *(h[2] for h in self._pend_heap), *self._running]
+        blocks = self._blocks
+        dropped = self._dropped
+        index: dict[str, int | _Req] = {}
+        rows = [*self._pend, *(g for _, g in self._pend_heap)]
         for ast in self._adapters.values():
-            live += ast.queue
-        self._reqs = {r.req.request_id: r for r in live if r.state != _DONE}
+            for e in ast.queue:
+                r = e[3]
+                if isinstance(r, _Req):
+                    index[r.rid] = r
+                else:
+                    rows.append(r)
+        for g in rows:
+            if g not in dropped:
+                index[blocks[g >> _SHIFT].rid[g & _MASK]] = g
+        for r in self._running:
+            index[r.rid] = r
+        self._reqs = index
         self._unindexed = False
+
+    def _release_row(self, g: int) -> None:
+        """Row ``g`` is no longer needed (admitted or aborted); free its block when done."""
+        k = g >> _SHIFT
+        blk = self._blocks[k]
+        blk.live -= 1
+        if not blk.live and len(blk.ns) == _BLOCK:
+            del self._blocks[k]
 
     def _adapter(self, name: str | None, rank: int) -> _Adapter:
         ast = self._adapters.get(name)
@@ -454,15 +672,26 @@ class Engine:
             return ast.g0 - ast.r_acc
         return self._gfull - ast.r_acc
 
+    def _drop_due(self, g: int) -> bool:
+        """True (and the row released) if future row ``g`` was aborted."""
+        if g in self._dropped:
+            self._dropped.discard(g)
+            self._release_row(g)
+            return True
+        return False
+
     def _next_arrival_ns(self) -> int | None:
         pend = self._pend
-        while pend and pend[0].state != _PENDING:
-            pend.popleft()
         heap = self._pend_heap
-        while heap and heap[0][2].state != _PENDING:
-            heapq.heappop(heap)
+        if self._dropped:
+            while pend and self._drop_due(pend[0]):
+                pend.popleft()
+            while heap and self._drop_due(heap[0][1]):
+                heapq.heappop(heap)
         if pend:
-            return min(pend[0].arrival_ns, heap[0][0]) if heap else pend[0].arrival_ns
+            g = pend[0]
+            first = self._blocks[g >> _SHIFT].ns[g & _MASK]
+            return min(first, heap[0][0]) if heap else first
         return heap[0][0] if heap else None
 
     def _admit_arrivals(self, t_ns: int) -> None:
@@ -470,66 +699,81 @@ class Engine:
         pend = self._pend
         heap = self._pend_heap
         if not heap:
-            if not pend or pend[0].arrival_ns > t_ns:
+            if not pend:
                 return
+            g = pend[0]
+            k = g >> _SHIFT
+            blk = self._blocks[k]
+            ns = blk.ns
+            if ns[g & _MASK] > t_ns:
+                return
+            rast = blk.ast
+            prompt = blk.prompt
+            dropped = self._dropped
             back = self._back
             gfull = self._gfull
             n = 0
-            while pend and pend[0].arrival_ns <= t_ns:
-                r = pend.popleft()
-                if r.state != _PENDING:
+            while pend:
+                g = pend[0]
+                if g >> _SHIFT != k:
+                    k = g >> _SHIFT
+                    blk = self._blocks[k]
+                    ns, rast, prompt = blk.ns, blk.ast, blk.prompt
+                i = g & _MASK
+                if ns[i] > t_ns:
+                    break
+                pend.popleft()
+                if dropped and self._drop_due(g):
                     continue
                 # Inlined _enqueue_back (the hottest path under heavy load).
-                r.state = _WAITING
-                r.wseq = back
-                ast = r.ast
+                ast = rast[i]
                 q = ast.queue
-                q.append(r)  # before _push_head, whose pruning drops entries of empty queues
+                # before _push_head, whose pruning drops entries of empty queues
+                q.append((back, (ast.g0 if ast.n_running else gfull) - ast.r_acc, prompt[i], g))
                 if len(q) == 1:
                     self._push_head(back, ast)
                 back += 1
                 ast.n_waiting += 1
                 n += 1
-                r.def_snap = (ast.g0 if ast.n_running else gfull) - ast.r_acc
             self._back = back
             self._n_waiting += n
             return
+        blocks = self._blocks
         while True:
-            a = pend[0] if pend else None
-            if heap and (a is None or heap[0][0] < a.arrival_ns):  # ties: in-order first
+            a = blocks[pend[0] >> _SHIFT].ns[pend[0] & _MASK] if pend else None
+            if heap and (a is None or heap[0][0] < a):  # ties: in-order first
                 if heap[0][0] > t_ns:
                     return
-                r = heapq.heappop(heap)[2]
-            elif a is not None and a.arrival_ns <= t_ns:
-                r = pend.popleft()
+                g = heapq.heappop(heap)[1]
+            elif a is not None and a <= t_ns:
+                g = pend.popleft()
             else:
                 return
-            if r.state == _PENDING:
-                self._enqueue_back(r)
+            if not (self._dropped and self._drop_due(g)):
+                self._enqueue_back(g)
 
-    def _enqueue_back(self, r: _Req) -> None:
-        r.state = _WAITING
-        r.wseq = self._back
+    def _enqueue_back(self, g: int) -> None:
+        blk = self._blocks[g >> _SHIFT]
+        i = g & _MASK
+        ast = blk.ast[i]
+        wseq = self._back
         self._back += 1
-        ast = r.ast
         q = ast.queue
-        q.append(r)  # before _push_head, whose pruning drops entries of empty queues
+        q.append((wseq, self._deferred_clock(ast), blk.prompt[i], g))  # before _push_head
         if len(q) == 1:
-            self._push_head(r.wseq, ast)
+            self._push_head(wseq, ast)
         ast.n_waiting += 1
         self._n_waiting += 1
-        r.def_snap = (ast.g0 if ast.n_running else self._gfull) - ast.r_acc
 
     def _enqueue_front(self, r: _Req) -> None:
         r.state = _REQUEUED
-        r.wseq = self._front
+        wseq = self._front
         self._front -= 1
         ast = r.ast
-        ast.queue.appendleft(r)
-        self._push_head(r.wseq, ast)
+        ast.queue.appendleft((wseq, self._deferred_clock(ast), r.target, r))
+        self._push_head(wseq, ast)
         ast.n_waiting += 1
         self._n_waiting += 1
-        r.def_snap = self._deferred_clock(ast)
 
     def _push_head(self, wseq: int, ast: _Adapter) -> None:
         """``ast``'s queue has a new head: record it in the global-order heap, and in the heap
@@ -539,7 +783,7 @@ class Engine:
         limit = 64 + 4 * len(self._adapters)
         heapq.heappush(self._heads, entry)
         if len(self._heads) > limit:  # drop stale entries now and then
-            live = [h for h in self._heads if h[2].queue and h[2].queue[0].wseq == h[0]]
+            live = [h for h in self._heads if h[2].queue and h[2].queue[0][0] == h[0]]
             heapq.heapify(live)
             self._heads = live
         if ast.n_running and ast.name is not None:
@@ -548,23 +792,23 @@ class Engine:
                 live = [
                     h
                     for h in self._elig
-                    if h[2].n_running and h[2].queue and h[2].queue[0].wseq == h[0]
+                    if h[2].n_running and h[2].queue and h[2].queue[0][0] == h[0]
                 ]
                 heapq.heapify(live)
                 self._elig = live
 
-    def _candidate(self) -> _Req | None:
+    def _candidate(self) -> _Entry | None:
         """The first waiting request the scheduler's walk would not skip (None: all deferred)."""
         if len(self._run_ad) < self._max_loras:
             heads = self._heads
             while True:
                 wseq, _, ast = heads[0]
                 q = ast.queue
-                if q and q[0].wseq == wseq:
+                if q and q[0][0] == wseq:
                     return q[0]
                 heapq.heappop(heads)
         # All slots taken: only base-model requests and adapters holding a slot are eligible.
-        best: _Req | None = None
+        best: _Entry | None = None
         base = self._adapters.get(None)
         if base is not None and base.n_waiting:
             best = base.queue[0]
@@ -572,25 +816,40 @@ class Engine:
         while elig:
             wseq, _, ast = elig[0]
             q = ast.queue
-            if ast.n_running and q and q[0].wseq == wseq:
+            if ast.n_running and q and q[0][0] == wseq:
                 h = q[0]
-                if best is None or h.wseq < best.wseq:
+                if best is None or h[0] < best[0]:
                     best = h
                 break
             heapq.heappop(elig)
         return best
 
-    def _admit(self, r: _Req) -> float:
-        """Move ``r`` from waiting to running; returns the adapter load time it causes."""
-        ast = r.ast
-        deferred = self._deferred_clock(ast) - r.def_snap if ast.name is not None else 0
-        if r.state == _WAITING:  # first admission
-            r.rank = r.req.adapter_rank if ast.name is not None else 0
-            r.out = r.epoch = r.preemptions = 0
-            r.first_ns = -1
-            r.deferred_ns = deferred
-        else:
-            r.deferred_ns += deferred
+    def _admit(self, e: _Entry) -> tuple[_Req, float]:
+        """Move the head entry ``e`` from waiting to running; returns its request and the
+        adapter load time it causes."""
+        _, snap, _, r = e
+        if isinstance(r, _Req):
+            ast = r.ast
+            if ast.name is not None:
+                r.deferred_ns += self._deferred_clock(ast) - snap
+        else:  # first admission
+            g = r
+            blk = self._blocks[g >> _SHIFT]
+            i = g & _MASK
+            ast = blk.ast[i]
+            deferred = self._deferred_clock(ast) - snap if ast.name is not None else 0
+            r = _Req(
+                blk.rid[i],
+                ast,
+                blk.rank[i],
+                blk.prompt[i],
+                blk.max_tokens[i],
+                blk.arr_s[i],
+                deferred,
+            )
+            self._release_row(g)
+            if self._reqs and r.rid in self._reqs:
+                self._reqs[r.rid] = r
         q = ast.queue
         q.popleft()
         ast.n_waiting -= 1
@@ -613,8 +872,8 @@ class Engine:
                 load += self.profile.cpu_to_gpu_load_s(ast.rank)
         ast.n_running += 1
         if q:
-            self._push_head(q[0].wseq, ast)
-        return load
+            self._push_head(q[0][0], ast)
+        return r, load
 
     def _leave_running(self, r: _Req) -> None:
         del self._running[r]
@@ -643,7 +902,7 @@ class Engine:
             self._prefiller = None
         self._leave_running(v)
         v.computed = 0
-        v.target = v.req.prompt_tokens + v.out
+        v.target = v.prompt + v.out
         v.preemptions += 1
         self.num_preemptions_total += 1
         self._enqueue_front(v)
@@ -706,14 +965,15 @@ class Engine:
         if not preempted and budget > 0 and self._n_waiting:
             max_seqs = self._max_seqs
             while budget > 0 and self._n_waiting and len(running) < max_seqs:
-                r = self._candidate()
-                if r is None:
+                e = self._candidate()
+                if e is None:
                     break
-                n = min(r.target, budget)
+                n = min(e[2], budget)
                 nb = -(-n // bs)
                 if nb > total - self._used:
                     break
-                load_s += self._admit(r)
+                r, load = self._admit(e)
+                load_s += load
                 self._used += nb
                 budget -= n
                 prefill_tokens += n
@@ -743,10 +1003,10 @@ class Engine:
             t = end / NS
             for r in running:
                 if r.state == _DECODE:
-                    events.append(TokenEvent(r.req.request_id, t, 1, r.fstep == s, False))
+                    events.append(TokenEvent(r.rid, t, 1, r.fstep == s, False))
             for r in pdone:
-                done = r.out + 1 >= r.req.max_tokens
-                events.append(TokenEvent(r.req.request_id, t, 1, done, r.out == 0))
+                done = r.out + 1 >= r.max_tokens
+                events.append(TokenEvent(r.rid, t, 1, done, r.out == 0))
         # Decoders finishing in this step.
         heap = self._heap
         while heap and heap[0][0] <= s:
@@ -756,7 +1016,7 @@ class Engine:
             self._used -= -(-(r.c0 + s - r.b + 1) // bs)
             cnt[r.res] -= 1
             self._n_decode -= 1
-            r.out = r.req.max_tokens
+            r.out = r.max_tokens
             self._finish(r, end, records)
         # Prefills completed in this step: first (or next, after preemption) output token.
         nxt = s + 1
@@ -764,7 +1024,7 @@ class Engine:
             r.out += 1
             if r.first_ns < 0:
                 r.first_ns = end
-            m = r.req.max_tokens
+            m = r.max_tokens
             if r.out >= m:
                 self._used -= -(-r.target // bs)
                 self._finish(r, end, records)
@@ -786,18 +1046,17 @@ class Engine:
     def _finish(self, r: _Req, end: int, records: list[RequestRecord]) -> None:
         self._leave_running(r)
         r.state = _DONE
-        req = r.req
         self._n_live -= 1
         if self._reqs:
-            self._reqs.pop(req.request_id, None)
+            self._reqs.pop(r.rid, None)
         records.append(
             RequestRecord(
-                req.request_id,
-                req.adapter,
-                req.arrival_s,
+                r.rid,
+                r.ast.name,
+                r.arr_s,
                 r.first_ns / NS,
                 end / NS,
-                req.prompt_tokens,
+                r.prompt,
                 r.out,
                 r.deferred_ns / NS,
                 r.preemptions,
@@ -828,7 +1087,7 @@ class Engine:
         if self._n_waiting and len(self._running) < self._max_seqs:
             c = self._candidate()
             if c is not None:
-                n = min(c.target, self._max_tokens - n_dec)
+                n = min(c[2], self._max_tokens - n_dec)
                 if -(-n // bs) <= free - cnt[phase]:
                     return False  # an admission would happen in this step
         ranks = self._ranks
