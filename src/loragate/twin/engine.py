@@ -27,8 +27,10 @@ decoders' block phases (``step index mod block_size``); waiting requests sit in 
 
 from __future__ import annotations
 
+import bisect
 import gc
 import heapq
+from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -115,13 +117,14 @@ class _Rows:
     __slots__ = ("arr_s", "ast", "live", "max_tokens", "ns", "prompt", "rank", "rid")
 
     def __init__(self) -> None:
+        # Numbers in arrays, not lists: nothing for the cyclic GC to visit.
         self.rid: list[str] = []
         self.ast: list[_Adapter] = []
-        self.rank: list[int] = []
-        self.prompt: list[int] = []
-        self.max_tokens: list[int] = []
-        self.arr_s: list[float] = []
-        self.ns: list[int] = []  # arrival, integer ns
+        self.rank = array("q")
+        self.prompt = array("q")
+        self.max_tokens = array("q")
+        self.arr_s = array("d")
+        self.ns = array("q")  # arrival, integer ns
         self.live = 0
 
 
@@ -456,22 +459,22 @@ class Engine:
         self._add_rows(
             list(request_ids),
             np.array(table, dtype=object)[idx].tolist(),
-            ranks[idx].tolist(),
-            p.tolist(),
-            m.tolist(),
-            t.tolist(),
-            (t * NS + 0.5).astype(np.int64).tolist(),  # int(t * NS + 0.5), element-wise
+            array("q", ranks[idx].tobytes()),
+            array("q", p.tobytes()),
+            array("q", m.tobytes()),
+            array("d", t.tobytes()),
+            array("q", (t * NS + 0.5).astype(np.int64).tobytes()),  # int(t * NS + 0.5)
         )
 
     def _add_rows(
         self,
         rid: list[str],
         ast: list[_Adapter],
-        rank: list[int],
-        prompt: list[int],
-        max_tokens: list[int],
-        arr_s: list[float],
-        ns: list[int],
+        rank: Sequence[int],
+        prompt: Sequence[int],
+        max_tokens: Sequence[int],
+        arr_s: Sequence[float],
+        ns: Sequence[int],
     ) -> None:
         """Store validated requests as rows and queue them (future ones by arrival)."""
         n = len(rid)
@@ -488,24 +491,32 @@ class Engine:
                 end = pos + min(n - pos, _BLOCK - (g & _MASK))
                 blk.rid += rid[pos:end]
                 blk.ast += ast[pos:end]
-                blk.rank += rank[pos:end]
-                blk.prompt += prompt[pos:end]
-                blk.max_tokens += max_tokens[pos:end]
-                blk.arr_s += arr_s[pos:end]
-                blk.ns += ns[pos:end]
+                blk.rank.extend(rank[pos:end])
+                blk.prompt.extend(prompt[pos:end])
+                blk.max_tokens.extend(max_tokens[pos:end])
+                blk.arr_s.extend(arr_s[pos:end])
+                blk.ns.extend(ns[pos:end])
                 blk.live += end - pos
                 g += end - pos
                 pos = end
             self._next_row = g
             self._unindexed = True
             self._n_live += n
-            first = ns[0]
-            if first > self._tn and first >= self._pend_last and all(map(le, ns, ns[1:])):
-                self._pend.extend(range(g0, g))  # in order, all in the future: the usual case
-                self._pend_last = ns[-1]
-                return
-            for i, t in enumerate(ns):
-                self._place(g0 + i, t)
+            if all(map(le, ns, ns[1:])):  # in arrival order: the usual case
+                # The rows already due join the waiting queue one by one; the others are all
+                # in the future and, if none is earlier than the last pending arrival, are
+                # appended to the pending queue at once (as _place would, row by row).
+                k = bisect.bisect_right(ns, self._tn)
+                for i in range(k):
+                    self._place(g0 + i, ns[i])
+                if k < n and ns[k] >= self._pend_last:
+                    self._pend.extend(range(g0 + k, g))
+                    self._pend_last = ns[-1]
+                    return
+            else:
+                k = 0
+            for i in range(k, n):
+                self._place(g0 + i, ns[i])
 
     def _place(self, g: int, ns: int) -> None:
         """Queue row ``g`` arriving at ``ns``: in the future, or at the back of the waiting
