@@ -38,7 +38,10 @@ TABLE: list[tuple[str, list[dict[str, object]], str]] = [
     ),
     (
         "spread when the replica running it is saturated",
-        [{"in_flight": 20, "per_adapter": {"b": 20}}, _holding("a", 300, max_num_seqs=256)],
+        [
+            {"in_flight": 20, "per_adapter": {"b": 20}, "cpu": ["a"]},
+            _holding("a", 300, max_num_seqs=256),
+        ],
         "r0",
     ),
     ("GPU-resident beats disk", [{}, {"gpu": ["a"], "cpu": ["a"]}], "r1"),
@@ -47,7 +50,7 @@ TABLE: list[tuple[str, list[dict[str, object]], str]] = [
         "free LoRA slot beats full slots",
         [
             {"in_flight": 4, "per_adapter": {"b": 1, "c": 1, "d": 1, "e": 1}, "cpu": ["a"]},
-            {"in_flight": 30, "per_adapter": {"f": 30}},
+            {"in_flight": 30, "per_adapter": {"f": 30}, "cpu": ["a"]},
         ],
         "r1",
     ),
@@ -77,7 +80,7 @@ TABLE: list[tuple[str, list[dict[str, object]], str]] = [
     ),
     (
         "KV memory nearly full counts as saturated",
-        [{"in_flight": 40, "per_adapter": {"b": 40}}, _holding("a", 40, kv=0.99)],
+        [{"in_flight": 40, "per_adapter": {"b": 40}, "cpu": ["a"]}, _holding("a", 40, kv=0.99)],
         "r0",
     ),
 ]
@@ -195,7 +198,9 @@ def test_miss_penalty_brings_idle_adapters_home(snap: Snap, req: Req) -> None:
     ]
     r = req("a", max_tokens=256, prompt_tokens=512)
     sticky = build_policy("loragate")
-    loose = build_policy({"policy": "loragate", "gpu_miss_s": 0, "cpu_miss_s": 0})
+    loose = build_policy(
+        {"policy": "loragate", "gpu_miss_s": 0, "cpu_miss_s": 0, "load_stall_weight": 0}
+    )
     assert sticky.choose(r, reps) == "r1"
     assert loose.choose(r, reps) == "r0"
 
@@ -255,3 +260,26 @@ def test_prefill_memory_spreads_back_to_back_long_prompts(snap: Snap, req: Req) 
     assert off.costs(req(None, prompt_tokens=10), reps)[0] == pytest.approx(
         off.costs(req(None, prompt_tokens=10), reps)[1]
     )
+
+
+def test_adapter_load_stalls_the_requests_it_delays(snap: Snap, req: Req) -> None:
+    model = LinearStepTimeModel()
+    r = req("a", max_tokens=64, prompt_tokens=64, adapter_rank=16)
+    stalled = ExpectedTTFTScorer(model, CostParams(length_ewma_alpha=0.0))
+    alone = ExpectedTTFTScorer(model, CostParams(length_ewma_alpha=0.0, load_stall_weight=0.0))
+
+    def extra(busy: dict[str, object]) -> float:
+        """What the stall adds to a disk load over a GPU-resident adapter on that replica."""
+        reps = [snap("r0", **busy, registered=["a"]), snap("r1", **busy, gpu=["a"], cpu=["a"])]
+        with_stall, without = stalled.costs(r, reps), alone.costs(r, reps)
+        return (with_stall[0] - with_stall[1]) - (without[0] - without[1])
+
+    disk = model.load_s(16, True)
+    # LoRA slots full (4 of 4): the load delays all 60 requests there (and the deferred behind)
+    full = {"in_flight": 60, "running": 60, "per_adapter": {x: 15 for x in "bcde"}}
+    assert extra(full) == pytest.approx(60 * disk)
+    # two of four slots taken: the 10 waiting requests, and the running ones weighted by 1/4
+    half = {"in_flight": 50, "running": 40, "waiting": 10, "per_adapter": {"b": 25, "c": 25}}
+    assert extra(half) == pytest.approx((10 + 40 * 0.25) * disk)
+    # on an empty replica the load costs this request alone
+    assert extra({}) == pytest.approx(0.0)

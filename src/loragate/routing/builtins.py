@@ -182,6 +182,7 @@ def _cost_params(p: Params) -> CostParams:
         rho_max=p.number("rho_max", d.rho_max, min_value=0.0, max_value=0.999),
         register_s=p.number("register_s", d.register_s, min_value=0.0),
         own_length=p.boolean("own_length", d.own_length),
+        load_stall_weight=p.number("load_stall_weight", d.load_stall_weight, min_value=0.0),
         gpu_miss_s=p.number("gpu_miss_s", d.gpu_miss_s, min_value=0.0),
         cpu_miss_s=p.number("cpu_miss_s", d.cpu_miss_s, min_value=0.0),
         kv_full=p.number("kv_full", d.kv_full, min_value=0.01, max_value=1.0),
