@@ -304,3 +304,31 @@ def test_cli_calibrate_round_trip(tmp_path: Path) -> None:
         pytest.approx(TRUE["kv0"] - 64 * (TRUE["kv_rank"] * 16 + TRUE["kv_slot"]), rel=0.01)
     assert profile.cpu_to_gpu_load_s(8) == pytest.approx((TRUE["c0"] + 8 * TRUE["c_rank"]) / 1e3,
                                                          rel=0.05)
+
+
+def test_lora_per_token_cost_counts_prefill_tokens(tmp_path: Path) -> None:
+    # R5-like rows with long prompts (turnover prefill of prompt/output * B tokens a step):
+    # the LoRA kernels cost the same per prefill or decode token, so the fit must recover
+    # l_tok from rows whose LoRA cost is l_tok * (decode + prefill tokens).
+    folder = make_folder(tmp_path, noise=0.0)
+    rows: list[dict[str, object]] = []
+    for n_ad in (1, 32, 64, 128, 256, 300):
+        for batch, prompt, out in ((200, 5, 100), (240, 400, 200), (230, 100, 50)):
+            adapters = float(
+                expected_distinct(np.array([n_ad], float), np.array([batch], float))[0]
+            )
+            eff = batch * (1 + TRUE["w"] * prompt / out)
+            every = batch * (1 + prompt / out)
+            ctx = batch * (prompt + out / 2)
+            itl = (_base(eff, ctx) + _sched(batch) + TRUE["l0"] + TRUE["l_tok"] * every
+                   + TRUE["l_ad"] * adapters)
+            rows.append({"model": MODEL, "max_loras": 300, "n_distinct_adapters": n_ad,
+                         "mean_running_batch": batch, "output_len": out,
+                         "mean_input_tokens_per_prompt": prompt, "itl_mean_ms": itl,
+                         "mean_unique_adapters_per_step": adapters, "sched_time_mean_ms": ""})
+    _write(folder / "lora_overhead.csv", rows)
+    report = fit_coefficients(load_calibration_data(folder, MODEL))
+    c = report.coefficients
+    total = c.lora_per_token_ms + c.lora_per_token_slot_ms * c.lora_reference_max_loras
+    assert total == pytest.approx(TRUE["l_tok"], rel=0.05)
+    assert report.components["lora"].mape_pct < 2.0

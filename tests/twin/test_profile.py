@@ -115,3 +115,16 @@ def test_bad_profiles_give_clear_errors(tmp_path: Path) -> None:
     bad.write_text("- not a mapping\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_profile(bad)
+
+
+def test_lora_prefill_token_weight_counts_scheduled_tokens() -> None:
+    p = load_profile("fast")  # decode 0.02 ms/seq, prefill 0.001 ms/token: weight 0.05
+    lora = LoraModel(pct_per_adapter=0, intercept_pct=100, extra_ms_per_token=0.01)
+    weighted = replace(p, lora=lora)
+    every = replace(p, lora=replace(lora, prefill_token_weight=1.0))
+    # Without prefill both agree; 1000 prefill tokens cost 1000 * 0.01 ms in the LoRA term at
+    # weight 1, and only 1000 * 0.05 * 0.01 ms with the base step's weight.
+    assert _t(every, batch_size=10) == pytest.approx(_t(weighted, batch_size=10))
+    extra = _t(every, batch_size=10, prefill_tokens=1000) - _t(weighted, batch_size=10,
+                                                               prefill_tokens=1000)
+    assert extra == pytest.approx(1000 * 0.01 * (1 - 0.05) / 1000.0)

@@ -341,14 +341,21 @@ def fit_prefill_weight(data: CalibrationData, base: _Base, sched: _Sched) -> tup
 def fit_lora(
     table: Table, base: _Base, sched: _Sched, w_p: float, intercept_ms: float | None = 0.0
 ) -> tuple[float, float, float, ComponentFit]:
-    """lora_ms = l_0 + l_tok * T_eff + l_ad * A on the R5 runs (all prompts at once).
+    """lora_ms = l_0 + l_tok * M + l_ad * A on the R5 runs (all prompts at once).
 
+    M counts every scheduled token, prefill or decode: the LoRA shrink/expand kernels run over
+    all tokens of the step (a prefill token is no cheaper for them, unlike for the base step
+    whose decode tokens also read the KV cache), so rows with prompts (turnover prefill) and
+    rows without constrain the same per-token cost (the profile sets its LoRA
+    ``prefill_token_weight`` to 1). With M = the prefill-weighted tokens of the base step, the
+    R5 rows with prompts were under-predicted by 10-16 %.
     ``intercept_ms`` is l_0 when measured elsewhere (single-request runs); ``None`` fits it
     here. Rows whose ITL the fit misses by more than ``_TRIM_PCT`` are dropped once and the fit
     is repeated (reported in the note), so a single odd probe cannot drag the coefficients.
     Returns (l_0, l_tok, l_ad, quality).
     """
-    tokens, ctx, compute, ok = _steady_rows(table, sched, w_p)
+    tokens_eff, ctx, compute, ok = _steady_rows(table, sched, w_p)
+    tokens = _steady_rows(table, sched, 1.0)[0]  # every scheduled token
     running = _arr(table.column("mean_running_batch"))
     unique = _arr(table.column("mean_unique_adapters_per_step"))
     n_distinct = _arr(table.column("n_distinct_adapters"))
@@ -367,7 +374,7 @@ def fit_lora(
     fit_l0 = intercept_ms is None
     if ok.sum() < (3 if fit_l0 else 2):
         return 0.0, 0.0, 0.0, _quality(_arr([]), _arr([]), "no LoRA rows: no LoRA overhead")
-    y = compute - base.predict(tokens, ctx) - (intercept_ms or 0.0)
+    y = compute - base.predict(tokens_eff, ctx) - (intercept_ms or 0.0)
     total = compute
     x = np.c_[np.ones_like(tokens), tokens, adapters] if fit_l0 else np.c_[tokens, adapters]
     keep = ok.copy()
@@ -649,6 +656,7 @@ def build_profile(
             extra_ms_per_token_per_slot=round(c.lora_per_token_slot_ms, 10),
             extra_ms_per_adapter=round(c.lora_per_adapter_ms, 6),
             max_loras=ref_slots,
+            prefill_token_weight=1.0,
         ),
         scheduler=SchedulerModel(
             intercept_ms=round(c.sched_base_ms, 6),

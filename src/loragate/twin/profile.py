@@ -58,14 +58,17 @@ class LoraModel:
     zero_adapter_pct: float | None = None
     # Optional additive LoRA cost (ms), added after the factor: ``extra_intercept_ms +
     # (extra_ms_per_token + extra_ms_per_token_per_slot * max_loras) * T + extra_ms_per_adapter
-    # * A`` with T = B + P * prefill_ms_per_token / decode_ms_per_seq (effective tokens).
-    # The per-slot term models the triton kernels' programs per (token tile, LoRA slot);
-    # ``max_loras`` is the engine's slot count (``specialize``; the calibration's by default).
+    # * A`` with T = B + w * P. The per-slot term models the triton kernels' programs per (token
+    # tile, LoRA slot); ``max_loras`` is the engine's slot count (``specialize``; the
+    # calibration's by default). ``prefill_token_weight`` is w: ``None`` weighs a prefill token
+    # like the base step does (prefill_ms_per_token / decode_ms_per_seq); 1.0 counts every
+    # scheduled token (the LoRA kernels' grid and work are per token, decode or prefill alike).
     extra_intercept_ms: float = 0.0
     extra_ms_per_token: float = 0.0
     extra_ms_per_token_per_slot: float = 0.0
     extra_ms_per_adapter: float = 0.0
     max_loras: int = 0
+    prefill_token_weight: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -179,7 +182,9 @@ class PerformanceProfile:
             if lo.extra_ms_per_token or lo.extra_ms_per_token_per_slot or lo.extra_intercept_ms \
                     or lo.extra_ms_per_adapter:
                 per_seq = s.decode_ms_per_seq
-                weight = s.prefill_ms_per_token / per_seq if per_seq else 1.0
+                weight = lo.prefill_token_weight
+                if weight is None:
+                    weight = s.prefill_ms_per_token / per_seq if per_seq else 1.0
                 tokens = batch_size + weight * prefill_tokens
                 per_token = lo.extra_ms_per_token + lo.extra_ms_per_token_per_slot * lo.max_loras
                 compute_ms += (
