@@ -11,14 +11,17 @@ the hot path keep using aiohttp (``loragate.backends.client``).
 Supported responses: ``Content-Length`` bodies, ``Transfer-Encoding: chunked`` bodies (decoded;
 trailers ignored) and bodies delimited by connection close. Connections are reused while the
 server allows it; an idle connection older than ``keepalive_s`` is dropped (servers close idle
-ones: uvicorn after 5 s), and a reused connection that dies before any response byte is
-retried once on a fresh one, transparently.
+ones: uvicorn after 5 s). A reused connection that the replica *reset* before any response byte
+(its bytes reached a socket nobody reads: the replica had closed or lost it) is retried once on
+a fresh one, transparently. One that the replica closed cleanly after the request went out is
+not: the replica may have read the request, and a POST must not be delivered twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import select
 import ssl
 import time
 from typing import cast
@@ -33,6 +36,10 @@ from loragate.core.errors import (
 _MAX_HEAD_BYTES = 64 * 1024
 _HEAD_END = b"\r\n\r\n"
 _CRLF = b"\r\n"
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+# An idle connection older than this is checked for a close the event loop has not handled
+# yet before it is reused (one select() call; servers' keep-alive timeouts are seconds).
+_CHECK_IDLE_AFTER_S = 0.2
 
 # body framing
 _LENGTH, _CHUNKED, _UNTIL_CLOSE, _NONE = range(4)
@@ -57,6 +64,7 @@ class UpstreamConn(asyncio.Protocol):
         "_left",
         "_loop",
         "_paused",
+        "_peer_reset",
         "_read_waiter",
         "_timer",
         "_whole",
@@ -73,6 +81,7 @@ class UpstreamConn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
+        self._peer_reset = False
         self._reset()
 
     def _reset(self) -> None:
@@ -103,6 +112,7 @@ class UpstreamConn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._peer_reset = exc is not None  # ECONNRESET / EPIPE, not a clean close (EOF)
         if self._done or (
             self._head_waiter is None and self._read_waiter is None and not self.status
         ):
@@ -132,6 +142,12 @@ class UpstreamConn(asyncio.Protocol):
             return
         rest = bytes(buf[end + 4 :])
         buf.clear()
+        if self.status < 200:  # an interim answer (100 Continue, 103 Early Hints): skip it
+            self.status = 0
+            self.content_type = ""
+            if rest:
+                self.data_received(rest)
+            return
         if not self._whole:  # streaming: the head is the answer's start; reads time themselves
             self._cancel_timer()
             waiter = self._head_waiter
@@ -152,7 +168,11 @@ class UpstreamConn(asyncio.Protocol):
         status_line = lines[0]
         if not status_line.startswith(b"HTTP/1."):
             raise ValueError(f"not an HTTP/1.x status line: {status_line[:40]!r}")
-        self.status = int(status_line[9:12])
+        code = status_line[9:12]
+        status = int(code) if code.isdigit() and status_line[12:13] in (b"", b" ") else 0
+        if not 100 <= status <= 599 or status == 101:  # 101: we never ask to switch protocols
+            raise ValueError(f"bad status line {status_line[:40]!r}")
+        self.status = status
         keep_alive = status_line[7:8] == b"1"  # HTTP/1.1 defaults to keep-alive
         length = -1
         chunked = False
@@ -161,6 +181,8 @@ class UpstreamConn(asyncio.Protocol):
             name = name.strip().lower()
             if name == b"content-length":
                 length = int(value)
+                if length < 0:
+                    raise ValueError(f"negative content-length {length}")
             elif name == b"transfer-encoding":
                 chunked = b"chunked" in value.lower()
             elif name == b"content-type":
@@ -236,7 +258,10 @@ class UpstreamConn(asyncio.Protocol):
                 line = data[pos:i]
                 pos = i + 2
                 if state == _C_SIZE:
-                    size = int(line.split(b";", 1)[0].strip(), 16)
+                    digits = line.split(b";", 1)[0].strip()
+                    if not digits or digits.strip(_HEX_DIGITS):  # int() would take "-1", "1_0"
+                        raise ValueError(f"bad chunk size {digits[:20]!r}")
+                    size = int(digits, 16)
                     if size == 0:
                         self._c_state = _C_TRAILER
                     else:
@@ -330,8 +355,10 @@ class UpstreamConn(asyncio.Protocol):
             raise self._error
 
     @property
-    def failed_before_answer(self) -> bool:
-        return not self._got_bytes
+    def reset_before_answer(self) -> bool:
+        """The replica reset the connection without a byte of answer: the request was never
+        read (safe to send again)."""
+        return self._peer_reset and not self._got_bytes
 
     def body(self) -> bytes:
         body = self._body
@@ -369,6 +396,18 @@ class UpstreamConn(asyncio.Protocol):
     @property
     def complete(self) -> bool:
         return self._done and self._error is None
+
+
+def _readable(transport: asyncio.Transport) -> bool:
+    """An idle keep-alive connection with something to read has been closed by the server
+    (EOF or reset; an HTTP server sends nothing unasked): not reusable."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        return bool(select.select((sock.fileno(),), (), (), 0)[0])
+    except (OSError, ValueError):
+        return True
 
 
 class UpstreamPool:
@@ -435,7 +474,14 @@ class UpstreamPool:
         now = time.monotonic()
         while idle:
             conn = idle.pop()  # most recently used first
-            if not conn.closed and now - conn.idle_since < self._keepalive_s:
+            idle_s = now - conn.idle_since
+            if (
+                not conn.closed
+                and idle_s < self._keepalive_s
+                and conn.transport is not None
+                and not conn.transport.is_closing()  # the replica's EOF is being handled
+                and (idle_s < _CHECK_IDLE_AFTER_S or not _readable(conn.transport))
+            ):
                 return conn
             if conn.transport is not None and not conn.closed:
                 conn.transport.close()
@@ -457,14 +503,10 @@ class UpstreamPool:
         conn = self._take_idle()
         if conn is not None:
             await self._send(conn, head, body, whole, timeout_s)
-            if (
-                conn._error is None
-                or not conn.failed_before_answer
-                or isinstance(conn._error, UpstreamTimeoutError)
-            ):
+            if conn._error is None or not conn.reset_before_answer:
                 conn.raise_for_error()
                 return conn
-            # A stale keep-alive connection the server had closed: retry on a fresh one.
+            # A stale keep-alive connection the replica had dropped: retry on a fresh one.
         conn = await self._connect()
         await self._send(conn, head, body, whole, timeout_s)
         conn.raise_for_error()
