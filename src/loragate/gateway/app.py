@@ -34,7 +34,7 @@ from loragate.core.errors import LoragateError
 from loragate.core.types import AdapterId, AdapterSpec
 from loragate.gateway.admin import AdminApi
 from loragate.gateway.catalog import Catalog
-from loragate.gateway.errors import error_response
+from loragate.gateway.errors import error_payload, error_response
 from loragate.gateway.inflight import InFlightTracker, LocalInFlight
 from loragate.gateway.proxy import Proxy
 from loragate.gateway.shared import SharedState, build_store
@@ -176,6 +176,9 @@ def create_app(
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     AdminApi(gateway).register(app.router)
+    # Last: only requests no route above takes (the router tries exact paths first, so the
+    # hot path never reaches it).
+    app.router.add_route("*", "/{path:.*}", no_route)
     return app
 
 
@@ -248,6 +251,33 @@ async def health(request: web.Request) -> web.Response:
     return web.Response(
         status=200 if healthy else 503,
         body=json.dumps(body).encode(),
+        content_type="application/json",
+    )
+
+
+async def no_route(request: web.Request) -> web.Response:
+    """An unknown path (404) or a method a path does not take (405, with ``Allow``), in the
+    OpenAI error shape rather than aiohttp's plain-text pages."""
+    own = request.match_info.route.resource
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not own:
+            allowed |= (await resource.resolve(request))[1]
+    where = f"{request.method} {request.path[:200]}"
+    if allowed:
+        return web.Response(
+            status=405,
+            body=error_payload(
+                f"method not allowed: {where} (allowed: {', '.join(sorted(allowed))})",
+                "invalid_request_error",
+                "method_not_allowed",
+            ),
+            content_type="application/json",
+            headers={hdrs.ALLOW: ",".join(sorted(allowed))},
+        )
+    return web.Response(
+        status=404,
+        body=error_payload(f"no such endpoint: {where}", "invalid_request_error", "not_found"),
         content_type="application/json",
     )
 

@@ -58,9 +58,14 @@ log = logging.getLogger(__name__)
 REPLICA_HEADER = "X-Loragate-Replica"
 _JSON = "application/json"
 _DEFAULT_MAX_TOKENS = 16
+_ROUTING_MAX_TOKENS = 1 << 20  # routing's view of max_tokens is capped here
 _COMPLETIONS = "/v1/completions"
 _CHAT = "/v1/chat/completions"
 _set_field = object.__setattr__
+
+
+class _UnreadableBody(InvalidRequestError):
+    """The request body could not be decoded off the connection (400; the connection closes)."""
 
 
 class Proxy:
@@ -144,7 +149,12 @@ class Proxy:
             return await self._forward(request, body, rreq, spec, chat, t0)
         except LoragateError as exc:
             self._telemetry.count(adapter_label, "", str(classify(exc)[0]))
-            return error_response(exc)
+            response = error_response(exc)
+            if isinstance(exc, _UnreadableBody):
+                # The rest of the body cannot be skipped: say so, rather than let the client
+                # reuse a connection the server is about to close.
+                response.force_close()
+            return response
         except Exception:
             log.exception("unexpected error while proxying %s", request.path)
             self._telemetry.count(adapter_label, "", "500")
@@ -162,6 +172,8 @@ class Proxy:
             raise PayloadTooLargeError(
                 f"request body exceeds the limit of {self._max_body} bytes"
             ) from exc
+        except web.RequestPayloadError as exc:  # e.g. a Content-Encoding that does not decode
+            raise _UnreadableBody(f"the request body cannot be read: {exc}") from exc
         if not body:
             raise InvalidRequestError("the request body is empty; expected a JSON object")
         return body
@@ -174,6 +186,8 @@ class Proxy:
             payload: Any = json.loads(body)
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
             raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from exc
+        except RecursionError as exc:
+            raise InvalidRequestError("the request body's JSON is nested too deeply") from exc
         if type(payload) is not dict:
             raise InvalidRequestError("the request body must be a JSON object")
         model = payload.get("model")
@@ -198,6 +212,10 @@ class Proxy:
             max_tokens = _DEFAULT_MAX_TOKENS
         elif type(max_tokens) is not int or max_tokens < 1:
             raise InvalidRequestError("'max_tokens' must be a positive integer", param="max_tokens")
+        elif max_tokens > _ROUTING_MAX_TOKENS:
+            # Routing estimates work from it (floats, running means): keep any int sane there.
+            # The replica gets the original body and judges the real value itself.
+            max_tokens = _ROUTING_MAX_TOKENS
         return self.catalog.resolve(model, tenant), stream, max_tokens
 
     # -- routing ----------------------------------------------------------------------------

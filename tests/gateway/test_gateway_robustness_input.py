@@ -1,0 +1,133 @@
+"""Bad input at the front door: every malformed request gets a clear OpenAI-shaped error with
+the right status, nothing reaches a replica, and the gateway keeps serving (real sockets)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import aiohttp
+import pytest
+from gateway_harness import ScriptedReplica, gateway_config
+
+from loragate.gateway import running_gateway
+
+
+async def _expect_error(resp: aiohttp.ClientResponse, status: int) -> dict[str, object]:
+    assert resp.status == status, await resp.text()
+    assert resp.content_type == "application/json"
+    err = (await resp.json())["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    return dict(err)
+
+
+_DEEP = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+
+@pytest.mark.parametrize(
+    ("routing", "body", "param"),
+    [
+        ("round_robin", b'{"prompt": "p", "max_tokens": "16"}', "max_tokens"),
+        ("round_robin", b'{"prompt": "p", "max_tokens": -3}', "max_tokens"),
+        ("round_robin", b'{"prompt": "p", "max_tokens": 16.5}', "max_tokens"),
+        ("round_robin", b'{"prompt": "p", "max_tokens": true}', "max_tokens"),
+        ("round_robin", b'{"prompt": "p", "max_tokens": NaN}', "max_tokens"),
+        ("round_robin", b'{"prompt": "p", "stream": 1}', "stream"),
+        ("round_robin", b'{"prompt": "p", "stream": null, "model": []}', "model"),
+        ("round_robin", b'{"prompt": 7}', "prompt"),
+        ("round_robin", _DEEP, None),
+        ("loragate", _DEEP, None),
+    ],
+)
+async def test_malformed_fields_are_400(
+    replicas: list[ScriptedReplica], routing: str, body: bytes, param: str | None
+) -> None:
+    cfg = gateway_config([r.url for r in replicas], routing=routing)
+    async with running_gateway(cfg, port=0) as gw, aiohttp.ClientSession() as http:
+        async with http.post(gw.url + "/v1/completions", data=body) as resp:
+            err = await _expect_error(resp, 400)
+            assert err["type"] == "invalid_request_error" and err["param"] == param
+        async with http.post(gw.url + "/v1/completions", json={"prompt": "ok"}) as resp:
+            assert resp.status == 200
+    assert [b["prompt"] for r in replicas for b in r.requests] == ["ok"]
+
+
+@pytest.mark.parametrize("routing", ["round_robin", "least_loaded", "loragate", "lora_affinity"])
+@pytest.mark.parametrize("max_tokens", [10**400, 10**300, 2**63])
+async def test_huge_max_tokens_reaches_the_replica_and_the_gateway_keeps_serving(
+    replicas: list[ScriptedReplica], routing: str, max_tokens: int
+) -> None:
+    cfg = gateway_config([r.url for r in replicas], routing=routing)
+    body = b'{"model": "lora-0", "prompt": "p", "max_tokens": ' + str(max_tokens).encode() + b"}"
+    async with running_gateway(cfg, port=0) as gw, aiohttp.ClientSession() as http:
+        for _ in range(2):
+            async with http.post(gw.url + "/v1/completions", data=body) as resp:
+                assert resp.status == 200, await resp.text()
+        for _ in range(4):
+            async with http.post(gw.url + "/v1/completions", json={"prompt": "ok"}) as resp:
+                assert resp.status == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "allow"),
+    [
+        ("GET", "/v1/completions", 405, "POST"),
+        ("PUT", "/v1/chat/completions", 405, "POST"),
+        ("POST", "/v1/models", 405, "GET,HEAD"),
+        ("DELETE", "/health", 405, "GET,HEAD"),
+        ("POST", "/v1/embeddings", 404, None),
+        ("GET", "/" + "x" * 4000, 404, None),
+    ],
+)
+async def test_unknown_paths_and_methods_get_openai_shaped_errors(
+    replicas: list[ScriptedReplica], method: str, path: str, status: int, allow: str | None
+) -> None:
+    cfg = gateway_config([r.url for r in replicas])
+    async with running_gateway(cfg, port=0) as gw, aiohttp.ClientSession() as http:
+        async with http.request(method, gw.url + path, json={"prompt": "p"}) as resp:
+            err = await _expect_error(resp, status)
+            assert err["type"] == "invalid_request_error"
+            assert resp.headers.get("Allow") == allow
+        async with http.post(gw.url + "/v1/completions", json={"prompt": "ok"}) as resp:
+            assert resp.status == 200
+    assert [b["prompt"] for r in replicas for b in r.requests] == ["ok"]
+
+
+async def test_compressed_bodies(replicas: list[ScriptedReplica]) -> None:
+    cfg = gateway_config([r.url for r in replicas], limits={"max_body_bytes": 100_000})
+    gzip_ok = gzip.compress(b'{"prompt": "zipped", "max_tokens": 2}')
+    bomb = gzip.compress(b'{"prompt": "' + b"x" * 1_000_000 + b'"}')  # ~1 KB -> 1 MB
+    async with running_gateway(cfg, port=0) as gw, aiohttp.ClientSession() as http:
+        url = gw.url + "/v1/completions"
+        headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        async with http.post(url, data=b"not gzip at all", headers=headers) as resp:
+            await _expect_error(resp, 400)
+        async with http.post(url, data=bomb, headers=headers) as resp:
+            await _expect_error(resp, 413)
+        async with http.post(url, data=gzip_ok, headers=headers) as resp:
+            assert resp.status == 200
+        async with http.post(url, json={"prompt": "ok"}) as resp:
+            assert resp.status == 200
+    assert [b["prompt"] for r in replicas for b in r.requests] == ["zipped", "ok"]
+
+
+async def test_unknown_fields_and_lax_content_type_pass_through_unchanged(
+    replicas: list[ScriptedReplica],
+) -> None:
+    cfg = gateway_config([replicas[0].url])
+    body = {
+        "model": "lora-1",
+        "prompt": ["a", "b"],
+        "max_tokens": 3,
+        "ignore_eos": True,
+        "vendor_extension": {"nested": [1, 2.5, None, "é"]},
+        "stream": False,
+    }
+    async with running_gateway(cfg, port=0) as gw, aiohttp.ClientSession() as http:
+        data = json.dumps(body).encode()
+        for content_type in ("application/json", "text/plain", None):
+            headers = {"Content-Type": content_type} if content_type else {}
+            async with http.post(gw.url + "/v1/completions", data=data, headers=headers) as r:
+                assert r.status == 200
+    assert replicas[0].requests == [body] * 3
