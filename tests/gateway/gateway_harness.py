@@ -21,7 +21,10 @@ BASE = "tiny-llama"
 class ScriptedReplica(StubVllm):
     """vLLM 0.32's API surface, answering instantly. ``mode`` changes how completions behave:
     ``ok``, ``hang`` (never answers), ``drop`` (closes the connection before answering),
-    ``die_mid_stream`` (sends two SSE events, then drops the connection)."""
+    ``die_mid_stream`` (sends two SSE events, then drops the connection). ``raw_answer``, if
+    set, is written to the socket as the whole answer (bytes exactly as given: broken framing,
+    a body cut short; a list is written piece by piece, 10 ms apart), then the connection is
+    closed."""
 
     def __init__(self, name: str) -> None:
         super().__init__(BASE)  # health, /v1/models and the admin API with vLLM's answers
@@ -29,6 +32,7 @@ class ScriptedReplica(StubVllm):
         self.mode = "ok"
         self.requests: list[dict[str, Any]] = []
         self.stream_gate: asyncio.Event | None = None  # if set, hold the stream after event 1
+        self.raw_answer: bytes | list[bytes] | None = None
         self.cancelled = 0  # completions whose client (the gateway) went away mid-answer
         self.app.router.add_post("/v1/completions", self._completions)
         self.app.router.add_post("/v1/chat/completions", self._completions)
@@ -63,6 +67,15 @@ class ScriptedReplica(StubVllm):
         if self.mode == "drop":
             assert request.transport is not None
             request.transport.abort()
+            await asyncio.sleep(3600)
+        if self.raw_answer is not None:
+            assert request.transport is not None
+            pieces = [self.raw_answer] if isinstance(self.raw_answer, bytes) else self.raw_answer
+            for i, piece in enumerate(pieces):
+                if i:
+                    await asyncio.sleep(0.01)
+                request.transport.write(piece)
+            request.transport.close()  # after the bytes are out
             await asyncio.sleep(3600)
         chat = request.path.endswith("/chat/completions")
         if not body.get("stream"):

@@ -59,6 +59,7 @@ REPLICA_HEADER = "X-Loragate-Replica"
 _JSON = "application/json"
 _DEFAULT_MAX_TOKENS = 16
 _ROUTING_MAX_TOKENS = 1 << 20  # routing's view of max_tokens is capped here
+_MAX_HELD_BYTES = 1 << 16  # a stream "line" longer than this is relayed without its end
 _COMPLETIONS = "/v1/completions"
 _CHAT = "/v1/chat/completions"
 _set_field = object.__setattr__
@@ -356,7 +357,10 @@ class Proxy:
         t0: float,
         t_send: float,
     ) -> web.StreamResponse:
-        """Relay a streaming answer chunk by chunk; never buffer it whole."""
+        """Relay a streaming answer chunk by chunk; never buffer it whole. Only whole lines are
+        relayed (the end of a line that a read cut in two waits for the next read), so that a
+        stream breaking off leaves the client with whole events plus one clear error event,
+        not a half JSON line its SSE parser would choke on."""
         out = web.StreamResponse(
             status=200,
             headers={
@@ -368,7 +372,7 @@ class Proxy:
         await out.prepare(request)
         telemetry = self._telemetry
         timeout_s = self._stream_timeout_s
-        last = b""
+        last = held = b""
         relayed = 0
         outcome = "200"
         while True:
@@ -377,13 +381,29 @@ class Proxy:
             except UpstreamError as exc:
                 self._upstream_failed(exc, rid, rreq, f"streaming (after {relayed} bytes)")
                 outcome = "stream_error"
-                prefix = b"" if not last or last.endswith(b"\n\n") else b"\n\n"
+                # The client has whole lines (a line cut short, in `held`, is dropped): end the
+                # event in progress, if any, so that the error event stands on its own.
+                if not last or last.endswith(b"\n\n"):
+                    prefix = b""
+                else:
+                    prefix = b"\n" if last.endswith(b"\n") else b"\n\n"
                 err = UpstreamConnectError(f"the replica broke off the stream: {exc.message}")
                 with contextlib.suppress(ConnectionError):
                     await out.write(prefix + sse_error_event(err))
                 break
             if not chunk:
-                break
+                if not held:
+                    break
+                chunk, held = held, b""  # the answer ended without a final newline: as it is
+            else:
+                if held:
+                    chunk, held = held + chunk, b""
+                if not chunk.endswith(b"\n"):
+                    cut = chunk.rfind(b"\n") + 1
+                    if cut or len(chunk) < _MAX_HELD_BYTES:
+                        chunk, held = chunk[:cut], chunk[cut:]
+                        if not chunk:
+                            continue
             if not relayed:
                 telemetry.observe_ttft(rid, self._now() - t0)
             relayed += len(chunk)
