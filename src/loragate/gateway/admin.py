@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 _ADAPTER_KEYS = ("name", "path", "rank", "tenants")
 _MAX_ADMIN_BODY = 64 * 1024
+_MAX_RANK = 65536  # far above any real LoRA rank (vLLM takes at most 512)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -81,8 +82,9 @@ def parse_adapter(payload: object, *, base_model: str, tenants: set[str]) -> Ada
     if name == base_model:
         raise InvalidRequestError("an adapter cannot be named like the base model", param="name")
     rank = payload.get("rank", 8)
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise InvalidRequestError("'rank' must be a positive integer", param="rank")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= _MAX_RANK:
+        # Routing's load-cost estimates compute with it in floats: keep it sane.
+        raise InvalidRequestError(f"'rank' must be an integer from 1 to {_MAX_RANK}", param="rank")
     allowed: frozenset[str] | None = None
     raw_tenants = payload.get("tenants")
     if raw_tenants is not None:
@@ -241,3 +243,5 @@ async def _read_json(request: web.Request) -> object:
         return json.loads(body)
     except ValueError as exc:
         raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidRequestError("the request body's JSON is nested too deeply") from exc
