@@ -96,6 +96,8 @@ _DELETE = object()
         ("adapters.1.name", "lora-0", "adapters[1].name"),
         ("adapters.0.tenants", ["nobody"], "adapters[0].tenants[0]"),
         ("adapters.0.rank", "8", "adapters[0].rank"),
+        ("adapters.0.rank", 10**400, "adapters[0].rank"),
+        ("adapters.0.rank", 65537, "adapters[0].rank"),
         ("adapters.1.path", _DELETE, "adapters[1].path"),
         ("tenants.1.api_keys", ["sk-acme"], "tenants[1].api_keys[0]"),
         ("tenants.1.name", "acme", "tenants[1].name"),

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from loragate.core.errors import ConfigError
-from loragate.core.types import AdapterSpec, ReplicaSettings
+from loragate.core.types import MAX_ADAPTER_RANK, AdapterSpec, ReplicaSettings
 
 T = TypeVar("T")
 
@@ -194,11 +194,13 @@ def _str(value: object, key: str) -> str:
     return value
 
 
-def _int(value: object, key: str, *, minimum: int) -> int:
+def _int(value: object, key: str, *, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"expected an integer, got {_type_name(value)}", key=key)
     if value < minimum:
         raise ConfigError(f"must be >= {minimum}, got {value}", key=key)
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"must be <= {maximum}, got {value}", key=key)
     return value
 
 
@@ -331,7 +333,9 @@ def _adapters(value: object, *, base_model: str, tenants: set[str]) -> tuple[Ada
             AdapterSpec(
                 name=name,
                 path=_str(data["path"], f"{key}.path"),
-                rank=_int(data.get("rank", 8), f"{key}.rank", minimum=1),
+                rank=_int(
+                    data.get("rank", 8), f"{key}.rank", minimum=1, maximum=MAX_ADAPTER_RANK
+                ),
                 tenants=allowed,
             )
         )

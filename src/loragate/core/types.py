@@ -11,6 +11,11 @@ ReplicaId = str
 TenantId = str
 
 
+# Largest adapter rank accepted from config files and the admin API: far above any real LoRA
+# rank (vLLM takes at most 512), small enough that cost models stay finite.
+MAX_ADAPTER_RANK = 65536
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AdapterSpec:
     """A LoRA adapter the deployment serves.

@@ -36,7 +36,7 @@ from loragate.core.errors import (
     LoragateError,
     NotFoundError,
 )
-from loragate.core.types import AdapterSpec
+from loragate.core.types import MAX_ADAPTER_RANK, AdapterSpec
 from loragate.gateway.errors import error_response
 from loragate.gateway.reload import reload_from_file
 
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 _ADAPTER_KEYS = ("name", "path", "rank", "tenants")
 _MAX_ADMIN_BODY = 64 * 1024
-_MAX_RANK = 65536  # far above any real LoRA rank (vLLM takes at most 512)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -82,9 +81,11 @@ def parse_adapter(payload: object, *, base_model: str, tenants: set[str]) -> Ada
     if name == base_model:
         raise InvalidRequestError("an adapter cannot be named like the base model", param="name")
     rank = payload.get("rank", 8)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= _MAX_RANK:
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_ADAPTER_RANK:
         # Routing's load-cost estimates compute with it in floats: keep it sane.
-        raise InvalidRequestError(f"'rank' must be an integer from 1 to {_MAX_RANK}", param="rank")
+        raise InvalidRequestError(
+            f"'rank' must be an integer from 1 to {MAX_ADAPTER_RANK}", param="rank"
+        )
     allowed: frozenset[str] | None = None
     raw_tenants = payload.get("tenants")
     if raw_tenants is not None:
