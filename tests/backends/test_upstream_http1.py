@@ -189,3 +189,31 @@ async def test_silent_stream_times_out(raw: StartRaw) -> None:
     conn = await UpstreamPool(srv.url).start("/v1/completions", b"{}", whole=False, timeout_s=5)
     with pytest.raises(UpstreamTimeoutError):
         await conn.read_chunk(0.2)
+
+
+async def test_timeouts_hold_per_request_on_a_reused_connection(raw: StartRaw) -> None:
+    # One keep-alive connection, requests with different timeouts one after the other: each
+    # request's own deadline applies, whatever the requests before it on that connection had.
+    pauses = [0.0, 60.0, 0.0, 0.6, 0.0, 0.6]
+    srv = await raw(lambda i: [pauses[i], LENGTH_RESPONSE])
+    pool = UpstreamPool(srv.url)
+    async with asyncio.timeout(20):  # a longer deadline applied by mistake fails the test
+        conn = await pool.start("/v1/completions", b"{}", whole=True, timeout_s=120)
+        pool.release(conn)
+        # A shorter deadline than the previous request's: it fires.
+        with pytest.raises(UpstreamTimeoutError):
+            await pool.start("/v1/completions", b"{}", whole=True, timeout_s=0.2)
+    assert srv.connections == 1
+    # A longer deadline than the previous request's: the earlier one must not cut it short.
+    # Same for a stream's reads after a whole answer with a short deadline.
+    for whole in (True, False):
+        conn = await pool.start("/v1/completions", b"{}", whole=True, timeout_s=0.3)
+        pool.release(conn)
+        conn = await pool.start("/v1/completions", b"{}", whole=whole, timeout_s=5)
+        if not whole:
+            while await conn.read_chunk(5):
+                pass
+        assert conn.body() == JSON if whole else conn.complete
+        pool.release(conn)
+    assert srv.connections == 2  # the timed-out connection was dropped, the rest reused it
+    pool.close()

@@ -3,6 +3,7 @@ the right status, nothing reaches a replica, and the gateway keeps serving (real
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 
@@ -131,3 +132,32 @@ async def test_unknown_fields_and_lax_content_type_pass_through_unchanged(
             async with http.post(gw.url + "/v1/completions", data=data, headers=headers) as r:
                 assert r.status == 200
     assert replicas[0].requests == [body] * 3
+
+
+@pytest.mark.parametrize("size", [999, 1000, 1001, 5000])
+async def test_chunked_body_arriving_whole_is_held_to_the_limit(
+    replicas: list[ScriptedReplica], size: int
+) -> None:
+    # A chunked request (no Content-Length) written in one piece: the gateway has all of it
+    # before it reads it, and must still refuse it if it is over the limit.
+    cfg = gateway_config([r.url for r in replicas], limits={"max_body_bytes": 1000})
+    body = b'{"prompt": "' + b"x" * (size - 14) + b'"}'
+    assert len(body) == size
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    async with running_gateway(cfg, port=0) as gw:
+        reader, writer = await asyncio.open_connection(gw.host, gw.port)
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunked
+        )
+        answer = await reader.read()
+        writer.close()
+    status = int(answer.split(b" ", 2)[1])
+    payload = answer.partition(b"\r\n\r\n")[2]
+    if len(body) > 1000:
+        assert status == 413, answer
+        assert b'"request_too_large"' in payload
+        assert not [b for r in replicas for b in r.requests]
+    else:
+        assert status == 200, answer
+        assert [len(b["prompt"]) for r in replicas for b in r.requests] == [size - 14]

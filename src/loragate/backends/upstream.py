@@ -40,6 +40,9 @@ _HEX_DIGITS = b"0123456789abcdefABCDEF"
 # An idle connection older than this is checked for a close the event loop has not handled
 # yet before it is reused (one select() call; servers' keep-alive timeouts are seconds).
 _CHECK_IDLE_AFTER_S = 0.2
+# A deadline timer that fires this close to the deadline counts as on time (uvloop's timers
+# have millisecond resolution, so they may fire a fraction of a millisecond early).
+_TIMER_SLACK_S = 0.001
 
 # body framing
 _LENGTH, _CHUNKED, _UNTIL_CLOSE, _NONE = range(4)
@@ -56,6 +59,7 @@ class UpstreamConn(asyncio.Protocol):
         "_c_left",
         "_c_state",
         "_chunks",
+        "_deadline",
         "_done",
         "_error",
         "_framing",
@@ -67,6 +71,7 @@ class UpstreamConn(asyncio.Protocol):
         "_peer_reset",
         "_read_waiter",
         "_timer",
+        "_timer_at",
         "_whole",
         "closed",
         "content_type",
@@ -82,6 +87,12 @@ class UpstreamConn(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self._peer_reset = False
+        # Timeouts are deadlines (loop time; 0.0 = none running) checked by one timer that
+        # outlives the request: the next request's deadline reuses it when it fires no later
+        # (one call_at per connection instead of a timer made and cancelled per wait).
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -90,7 +101,7 @@ class UpstreamConn(asyncio.Protocol):
         self._chunks: collections.deque[bytes] = collections.deque()
         self._head_waiter: asyncio.Future[None] | None = None
         self._read_waiter: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
         self._error: Exception | None = None
         self._done = False
         self._got_bytes = False
@@ -112,6 +123,7 @@ class UpstreamConn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._drop_timer()
         self._peer_reset = exc is not None  # ECONNRESET / EPIPE, not a clean close (EOF)
         if self._done or (
             self._head_waiter is None and self._read_waiter is None and not self.status
@@ -307,7 +319,7 @@ class UpstreamConn(asyncio.Protocol):
         if self._error is None:
             self._error = exc
         self.reusable = False
-        self._cancel_timer()
+        self._drop_timer()
         for waiter in (self._head_waiter, self._read_waiter):
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
@@ -315,12 +327,36 @@ class UpstreamConn(asyncio.Protocol):
             self.transport.close()
 
     def _cancel_timer(self) -> None:
+        self._deadline = 0.0  # the timer, if any, stays: a later wait may reuse it
+
+    def _drop_timer(self) -> None:
+        self._deadline = 0.0
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _on_timeout(self) -> None:
+    def _arm(self, timeout_s: float) -> None:
+        """Fail the wait in progress unless it ends within ``timeout_s``."""
+        loop = self._loop
+        deadline = loop.time() + timeout_s
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None or self._timer_at > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
+
+    def _on_timer(self) -> None:
         self._timer = None
+        deadline = self._deadline
+        if not deadline or self.closed:
+            return  # nothing waits now: the next wait arms a timer again
+        if deadline - self._loop.time() > _TIMER_SLACK_S:  # a later wait's: check again then
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
+            return
+        self._deadline = 0.0
         self._fail(UpstreamTimeoutError("the replica did not answer in time"))
 
     # -- request API ------------------------------------------------------------------------
@@ -334,7 +370,7 @@ class UpstreamConn(asyncio.Protocol):
         self._whole = whole
         waiter = self._loop.create_future()
         self._head_waiter = waiter
-        self._timer = self._loop.call_later(timeout_s, self._on_timeout)
+        self._arm(timeout_s)
         transport = self.transport
         assert transport is not None
         if len(body) <= 65536:
@@ -346,7 +382,7 @@ class UpstreamConn(asyncio.Protocol):
     def abort(self) -> None:
         """Drop the connection (e.g. the client went away: this aborts the generation)."""
         self.reusable = False
-        self._cancel_timer()
+        self._drop_timer()
         if self.transport is not None and not self.closed:
             self.transport.close()
 
@@ -386,7 +422,7 @@ class UpstreamConn(asyncio.Protocol):
                 return b""
             waiter = self._loop.create_future()
             self._read_waiter = waiter
-            self._timer = self._loop.call_later(timeout_s, self._on_timeout)
+            self._arm(timeout_s)
             try:
                 await waiter
             finally:
@@ -483,8 +519,7 @@ class UpstreamPool:
                 and (idle_s < _CHECK_IDLE_AFTER_S or not _readable(conn.transport))
             ):
                 return conn
-            if conn.transport is not None and not conn.closed:
-                conn.transport.close()
+            conn.abort()
         return None
 
     def release(self, conn: UpstreamConn) -> None:
@@ -502,28 +537,25 @@ class UpstreamPool:
         head = self._heads[path] + str(len(body)).encode() + _HEAD_END
         conn = self._take_idle()
         if conn is not None:
-            await self._send(conn, head, body, whole, timeout_s)
-            if conn._error is None or not conn.reset_before_answer:
-                conn.raise_for_error()
+            try:
+                await conn.send(head, body, whole=whole, timeout_s=timeout_s)
+            except BaseException:  # cancelled (the client went away): do not leave it half-used
+                conn.abort()
+                raise
+            if conn._error is None:
                 return conn
+            if not conn.reset_before_answer:
+                raise conn._error
             # A stale keep-alive connection the replica had dropped: retry on a fresh one.
         conn = await self._connect()
-        await self._send(conn, head, body, whole, timeout_s)
+        try:
+            await conn.send(head, body, whole=whole, timeout_s=timeout_s)
+        except BaseException:
+            conn.abort()
+            raise
         conn.raise_for_error()
         return conn
 
-    @staticmethod
-    async def _send(
-        conn: UpstreamConn, head: bytes, body: bytes, whole: bool, timeout_s: float
-    ) -> None:
-        try:
-            await conn.send(head, body, whole=whole, timeout_s=timeout_s)
-        except BaseException:  # cancelled (the client went away): do not leave it half-used
-            conn.abort()
-            raise
-
     def close(self) -> None:
         while self._idle:
-            conn = self._idle.pop()
-            if conn.transport is not None and not conn.closed:
-                conn.transport.close()
+            self._idle.pop().abort()

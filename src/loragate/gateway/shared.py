@@ -79,7 +79,7 @@ class SharedState:
         "_missing",
         "_records",
         "_seen_adapters",
-        "_sync_end",
+        "_sync",
         "backend",
         "in_flight_of",
         "on_adapters",
@@ -104,13 +104,32 @@ class SharedState:
         self.residency_of: Callable[[ReplicaId], Residency] = store.residency_of
         self._lease_ids = itertools.count(1)
         self._ends: set[asyncio.Task[None]] = set()
-        self._sync_end = type(store) is MemoryStore
+        # The embedded store never suspends: the proxy begins and ends through plain calls.
+        self._sync: MemoryStore | None = store if type(store) is MemoryStore else None
         self._records: dict[ReplicaId, ReplicaRecord] = {}
         self._missing: dict[ReplicaId, frozenset[AdapterId]] = {}
         self._seen_adapters: Mapping[AdapterId, AdapterSpec] | None = None
         self.on_adapters: AdaptersCallback | None = None
 
     # -- hot path ---------------------------------------------------------------------------
+
+    @property
+    def sync(self) -> bool:
+        """True if :meth:`begin_now` may be used instead of :meth:`begin` (embedded store)."""
+        return self._sync is not None
+
+    def begin_now(self, replica_id: ReplicaId, adapter: AdapterId | None) -> str:
+        """:meth:`begin` for the embedded store, without a coroutine (only if :attr:`sync`)."""
+        store = self._sync
+        assert store is not None
+        lease = str(next(self._lease_ids))
+        self._inflight.acquire(replica_id, adapter)
+        try:
+            store.begin_now(replica_id, adapter, lease, time.time())
+        except BaseException:
+            self.end(replica_id, adapter, lease)
+            raise
+        return lease
 
     async def begin(self, replica_id: ReplicaId, adapter: AdapterId | None) -> str:
         """A request was routed to ``replica_id``: count it in flight (this instance's counts
@@ -128,15 +147,10 @@ class SharedState:
     def end(self, replica_id: ReplicaId, adapter: AdapterId | None, lease: str) -> None:
         """The request finished (any outcome): release its lease in the background."""
         self._inflight.release(replica_id, adapter)
+        if self._sync is not None:  # the embedded store: at once, without a task
+            self._sync.end_now(replica_id, lease)
+            return
         coro = self.store.end_request(replica_id, lease)
-        if self._sync_end:
-            # MemoryStore.end_request never suspends: run it here rather than make a task.
-            try:
-                coro.send(None)
-            except StopIteration:
-                return
-            coro.close()
-            raise RuntimeError("MemoryStore.end_request suspended")
         # Redis: a task of its own (timeouts inside the store bind to the current task, so
         # the release must not start in the request's task and continue elsewhere).
         task = asyncio.ensure_future(coro)

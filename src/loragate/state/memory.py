@@ -39,12 +39,22 @@ class MemoryStore:
     async def begin_request(
         self, replica_id: ReplicaId, adapter: AdapterId | None, request_id: str, now_s: float
     ) -> None:
+        self.begin_now(replica_id, adapter, request_id, now_s)
+
+    async def end_request(self, replica_id: ReplicaId, request_id: str) -> None:
+        self.end_now(replica_id, request_id)
+
+    def begin_now(
+        self, replica_id: ReplicaId, adapter: AdapterId | None, request_id: str, now_s: float
+    ) -> None:
+        """``begin_request`` without a coroutine (the gateway's hot path)."""
         self._leases[replica_id].add(request_id)
         if adapter is not None:
             self.apply_touch(replica_id, adapter)
             self.count_demand(adapter, now_s, 1)
 
-    async def end_request(self, replica_id: ReplicaId, request_id: str) -> None:
+    def end_now(self, replica_id: ReplicaId, request_id: str) -> None:
+        """``end_request`` without a coroutine (the gateway's hot path)."""
         leases = self._leases.get(replica_id)
         if leases is not None:
             leases.discard(request_id)
