@@ -32,6 +32,7 @@ class ScriptedReplica(StubVllm):
         self.mode = "ok"
         self.requests: list[dict[str, Any]] = []
         self.stream_gate: asyncio.Event | None = None  # if set, hold the stream after event 1
+        self.head_gate: asyncio.Event | None = None  # if set, hold the stream after its head
         self.raw_answer: bytes | list[bytes] | None = None
         self.cancelled = 0  # completions whose client (the gateway) went away mid-answer
         self.app.router.add_post("/v1/completions", self._completions)
@@ -82,6 +83,8 @@ class ScriptedReplica(StubVllm):
             return web.json_response(_answer(model, chat, self.name))
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
+        if self.head_gate is not None:
+            await self.head_gate.wait()
         for i, piece in enumerate((" one", " two", " three")):
             await resp.write(b"data: " + json.dumps(_chunk(model, chat, piece)).encode() + b"\n\n")
             if i == 0 and self.stream_gate is not None:

@@ -279,3 +279,50 @@ async def test_client_leaving_during_an_adapter_load_leaks_nothing(
         async with http.post(gw.url + "/v1/completions", json=body) as resp:
             assert resp.status == 200
         assert rep.load_calls == 1 and rep.requests == [body]
+
+
+async def test_stream_head_reaches_the_client_before_the_first_event(
+    replicas: list[ScriptedReplica],
+) -> None:
+    # The replica sends its head and then nothing until released: the client has the gateway's
+    # head (status, replica header) at once, not only with the first event.
+    rep = replicas[0]
+    rep.head_gate = asyncio.Event()
+    async with running_gateway(_cfg([rep]), port=0) as gw, aiohttp.ClientSession() as http:
+        body = {"prompt": "p", "stream": True}
+        async with asyncio.timeout(10):  # a held head would wait for the gate forever
+            resp = await http.post(gw.url + "/v1/completions", json=body)
+        async with resp:
+            assert resp.status == 200 and resp.headers["X-Loragate-Replica"] == rep.name
+            assert not rep.head_gate.is_set()
+            rep.head_gate.set()
+            events = [e for e in (await resp.read()).split(b"\n\n") if e]
+        assert len(events) == 4 and events[-1] == b"data: [DONE]"
+        await _assert_nothing_in_flight(gw, http)
+
+
+@pytest.mark.parametrize("pieces", [1, 2, 3])
+async def test_stream_answered_in_one_read_is_relayed_whole(
+    replicas: list[ScriptedReplica], pieces: int
+) -> None:
+    # Head, events and the final chunk in one write (or the final chunk alone after them):
+    # the client gets the same head and bytes, then a properly ended body, every time.
+    events = _EVENT * 2 + b"data: [DONE]\n\n"
+    raw = _SSE_HEAD + _chunk(events) + b"0\r\n\r\n"
+    cut = len(raw) - 5
+    rep = replicas[0]
+    rep.raw_answer = {1: [raw], 2: [raw[:cut], raw[cut:]], 3: [_SSE_HEAD, raw[len(_SSE_HEAD) :]]}[
+        pieces
+    ]
+    async with running_gateway(_cfg([rep]), port=0) as gw, aiohttp.ClientSession() as http:
+        for _ in range(3):
+            body = {"prompt": "p", "stream": True}
+            async with http.post(gw.url + "/v1/completions", json=body) as resp:
+                assert resp.status == 200 and resp.headers["X-Loragate-Replica"] == rep.name
+                assert resp.headers["Transfer-Encoding"] == "chunked"
+                assert await resp.read() == events
+        async with http.get(gw.url + "/metrics") as resp:
+            text = await resp.text()
+        counted = f'loragate_requests_total{{adapter="",replica="{rep.name}",status="200"}} 3.0'
+        assert counted in text
+        await _assert_nothing_in_flight(gw, http)

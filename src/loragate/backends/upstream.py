@@ -141,19 +141,26 @@ class UpstreamConn(asyncio.Protocol):
             self._feed(data)
             return
         buf = self._buf
-        buf += data
-        end = buf.find(_HEAD_END)
+        if buf:  # the head came in pieces
+            buf += data
+            end = buf.find(_HEAD_END)
+            if end >= 0:
+                data = bytes(buf)
+                buf.clear()
+        else:  # usually the whole head comes in one read: no copy into the buffer
+            end = data.find(_HEAD_END)
+            if end < 0:
+                buf += data
         if end < 0:
             if len(buf) > _MAX_HEAD_BYTES:
                 self._fail(UpstreamProtocolError("response head too large"))
             return
         try:
-            self._parse_head(bytes(buf[:end]))
+            self._parse_head(data[:end])
         except (ValueError, IndexError) as exc:
             self._fail(UpstreamProtocolError(f"bad response head: {exc}"))
             return
-        rest = bytes(buf[end + 4 :])
-        buf.clear()
+        rest = data[end + 4 :]
         if self.status < 200:  # an interim answer (100 Continue, 103 Early Hints): skip it
             self.status = 0
             self.content_type = ""
@@ -432,6 +439,17 @@ class UpstreamConn(asyncio.Protocol):
     @property
     def complete(self) -> bool:
         return self._done and self._error is None
+
+    @property
+    def ready(self) -> bool:
+        """:meth:`read_chunk` would return (or raise) without waiting."""
+        return bool(self._chunks) or self._done or self._error is not None
+
+    @property
+    def exhausted(self) -> bool:
+        """The whole answer arrived and every piece of it was read: the next
+        :meth:`read_chunk` returns ``b""``."""
+        return self._done and self._error is None and not self._chunks
 
 
 def _readable(transport: asyncio.Transport) -> bool:

@@ -69,6 +69,14 @@ class _UnreadableBody(InvalidRequestError):
     """The request body could not be decoded off the connection (400; the connection closes)."""
 
 
+class _RelayResponse(web.StreamResponse):
+    """A streamed answer whose head waits for the first body bytes, so that both leave in one
+    write (``_send_headers_immediately``: what ``web.Response`` does). ``_pipe`` sends the head
+    alone (an empty write) as soon as the next body bytes are not already there."""
+
+    _send_headers_immediately = False
+
+
 class Proxy:
     """Request handlers of the OpenAI front door (bound methods are the aiohttp handlers)."""
 
@@ -373,7 +381,7 @@ class Proxy:
         relayed (the end of a line that a read cut in two waits for the next read), so that a
         stream breaking off leaves the client with whole events plus one clear error event,
         not a half JSON line its SSE parser would choke on."""
-        out = web.StreamResponse(
+        out = _RelayResponse(
             status=200,
             headers={
                 hdrs.CONTENT_TYPE: conn.content_type or "text/event-stream",
@@ -387,7 +395,15 @@ class Proxy:
         last = held = b""
         relayed = 0
         outcome = "200"
+        head_held = True
         while True:
+            if head_held and not conn.ready:
+                head_held = False
+                try:
+                    await out.write(b"")  # the head alone, unless it went out already
+                except ConnectionError:
+                    telemetry.count(rreq.adapter or "", rid, "client_closed")
+                    return out
             try:
                 chunk = await conn.read_chunk(timeout_s)
             except UpstreamError as exc:
@@ -421,6 +437,9 @@ class Proxy:
             relayed += len(chunk)
             last = chunk
             try:
+                if not held and conn.exhausted:  # the last bytes: the end of the body with them
+                    await out.write_eof(chunk)
+                    break
                 await out.write(chunk)
             except ConnectionError:
                 # The client went away; releasing the unfinished connection closes it, which
@@ -430,5 +449,5 @@ class Proxy:
         telemetry.observe_latency(rid, self._now() - t_send)
         telemetry.count(rreq.adapter or "", rid, outcome)
         with contextlib.suppress(ConnectionError):
-            await out.write_eof()
+            await out.write_eof()  # nothing if it was sent with the last bytes
         return out
