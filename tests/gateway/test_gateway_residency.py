@@ -3,11 +3,13 @@ settings discovered from ``/metrics``, the registered set reconciled with ``/v1/
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from gateway_harness import ScriptedReplica, gateway_config
 from shared_cluster import MAX_LORAS, eventually, get_json, sdk, shared_config, twin_replicas
 
 from loragate.gateway import running_gateway
@@ -58,3 +60,22 @@ async def test_discovered_settings_and_reconciled_registrations(tmp_path: Path) 
         rep = await eventually(replica, lambda r: r["residency"]["registered"] == expected)
         assert rep["residency"]["registered"] == expected
         assert "lora-0" not in rep["residency"]["cpu"]
+
+
+async def test_a_load_spanning_polls_keeps_the_routed_adapter_in_its_gpu_slot(
+    replicas: list[ScriptedReplica],
+) -> None:
+    """A slow admin load spans several polls of ``/v1/models``, which cannot list the adapter
+    yet: they must not drop it from the shadow residency (the request was routed and runs)."""
+    rep = replicas[0]
+    rep.load_delay_s = 0.6  # ~12 polls run while the load is in progress
+    cfg = gateway_config([rep.url], poller={"interval_s": 0.05})
+    async with running_gateway(cfg, port=0) as gw, sdk(gw.url) as client:
+        done = await client.completions.create(model="lora-2", prompt="p", max_tokens=2)
+        assert done.model == "lora-2"
+        assert rep.load_calls == 1
+        await asyncio.sleep(0.3)  # polls after the load list it: nothing to change
+        res = gw.gateway.shared.residency_of("r0")
+        assert "lora-2" in res.registered
+        assert res.gpu[-1:] == ("lora-2",)  # the routed request made it the newest slot
+        assert res.cpu[-1:] == ("lora-2",)

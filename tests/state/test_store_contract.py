@@ -107,6 +107,11 @@ async def test_admin_residency_ops(store: StateStore) -> None:
     assert view.residency_of("r1") == Residency(
         registered=frozenset({"a", "c", "z"}), gpu=("a",), cpu=("a", "c")
     )
+    # A load made for a routed request also takes a GPU slot, most recent in both tiers.
+    await store.record_load("r1", "d", activated=True)
+    view = await store.snapshot()
+    res = view.residency_of("r1")
+    assert res.gpu[-1] == "d" and res.cpu[-1] == "d" and "d" in res.registered
 
 
 async def test_adapter_registry(store: StateStore) -> None:

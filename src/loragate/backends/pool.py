@@ -37,13 +37,22 @@ log = logging.getLogger(__name__)
 class PoolListener(Protocol):
     """Told about what the pool learns (the gateway keeps the shared state with it)."""
 
-    async def replica_polled(self, snapshot: ReplicaSnapshot, *, models_seen: bool) -> None:
+    async def replica_polled(
+        self,
+        snapshot: ReplicaSnapshot,
+        *,
+        models_seen: bool,
+        loading: frozenset[str] = frozenset(),
+    ) -> None:
         """A poll finished. ``models_seen``: ``/v1/models`` answered, and
         ``snapshot.residency.registered`` is the registered set it gave (plus adapters this
-        gateway loaded while the poll ran)."""
+        gateway loaded while the poll ran). ``loading``: adapters this gateway's admin loads
+        are still registering on the replica (a poll cannot list them yet)."""
         ...
 
-    async def adapter_loaded(self, replica_id: ReplicaId, adapter: str) -> None: ...
+    async def adapter_loaded(self, replica_id: ReplicaId, adapter: str) -> None:
+        """An on-demand load (``ensure_adapter``, for a request routed there) succeeded."""
+        ...
 
     async def adapter_unloaded(self, replica_id: ReplicaId, adapter: str) -> None: ...
 
@@ -211,7 +220,9 @@ class ReplicaPool:
         if listener is None or snap is None:
             return
         try:
-            await listener.replica_polled(snap, models_seen=models_seen)
+            rid = rep.config.replica_id
+            loading = frozenset(name for name, r in self._loads if r == rid)
+            await listener.replica_polled(snap, models_seen=models_seen, loading=loading)
         except Exception:
             log.exception("pool listener failed on a poll of %s", rep.config.replica_id)
 

@@ -179,13 +179,21 @@ class SharedState:
             await self.store.upsert_replica(record)
             self._records[cfg.replica_id] = record
 
-    async def replica_polled(self, snapshot: ReplicaSnapshot, *, models_seen: bool) -> None:
+    async def replica_polled(
+        self,
+        snapshot: ReplicaSnapshot,
+        *,
+        models_seen: bool,
+        loading: frozenset[AdapterId] = frozenset(),
+    ) -> None:
         """A poll finished: keep the registry's settings and health current, and reconcile
         the shadow residency with the ``/v1/models`` set (``snapshot.residency.registered``).
 
         An adapter the shared residency holds is dropped only when two polls in a row did not
         list it: another instance may have loaded it after this poll read ``/v1/models``
         (a real unload is thus noticed one poll later; our own unloads are recorded at once).
+        Adapters this gateway is still loading there (``loading``) are never dropped: a slow
+        load can span two polls, and the request that caused it has already been routed.
         """
         rid = snapshot.replica_id
         old = self._records.get(rid)
@@ -210,14 +218,18 @@ class SharedState:
                 updated_s=now,
             )
         if models_seen:
-            listed = snapshot.residency.registered
+            listed = snapshot.residency.registered | loading
             missing = self.store.residency_of(rid).registered - listed
             keep = missing - self._missing.get(rid, frozenset())
             self._missing[rid] = missing
             await self.store.reconcile(rid, listed | keep)
 
     async def adapter_loaded(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
-        await self.store.record_load(replica_id, adapter)
+        """The pool's on-demand load for a routed request succeeded; that request runs next,
+        so the adapter is recorded as activated (GPU slot too), after the load. Routing already
+        touched it, but a poll of another instance that could not list it yet may have dropped
+        it meanwhile; this puts it back where the running request has it."""
+        await self.store.record_load(replica_id, adapter, activated=True)
 
     async def adapter_unloaded(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
         await self.store.record_unload(replica_id, adapter)

@@ -81,13 +81,16 @@ return 1
 )
 
 # KEYS: reg, gpu, cpu, info
-# ARGV: op ('load' | 'unload' | 'reconcile'), default max_loras, default max_cpu_loras, adapters…
+# ARGV: op ('load' | 'activate' | 'unload' | 'reconcile'), default max_loras, default
+#       max_cpu_loras, adapters…
 RESIDENCY = (
     _COMMON
     + """
 local op = ARGV[1]
 if op == 'load' then
   res_load(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[4], ARGV[2], ARGV[3])
+elseif op == 'activate' then
+  res_touch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[4], ARGV[2], ARGV[3])
 elseif op == 'unload' then
   redis.call('SREM', KEYS[1], ARGV[4])
   redis.call('LREM', KEYS[2], 0, ARGV[4])
