@@ -8,6 +8,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import pytest
+from raw_http_server import read_request_body
 
 from loragate.backends.upstream import UpstreamPool
 from loragate.core.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeoutError
@@ -29,12 +30,7 @@ class RawServer:
         self.connections += 1
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                self.bodies.append(await reader.readexactly(length))
+                self.bodies.append(await read_request_body(reader))
                 for piece in self.script(len(self.bodies) - 1):
                     if piece is None:
                         writer.close()

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from raw_http_server import read_request_body
 
 from loragate.backends.upstream import UpstreamPool
 from loragate.core.errors import UpstreamConnectError, UpstreamProtocolError
@@ -34,12 +35,7 @@ class Replica:
         self.writers.append(writer)
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                self.bodies.append(await reader.readexactly(length))
+                self.bodies.append(await read_request_body(reader))
                 if self.answer is None:
                     break
                 writer.write(self.answer)
