@@ -270,7 +270,7 @@ class SharedState:
     def resync_counts(self) -> dict[str, int]:
         """Resyncs after Redis outages and journal entries dropped (0 for the embedded store)."""
         return {
-            "resyncs": max(0, int(getattr(self.store, "resyncs", 0)) - 1),  # the first is the start
+            "resyncs": int(getattr(self.store, "recoveries", 0)),
             "journal_dropped": int(getattr(self.store, "journal_dropped", 0)),
         }
 

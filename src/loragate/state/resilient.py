@@ -93,6 +93,11 @@ class ResilientStore:
         return len(self._journal)
 
     @property
+    def recoveries(self) -> int:
+        """Resynchronisations after an outage (``resyncs`` also counts the first sync)."""
+        return max(0, self.resyncs - 1)
+
+    @property
     def remote(self) -> RedisStore:
         return self._remote
 
