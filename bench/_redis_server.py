@@ -1,12 +1,16 @@
-"""A throwaway redis-server on a free loopback port, for the state benchmarks."""
+"""A throwaway redis-server on a free loopback port, and a MONITOR watcher, for the state
+benchmarks."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+
+import redis.asyncio as aioredis
 
 
 def free_port() -> int:
@@ -33,3 +37,18 @@ def start_redis() -> tuple[subprocess.Popen[bytes], str]:
         except OSError:
             time.sleep(0.01)
     return proc, f"redis://127.0.0.1:{port}/0"
+
+
+async def watch_client_commands(
+    mon: aioredis.Redis, seen: list[str], started: asyncio.Event
+) -> None:
+    """Append every client-issued command MONITOR shows (not those a Lua script runs) to
+    ``seen``, until the command ``ECHO bench-end``; ``started`` is set once MONITOR is on."""
+    async with mon.monitor() as m:
+        started.set()
+        while True:
+            cmd = await m.next_command()
+            if cmd["client_type"] != "lua":
+                seen.append(cmd["command"])
+            if cmd["command"] == "ECHO bench-end":
+                return

@@ -28,7 +28,7 @@ from pathlib import Path
 import aiohttp
 import redis.asyncio as aioredis
 
-from _redis_server import start_redis
+from _redis_server import start_redis, watch_client_commands
 from loragate.core.config import config_from_mapping
 from loragate.gateway import running_gateway
 from loragate.state import lua
@@ -44,17 +44,6 @@ def _sha(script: str) -> str:
     import hashlib
 
     return hashlib.sha1(script.encode()).hexdigest()
-
-
-async def _watch(mon: aioredis.Redis, seen: list[str], started: asyncio.Event) -> None:
-    async with mon.monitor() as m:
-        started.set()
-        while True:
-            cmd = await m.next_command()
-            if cmd["client_type"] != "lua":
-                seen.append(cmd["command"])
-            if cmd["command"] == "ECHO bench-end":
-                return
 
 
 async def _run(url: str, replica_url: str, adapters_dir: Path, n: int) -> dict[str, object]:
@@ -93,7 +82,7 @@ async def _run(url: str, replica_url: str, adapters_dir: Path, n: int) -> dict[s
             started = asyncio.Event()
             mon = aioredis.Redis.from_url(url, decode_responses=True)
             marker = aioredis.Redis.from_url(url, decode_responses=True)
-            task = asyncio.create_task(_watch(mon, seen, started))
+            task = asyncio.create_task(watch_client_commands(mon, seen, started))
             await started.wait()
             await marker.echo("bench-start")
             t0 = time.perf_counter()

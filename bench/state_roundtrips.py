@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 from redis.utils import HIREDIS_AVAILABLE
 
-from _redis_server import start_redis
+from _redis_server import start_redis, watch_client_commands
 from loragate.core.types import ReplicaSettings
 from loragate.state import KeySpace, MemoryStore, RedisStore, ReplicaRecord, ResilientStore
 
@@ -48,18 +48,7 @@ async def _count_round_trips(url: str, n: int, one: Callable[[int], Awaitable[ob
     marker = aioredis.Redis.from_url(url, decode_responses=True)
     seen: list[str] = []
     started = asyncio.Event()
-
-    async def watch() -> None:
-        async with mon_client.monitor() as m:
-            started.set()
-            while True:
-                cmd = await m.next_command()
-                if cmd["client_type"] != "lua":
-                    seen.append(cmd["command"])
-                if cmd["command"] == "ECHO bench-end":
-                    return
-
-    task = asyncio.create_task(watch())
+    task = asyncio.create_task(watch_client_commands(mon_client, seen, started))
     await started.wait()
     await marker.echo("bench-start")
     for i in range(n):
