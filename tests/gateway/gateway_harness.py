@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -147,3 +150,41 @@ def gateway_config(urls: list[str], **sections: Any) -> GatewayConfig:
     }
     doc.update(sections)
     return config_from_mapping(doc)
+
+
+class ServeProcess:
+    """A ``loragate serve --config PATH`` subprocess on a free loopback port (see
+    :func:`serve_process`); its log (stderr) is read line by line."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.url = ""
+
+    async def wait_for_log(self, pattern: str, *, max_lines: int = 100) -> re.Match[str]:
+        """The first of the next ``max_lines`` log lines matching ``pattern`` (bounded)."""
+        assert self.proc.stderr is not None
+        for _ in range(max_lines):
+            line = (await asyncio.wait_for(self.proc.stderr.readline(), timeout=30)).decode()
+            match = re.search(pattern, line)
+            if match:
+                return match
+        raise AssertionError(f"no log line matching {pattern!r}")
+
+
+@contextlib.asynccontextmanager
+async def serve_process(config_path: Path) -> AsyncIterator[ServeProcess]:
+    """Start ``loragate serve`` on 127.0.0.1, port 0; ``url`` comes from its start-up log line.
+    Killed on exit if it is still running (a test that stops it checks the exit code itself)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "loragate.cli", "serve", "--config", str(config_path),
+        "--host", "127.0.0.1", "--port", "0",
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    serve = ServeProcess(proc)
+    try:
+        serve.url = (await serve.wait_for_log(r"listening on (http://\S+)")).group(1)
+        yield serve
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

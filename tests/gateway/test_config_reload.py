@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +11,7 @@ import aiohttp
 import openai
 import pytest
 import yaml
-from gateway_harness import BASE, ScriptedReplica, gateway_config
+from gateway_harness import BASE, ScriptedReplica, gateway_config, serve_process
 
 from loragate.gateway import load_config, running_gateway
 
@@ -144,30 +142,14 @@ async def test_sighup_reloads_loragate_serve(
     replicas: list[ScriptedReplica], tmp_path: Path
 ) -> None:
     path = _write(tmp_path / "gw.yaml", replicas[:1])
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "loragate.cli", "serve", "--config", str(path),
-        "--host", "127.0.0.1", "--port", "0",
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stderr is not None
-
-    async def wait_for_log(pattern: str) -> re.Match[str]:
-        assert proc.stderr is not None
-        for _ in range(100):  # bounded
-            line = (await asyncio.wait_for(proc.stderr.readline(), timeout=30)).decode()
-            match = re.search(pattern, line)
-            if match:
-                return match
-        raise AssertionError(f"no log line matching {pattern!r}")
-
-    try:
-        url = (await wait_for_log(r"listening on (http://\S+)")).group(1)
+    async with serve_process(path) as serve:
+        proc, url = serve.proc, serve.url
         _write(path, replicas[:1], routing="least_loaded")
         proc.send_signal(signal.SIGHUP)
-        await wait_for_log(r"config reloaded: policy least_loaded")
+        await serve.wait_for_log(r"config reloaded: policy least_loaded")
         _write(path, replicas[:1], routing="no-such-policy")
         proc.send_signal(signal.SIGHUP)
-        await wait_for_log(r"config reload rejected.*routing")
+        await serve.wait_for_log(r"config reload rejected.*routing")
         async with aiohttp.ClientSession() as http:
             async with http.get(url + "/admin/replicas", headers=AUTH) as resp:
                 assert (await resp.json())["policy"] == "least_loaded"
@@ -177,7 +159,3 @@ async def test_sighup_reloads_loragate_serve(
                 assert r.status == 200
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), timeout=30) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()

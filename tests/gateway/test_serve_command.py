@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
-import sys
 from pathlib import Path
 
 import aiohttp
-from gateway_harness import BASE, ScriptedReplica
+from gateway_harness import BASE, ScriptedReplica, serve_process
 
 from loragate.cli import main
 
@@ -32,30 +30,14 @@ async def test_serve_process_proxies_and_stops_on_sigterm(
         "adapters: [{name: lora-0, path: /loras/lora-0}]\n",
         encoding="utf-8",
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "loragate.cli", "serve", "--config", str(path),
-        "--host", "127.0.0.1", "--port", "0",
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    try:
-        url = None
-        for _ in range(50):  # bounded: the start-up log line carries the bound URL
-            line = (await asyncio.wait_for(proc.stderr.readline(), timeout=30)).decode()
-            match = re.search(r"listening on (http://\S+)", line)
-            if match:
-                url = match.group(1)
-                break
-        assert url is not None
+    async with serve_process(path) as serve:
         async with (
             aiohttp.ClientSession() as http,
-            http.post(url + "/v1/completions", json={"model": "lora-0", "prompt": "p"}) as resp,
+            http.post(
+                serve.url + "/v1/completions", json={"model": "lora-0", "prompt": "p"}
+            ) as resp,
         ):
             assert resp.status == 200
             assert (await resp.json())["model"] == "lora-0"
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), timeout=30) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        serve.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(serve.proc.wait(), timeout=30) == 0
