@@ -118,7 +118,10 @@ class ResilientStore:
         self._journal.append(op)
 
     async def _write(self, op: RemoteOp) -> None:
-        if self._degraded:
+        # While journal entries wait (an outage, or a resync that ended with some left over),
+        # new writes queue behind them, so that none overtakes an older one (a registration
+        # replayed after a newer deletion would bring the adapter back).
+        if self._degraded or self._journal:
             self._journal_append(op)
             return
         try:
@@ -169,30 +172,32 @@ class ResilientStore:
 
         Bounded: traffic goes on while each replay and sync awaits Redis, so both could chase
         new entries forever. Each pass replays the journal entries present when it starts, and
-        there are at most ``MAX_DRAIN_PASSES`` passes. What is left then is bounded and
-        self-correcting: a lease begun meanwhile reaches Redis with the next renewal
+        there are at most ``MAX_DRAIN_PASSES`` passes. What is left then is self-correcting and
+        nothing is lost: a lease begun meanwhile reaches Redis with the next renewal
         (``maintain`` runs ``sync_leases`` every ``lease_renew_s``, which makes Redis hold
         exactly our live leases), one ended meanwhile expires at its TTL at the latest, and the
-        journal entries still waiting (adapter touches, registry writes) are dropped, logged and
-        counted in ``journal_dropped``.
+        journal entries still waiting (adapter touches, registry writes) stay in the journal:
+        later writes queue behind them (``_write``) and ``maintain`` replays them.
         """
         remote = self._remote
         for _ in range(MAX_DRAIN_PASSES):
-            for _ in range(len(self._journal)):
-                await self._journal[0](remote)
-                self._journal.popleft()
+            await self._replay_journal()
             mark = remote.lease_changes
             await remote.sync_leases()
             if not self._journal and remote.lease_changes == mark:
                 return
         self.drain_pass_limit_hits += 1
-        if self._journal:
-            log.warning("state: dropping %d journal entries written during the resync",
-                        len(self._journal))
-            self.journal_dropped += len(self._journal)
-            self._journal.clear()
-        log.info("state: lease sync still racing traffic after %d passes; the next renewal "
-                 "completes it", MAX_DRAIN_PASSES)
+        log.info("state: resync still racing traffic after %d passes (%d journal entries "
+                 "left); the next maintenance rounds complete it", MAX_DRAIN_PASSES,
+                 len(self._journal))
+
+    async def _replay_journal(self) -> None:
+        """Replay, in order, the journal entries present now (an entry leaves the journal only
+        once Redis has taken it; on an error it stays first in line)."""
+        remote = self._remote
+        for _ in range(len(self._journal)):
+            await self._journal[0](remote)
+            self._journal.popleft()
 
     async def _refresh(self, *, allow_resync: bool = True) -> None:
         own_before = self._remote.own_in_flight()
@@ -216,6 +221,8 @@ class ResilientStore:
                 await self._try_recover()
             return
         try:
+            if self._journal:  # left over from a resync that raced traffic
+                await self._replay_journal()
             await self._remote.maintain()
             if now - self._last_refresh_s >= self._ttls.refresh_s:
                 await self._refresh()
