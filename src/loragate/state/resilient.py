@@ -356,7 +356,7 @@ class ResilientStore:
 
     async def bump_version(self) -> int:
         local = await self._local.bump_version()
-        if not self._degraded:
+        if not self._degraded and not self._journal:  # else behind the writes it announces
             try:
                 return await self._remote.bump_version()
             except StateUnavailableError as exc:
