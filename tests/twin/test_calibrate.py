@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from loragate.core.errors import ConfigError
-from loragate.twin.calibrate import expected_distinct, fit_coefficients
+from loragate.twin.calibrate import (
+    R3_MEAN_PROMPT_TOKENS,
+    FittedCoefficients,
+    expected_distinct,
+    fit_coefficients,
+)
 from loragate.twin.calibration_data import load_calibration_data
 
 MODEL = "toy-8b"
@@ -24,8 +29,6 @@ TRUE = {
     "l_ad": 0.3,
     "s_run": 0.004,
     "s_wait": 0.0002,
-    "b_run": 0.05,
-    "b_slot": 0.0008,
     "c0": 6.0,
     "c_rank": 0.01,
     "c_pad": 1.2,
@@ -34,7 +37,12 @@ TRUE = {
     "kv0": 300000.0,
     "kv_rank": 45.0,
     "kv_slot": 40.0,
+    "u0": 0.015,
+    "u_r": 0.0006,
+    "l_st": 0.0001,  # per token per LoRA slot, inside l_tok at R5's 300 slots
+    "r3_out": 230.0,
 }
+L_PLAIN = TRUE["l_tok"] - 300 * TRUE["l_st"]  # per token, whatever the slot count
 
 
 def _write(path: Path, rows: list[dict[str, object]]) -> None:
@@ -50,6 +58,11 @@ def _base(tokens: float, ctx: float) -> float:
 
 def _sched(running: float, waiting: float = 0.0) -> float:
     return TRUE["s_run"] * running + TRUE["s_wait"] * waiting
+
+
+def _slots(max_loras: float, max_lora_rank: float) -> float:
+    """Per-step cost of the LoRA slots (the kernels tile the rank no finer than 16)."""
+    return max_loras * (TRUE["u0"] + TRUE["u_r"] * max(max_lora_rank, 16))
 
 
 def make_folder(root: Path, noise: float, seed: int = 1) -> Path:
@@ -113,11 +126,13 @@ def make_folder(root: Path, noise: float, seed: int = 1) -> Path:
                 + TRUE["l0"]
                 + TRUE["l_tok"] * tokens
                 + TRUE["l_ad"] * adapters
+                + _slots(300, 8)
             )
             lora_rows.append(
                 {
                     "model": MODEL,
                     "max_loras": 300,
+                    "max_lora_rank": 8,
                     "n_distinct_adapters": n_ad,
                     "mean_running_batch": batch,
                     "output_len": out,
@@ -144,7 +159,9 @@ def make_folder(root: Path, noise: float, seed: int = 1) -> Path:
                     "max_loras": 1,
                     "swap_ms_mean": jitter(swap),
                     "disk_load_ms_mean_excl_first": jitter(TRUE["d0"] + TRUE["d_rank"] * rank),
-                    "itl_mean_ms": jitter(_base(1, 0) + _sched(1) + TRUE["l0"]),
+                    "itl_mean_ms": jitter(
+                        _base(1, 0) + _sched(1) + TRUE["l0"] + _slots(1, max_rank)
+                    ),
                 }
             )
     _write(root / "loading.csv", loading_rows)
@@ -175,38 +192,62 @@ def make_folder(root: Path, noise: float, seed: int = 1) -> Path:
     )
     _write(root / "kv_capacity.csv", kv_rows)
 
+    # R3: Poisson runs over max_loras; the LoRA cost is l_plain*T + l_st*T*slots + l_ad*A.
     sched_rows: list[dict[str, object]] = []
     for slots in (8, 32, 128, 256, 448):
-        for running in (5.0, 30.0, 80.0, 150.0):
-            for waiting in (0.0, 0.0, 500.0, 5000.0):
+        for running in (5.0, 30.0, 80.0, 150.0, 300.0):
+            for waiting, per_step in ((0.0, 0.05), (0.0, 0.2), (500.0, 0.1), (5000.0, 0.3)):
                 steps = 20000
                 adapters = min(running, slots) * 0.7
+                prefill = R3_MEAN_PROMPT_TOKENS * per_step
+                tokens = running + prefill
                 step_ms = (
-                    14.0
-                    + TRUE["b_run"] * running
-                    + 0.4 * adapters
-                    + TRUE["b_slot"] * running * slots
+                    _base(running + TRUE["w"] * prefill,
+                          running * (R3_MEAN_PROMPT_TOKENS + TRUE["r3_out"] / 2))
+                    + TRUE["l0"]
+                    + L_PLAIN * tokens
+                    + TRUE["l_st"] * tokens * slots
+                    + TRUE["l_ad"] * adapters
+                    + _slots(slots, 8)
                 )
                 sched_ms = jitter(_sched(running, waiting) + 0.001)
+                completed = per_step * steps
                 sched_rows.append(
                     {
                         "model": MODEL,
                         "gpu_loras": slots,
+                        "rank": 8,
                         "avg_batch_size": running,
                         "avg_waiting_queue": waiting,
                         "mean_loras_by_batch": adapters,
                         "steps": steps,
+                        "completed_requests": completed,
+                        "processed_tokens": completed * TRUE["r3_out"],
                         "total_scheduling_time": sched_ms * steps / 1000,
                         "duration": (jitter(step_ms) + sched_ms) * steps / 1000,
                     }
                 )
     _write(root / "scheduler_overhead.csv", sched_rows)
+
+    # One base-model request per LoRA-enabled server over (max_loras, max_lora_rank) (R7).
+    sweep_rows: list[dict[str, object]] = [
+        {
+            "model": MODEL,
+            "max_loras": slots,
+            "max_lora_rank": rank,
+            "itl_mean_ms": jitter(_base(1, 0) + _sched(1) + _slots(slots, rank)),
+            "completed": 1,
+        }
+        for slots in (8, 16, 32, 64, 96, 128, 192, 256)
+        for rank in (8, 16, 32)
+    ]
+    _write(root / "slot_sweep.csv", sweep_rows)
     return root
 
 
 def test_recovers_known_coefficients(tmp_path: Path) -> None:
     folder = make_folder(tmp_path, noise=0.01)
-    report = fit_coefficients(load_calibration_data(folder, MODEL))
+    report = fit_coefficients(load_calibration_data(folder, MODEL), lora_source="poisson")
     c = report.coefficients
     assert c.knee_tokens == pytest.approx(TRUE["knee"], abs=30)
     assert c.per_token_ms == pytest.approx(TRUE["a"], rel=0.1)
@@ -214,13 +255,15 @@ def test_recovers_known_coefficients(tmp_path: Path) -> None:
     assert c.context_ms_per_token == pytest.approx(TRUE["a_ctx"], rel=0.3)
     assert c.prefill_token_weight == pytest.approx(TRUE["w"], rel=0.1)
     assert c.lora_intercept_ms == pytest.approx(TRUE["l0"], abs=0.6)
-    ref = c.lora_reference_max_loras
-    assert ref == 300
-    total_per_token = c.lora_per_token_ms + c.lora_per_token_slot_ms * ref
-    assert total_per_token == pytest.approx(TRUE["l_tok"], rel=0.1)
-    share = TRUE["b_slot"] * ref / (TRUE["b_run"] + TRUE["b_slot"] * ref)
-    assert c.lora_per_token_slot_ms * ref / total_per_token == pytest.approx(share, abs=0.08)
+    assert c.lora_reference_max_loras == 300
+    # From R3 (the Poisson runs over max_loras), with R7's slot cost and R6's intercept out.
+    assert c.lora_per_token_ms == pytest.approx(L_PLAIN, rel=0.1)
+    assert c.lora_per_token_slot_ms == pytest.approx(TRUE["l_st"], rel=0.1)
     assert c.lora_per_adapter_ms == pytest.approx(TRUE["l_ad"], rel=0.15)
+    assert "R3" in report.components["lora"].note
+    for rank in (16, 32):  # the per-slot step cost (R7); ranks below 16 cost as 16
+        fitted = c.lora_ms_per_slot + c.lora_ms_per_slot_per_rank * rank
+        assert fitted == pytest.approx(TRUE["u0"] + TRUE["u_r"] * rank, rel=0.05)
     assert c.sched_per_running_ms == pytest.approx(TRUE["s_run"], rel=0.1)
     assert c.sched_per_waiting_ms == pytest.approx(TRUE["s_wait"], rel=0.1)
     assert c.cpu_load_base_ms == pytest.approx(TRUE["c0"], rel=0.05)
@@ -245,11 +288,13 @@ def test_fit_degrades_with_noise_but_stays_close(tmp_path: Path) -> None:
 
 def test_missing_optional_files_fall_back(tmp_path: Path) -> None:
     folder = make_folder(tmp_path, noise=0.0)
-    for name in ("loading.csv", "kv_capacity.csv", "scheduler_overhead.csv", "lora_overhead.csv"):
+    for name in ("loading.csv", "kv_capacity.csv", "scheduler_overhead.csv", "lora_overhead.csv",
+                 "slot_sweep.csv"):
         (folder / name).unlink()
     report = fit_coefficients(load_calibration_data(folder, MODEL))
     c = report.coefficients
     assert c.lora_per_token_ms == 0.0 and c.lora_per_adapter_ms == 0.0
+    assert c.lora_ms_per_slot == 0.0 and c.lora_ms_per_slot_per_rank == 0.0
     assert c.cpu_load_base_ms == 0.0 and c.disk_load_base_ms == 0.0
     assert c.per_token_ms == pytest.approx(TRUE["a"], rel=0.1)
 
@@ -275,11 +320,11 @@ def test_cli_calibrate_round_trip(tmp_path: Path) -> None:
     folder = make_folder(tmp_path, noise=0.0)
     out = tmp_path / "profiles" / "toy.yaml"
     code = cli_main(["twin", "calibrate", "--data", str(folder), "--model", MODEL,
-                     "--out", str(out)])
+                     "--out", str(out), "--lora-source", "poisson"])
     assert code == 0
     profile = load_profile(out)
     assert profile.name == "toy"
-    assert "--model toy-8b" in profile.source
+    assert "--model toy-8b" in profile.source and "--lora-source poisson" in profile.source
     # The loaded profile reproduces the generating model's step time (decode, LoRA, sched).
     batch, adapters, waiting = 300, 40, 1000
     got_ms = 1000 * profile.step_time_s(
@@ -287,7 +332,8 @@ def test_cli_calibrate_round_trip(tmp_path: Path) -> None:
         max_rank_in_batch=8, num_waiting=waiting, lora_enabled=True,
     ) - profile.step.ms_per_context_token * profile.step.context_tokens_per_seq * batch
     want_ms = (_base(batch, 0) + _sched(batch, waiting) + TRUE["l0"]
-               + TRUE["l_tok"] * batch + TRUE["l_ad"] * adapters)
+               + TRUE["l_tok"] * batch + TRUE["l_ad"] * adapters
+               + _slots(300, 8))  # not specialised: the calibration's 300 slots
     assert got_ms == pytest.approx(want_ms, rel=0.03)
     plain_ms = 1000 * profile.step_time_s(
         batch_size=batch, distinct_adapters=0, prefill_tokens=0, decode_tokens=batch,
@@ -332,3 +378,64 @@ def test_lora_per_token_cost_counts_prefill_tokens(tmp_path: Path) -> None:
     total = c.lora_per_token_ms + c.lora_per_token_slot_ms * c.lora_reference_max_loras
     assert total == pytest.approx(TRUE["l_tok"], rel=0.05)
     assert report.components["lora"].mape_pct < 2.0
+
+
+def test_slot_sweep_read_from_r7_result_files(tmp_path: Path) -> None:
+    """Without slot_sweep.csv, the R7 folders' benchmark results are the sweep."""
+    import json
+
+    folder = make_folder(tmp_path, noise=0.0)
+    csv_fit = fit_coefficients(load_calibration_data(folder, MODEL)).coefficients
+    with (folder / "slot_sweep.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    (folder / "slot_sweep.csv").unlink()
+    r7 = folder / "raw" / "estimators" / "find_available_gpu_memory_depending_on_loaded_adapters"
+    for row in rows:
+        run = r7 / MODEL / f"_{row['max_loras']}_{row['max_lora_rank']}_"
+        run.mkdir(parents=True)
+        result = {"completed": 1, "mean_itl_ms": float(row["itl_mean_ms"])}
+        (run / "openai-infqps-x.json").write_text(json.dumps(result))
+    failed = r7 / MODEL / "_384_32_"  # a server that did not start: no result file
+    failed.mkdir()
+    (r7 / "other-model" / "_8_8_").mkdir(parents=True)  # another model's runs are not read
+    other = r7 / "other-model" / "_8_8_" / "openai-x.json"
+    other.write_text('{"completed": 1, "mean_itl_ms": 99}')
+    data = load_calibration_data(folder, MODEL)
+    assert len(data.slot_sweep) == len(rows)
+    json_fit = fit_coefficients(data).coefficients
+    assert json_fit.lora_ms_per_slot == pytest.approx(csv_fit.lora_ms_per_slot, rel=1e-9)
+    assert json_fit.lora_ms_per_slot_per_rank == pytest.approx(
+        csv_fit.lora_ms_per_slot_per_rank, rel=1e-9
+    )
+
+
+
+
+def _r5_point_ms(c: FittedCoefficients, batch: float, adapters: float) -> float:
+    """LoRA ms a fit predicts at R5's operating point (300 slots, rank 8, decode only)."""
+    per_token = c.lora_per_token_ms + c.lora_per_token_slot_ms * 300
+    slot_ms = 300 * (c.lora_ms_per_slot + c.lora_ms_per_slot_per_rank * 16)
+    return c.lora_intercept_ms + per_token * batch + c.lora_per_adapter_ms * adapters + slot_ms
+
+
+@pytest.mark.parametrize("drop_r3", [False, True])
+def test_batch_lora_source_prices_r5s_runs(tmp_path: Path, drop_r3: bool) -> None:
+    """The default (and the fallback without R3) fits R5: no slot term, R5's steps right."""
+    folder = make_folder(tmp_path, noise=0.0)
+    if drop_r3:
+        (folder / "scheduler_overhead.csv").unlink()
+    data = load_calibration_data(folder, MODEL)
+    report = fit_coefficients(data, lora_source="poisson" if drop_r3 else "batch")
+    c = report.coefficients
+    assert c.lora_ms_per_slot == 0.0 and c.lora_ms_per_slot_per_rank == 0.0
+    assert "R3" not in report.components["lora"].note
+    assert (c.lora_per_token_slot_ms > 0) != drop_r3  # R3 splits the per-token cost
+    for batch, adapters in ((200, 1), (215, 150), (230, 180)):
+        want = TRUE["l0"] + TRUE["l_tok"] * batch + TRUE["l_ad"] * adapters + _slots(300, 8)
+        assert _r5_point_ms(c, batch, adapters) == pytest.approx(want, rel=0.05)
+
+
+def test_unknown_lora_source_is_a_clear_error(tmp_path: Path) -> None:
+    data = load_calibration_data(make_folder(tmp_path, noise=0.0), MODEL)
+    with pytest.raises(ConfigError, match="batch, poisson"):
+        fit_coefficients(data, lora_source="nope")  # type: ignore[arg-type]

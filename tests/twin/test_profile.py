@@ -128,3 +128,24 @@ def test_lora_prefill_token_weight_counts_scheduled_tokens() -> None:
     extra = _t(every, batch_size=10, prefill_tokens=1000) - _t(weighted, batch_size=10,
                                                                prefill_tokens=1000)
     assert extra == pytest.approx(1000 * 0.01 * (1 - 0.05) / 1000.0)
+
+
+def test_slot_cost_grows_with_the_engines_slots_and_padded_rank() -> None:
+    p = replace(load_profile("fast"), lora=LoraModel(ms_per_slot=0.02, ms_per_slot_per_rank=0.001))
+    plain = _t(p)  # not specialised: no slot count, no slot cost
+    at = {
+        (slots, rank): _t(p.specialize(max_loras=slots, max_lora_rank=rank)) - plain
+        for slots in (8, 64) for rank in (8, 16, 32)
+    }
+    # max_loras * (0.02 + 0.001 * max(rank, 16)) ms, whatever the batch holds
+    assert at[(64, 32)] == pytest.approx(64 * (0.02 + 0.032) / 1000.0)
+    assert at[(8, 16)] == pytest.approx(8 * (0.02 + 0.016) / 1000.0)
+    assert at[(64, 8)] == pytest.approx(at[(64, 16)])  # ranks below the 16 tile cost the same
+    assert at[(64, 16)] == pytest.approx(8 * at[(8, 16)])
+    with_adapters = p.specialize(max_loras=64, max_lora_rank=32)
+    assert _t(with_adapters, distinct_adapters=5, batch_size=40) - _t(
+        p, distinct_adapters=5, batch_size=40
+    ) == pytest.approx(at[(64, 32)])
+    base_only = replace(with_adapters, lora=replace(with_adapters.lora, ms_per_slot=0.0,
+                                                    ms_per_slot_per_rank=0.0))
+    assert _t(base_only) == pytest.approx(plain)

@@ -21,6 +21,9 @@ Why this shape (all from the calibration data, see ``FitReport``):
   active adapter; R5 (max_loras 300) shows an overhead linear in the per-step unique adapters
   and no LoRA intercept at tiny batches (R3 at B < 1). The compute data holds rank 8 only, so
   no rank term is fitted (the R6 ITLs show no rank effect at small batches either).
+  ``lora_source="poisson"`` instead fits the LoRA terms on R3's Poisson runs over 8..448
+  slots, after a per-step cost of every slot, ``max_loras * (u0 + u_r * max(max_lora_rank,
+  16))``, measured by R7's single-request ITLs (``fit_slot_cost``, ``fit_lora_poisson``).
 - scheduler: R3's ``total_scheduling_time/steps`` is linear in running and waiting requests
   (vLLM 0.8.5 scans the whole waiting queue when the LoRA slots are full).
 - loads: CPU->GPU swap time per (adapter rank, max_lora_rank) from R6 (padding an adapter to a
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +43,7 @@ import numpy.typing as npt
 from loragate.core.errors import ConfigError
 from loragate.twin.calibration_data import CalibrationData, Table, load_calibration_data
 from loragate.twin.profile import (
+    SLOT_RANK_FLOOR,
     KvModel,
     LoadModel,
     LoraModel,
@@ -71,6 +76,8 @@ class FittedCoefficients:
     lora_per_adapter_ms: float
     lora_rank_ms_per_rank_token: float
     lora_reference_max_loras: float
+    lora_ms_per_slot: float
+    lora_ms_per_slot_per_rank: float
     sched_base_ms: float
     sched_per_running_ms: float
     sched_per_waiting_ms: float
@@ -338,8 +345,53 @@ def fit_prefill_weight(data: CalibrationData, base: _Base, sched: _Sched) -> tup
 # ---------------------------------------------------------------- LoRA compute overhead
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Slots:
+    """Per-step cost of a LoRA-enabled engine's slots: ``L * (u0 + u_r * max(R, floor))``."""
+
+    u0: float = 0.0
+    u_r: float = 0.0
+    floor: float = float(SLOT_RANK_FLOOR)
+
+    def predict(self, max_loras: FloatArray, max_lora_rank: FloatArray) -> FloatArray:
+        ranks = np.maximum(np.nan_to_num(max_lora_rank, nan=self.floor), self.floor)
+        return np.nan_to_num(max_loras, nan=0.0) * (self.u0 + self.u_r * ranks)
+
+
+def fit_slot_cost(table: Table) -> tuple[_Slots, ComponentFit]:
+    """ITL = a + L * (u0 + u_r * max(R, 16)) on single-request runs over (max_loras L, R).
+
+    The R7 sweep started one LoRA-enabled server per (L, R) and sent it one base-model request:
+    its ITL is a one-sequence step whose LoRA slots are all empty, and it grows linearly with L
+    (Llama-3.1-8B: ~13.0 ms at L=8 to ~21.2 ms at L=352), faster at R=32 than at 8 or 16 (equal:
+    the kernels tile the rank no finer than 16). The intercept ``a`` is the base step of that
+    engine and is not used (the decode fit has it).
+    """
+    loras = _arr(table.column("max_loras"))
+    ranks = _arr(table.column("max_lora_rank"))
+    itl = _arr(table.column("itl_mean_ms"))
+    ok = np.isfinite(loras) & np.isfinite(ranks) & np.isfinite(itl) & (loras > 0)
+    if ok.sum() < 3 or np.unique(loras[ok]).size < 2:
+        return _Slots(), _quality(_arr([]), _arr([]),
+                                  "no single-request sweep over max_loras: no per-slot cost")
+    eff = np.maximum(ranks[ok], float(SLOT_RANK_FLOOR))
+    several_ranks = np.unique(eff).size >= 2
+    x = (np.c_[np.ones(int(ok.sum())), loras[ok], loras[ok] * eff] if several_ranks
+         else np.c_[np.ones(int(ok.sum())), loras[ok]])
+    c = _wlstsq(x, itl[ok])
+    u0 = max(float(c[1]), 0.0)
+    u_r = max(float(c[2]), 0.0) if several_ranks else 0.0
+    slots = _Slots(u0=u0, u_r=u_r)
+    pred = float(c[0]) + slots.predict(loras[ok], ranks[ok])
+    note = (f"single-request ITL vs max_loras x max(max_lora_rank, {SLOT_RANK_FLOOR}): "
+            f"{u0 * 1000:.2f} us/slot + {u_r * 1000:.3f} us/slot/rank "
+            f"(base step {float(c[0]):.2f} ms)")
+    return slots, _quality(pred, itl[ok], note)
+
+
 def fit_lora(
-    table: Table, base: _Base, sched: _Sched, w_p: float, intercept_ms: float | None = 0.0
+    table: Table, base: _Base, sched: _Sched, w_p: float, intercept_ms: float | None = 0.0,
+    slots: _Slots | None = None,
 ) -> tuple[float, float, float, ComponentFit]:
     """lora_ms = l_0 + l_tok * M + l_ad * A on the R5 runs (all prompts at once).
 
@@ -350,8 +402,10 @@ def fit_lora(
     ``prefill_token_weight`` to 1). With M = the prefill-weighted tokens of the base step, the
     R5 rows with prompts were under-predicted by 10-16 %.
     ``intercept_ms`` is l_0 when measured elsewhere (single-request runs); ``None`` fits it
-    here. Rows whose ITL the fit misses by more than ``_TRIM_PCT`` are dropped once and the fit
-    is repeated (reported in the note), so a single odd probe cannot drag the coefficients.
+    here. ``slots`` is the per-slot step cost (``fit_slot_cost``), taken out of the rows
+    before the fit (R5 ran 300 slots). Rows whose ITL the fit misses by more than
+    ``_TRIM_PCT`` are dropped once and the fit is repeated (reported in the note), so a
+    single odd probe cannot drag the coefficients.
     Returns (l_0, l_tok, l_ad, quality).
     """
     tokens_eff, ctx, compute, ok = _steady_rows(table, sched, w_p)
@@ -375,6 +429,8 @@ def fit_lora(
     if ok.sum() < (3 if fit_l0 else 2):
         return 0.0, 0.0, 0.0, _quality(_arr([]), _arr([]), "no LoRA rows: no LoRA overhead")
     y = compute - base.predict(tokens_eff, ctx) - (intercept_ms or 0.0)
+    if slots is not None:
+        y = y - slots.predict(_arr(table.column("max_loras")), _arr(table.column("max_lora_rank")))
     total = compute
     x = np.c_[np.ones_like(tokens), tokens, adapters] if fit_l0 else np.c_[tokens, adapters]
     keep = ok.copy()
@@ -402,6 +458,91 @@ def fit_lora(
     return l_0, l_tok, l_ad, _quality(pred[keep], total[keep], note)
 
 
+# R3's runs record no prompt lengths. They are taken to sample ShareGPT like the one-hour runs
+# (the benchmark's filter: prompt 4-1024, prompt + output <= 2048 tokens), whose prompt pools
+# average 223 tokens (``pool_mean_input_tokens`` of validation/real_runs.csv: a property of the
+# dataset, not of the engine); R3's finished requests average 231 output tokens, the pools 199.
+# The fitted per-adapter cost hardly depends on it (0.51-0.58 ms for 100-400 tokens).
+R3_MEAN_PROMPT_TOKENS = 223.0
+
+
+def _r3_lora_rows(
+    table: Table, base: _Base, w_p: float, l_0: float, slots: _Slots, mean_prompt: float
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """R3 rows as (x = [T, T*max_loras, A], y = LoRA ms left to explain, measured compute ms).
+
+    Per step: the measured step interval minus the measured scheduling time; ``B`` running
+    requests and ``A`` adapters in the batch (both logged per step); the prompts of the requests
+    admitted meanwhile, ``mean_prompt * completed / steps`` prefill tokens; ``T = B + prefill``
+    (the LoRA kernels run over every scheduled token). The base step (the model's own decode
+    fit, with the prefill weight and the context of requests half-way through their outputs),
+    the one-adapter intercept ``l_0`` and the slots' per-step cost are taken out.
+    """
+    steps = _arr(table.column("steps"))
+    duration = _arr(table.column("duration"))
+    sched = _arr(table.column("total_scheduling_time"))
+    running = _arr(table.column("avg_batch_size"))
+    adapters = _arr(table.column("mean_loras_by_batch"))
+    loras = _arr(table.column("gpu_loras"))
+    rank = _arr(table.column("rank"))
+    completed = _arr(table.column("completed_requests"))
+    produced = _arr(table.column("processed_tokens"))  # output tokens of the finished requests
+    safe_steps = np.where(steps > 0, steps, np.nan)
+    compute = (duration - sched) / safe_steps * 1000.0
+    per_step = completed / safe_steps
+    out_len = produced / np.where(completed > 0, completed, np.nan)
+    ok = np.isfinite(compute) & np.isfinite(running) & np.isfinite(adapters) \
+        & np.isfinite(loras) & np.isfinite(per_step) & np.isfinite(out_len) & (running > 2.0)
+    prefill = mean_prompt * per_step
+    tokens = running + prefill
+    ctx = running * (mean_prompt + out_len / 2.0)
+    y = compute - base.predict(running + w_p * prefill, ctx) - l_0 - slots.predict(loras, rank)
+    x = np.c_[tokens, tokens * loras, adapters]
+    return x[ok], y[ok], compute[ok]
+
+
+def fit_lora_poisson(
+    r3: Table, base: _Base, w_p: float, l_0: float, slots: _Slots,
+    mean_prompt: float = R3_MEAN_PROMPT_TOKENS,
+) -> tuple[float, float, float, ComponentFit]:
+    """LoRA cost ``l_tok*T + l_slot*T*max_loras + l_ad*A`` from the R3 runs.
+
+    R3 (777 600-s runs of the same engine under Poisson load, max_loras 8..448, up to ~500
+    running requests and ~120 adapters per step) is the regime of the one-hour runs the twin
+    replays, and it spans the slot counts: the triton LoRA kernels launch programs per (token
+    tile, slot), so part of the per-token cost grows with ``max_loras``. R5 (all prompts at
+    once, ``max_num_seqs`` 220/250, max_loras 300 only) prices an adapter at ~0.33 ms where R3
+    gives ~0.53 ms (0.51-0.58 ms whatever mean prompt is assumed); R3 wins where both exist,
+    R5 is the fallback (``fit_lora``). Errors are relative to the measured step; rows missed
+    by more than ``_TRIM_PCT`` are dropped once. Returns (l_tok, l_slot, l_ad, quality).
+    """
+    x, y, total = _r3_lora_rows(r3, base, w_p, l_0, slots, mean_prompt)
+    keep = np.ones(len(y), dtype=bool)
+    c = np.zeros(3)
+    for _ in range(2):
+        w = 1.0 / np.maximum(np.abs(total[keep]), 1e-9)
+        cols = [0, 1, 2]
+        while True:  # non-negative least squares on three columns: drop negatives, refit
+            sol, *_ = np.linalg.lstsq(x[keep][:, cols] * w[:, None], y[keep] * w, rcond=None)
+            if (sol >= 0).all() or len(cols) == 1:
+                c = np.zeros(3)
+                c[cols] = np.maximum(sol, 0.0)
+                break
+            cols = [k for k, v in zip(cols, sol, strict=True) if v >= 0] or cols[:1]
+        rel = np.abs(x @ c - y) / np.maximum(total, 1e-9) * 100.0
+        new_keep = rel <= _TRIM_PCT
+        if new_keep.sum() < 3 or (new_keep == keep).all():
+            break
+        keep = new_keep
+    pred = x @ c - y + total
+    note = (f"R3 step intervals minus scheduling ({int(keep.sum())} runs, max_loras "
+            f"{int(np.min(x[:, 1] / np.maximum(x[:, 0], 1e-9)))}-"
+            f"{int(np.max(x[:, 1] / np.maximum(x[:, 0], 1e-9)))}, mean prompt "
+            f"{mean_prompt:.0f} tokens); {int((~keep).sum())} runs beyond {_TRIM_PCT:.0f}% "
+            f"dropped")
+    return float(c[0]), float(c[1]), float(c[2]), _quality(pred[keep], total[keep], note)
+
+
 def _wlstsq_rel_total(x: FloatArray, y: FloatArray, offset: FloatArray) -> FloatArray:
     """Fit y ~ x @ c minimising errors relative to the total (offset + y)."""
     w = 1.0 / np.maximum(np.abs(offset + y), 1e-9)
@@ -409,7 +550,9 @@ def _wlstsq_rel_total(x: FloatArray, y: FloatArray, offset: FloatArray) -> Float
     return np.asarray(coef, dtype=np.float64)
 
 
-def fit_lora_intercept(table: Table, base: _Base, sched: _Sched) -> tuple[float | None, str]:
+def fit_lora_intercept(
+    table: Table, base: _Base, sched: _Sched, slots: _Slots | None = None
+) -> tuple[float | None, str]:
     """LoRA cost of a one-request batch from the R6 runs (max_loras 1: requests run alone).
 
     A swap happens between requests, so it is in the TTFT, not in the ITL: the ITL of these
@@ -422,11 +565,15 @@ def fit_lora_intercept(table: Table, base: _Base, sched: _Sched) -> tuple[float 
         return None, "no single-request LoRA runs"
     one = np.ones(1)
     plain = float(base.predict(one, np.zeros(1))[0] + sched.predict(one, np.zeros(1))[0])
+    if slots is not None:
+        itl = itl - slots.predict(loras, _arr(table.column("max_lora_rank")))
     value = max(float(np.median(itl[ok])) - plain, 0.0)
     return value, f"median ITL of {int(ok.sum())} max_loras=1 runs minus the base step"
 
 
-def fit_slot_share(table: Table, reference_max_loras: float) -> tuple[float, str]:
+def fit_slot_share(
+    table: Table, reference_max_loras: float, slot_cost: _Slots | None = None
+) -> tuple[float, str]:
     """Share of the per-token LoRA cost that grows with ``max_loras`` (R3 step intervals).
 
     The triton LoRA kernels launch one program per (token tile, LoRA slot) and the programs of
@@ -445,6 +592,8 @@ def fit_slot_share(table: Table, reference_max_loras: float) -> tuple[float, str
     adapters = _arr(table.column("mean_loras_by_batch"))
     slots = _arr(table.column("gpu_loras"))
     y = (duration - sched) / np.where(steps > 0, steps, np.nan) * 1000.0
+    if slot_cost is not None:  # the per-step cost of the slots themselves (not per token)
+        y = y - slot_cost.predict(slots, _arr(table.column("rank")))
     ok = np.isfinite(y) & np.isfinite(running) & np.isfinite(adapters) & np.isfinite(slots)
     ok &= (np.nan_to_num(waiting, nan=1e9) < 10.0) & (running > 2.0)
     if ok.sum() < 10 or np.unique(slots[ok]).size < 3:
@@ -546,8 +695,34 @@ def fit_kv(table: Table) -> tuple[float, float, float, float, ComponentFit]:
 # ---------------------------------------------------------------- everything
 
 
-def fit_coefficients(data: CalibrationData) -> FitReport:
-    """Fit every component for ``data.model``; components without data get neutral values."""
+def _has_r3_step_rows(table: Table) -> bool:
+    """Scheduler-overhead runs with what the joint LoRA fit needs (R3's full columns)."""
+    needed = ("steps", "duration", "total_scheduling_time", "avg_batch_size",
+              "mean_loras_by_batch", "gpu_loras", "completed_requests", "processed_tokens")
+    return len(table) >= 10 and all(
+        np.isfinite(_arr(table.column(name))).sum() >= 10 for name in needed)
+
+
+LoraSource = Literal["batch", "poisson"]
+LORA_SOURCES: tuple[LoraSource, ...] = ("batch", "poisson")
+
+
+def fit_coefficients(data: CalibrationData, *, lora_source: LoraSource = "batch") -> FitReport:
+    """Fit every component for ``data.model``; components without data get neutral values.
+
+    ``lora_source`` chooses where the LoRA compute cost comes from:
+
+    * ``batch`` (default): R5's all-at-once runs at 300 slots price a token and an adapter;
+      R3 only splits the per-token cost into a part that scales with ``max_loras``.
+    * ``poisson``: R3's Poisson runs over 8..448 slots price it (``fit_lora_poisson``), after
+      the slots' per-step cost measured by R7's single-request sweep (``fit_slot_cost``),
+      which becomes a profile term. Falls back to ``batch`` without R3 or R6 data.
+
+    On the BSC one-hour runs (``bench/validate_twin.py``) ``poisson`` has the smaller ITL
+    errors and ``batch`` the smaller throughput errors (README, "Digital twin").
+    """
+    if lora_source not in LORA_SOURCES:
+        raise ConfigError(f"must be one of {', '.join(LORA_SOURCES)}", key="lora_source")
     sched, q_sched = fit_scheduler(data.scheduler, data.base_latency)
     # The decode fit needs the prefill weight (decode runs also prefill a little) and the
     # prefill weight needs the decode fit: a few fixed-point rounds converge.
@@ -555,13 +730,29 @@ def fit_coefficients(data: CalibrationData) -> FitReport:
     for _ in range(_PREFILL_ITERATIONS):
         base, q_base = fit_base(data.base_latency, sched, w_p)
         w_p, w_note = fit_prefill_weight(data, base, sched)
-    l_0_measured, l0_note = fit_lora_intercept(data.loading, base, sched)
-    l_0, l_tok, l_ad, q_lora = fit_lora(data.lora_overhead, base, sched, w_p, l_0_measured)
-    if l_0_measured is None:
-        l0_note = f"no single-request LoRA runs: fitted with the LoRA rows ({l_0:.2f} ms)"
+    poisson = lora_source == "poisson" and _has_r3_step_rows(data.scheduler) \
+        and fit_lora_intercept(data.loading, base, sched)[0] is not None
+    if poisson:
+        slots, q_slots = fit_slot_cost(data.slot_sweep)
+    else:
+        slots = _Slots()
+        q_slots = _quality(_arr([]), _arr([]), "not used (LoRA cost from R5: lora_source batch)")
+    l_0_measured, l0_note = fit_lora_intercept(data.loading, base, sched, slots)
     ref_slots = float(np.nanmedian(_arr(data.lora_overhead.column("max_loras")) + 0.0)) \
         if len(data.lora_overhead) else math.nan
-    share, share_note = fit_slot_share(data.scheduler, ref_slots)
+    if poisson and l_0_measured is not None:
+        l_0 = l_0_measured
+        l_tok_plain, l_tok_slot, l_ad, q_lora = fit_lora_poisson(
+            data.scheduler, base, w_p, l_0, slots)
+        share_note = "fitted with the per-token cost on R3 (see lora)"
+    else:
+        l_0, l_tok, l_ad, q_lora = fit_lora(data.lora_overhead, base, sched, w_p, l_0_measured,
+                                            slots)
+        share, share_note = fit_slot_share(data.scheduler, ref_slots, slots)
+        l_tok_plain = l_tok * (1.0 - share)
+        l_tok_slot = l_tok * share / ref_slots if share > 0 else 0.0
+    if l_0_measured is None:
+        l0_note = f"no single-request LoRA runs: fitted with the LoRA rows ({l_0:.2f} ms)"
     c0, c_rank, c_pad, q_cpu = fit_cpu_load(data.loading)
     d0, d_rank, q_disk = fit_disk_load(data.loading)
     kv0, kv_rank, kv_slot, kv_plain, q_kv = fit_kv(data.kv_capacity)
@@ -572,11 +763,13 @@ def fit_coefficients(data: CalibrationData) -> FitReport:
         prefill_token_weight=w_p,
         context_ms_per_token=base.a_ctx,
         lora_intercept_ms=l_0,
-        lora_per_token_ms=l_tok * (1.0 - share),
-        lora_per_token_slot_ms=l_tok * share / ref_slots if share > 0 else 0.0,
+        lora_per_token_ms=l_tok_plain,
+        lora_per_token_slot_ms=l_tok_slot,
         lora_per_adapter_ms=l_ad,
         lora_rank_ms_per_rank_token=0.0,
         lora_reference_max_loras=ref_slots,
+        lora_ms_per_slot=slots.u0,
+        lora_ms_per_slot_per_rank=slots.u_r,
         sched_base_ms=sched.s0,
         sched_per_running_ms=sched.s_run,
         sched_per_waiting_ms=sched.s_wait,
@@ -601,6 +794,7 @@ def fit_coefficients(data: CalibrationData) -> FitReport:
                                        note=l0_note),
         "lora_slots": ComponentFit(rows=0, mape_pct=math.nan, max_abs_pct=math.nan,
                                    note=share_note),
+        "lora_slot_step": q_slots,
         "cpu_load": q_cpu,
         "disk_load": q_disk,
         "kv": q_kv,
@@ -657,6 +851,8 @@ def build_profile(
             extra_ms_per_adapter=round(c.lora_per_adapter_ms, 6),
             max_loras=ref_slots,
             prefill_token_weight=1.0,
+            ms_per_slot=round(c.lora_ms_per_slot, 8),
+            ms_per_slot_per_rank=round(c.lora_ms_per_slot_per_rank, 10),
         ),
         scheduler=SchedulerModel(
             intercept_ms=round(c.sched_base_ms, 6),
@@ -694,10 +890,11 @@ def build_profile(
 
 
 def calibrate_profile(
-    folder: str, model: str, *, name: str, description: str = "", source: str = ""
+    folder: str, model: str, *, name: str, description: str = "", source: str = "",
+    lora_source: LoraSource = "batch",
 ) -> tuple[PerformanceProfile, FitReport]:
     """Read ``folder``, fit ``model`` and return the profile and the fit report."""
     data = load_calibration_data(folder, model)
-    report = fit_coefficients(data)
+    report = fit_coefficients(data, lora_source=lora_source)
     profile = build_profile(report, data, name=name, description=description, source=source)
     return profile, report

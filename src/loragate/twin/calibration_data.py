@@ -3,7 +3,9 @@
 The folder layout is the one of ``shared/data/bsc-vllm-lora/calibration/``:
 ``base_latency.csv``, ``lora_overhead.csv``, ``loading.csv``, ``kv_capacity.csv`` and,
 optionally, scheduler-overhead runs (``scheduler_overhead.csv`` in the folder, or the two R3
-CSVs ``metrics_data_{aggregated_rate,adapter_rates}.csv`` anywhere below it). Every file and
+CSVs ``metrics_data_{aggregated_rate,adapter_rates}.csv`` anywhere below it) and single-request
+runs over (max_loras, max_lora_rank) (``slot_sweep.csv``, or the R7 sweep's ``openai-*.json``
+results below ``find_available_gpu_memory_depending_on_loaded_adapters/<model>/``). Every file and
 every non-key column is optional: a missing value reads as ``nan`` and the fitter skips the
 row or falls back to another source. Only the ``model`` column is used to filter rows.
 """
@@ -11,7 +13,9 @@ row or falls back to another source. Only the ``model`` column is used to filter
 from __future__ import annotations
 
 import csv
+import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +28,11 @@ LORA_OVERHEAD_FILE = "lora_overhead.csv"
 LOADING_FILE = "loading.csv"
 KV_CAPACITY_FILE = "kv_capacity.csv"
 SCHEDULER_FILE = "scheduler_overhead.csv"
+SLOT_SWEEP_FILE = "slot_sweep.csv"
+# The R7 start-up sweep over (max_loras, max_lora_rank): one base-model request per server, so
+# its ITL is a one-sequence step of a LoRA-enabled engine with every slot empty.
+R7_DIR = "find_available_gpu_memory_depending_on_loaded_adapters"
+_R7_RUN = re.compile(r"^_(\d+)_(\d+)_$")
 R3_FILES = ("metrics_data_aggregated_rate.csv", "metrics_data_adapter_rates.csv")
 
 # Text columns kept as strings (everything else is parsed as float, '' / 'fail' -> nan).
@@ -58,6 +67,9 @@ class CalibrationData:
     scheduler: Table
     # Rows of the other models (used only for documented fallbacks, e.g. prefill weight).
     base_latency_all: Table
+    # One-request runs of LoRA-enabled servers over (max_loras, max_lora_rank): columns
+    # max_loras, max_lora_rank, itl_mean_ms, completed (``slot_sweep.csv`` or the R7 folders).
+    slot_sweep: Table = field(default_factory=Table)
 
 
 def _to_float(text: str) -> float:
@@ -104,6 +116,35 @@ def _scheduler_table(folder: Path, model: str) -> Table:
     return _concat([read_table(p) for p in found])
 
 
+def _slot_sweep_table(folder: Path, model: str) -> Table:
+    direct = folder / SLOT_SWEEP_FILE
+    if direct.is_file():
+        return read_table(direct, model=model)
+    values: list[Row] = []
+    text: list[dict[str, str]] = []
+    for model_dir in sorted(folder.rglob(f"{R7_DIR}/{model}")):
+        for run_dir in sorted(model_dir.iterdir()):
+            match = _R7_RUN.match(run_dir.name)
+            if match is None or not run_dir.is_dir():
+                continue
+            for result in sorted(run_dir.glob("openai-*.json")):
+                try:
+                    raw = json.loads(result.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    continue
+                itl = raw.get("mean_itl_ms") if isinstance(raw, dict) else None
+                if not isinstance(itl, int | float) or not raw.get("completed"):
+                    continue
+                values.append({
+                    "max_loras": float(match.group(1)),
+                    "max_lora_rank": float(match.group(2)),
+                    "itl_mean_ms": float(itl),
+                    "completed": float(raw["completed"]),
+                })
+                text.append({"model": model, "source_path": str(result.relative_to(folder))})
+    return Table(values=values, text=text)
+
+
 def available_models(folder: Path) -> list[str]:
     """Model names present in the folder's ``base_latency.csv`` / ``lora_overhead.csv``."""
     names: set[str] = set()
@@ -127,6 +168,7 @@ def load_calibration_data(folder: str | Path, model: str) -> CalibrationData:
         kv_capacity=read_table(path / KV_CAPACITY_FILE, model=model),
         scheduler=_scheduler_table(path, model),
         base_latency_all=read_table(path / BASE_LATENCY_FILE),
+        slot_sweep=_slot_sweep_table(path, model),
     )
     if not len(data.base_latency) and not len(data.lora_overhead):
         known = ", ".join(available_models(path)) or "none"

@@ -8,6 +8,7 @@ Step time (ms) of one engine step, B = requests in the batch, A = distinct adapt
     t = t_sched + (decode_intercept_ms + decode_ms_per_seq·B + prefill_ms_per_token·P) · f_lora
     f_lora = (pct_per_adapter·A + intercept_pct + pct_per_rank·max_rank) / 100   (LoRA enabled)
     f_lora = 1                                                                  (LoRA disabled)
+    + LoRA extras (``LoraModel``: per token, per adapter, per LoRA slot)        (LoRA enabled)
     t_sched = sched_intercept_ms + sched_ms_per_running·B + sched_ms_per_waiting·min(W, cap)
 
 This is the model of Agulló et al., arXiv 2508.08343 (``(c1·B + c2)·(k1·A + k2)/100``), extended
@@ -48,6 +49,10 @@ class StepModel:
     context_tokens_per_seq: float = 0.0
 
 
+# The LoRA kernels tile the rank dimension no finer than this (``LoraModel.ms_per_slot``).
+SLOT_RANK_FLOOR = 16
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LoraModel:
     """LoRA overhead factor in percent: ``pct_per_adapter·A + intercept_pct + pct_per_rank·r``."""
@@ -69,6 +74,25 @@ class LoraModel:
     extra_ms_per_adapter: float = 0.0
     max_loras: int = 0
     prefill_token_weight: float | None = None
+    # Optional per-step cost of every LoRA slot, whatever the batch holds (ms): ``max_loras *
+    # (ms_per_slot + ms_per_slot_per_rank * max(max_lora_rank, slot_rank_floor))``. The triton
+    # shrink/expand kernels launch programs for every slot of the stacked LoRA weights, and
+    # those of empty slots still cost a launch and an early exit; the weights' rank dimension
+    # is padded to ``max_lora_rank`` and tiled no finer than ``slot_rank_floor`` (16: the
+    # smallest ``tl.dot`` block), so ranks 8 and 16 cost the same. Calibrated from the
+    # single-request ITLs of the R7 sweep over (max_loras, max_lora_rank); ``max_lora_rank``
+    # is the engine's (``specialize``).
+    ms_per_slot: float = 0.0
+    ms_per_slot_per_rank: float = 0.0
+    slot_rank_floor: int = SLOT_RANK_FLOOR
+    max_lora_rank: int = 0
+
+    def slot_ms(self) -> float:
+        """The per-step cost of the engine's LoRA slots (ms; 0 without calibrated terms)."""
+        if not (self.ms_per_slot or self.ms_per_slot_per_rank) or self.max_loras <= 0:
+            return 0.0
+        rank = max(self.max_lora_rank, self.slot_rank_floor)
+        return self.max_loras * (self.ms_per_slot + self.ms_per_slot_per_rank * rank)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -179,6 +203,7 @@ class PerformanceProfile:
                     + lo.pct_per_rank * max_rank_in_batch
                 )
             compute_ms *= pct / 100.0
+            compute_ms += lo.slot_ms()
             if lo.extra_ms_per_token or lo.extra_ms_per_token_per_slot or lo.extra_intercept_ms \
                     or lo.extra_ms_per_adapter:
                 per_seq = s.decode_ms_per_seq
@@ -236,7 +261,8 @@ class PerformanceProfile:
         if max_loras is not None:
             p = replace(p, lora=replace(p.lora, max_loras=max_loras))
         if max_lora_rank is not None:
-            p = replace(p, loading=replace(p.loading, max_lora_rank=max_lora_rank))
+            p = replace(p, loading=replace(p.loading, max_lora_rank=max_lora_rank),
+                        lora=replace(p.lora, max_lora_rank=max_lora_rank))
         if context_tokens_per_seq is not None:
             p = replace(p, step=replace(p.step, context_tokens_per_seq=context_tokens_per_seq))
         return p
