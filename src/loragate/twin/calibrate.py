@@ -466,6 +466,39 @@ def fit_lora(
 R3_MEAN_PROMPT_TOKENS = 223.0
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _R3Steps:
+    """Per-run columns of R3 (600-s runs; per-step means) and the compute part of a step."""
+
+    running: FloatArray  # mean running batch
+    waiting: FloatArray  # mean waiting queue
+    adapters: FloatArray  # mean distinct adapters per batch
+    loras: FloatArray  # max_loras
+    rank: FloatArray  # adapter rank (max_lora_rank of the server)
+    per_step: FloatArray  # finished requests per step
+    out_len: FloatArray  # output tokens per finished request
+    compute_ms: FloatArray  # step interval minus the measured scheduling time
+
+
+def _r3_steps(table: Table) -> _R3Steps:
+    steps = _arr(table.column("steps"))
+    safe_steps = np.where(steps > 0, steps, np.nan)
+    duration = _arr(table.column("duration"))
+    sched = _arr(table.column("total_scheduling_time"))
+    completed = _arr(table.column("completed_requests"))
+    return _R3Steps(
+        running=_arr(table.column("avg_batch_size")),
+        waiting=_arr(table.column("avg_waiting_queue")),
+        adapters=_arr(table.column("mean_loras_by_batch")),
+        loras=_arr(table.column("gpu_loras")),
+        rank=_arr(table.column("rank")),
+        per_step=completed / safe_steps,
+        out_len=_arr(table.column("processed_tokens")) / np.where(completed > 0, completed,
+                                                                   np.nan),
+        compute_ms=(duration - sched) / safe_steps * 1000.0,
+    )
+
+
 def _r3_lora_rows(
     table: Table, base: _Base, w_p: float, l_0: float, slots: _Slots, mean_prompt: float
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
@@ -478,26 +511,17 @@ def _r3_lora_rows(
     fit, with the prefill weight and the context of requests half-way through their outputs),
     the one-adapter intercept ``l_0`` and the slots' per-step cost are taken out.
     """
-    steps = _arr(table.column("steps"))
-    duration = _arr(table.column("duration"))
-    sched = _arr(table.column("total_scheduling_time"))
-    running = _arr(table.column("avg_batch_size"))
-    adapters = _arr(table.column("mean_loras_by_batch"))
-    loras = _arr(table.column("gpu_loras"))
-    rank = _arr(table.column("rank"))
-    completed = _arr(table.column("completed_requests"))
-    produced = _arr(table.column("processed_tokens"))  # output tokens of the finished requests
-    safe_steps = np.where(steps > 0, steps, np.nan)
-    compute = (duration - sched) / safe_steps * 1000.0
-    per_step = completed / safe_steps
-    out_len = produced / np.where(completed > 0, completed, np.nan)
-    ok = np.isfinite(compute) & np.isfinite(running) & np.isfinite(adapters) \
-        & np.isfinite(loras) & np.isfinite(per_step) & np.isfinite(out_len) & (running > 2.0)
-    prefill = mean_prompt * per_step
+    r = _r3_steps(table)
+    running, compute = r.running, r.compute_ms
+    ok = np.isfinite(compute) & np.isfinite(running) & np.isfinite(r.adapters) \
+        & np.isfinite(r.loras) & np.isfinite(r.per_step) & np.isfinite(r.out_len) \
+        & (running > 2.0)
+    prefill = mean_prompt * r.per_step
     tokens = running + prefill
-    ctx = running * (mean_prompt + out_len / 2.0)
-    y = compute - base.predict(running + w_p * prefill, ctx) - l_0 - slots.predict(loras, rank)
-    x = np.c_[tokens, tokens * loras, adapters]
+    ctx = running * (mean_prompt + r.out_len / 2.0)
+    y = compute - base.predict(running + w_p * prefill, ctx) - l_0 \
+        - slots.predict(r.loras, r.rank)
+    x = np.c_[tokens, tokens * r.loras, r.adapters]
     return x[ok], y[ok], compute[ok]
 
 
@@ -571,9 +595,7 @@ def fit_lora_intercept(
     return value, f"median ITL of {int(ok.sum())} max_loras=1 runs minus the base step"
 
 
-def fit_slot_share(
-    table: Table, reference_max_loras: float, slot_cost: _Slots | None = None
-) -> tuple[float, str]:
+def fit_slot_share(table: Table, reference_max_loras: float) -> tuple[float, str]:
     """Share of the per-token LoRA cost that grows with ``max_loras`` (R3 step intervals).
 
     The triton LoRA kernels launch one program per (token tile, LoRA slot) and the programs of
@@ -584,16 +606,8 @@ def fit_slot_share(
     """
     if not len(table) or not math.isfinite(reference_max_loras):
         return 0.0, "no scheduler/slot data: per-token LoRA cost independent of max_loras"
-    steps = _arr(table.column("steps"))
-    duration = _arr(table.column("duration"))
-    sched = _arr(table.column("total_scheduling_time"))
-    running = _arr(table.column("avg_batch_size"))
-    waiting = _arr(table.column("avg_waiting_queue"))
-    adapters = _arr(table.column("mean_loras_by_batch"))
-    slots = _arr(table.column("gpu_loras"))
-    y = (duration - sched) / np.where(steps > 0, steps, np.nan) * 1000.0
-    if slot_cost is not None:  # the per-step cost of the slots themselves (not per token)
-        y = y - slot_cost.predict(slots, _arr(table.column("rank")))
+    r = _r3_steps(table)
+    running, waiting, adapters, slots, y = r.running, r.waiting, r.adapters, r.loras, r.compute_ms
     ok = np.isfinite(y) & np.isfinite(running) & np.isfinite(adapters) & np.isfinite(slots)
     ok &= (np.nan_to_num(waiting, nan=1e9) < 10.0) & (running > 2.0)
     if ok.sum() < 10 or np.unique(slots[ok]).size < 3:
@@ -748,7 +762,7 @@ def fit_coefficients(data: CalibrationData, *, lora_source: LoraSource = "batch"
     else:
         l_0, l_tok, l_ad, q_lora = fit_lora(data.lora_overhead, base, sched, w_p, l_0_measured,
                                             slots)
-        share, share_note = fit_slot_share(data.scheduler, ref_slots, slots)
+        share, share_note = fit_slot_share(data.scheduler, ref_slots)
         l_tok_plain = l_tok * (1.0 - share)
         l_tok_slot = l_tok * share / ref_slots if share > 0 else 0.0
     if l_0_measured is None:
