@@ -17,6 +17,7 @@ from aiohttp import web
 from loragate.core.config import GatewayConfig
 from loragate.core.errors import ConfigError
 from loragate.gateway.app import GATEWAY, Gateway, create_app
+from loragate.gateway.protocol_errors import OpenAIErrorAppRunner
 from loragate.gateway.reload import reload_from_file
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,9 @@ async def running_gateway(
     port = config.server.port if port is None else port
     app = create_app(config, **create_app_kwargs)
     # handler_cancellation: a client that goes away cancels its handler, which drops the
-    # upstream connection, which makes vLLM abort the generation.
-    runner = web.AppRunner(
+    # upstream connection, which makes vLLM abort the generation. OpenAIErrorAppRunner: a
+    # request aiohttp's HTTP parser rejects gets an OpenAI-shaped JSON error, not plain text.
+    runner = OpenAIErrorAppRunner(
         app,
         access_log=None,
         handle_signals=False,

@@ -1,0 +1,131 @@
+"""OpenAI-shaped errors for requests that fail before any handler runs.
+
+aiohttp answers a request its HTTP parser rejects (a request line or header over its limits,
+a malformed request line, an invalid method, bad ``Transfer-Encoding`` or chunked framing)
+itself, from ``aiohttp.web_protocol.RequestHandler.handle_error``, with a plain-text body; it
+also uses that method for the 500/504 of a handler that raised. ``OpenAIErrorAppRunner`` is a
+``web.AppRunner`` whose connections answer those with ``{"error": {"message", "type",
+"param", "code"}}`` (application/json), keeping aiohttp's status and its ``Connection: close``.
+
+The aiohttp internals used (checked against aiohttp 3.14) are all in the three small classes
+at the end of this module: ``OpenAIErrorAppRunner._make_server`` (the hook ``web.BaseRunner``
+declares for subclasses) lets ``web.AppRunner`` build its ``web.Server`` as usual (app startup,
+handler kwargs) and then changes that object's class to ``_OpenAIErrorServer``, whose protocol
+factory (``__call__``) lets aiohttp build each connection's ``web.RequestHandler`` and changes
+its class to one that overrides ``handle_error``. Neither subclass adds state
+(``__slots__ = ()`` on the handler, whose base uses slots), so Python accepts the class change
+or raises ``TypeError`` on the first connection if aiohttp's layout ever changes (the tests in
+tests/gateway/test_protocol_errors.py would fail), and aiohttp's own construction logic is kept
+rather than copied. Nothing else (limits, keep-alive, parser) is changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from http import HTTPStatus
+
+from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong, TransferEncodingError
+
+from loragate.gateway.errors import error_payload
+
+log = logging.getLogger(__name__)
+
+_MAX_MESSAGE_CHARS = 200
+# A trailing echo of the offending bytes: ": b'...'", ": bytearray(b'...')", " '...'".
+_BYTES_ECHO = re.compile(r"""(?::\s*|\s+)(?:bytearray\()?b?['"].*$""")
+
+
+def describe_protocol_error(exc: BaseException | None, message: str | None) -> str:
+    """What was wrong, for the client: aiohttp's message without the echoed bytes, the caret
+    line and the multi-line layout (e.g. ``"Bad status line: Expected CRLF after version"``);
+    ``""`` when nothing is left."""
+    if isinstance(exc, LineTooLong) and len(exc.args) >= 2:
+        return f"request line or header field longer than {exc.args[1]} bytes"
+    if isinstance(exc, TransferEncodingError):
+        # aiohttp's pure-Python parser may put just the offending bytes in the message.
+        return "invalid chunked Transfer-Encoding framing of the body"
+    parts: list[str] = []
+    for line in (message or "").splitlines():
+        text = line.strip()
+        if not text or set(text) <= {"^", " "} or text.startswith(("b'", 'b"', "bytearray(")):
+            continue
+        text = _BYTES_ECHO.sub("", text).rstrip(" :.")
+        if text:
+            parts.append(text)
+    return ": ".join(parts)[:_MAX_MESSAGE_CHARS]
+
+
+def _code(status: int) -> str:
+    if status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+        return "request_too_large"
+    if status == HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE:
+        return "request_header_fields_too_large"
+    if status == HTTPStatus.GATEWAY_TIMEOUT:
+        return "gateway_timeout"
+    return "invalid_http_request" if status < 500 else "internal_error"
+
+
+class _OpenAIErrorRequestHandler(web.RequestHandler):
+    """aiohttp's per-connection protocol with an OpenAI-shaped ``handle_error``."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status < 500:
+            detail = describe_protocol_error(exc, message)
+            text = f"malformed HTTP request: {detail}" if detail else "malformed HTTP request"
+            log.warning(
+                "rejected a request from %s with %d: %s (%s)",
+                request.remote,
+                status,
+                text,
+                type(exc).__name__ if exc is not None else "no exception",
+            )
+            err_type = "invalid_request_error"
+        else:
+            # The server log keeps the traceback of a handler that raised; the client never
+            # gets it (aiohttp would send it in debug mode).
+            log.error("error handling a request from %s (%d)", request.remote, status, exc_info=exc)
+            text = "internal gateway error"
+            if status == HTTPStatus.GATEWAY_TIMEOUT:
+                text = "the gateway timed out handling the request"
+            err_type = "server_error"
+        # As aiohttp: once part of a response went out, no other response can follow.
+        if request.writer.output_size > 0:
+            raise ConnectionError(
+                "Response is sent already, cannot send another response with the error message"
+            )
+        resp = web.Response(
+            status=status,
+            body=error_payload(text, err_type, _code(status)),
+            content_type="application/json",
+        )
+        resp.force_close()
+        return resp
+
+
+class _OpenAIErrorServer(web.Server):
+    """``web.Server`` whose connections use ``_OpenAIErrorRequestHandler``."""
+
+    def __call__(self) -> web.RequestHandler:
+        handler = super().__call__()
+        handler.__class__ = _OpenAIErrorRequestHandler
+        return handler
+
+
+class OpenAIErrorAppRunner(web.AppRunner):
+    """``web.AppRunner`` that answers HTTP protocol errors in the OpenAI error shape."""
+
+    async def _make_server(self) -> web.Server:
+        # The one use of aiohttp internals (see the module docstring).
+        server = await super()._make_server()
+        server.__class__ = _OpenAIErrorServer
+        return server
