@@ -26,7 +26,7 @@ import re
 from http import HTTPStatus
 
 from aiohttp import web
-from aiohttp.http_exceptions import LineTooLong, TransferEncodingError
+from aiohttp.http_exceptions import BadHttpMethod, LineTooLong, TransferEncodingError
 
 from loragate.gateway.errors import error_payload
 
@@ -82,7 +82,11 @@ class _OpenAIErrorRequestHandler(web.RequestHandler):
         if status < 500:
             detail = describe_protocol_error(exc, message)
             text = f"malformed HTTP request: {detail}" if detail else "malformed HTTP request"
-            log.warning(
+            # A bad method is mostly TLS or other non-HTTP traffic sent to the port (scanners,
+            # a client configured with https): like aiohttp, keep that out of WARNING.
+            level = logging.DEBUG if isinstance(exc, BadHttpMethod) else logging.WARNING
+            log.log(
+                level,
                 "rejected a request from %s with %d: %s (%s)",
                 request.remote,
                 status,
