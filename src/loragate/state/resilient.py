@@ -117,11 +117,15 @@ class ResilientStore:
             self.journal_dropped += 1
         self._journal.append(op)
 
+    @property
+    def _queueing(self) -> bool:
+        """Writes go to the journal: Redis is down, or journal entries still wait (a resync
+        that raced traffic left some), and no write may overtake an older one (a registration
+        replayed after a newer deletion would bring the adapter back)."""
+        return self._degraded or bool(self._journal)
+
     async def _write(self, op: RemoteOp) -> None:
-        # While journal entries wait (an outage, or a resync that ended with some left over),
-        # new writes queue behind them, so that none overtakes an older one (a registration
-        # replayed after a newer deletion would bring the adapter back).
-        if self._degraded or self._journal:
+        if self._queueing:
             self._journal_append(op)
             return
         try:
@@ -356,7 +360,7 @@ class ResilientStore:
 
     async def bump_version(self) -> int:
         local = await self._local.bump_version()
-        if not self._degraded and not self._journal:  # else behind the writes it announces
+        if not self._queueing:  # else behind the writes it announces
             try:
                 return await self._remote.bump_version()
             except StateUnavailableError as exc:

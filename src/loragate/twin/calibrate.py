@@ -744,14 +744,16 @@ def fit_coefficients(data: CalibrationData, *, lora_source: LoraSource = "batch"
     for _ in range(_PREFILL_ITERATIONS):
         base, q_base = fit_base(data.base_latency, sched, w_p)
         w_p, w_note = fit_prefill_weight(data, base, sched)
-    poisson = lora_source == "poisson" and _has_r3_step_rows(data.scheduler) \
-        and fit_lora_intercept(data.loading, base, sched)[0] is not None
+    poisson = lora_source == "poisson" and _has_r3_step_rows(data.scheduler)
     if poisson:
         slots, q_slots = fit_slot_cost(data.slot_sweep)
     else:
         slots = _Slots()
         q_slots = _quality(_arr([]), _arr([]), "not used (LoRA cost from R5: lora_source batch)")
     l_0_measured, l0_note = fit_lora_intercept(data.loading, base, sched, slots)
+    if poisson and l_0_measured is None:  # the R3 fit needs R6's one-adapter intercept
+        poisson, slots = False, _Slots()
+        q_slots = _quality(_arr([]), _arr([]), "not used (no single-request LoRA runs)")
     ref_slots = float(np.nanmedian(_arr(data.lora_overhead.column("max_loras")) + 0.0)) \
         if len(data.lora_overhead) else math.nan
     if poisson and l_0_measured is not None:
