@@ -72,6 +72,18 @@ def _assert_openai_error(body: bytes, err_type: str) -> dict[str, Any]:
     return err  # type: ignore[no-any-return]
 
 
+async def _http_errors_counted(gw: RunningGateway) -> dict[str, float]:
+    """``loragate_http_errors_total`` by status, from the gateway's ``/metrics``."""
+    async with aiohttp.ClientSession() as http, http.get(gw.url + "/metrics") as resp:
+        text = await resp.text()
+    counted = {}
+    for line in text.splitlines():
+        if line.startswith("loragate_http_errors_total{"):
+            labels, _, value = line.rpartition(" ")
+            counted[labels.split('status="')[1].split('"')[0]] = float(value)
+    return counted
+
+
 async def _assert_still_serving(gw: RunningGateway) -> None:
     async with aiohttp.ClientSession() as http, http.get(gw.url + "/health") as resp:
         assert resp.status == 200
@@ -83,6 +95,7 @@ async def test_parser_errors_get_an_openai_error_and_the_gateway_keeps_serving(
     gateway: RunningGateway, case: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     raw, expected_in_message = BAD_REQUESTS[case]
+    assert await _http_errors_counted(gateway) == {}
     with caplog.at_level(logging.DEBUG, logger="loragate.gateway.protocol_errors"):
         status, headers, body = await _raw_exchange(gateway, raw)
     assert status == 400  # the status aiohttp chose for every parser error (3.14)
@@ -102,6 +115,7 @@ async def test_parser_errors_get_an_openai_error_and_the_gateway_keeps_serving(
     assert "127.0.0.1" in rejected[0].getMessage()
     assert not [r for r in caplog.records if r.name == "aiohttp.server"]
     await _assert_still_serving(gateway)
+    assert await _http_errors_counted(gateway) == {"400": 1.0}  # and nothing else
 
 
 async def test_the_connection_closes_after_the_error_even_if_keep_alive_was_asked(
@@ -138,7 +152,8 @@ async def test_a_handler_that_raises_gets_a_server_error_without_the_traceback()
 
     app = web.Application(debug=True)  # deprecated, but still how aiohttp's debug is set
     app.router.add_get("/boom", boom)
-    runner = OpenAIErrorAppRunner(app, access_log=None)
+    statuses: list[int] = []
+    runner = OpenAIErrorAppRunner(app, access_log=None, on_error=statuses.append)
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -151,3 +166,4 @@ async def test_a_handler_that_raises_gets_a_server_error_without_the_traceback()
         await runner.cleanup()
     err = _assert_openai_error(body, "server_error")
     assert err["code"] == "internal_error" and b"internal detail" not in body
+    assert statuses == [500]

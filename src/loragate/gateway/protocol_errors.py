@@ -12,8 +12,10 @@ at the end of this module: ``OpenAIErrorAppRunner._make_server`` (the hook ``web
 declares for subclasses) lets ``web.AppRunner`` build its ``web.Server`` as usual (app startup,
 handler kwargs) and then changes that object's class to ``_OpenAIErrorServer``, whose protocol
 factory (``__call__``) lets aiohttp build each connection's ``web.RequestHandler`` and changes
-its class to one that overrides ``handle_error``. Neither subclass adds state
-(``__slots__ = ()`` on the handler, whose base uses slots), so Python accepts the class change
+its class to one that overrides ``handle_error``. The handler subclass adds no instance state
+(``__slots__ = ()``, as its base uses slots; the runner's ``on_error`` callback, which counts
+the errors in ``/metrics``, is in a class attribute of a subclass made per runner), so Python
+accepts the class change
 or raises ``TypeError`` on the first connection if aiohttp's layout ever changes (the tests in
 tests/gateway/test_protocol_errors.py would fail), and aiohttp's own construction logic is kept
 rather than copied. Nothing else (limits, keep-alive, parser) is changed.
@@ -23,7 +25,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from http import HTTPStatus
+from typing import Any, ClassVar
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, LineTooLong, TransferEncodingError
@@ -71,6 +75,8 @@ class _OpenAIErrorRequestHandler(web.RequestHandler):
     """aiohttp's per-connection protocol with an OpenAI-shaped ``handle_error``."""
 
     __slots__ = ()
+    # Called with the status of every error answered here; set per runner (see below).
+    error_listeners: ClassVar[tuple[Callable[[int], None], ...]] = ()
 
     def handle_error(
         self,
@@ -102,6 +108,8 @@ class _OpenAIErrorRequestHandler(web.RequestHandler):
             if status == HTTPStatus.GATEWAY_TIMEOUT:
                 text = "the gateway timed out handling the request"
             err_type = "server_error"
+        for listener in self.error_listeners:
+            listener(status)
         # As aiohttp: once part of a response went out, no other response can follow.
         if request.writer.output_size > 0:
             raise ConnectionError(
@@ -117,19 +125,42 @@ class _OpenAIErrorRequestHandler(web.RequestHandler):
 
 
 class _OpenAIErrorServer(web.Server):
-    """``web.Server`` whose connections use ``_OpenAIErrorRequestHandler``."""
+    """``web.Server`` whose connections use a ``_OpenAIErrorRequestHandler`` class."""
+
+    handler_class: type[_OpenAIErrorRequestHandler] = _OpenAIErrorRequestHandler
 
     def __call__(self) -> web.RequestHandler:
         handler = super().__call__()
-        handler.__class__ = _OpenAIErrorRequestHandler
+        handler.__class__ = self.handler_class
         return handler
 
 
 class OpenAIErrorAppRunner(web.AppRunner):
-    """``web.AppRunner`` that answers HTTP protocol errors in the OpenAI error shape."""
+    """``web.AppRunner`` that answers HTTP protocol errors in the OpenAI error shape.
+
+    ``on_error(status)``, when given, is called once for every such error (the gateway counts
+    them in ``/metrics``); the other arguments are ``web.AppRunner``'s."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        on_error: Callable[[int], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(app, **kwargs)
+        self._handler_class: type[_OpenAIErrorRequestHandler] = _OpenAIErrorRequestHandler
+        if on_error is not None:
+            self._handler_class = type(
+                "_CountingOpenAIErrorRequestHandler",
+                (_OpenAIErrorRequestHandler,),
+                {"__slots__": (), "error_listeners": (on_error,)},
+            )
 
     async def _make_server(self) -> web.Server:
         # The one use of aiohttp internals (see the module docstring).
         server = await super()._make_server()
         server.__class__ = _OpenAIErrorServer
+        assert isinstance(server, _OpenAIErrorServer)
+        server.handler_class = self._handler_class
         return server

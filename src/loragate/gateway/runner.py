@@ -51,9 +51,11 @@ async def running_gateway(
     app = create_app(config, **create_app_kwargs)
     # handler_cancellation: a client that goes away cancels its handler, which drops the
     # upstream connection, which makes vLLM abort the generation. OpenAIErrorAppRunner: a
-    # request aiohttp's HTTP parser rejects gets an OpenAI-shaped JSON error, not plain text.
+    # request aiohttp's HTTP parser rejects gets an OpenAI-shaped JSON error, not plain text,
+    # counted in /metrics (loragate_http_errors_total).
     runner = OpenAIErrorAppRunner(
         app,
+        on_error=app[GATEWAY].telemetry.count_http_error,
         access_log=None,
         handle_signals=False,
         handler_cancellation=True,

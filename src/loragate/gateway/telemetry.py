@@ -120,6 +120,7 @@ class _ProxyMetrics(Collector):
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, str], int] = {}
+        self.http_errors: dict[str, int] = {}
         self.latency: dict[str, _Histogram] = {}
         self.ttft: dict[str, _Histogram] = {}
 
@@ -132,6 +133,15 @@ class _ProxyMetrics(Collector):
         for labels, n in self.requests.items():
             requests.add_metric(list(labels), n)
         yield requests
+        http_errors = CounterMetricFamily(
+            "loragate_http_errors",
+            "Requests answered by the HTTP server itself, before or instead of any handler: "
+            "parser rejections (400, 413, 431) and handlers that raised (500), by status.",
+            labels=["status"],
+        )
+        for status, n in self.http_errors.items():
+            http_errors.add_metric([status], n)
+        yield http_errors
         yield _histogram_family(
             "loragate_upstream_latency_seconds",
             "Time from sending a request upstream to the end of its response, by replica.",
@@ -193,6 +203,12 @@ class Telemetry:
         key = (adapter, replica, status)
         requests = self._requests
         requests[key] = requests.get(key, 0) + 1
+
+    def count_http_error(self, status: int) -> None:
+        """One request the HTTP layer answered itself (see ``gateway/protocol_errors.py``)."""
+        key = str(status)
+        errors = self._metrics.http_errors
+        errors[key] = errors.get(key, 0) + 1
 
     def observe_latency(self, replica: str, seconds: float) -> None:
         hist = self._latency.get(replica)
