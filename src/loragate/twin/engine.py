@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from operator import le
+from typing import TypeAlias
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -92,13 +93,15 @@ def _gc_paused() -> Iterator[None]:
 class _Adapter:
     """Scheduler state of one adapter (``name`` None = base model)."""
 
-    __slots__ = ("g0", "n_running", "n_waiting", "name", "queue", "r_acc", "rank")
+    __slots__ = ("g0", "idx", "n_running", "name", "queue", "r_acc", "rank")
 
-    def __init__(self, name: str | None, rank: int) -> None:
+    def __init__(self, name: str | None, rank: int, idx: int) -> None:
         self.name = name
         self.rank = rank
-        self.queue: deque[_Entry] = deque()  # waiting requests of this adapter, FCFS
-        self.n_waiting = 0
+        self.idx = idx  # position in the engine's adapter table (rows store it, not the object)
+        # Waiting requests of this adapter, FCFS: row numbers (never admitted) and requeued
+        # _Req objects. Its length is the adapter's number of waiting requests.
+        self.queue: deque[_Item] = deque()
         self.n_running = 0
         self.r_acc = 0  # ns of "slots full" time during which this adapter was running
         self.g0 = 0  # value of the engine's slots-full clock when the adapter became running
@@ -111,20 +114,35 @@ class _Rows:
     ``g & _MASK``): under overload most requests only ever wait, and an int per request (no
     object, nothing for the cyclic GC to track) is the cheapest way to queue them. Its
     :class:`_Req` is created when it is first admitted. ``live``: rows neither admitted nor
-    dropped; a full block with no live row is freed.
+    dropped; a full block with no live row is freed. ``wseq`` / ``snap`` are written when the
+    row joins the waiting queue (its waiting order and deferred-clock snapshot, see
+    :meth:`Engine._enqueue_back`), so a queued row needs no tuple of its own.
     """
 
-    __slots__ = ("arr_s", "ast", "live", "max_tokens", "ns", "prompt", "rank", "rid")
+    __slots__ = (
+        "aid",
+        "arr_s",
+        "live",
+        "max_tokens",
+        "ns",
+        "prompt",
+        "rank",
+        "rid",
+        "snap",
+        "wseq",
+    )
 
     def __init__(self) -> None:
         # Numbers in arrays, not lists: nothing for the cyclic GC to visit.
         self.rid: list[str] = []
-        self.ast: list[_Adapter] = []
+        self.aid = array("q")  # adapter: index into Engine._alist
         self.rank = array("q")
         self.prompt = array("q")
         self.max_tokens = array("q")
         self.arr_s = array("d")
         self.ns = array("q")  # arrival, integer ns
+        self.wseq = array("q", bytes(8 * _BLOCK))
+        self.snap = array("q", bytes(8 * _BLOCK))
         self.live = 0
 
 
@@ -150,13 +168,15 @@ class _Req:
         "rank",
         "res",
         "rid",
+        "snap",
         "state",
         "target",
+        "wseq",
     )
     # Set on admission / first decode step (declared for the type checker):
     # computed: KV tokens while prefilling; b/c0/o0: step index, KV tokens and outputs at the
     # first decode step; res: step residue needing a new block; fstep: last decode step;
-    # aseq: admission order.
+    # aseq: admission order; wseq/snap: waiting order and deferred-clock snapshot when requeued.
     computed: int
     b: int
     c0: int
@@ -164,6 +184,8 @@ class _Req:
     res: int
     fstep: int
     aseq: int
+    wseq: int
+    snap: int
 
     def __init__(
         self,
@@ -190,10 +212,13 @@ class _Req:
         self.deferred_ns = deferred_ns
 
 
-# A waiting-queue entry: (wseq, deferred-clock snapshot at enqueue, tokens to compute, request).
-# wseq is the waiting order (negative = put back at the front after a preemption); the request
-# is a row number (never admitted yet) or its _Req (preempted and requeued).
-_Entry = tuple[int, int, int, "int | _Req"]
+# A waiting-queue item: a row number (never admitted yet: its waiting order and snapshot are in
+# its block) or a preempted, requeued _Req (they are its attributes). The waiting order ``wseq``
+# counts up from 0 at the back and down from -1 at the front (requeued after a preemption).
+_Item: TypeAlias = "int | _Req"
+# A queue-head heap entry: (wseq of the head, tiebreak, adapter, head item). It is stale once
+# the item is no longer the head of the adapter's queue.
+_Head = tuple[int, int, _Adapter, "int | _Req"]
 
 
 class Engine:
@@ -250,10 +275,11 @@ class Engine:
         self._unindexed = False  # some unfinished bulk-added requests are not in _reqs
         self._n_live = 0  # unfinished requests
         self._adapters: dict[str | None, _Adapter] = {}
+        self._alist: list[_Adapter] = []  # the same, by _Adapter.idx
         # Global FCFS order = the smallest head of the per-adapter queues: a lazy heap of
-        # (wseq of a queue's head when it became head, tiebreak, adapter).
-        self._heads: list[tuple[int, int, _Adapter]] = []
-        self._elig: list[tuple[int, int, _Adapter]] = []  # same, adapters holding a slot
+        # queue heads (see _Head).
+        self._heads: list[_Head] = []
+        self._elig: list[_Head] = []  # same, adapters holding a slot
         self._nheads = 0
         self._front = -1
         self._back = 0
@@ -301,8 +327,8 @@ class Engine:
         if not self._lora or len(self._run_ad) < self._max_loras:
             return 0
         base = self._adapters.get(None)
-        n = self._n_waiting - (base.n_waiting if base is not None else 0)
-        return n - sum(a.n_waiting for a in self._run_ad.values())
+        n = self._n_waiting - (len(base.queue) if base is not None else 0)
+        return n - sum(len(a.queue) for a in self._run_ad.values())
 
     @property
     def kv_usage(self) -> float:
@@ -343,7 +369,7 @@ class Engine:
             if blk is None:
                 blk = self._blocks[g >> _SHIFT] = _Rows()
             blk.rid.append(rid)
-            blk.ast.append(ast)
+            blk.aid.append(ast.idx)
             blk.rank.append(rank if adapter is not None else 0)
             blk.prompt.append(req.prompt_tokens)
             blk.max_tokens.append(req.max_tokens)
@@ -390,7 +416,7 @@ class Engine:
         asts = {a: self._adapter(a, k) for a, k in names.items()}
         self._add_rows(
             rid,
-            [asts[a] for a in adapter],
+            [asts[a].idx for a in adapter],
             [k if a is not None else 0 for a, k in zip(adapter, rank, strict=True)],
             prompt,
             max_tokens,
@@ -452,13 +478,13 @@ class Engine:
             )  # pragma: no cover
         used = np.zeros(len(adapters), dtype=bool)
         used[idx] = True
-        table: list[_Adapter | None] = [None] * len(adapters)
+        table = np.full(len(adapters), -1, dtype=np.int64)  # -> Engine._alist index
         for j in np.flatnonzero(used).tolist():  # the adapter's rank: the largest seen
             name, rank = adapters[j]
-            table[j] = self._adapter(name, rank)
+            table[j] = self._adapter(name, rank).idx
         self._add_rows(
-            list(request_ids),
-            np.array(table, dtype=object)[idx].tolist(),
+            request_ids,
+            array("q", table[idx].tobytes()),
             array("q", ranks[idx].tobytes()),
             array("q", p.tobytes()),
             array("q", m.tobytes()),
@@ -468,8 +494,8 @@ class Engine:
 
     def _add_rows(
         self,
-        rid: list[str],
-        ast: list[_Adapter],
+        rid: Sequence[str],
+        aid: Sequence[int],
         rank: Sequence[int],
         prompt: Sequence[int],
         max_tokens: Sequence[int],
@@ -490,7 +516,7 @@ class Engine:
                     blk = blocks[g >> _SHIFT] = _Rows()
                 end = pos + min(n - pos, _BLOCK - (g & _MASK))
                 blk.rid += rid[pos:end]
-                blk.ast += ast[pos:end]
+                blk.aid.extend(aid[pos:end])
                 blk.rank.extend(rank[pos:end])
                 blk.prompt.extend(prompt[pos:end])
                 blk.max_tokens.extend(max_tokens[pos:end])
@@ -543,7 +569,7 @@ class Engine:
             return False
         self._n_live -= 1
         if not isinstance(r, _Req):  # never admitted: waiting, or still in the future
-            ast = self._blocks[r >> _SHIFT].ast[r & _MASK]
+            ast = self._alist[self._blocks[r >> _SHIFT].aid[r & _MASK]]
             if not self._unqueue(ast, r):
                 self._dropped.add(r)  # skipped (and its row released) when it comes due
                 return True
@@ -570,11 +596,10 @@ class Engine:
         """Remove ``req`` from ``ast``'s waiting queue; False if it is not there."""
         q = ast.queue
         for k, e in enumerate(q):
-            if e[3] is req or (not isinstance(req, _Req) and e[3] == req):
+            if e == req:  # rows: the same number; requests: the same object
                 del q[k]
                 if k == 0 and q:
-                    self._push_head(q[0][0], ast)
-                ast.n_waiting -= 1
+                    self._push_head(self._wseq(q[0]), ast, q[0])
                 self._n_waiting -= 1
                 return True
         return False
@@ -647,8 +672,7 @@ class Engine:
         index: dict[str, int | _Req] = {}
         rows = [*self._pend, *(g for _, g in self._pend_heap)]
         for ast in self._adapters.values():
-            for e in ast.queue:
-                r = e[3]
+            for r in ast.queue:
                 if isinstance(r, _Req):
                     index[r.rid] = r
                 else:
@@ -672,7 +696,8 @@ class Engine:
     def _adapter(self, name: str | None, rank: int) -> _Adapter:
         ast = self._adapters.get(name)
         if ast is None:
-            ast = self._adapters[name] = _Adapter(name, rank)
+            ast = self._adapters[name] = _Adapter(name, rank, len(self._alist))
+            self._alist.append(ast)
         elif rank > ast.rank:
             ast.rank = rank
         return ast
@@ -709,7 +734,9 @@ class Engine:
         """Move arrivals up to ``t_ns`` into the waiting queue, by (arrival, insertion)."""
         pend = self._pend
         heap = self._pend_heap
-        if not heap:
+        if not heap and not self._dropped:
+            # Fast path (the hottest loop under heavy load): arrivals only from the in-order
+            # queue, none aborted; _enqueue_back inlined.
             if not pend:
                 return
             g = pend[0]
@@ -718,38 +745,34 @@ class Engine:
             ns = blk.ns
             if ns[g & _MASK] > t_ns:
                 return
-            rast = blk.ast
-            prompt = blk.prompt
-            dropped = self._dropped
-            back = self._back
+            aid, wsq, snp = blk.aid, blk.wseq, blk.snap
+            alist = self._alist
+            back0 = back = self._back
             gfull = self._gfull
-            n = 0
             while pend:
-                g = pend[0]
+                g = pend.popleft()
                 if g >> _SHIFT != k:
                     k = g >> _SHIFT
                     blk = self._blocks[k]
-                    ns, rast, prompt = blk.ns, blk.ast, blk.prompt
+                    ns, aid, wsq, snp = blk.ns, blk.aid, blk.wseq, blk.snap
                 i = g & _MASK
                 if ns[i] > t_ns:
+                    pend.appendleft(g)
                     break
-                pend.popleft()
-                if dropped and self._drop_due(g):
-                    continue
-                # Inlined _enqueue_back (the hottest path under heavy load).
-                ast = rast[i]
+                ast = alist[aid[i]]
+                wsq[i] = back
+                snp[i] = (ast.g0 if ast.n_running else gfull) - ast.r_acc
                 q = ast.queue
-                # before _push_head, whose pruning drops entries of empty queues
-                q.append((back, (ast.g0 if ast.n_running else gfull) - ast.r_acc, prompt[i], g))
-                if len(q) == 1:
-                    self._push_head(back, ast)
+                if q:
+                    q.append(g)
+                else:
+                    q.append(g)  # before _push_head, whose pruning drops entries of empty queues
+                    self._push_head(back, ast, g)
                 back += 1
-                ast.n_waiting += 1
-                n += 1
             self._back = back
-            self._n_waiting += n
+            self._n_waiting += back - back0
             return
-        blocks = self._blocks
+        blocks = self._blocks  # general case: out-of-order arrivals, aborted future rows
         while True:
             a = blocks[pend[0] >> _SHIFT].ns[pend[0] & _MASK] if pend else None
             if heap and (a is None or heap[0][0] < a):  # ties: in-order first
@@ -766,89 +789,104 @@ class Engine:
     def _enqueue_back(self, g: int) -> None:
         blk = self._blocks[g >> _SHIFT]
         i = g & _MASK
-        ast = blk.ast[i]
+        ast = self._alist[blk.aid[i]]
         wseq = self._back
         self._back += 1
+        blk.wseq[i] = wseq
+        blk.snap[i] = self._deferred_clock(ast)
         q = ast.queue
-        q.append((wseq, self._deferred_clock(ast), blk.prompt[i], g))  # before _push_head
+        q.append(g)  # before _push_head
         if len(q) == 1:
-            self._push_head(wseq, ast)
-        ast.n_waiting += 1
+            self._push_head(wseq, ast, g)
         self._n_waiting += 1
 
     def _enqueue_front(self, r: _Req) -> None:
         r.state = _REQUEUED
-        wseq = self._front
+        r.wseq = wseq = self._front
         self._front -= 1
         ast = r.ast
-        ast.queue.appendleft((wseq, self._deferred_clock(ast), r.target, r))
-        self._push_head(wseq, ast)
-        ast.n_waiting += 1
+        r.snap = self._deferred_clock(ast)
+        ast.queue.appendleft(r)
+        self._push_head(wseq, ast, r)
         self._n_waiting += 1
 
-    def _push_head(self, wseq: int, ast: _Adapter) -> None:
-        """``ast``'s queue has a new head: record it in the global-order heap, and in the heap
-        of eligible heads (adapters holding a slot) when ``ast`` has running requests."""
+    def _wseq(self, item: _Item) -> int:
+        """Waiting order of a queued item."""
+        if isinstance(item, _Req):
+            return item.wseq
+        return self._blocks[item >> _SHIFT].wseq[item & _MASK]
+
+    def _tokens(self, item: _Item) -> int:
+        """Tokens a queued item needs to compute when admitted (prompt, + outputs if requeued)."""
+        if isinstance(item, _Req):
+            return item.target
+        return self._blocks[item >> _SHIFT].prompt[item & _MASK]
+
+    def _push_head(self, wseq: int, ast: _Adapter, item: _Item) -> None:
+        """``item`` (waiting order ``wseq``) is the new head of ``ast``'s queue: record it in the
+        global-order heap, and in the heap of eligible heads (adapters holding a slot) when
+        ``ast`` has running requests."""
         self._nheads += 1
-        entry = (wseq, self._nheads, ast)
+        entry = (wseq, self._nheads, ast, item)
         limit = 64 + 4 * len(self._adapters)
         heapq.heappush(self._heads, entry)
+        # An entry is live while its item heads its queue (the heap holds the very object the
+        # queue holds). A row is queued once. A request requeued again after a new preemption
+        # makes its older entries look live once more, but they carry larger (later) wseqs than
+        # its current entry, which therefore always surfaces first: the order is unchanged.
         if len(self._heads) > limit:  # drop stale entries now and then
-            live = [h for h in self._heads if h[2].queue and h[2].queue[0][0] == h[0]]
+            live = [h for h in self._heads if h[2].queue and h[2].queue[0] is h[3]]
             heapq.heapify(live)
             self._heads = live
         if ast.n_running and ast.name is not None:
             heapq.heappush(self._elig, entry)
             if len(self._elig) > limit:
                 live = [
-                    h
-                    for h in self._elig
-                    if h[2].n_running and h[2].queue and h[2].queue[0][0] == h[0]
+                    h for h in self._elig if h[2].n_running and h[2].queue and h[2].queue[0] is h[3]
                 ]
                 heapq.heapify(live)
                 self._elig = live
 
-    def _candidate(self) -> _Entry | None:
+    def _candidate(self) -> _Item | None:
         """The first waiting request the scheduler's walk would not skip (None: all deferred)."""
         if len(self._run_ad) < self._max_loras:
             heads = self._heads
             while True:
-                wseq, _, ast = heads[0]
+                _, _, ast, item = heads[0]
                 q = ast.queue
-                if q and q[0][0] == wseq:
-                    return q[0]
+                if q and q[0] is item:
+                    return item
                 heapq.heappop(heads)
         # All slots taken: only base-model requests and adapters holding a slot are eligible.
-        best: _Entry | None = None
+        best: _Item | None = None
         base = self._adapters.get(None)
-        if base is not None and base.n_waiting:
+        if base is not None and base.queue:
             best = base.queue[0]
         elig = self._elig
         while elig:
-            wseq, _, ast = elig[0]
+            wseq, _, ast, item = elig[0]
             q = ast.queue
-            if ast.n_running and q and q[0][0] == wseq:
-                h = q[0]
-                if best is None or h[0] < best[0]:
-                    best = h
+            if ast.n_running and q and q[0] is item:
+                if best is None or wseq < self._wseq(best):
+                    best = item
                 break
             heapq.heappop(elig)
         return best
 
-    def _admit(self, e: _Entry) -> tuple[_Req, float]:
-        """Move the head entry ``e`` from waiting to running; returns its request and the
-        adapter load time it causes."""
-        _, snap, _, r = e
-        if isinstance(r, _Req):
+    def _admit(self, item: _Item) -> tuple[_Req, float]:
+        """Move ``item``, the head of its adapter's queue, from waiting to running; returns its
+        request and the adapter load time it causes."""
+        if isinstance(item, _Req):
+            r = item
             ast = r.ast
             if ast.name is not None:
-                r.deferred_ns += self._deferred_clock(ast) - snap
+                r.deferred_ns += self._deferred_clock(ast) - r.snap
         else:  # first admission
-            g = r
+            g = item
             blk = self._blocks[g >> _SHIFT]
             i = g & _MASK
-            ast = blk.ast[i]
-            deferred = self._deferred_clock(ast) - snap if ast.name is not None else 0
+            ast = self._alist[blk.aid[i]]
+            deferred = self._deferred_clock(ast) - blk.snap[i] if ast.name is not None else 0
             r = _Req(
                 blk.rid[i],
                 ast,
@@ -863,7 +901,6 @@ class Engine:
                 self._reqs[r.rid] = r
         q = ast.queue
         q.popleft()
-        ast.n_waiting -= 1
         self._n_waiting -= 1
         r.state = _PREFILL
         self._aseq += 1
@@ -883,7 +920,7 @@ class Engine:
                 load += self.profile.cpu_to_gpu_load_s(ast.rank)
         ast.n_running += 1
         if q:
-            self._push_head(q[0][0], ast)
+            self._push_head(self._wseq(q[0]), ast, q[0])
         return r, load
 
     def _leave_running(self, r: _Req) -> None:
@@ -979,7 +1016,7 @@ class Engine:
                 e = self._candidate()
                 if e is None:
                     break
-                n = min(e[2], budget)
+                n = min(self._tokens(e), budget)
                 nb = -(-n // bs)
                 if nb > total - self._used:
                     break
@@ -1098,7 +1135,7 @@ class Engine:
         if self._n_waiting and len(self._running) < self._max_seqs:
             c = self._candidate()
             if c is not None:
-                n = min(c[2], self._max_tokens - n_dec)
+                n = min(self._tokens(c), self._max_tokens - n_dec)
                 if -(-n // bs) <= free - cnt[phase]:
                     return False  # an admission would happen in this step
         ranks = self._ranks
