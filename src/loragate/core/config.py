@@ -72,6 +72,8 @@ class LimitsConfig:
     request_timeout_s: float = 600.0
     # Longest silence between two chunks of a stream.
     stream_read_timeout_s: float = 300.0
+    # Longest silence while reading a client's request body before a 408.
+    client_body_timeout_s: float = 60.0
     admin_timeout_s: float = 60.0
     # Idle keep-alive connections kept open to each replica for proxied requests.
     max_upstream_connections: int = 1024
@@ -354,7 +356,13 @@ def _routing(value: object) -> RoutingConfig:
 
 def _limits(value: object) -> LimitsConfig:
     data = _mapping(value, "limits")
-    seconds = {"connect_timeout_s", "request_timeout_s", "stream_read_timeout_s", "admin_timeout_s"}
+    seconds = {
+        "connect_timeout_s",
+        "request_timeout_s",
+        "stream_read_timeout_s",
+        "client_body_timeout_s",
+        "admin_timeout_s",
+    }
     counts = {"max_body_bytes", "max_upstream_connections"}
     _check_keys(data, seconds | counts, "limits")
     kwargs: dict[str, Any] = {}

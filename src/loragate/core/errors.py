@@ -27,6 +27,10 @@ class InvalidRequestError(LoragateError):
     """The client's request is malformed or has an invalid field."""
 
 
+class UnreadableBodyError(InvalidRequestError):
+    """The request body could not be decoded off the connection."""
+
+
 class AuthenticationError(LoragateError):
     """Missing or invalid credentials."""
 
@@ -37,6 +41,10 @@ class NotFoundError(LoragateError):
 
 class ConflictError(LoragateError):
     """The request conflicts with the current state (e.g. an adapter name already taken)."""
+
+
+class ClientBodyTimeoutError(LoragateError):
+    """The client stopped sending its request body before it was complete."""
 
 
 class PayloadTooLargeError(LoragateError):

@@ -39,6 +39,7 @@ from loragate.core.errors import (
 from loragate.core.types import MAX_ADAPTER_RANK, AdapterSpec
 from loragate.gateway.errors import error_response
 from loragate.gateway.reload import reload_from_file
+from loragate.gateway.request_body import read_request_body
 
 if TYPE_CHECKING:
     from loragate.gateway.app import Gateway
@@ -187,7 +188,7 @@ class AdminApi:
 
     async def add_adapter(self, request: web.Request) -> web.Response:
         gw = self._gw
-        payload = await _read_json(request)
+        payload = await _read_json(request, gw.config.limits.client_body_timeout_s)
         spec = parse_adapter(
             payload,
             base_model=gw.config.base_model,
@@ -236,10 +237,10 @@ class AdminApi:
         return _json(result.to_json())
 
 
-async def _read_json(request: web.Request) -> object:
-    if request.content_length is not None and request.content_length > _MAX_ADMIN_BODY:
-        raise InvalidRequestError("the request body is too large")
-    body = await request.read()
+async def _read_json(request: web.Request, idle_timeout_s: float) -> object:
+    body = await read_request_body(
+        request, max_bytes=_MAX_ADMIN_BODY, idle_timeout_s=idle_timeout_s
+    )
     try:
         return json.loads(body)
     except ValueError as exc:

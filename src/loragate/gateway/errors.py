@@ -10,6 +10,7 @@ from aiohttp import web
 from loragate.core.errors import (
     AdapterLoadError,
     AuthenticationError,
+    ClientBodyTimeoutError,
     ConfigError,
     ConflictError,
     InvalidRequestError,
@@ -17,6 +18,7 @@ from loragate.core.errors import (
     NoReplicaAvailableError,
     NotFoundError,
     PayloadTooLargeError,
+    UnreadableBodyError,
     UpstreamTimeoutError,
 )
 
@@ -26,6 +28,7 @@ _MAPPING: tuple[tuple[type[LoragateError], int, str, str], ...] = (
     (ConfigError, 400, "invalid_request_error", "invalid_config"),
     (AuthenticationError, 401, "authentication_error", "invalid_api_key"),
     (NotFoundError, 404, "invalid_request_error", "model_not_found"),
+    (ClientBodyTimeoutError, 408, "invalid_request_error", "request_timeout"),
     (ConflictError, 409, "invalid_request_error", "conflict"),
     (PayloadTooLargeError, 413, "invalid_request_error", "request_too_large"),
     (NoReplicaAvailableError, 503, "service_unavailable", "no_replica_available"),
@@ -50,12 +53,17 @@ def error_payload(message: str, err_type: str, code: str, param: str | None = No
 def error_response(exc: LoragateError) -> web.Response:
     status, err_type, code = classify(exc)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return web.Response(
+    response = web.Response(
         status=status,
         body=error_payload(exc.message, err_type, code, exc.param),
         content_type="application/json",
         headers=headers,
     )
+    if isinstance(exc, UnreadableBodyError | ClientBodyTimeoutError):
+        # The rest of the body cannot be skipped: say so (Connection: close), rather than let
+        # the client reuse a connection the server is about to close.
+        response.force_close()
+    return response
 
 
 def internal_error_response() -> web.Response:

@@ -34,7 +34,6 @@ from loragate.core.errors import (
     InvalidRequestError,
     LoragateError,
     NoReplicaAvailableError,
-    PayloadTooLargeError,
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
@@ -49,6 +48,7 @@ from loragate.gateway.errors import (
     sse_error_event,
 )
 from loragate.gateway.inflight import InFlightTracker
+from loragate.gateway.request_body import read_request_body
 from loragate.gateway.shared import SharedState
 from loragate.gateway.telemetry import Telemetry
 from loragate.routing import Policy
@@ -65,10 +65,6 @@ _CHAT = "/v1/chat/completions"
 _set_field = object.__setattr__
 
 
-class _UnreadableBody(InvalidRequestError):
-    """The request body could not be decoded off the connection (400; the connection closes)."""
-
-
 class _RelayResponse(web.StreamResponse):
     """A streamed answer whose head waits for the first body bytes, so that both leave in one
     write (``_send_headers_immediately``: what ``web.Response`` does). ``_pipe`` sends the head
@@ -81,6 +77,7 @@ class Proxy:
     """Request handlers of the OpenAI front door (bound methods are the aiohttp handlers)."""
 
     __slots__ = (
+        "_body_timeout_s",
         "_ids",
         "_inflight",
         "_max_body",
@@ -128,6 +125,7 @@ class Proxy:
         self._max_body = limits.max_body_bytes
         self._timeout_s = limits.request_timeout_s
         self._stream_timeout_s = limits.stream_read_timeout_s
+        self._body_timeout_s = limits.client_body_timeout_s
 
     # -- handlers ---------------------------------------------------------------------------
 
@@ -158,39 +156,16 @@ class Proxy:
             return await self._forward(request, body, rreq, spec, chat, t0)
         except LoragateError as exc:
             self._telemetry.count(adapter_label, "", str(classify(exc)[0]))
-            response = error_response(exc)
-            if isinstance(exc, _UnreadableBody):
-                # The rest of the body cannot be skipped: say so, rather than let the client
-                # reuse a connection the server is about to close.
-                response.force_close()
-            return response
+            return error_response(exc)
         except Exception:
             log.exception("unexpected error while proxying %s", request.path)
             self._telemetry.count(adapter_label, "", "500")
             return internal_error_response()
 
     async def _read_body(self, request: web.Request) -> bytes:
-        length = request.content_length
-        if length is not None and length > self._max_body:
-            raise PayloadTooLargeError(
-                f"request body of {length} bytes exceeds the limit of {self._max_body} bytes"
-            )
-        content = request.content
-        try:
-            if content.is_eof() and hdrs.CONTENT_ENCODING not in request.headers:
-                # The whole (plain) body arrived with the head: take it without the copying
-                # loop of request.read(), enforcing the same limit read() would.
-                body = content.read_nowait()
-                if request.client_max_size and len(body) > request.client_max_size:
-                    raise web.HTTPRequestEntityTooLarge(request.client_max_size, len(body))
-            else:
-                body = await request.read()
-        except web.HTTPRequestEntityTooLarge as exc:
-            raise PayloadTooLargeError(
-                f"request body exceeds the limit of {self._max_body} bytes"
-            ) from exc
-        except web.RequestPayloadError as exc:  # e.g. a Content-Encoding that does not decode
-            raise _UnreadableBody(f"the request body cannot be read: {exc}") from exc
+        body = await read_request_body(
+            request, max_bytes=self._max_body, idle_timeout_s=self._body_timeout_s
+        )
         if not body:
             raise InvalidRequestError("the request body is empty; expected a JSON object")
         return body

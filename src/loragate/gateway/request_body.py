@@ -1,0 +1,65 @@
+"""Reading a client's request body with a size limit and an idle timeout.
+
+``aiohttp``'s ``request.read()`` waits as long as the client keeps the connection open. Two
+kinds of client make that forever: one that stops sending mid-body (a stalled or malicious
+client), and one whose chunked framing breaks after the handler has started reading: with
+aiohttp's C parser (3.14) the parse error is queued as the *next* request on the connection and
+the body being read never ends. Both hold a handler and a connection until the client leaves.
+``read_request_body`` gives up after ``idle_timeout_s`` without a byte (as nginx's
+``client_body_timeout`` does) and the gateway answers 408; the connection is then closed, as
+the unread rest of the body cannot be skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import hdrs, web
+
+from loragate.core.errors import (
+    ClientBodyTimeoutError,
+    PayloadTooLargeError,
+    UnreadableBodyError,
+)
+
+
+async def read_request_body(
+    request: web.Request, *, max_bytes: int, idle_timeout_s: float
+) -> bytes:
+    """The whole body (decoded, if it had a ``Content-Encoding``).
+
+    Raises ``PayloadTooLargeError`` past ``max_bytes``, ``ClientBodyTimeoutError`` after
+    ``idle_timeout_s`` without new bytes, and ``UnreadableBodyError`` if the body cannot be
+    decoded (bad compression, or framing errors the parser does report)."""
+    length = request.content_length
+    if length is not None and length > max_bytes:
+        raise PayloadTooLargeError(
+            f"request body of {length} bytes exceeds the limit of {max_bytes} bytes"
+        )
+    content = request.content
+    if content.is_eof() and hdrs.CONTENT_ENCODING not in request.headers:
+        # The whole (plain) body arrived with the head, the usual case: take it at once.
+        body = content.read_nowait()
+        if len(body) > max_bytes:
+            raise PayloadTooLargeError(f"request body exceeds the limit of {max_bytes} bytes")
+        return body
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while True:
+            async with asyncio.timeout(idle_timeout_s):
+                chunk = await content.readany()
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > max_bytes:
+                raise PayloadTooLargeError(f"request body exceeds the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+    except TimeoutError as exc:
+        raise ClientBodyTimeoutError(
+            f"no request body bytes for {idle_timeout_s:g} s after {size} bytes; "
+            "the request body was not received in full"
+        ) from exc
+    except web.RequestPayloadError as exc:  # e.g. a Content-Encoding that does not decode
+        raise UnreadableBodyError(f"the request body cannot be read: {exc}") from exc
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
