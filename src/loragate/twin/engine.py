@@ -280,6 +280,7 @@ class Engine:
         # queue heads (see _Head).
         self._heads: list[_Head] = []
         self._elig: list[_Head] = []  # same, adapters holding a slot
+        self._heads_stale = False  # _heads misses heads queued while all slots were taken
         self._nheads = 0
         self._front = -1
         self._back = 0
@@ -829,15 +830,21 @@ class Engine:
         self._nheads += 1
         entry = (wseq, self._nheads, ast, item)
         limit = 64 + 4 * len(self._adapters)
-        heapq.heappush(self._heads, entry)
         # An entry is live while its item heads its queue (the heap holds the very object the
         # queue holds). A row is queued once. A request requeued again after a new preemption
         # makes its older entries look live once more, but they carry larger (later) wseqs than
         # its current entry, which therefore always surfaces first: the order is unchanged.
-        if len(self._heads) > limit:  # drop stale entries now and then
-            live = [h for h in self._heads if h[2].queue and h[2].queue[0] is h[3]]
-            heapq.heapify(live)
-            self._heads = live
+        if len(self._run_ad) >= self._max_loras:
+            # All slots taken: _candidate reads only base-model and eligible heads until a slot
+            # frees up; it rebuilds the global heap then (rare, and saves a push per admission
+            # under overload).
+            self._heads_stale = True
+        else:
+            heapq.heappush(self._heads, entry)
+            if len(self._heads) > limit:  # drop stale entries now and then
+                live = [h for h in self._heads if h[2].queue and h[2].queue[0] is h[3]]
+                heapq.heapify(live)
+                self._heads = live
         if ast.n_running and ast.name is not None:
             heapq.heappush(self._elig, entry)
             if len(self._elig) > limit:
@@ -847,9 +854,23 @@ class Engine:
                 heapq.heapify(live)
                 self._elig = live
 
+    def _rebuild_heads(self) -> None:
+        """The global-order heap from scratch: one entry per non-empty queue."""
+        heads: list[_Head] = []
+        for ast in self._alist:
+            q = ast.queue
+            if q:
+                self._nheads += 1
+                heads.append((self._wseq(q[0]), self._nheads, ast, q[0]))
+        heapq.heapify(heads)
+        self._heads = heads
+        self._heads_stale = False
+
     def _candidate(self) -> _Item | None:
         """The first waiting request the scheduler's walk would not skip (None: all deferred)."""
         if len(self._run_ad) < self._max_loras:
+            if self._heads_stale:
+                self._rebuild_heads()
             heads = self._heads
             while True:
                 _, _, ast, item = heads[0]
@@ -883,10 +904,13 @@ class Engine:
                 r.deferred_ns += self._deferred_clock(ast) - r.snap
         else:  # first admission
             g = item
-            blk = self._blocks[g >> _SHIFT]
+            k = g >> _SHIFT
+            blk = self._blocks[k]
             i = g & _MASK
             ast = self._alist[blk.aid[i]]
-            deferred = self._deferred_clock(ast) - blk.snap[i] if ast.name is not None else 0
+            deferred = 0
+            if ast.name is not None:  # inlined _deferred_clock (hot under heavy load)
+                deferred = (ast.g0 if ast.n_running else self._gfull) - ast.r_acc - blk.snap[i]
             r = _Req(
                 blk.rid[i],
                 ast,
@@ -896,7 +920,9 @@ class Engine:
                 blk.arr_s[i],
                 deferred,
             )
-            self._release_row(g)
+            blk.live -= 1  # inlined _release_row
+            if not blk.live and len(blk.ns) == _BLOCK:
+                del self._blocks[k]
             if self._reqs and r.rid in self._reqs:
                 self._reqs[r.rid] = r
         q = ast.queue
@@ -920,7 +946,11 @@ class Engine:
                 load += self.profile.cpu_to_gpu_load_s(ast.rank)
         ast.n_running += 1
         if q:
-            self._push_head(self._wseq(q[0]), ast, q[0])
+            h = q[0]  # the new head; inlined _wseq
+            if isinstance(h, _Req):
+                self._push_head(h.wseq, ast, h)
+            else:
+                self._push_head(self._blocks[h >> _SHIFT].wseq[h & _MASK], ast, h)
         return r, load
 
     def _leave_running(self, r: _Req) -> None:
@@ -1012,11 +1042,15 @@ class Engine:
         # Waiting queue (skipped entirely in a step that preempted, as vLLM does).
         if not preempted and budget > 0 and self._n_waiting:
             max_seqs = self._max_seqs
+            blocks = self._blocks
             while budget > 0 and self._n_waiting and len(running) < max_seqs:
                 e = self._candidate()
                 if e is None:
                     break
-                n = min(self._tokens(e), budget)
+                # inlined _tokens
+                n = e.target if isinstance(e, _Req) else blocks[e >> _SHIFT].prompt[e & _MASK]
+                if n > budget:
+                    n = budget
                 nb = -(-n // bs)
                 if nb > total - self._used:
                     break
