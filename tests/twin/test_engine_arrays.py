@@ -156,3 +156,23 @@ def test_add_requests_queues_the_requests_before_an_invalid_one() -> None:
     with pytest.raises(InvalidRequestError, match="too large"):
         e.add_requests([r("a", 5), r("b", 5), r("c", 95), r("d", 5)])
     assert sorted(x.request_id for x in e.run_until(100.0)) == ["a", "b"]
+
+
+def test_add_arrays_reads_the_adapter_table_of_each_call() -> None:
+    """The table's columns are cached between calls: a table changed in place must not reuse
+    the previous call's adapters or ranks."""
+    e = Engine(EngineConfig(max_lora_rank=16), FAST)
+    table: list[tuple[str | None, int]] = [("a", 8), (None, 0)]
+    e.add_arrays(["r0", "r1"], [0.0, 0.0], [0, 1], [10, 10], [5, 5], adapters=table)
+    table[0] = ("b", 16)
+    e.add_arrays(["r2"], [0.0], [0], [10], [5], adapters=table)
+    table[0] = ("c", 32)
+    with pytest.raises(InvalidRequestError, match="rank 32"):
+        e.add_arrays(["r3"], [0.0], [0], [10], [5], adapters=table)
+    recs = e.run_until(100.0)
+    assert sorted((r.request_id, r.adapter) for r in recs) == [
+        ("r0", "a"),
+        ("r1", None),
+        ("r2", "b"),
+    ]
+    assert not e.has_unfinished()

@@ -281,6 +281,10 @@ class Engine:
         self._heads: list[_Head] = []
         self._elig: list[_Head] = []  # same, adapters holding a slot
         self._heads_stale = False  # _heads misses heads queued while all slots were taken
+        # add_arrays' adapter table and its columns (see _adapter_columns)
+        self._columns: (
+            tuple[tuple[tuple[str | None, int], ...], np.ndarray, np.ndarray, np.ndarray] | None
+        ) = None
         self._nheads = 0
         self._front = -1
         self._back = 0
@@ -455,8 +459,7 @@ class Engine:
             raise ValueError("add_arrays: the columns must be 1-D and of the same length")
         if n and (idx.min() < 0 or idx.max() >= len(adapters)):
             raise ValueError("add_arrays: an adapter index is out of range")
-        ranks = np.array([k if a is not None else 0 for a, k in adapters], dtype=np.int64)
-        named = np.array([a is not None for a, _ in adapters], dtype=bool)
+        ranks, named, table = self._adapter_columns(adapters)
         bad = (p < 1) | (m < 1) | (p + m > self._max_len)
         if self._lora:
             bad |= named[idx] & (ranks[idx] > self._max_rank)
@@ -477,12 +480,13 @@ class Engine:
             raise AssertionError(
                 "unreachable: the request failed the vector check"
             )  # pragma: no cover
-        used = np.zeros(len(adapters), dtype=bool)
-        used[idx] = True
-        table = np.full(len(adapters), -1, dtype=np.int64)  # -> Engine._alist index
-        for j in np.flatnonzero(used).tolist():  # the adapter's rank: the largest seen
+        new = np.zeros(len(adapters), dtype=bool)
+        new[idx] = True
+        new &= table < 0
+        for j in np.flatnonzero(new).tolist():  # the adapter's rank: the largest seen
             name, rank = adapters[j]
             table[j] = self._adapter(name, rank).idx
+        ns = (t * NS + 0.5).astype(np.int64)  # int(t * NS + 0.5)
         self._add_rows(
             request_ids,
             array("q", table[idx].tobytes()),
@@ -490,8 +494,29 @@ class Engine:
             array("q", p.tobytes()),
             array("q", m.tobytes()),
             array("d", t.tobytes()),
-            array("q", (t * NS + 0.5).astype(np.int64).tobytes()),  # int(t * NS + 0.5)
+            array("q", ns.tobytes()),
+            in_order=bool(np.all(ns[1:] >= ns[:-1])),
         )
+
+    def _adapter_columns(
+        self, adapters: Sequence[tuple[str | None, int]]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``add_arrays``' adapter columns: ranks (0 = base model), named, and the engine's
+        adapter index (-1: not registered by this table yet; the caller fills it in).
+
+        Cached for the last table seen (a simulator passes the same one with every slice): an
+        adapter registered once through a ``(name, rank)`` pair needs no new registration for
+        that pair, as registration only raises the adapter's rank to the largest seen.
+        """
+        key = tuple(adapters)
+        cached = self._columns
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2], cached[3]
+        ranks = np.array([k if a is not None else 0 for a, k in key], dtype=np.int64)
+        named = np.array([a is not None for a, _ in key], dtype=bool)
+        table = np.full(len(key), -1, dtype=np.int64)
+        self._columns = (key, ranks, named, table)
+        return ranks, named, table
 
     def _add_rows(
         self,
@@ -502,8 +527,12 @@ class Engine:
         max_tokens: Sequence[int],
         arr_s: Sequence[float],
         ns: Sequence[int],
+        *,
+        in_order: bool | None = None,
     ) -> None:
-        """Store validated requests as rows and queue them (future ones by arrival)."""
+        """Store validated requests as rows and queue them (future ones by arrival).
+
+        ``in_order``: whether ``ns`` is non-decreasing (None: check here)."""
         n = len(rid)
         if not n:
             return
@@ -529,7 +558,9 @@ class Engine:
             self._next_row = g
             self._unindexed = True
             self._n_live += n
-            if all(map(le, ns, ns[1:])):  # in arrival order: the usual case
+            if in_order is None:
+                in_order = all(map(le, ns, ns[1:]))
+            if in_order:  # in arrival order: the usual case
                 # The rows already due join the waiting queue one by one; the others are all
                 # in the future and, if none is earlier than the last pending arrival, are
                 # appended to the pending queue at once (as _place would, row by row).
