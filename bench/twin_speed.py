@@ -19,6 +19,9 @@ The engine is fed like a simulator would: arrivals are added 10 simulated second
 columns (request ids included). The paper twin's speed is shown
 beside (DIGITAL_TWIN.md: ~89x on average, 17x under heavy load; its replays of the validation runs,
 ``validation/paper_twin_runs.csv`` sim_wall_time_s: median 898x light, 45x heavy).
+
+The header's machine line times a fixed pure-Python loop (10M additions) in CPU seconds, so runs
+on different days or machines can be compared: the speeds scale roughly inversely with it.
 """
 
 from __future__ import annotations
@@ -122,12 +125,14 @@ def build(case: Case, hours: float, seed: int) -> Workload:
         names.append(np.full(n, a))
     t = np.concatenate(times)
     ad = np.concatenate(names)
-    order = np.argsort(t, kind="stable")
+    order = np.argsort(t)
+    if np.any(np.diff(t[order]) == 0):  # ties (improbable): keep them by adapter, as before
+        order = np.argsort(t, kind="stable")
     t, ad = t[order], ad[order]
     prompt, out = lengths(rng, len(t))
     ranks = case.ranks
     return Workload(
-        request_ids=[f"r{i}" for i in range(len(t))],
+        request_ids=list(map("r%d".__mod__, range(len(t)))),  # "r0", "r1", ...
         arrival_s=t,
         adapter=ad,
         prompt=prompt,
@@ -181,6 +186,14 @@ def run(case: Case, hours: float, seed: int) -> dict[str, float]:
     }
 
 
+def machine_reference_s() -> float:
+    """CPU seconds of a fixed pure-Python loop of 10M additions (the machine's speed), run at
+    module level like ``python -c 's = 0\nfor i in range(10_000_000): s += i'``."""
+    c0 = time.process_time()
+    exec("s = 0\nfor i in range(10_000_000):\n    s += i", {})
+    return time.process_time() - c0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hours", type=float, default=1.0)
@@ -191,6 +204,7 @@ def main() -> int:
     wanted = [c for c in CASES if not args.only or c.name in args.only.split(",")]
     if not args.no_header:
         print(f"one replica, {args.hours:g} simulated hour(s), profile paper-llama-3.1-8b-h100")
+        print(f"machine: 10M-addition pure-Python loop {machine_reference_s():.2f} CPU s")
         print(
             f"{'case':<10} {'requests':>9} {'finished':>9} {'steps':>8} {'preempt':>7} "
             f"{'loads':>6} {'engine CPU s':>12} {'x real (engine)':>15} {'x real (total)':>14}"
