@@ -16,9 +16,11 @@ prompt + output <= 2048):
 The engine is fed like a simulator would: arrivals are added 10 simulated seconds at a time
 (``Engine.add_arrays``: columns, no request objects), then ``run_until``. "engine" CPU time covers
 ``add_arrays`` + ``run_until``; "total" also includes drawing the workload and building its
-columns (request ids included). The paper twin's speed is shown
-beside (DIGITAL_TWIN.md: ~89x on average, 17x under heavy load; its replays of the validation runs,
-``validation/paper_twin_runs.csv`` sim_wall_time_s: median 898x light, 45x heavy).
+columns. Request ids ("r0", "r1", ...) are :class:`NumberedIds`: the engine makes an id string
+only when the request is admitted, as most of heavy-320's requests never are. The paper twin's
+speed is shown beside (DIGITAL_TWIN.md: ~89x on average, 17x under heavy load; its replays of the
+validation runs, ``validation/paper_twin_runs.csv`` sim_wall_time_s: median 898x light, 45x
+heavy).
 
 The header's machine line times a fixed pure-Python loop (10M additions) in CPU seconds, so runs
 on different days or machines can be compared: the speeds scale roughly inversely with it.
@@ -36,6 +38,7 @@ import numpy as np
 
 from loragate.twin.engine import Engine, EngineConfig
 from loragate.twin.profile import load_profile
+from loragate.twin.request_ids import NumberedIds
 
 PAPER = {"low": "~89x avg (median 898x light)", "heavy": "17x heavy (median 45x)"}
 
@@ -105,7 +108,7 @@ def lengths(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
 class Workload:
     """The requests of one case as columns, sorted by arrival."""
 
-    request_ids: list[str]
+    request_ids: NumberedIds  # "r0", "r1", ...: made by the engine when read
     arrival_s: np.ndarray
     adapter: np.ndarray  # index into ``adapters``
     prompt: np.ndarray
@@ -132,7 +135,7 @@ def build(case: Case, hours: float, seed: int) -> Workload:
     prompt, out = lengths(rng, len(t))
     ranks = case.ranks
     return Workload(
-        request_ids=list(map("r%d".__mod__, range(len(t)))),  # "r0", "r1", ...
+        request_ids=NumberedIds("r", 0, len(t)),
         arrival_s=t,
         adapter=ad,
         prompt=prompt,

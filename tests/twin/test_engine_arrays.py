@@ -10,6 +10,7 @@ import pytest
 from loragate.core.errors import InvalidRequestError
 from loragate.twin.engine import Engine, EngineConfig, EngineRequest, RequestRecord
 from loragate.twin.profile import load_profile
+from loragate.twin.request_ids import NumberedIds
 
 FAST = load_profile("fast")
 CFG = EngineConfig(
@@ -66,9 +67,10 @@ def feed(mode: str, c: dict[str, list[object]], chunk: int, dt: float) -> list[R
     t = 0.0
     for lo in range(0, n, chunk):
         hi = min(n, lo + chunk)
-        if mode == "arrays":
+        if mode in ("arrays", "numbered"):
+            ids = [str(x) for x in c["ids"][lo:hi]]
             e.add_arrays(
-                [str(x) for x in c["ids"][lo:hi]],
+                NumberedIds("r", 0, n)[lo:hi] if mode == "numbered" else ids,
                 np.array(c["t"][lo:hi]),
                 np.array(c["ad"][lo:hi]),
                 c["p"][lo:hi],  # type: ignore[arg-type]
@@ -95,6 +97,44 @@ def test_every_add_path_gives_the_same_records(shuffle: bool, chunk: int, dt: fl
     assert len(recs) == 6000
     assert recs == feed("bulk", c, chunk, dt)
     assert recs == feed("single", c, chunk, dt)
+    if not shuffle:  # ids r0, r1, ... in row order: the same records with ids made when read
+        assert c["ids"] == list(NumberedIds("r", 0, 6000))
+        assert recs == feed("numbered", c, chunk, dt)
+
+
+def test_numbered_ids_are_a_sequence_of_strings() -> None:
+    ids = NumberedIds("req-", 5, 9)
+    assert len(ids) == 4 and list(ids) == ["req-5", "req-6", "req-7", "req-8"]
+    assert ids[0] == "req-5" and ids[-1] == "req-8" and "req-7" in ids
+    assert list(ids[1:3]) == ["req-6", "req-7"] and list(ids[3:1]) == [] and len(ids[-2:]) == 2
+    with pytest.raises(IndexError):
+        ids[4]
+    with pytest.raises(ValueError, match="contiguous"):
+        ids[::2]
+    assert len(NumberedIds("x", 3, 1)) == 0
+
+
+def test_numbered_ids_are_made_for_admitted_and_aborted_rows_only() -> None:
+    """Rows added with NumberedIds: admitted ones carry their ids; abort finds waiting and future
+    ones by id, also across the 4096-row blocks."""
+    e = Engine(EngineConfig(max_loras=1, max_num_seqs=2, max_num_batched_tokens=64), FAST)
+    n = 5000
+    e.add_arrays(
+        NumberedIds("q", 100, 100 + n),
+        [0.0] * 3 + [50.0] * (n - 3),
+        [0, 1, 0] + [1] * (n - 3),
+        [10] * n,
+        [5] * n,
+        adapters=[("a", 8), ("b", 8)],
+    )
+    e.step(0.0)  # q100 and q102 run (adapter a), q101 (adapter b) is deferred
+    assert e.num_running == 2 and e.num_waiting == 1
+    assert e.abort("q101") and e.abort("q4500") and e.abort("q5099")
+    assert not e.abort("q4500") and not e.abort("q5100") and not e.abort("q99")
+    recs = e.run_until(1e6)
+    done = sorted(int(r.request_id[1:]) for r in recs)
+    assert done == [100, 102, *(k for k in range(103, 100 + n) if k not in (4500, 5099))]
+    assert not e.has_unfinished()
 
 
 def test_blocks_of_admitted_rows_are_freed() -> None:

@@ -52,6 +52,7 @@ from loragate.twin.engine_types import (
 )
 from loragate.twin.lora_cache import LoraCaches
 from loragate.twin.profile import PerformanceProfile
+from loragate.twin.request_ids import NumberedIds
 
 __all__ = [
     "Engine",
@@ -116,7 +117,8 @@ class _Rows:
     :class:`_Req` is created when it is first admitted. ``live``: rows neither admitted nor
     dropped; a full block with no live row is freed. ``wseq`` / ``snap`` are written when the
     row joins the waiting queue (its waiting order and deferred-clock snapshot, see
-    :meth:`Engine._enqueue_back`), so a queued row needs no tuple of its own.
+    :meth:`Engine._enqueue_back`), so a queued row needs no tuple of its own. A row added with
+    :class:`NumberedIds` has no id string until it is read (``rid`` None; see :meth:`id`).
     """
 
     __slots__ = (
@@ -129,12 +131,14 @@ class _Rows:
         "rank",
         "rid",
         "snap",
+        "spans",
         "wseq",
     )
 
     def __init__(self) -> None:
         # Numbers in arrays, not lists: nothing for the cyclic GC to visit.
-        self.rid: list[str] = []
+        self.rid: list[str | None] = []
+        self.spans: list[tuple[int, int, str, int]] = []  # unmade ids: (lo, hi, prefix, number)
         self.aid = array("q")  # adapter: index into Engine._alist
         self.rank = array("q")
         self.prompt = array("q")
@@ -144,6 +148,16 @@ class _Rows:
         self.wseq = array("q", bytes(8 * _BLOCK))
         self.snap = array("q", bytes(8 * _BLOCK))
         self.live = 0
+
+    def id(self, i: int) -> str:
+        """The request id of row index ``i`` (made now if it was added unmade)."""
+        rid = self.rid[i]
+        if rid is not None:
+            return rid
+        for lo, hi, prefix, number in self.spans:
+            if lo <= i < hi:
+                return f"{prefix}{number + i - lo}"
+        raise AssertionError(f"row {i} has no id")  # pragma: no cover
 
 
 class _Req:
@@ -449,6 +463,8 @@ class Engine:
 
         The cheapest way to feed a simulation (no request objects). All or nothing: if a request
         is invalid, none is queued and :class:`InvalidRequestError` is raised for the first one.
+        ``request_ids`` may be :class:`NumberedIds`: the id strings are then made only for the
+        requests whose id is read (admitted, or looked up by :meth:`abort`).
         """
         t = np.asarray(arrival_s, dtype=np.float64)
         idx = np.asarray(adapter, dtype=np.int64)
@@ -545,7 +561,12 @@ class Engine:
                 if blk is None:
                     blk = blocks[g >> _SHIFT] = _Rows()
                 end = pos + min(n - pos, _BLOCK - (g & _MASK))
-                blk.rid += rid[pos:end]
+                if isinstance(rid, NumberedIds):  # ids made when read (see _Rows.id)
+                    lo = len(blk.rid)
+                    blk.spans.append((lo, lo + end - pos, rid.prefix, rid.start + pos))
+                    blk.rid += [None] * (end - pos)
+                else:
+                    blk.rid += rid[pos:end]
                 blk.aid.extend(aid[pos:end])
                 blk.rank.extend(rank[pos:end])
                 blk.prompt.extend(prompt[pos:end])
@@ -711,7 +732,7 @@ class Engine:
                     rows.append(r)
         for g in rows:
             if g not in dropped:
-                index[blocks[g >> _SHIFT].rid[g & _MASK]] = g
+                index[blocks[g >> _SHIFT].id(g & _MASK)] = g
         for r in self._running:
             index[r.rid] = r
         self._reqs = index
@@ -942,8 +963,9 @@ class Engine:
             deferred = 0
             if ast.name is not None:  # inlined _deferred_clock (hot under heavy load)
                 deferred = (ast.g0 if ast.n_running else self._gfull) - ast.r_acc - blk.snap[i]
+            rid = blk.rid[i]
             r = _Req(
-                blk.rid[i],
+                blk.id(i) if rid is None else rid,
                 ast,
                 blk.rank[i],
                 blk.prompt[i],
