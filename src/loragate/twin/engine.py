@@ -290,6 +290,7 @@ class Engine:
         self._n_live = 0  # unfinished requests
         self._adapters: dict[str | None, _Adapter] = {}
         self._alist: list[_Adapter] = []  # the same, by _Adapter.idx
+        self._base: _Adapter | None = None  # the base model's (name None)
         # Global FCFS order = the smallest head of the per-adapter queues: a lazy heap of
         # queue heads (see _Head).
         self._heads: list[_Head] = []
@@ -751,6 +752,8 @@ class Engine:
         if ast is None:
             ast = self._adapters[name] = _Adapter(name, rank, len(self._alist))
             self._alist.append(ast)
+            if name is None:
+                self._base = ast
         elif rank > ast.rank:
             ast.rank = rank
         return ast
@@ -886,19 +889,30 @@ class Engine:
         # queue holds). A row is queued once. A request requeued again after a new preemption
         # makes its older entries look live once more, but they carry larger (later) wseqs than
         # its current entry, which therefore always surfaces first: the order is unchanged.
+        # ``item`` heads ``ast``'s queue now, so an entry of ``ast`` on top of a heap is stale
+        # (or an older entry of the same requeued item): replacing it saves its later pop (the
+        # usual case: the head just admitted was the top).
         if len(self._run_ad) >= self._max_loras:
             # All slots taken: _candidate reads only base-model and eligible heads until a slot
             # frees up; it rebuilds the global heap then (rare, and saves a push per admission
             # under overload).
             self._heads_stale = True
         else:
-            heapq.heappush(self._heads, entry)
-            if len(self._heads) > limit:  # drop stale entries now and then
-                live = [h for h in self._heads if h[2].queue and h[2].queue[0] is h[3]]
+            heads = self._heads
+            if heads and heads[0][2] is ast:
+                heapq.heapreplace(heads, entry)
+            else:
+                heapq.heappush(heads, entry)
+            if len(heads) > limit:  # drop stale entries now and then
+                live = [h for h in heads if h[2].queue and h[2].queue[0] is h[3]]
                 heapq.heapify(live)
                 self._heads = live
         if ast.n_running and ast.name is not None:
-            heapq.heappush(self._elig, entry)
+            elig = self._elig
+            if elig and elig[0][2] is ast:
+                heapq.heapreplace(elig, entry)
+            else:
+                heapq.heappush(elig, entry)
             if len(self._elig) > limit:
                 live = [
                     h for h in self._elig if h[2].n_running and h[2].queue and h[2].queue[0] is h[3]
@@ -932,7 +946,7 @@ class Engine:
                 heapq.heappop(heads)
         # All slots taken: only base-model requests and adapters holding a slot are eligible.
         best: _Item | None = None
-        base = self._adapters.get(None)
+        base = self._base
         if base is not None and base.queue:
             best = base.queue[0]
         elig = self._elig
