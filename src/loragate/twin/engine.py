@@ -20,7 +20,7 @@ Scheduling follows vLLM V1 (``vllm/v1/core/sched/scheduler.py``), see DIGITAL_TW
 How it stays fast (no per-request Python work per step): time is kept in integer nanoseconds (so
 ``k`` identical steps add up exactly); every decoding request is described by the global step
 index at which it started decoding, so its token count is implicit; finishing requests sit in a
-heap keyed by the step index at which they finish; KV usage is updated from a histogram of the
+bucket keyed by the step index at which they finish; KV usage is updated from a histogram of the
 decoders' block phases (``step index mod block_size``); waiting requests sit in per-adapter queues
 (plus a lazily cleaned global FCFS queue), so deferral never rescans the waiting list.
 """
@@ -220,7 +220,7 @@ class _Req:
         self.target = prompt  # tokens to (re)compute: prompt (+ outputs if preempted)
         self.state = _PREFILL
         self.out = 0  # output tokens so far (decoders: o0 + steps since b)
-        self.epoch = 0  # invalidates stale finish-heap entries
+        self.epoch = 0  # invalidates stale finish entries (Engine._fin)
         self.preemptions = 0
         self.first_ns = -1
         self.deferred_ns = deferred_ns
@@ -308,7 +308,10 @@ class Engine:
         self._run_ad: dict[str, _Adapter] = {}  # adapters with running requests
         self._ranks: dict[int, int] = {}  # rank -> running requests of that rank
         self._prefiller: _Req | None = None  # the partially prefilled request (tail of running)
-        self._heap: list[tuple[int, int, int, _Req]] = []  # (fstep, aseq, epoch, req)
+        # Decoders by the step they finish in: step -> [(aseq, epoch, req)], and a heap of those
+        # steps (ints: cheaper to sift than one heap of per-request tuples).
+        self._fin: dict[int, list[tuple[int, int, _Req]]] = {}
+        self._fsteps: list[int] = []
         self._cnt = [0] * bs  # decoders by block phase
         self._n_decode = 0
         self._used = 0  # KV blocks in use
@@ -1156,17 +1159,22 @@ class Engine:
             for r in pdone:
                 done = r.out + 1 >= r.max_tokens
                 events.append(TokenEvent(r.rid, t, 1, done, r.out == 0))
-        # Decoders finishing in this step.
-        heap = self._heap
-        while heap and heap[0][0] <= s:
-            _, _, epoch, r = heapq.heappop(heap)
-            if r.epoch != epoch or r.state != _DECODE:
-                continue
-            self._used -= -(-(r.c0 + s - r.b + 1) // bs)
-            cnt[r.res] -= 1
-            self._n_decode -= 1
-            r.out = r.max_tokens
-            self._finish(r, end, records)
+        # Decoders finishing in this step, in admission order. (Live entries finish exactly at
+        # their step; buckets of earlier steps hold only stale ones.)
+        fin = self._fin
+        fsteps = self._fsteps
+        while fsteps and fsteps[0] <= s:
+            bucket = fin.pop(heapq.heappop(fsteps))
+            if len(bucket) > 1:
+                bucket.sort()  # by aseq: unique per admission, so requests are never compared
+            for _, epoch, r in bucket:
+                if r.epoch != epoch or r.state != _DECODE:
+                    continue
+                self._used -= -(-(r.c0 + s - r.b + 1) // bs)
+                cnt[r.res] -= 1
+                self._n_decode -= 1
+                r.out = r.max_tokens
+                self._finish(r, end, records)
         # Prefills completed in this step: first (or next, after preemption) output token.
         nxt = s + 1
         for r in pdone:
@@ -1183,10 +1191,15 @@ class Engine:
             r.c0 = r.target
             r.o0 = r.out
             r.res = (nxt - r.target) % bs
-            r.fstep = nxt + m - 1 - r.out
+            r.fstep = fs = nxt + m - 1 - r.out
             cnt[r.res] += 1
             self._n_decode += 1
-            heapq.heappush(heap, (r.fstep, r.aseq, r.epoch, r))
+            same = fin.get(fs)
+            if same is None:
+                fin[fs] = [(r.aseq, r.epoch, r)]
+                heapq.heappush(fsteps, fs)
+            else:
+                same.append((r.aseq, r.epoch, r))
         self._tn = end
         self._si = nxt
         self.steps_total += 1
@@ -1212,19 +1225,20 @@ class Engine:
             )
         )
 
+    def _has_live(self, fstep: int) -> bool:
+        """Whether a decoder still finishes at step ``fstep`` (its bucket has a live entry)."""
+        return any(r.epoch == e and r.state == _DECODE for _, e, r in self._fin[fstep])
+
     def _fast_forward(self, t_end: int) -> bool:
         """Advance a run of identical pure-decode steps in closed form; False if none."""
         n_dec = self._n_decode
         if self._prefiller is not None or self._extra_s or n_dec == 0:
             return False
-        heap = self._heap
-        while True:
-            _, _, epoch, r = heap[0]
-            if r.epoch == epoch and r.state == _DECODE:
-                break
-            heapq.heappop(heap)
+        fsteps = self._fsteps
+        while not self._has_live(fsteps[0]):
+            del self._fin[heapq.heappop(fsteps)]
         s = self._si
-        k = heap[0][0] - s  # steps before the first finishing step
+        k = fsteps[0] - s  # steps before the first finishing step
         if k <= 0:
             return False
         bs = self._bs
