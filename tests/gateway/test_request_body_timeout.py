@@ -59,9 +59,9 @@ def _parse(answer: bytes) -> tuple[int, dict[str, str], dict[str, object]]:
 
 
 async def _serving(gw: RunningGateway) -> None:
-    async with aiohttp.ClientSession() as http:
-        async with http.post(gw.url + "/v1/completions", json={"prompt": "ok"}) as resp:
-            assert resp.status == 200
+    url = gw.url + "/v1/completions"
+    async with aiohttp.ClientSession() as http, http.post(url, json={"prompt": "ok"}) as resp:
+        assert resp.status == 200
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
