@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 from pathlib import Path
 
 import aiohttp
+import pytest
 from gateway_harness import BASE, ScriptedReplica, serve_process
 
-from loragate.cli import main
+from loragate.cli import build_parser, main
+from loragate.core.errors import ConfigError
+from loragate.gateway import load_config, parse_config_text
 
 
 def test_bad_config_exits_2_naming_the_key(tmp_path: Path, capsys: object) -> None:
@@ -41,3 +45,85 @@ async def test_serve_process_proxies_and_stops_on_sigterm(
             assert (await resp.json())["model"] == "lora-0"
         serve.proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(serve.proc.wait(), timeout=30) == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"base_model: m\nreplicas: [http://127.0.0.1:1\n", "bad.yaml:3:1: not valid YAML"),
+        (b"base_model: m\n\treplicas: []\n", "bad.yaml:2:1: not valid YAML"),
+        (b"\xff\xfebase_model: m\n", "bad.yaml is not a UTF-8 text file (byte 0: 0xff)"),
+    ],
+    ids=["unclosed-list", "tab", "not-utf8"],
+)
+def test_a_broken_file_is_one_line_naming_where(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, expected: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    assert main(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (
+            "base_model: m\nreplicas: [http://127.0.0.1:1]\nbase_model: n\n",
+            "gw.yaml:3:1: duplicate key 'base_model'",
+        ),
+        (
+            "base_model: m\nreplicas:\n  - {url: 'http://127.0.0.1:1', url: 'http://127.0.0.1:2'}\n",
+            "gw.yaml:3:33: duplicate key 'url'",
+        ),
+    ],
+    ids=["top-level", "nested"],
+)
+def test_a_key_written_twice_is_an_error(tmp_path: Path, content: str, expected: str) -> None:
+    """YAML itself lets the last one win: a second ``replicas:`` would drop the first list."""
+    path = tmp_path / "gw.yaml"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert expected in str(exc.value)
+
+
+def test_yaml_merge_keys_are_not_duplicates() -> None:
+    config = parse_config_text(
+        "base_model: m\nreplicas: [http://127.0.0.1:1]\n"
+        "poller: &p {interval_s: 2}\nlimits: {max_body_bytes: 10}\n"
+    )
+    assert config.poller.interval_s == 2.0
+    merged = parse_config_text(
+        "base_model: m\nreplicas:\n  - &r {id: a, url: 'http://127.0.0.1:1'}\n"
+        "  - {<<: *r, id: b}\n"
+    )
+    assert [r.replica_id for r in merged.replicas] == ["a", "b"]
+
+
+def test_a_port_in_use_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text("base_model: m\nreplicas: ['http://127.0.0.1:9']\n", encoding="utf-8")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["serve", "--config", str(path), "--host", "127.0.0.1", "--port", str(port)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"loragate serve: cannot listen on 127.0.0.1:{port}: Address already in use" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_a_bad_port_flag_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], port: str
+) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text("base_model: m\nreplicas: ['http://127.0.0.1:9']\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as exc:  # refused by the parser, before anything runs
+        build_parser().parse_args(["serve", "--config", str(path), f"--port={port}"])
+    assert exc.value.code == 2
+    assert "argument --port" in capsys.readouterr().err

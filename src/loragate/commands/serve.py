@@ -11,10 +11,20 @@ import sys
 HELP = "Run the loragate gateway (OpenAI-compatible front door for vLLM replicas)."
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535, got {port}")
+    return port
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, metavar="FILE", help="gateway YAML config")
     parser.add_argument("--host", default=None, help="bind address (default: server.host)")
-    parser.add_argument("--port", type=int, default=None, help="port (default: server.port)")
+    parser.add_argument("--port", type=_port, default=None, help="port (default: server.port)")
     parser.add_argument(
         "--log-level",
         default="INFO",
@@ -28,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     from loragate.core.errors import ConfigError
     from loragate.gateway import load_config, serve_until_signalled
+    from loragate.gateway.runner import ListenError
 
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -37,8 +48,14 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"loragate serve: bad config {args.config}: {exc}", file=sys.stderr)
         return 2
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(
-            serve_until_signalled(config, host=args.host, port=args.port, config_path=args.config)
-        )
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(
+                serve_until_signalled(
+                    config, host=args.host, port=args.port, config_path=args.config
+                )
+            )
+    except ListenError as exc:
+        print(f"loragate serve: {exc}", file=sys.stderr)
+        return 1
     return 0

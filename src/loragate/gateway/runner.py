@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,6 +22,11 @@ from loragate.gateway.protocol_errors import OpenAIErrorAppRunner
 from loragate.gateway.reload import reload_from_file
 
 log = logging.getLogger(__name__)
+
+
+class ListenError(Exception):
+    """The gateway cannot bind its listening socket (address in use, not on this host, no
+    permission); the message names the address."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +51,8 @@ async def running_gateway(
     **create_app_kwargs: Any,
 ) -> AsyncIterator[RunningGateway]:
     """Serve a gateway built by ``create_app(config, **create_app_kwargs)`` until the block
-    exits. ``port=0`` picks a free port; ``host``/``port`` default to ``config.server``."""
+    exits. ``port=0`` picks a free port; ``host``/``port`` default to ``config.server``.
+    Raises :class:`ListenError` if the socket cannot be bound."""
     host = config.server.host if host is None else host
     port = config.server.port if port is None else port
     app = create_app(config, **create_app_kwargs)
@@ -64,7 +71,11 @@ async def running_gateway(
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ListenError(f"cannot listen on {host}:{port}: {reason}") from exc
         bound = runner.addresses[0]
         actual_host, actual_port = str(bound[0]), int(bound[1])
         url_host = f"[{actual_host}]" if ":" in actual_host else actual_host
