@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -200,5 +202,35 @@ async def test_background_poller_runs(stub_vllm: StubVllm, session: aiohttp.Clie
                 break
             await asyncio.sleep(0.05)
         assert not pool.is_healthy("r0")
+    finally:
+        await pool.stop()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_replica_down_at_start_is_logged_once(
+    stub_vllm: StubVllm, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A replica that never answered was silent in the log (only healthy -> unhealthy was)."""
+    down = f"http://127.0.0.1:{_closed_port()}"
+    pool = ReplicaPool(
+        [
+            ReplicaConfig(replica_id="up", url=stub_vllm.url),
+            ReplicaConfig(replica_id="down", url=down),
+        ],
+        poller=SLOW_POLLS,
+    )
+    caplog.set_level(logging.WARNING, logger="loragate.backends.pool")
+    await pool.start(session)
+    try:
+        await pool.poll_once()  # still down: not logged again
+        assert [s.replica_id for s in pool.healthy_snapshots()] == ["up"]
+        lines = [r.getMessage() for r in caplog.records if "down" in r.getMessage()]
+        assert len(lines) == 1, lines
+        assert f"replica down ({down}) is unreachable" in lines[0]
     finally:
         await pool.stop()

@@ -6,9 +6,12 @@ Against a real redis-server, stopped and restarted on the same port.
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import time
 from collections.abc import Callable
 
+import pytest
 import redis.asyncio as aioredis
 
 from loragate.core.clock import VirtualClock
@@ -307,3 +310,21 @@ async def test_resync_ends_while_leases_change_during_every_sync(
     raw = await redis_stores().snapshot()
     assert raw.in_flight == {"r1": 0}
     assert "late" not in {a.name for a in await redis_stores().list_adapters()}
+
+
+async def test_redis_down_at_start_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """The outage warning was only logged on a healthy -> down transition, so a gateway
+    started while Redis was unreachable said nothing above DEBUG."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    remote = RedisStore.from_url(f"redis://127.0.0.1:{port}/0", op_timeout_s=0.5)
+    store = ResilientStore(remote, clock=VirtualClock(), jitter=0.0)
+    caplog.set_level(logging.WARNING, logger="loragate.state")
+    try:
+        await store.start()
+        assert store.degraded
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert any("Redis unreachable at start-up" in m for m in warnings), warnings
+    finally:
+        await store.close()

@@ -67,6 +67,7 @@ class _Replica:
     failures: int = 0
     last_error: str | None = None
     adapter_loads: int = 0
+    answered: bool = False  # a poll has succeeded at least once
 
 
 class ReplicaPool:
@@ -209,6 +210,7 @@ class ReplicaPool:
             log.info("replica %s is healthy", rep.config.replica_id)
         rep.failures = 0
         rep.last_error = None
+        rep.answered = True
         recent = {a for a, t in rep.loaded_at_s.items() if t >= started}
         rep.registered = set(models.adapters) | recent
         rep.loaded_at_s = {a: t for a, t in rep.loaded_at_s.items() if a in recent}
@@ -253,6 +255,15 @@ class ReplicaPool:
         rep.failures += 1
         rep.last_error = error
         snap = rep.snapshot
+        if not rep.answered:  # never answered yet (down at start-up): say so once
+            if rep.failures == 1:
+                log.warning(
+                    "replica %s (%s) is unreachable, no traffic until it answers: %s",
+                    rep.config.replica_id,
+                    rep.config.url,
+                    error,
+                )
+            return
         if snap is None or not snap.healthy:
             return
         if immediate or rep.failures >= self._poller.failures_to_unhealthy:

@@ -138,6 +138,11 @@ class ResilientStore:
     async def start(self) -> None:
         """Connect and synchronise now; if Redis is down, stay degraded (no exception)."""
         await self._try_recover()
+        if self._degraded:
+            log.warning(
+                "state: Redis unreachable at start-up, serving from the local view until it is"
+                " reachable"
+            )
 
     async def _try_recover(self) -> None:
         try:
