@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 import yaml
 
 from loragate.core.config import config_from_mapping
+from loragate.core.errors import ConfigError
 from loragate.gateway import load_config
 from loragate.gateway.runner import running_gateway
 from loragate.twin.replica_config import ReplicaConfig
@@ -57,3 +60,43 @@ async def test_local_example_serves_its_adapters(monkeypatch: pytest.MonkeyPatch
                     await client.completions.create(model="lora-2", prompt="hi", max_tokens=3)
             finally:
                 await client.close()
+
+
+def _accepted_keys(section: str, document: dict[str, Any]) -> set[str]:
+    """The keys the schema accepts at ``section``, read from its own unknown-key error."""
+    with pytest.raises(ConfigError) as exc:
+        config_from_mapping(document)
+    assert exc.value.key == f"{section}.not_a_key".lstrip("."), exc.value
+    return set(str(exc.value).split("allowed: ", 1)[1].rstrip(")").split(", "))
+
+
+def test_the_full_example_documents_every_key_of_the_schema() -> None:
+    """README: "examples/gateway.yaml documents all of them". Every key the validator accepts
+    appears in it (set, or commented out with its default), so a new key cannot go
+    undocumented."""
+    base: dict[str, Any] = {"base_model": "m", "replicas": [{"url": "http://127.0.0.1:1"}]}
+    bad = {"not_a_key": 1}
+    sections: dict[str, dict[str, Any]] = {
+        "": {**base, **bad},
+        "replicas[0]": {**base, "replicas": [{"url": "http://127.0.0.1:1", **bad}]},
+        "replicas[0].settings": {
+            **base,
+            "replicas": [{"url": "http://127.0.0.1:1", "settings": bad}],
+        },
+        "adapters[0]": {**base, "adapters": [{"name": "a", "path": "/a", **bad}]},
+        "tenants[0]": {**base, "tenants": [{"name": "t", "api_keys": ["k"], **bad}]},
+        **{name: {**base, name: bad} for name in ("limits", "poller", "server", "state", "admin")},
+    }
+    text = (EXAMPLES / "gateway.yaml").read_text(encoding="utf-8")
+    missing = []
+    for section, document in sections.items():
+        keys = _accepted_keys(section, document)
+        assert keys, section
+        missing += [
+            f"{section}.{key}".lstrip(".")
+            for key in sorted(keys)
+            if not re.search(rf"(^|[\s{{,#-]){re.escape(key)}:", text, re.MULTILINE)
+        ]
+    if not re.search(r"^#?\s*seed:", text, re.MULTILINE):
+        missing.append("routing.seed")
+    assert not missing, f"examples/gateway.yaml does not mention: {', '.join(missing)}"
