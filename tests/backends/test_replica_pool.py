@@ -157,17 +157,22 @@ async def test_cancelled_waiter_does_not_cancel_the_load(
 
 
 async def test_failed_load_reaches_every_waiter(
-    stub_vllm: StubVllm, session: aiohttp.ClientSession
+    stub_vllm: StubVllm, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
     pool = _pool(stub_vllm)
     await pool.start(session)
     spec = AdapterSpec(name="bad", path="/nowhere/bad")
+    caplog.set_level(logging.WARNING, logger="loragate.backends.pool")
     try:
         results = await asyncio.gather(
             *(pool.ensure_adapter("r0", spec) for _ in range(3)), return_exceptions=True
         )
         assert all(isinstance(r, AdapterLoadError) and r.status == 404 for r in results)
         assert not pool.is_registered("r0", "bad")
+        # One WARNING for the one load (clients only saw a 502; the log said nothing).
+        lines = [r.getMessage() for r in caplog.records if "failed to load" in r.getMessage()]
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("adapter bad (/nowhere/bad) failed to load on replica r0:")
     finally:
         await pool.stop()
 

@@ -28,7 +28,12 @@ from loragate.backends.client import VllmClient
 from loragate.backends.metrics import VllmMetrics
 from loragate.core.clock import Clock, WallClock
 from loragate.core.config import PollerConfig, ReplicaConfig
-from loragate.core.errors import LoragateError, NoReplicaAvailableError, UpstreamConnectError
+from loragate.core.errors import (
+    AdapterLoadError,
+    LoragateError,
+    NoReplicaAvailableError,
+    UpstreamConnectError,
+)
 from loragate.core.types import AdapterSpec, ReplicaId, ReplicaSettings, ReplicaSnapshot, Residency
 
 log = logging.getLogger(__name__)
@@ -363,7 +368,17 @@ class ReplicaPool:
     async def _load(self, rep: _Replica, spec: AdapterSpec) -> None:
         # Errors are already loragate errors: AdapterLoadError (the replica refused the
         # adapter), UpstreamConnectError or UpstreamTimeoutError (the replica is unreachable).
-        await self._client(rep).load_adapter(spec.name, spec.path)
+        try:
+            await self._client(rep).load_adapter(spec.name, spec.path)
+        except AdapterLoadError as exc:  # the clients get a 502; the operator a log line
+            log.warning(
+                "adapter %s (%s) failed to load on replica %s: %s",
+                spec.name,
+                spec.path,
+                rep.config.replica_id,
+                exc,
+            )
+            raise
         rep.adapter_loads += 1
         rep.registered.add(spec.name)
         rep.loaded_at_s[spec.name] = self._clock.now()
