@@ -11,10 +11,14 @@ import pytest
 
 from loragate.cli import main as cli_main
 from loragate.twin.validate import (
+    SHAREGPT_OUTPUT_Q,
+    SHAREGPT_PCT,
+    SHAREGPT_PROMPT_Q,
     LengthModel,
     ValidateConfig,
     fit_length_mus,
     run_spec_from_row,
+    sharegpt_pairs,
     synthesize_arrivals,
     validate,
 )
@@ -67,10 +71,11 @@ def test_run_spec_parsing() -> None:
     assert spec.requests_sent is None
 
 
-def test_length_model_matches_means_and_filter() -> None:
-    lm = LengthModel()
+@pytest.mark.parametrize("kind", ["sharegpt", "lognormal"])
+def test_length_model_matches_means_and_filter(kind: str) -> None:
+    lm = LengthModel(kind=kind)  # type: ignore[arg-type]
     spec = run_spec_from_row(_row("m/w/_8_8_16_", "m", loras=8, served=8, rates="5:8"))
-    arr = synthesize_arrivals(spec, ValidateConfig(window_s=600.0))
+    arr = synthesize_arrivals(spec, ValidateConfig(window_s=600.0, lengths=lm))
     assert arr.prompt.min() >= lm.min_prompt and arr.prompt.max() <= lm.max_prompt
     assert arr.output.min() >= lm.min_output
     assert int((arr.prompt + arr.output).max()) <= lm.max_total
@@ -78,8 +83,35 @@ def test_length_model_matches_means_and_filter() -> None:
     assert float(arr.output.mean()) == pytest.approx(196, rel=0.04)
     # heavy tail: the median is well below the mean
     assert float(np.median(arr.prompt)) < 0.85 * float(arr.prompt.mean())
-    mu_p, mu_o = fit_length_mus(223.0, 196.0, lm)
-    assert mu_p < np.log(223.0) and mu_o < np.log(196.0)
+    if kind == "lognormal":
+        mu_p, mu_o = fit_length_mus(223.0, 196.0, lm)
+        assert mu_p < np.log(223.0) and mu_o < np.log(196.0)
+
+
+def test_sharegpt_lengths_follow_the_dataset() -> None:
+    """The replayed pairs have the dataset's percentiles and its prompt/output anti-correlation."""
+    rng = np.random.default_rng(3)
+    nan = float("nan")  # no run means: the dataset's own scale
+    prompt, output = sharegpt_pairs(rng, 200_000, nan, nan, LengthModel())
+    pct = list(SHAREGPT_PCT)
+    for q in (10.0, 50.0, 90.0):
+        i = pct.index(q)
+        assert float(np.percentile(prompt, q)) == pytest.approx(SHAREGPT_PROMPT_Q[i], rel=0.05,
+                                                                abs=1.0)
+        assert float(np.percentile(output, q)) == pytest.approx(SHAREGPT_OUTPUT_Q[i], rel=0.05,
+                                                                abs=1.0)
+    # long prompts come with short answers (ShareGPT: Pearson -0.27)
+    assert float(np.corrcoef(prompt, output)[0, 1]) < -0.2
+    # the context a running request holds (time-weighted by its output tokens) is what bounds
+    # the batch of KV-limited runs: independent lengths with the same means overstate it
+    ctx = float(np.sum(output * (prompt + output / 2.0)) / np.sum(output))
+    independent = float(np.mean(prompt) + np.sum(output**2) / 2.0 / np.sum(output))
+    assert ctx < 0.93 * independent
+    # scaled to a run's means
+    p2, o2 = sharegpt_pairs(np.random.default_rng(3), 200_000, 250.0, 150.0, LengthModel())
+    assert float(p2.mean()) == pytest.approx(250.0, rel=0.01)
+    assert float(o2.mean()) == pytest.approx(150.0, rel=0.01)
+    assert sharegpt_pairs(rng, 0, 1.0, 1.0, LengthModel())[0].size == 0
 
 
 def test_requests_sent_scales_the_offered_load() -> None:
