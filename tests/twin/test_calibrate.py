@@ -439,3 +439,31 @@ def test_unknown_lora_source_is_a_clear_error(tmp_path: Path) -> None:
     data = load_calibration_data(make_folder(tmp_path, noise=0.0), MODEL)
     with pytest.raises(ConfigError, match="batch, poisson"):
         fit_coefficients(data, lora_source="nope")  # type: ignore[arg-type]
+
+
+def test_poisson_fit_leaves_out_r3_runs_of_a_slower_server(tmp_path: Path) -> None:
+    """R3 as its two files: a sweep whose small-batch steps are far slower is not priced."""
+    folder = make_folder(tmp_path, noise=0.0)
+    with (folder / "scheduler_overhead.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    (folder / "scheduler_overhead.csv").unlink()
+    r3 = folder / "raw" / "performance_analysis" / "scheduler_overhead"
+    r3.mkdir(parents=True)
+    _write(r3 / "metrics_data_adapter_rates.csv", rows)
+    slow = []
+    for row in rows:  # the same runs on a server whose steps take ~10 ms longer
+        steps = float(row["steps"])
+        slow.append({**row, "duration": float(row["duration"]) + 0.010 * steps})
+    _write(r3 / "metrics_data_aggregated_rate.csv", slow)
+    data = load_calibration_data(folder, MODEL)
+    assert len(data.scheduler) == 2 * len(rows)
+    report = fit_coefficients(data, lora_source="poisson")
+    c = report.coefficients
+    assert "left out: metrics_data_aggregated_rate.csv" in report.components["lora"].note
+    assert c.lora_per_adapter_ms == pytest.approx(TRUE["l_ad"], rel=0.15)
+    assert c.lora_per_token_slot_ms == pytest.approx(TRUE["l_st"], rel=0.1)
+    # both sweeps alike: nothing is left out
+    _write(r3 / "metrics_data_aggregated_rate.csv", rows)
+    same = fit_coefficients(load_calibration_data(folder, MODEL), lora_source="poisson")
+    assert "left out" not in same.components["lora"].note
+    assert same.coefficients.lora_per_adapter_ms == pytest.approx(TRUE["l_ad"], rel=0.15)

@@ -34,7 +34,7 @@ Why this shape (all from the calibration data, see ``FitReport``):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -525,6 +525,53 @@ def _r3_lora_rows(
     return x[ok], y[ok], compute[ok]
 
 
+# A group of R3 runs (``source``: its file) whose small-batch steps (3-8 running requests, no
+# queue) take this many times the model's own one-adapter LoRA step or more ran on a slower
+# server than the other calibration runs and is left out of the LoRA fit.
+R3_SLOW_GROUP_RATIO = 1.4
+
+
+def r3_consistent_rows(
+    table: Table, base: _Base, w_p: float, l_0: float, slots: _Slots,
+    mean_prompt: float = R3_MEAN_PROMPT_TOKENS,
+) -> tuple[Table, str]:
+    """R3's rows without the groups whose steps disagree with the model's small-batch step.
+
+    A step of 3-8 running requests costs the base step (R4) plus the one-adapter LoRA step
+    (R6) and the slots' cost (R7) plus a few adapters' worth: R3's adapter-rate sweep takes
+    15-16 ms there, like R6's and R7's single-request runs (13-15 ms), but its
+    aggregated-rate sweep takes 26-27 ms at the same batches (and stays flat up to ~30
+    requests): those servers ran slower, for a reason the data does not record, so their steps
+    do not price the LoRA kernels of the others. Their scheduling times (CPU-side) are still
+    used by ``fit_scheduler``. Returns (kept rows, note).
+    """
+    sources = [t.get("source", "") for t in table.text]
+    if len(set(sources)) < 2:
+        return table, ""
+    r = _r3_steps(table)
+    prefill = mean_prompt * r.per_step
+    ctx = r.running * (mean_prompt + r.out_len / 2.0)
+    plain = base.predict(r.running + w_p * prefill, ctx) + l_0 + slots.predict(r.loras, r.rank)
+    small = np.isfinite(r.compute_ms) & np.isfinite(plain) & (r.running >= 3.0) \
+        & (r.running <= 8.0) & (np.nan_to_num(r.waiting, nan=1e9) < 1.0)
+    dropped: list[str] = []
+    ratios: list[str] = []
+    for source in sorted(set(sources)):
+        rows = small & np.array([s == source for s in sources], dtype=bool)
+        if not rows.any():
+            continue
+        ratio = float(np.median(r.compute_ms[rows] / plain[rows]))
+        ratios.append(f"{source or '?'} {ratio:.2f}x ({int(rows.sum())} runs)")
+        if ratio >= R3_SLOW_GROUP_RATIO:
+            dropped.append(source)
+    note = "small-batch step vs base + one-adapter LoRA step: " + ", ".join(ratios)
+    if not dropped or len(dropped) == len(set(sources)):
+        return table, note
+    keep = [i for i, s in enumerate(sources) if s not in dropped]
+    kept = Table(values=[table.values[i] for i in keep], text=[table.text[i] for i in keep])
+    return kept, note + f"; left out: {', '.join(dropped)}"
+
+
 def fit_lora_poisson(
     r3: Table, base: _Base, w_p: float, l_0: float, slots: _Slots,
     mean_prompt: float = R3_MEAN_PROMPT_TOKENS,
@@ -758,8 +805,10 @@ def fit_coefficients(data: CalibrationData, *, lora_source: LoraSource = "batch"
         if len(data.lora_overhead) else math.nan
     if poisson and l_0_measured is not None:
         l_0 = l_0_measured
-        l_tok_plain, l_tok_slot, l_ad, q_lora = fit_lora_poisson(
-            data.scheduler, base, w_p, l_0, slots)
+        r3, r3_note = r3_consistent_rows(data.scheduler, base, w_p, l_0, slots)
+        l_tok_plain, l_tok_slot, l_ad, q_lora = fit_lora_poisson(r3, base, w_p, l_0, slots)
+        if r3_note:
+            q_lora = replace(q_lora, note=f"{q_lora.note}; {r3_note}")
         share_note = "fitted with the per-token cost on R3 (see lora)"
     else:
         l_0, l_tok, l_ad, q_lora = fit_lora(data.lora_overhead, base, sched, w_p, l_0_measured,

@@ -37,7 +37,7 @@ R3_FILES = ("metrics_data_aggregated_rate.csv", "metrics_data_adapter_rates.csv"
 
 # Text columns kept as strings (everything else is parsed as float, '' / 'fail' -> nan).
 _TEXT_COLUMNS = frozenset(
-    {"group", "model", "phase", "max_num_seqs_source", "source_path", "fail_reason"}
+    {"group", "model", "phase", "max_num_seqs_source", "source_path", "fail_reason", "source"}
 )
 
 
@@ -112,8 +112,13 @@ def _scheduler_table(folder: Path, model: str) -> Table:
     if direct.is_file():
         return read_table(direct, model=model)
     found = [p for name in R3_FILES for p in sorted(folder.rglob(name))]
-    # R3 runs do not name their model (scheduling is CPU-side and model-agnostic).
-    return _concat([read_table(p) for p in found])
+    # R3 runs do not name their model (scheduling is CPU-side and model-agnostic). Each row
+    # keeps its file as ``source``: the two sweeps ran on differently behaving servers.
+    tables = [read_table(p) for p in found]
+    for p, table in zip(found, tables, strict=True):
+        for text in table.text:
+            text["source"] = text.get("source") or p.name
+    return _concat(tables)
 
 
 def _slot_sweep_table(folder: Path, model: str) -> Table:
