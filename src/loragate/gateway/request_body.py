@@ -13,8 +13,10 @@ the unread rest of the body cannot be skipped.
 from __future__ import annotations
 
 import asyncio
+import re
 
 from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from loragate.core.errors import (
     ClientBodyTimeoutError,
@@ -61,5 +63,19 @@ async def read_request_body(
             "the request body was not received in full"
         ) from exc
     except web.RequestPayloadError as exc:  # e.g. a Content-Encoding that does not decode
-        raise UnreadableBodyError(f"the request body cannot be read: {exc}") from exc
+        raise UnreadableBodyError(f"the request body cannot be read: {_reason(exc)}") from exc
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+# aiohttp's HttpProcessingError text ("400, message:\n  <message>"), passed on as a string.
+_STATUS_PREFIX = re.compile(r"^\d{3}, message:\s*")
+
+
+def _reason(exc: web.RequestPayloadError) -> str:
+    """The parser's reason on one line, e.g. ``"Can not decode content-encoding: gzip"``."""
+    cause = exc.__cause__
+    if isinstance(cause, HttpProcessingError) and cause.message:
+        text = cause.message
+    else:
+        text = _STATUS_PREFIX.sub("", str(exc))
+    return " ".join(text.split()) or "the body's framing or encoding is invalid"
