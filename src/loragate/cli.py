@@ -3,12 +3,16 @@
 Each command module defines ``HELP: str``, ``add_arguments(parser)`` and ``run(args) -> int``.
 Modules are imported lazily so ``loragate --help`` stays fast and a command's heavy
 dependencies load only when it runs.
+
+Output into a pipe closed early (``loragate twin validate --json | head``) ends the command
+quietly with exit status 141, as a Unix tool killed by SIGPIPE, not with a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -54,12 +58,35 @@ def _version() -> str:
     return f"loragate {__version__}"
 
 
+# The shell's status of a process killed by SIGPIPE (128 + 13).
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     run = args._run
-    code = run(args)
+    try:
+        code = run(args)
+        sys.stdout.flush()  # buffered output meets a closed pipe here, if not before
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     return int(code) if code is not None else 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of what is still
+    buffered does not fail again on the closed pipe (the recipe in Python's ``signal`` docs)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (e.g. captured)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":  # pragma: no cover

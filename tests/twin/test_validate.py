@@ -167,7 +167,7 @@ def test_cli_validate_json(runs_csv: Path, capsys: pytest.CaptureFixture[str]) -
 def test_cli_validate_bad_file_is_a_clear_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = cli_main(["twin", "validate", "--real-runs", str(tmp_path / "none.csv")])
+    code = cli_main(["twin", "validate", "--real-runs", str(tmp_path / "none.csv"), "--json"])
     assert code == 2
     err = json.loads(capsys.readouterr().err)
     assert "runs file not found" in err["error"]["message"]

@@ -58,12 +58,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Bad input exits 2 with one line on stderr naming the subcommand, like the other
+    commands; with ``--json``, one JSON object (``{"error": {"message", "type", "param",
+    "code"}}``) instead."""
     try:
         return int(args._twin(args))
     except LoragateError as exc:
-        err = {"error": {"message": exc.message, "type": "invalid_request_error",
-                         "param": exc.param, "code": 400}}
-        print(json.dumps(err), file=sys.stderr)
+        if getattr(args, "json", False):
+            err = {"error": {"message": exc.message, "type": "invalid_request_error",
+                             "param": exc.param, "code": 400}}
+            print(json.dumps(err), file=sys.stderr)
+        else:
+            print(f"loragate twin {args.twin_command}: {exc.message}", file=sys.stderr)
         return 2
 
 
