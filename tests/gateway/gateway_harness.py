@@ -36,6 +36,7 @@ class ScriptedReplica(StubVllm):
         self.requests: list[dict[str, Any]] = []
         self.stream_gate: asyncio.Event | None = None  # if set, hold the stream after event 1
         self.head_gate: asyncio.Event | None = None  # if set, hold the stream after its head
+        self.answer_gate: asyncio.Event | None = None  # if set, hold non-streaming answers
         self.raw_answer: bytes | list[bytes] | None = None
         self.cancelled = 0  # completions whose client (the gateway) went away mid-answer
         self.app.router.add_post("/v1/completions", self._completions)
@@ -83,6 +84,8 @@ class ScriptedReplica(StubVllm):
             await asyncio.sleep(3600)
         chat = request.path.endswith("/chat/completions")
         if not body.get("stream"):
+            if self.answer_gate is not None:
+                await self.answer_gate.wait()
             return web.json_response(_answer(model, chat, self.name))
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)

@@ -1,5 +1,7 @@
 """``loragate serve --config FILE``: run the gateway (aiohttp on uvloop). SIGHUP reloads FILE
-(a bad file is logged and the running config stays); SIGINT/SIGTERM stop it."""
+(a bad file is logged and the running config stays). SIGINT/SIGTERM stop it gracefully: new
+connections are refused, requests in flight get ``server.shutdown_timeout_s`` to finish and
+the rest are answered with an error (a second signal cuts them at once); then it exits 0."""
 
 from __future__ import annotations
 

@@ -92,6 +92,9 @@ class PollerConfig:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
+    # On SIGTERM/SIGINT: how long requests in flight may run on before they are answered
+    # with an error (below Kubernetes' default terminationGracePeriodSeconds of 30 s).
+    shutdown_timeout_s: float = 25.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -387,7 +390,7 @@ def _poller(value: object) -> PollerConfig:
 
 def _server(value: object) -> ServerConfig:
     data = _mapping(value, "server")
-    _check_keys(data, {"host", "port"}, "server")
+    _check_keys(data, {"host", "port", "shutdown_timeout_s"}, "server")
     kwargs: dict[str, Any] = {}
     if "host" in data:
         kwargs["host"] = _str(data["host"], "server.host")
@@ -396,6 +399,10 @@ def _server(value: object) -> ServerConfig:
         if port > 65535:
             raise ConfigError(f"must be <= 65535, got {port}", key="server.port")
         kwargs["port"] = port
+    if "shutdown_timeout_s" in data:
+        kwargs["shutdown_timeout_s"] = _seconds(
+            data["shutdown_timeout_s"], "server.shutdown_timeout_s"
+        )
     return ServerConfig(**kwargs)
 
 

@@ -13,10 +13,18 @@ Faults: a replica that refuses or drops the connection before answering is repor
 pool (no more traffic until a poll succeeds) and the request is retried once on another
 replica. A timeout is a 504 (not retried: the replica may still be working on it). A stream
 that breaks off after it started ends with an SSE error event, and the break is logged.
+
+Shutdown (:meth:`Proxy.drain`, run by the runner once the gateway stopped accepting
+connections): the requests being handled may finish within the drain period; those still
+running at its end are cancelled with a cancellation the handler recognises, so that each still
+gets an answer (a 503, or a final SSE error event if its stream had started) and its upstream
+connection is closed (vLLM aborts the generation). The per-request cost is one add and one
+discard on a set of handler tasks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import itertools
@@ -43,6 +51,7 @@ from loragate.core.types import AdapterSpec, ReplicaId, ReplicaSnapshot, Routing
 from loragate.gateway.catalog import Catalog
 from loragate.gateway.errors import (
     classify,
+    error_payload,
     error_response,
     internal_error_response,
     sse_error_event,
@@ -63,6 +72,13 @@ _MAX_HELD_BYTES = 1 << 16  # a stream "line" longer than this is relayed without
 _COMPLETIONS = "/v1/completions"
 _CHAT = "/v1/chat/completions"
 _set_field = object.__setattr__
+_current_task = asyncio.current_task
+_SHUTDOWN_MESSAGE = (
+    "the gateway is shutting down and the request did not finish within its drain period; retry it"
+)
+_SHUTDOWN_ERROR = error_payload(_SHUTDOWN_MESSAGE, "service_unavailable", "shutting_down")
+_SHUTDOWN_EVENT = b"data: " + _SHUTDOWN_ERROR + b"\n\n"  # as errors.sse_error_event
+_CUT = "loragate: shutdown deadline"  # the cancel message of a request cut at the deadline
 
 
 class _RelayResponse(web.StreamResponse):
@@ -77,7 +93,10 @@ class Proxy:
     """Request handlers of the OpenAI front door (bound methods are the aiohttp handlers)."""
 
     __slots__ = (
+        "_active",
         "_body_timeout_s",
+        "_cut",
+        "_hurry",
         "_ids",
         "_inflight",
         "_max_body",
@@ -116,6 +135,11 @@ class Proxy:
         self._ids = itertools.count(1)
         self._view: list[ReplicaSnapshot] = []
         self._view_src: tuple[ReplicaSnapshot, ...] = ()
+        # The handler tasks of the requests being handled, for the shutdown's drain.
+        # (None never occurs: aiohttp runs every handler in a task; typed so to skip a check.)
+        self._active: set[asyncio.Task[Any] | None] = set()
+        self._cut: set[asyncio.Task[Any] | None] = set()  # cancelled at the drain's deadline
+        self._hurry: asyncio.Event | None = None  # set: end the drain now
 
     def set_policy(self, policy: Policy) -> None:
         self._policy = policy
@@ -127,6 +151,65 @@ class Proxy:
         self._stream_timeout_s = limits.stream_read_timeout_s
         self._body_timeout_s = limits.client_body_timeout_s
 
+    # -- shutdown ---------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being handled by this instance now."""
+        return len(self._active)
+
+    async def drain(self, timeout_s: float, *, grace_s: float) -> tuple[int, int]:
+        """Shutdown, once no new requests arrive: wait up to ``timeout_s`` (or until
+        :meth:`end_drain`) for the requests being handled to finish, answers sent; then cut
+        those still running (a 503, or a final SSE error event once a stream started; the
+        upstream connection is closed) and wait up to ``grace_s`` for those answers to go out.
+        Returns (requests finished during the drain, requests cut)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        hurry = self._hurry = self._hurry or asyncio.Event()
+        hurried = loop.create_task(hurry.wait())
+        seen: set[asyncio.Task[Any]] = set()
+        try:
+            while not hurry.is_set():
+                seen.update(t for t in self._active if t is not None)
+                pending = {t for t in seen if not t.done()}
+                left = deadline - loop.time()
+                if not pending or left <= 0:
+                    break
+                everything = loop.create_task(asyncio.wait(pending))
+                try:
+                    await asyncio.wait(
+                        (everything, hurried), timeout=left, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    everything.cancel()
+        finally:
+            hurried.cancel()
+        cut = [t for t in self._active if t is not None and not t.done()]
+        seen.update(cut)
+        if cut:
+            self._cut.update(cut)
+            for task in cut:
+                task.cancel(_CUT)
+            await asyncio.wait(cut, timeout=grace_s)
+        return len(seen) - len(cut), len(cut)
+
+    def end_drain(self) -> None:
+        """Cut the requests still running now rather than at the drain's deadline (e.g. a
+        second SIGTERM)."""
+        self._hurry = self._hurry or asyncio.Event()
+        self._hurry.set()
+
+    def _was_cut(self, task: asyncio.Task[Any] | None) -> bool:
+        """Whether the ``CancelledError`` being handled in ``task`` is the drain's cut (then
+        the task's cancellation is withdrawn: the handler answers and ends normally)."""
+        if task not in self._cut:
+            return False
+        self._cut.discard(task)
+        assert task is not None
+        task.uncancel()
+        return True
+
     # -- handlers ---------------------------------------------------------------------------
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -137,6 +220,9 @@ class Proxy:
 
     async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
         t0 = self._now()
+        task = _current_task()
+        active = self._active
+        active.add(task)
         adapter_label = ""
         try:
             tenant = self.catalog.tenant_of(request.headers.get(hdrs.AUTHORIZATION))
@@ -157,10 +243,20 @@ class Proxy:
         except LoragateError as exc:
             self._telemetry.count(adapter_label, "", str(classify(exc)[0]))
             return error_response(exc)
+        except asyncio.CancelledError:
+            if not self._was_cut(task):
+                raise  # the client went away, or the server's own shutdown
+            # Cut at the shutdown deadline before an answer started: 503 (retryable).
+            self._telemetry.count(adapter_label, "", "503")
+            response = web.Response(status=503, body=_SHUTDOWN_ERROR, content_type=_JSON)
+            response.force_close()
+            return response
         except Exception:
             log.exception("unexpected error while proxying %s", request.path)
             self._telemetry.count(adapter_label, "", "500")
             return internal_error_response()
+        finally:
+            active.discard(task)
 
     async def _read_body(self, request: web.Request) -> bytes:
         body = await read_request_body(
@@ -364,65 +460,82 @@ class Proxy:
                 REPLICA_HEADER: rid,
             },
         )
-        await out.prepare(request)
         telemetry = self._telemetry
-        timeout_s = self._stream_timeout_s
-        last = held = b""
-        relayed = 0
-        outcome = "200"
-        head_held = True
-        while True:
-            if head_held and not conn.ready:
-                head_held = False
+        last = b""
+        ended = False
+        try:
+            await out.prepare(request)
+            timeout_s = self._stream_timeout_s
+            held = b""
+            relayed = 0
+            outcome = "200"
+            head_held = True
+            while True:
+                if head_held and not conn.ready:
+                    head_held = False
+                    try:
+                        await out.write(b"")  # the head alone, unless it went out already
+                    except ConnectionError:
+                        telemetry.count(rreq.adapter or "", rid, "client_closed")
+                        return out
                 try:
-                    await out.write(b"")  # the head alone, unless it went out already
+                    chunk = await conn.read_chunk(timeout_s)
+                except UpstreamError as exc:
+                    self._upstream_failed(exc, rid, rreq, f"streaming (after {relayed} bytes)")
+                    outcome = "stream_error"
+                    err = UpstreamConnectError(f"the replica broke off the stream: {exc.message}")
+                    with contextlib.suppress(ConnectionError):
+                        await out.write(_event_break(last) + sse_error_event(err))
+                    break
+                if not chunk:
+                    if not held:
+                        break
+                    chunk, held = held, b""  # the answer ended without a final newline
+                else:
+                    if held:
+                        chunk, held = held + chunk, b""
+                    if not chunk.endswith(b"\n"):
+                        cut = chunk.rfind(b"\n") + 1
+                        if cut or len(chunk) < _MAX_HELD_BYTES:
+                            chunk, held = chunk[:cut], chunk[cut:]
+                            if not chunk:
+                                continue
+                if not relayed:
+                    telemetry.observe_ttft(rid, self._now() - t0)
+                relayed += len(chunk)
+                last = chunk
+                try:
+                    if not held and conn.exhausted:  # the last bytes: the end of the body with them
+                        ended = True
+                        await out.write_eof(chunk)
+                        break
+                    await out.write(chunk)
                 except ConnectionError:
+                    # The client went away; releasing the unfinished connection closes it, which
+                    # aborts the generation on the replica.
                     telemetry.count(rreq.adapter or "", rid, "client_closed")
                     return out
-            try:
-                chunk = await conn.read_chunk(timeout_s)
-            except UpstreamError as exc:
-                self._upstream_failed(exc, rid, rreq, f"streaming (after {relayed} bytes)")
-                outcome = "stream_error"
-                # The client has whole lines (a line cut short, in `held`, is dropped): end the
-                # event in progress, if any, so that the error event stands on its own.
-                if not last or last.endswith(b"\n\n"):
-                    prefix = b""
-                else:
-                    prefix = b"\n" if last.endswith(b"\n") else b"\n\n"
-                err = UpstreamConnectError(f"the replica broke off the stream: {exc.message}")
+            telemetry.observe_latency(rid, self._now() - t_send)
+            telemetry.count(rreq.adapter or "", rid, outcome)
+            ended = True
+            with contextlib.suppress(ConnectionError):
+                await out.write_eof()  # nothing if it was sent with the last bytes
+        except asyncio.CancelledError:
+            if not self._was_cut(_current_task()):
+                raise
+            if not ended:  # (else the whole answer is out but its last write)
+                # Cut at the shutdown deadline: end the stream with an error event, cleanly.
+                telemetry.count(rreq.adapter or "", rid, "shutdown")
                 with contextlib.suppress(ConnectionError):
-                    await out.write(prefix + sse_error_event(err))
-                break
-            if not chunk:
-                if not held:
-                    break
-                chunk, held = held, b""  # the answer ended without a final newline: as it is
-            else:
-                if held:
-                    chunk, held = held + chunk, b""
-                if not chunk.endswith(b"\n"):
-                    cut = chunk.rfind(b"\n") + 1
-                    if cut or len(chunk) < _MAX_HELD_BYTES:
-                        chunk, held = chunk[:cut], chunk[cut:]
-                        if not chunk:
-                            continue
-            if not relayed:
-                telemetry.observe_ttft(rid, self._now() - t0)
-            relayed += len(chunk)
-            last = chunk
-            try:
-                if not held and conn.exhausted:  # the last bytes: the end of the body with them
-                    await out.write_eof(chunk)
-                    break
-                await out.write(chunk)
-            except ConnectionError:
-                # The client went away; releasing the unfinished connection closes it, which
-                # aborts the generation on the replica.
-                telemetry.count(rreq.adapter or "", rid, "client_closed")
-                return out
-        telemetry.observe_latency(rid, self._now() - t_send)
-        telemetry.count(rreq.adapter or "", rid, outcome)
-        with contextlib.suppress(ConnectionError):
-            await out.write_eof()  # nothing if it was sent with the last bytes
+                    await out.write(_event_break(last) + _SHUTDOWN_EVENT)
+                    await out.write_eof()
         return out
+
+
+def _event_break(last: bytes) -> bytes:
+    """What ends the SSE event in progress after ``last`` (the last bytes relayed), so that an
+    error event written next stands on its own. The client has whole lines only (a line cut
+    short is never relayed)."""
+    if not last or last.endswith(b"\n\n"):
+        return b""
+    return b"\n" if last.endswith(b"\n") else b"\n\n"

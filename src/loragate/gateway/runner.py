@@ -1,5 +1,14 @@
 """Run a gateway app on a socket: in-process for tests and the demo, or until a signal for
-``loragate serve``. The event loop (uvloop or not) is the caller's choice."""
+``loragate serve``. The event loop (uvloop or not) is the caller's choice.
+
+Shutdown (leaving :func:`running_gateway`; SIGTERM/SIGINT in ``loragate serve``), as a load
+balancer drains: the listening socket closes at once (new connections are refused) and idle
+keep-alive connections close; the requests in flight may finish within the drain period
+(``server.shutdown_timeout_s``); those still running then are answered (a 503, or a final SSE
+error event once a stream started) and their upstream connections closed (vLLM aborts the
+generations). The whole shutdown is bounded by the drain period plus about 3 s of grace
+(CUT_GRACE_S, then 2 x HANDLER_GRACE_S for handlers outside the proxy) and the app cleanup.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +31,12 @@ from loragate.gateway.protocol_errors import OpenAIErrorAppRunner
 from loragate.gateway.reload import reload_from_file
 
 log = logging.getLogger(__name__)
+
+# After the drain period: how long the answers of the requests cut then may take to go out.
+CUT_GRACE_S = 1.0
+# Then aiohttp's own shutdown, for handlers outside the proxy (admin, /health, /metrics; they
+# had the drain period too): it waits this long, cancels them and waits this long again.
+HANDLER_GRACE_S = 1.0
 
 
 class ListenError(Exception):
@@ -47,15 +62,44 @@ async def running_gateway(
     *,
     host: str | None = None,
     port: int | None = None,
-    shutdown_timeout_s: float = 5.0,
+    shutdown_timeout_s: float | None = None,
     **create_app_kwargs: Any,
 ) -> AsyncIterator[RunningGateway]:
     """Serve a gateway built by ``create_app(config, **create_app_kwargs)`` until the block
-    exits. ``port=0`` picks a free port; ``host``/``port`` default to ``config.server``.
-    Raises :class:`ListenError` if the socket cannot be bound."""
+    exits, then shut down gracefully (see the module docstring); ``shutdown_timeout_s`` is the
+    drain period (default: ``server.shutdown_timeout_s``). ``port=0`` picks a free port;
+    ``host``/``port`` default to ``config.server``. Raises :class:`ListenError` if the socket
+    cannot be bound."""
     host = config.server.host if host is None else host
     port = config.server.port if port is None else port
     app = create_app(config, **create_app_kwargs)
+
+    async def drain(app: web.Application) -> None:
+        # aiohttp's on_shutdown: the site is closed; aiohttp's own shutdown (HANDLER_GRACE_S)
+        # follows.
+        if runner.server is not None:
+            await _close_idle_connections(runner.server)
+        gateway = app[GATEWAY]
+        period = (
+            gateway.config.server.shutdown_timeout_s
+            if shutdown_timeout_s is None
+            else shutdown_timeout_s
+        )
+        log.info(
+            "shutdown: not accepting connections; %d requests in flight, "
+            "waiting up to %g s for them",
+            gateway.proxy.in_flight,
+            period,
+        )
+        finished, cut = await gateway.proxy.drain(period, grace_s=CUT_GRACE_S)
+        log.info(
+            "shutdown: %d requests finished during the drain, %d cut at its end "
+            "(answered with an error)",
+            finished,
+            cut,
+        )
+
+    app.on_shutdown.append(drain)
     # handler_cancellation: a client that goes away cancels its handler, which drops the
     # upstream connection, which makes vLLM abort the generation. OpenAIErrorAppRunner: a
     # request aiohttp's HTTP parser rejects gets an OpenAI-shaped JSON error, not plain text,
@@ -66,7 +110,7 @@ async def running_gateway(
         access_log=None,
         handle_signals=False,
         handler_cancellation=True,
-        shutdown_timeout=shutdown_timeout_s,
+        shutdown_timeout=HANDLER_GRACE_S,
     )
     await runner.setup()
     try:
@@ -86,6 +130,19 @@ async def running_gateway(
         await runner.cleanup()
 
 
+async def _close_idle_connections(server: web.Server) -> None:
+    """Close the keep-alive connections that wait for a request. aiohttp's ``pre_shutdown``
+    (before ``on_shutdown``) told every connection to stop after its current request, which
+    ends the waiting ones' tasks, but it closes their sockets only in its own shutdown, after
+    the drain: a client (or load balancer) reusing one meanwhile would wait for nothing.
+    Connections busy with a request close after its answer (aiohttp)."""
+    await asyncio.sleep(0)  # the waiting connections' tasks see their cancelled waiter
+    for conn in server.connections:
+        task = conn._task_handler  # aiohttp 3.14: the connection's request loop
+        if task is None or task.done():
+            conn.force_close()
+
+
 async def reload_logged(gateway: Gateway) -> bool:
     """Reload the config file (SIGHUP); a bad file is logged and the old config stays."""
     try:
@@ -103,15 +160,27 @@ async def serve_until_signalled(
     port: int | None = None,
     config_path: str | Path | None = None,
 ) -> None:
-    """Run until SIGINT or SIGTERM, then shut down gracefully. SIGHUP reloads
-    ``config_path`` (when given) without dropping requests."""
+    """Run until SIGINT or SIGTERM, then shut down gracefully (a second signal cuts the
+    requests still running at once). SIGHUP reloads ``config_path`` (when given) without
+    dropping requests."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    gateways: list[Gateway] = []
+
+    def on_stop(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            log.info("%s: shutting down", sig.name)
+            stop.set()
+        elif gateways:
+            log.info("%s again: cutting the requests still running now", sig.name)
+            gateways[0].proxy.end_drain()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_stop, sig)
     reloads: set[asyncio.Task[bool]] = set()
     async with running_gateway(config, host=host, port=port, config_path=config_path) as running:
+        gateways.append(running.gateway)
         if config_path is not None:
 
             def on_hup() -> None:
@@ -130,4 +199,3 @@ async def serve_until_signalled(
             running.gateway.policy.name,
         )
         await stop.wait()
-        log.info("shutting down")
