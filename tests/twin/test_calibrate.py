@@ -320,11 +320,19 @@ def test_cli_calibrate_round_trip(tmp_path: Path) -> None:
     folder = make_folder(tmp_path, noise=0.0)
     out = tmp_path / "profiles" / "toy.yaml"
     code = cli_main(["twin", "calibrate", "--data", str(folder), "--model", MODEL,
-                     "--out", str(out), "--lora-source", "poisson"])
+                     "--out", str(out)])  # the default LoRA source: poisson
     assert code == 0
     profile = load_profile(out)
     assert profile.name == "toy"
-    assert "--model toy-8b" in profile.source and "--lora-source poisson" in profile.source
+    # The source line reproduces the fit: the default source needs no flag, batch does.
+    assert "--model toy-8b" in profile.source and "--lora-source" not in profile.source
+    assert profile.lora.ms_per_slot > 0  # only the poisson source fits the per-slot cost
+    batch_out = tmp_path / "profiles" / "toy-batch.yaml"
+    assert cli_main(["twin", "calibrate", "--data", str(folder), "--model", MODEL,
+                     "--out", str(batch_out), "--lora-source", "batch"]) == 0
+    batch_profile = load_profile(batch_out)
+    assert "--lora-source batch" in batch_profile.source
+    assert batch_profile.lora.ms_per_slot == 0.0
     # The loaded profile reproduces the generating model's step time (decode, LoRA, sched).
     batch, adapters, waiting = 300, 40, 1000
     got_ms = 1000 * profile.step_time_s(

@@ -30,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cal.add_argument("--name", default=None, help="profile name (default: --out file stem)")
     cal.add_argument("--description", default="")
     cal.add_argument(
-        "--lora-source", choices=("batch", "poisson"), default="batch",
-        help="LoRA compute cost from the all-at-once runs at one slot count (batch, default) or "
-             "from the Poisson runs over slot counts plus the per-slot step cost (poisson)")
+        "--lora-source", choices=("poisson", "batch"), default="poisson",
+        help="LoRA compute cost from the Poisson runs over slot counts plus the per-slot step "
+             "cost (poisson, default) or from the all-at-once runs at one slot count (batch)")
     cal.add_argument("--json", action="store_true", help="print the fit report as JSON")
     cal.set_defaults(_twin=_calibrate)
 
@@ -81,7 +81,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     name = args.name or out.stem
     source = (f"loragate twin calibrate --data {args.data} --model {args.model} "
               f"--out {args.out}" + (f" --name {args.name}" if args.name else "")
-              + (f" --lora-source {args.lora_source}" if args.lora_source != "batch" else ""))
+              + (f" --lora-source {args.lora_source}" if args.lora_source != "poisson" else ""))
     profile, report = calibrate_profile(args.data, args.model, name=name,
                                         description=args.description, source=source,
                                         lora_source=args.lora_source)

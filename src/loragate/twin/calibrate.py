@@ -18,12 +18,13 @@ Why this shape (all from the calibration data, see ``FitReport``):
 - prefill: R4 prefill runs (1 output token) run full 2048-token chunks at a constant ~55 ms,
   which fixes w_p. Without prefill rows for a model the weight of the other models is used.
 - LoRA: the punica/triton kernels do work proportional to the tokens and one extra tile per
-  active adapter; R5 (max_loras 300) shows an overhead linear in the per-step unique adapters
-  and no LoRA intercept at tiny batches (R3 at B < 1). The compute data holds rank 8 only, so
-  no rank term is fitted (the R6 ITLs show no rank effect at small batches either).
-  ``lora_source="poisson"`` instead fits the LoRA terms on R3's Poisson runs over 8..448
-  slots, after a per-step cost of every slot, ``max_loras * (u0 + u_r * max(max_lora_rank,
-  16))``, measured by R7's single-request ITLs (``fit_slot_cost``, ``fit_lora_poisson``).
+  active adapter. By default (``lora_source="poisson"``) the LoRA terms are fitted on R3's
+  Poisson runs over 8..448 slots, the regime of real deployments, after a per-step cost of
+  every slot, ``max_loras * (u0 + u_r * max(max_lora_rank, 16))``, measured by R7's
+  single-request ITLs (``fit_slot_cost``, ``fit_lora_poisson``). ``lora_source="batch"``
+  fits them on R5 instead (all prompts at once, max_loras 300: an overhead linear in the
+  per-step unique adapters, no LoRA intercept at tiny batches). The compute data holds rank 8
+  only, so no rank term is fitted (the R6 ITLs show no rank effect at small batches either).
 - scheduler: R3's ``total_scheduling_time/steps`` is linear in running and waiting requests
   (vLLM 0.8.5 scans the whole waiting queue when the LoRA slots are full).
 - loads: CPU->GPU swap time per (adapter rank, max_lora_rank) from R6 (padding an adapter to a
@@ -459,11 +460,12 @@ def fit_lora(
 
 
 # R3's runs record no prompt lengths. They are taken to sample ShareGPT like the one-hour runs
-# (the benchmark's filter: prompt 4-1024, prompt + output <= 2048 tokens), whose prompt pools
-# average 223 tokens (``pool_mean_input_tokens`` of validation/real_runs.csv: a property of the
-# dataset, not of the engine); R3's finished requests average 231 output tokens, the pools 199.
-# The fitted per-adapter cost hardly depends on it (0.51-0.58 ms for 100-400 tokens).
-R3_MEAN_PROMPT_TOKENS = 223.0
+# (the benchmark's filter: prompt 4-1024, output >= 4, prompt + output <= 2048 tokens): the
+# dataset's own filtered prompts average 221 tokens (15,821 two-turn conversations of
+# ShareGPT_V3_unfiltered_cleaned_split, cl100k_base tokens + BOS; scripts/sharegpt_length_tables.py,
+# the source of validate.py's SHAREGPT_* tables). The fitted per-adapter cost hardly depends on
+# it (0.51-0.58 ms for 100-400 tokens).
+R3_MEAN_PROMPT_TOKENS = 221.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -768,19 +770,22 @@ LoraSource = Literal["batch", "poisson"]
 LORA_SOURCES: tuple[LoraSource, ...] = ("batch", "poisson")
 
 
-def fit_coefficients(data: CalibrationData, *, lora_source: LoraSource = "batch") -> FitReport:
+def fit_coefficients(
+    data: CalibrationData, *, lora_source: LoraSource = "poisson"
+) -> FitReport:
     """Fit every component for ``data.model``; components without data get neutral values.
 
     ``lora_source`` chooses where the LoRA compute cost comes from:
 
-    * ``batch`` (default): R5's all-at-once runs at 300 slots price a token and an adapter;
-      R3 only splits the per-token cost into a part that scales with ``max_loras``.
-    * ``poisson``: R3's Poisson runs over 8..448 slots price it (``fit_lora_poisson``), after
-      the slots' per-step cost measured by R7's single-request sweep (``fit_slot_cost``),
-      which becomes a profile term. Falls back to ``batch`` without R3 or R6 data.
+    * ``poisson`` (default): R3's Poisson runs over 8..448 slots price it
+      (``fit_lora_poisson``), after the slots' per-step cost measured by R7's single-request
+      sweep (``fit_slot_cost``), which becomes a profile term. Falls back to ``batch`` without
+      R3 or R6 data.
+    * ``batch``: R5's all-at-once runs at 300 slots price a token and an adapter; R3 only
+      splits the per-token cost into a part that scales with ``max_loras``.
 
-    On the BSC one-hour runs (``bench/validate_twin.py``) ``poisson`` has the smaller ITL
-    errors and ``batch`` the smaller throughput errors (README, "Digital twin").
+    Both are validated on the BSC one-hour runs (``bench/validate_twin.py``; README,
+    "Digital twin").
     """
     if lora_source not in LORA_SOURCES:
         raise ConfigError(f"must be one of {', '.join(LORA_SOURCES)}", key="lora_source")
@@ -956,7 +961,7 @@ def build_profile(
 
 def calibrate_profile(
     folder: str, model: str, *, name: str, description: str = "", source: str = "",
-    lora_source: LoraSource = "batch",
+    lora_source: LoraSource = "poisson",
 ) -> tuple[PerformanceProfile, FitReport]:
     """Read ``folder``, fit ``model`` and return the profile and the fit report."""
     data = load_calibration_data(folder, model)
