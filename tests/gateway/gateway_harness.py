@@ -9,10 +9,11 @@ import contextlib
 import json
 import re
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import openai
 from aiohttp import web
 
 from loragate.core.config import GatewayConfig, config_from_mapping
@@ -140,6 +141,22 @@ async def serving(app: web.Application) -> AsyncIterator[tuple[str, web.AppRunne
         yield f"http://{host}:{port}", runner
     finally:
         await runner.cleanup()
+
+
+def openai_client(url: str, key: str = "none") -> openai.AsyncOpenAI:
+    """The reference client for a gateway at ``url``: no retries, so a test sees every failure;
+    the timeout only keeps a broken server from hanging the test."""
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30.0)
+
+
+async def wait_until(predicate: Callable[[], object], what: str, timeout_s: float = 30.0) -> None:
+    """Poll ``predicate`` every 50 ms until it is true; fail naming ``what`` after ``timeout_s``
+    (a hang guard, not a timing assertion)."""
+    for _ in range(int(timeout_s / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def gateway_config(urls: list[str], **sections: Any) -> GatewayConfig:

@@ -7,16 +7,13 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from gateway_harness import BASE, ScriptedReplica, gateway_config
+from gateway_harness import BASE, ScriptedReplica, gateway_config, openai_client
 
 from loragate.gateway import running_gateway
 
 TOKEN = "admin-s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
-
-def _sdk(url: str, key: str = "none") -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=10.0)
 
 
 async def _call(
@@ -75,7 +72,7 @@ async def test_replicas_show_snapshots_and_shadow_residency(
     )
     async with (
         running_gateway(cfg, port=0) as gw,
-        _sdk(gw.url) as client,
+        openai_client(gw.url) as client,
         aiohttp.ClientSession() as http,
     ):
         routed: dict[str, list[str]] = {}
@@ -110,8 +107,8 @@ async def test_register_use_and_delete_an_adapter(replicas: list[ScriptedReplica
     async with (
         running_gateway(cfg, port=0) as gw,
         aiohttp.ClientSession() as http,
-        _sdk(gw.url, "sk-acme") as acme,
-        _sdk(gw.url, "sk-z") as zeta,
+        openai_client(gw.url, "sk-acme") as acme,
+        openai_client(gw.url, "sk-z") as zeta,
     ):
         url = gw.url + "/admin/adapters"
         new = {"name": "fresh", "path": "/loras/fresh", "rank": 16, "tenants": ["acme"]}

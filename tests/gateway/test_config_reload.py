@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import openai
 import pytest
 import yaml
-from gateway_harness import BASE, ScriptedReplica, gateway_config, serve_process
+from gateway_harness import BASE, ScriptedReplica, gateway_config, openai_client, serve_process
 
 from loragate.gateway import load_config, running_gateway
 
@@ -33,9 +32,6 @@ def _write(path: Path, replicas: list[ScriptedReplica], **sections: Any) -> Path
     return path
 
 
-def _sdk(url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=10.0)
-
 
 async def _reload(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
     async with http.post(url + "/admin/reload", headers=AUTH) as resp:
@@ -51,7 +47,7 @@ async def test_reload_swaps_policy_adapters_and_replicas_while_a_stream_runs(
     path = _write(tmp_path / "gw.yaml", [first])
     async with (
         running_gateway(load_config(path), port=0, config_path=path) as gw,
-        _sdk(gw.url) as client,
+        openai_client(gw.url) as client,
         aiohttp.ClientSession() as http,
     ):
         stream = await client.completions.create(model="lora-0", prompt="x", stream=True)
@@ -115,7 +111,7 @@ async def test_a_bad_file_is_rejected_and_the_old_config_stays(
     path = _write(tmp_path / "gw.yaml", replicas)
     async with (
         running_gateway(load_config(path), port=0, config_path=path) as gw,
-        _sdk(gw.url) as client,
+        openai_client(gw.url) as client,
         aiohttp.ClientSession() as http,
     ):
         _write(path, replicas, **{section: value})

@@ -9,13 +9,9 @@ import socket
 import aiohttp
 import openai
 import pytest
-from gateway_harness import BASE, ScriptedReplica, gateway_config
+from gateway_harness import BASE, ScriptedReplica, gateway_config, openai_client, wait_until
 
 from loragate.gateway import running_gateway
-
-
-def _sdk(url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=10.0)
 
 
 def _closed_port_url() -> str:
@@ -53,7 +49,7 @@ async def test_dropped_request_is_retried_once_on_another_replica(
 ) -> None:
     replicas[0].mode = "drop"
     cfg = gateway_config([r.url for r in replicas], routing="round_robin")
-    async with running_gateway(cfg, port=0) as gw, _sdk(gw.url) as client:
+    async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as client:
         for _ in range(4):
             done = await client.completions.create(model=BASE, prompt="p", max_tokens=1)
             assert done.choices[0].text == "hi from r1"
@@ -84,7 +80,7 @@ async def test_when_every_replica_drops_the_client_gets_502(
 
 async def test_refusing_replica_is_skipped(replicas: list[ScriptedReplica]) -> None:
     cfg = gateway_config([_closed_port_url(), replicas[0].url], routing="round_robin")
-    async with running_gateway(cfg, port=0) as gw, _sdk(gw.url) as client:
+    async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as client:
         assert not gw.gateway.pool.is_healthy("r0")  # the first poll found it down
         for _ in range(3):
             done = await client.completions.create(model="lora-1", prompt="p", max_tokens=1)
@@ -108,7 +104,7 @@ async def test_stream_dying_midway_ends_with_an_error_event(
 ) -> None:
     replicas[0].mode = "die_mid_stream"
     cfg = gateway_config([replicas[0].url, replicas[1].url], routing="round_robin")
-    async with running_gateway(cfg, port=0) as gw, _sdk(gw.url) as client:
+    async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as client:
         stream = await client.completions.create(model=BASE, prompt="p", stream=True)
         got = []
         with pytest.raises(openai.APIError, match="broke off the stream"):
@@ -125,7 +121,7 @@ async def test_stream_dying_midway_ends_with_an_error_event(
 
 async def test_replica_killed_mid_run(replicas: list[ScriptedReplica]) -> None:
     cfg = gateway_config([r.url for r in replicas], routing="round_robin")
-    async with running_gateway(cfg, port=0) as gw, _sdk(gw.url) as client:
+    async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as client:
 
         async def one(i: int) -> str:
             done = await client.completions.create(model=f"lora-{i % 2}", prompt="p", max_tokens=1)
@@ -143,7 +139,7 @@ async def test_replica_killed_mid_run(replicas: list[ScriptedReplica]) -> None:
 
 async def test_metrics_and_health_endpoints(replicas: list[ScriptedReplica]) -> None:
     cfg = gateway_config([r.url for r in replicas])
-    async with running_gateway(cfg, port=0) as gw, _sdk(gw.url) as client:
+    async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as client:
         await client.completions.create(model="lora-0", prompt="p", max_tokens=1)
         async for _ in await client.completions.create(model="lora-0", prompt="p", stream=True):
             pass
@@ -172,13 +168,6 @@ async def test_metrics_and_health_endpoints(replicas: list[ScriptedReplica]) -> 
     assert "loragate_adapter_loads" in text
 
 
-async def _until(predicate: object, what: str) -> None:
-    for _ in range(200):  # bounded: at most ~10 s
-        if predicate():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 async def test_client_going_away_aborts_the_upstream_request(
     replicas: list[ScriptedReplica],
@@ -194,13 +183,13 @@ async def test_client_going_away_aborts_the_upstream_request(
             with pytest.raises(TimeoutError):
                 async with http.post(gw.url + "/v1/completions", json={"prompt": "p"}) as r:
                     await r.read()
-        await _until(lambda: replicas[0].cancelled == 1, "r0 to see the abort")
+        await wait_until(lambda: replicas[0].cancelled == 1, "r0 to see the abort")
         # Streaming, on r1: the client reads the first event, then disconnects.
         async with aiohttp.ClientSession() as http:
             body = {"prompt": "p", "stream": True}
             async with http.post(gw.url + "/v1/completions", json=body) as resp:
                 assert resp.status == 200
                 assert (await resp.content.readline()).startswith(b"data: ")
-        await _until(lambda: replicas[1].cancelled == 1, "r1 to see the abort")
-        await _until(lambda: inflight.counts() == {"r0": 0, "r1": 0}, "in-flight to drain")
+        await wait_until(lambda: replicas[1].cancelled == 1, "r1 to see the abort")
+        await wait_until(lambda: inflight.counts() == {"r0": 0, "r1": 0}, "in-flight to drain")
         assert gw.gateway.pool.is_healthy("r0") and gw.gateway.pool.is_healthy("r1")

@@ -8,18 +8,14 @@ import json
 import aiohttp
 import openai
 import pytest
-from gateway_harness import BASE, ScriptedReplica, gateway_config
+from gateway_harness import BASE, ScriptedReplica, gateway_config, openai_client
 
 from loragate.gateway import running_gateway
 
 
-def _sdk(url: str, key: str = "none") -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=10.0)
-
-
 async def test_completions_and_chat_through_the_sdk(replicas: list[ScriptedReplica]) -> None:
     cfg = gateway_config([r.url for r in replicas], routing="round_robin")
-    async with running_gateway(cfg, port=0) as gw, _sdk(gw.url) as client:
+    async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as client:
         done = await client.completions.create(model="lora-0", prompt="hello", max_tokens=3)
         assert done.model == "lora-0" and done.choices[0].text.startswith("hi from r")
         assert done.usage is not None and done.usage.total_tokens == 7
@@ -48,7 +44,7 @@ async def test_streams_are_relayed_as_they_arrive(replicas: list[ScriptedReplica
     for r in replicas:
         r.stream_gate = gate  # the upstream holds its stream after the first event
     cfg = gateway_config([r.url for r in replicas])
-    async with running_gateway(cfg, port=0) as gw, _sdk(gw.url) as client:
+    async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as client:
         stream = await client.completions.create(model=BASE, prompt="x", stream=True)
         it = stream.__aiter__()
         first = await asyncio.wait_for(it.__anext__(), timeout=10)  # arrives before the gate
@@ -62,7 +58,7 @@ async def test_adapter_is_loaded_once_on_demand(replicas: list[ScriptedReplica])
     for r in replicas:
         r.load_delay_s = 0.1
     cfg = gateway_config([r.url for r in replicas])
-    async with running_gateway(cfg, port=0) as gw, _sdk(gw.url) as client:
+    async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as client:
         results = await asyncio.gather(
             *(
                 client.completions.create(model="lora-2", prompt="p", max_tokens=2)
@@ -79,7 +75,7 @@ async def test_adapter_is_loaded_once_on_demand(replicas: list[ScriptedReplica])
 
 async def test_forgotten_adapter_is_reloaded(replicas: list[ScriptedReplica]) -> None:
     cfg = gateway_config([replicas[0].url])
-    async with running_gateway(cfg, port=0) as gw, _sdk(gw.url) as client:
+    async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as client:
         await client.completions.create(model="lora-0", prompt="p", max_tokens=2)
         replicas[0].adapters.clear()  # the replica restarted; the gateway does not know yet
         again = await client.completions.create(model="lora-0", prompt="p", max_tokens=2)
@@ -88,7 +84,7 @@ async def test_forgotten_adapter_is_reloaded(replicas: list[ScriptedReplica]) ->
 
 async def test_unknown_model_is_404_in_openai_shape(replicas: list[ScriptedReplica]) -> None:
     cfg = gateway_config([r.url for r in replicas])
-    async with running_gateway(cfg, port=0) as gw, _sdk(gw.url) as client:
+    async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as client:
         with pytest.raises(openai.NotFoundError) as info:
             await client.completions.create(model="no-such-adapter", prompt="p")
         assert info.value.status_code == 404
@@ -112,7 +108,7 @@ async def test_auth_and_tenant_isolation(replicas: list[ScriptedReplica]) -> Non
         ],
     )
     async with running_gateway(cfg, port=0) as gw:
-        async with _sdk(gw.url, "wrong") as anon:
+        async with openai_client(gw.url, "wrong") as anon:
             with pytest.raises(openai.AuthenticationError):
                 await anon.completions.create(model=BASE, prompt="p")
             with pytest.raises(openai.AuthenticationError):
@@ -123,7 +119,8 @@ async def test_auth_and_tenant_isolation(replicas: list[ScriptedReplica]) -> Non
         ):
             assert resp.status == 401
             assert (await resp.json())["error"]["code"] == "invalid_api_key"
-        async with _sdk(gw.url, "sk-acme") as acme, _sdk(gw.url, "sk-beta") as beta:
+        acme_sdk = openai_client(gw.url, "sk-acme")
+        async with acme_sdk as acme, openai_client(gw.url, "sk-beta") as beta:
             ok = await acme.completions.create(model="acme-lora", prompt="p", max_tokens=2)
             assert ok.model == "acme-lora"
             with pytest.raises(openai.NotFoundError):
@@ -179,7 +176,7 @@ async def test_body_over_the_limit_is_413(replicas: list[ScriptedReplica]) -> No
 
         async with http.post(gw.url + "/v1/completions", data=chunks()) as resp:
             assert resp.status == 413
-        async with _sdk(gw.url) as client:
+        async with openai_client(gw.url) as client:
             with pytest.raises(openai.APIStatusError) as info:
                 await client.completions.create(model=BASE, prompt="x" * 2000)
             assert info.value.status_code == 413

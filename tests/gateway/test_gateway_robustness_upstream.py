@@ -12,28 +12,16 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from gateway_harness import BASE, ScriptedReplica, gateway_config
+from gateway_harness import BASE, ScriptedReplica, gateway_config, openai_client, wait_until
 
 from loragate.gateway import RunningGateway, running_gateway
-
-
-def _sdk(url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=10.0)
-
-
-async def _until(predicate: Any, what: str) -> None:
-    for _ in range(400):  # bounded: at most ~20 s
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def _assert_nothing_in_flight(gw: RunningGateway, http: aiohttp.ClientSession) -> None:
     """Every counter that could leak: this instance's, the shared state's, /metrics and
     /admin/replicas."""
     gateway = gw.gateway
-    await _until(lambda: not any(gateway.inflight.counts().values()), "in-flight to drain")
+    await wait_until(lambda: not any(gateway.inflight.counts().values()), "in-flight to drain")
     for rid in gateway.pool.replica_ids:
         assert gateway.shared.in_flight_of(rid) == 0, rid
     async with http.get(gw.url + "/metrics") as resp:
@@ -103,7 +91,7 @@ async def test_broken_non_streaming_answers_are_502_and_nothing_leaks(
         # The gateway keeps serving once the replica behaves and a poll brings it back.
         rep.raw_answer = None
         await gw.gateway.pool.poll_once()
-        async with _sdk(gw.url) as client:
+        async with openai_client(gw.url) as client:
             done = await client.completions.create(model=BASE, prompt="ok", max_tokens=1)
             assert done.choices[0].text == "hi from r0"
 
@@ -124,7 +112,7 @@ async def test_broken_stream_ends_with_an_sse_error_the_sdk_raises(
     rep.raw_answer = _SSE_HEAD + b"%x\r\n%s\r\n" % (len(_EVENT), _EVENT) + tail
     async with running_gateway(_cfg([rep]), port=0) as gw, aiohttp.ClientSession() as http:
         got = []
-        async with _sdk(gw.url) as client:
+        async with openai_client(gw.url) as client:
             stream = await client.completions.create(model=BASE, prompt="p", stream=True)
             with pytest.raises(openai.APIError, match="broke off the stream"):
                 async for chunk in stream:
@@ -160,7 +148,7 @@ async def test_stream_broken_before_its_first_read_is_a_502(
     rep = replicas[0]
     rep.raw_answer = _SSE_HEAD + b"%x\r\n%s\r\nzz\r\n" % (len(_EVENT), _EVENT)
     async with running_gateway(_cfg([rep]), port=0) as gw, aiohttp.ClientSession() as http:
-        async with _sdk(gw.url) as client:
+        async with openai_client(gw.url) as client:
             with pytest.raises(openai.InternalServerError, match="bad chunk"):
                 await client.completions.create(model=BASE, prompt="p", stream=True)
         await _assert_nothing_in_flight(gw, http)
@@ -183,7 +171,7 @@ async def test_replica_removed_or_marked_unhealthy_with_streams_in_flight(
                 return await resp.read()
 
         streams = [asyncio.create_task(one_stream(i)) for i in range(6)]
-        await _until(lambda: sum(len(r.requests) for r in replicas) == 6, "6 streams to start")
+        await wait_until(lambda: sum(len(r.requests) for r in replicas) == 6, "6 streams to start")
         assert gw.gateway.inflight.counts() == {"r0": 3, "r1": 3}
         pool.remove_replica("r1")  # a config reload dropped it
         pool.report_failure("r0", "test: marked unhealthy")
@@ -204,7 +192,7 @@ async def test_concurrent_requests_for_an_unloaded_adapter_load_it_once_per_repl
         rep.load_delay_s = 0.2  # every request arrives while the loads are still running
     cfg = _cfg(replicas, routing="round_robin")
     async with running_gateway(cfg, port=0) as gw, aiohttp.ClientSession() as http:
-        async with _sdk(gw.url) as client:
+        async with openai_client(gw.url) as client:
             done = await asyncio.gather(
                 *(
                     client.completions.create(model="lora-3", prompt=f"p{i}", max_tokens=1)
@@ -250,14 +238,14 @@ async def test_silent_stream_times_out_with_an_sse_error_and_the_replica_stays_i
     rep.stream_gate = asyncio.Event()  # never set: silence after the first event
     cfg = _cfg([rep], limits={"stream_read_timeout_s": 0.3})
     async with running_gateway(cfg, port=0) as gw, aiohttp.ClientSession() as http:
-        async with _sdk(gw.url) as client:
+        async with openai_client(gw.url) as client:
             stream = await client.completions.create(model=BASE, prompt="p", stream=True)
             got = []
             with pytest.raises(openai.APIError, match="did not answer in time"):
                 async for chunk in stream:
                     got.append(chunk.choices[0].text)
             assert got == [" one"]
-        await _until(lambda: rep.cancelled == 1, "the replica to see the abort")
+        await wait_until(lambda: rep.cancelled == 1, "the replica to see the abort")
         assert gw.gateway.pool.is_healthy("r0")  # slow is not dead
         await _assert_nothing_in_flight(gw, http)
 
@@ -270,11 +258,11 @@ async def test_client_leaving_during_an_adapter_load_leaks_nothing(
     async with running_gateway(_cfg([rep]), port=0) as gw, aiohttp.ClientSession() as http:
         body = {"model": "lora-2", "prompt": "p"}
         gone = asyncio.create_task(http.post(gw.url + "/v1/completions", json=body))
-        await _until(lambda: rep.load_calls == 1, "the load to start")
+        await wait_until(lambda: rep.load_calls == 1, "the load to start")
         gone.cancel()  # the client disconnects while the gateway waits for the load
         with pytest.raises(asyncio.CancelledError):
             await gone
-        await _until(lambda: "lora-2" in rep.adapters, "the load to finish anyway")
+        await wait_until(lambda: "lora-2" in rep.adapters, "the load to finish anyway")
         await _assert_nothing_in_flight(gw, http)
         async with http.post(gw.url + "/v1/completions", json=body) as resp:
             assert resp.status == 200

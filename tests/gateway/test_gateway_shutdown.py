@@ -17,7 +17,14 @@ from typing import Any
 
 import openai
 import pytest
-from gateway_harness import BASE, ScriptedReplica, gateway_config, serve_process
+from gateway_harness import (
+    BASE,
+    ScriptedReplica,
+    gateway_config,
+    openai_client,
+    serve_process,
+    wait_until,
+)
 
 from loragate.core.config import GatewayConfig, config_from_mapping
 from loragate.core.errors import ConfigError
@@ -26,16 +33,6 @@ from loragate.gateway import RunningGateway, running_gateway
 RUNNER_LOG = "loragate.gateway.runner"
 
 
-def _sdk(url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30.0)
-
-
-async def _until(predicate: Any, what: str) -> None:
-    for _ in range(600):  # bounded: at most ~30 s
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
@@ -87,7 +84,7 @@ async def _start_held_requests(
     events = stream.__aiter__()
     first = (await events.__anext__()).choices[0].text
     plain = asyncio.create_task(client.completions.create(model=BASE, prompt="p"))
-    await _until(lambda: len(rep.requests) == 2, "both requests to reach the replica")
+    await wait_until(lambda: len(rep.requests) == 2, "both requests to reach the replica")
     return events, first, plain
 
 
@@ -102,7 +99,7 @@ async def test_requests_running_at_the_deadline_are_answered_and_aborted_upstrea
     rep = replicas[0]
     config = gateway_config([rep.url])
     async with _gateway_in_background(config, drain_s=0.2) as (gw, stop, shutdown):
-        client = _sdk(gw.url)
+        client = openai_client(gw.url)
         events, first, plain = await _start_held_requests(rep, client)
         assert first == " one"
         stop.set()
@@ -127,7 +124,7 @@ async def test_requests_running_at_the_deadline_are_answered_and_aborted_upstrea
         assert answered.value.response.headers["connection"] == "close"
         await asyncio.wait_for(shutdown, timeout=30)  # the shutdown ends (hang guard)
         # Both upstream connections were closed: the replica saw both requests go away.
-        await _until(lambda: rep.cancelled == 2, "the replica to see both requests abort")
+        await wait_until(lambda: rep.cancelled == 2, "the replica to see both requests abort")
     assert gw.gateway.proxy.in_flight == 0
     assert not any(gw.gateway.inflight.counts().values())
     assert _logged(caplog, "2 requests in flight, waiting up to 0.2 s")
@@ -141,7 +138,7 @@ async def test_requests_that_finish_within_the_drain_period_complete_normally(
     rep = replicas[0]
     config = gateway_config([rep.url])
     async with _gateway_in_background(config, drain_s=600) as (gw, stop, shutdown):
-        client = _sdk(gw.url)
+        client = openai_client(gw.url)
         # An idle keep-alive connection (one request answered on it).
         reader, writer = await asyncio.open_connection(gw.host, gw.port)
         writer.write(b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n")
@@ -149,7 +146,7 @@ async def test_requests_that_finish_within_the_drain_period_complete_normally(
         assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" not in head
         events, first, plain = await _start_held_requests(rep, client)
         stop.set()
-        await _until(lambda: _logged(caplog, "waiting up to 600 s"), "the drain to begin")
+        await wait_until(lambda: _logged(caplog, "waiting up to 600 s"), "the drain to begin")
         assert _logged(caplog, "2 requests in flight")
         # New connections are refused once the shutdown began.
         assert await _refused(gw.host, gw.port)
@@ -185,7 +182,7 @@ async def test_sigterm_drains_then_answers_and_exits_0(
         encoding="utf-8",
     )
     async with serve_process(path) as serve:
-        events, _, plain = await _start_held_requests(rep, _sdk(serve.url))
+        events, _, plain = await _start_held_requests(rep, openai_client(serve.url))
         serve.proc.send_signal(signal.SIGTERM)
         await serve.wait_for_log(r"SIGTERM: shutting down")
         await serve.wait_for_log(r"2 requests in flight, waiting up to 0\.3 s")
@@ -198,7 +195,7 @@ async def test_sigterm_drains_then_answers_and_exits_0(
         assert answered.value.status_code == 503
         await serve.wait_for_log(r"0 requests finished during the drain, 2 cut at its end")
         assert await asyncio.wait_for(serve.proc.wait(), timeout=30) == 0
-    await _until(lambda: rep.cancelled == 2, "the replica to see both requests abort")
+    await wait_until(lambda: rep.cancelled == 2, "the replica to see both requests abort")
 
 
 async def test_a_second_sigterm_cuts_the_drain_short(
@@ -211,7 +208,7 @@ async def test_a_second_sigterm_cuts_the_drain_short(
         encoding="utf-8",
     )
     async with serve_process(path) as serve:
-        events, _, plain = await _start_held_requests(rep, _sdk(serve.url))
+        events, _, plain = await _start_held_requests(rep, openai_client(serve.url))
         serve.proc.send_signal(signal.SIGTERM)
         await serve.wait_for_log(r"2 requests in flight, waiting up to 600 s")
         serve.proc.send_signal(signal.SIGTERM)

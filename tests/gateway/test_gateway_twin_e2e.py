@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from gateway_harness import openai_client
 
 from loragate.core.config import GatewayConfig, config_from_mapping
 from loragate.gateway import running_gateway
@@ -22,7 +23,6 @@ from loragate.twin.server import RunningReplica, run_replica
 
 BASE = "tiny-llama"
 N_ADAPTERS = 6
-
 
 
 class Cluster:
@@ -68,9 +68,6 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
         yield c
 
 
-def _sdk(url: str, key: str = "none") -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30.0)
-
 
 async def _registered(replica: RunningReplica) -> set[str]:
     async with aiohttp.ClientSession() as http, http.get(replica.url + "/v1/models") as resp:
@@ -79,7 +76,7 @@ async def _registered(replica: RunningReplica) -> set[str]:
 
 
 async def test_sdk_completions_and_chat_streaming_and_not(cluster: Cluster) -> None:
-    async with running_gateway(cluster.config(), port=0) as gw, _sdk(gw.url) as client:
+    async with running_gateway(cluster.config(), port=0) as gw, openai_client(gw.url) as client:
         done = await client.completions.create(
             model="lora-0", prompt="hello there", max_tokens=7, extra_body={"ignore_eos": True}
         )
@@ -114,7 +111,7 @@ async def test_sdk_completions_and_chat_streaming_and_not(cluster: Cluster) -> N
 
 async def test_routing_by_adapter_loads_each_adapter_where_it_is_routed(cluster: Cluster) -> None:
     cfg = cluster.config(routing="consistent_hash")
-    async with running_gateway(cfg, port=0) as gw, _sdk(gw.url) as client:
+    async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as client:
         placed: dict[str, set[str]] = {}
         for _ in range(3):
             for i in range(N_ADAPTERS):
@@ -134,7 +131,7 @@ async def test_routing_by_adapter_loads_each_adapter_where_it_is_routed(cluster:
 
 async def test_concurrent_first_requests_share_one_load(cluster: Cluster) -> None:
     cfg = cluster.config(replicas=[{"id": "r0", "url": cluster.replicas[0].url}])
-    async with running_gateway(cfg, port=0) as gw, _sdk(gw.url) as client:
+    async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as client:
         results = await asyncio.gather(
             *(
                 client.completions.create(model="lora-3", prompt="p", max_tokens=2)
@@ -152,7 +149,7 @@ async def test_unknown_and_unloadable_adapters(cluster: Cluster, tmp_path: Path)
         {"name": "broken", "path": str(tmp_path / "no-such-folder")},
     ]
     cfg = cluster.config(adapters=adapters)
-    async with running_gateway(cfg, port=0) as gw, _sdk(gw.url) as client:
+    async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as client:
         with pytest.raises(openai.NotFoundError):
             await client.completions.create(model="lora-5", prompt="p")  # not configured
         with pytest.raises(openai.APIStatusError) as info:
@@ -167,7 +164,8 @@ async def test_unknown_and_unloadable_adapters(cluster: Cluster, tmp_path: Path)
 
 @pytest.mark.parametrize("policy", sorted(default_registry().profiles))
 async def test_every_builtin_policy_serves(cluster: Cluster, policy: str) -> None:
-    async with running_gateway(cluster.config(routing=policy), port=0) as gw, _sdk(gw.url) as c:
+    cfg = cluster.config(routing=policy)
+    async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as c:
         results = await asyncio.gather(
             *(
                 c.completions.create(model=f"lora-{i % 4}", prompt="p", max_tokens=2)
@@ -179,7 +177,7 @@ async def test_every_builtin_policy_serves(cluster: Cluster, policy: str) -> Non
 
 async def test_replica_killed_mid_run_is_dropped(cluster: Cluster) -> None:
     cfg = cluster.config(routing="round_robin")
-    async with running_gateway(cfg, port=0) as gw, _sdk(gw.url) as client:
+    async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as client:
         ok = errors = 0
 
         async def one(i: int) -> None:
