@@ -172,16 +172,21 @@ async def test_requests_that_finish_within_the_drain_period_complete_normally(
     assert _logged(caplog, "2 requests finished during the drain, 0 cut at its end")
 
 
+def _config_file(tmp_path: Path, rep: ScriptedReplica, *, drain_s: float) -> Path:
+    """A ``loragate serve`` config with one replica and a drain period of ``drain_s``."""
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        f"base_model: {BASE}\nreplicas: ['{rep.url}']\nserver: {{shutdown_timeout_s: {drain_s}}}\n",
+        encoding="utf-8",
+    )
+    return path
+
+
 async def test_sigterm_drains_then_answers_and_exits_0(
     replicas: list[ScriptedReplica], tmp_path: Path
 ) -> None:
     rep = replicas[0]
-    path = tmp_path / "gw.yaml"
-    path.write_text(
-        f"base_model: {BASE}\nreplicas: ['{rep.url}']\nserver: {{shutdown_timeout_s: 0.3}}\n",
-        encoding="utf-8",
-    )
-    async with serve_process(path) as serve:
+    async with serve_process(_config_file(tmp_path, rep, drain_s=0.3)) as serve:
         events, _, plain = await _start_held_requests(rep, openai_client(serve.url))
         serve.proc.send_signal(signal.SIGTERM)
         await serve.wait_for_log(r"SIGTERM: shutting down")
@@ -202,12 +207,7 @@ async def test_a_second_sigterm_cuts_the_drain_short(
     replicas: list[ScriptedReplica], tmp_path: Path
 ) -> None:
     rep = replicas[0]
-    path = tmp_path / "gw.yaml"
-    path.write_text(
-        f"base_model: {BASE}\nreplicas: ['{rep.url}']\nserver: {{shutdown_timeout_s: 600}}\n",
-        encoding="utf-8",
-    )
-    async with serve_process(path) as serve:
+    async with serve_process(_config_file(tmp_path, rep, drain_s=600)) as serve:
         events, _, plain = await _start_held_requests(rep, openai_client(serve.url))
         serve.proc.send_signal(signal.SIGTERM)
         await serve.wait_for_log(r"2 requests in flight, waiting up to 600 s")
