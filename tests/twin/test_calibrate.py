@@ -12,6 +12,7 @@ from loragate.core.errors import ConfigError
 from loragate.twin.calibrate import (
     R3_MEAN_PROMPT_TOKENS,
     FittedCoefficients,
+    LoraSource,
     expected_distinct,
     fit_coefficients,
 )
@@ -63,6 +64,13 @@ def _sched(running: float, waiting: float = 0.0) -> float:
 def _slots(max_loras: float, max_lora_rank: float) -> float:
     """Per-step cost of the LoRA slots (the kernels tile the rank no finer than 16)."""
     return max_loras * (TRUE["u0"] + TRUE["u_r"] * max(max_lora_rank, 16))
+
+
+def _r6_itl(max_rank: float) -> float:
+    """R6's single-request ITL: one token of one adapter on a one-slot engine pays the LoRA
+    intercept and that token's, slot's and adapter's LoRA cost."""
+    return (_base(1, 0) + _sched(1) + TRUE["l0"] + L_PLAIN + TRUE["l_st"] + TRUE["l_ad"]
+            + _slots(1, max_rank))
 
 
 def make_folder(root: Path, noise: float, seed: int = 1) -> Path:
@@ -159,9 +167,7 @@ def make_folder(root: Path, noise: float, seed: int = 1) -> Path:
                     "max_loras": 1,
                     "swap_ms_mean": jitter(swap),
                     "disk_load_ms_mean_excl_first": jitter(TRUE["d0"] + TRUE["d_rank"] * rank),
-                    "itl_mean_ms": jitter(
-                        _base(1, 0) + _sched(1) + TRUE["l0"] + _slots(1, max_rank)
-                    ),
+                    "itl_mean_ms": jitter(_r6_itl(max_rank)),
                 }
             )
     _write(root / "loading.csv", loading_rows)
@@ -254,7 +260,8 @@ def test_recovers_known_coefficients(tmp_path: Path) -> None:
     assert c.base_ms == pytest.approx(TRUE["m0"], rel=0.05)
     assert c.context_ms_per_token == pytest.approx(TRUE["a_ctx"], rel=0.3)
     assert c.prefill_token_weight == pytest.approx(TRUE["w"], rel=0.1)
-    assert c.lora_intercept_ms == pytest.approx(TRUE["l0"], abs=0.6)
+    # R6's ITL holds one token, slot and adapter: the intercept is l0 without them.
+    assert c.lora_intercept_ms == pytest.approx(TRUE["l0"], abs=0.15)
     assert c.lora_reference_max_loras == 300
     # From R3 (the Poisson runs over max_loras), with R7's slot cost and R6's intercept out.
     assert c.lora_per_token_ms == pytest.approx(L_PLAIN, rel=0.1)
@@ -475,3 +482,26 @@ def test_poisson_fit_leaves_out_r3_runs_of_a_slower_server(tmp_path: Path) -> No
     same = fit_coefficients(load_calibration_data(folder, MODEL), lora_source="poisson")
     assert "left out" not in same.components["lora"].note
     assert same.coefficients.lora_per_adapter_ms == pytest.approx(TRUE["l_ad"], rel=0.15)
+
+
+@pytest.mark.parametrize("lora_source", ["poisson", "batch"])
+def test_one_adapter_step_is_r6s_single_request_itl(
+    tmp_path: Path, lora_source: LoraSource
+) -> None:
+    """A one-slot engine decoding one request of one adapter takes R6's measured ITL: the
+    fitted token, slot and adapter costs are counted from R6's step, not added on top of it."""
+    from loragate.twin.calibrate import build_profile
+
+    data = load_calibration_data(make_folder(tmp_path, noise=0.0), MODEL)
+    report = fit_coefficients(data, lora_source=lora_source)
+    # without R6's own token, slot and adapter (counted twice, it would be ~1.85 ms)
+    assert report.coefficients.lora_intercept_ms == pytest.approx(TRUE["l0"], abs=0.1)
+    profile = build_profile(report, data, name="toy")
+    for max_rank in (16, 32):
+        one = profile.specialize(max_loras=1, max_lora_rank=max_rank,
+                                 context_tokens_per_seq=0.0)
+        step_ms = 1000 * one.step_time_s(
+            batch_size=1, distinct_adapters=1, prefill_tokens=0, decode_tokens=1,
+            max_rank_in_batch=8, num_waiting=0, lora_enabled=True,
+        )
+        assert step_ms == pytest.approx(_r6_itl(max_rank), rel=0.005)

@@ -21,10 +21,13 @@ Why this shape (all from the calibration data, see ``FitReport``):
   active adapter. By default (``lora_source="poisson"``) the LoRA terms are fitted on R3's
   Poisson runs over 8..448 slots, the regime of real deployments, after a per-step cost of
   every slot, ``max_loras * (u0 + u_r * max(max_lora_rank, 16))``, measured by R7's
-  single-request ITLs (``fit_slot_cost``, ``fit_lora_poisson``). ``lora_source="batch"``
-  fits them on R5 instead (all prompts at once, max_loras 300: an overhead linear in the
-  per-step unique adapters, no LoRA intercept at tiny batches). The compute data holds rank 8
-  only, so no rank term is fitted (the R6 ITLs show no rank effect at small batches either).
+  single-request ITLs (``fit_slot_cost``, ``fit_lora_poisson``). R6's one-request step
+  (one token, one adapter, one slot) minus the base step already holds one token's, slot's
+  and adapter's cost: the fits count those terms from there (``R6_ANCHOR``), not on top.
+  ``lora_source="batch"`` fits them on R5 instead (all prompts at once, max_loras 300: an
+  overhead linear in the per-step unique adapters, no LoRA intercept at tiny batches). The
+  compute data holds rank 8 only, so no rank term is fitted (the R6 ITLs show no rank effect
+  at small batches either).
 - scheduler: R3's ``total_scheduling_time/steps`` is linear in running and waiting requests
   (vLLM 0.8.5 scans the whole waiting queue when the LoRA slots are full).
 - loads: CPU->GPU swap time per (adapter rank, max_lora_rank) from R6 (padding an adapter to a
@@ -392,7 +395,7 @@ def fit_slot_cost(table: Table) -> tuple[_Slots, ComponentFit]:
 
 def fit_lora(
     table: Table, base: _Base, sched: _Sched, w_p: float, intercept_ms: float | None = 0.0,
-    slots: _Slots | None = None,
+    slots: _Slots | None = None, anchor_tokens: float = 1.0,
 ) -> tuple[float, float, float, ComponentFit]:
     """lora_ms = l_0 + l_tok * M + l_ad * A on the R5 runs (all prompts at once).
 
@@ -403,8 +406,11 @@ def fit_lora(
     ``prefill_token_weight`` to 1). With M = the prefill-weighted tokens of the base step, the
     R5 rows with prompts were under-predicted by 10-16 %.
     ``intercept_ms`` is l_0 when measured elsewhere (single-request runs); ``None`` fits it
-    here. ``slots`` is the per-slot step cost (``fit_slot_cost``), taken out of the rows
-    before the fit (R5 ran 300 slots). Rows whose ITL the fit misses by more than
+    here. A measured l_0 is R6's whole one-adapter step: the tokens and adapters are counted
+    from that point (``anchor_tokens``: what R6's one token at max_loras 1 weighs against a
+    token at R5's slot count) and the returned intercept is l_0 minus their cost there.
+    ``slots`` is the per-slot step cost (``fit_slot_cost``), taken out of the rows before the
+    fit (R5 ran 300 slots). Rows whose ITL the fit misses by more than
     ``_TRIM_PCT`` are dropped once and the fit is repeated (reported in the note), so a
     single odd probe cannot drag the coefficients.
     Returns (l_0, l_tok, l_ad, quality).
@@ -433,7 +439,8 @@ def fit_lora(
     if slots is not None:
         y = y - slots.predict(_arr(table.column("max_loras")), _arr(table.column("max_lora_rank")))
     total = compute
-    x = np.c_[np.ones_like(tokens), tokens, adapters] if fit_l0 else np.c_[tokens, adapters]
+    x = (np.c_[np.ones_like(tokens), tokens, adapters] if fit_l0
+         else np.c_[tokens - anchor_tokens, adapters - R6_ANCHOR[2]])
     keep = ok.copy()
     for _ in range(2):
         c = _wlstsq_rel_total(x[keep], y[keep], total[keep] - y[keep])
@@ -444,10 +451,11 @@ def fit_lora(
         keep = new_keep
     if fit_l0:
         l_0, c = max(float(c[0]), 0.0), c[1:]
-    else:
-        l_0 = float(intercept_ms or 0.0)
     l_tok, l_ad = max(float(c[0]), 0.0), max(float(c[1]), 0.0)
-    pred = total - y + (l_0 if fit_l0 else 0.0) + l_tok * tokens + l_ad * adapters
+    if not fit_l0:
+        l_0 = float(intercept_ms or 0.0) - l_tok * anchor_tokens - l_ad * R6_ANCHOR[2]
+    pred = total - y - (0.0 if fit_l0 else float(intercept_ms or 0.0)) + l_0 \
+        + l_tok * tokens + l_ad * adapters
     both = np.isfinite(unique) & np.isfinite(n_distinct) & np.isfinite(running)
     note = f"ITL of LoRA runs; {int(ok.sum() - keep.sum())} rows beyond {_TRIM_PCT:.0f}% dropped"
     if both.any():
@@ -523,8 +531,17 @@ def _r3_lora_rows(
     ctx = running * (mean_prompt + r.out_len / 2.0)
     y = compute - base.predict(running + w_p * prefill, ctx) - l_0 \
         - slots.predict(r.loras, r.rank)
-    x = np.c_[tokens, tokens * r.loras, r.adapters]
+    # l_0 is R6's whole one-adapter step (one token, one slot, one adapter): the kernels' cost
+    # is counted from there, or R6's own token, slot and adapter would be paid twice.
+    x = np.c_[tokens, tokens * r.loras, r.adapters] - np.asarray(R6_ANCHOR)
     return x[ok], y[ok], compute[ok]
+
+
+# R6's single-request runs (``fit_lora_intercept``) measure the LoRA step at one scheduled token
+# (T), max_loras 1 (T * max_loras) and one adapter (A): the LoRA fits count their per-token,
+# per-token-per-slot and per-adapter costs from this point, and the profile's intercept is
+# l_0 minus their value there.
+R6_ANCHOR = (1.0, 1.0, 1.0)
 
 
 # A group of R3 runs (``source``: its file) whose small-batch steps (3-8 running requests, no
@@ -608,9 +625,10 @@ def fit_lora_poisson(
             break
         keep = new_keep
     pred = x @ c - y + total
+    raw = x + np.asarray(R6_ANCHOR)
+    loras = np.rint(raw[:, 1] / np.maximum(raw[:, 0], 1e-9))
     note = (f"R3 step intervals minus scheduling ({int(keep.sum())} runs, max_loras "
-            f"{int(np.min(x[:, 1] / np.maximum(x[:, 0], 1e-9)))}-"
-            f"{int(np.max(x[:, 1] / np.maximum(x[:, 0], 1e-9)))}, mean prompt "
+            f"{int(np.min(loras))}-{int(np.max(loras))}, mean prompt "
             f"{mean_prompt:.0f} tokens); {int((~keep).sum())} runs beyond {_TRIM_PCT:.0f}% "
             f"dropped")
     return float(c[0]), float(c[1]), float(c[2]), _quality(pred[keep], total[keep], note)
@@ -812,13 +830,22 @@ def fit_coefficients(
         l_0 = l_0_measured
         r3, r3_note = r3_consistent_rows(data.scheduler, base, w_p, l_0, slots)
         l_tok_plain, l_tok_slot, l_ad, q_lora = fit_lora_poisson(r3, base, w_p, l_0, slots)
+        # l_0 is R6's one-adapter step: without R6's own token, slot and adapter.
+        own = float(np.dot((l_tok_plain, l_tok_slot, l_ad), R6_ANCHOR))
+        l_0 -= own
+        l0_note += f", minus its own token, slot and adapter on R3's prices ({own:.2f} ms)"
         if r3_note:
             q_lora = replace(q_lora, note=f"{q_lora.note}; {r3_note}")
         share_note = "fitted with the per-token cost on R3 (see lora)"
     else:
-        l_0, l_tok, l_ad, q_lora = fit_lora(data.lora_overhead, base, sched, w_p, l_0_measured,
-                                            slots)
         share, share_note = fit_slot_share(data.scheduler, ref_slots)
+        # R6's one token ran at max_loras 1, R5's tokens at ref_slots: its weight in R5 tokens
+        one_slot = 1.0 - share + share / ref_slots if share > 0 else 1.0
+        l_0, l_tok, l_ad, q_lora = fit_lora(data.lora_overhead, base, sched, w_p, l_0_measured,
+                                            slots, anchor_tokens=one_slot)
+        if l_0_measured is not None:
+            l0_note += (f", minus its own token and adapter on R5's prices "
+                        f"({l_0_measured - l_0:.2f} ms)")
         l_tok_plain = l_tok * (1.0 - share)
         l_tok_slot = l_tok * share / ref_slots if share > 0 else 0.0
     if l_0_measured is None:
