@@ -77,3 +77,24 @@ def test_twin_errors_are_one_plain_line_or_json_with_the_flag(
     err = json.loads(capsys.readouterr().err)["error"]
     assert err["message"] == message.split(": ", 1)[1]
     assert err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("command", ["calibrate", "validate"])
+def test_an_out_path_that_cannot_be_written_is_one_plain_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """``--out`` under a regular file (no directory can be made there): one line naming the
+    path, exit 2; ``validate`` says so before replaying anything."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    out = blocker / "result.out"
+    if command == "calibrate":
+        data = Path(__file__).resolve().parents[1] / "data" / "tiny-llama-cpu" / "calibration"
+        argv = ["twin", "calibrate", "--data", str(data), "--model", "tiny-llama-cpu"]
+    else:
+        argv = ["twin", "validate", "--real-runs", str(tmp_path / "none.csv")]
+    assert main([*argv, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"loragate twin {command}: --out: cannot write {out}: ")
+    assert str(blocker) in captured.err.split(f"{out}: ", 1)[1]  # says what is in the way
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from loragate.core.errors import LoragateError
+from loragate.core.errors import ConfigError, LoragateError
 
 HELP = "digital twin: calibrate profiles from benchmark data, validate against real vLLM runs"
 
@@ -85,8 +85,11 @@ def _calibrate(args: argparse.Namespace) -> int:
     profile, report = calibrate_profile(args.data, args.model, name=name,
                                         description=args.description, source=source,
                                         lora_source=args.lora_source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    dump_profile(profile, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        dump_profile(profile, out)
+    except OSError as exc:
+        raise _cannot_write(out, exc) from exc
     if args.json:
         print(json.dumps(_clean(report.as_dict()), indent=2))
     else:
@@ -110,9 +113,27 @@ def _profile_map(values: list[str]) -> dict[str, str]:
     return out
 
 
+def _cannot_write(path: Path, exc: OSError) -> ConfigError:
+    reason = exc.strerror or str(exc)
+    blocking = next((d for d in path.parents if d.exists() and not d.is_dir()), None)
+    if blocking is not None:  # mkdir's own "File exists" would not say which one
+        reason = f"{blocking} is not a directory"
+    return ConfigError(f"cannot write {path}: {reason}", key="--out")
+
+
+def _check_out_dir(path: Path) -> None:
+    """Fail before a long run, not after it, if ``--out`` cannot be a file."""
+    if path.is_dir():
+        raise ConfigError(f"cannot write {path}: it is a directory", key="--out")
+    if not path.parent.is_dir():
+        raise ConfigError(f"cannot write {path}: no directory {path.parent}", key="--out")
+
+
 def _validate(args: argparse.Namespace) -> int:
     from loragate.twin.validate import ValidateConfig, validate
 
+    if args.out:
+        _check_out_dir(Path(args.out))
     paper = args.paper_runs
     if paper is None:
         guess = Path(args.real_runs).with_name("paper_twin_runs.csv")
@@ -130,7 +151,10 @@ def _validate(args: argparse.Namespace) -> int:
     )
     text = json.dumps(_clean(result), indent=1)
     if args.out:
-        Path(args.out).write_text(text)
+        try:
+            Path(args.out).write_text(text)
+        except OSError as exc:
+            raise _cannot_write(Path(args.out), exc) from exc
     if args.json:
         print(text)
     else:
