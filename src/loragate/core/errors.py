@@ -51,6 +51,10 @@ class PayloadTooLargeError(LoragateError):
     """The request body exceeds the configured limit."""
 
 
+class ShuttingDownError(LoragateError):
+    """The gateway is shutting down and cut a request its drain period did not see finish."""
+
+
 class NoReplicaAvailableError(LoragateError):
     """Routing found no healthy candidate replica for the request."""
 

@@ -18,6 +18,7 @@ from loragate.core.errors import (
     NoReplicaAvailableError,
     NotFoundError,
     PayloadTooLargeError,
+    ShuttingDownError,
     UnreadableBodyError,
     UpstreamTimeoutError,
 )
@@ -32,6 +33,7 @@ _MAPPING: tuple[tuple[type[LoragateError], int, str, str], ...] = (
     (ConflictError, 409, "invalid_request_error", "conflict"),
     (PayloadTooLargeError, 413, "invalid_request_error", "request_too_large"),
     (NoReplicaAvailableError, 503, "service_unavailable", "no_replica_available"),
+    (ShuttingDownError, 503, "service_unavailable", "shutting_down"),
     (UpstreamTimeoutError, 504, "upstream_error", "upstream_timeout"),
     (AdapterLoadError, 502, "upstream_error", "adapter_load_failed"),
 )
@@ -59,9 +61,10 @@ def error_response(exc: LoragateError) -> web.Response:
         content_type="application/json",
         headers=headers,
     )
-    if isinstance(exc, UnreadableBodyError | ClientBodyTimeoutError):
-        # The rest of the body cannot be skipped: say so (Connection: close), rather than let
-        # the client reuse a connection the server is about to close.
+    if isinstance(exc, UnreadableBodyError | ClientBodyTimeoutError | ShuttingDownError):
+        # The server closes the connection after this answer (the rest of the body cannot be
+        # skipped, or the gateway is going away): say so (Connection: close), rather than let
+        # the client reuse it.
         response.force_close()
     return response
 

@@ -42,6 +42,7 @@ from loragate.core.errors import (
     InvalidRequestError,
     LoragateError,
     NoReplicaAvailableError,
+    ShuttingDownError,
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
@@ -51,7 +52,6 @@ from loragate.core.types import AdapterSpec, ReplicaId, ReplicaSnapshot, Routing
 from loragate.gateway.catalog import Catalog
 from loragate.gateway.errors import (
     classify,
-    error_payload,
     error_response,
     internal_error_response,
     sse_error_event,
@@ -73,11 +73,9 @@ _COMPLETIONS = "/v1/completions"
 _CHAT = "/v1/chat/completions"
 _set_field = object.__setattr__
 _current_task = asyncio.current_task
-_SHUTDOWN_MESSAGE = (
+_SHUTTING_DOWN = ShuttingDownError(
     "the gateway is shutting down and the request did not finish within its drain period; retry it"
 )
-_SHUTDOWN_ERROR = error_payload(_SHUTDOWN_MESSAGE, "service_unavailable", "shutting_down")
-_SHUTDOWN_EVENT = b"data: " + _SHUTDOWN_ERROR + b"\n\n"  # as errors.sse_error_event
 _CUT = "loragate: shutdown deadline"  # the cancel message of a request cut at the deadline
 
 
@@ -248,9 +246,7 @@ class Proxy:
                 raise  # the client went away, or the server's own shutdown
             # Cut at the shutdown deadline before an answer started: 503 (retryable).
             self._telemetry.count(adapter_label, "", "503")
-            response = web.Response(status=503, body=_SHUTDOWN_ERROR, content_type=_JSON)
-            response.force_close()
-            return response
+            return error_response(_SHUTTING_DOWN)
         except Exception:
             log.exception("unexpected error while proxying %s", request.path)
             self._telemetry.count(adapter_label, "", "500")
@@ -527,7 +523,7 @@ class Proxy:
                 # Cut at the shutdown deadline: end the stream with an error event, cleanly.
                 telemetry.count(rreq.adapter or "", rid, "shutdown")
                 with contextlib.suppress(ConnectionError):
-                    await out.write(_event_break(last) + _SHUTDOWN_EVENT)
+                    await out.write(_event_break(last) + sse_error_event(_SHUTTING_DOWN))
                     await out.write_eof()
         return out
 
