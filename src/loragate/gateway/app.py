@@ -166,7 +166,8 @@ def create_app(
         config_path=None if config_path is None else Path(config_path),
     )
     shared.on_adapters = gateway.rebuild_catalog
-    # aiohttp enforces the body limit while reading chunked bodies; the proxy maps it to 413.
+    # The body limit is enforced by request_body.read_request_body (also after a reload changed
+    # it); client_max_size only bounds handlers that would read with request.read().
     app = web.Application(client_max_size=config.limits.max_body_bytes)
     app[GATEWAY] = gateway
     app.cleanup_ctx.append(_lifecycle)

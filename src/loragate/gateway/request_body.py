@@ -35,15 +35,13 @@ async def read_request_body(
     decoded (bad compression, or framing errors the parser does report)."""
     length = request.content_length
     if length is not None and length > max_bytes:
-        raise PayloadTooLargeError(
-            f"request body of {length} bytes exceeds the limit of {max_bytes} bytes"
-        )
+        raise _too_large(max_bytes, length)
     content = request.content
     if content.is_eof() and hdrs.CONTENT_ENCODING not in request.headers:
         # The whole (plain) body arrived with the head, the usual case: take it at once.
         body = content.read_nowait()
         if len(body) > max_bytes:
-            raise PayloadTooLargeError(f"request body exceeds the limit of {max_bytes} bytes")
+            raise _too_large(max_bytes)
         return body
     chunks: list[bytes] = []
     size = 0
@@ -55,7 +53,7 @@ async def read_request_body(
                 break
             size += len(chunk)
             if size > max_bytes:
-                raise PayloadTooLargeError(f"request body exceeds the limit of {max_bytes} bytes")
+                raise _too_large(max_bytes)
             chunks.append(chunk)
     except TimeoutError as exc:
         raise ClientBodyTimeoutError(
@@ -65,6 +63,11 @@ async def read_request_body(
     except web.RequestPayloadError as exc:  # e.g. a Content-Encoding that does not decode
         raise UnreadableBodyError(f"the request body cannot be read: {_reason(exc)}") from exc
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_large(max_bytes: int, declared: int | None = None) -> PayloadTooLargeError:
+    size = "" if declared is None else f" of {declared} bytes"
+    return PayloadTooLargeError(f"request body{size} exceeds the limit of {max_bytes} bytes")
 
 
 # aiohttp's HttpProcessingError text ("400, message:\n  <message>"), passed on as a string.
