@@ -509,10 +509,22 @@ def _r3_steps(table: Table) -> _R3Steps:
     )
 
 
+def _r3_modelled_step(
+    r: _R3Steps, base: _Base, w_p: float, l_0: float, slots: _Slots, mean_prompt: float
+) -> tuple[FloatArray, FloatArray]:
+    """(scheduled tokens T, the modelled step without the LoRA kernels' per-token and
+    per-adapter cost: base step + one-adapter intercept ``l_0`` + the slots' cost) per R3 run."""
+    prefill = mean_prompt * r.per_step
+    ctx = r.running * (mean_prompt + r.out_len / 2.0)
+    plain = base.predict(r.running + w_p * prefill, ctx) + l_0 + slots.predict(r.loras, r.rank)
+    return r.running + prefill, plain
+
+
 def _r3_lora_rows(
     table: Table, base: _Base, w_p: float, l_0: float, slots: _Slots, mean_prompt: float
-) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """R3 rows as (x = [T, T*max_loras, A], y = LoRA ms left to explain, measured compute ms).
+) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    """R3 rows as (x = [T, T*max_loras, A], y = LoRA ms left to explain, measured compute ms,
+    max_loras).
 
     Per step: the measured step interval minus the measured scheduling time; ``B`` running
     requests and ``A`` adapters in the batch (both logged per step); the prompts of the requests
@@ -526,15 +538,12 @@ def _r3_lora_rows(
     ok = np.isfinite(compute) & np.isfinite(running) & np.isfinite(r.adapters) \
         & np.isfinite(r.loras) & np.isfinite(r.per_step) & np.isfinite(r.out_len) \
         & (running > 2.0)
-    prefill = mean_prompt * r.per_step
-    tokens = running + prefill
-    ctx = running * (mean_prompt + r.out_len / 2.0)
-    y = compute - base.predict(running + w_p * prefill, ctx) - l_0 \
-        - slots.predict(r.loras, r.rank)
+    tokens, plain = _r3_modelled_step(r, base, w_p, l_0, slots, mean_prompt)
+    y = compute - plain
     # l_0 is R6's whole one-adapter step (one token, one slot, one adapter): the kernels' cost
     # is counted from there, or R6's own token, slot and adapter would be paid twice.
     x = np.c_[tokens, tokens * r.loras, r.adapters] - np.asarray(R6_ANCHOR)
-    return x[ok], y[ok], compute[ok]
+    return x[ok], y[ok], compute[ok], r.loras[ok]
 
 
 # R6's single-request runs (``fit_lora_intercept``) measure the LoRA step at one scheduled token
@@ -568,9 +577,7 @@ def r3_consistent_rows(
     if len(set(sources)) < 2:
         return table, ""
     r = _r3_steps(table)
-    prefill = mean_prompt * r.per_step
-    ctx = r.running * (mean_prompt + r.out_len / 2.0)
-    plain = base.predict(r.running + w_p * prefill, ctx) + l_0 + slots.predict(r.loras, r.rank)
+    _, plain = _r3_modelled_step(r, base, w_p, l_0, slots, mean_prompt)
     small = np.isfinite(r.compute_ms) & np.isfinite(plain) & (r.running >= 3.0) \
         & (r.running <= 8.0) & (np.nan_to_num(r.waiting, nan=1e9) < 1.0)
     dropped: list[str] = []
@@ -606,7 +613,7 @@ def fit_lora_poisson(
     R5 is the fallback (``fit_lora``). Errors are relative to the measured step; rows missed
     by more than ``_TRIM_PCT`` are dropped once. Returns (l_tok, l_slot, l_ad, quality).
     """
-    x, y, total = _r3_lora_rows(r3, base, w_p, l_0, slots, mean_prompt)
+    x, y, total, loras = _r3_lora_rows(r3, base, w_p, l_0, slots, mean_prompt)
     keep = np.ones(len(y), dtype=bool)
     c = np.zeros(3)
     for _ in range(2):
@@ -625,8 +632,6 @@ def fit_lora_poisson(
             break
         keep = new_keep
     pred = x @ c - y + total
-    raw = x + np.asarray(R6_ANCHOR)
-    loras = np.rint(raw[:, 1] / np.maximum(raw[:, 0], 1e-9))
     note = (f"R3 step intervals minus scheduling ({int(keep.sum())} runs, max_loras "
             f"{int(np.min(loras))}-{int(np.max(loras))}, mean prompt "
             f"{mean_prompt:.0f} tokens); {int((~keep).sum())} runs beyond {_TRIM_PCT:.0f}% "
