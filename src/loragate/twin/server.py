@@ -372,6 +372,12 @@ async def run_replica(
             url=f"http://{url_host}:{bound_port}", host=bind_host, port=bound_port, app=app
         )
     finally:
+        # Refuse new connections first: a client that retries against a replica going away
+        # would otherwise connect while the server shuts down, and aiohttp's shutdown drops a
+        # connection that joins during its wait without closing its socket. Connections already
+        # accepted finish joining while the engine stops, and the shutdown then closes them.
+        for running_site in list(runner.sites):
+            await running_site.stop()
         await app[STATE_KEY].stop_engine()  # in-flight requests end now, not at their last token
         await runner.cleanup()
 
