@@ -343,7 +343,7 @@ def sharegpt_pairs(
 
     def percentiles(z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         ranks = np.empty(n, dtype=np.float64)
-        ranks[np.argsort(z, kind="stable")] = np.arange(n, dtype=np.float64)
+        ranks[np.argsort(z)] = np.arange(n, dtype=np.float64)
         return (ranks + rng.uniform(0.0, 1.0, n)) / n * 100.0
 
     p = np.interp(percentiles(z1), pct, np.asarray(SHAREGPT_PROMPT_Q, dtype=np.float64))
