@@ -1,11 +1,12 @@
 """Twin engine speed: simulated seconds per CPU second for one replica over one simulated hour.
 
 Usage: .venv/bin/python bench/twin_speed.py [--hours 1.0] [--only low,heavy,...] [--seed 0]
+                                            [--profile NAME]
 
-Workloads (paper profile ``paper-llama-3.1-8b-h100``, vLLM settings of the paper's 1-hour runs:
-max_num_seqs 2048, max_num_batched_tokens 2048; Poisson arrivals per adapter; ShareGPT-like
-heavy-tailed lengths, lognormal with means ~220 prompt / ~200 output tokens, prompt <= 1024,
-prompt + output <= 2048):
+Workloads (profile ``--profile``, default our fitted ``llama-3.1-8b-h100``; vLLM settings of
+the paper's 1-hour runs: max_num_seqs 2048, max_num_batched_tokens 2048; Poisson arrivals per
+adapter; lengths drawn from ShareGPT's own joint length distribution as ``loragate twin
+validate`` draws them, with the dataset's means, prompt 4..1024, prompt + output <= 2048):
 
 * low:       64 adapters at the paper's light rates {0.1, 0.05, 0.025} req/s (~3.7 req/s)
 * heavy-32:  32 adapters at the paper's heavy rates {1.6, 0.8, 0.4} req/s (~30 req/s, at capacity)
@@ -29,6 +30,7 @@ on different days or machines can be compared: the speeds scale roughly inversel
 from __future__ import annotations
 
 import argparse
+import math
 import subprocess
 import sys
 import time
@@ -39,7 +41,9 @@ import numpy as np
 from loragate.twin.engine import Engine, EngineConfig
 from loragate.twin.profile import load_profile
 from loragate.twin.request_ids import NumberedIds
+from loragate.twin.validate import LengthModel, sharegpt_pairs
 
+DEFAULT_PROFILE = "llama-3.1-8b-h100"  # the shipped, fitted profile users simulate with
 PAPER = {"low": "~89x avg (median 898x light)", "heavy": "17x heavy (median 45x)"}
 
 
@@ -97,11 +101,9 @@ CASES = [
 
 
 def lengths(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Heavy-tailed ShareGPT-like lengths (lognormal, sigma 1), clipped like the paper's runs."""
-    prompt = np.clip(rng.lognormal(np.log(220.0) - 0.5, 1.0, n), 4, 1024).astype(np.int64)
-    out = rng.lognormal(np.log(200.0) - 0.5, 1.0, n)
-    out = np.clip(out, 4, 2048 - prompt).astype(np.int64)
-    return prompt, out
+    """ShareGPT's own joint prompt/output lengths under the paper's filter, as the validation
+    replays draw them (the dataset's mean lengths)."""
+    return sharegpt_pairs(rng, n, math.nan, math.nan, LengthModel())
 
 
 @dataclass(frozen=True)
@@ -144,8 +146,8 @@ def build(case: Case, hours: float, seed: int) -> Workload:
     )
 
 
-def run(case: Case, hours: float, seed: int) -> dict[str, float]:
-    profile = load_profile("paper-llama-3.1-8b-h100")
+def run(case: Case, hours: float, seed: int, profile_name: str) -> dict[str, float]:
+    profile = load_profile(profile_name)
     cfg = EngineConfig(
         max_num_seqs=2048,
         max_num_batched_tokens=2048,
@@ -202,11 +204,12 @@ def main() -> int:
     ap.add_argument("--hours", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default="", help="comma-separated case names")
+    ap.add_argument("--profile", default=DEFAULT_PROFILE, help="twin profile (name or YAML file)")
     ap.add_argument("--no-header", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     wanted = [c for c in CASES if not args.only or c.name in args.only.split(",")]
     if not args.no_header:
-        print(f"one replica, {args.hours:g} simulated hour(s), profile paper-llama-3.1-8b-h100")
+        print(f"one replica, {args.hours:g} simulated hour(s), profile {args.profile}")
         print(f"machine: 10M-addition pure-Python loop {machine_reference_s():.2f} CPU s")
         print(
             f"{'case':<10} {'requests':>9} {'finished':>9} {'steps':>8} {'preempt':>7} "
@@ -223,13 +226,14 @@ def main() -> int:
                     f"--hours={args.hours}",
                     f"--seed={args.seed}",
                     f"--only={case.name}",
+                    f"--profile={args.profile}",
                     "--no-header",
                 ],
                 check=True,
             )
         return 0
     for case in wanted:
-        r = run(case, args.hours, args.seed)
+        r = run(case, args.hours, args.seed, args.profile)
         print(
             f"{case.name:<10} {r['requests']:>9.0f} {r['finished']:>9.0f} {r['steps']:>8.0f} "
             f"{r['preemptions']:>7.0f} {r['loads']:>6.0f} {r['engine_cpu_s']:>12.2f} "
