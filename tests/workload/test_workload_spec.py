@@ -100,7 +100,7 @@ def test_popularity_string_shorthand() -> None:
         ("arrivals.scope", "global", "arrivals.scope", "must be one of"),
         ("arrivals.burst", 1, "arrivals.burst", "unknown key"),
         ("arrivals.diurnal", {"amplitude": 1.5}, "arrivals.diurnal.amplitude", "must be <= 1"),
-        ("arrivals.diurnal", {"period_s": 0}, "arrivals.diurnal.period_s", "must be > 0"),
+        ("arrivals.diurnal", {"period_s": 0}, "arrivals.diurnal.period_s", "must be >= 1"),
         ("arrivals.onoff", {"on_s": 1, "off_s": 1, "on_rate_rps": 2}, "arrivals.rate_rps", "onoff"),
         ("duration_s", 0, "duration_s", "must be > 0"),
         ("seed", -3, "seed", "must be >= 0"),
@@ -208,7 +208,7 @@ def test_items_rates_and_errors() -> None:
 
 
 def test_yaml_errors_and_non_mapping() -> None:
-    with pytest.raises(ConfigError, match="invalid YAML"):
+    with pytest.raises(ConfigError, match="not valid YAML"):
         parse_spec_text("a: [1, 2")
     with pytest.raises(ConfigError, match="expected a mapping"):
         parse_spec_text("- 1\n- 2\n")

@@ -7,8 +7,10 @@ of the wrong type or out of range. :meth:`Node.finish` rejects keys nobody read 
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Final
 
 from loragate.core.errors import ConfigError
@@ -19,6 +21,27 @@ class _Missing:
 
 
 MISSING: Final = _Missing()
+
+
+class SpecFileError(ConfigError):
+    """A :class:`ConfigError` found in a spec file: ``FILE: key: what is wrong``."""
+
+    def __init__(self, source: str, error: ConfigError) -> None:
+        super().__init__(f"{source}: {error}")
+        self.key = error.key
+        self.param = error.key
+        self.source = source
+
+
+@contextmanager
+def naming_file(source: str) -> Iterator[None]:
+    """Re-raise a :class:`ConfigError` raised inside as a :class:`SpecFileError` of ``source``."""
+    try:
+        yield
+    except SpecFileError:
+        raise
+    except ConfigError as exc:
+        raise SpecFileError(source, exc) from exc
 
 
 def type_name(value: object) -> str:
@@ -62,6 +85,11 @@ def as_int(value: object, key: str) -> int:
     raise ConfigError(f"expected an integer, got {value!r}", key=key)
 
 
+def _num(value: float) -> str:
+    """``100000`` rather than ``1e+05`` for whole numbers."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e16 else f"{value:g}"
+
+
 def check_range(
     value: float,
     key: str,
@@ -72,13 +100,13 @@ def check_range(
     le: float | None = None,
 ) -> None:
     if gt is not None and not value > gt:
-        raise ConfigError(f"must be > {gt:g}, got {value:g}", key=key)
+        raise ConfigError(f"must be > {_num(gt)}, got {_num(value)}", key=key)
     if ge is not None and not value >= ge:
-        raise ConfigError(f"must be >= {ge:g}, got {value:g}", key=key)
+        raise ConfigError(f"must be >= {_num(ge)}, got {_num(value)}", key=key)
     if lt is not None and not value < lt:
-        raise ConfigError(f"must be < {lt:g}, got {value:g}", key=key)
+        raise ConfigError(f"must be < {_num(lt)}, got {_num(value)}", key=key)
     if le is not None and not value <= le:
-        raise ConfigError(f"must be <= {le:g}, got {value:g}", key=key)
+        raise ConfigError(f"must be <= {_num(le)}, got {_num(value)}", key=key)
 
 
 def as_list(value: object, key: str) -> Sequence[Any]:
@@ -113,7 +141,9 @@ class Node:
         if name in self._data and self._data[name] is not None:
             return self._data[name]
         if isinstance(default, _Missing):
-            raise ConfigError("is required", key=self.sub(name))
+            near = difflib.get_close_matches(name, [k for k in self._data if k != name], n=1)
+            hint = f" (is {near[0]!r} a misspelling of it?)" if near else ""
+            raise ConfigError(f"is required{hint}", key=self.sub(name))
         return default
 
     def get_float(

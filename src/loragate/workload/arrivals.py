@@ -120,7 +120,8 @@ class AggregateGammaSource:
 
 
 def chunk_length_s(mean_rate_rps: float, *, target_events: int = 50_000) -> float:
-    """Chunk length so a chunk holds about ``target_events`` arrivals (between 1 s and 600 s)."""
+    """Chunk length so a chunk holds about ``target_events`` arrivals (at most 600 s; no lower
+    bound, so that a chunk's arrays stay that small at any rate)."""
     if mean_rate_rps <= 0:
         return 600.0
-    return float(min(600.0, max(1.0, target_events / mean_rate_rps)))
+    return float(min(600.0, target_events / mean_rate_rps))

@@ -15,13 +15,16 @@ every call of :meth:`Workload.batches` / :meth:`Workload.requests` yields the id
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
+from loragate.core.errors import ConfigError
 from loragate.core.types import AdapterSpec
+from loragate.workload._reader import naming_file
 from loragate.workload.arrivals import (
     AggregateGammaSource,
     GammaRenewalSource,
@@ -39,6 +42,7 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
 BASE = -1  # adapter_index of a base-model request
+MAX_REQUESTS = 50_000_000  # expected requests of one run (bounds memory and run time)
 
 
 class WorkloadRequest(NamedTuple):
@@ -69,6 +73,11 @@ class Workload:
 
     def __init__(self, spec: WorkloadSpec) -> None:
         self.spec = spec
+        # A problem found only now (e.g. a ServeGen trace shorter than the run) names the file.
+        with naming_file(spec.source) if spec.source else nullcontext():
+            self._build(spec)
+
+    def _build(self, spec: WorkloadSpec) -> None:
         seeds = np.random.SeedSequence(spec.seed).spawn(3)
         self._arrival_seed, self._length_seed = seeds[1], seeds[2]
         structure = np.random.default_rng(seeds[0])
@@ -112,8 +121,15 @@ class Workload:
         # the drawn schedule for exponential on/off phases).
         self._mod_mean = 1.0
         if self._clients is None and not self._modulation.is_identity:
-            self._mod_mean = float(self._modulation.grid(0.0, spec.duration_s)[1][-1])
-            self._mod_mean /= spec.duration_s
+            self._mod_mean = self._modulation.integral(0.0, spec.duration_s) / spec.duration_s
+        expected = self.offered_rate_rps * spec.duration_s
+        if expected > MAX_REQUESTS:
+            raise ConfigError(
+                f"about {expected:.3g} requests ({self.offered_rate_rps:g} req/s for "
+                f"{spec.duration_s:g} s), more than a run may have ({MAX_REQUESTS:,}): "
+                "lower the rate or duration_s",
+                key="arrivals",
+            )
         self._names_lookup: list[str | None] = [*names, None]
         self._ranks_lookup: list[int] = [*ranks.tolist(), 0]
 
@@ -224,7 +240,7 @@ class Workload:
         peak = rates.sum() * (1.0 + (arr.diurnal.amplitude if arr.diurnal else 0.0))
         if arr.onoff is not None:
             peak = max(peak, arr.onoff.on_rate_rps, arr.onoff.off_rate_rps)
-        chunk_s = chunk_length_s(float(peak))
+        chunk_s = min(chunk_length_s(float(peak)), mod.max_span_s)
         t0 = 0.0
         u0 = 0.0
         while t0 < spec.duration_s:

@@ -41,9 +41,19 @@ def _stem_suffix(path: Path) -> str:
 def load_length_values(path: Path, column: str | None, *, key: str) -> tuple[int, ...]:
     """Token counts from a file: ``.csv`` (needs ``column``), ``.jsonl`` (needs ``column`` = the
     field name), anything else one number per line. ``.gz`` is decompressed. Values below 1 are
-    raised to 1 (an engine cannot produce 0 tokens)."""
+    raised to 1 (an engine cannot produce 0 tokens). A bad value is an error naming its line."""
     kind = _stem_suffix(path)
     raw: list[float] = []
+    line = 0
+
+    def number(value: object, line: int) -> float:
+        try:
+            return float(value)  # type: ignore[arg-type]  # str, int, float or bad JSON
+        except (TypeError, ValueError):
+            shown = repr(value if not isinstance(value, str) else value.strip())
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise ConfigError(f"{path} line {line}: not a number: {shown}", key=key) from None
+
     try:
         with _open_text(path) as fh:
             if kind == "csv":
@@ -54,19 +64,31 @@ def load_length_values(path: Path, column: str | None, *, key: str) -> tuple[int
                     raise ConfigError(
                         f"column {column!r} not in {path.name} (has {reader.fieldnames})", key=key
                     )
-                raw = [float(row[column]) for row in reader]
+                for row in reader:
+                    raw.append(number(row[column], reader.line_num))
             elif kind == "jsonl":
                 if column is None:
                     raise ConfigError("a JSONL file needs `column` (the field name)", key=key)
-                for line in fh:
-                    if line.strip():
-                        raw.append(float(json.loads(line)[column]))
+                for line, text in enumerate(fh, 1):
+                    if text.strip():
+                        record = json.loads(text)
+                        if not isinstance(record, dict) or column not in record:
+                            raise ConfigError(
+                                f"{path} line {line} has no field {column!r}", key=key
+                            )
+                        raw.append(number(record[column], line))
             else:
-                raw = [float(line) for line in fh if line.strip()]
+                for line, text in enumerate(fh, 1):
+                    if text.strip():
+                        raw.append(number(text, line))
     except ConfigError:
         raise
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"cannot read lengths from {path}: {exc!r}", key=key) from exc
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a UTF-8 text file (nor gzipped text)", key=key) from None
+    except ValueError as exc:  # JSON
+        raise ConfigError(f"{path} line {line}: not JSON ({exc})", key=key) from None
+    except (OSError, EOFError, csv.Error) as exc:  # includes a .gz file that is not gzip
+        raise ConfigError(f"cannot read lengths from {path}: {exc}", key=key) from exc
     if len(raw) > MAX_VALUES:
         raise ConfigError(f"too many values ({len(raw)} > {MAX_VALUES})", key=key)
     return tuple(max(1, round(v)) for v in raw if math.isfinite(v))

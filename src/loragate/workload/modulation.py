@@ -21,6 +21,7 @@ FloatArray = npt.NDArray[np.float64]
 
 MAX_PHASES = 2_000_000
 GRID_PER_PERIOD = 512
+MAX_GRID_POINTS = 1 << 20  # one grid's size: spans are cut so that it is never larger
 
 
 class Modulation:
@@ -56,6 +57,25 @@ class Modulation:
             k = np.searchsorted(self._bounds, t, side="right") - 1
             out = out * self._factors[np.clip(k, 0, len(self._factors) - 1)]
         return np.asarray(out, dtype=np.float64)
+
+    @property
+    def max_span_s(self) -> float:
+        """The longest span one :meth:`grid` may cover (its points grow with span / period)."""
+        d = self._diurnal
+        if d is None or d.amplitude == 0:
+            return math.inf
+        return d.period_s * (MAX_GRID_POINTS - 1) / GRID_PER_PERIOD
+
+    def integral(self, t0: float, t1: float) -> float:
+        """``Λ(t1) - Λ(t0)``, over grids of at most :attr:`max_span_s` each."""
+        total = 0.0
+        step = self.max_span_s
+        a = t0
+        while a < t1:
+            b = min(t1, a + step)
+            total += float(self.grid(a, b)[1][-1])
+            a = b
+        return total
 
     def grid(self, t0: float, t1: float) -> tuple[FloatArray, FloatArray]:
         """Points ``t`` in ``[t0, t1]`` and ``Λ(t) - Λ(t0)`` at them (non-decreasing)."""

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal, cast
 
-import yaml
-
 from loragate.core.errors import ConfigError
-from loragate.workload._reader import Node, as_int, as_list, as_number, type_name
+from loragate.workload._reader import Node, as_int, as_list, as_number, naming_file, type_name
 from loragate.workload.lengths import load_length_values
 from loragate.workload.spec import (
     AdaptersSpec,
@@ -50,38 +49,52 @@ from loragate.workload.spec import (
     WorkloadSpec,
     ZipfPopularity,
 )
+from loragate.workload.yaml_file import load_yaml_text
 
 MAX_ADAPTERS = 100_000
+MAX_DURATION_S = 1e8  # ~3 years of simulated time
 
 
 def load_spec(path: str | Path) -> WorkloadSpec:
-    """Read and validate a workload YAML file."""
+    """Read and validate a workload YAML file; every error starts with the file's path."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read workload spec {p}: {exc.strerror or exc}") from exc
-    return parse_spec_text(text, base_dir=p.resolve().parent, default_name=p.stem)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{p}: not a UTF-8 text file (byte {exc.start}: {exc.object[exc.start]:#04x})"
+        ) from exc
+    return parse_spec_text(text, base_dir=p.resolve().parent, default_name=p.stem, source=str(p))
 
 
 def parse_spec_text(
-    text: str, *, base_dir: Path | None = None, default_name: str = "workload"
+    text: str,
+    *,
+    base_dir: Path | None = None,
+    default_name: str = "workload",
+    source: str | None = None,
 ) -> WorkloadSpec:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML: {exc}") from exc
-    return spec_from_mapping(data, base_dir=base_dir, default_name=default_name)
+    """Parse and validate spec text; ``source`` (the file it came from) starts every error."""
+    data = load_yaml_text(text, source or "workload spec")
+    if source is None:
+        return spec_from_mapping(data, base_dir=base_dir, default_name=default_name)
+    with naming_file(source):
+        spec = spec_from_mapping(data, base_dir=base_dir, default_name=default_name)
+    return replace(spec, source=source)
 
 
 def spec_from_mapping(
     data: object, *, base_dir: Path | None = None, default_name: str = "workload"
 ) -> WorkloadSpec:
     """Validate an already-parsed mapping (e.g. built in code by another package)."""
+    if data is None:
+        raise ConfigError("the spec is empty")
     root = Node(data, "")
     name = root.get_str("name", default_name)
     description = root.get_str("description", "")
-    duration_s = root.get_float("duration_s", gt=0)
+    duration_s = root.get_float("duration_s", gt=0, le=MAX_DURATION_S)
     seed = root.get_int("seed", 0, ge=0)
     arrivals_node = root.node("arrivals")
     process = arrivals_node.get_str("process", "poisson", choices=("poisson", "gamma", "servegen"))
@@ -305,7 +318,7 @@ def _arrivals(
 
 def _diurnal(node: Node) -> DiurnalSpec:
     out = DiurnalSpec(
-        period_s=node.get_float("period_s", 86_400.0, gt=0.0),
+        period_s=node.get_float("period_s", 86_400.0, ge=1.0),
         amplitude=node.get_float("amplitude", 0.5, ge=0.0, le=1.0),
         phase_s=node.get_float("phase_s", 0.0),
     )
@@ -365,6 +378,10 @@ def resolve_path(value: str, base_dir: Path | None, key: str) -> Path:
     """Absolute as is; relative against the spec's directory, then the current directory."""
     p = Path(value).expanduser()
     candidates = [p] if p.is_absolute() else [*([base_dir / p] if base_dir else []), Path.cwd() / p]
+    unique: dict[Path, Path] = {}  # the spec's directory may be the current one
+    for c in candidates:
+        unique.setdefault(c.resolve(), c)
+    candidates = list(unique.values())
     for c in candidates:
         if c.is_file():
             return c

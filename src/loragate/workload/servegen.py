@@ -75,16 +75,25 @@ def _read_cached(path: str, _mtime_ns: int, _size: int, window_s: float) -> Clie
     col = {name: cols[header.index(name)] for name in REQUIRED_COLUMNS}
     try:
         client = np.asarray(col["client_id"], dtype=np.int64)
-        window = np.rint(np.asarray(col["window_start_s"], dtype=np.float64) / window_s)
+        starts = np.asarray(col["window_start_s"], dtype=np.float64)
+        window = np.rint(starts / window_s)
         rate = np.asarray(col["rate_rps"], dtype=np.float64)
         shape = np.asarray([float(v) if v else 0.0 for v in col["dist_param1"]])
         dist = np.asarray([_DIST_CODES.get(v, NO_DIST) for v in col["iat_dist"]], dtype=np.int8)
     except ValueError as exc:
         raise ConfigError(f"bad value in {path}: {exc}", key=key) from exc
+    _check_windows(starts, window_s)
     ids, row = np.unique(client, return_inverse=True)
     w = window.astype(np.int64)
     if w.min() < 0:
         raise ConfigError("negative window_start_s in trace", key=key)
+    cell = row * (int(w.max()) + 1) + w
+    if len(np.unique(cell)) != len(cell):
+        dup = int(np.flatnonzero(np.bincount(cell) > 1)[0])
+        c, k = divmod(dup, int(w.max()) + 1)
+        raise ConfigError(
+            f"client {int(ids[c])} has two rows for the window at {k * window_s:g} s", key=key
+        )
     n_windows = int(w.max()) + 1
     counts = np.zeros((len(ids), n_windows), dtype=np.int64)
     dists = np.zeros((len(ids), n_windows), dtype=np.int8)
@@ -93,6 +102,27 @@ def _read_cached(path: str, _mtime_ns: int, _size: int, window_s: float) -> Clie
     dists[row, w] = dist
     shapes[row, w] = shape
     return ClientWindows(client_ids=ids, counts=counts, dist=dists, shape=shapes)
+
+
+def _check_windows(starts: FloatArray, window_s: float) -> None:
+    """The trace's windows must be ``window_s`` apart: with another spacing, requests per
+    window (``rate_rps * window_s``) and window positions would both be wrong, silently."""
+    distinct = np.unique(starts)
+    if len(distinct) < 2:
+        return
+    spacing = float(np.min(np.diff(distinct)))
+    if not math.isclose(spacing, window_s, rel_tol=1e-6):
+        raise ConfigError(
+            f"must match the trace's windows, which start {spacing:g} s apart; got {window_s:g}",
+            key="arrivals.servegen.window_s",
+        )
+    off_grid = np.abs(distinct / window_s - np.rint(distinct / window_s)) > 1e-6
+    if off_grid.any():
+        raise ConfigError(
+            f"window_start_s must be multiples of the window ({window_s:g} s), "
+            f"got {float(distinct[off_grid][0]):g}",
+            key="arrivals.servegen.file",
+        )
 
 
 def select_clients(

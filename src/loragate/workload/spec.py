@@ -189,3 +189,4 @@ class WorkloadSpec:
     duration_s: float
     seed: int = 0
     description: str = ""
+    source: str = ""  # the file it was read from ("" when built in code); errors name it
