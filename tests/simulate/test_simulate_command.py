@@ -93,10 +93,13 @@ def test_text_output_and_jsonl(
     ("extra", "fragment"),
     [
         (["--policy", "fastest"], "unknown policy 'fastest'"),
-        (["--replicas", "0"], "replicas: must be >= 1"),
-        (["--max-lora-rank", "8"], "max_lora_rank"),
-        (["--max-loras", "4", "--max-cpu-loras", "2"], "max_cpu_loras"),
+        (["--replicas", "0"], "--replicas: must be >= 1"),
+        (["--max-lora-rank", "8"], "--max-lora-rank: 8 is below"),
+        (["--max-lora-rank", "48"], "--max-lora-rank: must be one of vLLM's [1, 8, 16, 32, 64"),
+        (["--max-loras", "4", "--max-cpu-loras", "2"], "--max-cpu-loras: "),
         (["--profile", "no-such-profile"], "no-such-profile"),
+        (["--seed", "-5"], "--seed: must be >= 0, got -5"),
+        (["--duration-s", "0"], "--duration-s: must be > 0, got 0"),
     ],
 )
 def test_bad_input_is_one_clear_error(
@@ -107,6 +110,7 @@ def test_bad_input_is_one_clear_error(
     err = capsys.readouterr().err
     assert err.startswith("loragate simulate: error:")
     assert fragment in err
+    assert err.count("\n") == 1
 
 
 def test_bad_workload_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,8 +18,8 @@ from loragate.simulate import (
     SimulationConfig,
     run_simulation,
 )
-from loragate.simulate.records import RecordFormat
-from loragate.workload import Workload, load_spec
+from loragate.simulate.records import CONTEXT_LENGTH, RecordFormat
+from loragate.workload import SpecFileError, Workload, load_spec
 
 HELP = "Simulate a deployment (twin replicas + routing policy) on a workload, in virtual time."
 
@@ -71,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-lora-rank",
         type=int,
         default=None,
-        help="default: the largest adapter rank in the workload",
+        help="one of vLLM's 1, 8, 16, 32, 64, 128, 256, 320, 512; default: the smallest that "
+        "fits the workload's largest adapter rank",
     )
     e.add_argument("--max-num-seqs", type=int, default=256)
     e.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -133,17 +134,29 @@ def _print_text(summary: dict[str, Any]) -> None:
         f"{cfg['workload']}: {cfg['replicas']} replicas, policy {cfg['policy']}, "
         f"profile {cfg['profile']}, seed {cfg['seed']}"
     )
+    reasons = req["rejected_by_reason"]
+    why = f" ({', '.join(f'{k} {v}' for k, v in reasons.items())})" if reasons else ""
     print(
-        f"requests {req['total']} (ok {req['ok']}, rejected {req['rejected']}, "
-        f"unfinished {req['unfinished']}); tokens/s achieved {tp['achieved_tokens_per_s']:.1f} "
-        f"of {tp['offered_tokens_per_s']:.1f} offered; starved: {summary['starved']}"
+        f"requests {req['total']} (ok {req['ok']}, rejected {req['rejected']}{why}, "
+        f"unfinished {req['unfinished']}); arrived {tp['arrivals_per_s']:.3g}/s "
+        f"(spec: {cfg['offered_rate_rps']:.3g}/s)"
+    )
+    if reasons.get(CONTEXT_LENGTH):
+        print(
+            f"  {reasons[CONTEXT_LENGTH]} requests are longer than --max-model-len "
+            f"{cfg['engine']['max_model_len']} (prompt + max_tokens): vLLM refuses them; "
+            "lengths.max_total_tokens in the spec caps them"
+        )
+    print(
+        f"tokens/s achieved {tp['achieved_tokens_per_s']:.1f} of "
+        f"{tp['offered_tokens_per_s']:.1f} offered; starved: {summary['starved']}"
     )
     for name in ("ttft_s", "itl_s", "e2e_s"):
         s = summary[name]
         print(f"{name[:-2].upper():5} p50 {_fmt(s['p50'])}  p99 {_fmt(s['p99'])}")
     slo = summary["slo"]
     att = slo["attainment"]
-    print(f"TTFT SLO {slo['ttft_ms']:g} ms attained by {att:.1%}" if att is not None else "")
+    print(f"TTFT SLO {slo['ttft_ms']:g} ms attained by {'-' if att is None else f'{att:.1%}'}")
     loads = {r: v["adapter_loads"] for r, v in summary["replicas"].items()}
     print(f"adapter loads per replica {loads}; deferred requests {summary['deferred']['requests']}")
     st = summary["starvation"]
@@ -154,32 +167,88 @@ def _print_text(summary: dict[str, Any]) -> None:
     print(f"simulated {summary['duration_s']:g} s in {summary['wall_s']:.2f} s wall")
 
 
-def run(args: argparse.Namespace) -> int:
+# Settings that come from command-line flags: their errors name the flag.
+_FLAG_KEYS = frozenset(
+    {
+        "replicas",
+        "profile",
+        "seed",
+        "ttft_slo_ms",
+        "starvation_wait_s",
+        "scrape_interval_s",
+        "drain_s",
+        "max_loras",
+        "max_cpu_loras",
+        "max_lora_rank",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "max_model_len",
+        "kv_capacity_tokens",
+    }
+)
+
+
+def _as_flag(exc: LoragateError) -> str:
+    """``max_lora_rank: ...`` -> ``--max-lora-rank: ...`` for errors in command-line settings
+    (errors in the workload file start with the file instead)."""
+    text = str(exc)
+    if isinstance(exc, SpecFileError) or not isinstance(exc, ConfigError):
+        return text
+    key = exc.key
+    if key in _FLAG_KEYS and text.startswith(f"{key}: "):
+        return f"--{key.replace('_', '-')}: {text[len(key) + 2 :]}"
+    return text
+
+
+def _cannot_write(path: Path, exc: OSError) -> ConfigError:
+    reason = exc.strerror or str(exc)
+    blocking = next((d for d in [path, *path.parents] if d.exists() and not d.is_dir()), None)
+    if blocking is not None:  # mkdir's own "File exists" would not say which one
+        reason = f"{blocking} is not a directory"
+    return ConfigError(f"cannot write {path}: {reason}", key="--out")
+
+
+def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     writer: RecordWriter | None = None
+    config = config_from_args(args)
+    if args.duration_s is not None and not args.duration_s > 0:
+        raise ConfigError(f"must be > 0, got {args.duration_s:g}", key="--duration-s")
+    if args.seed is not None and args.seed < 0:
+        raise ConfigError(f"must be >= 0, got {args.seed}", key="--seed")
+    spec = load_spec(args.workload)
+    if args.duration_s is not None:
+        spec = dataclasses.replace(spec, duration_s=args.duration_s)
+    if args.seed is not None:
+        spec = dataclasses.replace(spec, seed=args.seed)
+    workload = Workload(spec)
     try:
-        config = config_from_args(args)
-        spec = load_spec(args.workload)
-        if args.duration_s is not None:
-            if args.duration_s <= 0:
-                raise ConfigError("must be > 0", key="duration_s")
-            spec = dataclasses.replace(spec, duration_s=args.duration_s)
-        if args.seed is not None:
-            spec = dataclasses.replace(spec, seed=args.seed)
-        workload = Workload(spec)
         if args.out is not None:
-            args.out.mkdir(parents=True, exist_ok=True)
             fmt: RecordFormat = args.records
-            writer = RecordWriter(args.out / f"records.{fmt}", fmt)
-        result = run_simulation(workload, config, writer.write if writer else None)
-    except LoragateError as exc:
-        print(f"loragate simulate: error: {exc}", file=sys.stderr)
-        return 2
+            path = args.out / f"records.{fmt}"
+            try:
+                args.out.mkdir(parents=True, exist_ok=True)
+                writer = RecordWriter(path, fmt)
+            except OSError as exc:
+                raise _cannot_write(path, exc) from exc
+        summary = run_simulation(workload, config, writer.write if writer else None).summary
     finally:
         if writer is not None:
             writer.close()
-    summary = result.summary
     if args.out is not None:
-        (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        path = args.out / "summary.json"
+        try:
+            path.write_text(json.dumps(summary, indent=2) + "\n")
+        except OSError as exc:
+            raise _cannot_write(path, exc) from exc
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        summary = _simulate(args)
+    except LoragateError as exc:
+        print(f"loragate simulate: error: {_as_flag(exc)}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

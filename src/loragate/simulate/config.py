@@ -13,7 +13,8 @@ from loragate.core.errors import ConfigError
 class ReplicaEngineSettings:
     """vLLM settings of every simulated replica (all replicas are identical).
 
-    ``max_lora_rank`` None = the largest adapter rank in the workload (what an operator sets).
+    ``max_lora_rank`` None = the smallest of vLLM's allowed values (1, 8, 16, 32, 64, ...) that
+    fits the workload's largest adapter rank (what an operator sets).
     """
 
     max_loras: int = 4

@@ -11,15 +11,23 @@ from typing import IO, Any, Literal
 
 Status = Literal["ok", "rejected", "unfinished"]
 
+# Why a request was rejected (``SimRecord.reason``):
+CONTEXT_LENGTH = "context_length"  # prompt (+ max_tokens) over max_model_len: vLLM's 400
+INVALID_REQUEST = "invalid_request"  # any other 400 from the replica
+NO_REPLICA = "no_replica"  # routing found no replica to take it
+# Rejections that are the request's own fault: the replica answers at once, so they are not
+# load the deployment failed to serve (they are left out of the offered tokens).
+INVALID_REASONS = frozenset({CONTEXT_LENGTH, INVALID_REQUEST})
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SimRecord:
     """One request's fate. Times are simulated seconds; NaN where they do not apply.
 
     ``itl_s`` is the mean inter-token latency ``(finish - first token) / (output_tokens - 1)``
-    (NaN for one-token outputs). ``status``: ``ok`` finished, ``rejected`` refused before
-    routing (too long for ``max_model_len``), ``unfinished`` still running when the drain
-    limit was reached.
+    (NaN for one-token outputs). ``status``: ``ok`` finished, ``rejected`` refused (``reason``:
+    ``context_length``, ``invalid_request`` or ``no_replica``), ``unfinished`` still running when
+    the drain limit was reached.
     """
 
     request_id: str
@@ -35,6 +43,7 @@ class SimRecord:
     deferred_s: float
     preemptions: int
     status: Status
+    reason: str = ""  # rejected requests only
 
     @property
     def ttft_s(self) -> float:
@@ -69,13 +78,19 @@ class SimRecord:
             self.ttft_s,
             self.itl_s,
             self.e2e_s,
+            self.reason,
         )
 
     def row(self) -> dict[str, object]:
         return dict(zip(COLUMNS, self.values(), strict=True))
 
 
-COLUMNS = [f.name for f in fields(SimRecord)] + ["ttft_s", "itl_s", "e2e_s"]
+COLUMNS = [f.name for f in fields(SimRecord) if f.name != "reason"] + [
+    "ttft_s",
+    "itl_s",
+    "e2e_s",
+    "reason",
+]
 RecordFormat = Literal["csv", "jsonl"]
 
 

@@ -24,12 +24,19 @@ from loragate.core.errors import ConfigError, InvalidRequestError, NoReplicaAvai
 from loragate.core.types import ReplicaSettings, ReplicaSnapshot, Residency, RoutingRequest
 from loragate.routing import RoutingProfile, build_policy
 from loragate.simulate.config import SimulationConfig
-from loragate.simulate.records import SimRecord, Status
+from loragate.simulate.records import (
+    CONTEXT_LENGTH,
+    INVALID_REQUEST,
+    NO_REPLICA,
+    SimRecord,
+    Status,
+)
 from loragate.simulate.step_time import ProfileStepTime
 from loragate.simulate.summary import SummaryBuilder
 from loragate.state.residency import touch
 from loragate.twin.engine import Engine, EngineConfig, EngineRequest, RequestRecord
 from loragate.twin.profile import PerformanceProfile, load_profile
+from loragate.twin.replica_config import VLLM_LORA_RANKS
 from loragate.workload import Workload, WorkloadRequest
 
 RecordSink = Callable[[SimRecord], None]
@@ -117,6 +124,30 @@ class SimulationResult:
     wall_s: float
 
 
+def _max_lora_rank(given: int | None, workload: Workload) -> int:
+    """``--max-lora-rank`` as vLLM accepts it; by default the smallest that fits every adapter
+    (what an operator must set: vLLM refuses e.g. 48 for rank-48 adapters, 64 serves them)."""
+    need = max([a.rank for a in workload.adapters] or [8])
+    if given is None:
+        fits = [r for r in VLLM_LORA_RANKS if r >= need]
+        if not fits:
+            raise ConfigError(
+                f"the workload has rank-{need} adapters; vLLM's largest is "
+                f"{VLLM_LORA_RANKS[-1]}",
+                key="max_lora_rank",
+            )
+        return fits[0]
+    if given not in VLLM_LORA_RANKS:
+        raise ConfigError(
+            f"must be one of vLLM's {list(VLLM_LORA_RANKS)}, got {given}", key="max_lora_rank"
+        )
+    if given < need:
+        raise ConfigError(
+            f"{given} is below the workload's largest adapter rank ({need})", key="max_lora_rank"
+        )
+    return given
+
+
 def engine_config(config: SimulationConfig, max_lora_rank: int) -> EngineConfig:
     s = config.engine
     return EngineConfig(
@@ -146,14 +177,7 @@ class Simulation:
         self.workload = workload
         self.config = config
         self.profile = profile if profile is not None else load_profile(config.profile)
-        ranks = [a.rank for a in workload.adapters] or [8]
-        need = max(ranks)
-        rank = config.engine.max_lora_rank if config.engine.max_lora_rank is not None else need
-        if rank < need:
-            raise ConfigError(
-                f"{rank} is below the workload's largest adapter rank ({need})",
-                key="max_lora_rank",
-            )
+        rank = _max_lora_rank(config.engine.max_lora_rank, workload)
         self.max_lora_rank = rank
         self.seed = config.seed if config.seed is not None else workload.spec.seed
         self.policy = (
@@ -236,7 +260,7 @@ class Simulation:
                     routing_req, [r.snapshot() for r in replicas], policy.context(now_s=t)
                 )
             except NoReplicaAvailableError:
-                emit(_unserved(request_id, req, None, "rejected"))
+                emit(_unserved(request_id, req, None, "rejected", NO_REPLICA))
                 continue
             rep = self._by_id[chosen]
             try:
@@ -250,8 +274,8 @@ class Simulation:
                         arrival_s=t,
                     )
                 )
-            except InvalidRequestError:  # the replica answers 400 (e.g. too long for the model)
-                emit(_unserved(request_id, req, chosen, "rejected"))
+            except InvalidRequestError as exc:  # the replica answers 400
+                emit(_unserved(request_id, req, chosen, "rejected", _rejection_reason(exc)))
                 continue
             rep.in_flight += 1
             rep.pending[request_id] = req
@@ -344,8 +368,13 @@ class Simulation:
         }
 
 
+def _rejection_reason(exc: InvalidRequestError) -> str:
+    # vLLM names the prompt ("messages") or max_tokens when a request is too long for the model.
+    return CONTEXT_LENGTH if exc.param in ("messages", "prompt", "max_tokens") else INVALID_REQUEST
+
+
 def _unserved(
-    request_id: str, req: WorkloadRequest, replica: str | None, status: Status
+    request_id: str, req: WorkloadRequest, replica: str | None, status: Status, reason: str = ""
 ) -> SimRecord:
     return SimRecord(
         request_id=request_id,
@@ -361,6 +390,7 @@ def _unserved(
         deferred_s=0.0,
         preemptions=0,
         status=status,
+        reason=reason,
     )
 
 

@@ -5,7 +5,9 @@ tokens are spread evenly between its first token and its finish (the first token
 token time), and only tokens emitted inside the window count. A run is *starved* when this
 achieved token throughput is below 0.9 x the offered token throughput (the ``max_tokens`` of
 the requests that arrived in the window, per second) — the seed paper's criterion
-(shared/design/DIGITAL_TWIN.md).
+(shared/design/DIGITAL_TWIN.md). Requests a replica refuses as invalid (too long for
+``max_model_len``) are not offered load: they are counted, by reason, but not in the offered
+tokens.
 
 That criterion is cluster-wide: when LoRA slots are the bottleneck, hot adapters keep their slots
 and the cluster's throughput keeps up while cold adapters' requests wait for minutes. So the
@@ -21,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from loragate.simulate.records import SimRecord
+from loragate.simulate.records import INVALID_REASONS, SimRecord
 
 STARVATION_RATIO = 0.9
 
@@ -65,6 +67,8 @@ class SummaryBuilder:
         self._itl: list[float] = []
         self._e2e: list[float] = []
         self._status: Counter[str] = Counter()
+        self._rejected: Counter[str] = Counter()
+        self._arrived = 0
         self._slo_ok = 0
         self._offered_tokens = 0
         self._achieved_tokens = 0.0
@@ -79,8 +83,12 @@ class SummaryBuilder:
 
     def add(self, rec: SimRecord) -> None:
         self._status[rec.status] += 1
+        if rec.status == "rejected":
+            self._rejected[rec.reason] += 1
         if rec.arrival_s <= self.duration_s:
-            self._offered_tokens += rec.max_tokens
+            self._arrived += 1
+            if rec.reason not in INVALID_REASONS:
+                self._offered_tokens += rec.max_tokens
         if rec.replica is not None:
             self._per_replica[rec.replica] += 1
             if rec.adapter is not None:
@@ -119,12 +127,15 @@ class SummaryBuilder:
                 "ok": ok,
                 "rejected": self._status["rejected"],
                 "unfinished": self._status["unfinished"],
+                "rejected_by_reason": dict(sorted(self._rejected.items())),
             },
             "duration_s": self.duration_s,
             "makespan_s": self._last_finish_s,
             "throughput": {
                 # Requests completed inside the workload window, per second of it.
                 "requests_per_s": self._done_in_window / self.duration_s,
+                # Requests that arrived inside the window, per second (the offered rate).
+                "arrivals_per_s": self._arrived / self.duration_s,
                 "offered_tokens_per_s": offered_tps,
                 "achieved_tokens_per_s": achieved_tps,
                 "output_tokens_total": self._output_tokens,

@@ -4,6 +4,7 @@ See :mod:`loragate.workload.parse` for the spec format and :mod:`loragate.worklo
 for the stream API. Imports only ``loragate.core``, the standard library, numpy and PyYAML.
 """
 
+from loragate.workload._reader import SpecFileError
 from loragate.workload.generator import BASE, RequestBatch, Workload, WorkloadRequest
 from loragate.workload.parse import load_spec, parse_spec_text, spec_from_mapping
 from loragate.workload.spec import WorkloadSpec
@@ -11,6 +12,7 @@ from loragate.workload.spec import WorkloadSpec
 __all__ = [
     "BASE",
     "RequestBatch",
+    "SpecFileError",
     "Workload",
     "WorkloadRequest",
     "WorkloadSpec",
