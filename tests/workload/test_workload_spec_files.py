@@ -215,3 +215,15 @@ def test_a_run_asking_for_too_many_requests_is_refused(tmp_path: Path) -> None:
     assert "more than a run may have" in str(err)
     err = _error(_write(tmp_path, GOOD.replace("duration_s: 60", "duration_s: 1e12")))
     assert err.key == "duration_s"
+
+
+def test_servegen_windows_silent_for_every_client_are_noted(tmp_path: Path) -> None:
+    trace = tmp_path / "t.csv"
+    rows = [f"{c},{w * 600},{0 if w == 1 else 0.5},1,Gamma,1,1\n" for c in (1, 2) for w in range(3)]
+    trace.write_text(SERVEGEN_HEADER + "".join(rows))
+    wl = Workload(load_spec(_servegen_spec(tmp_path, trace, 1800)))
+    assert wl.notes == (
+        "1 of the 3 replayed 600 s windows of t.csv have no request from any client "
+        "(collection gaps in some traces): no arrivals then",
+    )
+    assert Workload(load_spec(_servegen_spec(tmp_path, trace, 600))).notes == ()

@@ -221,6 +221,8 @@ def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     if args.seed is not None:
         spec = dataclasses.replace(spec, seed=args.seed)
     workload = Workload(spec)
+    for note in workload.notes:
+        print(f"loragate simulate: note: {args.workload}: {note}", file=sys.stderr)
     try:
         if args.out is not None:
             fmt: RecordFormat = args.records

@@ -130,6 +130,15 @@ class Workload:
                 "lower the rate or duration_s",
                 key="arrivals",
             )
+        # Things worth telling whoever runs the spec (not errors): one line each.
+        self.notes: tuple[str, ...] = ()
+        if self._clients is not None and self._clients.silent_windows:
+            assert sg is not None
+            self.notes = (
+                f"{self._clients.silent_windows} of the {self._clients.n_windows} replayed "
+                f"{sg.window_s:g} s windows of {sg.file.name} have no request from any client "
+                "(collection gaps in some traces): no arrivals then",
+            )
         self._names_lookup: list[str | None] = [*names, None]
         self._ranks_lookup: list[int] = [*ranks.tolist(), 0]
 

@@ -41,6 +41,9 @@ class ClientWindows:
     counts: IntArray  # requests in the window
     dist: npt.NDArray[np.int8]
     shape: FloatArray
+    # Windows of the replayed span in which no client of the whole trace has a request: in
+    # ServeGen's m-mid these are collection gaps, not idleness (see the trace's README).
+    silent_windows: int = 0
 
     @property
     def n_windows(self) -> int:
@@ -179,6 +182,7 @@ def select_clients(
         counts=trace.counts[rows, sl],
         dist=trace.dist[rows, sl],
         shape=trace.shape[rows, sl],
+        silent_windows=int((span.sum(axis=0) == 0).sum()),
     )
 
 
