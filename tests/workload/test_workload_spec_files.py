@@ -87,6 +87,12 @@ def test_yaml_syntax_error_is_one_line_with_position(tmp_path: Path) -> None:
         ("adapters:", "adaptors:", "adapters", "is required (is 'adaptors' a misspelling of it?)"),
         ("seed: 1", "seed: 1\nlenghts: {}", "lenghts", "unknown key"),
         ("poisson", "weibull", "arrivals.process", "must be one of"),
+        (
+            "count: 4",
+            "count: 4, name_pattern: 'a-{j}'",
+            "adapters.name_pattern",
+            "bad pattern 'a-{j}': no field {j} (it may use {i})",
+        ),
     ],
 )
 def test_every_error_starts_with_the_file(
@@ -173,6 +179,8 @@ def test_missing_file_lists_each_place_tried_once(
     text = GOOD + "lengths: {prompt: {kind: empirical, file: nope.txt}}\n"
     err = str(_error(_write(tmp_path, text)))
     assert err.count("nope.txt") == 1
+    text = GOOD + f"lengths: {{prompt: {{kind: empirical, file: {tmp_path}}}}}\n"
+    assert f"{tmp_path} is a directory, not a file" in str(_error(_write(tmp_path, text)))
 
 
 def test_short_diurnal_period_over_a_long_run_keeps_grids_small(

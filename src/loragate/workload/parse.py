@@ -244,8 +244,13 @@ def _popularity(value: object, key: str, count: int) -> Popularity:
 def _check_pattern(pattern: str, key: str, **fields: object) -> str:
     try:
         return pattern.format(**fields)
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ConfigError(f"bad pattern {pattern!r}: {exc!r}", key=key) from None
+    except KeyError as exc:
+        known = ", ".join(f"{{{f}}}" for f in fields)
+        raise ConfigError(
+            f"bad pattern {pattern!r}: no field {{{exc.args[0]}}} (it may use {known})", key=key
+        ) from None
+    except (IndexError, ValueError) as exc:
+        raise ConfigError(f"bad pattern {pattern!r}: {exc}", key=key) from None
 
 
 def _check_names(pattern: str, count: int, key: str, *, servegen: bool) -> None:
@@ -385,6 +390,8 @@ def resolve_path(value: str, base_dir: Path | None, key: str) -> Path:
     for c in candidates:
         if c.is_file():
             return c
+    if len(candidates) == 1 and candidates[0].is_dir():
+        raise ConfigError(f"{candidates[0]} is a directory, not a file", key=key)
     tried = ", ".join(str(c) for c in candidates)
     raise ConfigError(f"file not found (tried {tried})", key=key)
 
