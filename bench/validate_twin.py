@@ -1,6 +1,7 @@
 """Validate the twin against every real BSC run and print the error table with the runtime.
 
     .venv/bin/python bench/validate_twin.py [--jobs 2] [--out result.json] [--limit N]
+        [--offered-load sent|accounted|nominal]
 
 Same as ``loragate twin validate --real-runs ../shared/data/bsc-vllm-lora/validation/real_runs.csv``
 plus a per-workload breakdown of our errors (where the twin is weakest).
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from loragate.commands.twin import _clean, format_table
 from loragate.twin.metrics_errors import summarize
-from loragate.twin.validate import ValidateConfig, validate
+from loragate.twin.validate import OFFERED_LOADS, ValidateConfig, validate
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsc-vllm-lora" / "validation"
 
@@ -49,10 +50,13 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--offered-load", choices=OFFERED_LOADS, default="sent",
+                        help="as loragate twin validate --offered-load")
     args = parser.parse_args()
     started = time.perf_counter()
-    result = validate(args.real_runs, paper_runs=args.paper_runs, cfg=ValidateConfig(),
-                      jobs=args.jobs, limit=args.limit)
+    result = validate(args.real_runs, paper_runs=args.paper_runs,
+                      cfg=ValidateConfig(offered_load=args.offered_load), jobs=args.jobs,
+                      limit=args.limit)
     wall = time.perf_counter() - started
     print(format_table(result))
     print()

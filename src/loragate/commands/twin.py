@@ -47,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     val.add_argument("--limit", type=int, default=None, help="at most this many runs")
     val.add_argument("--window-s", type=float, default=3600.0, help="replayed window (s)")
     val.add_argument("--seed", type=int, default=0)
+    val.add_argument(
+        "--offered-load", choices=("sent", "accounted", "nominal"), default="sent",
+        help="requests each replay offers: the row's requests_sent (sent, default; rows without "
+             "it: accounted), successful_requests + max_running + max_waiting while the "
+             "engine queue stayed below the front-end cap, else the nominal rates (accounted), "
+             "or the nominal per-adapter rates (nominal)")
     val.add_argument("--jobs", type=int, default=0, help="worker processes (0 = all cores)")
     val.add_argument("--json", action="store_true", help="print the full result as JSON")
     val.add_argument("--out", default=None, help="also write the JSON result to this file")
@@ -101,15 +107,15 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _profile_map(values: list[str]) -> dict[str, str]:
-    from loragate.twin.validate import DEFAULT_PROFILES
-
+    """``--profile P`` (every model: key ``*``) and ``--profile MODEL=P`` (wins for MODEL)."""
     out: dict[str, str] = {}
     for value in values:
-        if "=" in value:
-            model, _, prof = value.partition("=")
-            out[model] = prof
-        else:
-            out |= {model: value for model in DEFAULT_PROFILES}
+        model, sep, prof = value.partition("=")
+        if not sep:
+            model, prof = "*", value
+        if not model.strip() or not prof.strip():
+            raise ConfigError(f"expected PROFILE or MODEL=PROFILE, got {value!r}", key="--profile")
+        out[model.strip()] = prof.strip()
     return out
 
 
@@ -142,7 +148,8 @@ def _validate(args: argparse.Namespace) -> int:
         args.real_runs,
         paper_runs=paper,
         profile_for=_profile_map(args.profile),
-        cfg=ValidateConfig(window_s=args.window_s, seed=args.seed),
+        cfg=ValidateConfig(window_s=args.window_s, seed=args.seed,
+                           offered_load=args.offered_load),
         models=args.model,
         run_ids=args.run_id,
         limit=args.limit,
@@ -163,8 +170,16 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = [f"runs replayed: {result['runs_replayed']}  failed: {len(result['runs_failed'])}  "
+    """The error table, then every row that was not compared (skipped or failed, with the
+    reason), the offered-load sources and the fallbacks noted on runs."""
+    failed, skipped = result["runs_failed"], result.get("runs_skipped", [])
+    lines = [f"rows: {result.get('rows_read', result['runs_replayed'])}  replayed: "
+             f"{result['runs_replayed'] - len(failed)}  failed: {len(failed)}  skipped: "
+             f"{len(skipped)}  not selected: {result.get('rows_not_selected', 0)}  "
              f"elapsed: {result['elapsed_s']:.1f} s  cpu: {result['cpu_s_total']:.1f} s"]
+    if result.get("offered_load"):
+        lines.append("offered load: " + "; ".join(
+            f"{n} x {source}" for source, n in result["offered_load"].items()))
     head = f"{'model':<24}{'who':<7}{'metric':<16}{'n':>4}{'MAPE':>8}{'SMAPE':>8}" \
            f"{'SMAPEp':>8}{'bias':>8}"
     lines.append(head)
@@ -178,6 +193,16 @@ def format_table(result: dict[str, Any]) -> str:
                     f"{s['mape_pct']:>8.2f}{s['smape_pct']:>8.2f}{s['smape_paper_pct']:>8.2f}"
                     f"{s['median_bias_pct']:>+8.2f}"
                 )
+    if skipped:
+        lines.append(f"skipped ({len(skipped)}):")
+        lines += [f"  line {s['line']}  {s['run_id'] or '(no run_id)'}: {s['reason']}"
+                  for s in skipped]
+    if failed:
+        lines.append(f"failed ({len(failed)}):")
+        lines += [f"  line {f.get('line', '?')}  {f['run_id']}: {f['error']}" for f in failed]
+    if result.get("notes"):
+        lines.append("notes:")
+        lines += [f"  {n} run(s): {note}" for note, n in result["notes"].items()]
     return "\n".join(lines)
 
 

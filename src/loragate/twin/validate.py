@@ -5,8 +5,15 @@ One real run (a row of ``validation/real_runs.csv``) is replayed as follows:
 - served adapters: ``max_cpu_loras`` adapters, ranks cycling through ``ranks_set`` (exactly the
   ``rank_counts`` of the run); per-adapter Poisson rates from ``rate_counts``, assigned to
   adapters in a seeded random order (the real rank-to-rate association is not recorded);
-- offered load: the benchmark client of heavily overloaded runs sent fewer requests than the
-  nominal rates imply, so the rates are scaled to ``requests_sent / window`` when known;
+- offered load (``ValidateConfig.offered_load``, see :func:`offered_requests`): the rates are
+  scaled so that the run offers as many requests as the real one did. ``sent``: the row's
+  ``requests_sent`` (the benchmark client's count; heavily overloaded runs sent far fewer
+  requests than the nominal rates imply); rows without it fall back to ``accounted``:
+  ``successful_requests + max_running + max_waiting`` (every request the server saw either
+  finished or was still running or waiting at the end, where the queue is at its longest),
+  valid while the engine's queue stayed below the front end's cap; once it reached the cap,
+  requests piled up in front of vLLM where the row does not see them, and the nominal rates
+  (an upper bound) are replayed. ``nominal``: the configured rates, whatever was sent;
 - lengths: ShareGPT's own joint prompt/output length distribution under the benchmark's filter
   (prompt 4..1024, output >= 4, prompt + output <= 2048; ``SHAREGPT_*``: heavy-tailed, and
   long prompts come with short answers), scaled so that its means equal the run's
@@ -14,6 +21,12 @@ One real run (a row of ``validation/real_runs.csv``) is replayed as follows:
 - engine: the run's ``max_loras``, ``max_cpu_loras``, ``max_lora_rank``, token budget 2048,
   ``max_num_seqs`` 2048, the model's ``max_model_len`` (vLLM's start-up check);
 - window: 3600 s; requests unfinished at the end are not counted (as in the benchmark).
+
+Rows that cannot be replayed as they stand (a required column empty or unreadable, adapter
+counts or ranks that contradict the run's settings, flag ``served_adapters_mismatch``) are
+skipped with the reason; model names are matched loosely (``meta-llama/Llama-3.1-8B-Instruct``
+is ``llama-3.1-8b-instruct``); optional columns may be empty or absent (each fallback is noted
+on the run).
 
 Runs that name their exact requests (``requests_file``, as ``data/tiny-llama-cpu``'s real vLLM
 CPU runs) are replayed exactly instead: every request's send time, adapter (with its rank) and
@@ -33,22 +46,27 @@ from __future__ import annotations
 
 import bisect
 import csv
+import io
 import math
 import os
+import re
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
 
-from loragate.core.errors import ConfigError
+from loragate.core.errors import ConfigError, LoragateError
 from loragate.twin.metrics_errors import ErrorSummary, summarize
+
+if TYPE_CHECKING:
+    from loragate.twin.profile import PerformanceProfile
 
 # Model-default max_model_len of the validation models (the servers ran with the default).
 MODEL_MAX_LEN: dict[str, int] = {
@@ -65,7 +83,17 @@ PAPER_PROFILES: dict[str, str] = {
     "llama-3.1-8b-instruct": "paper-llama-3.1-8b-h100",
     "qwen-2.5-7b-instruct": "paper-qwen-2.5-7b-h100",
 }
-EXCLUDED_FLAGS = frozenset({"served_adapters_mismatch"})
+# Rows with these flags are skipped (the data README's meaning of each). Other flags (e.g.
+# ``folder_name_mismatch``: the folder's name disagrees with the launcher, whose settings the
+# row holds) are replayed and the flag is shown on the run.
+EXCLUDED_FLAGS: dict[str, str] = {
+    "served_adapters_mismatch": "the benchmark found a different number of adapters on the "
+                                "server than the launcher configured (it measured another server)",
+}
+# vLLM's start-up check: --max-lora-rank must be one of these (vllm/config.py, LoRAConfig).
+VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+# When neither the row nor the model names max_model_len (replays of unknown models).
+FALLBACK_MAX_MODEL_LEN = 4096
 FEED_CHUNK_S = 5.0
 BACKLOG_CHUNK_S = 0.25
 
@@ -115,6 +143,11 @@ class LengthModel:
     max_total: int = 2048
 
 
+# How many requests a synthesised replay offers (see offered_requests()).
+OfferedLoad = Literal["sent", "accounted", "nominal"]
+OFFERED_LOADS: tuple[str, ...] = get_args(OfferedLoad)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ValidateConfig:
     window_s: float = 3600.0
@@ -122,7 +155,7 @@ class ValidateConfig:
     max_num_seqs: int = 2048
     seed: int = 0
     lengths: LengthModel = field(default_factory=LengthModel)
-    use_requests_sent: bool = True
+    offered_load: OfferedLoad = "sent"  # see offered_requests()
     front_end_cap: bool = True  # hold requests beyond profile.scheduler.max_waiting outside
 
 
@@ -149,6 +182,14 @@ class RunSpec:
     max_model_len: int | None = None
     requests_path: str = ""  # requests.csv with this run's requests: replayed exactly
     adapters_in_gpu_at_start: bool = True  # False: registered into the CPU cache only
+    # What the row says about the requests the server saw (offered_requests(), "accounted"):
+    # successful_requests + max_running + max_waiting, and max_waiting alone (None: empty).
+    accounted_requests: int | None = None
+    real_max_waiting: float | None = None
+    line: int = 0  # line of the runs file (the header is line 1)
+    model_in_file: str = ""  # the row's spelling of the model, when it differs from ``model``
+    flag: str = ""
+    notes: tuple[str, ...] = ()  # fallbacks taken for empty or unusual columns
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -164,117 +205,328 @@ class RunMetrics:
     mean_waiting: float = math.nan  # engine queue + front-end backlog
     wall_s: float = 0.0
     error: str = ""
+    offered_load: str = ""  # where the number of offered requests came from
+    notes: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------- reading runs
 
 
-def _counts(text: str) -> list[tuple[float, int]]:
-    """Parse ``"0.025:2 0.05:3"`` (also ``;`` / ``,`` separated) into (value, count)."""
-    out: list[tuple[float, int]] = []
-    for part in text.replace(";", " ").replace(",", " ").split():
-        value, _, count = part.partition(":")
-        out.append((float(value), int(count or 1)))
-    return out
+class RowError(ConfigError):
+    """A row that cannot be replayed as it stands; ``reason`` says why (the row is skipped)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SkippedRow:
+    line: int  # line of the runs file (the header is line 1)
+    run_id: str
+    model: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunsTable:
+    path: Path
+    columns: tuple[str, ...]  # lower-case, stripped
+    rows: list[dict[str, str]]
+    lines: list[int]  # the file line each row starts on
+
+
+# A runs file names each run and its engine settings, its served adapters' rates and ranks (any
+# one column of each group), and at least one measured quantity to compare with.
+REQUIRED_COLUMNS = ("run_id", "model", "max_loras", "max_cpu_loras", "max_lora_rank")
+ONE_OF_COLUMNS = (
+    ("rate_counts", "rates_set", "adapter_rates_rps"),
+    ("rank_counts", "ranks_set", "adapter_ranks"),
+    ("total_throughput", "itl_mean_ms", "ttft_mean_ms"),
+)
+
+
+def model_key(name: str) -> str:
+    """What identifies a model in ``name``: no organisation prefix, case or separators
+    (``meta-llama/Meta-Llama-3.1-8B-Instruct``, ``llama_3.1_8b_instruct``: ``llama318binstruct``).
+    """
+    base = name.strip().lower().rsplit("/", 1)[-1]
+    return re.sub(r"[^a-z0-9]", "", base).removeprefix("meta")
+
+
+def canonical_model(name: str) -> str:
+    """The data set's spelling of ``name`` if it is a model we know, else ``name`` itself."""
+    known = {model_key(m): m for m in (*MODEL_MAX_LEN, *DEFAULT_PROFILES)}
+    return known.get(model_key(name), name.strip())
+
+
+def _text(row: dict[str, str], key: str) -> str:
+    return (row.get(key) or "").strip()
 
 
 def _float(row: dict[str, str], key: str) -> float:
-    text = (row.get(key) or "").strip()
+    """The column as a number; nan when empty or unreadable."""
+    text = _text(row, key)
     try:
         return float(text) if text else math.nan
     except ValueError:
         return math.nan
 
 
-def _int_or_none(row: dict[str, str], key: str) -> int | None:
+def _setting(row: dict[str, str], key: str) -> int:
+    """A required engine setting: a whole number >= 1 (else the row is skipped)."""
+    text = _text(row, key)
+    if not text:
+        raise RowError(f"{key} is empty")
+    try:
+        value = float(text)
+    except ValueError:
+        raise RowError(f"{key} is not a number ({text!r})") from None
+    if not (math.isfinite(value) and value.is_integer() and value >= 1):
+        raise RowError(f"{key} must be a whole number >= 1 (got {text!r})")
+    return int(value)
+
+
+def _optional_int(row: dict[str, str], key: str, notes: list[str]) -> int | None:
+    """An optional whole number >= 1; None (with a note if it was unreadable) otherwise."""
+    text = _text(row, key)
     value = _float(row, key)
-    return int(value) if math.isfinite(value) else None
+    if not text:
+        return None
+    if not (math.isfinite(value) and value >= 1):
+        notes.append(f"{key} unreadable ({text!r}): ignored")
+        return None
+    return int(value)
+
+
+def _counts(text: str, key: str = "counts") -> list[tuple[float, int]]:
+    """Parse ``"0.025:2 0.05:3"`` (also ``;`` / ``,`` separated) into (value, count)."""
+    out: list[tuple[float, int]] = []
+    for part in text.replace(";", " ").replace(",", " ").split():
+        value, _, count = part.partition(":")
+        try:
+            v, c = float(value), float(count or 1)
+        except ValueError:
+            raise RowError(f"{key}: cannot read {part!r} (expected value:count pairs)") from None
+        if not (math.isfinite(v) and c.is_integer() and c >= 0):
+            raise RowError(f"{key}: cannot read {part!r} (expected value:count pairs)")
+        out.append((v, int(c)))
+    return out
+
+
+def _values(row: dict[str, str], key: str) -> list[float]:
+    """A list column (``"0.1 0.05 0.025"``, ``"8_16"``)."""
+    return [v for v, _ in _counts(_text(row, key).replace("_", " "), key)]
+
+
+def _whole(values: Sequence[float], key: str) -> list[int]:
+    if any(not float(v).is_integer() for v in values):
+        raise RowError(f"{key}: ranks must be whole numbers")
+    return [int(v) for v in values]
+
+
+def _served_ranks(row: dict[str, str], served: int) -> tuple[int, ...]:
+    """Ranks of the served adapters: round robin over ``ranks_set`` as the benchmark's server
+    creates them, checked against ``rank_counts`` (which wins if they disagree)."""
+    pairs = _counts(_text(row, "rank_counts"), "rank_counts")
+    rank_counts = list(zip(_whole([v for v, _ in pairs], "rank_counts"), [c for _, c in pairs],
+                           strict=True))
+    ranks_set = _whole(_values(row, "ranks_set"), "ranks_set")
+    ranks_set = ranks_set or sorted({r for r, _ in rank_counts})
+    if not ranks_set:
+        raise RowError("rank_counts and ranks_set are both empty")
+    ranks = tuple(ranks_set[i % len(ranks_set)] for i in range(served))
+    if rank_counts:
+        listed = sum(c for _, c in rank_counts)
+        if listed != served:
+            raise RowError(f"rank_counts lists {listed} adapters but max_cpu_loras (the served "
+                           f"adapters) is {served}")
+        wanted = Counter[int]()
+        for r, c in rank_counts:
+            wanted[r] += c
+        if Counter(ranks) != wanted:
+            ranks = tuple(r for r, c in sorted(wanted.items()) for _ in range(c))
+    return ranks
+
+
+def _served_rates(row: dict[str, str], served: int, notes: list[str]) -> tuple[float, ...]:
+    """Nominal per-adapter rates (req/s): ``rate_counts``, else ``rates_set`` round robin."""
+    rate_counts = _counts(_text(row, "rate_counts"), "rate_counts")
+    if rate_counts:
+        listed = sum(c for _, c in rate_counts)
+        if listed != served:
+            raise RowError(f"rate_counts lists {listed} adapters but max_cpu_loras (the served "
+                           f"adapters) is {served}")
+        rates = tuple(v for v, c in rate_counts for _ in range(c))
+    else:
+        rates_set = _values(row, "rates_set")
+        if not rates_set:
+            raise RowError("rate_counts and rates_set are both empty")
+        rates = tuple(rates_set[i % len(rates_set)] for i in range(served))
+        notes.append("rate_counts empty: rates_set assigned round robin, as the benchmark does")
+    if any(r < 0 for r in rates):
+        raise RowError(f"negative adapter rate in {sorted(set(rates))}")
+    return rates
+
+
+def _check_lora_settings(max_loras: int, max_cpu_loras: int, max_lora_rank: int,
+                         ranks: Sequence[int]) -> None:
+    """Settings a real vLLM 0.8.5 server refuses (so the row cannot be what it says)."""
+    if max_lora_rank not in VLLM_MAX_LORA_RANKS:
+        raise RowError(f"max_lora_rank {max_lora_rank} is not one vLLM accepts "
+                       f"({', '.join(map(str, VLLM_MAX_LORA_RANKS))}): no server could start")
+    if max_cpu_loras < max_loras:
+        raise RowError(f"max_cpu_loras {max_cpu_loras} < max_loras {max_loras}: vLLM refuses "
+                       "to start")
+    too_big = sorted({r for r in ranks if r > max_lora_rank or r < 1})
+    if too_big:
+        raise RowError(f"adapter rank {too_big[0]} outside 1..max_lora_rank {max_lora_rank}: "
+                       "vLLM refuses to load the adapter")
+
+
+def _mean_tokens(row: dict[str, str], key: str, notes: list[str]) -> float:
+    value = _float(row, key)
+    if math.isfinite(value) and value > 0:
+        return value
+    what = "empty" if not _text(row, key) else f"unreadable ({_text(row, key)!r})"
+    notes.append(f"{key} {what}: ShareGPT's own length distribution (the pool samples it)")
+    return math.nan
+
+
+def _accounted(row: dict[str, str]) -> tuple[int | None, float | None]:
+    """successful_requests + max_running + max_waiting, and max_waiting (None if empty)."""
+    succ, running, waiting = (_float(row, k) for k in
+                              ("successful_requests", "max_running", "max_waiting"))
+    max_waiting = waiting if math.isfinite(waiting) and waiting >= 0 else None
+    if all(math.isfinite(v) and v >= 0 for v in (succ, running, waiting)):
+        return int(succ + running + waiting), max_waiting
+    return None, max_waiting
 
 
 def _requests_path(row: dict[str, str], base: Path | None) -> str:
     """The run's ``requests_file`` next to the runs file or one level up (its data folder)."""
-    name = (row.get("requests_file") or "").strip()
+    name = _text(row, "requests_file")
     if not name or base is None:
         return ""
     for candidate in (base / name, base.parent / name, base / Path(name).name):
         if candidate.is_file():
             return str(candidate)
-    raise ConfigError(f"requests file {name!r} of run {row.get('run_id')!r} not found near {base}",
-                      key="real_runs")
+    raise RowError(f"requests file {name!r} of run {row.get('run_id')!r} not found near {base}")
 
 
-def run_spec_from_row(row: dict[str, str], base: Path | None = None) -> RunSpec:
-    """One run's configuration; ``base``: the runs file's folder (to find ``requests_file``)."""
-    explicit = [int(float(v)) for v in (row.get("adapter_ranks") or "").split()]
+def run_spec_from_row(row: dict[str, str], base: Path | None = None, *, line: int = 0) -> RunSpec:
+    """One run's configuration; ``base``: the runs file's folder (to find ``requests_file``).
+
+    Raises :class:`RowError` (the row is skipped) if it cannot be replayed as it stands.
+    """
+    run_id, model_in_file = _text(row, "run_id"), _text(row, "model")
+    if not run_id:
+        raise RowError("run_id is empty")
+    if not model_in_file:
+        raise RowError("model is empty")
+    flag = _text(row, "flag")
+    if flag in EXCLUDED_FLAGS:
+        found, configured = _text(row, "served_adapters"), _text(row, "max_cpu_loras")
+        detail = f" (found {found}, configured {configured})" if found and configured else ""
+        raise RowError(f"flag {flag}: {EXCLUDED_FLAGS[flag]}{detail}")
+    notes: list[str] = [f"flag {flag}: replayed with the row's settings"] if flag else []
+    max_loras, max_cpu_loras = _setting(row, "max_loras"), _setting(row, "max_cpu_loras")
+    max_lora_rank = _setting(row, "max_lora_rank")
+    explicit = _text(row, "adapter_ranks")
     if explicit:
-        return _explicit_spec(row, explicit, base)
-    rank_counts = _counts(row["rank_counts"])
-    served = int(float(row["max_cpu_loras"]))
-    ranks_set = [int(v) for v, _ in _counts(row.get("ranks_set", "").replace("_", " "))]
-    if not ranks_set:
-        ranks_set = sorted({int(v) for v, _ in rank_counts})
-    # Served adapters cycle through ranks_set (round robin); checked against rank_counts.
-    ranks = tuple(ranks_set[i % len(ranks_set)] for i in range(served))
-    if sorted((r, ranks.count(r)) for r in set(ranks)) != sorted(
-        (int(v), c) for v, c in rank_counts
-    ):
-        ranks = tuple(int(v) for v, c in rank_counts for _ in range(c))
-    rates = tuple(v for v, c in _counts(row["rate_counts"]) for _ in range(c))
-    sent = _float(row, "requests_sent")
-    window = _float(row, "total_time_s")
+        ranks = tuple(_whole(_values(row, "adapter_ranks"), "adapter_ranks"))
+        rates = tuple(_values(row, "adapter_rates_rps"))
+        if len(rates) != len(ranks):
+            raise RowError(f"{len(rates)} adapter rates for {len(ranks)} adapter ranks")
+        window = _float(row, "window_s")
+        if not (math.isfinite(window) and window > 0):
+            window = _float(row, "duration_s")
+        requests_path = _requests_path(row, base)
+    else:
+        ranks = _served_ranks(row, max_cpu_loras)
+        rates = _served_rates(row, max_cpu_loras, notes)
+        window = _float(row, "total_time_s")
+        requests_path = ""
+    _check_lora_settings(max_loras, max_cpu_loras, max_lora_rank, ranks)
+    accounted, real_max_waiting = _accounted(row)
+    model = canonical_model(model_in_file)
     return RunSpec(
-        run_id=row["run_id"],
-        model=row["model"],
-        workload=row.get("workload", ""),
-        max_loras=int(float(row["max_loras"])),
-        max_cpu_loras=served,
-        max_lora_rank=int(float(row["max_lora_rank"])),
+        run_id=run_id,
+        model=model,
+        workload=_text(row, "workload"),
+        max_loras=max_loras,
+        max_cpu_loras=max_cpu_loras,
+        max_lora_rank=max_lora_rank,
         ranks=ranks,
         rates_rps=rates,
-        requests_sent=int(sent) if math.isfinite(sent) else None,
-        mean_prompt_tokens=_float(row, "pool_mean_input_tokens"),
-        mean_output_tokens=_float(row, "pool_mean_output_tokens"),
+        requests_sent=_optional_int(row, "requests_sent", notes),
+        mean_prompt_tokens=_mean_tokens(row, "pool_mean_input_tokens", notes),
+        mean_output_tokens=_mean_tokens(row, "pool_mean_output_tokens", notes),
         real_window_s=window if math.isfinite(window) and window > 0 else 3600.0,
+        max_num_seqs=_optional_int(row, "max_num_seqs", notes),
+        token_budget=_optional_int(row, "max_num_batched_tokens", notes),
+        max_model_len=_optional_int(row, "max_model_len", notes),
+        requests_path=requests_path,
+        adapters_in_gpu_at_start=not explicit,
+        accounted_requests=accounted,
+        real_max_waiting=real_max_waiting,
+        line=line,
+        model_in_file=model_in_file if model_in_file != model else "",
+        flag=flag,
+        notes=tuple(notes),
     )
 
 
-def _explicit_spec(row: dict[str, str], ranks: list[int], base: Path | None) -> RunSpec:
-    """Runs listing every served adapter (``adapter_ranks`` / ``adapter_rates_rps``)."""
-    rates = tuple(float(v) for v in (row.get("adapter_rates_rps") or "").split())
-    if len(rates) != len(ranks):
-        raise ConfigError(f"run {row.get('run_id')!r}: {len(rates)} adapter rates for "
-                          f"{len(ranks)} adapter ranks", key="real_runs")
-    window = _float(row, "window_s")
-    if not (math.isfinite(window) and window > 0):
-        window = _float(row, "duration_s")
-    sent = _float(row, "requests_sent")
-    return RunSpec(
-        run_id=row["run_id"],
-        model=row["model"],
-        workload=row.get("workload", ""),
-        max_loras=int(float(row["max_loras"])),
-        max_cpu_loras=int(float(row["max_cpu_loras"])),
-        max_lora_rank=int(float(row["max_lora_rank"])),
-        ranks=tuple(ranks),
-        rates_rps=rates,
-        requests_sent=int(sent) if math.isfinite(sent) else None,
-        mean_prompt_tokens=_float(row, "pool_mean_input_tokens"),
-        mean_output_tokens=_float(row, "pool_mean_output_tokens"),
-        real_window_s=window if math.isfinite(window) and window > 0 else 3600.0,
-        max_num_seqs=_int_or_none(row, "max_num_seqs"),
-        token_budget=_int_or_none(row, "max_num_batched_tokens"),
-        max_model_len=_int_or_none(row, "max_model_len"),
-        requests_path=_requests_path(row, base),
-        adapters_in_gpu_at_start=False,
-    )
+def read_table(path: str | Path, *, key: str = "real_runs") -> RunsTable:
+    """A CSV file's rows, keyed by lower-case column names; one clear error if unreadable."""
+    p = Path(path)
+    if not p.is_file():
+        what = "not a file" if p.exists() else "not found"
+        raise ConfigError(f"runs file {what}: {p}", key=key)
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p} is not a UTF-8 CSV file (undecodable byte at offset {exc.start})",
+                          key=key) from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read {p}: {exc.strerror or exc}", key=key) from exc
+    header = text.split("\n", 1)[0]
+    if not header.strip():
+        raise ConfigError(f"{p} is empty (no header line)", key=key)
+    # A tab- or semicolon-separated export of the same table reads as well.
+    delimiter = next((d for d in (",", "\t", ";") if d in header), ",")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    rows: list[dict[str, str]] = []
+    lines: list[int] = []
+    start = 1  # the line the record being read starts on
+    try:
+        columns = tuple(c.strip().lower() for c in next(reader))
+        start = reader.line_num + 1
+        for record in reader:
+            if any(field.strip() for field in record):  # blank lines are not rows
+                rows.append(dict(zip(columns, record, strict=False)))
+                lines.append(start)
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise ConfigError(f"{p}: unreadable CSV at line {start}: {exc}", key=key) from exc
+    return RunsTable(path=p, columns=columns, rows=rows, lines=lines)
 
 
 def read_rows(path: str | Path) -> list[dict[str, str]]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"runs file not found: {p}", key="real_runs")
-    with p.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    return read_table(path).rows
+
+
+def check_columns(table: RunsTable) -> None:
+    """One clear error if ``table`` lacks a column every run needs."""
+    have = set(table.columns)
+    missing = [c for c in REQUIRED_COLUMNS if c not in have]
+    missing += [" or ".join(group) for group in ONE_OF_COLUMNS if not have & set(group)]
+    if missing:
+        shown = ", ".join(c for c in table.columns[:6] if c) + (
+            ", ..." if len(table.columns) > 6 else "")
+        raise ConfigError(
+            f"{table.path} does not have the columns of a runs file (validation/real_runs.csv): "
+            f"missing {'; '.join(missing)} (its header: {shown or 'empty'})", key="real_runs")
 
 
 # ---------------------------------------------------------------- workload synthesis
@@ -366,27 +618,60 @@ class Arrivals:
     output: npt.NDArray[np.int64]
 
 
-def synthesize_arrivals(spec: RunSpec, cfg: ValidateConfig) -> Arrivals:
+def offered_requests(spec: RunSpec, cfg: ValidateConfig,
+                     front_end_cap: int | None = None) -> tuple[float, str]:
+    """Requests the replay offers over the real run's window, and where the figure comes from.
+
+    ``cfg.offered_load``: ``"sent"``: the row's ``requests_sent`` (the client's own count: the
+    shortfall of overloaded runs) where it is below the nominal count, or, if the row lacks
+    it, as ``"accounted"``. ``"accounted"``: every request the server saw either
+    finished in the window or was still there at its end, running or waiting;
+    ``successful_requests + max_running + max_waiting`` counts them (the queue of a run that
+    falls behind is longest at the end). That holds while the engine's queue stayed below the
+    front end's cap (``front_end_cap``, the profile's ``scheduler.max_waiting``); a run whose
+    queue reached it kept further requests in front of vLLM, out of the row's sight, and its
+    nominal rates (an upper bound) are replayed. ``"nominal"``: the configured rates.
+    """
+    nominal = sum(spec.rates_rps) * spec.real_window_s
+    if cfg.offered_load == "sent" and spec.requests_sent:
+        return float(min(spec.requests_sent, nominal)), "requests_sent"
+    if cfg.offered_load == "nominal":
+        return nominal, "nominal"
+    if spec.accounted_requests is None:
+        return nominal, "nominal (successful_requests, max_running or max_waiting empty)"
+    waiting = spec.real_max_waiting or 0.0
+    if front_end_cap is not None and waiting >= front_end_cap:
+        return nominal, "nominal (the engine queue reached the front-end cap)"
+    return float(spec.accounted_requests), "accounted"
+
+
+def synthesize_arrivals(spec: RunSpec, cfg: ValidateConfig,
+                        front_end_cap: int | None = None) -> Arrivals:
     """Seeded Poisson arrivals per adapter and filtered heavy-tailed lengths for one run."""
     seed = cfg.seed + sum(ord(ch) * (i + 1) for i, ch in enumerate(spec.run_id)) % 1_000_003
     rng = np.random.default_rng(seed)
     rates = np.array(spec.rates_rps, dtype=np.float64)
     rng.shuffle(rates)
     nominal = float(rates.sum()) * spec.real_window_s
-    if cfg.use_requests_sent and spec.requests_sent and spec.requests_sent < nominal:
-        rates *= spec.requests_sent / nominal
+    offered, _ = offered_requests(spec, cfg, front_end_cap)
+    if offered != sum(spec.rates_rps) * spec.real_window_s and nominal > 0:
+        rates *= offered / nominal
     counts = rng.poisson(rates * cfg.window_s)
     times = np.concatenate([rng.uniform(0.0, cfg.window_s, c) for c in counts])
     adapters = np.repeat(np.arange(rates.size, dtype=np.int64), counts)
     order = np.argsort(times, kind="stable")
+    mean_prompt, mean_output = spec.mean_prompt_tokens, spec.mean_output_tokens
     if cfg.lengths.kind == "lognormal":
-        mu_p, mu_o = fit_length_mus(spec.mean_prompt_tokens, spec.mean_output_tokens,
-                                    cfg.lengths)
+        if not math.isfinite(mean_prompt):  # the dataset's own mean
+            mean_prompt = _quantile_mean(SHAREGPT_PCT, SHAREGPT_PROMPT_Q)
+        if not math.isfinite(mean_output):
+            mean_output = _quantile_mean(SHAREGPT_PCT, SHAREGPT_OUTPUT_Q)
+        mu_p, mu_o = fit_length_mus(mean_prompt, mean_output, cfg.lengths)
         prompt, output = _truncated_lognormal_pairs(rng, int(times.size), mu_p, mu_o,
                                                     cfg.lengths)
     else:
-        prompt, output = sharegpt_pairs(rng, int(times.size), spec.mean_prompt_tokens,
-                                        spec.mean_output_tokens, cfg.lengths)
+        prompt, output = sharegpt_pairs(rng, int(times.size), mean_prompt, mean_output,
+                                        cfg.lengths)
     return Arrivals(time_s=times[order], adapter=adapters[order], prompt=prompt, output=output)
 
 
@@ -433,17 +718,24 @@ def replay_run(spec: RunSpec, profile_ref: str, cfg: ValidateConfig) -> RunMetri
 
     started = time.process_time()
     profile = load_profile(profile_ref)
+    # Front end: vLLM's waiting queue saturates (R3: ~20k requests) while the rest of the sent
+    # requests wait in the HTTP server; they join the queue FCFS as it drains, keeping their
+    # send time (their TTFT includes the front-end wait).
+    cap = profile.scheduler.max_waiting if cfg.front_end_cap else None
     if spec.requests_path:
         window_s = min(cfg.window_s, spec.real_window_s)
         arrivals = exact_arrivals(spec, window_s)
+        offered = "requests_file"
     else:
         window_s = cfg.window_s
-        arrivals = synthesize_arrivals(spec, cfg)
+        arrivals = synthesize_arrivals(spec, cfg, cap)
+        offered = offered_requests(spec, cfg, cap)[1]
     n = int(arrivals.time_s.size)
+    max_model_len, notes = _max_model_len(spec, profile)
     engine_cfg = EngineConfig(
         max_num_seqs=spec.max_num_seqs or cfg.max_num_seqs,
         max_num_batched_tokens=spec.token_budget or cfg.token_budget,
-        max_model_len=spec.max_model_len or MODEL_MAX_LEN.get(spec.model, 4096),
+        max_model_len=max_model_len,
         enable_lora=True,
         max_loras=spec.max_loras,
         max_cpu_loras=spec.max_cpu_loras,
@@ -461,7 +753,8 @@ def replay_run(spec: RunSpec, profile_ref: str, cfg: ValidateConfig) -> RunMetri
     except EngineStartupError as exc:
         return RunMetrics(total_throughput=math.nan, itl_mean_ms=math.nan, ttft_mean_ms=math.nan,
                           ttft_mean_penalised_ms=math.nan, requests_sent=n,
-                          successful_requests=0, error=f"startup: {exc}")
+                          successful_requests=0, offered_load=offered, notes=notes,
+                          error=f"the twin's vLLM would not start: {exc.message}")
     names = [f"adapter-{i}" for i in range(len(spec.ranks))]
     # The benchmark's server loads every served adapter at start-up (idle: costs no step time);
     # exact replays register them in order into the CPU cache only (its LRU keeps the last).
@@ -475,10 +768,6 @@ def replay_run(spec: RunSpec, profile_ref: str, cfg: ValidateConfig) -> RunMetri
     # Arrivals are handed over a chunk ahead of time (the engine queues future arrivals and
     # admits each at its own time), so run_until is called once per chunk, not per request.
     ranks = spec.ranks
-    # Front end: vLLM's waiting queue saturates (R3: ~20k requests) while the rest of the sent
-    # requests wait in the HTTP server; they join the queue FCFS as it drains, keeping their
-    # send time (their TTFT includes the front-end wait).
-    cap = profile.scheduler.max_waiting if cfg.front_end_cap else None
     backlog: deque[int] = deque()
     # Sampled every feed_s, like the real series (.npy every 5 s; exact replays: /metrics 1 s).
     feed_s = 1.0 if spec.requests_path else FEED_CHUNK_S
@@ -528,17 +817,41 @@ def replay_run(spec: RunSpec, profile_ref: str, cfg: ValidateConfig) -> RunMetri
         mean_running=float(np.mean(running_samples)) if running_samples else math.nan,
         mean_waiting=float(np.mean(waiting_samples)) if waiting_samples else math.nan,
         wall_s=time.process_time() - started,
+        offered_load=offered,
+        notes=notes,
     )
+
+
+def _max_model_len(spec: RunSpec, profile: PerformanceProfile) -> tuple[int, tuple[str, ...]]:
+    """The row's max_model_len, else its model's default, else that of the profile's model."""
+    if spec.max_model_len:
+        return spec.max_model_len, ()
+    if spec.model in MODEL_MAX_LEN:
+        return MODEL_MAX_LEN[spec.model], ()
+    fitted_on = canonical_model(str(profile.fit.get("model") or ""))
+    if fitted_on in MODEL_MAX_LEN:
+        return MODEL_MAX_LEN[fitted_on], (
+            f"max_model_len of {spec.model} unknown: {MODEL_MAX_LEN[fitted_on]}, the default "
+            f"of {fitted_on} (profile {profile.name}'s model)",)
+    return FALLBACK_MAX_MODEL_LEN, (
+        f"max_model_len of {spec.model} unknown: {FALLBACK_MAX_MODEL_LEN} assumed (a "
+        "max_model_len column sets it; vLLM's start-up check uses it)",)
 
 
 def _replay_job(job: tuple[RunSpec, str, ValidateConfig]) -> RunMetrics:
     spec, profile_ref, cfg = job
     try:
         return replay_run(spec, profile_ref, cfg)
+    except LoragateError as exc:
+        return _failed(exc.message)
     except Exception as exc:  # one bad run must not sink the whole table
-        return RunMetrics(total_throughput=math.nan, itl_mean_ms=math.nan, ttft_mean_ms=math.nan,
-                          ttft_mean_penalised_ms=math.nan, requests_sent=0,
-                          successful_requests=0, error=f"{type(exc).__name__}: {exc}")
+        return _failed(f"{type(exc).__name__}: {exc}")
+
+
+def _failed(error: str) -> RunMetrics:
+    return RunMetrics(total_throughput=math.nan, itl_mean_ms=math.nan, ttft_mean_ms=math.nan,
+                      ttft_mean_penalised_ms=math.nan, requests_sent=0, successful_requests=0,
+                      error=error)
 
 
 # ---------------------------------------------------------------- the whole table
@@ -568,24 +881,77 @@ _REAL_KEYS = ("total_throughput", "itl_mean_ms", "ttft_mean_ms", "ttft_mean_pena
 _PAPER_KEYS = ("total_throughput", "itl_mean_ms", "ttft_mean_penalised_ms")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Selection:
+    """The rows of a runs file: the runs to replay (with their rows), the rows skipped with
+    the reason, and how many the caller's filters (--model, --run-id, --limit) left out."""
+
+    runs: list[tuple[RunSpec, dict[str, str]]]
+    skipped: list[SkippedRow]
+    not_selected: int
+
+
+def select_runs(
+    table: RunsTable, *, models: Sequence[str] = (), limit: int | None = None,
+    run_ids: Sequence[str] = (),
+) -> Selection:
+    wanted = {canonical_model(m) for m in models}
+    base = table.path.resolve().parent
+    runs: list[tuple[RunSpec, dict[str, str]]] = []
+    skipped: list[SkippedRow] = []
+    not_selected = 0
+    for row, line in zip(table.rows, table.lines, strict=True):
+        run_id, model = _text(row, "run_id"), canonical_model(_text(row, "model"))
+        if (wanted and model not in wanted) or (run_ids and run_id not in run_ids):
+            not_selected += 1
+            continue
+        try:
+            runs.append((run_spec_from_row(row, base, line=line), row))
+        except RowError as exc:
+            skipped.append(SkippedRow(line=line, run_id=run_id, model=model, reason=exc.reason))
+        except (ValueError, TypeError, OverflowError) as exc:  # a value no check above names
+            skipped.append(SkippedRow(line=line, run_id=run_id, model=model,
+                                      reason=f"unreadable row ({type(exc).__name__}: {exc})"))
+    if limit is not None and len(runs) > limit:
+        not_selected += len(runs) - max(limit, 0)
+        runs = runs[:max(limit, 0)]
+    return Selection(runs=runs, skipped=skipped, not_selected=not_selected)
+
+
 def select_specs(
     rows: Sequence[dict[str, str]], *, models: Sequence[str] = (), limit: int | None = None,
     run_ids: Sequence[str] = (), base: Path | None = None,
 ) -> list[RunSpec]:
-    specs: list[RunSpec] = []
-    for row in rows:
-        if (row.get("flag") or "") in EXCLUDED_FLAGS:
-            continue
-        if models and row.get("model") not in models:
-            continue
-        if run_ids and row.get("run_id") not in run_ids:
-            continue
-        specs.append(run_spec_from_row(row, base))
-    return specs[:limit] if limit is not None else specs
+    """The replayable runs of ``rows`` (rows that cannot be replayed are left out)."""
+    table = RunsTable(path=(base or Path.cwd()) / "runs.csv", columns=(), rows=list(rows),
+                      lines=list(range(2, len(rows) + 2)))
+    return [s for s, _ in select_runs(table, models=models, limit=limit, run_ids=run_ids).runs]
+
+
+def resolve_profiles(models: Sequence[str], profile_for: dict[str, str]) -> dict[str, str]:
+    """The profile of each model: ``profile_for[model]`` (any spelling of the model), else
+    ``profile_for["*"]``, else the model's default; one clear error for a model without one
+    or a profile that does not load."""
+    from loragate.twin.profile import list_profiles, load_profile
+
+    given = {canonical_model(k): v for k, v in profile_for.items() if k != "*"}
+    out: dict[str, str] = {}
+    for model in models:
+        ref = given.get(model) or profile_for.get("*") or DEFAULT_PROFILES.get(model)
+        if ref is None:
+            raise ConfigError(
+                f"no profile for model {model!r}: pass --profile '{model}=PROFILE' (a built-in "
+                f"profile: {', '.join(list_profiles())}; or a profile YAML file)",
+                key="profile")
+        out[model] = ref
+    for ref in sorted(set(out.values())):
+        load_profile(ref)  # an unknown name or a broken file: one error now, not one per run
+    return out
 
 
 def _expected_cost(spec: RunSpec) -> float:
-    return sum(spec.rates_rps) * (spec.mean_prompt_tokens + spec.mean_output_tokens)
+    mean_tokens = spec.mean_prompt_tokens + spec.mean_output_tokens
+    return sum(spec.rates_rps) * (mean_tokens if math.isfinite(mean_tokens) else 420.0)
 
 
 def run_validation(
@@ -596,24 +962,37 @@ def run_validation(
     jobs: int = 0,
     progress: bool = False,
 ) -> list[RunMetrics]:
-    """Replay ``specs`` (in a process pool when jobs != 1); results in the order of specs."""
-    work = [(s, profile_for.get(s.model, DEFAULT_PROFILES.get(s.model, s.model)), cfg)
+    """Replay ``specs`` (in a process pool when jobs != 1); results in the order of specs.
+
+    ``profile_for`` maps each spec's model to its profile (:func:`resolve_profiles`).
+    """
+    work = [(s, profile_for.get(s.model) or DEFAULT_PROFILES.get(s.model, s.model), cfg)
             for s in specs]
     workers = jobs if jobs > 0 else (os.cpu_count() or 1)
+    out: list[RunMetrics | None] = [None] * len(work)
+
+    def report(done: int, i: int) -> None:
+        if progress:
+            m = out[i]
+            print(f"[{done}/{len(work)}] {work[i][0].run_id} cpu {m.wall_s if m else 0:.1f}s"
+                  + (f" {m.error}" if m and m.error else ""), file=sys.stderr, flush=True)
+
     if workers == 1 or len(work) <= 1:
-        return [_replay_job(j) for j in work]
+        for i, job in enumerate(work):
+            out[i] = _replay_job(job)
+            report(i + 1, i)
+        return [r for r in out if r is not None]
     # Longest runs first so the pool ends evenly.
     order = sorted(range(len(work)), key=lambda i: -_expected_cost(work[i][0]))
-    out: list[RunMetrics | None] = [None] * len(work)
     with ProcessPoolExecutor(max_workers=workers) as pool:
         futures = {pool.submit(_replay_job, work[i]): i for i in order}
         for done, future in enumerate(as_completed(futures), start=1):
             i = futures[future]
-            out[i] = future.result()
-            if progress:
-                m = out[i]
-                print(f"[{done}/{len(work)}] {work[i][0].run_id} cpu {m.wall_s if m else 0:.1f}s",
-                      file=sys.stderr, flush=True)
+            try:
+                out[i] = future.result()
+            except Exception as exc:  # the worker died (e.g. out of memory)
+                out[i] = _failed(f"worker process failed: {type(exc).__name__}: {exc}")
+            report(done, i)
     return [r for r in out if r is not None]
 
 
@@ -645,9 +1024,23 @@ def summarize_results(results: Sequence[RunResult]) -> list[ModelSummary]:
             "ttft_penalised": summarize([r.real["ttft_mean_penalised_ms"] for r in both],
                                         [(r.paper or {})["ttft_mean_penalised_ms"] for r in both]),
         }
-        out.append(ModelSummary(model=model, profile=rs[0].profile if rs else "", n=len(rs),
-                                ours=ours, paper=paper))
+        profile = next((r.profile for r in results if r.spec.model == model), "")
+        out.append(ModelSummary(model=model, profile=profile, n=len(rs), ours=ours, paper=paper))
     return out
+
+
+def _paper_rows(paper_runs: str | Path | None) -> dict[str, dict[str, str]]:
+    if not paper_runs:
+        return {}
+    table = read_table(paper_runs, key="paper_runs")
+    if "run_id" not in table.columns:
+        raise ConfigError(f"{table.path} has no run_id column (a paper_twin_runs.csv has one)",
+                          key="paper_runs")
+    return {_text(r, "run_id"): r for r in table.rows}
+
+
+def _count(values: Sequence[str]) -> dict[str, int]:
+    return dict(Counter(values).most_common())
 
 
 def validate(
@@ -662,32 +1055,50 @@ def validate(
     jobs: int = 0,
     progress: bool = False,
 ) -> dict[str, object]:
-    """Replay the runs, compare with the real and the paper twin's, return a JSON-able dict."""
+    """Replay the runs, compare with the real and the paper twin's, return a JSON-able dict.
+
+    ``profile_for``: model (any spelling) -> profile name or file; ``"*"``: every model.
+    Every row of ``real_runs`` is accounted for: replayed (``runs``; those the twin could not
+    replay also in ``runs_failed``), skipped with the reason (``runs_skipped``), or left out
+    by ``models`` / ``run_ids`` / ``limit`` (``rows_not_selected``).
+    """
     cfg = cfg or ValidateConfig()
-    profile_for = dict(DEFAULT_PROFILES) | dict(profile_for or {})
-    rows = read_rows(real_runs)
-    specs = select_specs(rows, models=models, limit=limit, run_ids=run_ids,
-                         base=Path(real_runs).resolve().parent)
-    if not specs:
-        raise ConfigError("no runs selected", key="real_runs")
-    paper_rows = {r["run_id"]: r for r in read_rows(paper_runs)} if paper_runs else {}
-    by_id = {r["run_id"]: r for r in rows}
+    if cfg.offered_load not in OFFERED_LOADS:
+        raise ConfigError(f"unknown offered load {cfg.offered_load!r}; one of "
+                          f"{', '.join(OFFERED_LOADS)}", key="offered_load")
+    table = read_table(real_runs)
+    check_columns(table)
+    selection = select_runs(table, models=models, limit=limit, run_ids=run_ids)
+    skipped = selection.skipped
+    if not selection.runs:
+        why = "; ".join(f"{n} x {reason}" for reason, n in
+                        _count([s.reason for s in skipped]).items())
+        raise ConfigError(f"no run to replay in {table.path} ({len(table.rows)} rows; "
+                          f"{selection.not_selected} not selected"
+                          + (f"; skipped: {why}" if why else "") + ")", key="real_runs")
+    specs = [s for s, _ in selection.runs]
+    resolved = resolve_profiles(sorted({s.model for s in specs}), dict(profile_for or {}))
+    paper_rows = _paper_rows(paper_runs)
     started = time.perf_counter()
-    metrics = run_validation(specs, profile_for=profile_for, cfg=cfg, jobs=jobs,
-                             progress=progress)
+    metrics = run_validation(specs, profile_for=resolved, cfg=cfg, jobs=jobs, progress=progress)
     elapsed = time.perf_counter() - started
     results = [
-        RunResult(spec=s, profile=profile_for.get(s.model, s.model), ours=m,
-                  real=_row_floats(by_id[s.run_id], _REAL_KEYS),
+        RunResult(spec=s, profile=resolved[s.model], ours=m, real=_row_floats(row, _REAL_KEYS),
                   paper=_row_floats(paper_rows.get(s.run_id), _PAPER_KEYS) or None)
-        for s, m in zip(specs, metrics, strict=True)
+        for (s, row), m in zip(selection.runs, metrics, strict=True)
     ]
     summaries = summarize_results(results)
     return {
         "config": asdict(cfg),
+        "real_runs": str(table.path),
+        "rows_read": len(table.rows),
+        "rows_not_selected": selection.not_selected,
         "runs_replayed": len(results),
-        "runs_failed": [{"run_id": r.spec.run_id, "error": r.ours.error}
-                        for r in results if r.ours.error],
+        "runs_failed": [{"line": r.spec.line, "run_id": r.spec.run_id, "model": r.spec.model,
+                         "error": r.ours.error} for r in results if r.ours.error],
+        "runs_skipped": [asdict(s) for s in skipped],
+        "offered_load": _count([r.ours.offered_load for r in results if r.ours.offered_load]),
+        "notes": _count([n for r in results for n in (*r.spec.notes, *r.ours.notes)]),
         "elapsed_s": elapsed,
         "cpu_s_total": sum(r.ours.wall_s for r in results),
         "models": [
@@ -697,7 +1108,10 @@ def validate(
             for s in summaries
         ],
         "runs": [
-            {"run_id": r.spec.run_id, "model": r.spec.model, "profile": r.profile,
+            {"run_id": r.spec.run_id, "line": r.spec.line, "model": r.spec.model,
+             **({"model_in_file": r.spec.model_in_file} if r.spec.model_in_file else {}),
+             "profile": r.profile, "flag": r.spec.flag,
+             "notes": [*r.spec.notes, *r.ours.notes],
              "ours": asdict(r.ours), "real": r.real, "paper": r.paper}
             for r in results
         ],
