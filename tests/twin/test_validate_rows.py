@@ -312,3 +312,11 @@ def test_line_numbers_count_blank_lines(tmp_path: Path) -> None:
     result = validate(path, cfg=CFG, jobs=1)
     assert [r["line"] for r in result["runs"]] == [2]  # type: ignore[attr-defined]
     assert [s["line"] for s in result["runs_skipped"]] == [5]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("window", ["0", "-5", "nan"])
+def test_a_window_that_is_not_positive_is_one_line(
+    capsys: pytest.CaptureFixture[str], window: str
+) -> None:
+    code, _, err = _cli(capsys, "--real-runs", str(ROWS), "--window-s", window)
+    assert code == 2 and err.count("\n") == 1 and "window_s: must be a positive" in err

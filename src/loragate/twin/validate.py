@@ -1063,6 +1063,9 @@ def validate(
     by ``models`` / ``run_ids`` / ``limit`` (``rows_not_selected``).
     """
     cfg = cfg or ValidateConfig()
+    if not (math.isfinite(cfg.window_s) and cfg.window_s > 0):
+        raise ConfigError(f"must be a positive number of seconds (got {cfg.window_s})",
+                          key="window_s")
     if cfg.offered_load not in OFFERED_LOADS:
         raise ConfigError(f"unknown offered load {cfg.offered_load!r}; one of "
                           f"{', '.join(OFFERED_LOADS)}", key="offered_load")
