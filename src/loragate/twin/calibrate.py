@@ -24,6 +24,10 @@ Why this shape (all from the calibration data, see ``FitReport``):
   single-request ITLs (``fit_slot_cost``, ``fit_lora_poisson``). R6's one-request step
   (one token, one adapter, one slot) minus the base step already holds one token's, slot's
   and adapter's cost: the fits count those terms from there (``R6_ANCHOR``), not on top.
+  R3 does not name its model: its adapter loads take the R6 swap time of one model
+  (``attribute_r3``). That model's LoRA terms are fitted on R3; another model's are those
+  prices scaled by the two models' LoRA cost ratio on matched R5 runs
+  (``transferred_r3_prices``), with its own R6 step, slot cost, base step, loads and KV.
   ``lora_source="batch"`` fits them on R5 instead (all prompts at once, max_loras 300: an
   overhead linear in the per-step unique adapters, no LoRA intercept at tiny batches). The
   compute data holds rank 8 only, so no rank term is fitted (the R6 ITLs show no rank effect
@@ -113,6 +117,8 @@ class FitReport:
     model: str
     coefficients: FittedCoefficients
     components: dict[str, ComponentFit] = field(default_factory=dict)
+    # The LoRA prices come from R3 (this model's steps or, scaled, those of R3's model).
+    lora_from_r3: bool = False
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -393,6 +399,25 @@ def fit_slot_cost(table: Table) -> tuple[_Slots, ComponentFit]:
     return slots, _quality(pred, itl[ok], note)
 
 
+def _lora_run_adapters(table: Table) -> FloatArray:
+    """Distinct adapters per step of the R5 runs (all prompts at once).
+
+    Where the server log is missing, the per-step unique adapters are not known: the
+    expectation for a batch drawn uniformly over the requested adapters is used (checked
+    against the rows where both exist, see ``fit_lora``'s note). Closed-loop runs whose client
+    w always uses adapter w mod n (``concurrency`` recorded) hold exactly min(n, batch)
+    adapters.
+    """
+    running = _arr(table.column("mean_running_batch"))
+    unique = _arr(table.column("mean_unique_adapters_per_step"))
+    n_distinct = _arr(table.column("n_distinct_adapters"))
+    clients = _arr(table.column("concurrency"))
+    guess = np.where(np.isfinite(clients),
+                     np.minimum(n_distinct, np.maximum(np.nan_to_num(running), 1.0)),
+                     expected_distinct(n_distinct, running))
+    return np.asarray(np.where(np.isfinite(unique), unique, guess), dtype=np.float64)
+
+
 def fit_lora(
     table: Table, base: _Base, sched: _Sched, w_p: float, intercept_ms: float | None = 0.0,
     slots: _Slots | None = None, anchor_tokens: float = 1.0,
@@ -420,15 +445,7 @@ def fit_lora(
     running = _arr(table.column("mean_running_batch"))
     unique = _arr(table.column("mean_unique_adapters_per_step"))
     n_distinct = _arr(table.column("n_distinct_adapters"))
-    clients = _arr(table.column("concurrency"))
-    # Where the server log is missing, the per-step unique adapters are not known: use the
-    # expectation for a batch drawn uniformly over the requested adapters (checked against
-    # the rows where both exist, see the note). Closed-loop runs whose client w always uses
-    # adapter w mod n (``concurrency`` recorded) hold exactly min(n, batch) adapters.
-    guess = np.where(np.isfinite(clients),
-                     np.minimum(n_distinct, np.maximum(np.nan_to_num(running), 1.0)),
-                     expected_distinct(n_distinct, running))
-    adapters = np.where(np.isfinite(unique), unique, guess)
+    adapters = _lora_run_adapters(table)
     # Base-model requests on a LoRA server (no adapter) are another regime (no LoRA kernels
     # for the batch's tokens): not part of this fit.
     ok &= np.isfinite(adapters) & (np.nan_to_num(n_distinct, nan=1.0) > 0)
@@ -778,6 +795,131 @@ def fit_kv(table: Table) -> tuple[float, float, float, float, ComponentFit]:
             _quality(pred, kv[ok], "KV tokens vs max_loras x max_lora_rank"))
 
 
+# ---------------------------------------------------------------- which model ran R3
+
+
+# R3 runs with more CPU->GPU swaps after start-up than this price one load.
+R3_MIN_SWAPS = 50
+
+
+def r3_load_ms(table: Table) -> tuple[float, float, int]:
+    """(median ms of one CPU->GPU adapter load, adapter rank, runs) of the R3 runs.
+
+    R3 logs each run's total CPU->GPU loading time (``max_lora_loading_time``, s) and its loads
+    from memory, with (``max_lora_loads_from_memory``) and without
+    (``..._corrected``) the start-up loads. The total time holds the start-up loads too (runs
+    without a swap after start-up log ~8 ms per start-up load), so a load costs the time over
+    all memory loads, taken on the runs with more than ``R3_MIN_SWAPS`` swaps. (Over the swaps
+    alone the start-up time is charged to the swaps: hundreds of start-up loads against ~50
+    swaps give 12-16 ms at the 90th percentile where per load it is 8 ms.)
+    Returns nan without those columns.
+    """
+    time_s = _arr(table.column("max_lora_loading_time"))
+    loads = _arr(table.column("max_lora_loads_from_memory"))
+    swaps = _arr(table.column("max_lora_loads_from_memory_corrected"))
+    rank = _arr(table.column("rank"))
+    ok = np.isfinite(time_s) & np.isfinite(loads) & np.isfinite(swaps) & (swaps > R3_MIN_SWAPS) \
+        & (loads >= swaps) & (time_s > 0)
+    ranks = rank[ok & np.isfinite(rank)]
+    if not ok.any() or not ranks.size:
+        return math.nan, math.nan, 0
+    return (float(np.median(time_s[ok] / loads[ok] * 1000.0)), float(np.median(ranks)),
+            int(ok.sum()))
+
+
+def attribute_r3(data: CalibrationData) -> tuple[str | None, str]:
+    """The model that ran R3 (which does not name it), decided from adapter load times.
+
+    A CPU->GPU load of the same adapter rank costs each model its own time (R6: rank 8 at
+    6.4-8.1 ms for Llama-3.1-8B, 3.0-3.5 ms for Qwen-2.5-7B), so R3's median load
+    (``r3_load_ms``) names the model whose R6 swap fit (``fit_cpu_load``, at R3's rank without
+    padding) is nearest on a log scale. ``None`` (and no note) when the folder has fewer than two
+    models with R6 rows, R3 records no loads, or two models are equally near.
+    """
+    r3_ms, rank, runs = r3_load_ms(data.scheduler)
+    if not math.isfinite(r3_ms) or not data.peers:
+        return None, ""
+    swap_ms: dict[str, float] = {}
+    for name, model_data in [(data.model, data), *sorted(data.peers.items())]:
+        c0, c_rank, _, quality = fit_cpu_load(model_data.loading)
+        if quality.rows and c0 + c_rank * rank > 0:
+            swap_ms[name] = c0 + c_rank * rank
+    if len(swap_ms) < 2:
+        return None, ""
+    distance = {name: abs(math.log(r3_ms / ms)) for name, ms in swap_ms.items()}
+    ranked = sorted(swap_ms, key=lambda name: distance[name])
+    if math.isclose(distance[ranked[0]], distance[ranked[1]]):
+        return None, ""
+    swaps = ", ".join(f"{name} {swap_ms[name]:.1f} ms" for name in ranked)
+    return ranked[0], (f"{ranked[0]} (R3's adapter loads {r3_ms:.1f} ms median over {runs} runs "
+                       f"with > {R3_MIN_SWAPS} swaps, rank {rank:.0f}; R6 swaps: {swaps})")
+
+
+# R5 runs of two models are the same experiment when these settings agree.
+_R5_RUN_KEYS = ("n_distinct_adapters", "input_len", "output_len", "max_loras", "max_lora_rank",
+                "adapter_rank")
+
+
+def _r5_lora_extra(table: Table) -> dict[tuple[float | None, ...], tuple[float, float, float]]:
+    """R5 runs by their settings: (scheduled tokens T, adapters per step A, LoRA extra ms).
+
+    The extra is the run's ITL minus the ITL of the no-LoRA run of the same family
+    (``base_itl_ms``: same model, ``max_num_seqs`` and lengths); T counts every scheduled token
+    (decode plus the turnover prefill, as ``fit_lora``), A as ``fit_lora``.
+    """
+    tokens, _, _, ok = _steady_rows(table, _Sched(s0=0.0, s_run=0.0, s_wait=0.0), 1.0)
+    adapters = _lora_run_adapters(table)
+    extra = _arr(table.column("itl_mean_ms")) - _arr(table.column("base_itl_ms"))
+    n_distinct = _arr(table.column("n_distinct_adapters"))
+    ok &= np.isfinite(adapters) & np.isfinite(extra) & (extra > 0) & (n_distinct > 0)
+    rows: dict[tuple[float | None, ...], tuple[float, float, float]] = {}
+    for i in np.flatnonzero(ok):
+        values = table.values[int(i)]
+        key = tuple(round(v, 6) if math.isfinite(v) else None
+                    for v in (values.get(k, math.nan) for k in _R5_RUN_KEYS))
+        rows[key] = (float(tokens[i]), float(adapters[i]), float(extra[i]))
+    return rows
+
+
+def lora_cost_ratio(own: Table, ref: Table) -> tuple[float | None, ComponentFit]:
+    """LoRA compute cost of one model relative to another's, from R5 runs both made alike.
+
+    Matched runs (same ``_R5_RUN_KEYS``) give each model's LoRA extra (``_r5_lora_extra``). The
+    two models did not run the same batches (``max_num_seqs`` differs: Llama 220, Qwen 250),
+    so the runs are compared at the same tokens and adapters: the reference model's extra is
+    fitted as ``p*T + q*A`` through the origin on its matched runs, evaluated at the other
+    model's T and A, and the ratio is the least-squares slope through the origin of the
+    other model's extra on that prediction. (Dividing each run's extra by its own T instead
+    treats the per-adapter part, which grows 4x with the adapters at a constant T, as a token
+    cost and charges the larger batches to the model.) Returns (ratio, quality of ratio x
+    prediction on the model's runs); the ratio is ``None`` with fewer than 3 matched runs.
+    """
+    mine, theirs = _r5_lora_extra(own), _r5_lora_extra(ref)
+    keys = sorted(set(mine) & set(theirs), key=str)
+    if len(keys) < 3:
+        return None, _quality(_arr([]), _arr([]), f"{len(keys)} matched R5 runs")
+    ref_x = np.array([theirs[k][:2] for k in keys], dtype=np.float64)
+    ref_y = _arr([theirs[k][2] for k in keys])
+    cols = [0, 1]
+    while True:  # non-negative prices: drop a negative column and refit
+        sol, *_ = np.linalg.lstsq(ref_x[:, cols], ref_y, rcond=None)
+        if (sol >= 0).all() or len(cols) == 1:
+            price = np.zeros(2)
+            price[cols] = np.maximum(sol, 0.0)
+            break
+        cols = [k for k, v in zip(cols, sol, strict=True) if v >= 0] or cols[:1]
+    x = np.array([mine[k][:2] for k in keys], dtype=np.float64)
+    y = _arr([mine[k][2] for k in keys])
+    pred = x @ price
+    if float(pred @ pred) <= 0:
+        return None, _quality(_arr([]), _arr([]), "reference model shows no LoRA cost in R5")
+    ratio = float(pred @ y) / float(pred @ pred)
+    note = (f"{len(keys)} matched R5 runs; reference {price[0] * 1000:.1f} us/token + "
+            f"{price[1]:.3f} ms/adapter ({_quality(ref_x @ price, ref_y).mape_pct:.1f}% MAPE "
+            f"on its runs)")
+    return ratio, _quality(ratio * pred, y, note)
+
+
 # ---------------------------------------------------------------- everything
 
 
@@ -803,7 +945,9 @@ def fit_coefficients(
     * ``poisson`` (default): R3's Poisson runs over 8..448 slots price it
       (``fit_lora_poisson``), after the slots' per-step cost measured by R7's single-request
       sweep (``fit_slot_cost``), which becomes a profile term. Falls back to ``batch`` without
-      R3 or R6 data.
+      R3 or R6 data. When the folder's R6 swap times say R3 ran another model
+      (``attribute_r3``), that model's R3 prices are scaled to this one
+      (``transferred_r3_prices``).
     * ``batch``: R5's all-at-once runs at 300 slots price a token and an adapter; R3 only
       splits the per-token cost into a part that scales with ``max_loras``.
 
@@ -833,14 +977,27 @@ def fit_coefficients(
         if len(data.lora_overhead) else math.nan
     if poisson and l_0_measured is not None:
         l_0 = l_0_measured
-        r3, r3_note = r3_consistent_rows(data.scheduler, base, w_p, l_0, slots)
-        l_tok_plain, l_tok_slot, l_ad, q_lora = fit_lora_poisson(r3, base, w_p, l_0, slots)
+        r3_model, attribution = attribute_r3(data)
+        prices: tuple[float, float, float] | None = None
+        if r3_model is not None and r3_model != data.model:
+            prices, q_lora = transferred_r3_prices(data, r3_model)
+            if prices is None:
+                attribution += f"; its prices not transferred ({q_lora.note})"
+        if prices is not None:
+            l_tok_plain, l_tok_slot, l_ad = prices
+            q_lora = replace(q_lora, note=f"R3 ran {attribution}; {q_lora.note}")
+        else:  # R3 ran this model (or which one is not known): its steps price the kernels
+            r3, r3_note = r3_consistent_rows(data.scheduler, base, w_p, l_0, slots)
+            l_tok_plain, l_tok_slot, l_ad, q_lora = fit_lora_poisson(r3, base, w_p, l_0, slots)
+            if r3_note:
+                q_lora = replace(q_lora, note=f"{q_lora.note}; {r3_note}")
+            if attribution:
+                q_lora = replace(q_lora, note=f"{q_lora.note}; R3 ran {attribution}")
         # l_0 is R6's one-adapter step: without R6's own token, slot and adapter.
         own = float(np.dot((l_tok_plain, l_tok_slot, l_ad), R6_ANCHOR))
         l_0 -= own
-        l0_note += f", minus its own token, slot and adapter on R3's prices ({own:.2f} ms)"
-        if r3_note:
-            q_lora = replace(q_lora, note=f"{q_lora.note}; {r3_note}")
+        on = "the prices transferred from R3" if prices is not None else "R3's prices"
+        l0_note += f", minus its own token, slot and adapter on {on} ({own:.2f} ms)"
         share_note = "fitted with the per-token cost on R3 (see lora)"
     else:
         share, share_note = fit_slot_share(data.scheduler, ref_slots)
@@ -901,7 +1058,40 @@ def fit_coefficients(
         "disk_load": q_disk,
         "kv": q_kv,
     }
-    return FitReport(model=data.model, coefficients=coefficients, components=components)
+    return FitReport(model=data.model, coefficients=coefficients, components=components,
+                     lora_from_r3=poisson)
+
+
+def transferred_r3_prices(
+    data: CalibrationData, r3_model: str
+) -> tuple[tuple[float, float, float] | None, ComponentFit]:
+    """LoRA prices (per token, per token per slot, per adapter) of ``data.model`` from R3 run
+    on another model: that model's R3 fit (``fit_coefficients`` of its own data, exactly its
+    profile's), scaled by the two models' LoRA cost ratio on matched R5 runs
+    (``lora_cost_ratio``). R3's step times are that model's: subtracting this model's base step
+    from them would price its kernels with the other model's steps. Returns (None, reason) when
+    the ratio or the other model's R3 fit is missing.
+    """
+    peer = data.peers[r3_model]
+    ratio, q_ratio = lora_cost_ratio(data.lora_overhead, peer.lora_overhead)
+    if ratio is None:
+        return None, q_ratio
+    try:
+        report = fit_coefficients(peer, lora_source="poisson")
+    except ConfigError as exc:
+        return None, replace(q_ratio, note=f"{r3_model} does not fit: {exc.message}")
+    if not report.lora_from_r3:
+        return None, replace(q_ratio, note=f"{r3_model}'s LoRA cost is not fitted on R3")
+    c, fit = report.coefficients, report.components["lora"]
+    note = (f"its R3 prices ({c.lora_per_token_ms * 1000:.2f} us/token + "
+            f"{c.lora_per_token_slot_ms * 1e6:.1f} ns/token/slot + "
+            f"{c.lora_per_adapter_ms:.3f} ms/adapter; {fit.rows} R3 runs, {fit.mape_pct:.2f}% "
+            f"MAPE) x {ratio:.3f}, this model's R5 LoRA cost over {r3_model}'s at the same "
+            f"tokens and adapters ({q_ratio.note}; MAPE here: ratio x reference on this "
+            f"model's runs)")
+    prices = (ratio * c.lora_per_token_ms, ratio * c.lora_per_token_slot_ms,
+              ratio * c.lora_per_adapter_ms)
+    return prices, replace(q_ratio, note=note)
 
 
 # ---------------------------------------------------------------- profile

@@ -7,7 +7,8 @@ CSVs ``metrics_data_{aggregated_rate,adapter_rates}.csv`` anywhere below it) and
 runs over (max_loras, max_lora_rank) (``slot_sweep.csv``, or the R7 sweep's ``openai-*.json``
 results below ``find_available_gpu_memory_depending_on_loaded_adapters/<model>/``). Every file and
 every non-key column is optional: a missing value reads as ``nan`` and the fitter skips the
-row or falls back to another source. Only the ``model`` column is used to filter rows.
+row or falls back to another source. Only the ``model`` column is used to filter rows. The
+folder's other models are loaded alongside (``peers``): the R3 runs do not name their model.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import csv
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from loragate.core.errors import ConfigError
@@ -70,6 +71,9 @@ class CalibrationData:
     # One-request runs of LoRA-enabled servers over (max_loras, max_lora_rank): columns
     # max_loras, max_lora_rank, itl_mean_ms, completed (``slot_sweep.csv`` or the R7 folders).
     slot_sweep: Table = field(default_factory=Table)
+    # The other models of the same folder, each loaded as above (without peers of its own):
+    # R3 does not name its model, and the fit decides from their R6 swap times which one it was.
+    peers: dict[str, CalibrationData] = field(default_factory=dict)
 
 
 def _to_float(text: str) -> float:
@@ -160,8 +164,13 @@ def available_models(folder: Path) -> list[str]:
     return sorted(names)
 
 
-def load_calibration_data(folder: str | Path, model: str) -> CalibrationData:
-    """Load every table of ``folder`` for ``model``; raise ConfigError if nothing matches."""
+def load_calibration_data(
+    folder: str | Path, model: str, *, with_peers: bool = True
+) -> CalibrationData:
+    """Load every table of ``folder`` for ``model``; raise ConfigError if nothing matches.
+
+    ``with_peers`` also loads the folder's other models (``CalibrationData.peers``).
+    """
     path = Path(folder)
     if not path.is_dir():
         raise ConfigError(f"calibration folder not found: {path}")
@@ -178,4 +187,14 @@ def load_calibration_data(folder: str | Path, model: str) -> CalibrationData:
     if not len(data.base_latency) and not len(data.lora_overhead):
         known = ", ".join(available_models(path)) or "none"
         raise ConfigError(f"no calibration rows for model {model!r} in {path} (models: {known})")
-    return data
+    if not with_peers:
+        return data
+    peers: dict[str, CalibrationData] = {}
+    for other in available_models(path):
+        if other == model:
+            continue
+        try:
+            peers[other] = load_calibration_data(path, other, with_peers=False)
+        except ConfigError:  # listed only in kv_capacity.csv: nothing to fit
+            continue
+    return replace(data, peers=peers)
