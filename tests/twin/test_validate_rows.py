@@ -22,6 +22,7 @@ from loragate.twin.validate import (
     ValidateConfig,
     offered_requests,
     run_spec_from_row,
+    synthesize_arrivals,
     validate,
 )
 
@@ -101,19 +102,36 @@ def test_missing_optional_columns(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 def test_offered_load_sources() -> None:
-    """sent -> requests_sent; without it, completed + still running + still waiting, unless
-    the engine queue reached the front-end cap; nominal ignores both."""
+    """sent -> requests_sent; without it, completed + still running + still waiting where that
+    is more certain than the nominal rates' Poisson spread and the engine queue stayed below
+    the front-end cap, else the nominal rates; nominal ignores both."""
     light = run_spec_from_row(_row(requests_sent=""))
     assert light.accounted_requests == 1734 + 8 + 0
+    # 8 requests left in the server at most, against sqrt(1800) = 42 for the Poisson count
     assert offered_requests(light, CFG, 20_000) == (1742.0, "accounted")
     sent = run_spec_from_row(_row())
     assert offered_requests(sent, CFG, 20_000) == (1736.0, "requests_sent")
     nominal = ValidateConfig(window_s=20.0, offered_load="nominal")
     assert offered_requests(sent, nominal, 20_000) == (pytest.approx(1800.0), "nominal")
+    queued = run_spec_from_row(_row(requests_sent="", max_waiting="500"))
+    count, source = offered_requests(queued, CFG, 20_000)
+    assert count == pytest.approx(1800.0) and "Poisson spread" in source
     full = run_spec_from_row(_row(requests_sent="", max_waiting="26000"))
     count, source = offered_requests(full, CFG, 20_000)
     assert count == pytest.approx(1800.0) and "front-end cap" in source
-    assert offered_requests(full, CFG, None)[1] == "accounted"  # a profile without a cap
+    # a profile without a front-end cap: only the Poisson test decides
+    assert offered_requests(full, CFG, None)[1].startswith("nominal (the requests left")
+    assert offered_requests(light, CFG, None)[1] == "accounted"
+
+
+def test_a_realised_count_above_nominal_is_replayed_too() -> None:
+    """requests_sent is the realised Poisson count, above the nominal mean as often as below."""
+    spec = run_spec_from_row(_row(rate_counts="2:8", requests_sent="60480"))  # 1.05 x nominal
+    n = synthesize_arrivals(spec, ValidateConfig(window_s=3600.0)).time_s.size
+    assert n == pytest.approx(60480, rel=0.02)
+    below = run_spec_from_row(_row(rate_counts="2:8", requests_sent="54720"))  # 0.95 x
+    assert synthesize_arrivals(below, ValidateConfig(window_s=3600.0)).time_s.size == \
+        pytest.approx(54720, rel=0.02)
 
 
 def test_other_rates_ranks_and_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,7 +1,8 @@
 """``loragate twin``: fit performance profiles, validate the twin against real runs, list profiles.
 
     loragate twin calibrate --data DIR --model NAME --out FILE [--name PROFILE]
-    loragate twin validate --real-runs CSV [--paper-runs CSV] [--profile P | MODEL=P ...] --json
+    loragate twin validate --real-runs CSV [--paper-runs CSV] [--profile P | MODEL=P ...]
+        [--offered-load sent|accounted|nominal] [--json]
     loragate twin profiles
 """
 
@@ -50,9 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     val.add_argument(
         "--offered-load", choices=("sent", "accounted", "nominal"), default="sent",
         help="requests each replay offers: the row's requests_sent (sent, default; rows without "
-             "it: accounted), successful_requests + max_running + max_waiting while the "
-             "engine queue stayed below the front-end cap, else the nominal rates (accounted), "
-             "or the nominal per-adapter rates (nominal)")
+             "it: accounted); successful_requests + max_running + max_waiting where that is "
+             "more certain than the rates' Poisson spread and the engine queue stayed below "
+             "the front-end cap, else the nominal rates (accounted); or the nominal per-adapter "
+             "rates (nominal)")
     val.add_argument("--jobs", type=int, default=0, help="worker processes (0 = all cores)")
     val.add_argument("--json", action="store_true", help="print the full result as JSON")
     val.add_argument("--out", default=None, help="also write the JSON result to this file")

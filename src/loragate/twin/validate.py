@@ -10,10 +10,10 @@ One real run (a row of ``validation/real_runs.csv``) is replayed as follows:
   ``requests_sent`` (the benchmark client's count; heavily overloaded runs sent far fewer
   requests than the nominal rates imply); rows without it fall back to ``accounted``:
   ``successful_requests + max_running + max_waiting`` (every request the server saw either
-  finished or was still running or waiting at the end, where the queue is at its longest),
-  valid while the engine's queue stayed below the front end's cap; once it reached the cap,
-  requests piled up in front of vLLM where the row does not see them, and the nominal rates
-  (an upper bound) are replayed. ``nominal``: the configured rates, whatever was sent;
+  finished or was still running or waiting at the end) where that is more certain than the
+  nominal rates' Poisson spread, else the nominal rates (also once the engine's queue reached
+  the front end's cap: requests then piled up in front of vLLM, out of the row's sight).
+  ``nominal``: the configured rates, whatever was sent;
 - lengths: ShareGPT's own joint prompt/output length distribution under the benchmark's filter
   (prompt 4..1024, output >= 4, prompt + output <= 2048; ``SHAREGPT_*``: heavy-tailed, and
   long prompts come with short answers), scaled so that its means equal the run's
@@ -186,6 +186,7 @@ class RunSpec:
     # successful_requests + max_running + max_waiting, and max_waiting alone (None: empty).
     accounted_requests: int | None = None
     real_max_waiting: float | None = None
+    in_server_at_most: float = 0.0  # max_running + max_waiting
     line: int = 0  # line of the runs file (the header is line 1)
     model_in_file: str = ""  # the row's spelling of the model, when it differs from ``model``
     flag: str = ""
@@ -393,14 +394,14 @@ def _mean_tokens(row: dict[str, str], key: str, notes: list[str]) -> float:
     return math.nan
 
 
-def _accounted(row: dict[str, str]) -> tuple[int | None, float | None]:
-    """successful_requests + max_running + max_waiting, and max_waiting (None if empty)."""
+def _accounted(row: dict[str, str]) -> tuple[int | None, float | None, float]:
+    """successful_requests + max_running + max_waiting, max_waiting, and the last two's sum
+    (None / 0 where a column is empty)."""
     succ, running, waiting = (_float(row, k) for k in
                               ("successful_requests", "max_running", "max_waiting"))
-    max_waiting = waiting if math.isfinite(waiting) and waiting >= 0 else None
-    if all(math.isfinite(v) and v >= 0 for v in (succ, running, waiting)):
-        return int(succ + running + waiting), max_waiting
-    return None, max_waiting
+    if not all(math.isfinite(v) and v >= 0 for v in (succ, running, waiting)):
+        return None, (waiting if math.isfinite(waiting) and waiting >= 0 else None), 0.0
+    return int(succ + running + waiting), waiting, running + waiting
 
 
 def _requests_path(row: dict[str, str], base: Path | None) -> str:
@@ -448,7 +449,7 @@ def run_spec_from_row(row: dict[str, str], base: Path | None = None, *, line: in
         window = _float(row, "total_time_s")
         requests_path = ""
     _check_lora_settings(max_loras, max_cpu_loras, max_lora_rank, ranks)
-    accounted, real_max_waiting = _accounted(row)
+    accounted, real_max_waiting, in_server = _accounted(row)
     model = canonical_model(model_in_file)
     return RunSpec(
         run_id=run_id,
@@ -470,6 +471,7 @@ def run_spec_from_row(row: dict[str, str], base: Path | None = None, *, line: in
         adapters_in_gpu_at_start=not explicit,
         accounted_requests=accounted,
         real_max_waiting=real_max_waiting,
+        in_server_at_most=in_server,
         line=line,
         model_in_file=model_in_file if model_in_file != model else "",
         flag=flag,
@@ -623,25 +625,36 @@ def offered_requests(spec: RunSpec, cfg: ValidateConfig,
     """Requests the replay offers over the real run's window, and where the figure comes from.
 
     ``cfg.offered_load``: ``"sent"``: the row's ``requests_sent`` (the client's own count: the
-    shortfall of overloaded runs) where it is below the nominal count, or, if the row lacks
-    it, as ``"accounted"``. ``"accounted"``: every request the server saw either
-    finished in the window or was still there at its end, running or waiting;
-    ``successful_requests + max_running + max_waiting`` counts them (the queue of a run that
-    falls behind is longest at the end). That holds while the engine's queue stayed below the
-    front end's cap (``front_end_cap``, the profile's ``scheduler.max_waiting``); a run whose
-    queue reached it kept further requests in front of vLLM, out of the row's sight, and its
-    nominal rates (an upper bound) are replayed. ``"nominal"``: the configured rates.
+    shortfall of overloaded runs, and the Poisson realisation of the others, above the nominal
+    mean as often as below), or, if the row lacks it, as ``"accounted"``.
+
+    ``"accounted"``: the requests the server accounted for. Each one either finished in the
+    window or was still there at its end, running or waiting, so the count is
+    ``successful_requests`` plus the requests in the server at the end, which the row bounds by
+    ``max_running + max_waiting`` (the queue of a run that falls behind is longest at the end).
+    The nominal rates give the same count up to the Poisson spread of the realisation,
+    ``sqrt(nominal count)``, as long as the client sent everything. So the accounted count is
+    replayed where its uncertainty, ``max_running + max_waiting``, is the smaller one (light
+    runs, whose few hundred or thousand requests make the Poisson spread a few per cent), the
+    nominal rates otherwise. A run whose engine queue reached the front end's cap
+    (``front_end_cap``, the profile's ``scheduler.max_waiting``) kept further requests in front
+    of vLLM, out of the row's sight, and maybe fewer were sent than the rates imply (the row
+    cannot say): its nominal rates are replayed, an upper bound.
+
+    ``"nominal"``: the configured rates.
     """
     nominal = sum(spec.rates_rps) * spec.real_window_s
     if cfg.offered_load == "sent" and spec.requests_sent:
-        return float(min(spec.requests_sent, nominal)), "requests_sent"
+        return float(spec.requests_sent), "requests_sent"
     if cfg.offered_load == "nominal":
         return nominal, "nominal"
-    if spec.accounted_requests is None:
+    if spec.accounted_requests is None or spec.real_max_waiting is None:
         return nominal, "nominal (successful_requests, max_running or max_waiting empty)"
-    waiting = spec.real_max_waiting or 0.0
-    if front_end_cap is not None and waiting >= front_end_cap:
+    if front_end_cap is not None and spec.real_max_waiting >= front_end_cap:
         return nominal, "nominal (the engine queue reached the front-end cap)"
+    if spec.in_server_at_most > math.sqrt(nominal):
+        return nominal, ("nominal (the requests left in the server at the end are less certain "
+                         "than the rates' Poisson spread)")
     return float(spec.accounted_requests), "accounted"
 
 
