@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from loragate.cli import main as cli_main
+from loragate.twin.real_runs import run_spec_from_row
 from loragate.twin.validate import (
     SHAREGPT_OUTPUT_Q,
     SHAREGPT_PCT,
@@ -17,7 +18,6 @@ from loragate.twin.validate import (
     LengthModel,
     ValidateConfig,
     fit_length_mus,
-    run_spec_from_row,
     sharegpt_pairs,
     synthesize_arrivals,
     validate,

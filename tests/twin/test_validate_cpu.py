@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from loragate.twin.real_runs import read_rows, run_spec_from_row
 from loragate.twin.validate import (
     ValidateConfig,
     exact_arrivals,
-    read_rows,
-    run_spec_from_row,
     validate,
 )
 

@@ -17,11 +17,10 @@ from typing import Any
 import pytest
 
 from loragate.cli import main as cli_main
+from loragate.twin.real_runs import RunSpec, run_spec_from_row
 from loragate.twin.validate import (
-    RunSpec,
     ValidateConfig,
     offered_requests,
-    run_spec_from_row,
     synthesize_arrivals,
     validate,
 )
