@@ -16,9 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from loragate.core.config import GatewayConfig, config_from_mapping
-from loragate.core.errors import ConfigError
 from loragate.routing import build_policy
-from loragate.workload.yaml_file import load_yaml_text
+from loragate.workload.yaml_file import load_yaml_text, read_text_file
 
 
 def parse_config_text(text: str, *, source: str = "<config>") -> GatewayConfig:
@@ -31,12 +30,4 @@ def parse_config_text(text: str, *, source: str = "<config>") -> GatewayConfig:
 def load_config(path: str | Path) -> GatewayConfig:
     """Load and validate ``path``; any problem is one ``ConfigError`` naming the key."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{p} is not a UTF-8 text file (byte {exc.start}: {exc.object[exc.start]:#04x})"
-        ) from exc
-    return parse_config_text(text, source=str(p))
+    return parse_config_text(read_text_file(p, "config file"), source=str(p))

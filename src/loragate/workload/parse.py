@@ -49,7 +49,7 @@ from loragate.workload.spec import (
     WorkloadSpec,
     ZipfPopularity,
 )
-from loragate.workload.yaml_file import load_yaml_text
+from loragate.workload.yaml_file import load_yaml_text, read_text_file
 
 MAX_ADAPTERS = 100_000
 MAX_DURATION_S = 1e8  # ~3 years of simulated time
@@ -58,14 +58,7 @@ MAX_DURATION_S = 1e8  # ~3 years of simulated time
 def load_spec(path: str | Path) -> WorkloadSpec:
     """Read and validate a workload YAML file; every error starts with the file's path."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read workload spec {p}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{p}: not a UTF-8 text file (byte {exc.start}: {exc.object[exc.start]:#04x})"
-        ) from exc
+    text = read_text_file(p, "workload spec")
     return parse_spec_text(text, base_dir=p.resolve().parent, default_name=p.stem, source=str(p))
 
 

@@ -5,11 +5,13 @@
   ``on``, ``off``, ``yes``, ``no``, ``y`` and ``n`` as booleans, so ``start: on`` would not be
   the string a spec means.
 - A syntax error is ``FILE:LINE:COLUMN: not valid YAML: problem``, not PyYAML's several lines.
+- A file that cannot be read, or is not UTF-8, is one line naming it (``read_text_file``).
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -76,3 +78,19 @@ def load_yaml_text(text: str, source: str) -> Any:
         return yaml.load(text, Loader=StrictLoader)
     except yaml.YAMLError as exc:
         raise yaml_error(exc, source) from exc
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path`` (a ``what``: "workload spec", "config file", ...).
+
+    One ``ConfigError`` line if it cannot be read (``cannot read WHAT PATH: reason``) or is not
+    UTF-8 (``PATH is not a UTF-8 text file (byte N: 0xNN)``).
+    """
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not a UTF-8 text file (byte {exc.start}: {exc.object[exc.start]:#04x})"
+        ) from exc
