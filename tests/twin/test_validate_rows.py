@@ -19,6 +19,7 @@ import pytest
 from loragate.cli import main as cli_main
 from loragate.twin.real_runs import RunSpec, run_spec_from_row
 from loragate.twin.validate import (
+    OfferedCount,
     ValidateConfig,
     offered_requests,
     synthesize_arrivals,
@@ -107,20 +108,23 @@ def test_offered_load_sources() -> None:
     light = run_spec_from_row(_row(requests_sent=""))
     assert light.accounted_requests == 1734 + 8 + 0
     # 8 requests left in the server at most, against sqrt(1800) = 42 for the Poisson count
-    assert offered_requests(light, CFG, 20_000) == (1742.0, "accounted")
+    assert offered_requests(light, CFG, 20_000) == OfferedCount(1742.0, "accounted")
     sent = run_spec_from_row(_row())
-    assert offered_requests(sent, CFG, 20_000) == (1736.0, "requests_sent")
+    assert offered_requests(sent, CFG, 20_000) == OfferedCount(1736.0, "requests_sent")
     nominal = ValidateConfig(window_s=20.0, offered_load="nominal")
-    assert offered_requests(sent, nominal, 20_000) == (pytest.approx(1800.0), "nominal")
+    assert offered_requests(sent, nominal, 20_000) == \
+        OfferedCount(pytest.approx(1800.0), "nominal", nominal=True)
     queued = run_spec_from_row(_row(requests_sent="", max_waiting="500"))
-    count, source = offered_requests(queued, CFG, 20_000)
-    assert count == pytest.approx(1800.0) and "Poisson spread" in source
+    queued_count = offered_requests(queued, CFG, 20_000)
+    assert queued_count.requests == pytest.approx(1800.0) and queued_count.nominal
+    assert "Poisson spread" in queued_count.source
     full = run_spec_from_row(_row(requests_sent="", max_waiting="26000"))
-    count, source = offered_requests(full, CFG, 20_000)
-    assert count == pytest.approx(1800.0) and "front-end cap" in source
+    full_count = offered_requests(full, CFG, 20_000)
+    assert full_count.requests == pytest.approx(1800.0) and full_count.nominal
+    assert "front-end cap" in full_count.source
     # a profile without a front-end cap: only the Poisson test decides
-    assert offered_requests(full, CFG, None)[1].startswith("nominal (the requests left")
-    assert offered_requests(light, CFG, None)[1] == "accounted"
+    assert offered_requests(full, CFG, None).source.startswith("nominal (the requests left")
+    assert offered_requests(light, CFG, None).source == "accounted"
 
 
 def test_a_realised_count_above_nominal_is_replayed_too() -> None:

@@ -252,8 +252,21 @@ class Arrivals:
     output: npt.NDArray[np.int64]
 
 
+@dataclass(frozen=True, slots=True)
+class OfferedCount:
+    """How many requests a synthesised replay offers over the real run's window.
+
+    ``source`` says where the count comes from (``RunMetrics.offered_load``); ``nominal``:
+    it is the configured rates' own mean, so the rates are replayed as they stand.
+    """
+
+    requests: float
+    source: str
+    nominal: bool = False
+
+
 def offered_requests(spec: RunSpec, cfg: ValidateConfig,
-                     front_end_cap: int | None = None) -> tuple[float, str]:
+                     front_end_cap: int | None = None) -> OfferedCount:
     """Requests the replay offers over the real run's window, and where the figure comes from.
 
     ``cfg.offered_load``: ``"sent"``: the row's ``requests_sent`` (the client's own count: the
@@ -276,31 +289,40 @@ def offered_requests(spec: RunSpec, cfg: ValidateConfig,
     ``"nominal"``: the configured rates.
     """
     nominal = sum(spec.rates_rps) * spec.real_window_s
+
+    def rates(why: str) -> OfferedCount:
+        return OfferedCount(nominal, why, nominal=True)
+
     if cfg.offered_load == "sent" and spec.requests_sent:
-        return float(spec.requests_sent), "requests_sent"
+        return OfferedCount(float(spec.requests_sent), "requests_sent")
     if cfg.offered_load == "nominal":
-        return nominal, "nominal"
+        return rates("nominal")
     if spec.accounted_requests is None or spec.real_max_waiting is None:
-        return nominal, "nominal (successful_requests, max_running or max_waiting empty)"
+        return rates("nominal (successful_requests, max_running or max_waiting empty)")
     if front_end_cap is not None and spec.real_max_waiting >= front_end_cap:
-        return nominal, "nominal (the engine queue reached the front-end cap)"
+        return rates("nominal (the engine queue reached the front-end cap)")
     if spec.in_server_at_most > math.sqrt(nominal):
-        return nominal, ("nominal (the requests left in the server at the end are less certain "
-                         "than the rates' Poisson spread)")
-    return float(spec.accounted_requests), "accounted"
+        return rates("nominal (the requests left in the server at the end are less certain "
+                     "than the rates' Poisson spread)")
+    return OfferedCount(float(spec.accounted_requests), "accounted")
 
 
 def synthesize_arrivals(spec: RunSpec, cfg: ValidateConfig,
-                        front_end_cap: int | None = None) -> Arrivals:
-    """Seeded Poisson arrivals per adapter and filtered heavy-tailed lengths for one run."""
+                        offered: OfferedCount | None = None) -> Arrivals:
+    """Seeded Poisson arrivals per adapter and filtered heavy-tailed lengths for one run.
+
+    ``offered``: the requests to offer (:func:`offered_requests`, which the replay calls once
+    with its front-end cap; default: without a cap); unless nominal, the rates are scaled to it.
+    """
     seed = cfg.seed + sum(ord(ch) * (i + 1) for i, ch in enumerate(spec.run_id)) % 1_000_003
     rng = np.random.default_rng(seed)
     rates = np.array(spec.rates_rps, dtype=np.float64)
     rng.shuffle(rates)
+    if offered is None:
+        offered = offered_requests(spec, cfg)
     nominal = float(rates.sum()) * spec.real_window_s
-    offered, _ = offered_requests(spec, cfg, front_end_cap)
-    if offered != sum(spec.rates_rps) * spec.real_window_s and nominal > 0:
-        rates *= offered / nominal
+    if not offered.nominal and nominal > 0:
+        rates *= offered.requests / nominal
     counts = rng.poisson(rates * cfg.window_s)
     times = np.concatenate([rng.uniform(0.0, cfg.window_s, c) for c in counts])
     adapters = np.repeat(np.arange(rates.size, dtype=np.int64), counts)
@@ -373,8 +395,9 @@ def replay_run(spec: RunSpec, profile_ref: str, cfg: ValidateConfig) -> RunMetri
         offered = "requests_file"
     else:
         window_s = cfg.window_s
-        arrivals = synthesize_arrivals(spec, cfg, cap)
-        offered = offered_requests(spec, cfg, cap)[1]
+        chosen = offered_requests(spec, cfg, cap)
+        arrivals = synthesize_arrivals(spec, cfg, chosen)
+        offered = chosen.source
     n = int(arrivals.time_s.size)
     max_model_len, notes = _max_model_len(spec, profile)
     engine_cfg = EngineConfig(
