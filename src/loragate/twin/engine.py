@@ -71,6 +71,9 @@ _PREFILL, _DECODE, _DONE, _REQUEUED = range(2, 6)
 _SHIFT = 12  # request rows are stored in blocks of 4096
 _BLOCK = 1 << _SHIFT
 _MASK = _BLOCK - 1
+_NEVER = 1 << 62  # ns: later than any time
+_ROW_BITS = 40  # row numbers stay below 2**40 (a trillion requests per engine)
+_FRONT = -(1 << 110)  # below (ns << _ROW_BITS) for any ns > -2**62
 
 
 def _ns(t_s: float) -> int:
@@ -92,9 +95,30 @@ def _gc_paused() -> Iterator[None]:
 
 
 class _Adapter:
-    """Scheduler state of one adapter (``name`` None = base model)."""
+    """Scheduler state of one adapter (``name`` None = base model).
 
-    __slots__ = ("g0", "idx", "n_running", "name", "queue", "r_acc", "rank")
+    Deferred time: the engine's slots-full clock G (``Engine._gfull``) counts the step time
+    during which all adapter slots were taken; the adapter's deferred clock D counts the part of
+    it during which the adapter was not among them: D follows G while the adapter is not
+    running and stands still while it is. So D is a continuous, piecewise linear function of G
+    with slope 1 or 0, breaking where the adapter starts or stops running. A waiting row
+    records G when it joins the queue (one value for all the rows joining at a step start,
+    whatever their adapter); its deferred time, D now minus D when it joined, is then computed
+    on admission from the breakpoints (:meth:`deferred_at`).
+    """
+
+    __slots__ = (
+        "g0",
+        "hist_d",
+        "hist_g",
+        "hist_run",
+        "idx",
+        "n_running",
+        "name",
+        "queue",
+        "r_acc",
+        "rank",
+    )
 
     def __init__(self, name: str | None, rank: int, idx: int) -> None:
         self.name = name
@@ -106,6 +130,34 @@ class _Adapter:
         self.n_running = 0
         self.r_acc = 0  # ns of "slots full" time during which this adapter was running
         self.g0 = 0  # value of the engine's slots-full clock when the adapter became running
+        # Breakpoints of D(G): from G = hist_g[k] on, D = hist_d[k] (running: hist_run[k]) or
+        # hist_d[k] + G - hist_g[k]. D = G - r_acc = G at first.
+        self.hist_g = [0]
+        self.hist_d = [0]
+        self.hist_run = [False]
+
+    def deferred_at(self, g: int) -> int:
+        """D when the slots-full clock read ``g`` (not before the first breakpoint kept)."""
+        hg = self.hist_g
+        k = len(hg) - 1
+        if g < hg[k]:
+            k = bisect.bisect_right(hg, g) - 1
+        d = self.hist_d[k]
+        return d if self.hist_run[k] else d + g - hg[k]
+
+    def breakpoint(self, g: int, d: int, running: bool) -> None:
+        """The adapter starts (``running``) or stops running at G = ``g``, with D = ``d``.
+
+        Only the rows in its queue need D at earlier values of G (rows still to come join at
+        ``g`` or later): with none, the earlier breakpoints are dropped."""
+        if self.queue:
+            self.hist_g.append(g)
+            self.hist_d.append(d)
+            self.hist_run.append(running)
+        else:
+            self.hist_g = [g]
+            self.hist_d = [d]
+            self.hist_run = [running]
 
 
 class _Rows:
@@ -115,10 +167,11 @@ class _Rows:
     ``g & _MASK``): under overload most requests only ever wait, and an int per request (no
     object, nothing for the cyclic GC to track) is the cheapest way to queue them. Its
     :class:`_Req` is created when it is first admitted. ``live``: rows neither admitted nor
-    dropped; a full block with no live row is freed. ``wseq`` / ``snap`` are written when the
-    row joins the waiting queue (its waiting order and deferred-clock snapshot, see
-    :meth:`Engine._enqueue_back`), so a queued row needs no tuple of its own. A row added with
-    :class:`NumberedIds` has no id string until it is read (``rid`` None; see :meth:`id`).
+    dropped; a full block with no live row is freed. ``snap`` is written when the row joins the
+    waiting queue (its deferred-clock snapshot, see :meth:`Engine._enqueue_back`); its waiting
+    order follows from ``ns`` and its row number (see :meth:`Engine._wseq`), so a queued row
+    needs no tuple of its own. A row added with :class:`NumberedIds` has no id string until it
+    is read (``rid`` None; see :meth:`id`).
     """
 
     __slots__ = (
@@ -132,7 +185,6 @@ class _Rows:
         "rid",
         "snap",
         "spans",
-        "wseq",
     )
 
     def __init__(self) -> None:
@@ -144,9 +196,8 @@ class _Rows:
         self.prompt = array("q")
         self.max_tokens = array("q")
         self.arr_s = array("d")
-        self.ns = array("q")  # arrival, integer ns
-        self.wseq = array("q", bytes(8 * _BLOCK))
-        self.snap = array("q", bytes(8 * _BLOCK))
+        self.ns = array("q")  # arrival, integer ns (once waiting: when it joined the queue)
+        self.snap = array("q", bytes(8 * _BLOCK))  # G when it joined (see _Adapter)
         self.live = 0
 
     def id(self, i: int) -> str:
@@ -158,6 +209,17 @@ class _Rows:
             if lo <= i < hi:
                 return f"{prefix}{number + i - lo}"
         raise AssertionError(f"row {i} has no id")  # pragma: no cover
+
+    def add_span(self, lo: int, n: int, prefix: str, number: int) -> None:
+        """Rows ``lo..lo+n-1`` are numbered ``prefix{number}``, ... (one span with the previous
+        one when it continues its numbering, as consecutive slices of one stream do)."""
+        spans = self.spans
+        if spans:
+            plo, phi, pprefix, pnumber = spans[-1]
+            if phi == lo and pprefix == prefix and pnumber + (lo - plo) == number:
+                spans[-1] = (plo, lo + n, prefix, pnumber)
+                return
+        spans.append((lo, lo + n, prefix, number))
 
 
 class _Req:
@@ -226,9 +288,10 @@ class _Req:
         self.deferred_ns = deferred_ns
 
 
-# A waiting-queue item: a row number (never admitted yet: its waiting order and snapshot are in
-# its block) or a preempted, requeued _Req (they are its attributes). The waiting order ``wseq``
-# counts up from 0 at the back and down from -1 at the front (requeued after a preemption).
+# A waiting-queue item: a row number (never admitted yet: its snapshot is in its block) or a
+# preempted, requeued _Req (its attributes). The waiting order ``wseq`` (smaller first) of a row
+# is ``(ns << _ROW_BITS) | row``: the time it joined the queue, then the order of insertion (see
+# Engine._wseq); that of a requeued request counts down from _FRONT, below every row's.
 _Item: TypeAlias = "int | _Req"
 # A queue-head heap entry: (wseq of the head, tiebreak, adapter, head item). It is stale once
 # the item is no longer the head of the adapter's queue.
@@ -237,6 +300,64 @@ _Head = tuple[int, int, _Adapter, "int | _Req"]
 
 class Engine:
     """One simulated vLLM V1 engine. See the module docstring."""
+
+    # Slots: attribute access is the engine's bread and butter, and an instance of this many
+    # attributes would otherwise keep them in an unshared dict (slower to read and write).
+    __slots__ = (
+        "_adapters",
+        "_alist",
+        "_aseq",
+        "_base",
+        "_blocks",
+        "_bs",
+        "_caches",
+        "_cnt",
+        "_columns",
+        "_dropped",
+        "_due",
+        "_elig",
+        "_extra_s",
+        "_fin",
+        "_front",
+        "_fsteps",
+        "_gfull",
+        "_heads",
+        "_heads_limit",
+        "_heads_stale",
+        "_load_s",
+        "_lora",
+        "_max_len",
+        "_max_loras",
+        "_max_rank",
+        "_max_seqs",
+        "_max_tokens",
+        "_n_decode",
+        "_n_live",
+        "_n_waiting",
+        "_next_row",
+        "_nheads",
+        "_pend",
+        "_pend_heap",
+        "_pend_last",
+        "_prefiller",
+        "_queues",
+        "_ranks",
+        "_reqs",
+        "_run_ad",
+        "_running",
+        "_si",
+        "_tn",
+        "_total_blocks",
+        "_unindexed",
+        "_used",
+        "config",
+        "kv_capacity_tokens",
+        "loads_from_disk",
+        "loads_from_memory",
+        "num_preemptions_total",
+        "profile",
+        "steps_total",
+    )
 
     def __init__(self, config: EngineConfig, profile: PerformanceProfile) -> None:
         config.check()
@@ -279,30 +400,35 @@ class Engine:
         self._tn = 0  # ns: end of the last step (earliest start of the next one)
         self._gfull = 0  # ns of step time during which all adapter slots were taken
         self._extra_s = 0.0  # adapter registration time charged to the next step
+        self._load_s = 0.0  # adapter load time of the admissions of the current step
         self._blocks: dict[int, _Rows] = {}  # rows of requests never admitted, by block
         self._next_row = 0
-        self._pend: deque[int] = deque()  # rows of future arrivals, in arrival order
-        self._pend_heap: list[tuple[int, int]] = []  # ... and (ns, row) of those out of order
-        self._pend_last = -(1 << 62)
+        # Rows of future arrivals in arrival order, as runs of consecutive row numbers, and
+        # (ns, row) of those added out of order; _due: the earliest of their arrivals.
+        self._pend: deque[range] = deque()
+        self._pend_heap: list[tuple[int, int]] = []
+        self._pend_last = -_NEVER
+        self._due = _NEVER
         self._dropped: set[int] = set()  # rows aborted while still in the future
         self._reqs: dict[str, int | _Req] = {}  # unfinished requests by id (see _index_all)
         self._unindexed = False  # some unfinished bulk-added requests are not in _reqs
         self._n_live = 0  # unfinished requests
         self._adapters: dict[str | None, _Adapter] = {}
         self._alist: list[_Adapter] = []  # the same, by _Adapter.idx
+        self._queues: list[deque[_Item]] = []  # their queues, by _Adapter.idx
         self._base: _Adapter | None = None  # the base model's (name None)
         # Global FCFS order = the smallest head of the per-adapter queues: a lazy heap of
         # queue heads (see _Head).
         self._heads: list[_Head] = []
         self._elig: list[_Head] = []  # same, adapters holding a slot
         self._heads_stale = False  # _heads misses heads queued while all slots were taken
+        self._heads_limit = 64  # prune stale heap entries past this size (64 + 4 per adapter)
         # add_arrays' adapter table and its columns (see _adapter_columns)
         self._columns: (
             tuple[tuple[tuple[str | None, int], ...], np.ndarray, np.ndarray, np.ndarray] | None
         ) = None
         self._nheads = 0
-        self._front = -1
-        self._back = 0
+        self._front = _FRONT
         self._n_waiting = 0
         self._running: dict[_Req, None] = {}  # running queue in admission order
         self._run_ad: dict[str, _Adapter] = {}  # adapters with running requests
@@ -566,8 +692,7 @@ class Engine:
                     blk = blocks[g >> _SHIFT] = _Rows()
                 end = pos + min(n - pos, _BLOCK - (g & _MASK))
                 if isinstance(rid, NumberedIds):  # ids made when read (see _Rows.id)
-                    lo = len(blk.rid)
-                    blk.spans.append((lo, lo + end - pos, rid.prefix, rid.start + pos))
+                    blk.add_span(len(blk.rid), end - pos, rid.prefix, rid.start + pos)
                     blk.rid += [None] * (end - pos)
                 else:
                     blk.rid += rid[pos:end]
@@ -593,8 +718,7 @@ class Engine:
                 for i in range(k):
                     self._place(g0 + i, ns[i])
                 if k < n and ns[k] >= self._pend_last:
-                    self._pend.extend(range(g0 + k, g))
-                    self._pend_last = ns[-1]
+                    self._pend_rows(g0 + k, g, ns[k], ns[-1])
                     return
             else:
                 k = 0
@@ -607,14 +731,42 @@ class Engine:
         tn = self._tn
         if ns > tn:
             if ns >= self._pend_last:
-                self._pend.append(g)
-                self._pend_last = ns
+                self._pend_rows(g, g + 1, ns, ns)
             else:
                 heapq.heappush(self._pend_heap, (ns, g))
+                if ns < self._due:
+                    self._due = ns
         else:
-            if self._pend or self._pend_heap:
+            if self._due <= tn:
                 self._admit_arrivals(tn)  # earlier arrivals first: FCFS by arrival
+            # It joins the queue now, behind everything already there: its waiting order is
+            # that of an arrival at ``tn`` (the arrival time itself stays in ``arr_s``).
+            self._blocks[g >> _SHIFT].ns[g & _MASK] = tn
             self._enqueue_back(g)
+
+    def _pend_rows(self, lo: int, hi: int, first_ns: int, last_ns: int) -> None:
+        """Rows ``lo..hi-1`` arrive in the future, in this order, at ``first_ns..last_ns``, not
+        before any arrival already pending in order."""
+        pend = self._pend
+        if pend and pend[-1].stop == lo:
+            pend[-1] = range(pend[-1].start, hi)
+        else:
+            pend.append(range(lo, hi))
+        self._pend_last = last_ns
+        if first_ns < self._due:
+            self._due = first_ns
+
+    def _set_due(self) -> None:
+        """Recompute ``_due`` from the heads of the pending queues."""
+        pend = self._pend
+        heap = self._pend_heap
+        due = heap[0][0] if heap else _NEVER
+        if pend:
+            g = pend[0].start
+            a = self._blocks[g >> _SHIFT].ns[g & _MASK]
+            if a < due:
+                due = a
+        self._due = due
 
     def abort(self, request_id: str) -> bool:
         """Drop an unfinished request wherever it is (between steps). False if unknown."""
@@ -692,7 +844,8 @@ class Engine:
         With nothing to do, returns a zero-length result and does not move time.
         """
         start = max(self._tn, _ns(now_s))
-        self._admit_arrivals(start)
+        if self._due <= start:
+            self._admit_arrivals(start)
         if not self._running and not self._n_waiting:
             return StepResult(start / NS, 0.0)
         self._tn = start
@@ -709,7 +862,8 @@ class Engine:
     def _run_until(self, t_end: int) -> list[RequestRecord]:
         records: list[RequestRecord] = []
         while self._tn < t_end:
-            self._admit_arrivals(self._tn)
+            if self._due <= self._tn:
+                self._admit_arrivals(self._tn)
             if not self._running and not self._n_waiting:
                 nxt = self._next_arrival_ns()
                 if nxt is not None and nxt < t_end:
@@ -727,7 +881,8 @@ class Engine:
         blocks = self._blocks
         dropped = self._dropped
         index: dict[str, int | _Req] = {}
-        rows = [*self._pend, *(g for _, g in self._pend_heap)]
+        rows = [g for run in self._pend for g in run]
+        rows += [g for _, g in self._pend_heap]
         for ast in self._adapters.values():
             for r in ast.queue:
                 if isinstance(r, _Req):
@@ -755,6 +910,8 @@ class Engine:
         if ast is None:
             ast = self._adapters[name] = _Adapter(name, rank, len(self._alist))
             self._alist.append(ast)
+            self._queues.append(ast.queue)
+            self._heads_limit += 4
             if name is None:
                 self._base = ast
         elif rank > ast.rank:
@@ -776,87 +933,111 @@ class Engine:
         return False
 
     def _next_arrival_ns(self) -> int | None:
-        pend = self._pend
-        heap = self._pend_heap
         if self._dropped:
-            while pend and self._drop_due(pend[0]):
-                pend.popleft()
+            pend = self._pend
+            heap = self._pend_heap
+            while pend and self._drop_due(pend[0].start):
+                self._pop_pend()
             while heap and self._drop_due(heap[0][1]):
                 heapq.heappop(heap)
-        if pend:
-            g = pend[0]
-            first = self._blocks[g >> _SHIFT].ns[g & _MASK]
-            return min(first, heap[0][0]) if heap else first
-        return heap[0][0] if heap else None
+            self._set_due()
+        return None if self._due == _NEVER else self._due
+
+    def _pop_pend(self) -> None:
+        """Drop the first row of the in-order pending queue."""
+        run = self._pend[0]
+        if len(run) == 1:
+            self._pend.popleft()
+        else:
+            self._pend[0] = range(run.start + 1, run.stop)
 
     def _admit_arrivals(self, t_ns: int) -> None:
         """Move arrivals up to ``t_ns`` into the waiting queue, by (arrival, insertion)."""
+        if self._pend_heap or self._dropped:
+            self._admit_arrivals_general(t_ns)
+            return
+        # The usual case (the hottest loop under heavy load): all pending rows are in order,
+        # none aborted; _enqueue_back inlined. A row's waiting order is implied (_wseq).
+        pend = self._pend
+        blocks = self._blocks
+        alist = self._alist
+        queues = self._queues
+        n_in = 0
+        due = _NEVER
+        gfull = self._gfull
+        while pend:
+            run = pend[0]
+            g0 = run.start
+            blk = blocks[g0 >> _SHIFT]
+            ns, aid, snap = blk.ns, blk.aid, blk.snap
+            base = g0 - (i := g0 & _MASK)  # the row number of the block's index 0
+            hi = min(i + len(run), _BLOCK)  # the run's end within this block
+            # Rows i, i + 1, ... of the block are due while ns[i] <= t_ns. Under heavy load
+            # (dozens a step) bisect for the last one and queue them in bulk; else one by one
+            # (cheaper per call, dearer per row).
+            if ns[min(i + 12, hi) - 1] <= t_ns:
+                j = hi if ns[hi - 1] <= t_ns else bisect.bisect_right(ns, t_ns, i, hi)
+                snap[i:j] = array("q", (gfull,)) * (j - i)
+                for g, a in zip(range(base + i, base + j), aid[i:j], strict=True):
+                    q = queues[a]
+                    q.append(g)
+                    if len(q) == 1:  # a new head (appended first: _push_head prunes empties)
+                        self._push_head((ns[g - base] << _ROW_BITS) | g, alist[a], g)
+                i = j
+            else:
+                while ns[i] <= t_ns:  # (not past hi: ns[hi - 1] > t_ns)
+                    snap[i] = gfull
+                    g = base + i  # one int object: heap entries find their item by identity
+                    q = queues[aid[i]]
+                    q.append(g)
+                    if len(q) == 1:
+                        self._push_head((ns[i] << _ROW_BITS) | g, alist[aid[i]], g)
+                    i += 1
+            n = base + i - g0
+            n_in += n
+            if n == len(run):
+                pend.popleft()
+                continue
+            if n:
+                pend[0] = range(base + i, run.stop)
+            if i < hi:
+                due = ns[i]
+                break
+        self._n_waiting += n_in
+        self._due = due
+
+    def _admit_arrivals_general(self, t_ns: int) -> None:
+        """_admit_arrivals with out-of-order arrivals or aborted future rows."""
+        blocks = self._blocks
         pend = self._pend
         heap = self._pend_heap
-        if not heap and not self._dropped:
-            # Fast path (the hottest loop under heavy load): arrivals only from the in-order
-            # queue, none aborted; _enqueue_back inlined.
-            if not pend:
-                return
-            g = pend[0]
-            k = g >> _SHIFT
-            blk = self._blocks[k]
-            ns = blk.ns
-            if ns[g & _MASK] > t_ns:
-                return
-            aid, wsq, snp = blk.aid, blk.wseq, blk.snap
-            alist = self._alist
-            back0 = back = self._back
-            gfull = self._gfull
-            while pend:
-                g = pend.popleft()
-                if g >> _SHIFT != k:
-                    k = g >> _SHIFT
-                    blk = self._blocks[k]
-                    ns, aid, wsq, snp = blk.ns, blk.aid, blk.wseq, blk.snap
-                i = g & _MASK
-                if ns[i] > t_ns:
-                    pend.appendleft(g)
-                    break
-                ast = alist[aid[i]]
-                wsq[i] = back
-                snp[i] = (ast.g0 if ast.n_running else gfull) - ast.r_acc
-                q = ast.queue
-                if q:
-                    q.append(g)
-                else:
-                    q.append(g)  # before _push_head, whose pruning drops entries of empty queues
-                    self._push_head(back, ast, g)
-                back += 1
-            self._back = back
-            self._n_waiting += back - back0
-            return
-        blocks = self._blocks  # general case: out-of-order arrivals, aborted future rows
         while True:
-            a = blocks[pend[0] >> _SHIFT].ns[pend[0] & _MASK] if pend else None
+            a = None
+            if pend:
+                g = pend[0].start
+                a = blocks[g >> _SHIFT].ns[g & _MASK]
             if heap and (a is None or heap[0][0] < a):  # ties: in-order first
                 if heap[0][0] > t_ns:
-                    return
+                    break
                 g = heapq.heappop(heap)[1]
             elif a is not None and a <= t_ns:
-                g = pend.popleft()
+                self._pop_pend()
             else:
-                return
+                break
             if not (self._dropped and self._drop_due(g)):
                 self._enqueue_back(g)
+        self._set_due()
 
     def _enqueue_back(self, g: int) -> None:
+        """Row ``g`` joins the back of the waiting queue (its ``ns``: when it joins)."""
         blk = self._blocks[g >> _SHIFT]
         i = g & _MASK
         ast = self._alist[blk.aid[i]]
-        wseq = self._back
-        self._back += 1
-        blk.wseq[i] = wseq
-        blk.snap[i] = self._deferred_clock(ast)
+        blk.snap[i] = self._gfull
         q = ast.queue
         q.append(g)  # before _push_head
         if len(q) == 1:
-            self._push_head(wseq, ast, g)
+            self._push_head((blk.ns[i] << _ROW_BITS) | g, ast, g)
         self._n_waiting += 1
 
     def _enqueue_front(self, r: _Req) -> None:
@@ -870,10 +1051,18 @@ class Engine:
         self._n_waiting += 1
 
     def _wseq(self, item: _Item) -> int:
-        """Waiting order of a queued item."""
+        """Waiting order of a queued item.
+
+        Rows join the waiting queue in the order (ns, row): the arrivals due at a step start
+        join by arrival time, ties by insertion (rows are numbered in insertion order; an
+        out-of-order row never ties with a later in-order one, which would have been out of
+        order too); a row added when it is already due joins behind them, with ``ns`` set to
+        that moment; any later joiner arrives later, or is added later with a larger number.
+        So ``(ns << _ROW_BITS) | row`` ranks rows in the order in which they joined.
+        """
         if isinstance(item, _Req):
             return item.wseq
-        return self._blocks[item >> _SHIFT].wseq[item & _MASK]
+        return (self._blocks[item >> _SHIFT].ns[item & _MASK] << _ROW_BITS) | item
 
     def _tokens(self, item: _Item) -> int:
         """Tokens a queued item needs to compute when admitted (prompt, + outputs if requeued)."""
@@ -887,7 +1076,7 @@ class Engine:
         ``ast`` has running requests."""
         self._nheads += 1
         entry = (wseq, self._nheads, ast, item)
-        limit = 64 + 4 * len(self._adapters)
+        limit = self._heads_limit
         # An entry is live while its item heads its queue (the heap holds the very object the
         # queue holds). A row is queued once. A request requeued again after a new preemption
         # makes its older entries look live once more, but they carry larger (later) wseqs than
@@ -948,38 +1137,33 @@ class Engine:
                     return item
                 heapq.heappop(heads)
         # All slots taken: only base-model requests and adapters holding a slot are eligible.
-        best: _Item | None = None
         base = self._base
-        if base is not None and base.queue:
-            best = base.queue[0]
         elig = self._elig
         while elig:
             wseq, _, ast, item = elig[0]
             q = ast.queue
             if ast.n_running and q and q[0] is item:
-                if best is None or wseq < self._wseq(best):
-                    best = item
-                break
+                if base is not None and base.queue and self._wseq(base.queue[0]) < wseq:
+                    return base.queue[0]
+                return item
             heapq.heappop(elig)
-        return best
+        if base is not None and base.queue:
+            return base.queue[0]
+        return None
 
-    def _admit(self, item: _Item) -> tuple[_Req, float]:
+    def _admit(self, item: _Item) -> _Req:
         """Move ``item``, the head of its adapter's queue, from waiting to running; returns its
-        request and the adapter load time it causes."""
+        request. The adapter load time it causes is added to ``_load_s``."""
         if isinstance(item, _Req):
             r = item
             ast = r.ast
             if ast.name is not None:
                 r.deferred_ns += self._deferred_clock(ast) - r.snap
         else:  # first admission
-            g = item
-            k = g >> _SHIFT
+            k = item >> _SHIFT
             blk = self._blocks[k]
-            i = g & _MASK
+            i = item & _MASK
             ast = self._alist[blk.aid[i]]
-            deferred = 0
-            if ast.name is not None:  # inlined _deferred_clock (hot under heavy load)
-                deferred = (ast.g0 if ast.n_running else self._gfull) - ast.r_acc - blk.snap[i]
             rid = blk.rid[i]
             r = _Req(
                 blk.id(i) if rid is None else rid,
@@ -988,7 +1172,12 @@ class Engine:
                 blk.prompt[i],
                 blk.max_tokens[i],
                 blk.arr_s[i],
-                deferred,
+                # D now (inlined _deferred_clock, hot under heavy load) minus D when it joined
+                (ast.g0 if ast.n_running else self._gfull)
+                - ast.r_acc
+                - ast.deferred_at(blk.snap[i])
+                if ast.name is not None
+                else 0,
             )
             blk.live -= 1  # inlined _release_row
             if not blk.live and len(blk.ns) == _BLOCK:
@@ -999,29 +1188,34 @@ class Engine:
         q.popleft()
         self._n_waiting -= 1
         r.state = _PREFILL
-        self._aseq += 1
-        r.aseq = self._aseq
+        r.aseq = self._aseq = self._aseq + 1
         self._running[r] = None
-        self._ranks[r.rank] = self._ranks.get(r.rank, 0) + 1
-        load = 0.0
-        if ast.n_running == 0 and ast.name is not None:
-            ast.g0 = self._gfull
-            self._run_ad[ast.name] = ast
-            from_disk, from_mem = self._caches.acquire(ast.name)
-            if from_disk:
-                self.loads_from_disk += 1
-                load += self.profile.disk_to_cpu_load_s(ast.rank)
-            if from_mem:
-                self.loads_from_memory += 1
-                load += self.profile.cpu_to_gpu_load_s(ast.rank)
+        ranks = self._ranks
+        ranks[r.rank] = ranks.get(r.rank, 0) + 1
+        if not ast.n_running and ast.name is not None:
+            self._adapter_running(ast)
         ast.n_running += 1
         if q:
             h = q[0]  # the new head; inlined _wseq
             if isinstance(h, _Req):
                 self._push_head(h.wseq, ast, h)
             else:
-                self._push_head(self._blocks[h >> _SHIFT].wseq[h & _MASK], ast, h)
-        return r, load
+                self._push_head((self._blocks[h >> _SHIFT].ns[h & _MASK] << _ROW_BITS) | h, ast, h)
+        return r
+
+    def _adapter_running(self, ast: _Adapter) -> None:
+        """Adapter ``ast`` gets its first running request: it takes a slot (loaded if needed)."""
+        assert ast.name is not None
+        ast.g0 = g = self._gfull
+        ast.breakpoint(g, g - ast.r_acc, True)
+        self._run_ad[ast.name] = ast
+        from_disk, from_mem = self._caches.acquire(ast.name)
+        if from_disk:
+            self.loads_from_disk += 1
+            self._load_s += self.profile.disk_to_cpu_load_s(ast.rank)
+        if from_mem:
+            self.loads_from_memory += 1
+            self._load_s += self.profile.cpu_to_gpu_load_s(ast.rank)
 
     def _leave_running(self, r: _Req) -> None:
         del self._running[r]
@@ -1033,9 +1227,16 @@ class Engine:
         ast = r.ast
         ast.n_running -= 1
         if ast.n_running == 0 and ast.name is not None:
-            del self._run_ad[ast.name]
-            ast.r_acc += self._gfull - ast.g0
-            self._caches.release(ast.name)
+            self._adapter_idle(ast)
+
+    def _adapter_idle(self, ast: _Adapter) -> None:
+        """The last running request of adapter ``ast`` left: its slot is free for eviction."""
+        assert ast.name is not None
+        del self._run_ad[ast.name]
+        g = self._gfull
+        ast.r_acc += g - ast.g0
+        ast.breakpoint(g, g - ast.r_acc, False)
+        self._caches.release(ast.name)
 
     def _preempt(self, v: _Req, s: int) -> None:
         bs = self._bs
@@ -1108,7 +1309,7 @@ class Engine:
                 pdone.append(pf)
                 self._prefiller = None
         prefill_tokens = pf_chunk
-        load_s = 0.0
+        self._load_s = 0.0
         # Waiting queue (skipped entirely in a step that preempted, as vLLM does).
         if not preempted and budget > 0 and self._n_waiting:
             max_seqs = self._max_seqs
@@ -1124,8 +1325,7 @@ class Engine:
                 nb = -(-n // bs)
                 if nb > total - self._used:
                     break
-                r, load = self._admit(e)
-                load_s += load
+                r = self._admit(e)
                 self._used += nb
                 budget -= n
                 prefill_tokens += n
@@ -1145,7 +1345,7 @@ class Engine:
             num_waiting=self._n_waiting,
             lora_enabled=self._lora,
         )
-        dur_s += load_s + self._extra_s
+        dur_s += self._load_s + self._extra_s
         self._extra_s = 0.0
         dur = max(1, round(dur_s * NS))
         if n_adapters >= self._max_loras:
@@ -1163,18 +1363,51 @@ class Engine:
         # their step; buckets of earlier steps hold only stale ones.)
         fin = self._fin
         fsteps = self._fsteps
-        while fsteps and fsteps[0] <= s:
-            bucket = fin.pop(heapq.heappop(fsteps))
-            if len(bucket) > 1:
-                bucket.sort()  # by aseq: unique per admission, so requests are never compared
-            for _, epoch, r in bucket:
-                if r.epoch != epoch or r.state != _DECODE:
-                    continue
-                self._used -= -(-(r.c0 + s - r.b + 1) // bs)
-                cnt[r.res] -= 1
-                self._n_decode -= 1
-                r.out = r.max_tokens
-                self._finish(r, end, records)
+        if fsteps and fsteps[0] <= s:
+            end_s = end / NS
+            freed = 0
+            ranks = self._ranks
+            while fsteps and fsteps[0] <= s:
+                bucket = fin.pop(heapq.heappop(fsteps))
+                if len(bucket) > 1:
+                    bucket.sort()  # by aseq: unique per admission, so requests are never compared
+                for _, epoch, r in bucket:
+                    if r.epoch != epoch or r.state != _DECODE:
+                        continue
+                    # The decoder's KV blocks, its block phase; then _finish inlined (hot).
+                    freed += -(-(r.c0 + s - r.b + 1) // bs)
+                    cnt[r.res] -= 1
+                    self._n_decode -= 1
+                    r.out = m = r.max_tokens
+                    r.state = _DONE
+                    del running[r]
+                    k = r.rank
+                    n = ranks[k] - 1
+                    if n:
+                        ranks[k] = n
+                    else:
+                        del ranks[k]
+                    ast = r.ast
+                    ast.n_running -= 1
+                    if not ast.n_running and ast.name is not None:
+                        self._adapter_idle(ast)
+                    self._n_live -= 1
+                    if self._reqs:
+                        self._reqs.pop(r.rid, None)
+                    records.append(
+                        RequestRecord(
+                            r.rid,
+                            ast.name,
+                            r.arr_s,
+                            r.first_ns / NS,
+                            end_s,
+                            r.prompt,
+                            m,
+                            r.deferred_ns / NS,
+                            r.preemptions,
+                        )
+                    )
+            self._used -= freed
         # Prefills completed in this step: first (or next, after preemption) output token.
         nxt = s + 1
         for r in pdone:
@@ -1234,13 +1467,13 @@ class Engine:
         n_dec = self._n_decode
         if self._prefiller is not None or self._extra_s or n_dec == 0:
             return False
-        fsteps = self._fsteps
-        while not self._has_live(fsteps[0]):
-            del self._fin[heapq.heappop(fsteps)]
         s = self._si
-        k = fsteps[0] - s  # steps before the first finishing step
-        if k <= 0:
+        fsteps = self._fsteps
+        if fsteps[0] <= s:  # a decoder finishes in this step (or _step drops stale entries)
             return False
+        while not self._has_live(fsteps[0]):  # entries left by preemptions and aborts
+            del self._fin[heapq.heappop(fsteps)]
+        k = fsteps[0] - s  # steps before the first finishing step
         bs = self._bs
         cnt = self._cnt
         phase = s % bs
@@ -1270,22 +1503,28 @@ class Engine:
         nxt = self._next_arrival_ns()
         if nxt is not None:
             k = min(k, (nxt - t0 + dur - 1) // dur)
-        # KV: the longest run whose block allocations all fit.
+        # KV: the longest run whose block allocations all fit. Every ``bs`` steps each decoder
+        # takes one block, so ``cycles`` whole cycles fit, then the steps of the next cycle
+        # while the decoders of its phases (in order from ``phase``) fit in what is left.
         cycles, rem = divmod(free, n_dec)
-        j = 0
-        acc = 0
-        while j < bs:
-            acc += cnt[(phase + j) % bs]
-            if acc > rem:
-                break
-            j += 1
-        k = min(k, cycles * bs + j)
-        if k <= 0:
-            return False
+        if k > cycles * bs:
+            j = 0
+            acc = 0
+            while j < bs:
+                acc += cnt[(phase + j) % bs]
+                if acc > rem:
+                    break
+                j += 1
+            k = min(k, cycles * bs + j)
+            if k <= 0:
+                return False
+        # Blocks taken by the k steps: n_dec per whole cycle, plus the decoders of the phases
+        # of the last partial cycle (phase, phase + 1, ..., wrapping around at bs).
         full, part = divmod(k, bs)
         used = full * n_dec
-        for i in range(part):
-            used += cnt[(phase + i) % bs]
+        if part:
+            end = phase + part
+            used += sum(cnt[phase:end]) if end <= bs else sum(cnt[phase:]) + sum(cnt[: end - bs])
         self._used += used
         self._tn = t0 + k * dur
         self._si = s + k
