@@ -302,6 +302,7 @@ ONE_FIELD: list[tuple[str, dict[str, object], dict[str, object]]] = [
     ("in_flight", {}, {"in_flight": 90}),
     ("num_running", {}, {"num_running": 120}),
     ("num_waiting", {}, {"num_waiting": 25}),
+    ("num_waiting below in_flight", {"in_flight": 200}, {"num_waiting": 25}),
     ("num_deferred", {}, {"num_deferred": 1}),
     ("kv_usage", {}, {"kv_usage": 0.96}),
     ("settings", {}, {"settings": ReplicaSettings(max_loras=2, max_num_seqs=64)}),

@@ -139,8 +139,8 @@ def _sane(seconds: float) -> float:
 
 
 # What of a replica's snapshot its request-independent cost terms depend on:
-#   (in_flight, len(adapter_in_flight), num_running, num_waiting, num_deferred, kv_usage,
-#    len(active_adapters), settings)
+#   (n = max(in_flight, num_running + num_waiting), len(adapter_in_flight), num_waiting,
+#    num_deferred, kv_usage, len(active_adapters), settings)
 # and those terms, computed from it alone (``ExpectedTTFTScorer._new_terms``; plain tuples, as
 # cheap to build, compare and unpack as it gets):
 #   (state, t_step, t_step_new, waiting_ahead, budget,
@@ -153,7 +153,7 @@ def _sane(seconds: float) -> float:
 # deferred, ``m * per_out_new`` where it needs a new LoRA slot; ``slot_penalty`` is the new-slot
 # penalty per output token. ``stall`` is 1 + the requests an adapter load delays there,
 # ``slot_free`` whether at most ``max_loras`` adapters are in flight (then all of them run).
-ReplicaState = tuple[int, int, int, int, int, float, int, ReplicaSettings]
+ReplicaState = tuple[int, int, int, int, float, int, ReplicaSettings]
 ReplicaTerms = tuple[ReplicaState, float, float, int, int, float, float, float, float, float, bool]
 
 
@@ -202,13 +202,10 @@ class ExpectedTTFTScorer:
 
     def _new_terms(self, rid: ReplicaId, state: ReplicaState) -> ReplicaTerms:
         """The terms of a replica in ``state`` (a function of it alone), kept for next time."""
-        in_flight, n_aif, running, waiting, deferred, kv, n_active, st = state
+        n, n_aif, waiting, deferred, kv, n_active, st = state
         p = self.p
         slots = st.max_loras if st.max_loras > 0 else 1
         seqs = st.max_num_seqs if st.max_num_seqs > 0 else 1
-        n = running + waiting
-        if in_flight > n:
-            n = in_flight
         n_eff = n - deferred if n > deferred else 0
         batch = n_eff if n_eff < seqs else seqs
         # LoRA slots: ``d`` adapters in flight, ``deferred_ahead`` of them waiting for a slot.
@@ -307,14 +304,18 @@ class ExpectedTTFTScorer:
         for r in replicas:
             aif = r.adapter_in_flight
             n_aif = len(aif)
-            # What of the snapshot its terms depend on. Values, not the snapshot's identity: the
-            # gateway updates ``in_flight`` of its snapshots in place, ``adapter_in_flight`` is a
-            # live view, and the simulator makes new snapshots with the same values.
+            # What of the snapshot its terms depend on (requests there, ``n``, rather than
+            # in_flight: a request more or less that the engine's counts already cover changes
+            # nothing). Values, not the snapshot's identity: the gateway updates ``in_flight``
+            # of its snapshots in place, ``adapter_in_flight`` is a live view, and the simulator
+            # makes new snapshots with the same values.
+            waiting = r.num_waiting
+            n = r.num_running + waiting
+            in_flight = r.in_flight
             state = (
-                r.in_flight,
+                in_flight if in_flight > n else n,
                 n_aif,
-                r.num_running,
-                r.num_waiting,
+                waiting,
                 r.num_deferred,
                 r.kv_usage,
                 len(r.active_adapters),
