@@ -1,0 +1,335 @@
+"""How far can routing alone go on the item-8 deployment? Bounds on adapter loads and TTFT.
+
+Issue 4 item 8 asks ``loragate`` for a TTFT p99 30% below the best other policy and a third of
+``round_robin``'s adapter loads (``bench/compare_policies_sim.py``). This script gives the two
+limits that no routing policy can pass there::
+
+    .venv/bin/python bench/routing_bounds.py                  # 7.09 req/s, seeds 1..3
+    .venv/bin/python bench/routing_bounds.py --zipf-s 0.8     # the second workload
+
+**Adapter loads** (a pure cache model, no timing): the table's request stream (same workload
+spec, rate and seeds as ``compare_policies_sim.py``) replayed through ``--replicas`` caches,
+each a two-tier LRU like vLLM's and ``state.residency``'s (a CPU cache of ``max_cpu_loras``
+holding the ``max_loras`` GPU slots; evicting from the CPU cache frees the slot). Disk loads
+are CPU-cache misses, GPU loads slot misses (including those from disk); ``adapter loads`` =
+GPU + disk, as the simulator's summary counts them. Strategies:
+
+* ``round_robin``: adapter-blind;
+* ``partition``: a static, traffic-balanced partition (adapters in order of their request
+  count in the stream dealt to replicas in snake order), i.e. consistent hashing with
+  perfect balance;
+* ``holders+lru``: a replica holding the adapter (GPU slot first, then CPU cache), else the
+  replica whose LRU victim was used longest ago, so the union of the caches acts as one LRU;
+* ``holders+lfu``: the same, else the replica whose victim has the fewest requests so far;
+* ``pinned``: an oracle static *placement*, not reachable by routing over LRU caches: the
+  ``replicas x (max_cpu_loras - 1)`` most popular adapters pinned in the CPU caches
+  (partitioned as above), the rest through one LRU entry per replica;
+* ``belady``: Belady's offline optimum for one cache of ``replicas x max_cpu_loras`` entries
+  (disk) and one of ``replicas x max_loras`` (GPU): a lower bound on loads for any routing
+  and any placement (a pre-warming load is a load too), since the replicas together never
+  hold more distinct adapters than that.
+
+The model leaves out timing (vLLM pins the slots of running adapters, and a deferred adapter
+is loaded only when it gets a slot); at 7.09 req/s its ``round_robin`` and ``partition`` rows
+agree with the twin's ``round_robin`` and ``loragate`` to ~1% in adapter loads (3% in disk
+loads).
+
+**TTFT floor** (``--floor``): each request of the stream alone on an idle replica with its
+adapter already in a GPU slot (chunked prefill under ``max_num_batched_tokens``, the
+profile's step time specialised to the deployment's LoRA settings). Its p99 is below what any
+routing or placement reaches: it leaves out adapter loads and every other request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import statistics
+import sys
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+import compare_policies_sim as cps
+from loragate.simulate import ReplicaEngineSettings
+from loragate.twin.profile import load_profile
+from loragate.twin.replica_config import VLLM_LORA_RANKS
+from loragate.workload import Workload
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Lru:
+    """Keys in least-recently-used-first order."""
+
+    __slots__ = ("cap", "keys")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.keys: OrderedDict[int, None] = OrderedDict()
+
+    def __contains__(self, key: int) -> bool:
+        return key in self.keys
+
+    def victim(self) -> int | None:
+        """The key the next miss evicts (None while there is room)."""
+        return next(iter(self.keys)) if len(self.keys) >= self.cap else None
+
+    def touch(self, key: int) -> tuple[bool, int | None]:
+        """Use ``key``: (was it a miss, the key evicted)."""
+        if key in self.keys:
+            self.keys.move_to_end(key)
+            return False, None
+        evicted = self.victim()
+        if evicted is not None:
+            del self.keys[evicted]
+        self.keys[key] = None
+        return True, evicted
+
+
+class Replica:
+    """GPU slots inside a CPU cache, both LRU; ``pinned`` adapters never leave the CPU cache."""
+
+    __slots__ = ("cpu", "gpu", "pinned")
+
+    def __init__(self, gpu: int, cpu: int, pinned: frozenset[int] = frozenset()) -> None:
+        self.gpu = Lru(gpu)
+        self.cpu = Lru(cpu - len(pinned))
+        self.pinned = pinned
+
+    def holds(self, a: int) -> bool:
+        return a in self.pinned or a in self.cpu
+
+    def touch(self, a: int) -> tuple[bool, bool]:
+        """Serve adapter ``a``: (disk load, GPU load)."""
+        disk = False
+        if a not in self.pinned:
+            disk, evicted = self.cpu.touch(a)
+            if evicted is not None:
+                self.gpu.keys.pop(evicted, None)
+        gpu, _ = self.gpu.touch(a)
+        return disk, gpu
+
+
+def snake(n_adapters: int, replicas: int) -> list[int]:
+    """Adapter i (popularity rank) -> replica, dealt in snake order (balanced traffic)."""
+    out = []
+    for i in range(n_adapters):
+        block, pos = divmod(i, replicas)
+        out.append(pos if block % 2 == 0 else replicas - 1 - pos)
+    return out
+
+
+Chooser = Callable[[int, int, list[Replica]], int]
+
+
+def replay(seq: Sequence[int], reps: list[Replica], choose: Chooser) -> tuple[int, int]:
+    disk = gpu = 0
+    for t, a in enumerate(seq):
+        d, g = reps[choose(t, a, reps)].touch(a)
+        disk += d
+        gpu += g
+    return disk, gpu
+
+
+def holders_then(victim_key: Callable[[Replica], float]) -> Chooser:
+    """A replica holding ``a`` (GPU first, then CPU; lowest index), else the min of
+    ``victim_key`` (a replica with room first)."""
+
+    def choose(t: int, a: int, reps: list[Replica]) -> int:
+        for i, r in enumerate(reps):
+            if a in r.gpu:
+                return i
+        for i, r in enumerate(reps):
+            if r.holds(a):
+                return i
+        return min(range(len(reps)), key=lambda i: victim_key(reps[i]))
+
+    return choose
+
+
+def belady(seq: Sequence[int], cap: int) -> int:
+    """Misses of the offline-optimal cache of ``cap`` entries (evict the farthest next use)."""
+    never = len(seq)
+    nxt = [never] * len(seq)
+    seen: dict[int, int] = {}
+    for i in range(len(seq) - 1, -1, -1):
+        nxt[i] = seen.get(seq[i], never)
+        seen[seq[i]] = i
+    cache: dict[int, int] = {}  # key -> its next use
+    heap: list[tuple[int, int]] = []  # (-next use, key); stale entries skipped
+    misses = 0
+    for i, a in enumerate(seq):
+        if a not in cache:
+            misses += 1
+            if len(cache) >= cap:
+                while True:
+                    neg, b = heapq.heappop(heap)
+                    if cache.get(b) == -neg:
+                        del cache[b]
+                        break
+        cache[a] = nxt[i]
+        heapq.heappush(heap, (-nxt[i], a))
+    return misses
+
+
+def adapter_stream(setup: cps.Setup, rate: float, duration_s: float, seed: int) -> list[int]:
+    """The adapters of the table's request stream (base requests left out), each named by its
+    popularity rank in this stream (0 = most requested): the static strategies are oracles."""
+    wl = Workload(cps.make_spec(setup, rate_rps=rate, duration_s=duration_s, seed=seed))
+    names = [r.adapter for r in wl.requests() if r.adapter is not None]
+    counts = Counter(names)
+    rank = {a: i for i, (a, _) in enumerate(counts.most_common())}
+    return [rank[a] for a in names]
+
+
+def load_bounds(
+    seq: Sequence[int], n_adapters: int, replicas: int, gpu: int, cpu: int
+) -> dict[str, tuple[int, int]]:
+    """(disk loads, GPU loads) per strategy for one stream."""
+    part = snake(n_adapters, replicas)
+    last_use: dict[int, int] = {}
+    uses: dict[int, int] = {}
+
+    def fresh(pins: Sequence[frozenset[int]] = ()) -> list[Replica]:
+        return [Replica(gpu, cpu, pins[i] if pins else frozenset()) for i in range(replicas)]
+
+    def lru_age(r: Replica) -> float:
+        v = r.cpu.victim()
+        return -1.0 if v is None else float(last_use.get(v, -1))
+
+    def lfu_count(r: Replica) -> float:
+        v = r.cpu.victim()
+        return -1.0 if v is None else float(uses.get(v, 0))
+
+    def tracked(choose: Chooser) -> Chooser:
+        def inner(t: int, a: int, reps: list[Replica]) -> int:
+            i = choose(t, a, reps)
+            last_use[a] = t
+            uses[a] = uses.get(a, 0) + 1
+            return i
+
+        return inner
+
+    n_pinned = min(n_adapters, replicas * (cpu - 1))
+    pins = [frozenset(a for a in range(n_pinned) if part[a] == i) for i in range(replicas)]
+    out = {
+        "round_robin": replay(seq, fresh(), lambda t, a, reps: t % replicas),
+        "partition": replay(seq, fresh(), lambda t, a, reps: part[a]),
+        "holders+lru": replay(seq, fresh(), tracked(holders_then(lru_age))),
+    }
+    last_use.clear()
+    uses.clear()
+    out["holders+lfu"] = replay(seq, fresh(), tracked(holders_then(lfu_count)))
+
+    def pinned_home(t: int, a: int, reps: list[Replica]) -> int:
+        if a < n_pinned:
+            return part[a]
+        held = [i for i, r in enumerate(reps) if a in r.cpu]
+        return held[0] if held else t % replicas
+
+    out["pinned"] = replay(seq, fresh(pins), pinned_home)
+    d = belady(seq, replicas * cpu)
+    out["belady"] = (d, belady(seq, replicas * gpu))
+    return out
+
+
+def ttft_floor(setup: cps.Setup, rate: float, duration_s: float, seed: int) -> np.ndarray:
+    """TTFT of every request alone on an idle replica, its adapter already in a GPU slot."""
+    wl = Workload(cps.make_spec(setup, rate_rps=rate, duration_s=duration_s, seed=seed))
+    need = max([a.rank for a in wl.adapters] or [1])
+    max_rank = min(r for r in VLLM_LORA_RANKS if r >= need)  # what the simulator sets
+    prof = load_profile(setup.profile).specialize(max_loras=setup.max_loras, max_lora_rank=max_rank)
+    chunk = ReplicaEngineSettings().max_num_batched_tokens
+    memo: dict[tuple[int, int], float] = {}
+    out = []
+    for r in wl.requests():
+        left, t = r.prompt_tokens, 0.0
+        while left > 0:
+            c = min(left, chunk)
+            left -= c
+            key = (c, r.rank)
+            step = memo.get(key)
+            if step is None:
+                step = memo[key] = prof.step_time_s(
+                    batch_size=1,
+                    distinct_adapters=1 if r.adapter is not None else 0,
+                    prefill_tokens=c,
+                    decode_tokens=0,
+                    max_rank_in_batch=r.rank,
+                    num_waiting=0,
+                    lora_enabled=True,
+                )
+            t += step
+        out.append(t)
+    return np.array(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workload", default=str(REPO / "workload" / "zipf-200.yaml"))
+    ap.add_argument("--zipf-s", type=float, default=None, help="override the Zipf exponent")
+    ap.add_argument("--profile", default="llama-3.1-8b-h100")
+    ap.add_argument("--replicas", type=int, default=4)
+    ap.add_argument("--max-loras", type=int, default=8)
+    ap.add_argument("--max-cpu-loras", type=int, default=32)
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 1..N")
+    ap.add_argument("--duration-s", type=float, default=3600.0)
+    ap.add_argument("--rate-rps", type=float, default=7.09, help="the item-8 table's rate")
+    ap.add_argument("--floor", action="store_true", help="also the TTFT floor (slower)")
+    args = ap.parse_args(argv)
+    setup = cps.Setup(
+        workload=args.workload,
+        profile=args.profile,
+        replicas=args.replicas,
+        max_loras=args.max_loras,
+        max_cpu_loras=args.max_cpu_loras,
+        zipf_s=args.zipf_s,
+        ttft_slo_ms=1000.0,
+    )
+    seeds = range(1, args.seeds + 1)
+    n_adapters = len(Workload(cps.make_spec(setup, rate_rps=1.0, duration_s=1.0, seed=1)).adapters)
+    per_seed: dict[str, list[tuple[int, int, int]]] = {}
+    for seed in seeds:
+        seq = adapter_stream(setup, args.rate_rps, args.duration_s, seed)
+        bounds = load_bounds(seq, n_adapters, args.replicas, args.max_loras, args.max_cpu_loras)
+        for name, (disk, gpu) in bounds.items():
+            per_seed.setdefault(name, []).append((len(seq), disk, gpu))
+    wl = Path(args.workload).stem + (f" (zipf s={args.zipf_s:g})" if args.zipf_s else "")
+    print(
+        f"{wl}, {args.replicas} replicas x (max_loras {args.max_loras}, max_cpu_loras "
+        f"{args.max_cpu_loras}), {args.rate_rps:g} req/s, {args.duration_s:g} s, seeds "
+        f"{list(seeds)} (means)\n"
+    )
+    head = f"{'strategy':14} {'disk loads':>11} {'of requests':>12} {'gpu loads':>10} "
+    head += f"{'adapter loads':>14} {'x round_robin':>14}"
+    print(head)
+    print("-" * len(head))
+    base = statistics.fmean(d + g for _, d, g in per_seed["round_robin"])
+    for name, rows in per_seed.items():
+        disk = statistics.fmean(d for _, d, _ in rows)
+        gpu = statistics.fmean(g for _, _, g in rows)
+        frac = statistics.fmean(d / n for n, d, _ in rows)
+        print(
+            f"{name:14} {disk:11.0f} {frac:12.1%} {gpu:10.0f} {disk + gpu:14.0f} "
+            f"{(disk + gpu) / base:14.2f}"
+        )
+    if args.floor:
+        p99s, p50s = [], []
+        for seed in seeds:
+            t = ttft_floor(setup, args.rate_rps, args.duration_s, seed)
+            p99s.append(float(np.quantile(t, 0.99)))
+            p50s.append(float(np.quantile(t, 0.5)))
+        print(
+            f"\nTTFT floor (each request alone, adapter in a GPU slot, profile "
+            f"{args.profile}): p50 {statistics.fmean(p50s) * 1e3:.0f} ms, p99 "
+            f"{statistics.fmean(p99s) * 1e3:.0f} ms "
+            f"({', '.join(f'{p * 1e3:.0f}' for p in p99s)})"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
