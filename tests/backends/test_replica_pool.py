@@ -239,3 +239,36 @@ async def test_replica_down_at_start_is_logged_once(
         assert f"replica down ({down}) is unreachable" in lines[0]
     finally:
         await pool.stop()
+
+
+async def test_a_replica_serving_another_model_gets_no_traffic(
+    stub_pair: tuple[StubVllm, StubVllm, list[web.AppRunner]],
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    a, b, _ = stub_pair
+    b.base_model = "loragate/sim-base"  # started without --served-model-name
+    pool = ReplicaPool(
+        [ReplicaConfig(replica_id=f"r{i}", url=s.url) for i, s in enumerate((a, b))],
+        poller=SLOW_POLLS,
+        base_model="tiny-llama",
+    )
+    with caplog.at_level(logging.WARNING, logger="loragate.backends.pool"):
+        await pool.start(session)
+    try:
+        assert [s.replica_id for s in pool.healthy_snapshots()] == ["r0"]
+        error = pool.last_error("r1")
+        assert error is not None
+        assert "'loragate/sim-base'" in error and "--served-model-name tiny-llama" in error
+        await pool.poll_once()
+        warned = [r.getMessage() for r in caplog.records if "r1" in r.getMessage()]
+        assert len(warned) == 1 and "gets no traffic" in warned[0]  # said once, not per poll
+        b.base_model = "tiny-llama"  # restarted with the right name
+        await pool.poll_once()
+        assert [s.replica_id for s in pool.healthy_snapshots()] == ["r0", "r1"]
+        assert pool.last_error("r1") is None
+        pool.base_model = "loragate/sim-base"  # a reload changed base_model: checked at once
+        await pool.poll_once()
+        assert pool.healthy_snapshots() == ()
+    finally:
+        await pool.stop()

@@ -32,7 +32,6 @@ def _write(path: Path, replicas: list[ScriptedReplica], **sections: Any) -> Path
     return path
 
 
-
 async def _reload(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
     async with http.post(url + "/admin/reload", headers=AUTH) as resp:
         return resp.status, await resp.json()
@@ -125,6 +124,29 @@ async def test_a_bad_file_is_rejected_and_the_old_config_stays(
         path.write_text("base_model: [unclosed\n", encoding="utf-8")
         status, body = await _reload(http, gw.url)
         assert status == 400 and "not valid YAML" in body["error"]["message"]
+
+
+async def test_reload_to_another_base_model_moves_traffic_to_the_replicas_serving_it(
+    replicas: list[ScriptedReplica], tmp_path: Path
+) -> None:
+    first, second = replicas
+    second.base_model = "other-model"  # r1 serves another model: no traffic
+    path = _write(tmp_path / "gw.yaml", replicas)
+    async with (
+        running_gateway(load_config(path), port=0, config_path=path) as gw,
+        aiohttp.ClientSession() as http,
+    ):
+        assert [s.replica_id for s in gw.gateway.pool.healthy_snapshots()] == ["r0"]
+        _write(path, replicas, base_model="other-model")
+        status, body = await _reload(http, gw.url)
+        assert status == 200, body
+        await gw.gateway.pool.poll_once()
+        assert [s.replica_id for s in gw.gateway.pool.healthy_snapshots()] == ["r1"]
+        async with http.get(gw.url + "/admin/replicas", headers=AUTH) as resp:
+            listed = {r["id"]: r for r in (await resp.json())["replicas"]}
+        assert not listed["r0"]["healthy"]
+        assert "not the gateway's base_model 'other-model'" in listed["r0"]["last_error"]
+        assert first.requests == [] == second.requests
 
 
 async def test_reload_without_a_config_file_is_a_400(replicas: list[ScriptedReplica]) -> None:

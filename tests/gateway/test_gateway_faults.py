@@ -61,6 +61,25 @@ async def test_dropped_request_is_retried_once_on_another_replica(
         assert gw.gateway.pool.is_healthy("r0")
 
 
+async def test_a_replica_serving_another_model_is_skipped(
+    replicas: list[ScriptedReplica],
+) -> None:
+    # A replica started without --served-model-name would answer every base-model request
+    # with vLLM's 404 "The model ... does not exist": it must get no traffic.
+    replicas[1].base_model = "loragate/sim-base"
+    cfg = gateway_config([r.url for r in replicas], routing="round_robin")
+    async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as client:
+        for model in (BASE, "lora-1", BASE, "lora-2"):
+            done = await client.completions.create(model=model, prompt="p", max_tokens=1)
+            assert done.choices[0].text == "hi from r0"
+        assert replicas[1].requests == [] and replicas[1].load_calls == 0
+        replicas[1].base_model = BASE  # restarted with the right name: back after one poll
+        await gw.gateway.pool.poll_once()
+        for _ in range(2):
+            await client.completions.create(model=BASE, prompt="p", max_tokens=1)
+        assert len(replicas[1].requests) == 1
+
+
 async def test_when_every_replica_drops_the_client_gets_502(
     replicas: list[ScriptedReplica],
 ) -> None:
@@ -166,7 +185,6 @@ async def test_metrics_and_health_endpoints(replicas: list[ScriptedReplica]) -> 
     assert 'loragate_in_flight_requests{replica="r0"} 0.0' in text
     assert 'loragate_replica_healthy{replica="r1"} 1.0' in text
     assert "loragate_adapter_loads" in text
-
 
 
 async def test_client_going_away_aborts_the_upstream_request(

@@ -3,10 +3,12 @@
 health (a failed proxy connection takes a replica out at once), and single-flight adapter loads.
 
 Health: a replica is taken out of rotation after ``failures_to_unhealthy`` failed polls in a
-row, or at once when the gateway reports a failed connection; one successful poll brings it
-back. Registered adapters: the set from ``/v1/models`` (entries with a ``parent``), plus the
-adapters this gateway loaded since that poll began (a poll that started before a load finished
-cannot see it, so it must not erase it).
+row, or at once when the gateway reports a failed connection, or while its ``/v1/models`` does
+not list the base model (``base_model``: a replica started without the right
+``--served-model-name`` would answer every base-model request with a 404); one successful poll
+brings it back. Registered adapters: the set from ``/v1/models`` (entries with a ``parent``),
+plus the adapters this gateway loaded since that poll began (a poll that started before a load
+finished cannot see it, so it must not erase it).
 
 A :class:`PoolListener` (the gateway's shared state) hears about every poll, every adapter
 load and unload, so the shadow residency shared by all gateway instances follows the pool.
@@ -88,6 +90,7 @@ class ReplicaPool:
         max_idle_connections: int = 256,
         clock: Clock | None = None,
         listener: PoolListener | None = None,
+        base_model: str | None = None,
     ) -> None:
         if not replicas:
             raise ValueError("a pool needs at least one replica")
@@ -104,6 +107,8 @@ class ReplicaPool:
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self.listener = listener
+        # The model every replica must serve (None: not checked). A reload may change it.
+        self.base_model = base_model
 
     @staticmethod
     def _new_replica(cfg: ReplicaConfig) -> _Replica:
@@ -211,6 +216,11 @@ class ReplicaPool:
             self._record_failure(rep, str(exc), immediate=False)
             await self._tell_polled(rep, models_seen=False)
             return
+        base = self.base_model
+        if base is not None and base not in models.base_models:
+            self._refuse(rep, _wrong_model(base, models.base_models))
+            await self._tell_polled(rep, models_seen=False)
+            return
         if rep.failures or rep.snapshot is None or not rep.snapshot.healthy:
             log.info("replica %s is healthy", rep.config.replica_id)
         rep.failures = 0
@@ -273,6 +283,18 @@ class ReplicaPool:
             return
         if immediate or rep.failures >= self._poller.failures_to_unhealthy:
             log.warning("replica %s is unhealthy: %s", rep.config.replica_id, error)
+            rep.snapshot = dataclasses.replace(snap, healthy=False)
+            self._rebuild_healthy()
+
+    def _refuse(self, rep: _Replica, error: str) -> None:
+        """The replica answers but must get no traffic (it serves another model): out at once,
+        said once (until its error changes)."""
+        if rep.last_error != error:
+            rid, url = rep.config.replica_id, rep.config.url
+            log.warning("replica %s (%s) gets no traffic: it %s", rid, url, error)
+        rep.last_error = error
+        snap = rep.snapshot
+        if snap is not None and snap.healthy:
             rep.snapshot = dataclasses.replace(snap, healthy=False)
             self._rebuild_healthy()
 
@@ -426,3 +448,11 @@ class ReplicaPool:
         if not healthy:
             raise NoReplicaAvailableError("no healthy replica is available")
         return healthy
+
+
+def _wrong_model(base_model: str, served: Sequence[str]) -> str:
+    listed = ", ".join(repr(m) for m in served) if served else "no base model"
+    return (
+        f"serves {listed}, not the gateway's base_model {base_model!r} (start it with "
+        f"--served-model-name {base_model}, or set base_model to the name it serves)"
+    )

@@ -119,6 +119,7 @@ def create_app(
             connect_timeout_s=config.limits.connect_timeout_s,
             max_idle_connections=config.limits.max_upstream_connections,
             clock=clock,
+            base_model=config.base_model,
         )
     if policy is None:
         policy = build_policy(config.routing.build_spec(), seed=config.routing.seed)

@@ -8,7 +8,8 @@ the error names the key. Then, without dropping a request:
   request already running keeps the policy and limits it started with);
 * replicas: new ones are added to the pool (and polled once), removed ones stop getting
   traffic (requests already on them finish), changed ones (URL, key, settings) are replaced;
-* ``admin.token`` changes take effect at once.
+* ``admin.token`` changes take effect at once; a new ``base_model`` from the next poll on
+  (a replica that does not serve it gets no traffic).
 
 Sections read only at start (``server``, ``state``, ``poller``, and the ``limits`` that size
 connections) are reported in ``restart_required`` when they changed, and keep their old value.
@@ -84,6 +85,8 @@ async def apply_config(gateway: Gateway, new: GatewayConfig) -> ReloadResult:
         frozen = restart_required(old, new)
         # Keep the sections that need a restart as they were.
         effective = _keep_startup_sections(old, new)
+        # Replicas polled from now on (the added ones below first) must serve this model.
+        gateway.pool.base_model = effective.base_model
         added, removed, changed = await _apply_replicas(gateway, old, effective)
         gateway.config = effective
         gateway.policy = policy
