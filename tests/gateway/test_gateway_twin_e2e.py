@@ -68,7 +68,6 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
         yield c
 
 
-
 async def _registered(replica: RunningReplica) -> set[str]:
     async with aiohttp.ClientSession() as http, http.get(replica.url + "/v1/models") as resp:
         data = (await resp.json())["data"]
@@ -160,6 +159,46 @@ async def test_unknown_and_unloadable_adapters(cluster: Cluster, tmp_path: Path)
         assert "No adapter found" in body["message"]  # the replica's own words
         ok = await client.completions.create(model="lora-0", prompt="p", max_tokens=1)
         assert ok.model == "lora-0"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_adapter_one_replica_refuses_is_served_by_another(
+    tmp_path: Path, stream: bool
+) -> None:
+    # A mixed fleet: r0 runs with --max-lora-rank 8 and refuses the rank-16 adapter (vLLM's
+    # 400); r1 takes it. round_robin sends every other request to r0 first.
+    write_adapter_folder(str(tmp_path / "big"), rank=16)
+    async with contextlib.AsyncExitStack() as stack:
+        urls = []
+        for rank in (8, 16):
+            cfg = ReplicaConfig(
+                served_model_name=BASE, enable_lora=True, max_loras=2, max_lora_rank=rank,
+                time_scale=20.0,
+            )  # fmt: skip
+            urls.append((await stack.enter_async_context(run_replica(cfg, port=0))).url)
+        gw_cfg = config_from_mapping(
+            {
+                "base_model": BASE,
+                "replicas": [{"id": f"r{i}", "url": u} for i, u in enumerate(urls)],
+                "adapters": [{"name": "big", "path": str(tmp_path / "big"), "rank": 16}],
+                "routing": "round_robin",
+            }
+        )
+        gw = await stack.enter_async_context(running_gateway(gw_cfg, port=0))
+        client = await stack.enter_async_context(openai_client(gw.url))
+        for _ in range(4):
+            raw = await client.completions.with_raw_response.create(
+                model="big", prompt="p", max_tokens=2, stream=stream
+            )
+            assert raw.headers["x-loragate-replica"] == "r1"
+            parsed: Any = raw.parse()
+            chunks = [c async for c in parsed] if stream else [parsed]
+            assert {c.model for c in chunks} == {"big"}
+        assert gw.gateway.pool.is_healthy("r0")  # it still serves everything else
+        done = await client.completions.with_raw_response.create(
+            model=BASE, prompt="p", max_tokens=2
+        )
+        assert done.headers["x-loragate-replica"] == "r0"
 
 
 @pytest.mark.parametrize("policy", sorted(default_registry().profiles))

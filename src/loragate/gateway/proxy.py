@@ -11,8 +11,10 @@ the answer back: non-streaming bodies as bytes, streams chunk by chunk as they a
 
 Faults: a replica that refuses or drops the connection before answering is reported to the
 pool (no more traffic until a poll succeeds) and the request is retried once on another
-replica. A timeout is a 504 (not retried: the replica may still be working on it). A stream
-that breaks off after it started ends with an SSE error event, and the break is logged.
+replica. A replica that refuses to load the adapter stays in rotation, and the request is
+retried once on another replica. A timeout is a 504 (not retried: the replica may still be
+working on it). A stream that breaks off after it started ends with an SSE error event, and
+the break is logged.
 
 Shutdown (:meth:`Proxy.drain`, run by the runner once the gateway stopped accepting
 connections): the requests being handled may finish within the drain period; those still
@@ -39,6 +41,7 @@ from loragate.backends.upstream import UpstreamConn
 from loragate.core.clock import Clock
 from loragate.core.config import LimitsConfig
 from loragate.core.errors import (
+    AdapterLoadError,
     InvalidRequestError,
     LoragateError,
     NoReplicaAvailableError,
@@ -366,6 +369,14 @@ class Proxy:
                         await pool.ensure_adapter(rid, spec)
                     except UpstreamConnectError as exc:
                         self._upstream_failed(exc, rid, rreq, f"loading adapter {spec.name!r}")
+                        if not retried and self._can_retry(rid):
+                            retried, exclude = True, rid
+                            continue
+                        raise
+                    except AdapterLoadError:
+                        # This replica refused it (no --enable-lora, a rank above its
+                        # --max-lora-rank, a path it cannot read): another one may take it.
+                        # The replica stays in rotation; the pool logged the refusal.
                         if not retried and self._can_retry(rid):
                             retried, exclude = True, rid
                             continue
