@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import socket
 from pathlib import Path
@@ -103,7 +104,10 @@ def test_yaml_merge_keys_are_not_duplicates() -> None:
     assert [r.replica_id for r in merged.replicas] == ["a", "b"]
 
 
-def test_a_port_in_use_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_port_in_use_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="loragate.gateway.runner")
     path = tmp_path / "gw.yaml"
     path.write_text("base_model: m\nreplicas: ['http://127.0.0.1:9']\n", encoding="utf-8")
     with socket.socket() as taken:
@@ -115,6 +119,8 @@ def test_a_port_in_use_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     err = capsys.readouterr().err
     assert f"loragate serve: cannot listen on 127.0.0.1:{port}: Address already in use" in err
     assert "Traceback" not in err
+    # It never served: no shutdown story ("not accepting connections ... waiting up to 25 s").
+    assert not [r for r in caplog.records if "shutdown" in r.getMessage()]
 
 
 @pytest.mark.parametrize("port", ["99999", "-1", "http"])

@@ -73,10 +73,13 @@ async def running_gateway(
     host = config.server.host if host is None else host
     port = config.server.port if port is None else port
     app = create_app(config, **create_app_kwargs)
+    listening = False
 
     async def drain(app: web.Application) -> None:
         # aiohttp's on_shutdown: the site is closed; aiohttp's own shutdown (HANDLER_GRACE_S)
-        # follows.
+        # follows. Nothing to drain, or to say, if the socket was never bound.
+        if not listening:
+            return
         if runner.server is not None:
             await _close_idle_connections(runner.server)
         gateway = app[GATEWAY]
@@ -120,6 +123,7 @@ async def running_gateway(
         except OSError as exc:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise ListenError(f"cannot listen on {host}:{port}: {reason}") from exc
+        listening = True
         bound = runner.addresses[0]
         actual_host, actual_port = str(bound[0]), int(bound[1])
         url_host = f"[{actual_host}]" if ":" in actual_host else actual_host
