@@ -35,6 +35,18 @@ async def test_bad_adapter_registrations_are_400(
             assert "big" not in {a["name"] for a in (await resp.json())["adapters"]}
 
 
+async def test_an_empty_registration_says_the_body_is_empty(
+    replicas: list[ScriptedReplica],
+) -> None:
+    cfg = gateway_config([r.url for r in replicas], admin={"token": "admin-secret"})
+    async with running_gateway(cfg, port=0) as gw, aiohttp.ClientSession() as http:
+        async with http.post(gw.url + "/admin/adapters", headers=ADMIN) as resp:
+            assert resp.status == 400
+            err = (await resp.json())["error"]
+        assert err["message"] == "the request body is empty; expected a JSON object"
+        assert err["code"] == "invalid_request"
+
+
 @pytest.mark.parametrize("routing", ["loragate", "least_loaded"])
 async def test_largest_allowed_rank_is_routed(
     replicas: list[ScriptedReplica], routing: str

@@ -241,6 +241,8 @@ async def _read_json(request: web.Request, idle_timeout_s: float) -> object:
     body = await read_request_body(
         request, max_bytes=_MAX_ADMIN_BODY, idle_timeout_s=idle_timeout_s
     )
+    if not body:  # said as the proxy says it, not as a JSON parse error at char 0
+        raise InvalidRequestError("the request body is empty; expected a JSON object")
     try:
         return json.loads(body)
     except ValueError as exc:
