@@ -34,6 +34,10 @@ def test_two_instance_example_shares_state_through_redis() -> None:
     assert config.state.refresh_s < config.state.lease_renew_s < config.state.lease_ttl_s
     assert config.routing.build_spec() == "loragate"
     assert {r.replica_id for r in config.replicas} == {"r0", "r1"}
+    # Its comment starts simulated replicas from the repository root: the adapters are there.
+    for adapter in config.adapters:
+        meta = json.loads((EXAMPLES.parent / adapter.path / "adapter_config.json").read_text())
+        assert meta["r"] == adapter.rank
 
 
 async def test_local_example_serves_its_adapters(monkeypatch: pytest.MonkeyPatch) -> None:
