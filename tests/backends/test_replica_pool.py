@@ -236,7 +236,7 @@ async def test_replica_down_at_start_is_logged_once(
         assert [s.replica_id for s in pool.healthy_snapshots()] == ["up"]
         lines = [r.getMessage() for r in caplog.records if "down" in r.getMessage()]
         assert len(lines) == 1, lines
-        assert f"replica down ({down}) is unreachable" in lines[0]
+        assert f"replica down ({down}) gets no traffic until a poll succeeds" in lines[0]
     finally:
         await pool.stop()
 
@@ -270,5 +270,26 @@ async def test_a_replica_serving_another_model_gets_no_traffic(
         pool.base_model = "loragate/sim-base"  # a reload changed base_model: checked at once
         await pool.poll_once()
         assert pool.healthy_snapshots() == ()
+    finally:
+        await pool.stop()
+
+
+async def test_a_replica_url_ending_in_v1_is_explained(
+    stub_vllm: StubVllm, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The OpenAI SDK habit: url: http://host:8000/v1. The replica answers 404 to every poll.
+    pool = ReplicaPool(
+        [ReplicaConfig(replica_id="r0", url=stub_vllm.url + "/v1")], poller=SLOW_POLLS
+    )
+    caplog.set_level(logging.WARNING, logger="loragate.backends.pool")
+    await pool.start(session)
+    try:
+        assert pool.healthy_snapshots() == ()
+        error = pool.last_error("r0")
+        assert error is not None and f"GET {stub_vllm.url}/v1/" in error and "status 404" in error
+        assert "the server's root, without /v1" in error
+        (line,) = [r.getMessage() for r in caplog.records]
+        assert "gets no traffic until a poll succeeds" in line and "without /v1" in line
+        assert "unreachable" not in line  # it answers: it is the URL that is wrong
     finally:
         await pool.stop()

@@ -163,15 +163,30 @@ class VllmClient:
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise map_client_error(exc, f"POST {self.base_url}{path}") from exc
 
+    def _status_error(self, path: str, status: int, detail: str = "") -> UpstreamProtocolError:
+        """A polled endpoint answered ``status``, not 200; the message names the whole URL."""
+        message = f"GET {self.base_url}{path}: status {status}"
+        if detail:
+            message += f": {detail}"
+        if status == 404 and self.base_url.endswith("/v1"):  # the OpenAI base_url habit
+            message += " (a replica's url is the server's root, without /v1)"
+        return UpstreamProtocolError(message)
+
     async def health(self) -> bool:
         """True when ``GET /health`` answers 200. Connection failures raise ``UpstreamError``."""
         status, _ = await self._get("/health")
         return status == 200
 
+    async def check_health(self) -> None:
+        """Raise ``UpstreamError`` unless ``GET /health`` answers 200."""
+        status, _ = await self._get("/health")
+        if status != 200:
+            raise self._status_error("/health", status)
+
     async def list_models(self) -> ModelList:
         status, body = await self._get("/v1/models")
         if status != 200:
-            raise UpstreamProtocolError(f"GET /v1/models: status {status}: {error_message(body)}")
+            raise self._status_error("/v1/models", status, error_message(body))
         try:
             payload = json.loads(body)
         except ValueError as exc:
@@ -181,7 +196,7 @@ class VllmClient:
     async def metrics(self) -> VllmMetrics:
         status, body = await self._get("/metrics")
         if status != 200:
-            raise UpstreamProtocolError(f"GET /metrics: status {status}")
+            raise self._status_error("/metrics", status)
         return parse_vllm_metrics(body.decode("utf-8", "replace"))
 
     async def load_adapter(self, name: str, path: str, *, load_inplace: bool = False) -> bool:

@@ -207,11 +207,9 @@ class ReplicaPool:
         client = self._client(rep)
         started = self._clock.now()
         try:
-            ok, metrics, models = await asyncio.gather(
-                client.health(), client.metrics(), client.list_models()
+            _, metrics, models = await asyncio.gather(
+                client.check_health(), client.metrics(), client.list_models()
             )
-            if not ok:
-                raise LoragateError("/health is not 200")
         except (LoragateError, ValueError) as exc:
             self._record_failure(rep, str(exc), immediate=False)
             await self._tell_polled(rep, models_seen=False)
@@ -273,7 +271,7 @@ class ReplicaPool:
         if not rep.answered:  # never answered yet (down at start-up): say so once
             if rep.failures == 1:
                 log.warning(
-                    "replica %s (%s) is unreachable, no traffic until it answers: %s",
+                    "replica %s (%s) gets no traffic until a poll succeeds: %s",
                     rep.config.replica_id,
                     rep.config.url,
                     error,
