@@ -173,6 +173,15 @@ async def test_failed_load_reaches_every_waiter(
         lines = [r.getMessage() for r in caplog.records if "failed to load" in r.getMessage()]
         assert len(lines) == 1, lines
         assert lines[0].startswith("adapter bad (/nowhere/bad) failed to load on replica r0:")
+        assert "gets no requests for bad for 60 s" in lines[0]
+        # Remembered (one refused load, however many waited) until r0 lists the adapter.
+        assert pool.refusing(spec) == {"r0"} and pool.refusals.counts == {("bad", "r0"): 1}
+        assert set(pool.refused_adapters("r0")) == {"bad"}
+        await pool.poll_once()
+        assert pool.refusing(spec) == {"r0"}
+        stub_vllm.adapters["bad"] = "/nowhere/bad"  # loaded there some other way
+        await pool.poll_once()
+        assert pool.refusing(spec) == () and pool.refused_adapters("r0") == {}
     finally:
         await pool.stop()
 

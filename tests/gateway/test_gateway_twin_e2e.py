@@ -194,11 +194,16 @@ async def test_an_adapter_one_replica_refuses_is_served_by_another(
             parsed: Any = raw.parse()
             chunks = [c async for c in parsed] if stream else [parsed]
             assert {c.model for c in chunks} == {"big"}
+        # r0 refused once: remembered, it was not asked again (else once per request).
+        assert gw.gateway.pool.refusals.counts == {("big", "r0"): 1}
         assert gw.gateway.pool.is_healthy("r0")  # it still serves everything else
-        done = await client.completions.with_raw_response.create(
-            model=BASE, prompt="p", max_tokens=2
-        )
-        assert done.headers["x-loragate-replica"] == "r0"
+        served = set()
+        for _ in range(2):  # round_robin over both
+            done = await client.completions.with_raw_response.create(
+                model=BASE, prompt="p", max_tokens=2
+            )
+            served.add(done.headers["x-loragate-replica"])
+        assert served == {"r0", "r1"}
 
 
 @pytest.mark.parametrize("policy", sorted(default_registry().profiles))

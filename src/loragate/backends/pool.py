@@ -10,6 +10,11 @@ brings it back. Registered adapters: the set from ``/v1/models`` (entries with a
 plus the adapters this gateway loaded since that poll began (a poll that started before a load
 finished cannot see it, so it must not erase it).
 
+Refused loads: a replica that refuses to load an adapter (no ``--enable-lora``, a rank above
+its ``--max-lora-rank``, a folder it cannot read) stays in rotation, and the refusal is
+remembered for ``poller.adapter_refusal_ttl_s`` (``backends.refusals``): the proxy asks
+:meth:`ReplicaPool.refusing` and leaves those replicas out of that adapter's candidates.
+
 A :class:`PoolListener` (the gateway's shared state) hears about every poll, every adapter
 load and unload, so the shadow residency shared by all gateway instances follows the pool.
 Replicas can be added and removed while running (config reload).
@@ -21,13 +26,14 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol
 
 import aiohttp
 
 from loragate.backends.client import VllmClient
 from loragate.backends.metrics import VllmMetrics
+from loragate.backends.refusals import Refusals
 from loragate.core.clock import Clock, WallClock
 from loragate.core.config import PollerConfig, ReplicaConfig
 from loragate.core.errors import (
@@ -107,6 +113,7 @@ class ReplicaPool:
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self.listener = listener
+        self.refusals = Refusals(self._poller.adapter_refusal_ttl_s, self._clock)
         # The model every replica must serve (None: not checked). A reload may change it.
         self.base_model = base_model
 
@@ -184,6 +191,7 @@ class ReplicaPool:
             raise ValueError("a pool needs at least one replica")
         for key in [k for k in self._loads if k[1] == replica_id]:
             self._loads[key].cancel()
+        self.refusals.forget_replica(replica_id)
         if rep.client is not None:
             rep.client.upstream.close()
         self._rebuild_healthy()
@@ -226,6 +234,7 @@ class ReplicaPool:
         rep.answered = True
         recent = {a for a, t in rep.loaded_at_s.items() if t >= started}
         rep.registered = set(models.adapters) | recent
+        self.refusals.listed(rep.config.replica_id, models.adapters)
         rep.loaded_at_s = {a: t for a, t in rep.loaded_at_s.items() if a in recent}
         rep.snapshot = self._snapshot_from(rep, metrics, healthy=True)
         await self._tell_polled(rep, models_seen=True)
@@ -358,6 +367,16 @@ class ReplicaPool:
         """How many admin loads this gateway made on each replica."""
         return {rid: r.adapter_loads for rid, r in self._replicas.items()}
 
+    def refusing(self, spec: AdapterSpec) -> Collection[ReplicaId]:
+        """The replicas that refused to load ``spec`` within ``adapter_refusal_ttl_s`` (and
+        did not list it since)."""
+        return self.refusals.refusing(spec)
+
+    def refused_adapters(self, replica_id: ReplicaId) -> Mapping[str, tuple[str, float]]:
+        """The refusals of ``replica_id`` in force now: adapter -> (the replica's error,
+        seconds until it is forgotten)."""
+        return self.refusals.of_replica(replica_id)
+
     # -- adapters ---------------------------------------------------------------------------
 
     async def ensure_adapter(self, replica_id: ReplicaId, spec: AdapterSpec) -> bool:
@@ -388,17 +407,25 @@ class ReplicaPool:
     async def _load(self, rep: _Replica, spec: AdapterSpec) -> None:
         # Errors are already loragate errors: AdapterLoadError (the replica refused the
         # adapter), UpstreamConnectError or UpstreamTimeoutError (the replica is unreachable).
+        rid = rep.config.replica_id
         try:
             await self._client(rep).load_adapter(spec.name, spec.path)
         except AdapterLoadError as exc:  # the clients get a 502; the operator a log line
+            refusals = self.refusals
+            refusals.record(spec, rid, exc.message)
             log.warning(
-                "adapter %s (%s) failed to load on replica %s: %s",
+                "adapter %s (%s) failed to load on replica %s: %s%s",
                 spec.name,
                 spec.path,
-                rep.config.replica_id,
+                rid,
                 exc,
+                f" (it gets no requests for {spec.name} for {refusals.ttl_s:g} s unless no "
+                "other replica can take them)"
+                if refusals.ttl_s > 0
+                else "",
             )
             raise
+        self.refusals.forget(spec.name, rid)
         rep.adapter_loads += 1
         rep.registered.add(spec.name)
         rep.loaded_at_s[spec.name] = self._clock.now()

@@ -86,6 +86,10 @@ class PollerConfig:
     # Consecutive failed polls before a replica is taken out of rotation (a failed proxy
     # connection takes it out at once; one successful poll brings it back).
     failures_to_unhealthy: int = 1
+    # A replica that refused to load an adapter (vLLM's 4xx/5xx on /v1/load_lora_adapter: no
+    # --enable-lora, a rank above its --max-lora-rank, a folder it cannot read) gets no requests
+    # for that adapter for this long, unless no other replica can take them (0: no memory).
+    adapter_refusal_ttl_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -209,11 +213,12 @@ def _int(value: object, key: str, *, minimum: int, maximum: int | None = None) -
     return value
 
 
-def _seconds(value: object, key: str) -> float:
+def _seconds(value: object, key: str, *, zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"expected a number of seconds, got {_type_name(value)}", key=key)
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"must be a positive number of seconds, got {value}", key=key)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        what = "a number of seconds >= 0" if zero else "a positive number of seconds"
+        raise ConfigError(f"must be {what}, got {value}", key=key)
     return float(value)
 
 
@@ -378,11 +383,14 @@ def _limits(value: object) -> LimitsConfig:
 
 def _poller(value: object) -> PollerConfig:
     data = _mapping(value, "poller")
-    _check_keys(data, {"interval_s", "timeout_s", "failures_to_unhealthy"}, "poller")
+    keys = {"interval_s", "timeout_s", "failures_to_unhealthy", "adapter_refusal_ttl_s"}
+    _check_keys(data, keys, "poller")
     kwargs: dict[str, Any] = {}
     for k, v in data.items():
         if k == "failures_to_unhealthy":
             kwargs[k] = _int(v, f"poller.{k}", minimum=1)
+        elif k == "adapter_refusal_ttl_s":
+            kwargs[k] = _seconds(v, f"poller.{k}", zero=True)
         else:
             kwargs[k] = _seconds(v, f"poller.{k}")
     return PollerConfig(**kwargs)

@@ -2,7 +2,8 @@
 
 ==========================  ==================================================================
 ``GET /admin/replicas``     every replica: health, engine metrics, in-flight counts (all
-                            instances, and this one's), settings and shadow residency
+                            instances, and this one's), settings, shadow residency, and the
+                            adapters it refused to load lately (``refused_adapters``)
 ``GET /admin/adapters``     every adapter: config-file ones and admin-registered ones
 ``POST /admin/adapters``    register ``{name, path, rank?, tenants?}``: 201; 400 naming the
                             bad key; 409 if the name is taken
@@ -162,6 +163,12 @@ class AdminApi:
                     "in_flight": shared.in_flight_of(rid),
                     "in_flight_here": gw.inflight.count(rid),
                     "adapter_loads_here": loads.get(rid, 0),
+                    "refused_adapters": {
+                        name: {"error": error, "expires_in_s": round(left_s, 1)}
+                        for name, (error, left_s) in sorted(pool.refused_adapters(rid).items())
+                    }
+                    if pool.has_replica(rid)
+                    else {},
                     "residency": {
                         "registered": sorted(res.registered),
                         "gpu": list(res.gpu),
@@ -199,6 +206,7 @@ class AdminApi:
                 raise ConflictError(f"adapter {spec.name!r} already exists", param="name")
             await gw.shared.store.put_adapter(spec)
             gw.shared.check_adapters()  # this instance serves it at once
+        gw.pool.refusals.forget(spec.name)  # registered anew: every replica may try it again
         log.info("admin: registered adapter %s (%s)", spec.name, spec.path)
         return _json(adapter_json(spec), status=201)
 
@@ -215,8 +223,9 @@ class AdminApi:
                 raise NotFoundError(f"adapter {name!r} does not exist", param="name")
             await gw.shared.store.delete_adapter(name)
             gw.shared.check_adapters()
-        unloaded, errors = [], {}
         pool = gw.pool
+        pool.refusals.forget(name)
+        unloaded, errors = [], {}
         for rid in pool.replica_ids:
             if not (
                 pool.is_registered(rid, name) or name in gw.shared.residency_of(rid).registered

@@ -140,6 +140,7 @@ def create_app(
         healthy=lambda: {rid: pool.is_healthy(rid) for rid in pool.replica_ids},
         adapter_loads=pool.adapter_loads,
     )
+    telemetry.bind_refusals(lambda: pool.refusals.counts)
     telemetry.bind_shared_state(
         degraded=lambda: shared.degraded,
         errors=lambda: shared.error_count,

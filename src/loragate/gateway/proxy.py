@@ -12,9 +12,12 @@ the answer back: non-streaming bodies as bytes, streams chunk by chunk as they a
 Faults: a replica that refuses or drops the connection before answering is reported to the
 pool (no more traffic until a poll succeeds) and the request is retried once on another
 replica. A replica that refuses to load the adapter stays in rotation, and the request is
-retried once on another replica. A timeout is a 504 (not retried: the replica may still be
-working on it). A stream that breaks off after it started ends with an SSE error event, and
-the break is logged.
+retried once on another replica; the pool remembers the refusal for a while
+(``poller.adapter_refusal_ttl_s``), and routing leaves that replica out of the adapter's
+candidates meanwhile, unless no other candidate is left (routing is pure and per-request: the
+proxy filters the candidates it hands to the policy, so every policy gets this). A timeout is
+a 504 (not retried: the replica may still be working on it). A stream that breaks off after
+it started ends with an SSE error event, and the break is logged.
 
 Shutdown (:meth:`Proxy.drain`, run by the runner once the gateway stopped accepting
 connections): the requests being handled may finish within the drain period; those still
@@ -104,6 +107,7 @@ class Proxy:
         "_now",
         "_policy",
         "_pool",
+        "_refused",
         "_state",
         "_stream_timeout_s",
         "_telemetry",
@@ -127,6 +131,7 @@ class Proxy:
     ) -> None:
         self.catalog = catalog
         self._pool = pool
+        self._refused = pool.refusals.by_adapter  # adapters some replica refused lately
         self._policy = policy
         self._inflight = inflight  # this instance's own counts, per adapter
         self._state = state
@@ -307,7 +312,9 @@ class Proxy:
 
     # -- routing ----------------------------------------------------------------------------
 
-    def _choose(self, rreq: RoutingRequest, exclude: ReplicaId | None) -> ReplicaId:
+    def _choose(
+        self, rreq: RoutingRequest, spec: AdapterSpec | None, exclude: ReplicaId | None
+    ) -> ReplicaId:
         healthy = self._pool.healthy_snapshots()
         inflight = self._inflight
         if healthy is not self._view_src:  # the pool polled or health changed: rebuild
@@ -336,6 +343,13 @@ class Proxy:
         candidates = view if exclude is None else [s for s in view if s.replica_id != exclude]
         if not candidates:
             raise NoReplicaAvailableError("no healthy replica is available", param="model")
+        if spec is not None and spec.name in self._refused:
+            refusing = self._pool.refusing(spec)
+            # Replicas that refused to load this adapter lately: left out, unless none other
+            # is left (then try anyway: nothing is refused that could be served).
+            kept = [s for s in candidates if s.replica_id not in refusing]
+            if kept:
+                candidates = kept
         return self._policy.choose(rreq, candidates, self._policy.context(self._now()))
 
     # -- forwarding -------------------------------------------------------------------------
@@ -357,7 +371,7 @@ class Proxy:
         state = self._state
         sync = state.sync
         while True:
-            rid = self._choose(rreq, exclude)
+            rid = self._choose(rreq, spec, exclude)
             upstream = pool.client(rid).upstream
             if sync:  # the embedded store: no coroutine
                 lease = state.begin_now(rid, rreq.adapter)

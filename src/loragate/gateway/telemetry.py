@@ -66,6 +66,26 @@ class _ScrapeTimeGauges(Collector):
         yield loads
 
 
+class _RefusalCounter(Collector):
+    """Adapter loads the replicas refused, read when ``/metrics`` is scraped."""
+
+    def __init__(self, counts: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        refused = CounterMetricFamily(
+            "loragate_adapter_load_refusals",
+            "Adapter loads a replica refused (vLLM's error on /v1/load_lora_adapter: no "
+            "--enable-lora, a rank above --max-lora-rank, a folder it cannot read), by adapter "
+            "and replica. Each keeps the replica out of that adapter's candidates for "
+            "poller.adapter_refusal_ttl_s.",
+            labels=["adapter", "replica"],
+        )
+        for (adapter, replica), n in self._counts().items():
+            refused.add_metric([adapter, replica], n)
+        yield refused
+
+
 class _StateGauges(Collector):
     """The shared state store's health, read when ``/metrics`` is scraped."""
 
@@ -189,6 +209,10 @@ class Telemetry:
         adapter_loads: Callable[[], Mapping[str, int]],
     ) -> None:
         self.registry.register(_ScrapeTimeGauges(in_flight, healthy, adapter_loads))
+
+    def bind_refusals(self, counts: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        """Refused adapter loads by (adapter, replica), counted since start."""
+        self.registry.register(_RefusalCounter(counts))
 
     def bind_shared_state(
         self,
