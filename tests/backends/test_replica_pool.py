@@ -172,7 +172,9 @@ async def test_failed_load_reaches_every_waiter(
         # One WARNING for the one load (clients only saw a 502; the log said nothing).
         lines = [r.getMessage() for r in caplog.records if "failed to load" in r.getMessage()]
         assert len(lines) == 1, lines
-        assert lines[0].startswith("adapter bad (/nowhere/bad) failed to load on replica r0:")
+        assert lines[0].startswith(
+            f"adapter bad (/nowhere/bad) failed to load on replica r0 ({stub_vllm.url}): "
+        )
         assert "gets no requests for bad for 60 s" in lines[0]
         # Remembered (one refused load, however many waited) until r0 lists the adapter.
         assert pool.refusing(spec) == {"r0"} and pool.refusals.counts == {("bad", "r0"): 1}

@@ -211,9 +211,9 @@ class VllmClient:
         message = error_message(body)
         if status == 400 and _ALREADY_LOADED in message:
             return False
+        # No URL in the message: the gateway's clients see it (the pool logs the URL).
         raise AdapterLoadError(
-            f"loading adapter {name!r} on {self.base_url} failed ({status}): {message}",
-            status=status,
+            f"loading adapter {name!r} failed ({status}): {message}", status=status
         )
 
     async def unload_adapter(self, name: str) -> bool:
@@ -224,7 +224,5 @@ class VllmClient:
         if status == 404:
             return False
         raise AdapterLoadError(
-            f"unloading adapter {name!r} on {self.base_url} failed ({status}): "
-            f"{error_message(body)}",
-            status=status,
+            f"unloading adapter {name!r} failed ({status}): {error_message(body)}", status=status
         )

@@ -363,6 +363,11 @@ class ReplicaPool:
     def has_replica(self, replica_id: ReplicaId) -> bool:
         return replica_id in self._replicas
 
+    def url(self, replica_id: ReplicaId) -> str | None:
+        """The replica's URL (None once a reload removed it)."""
+        rep = self._replicas.get(replica_id)
+        return rep.config.url if rep is not None else None
+
     def adapter_loads(self) -> Mapping[ReplicaId, int]:
         """How many admin loads this gateway made on each replica."""
         return {rid: r.adapter_loads for rid, r in self._replicas.items()}
@@ -414,10 +419,11 @@ class ReplicaPool:
             refusals = self.refusals
             refusals.record(spec, rid, exc.message)
             log.warning(
-                "adapter %s (%s) failed to load on replica %s: %s%s",
+                "adapter %s (%s) failed to load on replica %s (%s): %s%s",
                 spec.name,
                 spec.path,
                 rid,
+                rep.config.url,
                 exc,
                 f" (it gets no requests for {spec.name} for {refusals.ttl_s:g} s unless no "
                 "other replica can take them)"

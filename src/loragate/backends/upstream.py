@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import select
 import ssl
 import time
@@ -364,7 +365,7 @@ class UpstreamConn(asyncio.Protocol):
             self._timer_at = deadline
             return
         self._deadline = 0.0
-        self._fail(UpstreamTimeoutError("the replica did not answer in time"))
+        self._fail(UpstreamTimeoutError("did not answer in time"))
 
     # -- request API ------------------------------------------------------------------------
 
@@ -515,12 +516,13 @@ class UpstreamPool:
                 _, proto = await loop.create_connection(
                     lambda: UpstreamConn(loop), self._host, self._port, ssl=self._ssl
                 )
+        # No address in the message: the gateway's clients see it (the proxy logs the URL).
         except TimeoutError as exc:
-            raise UpstreamConnectError(f"connect to {self._host}:{self._port} timed out") from exc
+            raise UpstreamConnectError("connecting timed out") from exc
         except OSError as exc:
-            raise UpstreamConnectError(
-                f"cannot connect to {self._host}:{self._port}: {exc.strerror or exc}"
-            ) from exc
+            # (asyncio's strerror names the address: "Connect call failed ('10.0.0.5', 8000)")
+            reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+            raise UpstreamConnectError(f"cannot connect: {reason}") from exc
         return proto
 
     def _take_idle(self) -> UpstreamConn | None:

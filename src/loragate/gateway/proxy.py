@@ -370,71 +370,81 @@ class Proxy:
         retried = reloaded = False
         state = self._state
         sync = state.sync
-        while True:
-            rid = self._choose(rreq, spec, exclude)
-            upstream = pool.client(rid).upstream
-            if sync:  # the embedded store: no coroutine
-                lease = state.begin_now(rid, rreq.adapter)
-            else:
-                lease = await state.begin(rid, rreq.adapter)
-            try:
-                if spec is not None and not pool.is_registered(rid, spec.name):
+        rid: ReplicaId = ""
+        loading: str | None = None  # the adapter being loaded on rid, while that is under way
+        try:
+            while True:
+                rid = self._choose(rreq, spec, exclude)
+                upstream = pool.client(rid).upstream
+                if sync:  # the embedded store: no coroutine
+                    lease = state.begin_now(rid, rreq.adapter)
+                else:
+                    lease = await state.begin(rid, rreq.adapter)
+                try:
+                    if spec is not None and not pool.is_registered(rid, spec.name):
+                        loading = spec.name
+                        try:
+                            await pool.ensure_adapter(rid, spec)
+                        except UpstreamConnectError as exc:
+                            self._upstream_failed(exc, rid, rreq, f"loading adapter {loading!r}")
+                            if not retried and self._can_retry(rid):
+                                retried, exclude, loading = True, rid, None
+                                continue
+                            raise
+                        except AdapterLoadError:
+                            # This replica refused it (no --enable-lora, a rank above its
+                            # --max-lora-rank, a path it cannot read): another one may take
+                            # it. The replica stays in rotation; the pool logged the refusal.
+                            if not retried and self._can_retry(rid):
+                                retried, exclude, loading = True, rid, None
+                                continue
+                            raise
+                        loading = None
+                    t_send = self._now()
                     try:
-                        await pool.ensure_adapter(rid, spec)
-                    except UpstreamConnectError as exc:
-                        self._upstream_failed(exc, rid, rreq, f"loading adapter {spec.name!r}")
+                        conn = await upstream.start(
+                            path,
+                            body,
+                            whole=not stream,
+                            timeout_s=self._stream_timeout_s if stream else self._timeout_s,
+                        )
+                    except (UpstreamConnectError, UpstreamProtocolError) as exc:
+                        # Nothing reached the client yet: safe to try another replica once.
+                        self._upstream_failed(exc, rid, rreq, "answering")
                         if not retried and self._can_retry(rid):
                             retried, exclude = True, rid
                             continue
                         raise
-                    except AdapterLoadError:
-                        # This replica refused it (no --enable-lora, a rank above its
-                        # --max-lora-rank, a path it cannot read): another one may take it.
-                        # The replica stays in rotation; the pool logged the refusal.
-                        if not retried and self._can_retry(rid):
-                            retried, exclude = True, rid
+                    try:
+                        status = conn.status
+                        if status == 404 and spec is not None and not reloaded:
+                            # The replica forgot the adapter (restart, external unload):
+                            # reload it once.
+                            pool.forget_adapter(rid, spec.name)
+                            reloaded = True
                             continue
-                        raise
-                t_send = self._now()
-                try:
-                    conn = await upstream.start(
-                        path,
-                        body,
-                        whole=not stream,
-                        timeout_s=self._stream_timeout_s if stream else self._timeout_s,
-                    )
-                except (UpstreamConnectError, UpstreamProtocolError) as exc:
-                    # Nothing reached the client yet: safe to try another replica once.
-                    self._upstream_failed(exc, rid, rreq, "answering")
-                    if not retried and self._can_retry(rid):
-                        retried, exclude = True, rid
-                        continue
-                    raise
-                try:
-                    status = conn.status
-                    if status == 404 and spec is not None and not reloaded:
-                        # The replica forgot the adapter (restart, external unload): reload once.
-                        pool.forget_adapter(rid, spec.name)
-                        reloaded = True
-                        continue
-                    if stream and status == 200:
-                        return await self._pipe(request, conn, rid, rreq, t0, t_send)
-                    data = conn.body() if not stream else await self._drain(conn)
-                    telemetry = self._telemetry
-                    telemetry.observe_latency(rid, self._now() - t_send)
-                    telemetry.count(rreq.adapter or "", rid, str(status))
-                    return web.Response(
-                        body=data,
-                        status=status,
-                        headers={
-                            hdrs.CONTENT_TYPE: conn.content_type or _JSON,
-                            REPLICA_HEADER: rid,
-                        },
-                    )
+                        if stream and status == 200:
+                            return await self._pipe(request, conn, rid, rreq, t0, t_send)
+                        data = conn.body() if not stream else await self._drain(conn)
+                        telemetry = self._telemetry
+                        telemetry.observe_latency(rid, self._now() - t_send)
+                        telemetry.count(rreq.adapter or "", rid, str(status))
+                        return web.Response(
+                            body=data,
+                            status=status,
+                            headers={
+                                hdrs.CONTENT_TYPE: conn.content_type or _JSON,
+                                REPLICA_HEADER: rid,
+                            },
+                        )
+                    finally:
+                        upstream.release(conn)
                 finally:
-                    upstream.release(conn)
-            finally:
-                state.end(rid, rreq.adapter, lease)
+                    state.end(rid, rreq.adapter, lease)
+        except UpstreamError as exc:
+            # The client learns which replica failed by its id, never by its URL (the log
+            # line and the admin API's last_error have that).
+            raise _for_client(exc, rid, loading) from exc
 
     async def _drain(self, conn: UpstreamConn) -> bytes:
         """The whole body of a streaming request's non-200 answer (vLLM's JSON error)."""
@@ -449,13 +459,17 @@ class Proxy:
     def _upstream_failed(
         self, err: UpstreamError, rid: ReplicaId, rreq: RoutingRequest, stage: str
     ) -> None:
+        """Log (and, unless it timed out, take out of rotation) a replica that failed; both
+        name its URL."""
+        url = self._pool.url(rid) or "removed from the pool"
         if not isinstance(err, UpstreamTimeoutError):
-            self._pool.report_failure(rid, f"{stage}: {err.message}")
+            self._pool.report_failure(rid, f"{stage} ({url}): {err.message}")
         log.warning(
-            "request %s (model %s) on replica %s failed while %s: %s",
+            "request %s (model %s) on replica %s (%s) failed while %s: %s",
             rreq.request_id,
             rreq.adapter or "<base>",
             rid,
+            url,
             stage,
             err.message,
         )
@@ -504,7 +518,7 @@ class Proxy:
                 except UpstreamError as exc:
                     self._upstream_failed(exc, rid, rreq, f"streaming (after {relayed} bytes)")
                     outcome = "stream_error"
-                    err = UpstreamConnectError(f"the replica broke off the stream: {exc.message}")
+                    err = UpstreamConnectError(f"replica {rid} broke off the stream: {exc.message}")
                     with contextlib.suppress(ConnectionError):
                         await out.write(_event_break(last) + sse_error_event(err))
                     break
@@ -551,6 +565,21 @@ class Proxy:
                     await out.write(_event_break(last) + sse_error_event(_SHUTTING_DOWN))
                     await out.write_eof()
         return out
+
+
+def _for_client(exc: UpstreamError, rid: ReplicaId, loading: str | None) -> UpstreamError:
+    """``exc`` as the client sees it: the replica named by its id, not its URL. The words of
+    ``backends.upstream`` (the proxied request) and of vLLM's load refusals carry no URL;
+    those of a failed admin call do (aiohttp's), so they are left to the log."""
+    if isinstance(exc, AdapterLoadError):
+        return AdapterLoadError(f"replica {rid}: {exc.message}", status=exc.status)
+    if loading is not None:
+        if isinstance(exc, UpstreamTimeoutError):
+            return UpstreamTimeoutError(
+                f"replica {rid}: loading adapter {loading!r} did not finish in time"
+            )
+        return type(exc)(f"replica {rid}: could not be reached to load adapter {loading!r}")
+    return type(exc)(f"replica {rid}: {exc.message}")
 
 
 def _event_break(last: bytes) -> bytes:
