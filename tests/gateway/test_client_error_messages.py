@@ -90,3 +90,39 @@ async def test_a_timeout_names_the_replica(replicas: list[ScriptedReplica]) -> N
     async with running_gateway(cfg, port=0) as gw:
         status, err = await _post(gw.url + "/v1/completions", {"prompt": "p", "max_tokens": 1})
     assert status == 504 and err["message"] == "replica r0: did not answer in time"
+
+
+async def test_an_adapter_load_timeout_names_the_replica(replicas: list[ScriptedReplica]) -> None:
+    replicas[0].load_delay_s = 5.0
+    cfg = gateway_config([replicas[0].url], limits={"admin_timeout_s": 0.3})
+    async with running_gateway(cfg, port=0) as gw:
+        status, err = await _post(
+            gw.url + "/v1/completions", {"model": "lora-0", "prompt": "p", "max_tokens": 1}
+        )
+    assert status == 504
+    assert err["message"] == "replica r0: loading adapter 'lora-0' did not finish in time"
+
+
+async def test_failed_requests_are_counted_with_the_replica_that_failed_them(
+    replicas: list[ScriptedReplica],
+) -> None:
+    cfg = gateway_config(
+        [r.url for r in replicas],
+        routing="round_robin",
+        adapters=[{"name": "far", "path": "/elsewhere/far"}],
+        limits={"request_timeout_s": 0.3},
+    )
+    async with running_gateway(cfg, port=0) as gw, aiohttp.ClientSession() as http:
+        # Refused by r0, then by r1 on the retry: the 502 is r1's.
+        status, _ = await _post(gw.url + "/v1/completions", {"model": "far", "prompt": "p"})
+        assert status == 502
+        replicas[0].mode = replicas[1].mode = "hang"
+        status, _ = await _post(gw.url + "/v1/completions", {"prompt": "p"})
+        assert status == 504
+        async with http.get(gw.url + "/metrics") as resp:
+            text = await resp.text()
+    counted = sorted(line for line in text.splitlines() if line.startswith("loragate_requests_"))
+    assert counted == [
+        'loragate_requests_total{adapter="",replica="r0",status="504"} 1.0',
+        'loragate_requests_total{adapter="far",replica="r1",status="502"} 1.0',
+    ]

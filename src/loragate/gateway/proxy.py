@@ -374,6 +374,7 @@ class Proxy:
         loading: str | None = None  # the adapter being loaded on rid, while that is under way
         try:
             while True:
+                rid = ""  # (an error before the choice is no replica's)
                 rid = self._choose(rreq, spec, exclude)
                 upstream = pool.client(rid).upstream
                 if sync:  # the embedded store: no coroutine
@@ -441,10 +442,15 @@ class Proxy:
                         upstream.release(conn)
                 finally:
                     state.end(rid, rreq.adapter, lease)
-        except UpstreamError as exc:
-            # The client learns which replica failed by its id, never by its URL (the log
-            # line and the admin API's last_error have that).
-            raise _for_client(exc, rid, loading) from exc
+        except LoragateError as exc:
+            if isinstance(exc, UpstreamError):
+                # The client learns which replica failed by its id, never by its URL (the log
+                # line and the admin API's last_error have that).
+                exc = _for_client(exc, rid, loading)
+            # Counted with the replica that failed it (the handler counts errors raised
+            # before a replica was chosen).
+            self._telemetry.count(rreq.adapter or "", rid, str(classify(exc)[0]))
+            return error_response(exc)
 
     async def _drain(self, conn: UpstreamConn) -> bytes:
         """The whole body of a streaming request's non-200 answer (vLLM's JSON error)."""
