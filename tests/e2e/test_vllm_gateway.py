@@ -75,3 +75,32 @@ async def test_sdk_through_gateway_to_real_vllm(
         with pytest.raises(openai.NotFoundError):
             await client.completions.create(model=f"{unique_name}-unknown", prompt="x",
                                             max_tokens=2)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        b'"max_tokens": 5.0', b'"max_tokens": "5"', b'"max_tokens": true', b'"max_tokens": 5.5',
+        b'"max_tokens": "5."', b'"stream": "true"', b'"stream": 1', b'"stream": "false"',
+        b'"stream": 2',
+    ],
+)  # fmt: skip
+async def test_the_gateway_reads_integers_and_booleans_as_vllm_does(
+    real_vllm: Replica, http: aiohttp.ClientSession, fields: bytes
+) -> None:
+    # vLLM's request models are pydantic models in lax mode (5.0 and "5" are integers, "true"
+    # and 1 are true): the gateway must refuse exactly what vLLM refuses, and stream when it does.
+    body = b'{"model": "' + BASE.encode() + b'", "prompt": "hello", ' + fields + b"}"
+    doc: dict[str, Any] = {
+        "base_model": BASE,
+        "replicas": [{"id": "real0", "url": real_vllm.base_url}],
+    }
+    answers = []
+    async with running_gateway(config_from_mapping(doc), port=0) as gw:
+        for url in (real_vllm.base_url, gw.url):
+            async with http.post(
+                url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}
+            ) as resp:
+                await resp.read()
+                answers.append((resp.status, resp.content_type))
+    assert answers[0] == answers[1], answers

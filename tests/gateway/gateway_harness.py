@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import pydantic
 from aiohttp import web
 
 from loragate.core.config import GatewayConfig, config_from_mapping
@@ -84,7 +85,7 @@ class ScriptedReplica(StubVllm):
             request.transport.close()  # after the bytes are out
             await asyncio.sleep(3600)
         chat = request.path.endswith("/chat/completions")
-        if not body.get("stream"):
+        if not _streams(body):
             if self.answer_gate is not None:
                 await self.answer_gate.wait()
             return web.json_response(_answer(model, chat, self.name))
@@ -103,6 +104,12 @@ class ScriptedReplica(StubVllm):
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+
+def _streams(body: dict[str, Any]) -> bool:
+    """Whether vLLM streams its answer: its pydantic model reads ``stream`` in lax mode
+    ("true", 1 and "yes" stream; "false" does not)."""
+    return bool(pydantic.TypeAdapter(bool | None).validate_python(body.get("stream")))
 
 
 def _answer(model: str, chat: bool, replica: str) -> dict[str, Any]:

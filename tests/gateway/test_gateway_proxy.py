@@ -140,7 +140,7 @@ async def test_auth_and_tenant_isolation(replicas: list[ScriptedReplica]) -> Non
         ("/v1/completions", b"", None),
         ("/v1/completions", b'{"model": 5, "prompt": "p"}', "model"),
         ("/v1/completions", b'{"model": "lora-0"}', "prompt"),
-        ("/v1/completions", b'{"prompt": "p", "stream": "yes"}', "stream"),
+        ("/v1/completions", b'{"prompt": "p", "stream": "yes please"}', "stream"),
         ("/v1/completions", b'{"prompt": "p", "max_tokens": 0}', "max_tokens"),
         ("/v1/chat/completions", b'{"model": "lora-0", "messages": []}', "messages"),
     ],

@@ -29,12 +29,15 @@ _DEEP = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
 @pytest.mark.parametrize(
     ("routing", "body", "param"),
     [
-        ("round_robin", b'{"prompt": "p", "max_tokens": "16"}', "max_tokens"),
+        # What vLLM's pydantic models refuse too (lax mode: see test_lax_fields.py).
+        ("round_robin", b'{"prompt": "p", "max_tokens": "16.5"}', "max_tokens"),
         ("round_robin", b'{"prompt": "p", "max_tokens": -3}', "max_tokens"),
         ("round_robin", b'{"prompt": "p", "max_tokens": 16.5}', "max_tokens"),
-        ("round_robin", b'{"prompt": "p", "max_tokens": true}', "max_tokens"),
+        ("round_robin", b'{"prompt": "p", "max_tokens": false}', "max_tokens"),
         ("round_robin", b'{"prompt": "p", "max_tokens": NaN}', "max_tokens"),
-        ("round_robin", b'{"prompt": "p", "stream": 1}', "stream"),
+        ("round_robin", b'{"prompt": "p", "max_tokens": [16]}', "max_tokens"),
+        ("round_robin", b'{"prompt": "p", "stream": 2}', "stream"),
+        ("round_robin", b'{"prompt": "p", "stream": "maybe"}', "stream"),
         ("round_robin", b'{"prompt": "p", "stream": null, "model": []}', "model"),
         ("round_robin", b'{"prompt": 7}', "prompt"),
         ("round_robin", _DEEP, None),
@@ -52,6 +55,57 @@ async def test_malformed_fields_are_400(
         async with http.post(gw.url + "/v1/completions", json={"prompt": "ok"}) as resp:
             assert resp.status == 200
     assert [b["prompt"] for r in replicas for b in r.requests] == ["ok"]
+
+
+@pytest.mark.parametrize(
+    ("path", "fields"),
+    [
+        ("/v1/completions", b'"max_tokens": 5.0'),
+        ("/v1/completions", b'"max_tokens": "5"'),
+        ("/v1/completions", b'"max_tokens": true'),
+        ("/v1/completions", b'"max_tokens": 1e3'),
+        ("/v1/chat/completions", b'"max_completion_tokens": 3.0'),
+        ("/v1/chat/completions", b'"max_tokens": " 3 "'),
+        ("/v1/completions", b'"stream": "false"'),
+        ("/v1/completions", b'"stream": 0'),
+    ],
+)
+async def test_integers_and_booleans_vllm_reads_leniently_are_served(
+    replicas: list[ScriptedReplica], path: str, fields: bytes
+) -> None:
+    # vLLM 0.32's request models are pydantic models in lax mode: it serves these.
+    body = b'{"prompt": "p", "messages": [{"role": "user", "content": "hi"}], ' + fields + b"}"
+    cfg = gateway_config([replicas[0].url])
+    async with (
+        running_gateway(cfg, port=0) as gw,
+        aiohttp.ClientSession() as http,
+        http.post(gw.url + path, data=body) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["choices"]
+    (sent,) = replicas[0].requests
+    assert sent == json.loads(body)  # forwarded as the client wrote it
+
+
+@pytest.mark.parametrize("stream", [b"1", b'"true"', b'"yes"', b'"on"', b"1.0"])
+async def test_a_stream_flag_vllm_reads_as_true_is_relayed_as_a_stream(
+    replicas: list[ScriptedReplica], stream: bytes
+) -> None:
+    rep = replicas[0]
+    rep.stream_gate = asyncio.Event()  # the replica holds its stream after the first event
+    body = b'{"prompt": "p", "max_tokens": 3, "stream": ' + stream + b"}"
+    async with (
+        running_gateway(gateway_config([rep.url]), port=0) as gw,
+        aiohttp.ClientSession() as http,
+        http.post(gw.url + "/v1/completions", data=body) as resp,
+    ):
+        assert resp.status == 200 and resp.content_type == "text/event-stream"
+        # The first event arrives while the replica still holds the rest: relayed, not
+        # buffered (a buffered answer would wait for the gate).
+        first = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), timeout=30)
+        assert b'" one"' in first
+        rep.stream_gate.set()
+        assert (await resp.read()).endswith(b"data: [DONE]\n\n")
 
 
 @pytest.mark.parametrize("routing", ["round_robin", "least_loaded", "loragate", "lora_affinity"])

@@ -63,6 +63,7 @@ from loragate.gateway.errors import (
     sse_error_event,
 )
 from loragate.gateway.inflight import InFlightTracker
+from loragate.gateway.lax_fields import lax_bool, lax_int
 from loragate.gateway.request_body import read_request_body
 from loragate.gateway.shared import SharedState
 from loragate.gateway.telemetry import Telemetry
@@ -289,7 +290,10 @@ class Proxy:
         if stream is None:
             stream = False
         elif type(stream) is not bool:
-            raise InvalidRequestError("'stream' must be a boolean", param="stream")
+            # vLLM reads it in pydantic's lax mode (1, "true", "yes" ...): stream when it does.
+            stream = lax_bool(stream)
+            if stream is None:
+                raise InvalidRequestError("'stream' must be a boolean", param="stream")
         if chat:
             messages = payload.get("messages")
             if type(messages) is not list or not messages:
@@ -302,9 +306,15 @@ class Proxy:
             max_tokens = payload.get("max_tokens")
         if max_tokens is None:
             max_tokens = _DEFAULT_MAX_TOKENS
-        elif type(max_tokens) is not int or max_tokens < 1:
-            raise InvalidRequestError("'max_tokens' must be a positive integer", param="max_tokens")
-        elif max_tokens > _ROUTING_MAX_TOKENS:
+        else:
+            if type(max_tokens) is not int:
+                # vLLM reads it in pydantic's lax mode: 5.0, "5" and true are integers there.
+                max_tokens = lax_int(max_tokens)
+            if max_tokens is None or max_tokens < 1:
+                raise InvalidRequestError(
+                    "'max_tokens' must be a positive integer", param="max_tokens"
+                )
+        if max_tokens > _ROUTING_MAX_TOKENS:
             # Routing estimates work from it (floats, running means): keep any int sane there.
             # The replica gets the original body and judges the real value itself.
             max_tokens = _ROUTING_MAX_TOKENS
