@@ -22,7 +22,15 @@ How it stays fast (no per-request Python work per step): time is kept in integer
 index at which it started decoding, so its token count is implicit; finishing requests sit in a
 bucket keyed by the step index at which they finish; KV usage is updated from a histogram of the
 decoders' block phases (``step index mod block_size``); waiting requests sit in per-adapter queues
-(plus a lazily cleaned global FCFS queue), so deferral never rescans the waiting list.
+(plus a lazily cleaned global FCFS queue of their heads), so deferral never rescans the waiting
+list.
+
+And no Python work per arrival that only joins a queue: a request never admitted is a row of
+columns; each adapter keeps its rows, waiting or still to arrive, in waiting order (a "stream",
+filled in bulk when requests are added), so an arrival check only counts the rows that arrived
+and records the slots-full clock in them (one value for all, see :class:`_Adapter` for how the
+deferred time follows from it); only an adapter whose queue was empty ("sleeping") is woken.
+Under overload, where most requests only ever wait, that is most arrivals.
 """
 
 from __future__ import annotations
@@ -108,25 +116,39 @@ class _Adapter:
     """
 
     __slots__ = (
+        "due_end",
+        "front",
         "g0",
+        "head",
         "hist_d",
         "hist_g",
         "hist_run",
         "idx",
         "n_running",
         "name",
-        "queue",
         "r_acc",
         "rank",
+        "ri",
+        "sleeper",
+        "stream",
     )
 
     def __init__(self, name: str | None, rank: int, idx: int) -> None:
         self.name = name
         self.rank = rank
         self.idx = idx  # position in the engine's adapter table (rows store it, not the object)
-        # Waiting requests of this adapter, FCFS: row numbers (never admitted) and requeued
-        # _Req objects. Its length is the adapter's number of waiting requests.
-        self.queue: deque[_Item] = deque()
+        # Its waiting queue, FCFS: the requests requeued after a preemption (``front``), then
+        # the rows of ``stream[ri:]`` that have arrived (see Engine._waiting): ``stream`` holds
+        # its rows never admitted, waiting or still to arrive, in waiting order, so an arrival
+        # needs no work of its own. ``due_end``: stream rows before it are known to have
+        # arrived (a cache for counting them); ``sleeper``: the first row still to arrive when
+        # the queue is empty (-1: none), woken by Engine._wake when it arrives.
+        self.front: deque[_Req] = deque()
+        self.head: _Item | None = None  # the head of the queue (see Engine._push_head)
+        self.stream = array("q")
+        self.ri = 0
+        self.due_end = 0
+        self.sleeper = -1
         self.n_running = 0
         self.r_acc = 0  # ns of "slots full" time during which this adapter was running
         self.g0 = 0  # value of the engine's slots-full clock when the adapter became running
@@ -145,12 +167,12 @@ class _Adapter:
         d = self.hist_d[k]
         return d if self.hist_run[k] else d + g - hg[k]
 
-    def breakpoint(self, g: int, d: int, running: bool) -> None:
+    def breakpoint(self, g: int, d: int, running: bool, waiting: bool) -> None:
         """The adapter starts (``running``) or stops running at G = ``g``, with D = ``d``.
 
-        Only the rows in its queue need D at earlier values of G (rows still to come join at
-        ``g`` or later): with none, the earlier breakpoints are dropped."""
-        if self.queue:
+        Only rows waiting now need D at earlier values of G (rows still to come join at ``g``
+        or later): with none (not ``waiting``), the earlier breakpoints are dropped."""
+        if waiting:
             self.hist_g.append(g)
             self.hist_d.append(d)
             self.hist_run.append(running)
@@ -168,10 +190,10 @@ class _Rows:
     object, nothing for the cyclic GC to track) is the cheapest way to queue them. Its
     :class:`_Req` is created when it is first admitted. ``live``: rows neither admitted nor
     dropped; a full block with no live row is freed. ``snap`` is written when the row joins the
-    waiting queue (its deferred-clock snapshot, see :meth:`Engine._enqueue_back`); its waiting
-    order follows from ``ns`` and its row number (see :meth:`Engine._wseq`), so a queued row
-    needs no tuple of its own. A row added with :class:`NumberedIds` has no id string until it
-    is read (``rid`` None; see :meth:`id`).
+    waiting queue (the slots-full clock then, see :class:`_Adapter`); its waiting order follows
+    from ``ns`` and its row number (see :meth:`Engine._wseq`), so a queued row needs no tuple
+    of its own. A row added with :class:`NumberedIds` has no id string until it is read
+    (``rid`` None; see :meth:`id`).
     """
 
     __slots__ = (
@@ -252,14 +274,13 @@ class _Req:
     # Set on admission / first decode step (declared for the type checker):
     # computed: KV tokens while prefilling; b/c0/o0: step index, KV tokens and outputs at the
     # first decode step; res: step residue needing a new block; fstep: last decode step;
-    # aseq: admission order; wseq/snap: waiting order and deferred-clock snapshot when requeued.
+    # wseq/snap: waiting order and deferred-clock snapshot when requeued.
     computed: int
     b: int
     c0: int
     o0: int
     res: int
     fstep: int
-    aseq: int
     wseq: int
     snap: int
 
@@ -272,6 +293,7 @@ class _Req:
         max_tokens: int,
         arr_s: float,
         deferred_ns: int,
+        aseq: int,
     ) -> None:
         self.rid = rid
         self.ast = ast
@@ -286,15 +308,17 @@ class _Req:
         self.preemptions = 0
         self.first_ns = -1
         self.deferred_ns = deferred_ns
+        self.aseq = aseq
 
 
-# A waiting-queue item: a row number (never admitted yet: its snapshot is in its block) or a
-# preempted, requeued _Req (its attributes). The waiting order ``wseq`` (smaller first) of a row
-# is ``(ns << _ROW_BITS) | row``: the time it joined the queue, then the order of insertion (see
-# Engine._wseq); that of a requeued request counts down from _FRONT, below every row's.
+# A waiting-queue item: a row number (never admitted yet: its snapshot is in its block; it sits
+# in its adapter's stream) or a preempted, requeued _Req (its attributes; in ``front``). The
+# waiting order ``wseq`` (smaller first) of a row is ``(ns << _ROW_BITS) | row``: the time it
+# joined the queue, then the order of insertion (see Engine._wseq); that of a requeued request
+# counts down from _FRONT, below every row's.
 _Item: TypeAlias = "int | _Req"
 # A queue-head heap entry: (wseq of the head, tiebreak, adapter, head item). It is stale once
-# the item is no longer the head of the adapter's queue.
+# the item is no longer the head of the adapter's queue (``_Adapter.head``).
 _Head = tuple[int, int, _Adapter, "int | _Req"]
 
 
@@ -340,12 +364,14 @@ class Engine:
         "_pend_heap",
         "_pend_last",
         "_prefiller",
-        "_queues",
-        "_ranks",
+        "_rank_max",
+        "_rank_n",
         "_reqs",
         "_run_ad",
         "_running",
         "_si",
+        "_sleep",
+        "_t_check",
         "_tn",
         "_total_blocks",
         "_unindexed",
@@ -415,7 +441,10 @@ class Engine:
         self._n_live = 0  # unfinished requests
         self._adapters: dict[str | None, _Adapter] = {}
         self._alist: list[_Adapter] = []  # the same, by _Adapter.idx
-        self._queues: list[deque[_Item]] = []  # their queues, by _Adapter.idx
+        # Arrivals: rows with ns <= _t_check have joined the waiting queue (an arrival check:
+        # _admit_arrivals); _sleep: (ns, row, adapter idx) of the adapters' sleepers.
+        self._t_check = -_NEVER
+        self._sleep: list[tuple[int, int, int]] = []
         self._base: _Adapter | None = None  # the base model's (name None)
         # Global FCFS order = the smallest head of the per-adapter queues: a lazy heap of
         # queue heads (see _Head).
@@ -432,7 +461,9 @@ class Engine:
         self._n_waiting = 0
         self._running: dict[_Req, None] = {}  # running queue in admission order
         self._run_ad: dict[str, _Adapter] = {}  # adapters with running requests
-        self._ranks: dict[int, int] = {}  # rank -> running requests of that rank
+        # Running requests by LoRA rank (0: base model), and the largest rank among them.
+        self._rank_n = [0] * (max(config.max_lora_rank, 0) + 1)
+        self._rank_max = 0
         self._prefiller: _Req | None = None  # the partially prefilled request (tail of running)
         # Decoders by the step they finish in: step -> [(aseq, epoch, req)], and a heap of those
         # steps (ints: cheaper to sift than one heap of per-request tuples).
@@ -475,9 +506,12 @@ class Engine:
         """Waiting requests whose adapter is locked out because all adapter slots are taken."""
         if not self._lora or len(self._run_ad) < self._max_loras:
             return 0
-        base = self._adapters.get(None)
-        n = self._n_waiting - (len(base.queue) if base is not None else 0)
-        return n - sum(len(a.queue) for a in self._run_ad.values())
+        n = self._n_waiting
+        if self._base is not None:
+            n -= self._waiting(self._base)
+        for a in self._run_ad.values():
+            n -= self._waiting(a)
+        return n
 
     @property
     def kv_usage(self) -> float:
@@ -713,12 +747,14 @@ class Engine:
             if in_order:  # in arrival order: the usual case
                 # The rows already due join the waiting queue one by one; the others are all
                 # in the future and, if none is earlier than the last pending arrival, are
-                # appended to the pending queue at once (as _place would, row by row).
+                # appended to the pending queue and to their adapters' streams at once (as
+                # _place would, row by row).
                 k = bisect.bisect_right(ns, self._tn)
                 for i in range(k):
                     self._place(g0 + i, ns[i])
                 if k < n and ns[k] >= self._pend_last:
                     self._pend_rows(g0 + k, g, ns[k], ns[-1])
+                    self._stream_rows(g0 + k, aid[k:])
                     return
             else:
                 k = 0
@@ -729,6 +765,7 @@ class Engine:
         """Queue row ``g`` arriving at ``ns``: in the future, or at the back of the waiting
         queue (after the earlier arrivals still pending) when it is already due."""
         tn = self._tn
+        blk = self._blocks[g >> _SHIFT]
         if ns > tn:
             if ns >= self._pend_last:
                 self._pend_rows(g, g + 1, ns, ns)
@@ -739,10 +776,54 @@ class Engine:
         else:
             if self._due <= tn:
                 self._admit_arrivals(tn)  # earlier arrivals first: FCFS by arrival
+            elif self._t_check < tn:
+                self._t_check = tn  # (no pending arrival is due: this check moves nothing)
             # It joins the queue now, behind everything already there: its waiting order is
             # that of an arrival at ``tn`` (the arrival time itself stays in ``arr_s``).
-            self._blocks[g >> _SHIFT].ns[g & _MASK] = tn
-            self._enqueue_back(g)
+            blk.ns[g & _MASK] = tn
+            blk.snap[g & _MASK] = self._gfull
+            self._n_waiting += 1
+        self._stream_add(self._alist[blk.aid[g & _MASK]], g)
+
+    def _stream_add(self, ast: _Adapter, g: int) -> None:
+        """Put row ``g`` into ``ast``'s stream at its waiting order (at the end, usually)."""
+        st = ast.stream
+        ri = ast.ri
+        wseq = self._wseq
+        if ri == len(st) or wseq(st[-1]) < wseq(g):
+            pos = len(st)
+            st.append(g)
+        else:  # it arrives before rows added earlier (out of order, or added already due)
+            pos = bisect.bisect_right(st, wseq(g), ri, len(st), key=wseq)
+            st.insert(pos, g)
+            if pos < ast.due_end:
+                ast.due_end += 1
+        if pos == ri and not ast.front:
+            self._refresh_head(ast)  # a new head, or a new sleeper
+
+    def _stream_rows(self, g0: int, aid: Sequence[int]) -> None:
+        """Rows ``g0, g0 + 1, ...`` of adapters ``aid`` (engine indices), all in the future and
+        after every row added before, join the end of their adapters' streams."""
+        alist = self._alist
+        if len(aid) < 64:
+            for g, a in enumerate(aid, g0):
+                self._stream_add(alist[a], g)
+            return
+        # In bulk: the rows grouped by adapter (a stable sort keeps each group in row order).
+        col = np.asarray(aid, dtype=np.int64)
+        order = np.argsort(col, kind="stable")
+        by_adapter = col[order]
+        cuts = (np.flatnonzero(by_adapter[1:] != by_adapter[:-1]) + 1).tolist()
+        rows = (order + g0).tobytes()
+        lo = 0
+        for a_idx, hi in zip(by_adapter[[0, *cuts]].tolist(), [*cuts, len(col)], strict=True):
+            ast = alist[a_idx]
+            st = ast.stream
+            empty = ast.ri == len(st)
+            st.frombytes(rows[8 * lo : 8 * hi])
+            if empty and not ast.front:
+                self._refresh_head(ast)  # its first row is still to arrive: a sleeper
+            lo = hi
 
     def _pend_rows(self, lo: int, hi: int, first_ns: int, last_ns: int) -> None:
         """Rows ``lo..hi-1`` arrive in the future, in this order, at ``first_ns..last_ns``, not
@@ -779,15 +860,18 @@ class Engine:
         self._n_live -= 1
         if not isinstance(r, _Req):  # never admitted: waiting, or still in the future
             ast = self._alist[self._blocks[r >> _SHIFT].aid[r & _MASK]]
-            if not self._unqueue(ast, r):
+            self._unqueue(ast, r)
+            if self._row_ns(r) > self._t_check:
                 self._dropped.add(r)  # skipped (and its row released) when it comes due
-                return True
-            self._release_row(r)
+            else:
+                self._n_waiting -= 1
+                self._release_row(r)
             return True
         st = r.state
         ast = r.ast
         if st == _REQUEUED:
             self._unqueue(ast, r)
+            self._n_waiting -= 1
         elif st == _PREFILL:
             self._used -= -(-r.computed // self._bs)
             self._prefiller = None
@@ -801,17 +885,21 @@ class Engine:
         r.state = _DONE
         return True
 
-    def _unqueue(self, ast: _Adapter, req: int | _Req) -> bool:
-        """Remove ``req`` from ``ast``'s waiting queue; False if it is not there."""
-        q = ast.queue
-        for k, e in enumerate(q):
-            if e == req:  # rows: the same number; requests: the same object
-                del q[k]
-                if k == 0 and q:
-                    self._push_head(self._wseq(q[0]), ast, q[0])
-                self._n_waiting -= 1
-                return True
-        return False
+    def _unqueue(self, ast: _Adapter, item: _Item) -> None:
+        """Remove ``item`` (there) from ``ast``'s front or stream."""
+        if isinstance(item, _Req):
+            k = ast.front.index(item)
+            del ast.front[k]
+            at_head = k == 0
+        else:
+            st = ast.stream
+            k = bisect.bisect_left(st, self._wseq(item), ast.ri, len(st), key=self._wseq)
+            del st[k]
+            if k < ast.due_end:
+                ast.due_end -= 1
+            at_head = k == ast.ri and not ast.front
+        if at_head:
+            self._refresh_head(ast)
 
     def load_adapter(self, name: str, rank: int, *, to_gpu: bool = False) -> float:
         """Register ``name`` in the CPU cache (and a GPU slot if ``to_gpu`` and one is free).
@@ -856,21 +944,31 @@ class Engine:
 
     def run_until(self, t_s: float) -> list[RequestRecord]:
         """Run every step that starts before ``t_s``; return the requests finished meanwhile."""
-        with _gc_paused():
-            return self._run_until(_ns(t_s))
+        t_end = _ns(t_s)
+        if self._tn >= t_end:  # (a simulator calls this at every arrival: often nothing to do)
+            return []
+        if not gc.isenabled():
+            return self._run_until(t_end)
+        gc.disable()  # as _gc_paused, without a context manager's cost per call
+        try:
+            return self._run_until(t_end)
+        finally:
+            gc.enable()
 
     def _run_until(self, t_end: int) -> list[RequestRecord]:
         records: list[RequestRecord] = []
-        while self._tn < t_end:
-            if self._due <= self._tn:
-                self._admit_arrivals(self._tn)
+        fsteps = self._fsteps
+        while (tn := self._tn) < t_end:
+            if self._due <= tn:
+                self._admit_arrivals(tn)
             if not self._running and not self._n_waiting:
                 nxt = self._next_arrival_ns()
                 if nxt is not None and nxt < t_end:
                     self._tn = nxt
                     continue
                 break
-            if not self._fast_forward(t_end):
+            # (_fast_forward's first test inlined: a decoder finishing now needs a real step)
+            if (fsteps and fsteps[0] <= self._si) or not self._fast_forward(t_end):
                 self._step(None, records)
         return records
 
@@ -879,18 +977,13 @@ class Engine:
     def _index_all(self) -> None:
         """Index every unfinished request by id (bulk adds skip it: it costs per request)."""
         blocks = self._blocks
-        dropped = self._dropped
         index: dict[str, int | _Req] = {}
-        rows = [g for run in self._pend for g in run]
-        rows += [g for _, g in self._pend_heap]
-        for ast in self._adapters.values():
-            for r in ast.queue:
-                if isinstance(r, _Req):
-                    index[r.rid] = r
-                else:
-                    rows.append(r)
-        for g in rows:
-            if g not in dropped:
+        for ast in self._alist:  # (rows still to arrive are in the streams too)
+            for r in ast.front:
+                index[r.rid] = r
+            st = ast.stream
+            for k in range(ast.ri, len(st)):
+                g = st[k]
                 index[blocks[g >> _SHIFT].id(g & _MASK)] = g
         for r in self._running:
             index[r.rid] = r
@@ -910,7 +1003,6 @@ class Engine:
         if ast is None:
             ast = self._adapters[name] = _Adapter(name, rank, len(self._alist))
             self._alist.append(ast)
-            self._queues.append(ast.queue)
             self._heads_limit += 4
             if name is None:
                 self._base = ast
@@ -952,65 +1044,61 @@ class Engine:
             self._pend[0] = range(run.start + 1, run.stop)
 
     def _admit_arrivals(self, t_ns: int) -> None:
-        """Move arrivals up to ``t_ns`` into the waiting queue, by (arrival, insertion)."""
+        """The arrival check at ``t_ns``: arrivals up to then join the waiting queue.
+
+        They sit in their adapters' streams already; joining is counting them and recording
+        the slots-full clock in their rows, then waking the adapters whose first row arrived.
+        """
         if self._pend_heap or self._dropped:
             self._admit_arrivals_general(t_ns)
             return
         # The usual case (the hottest loop under heavy load): all pending rows are in order,
-        # none aborted; _enqueue_back inlined. A row's waiting order is implied (_wseq).
+        # none aborted.
         pend = self._pend
         blocks = self._blocks
-        alist = self._alist
-        queues = self._queues
+        gfull = self._gfull
         n_in = 0
         due = _NEVER
-        gfull = self._gfull
         while pend:
             run = pend[0]
             g0 = run.start
             blk = blocks[g0 >> _SHIFT]
-            ns, aid, snap = blk.ns, blk.aid, blk.snap
-            base = g0 - (i := g0 & _MASK)  # the row number of the block's index 0
-            hi = min(i + len(run), _BLOCK)  # the run's end within this block
+            ns, snap = blk.ns, blk.snap
+            i = i0 = g0 & _MASK
+            hi = i + len(run)  # the run's end within this block
+            if hi > _BLOCK:
+                hi = _BLOCK
             # Rows i, i + 1, ... of the block are due while ns[i] <= t_ns. Under heavy load
-            # (dozens a step) bisect for the last one and queue them in bulk; else one by one
-            # (cheaper per call, dearer per row).
-            if ns[min(i + 12, hi) - 1] <= t_ns:
-                j = hi if ns[hi - 1] <= t_ns else bisect.bisect_right(ns, t_ns, i, hi)
-                snap[i:j] = array("q", (gfull,)) * (j - i)
-                for g, a in zip(range(base + i, base + j), aid[i:j], strict=True):
-                    q = queues[a]
-                    q.append(g)
-                    if len(q) == 1:  # a new head (appended first: _push_head prunes empties)
-                        self._push_head((ns[g - base] << _ROW_BITS) | g, alist[a], g)
-                i = j
+            # (dozens a step) bisect for the last one; else row by row (cheaper per call).
+            if ns[hi - 1 if hi < i + 12 else i + 11] <= t_ns:
+                i = hi if ns[hi - 1] <= t_ns else bisect.bisect_right(ns, t_ns, i, hi)
+                snap[i0:i] = array("q", (gfull,)) * (i - i0)
             else:
                 while ns[i] <= t_ns:  # (not past hi: ns[hi - 1] > t_ns)
                     snap[i] = gfull
-                    g = base + i  # one int object: heap entries find their item by identity
-                    q = queues[aid[i]]
-                    q.append(g)
-                    if len(q) == 1:
-                        self._push_head((ns[i] << _ROW_BITS) | g, alist[aid[i]], g)
                     i += 1
-            n = base + i - g0
+            n = i - i0
             n_in += n
             if n == len(run):
                 pend.popleft()
                 continue
             if n:
-                pend[0] = range(base + i, run.stop)
+                pend[0] = range(g0 + n, run.stop)
             if i < hi:
                 due = ns[i]
                 break
         self._n_waiting += n_in
         self._due = due
+        self._t_check = t_ns
+        if self._sleep and self._sleep[0][0] <= t_ns:
+            self._wake(t_ns)
 
     def _admit_arrivals_general(self, t_ns: int) -> None:
         """_admit_arrivals with out-of-order arrivals or aborted future rows."""
         blocks = self._blocks
         pend = self._pend
         heap = self._pend_heap
+        gfull = self._gfull
         while True:
             a = None
             if pend:
@@ -1025,20 +1113,24 @@ class Engine:
             else:
                 break
             if not (self._dropped and self._drop_due(g)):
-                self._enqueue_back(g)
+                blocks[g >> _SHIFT].snap[g & _MASK] = gfull
+                self._n_waiting += 1
         self._set_due()
+        self._t_check = t_ns
+        if self._sleep and self._sleep[0][0] <= t_ns:
+            self._wake(t_ns)
 
-    def _enqueue_back(self, g: int) -> None:
-        """Row ``g`` joins the back of the waiting queue (its ``ns``: when it joins)."""
-        blk = self._blocks[g >> _SHIFT]
-        i = g & _MASK
-        ast = self._alist[blk.aid[i]]
-        blk.snap[i] = self._gfull
-        q = ast.queue
-        q.append(g)  # before _push_head
-        if len(q) == 1:
-            self._push_head((blk.ns[i] << _ROW_BITS) | g, ast, g)
-        self._n_waiting += 1
+    def _wake(self, t_ns: int) -> None:
+        """Adapters whose sleeper arrived by ``t_ns`` have a head again."""
+        sleep = self._sleep
+        alist = self._alist
+        while sleep and sleep[0][0] <= t_ns:
+            ns, g, a = heapq.heappop(sleep)
+            ast = alist[a]
+            if ast.sleeper == g:  # (else stale: the adapter's first row changed meanwhile)
+                ast.sleeper = -1
+                if not ast.front:  # (else a requeued request heads the queue)
+                    self._push_head((ns << _ROW_BITS) | g, ast, g)
 
     def _enqueue_front(self, r: _Req) -> None:
         r.state = _REQUEUED
@@ -1046,9 +1138,57 @@ class Engine:
         self._front -= 1
         ast = r.ast
         r.snap = self._deferred_clock(ast)
-        ast.queue.appendleft(r)
+        ast.front.appendleft(r)
         self._push_head(wseq, ast, r)
         self._n_waiting += 1
+
+    def _row_ns(self, g: int) -> int:
+        return self._blocks[g >> _SHIFT].ns[g & _MASK]
+
+    def _find_head(self, ast: _Adapter) -> _Item | None:
+        """The head of ``ast``'s waiting queue (None: empty), found from its items."""
+        if ast.front:
+            return ast.front[0]
+        st = ast.stream
+        if ast.ri < len(st):
+            g = st[ast.ri]
+            if self._blocks[g >> _SHIFT].ns[g & _MASK] <= self._t_check:
+                return g
+        return None
+
+    def _refresh_head(self, ast: _Adapter) -> None:
+        """``ast``'s first item changed: record its head, or its sleeper if none has arrived."""
+        h = self._find_head(ast)
+        if h is not None:
+            self._push_head(self._wseq(h), ast, h)
+            return
+        ast.head = None
+        if ast.ri == len(ast.stream):
+            ast.sleeper = -1
+            return
+        g = ast.stream[ast.ri]
+        if ast.sleeper != g:
+            ast.sleeper = g
+            heapq.heappush(self._sleep, (self._row_ns(g), g, ast.idx))
+
+    def _has_waiting_row(self, ast: _Adapter) -> bool:
+        st = ast.stream
+        return ast.ri < len(st) and self._row_ns(st[ast.ri]) <= self._t_check
+
+    def _waiting(self, ast: _Adapter) -> int:
+        """Waiting requests of ``ast`` (rows that arrived are counted once, see due_end)."""
+        st = ast.stream
+        j = ast.due_end
+        if j < ast.ri:
+            j = ast.ri
+        n = len(st)
+        if j < n:
+            t = self._t_check
+            blocks = self._blocks
+            while j < n and blocks[st[j] >> _SHIFT].ns[st[j] & _MASK] <= t:
+                j += 1
+            ast.due_end = j
+        return len(ast.front) + j - ast.ri
 
     def _wseq(self, item: _Item) -> int:
         """Waiting order of a queued item.
@@ -1074,13 +1214,15 @@ class Engine:
         """``item`` (waiting order ``wseq``) is the new head of ``ast``'s queue: record it in the
         global-order heap, and in the heap of eligible heads (adapters holding a slot) when
         ``ast`` has running requests."""
+        ast.head = item
+        ast.sleeper = -1  # (the queue has a head: no row to wake)
         self._nheads += 1
         entry = (wseq, self._nheads, ast, item)
         limit = self._heads_limit
-        # An entry is live while its item heads its queue (the heap holds the very object the
-        # queue holds). A row is queued once. A request requeued again after a new preemption
-        # makes its older entries look live once more, but they carry larger (later) wseqs than
-        # its current entry, which therefore always surfaces first: the order is unchanged.
+        # An entry is live while its item heads its queue (is ``ast.head``, the very object). A
+        # row is queued once. A request requeued again after a new preemption makes its older
+        # entries look live once more, but they carry larger (later) wseqs than its current
+        # entry, which therefore always surfaces first: the order is unchanged.
         # ``item`` heads ``ast``'s queue now, so an entry of ``ast`` on top of a heap is stale
         # (or an older entry of the same requeued item): replacing it saves its later pop (the
         # usual case: the head just admitted was the top).
@@ -1096,7 +1238,7 @@ class Engine:
             else:
                 heapq.heappush(heads, entry)
             if len(heads) > limit:  # drop stale entries now and then
-                live = [h for h in heads if h[2].queue and h[2].queue[0] is h[3]]
+                live = [h for h in heads if h[2].head is h[3]]
                 heapq.heapify(live)
                 self._heads = live
         if ast.n_running and ast.name is not None:
@@ -1106,9 +1248,7 @@ class Engine:
             else:
                 heapq.heappush(elig, entry)
             if len(self._elig) > limit:
-                live = [
-                    h for h in self._elig if h[2].n_running and h[2].queue and h[2].queue[0] is h[3]
-                ]
+                live = [h for h in self._elig if h[2].n_running and h[2].head is h[3]]
                 heapq.heapify(live)
                 self._elig = live
 
@@ -1116,10 +1256,10 @@ class Engine:
         """The global-order heap from scratch: one entry per non-empty queue."""
         heads: list[_Head] = []
         for ast in self._alist:
-            q = ast.queue
-            if q:
+            h = ast.head
+            if h is not None:
                 self._nheads += 1
-                heads.append((self._wseq(q[0]), self._nheads, ast, q[0]))
+                heads.append((self._wseq(h), self._nheads, ast, h))
         heapq.heapify(heads)
         self._heads = heads
         self._heads_stale = False
@@ -1132,8 +1272,7 @@ class Engine:
             heads = self._heads
             while True:
                 _, _, ast, item = heads[0]
-                q = ast.queue
-                if q and q[0] is item:
+                if ast.head is item:
                     return item
                 heapq.heappop(heads)
         # All slots taken: only base-model requests and adapters holding a slot are eligible.
@@ -1141,73 +1280,96 @@ class Engine:
         elig = self._elig
         while elig:
             wseq, _, ast, item = elig[0]
-            q = ast.queue
-            if ast.n_running and q and q[0] is item:
-                if base is not None and base.queue and self._wseq(base.queue[0]) < wseq:
-                    return base.queue[0]
+            if ast.head is item and ast.n_running:
+                if base is not None:
+                    b = base.head
+                    if b is not None and self._wseq(b) < wseq:
+                        return b
                 return item
             heapq.heappop(elig)
-        if base is not None and base.queue:
-            return base.queue[0]
-        return None
+        return None if base is None else base.head
 
-    def _admit(self, item: _Item) -> _Req:
-        """Move ``item``, the head of its adapter's queue, from waiting to running; returns its
-        request. The adapter load time it causes is added to ``_load_s``."""
-        if isinstance(item, _Req):
-            r = item
-            ast = r.ast
-            if ast.name is not None:
-                r.deferred_ns += self._deferred_clock(ast) - r.snap
-        else:  # first admission
-            k = item >> _SHIFT
-            blk = self._blocks[k]
-            i = item & _MASK
-            ast = self._alist[blk.aid[i]]
-            rid = blk.rid[i]
-            r = _Req(
-                blk.id(i) if rid is None else rid,
-                ast,
-                blk.rank[i],
-                blk.prompt[i],
-                blk.max_tokens[i],
-                blk.arr_s[i],
-                # D now (inlined _deferred_clock, hot under heavy load) minus D when it joined
+    def _admit_row(self, g: int, blk: _Rows, i: int) -> _Req:
+        """Move row ``g`` (index ``i`` of ``blk``), the head of its adapter's queue, from waiting
+        to running; returns its new request (the adapter load time it causes: ``_load_s``)."""
+        ast = self._alist[blk.aid[i]]
+        rid = blk.rid[i]
+        if rid is None:
+            spans = blk.spans
+            if len(spans) == 1 and spans[0][0] <= i:  # (inlined id: the usual one span)
+                rid = f"{spans[0][2]}{spans[0][3] + i - spans[0][0]}"
+            else:
+                rid = blk.id(i)
+        deferred = 0
+        if ast.name is not None:  # D now (inlined _deferred_clock) minus D when it joined
+            deferred = (
                 (ast.g0 if ast.n_running else self._gfull)
                 - ast.r_acc
                 - ast.deferred_at(blk.snap[i])
-                if ast.name is not None
-                else 0,
             )
-            blk.live -= 1  # inlined _release_row
-            if not blk.live and len(blk.ns) == _BLOCK:
-                del self._blocks[k]
-            if self._reqs and r.rid in self._reqs:
-                self._reqs[r.rid] = r
-        q = ast.queue
-        q.popleft()
-        self._n_waiting -= 1
+        self._aseq = aseq = self._aseq + 1
+        r = _Req(
+            rid, ast, blk.rank[i], blk.prompt[i], blk.max_tokens[i], blk.arr_s[i], deferred, aseq
+        )
+        blk.live -= 1  # inlined _release_row
+        if not blk.live and len(blk.ns) == _BLOCK:
+            del self._blocks[g >> _SHIFT]
+        if self._reqs and rid in self._reqs:
+            self._reqs[rid] = r
+        ast.ri = ri = ast.ri + 1  # it was stream[ri]
+        if ri > 1024 and 2 * ri > len(ast.stream):  # drop the admitted rows now and then
+            del ast.stream[:ri]
+            ast.due_end = max(0, ast.due_end - ri)
+            ast.ri = 0
+        self._enter_running(r, ast)
+        return r
+
+    def _readmit(self, r: _Req) -> _Req:
+        """_admit_row for a requeued request (the head of its adapter's queue)."""
+        ast = r.ast
+        ast.front.popleft()
+        if ast.name is not None:
+            r.deferred_ns += self._deferred_clock(ast) - r.snap
         r.state = _PREFILL
-        r.aseq = self._aseq = self._aseq + 1
+        self._aseq = r.aseq = self._aseq + 1
+        self._enter_running(r, ast)
+        return r
+
+    def _enter_running(self, r: _Req, ast: _Adapter) -> None:
+        """``r``, just taken off the head of ``ast``'s queue, runs; record the next head."""
+        self._n_waiting -= 1
         self._running[r] = None
-        ranks = self._ranks
-        ranks[r.rank] = ranks.get(r.rank, 0) + 1
+        k = r.rank
+        self._rank_n[k] += 1
+        if k > self._rank_max:
+            self._rank_max = k
         if not ast.n_running and ast.name is not None:
             self._adapter_running(ast)
         ast.n_running += 1
-        if q:
-            h = q[0]  # the new head; inlined _wseq
-            if isinstance(h, _Req):
-                self._push_head(h.wseq, ast, h)
-            else:
-                self._push_head((self._blocks[h >> _SHIFT].ns[h & _MASK] << _ROW_BITS) | h, ast, h)
-        return r
+        # The new head (inlined _refresh_head).
+        if ast.front:
+            h = ast.front[0]
+            self._push_head(h.wseq, ast, h)
+            return
+        st = ast.stream
+        if ast.ri < len(st):
+            g = st[ast.ri]
+            ns = self._blocks[g >> _SHIFT].ns[g & _MASK]
+            if ns <= self._t_check:
+                self._push_head((ns << _ROW_BITS) | g, ast, g)
+                return
+            if ast.sleeper != g:
+                ast.sleeper = g
+                heapq.heappush(self._sleep, (ns, g, ast.idx))
+        else:
+            ast.sleeper = -1
+        ast.head = None
 
     def _adapter_running(self, ast: _Adapter) -> None:
         """Adapter ``ast`` gets its first running request: it takes a slot (loaded if needed)."""
         assert ast.name is not None
         ast.g0 = g = self._gfull
-        ast.breakpoint(g, g - ast.r_acc, True)
+        ast.breakpoint(g, g - ast.r_acc, True, self._has_waiting_row(ast))
         self._run_ad[ast.name] = ast
         from_disk, from_mem = self._caches.acquire(ast.name)
         if from_disk:
@@ -1219,15 +1381,25 @@ class Engine:
 
     def _leave_running(self, r: _Req) -> None:
         del self._running[r]
-        n = self._ranks[r.rank] - 1
-        if n:
-            self._ranks[r.rank] = n
-        else:
-            del self._ranks[r.rank]
+        self._rank_leaves(r.rank)
         ast = r.ast
         ast.n_running -= 1
         if ast.n_running == 0 and ast.name is not None:
             self._adapter_idle(ast)
+
+    def _rank_leaves(self, k: int) -> None:
+        """A running request of rank ``k`` left."""
+        self._rank_n[k] -= 1
+        if not self._rank_n[k] and k == self._rank_max:
+            self._lower_rank_max()
+
+    def _lower_rank_max(self) -> None:
+        """The last running request of the largest rank left: find the next largest."""
+        rank_n = self._rank_n
+        k = self._rank_max
+        while k and not rank_n[k]:
+            k -= 1
+        self._rank_max = k
 
     def _adapter_idle(self, ast: _Adapter) -> None:
         """The last running request of adapter ``ast`` left: its slot is free for eviction."""
@@ -1235,7 +1407,7 @@ class Engine:
         del self._run_ad[ast.name]
         g = self._gfull
         ast.r_acc += g - ast.g0
-        ast.breakpoint(g, g - ast.r_acc, False)
+        ast.breakpoint(g, g - ast.r_acc, False, self._has_waiting_row(ast))
         self._caches.release(ast.name)
 
     def _preempt(self, v: _Req, s: int) -> None:
@@ -1318,14 +1490,24 @@ class Engine:
                 e = self._candidate()
                 if e is None:
                     break
-                # inlined _tokens
-                n = e.target if isinstance(e, _Req) else blocks[e >> _SHIFT].prompt[e & _MASK]
-                if n > budget:
-                    n = budget
-                nb = -(-n // bs)
-                if nb > total - self._used:
-                    break
-                r = self._admit(e)
+                if isinstance(e, _Req):
+                    n = e.target
+                    if n > budget:
+                        n = budget
+                    nb = -(-n // bs)
+                    if nb > total - self._used:
+                        break
+                    r = self._readmit(e)
+                else:
+                    blk = blocks[e >> _SHIFT]
+                    i = e & _MASK
+                    n = blk.prompt[i]
+                    if n > budget:
+                        n = budget
+                    nb = -(-n // bs)
+                    if nb > total - self._used:
+                        break
+                    r = self._admit_row(e, blk, i)
                 self._used += nb
                 budget -= n
                 prefill_tokens += n
@@ -1334,20 +1516,19 @@ class Engine:
                     pdone.append(r)
                 else:
                     self._prefiller = r
-        ranks = self._ranks
         n_adapters = len(self._run_ad)
         dur_s = self.profile.step_time_s(
             batch_size=len(running),
             distinct_adapters=n_adapters,
             prefill_tokens=prefill_tokens,
             decode_tokens=self._n_decode,
-            max_rank_in_batch=max(ranks) if ranks else 0,
+            max_rank_in_batch=self._rank_max,
             num_waiting=self._n_waiting,
             lora_enabled=self._lora,
         )
         dur_s += self._load_s + self._extra_s
         self._extra_s = 0.0
-        dur = max(1, round(dur_s * NS))
+        dur = round(dur_s * NS) or 1  # (dur_s > 0)
         if n_adapters >= self._max_loras:
             self._gfull += dur
         end = self._tn + dur
@@ -1366,7 +1547,8 @@ class Engine:
         if fsteps and fsteps[0] <= s:
             end_s = end / NS
             freed = 0
-            ranks = self._ranks
+            n_done = 0
+            rank_n = self._rank_n
             while fsteps and fsteps[0] <= s:
                 bucket = fin.pop(heapq.heappop(fsteps))
                 if len(bucket) > 1:
@@ -1377,21 +1559,18 @@ class Engine:
                     # The decoder's KV blocks, its block phase; then _finish inlined (hot).
                     freed += -(-(r.c0 + s - r.b + 1) // bs)
                     cnt[r.res] -= 1
-                    self._n_decode -= 1
+                    n_done += 1
                     r.out = m = r.max_tokens
                     r.state = _DONE
                     del running[r]
                     k = r.rank
-                    n = ranks[k] - 1
-                    if n:
-                        ranks[k] = n
-                    else:
-                        del ranks[k]
+                    rank_n[k] -= 1
+                    if not rank_n[k] and k == self._rank_max:
+                        self._lower_rank_max()
                     ast = r.ast
                     ast.n_running -= 1
                     if not ast.n_running and ast.name is not None:
                         self._adapter_idle(ast)
-                    self._n_live -= 1
                     if self._reqs:
                         self._reqs.pop(r.rid, None)
                     records.append(
@@ -1408,24 +1587,28 @@ class Engine:
                         )
                     )
             self._used -= freed
+            self._n_decode -= n_done
+            self._n_live -= n_done
         # Prefills completed in this step: first (or next, after preemption) output token.
         nxt = s + 1
         for r in pdone:
-            r.out += 1
+            r.out = out = r.out + 1
             if r.first_ns < 0:
                 r.first_ns = end
             m = r.max_tokens
-            if r.out >= m:
+            if out >= m:
                 self._used -= -(-r.target // bs)
                 self._finish(r, end, records)
                 continue
+            # It decodes from step nxt on: KV tokens c0 then, one more each step; it needs a
+            # new block at the steps of residue res (mod bs); its last token at step fstep.
             r.state = _DECODE
             r.b = nxt
-            r.c0 = r.target
-            r.o0 = r.out
-            r.res = (nxt - r.target) % bs
-            r.fstep = fs = nxt + m - 1 - r.out
-            cnt[r.res] += 1
+            r.c0 = c0 = r.target
+            r.o0 = out
+            r.res = res = (nxt - c0) % bs
+            r.fstep = fs = nxt + m - 1 - out
+            cnt[res] += 1
             self._n_decode += 1
             same = fin.get(fs)
             if same is None:
@@ -1486,18 +1669,17 @@ class Engine:
                 n = min(self._tokens(c), self._max_tokens - n_dec)
                 if -(-n // bs) <= free - cnt[phase]:
                     return False  # an admission would happen in this step
-        ranks = self._ranks
         n_adapters = len(self._run_ad)
         dur_s = self.profile.step_time_s(
             batch_size=n_dec,
             distinct_adapters=n_adapters,
             prefill_tokens=0,
             decode_tokens=n_dec,
-            max_rank_in_batch=max(ranks) if ranks else 0,
+            max_rank_in_batch=self._rank_max,
             num_waiting=self._n_waiting,
             lora_enabled=self._lora,
         )
-        dur = max(1, round(dur_s * NS))
+        dur = round(dur_s * NS) or 1  # (dur_s > 0)
         t0 = self._tn
         k = min(k, (t_end - t0 + dur - 1) // dur)
         nxt = self._next_arrival_ns()
