@@ -1084,8 +1084,9 @@ class Engine:
         rid = blk.rid[i]
         if rid is None:
             spans = blk.spans
-            if len(spans) == 1 and spans[0][0] <= i:  # (inlined id: the usual one span)
-                rid = f"{spans[0][2]}{spans[0][3] + i - spans[0][0]}"
+            if len(spans) == 1:  # the usual single numbering span (inlined _Rows.id)
+                lo, _, prefix, number = spans[0]
+                rid = f"{prefix}{number + i - lo}"
             else:
                 rid = blk.id(i)
         deferred = 0
