@@ -1007,10 +1007,12 @@ class Engine:
         self._nheads += 1
         entry = (wseq, self._nheads, ast, item)
         limit = self._heads_limit
-        # An entry is live while its item heads its queue (is ``ast.head``, the very object). A
-        # row is queued once. A request requeued again after a new preemption makes its older
-        # entries look live once more, but they carry larger (later) wseqs than its current
-        # entry, which therefore always surfaces first: the order is unchanged.
+        # An entry is live while its item heads its queue (equals ``ast.head``: the same row
+        # number or the same request object; == rather than ``is``, so that a compiled build,
+        # whose ints need not keep their identity, reads it alike). A row is queued once. A
+        # request requeued again after a new preemption makes its older entries look live once
+        # more, but they carry larger (later) wseqs than its current entry, which therefore
+        # always surfaces first: the order is unchanged.
         # ``item`` heads ``ast``'s queue now, so an entry of ``ast`` on top of a heap is stale
         # (or an older entry of the same requeued item): replacing it saves its later pop (the
         # usual case: the head just admitted was the top).
@@ -1026,7 +1028,7 @@ class Engine:
             else:
                 heapq.heappush(heads, entry)
             if len(heads) > limit:  # drop stale entries now and then
-                live = [h for h in heads if h[2].head is h[3]]
+                live = [h for h in heads if h[2].head == h[3]]
                 heapq.heapify(live)
                 self._heads = live
         if ast.n_running and ast.name is not None:
@@ -1036,7 +1038,7 @@ class Engine:
             else:
                 heapq.heappush(elig, entry)
             if len(self._elig) > limit:
-                live = [h for h in self._elig if h[2].n_running and h[2].head is h[3]]
+                live = [h for h in self._elig if h[2].n_running and h[2].head == h[3]]
                 heapq.heapify(live)
                 self._elig = live
 
@@ -1060,7 +1062,7 @@ class Engine:
             heads = self._heads
             while True:
                 _, _, ast, item = heads[0]
-                if ast.head is item:
+                if ast.head == item:
                     return item
                 heapq.heappop(heads)
         # All slots taken: only base-model requests and adapters holding a slot are eligible.
@@ -1068,7 +1070,7 @@ class Engine:
         elig = self._elig
         while elig:
             wseq, _, ast, item = elig[0]
-            if ast.head is item and ast.n_running:
+            if ast.head == item and ast.n_running:
                 if base is not None:
                     b = base.head
                     if b is not None and self._wseq(b) < wseq:
