@@ -284,8 +284,8 @@ def print_targets(t: dict[str, Any]) -> None:
     )
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_deployment_args(ap: argparse.ArgumentParser) -> None:
+    """The item-8 deployment's options (also used by ``routing_bounds.py``)."""
     ap.add_argument("--workload", default=str(REPO / "workload" / "zipf-200.yaml"))
     ap.add_argument("--zipf-s", type=float, default=None, help="override the Zipf exponent")
     ap.add_argument("--profile", default="llama-3.1-8b-h100")
@@ -294,6 +294,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-cpu-loras", type=int, default=32)
     ap.add_argument("--seeds", type=int, default=3, help="seeds 1..N")
     ap.add_argument("--duration-s", type=float, default=3600.0)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_deployment_args(ap)
     ap.add_argument("--load", type=float, default=0.7, help="fraction of capacity offered")
     ap.add_argument("--rate-rps", type=float, default=None, help="skip the capacity search")
     ap.add_argument("--capacity-duration-s", type=float, default=900.0)

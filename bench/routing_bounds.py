@@ -269,14 +269,7 @@ def ttft_floor(setup: cps.Setup, rate: float, duration_s: float, seed: int) -> n
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workload", default=str(REPO / "workload" / "zipf-200.yaml"))
-    ap.add_argument("--zipf-s", type=float, default=None, help="override the Zipf exponent")
-    ap.add_argument("--profile", default="llama-3.1-8b-h100")
-    ap.add_argument("--replicas", type=int, default=4)
-    ap.add_argument("--max-loras", type=int, default=8)
-    ap.add_argument("--max-cpu-loras", type=int, default=32)
-    ap.add_argument("--seeds", type=int, default=3, help="seeds 1..N")
-    ap.add_argument("--duration-s", type=float, default=3600.0)
+    cps.add_deployment_args(ap)
     ap.add_argument("--rate-rps", type=float, default=7.09, help="the item-8 table's rate")
     ap.add_argument("--floor", action="store_true", help="also the TTFT floor (slower)")
     args = ap.parse_args(argv)
