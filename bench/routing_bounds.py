@@ -58,8 +58,6 @@ from loragate.twin.profile import load_profile
 from loragate.twin.replica_config import VLLM_LORA_RANKS
 from loragate.workload import Workload
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 class Lru:
     """Keys in least-recently-used-first order."""
