@@ -1,7 +1,7 @@
 """Validate the twin against every real BSC run and print the error table with the runtime.
 
     .venv/bin/python bench/validate_twin.py [--jobs 2] [--out result.json] [--limit N]
-        [--offered-load sent|accounted|nominal]
+        [--offered-load sent|accounted|nominal] [--model MODEL] [--seed S] [--replays K]
 
 Same as ``loragate twin validate --real-runs ../shared/data/bsc-vllm-lora/validation/real_runs.csv``
 plus a per-workload breakdown of our errors (where the twin is weakest).
@@ -16,6 +16,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any, cast
 
 from loragate.commands.twin import _clean, format_table
 from loragate.twin.metrics_errors import summarize
@@ -43,6 +44,39 @@ def _per_workload(result: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def _replay_spread(result: dict[str, object]) -> str:
+    """With --replays K > 1: per model, each single replay's MAPEs against the K-mean's, and
+    how far one replay strays from the mean of K per run (the noise a single replay adds)."""
+    by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for run in cast(list[dict[str, Any]], result["runs"]):
+        if not run["ours"].get("error") and len(run["ours"].get("replay_itl_ms") or ()) > 1:
+            by_model[run["model"]].append(run)
+    lines = []
+    for model, runs in sorted(by_model.items()):
+        k = min(len(r["ours"]["replay_itl_ms"]) for r in runs)
+        real_thr = [r["real"]["total_throughput"] for r in runs]
+        real_itl = [r["real"]["itl_mean_ms"] for r in runs]
+        for i in range(k):
+            thr = summarize(real_thr, [r["ours"]["replay_throughput"][i] for r in runs])
+            itl = summarize(real_itl, [r["ours"]["replay_itl_ms"][i] for r in runs])
+            lines.append(f"{model:<24}replay {i}   thr MAPE {thr.mape_pct:5.2f} bias "
+                         f"{thr.median_bias_pct:+5.2f}  ITL MAPE {itl.mape_pct:5.2f} bias "
+                         f"{itl.median_bias_pct:+5.2f}")
+        thr = summarize(real_thr, [r["ours"]["total_throughput"] for r in runs])
+        itl = summarize(real_itl, [r["ours"]["itl_mean_ms"] for r in runs])
+        lines.append(f"{model:<24}mean of {k}  thr MAPE {thr.mape_pct:5.2f} bias "
+                     f"{thr.median_bias_pct:+5.2f}  ITL MAPE {itl.mape_pct:5.2f} bias "
+                     f"{itl.median_bias_pct:+5.2f}")
+        for name, key, mean_key in (("ITL", "replay_itl_ms", "itl_mean_ms"),
+                                    ("throughput", "replay_throughput", "total_throughput")):
+            dev = sorted(abs(v / r["ours"][mean_key] - 1.0) * 100.0
+                         for r in runs for v in r["ours"][key])
+            lines.append(f"{model:<24}one replay vs the mean, {name}: median |dev| "
+                         f"{dev[len(dev) // 2]:.2f}%, p90 {dev[int(0.9 * (len(dev) - 1))]:.2f}%, "
+                         f"max {dev[-1]:.2f}%")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--real-runs", default=str(DATA / "real_runs.csv"))
@@ -52,17 +86,26 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--offered-load", choices=OFFERED_LOADS, default="sent",
                         help="as loragate twin validate --offered-load")
+    parser.add_argument("--model", action="append", default=[], help="only runs of this model")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--replays", type=int, default=ValidateConfig().replays,
+                        help="as loragate twin validate --replays")
     args = parser.parse_args()
     started = time.perf_counter()
-    result = validate(args.real_runs, paper_runs=args.paper_runs,
-                      cfg=ValidateConfig(offered_load=args.offered_load), jobs=args.jobs,
-                      limit=args.limit)
+    cfg = ValidateConfig(offered_load=args.offered_load, seed=args.seed, replays=args.replays)
+    result = validate(args.real_runs, paper_runs=args.paper_runs, cfg=cfg, jobs=args.jobs,
+                      limit=args.limit, models=args.model)
     wall = time.perf_counter() - started
     print(format_table(result))
     print()
     print(_per_workload(result))
-    replayed = int(result["runs_replayed"]) - len(result["runs_failed"])  # type: ignore[call-overload,arg-type]
-    sim_s = 3600.0 * replayed
+    spread = _replay_spread(result)
+    if spread:
+        print()
+        print(spread)
+    sim_s = 3600.0 * sum(int(r["ours"].get("replays") or 1)
+                         for r in cast(list[dict[str, Any]], result["runs"])
+                         if not r["ours"].get("error"))
     cpu = float(result["cpu_s_total"])  # type: ignore[arg-type]
     print(f"\nwall {wall:.1f} s; simulated {sim_s / 3600:.0f} h in {cpu:.1f} CPU s "
           f"({sim_s / cpu if cpu > 0 and math.isfinite(cpu) else math.nan:.0f}x real time)")

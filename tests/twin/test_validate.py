@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from loragate.cli import main as cli_main
+from loragate.core.errors import ConfigError
 from loragate.twin.real_runs import run_spec_from_row
 from loragate.twin.validate import (
     SHAREGPT_OUTPUT_Q,
@@ -194,3 +195,37 @@ def test_front_end_cap_bounds_the_engine_queue(tmp_path: Path) -> None:
     # the engine only walks (and pays for) the capped queue
     assert capped.itl_mean_ms < uncapped.itl_mean_ms
     assert capped.successful_requests > 0
+
+
+def test_replays_average_independent_seeds() -> None:
+    """--replays K: replay k of K runs with seed seed*K + k and the metrics are their mean, so
+    K replays at seed 0 are the single replays at seeds 0..K-1 and seed 1 shares none of them."""
+    from dataclasses import replace
+
+    from loragate.twin.validate import replay_run
+
+    spec = run_spec_from_row(_row("qwen-2.5-7b-instruct/w/_8_8_16_", "qwen-2.5-7b-instruct",
+                                  loras=8, served=8, rates="2:8"))
+    one = ValidateConfig(window_s=30.0, replays=1)
+    singles = [replay_run(spec, "qwen-2.5-7b-h100", replace(one, seed=k)) for k in range(6)]
+    assert len({m.requests_sent for m in singles}) > 1  # the seeds give other realisations
+    mean = replay_run(spec, "qwen-2.5-7b-h100", replace(one, replays=3))
+    assert mean.replays == 3
+    assert mean.replay_itl_ms == tuple(m.itl_mean_ms for m in singles[:3])
+    assert mean.itl_mean_ms == pytest.approx(np.mean([m.itl_mean_ms for m in singles[:3]]))
+    assert mean.total_throughput == pytest.approx(
+        np.mean([m.total_throughput for m in singles[:3]]))
+    assert mean.requests_sent == round(np.mean([m.requests_sent for m in singles[:3]]))
+    other = replay_run(spec, "qwen-2.5-7b-h100", replace(one, replays=3, seed=1))
+    assert other.replay_itl_ms == tuple(m.itl_mean_ms for m in singles[3:])
+    assert singles[0].replays == 1 and singles[0].replay_itl_ms == ()
+    # a replay that measured no ITL (nan) does not blank the others' mean
+    from loragate.twin.validate import mean_metrics
+
+    blank = replace(singles[1], itl_mean_ms=float("nan"))
+    assert mean_metrics([singles[0], blank]).itl_mean_ms == singles[0].itl_mean_ms
+
+
+def test_replays_must_be_a_positive_whole_number(runs_csv: Path) -> None:
+    with pytest.raises(ConfigError, match="replays"):
+        validate(runs_csv, cfg=ValidateConfig(window_s=10.0, replays=0), jobs=1)

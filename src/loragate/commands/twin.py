@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     val.add_argument("--limit", type=int, default=None, help="at most this many runs")
     val.add_argument("--window-s", type=float, default=3600.0, help="replayed window (s)")
     val.add_argument("--seed", type=int, default=0)
+    val.add_argument("--replays", type=int, default=None,
+                     help="replays of each synthesised run, metrics averaged (replay k: seed "
+                          "SEED*REPLAYS+k; default: ValidateConfig's)")
     val.add_argument(
         "--offered-load", choices=("sent", "accounted", "nominal"), default="sent",
         help="requests each replay offers: the row's requests_sent (sent, default; rows without "
@@ -151,7 +154,8 @@ def _validate(args: argparse.Namespace) -> int:
         paper_runs=paper,
         profile_for=_profile_map(args.profile),
         cfg=ValidateConfig(window_s=args.window_s, seed=args.seed,
-                           offered_load=args.offered_load),
+                           offered_load=args.offered_load,
+                           **({} if args.replays is None else {"replays": args.replays})),
         models=args.model,
         run_ids=args.run_id,
         limit=args.limit,
