@@ -1,14 +1,16 @@
 """Read a calibration folder (BSC CSV format) into plain numeric rows.
 
 The folder layout is the one of ``shared/data/bsc-vllm-lora/calibration/``:
-``base_latency.csv``, ``lora_overhead.csv``, ``loading.csv``, ``kv_capacity.csv`` and,
-optionally, scheduler-overhead runs (``scheduler_overhead.csv`` in the folder, or the two R3
-CSVs ``metrics_data_{aggregated_rate,adapter_rates}.csv`` anywhere below it) and single-request
-runs over (max_loras, max_lora_rank) (``slot_sweep.csv``, or the R7 sweep's ``openai-*.json``
-results below ``find_available_gpu_memory_depending_on_loaded_adapters/<model>/``). Every file and
-every non-key column is optional: a missing value reads as ``nan`` and the fitter skips the
-row or falls back to another source. Only the ``model`` column is used to filter rows. The
-folder's other models are loaded alongside (``peers``): the R3 runs do not name their model.
+``base_latency.csv``, ``lora_overhead.csv``, ``loading.csv`` (plus each run's median ITL from
+its raw ``openai-*.json`` below ``raw/<source_path>`` where the CSV lacks it),
+``kv_capacity.csv`` and, optionally, scheduler-overhead runs (``scheduler_overhead.csv`` in the
+folder, or the two R3 CSVs ``metrics_data_{aggregated_rate,adapter_rates}.csv`` anywhere below
+it) and single-request runs over (max_loras, max_lora_rank) (``slot_sweep.csv``, or the R7
+sweep's ``openai-*.json`` results below
+``find_available_gpu_memory_depending_on_loaded_adapters/<model>/``). Every file and every
+non-key column is optional: a missing value reads as ``nan`` and the fitter skips the row or
+falls back to another source. Only the ``model`` column is used to filter rows. The folder's
+other models are loaded alongside (``peers``): the R3 runs do not name their model.
 """
 
 from __future__ import annotations
@@ -125,6 +127,33 @@ def _scheduler_table(folder: Path, model: str) -> Table:
     return _concat(tables)
 
 
+# Where the raw copies of the runs of a CSV row live (``<folder>/raw/<source_path>``).
+RAW_DIR = "raw"
+
+
+def _loading_table(folder: Path, model: str) -> Table:
+    """``loading.csv`` with each run's median ITL (``itl_median_ms``) from its raw result.
+
+    The packaged R6 rows carry the client's mean ITL only; the run's ``openai-*.json`` (raw
+    copy below ``raw/<source_path>``) also holds the median. A column of the CSV wins.
+    """
+    table = read_table(folder / LOADING_FILE, model=model)
+    for values, text in zip(table.values, table.text, strict=True):
+        if math.isfinite(values.get("itl_median_ms", math.nan)) or not text.get("source_path"):
+            continue
+        run_dir = folder / RAW_DIR / text["source_path"]
+        for result in sorted(run_dir.glob("openai-*.json")) if run_dir.is_dir() else []:
+            try:
+                raw = json.loads(result.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            median = raw.get("median_itl_ms") if isinstance(raw, dict) else None
+            if isinstance(median, int | float) and math.isfinite(median):
+                values["itl_median_ms"] = float(median)
+                break
+    return table
+
+
 def _slot_sweep_table(folder: Path, model: str) -> Table:
     direct = folder / SLOT_SWEEP_FILE
     if direct.is_file():
@@ -178,7 +207,7 @@ def load_calibration_data(
         model=model,
         base_latency=read_table(path / BASE_LATENCY_FILE, model=model),
         lora_overhead=read_table(path / LORA_OVERHEAD_FILE, model=model),
-        loading=read_table(path / LOADING_FILE, model=model),
+        loading=_loading_table(path, model),
         kv_capacity=read_table(path / KV_CAPACITY_FILE, model=model),
         scheduler=_scheduler_table(path, model),
         base_latency_all=read_table(path / BASE_LATENCY_FILE),
