@@ -153,10 +153,9 @@ class ValidateConfig:
     front_end_cap: bool = True  # hold requests beyond profile.scheduler.max_waiting outside
     # Synthesised runs are replayed this many times (replay k with seed ``seed * replays + k``)
     # and the metrics averaged: the twin's expected value, not one Poisson realisation. One
-    # replay strays from the mean of 3 by 0.16% (median run) but by 1% at the 90th percentile
-    # and up to 18% in runs on the edge of saturation (R1, qwen-2.5-7b-h100); 3 replays cut
-    # that noise by sqrt(3) for 3x the CPU time. Measured with a profile that is not shipped
-    # (R6's median ITL); with the shipped ones see the README.
+    # replay's ITL strays from the mean of 3 by 0.16-0.19% (median run) but by 1% at the 90th
+    # percentile and up to 4.4% (Llama) / 18% (Qwen, a run on the edge of saturation) on R1
+    # with the shipped H100 profiles; 3 replays cut that noise by sqrt(3) for 3x the CPU time.
     replays: int = DEFAULT_REPLAYS
 
 
