@@ -84,6 +84,19 @@ class Setup:
     zipf_s: float | None
     ttft_slo_ms: float
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, *, ttft_slo_ms: float) -> Setup:
+        """The deployment of ``add_deployment_args``' options."""
+        return cls(
+            workload=args.workload,
+            profile=args.profile,
+            replicas=args.replicas,
+            max_loras=args.max_loras,
+            max_cpu_loras=args.max_cpu_loras,
+            zipf_s=args.zipf_s,
+            ttft_slo_ms=ttft_slo_ms,
+        )
+
 
 def make_spec(setup: Setup, *, rate_rps: float, duration_s: float, seed: int) -> WorkloadSpec:
     spec = load_spec(setup.workload)
@@ -314,15 +327,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     wall0 = time.perf_counter()
-    setup = Setup(
-        workload=args.workload,
-        profile=args.profile,
-        replicas=args.replicas,
-        max_loras=args.max_loras,
-        max_cpu_loras=args.max_cpu_loras,
-        zipf_s=args.zipf_s,
-        ttft_slo_ms=args.ttft_slo_ms,
-    )
+    setup = Setup.from_args(args, ttft_slo_ms=args.ttft_slo_ms)
     seeds = list(range(1, args.seeds + 1))
     policies = [p for p in args.policies.split(",") if p]
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print

@@ -271,15 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rate-rps", type=float, default=7.09, help="the item-8 table's rate")
     ap.add_argument("--floor", action="store_true", help="also the TTFT floor (slower)")
     args = ap.parse_args(argv)
-    setup = cps.Setup(
-        workload=args.workload,
-        profile=args.profile,
-        replicas=args.replicas,
-        max_loras=args.max_loras,
-        max_cpu_loras=args.max_cpu_loras,
-        zipf_s=args.zipf_s,
-        ttft_slo_ms=1000.0,
-    )
+    setup = cps.Setup.from_args(args, ttft_slo_ms=1000.0)
     seeds = range(1, args.seeds + 1)
     n_adapters = len(Workload(cps.make_spec(setup, rate_rps=1.0, duration_s=1.0, seed=1)).adapters)
     per_seed: dict[str, list[tuple[int, int, int]]] = {}
