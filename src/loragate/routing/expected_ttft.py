@@ -195,9 +195,12 @@ class ExpectedTTFTScorer:
 
     def _step_time(self, key: tuple[int, int]) -> float:
         """The model's step time for (batch, distinct adapters), memoised."""
-        if len(self._memo) >= MAX_MEMO:
-            self._memo.clear()
-        t = self._memo[key] = _sane(self.model.step_time_s(*key))
+        memo = self._memo
+        t = memo.get(key)
+        if t is None:
+            if len(memo) >= MAX_MEMO:
+                memo.clear()
+            t = memo[key] = _sane(self.model.step_time_s(*key))
         return t
 
     def _new_terms(self, rid: ReplicaId, state: ReplicaState) -> ReplicaTerms:
@@ -215,11 +218,7 @@ class ExpectedTTFTScorer:
         else:
             d = n_active
             deferred_ahead = deferred
-        memo = self._memo
-        step_key = (batch + 1, d if d < slots else slots)
-        t_step = memo.get(step_key)
-        if t_step is None:
-            t_step = self._step_time(step_key)
+        t_step = self._step_time((batch + 1, d if d < slots else slots))
         # Sequence slots (max_num_seqs, or KV memory if that runs out first).
         cap = float(seqs)
         if kv >= p.kv_full:
@@ -250,9 +249,7 @@ class ExpectedTTFTScorer:
             stall = 1.0 + p.load_stall_weight * n
             slot_penalty = p.new_slot_weight * t_step * hold / slots
         else:
-            step_key = (batch + 1, d + 1)
-            t_new = memo.get(step_key)
-            t_step_new = t_new if t_new is not None else self._step_time(step_key)
+            t_step_new = self._step_time((batch + 1, d + 1))
             new_wait = slot_wait if deferred_ahead > 0 else 0.0
             occupancy = d / slots
             stall = 1.0 + p.load_stall_weight * (waiting + (n - waiting) * occupancy * occupancy)
