@@ -19,8 +19,10 @@ import csv
 import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from loragate.core.errors import ConfigError
 
@@ -131,6 +133,20 @@ def _scheduler_table(folder: Path, model: str) -> Table:
 RAW_DIR = "raw"
 
 
+def _openai_results(run_dir: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """The benchmark results (``openai-*.json``) of one run folder, in name order, parsed;
+    files that cannot be read or are not a JSON object are skipped."""
+    if not run_dir.is_dir():
+        return
+    for result in sorted(run_dir.glob("openai-*.json")):
+        try:
+            raw = json.loads(result.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(raw, dict):
+            yield result, raw
+
+
 def _loading_table(folder: Path, model: str) -> Table:
     """``loading.csv`` with each run's median ITL (``itl_median_ms``) from its raw result.
 
@@ -141,13 +157,8 @@ def _loading_table(folder: Path, model: str) -> Table:
     for values, text in zip(table.values, table.text, strict=True):
         if math.isfinite(values.get("itl_median_ms", math.nan)) or not text.get("source_path"):
             continue
-        run_dir = folder / RAW_DIR / text["source_path"]
-        for result in sorted(run_dir.glob("openai-*.json")) if run_dir.is_dir() else []:
-            try:
-                raw = json.loads(result.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            median = raw.get("median_itl_ms") if isinstance(raw, dict) else None
+        for _, raw in _openai_results(folder / RAW_DIR / text["source_path"]):
+            median = raw.get("median_itl_ms")
             if isinstance(median, int | float) and math.isfinite(median):
                 values["itl_median_ms"] = float(median)
                 break
@@ -163,14 +174,10 @@ def _slot_sweep_table(folder: Path, model: str) -> Table:
     for model_dir in sorted(folder.rglob(f"{R7_DIR}/{model}")):
         for run_dir in sorted(model_dir.iterdir()):
             match = _R7_RUN.match(run_dir.name)
-            if match is None or not run_dir.is_dir():
+            if match is None:
                 continue
-            for result in sorted(run_dir.glob("openai-*.json")):
-                try:
-                    raw = json.loads(result.read_text(encoding="utf-8"))
-                except (OSError, ValueError):
-                    continue
-                itl = raw.get("mean_itl_ms") if isinstance(raw, dict) else None
+            for result, raw in _openai_results(run_dir):
+                itl = raw.get("mean_itl_ms")
                 if not isinstance(itl, int | float) or not raw.get("completed"):
                     continue
                 values.append({
