@@ -396,16 +396,15 @@ class Proxy:
                         loading = spec.name
                         try:
                             await pool.ensure_adapter(rid, spec)
-                        except UpstreamConnectError as exc:
-                            self._upstream_failed(exc, rid, rreq, f"loading adapter {loading!r}")
-                            if not retried and self._can_retry(rid):
-                                retried, exclude, loading = True, rid, None
-                                continue
-                            raise
-                        except AdapterLoadError:
-                            # This replica refused it (no --enable-lora, a rank above its
-                            # --max-lora-rank, a path it cannot read): another one may take
-                            # it. The replica stays in rotation; the pool logged the refusal.
+                        except (UpstreamConnectError, AdapterLoadError) as exc:
+                            # Unreachable: reported to the pool (out of rotation). Refused (no
+                            # --enable-lora, a rank above its --max-lora-rank, a path it cannot
+                            # read): it stays in rotation, the pool logged the refusal. Either
+                            # way another replica may take it.
+                            if isinstance(exc, UpstreamConnectError):
+                                self._upstream_failed(
+                                    exc, rid, rreq, f"loading adapter {loading!r}"
+                                )
                             if not retried and self._can_retry(rid):
                                 retried, exclude, loading = True, rid, None
                                 continue
