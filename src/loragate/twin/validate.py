@@ -809,7 +809,3 @@ def validate(
             for r in results
         ],
     }
-
-
-def with_window(cfg: ValidateConfig, window_s: float) -> ValidateConfig:
-    return replace(cfg, window_s=window_s)
