@@ -52,9 +52,11 @@ def error_payload(message: str, err_type: str, code: str, param: str | None = No
     return json.dumps(body).encode()
 
 
-def error_response(exc: LoragateError) -> web.Response:
+def error_response(exc: LoragateError, *, headers: dict[str, str] | None = None) -> web.Response:
+    """``exc`` as an OpenAI-shaped JSON answer (``headers`` added, e.g. the replica's id)."""
     status, err_type, code = classify(exc)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     response = web.Response(
         status=status,
         body=error_payload(exc.message, err_type, code, exc.param),
@@ -69,11 +71,12 @@ def error_response(exc: LoragateError) -> web.Response:
     return response
 
 
-def internal_error_response() -> web.Response:
+def internal_error_response(*, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         status=500,
         body=error_payload("internal gateway error", "server_error", "internal_error"),
         content_type="application/json",
+        headers=headers,
     )
 
 

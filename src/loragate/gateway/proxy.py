@@ -51,7 +51,6 @@ from loragate.core.errors import (
     ShuttingDownError,
     UpstreamConnectError,
     UpstreamError,
-    UpstreamProtocolError,
     UpstreamTimeoutError,
 )
 from loragate.core.types import AdapterSpec, ReplicaId, ReplicaSnapshot, RoutingRequest
@@ -84,6 +83,8 @@ _SHUTTING_DOWN = ShuttingDownError(
     "the gateway is shutting down and the request did not finish within its drain period; retry it"
 )
 _CUT = "loragate: shutdown deadline"  # the cancel message of a request cut at the deadline
+# The status label in loragate_requests_total of a request whose client went away first.
+CLIENT_CLOSED = "client_closed"
 
 
 class _RelayResponse(web.StreamResponse):
@@ -230,36 +231,48 @@ class Proxy:
         task = _current_task()
         active = self._active
         active.add(task)
+        request_id = str(next(self._ids))
         adapter_label = ""
         try:
-            tenant = self.catalog.tenant_of(request.headers.get(hdrs.AUTHORIZATION))
-            body = await self._read_body(request)
-            spec, stream, max_tokens = self._parse(body, chat, tenant)
-            if spec is not None:
-                adapter_label = spec.name
-            rreq = RoutingRequest(
-                request_id=str(next(self._ids)),
-                adapter=spec.name if spec is not None else None,
-                tenant=tenant,
-                prompt_tokens=len(body) >> 2,  # rough: ~4 bytes per token
-                max_tokens=max_tokens,
-                stream=stream,
-                adapter_rank=spec.rank if spec is not None else None,
-            )
+            # Until a replica is chosen: errors here are no replica's (``_forward`` answers,
+            # counts and logs everything that happens after).
+            try:
+                tenant = self.catalog.tenant_of(request.headers.get(hdrs.AUTHORIZATION))
+                body = await self._read_body(request)
+                spec, stream, max_tokens = self._parse(body, chat, tenant)
+                if spec is not None:
+                    adapter_label = spec.name
+                rreq = RoutingRequest(
+                    request_id=request_id,
+                    adapter=spec.name if spec is not None else None,
+                    tenant=tenant,
+                    prompt_tokens=len(body) >> 2,  # rough: ~4 bytes per token
+                    max_tokens=max_tokens,
+                    stream=stream,
+                    adapter_rank=spec.rank if spec is not None else None,
+                )
+            except LoragateError as exc:
+                self._telemetry.count(adapter_label, "", str(classify(exc)[0]))
+                return error_response(exc)
+            except asyncio.CancelledError:
+                if not self._was_cut(task):
+                    # The client went away before its request was read (or the server's own
+                    # shutdown): nobody to answer.
+                    self._telemetry.count(adapter_label, "", CLIENT_CLOSED)
+                    log.debug(
+                        "request %s (%s): the client went away before it was routed",
+                        request_id,
+                        request.path,
+                    )
+                    raise
+                # Cut at the shutdown deadline before it was routed: 503 (retryable).
+                self._telemetry.count(adapter_label, "", "503")
+                return error_response(_SHUTTING_DOWN)
+            except Exception:
+                log.exception("request %s: unexpected error reading %s", request_id, request.path)
+                self._telemetry.count(adapter_label, "", "500")
+                return internal_error_response()
             return await self._forward(request, body, rreq, spec, chat, t0)
-        except LoragateError as exc:
-            self._telemetry.count(adapter_label, "", str(classify(exc)[0]))
-            return error_response(exc)
-        except asyncio.CancelledError:
-            if not self._was_cut(task):
-                raise  # the client went away, or the server's own shutdown
-            # Cut at the shutdown deadline before an answer started: 503 (retryable).
-            self._telemetry.count(adapter_label, "", "503")
-            return error_response(_SHUTTING_DOWN)
-        except Exception:
-            log.exception("unexpected error while proxying %s", request.path)
-            self._telemetry.count(adapter_label, "", "500")
-            return internal_error_response()
         finally:
             active.discard(task)
 
@@ -382,6 +395,7 @@ class Proxy:
         sync = state.sync
         rid: ReplicaId = ""
         loading: str | None = None  # the adapter being loaded on rid, while that is under way
+        piping = False  # the stream is being relayed (``_pipe`` counts how it ends)
         try:
             while True:
                 rid = ""  # (an error before the choice is no replica's)
@@ -418,10 +432,15 @@ class Proxy:
                             whole=not stream,
                             timeout_s=self._stream_timeout_s if stream else self._timeout_s,
                         )
-                    except (UpstreamConnectError, UpstreamProtocolError) as exc:
-                        # Nothing reached the client yet: safe to try another replica once.
+                    except UpstreamError as exc:
                         self._upstream_failed(exc, rid, rreq, "answering")
-                        if not retried and self._can_retry(rid):
+                        # Nothing reached the client yet: safe to try another replica once,
+                        # unless it timed out (the replica may still be working on it).
+                        if (
+                            not isinstance(exc, UpstreamTimeoutError)
+                            and not retried
+                            and self._can_retry(rid)
+                        ):
                             retried, exclude = True, rid
                             continue
                         raise
@@ -434,8 +453,9 @@ class Proxy:
                             reloaded = True
                             continue
                         if stream and status == 200:
+                            piping = True
                             return await self._pipe(request, conn, rid, rreq, t0, t_send)
-                        data = conn.body() if not stream else await self._drain(conn)
+                        data = conn.body() if not stream else await self._drain(conn, rid, rreq)
                         telemetry = self._telemetry
                         telemetry.observe_latency(rid, self._now() - t_send)
                         telemetry.count(rreq.adapter or "", rid, str(status))
@@ -457,15 +477,52 @@ class Proxy:
                 # line and the admin API's last_error have that).
                 exc = _for_client(exc, rid, loading)
             # Counted with the replica that failed it (the handler counts errors raised
-            # before a replica was chosen).
+            # before a replica was chosen), and named to the client in the replica header.
             self._telemetry.count(rreq.adapter or "", rid, str(classify(exc)[0]))
-            return error_response(exc)
+            return error_response(exc, headers={REPLICA_HEADER: rid} if rid else None)
+        except asyncio.CancelledError:
+            if not self._was_cut(_current_task()):
+                # The client went away (aiohttp cancels its handler; the upstream connection,
+                # released unfinished, was closed: vLLM aborts the generation). A stream
+                # counts its own (``_pipe``).
+                if not piping:
+                    self._client_left(rreq, rid, "waiting for the answer")
+                raise
+            # Cut at the shutdown deadline before an answer started: 503 (retryable).
+            self._telemetry.count(rreq.adapter or "", rid, "503")
+            return error_response(_SHUTTING_DOWN, headers={REPLICA_HEADER: rid} if rid else None)
+        except Exception:
+            log.exception(
+                "request %s (model %s) on replica %s: unexpected error while proxying %s",
+                rreq.request_id,
+                rreq.adapter or "<base>",
+                rid or "<none chosen>",
+                path,
+            )
+            self._telemetry.count(rreq.adapter or "", rid, "500")
+            return internal_error_response(headers={REPLICA_HEADER: rid} if rid else None)
 
-    async def _drain(self, conn: UpstreamConn) -> bytes:
+    def _client_left(self, rreq: RoutingRequest, rid: ReplicaId, stage: str) -> None:
+        """Count (and log, at debug: clients leave all the time) a request whose client went
+        away before its answer was out."""
+        self._telemetry.count(rreq.adapter or "", rid, CLIENT_CLOSED)
+        log.debug(
+            "request %s (model %s) on replica %s: the client went away while %s",
+            rreq.request_id,
+            rreq.adapter or "<base>",
+            rid or "<none chosen>",
+            stage,
+        )
+
+    async def _drain(self, conn: UpstreamConn, rid: ReplicaId, rreq: RoutingRequest) -> bytes:
         """The whole body of a streaming request's non-200 answer (vLLM's JSON error)."""
         parts = []
-        while chunk := await conn.read_chunk(self._stream_timeout_s):
-            parts.append(chunk)
+        try:
+            while chunk := await conn.read_chunk(self._stream_timeout_s):
+                parts.append(chunk)
+        except UpstreamError as exc:
+            self._upstream_failed(exc, rid, rreq, f"sending its {conn.status} answer")
+            raise
         return b"".join(parts)
 
     def _can_retry(self, failed: ReplicaId) -> bool:
@@ -511,14 +568,15 @@ class Proxy:
             },
         )
         telemetry = self._telemetry
+        adapter = rreq.adapter or ""
         last = b""
-        ended = False
+        ended = counted = False
+        outcome = "200"
+        relayed = 0
         try:
             await out.prepare(request)
             timeout_s = self._stream_timeout_s
             held = b""
-            relayed = 0
-            outcome = "200"
             head_held = True
             while True:
                 if head_held and not conn.ready:
@@ -526,11 +584,14 @@ class Proxy:
                     try:
                         await out.write(b"")  # the head alone, unless it went out already
                     except ConnectionError:
-                        telemetry.count(rreq.adapter or "", rid, "client_closed")
+                        counted = True
+                        self._client_left(rreq, rid, "the stream began")
                         return out
                 try:
                     chunk = await conn.read_chunk(timeout_s)
                 except UpstreamError as exc:
+                    # The head (status 200, the replica header) is out: the log line and the
+                    # metric name the replica, and so does the error event.
                     self._upstream_failed(exc, rid, rreq, f"streaming (after {relayed} bytes)")
                     outcome = "stream_error"
                     err = UpstreamConnectError(f"replica {rid} broke off the stream: {exc.message}")
@@ -563,22 +624,27 @@ class Proxy:
                 except ConnectionError:
                     # The client went away; releasing the unfinished connection closes it, which
                     # aborts the generation on the replica.
-                    telemetry.count(rreq.adapter or "", rid, "client_closed")
+                    counted = True
+                    self._client_left(rreq, rid, f"streaming (after {relayed} bytes)")
                     return out
             telemetry.observe_latency(rid, self._now() - t_send)
-            telemetry.count(rreq.adapter or "", rid, outcome)
-            ended = True
+            telemetry.count(adapter, rid, outcome)
+            ended = counted = True
             with contextlib.suppress(ConnectionError):
                 await out.write_eof()  # nothing if it was sent with the last bytes
         except asyncio.CancelledError:
             if not self._was_cut(_current_task()):
+                if not counted:  # the client went away (aiohttp cancelled the handler)
+                    self._client_left(rreq, rid, f"streaming (after {relayed} bytes)")
                 raise
-            if not ended:  # (else the whole answer is out but its last write)
+            if not ended:
                 # Cut at the shutdown deadline: end the stream with an error event, cleanly.
-                telemetry.count(rreq.adapter or "", rid, "shutdown")
+                telemetry.count(adapter, rid, "shutdown")
                 with contextlib.suppress(ConnectionError):
                     await out.write(_event_break(last) + sse_error_event(_SHUTTING_DOWN))
                     await out.write_eof()
+            elif not counted:  # the whole answer is out but for its last write
+                telemetry.count(adapter, rid, outcome)
         return out
 
 
