@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import socket
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -133,3 +134,40 @@ def test_a_bad_port_flag_is_refused(
         build_parser().parse_args(["serve", "--config", str(path), f"--port={port}"])
     assert exc.value.code == 2
     assert "argument --port" in capsys.readouterr().err
+
+
+async def test_a_port_in_use_fails_before_any_replica_traffic(tmp_path: Path) -> None:
+    """``loragate serve`` binds its socket before it polls a replica: on a port in use it exits
+    at once with one line, and the replica (a listening socket that records every connection)
+    never hears from it."""
+    connections = 0
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        writer.close()
+
+    replica = await asyncio.start_server(record, "127.0.0.1", 0)
+    replica_port = replica.sockets[0].getsockname()[1]
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        f"base_model: {BASE}\nreplicas: ['http://127.0.0.1:{replica_port}']\n", encoding="utf-8"
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "loragate.cli", "serve", "--config", str(path),
+            "--host", "127.0.0.1", "--port", str(port),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    replica.close()
+    await replica.wait_closed()
+    assert proc.returncode == 1  # the exit status of every "cannot listen" (serve, replica)
+    assert out == b""
+    assert err.decode() == (
+        f"loragate serve: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )
+    assert connections == 0

@@ -1,6 +1,9 @@
 """Run a gateway app on a socket: in-process for tests and the demo, or until a signal for
 ``loragate serve``. The event loop (uvloop or not) is the caller's choice.
 
+Start-up binds the listening socket before anything else: a port in use (or an address not on
+this host) fails at once with :class:`ListenError`, before the app starts or polls a replica.
+
 Shutdown (leaving :func:`running_gateway`; SIGTERM/SIGINT in ``loragate serve``), as a load
 balancer drains: the listening socket closes at once (new connections are refused) and idle
 keep-alive connections close; the requests in flight may finish within the drain period
@@ -15,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,7 @@ CUT_GRACE_S = 1.0
 # Then aiohttp's own shutdown, for handlers outside the proxy (admin, /health, /metrics; they
 # had the drain period too): it waits this long, cancels them and waits this long again.
 HANDLER_GRACE_S = 1.0
+_BACKLOG = 128  # the listening sockets' (aiohttp's default)
 
 
 class ListenError(Exception):
@@ -72,7 +76,13 @@ async def running_gateway(
     cannot be bound."""
     host = config.server.host if host is None else host
     port = config.server.port if port is None else port
-    app = create_app(config, **create_app_kwargs)
+    # The socket first: a port in use fails the start before the app polls any replica.
+    socks = await _listen(host, port)
+    try:
+        app = create_app(config, **create_app_kwargs)
+    except BaseException:
+        _close_all(socks)
+        raise
     listening = False
 
     async def drain(app: web.Application) -> None:
@@ -115,14 +125,18 @@ async def running_gateway(
         handler_cancellation=True,
         shutdown_timeout=HANDLER_GRACE_S,
     )
-    await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        await runner.setup()
+    except BaseException:
+        _close_all(socks)
+        raise
+    try:
         try:
-            await site.start()
-        except OSError as exc:
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise ListenError(f"cannot listen on {host}:{port}: {reason}") from exc
+            for sock in socks:
+                await web.SockSite(runner, sock, backlog=_BACKLOG).start()
+        except BaseException:
+            _close_all(socks)  # (those a site serves already are closed again: harmless)
+            raise
         listening = True
         bound = runner.addresses[0]
         actual_host, actual_port = str(bound[0]), int(bound[1])
@@ -132,6 +146,40 @@ async def running_gateway(
         )
     finally:
         await runner.cleanup()
+
+
+async def _listen(host: str, port: int) -> list[socket.socket]:
+    """Bound, listening sockets for ``host:port``, made as ``loop.create_server`` makes them
+    (what ``web.TCPSite`` calls): one per address ``host`` resolves to ("" = every interface),
+    ``SO_REUSEADDR``, IPv6 sockets IPv6-only. Raises :class:`ListenError` naming the address."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        socks: list[socket.socket] = []
+        try:
+            for family, kind, proto, _, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                sock.listen(_BACKLOG)
+                sock.setblocking(False)
+        except BaseException:
+            _close_all(socks)
+            raise
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ListenError(f"cannot listen on {host}:{port}: {reason}") from exc
+    return socks
+
+
+def _close_all(socks: list[socket.socket]) -> None:
+    for sock in socks:
+        sock.close()
 
 
 async def _close_idle_connections(server: web.Server) -> None:
