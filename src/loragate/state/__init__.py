@@ -25,7 +25,9 @@ from loragate.state.redis_store import RedisStore
 from loragate.state.resilient import ResilientStore, run_maintenance
 from loragate.state.store import (
     GatewayStore,
+    RefusalMap,
     ReplicaRecord,
+    SharedRefusal,
     StateStore,
     StateUnavailableError,
     StateView,
@@ -36,8 +38,10 @@ __all__ = [
     "KeySpace",
     "MemoryStore",
     "RedisStore",
+    "RefusalMap",
     "ReplicaRecord",
     "ResilientStore",
+    "SharedRefusal",
     "StateStore",
     "StateUnavailableError",
     "StateView",

@@ -22,6 +22,12 @@ key                          type    content / lifetime
                                      (``B = floor(t / demand_bucket_s)``); EXPIRE
                                      ``demand_retention_s``
 ``P leader:N``               STRING  holder of leader lease ``N``; PX = the caller's TTL
+``P refusals``               HASH    adapter loads a replica refused: field
+                                     :func:`refusal_field` ``(R, adapter)`` -> ``"<until ms>
+                                     <JSON {path, error}>"``; each entry expires at its own
+                                     ``until`` (Redis server time; the caller's TTL,
+                                     ``poller.adapter_refusal_ttl_s``), dropped by the snapshot
+                                     script once past; the key PEXPIREs with its last entry
 ==========================  ======  ===========================================================
 
 The snapshot and resync scripts build per-replica key names from the prefix inside Lua, so the
@@ -30,6 +36,7 @@ layout targets a single Redis (or a primary with replicas), not Redis Cluster.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from loragate.core.types import ReplicaId
@@ -139,6 +146,10 @@ class KeySpace:
     def leader(self, name: str) -> str:
         return f"{self.prefix}leader:{name}"
 
+    @property
+    def refusals(self) -> str:
+        return f"{self.prefix}refusals"
+
     def residency_keys(self, replica_id: ReplicaId) -> list[str]:
         """Keys of one replica's shadow residency, in the order the Lua scripts expect."""
         return [
@@ -151,3 +162,9 @@ class KeySpace:
 
 def lease_member(instance_id: str, request_id: str) -> str:
     return f"{instance_id}{LEASE_SEPARATOR}{request_id}"
+
+
+def refusal_field(replica_id: ReplicaId, adapter: str) -> str:
+    """The ``refusals`` hash field of one (replica, adapter): a JSON array, so any characters
+    in either name keep fields distinct, and the Lua scripts can decode the adapter."""
+    return json.dumps([replica_id, adapter], separators=(",", ":"))

@@ -49,6 +49,12 @@ local function res_touch(reg, gpu, cpu, info, adapter, dg, dc)
   lru_touch(gpu, adapter, g)
 end
 
+-- one refusal (hash field -> '<until ms> <JSON>'); the hash lives as long as its last entry
+local function set_refusal(key, field, json, ttl, now)
+  redis.call('HSET', key, field, string.format('%.0f', now + ttl) .. ' ' .. json)
+  if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+end
+
 local function list_filter(key, keep)
   local items = redis.call('LRANGE', key, 0, -1)
   redis.call('DEL', key)
@@ -111,9 +117,10 @@ return 1
 """
 )
 
-# KEYS: replicas, version, adapters, epoch
+# KEYS: replicas, version, adapters, epoch, refusals
 # ARGV: per-replica key prefix, version the caller already knows ('' = none)
-# Returns {version, epoch or '', adapters (flat HGETALL) or 0 if unchanged, rows…};
+# Returns {version, epoch or '', adapters (flat HGETALL) or 0 if unchanged, refusals, rows…};
+# refusals = {field, JSON, ms left, …} of the refusals in force (expired ones are deleted);
 # row = {id, info (flat HGETALL), registered, gpu, cpu, in-flight count}.
 SNAPSHOT = (
     _COMMON
@@ -123,7 +130,22 @@ local version = redis.call('GET', KEYS[2]) or '0'
 local epoch = redis.call('GET', KEYS[4]) or ''
 local adapters = 0
 if version ~= ARGV[2] then adapters = redis.call('HGETALL', KEYS[3]) end
-local out = {version, epoch, adapters}
+local refusals = {}
+local rf = redis.call('HGETALL', KEYS[5])
+for i = 1, #rf, 2 do
+  local v = rf[i + 1]
+  local sp = string.find(v, ' ', 1, true)
+  local left = -1
+  if sp then left = (tonumber(string.sub(v, 1, sp - 1)) or 0) - now end
+  if left > 0 then
+    refusals[#refusals + 1] = rf[i]
+    refusals[#refusals + 1] = string.sub(v, sp + 1)
+    refusals[#refusals + 1] = left
+  else
+    redis.call('HDEL', KEYS[5], rf[i])
+  end
+end
+local out = {version, epoch, adapters, refusals}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local base = ARGV[1] .. id
   out[#out + 1] = {
@@ -213,13 +235,22 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX') then return {ARGV[1], 1} end
 return {redis.call('GET', KEYS[1]), 0}
 """
 
-# KEYS: replicas, adapters, version
+# KEYS: replicas, adapters, version, refusals
 # ARGV: per-replica key prefix, JSON {"version": n, "adapters": {name: json},
-#       "replicas": [{"id", "info": [k, v, …], "reg": [], "gpu": [], "cpu": []}]}
+#       "replicas": [{"id", "info": [k, v, …], "reg": [], "gpu": [], "cpu": []}],
+#       "refusals": [[field, json, ms left], …]}
 # Fills in what is missing after Redis lost its data; never overwrites what is there (another
-# gateway may have pushed first), so the first instance back wins per replica.
-PUSH_MISSING = """
+# gateway may have pushed first), so the first instance back wins per replica (and refusal).
+PUSH_MISSING = (
+    _COMMON
+    + """
 local state = cjson.decode(ARGV[2])
+local now = now_ms()
+for _, x in ipairs(state.refusals) do
+  if redis.call('HEXISTS', KEYS[4], x[1]) == 0 then
+    set_refusal(KEYS[4], x[1], x[2], tonumber(x[3]), now)
+  end
+end
 for _, r in ipairs(state.replicas) do
   local base = ARGV[1] .. r.id
   if redis.call('EXISTS', base) == 0 then
@@ -236,4 +267,25 @@ for name, spec in pairs(state.adapters) do redis.call('HSETNX', KEYS[2], name, s
 local v = tonumber(redis.call('GET', KEYS[3]) or '0')
 if v <= tonumber(state.version) then redis.call('SET', KEYS[3], tonumber(state.version) + 1) end
 return 1
+"""
+)
+
+# KEYS: refusals; ARGV: field, ttl ms, JSON {path, error}. Sets (or replaces) one refusal.
+RECORD_REFUSAL = (
+    _COMMON
+    + """
+set_refusal(KEYS[1], ARGV[1], ARGV[3], tonumber(ARGV[2]), now_ms())
+return 1
+"""
+)
+
+# KEYS: refusals; ARGV: adapter, field ('' = the adapter's refusals by every replica).
+# Returns how many were deleted.
+FORGET_REFUSALS = """
+if ARGV[2] ~= '' then return redis.call('HDEL', KEYS[1], ARGV[2]) end
+local n = 0
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if cjson.decode(f)[2] == ARGV[1] then n = n + redis.call('HDEL', KEYS[1], f) end
+end
+return n
 """

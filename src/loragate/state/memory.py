@@ -16,7 +16,7 @@ from loragate.core.clock import Clock, WallClock
 from loragate.core.types import AdapterId, AdapterSpec, ReplicaId, ReplicaSettings, Residency
 from loragate.state import residency as rz
 from loragate.state.keys import Ttls
-from loragate.state.store import ReplicaRecord, StateView
+from loragate.state.store import NO_REFUSALS, RefusalMap, ReplicaRecord, SharedRefusal, StateView
 
 _DEFAULT_SETTINGS = ReplicaSettings()
 
@@ -33,6 +33,8 @@ class MemoryStore:
         self._adapters: dict[AdapterId, AdapterSpec] = {}
         self._demand: dict[int, dict[AdapterId, int]] = {}
         self._leaders: dict[str, tuple[str, float]] = {}
+        # Adapter -> replica -> (path, error, until on ``clock``).
+        self._refusals: dict[AdapterId, dict[ReplicaId, tuple[str, str, float]]] = {}
         self._version = 0
 
     # --- hot path -------------------------------------------------------------------------
@@ -73,6 +75,7 @@ class MemoryStore:
             residency={r: self._residency.get(r, rz.EMPTY) for r in self._replicas},
             in_flight={r: len(self._leases.get(r, ())) for r in self._replicas},
             adapters=self._adapters,
+            refusals=self.refusals(),
             degraded=False,
         )
 
@@ -108,13 +111,20 @@ class MemoryStore:
     def own_leases(self) -> dict[str, ReplicaId]:
         return {rid: r for r, ids in self._leases.items() for rid in ids}
 
-    def replace_shared(self, view: StateView) -> None:
-        """Adopt a shared view (registry, residency, adapters, version); keep own leases and
-        demand counts."""
+    def replace_shared(self, view: StateView, *, keep_refusals: bool = False) -> None:
+        """Adopt a shared view (registry, residency, adapters, refusals unless
+        ``keep_refusals``, version); keep own leases and demand counts."""
         self._replicas = dict(view.replicas)
         self._residency = dict(view.residency)
         self._adapters = dict(view.adapters)  # copy-on-write from here on
         self._version = view.version
+        if not keep_refusals:
+            now = self._clock.now()
+            self._refusals = {
+                name: {r: (x.path, x.error, now + x.left_s) for r, x in by_replica.items()}
+                for name, by_replica in view.refusals.items()
+                if by_replica
+            }
 
     # --- replica registry -----------------------------------------------------------------
     async def upsert_replica(self, record: ReplicaRecord) -> None:
@@ -164,6 +174,46 @@ class MemoryStore:
 
     async def list_adapters(self) -> list[AdapterSpec]:
         return [self._adapters[n] for n in sorted(self._adapters)]
+
+    # --- adapter-load refusals -----------------------------------------------------------------
+    async def record_refusal(
+        self, replica_id: ReplicaId, adapter: AdapterId, *, path: str, error: str, ttl_s: float
+    ) -> None:
+        if ttl_s <= 0:
+            await self.forget_refusals(adapter, replica_id)
+            return
+        until = self._clock.now() + ttl_s
+        self._refusals.setdefault(adapter, {})[replica_id] = (path, error, until)
+
+    async def forget_refusals(
+        self, adapter: AdapterId, replica_id: ReplicaId | None = None
+    ) -> None:
+        if replica_id is None:
+            self._refusals.pop(adapter, None)
+            return
+        by_replica = self._refusals.get(adapter)
+        if by_replica is not None:
+            by_replica.pop(replica_id, None)
+            if not by_replica:
+                del self._refusals[adapter]
+
+    def refusals(self) -> RefusalMap:
+        """The refusals in force now (expired ones are dropped here)."""
+        if not self._refusals:
+            return NO_REFUSALS
+        now = self._clock.now()
+        out: dict[AdapterId, dict[ReplicaId, SharedRefusal]] = {}
+        for name, by_replica in list(self._refusals.items()):
+            for rid, (path, error, until) in list(by_replica.items()):
+                if until <= now:
+                    del by_replica[rid]
+                else:
+                    out.setdefault(name, {})[rid] = SharedRefusal(
+                        path=path, error=error, left_s=until - now
+                    )
+            if not by_replica:
+                del self._refusals[name]
+        return out
 
     # --- demand -------------------------------------------------------------------------------
     async def demand(self, since_s: float, until_s: float) -> dict[float, dict[AdapterId, int]]:

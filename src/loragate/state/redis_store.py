@@ -1,8 +1,8 @@
 """``RedisStore``: the shared state in Redis (``redis.asyncio``, hiredis parser if installed).
 
 Round trips: ``begin_request`` 1 (one EVALSHA: GC + lease + residency touch + demand),
-``end_request`` 1 (ZREM), ``snapshot`` 1 (one EVALSHA returning every replica). Every
-multi-key write is one Lua script or one MULTI/EXEC.
+``end_request`` 1 (ZREM), ``snapshot`` 1 (one EVALSHA returning every replica and the adapter
+load refusals in force). Every multi-key write is one Lua script or one MULTI/EXEC.
 
 This class is the raw store: when Redis is unreachable every method raises
 ``StateUnavailableError``. The gateway wraps it in ``ResilientStore``, which never does.
@@ -30,8 +30,13 @@ from redis.exceptions import RedisError
 from loragate.core.clock import Clock, WallClock
 from loragate.core.types import AdapterId, AdapterSpec, ReplicaId, ReplicaSettings, Residency
 from loragate.state import lua
-from loragate.state.keys import KeySpace, Ttls, lease_member
-from loragate.state.store import ReplicaRecord, StateUnavailableError, StateView
+from loragate.state.keys import KeySpace, Ttls, lease_member, refusal_field
+from loragate.state.store import (
+    ReplicaRecord,
+    SharedRefusal,
+    StateUnavailableError,
+    StateView,
+)
 
 log = logging.getLogger("loragate.state")
 
@@ -81,6 +86,22 @@ def decode_adapter(name: AdapterId, raw: str) -> AdapterSpec:
 
 def _pairs(flat: Sequence[str]) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def encode_refusal(path: str, error: str) -> str:
+    return json.dumps({"path": path, "error": error})
+
+
+def decode_refusals(flat: Sequence[Any]) -> dict[AdapterId, dict[ReplicaId, SharedRefusal]]:
+    """The snapshot script's ``{field, JSON, ms left, …}``."""
+    out: dict[AdapterId, dict[ReplicaId, SharedRefusal]] = {}
+    for i in range(0, len(flat) - 2, 3):
+        replica_id, adapter = json.loads(flat[i])
+        info = json.loads(flat[i + 1])
+        out.setdefault(str(adapter), {})[str(replica_id)] = SharedRefusal(
+            path=str(info["path"]), error=str(info["error"]), left_s=int(flat[i + 2]) / 1000.0
+        )
+    return out
 
 
 
@@ -139,6 +160,8 @@ class RedisStore:
         self._leader_release = client.register_script(lua.LEADER_RELEASE)
         self._ensure_epoch = client.register_script(lua.ENSURE_EPOCH)
         self._push_missing = client.register_script(lua.PUSH_MISSING)
+        self._record_refusal = client.register_script(lua.RECORD_REFUSAL)
+        self._forget_refusals = client.register_script(lua.FORGET_REFUSALS)
         # request id -> (replica id, lease member) of this instance's in-flight requests
         self._own: dict[str, tuple[ReplicaId, str]] = {}
         # replicas whose in-flight ZSET may still hold a lease of ours
@@ -261,7 +284,8 @@ class RedisStore:
         known = str(cache[1]) if cache is not None and cache[0] == self.epoch else ""
         raw: list[Any] = await self._io(
             self._snapshot(
-                keys=[k.replicas, k.version, k.adapters, k.epoch], args=[k.replica_base, known]
+                keys=[k.replicas, k.version, k.adapters, k.epoch, k.refusals],
+                args=[k.replica_base, known],
             )
         )
         version = int(raw[0])
@@ -277,7 +301,7 @@ class RedisStore:
         replicas: dict[ReplicaId, ReplicaRecord] = {}
         residency: dict[ReplicaId, Residency] = {}
         in_flight: dict[ReplicaId, int] = {}
-        for row in raw[3:]:
+        for row in raw[4:]:
             replica_id = str(row[0])
             replicas[replica_id] = decode_replica(replica_id, _pairs(row[1]))
             residency[replica_id] = Residency(
@@ -290,6 +314,7 @@ class RedisStore:
             residency=residency,
             in_flight=in_flight,
             adapters=adapters,
+            refusals=decode_refusals(raw[3]),
             degraded=False,
         )
 
@@ -361,6 +386,30 @@ class RedisStore:
         adapters = await self._load_adapters()
         return [adapters[n] for n in sorted(adapters)]
 
+    # --- adapter-load refusals ------------------------------------------------------------------
+    async def record_refusal(
+        self, replica_id: ReplicaId, adapter: AdapterId, *, path: str, error: str, ttl_s: float
+    ) -> None:
+        if ttl_s <= 0:
+            await self.forget_refusals(adapter, replica_id)
+            return
+        await self._io(
+            self._record_refusal(
+                keys=[self.keys.refusals],
+                args=[
+                    refusal_field(replica_id, adapter),
+                    max(1, math.ceil(ttl_s * 1000)),
+                    encode_refusal(path, error),
+                ],
+            )
+        )
+
+    async def forget_refusals(
+        self, adapter: AdapterId, replica_id: ReplicaId | None = None
+    ) -> None:
+        field = "" if replica_id is None else refusal_field(replica_id, adapter)
+        await self._io(self._forget_refusals(keys=[self.keys.refusals], args=[adapter, field]))
+
     # --- demand -------------------------------------------------------------------------------
     async def demand(self, since_s: float, until_s: float) -> dict[float, dict[AdapterId, int]]:
         buckets = self.ttls.demand_buckets(since_s, until_s)
@@ -421,11 +470,21 @@ class RedisStore:
                 }
                 for r, rec in view.replicas.items()
             ],
+            "refusals": [
+                [
+                    refusal_field(rid, name),
+                    encode_refusal(x.path, x.error),
+                    math.ceil(x.left_s * 1000),
+                ]
+                for name, by_replica in view.refusals.items()
+                for rid, x in by_replica.items()
+                if x.left_s > 0
+            ],
         }
         k = self.keys
         await self._io(
             self._push_missing(
-                keys=[k.replicas, k.adapters, k.version],
+                keys=[k.replicas, k.adapters, k.version, k.refusals],
                 args=[k.replica_base, json.dumps(payload)],
             )
         )

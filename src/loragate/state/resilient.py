@@ -17,6 +17,12 @@ The gateway's store in a multi-instance deployment. It keeps a local mirror (a
   replays the journal (residency touches, demand counts, admin writes), replaces this
   instance's leases with the live ones, and refreshes the mirror.
 
+Adapter-load refusals ride the same refresh: a refusal recorded here is in the mirror at
+once; a refresh whose snapshot may predate one of this instance's refusal writes (one was in
+flight, or started, while it was read) keeps the mirror's refusals rather than the snapshot's,
+and the next refresh brings them. A refusal recorded while Redis is down is replayed with the
+time it has left.
+
 The leader lease is never granted while degraded (a partitioned instance must not plan).
 """
 
@@ -34,7 +40,13 @@ from loragate.core.clock import Clock, WallClock
 from loragate.core.types import AdapterId, AdapterSpec, ReplicaId, Residency
 from loragate.state.memory import MemoryStore
 from loragate.state.redis_store import RedisStore
-from loragate.state.store import ReplicaRecord, StateStore, StateUnavailableError, StateView
+from loragate.state.store import (
+    RefusalMap,
+    ReplicaRecord,
+    StateStore,
+    StateUnavailableError,
+    StateView,
+)
 
 log = logging.getLogger("loragate.state")
 
@@ -63,8 +75,9 @@ class ResilientStore:
     ) -> None:
         self._remote = remote
         self._ttls = remote.ttls
-        self._local = local or MemoryStore(ttls=remote.ttls)
         self._clock: Clock = clock or WallClock()
+        # The mirror measures refusal lifetimes on our clock (as the journal replays them).
+        self._local = local or MemoryStore(ttls=remote.ttls, clock=self._clock)
         self._journal: deque[RemoteOp] = deque()
         self._journal_max = journal_max
         self.journal_dropped = 0
@@ -78,6 +91,8 @@ class ResilientStore:
         self._others: dict[ReplicaId, int] = {}
         self._known_epoch: str | None = None
         self.resyncs = 0
+        self._refusal_writes = 0  # refusal writes begun so far
+        self._refusal_writing = 0  # refusal writes waiting for Redis now
 
     # --- status -------------------------------------------------------------------------------
     @property
@@ -210,6 +225,8 @@ class ResilientStore:
 
     async def _refresh(self, *, allow_resync: bool = True) -> None:
         own_before = self._remote.own_in_flight()
+        refusal_mark = self._refusal_writes
+        refusal_busy = self._refusal_writing > 0
         view = await self._remote.snapshot()
         if allow_resync and self._remote.epoch != self._known_epoch:
             # Redis was replaced without a failed call in between: resynchronise.
@@ -218,7 +235,10 @@ class ResilientStore:
         self._others = {
             r: max(0, n - own_before.get(r, 0)) for r, n in view.in_flight.items()
         }
-        self._local.replace_shared(view)
+        # The snapshot may lack a refusal write of ours (in flight or journaled meanwhile):
+        # keep our refusals this time; the next refresh reads them back from Redis.
+        keep = refusal_busy or self._refusal_writes != refusal_mark or bool(self._journal)
+        self._local.replace_shared(view, keep_refusals=keep)
         self._last_refresh_s = self._clock.now()
 
     async def maintain(self) -> None:
@@ -325,6 +345,39 @@ class ResilientStore:
 
     async def list_adapters(self) -> list[AdapterSpec]:
         return await self._local.list_adapters()
+
+    # --- adapter-load refusals ----------------------------------------------------------------
+    async def record_refusal(
+        self, replica_id: ReplicaId, adapter: AdapterId, *, path: str, error: str, ttl_s: float
+    ) -> None:
+        await self._local.record_refusal(replica_id, adapter, path=path, error=error, ttl_s=ttl_s)
+        clock = self._clock
+        until = clock.now() + ttl_s
+
+        async def op(r: RedisStore) -> None:
+            left = until - clock.now()  # replayed after an outage: only what is left
+            if left > 0:
+                await r.record_refusal(replica_id, adapter, path=path, error=error, ttl_s=left)
+
+        await self._refusal_write(op)
+
+    async def forget_refusals(
+        self, adapter: AdapterId, replica_id: ReplicaId | None = None
+    ) -> None:
+        await self._local.forget_refusals(adapter, replica_id)
+        await self._refusal_write(lambda r: r.forget_refusals(adapter, replica_id))
+
+    async def _refusal_write(self, op: RemoteOp) -> None:
+        self._refusal_writes += 1
+        self._refusal_writing += 1
+        try:
+            await self._write(op)
+        finally:
+            self._refusal_writing -= 1
+
+    def refusals(self) -> RefusalMap:
+        """``view().refusals`` without building the view."""
+        return self._local.refusals()
 
     # --- demand, leader, version -------------------------------------------------------------
     async def demand(self, since_s: float, until_s: float) -> dict[float, dict[AdapterId, int]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Protocol
 
 from loragate.core.errors import LoragateError
@@ -47,11 +48,28 @@ class ReplicaRecord:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SharedRefusal:
+    """A replica refused to load an adapter from ``path`` (vLLM's ``error``); in force for
+    ``left_s`` more seconds at the time the view was taken. Expiry is measured by the store
+    (Redis server time for Redis), so instances need no synchronised clocks."""
+
+    path: str
+    error: str
+    left_s: float
+
+
+# Adapter -> replica -> refusal: what every instance leaves out of that adapter's candidates.
+RefusalMap = Mapping[AdapterId, Mapping[ReplicaId, SharedRefusal]]
+NO_REFUSALS: RefusalMap = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StateView:
     """A consistent read of the shared state (one Redis round trip for ``RedisStore``).
 
     ``in_flight`` counts live leases of every gateway instance. ``residency`` holds an entry for
-    every registered replica. ``degraded`` is True when the view is local-only because the
+    every registered replica. ``refusals`` holds the adapter loads replicas refused that are
+    still in force (any instance's). ``degraded`` is True when the view is local-only because the
     shared backend is unreachable.
     """
 
@@ -60,6 +78,7 @@ class StateView:
     residency: Mapping[ReplicaId, Residency] = field(default_factory=dict)
     in_flight: Mapping[ReplicaId, int] = field(default_factory=dict)
     adapters: Mapping[AdapterId, AdapterSpec] = field(default_factory=dict)
+    refusals: RefusalMap = field(default_factory=dict)
     degraded: bool = False
 
     def residency_of(self, replica_id: ReplicaId) -> Residency:
@@ -134,6 +153,20 @@ class StateStore(Protocol):
 
     async def list_adapters(self) -> list[AdapterSpec]: ...
 
+    # --- adapter-load refusals (shared by every instance) -----------------------------------
+    async def record_refusal(
+        self, replica_id: ReplicaId, adapter: AdapterId, *, path: str, error: str, ttl_s: float
+    ) -> None:
+        """The replica refused to load ``adapter`` from ``path``: every instance leaves it out
+        of that adapter's candidates for ``ttl_s`` (a new refusal replaces the old one)."""
+        ...
+
+    async def forget_refusals(
+        self, adapter: AdapterId, replica_id: ReplicaId | None = None
+    ) -> None:
+        """Forget the refusals of ``adapter`` by ``replica_id`` (None: by every replica)."""
+        ...
+
     # --- demand ---------------------------------------------------------------------------
     async def demand(self, since_s: float, until_s: float) -> dict[float, dict[AdapterId, int]]:
         """Requests per adapter per bucket, keyed by bucket start (seconds), buckets that
@@ -184,3 +217,7 @@ class GatewayStore(StateStore, Protocol):
     def in_flight_of(self, replica_id: ReplicaId) -> int: ...
 
     def residency_of(self, replica_id: ReplicaId) -> Residency: ...
+
+    def refusals(self) -> RefusalMap:
+        """``view().refusals`` without building the view."""
+        ...
