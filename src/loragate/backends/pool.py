@@ -16,7 +16,8 @@ remembered for ``poller.adapter_refusal_ttl_s`` (``backends.refusals``): the pro
 :meth:`ReplicaPool.refusing` and leaves those replicas out of that adapter's candidates.
 
 A :class:`PoolListener` (the gateway's shared state) hears about every poll, every adapter
-load and unload, so the shadow residency shared by all gateway instances follows the pool.
+load and unload, so the shadow residency shared by all gateway instances follows the pool; it
+is also the refusals' sink, so every instance knows the refusals any of them met.
 Replicas can be added and removed while running (config reload).
 """
 
@@ -33,7 +34,7 @@ import aiohttp
 
 from loragate.backends.client import VllmClient
 from loragate.backends.metrics import VllmMetrics
-from loragate.backends.refusals import Refusals
+from loragate.backends.refusals import Refusals, RefusalSink
 from loragate.core.clock import Clock, WallClock
 from loragate.core.config import PollerConfig, ReplicaConfig
 from loragate.core.errors import (
@@ -47,8 +48,9 @@ from loragate.core.types import AdapterSpec, ReplicaId, ReplicaSettings, Replica
 log = logging.getLogger(__name__)
 
 
-class PoolListener(Protocol):
-    """Told about what the pool learns (the gateway keeps the shared state with it)."""
+class PoolListener(RefusalSink, Protocol):
+    """Told about what the pool learns (the gateway keeps the shared state with it), and
+    where the pool's adapter-load refusals are shared."""
 
     async def replica_polled(
         self,
@@ -112,8 +114,9 @@ class ReplicaPool:
         self._loads: dict[tuple[str, ReplicaId], asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
-        self.listener = listener
         self.refusals = Refusals(self._poller.adapter_refusal_ttl_s, self._clock)
+        self._listener: PoolListener | None = None
+        self.listener = listener
         # The model every replica must serve (None: not checked). A reload may change it.
         self.base_model = base_model
 
@@ -127,6 +130,18 @@ class ReplicaPool:
             settings=cfg.settings or ReplicaSettings(),
         )
         return rep
+
+    @property
+    def listener(self) -> PoolListener | None:
+        return self._listener
+
+    @listener.setter
+    def listener(self, listener: PoolListener | None) -> None:
+        """Set before :meth:`start`: it hears of every poll, load and refusal from then on."""
+        self._listener = listener
+        self.refusals.sink = listener
+        if listener is not None:
+            listener.attach_refusals(self.refusals)
 
     def _bind(self, rep: _Replica, session: aiohttp.ClientSession) -> None:
         rep.client = VllmClient(

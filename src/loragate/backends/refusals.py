@@ -8,14 +8,22 @@ themselves, so the request is retried on another replica and the refusal is reme
 (unless no other candidate is left). A refusal is forgotten when it expires, when the replica's
 ``/v1/models`` lists the adapter (someone loaded it there), when a load there succeeds, when the
 adapter's path changes (a config reload, or another gateway's admin API) and when the admin API
-registers or deletes the adapter. Local to one gateway instance: another instance learns the
-same refusal from its own first refused load.
+registers or deletes the adapter.
+
+Shared by every gateway instance through a :class:`RefusalSink` (the gateway's state store,
+see ``gateway.shared``): each refusal recorded and each one forgotten here is told to the sink
+(recorded at once here, written to the store in the background), and the sink hands the
+store's refusals back with :meth:`Refusals.adopt` as its view of the shared state refreshes,
+so a refusal seen by one instance keeps every instance off that replica for that adapter. The
+expiry of a shared refusal is the store's. ``counts`` (the metric) stays per instance: the
+refused loads this instance made.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from loragate.core.clock import Clock
 from loragate.core.types import AdapterSpec, ReplicaId
@@ -30,15 +38,39 @@ class Refusal:
     error: str
 
 
+class RefusalSink(Protocol):
+    """Where refusals are shared with the other gateway instances. Told synchronously (it
+    queues the writes); it may call :meth:`Refusals.adopt` with the shared set later."""
+
+    def attach_refusals(self, refusals: Refusals) -> None:
+        """``refusals`` tells this sink its changes from now on and takes its shared set."""
+        ...
+
+    def refusal_recorded(
+        self, replica_id: ReplicaId, spec: AdapterSpec, error: str, ttl_s: float
+    ) -> None:
+        """The replica refused to load ``spec`` (remembered for ``ttl_s``; 0: not at all)."""
+        ...
+
+    def refusals_forgotten(self, adapter: str, replica_id: ReplicaId | None) -> None:
+        """``adapter``'s refusal by ``replica_id`` (None: by every replica) is forgotten."""
+        ...
+
+
+# Adapter -> replica -> (path, the replica's error, seconds left): a sink's shared set.
+SharedRefusals = Mapping[str, Mapping[ReplicaId, tuple[str, str, float]]]
+
+
 class Refusals:
     """Refused adapter loads per adapter and replica (``ttl_s`` 0: none are remembered, only
     counted)."""
 
-    __slots__ = ("_now", "by_adapter", "counts", "ttl_s")
+    __slots__ = ("_now", "by_adapter", "counts", "sink", "ttl_s")
 
     def __init__(self, ttl_s: float, clock: Clock) -> None:
         self.ttl_s = ttl_s
         self._now = clock.now
+        self.sink: RefusalSink | None = None
         # Adapter -> replica -> refusal; read-only outside this class (the proxy checks
         # ``name in by_adapter`` before calling :meth:`refusing`: no call while none refused).
         self.by_adapter: dict[str, dict[ReplicaId, Refusal]] = {}
@@ -51,6 +83,8 @@ class Refusals:
         if self.ttl_s > 0:
             by_replica = self.by_adapter.setdefault(spec.name, {})
             by_replica[replica_id] = Refusal(spec.path, self._now() + self.ttl_s, error)
+        if self.sink is not None:
+            self.sink.refusal_recorded(replica_id, spec, error, self.ttl_s)
 
     def refusing(self, spec: AdapterSpec) -> Collection[ReplicaId]:
         """The replicas whose refusal of ``spec`` is in force now (the hot path: one dict
@@ -68,15 +102,20 @@ class Refusals:
         return frozenset(by_replica)
 
     def forget(self, adapter: str, replica_id: ReplicaId | None = None) -> None:
-        """Forget the refusals of ``adapter`` (by every replica, or by ``replica_id``)."""
+        """Forget the refusals of ``adapter`` (by every replica, or by ``replica_id``), here
+        and in the shared store (by every replica: always; by one: if it was known here)."""
         if replica_id is None:
             self.by_adapter.pop(adapter, None)
+            if self.sink is not None:
+                self.sink.refusals_forgotten(adapter, None)
             return
         by_replica = self.by_adapter.get(adapter)
         if by_replica is not None and replica_id in by_replica:
             del by_replica[replica_id]
             if not by_replica:
                 del self.by_adapter[adapter]
+            if self.sink is not None:
+                self.sink.refusals_forgotten(adapter, replica_id)
 
     def listed(self, replica_id: ReplicaId, adapters: Iterable[str]) -> None:
         """A poll found ``adapters`` registered on the replica: it serves them now."""
@@ -85,8 +124,32 @@ class Refusals:
                 self.forget(name, replica_id)
 
     def forget_replica(self, replica_id: ReplicaId) -> None:
+        """The replica left this instance's config: forget its refusals here only (other
+        instances may still route to it)."""
         for name in [n for n, by in self.by_adapter.items() if replica_id in by]:
-            self.forget(name, replica_id)
+            by_replica = self.by_adapter[name]
+            del by_replica[replica_id]
+            if not by_replica:
+                del self.by_adapter[name]
+
+    def adopt(self, shared: SharedRefusals) -> None:
+        """Take the shared set as this instance's refusals (in place: ``by_adapter`` stays
+        the same dict). With ``ttl_s`` 0 none are remembered, shared ones neither."""
+        by_adapter = self.by_adapter
+        if not shared and not by_adapter:
+            return
+        now = self._now()
+        by_adapter.clear()
+        if self.ttl_s <= 0:
+            return
+        for name, by_replica in shared.items():
+            kept = {
+                rid: Refusal(path, now + left_s, error)
+                for rid, (path, error, left_s) in by_replica.items()
+                if left_s > 0
+            }
+            if kept:
+                by_adapter[name] = kept
 
     def of_replica(self, replica_id: ReplicaId) -> Mapping[str, tuple[str, float]]:
         """The refusals of the replica in force now: adapter -> (the replica's error, seconds

@@ -18,6 +18,16 @@ Off the hot path: the pool reports every poll (``replica_polled``: settings, hea
 background loop (:meth:`run`) keeps the store maintained (lease renewal, refresh from Redis,
 reconnects) and calls ``on_adapters`` when the shared adapter registry changed (another
 instance's admin API call).
+
+Adapter-load refusals (``backends.refusals``): this object is the pool's refusal sink. Each
+refusal recorded or forgotten by this instance is written to the store in the background, in
+order (a refused load costs no Redis round trip on the request's path; routed requests still
+cost 2), and each round of the background loop hands the store's refusals (refreshed with the
+rest of the shared view, 0 extra round trips) back to the pool, unless writes of ours are still
+queued (the store would not show them yet). With Redis down the store serves its local view,
+which holds our refusals and the shared ones it last saw. The embedded store (one process)
+shares nothing: the pool's own record is the only one. Either way a refusal also takes the
+adapter out of that replica's shadow residency, which the refused request had touched.
 """
 
 from __future__ import annotations
@@ -27,9 +37,11 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from loragate.backends.refusals import Refusals
 from loragate.core.config import ReplicaConfig, StateConfig
 from loragate.core.types import AdapterId, AdapterSpec, ReplicaId, ReplicaSnapshot, Residency
 from loragate.gateway.inflight import InFlightTracker
@@ -78,6 +90,9 @@ class SharedState:
         "_maintenance_interval_s",
         "_missing",
         "_records",
+        "_refusal_ops",
+        "_refusal_writer",
+        "_refusals",
         "_seen_adapters",
         "_sync",
         "backend",
@@ -110,6 +125,11 @@ class SharedState:
         self._missing: dict[ReplicaId, frozenset[AdapterId]] = {}
         self._seen_adapters: Mapping[AdapterId, AdapterSpec] | None = None
         self.on_adapters: AdaptersCallback | None = None
+        # The pool's refusals (shared only through a store other than the embedded one), and
+        # the store writes about them not done yet, oldest first.
+        self._refusals: Refusals | None = None
+        self._refusal_ops: deque[Callable[[], Awaitable[None]]] = deque()
+        self._refusal_writer: asyncio.Task[None] | None = None
 
     # -- hot path ---------------------------------------------------------------------------
 
@@ -240,6 +260,63 @@ class SharedState:
         self._records.pop(replica_id, None)
         self._missing.pop(replica_id, None)
 
+    # -- adapter-load refusals (backends.refusals.RefusalSink) -------------------------------
+
+    def attach_refusals(self, refusals: Refusals) -> None:
+        if self._sync is None:
+            self._refusals = refusals
+
+    def refusal_recorded(
+        self, replica_id: ReplicaId, spec: AdapterSpec, error: str, ttl_s: float
+    ) -> None:
+        """Shared (if not embedded); and the shadow residency, which the routed request
+        touched, drops the adapter there: the replica did not register it."""
+        store, name = self.store, spec.name
+        if self._refusals is not None and ttl_s > 0:
+            self._queue_refusal_write(
+                lambda: store.record_refusal(
+                    replica_id, name, path=spec.path, error=error, ttl_s=ttl_s
+                )
+            )
+        self._queue_refusal_write(lambda: store.record_unload(replica_id, name))
+
+    def refusals_forgotten(self, adapter: AdapterId, replica_id: ReplicaId | None) -> None:
+        if self._refusals is not None:
+            store = self.store
+            self._queue_refusal_write(lambda: store.forget_refusals(adapter, replica_id))
+
+    def _queue_refusal_write(self, op: Callable[[], Awaitable[None]]) -> None:
+        self._refusal_ops.append(op)
+        if self._refusal_writer is None:
+            self._refusal_writer = asyncio.ensure_future(self._write_refusals())
+
+    async def _write_refusals(self) -> None:
+        ops = self._refusal_ops
+        try:
+            while ops:
+                try:
+                    await ops[0]()
+                except Exception:  # the store keeps its local view; nothing to retry here
+                    log.exception("state: writing an adapter-load refusal failed")
+                ops.popleft()
+        finally:
+            self._refusal_writer = None
+
+    def sync_refusals(self) -> None:
+        """Hand the store's refusals to the pool (each round of :meth:`run`), unless writes
+        of ours are still queued: the store would not show them yet."""
+        refusals = self._refusals
+        if refusals is None or self._refusal_ops:
+            return
+        shared = self.store.refusals()
+        if shared or refusals.by_adapter:
+            refusals.adopt(
+                {
+                    name: {rid: (x.path, x.error, x.left_s) for rid, x in by_replica.items()}
+                    for name, by_replica in shared.items()
+                }
+            )
+
     # -- adapter registry -------------------------------------------------------------------
 
     def shared_adapters(self) -> Mapping[AdapterId, AdapterSpec]:
@@ -289,6 +366,7 @@ class SharedState:
             try:
                 await self.store.maintain()
                 self.check_adapters()
+                self.sync_refusals()
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let housekeeping die; the next round retries
@@ -296,9 +374,13 @@ class SharedState:
             await asyncio.sleep(self._maintenance_interval_s)
 
     async def close(self, *, drain_timeout_s: float = 2.0) -> None:
-        """Wait (bounded) for background lease releases, then close the store."""
-        if self._ends:
+        """Wait (bounded) for background lease releases and refusal writes, then close the
+        store."""
+        pending = [*self._ends]
+        if self._refusal_writer is not None:
+            pending.append(self._refusal_writer)
+        if pending:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(drain_timeout_s):
-                    await asyncio.gather(*self._ends, return_exceptions=True)
+                    await asyncio.gather(*pending, return_exceptions=True)
         await self.store.close()
