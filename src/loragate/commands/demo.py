@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -23,6 +24,7 @@ from rich.table import Table
 
 from loragate.core.config import GatewayConfig, RoutingConfig
 from loragate.core.config import ReplicaConfig as GatewayReplica
+from loragate.core.errors import ConfigError
 from loragate.core.types import AdapterSpec, ReplicaSettings
 from loragate.gateway.runner import RunningGateway, running_gateway
 from loragate.loadtest.openloop import OpenLoopConfig, RequestResult, run_open_loop
@@ -61,13 +63,24 @@ DEMO_WORKLOAD: Mapping[str, Any] = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of load (30)")
     parser.add_argument("--replicas", type=int, default=3, help="simulated replicas (3)")
-    parser.add_argument("--policy", default="loragate", help="routing policy (loragate)")
-    parser.add_argument("--max-loras", type=int, default=2, help="GPU LoRA slots per replica")
-    parser.add_argument("--max-cpu-loras", type=int, default=4, help="CPU LoRA cache per replica")
+    parser.add_argument(
+        "--policy",
+        default="loragate",
+        help="routing policy: round_robin, least_loaded, consistent_hash, lora_affinity, "
+        "lru_multiplex or loragate (loragate)",
+    )
+    parser.add_argument("--max-loras", type=int, default=2, help="GPU LoRA slots per replica (2)")
+    parser.add_argument(
+        "--max-cpu-loras", type=int, default=4, help="CPU LoRA cache per replica (4)"
+    )
     parser.add_argument("--profile", default="fast", help="twin performance profile (fast)")
-    parser.add_argument("--workload", type=Path, help="workload spec YAML (default: built in)")
+    parser.add_argument(
+        "--workload",
+        type=Path,
+        help="workload spec YAML (default: built in, 12 adapters at 12 req/s)",
+    )
     parser.add_argument("--rate", type=float, help="override the workload's total req/s")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the replicas and routing (0)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
 
@@ -93,12 +106,16 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.replicas <= 8:
         raise SystemExit("loragate demo: --replicas must be between 1 and 8")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    spec = load_spec(args.workload) if args.workload else spec_from_mapping(DEMO_WORKLOAD)
-    spec = replace(spec, duration_s=args.duration)
-    if args.rate is not None:
-        spec = replace(spec, arrivals=replace(spec.arrivals, rate_rps=args.rate))
-    console = Console(stderr=args.json)
-    summary = asyncio.run(_demo(args, spec, console))
+    try:
+        spec = load_spec(args.workload) if args.workload else spec_from_mapping(DEMO_WORKLOAD)
+        spec = replace(spec, duration_s=args.duration)
+        if args.rate is not None:
+            spec = replace(spec, arrivals=replace(spec.arrivals, rate_rps=args.rate))
+        console = Console(stderr=args.json)
+        summary = asyncio.run(_demo(args, spec, console))
+    except ConfigError as exc:  # a bad --policy, --profile, --workload or slot count
+        print(f"loragate demo: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(asdict(summary), indent=2))
     else:

@@ -17,11 +17,14 @@ READY_PREFIX = "loragate replica: serving"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     v = parser.add_argument_group("vLLM flags")
     v.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
-    v.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one")
+    v.add_argument(
+        "--port", type=int, default=8000, help="port; 0 picks a free one (default: %(default)s)"
+    )
     v.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help="model path/name: the base card's root and the resolver's base_model_name_or_path",
+        help="model path/name: the base card's root and the resolver's base_model_name_or_path "
+        "(default: %(default)s)",
     )
     v.add_argument(
         "--served-model-name",
@@ -29,14 +32,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="name clients use for the base model (first one; default: --model)",
     )
-    v.add_argument("--enable-lora", action=argparse.BooleanOptionalAction, default=False)
-    v.add_argument("--max-loras", type=int, default=1, help="adapters per batch / GPU slots")
+    v.add_argument(
+        "--enable-lora",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="serve LoRA adapters (without it, every adapter load is refused with a 400)",
+    )
+    v.add_argument(
+        "--max-loras",
+        type=int,
+        default=1,
+        help="adapters per batch / GPU slots (default: %(default)s)",
+    )
     v.add_argument("--max-cpu-loras", type=int, default=None, help="CPU cache (default: max-loras)")
-    v.add_argument("--max-lora-rank", type=int, default=16)
-    v.add_argument("--max-num-seqs", type=int, default=256)
-    v.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    v.add_argument("--max-model-len", type=int, default=4096)
-    v.add_argument("--block-size", type=int, default=16)
+    v.add_argument("--max-lora-rank", type=int, default=16, help="default: %(default)s")
+    v.add_argument("--max-num-seqs", type=int, default=256, help="default: %(default)s")
+    v.add_argument(
+        "--max-num-batched-tokens", type=int, default=2048, help="default: %(default)s"
+    )
+    v.add_argument("--max-model-len", type=int, default=4096, help="default: %(default)s")
+    v.add_argument("--block-size", type=int, default=16, help="default: %(default)s")
     v.add_argument(
         "--num-gpu-blocks-override",
         type=int,
@@ -55,15 +70,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--enable-server-load-tracking", action=argparse.BooleanOptionalAction, default=False
     )
     t = parser.add_argument_group("twin flags")
-    t.add_argument("--profile", default="fast", help="performance profile name or YAML path")
+    t.add_argument(
+        "--profile",
+        default="fast",
+        help="performance profile name (loragate twin profiles) or YAML path "
+        "(default: %(default)s)",
+    )
     t.add_argument(
         "--resolver-dir",
         default=None,
         metavar="DIR",
         help="vLLM filesystem resolver: auto-register DIR/<model> on first request",
     )
-    t.add_argument("--seed", type=int, default=0, help="seed of the synthetic outputs")
-    t.add_argument("--time-scale", type=float, default=1.0, help="speed factor (2.0 = 2x faster)")
+    t.add_argument(
+        "--seed", type=int, default=0, help="seed of the synthetic outputs (default: %(default)s)"
+    )
+    t.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="speed factor (2.0 = 2x faster; default: %(default)s)",
+    )
     t.add_argument(
         "--mean-output-tokens",
         type=float,

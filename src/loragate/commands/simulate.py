@@ -26,22 +26,35 @@ HELP = "Simulate a deployment (twin replicas + routing policy) on a workload, in
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", required=True, metavar="W.yaml", help="workload spec")
-    parser.add_argument("--replicas", type=int, required=True, metavar="N")
-    parser.add_argument("--profile", default="fast", help="twin profile name or YAML path")
+    parser.add_argument(
+        "--replicas", type=int, required=True, metavar="N", help="simulated vLLM replicas"
+    )
+    parser.add_argument(
+        "--profile",
+        default="fast",
+        help="twin profile name (loragate twin profiles) or YAML path (default: %(default)s)",
+    )
     parser.add_argument(
         "--policy",
         default="round_robin",
         help="routing policy name (round_robin, least_loaded, consistent_hash, lora_affinity, "
-        "lru_multiplex, loragate) or a YAML file with a routing: mapping",
+        "lru_multiplex, loragate) or a YAML file with a routing: mapping, e.g. one of "
+        "examples/policies/ (default: %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=None, help="default: the workload's seed")
     parser.add_argument("--duration-s", type=float, default=None, help="override the spec's")
-    parser.add_argument("--ttft-slo-ms", type=float, default=1000.0)
+    parser.add_argument(
+        "--ttft-slo-ms",
+        type=float,
+        default=1000.0,
+        help="TTFT target for the SLO attainment figure (default: %(default)s)",
+    )
     parser.add_argument(
         "--starvation-wait-s",
         type=float,
         default=60.0,
-        help="a request waiting longer than this for its first token counts as starved",
+        help="a request waiting longer than this for its first token counts as starved "
+        "(default: %(default)s)",
     )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument(
@@ -51,22 +64,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="write records.{csv,jsonl} and summary.json here",
     )
-    parser.add_argument("--records", choices=("csv", "jsonl"), default="csv")
+    parser.add_argument(
+        "--records",
+        choices=("csv", "jsonl"),
+        default="csv",
+        help="format of the per-request records under --out (default: %(default)s)",
+    )
     parser.add_argument(
         "--scrape-interval-s",
         type=float,
         default=0.0,
-        help="engine metrics refresh period seen by routing (0 = fresh at every arrival)",
+        help="engine metrics refresh period seen by routing (0 = fresh at every arrival; "
+        "default: %(default)s)",
     )
     parser.add_argument(
         "--drain-s",
         type=float,
         default=600.0,
-        help="virtual time allowed after the workload to finish requests",
+        help="virtual time allowed after the workload to finish requests (default: %(default)s)",
     )
     e = parser.add_argument_group("replica (vLLM) settings")
-    e.add_argument("--max-loras", type=int, default=4)
-    e.add_argument("--max-cpu-loras", type=int, default=8)
+    e.add_argument("--max-loras", type=int, default=4, help="default: %(default)s")
+    e.add_argument("--max-cpu-loras", type=int, default=8, help="default: %(default)s")
     e.add_argument(
         "--max-lora-rank",
         type=int,
@@ -74,9 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="one of vLLM's 1, 8, 16, 32, 64, 128, 256, 320, 512; default: the smallest that "
         "fits the workload's largest adapter rank",
     )
-    e.add_argument("--max-num-seqs", type=int, default=256)
-    e.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    e.add_argument("--max-model-len", type=int, default=4096)
+    e.add_argument("--max-num-seqs", type=int, default=256, help="default: %(default)s")
+    e.add_argument("--max-num-batched-tokens", type=int, default=2048, help="default: %(default)s")
+    e.add_argument("--max-model-len", type=int, default=4096, help="default: %(default)s")
     e.add_argument(
         "--kv-capacity-tokens",
         type=int,

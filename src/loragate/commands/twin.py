@@ -12,24 +12,29 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
 from loragate.core.errors import ConfigError, LoragateError
 
-HELP = "digital twin: calibrate profiles from benchmark data, validate against real vLLM runs"
+HELP = "Digital twin: calibrate profiles from benchmark data, validate against real vLLM runs."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="twin_command", metavar="SUBCOMMAND")
     sub.required = True
 
-    cal = sub.add_parser("calibrate", help="fit a performance profile from a calibration folder")
+    cal = sub.add_parser(
+        "calibrate",
+        help="fit a performance profile from a calibration folder",
+        description="Fit a performance profile from a calibration folder (BSC CSV format).",
+    )
     cal.add_argument("--data", required=True, help="calibration folder (BSC CSV format)")
     cal.add_argument("--model", required=True, help="model name as in the CSVs' model column")
     cal.add_argument("--out", required=True, help="profile YAML to write")
     cal.add_argument("--name", default=None, help="profile name (default: --out file stem)")
-    cal.add_argument("--description", default="")
+    cal.add_argument("--description", default="", help="the profile's one-line description")
     cal.add_argument(
         "--lora-source", choices=("poisson", "batch"), default="poisson",
         help="LoRA compute cost from the Poisson runs over slot counts plus the per-slot step "
@@ -37,7 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cal.add_argument("--json", action="store_true", help="print the fit report as JSON")
     cal.set_defaults(_twin=_calibrate)
 
-    val = sub.add_parser("validate", help="replay real runs in the twin and report errors")
+    val = sub.add_parser(
+        "validate",
+        help="replay real runs in the twin and report errors",
+        description="Replay every run of a real_runs.csv in the twin with its own settings and "
+        "report throughput, ITL and TTFT errors (MAPE and median bias).",
+    )
     val.add_argument("--real-runs", required=True, help="real_runs.csv")
     val.add_argument("--paper-runs", default=None,
                      help="paper_twin_runs.csv (default: next to --real-runs if present)")
@@ -47,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     val.add_argument("--run-id", action="append", default=[], help="only this run (repeatable)")
     val.add_argument("--limit", type=int, default=None, help="at most this many runs")
     val.add_argument("--window-s", type=float, default=3600.0, help="replayed window (s)")
-    val.add_argument("--seed", type=int, default=0)
+    val.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     val.add_argument("--replays", type=int, default=None,
                      help="replays of each synthesised run, metrics averaged (replay k: seed "
                           "SEED*REPLAYS+k; default: ValidateConfig's)")
@@ -64,7 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     val.add_argument("--progress", action="store_true", help="one line per finished run (stderr)")
     val.set_defaults(_twin=_validate)
 
-    prof = sub.add_parser("profiles", help="list the built-in profiles")
+    prof = sub.add_parser(
+        "profiles",
+        help="list the built-in profiles",
+        description="List the built-in profiles (names for --profile) with their descriptions.",
+    )
     prof.set_defaults(_twin=_profiles)
 
 
@@ -212,11 +226,18 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PROFILES_WIDTH = 100  # `twin profiles`: a name column of 28, descriptions wrapped, never cut
+
+
 def _profiles(args: argparse.Namespace) -> int:
     from loragate.twin.profile import list_profiles, load_profile
 
     for name in list_profiles():
-        print(f"{name:<28} {load_profile(name).description.strip()[:90]}")
+        text = " ".join(load_profile(name).description.split())
+        lines = textwrap.wrap(text, PROFILES_WIDTH - 29, break_on_hyphens=False) or [""]
+        print(f"{name:<28} {lines[0]}")
+        for line in lines[1:]:
+            print(" " * 29 + line)
     return 0
 
 

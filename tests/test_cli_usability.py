@@ -1,0 +1,69 @@
+"""What a new user meets first: one-line errors instead of tracebacks, and help that says enough."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from loragate.cli import main
+
+
+def _loragate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "loragate.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--policy", "lorgate"], "unknown policy 'lorgate'"),
+        (["--profile", "nosuch"], "unknown profile 'nosuch'"),
+        (["--workload", "no/such/spec.yaml"], "no/such/spec.yaml"),
+        (["--max-loras", "0"], "max_loras"),
+    ],
+)
+def test_demo_with_a_bad_setting_fails_with_one_line(flags: list[str], named: str) -> None:
+    done = _loragate("demo", "--duration", "1", "--no-progress", "--replicas", "1", *flags)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("loragate demo: ")
+    assert named in lines[0]
+
+
+def test_twin_profiles_prints_every_description_whole(capsys: pytest.CaptureFixture[str]) -> None:
+    from loragate.twin.profile import list_profiles, load_profile
+
+    assert main(["twin", "profiles"]) == 0
+    out = capsys.readouterr().out
+    printed = " ".join(out.split())
+    for name in list_profiles():
+        description = " ".join(load_profile(name).description.split())
+        assert f"{name} {description}" in printed  # not cut at a fixed width
+    assert max(len(line) for line in out.splitlines()) <= 100
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        (["replica"], ["(default: fast)", "adapters per batch / GPU slots (default: 1)"]),
+        (["simulate"], ["(default: round_robin)", "(default: fast)"]),
+        (["demo"], ["GPU LoRA slots per replica (2)", "CPU LoRA cache per replica (4)"]),
+    ],
+)
+def test_help_names_the_defaults_a_user_runs_with(
+    command: list[str], shown: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for phrase in shown:
+        assert phrase in text
