@@ -9,13 +9,9 @@ import numpy as np
 import pytest
 
 from loragate.core.errors import ConfigError
-from loragate.twin.calibrate import (
-    R3_MEAN_PROMPT_TOKENS,
-    FittedCoefficients,
-    LoraSource,
-    expected_distinct,
-    fit_coefficients,
-)
+from loragate.twin.calibrate import FittedCoefficients, LoraSource, fit_coefficients
+from loragate.twin.calibrate_fit import expected_distinct
+from loragate.twin.calibrate_r3 import R3_MEAN_PROMPT_TOKENS
 from loragate.twin.calibration_data import load_calibration_data
 
 MODEL = "toy-8b"
@@ -600,7 +596,7 @@ def _prices(c: FittedCoefficients) -> tuple[float, float, float]:
 def test_r3_model_is_the_one_whose_swaps_take_r3s_load_time(
     tmp_path: Path, r3_model: str
 ) -> None:
-    from loragate.twin.calibrate import attribute_r3
+    from loragate.twin.calibrate_r3 import attribute_r3
 
     folder = make_two_model_folder(tmp_path, r3_model)
     for model in (MODEL, OTHER):
@@ -649,7 +645,7 @@ def test_other_model_takes_the_r3_models_prices_times_their_r5_cost_ratio(
 
 
 def test_transfer_multiplies_by_the_fitted_r5_ratio(tmp_path: Path) -> None:
-    from loragate.twin.calibrate import lora_cost_ratio
+    from loragate.twin.calibrate_lora import lora_cost_ratio
 
     folder = make_two_model_folder(tmp_path, MODEL, noise=0.01)
     data = load_calibration_data(folder, OTHER)
@@ -668,7 +664,7 @@ def test_transfer_multiplies_by_the_fitted_r5_ratio(tmp_path: Path) -> None:
 def test_r5_ratio_compares_runs_at_the_same_tokens_and_adapters(tmp_path: Path) -> None:
     """toy-7b ran its R5 probes with 15% larger batches: per-token extras would call its
     kernels cheaper than they are (its adapters do not grow with the batch)."""
-    from loragate.twin.calibrate import lora_cost_ratio
+    from loragate.twin.calibrate_lora import lora_cost_ratio
 
     folder = make_two_model_folder(tmp_path, MODEL)
     rows = _read(folder / "lora_overhead.csv")
