@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from loragate.cli import main
+from loragate.cli import build_parser, main
 
 
 def _loragate(*args: str) -> subprocess.CompletedProcess[str]:
@@ -67,3 +67,29 @@ def test_help_names_the_defaults_a_user_runs_with(
     text = " ".join(capsys.readouterr().out.split())
     for phrase in shown:
         assert phrase in text
+
+
+def test_ctrl_c_stops_the_demo_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C during `make demo`: the replicas and the gateway are closed, no traceback."""
+    import os
+    import signal
+    import threading
+
+    from loragate.commands import demo
+
+    parser = build_parser()
+    args = parser.parse_args(["demo", "--duration", "60", "--no-progress", "--replicas", "1"])
+    # The demo runs at least 60 s, so the signal lands inside run() (asyncio.run cancels the
+    # demo's task on SIGINT and raises KeyboardInterrupt once it has unwound).
+    ctrl_c = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    ctrl_c.start()
+    try:
+        code = demo.run(args)
+    except KeyboardInterrupt:  # fail this test, not the whole session
+        pytest.fail("Ctrl-C escaped `loragate demo` as KeyboardInterrupt (a traceback)")
+    finally:
+        ctrl_c.cancel()
+    assert code == demo.EXIT_INTERRUPTED == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "loragate demo: interrupted"
+    assert "Traceback" not in err

@@ -39,6 +39,9 @@ HELP = "Run simulated replicas and the gateway on loopback and drive a mixed wor
 
 BASE_MODEL = "demo-base"
 
+# The shell's status of a process stopped by SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
+
 # 12 adapters (ranks 8 and 16) with skewed popularity, bursty arrivals, some base-model
 # traffic: more adapters than the replicas' GPU slots, so placement and routing matter.
 DEMO_WORKLOAD: Mapping[str, Any] = {
@@ -116,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:  # a bad --policy, --profile, --workload or slot count
         print(f"loragate demo: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: asyncio.run has cancelled the run and closed the servers
+        print("loragate demo: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if args.json:
         print(json.dumps(asdict(summary), indent=2))
     else:
