@@ -206,3 +206,32 @@ async def test_clients_that_go_away_are_counted_and_logged_with_the_replica(
     )
     left = "request 2 (model <base>) on replica r1: the client went away while streaming"
     assert any(m.startswith(left + " (after ") for m in logs)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("bad", [b"text/event-stream\rX-Injected: 1", b"application/json\x00"])
+async def test_a_content_type_that_cannot_be_relayed_is_a_502_not_a_broken_answer(
+    replicas: list[ScriptedReplica], stream: bool, bad: bytes
+) -> None:
+    """The gateway relays the replica's Content-Type: one with a control character (a bare CR
+    would inject a header) is a broken answer, refused before anything reached the client
+    (before: the client's connection was dropped, or it got a body without a status line)."""
+    rep = replicas[0]
+    body = b'data: {"x": 1}\n\n' if stream else b'{"x": 1}'
+    rep.raw_answer = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s"
+        % (bad, len(body), body)
+    )
+    async with (
+        running_gateway(gateway_config([rep.url]), port=0) as gw,
+        aiohttp.ClientSession() as http,
+    ):
+        body_json = {"prompt": "p", "stream": stream}
+        async with http.post(gw.url + "/v1/completions", json=body_json) as resp:
+            assert resp.status == 502
+            assert resp.headers.get(REPLICA_HEADER) == "r0"
+            error = (await resp.json())["error"]
+            assert error["type"] == "upstream_error"
+            assert error["message"].startswith("replica r0: bad response head: control character")
+        assert _count(gw, "r0", "502") == 1
+        assert "X-Injected" not in resp.headers

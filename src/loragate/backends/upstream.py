@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import re
 import select
 import ssl
 import time
@@ -38,6 +39,7 @@ _MAX_HEAD_BYTES = 64 * 1024
 _HEAD_END = b"\r\n\r\n"
 _CRLF = b"\r\n"
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # not allowed in a header value (HTAB is)
 # An idle connection older than this is checked for a close the event loop has not handled
 # yet before it is reused (one select() call; servers' keep-alive timeouts are seconds).
 _CHECK_IDLE_AFTER_S = 0.2
@@ -206,7 +208,12 @@ class UpstreamConn(asyncio.Protocol):
             elif name == b"transfer-encoding":
                 chunked = b"chunked" in value.lower()
             elif name == b"content-type":
-                self.content_type = value.strip().decode("latin-1")
+                value = value.strip()
+                if _CONTROL.search(value):
+                    # The proxy relays it: a bare CR would be a header injection (aiohttp
+                    # refuses to send it, after the answer had begun).
+                    raise ValueError(f"control character in content-type {value[:40]!r}")
+                self.content_type = value.decode("latin-1")
             elif name == b"connection":
                 token = value.strip().lower()
                 if token == b"close":
