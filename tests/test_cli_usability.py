@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from loragate.cli import build_parser, main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _loragate(*args: str) -> subprocess.CompletedProcess[str]:
@@ -93,3 +96,35 @@ def test_ctrl_c_stops_the_demo_with_one_line(capsys: pytest.CaptureFixture[str])
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == "loragate demo: interrupted"
     assert "Traceback" not in err
+
+
+def test_ctrl_c_stops_a_simulation_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C in the README's hour-long `loragate simulate` run: one line, exit 130."""
+    import os
+    import signal
+    import threading
+
+    from loragate.commands import simulate
+
+    out = tmp_path / "run"
+    args = build_parser().parse_args(
+        ["simulate", "--workload", str(REPO / "workload" / "zipf-200.yaml"), "--replicas", "4",
+         "--profile", "llama-3.1-8b-h100", "--policy", "loragate", "--out", str(out)]
+    )
+    # The run takes tens of CPU seconds, so the signal lands inside run().
+    ctrl_c = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    ctrl_c.start()
+    try:
+        code = simulate.run(args)
+    except KeyboardInterrupt:  # fail this test, not the whole session
+        pytest.fail("Ctrl-C escaped `loragate simulate` as KeyboardInterrupt (a traceback)")
+    finally:
+        ctrl_c.cancel()
+    assert code == simulate.EXIT_INTERRUPTED == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"loragate simulate: interrupted ({out}/records.csv is incomplete)"
+    )
+    assert not (out / "summary.json").exists()

@@ -23,6 +23,9 @@ from loragate.workload import SpecFileError, Workload, load_spec
 
 HELP = "Simulate a deployment (twin replicas + routing policy) on a workload, in virtual time."
 
+# The shell's status of a process stopped by SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", required=True, metavar="W.yaml", help="workload spec")
@@ -270,6 +273,10 @@ def run(args: argparse.Namespace) -> int:
     except LoragateError as exc:
         print(f"loragate simulate: error: {_as_flag(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C in a long run: one line, not a traceback
+        partial = f" ({args.out}/records.{args.records} is incomplete)" if args.out else ""
+        print(f"loragate simulate: interrupted{partial}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
