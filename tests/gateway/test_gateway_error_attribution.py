@@ -235,3 +235,24 @@ async def test_a_content_type_that_cannot_be_relayed_is_a_502_not_a_broken_answe
             assert error["message"].startswith("replica r0: bad response head: control character")
         assert _count(gw, "r0", "502") == 1
         assert "X-Injected" not in resp.headers
+
+
+async def test_a_client_that_goes_away_while_sending_its_body_is_counted(
+    replicas: list[ScriptedReplica], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=PROXY_LOG)
+    async with running_gateway(gateway_config([r.url for r in replicas]), port=0) as gw:
+        _, writer = await asyncio.open_connection(gw.host, gw.port)
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"prompt": '
+        )
+        await writer.drain()
+        await wait_until(lambda: gw.gateway.proxy.in_flight == 1, "the body read to begin")
+        writer.close()  # gone, 89 bytes short
+        await wait_until(lambda: gw.gateway.proxy.in_flight == 0, "the handler to end")
+        assert _count(gw, "", "client_closed") == 1
+    assert "request 1 (/v1/completions): the client went away before it was routed" in (
+        _proxy_logs(caplog)
+    )
+    assert not [r for rep in replicas for r in rep.requests]
