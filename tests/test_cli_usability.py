@@ -128,3 +128,13 @@ def test_ctrl_c_stops_a_simulation_with_one_line(
         f"loragate simulate: interrupted ({out}/records.csv is incomplete)"
     )
     assert not (out / "summary.json").exists()
+
+
+def test_simulate_text_summary_says_none_starved_plainly(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    spec = str(REPO / "workload" / "demo.yaml")
+    assert main(["simulate", "--workload", spec, "--replicas", "2", "--duration-s", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "starved requests (first token after > 60 s, or never): none" in out
+    assert "of 0 adapters" not in out

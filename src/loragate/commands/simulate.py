@@ -182,10 +182,12 @@ def _print_text(summary: dict[str, Any]) -> None:
     loads = {r: v["adapter_loads"] for r, v in summary["replicas"].items()}
     print(f"adapter loads per replica {loads}; deferred requests {summary['deferred']['requests']}")
     st = summary["starvation"]
-    print(
-        f"starved requests (first token after > {st['wait_s']:g} s, or never) {st['requests']} "
-        f"({st['fraction']:.2%}) of {st['adapters']} adapters"
+    starved = (
+        f"{st['requests']} ({st['fraction']:.2%}), of {st['adapters']} adapters"
+        if st["requests"]
+        else "none"
     )
+    print(f"starved requests (first token after > {st['wait_s']:g} s, or never): {starved}")
     print(f"simulated {summary['duration_s']:g} s in {summary['wall_s']:.2f} s wall")
 
 
