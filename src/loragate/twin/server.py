@@ -178,7 +178,13 @@ class ReplicaState:
     async def load_lora_adapter(self, request: web.Request) -> web.Response:
         body = parse_json_object(await request.read())
         name, path = _required_strings(body, "lora_name", "lora_path")
-        adapter = self.registry.load(name, path, load_inplace=_flag(body, "load_inplace"))
+        inplace = _flag(body, "load_inplace")
+        replacing = inplace and name in self.registry
+        adapter = self.registry.load(name, path, load_inplace=inplace)
+        if replacing:
+            # vLLM reads the folder again and drops the copy its caches held (GPU slot too),
+            # so the load costs a read from disk; one that requests are using stays put here.
+            self.engine.unload_adapter(name)
         await self.add_lora(adapter)
         return _plain(f"Success: LoRA adapter '{name}' added successfully.")
 
