@@ -10,6 +10,16 @@ brings it back. Registered adapters: the set from ``/v1/models`` (entries with a
 plus the adapters this gateway loaded since that poll began (a poll that started before a load
 finished cannot see it, so it must not erase it).
 
+Adapter paths: the gateway tells the pool the adapters it serves
+(:meth:`ReplicaPool.expect_adapters`, at start and whenever the catalog changes). A replica
+whose ``/v1/models`` card for an adapter has another ``root`` (the path it was loaded from)
+than the configured path holds other weights under that name: the adapter does not count as
+registered there (no request for it is sent there as is), a warning names the replica, the
+adapter and both paths, and the pool reloads it with ``load_inplace: true`` (vLLM answers 200
+and the card's ``root`` becomes the new path). If that reload fails, the failure is a refusal
+like any other (below) and the adapter stays unregistered there; a request routed there anyway
+tries the in-place load again first.
+
 Refused loads: a replica that refuses to load an adapter (no ``--enable-lora``, a rank above
 its ``--max-lora-rank``, a folder it cannot read) stays in rotation, and the refusal is
 remembered for ``poller.adapter_refusal_ttl_s`` (``backends.refusals``): the proxy asks
@@ -27,6 +37,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol
 
@@ -83,6 +94,14 @@ class _Replica:
     last_error: str | None = None
     adapter_loads: int = 0
     answered: bool = False  # a poll has succeeded at least once
+    # Adapter -> the path the replica registered it from (its /v1/models card's ``root``, or
+    # the path of this gateway's load since the poll that listed it began).
+    roots: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Adapter -> the other path the replica holds it from (not the configured one): these are
+    # left out of ``registered`` until an in-place reload succeeds.
+    stale: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Adapter -> the configured path whose in-place reload failed (polls do not retry it).
+    inplace_failed: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class ReplicaPool:
@@ -119,6 +138,8 @@ class ReplicaPool:
         self.listener = listener
         # The model every replica must serve (None: not checked). A reload may change it.
         self.base_model = base_model
+        # The adapters the gateway serves, by name (:meth:`expect_adapters`).
+        self._specs: dict[str, AdapterSpec] = {}
 
     @staticmethod
     def _new_replica(cfg: ReplicaConfig) -> _Replica:
@@ -127,7 +148,7 @@ class ReplicaPool:
             replica_id=cfg.replica_id,
             url=cfg.url,
             healthy=False,
-            settings=cfg.settings or ReplicaSettings(),
+            settings=cfg.settings or assumed_settings(None),
         )
         return rep
 
@@ -211,6 +232,50 @@ class ReplicaPool:
             rep.client.upstream.close()
         self._rebuild_healthy()
 
+    def expect_adapters(self, adapters: Mapping[str, AdapterSpec]) -> None:
+        """The adapters the gateway serves (its catalog), with the paths they must be
+        registered from. An adapter a replica holds from another path stops counting as
+        registered there at once, and (once started) is reloaded in place."""
+        self._specs = dict(adapters)
+        for rep in self._replicas.values():
+            changed = False
+            for name, held in list(rep.stale.items()):  # e.g. a path changed back
+                spec = self._specs.get(name)
+                if spec is None or same_path(held, spec.path):
+                    del rep.stale[name]
+                    rep.registered.add(name)
+                    changed = True
+            for name in list(rep.registered):
+                spec = self._specs.get(name)
+                root = rep.roots.get(name)
+                if spec is not None and root is not None and not same_path(root, spec.path):
+                    rep.registered.discard(name)
+                    rep.loaded_at_s.pop(name, None)
+                    changed = True
+                    self._found_stale(rep, spec, root)
+            for name, path in list(rep.inplace_failed.items()):
+                if name not in self._specs or self._specs[name].path != path:
+                    del rep.inplace_failed[name]
+            if changed:
+                self._refresh_residency(rep)
+
+    def _found_stale(self, rep: _Replica, spec: AdapterSpec, root: str) -> None:
+        """``rep`` holds ``spec.name`` from ``root``, not from ``spec.path``: say so (once per
+        old path) and reload it in place in the background (unless that failed already)."""
+        rid = rep.config.replica_id
+        if rep.stale.get(spec.name) != root:
+            rep.stale[spec.name] = root
+            log.warning(
+                "replica %s (%s) has adapter %s registered from %s, not from the configured %s: "
+                "it gets no requests for %s until it is reloaded in place from %s",
+                rid, rep.config.url, spec.name, root, spec.path, spec.name, spec.path,
+            )  # fmt: skip
+        if self._session is None or rep.inplace_failed.get(spec.name) == spec.path:
+            return
+        key = (spec.name, rid)
+        if key not in self._loads:
+            self._start_load(key, rep, spec)
+
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._poller.interval_s)
@@ -248,10 +313,26 @@ class ReplicaPool:
         rep.last_error = None
         rep.answered = True
         recent = {a for a, t in rep.loaded_at_s.items() if t >= started}
-        rep.registered = set(models.adapters) | recent
-        self.refusals.listed(rep.config.replica_id, models.adapters)
+        roots = {c.id: c.root for c in models.cards if c.parent is not None and c.root}
+        for name in recent:  # our load may be newer than the card this poll read
+            if name in rep.roots:
+                roots[name] = rep.roots[name]
+        rep.roots = roots
+        stale = {
+            name: (spec, roots[name])
+            for name in models.adapters - recent
+            if (spec := self._specs.get(name)) is not None
+            and name in roots
+            and not same_path(roots[name], spec.path)
+        }
+        for name in [n for n in rep.stale if n not in stale]:
+            del rep.stale[name]
+        rep.registered = (set(models.adapters) - set(stale)) | recent
+        self.refusals.listed(rep.config.replica_id, models.adapters - set(stale))
         rep.loaded_at_s = {a: t for a, t in rep.loaded_at_s.items() if a in recent}
         rep.snapshot = self._snapshot_from(rep, metrics, healthy=True)
+        for spec, root in stale.values():
+            self._found_stale(rep, spec, root)
         await self._tell_polled(rep, models_seen=True)
 
     async def _tell_polled(self, rep: _Replica, *, models_seen: bool) -> None:
@@ -266,11 +347,7 @@ class ReplicaPool:
             log.exception("pool listener failed on a poll of %s", rep.config.replica_id)
 
     def _snapshot_from(self, rep: _Replica, m: VllmMetrics, *, healthy: bool) -> ReplicaSnapshot:
-        settings = rep.config.settings
-        if settings is None:
-            settings = ReplicaSettings()
-            if m.max_loras is not None:  # discovered from lora_requests_info's label
-                settings = dataclasses.replace(settings, max_loras=m.max_loras)
+        settings = rep.config.settings or assumed_settings(m.max_loras)
         old = rep.snapshot
         return ReplicaSnapshot(
             replica_id=rep.config.replica_id,
@@ -371,6 +448,11 @@ class ReplicaPool:
     def registered_adapters(self) -> Mapping[ReplicaId, frozenset[str]]:
         return {rid: frozenset(r.registered) for rid, r in self._replicas.items()}
 
+    def stale_adapters(self) -> Mapping[ReplicaId, Mapping[str, str]]:
+        """Adapters replicas hold from another path than the configured one: replica ->
+        adapter -> the path it holds it from (they do not count as registered there)."""
+        return {rid: dict(r.stale) for rid, r in self._replicas.items() if r.stale}
+
     def is_registered(self, replica_id: ReplicaId, adapter: str) -> bool:
         rep = self._replicas.get(replica_id)
         return rep is not None and adapter in rep.registered
@@ -407,16 +489,22 @@ class ReplicaPool:
         rep = self._replicas.get(replica_id)
         if rep is None:  # removed by a reload while the request was being routed
             raise UpstreamConnectError(f"replica {replica_id} was removed from the pool")
-        if spec.name in rep.registered:
+        if spec.name in rep.registered and same_path(rep.roots.get(spec.name), spec.path):
             return False
         key = (spec.name, replica_id)
         task = self._loads.get(key)
         if task is None:
-            task = asyncio.create_task(self._load(rep, spec), name=f"load {key}")
-            self._loads[key] = task
-            task.add_done_callback(lambda t: self._load_done(key, t))
+            task = self._start_load(key, rep, spec)
         await asyncio.shield(task)
         return True
+
+    def _start_load(
+        self, key: tuple[str, ReplicaId], rep: _Replica, spec: AdapterSpec
+    ) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._load(rep, spec), name=f"load {key}")
+        self._loads[key] = task
+        task.add_done_callback(lambda t: self._load_done(key, t))
+        return task
 
     def _load_done(self, key: tuple[str, ReplicaId], task: asyncio.Task[None]) -> None:
         if self._loads.get(key) is task:
@@ -428,27 +516,57 @@ class ReplicaPool:
         # Errors are already loragate errors: AdapterLoadError (the replica refused the
         # adapter), UpstreamConnectError or UpstreamTimeoutError (the replica is unreachable).
         rid = rep.config.replica_id
+        client = self._client(rep)
+        old = rep.stale.get(spec.name)
         try:
-            await self._client(rep).load_adapter(spec.name, spec.path)
+            if old is not None:
+                await client.load_adapter(spec.name, spec.path, load_inplace=True)
+            elif not await client.load_adapter(spec.name, spec.path):
+                # "already loaded": registered there since the last poll (by another gateway,
+                # or by hand). From the configured path? Its card says.
+                old = await self._root_on(rep, spec.name)
+                if old is not None and not same_path(old, spec.path):
+                    log.warning(
+                        "replica %s (%s) has adapter %s registered from %s, not from the "
+                        "configured %s: reloading it in place",
+                        rid, rep.config.url, spec.name, old, spec.path,
+                    )  # fmt: skip
+                    await client.load_adapter(spec.name, spec.path, load_inplace=True)
+                else:
+                    old = None
         except AdapterLoadError as exc:  # the clients get a 502; the operator a log line
             refusals = self.refusals
             refusals.record(spec, rid, exc.message)
+            if old is not None:
+                rep.inplace_failed[spec.name] = spec.path
             log.warning(
-                "adapter %s (%s) failed to load on replica %s (%s): %s%s",
+                "adapter %s (%s) failed to load on replica %s (%s): %s%s%s",
                 spec.name,
                 spec.path,
                 rid,
                 rep.config.url,
                 exc,
+                f" (it stays registered there from {old}: it gets no requests for "
+                f"{spec.name} there that this gateway does not try to reload in place first)"
+                if old is not None
+                else "",
                 f" (it gets no requests for {spec.name} for {refusals.ttl_s:g} s unless no "
                 "other replica can take them)"
                 if refusals.ttl_s > 0
                 else "",
             )
             raise
+        if old is not None:
+            log.info(
+                "adapter %s reloaded in place on replica %s: %s (was %s)",
+                spec.name, rid, spec.path, old,
+            )  # fmt: skip
         self.refusals.forget(spec.name, rid)
+        rep.stale.pop(spec.name, None)
+        rep.inplace_failed.pop(spec.name, None)
         rep.adapter_loads += 1
         rep.registered.add(spec.name)
+        rep.roots[spec.name] = spec.path
         rep.loaded_at_s[spec.name] = self._clock.now()
         self._refresh_residency(rep)
         if self.listener is not None:
@@ -457,6 +575,15 @@ class ReplicaPool:
             except Exception:
                 log.exception("pool listener failed on a load of %s", spec.name)
 
+    async def _root_on(self, rep: _Replica, adapter: str) -> str | None:
+        """The path ``rep``'s ``/v1/models`` card of ``adapter`` gives (None: not listed, no
+        ``root``, or the list could not be read)."""
+        try:
+            models = await self._client(rep).list_models()
+        except (LoragateError, ValueError):
+            return None
+        return next((c.root for c in models.cards if c.id == adapter and c.parent), None)
+
     async def unload_adapter(self, replica_id: ReplicaId, adapter: str) -> bool:
         """Unregister ``adapter`` on the replica through the admin API. Returns False if the
         replica did not know it. Errors (unreachable replica, refusal) propagate."""
@@ -464,6 +591,8 @@ class ReplicaPool:
         known = await self._client(rep).unload_adapter(adapter)
         rep.registered.discard(adapter)
         rep.loaded_at_s.pop(adapter, None)
+        rep.roots.pop(adapter, None)
+        rep.stale.pop(adapter, None)
         self._refresh_residency(rep)
         if self.listener is not None:
             await self.listener.adapter_unloaded(replica_id, adapter)
@@ -494,6 +623,23 @@ class ReplicaPool:
         if not healthy:
             raise NoReplicaAvailableError("no healthy replica is available")
         return healthy
+
+
+def same_path(a: str | None, b: str) -> bool:
+    """Whether adapter path ``a`` (None: unknown, taken as the same) names ``b``, spelled
+    alike up to redundant separators and dots (symbolic links are not followed: the paths
+    are the replica's, not this host's)."""
+    return a is None or a == b or os.path.normpath(a) == os.path.normpath(b)
+
+
+def assumed_settings(max_loras: int | None) -> ReplicaSettings:
+    """The settings of a replica without ``settings:`` in the config: vLLM's defaults for what
+    it does not report. ``max_loras`` comes from ``vllm:lora_requests_info``'s ``max_lora``
+    label once a LoRA request ran there (None before: the default 4 is assumed);
+    ``max_cpu_loras`` is not reported at all, and vLLM's default for it is ``max_loras`` (a
+    CPU cache smaller than the GPU slots is refused at start), so that is what is assumed."""
+    slots = ReplicaSettings().max_loras if max_loras is None else max_loras
+    return ReplicaSettings(max_loras=slots, max_cpu_loras=slots)
 
 
 def _wrong_model(base_model: str, served: Sequence[str]) -> str:

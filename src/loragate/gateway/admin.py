@@ -4,7 +4,9 @@
 ``GET /admin/replicas``     every replica: health, engine metrics, in-flight counts (all
                             instances, and this one's), settings, shadow residency, and the
                             adapters it refused to load lately (``refused_adapters``)
-``GET /admin/adapters``     every adapter: config-file ones and admin-registered ones
+``GET /admin/adapters``     every adapter: config-file ones and admin-registered ones, the
+                            replicas that hold it (``registered_on``) and those that hold it
+                            from another path (``stale_on``: replica -> that path)
 ``POST /admin/adapters``    register ``{name, path, rank?, tenants?}``: 201; 400 naming the
                             bad key; 409 if the name is taken
 ``DELETE /admin/adapters/N``  remove an admin-registered adapter and unload it from the
@@ -185,11 +187,14 @@ class AdminApi:
         gw = self._gw
         configured = {a.name for a in gw.config.adapters}
         registered = gw.pool.registered_adapters()
+        stale = gw.pool.stale_adapters()
         out = []
         for name, spec in sorted(gw.catalog.adapters.items()):
             item = adapter_json(spec)
             item["source"] = "config" if name in configured else "admin"
             item["registered_on"] = sorted(r for r, names in registered.items() if name in names)
+            # Replicas holding it from another path (being reloaded in place, or refusing to).
+            item["stale_on"] = {r: held[name] for r, held in sorted(stale.items()) if name in held}
             out.append(item)
         return _json({"adapters": out})
 

@@ -74,7 +74,8 @@ class Gateway:
     def rebuild_catalog(self, shared: Mapping[AdapterId, AdapterSpec] | None = None) -> None:
         """Config adapters plus those registered through the admin API (shared store)."""
         adapters = self.shared.shared_adapters() if shared is None else shared
-        self.proxy.catalog = catalog_from_config(self.config, adapters)
+        catalog = self.proxy.catalog = catalog_from_config(self.config, adapters)
+        self.pool.expect_adapters(catalog.adapters)  # the paths replicas must hold them from
 
 
 GATEWAY = web.AppKey("loragate.gateway", Gateway)
@@ -146,8 +147,10 @@ def create_app(
         errors=lambda: shared.error_count,
         resync_counts=shared.resync_counts,
     )
+    catalog = catalog_from_config(config)
+    pool.expect_adapters(catalog.adapters)
     proxy = Proxy(
-        catalog=catalog_from_config(config),
+        catalog=catalog,
         pool=pool,
         policy=policy,
         inflight=inflight,
