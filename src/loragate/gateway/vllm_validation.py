@@ -180,8 +180,21 @@ def read_chat(payload: dict[str, Any]) -> GenerationFields:
     """The fields of a ``/v1/chat/completions`` body, checked in vLLM's order
     (``ChatCompletionRequest``: messages, model, ..., max_tokens, max_completion_tokens, ...,
     stream). ``max_completion_tokens`` wins over ``max_tokens`` unless it is null."""
-    errors: list[FieldError] = []
     messages = payload.get("messages", _ABSENT)
+    model = payload.get("model")
+    max_tokens = payload.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = payload.get("max_tokens")
+    stream = payload.get("stream")
+    if (
+        type(messages) is list
+        and (model is None or type(model) is str)
+        and (max_tokens is None or type(max_tokens) is int)
+        and type(payload.get("max_tokens", 0)) is int  # (checked even when overridden)
+        and (stream is None or type(stream) is bool)
+    ):  # the usual body
+        return model, stream is True, max_tokens, False
+    errors: list[FieldError] = []
     if messages is _ABSENT:
         errors.append(FieldError("missing", "body.messages", "Field required", payload))
     elif type(messages) is not list:
