@@ -69,11 +69,22 @@ def restart_required(old: GatewayConfig, new: GatewayConfig) -> tuple[str, ...]:
 
 async def reload_from_file(gateway: Gateway, path: Path | None = None) -> ReloadResult:
     """Re-read ``path`` (default: the file the gateway started with) and apply it.
-    Raises ``ConfigError`` (nothing changed) if the file is bad or there is no file."""
+    Raises ``ConfigError`` (nothing changed) if the file is bad or there is no file; that is
+    logged here (a WARNING naming the file and the reason), however the reload was asked
+    for (``POST /admin/reload`` or SIGHUP)."""
     path = path or gateway.config_path
-    if path is None:
-        raise ConfigError("the gateway was started without a config file: nothing to reload")
-    return await apply_config(gateway, load_config(path))
+    try:
+        if path is None:
+            raise ConfigError("the gateway was started without a config file: nothing to reload")
+        config = load_config(path)
+    except ConfigError as exc:
+        log.warning(
+            "config reload rejected, keeping the running config: %s: %s",
+            path if path is not None else "no config file",
+            exc,
+        )
+        raise
+    return await apply_config(gateway, config)
 
 
 async def apply_config(gateway: Gateway, new: GatewayConfig) -> ReloadResult:

@@ -196,11 +196,11 @@ async def _close_idle_connections(server: web.Server) -> None:
 
 
 async def reload_logged(gateway: Gateway) -> bool:
-    """Reload the config file (SIGHUP); a bad file is logged and the old config stays."""
+    """Reload the config file (SIGHUP); a bad file is logged (by ``reload_from_file``, as
+    for ``POST /admin/reload``) and the old config stays."""
     try:
         await reload_from_file(gateway)
-    except ConfigError as exc:
-        log.error("config reload rejected, keeping the running config: %s", exc)
+    except ConfigError:
         return False
     return True
 
