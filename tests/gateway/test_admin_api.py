@@ -41,7 +41,8 @@ async def test_admin_routes_are_absent_without_a_token(
     async with running_gateway(cfg, port=0) as gw, aiohttp.ClientSession() as http:
         for method, path in (("GET", "/admin/replicas"), ("POST", "/admin/reload")):
             status, body = await _call(http, method, gw.url + path, headers=AUTH)
-            assert status == 404 and _is_openai_error(body, "model_not_found")
+            assert status == 404 and _is_openai_error(body, "not_found")
+            assert "admin API is disabled" in body["error"]["message"]
 
 
 async def test_token_from_the_environment_and_401_otherwise(

@@ -16,8 +16,9 @@
                             the error naming the key (the old config stays in force)
 ==========================  ==================================================================
 
-The token comes from ``admin.token`` or ``LORAGATE_ADMIN_TOKEN``; without one every admin
-route answers 404 (as if absent), with a wrong or missing ``Authorization: Bearer`` 401.
+The token comes from ``admin.token`` or ``LORAGATE_ADMIN_TOKEN``; without one every path
+under ``/admin`` answers the same 404 (code ``not_found``) saying that the admin API is disabled
+and how to enable it; with one, a wrong or missing ``Authorization: Bearer`` gets 401.
 Errors use the OpenAI error shape. Adapter changes go to the shared state store (with a
 version bump), so every gateway instance on the same Redis serves them within its refresh
 interval.
@@ -40,7 +41,7 @@ from loragate.core.errors import (
     NotFoundError,
 )
 from loragate.core.types import MAX_ADAPTER_RANK, AdapterSpec
-from loragate.gateway.errors import error_response
+from loragate.gateway.errors import error_payload, error_response
 from loragate.gateway.reload import reload_from_file
 from loragate.gateway.request_body import read_request_body
 
@@ -51,6 +52,16 @@ log = logging.getLogger(__name__)
 
 _ADAPTER_KEYS = ("name", "path", "rank", "tenants")
 _MAX_ADMIN_BODY = 64 * 1024
+_DISABLED = error_payload(
+    "the admin API is disabled: no admin token is set (set admin.token in the config file "
+    "or the LORAGATE_ADMIN_TOKEN environment variable)",
+    "invalid_request_error",
+    "not_found",
+)
+
+
+def _disabled() -> web.Response:
+    return web.Response(status=404, body=_DISABLED, content_type="application/json")
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -114,12 +125,23 @@ class AdminApi:
         router.add_post("/admin/adapters", self._guard(self.add_adapter))
         router.add_delete("/admin/adapters/{name}", self._guard(self.delete_adapter))
         router.add_post("/admin/reload", self._guard(self.reload))
+        # Last: any other path under /admin, or a method an admin path does not take.
+        router.add_route("*", "/admin{tail:(/.*)?}", self._other)
+
+    async def _other(self, request: web.Request) -> web.StreamResponse:
+        """Without a token: the same 404 as every admin route. With one: what any unknown
+        path or method gets (404 ``no such endpoint``, 405 with ``Allow``)."""
+        if self._gw.admin_token is None:
+            return _disabled()
+        from loragate.gateway.app import no_route  # the app imports this module
+
+        return await no_route(request)
 
     def _guard(self, handler: Any) -> Any:
         async def guarded(request: web.Request) -> web.StreamResponse:
             token = self._gw.admin_token
             if token is None:
-                return error_response(NotFoundError(f"no route {request.path}"))
+                return _disabled()
             sent = request.headers.get(hdrs.AUTHORIZATION, "")
             expected = f"Bearer {token}"
             if not hmac.compare_digest(sent.encode(), expected.encode()):

@@ -269,6 +269,7 @@ async def no_route(request: web.Request) -> web.Response:
     for resource in request.app.router.resources():
         if resource is not own:
             allowed |= (await resource.resolve(request))[1]
+    allowed.discard(hdrs.METH_ANY)  # a fallback for any method (this one, /admin's)
     where = f"{request.method} {request.path[:200]}"
     if allowed:
         return web.Response(
