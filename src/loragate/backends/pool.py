@@ -34,7 +34,6 @@ Replicas can be added and removed while running (config reload).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
@@ -54,6 +53,7 @@ from loragate.core.errors import (
     NoReplicaAvailableError,
     UpstreamConnectError,
 )
+from loragate.core.tasks import cancel_and_wait
 from loragate.core.types import AdapterSpec, ReplicaId, ReplicaSettings, ReplicaSnapshot, Residency
 
 log = logging.getLogger(__name__)
@@ -190,9 +190,7 @@ class ReplicaPool:
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         for load in list(self._loads.values()):
             load.cancel()
         for rep in self._replicas.values():

@@ -16,7 +16,6 @@ the session. Proxied requests go through each replica's lean keep-alive pool
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 from collections.abc import AsyncIterator, Mapping
@@ -31,6 +30,7 @@ from loragate.backends.pool import ReplicaPool
 from loragate.core.clock import Clock, WallClock
 from loragate.core.config import GatewayConfig
 from loragate.core.errors import LoragateError
+from loragate.core.tasks import cancel_and_wait
 from loragate.core.types import AdapterId, AdapterSpec
 from loragate.gateway.admin import AdminApi
 from loragate.gateway.catalog import Catalog
@@ -215,9 +215,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         if maintenance is not None:
-            maintenance.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await maintenance
+            await cancel_and_wait(maintenance)
         await gateway.pool.stop()
         await shared.close()
         await session.close()

@@ -17,6 +17,7 @@ import contextlib
 import logging
 
 from loragate.core.clock import Clock, WallClock
+from loragate.core.tasks import cancel_and_wait
 from loragate.twin.engine import Engine, EngineRequest, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -99,9 +100,7 @@ class RealtimeEngine:
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         self._fail_all(StopAsyncIteration())
 
     def submit(self, req: EngineRequest) -> TokenStream:
