@@ -114,7 +114,7 @@ async def test_register_use_and_delete_an_adapter(replicas: list[ScriptedReplica
         url = gw.url + "/admin/adapters"
         new = {"name": "fresh", "path": "/loras/fresh", "rank": 16, "tenants": ["acme"]}
         status, body = await _call(http, "POST", url, headers=AUTH, body=new)
-        assert status == 201 and body == new
+        assert status == 201 and body == {**new, "rank_source": "request"}
         # Served at once, to the tenants it names only.
         done = await acme.completions.create(model="fresh", prompt="x", max_tokens=2)
         assert done.model == "fresh"

@@ -7,8 +7,11 @@
 ``GET /admin/adapters``     every adapter: config-file ones and admin-registered ones, the
                             replicas that hold it (``registered_on``) and those that hold it
                             from another path (``stale_on``: replica -> that path)
-``POST /admin/adapters``    register ``{name, path, rank?, tenants?}``: 201; 400 naming the
-                            bad key; 409 if the name is taken
+``POST /admin/adapters``    register ``{name, path, rank?, tenants?}``: 201 (the body says
+                            where the rank came from: ``rank_source``, see
+                            ``gateway.adapter_rank``); 400 naming the bad key, or a rank that
+                            disagrees with the folder's ``adapter_config.json``; 409 if the
+                            name is taken
 ``DELETE /admin/adapters/N``  remove an admin-registered adapter and unload it from the
                             replicas that registered it: 200; 404 unknown; 409 if the config
                             file defines it (edit the file and reload instead)
@@ -26,6 +29,8 @@ interval.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -41,6 +46,7 @@ from loragate.core.errors import (
     NotFoundError,
 )
 from loragate.core.types import MAX_ADAPTER_RANK, AdapterSpec
+from loragate.gateway.adapter_rank import DEFAULT_RANK, RankError, settle_rank
 from loragate.gateway.errors import error_payload, error_response
 from loragate.gateway.reload import reload_from_file
 from loragate.gateway.request_body import read_request_body
@@ -79,8 +85,11 @@ def adapter_json(spec: AdapterSpec) -> dict[str, Any]:
     }
 
 
-def parse_adapter(payload: object, *, base_model: str, tenants: set[str]) -> AdapterSpec:
-    """Validate a ``POST /admin/adapters`` body; errors name the key (``param``)."""
+def parse_adapter(
+    payload: object, *, base_model: str, tenants: set[str]
+) -> tuple[AdapterSpec, int | None]:
+    """Validate a ``POST /admin/adapters`` body; errors name the key (``param``). Returns the
+    adapter (with the given rank, else 8) and the rank given (None: none)."""
     if not isinstance(payload, dict):
         raise InvalidRequestError("the request body must be a JSON object")
     for key in payload:
@@ -95,7 +104,8 @@ def parse_adapter(payload: object, *, base_model: str, tenants: set[str]) -> Ada
     name = payload["name"]
     if name == base_model:
         raise InvalidRequestError("an adapter cannot be named like the base model", param="name")
-    rank = payload.get("rank", 8)
+    given = payload.get("rank")
+    rank = DEFAULT_RANK if given is None else given
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_ADAPTER_RANK:
         # Routing's load-cost estimates compute with it in floats: keep it sane.
         raise InvalidRequestError(
@@ -110,7 +120,8 @@ def parse_adapter(payload: object, *, base_model: str, tenants: set[str]) -> Ada
             if not isinstance(tenant, str) or tenant not in tenants:
                 raise InvalidRequestError(f"unknown tenant {tenant!r}", param=f"tenants[{i}]")
         allowed = frozenset(raw_tenants)
-    return AdapterSpec(name=name, path=payload["path"], rank=rank, tenants=allowed)
+    spec = AdapterSpec(name=name, path=payload["path"], rank=rank, tenants=allowed)
+    return spec, None if given is None else rank
 
 
 class AdminApi:
@@ -223,19 +234,37 @@ class AdminApi:
     async def add_adapter(self, request: web.Request) -> web.Response:
         gw = self._gw
         payload = await _read_json(request, gw.config.limits.client_body_timeout_s)
-        spec = parse_adapter(
+        spec, given = parse_adapter(
             payload,
             base_model=gw.config.base_model,
             tenants={t.name for t in gw.config.tenants},
         )
+        try:  # the folder's rank, if the gateway can read it (off the loop: it may be slow)
+            settled = await asyncio.to_thread(
+                settle_rank, spec.path, given, given_source="request"
+            )
+        except RankError as exc:
+            raise InvalidRequestError(str(exc), param="rank") from exc
+        spec = dataclasses.replace(spec, rank=settled.rank)
         async with gw.lock:
             if spec.name in gw.catalog.adapters or spec.name in gw.shared.shared_adapters():
                 raise ConflictError(f"adapter {spec.name!r} already exists", param="name")
             await gw.shared.store.put_adapter(spec)
             gw.shared.check_adapters()  # this instance serves it at once
         gw.pool.refusals.forget(spec.name)  # registered anew: every replica may try it again
-        log.info("admin: registered adapter %s (%s)", spec.name, spec.path)
-        return _json(adapter_json(spec), status=201)
+        if settled.unread is None:
+            log.info("admin: registered adapter %s (%s, rank %d from its adapter_config.json)",
+                     spec.name, spec.path, spec.rank)  # fmt: skip
+        elif settled.source == "request":
+            log.info("admin: registered adapter %s (%s), rank %d as given (%s)",
+                     spec.name, spec.path, spec.rank, settled.unread)  # fmt: skip
+        else:  # routing's load-cost estimates may be off: say so louder
+            log.warning(
+                "admin: registered adapter %s (%s) with rank %d assumed: no rank was given "
+                "and %s",
+                spec.name, spec.path, spec.rank, settled.unread,
+            )  # fmt: skip
+        return _json({**adapter_json(spec), "rank_source": settled.source}, status=201)
 
     async def delete_adapter(self, request: web.Request) -> web.Response:
         gw = self._gw

@@ -9,22 +9,59 @@ a file that is not UTF-8 says so, and a key written twice in one mapping (which 
 otherwise settle silently, the last one winning) is an error naming the key. The strict YAML
 reading is the workload specs' (``loragate.workload.yaml_file``: also YAML 1.2 booleans), so
 both kinds of file follow the same rules.
+
+Adapter ranks are read from the adapters' folders where the gateway can read them
+(``gateway.adapter_rank``): a ``rank:`` that disagrees with the folder's ``r`` is an error
+naming the key, and adapters with neither are logged with the rank assumed (8).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 from loragate.core.config import GatewayConfig, config_from_mapping
+from loragate.core.errors import ConfigError
+from loragate.gateway.adapter_rank import DEFAULT_RANK, RankError, settle_rank
 from loragate.routing import build_policy
 from loragate.workload.yaml_file import load_yaml_text, read_text_file
+
+log = logging.getLogger(__name__)
 
 
 def parse_config_text(text: str, *, source: str = "<config>") -> GatewayConfig:
     data = load_yaml_text(text, source)
     config = config_from_mapping(data)
     build_policy(config.routing.build_spec(), seed=config.routing.seed)  # validate now
-    return config
+    return _settle_ranks(config, data, source)
+
+
+def _settle_ranks(config: GatewayConfig, data: object, source: str) -> GatewayConfig:
+    """Each adapter's rank from its folder's ``adapter_config.json`` when the gateway can read
+    it (``gateway.adapter_rank``): a ``rank:`` that disagrees is an error naming the key; an
+    adapter with neither gets 8, said in one warning."""
+    raw = data.get("adapters") if isinstance(data, Mapping) else None
+    if not config.adapters or not isinstance(raw, list):
+        return config
+    specs, assumed = [], []
+    for i, (spec, item) in enumerate(zip(config.adapters, raw, strict=True)):
+        given = spec.rank if isinstance(item, Mapping) and "rank" in item else None
+        try:
+            settled = settle_rank(spec.path, given, given_source="config")
+        except RankError as exc:
+            raise ConfigError(str(exc), key=f"adapters[{i}].rank") from exc
+        if settled.source == "default":
+            assumed.append(f"{spec.name} ({settled.unread})")
+        specs.append(dataclasses.replace(spec, rank=settled.rank))
+    if assumed:
+        log.warning(
+            "%s: rank %d assumed for the adapters without a rank: whose adapter_config.json the "
+            "gateway cannot read: %s",
+            source, DEFAULT_RANK, "; ".join(assumed),
+        )  # fmt: skip
+    return dataclasses.replace(config, adapters=tuple(specs))
 
 
 def load_config(path: str | Path) -> GatewayConfig:
