@@ -201,7 +201,10 @@ class VllmClient:
 
     async def load_adapter(self, name: str, path: str, *, load_inplace: bool = False) -> bool:
         """Register adapter ``name`` from ``path``. Returns False if it was already registered
-        (vLLM's 400 "has already been loaded" is treated as success: the call is idempotent)."""
+        (vLLM's 400 "has already been loaded" is treated as success: the call is idempotent),
+        which says nothing of the path it was registered from: the caller compares its
+        ``/v1/models`` card's ``root`` (``ReplicaPool`` does). ``load_inplace``: replace a
+        registered adapter of that name (vLLM reads the folder again; 200 either way)."""
         payload: dict[str, Any] = {"lora_name": name, "lora_path": path}
         if load_inplace:
             payload["load_inplace"] = True
