@@ -69,3 +69,24 @@ async def test_an_error_of_the_task_propagates() -> None:
     await asyncio.sleep(0)
     with pytest.raises(RuntimeError, match="cleanup failed"):
         await cancel_and_wait(task)
+
+
+async def test_cleanup_in_a_cancelled_caller_goes_on() -> None:
+    """A ``finally`` of a task that is being cancelled stops its helpers and closes the rest."""
+    background = asyncio.create_task(_forever())
+    closed: list[str] = []
+
+    async def serve() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await cancel_and_wait(background)
+            closed.append("session")  # what the cleanup after the stop does
+
+    caller = asyncio.create_task(serve())
+    await asyncio.sleep(0)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert closed == ["session"]
+    assert background.cancelled()
