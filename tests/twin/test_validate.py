@@ -12,17 +12,16 @@ import pytest
 from loragate.cli import main as cli_main
 from loragate.core.errors import ConfigError
 from loragate.twin.real_runs import run_spec_from_row
-from loragate.twin.validate import (
+from loragate.twin.validate import validate
+from loragate.twin.validate_lengths import (
     SHAREGPT_OUTPUT_Q,
     SHAREGPT_PCT,
     SHAREGPT_PROMPT_Q,
     LengthModel,
-    ValidateConfig,
     fit_length_mus,
     sharegpt_pairs,
-    synthesize_arrivals,
-    validate,
 )
+from loragate.twin.validate_workload import ValidateConfig, synthesize_arrivals
 
 FIELDS = ["run_id", "model", "workload", "ranks_set", "rate_counts", "rank_counts", "max_loras",
           "max_cpu_loras", "max_lora_rank", "requests_sent", "pool_mean_input_tokens",
@@ -178,7 +177,7 @@ def test_front_end_cap_bounds_the_engine_queue(tmp_path: Path) -> None:
     from dataclasses import replace
 
     from loragate.twin.profile import dump_profile, load_profile
-    from loragate.twin.validate import replay_run
+    from loragate.twin.validate_replay import replay_run
 
     base = load_profile("qwen-2.5-7b-h100")
     # a steep queue-walk cost makes the engine's queue length visible in the step time
@@ -202,7 +201,7 @@ def test_replays_average_independent_seeds() -> None:
     K replays at seed 0 are the single replays at seeds 0..K-1 and seed 1 shares none of them."""
     from dataclasses import replace
 
-    from loragate.twin.validate import replay_run
+    from loragate.twin.validate_replay import replay_run
 
     spec = run_spec_from_row(_row("qwen-2.5-7b-instruct/w/_8_8_16_", "qwen-2.5-7b-instruct",
                                   loras=8, served=8, rates="2:8"))
@@ -220,7 +219,7 @@ def test_replays_average_independent_seeds() -> None:
     assert other.replay_itl_ms == tuple(m.itl_mean_ms for m in singles[3:])
     assert singles[0].replays == 1 and singles[0].replay_itl_ms == ()
     # a replay that measured no ITL (nan) does not blank the others' mean
-    from loragate.twin.validate import mean_metrics
+    from loragate.twin.validate_replay import mean_metrics
 
     blank = replace(singles[1], itl_mean_ms=float("nan"))
     assert mean_metrics([singles[0], blank]).itl_mean_ms == singles[0].itl_mean_ms

@@ -8,11 +8,8 @@ from pathlib import Path
 import pytest
 
 from loragate.twin.real_runs import read_rows, run_spec_from_row
-from loragate.twin.validate import (
-    ValidateConfig,
-    exact_arrivals,
-    validate,
-)
+from loragate.twin.validate import validate
+from loragate.twin.validate_workload import ValidateConfig, exact_arrivals
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "tiny-llama-cpu" / "validation"
 RUNS = DATA / "real_runs.csv"

@@ -18,12 +18,12 @@ import pytest
 
 from loragate.cli import main as cli_main
 from loragate.twin.real_runs import RunSpec, run_spec_from_row
-from loragate.twin.validate import (
+from loragate.twin.validate import validate
+from loragate.twin.validate_workload import (
     OfferedCount,
     ValidateConfig,
     offered_requests,
     synthesize_arrivals,
-    validate,
 )
 
 ROWS = Path(__file__).resolve().parent / "data" / "r1_rows.csv"

@@ -155,7 +155,8 @@ def _check_out_dir(path: Path) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from loragate.twin.validate import ValidateConfig, validate
+    from loragate.twin.validate import validate
+    from loragate.twin.validate_workload import ValidateConfig
 
     if args.out:
         _check_out_dir(Path(args.out))
