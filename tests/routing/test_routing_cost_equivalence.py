@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -27,13 +27,21 @@ from loragate.core.types import (
     Residency,
     RoutingRequest,
 )
-from loragate.routing import LinearStepTimeModel, RoutingProfile, WeightedScorer
+from loragate.routing import (
+    LinearStepTimeModel,
+    RoutingContext,
+    RoutingProfile,
+    WeightedScorer,
+    build_policy,
+)
 from loragate.routing.expected_ttft import (
     MAX_TIME_S,
+    SCORE_TAU_S,
     CostParams,
     ExpectedTTFTPicker,
     ExpectedTTFTScorer,
 )
+from loragate.routing.pickers import EPSILON, TieBreak
 from loragate.routing.step_time import StepTimeModel
 
 
@@ -161,6 +169,14 @@ class _PrefillModel:
         return 70e-6
 
 
+class _UnfusedPicker(ExpectedTTFTPicker):
+    """``ExpectedTTFTPicker`` with ``pick`` overridden (to itself): the profile then scores
+    and picks in two steps, as a composed profile does."""
+
+    def pick(self, ctx: RoutingContext, scored: Mapping[ReplicaId, float]) -> ReplicaId:
+        return super().pick(ctx, scored)
+
+
 ADAPTERS = [f"a{i}" for i in range(12)]
 
 
@@ -249,6 +265,15 @@ def test_costs_and_picks_match_term_by_term(
     slow_policy = RoutingProfile(
         name="slow", scorers=[WeightedScorer(1.0, slow)], picker=ExpectedTTFTPicker(slow), seed=seed
     )
+    # The same as ``fast_policy``, through the generic score-then-pick path.
+    unfused = ExpectedTTFTScorer(model(), params)
+    unfused_policy = RoutingProfile(
+        name="unfused",
+        scorers=[WeightedScorer(1.0, unfused)],
+        picker=_UnfusedPicker(unfused),
+        seed=seed,
+    )
+    assert fast_policy._fused is not None and unfused_policy._fused is None
     settings = [rng.choice(SETTINGS) for _ in range(6)]
     replicas = [_random_snapshot(rng, f"r{i}", settings[i]) for i in range(6)]
     for i in range(300):
@@ -261,12 +286,16 @@ def test_costs_and_picks_match_term_by_term(
         elif change < 0.6:  # its per-adapter counts change (a live view in the gateway)
             live = {a: 1 for a in rng.sample(ADAPTERS, rng.randint(0, 10))}
             object.__setattr__(replicas[j], "adapter_in_flight", MappingProxyType(live))
+        elif change < 0.7:  # its shadow residency moves on, in place (gateway.proxy)
+            res = _random_snapshot(rng, f"r{j}", settings[j]).residency
+            object.__setattr__(replicas[j], "residency", res)
         req = _random_request(rng, i)
         now = i * 0.01
         _assert_same_costs(fast.costs(req, replicas, now), slow.costs(req, replicas, now))
         if any(r.healthy for r in replicas):
             picked = fast_policy.choose(req, replicas, fast_policy.context(now))
             assert picked == slow_policy.choose(req, replicas, slow_policy.context(now))
+            assert picked == unfused_policy.choose(req, replicas, unfused_policy.context(now))
 
 
 def test_in_place_updates_and_live_counts_are_seen(snap: Callable[..., ReplicaSnapshot]) -> None:
@@ -369,3 +398,117 @@ def test_replica_ids_are_what_is_kept(snap: Callable[..., ReplicaSnapshot]) -> N
     for _ in range(3):
         fast.costs(req, [snap(rid, in_flight=i) for i, rid in enumerate(ids)])
     assert len(fast._terms) == len(ids)
+
+
+class _GivenCosts(ExpectedTTFTScorer):
+    """Costs given by the test, one list per decision (``score`` itself is not overridden)."""
+
+    def __init__(self, costs: list[float]) -> None:
+        super().__init__(LinearStepTimeModel())
+        self.given = costs
+
+    def costs(
+        self, req: RoutingRequest, replicas: Sequence[ReplicaSnapshot], now_s: float = 0.0
+    ) -> list[float]:
+        return list(self.given)
+
+
+_BASE = 0.25
+_ULP = math.ulp(_BASE + SCORE_TAU_S)
+# The score threshold of a tie sits between 1 - EPSILON and the next scores: a cost one part in
+# 1e9 (of c_min + tau) above the cheapest ties or not depending on the last bits.
+_EDGE = (_BASE + SCORE_TAU_S) / (1.0 - EPSILON) - SCORE_TAU_S
+COST_LISTS: list[tuple[str, list[float]]] = [
+    ("one replica", [_BASE]),
+    ("distinct", [0.3, _BASE, 0.9, 0.26]),
+    ("exact tie", [0.3, _BASE, 0.9, _BASE, _BASE]),
+    ("tie within epsilon", [_BASE + 1e-10, 0.4, _BASE, _BASE + 2e-10]),
+    ("just past epsilon", [_BASE, _BASE * (1 + 3e-9), 1.0]),
+    *[(f"at the tie edge {k:+d} ulp", [_BASE, _EDGE + k * _ULP, 0.7]) for k in range(-3, 4)],
+    ("all zero", [0.0, 0.0, 0.0]),
+    ("zero and tau", [0.0, SCORE_TAU_S * EPSILON * 0.5, SCORE_TAU_S]),
+    ("huge", [1e300, 1e300 * (1 + 1e-10), 2e300]),
+    ("one inf", [math.inf, _BASE, 0.5]),
+    ("all inf", [math.inf, math.inf]),
+    ("nan after", [_BASE, math.nan, _BASE]),
+    ("nan first", [math.nan, _BASE]),
+]
+
+
+@pytest.mark.parametrize("tie_break", ["random", "first"])
+@pytest.mark.parametrize("costs", [c[1] for c in COST_LISTS], ids=[c[0] for c in COST_LISTS])
+def test_fused_pick_is_pick_of_scores(
+    snap: Callable[..., ReplicaSnapshot], costs: list[float], tie_break: TieBreak
+) -> None:
+    """``score_and_pick`` = ``pick(score(...))``: same replica, same random draws, same
+    scratch, on cost lists with exact ties, ties within EPSILON and ties on its edge."""
+    replicas = [snap(f"r{i}") for i in range(len(costs))]
+    req = RoutingRequest(request_id="q", adapter="a", prompt_tokens=10, max_tokens=10)
+    fused, plain = _GivenCosts(costs), _GivenCosts(costs)
+    fused_picker = ExpectedTTFTPicker(fused, tie_break)
+    plain_picker = ExpectedTTFTPicker(plain, tie_break)
+    assert fused_picker.fuses_with(fused) and not fused_picker.fuses_with(plain)
+    for seed in range(20):  # the random tie-break draws differ by seed
+        fused_ctx = RoutingContext(now_s=1.0, rng=random.Random(seed))
+        plain_ctx = RoutingContext(now_s=1.0, rng=random.Random(seed))
+        try:
+            want = plain_picker.pick(plain_ctx, plain.score(plain_ctx, req, replicas))
+        except ValueError:  # no maximum (all inf): both fail alike
+            with pytest.raises(ValueError):
+                fused_picker.score_and_pick(fused_ctx, req, replicas)
+            continue
+        assert fused_picker.score_and_pick(fused_ctx, req, replicas) == want
+        assert fused_ctx.rng.getstate() == plain_ctx.rng.getstate()
+        assert fused_ctx.scratch == plain_ctx.scratch
+
+
+def test_only_the_plain_loragate_profile_is_fused(snap: Callable[..., ReplicaSnapshot]) -> None:
+    """The built-in ``loragate`` profile and an equal composition take the fused path; other
+    compositions with the ``expected_ttft`` scorer score and pick as before, and a
+    composition of it with ``max_score`` picks what the fused profile picks (the linear model
+    has no prefill term, so the backlog ``ExpectedTTFTPicker`` reports changes nothing)."""
+    fused = build_policy("loragate", seed=4)
+    assert fused._fused is not None
+    composed = build_policy({"scorers": ["expected_ttft"], "picker": {"name": "max_score"}}, seed=4)
+    weighted = build_policy(
+        {"scorers": [{"name": "expected_ttft", "weight": 2.0}, {"name": "queue", "weight": 0.1}]},
+        seed=4,
+    )
+    assert composed._fused is None and weighted._fused is None
+    rng = random.Random(9)
+    settings = [rng.choice(SETTINGS[:2]) for _ in range(5)]
+    replicas = [_random_snapshot(rng, f"r{i}", settings[i]) for i in range(5)]
+    picks = []
+    for i in range(400):
+        j = rng.randrange(len(replicas))
+        replicas[j] = _random_snapshot(rng, f"r{j}", settings[j])
+        if not any(r.healthy for r in replicas):
+            continue
+        req = _random_request(rng, i)
+        now = i * 0.01
+        picked = fused.choose(req, replicas, fused.context(now))
+        assert picked == composed.choose(req, replicas, composed.context(now))
+        picks.append(weighted.choose(req, replicas, weighted.context(now)))
+    assert len(set(picks)) > 1
+
+
+def test_residency_tiers_are_seen_when_they_change(snap: Callable[..., ReplicaSnapshot]) -> None:
+    """The tiers' sets are kept while the same tuples come back; new tuples (a new
+    ``Residency``, or one set in place on the snapshot) are looked at afresh."""
+    fast = ExpectedTTFTScorer(LinearStepTimeModel(), CostParams(length_ewma_alpha=0.0))
+    slow = _TermByTermScorer(LinearStepTimeModel(), CostParams(length_ewma_alpha=0.0))
+    req = RoutingRequest(request_id="q", adapter="a", prompt_tokens=100, max_tokens=100)
+    reps = [snap("r0", in_flight=5, per_adapter={"b": 5}, cpu=["a", "b"], gpu=["b"])]
+    costs = [fast.costs(req, reps)[0] for _ in range(3)]  # first sight, second, from sets
+    assert costs[0] == costs[1] == costs[2]
+    _assert_same_costs(costs[:1], slow.costs(req, reps))
+    for gpu, cpu, registered in [
+        (("a",), ("b", "a"), {"a", "b"}),  # loaded into a GPU slot
+        ((), ("b",), {"a", "b"}),  # evicted from both tiers, still registered
+        ((), (), {"b"}),  # unregistered
+        (("a",), ("a",), {"a"}),
+    ]:
+        res = Residency(registered=frozenset(registered), gpu=gpu, cpu=cpu)
+        object.__setattr__(reps[0], "residency", res)
+        for _ in range(3):
+            _assert_same_costs(fast.costs(req, reps), slow.costs(req, reps))

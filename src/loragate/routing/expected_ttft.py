@@ -85,17 +85,29 @@ in flight but deferred, needing a new slot), and recomputes them only when the r
 then costs a few lookups and a handful of arithmetic per replica. The coefficients sum the same
 terms in another order than the formulas above: costs agree with the term-by-term evaluation to
 within a few units in the last place (``tests/routing/test_routing_cost_equivalence.py``).
+Recomputing them (every replica, after a poll) reuses the parts that depend on a few small
+integers alone, memoised: the step times and slot penalty by (batch, adapters, ``max_loras``),
+``wait_seq + congestion`` by (requests, ``max_num_seqs``) where KV memory does not bind. The
+residency tiers are tuples; the second decision that sees the same ones looks adapters up in
+sets made of them. And the ``loragate`` profile scores and picks in one call
+(``ExpectedTTFTPicker.score_and_pick``), without building the score mapping.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
-from math import sqrt
+from math import inf, sqrt
 
-from loragate.core.types import ReplicaId, ReplicaSettings, ReplicaSnapshot, RoutingRequest
-from loragate.routing.framework import RoutingContext
-from loragate.routing.pickers import MaxScorePicker, TieBreak
+from loragate.core.types import (
+    AdapterId,
+    ReplicaId,
+    ReplicaSettings,
+    ReplicaSnapshot,
+    RoutingRequest,
+)
+from loragate.routing.framework import RoutingContext, Scorer
+from loragate.routing.pickers import EPSILON, MaxScorePicker, TieBreak
 from loragate.routing.step_time import StepTimeModel, prefill_token_s
 
 SCORE_TAU_S = 0.001
@@ -141,7 +153,7 @@ def _sane(seconds: float) -> float:
 # What of a replica's snapshot its request-independent cost terms depend on:
 #   (n = max(in_flight, num_running + num_waiting), len(adapter_in_flight), num_waiting,
 #    num_deferred, kv_usage, len(active_adapters), settings)
-# and those terms, computed from it alone (``ExpectedTTFTScorer._new_terms``; plain tuples, as
+# and those terms, computed from it alone (in ``ExpectedTTFTScorer.costs``; plain tuples, as
 # cheap to build, compare and unpack as it gets):
 #   (state, t_step, t_step_new, waiting_ahead, budget,
 #    per_out_running, per_out_queued, per_out_new, slot_penalty, stall, slot_free)
@@ -154,7 +166,31 @@ def _sane(seconds: float) -> float:
 # penalty per output token. ``stall`` is 1 + the requests an adapter load delays there,
 # ``slot_free`` whether at most ``max_loras`` adapters are in flight (then all of them run).
 ReplicaState = tuple[int, int, int, int, float, int, ReplicaSettings]
-ReplicaTerms = tuple[ReplicaState, float, float, int, int, float, float, float, float, float, bool]
+Tiers = tuple[
+    tuple[AdapterId, ...],
+    tuple[AdapterId, ...],
+    tuple[frozenset[AdapterId], frozenset[AdapterId]] | None,
+]
+ReplicaTerms = tuple[
+    ReplicaState, float, float, float, float, float, float, float, float, float, bool
+]
+
+
+def _per_t_seq(
+    n_eff: int, batch: int, cap: float, congestion_weight: float, rho_max: float
+) -> float:
+    """``wait_seq + congestion`` per second of ``T_seq``: ``n_eff`` requests hold sequence
+    slots, ``batch`` of them run, ``cap`` (>= 1) slots."""
+    per_t_seq = 0.0
+    excess = n_eff + 1 - cap
+    if excess > 0.0:
+        per_t_seq = excess / (batch if batch > 0 else 1)
+    if congestion_weight > 0.0:
+        rho = (n_eff + 1) / cap
+        if rho > rho_max:
+            rho = rho_max
+        per_t_seq += congestion_weight * rho ** sqrt(2.0 * (cap + 1.0)) / (cap * (1.0 - rho))
+    return per_t_seq
 
 
 class ExpectedTTFTScorer:
@@ -164,11 +200,15 @@ class ExpectedTTFTScorer:
 
     __slots__ = (
         "_backlog",
+        "_by_seqs",
+        "_by_slots",
+        "_loads",
         "_mean_out",
         "_mean_prompt",
-        "_memo",
+        "_misses",
         "_ptok",
         "_terms",
+        "_tiers",
         "model",
         "p",
     )
@@ -178,12 +218,24 @@ class ExpectedTTFTScorer:
         self.p = params if params is not None else CostParams()
         self._mean_out = self.p.mean_output_tokens
         self._mean_prompt = self.p.mean_prompt_tokens
-        self._memo: dict[tuple[int, int], float] = {}
+        p = self.p
+        # Memoised parts of the terms, by what they depend on: (batch, min(d, L), L) ->
+        # (t_step, t_step_new, slot_penalty); (n_eff, S) -> per_t_seq when KV memory leaves
+        # all S sequence slots.
+        self._by_slots: dict[tuple[int, int, int], tuple[float, float, float]] = {}
+        self._by_seqs: dict[tuple[int, int], float] = {}
+        # (miss_cpu, miss_disk, miss_unregistered): the miss penalties by where the adapter is
+        miss_disk = p.gpu_miss_s + p.cpu_miss_s
+        self._misses = (p.gpu_miss_s, miss_disk, p.register_s + miss_disk)
+        # rank -> (load from CPU, load from disk), seconds
+        self._loads: dict[int, tuple[float, float]] = {}
         self._ptok = prefill_token_s(model)
         # replica -> (seconds of prefill work routed there not yet done, as of time t)
         self._backlog: dict[ReplicaId, tuple[float, float]] = {}
         # replica -> its ReplicaTerms as of the last decision that saw it
         self._terms: dict[ReplicaId, ReplicaTerms] = {}
+        # replica -> (gpu, cpu) tiers of its residency last seen, and their sets once seen twice
+        self._tiers: dict[ReplicaId, Tiers] = {}
 
     def _observe(self, req: RoutingRequest) -> None:
         alpha = self.p.length_ewma_alpha
@@ -193,88 +245,37 @@ class ExpectedTTFTScorer:
             if req.prompt_tokens > 0:
                 self._mean_prompt += alpha * (req.prompt_tokens - self._mean_prompt)
 
-    def _step_time(self, key: tuple[int, int]) -> float:
-        """The model's step time for (batch, distinct adapters), memoised."""
-        memo = self._memo
-        t = memo.get(key)
-        if t is None:
-            if len(memo) >= MAX_MEMO:
-                memo.clear()
-            t = memo[key] = _sane(self.model.step_time_s(*key))
-        return t
-
-    def _new_terms(self, rid: ReplicaId, state: ReplicaState) -> ReplicaTerms:
-        """The terms of a replica in ``state`` (a function of it alone), kept for next time."""
-        n, n_aif, waiting, deferred, kv, n_active, st = state
+    def _slot_terms(self, key: tuple[int, int, int]) -> tuple[float, float, float]:
+        """``(t_step, t_step_new, slot_penalty)`` for (batch, min(d, L), L), memoised: they
+        depend on nothing else, and replicas (and one replica from poll to poll) share keys."""
+        batch, dd, slots = key
+        step_time_s = self.model.step_time_s
+        t_step = _sane(step_time_s(batch + 1, dd))
         p = self.p
-        slots = st.max_loras if st.max_loras > 0 else 1
-        seqs = st.max_num_seqs if st.max_num_seqs > 0 else 1
-        n_eff = n - deferred if n > deferred else 0
-        batch = n_eff if n_eff < seqs else seqs
-        # LoRA slots: ``d`` adapters in flight, ``deferred_ahead`` of them waiting for a slot.
-        if n_aif:
-            d = n_aif
-            deferred_ahead = d - slots if d > slots else 0
-        else:
-            d = n_active
-            deferred_ahead = deferred
-        t_step = self._step_time((batch + 1, d if d < slots else slots))
-        # Sequence slots (max_num_seqs, or KV memory if that runs out first).
-        cap = float(seqs)
-        if kv >= p.kv_full:
-            if n_eff < cap:
-                cap = float(n_eff)
-        elif kv > 0.0 and n_eff > 0:
-            kv_cap = n_eff * p.kv_full / kv
-            if kv_cap < cap:
-                cap = kv_cap
-        if cap < 1.0:
-            cap = 1.0
-        # wait_seq + congestion per second that a request holds a sequence slot (T_seq).
-        per_t_seq = 0.0
-        excess = n_eff + 1 - cap
-        if excess > 0.0:
-            per_t_seq = excess / (batch if batch > 0 else 1)
-        if p.congestion_weight > 0.0:
-            rho = (n_eff + 1) / cap
-            if rho > p.rho_max:
-                rho = p.rho_max
-            per_t_seq += p.congestion_weight * rho ** sqrt(2.0 * (cap + 1.0)) / (cap * (1.0 - rho))
-        # wait_slot per second of T_seq: (deferred_ahead + 1) slot turnovers of T_hold / L.
         hold = p.hold_factor
-        slot_wait = (deferred_ahead + 1) * hold / slots
-        if d >= slots:  # every LoRA slot taken: a new adapter waits, its load stalls all
+        if dd >= slots:  # every LoRA slot taken (d >= L)
             t_step_new = t_step
-            new_wait = slot_wait
-            stall = 1.0 + p.load_stall_weight * n
             slot_penalty = p.new_slot_weight * t_step * hold / slots
         else:
-            t_step_new = self._step_time((batch + 1, d + 1))
-            new_wait = slot_wait if deferred_ahead > 0 else 0.0
-            occupancy = d / slots
-            stall = 1.0 + p.load_stall_weight * (waiting + (n - waiting) * occupancy * occupancy)
-            occupancy = (d + 1) / slots
+            t_step_new = _sane(step_time_s(batch + 1, dd + 1))
+            occupancy = (dd + 1) / slots
             slot_penalty = p.new_slot_weight * t_step_new * hold / slots * occupancy * occupancy
-        waiting_ahead = waiting - deferred
-        budget = st.max_num_batched_tokens - batch
-        terms = (
-            state,
-            t_step,
-            t_step_new,
-            waiting_ahead if waiting_ahead > 0 else 0,
-            budget if budget > 1 else 1,
-            t_step * per_t_seq,
-            t_step * (per_t_seq + 0.5 * slot_wait),
-            t_step_new * (per_t_seq + new_wait),
-            slot_penalty,
-            stall,
-            d <= slots,
-        )
-        cache = self._terms
-        if len(cache) >= MAX_MEMO and rid not in cache:
-            cache.clear()
-        cache[rid] = terms
-        return terms
+        memo = self._by_slots
+        if len(memo) >= MAX_MEMO:
+            memo.clear()
+        value = memo[key] = (t_step, t_step_new, slot_penalty)
+        return value
+
+    def _load_times(self, rank: int) -> tuple[float, float]:
+        """``(load_s(rank, from CPU), load_s(rank, from disk))``, memoised by rank."""
+        times = self._loads.get(rank)
+        if times is None:
+            load_s = self.model.load_s
+            times = (_sane(load_s(rank, False)), _sane(load_s(rank, True)))
+            if len(self._loads) >= MAX_MEMO:
+                self._loads.clear()
+            self._loads[rank] = times
+        return times
 
     def costs(
         self, req: RoutingRequest, replicas: Sequence[ReplicaSnapshot], now_s: float = 0.0
@@ -288,19 +289,30 @@ class ExpectedTTFTScorer:
         own_out = float(req.max_tokens) if p.own_length and req.max_tokens > 0 else mean_out
         load_cpu = load_disk = 0.0
         if adapter is not None:
-            rank = req.adapter_rank if req.adapter_rank is not None else p.default_rank
-            load_cpu = _sane(self.model.load_s(rank, False))
-            load_disk = _sane(self.model.load_s(rank, True))
-        miss_cpu = p.gpu_miss_s
-        miss_disk = p.gpu_miss_s + p.cpu_miss_s
-        miss_unregistered = p.register_s + miss_disk
+            rank = req.adapter_rank
+            load_cpu, load_disk = self._load_times(rank if rank is not None else p.default_rank)
+        miss_cpu, miss_disk, miss_unregistered = self._misses
         ptok = self._ptok
         backlog = self._backlog if p.prefill_memory and ptok > 0.0 else None
         cached = self._terms
+        if len(cached) >= MAX_MEMO:  # (past it by at most one decision's replicas)
+            cached.clear()
+        tiers = self._tiers
+        if len(tiers) >= MAX_MEMO:
+            tiers.clear()
+        by_slots = self._by_slots
+        by_seqs = self._by_seqs
+        kv_full = p.kv_full
+        congestion_weight = p.congestion_weight
+        rho_max = p.rho_max
+        hold = p.hold_factor
+        load_stall_weight = p.load_stall_weight
         out: list[float] = []
+        append = out.append
         for r in replicas:
             aif = r.adapter_in_flight
             n_aif = len(aif)
+            active = r.active_adapters
             # What of the snapshot its terms depend on (requests there, ``n``, rather than
             # in_flight: a request more or less that the engine's counts already cover changes
             # nothing). Values, not the snapshot's identity: the gateway updates ``in_flight``
@@ -309,24 +321,91 @@ class ExpectedTTFTScorer:
             waiting = r.num_waiting
             n = r.num_running + waiting
             in_flight = r.in_flight
-            state = (
-                in_flight if in_flight > n else n,
-                n_aif,
-                waiting,
-                r.num_deferred,
-                r.kv_usage,
-                len(r.active_adapters),
-                r.settings,
-            )
-            t = cached.get(r.replica_id)
+            if in_flight > n:
+                n = in_flight
+            state = (n, n_aif, waiting, r.num_deferred, r.kv_usage, len(active), r.settings)
+            rid = r.replica_id
+            t = cached.get(rid)
             if t is None or t[0] != state:
-                t = self._new_terms(r.replica_id, state)
+                # The replica's terms, from ``state`` alone.
+                deferred = r.num_deferred
+                st = r.settings
+                slots = st.max_loras
+                if slots < 1:
+                    slots = 1
+                seqs = st.max_num_seqs
+                if seqs < 1:
+                    seqs = 1
+                n_eff = n - deferred if n > deferred else 0
+                batch = n_eff if n_eff < seqs else seqs
+                # LoRA slots: ``d`` adapters in flight, ``deferred_ahead`` waiting for a slot.
+                if n_aif:
+                    d = n_aif
+                    deferred_ahead = d - slots if d > slots else 0
+                else:
+                    d = len(active)
+                    deferred_ahead = deferred
+                key = (batch, d if d < slots else slots, slots)
+                slot_terms = by_slots.get(key)
+                if slot_terms is None:
+                    slot_terms = self._slot_terms(key)
+                t_step, t_step_new, slot_penalty = slot_terms
+                # Sequence slots: max_num_seqs, or fewer if KV memory runs out first (at least
+                # 1). Exact as an int: every use below gives the same float as float(cap).
+                cap: float = seqs
+                kv = r.kv_usage
+                if kv >= kv_full:
+                    if n_eff < seqs:
+                        cap = n_eff if n_eff > 1 else 1
+                elif kv > 0.0 and n_eff > 0:
+                    kv_cap = n_eff * kv_full / kv
+                    if kv_cap < seqs:
+                        cap = kv_cap if kv_cap > 1.0 else 1.0
+                # wait_seq + congestion per second that a request holds a sequence slot.
+                if cap == seqs:  # as for every replica with these (n_eff, max_num_seqs)
+                    seq_key = (n_eff, seqs)
+                    per_t_seq = by_seqs.get(seq_key)
+                    if per_t_seq is None:
+                        per_t_seq = by_seqs[seq_key] = _per_t_seq(
+                            n_eff, batch, cap, congestion_weight, rho_max
+                        )
+                        if len(by_seqs) >= MAX_MEMO:
+                            by_seqs.clear()
+                else:
+                    per_t_seq = _per_t_seq(n_eff, batch, cap, congestion_weight, rho_max)
+                # wait_slot per second of T_seq: (deferred_ahead + 1) turnovers of T_hold / L.
+                slot_wait = (deferred_ahead + 1) * hold / slots
+                if d >= slots:  # every LoRA slot taken: a new adapter waits, stalls all
+                    new_wait = slot_wait
+                    stall = 1.0 + load_stall_weight * n
+                else:
+                    new_wait = slot_wait if deferred_ahead > 0 else 0.0
+                    occupancy = d / slots
+                    stall = 1.0 + load_stall_weight * (
+                        waiting + (n - waiting) * occupancy * occupancy
+                    )
+                waiting_ahead = waiting - deferred
+                budget = st.max_num_batched_tokens - batch
+                t = cached[rid] = (
+                    state,
+                    t_step,
+                    t_step_new,
+                    # (floats: the same values, and float-only arithmetic below is faster)
+                    float(waiting_ahead) if waiting_ahead > 0 else 0.0,
+                    float(budget) if budget > 1 else 1.0,
+                    t_step * per_t_seq,
+                    t_step * (per_t_seq + 0.5 * slot_wait),
+                    t_step_new * (per_t_seq + new_wait),
+                    slot_penalty,
+                    stall,
+                    d <= slots,
+                )
             (
                 _,
                 t_step,
                 t_step_new,
-                waiting_ahead,
-                budget,
+                ahead,
+                room,
                 per_out_running,
                 per_out_queued,
                 per_out_new,
@@ -334,64 +413,77 @@ class ExpectedTTFTScorer:
                 stall,
                 slot_free,
             ) = t
-            # Where the adapter stands there: running, in flight but deferred, or new.
+            # Where the adapter stands there: in flight (running, or deferred behind full LoRA
+            # slots), or new; the rest of its cost: ``extra`` (None when running).
             if adapter is None:
-                running, new = True, False
-            elif n_aif:
-                running = adapter in aif
-                new = not running
-                if running and not slot_free:
-                    running = adapter in r.active_adapters
+                extra = None
+            elif adapter in (aif if n_aif else active):
+                extra = None if slot_free or adapter in active else mean_out * per_out_queued
             else:
-                running = adapter in r.active_adapters
-                new = not running
-            if new:
                 t_step = t_step_new
-            # Prefill of the requests waiting ahead plus ours, then the first token.
-            ahead_tokens = waiting_ahead * mean_prompt
-            cost = (1.0 + (ahead_tokens + prompt) // budget) * t_step
+                extra = mean_out * per_out_new + own_out * slot_penalty
+            # Prefill of the requests waiting ahead plus ours (``room`` tokens a step), then the
+            # first token.
+            cost = (1.0 + (ahead * mean_prompt + prompt) // room) * t_step
             if ptok > 0.0:
-                ahead_s = ahead_tokens * ptok
+                ahead_s = ahead * mean_prompt * ptok
                 if backlog:
-                    routed = backlog.get(r.replica_id)
+                    routed = backlog.get(rid)
                     if routed is not None:
                         elapsed = now_s - routed[1]
                         left = routed[0] - elapsed if elapsed > 0.0 else routed[0]
                         if left > ahead_s:
                             ahead_s = left
                 cost += ahead_s + prompt * ptok
-            if running:
-                out.append(cost + mean_out * per_out_running)
+            if extra is None:
+                append(cost + mean_out * per_out_running)
                 continue
-            if new:
-                cost += mean_out * per_out_new + own_out * slot_penalty
-            else:
-                cost += mean_out * per_out_queued
+            cost += extra
             # Adapter load (the GPU and CPU tiers are within the registered set).
             res = r.residency
             if adapter not in res.registered:
-                cost += load_disk * stall + miss_unregistered
-            elif adapter not in res.gpu:
-                if adapter in res.cpu:
+                append(cost + (load_disk * stall + miss_unregistered))
+                continue
+            gpu_lru = res.gpu
+            cpu_lru = res.cpu
+            gpu: Container[AdapterId] = gpu_lru
+            cpu: Container[AdapterId] = cpu_lru
+            # The tiers are LRU tuples (``max_cpu_loras`` long): the second decision that sees
+            # the same ones makes sets of them for the ones after it.
+            tier = tiers.get(rid)
+            if tier is not None and tier[0] is gpu_lru and tier[1] is cpu_lru:
+                sets = tier[2]
+                if sets is None:
+                    sets = (frozenset(gpu_lru), frozenset(cpu_lru))
+                    tiers[rid] = (gpu_lru, cpu_lru, sets)
+                gpu, cpu = sets
+            else:
+                tiers[rid] = (gpu_lru, cpu_lru, None)
+            if adapter not in gpu:
+                if adapter in cpu:
                     cost += load_cpu * stall + miss_cpu
                 else:
                     cost += load_disk * stall + miss_disk
-            out.append(cost)
+            append(cost)
         return out
 
     def score(
         self, ctx: RoutingContext, req: RoutingRequest, replicas: Sequence[ReplicaSnapshot]
     ) -> Mapping[ReplicaId, float]:
+        return _scores(replicas, self._decide(ctx, req, replicas))
+
+    def _decide(
+        self, ctx: RoutingContext, req: RoutingRequest, replicas: Sequence[ReplicaSnapshot]
+    ) -> list[float]:
+        """The costs of a decision: ``costs``, then learn from ``req`` and leave the costs
+        (and the prompt's prefill seconds, for ``chosen``) in ``ctx.scratch``."""
         costs = self.costs(req, replicas, ctx.now_s)
         self._observe(req)
         ctx.scratch["expected_ttft_s"] = costs
         if self._ptok > 0.0 and self.p.prefill_memory:
             prompt = req.prompt_tokens if req.prompt_tokens > 0 else self._mean_prompt
             ctx.scratch["prefill_s"] = prompt * self._ptok
-        best = min(costs) + SCORE_TAU_S
-        return {
-            r.replica_id: best / (c + SCORE_TAU_S) for r, c in zip(replicas, costs, strict=True)
-        }
+        return costs
 
     def chosen(self, ctx: RoutingContext, replica_id: ReplicaId) -> None:
         """The request just scored goes to ``replica_id``: add its prefill to that backlog."""
@@ -409,8 +501,24 @@ class ExpectedTTFTScorer:
         self._backlog[replica_id] = ((left if left > 0.0 else 0.0) + work, now)
 
 
+def _scores(replicas: Sequence[ReplicaSnapshot], costs: list[float]) -> dict[ReplicaId, float]:
+    """Scores ``(c_min + tau) / (c + tau)``: the cheapest replica 1.0, one twice as slow ~0.5."""
+    best = min(costs) + SCORE_TAU_S
+    return {r.replica_id: best / (c + SCORE_TAU_S) for r, c in zip(replicas, costs, strict=True)}
+
+
+# Costs further than this factor of (c_min + tau) above c_min score below 1 - 2 * EPSILON,
+# so they cannot tie with the cheapest (1.0) in ``MaxScorePicker``; rounding is ~1e-16.
+_NEAR = 1.0 + 4.0 * EPSILON
+
+
 class ExpectedTTFTPicker(MaxScorePicker):
-    """``MaxScorePicker`` that tells the scorer where its request went (prefill backlog)."""
+    """``MaxScorePicker`` that tells the scorer where its request went (prefill backlog).
+
+    When it is its scorer's only company in a profile (the ``loragate`` profile: one scorer at
+    weight 1, this picker), the profile calls ``score_and_pick`` instead of ``score`` and
+    ``pick``: the same choice, with the same random draws, without building the scores.
+    """
 
     __slots__ = ("scorer",)
 
@@ -421,4 +529,46 @@ class ExpectedTTFTPicker(MaxScorePicker):
     def pick(self, ctx: RoutingContext, scored: Mapping[ReplicaId, float]) -> ReplicaId:
         rid = super().pick(ctx, scored)
         self.scorer.chosen(ctx, rid)
+        return rid
+
+    def fuses_with(self, scorer: Scorer) -> bool:
+        """Whether ``score_and_pick`` stands for ``pick(ctx, scorer.score(...))``: ``scorer``
+        is this picker's own, and neither ``score`` nor ``pick`` is overridden."""
+        return (
+            scorer is self.scorer
+            and type(scorer).score is ExpectedTTFTScorer.score
+            and type(self).pick is ExpectedTTFTPicker.pick
+        )
+
+    def score_and_pick(
+        self, ctx: RoutingContext, req: RoutingRequest, replicas: Sequence[ReplicaSnapshot]
+    ) -> ReplicaId:
+        """``pick(ctx, scorer.score(ctx, req, replicas))`` for distinct replica ids.
+
+        The scores ``best / (c + tau)`` (``best = c_min + tau``) are 1.0 exactly for the
+        cheapest replica and below it for every other, so ``MaxScorePicker``'s ties are the
+        replicas scoring at least ``1.0 - EPSILON``: only costs within ``_NEAR`` of the
+        cheapest can be one, and only those are scored, with the same expression.
+        """
+        scorer = self.scorer
+        costs = scorer._decide(ctx, req, replicas)
+        lowest = min(costs)
+        best = lowest + SCORE_TAU_S
+        if not best < inf:  # inf or NaN: no exact 1.0 to compare with
+            return self.pick(ctx, _scores(replicas, costs))
+        near = best * _NEAR - SCORE_TAU_S
+        if len([c for c in costs if c <= near]) == 1:  # the cheapest alone: no tie
+            rid = replicas[costs.index(lowest)].replica_id
+        else:
+            threshold = 1.0 - EPSILON
+            ties = [
+                i
+                for i, c in enumerate(costs)
+                if c <= near and best / (c + SCORE_TAU_S) >= threshold
+            ]
+            if len(ties) == 1 or self.tie_break == "first":
+                rid = replicas[ties[0]].replica_id
+            else:
+                rid = replicas[ties[ctx.rng.randrange(len(ties))]].replica_id
+        scorer.chosen(ctx, rid)
         return rid

@@ -8,6 +8,9 @@ A routing decision runs, in order:
    returns); the profile sums ``weight * score`` per candidate;
 4. the ``Picker``, choosing one replica from the weighted totals.
 
+(Steps 3 and 4 are one call when the profile's only scorer, at weight 1, is one its picker can
+score with itself: a ``FusedPicker``, as in the ``loragate`` profile. Same choice.)
+
 Everything is pure and synchronous: no I/O, no clocks read, no globals. Time and randomness come in
 through the ``RoutingContext``; state kept across decisions (a round-robin counter, a hash ring)
 lives inside the plugin objects of one profile.
@@ -18,7 +21,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from loragate.core.errors import NoReplicaAvailableError
 from loragate.core.types import ReplicaId, ReplicaSnapshot, RoutingRequest
@@ -69,6 +72,26 @@ class Picker(Protocol):
     def pick(self, ctx: RoutingContext, scored: Mapping[ReplicaId, float]) -> ReplicaId: ...
 
 
+@runtime_checkable
+class FusedPicker(Protocol):
+    """A picker that can also score: optional, for a profile whose only scorer (at weight 1,
+    with ``bounded_scores``) is one this picker knows.
+
+    If ``fuses_with(scorer)`` is true when the profile is built, every decision calls
+    ``score_and_pick(ctx, req, candidates)`` instead of ``pick(ctx, scorer.score(ctx, req,
+    candidates))``, which it must equal (same choice, same use of ``ctx``) for candidates with
+    distinct replica ids; it may skip building the scores.
+    """
+
+    def pick(self, ctx: RoutingContext, scored: Mapping[ReplicaId, float]) -> ReplicaId: ...
+
+    def fuses_with(self, scorer: Scorer) -> bool: ...
+
+    def score_and_pick(
+        self, ctx: RoutingContext, req: RoutingRequest, replicas: Sequence[ReplicaSnapshot]
+    ) -> ReplicaId: ...
+
+
 def load_of(replica: ReplicaSnapshot) -> int:
     """The load measure shared by the load-based policies: in-flight plus waiting requests."""
     return replica.in_flight + replica.num_waiting
@@ -86,7 +109,7 @@ class RoutingProfile:
     Named ``RoutingProfile`` (not ``Profile``) to keep clear of the twin's performance profiles.
     """
 
-    __slots__ = ("_direct", "_filters", "_picker", "_rng", "_scorers", "name")
+    __slots__ = ("_direct", "_filters", "_fused", "_picker", "_rng", "_scorers", "name")
 
     def __init__(
         self,
@@ -109,6 +132,14 @@ class RoutingProfile:
             len(self._scorers) == 1 and self._scorers[0][0] == 1.0 and self._scorers[0][2]
         )
         self._picker = picker
+        # That scorer and a picker that can do both at once: one call per decision.
+        self._fused = (
+            picker
+            if self._direct
+            and isinstance(picker, FusedPicker)
+            and picker.fuses_with(self._scorers[0][1])
+            else None
+        )
         self._rng = random.Random(seed)
 
     @property
@@ -148,6 +179,8 @@ class RoutingProfile:
                 f"({len(replicas)} known, policy {self.name!r})",
                 param="model",
             )
+        if self._fused is not None:
+            return self._fused.score_and_pick(ctx, request, candidates)
         if self._direct:
             return self._picker.pick(ctx, self._scorers[0][1].score(ctx, request, candidates))
         totals: dict[ReplicaId, float] = dict.fromkeys([r.replica_id for r in candidates], 0.0)
