@@ -41,7 +41,7 @@ import numpy as np
 from loragate.twin.engine import Engine, EngineConfig
 from loragate.twin.profile import load_profile
 from loragate.twin.request_ids import NumberedIds
-from loragate.twin.validate import LengthModel, sharegpt_pairs
+from loragate.twin.validate_lengths import LengthModel, sharegpt_pairs
 
 DEFAULT_PROFILE = "llama-3.1-8b-h100"  # the shipped, fitted profile users simulate with
 PAPER = {"low": "~89x avg (median 898x light)", "heavy": "17x heavy (median 45x)"}

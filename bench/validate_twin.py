@@ -20,7 +20,8 @@ from typing import Any, cast
 
 from loragate.commands.twin import _clean, format_table
 from loragate.twin.metrics_errors import summarize
-from loragate.twin.validate import OFFERED_LOADS, ValidateConfig, validate
+from loragate.twin.validate import validate
+from loragate.twin.validate_workload import OFFERED_LOADS, ValidateConfig
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsc-vllm-lora" / "validation"
 

@@ -35,13 +35,8 @@ from loragate.twin.real_runs import (
     read_table,
     select_runs,
 )
-
-# ``X as X``: re-exported for the bench scripts (bench/twin_speed.py, bench/validate_twin.py).
-from loragate.twin.validate_lengths import LengthModel as LengthModel
-from loragate.twin.validate_lengths import sharegpt_pairs as sharegpt_pairs
 from loragate.twin.validate_replay import RunMetrics, failed_metrics, replay_job
-from loragate.twin.validate_workload import OFFERED_LOADS as OFFERED_LOADS
-from loragate.twin.validate_workload import ValidateConfig as ValidateConfig
+from loragate.twin.validate_workload import OFFERED_LOADS, ValidateConfig
 
 # The paper twin's profiles of the data set's models (ours: real_runs.DEFAULT_PROFILES).
 PAPER_PROFILES: dict[str, str] = {
