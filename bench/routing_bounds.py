@@ -4,7 +4,7 @@ Issue 4 item 8 asks ``loragate`` for a TTFT p99 30% below the best other policy 
 ``round_robin``'s adapter loads (``bench/compare_policies_sim.py``). This script gives the two
 limits that no routing policy can pass there::
 
-    .venv/bin/python bench/routing_bounds.py                  # 7.09 req/s, seeds 1..3
+    .venv/bin/python bench/routing_bounds.py                  # 7.175 req/s, seeds 1..3
     .venv/bin/python bench/routing_bounds.py --zipf-s 0.8     # the second workload
 
 **Adapter loads** (a pure cache model, no timing): the table's request stream (same workload
@@ -41,7 +41,7 @@ GPU + disk, as the simulator's summary counts them. Strategies:
   hold more distinct adapters than that.
 
 The model leaves out timing (vLLM pins the slots of running adapters, and a deferred adapter
-is loaded only when it gets a slot); at 7.09 req/s its ``round_robin`` and ``partition`` rows
+is loaded only when it gets a slot); at 7.175 req/s its ``round_robin`` and ``partition`` rows
 agree with the twin's ``round_robin`` and ``loragate`` to ~1% in adapter loads (3% in disk
 loads).
 
@@ -298,7 +298,7 @@ def ttft_floor(setup: cps.Setup, rate: float, duration_s: float, seed: int) -> n
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     cps.add_deployment_args(ap)
-    ap.add_argument("--rate-rps", type=float, default=7.09, help="the item-8 table's rate")
+    ap.add_argument("--rate-rps", type=float, default=7.175, help="the item-8 table's rate")
     ap.add_argument("--floor", action="store_true", help="also the TTFT floor (slower)")
     args = ap.parse_args(argv)
     setup = cps.Setup.from_args(args, ttft_slo_ms=1000.0)
