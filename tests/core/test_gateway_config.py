@@ -41,7 +41,7 @@ def test_full_document_builds_frozen_config() -> None:
     assert cfg.base_model == "tiny-llama"
     assert [r.replica_id for r in cfg.replicas] == ["a", "r1"]
     assert cfg.replicas[0].url == "http://127.0.0.1:18101"  # trailing slash dropped
-    assert cfg.replicas[0].settings == ReplicaSettings(max_loras=2)
+    assert cfg.replicas[0].settings == ReplicaSettings(max_loras=2, max_cpu_loras=2)
     assert cfg.replicas[1].settings is None
     assert cfg.adapters[0].rank == 16 and cfg.adapters[0].tenants == frozenset({"acme"})
     assert cfg.adapters[1].rank == 8 and cfg.adapters[1].tenants is None
@@ -121,3 +121,26 @@ def test_bad_value_names_the_key(path: str, value: Any, key: str) -> None:
 def test_empty_document_is_an_error() -> None:
     with pytest.raises(ConfigError, match="empty"):
         config_from_mapping(None)
+
+
+def test_replica_settings_default_the_cpu_cache_to_max_loras_as_vllm_does() -> None:
+    cfg = config_from_mapping(
+        {"base_model": "m", "replicas": [{"url": "http://h:1", "settings": {"max_loras": 16}}]}
+    )
+    settings = cfg.replicas[0].settings
+    assert settings is not None
+    assert (settings.max_loras, settings.max_cpu_loras) == (16, 16)
+
+
+def test_a_cpu_cache_smaller_than_the_gpu_slots_is_refused_naming_the_key() -> None:
+    with pytest.raises(ConfigError) as err:
+        config_from_mapping(
+            {
+                "base_model": "m",
+                "replicas": [
+                    {"url": "http://h:1", "settings": {"max_loras": 8, "max_cpu_loras": 4}}
+                ],
+            }
+        )
+    assert err.value.key == "replicas[0].settings.max_cpu_loras"
+    assert "must be at least max_loras (8)" in str(err.value)

@@ -255,7 +255,16 @@ def _settings(value: object, key: str) -> ReplicaSettings:
     data = _mapping(value, key)
     _check_keys(data, _SETTINGS_KEYS, key)
     kwargs = {k: _int(v, f"{key}.{k}", minimum=1) for k, v in data.items()}
-    return ReplicaSettings(**kwargs)
+    if "max_loras" in kwargs and "max_cpu_loras" not in kwargs:
+        kwargs["max_cpu_loras"] = kwargs["max_loras"]  # vLLM's default for --max-cpu-loras
+    settings = ReplicaSettings(**kwargs)
+    if settings.max_cpu_loras < settings.max_loras:  # vLLM refuses to start so
+        raise ConfigError(
+            f"max_cpu_loras ({settings.max_cpu_loras}) must be at least max_loras "
+            f"({settings.max_loras}), as vLLM requires",
+            key=f"{key}.max_cpu_loras",
+        )
+    return settings
 
 
 def _replicas(value: object) -> tuple[ReplicaConfig, ...]:
