@@ -400,12 +400,18 @@ async def test_bad_requests(start_replica: StartReplica, http: aiohttp.ClientSes
         assert (status, json.loads(raw)) == (404, {"detail": "Not Found"})
 
 
-async def test_default_max_tokens_fills_the_context(
+async def test_default_max_tokens_is_16_for_completions_and_the_context_for_chat(
     start_replica: StartReplica, http: aiohttp.ClientSession
 ) -> None:
+    # vLLM 0.32: CompletionRequest.max_tokens defaults to 16 (a null too); chat has no default.
     async with start_replica(max_model_len=64, time_scale=50.0) as r:
-        body = {"prompt": "hello", "ignore_eos": True}
-        out = json.loads((await call(http, "POST", r.url + "/v1/completions", body))[2])
+        for extra in ({}, {"max_tokens": None}):
+            body = {"prompt": "hello", "ignore_eos": True, **extra}
+            out = json.loads((await call(http, "POST", r.url + "/v1/completions", body))[2])
+            assert out["usage"]["completion_tokens"] == 16
+            assert out["choices"][0]["finish_reason"] == "length"
+        body = {"messages": [{"role": "user", "content": "hello"}], "ignore_eos": True}
+        out = json.loads((await call(http, "POST", r.url + "/v1/chat/completions", body))[2])
         assert out["usage"]["total_tokens"] == 64
         assert out["choices"][0]["finish_reason"] == "length"
 

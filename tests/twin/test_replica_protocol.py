@@ -36,7 +36,7 @@ def test_completion_fields() -> None:
     assert req.model == "lora-0" and req.max_tokens == 8 and req.greedy and req.ignore_eos
     assert req.stream and req.include_usage
     assert req.prompts == (
-        PromptSpec(prompt_tokens=completion_prompt_tokens("hello"), key="hello"),
+        PromptSpec(prompt_tokens=completion_prompt_tokens("hello"), key="hello", echo_text="hello"),
     )
 
 

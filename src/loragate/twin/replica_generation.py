@@ -5,6 +5,11 @@ its synthetic output plan; the engine decides *when* each token exists, the plan
 it says. Non-streaming answers when every choice has finished; streaming writes one SSE event
 per engine token event, as vLLM does (one token per decode step). ``usage`` counts exactly the
 tokens the engine emitted. A client that disconnects aborts its engine requests.
+
+``echo`` (see ``replica_protocol``): a choice's first text is prefixed with its prompt's
+``echo_text`` (completions: in the choice's first token event, as vLLM does; chat: in one event
+of its own after the role event). For ``echo`` with ``max_tokens: 0`` the engine still runs one
+token, which counts in ``usage`` but whose text is not returned.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from loragate.twin.replica_responses import (
     ChoiceResult,
     TokenChunkEncoder,
     chat_body,
+    chat_echo_chunk,
     chat_role_chunk,
     completion_body,
     dumps,
@@ -55,9 +61,17 @@ class _Choice:
     index: int
     request_id: str
     plan: OutputPlan
+    echo_text: str = ""  # put before the first generated text (completions)
+    hide_output: bool = False  # echo without generation: the generated token is not shown
     stream: AsyncIterable[TokenEvent] | None = None
     emitted: int = 0
     finished: bool = False
+
+    def text_of(self, start: int, end: int) -> str:
+        text = "" if self.hide_output else "".join(self.plan.token_texts[start:end])
+        if start == 0 and self.echo_text:
+            return self.echo_text + text
+        return text
 
 
 class Generator:
@@ -107,27 +121,45 @@ class Generator:
         results = [
             ChoiceResult(
                 index=c.index,
-                text=c.plan.text,
+                text=c.text_of(0, c.emitted)
+                if gen_kind == "completion"
+                else self._chat_text(gen, c),
                 finish_reason=c.plan.finish_reason,
                 completion_tokens=c.emitted,
             )
             for c in choices
         ]
-        build = chat_body if gen_kind == "chat" else completion_body
-        payload = build(
-            request_id=request_id,
-            created=now_unix(),
-            model=model,
-            choices=results,
-            prompt_tokens=prompt_tokens,
-        )
+        if gen_kind == "chat":
+            payload = chat_body(
+                request_id=request_id,
+                created=now_unix(),
+                model=model,
+                choices=results,
+                prompt_tokens=prompt_tokens,
+                role=gen.role,
+            )
+        else:
+            payload = completion_body(
+                request_id=request_id,
+                created=now_unix(),
+                model=model,
+                choices=results,
+                prompt_tokens=prompt_tokens,
+            )
         return web.Response(body=dumps(payload), content_type="application/json")
+
+    @staticmethod
+    def _chat_text(gen: GenerationRequest, c: _Choice) -> str:
+        echo = gen.prompts[c.index // gen.n].echo_text if gen.echo else ""
+        return echo + c.plan.text
 
     def _plan(self, gen: GenerationRequest, model: str) -> list[_Choice]:
         max_len = self._state.config.max_model_len
         choices: list[_Choice] = []
         for p_index, spec in enumerate(gen.prompts):
             max_tokens = resolve_max_tokens(gen.kind, spec, gen.max_tokens, max_len)
+            if gen.echo_only:
+                max_tokens = 1  # vLLM runs an echo without generation with max_tokens=1
             for j in range(gen.n):
                 plan = self._sampler.plan(
                     model=model,
@@ -138,7 +170,15 @@ class Generator:
                     greedy=gen.greedy,
                     request_seed=gen.seed,
                 )
-                choices.append(_Choice(index=p_index * gen.n + j, request_id="", plan=plan))
+                choices.append(
+                    _Choice(
+                        index=p_index * gen.n + j,
+                        request_id="",
+                        plan=plan,
+                        echo_text=spec.echo_text if gen.echo and gen.kind == "completion" else "",
+                        hide_output=gen.echo_only,
+                    )
+                )
         return choices
 
     def _submit(
@@ -176,7 +216,7 @@ class Generator:
             c.finished = True
             finish = c.plan.finish_reason
             state.counters.finished(finish)
-        return "".join(c.plan.token_texts[start : c.emitted]), finish
+        return c.text_of(start, c.emitted), finish
 
     async def _drain(self, c: _Choice) -> None:
         assert c.stream is not None
@@ -237,9 +277,27 @@ class Generator:
             if gen.kind == "chat":
                 for c in choices:
                     role = chat_role_chunk(
-                        request_id=request_id, created=created, model=model, index=c.index
+                        request_id=request_id,
+                        created=created,
+                        model=model,
+                        index=c.index,
+                        role=gen.role,
                     )
                     await response.write(sse(role))
+                for c in choices:
+                    echo = gen.prompts[c.index // gen.n].echo_text if gen.echo else ""
+                    if echo:
+                        await response.write(
+                            sse(
+                                chat_echo_chunk(
+                                    request_id=request_id,
+                                    created=created,
+                                    model=model,
+                                    index=c.index,
+                                    text=echo,
+                                )
+                            )
+                        )
             async for c, text, finish in self._events(choices):
                 if finish is None:
                     await response.write(encoder.token(c.index, text))

@@ -3,16 +3,28 @@
 Type errors become pydantic-style 400s (see ``vllm_errors``); value errors use vLLM's wording.
 Only the fields that change what the simulated replica does are interpreted; every other
 OpenAI/vLLM field is accepted and ignored (sampling parameters only change synthetic text).
+
+``echo`` as vLLM 0.32.0 does it (``entrypoints/openai/completion/protocol.py``,
+``to_sampling_params``; ``completion/serving.py``; ``chat_completion/serving.py``):
+
+* ``/v1/completions``: each choice's text is the prompt's text followed by the generated text.
+  ``echo`` with ``max_tokens: 0`` is allowed (``echo_without_generation``): the request runs with
+  ``max_tokens=1``, the text is the prompt alone, but the one hidden token still counts in
+  ``usage.completion_tokens`` and its ``finish_reason`` ("length") is the choice's. A token-id
+  prompt is detokenized for the echo (``renderers/base.py``: ``tokenizer.decode``).
+* ``/v1/chat/completions``: the answer is prefixed with the last message's content when that
+  message has the answer's role ("assistant", or with ``add_generation_prompt: false`` the last
+  message's own role, which then is also the answer's role). ``max_tokens: 0`` stays an error.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from loragate.twin.synthetic_text import chat_prompt_tokens, completion_prompt_tokens
+from loragate.twin.synthetic_text import VOCAB, chat_prompt_tokens, completion_prompt_tokens
 from loragate.twin.vllm_errors import FieldError, VllmApiError, bad_request, validation_error
 
 Kind = Literal["completion", "chat"]
@@ -20,10 +32,13 @@ Kind = Literal["completion", "chat"]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PromptSpec:
-    """One prompt of a request: its token count and a key for reproducible output."""
+    """One prompt of a request: its token count, a key for reproducible output and the text that
+    ``echo`` puts before the output (completions: the prompt's text; chat: the last message's
+    content when it has the answer's role, else empty)."""
 
     prompt_tokens: int
     key: str
+    echo_text: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -39,6 +54,19 @@ class GenerationRequest:
     seed: int | None
     stream: bool
     include_usage: bool
+    echo: bool = False
+    role: str = "assistant"  # chat: the answer's role
+
+    @property
+    def echo_only(self) -> bool:
+        """``/v1/completions`` with ``echo`` and ``max_tokens: 0``: the prompt, nothing
+        generated (vLLM still runs the request with ``max_tokens=1``)."""
+        return self.echo and self.kind == "completion" and self.max_tokens == 0
+
+    @property
+    def engine_max_tokens(self) -> int | None:
+        """The ``max_tokens`` vLLM's ``SamplingParams`` gets from the body."""
+        return 1 if self.echo_only else self.max_tokens
 
 
 class _Fields:
@@ -106,6 +134,13 @@ class _Fields:
         self._err(field, "bool_parsing", "Input should be a valid boolean", value)
         return default
 
+    def strict_bool(self, field: str, default: bool) -> bool:
+        """A ``bool`` field that is not ``Optional``: ``null`` is a type error."""
+        if field in self.body and self.body[field] is None:
+            self._err(field, "bool_type", "Input should be a valid boolean", None)
+            return default
+        return self.bool_(field, default)
+
     def str_(self, field: str) -> str | None:
         value = self.body.get(field)
         if value is None or isinstance(value, str):
@@ -123,7 +158,9 @@ def parse_generation_request(kind: Kind, body: Mapping[str, Any]) -> GenerationR
     model = f.str_("model")
     if kind == "completion":
         prompts = _completion_prompts(f)
-        max_tokens = f.int_("max_tokens", None)
+        echo = f.bool_("echo", False)
+        # CompletionRequest.max_tokens defaults to 16, and a null is replaced by that default.
+        max_tokens = f.int_("max_tokens", COMPLETION_DEFAULT_MAX_TOKENS)
     else:
         prompts = _chat_prompts(f)
         max_tokens = f.int_("max_completion_tokens", None)
@@ -136,6 +173,12 @@ def parse_generation_request(kind: Kind, body: Mapping[str, Any]) -> GenerationR
     ignore_eos = f.bool_("ignore_eos", False)
     stream = f.bool_("stream", False)
     include_usage = _include_usage(f)
+    role = "assistant"
+    if kind == "chat":  # vLLM's extra chat fields come after the OpenAI ones
+        echo = f.strict_bool("echo", False)
+        add_generation_prompt = f.strict_bool("add_generation_prompt", True)
+        if prompts is not None and not f.errors:
+            prompts, role = _chat_echo(f.body["messages"], prompts, add_generation_prompt)
     if f.errors:
         raise validation_error(f.errors)
     if "stream_options" in body and body["stream_options"] is not None and not stream:
@@ -143,13 +186,15 @@ def parse_generation_request(kind: Kind, body: Mapping[str, Any]) -> GenerationR
     assert n is not None and min_tokens is not None
     if n < 1:
         raise bad_request(f"n must be at least 1, got {n}.")
-    if max_tokens is not None and max_tokens < 1:
-        raise bad_request(f"max_tokens must be at least 1, got {max_tokens}.")
+    # SamplingParams' checks, on the max_tokens it gets: 1 for an echo without generation.
+    sampled_max = 1 if kind == "completion" and echo and max_tokens == 0 else max_tokens
+    if sampled_max is not None and sampled_max < 1:
+        raise bad_request(f"max_tokens must be at least 1, got {sampled_max}.")
     if min_tokens < 0:
         raise bad_request(f"min_tokens must be greater than or equal to 0, got {min_tokens}.")
-    if max_tokens is not None and min_tokens > max_tokens:
+    if sampled_max is not None and min_tokens > sampled_max:
         raise bad_request(
-            f"min_tokens must be less than or equal to max_tokens={max_tokens}, got {min_tokens}."
+            f"min_tokens must be less than or equal to max_tokens={sampled_max}, got {min_tokens}."
         )
     assert prompts is not None
     return GenerationRequest(
@@ -164,7 +209,12 @@ def parse_generation_request(kind: Kind, body: Mapping[str, Any]) -> GenerationR
         seed=seed,
         stream=stream,
         include_usage=include_usage,
+        echo=echo,
+        role=role,
     )
+
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
 def _include_usage(f: _Fields) -> bool:
@@ -199,16 +249,14 @@ def _completion_prompts(f: _Fields) -> tuple[PromptSpec, ...] | None:
             ]
         )
     if isinstance(prompt, str):
-        return (PromptSpec(prompt_tokens=completion_prompt_tokens(prompt), key=prompt),)
+        return (_text_prompt(prompt),)
     if isinstance(prompt, list):
         if all(_is_token_id(t) for t in prompt):
-            return (PromptSpec(prompt_tokens=len(prompt), key=json.dumps(prompt)),)
+            return (_token_prompt(prompt),)
         if all(isinstance(p, str) for p in prompt):
-            return tuple(
-                PromptSpec(prompt_tokens=completion_prompt_tokens(p), key=p) for p in prompt
-            )
+            return tuple(_text_prompt(p) for p in prompt)
         if all(isinstance(p, list) and p and all(_is_token_id(t) for t in p) for p in prompt):
-            return tuple(PromptSpec(prompt_tokens=len(p), key=json.dumps(p)) for p in prompt)
+            return tuple(_token_prompt(p) for p in prompt)
     f.errors.append(
         FieldError(
             kind="union_type",
@@ -219,6 +267,22 @@ def _completion_prompts(f: _Fields) -> tuple[PromptSpec, ...] | None:
         )
     )
     return None
+
+
+def _text_prompt(prompt: str) -> PromptSpec:
+    return PromptSpec(prompt_tokens=completion_prompt_tokens(prompt), key=prompt, echo_text=prompt)
+
+
+def _token_prompt(token_ids: list[int]) -> PromptSpec:
+    return PromptSpec(
+        prompt_tokens=len(token_ids), key=json.dumps(token_ids), echo_text=detokenize(token_ids)
+    )
+
+
+def detokenize(token_ids: list[int]) -> str:
+    """Synthetic text of a token-id prompt (the replica has no tokenizer): a fixed piece of the
+    output vocabulary per id, so the same ids always read the same."""
+    return "".join(VOCAB[t % len(VOCAB)] for t in token_ids)
 
 
 def _is_token_id(value: Any) -> bool:
@@ -251,6 +315,30 @@ def _chat_prompts(f: _Fields) -> tuple[PromptSpec, ...] | None:
         return None
     key = json.dumps(messages, sort_keys=True, ensure_ascii=False)
     return (PromptSpec(prompt_tokens=chat_prompt_tokens(texts), key=key),)
+
+
+def _chat_echo(
+    messages: list[Any], prompts: tuple[PromptSpec, ...], add_generation_prompt: bool
+) -> tuple[tuple[PromptSpec, ...], str]:
+    """The answer's role and the text ``echo`` repeats (``chat_completion/serving.py``): the
+    last message's content if it has the answer's role. List content is its text parts joined
+    by newlines, as vLLM renders it for a string chat template."""
+    last = messages[-1] if messages else None
+    role = "assistant"
+    if not add_generation_prompt and isinstance(last, Mapping):
+        role = str(last["role"])
+    echo_text = ""
+    if isinstance(last, Mapping) and last.get("role") == role:
+        content = last.get("content")
+        if isinstance(content, str):
+            echo_text = content
+        elif isinstance(content, list):
+            echo_text = "\n".join(
+                str(part.get("text", ""))
+                for part in content
+                if isinstance(part, Mapping) and part.get("type") == "text"
+            )
+    return tuple(replace(p, echo_text=echo_text) for p in prompts), role
 
 
 def _message_text(f: _Fields, index: int, message: Any) -> str | None:

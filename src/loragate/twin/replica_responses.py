@@ -88,7 +88,13 @@ def completion_body(
 
 
 def chat_body(
-    *, request_id: str, created: int, model: str, choices: list[ChoiceResult], prompt_tokens: int
+    *,
+    request_id: str,
+    created: int,
+    model: str,
+    choices: list[ChoiceResult],
+    prompt_tokens: int,
+    role: str = "assistant",
 ) -> dict[str, Any]:
     return {
         "id": request_id,
@@ -99,7 +105,7 @@ def chat_body(
             {
                 "index": c.index,
                 "message": {
-                    "role": "assistant",
+                    "role": role,
                     "content": c.text,
                     "refusal": None,
                     "annotations": None,
@@ -151,7 +157,9 @@ def completion_chunk(
     return chunk
 
 
-def chat_role_chunk(*, request_id: str, created: int, model: str, index: int) -> dict[str, Any]:
+def chat_role_chunk(
+    *, request_id: str, created: int, model: str, index: int, role: str = "assistant"
+) -> dict[str, Any]:
     return {
         "id": request_id,
         "object": "chat.completion.chunk",
@@ -160,13 +168,29 @@ def chat_role_chunk(*, request_id: str, created: int, model: str, index: int) ->
         "choices": [
             {
                 "index": index,
-                "delta": {"role": "assistant", "content": ""},
+                "delta": {"role": role, "content": ""},
                 "logprobs": None,
                 "finish_reason": None,
             }
         ],
         "prompt_token_ids": None,
         "prompt_text": None,
+    }
+
+
+def chat_echo_chunk(
+    *, request_id: str, created: int, model: str, index: int, text: str
+) -> dict[str, Any]:
+    """The chunk of a chat stream with ``echo`` that repeats the last message's content (after
+    the role chunks, before any token; no ``token_ids`` key, as vLLM leaves it unset)."""
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [
+            {"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+        ],
     }
 
 
