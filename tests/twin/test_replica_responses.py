@@ -33,8 +33,10 @@ def test_token_encoder_matches_plain_rendering(kind: str, text: str) -> None:
             index=index,
             text=text,
             finish_reason="length",
+            fingerprint=True,
         )
-        assert enc.final(index, text, "length") == sse(final)
+        assert enc.final(index, text, "length", fingerprint=True) == sse(final)
+        assert final["system_fingerprint"] == "vllm-0.32.0-3216f9d5"
 
 
 def test_ids() -> None:

@@ -41,6 +41,7 @@ from loragate.twin.replica_responses import (
     chat_echo_chunk,
     chat_role_chunk,
     completion_body,
+    completion_chunk,
     dumps,
     new_id,
     now_unix,
@@ -66,6 +67,7 @@ class _Choice:
     stream: AsyncIterable[TokenEvent] | None = None
     emitted: int = 0
     finished: bool = False
+    echo_sent: bool = False
 
     def text_of(self, start: int, end: int) -> str:
         text = "" if self.hide_output else "".join(self.plan.token_texts[start:end])
@@ -137,6 +139,7 @@ class Generator:
                 choices=results,
                 prompt_tokens=prompt_tokens,
                 role=gen.role,
+                prompt_logprobs=gen.prompts[0].prompt_logprobs() if gen.echo else None,
             )
         else:
             payload = completion_body(
@@ -298,11 +301,30 @@ class Generator:
                                 )
                             )
                         )
+            # A choice's terminal chunk carries the fingerprint unless a usage chunk follows.
+            fingerprint = not gen.include_usage
+            echo_ids = gen.echo and gen.kind == "completion"
             async for c, text, finish in self._events(choices):
-                if finish is None:
+                if echo_ids and not c.echo_sent:
+                    # The echoing chunk also returns the prompt's token ids.
+                    c.echo_sent = True
+                    chunk = completion_chunk(
+                        request_id=request_id,
+                        created=created,
+                        model=model,
+                        index=c.index,
+                        text=text,
+                        finish_reason=finish,
+                        prompt_token_ids=gen.prompts[c.index // gen.n].ids(),
+                        fingerprint=fingerprint and finish is not None,
+                    )
+                    await response.write(sse(chunk))
+                elif finish is None:
                     await response.write(encoder.token(c.index, text))
                 else:
-                    await response.write(encoder.final(c.index, text, finish))
+                    await response.write(
+                        encoder.final(c.index, text, finish, fingerprint=fingerprint)
+                    )
             if not all(c.finished for c in choices):
                 raise EngineStoppedError("the replica is shutting down")
             if gen.include_usage:

@@ -20,14 +20,21 @@ OpenAI/vLLM field is accepted and ignored (sampling parameters only change synth
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from loragate.twin.synthetic_text import VOCAB, chat_prompt_tokens, completion_prompt_tokens
+from loragate.twin.synthetic_text import (
+    CHAT_GENERATION_PROMPT,
+    VOCAB,
+    chat_prompt_tokens,
+    completion_prompt_tokens,
+)
 from loragate.twin.vllm_errors import FieldError, VllmApiError, bad_request, validation_error
 
 Kind = Literal["completion", "chat"]
+SYNTHETIC_VOCAB_SIZE = 1024  # the recorded tiny-llama's vocabulary
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -39,6 +46,29 @@ class PromptSpec:
     prompt_tokens: int
     key: str
     echo_text: str = ""
+    token_ids: tuple[int, ...] | None = None  # a token-id prompt's ids
+
+    def ids(self) -> list[int]:
+        """The prompt's token ids: its own, or synthetic ones (stable per prompt) for text."""
+        if self.token_ids is not None:
+            return list(self.token_ids)
+        rng = random.Random(f"ids|{self.key}")
+        return [rng.randrange(SYNTHETIC_VOCAB_SIZE) for _ in range(self.prompt_tokens)]
+
+    def prompt_logprobs(self) -> list[dict[str, dict[str, Any]] | None]:
+        """What vLLM returns as ``prompt_logprobs`` for a chat request with ``echo`` (its
+        ``top_logprobs``, 0 by default, becomes ``prompt_logprobs``): ``null`` for the first
+        token, then each prompt token's own entry; the numbers are synthetic."""
+        rng = random.Random(f"logprobs|{self.key}")
+        out: list[dict[str, dict[str, Any]] | None] = [None]
+        for token in self.ids()[1:]:
+            entry = {
+                "logprob": -rng.uniform(4.0, 9.0),
+                "rank": rng.randrange(1, SYNTHETIC_VOCAB_SIZE),
+                "decoded_token": VOCAB[token % len(VOCAB)],
+            }
+            out.append({str(token): entry})
+        return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -189,7 +219,11 @@ def parse_generation_request(kind: Kind, body: Mapping[str, Any]) -> GenerationR
     # SamplingParams' checks, on the max_tokens it gets: 1 for an echo without generation.
     sampled_max = 1 if kind == "completion" and echo and max_tokens == 0 else max_tokens
     if sampled_max is not None and sampled_max < 1:
-        raise bad_request(f"max_tokens must be at least 1, got {sampled_max}.")
+        raise bad_request(
+            f"max_tokens must be at least 1, got {sampled_max}. "
+            f"(parameter=max_tokens, value={sampled_max})",
+            "max_tokens",
+        )
     if min_tokens < 0:
         raise bad_request(f"min_tokens must be greater than or equal to 0, got {min_tokens}.")
     if sampled_max is not None and min_tokens > sampled_max:
@@ -275,7 +309,10 @@ def _text_prompt(prompt: str) -> PromptSpec:
 
 def _token_prompt(token_ids: list[int]) -> PromptSpec:
     return PromptSpec(
-        prompt_tokens=len(token_ids), key=json.dumps(token_ids), echo_text=detokenize(token_ids)
+        prompt_tokens=len(token_ids),
+        key=json.dumps(token_ids),
+        echo_text=detokenize(token_ids),
+        token_ids=tuple(token_ids),
     )
 
 
@@ -322,7 +359,8 @@ def _chat_echo(
 ) -> tuple[tuple[PromptSpec, ...], str]:
     """The answer's role and the text ``echo`` repeats (``chat_completion/serving.py``): the
     last message's content if it has the answer's role. List content is its text parts joined
-    by newlines, as vLLM renders it for a string chat template."""
+    by newlines, as vLLM renders it for a string chat template. Without the generation prompt
+    the rendered prompt lacks the assistant header's tokens."""
     last = messages[-1] if messages else None
     role = "assistant"
     if not add_generation_prompt and isinstance(last, Mapping):
@@ -338,7 +376,10 @@ def _chat_echo(
                 for part in content
                 if isinstance(part, Mapping) and part.get("type") == "text"
             )
-    return tuple(replace(p, echo_text=echo_text) for p in prompts), role
+    header = 0 if add_generation_prompt else CHAT_GENERATION_PROMPT
+    return tuple(
+        replace(p, echo_text=echo_text, prompt_tokens=p.prompt_tokens - header) for p in prompts
+    ), role
 
 
 def _message_text(f: _Fields, index: int, message: Any) -> str | None:

@@ -95,6 +95,7 @@ def chat_body(
     choices: list[ChoiceResult],
     prompt_tokens: int,
     role: str = "assistant",
+    prompt_logprobs: list[Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "id": request_id,
@@ -124,7 +125,7 @@ def chat_body(
         "service_tier": None,
         "system_fingerprint": SYSTEM_FINGERPRINT,
         "usage": _usage(prompt_tokens, sum(c.completion_tokens for c in choices), details=True),
-        "prompt_logprobs": None,
+        "prompt_logprobs": prompt_logprobs,
         "prompt_token_ids": None,
         "prompt_text": None,
         "kv_transfer_params": None,
@@ -134,15 +135,27 @@ def chat_body(
 
 
 def completion_chunk(
-    *, request_id: str, created: int, model: str, index: int, text: str, finish_reason: str | None
+    *,
+    request_id: str,
+    created: int,
+    model: str,
+    index: int,
+    text: str,
+    finish_reason: str | None,
+    prompt_token_ids: list[int] | None = None,
+    fingerprint: bool = False,
 ) -> dict[str, Any]:
+    """One chunk of a completion stream. ``prompt_token_ids`` rides on a choice's first chunk
+    when ``echo`` is on; ``fingerprint`` marks a choice's terminal chunk of a stream without
+    a usage chunk (vLLM 0.32: ``completion/serving.py``, "Stamp on terminal chunk only when no
+    trailing usage chunk will follow"; chat does the same)."""
     choice: dict[str, Any] = {
         "index": index,
         "text": text,
         "logprobs": None,
         "finish_reason": finish_reason,
         "stop_reason": None,
-        "prompt_token_ids": None,
+        "prompt_token_ids": prompt_token_ids,
         "token_ids": None,
     }
     chunk: dict[str, Any] = {
@@ -152,8 +165,8 @@ def completion_chunk(
         "model": model,
         "choices": [choice],
     }
-    # Real vLLM 0.32 puts system_fingerprint only on the usage chunk of a completion stream
-    # (checked against a live server in tests/e2e/test_vllm_twin_parity.py); chat differs.
+    if fingerprint:
+        chunk["system_fingerprint"] = SYSTEM_FINGERPRINT
     return chunk
 
 
@@ -195,7 +208,14 @@ def chat_echo_chunk(
 
 
 def chat_chunk(
-    *, request_id: str, created: int, model: str, index: int, text: str, finish_reason: str | None
+    *,
+    request_id: str,
+    created: int,
+    model: str,
+    index: int,
+    text: str,
+    finish_reason: str | None,
+    fingerprint: bool = False,
 ) -> dict[str, Any]:
     choice: dict[str, Any] = {
         "index": index,
@@ -213,7 +233,7 @@ def chat_chunk(
         "model": model,
         "choices": [choice],
     }
-    if finish_reason is not None:
+    if fingerprint:
         chunk["system_fingerprint"] = SYSTEM_FINGERPRINT
     return chunk
 
@@ -306,7 +326,7 @@ class TokenChunkEncoder:
             parts = self._cache[index] = (prefix, suffix)
         return parts[0] + dumps(text) + parts[1]
 
-    def final(self, index: int, text: str, finish_reason: str) -> bytes:
+    def final(self, index: int, text: str, finish_reason: str, *, fingerprint: bool) -> bytes:
         return sse(
             self._build(
                 request_id=self._request_id,
@@ -315,5 +335,6 @@ class TokenChunkEncoder:
                 index=index,
                 text=text,
                 finish_reason=finish_reason,
+                fingerprint=fingerprint,
             )
         )
