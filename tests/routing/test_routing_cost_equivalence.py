@@ -512,3 +512,34 @@ def test_residency_tiers_are_seen_when_they_change(snap: Callable[..., ReplicaSn
         object.__setattr__(reps[0], "residency", res)
         for _ in range(3):
             _assert_same_costs(fast.costs(req, reps), slow.costs(req, reps))
+
+
+def test_memoised_parts_are_shared_only_where_they_agree(
+    snap: Callable[..., ReplicaSnapshot],
+) -> None:
+    """Replicas with the same (n_eff, adapters, max_loras, max_num_seqs) share the memoised
+    parts of their terms; what else differs (KV memory binding or not, the requests behind
+    n_eff, the token budget) still gives each its own cost."""
+    fast = ExpectedTTFTScorer(LinearStepTimeModel(), CostParams(length_ewma_alpha=0.0))
+    slow = _TermByTermScorer(LinearStepTimeModel(), CostParams(length_ewma_alpha=0.0))
+    per_adapter = {"b": 20, "c": 20, "d": 20}
+    same = {"max_loras": 4, "max_num_seqs": 64, "per_adapter": per_adapter}
+    reps = [
+        snap("r0", in_flight=60, running=60, kv=0.2, **same),  # KV memory leaves all 64
+        snap("r1", in_flight=60, running=60, kv=0.9, **same),  # KV memory binds (63.3)
+        snap("r2", in_flight=60, running=60, kv=0.99, **same),  # KV memory full
+        snap("r3", in_flight=70, running=60, waiting=10, deferred=10, **same),  # n 70, n_eff 60
+        snap("r4", in_flight=61, running=61, deferred=1, **same),
+    ]
+    object.__setattr__(
+        reps[4],
+        "settings",
+        ReplicaSettings(max_loras=4, max_num_seqs=64, max_num_batched_tokens=100),
+    )
+    for adapter in ("a", "b", None):
+        req = RoutingRequest(request_id="q", adapter=adapter, prompt_tokens=500, max_tokens=50)
+        for _ in range(2):  # computed, then from the kept terms
+            costs = fast.costs(req, reps)
+            _assert_same_costs(costs, slow.costs(req, reps))
+        if adapter == "a":  # a new adapter: every difference above shows
+            assert len(set(costs)) == len(costs), costs

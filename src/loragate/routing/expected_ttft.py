@@ -86,8 +86,8 @@ then costs a few lookups and a handful of arithmetic per replica. The coefficien
 terms in another order than the formulas above: costs agree with the term-by-term evaluation to
 within a few units in the last place (``tests/routing/test_routing_cost_equivalence.py``).
 Recomputing them (every replica, after a poll) reuses the parts that depend on a few small
-integers alone, memoised: the step times and slot penalty by (batch, adapters, ``max_loras``),
-``wait_seq + congestion`` by (requests, ``max_num_seqs``) where KV memory does not bind. The
+integers alone, memoised by (``n_eff``, adapters, ``max_loras``, ``max_num_seqs``): the batch,
+step times, slot penalty, and ``wait_seq + congestion`` where KV memory does not bind. The
 residency tiers are tuples; the second decision that sees the same ones looks adapters up in
 sets made of them. And the ``loragate`` profile scores and picks in one call
 (``ExpectedTTFTPicker.score_and_pick``), without building the score mapping.
@@ -171,6 +171,8 @@ Tiers = tuple[
     tuple[AdapterId, ...],
     tuple[frozenset[AdapterId], frozenset[AdapterId]] | None,
 ]
+CountKey = tuple[int, int, int, int]
+CountTerms = tuple[int, float, float, float, float]
 ReplicaTerms = tuple[
     ReplicaState, float, float, float, float, float, float, float, float, float, bool
 ]
@@ -200,8 +202,7 @@ class ExpectedTTFTScorer:
 
     __slots__ = (
         "_backlog",
-        "_by_seqs",
-        "_by_slots",
+        "_by_counts",
         "_loads",
         "_mean_out",
         "_mean_prompt",
@@ -219,11 +220,9 @@ class ExpectedTTFTScorer:
         self._mean_out = self.p.mean_output_tokens
         self._mean_prompt = self.p.mean_prompt_tokens
         p = self.p
-        # Memoised parts of the terms, by what they depend on: (batch, min(d, L), L) ->
-        # (t_step, t_step_new, slot_penalty); (n_eff, S) -> per_t_seq when KV memory leaves
-        # all S sequence slots.
-        self._by_slots: dict[tuple[int, int, int], tuple[float, float, float]] = {}
-        self._by_seqs: dict[tuple[int, int], float] = {}
+        # The parts of the terms that depend on a few small integers alone, memoised (replicas,
+        # and one replica from poll to poll, share them): see ``_count_terms``.
+        self._by_counts: dict[CountKey, CountTerms] = {}
         # (miss_cpu, miss_disk, miss_unregistered): the miss penalties by where the adapter is
         miss_disk = p.gpu_miss_s + p.cpu_miss_s
         self._misses = (p.gpu_miss_s, miss_disk, p.register_s + miss_disk)
@@ -245,10 +244,11 @@ class ExpectedTTFTScorer:
             if req.prompt_tokens > 0:
                 self._mean_prompt += alpha * (req.prompt_tokens - self._mean_prompt)
 
-    def _slot_terms(self, key: tuple[int, int, int]) -> tuple[float, float, float]:
-        """``(t_step, t_step_new, slot_penalty)`` for (batch, min(d, L), L), memoised: they
-        depend on nothing else, and replicas (and one replica from poll to poll) share keys."""
-        batch, dd, slots = key
+    def _count_terms(self, key: CountKey) -> CountTerms:
+        """``(batch, t_step, t_step_new, slot_penalty, per_t_seq)`` for ``key = (n_eff,
+        min(d, L), L, S)``, memoised; ``per_t_seq`` as if KV memory left all S sequence slots."""
+        n_eff, dd, slots, seqs = key
+        batch = n_eff if n_eff < seqs else seqs
         step_time_s = self.model.step_time_s
         t_step = _sane(step_time_s(batch + 1, dd))
         p = self.p
@@ -260,10 +260,11 @@ class ExpectedTTFTScorer:
             t_step_new = _sane(step_time_s(batch + 1, dd + 1))
             occupancy = (dd + 1) / slots
             slot_penalty = p.new_slot_weight * t_step_new * hold / slots * occupancy * occupancy
-        memo = self._by_slots
+        per_t_seq = _per_t_seq(n_eff, batch, seqs, p.congestion_weight, p.rho_max)
+        memo = self._by_counts
         if len(memo) >= MAX_MEMO:
             memo.clear()
-        value = memo[key] = (t_step, t_step_new, slot_penalty)
+        value = memo[key] = (batch, t_step, t_step_new, slot_penalty, per_t_seq)
         return value
 
     def _load_times(self, rank: int) -> tuple[float, float]:
@@ -300,8 +301,7 @@ class ExpectedTTFTScorer:
         tiers = self._tiers
         if len(tiers) >= MAX_MEMO:
             tiers.clear()
-        by_slots = self._by_slots
-        by_seqs = self._by_seqs
+        by_counts = self._by_counts
         kv_full = p.kv_full
         congestion_weight = p.congestion_weight
         rho_max = p.rho_max
@@ -337,7 +337,6 @@ class ExpectedTTFTScorer:
                 if seqs < 1:
                     seqs = 1
                 n_eff = n - deferred if n > deferred else 0
-                batch = n_eff if n_eff < seqs else seqs
                 # LoRA slots: ``d`` adapters in flight, ``deferred_ahead`` waiting for a slot.
                 if n_aif:
                     d = n_aif
@@ -345,13 +344,13 @@ class ExpectedTTFTScorer:
                 else:
                     d = len(active)
                     deferred_ahead = deferred
-                key = (batch, d if d < slots else slots, slots)
-                slot_terms = by_slots.get(key)
-                if slot_terms is None:
-                    slot_terms = self._slot_terms(key)
-                t_step, t_step_new, slot_penalty = slot_terms
+                key = (n_eff, d if d < slots else slots, slots, seqs)
+                counts = by_counts.get(key)
+                if counts is None:
+                    counts = self._count_terms(key)
+                batch, t_step, t_step_new, slot_penalty, per_t_seq = counts
                 # Sequence slots: max_num_seqs, or fewer if KV memory runs out first (at least
-                # 1). Exact as an int: every use below gives the same float as float(cap).
+                # 1; exact as an int: every use gives the same float as float(cap)).
                 cap: float = seqs
                 kv = r.kv_usage
                 if kv >= kv_full:
@@ -361,17 +360,7 @@ class ExpectedTTFTScorer:
                     kv_cap = n_eff * kv_full / kv
                     if kv_cap < seqs:
                         cap = kv_cap if kv_cap > 1.0 else 1.0
-                # wait_seq + congestion per second that a request holds a sequence slot.
-                if cap == seqs:  # as for every replica with these (n_eff, max_num_seqs)
-                    seq_key = (n_eff, seqs)
-                    per_t_seq = by_seqs.get(seq_key)
-                    if per_t_seq is None:
-                        per_t_seq = by_seqs[seq_key] = _per_t_seq(
-                            n_eff, batch, cap, congestion_weight, rho_max
-                        )
-                        if len(by_seqs) >= MAX_MEMO:
-                            by_seqs.clear()
-                else:
+                if cap != seqs:  # wait_seq + congestion with fewer sequence slots
                     per_t_seq = _per_t_seq(n_eff, batch, cap, congestion_weight, rho_max)
                 # wait_slot per second of T_seq: (deferred_ahead + 1) turnovers of T_hold / L.
                 slot_wait = (deferred_ahead + 1) * hold / slots
