@@ -215,3 +215,35 @@ async def serve_process(config_path: Path) -> AsyncIterator[ServeProcess]:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+class PickyReplica(ScriptedReplica):
+    """Refuses to load the adapters named in ``refuse`` with vLLM's 400 for a rank above its
+    ``--max-lora-rank``; counts the refusals."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.refuse: set[str] = set()
+        self.refused = 0
+
+    async def _load(self, request: web.Request) -> web.Response:
+        name = (await request.json()).get("lora_name")
+        if name in self.refuse:
+            self.load_calls += 1
+            self.refused += 1
+            return vllm_error(
+                400, f"LoRA rank 16 is greater than max_lora_rank 8 ({name})", "BadRequestError"
+            )
+        return await super()._load(request)
+
+
+@contextlib.asynccontextmanager
+async def picky_replicas(n: int = 2) -> AsyncIterator[list[PickyReplica]]:
+    """``n`` picky replicas ``r0``.. serving on loopback."""
+    async with contextlib.AsyncExitStack() as stack:
+        out = []
+        for i in range(n):
+            rep = PickyReplica(f"r{i}")
+            rep.url, _ = await stack.enter_async_context(serving(rep.app))
+            out.append(rep)
+        yield out

@@ -4,55 +4,27 @@ loopback with scripted replicas that refuse chosen adapters as vLLM does."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
-from aiohttp import web
-from gateway_harness import BASE, ScriptedReplica, gateway_config, openai_client, serving
+from gateway_harness import BASE, PickyReplica, gateway_config, openai_client, picky_replicas
 
 from loragate.core.clock import VirtualClock
 from loragate.core.errors import ConfigError
 from loragate.gateway import running_gateway
-from vllm_stub import vllm_error
 
 TOKEN = "admin-s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TTL_S = 60.0
 
 
-class PickyReplica(ScriptedReplica):
-    """Refuses to load the adapters named in ``refuse`` with vLLM's 400 for a rank above its
-    ``--max-lora-rank``."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.refuse: set[str] = set()
-        self.refused = 0
-
-    async def _load(self, request: web.Request) -> web.Response:
-        name = (await request.json()).get("lora_name")
-        if name in self.refuse:
-            self.load_calls += 1
-            self.refused += 1
-            return vllm_error(
-                400, f"LoRA rank 16 is greater than max_lora_rank 8 ({name})", "BadRequestError"
-            )
-        return await super()._load(request)
-
-
 @pytest.fixture
 async def picky() -> AsyncIterator[list[PickyReplica]]:
-    async with contextlib.AsyncExitStack() as stack:
-        out = []
-        for i in range(2):
-            rep = PickyReplica(f"r{i}")
-            rep.url, _ = await stack.enter_async_context(serving(rep.app))
-            out.append(rep)
-        yield out
+    async with picky_replicas() as replicas:
+        yield replicas
 
 
 async def _texts(client: openai.AsyncOpenAI, model: str, n: int) -> list[str]:

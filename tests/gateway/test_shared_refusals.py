@@ -8,54 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import openai
-from aiohttp import web
-from gateway_harness import ScriptedReplica, gateway_config, openai_client, serving
+from gateway_harness import PickyReplica, gateway_config, openai_client, picky_replicas
 from shared_cluster import eventually
 
 from loragate.core.config import GatewayConfig
 from loragate.gateway import running_gateway
 from redis_fixture import RedisServer
-from vllm_stub import vllm_error
 
 TOKEN = "admin-s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TTL_S = 60.0
-
-
-class PickyReplica(ScriptedReplica):
-    """Refuses to load the adapters named in ``refuse`` with vLLM's 400 for a rank above its
-    ``--max-lora-rank``; counts the refusals."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.refuse: set[str] = set()
-        self.refused = 0
-
-    async def _load(self, request: web.Request) -> web.Response:
-        name = (await request.json()).get("lora_name")
-        if name in self.refuse:
-            self.load_calls += 1
-            self.refused += 1
-            return vllm_error(
-                400, f"LoRA rank 16 is greater than max_lora_rank 8 ({name})", "BadRequestError"
-            )
-        return await super()._load(request)
-
-
-@contextlib.asynccontextmanager
-async def _picky_pair() -> AsyncIterator[list[PickyReplica]]:
-    async with contextlib.AsyncExitStack() as stack:
-        out = []
-        for i in range(2):
-            rep = PickyReplica(f"r{i}")
-            rep.url, _ = await stack.enter_async_context(serving(rep.app))
-            out.append(rep)
-        yield out
 
 
 def _config(replicas: list[PickyReplica], redis_url: str) -> GatewayConfig:
@@ -101,7 +67,7 @@ async def test_a_refusal_met_through_one_instance_keeps_the_other_off_that_repli
     redis_server: RedisServer,
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
-        r0, r1 = await stack.enter_async_context(_picky_pair())
+        r0, r1 = await stack.enter_async_context(picky_replicas())
         r0.refuse = {"lora-0"}
         cfg = _config([r0, r1], redis_server.url)
         gw1 = await stack.enter_async_context(running_gateway(cfg, port=0))
@@ -154,7 +120,7 @@ async def test_a_refusal_met_while_redis_is_down_reaches_the_other_instance_afte
     redis_server: RedisServer,
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
-        r0, r1 = await stack.enter_async_context(_picky_pair())
+        r0, r1 = await stack.enter_async_context(picky_replicas())
         r0.refuse = {"lora-2"}
         cfg = _config([r0, r1], redis_server.url)
         gw1 = await stack.enter_async_context(running_gateway(cfg, port=0))
