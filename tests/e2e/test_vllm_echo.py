@@ -1,5 +1,7 @@
 """``echo`` on real vLLM 0.32 (CPU) and on our simulated replica: the same checks, run against
 both, through the official openai SDK. Every failed check of both servers is listed at once.
+The context-window limits (which an echo without generation meets at a full window) are
+checked the same way, by status, message and param.
 
 What real vLLM 0.32.0 answered (tiny-llama, max_model_len 512; run on 2026-11-28):
 
@@ -260,3 +262,62 @@ async def test_echo_on_real_vllm_and_on_the_twin(
             problems.append(f"shape of {label}:\n  real {shape(real[label])}\n"
                             f"  twin {shape(sim[label])}")
     assert not problems, "echo differs from the recorded vLLM behaviour:\n" + "\n".join(problems)
+
+
+# Context-window limits (max_model_len 512), token-id prompts so both servers count the same.
+_FIT = "Make sure that `max_model_len` is no smaller than the number of text tokens"
+_TOO_LONG = ("This model's maximum context length is 512 tokens. However, your prompt contains "
+             "{} input tokens, which exceeds this limit even without any output tokens. Please "
+             "reduce the length of the input prompt. (parameter=input_tokens, value={})")
+LIMITS: list[tuple[str, dict[str, Any], tuple[str, str | None] | int]] = [
+    ("/v1/completions", {"prompt": [1] * 4, "max_tokens": 510, "ignore_eos": True}, 508),
+    ("/v1/completions", {"prompt": [1] * 4, "max_tokens": 600},
+     ("max_tokens=600 cannot be greater than max_model_len=512. Please request fewer output "
+      "tokens. (parameter=max_tokens, value=600)", "max_tokens")),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "max_completion_tokens": 600},
+     ("max_completion_tokens=600 cannot be greater than max_model_len=512. Please request "
+      "fewer output tokens. (parameter=max_completion_tokens, value=600)",
+      "max_completion_tokens")),
+    ("/v1/completions", {"prompt": [1] * 512, "max_tokens": 1},
+     ("max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)", "max_tokens")),
+    ("/v1/completions", {"prompt": [1] * 512, "max_tokens": 0, "echo": True},
+     ("The decoder prompt (length 512) plus the number of requested output tokens (at least 1) "
+      f"is longer than the maximum model length of 512. {_FIT} (prompt + requested output "
+      "tokens).", None)),
+    ("/v1/completions", {"prompt": [1] * 513, "max_tokens": 1},
+     (_TOO_LONG.format("at least 513", 513), "input_tokens")),
+    ("/v1/completions", {"prompt": [1] * 600, "max_tokens": 1},
+     (_TOO_LONG.format("600", 600), "input_tokens")),
+]
+
+
+async def test_context_limits_on_real_vllm_and_on_the_twin(
+    real_vllm: Replica, http: aiohttp.ClientSession
+) -> None:
+    c = REAL_CONFIG
+    twin_cfg = ReplicaConfig(
+        model=str(real_vllm.model_dir), served_model_name=BASE, enable_lora=True,
+        max_loras=c.max_loras, max_cpu_loras=c.max_cpu_loras, max_lora_rank=c.max_lora_rank,
+        max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
+        max_model_len=c.max_model_len, profile="fast", time_scale=10.0,
+    )
+    problems: list[str] = []
+    async with run_replica(twin_cfg, host="127.0.0.1", port=0) as twin:
+        for name, base in (("real", real_vllm.base_url), ("twin", twin.url)):
+            for path, body, expected in LIMITS:
+                async with http.post(base + path, json=body) as r:
+                    status, answer = r.status, await r.json()
+                if isinstance(expected, int):
+                    seen: Any = (status, answer.get("usage", {}).get("completion_tokens"))
+                    want: Any = (200, expected)
+                else:
+                    err = answer.get("error", {})
+                    seen = (status, err.get("message"), err.get("param"), err.get("type"))
+                    want = (400, *expected, "BadRequestError")
+                if seen != want:
+                    label = {k: (f"[{len(v)} ids]" if k == "prompt" else v)
+                             for k, v in body.items()}
+                    problems.append(f"{name} {path} {label}:\n  got  {seen}\n  want {want}")
+    assert not problems, "context limits differ from vLLM 0.32:\n" + "\n".join(problems)
+

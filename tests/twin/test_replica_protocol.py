@@ -74,7 +74,6 @@ def test_pydantic_style_type_errors() -> None:
 @pytest.mark.parametrize(
     ("body", "needle"),
     [
-        ({"prompt": "x", "max_tokens": 0}, "max_tokens must be at least 1, got 0."),
         ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream=True"),
         ({"prompt": ""}, "Either prompt or prompt_embeds"),
         ({"prompt": "x", "n": 0}, "n must be at least 1"),
@@ -85,22 +84,102 @@ def test_value_errors(body: dict[str, Any], needle: str) -> None:
     assert err.status == 400 and needle in err.message
 
 
-def test_context_length_checks() -> None:
-    spec = PromptSpec(prompt_tokens=10, key="")
-    assert resolve_max_tokens("completion", spec, None, 512) == 502  # fills the window
-    assert resolve_max_tokens("completion", spec, 502, 512) == 502
+# What real vLLM 0.32 answered with max_model_len 512 (tests/e2e/test_vllm_echo.py's run; a text
+# prompt of 4 tokens, token-id prompts of 512 and 513 ids): the limit is checked on the
+# requested max_tokens and the prompt, and a request that does not fit is clamped, not refused.
+_FIT = "Make sure that `max_model_len` is no smaller than the number of text tokens"
+CONTEXT_CASES: list[tuple[str, dict[str, Any], int | str, str | None]] = [
+    ("completion", {"prompt": [1] * 4, "max_tokens": 510}, 508, None),  # clamped
+    ("completion", {"prompt": [1] * 4, "max_tokens": 512}, 508, None),
+    ("completion", {"prompt": [1] * 4}, 16, None),  # completions' default
+    ("chat", {"messages": [{"role": "user", "content": "hi"}]}, 512 - 7, None),  # fills it
+    (
+        "completion",
+        {"prompt": [1] * 4, "max_tokens": 600},
+        "max_tokens=600 cannot be greater than max_model_len=512. Please request fewer output "
+        "tokens. (parameter=max_tokens, value=600)",
+        "max_tokens",
+    ),
+    (
+        "chat",
+        {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 600},
+        "max_completion_tokens=600 cannot be greater than max_model_len=512. Please request "
+        "fewer output tokens. (parameter=max_completion_tokens, value=600)",
+        "max_completion_tokens",
+    ),
+    (
+        "completion",
+        {"prompt": [1] * 512, "max_tokens": 1},  # no room left: clamped to 0
+        "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)",
+        "max_tokens",
+    ),
+    (
+        "completion",
+        {"prompt": [1] * 512, "max_tokens": 0, "echo": True},
+        "The decoder prompt (length 512) plus the number of requested output tokens (at least "
+        f"1) is longer than the maximum model length of 512. {_FIT} (prompt + requested output "
+        "tokens).",
+        None,
+    ),
+    (
+        "completion",
+        {"prompt": [1] * 513, "max_tokens": 1},
+        "This model's maximum context length is 512 tokens. However, your prompt contains at "
+        "least 513 input tokens, which exceeds this limit even without any output tokens. "
+        "Please reduce the length of the input prompt. (parameter=input_tokens, value=513)",
+        "input_tokens",
+    ),
+    (
+        "completion",
+        {"prompt": [1] * 600, "max_tokens": 1},  # ids are not truncated: the exact count
+        "This model's maximum context length is 512 tokens. However, your prompt contains 600 "
+        "input tokens, which exceeds this limit even without any output tokens. Please reduce "
+        "the length of the input prompt. (parameter=input_tokens, value=600)",
+        "input_tokens",
+    ),
+    (
+        "completion",
+        {"prompt": "x " * 600, "max_tokens": 1},  # text is cut at 513 tokens
+        "This model's maximum context length is 512 tokens. However, your prompt contains at "
+        "least 513 input tokens, which exceeds this limit even without any output tokens. "
+        "Please reduce the length of the input prompt. (parameter=input_tokens, value=513)",
+        "input_tokens",
+    ),
+    (
+        "completion",
+        {"prompt": [1] * 4, "max_tokens": -1, "echo": True},
+        "max_tokens must be at least 1, got -1. (parameter=max_tokens, value=-1)",
+        "max_tokens",
+    ),
+    ("completion", {"prompt": [1] * 4, "max_tokens": 0, "echo": True}, 1, None),
+    (
+        "completion",
+        {"prompt": [1] * 4, "max_tokens": 0, "echo": True, "min_tokens": 2},
+        "min_tokens must be less than or equal to max_tokens=1, got 2.",
+        None,
+    ),
+    (
+        "completion",
+        {"prompt": [1] * 4, "min_tokens": -1},
+        "min_tokens must be greater than or equal to 0, got -1.",
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(("kind", "body", "expected", "param"), CONTEXT_CASES)
+def test_context_length_and_sampling_checks(
+    kind: str, body: dict[str, Any], expected: int | str, param: str | None
+) -> None:
+    gen = parse_generation_request(kind, body)  # type: ignore[arg-type]
+    (spec,) = gen.prompts
+    if isinstance(expected, int):
+        assert resolve_max_tokens(gen, spec, 512) == expected
+        return
     with pytest.raises(VllmApiError) as exc:
-        resolve_max_tokens("completion", spec, 503, 512)
-    assert exc.value.message == (
-        "'max_tokens' or 'max_completion_tokens' is too large: 503. This model's maximum "
-        "context length is 512 tokens and your request has 10 input tokens (503 > 512 - 10)."
-    )
-    with pytest.raises(VllmApiError) as exc:
-        resolve_max_tokens("chat", PromptSpec(prompt_tokens=512, key=""), None, 512)
-    assert (
-        exc.value.status == 400
-        and "However, your request has 512 input tokens" in exc.value.message
-    )
+        resolve_max_tokens(gen, spec, 512)
+    assert (exc.value.status, exc.value.err_type) == (400, "BadRequestError")
+    assert (exc.value.message, exc.value.param) == (expected, param)
 
 
 def test_malformed_json_is_a_validation_error() -> None:

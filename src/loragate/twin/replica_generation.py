@@ -160,9 +160,7 @@ class Generator:
         max_len = self._state.config.max_model_len
         choices: list[_Choice] = []
         for p_index, spec in enumerate(gen.prompts):
-            max_tokens = resolve_max_tokens(gen.kind, spec, gen.max_tokens, max_len)
-            if gen.echo_only:
-                max_tokens = 1  # vLLM runs an echo without generation with max_tokens=1
+            max_tokens = resolve_max_tokens(gen, spec, max_len)  # 1 for an echo only
             for j in range(gen.n):
                 plan = self._sampler.plan(
                     model=model,

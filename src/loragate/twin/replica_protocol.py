@@ -31,7 +31,7 @@ from loragate.twin.synthetic_text import (
     chat_prompt_tokens,
     completion_prompt_tokens,
 )
-from loragate.twin.vllm_errors import FieldError, VllmApiError, bad_request, validation_error
+from loragate.twin.vllm_errors import FieldError, bad_request, validation_error
 
 Kind = Literal["completion", "chat"]
 SYNTHETIC_VOCAB_SIZE = 1024  # the recorded tiny-llama's vocabulary
@@ -86,6 +86,7 @@ class GenerationRequest:
     include_usage: bool
     echo: bool = False
     role: str = "assistant"  # chat: the answer's role
+    max_tokens_param: str = "max_tokens"  # the field max_tokens came from
 
     @property
     def echo_only(self) -> bool:
@@ -186,6 +187,7 @@ def parse_generation_request(kind: Kind, body: Mapping[str, Any]) -> GenerationR
     """Validate a completions or chat body; raises ``VllmApiError`` (400) when invalid."""
     f = _Fields(body)
     model = f.str_("model")
+    max_tokens_param = "max_tokens"
     if kind == "completion":
         prompts = _completion_prompts(f)
         echo = f.bool_("echo", False)
@@ -194,7 +196,9 @@ def parse_generation_request(kind: Kind, body: Mapping[str, Any]) -> GenerationR
     else:
         prompts = _chat_prompts(f)
         max_tokens = f.int_("max_completion_tokens", None)
-        if max_tokens is None:
+        if max_tokens is not None:
+            max_tokens_param = "max_completion_tokens"
+        else:
             max_tokens = f.int_("max_tokens", None)
     n = f.int_("n", 1)
     min_tokens = f.int_("min_tokens", 0)
@@ -216,20 +220,8 @@ def parse_generation_request(kind: Kind, body: Mapping[str, Any]) -> GenerationR
     assert n is not None and min_tokens is not None
     if n < 1:
         raise bad_request(f"n must be at least 1, got {n}.")
-    # SamplingParams' checks, on the max_tokens it gets: 1 for an echo without generation.
-    sampled_max = 1 if kind == "completion" and echo and max_tokens == 0 else max_tokens
-    if sampled_max is not None and sampled_max < 1:
-        raise bad_request(
-            f"max_tokens must be at least 1, got {sampled_max}. "
-            f"(parameter=max_tokens, value={sampled_max})",
-            "max_tokens",
-        )
-    if min_tokens < 0:
-        raise bad_request(f"min_tokens must be greater than or equal to 0, got {min_tokens}.")
-    if sampled_max is not None and min_tokens > sampled_max:
-        raise bad_request(
-            f"min_tokens must be less than or equal to max_tokens={sampled_max}, got {min_tokens}."
-        )
+    # max_tokens and min_tokens are checked per prompt, once the model is known:
+    # resolve_max_tokens.
     assert prompts is not None
     return GenerationRequest(
         kind=kind,
@@ -245,6 +237,7 @@ def parse_generation_request(kind: Kind, body: Mapping[str, Any]) -> GenerationR
         include_usage=include_usage,
         echo=echo,
         role=role,
+        max_tokens_param=max_tokens_param,
     )
 
 
@@ -419,29 +412,56 @@ def _message_text(f: _Fields, index: int, message: Any) -> str | None:
     return None
 
 
-def resolve_max_tokens(
-    kind: Kind, spec: PromptSpec, max_tokens: int | None, max_model_len: int
-) -> int:
-    """vLLM's context-length checks; the default ``max_tokens`` fills the context window."""
-    prompt = spec.prompt_tokens
-    if prompt >= max_model_len or (max_tokens is None and prompt + 1 > max_model_len):
-        raise VllmApiError(
-            400,
-            f"This model's maximum context length is {max_model_len} tokens. However, your "
-            f"request has {prompt} input tokens. Please reduce the length of the input "
-            "messages.",
-            "BadRequestError",
-            "messages" if kind == "chat" else "prompt",
+def resolve_max_tokens(gen: GenerationRequest, spec: PromptSpec, max_model_len: int) -> int:
+    """The ``max_tokens`` one prompt of ``gen`` runs with, or vLLM 0.32's 400, in its order:
+
+    1. ``TokenizeParams`` (``renderers/params.py``): a requested ``max_tokens`` above
+       ``max_model_len``; a prompt longer than ``max_model_len`` (a text prompt is tokenized
+       with truncation at ``max_model_len + 1``, hence "at least").
+    2. ``get_max_tokens`` (``serve/utils/api_utils.py``): the request is *clamped* to the room
+       left in the context window (no error), and fills it when no ``max_tokens`` is given.
+    3. ``SamplingParams._verify_args``: the result (1 for an echo without generation) below 1,
+       ``min_tokens`` below 0 or above it.
+    4. The engine's ``_validate_prompt_len``: a prompt of exactly ``max_model_len`` tokens
+       (reachable only by an echo without generation).
+    """
+    limit, prompt, requested = max_model_len, spec.prompt_tokens, gen.max_tokens
+    if requested is not None and requested > limit:
+        param = gen.max_tokens_param
+        raise bad_request(
+            f"{param}={requested} cannot be greater than max_model_len={limit}. Please request "
+            f"fewer output tokens. (parameter={param}, value={requested})",
+            param,
         )
-    if max_tokens is None:
-        return max_model_len - prompt
-    if prompt + max_tokens > max_model_len:
-        raise VllmApiError(
-            400,
-            f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
-            f"maximum context length is {max_model_len} tokens and your request has {prompt} "
-            f"input tokens ({max_tokens} > {max_model_len} - {prompt}).",
-            "BadRequestError",
+    if prompt > limit:
+        count = prompt if spec.token_ids is not None else limit + 1
+        at_least = "at least " if count == limit + 1 else ""
+        raise bad_request(
+            f"This model's maximum context length is {limit} tokens. However, your prompt "
+            f"contains {at_least}{count} input tokens, which exceeds this limit even without any "
+            f"output tokens. Please reduce the length of the input prompt. "
+            f"(parameter=input_tokens, value={count})",
+            "input_tokens",
+        )
+    room = limit - prompt
+    sampled = 1 if gen.echo_only else min(room, requested) if requested is not None else room
+    if sampled < 1:
+        raise bad_request(
+            f"max_tokens must be at least 1, got {sampled}. "
+            f"(parameter=max_tokens, value={sampled})",
             "max_tokens",
         )
-    return max_tokens
+    if gen.min_tokens < 0:
+        raise bad_request(f"min_tokens must be greater than or equal to 0, got {gen.min_tokens}.")
+    if gen.min_tokens > sampled:
+        raise bad_request(
+            f"min_tokens must be less than or equal to max_tokens={sampled}, got {gen.min_tokens}."
+        )
+    if prompt == limit:
+        raise bad_request(
+            f"The decoder prompt (length {prompt}) plus the number of requested output tokens "
+            f"(at least 1) is longer than the maximum model length of {limit}. Make sure that "
+            "`max_model_len` is no smaller than the number of text tokens (prompt + requested "
+            "output tokens)."
+        )
+    return sampled
