@@ -86,8 +86,9 @@ then costs a few lookups and a handful of arithmetic per replica. The coefficien
 terms in another order than the formulas above: costs agree with the term-by-term evaluation to
 within a few units in the last place (``tests/routing/test_routing_cost_equivalence.py``).
 Recomputing them (every replica, after a poll) reuses the parts that depend on a few small
-integers alone, memoised by (``n_eff``, adapters, ``max_loras``, ``max_num_seqs``): the batch,
-step times, slot penalty, and ``wait_seq + congestion`` where KV memory does not bind. The
+integers alone, memoised by (``n_eff``, adapters, ``max_loras``, ``max_num_seqs``,
+``max_num_batched_tokens``): the batch, token budget, step times, slot penalty, and ``wait_seq +
+congestion`` where KV memory does not bind. The
 residency tiers are tuples; the second decision that sees the same ones looks adapters up in
 sets made of them. And the ``loragate`` profile scores and picks in one call
 (``ExpectedTTFTPicker.score_and_pick``), without building the score mapping.
@@ -171,8 +172,8 @@ Tiers = tuple[
     tuple[AdapterId, ...],
     tuple[frozenset[AdapterId], frozenset[AdapterId]] | None,
 ]
-CountKey = tuple[int, int, int, int]
-CountTerms = tuple[int, float, float, float, float]
+CountKey = tuple[int, int, int, int, int]
+CountTerms = tuple[int, float, float, float, float, float]
 ReplicaTerms = tuple[
     ReplicaState, float, float, float, float, float, float, float, float, float, bool
 ]
@@ -245,9 +246,10 @@ class ExpectedTTFTScorer:
                 self._mean_prompt += alpha * (req.prompt_tokens - self._mean_prompt)
 
     def _count_terms(self, key: CountKey) -> CountTerms:
-        """``(batch, t_step, t_step_new, slot_penalty, per_t_seq)`` for ``key = (n_eff,
-        min(d, L), L, S)``, memoised; ``per_t_seq`` as if KV memory left all S sequence slots."""
-        n_eff, dd, slots, seqs = key
+        """``(batch, budget, t_step, t_step_new, slot_penalty, per_t_seq)`` for ``key = (n_eff,
+        min(d, L), L, S, max_num_batched_tokens)``, memoised; ``per_t_seq`` as if KV memory
+        left all S sequence slots."""
+        n_eff, dd, slots, seqs, max_tokens = key
         batch = n_eff if n_eff < seqs else seqs
         step_time_s = self.model.step_time_s
         t_step = _sane(step_time_s(batch + 1, dd))
@@ -264,7 +266,15 @@ class ExpectedTTFTScorer:
         memo = self._by_counts
         if len(memo) >= MAX_MEMO:
             memo.clear()
-        value = memo[key] = (batch, t_step, t_step_new, slot_penalty, per_t_seq)
+        budget = max_tokens - batch
+        value = memo[key] = (
+            batch,
+            float(budget) if budget > 1 else 1.0,  # (float: float-only arithmetic per decision)
+            t_step,
+            t_step_new,
+            slot_penalty,
+            per_t_seq,
+        )
         return value
 
     def _load_times(self, rank: int) -> tuple[float, float]:
@@ -344,11 +354,11 @@ class ExpectedTTFTScorer:
                 else:
                     d = len(active)
                     deferred_ahead = deferred
-                key = (n_eff, d if d < slots else slots, slots, seqs)
+                key = (n_eff, d if d < slots else slots, slots, seqs, st.max_num_batched_tokens)
                 counts = by_counts.get(key)
                 if counts is None:
                     counts = self._count_terms(key)
-                batch, t_step, t_step_new, slot_penalty, per_t_seq = counts
+                batch, room, t_step, t_step_new, slot_penalty, per_t_seq = counts
                 # Sequence slots: max_num_seqs, or fewer if KV memory runs out first (at least
                 # 1; exact as an int: every use gives the same float as float(cap)).
                 cap: float = seqs
@@ -360,8 +370,18 @@ class ExpectedTTFTScorer:
                     kv_cap = n_eff * kv_full / kv
                     if kv_cap < seqs:
                         cap = kv_cap if kv_cap > 1.0 else 1.0
-                if cap != seqs:  # wait_seq + congestion with fewer sequence slots
-                    per_t_seq = _per_t_seq(n_eff, batch, cap, congestion_weight, rho_max)
+                if cap != seqs:  # wait_seq + congestion with fewer slots (_per_t_seq, inlined)
+                    per_t_seq = 0.0
+                    excess = n_eff + 1 - cap
+                    if excess > 0.0:
+                        per_t_seq = excess / (batch if batch > 0 else 1)
+                    if congestion_weight > 0.0:
+                        rho = (n_eff + 1) / cap
+                        if rho > rho_max:
+                            rho = rho_max
+                        per_t_seq += (
+                            congestion_weight * rho ** sqrt(2.0 * (cap + 1.0)) / (cap * (1.0 - rho))
+                        )
                 # wait_slot per second of T_seq: (deferred_ahead + 1) turnovers of T_hold / L.
                 slot_wait = (deferred_ahead + 1) * hold / slots
                 if d >= slots:  # every LoRA slot taken: a new adapter waits, stalls all
@@ -374,14 +394,13 @@ class ExpectedTTFTScorer:
                         waiting + (n - waiting) * occupancy * occupancy
                     )
                 waiting_ahead = waiting - deferred
-                budget = st.max_num_batched_tokens - batch
                 t = cached[rid] = (
                     state,
                     t_step,
                     t_step_new,
                     # (floats: the same values, and float-only arithmetic below is faster)
                     float(waiting_ahead) if waiting_ahead > 0 else 0.0,
-                    float(budget) if budget > 1 else 1.0,
+                    room,
                     t_step * per_t_seq,
                     t_step * (per_t_seq + 0.5 * slot_wait),
                     t_step_new * (per_t_seq + new_wait),
