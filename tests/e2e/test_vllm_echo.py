@@ -289,6 +289,9 @@ LIMITS: list[tuple[str, dict[str, Any], tuple[str, str | None] | int]] = [
      (_TOO_LONG.format("at least 513", 513), "input_tokens")),
     ("/v1/completions", {"prompt": [1] * 600, "max_tokens": 1},
      (_TOO_LONG.format("600", 600), "input_tokens")),
+    # and the SamplingParams check that follows those on max_tokens
+    ("/v1/completions", {"prompt": [1] * 4, "n": 2, "temperature": 0},
+     ("n must be 1 when using greedy sampling, got 2.", None)),
 ]
 
 

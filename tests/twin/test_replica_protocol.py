@@ -160,6 +160,13 @@ CONTEXT_CASES: list[tuple[str, dict[str, Any], int | str, str | None]] = [
     ),
     (
         "completion",
+        {"prompt": [1] * 4, "n": 2, "temperature": 0},
+        "n must be 1 when using greedy sampling, got 2.",
+        None,
+    ),
+    ("completion", {"prompt": [1] * 4, "n": 2, "temperature": 0.5}, 16, None),
+    (
+        "completion",
         {"prompt": [1] * 4, "min_tokens": -1},
         "min_tokens must be greater than or equal to 0, got -1.",
         None,

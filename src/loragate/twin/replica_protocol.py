@@ -420,8 +420,8 @@ def resolve_max_tokens(gen: GenerationRequest, spec: PromptSpec, max_model_len: 
        with truncation at ``max_model_len + 1``, hence "at least").
     2. ``get_max_tokens`` (``serve/utils/api_utils.py``): the request is *clamped* to the room
        left in the context window (no error), and fills it when no ``max_tokens`` is given.
-    3. ``SamplingParams._verify_args``: the result (1 for an echo without generation) below 1,
-       ``min_tokens`` below 0 or above it.
+    3. ``SamplingParams``: the result (1 for an echo without generation) below 1,
+       ``min_tokens`` below 0 or above it; then ``n`` above 1 with greedy sampling.
     4. The engine's ``_validate_prompt_len``: a prompt of exactly ``max_model_len`` tokens
        (reachable only by an echo without generation).
     """
@@ -457,6 +457,8 @@ def resolve_max_tokens(gen: GenerationRequest, spec: PromptSpec, max_model_len: 
         raise bad_request(
             f"min_tokens must be less than or equal to max_tokens={sampled}, got {gen.min_tokens}."
         )
+    if gen.greedy and gen.n > 1:
+        raise bad_request(f"n must be 1 when using greedy sampling, got {gen.n}.")
     if prompt == limit:
         raise bad_request(
             f"The decoder prompt (length {prompt}) plus the number of requested output tokens "
