@@ -114,7 +114,7 @@ from loragate.routing.step_time import StepTimeModel, prefill_token_s
 SCORE_TAU_S = 0.001
 # Any single time from the step-time model is clipped to this (keeps costs finite).
 MAX_TIME_S = 1.0e6
-# Bound on memoised (batch, adapters) step times; cleared when exceeded.
+# Bound on the entries of each memo and per-replica cache of the scorer; cleared when exceeded.
 MAX_MEMO = 65_536
 
 
