@@ -122,6 +122,22 @@ async def test_broken_stream_ends_with_an_sse_error_the_sdk_raises(
         await _assert_nothing_in_flight(gw, http)
 
 
+async def test_broken_stream_ends_with_done_after_its_error_event_as_vllm_does(
+    replicas: list[ScriptedReplica],
+) -> None:
+    rep = replicas[0]
+    rep.raw_answer = _SSE_HEAD + b"%x\r\n%s\r\n" % (len(_EVENT), _EVENT)  # then the close
+    async with running_gateway(_cfg([rep]), port=0) as gw, aiohttp.ClientSession() as http:
+        body = {"model": BASE, "prompt": "p", "stream": True}
+        async with http.post(gw.url + "/v1/completions", json=body) as resp:
+            events = (await resp.read()).split(b"\n\n")
+        assert events[-1] == b""  # every event is terminated
+        error, done = events[-3], events[-2]
+        assert json.loads(error.removeprefix(b"data: "))["error"]["type"] == "upstream_error"
+        assert done == b"data: [DONE]"
+        await _assert_nothing_in_flight(gw, http)
+
+
 def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 

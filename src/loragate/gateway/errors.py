@@ -100,7 +100,10 @@ def internal_error_response(*, headers: dict[str, str] | None = None) -> web.Res
 
 
 def sse_error_event(exc: LoragateError) -> bytes:
-    """A final SSE event for a stream that broke off: the ``openai`` SDK raises ``APIError``
-    when an event's data carries an ``error`` key."""
+    """The end of a stream that broke off: an error event (the ``openai`` SDK raises
+    ``APIError`` when an event's data carries an ``error`` key), then ``data: [DONE]``, as vLLM's
+    stream generators end after their own error event (a client that reads to ``[DONE]`` is not
+    left waiting for it)."""
     _, err_type, code = classify(exc)
-    return b"data: " + error_payload(exc.message, err_type, code, exc.param) + b"\n\n"
+    payload = error_payload(exc.message, err_type, code, exc.param)
+    return b"data: " + payload + b"\n\ndata: [DONE]\n\n"
