@@ -230,3 +230,10 @@ def test_shutdown_timeout_is_a_validated_server_key() -> None:
     for bad in (0, -1, "10s", True):
         with pytest.raises(ConfigError, match=r"server\.shutdown_timeout_s"):
             config_from_mapping({**base, "server": {"shutdown_timeout_s": bad}})
+
+
+@pytest.mark.parametrize(("n", "text"), [(0, "0 requests"), (1, "1 request"), (2, "2 requests")])
+def test_shutdown_log_counts_requests_in_words(n: int, text: str) -> None:
+    from loragate.gateway.runner import _requests
+
+    assert _requests(n) == text

@@ -99,16 +99,14 @@ async def running_gateway(
             else shutdown_timeout_s
         )
         log.info(
-            "shutdown: not accepting connections; %d requests in flight, "
-            "waiting up to %g s for them",
-            gateway.proxy.in_flight,
+            "shutdown: not accepting connections; %s in flight, waiting up to %g s for them",
+            _requests(gateway.proxy.in_flight),
             period,
         )
         finished, cut = await gateway.proxy.drain(period, grace_s=CUT_GRACE_S)
         log.info(
-            "shutdown: %d requests finished during the drain, %d cut at its end "
-            "(answered with an error)",
-            finished,
+            "shutdown: %s finished during the drain, %d cut at its end (answered with an error)",
+            _requests(finished),
             cut,
         )
 
@@ -251,3 +249,7 @@ async def serve_until_signalled(
             running.gateway.policy.name,
         )
         await stop.wait()
+
+
+def _requests(n: int) -> str:
+    return f"{n} request" if n == 1 else f"{n} requests"
