@@ -90,6 +90,8 @@ async def test_replicas_show_snapshots_and_shadow_residency(
     for rid, models in routed.items():
         rep = by_id[rid]
         assert rep["healthy"] and rep["in_flight"] == 0
+        # how old the replica's view is, not a monotonic-clock reading (which is what it was)
+        assert 0.0 <= rep["seconds_since_scrape"] < 60.0 and "scraped_at_s" not in rep
         assert rep["settings"]["max_loras"] == 1 and rep["settings"]["max_cpu_loras"] == 2
         res = rep["residency"]
         # The GPU slot holds the last adapter routed there; the CPU cache the last two.

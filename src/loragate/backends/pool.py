@@ -187,6 +187,11 @@ class ReplicaPool:
             await self.poll_once()
         self._task = asyncio.create_task(self._run(), name="loragate-replica-poller")
 
+    @property
+    def clock(self) -> Clock:
+        """The clock the pool stamps its snapshots (``scraped_at_s``) with."""
+        return self._clock
+
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:

@@ -209,7 +209,7 @@ class AdminApi:
                         "gpu": list(res.gpu),
                         "cpu": list(res.cpu),
                     },
-                    "scraped_at_s": snap.scraped_at_s,
+                    "seconds_since_scrape": round(pool.clock.now() - snap.scraped_at_s, 3),
                 }
             )
         return _json({"replicas": out, "policy": gw.policy.name, "state": shared.status()})
