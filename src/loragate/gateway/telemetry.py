@@ -44,21 +44,29 @@ class _ScrapeTimeGauges(Collector):
     def collect(self) -> Iterator[Metric]:
         flight = GaugeMetricFamily(
             "loragate_in_flight_requests",
-            "Requests the gateway is proxying right now, by replica.",
+            "Requests this gateway instance is proxying right now, by replica. Other "
+            "instances' requests are not in it: /admin/replicas 'in_flight' has the count "
+            "they share through Redis.",
             labels=["replica"],
         )
         for rid, n in self._in_flight().items():
             flight.add_metric([rid], n)
         yield flight
         up = GaugeMetricFamily(
-            "loragate_replica_healthy", "1 if the replica gets traffic, else 0.", labels=["replica"]
+            "loragate_replica_healthy",
+            "1 if this instance sends the replica traffic, else 0 (its last poll or a request "
+            "to it failed, or its /v1/models lacks the base model: /admin/replicas "
+            "last_error says why).",
+            labels=["replica"],
         )
         for rid, ok in self._healthy().items():
             up.add_metric([rid], 1.0 if ok else 0.0)
         yield up
         loads = GaugeMetricFamily(
             "loragate_adapter_loads",
-            "Adapter loads this gateway made through the admin API, by replica.",
+            "Adapters this gateway instance loaded on the replica (vLLM's POST "
+            "/v1/load_lora_adapter) since it started, by replica. Only grows, though typed "
+            "a gauge: use increase(); other instances count their own.",
             labels=["replica"],
         )
         for rid, n in self._adapter_loads().items():
@@ -75,10 +83,10 @@ class _RefusalCounter(Collector):
     def collect(self) -> Iterator[Metric]:
         refused = CounterMetricFamily(
             "loragate_adapter_load_refusals",
-            "Adapter loads a replica refused (vLLM's error on /v1/load_lora_adapter: no "
-            "--enable-lora, a rank above --max-lora-rank, a folder it cannot read), by adapter "
-            "and replica. Each keeps the replica out of that adapter's candidates for "
-            "poller.adapter_refusal_ttl_s.",
+            "Adapter loads a replica refused to this gateway instance (vLLM's error on "
+            "/v1/load_lora_adapter: no --enable-lora, a rank above --max-lora-rank, a folder "
+            "it cannot read), by adapter and replica. Each keeps the replica out of that "
+            "adapter's candidates for poller.adapter_refusal_ttl_s, on every instance.",
             labels=["adapter", "replica"],
         )
         for (adapter, replica), n in self._counts().items():
@@ -107,7 +115,9 @@ class _StateGauges(Collector):
         )
         yield CounterMetricFamily(
             "loragate_state_errors",
-            "Failed calls to the shared state backend (Redis) since start.",
+            "Failed calls to the shared state backend (Redis) since start. While degraded "
+            "only reconnection attempts are made (backing off to one every 5 s): alert on "
+            "loragate_state_degraded, not on this rate.",
             value=self._errors(),
         )
         counts = self._resync_counts()
@@ -147,7 +157,11 @@ class _ProxyMetrics(Collector):
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
             "loragate_requests",
-            "Requests by adapter ('' = base model), replica ('' = none chosen) and status.",
+            "Requests this gateway instance answered, by adapter ('' = base model), replica "
+            "('' = none chosen) and status: the HTTP status sent, or client_closed (the "
+            "client left first), stream_error (the replica broke off a started stream), "
+            "shutdown (a stream cut at the shutdown deadline). A request retried on another "
+            "replica counts once, with the replica that answered it.",
             labels=["adapter", "replica", "status"],
         )
         for labels, n in self.requests.items():
@@ -164,12 +178,16 @@ class _ProxyMetrics(Collector):
         yield http_errors
         yield _histogram_family(
             "loragate_upstream_latency_seconds",
-            "Time from sending a request upstream to the end of its response, by replica.",
+            "Time from sending a request upstream to the end of its response, by replica "
+            "(responses a replica sent, its errors included; attempts that got no response "
+            "and answers the client left are not observed).",
             self.latency,
         )
         yield _histogram_family(
             "loragate_ttft_seconds",
-            "Streaming requests: time from arrival at the gateway to the first body chunk.",
+            "Streaming requests: time from arrival at the gateway to the first body chunk "
+            "relayed (routing, any adapter load and the replica's queue included), by "
+            "replica.",
             self.ttft,
         )
 
