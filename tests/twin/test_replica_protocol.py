@@ -7,10 +7,11 @@ import pytest
 
 from loragate.twin.replica_protocol import (
     PromptSpec,
+    check_prompt_count,
     parse_generation_request,
     resolve_max_tokens,
 )
-from loragate.twin.synthetic_text import completion_prompt_tokens
+from loragate.twin.synthetic_text import PromptFormat, completion_prompt_tokens
 from loragate.twin.vllm_errors import VllmApiError, parse_json_object
 
 
@@ -75,13 +76,100 @@ def test_pydantic_style_type_errors() -> None:
     ("body", "needle"),
     [
         ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream=True"),
-        ({"prompt": ""}, "Either prompt or prompt_embeds"),
         ({"prompt": "x", "n": 0}, "n must be at least 1"),
     ],
 )
 def test_value_errors(body: dict[str, Any], needle: str) -> None:
     err = error("completion", body)
     assert err.status == 400 and needle in err.message
+
+
+# What real vLLM 0.32 answered to a completions body without a prompt (tests/e2e/
+# test_vllm_parity.py): vLLM's "before" model validator, ahead of every field's validation and
+# of the model lookup.
+_NO_PROMPT = (
+    "Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)",
+    "prompt",
+)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"model": "m"},
+        {"prompt": None},
+        {"prompt": ""},
+        {"prompt_embeds": []},
+        {"prompt": None, "prompt_embeds": None},
+        {"model": 5, "max_tokens": "abc"},  # (type errors come after it)
+    ],
+)
+def test_a_completion_without_prompt(body: dict[str, Any]) -> None:
+    err = error("completion", body)
+    assert (err.status, err.err_type, err.message, err.param) == (400, "BadRequestError",
+                                                                  *_NO_PROMPT)  # fmt: skip
+    assert json.loads(err.body())["error"]["code"] == 400
+
+
+def test_prompt_embeds_in_place_of_a_prompt() -> None:
+    err = error("completion", {"prompt_embeds": "AAAA"})
+    assert (err.err_type, err.param) == ("BadRequestError", "prompt_embeds")
+    assert err.message == (
+        "You must set `--enable-prompt-embeds` to input `prompt_embeds`. "
+        "(parameter=prompt_embeds)"
+    )
+
+
+def test_empty_prompts_are_refused_where_vllm_refuses_them() -> None:
+    # [] passes request validation; the renderer refuses it once the model is known.
+    gen = parse_generation_request("completion", {"prompt": []})
+    assert gen.prompts == ()
+    with pytest.raises(VllmApiError) as exc:
+        check_prompt_count(gen)
+    assert (exc.value.err_type, exc.value.message, exc.value.param) == (
+        "BadRequestError", "You must pass at least one prompt", None)  # fmt: skip
+    for body in ({"messages": []}, {"messages": [], "add_generation_prompt": False}):
+        gen = parse_generation_request("chat", body)
+        with pytest.raises(VllmApiError) as exc:
+            check_prompt_count(gen)
+        assert (exc.value.err_type, exc.value.param) == ("BadRequestError", None)
+        assert exc.value.message.startswith("Cannot apply chat template to an empty conversation")
+    # An empty text (no BOS with tiny-llama's tokenizer) or id list: the engine's check, after
+    # SamplingParams' ones.
+    for prompt in ([""], [[]], ["hi", ""]):
+        gen = parse_generation_request("completion", {"prompt": prompt})
+        check_prompt_count(gen)
+        with pytest.raises(VllmApiError) as exc:
+            resolve_max_tokens(gen, gen.prompts[-1], 512)
+        assert (exc.value.err_type, exc.value.message, exc.value.param) == (
+            "BadRequestError", "The decoder prompt cannot be empty", None)  # fmt: skip
+    gen = parse_generation_request("completion", {"prompt": [""], "max_tokens": 0})
+    with pytest.raises(VllmApiError, match="max_tokens must be at least 1"):
+        resolve_max_tokens(gen, gen.prompts[0], 512)
+    # A tokenizer that adds BOS makes "" one token, which vLLM serves.
+    gen = parse_generation_request("completion", {"prompt": [""]}, PromptFormat(add_bos=True))
+    assert resolve_max_tokens(gen, gen.prompts[0], 512) == 16
+
+
+def test_prompt_tokens_follow_the_prompt_format() -> None:
+    llama = PromptFormat(add_bos=True, chat_prefix_tokens=1)
+    text = {"prompt": "Hello world the adapter"}
+    assert parse_generation_request("completion", text).prompts[0].prompt_tokens == 4
+    assert parse_generation_request("completion", text, llama).prompts[0].prompt_tokens == 5
+    no_special = {**text, "add_special_tokens": False}
+    assert parse_generation_request("completion", no_special, llama).prompts[0].prompt_tokens == 4
+    ids = {"prompt": [[1, 2, 3]]}
+    assert parse_generation_request("completion", ids, llama).prompts[0].prompt_tokens == 3
+    chat: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}]}
+    assert parse_generation_request("chat", chat).prompts[0].prompt_tokens == 4
+    assert parse_generation_request("chat", chat, llama).prompts[0].prompt_tokens == 5
+    special = {**chat, "add_special_tokens": True}
+    assert parse_generation_request("chat", special, llama).prompts[0].prompt_tokens == 6
+    no_header = {**chat, "add_generation_prompt": False}
+    assert parse_generation_request("chat", no_header).prompts[0].prompt_tokens == 3
+    err = error("completion", {**text, "add_special_tokens": None})  # a bool, not Optional
+    assert err.param == "body.add_special_tokens"
 
 
 # What real vLLM 0.32 answered with max_model_len 512 (tests/e2e/test_vllm_echo.py's run; a text
@@ -92,7 +180,7 @@ CONTEXT_CASES: list[tuple[str, dict[str, Any], int | str, str | None]] = [
     ("completion", {"prompt": [1] * 4, "max_tokens": 510}, 508, None),  # clamped
     ("completion", {"prompt": [1] * 4, "max_tokens": 512}, 508, None),
     ("completion", {"prompt": [1] * 4}, 16, None),  # completions' default
-    ("chat", {"messages": [{"role": "user", "content": "hi"}]}, 512 - 7, None),  # fills it
+    ("chat", {"messages": [{"role": "user", "content": "hi"}]}, 512 - 4, None),  # fills it
     (
         "completion",
         {"prompt": [1] * 4, "max_tokens": 600},

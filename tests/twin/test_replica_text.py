@@ -3,8 +3,9 @@ from __future__ import annotations
 import pytest
 
 from loragate.twin.synthetic_text import (
-    BOS_TOKENS,
+    TINY_LLAMA_FORMAT,
     OutputSampler,
+    PromptFormat,
     chat_prompt_tokens,
     completion_prompt_tokens,
     count_text_tokens,
@@ -27,12 +28,66 @@ def test_count_text_tokens(text: str, tokens: int) -> None:
     assert count_text_tokens(text) == tokens
 
 
-def test_prompt_token_counts() -> None:
-    assert completion_prompt_tokens("hello") == BOS_TOKENS + 1
-    assert completion_prompt_tokens([5, 6, 7]) == 3
-    one = chat_prompt_tokens(["hi"])
-    two = chat_prompt_tokens(["hi", "hello there"])
-    assert two - one == count_text_tokens("hello there") + (one - BOS_TOKENS - 2 - 1)
+# usage.prompt_tokens of real vLLM 0.32 serving the bundled tiny-llama (whose tokenizer adds no
+# BOS; chat template "<|role|>content</s>" per message, then "<|assistant|>"), for prompts whose
+# words the synthetic tokenizer counts as its BPE does: tests/e2e/test_vllm_parity.py checks the
+# same numbers on real vLLM and the twin.
+@pytest.mark.parametrize(
+    ("prompt", "add_special_tokens", "tokens"),
+    [
+        ("Hello world the adapter", True, 4),
+        ("Hello world the adapter", False, 4),
+        ("hi", True, 1),
+        ("Hello, world!", True, 4),
+        ("", True, 0),
+        ([5, 17, 42, 3], True, 4),
+    ],
+)
+def test_completion_prompt_tokens_as_tiny_llama(
+    prompt: str | list[int], add_special_tokens: bool, tokens: int
+) -> None:
+    fmt = TINY_LLAMA_FORMAT
+    assert fmt.completion_prompt_tokens(prompt, add_special_tokens=add_special_tokens) == tokens
+    if add_special_tokens:
+        assert completion_prompt_tokens(prompt) == tokens
+
+
+@pytest.mark.parametrize(
+    ("texts", "add_generation_prompt", "add_special_tokens", "tokens"),
+    [
+        (["hi"], True, False, 4),
+        (["hi"], False, False, 3),
+        (["hi"], True, True, 4),
+        (["hi there"], True, False, 5),
+        (["Hello world the adapter"], True, False, 7),
+        ([""], True, False, 3),
+        ([""], False, False, 2),
+    ],
+)
+def test_chat_prompt_tokens_as_tiny_llama(
+    texts: list[str], add_generation_prompt: bool, add_special_tokens: bool, tokens: int
+) -> None:
+    got = TINY_LLAMA_FORMAT.chat_prompt_tokens(
+        texts, add_generation_prompt=add_generation_prompt, add_special_tokens=add_special_tokens
+    )
+    assert got == tokens
+    if add_generation_prompt and not add_special_tokens:
+        assert chat_prompt_tokens(texts) == tokens
+
+
+def test_a_tokenizer_that_adds_bos() -> None:
+    # Llama's tokenizers add BOS to a completion prompt unless add_special_tokens is false; a
+    # chat's BOS is the template's (chat_prefix_tokens), plus the tokenizer's only on request.
+    llama = PromptFormat(add_bos=True, chat_prefix_tokens=1, chat_message_tokens=5,
+                         chat_generation_prompt_tokens=4)  # fmt: skip
+    assert llama.completion_prompt_tokens("hello") == 2
+    assert llama.completion_prompt_tokens("hello", add_special_tokens=False) == 1
+    assert llama.completion_prompt_tokens([1, 2]) == 2  # token ids are taken as they are
+    assert llama.chat_prompt_tokens(["hi"]) == 1 + 5 + 1 + 4
+    assert llama.chat_prompt_tokens(["hi"], add_special_tokens=True) == 2 + 5 + 1 + 4
+    assert llama.chat_prompt_tokens(["hi", "a b"], add_generation_prompt=False) == 1 + 5 + 1 + 5 + 2
+    with pytest.raises(ValueError, match="chat_message_tokens"):
+        PromptFormat(chat_message_tokens=-1)
 
 
 def test_ignore_eos_gives_exactly_max_tokens() -> None:

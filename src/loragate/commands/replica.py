@@ -97,6 +97,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=128.0,
         help="mean sampled EOS position when ignore_eos is false (default: %(default)s)",
     )
+    t.add_argument(
+        "--add-bos",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="count a BOS token in completion prompts, as a Llama tokenizer adds one (default: "
+        "no, as the bundled tiny-llama's tokenizer)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ReplicaConfig:
@@ -122,6 +129,7 @@ def config_from_args(args: argparse.Namespace) -> ReplicaConfig:
         seed=args.seed,
         time_scale=args.time_scale,
         mean_output_tokens=args.mean_output_tokens,
+        add_bos=args.add_bos,
     )
 
 

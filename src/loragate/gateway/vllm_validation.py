@@ -10,8 +10,11 @@ with its own error type; the gateway checks only the fields it reads:
    ``max_completion_tokens``). vLLM lists every field's error in one message, ``param`` is the
    first one's location (``body.max_tokens``).
 2. vLLM's own checks raised by a model validator *before* field validation (``type:
-   "BadRequestError"``): a completions body without a ``prompt`` (nor ``prompt_embeds``); a chat
-   body whose ``messages`` cannot even be iterated.
+   "BadRequestError"``): a completions body without a ``prompt`` (nor ``prompt_embeds``),
+   ``param: "prompt"`` (a ``VLLMValidationError``, which pydantic does not wrap: real vLLM 0.32
+   answers it whatever the rest of the body holds; checked with the gateway in front of it
+   in ``tests/e2e/test_vllm_parity.py``); a chat body whose ``messages`` cannot even be
+   iterated. An empty prompt *list* passes them: the replica refuses it.
 3. ``SamplingParams`` (``type: "BadRequestError"``, after the model is looked up): ``max_tokens``
    below 1. The one exception: ``/v1/completions`` with ``echo`` and ``max_tokens: 0`` returns
    the prompt without generating (vLLM runs it with ``max_tokens=1``).

@@ -2,7 +2,8 @@
 
 Defaults follow vLLM where vLLM has the flag (``--enable-lora`` off, ``--max-loras 1``,
 ``--max-lora-rank 16``, ``--max-cpu-loras`` = ``--max-loras``); the rest are the twin's own
-knobs (``profile``, ``resolver_dir``, ``seed``, ``time_scale``, ``mean_output_tokens``).
+knobs (``profile``, ``resolver_dir``, ``seed``, ``time_scale``, ``mean_output_tokens``,
+``add_bos``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 from dataclasses import dataclass
 
 from loragate.core.errors import ConfigError
+from loragate.twin.synthetic_text import TINY_LLAMA_FORMAT, PromptFormat
 
 # vLLM's LoRAConfig accepts only these ranks (``MaxLoRARanks``).
 VLLM_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -72,6 +74,10 @@ class ReplicaConfig:
     seed: int = 0
     time_scale: float = 1.0  # speed factor: 10.0 runs the engine ten times faster than real time
     mean_output_tokens: float = 128.0  # mean of the sampled EOS position when ignore_eos is false
+    # Whether the served model's tokenizer adds a BOS token to a completion prompt (it is the
+    # tokenizer's config: Llama's do, the bundled tiny-llama's and Qwen's do not). It changes
+    # only the synthetic prompt token counts (usage, prefill, the context-window checks).
+    add_bos: bool = TINY_LLAMA_FORMAT.add_bos
 
     def __post_init__(self) -> None:
         positive = {
@@ -111,6 +117,11 @@ class ReplicaConfig:
     def base_model_name(self) -> str:
         """The name clients use for the base model (``--served-model-name`` or ``--model``)."""
         return self.served_model_name or self.model
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        """What the served model's tokenizer and chat template add around a prompt's text."""
+        return PromptFormat(add_bos=self.add_bos)
 
     @property
     def effective_max_cpu_loras(self) -> int:

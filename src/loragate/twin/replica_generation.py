@@ -29,6 +29,7 @@ from loragate.twin.realtime import EngineStoppedError
 from loragate.twin.replica_protocol import (
     GenerationRequest,
     Kind,
+    check_prompt_count,
     parse_generation_request,
     resolve_max_tokens,
 )
@@ -104,7 +105,7 @@ class Generator:
         if not self._state.accepting:
             raise VllmApiError(503, "The replica is shutting down.", "ServiceUnavailableError")
         body = parse_json_object(await request.read())
-        gen = parse_generation_request(gen_kind, body)
+        gen = parse_generation_request(gen_kind, body, self._state.config.prompt_format)
         model, adapter = await self._resolve_model(gen.model)
         choices = self._plan(gen, model)
         request_id = new_id(gen_kind, request.headers.get("X-Request-Id"))
@@ -159,6 +160,7 @@ class Generator:
     def _plan(self, gen: GenerationRequest, model: str) -> list[_Choice]:
         max_len = self._state.config.max_model_len
         choices: list[_Choice] = []
+        check_prompt_count(gen)
         for p_index, spec in enumerate(gen.prompts):
             max_tokens = resolve_max_tokens(gen, spec, max_len)  # 1 for an echo only
             for j in range(gen.n):

@@ -22,15 +22,10 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from loragate.twin.synthetic_text import (
-    CHAT_GENERATION_PROMPT,
-    VOCAB,
-    chat_prompt_tokens,
-    completion_prompt_tokens,
-)
+from loragate.twin.synthetic_text import TINY_LLAMA_FORMAT, VOCAB, PromptFormat
 from loragate.twin.vllm_errors import FieldError, bad_request, validation_error
 
 Kind = Literal["completion", "chat"]
@@ -183,18 +178,25 @@ class _Fields:
 _BOOL_STRINGS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 
 
-def parse_generation_request(kind: Kind, body: Mapping[str, Any]) -> GenerationRequest:
-    """Validate a completions or chat body; raises ``VllmApiError`` (400) when invalid."""
+def parse_generation_request(
+    kind: Kind, body: Mapping[str, Any], fmt: PromptFormat = TINY_LLAMA_FORMAT
+) -> GenerationRequest:
+    """Validate a completions or chat body; raises ``VllmApiError`` (400) when invalid.
+    ``fmt`` says what the served model's tokenizer and chat template add to a prompt."""
     f = _Fields(body)
+    if kind == "completion":
+        _check_prompt_given(body)  # a "before" model validator: ahead of every field
     model = f.str_("model")
     max_tokens_param = "max_tokens"
+    chat_texts: list[str] | None = None
+    prompts: tuple[PromptSpec, ...] | None = None
     if kind == "completion":
-        prompts = _completion_prompts(f)
+        prompt_texts = _completion_prompts(f)
         echo = f.bool_("echo", False)
         # CompletionRequest.max_tokens defaults to 16, and a null is replaced by that default.
         max_tokens = f.int_("max_tokens", COMPLETION_DEFAULT_MAX_TOKENS)
     else:
-        prompts = _chat_prompts(f)
+        chat_texts = _chat_texts(f)
         max_tokens = f.int_("max_completion_tokens", None)
         if max_tokens is not None:
             max_tokens_param = "max_completion_tokens"
@@ -211,8 +213,20 @@ def parse_generation_request(kind: Kind, body: Mapping[str, Any]) -> GenerationR
     if kind == "chat":  # vLLM's extra chat fields come after the OpenAI ones
         echo = f.strict_bool("echo", False)
         add_generation_prompt = f.strict_bool("add_generation_prompt", True)
-        if prompts is not None and not f.errors:
-            prompts, role = _chat_echo(f.body["messages"], prompts, add_generation_prompt)
+        add_special_tokens = f.strict_bool("add_special_tokens", False)
+        if chat_texts is not None and not f.errors:
+            prompts, role = _chat_prompts(
+                f.body["messages"], chat_texts, fmt, add_generation_prompt, add_special_tokens
+            )
+    else:
+        add_special_tokens = f.strict_bool("add_special_tokens", True)
+        if prompt_texts is not None:
+            prompts = tuple(
+                _token_prompt(p)
+                if isinstance(p, list)
+                else _text_prompt(p, fmt, add_special_tokens=add_special_tokens)
+                for p in prompt_texts
+            )
     if f.errors:
         raise validation_error(f.errors)
     if "stream_options" in body and body["stream_options"] is not None and not stream:
@@ -261,29 +275,47 @@ def _include_usage(f: _Fields) -> bool:
     return _Fields(options).bool_("include_usage", False)
 
 
-def _completion_prompts(f: _Fields) -> tuple[PromptSpec, ...] | None:
-    prompt = f.body.get("prompt")
-    if prompt is None or prompt == "" or prompt == []:
-        raise validation_error(
-            [
-                FieldError(
-                    kind="value_error",
-                    loc=("body",),
-                    msg="Value error, Either prompt or prompt_embeds must be provided and "
-                    "non-empty.",
-                    input=dict(f.body),
-                )
-            ]
+def _check_prompt_given(body: Mapping[str, Any]) -> None:
+    """``CompletionRequest.validate_prompt_and_prompt_embeds`` (``completion/protocol.py``), a
+    ``mode="before"`` model validator that raises a ``VLLMValidationError``: not a
+    ``ValueError``, so pydantic does not wrap it and vLLM's ``VLLMError`` handler answers it,
+    before any field is validated (and before the model is looked up): 400 ``BadRequestError``,
+    ``param`` "prompt". Real vLLM 0.32 answered exactly this to ``{}``, a null or empty
+    ``prompt``, an empty ``prompt_embeds``, and with an unknown or mistyped ``model``
+    (``tests/e2e/test_vllm_parity.py``). An empty *list* passes it (``_plan`` refuses it)."""
+    prompt, embeds = body.get("prompt"), body.get("prompt_embeds")
+    if prompt is None or prompt == "":
+        if embeds is None or embeds == []:
+            raise bad_request(
+                "Either prompt or prompt_embeds must be provided and non-empty. "
+                "(parameter=prompt)",
+                "prompt",
+            )
+        # Embeddings in place of a prompt: vLLM refuses them unless started with
+        # --enable-prompt-embeds (renderers/embed_utils.py), which the twin has no use for.
+        raise bad_request(
+            "You must set `--enable-prompt-embeds` to input `prompt_embeds`. "
+            "(parameter=prompt_embeds)",
+            "prompt_embeds",
         )
+
+
+def _completion_prompts(f: _Fields) -> list[str | list[int]] | None:
+    """The body's prompts: texts and token-id lists (an empty list: none, which vLLM's renderer
+    refuses once the model is known; an empty text or id list: the engine's 'cannot be
+    empty')."""
+    prompt = f.body.get("prompt")
     if isinstance(prompt, str):
-        return (_text_prompt(prompt),)
+        return [prompt]
     if isinstance(prompt, list):
+        if not prompt:
+            return []
         if all(_is_token_id(t) for t in prompt):
-            return (_token_prompt(prompt),)
+            return [prompt]
         if all(isinstance(p, str) for p in prompt):
-            return tuple(_text_prompt(p) for p in prompt)
-        if all(isinstance(p, list) and p and all(_is_token_id(t) for t in p) for p in prompt):
-            return tuple(_token_prompt(p) for p in prompt)
+            return list(prompt)
+        if all(isinstance(p, list) and all(_is_token_id(t) for t in p) for p in prompt):
+            return list(prompt)
     f.errors.append(
         FieldError(
             kind="union_type",
@@ -296,8 +328,9 @@ def _completion_prompts(f: _Fields) -> tuple[PromptSpec, ...] | None:
     return None
 
 
-def _text_prompt(prompt: str) -> PromptSpec:
-    return PromptSpec(prompt_tokens=completion_prompt_tokens(prompt), key=prompt, echo_text=prompt)
+def _text_prompt(prompt: str, fmt: PromptFormat, *, add_special_tokens: bool) -> PromptSpec:
+    tokens = fmt.completion_prompt_tokens(prompt, add_special_tokens=add_special_tokens)
+    return PromptSpec(prompt_tokens=tokens, key=prompt, echo_text=prompt)
 
 
 def _token_prompt(token_ids: list[int]) -> PromptSpec:
@@ -319,7 +352,8 @@ def _is_token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _chat_prompts(f: _Fields) -> tuple[PromptSpec, ...] | None:
+def _chat_texts(f: _Fields) -> list[str] | None:
+    """Each message's text content, or None (errors recorded) when ``messages`` is invalid."""
     messages = f.body.get("messages")
     if messages is None:
         f.errors.append(
@@ -341,19 +375,21 @@ def _chat_prompts(f: _Fields) -> tuple[PromptSpec, ...] | None:
         text = _message_text(f, i, message)
         if text is not None:
             texts.append(text)
-    if f.errors:
-        return None
-    key = json.dumps(messages, sort_keys=True, ensure_ascii=False)
-    return (PromptSpec(prompt_tokens=chat_prompt_tokens(texts), key=key),)
+    return None if f.errors else texts
 
 
-def _chat_echo(
-    messages: list[Any], prompts: tuple[PromptSpec, ...], add_generation_prompt: bool
+def _chat_prompts(
+    messages: list[Any],
+    texts: list[str],
+    fmt: PromptFormat,
+    add_generation_prompt: bool,
+    add_special_tokens: bool,
 ) -> tuple[tuple[PromptSpec, ...], str]:
-    """The answer's role and the text ``echo`` repeats (``chat_completion/serving.py``): the
-    last message's content if it has the answer's role. List content is its text parts joined
-    by newlines, as vLLM renders it for a string chat template. Without the generation prompt
-    the rendered prompt lacks the assistant header's tokens."""
+    """The conversation's prompt and the answer's role. The prompt is the template's rendering
+    (without the generation prompt it lacks the assistant header's tokens); the text ``echo``
+    repeats (``chat_completion/serving.py``) is the last message's content if it has the
+    answer's role. List content is its text parts joined by newlines, as vLLM renders it for a
+    string chat template."""
     last = messages[-1] if messages else None
     role = "assistant"
     if not add_generation_prompt and isinstance(last, Mapping):
@@ -369,10 +405,13 @@ def _chat_echo(
                 for part in content
                 if isinstance(part, Mapping) and part.get("type") == "text"
             )
-    header = 0 if add_generation_prompt else CHAT_GENERATION_PROMPT
-    return tuple(
-        replace(p, echo_text=echo_text, prompt_tokens=p.prompt_tokens - header) for p in prompts
-    ), role
+    if not messages:
+        return (), role  # nothing to render: check_prompt_count refuses it
+    tokens = fmt.chat_prompt_tokens(
+        texts, add_generation_prompt=add_generation_prompt, add_special_tokens=add_special_tokens
+    )
+    key = json.dumps(messages, sort_keys=True, ensure_ascii=False)
+    return (PromptSpec(prompt_tokens=tokens, key=key, echo_text=echo_text),), role
 
 
 def _message_text(f: _Fields, index: int, message: Any) -> str | None:
@@ -412,6 +451,22 @@ def _message_text(f: _Fields, index: int, message: Any) -> str | None:
     return None
 
 
+def check_prompt_count(gen: GenerationRequest) -> None:
+    """Empty input that passes request validation but not rendering, once the model is known:
+    a completions ``prompt`` of ``[]`` (vLLM's ``renderers/base.py`` ``render_prompts``) or a
+    chat of no ``messages`` (the tokenizer's ``apply_chat_template``, transformers 5.19's
+    ``tokenization_utils_base.py``). Either ``ValueError`` is a 400 ``BadRequestError``
+    without ``param``; real vLLM 0.32 answered exactly these (``tests/e2e/
+    test_vllm_parity.py``)."""
+    if gen.prompts:
+        return
+    if gen.kind == "chat":
+        raise bad_request(
+            "Cannot apply chat template to an empty conversation. Provide at least one message."
+        )
+    raise bad_request("You must pass at least one prompt")
+
+
 def resolve_max_tokens(gen: GenerationRequest, spec: PromptSpec, max_model_len: int) -> int:
     """The ``max_tokens`` one prompt of ``gen`` runs with, or vLLM 0.32's 400, in its order:
 
@@ -422,8 +477,9 @@ def resolve_max_tokens(gen: GenerationRequest, spec: PromptSpec, max_model_len: 
        left in the context window (no error), and fills it when no ``max_tokens`` is given.
     3. ``SamplingParams``: the result (1 for an echo without generation) below 1,
        ``min_tokens`` below 0 or above it; then ``n`` above 1 with greedy sampling.
-    4. The engine's ``_validate_prompt_len``: a prompt of exactly ``max_model_len`` tokens
-       (reachable only by an echo without generation).
+    4. The engine's ``_validate_prompt_len`` (``v1/engine/input_processor.py``): an empty
+       prompt; a prompt of exactly ``max_model_len`` tokens (reachable only by an echo without
+       generation).
     """
     limit, prompt, requested = max_model_len, spec.prompt_tokens, gen.max_tokens
     if requested is not None and requested > limit:
@@ -459,6 +515,8 @@ def resolve_max_tokens(gen: GenerationRequest, spec: PromptSpec, max_model_len: 
         )
     if gen.greedy and gen.n > 1:
         raise bad_request(f"n must be 1 when using greedy sampling, got {gen.n}.")
+    if prompt == 0:  # an empty text (without BOS) or id list; real vLLM: [""] and [[]]
+        raise bad_request("The decoder prompt cannot be empty")
     if prompt == limit:
         raise bad_request(
             f"The decoder prompt (length {prompt}) plus the number of requested output tokens "

@@ -6,10 +6,11 @@ emits exactly one output token per decode step, and ``usage`` reports the same n
 
 Token counting: the text is split into pieces (a run of letters, of digits or of other
 non-space characters, each with its leading space, or a run of whitespace); a piece counts
-``ceil(len / MAX_PIECE_CHARS)`` tokens, its leading space not counted. A completion prompt adds
-one BOS token; a token-id prompt counts its ids. A chat prompt is rendered by a minimal
-template: BOS, ``CHAT_MESSAGE_OVERHEAD`` tokens of role markup per message, and
-``CHAT_GENERATION_PROMPT`` tokens for the assistant header.
+``ceil(len / MAX_PIECE_CHARS)`` tokens, its leading space not counted. A token-id prompt counts
+its ids. What a model adds around the text is its tokenizer's and chat template's business, so
+it comes from a ``PromptFormat`` (see there); the default is the bundled tiny-llama's
+(``/work/shared/vllm-cpu/make_tiny_model.py``): no BOS, and a chat template of one role token
+and one ``</s>`` per message plus one ``<|assistant|>`` token for the generation prompt.
 
 Output: each request gets a plan (its tokens' texts and its finish reason) drawn from a seeded
 RNG. ``ignore_eos`` gives exactly ``max_tokens``; otherwise an EOS position is drawn from an
@@ -29,9 +30,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 MAX_PIECE_CHARS = 7
-BOS_TOKENS = 1
-CHAT_MESSAGE_OVERHEAD = 3
-CHAT_GENERATION_PROMPT = 2
+# The bundled tiny-llama's chat template (``<|role|>content</s>`` per message, then
+# ``<|assistant|>``): the defaults of ``PromptFormat``.
+CHAT_MESSAGE_OVERHEAD = 2
+CHAT_GENERATION_PROMPT = 1
 
 _PIECE = re.compile(r" ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+")
 
@@ -144,19 +146,71 @@ def count_text_tokens(text: str) -> int:
     return total
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PromptFormat:
+    """The tokens a model's tokenizer and chat template add around a prompt's text.
+
+    Real tokenizers differ: whether encoding a text adds a BOS token is the tokenizer's config
+    (``add_bos_token`` in ``tokenizer_config.json``, or the ``post_processor`` template of
+    ``tokenizer.json``): Llama 2/3 and Mistral tokenizers add one, GPT-2-style byte-level BPE
+    ones such as Qwen's and the bundled tiny-llama's add none. vLLM 0.32 encodes a completion
+    prompt with ``add_special_tokens`` (a request field, default true: BOS if the tokenizer adds
+    one) and a rendered chat with ``add_special_tokens`` false by default: a chat's BOS, if any,
+    is written by the template itself (Llama 3's ``{{ bos_token }}``), counted here in
+    ``chat_prefix_tokens``. Real vLLM with tiny-llama (``tests/e2e/test_vllm_parity.py``):
+    "Hello world the adapter" is 4 prompt tokens, with or without ``add_special_tokens``; a chat
+    of one user message "hi" is 4 (``<|user|>``, "hi", ``</s>``, ``<|assistant|>``), 3 with
+    ``add_generation_prompt`` false.
+    """
+
+    add_bos: bool = False
+    chat_prefix_tokens: int = 0
+    chat_message_tokens: int = CHAT_MESSAGE_OVERHEAD
+    chat_generation_prompt_tokens: int = CHAT_GENERATION_PROMPT
+
+    def __post_init__(self) -> None:
+        for name in ("chat_prefix_tokens", "chat_message_tokens", "chat_generation_prompt_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+
+    def completion_prompt_tokens(
+        self, prompt: str | Sequence[int], *, add_special_tokens: bool = True
+    ) -> int:
+        """Prompt tokens of a ``/v1/completions`` prompt: its text's (plus BOS if the tokenizer
+        adds one and the request lets it) or its token ids' count."""
+        if isinstance(prompt, str):
+            return int(self.add_bos and add_special_tokens) + count_text_tokens(prompt)
+        return len(prompt)
+
+    def chat_prompt_tokens(
+        self,
+        message_texts: Iterable[str],
+        *,
+        add_generation_prompt: bool = True,
+        add_special_tokens: bool = False,
+    ) -> int:
+        """Prompt tokens of a chat conversation rendered by the template, given each message's
+        text content (``add_special_tokens`` adds the tokenizer's BOS on top of the template's,
+        as vLLM does)."""
+        total = self.chat_prefix_tokens + int(self.add_bos and add_special_tokens)
+        if add_generation_prompt:
+            total += self.chat_generation_prompt_tokens
+        for text in message_texts:
+            total += self.chat_message_tokens + count_text_tokens(text)
+        return total
+
+
+TINY_LLAMA_FORMAT = PromptFormat()
+
+
 def completion_prompt_tokens(prompt: str | Sequence[int]) -> int:
-    """Prompt tokens of a ``/v1/completions`` prompt: text (+BOS) or a list of token ids."""
-    if isinstance(prompt, str):
-        return BOS_TOKENS + count_text_tokens(prompt)
-    return len(prompt)
+    """Prompt tokens of a ``/v1/completions`` prompt under the default ``PromptFormat``."""
+    return TINY_LLAMA_FORMAT.completion_prompt_tokens(prompt)
 
 
 def chat_prompt_tokens(message_texts: Iterable[str]) -> int:
-    """Prompt tokens of a chat conversation, given each message's text content."""
-    total = BOS_TOKENS + CHAT_GENERATION_PROMPT
-    for text in message_texts:
-        total += CHAT_MESSAGE_OVERHEAD + count_text_tokens(text)
-    return total
+    """Prompt tokens of a chat conversation under the default ``PromptFormat``."""
+    return TINY_LLAMA_FORMAT.chat_prompt_tokens(message_texts)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,151 @@
+"""Prompts on real vLLM 0.32 (CPU, the bundled tiny-llama), on our simulated replica and through
+the gateway: the same requests, the same answers.
+
+What real vLLM 0.32.0 answered (max_model_len 512; run on 2026-11-28):
+
+* A completions body without a prompt (``{}``, ``prompt`` null or ``""``, ``prompt_embeds``
+  ``[]``), whatever else it holds (an unknown or mistyped ``model``, a bad ``max_tokens``): 400
+  ``{"message": "Either prompt or prompt_embeds must be provided and non-empty.
+  (parameter=prompt)", "type": "BadRequestError", "param": "prompt", "code": 400}``. It is
+  ``CompletionRequest.validate_prompt_and_prompt_embeds`` (``entrypoints/openai/completion/
+  protocol.py:591-610``), a ``mode="before"`` model validator raising ``VLLMValidationError``
+  (``exceptions.py:28``), which is no ``ValueError``: pydantic lets it through, and vLLM's
+  ``VLLMError`` handler answers it (``serve/exception_handling/error_response.py``:
+  ``BadRequestError``, ``param`` = the error's ``parameter``).
+* ``prompt: []``: 400 ``You must pass at least one prompt`` (``renderers/base.py:523``, a
+  ``ValueError``: ``param`` null); ``[""]`` and ``[[]]``: 400 ``The decoder prompt cannot be
+  empty`` (``v1/engine/input_processor.py:566``); ``prompt_embeds`` without
+  ``--enable-prompt-embeds``: 400 naming it (``renderers/embed_utils.py:45``). Chat without
+  messages: 400 ``Cannot apply chat template to an empty conversation. Provide at least one
+  message.`` (transformers 5.19's ``apply_chat_template``, a ``ValueError``).
+* ``usage.prompt_tokens``: the tiny model's tokenizer adds no BOS (its ``tokenizer.json``
+  post-processor adds no special token), so "Hello world the adapter" is 4 tokens, with or
+  without ``add_special_tokens``; a chat is the template ``<|role|>content</s>`` per message
+  plus ``<|assistant|>``: ``[user "hi"]`` is 4 tokens, 3 without the generation prompt.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from vllm_e2e import BASE, REAL_CONFIG
+
+from loragate.core.config import config_from_mapping
+from loragate.gateway import running_gateway
+from loragate.twin.replica_config import ReplicaConfig
+from loragate.twin.server import run_replica
+from vllm_cpu.replica import Replica
+
+pytestmark = pytest.mark.vllm
+
+_NO_PROMPT = "Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)"
+_EMPTY = "The decoder prompt cannot be empty"
+# (body, message, param): every answer is a 400 BadRequestError with code 400.
+REFUSALS: list[tuple[dict[str, Any], str, str | None]] = [
+    ({}, _NO_PROMPT, "prompt"),
+    ({"model": BASE}, _NO_PROMPT, "prompt"),
+    ({"model": BASE, "prompt": None}, _NO_PROMPT, "prompt"),
+    ({"model": BASE, "prompt": ""}, _NO_PROMPT, "prompt"),
+    ({"model": BASE, "prompt_embeds": []}, _NO_PROMPT, "prompt"),
+    ({"model": BASE, "prompt": None, "prompt_embeds": None}, _NO_PROMPT, "prompt"),
+    ({"model": "no-such-model"}, _NO_PROMPT, "prompt"),
+    ({"model": 5, "max_tokens": "abc"}, _NO_PROMPT, "prompt"),
+    ({"model": BASE, "prompt": []}, "You must pass at least one prompt", None),
+    ({"model": BASE, "prompt": [""]}, _EMPTY, None),
+    ({"model": BASE, "prompt": [[]]}, _EMPTY, None),
+    ({"model": BASE, "prompt": ["hi", ""]}, _EMPTY, None),
+    ({"model": BASE, "prompt_embeds": "AAAA"},
+     "You must set `--enable-prompt-embeds` to input `prompt_embeds`. (parameter=prompt_embeds)",
+     "prompt_embeds"),
+]
+# The same for chat: no messages (transformers' apply_chat_template refuses them).
+_NO_MESSAGES = "Cannot apply chat template to an empty conversation. Provide at least one message."
+CHAT_REFUSALS: list[tuple[dict[str, Any], str, str | None]] = [
+    ({"model": BASE, "messages": []}, _NO_MESSAGES, None),
+    ({"model": BASE, "messages": [], "add_generation_prompt": False}, _NO_MESSAGES, None),
+]
+
+# (prompt, extra body, usage.prompt_tokens on real vLLM)
+COMPLETIONS: list[tuple[str, dict[str, Any], int]] = [
+    ("Hello world the adapter", {}, 4),
+    ("Hello world the adapter", {"add_special_tokens": False}, 4),
+    ("Hello world the adapter", {"add_special_tokens": True}, 4),
+    ("hi", {}, 1),
+    ("Hello, world!", {}, 4),
+    ("What is the answer?", {}, 5),
+    ("Hello world, this is the gateway", {}, 7),
+]
+_HI = [{"role": "user", "content": "hi"}]
+_TURNS = [{"role": "user", "content": "Hello world"},
+          {"role": "assistant", "content": "Hello there"},
+          {"role": "user", "content": "What is the answer?"}]
+CHATS: list[tuple[list[dict[str, str]], dict[str, Any], int]] = [
+    (_HI, {}, 4),
+    (_HI, {"add_generation_prompt": False}, 3),
+    (_HI, {"add_special_tokens": True}, 4),
+    ([{"role": "user", "content": "Hello world the adapter"}], {}, 7),
+    ([{"role": "user", "content": ""}], {}, 3),
+    (_TURNS, {}, 16),
+    (_TURNS, {"add_generation_prompt": False}, 15),
+]
+
+
+def _twin_config(real: Replica) -> ReplicaConfig:
+    c = REAL_CONFIG
+    return ReplicaConfig(
+        model=str(real.model_dir), served_model_name=BASE, enable_lora=True,
+        max_loras=c.max_loras, max_cpu_loras=c.max_cpu_loras, max_lora_rank=c.max_lora_rank,
+        max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
+        max_model_len=c.max_model_len, profile="fast", time_scale=10.0,
+    )
+
+
+async def test_prompt_refusals_on_real_vllm_the_twin_and_the_gateway(
+    real_vllm: Replica, http: aiohttp.ClientSession
+) -> None:
+    doc: dict[str, Any] = {"base_model": BASE,
+                           "replicas": [{"id": "real0", "url": real_vllm.base_url}]}
+    problems: list[str] = []
+    async with (run_replica(_twin_config(real_vllm), host="127.0.0.1", port=0) as twin,
+                running_gateway(config_from_mapping(doc), port=0) as gw):
+        servers = [("real", real_vllm.base_url), ("twin", twin.url), ("gateway", gw.url)]
+        for name, base in servers:
+            cases = [("/v1/completions", *c) for c in REFUSALS]
+            cases += [("/v1/chat/completions", *c) for c in CHAT_REFUSALS]
+            for path, body, message, param in cases:
+                async with http.post(base + path, json=body) as r:
+                    status, answer = r.status, await r.json()
+                err = answer.get("error", {}) if isinstance(answer, dict) else {}
+                seen = (status, err.get("type"), err.get("code"), err.get("param"),
+                        err.get("message"))
+                want = (400, "BadRequestError", 400, param, message)
+                if seen != want:
+                    problems.append(f"{name} {body}:\n  got  {seen}\n  want {want}")
+    assert not problems, "prompt refusals differ from vLLM 0.32:\n" + "\n".join(problems)
+
+
+async def test_prompt_tokens_on_real_vllm_and_the_twin(real_vllm: Replica) -> None:
+    problems: list[str] = []
+    async with run_replica(_twin_config(real_vllm), host="127.0.0.1", port=0) as twin:
+        for name, base in (("real", real_vllm.base_url), ("twin", twin.url)):
+            async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0,
+                                          timeout=120) as client:
+                for prompt, extra, tokens in COMPLETIONS:
+                    out = await client.completions.create(model=BASE, prompt=prompt,
+                                                          max_tokens=1, extra_body=extra)
+                    seen = out.usage.prompt_tokens if out.usage else None
+                    if seen != tokens:
+                        problems.append(f"{name} completion {prompt!r} {extra}: {seen} tokens, "
+                                        f"vLLM {tokens}")
+                for messages, extra, tokens in CHATS:
+                    chat = await client.chat.completions.create(
+                        model=BASE, messages=messages, max_tokens=1,  # type: ignore[arg-type]
+                        extra_body=extra)
+                    seen = chat.usage.prompt_tokens if chat.usage else None
+                    if seen != tokens:
+                        problems.append(f"{name} chat {messages} {extra}: {seen} tokens, "
+                                        f"vLLM {tokens}")
+    assert not problems, "prompt tokens differ from vLLM 0.32:\n" + "\n".join(problems)
