@@ -116,7 +116,7 @@ class _StateGauges(Collector):
         yield CounterMetricFamily(
             "loragate_state_errors",
             "Failed calls to the shared state backend (Redis) since start. While degraded "
-            "only reconnection attempts are made (backing off to one every 5 s): alert on "
+            "only reconnection attempts are made (backing off to one every 5-6 s): alert on "
             "loragate_state_degraded, not on this rate.",
             value=self._errors(),
         )
