@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 from gateway_harness import (
@@ -170,6 +171,35 @@ async def test_requests_that_finish_within_the_drain_period_complete_normally(
         await asyncio.wait_for(shutdown, timeout=30)
     assert rep.cancelled == 0
     assert _logged(caplog, "2 requests finished during the drain, 0 cut at its end")
+
+
+async def test_answers_finished_during_the_drain_say_connection_close(
+    replicas: list[ScriptedReplica], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The connection closes after such an answer: a keep-alive client that reused it for its
+    next request would lose that request, so the answer must say so."""
+    caplog.set_level(logging.INFO, logger=RUNNER_LOG)
+    rep = replicas[0]
+    rep.answer_gate = asyncio.Event()
+    config = gateway_config([rep.url])
+    async with (
+        _gateway_in_background(config, drain_s=600) as (gw, stop, _),
+        aiohttp.ClientSession() as http,
+    ):
+        before = await http.get(gw.url + "/health")  # answered before the shutdown
+        assert before.headers.get("Connection", "").lower() != "close"
+        before.release()
+        held = asyncio.create_task(
+            http.post(gw.url + "/v1/completions", json={"model": BASE, "prompt": "p"})
+        )
+        await wait_until(lambda: len(rep.requests) == 1, "the request to reach the replica")
+        stop.set()
+        await wait_until(lambda: _logged(caplog, "waiting up to 600 s"), "the drain")
+        rep.answer_gate.set()
+        resp = await asyncio.wait_for(held, timeout=30)
+        assert resp.status == 200
+        assert resp.headers["Connection"].lower() == "close"
+        assert (await resp.json())["choices"][0]["text"] == "hi from r0"
 
 
 def _config_file(tmp_path: Path, rep: ScriptedReplica, *, drain_s: float) -> Path:

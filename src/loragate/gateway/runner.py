@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from loragate.core.config import GatewayConfig
 from loragate.core.errors import ConfigError
@@ -84,10 +84,24 @@ async def running_gateway(
         _close_all(socks)
         raise
     listening = False
+    shutting_down = False
+
+    async def close_after_answer(_: web.Request, response: web.StreamResponse) -> None:
+        # aiohttp closes a connection after the answer it is busy with once the shutdown has
+        # begun, but the answer itself still says keep-alive: a client would send its next
+        # request on a connection that is about to close, and lose it. Say so in the answer.
+        # (aiohttp has worked out the headers before this hook: set the header too.)
+        if shutting_down:
+            response.force_close()
+            response.headers[hdrs.CONNECTION] = "close"
+
+    app.on_response_prepare.append(close_after_answer)
 
     async def drain(app: web.Application) -> None:
         # aiohttp's on_shutdown: the site is closed; aiohttp's own shutdown (HANDLER_GRACE_S)
         # follows. Nothing to drain, or to say, if the socket was never bound.
+        nonlocal shutting_down
+        shutting_down = True
         if not listening:
             return
         if runner.server is not None:
