@@ -184,7 +184,7 @@ async def test_metrics_and_health_endpoints(replicas: list[ScriptedReplica]) -> 
     assert "loragate_ttft_seconds_count" in text
     assert 'loragate_in_flight_requests{replica="r0"} 0.0' in text
     assert 'loragate_replica_healthy{replica="r1"} 1.0' in text
-    assert "loragate_adapter_loads" in text
+    assert "loragate_adapter_loads_total" in text
 
 
 async def test_client_going_away_aborts_the_upstream_request(

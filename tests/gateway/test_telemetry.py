@@ -69,4 +69,4 @@ def test_ttft_is_separate_from_latency_and_gauges_are_read_at_scrape_time() -> N
     assert "loragate_upstream_latency_seconds_count" not in text  # nothing observed yet
     assert _sample(text, "loragate_in_flight_requests", replica="r0") == 2
     assert _sample(text, "loragate_replica_healthy", replica="r1") == 0
-    assert _sample(text, "loragate_adapter_loads", replica="r0") == 3
+    assert _sample(text, "loragate_adapter_loads_total", replica="r0") == 3

@@ -140,7 +140,9 @@ def create_app(
         in_flight=lambda: {rid: tracker.count(rid) for rid in pool.replica_ids},
         healthy=lambda: {rid: pool.is_healthy(rid) for rid in pool.replica_ids},
         adapter_loads=pool.adapter_loads,
+        shared_in_flight=lambda: {rid: shared.in_flight_of(rid) for rid in pool.replica_ids},
     )
+    telemetry.set_config(policy.name, config.routing)
     telemetry.bind_refusals(lambda: pool.refusals.counts)
     telemetry.bind_shared_state(
         degraded=lambda: shared.degraded,

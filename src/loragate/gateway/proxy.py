@@ -62,7 +62,7 @@ from loragate.gateway.errors import (
 from loragate.gateway.inflight import InFlightTracker
 from loragate.gateway.request_body import read_request_body
 from loragate.gateway.shared import SharedState
-from loragate.gateway.telemetry import Telemetry
+from loragate.gateway.telemetry import Telemetry, retry_reason
 from loragate.gateway.vllm_validation import (
     check_body_object,
     check_max_tokens,
@@ -395,6 +395,7 @@ class Proxy:
                                     exc, rid, rreq, f"loading adapter {loading!r}"
                                 )
                             if not retried and self._can_retry(rid):
+                                self._telemetry.count_retry(rid, retry_reason(exc, loading=True))
                                 retried, exclude, loading = True, rid, None
                                 continue
                             raise
@@ -416,6 +417,7 @@ class Proxy:
                             and not retried
                             and self._can_retry(rid)
                         ):
+                            self._telemetry.count_retry(rid, retry_reason(exc, loading=False))
                             retried, exclude = True, rid
                             continue
                         raise
@@ -425,6 +427,7 @@ class Proxy:
                             # The replica forgot the adapter (restart, external unload):
                             # reload it once.
                             pool.forget_adapter(rid, spec.name)
+                            self._telemetry.count_retry(rid, "adapter_missing")
                             reloaded = True
                             continue
                         if stream and status == 200:

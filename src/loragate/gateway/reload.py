@@ -71,20 +71,31 @@ async def reload_from_file(gateway: Gateway, path: Path | None = None) -> Reload
     """Re-read ``path`` (default: the file the gateway started with) and apply it.
     Raises ``ConfigError`` (nothing changed) if the file is bad or there is no file; that is
     logged here (a WARNING naming the file and the reason), however the reload was asked
-    for (``POST /admin/reload`` or SIGHUP)."""
+    for (``POST /admin/reload`` or SIGHUP). Counted in ``loragate_config_reloads_total``."""
     path = path or gateway.config_path
+    telemetry = gateway.telemetry
     try:
         if path is None:
             raise ConfigError("the gateway was started without a config file: nothing to reload")
         config = load_config(path)
     except ConfigError as exc:
+        telemetry.count_reload("rejected")
         log.warning(
             "config reload rejected, keeping the running config: %s: %s",
             path if path is not None else "no config file",
             exc,
         )
         raise
-    return await apply_config(gateway, config)
+    try:
+        result = await apply_config(gateway, config)
+    except ConfigError:
+        telemetry.count_reload("rejected")
+        raise
+    except Exception:
+        telemetry.count_reload("error")
+        raise
+    telemetry.count_reload("ok")
+    return result
 
 
 async def apply_config(gateway: Gateway, new: GatewayConfig) -> ReloadResult:
@@ -104,6 +115,7 @@ async def apply_config(gateway: Gateway, new: GatewayConfig) -> ReloadResult:
         gateway.proxy.set_policy(policy)
         gateway.proxy.set_limits(effective.limits)
         gateway.rebuild_catalog()
+        gateway.telemetry.set_config(policy.name, effective.routing)
     result = ReloadResult(
         policy=policy.name,
         replicas_added=added,

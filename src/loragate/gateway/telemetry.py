@@ -3,16 +3,29 @@
 Hot-path cost is kept to one counter increment and one or two histogram observations per
 request, each a plain dict/list update (no locks, no per-bucket walk); the Prometheus families
 are built from them only when ``/metrics`` is scraped. Gauges that can be read at scrape time
-(in-flight per replica, replica health, adapter loads) cost nothing per request either.
+(in-flight per replica, this instance's and the shared view, replica health, adapter loads) cost
+nothing per request either. The registry also carries the process collectors
+(``process_start_time_seconds``, ``process_resident_memory_bytes``, ``python_info``, ...), as
+prometheus_client's default registry does.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
+import json
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, generate_latest
+import aiohttp
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -20,6 +33,9 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+
+from loragate.core.config import RoutingConfig
+from loragate.core.errors import AdapterLoadError, UpstreamConnectError, UpstreamError
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -36,22 +52,37 @@ class _ScrapeTimeGauges(Collector):
         in_flight: Callable[[], Mapping[str, int]],
         healthy: Callable[[], Mapping[str, bool]],
         adapter_loads: Callable[[], Mapping[str, int]],
+        shared_in_flight: Callable[[], Mapping[str, int]] | None,
     ) -> None:
         self._in_flight = in_flight
         self._healthy = healthy
         self._adapter_loads = adapter_loads
+        self._shared_in_flight = shared_in_flight
 
     def collect(self) -> Iterator[Metric]:
         flight = GaugeMetricFamily(
             "loragate_in_flight_requests",
             "Requests this gateway instance is proxying right now, by replica. Other "
-            "instances' requests are not in it: /admin/replicas 'in_flight' has the count "
-            "they share through Redis.",
+            "instances' requests are not in it: loragate_shared_in_flight_requests has the "
+            "count all instances share through Redis.",
             labels=["replica"],
         )
         for rid, n in self._in_flight().items():
             flight.add_metric([rid], n)
         yield flight
+        if self._shared_in_flight is not None:
+            shared = GaugeMetricFamily(
+                "loragate_shared_in_flight_requests",
+                "Requests in flight on the replica through every gateway instance, as this "
+                "instance sees them in the shared state (Redis; refreshed every "
+                "state.refresh_s, the last view while degraded; the same as "
+                "loragate_in_flight_requests with the embedded store). What routing uses; "
+                "/admin/replicas 'in_flight'.",
+                labels=["replica"],
+            )
+            for rid, n in self._shared_in_flight().items():
+                shared.add_metric([rid], n)
+            yield shared
         up = GaugeMetricFamily(
             "loragate_replica_healthy",
             "1 if this instance sends the replica traffic, else 0 (its last poll or a request "
@@ -62,11 +93,12 @@ class _ScrapeTimeGauges(Collector):
         for rid, ok in self._healthy().items():
             up.add_metric([rid], 1.0 if ok else 0.0)
         yield up
-        loads = GaugeMetricFamily(
+        loads = CounterMetricFamily(
             "loragate_adapter_loads",
             "Adapters this gateway instance loaded on the replica (vLLM's POST "
-            "/v1/load_lora_adapter) since it started, by replica. Only grows, though typed "
-            "a gauge: use increase(); other instances count their own.",
+            "/v1/load_lora_adapter answered 200) since it started, by replica; other "
+            "instances count their own. Starts again from 0 when a reload replaces the "
+            "replica (URL, key or settings changed), as a counter reset.",
             labels=["replica"],
         )
         for rid, n in self._adapter_loads().items():
@@ -153,6 +185,9 @@ class _ProxyMetrics(Collector):
         self.http_errors: dict[str, int] = {}
         self.latency: dict[str, _Histogram] = {}
         self.ttft: dict[str, _Histogram] = {}
+        self.retries: dict[tuple[str, str], int] = {}
+        self.reloads: dict[str, int] = {}
+        self.config: tuple[str, str] | None = None  # (policy, sha256 of the routing section)
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -161,7 +196,8 @@ class _ProxyMetrics(Collector):
             "('' = none chosen) and status: the HTTP status sent, or client_closed (the "
             "client left first), stream_error (the replica broke off a started stream), "
             "shutdown (a stream cut at the shutdown deadline). A request retried on another "
-            "replica counts once, with the replica that answered it.",
+            "replica counts once, with the replica that answered it (the failed attempt is "
+            "in loragate_upstream_retries_total).",
             labels=["adapter", "replica", "status"],
         )
         for labels, n in self.requests.items():
@@ -176,6 +212,46 @@ class _ProxyMetrics(Collector):
         for status, n in self.http_errors.items():
             http_errors.add_metric([status], n)
         yield http_errors
+        retries = CounterMetricFamily(
+            "loragate_upstream_retries",
+            "Requests this gateway instance sent again after a replica failed them before "
+            "any answer reached the client, by the replica that failed and reason: connect "
+            "(could not connect), dropped (closed the connection before answering), "
+            "bad_response (an answer that is not HTTP), refused_load (refused to load the "
+            "adapter), load_failed (the adapter load did not get through: connect or "
+            "dropped), adapter_missing (answered 404 for an adapter the gateway had loaded "
+            "there, e.g. after a restart: routed again, and the adapter loaded again). "
+            "Except after adapter_missing the retry goes to another replica. "
+            "loragate_requests_total counts the request once, with the replica that "
+            "answered it.",
+            labels=["replica", "reason"],
+        )
+        for (replica, reason), n in self.retries.items():
+            retries.add_metric([replica, reason], n)
+        yield retries
+        reloads = CounterMetricFamily(
+            "loragate_config_reloads",
+            "Config reloads asked of this instance (POST /admin/reload, SIGHUP), by result: "
+            "ok (applied), rejected (bad or missing file: the running config stays, the log "
+            "says why), error (failed while applying: see the log).",
+            labels=["result"],
+        )
+        for result in ("ok", "rejected"):
+            reloads.add_metric([result], self.reloads.get(result, 0))
+        for result, n in self.reloads.items():
+            if result not in ("ok", "rejected"):
+                reloads.add_metric([result], n)
+        yield reloads
+        if self.config is not None:
+            info = GaugeMetricFamily(
+                "loragate_config_info",
+                "1, labelled with the routing policy this instance runs and the sha256 of its "
+                "routing section (policy, weights, seed; as canonical JSON), so that "
+                "instances running different policies differ here. Changes on reload.",
+                labels=["policy", "sha256"],
+            )
+            info.add_metric(list(self.config), 1)
+            yield info
         yield _histogram_family(
             "loragate_upstream_latency_seconds",
             "Time from sending a request upstream to the end of its response, by replica "
@@ -190,6 +266,32 @@ class _ProxyMetrics(Collector):
             "replica.",
             self.ttft,
         )
+
+
+def routing_sha256(routing: RoutingConfig) -> str:
+    """The sha256 of a routing section: of its policy spec and seed as canonical JSON (sorted
+    keys, no spaces), so that formatting and the other sections of the file do not count."""
+    doc = {"policy": routing.build_spec(), "seed": routing.seed}
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def retry_reason(exc: UpstreamError, *, loading: bool) -> str:
+    """The ``reason`` label of ``loragate_upstream_retries_total`` for a failure before any
+    answer: what the replica did (see the metric's HELP)."""
+    if isinstance(exc, AdapterLoadError):
+        return "refused_load"
+    if loading:
+        return "load_failed"
+    if isinstance(exc, UpstreamConnectError):
+        cause = exc.__cause__
+        # (aiohttp's ClientOSError is also an OSError: a reset mid-request, not a connect.)
+        if isinstance(cause, TimeoutError | aiohttp.ClientConnectorError) or (
+            isinstance(cause, OSError) and not isinstance(cause, aiohttp.ClientOSError)
+        ):
+            return "connect"
+        return "dropped"
+    return "bad_response"
 
 
 def _histogram_family(name: str, doc: str, series: Mapping[str, _Histogram]) -> Metric:
@@ -215,6 +317,10 @@ class Telemetry:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._metrics = _ProxyMetrics()
         self.registry.register(self._metrics)
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            # (A registry given in may hold them already: prometheus_client's default does.)
+            with contextlib.suppress(ValueError):
+                self.registry.register(collector)
         self._requests = self._metrics.requests
         self._latency = self._metrics.latency
         self._ttft = self._metrics.ttft
@@ -225,8 +331,14 @@ class Telemetry:
         in_flight: Callable[[], Mapping[str, int]],
         healthy: Callable[[], Mapping[str, bool]],
         adapter_loads: Callable[[], Mapping[str, int]],
+        shared_in_flight: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
-        self.registry.register(_ScrapeTimeGauges(in_flight, healthy, adapter_loads))
+        """Read at scrape time, by replica: this instance's in-flight requests, health and
+        adapter loads, and (``shared_in_flight``) the in-flight requests of every instance as
+        the shared state has them."""
+        self.registry.register(
+            _ScrapeTimeGauges(in_flight, healthy, adapter_loads, shared_in_flight)
+        )
 
     def bind_refusals(self, counts: Callable[[], Mapping[tuple[str, str], int]]) -> None:
         """Refused adapter loads by (adapter, replica), counted since start."""
@@ -251,6 +363,21 @@ class Telemetry:
         key = str(status)
         errors = self._metrics.http_errors
         errors[key] = errors.get(key, 0) + 1
+
+    def count_retry(self, replica: str, reason: str) -> None:
+        """A request sent again because ``replica`` failed it (see :func:`retry_reason`)."""
+        key = (replica, reason)
+        retries = self._metrics.retries
+        retries[key] = retries.get(key, 0) + 1
+
+    def count_reload(self, result: str) -> None:
+        """A config reload: ``ok``, ``rejected`` (nothing changed) or ``error``."""
+        reloads = self._metrics.reloads
+        reloads[result] = reloads.get(result, 0) + 1
+
+    def set_config(self, policy: str, routing: RoutingConfig) -> None:
+        """The policy in force and its routing section (``loragate_config_info``)."""
+        self._metrics.config = (policy, routing_sha256(routing))
 
     def observe_latency(self, replica: str, seconds: float) -> None:
         hist = self._latency.get(replica)
