@@ -6,6 +6,7 @@ instance's own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 import uuid
@@ -15,12 +16,14 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 from gateway_harness import (
     BASE,
     ScriptedReplica,
     gateway_config,
     openai_client,
     picky_replicas,
+    serving,
 )
 
 from loragate.gateway import load_config, running_gateway
@@ -109,6 +112,30 @@ async def test_a_refused_adapter_load_is_counted_as_a_retry() -> None:
         text = await _serve_two(picky, "lora-0", "refused_load")
     assert _samples(text, "loragate_upstream_retries_total") == [
         ({"replica": "r0", "reason": "refused_load"}, 1.0)
+    ]
+
+
+class _DroppingLoads(ScriptedReplica):
+    """Closes the connection on every adapter load (it dies while loading)."""
+
+    async def _load(self, request: web.Request) -> web.Response:
+        self.load_calls += 1
+        assert request.transport is not None
+        request.transport.abort()
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+
+async def test_an_adapter_load_that_does_not_get_through_counts_a_retry() -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        pair = []
+        for rep in (_DroppingLoads("r0"), ScriptedReplica("r1")):
+            rep.url, rep.runner = await stack.enter_async_context(serving(rep.app))  # type: ignore[attr-defined]
+            pair.append(rep)
+        text = await _serve_two(pair, "lora-0", "load_failed")
+        assert pair[0].load_calls == 1
+    assert _samples(text, "loragate_upstream_retries_total") == [
+        ({"replica": "r0", "reason": "load_failed"}, 1.0)
     ]
 
 
