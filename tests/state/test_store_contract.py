@@ -117,8 +117,8 @@ async def test_admin_residency_ops(store: StateStore) -> None:
 async def test_adapter_registry(store: StateStore) -> None:
     v0 = (await store.snapshot()).version
     spec = AdapterSpec(name="sql", path="/m/sql", rank=16, tenants=frozenset({"t1", "t2"}))
-    await store.put_adapter(spec)
-    await store.put_adapter(AdapterSpec(name="chat", path="/m/chat"))
+    assert await store.put_adapter(spec)
+    assert await store.put_adapter(AdapterSpec(name="chat", path="/m/chat"))
     assert await store.list_adapters() == [AdapterSpec(name="chat", path="/m/chat"), spec]
     view = await store.snapshot()
     assert view.adapters["sql"] == spec
@@ -196,3 +196,71 @@ async def test_gateway_stores_satisfy_the_protocol(redis_stores: StoreFactory) -
         await s.begin_request("r1", "a", "q1", 0.0)
         assert s.view().in_flight == {"r1": 1}
         assert s.view().residency_of("r1").gpu == ("a",)
+
+
+async def test_put_adapter_is_conditional_and_delete_leaves_a_tombstone(
+    store: StateStore,
+) -> None:
+    first = AdapterSpec(name="sql", path="/m/sql", rank=16)
+    assert await store.put_adapter(first)
+    v1 = (await store.snapshot()).version
+    # The name is taken: nothing changes (neither the spec nor the version).
+    assert not await store.put_adapter(AdapterSpec(name="sql", path="/other", rank=8))
+    view = await store.snapshot()
+    assert view.adapters["sql"] == first
+    assert view.version == v1
+    assert await store.get_adapter("sql") == first
+    assert await store.get_adapter("nope") is None
+    assert view.tombstones == {}
+    # A deletion leaves a tombstone, in force for tombstone_ttl_s.
+    assert await store.delete_adapter("sql")
+    view = await store.snapshot()
+    assert "sql" not in view.adapters
+    assert await store.get_adapter("sql") is None
+    assert set(view.tombstones) == {"sql"}
+    assert 0 < view.tombstones["sql"] <= TTLS.tombstone_ttl_s
+    # Deleting what is not there leaves no tombstone.
+    assert not await store.delete_adapter("never")
+    assert "never" not in (await store.snapshot()).tombstones
+    # A new registration of the name clears its tombstone.
+    assert await store.put_adapter(AdapterSpec(name="sql", path="/m/sql2"))
+    view = await store.snapshot()
+    assert view.tombstones == {}
+    assert view.adapters["sql"].path == "/m/sql2"
+
+
+async def test_tombstones_expire() -> None:
+    clock = VirtualClock()
+    store = MemoryStore(ttls=Ttls(tombstone_ttl_s=5.0), clock=clock)
+    assert await store.put_adapter(AdapterSpec(name="a", path="/a"))
+    assert await store.delete_adapter("a")
+    clock.advance_by(4.0)
+    assert store.view().tombstones == {"a": 1.0}
+    clock.advance_by(1.0)
+    assert store.view().tombstones == {}
+
+
+async def test_racing_registrations_of_one_name_on_redis_one_wins(
+    redis_server: RedisServer,
+) -> None:
+    stores = [
+        RedisStore.from_url(redis_server.url, keys=KeySpace(prefix="race:"), op_timeout_s=2.0)
+        for _ in range(4)
+    ]
+    try:
+        for i in range(20):
+            name = f"a{i}"
+            results = await asyncio.gather(
+                *(
+                    s.put_adapter(AdapterSpec(name=name, path=f"/p{k}"))
+                    for k, s in enumerate(stores)
+                )
+            )
+            assert sorted(results) == [False, False, False, True]
+            winner = f"/p{results.index(True)}"
+            assert (await stores[0].get_adapter(name)) == AdapterSpec(name=name, path=winner)
+        # Each registration bumped the version once.
+        assert (await stores[0].snapshot()).version == 20
+    finally:
+        for s in stores:
+            await s.close()

@@ -28,6 +28,14 @@ remembered for ``poller.adapter_refusal_ttl_s`` (``backends.refusals``): the pro
 A :class:`PoolListener` (the gateway's shared state) hears about every poll, every adapter
 load and unload, so the shadow residency shared by all gateway instances follows the pool; it
 is also the refusals' sink, so every instance knows the refusals any of them met.
+
+Deleted adapters: ``DELETE /admin/adapters/N`` unloads the adapter from the replicas that
+hold it, but another gateway instance that has not refreshed its view yet may still route a
+request for it and load it back on demand. So every poll also unloads, in the background, the
+adapters a replica lists that the listener says were deleted lately (tombstones in the shared
+state) and the catalog does not serve. Adapters are never unloaded for being merely unknown to
+the catalog: a replica may hold adapters an operator loaded outside loragate
+(``--lora-modules``), and those stay.
 Replicas can be added and removed while running (config reload).
 """
 
@@ -35,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Collection, Mapping, Sequence
@@ -81,6 +90,11 @@ class PoolListener(RefusalSink, Protocol):
         ...
 
     async def adapter_unloaded(self, replica_id: ReplicaId, adapter: str) -> None: ...
+
+    def retired_adapters(self) -> Collection[str]:
+        """Adapters deleted through the admin API lately (their tombstones): a replica that
+        still lists one, and that the catalog does not serve (again), gets it unloaded."""
+        ...
 
 
 @dataclasses.dataclass(slots=True)
@@ -131,6 +145,7 @@ class ReplicaPool:
             self._replicas[cfg.replica_id] = self._new_replica(cfg)
         self._healthy: tuple[ReplicaSnapshot, ...] = ()
         self._loads: dict[tuple[str, ReplicaId], asyncio.Task[None]] = {}
+        self._unloads: dict[tuple[str, ReplicaId], asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self.refusals = Refusals(self._poller.adapter_refusal_ttl_s, self._clock)
@@ -196,7 +211,7 @@ class ReplicaPool:
         task, self._task = self._task, None
         if task is not None:
             await cancel_and_wait(task)
-        for load in list(self._loads.values()):
+        for load in [*self._loads.values(), *self._unloads.values()]:
             load.cancel()
         for rep in self._replicas.values():
             if rep.client is not None:
@@ -230,6 +245,8 @@ class ReplicaPool:
             raise ValueError("a pool needs at least one replica")
         for key in [k for k in self._loads if k[1] == replica_id]:
             self._loads[key].cancel()
+        for key in [k for k in self._unloads if k[1] == replica_id]:
+            self._unloads[key].cancel()
         self.refusals.forget_replica(replica_id)
         if rep.client is not None:
             rep.client.upstream.close()
@@ -336,7 +353,50 @@ class ReplicaPool:
         rep.snapshot = self._snapshot_from(rep, metrics, healthy=True)
         for spec, root in stale.values():
             self._found_stale(rep, spec, root)
+        self._retire(rep, models.adapters)
         await self._tell_polled(rep, models_seen=True)
+
+    def _retire(self, rep: _Replica, listed: Collection[str]) -> None:
+        """Unload (in the background) the adapters ``rep`` lists that were deleted through the
+        admin API lately (the listener's tombstones) and that the catalog does not serve."""
+        listener = self.listener
+        if listener is None or self._session is None or not listed:
+            return
+        retired = listener.retired_adapters()
+        if not retired:
+            return
+        rid = rep.config.replica_id
+        for name in listed:
+            key = (name, rid)
+            if (
+                name not in retired
+                or name in self._specs
+                or key in self._loads  # a load of ours is running: the next poll decides
+                or key in self._unloads
+            ):
+                continue
+            log.info(
+                "replica %s (%s) still holds adapter %s, deleted through the admin API: "
+                "unloading it",
+                rid, rep.config.url, name,
+            )  # fmt: skip
+            task = asyncio.create_task(self._unload_retired(rid, name), name=f"unload {key}")
+            self._unloads[key] = task
+            task.add_done_callback(functools.partial(self._unload_done, key))
+
+    async def _unload_retired(self, replica_id: ReplicaId, adapter: str) -> None:
+        try:
+            await self.unload_adapter(replica_id, adapter)
+        except Exception as exc:  # the next poll tries again (if the tombstone still stands)
+            log.warning(
+                "unloading deleted adapter %s from replica %s failed: %s", adapter, replica_id, exc
+            )
+
+    def _unload_done(self, key: tuple[str, ReplicaId], task: asyncio.Task[None]) -> None:
+        if self._unloads.get(key) is task:
+            del self._unloads[key]
+        if not task.cancelled():
+            task.exception()
 
     async def _tell_polled(self, rep: _Replica, *, models_seen: bool) -> None:
         listener, snap = self.listener, rep.snapshot

@@ -11,10 +11,13 @@
                             where the rank came from: ``rank_source``, see
                             ``gateway.adapter_rank``); 400 naming the bad key, or a rank that
                             disagrees with the folder's ``adapter_config.json``; 409 if the
-                            name is taken
+                            name is taken (in the shared store, whatever this instance's view
+                            shows yet)
 ``DELETE /admin/adapters/N``  remove an admin-registered adapter and unload it from the
                             replicas that registered it: 200; 404 unknown; 409 if the config
-                            file defines it (edit the file and reload instead)
+                            file defines it (edit the file and reload instead). It leaves a
+                            tombstone: any instance's poller unloads the adapter from a
+                            replica that lists it later (loaded back by a stale instance)
 ``POST /admin/reload``      re-read the config file (see ``gateway.reload``): 200; 400 with
                             the error naming the key (the old config stays in force)
 ==========================  ==================================================================
@@ -24,7 +27,8 @@ under ``/admin`` answers the same 404 (code ``not_found``) saying that the admin
 and how to enable it; with one, a wrong or missing ``Authorization: Bearer`` gets 401.
 Errors use the OpenAI error shape. Adapter changes go to the shared state store (with a
 version bump), so every gateway instance on the same Redis serves them within its refresh
-interval.
+interval. While the store is degraded (Redis unreachable) ``POST`` and ``DELETE
+/admin/adapters`` answer 503 with code ``state_unavailable``.
 """
 
 from __future__ import annotations
@@ -247,9 +251,17 @@ class AdminApi:
             raise InvalidRequestError(str(exc), param="rank") from exc
         spec = dataclasses.replace(spec, rank=settled.rank)
         async with gw.lock:
-            if spec.name in gw.catalog.adapters or spec.name in gw.shared.shared_adapters():
+            if gw.shared.degraded:
+                return _state_unavailable(f"register adapter {spec.name!r}")
+            if any(a.name == spec.name for a in gw.config.adapters):
                 raise ConflictError(f"adapter {spec.name!r} already exists", param="name")
-            await gw.shared.store.put_adapter(spec)
+            # The store decides, not this instance's view (which may not show a registration
+            # another instance made a moment ago): one of two racing registrations wins.
+            added = await gw.shared.store.put_adapter(spec)
+            if gw.shared.degraded:  # Redis went away during the write
+                return _state_unavailable(f"register adapter {spec.name!r}", during=True)
+            if not added:
+                raise ConflictError(f"adapter {spec.name!r} already exists", param="name")
             gw.shared.check_adapters()  # this instance serves it at once
         gw.pool.refusals.forget(spec.name)  # registered anew: every replica may try it again
         if settled.unread is None:
@@ -275,9 +287,16 @@ class AdminApi:
                     f"adapter {name!r} is defined in the config file: remove it there and reload",
                     param="name",
                 )
-            if name not in gw.shared.shared_adapters():
+            if gw.shared.degraded:
+                return _state_unavailable(f"delete adapter {name!r}")
+            # Removes it and leaves its tombstone (see ``state.keys``) in one step: every
+            # instance's poller unloads it from a replica that still lists it, e.g. loaded back
+            # on demand by an instance that had not refreshed its view yet.
+            existed = await gw.shared.store.delete_adapter(name)
+            if gw.shared.degraded:
+                return _state_unavailable(f"delete adapter {name!r}", during=True)
+            if not existed:
                 raise NotFoundError(f"adapter {name!r} does not exist", param="name")
-            await gw.shared.store.delete_adapter(name)
             gw.shared.check_adapters()
         pool = gw.pool
         pool.refusals.forget(name)
@@ -300,6 +319,29 @@ class AdminApi:
     async def reload(self, _: web.Request) -> web.Response:
         result = await reload_from_file(self._gw)
         return _json(result.to_json())
+
+
+def _state_unavailable(what: str, *, during: bool = False) -> web.Response:
+    """503 for an admin write while the shared state store (Redis) is unreachable: the
+    registry is shared, and a write this instance made alone would be decided later against
+    other instances' writes (a deletion could come back, a name be taken twice)."""
+    if during:
+        message = (
+            f"cannot {what} now: the shared state store (Redis) became unreachable during the "
+            "write, which is applied when it is reachable again unless it conflicts with "
+            "another instance's; check GET /admin/adapters then"
+        )
+    else:
+        message = (
+            f"cannot {what} now: the shared state store (Redis) is unreachable; "
+            "retry when /health says ok"
+        )
+    log.warning("admin: %s", message)
+    return web.Response(
+        status=503,
+        body=error_payload(message, "service_unavailable", "state_unavailable"),
+        content_type="application/json",
+    )
 
 
 async def _read_json(request: web.Request, idle_timeout_s: float) -> object:

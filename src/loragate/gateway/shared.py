@@ -38,7 +38,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 from loragate.backends.refusals import Refusals
@@ -254,6 +254,11 @@ class SharedState:
     async def adapter_unloaded(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
         await self.store.record_unload(replica_id, adapter)
 
+    def retired_adapters(self) -> Collection[AdapterId]:
+        """Adapters deleted through the admin API lately (the store's tombstones, refreshed
+        with the rest of the shared view: no extra round trip)."""
+        return self.store.tombstones().keys()
+
     def forget_replica(self, replica_id: ReplicaId) -> None:
         """The replica left this instance's config (reload). Its shared entry stays: other
         instances may still route to it."""
@@ -322,6 +327,17 @@ class SharedState:
     def shared_adapters(self) -> Mapping[AdapterId, AdapterSpec]:
         """Adapters registered through the admin API (of any instance)."""
         return self.store.view().adapters
+
+    async def find_adapter(self, name: AdapterId) -> AdapterSpec | None:
+        """A request named an adapter the catalog does not hold: it may have been registered
+        on another instance since this one's last refresh. One read of the store (one HGET on
+        Redis, off the routed requests' path: only on a catalog miss); if found, this
+        instance's view adopts it and the catalog is rebuilt at once (``on_adapters``)."""
+        spec = await self.store.get_adapter(name)
+        if spec is not None and self.shared_adapters().get(name) != spec:
+            self.store.set_adapter(spec)
+            self.check_adapters()
+        return spec
 
     def check_adapters(self) -> None:
         """Call ``on_adapters`` if the shared adapter registry changed since the last call."""

@@ -31,6 +31,7 @@ from loragate.state.store import (
     StateStore,
     StateUnavailableError,
     StateView,
+    TombstoneMap,
 )
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "StateStore",
     "StateUnavailableError",
     "StateView",
+    "TombstoneMap",
     "Ttls",
     "run_maintenance",
 ]

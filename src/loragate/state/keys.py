@@ -17,7 +17,17 @@ key                          type    content / lifetime
 ``P rep:R:inflight``         ZSET    in-flight leases ``<instance>|<request id>`` -> expiry
                                      (ms, Redis server time); key PEXPIREs ``lease_ttl_s``
                                      after its last write
-``P adapters``               HASH    adapter registry: name -> JSON {path, rank, tenants}
+``P adapters``               HASH    adapter registry: name -> JSON {path, rank, tenants};
+                                     a name is added only if absent (HSETNX: two instances
+                                     registering one name at once, one wins)
+``P tombstones``             HASH    adapters deleted through the admin API lately: name ->
+                                     ``<until ms>`` (Redis server time), written in the same
+                                     script as the deletion, ``Ttls.tombstone_ttl_s`` long;
+                                     cleared by a new registration of the name, dropped by
+                                     the snapshot script once past; the key PEXPIREs with its
+                                     last entry. An instance unloads a tombstoned adapter
+                                     that a replica still lists (a stale instance may have
+                                     loaded it back on demand)
 ``P demand:B``               HASH    adapter -> requests routed in bucket ``B``
                                      (``B = floor(t / demand_bucket_s)``); EXPIRE
                                      ``demand_retention_s``
@@ -61,6 +71,11 @@ class Ttls:
     # Retry backoff while Redis is unreachable.
     retry_initial_s: float = 0.1
     retry_max_s: float = 5.0
+    # How long a deleted adapter's tombstone lives. It must outlast what a stale instance can
+    # still do with the name: route to it until its next refresh (``refresh_s``) and finish an
+    # on-demand load begun before that (bounded by the admin timeout, seconds on real vLLM),
+    # plus one replica poll to notice it listed: far more than a few refresh periods.
+    tombstone_ttl_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -71,6 +86,7 @@ class Ttls:
             "refresh_s",
             "retry_initial_s",
             "retry_max_s",
+            "tombstone_ttl_s",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"Ttls.{name} must be > 0")
@@ -80,6 +96,10 @@ class Ttls:
     @property
     def lease_ttl_ms(self) -> int:
         return max(1, round(self.lease_ttl_s * 1000))
+
+    @property
+    def tombstone_ttl_ms(self) -> int:
+        return max(1, round(self.tombstone_ttl_s * 1000))
 
     def demand_bucket(self, t_s: float) -> int:
         return int(t_s // self.demand_bucket_s)
@@ -149,6 +169,10 @@ class KeySpace:
     @property
     def refusals(self) -> str:
         return f"{self.prefix}refusals"
+
+    @property
+    def tombstones(self) -> str:
+        return f"{self.prefix}tombstones"
 
     def residency_keys(self, replica_id: ReplicaId) -> list[str]:
         """Keys of one replica's shadow residency, in the order the Lua scripts expect."""

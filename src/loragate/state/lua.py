@@ -117,10 +117,11 @@ return 1
 """
 )
 
-# KEYS: replicas, version, adapters, epoch, refusals
+# KEYS: replicas, version, adapters, epoch, refusals, tombstones
 # ARGV: per-replica key prefix, version the caller already knows ('' = none)
-# Returns {version, epoch or '', adapters (flat HGETALL) or 0 if unchanged, refusals, rows…};
-# refusals = {field, JSON, ms left, …} of the refusals in force (expired ones are deleted);
+# Returns {version, epoch or '', adapters (flat HGETALL) or 0 if unchanged, refusals,
+# tombstones, rows…}; refusals = {field, JSON, ms left, …} of the refusals in force, tombstones
+# = {name, ms left, …} of the tombstones in force (expired entries of both are deleted);
 # row = {id, info (flat HGETALL), registered, gpu, cpu, in-flight count}.
 SNAPSHOT = (
     _COMMON
@@ -145,7 +146,18 @@ for i = 1, #rf, 2 do
     redis.call('HDEL', KEYS[5], rf[i])
   end
 end
-local out = {version, epoch, adapters, refusals}
+local tombstones = {}
+local ts = redis.call('HGETALL', KEYS[6])
+for i = 1, #ts, 2 do
+  local left = (tonumber(ts[i + 1]) or 0) - now
+  if left > 0 then
+    tombstones[#tombstones + 1] = ts[i]
+    tombstones[#tombstones + 1] = left
+  else
+    redis.call('HDEL', KEYS[6], ts[i])
+  end
+end
+local out = {version, epoch, adapters, refusals, tombstones}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local base = ARGV[1] .. id
   out[#out + 1] = {
@@ -198,14 +210,32 @@ end
 return 0
 """
 
-# KEYS: adapters, version; ARGV: name. Returns 1 if it existed.
-DELETE_ADAPTER = """
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+# KEYS: adapters, version, tombstones; ARGV: name, JSON spec. Registers the adapter only if
+# the name is free (bumping the version and clearing its tombstone): returns 1; else 0.
+PUT_ADAPTER = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('HDEL', KEYS[3], ARGV[1])
   redis.call('INCR', KEYS[2])
   return 1
 end
 return 0
 """
+
+# KEYS: adapters, version, tombstones; ARGV: name, tombstone ttl ms. Deletes the adapter and
+# leaves its tombstone (name -> until ms, Redis server time). Returns 1 if it existed.
+DELETE_ADAPTER = (
+    _COMMON
+    + """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+  local ttl = tonumber(ARGV[2])
+  redis.call('HSET', KEYS[3], ARGV[1], string.format('%.0f', now_ms() + ttl))
+  if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], ttl) end
+  redis.call('INCR', KEYS[2])
+  return 1
+end
+return 0
+"""
+)
 
 # KEYS: leader key; ARGV: holder, ttl ms. Acquire if free, renew if ours.
 LEADER_ACQUIRE = """

@@ -16,7 +16,15 @@ from loragate.core.clock import Clock, WallClock
 from loragate.core.types import AdapterId, AdapterSpec, ReplicaId, ReplicaSettings, Residency
 from loragate.state import residency as rz
 from loragate.state.keys import Ttls
-from loragate.state.store import NO_REFUSALS, RefusalMap, ReplicaRecord, SharedRefusal, StateView
+from loragate.state.store import (
+    NO_REFUSALS,
+    NO_TOMBSTONES,
+    RefusalMap,
+    ReplicaRecord,
+    SharedRefusal,
+    StateView,
+    TombstoneMap,
+)
 
 _DEFAULT_SETTINGS = ReplicaSettings()
 
@@ -35,6 +43,8 @@ class MemoryStore:
         self._leaders: dict[str, tuple[str, float]] = {}
         # Adapter -> replica -> (path, error, until on ``clock``).
         self._refusals: dict[AdapterId, dict[ReplicaId, tuple[str, str, float]]] = {}
+        # Deleted adapter -> until (on ``clock``).
+        self._tombstones: dict[AdapterId, float] = {}
         self._version = 0
 
     # --- hot path -------------------------------------------------------------------------
@@ -76,6 +86,7 @@ class MemoryStore:
             in_flight={r: len(self._leases.get(r, ())) for r in self._replicas},
             adapters=self._adapters,
             refusals=self.refusals(),
+            tombstones=self.tombstones(),
             degraded=False,
         )
 
@@ -112,14 +123,15 @@ class MemoryStore:
         return {rid: r for r, ids in self._leases.items() for rid in ids}
 
     def replace_shared(self, view: StateView, *, keep_refusals: bool = False) -> None:
-        """Adopt a shared view (registry, residency, adapters, refusals unless
+        """Adopt a shared view (registry, residency, adapters, tombstones, refusals unless
         ``keep_refusals``, version); keep own leases and demand counts."""
         self._replicas = dict(view.replicas)
         self._residency = dict(view.residency)
         self._adapters = dict(view.adapters)  # copy-on-write from here on
         self._version = view.version
+        now = self._clock.now()
+        self._tombstones = {name: now + left for name, left in view.tombstones.items()}
         if not keep_refusals:
-            now = self._clock.now()
             self._refusals = {
                 name: {r: (x.path, x.error, now + x.left_s) for r, x in by_replica.items()}
                 for name, by_replica in view.refusals.items()
@@ -161,16 +173,41 @@ class MemoryStore:
         )
 
     # --- adapter registry -------------------------------------------------------------------
-    async def put_adapter(self, spec: AdapterSpec) -> None:
+    async def put_adapter(self, spec: AdapterSpec) -> bool:
+        if spec.name in self._adapters:
+            return False
+        self.set_adapter(spec)
+        return True
+
+    def set_adapter(self, spec: AdapterSpec) -> None:
+        """Register ``spec`` whatever is there (the mirror of a write Redis accepted)."""
         self._adapters = {**self._adapters, spec.name: spec}
+        self._tombstones.pop(spec.name, None)
         self._version += 1
 
     async def delete_adapter(self, name: AdapterId) -> bool:
         if name not in self._adapters:
             return False
-        self._adapters = {n: v for n, v in self._adapters.items() if n != name}
-        self._version += 1
+        self.remove_adapter(name)
         return True
+
+    def remove_adapter(self, name: AdapterId) -> None:
+        """Delete ``name`` and leave its tombstone (the mirror of a deletion Redis made)."""
+        self._adapters = {n: v for n, v in self._adapters.items() if n != name}
+        self._tombstones[name] = self._clock.now() + self._ttls.tombstone_ttl_s
+        self._version += 1
+
+    async def get_adapter(self, name: AdapterId) -> AdapterSpec | None:
+        return self._adapters.get(name)
+
+    def tombstones(self) -> TombstoneMap:
+        """The tombstones in force now: name -> seconds left (expired ones are dropped)."""
+        if not self._tombstones:
+            return NO_TOMBSTONES
+        now = self._clock.now()
+        for name in [n for n, until in self._tombstones.items() if until <= now]:
+            del self._tombstones[name]
+        return {name: until - now for name, until in self._tombstones.items()}
 
     async def list_adapters(self) -> list[AdapterSpec]:
         return [self._adapters[n] for n in sorted(self._adapters)]

@@ -1,8 +1,9 @@
 """``RedisStore``: the shared state in Redis (``redis.asyncio``, hiredis parser if installed).
 
 Round trips: ``begin_request`` 1 (one EVALSHA: GC + lease + residency touch + demand),
-``end_request`` 1 (ZREM), ``snapshot`` 1 (one EVALSHA returning every replica and the adapter
-load refusals in force). Every multi-key write is one Lua script or one MULTI/EXEC.
+``end_request`` 1 (ZREM), ``snapshot`` 1 (one EVALSHA returning every replica, the adapter
+load refusals and the deleted adapters' tombstones in force), ``get_adapter`` 1 (HGET).
+Every multi-key write is one Lua script or one MULTI/EXEC.
 
 This class is the raw store: when Redis is unreachable every method raises
 ``StateUnavailableError``. The gateway wraps it in ``ResilientStore``, which never does.
@@ -155,6 +156,7 @@ class RedisStore:
         self._snapshot = client.register_script(lua.SNAPSHOT)
         self._sync_leases = client.register_script(lua.SYNC_LEASES)
         self._set_health = client.register_script(lua.SET_HEALTH)
+        self._put_adapter = client.register_script(lua.PUT_ADAPTER)
         self._delete_adapter = client.register_script(lua.DELETE_ADAPTER)
         self._leader_acquire = client.register_script(lua.LEADER_ACQUIRE)
         self._leader_release = client.register_script(lua.LEADER_RELEASE)
@@ -284,7 +286,7 @@ class RedisStore:
         known = str(cache[1]) if cache is not None and cache[0] == self.epoch else ""
         raw: list[Any] = await self._io(
             self._snapshot(
-                keys=[k.replicas, k.version, k.adapters, k.epoch, k.refusals],
+                keys=[k.replicas, k.version, k.adapters, k.epoch, k.refusals, k.tombstones],
                 args=[k.replica_base, known],
             )
         )
@@ -301,7 +303,7 @@ class RedisStore:
         replicas: dict[ReplicaId, ReplicaRecord] = {}
         residency: dict[ReplicaId, Residency] = {}
         in_flight: dict[ReplicaId, int] = {}
-        for row in raw[4:]:
+        for row in raw[5:]:
             replica_id = str(row[0])
             replicas[replica_id] = decode_replica(replica_id, _pairs(row[1]))
             residency[replica_id] = Residency(
@@ -315,6 +317,9 @@ class RedisStore:
             in_flight=in_flight,
             adapters=adapters,
             refusals=decode_refusals(raw[3]),
+            tombstones={
+                str(n): int(ms) / 1000.0 for n, ms in zip(raw[4][::2], raw[4][1::2], strict=True)
+            },
             degraded=False,
         )
 
@@ -366,17 +371,28 @@ class RedisStore:
         await self._residency_op(replica_id, "reconcile", sorted(seen))
 
     # --- adapter registry ---------------------------------------------------------------------
-    async def put_adapter(self, spec: AdapterSpec) -> None:
-        pipe = self._r.pipeline(transaction=True)
-        pipe.hset(self.keys.adapters, spec.name, encode_adapter(spec))
-        pipe.incr(self.keys.version)
-        await self._io(pipe.execute())
+    async def put_adapter(self, spec: AdapterSpec) -> bool:
+        k = self.keys
+        added = await self._io(
+            self._put_adapter(
+                keys=[k.adapters, k.version, k.tombstones], args=[spec.name, encode_adapter(spec)]
+            )
+        )
+        return int(added) == 1
 
     async def delete_adapter(self, name: AdapterId) -> bool:
+        k = self.keys
         deleted = await self._io(
-            self._delete_adapter(keys=[self.keys.adapters, self.keys.version], args=[name])
+            self._delete_adapter(
+                keys=[k.adapters, k.version, k.tombstones],
+                args=[name, self.ttls.tombstone_ttl_ms],
+            )
         )
         return int(deleted) == 1
+
+    async def get_adapter(self, name: AdapterId) -> AdapterSpec | None:
+        raw = await self._io(self._r.hget(self.keys.adapters, name))
+        return None if raw is None else decode_adapter(name, str(raw))
 
     async def _load_adapters(self) -> dict[AdapterId, AdapterSpec]:
         raw = await self._io(self._r.hgetall(self.keys.adapters))

@@ -23,6 +23,13 @@ flight, or started, while it was read) keeps the mirror's refusals rather than t
 and the next refresh brings them. A refusal recorded while Redis is down is replayed with the
 time it has left.
 
+Adapter registrations and deletions (the admin API's) are decided by Redis when it is
+reachable: ``put_adapter`` registers a name only if Redis does not hold it yet, whatever the
+mirror says (two instances registering one name at once: one wins), and ``delete_adapter``
+answers whether Redis held it; the mirror then follows Redis's answer. While degraded they go
+to the mirror and the journal like any write, but the gateway refuses admin writes then (503),
+because the outcome would be decided later, against other instances' writes.
+
 The leader lease is never granted while degraded (a partitioned instance must not plan).
 """
 
@@ -46,6 +53,7 @@ from loragate.state.store import (
     StateStore,
     StateUnavailableError,
     StateView,
+    TombstoneMap,
 )
 
 log = logging.getLogger("loragate.state")
@@ -334,17 +342,54 @@ class ResilientStore:
         await self._write(lambda r: r.reconcile(replica_id, seen))
 
     # --- adapter registry -------------------------------------------------------------------------
-    async def put_adapter(self, spec: AdapterSpec) -> None:
-        await self._local.put_adapter(spec)
-        await self._write(lambda r: r.put_adapter(spec))
+    async def put_adapter(self, spec: AdapterSpec) -> bool:
+        if not self._queueing:
+            try:
+                added = await self._remote.put_adapter(spec)
+            except StateUnavailableError as exc:
+                self._on_error(exc)  # the outcome is unknown: the journal decides it later
+            else:
+                if added:
+                    self._local.set_adapter(spec)
+                return added
+        added = await self._local.put_adapter(spec)
+        if added:
+            self._journal_append(lambda r: r.put_adapter(spec))
+        return added
 
     async def delete_adapter(self, name: AdapterId) -> bool:
+        if not self._queueing:
+            try:
+                existed = await self._remote.delete_adapter(name)
+            except StateUnavailableError as exc:
+                self._on_error(exc)
+            else:
+                if existed:
+                    self._local.remove_adapter(name)
+                return existed
         existed = await self._local.delete_adapter(name)
-        await self._write(lambda r: r.delete_adapter(name))
+        self._journal_append(lambda r: r.delete_adapter(name))
         return existed
+
+    async def get_adapter(self, name: AdapterId) -> AdapterSpec | None:
+        """Redis's entry (one round trip) when reachable, else the mirror's."""
+        if not self._degraded:
+            try:
+                return await self._remote.get_adapter(name)
+            except StateUnavailableError as exc:
+                self._on_error(exc)
+        return await self._local.get_adapter(name)
 
     async def list_adapters(self) -> list[AdapterSpec]:
         return await self._local.list_adapters()
+
+    def tombstones(self) -> TombstoneMap:
+        """``view().tombstones`` without building the view."""
+        return self._local.tombstones()
+
+    def set_adapter(self, spec: AdapterSpec) -> None:
+        """Put ``spec`` in the mirror only (read from Redis; the next refresh agrees)."""
+        self._local.set_adapter(spec)
 
     # --- adapter-load refusals ----------------------------------------------------------------
     async def record_refusal(

@@ -61,6 +61,9 @@ class SharedRefusal:
 # Adapter -> replica -> refusal: what every instance leaves out of that adapter's candidates.
 RefusalMap = Mapping[AdapterId, Mapping[ReplicaId, SharedRefusal]]
 NO_REFUSALS: RefusalMap = MappingProxyType({})
+# Adapter -> seconds its tombstone has left (adapters deleted through the admin API lately).
+TombstoneMap = Mapping[AdapterId, float]
+NO_TOMBSTONES: TombstoneMap = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,8 +72,9 @@ class StateView:
 
     ``in_flight`` counts live leases of every gateway instance. ``residency`` holds an entry for
     every registered replica. ``refusals`` holds the adapter loads replicas refused that are
-    still in force (any instance's). ``degraded`` is True when the view is local-only because the
-    shared backend is unreachable.
+    still in force (any instance's). ``tombstones`` holds the adapters deleted lately (name ->
+    seconds left), which no replica should keep. ``degraded`` is True when the view is
+    local-only because the shared backend is unreachable.
     """
 
     version: int = 0
@@ -79,6 +83,7 @@ class StateView:
     in_flight: Mapping[ReplicaId, int] = field(default_factory=dict)
     adapters: Mapping[AdapterId, AdapterSpec] = field(default_factory=dict)
     refusals: RefusalMap = field(default_factory=dict)
+    tombstones: TombstoneMap = field(default_factory=dict)
     degraded: bool = False
 
     def residency_of(self, replica_id: ReplicaId) -> Residency:
@@ -147,9 +152,19 @@ class StateStore(Protocol):
         ...
 
     # --- adapter registry (admin API) -----------------------------------------------------
-    async def put_adapter(self, spec: AdapterSpec) -> None: ...
+    async def put_adapter(self, spec: AdapterSpec) -> bool:
+        """Register ``spec`` if no adapter of that name is registered (atomically with the
+        version bump and clearing the name's tombstone): True; else change nothing: False."""
+        ...
 
-    async def delete_adapter(self, name: AdapterId) -> bool: ...
+    async def delete_adapter(self, name: AdapterId) -> bool:
+        """Remove the adapter and leave a tombstone for it (``Ttls.tombstone_ttl_s``) in one
+        atomic step: True; False (nothing changed) if it was not registered."""
+        ...
+
+    async def get_adapter(self, name: AdapterId) -> AdapterSpec | None:
+        """One registered adapter, read from the shared backend (one Redis round trip)."""
+        ...
 
     async def list_adapters(self) -> list[AdapterSpec]: ...
 
@@ -220,4 +235,13 @@ class GatewayStore(StateStore, Protocol):
 
     def refusals(self) -> RefusalMap:
         """``view().refusals`` without building the view."""
+        ...
+
+    def tombstones(self) -> TombstoneMap:
+        """``view().tombstones`` without building the view."""
+        ...
+
+    def set_adapter(self, spec: AdapterSpec) -> None:
+        """Put ``spec`` in the local view (no shared write): an adapter just read from the
+        shared backend (``get_adapter``) that the view has not refreshed in yet."""
         ...
