@@ -17,6 +17,20 @@ from loragate.core.types import AdapterSpec, TenantId
 _BEARER = "bearer "
 
 
+def _not_found(model: str) -> str:
+    return f"The model `{model}` does not exist."
+
+
+class UnknownModelError(NotFoundError):
+    """The catalog holds no adapter named ``model`` (not: one the tenant may not use). The
+    client's answer is the same 404; the gateway may first ask the shared store whether another
+    instance registered it since this one's last refresh (``SharedState.find_adapter``)."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(_not_found(model), param="model")
+        self.model = model
+
+
 class Catalog:
     """The models the deployment serves and the tenants allowed to call it."""
 
@@ -62,12 +76,15 @@ class Catalog:
         return tenant
 
     def resolve(self, model: str | None, tenant: TenantId | None) -> AdapterSpec | None:
-        """The adapter ``model`` names (None = the base model); 404 if unknown or not allowed."""
+        """The adapter ``model`` names (None = the base model); 404 if unknown
+        (:class:`UnknownModelError`) or not allowed (the same answer)."""
         if model is None or model == self.base_model:
             return None
         spec = self._adapters.get(model)
-        if spec is None or not spec.allows(tenant):
-            raise NotFoundError(f"The model `{model}` does not exist.", param="model")
+        if spec is None:
+            raise UnknownModelError(model)
+        if not spec.allows(tenant):
+            raise NotFoundError(_not_found(model), param="model")
         return spec
 
     def visible_models(self, tenant: TenantId | None) -> list[str]:
