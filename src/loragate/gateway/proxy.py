@@ -52,7 +52,7 @@ from loragate.core.errors import (
     UpstreamTimeoutError,
 )
 from loragate.core.types import AdapterSpec, ReplicaId, ReplicaSnapshot, RoutingRequest
-from loragate.gateway.catalog import Catalog
+from loragate.gateway.catalog import Catalog, UnknownModelError
 from loragate.gateway.errors import (
     classify,
     error_response,
@@ -244,7 +244,14 @@ class Proxy:
             try:
                 tenant = self.catalog.tenant_of(request.headers.get(hdrs.AUTHORIZATION))
                 body = await self._read_body(request)
-                spec, stream, max_tokens = self._parse(body, chat, tenant)
+                try:
+                    spec, stream, max_tokens = self._parse(body, chat, tenant)
+                except UnknownModelError as exc:
+                    # Registered on another instance since our last refresh? One store read
+                    # (not on the routed requests' path); found: the catalog now holds it.
+                    if await self._state.find_adapter(exc.model) is None:
+                        raise
+                    spec, stream, max_tokens = self._parse(body, chat, tenant)
                 if spec is not None:
                     adapter_label = spec.name
                 rreq = RoutingRequest(
