@@ -66,7 +66,10 @@ async def test_a_rejected_admin_reload_is_logged_with_the_file_and_the_reason(
     (record,) = [r for r in caplog.records if "reload" in r.getMessage()]
     assert (record.name, record.levelno) == ("loragate.gateway.reload", logging.WARNING)
     logged = record.getMessage()
-    assert logged == f"config reload rejected, keeping the running config: {path}: {message}"
+    # the file named once: a message that names it already (the YAML reader's) is not prefixed
+    named = message if str(path) in message else f"{path}: {message}"
+    assert logged == f"config reload rejected, keeping the running config: {named}"
+    assert logged.count(str(path)) == 1
     assert reason in logged
 
 
@@ -82,3 +85,24 @@ async def test_a_rejected_sighup_reload_is_logged_like_an_admin_one(
         assert match.group(1, 2) == ("WARNING", "loragate.gateway.reload")
         assert match.group(3).startswith(f", keeping the running config: {path}: routing")
         assert re.search(r"fastest", match.group(3))
+
+
+async def test_a_reload_that_needs_a_restart_says_so_as_a_warning(
+    replicas: list[ScriptedReplica], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump(_doc(replicas)), encoding="utf-8")
+    async with (
+        running_gateway(load_config(path), port=0, config_path=path) as gw,
+        aiohttp.ClientSession() as http,
+    ):
+        doc = _doc(replicas)
+        doc["poller"] = {"interval_s": 0.7}
+        path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+        with caplog.at_level(logging.WARNING, logger="loragate.gateway"):
+            async with http.post(gw.url + "/admin/reload", headers=AUTH) as resp:
+                assert resp.status == 200
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [
+        "config reloaded, but these sections keep their old values until a restart: poller"
+    ]

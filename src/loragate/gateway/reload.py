@@ -80,11 +80,11 @@ async def reload_from_file(gateway: Gateway, path: Path | None = None) -> Reload
         config = load_config(path)
     except ConfigError as exc:
         telemetry.count_reload("rejected")
-        log.warning(
-            "config reload rejected, keeping the running config: %s: %s",
-            path if path is not None else "no config file",
-            exc,
-        )
+        reason = str(exc)
+        where = "no config file" if path is None else str(path)
+        if where not in reason:  # the YAML and file readers' messages name the file already
+            reason = f"{where}: {reason}"
+        log.warning("config reload rejected, keeping the running config: %s", reason)
         raise
     try:
         result = await apply_config(gateway, config)
@@ -124,13 +124,17 @@ async def apply_config(gateway: Gateway, new: GatewayConfig) -> ReloadResult:
         restart_required=frozen,
     )
     log.info(
-        "config reloaded: policy %s, replicas +%s -%s ~%s%s",
+        "config reloaded: policy %s, replicas +%s -%s ~%s",
         policy.name,
         list(added),
         list(removed),
         list(changed),
-        f", restart needed for {list(frozen)}" if frozen else "",
     )
+    if frozen:  # the operator asked for something that did not happen: say so louder
+        log.warning(
+            "config reloaded, but these sections keep their old values until a restart: %s",
+            ", ".join(frozen),
+        )
     return result
 
 
