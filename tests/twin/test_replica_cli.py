@@ -98,3 +98,12 @@ def test_cli_rejects_bad_settings(
     assert main(["replica", "--port", "0", *args]) == 2
     captured = capsys.readouterr()
     assert needle in captured.err and captured.out == ""
+
+
+def test_the_design_documents_spelling_with_simulated_is_accepted() -> None:
+    """ARCHITECTURE.md writes the command ``loragate replica --simulated``."""
+    from loragate.cli import build_parser
+
+    args = build_parser().parse_args(["replica", "--simulated", "--port", "0"])
+    assert args.simulated is True
+    assert build_parser().parse_args(["replica", "--port", "0"]).simulated is False

@@ -71,6 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     t = parser.add_argument_group("twin flags")
     t.add_argument(
+        "--simulated",
+        action="store_true",
+        help="the replica is the digital twin (the only kind `loragate replica` runs; the flag "
+        "is accepted as the design documents spell the command)",
+    )
+    t.add_argument(
         "--profile",
         default="fast",
         help="performance profile name (loragate twin profiles) or YAML path "
