@@ -33,11 +33,14 @@ _ALREADY_LOADED = "has already been loaded"
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelCard:
-    """One entry of ``GET /v1/models``. ``parent`` is set for adapters (the base model's id)."""
+    """One entry of ``GET /v1/models``. ``parent`` is set for adapters (the base model's id);
+    ``root`` is the path the model or adapter was loaded from; ``max_model_len`` is the base
+    model's context length (vLLM gives None for adapters)."""
 
     id: str
     parent: str | None
     root: str | None = None
+    max_model_len: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,11 +66,15 @@ def parse_models(payload: object) -> ModelList:
             raise UpstreamProtocolError(f"/v1/models: bad model card {entry!r:.200}")
         parent = entry.get("parent")
         root = entry.get("root")
+        max_len = entry.get("max_model_len")
         cards.append(
             ModelCard(
                 id=entry["id"],
                 parent=parent if isinstance(parent, str) else None,
                 root=root if isinstance(root, str) else None,
+                max_model_len=(
+                    max_len if isinstance(max_len, int) and not isinstance(max_len, bool) else None
+                ),
             )
         )
     return ModelList(cards=tuple(cards))

@@ -51,7 +51,7 @@ from typing import Protocol
 
 import aiohttp
 
-from loragate.backends.client import VllmClient
+from loragate.backends.client import ModelCard, VllmClient
 from loragate.backends.metrics import VllmMetrics
 from loragate.backends.refusals import Refusals, RefusalSink
 from loragate.core.clock import Clock, WallClock
@@ -116,6 +116,8 @@ class _Replica:
     stale: dict[str, str] = dataclasses.field(default_factory=dict)
     # Adapter -> the configured path whose in-place reload failed (polls do not retry it).
     inplace_failed: dict[str, str] = dataclasses.field(default_factory=dict)
+    # The base model's card in the replica's last /v1/models that listed it (root, max_model_len).
+    base_card: ModelCard | None = None
 
 
 class ReplicaPool:
@@ -332,6 +334,7 @@ class ReplicaPool:
         rep.failures = 0
         rep.last_error = None
         rep.answered = True
+        rep.base_card = next((c for c in models.cards if c.id == base and c.parent is None), None)
         recent = {a for a, t in rep.loaded_at_s.items() if t >= started}
         roots = {c.id: c.root for c in models.cards if c.parent is not None and c.root}
         for name in recent:  # our load may be newer than the card this poll read
@@ -510,6 +513,26 @@ class ReplicaPool:
 
     def registered_adapters(self) -> Mapping[ReplicaId, frozenset[str]]:
         return {rid: frozenset(r.registered) for rid, r in self._replicas.items()}
+
+    def base_model_card(self) -> ModelCard | None:
+        """The base model as the replicas' ``/v1/models`` described it at their last good poll:
+        ``root`` from the first replica (config order) that listed it, ``max_model_len`` the
+        smallest any of them reports (a request may go to any of them). Healthy replicas only,
+        unless none is healthy (then every replica's last card). None before any poll listed it.
+        """
+        cards = [
+            (r.snapshot is not None and r.snapshot.healthy, r.base_card)
+            for r in self._replicas.values()
+            if r.base_card is not None and r.base_card.id == self.base_model
+        ]
+        chosen = [c for healthy, c in cards if healthy] or [c for _, c in cards]
+        if not chosen:
+            return None
+        lens = [c.max_model_len for c in chosen if c.max_model_len is not None]
+        root = next((c.root for c in chosen if c.root), None)
+        return ModelCard(
+            id=chosen[0].id, parent=None, root=root, max_model_len=min(lens) if lens else None
+        )
 
     def stale_adapters(self) -> Mapping[ReplicaId, Mapping[str, str]]:
         """Adapters replicas hold from another path than the configured one: replica ->

@@ -228,13 +228,16 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """``GET /v1/models``: the base model and every adapter the caller's tenant may use."""
-    catalog = request.app[GATEWAY].catalog
+    """``GET /v1/models``: the base model and every adapter the caller's tenant may use, in
+    vLLM 0.32's card shape (the base model's ``root`` and ``max_model_len`` from the poller)."""
+    gateway = request.app[GATEWAY]
+    catalog = gateway.catalog
     try:
         tenant = catalog.tenant_of(request.headers.get(hdrs.AUTHORIZATION))
     except LoragateError as exc:
         return error_response(exc)
-    return web.Response(body=catalog.models_json(tenant), content_type="application/json")
+    body = catalog.models_json(tenant, gateway.pool.base_model_card())
+    return web.Response(body=body, content_type="application/json")
 
 
 async def health(request: web.Request) -> web.Response:

@@ -3,14 +3,26 @@
 An adapter a tenant may not use is reported exactly like an unknown one (404), so other
 tenants' adapters stay invisible. The catalog is immutable; a config reload or the admin API
 swaps in a new one.
+
+``GET /v1/models`` gives vLLM 0.32's cards field for field (``id, object, created, owned_by:
+"vllm", root, parent, max_model_len, permission``), so clients and routers in front of the
+gateway read it as they read vLLM's: the base model's ``root`` (its path) and ``max_model_len``
+are what the replicas' own ``/v1/models`` report (``ReplicaPool.base_model_card``: the smallest
+``max_model_len`` of the healthy replicas); an adapter's card has ``parent`` = the base model,
+``root`` = its configured path and ``max_model_len: null``, as vLLM's. Paths are shown to
+tenants, as vLLM shows them to every caller: a tenant sees the paths of the adapters it may use
+(and of the base model), never another tenant's. Before any replica has answered, the base card
+has ``root`` = the model name and ``max_model_len: null``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterable, Mapping
 
+from loragate.backends.client import ModelCard
 from loragate.core.errors import AuthenticationError, NotFoundError
 from loragate.core.types import AdapterSpec, TenantId
 
@@ -50,7 +62,8 @@ class Catalog:
         self._by_header = {f"Bearer {k}": t for k, t in self._by_key.items()}
         self._auth_required = bool(self._by_key)
         self._created = int(time.time())
-        self._models_json: dict[TenantId | None, bytes] = {}
+        # tenant -> (the base card's (root, max_model_len) it was built with, the answer)
+        self._models_json: dict[TenantId | None, tuple[tuple[str, int | None], bytes]] = {}
 
     @property
     def auth_required(self) -> bool:
@@ -90,26 +103,57 @@ class Catalog:
     def visible_models(self, tenant: TenantId | None) -> list[str]:
         return [self.base_model] + [n for n, a in self._adapters.items() if a.allows(tenant)]
 
-    def models_json(self, tenant: TenantId | None) -> bytes:
-        """The OpenAI model list for ``tenant`` (cached per tenant)."""
+    def models_json(self, tenant: TenantId | None, base: ModelCard | None = None) -> bytes:
+        """The OpenAI model list for ``tenant``, in vLLM 0.32's shape. ``base``: the base model's
+        card as the replicas report it (its ``root`` and ``max_model_len``; None: unknown yet).
+        Cached per tenant while the base card stays the same."""
+        key = (
+            (base.root or self.base_model, base.max_model_len)
+            if base is not None
+            else (self.base_model, None)
+        )
         cached = self._models_json.get(tenant)
-        if cached is None:
-            data = [self._card(self.base_model, None)]
-            data += [
-                self._card(name, self.base_model)
-                for name, spec in self._adapters.items()
-                if spec.allows(tenant)
-            ]
-            cached = json.dumps({"object": "list", "data": data}).encode()
-            self._models_json[tenant] = cached
-        return cached
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        root, max_model_len = key
+        data = [self._card(self.base_model, root=root, parent=None, max_model_len=max_model_len)]
+        data += [
+            self._card(name, root=spec.path, parent=self.base_model, max_model_len=None)
+            for name, spec in self._adapters.items()
+            if spec.allows(tenant)
+        ]
+        body = json.dumps({"object": "list", "data": data}).encode()
+        self._models_json[tenant] = (key, body)
+        return body
 
-    def _card(self, model_id: str, parent: str | None) -> dict[str, object]:
+    def _card(
+        self, model_id: str, *, root: str, parent: str | None, max_model_len: int | None
+    ) -> dict[str, object]:
+        """One card as vLLM 0.32 writes it. vLLM draws a random permission id per answer; here
+        it is derived from the model id and the catalog's creation time (stable, cacheable)."""
+        digest = hashlib.sha256(f"{self._created}:{model_id}".encode()).hexdigest()
         return {
             "id": model_id,
             "object": "model",
             "created": self._created,
-            "owned_by": "loragate",
-            "root": model_id,
+            "owned_by": "vllm",
+            "root": root,
             "parent": parent,
+            "max_model_len": max_model_len,
+            "permission": [
+                {
+                    "id": f"modelperm-{digest[:16]}",
+                    "object": "model_permission",
+                    "created": self._created,
+                    "allow_create_engine": False,
+                    "allow_sampling": True,
+                    "allow_logprobs": True,
+                    "allow_search_indices": False,
+                    "allow_view": True,
+                    "allow_fine_tuning": False,
+                    "organization": "*",
+                    "group": None,
+                    "is_blocking": False,
+                }
+            ],
         }
