@@ -292,15 +292,17 @@ async def test_resync_ends_while_leases_change_during_every_sync(
     assert churned > 0
     assert gw.drain_pass_limit_hits >= 1  # the bound was what ended the resync
     # Nothing written during the resync is lost: what the passes did not replay waits in the
-    # journal, later writes queue behind it (a deletion must not be overtaken by the older
-    # registration), and the next maintenance round replays it all in order.
+    # journal, later writes queue behind it (an unload must not be overtaken by the older
+    # load), and the next maintenance round replays it all in order. (Admin registry writes
+    # do not queue: they replay the journal first and Redis decides them, see
+    # test_resync_registry.py.)
     # (The churn outruns any bounded journal: journal_max 200 keeps the newest entries and
     # counts the older ones in journal_dropped, as during a long outage.)
     left = gw.journal_len
     assert 0 < left <= 200  # the churn's adapter touches, written while the resync ran
     dropped = gw.journal_dropped
-    await gw.put_adapter(AdapterSpec(name="late", path="/a/late", rank=8))
-    await gw.delete_adapter("late")
+    await gw.record_load("r1", "late")
+    await gw.record_unload("r1", "late")
     assert gw.journal_len == min(200, left + 2)
     await gw.end_request("r1", "down-0")
     await gw.maintain()
@@ -309,7 +311,7 @@ async def test_resync_ends_while_leases_change_during_every_sync(
     await gw.remote.sync_leases()  # what the periodic renewal does
     raw = await redis_stores().snapshot()
     assert raw.in_flight == {"r1": 0}
-    assert "late" not in {a.name for a in await redis_stores().list_adapters()}
+    assert "late" not in raw.residency_of("r1").registered
 
 
 async def test_redis_down_at_start_is_logged(caplog: pytest.LogCaptureFixture) -> None:

@@ -25,9 +25,16 @@ key                          type    content / lifetime
                                      script as the deletion, ``Ttls.tombstone_ttl_s`` long;
                                      cleared by a new registration of the name, dropped by
                                      the snapshot script once past; the key PEXPIREs with its
-                                     last entry. An instance unloads a tombstoned adapter
+                                     last entry; a resync after Redis lost its data writes
+                                     back the tombstones its instance knows, with the time
+                                     they have left. An instance unloads a tombstoned adapter
                                      that a replica still lists (a stale instance may have
                                      loaded it back on demand)
+``P restored``               SET     adapters a resync wrote back into a Redis that lost its
+                                     data, from an instance's view (not registered through
+                                     the admin API since): a tombstone written back later
+                                     removes them (that view predated the deletion); PEXPIREs
+                                     ``Ttls.tombstone_ttl_s`` after its last addition
 ``P demand:B``               HASH    adapter -> requests routed in bucket ``B``
                                      (``B = floor(t / demand_bucket_s)``); EXPIRE
                                      ``demand_retention_s``
@@ -173,6 +180,10 @@ class KeySpace:
     @property
     def tombstones(self) -> str:
         return f"{self.prefix}tombstones"
+
+    @property
+    def restored(self) -> str:
+        return f"{self.prefix}restored"
 
     def residency_keys(self, replica_id: ReplicaId) -> list[str]:
         """Keys of one replica's shadow residency, in the order the Lua scripts expect."""

@@ -210,11 +210,13 @@ end
 return 0
 """
 
-# KEYS: adapters, version, tombstones; ARGV: name, JSON spec. Registers the adapter only if
-# the name is free (bumping the version and clearing its tombstone): returns 1; else 0.
+# KEYS: adapters, version, tombstones, restored; ARGV: name, JSON spec. Registers the adapter
+# only if the name is free (bumping the version, clearing its tombstone and its mark of an
+# entry a resync wrote back): returns 1; else 0.
 PUT_ADAPTER = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('SREM', KEYS[4], ARGV[1])
   redis.call('INCR', KEYS[2])
   return 1
 end
@@ -265,17 +267,24 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX') then return {ARGV[1], 1} end
 return {redis.call('GET', KEYS[1]), 0}
 """
 
-# KEYS: replicas, adapters, version, refusals
+# KEYS: replicas, adapters, version, refusals, tombstones, restored
 # ARGV: per-replica key prefix, JSON {"version": n, "adapters": {name: json},
 #       "replicas": [{"id", "info": [k, v, …], "reg": [], "gpu": [], "cpu": []}],
-#       "refusals": [[field, json, ms left], …]}
+#       "refusals": [[field, json, ms left], …], "tombstones": [[name, ms left], …]},
+#       tombstone ttl ms
 # Fills in what is missing after Redis lost its data; never overwrites what is there (another
 # gateway may have pushed first), so the first instance back wins per replica (and refusal).
+# Deletions win over stale views: a tombstone is written back with the time it has left, an
+# adapter is not written back while its name has a tombstone in force, and a tombstone removes
+# an adapter that another instance's push wrote back (marked in ``restored``), but not one
+# registered through the admin API since the restart (newer than the deletion).
 PUSH_MISSING = (
     _COMMON
     + """
 local state = cjson.decode(ARGV[2])
 local now = now_ms()
+local ttl = tonumber(ARGV[3])
+local changed = false
 for _, x in ipairs(state.refusals) do
   if redis.call('HEXISTS', KEYS[4], x[1]) == 0 then
     set_refusal(KEYS[4], x[1], x[2], tonumber(x[3]), now)
@@ -293,9 +302,38 @@ for _, r in ipairs(state.replicas) do
     for _, a in ipairs(r.cpu) do redis.call('RPUSH', base .. ':cpu', a) end
   end
 end
-for name, spec in pairs(state.adapters) do redis.call('HSETNX', KEYS[2], name, spec) end
+for _, t in ipairs(state.tombstones) do
+  local name, left = t[1], tonumber(t[2])
+  local held = redis.call('HEXISTS', KEYS[2], name) == 1
+  if held and redis.call('SISMEMBER', KEYS[6], name) == 1 then
+    redis.call('HDEL', KEYS[2], name)
+    redis.call('SREM', KEYS[6], name)
+    held = false
+    changed = true
+  end
+  if not held and left > 0 then
+    local until_ms = now + left
+    if until_ms > (tonumber(redis.call('HGET', KEYS[5], name)) or 0) then
+      redis.call('HSET', KEYS[5], name, string.format('%.0f', until_ms))
+      if redis.call('PTTL', KEYS[5]) < left then redis.call('PEXPIRE', KEYS[5], left) end
+    end
+  end
+end
+local restored = false
+for name, spec in pairs(state.adapters) do
+  if (tonumber(redis.call('HGET', KEYS[5], name)) or 0) <= now
+      and redis.call('HSETNX', KEYS[2], name, spec) == 1 then
+    redis.call('SADD', KEYS[6], name)
+    restored = true
+  end
+end
+if restored then redis.call('PEXPIRE', KEYS[6], ttl) end
 local v = tonumber(redis.call('GET', KEYS[3]) or '0')
-if v <= tonumber(state.version) then redis.call('SET', KEYS[3], tonumber(state.version) + 1) end
+if v <= tonumber(state.version) then
+  redis.call('SET', KEYS[3], tonumber(state.version) + 1)
+elseif changed then
+  redis.call('INCR', KEYS[3])
+end
 return 1
 """
 )

@@ -375,7 +375,8 @@ class RedisStore:
         k = self.keys
         added = await self._io(
             self._put_adapter(
-                keys=[k.adapters, k.version, k.tombstones], args=[spec.name, encode_adapter(spec)]
+                keys=[k.adapters, k.version, k.tombstones, k.restored],
+                args=[spec.name, encode_adapter(spec)],
             )
         )
         return int(added) == 1
@@ -472,7 +473,9 @@ class RedisStore:
         return str(raw[0]), int(raw[1]) == 1
 
     async def push_missing(self, view: StateView) -> None:
-        """Write ``view`` where Redis has nothing (after Redis lost its data)."""
+        """Write ``view`` where Redis has nothing (after Redis lost its data), tombstones
+        included; an adapter with a tombstone in force (this view's or one already written
+        back) is not written back (see ``lua.PUSH_MISSING``)."""
         payload = {
             "version": view.version,
             "adapters": {n: encode_adapter(s) for n, s in view.adapters.items()},
@@ -496,12 +499,19 @@ class RedisStore:
                 for rid, x in by_replica.items()
                 if x.left_s > 0
             ],
+            # Deletions it knows of, with the time they have left: without them an instance
+            # whose view predates a deletion would write the adapter back.
+            "tombstones": [
+                [name, math.ceil(left_s * 1000)]
+                for name, left_s in view.tombstones.items()
+                if left_s > 0
+            ],
         }
         k = self.keys
         await self._io(
             self._push_missing(
-                keys=[k.replicas, k.adapters, k.version, k.refusals],
-                args=[k.replica_base, json.dumps(payload)],
+                keys=[k.replicas, k.adapters, k.version, k.refusals, k.tombstones, k.restored],
+                args=[k.replica_base, json.dumps(payload), self.ttls.tombstone_ttl_ms],
             )
         )
 

@@ -13,7 +13,9 @@ The gateway's store in a multi-instance deployment. It keeps a local mirror (a
   client request waits on a dead Redis more than once per outage). Writes go to a bounded
   journal; leases are remembered. ``maintain()`` retries with exponential backoff.
 * On reconnect it resynchronises: if Redis lost its data (the epoch token is gone or new) it
-  first writes the mirror where Redis has nothing (registry, adapters, residency); then it
+  first writes the mirror where Redis has nothing (registry, adapters, residency, refusals,
+  and the tombstones of adapters deleted lately, so that another instance's stale view does
+  not bring a deleted adapter back); then it
   replays the journal (residency touches, demand counts, admin writes), replaces this
   instance's leases with the live ones, and refreshes the mirror.
 
@@ -26,7 +28,9 @@ time it has left.
 Adapter registrations and deletions (the admin API's) are decided by Redis when it is
 reachable: ``put_adapter`` registers a name only if Redis does not hold it yet, whatever the
 mirror says (two instances registering one name at once: one wins), and ``delete_adapter``
-answers whether Redis held it; the mirror then follows Redis's answer. While degraded they go
+answers whether Redis held it; the mirror then follows Redis's answer. Writes still queued
+from an outage (a resync that raced traffic leaves some) are replayed first, and a resync in
+progress is waited for, so Redis decides against every older write. While degraded they go
 to the mirror and the journal like any write, but the gateway refuses admin writes then (503),
 because the outcome would be decided later, against other instances' writes.
 
@@ -101,6 +105,11 @@ class ResilientStore:
         self.resyncs = 0
         self._refusal_writes = 0  # refusal writes begun so far
         self._refusal_writing = 0  # refusal writes waiting for Redis now
+        # Held by a resynchronisation, and by an adapter-registry write deciding against Redis
+        # (which must not run against a Redis still being refilled).
+        self._resync_lock = asyncio.Lock()
+        # Held while journal entries are replayed (maintenance and registry writes both do).
+        self._replay_lock = asyncio.Lock()
 
     # --- status -------------------------------------------------------------------------------
     @property
@@ -185,6 +194,10 @@ class ResilientStore:
         self._backoff_s = self._ttls.retry_initial_s
 
     async def _recover(self) -> None:
+        async with self._resync_lock:
+            await self._recover_locked()
+
+    async def _recover_locked(self) -> None:
         remote = self._remote
         if self.resyncs > 0:  # an outage: do not reuse connections to the old server
             await remote.drop_idle_connections()
@@ -225,11 +238,14 @@ class ResilientStore:
 
     async def _replay_journal(self) -> None:
         """Replay, in order, the journal entries present now (an entry leaves the journal only
-        once Redis has taken it; on an error it stays first in line)."""
-        remote = self._remote
-        for _ in range(len(self._journal)):
-            await self._journal[0](remote)
-            self._journal.popleft()
+        once Redis has taken it; on an error it stays first in line). One replay at a time."""
+        if not self._journal:
+            return
+        async with self._replay_lock:
+            remote = self._remote
+            for _ in range(len(self._journal)):
+                await self._journal[0](remote)
+                self._journal.popleft()
 
     async def _refresh(self, *, allow_resync: bool = True) -> None:
         own_before = self._remote.own_in_flight()
@@ -343,30 +359,36 @@ class ResilientStore:
 
     # --- adapter registry -------------------------------------------------------------------------
     async def put_adapter(self, spec: AdapterSpec) -> bool:
-        if not self._queueing:
-            try:
-                added = await self._remote.put_adapter(spec)
-            except StateUnavailableError as exc:
-                self._on_error(exc)  # the outcome is unknown: the journal decides it later
-            else:
-                if added:
-                    self._local.set_adapter(spec)
-                return added
+        async with self._resync_lock:  # not against a Redis being refilled
+            if not self._degraded:
+                try:
+                    # Older writes first (queued during an outage and not replayed yet), so
+                    # that Redis, not the mirror, decides against all of them.
+                    await self._replay_journal()
+                    added = await self._remote.put_adapter(spec)
+                except StateUnavailableError as exc:
+                    self._on_error(exc)  # the outcome is unknown: the journal decides it later
+                else:
+                    if added:
+                        self._local.set_adapter(spec)
+                    return added
         added = await self._local.put_adapter(spec)
         if added:
             self._journal_append(lambda r: r.put_adapter(spec))
         return added
 
     async def delete_adapter(self, name: AdapterId) -> bool:
-        if not self._queueing:
-            try:
-                existed = await self._remote.delete_adapter(name)
-            except StateUnavailableError as exc:
-                self._on_error(exc)
-            else:
-                if existed:
-                    self._local.remove_adapter(name)
-                return existed
+        async with self._resync_lock:
+            if not self._degraded:
+                try:
+                    await self._replay_journal()  # older writes first, as in put_adapter
+                    existed = await self._remote.delete_adapter(name)
+                except StateUnavailableError as exc:
+                    self._on_error(exc)
+                else:
+                    if existed:
+                        self._local.remove_adapter(name)
+                    return existed
         existed = await self._local.delete_adapter(name)
         self._journal_append(lambda r: r.delete_adapter(name))
         return existed
