@@ -5,7 +5,8 @@
   predates a deletion does not bring the deleted adapter back, whichever instance is back
   first; a registration made after the restart is newer than the deletion and stays.
 * Right after a resync that raced traffic (writes still queued), admin registry writes are
-  decided by Redis, after the queued writes, not by the local mirror.
+  decided by Redis, after the queued writes, not by the local mirror; and after Redis lost its
+  data unnoticed (no failed call), not by the empty Redis before this instance's view is back.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 from collections.abc import Callable
 
 import pytest
+import redis.asyncio as aioredis
 
 from loragate.core.clock import VirtualClock
 from loragate.core.types import AdapterSpec, ReplicaSettings
@@ -196,3 +198,27 @@ async def test_registry_writes_after_a_racing_resync_are_decided_by_redis(
     assert set(gw.view().adapters) >= {"fresh"} and "gone" not in gw.view().adapters
     assert "gone" in gw.tombstones()
     assert raw.residency_of("r1").gpu  # the queued touches reached Redis
+
+
+async def test_registry_writes_after_an_unnoticed_data_loss_see_the_refilled_redis(
+    redis_server: RedisServer, redis_stores: StoreFactory
+) -> None:
+    clock = VirtualClock()
+    gw = await _started(redis_stores, clock, "gw-a")
+    await gw.upsert_replica(ReplicaRecord(replica_id="r1", url="r1", settings=SETTINGS))
+    assert await gw.put_adapter(X)
+    assert await gw.put_adapter(AdapterSpec(name="y", path="/a/y"))
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await client.flushall()  # no connection error: the store has not noticed
+    finally:
+        await client.aclose()
+    # Before any refresh: "x" is registered (this instance's view, which a resync writes back),
+    # so a registration of the name is refused, and "y" exists to be deleted.
+    assert not await gw.put_adapter(AdapterSpec(name="x", path="/a/other"))
+    assert await gw.delete_adapter("y")
+    assert not gw.degraded
+    raw = await redis_stores().snapshot()
+    assert raw.adapters == {"x": X}
+    assert set(raw.tombstones) == {"y"}
+    assert set(raw.replicas) == {"r1"}  # the rest of the view is back too

@@ -210,10 +210,12 @@ end
 return 0
 """
 
-# KEYS: adapters, version, tombstones, restored; ARGV: name, JSON spec. Registers the adapter
-# only if the name is free (bumping the version, clearing its tombstone and its mark of an
-# entry a resync wrote back): returns 1; else 0.
+# KEYS: adapters, version, tombstones, restored, epoch; ARGV: name, JSON spec, the epoch the
+# caller knows ('' = any). Registers the adapter only if the name is free (bumping the version,
+# clearing its tombstone and its mark of an entry a resync wrote back): returns 1; else 0;
+# -1 (nothing done) if the epoch is not the caller's (Redis lost its data since).
 PUT_ADAPTER = """
+if ARGV[3] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[3] then return -1 end
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('HDEL', KEYS[3], ARGV[1])
   redis.call('SREM', KEYS[4], ARGV[1])
@@ -223,11 +225,14 @@ end
 return 0
 """
 
-# KEYS: adapters, version, tombstones; ARGV: name, tombstone ttl ms. Deletes the adapter and
-# leaves its tombstone (name -> until ms, Redis server time). Returns 1 if it existed.
+# KEYS: adapters, version, tombstones, epoch; ARGV: name, tombstone ttl ms, the epoch the
+# caller knows ('' = any). Deletes the adapter and leaves its tombstone (name -> until ms,
+# Redis server time). Returns 1 if it existed, else 0; -1 (nothing done) if the epoch is not
+# the caller's.
 DELETE_ADAPTER = (
     _COMMON
     + """
+if ARGV[3] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[3] then return -1 end
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
   local ttl = tonumber(ARGV[2])
   redis.call('HSET', KEYS[3], ARGV[1], string.format('%.0f', now_ms() + ttl))

@@ -132,6 +132,17 @@ async def bounded(aw: Awaitable[T], timeout_s: float) -> T:
         raise TimeoutError(f"no answer within {timeout_s} s")
     return task.result()
 
+class EpochChangedError(StateUnavailableError):
+    """Redis's dataset is not the one the caller knows (Redis lost its data since): the
+    registry write was not made."""
+
+
+def _registry_answer(answer: int, epoch: str | None) -> bool:
+    if answer < 0:
+        raise EpochChangedError(f"redis: the dataset changed (epoch {epoch} is gone)")
+    return answer == 1
+
+
 class RedisStore:
     """``StateStore`` on one Redis. Build with ``RedisStore.from_url``."""
 
@@ -371,25 +382,28 @@ class RedisStore:
         await self._residency_op(replica_id, "reconcile", sorted(seen))
 
     # --- adapter registry ---------------------------------------------------------------------
-    async def put_adapter(self, spec: AdapterSpec) -> bool:
+    async def put_adapter(self, spec: AdapterSpec, *, epoch: str | None = None) -> bool:
+        """Register ``spec`` if the name is free. ``epoch``: only in that dataset, else
+        ``EpochChangedError`` (nothing done)."""
         k = self.keys
         added = await self._io(
             self._put_adapter(
-                keys=[k.adapters, k.version, k.tombstones, k.restored],
-                args=[spec.name, encode_adapter(spec)],
+                keys=[k.adapters, k.version, k.tombstones, k.restored, k.epoch],
+                args=[spec.name, encode_adapter(spec), epoch or ""],
             )
         )
-        return int(added) == 1
+        return _registry_answer(int(added), epoch)
 
-    async def delete_adapter(self, name: AdapterId) -> bool:
+    async def delete_adapter(self, name: AdapterId, *, epoch: str | None = None) -> bool:
+        """Delete ``name`` leaving its tombstone; ``epoch`` as in ``put_adapter``."""
         k = self.keys
         deleted = await self._io(
             self._delete_adapter(
-                keys=[k.adapters, k.version, k.tombstones],
-                args=[name, self.ttls.tombstone_ttl_ms],
+                keys=[k.adapters, k.version, k.tombstones, k.epoch],
+                args=[name, self.ttls.tombstone_ttl_ms, epoch or ""],
             )
         )
-        return int(deleted) == 1
+        return _registry_answer(int(deleted), epoch)
 
     async def get_adapter(self, name: AdapterId) -> AdapterSpec | None:
         raw = await self._io(self._r.hget(self.keys.adapters, name))

@@ -30,7 +30,10 @@ reachable: ``put_adapter`` registers a name only if Redis does not hold it yet, 
 mirror says (two instances registering one name at once: one wins), and ``delete_adapter``
 answers whether Redis held it; the mirror then follows Redis's answer. Writes still queued
 from an outage (a resync that raced traffic leaves some) are replayed first, and a resync in
-progress is waited for, so Redis decides against every older write. While degraded they go
+progress is waited for, so Redis decides against every older write; if Redis lost its data
+since the last sync without a failed call (a FLUSHALL, a restart between two calls), the write
+is refused by the script (epoch check, no extra round trip), Redis is refilled from the mirror
+and asked again. While degraded they go
 to the mirror and the journal like any write, but the gateway refuses admin writes then (503),
 because the outcome would be decided later, against other instances' writes.
 
@@ -50,7 +53,7 @@ from collections.abc import Awaitable, Callable
 from loragate.core.clock import Clock, WallClock
 from loragate.core.types import AdapterId, AdapterSpec, ReplicaId, Residency
 from loragate.state.memory import MemoryStore
-from loragate.state.redis_store import RedisStore
+from loragate.state.redis_store import EpochChangedError, RedisStore
 from loragate.state.store import (
     RefusalMap,
     ReplicaRecord,
@@ -362,10 +365,7 @@ class ResilientStore:
         async with self._resync_lock:  # not against a Redis being refilled
             if not self._degraded:
                 try:
-                    # Older writes first (queued during an outage and not replayed yet), so
-                    # that Redis, not the mirror, decides against all of them.
-                    await self._replay_journal()
-                    added = await self._remote.put_adapter(spec)
+                    added = await self._decide(lambda r, e: r.put_adapter(spec, epoch=e))
                 except StateUnavailableError as exc:
                     self._on_error(exc)  # the outcome is unknown: the journal decides it later
                 else:
@@ -381,8 +381,7 @@ class ResilientStore:
         async with self._resync_lock:
             if not self._degraded:
                 try:
-                    await self._replay_journal()  # older writes first, as in put_adapter
-                    existed = await self._remote.delete_adapter(name)
+                    existed = await self._decide(lambda r, e: r.delete_adapter(name, epoch=e))
                 except StateUnavailableError as exc:
                     self._on_error(exc)
                 else:
@@ -392,6 +391,21 @@ class ResilientStore:
         existed = await self._local.delete_adapter(name)
         self._journal_append(lambda r: r.delete_adapter(name))
         return existed
+
+    async def _decide(self, op: Callable[[RedisStore, str | None], Awaitable[bool]]) -> bool:
+        """A registry write decided by Redis (call with the resync lock held). Older writes go
+        first (queued during an outage and not replayed yet), so Redis, not the mirror, decides
+        against all of them; and only in the dataset this instance synchronised with: if Redis
+        lost its data since (noticed by no failed call, e.g. a FLUSHALL, or a restart between
+        two calls), it is refilled from this instance's view first, then asked again."""
+        await self._replay_journal()
+        try:
+            return await op(self._remote, self._known_epoch)
+        except EpochChangedError:
+            log.warning("state: Redis lost its data since the last sync; resynchronising "
+                        "before the adapter-registry write")  # fmt: skip
+            await self._recover_locked()
+        return await op(self._remote, self._known_epoch)
 
     async def get_adapter(self, name: AdapterId) -> AdapterSpec | None:
         """Redis's entry (one round trip) when reachable, else the mirror's."""
