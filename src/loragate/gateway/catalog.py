@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from loragate.backends.client import ModelCard
 from loragate.core.errors import AuthenticationError, NotFoundError
 from loragate.core.types import AdapterSpec, TenantId
+from loragate.twin.replica_responses import model_card
 
 _BEARER = "bearer "
 
@@ -132,28 +133,11 @@ class Catalog:
         """One card as vLLM 0.32 writes it. vLLM draws a random permission id per answer; here
         it is derived from the model id and the catalog's creation time (stable, cacheable)."""
         digest = hashlib.sha256(f"{self._created}:{model_id}".encode()).hexdigest()
-        return {
-            "id": model_id,
-            "object": "model",
-            "created": self._created,
-            "owned_by": "vllm",
-            "root": root,
-            "parent": parent,
-            "max_model_len": max_model_len,
-            "permission": [
-                {
-                    "id": f"modelperm-{digest[:16]}",
-                    "object": "model_permission",
-                    "created": self._created,
-                    "allow_create_engine": False,
-                    "allow_sampling": True,
-                    "allow_logprobs": True,
-                    "allow_search_indices": False,
-                    "allow_view": True,
-                    "allow_fine_tuning": False,
-                    "organization": "*",
-                    "group": None,
-                    "is_blocking": False,
-                }
-            ],
-        }
+        return model_card(
+            model_id=model_id,
+            created=self._created,
+            root=root,
+            parent=parent,
+            max_model_len=max_model_len,
+            permission_id=f"modelperm-{digest[:16]}",
+        )

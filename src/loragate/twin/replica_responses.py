@@ -260,9 +260,16 @@ def usage_chunk(
 
 
 def model_card(
-    *, model_id: str, created: int, root: str, parent: str | None, max_model_len: int | None
+    *,
+    model_id: str,
+    created: int,
+    root: str,
+    parent: str | None,
+    max_model_len: int | None,
+    permission_id: str | None = None,
 ) -> dict[str, Any]:
-    """One ``/v1/models`` entry (``created`` and the permission id are fresh on every call)."""
+    """One ``/v1/models`` entry as vLLM 0.32 writes it; the permission id is drawn fresh, as
+    vLLM draws it on every answer, unless ``permission_id`` is given."""
     return {
         "id": model_id,
         "object": "model",
@@ -273,7 +280,7 @@ def model_card(
         "max_model_len": max_model_len,
         "permission": [
             {
-                "id": f"modelperm-{secrets.token_hex(8)}",
+                "id": permission_id or f"modelperm-{secrets.token_hex(8)}",
                 "object": "model_permission",
                 "created": created,
                 "allow_create_engine": False,
