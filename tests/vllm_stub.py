@@ -35,6 +35,7 @@ class StubVllm:
         self.metrics_text = IDLE_METRICS
         self.load_calls = 0
         self.load_delay_s = 0.0
+        self.readable_paths: tuple[str, ...] = ("/loras/",)  # adapter folders it can "read"
         self.url = ""
         app = web.Application()
         app.router.add_get("/health", self._health)
@@ -81,7 +82,7 @@ class StubVllm:
                 "adapter in place, set 'load_inplace' to True.",
                 "InvalidUserInput",
             )
-        if not path.startswith("/loras/"):
+        if not path.startswith(self.readable_paths):
             return vllm_error(
                 404, f"Loading lora {name} failed: No adapter found for <path>", "NotFoundError"
             )

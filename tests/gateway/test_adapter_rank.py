@@ -34,6 +34,8 @@ def r16(tmp_path: Path) -> str:
 async def test_admin_registration_reads_the_rank_from_the_folder(
     replicas: list[ScriptedReplica], r16: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    for rep in replicas:  # the replicas read the same folder (a registration is tried there)
+        rep.readable_paths += (r16,)
     cfg = gateway_config([r.url for r in replicas], admin={"token": TOKEN})
     async with running_gateway(cfg, port=0) as gw, aiohttp.ClientSession() as http:
         status, body = await _add(http, gw.url, {"name": "a", "path": r16})

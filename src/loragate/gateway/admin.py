@@ -10,9 +10,12 @@
 ``POST /admin/adapters``    register ``{name, path, rank?, tenants?}``: 201 (the body says
                             where the rank came from: ``rank_source``, see
                             ``gateway.adapter_rank``); 400 naming the bad key, or a rank that
-                            disagrees with the folder's ``adapter_config.json``; 409 if the
-                            name is taken (in the shared store, whatever this instance's view
-                            shows yet)
+                            disagrees with the folder's ``adapter_config.json``, or a path
+                            every healthy replica refuses to load (it is loaded on the first
+                            that takes it at once, as vLLM would load it on first use; vLLM's
+                            reasons are in the message, and the registration is taken back);
+                            409 if the name is taken (in the shared store, whatever this
+                            instance's view shows yet)
 ``DELETE /admin/adapters/N``  remove an admin-registered adapter and unload it from the
                             replicas that registered it: 200; 404 unknown; 409 if the config
                             file defines it (edit the file and reload instead). It leaves a
@@ -43,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import hdrs, web
 
 from loragate.core.errors import (
+    AdapterLoadError,
     AuthenticationError,
     ConflictError,
     InvalidRequestError,
@@ -264,6 +268,13 @@ class AdminApi:
                 raise ConflictError(f"adapter {spec.name!r} already exists", param="name")
             gw.shared.check_adapters()  # this instance serves it at once
         gw.pool.refusals.forget(spec.name)  # registered anew: every replica may try it again
+        try:
+            await self._try_load(spec)
+        except InvalidRequestError:  # no replica can load it: take the registration back
+            async with gw.lock:
+                await gw.shared.store.delete_adapter(spec.name)
+                gw.shared.check_adapters()
+            raise
         if settled.unread is None:
             log.info("admin: registered adapter %s (%s, rank %d from its adapter_config.json)",
                      spec.name, spec.path, spec.rank)  # fmt: skip
@@ -277,6 +288,35 @@ class AdminApi:
                 spec.name, spec.path, spec.rank, settled.unread,
             )  # fmt: skip
         return _json({**adapter_json(spec), "rank_source": settled.source}, status=201)
+
+    async def _try_load(self, spec: AdapterSpec) -> None:
+        """Load ``spec`` (just registered) on the healthy replicas in turn until one has it, so
+        that a path no replica can load is a 400 now, not a 502 for every request later.
+        Raises ``InvalidRequestError`` (param ``path``, vLLM's reasons) if every healthy
+        replica refuses it; a replica that refuses while another loads it keeps its refusal,
+        as after a routed request. Unreachable replicas, or none healthy, leave the
+        registration standing (logged)."""
+        pool = self._gw.pool
+        refused: list[str] = []
+        for snap in pool.healthy_snapshots():
+            rid = snap.replica_id
+            try:
+                await pool.ensure_adapter(rid, spec)
+                return
+            except AdapterLoadError as exc:
+                refused.append(f"replica {rid}: {exc.message}")
+            except LoragateError as exc:  # unreachable, timed out: not the adapter's fault
+                log.warning("admin: adapter %s not tried on replica %s: %s", spec.name, rid, exc)
+                return
+        if not refused:
+            log.warning("admin: adapter %s registered untried: no healthy replica", spec.name)
+            return
+        pool.refusals.forget(spec.name)  # taken back: nothing to remember
+        raise InvalidRequestError(
+            f"no replica could load adapter {spec.name!r} from {spec.path!r}: "
+            + "; ".join(refused),
+            param="path",
+        )
 
     async def delete_adapter(self, request: web.Request) -> web.Response:
         gw = self._gw
