@@ -287,3 +287,23 @@ def test_malformed_json_is_a_validation_error() -> None:
         parse_json_object(b"[1, 2]")
     with pytest.raises(VllmApiError):
         parse_json_object(b"")
+
+
+def test_validation_errors_render_as_vllms_handler_renders_them() -> None:
+    """vLLM 0.32's validation handler: inputs summarised with ``str()`` (an int becomes
+    ``'5'``), at most 10 errors listed, paths sanitised; the gateway's checks use the same."""
+    from loragate.twin.vllm_errors import FieldError, validation_error
+
+    msg = "Input should be a valid integer"
+    errors = [FieldError(kind="int_type", loc=("body", "n"), msg=msg, input=5)] * 12
+    err = validation_error(errors)
+    lines = err.message.split("\n")
+    assert lines[0] == "12 validation errors:"
+    assert lines[1] == (
+        "  {'type': 'int_type', 'loc': 'body.n', 'msg': 'Input should be a valid integer', "
+        "'input': '5'}"
+    )
+    assert len(lines) == 12 and lines[-1] == "  ...and 2 more errors"
+    assert (err.status, err.err_type, err.param) == (400, "Bad Request", "body.n")
+    path = FieldError(kind="string_type", loc=("body", "model"), msg="m", input="/tmp/x/y.bin")
+    assert "'input': '<path>'" in validation_error([path]).message

@@ -31,17 +31,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
-from dataclasses import dataclass
 from typing import Any
 
 from loragate.gateway.errors import VllmRequestError
 from loragate.gateway.lax_fields import lax_bool, lax_int
-
-# vLLM's validation handler (serve/exception_handling/handlers/validation.py) bounds its message.
-_MAX_REPORTED_ERRORS = 10
-_MAX_ERROR_INPUT_CHARS = 200
-_MAX_ERROR_CHARS = 1000
+from loragate.twin.vllm_errors import FieldError, sanitize_message, validation_message
 
 _NOT_INT = "Input should be a valid integer"
 _NOT_BOOL = "Input should be a valid boolean"
@@ -49,28 +43,17 @@ _TOO_BIG = "Unable to parse input string as an integer, exceeded maximum size"
 _I64 = float(1 << 63)
 
 
-@dataclass(frozen=True, slots=True)
-class FieldError:
-    """One pydantic validation error as vLLM reports it."""
-
-    kind: str  # pydantic's error type: "int_parsing", "missing", ...
-    loc: str  # "body.max_tokens"
-    msg: str
-    value: Any  # the input, summarised as vLLM does when the message is made
-    ctx: dict[str, Any] | None = None
+def _field_error(
+    kind: str, loc: str, msg: str, value: Any, ctx: dict[str, Any] | None = None
+) -> FieldError:
+    """One pydantic validation error; ``loc`` dotted (``"body.max_tokens"``)."""
+    return FieldError(kind=kind, loc=tuple(loc.split(".")), msg=msg, input=value, ctx=ctx)
 
 
 def validation_error(errors: list[FieldError]) -> VllmRequestError:
     """vLLM's answer to a body that failed request validation (``RequestValidationError``)."""
-    count = len(errors)
-    label = "error" if count == 1 else "errors"
-    message = f"{count} validation {label}:\n"
-    message += "".join(f"  {_format(err)}\n" for err in errors[:_MAX_REPORTED_ERRORS])
-    if count > _MAX_REPORTED_ERRORS:
-        message += f"  ...and {count - _MAX_REPORTED_ERRORS} more {label}\n"
-    return VllmRequestError(
-        sanitize_message(message.rstrip()), err_type="Bad Request", param=errors[0].loc
-    )
+    message, param = validation_message(errors)
+    return VllmRequestError(message, err_type="Bad Request", param=param)
 
 
 def bad_request(message: str, *, param: str | None = None, value: Any = None) -> VllmRequestError:
@@ -101,7 +84,7 @@ def parse_body(body: bytes) -> Any:
     except json.JSONDecodeError as exc:
         raise validation_error(
             [
-                FieldError(
+                _field_error(
                     "json_invalid", f"body.{exc.pos}", "JSON decode error", {}, {"error": exc.msg}
                 )
             ]
@@ -115,10 +98,10 @@ def check_body_object(payload: Any) -> dict[str, Any]:
     if type(payload) is dict:
         return payload
     if payload is None:  # FastAPI: a required body that is null is missing
-        raise validation_error([FieldError("missing", "body", "Field required", None)])
+        raise validation_error([_field_error("missing", "body", "Field required", None)])
     raise validation_error(
         [
-            FieldError(
+            _field_error(
                 "model_attributes_type",
                 "body",
                 "Input should be a valid dictionary or object to extract fields from",
@@ -130,7 +113,7 @@ def check_body_object(payload: Any) -> dict[str, Any]:
 
 def missing_body() -> VllmRequestError:
     """An empty body: FastAPI finds no body for a required one."""
-    return validation_error([FieldError("missing", "body", "Field required", None)])
+    return validation_error([_field_error("missing", "body", "Field required", None)])
 
 
 # What the gateway reads from a completions or chat body once vLLM's checks passed:
@@ -166,10 +149,10 @@ def read_completion(payload: dict[str, Any]) -> GenerationFields:
         # list[int] | list[list[int]] | str | list[str]: one error per member of the union.
         loc = "body.prompt"
         errors += [
-            FieldError("list_type", loc, "Input should be a valid list", prompt),
-            FieldError("list_type", loc, "Input should be a valid list", prompt),
-            FieldError("string_type", loc, "Input should be a valid string", prompt),
-            FieldError("list_type", loc, "Input should be a valid list", prompt),
+            _field_error("list_type", loc, "Input should be a valid list", prompt),
+            _field_error("list_type", loc, "Input should be a valid list", prompt),
+            _field_error("string_type", loc, "Input should be a valid string", prompt),
+            _field_error("list_type", loc, "Input should be a valid list", prompt),
         ]
     echo = _bool_field(payload, "echo", errors)
     max_tokens = _int_field(payload, "max_tokens", errors)
@@ -199,13 +182,13 @@ def read_chat(payload: dict[str, Any]) -> GenerationFields:
         return model, stream is True, max_tokens, False
     errors: list[FieldError] = []
     if messages is _ABSENT:
-        errors.append(FieldError("missing", "body.messages", "Field required", payload))
+        errors.append(_field_error("missing", "body.messages", "Field required", payload))
     elif type(messages) is not list:
         if messages is None or type(messages) in (int, float, bool):
             # A "before" model validator iterates over them: its TypeError is vLLM's answer.
             raise bad_request(f"'{type(messages).__name__}' object is not iterable")
         errors.append(
-            FieldError("list_type", "body.messages", "Input should be a valid list", messages)
+            _field_error("list_type", "body.messages", "Input should be a valid list", messages)
         )
     model = _str_field(payload, "model", errors)
     max_tokens = _int_field(payload, "max_tokens", errors)
@@ -237,7 +220,7 @@ def _str_field(payload: dict[str, Any], name: str, errors: list[FieldError]) -> 
     if value is None or type(value) is str:
         return value
     errors.append(
-        FieldError("string_type", f"body.{name}", "Input should be a valid string", value)
+        _field_error("string_type", f"body.{name}", "Input should be a valid string", value)
     )
     return None
 
@@ -257,10 +240,10 @@ def _bool_field(payload: dict[str, Any], name: str, errors: list[FieldError]) ->
     ):
         # Read as an integer or a string, neither of which names a boolean.
         errors.append(
-            FieldError("bool_parsing", loc, f"{_NOT_BOOL}, unable to interpret input", value)
+            _field_error("bool_parsing", loc, f"{_NOT_BOOL}, unable to interpret input", value)
         )
     else:
-        errors.append(FieldError("bool_type", loc, _NOT_BOOL, value))
+        errors.append(_field_error("bool_type", loc, _NOT_BOOL, value))
     return False
 
 
@@ -272,77 +255,29 @@ def _int_field(payload: dict[str, Any], name: str, errors: list[FieldError]) -> 
     try:
         parsed = lax_int(value)
     except ValueError:  # a string of more digits than int() converts (4,300)
-        errors.append(FieldError("int_parsing_size", loc, _TOO_BIG, value))
+        errors.append(_field_error("int_parsing_size", loc, _TOO_BIG, value))
         return None
     if parsed is not None:
         return parsed
     if isinstance(value, float):
         if not math.isfinite(value):
             errors.append(
-                FieldError("finite_number", loc, "Input should be a finite number", value)
+                _field_error("finite_number", loc, "Input should be a finite number", value)
             )
         elif not value.is_integer():
             errors.append(
-                FieldError(
+                _field_error(
                     "int_from_float", loc, f"{_NOT_INT}, got a number with a fractional part", value
                 )
             )
         else:
-            errors.append(FieldError("int_parsing_size", loc, _TOO_BIG, value))
+            errors.append(_field_error("int_parsing_size", loc, _TOO_BIG, value))
     elif isinstance(value, str):
         errors.append(
-            FieldError(
+            _field_error(
                 "int_parsing", loc, f"{_NOT_INT}, unable to parse string as an integer", value
             )
         )
     else:
-        errors.append(FieldError("int_type", loc, _NOT_INT, value))
+        errors.append(_field_error("int_type", loc, _NOT_INT, value))
     return None
-
-
-def _summarize(value: Any) -> Any:
-    """vLLM's size-bounded stand-in for an error's input (``_summarize_error_input``)."""
-    if isinstance(value, str):
-        if len(value) > _MAX_ERROR_INPUT_CHARS:
-            return value[:_MAX_ERROR_INPUT_CHARS] + "...[truncated]"
-        return value
-    if isinstance(value, list | tuple | set | frozenset | dict):
-        return f"<{type(value).__name__} of {len(value)} items>"
-    try:
-        text = str(value)
-    except ValueError:  # an int past sys.get_int_max_str_digits()
-        return f"<{type(value).__name__}>"
-    if len(text) > _MAX_ERROR_INPUT_CHARS:
-        return text[:_MAX_ERROR_INPUT_CHARS] + "...[truncated]"
-    return text
-
-
-def _format(err: FieldError) -> str:
-    """One error as vLLM renders it: ``str()`` of pydantic's error dict, bounded."""
-    entry: dict[str, Any] = {
-        "type": err.kind,
-        "loc": err.loc,
-        "msg": err.msg,
-        "input": _summarize(err.value),
-    }
-    if err.ctx is not None:
-        entry["ctx"] = err.ctx
-    text = str(entry)
-    if len(text) > _MAX_ERROR_CHARS:
-        text = text[:_MAX_ERROR_CHARS] + "...[truncated]"
-    return text
-
-
-_MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
-_TRACEBACK_LINE = re.compile(r'\n?\s*File "[^"]+", line \d+, in \S+(\n\s+.*)?')
-_SYSTEM_PATH = re.compile(r"/(?:home|usr|opt|var|tmp|root|lib|mnt|srv)(?:/[\w.\-]+)+")
-_FILE_PATH = re.compile(r"(?:/[\w\-]+)+/[\w\-]+\.\w+")
-
-
-def sanitize_message(message: str) -> str:
-    """vLLM strips memory addresses, tracebacks and file paths from every error message."""
-    message = _MEMORY_ADDRESS.sub(">", message)
-    message = _TRACEBACK_LINE.sub("", message)
-    message = _SYSTEM_PATH.sub("<path>", message)
-    message = _FILE_PATH.sub("<path>", message)
-    return message.strip()

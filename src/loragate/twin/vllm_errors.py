@@ -1,14 +1,16 @@
 """vLLM 0.32's error responses: ``{"error": {"message", "type", "param", "code"}}``.
 
 The message texts and ``type`` strings are the ones recorded in
-``shared/design/vllm-0.32/transcript_*.md``; request-body validation errors imitate the
-FastAPI/pydantic rendering vLLM 0.32 uses (``N validation error(s):`` then one dict per error,
-``loc`` joined with dots and container inputs summarised as ``'<dict of N items>'``).
+``shared/design/vllm-0.32/transcript_*.md``; request-body validation errors are rendered as
+vLLM 0.32's validation handler renders them (``N validation error(s):`` then at most 10 error
+dicts, ``loc`` joined with dots, inputs summarised and bounded, the message sanitised), for the
+simulated replica and for the gateway's own checks (``gateway.vllm_validation``) alike.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,32 +67,83 @@ class FieldError:
     ctx: Mapping[str, str] | None = None
 
 
-def _summarise(value: Any) -> str:
-    if isinstance(value, Mapping):
-        return f"'<dict of {len(value)} items>'"
-    if isinstance(value, list | tuple):
-        return f"'<list of {len(value)} items>'"
-    return repr(value)
+# vLLM's validation handler (serve/exception_handling/handlers/validation.py) bounds its message.
+_MAX_REPORTED_ERRORS = 10
+_MAX_ERROR_INPUT_CHARS = 200
+_MAX_ERROR_CHARS = 1000
+
+
+def _summarise(value: Any) -> Any:
+    """vLLM's size-bounded stand-in for an error's input (``_summarize_error_input``)."""
+    if isinstance(value, str):
+        if len(value) > _MAX_ERROR_INPUT_CHARS:
+            return value[:_MAX_ERROR_INPUT_CHARS] + "...[truncated]"
+        return value
+    if isinstance(value, bytes | bytearray):
+        return f"<{type(value).__name__} of {len(value)} bytes>"
+    if isinstance(value, list | tuple | set | frozenset | dict):
+        return f"<{type(value).__name__} of {len(value)} items>"
+    try:
+        text = str(value)
+    except ValueError:  # an int past sys.get_int_max_str_digits()
+        return f"<{type(value).__name__}>"
+    if len(text) > _MAX_ERROR_INPUT_CHARS:
+        return text[:_MAX_ERROR_INPUT_CHARS] + "...[truncated]"
+    return text
 
 
 def _render(err: FieldError) -> str:
-    loc = ".".join(str(part) for part in err.loc)
-    text = (
-        f"{{'type': '{err.kind}', 'loc': '{loc}', 'msg': '{err.msg}', "
-        f"'input': {_summarise(err.input)}"
-    )
-    if err.ctx:
-        text += ", 'ctx': {" + ", ".join(f"'{k}': {v!r}" for k, v in err.ctx.items()) + "}"
-    return text + "}"
+    """One error as vLLM renders it (``_format_error``): ``str()`` of pydantic's error dict with
+    the input summarised and ``loc`` joined with dots, bounded."""
+    entry: dict[str, Any] = {
+        "type": err.kind,
+        "loc": ".".join(str(part) for part in err.loc),
+        "msg": err.msg,
+        "input": _summarise(err.input),
+    }
+    if err.ctx is not None:
+        entry["ctx"] = dict(err.ctx)
+    text = str(entry)
+    if len(text) > _MAX_ERROR_CHARS:
+        text = text[:_MAX_ERROR_CHARS] + "...[truncated]"
+    return text
+
+
+def validation_message(errors: Sequence[FieldError]) -> tuple[str, str | None]:
+    """The message and ``param`` of vLLM's answer to a body that failed request validation
+    (``validation_exception_handler``): at most 10 errors listed, sanitised."""
+    count = len(errors)
+    if not count:
+        return "Validation error", None
+    label = "error" if count == 1 else "errors"
+    message = f"{count} validation {label}:\n"
+    message += "".join(f"  {_render(err)}\n" for err in errors[:_MAX_REPORTED_ERRORS])
+    if count > _MAX_REPORTED_ERRORS:
+        message += f"  ...and {count - _MAX_REPORTED_ERRORS} more {label}\n"
+    param = ".".join(str(part) for part in errors[0].loc)
+    return sanitize_message(message.rstrip()), param
 
 
 def validation_error(errors: Sequence[FieldError]) -> VllmApiError:
     """The 400 ``Bad Request`` vLLM returns when the request body fails validation."""
-    count = len(errors)
-    noun = "validation error" if count == 1 else "validation errors"
-    lines = [f"{count} {noun}:"] + [f"  {_render(e)}" for e in errors]
-    param = ".".join(str(p) for p in errors[0].loc) if errors else None
-    return VllmApiError(400, "\n".join(lines), "Bad Request", param)
+    message, param = validation_message(errors)
+    return VllmApiError(400, message, "Bad Request", param)
+
+
+_MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
+_TRACEBACK_LINE = re.compile(r'\n?\s*File "[^"]+", line \d+, in \S+(\n\s+.*)?')
+_SYSTEM_PATH = re.compile(r"/(?:home|usr|opt|var|tmp|root|lib|mnt|srv)(?:/[\w.\-]+)+")
+_FILE_PATH = re.compile(r"(?:/[\w\-]+)+/[\w\-]+\.\w+")
+
+
+def sanitize_message(message: str) -> str:
+    """vLLM strips memory addresses, tracebacks and file paths from every error message
+    (``serve/exception_handling/utils.py``)."""
+    message = _MEMORY_ADDRESS.sub(">", message)
+    message = _TRACEBACK_LINE.sub("", message)
+    message = _SYSTEM_PATH.sub("<path>", message)
+    message = _FILE_PATH.sub("<path>", message)
+    return message.strip()
 
 
 def missing(field: str, body: Mapping[str, Any]) -> FieldError:
