@@ -1,14 +1,20 @@
 """``POST /admin/adapters`` loads the adapter on the first healthy replica that takes it: a path
 no replica can load is a 400 with vLLM's reasons (the registration taken back), not a 201
-followed by a 502 for every request. Scripted replicas on loopback answer as vLLM does."""
+followed by a 502 for every request. A replica that cannot be reached (nothing listening, or no
+answer within ``limits.admin_timeout_s``) is passed over for the next one. Scripted replicas on
+loopback answer as vLLM does."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import openai
-from gateway_harness import PickyReplica, gateway_config, openai_client, picky_replicas
+import pytest
+from gateway_harness import PickyReplica, gateway_config, openai_client, picky_replicas, serving
 
 from loragate.gateway import running_gateway
 
@@ -66,3 +72,83 @@ async def test_a_replica_that_refuses_while_another_loads_it_keeps_its_refusal()
         _, reps = await _admin(gw.url, "GET", "/admin/replicas")
         refused = {r["id"]: set(r["refused_adapters"]) for r in reps["replicas"]}
         assert refused == {"r0": {"extra"}, "r1": set()}
+
+
+@contextlib.asynccontextmanager
+async def _replicas_with_runners(n: int) -> AsyncIterator[list[tuple[PickyReplica, Any]]]:
+    """``n`` picky replicas with their runners (``runner.cleanup()`` takes one down)."""
+    async with contextlib.AsyncExitStack() as stack:
+        out = []
+        for i in range(n):
+            rep = PickyReplica(f"r{i}")
+            rep.url, runner = await stack.enter_async_context(serving(rep.app))
+            out.append((rep, runner))
+        yield out
+
+
+async def test_an_unreachable_replica_is_passed_over_for_one_that_loads_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with _replicas_with_runners(2) as reps:
+        (r0, r0_runner), (r1, _) = reps
+        async with running_gateway(_cfg([r0, r1]), port=0) as gw:
+            await r0_runner.cleanup()  # polled healthy at start, nothing listening now
+            spec = {"name": "extra", "path": "/loras/extra"}
+            with caplog.at_level(logging.INFO, logger="loragate.gateway.admin"):
+                status, body = await _admin(gw.url, "POST", "/admin/adapters", spec)
+            assert status == 201, body
+            assert r1.adapters.get("extra") == "/loras/extra"  # tried after r0, and loaded
+            assert "adapter extra not tried on replica r0" in caplog.text
+            _, listed = await _admin(gw.url, "GET", "/admin/adapters")
+            extra = next(a for a in listed["adapters"] if a["name"] == "extra")
+            assert extra["registered_on"] == ["r1"]
+            async with openai_client(gw.url) as client:
+                done = await client.completions.create(model="extra", prompt="x", max_tokens=2)
+            assert done.choices[0].text == "hi from r1"
+
+
+async def test_a_path_the_reachable_replicas_refuse_is_a_400_naming_the_unreachable_ones() -> None:
+    async with _replicas_with_runners(3) as reps:
+        (r0, _), (r1, r1_runner), (r2, _) = reps
+        r0.load_delay_s = 3600.0  # takes the load and never answers: past admin_timeout_s
+        r2.refuse = {"big"}
+        cfg = gateway_config(
+            [r.url for r in (r0, r1, r2)], admin={"token": TOKEN}, limits={"admin_timeout_s": 0.5}
+        )
+        async with running_gateway(cfg, port=0) as gw:
+            await r1_runner.cleanup()  # polled healthy at start, nothing listening now
+            spec = {"name": "big", "path": "/loras/big"}
+            status, body = await _admin(gw.url, "POST", "/admin/adapters", spec)
+            assert status == 400, body
+            error = body["error"]
+            assert error["param"] == "path"
+            message = error["message"]
+            assert message.startswith("no replica could load adapter 'big' from '/loras/big': ")
+            assert "replica r2: " in message and "greater than max_lora_rank" in message
+            assert "not tried: " in message
+            assert "replica r0 (no answer within limits.admin_timeout_s)" in message
+            assert "replica r1 (unreachable)" in message
+            assert r0.url not in message and r1.url not in message  # ids, never URLs
+            assert r2.refused == 1
+            _, listed = await _admin(gw.url, "GET", "/admin/adapters")
+            assert "big" not in {a["name"] for a in listed["adapters"]}  # taken back
+
+
+async def test_a_registration_no_replica_could_be_asked_about_stays(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with (
+        _replicas_with_runners(2) as reps,
+        running_gateway(_cfg([r for r, _ in reps]), port=0) as gw,
+    ):
+        for _, runner in reps:
+            await runner.cleanup()
+        spec = {"name": "later", "path": "/loras/later"}
+        with caplog.at_level(logging.WARNING, logger="loragate.gateway.admin"):
+            status, body = await _admin(gw.url, "POST", "/admin/adapters", spec)
+        assert status == 201, body
+        assert "adapter later registered untried: no healthy replica could be asked" in (
+            caplog.text
+        )
+        _, listed = await _admin(gw.url, "GET", "/admin/adapters")
+        assert "later" in {a["name"] for a in listed["adapters"]}

@@ -11,9 +11,12 @@
                             where the rank came from: ``rank_source``, see
                             ``gateway.adapter_rank``); 400 naming the bad key, or a rank that
                             disagrees with the folder's ``adapter_config.json``, or a path
-                            every healthy replica refuses to load (it is loaded on the first
-                            that takes it at once, as vLLM would load it on first use; vLLM's
-                            reasons are in the message, and the registration is taken back);
+                            no healthy replica loads while at least one refuses it (it is
+                            loaded on the first that takes it at once, as vLLM would load it
+                            on first use, passing over replicas that refuse it or cannot be
+                            reached; vLLM's reasons and the replicas not reached are in the
+                            message, and the registration is taken back; if no replica could
+                            be reached at all it stays, logged);
                             409 if the name is taken (in the shared store, whatever this
                             instance's view shows yet)
 ``DELETE /admin/adapters/N``  remove an admin-registered adapter and unload it from the
@@ -52,6 +55,8 @@ from loragate.core.errors import (
     InvalidRequestError,
     LoragateError,
     NotFoundError,
+    UpstreamConnectError,
+    UpstreamTimeoutError,
 )
 from loragate.core.types import MAX_ADAPTER_RANK, AdapterSpec
 from loragate.gateway.adapter_rank import DEFAULT_RANK, RankError, settle_rank
@@ -248,9 +253,7 @@ class AdminApi:
             tenants={t.name for t in gw.config.tenants},
         )
         try:  # the folder's rank, if the gateway can read it (off the loop: it may be slow)
-            settled = await asyncio.to_thread(
-                settle_rank, spec.path, given, given_source="request"
-            )
+            settled = await asyncio.to_thread(settle_rank, spec.path, given, given_source="request")
         except RankError as exc:
             raise InvalidRequestError(str(exc), param="rank") from exc
         spec = dataclasses.replace(spec, rank=settled.rank)
@@ -292,31 +295,53 @@ class AdminApi:
     async def _try_load(self, spec: AdapterSpec) -> None:
         """Load ``spec`` (just registered) on the healthy replicas in turn until one has it, so
         that a path no replica can load is a 400 now, not a 502 for every request later.
-        Raises ``InvalidRequestError`` (param ``path``, vLLM's reasons) if every healthy
-        replica refuses it; a replica that refuses while another loads it keeps its refusal,
-        as after a routed request. Unreachable replicas, or none healthy, leave the
-        registration standing (logged)."""
+
+        A replica that refuses it (vLLM's 4xx/5xx) and one that cannot be reached or does not
+        answer within ``limits.admin_timeout_s`` are both passed over for the next one. If
+        none loads it: at least one refusal is a 400 (param ``path``) naming every refusal
+        (vLLM's reasons) and every replica that could not be asked, and the registration is
+        taken back (the replicas that answered all refused; the others run the same vLLM and
+        read the same folders); no refusal at all (every healthy replica unreachable, or none
+        healthy) leaves the registration standing, logged: nothing says the path is bad. A
+        replica that refuses while another loads it keeps its refusal, as after a routed
+        request."""
         pool = self._gw.pool
         refused: list[str] = []
+        unreachable: list[str] = []
         for snap in pool.healthy_snapshots():
             rid = snap.replica_id
             try:
                 await pool.ensure_adapter(rid, spec)
-                return
             except AdapterLoadError as exc:
                 refused.append(f"replica {rid}: {exc.message}")
+                continue
             except LoragateError as exc:  # unreachable, timed out: not the adapter's fault
                 log.warning("admin: adapter %s not tried on replica %s: %s", spec.name, rid, exc)
-                return
+                unreachable.append(f"replica {rid} ({_why_not_tried(exc)})")
+                continue
+            if refused or unreachable:
+                log.info(
+                    "admin: adapter %s loaded on replica %s after %s",
+                    spec.name, rid, "; ".join(refused + unreachable),
+                )  # fmt: skip
+            return
         if not refused:
-            log.warning("admin: adapter %s registered untried: no healthy replica", spec.name)
+            if unreachable:
+                log.warning(
+                    "admin: adapter %s registered untried: no healthy replica could be asked "
+                    "(%s)",
+                    spec.name, ", ".join(unreachable),
+                )  # fmt: skip
+            else:
+                log.warning("admin: adapter %s registered untried: no healthy replica", spec.name)
             return
         pool.refusals.forget(spec.name)  # taken back: nothing to remember
-        raise InvalidRequestError(
-            f"no replica could load adapter {spec.name!r} from {spec.path!r}: "
-            + "; ".join(refused),
-            param="path",
+        message = f"no replica could load adapter {spec.name!r} from {spec.path!r}: " + "; ".join(
+            refused
         )
+        if unreachable:
+            message += "; not tried: " + ", ".join(unreachable)
+        raise InvalidRequestError(message, param="path")
 
     async def delete_adapter(self, request: web.Request) -> web.Response:
         gw = self._gw
@@ -359,6 +384,16 @@ class AdminApi:
     async def reload(self, _: web.Request) -> web.Response:
         result = await reload_from_file(self._gw)
         return _json(result.to_json())
+
+
+def _why_not_tried(exc: LoragateError) -> str:
+    """Why a replica could not be asked to load an adapter, for a client: no URL (the log
+    line has the whole error)."""
+    if isinstance(exc, UpstreamTimeoutError):
+        return "no answer within limits.admin_timeout_s"
+    if isinstance(exc, UpstreamConnectError):
+        return "unreachable"
+    return "no usable answer"
 
 
 def _state_unavailable(what: str, *, during: bool = False) -> web.Response:
