@@ -63,3 +63,31 @@ def test_bad_value_names_the_key(section: str, value: Any, key: str) -> None:
         config_from_mapping(_doc(**{section: value}))
     assert info.value.key == key
     assert str(info.value).startswith(f"{key}: ")
+
+
+def test_tombstone_ttl_defaults_to_30_s_and_can_be_set() -> None:
+    assert config_from_mapping(_doc()).state.tombstone_ttl_s == 30.0
+    cfg = config_from_mapping(_doc(state={"tombstone_ttl_s": 120}))
+    assert cfg.state.tombstone_ttl_s == 120.0
+    # The floor follows the refresh and poll periods: 2 * (0.25 + 0.5) = 1.5 s by default.
+    assert config_from_mapping(_doc(state={"tombstone_ttl_s": 1.5})).state.tombstone_ttl_s == 1.5
+
+
+@pytest.mark.parametrize("value", [0, -5, "30s", None, True, float("inf")])
+def test_a_bad_tombstone_ttl_names_the_key(value: Any) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(_doc(state={"tombstone_ttl_s": value}))
+    assert info.value.key == "state.tombstone_ttl_s"
+
+
+def test_a_tombstone_ttl_a_stale_instance_could_miss_is_refused_saying_why() -> None:
+    doc = _doc(state={"refresh_s": 2, "tombstone_ttl_s": 10}, poller={"interval_s": 4})
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(doc)
+    assert info.value.key == "state.tombstone_ttl_s"
+    message = str(info.value)
+    assert "must be at least 12 s" in message and "got 10" in message
+    assert "state.refresh_s 2" in message and "poller.interval_s 4" in message
+    assert "expire unseen" in message
+    doc["state"]["tombstone_ttl_s"] = 12
+    assert config_from_mapping(doc).state.tombstone_ttl_s == 12.0

@@ -119,6 +119,11 @@ class StateConfig:
     lease_renew_s: float = 10.0
     # Background housekeeping period (lease renewal, refresh, reconnect attempts).
     maintenance_interval_s: float = 0.05
+    # How long an adapter deleted through the admin API stays tombstoned: any instance's poller
+    # unloads it from a replica that lists it meanwhile (e.g. loaded back by an instance that
+    # had not refreshed yet). It must cover a stale instance's refresh, an on-demand load it
+    # began before that (up to limits.admin_timeout_s; seconds on real vLLM) and one poll.
+    tombstone_ttl_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -352,9 +357,7 @@ def _adapters(value: object, *, base_model: str, tenants: set[str]) -> tuple[Ada
             AdapterSpec(
                 name=name,
                 path=_str(data["path"], f"{key}.path"),
-                rank=_int(
-                    data.get("rank", 8), f"{key}.rank", minimum=1, maximum=MAX_ADAPTER_RANK
-                ),
+                rank=_int(data.get("rank", 8), f"{key}.rank", minimum=1, maximum=MAX_ADAPTER_RANK),
                 tenants=allowed,
             )
         )
@@ -429,6 +432,7 @@ _STATE_SECONDS = {
     "lease_ttl_s",
     "lease_renew_s",
     "maintenance_interval_s",
+    "tombstone_ttl_s",
 }
 
 
@@ -459,6 +463,23 @@ def _state(value: object) -> StateConfig:
             f"must be below state.lease_ttl_s ({config.lease_ttl_s})", key="state.lease_renew_s"
         )
     return config
+
+
+def _check_tombstone_ttl(state: StateConfig, poller: PollerConfig) -> None:
+    """A tombstone does its work only if every instance sees it: one that has not refreshed
+    yet reads it at its next refresh (``state.refresh_s``) and unloads the adapter at its next
+    poll after that (``poller.interval_s``). Twice that, so a late refresh or poll still finds
+    it."""
+    least = 2 * (state.refresh_s + poller.interval_s)
+    if state.tombstone_ttl_s < least:
+        raise ConfigError(
+            f"must be at least {least:g} s, twice (state.refresh_s {state.refresh_s:g} + "
+            f"poller.interval_s {poller.interval_s:g}), got {state.tombstone_ttl_s:g}: an "
+            "instance that has not refreshed sees a deleted adapter's tombstone only at its "
+            "next refresh and unloads the adapter at the poll after that, so a shorter "
+            "tombstone can expire unseen and the adapter stay loaded on a replica",
+            key="state.tombstone_ttl_s",
+        )
 
 
 def _admin(value: object) -> AdminConfig:
@@ -506,6 +527,8 @@ def config_from_mapping(data: object) -> GatewayConfig:
         kwargs["state"] = _state(top["state"])
     if top.get("admin") is not None:
         kwargs["admin"] = _admin(top["admin"])
+    if "tombstone_ttl_s" in (top.get("state") or {}):  # the default (30 s) is far above
+        _check_tombstone_ttl(kwargs["state"], kwargs.get("poller", PollerConfig()))
     return GatewayConfig(
         base_model=base_model,
         replicas=_replicas(top["replicas"]),

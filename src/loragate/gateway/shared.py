@@ -62,14 +62,15 @@ AdaptersCallback = Callable[[Mapping[AdapterId, AdapterSpec]], None]
 
 def build_store(config: StateConfig) -> GatewayStore:
     """The store the ``state:`` section asks for (Redis is not contacted here)."""
-    if config.backend == "memory":
-        return MemoryStore()
-    assert config.redis_url is not None  # validated by the config loader
     ttls = Ttls(
         lease_ttl_s=config.lease_ttl_s,
         lease_renew_s=config.lease_renew_s,
         refresh_s=config.refresh_s,
+        tombstone_ttl_s=config.tombstone_ttl_s,
     )
+    if config.backend == "memory":
+        return MemoryStore(ttls=ttls)
+    assert config.redis_url is not None  # validated by the config loader
     remote = RedisStore.from_url(
         config.redis_url,
         op_timeout_s=config.op_timeout_s,

@@ -82,6 +82,7 @@ class Ttls:
     # still do with the name: route to it until its next refresh (``refresh_s``) and finish an
     # on-demand load begun before that (bounded by the admin timeout, seconds on real vLLM),
     # plus one replica poll to notice it listed: far more than a few refresh periods.
+    # ``state.tombstone_ttl_s`` in the gateway config.
     tombstone_ttl_s: float = 30.0
 
     def __post_init__(self) -> None:
