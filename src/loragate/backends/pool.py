@@ -106,7 +106,6 @@ class _Replica:
     loaded_at_s: dict[str, float] = dataclasses.field(default_factory=dict)
     failures: int = 0
     last_error: str | None = None
-    adapter_loads: int = 0
     answered: bool = False  # a poll has succeeded at least once
     # Adapter -> the path the replica registered it from (its /v1/models card's ``root``, or
     # the path of this gateway's load since the poll that listed it began).
@@ -148,6 +147,11 @@ class ReplicaPool:
         self._healthy: tuple[ReplicaSnapshot, ...] = ()
         self._loads: dict[tuple[str, ReplicaId], asyncio.Task[None]] = {}
         self._unloads: dict[tuple[str, ReplicaId], asyncio.Task[None]] = {}
+        # Loads still running on replicas a reload replaced or removed (see _retire_replica).
+        self._orphan_loads: set[asyncio.Task[None]] = set()
+        # Adapters loaded, by replica id, for the pool's whole life: a replica that a reload
+        # replaces or removes keeps its count (loragate_adapter_loads_total is a counter).
+        self._load_counts: dict[ReplicaId, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self.refusals = Refusals(self._poller.adapter_refusal_ttl_s, self._clock)
@@ -213,7 +217,7 @@ class ReplicaPool:
         task, self._task = self._task, None
         if task is not None:
             await cancel_and_wait(task)
-        for load in [*self._loads.values(), *self._unloads.values()]:
+        for load in [*self._loads.values(), *self._unloads.values(), *self._orphan_loads]:
             load.cancel()
         for rep in self._replicas.values():
             if rep.client is not None:
@@ -222,12 +226,14 @@ class ReplicaPool:
     # -- membership (config reload) ------------------------------------------------------------
 
     async def add_replica(self, cfg: ReplicaConfig) -> None:
-        """Add (or replace, if its URL, key or settings changed) a replica and poll it once."""
+        """Add (or replace, if its URL, key or settings changed) a replica and poll it once.
+        A replaced replica keeps its place in the pool (config order) and its adapter-load
+        count; requests already on it, and the adapter loads they wait for, finish on it."""
         old = self._replicas.get(cfg.replica_id)
         if old is not None and old.config == cfg:
             return
         if old is not None:
-            self.remove_replica(cfg.replica_id)
+            self._retire_replica(old)
         rep = self._new_replica(cfg)
         if self._session is not None:
             self._bind(rep, self._session)
@@ -237,22 +243,32 @@ class ReplicaPool:
         self._rebuild_healthy()
 
     def remove_replica(self, replica_id: ReplicaId) -> None:
-        """Stop routing to a replica. Requests already on it finish; its idle connections
-        close."""
-        rep = self._replicas.pop(replica_id, None)
+        """Stop routing to a replica. Requests already on it finish (the adapter loads they
+        wait for too); its idle connections close. Its adapter-load count stays."""
+        rep = self._replicas.get(replica_id)
         if rep is None:
             return
-        if not self._replicas:
-            self._replicas[replica_id] = rep
+        if len(self._replicas) == 1:
             raise ValueError("a pool needs at least one replica")
-        for key in [k for k in self._loads if k[1] == replica_id]:
-            self._loads[key].cancel()
-        for key in [k for k in self._unloads if k[1] == replica_id]:
+        del self._replicas[replica_id]
+        self._retire_replica(rep)
+        self._rebuild_healthy()
+
+    def _retire_replica(self, rep: _Replica) -> None:
+        """``rep`` leaves the pool (removed, or replaced by a new entry). Its adapter loads
+        run on to their end, out of ``_loads``: the requests waiting for them are sent there
+        once they finish, as the requests already running there finish (cancelling them
+        would cancel those requests as if their clients had left), and the next load for its
+        id is the replacement's own. Background unloads stop; its refusals are forgotten here;
+        its idle connections close."""
+        rid = rep.config.replica_id
+        for key in [k for k in self._loads if k[1] == rid]:
+            self._orphan_loads.add(self._loads.pop(key))
+        for key in [k for k in self._unloads if k[1] == rid]:
             self._unloads[key].cancel()
-        self.refusals.forget_replica(replica_id)
+        self.refusals.forget_replica(rid)
         if rep.client is not None:
             rep.client.upstream.close()
-        self._rebuild_healthy()
 
     def expect_adapters(self, adapters: Mapping[str, AdapterSpec]) -> None:
         """The adapters the gateway serves (its catalog), with the paths they must be
@@ -552,8 +568,13 @@ class ReplicaPool:
         return rep.config.url if rep is not None else None
 
     def adapter_loads(self) -> Mapping[ReplicaId, int]:
-        """How many admin loads this gateway made on each replica."""
-        return {rid: r.adapter_loads for rid, r in self._replicas.items()}
+        """How many adapters this gateway loaded on each replica since the pool started: the
+        replicas in the pool (config order), then those a reload removed, with their last
+        count. A replica that a reload replaced counts on from where it was."""
+        counts = self._load_counts
+        loads = {rid: counts.get(rid, 0) for rid in self._replicas}
+        loads.update((rid, n) for rid, n in counts.items() if rid not in loads)
+        return loads
 
     def refusing(self, spec: AdapterSpec) -> Collection[ReplicaId]:
         """The replicas that refused to load ``spec`` within ``adapter_refusal_ttl_s`` (and
@@ -595,6 +616,7 @@ class ReplicaPool:
     def _load_done(self, key: tuple[str, ReplicaId], task: asyncio.Task[None]) -> None:
         if self._loads.get(key) is task:
             del self._loads[key]
+        self._orphan_loads.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved: all waiters may have gone away
 
@@ -604,6 +626,7 @@ class ReplicaPool:
         rid = rep.config.replica_id
         client = self._client(rep)
         old = rep.stale.get(spec.name)
+        loaded = True  # the replica loaded it (answered 200), not "already loaded"
         try:
             if old is not None:
                 await client.load_adapter(spec.name, spec.path, load_inplace=True)
@@ -620,6 +643,7 @@ class ReplicaPool:
                     await client.load_adapter(spec.name, spec.path, load_inplace=True)
                 else:
                     old = None
+                    loaded = False
         except AdapterLoadError as exc:  # the clients get a 502; the operator a log line
             refusals = self.refusals
             refusals.record(spec, rid, exc.message)
@@ -650,7 +674,8 @@ class ReplicaPool:
         self.refusals.forget(spec.name, rid)
         rep.stale.pop(spec.name, None)
         rep.inplace_failed.pop(spec.name, None)
-        rep.adapter_loads += 1
+        if loaded:
+            self._load_counts[rid] = self._load_counts.get(rid, 0) + 1
         rep.registered.add(spec.name)
         rep.roots[spec.name] = spec.path
         rep.loaded_at_s[spec.name] = self._clock.now()

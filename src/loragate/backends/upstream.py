@@ -476,6 +476,7 @@ class UpstreamPool:
     """Keep-alive connections to one replica (``base_url``), for ``POST path`` with JSON."""
 
     __slots__ = (
+        "_closed",
         "_connect_timeout_s",
         "_heads",
         "_host",
@@ -515,6 +516,7 @@ class UpstreamPool:
         self._keepalive_s = keepalive_s
         self._max_idle = max_idle
         self._idle: collections.deque[UpstreamConn] = collections.deque()
+        self._closed = False
 
     async def _connect(self) -> UpstreamConn:
         loop = asyncio.get_running_loop()
@@ -550,8 +552,15 @@ class UpstreamPool:
         return None
 
     def release(self, conn: UpstreamConn) -> None:
-        """Return ``conn`` after its response was fully read (else it is closed)."""
-        if conn.complete and conn.reusable and not conn.closed and len(self._idle) < self._max_idle:
+        """Return ``conn`` after its response was fully read (else it is closed; so is every
+        connection released after :meth:`close`)."""
+        if (
+            conn.complete
+            and conn.reusable
+            and not conn.closed
+            and not self._closed
+            and len(self._idle) < self._max_idle
+        ):
             conn.idle_since = time.monotonic()
             self._idle.append(conn)
         else:
@@ -584,5 +593,8 @@ class UpstreamPool:
         return conn
 
     def close(self) -> None:
+        """Close the idle connections; those in use close when released (the replica left
+        the pool: a reload removed or replaced it, or the gateway stops)."""
+        self._closed = True
         while self._idle:
             self._idle.pop().abort()

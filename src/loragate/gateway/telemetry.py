@@ -97,8 +97,9 @@ class _ScrapeTimeGauges(Collector):
             "loragate_adapter_loads",
             "Adapters this gateway instance loaded on the replica (vLLM's POST "
             "/v1/load_lora_adapter answered 200) since it started, by replica; other "
-            "instances count their own. Starts again from 0 when a reload replaces the "
-            "replica (URL, key or settings changed), as a counter reset.",
+            "instances count their own. A reload that replaces the replica (URL, key or "
+            "settings changed) keeps the count; a replica a reload removed keeps its last "
+            "value, and counts on from it if it comes back.",
             labels=["replica"],
         )
         for rid, n in self._adapter_loads().items():
