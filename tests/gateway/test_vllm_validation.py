@@ -22,6 +22,7 @@ from gateway_harness import BASE, ScriptedReplica, gateway_config
 from loragate.gateway import running_gateway
 from loragate.gateway.errors import VllmRequestError
 from loragate.gateway.vllm_validation import (
+    bad_request,
     check_body_object,
     check_max_tokens,
     missing_body,
@@ -29,6 +30,7 @@ from loragate.gateway.vllm_validation import (
     read_chat,
     read_completion,
 )
+from loragate.twin import vllm_errors
 
 pydantic = pytest.importorskip("pydantic")
 
@@ -135,12 +137,18 @@ def test_every_bad_field_is_listed_and_the_first_is_the_param(chat: bool) -> Non
     payload: dict[str, Any] = dict.fromkeys(FIELDS[chat], 5.5)
     payload["messages" if chat else "prompt"] = "x" if chat else 7.0
     expected = _vllm_answer(_Chat if chat else _Completion, payload)
-    assert expected is not None and expected["message"].startswith("5 validation errors" if chat
-                                                                    else "8 validation errors")
+    assert expected is not None and expected["message"].startswith(
+        "5 validation errors" if chat else "8 validation errors"
+    )
     assert _gateway_answer(chat, payload) == expected
     missing = {"model": 5}  # chat without messages
     if chat:
         assert _gateway_answer(chat, missing) == _vllm_answer(_Chat, missing)
+
+
+_STREAM_OPTIONS = (
+    "Stream options can only be defined when `stream=True`. (parameter=stream_options)"
+)
 
 
 @pytest.mark.parametrize(
@@ -157,6 +165,13 @@ def test_every_bad_field_is_listed_and_the_first_is_the_param(chat: bool) -> Non
         (True, {"messages": None}, "'NoneType' object is not iterable", None),
         (True, {"messages": 3}, "'int' object is not iterable", None),
         (True, {"messages": True, "max_tokens": "x"}, "'bool' object is not iterable", None),
+        (False, {"prompt": ["p"] * 1025, "max_tokens": 5.5}, "prompt list length 1025 exceeds "
+         "the maximum allowed count of 1024. To increase this limit, set the "
+         "VLLM_MAX_COMPLETION_PROMPTS environment variable. (parameter=prompt)", "prompt"),
+        (False, {"prompt": "p", "stream_options": {"include_usage": True}, "max_tokens": 5.5},
+         _STREAM_OPTIONS, "stream_options"),
+        (True, {"messages": "m", "stream_options": {"include_usage": True}, "stream": 0},
+         _STREAM_OPTIONS, "stream_options"),
     ],
 )  # fmt: skip
 def test_vllms_own_checks_come_before_field_validation(
@@ -165,6 +180,27 @@ def test_vllms_own_checks_come_before_field_validation(
     assert _gateway_answer(chat, payload) == {
         "message": message, "type": "BadRequestError", "param": param, "code": 400,
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("message", "param", "value"),
+    [
+        ("max_tokens must be at least 1, got 0.", "max_tokens", 0),
+        ("Either prompt or prompt_embeds must be provided and non-empty.", "prompt", None),
+        ("'int' object is not iterable", None, None),
+        ("bad value", None, -1),
+        ("Could not read /tmp/x/adapter_config.json at 0x7f3a2b>", "lora_path", "/opt/a/b"),
+    ],
+)
+def test_bad_request_is_the_simulated_replicas(message: str, param: str | None, value: Any) -> None:
+    """One rendering of vLLM's ``VLLMValidationError``: the gateway's answer is the simulated
+    replica's (``twin.vllm_errors.bad_request``), field for field."""
+    ours = bad_request(message, param=param, value=value)
+    replica = vllm_errors.bad_request(message, param=param, value=value)
+    assert (ours.message, ours.err_type, ours.param) == (
+        replica.message, replica.err_type, replica.param,
+    )  # fmt: skip
+    assert replica.status == 400
 
 
 @pytest.mark.parametrize(
@@ -228,8 +264,7 @@ def test_max_tokens_below_1_is_refused_unless_echo_with_0(
     with pytest.raises(VllmRequestError) as exc:
         check_max_tokens(max_tokens, echo)
     assert (exc.value.message, exc.value.err_type, exc.value.param) == (
-        f"max_tokens must be at least 1, got {refused}. "
-        f"(parameter=max_tokens, value={refused})",
+        f"max_tokens must be at least 1, got {refused}. (parameter=max_tokens, value={refused})",
         "BadRequestError",
         "max_tokens",
     )

@@ -10,11 +10,15 @@ with its own error type; the gateway checks only the fields it reads:
    ``max_completion_tokens``). vLLM lists every field's error in one message, ``param`` is the
    first one's location (``body.max_tokens``).
 2. vLLM's own checks raised by a model validator *before* field validation (``type:
-   "BadRequestError"``): a completions body without a ``prompt`` (nor ``prompt_embeds``),
-   ``param: "prompt"`` (a ``VLLMValidationError``, which pydantic does not wrap: real vLLM 0.32
-   answers it whatever the rest of the body holds; checked with the gateway in front of it
-   in ``tests/e2e/test_vllm_parity.py``); a chat body whose ``messages`` cannot even be
-   iterated. An empty prompt *list* passes them: the replica refuses it.
+   "BadRequestError"``; ``twin.request_prechecks``, the simulated replica's too): a list of
+   more prompts than ``VLLM_MAX_COMPLETION_PROMPTS``, a completions body without a ``prompt``
+   (nor ``prompt_embeds``), ``param: "prompt"``, ``stream_options`` without ``stream`` (a
+   ``VLLMValidationError``, which pydantic does not wrap: real vLLM 0.32 answers it whatever
+   the rest of the body holds; checked with the gateway in front of it in
+   ``tests/e2e/test_vllm_parity.py``); a chat body whose ``messages`` cannot even be iterated.
+   An empty prompt *list* passes them: the replica refuses it. The gateway makes them only on
+   a body it refuses anyway (a mistyped field): another body goes to a replica, which makes
+   them with its own ``VLLM_MAX_COMPLETION_PROMPTS``.
 3. ``SamplingParams`` (``type: "BadRequestError"``, after the model is looked up): ``max_tokens``
    below 1. The one exception: ``/v1/completions`` with ``echo`` and ``max_tokens: 0`` returns
    the prompt without generating (vLLM runs it with ``max_tokens=1``).
@@ -31,11 +35,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 from loragate.gateway.errors import VllmRequestError
 from loragate.gateway.lax_fields import lax_bool, lax_int
-from loragate.twin.vllm_errors import FieldError, sanitize_message, validation_message
+from loragate.twin import vllm_errors
+from loragate.twin.request_prechecks import check_chat_body, check_completion_body
+from loragate.twin.vllm_errors import FieldError, VllmApiError
 
 _NOT_INT = "Input should be a valid integer"
 _NOT_BOOL = "Input should be a valid boolean"
@@ -50,23 +57,29 @@ def _field_error(
     return FieldError(kind=kind, loc=tuple(loc.split(".")), msg=msg, input=value, ctx=ctx)
 
 
+def _request_error(err: VllmApiError) -> VllmRequestError:
+    """The simulated replica's rendering of a vLLM 400 (``twin.vllm_errors``, the one writer of
+    vLLM's error texts) as the gateway's error."""
+    return VllmRequestError(err.message, err_type=err.err_type, param=err.param)
+
+
+def _before_checks(check: Callable[[dict[str, Any]], None], payload: dict[str, Any]) -> None:
+    """vLLM's "before" model validators (``twin.request_prechecks``), ahead of every field."""
+    try:
+        check(payload)
+    except VllmApiError as exc:
+        raise _request_error(exc) from None
+
+
 def validation_error(errors: list[FieldError]) -> VllmRequestError:
     """vLLM's answer to a body that failed request validation (``RequestValidationError``)."""
-    message, param = validation_message(errors)
-    return VllmRequestError(message, err_type="Bad Request", param=param)
+    return _request_error(vllm_errors.validation_error(errors))
 
 
 def bad_request(message: str, *, param: str | None = None, value: Any = None) -> VllmRequestError:
     """vLLM's answer to a ``VLLMValidationError`` (or a ``TypeError``, then without ``param``):
-    its ``str()`` appends the parameter and the value."""
-    extras = []
-    if param is not None:
-        extras.append(f"parameter={param}")
-    if value is not None:
-        extras.append(f"value={value}")
-    if extras:
-        message = f"{message} ({', '.join(extras)})"
-    return VllmRequestError(sanitize_message(message), err_type="BadRequestError", param=param)
+    its ``str()`` appends the parameter and the value (``twin.vllm_errors.bad_request``)."""
+    return _request_error(vllm_errors.bad_request(message, param=param, value=value))
 
 
 def unparsable_body() -> VllmRequestError:
@@ -136,13 +149,7 @@ def read_completion(payload: dict[str, Any]) -> GenerationFields:
         and (stream is None or type(stream) is bool)
     ):  # the usual body, at the cost of a few type checks
         return model, stream is True, max_tokens, echo is True
-    if prompt is None or prompt == "":
-        embeds = payload.get("prompt_embeds")
-        if embeds is None or embeds == []:
-            # A "before" model validator: raised ahead of every field's validation.
-            raise bad_request(
-                "Either prompt or prompt_embeds must be provided and non-empty.", param="prompt"
-            )
+    _before_checks(check_completion_body, payload)
     errors: list[FieldError] = []
     model = _str_field(payload, "model", errors)
     if prompt is not None and type(prompt) is not str and type(prompt) is not list:
@@ -180,13 +187,11 @@ def read_chat(payload: dict[str, Any]) -> GenerationFields:
         and (stream is None or type(stream) is bool)
     ):  # the usual body
         return model, stream is True, max_tokens, False
+    _before_checks(check_chat_body, payload)
     errors: list[FieldError] = []
     if messages is _ABSENT:
         errors.append(_field_error("missing", "body.messages", "Field required", payload))
     elif type(messages) is not list:
-        if messages is None or type(messages) in (int, float, bool):
-            # A "before" model validator iterates over them: its TypeError is vLLM's answer.
-            raise bad_request(f"'{type(messages).__name__}' object is not iterable")
         errors.append(
             _field_error("list_type", "body.messages", "Input should be a valid list", messages)
         )

@@ -25,6 +25,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from loragate.twin.request_prechecks import (
+    check_chat_body,
+    check_completion_body,
+    check_no_prompt_embeds,
+)
 from loragate.twin.synthetic_text import TINY_LLAMA_FORMAT, VOCAB, PromptFormat
 from loragate.twin.vllm_errors import FieldError, bad_request, validation_error
 
@@ -183,9 +188,12 @@ def parse_generation_request(
 ) -> GenerationRequest:
     """Validate a completions or chat body; raises ``VllmApiError`` (400) when invalid.
     ``fmt`` says what the served model's tokenizer and chat template add to a prompt."""
+    if kind == "completion":  # vLLM's "before" model validators: ahead of every field
+        check_completion_body(body)
+        check_no_prompt_embeds(body)
+    else:
+        check_chat_body(body)
     f = _Fields(body)
-    if kind == "completion":
-        _check_prompt_given(body)  # a "before" model validator: ahead of every field
     model = f.str_("model")
     max_tokens_param = "max_tokens"
     chat_texts: list[str] | None = None
@@ -229,8 +237,6 @@ def parse_generation_request(
             )
     if f.errors:
         raise validation_error(f.errors)
-    if "stream_options" in body and body["stream_options"] is not None and not stream:
-        raise bad_request("Stream options can only be defined when `stream=True`.")
     assert n is not None and min_tokens is not None
     if n < 1:
         raise bad_request(f"n must be at least 1, got {n}.")
@@ -273,31 +279,6 @@ def _include_usage(f: _Fields) -> bool:
         )
         return False
     return _Fields(options).bool_("include_usage", False)
-
-
-def _check_prompt_given(body: Mapping[str, Any]) -> None:
-    """``CompletionRequest.validate_prompt_and_prompt_embeds`` (``completion/protocol.py``), a
-    ``mode="before"`` model validator that raises a ``VLLMValidationError``: not a
-    ``ValueError``, so pydantic does not wrap it and vLLM's ``VLLMError`` handler answers it,
-    before any field is validated (and before the model is looked up): 400 ``BadRequestError``,
-    ``param`` "prompt". Real vLLM 0.32 answered exactly this to ``{}``, a null or empty
-    ``prompt``, an empty ``prompt_embeds``, and with an unknown or mistyped ``model``
-    (``tests/e2e/test_vllm_parity.py``). An empty *list* passes it (``_plan`` refuses it)."""
-    prompt, embeds = body.get("prompt"), body.get("prompt_embeds")
-    if prompt is None or prompt == "":
-        if embeds is None or embeds == []:
-            raise bad_request(
-                "Either prompt or prompt_embeds must be provided and non-empty. "
-                "(parameter=prompt)",
-                "prompt",
-            )
-        # Embeddings in place of a prompt: vLLM refuses them unless started with
-        # --enable-prompt-embeds (renderers/embed_utils.py), which the twin has no use for.
-        raise bad_request(
-            "You must set `--enable-prompt-embeds` to input `prompt_embeds`. "
-            "(parameter=prompt_embeds)",
-            "prompt_embeds",
-        )
 
 
 def _completion_prompts(f: _Fields) -> list[str | list[int]] | None:
@@ -486,8 +467,9 @@ def resolve_max_tokens(gen: GenerationRequest, spec: PromptSpec, max_model_len: 
         param = gen.max_tokens_param
         raise bad_request(
             f"{param}={requested} cannot be greater than max_model_len={limit}. Please request "
-            f"fewer output tokens. (parameter={param}, value={requested})",
-            param,
+            "fewer output tokens.",
+            param=param,
+            value=requested,
         )
     if prompt > limit:
         count = prompt if spec.token_ids is not None else limit + 1
@@ -495,17 +477,15 @@ def resolve_max_tokens(gen: GenerationRequest, spec: PromptSpec, max_model_len: 
         raise bad_request(
             f"This model's maximum context length is {limit} tokens. However, your prompt "
             f"contains {at_least}{count} input tokens, which exceeds this limit even without any "
-            f"output tokens. Please reduce the length of the input prompt. "
-            f"(parameter=input_tokens, value={count})",
-            "input_tokens",
+            "output tokens. Please reduce the length of the input prompt.",
+            param="input_tokens",
+            value=count,
         )
     room = limit - prompt
     sampled = 1 if gen.echo_only else min(room, requested) if requested is not None else room
     if sampled < 1:
         raise bad_request(
-            f"max_tokens must be at least 1, got {sampled}. "
-            f"(parameter=max_tokens, value={sampled})",
-            "max_tokens",
+            f"max_tokens must be at least 1, got {sampled}.", param="max_tokens", value=sampled
         )
     if gen.min_tokens < 0:
         raise bad_request(f"min_tokens must be greater than or equal to 0, got {gen.min_tokens}.")

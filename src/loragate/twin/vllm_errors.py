@@ -48,8 +48,19 @@ def model_not_found(model: str, base_model_name: str) -> VllmApiError:
     )
 
 
-def bad_request(message: str, param: str | None = None) -> VllmApiError:
-    return VllmApiError(400, message, "BadRequestError", param)
+def bad_request(message: str, *, param: str | None = None, value: Any = None) -> VllmApiError:
+    """vLLM's 400 ``BadRequestError`` for a ``VLLMValidationError(message, parameter=param,
+    value=value)`` (or, without ``param``, a ``ValueError``/``TypeError``): the error's
+    ``str()`` appends ``(parameter=..., value=...)``, whichever of them is not None, and the
+    message is sanitised as every vLLM error message is (``create_error_response``)."""
+    extras = []
+    if param is not None:
+        extras.append(f"parameter={param}")
+    if value is not None:
+        extras.append(f"value={value}")
+    if extras:
+        message = f"{message} ({', '.join(extras)})"
+    return VllmApiError(400, sanitize_message(message), "BadRequestError", param)
 
 
 def invalid_user_input(message: str) -> VllmApiError:

@@ -1,0 +1,42 @@
+"""``twin.vllm_errors.bad_request``: vLLM 0.32's answer to a ``VLLMValidationError`` (the
+simulated replica's and, through ``gateway.vllm_validation``, the gateway's)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from loragate.twin.vllm_errors import bad_request
+
+
+@pytest.mark.parametrize(
+    ("param", "value", "message"),
+    [
+        # VLLMValidationError.__str__: each of parameter and value that is not None.
+        ("max_tokens", 0, "m. (parameter=max_tokens, value=0)"),
+        ("prompt", None, "m. (parameter=prompt)"),
+        (None, 5, "m. (value=5)"),
+        (None, None, "m."),
+        ("stop", [1, 2], "m. (parameter=stop, value=[1, 2])"),
+    ],
+)
+def test_parameter_and_value_are_appended_as_vllm_does(
+    param: str | None, value: Any, message: str
+) -> None:
+    err = bad_request("m.", param=param, value=value)
+    assert (err.status, err.err_type, err.param, err.message) == (
+        400,
+        "BadRequestError",
+        param,
+        message,
+    )
+    assert json.loads(err.body()) == {
+        "error": {"message": message, "type": "BadRequestError", "param": param, "code": 400}
+    }
+
+
+def test_the_message_is_sanitised_as_every_vllm_error_message() -> None:
+    err = bad_request("cannot read /tmp/loras/a/adapter_config.json: <obj at 0xdeadbeef>")
+    assert err.message == "cannot read <path>: <obj>"
