@@ -712,6 +712,28 @@ class Engine:
         """Drop an idle adapter from the caches (False if absent or in use)."""
         return self._caches.remove(name)
 
+    def reload_adapter(self, name: str, rank: int) -> float:
+        """vLLM's runtime ``add_lora``: the folder is read from disk whatever the caches hold.
+
+        A runtime registration always reaches vLLM's worker as a load (a new name gets a new
+        ``lora_int_id``; ``load_inplace`` forces a reload of a cached one), and the fresh copy
+        replaces the cached one (``LRUCacheWorkerLoRAManager.add_adapter``): so the disk->CPU
+        cost is charged as for a first load, in-place reloads and names registered again after
+        an unload included. An idle adapter leaves both caches first (its next use fills a slot
+        again); one that running requests use keeps its slot, which vLLM fills with the new
+        weights at once (``activate_adapter``): CPU->GPU too. Returns the load time, added to the
+        next step when the engine is busy, as ``load_adapter``'s.
+        """
+        if self._caches.remove(name) or not self._caches.in_cpu(name):
+            return self.load_adapter(name, rank)
+        ast = self._adapter(name, rank)  # running requests use it: it stays in its slot
+        self.loads_from_disk += 1
+        self.loads_from_memory += 1
+        cost = self.profile.disk_to_cpu_load_s(ast.rank) + self.profile.cpu_to_gpu_load_s(ast.rank)
+        if self._running or self._n_waiting:
+            self._extra_s += cost
+        return cost
+
     # --- driving the engine -------------------------------------------------------------------
 
     def step(self, now_s: float) -> StepResult:

@@ -114,9 +114,11 @@ class ReplicaState:
         """Put a newly registered adapter in the engine's CPU cache, taking its load time.
 
         vLLM's ``add_lora`` is synchronous: the admin call (or the resolver's first request)
-        answers once the adapter has been read from disk.
+        answers once the adapter has been read from disk, which it always is at runtime, even
+        when the engine still caches the name (``load_inplace``, or a name unloaded and loaded
+        again): ``Engine.reload_adapter``.
         """
-        cost_s = self.engine.load_adapter(adapter.name, adapter.rank)
+        cost_s = self.engine.reload_adapter(adapter.name, adapter.rank)
         if cost_s > 0:
             await asyncio.sleep(cost_s / self.config.time_scale)
 
@@ -179,13 +181,8 @@ class ReplicaState:
         body = parse_json_object(await request.read())
         name, path = _required_strings(body, "lora_name", "lora_path")
         inplace = _flag(body, "load_inplace")
-        replacing = inplace and name in self.registry
-        adapter = self.registry.load(name, path, load_inplace=inplace)
-        if replacing:
-            # vLLM reads the folder again and drops the copy its caches held (GPU slot too),
-            # so the load costs a read from disk; one that requests are using stays put here.
-            self.engine.unload_adapter(name)
-        await self.add_lora(adapter)
+        # In place: vLLM reads the folder again and the new copy replaces the cached one.
+        await self.add_lora(self.registry.load(name, path, load_inplace=inplace))
         return _plain(f"Success: LoRA adapter '{name}' added successfully.")
 
     async def unload_lora_adapter(self, request: web.Request) -> web.Response:

@@ -1,0 +1,54 @@
+"""``Engine.reload_adapter``: vLLM 0.32's runtime ``add_lora`` reads the adapter from disk
+whatever the caches hold (``LRUCacheWorkerLoRAManager.add_adapter``: ``load_inplace`` forces
+``_load_adapter``, the new copy replaces the cached one; a name registered again gets a new
+``lora_int_id``), so the engine charges the profile's disk->CPU cost as for a first load."""
+
+from __future__ import annotations
+
+import pytest
+
+from loragate.twin.engine import Engine, EngineConfig, EngineRequest
+from loragate.twin.profile import load_profile
+
+FAST = load_profile("fast")
+CFG = EngineConfig(max_loras=2, max_cpu_loras=4)
+
+
+def request(rid: str, adapter: str, out: int = 50) -> EngineRequest:
+    return EngineRequest(
+        request_id=rid,
+        adapter=adapter,
+        adapter_rank=8,
+        prompt_tokens=10,
+        max_tokens=out,
+        arrival_s=0.0,
+    )
+
+
+def test_a_cached_idle_adapter_is_read_from_disk_again() -> None:
+    e = Engine(CFG, FAST)
+    assert e.load_adapter("a", 8) == pytest.approx(FAST.disk_to_cpu_load_s(8))
+    assert e.reload_adapter("a", 8) == pytest.approx(FAST.disk_to_cpu_load_s(8))
+    assert e.loads_from_disk == 2 and e.cpu_adapters() == ["a"]
+    # A name the engine never saw: a first load.
+    assert e.reload_adapter("b", 16) == pytest.approx(FAST.disk_to_cpu_load_s(16))
+    assert e.loads_from_disk == 3 and e.cpu_adapters() == ["a", "b"]
+
+
+def test_an_adapter_in_use_is_read_from_disk_and_its_slot_refilled() -> None:
+    e, twin = Engine(CFG, FAST), Engine(CFG, FAST)
+    for engine in (e, twin):
+        engine.load_adapter("a", 8)
+        engine.add_request(request("r", "a"))
+        engine.step(0.0)  # "a" takes a slot: its request runs
+        assert engine.running_adapters == ["a"]
+    loads = (e.loads_from_disk, e.loads_from_memory)
+    cost = e.reload_adapter("a", 8)
+    assert cost == pytest.approx(FAST.disk_to_cpu_load_s(8) + FAST.cpu_to_gpu_load_s(8))
+    assert (e.loads_from_disk, e.loads_from_memory) == (loads[0] + 1, loads[1] + 1)
+    assert e.running_adapters == ["a"] and e.gpu_adapters() == ["a"]
+    # The engine stalls for it: its next step is longer by exactly the load, in engine time.
+    now = max(e.time_s, twin.time_s)
+    reloaded, plain = e.step(now), twin.step(now)
+    assert reloaded.duration_s - plain.duration_s == pytest.approx(cost, abs=1e-8)
+    assert cost > 0
