@@ -171,6 +171,11 @@ async def test_counters_survive_reloads_that_keep_replace_remove_and_add_replica
                           adapter="lora-3", replica="r1") == 1  # fmt: skip
             assert _value(start, "loragate_upstream_retries_total",
                           replica="r1", reason="refused_load") == 1  # fmt: skip
+            reloads = {
+                result: _value(start, "loragate_config_reloads_total", result=result)
+                for result in ("ok", "rejected", "error")
+            }
+            assert reloads == {"ok": 0, "rejected": 0, "error": 0}  # from 0, so increase() works
 
             # 1. The same file again: nothing replaced, nothing moves.
             body = await _reload(http, gw.url)

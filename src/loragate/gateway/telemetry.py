@@ -43,6 +43,8 @@ _LATENCY_BUCKETS_S = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 )  # fmt: skip
 
+_RELOAD_RESULTS = ("ok", "rejected", "error")  # loragate_config_reloads_total{result}
+
 
 class _ScrapeTimeGauges(Collector):
     """Gauges computed from the gateway's state when ``/metrics`` is scraped."""
@@ -237,10 +239,12 @@ class _ProxyMetrics(Collector):
             "says why), error (failed while applying: see the log).",
             labels=["result"],
         )
-        for result in ("ok", "rejected"):
+        # Every result from 0, "error" too: a series that first appears at 1 hides that
+        # reload from increase() and rate() (an alert on errors would miss the first one).
+        for result in _RELOAD_RESULTS:
             reloads.add_metric([result], self.reloads.get(result, 0))
         for result, n in self.reloads.items():
-            if result not in ("ok", "rejected"):
+            if result not in _RELOAD_RESULTS:
                 reloads.add_metric([result], n)
         yield reloads
         if self.config is not None:
