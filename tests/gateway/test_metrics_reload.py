@@ -388,3 +388,33 @@ async def test_the_connection_of_a_replaced_replica_closes_when_its_request_ends
             await client.completions.create(model=BASE, prompt="p")
             assert len(second.transports) == 2 and second.transports[1] is not old
         assert first.requests == []
+
+
+async def test_a_removed_replica_with_a_stream_running_leaks_no_in_flight_request(
+    replicas: list[ScriptedReplica], tmp_path: Path, state: dict[str, Any]
+) -> None:
+    first, second = replicas
+    gate = asyncio.Event()
+    second.stream_gate = gate  # r1 holds its streams after the first event
+    path = _write(tmp_path / "gw.yaml", [second], state=state)
+    async with (
+        running_gateway(load_config(path), port=0, config_path=path) as gw,
+        openai_client(gw.url) as client,
+        aiohttp.ClientSession() as http,
+    ):
+        stream = await client.completions.create(model=BASE, prompt="hold", stream=True)
+        it = stream.__aiter__()
+        assert (await asyncio.wait_for(it.__anext__(), timeout=10)).choices[0].text == " one"
+        held = await _until(gw.url, SHARED_IN_FLIGHT, 1, replica="r1")
+        _write(path, [first], state=state)  # r1 out, r0 in, while r1's stream runs
+        body = await _reload(http, gw.url)
+        assert (body["replicas_added"], body["replicas_removed"]) == (["r0"], ["r1"])
+        gate.set()
+        assert [c.choices[0].text async for c in it] == [" two", " three"]
+        _write(path, [first, second], state=state)  # r1 back: nothing of it is in flight
+        assert (await _reload(http, gw.url))["replicas_added"] == ["r1"]
+        back = await _until(gw.url, SHARED_IN_FLIGHT, 0, replica="r1")
+        assert _value(back, IN_FLIGHT, replica="r1") == 0
+        assert _value(back, "loragate_requests_total",
+                      adapter="", replica="r1", status="200") == 1  # fmt: skip
+        _assert_monotonic(held, back)
