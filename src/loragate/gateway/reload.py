@@ -7,9 +7,14 @@ the error names the key. Then, without dropping a request:
 * routing policy, catalog (adapters, tenants, API keys) and request limits are swapped (a
   request already running keeps the policy and limits it started with);
 * replicas: new ones are added to the pool (and polled once), removed ones stop getting
-  traffic (requests already on them finish), changed ones (URL, key, settings) are replaced;
+  traffic (requests already on them finish, and so do the adapter loads requests wait for
+  there), changed ones (URL, key, settings) are replaced, in place, the same way;
 * ``admin.token`` changes take effect at once; a new ``base_model`` from the next poll on
   (a replica that does not serve it gets no traffic).
+
+``/metrics`` counters never go backwards across a reload: a replaced replica's series count
+on, a removed replica's counters keep their last value (its health and in-flight gauges
+go) and count on from it if it comes back.
 
 Sections read only at start (``server``, ``state``, ``poller``, and the ``limits`` that size
 connections) are reported in ``restart_required`` when they changed, and keep their old value.
