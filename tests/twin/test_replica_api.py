@@ -399,6 +399,26 @@ async def test_bad_requests(start_replica: StartReplica, http: aiohttp.ClientSes
         assert (status, json.loads(raw)) == (404, {"detail": "Not Found"})
 
 
+async def test_n_is_checked_once_the_model_is_known(
+    start_replica: StartReplica, http: aiohttp.ClientSession
+) -> None:
+    # vLLM 0.32 checks n in SamplingParams, after the model lookup and the renderer's checks.
+    async with start_replica() as r:
+        body = {"model": "nope", "prompt": "hi", "n": 0}
+        status, _, raw = await call(http, "POST", r.url + "/v1/completions", body)
+        assert status == 404 and error_of(raw)["type"] == "NotFoundError"
+        status, _, raw = await call(
+            http, "POST", r.url + "/v1/completions", {**body, "model": BASE}
+        )
+        assert status == 400
+        assert error_of(raw) == {
+            "message": "n must be at least 1, got 0.",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        }
+
+
 async def test_default_max_tokens_is_16_for_completions_and_the_context_for_chat(
     start_replica: StartReplica, http: aiohttp.ClientSession
 ) -> None:

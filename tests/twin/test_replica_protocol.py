@@ -76,7 +76,6 @@ def test_pydantic_style_type_errors() -> None:
     ("body", "needle"),
     [
         ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream=True"),
-        ({"prompt": "x", "n": 0}, "n must be at least 1"),
     ],
 )
 def test_value_errors(body: dict[str, Any], needle: str) -> None:
@@ -116,8 +115,7 @@ def test_prompt_embeds_in_place_of_a_prompt() -> None:
     err = error("completion", {"prompt_embeds": "AAAA"})
     assert (err.err_type, err.param) == ("BadRequestError", "prompt_embeds")
     assert err.message == (
-        "You must set `--enable-prompt-embeds` to input `prompt_embeds`. "
-        "(parameter=prompt_embeds)"
+        "You must set `--enable-prompt-embeds` to input `prompt_embeds`. (parameter=prompt_embeds)"
     )
 
 
@@ -259,6 +257,28 @@ CONTEXT_CASES: list[tuple[str, dict[str, Any], int | str, str | None]] = [
         "min_tokens must be greater than or equal to 0, got -1.",
         None,
     ),
+    # n: SamplingParams' first check, after the renderer's and before max_tokens'.
+    (
+        "completion",
+        {"prompt": [1] * 4, "n": 0, "max_tokens": 0},
+        "n must be at least 1, got 0.",
+        None,
+    ),
+    (
+        "completion",
+        {"prompt": [1] * 4, "n": 0, "max_tokens": 600},
+        "max_tokens=600 cannot be greater than max_model_len=512. Please request fewer output "
+        "tokens. (parameter=max_tokens, value=600)",
+        "max_tokens",
+    ),
+    (
+        "completion",
+        {"prompt": [1] * 4, "n": 16385},
+        "n must be at most 16384, got 16385. To increase this limit, set the VLLM_MAX_N_SEQUENCES "
+        "environment variable.",
+        None,
+    ),
+    ("completion", {"prompt": [1] * 4, "n": 16384, "temperature": 0.5}, 16, None),
 ]
 
 

@@ -20,6 +20,7 @@ OpenAI/vLLM field is accepted and ignored (sampling parameters only change synth
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -238,8 +239,6 @@ def parse_generation_request(
     if f.errors:
         raise validation_error(f.errors)
     assert n is not None and min_tokens is not None
-    if n < 1:
-        raise bad_request(f"n must be at least 1, got {n}.")
     # max_tokens and min_tokens are checked per prompt, once the model is known:
     # resolve_max_tokens.
     assert prompts is not None
@@ -448,6 +447,23 @@ def check_prompt_count(gen: GenerationRequest) -> None:
     raise bad_request("You must pass at least one prompt")
 
 
+MAX_N_SEQUENCES_ENV = "VLLM_MAX_N_SEQUENCES"
+DEFAULT_MAX_N_SEQUENCES = 16384
+
+
+def check_n(n: int) -> None:
+    """``SamplingParams``' ``_verify_num_sequences``: ``n`` of 1 to ``VLLM_MAX_N_SEQUENCES``
+    (16384 unless the environment says otherwise)."""
+    if n < 1:
+        raise bad_request(f"n must be at least 1, got {n}.")
+    max_n = int(os.environ.get(MAX_N_SEQUENCES_ENV, str(DEFAULT_MAX_N_SEQUENCES)))
+    if n > max_n:
+        raise bad_request(
+            f"n must be at most {max_n}, got {n}. To increase this limit, set the "
+            f"{MAX_N_SEQUENCES_ENV} environment variable."
+        )
+
+
 def resolve_max_tokens(gen: GenerationRequest, spec: PromptSpec, max_model_len: int) -> int:
     """The ``max_tokens`` one prompt of ``gen`` runs with, or vLLM 0.32's 400, in its order:
 
@@ -456,8 +472,10 @@ def resolve_max_tokens(gen: GenerationRequest, spec: PromptSpec, max_model_len: 
        with truncation at ``max_model_len + 1``, hence "at least").
     2. ``get_max_tokens`` (``serve/utils/api_utils.py``): the request is *clamped* to the room
        left in the context window (no error), and fills it when no ``max_tokens`` is given.
-    3. ``SamplingParams``: the result (1 for an echo without generation) below 1,
-       ``min_tokens`` below 0 or above it; then ``n`` above 1 with greedy sampling.
+    3. ``SamplingParams`` (``_verify_args``): ``n`` below 1 or above ``VLLM_MAX_N_SEQUENCES``
+       (so after the model lookup, not with the body's fields); the result (1 for an echo
+       without generation) below 1, ``min_tokens`` below 0 or above it; then ``n`` above 1 with
+       greedy sampling.
     4. The engine's ``_validate_prompt_len`` (``v1/engine/input_processor.py``): an empty
        prompt; a prompt of exactly ``max_model_len`` tokens (reachable only by an echo without
        generation).
@@ -483,6 +501,7 @@ def resolve_max_tokens(gen: GenerationRequest, spec: PromptSpec, max_model_len: 
         )
     room = limit - prompt
     sampled = 1 if gen.echo_only else min(room, requested) if requested is not None else room
+    check_n(gen.n)
     if sampled < 1:
         raise bad_request(
             f"max_tokens must be at least 1, got {sampled}.", param="max_tokens", value=sampled
