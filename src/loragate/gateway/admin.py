@@ -6,7 +6,11 @@
                             adapters it refused to load lately (``refused_adapters``)
 ``GET /admin/adapters``     every adapter: config-file ones and admin-registered ones, the
                             replicas that hold it (``registered_on``) and those that hold it
-                            from another path (``stale_on``: replica -> that path)
+                            from another path (``stale_on``: replica -> that path); a
+                            config-file adapter that another instance's config file defines
+                            otherwise, and first, is served as that one defines it, and
+                            shows ``definition_conflict`` (``configured``, ``in_force``; see
+                            ``state.definitions``)
 ``POST /admin/adapters``    register ``{name, path, rank?, tenants?}``: 201 (the body says
                             where the rank came from: ``rank_source``, see
                             ``gateway.adapter_rank``); 400 naming the bad key, or a rank that
@@ -234,6 +238,7 @@ class AdminApi:
         configured = {a.name for a in gw.config.adapters}
         registered = gw.pool.registered_adapters()
         stale = gw.pool.stale_adapters()
+        conflicts = gw.shared.definition_conflicts()
         out = []
         for name, spec in sorted(gw.catalog.adapters.items()):
             item = adapter_json(spec)
@@ -241,6 +246,16 @@ class AdminApi:
             item["registered_on"] = sorted(r for r, names in registered.items() if name in names)
             # Replicas holding it from another path (being reloaded in place, or refusing to).
             item["stale_on"] = {r: held[name] for r, held in sorted(stale.items()) if name in held}
+            if name in conflicts:  # another instance's config file defined it first
+                ours, in_force = conflicts[name]
+                item["definition_conflict"] = {
+                    "configured": {"path": ours.path, "rank": ours.rank},
+                    "in_force": {
+                        "path": in_force.path,
+                        "rank": in_force.rank,
+                        "instance": in_force.instance,
+                    },
+                }
             out.append(item)
         return _json({"adapters": out})
 

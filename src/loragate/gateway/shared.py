@@ -28,17 +28,29 @@ queued (the store would not show them yet). With Redis down the store serves its
 which holds our refusals and the shared ones it last saw. The embedded store (one process)
 shares nothing: the pool's own record is the only one. Either way a refusal also takes the
 adapter out of that replica's shadow residency, which the refused request had touched.
+
+Adapters of the config file (``state.definitions``): instances whose files define one name
+with another path or rank would each make the replicas load their own. This object claims the
+file's definitions in the store (at :meth:`start`, after a reload changed them, when the
+store's version moves, and every ``lease_renew_s``) and serves the definitions in force
+(:meth:`config_adapters`, what the catalog is built from); a conflict is logged once as an
+ERROR and shown by :meth:`definition_conflicts` and :meth:`status`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
+import math
+import os
+import socket
 import time
+import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from loragate.backends.refusals import Refusals
@@ -54,6 +66,7 @@ from loragate.state import (
     ResilientStore,
     Ttls,
 )
+from loragate.state.definitions import AdapterDefinition, DefinitionClaim, InForce
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +89,15 @@ def build_store(config: StateConfig) -> GatewayStore:
         op_timeout_s=config.op_timeout_s,
         keys=KeySpace(prefix=config.key_prefix),
         ttls=ttls,
+        instance_id=instance_name(),
     )
     return ResilientStore(remote)
+
+
+def instance_name() -> str:
+    """This gateway instance's id in the shared store (its leases, its adapter-definition
+    claims): host, process id and a random suffix, so an operator can tell who is who."""
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:4]}"
 
 
 class SharedState:
@@ -85,11 +105,19 @@ class SharedState:
     bookkeeping. ``backend`` is ``memory`` or ``redis`` (for /health)."""
 
     __slots__ = (
+        "_claim_due",
+        "_claimed_at_s",
+        "_claimed_version",
+        "_config_specs",
+        "_conflicts",
+        "_definitions_changed",
         "_ends",
+        "_in_force",
         "_inflight",
         "_lease_ids",
         "_maintenance_interval_s",
         "_missing",
+        "_previous",
         "_records",
         "_refusal_ops",
         "_refusal_writer",
@@ -131,6 +159,17 @@ class SharedState:
         self._refusals: Refusals | None = None
         self._refusal_ops: deque[Callable[[], Awaitable[None]]] = deque()
         self._refusal_writer: asyncio.Task[None] | None = None
+        # Adapters of this instance's config file and the definitions in force for them
+        # (``state.definitions``): see :meth:`set_config_adapters`.
+        self._config_specs: dict[AdapterId, AdapterSpec] = {}
+        self._previous: dict[AdapterId, AdapterDefinition] = {}
+        self._in_force: dict[AdapterId, InForce] = {}
+        # name -> (this file's definition, the one in force) of each conflict reported
+        self._conflicts: dict[AdapterId, tuple[AdapterDefinition, AdapterDefinition]] = {}
+        self._claim_due = False
+        self._claimed_version: int | None = None
+        self._claimed_at_s = -math.inf
+        self._definitions_changed = False
 
     # -- hot path ---------------------------------------------------------------------------
 
@@ -341,15 +380,122 @@ class SharedState:
         return spec
 
     def check_adapters(self) -> None:
-        """Call ``on_adapters`` if the shared adapter registry changed since the last call."""
+        """Call ``on_adapters`` if the shared adapter registry, or a definition in force for
+        an adapter of the config file, changed since the last call."""
         adapters = self.shared_adapters()
-        if self._seen_adapters is not None and (
-            adapters is self._seen_adapters or adapters == self._seen_adapters
+        if (
+            self._seen_adapters is not None
+            and (adapters is self._seen_adapters or adapters == self._seen_adapters)
+            and not self._definitions_changed
         ):
             return
         self._seen_adapters = adapters
+        self._definitions_changed = False
         if self.on_adapters is not None:
             self.on_adapters(adapters)
+
+    # -- adapters defined in config files (``state.definitions``) -----------------------------
+
+    def set_config_adapters(self, specs: Iterable[AdapterSpec]) -> None:
+        """This instance's config-file adapters, at start-up and after every reload (no-op if
+        unchanged). A definition (path, rank) the file changed since the last call is claimed
+        as a change: it replaces the one in force if that was this file's old one (the operator
+        edited the file and reloaded); until the claim is answered it is served as the file
+        says. Claimed by :meth:`start` and the next round of :meth:`run`."""
+        new = {s.name: s for s in specs}
+        if new == self._config_specs:
+            return
+        for name, spec in new.items():
+            old = self._config_specs.get(name)
+            if old is not None and not _definition(old).agrees(_definition(spec)):
+                self._previous[name] = _definition(old)
+                self._in_force.pop(name, None)
+        for gone in [n for n in self._in_force if n not in new]:
+            del self._in_force[gone]
+        for gone in [n for n in self._previous if n not in new]:
+            del self._previous[gone]
+        for gone in [n for n in self._conflicts if n not in new]:
+            del self._conflicts[gone]
+        self._config_specs = new
+        self._claim_due = True
+
+    def config_adapters(self) -> tuple[AdapterSpec, ...]:
+        """The config file's adapters as every instance serves them: with the path and rank
+        in force (another instance's file may define the name differently, and first); the
+        tenants as this file says."""
+        out = []
+        for name, spec in self._config_specs.items():
+            entry = self._in_force.get(name)
+            if entry is None or entry.definition.agrees(_definition(spec)):
+                out.append(spec)
+            else:
+                d = entry.definition
+                out.append(dataclasses.replace(spec, path=d.path, rank=d.rank))
+        return tuple(out)
+
+    def definition_conflicts(self) -> dict[AdapterId, tuple[AdapterDefinition, AdapterDefinition]]:
+        """Config-file adapters whose definition here is not the one in force: name -> (this
+        file's, the one in force)."""
+        return dict(self._conflicts)
+
+    def _claims_due(self) -> bool:
+        if not self._config_specs:
+            return False
+        return (
+            self._claim_due
+            or self.store.version != self._claimed_version
+            or time.monotonic() - self._claimed_at_s >= self.store.ttls.lease_renew_s
+        )
+
+    async def claim_definitions(self) -> None:
+        """Claim the config file's definitions (one store round trip) and adopt the ones in
+        force: an ERROR names each adapter whose definition here loses (once per conflict),
+        and ``on_adapters`` runs at the next :meth:`check_adapters` if any changed."""
+        specs = self._config_specs
+        self._claim_due = False
+        self._claimed_version = self.store.version  # before: a bump meanwhile claims again
+        self._claimed_at_s = time.monotonic()
+        claims = [
+            DefinitionClaim(name=n, ours=_definition(s), previous=self._previous.get(n))
+            for n, s in specs.items()
+        ]
+        in_force = await self.store.claim_definitions(claims)
+        if self._config_specs is not specs:  # reloaded meanwhile: the next round claims
+            return
+        before = self.config_adapters()
+        for name, entry in in_force.items():
+            if name in self._previous and entry.definition.agrees(_definition(specs[name])):
+                del self._previous[name]  # our change is in force
+        self._in_force = {n: in_force[n] for n in specs if n in in_force}
+        if self.config_adapters() != before:
+            self._definitions_changed = True
+        self._report_conflicts()
+
+    def _report_conflicts(self) -> None:
+        for index, (name, spec) in enumerate(self._config_specs.items()):
+            ours = _definition(spec)
+            entry = self._in_force.get(name)
+            if entry is None or entry.definition.agrees(ours):
+                if self._conflicts.pop(name, None) is not None:
+                    log.warning(
+                        "adapter %s: the definition in force agrees with this config file "
+                        "again (%s)",
+                        name, ours.describe(),
+                    )  # fmt: skip
+                continue
+            theirs = entry.definition
+            if self._conflicts.get(name) == (ours, theirs):
+                continue  # said already
+            self._conflicts[name] = (ours, theirs)
+            log.error(
+                "adapter %s (config key adapters[%d]): this instance's config file defines it "
+                "as %s, but the definition in force for every gateway instance on this state "
+                "store is %s (claimed by instance %s, whose config file said so first): serving "
+                "that one, so that every instance routes it alike. Make the config files agree; "
+                "to change the definition in force, edit the file of an instance that has it "
+                "and reload that instance (SIGHUP or POST /admin/reload)",
+                name, index, ours.describe(), theirs.describe(), theirs.instance or "?",
+            )  # fmt: skip
 
     # -- status and lifecycle -----------------------------------------------------------------
 
@@ -369,19 +515,30 @@ class SharedState:
         }
 
     def status(self) -> dict[str, Any]:
-        return {"backend": self.backend, "degraded": self.store.degraded}
+        """For ``/health`` and ``/admin/replicas``; ``definition_conflicts`` (the config-file
+        adapters whose definition here is not the one in force) only if there are any."""
+        out: dict[str, Any] = {"backend": self.backend, "degraded": self.store.degraded}
+        if self._conflicts:
+            out["definition_conflicts"] = sorted(self._conflicts)
+        return out
 
     async def start(self) -> None:
-        """Connect (``ResilientStore``: never raises; starts degraded if Redis is down)."""
+        """Connect (``ResilientStore``: never raises; starts degraded if Redis is down), then
+        claim the config file's adapter definitions, so that the first catalog serves the
+        definitions in force."""
         start = getattr(self.store, "start", None)
         if start is not None:
             await start()
+        if self._config_specs:
+            await self.claim_definitions()
 
     async def run(self) -> None:
         """Background loop: store housekeeping and adapter-registry changes; cancel to stop."""
         while True:
             try:
                 await self.store.maintain()
+                if self._claims_due():
+                    await self.claim_definitions()
                 self.check_adapters()
                 self.sync_refusals()
             except asyncio.CancelledError:
@@ -401,3 +558,7 @@ class SharedState:
                 async with asyncio.timeout(drain_timeout_s):
                     await asyncio.gather(*pending, return_exceptions=True)
         await self.store.close()
+
+
+def _definition(spec: AdapterSpec) -> AdapterDefinition:
+    return AdapterDefinition.of(spec)

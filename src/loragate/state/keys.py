@@ -35,6 +35,12 @@ key                          type    content / lifetime
                                      the admin API since): a tombstone written back later
                                      removes them (that view predated the deletion); PEXPIREs
                                      ``Ttls.tombstone_ttl_s`` after its last addition
+``P definitions``            HASH    adapters defined in config files: name -> JSON {path,
+                                     rank, instance, until ms} (Redis server time): the
+                                     definition in force for every instance (the first
+                                     claim; see ``state.definitions``), ``Ttls.lease_ttl_s``
+                                     long, renewed by every instance whose file agrees; the
+                                     key PEXPIREs with its last entry
 ``P demand:B``               HASH    adapter -> requests routed in bucket ``B``
                                      (``B = floor(t / demand_bucket_s)``); EXPIRE
                                      ``demand_retention_s``
@@ -185,6 +191,10 @@ class KeySpace:
     @property
     def restored(self) -> str:
         return f"{self.prefix}restored"
+
+    @property
+    def definitions(self) -> str:
+        return f"{self.prefix}definitions"
 
     def residency_keys(self, replica_id: ReplicaId) -> list[str]:
         """Keys of one replica's shadow residency, in the order the Lua scripts expect."""

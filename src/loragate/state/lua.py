@@ -362,3 +362,57 @@ for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
 end
 return n
 """
+
+# KEYS: definitions, version; ARGV: claim ttl ms, instance id, JSON list of claims
+# [{"name", "path", "rank", "prev": [path, rank]?, "known": [path, rank, instance, left ms]?}].
+# The rule of ``state.definitions.decide``, for each claim in turn; entries are JSON
+# {"path", "rank", "instance", "until"} (Redis server time, ms); a lapsed entry counts as none.
+# Bumps the version if a definition changed. Returns [name, JSON [path, rank, instance,
+# left ms], ...]: the definitions in force for the claimed names.
+CLAIM_DEFINITIONS = (
+    _COMMON
+    + """
+local now = now_ms()
+local ttl = tonumber(ARGV[1])
+local out = {}
+local changed = false
+local function agrees(e, path, rank)
+  return e.path == path and tonumber(e.rank) == tonumber(rank)
+end
+for _, c in ipairs(cjson.decode(ARGV[3])) do
+  local cur = nil
+  local raw = redis.call('HGET', KEYS[1], c.name)
+  if raw then
+    cur = cjson.decode(raw)
+    if tonumber(cur['until']) <= now then cur = nil end
+  end
+  local new = nil
+  if cur == nil then
+    local k = c.known
+    changed = true
+    if k and tonumber(k[4]) > 0 and not agrees({path = k[1], rank = k[2]}, c.path, c.rank) then
+      new = {path = k[1], rank = k[2], instance = k[3], ['until'] = now + tonumber(k[4])}
+    elseif k and agrees({path = k[1], rank = k[2]}, c.path, c.rank) then
+      new = {path = k[1], rank = k[2], instance = k[3], ['until'] = now + ttl}
+    else
+      new = {path = c.path, rank = c.rank, instance = ARGV[2], ['until'] = now + ttl}
+    end
+  elseif agrees(cur, c.path, c.rank) then
+    cur['until'] = now + ttl
+    new = cur
+  elseif c.prev and agrees(cur, c.prev[1], c.prev[2]) then
+    changed = true
+    new = {path = c.path, rank = c.rank, instance = ARGV[2], ['until'] = now + ttl}
+  end
+  if new then
+    redis.call('HSET', KEYS[1], c.name, cjson.encode(new))
+    cur = new
+  end
+  out[#out + 1] = c.name
+  out[#out + 1] = cjson.encode({cur.path, cur.rank, cur.instance, tonumber(cur['until']) - now})
+end
+if #out > 0 and redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+if changed then redis.call('INCR', KEYS[2]) end
+return out
+"""
+)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+from collections.abc import Sequence
 
 from loragate.core.clock import Clock, WallClock
 from loragate.core.types import AdapterId, AdapterSpec, ReplicaId, ReplicaSettings, Residency
 from loragate.state import residency as rz
+from loragate.state.definitions import DefinitionClaim, DefinitionMap, InForce, decide
 from loragate.state.keys import Ttls
 from loragate.state.store import (
     NO_REFUSALS,
@@ -45,7 +47,11 @@ class MemoryStore:
         self._refusals: dict[AdapterId, dict[ReplicaId, tuple[str, str, float]]] = {}
         # Deleted adapter -> until (on ``clock``).
         self._tombstones: dict[AdapterId, float] = {}
+        # Config-file adapter name -> (its definition in force, until on ``clock``).
+        self._definitions: dict[AdapterId, tuple[InForce, float]] = {}
         self._version = 0
+        # Whose claims these are (``RedisStore.instance_id`` in the mirror of a ResilientStore).
+        self.instance_id = "local"
 
     # --- hot path -------------------------------------------------------------------------
     async def begin_request(
@@ -168,9 +174,7 @@ class MemoryStore:
         self._residency[replica_id] = rz.unload(self._residency.get(replica_id, rz.EMPTY), adapter)
 
     async def reconcile(self, replica_id: ReplicaId, seen: frozenset[AdapterId]) -> None:
-        self._residency[replica_id] = rz.reconcile(
-            self._residency.get(replica_id, rz.EMPTY), seen
-        )
+        self._residency[replica_id] = rz.reconcile(self._residency.get(replica_id, rz.EMPTY), seen)
 
     # --- adapter registry -------------------------------------------------------------------
     async def put_adapter(self, spec: AdapterSpec) -> bool:
@@ -211,6 +215,40 @@ class MemoryStore:
 
     async def list_adapters(self) -> list[AdapterSpec]:
         return [self._adapters[n] for n in sorted(self._adapters)]
+
+    # --- adapters defined in config files (``state.definitions``) -----------------------------
+    async def claim_definitions(self, claims: Sequence[DefinitionClaim]) -> DefinitionMap:
+        """Claim each definition (the rule: ``definitions.decide``, claims live
+        ``Ttls.lease_ttl_s``); returns the definitions in force for the claimed names."""
+        now = self._clock.now()
+        out: dict[AdapterId, InForce] = {}
+        for claim in claims:
+            current = self.definition(claim.name)
+            in_force, changed = decide(
+                current, claim, instance=self.instance_id, ttl_s=self._ttls.lease_ttl_s
+            )
+            self._definitions[claim.name] = (in_force, now + in_force.left_s)
+            if changed:
+                self._version += 1
+            out[claim.name] = in_force
+        return out
+
+    def definition(self, name: AdapterId) -> InForce | None:
+        """The definition in force for ``name`` (None: none, or it lapsed)."""
+        entry = self._definitions.get(name)
+        if entry is None:
+            return None
+        left = entry[1] - self._clock.now()
+        if left <= 0:
+            del self._definitions[name]
+            return None
+        return InForce(entry[0].definition, left)
+
+    def adopt_definitions(self, in_force: DefinitionMap) -> None:
+        """Keep the definitions the shared store has in force (the mirror's copy)."""
+        now = self._clock.now()
+        for name, entry in in_force.items():
+            self._definitions[name] = (entry, now + entry.left_s)
 
     # --- adapter-load refusals -----------------------------------------------------------------
     async def record_refusal(
@@ -290,6 +328,15 @@ class MemoryStore:
     # --- lifecycle -----------------------------------------------------------------------------
     async def maintain(self) -> None:
         return None
+
+    @property
+    def ttls(self) -> Ttls:
+        return self._ttls
+
+    @property
+    def version(self) -> int:
+        """``view().version`` without building the view."""
+        return self._version
 
     @property
     def degraded(self) -> bool:

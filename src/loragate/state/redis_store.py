@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 from loragate.core.clock import Clock, WallClock
 from loragate.core.types import AdapterId, AdapterSpec, ReplicaId, ReplicaSettings, Residency
 from loragate.state import lua
+from loragate.state.definitions import AdapterDefinition, DefinitionClaim, DefinitionMap, InForce
 from loragate.state.keys import KeySpace, Ttls, lease_member, refusal_field
 from loragate.state.store import (
     ReplicaRecord,
@@ -105,7 +106,6 @@ def decode_refusals(flat: Sequence[Any]) -> dict[AdapterId, dict[ReplicaId, Shar
     return out
 
 
-
 def _consume(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()  # retrieved, so an abandoned call's error is not logged as unhandled
@@ -131,6 +131,7 @@ async def bounded(aw: Awaitable[T], timeout_s: float) -> T:
         task.add_done_callback(_consume)
         raise TimeoutError(f"no answer within {timeout_s} s")
     return task.result()
+
 
 class EpochChangedError(StateUnavailableError):
     """Redis's dataset is not the one the caller knows (Redis lost its data since): the
@@ -175,6 +176,7 @@ class RedisStore:
         self._push_missing = client.register_script(lua.PUSH_MISSING)
         self._record_refusal = client.register_script(lua.RECORD_REFUSAL)
         self._forget_refusals = client.register_script(lua.FORGET_REFUSALS)
+        self._claim_definitions = client.register_script(lua.CLAIM_DEFINITIONS)
         # request id -> (replica id, lease member) of this instance's in-flight requests
         self._own: dict[str, tuple[ReplicaId, str]] = {}
         # replicas whose in-flight ZSET may still hold a lease of ours
@@ -416,6 +418,34 @@ class RedisStore:
     async def list_adapters(self) -> list[AdapterSpec]:
         adapters = await self._load_adapters()
         return [adapters[n] for n in sorted(adapters)]
+
+    # --- adapters defined in config files (``state.definitions``) -----------------------------
+    async def claim_definitions(self, claims: Sequence[DefinitionClaim]) -> DefinitionMap:
+        """Claim each definition in one script (the rule: ``definitions.decide``; claims live
+        ``Ttls.lease_ttl_s``). Returns the definitions in force for the claimed names."""
+        if not claims:
+            return {}
+        payload = []
+        for c in claims:
+            item: dict[str, Any] = {"name": c.name, "path": c.ours.path, "rank": c.ours.rank}
+            if c.previous is not None:
+                item["prev"] = [c.previous.path, c.previous.rank]
+            if c.known is not None:
+                k = c.known.definition
+                item["known"] = [k.path, k.rank, k.instance, max(1, round(c.known.left_s * 1000))]
+            payload.append(item)
+        raw: list[str] = await self._io(
+            self._claim_definitions(
+                keys=[self.keys.definitions, self.keys.version],
+                args=[self.ttls.lease_ttl_ms, self.instance_id, json.dumps(payload)],
+            )
+        )
+        out: dict[AdapterId, InForce] = {}
+        for name, value in _pairs(raw).items():
+            path, rank, instance, left_ms = json.loads(value)
+            definition = AdapterDefinition(path=path, rank=int(rank), instance=str(instance))
+            out[name] = InForce(definition, int(left_ms) / 1000.0)
+        return out
 
     # --- adapter-load refusals ------------------------------------------------------------------
     async def record_refusal(

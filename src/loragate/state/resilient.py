@@ -48,10 +48,12 @@ import logging
 import math
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from loragate.core.clock import Clock, WallClock
 from loragate.core.types import AdapterId, AdapterSpec, ReplicaId, Residency
+from loragate.state.definitions import AdapterDefinition, DefinitionClaim, DefinitionMap, InForce
+from loragate.state.keys import Ttls
 from loragate.state.memory import MemoryStore
 from loragate.state.redis_store import EpochChangedError, RedisStore
 from loragate.state.store import (
@@ -113,6 +115,8 @@ class ResilientStore:
         self._resync_lock = asyncio.Lock()
         # Held while journal entries are replayed (maintenance and registry writes both do).
         self._replay_lock = asyncio.Lock()
+        # Config-file adapter name -> (the definition Redis had in force, until on our clock).
+        self._definitions: dict[AdapterId, tuple[AdapterDefinition, float]] = {}
 
     # --- status -------------------------------------------------------------------------------
     @property
@@ -235,9 +239,12 @@ class ResilientStore:
             if not self._journal and remote.lease_changes == mark:
                 return
         self.drain_pass_limit_hits += 1
-        log.info("state: resync still racing traffic after %d passes (%d journal entries "
-                 "left); the next maintenance rounds complete it", MAX_DRAIN_PASSES,
-                 len(self._journal))
+        log.info(
+            "state: resync still racing traffic after %d passes (%d journal entries "
+            "left); the next maintenance rounds complete it",
+            MAX_DRAIN_PASSES,
+            len(self._journal),
+        )
 
     async def _replay_journal(self) -> None:
         """Replay, in order, the journal entries present now (an entry leaves the journal only
@@ -259,9 +266,7 @@ class ResilientStore:
             # Redis was replaced without a failed call in between: resynchronise.
             await self._recover()
             return
-        self._others = {
-            r: max(0, n - own_before.get(r, 0)) for r, n in view.in_flight.items()
-        }
+        self._others = {r: max(0, n - own_before.get(r, 0)) for r, n in view.in_flight.items()}
         # The snapshot may lack a refusal write of ours (in flight or journaled meanwhile):
         # keep our refusals this time; the next refresh reads them back from Redis.
         keep = refusal_busy or self._refusal_writes != refusal_mark or bool(self._journal)
@@ -427,6 +432,39 @@ class ResilientStore:
         """Put ``spec`` in the mirror only (read from Redis; the next refresh agrees)."""
         self._local.set_adapter(spec)
 
+    # --- adapters defined in config files (``state.definitions``) -----------------------------
+    async def claim_definitions(self, claims: Sequence[DefinitionClaim]) -> DefinitionMap:
+        """Redis decides (one round trip); each claim carries the definition last seen in force
+        (written back if Redis lost it). While Redis is unreachable the definitions last seen in
+        force stay, lapsed or not (nobody can tell whether their instances are gone), and a
+        name never seen is this instance's own."""
+        now = self._clock.now()
+        if not self._degraded:
+            sent = [dataclasses.replace(c, known=self._known(c.name, now)) for c in claims]
+            try:
+                in_force = await self._remote.claim_definitions(sent)
+            except StateUnavailableError as exc:
+                self._on_error(exc)
+            else:
+                for name, entry in in_force.items():
+                    self._definitions[name] = (entry.definition, now + entry.left_s)
+                return in_force
+        out: dict[AdapterId, InForce] = {}
+        for c in claims:
+            seen = self._definitions.get(c.name)
+            if seen is not None:
+                out[c.name] = InForce(seen[0], max(0.0, seen[1] - now))
+            else:
+                own = dataclasses.replace(c.ours, instance=self._remote.instance_id)
+                out[c.name] = InForce(own, self._ttls.lease_ttl_s)
+        return out
+
+    def _known(self, name: AdapterId, now: float) -> InForce | None:
+        seen = self._definitions.get(name)
+        if seen is None or seen[1] <= now:
+            return None
+        return InForce(seen[0], seen[1] - now)
+
     # --- adapter-load refusals ----------------------------------------------------------------
     async def record_refusal(
         self, replica_id: ReplicaId, adapter: AdapterId, *, path: str, error: str, ttl_s: float
@@ -506,6 +544,15 @@ class ResilientStore:
                 self._on_error(exc)
         self._journal_append(lambda r: r.bump_version())
         return local
+
+    @property
+    def ttls(self) -> Ttls:
+        return self._ttls
+
+    @property
+    def version(self) -> int:
+        """``view().version`` without building the view."""
+        return self._local.version
 
     async def close(self) -> None:
         await self._remote.close()

@@ -14,7 +14,7 @@ virtual time. Lease expiry is measured by the store itself (Redis server time fo
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
@@ -28,6 +28,8 @@ from loragate.core.types import (
     ReplicaSnapshot,
     Residency,
 )
+from loragate.state.definitions import DefinitionClaim, DefinitionMap
+from loragate.state.keys import Ttls
 from loragate.state.residency import EMPTY
 
 
@@ -244,4 +246,17 @@ class GatewayStore(StateStore, Protocol):
     def set_adapter(self, spec: AdapterSpec) -> None:
         """Put ``spec`` in the local view (no shared write): an adapter just read from the
         shared backend (``get_adapter``) that the view has not refreshed in yet."""
+        ...
+
+    async def claim_definitions(self, claims: Sequence[DefinitionClaim]) -> DefinitionMap:
+        """Claim the definitions of this instance's config-file adapters (``state.definitions``):
+        the definitions in force for those names. Never raises because Redis is down."""
+        ...
+
+    @property
+    def ttls(self) -> Ttls: ...
+
+    @property
+    def version(self) -> int:
+        """``view().version`` without building the view."""
         ...
