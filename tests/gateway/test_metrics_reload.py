@@ -3,7 +3,8 @@ counters never go backwards for the replicas that stay, whether a reload keeps t
 are or replaces them (URL, key or settings changed); a removed replica's counters keep their
 last value while its gauges go away; in-flight gauges neither leak nor go negative when a
 replica is replaced with requests on it, and a request waiting for an adapter load there is
-answered."""
+answered (and the replacement, at the same URL, knows of that load); a removed replica stays
+in the in-flight gauges while requests still run on it."""
 
 from __future__ import annotations
 
@@ -275,6 +276,17 @@ async def _until(url: str, name: str, value: float, **labels: str) -> str:
     raise AssertionError(f"{name}{labels} never became {value}:\n{text}")
 
 
+async def _until_gone(url: str, name: str, **labels: str) -> str:
+    """Scrape until there is no ``name{labels}`` sample (a hang guard, not a timing check)."""
+    text = ""
+    for _ in range(200):
+        text = await _scrape(url)
+        if _value(text, name, **labels) is None:
+            return text
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{name}{labels} never went away:\n{text}")
+
+
 async def test_in_flight_gauges_across_a_replacement_with_a_stream_running(
     replicas: list[ScriptedReplica], tmp_path: Path, state: dict[str, Any]
 ) -> None:
@@ -337,10 +349,19 @@ async def test_a_request_waiting_for_an_adapter_load_survives_a_replacement(
             # r0's settings change (it is replaced) while the request waits for its load.
             _write(path, replicas[:1], {"r0": {"max_loras": 2, "max_cpu_loras": 4}})
             assert (await _reload(http, gw.url))["replicas_changed"] == ["r0"]
+            # The same URL: the same vLLM server. A request for lora-1 on the replacement
+            # waits for that load, it does not start another.
+            joining = asyncio.create_task(
+                client.completions.with_raw_response.create(
+                    model="lora-1", prompt="q", max_tokens=1
+                )
+            )
+            await _until(gw.url, IN_FLIGHT, 2, replica="r0")
             gated.load_gate.set()
-            raw = await waiting
-            assert raw.http_response.status_code == 200
-            assert raw.headers["x-loragate-replica"] == "r0"
+            for raw in (await waiting, await joining):
+                assert raw.http_response.status_code == 200
+                assert raw.headers["x-loragate-replica"] == "r0"
+            assert gated.loads_started == 1
             after = await _scrape(gw.url)
             _assert_monotonic(before, after)
             assert _value(after, LOADS, replica="r0") == 1  # the load that got through
@@ -350,14 +371,27 @@ async def test_a_request_waiting_for_an_adapter_load_survives_a_replacement(
                                adapter="lora-1", replica="r0", status=status)
                 for status in ("200", "client_closed", "502")
             }  # fmt: skip
-            assert requests == {"200": 1, "client_closed": None, "502": None}
-            # The replacement polled r0 before that load ended: its next request for lora-1
-            # asks again, vLLM answers "already loaded", and that is no load.
+            assert requests == {"200": 2, "client_closed": None, "502": None}
+            # The replacement polled r0 before that load ended, and learnt of it when it
+            # ended: its next request for lora-1 goes straight there, without asking again.
+            assert gw.gateway.pool.is_registered("r0", "lora-1")
             raw = await client.completions.with_raw_response.create(
                 model="lora-1", prompt="p", max_tokens=1
             )
             assert raw.http_response.status_code == 200
-            assert gated.loads_started == 2
+            assert gated.loads_started == 1
+            # An adapter loaded on r0 behind the gateway's back (by hand): the gateway's load
+            # is answered "already loaded", which is success, no load, and registered.
+            load = {"lora_name": "lora-2", "lora_path": "/loras/lora-2"}
+            async with http.post(gated.url + "/v1/load_lora_adapter", json=load) as resp:
+                assert resp.status == 200
+            for _ in range(2):
+                raw = await client.completions.with_raw_response.create(
+                    model="lora-2", prompt="p", max_tokens=1
+                )
+                assert raw.http_response.status_code == 200
+                assert gw.gateway.pool.is_registered("r0", "lora-2")
+            assert gated.loads_started == 3  # by hand, then the gateway's once
             again = await _scrape(gw.url)
             assert _value(again, LOADS, replica="r0") == 1
 
@@ -409,8 +443,17 @@ async def test_a_removed_replica_with_a_stream_running_leaks_no_in_flight_reques
         _write(path, [first], state=state)  # r1 out, r0 in, while r1's stream runs
         body = await _reload(http, gw.url)
         assert (body["replicas_added"], body["replicas_removed"]) == (["r0"], ["r1"])
+        # Out of the pool, but its stream still runs: still counted in flight, in both.
+        removed = await _scrape(gw.url)
+        assert _value(removed, IN_FLIGHT, replica="r1") == 1
+        assert _value(removed, SHARED_IN_FLIGHT, replica="r1") == 1
+        assert _value(removed, IN_FLIGHT, replica="r0") == 0
+        assert _value(removed, "loragate_replica_healthy", replica="r1") is None
         gate.set()
         assert [c.choices[0].text async for c in it] == [" two", " three"]
+        # Its last request ended: its gauges go, as a removed replica's do.
+        gone = await _until_gone(gw.url, IN_FLIGHT, replica="r1")
+        assert _value(gone, SHARED_IN_FLIGHT, replica="r1") is None
         _write(path, [first, second], state=state)  # r1 back: nothing of it is in flight
         assert (await _reload(http, gw.url))["replicas_added"] == ["r1"]
         back = await _until(gw.url, SHARED_IN_FLIGHT, 0, replica="r1")

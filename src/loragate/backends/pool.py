@@ -226,20 +226,42 @@ class ReplicaPool:
     # -- membership (config reload) ------------------------------------------------------------
 
     async def add_replica(self, cfg: ReplicaConfig) -> None:
-        """Add (or replace, if its URL, key or settings changed) a replica and poll it once.
-        A replaced replica keeps its place in the pool (config order) and its adapter-load
-        count; requests already on it, and the adapter loads they wait for, finish on it."""
-        old = self._replicas.get(cfg.replica_id)
-        if old is not None and old.config == cfg:
-            return
-        if old is not None:
-            self._retire_replica(old)
-        rep = self._new_replica(cfg)
+        """Add (or replace) one replica and poll it once (:meth:`add_replicas`)."""
+        await self.poll_replicas(self.add_replicas((cfg,)))
+
+    def add_replicas(self, configs: Sequence[ReplicaConfig]) -> tuple[ReplicaId, ...]:
+        """Add replicas, or replace those whose URL, key or settings changed; returns their
+        ids, to poll with :meth:`poll_replicas` (an added one gets no traffic before).
+        Every new entry is built first: if one cannot be (its client cannot be made), this
+        raises with the pool as it was. A replaced replica keeps its place in the pool
+        (config order) and its adapter-load count; requests already on it, and the adapter
+        loads they wait for, finish on it. Replaced at the same URL (key or settings
+        changed: the same vLLM server), the new entry starts from what the old one knew of
+        the adapters registered there, and an adapter load under way there registers on the
+        new entry when it ends."""
+        fresh: list[_Replica] = []
+        for cfg in configs:
+            old = self._replicas.get(cfg.replica_id)
+            if old is not None and old.config == cfg:
+                continue
+            rep = self._new_replica(cfg)
+            if self._session is not None:
+                self._bind(rep, self._session)
+            fresh.append(rep)
+        for rep in fresh:
+            rid = rep.config.replica_id
+            old = self._replicas.get(rid)
+            if old is not None:
+                self._retire_replica(old, successor=rep)
+            self._replicas[rid] = rep
+        return tuple(rep.config.replica_id for rep in fresh)
+
+    async def poll_replicas(self, replica_ids: Collection[ReplicaId]) -> None:
+        """Poll these replicas once (concurrently; none before :meth:`start`), then route
+        by what they answered."""
         if self._session is not None:
-            self._bind(rep, self._session)
-        self._replicas[cfg.replica_id] = rep
-        if self._session is not None:
-            await self._poll(rep)
+            reps = [rep for rid in replica_ids if (rep := self._replicas.get(rid)) is not None]
+            await asyncio.gather(*(self._poll(rep) for rep in reps))
         self._rebuild_healthy()
 
     def remove_replica(self, replica_id: ReplicaId) -> None:
@@ -254,16 +276,28 @@ class ReplicaPool:
         self._retire_replica(rep)
         self._rebuild_healthy()
 
-    def _retire_replica(self, rep: _Replica) -> None:
-        """``rep`` leaves the pool (removed, or replaced by a new entry). Its adapter loads
-        run on to their end, out of ``_loads``: the requests waiting for them are sent there
-        once they finish, as the requests already running there finish (cancelling them
-        would cancel those requests as if their clients had left), and the next load for its
-        id is the replacement's own. Background unloads stop; its refusals are forgotten here;
-        its idle connections close."""
+    def _retire_replica(self, rep: _Replica, *, successor: _Replica | None = None) -> None:
+        """``rep`` leaves the pool (removed, or replaced by ``successor``). Its adapter loads
+        run on to their end: the requests waiting for them are sent there once they finish,
+        as the requests already running there finish (cancelling them would cancel those
+        requests as if their clients had left). A successor at the same URL is the same vLLM
+        server: it takes over what ``rep`` knew of its adapters, and ``rep``'s loads stay
+        the single flight for that id (they register on the entry in the pool when they
+        end). Otherwise the loads leave ``_loads`` and the next load for the id is the
+        successor's own. Background unloads stop; its refusals are forgotten here; its idle
+        connections close."""
         rid = rep.config.replica_id
-        for key in [k for k in self._loads if k[1] == rid]:
-            self._orphan_loads.add(self._loads.pop(key))
+        if successor is not None and successor.config.url == rep.config.url:
+            successor.registered = set(rep.registered)
+            successor.roots = dict(rep.roots)
+            successor.loaded_at_s = dict(rep.loaded_at_s)
+            successor.stale = dict(rep.stale)
+            successor.inplace_failed = dict(rep.inplace_failed)
+            successor.base_card = rep.base_card
+            self._refresh_residency(successor)
+        else:
+            for key in [k for k in self._loads if k[1] == rid]:
+                self._orphan_loads.add(self._loads.pop(key))
         for key in [k for k in self._unloads if k[1] == rid]:
             self._unloads[key].cancel()
         self.refusals.forget_replica(rid)
@@ -486,12 +520,24 @@ class ReplicaPool:
             if r.snapshot is not None and r.snapshot.healthy
         )
 
-    def report_failure(self, replica_id: ReplicaId, error: str) -> None:
+    def report_failure(
+        self, replica_id: ReplicaId, error: str, *, client: VllmClient | None = None
+    ) -> None:
         """Passive health: the gateway could not talk to this replica. It gets no traffic until
-        a poll succeeds again."""
+        a poll succeeds again. ``client``: the one the failed call used (``client(id)`` when
+        it began); if a reload replaced the replica since, the failure was the old entry's
+        (its old URL, key or settings) and says nothing of the new one: it is ignored."""
         rep = self._replicas.get(replica_id)
-        if rep is not None:
-            self._record_failure(rep, error, immediate=True)
+        if rep is None:
+            return
+        if client is not None and rep.client is not client:
+            log.debug(
+                "replica %s: a failure on its entry from before a reload replaced it, ignored: %s",
+                replica_id,
+                error,
+            )
+            return
+        self._record_failure(rep, error, immediate=True)
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -648,7 +694,8 @@ class ReplicaPool:
             refusals = self.refusals
             refusals.record(spec, rid, exc.message)
             if old is not None:
-                rep.inplace_failed[spec.name] = spec.path
+                for entry in self._entries_of(rep):
+                    entry.inplace_failed[spec.name] = spec.path
             log.warning(
                 "adapter %s (%s) failed to load on replica %s (%s): %s%s%s",
                 spec.name,
@@ -672,19 +719,29 @@ class ReplicaPool:
                 spec.name, rid, spec.path, old,
             )  # fmt: skip
         self.refusals.forget(spec.name, rid)
-        rep.stale.pop(spec.name, None)
-        rep.inplace_failed.pop(spec.name, None)
         if loaded:
             self._load_counts[rid] = self._load_counts.get(rid, 0) + 1
-        rep.registered.add(spec.name)
-        rep.roots[spec.name] = spec.path
-        rep.loaded_at_s[spec.name] = self._clock.now()
-        self._refresh_residency(rep)
+        now = self._clock.now()
+        for entry in self._entries_of(rep):
+            entry.stale.pop(spec.name, None)
+            entry.inplace_failed.pop(spec.name, None)
+            entry.registered.add(spec.name)
+            entry.roots[spec.name] = spec.path
+            entry.loaded_at_s[spec.name] = now
+            self._refresh_residency(entry)
         if self.listener is not None:
             try:
                 await self.listener.adapter_loaded(rep.config.replica_id, spec.name)
             except Exception:
                 log.exception("pool listener failed on a load of %s", spec.name)
+
+    def _entries_of(self, rep: _Replica) -> tuple[_Replica, ...]:
+        """``rep``, and the entry that replaced it if that is at the same URL (the same vLLM
+        server: what an adapter load there did holds for both)."""
+        current = self._replicas.get(rep.config.replica_id)
+        if current is None or current is rep or current.config.url != rep.config.url:
+            return (rep,)
+        return (rep, current)
 
     async def _root_on(self, rep: _Replica, adapter: str) -> str | None:
         """The path ``rep``'s ``/v1/models`` card of ``adapter`` gives (None: not listed, no

@@ -31,7 +31,7 @@ from loragate.core.clock import Clock, WallClock
 from loragate.core.config import GatewayConfig
 from loragate.core.errors import LoragateError
 from loragate.core.tasks import cancel_and_wait
-from loragate.core.types import AdapterId, AdapterSpec
+from loragate.core.types import AdapterId, AdapterSpec, ReplicaId
 from loragate.gateway.admin import AdminApi
 from loragate.gateway.catalog import Catalog
 from loragate.gateway.errors import error_payload, error_response
@@ -136,11 +136,18 @@ def create_app(
     pool.listener = shared
     telemetry = Telemetry(registry)
     tracker = inflight
+
+    def in_flight_replicas() -> list[ReplicaId]:
+        """The pool's replicas (config order), then those a reload removed that requests of
+        this instance still run on (until the last of them ends)."""
+        ids = pool.replica_ids
+        return [*ids, *(rid for rid, n in tracker.counts().items() if n and rid not in ids)]
+
     telemetry.bind_state(
-        in_flight=lambda: {rid: tracker.count(rid) for rid in pool.replica_ids},
+        in_flight=lambda: {rid: tracker.count(rid) for rid in in_flight_replicas()},
         healthy=lambda: {rid: pool.is_healthy(rid) for rid in pool.replica_ids},
         adapter_loads=pool.adapter_loads,
-        shared_in_flight=lambda: {rid: shared.in_flight_of(rid) for rid in pool.replica_ids},
+        shared_in_flight=lambda: {rid: shared.in_flight_of(rid) for rid in in_flight_replicas()},
     )
     telemetry.set_config(policy.name, config.routing)
     telemetry.bind_refusals(lambda: pool.refusals.counts)

@@ -38,6 +38,7 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
+from loragate.backends.client import VllmClient
 from loragate.backends.pool import ReplicaPool
 from loragate.backends.upstream import UpstreamConn
 from loragate.core.clock import Clock
@@ -382,7 +383,8 @@ class Proxy:
             while True:
                 rid = ""  # (an error before the choice is no replica's)
                 rid = self._choose(rreq, spec, exclude)
-                upstream = pool.client(rid).upstream
+                client = pool.client(rid)  # (a reload may replace the replica's entry meanwhile)
+                upstream = client.upstream
                 if sync:  # the embedded store: no coroutine
                     lease = state.begin_now(rid, rreq.adapter)
                 else:
@@ -399,7 +401,7 @@ class Proxy:
                             # way another replica may take it.
                             if isinstance(exc, UpstreamConnectError):
                                 self._upstream_failed(
-                                    exc, rid, rreq, f"loading adapter {loading!r}"
+                                    exc, rid, client, rreq, f"loading adapter {loading!r}"
                                 )
                             if not retried and self._can_retry(rid):
                                 self._telemetry.count_retry(rid, retry_reason(exc, loading=True))
@@ -416,7 +418,7 @@ class Proxy:
                             timeout_s=self._stream_timeout_s if stream else self._timeout_s,
                         )
                     except UpstreamError as exc:
-                        self._upstream_failed(exc, rid, rreq, "answering")
+                        self._upstream_failed(exc, rid, client, rreq, "answering")
                         # Nothing reached the client yet: safe to try another replica once,
                         # unless it timed out (the replica may still be working on it).
                         if (
@@ -439,8 +441,12 @@ class Proxy:
                             continue
                         if stream and status == 200:
                             piping = True
-                            return await self._pipe(request, conn, rid, rreq, t0, t_send)
-                        data = conn.body() if not stream else await self._drain(conn, rid, rreq)
+                            return await self._pipe(request, conn, rid, client, rreq, t0, t_send)
+                        data = (
+                            conn.body()
+                            if not stream
+                            else await self._drain(conn, rid, client, rreq)
+                        )
                         telemetry = self._telemetry
                         telemetry.observe_latency(rid, self._now() - t_send)
                         telemetry.count(rreq.adapter or "", rid, str(status))
@@ -499,14 +505,16 @@ class Proxy:
             stage,
         )
 
-    async def _drain(self, conn: UpstreamConn, rid: ReplicaId, rreq: RoutingRequest) -> bytes:
+    async def _drain(
+        self, conn: UpstreamConn, rid: ReplicaId, client: VllmClient, rreq: RoutingRequest
+    ) -> bytes:
         """The whole body of a streaming request's non-200 answer (vLLM's JSON error)."""
         parts = []
         try:
             while chunk := await conn.read_chunk(self._stream_timeout_s):
                 parts.append(chunk)
         except UpstreamError as exc:
-            self._upstream_failed(exc, rid, rreq, f"sending its {conn.status} answer")
+            self._upstream_failed(exc, rid, client, rreq, f"sending its {conn.status} answer")
             raise
         return b"".join(parts)
 
@@ -514,13 +522,20 @@ class Proxy:
         return any(s.replica_id != failed for s in self._pool.healthy_snapshots())
 
     def _upstream_failed(
-        self, err: UpstreamError, rid: ReplicaId, rreq: RoutingRequest, stage: str
+        self,
+        err: UpstreamError,
+        rid: ReplicaId,
+        client: VllmClient,
+        rreq: RoutingRequest,
+        stage: str,
     ) -> None:
         """Log (and, unless it timed out, take out of rotation) a replica that failed; both
-        name its URL."""
-        url = self._pool.url(rid) or "removed from the pool"
+        name its URL. ``client``: the replica's client the request used. A failure on the
+        entry a reload replaced since (its old URL, key or settings) does not take the new
+        entry out (the pool tells them apart by client)."""
+        url = client.base_url
         if not isinstance(err, UpstreamTimeoutError):
-            self._pool.report_failure(rid, f"{stage} ({url}): {err.message}")
+            self._pool.report_failure(rid, f"{stage} ({url}): {err.message}", client=client)
         log.warning(
             "request %s (model %s) on replica %s (%s) failed while %s: %s",
             rreq.request_id,
@@ -536,6 +551,7 @@ class Proxy:
         request: web.Request,
         conn: UpstreamConn,
         rid: ReplicaId,
+        client: VllmClient,
         rreq: RoutingRequest,
         t0: float,
         t_send: float,
@@ -577,7 +593,9 @@ class Proxy:
                 except UpstreamError as exc:
                     # The head (status 200, the replica header) is out: the log line and the
                     # metric name the replica, and so does the error event.
-                    self._upstream_failed(exc, rid, rreq, f"streaming (after {relayed} bytes)")
+                    self._upstream_failed(
+                        exc, rid, client, rreq, f"streaming (after {relayed} bytes)"
+                    )
                     outcome = "stream_error"
                     err = UpstreamConnectError(f"replica {rid} broke off the stream: {exc.message}")
                     with contextlib.suppress(ConnectionError):

@@ -8,7 +8,12 @@ the error names the key. Then, without dropping a request:
   request already running keeps the policy and limits it started with);
 * replicas: new ones are added to the pool (and polled once), removed ones stop getting
   traffic (requests already on them finish, and so do the adapter loads requests wait for
-  there), changed ones (URL, key, settings) are replaced, in place, the same way;
+  there), changed ones (URL, key, settings) are replaced, in place, the same way; a failure
+  of a request still running on a replaced entry does not take the new one out of rotation.
+  Replaced at the same URL (the same vLLM server), a replica keeps what the gateway knew of
+  its adapters, and an adapter load running there counts for the new entry. Every new entry
+  is built before the pool changes: one that cannot be (an ``api_key`` no HTTP header can
+  carry) fails the reload (``error``) with nothing changed;
 * ``admin.token`` changes take effect at once; a new ``base_model`` from the next poll on
   (a replica that does not serve it gets no traffic).
 
@@ -112,8 +117,6 @@ async def apply_config(gateway: Gateway, new: GatewayConfig) -> ReloadResult:
         frozen = restart_required(old, new)
         # Keep the sections that need a restart as they were.
         effective = _keep_startup_sections(old, new)
-        # Replicas polled from now on (the added ones below first) must serve this model.
-        gateway.pool.base_model = effective.base_model
         added, removed, changed = await _apply_replicas(gateway, old, effective)
         gateway.config = effective
         gateway.policy = policy
@@ -161,11 +164,14 @@ async def _apply_replicas(
     added = tuple(rid for rid in after if rid not in before)
     removed = tuple(rid for rid in before if rid not in after)
     changed = tuple(rid for rid in after if rid in before and before[rid] != after[rid])
+    # Built first: a replica whose client cannot be made fails the reload with nothing changed.
+    fresh = pool.add_replicas(tuple(after[rid] for rid in added + changed))
+    # Replicas polled from now on (the added ones below first) must serve this model.
+    pool.base_model = new.base_model
     for rid in changed:
         shared.forget_replica(rid)
     await shared.register_replicas(tuple(after[rid] for rid in added + changed))
-    for rid in added + changed:
-        await pool.add_replica(after[rid])
+    await pool.poll_replicas(fresh)
     for rid in removed:
         pool.remove_replica(rid)
         shared.forget_replica(rid)

@@ -209,10 +209,20 @@ async def _close_idle_connections(server: web.Server) -> None:
 
 async def reload_logged(gateway: Gateway) -> bool:
     """Reload the config file (SIGHUP); a bad file is logged (by ``reload_from_file``, as
-    for ``POST /admin/reload``) and the old config stays."""
+    for ``POST /admin/reload``) and the old config stays. Any other failure (counted as
+    ``error`` by ``reload_from_file``) is logged here with its traceback, naming the file;
+    the gateway serves on. Never raises (but cancellation): SIGHUP's task has no one to
+    raise to."""
     try:
         await reload_from_file(gateway)
     except ConfigError:
+        return False
+    except Exception:
+        log.exception(
+            "config reload (SIGHUP) of %s failed, serving on with the running config "
+            "(GET /admin/replicas shows the replicas in use)",
+            gateway.config_path,
+        )
         return False
     return True
 

@@ -66,7 +66,8 @@ class _ScrapeTimeGauges(Collector):
             "loragate_in_flight_requests",
             "Requests this gateway instance is proxying right now, by replica. Other "
             "instances' requests are not in it: loragate_shared_in_flight_requests has the "
-            "count all instances share through Redis.",
+            "count all instances share through Redis. A replica a reload removed is listed "
+            "while requests of this instance still run on it.",
             labels=["replica"],
         )
         for rid, n in self._in_flight().items():
@@ -79,7 +80,8 @@ class _ScrapeTimeGauges(Collector):
                 "instance sees them in the shared state (Redis; refreshed every "
                 "state.refresh_s, the last view while degraded; the same as "
                 "loragate_in_flight_requests with the embedded store). What routing uses; "
-                "/admin/replicas 'in_flight'.",
+                "/admin/replicas 'in_flight'. A replica a reload removed is listed while "
+                "requests of this instance still run on it.",
                 labels=["replica"],
             )
             for rid, n in self._shared_in_flight().items():
