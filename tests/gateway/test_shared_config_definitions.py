@@ -223,3 +223,22 @@ async def test_a_definition_lapses_when_no_instance_whose_file_has_it_is_left(
 
         assert await eventually(path, lambda p: p == b_path) == b_path
         assert gw_b.gateway.shared.definition_conflicts() == {}
+
+
+async def test_a_name_another_instance_s_file_defines_is_a_409_in_the_admin_api(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    prefix = f"defs-{uuid.uuid4().hex[:8]}:"
+    async with contextlib.AsyncExitStack() as stack:
+        replicas = await stack.enter_async_context(_cluster(tmp_path))
+        doc_a = _doc(replicas, redis_server.url, prefix, tmp_path / "x-a")
+        doc_b = {**_doc(replicas, redis_server.url, prefix, tmp_path / "x-b"), "adapters": []}
+        await stack.enter_async_context(running_gateway(config_from_mapping(doc_a), port=0))
+        gw_b = await stack.enter_async_context(running_gateway(config_from_mapping(doc_b), port=0))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        body = {"name": "x", "path": str(tmp_path / "x-b")}
+        async with http.post(gw_b.url + "/admin/adapters", json=body, headers=AUTH) as resp:
+            assert resp.status == 409, await resp.text()
+            error = (await resp.json())["error"]
+        assert "defined in the config file of a gateway instance" in error["message"]
+        assert "x" not in gw_b.gateway.shared.shared_adapters()

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 
 from loragate.core.clock import VirtualClock
+from loragate.core.types import AdapterSpec
 from loragate.state.definitions import AdapterDefinition, DefinitionClaim, DefinitionMap
 from loragate.state.keys import Ttls
 from loragate.state.memory import MemoryStore
@@ -141,3 +142,25 @@ async def test_while_redis_is_down_the_definition_last_in_force_stays(
         assert (own["y"].definition.path, own["y"].definition.instance) == (B.path, "gw-c")
     finally:
         redis_server.start()
+
+
+async def test_a_name_a_config_file_defines_cannot_be_registered_through_the_admin_api(
+    redis_stores: StoreFactory,
+) -> None:
+    """Else one instance would serve the admin registration and another its file's adapter,
+    and the replicas flip between the two paths."""
+    clock = VirtualClock()
+    memory = MemoryStore(ttls=TTLS, clock=clock)
+    redis = redis_stores(instance_id="gw-a", ttls=TTLS)
+    spec = AdapterSpec(name="x", path="/admin/x", rank=8)
+    for store in (memory, redis):
+        await store.claim_definitions(_claim(A, None))
+        assert not await store.put_adapter(spec)
+        assert await store.get_adapter("x") is None
+        assert (await store.claim_definitions(_claim(A, None)))["x"].definition.agrees(A)
+    # Once the definition lapsed (no instance's file has the name), the name is free.
+    clock.advance_by(TTL_S + 0.01)
+    await asyncio.sleep(TTL_S + 0.05)
+    for store in (memory, redis):
+        assert await store.put_adapter(spec)
+        assert await store.get_adapter("x") == spec

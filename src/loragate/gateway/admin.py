@@ -283,7 +283,11 @@ class AdminApi:
             if gw.shared.degraded:  # Redis went away during the write
                 return _state_unavailable(f"register adapter {spec.name!r}", during=True)
             if not added:
-                raise ConflictError(f"adapter {spec.name!r} already exists", param="name")
+                raise ConflictError(
+                    f"adapter {spec.name!r} already exists (registered through the admin API, "
+                    "or defined in the config file of a gateway instance on this state store)",
+                    param="name",
+                )
             gw.shared.check_adapters()  # this instance serves it at once
         gw.pool.refusals.forget(spec.name)  # registered anew: every replica may try it again
         try:

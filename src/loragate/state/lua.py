@@ -210,12 +210,18 @@ end
 return 0
 """
 
-# KEYS: adapters, version, tombstones, restored, epoch; ARGV: name, JSON spec, the epoch the
-# caller knows ('' = any). Registers the adapter only if the name is free (bumping the version,
-# clearing its tombstone and its mark of an entry a resync wrote back): returns 1; else 0;
-# -1 (nothing done) if the epoch is not the caller's (Redis lost its data since).
-PUT_ADAPTER = """
+# KEYS: adapters, version, tombstones, restored, epoch, definitions; ARGV: name, JSON spec,
+# the epoch the caller knows ('' = any). Registers the adapter only if the name is free (not
+# registered, and no instance's config file defines it: no definition in force, see
+# CLAIM_DEFINITIONS), bumping the version, clearing its tombstone and its mark of an entry a
+# resync wrote back: returns 1; else 0; -1 (nothing done) if the epoch is not the caller's
+# (Redis lost its data since).
+PUT_ADAPTER = (
+    _COMMON
+    + """
 if ARGV[3] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[3] then return -1 end
+local defined = redis.call('HGET', KEYS[6], ARGV[1])
+if defined and tonumber(cjson.decode(defined)['until']) > now_ms() then return 0 end
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('HDEL', KEYS[3], ARGV[1])
   redis.call('SREM', KEYS[4], ARGV[1])
@@ -224,6 +230,7 @@ if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
 end
 return 0
 """
+)
 
 # KEYS: adapters, version, tombstones, epoch; ARGV: name, tombstone ttl ms, the epoch the
 # caller knows ('' = any). Deletes the adapter and leaves its tombstone (name -> until ms,

@@ -178,7 +178,7 @@ class MemoryStore:
 
     # --- adapter registry -------------------------------------------------------------------
     async def put_adapter(self, spec: AdapterSpec) -> bool:
-        if spec.name in self._adapters:
+        if spec.name in self._adapters or self.definition(spec.name) is not None:
             return False
         self.set_adapter(spec)
         return True

@@ -385,12 +385,13 @@ class RedisStore:
 
     # --- adapter registry ---------------------------------------------------------------------
     async def put_adapter(self, spec: AdapterSpec, *, epoch: str | None = None) -> bool:
-        """Register ``spec`` if the name is free. ``epoch``: only in that dataset, else
-        ``EpochChangedError`` (nothing done)."""
+        """Register ``spec`` if the name is free (not registered, not defined by an instance's
+        config file). ``epoch``: only in that dataset, else ``EpochChangedError`` (nothing
+        done)."""
         k = self.keys
         added = await self._io(
             self._put_adapter(
-                keys=[k.adapters, k.version, k.tombstones, k.restored, k.epoch],
+                keys=[k.adapters, k.version, k.tombstones, k.restored, k.epoch, k.definitions],
                 args=[spec.name, encode_adapter(spec), epoch or ""],
             )
         )

@@ -155,8 +155,9 @@ class StateStore(Protocol):
 
     # --- adapter registry (admin API) -----------------------------------------------------
     async def put_adapter(self, spec: AdapterSpec) -> bool:
-        """Register ``spec`` if no adapter of that name is registered (atomically with the
-        version bump and clearing the name's tombstone): True; else change nothing: False."""
+        """Register ``spec`` if no adapter of that name is registered and no instance's config
+        file defines it (a definition in force, ``claim_definitions``), atomically with the
+        version bump and clearing the name's tombstone: True; else change nothing: False."""
         ...
 
     async def delete_adapter(self, name: AdapterId) -> bool:
