@@ -18,6 +18,16 @@ What real vLLM 0.32.0 answered (max_model_len 512; run on 2026-11-28):
   ``--enable-prompt-embeds``: 400 naming it (``renderers/embed_utils.py:45``). Chat without
   messages: 400 ``Cannot apply chat template to an empty conversation. Provide at least one
   message.`` (transformers 5.19's ``apply_chat_template``, a ``ValueError``).
+* vLLM's other "before" validators answer ahead of the model lookup and of every field's type
+  too (same day): a list of 1025 prompts (texts, or token-id lists) is 400 ``prompt list
+  length 1025 exceeds the maximum allowed count of 1024. To increase this limit, set the
+  VLLM_MAX_COMPLETION_PROMPTS environment variable. (parameter=prompt)``, ``param`` "prompt"
+  (``validate_prompt_list_length``); ``stream_options`` without ``stream`` is ``Stream options
+  can only be defined when `stream=True`. (parameter=stream_options)``, ``param``
+  "stream_options", even with a mistyped ``max_tokens``; a chat whose ``messages`` is null is
+  ``'NoneType' object is not iterable``, ``param`` null. ``n`` 0 and 16385 are
+  ``SamplingParams``' ``n must be at least 1, got 0.`` and ``n must be at most 16384, got
+  16385. To increase this limit, set the VLLM_MAX_N_SEQUENCES environment variable.``.
 * ``usage.prompt_tokens``: the tiny model's tokenizer adds no BOS (its ``tokenizer.json``
   post-processor adds no special token), so "Hello world the adapter" is 4 tokens, with or
   without ``add_special_tokens``; a chat is the template ``<|role|>content</s>`` per message
@@ -43,6 +53,10 @@ pytestmark = pytest.mark.vllm
 
 _NO_PROMPT = "Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)"
 _EMPTY = "The decoder prompt cannot be empty"
+_TOO_MANY = ("prompt list length 1025 exceeds the maximum allowed count of 1024. To increase this "
+             "limit, set the VLLM_MAX_COMPLETION_PROMPTS environment variable. (parameter=prompt)")
+_STREAM_OPTIONS = ("Stream options can only be defined when `stream=True`. "
+                   "(parameter=stream_options)")
 # (body, message, param): every answer is a 400 BadRequestError with code 400.
 REFUSALS: list[tuple[dict[str, Any], str, str | None]] = [
     ({}, _NO_PROMPT, "prompt"),
@@ -60,12 +74,29 @@ REFUSALS: list[tuple[dict[str, Any], str, str | None]] = [
     ({"model": BASE, "prompt_embeds": "AAAA"},
      "You must set `--enable-prompt-embeds` to input `prompt_embeds`. (parameter=prompt_embeds)",
      "prompt_embeds"),
+    # vLLM's "before" validators, ahead of the model lookup and of every field's type.
+    ({"model": BASE, "prompt": ["x"] * 1025}, _TOO_MANY, "prompt"),
+    ({"model": "no-such-model", "prompt": [[1, 2]] * 1025, "max_tokens": "abc"}, _TOO_MANY,
+     "prompt"),
+    ({"model": BASE, "prompt": "x", "stream_options": {"include_usage": True}},
+     _STREAM_OPTIONS, "stream_options"),
+    ({"model": BASE, "prompt": "x", "stream_options": {"include_usage": True},
+      "max_tokens": "abc"}, _STREAM_OPTIONS, "stream_options"),
+    # SamplingParams' n, once the model is known.
+    ({"model": BASE, "prompt": "x", "n": 0}, "n must be at least 1, got 0.", None),
+    ({"model": BASE, "prompt": "x", "n": 16385}, "n must be at most 16384, got 16385. To "
+     "increase this limit, set the VLLM_MAX_N_SEQUENCES environment variable.", None),
 ]
 # The same for chat: no messages (transformers' apply_chat_template refuses them).
 _NO_MESSAGES = "Cannot apply chat template to an empty conversation. Provide at least one message."
 CHAT_REFUSALS: list[tuple[dict[str, Any], str, str | None]] = [
     ({"model": BASE, "messages": []}, _NO_MESSAGES, None),
     ({"model": BASE, "messages": [], "add_generation_prompt": False}, _NO_MESSAGES, None),
+    ({"model": BASE, "messages": None, "max_tokens": "abc"}, "'NoneType' object is not iterable",
+     None),
+    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}],
+      "stream_options": {"include_usage": True}, "max_tokens": "abc"}, _STREAM_OPTIONS,
+     "stream_options"),
 ]
 
 # (prompt, extra body, usage.prompt_tokens on real vLLM)
@@ -123,7 +154,8 @@ async def test_prompt_refusals_on_real_vllm_the_twin_and_the_gateway(
                         err.get("message"))
                 want = (400, "BadRequestError", 400, param, message)
                 if seen != want:
-                    problems.append(f"{name} {body}:\n  got  {seen}\n  want {want}")
+                    shown = str(body) if len(str(body)) < 200 else str(body)[:200] + "...}"
+                    problems.append(f"{name} {shown}:\n  got  {seen}\n  want {want}")
     assert not problems, "prompt refusals differ from vLLM 0.32:\n" + "\n".join(problems)
 
 
@@ -149,3 +181,31 @@ async def test_prompt_tokens_on_real_vllm_and_the_twin(real_vllm: Replica) -> No
                         problems.append(f"{name} chat {messages} {extra}: {seen} tokens, "
                                         f"vLLM {tokens}")
     assert not problems, "prompt tokens differ from vLLM 0.32:\n" + "\n".join(problems)
+
+
+async def test_sampling_checks_come_after_the_model_and_the_prompt(
+    real_vllm: Replica, http: aiohttp.ClientSession
+) -> None:
+    """``n`` and ``max_tokens`` below 1 are SamplingParams' checks: an unknown model is vLLM's
+    404 first, a prompt longer than the context the renderer's 400; with ``max_tokens: 0`` the
+    ``n`` error comes before ``max_tokens``'. (The gateway refuses ``max_tokens: 0`` itself,
+    ahead of ``n`` and of the prompt's length: not compared here.)"""
+    cases: list[tuple[dict[str, Any], int, str]] = [
+        ({"model": "no-such-model", "prompt": "x", "n": 0}, 404,
+         "The model `no-such-model` does not exist. Valid aliases: tiny-llama."),
+        ({"model": BASE, "prompt": "x", "n": 0, "max_tokens": 0}, 400,
+         "n must be at least 1, got 0."),
+        ({"model": BASE, "prompt": [1] * 600, "max_tokens": 0}, 400,
+         "This model's maximum context length is 512 tokens. However, your prompt contains 600 "
+         "input tokens, which exceeds this limit even without any output tokens. Please reduce "
+         "the length of the input prompt. (parameter=input_tokens, value=600)"),
+    ]
+    problems: list[str] = []
+    async with run_replica(_twin_config(real_vllm), host="127.0.0.1", port=0) as twin:
+        for name, base in (("real", real_vllm.base_url), ("twin", twin.url)):
+            for body, status, message in cases:
+                async with http.post(base + "/v1/completions", json=body) as r:
+                    seen = (r.status, (await r.json())["error"]["message"])
+                if seen != (status, message):
+                    problems.append(f"{name} {body}: got {seen}, want {(status, message)}")
+    assert not problems, "n checks differ from vLLM 0.32:\n" + "\n".join(problems)
