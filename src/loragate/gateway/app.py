@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,9 +72,13 @@ class Gateway:
         return self.config.admin.token or os.environ.get(ADMIN_TOKEN_ENV) or None
 
     def rebuild_catalog(self, shared: Mapping[AdapterId, AdapterSpec] | None = None) -> None:
-        """Config adapters plus those registered through the admin API (shared store)."""
+        """Config adapters (as defined for every instance: ``SharedState.config_adapters``)
+        plus those registered through the admin API (shared store)."""
+        self.shared.set_config_adapters(self.config.adapters)  # a reload may change them
         adapters = self.shared.shared_adapters() if shared is None else shared
-        catalog = self.proxy.catalog = catalog_from_config(self.config, adapters)
+        catalog = self.proxy.catalog = catalog_from_config(
+            self.config, adapters, self.shared.config_adapters()
+        )
         self.pool.expect_adapters(catalog.adapters)  # the paths replicas must hold them from
 
 
@@ -82,10 +86,14 @@ GATEWAY = web.AppKey("loragate.gateway", Gateway)
 
 
 def catalog_from_config(
-    config: GatewayConfig, shared: Mapping[AdapterId, AdapterSpec] | None = None
+    config: GatewayConfig,
+    shared: Mapping[AdapterId, AdapterSpec] | None = None,
+    config_adapters: Sequence[AdapterSpec] | None = None,
 ) -> Catalog:
-    """The config file's adapters, plus ``shared`` ones (admin API) it does not define."""
-    adapters = list(config.adapters)
+    """The config file's adapters (``config_adapters``: as in force for every instance, see
+    ``SharedState.config_adapters``; default: as the file says), plus ``shared`` ones (admin
+    API) it does not define."""
+    adapters = list(config.adapters if config_adapters is None else config_adapters)
     if shared:
         own = {a.name for a in adapters}
         adapters += [shared[n] for n in sorted(shared) if n not in own]
@@ -134,6 +142,7 @@ def create_app(
         maintenance_interval_s=config.state.maintenance_interval_s,
     )
     pool.listener = shared
+    shared.set_config_adapters(config.adapters)  # claimed by shared.start()
     telemetry = Telemetry(registry)
     tracker = inflight
 
