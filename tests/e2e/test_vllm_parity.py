@@ -28,6 +28,9 @@ What real vLLM 0.32.0 answered (max_model_len 512; run on 2026-11-28):
   ``'NoneType' object is not iterable``, ``param`` null. ``n`` 0 and 16385 are
   ``SamplingParams``' ``n must be at least 1, got 0.`` and ``n must be at most 16384, got
   16385. To increase this limit, set the VLLM_MAX_N_SEQUENCES environment variable.``.
+* ``prompt_embeds`` are refused by the renderer, once the fields are valid and the model known
+  (an unknown model: 404; a mistyped ``max_tokens``: its validation error), with a ``prompt``
+  beside them too; with ``echo``: ``Echo is unsupported with prompt embeds.``, ``param`` null.
 * ``usage.prompt_tokens``: the tiny model's tokenizer adds no BOS (its ``tokenizer.json``
   post-processor adds no special token), so "Hello world the adapter" is 4 tokens, with or
   without ``add_special_tokens``; a chat is the template ``<|role|>content</s>`` per message
@@ -53,6 +56,8 @@ pytestmark = pytest.mark.vllm
 
 _NO_PROMPT = "Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)"
 _EMPTY = "The decoder prompt cannot be empty"
+_NO_EMBEDS = ("You must set `--enable-prompt-embeds` to input `prompt_embeds`. "
+              "(parameter=prompt_embeds)")
 _TOO_MANY = ("prompt list length 1025 exceeds the maximum allowed count of 1024. To increase this "
              "limit, set the VLLM_MAX_COMPLETION_PROMPTS environment variable. (parameter=prompt)")
 _STREAM_OPTIONS = ("Stream options can only be defined when `stream=True`. "
@@ -71,9 +76,10 @@ REFUSALS: list[tuple[dict[str, Any], str, str | None]] = [
     ({"model": BASE, "prompt": [""]}, _EMPTY, None),
     ({"model": BASE, "prompt": [[]]}, _EMPTY, None),
     ({"model": BASE, "prompt": ["hi", ""]}, _EMPTY, None),
-    ({"model": BASE, "prompt_embeds": "AAAA"},
-     "You must set `--enable-prompt-embeds` to input `prompt_embeds`. (parameter=prompt_embeds)",
-     "prompt_embeds"),
+    ({"model": BASE, "prompt_embeds": "AAAA"}, _NO_EMBEDS, "prompt_embeds"),
+    ({"model": BASE, "prompt": "x", "prompt_embeds": "AAAA"}, _NO_EMBEDS, "prompt_embeds"),
+    ({"model": BASE, "prompt_embeds": "AAAA", "echo": True},
+     "Echo is unsupported with prompt embeds.", None),
     # vLLM's "before" validators, ahead of the model lookup and of every field's type.
     ({"model": BASE, "prompt": ["x"] * 1025}, _TOO_MANY, "prompt"),
     ({"model": "no-such-model", "prompt": [[1, 2]] * 1025, "max_tokens": "abc"}, _TOO_MANY,
@@ -183,11 +189,12 @@ async def test_prompt_tokens_on_real_vllm_and_the_twin(real_vllm: Replica) -> No
     assert not problems, "prompt tokens differ from vLLM 0.32:\n" + "\n".join(problems)
 
 
-async def test_sampling_checks_come_after_the_model_and_the_prompt(
+async def test_checks_made_once_the_fields_are_valid_and_the_model_known(
     real_vllm: Replica, http: aiohttp.ClientSession
 ) -> None:
-    """``n`` and ``max_tokens`` below 1 are SamplingParams' checks: an unknown model is vLLM's
-    404 first, a prompt longer than the context the renderer's 400; with ``max_tokens: 0`` the
+    """``n`` and ``max_tokens`` below 1 are SamplingParams' checks and ``prompt_embeds`` the
+    renderer's: an unknown model is vLLM's 404 first (and a mistyped field its validation
+    error), a prompt longer than the context the renderer's 400; with ``max_tokens: 0`` the
     ``n`` error comes before ``max_tokens``'. (The gateway refuses ``max_tokens: 0`` itself,
     ahead of ``n`` and of the prompt's length: not compared here.)"""
     cases: list[tuple[dict[str, Any], int, str]] = [
@@ -199,6 +206,12 @@ async def test_sampling_checks_come_after_the_model_and_the_prompt(
          "This model's maximum context length is 512 tokens. However, your prompt contains 600 "
          "input tokens, which exceeds this limit even without any output tokens. Please reduce "
          "the length of the input prompt. (parameter=input_tokens, value=600)"),
+        ({"model": "no-such-model", "prompt_embeds": "AAAA"}, 404,
+         "The model `no-such-model` does not exist. Valid aliases: tiny-llama."),
+        ({"model": BASE, "prompt_embeds": "AAAA", "max_tokens": "abc"}, 400,
+         "1 validation error:\n  {'type': 'int_parsing', 'loc': 'body.max_tokens', 'msg': "
+         "'Input should be a valid integer, unable to parse string as an integer', 'input': "
+         "'abc'}"),
     ]
     problems: list[str] = []
     async with run_replica(_twin_config(real_vllm), host="127.0.0.1", port=0) as twin:
@@ -208,4 +221,4 @@ async def test_sampling_checks_come_after_the_model_and_the_prompt(
                     seen = (r.status, (await r.json())["error"]["message"])
                 if seen != (status, message):
                     problems.append(f"{name} {body}: got {seen}, want {(status, message)}")
-    assert not problems, "n checks differ from vLLM 0.32:\n" + "\n".join(problems)
+    assert not problems, "answers differ from vLLM 0.32:\n" + "\n".join(problems)

@@ -419,6 +419,20 @@ async def test_n_is_checked_once_the_model_is_known(
         }
 
 
+async def test_prompt_embeds_are_refused_once_the_model_is_known(
+    start_replica: StartReplica, http: aiohttp.ClientSession
+) -> None:
+    # vLLM 0.32's renderer refuses them, after the model lookup (not started with
+    # --enable-prompt-embeds).
+    async with start_replica() as r:
+        body = {"model": "nope", "prompt_embeds": "AAAA"}
+        status, _, raw = await call(http, "POST", r.url + "/v1/completions", body)
+        assert status == 404 and error_of(raw)["type"] == "NotFoundError"
+        body["model"] = BASE
+        status, _, raw = await call(http, "POST", r.url + "/v1/completions", body)
+        assert (status, error_of(raw)["param"]) == (400, "prompt_embeds")
+
+
 async def test_default_max_tokens_is_16_for_completions_and_the_context_for_chat(
     start_replica: StartReplica, http: aiohttp.ClientSession
 ) -> None:

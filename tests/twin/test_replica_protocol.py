@@ -111,12 +111,37 @@ def test_a_completion_without_prompt(body: dict[str, Any]) -> None:
     assert json.loads(err.body())["error"]["code"] == 400
 
 
-def test_prompt_embeds_in_place_of_a_prompt() -> None:
-    err = error("completion", {"prompt_embeds": "AAAA"})
-    assert (err.err_type, err.param) == ("BadRequestError", "prompt_embeds")
-    assert err.message == (
-        "You must set `--enable-prompt-embeds` to input `prompt_embeds`. (parameter=prompt_embeds)"
+_NO_EMBEDS = (
+    "You must set `--enable-prompt-embeds` to input `prompt_embeds`. (parameter=prompt_embeds)"
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "message", "param"),
+    [
+        ({"prompt_embeds": "AAAA"}, _NO_EMBEDS, "prompt_embeds"),
+        ({"prompt_embeds": ["AAAA"], "prompt": "x"}, _NO_EMBEDS, "prompt_embeds"),
+        ({"prompt_embeds": "AAAA", "prompt": []}, _NO_EMBEDS, "prompt_embeds"),
+        ({"prompt_embeds": "AAAA", "echo": True}, "Echo is unsupported with prompt embeds.", None),
+    ],
+)
+def test_prompt_embeds_are_refused_once_the_model_is_known(
+    body: dict[str, Any], message: str, param: str | None
+) -> None:
+    # vLLM's renderer refuses them (not started with --enable-prompt-embeds): the body passes
+    # request validation, and the model is looked up first.
+    gen = parse_generation_request("completion", body)
+    with pytest.raises(VllmApiError) as exc:
+        check_prompt_count(gen)
+    err = exc.value
+    assert (err.status, err.err_type, err.message, err.param) == (
+        400,
+        "BadRequestError",
+        message,
+        param,
     )
+    # The fields are validated before: a mistyped one is the answer.
+    assert error("completion", {**body, "max_tokens": "x"}).err_type == "Bad Request"
 
 
 def test_empty_prompts_are_refused_where_vllm_refuses_them() -> None:

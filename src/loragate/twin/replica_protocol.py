@@ -29,7 +29,7 @@ from typing import Any, Literal
 from loragate.twin.request_prechecks import (
     check_chat_body,
     check_completion_body,
-    check_no_prompt_embeds,
+    no_prompt,
 )
 from loragate.twin.synthetic_text import TINY_LLAMA_FORMAT, VOCAB, PromptFormat
 from loragate.twin.vllm_errors import FieldError, bad_request, validation_error
@@ -86,6 +86,7 @@ class GenerationRequest:
     stream: bool
     include_usage: bool
     echo: bool = False
+    prompt_embeds: bool = False  # completions: embeddings given (refused once the model is known)
     role: str = "assistant"  # chat: the answer's role
     max_tokens_param: str = "max_tokens"  # the field max_tokens came from
 
@@ -191,7 +192,6 @@ def parse_generation_request(
     ``fmt`` says what the served model's tokenizer and chat template add to a prompt."""
     if kind == "completion":  # vLLM's "before" model validators: ahead of every field
         check_completion_body(body)
-        check_no_prompt_embeds(body)
     else:
         check_chat_body(body)
     f = _Fields(body)
@@ -255,6 +255,7 @@ def parse_generation_request(
         stream=stream,
         include_usage=include_usage,
         echo=echo,
+        prompt_embeds=kind == "completion" and body.get("prompt_embeds") not in (None, []),
         role=role,
         max_tokens_param=max_tokens_param,
     )
@@ -283,7 +284,10 @@ def _include_usage(f: _Fields) -> bool:
 def _completion_prompts(f: _Fields) -> list[str | list[int]] | None:
     """The body's prompts: texts and token-id lists (an empty list: none, which vLLM's renderer
     refuses once the model is known; an empty text or id list: the engine's 'cannot be
-    empty')."""
+    empty'). No prompt at all passed vLLM's "before" checks only with ``prompt_embeds``, which
+    are refused once the model is known (``check_prompt_count``)."""
+    if no_prompt(f.body):
+        return []
     prompt = f.body.get("prompt")
     if isinstance(prompt, str):
         return [prompt]
@@ -432,12 +436,26 @@ def _message_text(f: _Fields, index: int, message: Any) -> str | None:
 
 
 def check_prompt_count(gen: GenerationRequest) -> None:
-    """Empty input that passes request validation but not rendering, once the model is known:
-    a completions ``prompt`` of ``[]`` (vLLM's ``renderers/base.py`` ``render_prompts``) or a
-    chat of no ``messages`` (the tokenizer's ``apply_chat_template``, transformers 5.19's
-    ``tokenization_utils_base.py``). Either ``ValueError`` is a 400 ``BadRequestError``
-    without ``param``; real vLLM 0.32 answered exactly these (``tests/e2e/
-    test_vllm_parity.py``)."""
+    """What vLLM's renderer refuses once the model is known, ahead of the prompts' lengths:
+
+    * ``prompt_embeds`` (completions): with ``echo``, ``Echo is unsupported with prompt
+      embeds.`` (``renderers/online_renderer.py`` ``render_completion``); else, as vLLM was not
+      started with ``--enable-prompt-embeds`` (the twin has no use for it), ``You must set
+      `--enable-prompt-embeds` to input `prompt_embeds`.`` (``renderers/embed_utils.py``,
+      ``param`` "prompt_embeds"), with or without a ``prompt`` beside them.
+    * Empty input that passes request validation but not rendering: a completions ``prompt`` of
+      ``[]`` (``renderers/base.py`` ``render_prompts``) or a chat of no ``messages`` (the
+      tokenizer's ``apply_chat_template``, transformers 5.19's ``tokenization_utils_base.py``).
+      Either ``ValueError`` is a 400 ``BadRequestError`` without ``param``.
+
+    Real vLLM 0.32 answered exactly these (``tests/e2e/test_vllm_parity.py``)."""
+    if gen.prompt_embeds:
+        if gen.echo:
+            raise bad_request("Echo is unsupported with prompt embeds.")
+        raise bad_request(
+            "You must set `--enable-prompt-embeds` to input `prompt_embeds`.",
+            param="prompt_embeds",
+        )
     if gen.prompts:
         return
     if gen.kind == "chat":

@@ -77,25 +77,14 @@ def check_prompt_given(body: Mapping[str, Any]) -> None:
     answered exactly this to ``{}``, a null or empty ``prompt``, an empty ``prompt_embeds``, and
     with an unknown or mistyped ``model`` (``tests/e2e/test_vllm_parity.py``). An empty *list*
     passes it (the renderer refuses it once the model is known)."""
-    if _no_prompt(body) and body.get("prompt_embeds") in (None, []):
+    if no_prompt(body) and body.get("prompt_embeds") in (None, []):
         raise bad_request(
             "Either prompt or prompt_embeds must be provided and non-empty.", param="prompt"
         )
 
 
-def check_no_prompt_embeds(body: Mapping[str, Any]) -> None:
-    """Embeddings in place of a prompt: vLLM's renderer refuses them unless vLLM was started with
-    ``--enable-prompt-embeds`` (``renderers/embed_utils.py``), which the twin has no use for.
-    Not one of the "before" checks: vLLM refuses them later, once the fields are validated (the
-    simulated replica right after the "before" checks)."""
-    if _no_prompt(body) and body.get("prompt_embeds") not in (None, []):
-        raise bad_request(
-            "You must set `--enable-prompt-embeds` to input `prompt_embeds`.",
-            param="prompt_embeds",
-        )
-
-
-def _no_prompt(body: Mapping[str, Any]) -> bool:
+def no_prompt(body: Mapping[str, Any]) -> bool:
+    """No ``prompt`` as vLLM's check sees it: absent, null or ``""``."""
     prompt = body.get("prompt")
     return prompt is None or prompt == ""
 
