@@ -9,6 +9,8 @@ hour, seeds 1..3. Run::
     .venv/bin/python bench/compare_policies_sim.py --duration-s 600     # a quick look
     .venv/bin/python bench/compare_policies_sim.py --zipf-s 0.8         # a second workload
     .venv/bin/python bench/compare_policies_sim.py --rate-rps 21 --json # a fixed rate
+    .venv/bin/python bench/compare_policies_sim.py --rate-rps 7.175 --free-disk-loads
+                                        # what-if: the table's rate, disk loads taking no time
 
 Capacity (printed, and in ``--json``): the *SLO goodput* of the cluster under ``round_robin``,
 i.e. the highest total arrival rate at which the adapter-blind baseline still serves at least
@@ -56,6 +58,8 @@ from pathlib import Path
 from typing import Any
 
 from loragate.simulate import ReplicaEngineSettings, SimulationConfig, run_simulation
+from loragate.simulate.runner import Simulation
+from loragate.twin.profile import RankCost, load_profile
 from loragate.workload import Workload, load_spec
 from loragate.workload.spec import WorkloadSpec, ZipfPopularity
 
@@ -83,6 +87,7 @@ class Setup:
     max_cpu_loras: int
     zipf_s: float | None
     ttft_slo_ms: float
+    free_disk_loads: bool = False  # what-if: disk->CPU loads cost nothing (table runs only)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, *, ttft_slo_ms: float) -> Setup:
@@ -95,6 +100,7 @@ class Setup:
             max_cpu_loras=args.max_cpu_loras,
             zipf_s=args.zipf_s,
             ttft_slo_ms=ttft_slo_ms,
+            free_disk_loads=getattr(args, "free_disk_loads", False),
         )
 
 
@@ -127,7 +133,13 @@ def run_one(args: tuple[Setup, str, float, float, int]) -> dict[str, Any]:
         ttft_slo_ms=setup.ttft_slo_ms,
     )
     cpu0 = time.process_time()
-    s = run_simulation(Workload(spec), config).summary
+    if setup.free_disk_loads:
+        profile = load_profile(setup.profile)
+        free = dataclasses.replace(profile.loading, disk_to_cpu=RankCost())
+        profile = dataclasses.replace(profile, loading=free)
+        s = Simulation(Workload(spec), config, profile=profile).run().summary
+    else:
+        s = run_simulation(Workload(spec), config).summary
     reps = s["replicas"].values()
     return {
         "policy": policy,
@@ -321,6 +333,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--jobs", type=int, default=2, help="worker processes")
     ap.add_argument("--json", action="store_true", help="print everything as JSON")
     ap.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    ap.add_argument(
+        "--free-disk-loads",
+        action="store_true",
+        help="what-if: disk->CPU adapter loads take no time in the table's runs (the capacity "
+        "search keeps the profile's; pass --rate-rps to compare at the default table's rate)",
+    )
     return ap.parse_args(argv)
 
 
@@ -345,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"runs, seeds {seeds}"
             )
             capacity, probes = find_capacity(
-                setup,
+                dataclasses.replace(setup, free_disk_loads=False),
                 seeds,
                 duration_s=args.capacity_duration_s,
                 attainment=args.capacity_attainment,
@@ -384,7 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         wl = Path(args.workload).stem + (f" (zipf s={args.zipf_s:g})" if args.zipf_s else "")
         print(
             f"\n{wl}, {args.replicas} replicas (max_loras {args.max_loras}, max_cpu_loras "
-            f"{args.max_cpu_loras}), profile {args.profile}, {rate:.2f} req/s Poisson, "
+            f"{args.max_cpu_loras}), profile {args.profile}"
+            f"{' with free disk loads (what-if)' if args.free_disk_loads else ''}, "
+            f"{rate:.2f} req/s Poisson, "
             f"{args.duration_s:g} s, seeds {seeds} (mean ± half-range)\n"
         )
         print_table(table)
