@@ -6,6 +6,7 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
@@ -58,3 +59,38 @@ def test_pooled_a0_is_below_the_per_replica_strategies_on_a_zipf_stream() -> Non
         assert disk + gpu >= a0_disk + a0_gpu, name
     b_disk, b_gpu = bounds["belady"]
     assert b_disk <= a0_disk and b_gpu <= a0_gpu
+
+
+def _stream(counts: dict[int, int], colds: dict[int, float]) -> tuple[np.ndarray, ...]:
+    adapter = np.array([a for a, n in counts.items() for _ in range(n)])
+    floor = np.ones(len(adapter))
+    cold = np.array([colds[a] for a in adapter])
+    return floor, adapter, cold
+
+
+def test_cold_floor_leaves_out_the_adapter_whose_cold_starts_cost_the_p99_least() -> None:
+    # 3 adapters, room for 2: leaving one out puts its requests at floor + cold.
+    floor, adapter, cold = _stream({0: 50, 1: 30, 2: 20}, {0: 5.0, 1: 5.0, 2: 5.0})
+    # Every choice leaves >= 20% of the requests cold: the p99 is a cold one.
+    assert rb.cold_floor_p99(floor, adapter, cold, 3, 2) == pytest.approx(6.0)
+    # All fit: nothing is cold.
+    assert rb.cold_floor_p99(floor, adapter, cold, 3, 3) == pytest.approx(1.0)
+    # The rarest adapter is under 1% of the requests: leaving it out costs the p99 nothing.
+    floor, adapter, cold = _stream({0: 150, 1: 50, 2: 1}, {0: 5.0, 1: 5.0, 2: 5.0})
+    assert rb.cold_floor_p99(floor, adapter, cold, 3, 2) == pytest.approx(1.0)
+    # A popular adapter that is cheap to load cold is left out rather than a rare dear one.
+    floor, adapter, cold = _stream({0: 50, 1: 30, 2: 20}, {0: 0.5, 1: 5.0, 2: 5.0})
+    assert rb.cold_floor_p99(floor, adapter, cold, 3, 2) == pytest.approx(1.5)
+
+
+def test_cold_floor_is_between_the_floor_and_the_floor_with_every_load_cold() -> None:
+    rng = np.random.default_rng(7)
+    n = 5000
+    adapter = np.minimum(rng.zipf(1.3, n) - 1, 49)
+    floor = rng.lognormal(-3.5, 0.8, n)
+    cold = 0.05 + 0.002 * rng.choice([8, 16, 32], n)
+    got = rb.cold_floor_p99(floor, adapter, cold, 50, 20)
+    assert np.quantile(floor, 0.99) - 1e-9 <= got <= np.quantile(floor + cold, 0.99) + 1e-9
+    assert got > np.quantile(floor, 0.99) + 0.01  # the Zipf tail is well over 1% of requests
+    more_room = rb.cold_floor_p99(floor, adapter, cold, 50, 40)
+    assert more_room <= got
