@@ -80,6 +80,14 @@ REFUSALS: list[tuple[dict[str, Any], str, str | None]] = [
     ({"model": BASE, "prompt": "x", "prompt_embeds": "AAAA"}, _NO_EMBEDS, "prompt_embeds"),
     ({"model": BASE, "prompt_embeds": "AAAA", "echo": True},
      "Echo is unsupported with prompt embeds.", None),
+    # Every prompt is rendered before any gets its sampling parameters, and those come before
+    # the engine takes any: a later prompt's earlier-step error is the answer.
+    ({"model": BASE, "prompt": [[1, 2], [1] * 600], "min_tokens": -1},
+     "This model's maximum context length is 512 tokens. However, your prompt contains 600 "
+     "input tokens, which exceeds this limit even without any output tokens. Please reduce "
+     "the length of the input prompt. (parameter=input_tokens, value=600)", "input_tokens"),
+    ({"model": BASE, "prompt": [[], [1] * 512], "max_tokens": 1},
+     "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)", "max_tokens"),
     # vLLM's "before" validators, ahead of the model lookup and of every field's type.
     ({"model": BASE, "prompt": ["x"] * 1025}, _TOO_MANY, "prompt"),
     ({"model": "no-such-model", "prompt": [[1, 2]] * 1025, "max_tokens": "abc"}, _TOO_MANY,

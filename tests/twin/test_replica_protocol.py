@@ -9,6 +9,7 @@ from loragate.twin.replica_protocol import (
     PromptSpec,
     check_prompt_count,
     parse_generation_request,
+    resolve_all_max_tokens,
     resolve_max_tokens,
 )
 from loragate.twin.synthetic_text import PromptFormat, completion_prompt_tokens
@@ -320,6 +321,34 @@ def test_context_length_and_sampling_checks(
         resolve_max_tokens(gen, spec, 512)
     assert (exc.value.status, exc.value.err_type) == (400, "BadRequestError")
     assert (exc.value.message, exc.value.param) == (expected, param)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        # The second prompt's renderer error comes before the first prompt's sampling error.
+        (
+            {"prompt": [[1, 2], [1] * 600], "min_tokens": -1},
+            "This model's maximum context length is 512 tokens. However, your prompt contains "
+            "600 input tokens, which exceeds this limit even without any output tokens. Please "
+            "reduce the length of the input prompt. (parameter=input_tokens, value=600)",
+        ),
+        # The second prompt's sampling error comes before the first prompt's engine error.
+        (
+            {"prompt": [[], [1] * 512], "max_tokens": 1},
+            "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)",
+        ),
+    ],
+)
+def test_each_step_checks_every_prompt_before_the_next_step(
+    body: dict[str, Any], message: str
+) -> None:
+    gen = parse_generation_request("completion", body)
+    with pytest.raises(VllmApiError) as exc:
+        resolve_all_max_tokens(gen, 512)
+    assert exc.value.message == message
+    assert resolve_all_max_tokens(parse_generation_request("completion", {"prompt": [[1], [2]]}),
+                                  512) == [16, 16]  # fmt: skip
 
 
 def test_malformed_json_is_a_validation_error() -> None:

@@ -31,7 +31,7 @@ from loragate.twin.replica_protocol import (
     Kind,
     check_prompt_count,
     parse_generation_request,
-    resolve_max_tokens,
+    resolve_all_max_tokens,
 )
 from loragate.twin.replica_responses import (
     SSE_CONTENT_TYPE,
@@ -161,8 +161,9 @@ class Generator:
         max_len = self._state.config.max_model_len
         choices: list[_Choice] = []
         check_prompt_count(gen)
+        max_tokens_of = resolve_all_max_tokens(gen, max_len)  # 1 for an echo only
         for p_index, spec in enumerate(gen.prompts):
-            max_tokens = resolve_max_tokens(gen, spec, max_len)  # 1 for an echo only
+            max_tokens = max_tokens_of[p_index]
             for j in range(gen.n):
                 plan = self._sampler.plan(
                     model=model,

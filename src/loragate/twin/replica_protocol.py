@@ -498,7 +498,28 @@ def resolve_max_tokens(gen: GenerationRequest, spec: PromptSpec, max_model_len: 
        prompt; a prompt of exactly ``max_model_len`` tokens (reachable only by an echo without
        generation).
     """
-    limit, prompt, requested = max_model_len, spec.prompt_tokens, gen.max_tokens
+    _check_rendered(gen, spec, max_model_len)
+    sampled = _sampling_max_tokens(gen, spec, max_model_len)
+    _check_engine_input(spec, max_model_len)
+    return sampled
+
+
+def resolve_all_max_tokens(gen: GenerationRequest, max_model_len: int) -> list[int]:
+    """``resolve_max_tokens`` for every prompt of ``gen``, each step for all prompts before the
+    next, as vLLM 0.32's ``create_completion`` takes them: the renderer renders every prompt
+    (1), then each prompt gets its sampling parameters (2, 3), then the engine takes each
+    request (4). So a later prompt's earlier-step error is the answer."""
+    for spec in gen.prompts:
+        _check_rendered(gen, spec, max_model_len)
+    sampled = [_sampling_max_tokens(gen, spec, max_model_len) for spec in gen.prompts]
+    for spec in gen.prompts:
+        _check_engine_input(spec, max_model_len)
+    return sampled
+
+
+def _check_rendered(gen: GenerationRequest, spec: PromptSpec, limit: int) -> None:
+    """Step 1: the renderer's ``TokenizeParams``."""
+    prompt, requested = spec.prompt_tokens, gen.max_tokens
     if requested is not None and requested > limit:
         param = gen.max_tokens_param
         raise bad_request(
@@ -517,7 +538,11 @@ def resolve_max_tokens(gen: GenerationRequest, spec: PromptSpec, max_model_len: 
             param="input_tokens",
             value=count,
         )
-    room = limit - prompt
+
+
+def _sampling_max_tokens(gen: GenerationRequest, spec: PromptSpec, limit: int) -> int:
+    """Steps 2 and 3: the clamped ``max_tokens`` and ``SamplingParams``' checks."""
+    room, requested = limit - spec.prompt_tokens, gen.max_tokens
     sampled = 1 if gen.echo_only else min(room, requested) if requested is not None else room
     check_n(gen.n)
     if sampled < 1:
@@ -532,6 +557,12 @@ def resolve_max_tokens(gen: GenerationRequest, spec: PromptSpec, max_model_len: 
         )
     if gen.greedy and gen.n > 1:
         raise bad_request(f"n must be 1 when using greedy sampling, got {gen.n}.")
+    return sampled
+
+
+def _check_engine_input(spec: PromptSpec, limit: int) -> None:
+    """Step 4: the engine's ``_validate_prompt_len``."""
+    prompt = spec.prompt_tokens
     if prompt == 0:  # an empty text (without BOS) or id list; real vLLM: [""] and [[]]
         raise bad_request("The decoder prompt cannot be empty")
     if prompt == limit:
@@ -541,4 +572,3 @@ def resolve_max_tokens(gen: GenerationRequest, spec: PromptSpec, max_model_len: 
             "`max_model_len` is no smaller than the number of text tokens (prompt + requested "
             "output tokens)."
         )
-    return sampled
