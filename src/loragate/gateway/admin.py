@@ -29,7 +29,9 @@
                             tombstone: any instance's poller unloads the adapter from a
                             replica that lists it later (loaded back by a stale instance)
 ``POST /admin/reload``      re-read the config file (see ``gateway.reload``): 200; 400 with
-                            the error naming the key (the old config stays in force)
+                            the error naming the key (the old config stays in force); 500
+                            (code ``reload_failed``) if it failed otherwise: logged with its
+                            traceback, the running config stays in force
 ==========================  ==================================================================
 
 The token comes from ``admin.token`` or ``LORAGATE_ADMIN_TOKEN``; without one every path
@@ -55,6 +57,7 @@ from aiohttp import hdrs, web
 from loragate.core.errors import (
     AdapterLoadError,
     AuthenticationError,
+    ConfigError,
     ConflictError,
     InvalidRequestError,
     LoragateError,
@@ -65,7 +68,7 @@ from loragate.core.errors import (
 from loragate.core.types import MAX_ADAPTER_RANK, AdapterSpec
 from loragate.gateway.adapter_rank import DEFAULT_RANK, RankError, settle_rank
 from loragate.gateway.errors import error_payload, error_response
-from loragate.gateway.reload import reload_from_file
+from loragate.gateway.reload import log_reload_failure, reload_from_file
 from loragate.gateway.request_body import read_request_body
 
 if TYPE_CHECKING:
@@ -401,7 +404,27 @@ class AdminApi:
     # -- reload -----------------------------------------------------------------------------
 
     async def reload(self, _: web.Request) -> web.Response:
-        result = await reload_from_file(self._gw)
+        """200 with what changed; a bad file is a 400 naming the key (``ConfigError``, through
+        the guard); any other failure a 500 in the OpenAI error shape, logged with its
+        traceback as a SIGHUP reload's is (``reload.log_reload_failure``): the running config
+        stays in force and the gateway serves on."""
+        try:
+            result = await reload_from_file(self._gw)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            log_reload_failure(self._gw, "POST /admin/reload")
+            what = f"{type(exc).__name__}: {exc}"[:300]
+            return web.Response(
+                status=500,
+                body=error_payload(
+                    f"config reload failed ({what}); the running config stays in force, "
+                    "the gateway's log has the details",
+                    "server_error",
+                    "reload_failed",
+                ),
+                content_type="application/json",
+            )
         return _json(result.to_json())
 
 

@@ -96,6 +96,9 @@ async def reload_from_file(gateway: Gateway, path: Path | None = None) -> Reload
             reason = f"{where}: {reason}"
         log.warning("config reload rejected, keeping the running config: %s", reason)
         raise
+    except Exception:  # reading failed other than as a bad file says (a bug): nothing applied
+        telemetry.count_reload("error")
+        raise
     try:
         result = await apply_config(gateway, config)
     except ConfigError:
@@ -106,6 +109,17 @@ async def reload_from_file(gateway: Gateway, path: Path | None = None) -> Reload
         raise
     telemetry.count_reload("ok")
     return result
+
+
+def log_reload_failure(gateway: Gateway, how: str) -> None:
+    """Log, with its traceback (call it in the ``except`` block), a reload that failed other
+    than on a bad file: ``reload_from_file`` counted it as ``error`` and the gateway serves on
+    with the running config. ``how``: what asked for it (``SIGHUP``, ``POST /admin/reload``)."""
+    log.exception(
+        "config reload (%s) of %s failed, serving on with the running config "
+        "(GET /admin/replicas shows the replicas in use)",
+        how, gateway.config_path,
+    )  # fmt: skip
 
 
 async def apply_config(gateway: Gateway, new: GatewayConfig) -> ReloadResult:

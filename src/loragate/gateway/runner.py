@@ -31,7 +31,7 @@ from loragate.core.config import GatewayConfig
 from loragate.core.errors import ConfigError
 from loragate.gateway.app import GATEWAY, Gateway, create_app
 from loragate.gateway.protocol_errors import OpenAIErrorAppRunner
-from loragate.gateway.reload import reload_from_file
+from loragate.gateway.reload import log_reload_failure, reload_from_file
 
 log = logging.getLogger(__name__)
 
@@ -210,19 +210,15 @@ async def _close_idle_connections(server: web.Server) -> None:
 async def reload_logged(gateway: Gateway) -> bool:
     """Reload the config file (SIGHUP); a bad file is logged (by ``reload_from_file``, as
     for ``POST /admin/reload``) and the old config stays. Any other failure (counted as
-    ``error`` by ``reload_from_file``) is logged here with its traceback, naming the file;
-    the gateway serves on. Never raises (but cancellation): SIGHUP's task has no one to
-    raise to."""
+    ``error`` by ``reload_from_file``) is logged with its traceback, naming the file
+    (``reload.log_reload_failure``, as for ``POST /admin/reload``); the gateway serves on.
+    Never raises (but cancellation): SIGHUP's task has no one to raise to."""
     try:
         await reload_from_file(gateway)
     except ConfigError:
         return False
     except Exception:
-        log.exception(
-            "config reload (SIGHUP) of %s failed, serving on with the running config "
-            "(GET /admin/replicas shows the replicas in use)",
-            gateway.config_path,
-        )
+        log_reload_failure(gateway, "SIGHUP")
         return False
     return True
 
