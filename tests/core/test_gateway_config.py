@@ -144,3 +144,71 @@ def test_a_cpu_cache_smaller_than_the_gpu_slots_is_refused_naming_the_key() -> N
         )
     assert err.value.key == "replicas[0].settings.max_cpu_loras"
     assert "must be at least max_loras (8)" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "key", "shown"),
+    [
+        # What the proxy would write into its request head as is: header lines injected.
+        ("replicas.0.api_key", "sk-1\r\nX-Injected: 1", "replicas[0].api_key",
+         r"'\r' at position 4"),
+        # Not Latin-1: UpstreamPool cannot encode it (start-up or a reload failed half-way).
+        ("replicas.1", {"url": "http://h:2", "api_key": "ключ"}, "replicas[1].api_key",
+         r"'\u043a' at position 0"),
+        # Latin-1 but not ASCII: the two replica clients send different bytes.
+        ("replicas.0.api_key", "sk-é", "replicas[0].api_key", r"'\xe9' at position 3"),
+        ("replicas.0.api_key", "sk-1 ", "replicas[0].api_key", "ends with a space"),
+        ("replicas.0.id", "r\n0", "replicas[0].id", r"'\n' at position 1"),
+        ("replicas.0.url", "http://127.0.0.1:18101/v1\r\nX: 1", "replicas[0].url",
+         r"'\r' at position 25"),
+        ("replicas.0.url", "http://h:1/a b", "replicas[0].url", "' ' at position 12"),
+        ("replicas.0.url", "http://bücher.example:1", "replicas[0].url", r"'\xfc' at position 8"),
+        ("replicas.0.url", "http://h:1/?x=1", "replicas[0].url", "no query or fragment"),
+        ("replicas.0.url", "http://user:secret@h:1", "replicas[0].url",
+         "give the replica's key as api_key"),
+        ("tenants.0.api_keys", ["sk-\tacme"], "tenants[0].api_keys[0]", r"'\t' at position 3"),
+        ("admin", {"token": "tök"}, "admin.token", r"'\xf6' at position 1"),
+        ("admin", {"token": "t\r\nX: 1"}, "admin.token", r"'\r' at position 1"),
+    ],
+)  # fmt: skip
+def test_strings_that_go_into_http_headers_or_urls_are_refused_naming_the_key(
+    path: str, value: Any, key: str, shown: str
+) -> None:
+    doc = _set(_base(), path, value)
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(doc)
+    assert info.value.key == key
+    message = str(info.value)
+    assert message.startswith(f"{key}: ") and "\n" not in message and "\r" not in message
+    assert shown in message
+    assert "secret" not in message and "acme" not in message  # keys are not echoed
+
+
+def test_header_safe_strings_are_kept_as_written() -> None:
+    doc = _base()
+    doc["replicas"][0]["api_key"] = "sk-A.b_c~1+/=="
+    doc["admin"] = {"token": "change me"}  # a space inside is sendable
+    doc["replicas"][1] = "http://[::1]:8000/prefix%20x/"
+    cfg = config_from_mapping(doc)
+    assert cfg.replicas[0].api_key == "sk-A.b_c~1+/=="
+    assert cfg.admin.token == "change me"
+    assert cfg.replicas[1].url == "http://[::1]:8000/prefix%20x"
+
+
+def test_a_routing_section_that_contains_itself_is_refused_naming_where() -> None:
+    """A YAML alias inside its own anchor (``routing: &r {policy: x, sub: *r}``) parses to a
+    mapping that contains itself: one ConfigError, not a RecursionError (which a reload let
+    through as a 500 and SIGHUP as an 'error')."""
+    doc = _base()
+    routing: dict[str, Any] = {"policy": "least_loaded"}
+    routing["weights"] = routing
+    doc["routing"] = routing
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(doc)
+    assert info.value.key == "routing.weights"
+    looped: list[Any] = []
+    looped.append(looped)
+    doc["routing"] = {"policy": "least_loaded", "weights": looped}
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(doc)
+    assert info.value.key == "routing.weights[0]"

@@ -1,8 +1,15 @@
-"""A SIGHUP reload of ``loragate serve`` that fails other than on a bad file (``load_config``
-accepts it, applying it fails) is logged with its file and traceback and counted as an error;
-nothing of it is applied, and the gateway serves on. The trigger: a replica ``api_key`` with a
-character an HTTP header cannot carry (not Latin-1), which config validation lets through and
-the replica's connection pool cannot build a header from."""
+"""SIGHUP reloads of ``loragate serve`` that fail leave the running config in force, are logged
+and counted, and the gateway serves on.
+
+* A replica ``api_key`` that no HTTP header can carry (not Latin-1) used to pass config
+  validation and fail the reload half-way while applying it (b749932); it is a bad file now,
+  refused at load naming the key (``rejected``, nothing applied).
+* A reload that fails other than on a bad file (``error``) is logged with its file and
+  traceback. The real trigger that validation cannot catch today: YAML nested deeper than the
+  YAML reader can recurse (``RecursionError`` out of ``load_config``). If
+  ``workload.yaml_file`` learns to refuse such a file as a ``ConfigError``, that case needs
+  another trigger.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 from gateway_harness import BASE, ScriptedReplica, serve_process
 from prometheus_client.parser import text_string_to_metric_families
 
+from loragate.core.errors import ConfigError
 from loragate.gateway import load_config
+
+# Deeper than the YAML reader can recurse (Python's default recursion limit is 1000).
+TOO_DEEP = f"base_model: {BASE}\nreplicas: " + "[" * 5000 + "]" * 5000 + "\n"
 
 
 def _write(path: Path, replicas: list[dict[str, Any]]) -> Path:
@@ -40,6 +52,13 @@ async def _metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
     }
 
 
+def _reloads(seen: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[str, float]:
+    return {
+        result: seen[("loragate_config_reloads_total", (("result", result),))]
+        for result in ("ok", "rejected", "error")
+    }
+
+
 async def _complete(http: aiohttp.ClientSession, url: str) -> str:
     body = {"model": "lora-0", "prompt": "p", "max_tokens": 1}
     async with http.post(url + "/v1/completions", json=body) as resp:
@@ -47,24 +66,37 @@ async def _complete(http: aiohttp.ClientSession, url: str) -> str:
         return resp.headers["x-loragate-replica"]
 
 
-async def test_a_sighup_reload_that_fails_to_apply_is_logged_and_changes_nothing(
+async def test_failed_sighup_reloads_are_logged_and_change_nothing(
     replicas: list[ScriptedReplica], tmp_path: Path
 ) -> None:
     r0, r1 = ({"id": r.name, "url": r.url} for r in replicas)
     path = _write(tmp_path / "gw.yaml", [r0])
     bad = [{**r0, "api_key": "ключ"}, r1]  # r0's key changes (replaced), r1 added
     _write(tmp_path / "check.yaml", bad)
-    assert load_config(tmp_path / "check.yaml").replicas[0].api_key == "ключ"  # accepted
+    with pytest.raises(ConfigError, match=r"replicas\[0\]\.api_key: "):
+        load_config(tmp_path / "check.yaml")
+    (tmp_path / "deep.yaml").write_text(TOO_DEEP, encoding="utf-8")
+    with pytest.raises(RecursionError):  # the trigger of the second case (see the docstring)
+        load_config(tmp_path / "deep.yaml")
     async with serve_process(path) as serve, aiohttp.ClientSession() as http:
         assert await _complete(http, serve.url) == "r0"
+
+        # A key no header can carry: a bad file, refused naming the key.
         _write(path, bad)
+        serve.proc.send_signal(signal.SIGHUP)
+        line = await serve.wait_for_log(r"config reload rejected, keeping the running config: (.*)")
+        assert line.group(1).startswith(f"{path}: replicas[0].api_key: character '\\u043a'")
+        assert _reloads(await _metrics(serve.url)) == {"ok": 0, "rejected": 1, "error": 0}
+
+        # A file the reader fails on other than as a bad file: logged with its traceback.
+        path.write_text(TOO_DEEP, encoding="utf-8")
         serve.proc.send_signal(signal.SIGHUP)
         line = await serve.wait_for_log(r"config reload \(SIGHUP\) of (\S+) failed, serving on")
         assert line.group(1) == str(path)
-        await serve.wait_for_log(r"UnicodeEncodeError")  # the traceback follows
+        await serve.wait_for_log(r"^RecursionError", max_lines=10_000)  # the traceback's end
         seen = await _metrics(serve.url)
-        assert seen[("loragate_config_reloads_total", (("result", "error"),))] == 1
-        assert seen[("loragate_config_reloads_total", (("result", "ok"),))] == 0
+        assert _reloads(seen) == {"ok": 0, "rejected": 1, "error": 1}
+
         # Nothing applied: r1 was not added, r0 keeps its entry and serves.
         assert ("loragate_replica_healthy", (("replica", "r1"),)) not in seen
         assert seen[("loragate_replica_healthy", (("replica", "r0"),))] == 1
@@ -78,5 +110,6 @@ async def test_a_sighup_reload_that_fails_to_apply_is_logged_and_changes_nothing
         await serve.wait_for_log(r"config reloaded: .* \+\['r1'\]")
         seen = await _metrics(serve.url)
         assert seen[("loragate_replica_healthy", (("replica", "r1"),))] == 1
+        assert _reloads(seen) == {"ok": 1, "rejected": 1, "error": 1}
         serve.proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(serve.proc.wait(), timeout=30) == 0

@@ -168,12 +168,19 @@ def _thaw(value: Any) -> Any:
     return value
 
 
-def _freeze(value: Any) -> Any:
+def _freeze(value: Any, key: str, inside: frozenset[int] = frozenset()) -> Any:
+    """A read-only copy; a mapping or list that contains itself (a YAML alias inside its own
+    anchor) is an error naming where, not endless recursion."""
+    if not isinstance(value, Mapping | list):
+        return value
+    if id(value) in inside:
+        raise ConfigError("contains itself (a YAML alias inside its own anchor)", key=key)
+    inside |= {id(value)}
     if isinstance(value, Mapping):
-        return types.MappingProxyType({k: _freeze(v) for k, v in value.items()})
-    if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
-    return value
+        return types.MappingProxyType(
+            {k: _freeze(v, f"{key}.{k}", inside) for k, v in value.items()}
+        )
+    return tuple(_freeze(v, f"{key}[{i}]", inside) for i, v in enumerate(value))
 
 
 def _type_name(value: object) -> str:
@@ -229,7 +236,24 @@ def _seconds(value: object, key: str, *, zero: bool = False) -> float:
 
 def _url(value: object, key: str) -> str:
     url = _str(value, key)
+    # urlsplit silently drops tabs and CR/LF, and the proxy writes the URL's host and path into
+    # its request head as Latin-1: only a URL as it goes on the wire (IDN hosts in punycode,
+    # other characters percent-encoded).
+    _printable_ascii(
+        url, key, "the URL goes into HTTP request lines and headers as written", spaces=False
+    )
     parts = urlsplit(url)
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise ConfigError(
+            f"a replica URL has no query or fragment (requests go to <url>/v1/...), got {url!r}",
+            key=key,
+        )
+    if "@" in parts.netloc:  # not echoed: it may hold a password
+        raise ConfigError(
+            "credentials in the URL are not sent to the replica (they would end up in the "
+            "Host header): give the replica's key as api_key",
+            key=key,
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"expected an http(s) URL, got {url!r}", key=key)
     try:
@@ -241,6 +265,38 @@ def _url(value: object, key: str) -> str:
 
 def _str_list(value: object, key: str) -> tuple[str, ...]:
     return tuple(_str(v, f"{key}[{i}]") for i, v in enumerate(_sequence(value, key)))
+
+
+def _printable_ascii(text: str, key: str, why: str, *, spaces: bool) -> str:
+    """``text`` unless a character of it is not printable ASCII (or a space, unless
+    ``spaces``), or it starts or ends with a space: the error names the character and its
+    position, never the text (a key or token)."""
+    for i, ch in enumerate(text):
+        if not ("!" <= ch <= "~" or (spaces and ch == " ")):
+            allowed = "printable ASCII" if spaces else "printable ASCII without spaces"
+            raise ConfigError(
+                f"character {ch!a} at position {i} is not allowed: only {allowed}, because {why}",
+                key=key,
+            )
+    if text != text.strip(" "):
+        raise ConfigError(
+            f"starts or ends with a space, which HTTP strips from a header value; {why}",
+            key=key,
+        )
+    return text
+
+
+def _header_value(value: object, key: str, why: str) -> str:
+    """A string that goes into an HTTP header: one with CR/LF would inject header lines (the
+    upstream pool writes its request head itself), one outside Latin-1 cannot be encoded at
+    all, and the two replica clients encode the rest differently (Latin-1, UTF-8)."""
+    return _printable_ascii(_str(value, key), key, why, spaces=True)
+
+
+_KEY_SENT = "it is sent to the replica in an HTTP header (Authorization: Bearer ...)"
+_KEY_MATCHED = (
+    "clients send it in an HTTP header (Authorization: Bearer ...), which cannot carry that"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +342,11 @@ def _replicas(value: object) -> tuple[ReplicaConfig, ...]:
         _check_keys(data, {"id", "url", "api_key", "settings"}, key)
         if "url" not in data:
             raise ConfigError("missing required key", key=f"{key}.url")
-        rid = _str(data.get("id", f"r{i}"), f"{key}.id")
+        rid = _header_value(
+            data.get("id", f"r{i}"),
+            f"{key}.id",
+            "it is sent to clients in the X-Loragate-Replica response header",
+        )
         if rid in seen:
             raise ConfigError(f"duplicate replica id {rid!r}", key=f"{key}.id")
         seen.add(rid)
@@ -295,7 +355,9 @@ def _replicas(value: object) -> tuple[ReplicaConfig, ...]:
             ReplicaConfig(
                 replica_id=rid,
                 url=_url(data["url"], f"{key}.url"),
-                api_key=None if api_key is None else _str(api_key, f"{key}.api_key"),
+                api_key=None
+                if api_key is None
+                else _header_value(api_key, f"{key}.api_key", _KEY_SENT),
                 settings=None
                 if data.get("settings") is None
                 else _settings(data["settings"], f"{key}.settings"),
@@ -323,6 +385,7 @@ def _tenants(value: object) -> tuple[TenantConfig, ...]:
         if not api_keys:
             raise ConfigError("a tenant needs at least one API key", key=f"{key}.api_keys")
         for j, api_key in enumerate(api_keys):
+            _header_value(api_key, f"{key}.api_keys[{j}]", _KEY_MATCHED)
             if api_key in keys:
                 raise ConfigError("API key used twice", key=f"{key}.api_keys[{j}]")
             keys.add(api_key)
@@ -371,7 +434,7 @@ def _routing(value: object) -> RoutingConfig:
     seed = _int(data.pop("seed", 0), "routing.seed", minimum=0)
     if not data:
         raise ConfigError("empty routing section", key="routing")
-    return RoutingConfig(spec=_freeze(data), seed=seed)
+    return RoutingConfig(spec=_freeze(data, "routing", frozenset({id(value)})), seed=seed)
 
 
 def _limits(value: object) -> LimitsConfig:
@@ -486,7 +549,9 @@ def _admin(value: object) -> AdminConfig:
     data = _mapping(value, "admin")
     _check_keys(data, {"token"}, "admin")
     token = data.get("token")
-    return AdminConfig(token=None if token is None else _str(token, "admin.token"))
+    return AdminConfig(
+        token=None if token is None else _header_value(token, "admin.token", _KEY_MATCHED)
+    )
 
 
 _TOP_KEYS = {

@@ -12,8 +12,9 @@ the error names the key. Then, without dropping a request:
   of a request still running on a replaced entry does not take the new one out of rotation.
   Replaced at the same URL (the same vLLM server), a replica keeps what the gateway knew of
   its adapters, and an adapter load running there counts for the new entry. Every new entry
-  is built before the pool changes: one that cannot be (an ``api_key`` no HTTP header can
-  carry) fails the reload (``error``) with nothing changed;
+  is built before the pool changes: one that cannot be fails the reload (``error``) with
+  nothing changed (an ``api_key`` or URL no HTTP request can carry is refused earlier, as a
+  bad file);
 * ``admin.token`` changes take effect at once; a new ``base_model`` from the next poll on
   (a replica that does not serve it gets no traffic).
 
