@@ -39,6 +39,7 @@ What real vLLM 0.32.0 answered (max_model_len 512; run on 2026-11-28):
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import aiohttp
@@ -229,4 +230,34 @@ async def test_checks_made_once_the_fields_are_valid_and_the_model_known(
                     seen = (r.status, (await r.json())["error"]["message"])
                 if seen != (status, message):
                     problems.append(f"{name} {body}: got {seen}, want {(status, message)}")
+    assert not problems, "answers differ from vLLM 0.32:\n" + "\n".join(problems)
+
+
+async def test_json_endpoints_refuse_another_content_type(
+    real_vllm: Replica, http: aiohttp.ClientSession
+) -> None:
+    """vLLM's ``validate_json_request``: completions, chat and the adapter admin calls take
+    only ``application/json``, checked ahead of the body."""
+    want = (400, {"error": {
+        "message": "1 validation error:\n  Unsupported Media Type: Only 'application/json' is "
+                   "allowed",
+        "type": "Bad Request", "param": None, "code": 400}})  # fmt: skip
+    bodies = {
+        "/v1/completions": {"model": BASE, "prompt": "hi", "max_tokens": 1},
+        "/v1/chat/completions": {"model": BASE, "messages": [{"role": "user", "content": "hi"}]},
+        "/v1/load_lora_adapter": {"lora_name": "ctype-x", "lora_path": "/nowhere"},
+        "/v1/unload_lora_adapter": {"lora_name": "ctype-x"},
+    }
+    problems: list[str] = []
+    async with run_replica(_twin_config(real_vllm), host="127.0.0.1", port=0) as twin:
+        for name, base in (("real", real_vllm.base_url), ("twin", twin.url)):
+            for path, body in bodies.items():
+                for ctype in ("text/plain", None):
+                    headers = {"Content-Type": ctype} if ctype else {}
+                    skip = () if ctype else ("Content-Type",)
+                    async with http.post(base + path, data=json.dumps(body), headers=headers,
+                                         skip_auto_headers=skip) as r:
+                        seen = (r.status, await r.json(content_type=None))
+                    if seen != want:
+                        problems.append(f"{name} {path} {ctype}: got {seen}")
     assert not problems, "answers differ from vLLM 0.32:\n" + "\n".join(problems)

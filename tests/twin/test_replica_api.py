@@ -433,6 +433,42 @@ async def test_prompt_embeds_are_refused_once_the_model_is_known(
         assert (status, error_of(raw)["param"]) == (400, "prompt_embeds")
 
 
+UNSUPPORTED = {
+    "message": "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed",
+    "type": "Bad Request",
+    "param": None,
+    "code": 400,
+}
+
+
+async def test_json_endpoints_take_only_a_json_content_type(
+    start_replica: StartReplica, http: aiohttp.ClientSession, adapter_dir: MakeAdapterDir
+) -> None:
+    # vLLM 0.32's validate_json_request: the media type must be application/json (any case),
+    # checked ahead of the body (even one that is no JSON).
+    async with start_replica() as r:
+        path = adapter_dir("a")
+        bodies = {
+            "/v1/completions": {"prompt": "hi", "max_tokens": 1},
+            "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}]},
+            "/v1/load_lora_adapter": {"lora_name": "a", "lora_path": path},
+            "/v1/unload_lora_adapter": {"lora_name": "a"},
+        }
+        for endpoint, body in bodies.items():
+            for ctype in ("text/plain", "application/json-seq", "application/json ; x=y", None):
+                headers = {"Content-Type": ctype} if ctype else {}
+                skip = () if ctype else ("Content-Type",)
+                for raw in (json.dumps(body).encode(), b"{not json"):
+                    async with http.post(
+                        r.url + endpoint, data=raw, headers=headers, skip_auto_headers=skip
+                    ) as resp:
+                        assert resp.status == 400, (endpoint, ctype)
+                        assert error_of(await resp.read()) == UNSUPPORTED, (endpoint, ctype)
+            headers = {"Content-Type": "Application/JSON; charset=utf-8"}
+            async with http.post(r.url + endpoint, data=json.dumps(body), headers=headers) as resp:
+                assert resp.status == 200, (endpoint, await resp.text())
+
+
 async def test_default_max_tokens_is_16_for_completions_and_the_context_for_chat(
     start_replica: StartReplica, http: aiohttp.ClientSession
 ) -> None:

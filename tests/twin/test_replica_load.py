@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -152,7 +151,7 @@ async def test_lora_modules_at_startup_and_lora_disabled(
         text = await scrape(http, r.url)
         assert "vllm:num_requests_running{" in text and "lora_requests_info" not in text
         body = {"lora_name": "a", "lora_path": adapter_dir("a")}
-        async with http.post(r.url + "/v1/load_lora_adapter", data=json.dumps(body)) as resp:
+        async with http.post(r.url + "/v1/load_lora_adapter", json=body) as resp:
             assert resp.status == 400
 
 

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from loragate.twin.adapters import RegisteredAdapter
 from loragate.twin.engine import EngineRequest, TokenEvent
@@ -50,7 +50,12 @@ from loragate.twin.replica_responses import (
     usage_chunk,
 )
 from loragate.twin.synthetic_text import OutputPlan, OutputSampler
-from loragate.twin.vllm_errors import VllmApiError, model_not_found, parse_json_object
+from loragate.twin.vllm_errors import (
+    VllmApiError,
+    check_json_media_type,
+    model_not_found,
+    parse_json_object,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterable
@@ -102,6 +107,7 @@ class Generator:
 
     async def handle(self, request: web.Request, kind: str) -> web.StreamResponse:
         gen_kind: Kind = "chat" if kind == "chat" else "completion"
+        check_json_media_type(request.headers.get(hdrs.CONTENT_TYPE, ""))
         if not self._state.accepting:
             raise VllmApiError(503, "The replica is shutting down.", "ServiceUnavailableError")
         body = parse_json_object(await request.read())

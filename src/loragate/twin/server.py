@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from loragate.core.clock import Clock, WallClock
 from loragate.core.errors import ConfigError, InvalidRequestError
@@ -32,6 +32,7 @@ from loragate.twin.replica_responses import VLLM_VERSION, dumps, model_card, now
 from loragate.twin.vllm_errors import (
     FieldError,
     VllmApiError,
+    check_json_media_type,
     missing,
     parse_json_object,
     validation_error,
@@ -178,6 +179,7 @@ class ReplicaState:
         return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def load_lora_adapter(self, request: web.Request) -> web.Response:
+        check_json_media_type(request.headers.get(hdrs.CONTENT_TYPE, ""))
         body = parse_json_object(await request.read())
         name, path = _required_strings(body, "lora_name", "lora_path")
         inplace = _flag(body, "load_inplace")
@@ -186,6 +188,7 @@ class ReplicaState:
         return _plain(f"Success: LoRA adapter '{name}' added successfully.")
 
     async def unload_lora_adapter(self, request: web.Request) -> web.Response:
+        check_json_media_type(request.headers.get(hdrs.CONTENT_TYPE, ""))
         body = parse_json_object(await request.read())
         (name,) = _required_strings(body, "lora_name")
         self.registry.unload(name)

@@ -175,6 +175,18 @@ def json_invalid(exc: json.JSONDecodeError) -> VllmApiError:
     )
 
 
+UNSUPPORTED_MEDIA_TYPE = "Unsupported Media Type: Only 'application/json' is allowed"
+
+
+def check_json_media_type(content_type: str) -> None:
+    """vLLM's ``validate_json_request`` dependency on its JSON endpoints (completions, chat,
+    load/unload adapter): a ``Content-Type`` header (absent: ``""``) whose media type is not
+    exactly ``application/json`` (any case) is refused ahead of the body, as a request
+    validation error whose one error is a string (so no ``param``)."""
+    if content_type.lower().split(";", maxsplit=1)[0] != "application/json":
+        raise VllmApiError(400, f"1 validation error:\n  {UNSUPPORTED_MEDIA_TYPE}", "Bad Request")
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     """Decode a request body that must be a JSON object, or raise vLLM's 400."""
     if not raw.strip():
