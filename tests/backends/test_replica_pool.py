@@ -175,9 +175,16 @@ async def test_failed_load_reaches_every_waiter(
         assert lines[0].startswith(
             f"adapter bad (/nowhere/bad) failed to load on replica r0 ({stub_vllm.url}): "
         )
-        assert "gets no requests for bad for 60 s" in lines[0]
-        # Remembered (one refused load, however many waited) until r0 lists the adapter.
-        assert pool.refusing(spec) == {"r0"} and pool.refusals.counts == {("bad", "r0"): 1}
+        # The only replica: no other can take its requests, and the line says so.
+        assert "every healthy replica refused it" in lines[0]
+        assert "until a refusal lapses (within 60 s)" in lines[0]
+        # A load refused there again while the refusal is remembered: not logged again.
+        with pytest.raises(AdapterLoadError):
+            await pool.ensure_adapter("r0", spec)
+        lines = [r.getMessage() for r in caplog.records if "failed to load" in r.getMessage()]
+        assert len(lines) == 1, lines
+        # Remembered (one refused load per round, however many waited) until r0 lists it.
+        assert pool.refusing(spec) == {"r0"} and pool.refusals.counts == {("bad", "r0"): 2}
         assert set(pool.refused_adapters("r0")) == {"bad"}
         await pool.poll_once()
         assert pool.refusing(spec) == {"r0"}

@@ -692,11 +692,14 @@ class ReplicaPool:
                     loaded = False
         except AdapterLoadError as exc:  # the clients get a 502; the operator a log line
             refusals = self.refusals
-            refusals.record(spec, rid, exc.message)
+            news = refusals.record(spec, rid, exc.message)
             if old is not None:
                 for entry in self._entries_of(rep):
                     entry.inplace_failed[spec.name] = spec.path
-            log.warning(
+            # Once per (adapter, replica) while the refusal is remembered (a load there again
+            # meanwhile, e.g. racing another instance's shared refusal, logs at debug).
+            log.log(
+                logging.WARNING if news else logging.DEBUG,
                 "adapter %s (%s) failed to load on replica %s (%s): %s%s%s",
                 spec.name,
                 spec.path,
@@ -707,10 +710,7 @@ class ReplicaPool:
                 f"{spec.name} there that this gateway does not try to reload in place first)"
                 if old is not None
                 else "",
-                f" (it gets no requests for {spec.name} for {refusals.ttl_s:g} s unless no "
-                "other replica can take them)"
-                if refusals.ttl_s > 0
-                else "",
+                self._refusal_outlook(spec, rid) if refusals.ttl_s > 0 else "",
             )
             raise
         if old is not None:
@@ -742,6 +742,21 @@ class ReplicaPool:
         if current is None or current is rep or current.config.url != rep.config.url:
             return (rep,)
         return (rep, current)
+
+    def _refusal_outlook(self, spec: AdapterSpec, replica_id: ReplicaId) -> str:
+        """What a refusal just recorded means for ``spec``'s requests, for the log line."""
+        ttl_s = self.refusals.ttl_s
+        refusing = self.refusals.refusing(spec)
+        if any(s.replica_id not in refusing for s in self._healthy):
+            return (
+                f" (it gets no requests for {spec.name} for {ttl_s:g} s while another "
+                "replica can take them)"
+            )
+        return (
+            f" (every healthy replica refused it: requests for {spec.name} get a 502 naming "
+            f"the refusals, without a load, until a refusal lapses (within {ttl_s:g} s) or a "
+            "replica lists the adapter)"
+        )
 
     async def _root_on(self, rep: _Replica, adapter: str) -> str | None:
         """The path ``rep``'s ``/v1/models`` card of ``adapter`` gives (None: not listed, no

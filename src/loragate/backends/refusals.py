@@ -5,7 +5,8 @@ when it runs without ``--enable-lora``, when the adapter's rank is above its
 ``--max-lora-rank``, or when it cannot read the adapter's folder. None of these pass by
 themselves, so the request is retried on another replica and the refusal is remembered per
 (adapter, replica) for ``ttl_s``: the proxy leaves such replicas out of that adapter's candidates
-(unless no other candidate is left). A refusal is forgotten when it expires, when the replica's
+(while every candidate refused it, its requests are answered from the refusals, with no
+load, until one lapses). A refusal is forgotten when it expires, when the replica's
 ``/v1/models`` lists the adapter (someone loaded it there), when a load there succeeds, when the
 adapter's path changes (a config reload, or another gateway's admin API) and when the admin API
 registers or deletes the adapter.
@@ -77,14 +78,28 @@ class Refusals:
         # Every refused load since start, by (adapter, replica): what /metrics counts.
         self.counts: dict[tuple[str, ReplicaId], int] = {}
 
-    def record(self, spec: AdapterSpec, replica_id: ReplicaId, error: str) -> None:
+    def record(self, spec: AdapterSpec, replica_id: ReplicaId, error: str) -> bool:
+        """Count and remember the replica's refusal of ``spec``. Returns whether it is news:
+        False if a refusal of the same path was already in force there (the pool logs a
+        refusal once per (adapter, replica) while it is remembered)."""
         key = (spec.name, replica_id)
         self.counts[key] = self.counts.get(key, 0) + 1
+        now = self._now()
+        news = True
         if self.ttl_s > 0:
             by_replica = self.by_adapter.setdefault(spec.name, {})
-            by_replica[replica_id] = Refusal(spec.path, self._now() + self.ttl_s, error)
+            known = by_replica.get(replica_id)
+            news = known is None or known.until_s <= now or known.path != spec.path
+            by_replica[replica_id] = Refusal(spec.path, now + self.ttl_s, error)
         if self.sink is not None:
             self.sink.refusal_recorded(replica_id, spec, error, self.ttl_s)
+        return news
+
+    def in_force(self, spec: AdapterSpec) -> Mapping[ReplicaId, Refusal]:
+        """The refusals of ``spec`` in force now, by replica (empty while none is)."""
+        if not self.refusing(spec):
+            return {}
+        return dict(self.by_adapter[spec.name])
 
     def refusing(self, spec: AdapterSpec) -> Collection[ReplicaId]:
         """The replicas whose refusal of ``spec`` is in force now (the hot path: one dict

@@ -14,10 +14,13 @@ pool (no more traffic until a poll succeeds) and the request is retried once on 
 replica. A replica that refuses to load the adapter stays in rotation, and the request is
 retried once on another replica; the pool remembers the refusal for a while
 (``poller.adapter_refusal_ttl_s``), and routing leaves that replica out of the adapter's
-candidates meanwhile, unless no other candidate is left (routing is pure and per-request: the
-proxy filters the candidates it hands to the policy, so every policy gets this). A timeout is
-a 504 (not retried: the replica may still be working on it). A stream that breaks off after
-it started ends with an SSE error event, and the break is logged.
+candidates meanwhile (routing is pure and per-request: the proxy filters the candidates it
+hands to the policy, so every policy gets this). While every candidate has a refusal in force,
+the request is answered at once from them (a 502 naming each replica and its reason, no load);
+the first refusal to lapse lets the next request try that replica again (one load, the pool's
+single flight, however many requests arrive meanwhile). A timeout is a 504 (not retried: the
+replica may still be working on it). A stream that breaks off after it started ends with an
+SSE error event, and the break is logged.
 
 Shutdown (:meth:`Proxy.drain`, run by the runner once the gateway stopped accepting
 connections): the requests being handled may finish within the drain period; those still
@@ -351,12 +354,30 @@ class Proxy:
             raise NoReplicaAvailableError("no healthy replica is available", param="model")
         if spec is not None and spec.name in self._refused:
             refusing = self._pool.refusing(spec)
-            # Replicas that refused to load this adapter lately: left out, unless none other
-            # is left (then try anyway: nothing is refused that could be served).
+            # Replicas that refused to load this adapter lately are left out. None other left:
+            # answered from the refusals, with no load (the first to lapse lets one load try
+            # again: the pool's single flight for that replica).
             kept = [s for s in candidates if s.replica_id not in refusing]
-            if kept:
-                candidates = kept
+            if not kept:
+                raise self._refused_everywhere(spec, view)
+            candidates = kept
         return self._policy.choose(rreq, candidates, self._policy.context(self._now()))
+
+    def _refused_everywhere(
+        self, spec: AdapterSpec, view: list[ReplicaSnapshot]
+    ) -> AdapterLoadError:
+        """The 502 for ``spec`` while every candidate refused it lately: each healthy
+        replica's refusal in force, in config order."""
+        in_force = self._pool.refusals.in_force(spec)
+        now = self._now()
+        named = [(s.replica_id, in_force[s.replica_id]) for s in view if s.replica_id in in_force]
+        left_s = min((r.until_s - now for _, r in named), default=0.0)
+        return _RefusedEverywhere(
+            f"every healthy replica refused to load adapter {spec.name!r} lately (tried "
+            f"again in {max(left_s, 0.0):.0f} s): "
+            + "; ".join(f"replica {rid}: {r.error}" for rid, r in named),
+            status=None,
+        )
 
     # -- forwarding -------------------------------------------------------------------------
 
@@ -378,6 +399,7 @@ class Proxy:
         sync = state.sync
         rid: ReplicaId = ""
         loading: str | None = None  # the adapter being loaded on rid, while that is under way
+        refused: list[tuple[ReplicaId, str]] = []  # this request's refused loads
         piping = False  # the stream is being relayed (``_pipe`` counts how it ends)
         try:
             while True:
@@ -403,10 +425,17 @@ class Proxy:
                                 self._upstream_failed(
                                     exc, rid, client, rreq, f"loading adapter {loading!r}"
                                 )
+                            if isinstance(exc, AdapterLoadError):
+                                refused.append((rid, exc.message))
                             if not retried and self._can_retry(rid):
                                 self._telemetry.count_retry(rid, retry_reason(exc, loading=True))
                                 retried, exclude, loading = True, rid, None
                                 continue
+                            if len(refused) > 1:  # both tries refused: name both
+                                raise _RefusedEverywhere(
+                                    f"no replica tried could load adapter {spec.name!r}: "
+                                    + "; ".join(f"replica {r}: {m}" for r, m in refused)
+                                ) from exc
                             raise
                         loading = None
                     t_send = self._now()
@@ -651,10 +680,16 @@ class Proxy:
         return out
 
 
+class _RefusedEverywhere(AdapterLoadError):
+    """Every candidate replica refused the adapter's load: its message names each one."""
+
+
 def _for_client(exc: UpstreamError, rid: ReplicaId, loading: str | None) -> UpstreamError:
     """``exc`` as the client sees it: the replica named by its id, not its URL. The words of
     ``backends.upstream`` (the proxied request) and of vLLM's load refusals carry no URL;
     those of a failed admin call do (aiohttp's), so they are left to the log."""
+    if isinstance(exc, _RefusedEverywhere):
+        return exc  # names every replica already
     if isinstance(exc, AdapterLoadError):
         return AdapterLoadError(f"replica {rid}: {exc.message}", status=exc.status)
     if loading is not None:
