@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from shared_cluster import AUTH, BASE, TOKEN, eventually, sdk, twin_replicas
 
 from loragate.core.config import config_from_mapping
@@ -242,3 +243,53 @@ async def test_a_name_another_instance_s_file_defines_is_a_409_in_the_admin_api(
             error = (await resp.json())["error"]
         assert "defined in the config file of a gateway instance" in error["message"]
         assert "x" not in gw_b.gateway.shared.shared_adapters()
+
+
+async def _conflicts_gauge(http: aiohttp.ClientSession, gw: RunningGateway) -> float:
+    """``loragate_adapter_definition_conflicts`` as ``/metrics`` shows it (it must be there)."""
+    async with http.get(gw.url + "/metrics") as resp:
+        text = await resp.text()
+    values = [
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "loragate_adapter_definition_conflicts"
+    ]
+    assert len(values) == 1, values
+    return values[0]
+
+
+async def test_the_definition_conflicts_gauge_counts_the_adapters_served_otherwise(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    prefix = f"defs-{uuid.uuid4().hex[:8]}:"
+    async with contextlib.AsyncExitStack() as stack:
+        replicas = await stack.enter_async_context(_cluster(tmp_path))
+        a_path, b_path = tmp_path / "x-a", tmp_path / "x-b"
+        gw_a = await stack.enter_async_context(
+            running_gateway(
+                config_from_mapping(_doc(replicas, redis_server.url, prefix, a_path)), port=0
+            )
+        )
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        assert await _conflicts_gauge(http, gw_a) == 0  # exported from 0
+
+        file_b = tmp_path / "b.yaml"
+        file_b.write_text(yaml.safe_dump(_doc(replicas, redis_server.url, prefix, b_path)))
+        gw_b = await stack.enter_async_context(
+            running_gateway(config_from_mapping(yaml.safe_load(file_b.read_text())), port=0,
+                            config_path=file_b)
+        )  # fmt: skip
+        assert gw_b.gateway.catalog.adapters["x"].path == str(a_path)  # A's is in force
+        assert await _conflicts_gauge(http, gw_b) == 1
+        assert await _conflicts_gauge(http, gw_a) == 0
+
+        # B's file made to agree and reloaded: no conflict left.
+        file_b.write_text(yaml.safe_dump(_doc(replicas, redis_server.url, prefix, a_path)))
+        async with http.post(gw_b.url + "/admin/reload", headers=AUTH) as resp:
+            assert resp.status == 200, await resp.text()
+
+        async def gauge() -> float:
+            return await _conflicts_gauge(http, gw_b)
+
+        assert await eventually(gauge, lambda n: n == 0) == 0

@@ -164,6 +164,7 @@ def create_app(
         degraded=lambda: shared.degraded,
         errors=lambda: shared.error_count,
         resync_counts=shared.resync_counts,
+        definition_conflicts=lambda: len(shared.definition_conflicts()),
     )
     catalog = catalog_from_config(config)
     pool.expect_adapters(catalog.adapters)

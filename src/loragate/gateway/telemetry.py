@@ -139,10 +139,12 @@ class _StateGauges(Collector):
         degraded: Callable[[], bool],
         errors: Callable[[], int],
         resync_counts: Callable[[], Mapping[str, int]],
+        definition_conflicts: Callable[[], int],
     ) -> None:
         self._degraded = degraded
         self._errors = errors
         self._resync_counts = resync_counts
+        self._definition_conflicts = definition_conflicts
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
@@ -168,6 +170,15 @@ class _StateGauges(Collector):
             "Writes made while Redis was unreachable that were dropped, not replayed "
             "(journal full, or still arriving when a resync ended).",
             value=counts.get("journal_dropped", 0),
+        )
+        yield GaugeMetricFamily(
+            "loragate_adapter_definition_conflicts",
+            "Adapters of this instance's config file that it serves with another definition "
+            "(path, rank) than its file's, because another one is in force for every instance "
+            "on the state store (another instance's file defined the name first, or it was "
+            "registered through the admin API before). 0 when the files agree. An ERROR log "
+            "line, GET /admin/adapters (definition_conflict) and /health name them.",
+            value=self._definition_conflicts(),
         )
 
 
@@ -357,8 +368,11 @@ class Telemetry:
         degraded: Callable[[], bool],
         errors: Callable[[], int],
         resync_counts: Callable[[], Mapping[str, int]] = dict,
+        definition_conflicts: Callable[[], int] = lambda: 0,
     ) -> None:
-        self.registry.register(_StateGauges(degraded, errors, resync_counts))
+        """The shared state store's health, and (``definition_conflicts``) the number of this
+        instance's config-file adapters served with a definition other than its file's."""
+        self.registry.register(_StateGauges(degraded, errors, resync_counts, definition_conflicts))
 
     def count(self, adapter: str, replica: str, status: str) -> None:
         key = (adapter, replica, status)
