@@ -293,3 +293,72 @@ async def test_the_definition_conflicts_gauge_counts_the_adapters_served_otherwi
             return await _conflicts_gauge(http, gw_b)
 
         assert await eventually(gauge, lambda n: n == 0) == 0
+
+
+async def test_a_name_registered_before_a_config_file_defines_it_stays_the_registration(
+    redis_server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reverse case: x registered through the admin API, then defined in A's file (a
+    reload). Before, A served its file's definition (its file won in its catalog) and B the
+    registration, and the replicas flipped between the two paths. Now the registration is in
+    force for both (A says so, as for a conflict between files) until it is deleted, which
+    puts A's file's definition in force."""
+    prefix = f"defs-{uuid.uuid4().hex[:8]}:"
+    async with contextlib.AsyncExitStack() as stack:
+        replicas = await stack.enter_async_context(_cluster(tmp_path))
+        a_path, b_path = str(tmp_path / "x-a"), str(tmp_path / "x-b")
+        file_a = tmp_path / "a.yaml"
+        doc_a = {**_doc(replicas, redis_server.url, prefix, Path(a_path)), "adapters": []}
+        file_a.write_text(yaml.safe_dump(doc_a))
+        gw_a = await stack.enter_async_context(
+            running_gateway(config_from_mapping(doc_a), port=0, config_path=file_a)
+        )
+        doc_b = {**_doc(replicas, redis_server.url, prefix, Path(b_path)), "adapters": []}
+        gw_b = await stack.enter_async_context(running_gateway(config_from_mapping(doc_b), port=0))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        body = {"name": "x", "path": b_path}
+        async with http.post(gw_b.url + "/admin/adapters", json=body, headers=AUTH) as resp:
+            assert resp.status == 201, await resp.text()
+
+        # The operator adds x to A's file, with another path, and reloads A.
+        file_a.write_text(yaml.safe_dump(_doc(replicas, redis_server.url, prefix, Path(a_path))))
+        with caplog.at_level(logging.ERROR, logger="loragate.gateway.shared"):
+            async with http.post(gw_a.url + "/admin/reload", headers=AUTH) as resp:
+                assert resp.status == 200, await resp.text()
+
+            async def conflicts() -> float:
+                return await _conflicts_gauge(http, gw_a)
+
+            assert await eventually(conflicts, lambda n: n == 1) == 1
+        for gw in (gw_a, gw_b):  # one definition: the registration
+            assert gw.gateway.catalog.adapters["x"].path == b_path
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1, errors
+        assert "adapter x (config key adapters[0])" in errors[0]
+        assert "registered through the admin API first" in errors[0]
+        assert "DELETE /admin/adapters/x" in errors[0]
+        a_view = await _admin_adapter(http, gw_a)
+        assert a_view["path"] == b_path
+        assert a_view["definition_conflict"]["configured"] == {"path": a_path, "rank": 8}
+        assert a_view["definition_conflict"]["in_force"]["instance"] == "admin API"
+        seen: set[str | None] = set()
+        for _ in range(4):
+            await _serve_x_through([gw_a, gw_b], 2)
+            await _polls([gw_a, gw_b], 1)
+            seen |= await _roots(http, replicas)
+        assert seen <= {b_path, None}, seen  # no flipping between the two paths
+        assert b_path in seen
+
+        # The registration deleted (on A, whose file defines x: not a 409 any more while the
+        # registration holds it): A's file's definition is in force; B no longer serves x.
+        async with http.delete(gw_a.url + "/admin/adapters/x", headers=AUTH) as resp:
+            assert resp.status == 200, await resp.text()
+
+        async def a_serves() -> str:
+            return gw_a.gateway.catalog.adapters["x"].path
+
+        assert await eventually(a_serves, lambda p: p == a_path) == a_path
+        assert await _conflicts_gauge(http, gw_a) == 0
+        assert "x" not in gw_b.gateway.catalog.adapters
+        async with http.delete(gw_a.url + "/admin/adapters/x", headers=AUTH) as resp:
+            assert resp.status == 409  # the file's now: edit the file instead

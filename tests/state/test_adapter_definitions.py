@@ -11,7 +11,12 @@ import redis.asyncio as aioredis
 
 from loragate.core.clock import VirtualClock
 from loragate.core.types import AdapterSpec
-from loragate.state.definitions import AdapterDefinition, DefinitionClaim, DefinitionMap
+from loragate.state.definitions import (
+    REGISTERED,
+    AdapterDefinition,
+    DefinitionClaim,
+    DefinitionMap,
+)
 from loragate.state.keys import Ttls
 from loragate.state.memory import MemoryStore
 from loragate.state.redis_store import RedisStore
@@ -164,3 +169,46 @@ async def test_a_name_a_config_file_defines_cannot_be_registered_through_the_adm
     for store in (memory, redis):
         assert await store.put_adapter(spec)
         assert await store.get_adapter("x") == spec
+
+
+async def test_a_name_registered_through_the_admin_api_is_the_registration_s_for_a_claim(
+    redis_stores: StoreFactory,
+) -> None:
+    """The reverse of the 409 above: a config file that defines a name registered before gets
+    the registration as the definition in force (nothing claimed, the version unchanged), until
+    the registration is deleted; then the claim wins."""
+    clock = VirtualClock()
+    memory = MemoryStore(ttls=TTLS, clock=clock)
+    memory.instance_id = "gw-a"
+    redis = redis_stores(instance_id="gw-a", ttls=TTLS)
+    spec = AdapterSpec(name="x", path="/admin/x", rank=16)
+    for store in (memory, redis):
+        assert await store.put_adapter(spec)
+        version = (await store.snapshot()).version
+        in_force = await store.claim_definitions(_claim(A, None))
+        assert in_force["x"].definition == AdapterDefinition(
+            path="/admin/x", rank=16, instance=REGISTERED
+        )
+        assert in_force["x"].left_s > 0
+        # A reload of that file changing its definition changes nothing either.
+        assert (await store.claim_definitions(_claim(B, A)))["x"].definition.instance == REGISTERED
+        assert (await store.snapshot()).version == version
+        assert await store.get_adapter("x") == spec  # the registration stands
+        assert await store.delete_adapter("x")
+        assert _x(await store.claim_definitions(_claim(B, None))) == (B.path, "gw-a")
+        assert not await store.put_adapter(spec)  # now the file's: a 409 in the admin API
+
+
+async def test_a_deleted_registration_is_not_written_back_as_a_definition(
+    redis_stores: StoreFactory,
+) -> None:
+    """``ResilientStore`` writes back the definition it last saw in force when Redis lost it;
+    a registration it saw in force is not one (else deleting the registration would put it
+    back in force as a config definition)."""
+    clock = VirtualClock()
+    a = await _resilient(redis_stores, "gw-a", clock)
+    spec = AdapterSpec(name="x", path="/admin/x", rank=8)
+    assert await a.put_adapter(spec)
+    assert _x(await a.claim_definitions(_claim(A, None))) == ("/admin/x", REGISTERED)
+    assert await a.delete_adapter("x")
+    assert _x(await a.claim_definitions(_claim(A, None))) == (A.path, "gw-a")

@@ -8,8 +8,10 @@
                             replicas that hold it (``registered_on``) and those that hold it
                             from another path (``stale_on``: replica -> that path); a
                             config-file adapter that another instance's config file defines
-                            otherwise, and first, is served as that one defines it, and
-                            shows ``definition_conflict`` (``configured``, ``in_force``; see
+                            otherwise, and first, or that was registered through the admin
+                            API before, is served as that one defines it, and shows
+                            ``definition_conflict`` (``configured``, ``in_force``; its
+                            ``instance`` is ``admin API`` for a registration; see
                             ``state.definitions``)
 ``POST /admin/adapters``    register ``{name, path, rank?, tenants?}``: 201 (the body says
                             where the rank came from: ``rank_source``, see
@@ -25,7 +27,10 @@
                             instance's view shows yet)
 ``DELETE /admin/adapters/N``  remove an admin-registered adapter and unload it from the
                             replicas that registered it: 200; 404 unknown; 409 if the config
-                            file defines it (edit the file and reload instead). It leaves a
+                            file defines it (edit the file and reload instead), unless it is
+                            also registered (it was, before a file defined it: the
+                            registration is in force, and deleting it puts the file's
+                            definition in force). It leaves a
                             tombstone: any instance's poller unloads the adapter from a
                             replica that lists it later (loaded back by a stale instance)
 ``POST /admin/reload``      re-read the config file (see ``gateway.reload``): 200; 400 with
@@ -369,7 +374,11 @@ class AdminApi:
         gw = self._gw
         name = request.match_info["name"]
         async with gw.lock:
-            if any(a.name == name for a in gw.config.adapters):
+            # A name the file defines is deleted only as an admin registration that holds it
+            # (registered before the file defined it: in force, see ``state.definitions``).
+            if any(a.name == name for a in gw.config.adapters) and (
+                name not in gw.shared.shared_adapters()
+            ):
                 raise ConflictError(
                     f"adapter {name!r} is defined in the config file: remove it there and reload",
                     param="name",

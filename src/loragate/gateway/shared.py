@@ -34,7 +34,11 @@ with another path or rank would each make the replicas load their own. This obje
 file's definitions in the store (at :meth:`start`, after a reload changed them, when the
 store's version moves, and every ``lease_renew_s``) and serves the definitions in force
 (:meth:`config_adapters`, what the catalog is built from); a conflict is logged once as an
-ERROR and shown by :meth:`definition_conflicts` and :meth:`status`.
+ERROR and shown by :meth:`definition_conflicts` and :meth:`status` (and counted in
+``loragate_adapter_definition_conflicts``). A name registered through the admin API before a
+config file defined it stays the registration's for every instance, this one too (the
+reverse of the admin API's 409 for a name a file defines: whoever holds a name first keeps
+it); deleting the registration puts the file's definition in force.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ from loragate.state import (
     ResilientStore,
     Ttls,
 )
-from loragate.state.definitions import AdapterDefinition, DefinitionClaim, InForce
+from loragate.state.definitions import REGISTERED, AdapterDefinition, DefinitionClaim, InForce
 
 log = logging.getLogger(__name__)
 
@@ -487,6 +491,17 @@ class SharedState:
             if self._conflicts.get(name) == (ours, theirs):
                 continue  # said already
             self._conflicts[name] = (ours, theirs)
+            if theirs.instance == REGISTERED:
+                log.error(
+                    "adapter %s (config key adapters[%d]): this instance's config file defines "
+                    "it as %s, but it was registered through the admin API first, as %s: "
+                    "serving the registration, so that every gateway instance on this state "
+                    "store routes it alike. Rename the adapter in the file, or delete the "
+                    "registration (DELETE /admin/adapters/%s) to put the file's definition in "
+                    "force",
+                    name, index, ours.describe(), theirs.describe(), name,
+                )  # fmt: skip
+                continue
             log.error(
                 "adapter %s (config key adapters[%d]): this instance's config file defines it "
                 "as %s, but the definition in force for every gateway instance on this state "

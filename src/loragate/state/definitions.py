@@ -21,6 +21,12 @@ either. The rule that ends it, kept in the shared store (``P definitions``, ``st
   ``GET /admin/adapters``. Tenants stay per instance (they are not what replicas load).
 * After Redis lost its data, a claim writes back the definition its instance last saw in force,
   for the time it had left, so the winner does not depend on which instance resyncs first.
+* **A name registered through the admin API is the registration's** (``P adapters``): a claim
+  of it takes nothing and gets the registration (path and rank) as the definition in force,
+  ``instance`` :data:`REGISTERED`, so that the instance whose file defines it serves it as every
+  other instance does, and reports the conflict as above. The reverse of the admin API's 409
+  for a name a config file defines: whoever holds a name first keeps it. Once the registration
+  is deleted (``DELETE /admin/adapters/N``, on any instance), the next claim wins.
 
 ``decide`` is the rule; ``MemoryStore`` applies it in process and the Lua script
 ``CLAIM_DEFINITIONS`` (``state.lua``) on Redis, and ``tests/state`` runs both alike.
@@ -77,12 +83,25 @@ class DefinitionClaim:
 
 DefinitionMap = Mapping[AdapterId, InForce]
 
+# The ``instance`` of a definition in force that is an admin-API registration, not a config
+# file's claim (instances are named host:pid:rand, with colons: none is named this).
+REGISTERED = "admin API"
+
 
 def decide(
-    current: InForce | None, claim: DefinitionClaim, *, instance: str, ttl_s: float
+    current: InForce | None,
+    claim: DefinitionClaim,
+    *,
+    instance: str,
+    ttl_s: float,
+    registered: AdapterSpec | None = None,
 ) -> tuple[InForce, bool]:
     """The definition in force after ``claim`` (by ``instance``) met ``current`` (None: none,
-    or expired), and whether the definition changed (every instance must hear of it)."""
+    or expired) and the admin registration of the name (``registered``), and whether the
+    definition changed (every instance must hear of it). A registration is in force as long as
+    it stands; it is not kept as a claim (the caller stores nothing then)."""
+    if registered is not None:
+        return InForce(AdapterDefinition.of(registered, REGISTERED), ttl_s), False
     ours = AdapterDefinition(path=claim.ours.path, rank=claim.ours.rank, instance=instance)
     if current is None:
         known = claim.known

@@ -370,12 +370,14 @@ end
 return n
 """
 
-# KEYS: definitions, version; ARGV: claim ttl ms, instance id, JSON list of claims
-# [{"name", "path", "rank", "prev": [path, rank]?, "known": [path, rank, instance, left ms]?}].
+# KEYS: definitions, version, adapters; ARGV: claim ttl ms, instance id, JSON list of claims
+# [{"name", "path", "rank", "prev": [path, rank]?, "known": [path, rank, instance, left ms]?}],
+# the instance name of an admin registration (``definitions.REGISTERED``).
 # The rule of ``state.definitions.decide``, for each claim in turn; entries are JSON
 # {"path", "rank", "instance", "until"} (Redis server time, ms); a lapsed entry counts as none.
-# Bumps the version if a definition changed. Returns [name, JSON [path, rank, instance,
-# left ms], ...]: the definitions in force for the claimed names.
+# A name registered through the admin API (``adapters``) is the registration's: nothing is
+# written for it. Bumps the version if a definition changed. Returns [name, JSON [path, rank,
+# instance, left ms], ...]: the definitions in force for the claimed names.
 CLAIM_DEFINITIONS = (
     _COMMON
     + """
@@ -388,13 +390,21 @@ local function agrees(e, path, rank)
 end
 for _, c in ipairs(cjson.decode(ARGV[3])) do
   local cur = nil
-  local raw = redis.call('HGET', KEYS[1], c.name)
-  if raw then
-    cur = cjson.decode(raw)
-    if tonumber(cur['until']) <= now then cur = nil end
-  end
   local new = nil
-  if cur == nil then
+  local reg = redis.call('HGET', KEYS[3], c.name)
+  if reg then
+    local r = cjson.decode(reg)
+    cur = {path = r.path, rank = r.rank, instance = ARGV[4], ['until'] = now + ttl}
+  else
+    local raw = redis.call('HGET', KEYS[1], c.name)
+    if raw then
+      cur = cjson.decode(raw)
+      if tonumber(cur['until']) <= now then cur = nil end
+    end
+  end
+  if reg then
+    -- the registration's: nothing to claim
+  elseif cur == nil then
     local k = c.known
     changed = true
     if k and tonumber(k[4]) > 0 and not agrees({path = k[1], rank = k[2]}, c.path, c.rank) then

@@ -219,15 +219,22 @@ class MemoryStore:
     # --- adapters defined in config files (``state.definitions``) -----------------------------
     async def claim_definitions(self, claims: Sequence[DefinitionClaim]) -> DefinitionMap:
         """Claim each definition (the rule: ``definitions.decide``, claims live
-        ``Ttls.lease_ttl_s``); returns the definitions in force for the claimed names."""
+        ``Ttls.lease_ttl_s``; a name registered here is the registration's); returns the
+        definitions in force for the claimed names."""
         now = self._clock.now()
         out: dict[AdapterId, InForce] = {}
         for claim in claims:
             current = self.definition(claim.name)
+            registered = self._adapters.get(claim.name)
             in_force, changed = decide(
-                current, claim, instance=self.instance_id, ttl_s=self._ttls.lease_ttl_s
+                current,
+                claim,
+                instance=self.instance_id,
+                ttl_s=self._ttls.lease_ttl_s,
+                registered=registered,
             )
-            self._definitions[claim.name] = (in_force, now + in_force.left_s)
+            if registered is None:  # a registration is not a claim: nothing to keep
+                self._definitions[claim.name] = (in_force, now + in_force.left_s)
             if changed:
                 self._version += 1
             out[claim.name] = in_force

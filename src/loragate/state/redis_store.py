@@ -31,7 +31,13 @@ from redis.exceptions import RedisError
 from loragate.core.clock import Clock, WallClock
 from loragate.core.types import AdapterId, AdapterSpec, ReplicaId, ReplicaSettings, Residency
 from loragate.state import lua
-from loragate.state.definitions import AdapterDefinition, DefinitionClaim, DefinitionMap, InForce
+from loragate.state.definitions import (
+    REGISTERED,
+    AdapterDefinition,
+    DefinitionClaim,
+    DefinitionMap,
+    InForce,
+)
 from loragate.state.keys import KeySpace, Ttls, lease_member, refusal_field
 from loragate.state.store import (
     ReplicaRecord,
@@ -423,7 +429,8 @@ class RedisStore:
     # --- adapters defined in config files (``state.definitions``) -----------------------------
     async def claim_definitions(self, claims: Sequence[DefinitionClaim]) -> DefinitionMap:
         """Claim each definition in one script (the rule: ``definitions.decide``; claims live
-        ``Ttls.lease_ttl_s``). Returns the definitions in force for the claimed names."""
+        ``Ttls.lease_ttl_s``; a name registered through the admin API is the registration's).
+        Returns the definitions in force for the claimed names."""
         if not claims:
             return {}
         payload = []
@@ -437,8 +444,8 @@ class RedisStore:
             payload.append(item)
         raw: list[str] = await self._io(
             self._claim_definitions(
-                keys=[self.keys.definitions, self.keys.version],
-                args=[self.ttls.lease_ttl_ms, self.instance_id, json.dumps(payload)],
+                keys=[self.keys.definitions, self.keys.version, self.keys.adapters],
+                args=[self.ttls.lease_ttl_ms, self.instance_id, json.dumps(payload), REGISTERED],
             )
         )
         out: dict[AdapterId, InForce] = {}

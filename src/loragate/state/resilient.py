@@ -52,7 +52,13 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from loragate.core.clock import Clock, WallClock
 from loragate.core.types import AdapterId, AdapterSpec, ReplicaId, Residency
-from loragate.state.definitions import AdapterDefinition, DefinitionClaim, DefinitionMap, InForce
+from loragate.state.definitions import (
+    REGISTERED,
+    AdapterDefinition,
+    DefinitionClaim,
+    DefinitionMap,
+    InForce,
+)
 from loragate.state.keys import Ttls
 from loragate.state.memory import MemoryStore
 from loragate.state.redis_store import EpochChangedError, RedisStore
@@ -460,8 +466,11 @@ class ResilientStore:
         return out
 
     def _known(self, name: AdapterId, now: float) -> InForce | None:
+        """The definition last seen in force, to write back if Redis lost it; not an admin
+        registration's (the registry is written back by the resync, and a deleted one must
+        not come back as a definition)."""
         seen = self._definitions.get(name)
-        if seen is None or seen[1] <= now:
+        if seen is None or seen[1] <= now or seen[0].instance == REGISTERED:
             return None
         return InForce(seen[0], seen[1] - now)
 
