@@ -34,24 +34,18 @@ pydantic itself in ``tests/gateway/test_vllm_validation.py``.
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from loragate.gateway.errors import VllmRequestError
-from loragate.gateway.lax_fields import lax_bool, lax_int
 from loragate.twin import vllm_errors
 from loragate.twin.request_prechecks import check_chat_body, check_completion_body
 from loragate.twin.vllm_errors import FieldError, VllmApiError
-
-_NOT_INT = "Input should be a valid integer"
-_NOT_BOOL = "Input should be a valid boolean"
-_TOO_BIG = "Unable to parse input string as an integer, exceeded maximum size"
-_I64 = float(1 << 63)
+from loragate.twin.vllm_fields import prompt_type_errors, read_bool, read_int, read_str
 
 
 def _field_error(
-    kind: str, loc: str, msg: str, value: Any, ctx: dict[str, Any] | None = None
+    kind: str, loc: str, msg: str, value: Any, ctx: Mapping[str, str] | None = None
 ) -> FieldError:
     """One pydantic validation error; ``loc`` dotted (``"body.max_tokens"``)."""
     return FieldError(kind=kind, loc=tuple(loc.split(".")), msg=msg, input=value, ctx=ctx)
@@ -151,19 +145,12 @@ def read_completion(payload: dict[str, Any]) -> GenerationFields:
         return model, stream is True, max_tokens, echo is True
     _before_checks(check_completion_body, payload)
     errors: list[FieldError] = []
-    model = _str_field(payload, "model", errors)
+    model = read_str(payload, "model", errors)
     if prompt is not None and type(prompt) is not str and type(prompt) is not list:
-        # list[int] | list[list[int]] | str | list[str]: one error per member of the union.
-        loc = "body.prompt"
-        errors += [
-            _field_error("list_type", loc, "Input should be a valid list", prompt),
-            _field_error("list_type", loc, "Input should be a valid list", prompt),
-            _field_error("string_type", loc, "Input should be a valid string", prompt),
-            _field_error("list_type", loc, "Input should be a valid list", prompt),
-        ]
-    echo = _bool_field(payload, "echo", errors)
-    max_tokens = _int_field(payload, "max_tokens", errors)
-    stream = _bool_field(payload, "stream", errors)
+        errors += prompt_type_errors(prompt)
+    echo = read_bool(payload, "echo", errors)
+    max_tokens = read_int(payload, "max_tokens", errors)
+    stream = read_bool(payload, "stream", errors)
     if errors:
         raise validation_error(errors)
     return model, stream, max_tokens, echo
@@ -195,10 +182,10 @@ def read_chat(payload: dict[str, Any]) -> GenerationFields:
         errors.append(
             _field_error("list_type", "body.messages", "Input should be a valid list", messages)
         )
-    model = _str_field(payload, "model", errors)
-    max_tokens = _int_field(payload, "max_tokens", errors)
-    max_completion_tokens = _int_field(payload, "max_completion_tokens", errors)
-    stream = _bool_field(payload, "stream", errors)
+    model = read_str(payload, "model", errors)
+    max_tokens = read_int(payload, "max_tokens", errors)
+    max_completion_tokens = read_int(payload, "max_completion_tokens", errors)
+    stream = read_bool(payload, "stream", errors)
     if errors:
         raise validation_error(errors)
     if max_completion_tokens is not None:
@@ -218,71 +205,3 @@ def check_max_tokens(max_tokens: int | None, echo: bool) -> None:
 
 
 _ABSENT: Any = object()
-
-
-def _str_field(payload: dict[str, Any], name: str, errors: list[FieldError]) -> str | None:
-    value = payload.get(name)
-    if value is None or type(value) is str:
-        return value
-    errors.append(
-        _field_error("string_type", f"body.{name}", "Input should be a valid string", value)
-    )
-    return None
-
-
-def _bool_field(payload: dict[str, Any], name: str, errors: list[FieldError]) -> bool:
-    value = payload.get(name)
-    if value is None:
-        return False
-    if type(value) is bool:
-        return value
-    parsed = lax_bool(value)
-    if parsed is not None:
-        return parsed
-    loc = f"body.{name}"
-    if isinstance(value, str) or (
-        isinstance(value, int | float) and -_I64 < value < _I64 and float(value).is_integer()
-    ):
-        # Read as an integer or a string, neither of which names a boolean.
-        errors.append(
-            _field_error("bool_parsing", loc, f"{_NOT_BOOL}, unable to interpret input", value)
-        )
-    else:
-        errors.append(_field_error("bool_type", loc, _NOT_BOOL, value))
-    return False
-
-
-def _int_field(payload: dict[str, Any], name: str, errors: list[FieldError]) -> int | None:
-    value = payload.get(name)
-    if value is None or type(value) is int:
-        return value
-    loc = f"body.{name}"
-    try:
-        parsed = lax_int(value)
-    except ValueError:  # a string of more digits than int() converts (4,300)
-        errors.append(_field_error("int_parsing_size", loc, _TOO_BIG, value))
-        return None
-    if parsed is not None:
-        return parsed
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            errors.append(
-                _field_error("finite_number", loc, "Input should be a finite number", value)
-            )
-        elif not value.is_integer():
-            errors.append(
-                _field_error(
-                    "int_from_float", loc, f"{_NOT_INT}, got a number with a fractional part", value
-                )
-            )
-        else:
-            errors.append(_field_error("int_parsing_size", loc, _TOO_BIG, value))
-    elif isinstance(value, str):
-        errors.append(
-            _field_error(
-                "int_parsing", loc, f"{_NOT_INT}, unable to parse string as an integer", value
-            )
-        )
-    else:
-        errors.append(_field_error("int_type", loc, _NOT_INT, value))
-    return None

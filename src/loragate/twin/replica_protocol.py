@@ -19,6 +19,7 @@ OpenAI/vLLM field is accepted and ignored (sampling parameters only change synth
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -33,6 +34,7 @@ from loragate.twin.request_prechecks import (
 )
 from loragate.twin.synthetic_text import TINY_LLAMA_FORMAT, VOCAB, PromptFormat
 from loragate.twin.vllm_errors import FieldError, bad_request, validation_error
+from loragate.twin.vllm_fields import field_error, prompt_type_errors, read_bool, read_int, read_str
 
 Kind = Literal["completion", "chat"]
 SYNTHETIC_VOCAB_SIZE = 1024  # the recorded tiny-llama's vocabulary
@@ -103,36 +105,15 @@ class GenerationRequest:
 
 
 class _Fields:
-    """Collects pydantic-style errors while reading fields of one body."""
+    """Collects pydantic-style errors while reading fields of one body (``vllm_fields``: lax
+    mode, pydantic's words; read them in the request model's field order)."""
 
     def __init__(self, body: Mapping[str, Any]) -> None:
         self.body = body
         self.errors: list[FieldError] = []
 
-    def _err(self, field: str, kind: str, msg: str, value: Any) -> None:
-        self.errors.append(FieldError(kind=kind, loc=("body", field), msg=msg, input=value))
-
-    def int_(self, field: str, default: int | None) -> int | None:
-        value = self.body.get(field)
-        if value is None:
-            return default
-        if isinstance(value, bool) or (isinstance(value, float) and value.is_integer()):
-            return int(value)
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                self._err(
-                    field,
-                    "int_parsing",
-                    "Input should be a valid integer, unable to parse string as an integer",
-                    value,
-                )
-                return default
-        self._err(field, "int_type", "Input should be a valid integer", value)
-        return default
+    def int_(self, field: str, default: int | None, *, nullable: bool = True) -> int | None:
+        return read_int(self.body, field, self.errors, default=default, nullable=nullable)
 
     def float_(self, field: str, default: float | None) -> float | None:
         value = self.body.get(field)
@@ -144,45 +125,25 @@ class _Fields:
             try:
                 return float(value.strip())
             except ValueError:
-                self._err(
-                    field,
-                    "float_parsing",
-                    "Input should be a valid number, unable to parse string as a number",
-                    value,
+                self.errors.append(
+                    field_error(
+                        "float_parsing",
+                        field,
+                        "Input should be a valid number, unable to parse string as a number",
+                        value,
+                    )
                 )
                 return default
-        self._err(field, "float_type", "Input should be a valid number", value)
+        self.errors.append(
+            field_error("float_type", field, "Input should be a valid number", value)
+        )
         return default
 
-    def bool_(self, field: str, default: bool) -> bool:
-        value = self.body.get(field)
-        if value is None:
-            return default
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in _BOOL_STRINGS:
-            return _BOOL_STRINGS[value.strip().lower()]
-        self._err(field, "bool_parsing", "Input should be a valid boolean", value)
-        return default
-
-    def strict_bool(self, field: str, default: bool) -> bool:
-        """A ``bool`` field that is not ``Optional``: ``null`` is a type error."""
-        if field in self.body and self.body[field] is None:
-            self._err(field, "bool_type", "Input should be a valid boolean", None)
-            return default
-        return self.bool_(field, default)
+    def bool_(self, field: str, default: bool, *, nullable: bool = True) -> bool:
+        return read_bool(self.body, field, self.errors, default=default, nullable=nullable)
 
     def str_(self, field: str) -> str | None:
-        value = self.body.get(field)
-        if value is None or isinstance(value, str):
-            return value
-        self._err(field, "string_type", "Input should be a valid string", value)
-        return None
-
-
-_BOOL_STRINGS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+        return read_str(self.body, field, self.errors)
 
 
 def parse_generation_request(
@@ -195,40 +156,42 @@ def parse_generation_request(
     else:
         check_chat_body(body)
     f = _Fields(body)
-    model = f.str_("model")
+    # The fields the twin uses, in the request model's field order (so errors are listed as
+    # vLLM lists them): CompletionRequest / ChatCompletionRequest.
     max_tokens_param = "max_tokens"
-    chat_texts: list[str] | None = None
     prompts: tuple[PromptSpec, ...] | None = None
+    role = "assistant"
     if kind == "completion":
+        model = f.str_("model")
         prompt_texts = _completion_prompts(f)
         echo = f.bool_("echo", False)
         # CompletionRequest.max_tokens defaults to 16, and a null is replaced by that default.
         max_tokens = f.int_("max_tokens", COMPLETION_DEFAULT_MAX_TOKENS)
+        n = f.int_("n", 1, nullable=False)
     else:
         chat_texts = _chat_texts(f)
-        max_tokens = f.int_("max_completion_tokens", None)
-        if max_tokens is not None:
-            max_tokens_param = "max_completion_tokens"
-        else:
-            max_tokens = f.int_("max_tokens", None)
-    n = f.int_("n", 1)
-    min_tokens = f.int_("min_tokens", 0)
-    temperature = f.float_("temperature", None)
+        model = f.str_("model")
+        max_tokens = f.int_("max_tokens", None)
+        max_completion_tokens = f.int_("max_completion_tokens", None)
+        if max_completion_tokens is not None:  # it wins over max_tokens
+            max_tokens, max_tokens_param = max_completion_tokens, "max_completion_tokens"
+        n = f.int_("n", 1)  # (chat: Optional, null is 1)
     seed = f.int_("seed", None)
-    ignore_eos = f.bool_("ignore_eos", False)
     stream = f.bool_("stream", False)
     include_usage = _include_usage(f)
-    role = "assistant"
-    if kind == "chat":  # vLLM's extra chat fields come after the OpenAI ones
-        echo = f.strict_bool("echo", False)
-        add_generation_prompt = f.strict_bool("add_generation_prompt", True)
-        add_special_tokens = f.strict_bool("add_special_tokens", False)
+    temperature = f.float_("temperature", None)
+    ignore_eos = f.bool_("ignore_eos", False, nullable=False)
+    min_tokens = f.int_("min_tokens", 0, nullable=False)
+    if kind == "chat":  # vLLM's extra chat fields come after the sampling ones
+        echo = f.bool_("echo", False, nullable=False)
+        add_generation_prompt = f.bool_("add_generation_prompt", True, nullable=False)
+        add_special_tokens = f.bool_("add_special_tokens", False, nullable=False)
         if chat_texts is not None and not f.errors:
             prompts, role = _chat_prompts(
                 f.body["messages"], chat_texts, fmt, add_generation_prompt, add_special_tokens
             )
     else:
-        add_special_tokens = f.strict_bool("add_special_tokens", True)
+        add_special_tokens = f.bool_("add_special_tokens", True, nullable=False)
         if prompt_texts is not None:
             prompts = tuple(
                 _token_prompt(p)
@@ -265,6 +228,7 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
 def _include_usage(f: _Fields) -> bool:
+    """``stream_options.include_usage`` (``StreamOptions``: ``bool | None``)."""
     options = f.body.get("stream_options")
     if options is None:
         return False
@@ -278,7 +242,10 @@ def _include_usage(f: _Fields) -> bool:
             )
         )
         return False
-    return _Fields(options).bool_("include_usage", False)
+    inner: list[FieldError] = []
+    include_usage = read_bool(options, "include_usage", inner)
+    f.errors += [dataclasses.replace(e, loc=("body", "stream_options", *e.loc[1:])) for e in inner]
+    return include_usage
 
 
 def _completion_prompts(f: _Fields) -> list[str | list[int]] | None:
@@ -300,6 +267,10 @@ def _completion_prompts(f: _Fields) -> list[str | list[int]] | None:
             return list(prompt)
         if all(isinstance(p, list) and all(_is_token_id(t) for t in p) for p in prompt):
             return list(prompt)
+    else:  # neither a string nor a list: pydantic's error for each member of the union
+        f.errors += prompt_type_errors(prompt)
+        return None
+    # A list of something else: one error standing for pydantic's per-item union errors.
     f.errors.append(
         FieldError(
             kind="union_type",

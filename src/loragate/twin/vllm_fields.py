@@ -1,0 +1,172 @@
+"""Request fields read as vLLM 0.32's request models read them: pydantic 2 in lax mode, errors in
+pydantic's words (rendered by ``vllm_errors.validation_message``).
+
+vLLM's OpenAI request models (``CompletionRequest``, ``ChatCompletionRequest``) are pydantic
+models without strict mode: an ``int`` field such as ``max_tokens`` takes ``5``, ``5.0``,
+``"5"``, ``" 5.0 "`` and ``true`` (as 1), and refuses ``5.5``, ``1e19``, ``"5."``, ``"1e3"``; a
+``bool`` field such as ``stream`` takes ``true``, ``1``, ``1.0`` and the strings ``"true"``,
+``"yes"``, ``"on"``, ``"t"``, ``"y"``, ``"1"`` (any case; their ``false`` counterparts), and
+refuses ``2``, ``0.5``, ``" true "``. A field that is not ``Optional`` (``n: int = 1``,
+``ignore_eos: bool = False``) refuses ``null``. The simulated replica and the gateway
+(``gateway.vllm_validation``) read fields through these functions; each appends the field's
+pydantic error to ``errors`` and returns the default when it refuses the value, so that every
+bad field is listed, in the model's field order, as vLLM lists them.
+(Measured with pydantic 2.14, the lax-mode rules of every pydantic 2 release; checked against
+pydantic itself in ``tests/twin/test_vllm_fields.py`` and ``tests/gateway/``.)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from loragate.twin.vllm_errors import FieldError
+
+# What pydantic's int parser takes from a string once stripped: a sign, ASCII digits (with
+# single underscores between them), and a fraction of zeros only.
+_INT_TEXT = re.compile(r"([+-]?[0-9]+(?:_[0-9]+)*)(?:\.0+)?")
+_I64 = float(1 << 63)
+_TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
+_FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
+
+NOT_INT = "Input should be a valid integer"
+NOT_BOOL = "Input should be a valid boolean"
+NOT_STR = "Input should be a valid string"
+_TOO_BIG = "Unable to parse input string as an integer, exceeded maximum size"
+
+
+def lax_int(value: object) -> int | None:
+    """``value`` as a lax pydantic ``int`` field reads it, or None if it refuses it. Raises
+    ``ValueError`` for a string of more digits than ``int()`` converts (4,300)."""
+    if isinstance(value, int):  # bool too: True is 1
+        return int(value)
+    if isinstance(value, float):  # integral (not NaN, not infinite) and within i64
+        return int(value) if value.is_integer() and -_I64 < value < _I64 else None
+    if isinstance(value, str):
+        match = _INT_TEXT.fullmatch(value.strip())
+        return int(match.group(1)) if match is not None else None
+    return None
+
+
+def lax_bool(value: object) -> bool | None:
+    """``value`` as a lax pydantic ``bool`` field reads it, or None if it refuses it."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return bool(value) if value in (0, 1) else None
+    if isinstance(value, str):
+        text = value.lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    return None
+
+
+def field_error(
+    kind: str, name: str, msg: str, value: Any, ctx: Mapping[str, str] | None = None
+) -> FieldError:
+    """One pydantic validation error of body field ``name``."""
+    return FieldError(kind=kind, loc=("body", name), msg=msg, input=value, ctx=ctx)
+
+
+def read_str(payload: Mapping[str, Any], name: str, errors: list[FieldError]) -> str | None:
+    """An ``str | None`` field (pydantic does not turn other values into strings)."""
+    value = payload.get(name)
+    if value is None or type(value) is str:
+        return value
+    errors.append(field_error("string_type", name, NOT_STR, value))
+    return None
+
+
+def read_bool(
+    payload: Mapping[str, Any],
+    name: str,
+    errors: list[FieldError],
+    *,
+    default: bool = False,
+    nullable: bool = True,
+) -> bool:
+    """A ``bool`` field (``bool | None`` when ``nullable``; an absent or null one is
+    ``default``)."""
+    value = payload.get(name)
+    if value is None:
+        if not nullable and name in payload:
+            errors.append(field_error("bool_type", name, NOT_BOOL, None))
+        return default
+    if type(value) is bool:
+        return value
+    parsed = lax_bool(value)
+    if parsed is not None:
+        return parsed
+    if isinstance(value, str) or (
+        isinstance(value, int | float) and -_I64 < value < _I64 and float(value).is_integer()
+    ):
+        # Read as an integer or a string, neither of which names a boolean.
+        errors.append(
+            field_error("bool_parsing", name, f"{NOT_BOOL}, unable to interpret input", value)
+        )
+    else:
+        errors.append(field_error("bool_type", name, NOT_BOOL, value))
+    return default
+
+
+def read_int(
+    payload: Mapping[str, Any],
+    name: str,
+    errors: list[FieldError],
+    *,
+    default: int | None = None,
+    nullable: bool = True,
+) -> int | None:
+    """An ``int`` field (``int | None`` when ``nullable``; an absent or null one is
+    ``default``)."""
+    value = payload.get(name)
+    if value is None:
+        if not nullable and name in payload:
+            errors.append(field_error("int_type", name, NOT_INT, None))
+        return default
+    if type(value) is int:
+        return value
+    try:
+        parsed = lax_int(value)
+    except ValueError:  # a string of more digits than int() converts (4,300)
+        errors.append(field_error("int_parsing_size", name, _TOO_BIG, value))
+        return default
+    if parsed is not None:
+        return parsed
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            errors.append(
+                field_error("finite_number", name, "Input should be a finite number", value)
+            )
+        elif not value.is_integer():
+            errors.append(
+                field_error(
+                    "int_from_float", name, f"{NOT_INT}, got a number with a fractional part", value
+                )
+            )
+        else:
+            errors.append(field_error("int_parsing_size", name, _TOO_BIG, value))
+    elif isinstance(value, str):
+        errors.append(
+            field_error(
+                "int_parsing", name, f"{NOT_INT}, unable to parse string as an integer", value
+            )
+        )
+    else:
+        errors.append(field_error("int_type", name, NOT_INT, value))
+    return default
+
+
+def prompt_type_errors(prompt: Any) -> list[FieldError]:
+    """A completions ``prompt`` that is neither a string nor a list: one error per member of
+    its union (``list[int] | list[list[int]] | str | list[str]``), as pydantic lists them."""
+    return [
+        field_error("list_type", "prompt", "Input should be a valid list", prompt),
+        field_error("list_type", "prompt", "Input should be a valid list", prompt),
+        field_error("string_type", "prompt", NOT_STR, prompt),
+        field_error("list_type", "prompt", "Input should be a valid list", prompt),
+    ]

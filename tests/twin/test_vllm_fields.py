@@ -1,0 +1,151 @@
+"""The simulated replica reads the fields it uses as vLLM 0.32's request models do: pydantic 2 in
+lax mode, the same errors in the same order (``twin.vllm_fields``).
+
+The reference is pydantic itself (installed with the openai SDK) on models declaring those
+fields as vLLM 0.32 declares them (``CompletionRequest``, ``ChatCompletionRequest``: types,
+defaults, ``Optional`` or not, field order; ``extra="allow"``), validated as FastAPI validates
+a body and rendered as vLLM's validation handler renders the errors. (``seed``'s int64 bounds and
+``temperature``'s float parsing are not modelled by the twin and left out.)"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+
+from loragate.twin.replica_protocol import parse_generation_request
+from loragate.twin.vllm_errors import VllmApiError
+from loragate.twin.vllm_fields import lax_bool, lax_int
+
+pydantic = pytest.importorskip("pydantic")
+
+
+class _Base(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="allow")
+
+
+class _Completion(_Base):
+    model: str | None = None
+    prompt: str | None = None
+    echo: bool | None = False
+    max_tokens: int | None = 16
+    n: int = 1
+    seed: int | None = None
+    stream: bool | None = False
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    add_special_tokens: bool = True
+
+
+class _Chat(_Base):
+    messages: list[dict[str, Any]]
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    n: int | None = 1
+    seed: int | None = None
+    stream: bool | None = False
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    echo: bool = False
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+
+
+FIELDS = {
+    "completion": ["model", "echo", "max_tokens", "n", "seed", "stream", "ignore_eos",
+                   "min_tokens", "add_special_tokens"],
+    "chat": ["model", "max_tokens", "max_completion_tokens", "n", "seed", "stream", "ignore_eos",
+             "min_tokens", "echo", "add_generation_prompt", "add_special_tokens"],
+}  # fmt: skip
+BASE_BODY: dict[str, dict[str, Any]] = {
+    "completion": {"prompt": "p"},
+    "chat": {"messages": [{"role": "user", "content": "hi"}]},
+}
+VALUES = [
+    "5", "0", "-3", "5.0", "-0.0", "1e3", "5.5", "1e18", "1e19", "-1e19", "1e400", "-1e400",
+    "NaN", '"5"', '" 7 "', '"5.0"', '"1_000"', '"5."', '"1e3"', '""', '"true"', '"yes"',
+    '"off"', '" true "', '"2"', "true", "false", "1.0", "0.5", "2", "null", "[5]", "{}",
+    '"' + "9" * 5000 + '"',
+]  # fmt: skip
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> str:
+    markers = {"function-wrap", "int", "str", "list", "bool", "nullable", "union"}
+    parts = [str(p) for p in loc if not re.search(r"[\[\]{}()]", str(p)) and p not in markers]
+    return ".".join(parts)
+
+
+def _summary(value: Any) -> Any:
+    if isinstance(value, list | dict):
+        return f"<{type(value).__name__} of {len(value)} items>"
+    text = str(value)
+    return text if len(text) <= 200 else text[:200] + "...[truncated]"
+
+
+def _vllm(kind: str, payload: dict[str, Any]) -> tuple[str, str] | None:
+    """vLLM's (message, param) for ``payload``'s request validation, None if it validates."""
+    model = _Chat if kind == "chat" else _Completion
+    try:
+        pydantic.TypeAdapter(model).validate_python(payload, from_attributes=True)
+    except pydantic.ValidationError as exc:
+        errors = exc.errors(include_url=False)
+    else:
+        return None
+    entries = [
+        {**e, "loc": _clean_loc(("body", *e["loc"])), "input": _summary(e["input"])}
+        for e in errors[:10]
+    ]
+    lines = [f"  {entry}\n" for entry in entries]
+    label = "error" if len(errors) == 1 else "errors"
+    more = f"  ...and {len(errors) - 10} more {label}\n" if len(errors) > 10 else ""
+    message = (f"{len(errors)} validation {label}:\n" + "".join(lines) + more).rstrip()
+    return message, _clean_loc(("body", *errors[0]["loc"]))
+
+
+def _twin(kind: str, payload: dict[str, Any]) -> tuple[str, str] | None:
+    try:
+        parse_generation_request(kind, payload)  # type: ignore[arg-type]
+    except VllmApiError as exc:
+        assert exc.err_type == "Bad Request", exc.message
+        assert exc.param is not None
+        return exc.message, exc.param
+    return None
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+@pytest.mark.parametrize("raw", VALUES)
+def test_each_field_is_read_as_vllm_reads_it(kind: str, raw: str) -> None:
+    for field in FIELDS[kind]:
+        payload = {**BASE_BODY[kind], field: json.loads(raw)}
+        assert _twin(kind, payload) == _vllm(kind, payload), (field, raw)
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_every_bad_field_is_listed_in_the_models_order(kind: str) -> None:
+    payload: dict[str, Any] = {**BASE_BODY[kind], **dict.fromkeys(FIELDS[kind], 5.5)}
+    expected = _vllm(kind, payload)
+    assert expected is not None and expected[0].startswith(f"{len(FIELDS[kind])} validation")
+    assert _twin(kind, payload) == expected
+    nulls = {**BASE_BODY[kind], **dict.fromkeys(FIELDS[kind])}  # Optional or not
+    assert _twin(kind, nulls) == _vllm(kind, nulls)
+
+
+@pytest.mark.parametrize("raw", [*VALUES, '"on"', '"T"', '"0x10"', '"+5"', '" 5.0 "'])
+def test_lax_values_as_pydantic_reads_them(raw: str) -> None:
+    value = json.loads(raw)
+
+    def ref(kind: type) -> object:
+        try:
+            return pydantic.TypeAdapter(kind).validate_python(value)
+        except pydantic.ValidationError:
+            return None
+
+    try:
+        as_int = lax_int(value)
+    except ValueError:  # more digits than int() converts: pydantic refuses it too
+        as_int = None
+    assert as_int == ref(int)
+    assert lax_bool(value) == ref(bool)
