@@ -126,3 +126,25 @@ def test_simulate_text_summary_says_none_starved_plainly(
     out = capsys.readouterr().out
     assert "starved requests (first token after > 60 s, or never): none" in out
     assert "of 0 adapters" not in out
+
+
+def test_simulate_names_a_misspelt_workload_key_first_with_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A new user's `adaptrs:` was reported as "duration_s: is required", then "arrivals: is
+    required": the misspelling came last, and no error gave a line."""
+    spec = tmp_path / "w.yaml"
+    spec.write_text("seed: 1\nadaptrs:\n  count: 4\n")
+    assert main(["simulate", "--workload", str(spec), "--replicas", "1"]) == 2
+    assert capsys.readouterr().err == (
+        f"loragate simulate: error: {spec}:2:1: adaptrs: unknown key "
+        "(is 'adaptrs' a misspelling of 'adapters'?)\n"
+    )
+    spec.write_text(
+        "duration_s: 5\nadapters: {count: 2}\narrivals:\n  process: gamma\n  cv: high\n"
+        "  rate_rps: 2\n"
+    )
+    assert main(["simulate", "--workload", str(spec), "--replicas", "1"]) == 2
+    assert capsys.readouterr().err == (
+        f"loragate simulate: error: {spec}:5:3: arrivals.cv: expected a number, got 'high'\n"
+    )

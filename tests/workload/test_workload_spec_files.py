@@ -80,28 +80,41 @@ def test_yaml_syntax_error_is_one_line_with_position(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("old", "new", "key", "fragment"),
+    ("old", "new", "where", "key", "fragment"),
     [
-        ("rate_rps: 2", "rate_rps: -2", "arrivals.rate_rps", "must be > 0, got -2"),
-        ("count: 4", "count: 10000000", "adapters.count", "must be <= 100000, got 10000000"),
-        ("adapters:", "adaptors:", "adapters", "is required (is 'adaptors' a misspelling of it?)"),
-        ("seed: 1", "seed: 1\nlenghts: {}", "lenghts", "unknown key"),
-        ("poisson", "weibull", "arrivals.process", "must be one of"),
+        ("rate_rps: 2", "rate_rps: -2", "4:30", "arrivals.rate_rps", "must be > 0, got -2"),
+        (
+            "count: 4",
+            "count: 10000000",
+            "3:12",
+            "adapters.count",
+            "must be <= 100000, got 10000000",
+        ),
+        (
+            "adapters:",
+            "adaptors:",
+            "3:1",
+            "adaptors",
+            "unknown key (is 'adaptors' a misspelling of 'adapters'?)",
+        ),
+        ("seed: 1", "seed: 1\nlenghts: {}", "2:1", "lenghts", "misspelling of 'lengths'"),
+        ("poisson", "weibull", "4:12", "arrivals.process", "must be one of"),
         (
             "count: 4",
             "count: 4, name_pattern: 'a-{j}'",
+            "3:22",
             "adapters.name_pattern",
             "bad pattern 'a-{j}': no field {j} (it may use {i})",
         ),
     ],
 )
-def test_every_error_starts_with_the_file(
-    tmp_path: Path, old: str, new: str, key: str, fragment: str
+def test_every_error_starts_with_the_file_and_line(
+    tmp_path: Path, old: str, new: str, where: str, key: str, fragment: str
 ) -> None:
     path = _write(tmp_path, GOOD.replace(old, new))
     err = _error(path)
     assert err.key == key
-    assert str(err).startswith(f"{path}: {key}: ")
+    assert str(err).startswith(f"{path}:{where}: {key}: ")
     assert fragment in str(err)
 
 
@@ -121,7 +134,7 @@ def test_errors_found_when_building_the_workload_name_the_file(tmp_path: Path) -
     spec = load_spec(path)  # the trace's length is known only when it is read
     with pytest.raises(ConfigError) as exc:
         Workload(spec)
-    assert str(exc.value).startswith(f"{path}: duration_s: ")
+    assert str(exc.value).startswith(f"{path}:1:1: duration_s: ")
     assert "exceeds the trace" in str(exc.value)
 
 
@@ -203,8 +216,7 @@ def test_short_diurnal_period_over_a_long_run_keeps_grids_small(
     period, amplitude, phase, duration = 3.0, 0.8, 0.7, 1000.5
     text = GOOD.replace("duration_s: 60", f"duration_s: {duration}").replace(
         "rate_rps: 2}",
-        f"rate_rps: 2, diurnal: {{period_s: {period}, amplitude: {amplitude}, "
-        f"phase_s: {phase}}}}}",
+        f"rate_rps: 2, diurnal: {{period_s: {period}, amplitude: {amplitude}, phase_s: {phase}}}}}",
     )
     wl = Workload(load_spec(_write(tmp_path, text)))
     n = sum(len(b) for b in wl.batches())

@@ -2,18 +2,25 @@
 
 ``Node(value, "arrivals")`` wraps a parsed mapping; ``node.get_float("cv", gt=0)`` reads
 ``arrivals.cv`` and raises :class:`ConfigError` with ``key="arrivals.cv"`` when it is missing,
-of the wrong type or out of range. :meth:`Node.finish` rejects keys nobody read (typos).
+of the wrong type or out of range. A node told which keys its mapping may have
+(``Node(value, "arrivals", known=ARRIVALS_KEYS)``) rejects any other key as soon as it is made,
+before a required key is found missing, with the nearest known key as a hint; :meth:`Node.finish`
+rejects keys nobody read (a known key that these settings do not use).
+
+:func:`naming_file` puts the file, and the line and column where the key is written, in front of
+an error raised inside it: ``w.yaml:7:3: arrivals.cv: expected a number, got 'high'``.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Final
 
 from loragate.core.errors import ConfigError
+from loragate.workload.yaml_file import NO_LINES, KeyLines, locate
 
 
 class _Missing:
@@ -24,24 +31,30 @@ MISSING: Final = _Missing()
 
 
 class SpecFileError(ConfigError):
-    """A :class:`ConfigError` found in a spec file: ``FILE: key: what is wrong``."""
+    """A :class:`ConfigError` found in a spec file: ``FILE:LINE:COLUMN: key: what is wrong``
+    (``FILE: what is wrong`` when nothing in the file can be pointed at, e.g. it is empty)."""
 
-    def __init__(self, source: str, error: ConfigError) -> None:
-        super().__init__(f"{source}: {error}")
+    def __init__(
+        self, source: str, error: ConfigError, where: tuple[int, int] | None = None
+    ) -> None:
+        at = f"{source}:{where[0]}:{where[1]}" if where is not None else source
+        super().__init__(f"{at}: {error}")
         self.key = error.key
         self.param = error.key
         self.source = source
+        self.line = where[0] if where is not None else None
 
 
 @contextmanager
-def naming_file(source: str) -> Iterator[None]:
-    """Re-raise a :class:`ConfigError` raised inside as a :class:`SpecFileError` of ``source``."""
+def naming_file(source: str, lines: KeyLines = NO_LINES) -> Iterator[None]:
+    """Re-raise a :class:`ConfigError` raised inside as a :class:`SpecFileError` of ``source``,
+    at the line in ``lines`` of its key (or of the nearest enclosing key that is written)."""
     try:
         yield
     except SpecFileError:
         raise
     except ConfigError as exc:
-        raise SpecFileError(source, exc) from exc
+        raise SpecFileError(source, exc, locate(lines, exc.key)) from exc
 
 
 def type_name(value: object) -> str:
@@ -118,17 +131,22 @@ def as_list(value: object, key: str) -> Sequence[Any]:
 class Node:
     """A mapping being read; remembers which keys were read so :meth:`finish` finds typos."""
 
-    __slots__ = ("_data", "_seen", "key")
+    __slots__ = ("_data", "_known", "_seen", "key")
 
-    def __init__(self, value: object, key: str) -> None:
+    def __init__(self, value: object, key: str, known: Collection[str] | None = None) -> None:
         if not isinstance(value, Mapping):
             raise ConfigError(f"expected a mapping, got {type_name(value)}", key=key or None)
         for k in value:
             if not isinstance(k, str):
                 raise ConfigError(f"keys must be strings, got {k!r}", key=key or None)
         self._data: Mapping[str, Any] = value
+        self._known = known
         self._seen: set[str] = set()
         self.key = key
+        if known is not None:
+            for k in value:
+                if k not in known:
+                    raise ConfigError(_unknown(k, known), key=self.sub(k))
 
     def sub(self, name: str) -> str:
         return join_key(self.key, name)
@@ -137,11 +155,15 @@ class Node:
         return name in self._data and self._data[name] is not None
 
     def raw(self, name: str, default: object = MISSING) -> Any:
+        assert self._known is None or name in self._known, f"{self.sub(name)} is not declared"
         self._seen.add(name)
         if name in self._data and self._data[name] is not None:
             return self._data[name]
         if isinstance(default, _Missing):
-            near = difflib.get_close_matches(name, [k for k in self._data if k != name], n=1)
+            # Another key of this mapping may be it misspelt (a known key is not: off_s is not
+            # a misspelt on_s); with known keys declared, any other was refused already.
+            others = [k for k in self._data if k != name and k not in (self._known or ())]
+            near = difflib.get_close_matches(name, others, n=1)
             hint = f" (is {near[0]!r} a misspelling of it?)" if near else ""
             raise ConfigError(f"is required{hint}", key=self.sub(name))
         return default
@@ -200,18 +222,29 @@ class Node:
             raise ConfigError(f"expected true or false, got {value!r}", key=self.sub(name))
         return value
 
-    def node(self, name: str) -> Node:
-        return Node(self.raw(name), self.sub(name))
+    def node(self, name: str, known: Collection[str] | None = None) -> Node:
+        return Node(self.raw(name), self.sub(name), known)
 
-    def opt_node(self, name: str) -> Node | None:
+    def opt_node(self, name: str, known: Collection[str] | None = None) -> Node | None:
         if not self.has(name):
             self._seen.add(name)
             return None
-        return self.node(name)
+        return self.node(name, known)
 
     def finish(self) -> None:
-        """Reject keys that were never read (misspelt or misplaced)."""
+        """Reject keys that were never read (misspelt, misplaced, or not used with the others)."""
         for k in self._data:
             if k not in self._seen:
-                known = ", ".join(sorted(self._seen)) or "none"
-                raise ConfigError(f"unknown key (known here: {known})", key=self.sub(k))
+                used = ", ".join(sorted(self._seen)) or "none"
+                if self._known is not None and k in self._known:
+                    what = f"not used with the other settings here (used: {used})"
+                else:
+                    what = f"unknown key (known here: {used})"
+                raise ConfigError(what, key=self.sub(k))
+
+
+def _unknown(name: str, known: Collection[str]) -> str:
+    near = difflib.get_close_matches(name, sorted(known), n=1)
+    if near:
+        return f"unknown key (is {name!r} a misspelling of {near[0]!r}?)"
+    return f"unknown key (known here: {', '.join(sorted(known))})"

@@ -74,7 +74,7 @@ class Workload:
     def __init__(self, spec: WorkloadSpec) -> None:
         self.spec = spec
         # A problem found only now (e.g. a ServeGen trace shorter than the run) names the file.
-        with naming_file(spec.source) if spec.source else nullcontext():
+        with naming_file(spec.source, spec.key_lines) if spec.source else nullcontext():
             self._build(spec)
 
     def _build(self, spec: WorkloadSpec) -> None:

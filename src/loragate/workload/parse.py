@@ -49,10 +49,38 @@ from loragate.workload.spec import (
     WorkloadSpec,
     ZipfPopularity,
 )
-from loragate.workload.yaml_file import load_yaml_text, read_text_file
+from loragate.workload.yaml_file import load_yaml_with_lines, read_text_file
 
 MAX_ADAPTERS = 100_000
 MAX_DURATION_S = 1e8  # ~3 years of simulated time
+
+# The keys each mapping of a spec may have: any other is reported before anything else in that
+# mapping (a misspelt key, not the required key it was meant to be, is what a user has to fix).
+ROOT_KEYS = ("name", "description", "duration_s", "seed", "adapters", "arrivals", "lengths")
+ADAPTERS_KEYS = (
+    "count", "name_pattern", "path_pattern", "ranks", "popularity", "base_fraction", "items"
+)  # fmt: skip
+ITEM_KEYS = ("name", "rank", "rate_rps")
+POPULARITY_KEYS = ("kind", "s", "alpha", "weights")
+ARRIVALS_KEYS = ("process", "rate_rps", "cv", "scope", "diurnal", "onoff", "servegen")
+DIURNAL_KEYS = ("period_s", "amplitude", "phase_s")
+ONOFF_KEYS = ("on_s", "off_s", "on_rate_rps", "off_rate_rps", "durations", "start")
+SERVEGEN_KEYS = (
+    "file", "select", "client_ids", "offset_s", "time_scale", "rate_scale", "window_s"
+)  # fmt: skip
+LENGTHS_KEYS = ("prompt", "output", "max_total_tokens")
+LENGTH_KEYS = (
+    "kind",
+    "value",
+    "min",
+    "max",
+    "mean",
+    "sigma",
+    "file",
+    "values",
+    "weights",
+    "column",
+)
 
 
 def load_spec(path: str | Path) -> WorkloadSpec:
@@ -69,13 +97,14 @@ def parse_spec_text(
     default_name: str = "workload",
     source: str | None = None,
 ) -> WorkloadSpec:
-    """Parse and validate spec text; ``source`` (the file it came from) starts every error."""
-    data = load_yaml_text(text, source or "workload spec")
+    """Parse and validate spec text; ``source`` (the file it came from) starts every error,
+    followed by the line and column of the key at fault (``w.yaml:7:3: arrivals.cv: ...``)."""
+    data, lines = load_yaml_with_lines(text, source or "workload spec")
     if source is None:
         return spec_from_mapping(data, base_dir=base_dir, default_name=default_name)
-    with naming_file(source):
+    with naming_file(source, lines):
         spec = spec_from_mapping(data, base_dir=base_dir, default_name=default_name)
-    return replace(spec, source=source)
+    return replace(spec, source=source, key_lines=lines)
 
 
 def spec_from_mapping(
@@ -84,16 +113,16 @@ def spec_from_mapping(
     """Validate an already-parsed mapping (e.g. built in code by another package)."""
     if data is None:
         raise ConfigError("the spec is empty")
-    root = Node(data, "")
+    root = Node(data, "", ROOT_KEYS)
     name = root.get_str("name", default_name)
     description = root.get_str("description", "")
     duration_s = root.get_float("duration_s", gt=0, le=MAX_DURATION_S)
     seed = root.get_int("seed", 0, ge=0)
-    arrivals_node = root.node("arrivals")
+    arrivals_node = root.node("arrivals", ARRIVALS_KEYS)
     process = arrivals_node.get_str("process", "poisson", choices=("poisson", "gamma", "servegen"))
-    adapters = _adapters(root.node("adapters"), servegen=process == "servegen")
+    adapters = _adapters(root.node("adapters", ADAPTERS_KEYS), servegen=process == "servegen")
     arrivals = _arrivals(arrivals_node, process, adapters, base_dir)
-    lengths = _lengths(root.opt_node("lengths"), base_dir)
+    lengths = _lengths(root.opt_node("lengths", LENGTHS_KEYS), base_dir)
     root.finish()
     return WorkloadSpec(
         name=name,
@@ -166,7 +195,7 @@ def _items(node: Node) -> tuple[ExplicitAdapter, ...]:
         raise ConfigError("must not be empty", key=node.sub("items"))
     out: list[ExplicitAdapter] = []
     for i, entry in enumerate(raw):
-        item = Node(entry, f"{node.sub('items')}[{i}]")
+        item = Node(entry, f"{node.sub('items')}[{i}]", ITEM_KEYS)
         out.append(
             ExplicitAdapter(
                 name=item.get_str("name"),
@@ -210,7 +239,7 @@ def _rank_mix(value: object, key: str) -> tuple[tuple[int, float], ...]:
 def _popularity(value: object, key: str, count: int) -> Popularity:
     if isinstance(value, str):
         value = {"kind": value}
-    node = Node(value, key)
+    node = Node(value, key, POPULARITY_KEYS)
     kind = node.get_str("kind", choices=("uniform", "zipf", "dirichlet", "explicit"))
     out: Popularity
     if kind == "uniform":
@@ -269,7 +298,7 @@ def _arrivals(
         for key in ("rate_rps", "cv", "scope", "diurnal", "onoff"):
             if node.has(key):
                 raise ConfigError("not used with process servegen", key=node.sub(key))
-        servegen = _servegen(node.node("servegen"), base_dir)
+        servegen = _servegen(node.node("servegen", SERVEGEN_KEYS), base_dir)
         node.finish()
         return ArrivalsSpec(process="servegen", servegen=servegen)
     if node.has("servegen"):
@@ -286,9 +315,9 @@ def _arrivals(
         for key in ("cv", "scope"):
             if node.has(key):
                 raise ConfigError("only used with process gamma", key=node.sub(key))
-    onoff_node = node.opt_node("onoff")
+    onoff_node = node.opt_node("onoff", ONOFF_KEYS)
     onoff = _onoff(onoff_node) if onoff_node is not None else None
-    diurnal_node = node.opt_node("diurnal")
+    diurnal_node = node.opt_node("diurnal", DIURNAL_KEYS)
     diurnal = _diurnal(diurnal_node) if diurnal_node is not None else None
     rate_rps: float | None = None
     if onoff is not None or explicit_rates:
@@ -414,7 +443,7 @@ def _length(value: object, key: str, base_dir: Path | None) -> LengthDist:
                 raise ConfigError(f"must be >= 1, got {n}", key=key)
             return FixedLength(value=n)
         raise ConfigError(f"expected a number or a mapping, got {type_name(value)}", key=key)
-    node = Node(value, key)
+    node = Node(value, key, LENGTH_KEYS)
     kind = node.get_str("kind", choices=("fixed", "uniform", "lognormal", "empirical"))
     out: LengthDist
     if kind == "fixed":

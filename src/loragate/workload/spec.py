@@ -7,9 +7,11 @@ tester against live systems and ``loragate simulate`` in virtual time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from loragate.workload.yaml_file import NO_LINES, KeyLines
 
 # --- popularity: how the total rate is split over adapters ------------------------------------
 
@@ -190,3 +192,5 @@ class WorkloadSpec:
     seed: int = 0
     description: str = ""
     source: str = ""  # the file it was read from ("" when built in code); errors name it
+    # Where each key is written in that file, for errors found later (building the Workload).
+    key_lines: KeyLines = field(default_factory=lambda: NO_LINES, compare=False, repr=False)

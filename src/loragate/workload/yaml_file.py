@@ -6,13 +6,17 @@
   the string a spec means.
 - A syntax error is ``FILE:LINE:COLUMN: not valid YAML: problem``, not PyYAML's several lines.
 - A file that cannot be read, or is not UTF-8, is one line naming it (``read_text_file``).
+- ``load_yaml_with_lines`` also says where each key is written (``KeyLines``), so a value that
+  parses but is invalid can be reported at its line too.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, TypeAlias
 
 import yaml
 
@@ -78,6 +82,68 @@ def load_yaml_text(text: str, source: str) -> Any:
         return yaml.load(text, Loader=StrictLoader)
     except yaml.YAMLError as exc:
         raise yaml_error(exc, source) from exc
+
+
+# Where each key of a parsed document is written: dotted key ("arrivals.cv", "adapters.items[0]",
+# "" for the document itself) -> (line, column), both 1-based.
+KeyLines: TypeAlias = Mapping[str, tuple[int, int]]
+
+NO_LINES: KeyLines = MappingProxyType({})
+
+
+def load_yaml_with_lines(text: str, source: str) -> tuple[Any, KeyLines]:
+    """:func:`load_yaml_text`, and where each key is written (see :func:`locate`)."""
+    loader = StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as exc:
+        raise yaml_error(exc, source) from exc
+    finally:
+        loader.dispose()
+    return data, (_key_lines(node) if node is not None else NO_LINES)
+
+
+def _mark(node: yaml.Node) -> tuple[int, int]:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def _key_lines(root: yaml.Node) -> KeyLines:
+    """Walk the composed document once (an aliased collection under its first key only, so
+    aliases cannot make the walk long); merge keys are already folded in by the constructor."""
+    out: dict[str, tuple[int, int]] = {"": _mark(root)}
+    stack: list[tuple[str, yaml.Node]] = [("", root)]
+    seen: set[int] = set()
+    while stack:
+        path, node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    sub = f"{path}.{key_node.value}" if path else str(key_node.value)
+                    out[sub] = _mark(key_node)
+                    stack.append((sub, value_node))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                sub = f"{path}[{i}]"
+                out[sub] = _mark(item)
+                stack.append((sub, item))
+    return MappingProxyType(out)
+
+
+def locate(lines: KeyLines, key: str | None) -> tuple[int, int] | None:
+    """Where ``key`` is written, else where the nearest enclosing key is (the mapping that
+    lacks a required key), else the document's start; None if nothing is known."""
+    path = key or ""
+    while True:
+        if path in lines:
+            return lines[path]
+        if not path:
+            return None
+        cut = path.rfind("[") if path.endswith("]") else path.rfind(".")
+        path = path[: max(cut, 0)]
 
 
 def read_text_file(path: Path, what: str) -> str:
