@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "demo": "demo",
     "twin": "twin",
     "simulate": "simulate",
+    "loadtest": "loadtest",
 }
 
 

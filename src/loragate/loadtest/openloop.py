@@ -4,7 +4,11 @@ Requests are sent at their scheduled times (``WorkloadRequest.t_s`` after the st
 or not earlier ones have finished, as real clients do; a concurrency cap bounds what one
 process keeps in flight, and a deadline bounds the run. Every request is streamed so the time
 to first token is measured on the client side; a result is recorded for every request sent,
-errors included, so nothing is lost silently.
+errors included (with an ``error_type``: ``http``, ``timeout``, ``connect``, ``disconnected``,
+``stream_error``, ``protocol``, ``client`` or ``deadline``), so nothing is lost silently.
+
+``OpenLoopConfig.adapter_map`` renames the workload's adapters to models the target serves
+(``loragate loadtest`` maps a spec's ``adapter-000``... onto the adapters a fleet lists).
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -28,7 +32,7 @@ class RequestResult:
     """The outcome of one request as the client saw it."""
 
     index: int
-    adapter: str | None
+    adapter: str | None  # the workload's adapter (None: the base model)
     endpoint: str
     scheduled_s: float  # offset from the start of the run
     sent_s: float
@@ -37,6 +41,10 @@ class RequestResult:
     latency_s: float
     output_tokens: int
     error: str | None = None
+    error_type: str | None = None  # see the module docstring; None when ok
+    model: str = ""  # the ``model`` the request named (after ``adapter_map``)
+    prompt_tokens: int = 0  # the workload's prompt length (words sent)
+    max_tokens: int = 0
 
     @property
     def ok(self) -> bool:
@@ -52,6 +60,15 @@ class OpenLoopConfig:
     deadline_s: float = 120.0  # hard stop of the whole run, from its start
     request_timeout_s: float = 60.0
     chat_every: int = 3  # every n-th request uses /chat/completions (0: never)
+    # workload adapter -> model to name instead (absent: the adapter's own name)
+    adapter_map: Mapping[str, str] = field(default_factory=dict)
+
+
+def model_of(cfg: OpenLoopConfig, adapter: str | None) -> str:
+    """The ``model`` a request for ``adapter`` (None: the base model) names."""
+    if adapter is None:
+        return cfg.base_model
+    return cfg.adapter_map.get(adapter, adapter)
 
 
 def prompt_of(n_tokens: int, index: int) -> str:
@@ -61,9 +78,8 @@ def prompt_of(n_tokens: int, index: int) -> str:
 
 def request_body(cfg: OpenLoopConfig, req: WorkloadRequest, index: int) -> tuple[str, bytes]:
     """The endpoint path and JSON body for one workload request."""
-    model = req.adapter if req.adapter is not None else cfg.base_model
     common = {
-        "model": model,
+        "model": model_of(cfg, req.adapter),
         "max_tokens": int(req.max_tokens),
         "temperature": 0,
         "stream": True,
@@ -93,11 +109,12 @@ async def _send(
     tokens = 0
     status = 0
     error: str | None = None
+    error_type: str | None = None
     try:
         async with session.post(cfg.base_url + endpoint, data=body, headers=headers) as resp:
             status = resp.status
             if status != 200:
-                error = _error_message(await resp.read(), status)
+                error, error_type = _error_message(await resp.read(), status), "http"
             else:
                 async for raw in resp.content:
                     line = raw.strip()
@@ -107,18 +124,29 @@ async def _send(
                     if payload == b"[DONE]":
                         break
                     event = json.loads(payload)
+                    if not isinstance(event, dict):
+                        raise ValueError(f"an SSE event that is not an object: {payload[:80]!r}")
                     if "error" in event:
-                        error = str(event["error"].get("message", event["error"]))
+                        error, error_type = _event_error(event["error"]), "stream_error"
                         break
                     if ttft is None and event.get("choices"):
                         ttft = time.perf_counter() - sent
                     usage = event.get("usage")
-                    if usage:
-                        tokens = int(usage.get("completion_tokens", 0))
+                    if isinstance(usage, dict):
+                        tokens = int(usage.get("completion_tokens") or 0)
                 if error is None and tokens == 0:
-                    error = "stream ended without usage"
-    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
-        error = f"{type(exc).__name__}: {exc}"
+                    error, error_type = "stream ended without usage", "protocol"
+    except TimeoutError:
+        error = f"no complete answer within {cfg.request_timeout_s:g} s"
+        error_type = "timeout"
+    except aiohttp.ClientConnectorError as exc:
+        error, error_type = f"{type(exc).__name__}: {exc}", "connect"
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
+        error, error_type = f"{type(exc).__name__}: {exc}", "disconnected"
+    except aiohttp.ClientError as exc:
+        error, error_type = f"{type(exc).__name__}: {exc}", "client"
+    except (ValueError, TypeError) as exc:  # not JSON, or not the OpenAI stream's shape
+        error, error_type = f"{type(exc).__name__}: {exc}", "protocol"
     return RequestResult(
         index=index,
         adapter=req.adapter,
@@ -130,7 +158,17 @@ async def _send(
         latency_s=time.perf_counter() - sent,
         output_tokens=tokens,
         error=error,
+        error_type=error_type,
+        model=model_of(cfg, req.adapter),
+        prompt_tokens=int(req.prompt_tokens),
+        max_tokens=int(req.max_tokens),
     )
+
+
+def _event_error(err: object) -> str:
+    if isinstance(err, dict):
+        return str(err.get("message", err))
+    return str(err)
 
 
 def _error_message(body: bytes, status: int) -> str:
@@ -192,7 +230,7 @@ async def run_open_loop(
             await asyncio.gather(*late, return_exceptions=True)
             for task in late:
                 index, req, sent_s = pending[task]
-                result = _cancelled_result(index, req, sent_s, time.perf_counter() - start)
+                result = _cancelled_result(cfg, index, req, sent_s, time.perf_counter() - start)
                 results.append(result)
                 if on_result is not None:
                     on_result(result)
@@ -201,7 +239,7 @@ async def run_open_loop(
 
 
 def _cancelled_result(
-    index: int, req: WorkloadRequest, sent_s: float, now_s: float
+    cfg: OpenLoopConfig, index: int, req: WorkloadRequest, sent_s: float, now_s: float
 ) -> RequestResult:
     return RequestResult(
         index=index,
@@ -214,4 +252,8 @@ def _cancelled_result(
         latency_s=now_s - sent_s,
         output_tokens=0,
         error="cancelled at the run's deadline",
+        error_type="deadline",
+        model=model_of(cfg, req.adapter),
+        prompt_tokens=int(req.prompt_tokens),
+        max_tokens=int(req.max_tokens),
     )

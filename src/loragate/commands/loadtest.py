@@ -1,0 +1,375 @@
+"""``loragate loadtest``: replay a workload spec open-loop against any OpenAI-compatible URL.
+
+The target is whatever serves ``/v1/completions``: a loragate gateway, one vLLM server, another
+load balancer. The spec's adapters are mapped onto the models the target lists (``--models``),
+requests are sent at the spec's times whatever the answers (open loop), streamed, and every one
+is accounted for in the summary (and in ``--results``, one JSON line each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from loragate.core.errors import ConfigError, LoragateError
+from loragate.loadtest.fleet import (
+    FleetModels,
+    ModelPlan,
+    TargetError,
+    by_popularity,
+    fetch_models,
+    openai_base,
+    plan_models,
+)
+from loragate.loadtest.openloop import OpenLoopConfig, RequestResult, run_open_loop
+from loragate.loadtest.records import RecordWriter
+from loragate.loadtest.scaling import scale_rates
+from loragate.loadtest.summary import format_text, summarise
+from loragate.workload import Workload, WorkloadRequest, load_spec
+
+HELP = "Replay a workload spec open-loop against any OpenAI-compatible URL and report."
+
+EPILOG = """\
+Requests are streamed (stream_options.include_usage, ignore_eos) with prompts of the spec's
+length in words. The summary goes to stdout, the model mapping and progress to stderr.
+
+exit status:
+  0    every request the workload scheduled was sent and answered 200 (or the failed
+       fraction is within --max-error-rate)
+  1    requests failed (any HTTP error, timeout, broken stream, or not sent before the
+       run's deadline), or none was sent
+  2    bad flags or spec, unreachable URL, GET /v1/models refused (e.g. 401) when needed
+  130  interrupted (Ctrl-C): the summary of what finished is printed
+
+example:
+  loragate loadtest --url http://127.0.0.1:8080 --workload workload/demo.yaml \\
+      --duration-s 20 --api-key sk-acme-123 --json summary.json --results records.jsonl
+"""
+
+ENDPOINTS = {"completions": 0, "chat": 1, "mixed": 3}  # -> OpenLoopConfig.chat_every
+
+# The shell's status of a process stopped by SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument(
+        "--url",
+        required=True,
+        help="the target's root or OpenAI base, e.g. http://127.0.0.1:8080 or .../v1",
+    )
+    parser.add_argument(
+        "--workload",
+        required=True,
+        type=Path,
+        metavar="SPEC.yaml",
+        help="workload spec, as loragate simulate reads it (e.g. workload/demo.yaml)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("OPENAI_API_KEY"),
+        help="sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY, else none)",
+    )
+    parser.add_argument(
+        "--models",
+        default="auto",
+        help="auto: the LoRA adapters GET /v1/models lists (cards with a parent), the base "
+        "model if none; or a,b,c: these models. The spec's adapters are mapped onto them "
+        "most popular first, cycling if fewer (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--base-only", action="store_true", help="send every request to the base model"
+    )
+    parser.add_argument(
+        "--base-model",
+        help="the model base-model requests name (default: the one GET /v1/models lists)",
+    )
+    run = parser.add_argument_group("how much load")
+    run.add_argument(
+        "--duration-s", type=float, help="seconds of arrivals (default: the spec's duration_s)"
+    )
+    run.add_argument(
+        "--max-requests", type=int, metavar="N", help="send at most the first N requests"
+    )
+    rate = run.add_mutually_exclusive_group()
+    rate.add_argument(
+        "--rate-scale",
+        type=float,
+        metavar="X",
+        help="multiply every rate of the spec by X (keeps bursts and diurnal shape)",
+    )
+    rate.add_argument(
+        "--rate-rps",
+        type=float,
+        metavar="R",
+        help="scale the spec's rates so that its mean total rate is R req/s",
+    )
+    run.add_argument("--seed", type=int, help="workload seed (default: the spec's)")
+    run.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=256,
+        help="requests in flight at most; beyond, sends wait (send lag) (default: %(default)s)",
+    )
+    run.add_argument(
+        "--timeout-s",
+        type=float,
+        default=60.0,
+        help="per request, stream included (default: %(default)s)",
+    )
+    run.add_argument(
+        "--endpoint",
+        choices=tuple(ENDPOINTS),
+        default="completions",
+        help="/v1/completions, /v1/chat/completions or every third request chat "
+        "(default: %(default)s)",
+    )
+    out = parser.add_argument_group("output")
+    out.add_argument(
+        "--json", type=Path, metavar="FILE", help="write the summary as JSON ('-': stdout)"
+    )
+    out.add_argument(
+        "--results", type=Path, metavar="FILE", help="write every request's record (JSON lines)"
+    )
+    out.add_argument(
+        "--top", type=int, default=10, help="models shown in the summary (default: %(default)s)"
+    )
+    out.add_argument(
+        "--progress-s",
+        type=float,
+        default=5.0,
+        help="progress line on stderr every S seconds, 0: none (default: %(default)s)",
+    )
+    out.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="exit 0 if at most this fraction of requests failed (default: %(default)s)",
+    )
+
+
+@dataclasses.dataclass(slots=True)
+class _Run:
+    """What a run accumulates; kept outside the event loop so Ctrl-C can still report it."""
+
+    results: list[RequestResult] = dataclasses.field(default_factory=list)
+    pulled: int = 0  # requests taken from the workload stream
+    last_t_s: float = 0.0
+    started: float = 0.0
+    ended: float = 0.0
+    writer: RecordWriter | None = None
+
+    def take(self, requests: Iterator[WorkloadRequest]) -> Iterator[WorkloadRequest]:
+        for req in requests:
+            self.pulled += 1
+            self.last_t_s = req.t_s
+            yield req
+
+    def done(self, r: RequestResult) -> None:
+        self.results.append(r)
+        if self.writer is not None:
+            self.writer.write(r)
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    def positive(v: float | None) -> bool:
+        return v is None or v > 0
+
+    def natural(v: float | None) -> bool:
+        return v is None or v >= 0
+
+    checks = [
+        ("--duration-s", args.duration_s, positive, "> 0"),
+        ("--max-requests", args.max_requests, positive, "> 0"),
+        ("--rate-scale", args.rate_scale, positive, "> 0"),
+        ("--rate-rps", args.rate_rps, positive, "> 0"),
+        ("--max-concurrency", args.max_concurrency, positive, "> 0"),
+        ("--timeout-s", args.timeout_s, positive, "> 0"),
+        ("--top", args.top, natural, ">= 0"),
+        ("--progress-s", args.progress_s, natural, ">= 0"),
+        ("--seed", args.seed, natural, ">= 0"),
+    ]
+    for flag, value, good, what in checks:
+        if not good(value):
+            raise ConfigError(f"must be {what}, got {value}", key=flag)
+    if not 0 <= args.max_error_rate <= 1:
+        raise ConfigError(f"must be in [0, 1], got {args.max_error_rate}", key="--max-error-rate")
+
+
+def _workload(args: argparse.Namespace) -> Workload:
+    spec = load_spec(args.workload)
+    if args.duration_s is not None:
+        spec = dataclasses.replace(spec, duration_s=args.duration_s)
+    if args.seed is not None:
+        spec = dataclasses.replace(spec, seed=args.seed)
+    if args.rate_scale is not None:
+        spec = scale_rates(spec, args.rate_scale)
+    elif args.rate_rps is not None:
+        offered = Workload(spec).offered_rate_rps
+        if offered <= 0:
+            raise ConfigError("the spec offers no requests to scale", key="--rate-rps")
+        spec = scale_rates(spec, args.rate_rps / offered)
+    return Workload(spec)
+
+
+def _note(text: str) -> None:
+    print(f"loragate loadtest: {text}", file=sys.stderr, flush=True)
+
+
+async def _plan(args: argparse.Namespace, base_url: str, workload: Workload) -> ModelPlan:
+    try:
+        listing: FleetModels | TargetError = await fetch_models(
+            base_url, api_key=args.api_key, timeout_s=min(args.timeout_s, 10.0)
+        )
+    except TargetError as exc:
+        if not exc.reachable:
+            raise
+        listing = exc
+    names = by_popularity(workload.adapter_names, workload.mean_rates_rps.tolist())
+    return plan_models(
+        models=args.models,
+        base_only=args.base_only,
+        base_model=args.base_model,
+        listing=listing,
+        spec_adapters=names,
+        spec_has_base=workload.base_rate_rps > 0,
+    )
+
+
+async def _loadtest(args: argparse.Namespace, workload: Workload, state: _Run) -> None:
+    base_url = openai_base(args.url)
+    plan = await _plan(args, base_url, workload)
+    for line in plan.notes:
+        _note(line)
+    if args.results is not None:
+        try:
+            state.writer = RecordWriter(args.results)
+        except OSError as exc:
+            raise ConfigError(f"cannot write: {exc.strerror}", key=str(args.results)) from exc
+    spec = workload.spec
+    bound = f", at most {args.max_requests} requests" if args.max_requests else ""
+    _note(
+        f"{spec.name}: {workload.offered_rate_rps:.3g} req/s offered for {spec.duration_s:g} s"
+        f"{bound} -> {base_url} ({args.endpoint}, streamed)"
+    )
+    cfg = OpenLoopConfig(
+        base_url=base_url,
+        base_model=plan.base_model or "",
+        api_key=args.api_key,
+        max_concurrency=args.max_concurrency,
+        deadline_s=spec.duration_s + args.timeout_s + 1.0,
+        request_timeout_s=args.timeout_s,
+        chat_every=ENDPOINTS[args.endpoint],
+        adapter_map=plan.mapping,
+    )
+    requests: Iterator[WorkloadRequest] = workload.requests()
+    if args.max_requests is not None:
+        requests = itertools.islice(requests, args.max_requests)
+    ticker = asyncio.create_task(_progress(args.progress_s, state))
+    state.started = time.perf_counter()
+    try:
+        await run_open_loop(cfg, state.take(requests), on_result=state.done)
+    finally:
+        state.ended = time.perf_counter()
+        ticker.cancel()
+
+
+async def _progress(every_s: float, state: _Run) -> None:
+    if every_s <= 0:
+        return
+    while True:
+        await asyncio.sleep(every_s)
+        ok = sum(1 for r in state.results if r.ok)
+        done = len(state.results)
+        _note(
+            f"{time.perf_counter() - state.started:6.1f} s: {done} answered "
+            f"({ok} ok, {done - ok} failed), {state.pulled - done} in flight"
+        )
+
+
+def _summary(
+    args: argparse.Namespace, workload: Workload, state: _Run, *, interrupted: bool = False
+) -> dict[str, Any]:
+    elapsed_s = max(0.0, state.ended - state.started)
+    cut = args.max_requests is not None and state.pulled >= args.max_requests
+    window_s = state.last_t_s if cut and state.last_t_s > 0 else workload.spec.duration_s
+    if interrupted:
+        window_s = min(window_s, elapsed_s)
+    summary = summarise(
+        sorted(state.results, key=lambda r: r.index),
+        spec_rps=workload.offered_rate_rps,
+        window_s=window_s,
+        elapsed_s=elapsed_s,
+        unanswered=max(0, state.pulled - len(state.results)),
+        unanswered_why="in flight or due at Ctrl-C"
+        if interrupted
+        else "not sent before the run's deadline",
+        top=args.top,
+    )
+    summary["target"] = {"url": openai_base(args.url), "endpoint": args.endpoint}
+    summary["workload"] = {
+        "name": workload.spec.name,
+        "file": str(args.workload),
+        "duration_s": workload.spec.duration_s,
+        "seed": workload.spec.seed,
+    }
+    return summary
+
+
+def _report(args: argparse.Namespace, summary: dict[str, Any]) -> None:
+    text = format_text(summary)
+    if args.json is not None and str(args.json) == "-":
+        print(text, file=sys.stderr)
+        print(json.dumps(summary, indent=2))
+        return
+    print(text)
+    if args.json is not None:
+        try:
+            args.json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            _note(f"error: cannot write {args.json}: {exc.strerror}")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    state = _Run()
+    try:
+        _check_flags(args)
+        workload = _workload(args)
+        for note in workload.notes:
+            _note(f"note: {args.workload}: {note}")
+        asyncio.run(_loadtest(args, workload, state))
+    except LoragateError as exc:
+        _note(f"error: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        _note("interrupted: the summary covers the requests answered so far")
+        if state.started:
+            state.ended = state.ended or time.perf_counter()
+            _report(args, _summary(args, workload, state, interrupted=True))
+        return EXIT_INTERRUPTED
+    finally:
+        if state.writer is not None:
+            state.writer.close()
+            _note(f"{state.writer.written} records in {state.writer.path}")
+    summary = _summary(args, workload, state)
+    _report(args, summary)
+    req = summary["requests"]
+    if req["sent"] == 0:
+        _note("no request was sent: the workload has none in its duration")
+        return 1
+    failed = req["failed"] + req["unanswered"]
+    return 0 if failed <= args.max_error_rate * req["scheduled"] else 1
