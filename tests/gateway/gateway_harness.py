@@ -199,12 +199,13 @@ class ServeProcess:
 
 
 @contextlib.asynccontextmanager
-async def serve_process(config_path: Path) -> AsyncIterator[ServeProcess]:
-    """Start ``loragate serve`` on 127.0.0.1, port 0; ``url`` comes from its start-up log line.
-    Killed on exit if it is still running (a test that stops it checks the exit code itself)."""
+async def serve_process(config_path: Path, *args: str) -> AsyncIterator[ServeProcess]:
+    """Start ``loragate serve`` on 127.0.0.1, port 0 (``args``: more options, e.g.
+    ``--log-level DEBUG``); ``url`` comes from its start-up log line. Killed on exit if it is
+    still running (a test that stops it checks the exit code itself)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "loragate.cli", "serve", "--config", str(config_path),
-        "--host", "127.0.0.1", "--port", "0",
+        "--host", "127.0.0.1", "--port", "0", *args,
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     serve = ServeProcess(proc)

@@ -199,13 +199,16 @@ async def test_clients_that_go_away_are_counted_and_logged_with_the_replica(
         await wait_until(lambda: replicas[1].cancelled == 1, "r1 to see the abort")
         await wait_until(lambda: _count(gw, "r1", "client_closed") == 1, "the stream's count")
         assert _count(gw, "r0", "client_closed") == 1
-    logs = _proxy_logs(caplog)
-    assert (
-        "request 1 (model <base>) on replica r0: the client went away while waiting for the "
-        "answer" in logs
-    )
-    left = "request 2 (model <base>) on replica r1: the client went away while streaming"
-    assert any(m.startswith(left + " (after ") for m in logs)
+    logs = _proxy_logs(caplog)  # the access log's lines (DEBUG) say why
+    waited = "request 1 /v1/completions tenant=- model=<base> replica=r0 status=client_closed "
+    assert any(
+        m.startswith(waited) and m.endswith(" (the client went away while waiting for the answer)")
+        for m in logs
+    ), logs
+    left = "request 2 /v1/completions tenant=- model=<base> replica=r1 status=client_closed "
+    assert any(
+        m.startswith(left) and " (the client went away while streaming (after " in m for m in logs
+    ), logs
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -218,9 +221,10 @@ async def test_a_content_type_that_cannot_be_relayed_is_a_502_not_a_broken_answe
     (before: the client's connection was dropped, or it got a body without a status line)."""
     rep = replicas[0]
     body = b'data: {"x": 1}\n\n' if stream else b'{"x": 1}'
-    rep.raw_answer = (
-        b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s"
-        % (bad, len(body), body)
+    rep.raw_answer = b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s" % (
+        bad,
+        len(body),
+        body,
     )
     async with (
         running_gateway(gateway_config([rep.url]), port=0) as gw,
@@ -252,7 +256,10 @@ async def test_a_client_that_goes_away_while_sending_its_body_is_counted(
         writer.close()  # gone, 89 bytes short
         await wait_until(lambda: gw.gateway.proxy.in_flight == 0, "the handler to end")
         assert _count(gw, "", "client_closed") == 1
-    assert "request 1 (/v1/completions): the client went away before it was routed" in (
-        _proxy_logs(caplog)
-    )
+    assert any(
+        m.startswith("request 1 /v1/completions tenant=- model=<base> replica=- ")
+        and " status=client_closed " in m
+        and m.endswith(" (the client went away before it was routed)")
+        for m in _proxy_logs(caplog)
+    ), _proxy_logs(caplog)
     assert not [r for rep in replicas for r in rep.requests]

@@ -19,8 +19,17 @@ hands to the policy, so every policy gets this). While every candidate has a ref
 the request is answered at once from them (a 502 naming each replica and its reason, no load);
 the first refusal to lapse lets the next request try that replica again (one load, the pool's
 single flight, however many requests arrive meanwhile). A timeout is a 504 (not retried: the
-replica may still be working on it). A stream that breaks off after it started ends with an
-SSE error event, and the break is logged.
+replica may still be working on it). An answer that says the replica's engine stopped under
+the request (vLLM's shutdown or engine death, ``backends.engine_failures``: the generation was
+aborted and nothing reached the client) is retried once on another replica, counted as
+``engine_stopped`` in loragate_upstream_retries_total, and the replica is out of rotation
+until a poll succeeds. A stream that breaks off after it started ends with an SSE error event,
+and the break is logged; an error event the replica sent in its stream is relayed as is and
+logged; both count as ``stream_error`` in loragate_requests_total.
+
+Access log: one DEBUG line per finished request (id, path, tenant, model, replica, status or
+outcome, latency, TTFT when streamed, retries, and why for errors); nothing is formatted
+unless DEBUG is on for ``loragate.gateway.proxy``.
 
 Shutdown (:meth:`Proxy.drain`, run by the runner once the gateway stopped accepting
 connections): the requests being handled may finish within the drain period; those still
@@ -42,6 +51,7 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from loragate.backends.client import VllmClient
+from loragate.backends.engine_failures import ERROR_EVENT, engine_stopped, error_event_text
 from loragate.backends.pool import ReplicaPool
 from loragate.backends.upstream import UpstreamConn
 from loragate.core.clock import Clock
@@ -94,6 +104,11 @@ _SHUTTING_DOWN = ShuttingDownError(
 _CUT = "loragate: shutdown deadline"  # the cancel message of a request cut at the deadline
 # The status label in loragate_requests_total of a request whose client went away first.
 CLIENT_CLOSED = "client_closed"
+# The status label of a stream that broke off or that the replica ended with an error event.
+STREAM_ERROR = "stream_error"
+# The reason label in loragate_upstream_retries_total of a request whose replica answered
+# that its engine stopped under it (``backends.engine_failures``).
+ENGINE_STOPPED = "engine_stopped"
 
 
 class _RelayResponse(web.StreamResponse):
@@ -242,6 +257,7 @@ class Proxy:
         active.add(task)
         request_id = str(next(self._ids))
         adapter_label = ""
+        tenant: str | None = None
         try:
             # Until a replica is chosen: errors here are no replica's (``_forward`` answers,
             # counts and logs everything that happens after).
@@ -268,25 +284,26 @@ class Proxy:
                     adapter_rank=spec.rank if spec is not None else None,
                 )
             except LoragateError as exc:
-                self._telemetry.count(adapter_label, "", str(classify(exc)[0]))
+                self._done(
+                    request_id, request.path, tenant, adapter_label, "", str(classify(exc)[0]), t0,
+                    note=exc.message,
+                )  # fmt: skip
                 return error_response(exc)
             except asyncio.CancelledError:
                 if not self._was_cut(task):
                     # The client went away before its request was read (or the server's own
                     # shutdown): nobody to answer.
-                    self._telemetry.count(adapter_label, "", CLIENT_CLOSED)
-                    log.debug(
-                        "request %s (%s): the client went away before it was routed",
-                        request_id,
-                        request.path,
-                    )
+                    self._done(
+                        request_id, request.path, tenant, adapter_label, "", CLIENT_CLOSED, t0,
+                        note="the client went away before it was routed",
+                    )  # fmt: skip
                     raise
                 # Cut at the shutdown deadline before it was routed: 503 (retryable).
-                self._telemetry.count(adapter_label, "", "503")
+                self._done(request_id, request.path, tenant, adapter_label, "", "503", t0)
                 return error_response(_SHUTTING_DOWN)
             except Exception:
                 log.exception("request %s: unexpected error reading %s", request_id, request.path)
-                self._telemetry.count(adapter_label, "", "500")
+                self._done(request_id, request.path, tenant, adapter_label, "", "500", t0)
                 return internal_error_response()
             return await self._forward(request, body, rreq, spec, chat, t0)
         finally:
@@ -395,6 +412,7 @@ class Proxy:
         path = _CHAT if chat else _COMPLETIONS
         exclude: ReplicaId | None = None
         retried = reloaded = False
+        retries = 0  # attempts that failed and were sent again (for the access log)
         state = self._state
         sync = state.sync
         rid: ReplicaId = ""
@@ -430,6 +448,7 @@ class Proxy:
                             if not retried and self._can_retry(rid):
                                 self._telemetry.count_retry(rid, retry_reason(exc, loading=True))
                                 retried, exclude, loading = True, rid, None
+                                retries += 1
                                 continue
                             if len(refused) > 1:  # both tries refused: name both
                                 raise _RefusedEverywhere(
@@ -457,6 +476,7 @@ class Proxy:
                         ):
                             self._telemetry.count_retry(rid, retry_reason(exc, loading=False))
                             retried, exclude = True, rid
+                            retries += 1
                             continue
                         raise
                     try:
@@ -467,18 +487,30 @@ class Proxy:
                             pool.forget_adapter(rid, spec.name)
                             self._telemetry.count_retry(rid, "adapter_missing")
                             reloaded = True
+                            retries += 1
                             continue
                         if stream and status == 200:
                             piping = True
-                            return await self._pipe(request, conn, rid, client, rreq, t0, t_send)
+                            return await self._pipe(
+                                request, conn, rid, client, rreq, path, t0, t_send, retries
+                            )
                         data = (
                             conn.body()
                             if not stream
                             else await self._drain(conn, rid, client, rreq)
                         )
-                        telemetry = self._telemetry
-                        telemetry.observe_latency(rid, self._now() - t_send)
-                        telemetry.count(rreq.adapter or "", rid, str(status))
+                        if status == 500 and (stopped := engine_stopped(status, data)):
+                            # The replica's engine stopped under it (shutdown, engine death):
+                            # the generation was aborted and nothing reached the client, so
+                            # another replica may run it; this one is out until a poll.
+                            self._engine_stopped(rid, client, rreq, stopped)
+                            if not retried and self._can_retry(rid):
+                                self._telemetry.count_retry(rid, ENGINE_STOPPED)
+                                retried, exclude = True, rid
+                                retries += 1
+                                continue
+                        self._telemetry.observe_latency(rid, self._now() - t_send)
+                        self._finished(rreq, path, rid, str(status), t0, retries)
                         return web.Response(
                             body=data,
                             status=status,
@@ -498,7 +530,7 @@ class Proxy:
                 exc = _for_client(exc, rid, loading)
             # Counted with the replica that failed it (the handler counts errors raised
             # before a replica was chosen), and named to the client in the replica header.
-            self._telemetry.count(rreq.adapter or "", rid, str(classify(exc)[0]))
+            self._finished(rreq, path, rid, str(classify(exc)[0]), t0, retries, note=exc.message)
             return error_response(exc, headers={REPLICA_HEADER: rid} if rid else None)
         except asyncio.CancelledError:
             if not self._was_cut(_current_task()):
@@ -506,10 +538,10 @@ class Proxy:
                 # released unfinished, was closed: vLLM aborts the generation). A stream
                 # counts its own (``_pipe``).
                 if not piping:
-                    self._client_left(rreq, rid, "waiting for the answer")
+                    self._client_left(rreq, path, rid, t0, retries, "waiting for the answer")
                 raise
             # Cut at the shutdown deadline before an answer started: 503 (retryable).
-            self._telemetry.count(rreq.adapter or "", rid, "503")
+            self._finished(rreq, path, rid, "503", t0, retries)
             return error_response(_SHUTTING_DOWN, headers={REPLICA_HEADER: rid} if rid else None)
         except Exception:
             log.exception(
@@ -519,19 +551,92 @@ class Proxy:
                 rid or "<none chosen>",
                 path,
             )
-            self._telemetry.count(rreq.adapter or "", rid, "500")
+            self._finished(rreq, path, rid, "500", t0, retries)
             return internal_error_response(headers={REPLICA_HEADER: rid} if rid else None)
 
-    def _client_left(self, rreq: RoutingRequest, rid: ReplicaId, stage: str) -> None:
-        """Count (and log, at debug: clients leave all the time) a request whose client went
-        away before its answer was out."""
-        self._telemetry.count(rreq.adapter or "", rid, CLIENT_CLOSED)
-        log.debug(
-            "request %s (model %s) on replica %s: the client went away while %s",
+    # -- accounting -------------------------------------------------------------------------
+
+    def _done(
+        self,
+        request_id: str,
+        path: str,
+        tenant: str | None,
+        adapter: str,
+        rid: ReplicaId,
+        status: str,
+        t0: float,
+        retries: int = 0,
+        ttft_s: float | None = None,
+        note: str = "",
+    ) -> None:
+        """A request finished with ``status`` (an HTTP status or an outcome label): counted in
+        loragate_requests_total, and the access log's line, at DEBUG (formatted only then)."""
+        self._telemetry.count(adapter, rid, status)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "request %s %s tenant=%s model=%s replica=%s status=%s latency_ms=%.1f%s "
+                "retries=%d%s",
+                request_id,
+                path,
+                tenant or "-",
+                adapter or "<base>",
+                rid or "-",
+                status,
+                (self._now() - t0) * 1000.0,
+                "" if ttft_s is None else f" ttft_ms={ttft_s * 1000.0:.1f}",
+                retries,
+                f" ({note})" if note else "",
+            )
+
+    def _finished(
+        self,
+        rreq: RoutingRequest,
+        path: str,
+        rid: ReplicaId,
+        status: str,
+        t0: float,
+        retries: int,
+        ttft_s: float | None = None,
+        note: str = "",
+    ) -> None:
+        """:meth:`_done` for a routed request."""
+        self._done(
+            rreq.request_id, path, rreq.tenant, rreq.adapter or "", rid, status, t0, retries,
+            ttft_s, note,
+        )  # fmt: skip
+
+    def _client_left(
+        self,
+        rreq: RoutingRequest,
+        path: str,
+        rid: ReplicaId,
+        t0: float,
+        retries: int,
+        stage: str,
+        ttft_s: float | None = None,
+    ) -> None:
+        """Count (and log in the access log, at DEBUG: clients leave all the time) a request
+        whose client went away before its answer was out."""
+        self._finished(
+            rreq, path, rid, CLIENT_CLOSED, t0, retries, ttft_s,
+            f"the client went away while {stage}",
+        )  # fmt: skip
+
+    def _engine_stopped(
+        self, rid: ReplicaId, client: VllmClient, rreq: RoutingRequest, message: str
+    ) -> None:
+        """The replica answered that its engine stopped under the request: out of rotation
+        until a poll succeeds (its next answers would say the same), and logged."""
+        url = client.base_url
+        self._pool.report_failure(rid, f"answering ({url}): {message}", client=client)
+        log.warning(
+            "request %s (model %s) on replica %s (%s): the replica's engine stopped under it "
+            "(500 %r): the replica is out of rotation until a poll succeeds",
             rreq.request_id,
             rreq.adapter or "<base>",
-            rid or "<none chosen>",
-            stage,
+            rid,
+            url,
+            message,
         )
 
     async def _drain(
@@ -582,13 +687,17 @@ class Proxy:
         rid: ReplicaId,
         client: VllmClient,
         rreq: RoutingRequest,
+        path: str,
         t0: float,
         t_send: float,
+        retries: int,
     ) -> web.StreamResponse:
         """Relay a streaming answer chunk by chunk; never buffer it whole. Only whole lines are
         relayed (the end of a line that a read cut in two waits for the next read), so that a
         stream breaking off leaves the client with whole events plus one clear error event,
-        not a half JSON line its SSE parser would choke on."""
+        not a half JSON line its SSE parser would choke on. An error event of the replica's
+        own (vLLM's ``data: {"error": ...}``, e.g. its engine stopped) is relayed as is, and
+        the request counts as ``stream_error``."""
         out = _RelayResponse(
             status=200,
             headers={
@@ -598,11 +707,11 @@ class Proxy:
             },
         )
         telemetry = self._telemetry
-        adapter = rreq.adapter or ""
         last = b""
         ended = counted = False
         outcome = "200"
         relayed = 0
+        ttft_s: float | None = None
         try:
             await out.prepare(request)
             timeout_s = self._stream_timeout_s
@@ -615,7 +724,7 @@ class Proxy:
                         await out.write(b"")  # the head alone, unless it went out already
                     except ConnectionError:
                         counted = True
-                        self._client_left(rreq, rid, "the stream began")
+                        self._client_left(rreq, path, rid, t0, retries, "the stream began")
                         return out
                 try:
                     chunk = await conn.read_chunk(timeout_s)
@@ -625,7 +734,7 @@ class Proxy:
                     self._upstream_failed(
                         exc, rid, client, rreq, f"streaming (after {relayed} bytes)"
                     )
-                    outcome = "stream_error"
+                    outcome = STREAM_ERROR
                     err = UpstreamConnectError(f"replica {rid} broke off the stream: {exc.message}")
                     with contextlib.suppress(ConnectionError):
                         await out.write(_event_break(last) + sse_error_event(err))
@@ -644,7 +753,19 @@ class Proxy:
                             if not chunk:
                                 continue
                 if not relayed:
-                    telemetry.observe_ttft(rid, self._now() - t0)
+                    ttft_s = self._now() - t0
+                    telemetry.observe_ttft(rid, ttft_s)
+                if ERROR_EVENT in chunk and outcome != STREAM_ERROR:
+                    outcome = STREAM_ERROR
+                    log.warning(
+                        "request %s (model %s) on replica %s: the replica sent an error event "
+                        "in its stream (after %d bytes; relayed as is): %s",
+                        rreq.request_id,
+                        rreq.adapter or "<base>",
+                        rid,
+                        relayed,
+                        error_event_text(chunk),
+                    )
                 relayed += len(chunk)
                 last = chunk
                 try:
@@ -657,26 +778,30 @@ class Proxy:
                     # The client went away; releasing the unfinished connection closes it, which
                     # aborts the generation on the replica.
                     counted = True
-                    self._client_left(rreq, rid, f"streaming (after {relayed} bytes)")
+                    self._client_left(
+                        rreq, path, rid, t0, retries, f"streaming (after {relayed} bytes)", ttft_s
+                    )
                     return out
             telemetry.observe_latency(rid, self._now() - t_send)
-            telemetry.count(adapter, rid, outcome)
+            self._finished(rreq, path, rid, outcome, t0, retries, ttft_s)
             ended = counted = True
             with contextlib.suppress(ConnectionError):
                 await out.write_eof()  # nothing if it was sent with the last bytes
         except asyncio.CancelledError:
             if not self._was_cut(_current_task()):
                 if not counted:  # the client went away (aiohttp cancelled the handler)
-                    self._client_left(rreq, rid, f"streaming (after {relayed} bytes)")
+                    self._client_left(
+                        rreq, path, rid, t0, retries, f"streaming (after {relayed} bytes)", ttft_s
+                    )
                 raise
             if not ended:
                 # Cut at the shutdown deadline: end the stream with an error event, cleanly.
-                telemetry.count(adapter, rid, "shutdown")
+                self._finished(rreq, path, rid, "shutdown", t0, retries, ttft_s)
                 with contextlib.suppress(ConnectionError):
                     await out.write(_event_break(last) + sse_error_event(_SHUTTING_DOWN))
                     await out.write_eof()
             elif not counted:  # the whole answer is out but for its last write
-                telemetry.count(adapter, rid, outcome)
+                self._finished(rreq, path, rid, outcome, t0, retries, ttft_s)
         return out
 
 

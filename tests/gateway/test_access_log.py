@@ -1,0 +1,116 @@
+"""The proxy's access log: one DEBUG line per finished request on ``loragate.gateway.proxy``
+(request id, path, tenant, model, replica, status or outcome, latency, TTFT when streamed,
+retries), none at INFO. In-process gateway over loopback, the openai SDK as client, and
+``loragate serve --log-level DEBUG`` for the CLI's wiring."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+from gateway_harness import (
+    BASE,
+    ScriptedReplica,
+    gateway_config,
+    openai_client,
+    serve_process,
+    serving,
+)
+
+from loragate.gateway import running_gateway
+
+PROXY_LOG = "loragate.gateway.proxy"
+TENANTS = [{"name": "acme", "api_keys": ["sk-acme"]}]
+
+
+@pytest.fixture
+async def replicas() -> AsyncIterator[list[ScriptedReplica]]:
+    async with contextlib.AsyncExitStack() as stack:
+        out = []
+        for i in range(2):
+            rep = ScriptedReplica(f"r{i}")
+            rep.url, _ = await stack.enter_async_context(serving(rep.app))
+            out.append(rep)
+        yield out
+
+
+def _access_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == PROXY_LOG and r.levelno == logging.DEBUG and " status=" in r.getMessage()
+    ]
+
+
+async def _requests(url: str) -> None:
+    async with openai_client(url, key="sk-acme") as client:
+        await client.completions.create(model=BASE, prompt="p", max_tokens=1)
+        events = await client.chat.completions.create(
+            model=BASE, messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        _ = [e async for e in events]
+    async with openai_client(url, key="wrong") as client:
+        with pytest.raises(openai.AuthenticationError):
+            await client.completions.create(model=BASE, prompt="p", max_tokens=1)
+
+
+async def test_one_debug_line_per_request(
+    replicas: list[ScriptedReplica], caplog: pytest.LogCaptureFixture
+) -> None:
+    r0, _ = replicas
+    r0.mode = "drop"  # the first request is retried on r1
+    cfg = gateway_config([r.url for r in replicas], routing="round_robin", tenants=TENANTS)
+    caplog.set_level(logging.DEBUG, logger=PROXY_LOG)
+    async with running_gateway(cfg, port=0) as gw:
+        await _requests(gw.url)
+    lines = _access_lines(caplog)
+    assert len(lines) == 3, lines
+    ok, streamed, refused = lines
+    assert re.fullmatch(
+        r"request \d+ /v1/completions tenant=acme model=<base> replica=r1 status=200 "
+        r"latency_ms=[0-9.]+ retries=1",
+        ok,
+    ), ok
+    assert re.fullmatch(
+        r"request \d+ /v1/chat/completions tenant=acme model=<base> replica=r1 status=200 "
+        r"latency_ms=[0-9.]+ ttft_ms=[0-9.]+ retries=0",
+        streamed,
+    ), streamed
+    assert refused.startswith("request ") and " /v1/completions tenant=- " in refused
+    assert " replica=- status=401 " in refused
+
+
+async def test_nothing_at_info(
+    replicas: list[ScriptedReplica], caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = gateway_config([r.url for r in replicas], tenants=TENANTS)
+    caplog.set_level(logging.INFO, logger=PROXY_LOG)
+    async with running_gateway(cfg, port=0) as gw:
+        await _requests(gw.url)
+    assert not [r for r in caplog.records if r.name == PROXY_LOG], caplog.records
+
+
+async def test_serve_at_debug_logs_requests(
+    replicas: list[ScriptedReplica], tmp_path: Path
+) -> None:
+    config = {
+        "base_model": BASE,
+        "replicas": [{"id": "r0", "url": replicas[0].url}],
+        "poller": {"interval_s": 3600},
+        "tenants": TENANTS,
+    }
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    async with serve_process(path, "--log-level", "DEBUG") as serve:
+        async with openai_client(serve.url, key="sk-acme") as client:
+            await client.completions.create(model=BASE, prompt="p", max_tokens=1)
+        await serve.wait_for_log(
+            r"request \d+ /v1/completions tenant=acme model=<base> replica=r0 status=200 ",
+            max_lines=400,
+        )

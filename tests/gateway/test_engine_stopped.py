@@ -1,0 +1,177 @@
+"""A replica whose engine stops under a request (vLLM 0.32 shutting down with requests in
+flight, or its engine dying; see ``loragate.backends.engine_failures``):
+
+* before the answer started (a 500 with vLLM's error body): nothing reached the client and the
+  generation was aborted, so the gateway sends the request to another replica (once, counted in
+  ``loragate_upstream_retries_total{reason="engine_stopped"}``) and takes the replica out of
+  rotation until a poll succeeds; any other 500 is passed through;
+* after a stream started (an in-band ``data: {"error": ...}`` event): relayed as is, and
+  counted as ``stream_error`` in ``loragate_requests_total``, not as a 200.
+
+Over loopback with scripted replicas that answer with vLLM's bytes, and the openai SDK."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+from gateway_harness import BASE, ScriptedReplica, gateway_config, openai_client, serving
+
+from loragate.gateway import running_gateway
+from vllm_stub import vllm_error
+
+# vLLM 0.32's EngineDeadError (v1/engine/exceptions.py) and the simulated replica's words.
+VLLM_ENGINE_DEAD = "EngineCore encountered an issue. See stack trace (above) for the root cause."
+TWIN_ENGINE_STOPPED = "The engine stopped before the request finished."
+
+
+class StoppingReplica(ScriptedReplica):
+    """Answers completions with ``fail_with`` (a 500 with vLLM's error body) when it is set;
+    with ``stream_error`` set, a stream sends one token, then that in-band error event and
+    ``data: [DONE]``, as vLLM's streaming generators do."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.fail_with: str | None = None
+        self.stream_error: str | None = None
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if self.fail_with is not None:
+            self.requests.append(body)
+            return vllm_error(500, self.fail_with, "InternalServerError")
+        if self.stream_error is None or not body.get("stream"):
+            return await super()._answer(request)
+        self.requests.append(body)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
+        chunk = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": BASE,
+                 "choices": [{"index": 0, "text": " one", "finish_reason": None}]}  # fmt: skip
+        error = {"error": {"message": self.stream_error, "type": "InternalServerError",
+                           "param": None, "code": 500}}  # fmt: skip
+        await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await resp.write(b"data: " + json.dumps(error).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+@pytest.fixture
+async def replicas() -> AsyncIterator[list[StoppingReplica]]:
+    async with contextlib.AsyncExitStack() as stack:
+        out = []
+        for i in range(2):
+            rep = StoppingReplica(f"r{i}")
+            rep.url, _ = await stack.enter_async_context(serving(rep.app))
+            out.append(rep)
+        yield out
+
+
+async def _metrics(url: str) -> str:
+    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as resp:
+        return await resp.text()
+
+
+@pytest.mark.parametrize("message", [VLLM_ENGINE_DEAD, TWIN_ENGINE_STOPPED])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_engine_that_stopped_before_answering_is_retried_elsewhere(
+    replicas: list[StoppingReplica], message: str, stream: bool
+) -> None:
+    r0, r1 = replicas
+    r0.fail_with = message
+    cfg = gateway_config([r.url for r in replicas], routing="round_robin")
+    async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as client:
+        if stream:
+            events = await client.completions.create(
+                model=BASE, prompt="p", max_tokens=3, stream=True
+            )
+            text = "".join([e.choices[0].text async for e in events])
+            assert text == " one two three"
+        else:
+            done = await client.completions.create(model=BASE, prompt="p", max_tokens=1)
+            assert done.choices[0].text == "hi from r1"
+        assert len(r0.requests) == 1 and len(r1.requests) == 1
+        # r0 is out of rotation until a poll succeeds: the next requests go to r1.
+        for _ in range(2):
+            done = await client.completions.create(model=BASE, prompt="p", max_tokens=1)
+            assert done.choices[0].text == "hi from r1"
+        assert len(r0.requests) == 1
+        metrics = await _metrics(gw.url)
+        assert 'loragate_upstream_retries_total{reason="engine_stopped",replica="r0"} 1.0' in (
+            metrics
+        )
+        assert 'loragate_requests_total{adapter="",replica="r1",status="200"} 3.0' in metrics
+        assert 'replica="r0",status="500"' not in metrics
+        r0.fail_with = None
+        await gw.gateway.pool.poll_once()  # back in rotation
+        texts = set()
+        for _ in range(2):
+            done = await client.completions.create(model=BASE, prompt="p", max_tokens=1)
+            texts.add(done.choices[0].text)
+        assert texts == {"hi from r0", "hi from r1"}
+
+
+async def test_other_500s_and_a_second_engine_stop_are_passed_through(
+    replicas: list[StoppingReplica],
+) -> None:
+    r0, r1 = replicas
+    r0.fail_with = "Something else went wrong."  # not an engine stop: the replica's answer
+    cfg = gateway_config([r.url for r in replicas], routing="round_robin")
+    async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as client:
+        with pytest.raises(openai.InternalServerError) as info:
+            await client.completions.create(model=BASE, prompt="p", max_tokens=1)
+        assert "Something else went wrong." in str(info.value)
+        assert len(r1.requests) == 0
+        # Both engines stop: one retry, then the second replica's 500 is the answer.
+        r0.fail_with = r1.fail_with = VLLM_ENGINE_DEAD
+        await gw.gateway.pool.poll_once()
+        with pytest.raises(openai.InternalServerError) as info:
+            await client.completions.create(model=BASE, prompt="p", max_tokens=1)
+        assert "EngineCore encountered an issue" in str(info.value)
+        assert len(r0.requests) + len(r1.requests) == 3
+        metrics = (await _metrics(gw.url)).split("\n")
+        retries = [line for line in metrics if 'reason="engine_stopped"' in line]
+        assert len(retries) == 1 and retries[0].endswith(" 1.0"), retries
+        answered = [line for line in metrics if 'status="500"' in line]
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in answered) == 2, answered
+
+
+async def test_an_error_event_in_a_stream_counts_as_a_stream_error(
+    replicas: list[StoppingReplica],
+) -> None:
+    for rep in replicas:
+        rep.stream_error = "The engine stopped: the replica is shutting down"
+    cfg = gateway_config([replicas[0].url])
+    async with running_gateway(cfg, port=0) as gw:
+        async with openai_client(gw.url) as client:
+            events = await client.completions.create(
+                model=BASE, prompt="p", max_tokens=3, stream=True
+            )
+            texts = []
+            with pytest.raises(openai.APIError, match="The engine stopped: the replica"):
+                async for event in events:
+                    texts.append(event.choices[0].text)
+            assert texts == [" one"]
+        # The client got the replica's bytes as they were.
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                gw.url + "/v1/completions",
+                json={"model": BASE, "prompt": "p", "max_tokens": 3, "stream": True},
+            ) as resp,
+        ):
+            raw = await resp.read()
+        assert raw.endswith(
+            b'data: {"error": {"message": "The engine stopped: the replica is shutting down", '
+            b'"type": "InternalServerError", "param": null, "code": 500}}\n\ndata: [DONE]\n\n'
+        )
+        metrics = await _metrics(gw.url)
+        assert 'loragate_requests_total{adapter="",replica="r0",status="stream_error"} 2.0' in (
+            metrics
+        )
+        assert 'status="200"' not in metrics
