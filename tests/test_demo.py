@@ -5,12 +5,25 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 
 def test_demo_runs_and_reports_every_request() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "loragate.cli", "demo", "--duration", "4", "--json",
-         "--no-progress", "--replicas", "2"],
+        [
+            sys.executable,
+            "-m",
+            "loragate.cli",
+            "demo",
+            "--duration",
+            "4",
+            "--json",
+            "--no-progress",
+            "--replicas",
+            "2",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -38,3 +51,66 @@ def test_demo_rejects_bad_duration() -> None:
     )
     assert proc.returncode != 0
     assert "--duration must be > 0" in proc.stderr
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _demo(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "loragate.cli", "demo", "--duration", "2", "--no-progress",
+         "--replicas", "1", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("policy_file", "text", "name"),
+    [
+        ("examples/policies/composed_affinity.yaml", None, "affinity-plus-ttft"),
+        ("least.yaml", "routing: least_loaded\n", "least_loaded"),  # a name in a file
+    ],
+)
+def test_demo_takes_a_policy_file_as_simulate_does(
+    tmp_path: Path, policy_file: str, text: str | None, name: str
+) -> None:
+    """The README's examples/policies/ files work with `loragate simulate --policy FILE`; the
+    demo said "unknown policy 'examples/policies/composed_affinity.yaml'"."""
+    if text is not None:
+        (tmp_path / policy_file).write_text(text)
+        policy_file = str(tmp_path / policy_file)
+    proc = _demo("--policy", policy_file, "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)
+    assert summary["policy"] == name  # the file's policy routed the requests
+    assert summary["requests"] > 0 and summary["errors"] == 0
+
+
+def test_a_bad_policy_file_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("routing:\n  filters: [no_such_filter]\n")
+    proc = _demo("--policy", str(bad))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("loragate demo: ")
+    assert "'no_such_filter'" in lines[0]
+    unreadable = _demo("--policy", str(tmp_path / "missing.yaml"))
+    assert unreadable.returncode == 2
+    assert unreadable.stderr.startswith(
+        f"loragate demo: policy: cannot read policy file {tmp_path / 'missing.yaml'}: "
+    )
+
+
+def test_a_workload_error_in_the_demo_names_file_line_and_key(tmp_path: Path) -> None:
+    spec = tmp_path / "w.yaml"
+    spec.write_text(
+        "duration_s: 5\nadapters: {count: 2}\narrivals:\n  process: gamma\n  cv: high\n"
+        "  rate_rps: 2\n"
+    )
+    proc = _demo("--workload", str(spec))
+    assert proc.returncode == 2
+    assert proc.stderr == f"loragate demo: {spec}:5:3: arrivals.cv: expected a number, got 'high'\n"

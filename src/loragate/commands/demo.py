@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from loragate.commands.simulate import _policy as policy_from_arg
 from loragate.core.config import GatewayConfig, RoutingConfig
 from loragate.core.config import ReplicaConfig as GatewayReplica
 from loragate.core.errors import ConfigError
@@ -70,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--policy",
         default="loragate",
         help="routing policy: round_robin, least_loaded, consistent_hash, lora_affinity, "
-        "lru_multiplex or loragate (loragate)",
+        "lru_multiplex or loragate, or a YAML file with a routing: mapping as `loragate "
+        "simulate --policy` takes, e.g. one of examples/policies/ (loragate)",
     )
     parser.add_argument("--max-loras", type=int, default=2, help="GPU LoRA slots per replica (2)")
     parser.add_argument(
@@ -90,6 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DemoSummary:
+    policy: str  # the routing policy's name (a policy file's own name, not its path)
     requests: int
     succeeded: int
     errors: int
@@ -110,12 +113,13 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("loragate demo: --replicas must be between 1 and 8")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        policy = policy_from_arg(args.policy)
         spec = load_spec(args.workload) if args.workload else spec_from_mapping(DEMO_WORKLOAD)
         spec = replace(spec, duration_s=args.duration)
         if args.rate is not None:
             spec = replace(spec, arrivals=replace(spec.arrivals, rate_rps=args.rate))
         console = Console(stderr=args.json)
-        summary = asyncio.run(_demo(args, spec, console))
+        summary = asyncio.run(_demo(args, spec, policy, console))
     except ConfigError as exc:  # a bad --policy, --profile, --workload or slot count
         print(f"loragate demo: {exc}", file=sys.stderr)
         return 2
@@ -143,7 +147,12 @@ def write_adapter_dirs(root: Path, adapters: Sequence[AdapterSpec]) -> tuple[Ada
     )
 
 
-async def _demo(args: argparse.Namespace, spec: WorkloadSpec, console: Console) -> DemoSummary:
+async def _demo(
+    args: argparse.Namespace,
+    spec: WorkloadSpec,
+    policy: str | Mapping[str, Any],
+    console: Console,
+) -> DemoSummary:
     workload = Workload(spec)
     with tempfile.TemporaryDirectory(prefix="loragate-demo-") as tmp:
         adapters = write_adapter_dirs(Path(tmp), workload.adapters)
@@ -178,7 +187,7 @@ async def _demo(args: argparse.Namespace, spec: WorkloadSpec, console: Console) 
                     for i, r in enumerate(replicas)
                 ),
                 adapters=adapters,
-                routing=RoutingConfig(spec=args.policy, seed=args.seed),
+                routing=RoutingConfig(spec=policy, seed=args.seed),
             )
             async with running_gateway(config, host="127.0.0.1", port=0) as gateway:
                 results, elapsed_s = await _drive(args, workload, gateway, console)
@@ -265,6 +274,7 @@ def _summarise(
         )
     errors = [r.error or f"HTTP {r.status}" for r in results if not r.ok]
     return DemoSummary(
+        policy=gw.policy.name,
         requests=len(results),
         succeeded=len(ok),
         errors=len(errors),
@@ -280,7 +290,7 @@ def _summarise(
 
 
 def _print_summary(console: Console, s: DemoSummary, args: argparse.Namespace) -> None:
-    table = Table(title=f"loragate demo: {args.replicas} simulated replicas, policy {args.policy}")
+    table = Table(title=f"loragate demo: {args.replicas} simulated replicas, policy {s.policy}")
     for col in ("requests", "errors", "TTFT p50", "TTFT p99", "E2E p50", "E2E p99", "tok/s"):
         table.add_column(col, justify="right")
     table.add_row(
@@ -297,8 +307,13 @@ def _print_summary(console: Console, s: DemoSummary, args: argparse.Namespace) -
     for col in ("replica", "requests", "admin loads", "GPU swaps", "disk loads"):
         per.add_column(col, justify="right")
     for r in s.replicas:
-        per.add_row(r["replica"], str(r["requests"]), str(r["adapter_loads"]),
-                    str(r["gpu_swaps"]), str(r["disk_loads"]))
+        per.add_row(
+            r["replica"],
+            str(r["requests"]),
+            str(r["adapter_loads"]),
+            str(r["gpu_swaps"]),
+            str(r["disk_loads"]),
+        )
     console.print(per)
     for sample in s.error_samples:
         console.print(f"[red]error:[/] {sample}")
