@@ -97,6 +97,14 @@ REFUSALS: list[tuple[dict[str, Any], str, str | None]] = [
      _STREAM_OPTIONS, "stream_options"),
     ({"model": BASE, "prompt": "x", "stream_options": {"include_usage": True},
       "max_tokens": "abc"}, _STREAM_OPTIONS, "stream_options"),
+    # The logprobs fields' "before" checks (after stream_options' on completions).
+    ({"model": BASE, "prompt": "x", "logprobs": -2, "max_tokens": "abc"},
+     "`logprobs` must be a positive value or -1. (parameter=logprobs, value=-2)", "logprobs"),
+    ({"model": BASE, "prompt": "x", "logprobs": "3"},
+     "`logprobs` must be an integer. (parameter=logprobs, value=3)", "logprobs"),
+    ({"model": BASE, "prompt": "x", "prompt_logprobs": 1, "stream": True},
+     "`prompt_logprobs` are not available when `stream=True`. (parameter=prompt_logprobs)",
+     "prompt_logprobs"),
     # SamplingParams' n, once the model is known.
     ({"model": BASE, "prompt": "x", "n": 0}, "n must be at least 1, got 0.", None),
     ({"model": BASE, "prompt": "x", "n": 16385}, "n must be at most 16384, got 16385. To "
@@ -112,6 +120,14 @@ CHAT_REFUSALS: list[tuple[dict[str, Any], str, str | None]] = [
     ({"model": BASE, "messages": [{"role": "user", "content": "hi"}],
       "stream_options": {"include_usage": True}, "max_tokens": "abc"}, _STREAM_OPTIONS,
      "stream_options"),
+    # Chat checks the logprobs fields before stream_options.
+    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2,
+      "stream_options": {"include_usage": True}},
+     "when using `top_logprobs`, `logprobs` must be set to true. (parameter=top_logprobs)",
+     "top_logprobs"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}],
+      "continue_final_message": True, "add_generation_prompt": True, "max_tokens": "abc"},
+     "Cannot set both `continue_final_message` and `add_generation_prompt` to True.", None),
 ]
 
 # (prompt, extra body, usage.prompt_tokens on real vLLM)

@@ -98,6 +98,61 @@ def test_vllms_before_checks_in_vllms_order(
     assert refusal(kind, body) == (400, "BadRequestError", param, message)
 
 
+_HI = [{"role": "user", "content": "hi"}]
+_SO = {"include_usage": True}
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "param", "message"),
+    [
+        ("completion", {"prompt": "x", "logprobs": -2, "max_tokens": "many"}, "logprobs",
+         "`logprobs` must be a positive value or -1. (parameter=logprobs, value=-2)"),
+        ("completion", {"prompt": "x", "logprobs": "3"}, "logprobs",
+         "`logprobs` must be an integer. (parameter=logprobs, value=3)"),
+        ("completion", {"prompt": "x", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs",
+         "`prompt_logprobs` are not available when `stream=True`. (parameter=prompt_logprobs)"),
+        ("completion", {"prompt": "x", "prompt_logprobs": -3}, "prompt_logprobs",
+         "`prompt_logprobs` must be a positive value or -1. (parameter=prompt_logprobs, "
+         "value=-3)"),
+        ("completion", {"prompt": "x", "logprob_token_ids": [1]}, "logprob_token_ids",
+         "when using `logprob_token_ids`, `logprobs` must be set. (parameter=logprob_token_ids)"),
+        # Completions: stream_options before logprobs; chat: logprobs before stream_options.
+        ("completion", {"prompt": "x", "logprobs": -2, "stream_options": _SO}, "stream_options",
+         STREAM_OPTIONS),
+        ("chat", {"messages": _HI, "top_logprobs": 2, "stream_options": _SO}, "top_logprobs",
+         "when using `top_logprobs`, `logprobs` must be set to true. (parameter=top_logprobs)"),
+        ("chat", {"messages": _HI, "top_logprobs": -5, "logprobs": True}, "top_logprobs",
+         "`top_logprobs` must be a positive value or -1. (parameter=top_logprobs, value=-5)"),
+        ("chat", {"messages": _HI, "top_logprobs": "2"}, "top_logprobs",
+         "`top_logprobs` must be an integer. (parameter=top_logprobs, value=2)"),
+        ("chat", {"messages": _HI, "logprob_token_ids": [1]}, "logprob_token_ids",
+         "when using `logprob_token_ids`, `logprobs` must be set to true. "
+         "(parameter=logprob_token_ids)"),
+        ("chat", {"messages": _HI, "continue_final_message": True, "add_generation_prompt": 1,
+                  "top_logprobs": 2}, None,
+         "Cannot set both `continue_final_message` and `add_generation_prompt` to True."),
+    ],
+)  # fmt: skip
+def test_vllms_logprobs_and_generation_prompt_checks(
+    kind: str, body: dict[str, Any], param: str | None, message: str
+) -> None:
+    assert refusal(kind, body) == (400, "BadRequestError", param, message)
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [
+        ("completion", {"prompt": "x", "logprobs": 2, "prompt_logprobs": -1}),
+        ("completion", {"prompt": "x", "logprobs": -1}),
+        ("chat", {"messages": _HI, "logprobs": True, "top_logprobs": 2}),
+        ("chat", {"messages": _HI, "top_logprobs": 0}),
+        ("chat", {"messages": _HI, "continue_final_message": True}),
+    ],
+)
+def test_logprobs_vllm_lets_through(kind: str, body: dict[str, Any]) -> None:
+    parse_generation_request(kind, body)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     "body",
     [

@@ -9,9 +9,12 @@ wrapped into a validation error: the first one that fails is vLLM's whole answer
 
 Completions, in vLLM's order: the prompt list's length (``validate_prompt_list_length``), a
 prompt at all (``validate_prompt_and_prompt_embeds``), ``stream_options`` without ``stream``
-(``validate_stream_options``). Chat: ``messages`` that cannot be iterated
-(``check_system_message_content_type`` loops over them), then ``stream_options``. They read the
-raw JSON values: ``stream_options: {}`` is not checked, and ``stream: "no"`` counts as given.
+(``validate_stream_options``), the logprobs fields (``check_logprobs``). Chat: ``messages`` that
+cannot be iterated (``check_system_message_content_type`` loops over them),
+``continue_final_message`` with ``add_generation_prompt`` (``check_generation_prompt``), the
+logprobs fields, then ``stream_options``. They read the raw JSON values: ``stream_options: {}``
+is not checked, and ``stream: "no"`` counts as given. (Not made: the tools, structured-output
+and ``response_format`` checks, whose fields the twin does not implement.)
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def check_completion_body(body: Mapping[str, Any], *, max_prompts: int | None = 
     check_prompt_list_length(body, max_prompts=max_prompts)
     check_prompt_given(body)
     check_stream_options(body)
+    check_completion_logprobs(body)
 
 
 def check_chat_body(body: Mapping[str, Any]) -> None:
@@ -46,7 +50,94 @@ def check_chat_body(body: Mapping[str, Any]) -> None:
     if messages is None or type(messages) in (int, float, bool):
         # ``for msg in messages`` in a before validator: its TypeError is vLLM's answer.
         raise bad_request(f"'{type(messages).__name__}' object is not iterable")
+    if body.get("continue_final_message") and body.get("add_generation_prompt"):
+        raise bad_request(  # check_generation_prompt
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+        )
+    check_chat_logprobs(body)
     check_stream_options(body)
+
+
+def check_completion_logprobs(body: Mapping[str, Any]) -> None:
+    """``CompletionRequest.check_logprobs`` (``logprobs`` is an int there)."""
+    if body.get("logprob_token_ids") and body.get("use_beam_search"):
+        raise bad_request(
+            "`logprob_token_ids` is not supported with beam search.", param="logprob_token_ids"
+        )
+    if body.get("use_beam_search") and body.get("echo") and body.get("logprobs") is not None:
+        raise bad_request(
+            "`echo` with `logprobs` is not supported with beam search because beam search does "
+            "not compute prompt logprobs.",
+            param="echo",
+        )
+    if body.get("logprob_token_ids") and body.get("echo") and body.get("max_tokens") == 0:
+        raise bad_request(
+            "`logprob_token_ids` is not supported when `echo=True` and `max_tokens=0` because "
+            "no output tokens are generated.",
+            param="logprob_token_ids",
+        )
+    if body.get("logprob_token_ids") and body.get("logprobs") is None:
+        raise bad_request(
+            "when using `logprob_token_ids`, `logprobs` must be set.", param="logprob_token_ids"
+        )
+    _check_numbers(body, ("prompt_logprobs", "logprobs"))
+    _check_prompt_logprobs(body)
+    logprobs = body.get("logprobs")
+    if logprobs is not None and logprobs < 0 and logprobs != -1:
+        raise bad_request(
+            "`logprobs` must be a positive value or -1.", param="logprobs", value=logprobs
+        )
+
+
+def check_chat_logprobs(body: Mapping[str, Any]) -> None:
+    """``ChatCompletionRequest.check_logprobs`` (``logprobs`` is a bool there, the count is
+    ``top_logprobs``)."""
+    if body.get("logprob_token_ids") and body.get("use_beam_search"):
+        raise bad_request(
+            "`logprob_token_ids` is not supported with beam search.", param="logprob_token_ids"
+        )
+    if body.get("logprob_token_ids") and not body.get("logprobs"):
+        raise bad_request(
+            "when using `logprob_token_ids`, `logprobs` must be set to true.",
+            param="logprob_token_ids",
+        )
+    _check_numbers(body, ("prompt_logprobs", "top_logprobs"))
+    _check_prompt_logprobs(body)
+    top = body.get("top_logprobs")
+    if top is not None:
+        if top < 0 and top != -1:
+            raise bad_request(
+                "`top_logprobs` must be a positive value or -1.", param="top_logprobs", value=top
+            )
+        if (top == -1 or top > 0) and not body.get("logprobs"):
+            raise bad_request(
+                "when using `top_logprobs`, `logprobs` must be set to true.", param="top_logprobs"
+            )
+
+
+def _check_numbers(body: Mapping[str, Any], names: tuple[str, ...]) -> None:
+    """The raw values compared below must be numbers (vLLM refuses others here rather than
+    fail on the comparison)."""
+    for name in names:
+        value = body.get(name)
+        if value is not None and not isinstance(value, int | float):
+            raise bad_request(f"`{name}` must be an integer.", param=name, value=value)
+
+
+def _check_prompt_logprobs(body: Mapping[str, Any]) -> None:
+    prompt_logprobs = body.get("prompt_logprobs")
+    if prompt_logprobs is None:
+        return
+    if body.get("stream") and (prompt_logprobs > 0 or prompt_logprobs == -1):
+        raise bad_request(
+            "`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs"
+        )
+    if prompt_logprobs < 0 and prompt_logprobs != -1:
+        raise bad_request(
+            "`prompt_logprobs` must be a positive value or -1.",
+            param="prompt_logprobs",
+            value=prompt_logprobs,
+        )
 
 
 def check_prompt_list_length(body: Mapping[str, Any], *, max_prompts: int | None = None) -> None:
