@@ -12,6 +12,7 @@ Over loopback with scripted replicas that answer with vLLM's bytes, and the open
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -20,9 +21,19 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
-from gateway_harness import BASE, ScriptedReplica, gateway_config, openai_client, serving
+from gateway_harness import (
+    BASE,
+    ScriptedReplica,
+    gateway_config,
+    openai_client,
+    serving,
+    wait_until,
+)
 
 from loragate.gateway import running_gateway
+from loragate.gateway.proxy import REPLICA_HEADER
+from loragate.twin.replica_config import ReplicaConfig as TwinConfig
+from loragate.twin.server import RunningReplica, run_replica
 from vllm_stub import vllm_error
 
 # vLLM 0.32's EngineDeadError (v1/engine/exceptions.py) and the simulated replica's words.
@@ -175,3 +186,35 @@ async def test_an_error_event_in_a_stream_counts_as_a_stream_error(
             metrics
         )
         assert 'status="200"' not in metrics
+
+
+async def test_a_simulated_replica_stopped_under_a_request_is_retried_elsewhere() -> None:
+    # The simulated replica answers a request in flight when it stops as vLLM does (a 500 whose
+    # message says the engine stopped): r0 is slow and stopped mid-generation, r1 answers.
+    async with contextlib.AsyncExitStack() as stack:
+        reps: list[RunningReplica] = []
+        stops: list[contextlib.AsyncExitStack] = []
+        for seed, time_scale in ((0, 0.01), (1, 100.0)):  # r0: 100x slower than real time
+            own = contextlib.AsyncExitStack()
+            stack.push_async_callback(own.aclose)
+            cfg = TwinConfig(served_model_name=BASE, seed=seed, time_scale=time_scale)
+            reps.append(await own.enter_async_context(run_replica(cfg, port=0)))
+            stops.append(own)
+        gw_cfg = gateway_config([r.url for r in reps], routing="round_robin")
+        async with running_gateway(gw_cfg, port=0) as gw, openai_client(gw.url) as client:
+            request = asyncio.create_task(
+                client.completions.with_raw_response.create(
+                    model=BASE, prompt="p", max_tokens=50, extra_body={"ignore_eos": True}
+                )
+            )
+            engine = reps[0].state.engine
+            await wait_until(lambda: engine.num_running + engine.num_waiting == 1, "r0's request")
+            await stops[0].aclose()  # r0 shuts down with the request in flight
+            raw = await request
+            assert raw.headers[REPLICA_HEADER] == "r1"
+            assert raw.parse().usage is not None and raw.parse().usage.completion_tokens == 50
+            metrics = await _metrics(gw.url)
+        assert 'loragate_upstream_retries_total{reason="engine_stopped",replica="r0"} 1.0' in (
+            metrics
+        )
+        assert 'loragate_requests_total{adapter="",replica="r1",status="200"} 1.0' in metrics
