@@ -146,7 +146,7 @@ def test_cli_workload_error_names_file_and_key(
     assert main(["simulate", "--workload", str(spec), "--replicas", "1"]) == 2
     err = capsys.readouterr().err
     assert err == (
-        f"loragate simulate: error: {spec}: arrivals.rate_rps: not used: the rate is set by "
+        f"loragate simulate: error: {spec}:4:30: arrivals.rate_rps: not used: the rate is set by "
         "arrivals.onoff\n"
     )
 
