@@ -5,6 +5,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -73,10 +75,14 @@ def test_help_names_the_defaults_a_user_runs_with(
         assert phrase in text
 
 
-def _interrupted(args: list[str], after_s: float = 4.0) -> tuple[int, str]:
-    """Run ``loragate ARGS`` in its own process, press Ctrl-C (SIGINT) after ``after_s``: the
-    exit status and stderr. Its own process, because a signal sent to the test process would
-    meet whatever handler an earlier test's event loop left installed there."""
+def _interrupted(
+    args: list[str], after_s: float = 4.0, started: Callable[[], bool] | None = None
+) -> tuple[int, str]:
+    """Run ``loragate ARGS`` in its own process, press Ctrl-C (SIGINT) after ``after_s``, and
+    not before ``started()`` says the run is under way (up to 60 s: on a busy machine the
+    imports alone can take seconds): the exit status and stderr. Its own process, because a
+    signal sent to the test process would meet whatever handler an earlier test's event loop
+    left installed there."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "loragate.cli", *args],
         stdout=subprocess.DEVNULL,
@@ -86,6 +92,10 @@ def _interrupted(args: list[str], after_s: float = 4.0) -> tuple[int, str]:
     try:
         with pytest.raises(subprocess.TimeoutExpired):
             proc.wait(timeout=after_s)  # still running: the signal lands inside the run
+        deadline = time.monotonic() + 60.0
+        while started is not None and not started() and time.monotonic() < deadline:
+            with pytest.raises(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.1)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -108,7 +118,8 @@ def test_ctrl_c_stops_a_simulation_with_one_line(tmp_path: Path) -> None:
     out = tmp_path / "run"
     code, err = _interrupted(
         ["simulate", "--workload", str(REPO / "workload" / "zipf-200.yaml"), "--replicas", "4",
-         "--profile", "llama-3.1-8b-h100", "--policy", "loragate", "--out", str(out)]
+         "--profile", "llama-3.1-8b-h100", "--policy", "loragate", "--out", str(out)],
+        started=(out / "records.csv").exists,
     )  # fmt: skip
     assert code == 130, err
     assert err.strip().splitlines()[-1] == (

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from loragate.commands.simulate import _policy as policy_from_arg
+from loragate.commands.simulate import policy_from_arg
 from loragate.core.config import GatewayConfig, RoutingConfig
 from loragate.core.config import ReplicaConfig as GatewayReplica
 from loragate.core.errors import ConfigError

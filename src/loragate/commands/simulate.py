@@ -107,7 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _policy(arg: str) -> str | dict[str, Any]:
+def policy_from_arg(arg: str) -> str | dict[str, Any]:
+    """``--policy``'s value: a built-in policy's name, or a YAML file holding a name or a
+    composed ``routing:`` section (``simulate`` and ``demo`` alike)."""
     path = Path(arg)
     if arg.endswith((".yaml", ".yml")) or path.is_file():
         try:
@@ -126,7 +128,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
     return SimulationConfig(
         replicas=args.replicas,
         profile=args.profile,
-        policy=_policy(args.policy),
+        policy=policy_from_arg(args.policy),
         engine=ReplicaEngineSettings(
             max_loras=args.max_loras,
             max_cpu_loras=args.max_cpu_loras,
