@@ -277,3 +277,28 @@ async def test_json_endpoints_refuse_another_content_type(
                     if seen != want:
                         problems.append(f"{name} {path} {ctype}: got {seen}")
     assert not problems, "answers differ from vLLM 0.32:\n" + "\n".join(problems)
+
+
+async def test_adapter_admin_bodies(real_vllm: Replica, http: aiohttp.ClientSession) -> None:
+    """The load/unload bodies' fields are read in pydantic's lax mode (``load_inplace: "yes"``
+    is true) and every bad one is listed, as vLLM 0.32 reads them. None of these bodies changes
+    the replica: a valid one names no adapter folder or no registered adapter."""
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("load", {"lora_name": "pb-a", "lora_path": "/nowhere", "load_inplace": "yes"}),
+        ("load", {"lora_name": "pb-a", "lora_path": "/nowhere", "load_inplace": None}),
+        ("load", {"lora_name": 5, "load_inplace": 2, "is_3d_lora_weight": "maybe"}),
+        ("load", {"lora_name": None, "lora_path": None}),
+        ("unload", {"lora_name": "pb-a", "lora_int_id": "x"}),
+        ("unload", {"lora_int_id": "7"}),
+    ]
+    answers: dict[str, list[tuple[int, Any]]] = {}
+    async with run_replica(_twin_config(real_vllm), host="127.0.0.1", port=0) as twin:
+        for name, base in (("real", real_vllm.base_url), ("twin", twin.url)):
+            answers[name] = []
+            for call, body in cases:
+                async with http.post(f"{base}/v1/{call}_lora_adapter", json=body) as r:
+                    answers[name].append((r.status, await r.json(content_type=None)))
+    problems = [f"{case}:\n  real {real}\n  twin {ours}"
+                for case, real, ours in zip(cases, answers["real"], answers["twin"], strict=True)
+                if real != ours]  # fmt: skip
+    assert not problems, "answers differ from vLLM 0.32:\n" + "\n".join(problems)

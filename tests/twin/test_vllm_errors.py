@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from loragate.twin.vllm_errors import bad_request
+from loragate.twin.adapters import AdapterRegistry
+from loragate.twin.vllm_errors import VllmApiError, bad_request, model_not_found
 
 
 @pytest.mark.parametrize(
@@ -40,3 +41,31 @@ def test_parameter_and_value_are_appended_as_vllm_does(
 def test_the_message_is_sanitised_as_every_vllm_error_message() -> None:
     err = bad_request("cannot read /tmp/loras/a/adapter_config.json: <obj at 0xdeadbeef>")
     assert err.message == "cannot read <path>: <obj>"
+
+
+def test_every_error_message_is_sanitised() -> None:
+    # vLLM's create_error_response sanitises whatever it answers: a model name too.
+    err = model_not_found("/home/me/models/x", "tiny-llama")
+    assert err.message == "The model `<path>` does not exist. Valid aliases: tiny-llama."
+    assert VllmApiError(404, "gone at 0x7f00ab>", "NotFoundError").message == "gone>"
+
+
+@pytest.mark.parametrize(
+    ("path", "shown"),
+    [
+        ("/nowhere", "/nowhere"),  # neither a system path nor a file: shown as it is
+        ("relative/dir", "relative/dir"),
+        ("/tmp/loras/a", "<path>"),  # as recorded (transcript_basic.md)
+        ("/data/a/adapter.safetensors", "<path>"),
+    ],
+)
+def test_a_missing_adapter_folder_is_named_as_vllm_names_it(path: str, shown: str) -> None:
+    registry = AdapterRegistry(
+        base_model_name="base", model="/m", enable_lora=True, max_lora_rank=16
+    )
+    with pytest.raises(VllmApiError) as exc:
+        registry.load("a", path)
+    assert (exc.value.status, exc.value.message) == (
+        404,
+        f"Loading lora a failed: No adapter found for {shown}",
+    )

@@ -1,5 +1,6 @@
 """The simulated replica reads the fields it uses as vLLM 0.32's request models do: pydantic 2 in
-lax mode, the same errors in the same order (``twin.vllm_fields``).
+lax mode, the same errors in the same order (``twin.vllm_fields``); the adapter admin calls'
+bodies too.
 
 The reference is pydantic itself (installed with the openai SDK) on models declaring those
 fields as vLLM 0.32 declares them (``CompletionRequest``, ``ChatCompletionRequest``: types,
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import pytest
 
 from loragate.twin.replica_protocol import parse_generation_request
@@ -20,6 +23,7 @@ from loragate.twin.vllm_errors import VllmApiError
 from loragate.twin.vllm_fields import lax_bool, lax_int
 
 pydantic = pytest.importorskip("pydantic")
+StartReplica = Callable[..., Any]
 
 
 class _Base(pydantic.BaseModel):
@@ -149,3 +153,66 @@ def test_lax_values_as_pydantic_reads_them(raw: str) -> None:
         as_int = None
     assert as_int == ref(int)
     assert lax_bool(value) == ref(bool)
+
+
+class _Load(pydantic.BaseModel):  # vLLM 0.32's LoadLoRAAdapterRequest
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+    is_3d_lora_weight: bool = False
+
+
+class _Unload(pydantic.BaseModel):  # UnloadLoRAAdapterRequest
+    lora_name: str
+    lora_int_id: int | None = None
+
+
+ADMIN_BODIES: list[tuple[str, dict[str, Any]]] = [
+    ("load", {"lora_name": "a", "lora_path": "/nowhere", "load_inplace": "yes"}),
+    ("load", {"lora_name": "a", "lora_path": "/nowhere", "load_inplace": 1,
+              "is_3d_lora_weight": "off"}),
+    ("load", {"lora_name": "a", "lora_path": "/nowhere", "load_inplace": None}),
+    ("load", {"lora_name": "a", "lora_path": "/nowhere", "is_3d_lora_weight": "maybe"}),
+    ("load", {"lora_name": 5, "load_inplace": 2}),
+    ("load", {"lora_name": None, "lora_path": None, "load_inplace": 0.5,
+              "is_3d_lora_weight": None}),
+    ("load", {}),
+    ("unload", {"lora_name": "a", "lora_int_id": "x"}),
+    ("unload", {"lora_name": None, "lora_int_id": 5.5}),
+    ("unload", {"lora_int_id": "7"}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("call", "body"), ADMIN_BODIES)
+async def test_adapter_admin_bodies_are_read_as_vllm_reads_them(
+    start_replica: StartReplica, call: str, body: dict[str, Any]
+) -> None:
+    model = _Load if call == "load" else _Unload
+    try:
+        pydantic.TypeAdapter(model).validate_python(body)
+    except pydantic.ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        entries = [
+            {**e, "loc": _clean_loc(("body", *e["loc"])), "input": _summary(e["input"])}
+            for e in errors
+        ]
+        label = "error" if len(errors) == 1 else "errors"
+        lines = "".join(f"  {entry}\n" for entry in entries)
+        want: dict[str, Any] | None = {
+            "message": f"{len(errors)} validation {label}:\n{lines}".rstrip(),
+            "type": "Bad Request",
+            "param": _clean_loc(("body", *errors[0]["loc"])),
+            "code": 400,
+        }
+    else:
+        want = None
+    async with (
+        start_replica() as r,
+        aiohttp.ClientSession() as http,
+        http.post(f"{r.url}/v1/{call}_lora_adapter", json=body) as resp,
+    ):
+        answer = await resp.json(content_type=None)
+    if want is None:  # valid: refused further on (no such adapter), not by validation
+        assert resp.status == 404 and answer["error"]["type"] == "NotFoundError", answer
+    else:
+        assert (resp.status, answer) == (400, {"error": want})

@@ -1,8 +1,9 @@
 """LoRA adapter folders and the replica's adapter registry, as vLLM 0.32 behaves.
 
 An adapter is a folder holding ``adapter_config.json`` (peft's format); its rank is ``r``.
-Anything else gets vLLM's 404 ``Loading lora NAME failed: No adapter found for <path>`` (the
-path is literally redacted). The registry is the API server's name -> adapter map: loading
+Anything else gets vLLM's 404 ``Loading lora NAME failed: No adapter found for PATH`` (PATH
+sanitised as vLLM sanitises messages: ``<path>`` for a path under /tmp, /home, ... or naming a
+file). The registry is the API server's name -> adapter map: loading
 registers a name, unloading only forgets it (0.32 never evicts the engine's caches on unload).
 The filesystem resolver (``--resolver-dir``, vLLM's ``lora_filesystem_resolver``) registers an
 unknown model name on first use when ``DIR/<name>`` is a LoRA folder whose
@@ -171,8 +172,10 @@ class AdapterRegistry:
         except AdapterFolderError as exc:
             raise bad_request(f"Loading lora {name} failed: {exc}") from exc
         if folder is None:
+            # vLLM's LoRAAdapterNotFoundError; the path is sanitised like any message: a
+            # system or file path reads <path>, as recorded.
             raise VllmApiError(
-                404, f"Loading lora {name} failed: No adapter found for <path>", "NotFoundError"
+                404, f"Loading lora {name} failed: No adapter found for {path}", "NotFoundError"
             )
         if folder.rank > self._max_rank:
             # vLLM's PEFTHelper.validate_legal wording.

@@ -37,6 +37,7 @@ from loragate.twin.vllm_errors import (
     parse_json_object,
     validation_error,
 )
+from loragate.twin.vllm_fields import field_error, read_bool, read_int, read_str
 from loragate.twin.vllm_metrics import (
     CONTENT_TYPE as METRICS_CONTENT_TYPE,
 )
@@ -181,8 +182,14 @@ class ReplicaState:
     async def load_lora_adapter(self, request: web.Request) -> web.Response:
         check_json_media_type(request.headers.get(hdrs.CONTENT_TYPE, ""))
         body = parse_json_object(await request.read())
-        name, path = _required_strings(body, "lora_name", "lora_path")
-        inplace = _flag(body, "load_inplace")
+        # LoadLoRAAdapterRequest: lora_name: str, lora_path: str, load_inplace: bool = False,
+        # is_3d_lora_weight: bool = False (every bad field listed, in this order).
+        errors: list[FieldError] = []
+        name, path = _required_strings(body, errors, "lora_name", "lora_path")
+        inplace = read_bool(body, "load_inplace", errors, nullable=False)
+        read_bool(body, "is_3d_lora_weight", errors, nullable=False)
+        if errors:
+            raise validation_error(errors)
         # In place: vLLM reads the folder again and the new copy replaces the cached one.
         await self.add_lora(self.registry.load(name, path, load_inplace=inplace))
         return _plain(f"Success: LoRA adapter '{name}' added successfully.")
@@ -190,13 +197,20 @@ class ReplicaState:
     async def unload_lora_adapter(self, request: web.Request) -> web.Response:
         check_json_media_type(request.headers.get(hdrs.CONTENT_TYPE, ""))
         body = parse_json_object(await request.read())
-        (name,) = _required_strings(body, "lora_name")
+        errors: list[FieldError] = []  # UnloadLoRAAdapterRequest: lora_name, lora_int_id
+        (name,) = _required_strings(body, errors, "lora_name")
+        read_int(body, "lora_int_id", errors)
+        if errors:
+            raise validation_error(errors)
         self.registry.unload(name)
         return _plain(f"Success: LoRA adapter '{name}' removed successfully.")
 
     async def sagemaker_load(self, request: web.Request) -> web.Response:
         body = parse_json_object(await request.read())
-        name, src = _required_strings(body, "name", "src")
+        errors: list[FieldError] = []
+        name, src = _required_strings(body, errors, "name", "src")
+        if errors:
+            raise validation_error(errors)
         await self.add_lora(self.registry.load(name, src))
         return _plain(f"Adapter {name} registered")
 
@@ -222,37 +236,19 @@ class ReplicaState:
                 self.server_load -= 1
 
 
-def _required_strings(body: dict[str, Any], *fields: str) -> tuple[str, ...]:
-    errors = [missing(f, body) for f in fields if f not in body]
-    errors += [
-        FieldError(
-            kind="string_type",
-            loc=("body", f),
-            msg="Input should be a valid string",
-            input=body[f],
-        )
-        for f in fields
-        if f in body and not isinstance(body[f], str)
-    ]
-    if errors:
-        raise validation_error(errors)
-    return tuple(str(body[f]) for f in fields)
-
-
-def _flag(body: dict[str, Any], field: str) -> bool:
-    value = body.get(field, False)
-    if value is None or isinstance(value, bool):
-        return bool(value)
-    raise validation_error(
-        [
-            FieldError(
-                kind="bool_type",
-                loc=("body", field),
-                msg="Input should be a valid boolean",
-                input=value,
-            )
-        ]
-    )
+def _required_strings(
+    body: dict[str, Any], errors: list[FieldError], *fields: str
+) -> tuple[str, ...]:
+    """Required ``str`` fields: a missing one is pydantic's ``missing`` (its input the whole
+    body), another type ``string_type``; errors are appended in field order."""
+    values = []
+    for f in fields:
+        if f not in body:
+            errors.append(missing(f, body))
+        values.append(read_str(body, f, errors) or "")
+        if f in body and body[f] is None:  # required and not Optional: null is no string
+            errors.append(field_error("string_type", f, "Input should be a valid string", None))
+    return tuple(values)
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:

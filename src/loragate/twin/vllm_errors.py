@@ -17,9 +17,11 @@ from typing import Any
 
 
 class VllmApiError(Exception):
-    """An error the simulated replica answers with, in vLLM's JSON shape."""
+    """An error the simulated replica answers with, in vLLM's JSON shape. Its message is
+    sanitised as vLLM sanitises every error message (``sanitize_message``)."""
 
     def __init__(self, status: int, message: str, err_type: str, param: str | None = None) -> None:
+        message = sanitize_message(message)
         super().__init__(message)
         self.status = status
         self.message = message
@@ -51,8 +53,8 @@ def model_not_found(model: str, base_model_name: str) -> VllmApiError:
 def bad_request(message: str, *, param: str | None = None, value: Any = None) -> VllmApiError:
     """vLLM's 400 ``BadRequestError`` for a ``VLLMValidationError(message, parameter=param,
     value=value)`` (or, without ``param``, a ``ValueError``/``TypeError``): the error's
-    ``str()`` appends ``(parameter=..., value=...)``, whichever of them is not None, and the
-    message is sanitised as every vLLM error message is (``create_error_response``)."""
+    ``str()`` appends ``(parameter=..., value=...)``, whichever of them is not None (then
+    sanitised, as every vLLM error message is: ``create_error_response``)."""
     extras = []
     if param is not None:
         extras.append(f"parameter={param}")
@@ -60,7 +62,7 @@ def bad_request(message: str, *, param: str | None = None, value: Any = None) ->
         extras.append(f"value={value}")
     if extras:
         message = f"{message} ({', '.join(extras)})"
-    return VllmApiError(400, sanitize_message(message), "BadRequestError", param)
+    return VllmApiError(400, message, "BadRequestError", param)
 
 
 def invalid_user_input(message: str) -> VllmApiError:
@@ -132,7 +134,7 @@ def validation_message(errors: Sequence[FieldError]) -> tuple[str, str | None]:
     if count > _MAX_REPORTED_ERRORS:
         message += f"  ...and {count - _MAX_REPORTED_ERRORS} more {label}\n"
     param = ".".join(str(part) for part in errors[0].loc)
-    return sanitize_message(message.rstrip()), param
+    return sanitize_message(message.rstrip()), param  # (the gateway's answer uses it too)
 
 
 def validation_error(errors: Sequence[FieldError]) -> VllmApiError:
