@@ -112,8 +112,18 @@ class _Fields:
         self.body = body
         self.errors: list[FieldError] = []
 
-    def int_(self, field: str, default: int | None, *, nullable: bool = True) -> int | None:
-        return read_int(self.body, field, self.errors, default=default, nullable=nullable)
+    def int_(
+        self,
+        field: str,
+        default: int | None,
+        *,
+        nullable: bool = True,
+        ge: int | None = None,
+        le: int | None = None,
+    ) -> int | None:
+        return read_int(
+            self.body, field, self.errors, default=default, nullable=nullable, ge=ge, le=le
+        )
 
     def float_(self, field: str, default: float | None) -> float | None:
         value = self.body.get(field)
@@ -176,7 +186,7 @@ def parse_generation_request(
         if max_completion_tokens is not None:  # it wins over max_tokens
             max_tokens, max_tokens_param = max_completion_tokens, "max_completion_tokens"
         n = f.int_("n", 1)  # (chat: Optional, null is 1)
-    seed = f.int_("seed", None)
+    seed = f.int_("seed", None, ge=-(1 << 63), le=(1 << 63) - 1)
     stream = f.bool_("stream", False)
     include_usage = _include_usage(f)
     temperature = f.float_("temperature", None)

@@ -77,7 +77,7 @@ class FieldError:
     loc: tuple[str | int, ...]
     msg: str
     input: Any
-    ctx: Mapping[str, str] | None = None
+    ctx: Mapping[str, Any] | None = None
 
 
 # vLLM's validation handler (serve/exception_handling/handlers/validation.py) bounds its message.

@@ -66,7 +66,7 @@ def lax_bool(value: object) -> bool | None:
 
 
 def field_error(
-    kind: str, name: str, msg: str, value: Any, ctx: Mapping[str, str] | None = None
+    kind: str, name: str, msg: str, value: Any, ctx: Mapping[str, Any] | None = None
 ) -> FieldError:
     """One pydantic validation error of body field ``name``."""
     return FieldError(kind=kind, loc=("body", name), msg=msg, input=value, ctx=ctx)
@@ -120,21 +120,38 @@ def read_int(
     *,
     default: int | None = None,
     nullable: bool = True,
+    ge: int | None = None,
+    le: int | None = None,
 ) -> int | None:
     """An ``int`` field (``int | None`` when ``nullable``; an absent or null one is
-    ``default``)."""
+    ``default``), within ``ge`` and ``le`` when given (``Field(ge=..., le=...)``)."""
     value = payload.get(name)
     if value is None:
         if not nullable and name in payload:
             errors.append(field_error("int_type", name, NOT_INT, None))
         return default
+    number = _read_int(value, name, errors)
+    if number is None:
+        return default
+    if ge is not None and number < ge:
+        msg = f"Input should be greater than or equal to {ge}"
+        errors.append(field_error("greater_than_equal", name, msg, value, {"ge": ge}))
+        return default
+    if le is not None and number > le:
+        msg = f"Input should be less than or equal to {le}"
+        errors.append(field_error("less_than_equal", name, msg, value, {"le": le}))
+        return default
+    return number
+
+
+def _read_int(value: Any, name: str, errors: list[FieldError]) -> int | None:
     if type(value) is int:
         return value
     try:
         parsed = lax_int(value)
     except ValueError:  # a string of more digits than int() converts (4,300)
         errors.append(field_error("int_parsing_size", name, _TOO_BIG, value))
-        return default
+        return None
     if parsed is not None:
         return parsed
     if isinstance(value, float):
@@ -158,7 +175,7 @@ def read_int(
         )
     else:
         errors.append(field_error("int_type", name, NOT_INT, value))
-    return default
+    return None
 
 
 def prompt_type_errors(prompt: Any) -> list[FieldError]:
