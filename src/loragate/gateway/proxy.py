@@ -19,13 +19,15 @@ hands to the policy, so every policy gets this). While every candidate has a ref
 the request is answered at once from them (a 502 naming each replica and its reason, no load);
 the first refusal to lapse lets the next request try that replica again (one load, the pool's
 single flight, however many requests arrive meanwhile). A timeout is a 504 (not retried: the
-replica may still be working on it). An answer that says the replica's engine stopped under
-the request (vLLM's shutdown or engine death, ``backends.engine_failures``: the generation was
-aborted and nothing reached the client) is retried once on another replica, counted as
-``engine_stopped`` in loragate_upstream_retries_total, and the replica is out of rotation
-until a poll succeeds. A stream that breaks off after it started ends with an SSE error event,
-and the break is logged; an error event the replica sent in its stream is relayed as is and
-logged; both count as ``stream_error`` in loragate_requests_total.
+replica may still be working on it). An answer that says the replica stopped the request
+before answering it (``backends.engine_failures``: vLLM's 200 with ``finish_reason: "abort"``
+when it shuts down, its 500 when its engine died: the generation was aborted and nothing
+reached the client) is retried once on another replica, counted as ``engine_stopped`` in
+loragate_upstream_retries_total, and the replica is out of rotation until a poll succeeds. A
+stream that breaks off after it started ends with an SSE error event, and the break is logged;
+a stream the replica ended unfinished (an error event of its own, or ``finish_reason:
+"abort"``) is relayed as is and logged; all count as ``stream_error`` in
+loragate_requests_total.
 
 Access log: one DEBUG line per finished request (id, path, tenant, model, replica, status or
 outcome, latency, TTFT when streamed, retries, and why for errors); nothing is formatted
@@ -51,7 +53,13 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from loragate.backends.client import VllmClient
-from loragate.backends.engine_failures import ERROR_EVENT, engine_stopped, error_event_text
+from loragate.backends.engine_failures import (
+    ABORT,
+    ERROR_EVENT,
+    aborted,
+    engine_stopped,
+    error_event_text,
+)
 from loragate.backends.pool import ReplicaPool
 from loragate.backends.upstream import UpstreamConn
 from loragate.core.clock import Clock
@@ -499,10 +507,12 @@ class Proxy:
                             if not stream
                             else await self._drain(conn, rid, client, rreq)
                         )
-                        if status == 500 and (stopped := engine_stopped(status, data)):
-                            # The replica's engine stopped under it (shutdown, engine death):
-                            # the generation was aborted and nothing reached the client, so
-                            # another replica may run it; this one is out until a poll.
+                        if (status == 500 or ABORT in data) and (
+                            stopped := engine_stopped(status, data)
+                        ):
+                            # The replica stopped the request (its shutdown aborts what runs,
+                            # its engine died): nothing reached the client, so another replica
+                            # may run it; this one is out until a poll.
                             self._engine_stopped(rid, client, rreq, stopped)
                             if not retried and self._can_retry(rid):
                                 self._telemetry.count_retry(rid, ENGINE_STOPPED)
@@ -625,13 +635,13 @@ class Proxy:
     def _engine_stopped(
         self, rid: ReplicaId, client: VllmClient, rreq: RoutingRequest, message: str
     ) -> None:
-        """The replica answered that its engine stopped under the request: out of rotation
-        until a poll succeeds (its next answers would say the same), and logged."""
+        """The replica answered that it stopped the request (``backends.engine_failures``): out
+        of rotation until a poll succeeds (it is stopping, or its engine died), and logged."""
         url = client.base_url
         self._pool.report_failure(rid, f"answering ({url}): {message}", client=client)
         log.warning(
-            "request %s (model %s) on replica %s (%s): the replica's engine stopped under it "
-            "(500 %r): the replica is out of rotation until a poll succeeds",
+            "request %s (model %s) on replica %s (%s): the replica stopped the request before "
+            "answering it (%s): the replica is out of rotation until a poll succeeds",
             rreq.request_id,
             rreq.adapter or "<base>",
             rid,
@@ -755,17 +765,27 @@ class Proxy:
                 if not relayed:
                     ttft_s = self._now() - t0
                     telemetry.observe_ttft(rid, ttft_s)
-                if ERROR_EVENT in chunk and outcome != STREAM_ERROR:
-                    outcome = STREAM_ERROR
-                    log.warning(
-                        "request %s (model %s) on replica %s: the replica sent an error event "
-                        "in its stream (after %d bytes; relayed as is): %s",
-                        rreq.request_id,
-                        rreq.adapter or "<base>",
-                        rid,
-                        relayed,
-                        error_event_text(chunk),
+                if (ERROR_EVENT in chunk or ABORT in chunk) and outcome != STREAM_ERROR:
+                    # The replica ended the stream unfinished (relayed as is): an error event
+                    # (its engine died), or finish_reason abort (it is stopping).
+                    why = (
+                        f"sent an error event: {error_event_text(chunk)}"
+                        if ERROR_EVENT in chunk
+                        else "aborted it (finish_reason 'abort': it is stopping)"
+                        if aborted(chunk)
+                        else ""  # a token that is "abort"
                     )
+                    if why:
+                        outcome = STREAM_ERROR
+                        log.warning(
+                            "request %s (model %s) on replica %s: the replica %s (after %d "
+                            "bytes of its stream, relayed as is)",
+                            rreq.request_id,
+                            rreq.adapter or "<base>",
+                            rid,
+                            why,
+                            relayed,
+                        )
                 relayed += len(chunk)
                 last = chunk
                 try:
