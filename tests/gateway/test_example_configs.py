@@ -89,7 +89,10 @@ def test_the_full_example_documents_every_key_of_the_schema() -> None:
         },
         "adapters[0]": {**base, "adapters": [{"name": "a", "path": "/a", **bad}]},
         "tenants[0]": {**base, "tenants": [{"name": "t", "api_keys": ["k"], **bad}]},
-        **{name: {**base, name: bad} for name in ("limits", "poller", "server", "state", "admin")},
+        **{
+            name: {**base, name: bad}
+            for name in ("limits", "poller", "server", "state", "admin", "metrics")
+        },
     }
     text = (EXAMPLES / "gateway.yaml").read_text(encoding="utf-8")
     missing = []

@@ -99,10 +99,12 @@ def test_yaml_merge_keys_are_not_duplicates() -> None:
     )
     assert config.poller.interval_s == 2.0
     merged = parse_config_text(
-        "base_model: m\nreplicas:\n  - &r {id: a, url: 'http://127.0.0.1:1'}\n"
-        "  - {<<: *r, id: b}\n"
+        "base_model: m\nreplicas:\n"
+        "  - &r {id: a, url: 'http://127.0.0.1:1', settings: {max_loras: 3}}\n"
+        "  - {<<: *r, id: b, url: 'http://127.0.0.1:2'}\n"  # one URL twice is refused
     )
     assert [r.replica_id for r in merged.replicas] == ["a", "b"]
+    assert [r.settings.max_loras for r in merged.replicas if r.settings] == [3, 3]
 
 
 def test_a_port_in_use_is_one_line(

@@ -19,11 +19,13 @@ Example (see ``examples/gateway.yaml``)::
     poller: {interval_s: 0.5}
     state: {backend: redis, redis_url: "redis://127.0.0.1:6379/0"}   # default: memory
     admin: {token: change-me}      # or env LORAGATE_ADMIN_TOKEN; no token = no admin API
+    metrics: {token: scrape-me}    # or env LORAGATE_METRICS_TOKEN; no token = /metrics is open
 """
 
 from __future__ import annotations
 
 import math
+import os
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -126,10 +128,23 @@ class StateConfig:
     tombstone_ttl_s: float = 30.0
 
 
+ADMIN_TOKEN_ENV = "LORAGATE_ADMIN_TOKEN"
+METRICS_TOKEN_ENV = "LORAGATE_METRICS_TOKEN"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AdminConfig:
-    """The ``admin:`` section. Without a token (here or in ``LORAGATE_ADMIN_TOKEN``) the
-    ``/admin`` routes answer 404."""
+    """The ``admin:`` section. ``token``: ``admin.token``, else ``LORAGATE_ADMIN_TOKEN`` (read
+    with the file). Without one the ``/admin`` routes answer 404."""
+
+    token: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsConfig:
+    """The ``metrics:`` section. ``token``: ``metrics.token``, else ``LORAGATE_METRICS_TOKEN``
+    (read with the file). With one, ``GET /metrics`` needs ``Authorization: Bearer <token>``
+    (Prometheus: ``authorization: {credentials: ...}``); without one it is open."""
 
     token: str | None = None
 
@@ -146,6 +161,7 @@ class GatewayConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     state: StateConfig = field(default_factory=StateConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def auth_required(self) -> bool:
@@ -257,10 +273,49 @@ def _url(value: object, key: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"expected an http(s) URL, got {url!r}", key=key)
     try:
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError as exc:
-        raise ConfigError(f"bad port in {url!r}", key=key) from exc
+        port = parts.port
+    except ValueError as exc:  # out of range, or not a number
+        raise ConfigError(f"bad port in {url!r} ({exc}; a port is 1-65535)", key=key) from exc
+    if port == 0:  # would connect to the scheme's default port instead
+        raise ConfigError(f"bad port in {url!r} (a port is 1-65535)", key=key)
     return url.rstrip("/")
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def replica_address(url: str) -> str:
+    """The server a (validated) replica URL points at, for comparing two: scheme and host
+    lower-cased, the scheme's default port written out, no trailing slash. Names are not
+    resolved (``localhost`` and ``127.0.0.1`` differ here)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    port = parts.port or _DEFAULT_PORTS[parts.scheme]
+    return f"{parts.scheme}://{host}:{port}{parts.path.rstrip('/')}"
+
+
+def adapter_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name an adapter, or None. vLLM 0.32 takes any non-empty
+    ``lora_name`` (``org/name`` too, as its Hugging Face resolver names them); refused here is
+    only what ``DELETE /admin/adapters/{name}`` could not address: a ``.`` or ``..`` path
+    segment (HTTP clients remove them from a URL before sending it; curl, aiohttp, requests)
+    and control characters (no route matches a newline; in a log line one would start a forged
+    line). Config-file and admin-registered adapters follow the same rule."""
+    for i, ch in enumerate(name):
+        if ch < " " or "\x7f" <= ch <= "\x9f":
+            return (
+                f"character {ch!a} at position {i} is not allowed in an adapter name: no "
+                "control characters (DELETE /admin/adapters/<name> cannot reach a newline, and "
+                "they garble log lines)"
+            )
+    if any(part in (".", "..") for part in name.split("/")):
+        return (
+            "'.' and '..' are not allowed as /-separated parts of an adapter name: HTTP clients "
+            "remove them from the URL of DELETE /admin/adapters/<name>"
+        )
+    return None
 
 
 def _str_list(value: object, key: str) -> tuple[str, ...]:
@@ -334,6 +389,7 @@ def _replicas(value: object) -> tuple[ReplicaConfig, ...]:
         raise ConfigError("at least one replica is required", key="replicas")
     out: list[ReplicaConfig] = []
     seen: set[str] = set()
+    addresses: dict[str, str] = {}  # replica_address -> the key that gave it first
     for i, raw in enumerate(items):
         key = f"replicas[{i}]"
         if isinstance(raw, str):  # shorthand: just the URL
@@ -350,11 +406,21 @@ def _replicas(value: object) -> tuple[ReplicaConfig, ...]:
         if rid in seen:
             raise ConfigError(f"duplicate replica id {rid!r}", key=f"{key}.id")
         seen.add(rid)
+        url = _url(data["url"], f"{key}.url")
+        address = replica_address(url)
+        if address in addresses:
+            raise ConfigError(
+                f"{data['url']!r} is the same server as {addresses[address]} ({address}): one vLLM "
+                "server listed twice would be modelled as two (two shadow residencies, its "
+                "load counted twice)",
+                key=f"{key}.url",
+            )
+        addresses[address] = f"{key}.url"
         api_key = data.get("api_key")
         out.append(
             ReplicaConfig(
                 replica_id=rid,
-                url=_url(data["url"], f"{key}.url"),
+                url=url,
                 api_key=None
                 if api_key is None
                 else _header_value(api_key, f"{key}.api_key", _KEY_SENT),
@@ -404,6 +470,8 @@ def _adapters(value: object, *, base_model: str, tenants: set[str]) -> tuple[Ada
             if required not in data:
                 raise ConfigError("missing required key", key=f"{key}.{required}")
         name = _str(data["name"], f"{key}.name")
+        if (problem := adapter_name_problem(name)) is not None:
+            raise ConfigError(problem, key=f"{key}.name")
         if name == base_model:
             raise ConfigError("an adapter cannot be named like the base model", key=f"{key}.name")
         if name in names:
@@ -545,13 +613,21 @@ def _check_tombstone_ttl(state: StateConfig, poller: PollerConfig) -> None:
         )
 
 
-def _admin(value: object) -> AdminConfig:
-    data = _mapping(value, "admin")
-    _check_keys(data, {"token"}, "admin")
+def _token(section: object, name: str, environ: Mapping[str, str], env: str) -> str | None:
+    """The ``token`` of section ``name`` (a mapping or None), else the environment variable
+    ``env`` (empty: unset). Both follow one rule (``_header_value``); the variable is checked
+    even while the file's token is in force (a reload without it would put it in force)."""
+    from_env = environ.get(env) or None
+    if from_env is not None:
+        _header_value(from_env, f"environment variable {env}", _KEY_MATCHED)
+    if section is None:
+        return from_env
+    data = _mapping(section, name)
+    _check_keys(data, {"token"}, name)
     token = data.get("token")
-    return AdminConfig(
-        token=None if token is None else _header_value(token, "admin.token", _KEY_MATCHED)
-    )
+    if token is None:
+        return from_env
+    return _header_value(token, f"{name}.token", _KEY_MATCHED)
 
 
 _TOP_KEYS = {
@@ -565,11 +641,16 @@ _TOP_KEYS = {
     "server",
     "state",
     "admin",
+    "metrics",
 }
 
 
-def config_from_mapping(data: object) -> GatewayConfig:
-    """Validate a parsed config document and build the frozen :class:`GatewayConfig`."""
+def config_from_mapping(data: object, *, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Validate a parsed config document and build the frozen :class:`GatewayConfig`. The
+    tokens the file may leave to the environment (``LORAGATE_ADMIN_TOKEN``,
+    ``LORAGATE_METRICS_TOKEN``) are read from ``environ`` (default: ``os.environ``) and checked
+    with it, at start-up and at every reload."""
+    env = os.environ if environ is None else environ
     if data is None:
         raise ConfigError("the config file is empty")
     top = _mapping(data, "")
@@ -590,8 +671,10 @@ def config_from_mapping(data: object) -> GatewayConfig:
         kwargs["server"] = _server(top["server"])
     if top.get("state") is not None:
         kwargs["state"] = _state(top["state"])
-    if top.get("admin") is not None:
-        kwargs["admin"] = _admin(top["admin"])
+    kwargs["admin"] = AdminConfig(token=_token(top.get("admin"), "admin", env, ADMIN_TOKEN_ENV))
+    kwargs["metrics"] = MetricsConfig(
+        token=_token(top.get("metrics"), "metrics", env, METRICS_TOKEN_ENV)
+    )
     if "tombstone_ttl_s" in (top.get("state") or {}):  # the default (30 s) is far above
         _check_tombstone_ttl(kwargs["state"], kwargs.get("poller", PollerConfig()))
     return GatewayConfig(

@@ -2,8 +2,10 @@
 
 ==========================  ==================================================================
 ``GET /admin/replicas``     every replica: health, engine metrics, in-flight counts (all
-                            instances, and this one's), settings, shadow residency, and the
-                            adapters it refused to load lately (``refused_adapters``)
+                            instances, and this one's), settings, shadow residency, the
+                            adapters it refused to load lately (``refused_adapters``), and
+                            how old its engine metrics are (``seconds_since_scrape``; null
+                            until a poll of it succeeded)
 ``GET /admin/adapters``     every adapter: config-file ones and admin-registered ones, the
                             replicas that hold it (``registered_on``) and those that hold it
                             from another path (``stale_on``: replica -> that path); a
@@ -24,8 +26,13 @@
                             message, and the registration is taken back; if no replica could
                             be reached at all it stays, logged);
                             409 if the name is taken (in the shared store, whatever this
-                            instance's view shows yet)
-``DELETE /admin/adapters/N``  remove an admin-registered adapter and unload it from the
+                            instance's view shows yet). A name is what vLLM takes as
+                            ``lora_name`` (any non-empty string, ``org/name`` too) but for
+                            what DELETE could not address: control characters, and ``.``
+                            or ``..`` between slashes (400, param ``name``; config files
+                            follow the same rule)
+``DELETE /admin/adapters/N``  (N as registered, slashes included, or percent-encoded)
+                            remove an admin-registered adapter and unload it from the
                             replicas that registered it: 200; 404 unknown; 409 if the config
                             file defines it (edit the file and reload instead), unless it is
                             also registered (it was, before a file defined it: the
@@ -59,6 +66,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import hdrs, web
 
+from loragate.core.config import adapter_name_problem
 from loragate.core.errors import (
     AdapterLoadError,
     AuthenticationError,
@@ -70,7 +78,7 @@ from loragate.core.errors import (
     UpstreamConnectError,
     UpstreamTimeoutError,
 )
-from loragate.core.types import MAX_ADAPTER_RANK, AdapterSpec
+from loragate.core.types import MAX_ADAPTER_RANK, AdapterSpec, ReplicaSnapshot
 from loragate.gateway.adapter_rank import DEFAULT_RANK, RankError, settle_rank
 from loragate.gateway.errors import error_payload, error_response
 from loragate.gateway.reload import log_reload_failure, reload_from_file
@@ -82,6 +90,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _ADAPTER_KEYS = ("name", "path", "rank", "tenants")
+_NEVER_SCRAPED = ReplicaSnapshot(replica_id="", url="").scraped_at_s
 _MAX_ADMIN_BODY = 64 * 1024
 _DISABLED = error_payload(
     "the admin API is disabled: no admin token is set (set admin.token in the config file "
@@ -99,6 +108,14 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(
         status=status, body=json.dumps(data).encode(), content_type="application/json"
     )
+
+
+def bearer_matches(request: web.Request, token: str) -> bool:
+    """Whether ``request`` carries ``Authorization: Bearer <token>`` (compared in constant
+    time). A header that is not UTF-8 (aiohttp hands it over with surrogates) does not match;
+    it is not an error."""
+    sent = request.headers.get(hdrs.AUTHORIZATION, "").encode("utf-8", "surrogatepass")
+    return hmac.compare_digest(sent, f"Bearer {token}".encode())
 
 
 def adapter_json(spec: AdapterSpec) -> dict[str, Any]:
@@ -127,6 +144,8 @@ def parse_adapter(
         if not isinstance(value, str) or not value.strip():
             raise InvalidRequestError(f"'{key}' must be a non-empty string", param=key)
     name = payload["name"]
+    if (problem := adapter_name_problem(name)) is not None:  # as a config file's names
+        raise InvalidRequestError(problem, param="name")
     if name == base_model:
         raise InvalidRequestError("an adapter cannot be named like the base model", param="name")
     given = payload.get("rank")
@@ -159,7 +178,8 @@ class AdminApi:
         router.add_get("/admin/replicas", self._guard(self.replicas))
         router.add_get("/admin/adapters", self._guard(self.adapters))
         router.add_post("/admin/adapters", self._guard(self.add_adapter))
-        router.add_delete("/admin/adapters/{name}", self._guard(self.delete_adapter))
+        # Any name vLLM takes, '/' included ('org/name'): as written or percent-encoded.
+        router.add_delete("/admin/adapters/{name:.+}", self._guard(self.delete_adapter))
         router.add_post("/admin/reload", self._guard(self.reload))
         # Last: any other path under /admin, or a method an admin path does not take.
         router.add_route("*", "/admin{tail:(/.*)?}", self._other)
@@ -178,9 +198,7 @@ class AdminApi:
             token = self._gw.admin_token
             if token is None:
                 return _disabled()
-            sent = request.headers.get(hdrs.AUTHORIZATION, "")
-            expected = f"Bearer {token}"
-            if not hmac.compare_digest(sent.encode(), expected.encode()):
+            if not bearer_matches(request, token):
                 return error_response(
                     AuthenticationError("admin API: missing or invalid admin token")
                 )
@@ -234,7 +252,7 @@ class AdminApi:
                         "gpu": list(res.gpu),
                         "cpu": list(res.cpu),
                     },
-                    "seconds_since_scrape": round(pool.clock.now() - snap.scraped_at_s, 3),
+                    "seconds_since_scrape": _seconds_since_scrape(pool.clock.now(), snap),
                 }
             )
         return _json({"replicas": out, "policy": gw.policy.name, "state": shared.status()})
@@ -435,6 +453,15 @@ class AdminApi:
                 content_type="application/json",
             )
         return _json(result.to_json())
+
+
+def _seconds_since_scrape(now: float, snap: ReplicaSnapshot) -> float | None:
+    """How old the replica's engine figures are; None if it was never scraped (its snapshot
+    keeps ``ReplicaSnapshot``'s default time, 0.0, until a poll succeeds: ``now`` minus that
+    would be the machine's uptime)."""
+    if snap.scraped_at_s == _NEVER_SCRAPED:
+        return None
+    return round(now - snap.scraped_at_s, 3)
 
 
 def _why_not_tried(exc: LoragateError) -> str:

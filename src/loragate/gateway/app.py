@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
+import logging
+import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -28,11 +30,11 @@ from prometheus_client import CollectorRegistry
 
 from loragate.backends.pool import ReplicaPool
 from loragate.core.clock import Clock, WallClock
-from loragate.core.config import GatewayConfig
-from loragate.core.errors import LoragateError
+from loragate.core.config import METRICS_TOKEN_ENV, GatewayConfig, ReplicaConfig
+from loragate.core.errors import AuthenticationError, LoragateError
 from loragate.core.tasks import cancel_and_wait
 from loragate.core.types import AdapterId, AdapterSpec, ReplicaId
-from loragate.gateway.admin import AdminApi
+from loragate.gateway.admin import AdminApi, bearer_matches
 from loragate.gateway.catalog import Catalog
 from loragate.gateway.errors import error_payload, error_response
 from loragate.gateway.inflight import InFlightTracker, LocalInFlight
@@ -42,7 +44,7 @@ from loragate.gateway.telemetry import CONTENT_TYPE, Telemetry
 from loragate.routing import Policy, build_policy
 from loragate.state import GatewayStore
 
-ADMIN_TOKEN_ENV = "LORAGATE_ADMIN_TOKEN"
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -68,8 +70,9 @@ class Gateway:
 
     @property
     def admin_token(self) -> str | None:
-        """From ``admin.token``, else the ``LORAGATE_ADMIN_TOKEN`` environment variable."""
-        return self.config.admin.token or os.environ.get(ADMIN_TOKEN_ENV) or None
+        """From ``admin.token``, else the ``LORAGATE_ADMIN_TOKEN`` environment variable (read
+        and checked with the config file: ``core.config``)."""
+        return self.config.admin.token
 
     def rebuild_catalog(self, shared: Mapping[AdapterId, AdapterSpec] | None = None) -> None:
         """Config adapters (as defined for every instance: ``SharedState.config_adapters``)
@@ -225,20 +228,60 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     gateway.session = session
     shared = gateway.shared
     maintenance: asyncio.Task[None] | None = None
+    same: asyncio.Task[None] | None = None
     try:
         await shared.start()
         await shared.register_replicas(gateway.config.replicas)
         shared.check_adapters()  # adapters other instances registered before we started
         await gateway.pool.start(session)
         maintenance = asyncio.create_task(shared.run(), name="loragate-state-maintenance")
+        same = asyncio.create_task(
+            warn_same_servers(gateway.config.replicas), name="loragate-same-servers"
+        )
         yield
     finally:
+        if same is not None:
+            await cancel_and_wait(same)
         if maintenance is not None:
             await cancel_and_wait(maintenance)
         await gateway.pool.stop()
         await shared.close()
         await session.close()
         gateway.session = None
+
+
+async def warn_same_servers(replicas: Sequence[ReplicaConfig], timeout_s: float = 5.0) -> None:
+    """Log a WARNING for two replicas whose hosts resolve to one address (same port and path):
+    one server listed twice under two names (``localhost`` and ``127.0.0.1``) is modelled as
+    two. The config refuses the same URL twice without resolving names (``core.config``);
+    this only warns, once at start-up and off its path: a name may resolve otherwise later, or
+    stand for a balancer in front of several servers."""
+    loop = asyncio.get_running_loop()
+
+    async def endpoints(replica: ReplicaConfig) -> frozenset[tuple[str, int, str]]:
+        parts = urlsplit(replica.url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            infos = await asyncio.wait_for(
+                loop.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM), timeout_s
+            )
+        except (OSError, TimeoutError):  # unresolvable now: the poller will say so
+            return frozenset()
+        return frozenset((str(i[4][0]), int(i[4][1]), parts.path.rstrip("/")) for i in infos)
+
+    found = await asyncio.gather(*(endpoints(r) for r in replicas))
+    for i, replica in enumerate(replicas):
+        for j in range(i):
+            common = found[i] & found[j]
+            if common:
+                address, port, _ = min(common)
+                log.warning(
+                    "replicas %s (%s) and %s (%s) resolve to the same server (%s port %d): "
+                    "if they are one vLLM server, list it once (it is modelled as two: two "
+                    "shadow residencies, its load counted apart)",
+                    replicas[j].replica_id, replicas[j].url, replica.replica_id, replica.url,
+                    address, port,
+                )  # fmt: skip
 
 
 # -- small handlers -------------------------------------------------------------------------
@@ -310,5 +353,16 @@ async def no_route(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[GATEWAY].telemetry.render()
-    return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE})
+    """``GET /metrics``: open unless a metrics token is set (``metrics.token`` or
+    ``LORAGATE_METRICS_TOKEN``): then a 401 in the OpenAI error shape without
+    ``Authorization: Bearer <token>`` (the series name adapters, which tenants must not see)."""
+    gateway = request.app[GATEWAY]
+    token = gateway.config.metrics.token  # a reload may set or change it
+    if token is not None and not bearer_matches(request, token):
+        return error_response(  # with WWW-Authenticate: Bearer
+            AuthenticationError(
+                "/metrics: missing or invalid metrics token (Authorization: Bearer <token>; "
+                f"the token is metrics.token or {METRICS_TOKEN_ENV})"
+            )
+        )
+    return web.Response(body=gateway.telemetry.render(), headers={hdrs.CONTENT_TYPE: CONTENT_TYPE})
