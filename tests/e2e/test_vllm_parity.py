@@ -302,3 +302,34 @@ async def test_adapter_admin_bodies(real_vllm: Replica, http: aiohttp.ClientSess
                 for case, real, ours in zip(cases, answers["real"], answers["twin"], strict=True)
                 if real != ours]  # fmt: skip
     assert not problems, "answers differ from vLLM 0.32:\n" + "\n".join(problems)
+
+
+async def test_prompt_lists_as_pydantics_union_reads_them(
+    real_vllm: Replica, http: aiohttp.ClientSession
+) -> None:
+    """``prompt`` is ``list[int >= 0] | list[list[int >= 0]] | str | list[str]``: ``["5", 1]``
+    is read as token ids in lax mode; a list fitting no member is every member's errors."""
+    bodies: list[dict[str, Any]] = [
+        {"model": BASE, "prompt": ["5", 1], "max_tokens": 1},
+        {"model": BASE, "prompt": [[1.0, 2], [True]], "max_tokens": 1},
+        {"model": BASE, "prompt": ["a", 1]},
+        {"model": BASE, "prompt": [[1], [-2, "b"]], "max_tokens": "x"},
+        {"model": BASE, "prompt": ["x", 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]},
+    ]
+    doc: dict[str, Any] = {"base_model": BASE,
+                           "replicas": [{"id": "real0", "url": real_vllm.base_url}]}
+    seen: dict[str, list[Any]] = {}
+    async with (run_replica(_twin_config(real_vllm), host="127.0.0.1", port=0) as twin,
+                running_gateway(config_from_mapping(doc), port=0) as gw):
+        for name, base in (("real", real_vllm.base_url), ("twin", twin.url), ("gateway", gw.url)):
+            seen[name] = []
+            for body in bodies:
+                async with http.post(base + "/v1/completions", json=body) as r:
+                    answer = await r.json()
+                kept = answer["usage"]["prompt_tokens"] if r.status == 200 else answer["error"]
+                seen[name].append((r.status, kept))
+    problems = [f"{name} {body}:\n  got  {got}\n  real {real}"
+                for name in ("twin", "gateway")
+                for body, got, real in zip(bodies, seen[name], seen["real"], strict=True)
+                if got != real]  # fmt: skip
+    assert not problems, "answers differ from vLLM 0.32:\n" + "\n".join(problems)

@@ -86,11 +86,13 @@ def _vllm_answer(model: type[pydantic.BaseModel], payload: Any) -> dict[str, Any
     else:
         return None
     lines = []
-    for err in errors:
+    for err in errors[:10]:  # at most 10 listed
         entry = {**err, "loc": _clean_loc(("body", *err["loc"])), "input": _summary(err["input"])}
         text = str(entry)  # each entry cut at 1,000 characters
         lines.append(f"  {text if len(text) <= 1000 else text[:1000] + '...[truncated]'}\n")
     label = "error" if len(errors) == 1 else "errors"
+    if len(errors) > 10:
+        lines.append(f"  ...and {len(errors) - 10} more {label}\n")
     message = (f"{len(errors)} validation {label}:\n" + "".join(lines)).rstrip()
     param = _clean_loc(("body", *errors[0]["loc"]))
     return {"message": message, "type": "Bad Request", "param": param, "code": 400}
@@ -130,6 +132,16 @@ def test_each_field_is_refused_as_vllm_refuses_it(chat: bool, raw: str) -> None:
             continue
         expected = _vllm_answer(_Chat if chat else _Completion, payload)
         assert _gateway_answer(chat, payload) == expected, (field, raw)
+
+
+@pytest.mark.parametrize(
+    "prompt", [["a", 1], [-1], [[1], "a"], [1e19], ["x", 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+)
+def test_a_bad_prompt_list_is_listed_with_the_other_bad_fields(prompt: list[Any]) -> None:
+    # The gateway refuses the body for its max_tokens: it lists the prompt's errors as vLLM
+    # does (twin.vllm_fields.read_prompt), not only the field it reads.
+    payload = {"prompt": prompt, "max_tokens": 5.5}
+    assert _gateway_answer(False, payload) == _vllm_answer(_Completion, payload)
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])

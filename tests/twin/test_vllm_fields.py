@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import aiohttp
 import pytest
@@ -29,9 +29,12 @@ class _Base(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="allow")
 
 
+_TokenId = Annotated[int, pydantic.Field(ge=0)]
+
+
 class _Completion(_Base):
     model: str | None = None
-    prompt: str | None = None
+    prompt: list[_TokenId] | list[list[_TokenId]] | str | list[str] | None = None
     echo: bool | None = False
     max_tokens: int | None = 16
     n: int = 1
@@ -139,6 +142,32 @@ def test_every_bad_field_is_listed_in_the_models_order(kind: str) -> None:
     assert _twin(kind, payload) == expected
     nulls = {**BASE_BODY[kind], **dict.fromkeys(FIELDS[kind])}  # Optional or not
     assert _twin(kind, nulls) == _vllm(kind, nulls)
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        ["5", 1], [1.0, 2.0], [True, 2], ["5"], [" 5 "], [[1.0], [True]], [[]], [],
+        ["a", 1], [-1], [[1], "a"], [[1], [-2, "b"]], [1, "x"], [1e19], [{}], [None],
+        ["x", 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 5, {"a": 1}, ["9" * 5000, 1],
+    ],
+)  # fmt: skip
+def test_a_prompt_is_read_as_pydantics_union_reads_it(prompt: Any) -> None:
+    payload = {"prompt": prompt, "max_tokens": "bad"}  # (errors are listed with others)
+    assert _twin("completion", payload) == _vllm("completion", payload)
+    ok = {"prompt": prompt}
+    try:
+        value = _Completion.model_validate(ok).prompt
+    except pydantic.ValidationError:
+        return
+    assert value is not None and not isinstance(value, str)
+    prompts = parse_generation_request("completion", ok).prompts
+    if value and all(isinstance(t, int) for t in value):  # one prompt of token ids
+        assert [p.token_ids for p in prompts] == [tuple(value)]
+    else:
+        assert [p.token_ids if isinstance(v, list) else p.echo_text
+                for p, v in zip(prompts, value, strict=True)] == [
+            tuple(v) if isinstance(v, list) else v for v in value]  # fmt: skip
 
 
 @pytest.mark.parametrize("raw", [*VALUES, '"on"', '"T"', '"0x10"', '"+5"', '" 5.0 "'])

@@ -41,7 +41,7 @@ from loragate.gateway.errors import VllmRequestError
 from loragate.twin import vllm_errors
 from loragate.twin.request_prechecks import check_chat_body, check_completion_body
 from loragate.twin.vllm_errors import FieldError, VllmApiError
-from loragate.twin.vllm_fields import prompt_type_errors, read_bool, read_int, read_str
+from loragate.twin.vllm_fields import read_bool, read_int, read_prompt, read_str
 
 
 def _field_error(
@@ -146,8 +146,7 @@ def read_completion(payload: dict[str, Any]) -> GenerationFields:
     _before_checks(check_completion_body, payload)
     errors: list[FieldError] = []
     model = read_str(payload, "model", errors)
-    if prompt is not None and type(prompt) is not str and type(prompt) is not list:
-        errors += prompt_type_errors(prompt)
+    read_prompt(payload, errors)  # (a list's items too: the replica would list their errors)
     echo = read_bool(payload, "echo", errors)
     max_tokens = read_int(payload, "max_tokens", errors)
     stream = read_bool(payload, "stream", errors)

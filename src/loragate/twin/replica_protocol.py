@@ -34,7 +34,7 @@ from loragate.twin.request_prechecks import (
 )
 from loragate.twin.synthetic_text import TINY_LLAMA_FORMAT, VOCAB, PromptFormat
 from loragate.twin.vllm_errors import FieldError, bad_request, validation_error
-from loragate.twin.vllm_fields import field_error, prompt_type_errors, read_bool, read_int, read_str
+from loragate.twin.vllm_fields import field_error, read_bool, read_int, read_prompt, read_str
 
 Kind = Literal["completion", "chat"]
 SYNTHETIC_VOCAB_SIZE = 1024  # the recorded tiny-llama's vocabulary
@@ -262,35 +262,19 @@ def _completion_prompts(f: _Fields) -> list[str | list[int]] | None:
     """The body's prompts: texts and token-id lists (an empty list: none, which vLLM's renderer
     refuses once the model is known; an empty text or id list: the engine's 'cannot be
     empty'). No prompt at all passed vLLM's "before" checks only with ``prompt_embeds``, which
-    are refused once the model is known (``check_prompt_count``)."""
+    are refused once the model is known (``check_prompt_count``). None (errors recorded) when
+    pydantic refuses the value (``vllm_fields.read_prompt``)."""
     if no_prompt(f.body):
         return []
-    prompt = f.body.get("prompt")
+    prompt = read_prompt(f.body, f.errors)
+    if prompt is None:
+        return None
     if isinstance(prompt, str):
         return [prompt]
-    if isinstance(prompt, list):
-        if not prompt:
-            return []
-        if all(_is_token_id(t) for t in prompt):
-            return [prompt]
-        if all(isinstance(p, str) for p in prompt):
-            return list(prompt)
-        if all(isinstance(p, list) and all(_is_token_id(t) for t in p) for p in prompt):
-            return list(prompt)
-    else:  # neither a string nor a list: pydantic's error for each member of the union
-        f.errors += prompt_type_errors(prompt)
-        return None
-    # A list of something else: one error standing for pydantic's per-item union errors.
-    f.errors.append(
-        FieldError(
-            kind="union_type",
-            loc=("body", "prompt"),
-            msg="Input should be a string, a list of strings, a list of token ids or a list "
-            "of lists of token ids",
-            input=prompt,
-        )
-    )
-    return None
+    ids = [t for t in prompt if isinstance(t, int)]
+    if ids:
+        return [ids]  # one prompt of token ids
+    return [p if isinstance(p, str) else list(p) for p in prompt if isinstance(p, str | list)]
 
 
 def _text_prompt(prompt: str, fmt: PromptFormat, *, add_special_tokens: bool) -> PromptSpec:
@@ -311,10 +295,6 @@ def detokenize(token_ids: list[int]) -> str:
     """Synthetic text of a token-id prompt (the replica has no tokenizer): a fixed piece of the
     output vocabulary per id, so the same ids always read the same."""
     return "".join(VOCAB[t % len(VOCAB)] for t in token_ids)
-
-
-def _is_token_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _chat_texts(f: _Fields) -> list[str] | None:

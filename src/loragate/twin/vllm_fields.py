@@ -130,7 +130,7 @@ def read_int(
         if not nullable and name in payload:
             errors.append(field_error("int_type", name, NOT_INT, None))
         return default
-    number = _read_int(value, name, errors)
+    number = _read_int(value, ("body", name), errors)
     if number is None:
         return default
     if ge is not None and number < ge:
@@ -144,38 +144,96 @@ def read_int(
     return number
 
 
-def _read_int(value: Any, name: str, errors: list[FieldError]) -> int | None:
+def _read_int(value: Any, loc: tuple[str | int, ...], errors: list[FieldError]) -> int | None:
+    """``value`` as a lax ``int`` at ``loc``, or None with pydantic's error appended."""
     if type(value) is int:
         return value
     try:
         parsed = lax_int(value)
     except ValueError:  # a string of more digits than int() converts (4,300)
-        errors.append(field_error("int_parsing_size", name, _TOO_BIG, value))
+        errors.append(FieldError(kind="int_parsing_size", loc=loc, msg=_TOO_BIG, input=value))
         return None
     if parsed is not None:
         return parsed
     if isinstance(value, float):
         if not math.isfinite(value):
-            errors.append(
-                field_error("finite_number", name, "Input should be a finite number", value)
-            )
+            kind, msg = "finite_number", "Input should be a finite number"
         elif not value.is_integer():
+            kind, msg = "int_from_float", f"{NOT_INT}, got a number with a fractional part"
+        else:
+            kind, msg = "int_parsing_size", _TOO_BIG
+    elif isinstance(value, str):
+        kind, msg = "int_parsing", f"{NOT_INT}, unable to parse string as an integer"
+    else:
+        kind, msg = "int_type", NOT_INT
+    errors.append(FieldError(kind=kind, loc=loc, msg=msg, input=value))
+    return None
+
+
+Prompt = str | list[int] | list[list[int]] | list[str]
+_NOT_LIST = "Input should be a valid list"
+
+
+def read_prompt(payload: Mapping[str, Any], errors: list[FieldError]) -> Prompt | None:
+    """A completions ``prompt``: ``list[int] | list[list[int]] | str | list[str] | None`` (token
+    ids ``>= 0``), as pydantic's smart union reads it: the first member the value fits exactly
+    (an ``int`` list, a list of them, a ``str`` list), else the first it fits in lax mode
+    (``["5", 1]`` and ``[1.0]`` are token ids), else every member's errors, in member order."""
+    prompt = payload.get("prompt")
+    if prompt is None or type(prompt) is str:
+        return prompt
+    if type(prompt) is not list:
+        errors += prompt_type_errors(prompt)
+        return None
+    if all(type(t) is int and t >= 0 for t in prompt):
+        return prompt
+    if all(type(p) is list and all(type(t) is int and t >= 0 for t in p) for p in prompt):
+        return prompt
+    if all(type(p) is str for p in prompt):
+        return prompt
+    ids_errors: list[FieldError] = []
+    ids = _token_ids(prompt, ("body", "prompt"), ids_errors)
+    if not ids_errors:
+        return ids
+    lists_errors: list[FieldError] = []
+    lists = []
+    for i, p in enumerate(prompt):
+        if type(p) is list:
+            lists.append(_token_ids(p, ("body", "prompt", i), lists_errors))
+        else:
+            lists_errors.append(
+                FieldError(kind="list_type", loc=("body", "prompt", i), msg=_NOT_LIST, input=p)
+            )
+    if not lists_errors:
+        return lists
+    errors += ids_errors + lists_errors
+    errors.append(field_error("string_type", "prompt", NOT_STR, prompt))
+    errors += [
+        FieldError(kind="string_type", loc=("body", "prompt", i), msg=NOT_STR, input=p)
+        for i, p in enumerate(prompt)
+        if type(p) is not str
+    ]
+    return None
+
+
+def _token_ids(items: list[Any], loc: tuple[str | int, ...], errors: list[FieldError]) -> list[int]:
+    """``list[int]`` with ``ge=0`` items, lax."""
+    out = []
+    for i, item in enumerate(items):
+        token = _read_int(item, (*loc, i), errors)
+        if token is not None and token < 0:
             errors.append(
-                field_error(
-                    "int_from_float", name, f"{NOT_INT}, got a number with a fractional part", value
+                FieldError(
+                    kind="greater_than_equal",
+                    loc=(*loc, i),
+                    msg="Input should be greater than or equal to 0",
+                    input=item,
+                    ctx={"ge": 0},
                 )
             )
-        else:
-            errors.append(field_error("int_parsing_size", name, _TOO_BIG, value))
-    elif isinstance(value, str):
-        errors.append(
-            field_error(
-                "int_parsing", name, f"{NOT_INT}, unable to parse string as an integer", value
-            )
-        )
-    else:
-        errors.append(field_error("int_type", name, NOT_INT, value))
-    return None
+        elif token is not None:
+            out.append(token)
+    return out
 
 
 def prompt_type_errors(prompt: Any) -> list[FieldError]:
