@@ -15,8 +15,10 @@ the error names the key. Then, without dropping a request:
   is built before the pool changes: one that cannot be fails the reload (``error``) with
   nothing changed (an ``api_key`` or URL no HTTP request can carry is refused earlier, as a
   bad file);
-* ``admin.token`` changes take effect at once; a new ``base_model`` from the next poll on
-  (a replica that does not serve it gets no traffic).
+* ``admin.token`` and ``metrics.token`` changes take effect at once (with
+  ``LORAGATE_ADMIN_TOKEN`` / ``LORAGATE_METRICS_TOKEN`` read again and checked as the file's
+  values are: a bad one rejects the reload naming the variable); a new ``base_model`` from
+  the next poll on (a replica that does not serve it gets no traffic).
 
 ``/metrics`` counters never go backwards across a reload: a replaced replica's series count
 on, a removed replica's counters keep their last value (its health and in-flight gauges
