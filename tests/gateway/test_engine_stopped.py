@@ -73,6 +73,7 @@ class StoppingReplica(ScriptedReplica):
         self.fail_with: str | None = None
         self.stream_error: str | None = None
         self.aborting = False
+        self.done_gate: asyncio.Event | None = None  # set: the error event waits for it
         self.token: str | None = None  # set: a stream of this token, then finish_reason length
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
@@ -106,6 +107,8 @@ class StoppingReplica(ScriptedReplica):
         error = {"error": {"message": self.stream_error, "type": "InternalServerError",
                            "param": None, "code": 500}}  # fmt: skip
         await resp.write(b"data: " + json.dumps(error).encode() + b"\n\n")
+        if self.done_gate is not None:
+            await self.done_gate.wait()
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
@@ -305,3 +308,28 @@ async def test_a_stream_the_replica_aborted_counts_as_a_stream_error(
             metrics
         )
         assert 'loragate_requests_total{adapter="",replica="r0",status="200"} 1.0' in metrics
+
+
+async def test_a_client_that_leaves_on_the_error_event_still_counts_a_stream_error(
+    replicas: list[StoppingReplica],
+) -> None:
+    # vLLM sends [DONE] after its error event; the openai SDK raises at the event and the
+    # client closes the stream before it: still the replica's stream_error, not client_closed.
+    rep = replicas[0]
+    rep.stream_error = VLLM_ENGINE_DEAD
+    rep.done_gate = asyncio.Event()
+    cfg = gateway_config([rep.url])
+    async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as client:
+        stream = await client.completions.create(model=BASE, prompt="p", max_tokens=3, stream=True)
+        async with stream as events:
+            with pytest.raises(openai.APIError, match="EngineCore encountered an issue"):
+                async for _ in events:
+                    pass
+
+        def counted(status: str) -> bool:
+            line = f'loragate_requests_total{{adapter="",replica="r0",status="{status}"}} 1.0'
+            return line in gw.gateway.telemetry.render().decode()
+
+        await wait_until(lambda: counted("stream_error") or counted("client_closed"), "a count")
+        rep.done_gate.set()
+        assert counted("stream_error") and not counted("client_closed")

@@ -624,9 +624,18 @@ class Proxy:
         retries: int,
         stage: str,
         ttft_s: float | None = None,
+        outcome: str = "200",
     ) -> None:
         """Count (and log in the access log, at DEBUG: clients leave all the time) a request
-        whose client went away before its answer was out."""
+        whose client went away before its answer was out. ``outcome``: the stream's so far; a
+        stream the replica ended unfinished stays a ``stream_error`` (clients leave on an error
+        event: the openai SDK raises at once)."""
+        if outcome == STREAM_ERROR:
+            self._finished(
+                rreq, path, rid, STREAM_ERROR, t0, retries, ttft_s,
+                f"the client went away after the replica's error, while {stage}",
+            )  # fmt: skip
+            return
         self._finished(
             rreq, path, rid, CLIENT_CLOSED, t0, retries, ttft_s,
             f"the client went away while {stage}",
@@ -799,8 +808,9 @@ class Proxy:
                     # aborts the generation on the replica.
                     counted = True
                     self._client_left(
-                        rreq, path, rid, t0, retries, f"streaming (after {relayed} bytes)", ttft_s
-                    )
+                        rreq, path, rid, t0, retries, f"streaming (after {relayed} bytes)",
+                        ttft_s, outcome,
+                    )  # fmt: skip
                     return out
             telemetry.observe_latency(rid, self._now() - t_send)
             self._finished(rreq, path, rid, outcome, t0, retries, ttft_s)
@@ -811,8 +821,9 @@ class Proxy:
             if not self._was_cut(_current_task()):
                 if not counted:  # the client went away (aiohttp cancelled the handler)
                     self._client_left(
-                        rreq, path, rid, t0, retries, f"streaming (after {relayed} bytes)", ttft_s
-                    )
+                        rreq, path, rid, t0, retries, f"streaming (after {relayed} bytes)",
+                        ttft_s, outcome,
+                    )  # fmt: skip
                 raise
             if not ended:
                 # Cut at the shutdown deadline: end the stream with an error event, cleanly.
