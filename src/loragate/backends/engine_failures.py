@@ -38,7 +38,7 @@ _MAX_QUOTED = 300  # an error event quoted in a log line is cut here
 # json.dumps' spaces too). ``ABORT`` is searched first: one scan while none is there.
 ABORT = b'"abort"'
 _ABORTED = (b'"finish_reason":"abort"', b'"finish_reason": "abort"')
-ABORTED_MESSAGE = "the replica aborted the generation (finish_reason 'abort': it is stopping)"
+ABORTED_MESSAGE = "a 200 with finish_reason 'abort': it is stopping"
 
 
 def aborted(body: bytes) -> bool:

@@ -649,8 +649,8 @@ class Proxy:
         url = client.base_url
         self._pool.report_failure(rid, f"answering ({url}): {message}", client=client)
         log.warning(
-            "request %s (model %s) on replica %s (%s): the replica stopped the request before "
-            "answering it (%s): the replica is out of rotation until a poll succeeds",
+            "request %s (model %s) on replica %s (%s): the replica stopped the request, nothing "
+            "of it reached the client (%s): the replica is out of rotation until a poll succeeds",
             rreq.request_id,
             rreq.adapter or "<base>",
             rid,
