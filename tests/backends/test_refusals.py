@@ -46,3 +46,20 @@ def test_a_zero_ttl_only_counts() -> None:
     refusals.record(BIG, "r0", "no")
     assert refusals.refusing(BIG) == ()
     assert refusals.counts == {("big", "r0"): 1}
+
+
+def test_a_refusal_is_news_once_while_it_is_remembered() -> None:
+    # The pool logs a refusal at WARNING only when it is news (once per TTL per replica).
+    clock = VirtualClock(100.0)
+    refusals = Refusals(60.0, clock)
+    assert refusals.record(BIG, "r0", "no") is True
+    assert refusals.record(BIG, "r1", "no") is True
+    clock.advance_to(130.0)
+    assert refusals.record(BIG, "r0", "no") is False  # remembered: not news
+    assert refusals.record(AdapterSpec(name="big", path="/new/big"), "r0", "no") is True
+    in_force = refusals.in_force(AdapterSpec(name="big", path="/new/big"))
+    assert set(in_force) == {"r0"} and in_force["r0"].until_s == 190.0
+    clock.advance_to(190.0)  # lapsed: news again
+    assert refusals.in_force(BIG) == {}
+    assert refusals.record(BIG, "r1", "no") is True
+    assert Refusals(0.0, clock).record(BIG, "r0", "no") is True  # no memory: always news
