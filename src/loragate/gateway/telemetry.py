@@ -210,7 +210,8 @@ class _ProxyMetrics(Collector):
             "loragate_requests",
             "Requests this gateway instance answered, by adapter ('' = base model), replica "
             "('' = none chosen) and status: the HTTP status sent, or client_closed (the "
-            "client left first), stream_error (the replica broke off a started stream), "
+            "client left first), stream_error (the replica broke off a started stream, or "
+            "ended it with its own error event or finish_reason abort), "
             "shutdown (a stream cut at the shutdown deadline). A request retried on another "
             "replica counts once, with the replica that answered it (the failed attempt is "
             "in loragate_upstream_retries_total).",
@@ -236,7 +237,9 @@ class _ProxyMetrics(Collector):
             "bad_response (an answer that is not HTTP), refused_load (refused to load the "
             "adapter), load_failed (the adapter load did not get through: connect or "
             "dropped), adapter_missing (answered 404 for an adapter the gateway had loaded "
-            "there, e.g. after a restart: routed again, and the adapter loaded again). "
+            "there, e.g. after a restart: routed again, and the adapter loaded again), "
+            "engine_stopped (the replica stopped the request before any answer reached the "
+            "client: vLLM's finish_reason abort at shutdown, or its engine-dead 500). "
             "Except after adapter_missing the retry goes to another replica. "
             "loragate_requests_total counts the request once, with the replica that "
             "answered it.",
