@@ -359,6 +359,10 @@ async def test_a_name_registered_before_a_config_file_defines_it_stays_the_regis
 
         assert await eventually(a_serves, lambda p: p == a_path) == a_path
         assert await _conflicts_gauge(http, gw_a) == 0
-        assert "x" not in gw_b.gateway.catalog.adapters
+
+        async def b_serves() -> bool:  # B learns of the deletion at its next state refresh
+            return "x" in gw_b.gateway.catalog.adapters
+
+        assert await eventually(b_serves, lambda served: not served) is False
         async with http.delete(gw_a.url + "/admin/adapters/x", headers=AUTH) as resp:
             assert resp.status == 409  # the file's now: edit the file instead
