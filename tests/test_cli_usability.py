@@ -159,3 +159,23 @@ def test_simulate_names_a_misspelt_workload_key_first_with_its_line(
     assert capsys.readouterr().err == (
         f"loragate simulate: error: {spec}:5:3: arrivals.cv: expected a number, got 'high'\n"
     )
+
+
+def test_serve_names_a_bad_config_key_with_its_line_in_one_line(tmp_path: Path) -> None:
+    """From the shell: a misspelt gateway config key gets the line and the nearest key, as a
+    workload's does; YAML nested too deep is one line too (PyYAML's RecursionError printed a
+    traceback of ~3,000 lines)."""
+    config = tmp_path / "gw.yaml"
+    config.write_text("base_model: m\nreplicas: ['http://127.0.0.1:9']\nlimts: {}\n")
+    done = _loragate("serve", "--config", str(config))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1
+    assert done.stderr.startswith("loragate serve: ")
+    assert f"{config}:3:1: limts: unknown key (is 'limts' a misspelling of 'limits'?)\n" in (
+        done.stderr
+    )
+    config.write_text("base_model: m\nreplicas: " + "[" * 5000 + "]" * 5000 + "\n")
+    done = _loragate("serve", "--config", str(config))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert f"{config}:2:110: nested more than 100 levels deep" in done.stderr

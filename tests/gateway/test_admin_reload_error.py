@@ -3,8 +3,10 @@ saying that the running config stays in force, logged with the file and its trac
 SIGHUP reload's failure is: ``reload.log_reload_failure``), counted as ``error``; the gateway
 serves on. Before, the exception reached aiohttp: its plain-text 500 page, no loragate log line.
 
-The real trigger that validation cannot catch today: YAML nested deeper than the YAML reader
-can recurse (``RecursionError`` out of ``load_config``; see test_reload_sighup_error.py)."""
+The real trigger that validation cannot catch today: an adapter folder whose
+``adapter_config.json`` is JSON nested deeper than ``json`` can recurse (``RecursionError`` out
+of ``load_config``'s rank check; see test_reload_sighup_error.py). YAML nested too deep, the
+trigger before, is a bad file now: a 400 naming its line (test_config_reload_lines.py)."""
 
 from __future__ import annotations
 
@@ -21,14 +23,15 @@ from loragate.gateway import load_config, running_gateway
 
 TOKEN = "reload-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-TOO_DEEP = f"base_model: {BASE}\nreplicas: " + "[" * 5000 + "]" * 5000 + "\n"
 
 
-def _write(path: Path, replicas: list[ScriptedReplica]) -> Path:
+def _write(
+    path: Path, replicas: list[ScriptedReplica], adapter_path: str = "/loras/lora-0"
+) -> Path:
     doc: dict[str, Any] = {
         "base_model": BASE,
         "replicas": [{"id": r.name, "url": r.url} for r in replicas],
-        "adapters": [{"name": "lora-0", "path": "/loras/lora-0"}],
+        "adapters": [{"name": "lora-0", "path": adapter_path}],
         "poller": {"interval_s": 3600},
         "admin": {"token": TOKEN},
     }
@@ -46,7 +49,11 @@ async def test_a_reload_that_fails_otherwise_is_a_logged_500_in_the_error_shape(
         openai_client(gw.url) as client,
         aiohttp.ClientSession() as http,
     ):
-        path.write_text(TOO_DEEP, encoding="utf-8")
+        folder = tmp_path / "deep-adapter"  # the trigger (see the docstring)
+        folder.mkdir()
+        deep = "[" * 100_000 + "]" * 100_000
+        (folder / "adapter_config.json").write_text(deep, encoding="utf-8")
+        _write(path, [r0], adapter_path=str(folder))
         caplog.set_level(logging.ERROR, logger="loragate")
         async with http.post(gw.url + "/admin/reload", headers=AUTH) as resp:
             assert resp.status == 500

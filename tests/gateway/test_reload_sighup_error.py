@@ -4,16 +4,21 @@ and counted, and the gateway serves on.
 * A replica ``api_key`` that no HTTP header can carry (not Latin-1) used to pass config
   validation and fail the reload half-way while applying it (b749932); it is a bad file now,
   refused at load naming the key (``rejected``, nothing applied).
+* YAML nested deeper than the YAML reader could recurse was a ``RecursionError`` out of
+  ``load_config`` (counted ``error``, a traceback of thousands of lines); it is a bad file
+  now, refused naming the file, the line and column where it gets too deep.
 * A reload that fails other than on a bad file (``error``) is logged with its file and
-  traceback. The real trigger that validation cannot catch today: YAML nested deeper than the
-  YAML reader can recurse (``RecursionError`` out of ``load_config``). If
-  ``workload.yaml_file`` learns to refuse such a file as a ``ConfigError``, that case needs
-  another trigger.
+  traceback. The real trigger that validation cannot catch today: an adapter folder whose
+  ``adapter_config.json`` is JSON nested deeper than ``json`` can recurse
+  (``twin.adapters.read_adapter_folder`` catches ``JSONDecodeError`` but not the
+  ``RecursionError`` of the config's rank check, ``gateway.adapter_rank``). If that reader
+  learns to refuse such a folder, this case needs another trigger.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -27,15 +32,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from loragate.core.errors import ConfigError
 from loragate.gateway import load_config
 
-# Deeper than the YAML reader can recurse (Python's default recursion limit is 1000).
+# Deeper than the YAML reader could recurse (Python's default recursion limit is 1000).
 TOO_DEEP = f"base_model: {BASE}\nreplicas: " + "[" * 5000 + "]" * 5000 + "\n"
 
 
-def _write(path: Path, replicas: list[dict[str, Any]]) -> Path:
+def _write(path: Path, replicas: list[dict[str, Any]], adapter_path: str = "/loras/lora-0") -> Path:
     doc: dict[str, Any] = {
         "base_model": BASE,
         "replicas": replicas,
-        "adapters": [{"name": "lora-0", "path": "/loras/lora-0"}],
+        "adapters": [{"name": "lora-0", "path": adapter_path}],
         "poller": {"interval_s": 3600},
     }
     path.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
@@ -76,8 +81,15 @@ async def test_failed_sighup_reloads_are_logged_and_change_nothing(
     with pytest.raises(ConfigError, match=r"replicas\[0\]\.api_key: "):
         load_config(tmp_path / "check.yaml")
     (tmp_path / "deep.yaml").write_text(TOO_DEEP, encoding="utf-8")
-    with pytest.raises(RecursionError):  # the trigger of the second case (see the docstring)
+    with pytest.raises(ConfigError, match=r"deep\.yaml:2:\d+: nested more than 100 levels deep"):
         load_config(tmp_path / "deep.yaml")
+    # The trigger of the last case (see the docstring): an adapter folder the rank check
+    # reads, whose adapter_config.json is JSON nested too deep for ``json``.
+    folder = tmp_path / "deep-adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    with pytest.raises(RecursionError):
+        load_config(_write(tmp_path / "check.yaml", [r0], adapter_path=str(folder)))
     async with serve_process(path) as serve, aiohttp.ClientSession() as http:
         assert await _complete(http, serve.url) == "r0"
 
@@ -85,17 +97,26 @@ async def test_failed_sighup_reloads_are_logged_and_change_nothing(
         _write(path, bad)
         serve.proc.send_signal(signal.SIGHUP)
         line = await serve.wait_for_log(r"config reload rejected, keeping the running config: (.*)")
-        assert line.group(1).startswith(f"{path}: replicas[0].api_key: character '\\u043a'")
+        where = re.escape(str(path))  # then the line and column of the key, then the key
+        assert re.match(rf"{where}:\d+:\d+: replicas\[0\]\.api_key: character '\\u043a'", line[1])
         assert _reloads(await _metrics(serve.url)) == {"ok": 0, "rejected": 1, "error": 0}
 
-        # A file the reader fails on other than as a bad file: logged with its traceback.
+        # YAML nested too deep: a bad file too, named at its line (was a RecursionError).
         path.write_text(TOO_DEEP, encoding="utf-8")
+        serve.proc.send_signal(signal.SIGHUP)
+        line = await serve.wait_for_log(r"config reload rejected, keeping the running config: (.*)")
+        assert line[1].startswith(f"{path}:2:")
+        assert line[1].endswith("nested more than 100 levels deep (a loragate file needs a few)")
+        assert _reloads(await _metrics(serve.url)) == {"ok": 0, "rejected": 2, "error": 0}
+
+        # A file the reader fails on other than as a bad file: logged with its traceback.
+        _write(path, [r0, r1], adapter_path=str(folder))
         serve.proc.send_signal(signal.SIGHUP)
         line = await serve.wait_for_log(r"config reload \(SIGHUP\) of (\S+) failed, serving on")
         assert line.group(1) == str(path)
         await serve.wait_for_log(r"^RecursionError", max_lines=10_000)  # the traceback's end
         seen = await _metrics(serve.url)
-        assert _reloads(seen) == {"ok": 0, "rejected": 1, "error": 1}
+        assert _reloads(seen) == {"ok": 0, "rejected": 2, "error": 1}
 
         # Nothing applied: r1 was not added, r0 keeps its entry and serves.
         assert ("loragate_replica_healthy", (("replica", "r1"),)) not in seen
@@ -110,6 +131,6 @@ async def test_failed_sighup_reloads_are_logged_and_change_nothing(
         await serve.wait_for_log(r"config reloaded: .* \+\['r1'\]")
         seen = await _metrics(serve.url)
         assert seen[("loragate_replica_healthy", (("replica", "r1"),))] == 1
-        assert _reloads(seen) == {"ok": 1, "rejected": 1, "error": 1}
+        assert _reloads(seen) == {"ok": 1, "rejected": 2, "error": 1}
         serve.proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(serve.proc.wait(), timeout=30) == 0

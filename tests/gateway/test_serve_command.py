@@ -173,3 +173,34 @@ async def test_a_port_in_use_fails_before_any_replica_traffic(tmp_path: Path) ->
         f"loragate serve: cannot listen on 127.0.0.1:{port}: Address already in use\n"
     )
     assert connections == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (
+            "base_model: m\nreplicas: ['http://127.0.0.1:1']\nlimits:\n  request_timeout_s: -1\n",
+            "gw.yaml:4:3: limits.request_timeout_s: must be a positive number of seconds, got -1",
+        ),
+        (
+            "base_model: m\nreplicas: ['http://127.0.0.1:1']\nlimits:\n  request_timout_s: 5\n",
+            "gw.yaml:4:3: limits.request_timout_s: unknown key "
+            "(is 'request_timout_s' a misspelling of 'request_timeout_s'?)",
+        ),
+        # PyYAML recursed per level: a RecursionError and a traceback of ~3,000 lines
+        (
+            "base_model: m\nreplicas: " + "[" * 5000 + "]" * 5000 + "\n",
+            "gw.yaml:2:110: nested more than 100 levels deep",
+        ),
+    ],
+    ids=["bad-value", "misspelt-key", "nested-too-deep"],
+)
+def test_a_bad_config_is_one_line_naming_the_file_the_line_and_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, expected: str
+) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text(content, encoding="utf-8")
+    assert main(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loragate serve: ") and f"{tmp_path}/{expected}" in err
+    assert err.count("\n") == 1 and "Traceback" not in err

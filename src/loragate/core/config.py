@@ -1,9 +1,12 @@
 """Gateway configuration: a plain mapping (parsed from YAML by the caller) -> frozen dataclasses.
 
 All validation lives here, so a bad file fails at load time with one :class:`ConfigError` that
-names the offending key (``replicas[1].url``), never per request. ``core`` may not import
-``yaml`` (see ``tests/test_architecture.py``); ``loragate.gateway.config_file.load_config``
-reads the file and calls :func:`config_from_mapping`.
+names the offending key (``replicas[1].url``), never per request; a key that is not one of its
+mapping's is reported before anything else there, with the nearest known key as a hint
+(``limits.request_timout_s: unknown key (is 'request_timout_s' a misspelling of
+'request_timeout_s'?)``). ``core`` may not import ``yaml`` (see ``tests/test_architecture.py``);
+``loragate.gateway.config_file.load_config`` reads the file, calls :func:`config_from_mapping`
+and puts the file, line and column of the key in front of its errors.
 
 Example (see ``examples/gateway.yaml``)::
 
@@ -24,10 +27,11 @@ Example (see ``examples/gateway.yaml``)::
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -132,6 +136,16 @@ ADMIN_TOKEN_ENV = "LORAGATE_ADMIN_TOKEN"
 METRICS_TOKEN_ENV = "LORAGATE_METRICS_TOKEN"
 
 
+class EnvironmentVariableError(ConfigError):
+    """A bad value of an environment variable read with the config file (its key names the
+    variable): not in the file, so no line of it is named."""
+
+    def __init__(self, error: ConfigError) -> None:
+        super().__init__(error.message)
+        self.key = error.key
+        self.param = error.key
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AdminConfig:
     """The ``admin:`` section. ``token``: ``admin.token``, else ``LORAGATE_ADMIN_TOKEN`` (read
@@ -218,11 +232,19 @@ def _sequence(value: object, key: str) -> Sequence[Any]:
     return value
 
 
+def unknown_key(name: str, allowed: Collection[str]) -> str:
+    """What is wrong with key ``name`` where only ``allowed`` are read: the nearest allowed
+    key as a hint when one is close, else the list."""
+    near = difflib.get_close_matches(name, sorted(allowed), n=1)
+    if near:
+        return f"unknown key (is {name!r} a misspelling of {near[0]!r}?)"
+    return f"unknown key (allowed: {', '.join(sorted(allowed))})"
+
+
 def _check_keys(data: Mapping[str, Any], allowed: set[str], key: str) -> None:
     for k in data:
         if k not in allowed:
-            where = f"{key}.{k}" if key else k
-            raise ConfigError(f"unknown key (allowed: {', '.join(sorted(allowed))})", key=where)
+            raise ConfigError(unknown_key(k, allowed), key=f"{key}.{k}" if key else k)
 
 
 def _str(value: object, key: str) -> str:
@@ -619,7 +641,10 @@ def _token(section: object, name: str, environ: Mapping[str, str], env: str) -> 
     even while the file's token is in force (a reload without it would put it in force)."""
     from_env = environ.get(env) or None
     if from_env is not None:
-        _header_value(from_env, f"environment variable {env}", _KEY_MATCHED)
+        try:
+            _header_value(from_env, f"environment variable {env}", _KEY_MATCHED)
+        except ConfigError as exc:
+            raise EnvironmentVariableError(exc) from None
     if section is None:
         return from_env
     data = _mapping(section, name)

@@ -4,11 +4,16 @@
 ``routing:`` section is also built once with ``loragate.routing.build_policy`` so an unknown
 policy fails at load time, naming the key.
 
-Problems in the file itself are one line too: a YAML syntax error names ``file:line:column``,
-a file that is not UTF-8 says so, and a key written twice in one mapping (which YAML would
-otherwise settle silently, the last one winning) is an error naming the key. The strict YAML
-reading is the workload specs' (``loragate.workload.yaml_file``: also YAML 1.2 booleans), so
-both kinds of file follow the same rules.
+Every problem is one line naming the file, the line and column of the key and the key, as a
+workload spec's are (``gw.yaml:7:3: limits.request_timeout_s: must be a positive number of
+seconds, got -1``; a missing key points at the mapping that lacks it), routing errors
+included; a misspelt key is reported before anything else in its mapping, with the nearest
+key as a hint. A YAML syntax error names ``file:line:column``, a file that is not UTF-8 says
+so, a key written twice in one mapping (which YAML would otherwise settle silently, the last
+one winning) and nesting deeper than any config needs are errors at their line. The strict
+YAML reading and the rendering are the workload specs' (``loragate.workload.yaml_file``: also
+YAML 1.2 booleans), so both kinds of file follow the same rules. A bad
+``LORAGATE_ADMIN_TOKEN`` / ``LORAGATE_METRICS_TOKEN`` names the variable, not a line.
 
 Adapter ranks are read from the adapters' folders where the gateway can read them
 (``gateway.adapter_rank``): a ``rank:`` that disagrees with the folder's ``r`` is an error
@@ -22,20 +27,23 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-from loragate.core.config import GatewayConfig, config_from_mapping
+from loragate.core.config import EnvironmentVariableError, GatewayConfig, config_from_mapping
 from loragate.core.errors import ConfigError
 from loragate.gateway.adapter_rank import DEFAULT_RANK, RankError, settle_rank
 from loragate.routing import build_policy
-from loragate.workload.yaml_file import load_yaml_text, read_text_file
+from loragate.workload.yaml_file import load_yaml_with_lines, naming_file, read_text_file
 
 log = logging.getLogger(__name__)
 
 
 def parse_config_text(text: str, *, source: str = "<config>") -> GatewayConfig:
-    data = load_yaml_text(text, source)
-    config = config_from_mapping(data)
-    build_policy(config.routing.build_spec(), seed=config.routing.seed)  # validate now
-    return _settle_ranks(config, data, source)
+    """Validate ``text``; any problem is one ``ConfigError`` naming ``source``, the line and
+    column of the key and the key (``SpecFileError``), or the environment variable."""
+    data, lines = load_yaml_with_lines(text, source)
+    with naming_file(source, lines, outside=(EnvironmentVariableError,)):
+        config = config_from_mapping(data)
+        build_policy(config.routing.build_spec(), seed=config.routing.seed)  # validate now
+        return _settle_ranks(config, data, source)
 
 
 def _settle_ranks(config: GatewayConfig, data: object, source: str) -> GatewayConfig:
@@ -65,6 +73,7 @@ def _settle_ranks(config: GatewayConfig, data: object, source: str) -> GatewayCo
 
 
 def load_config(path: str | Path) -> GatewayConfig:
-    """Load and validate ``path``; any problem is one ``ConfigError`` naming the key."""
+    """Load and validate ``path``; any problem is one ``ConfigError`` naming the file, the
+    line and the key (see :func:`parse_config_text`)."""
     p = Path(path)
     return parse_config_text(read_text_file(p, "config file"), source=str(p))

@@ -7,20 +7,21 @@ of the wrong type or out of range. A node told which keys its mapping may have
 before a required key is found missing, with the nearest known key as a hint; :meth:`Node.finish`
 rejects keys nobody read (a known key that these settings do not use).
 
-:func:`naming_file` puts the file, and the line and column where the key is written, in front of
-an error raised inside it: ``w.yaml:7:3: arrivals.cv: expected a number, got 'high'``.
+:func:`naming_file` (``workload.yaml_file``, shared with the gateway's config file) puts the
+file, and the line and column where the key is written, in front of an error raised inside it:
+``w.yaml:7:3: arrivals.cv: expected a number, got 'high'``.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Final
 
 from loragate.core.errors import ConfigError
-from loragate.workload.yaml_file import NO_LINES, KeyLines, locate
+from loragate.workload.yaml_file import SpecFileError as SpecFileError
+from loragate.workload.yaml_file import naming_file as naming_file
 
 
 class _Missing:
@@ -28,33 +29,6 @@ class _Missing:
 
 
 MISSING: Final = _Missing()
-
-
-class SpecFileError(ConfigError):
-    """A :class:`ConfigError` found in a spec file: ``FILE:LINE:COLUMN: key: what is wrong``
-    (``FILE: what is wrong`` when nothing in the file can be pointed at, e.g. it is empty)."""
-
-    def __init__(
-        self, source: str, error: ConfigError, where: tuple[int, int] | None = None
-    ) -> None:
-        at = f"{source}:{where[0]}:{where[1]}" if where is not None else source
-        super().__init__(f"{at}: {error}")
-        self.key = error.key
-        self.param = error.key
-        self.source = source
-        self.line = where[0] if where is not None else None
-
-
-@contextmanager
-def naming_file(source: str, lines: KeyLines = NO_LINES) -> Iterator[None]:
-    """Re-raise a :class:`ConfigError` raised inside as a :class:`SpecFileError` of ``source``,
-    at the line in ``lines`` of its key (or of the nearest enclosing key that is written)."""
-    try:
-        yield
-    except SpecFileError:
-        raise
-    except ConfigError as exc:
-        raise SpecFileError(source, exc, locate(lines, exc.key)) from exc
 
 
 def type_name(value: object) -> str:

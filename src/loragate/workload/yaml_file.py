@@ -5,15 +5,24 @@
   ``on``, ``off``, ``yes``, ``no``, ``y`` and ``n`` as booleans, so ``start: on`` would not be
   the string a spec means.
 - A syntax error is ``FILE:LINE:COLUMN: not valid YAML: problem``, not PyYAML's several lines.
+- A document nested more than ``MAX_DEPTH`` levels deep (through aliases too) is refused at the
+  line where it gets too deep, before anything recurses that deep (PyYAML's composer recurses
+  per level: ``[[[[...`` a few hundred deep was a ``RecursionError`` and a traceback thousands of
+  lines long), and a scalar PyYAML cannot build (``2024-13-01``, an integer of 5,000 digits)
+  is refused at its line rather than escaping as a ``ValueError``.
 - A file that cannot be read, or is not UTF-8, is one line naming it (``read_text_file``).
 - ``load_yaml_with_lines`` also says where each key is written (``KeyLines``), so a value that
-  parses but is invalid can be reported at its line too.
+  parses but is invalid can be reported at its line too: :func:`naming_file` puts the file, and
+  the line and column of the error's key, in front of a ``ConfigError`` raised while reading
+  the parsed document (``w.yaml:7:3: arrivals.cv: expected a number, got 'high'``). Workload
+  specs and gateway config files are both read this way.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeAlias
@@ -24,13 +33,69 @@ from loragate.core.errors import ConfigError
 
 _BOOL_TAG = "tag:yaml.org,2002:bool"
 
+# Deepest nesting read (the document's own level is 1). loragate's files need a handful of
+# levels; this bounds the recursion of PyYAML's composer and of everything that walks the
+# parsed document, far below Python's recursion limit.
+MAX_DEPTH = 100
 
-class _DuplicateKeyError(yaml.MarkedYAMLError):
-    pass
+
+class _RefusedError(yaml.MarkedYAMLError):
+    """Valid YAML that the strict reader refuses (a key written twice, too deep, a scalar that
+    cannot be built): said without "not valid YAML"."""
 
 
 class StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` with YAML 1.2 booleans that rejects duplicate keys."""
+    """``yaml.SafeLoader`` with YAML 1.2 booleans that rejects duplicate keys, nesting deeper
+    than ``MAX_DEPTH`` and scalars it cannot build, each at its line."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        # Levels of each composed collection, itself included (scalars: 1), so an alias is
+        # measured by what it brings in.
+        self._levels: dict[yaml.Node, int] = {}
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event: Any = self.peek_event()  # type: ignore[no-untyped-call]
+        if self.check_event(yaml.AliasEvent):
+            target = self.anchors.get(event.anchor)
+            if target is not None and self._depth + self._levels.get(target, 1) > MAX_DEPTH:
+                raise _RefusedError(
+                    problem=f"alias *{event.anchor} nests the document more than {MAX_DEPTH} "
+                    "levels deep (a loragate file needs a few)",
+                    problem_mark=event.start_mark,
+                )
+            return super().compose_node(parent, index)
+        if self._depth >= MAX_DEPTH:
+            raise _RefusedError(
+                problem=f"nested more than {MAX_DEPTH} levels deep (a loragate file needs a few)",
+                problem_mark=event.start_mark,
+            )
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if isinstance(node, yaml.SequenceNode):
+            children: list[yaml.Node] = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        else:
+            return node
+        self._levels[node] = 1 + max((self._levels.get(c, 1) for c in children), default=0)
+        return node
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, OverflowError) as exc:  # int() of too many digits, a bad date
+            text = str(node.value)
+            shown = repr(text) if len(text) <= 40 else f"{text[:20]!r}... ({len(text)} characters)"
+            kind = node.tag.rsplit(":", 1)[-1]
+            raise _RefusedError(
+                problem=f"cannot read {shown} as a YAML {kind}: {str(exc).split(';')[0]}",
+                problem_mark=node.start_mark,
+            ) from exc
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -44,7 +109,7 @@ class StrictLoader(yaml.SafeLoader):
             except TypeError:  # an unhashable key: SafeLoader reports it below
                 continue
             if duplicate:
-                raise _DuplicateKeyError(
+                raise _RefusedError(
                     problem=f"duplicate key {key!r} (it is written twice in this mapping)",
                     problem_mark=key_node.start_mark,
                 )
@@ -70,7 +135,7 @@ def yaml_error(exc: yaml.YAMLError, source: str) -> ConfigError:
         if context and start is not None and start is not mark:
             context += f" (from line {start.line + 1}, column {start.column + 1})"
         what = "; ".join(p for p in (context, exc.problem) if p)
-        if isinstance(exc, _DuplicateKeyError):
+        if isinstance(exc, _RefusedError):
             return ConfigError(f"{where}: {what}")
         return ConfigError(f"{where}: not valid YAML: {what}")
     return ConfigError(f"{source}: not valid YAML: {' '.join(str(exc).split())}")
@@ -144,6 +209,38 @@ def locate(lines: KeyLines, key: str | None) -> tuple[int, int] | None:
             return None
         cut = path.rfind("[") if path.endswith("]") else path.rfind(".")
         path = path[: max(cut, 0)]
+
+
+class SpecFileError(ConfigError):
+    """A :class:`ConfigError` found in a file (a workload spec, a gateway config):
+    ``FILE:LINE:COLUMN: key: what is wrong`` (``FILE: what is wrong`` when nothing in the file
+    can be pointed at, e.g. it is empty)."""
+
+    def __init__(
+        self, source: str, error: ConfigError, where: tuple[int, int] | None = None
+    ) -> None:
+        at = f"{source}:{where[0]}:{where[1]}" if where is not None else source
+        super().__init__(f"{at}: {error}")
+        self.key = error.key
+        self.param = error.key
+        self.source = source
+        self.line = where[0] if where is not None else None
+
+
+@contextmanager
+def naming_file(
+    source: str, lines: KeyLines = NO_LINES, *, outside: tuple[type[ConfigError], ...] = ()
+) -> Iterator[None]:
+    """Re-raise a :class:`ConfigError` raised inside as a :class:`SpecFileError` of ``source``,
+    at the line in ``lines`` of its key (or of the nearest enclosing key that is written).
+    Errors of the ``outside`` classes are not about the file (e.g. an environment variable
+    read with it) and pass as they are."""
+    try:
+        yield
+    except ConfigError as exc:
+        if isinstance(exc, (SpecFileError, *outside)):
+            raise
+        raise SpecFileError(source, exc, locate(lines, exc.key)) from exc
 
 
 def read_text_file(path: Path, what: str) -> str:
