@@ -180,7 +180,7 @@ def test_a_bad_token_in_the_environment_names_the_variable_not_a_line(
         # PyYAML's composer recursed per level: a RecursionError and a traceback of ~3,000 lines
         ("base_model: m\nreplicas: " + "[" * 5000 + "]" * 5000 + "\n",
          f"2:{11 + MAX_DEPTH - 1}: nested more than {MAX_DEPTH} levels deep"),
-        # under routing, the validator's own recursion (freezing the section) failed first
+        # inside routing: refused where it gets too deep, before any routing check reads it
         ("base_model: m\nreplicas: [http://h:1]\nrouting: {policy: round_robin, x: "
          + "[" * 300 + "]" * 300 + "}\n", f"3:{35 + MAX_DEPTH - 2}: nested more than"),
         # aliases bring their anchor's depth with them
@@ -196,6 +196,19 @@ def test_yaml_nested_too_deep_is_one_line_naming_where(
     message = _message(tmp_path, text)
     assert message.startswith(expected), message
     assert f"more than {MAX_DEPTH} levels deep" in message
+
+
+def test_a_chain_of_aliases_too_deep_is_refused_at_the_alias(tmp_path: Path) -> None:
+    """Each anchor 50 levels deep, each holding the one before: PyYAML composed it, and the
+    validator's own recursion over the routing section (``core.config._freeze``) raised
+    RecursionError."""
+    anchors = ["x0: &a0 " + "[" * 50 + "]" * 50]
+    anchors += [f"x{i}: &a{i} " + "[" * 50 + f"*a{i - 1}" + "]" * 50 for i in range(1, 20)]
+    text = "base_model: m\nreplicas: [http://h:1]\nrouting:\n  policy: round_robin\n"
+    text += "".join(f"  {anchor}\n" for anchor in anchors)
+    assert _message(tmp_path, text).startswith(
+        f"6:61: alias *a0 nests the document more than {MAX_DEPTH} levels deep"
+    )
 
 
 def test_a_scalar_yaml_cannot_build_is_named_at_its_line(tmp_path: Path) -> None:
