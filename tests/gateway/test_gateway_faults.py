@@ -174,6 +174,7 @@ async def test_metrics_and_health_endpoints(replicas: list[ScriptedReplica]) -> 
         "status": "ok",
         "replicas_healthy": 2,
         "replicas_total": 2,
+        "replicas_draining": 0,
         "state": {"backend": "memory", "degraded": False},
     }
     counted = [line for line in text.splitlines() if line.startswith("loragate_requests_total")]

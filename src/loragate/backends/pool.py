@@ -37,6 +37,14 @@ state) and the catalog does not serve. Adapters are never unloaded for being mer
 the catalog: a replica may hold adapters an operator loaded outside loragate
 (``--lora-modules``), and those stay.
 Replicas can be added and removed while running (config reload).
+
+Draining (``POST /admin/replicas/{id}/drain``, shared by every gateway instance through the
+listener's state): :meth:`ReplicaPool.set_draining` names the replicas that get no new
+requests. They are polled as before (health, residency, in-place reloads, tombstone unloads)
+and keep their requests and adapter loads under way, but :meth:`ReplicaPool.healthy_snapshots`
+(the replicas that may get traffic) leaves them out, so the proxy neither routes nor retries
+there, and the admin API loads no newly registered adapter there. A replica a reload removes
+loses its drain (the listener hears of it: :meth:`PoolListener.replica_removed`).
 """
 
 from __future__ import annotations
@@ -96,6 +104,10 @@ class PoolListener(RefusalSink, Protocol):
         still lists one, and that the catalog does not serve (again), gets it unloaded."""
         ...
 
+    def replica_removed(self, replica_id: ReplicaId) -> None:
+        """A reload removed the replica from the pool (it loses its drain, if any)."""
+        ...
+
 
 @dataclasses.dataclass(slots=True)
 class _Replica:
@@ -145,6 +157,8 @@ class ReplicaPool:
         for cfg in replicas:
             self._replicas[cfg.replica_id] = self._new_replica(cfg)
         self._healthy: tuple[ReplicaSnapshot, ...] = ()
+        # Replicas that get no new requests (:meth:`set_draining`; ids not in the pool too).
+        self._draining: frozenset[ReplicaId] = frozenset()
         self._loads: dict[tuple[str, ReplicaId], asyncio.Task[None]] = {}
         self._unloads: dict[tuple[str, ReplicaId], asyncio.Task[None]] = {}
         # Loads still running on replicas a reload replaced or removed (see _retire_replica).
@@ -274,7 +288,10 @@ class ReplicaPool:
             raise ValueError("a pool needs at least one replica")
         del self._replicas[replica_id]
         self._retire_replica(rep)
+        self._draining -= {replica_id}  # added back later, it is not drained
         self._rebuild_healthy()
+        if self.listener is not None:
+            self.listener.replica_removed(replica_id)
 
     def _retire_replica(self, rep: _Replica, *, successor: _Replica | None = None) -> None:
         """``rep`` leaves the pool (removed, or replaced by ``successor``). Its adapter loads
@@ -514,10 +531,58 @@ class ReplicaPool:
             self._rebuild_healthy()
 
     def _rebuild_healthy(self) -> None:
+        draining = self._draining
         self._healthy = tuple(
             r.snapshot
-            for r in self._replicas.values()
-            if r.snapshot is not None and r.snapshot.healthy
+            for rid, r in self._replicas.items()
+            if r.snapshot is not None and r.snapshot.healthy and rid not in draining
+        )
+
+    # -- draining -----------------------------------------------------------------------------
+
+    def set_draining(self, replica_ids: Collection[ReplicaId]) -> None:
+        """The replicas being drained now (every instance's drains, from the shared state).
+        An id not in the pool is kept (another instance drained a replica that a reload may
+        add here later) and ignored until then. Each change is logged once."""
+        new = frozenset(replica_ids)
+        old = self._draining
+        if new == old:
+            return
+        self._draining = new
+        for rid in sorted(new - old):
+            if rid in self._replicas:
+                log.info(
+                    "replica %s (%s) is draining: no new requests are routed there; those "
+                    "under way finish",
+                    rid, self._replicas[rid].config.url,
+                )  # fmt: skip
+        for rid in sorted(old - new):
+            if rid in self._replicas:
+                log.info("replica %s is no longer draining: it gets requests again", rid)
+        self._rebuild_healthy()
+
+    def is_draining(self, replica_id: ReplicaId) -> bool:
+        return replica_id in self._draining and replica_id in self._replicas
+
+    def no_replica_error(self) -> NoReplicaAvailableError:
+        """The 503 for a request no replica may take: says which replicas are healthy but
+        draining, if any (an operator's doing, not a fault)."""
+        draining = [
+            rid
+            for rid, r in self._replicas.items()
+            if rid in self._draining and r.snapshot is not None and r.snapshot.healthy
+        ]
+        if not draining:
+            return NoReplicaAvailableError("no healthy replica is available", param="model")
+        which = ", ".join(draining)
+        if len(draining) == len(self._replicas):
+            what = f"every replica is draining ({which})"
+        else:
+            verb = "is" if len(draining) == 1 else "are"
+            what = f"{which} {verb} draining and the others are unhealthy"
+        return NoReplicaAvailableError(
+            f"no replica is available: {what}; DELETE /admin/replicas/{{id}}/drain puts one back",
+            param="model",
         )
 
     def report_failure(
@@ -555,7 +620,8 @@ class ReplicaPool:
         return rep.client
 
     def healthy_snapshots(self) -> tuple[ReplicaSnapshot, ...]:
-        """Snapshots of the replicas that may get traffic (same tuple until something changes)."""
+        """Snapshots of the replicas that may get traffic: healthy and not draining (same tuple
+        until something changes)."""
         return self._healthy
 
     def snapshots(self) -> tuple[ReplicaSnapshot, ...]:
@@ -621,6 +687,10 @@ class ReplicaPool:
         loads = {rid: counts.get(rid, 0) for rid in self._replicas}
         loads.update((rid, n) for rid, n in counts.items() if rid not in loads)
         return loads
+
+    def loading(self, replica_id: ReplicaId) -> frozenset[str]:
+        """The adapters this gateway is loading on the replica now."""
+        return frozenset(name for name, rid in self._loads if rid == replica_id)
 
     def refusing(self, spec: AdapterSpec) -> Collection[ReplicaId]:
         """The replicas that refused to load ``spec`` within ``adapter_refusal_ttl_s`` (and
@@ -804,7 +874,7 @@ class ReplicaPool:
     def require_healthy(self) -> tuple[ReplicaSnapshot, ...]:
         healthy = self._healthy
         if not healthy:
-            raise NoReplicaAvailableError("no healthy replica is available")
+            raise self.no_replica_error()
         return healthy
 
 

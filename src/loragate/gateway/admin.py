@@ -6,6 +6,19 @@
                             adapters it refused to load lately (``refused_adapters``), and
                             how old its engine metrics are (``seconds_since_scrape``; null
                             until a poll of it succeeded)
+``GET /admin/replicas/R``   one replica, as listed above (404 for an unknown id, param
+                            ``id``): what a script polls while the replica drains
+``POST /admin/replicas/R/drain``
+                            drain replica R: no instance routes new requests there (within
+                            one ``state.refresh_s`` for the others); requests under way,
+                            streams included, and adapter loads under way finish; it is
+                            still polled. 200 with the replica as above (``draining: true``,
+                            ``in_flight``: every instance's requests there, ``in_flight_here``:
+                            this one's); idempotent; kept in the state store (Redis: across
+                            restarts); a reload keeps it, removing R from the config ends it
+``DELETE /admin/replicas/R/drain``
+                            end the drain: 200 with the replica (``draining: false``);
+                            idempotent
 ``GET /admin/adapters``     every adapter: config-file ones and admin-registered ones, the
                             replicas that hold it (``registered_on``) and those that hold it
                             from another path (``stale_on``: replica -> that path); a
@@ -52,7 +65,7 @@ and how to enable it; with one, a wrong or missing ``Authorization: Bearer`` get
 Errors use the OpenAI error shape. Adapter changes go to the shared state store (with a
 version bump), so every gateway instance on the same Redis serves them within its refresh
 interval. While the store is degraded (Redis unreachable) ``POST`` and ``DELETE
-/admin/adapters`` answer 503 with code ``state_unavailable``.
+/admin/adapters`` and the drain writes answer 503 with code ``state_unavailable``.
 """
 
 from __future__ import annotations
@@ -62,6 +75,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import hdrs, web
@@ -176,6 +190,10 @@ class AdminApi:
 
     def register(self, router: web.UrlDispatcher) -> None:
         router.add_get("/admin/replicas", self._guard(self.replicas))
+        # Replica ids may hold '/' (any header value): as written or percent-encoded.
+        router.add_post("/admin/replicas/{id:.+}/drain", self._guard(self.drain))
+        router.add_delete("/admin/replicas/{id:.+}/drain", self._guard(self.undrain))
+        router.add_get("/admin/replicas/{id:.+}", self._guard(self.replica))
         router.add_get("/admin/adapters", self._guard(self.adapters))
         router.add_post("/admin/adapters", self._guard(self.add_adapter))
         # Any name vLLM takes, '/' included ('org/name'): as written or percent-encoded.
@@ -214,48 +232,92 @@ class AdminApi:
 
     async def replicas(self, _: web.Request) -> web.Response:
         gw = self._gw
-        pool, shared = gw.pool, gw.shared
-        loads = pool.adapter_loads()
-        out = []
-        for snap in pool.snapshots():
-            rid = snap.replica_id
-            res = shared.residency_of(rid)
-            out.append(
-                {
-                    "id": rid,
-                    "url": snap.url,
-                    "healthy": snap.healthy,
-                    "last_error": pool.last_error(rid) if pool.has_replica(rid) else None,
-                    "settings": {
-                        "max_loras": snap.settings.max_loras,
-                        "max_cpu_loras": snap.settings.max_cpu_loras,
-                        "max_lora_rank": snap.settings.max_lora_rank,
-                        "max_num_seqs": snap.settings.max_num_seqs,
-                        "max_num_batched_tokens": snap.settings.max_num_batched_tokens,
-                    },
-                    "num_running": snap.num_running,
-                    "num_waiting": snap.num_waiting,
-                    "num_deferred": snap.num_deferred,
-                    "kv_usage": snap.kv_usage,
-                    "active_adapters": sorted(snap.active_adapters),
-                    "in_flight": shared.in_flight_of(rid),
-                    "in_flight_here": gw.inflight.count(rid),
-                    "adapter_loads_here": loads.get(rid, 0),
-                    "refused_adapters": {
-                        name: {"error": error, "expires_in_s": round(left_s, 1)}
-                        for name, (error, left_s) in sorted(pool.refused_adapters(rid).items())
-                    }
-                    if pool.has_replica(rid)
-                    else {},
-                    "residency": {
-                        "registered": sorted(res.registered),
-                        "gpu": list(res.gpu),
-                        "cpu": list(res.cpu),
-                    },
-                    "seconds_since_scrape": _seconds_since_scrape(pool.clock.now(), snap),
-                }
+        out = [self._replica_json(snap) for snap in gw.pool.snapshots()]
+        return _json({"replicas": out, "policy": gw.policy.name, "state": gw.shared.status()})
+
+    async def replica(self, request: web.Request) -> web.Response:
+        return _json(self._replica_json(self._known(request.match_info["id"])))
+
+    async def drain(self, request: web.Request) -> web.Response:
+        return await self._drain(request.match_info["id"], on=True)
+
+    async def undrain(self, request: web.Request) -> web.Response:
+        return await self._drain(request.match_info["id"], on=False)
+
+    async def _drain(self, rid: str, *, on: bool) -> web.Response:
+        """Drain (``on``) or undrain a replica of this instance's config, in the state store
+        (shared; refused while it is degraded, as the adapter writes are)."""
+        gw = self._gw
+        what = f"{'drain' if on else 'undrain'} replica {rid!r}"
+        async with gw.lock:  # no reload removes the replica meanwhile
+            self._known(rid)
+            if gw.shared.degraded:
+                return _state_unavailable(what, check="GET /admin/replicas")
+            changed = await (gw.shared.drain(rid) if on else gw.shared.undrain(rid))
+            if gw.shared.degraded:  # Redis went away during the write
+                return _state_unavailable(what, during=True, check="GET /admin/replicas")
+            if changed:
+                log.info(
+                    "admin: replica %s %s", rid,
+                    "drained: no new requests are routed there (every instance)" if on
+                    else "undrained: it gets requests again (every instance)",
+                )  # fmt: skip
+            return _json(self._replica_json(gw.pool.snapshot(rid)))
+
+    def _known(self, rid: str) -> ReplicaSnapshot:
+        pool = self._gw.pool
+        if not pool.has_replica(rid):
+            raise NotFoundError(
+                f"replica {rid!r} does not exist (GET /admin/replicas lists them)", param="id"
             )
-        return _json({"replicas": out, "policy": gw.policy.name, "state": shared.status()})
+        return pool.snapshot(rid)
+
+    def _replica_json(self, snap: ReplicaSnapshot) -> dict[str, Any]:
+        gw = self._gw
+        pool, shared = gw.pool, gw.shared
+        rid = snap.replica_id
+        res = shared.residency_of(rid)
+        since = shared.drains().get(rid)
+        draining = pool.is_draining(rid)
+        now = pool.clock.now()
+        return {
+            "id": rid,
+            "url": snap.url,
+            "healthy": snap.healthy,
+            "last_error": pool.last_error(rid) if pool.has_replica(rid) else None,
+            "settings": {
+                "max_loras": snap.settings.max_loras,
+                "max_cpu_loras": snap.settings.max_cpu_loras,
+                "max_lora_rank": snap.settings.max_lora_rank,
+                "max_num_seqs": snap.settings.max_num_seqs,
+                "max_num_batched_tokens": snap.settings.max_num_batched_tokens,
+            },
+            "num_running": snap.num_running,
+            "num_waiting": snap.num_waiting,
+            "num_deferred": snap.num_deferred,
+            "kv_usage": snap.kv_usage,
+            "active_adapters": sorted(snap.active_adapters),
+            "draining": draining,
+            "draining_for_s": round(max(0.0, time.time() - since), 1)
+            if draining and since is not None
+            else None,
+            "in_flight": shared.in_flight_of(rid),
+            "in_flight_here": gw.inflight.count(rid),
+            "adapter_loads_here": pool.adapter_loads().get(rid, 0),
+            "adapter_loads_under_way_here": sorted(pool.loading(rid)),
+            "refused_adapters": {
+                name: {"error": error, "expires_in_s": round(left_s, 1)}
+                for name, (error, left_s) in sorted(pool.refused_adapters(rid).items())
+            }
+            if pool.has_replica(rid)
+            else {},
+            "residency": {
+                "registered": sorted(res.registered),
+                "gpu": list(res.gpu),
+                "cpu": list(res.cpu),
+            },
+            "seconds_since_scrape": _seconds_since_scrape(now, snap),
+        }
 
     # -- adapters ---------------------------------------------------------------------------
 
@@ -474,7 +536,9 @@ def _why_not_tried(exc: LoragateError) -> str:
     return "no usable answer"
 
 
-def _state_unavailable(what: str, *, during: bool = False) -> web.Response:
+def _state_unavailable(
+    what: str, *, during: bool = False, check: str = "GET /admin/adapters"
+) -> web.Response:
     """503 for an admin write while the shared state store (Redis) is unreachable: the
     registry is shared, and a write this instance made alone would be decided later against
     other instances' writes (a deletion could come back, a name be taken twice)."""
@@ -482,7 +546,7 @@ def _state_unavailable(what: str, *, during: bool = False) -> web.Response:
         message = (
             f"cannot {what} now: the shared state store (Redis) became unreachable during the "
             "write, which is applied when it is reachable again unless it conflicts with "
-            "another instance's; check GET /admin/adapters then"
+            f"another instance's; check {check} then"
         )
     else:
         message = (

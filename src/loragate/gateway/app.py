@@ -145,6 +145,7 @@ def create_app(
         maintenance_interval_s=config.state.maintenance_interval_s,
     )
     pool.listener = shared
+    shared.on_drains = pool.set_draining
     shared.set_config_adapters(config.adapters)  # claimed by shared.start()
     telemetry = Telemetry(registry)
     tracker = inflight
@@ -162,6 +163,7 @@ def create_app(
         shared_in_flight=lambda: {rid: shared.in_flight_of(rid) for rid in in_flight_replicas()},
     )
     telemetry.set_config(policy.name, config.routing)
+    telemetry.bind_draining(lambda: {rid: pool.is_draining(rid) for rid in pool.replica_ids})
     telemetry.bind_refusals(lambda: pool.refusals.counts)
     telemetry.bind_shared_state(
         degraded=lambda: shared.degraded,
@@ -233,6 +235,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await shared.start()
         await shared.register_replicas(gateway.config.replicas)
         shared.check_adapters()  # adapters other instances registered before we started
+        shared.sync_drains()  # drains kept in Redis: none of them gets a request from us
         await gateway.pool.start(session)
         maintenance = asyncio.create_task(shared.run(), name="loragate-state-maintenance")
         same = asyncio.create_task(
@@ -303,11 +306,13 @@ async def list_models(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     """``GET /health``: 200 ``ok`` (all replicas healthy, shared state reachable) or
     ``degraded`` (some replicas, or Redis unreachable: routing on the local view), 503 if no
-    replica is healthy."""
+    replica is healthy. Drained replicas count as healthy if they are (an operator's doing,
+    not a fault); ``replicas_draining`` counts them."""
     gateway = request.app[GATEWAY]
     pool = gateway.pool
-    total = len(pool.replica_ids)
-    healthy = len(pool.healthy_snapshots())
+    ids = pool.replica_ids
+    total = len(ids)
+    healthy = sum(1 for rid in ids if pool.is_healthy(rid))
     state = gateway.shared.status()
     ok = healthy == total and not state["degraded"]
     status = "ok" if ok else ("degraded" if healthy else "unavailable")
@@ -315,6 +320,7 @@ async def health(request: web.Request) -> web.Response:
         "status": status,
         "replicas_healthy": healthy,
         "replicas_total": total,
+        "replicas_draining": sum(1 for rid in ids if pool.is_draining(rid)),
         "state": state,
     }
     return web.Response(

@@ -67,7 +67,6 @@ from loragate.core.config import LimitsConfig
 from loragate.core.errors import (
     AdapterLoadError,
     LoragateError,
-    NoReplicaAvailableError,
     ShuttingDownError,
     UpstreamConnectError,
     UpstreamError,
@@ -376,7 +375,7 @@ class Proxy:
                 _set_field(snap, "residency", res)
         candidates = view if exclude is None else [s for s in view if s.replica_id != exclude]
         if not candidates:
-            raise NoReplicaAvailableError("no healthy replica is available", param="model")
+            raise self._pool.no_replica_error()  # says so if the replicas are draining
         if spec is not None and spec.name in self._refused:
             refusing = self._pool.refusing(spec)
             # Replicas that refused to load this adapter lately are left out. None other left:

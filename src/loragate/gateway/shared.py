@@ -29,6 +29,13 @@ which holds our refusals and the shared ones it last saw. The embedded store (on
 shares nothing: the pool's own record is the only one. Either way a refusal also takes the
 adapter out of that replica's shadow residency, which the refused request had touched.
 
+Drained replicas (``POST /admin/replicas/{id}/drain``): :meth:`drain` and :meth:`undrain` write
+the store (the mirror at once, Redis before they return) and hand the drains to the pool
+(``on_drains``: ``ReplicaPool.set_draining``), as does each round of :meth:`run` (another
+instance's drain, at its next refresh) and :meth:`sync_drains` at start-up (drains kept in
+Redis across restarts). A replica a reload removes from the pool loses its drain
+(``replica_removed``: written in the background, in order with the refusal writes).
+
 Adapters of the config file (``state.definitions``): instances whose files define one name
 with another path or rank would each make the replicas load their own. This object claims the
 file's definitions in the store (at :meth:`start`, after a reload changed them, when the
@@ -75,6 +82,7 @@ from loragate.state.definitions import REGISTERED, AdapterDefinition, Definition
 log = logging.getLogger(__name__)
 
 AdaptersCallback = Callable[[Mapping[AdapterId, AdapterSpec]], None]
+DrainsCallback = Callable[[Collection[ReplicaId]], None]
 
 
 def build_store(config: StateConfig) -> GatewayStore:
@@ -115,6 +123,7 @@ class SharedState:
         "_config_specs",
         "_conflicts",
         "_definitions_changed",
+        "_drains_seen",
         "_ends",
         "_in_force",
         "_inflight",
@@ -131,6 +140,7 @@ class SharedState:
         "backend",
         "in_flight_of",
         "on_adapters",
+        "on_drains",
         "residency_of",
         "store",
     )
@@ -158,6 +168,9 @@ class SharedState:
         self._missing: dict[ReplicaId, frozenset[AdapterId]] = {}
         self._seen_adapters: Mapping[AdapterId, AdapterSpec] | None = None
         self.on_adapters: AdaptersCallback | None = None
+        # Told the drained replicas whenever they change (the pool's ``set_draining``).
+        self.on_drains: DrainsCallback | None = None
+        self._drains_seen: Mapping[ReplicaId, float] | None = None
         # The pool's refusals (shared only through a store other than the embedded one), and
         # the store writes about them not done yet, oldest first.
         self._refusals: Refusals | None = None
@@ -308,6 +321,47 @@ class SharedState:
         instances may still route to it."""
         self._records.pop(replica_id, None)
         self._missing.pop(replica_id, None)
+
+    def replica_removed(self, replica_id: ReplicaId) -> None:
+        """A reload removed the replica from the pool: it loses its drain (in the store, for
+        every instance; written in the background)."""
+        if replica_id in self.store.drains():
+            store = self.store
+            self._queue_refusal_write(lambda: self._clear_drain(store, replica_id))
+
+    @staticmethod
+    async def _clear_drain(store: GatewayStore, replica_id: ReplicaId) -> None:
+        if await store.clear_drain(replica_id):
+            log.info("replica %s: its drain ends with its removal from the config", replica_id)
+
+    # -- drained replicas (admin API) ---------------------------------------------------------
+
+    def drains(self) -> Mapping[ReplicaId, float]:
+        """The drained replicas (every instance's, as of the last refresh): id -> since (epoch
+        seconds)."""
+        return self.store.drains()
+
+    async def drain(self, replica_id: ReplicaId) -> bool:
+        """Drain the replica for every instance; True if it was not drained yet. This
+        instance stops routing there before this returns."""
+        added = await self.store.set_drain(replica_id, time.time())
+        self.sync_drains()
+        return added
+
+    async def undrain(self, replica_id: ReplicaId) -> bool:
+        """End the replica's drain for every instance; True if it was drained."""
+        removed = await self.store.clear_drain(replica_id)
+        self.sync_drains()
+        return removed
+
+    def sync_drains(self) -> None:
+        """Hand the store's drains to ``on_drains`` if they changed since the last call."""
+        drains = self.store.drains()
+        if drains is self._drains_seen or drains == self._drains_seen:
+            return
+        self._drains_seen = drains
+        if self.on_drains is not None:
+            self.on_drains(tuple(drains))
 
     # -- adapter-load refusals (backends.refusals.RefusalSink) -------------------------------
 
@@ -556,6 +610,7 @@ class SharedState:
                     await self.claim_definitions()
                 self.check_adapters()
                 self.sync_refusals()
+                self.sync_drains()
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let housekeeping die; the next round retries

@@ -3,7 +3,8 @@
 Hot-path cost is kept to one counter increment and one or two histogram observations per
 request, each a plain dict/list update (no locks, no per-bucket walk); the Prometheus families
 are built from them only when ``/metrics`` is scraped. Gauges that can be read at scrape time
-(in-flight per replica, this instance's and the shared view, replica health, adapter loads) cost
+(in-flight per replica, this instance's and the shared view, replica health and draining,
+adapter loads) cost
 nothing per request either. The registry also carries the process collectors
 (``process_start_time_seconds``, ``process_resident_memory_bytes``, ``python_info``, ...), as
 prometheus_client's default registry does.
@@ -109,6 +110,25 @@ class _ScrapeTimeGauges(Collector):
         for rid, n in self._adapter_loads().items():
             loads.add_metric([rid], n)
         yield loads
+
+
+class _DrainingGauge(Collector):
+    """Which replicas are being drained, read when ``/metrics`` is scraped."""
+
+    def __init__(self, draining: Callable[[], Mapping[str, bool]]) -> None:
+        self._draining = draining
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            "loragate_replica_draining",
+            "1 while the replica is drained (POST /admin/replicas/{id}/drain, on any gateway "
+            "instance sharing the state store: seen here within state.refresh_s): no new "
+            "requests are routed there, those under way finish; else 0.",
+            labels=["replica"],
+        )
+        for rid, on in self._draining().items():
+            gauge.add_metric([rid], 1.0 if on else 0.0)
+        yield gauge
 
 
 class _RefusalCounter(Collector):
@@ -360,6 +380,10 @@ class Telemetry:
         self.registry.register(
             _ScrapeTimeGauges(in_flight, healthy, adapter_loads, shared_in_flight)
         )
+
+    def bind_draining(self, draining: Callable[[], Mapping[str, bool]]) -> None:
+        """Whether each replica is being drained (read at scrape time)."""
+        self.registry.register(_DrainingGauge(draining))
 
     def bind_refusals(self, counts: Callable[[], Mapping[tuple[str, str], int]]) -> None:
         """Refused adapter loads by (adapter, replica), counted since start."""

@@ -41,6 +41,13 @@ key                          type    content / lifetime
                                      claim; see ``state.definitions``), ``Ttls.lease_ttl_s``
                                      long, renewed by every instance whose file agrees; the
                                      key PEXPIREs with its last entry
+``P drains``                 HASH    replicas drained through the admin API: replica id ->
+                                     when (epoch seconds, the draining instance's clock); no
+                                     instance routes new requests there. No TTL: a drain
+                                     lasts until undrained, or until the replica leaves the
+                                     registry (``remove_replica``) or an instance's config
+                                     (reload); a resync after Redis lost its data writes
+                                     back the drains its instance knows
 ``P demand:B``               HASH    adapter -> requests routed in bucket ``B``
                                      (``B = floor(t / demand_bucket_s)``); EXPIRE
                                      ``demand_retention_s``
@@ -195,6 +202,10 @@ class KeySpace:
     @property
     def definitions(self) -> str:
         return f"{self.prefix}definitions"
+
+    @property
+    def drains(self) -> str:
+        return f"{self.prefix}drains"
 
     def residency_keys(self, replica_id: ReplicaId) -> list[str]:
         """Keys of one replica's shadow residency, in the order the Lua scripts expect."""

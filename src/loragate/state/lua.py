@@ -117,12 +117,13 @@ return 1
 """
 )
 
-# KEYS: replicas, version, adapters, epoch, refusals, tombstones
+# KEYS: replicas, version, adapters, epoch, refusals, tombstones, drains
 # ARGV: per-replica key prefix, version the caller already knows ('' = none)
 # Returns {version, epoch or '', adapters (flat HGETALL) or 0 if unchanged, refusals,
-# tombstones, rows…}; refusals = {field, JSON, ms left, …} of the refusals in force, tombstones
-# = {name, ms left, …} of the tombstones in force (expired entries of both are deleted);
-# row = {id, info (flat HGETALL), registered, gpu, cpu, in-flight count}.
+# tombstones, drains, rows…}; refusals = {field, JSON, ms left, …} of the refusals in force,
+# tombstones = {name, ms left, …} of the tombstones in force (expired entries of both are
+# deleted); drains = the drained replicas (flat HGETALL: id, since); row = {id, info (flat
+# HGETALL), registered, gpu, cpu, in-flight count}.
 SNAPSHOT = (
     _COMMON
     + """
@@ -157,7 +158,7 @@ for i = 1, #ts, 2 do
     redis.call('HDEL', KEYS[6], ts[i])
   end
 end
-local out = {version, epoch, adapters, refusals, tombstones}
+local out = {version, epoch, adapters, refusals, tombstones, redis.call('HGETALL', KEYS[7])}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local base = ARGV[1] .. id
   out[#out + 1] = {
@@ -279,13 +280,14 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX') then return {ARGV[1], 1} end
 return {redis.call('GET', KEYS[1]), 0}
 """
 
-# KEYS: replicas, adapters, version, refusals, tombstones, restored
+# KEYS: replicas, adapters, version, refusals, tombstones, restored, drains
 # ARGV: per-replica key prefix, JSON {"version": n, "adapters": {name: json},
 #       "replicas": [{"id", "info": [k, v, …], "reg": [], "gpu": [], "cpu": []}],
-#       "refusals": [[field, json, ms left], …], "tombstones": [[name, ms left], …]},
-#       tombstone ttl ms
+#       "refusals": [[field, json, ms left], …], "tombstones": [[name, ms left], …],
+#       "drains": [[replica id, since], …]}, tombstone ttl ms
 # Fills in what is missing after Redis lost its data; never overwrites what is there (another
-# gateway may have pushed first), so the first instance back wins per replica (and refusal).
+# gateway may have pushed first), so the first instance back wins per replica (and refusal,
+# and drain).
 # Deletions win over stale views: a tombstone is written back with the time it has left, an
 # adapter is not written back while its name has a tombstone in force, and a tombstone removes
 # an adapter that another instance's push wrote back (marked in ``restored``), but not one
@@ -302,6 +304,7 @@ for _, x in ipairs(state.refusals) do
     set_refusal(KEYS[4], x[1], x[2], tonumber(x[3]), now)
   end
 end
+for _, d in ipairs(state.drains) do redis.call('HSETNX', KEYS[7], d[1], d[2]) end
 for _, r in ipairs(state.replicas) do
   local base = ARGV[1] .. r.id
   if redis.call('EXISTS', base) == 0 then

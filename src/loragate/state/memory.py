@@ -19,8 +19,10 @@ from loragate.state import residency as rz
 from loragate.state.definitions import DefinitionClaim, DefinitionMap, InForce, decide
 from loragate.state.keys import Ttls
 from loragate.state.store import (
+    NO_DRAINS,
     NO_REFUSALS,
     NO_TOMBSTONES,
+    DrainMap,
     RefusalMap,
     ReplicaRecord,
     SharedRefusal,
@@ -49,6 +51,8 @@ class MemoryStore:
         self._tombstones: dict[AdapterId, float] = {}
         # Config-file adapter name -> (its definition in force, until on ``clock``).
         self._definitions: dict[AdapterId, tuple[InForce, float]] = {}
+        # Drained replica -> since (epoch seconds); copy-on-write (views share it).
+        self._drains: dict[ReplicaId, float] = {}
         self._version = 0
         # Whose claims these are (``RedisStore.instance_id`` in the mirror of a ResilientStore).
         self.instance_id = "local"
@@ -93,6 +97,7 @@ class MemoryStore:
             adapters=self._adapters,
             refusals=self.refusals(),
             tombstones=self.tombstones(),
+            drains=self.drains(),
             degraded=False,
         )
 
@@ -128,9 +133,14 @@ class MemoryStore:
     def own_leases(self) -> dict[str, ReplicaId]:
         return {rid: r for r, ids in self._leases.items() for rid in ids}
 
-    def replace_shared(self, view: StateView, *, keep_refusals: bool = False) -> None:
+    def replace_shared(
+        self, view: StateView, *, keep_refusals: bool = False, keep_drains: bool = False
+    ) -> None:
         """Adopt a shared view (registry, residency, adapters, tombstones, refusals unless
-        ``keep_refusals``, version); keep own leases and demand counts."""
+        ``keep_refusals``, drains unless ``keep_drains``, version); keep own leases and demand
+        counts."""
+        if not keep_drains:
+            self._drains = dict(view.drains)
         self._replicas = dict(view.replicas)
         self._residency = dict(view.residency)
         self._adapters = dict(view.adapters)  # copy-on-write from here on
@@ -154,6 +164,8 @@ class MemoryStore:
         self._replicas = {r: v for r, v in self._replicas.items() if r != replica_id}
         self._residency.pop(replica_id, None)
         self._leases.pop(replica_id, None)
+        if replica_id in self._drains:
+            self._drains = {r: t for r, t in self._drains.items() if r != replica_id}
         self._version += 1
 
     async def set_replica_health(self, replica_id: ReplicaId, healthy: bool, now_s: float) -> None:
@@ -296,6 +308,23 @@ class MemoryStore:
             if not by_replica:
                 del self._refusals[name]
         return out
+
+    # --- drained replicas ---------------------------------------------------------------------
+    async def set_drain(self, replica_id: ReplicaId, since_s: float) -> bool:
+        if replica_id in self._drains:
+            return False
+        self._drains = {**self._drains, replica_id: since_s}
+        return True
+
+    async def clear_drain(self, replica_id: ReplicaId) -> bool:
+        if replica_id not in self._drains:
+            return False
+        self._drains = {r: t for r, t in self._drains.items() if r != replica_id}
+        return True
+
+    def drains(self) -> DrainMap:
+        """The drained replicas: replica -> since (epoch seconds)."""
+        return self._drains if self._drains else NO_DRAINS
 
     # --- demand -------------------------------------------------------------------------------
     async def demand(self, since_s: float, until_s: float) -> dict[float, dict[AdapterId, int]]:

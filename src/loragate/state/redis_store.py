@@ -2,7 +2,8 @@
 
 Round trips: ``begin_request`` 1 (one EVALSHA: GC + lease + residency touch + demand),
 ``end_request`` 1 (ZREM), ``snapshot`` 1 (one EVALSHA returning every replica, the adapter
-load refusals and the deleted adapters' tombstones in force), ``get_adapter`` 1 (HGET).
+load refusals and the deleted adapters' tombstones in force, and the drained replicas),
+``get_adapter`` 1 (HGET), ``set_drain`` / ``clear_drain`` 1 (HSETNX / HDEL).
 Every multi-key write is one Lua script or one MULTI/EXEC.
 
 This class is the raw store: when Redis is unreachable every method raises
@@ -109,6 +110,18 @@ def decode_refusals(flat: Sequence[Any]) -> dict[AdapterId, dict[ReplicaId, Shar
         out.setdefault(str(adapter), {})[str(replica_id)] = SharedRefusal(
             path=str(info["path"]), error=str(info["error"]), left_s=int(flat[i + 2]) / 1000.0
         )
+    return out
+
+
+def decode_drains(flat: Sequence[Any]) -> dict[ReplicaId, float]:
+    """The drains hash as the snapshot script returns it (flat HGETALL: id, since, …); a
+    since that does not read as a number (written by hand) counts as 0."""
+    out: dict[ReplicaId, float] = {}
+    for replica_id, since in zip(flat[::2], flat[1::2], strict=True):
+        try:
+            out[str(replica_id)] = float(since)
+        except ValueError:
+            out[str(replica_id)] = 0.0
     return out
 
 
@@ -305,7 +318,15 @@ class RedisStore:
         known = str(cache[1]) if cache is not None and cache[0] == self.epoch else ""
         raw: list[Any] = await self._io(
             self._snapshot(
-                keys=[k.replicas, k.version, k.adapters, k.epoch, k.refusals, k.tombstones],
+                keys=[
+                    k.replicas,
+                    k.version,
+                    k.adapters,
+                    k.epoch,
+                    k.refusals,
+                    k.tombstones,
+                    k.drains,
+                ],
                 args=[k.replica_base, known],
             )
         )
@@ -322,7 +343,7 @@ class RedisStore:
         replicas: dict[ReplicaId, ReplicaRecord] = {}
         residency: dict[ReplicaId, Residency] = {}
         in_flight: dict[ReplicaId, int] = {}
-        for row in raw[5:]:
+        for row in raw[6:]:
             replica_id = str(row[0])
             replicas[replica_id] = decode_replica(replica_id, _pairs(row[1]))
             residency[replica_id] = Residency(
@@ -339,6 +360,7 @@ class RedisStore:
             tombstones={
                 str(n): int(ms) / 1000.0 for n, ms in zip(raw[4][::2], raw[4][1::2], strict=True)
             },
+            drains=decode_drains(raw[5]),
             degraded=False,
         )
 
@@ -358,6 +380,7 @@ class RedisStore:
         pipe = self._r.pipeline(transaction=True)
         pipe.srem(k.replicas, replica_id)
         pipe.delete(*k.residency_keys(replica_id), k.in_flight(replica_id))
+        pipe.hdel(k.drains, replica_id)
         pipe.incr(k.version)
         await self._io(pipe.execute())
 
@@ -479,6 +502,15 @@ class RedisStore:
         field = "" if replica_id is None else refusal_field(replica_id, adapter)
         await self._io(self._forget_refusals(keys=[self.keys.refusals], args=[adapter, field]))
 
+    # --- drained replicas ---------------------------------------------------------------------
+    async def set_drain(self, replica_id: ReplicaId, since_s: float) -> bool:
+        added = await self._io(self._r.hsetnx(self.keys.drains, replica_id, repr(float(since_s))))
+        return bool(added)
+
+    async def clear_drain(self, replica_id: ReplicaId) -> bool:
+        removed = await self._io(self._r.hdel(self.keys.drains, replica_id))
+        return bool(removed)
+
     # --- demand -------------------------------------------------------------------------------
     async def demand(self, since_s: float, until_s: float) -> dict[float, dict[AdapterId, int]]:
         buckets = self.ttls.demand_buckets(since_s, until_s)
@@ -558,11 +590,21 @@ class RedisStore:
                 for name, left_s in view.tombstones.items()
                 if left_s > 0
             ],
+            # Drains it knows of: an operator's drain must not end with Redis's data.
+            "drains": [[r, repr(float(since))] for r, since in view.drains.items()],
         }
         k = self.keys
         await self._io(
             self._push_missing(
-                keys=[k.replicas, k.adapters, k.version, k.refusals, k.tombstones, k.restored],
+                keys=[
+                    k.replicas,
+                    k.adapters,
+                    k.version,
+                    k.refusals,
+                    k.tombstones,
+                    k.restored,
+                    k.drains,
+                ],
                 args=[k.replica_base, json.dumps(payload), self.ttls.tombstone_ttl_ms],
             )
         )

@@ -14,8 +14,8 @@ The gateway's store in a multi-instance deployment. It keeps a local mirror (a
   journal; leases are remembered. ``maintain()`` retries with exponential backoff.
 * On reconnect it resynchronises: if Redis lost its data (the epoch token is gone or new) it
   first writes the mirror where Redis has nothing (registry, adapters, residency, refusals,
-  and the tombstones of adapters deleted lately, so that another instance's stale view does
-  not bring a deleted adapter back); then it
+  drained replicas, and the tombstones of adapters deleted lately, so that another
+  instance's stale view does not bring a deleted adapter back); then it
   replays the journal (residency touches, demand counts, admin writes), replaces this
   instance's leases with the live ones, and refreshes the mirror.
 
@@ -24,6 +24,11 @@ once; a refresh whose snapshot may predate one of this instance's refusal writes
 flight, or started, while it was read) keeps the mirror's refusals rather than the snapshot's,
 and the next refresh brings them. A refusal recorded while Redis is down is replayed with the
 time it has left.
+
+Drained replicas (the admin API's drains) ride the same refresh, and are kept like refusals: a
+drain or undrain made here is in the mirror at once, and a refresh whose snapshot may predate
+one of this instance's drain writes keeps the mirror's drains. A drain made while Redis is
+down (the gateway refuses that, 503, but one can fail halfway) is replayed with the journal.
 
 Adapter registrations and deletions (the admin API's) are decided by Redis when it is
 reachable: ``put_adapter`` registers a name only if Redis does not hold it yet, whatever the
@@ -63,6 +68,7 @@ from loragate.state.keys import Ttls
 from loragate.state.memory import MemoryStore
 from loragate.state.redis_store import EpochChangedError, RedisStore
 from loragate.state.store import (
+    DrainMap,
     RefusalMap,
     ReplicaRecord,
     StateStore,
@@ -116,6 +122,8 @@ class ResilientStore:
         self.resyncs = 0
         self._refusal_writes = 0  # refusal writes begun so far
         self._refusal_writing = 0  # refusal writes waiting for Redis now
+        self._drain_writes = 0  # drain writes begun so far
+        self._drain_writing = 0  # drain writes waiting for Redis now
         # Held by a resynchronisation, and by an adapter-registry write deciding against Redis
         # (which must not run against a Redis still being refilled).
         self._resync_lock = asyncio.Lock()
@@ -267,6 +275,8 @@ class ResilientStore:
         own_before = self._remote.own_in_flight()
         refusal_mark = self._refusal_writes
         refusal_busy = self._refusal_writing > 0
+        drain_mark = self._drain_writes
+        drain_busy = self._drain_writing > 0
         view = await self._remote.snapshot()
         if allow_resync and self._remote.epoch != self._known_epoch:
             # Redis was replaced without a failed call in between: resynchronise.
@@ -276,7 +286,8 @@ class ResilientStore:
         # The snapshot may lack a refusal write of ours (in flight or journaled meanwhile):
         # keep our refusals this time; the next refresh reads them back from Redis.
         keep = refusal_busy or self._refusal_writes != refusal_mark or bool(self._journal)
-        self._local.replace_shared(view, keep_refusals=keep)
+        keep_drains = drain_busy or self._drain_writes != drain_mark or bool(self._journal)
+        self._local.replace_shared(view, keep_refusals=keep, keep_drains=keep_drains)
         self._last_refresh_s = self._clock.now()
 
     async def maintain(self) -> None:
@@ -506,6 +517,31 @@ class ResilientStore:
     def refusals(self) -> RefusalMap:
         """``view().refusals`` without building the view."""
         return self._local.refusals()
+
+    # --- drained replicas ----------------------------------------------------------------------
+    async def set_drain(self, replica_id: ReplicaId, since_s: float) -> bool:
+        """In the mirror at once (this instance stops routing there), then in Redis (every
+        instance at its next refresh). True if the mirror did not hold it yet."""
+        added = await self._local.set_drain(replica_id, since_s)
+        await self._drain_write(lambda r: r.set_drain(replica_id, since_s))
+        return added
+
+    async def clear_drain(self, replica_id: ReplicaId) -> bool:
+        removed = await self._local.clear_drain(replica_id)
+        await self._drain_write(lambda r: r.clear_drain(replica_id))
+        return removed
+
+    async def _drain_write(self, op: RemoteOp) -> None:
+        self._drain_writes += 1
+        self._drain_writing += 1
+        try:
+            await self._write(op)
+        finally:
+            self._drain_writing -= 1
+
+    def drains(self) -> DrainMap:
+        """``view().drains`` without building the view."""
+        return self._local.drains()
 
     # --- demand, leader, version -------------------------------------------------------------
     async def demand(self, since_s: float, until_s: float) -> dict[float, dict[AdapterId, int]]:

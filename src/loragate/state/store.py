@@ -66,6 +66,10 @@ NO_REFUSALS: RefusalMap = MappingProxyType({})
 # Adapter -> seconds its tombstone has left (adapters deleted through the admin API lately).
 TombstoneMap = Mapping[AdapterId, float]
 NO_TOMBSTONES: TombstoneMap = MappingProxyType({})
+# Replica -> when it was drained (epoch seconds of the instance that drained it): replicas that
+# get no new requests from any instance (``POST /admin/replicas/{id}/drain``).
+DrainMap = Mapping[ReplicaId, float]
+NO_DRAINS: DrainMap = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,8 +79,9 @@ class StateView:
     ``in_flight`` counts live leases of every gateway instance. ``residency`` holds an entry for
     every registered replica. ``refusals`` holds the adapter loads replicas refused that are
     still in force (any instance's). ``tombstones`` holds the adapters deleted lately (name ->
-    seconds left), which no replica should keep. ``degraded`` is True when the view is
-    local-only because the shared backend is unreachable.
+    seconds left), which no replica should keep. ``drains`` holds the replicas being drained
+    (replica -> when), which no instance routes new requests to. ``degraded`` is True when the
+    view is local-only because the shared backend is unreachable.
     """
 
     version: int = 0
@@ -86,6 +91,7 @@ class StateView:
     adapters: Mapping[AdapterId, AdapterSpec] = field(default_factory=dict)
     refusals: RefusalMap = field(default_factory=dict)
     tombstones: TombstoneMap = field(default_factory=dict)
+    drains: DrainMap = field(default_factory=dict)
     degraded: bool = False
 
     def residency_of(self, replica_id: ReplicaId) -> Residency:
@@ -185,6 +191,18 @@ class StateStore(Protocol):
         """Forget the refusals of ``adapter`` by ``replica_id`` (None: by every replica)."""
         ...
 
+    # --- drained replicas (admin API) -----------------------------------------------------
+    async def set_drain(self, replica_id: ReplicaId, since_s: float) -> bool:
+        """Drain the replica for every instance (no new requests; it stays in the registry and
+        is still polled) until :meth:`clear_drain` or its removal from the registry. Kept
+        across gateway restarts (Redis). True if it was not drained yet (else nothing changes:
+        the first ``since_s`` stays)."""
+        ...
+
+    async def clear_drain(self, replica_id: ReplicaId) -> bool:
+        """Undrain the replica; True if it was drained."""
+        ...
+
     # --- demand ---------------------------------------------------------------------------
     async def demand(self, since_s: float, until_s: float) -> dict[float, dict[AdapterId, int]]:
         """Requests per adapter per bucket, keyed by bucket start (seconds), buckets that
@@ -242,6 +260,10 @@ class GatewayStore(StateStore, Protocol):
 
     def tombstones(self) -> TombstoneMap:
         """``view().tombstones`` without building the view."""
+        ...
+
+    def drains(self) -> DrainMap:
+        """``view().drains`` without building the view."""
         ...
 
     def set_adapter(self, spec: AdapterSpec) -> None:

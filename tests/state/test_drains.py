@@ -1,0 +1,124 @@
+"""Drained replicas in the state store (``set_drain`` / ``clear_drain``, ``StateView.drains``):
+the same behaviour from MemoryStore, RedisStore and ResilientStore, kept in Redis across
+instances and written back after Redis lost its data. Against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as aioredis
+
+from loragate.core.clock import VirtualClock
+from loragate.state.keys import KeySpace
+from loragate.state.memory import MemoryStore
+from loragate.state.redis_store import RedisStore
+from loragate.state.resilient import ResilientStore
+from loragate.state.store import ReplicaRecord, StateStore
+from redis_fixture import RedisServer
+
+StoreFactory = Callable[..., RedisStore]
+
+
+@pytest.fixture(params=["memory", "redis", "resilient"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    remote = RedisStore.from_url(
+        server.url, keys=KeySpace(prefix=f"d{uuid.uuid4().hex[:6]}:"), op_timeout_s=2.0
+    )
+    if request.param == "redis":
+        yield remote
+    else:
+        resilient = ResilientStore(remote)
+        await resilient.start()
+        assert not resilient.degraded
+        yield resilient
+    await remote.close()
+
+
+async def test_set_and_clear_are_idempotent_and_keep_the_first_time(store: StateStore) -> None:
+    for rid in ("r0", "r1"):
+        await store.upsert_replica(ReplicaRecord(replica_id=rid, url=f"http://{rid}"))
+    version = (await store.snapshot()).version
+    assert (await store.snapshot()).drains == {}
+    assert await store.set_drain("r0", 100.5) is True
+    assert await store.set_drain("r0", 200.0) is False  # drained already: kept as it was
+    assert await store.set_drain("r1", 300.0) is True
+    view = await store.snapshot()
+    assert dict(view.drains) == {"r0": 100.5, "r1": 300.0}
+    assert view.version == version  # routing state, not a config change
+    assert await store.clear_drain("r1") is True
+    assert await store.clear_drain("r1") is False
+    assert dict((await store.snapshot()).drains) == {"r0": 100.5}
+    # A replica that leaves the registry leaves its drain behind.
+    await store.remove_replica("r0")
+    assert dict((await store.snapshot()).drains) == {}
+
+
+async def test_a_drain_is_seen_by_another_instance_and_by_one_started_later(
+    redis_stores: StoreFactory,
+) -> None:
+    clock = VirtualClock()
+    a = ResilientStore(redis_stores(instance_id="a"), clock=clock)
+    b = ResilientStore(redis_stores(instance_id="b"), clock=clock)
+    for s in (a, b):
+        await s.start()
+    await a.upsert_replica(ReplicaRecord(replica_id="r0", url="http://r0"))
+    await a.set_drain("r0", 5.0)
+    assert dict(a.drains()) == {"r0": 5.0}  # in A's view at once
+    assert dict(b.drains()) == {}
+    clock.advance_by(1.0)
+    await b.maintain()  # B's refresh
+    assert dict(b.drains()) == {"r0": 5.0}
+    later = ResilientStore(redis_stores(instance_id="c"), clock=clock)
+    await later.start()  # a gateway (re)started: the drain is in Redis
+    assert dict(later.drains()) == {"r0": 5.0}
+    await b.clear_drain("r0")
+    clock.advance_by(1.0)
+    await a.maintain()
+    assert dict(a.drains()) == {}
+
+
+async def test_a_refresh_racing_our_drain_writes_does_not_undo_them(
+    redis_stores: StoreFactory,
+) -> None:
+    """A refresh whose snapshot Redis answers before our drain write lands must keep the
+    mirror's drains (else routing here would ignore a drain just answered 200)."""
+    a = ResilientStore(redis_stores(instance_id="a"))
+    await a.start()
+    await a.upsert_replica(ReplicaRecord(replica_id="r0", url="http://r0"))
+    for i in range(20):
+        refresh = asyncio.ensure_future(a._refresh())
+        await asyncio.sleep(0)  # the refresh is under way
+        if i % 2 == 0:
+            await a.set_drain("r0", float(i))
+            expected = {"r0": float(i)}
+        else:
+            await a.clear_drain("r0")
+            expected = {}
+        await refresh
+        assert dict(a.drains()) == expected, i
+
+
+async def test_drains_are_written_back_after_redis_lost_its_data(
+    redis_server: RedisServer, redis_stores: StoreFactory
+) -> None:
+    clock = VirtualClock()
+    gw = ResilientStore(redis_stores(instance_id="a"), clock=clock)
+    await gw.start()
+    await gw.upsert_replica(ReplicaRecord(replica_id="r0", url="http://r0"))
+    await gw.set_drain("r0", 7.25)
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await client.flushall()  # an operator wipes Redis: no connection error at all
+    finally:
+        await client.aclose()
+    clock.advance_by(1.0)
+    await gw.maintain()  # the refresh sees the epoch gone and pushes its view back
+    assert not gw.degraded
+    assert dict((await redis_stores().snapshot()).drains) == {"r0": 7.25}
