@@ -8,6 +8,8 @@ import json
 
 from aiohttp import web
 
+from loragate.twin.vllm_errors import sanitize_message
+
 IDLE_METRICS = """\
 # TYPE vllm:num_requests_running gauge
 vllm:num_requests_running{engine="0",model_name="tiny-llama"} 1.0
@@ -19,9 +21,7 @@ vllm:lora_requests_info{max_lora="3",running_lora_adapters="b",waiting_lora_adap
 """
 
 
-def vllm_error(
-    status: int, message: str, err_type: str, param: str | None = None
-) -> web.Response:
+def vllm_error(status: int, message: str, err_type: str, param: str | None = None) -> web.Response:
     """An error in vLLM's JSON shape."""
     body = {"error": {"message": message, "type": err_type, "param": param, "code": status}}
     return web.Response(status=status, text=json.dumps(body), content_type="application/json")
@@ -36,6 +36,7 @@ class StubVllm:
         self.load_calls = 0
         self.load_delay_s = 0.0
         self.readable_paths: tuple[str, ...] = ("/loras/",)  # adapter folders it can "read"
+        self.max_model_len = 512  # the recorded replica's
         self.url = ""
         app = web.Application()
         app.router.add_get("/health", self._health)
@@ -52,11 +53,12 @@ class StubVllm:
         return web.Response(text=self.metrics_text, content_type="text/plain")
 
     async def _models(self, _: web.Request) -> web.Response:
-        data = [{"id": self.base_model, "object": "model", "root": "/m", "parent": None}]
-        data += [
-            {"id": n, "object": "model", "root": p, "parent": self.base_model}
-            for n, p in self.adapters.items()
-        ]
+        base = self.base_model
+        data = [{"id": base, "object": "model", "root": "/m", "parent": None,
+                 "max_model_len": self.max_model_len}]  # fmt: skip
+        for n, p in self.adapters.items():
+            data.append({"id": n, "object": "model", "root": p, "parent": base,
+                         "max_model_len": None})  # fmt: skip
         return web.json_response({"object": "list", "data": data})
 
     async def _load(self, request: web.Request) -> web.Response:
@@ -83,9 +85,9 @@ class StubVllm:
                 "InvalidUserInput",
             )
         if not path.startswith(self.readable_paths):
-            return vllm_error(
-                404, f"Loading lora {name} failed: No adapter found for <path>", "NotFoundError"
-            )
+            # vLLM sanitises the message: a system or file path reads <path>, another stays.
+            message = sanitize_message(f"Loading lora {name} failed: No adapter found for {path}")
+            return vllm_error(404, message, "NotFoundError")
         if self.load_delay_s:
             await asyncio.sleep(self.load_delay_s)
         self.adapters[name] = path

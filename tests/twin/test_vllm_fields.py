@@ -170,7 +170,15 @@ def test_a_prompt_is_read_as_pydantics_union_reads_it(prompt: Any) -> None:
             tuple(v) if isinstance(v, list) else v for v in value]  # fmt: skip
 
 
-@pytest.mark.parametrize("raw", [*VALUES, '"on"', '"T"', '"0x10"', '"+5"', '" 5.0 "'])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        *VALUES, '"on"', '"T"', '"0x10"', '"+5"', '" 5.0 "', "5.000000000000001", "9.2e18",
+        "9.223372036854776e18", "-9.223372036854776e18", '"-5"', '"05"', '"5.00"', '"+5.0"',
+        '"1_000.0"', '"1__0"', '"_1"', '".5e1"', '"inf"', '"  "', '"True"', '"TRUE"', '"t"',
+        '"y"', '"1"', '"0"', '"no"', '"f"', '"n"', '"false"',
+    ],
+)  # fmt: skip
 def test_lax_values_as_pydantic_reads_them(raw: str) -> None:
     value = json.loads(raw)
 

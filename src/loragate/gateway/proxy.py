@@ -86,7 +86,8 @@ from loragate.gateway.shared import SharedState
 from loragate.gateway.telemetry import Telemetry, retry_reason
 from loragate.gateway.vllm_validation import (
     check_body_object,
-    check_max_tokens,
+    check_max_tokens_first,
+    check_media_type,
     missing_body,
     parse_body,
     read_chat,
@@ -320,6 +321,7 @@ class Proxy:
         body = await read_request_body(
             request, max_bytes=self._max_body, idle_timeout_s=self._body_timeout_s
         )
+        check_media_type(request.headers.get(hdrs.CONTENT_TYPE), body)  # vLLM's first check
         if not body:
             raise missing_body()
         return body
@@ -339,8 +341,11 @@ class Proxy:
             # The replica gets the original body and judges the real value itself.
             max_tokens = _ROUTING_MAX_TOKENS
         elif max_tokens < 1:
-            check_max_tokens(max_tokens, echo)  # raises, unless echo without generation
-            max_tokens = 1  # (which vLLM runs with max_tokens=1)
+            if not chat:  # raises where vLLM surely answers that (else the replica answers)
+                card = self._pool.base_model_card()
+                max_len = card.max_model_len if card is not None else None
+                check_max_tokens_first(payload, max_tokens, echo, max_len)
+            max_tokens = 1  # (echo without generation: vLLM runs it with max_tokens=1)
         return spec, stream, max_tokens
 
     # -- routing ----------------------------------------------------------------------------

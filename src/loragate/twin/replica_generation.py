@@ -107,10 +107,11 @@ class Generator:
 
     async def handle(self, request: web.Request, kind: str) -> web.StreamResponse:
         gen_kind: Kind = "chat" if kind == "chat" else "completion"
-        check_json_media_type(request.headers.get(hdrs.CONTENT_TYPE, ""))
+        raw = await request.read()
+        check_json_media_type(request.headers.get(hdrs.CONTENT_TYPE, ""), raw)
         if not self._state.accepting:
             raise VllmApiError(503, "The replica is shutting down.", "ServiceUnavailableError")
-        body = parse_json_object(await request.read())
+        body = parse_json_object(raw)
         gen = parse_generation_request(gen_kind, body, self._state.config.prompt_format)
         model, adapter = await self._resolve_model(gen.model)
         choices = self._plan(gen, model)

@@ -180,8 +180,9 @@ class ReplicaState:
         return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def load_lora_adapter(self, request: web.Request) -> web.Response:
-        check_json_media_type(request.headers.get(hdrs.CONTENT_TYPE, ""))
-        body = parse_json_object(await request.read())
+        raw = await request.read()
+        check_json_media_type(request.headers.get(hdrs.CONTENT_TYPE, ""), raw)
+        body = parse_json_object(raw)
         # LoadLoRAAdapterRequest: lora_name: str, lora_path: str, load_inplace: bool = False,
         # is_3d_lora_weight: bool = False (every bad field listed, in this order).
         errors: list[FieldError] = []
@@ -195,8 +196,9 @@ class ReplicaState:
         return _plain(f"Success: LoRA adapter '{name}' added successfully.")
 
     async def unload_lora_adapter(self, request: web.Request) -> web.Response:
-        check_json_media_type(request.headers.get(hdrs.CONTENT_TYPE, ""))
-        body = parse_json_object(await request.read())
+        raw = await request.read()
+        check_json_media_type(request.headers.get(hdrs.CONTENT_TYPE, ""), raw)
+        body = parse_json_object(raw)
         errors: list[FieldError] = []  # UnloadLoRAAdapterRequest: lora_name, lora_int_id
         (name,) = _required_strings(body, errors, "lora_name")
         read_int(body, "lora_int_id", errors)

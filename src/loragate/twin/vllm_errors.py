@@ -9,6 +9,7 @@ simulated replica and for the gateway's own checks (``gateway.vllm_validation``)
 
 from __future__ import annotations
 
+import email.message
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -180,13 +181,35 @@ def json_invalid(exc: json.JSONDecodeError) -> VllmApiError:
 UNSUPPORTED_MEDIA_TYPE = "Unsupported Media Type: Only 'application/json' is allowed"
 
 
-def check_json_media_type(content_type: str) -> None:
+def check_json_media_type(content_type: str, body: bytes = b"") -> None:
     """vLLM's ``validate_json_request`` dependency on its JSON endpoints (completions, chat,
     load/unload adapter): a ``Content-Type`` header (absent: ``""``) whose media type is not
-    exactly ``application/json`` (any case) is refused ahead of the body, as a request
-    validation error whose one error is a string (so no ``param``)."""
-    if content_type.lower().split(";", maxsplit=1)[0] != "application/json":
-        raise VllmApiError(400, f"1 validation error:\n  {UNSUPPORTED_MEDIA_TYPE}", "Bad Request")
+    exactly ``application/json`` (any case) is refused ahead of the body's own errors, as a
+    request validation error whose one error is a string (so no ``param``). FastAPI decodes a
+    non-empty body of an ``application/*json`` or ``+json`` type before the dependency runs, so
+    such a body's JSON errors come first."""
+    if content_type.lower().split(";", maxsplit=1)[0] == "application/json":
+        return
+    if body and _decoded_by_fastapi(content_type):
+        try:
+            json.loads(body)
+        except json.JSONDecodeError as exc:
+            raise json_invalid(exc) from exc
+        except (ValueError, RecursionError) as exc:  # not UTF-8, too many digits, too deep
+            raise VllmApiError(400, "There was an error parsing the body", "Bad Request") from exc
+    raise VllmApiError(400, f"1 validation error:\n  {UNSUPPORTED_MEDIA_TYPE}", "Bad Request")
+
+
+def _decoded_by_fastapi(content_type: str) -> bool:
+    """Whether FastAPI 0.136 (``strict_content_type``) reads a body of this type as JSON."""
+    if not content_type:
+        return False
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (
+        subtype == "json" or subtype.endswith("+json")
+    )
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
