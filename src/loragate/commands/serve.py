@@ -48,7 +48,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"loragate serve: bad config {args.config}: {exc}", file=sys.stderr)
+        # Errors found in the file name it with their line (gw.yaml:3:1: limits: ...); others
+        # (a missing file, a bad environment variable) get the file named here.
+        where = "" if str(exc).startswith(f"{args.config}:") else f" {args.config}"
+        print(f"loragate serve: bad config{where}: {exc}", file=sys.stderr)
         return 2
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
