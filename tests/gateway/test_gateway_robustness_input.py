@@ -13,6 +13,8 @@ from gateway_harness import ScriptedReplica, gateway_config
 
 from loragate.gateway import running_gateway
 
+JSON = {"Content-Type": "application/json"}  # vLLM serves JSON bodies only
+
 
 async def _expect_error(resp: aiohttp.ClientResponse, status: int) -> dict[str, object]:
     assert resp.status == status, await resp.text()
@@ -51,7 +53,7 @@ async def test_malformed_fields_are_400(
 ) -> None:
     cfg = gateway_config([r.url for r in replicas], routing=routing)
     async with running_gateway(cfg, port=0) as gw, aiohttp.ClientSession() as http:
-        async with http.post(gw.url + "/v1/completions", data=body) as resp:
+        async with http.post(gw.url + "/v1/completions", data=body, headers=JSON) as resp:
             err = await _expect_error(resp, 400)
             err_type = "BadRequestError" if param == "max_tokens" else "Bad Request"
             assert (err["type"], err["param"], err["code"]) == (err_type, param, 400)
@@ -82,7 +84,7 @@ async def test_integers_and_booleans_vllm_reads_leniently_are_served(
     async with (
         running_gateway(cfg, port=0) as gw,
         aiohttp.ClientSession() as http,
-        http.post(gw.url + path, data=body) as resp,
+        http.post(gw.url + path, data=body, headers=JSON) as resp,
     ):
         assert resp.status == 200, await resp.text()
         assert (await resp.json())["choices"]
@@ -100,7 +102,7 @@ async def test_a_stream_flag_vllm_reads_as_true_is_relayed_as_a_stream(
     async with (
         running_gateway(gateway_config([rep.url]), port=0) as gw,
         aiohttp.ClientSession() as http,
-        http.post(gw.url + "/v1/completions", data=body) as resp,
+        http.post(gw.url + "/v1/completions", data=body, headers=JSON) as resp,
     ):
         assert resp.status == 200 and resp.content_type == "text/event-stream"
         # The first event arrives while the replica still holds the rest: relayed, not
@@ -120,7 +122,7 @@ async def test_huge_max_tokens_reaches_the_replica_and_the_gateway_keeps_serving
     body = b'{"model": "lora-0", "prompt": "p", "max_tokens": ' + str(max_tokens).encode() + b"}"
     async with running_gateway(cfg, port=0) as gw, aiohttp.ClientSession() as http:
         for _ in range(2):
-            async with http.post(gw.url + "/v1/completions", data=body) as resp:
+            async with http.post(gw.url + "/v1/completions", data=body, headers=JSON) as resp:
                 assert resp.status == 200, await resp.text()
         for _ in range(4):
             async with http.post(gw.url + "/v1/completions", json={"prompt": "ok"}) as resp:
@@ -174,9 +176,12 @@ async def test_compressed_bodies(replicas: list[ScriptedReplica]) -> None:
     assert [b["prompt"] for r in replicas for b in r.requests] == ["zipped", "ok"]
 
 
-async def test_unknown_fields_and_lax_content_type_pass_through_unchanged(
+async def test_unknown_fields_pass_through_unchanged_and_only_json_is_served(
     replicas: list[ScriptedReplica],
 ) -> None:
+    """vLLM 0.32 serves completions and chat bodies sent as application/json only (its
+    validate_json_request): another type, or none, is its 400 "Unsupported Media Type", which
+    the gateway answers as vLLM would (b90a622) instead of forwarding the body as JSON."""
     cfg = gateway_config([replicas[0].url])
     body = {
         "model": "lora-1",
@@ -188,11 +193,14 @@ async def test_unknown_fields_and_lax_content_type_pass_through_unchanged(
     }
     async with running_gateway(cfg, port=0) as gw, aiohttp.ClientSession() as http:
         data = json.dumps(body).encode()
-        for content_type in ("application/json", "text/plain", None):
+        async with http.post(gw.url + "/v1/completions", data=data, headers=JSON) as r:
+            assert r.status == 200
+        for content_type in ("text/plain", None):
             headers = {"Content-Type": content_type} if content_type else {}
             async with http.post(gw.url + "/v1/completions", data=data, headers=headers) as r:
-                assert r.status == 200
-    assert replicas[0].requests == [body] * 3
+                err = await _expect_error(r, 400)
+                assert "Unsupported Media Type" in err["message"]
+    assert replicas[0].requests == [body]
 
 
 @pytest.mark.parametrize("size", [999, 1000, 1001, 5000])
