@@ -10,6 +10,16 @@ tokens the engine emitted. A client that disconnects aborts its engine requests.
 ``echo_text`` (completions: in the choice's first token event, as vLLM does; chat: in one event
 of its own after the role event). For ``echo`` with ``max_tokens: 0`` the engine still runs one
 token, which counts in ``usage`` but whose text is not returned.
+
+Stopping (``ReplicaState.stop_engine``) answers the requests in flight at once, as vLLM 0.32
+does on SIGTERM with its default ``--shutdown-timeout 0`` (``EngineCore._handle_shutdown``
+finishes every unfinished request as ``FINISHED_ABORTED``): a non-streaming request gets its
+200 with the text so far, ``finish_reason: "abort"`` for each unfinished choice and the usage
+so far; a stream gets a last chunk ``finish_reason: "abort"`` with empty text for each
+unfinished choice that has sent text (vLLM sends no empty chunk for a choice without tokens,
+but a completions echo not yet sent rides on it), then the usage chunk if asked and
+``[DONE]``. An engine that fails (an exception in the driver) is vLLM's ``EngineDeadError``: a
+500, or in a stream an error event, then ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -63,6 +73,15 @@ if TYPE_CHECKING:
     from loragate.twin.server import ReplicaState
 
 
+# vLLM 0.32's EngineDeadError (``v1/engine/exceptions.py``), answered when the engine failed.
+ENGINE_DEAD = "EngineCore encountered an issue. See stack trace (above) for the root cause."
+ABORT = "abort"
+
+
+def _engine_dead() -> VllmApiError:
+    return VllmApiError(500, ENGINE_DEAD, "InternalServerError")
+
+
 @dataclass(slots=True, kw_only=True)
 class _Choice:
     index: int
@@ -73,7 +92,12 @@ class _Choice:
     stream: AsyncIterable[TokenEvent] | None = None
     emitted: int = 0
     finished: bool = False
+    aborted: bool = False  # finished by an abort (the replica stopping, or the client gone)
     echo_sent: bool = False
+
+    @property
+    def finish_reason(self) -> str:
+        return ABORT if self.aborted else self.plan.finish_reason
 
     def text_of(self, start: int, end: int) -> str:
         text = "" if self.hide_output else "".join(self.plan.token_texts[start:end])
@@ -121,20 +145,19 @@ class Generator:
             self._submit(gen, choices, request_id, adapter)
             if gen.stream:
                 return await self._stream(request, gen, choices, request_id, model, prompt_tokens)
-            await asyncio.gather(*(self._drain(c) for c in choices))
-            if not all(c.finished for c in choices):
-                raise VllmApiError(
-                    500, "The engine stopped before the request finished.", "InternalServerError"
-                )
+            try:
+                await asyncio.gather(*(self._drain(c) for c in choices))
+            except EngineStoppedError as exc:  # the engine failed
+                raise _engine_dead() from exc
         finally:
-            self._abort_unfinished(choices)
+            self._abort_unfinished(choices)  # stopped: answered with what they have
         results = [
             ChoiceResult(
                 index=c.index,
                 text=c.text_of(0, c.emitted)
                 if gen_kind == "completion"
                 else self._chat_text(gen, c),
-                finish_reason=c.plan.finish_reason,
+                finish_reason=c.finish_reason,
                 completion_tokens=c.emitted,
             )
             for c in choices
@@ -162,6 +185,8 @@ class Generator:
     @staticmethod
     def _chat_text(gen: GenerationRequest, c: _Choice) -> str:
         echo = gen.prompts[c.index // gen.n].echo_text if gen.echo else ""
+        if c.aborted:
+            return echo + "".join(c.plan.token_texts[: c.emitted])
         return echo + c.plan.text
 
     def _plan(self, gen: GenerationRequest, model: str) -> list[_Choice]:
@@ -244,7 +269,9 @@ class Generator:
                 text, finish = self._advance(c, event)
                 yield c, text, finish
             return
-        queue: asyncio.Queue[tuple[_Choice, str, str | None] | None] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[_Choice, str, str | None] | EngineStoppedError | None] = (
+            asyncio.Queue()
+        )
 
         async def pump(c: _Choice) -> None:
             try:
@@ -252,6 +279,8 @@ class Generator:
                 async for event in c.stream:
                     text, finish = self._advance(c, event)
                     await queue.put((c, text, finish))
+            except EngineStoppedError as exc:  # the engine failed: the stream's error event
+                await queue.put(exc)
             finally:
                 await queue.put(None)
 
@@ -262,6 +291,8 @@ class Generator:
                 item = await queue.get()
                 if item is None:
                     done += 1
+                elif isinstance(item, EngineStoppedError):
+                    raise item
                 else:
                     yield item
         finally:
@@ -333,8 +364,10 @@ class Generator:
                     await response.write(
                         encoder.final(c.index, text, finish, fingerprint=fingerprint)
                     )
-            if not all(c.finished for c in choices):
-                raise EngineStoppedError("the replica is shutting down")
+            for c in choices:  # unfinished: the replica stopped, as vLLM aborts them
+                if not c.finished:
+                    head = (request_id, created, model)
+                    await self._write_abort(response, gen, c, encoder, head, fingerprint)
             if gen.include_usage:
                 usage = usage_chunk(
                     kind=gen.kind,
@@ -349,17 +382,45 @@ class Generator:
             await response.write_eof()
         except ConnectionResetError:
             pass  # client went away; the caller's ``finally`` aborts the engine requests
-        except EngineStoppedError as exc:
-            # Headers are sent: report in-band as vLLM does, then end the stream.
-            err = VllmApiError(500, f"The engine stopped: {exc}", "InternalServerError")
+        except EngineStoppedError:
+            # The engine failed. Headers are sent: report in-band as vLLM does, then end.
             with contextlib.suppress(ConnectionResetError):
-                await response.write(b"data: " + err.body() + b"\n\n" + SSE_DONE)
+                await response.write(b"data: " + _engine_dead().body() + b"\n\n" + SSE_DONE)
                 await response.write_eof()
         return response
+
+    async def _write_abort(
+        self,
+        response: web.StreamResponse,
+        gen: GenerationRequest,
+        c: _Choice,
+        encoder: TokenChunkEncoder,
+        head: tuple[str, int, str],
+        fingerprint: bool,
+    ) -> None:
+        """A choice's last chunk when the replica stopped under it (vLLM: the aborted
+        request's final output, empty text, ``finish_reason: "abort"``)."""
+        c.aborted = True
+        if gen.echo and gen.kind == "completion" and not c.echo_sent:
+            c.echo_sent = True  # the echo rides on the choice's first chunk, this one
+            request_id, created, model = head
+            chunk = completion_chunk(
+                request_id=request_id,
+                created=created,
+                model=model,
+                index=c.index,
+                text=c.echo_text,
+                finish_reason=ABORT,
+                prompt_token_ids=gen.prompts[c.index // gen.n].ids(),
+                fingerprint=fingerprint,
+            )
+            await response.write(sse(chunk))
+        elif c.emitted:  # vLLM sends no empty chunk for a choice without a token yet
+            await response.write(encoder.final(c.index, "", ABORT, fingerprint=fingerprint))
 
     def _abort_unfinished(self, choices: list[_Choice]) -> None:
         for c in choices:
             if c.stream is not None and not c.finished:
-                c.finished = True
+                c.finished = c.aborted = True
                 self._state.realtime.abort(c.request_id)
                 self._state.counters.finished("abort")
