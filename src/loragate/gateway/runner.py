@@ -260,12 +260,15 @@ async def serve_until_signalled(
 
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(signal.SIGHUP, on_hup)
-        healthy = len(running.gateway.pool.healthy_snapshots())
+        pool = running.gateway.pool  # drained replicas are healthy, if out of rotation
+        healthy = sum(pool.is_healthy(rid) for rid in pool.replica_ids)
+        draining = sum(pool.is_draining(rid) for rid in pool.replica_ids)
         log.info(
-            "loragate gateway listening on %s (%d/%d replicas healthy, policy %s)",
+            "loragate gateway listening on %s (%d/%d replicas healthy%s, policy %s)",
             running.url,
             healthy,
             len(config.replicas),
+            f", {draining} draining" if draining else "",
             running.gateway.policy.name,
         )
         await stop.wait()
