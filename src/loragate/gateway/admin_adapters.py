@@ -1,0 +1,283 @@
+"""The admin API's adapter endpoints: ``GET``/``POST /admin/adapters`` and ``DELETE
+/admin/adapters/N`` (what they answer: ``gateway.admin``), and the checks of a registration's
+body."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from loragate.core.config import adapter_name_problem
+from loragate.core.errors import (
+    AdapterLoadError,
+    ConflictError,
+    InvalidRequestError,
+    LoragateError,
+    NotFoundError,
+    UpstreamConnectError,
+    UpstreamTimeoutError,
+)
+from loragate.core.types import MAX_ADAPTER_RANK, AdapterSpec
+from loragate.gateway.adapter_rank import DEFAULT_RANK, RankError, settle_rank
+from loragate.gateway.admin_common import json_response, log, state_unavailable
+from loragate.gateway.request_body import read_request_body
+
+if TYPE_CHECKING:
+    from loragate.gateway.app import Gateway
+
+_ADAPTER_KEYS = ("name", "path", "rank", "tenants")
+_MAX_ADMIN_BODY = 64 * 1024
+
+
+def adapter_json(spec: AdapterSpec) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "path": spec.path,
+        "rank": spec.rank,
+        "tenants": None if spec.tenants is None else sorted(spec.tenants),
+    }
+
+
+def parse_adapter(
+    payload: object, *, base_model: str, tenants: set[str]
+) -> tuple[AdapterSpec, int | None]:
+    """Validate a ``POST /admin/adapters`` body; errors name the key (``param``). Returns the
+    adapter (with the given rank, else 8) and the rank given (None: none)."""
+    if not isinstance(payload, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    for key in payload:
+        if key not in _ADAPTER_KEYS:
+            raise InvalidRequestError(
+                f"unknown key {key!r} (allowed: {', '.join(_ADAPTER_KEYS)})", param=str(key)
+            )
+    for key in ("name", "path"):
+        value = payload.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidRequestError(f"'{key}' must be a non-empty string", param=key)
+    name = payload["name"]
+    if (problem := adapter_name_problem(name)) is not None:  # as a config file's names
+        raise InvalidRequestError(problem, param="name")
+    if name == base_model:
+        raise InvalidRequestError("an adapter cannot be named like the base model", param="name")
+    given = payload.get("rank")
+    rank = DEFAULT_RANK if given is None else given
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_ADAPTER_RANK:
+        # Routing's load-cost estimates compute with it in floats: keep it sane.
+        raise InvalidRequestError(
+            f"'rank' must be an integer from 1 to {MAX_ADAPTER_RANK}", param="rank"
+        )
+    allowed: frozenset[str] | None = None
+    raw_tenants = payload.get("tenants")
+    if raw_tenants is not None:
+        if not isinstance(raw_tenants, list):
+            raise InvalidRequestError("'tenants' must be a list of tenant names", param="tenants")
+        for i, tenant in enumerate(raw_tenants):
+            if not isinstance(tenant, str) or tenant not in tenants:
+                raise InvalidRequestError(f"unknown tenant {tenant!r}", param=f"tenants[{i}]")
+        allowed = frozenset(raw_tenants)
+    spec = AdapterSpec(name=name, path=payload["path"], rank=rank, tenants=allowed)
+    return spec, None if given is None else rank
+
+
+class AdapterAdmin:
+    """Handlers of ``/admin/adapters*`` for one gateway (bound methods, behind the guard)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gw = gateway
+
+    async def adapters(self, _: web.Request) -> web.Response:
+        gw = self._gw
+        configured = {a.name for a in gw.config.adapters}
+        registered = gw.pool.registered_adapters()
+        stale = gw.pool.stale_adapters()
+        conflicts = gw.shared.definition_conflicts()
+        out = []
+        for name, spec in sorted(gw.catalog.adapters.items()):
+            item = adapter_json(spec)
+            item["source"] = "config" if name in configured else "admin"
+            item["registered_on"] = sorted(r for r, names in registered.items() if name in names)
+            # Replicas holding it from another path (being reloaded in place, or refusing to).
+            item["stale_on"] = {r: held[name] for r, held in sorted(stale.items()) if name in held}
+            if name in conflicts:  # another instance's config file defined it first
+                ours, in_force = conflicts[name]
+                item["definition_conflict"] = {
+                    "configured": {"path": ours.path, "rank": ours.rank},
+                    "in_force": {
+                        "path": in_force.path,
+                        "rank": in_force.rank,
+                        "instance": in_force.instance,
+                    },
+                }
+            out.append(item)
+        return json_response({"adapters": out})
+
+    async def add_adapter(self, request: web.Request) -> web.Response:
+        gw = self._gw
+        payload = await _read_json(request, gw.config.limits.client_body_timeout_s)
+        spec, given = parse_adapter(
+            payload,
+            base_model=gw.config.base_model,
+            tenants={t.name for t in gw.config.tenants},
+        )
+        try:  # the folder's rank, if the gateway can read it (off the loop: it may be slow)
+            settled = await asyncio.to_thread(settle_rank, spec.path, given, given_source="request")
+        except RankError as exc:
+            raise InvalidRequestError(str(exc), param="rank") from exc
+        spec = dataclasses.replace(spec, rank=settled.rank)
+        async with gw.lock:
+            if gw.shared.degraded:
+                return state_unavailable(f"register adapter {spec.name!r}")
+            if any(a.name == spec.name for a in gw.config.adapters):
+                raise ConflictError(f"adapter {spec.name!r} already exists", param="name")
+            # The store decides, not this instance's view (which may not show a registration
+            # another instance made a moment ago): one of two racing registrations wins.
+            added = await gw.shared.store.put_adapter(spec)
+            if gw.shared.degraded:  # Redis went away during the write
+                return state_unavailable(f"register adapter {spec.name!r}", during=True)
+            if not added:
+                raise ConflictError(
+                    f"adapter {spec.name!r} already exists (registered through the admin API, "
+                    "or defined in the config file of a gateway instance on this state store)",
+                    param="name",
+                )
+            gw.shared.check_adapters()  # this instance serves it at once
+        gw.pool.refusals.forget(spec.name)  # registered anew: every replica may try it again
+        try:
+            await self._try_load(spec)
+        except InvalidRequestError:  # no replica can load it: take the registration back
+            async with gw.lock:
+                await gw.shared.store.delete_adapter(spec.name)
+                gw.shared.check_adapters()
+            raise
+        if settled.unread is None:
+            log.info("admin: registered adapter %s (%s, rank %d from its adapter_config.json)",
+                     spec.name, spec.path, spec.rank)  # fmt: skip
+        elif settled.source == "request":
+            log.info("admin: registered adapter %s (%s), rank %d as given (%s)",
+                     spec.name, spec.path, spec.rank, settled.unread)  # fmt: skip
+        else:  # routing's load-cost estimates may be off: say so louder
+            log.warning(
+                "admin: registered adapter %s (%s) with rank %d assumed: no rank was given "
+                "and %s",
+                spec.name, spec.path, spec.rank, settled.unread,
+            )  # fmt: skip
+        return json_response({**adapter_json(spec), "rank_source": settled.source}, status=201)
+
+    async def _try_load(self, spec: AdapterSpec) -> None:
+        """Load ``spec`` (just registered) on the healthy replicas in turn until one has it, so
+        that a path no replica can load is a 400 now, not a 502 for every request later.
+
+        A replica that refuses it (vLLM's 4xx/5xx) and one that cannot be reached or does not
+        answer within ``limits.admin_timeout_s`` are both passed over for the next one. If
+        none loads it: at least one refusal is a 400 (param ``path``) naming every refusal
+        (vLLM's reasons) and every replica that could not be asked, and the registration is
+        taken back (the replicas that answered all refused; the others run the same vLLM and
+        read the same folders); no refusal at all (every healthy replica unreachable, or none
+        healthy) leaves the registration standing, logged: nothing says the path is bad. A
+        replica that refuses while another loads it keeps its refusal, as after a routed
+        request."""
+        pool = self._gw.pool
+        refused: list[str] = []
+        unreachable: list[str] = []
+        for snap in pool.healthy_snapshots():
+            rid = snap.replica_id
+            try:
+                await pool.ensure_adapter(rid, spec)
+            except AdapterLoadError as exc:
+                refused.append(f"replica {rid}: {exc.message}")
+                continue
+            except LoragateError as exc:  # unreachable, timed out: not the adapter's fault
+                log.warning("admin: adapter %s not tried on replica %s: %s", spec.name, rid, exc)
+                unreachable.append(f"replica {rid} ({_why_not_tried(exc)})")
+                continue
+            if refused or unreachable:
+                log.info(
+                    "admin: adapter %s loaded on replica %s after %s",
+                    spec.name, rid, "; ".join(refused + unreachable),
+                )  # fmt: skip
+            return
+        if not refused:
+            if unreachable:
+                log.warning(
+                    "admin: adapter %s registered untried: no healthy replica could be asked "
+                    "(%s)",
+                    spec.name, ", ".join(unreachable),
+                )  # fmt: skip
+            else:
+                log.warning("admin: adapter %s registered untried: no healthy replica", spec.name)
+            return
+        pool.refusals.forget(spec.name)  # taken back: nothing to remember
+        message = f"no replica could load adapter {spec.name!r} from {spec.path!r}: " + "; ".join(
+            refused
+        )
+        if unreachable:
+            message += "; not tried: " + ", ".join(unreachable)
+        raise InvalidRequestError(message, param="path")
+
+    async def delete_adapter(self, request: web.Request) -> web.Response:
+        gw = self._gw
+        name = request.match_info["name"]
+        async with gw.lock:
+            # A name the file defines is deleted only as an admin registration that holds it
+            # (registered before the file defined it: in force, see ``state.definitions``).
+            if any(a.name == name for a in gw.config.adapters) and (
+                name not in gw.shared.shared_adapters()
+            ):
+                raise ConflictError(
+                    f"adapter {name!r} is defined in the config file: remove it there and reload",
+                    param="name",
+                )
+            if gw.shared.degraded:
+                return state_unavailable(f"delete adapter {name!r}")
+            # Removes it and leaves its tombstone (see ``state.keys``) in one step: every
+            # instance's poller unloads it from a replica that still lists it, e.g. loaded back
+            # on demand by an instance that had not refreshed its view yet.
+            existed = await gw.shared.store.delete_adapter(name)
+            if gw.shared.degraded:
+                return state_unavailable(f"delete adapter {name!r}", during=True)
+            if not existed:
+                raise NotFoundError(f"adapter {name!r} does not exist", param="name")
+            gw.shared.check_adapters()
+        pool = gw.pool
+        pool.refusals.forget(name)
+        unloaded, errors = [], {}
+        for rid in pool.replica_ids:
+            if not (
+                pool.is_registered(rid, name) or name in gw.shared.residency_of(rid).registered
+            ):
+                continue
+            try:
+                await pool.unload_adapter(rid, name)
+                unloaded.append(rid)
+            except LoragateError as exc:
+                errors[rid] = exc.message
+        log.info("admin: deleted adapter %s (unloaded from %s)", name, unloaded)
+        return json_response({"deleted": name, "unloaded_from": unloaded, "unload_errors": errors})
+
+
+def _why_not_tried(exc: LoragateError) -> str:
+    """Why a replica could not be asked to load an adapter, for a client: no URL (the log
+    line has the whole error)."""
+    if isinstance(exc, UpstreamTimeoutError):
+        return "no answer within limits.admin_timeout_s"
+    if isinstance(exc, UpstreamConnectError):
+        return "unreachable"
+    return "no usable answer"
+
+
+async def _read_json(request: web.Request, idle_timeout_s: float) -> object:
+    body = await read_request_body(
+        request, max_bytes=_MAX_ADMIN_BODY, idle_timeout_s=idle_timeout_s
+    )
+    if not body:  # said as the proxy says it, not as a JSON parse error at char 0
+        raise InvalidRequestError("the request body is empty; expected a JSON object")
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidRequestError("the request body's JSON is nested too deeply") from exc

@@ -1,0 +1,125 @@
+"""The admin API's replica endpoints: ``GET /admin/replicas``, ``GET /admin/replicas/R`` and
+``POST``/``DELETE /admin/replicas/R/drain`` (what they answer: ``gateway.admin``)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from loragate.core.errors import NotFoundError
+from loragate.core.types import ReplicaSnapshot
+from loragate.gateway.admin_common import json_response, log, state_unavailable
+
+if TYPE_CHECKING:
+    from loragate.gateway.app import Gateway
+
+_NEVER_SCRAPED = ReplicaSnapshot(replica_id="", url="").scraped_at_s
+
+
+class ReplicaAdmin:
+    """Handlers of ``/admin/replicas*`` for one gateway (bound methods, behind the guard)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gw = gateway
+
+    async def replicas(self, _: web.Request) -> web.Response:
+        gw = self._gw
+        out = [self._replica_json(snap) for snap in gw.pool.snapshots()]
+        return json_response(
+            {"replicas": out, "policy": gw.policy.name, "state": gw.shared.status()}
+        )
+
+    async def replica(self, request: web.Request) -> web.Response:
+        return json_response(self._replica_json(self._known(request.match_info["id"])))
+
+    async def drain(self, request: web.Request) -> web.Response:
+        return await self._drain(request.match_info["id"], on=True)
+
+    async def undrain(self, request: web.Request) -> web.Response:
+        return await self._drain(request.match_info["id"], on=False)
+
+    async def _drain(self, rid: str, *, on: bool) -> web.Response:
+        """Drain (``on``) or undrain a replica of this instance's config, in the state store
+        (shared; refused while it is degraded, as the adapter writes are)."""
+        gw = self._gw
+        what = f"{'drain' if on else 'undrain'} replica {rid!r}"
+        async with gw.lock:  # no reload removes the replica meanwhile
+            self._known(rid)
+            if gw.shared.degraded:
+                return state_unavailable(what, check="GET /admin/replicas")
+            changed = await (gw.shared.drain(rid) if on else gw.shared.undrain(rid))
+            if gw.shared.degraded:  # Redis went away during the write
+                return state_unavailable(what, during=True, check="GET /admin/replicas")
+            if changed:
+                log.info(
+                    "admin: replica %s %s", rid,
+                    "drained: no new requests are routed there (every instance)" if on
+                    else "undrained: it gets requests again (every instance)",
+                )  # fmt: skip
+            return json_response(self._replica_json(gw.pool.snapshot(rid)))
+
+    def _known(self, rid: str) -> ReplicaSnapshot:
+        pool = self._gw.pool
+        if not pool.has_replica(rid):
+            raise NotFoundError(
+                f"replica {rid!r} does not exist (GET /admin/replicas lists them)", param="id"
+            )
+        return pool.snapshot(rid)
+
+    def _replica_json(self, snap: ReplicaSnapshot) -> dict[str, Any]:
+        gw = self._gw
+        pool, shared = gw.pool, gw.shared
+        rid = snap.replica_id
+        res = shared.residency_of(rid)
+        since = shared.drains().get(rid)
+        draining = pool.is_draining(rid)
+        now = pool.clock.now()
+        return {
+            "id": rid,
+            "url": snap.url,
+            "healthy": snap.healthy,
+            "last_error": pool.last_error(rid) if pool.has_replica(rid) else None,
+            "settings": {
+                "max_loras": snap.settings.max_loras,
+                "max_cpu_loras": snap.settings.max_cpu_loras,
+                "max_lora_rank": snap.settings.max_lora_rank,
+                "max_num_seqs": snap.settings.max_num_seqs,
+                "max_num_batched_tokens": snap.settings.max_num_batched_tokens,
+            },
+            "num_running": snap.num_running,
+            "num_waiting": snap.num_waiting,
+            "num_deferred": snap.num_deferred,
+            "kv_usage": snap.kv_usage,
+            "active_adapters": sorted(snap.active_adapters),
+            "draining": draining,
+            "draining_for_s": round(max(0.0, time.time() - since), 1)
+            if draining and since is not None
+            else None,
+            "in_flight": shared.in_flight_of(rid),
+            "in_flight_here": gw.inflight.count(rid),
+            "adapter_loads_here": pool.adapter_loads().get(rid, 0),
+            "adapter_loads_under_way_here": sorted(pool.loading(rid)),
+            "refused_adapters": {
+                name: {"error": error, "expires_in_s": round(left_s, 1)}
+                for name, (error, left_s) in sorted(pool.refused_adapters(rid).items())
+            }
+            if pool.has_replica(rid)
+            else {},
+            "residency": {
+                "registered": sorted(res.registered),
+                "gpu": list(res.gpu),
+                "cpu": list(res.cpu),
+            },
+            "seconds_since_scrape": _seconds_since_scrape(now, snap),
+        }
+
+
+def _seconds_since_scrape(now: float, snap: ReplicaSnapshot) -> float | None:
+    """How old the replica's engine figures are; None if it was never scraped (its snapshot
+    keeps ``ReplicaSnapshot``'s default time, 0.0, until a poll succeeds: ``now`` minus that
+    would be the machine's uptime)."""
+    if snap.scraped_at_s == _NEVER_SCRAPED:
+        return None
+    return round(now - snap.scraped_at_s, 3)
