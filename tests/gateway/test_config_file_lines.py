@@ -129,9 +129,10 @@ ERRORS = [
     ("{name: load, weight: 1}", "{name: load, weight: -1}",
      "15:20: routing.scorers[0].weight: must be >= 0, got -1"),
     ("{name: load,", "{name: lod,",
-     "15:8: routing.scorers[0].name: unknown scorer 'lod' (known: "),
+     "15:8: routing.scorers[0].name: unknown scorer 'lod' (is it a misspelling of 'load'?; "
+     "known: "),
     ("{name: load, weight: 1}", "{name: load, wieght: 1}",
-     "15:20: routing.scorers[0].wieght: unknown key (allowed: name, weight, params)"),
+     "15:20: " + _hint("routing.scorers[0].wieght", "weight")),
     ("routing:\n  scorers:\n    - {name: load, weight: 1}\n", "routing: fastest\n",
      "13:1: routing: unknown policy 'fastest' (known: "),
 ]  # fmt: skip

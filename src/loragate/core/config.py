@@ -4,9 +4,12 @@ All validation lives here, so a bad file fails at load time with one :class:`Con
 names the offending key (``replicas[1].url``), never per request; a key that is not one of its
 mapping's is reported before anything else there, with the nearest known key as a hint
 (``limits.request_timout_s: unknown key (is 'request_timout_s' a misspelling of
-'request_timeout_s'?)``). ``core`` may not import ``yaml`` (see ``tests/test_architecture.py``);
-``loragate.gateway.config_file.load_config`` reads the file, calls :func:`config_from_mapping`
-and puts the file, line and column of the key in front of its errors.
+'request_timeout_s'?)``). The ``routing:`` section, read by ``loragate.routing.build_policy``
+(whose errors say the same of its keys), may expand to at most ``MAX_ROUTING_VALUES`` values:
+YAML aliases of aliases are refused before they are copied. ``core`` may not import ``yaml``
+(see ``tests/test_architecture.py``); ``loragate.gateway.config_file.load_config`` reads the
+file, calls :func:`config_from_mapping` and puts the file, line and column of the key in front
+of its errors.
 
 Example (see ``examples/gateway.yaml``)::
 
@@ -190,17 +193,65 @@ class GatewayConfig:
 # Parsing helpers: each takes the dotted key path so errors can name it.
 
 
-def _thaw(value: Any) -> Any:
+# Most values (mappings, lists and scalars, each counted every time it is reached) a routing
+# section may hold once its YAML aliases are expanded. A routing section needs a few dozen; an
+# alias repeated 8 times per level reaches billions in a file of a few hundred bytes, and
+# copying it (``_freeze``, ``_thaw``) would take minutes.
+MAX_ROUTING_VALUES = 10_000
+
+
+class _Budget:
+    """Values left to copy; spent as they are reached, so the cap trips before the work."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, values: int = MAX_ROUTING_VALUES) -> None:
+        self.left = values
+
+    def spend(self, key: str) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise ConfigError(
+                f"the routing section expands to more than {MAX_ROUTING_VALUES:,} values "
+                "(YAML aliases repeat what their anchor holds; a routing section needs a few "
+                "dozen)",
+                key=key,
+            )
+
+
+def check_routing_size(spec: object, key: str = "routing") -> None:
+    """Refuse a routing spec (as ``build_policy`` takes it, from any YAML reader) that expands
+    to more than ``MAX_ROUTING_VALUES`` values, before anything reads or prints it whole."""
+    budget = _Budget()
+    stack: list[tuple[str, object]] = [(key, spec)]
+    while stack:
+        path, value = stack.pop()
+        budget.spend(path)
+        if isinstance(value, Mapping):
+            stack.extend((f"{path}.{k}", v) for k, v in reversed(list(value.items())))
+        elif isinstance(value, list | tuple):
+            stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+
+
+def _thaw(value: Any, key: str = "routing", budget: _Budget | None = None) -> Any:
+    """A plain copy (dicts and lists) of a routing spec; at most ``MAX_ROUTING_VALUES``."""
+    budget = _Budget() if budget is None else budget
+    budget.spend(key)
     if isinstance(value, Mapping):
-        return {k: _thaw(v) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return [_thaw(v) for v in value]
+        return {k: _thaw(v, f"{key}.{k}", budget) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_thaw(v, f"{key}[{i}]", budget) for i, v in enumerate(value)]
     return value
 
 
-def _freeze(value: Any, key: str, inside: frozenset[int] = frozenset()) -> Any:
+def _freeze(
+    value: Any, key: str, inside: frozenset[int] = frozenset(), budget: _Budget | None = None
+) -> Any:
     """A read-only copy; a mapping or list that contains itself (a YAML alias inside its own
-    anchor) is an error naming where, not endless recursion."""
+    anchor) is an error naming where, not endless recursion, and so is one that expands to
+    more than ``MAX_ROUTING_VALUES`` values (aliases of aliases), before it is copied."""
+    budget = _Budget() if budget is None else budget
+    budget.spend(key)
     if not isinstance(value, Mapping | list):
         return value
     if id(value) in inside:
@@ -208,9 +259,9 @@ def _freeze(value: Any, key: str, inside: frozenset[int] = frozenset()) -> Any:
     inside |= {id(value)}
     if isinstance(value, Mapping):
         return types.MappingProxyType(
-            {k: _freeze(v, f"{key}.{k}", inside) for k, v in value.items()}
+            {k: _freeze(v, f"{key}.{k}", inside, budget) for k, v in value.items()}
         )
-    return tuple(_freeze(v, f"{key}[{i}]", inside) for i, v in enumerate(value))
+    return tuple(_freeze(v, f"{key}[{i}]", inside, budget) for i, v in enumerate(value))
 
 
 def _type_name(value: object) -> str:
@@ -232,12 +283,24 @@ def _sequence(value: object, key: str) -> Sequence[Any]:
     return value
 
 
+def nearest(name: str, known: Collection[str]) -> str | None:
+    """The one of ``known`` that ``name`` is most likely a misspelling of, if any is close."""
+    near = difflib.get_close_matches(name, sorted(known), n=1)
+    return near[0] if near else None
+
+
+def misspelling(name: str, known: Collection[str]) -> str | None:
+    """``is 'NAME' a misspelling of 'KNOWN'?`` for the nearest of ``known``, if any is close."""
+    near = nearest(name, known)
+    return None if near is None else f"is {name!r} a misspelling of {near!r}?"
+
+
 def unknown_key(name: str, allowed: Collection[str]) -> str:
     """What is wrong with key ``name`` where only ``allowed`` are read: the nearest allowed
     key as a hint when one is close, else the list."""
-    near = difflib.get_close_matches(name, sorted(allowed), n=1)
-    if near:
-        return f"unknown key (is {name!r} a misspelling of {near[0]!r}?)"
+    hint = misspelling(name, allowed)
+    if hint is not None:
+        return f"unknown key ({hint})"
     return f"unknown key (allowed: {', '.join(sorted(allowed))})"
 
 

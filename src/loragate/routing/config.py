@@ -19,15 +19,21 @@ Accepted forms (``routing`` is the key path used in error messages):
           - {name: queue, weight: 1}
         picker: {name: max_score, params: {tie_break: random}}
 
-Everything is checked here, once: unknown names, weights that are not finite non-negative
-numbers (or are all zero), and parameters of the wrong type fail with one ``ConfigError`` whose
-``key`` names the offending path, e.g. ``routing.scorers[1].weight``.
+Everything is checked here, once: a spec that expands to more than
+``core.config.MAX_ROUTING_VALUES`` values (YAML aliases of aliases), unknown names, weights
+that are not finite non-negative numbers (or are all zero), and parameters of the wrong type
+fail with one ``ConfigError`` whose ``key`` names the offending path, e.g.
+``routing.scorers[1].weight``. A misspelt key, parameter or name says which one was meant
+when one is close, as the other sections' keys do (``routing.polcy: unknown key (is 'polcy'
+a misspelling of 'policy'?)``, ``unknown policy 'loragte' (is it a misspelling of
+'loragate'?; known: ...)``), else lists what is taken.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from loragate.core.config import check_routing_size, misspelling
 from loragate.core.errors import ConfigError
 from loragate.routing.builtins import default_registry
 from loragate.routing.framework import Filter, RoutingProfile, WeightedScorer
@@ -36,6 +42,8 @@ from loragate.routing.registry import BuildEnv, Registry, lookup
 from loragate.routing.step_time import LinearStepTimeModel, StepTimeModel
 
 _COMPOSITION_KEYS = ("name", "filters", "scorers", "picker")
+# The keys that say which form a mapping is: a built-in policy, or a composition.
+_FORM_KEYS = ("policy", "filters", "scorers", "picker")
 _PLUGIN_KEYS = ("name", "params")
 _SCORER_KEYS = ("name", "weight", "params")
 
@@ -49,6 +57,7 @@ def build_policy(
     key: str = "routing",
 ) -> RoutingProfile:
     """A ready ``RoutingProfile`` for ``spec``; raises ``ConfigError`` naming the bad key."""
+    check_routing_size(spec, key)  # YAML aliases of aliases: bounded before anything walks it
     reg = registry if registry is not None else default_registry()
     env = BuildEnv(
         seed=seed,
@@ -60,7 +69,10 @@ def build_policy(
     raw = check_mapping(spec, key)
     if "policy" in raw:
         return _build_named(raw, env, reg, key)
-    if not any(k in raw for k in ("filters", "scorers", "picker")):
+    if not any(k in raw for k in _FORM_KEYS[1:]):
+        for k in raw:  # 'polcy: NAME': say which key was meant
+            if (hint := misspelling(k, _FORM_KEYS)) is not None:
+                raise ConfigError(f"unknown key ({hint})", key=f"{key}.{k}")
         raise ConfigError(
             "needs 'policy: NAME' (one of "
             f"{', '.join(sorted(reg.profiles))}) or a composition of filters/scorers/picker",
@@ -93,7 +105,8 @@ def _plugin_spec(
     raw = check_mapping(item, key)
     for k in raw:
         if k not in allowed:
-            raise ConfigError(f"unknown key (allowed: {', '.join(allowed)})", key=f"{key}.{k}")
+            hint = misspelling(k, allowed) or f"allowed: {', '.join(allowed)}"
+            raise ConfigError(f"unknown key ({hint})", key=f"{key}.{k}")
     if "name" not in raw:
         raise ConfigError("missing 'name'", key=key)
     return raw["name"], raw
@@ -117,10 +130,10 @@ def _build_composed(
 ) -> RoutingProfile:
     for k in raw:
         if k not in _COMPOSITION_KEYS:
-            raise ConfigError(
-                f"unknown key (a composition takes: {', '.join(_COMPOSITION_KEYS)})",
-                key=f"{key}.{k}",
-            )
+            hint = misspelling(k, _COMPOSITION_KEYS)
+            if hint is None:
+                hint = f"a composition takes: {', '.join(_COMPOSITION_KEYS)}"
+            raise ConfigError(f"unknown key ({hint})", key=f"{key}.{k}")
     name = raw.get("name", "custom")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"must be a non-empty string, got {name!r}", key=f"{key}.name")

@@ -10,6 +10,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
+from loragate.core.config import misspelling
 from loragate.core.errors import ConfigError
 
 T = TypeVar("T", bound=str)
@@ -114,10 +115,11 @@ class Params:
         )
 
     def finish(self) -> None:
-        """Fail on any parameter the plugin did not read (a typo, or a wrong plugin)."""
+        """Fail on any parameter the plugin did not read (a typo, or a wrong plugin): with the
+        nearest one it reads as a hint when one is close, else the list of them."""
         unknown = [k for k in self._raw if k not in self._seen]
         if unknown:
-            known = ", ".join(sorted(self._seen)) or "none"
-            raise ConfigError(
-                f"unknown parameter (this plugin takes: {known})", key=self._path(unknown[0])
-            )
+            hint = misspelling(unknown[0], self._seen)
+            if hint is None:
+                hint = f"this plugin takes: {', '.join(sorted(self._seen)) or 'none'}"
+            raise ConfigError(f"unknown parameter ({hint})", key=self._path(unknown[0]))

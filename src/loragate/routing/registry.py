@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from loragate.core.config import nearest
 from loragate.core.errors import ConfigError
 from loragate.routing.framework import Filter, Picker, RoutingProfile, Scorer
 from loragate.routing.params import Params
@@ -64,11 +65,15 @@ def _add(table: dict[str, F], kind: str, name: str, factory: F) -> None:
 
 
 def lookup(table: dict[str, F], kind: str, name: object, key: str) -> F:
-    """The factory called ``name``, or one ConfigError listing what exists."""
+    """The factory called ``name``, or one ConfigError listing what exists, the nearest name
+    first when one is close (``unknown policy 'loragte' (is it a misspelling of 'loragate'?;
+    known: ...)``)."""
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{kind} name must be a non-empty string, got {name!r}", key=key)
     try:
         return table[name]
     except KeyError:
         known = ", ".join(sorted(table)) or "none"
-        raise ConfigError(f"unknown {kind} {name!r} (known: {known})", key=key) from None
+        near = nearest(name, table)
+        hint = "" if near is None else f"is it a misspelling of {near!r}?; "
+        raise ConfigError(f"unknown {kind} {name!r} ({hint}known: {known})", key=key) from None
