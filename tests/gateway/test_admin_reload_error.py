@@ -3,10 +3,12 @@ saying that the running config stays in force, logged with the file and its trac
 SIGHUP reload's failure is: ``reload.log_reload_failure``), counted as ``error``; the gateway
 serves on. Before, the exception reached aiohttp: its plain-text 500 page, no loragate log line.
 
-The real trigger that validation cannot catch today: an adapter folder whose
-``adapter_config.json`` is JSON nested deeper than ``json`` can recurse (``RecursionError`` out
-of ``load_config``'s rank check; see test_reload_sighup_error.py). YAML nested too deep, the
-trigger before, is a bad file now: a 400 naming its line (test_config_reload_lines.py)."""
+The real trigger that validation does not catch today: an adapter path that ``load_config``'s
+rank check cannot expand, ``~`` and a user name holding a NUL character (``ValueError`` out of
+``os.path.expanduser``; see test_reload_sighup_error.py). The triggers before are a bad file
+now, YAML nested too deep (a 400 naming its line, test_config_reload_lines.py), or an
+unreadable adapter folder, an ``adapter_config.json`` nested deeper than ``json`` recurses
+(the rank is assumed, said in a warning: test_adapter_rank_unreadable.py)."""
 
 from __future__ import annotations
 
@@ -49,11 +51,7 @@ async def test_a_reload_that_fails_otherwise_is_a_logged_500_in_the_error_shape(
         openai_client(gw.url) as client,
         aiohttp.ClientSession() as http,
     ):
-        folder = tmp_path / "deep-adapter"  # the trigger (see the docstring)
-        folder.mkdir()
-        deep = "[" * 100_000 + "]" * 100_000
-        (folder / "adapter_config.json").write_text(deep, encoding="utf-8")
-        _write(path, [r0], adapter_path=str(folder))
+        _write(path, [r0], adapter_path="~\0nobody/lora-0")  # the trigger (see the docstring)
         caplog.set_level(logging.ERROR, logger="loragate")
         async with http.post(gw.url + "/admin/reload", headers=AUTH) as resp:
             assert resp.status == 500
@@ -61,7 +59,7 @@ async def test_a_reload_that_fails_otherwise_is_a_logged_500_in_the_error_shape(
             error = (await resp.json())["error"]
         assert error["type"] == "server_error" and error["code"] == "reload_failed"
         assert error["param"] is None
-        assert error["message"].startswith("config reload failed (RecursionError: ")
+        assert error["message"].startswith("config reload failed (ValueError: embedded null byte")
         assert "the running config stays in force" in error["message"]
         failed = [
             r
@@ -69,7 +67,7 @@ async def test_a_reload_that_fails_otherwise_is_a_logged_500_in_the_error_shape(
             if r.getMessage().startswith(f"config reload (POST /admin/reload) of {path} failed")
         ]
         assert len(failed) == 1 and failed[0].exc_info is not None
-        assert failed[0].exc_info[0] is RecursionError
+        assert failed[0].exc_info[0] is ValueError
         async with http.get(gw.url + "/metrics") as resp:
             text = await resp.text()
         assert 'loragate_config_reloads_total{result="error"} 1.0' in text

@@ -8,11 +8,12 @@ and counted, and the gateway serves on.
   ``load_config`` (counted ``error``, a traceback of thousands of lines); it is a bad file
   now, refused naming the file, the line and column where it gets too deep.
 * A reload that fails other than on a bad file (``error``) is logged with its file and
-  traceback. The real trigger that validation cannot catch today: an adapter folder whose
-  ``adapter_config.json`` is JSON nested deeper than ``json`` can recurse
-  (``twin.adapters.read_adapter_folder`` catches ``JSONDecodeError`` but not the
-  ``RecursionError`` of the config's rank check, ``gateway.adapter_rank``). If that reader
-  learns to refuse such a folder, this case needs another trigger.
+  traceback. The real trigger that validation does not catch today: an adapter path that
+  the config's rank check (``gateway.adapter_rank.settle_rank``) cannot expand, ``~`` and a
+  user name holding a NUL character (``os.path.expanduser`` raises ``ValueError: embedded
+  null byte``). The trigger before, an ``adapter_config.json`` nested deeper than ``json``
+  recurses, is an unreadable folder now (the rank is assumed, said in a warning). If the
+  rank check or validation learns to refuse such a path, this case needs another trigger.
 """
 
 from __future__ import annotations
@@ -83,13 +84,11 @@ async def test_failed_sighup_reloads_are_logged_and_change_nothing(
     (tmp_path / "deep.yaml").write_text(TOO_DEEP, encoding="utf-8")
     with pytest.raises(ConfigError, match=r"deep\.yaml:2:\d+: nested more than 100 levels deep"):
         load_config(tmp_path / "deep.yaml")
-    # The trigger of the last case (see the docstring): an adapter folder the rank check
-    # reads, whose adapter_config.json is JSON nested too deep for ``json``.
-    folder = tmp_path / "deep-adapter"
-    folder.mkdir()
-    (folder / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
-    with pytest.raises(RecursionError):
-        load_config(_write(tmp_path / "check.yaml", [r0], adapter_path=str(folder)))
+    # The trigger of the last case (see the docstring): an adapter path the rank check
+    # cannot expand.
+    unexpandable = "~\0nobody/lora-0"
+    with pytest.raises(ValueError, match="embedded null byte"):
+        load_config(_write(tmp_path / "check.yaml", [r0], adapter_path=unexpandable))
     async with serve_process(path) as serve, aiohttp.ClientSession() as http:
         assert await _complete(http, serve.url) == "r0"
 
@@ -110,11 +109,12 @@ async def test_failed_sighup_reloads_are_logged_and_change_nothing(
         assert _reloads(await _metrics(serve.url)) == {"ok": 0, "rejected": 2, "error": 0}
 
         # A file the reader fails on other than as a bad file: logged with its traceback.
-        _write(path, [r0, r1], adapter_path=str(folder))
+        _write(path, [r0, r1], adapter_path=unexpandable)
         serve.proc.send_signal(signal.SIGHUP)
         line = await serve.wait_for_log(r"config reload \(SIGHUP\) of (\S+) failed, serving on")
         assert line.group(1) == str(path)
-        await serve.wait_for_log(r"^RecursionError", max_lines=10_000)  # the traceback's end
+        # the traceback's end
+        await serve.wait_for_log(r"^ValueError: embedded null byte", max_lines=10_000)
         seen = await _metrics(serve.url)
         assert _reloads(seen) == {"ok": 0, "rejected": 2, "error": 1}
 

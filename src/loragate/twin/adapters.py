@@ -37,15 +37,22 @@ class AdapterFolderError(ValueError):
 
 
 def read_adapter_folder(path: str) -> AdapterFolder | None:
-    """Read ``path/adapter_config.json``; None when ``path`` is not an adapter folder."""
+    """Read ``path/adapter_config.json``; None when ``path`` is not an adapter folder. A file
+    that cannot be read as JSON (also: nested deeper than ``json`` recurses, an integer of more
+    digits than Python converts) is an :class:`AdapterFolderError` saying why."""
     config_path = os.path.join(path, ADAPTER_CONFIG)
     if not path or not os.path.isfile(config_path):
         return None
     try:
         with open(config_path, encoding="utf-8") as fh:
             data: Any = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFolderError(f"cannot read {ADAPTER_CONFIG}: {exc}") from exc
+    except RecursionError as exc:  # json's parser recurses per level: [[[[...
+        raise AdapterFolderError(
+            f"cannot read {ADAPTER_CONFIG}: nested too deep for a JSON parser"
+        ) from exc
+    except (OSError, ValueError) as exc:  # not UTF-8, not JSON, an int of over 4,300 digits
+        reason = str(exc).split(";")[0]  # not Python's advice on sys.set_int_max_str_digits
+        raise AdapterFolderError(f"cannot read {ADAPTER_CONFIG}: {reason}") from exc
     if not isinstance(data, dict):
         raise AdapterFolderError(f"{ADAPTER_CONFIG} is not a JSON object")
     rank = data.get("r")
