@@ -220,8 +220,8 @@ async def test_checks_made_once_the_fields_are_valid_and_the_model_known(
     """``n`` and ``max_tokens`` below 1 are SamplingParams' checks and ``prompt_embeds`` the
     renderer's: an unknown model is vLLM's 404 first (and a mistyped field its validation
     error), a prompt longer than the context the renderer's 400; with ``max_tokens: 0`` the
-    ``n`` error comes before ``max_tokens``'. (The gateway refuses ``max_tokens: 0`` itself,
-    ahead of ``n`` and of the prompt's length: not compared here.)"""
+    ``n`` error comes before ``max_tokens``'. The gateway in front of vLLM answers the same:
+    it refuses ``max_tokens: 0`` itself only where no earlier check can fire."""
     cases: list[tuple[dict[str, Any], int, str]] = [
         ({"model": "no-such-model", "prompt": "x", "n": 0}, 404,
          "The model `no-such-model` does not exist. Valid aliases: tiny-llama."),
@@ -231,6 +231,14 @@ async def test_checks_made_once_the_fields_are_valid_and_the_model_known(
          "This model's maximum context length is 512 tokens. However, your prompt contains 600 "
          "input tokens, which exceeds this limit even without any output tokens. Please reduce "
          "the length of the input prompt. (parameter=input_tokens, value=600)"),
+        ({"model": BASE, "prompt": "x " * 600, "max_tokens": 0}, 400,
+         "This model's maximum context length is 512 tokens. However, your prompt contains at "
+         "least 513 input tokens, which exceeds this limit even without any output tokens. "
+         "Please reduce the length of the input prompt. (parameter=input_tokens, value=513)"),
+        ({"model": BASE, "prompt": "x", "max_tokens": 0}, 400,
+         "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"),
+        ({"model": BASE, "prompt": [1, 2], "max_tokens": -1, "stream": True}, 400,
+         "max_tokens must be at least 1, got -1. (parameter=max_tokens, value=-1)"),
         ({"model": "no-such-model", "prompt_embeds": "AAAA"}, 404,
          "The model `no-such-model` does not exist. Valid aliases: tiny-llama."),
         ({"model": BASE, "prompt_embeds": "AAAA", "max_tokens": "abc"}, 400,
@@ -238,14 +246,21 @@ async def test_checks_made_once_the_fields_are_valid_and_the_model_known(
          "'Input should be a valid integer, unable to parse string as an integer', 'input': "
          "'abc'}"),
     ]
+    doc: dict[str, Any] = {"base_model": BASE,
+                           "replicas": [{"id": "real0", "url": real_vllm.base_url}]}
     problems: list[str] = []
-    async with run_replica(_twin_config(real_vllm), host="127.0.0.1", port=0) as twin:
-        for name, base in (("real", real_vllm.base_url), ("twin", twin.url)):
+    async with (run_replica(_twin_config(real_vllm), host="127.0.0.1", port=0) as twin,
+                running_gateway(config_from_mapping(doc), port=0) as gw):
+        servers = (("real", real_vllm.base_url), ("twin", twin.url), ("gateway", gw.url))
+        for name, base in servers:
             for body, status, message in cases:
                 async with http.post(base + "/v1/completions", json=body) as r:
                     seen = (r.status, (await r.json())["error"]["message"])
+                if name == "gateway" and status == 404:  # its own lookup lists no aliases
+                    message = message.split(" Valid aliases")[0]
                 if seen != (status, message):
-                    problems.append(f"{name} {body}: got {seen}, want {(status, message)}")
+                    shown = str(body) if len(str(body)) < 200 else str(body)[:200] + "...}"
+                    problems.append(f"{name} {shown}: got {seen}, want {(status, message)}")
     assert not problems, "answers differ from vLLM 0.32:\n" + "\n".join(problems)
 
 
@@ -253,7 +268,9 @@ async def test_json_endpoints_refuse_another_content_type(
     real_vllm: Replica, http: aiohttp.ClientSession
 ) -> None:
     """vLLM's ``validate_json_request``: completions, chat and the adapter admin calls take
-    only ``application/json``, checked ahead of the body."""
+    only ``application/json``, checked ahead of the body, except that FastAPI decodes a body of
+    an ``application/...json`` or ``+json`` type first (its JSON errors come first). The
+    gateway, which sends every body upstream as JSON, answers completions and chat the same."""
     want = (400, {"error": {
         "message": "1 validation error:\n  Unsupported Media Type: Only 'application/json' is "
                    "allowed",
@@ -264,18 +281,36 @@ async def test_json_endpoints_refuse_another_content_type(
         "/v1/load_lora_adapter": {"lora_name": "ctype-x", "lora_path": "/nowhere"},
         "/v1/unload_lora_adapter": {"lora_name": "ctype-x"},
     }
+    json_invalid = (400, {"error": {
+        "message": "1 validation error:\n  {'type': 'json_invalid', 'loc': 'body.1', 'msg': "
+                   "'JSON decode error', 'input': '<dict of 0 items>', 'ctx': {'error': "
+                   "'Expecting property name enclosed in double quotes'}}",
+        "type": "Bad Request", "param": "body.1", "code": 400}})  # fmt: skip
+    # (Content-Type, whether the body is valid JSON, the answer)
+    kinds = [("text/plain", True, want), (None, True, want), ("text/plain", False, want),
+             ("application/vnd.api+json", True, want),
+             ("application/vnd.api+json", False, json_invalid),
+             ("application/json ; x=y", True, want), ("application/json ; x=y", False,
+                                                      json_invalid)]  # fmt: skip
+    doc: dict[str, Any] = {"base_model": BASE,
+                           "replicas": [{"id": "real0", "url": real_vllm.base_url}]}
     problems: list[str] = []
-    async with run_replica(_twin_config(real_vllm), host="127.0.0.1", port=0) as twin:
-        for name, base in (("real", real_vllm.base_url), ("twin", twin.url)):
+    async with (run_replica(_twin_config(real_vllm), host="127.0.0.1", port=0) as twin,
+                running_gateway(config_from_mapping(doc), port=0) as gw):
+        servers = (("real", real_vllm.base_url), ("twin", twin.url), ("gateway", gw.url))
+        for name, base in servers:
             for path, body in bodies.items():
-                for ctype in ("text/plain", None):
+                if name == "gateway" and "lora" in path:
+                    continue  # (the gateway serves no adapter admin calls of vLLM's)
+                for ctype, valid, answer in kinds:
                     headers = {"Content-Type": ctype} if ctype else {}
                     skip = () if ctype else ("Content-Type",)
-                    async with http.post(base + path, data=json.dumps(body), headers=headers,
+                    data = json.dumps(body) if valid else "{not json"
+                    async with http.post(base + path, data=data, headers=headers,
                                          skip_auto_headers=skip) as r:
                         seen = (r.status, await r.json(content_type=None))
-                    if seen != want:
-                        problems.append(f"{name} {path} {ctype}: got {seen}")
+                    if seen != answer:
+                        problems.append(f"{name} {path} {ctype} {data[:20]}: got {seen}")
     assert not problems, "answers differ from vLLM 0.32:\n" + "\n".join(problems)
 
 
