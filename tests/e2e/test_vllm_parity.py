@@ -239,6 +239,32 @@ async def test_checks_made_once_the_fields_are_valid_and_the_model_known(
          "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"),
         ({"model": BASE, "prompt": [1, 2], "max_tokens": -1, "stream": True}, 400,
          "max_tokens must be at least 1, got -1. (parameter=max_tokens, value=-1)"),
+        # SamplingParams' ranges: after n, before max_tokens (the twin uses none of these).
+        ({"model": BASE, "prompt": "x", "max_tokens": 0, "top_p": 0}, 400,
+         "top_p must be in (0, 1], got 0.0. (parameter=top_p, value=0.0)"),
+        ({"model": BASE, "prompt": "x", "n": 0, "temperature": -1}, 400,
+         "n must be at least 1, got 0."),
+        ({"model": BASE, "prompt": "x", "temperature": -1, "presence_penalty": 2.5}, 400,
+         "presence_penalty must be in [-2, 2], got 2.5."),
+        ({"model": BASE, "prompt": "x", "frequency_penalty": -3}, 400,
+         "frequency_penalty must be in [-2, 2], got -3.0."),
+        ({"model": BASE, "prompt": "x", "repetition_penalty": 0}, 400,
+         "repetition_penalty must be greater than zero, got 0.0."),
+        ({"model": BASE, "prompt": "x", "temperature": 2.5}, 400,
+         "temperature must be in [0, 2], got 2.5. (parameter=temperature, value=2.5)"),
+        ({"model": BASE, "prompt": "x", "temperature": float("nan")}, 400,
+         "temperature must be a finite number, got nan. (parameter=temperature, value=nan)"),
+        ({"model": BASE, "prompt": "x", "top_k": -2, "min_p": 1.5}, 400,
+         "top_k must be 0 (disable), or at least 1, got -2."),
+        ({"model": BASE, "prompt": "x", "min_p": 1.5, "max_tokens": 0}, 400,
+         "min_p must be in [0, 1], got 1.5."),
+        ({"model": BASE, "prompt": "x", "top_p": "abc", "stream": True,
+          "stream_options": {"continuous_usage_stats": "maybe"}}, 400,
+         "2 validation errors:\n  {'type': 'bool_parsing', 'loc': "
+         "'body.stream_options.continuous_usage_stats', 'msg': 'Input should be a valid "
+         "boolean, unable to interpret input', 'input': 'maybe'}\n  {'type': 'float_parsing', "
+         "'loc': 'body.top_p', 'msg': 'Input should be a valid number, unable to parse string "
+         "as a number', 'input': 'abc'}"),
         ({"model": "no-such-model", "prompt_embeds": "AAAA"}, 404,
          "The model `no-such-model` does not exist. Valid aliases: tiny-llama."),
         ({"model": BASE, "prompt_embeds": "AAAA", "max_tokens": "abc"}, 400,

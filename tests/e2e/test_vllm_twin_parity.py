@@ -168,3 +168,37 @@ def test_shape_ignores_values_but_not_keys() -> None:
     assert shape({"a": 1}) != shape({"a": 1, "b": 2})
     assert shape({"a": "x"}) != shape({"a": 1})
     assert VOLATILE  # documented: values of these fields are never compared
+
+
+async def test_continuous_usage_stats_on_real_vllm_and_the_twin(
+    real_vllm: Replica, http: aiohttp.ClientSession
+) -> None:
+    """``stream_options: {include_usage, continuous_usage_stats}``: every chunk carries its
+    choice's running usage (chat's with ``completion_tokens_details``), after ``choices``.
+    Each chunk's keys in order and its usage must be the same on both servers."""
+    c = REAL_CONFIG
+    twin_cfg = ReplicaConfig(
+        model=str(real_vllm.model_dir), served_model_name=BASE, max_num_seqs=c.max_num_seqs,
+        max_model_len=c.max_model_len, profile="fast", time_scale=10.0,
+    )  # fmt: skip
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    common = {"model": BASE, "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+              "stream": True, "stream_options": options}  # fmt: skip
+    calls = [
+        ("/v1/completions", {**common, "prompt": "Hello world the adapter"}),
+        ("/v1/completions", {**common, "prompt": "Hello world the adapter", "echo": True}),
+        ("/v1/chat/completions", {**common, "messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/completions", {**common, "prompt": "hi", "stream_options": {
+            "include_usage": False, "continuous_usage_stats": True}}),
+    ]  # fmt: skip
+    problems: list[str] = []
+    async with run_replica(twin_cfg, host="127.0.0.1", port=0) as twin:
+        for path, body in calls:
+            seen = []
+            for base in (real_vllm.base_url, twin.url):
+                answer = await call(http, base, "POST", path, body)
+                chunks = [json.loads(e) for e in answer.events if e != "[DONE]"]
+                seen.append([(list(chunk), chunk.get("usage")) for chunk in chunks])
+            if seen[0] != seen[1]:
+                problems.append(f"{path} {body}:\n  real {seen[0]}\n  twin {seen[1]}")
+    assert not problems, "twin differs from real vLLM:\n" + "\n".join(problems)

@@ -32,15 +32,27 @@ class _Base(pydantic.BaseModel):
 _TokenId = Annotated[int, pydantic.Field(ge=0)]
 
 
+class _StreamOptions(_Base):
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
+
+
 class _Completion(_Base):
     model: str | None = None
     prompt: list[_TokenId] | list[list[_TokenId]] | str | list[str] | None = None
     echo: bool | None = False
+    frequency_penalty: float | None = None
     max_tokens: int | None = 16
     n: int = 1
+    presence_penalty: float | None = None
     seed: int | None = pydantic.Field(None, ge=-(1 << 63), le=(1 << 63) - 1)
     stream: bool | None = False
+    stream_options: _StreamOptions | None = None
     temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
     add_special_tokens: bool = True
@@ -49,12 +61,19 @@ class _Completion(_Base):
 class _Chat(_Base):
     messages: list[dict[str, Any]]
     model: str | None = None
+    frequency_penalty: float | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     n: int | None = 1
+    presence_penalty: float | None = None
     seed: int | None = pydantic.Field(None, ge=-(1 << 63), le=(1 << 63) - 1)
     stream: bool | None = False
+    stream_options: _StreamOptions | None = None
     temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
     echo: bool = False
@@ -62,13 +81,17 @@ class _Chat(_Base):
     add_special_tokens: bool = False
 
 
+_SAMPLING = ["temperature", "top_p", "top_k", "min_p", "repetition_penalty"]
 FIELDS = {
-    "completion": ["model", "echo", "max_tokens", "n", "seed", "stream", "temperature",
-                   "ignore_eos", "min_tokens", "add_special_tokens"],
-    "chat": ["model", "max_tokens", "max_completion_tokens", "n", "seed", "stream",
-             "temperature", "ignore_eos", "min_tokens", "echo", "add_generation_prompt",
-             "add_special_tokens"],
+    "completion": ["model", "echo", "frequency_penalty", "max_tokens", "n", "presence_penalty",
+                   "seed", "stream", *_SAMPLING, "ignore_eos", "min_tokens",
+                   "add_special_tokens"],
+    "chat": ["model", "frequency_penalty", "max_tokens", "max_completion_tokens", "n",
+             "presence_penalty", "seed", "stream", *_SAMPLING, "ignore_eos", "min_tokens",
+             "echo", "add_generation_prompt", "add_special_tokens"],
 }  # fmt: skip
+FLOATS = {"frequency_penalty", "presence_penalty", "temperature", "top_p", "min_p",
+          "repetition_penalty"}  # fmt: skip
 BASE_BODY: dict[str, dict[str, Any]] = {
     "completion": {"prompt": "p"},
     "chat": {"messages": [{"role": "user", "content": "hi"}]},
@@ -134,10 +157,25 @@ def test_each_field_is_read_as_vllm_reads_it(kind: str, raw: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["completion", "chat"])
+@pytest.mark.parametrize("raw", VALUES)
+def test_stream_options_are_read_as_vllm_reads_them(kind: str, raw: str) -> None:
+    for field in ("include_usage", "continuous_usage_stats"):
+        options = {field: json.loads(raw)}
+        payload = {**BASE_BODY[kind], "stream": True, "stream_options": options}
+        assert _twin(kind, payload) == _vllm(kind, payload), (field, raw)
+        if _vllm(kind, payload) is None:  # continuous usage needs include_usage too
+            gen = parse_generation_request(kind, payload)  # type: ignore[arg-type]
+            assert not gen.continuous_usage
+            both = {"include_usage": True, "continuous_usage_stats": json.loads(raw)}
+            gen = parse_generation_request(kind, {**payload, "stream_options": both})  # type: ignore[arg-type]
+            assert gen.continuous_usage is bool(lax_bool(both["continuous_usage_stats"]))
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
 def test_every_bad_field_is_listed_in_the_models_order(kind: str) -> None:
     payload: dict[str, Any] = {**BASE_BODY[kind], **dict.fromkeys(FIELDS[kind], 5.5)}
     expected = _vllm(kind, payload)
-    wrong = len(FIELDS[kind]) - 1  # all but temperature
+    wrong = len([f for f in FIELDS[kind] if f not in FLOATS])  # 5.5 is a float
     assert expected is not None and expected[0].startswith(f"{wrong} validation")
     assert _twin(kind, payload) == expected
     nulls = {**BASE_BODY[kind], **dict.fromkeys(FIELDS[kind])}  # Optional or not

@@ -27,9 +27,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import hdrs, web
 
@@ -56,8 +56,10 @@ from loragate.twin.replica_responses import (
     dumps,
     new_id,
     now_unix,
+    running_usage,
     sse,
     usage_chunk,
+    with_usage,
 )
 from loragate.twin.synthetic_text import OutputPlan, OutputSampler
 from loragate.twin.vllm_errors import (
@@ -315,6 +317,7 @@ class Generator:
         encoder = TokenChunkEncoder(
             kind=gen.kind, request_id=request_id, created=created, model=model
         )
+        usage_of = self._usage_of(gen)
         try:
             if gen.kind == "chat":
                 for c in choices:
@@ -325,21 +328,18 @@ class Generator:
                         index=c.index,
                         role=gen.role,
                     )
-                    await response.write(sse(role))
+                    await response.write(sse(with_usage(role, usage_of(c))))
                 for c in choices:
                     echo = gen.prompts[c.index // gen.n].echo_text if gen.echo else ""
                     if echo:
-                        await response.write(
-                            sse(
-                                chat_echo_chunk(
-                                    request_id=request_id,
-                                    created=created,
-                                    model=model,
-                                    index=c.index,
-                                    text=echo,
-                                )
-                            )
+                        chunk = chat_echo_chunk(
+                            request_id=request_id,
+                            created=created,
+                            model=model,
+                            index=c.index,
+                            text=echo,
                         )
+                        await response.write(sse(with_usage(chunk, usage_of(c))))
             # A choice's terminal chunk carries the fingerprint unless a usage chunk follows.
             fingerprint = not gen.include_usage
             echo_ids = gen.echo and gen.kind == "completion"
@@ -357,12 +357,14 @@ class Generator:
                         prompt_token_ids=gen.prompts[c.index // gen.n].ids(),
                         fingerprint=fingerprint and finish is not None,
                     )
-                    await response.write(sse(chunk))
+                    await response.write(sse(with_usage(chunk, usage_of(c))))
                 elif finish is None:
-                    await response.write(encoder.token(c.index, text))
+                    await response.write(encoder.token(c.index, text, usage_of(c)))
                 else:
                     await response.write(
-                        encoder.final(c.index, text, finish, fingerprint=fingerprint)
+                        encoder.final(
+                            c.index, text, finish, fingerprint=fingerprint, usage=usage_of(c)
+                        )
                     )
             for c in choices:  # unfinished: the replica stopped, as vLLM aborts them
                 if not c.finished:
@@ -401,6 +403,7 @@ class Generator:
         """A choice's last chunk when the replica stopped under it (vLLM: the aborted
         request's final output, empty text, ``finish_reason: "abort"``)."""
         c.aborted = True
+        usage = self._usage_of(gen)(c)
         if gen.echo and gen.kind == "completion" and not c.echo_sent:
             c.echo_sent = True  # the echo rides on the choice's first chunk, this one
             request_id, created, model = head
@@ -414,9 +417,23 @@ class Generator:
                 prompt_token_ids=gen.prompts[c.index // gen.n].ids(),
                 fingerprint=fingerprint,
             )
-            await response.write(sse(chunk))
+            await response.write(sse(with_usage(chunk, usage)))
         elif c.emitted:  # vLLM sends no empty chunk for a choice without a token yet
-            await response.write(encoder.final(c.index, "", ABORT, fingerprint=fingerprint))
+            await response.write(
+                encoder.final(c.index, "", ABORT, fingerprint=fingerprint, usage=usage)
+            )
+
+    @staticmethod
+    def _usage_of(gen: GenerationRequest) -> Callable[[_Choice], dict[str, Any] | None]:
+        """A choice's running usage for each chunk (``continuous_usage_stats``), else None."""
+        if not gen.continuous_usage:
+            return lambda c: None
+
+        def usage(c: _Choice) -> dict[str, Any]:
+            prompt_tokens = gen.prompts[c.index // gen.n].prompt_tokens
+            return running_usage(gen.kind, prompt_tokens, c.emitted)
+
+        return usage
 
     def _abort_unfinished(self, choices: list[_Choice]) -> None:
         for c in choices:

@@ -32,12 +32,16 @@ from loragate.twin.request_prechecks import (
     check_completion_body,
     no_prompt,
 )
+from loragate.twin.sampling_checks import SamplingFields, check_sampling_fields
 from loragate.twin.synthetic_text import TINY_LLAMA_FORMAT, VOCAB, PromptFormat
 from loragate.twin.vllm_errors import FieldError, bad_request, validation_error
 from loragate.twin.vllm_fields import field_error, read_bool, read_int, read_prompt, read_str
 
 Kind = Literal["completion", "chat"]
 SYNTHETIC_VOCAB_SIZE = 1024  # the recorded tiny-llama's vocabulary
+
+
+_NO_SAMPLING_FIELDS = SamplingFields()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,6 +91,8 @@ class GenerationRequest:
     seed: int | None
     stream: bool
     include_usage: bool
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats, with include_usage
+    sampling: SamplingFields = _NO_SAMPLING_FIELDS  # range-checked, otherwise unused
     echo: bool = False
     prompt_embeds: bool = False  # completions: embeddings given (refused once the model is known)
     role: str = "assistant"  # chat: the answer's role
@@ -175,21 +181,33 @@ def parse_generation_request(
         model = f.str_("model")
         prompt_texts = _completion_prompts(f)
         echo = f.bool_("echo", False)
+        frequency_penalty = f.float_("frequency_penalty", None)
         # CompletionRequest.max_tokens defaults to 16, and a null is replaced by that default.
         max_tokens = f.int_("max_tokens", COMPLETION_DEFAULT_MAX_TOKENS)
         n = f.int_("n", 1, nullable=False)
     else:
         chat_texts = _chat_texts(f)
         model = f.str_("model")
+        frequency_penalty = f.float_("frequency_penalty", None)
         max_tokens = f.int_("max_tokens", None)
         max_completion_tokens = f.int_("max_completion_tokens", None)
         if max_completion_tokens is not None:  # it wins over max_tokens
             max_tokens, max_tokens_param = max_completion_tokens, "max_completion_tokens"
         n = f.int_("n", 1)  # (chat: Optional, null is 1)
+    presence_penalty = f.float_("presence_penalty", None)
     seed = f.int_("seed", None, ge=-(1 << 63), le=(1 << 63) - 1)
     stream = f.bool_("stream", False)
-    include_usage = _include_usage(f)
+    include_usage, continuous_usage = _stream_options(f)
     temperature = f.float_("temperature", None)
+    sampling = SamplingFields(
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        temperature=temperature,
+        top_p=f.float_("top_p", None),
+        top_k=f.int_("top_k", None),
+        min_p=f.float_("min_p", None),
+        repetition_penalty=f.float_("repetition_penalty", None),
+    )
     ignore_eos = f.bool_("ignore_eos", False, nullable=False)
     min_tokens = f.int_("min_tokens", 0, nullable=False)
     if kind == "chat":  # vLLM's extra chat fields come after the sampling ones
@@ -227,6 +245,8 @@ def parse_generation_request(
         seed=seed,
         stream=stream,
         include_usage=include_usage,
+        continuous_usage=continuous_usage,
+        sampling=sampling,
         echo=echo,
         prompt_embeds=kind == "completion" and body.get("prompt_embeds") not in (None, []),
         role=role,
@@ -237,11 +257,12 @@ def parse_generation_request(
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
-def _include_usage(f: _Fields) -> bool:
-    """``stream_options.include_usage`` (``StreamOptions``: ``bool | None``)."""
+def _stream_options(f: _Fields) -> tuple[bool, bool]:
+    """``stream_options``' (``include_usage``, ``continuous_usage_stats``): ``StreamOptions``,
+    both ``bool | None``; the second counts only with the first (``should_include_usage``)."""
     options = f.body.get("stream_options")
     if options is None:
-        return False
+        return False, False
     if not isinstance(options, Mapping):
         f.errors.append(
             FieldError(
@@ -251,11 +272,12 @@ def _include_usage(f: _Fields) -> bool:
                 input=options,
             )
         )
-        return False
+        return False, False
     inner: list[FieldError] = []
     include_usage = read_bool(options, "include_usage", inner)
+    continuous = read_bool(options, "continuous_usage_stats", inner)
     f.errors += [dataclasses.replace(e, loc=("body", "stream_options", *e.loc[1:])) for e in inner]
-    return include_usage
+    return include_usage, include_usage and continuous
 
 
 def _completion_prompts(f: _Fields) -> list[str | list[int]] | None:
@@ -452,9 +474,9 @@ def resolve_max_tokens(gen: GenerationRequest, spec: PromptSpec, max_model_len: 
     2. ``get_max_tokens`` (``serve/utils/api_utils.py``): the request is *clamped* to the room
        left in the context window (no error), and fills it when no ``max_tokens`` is given.
     3. ``SamplingParams`` (``_verify_args``): ``n`` below 1 or above ``VLLM_MAX_N_SEQUENCES``
-       (so after the model lookup, not with the body's fields); the result (1 for an echo
-       without generation) below 1, ``min_tokens`` below 0 or above it; then ``n`` above 1 with
-       greedy sampling.
+       (so after the model lookup, not with the body's fields); the sampling fields' ranges
+       (``sampling_checks``); the result (1 for an echo without generation) below 1,
+       ``min_tokens`` below 0 or above it; then ``n`` above 1 with greedy sampling.
     4. The engine's ``_validate_prompt_len`` (``v1/engine/input_processor.py``): an empty
        prompt; a prompt of exactly ``max_model_len`` tokens (reachable only by an echo without
        generation).
@@ -506,6 +528,7 @@ def _sampling_max_tokens(gen: GenerationRequest, spec: PromptSpec, limit: int) -
     room, requested = limit - spec.prompt_tokens, gen.max_tokens
     sampled = 1 if gen.echo_only else min(room, requested) if requested is not None else room
     check_n(gen.n)
+    check_sampling_fields(gen.sampling)
     if sampled < 1:
         raise bad_request(
             f"max_tokens must be at least 1, got {sampled}.", param="max_tokens", value=sampled

@@ -56,6 +56,32 @@ def _usage(prompt_tokens: int, completion_tokens: int, *, details: bool) -> dict
     return usage
 
 
+def running_usage(kind: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """The usage every chunk of a stream carries with ``stream_options.continuous_usage_stats``
+    (and ``include_usage``): its choice's prompt and the tokens it sent so far. vLLM 0.32 sets
+    chat's ``completion_tokens_details`` (to null) and leaves it out on completions."""
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+    }
+    if kind == "chat":
+        usage["completion_tokens_details"] = None
+    return usage
+
+
+def with_usage(chunk: dict[str, Any], usage: dict[str, Any] | None) -> dict[str, Any]:
+    """``chunk`` with ``usage`` after its ``choices`` (the stream response's field order)."""
+    if usage is None:
+        return chunk
+    out: dict[str, Any] = {}
+    for key, value in chunk.items():
+        out[key] = value
+        if key == "choices":
+            out["usage"] = usage
+    return out
+
+
 def completion_body(
     *, request_id: str, created: int, model: str, choices: list[ChoiceResult], prompt_tokens: int
 ) -> dict[str, Any]:
@@ -318,7 +344,9 @@ class TokenChunkEncoder:
         self._model = model
         self._cache: dict[int, tuple[bytes, bytes]] = {}
 
-    def token(self, index: int, text: str) -> bytes:
+    def token(self, index: int, text: str, usage: dict[str, Any] | None = None) -> bytes:
+        if usage is not None:  # continuous usage stats: no two chunks alike
+            return self.final(index, text, None, fingerprint=False, usage=usage)
         parts = self._cache.get(index)
         if parts is None:
             chunk = self._build(
@@ -333,15 +361,22 @@ class TokenChunkEncoder:
             parts = self._cache[index] = (prefix, suffix)
         return parts[0] + dumps(text) + parts[1]
 
-    def final(self, index: int, text: str, finish_reason: str, *, fingerprint: bool) -> bytes:
-        return sse(
-            self._build(
-                request_id=self._request_id,
-                created=self._created,
-                model=self._model,
-                index=index,
-                text=text,
-                finish_reason=finish_reason,
-                fingerprint=fingerprint,
-            )
+    def final(
+        self,
+        index: int,
+        text: str,
+        finish_reason: str | None,
+        *,
+        fingerprint: bool,
+        usage: dict[str, Any] | None = None,
+    ) -> bytes:
+        chunk = self._build(
+            request_id=self._request_id,
+            created=self._created,
+            model=self._model,
+            index=index,
+            text=text,
+            finish_reason=finish_reason,
+            fingerprint=fingerprint,
         )
+        return sse(with_usage(chunk, usage))
