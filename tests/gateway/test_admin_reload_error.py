@@ -1,14 +1,17 @@
-"""``POST /admin/reload`` that fails other than on a bad file: a 500 in the OpenAI error shape
-saying that the running config stays in force, logged with the file and its traceback (as a
-SIGHUP reload's failure is: ``reload.log_reload_failure``), counted as ``error``; the gateway
-serves on. Before, the exception reached aiohttp: its plain-text 500 page, no loragate log line.
+"""``POST /admin/reload`` of a file whose reading used to fail other than as a bad file says
+so: it is a 400 in the OpenAI error shape naming the key (``invalid_config``), counted
+``rejected`` (not ``error``), nothing applied, and the gateway serves on.
 
-The real trigger that validation does not catch today: an adapter path that ``load_config``'s
-rank check cannot expand, ``~`` and a user name holding a NUL character (``ValueError`` out of
-``os.path.expanduser``; see test_reload_sighup_error.py). The triggers before are a bad file
-now, YAML nested too deep (a 400 naming its line, test_config_reload_lines.py), or an
-unreadable adapter folder, an ``adapter_config.json`` nested deeper than ``json`` recurses
-(the rank is assumed, said in a warning: test_adapter_rank_unreadable.py)."""
+The inputs that made a reload fail other than on a bad file (a 500 ``reload_failed``, logged
+with its traceback by ``reload.log_reload_failure``, counted ``error``) were all holes in
+validation: an adapter path with a NUL (``~`` and a user name holding one: ``ValueError:
+embedded null byte`` out of ``os.path.expanduser`` in the rank check; it was this test's
+trigger), a replica URL ``urlsplit`` cannot read (``http://[::1``: ``ValueError: Invalid IPv6
+URL``), an integer too large for a float as a number of seconds (``OverflowError``); before
+them, an ``adapter_config.json`` nested deeper than ``json`` recurses (now an unreadable folder,
+test_adapter_rank_unreadable.py) and YAML nested too deep (test_config_reload_lines.py). No
+input is known any more that makes a reload fail while *applying* a valid file, so the 500
+path has no real trigger to test with."""
 
 from __future__ import annotations
 
@@ -27,66 +30,93 @@ TOKEN = "reload-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def _write(
-    path: Path, replicas: list[ScriptedReplica], adapter_path: str = "/loras/lora-0"
-) -> Path:
-    doc: dict[str, Any] = {
+def _doc(replicas: list[ScriptedReplica], adapter_path: str = "/loras/lora-0") -> dict[str, Any]:
+    return {
         "base_model": BASE,
         "replicas": [{"id": r.name, "url": r.url} for r in replicas],
         "adapters": [{"name": "lora-0", "path": adapter_path}],
         "poller": {"interval_s": 3600},
         "admin": {"token": TOKEN},
     }
+
+
+def _write(path: Path, doc: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(doc), encoding="utf-8")
     return path
 
 
-async def test_a_reload_that_fails_otherwise_is_a_logged_500_in_the_error_shape(
-    replicas: list[ScriptedReplica], tmp_path: Path, caplog: pytest.LogCaptureFixture
+def _bad_url(doc: dict[str, Any]) -> dict[str, Any]:
+    doc["replicas"][1]["url"] = "http://[::1"
+    return doc
+
+
+def _too_many_seconds(doc: dict[str, Any]) -> dict[str, Any]:
+    return {**doc, "limits": {"request_timeout_s": 10**400}}
+
+
+# (what the file holds, its key, the start of the message after the key)
+FORMER_TRIGGERS = [
+    (
+        lambda doc: {**doc, "adapters": [{"name": "lora-0", "path": "~\0nobody/lora-0"}]},
+        "adapters[0].path",
+        "character '\\x00' at position 1 is not allowed in an adapter path",
+    ),
+    (_bad_url, "replicas[1].url", "not a URL: Invalid IPv6 URL in 'http://[::1'"),
+    (_too_many_seconds, "limits.request_timeout_s", "must be a positive number of seconds"),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "says"), FORMER_TRIGGERS, ids=["nul-path", "ipv6-url", "huge-seconds"]
+)
+async def test_a_former_trigger_of_a_failed_reload_is_a_rejected_bad_file(
+    replicas: list[ScriptedReplica],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    change: Any,
+    key: str,
+    says: str,
 ) -> None:
     r0, r1 = replicas
-    path = _write(tmp_path / "gw.yaml", [r0])
+    path = _write(tmp_path / "gw.yaml", _doc([r0]))
     async with (
         running_gateway(load_config(path), port=0, config_path=path) as gw,
         openai_client(gw.url) as client,
         aiohttp.ClientSession() as http,
     ):
-        _write(path, [r0], adapter_path="~\0nobody/lora-0")  # the trigger (see the docstring)
-        caplog.set_level(logging.ERROR, logger="loragate")
+        _write(path, change(_doc([r0, r1])))  # r1 added, if it were applied
+        caplog.set_level(logging.WARNING, logger="loragate")
         async with http.post(gw.url + "/admin/reload", headers=AUTH) as resp:
-            assert resp.status == 500
-            assert resp.content_type == "application/json", await resp.text()
+            assert resp.status == 400, await resp.text()  # before: 500 reload_failed
+            assert resp.content_type == "application/json"
             error = (await resp.json())["error"]
-        assert error["type"] == "server_error" and error["code"] == "reload_failed"
-        assert error["param"] is None
-        assert error["message"].startswith("config reload failed (ValueError: embedded null byte")
-        assert "the running config stays in force" in error["message"]
-        failed = [
+        assert set(error) == {"message", "type", "param", "code"}
+        assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_config")
+        assert error["param"] == key
+        assert error["message"].startswith(f"{path}:"), error["message"]
+        assert f": {key}: {says}" in error["message"]
+        rejected = [
             r
             for r in caplog.records
-            if r.getMessage().startswith(f"config reload (POST /admin/reload) of {path} failed")
+            if r.getMessage().startswith("config reload rejected, keeping the running config")
         ]
-        assert len(failed) == 1 and failed[0].exc_info is not None
-        assert failed[0].exc_info[0] is ValueError
+        assert len(rejected) == 1 and key in rejected[0].getMessage()
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
         async with http.get(gw.url + "/metrics") as resp:
             text = await resp.text()
-        assert 'loragate_config_reloads_total{result="error"} 1.0' in text
+        assert 'loragate_config_reloads_total{result="rejected"} 1.0' in text
+        assert 'loragate_config_reloads_total{result="error"} 0.0' in text
         assert 'loragate_config_reloads_total{result="ok"} 0.0' in text
-        # Serving on, with the running config.
-        raw = await client.completions.with_raw_response.create(
-            model="lora-0", prompt="x", max_tokens=1
-        )
-        assert raw.headers["x-loragate-replica"] == "r0"
+        # Nothing applied (r1 not added), serving on with the running config.
+        for _ in range(3):
+            raw = await client.completions.with_raw_response.create(
+                model="lora-0", prompt="x", max_tokens=1
+            )
+            assert raw.headers["x-loragate-replica"] == "r0"
+        assert r1.requests == []
 
-        # A bad file is still a 400 naming the key; a good one applies.
-        _write(path, [r0, r1]).write_text(
-            path.read_text().replace(r1.url, r1.url + "/ x"), encoding="utf-8"
-        )
-        async with http.post(gw.url + "/admin/reload", headers=AUTH) as resp:
-            assert resp.status == 400
-            error = (await resp.json())["error"]
-        assert error["param"] == "replicas[1].url" and error["code"] == "invalid_config"
-        _write(path, [r0, r1])
+        # The file fixed: the next reload applies it.
+        _write(path, _doc([r0, r1]))
         async with http.post(gw.url + "/admin/reload", headers=AUTH) as resp:
             assert resp.status == 200, await resp.text()
             assert (await resp.json())["replicas_added"] == ["r1"]

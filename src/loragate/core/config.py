@@ -33,6 +33,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 import types
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -329,10 +330,16 @@ def _int(value: object, key: str, *, minimum: int, maximum: int | None = None) -
 def _seconds(value: object, key: str, *, zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"expected a number of seconds, got {_type_name(value)}", key=key)
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
-        what = "a number of seconds >= 0" if zero else "a positive number of seconds"
+    what = "a number of seconds >= 0" if zero else "a positive number of seconds"
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer beyond any float (10**309): not echoed, it is long
+        raise ConfigError(
+            f"must be {what}, got an integer too large for a number of seconds", key=key
+        ) from None
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero):
         raise ConfigError(f"must be {what}, got {value}", key=key)
-    return float(value)
+    return seconds
 
 
 def _url(value: object, key: str) -> str:
@@ -343,7 +350,10 @@ def _url(value: object, key: str) -> str:
     _printable_ascii(
         url, key, "the URL goes into HTTP request lines and headers as written", spaces=False
     )
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # "Invalid IPv6 URL", brackets around what is not an address
+        raise ConfigError(f"not a URL: {exc} in {url!r}", key=key) from exc
     if parts.query or parts.fragment or url.endswith(("?", "#")):
         raise ConfigError(
             f"a replica URL has no query or fragment (requests go to <url>/v1/...), got {url!r}",
@@ -357,6 +367,14 @@ def _url(value: object, key: str) -> str:
         )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"expected an http(s) URL, got {url!r}", key=key)
+    if not _HOST_PORT.fullmatch(parts.netloc):
+        # urlsplit takes "[::1]x", "x[::1]" and a backslash; aiohttp's URLs refuse them
+        # (ValueError when the poller first asks the replica).
+        raise ConfigError(
+            f"bad host in {url!r}: a name or address, an IPv6 address in [brackets], then "
+            "an optional :port",
+            key=key,
+        )
     try:
         port = parts.port
     except ValueError as exc:  # out of range, or not a number
@@ -367,6 +385,10 @@ def _url(value: object, key: str) -> str:
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+
+# A URL's host and port as HTTP clients take them: a name or address without brackets or
+# backslashes, or one [IPv6 address]; then a port (checked by urlsplit's ``port``).
+_HOST_PORT = re.compile(r"(?:\[[^\[\]]*\]|[^\[\]\\:]*)(?::[^\[\]\\]*)?")
 
 
 def replica_address(url: str) -> str:
@@ -400,6 +422,27 @@ def adapter_name_problem(name: str) -> str | None:
             "'.' and '..' are not allowed as /-separated parts of an adapter name: HTTP clients "
             "remove them from the URL of DELETE /admin/adapters/<name>"
         )
+    return None
+
+
+def adapter_path_problem(path: str) -> str | None:
+    """Why ``path`` cannot be an adapter's path, or None: a control character (NUL ends a
+    path for the operating system: ``os.stat`` and ``os.path.expanduser`` raise on it, and
+    vLLM cannot open it; the others are no file name an operator means, and garble log
+    lines) or a lone surrogate (no UTF-8 for the file system or the replica). Config-file and
+    admin-registered adapters follow the same rule."""
+    for i, ch in enumerate(path):
+        if ch < " " or "\x7f" <= ch <= "\x9f":
+            return (
+                f"character {ch!a} at position {i} is not allowed in an adapter path: no "
+                "control characters (a NUL cannot be in a file name, and the others garble "
+                "log lines)"
+            )
+        if "\ud800" <= ch <= "\udfff":
+            return (
+                f"character {ch!a} at position {i} is not allowed in an adapter path: a lone "
+                "surrogate is not a character (it has no UTF-8 for a file name)"
+            )
     return None
 
 
@@ -562,6 +605,9 @@ def _adapters(value: object, *, base_model: str, tenants: set[str]) -> tuple[Ada
         if name in names:
             raise ConfigError(f"duplicate adapter {name!r}", key=f"{key}.name")
         names.add(name)
+        path = _str(data["path"], f"{key}.path")
+        if (problem := adapter_path_problem(path)) is not None:
+            raise ConfigError(problem, key=f"{key}.path")
         allowed: frozenset[str] | None = None
         if data.get("tenants") is not None:
             listed = _str_list(data["tenants"], f"{key}.tenants")
@@ -572,7 +618,7 @@ def _adapters(value: object, *, base_model: str, tenants: set[str]) -> tuple[Ada
         out.append(
             AdapterSpec(
                 name=name,
-                path=_str(data["path"], f"{key}.path"),
+                path=path,
                 rank=_int(data.get("rank", 8), f"{key}.rank", minimum=1, maximum=MAX_ADAPTER_RANK),
                 tenants=allowed,
             )
@@ -652,6 +698,18 @@ _STATE_SECONDS = {
 }
 
 
+def _redis_url(value: object, key: str) -> str:
+    url = _str(value, key)
+    try:  # the Redis client reads the URL with urlparse, port included
+        parts = urlsplit(url)
+        _ = parts.port  # a ValueError for a port that is not one
+    except ValueError as exc:
+        raise ConfigError(f"not a Redis URL: {exc} in {url!r}", key=key) from exc
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"expected a redis://, rediss:// or unix:// URL, got {url!r}", key=key)
+    return url
+
+
 def _state(value: object) -> StateConfig:
     data = _mapping(value, "state")
     _check_keys(data, {"backend", "redis_url", "key_prefix"} | _STATE_SECONDS, "state")
@@ -661,12 +719,7 @@ def _state(value: object) -> StateConfig:
         raise ConfigError(f"expected 'memory' or 'redis', got {backend!r}", key="state.backend")
     kwargs["backend"] = backend
     if data.get("redis_url") is not None:
-        url = _str(data["redis_url"], "state.redis_url")
-        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-            raise ConfigError(
-                f"expected a redis://, rediss:// or unix:// URL, got {url!r}", key="state.redis_url"
-            )
-        kwargs["redis_url"] = url
+        kwargs["redis_url"] = _redis_url(data["redis_url"], "state.redis_url")
     elif backend == "redis":
         raise ConfigError("required when state.backend is 'redis'", key="state.redis_url")
     if "key_prefix" in data:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from loragate.core.config import adapter_name_problem
+from loragate.core.config import adapter_name_problem, adapter_path_problem
 from loragate.core.errors import (
     AdapterLoadError,
     ConflictError,
@@ -63,6 +63,8 @@ def parse_adapter(
         raise InvalidRequestError(problem, param="name")
     if name == base_model:
         raise InvalidRequestError("an adapter cannot be named like the base model", param="name")
+    if (problem := adapter_path_problem(payload["path"])) is not None:  # as a config file's
+        raise InvalidRequestError(problem, param="path")
     given = payload.get("rank")
     rank = DEFAULT_RANK if given is None else given
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_ADAPTER_RANK:
