@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from loragate.core.errors import ConfigError, LoragateError
+from loragate.routing import build_policy
 from loragate.simulate import (
     RecordWriter,
     ReplicaEngineSettings,
@@ -20,6 +19,7 @@ from loragate.simulate import (
 )
 from loragate.simulate.records import CONTEXT_LENGTH, RecordFormat
 from loragate.workload import SpecFileError, Workload, load_spec
+from loragate.workload.yaml_file import load_yaml_with_lines, naming_file, read_text_file
 
 HELP = "Simulate a deployment (twin replicas + routing policy) on a workload, in virtual time."
 
@@ -109,19 +109,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def policy_from_arg(arg: str) -> str | dict[str, Any]:
     """``--policy``'s value: a built-in policy's name, or a YAML file holding a name or a
-    composed ``routing:`` section (``simulate`` and ``demo`` alike)."""
+    composed ``routing:`` section (``simulate`` and ``demo`` alike), or a gateway config file
+    (its ``routing:`` is taken).
+
+    The file is read as a gateway config file is (``workload.yaml_file``'s strict reader: a
+    key written twice, nesting deeper than any policy needs and YAML syntax errors are refused
+    at their line) and the policy built once, so every problem is one line naming the file,
+    the line and column, and the key (``p.yaml:3:7: routing.filters[0]: unknown filter ...``).
+    """
     path = Path(arg)
-    if arg.endswith((".yaml", ".yml")) or path.is_file():
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read policy file {arg}: {exc}", key="policy") from exc
-        if isinstance(data, dict) and "routing" in data:
-            data = data["routing"]
+    if not (arg.endswith((".yaml", ".yml")) or path.is_file()):
+        return arg
+    try:
+        text = read_text_file(path, "policy file")
+    except ConfigError as exc:
+        raise ConfigError(str(exc), key="policy") from exc
+    data, lines = load_yaml_with_lines(text, arg)
+    if isinstance(data, dict) and "routing" in data:
+        data, what = data["routing"], "routing"
+    else:  # the whole file is the routing section: its keys are named as under routing:
+        lines = {"": lines.get("", (1, 1)), **{_under_routing(k): at for k, at in lines.items()}}
+        what = None
+    with naming_file(arg, lines):
         if not isinstance(data, str | dict):
-            raise ConfigError("policy file must hold a name or a mapping", key="policy")
-        return data
-    return arg
+            raise ConfigError(
+                f"a policy file holds a policy name or a routing mapping, got "
+                f"{'null' if data is None else type(data).__name__}",
+                key=what,
+            )
+        build_policy(data)  # validate now: unknown names and keys, its size
+    return data
+
+
+def _under_routing(key: str) -> str:
+    """A key of a policy file that is a bare routing section, as build_policy names it."""
+    return f"routing{key}" if not key or key.startswith("[") else f"routing.{key}"
 
 
 def config_from_args(args: argparse.Namespace) -> SimulationConfig:
