@@ -117,11 +117,11 @@ lengths: {prompt: 16, output: 4}
     ("text", "message"),
     [
         ("routing:\n  polcy: round_robin\n",
-         "routing.polcy: unknown key (is 'polcy' a misspelling of 'policy'?)"),
-        ("policy: loragte\n", "routing.policy: unknown policy 'loragte' (is it a misspelling "
-         f"of 'loragate'?; known: {POLICIES})"),
+         "2:3: routing.polcy: unknown key (is 'polcy' a misspelling of 'policy'?)"),
+        ("policy: loragte\n", "1:1: routing.policy: unknown policy 'loragte' (is it a "
+         f"misspelling of 'loragate'?; known: {POLICIES})"),
         ("routing:\n  scorers: [{name: load, wieght: 1}]\n",
-         "routing.scorers[0].wieght: unknown key (is 'wieght' a misspelling of 'weight'?)"),
+         "2:26: routing.scorers[0].wieght: unknown key (is 'wieght' a misspelling of 'weight'?)"),
     ],
 )  # fmt: skip
 def test_simulate_and_demo_say_the_same_of_a_policy_file(
@@ -133,7 +133,7 @@ def test_simulate_and_demo_say_the_same_of_a_policy_file(
     spec.write_text(SPEC, encoding="utf-8")
     argv = ["simulate", "--workload", str(spec), "--replicas", "1", "--policy", str(policy)]
     assert main(argv) == 2
-    assert capsys.readouterr().err == f"loragate simulate: error: {message}\n"
+    assert capsys.readouterr().err == f"loragate simulate: error: {policy}:{message}\n"
     argv = ["demo", "--duration", "1", "--replicas", "1", "--no-progress", "--policy", str(policy)]
     assert main(argv) == 2
-    assert capsys.readouterr().err == f"loragate demo: {message}\n"
+    assert capsys.readouterr().err == f"loragate demo: {policy}:{message}\n"
