@@ -137,3 +137,12 @@ def test_simulate_and_demo_say_the_same_of_a_policy_file(
     argv = ["demo", "--duration", "1", "--replicas", "1", "--no-progress", "--policy", str(policy)]
     assert main(argv) == 2
     assert capsys.readouterr().err == f"loragate demo: {policy}:{message}\n"
+
+
+def test_a_weight_too_large_for_a_float_is_a_config_error_naming_the_key() -> None:
+    """10**400 made float() raise OverflowError out of the validator (a reload counted it as an
+    error instead of a rejected file)."""
+    with pytest.raises(ConfigError) as err:
+        build_policy({"scorers": [{"name": "kv_cache", "weight": 10**400}], "picker": "max_score"})
+    assert err.value.key == "routing.scorers[0].weight"
+    assert "too large" in str(err.value)

@@ -24,7 +24,10 @@ def check_number(value: object, key: str, *, min_value: float | None = None) -> 
     """A finite real number (not a bool), at least ``min_value`` if given."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"must be a number, got {_type_name(value)} {value!r}", key=key)
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float (10**400)
+        raise ConfigError("must be a finite number, got one too large", key=key) from None
     if not math.isfinite(number):
         raise ConfigError(f"must be a finite number, got {value!r}", key=key)
     if min_value is not None and number < min_value:
