@@ -340,6 +340,34 @@ async def test_json_endpoints_refuse_another_content_type(
     assert not problems, "answers differ from vLLM 0.32:\n" + "\n".join(problems)
 
 
+async def test_json_bodies_that_cannot_be_decoded(
+    real_vllm: Replica, http: aiohttp.ClientSession
+) -> None:
+    """FastAPI's ``HTTPException(400)`` "There was an error parsing the body" when ``json.loads``
+    fails other than with a ``JSONDecodeError``: bytes that are no UTF-8, an integer of more
+    than 4,300 digits, nesting deeper than the recursion limit. Real vLLM answers it in
+    FastAPI's shape, ``{"detail": ...}``, and so does the twin; the gateway in its own."""
+    bodies = [b"\xff", b"[" * 100_000, b'{"prompt": ' + b"9" * 5000 + b"}"]
+    doc: dict[str, Any] = {"base_model": BASE,
+                           "replicas": [{"id": "real0", "url": real_vllm.base_url}]}
+    seen: dict[str, list[Any]] = {}
+    async with (run_replica(_twin_config(real_vllm), host="127.0.0.1", port=0) as twin,
+                running_gateway(config_from_mapping(doc), port=0) as gw):
+        for name, base in (("real", real_vllm.base_url), ("twin", twin.url), ("gateway", gw.url)):
+            seen[name] = []
+            for path in ("/v1/completions", "/v1/chat/completions"):
+                for raw in bodies:
+                    async with http.post(base + path, data=raw,
+                                         headers={"Content-Type": "application/json"}) as r:
+                        seen[name].append((path, raw[:12], r.status,
+                                           await r.json(content_type=None)))
+    assert seen["real"][0][2:] == (400, {"detail": "There was an error parsing the body"})
+    assert seen["twin"] == seen["real"], seen
+    # The gateway answers in the OpenAI shape it gives every error, with vLLM's words.
+    assert [(p, raw, s, a["error"]["message"]) for p, raw, s, a in seen["gateway"]] == [
+        (p, raw, s, a["detail"]) for p, raw, s, a in seen["real"]]  # fmt: skip
+
+
 async def test_adapter_admin_bodies(real_vllm: Replica, http: aiohttp.ClientSession) -> None:
     """The load/unload bodies' fields are read in pydantic's lax mode (``load_inplace: "yes"``
     is true) and every bad one is listed, as vLLM 0.32 reads them. None of these bodies changes

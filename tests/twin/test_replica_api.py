@@ -472,13 +472,14 @@ async def test_json_endpoints_take_only_a_json_content_type(
                         r.url + endpoint, data=raw, headers=headers, skip_auto_headers=skip
                     ) as resp:
                         assert resp.status == 400, (endpoint, ctype)
-                        error = error_of(await resp.read())
+                        answer = json.loads(await resp.read())
                     if not decoded or raw.startswith(b'{"'):
-                        assert error == UNSUPPORTED, (endpoint, ctype, raw)
-                    elif raw == b"\xff":  # not UTF-8: FastAPI's HTTPException
-                        assert error == {**UNSUPPORTED, "message": PARSE_ERROR}
+                        assert answer == {"error": UNSUPPORTED}, (endpoint, ctype, raw)
+                    elif raw == b"\xff":  # not UTF-8: FastAPI's HTTPException, its shape
+                        assert answer == {"detail": PARSE_ERROR}
                     else:
-                        assert error["message"].startswith(JSON_INVALID), (endpoint, ctype)
+                        message = answer["error"]["message"]
+                        assert message.startswith(JSON_INVALID), (endpoint, ctype)
             headers = {"Content-Type": "Application/JSON; charset=utf-8"}
             async with http.post(r.url + endpoint, data=json.dumps(body), headers=headers) as resp:
                 assert resp.status == 200, (endpoint, await resp.text())
@@ -554,3 +555,18 @@ async def test_metrics_after_sequential_adapter_requests_like_the_recording(
     assert [s[0] for s in series] == ["lora-0", "", "lora-1"]
     newest = max(series, key=lambda s: float(s[1]))
     assert newest[0] == ""  # idle now: the empty combination was seen last
+
+
+async def test_a_json_body_that_cannot_be_decoded(
+    start_replica: StartReplica, http: aiohttp.ClientSession
+) -> None:
+    # FastAPI's HTTPException(400) when json.loads fails other than with a JSONDecodeError,
+    # in FastAPI's shape (compared with real vLLM in tests/e2e/test_vllm_parity.py).
+    bodies = [b"\xff", b"[" * 100_000, b'{"prompt": ' + b"9" * 5000 + b"}"]
+    async with start_replica() as r:
+        for path in ("/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter"):
+            for raw in bodies:
+                headers = {"Content-Type": "application/json"}
+                async with http.post(r.url + path, data=raw, headers=headers) as resp:
+                    assert resp.status == 400, (path, raw[:10])
+                    assert await resp.json() == {"detail": PARSE_ERROR}, (path, raw[:10])
