@@ -231,8 +231,9 @@ async def test_an_error_event_in_a_stream_counts_as_a_stream_error(
 
 
 async def test_a_simulated_replica_stopped_under_a_request_is_retried_elsewhere() -> None:
-    # The simulated replica answers a request in flight when it stops as vLLM does (a 500 whose
-    # message says the engine stopped): r0 is slow and stopped mid-generation, r1 answers.
+    # The simulated replica answers a request in flight when it stops as vLLM does when its
+    # aborts get out (a 200 with finish_reason "abort", d68958d): r0 is slow and stopped
+    # mid-generation, r1 answers.
     async with contextlib.AsyncExitStack() as stack:
         reps: list[RunningReplica] = []
         stops: list[contextlib.AsyncExitStack] = []

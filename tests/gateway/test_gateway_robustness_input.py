@@ -31,9 +31,9 @@ _DEEP = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
 @pytest.mark.parametrize(
     ("routing", "body", "param"),
     [
-        # What vLLM's pydantic models refuse too (lax mode: see test_lax_fields.py), refused
-        # with vLLM's answer (test_vllm_validation.py): request validation names the field's
-        # location ("Bad Request"), vLLM's own checks the parameter ("BadRequestError").
+        # What vLLM's pydantic models refuse too (lax mode: see tests/twin/test_vllm_fields.py),
+        # refused with vLLM's answer (test_vllm_validation.py): request validation names the
+        # field's location ("Bad Request"), vLLM's own checks the parameter ("BadRequestError").
         ("round_robin", b'{"prompt": "p", "max_tokens": "16.5"}', "body.max_tokens"),
         ("round_robin", b'{"prompt": "p", "max_tokens": -3}', "max_tokens"),
         ("round_robin", b'{"prompt": "p", "max_tokens": 16.5}', "body.max_tokens"),
