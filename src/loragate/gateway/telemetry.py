@@ -231,7 +231,8 @@ class _ProxyMetrics(Collector):
             "Requests this gateway instance answered, by adapter ('' = base model), replica "
             "('' = none chosen) and status: the HTTP status sent, or client_closed (the "
             "client left first), stream_error (the replica broke off a started stream, or "
-            "ended it with its own error event or finish_reason abort), "
+            "ended it with its own error event, with finish_reason abort, or with neither a "
+            "token nor a finish reason), "
             "shutdown (a stream cut at the shutdown deadline). A request retried on another "
             "replica counts once, with the replica that answered it (the failed attempt is "
             "in loragate_upstream_retries_total).",
