@@ -6,7 +6,8 @@ for a choice without tokens, its abort included. The gateway relayed that as it 
 counted it a 200, so the client saw a request that "succeeded" with nothing in it (found by
 tests/gateway/test_chaos_accounting.py: 1-4 such streams per run around a SIGTERM). Now the
 client gets an SSE error event before the ``[DONE]``, and the request counts as
-``stream_error``."""
+``stream_error``, when no other replica can take it (these tests have one; with another, the
+request is sent there: test_stream_retry.py)."""
 
 from __future__ import annotations
 

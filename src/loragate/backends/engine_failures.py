@@ -12,7 +12,10 @@ answers the proxy relays.
   its head (a chat's role chunk) and ``data: [DONE]``, without a finish reason (seen on the
   simulated replica, which writes what vLLM's generators write: a completion queued behind
   others when its replica was SIGTERMed). Read as it is, that is an empty answer that
-  finished well; :func:`answered` tells the proxy that some choice did produce something.
+  finished well; :func:`answered` tells the proxy that some choice did produce something,
+  and :func:`before_output` reads a stream's first events until something of its output comes
+  (the proxy holds them, and its head, until then: a stream stopped before that may be sent to
+  another replica, as nothing of it reached the client).
 * Its engine died (or was killed before those answers got out): ``EngineDeadError``, a 500 with
   "EngineCore encountered an issue. See stack trace (above) for the root cause.", type
   ``InternalServerError`` (``engine_error_handler``); in a stream that started, an in-band
@@ -73,6 +76,69 @@ def answered(chunk: bytes) -> bool:
     """Whether ``chunk`` (some of a stream's whole lines) holds a token's text or a choice's
     finish reason."""
     return _ANSWERED.search(chunk) is not None
+
+
+# What a stream's events say while the replica has sent nothing of the request's output
+# (:func:`before_output`): more of the same; output (or anything not known to carry nothing).
+NOTHING_YET = ""
+OUTPUT = None
+ABORTED_UNANSWERED_MESSAGE = (
+    "aborted the stream before the request produced a token (finish_reason 'abort' without "
+    "text: it is stopping)"
+)
+_DATA = b"data: "
+_ABORT_REASON = "abort"
+
+
+def before_output(lines: bytes) -> str | None:
+    """What ``lines`` (a stream's next whole SSE lines, all of those before them carrying
+    nothing of the request's output) say: ``NOTHING_YET`` while every event carries nothing (a
+    chat's role chunk, a usage chunk, a choice with empty text, a comment line); ``OUTPUT``
+    (None) at the first event that carries anything else (a token's text, a finish reason, a
+    tool call, an error event, anything not read as one of those); or why the replica stopped
+    the request before it produced anything: ``data: [DONE]`` (:data:`UNANSWERED_MESSAGE`) or
+    an abort chunk without text (:data:`ABORTED_UNANSWERED_MESSAGE`), see the module
+    docstring. A token's chunk costs one regex search; the others one ``json.loads`` each."""
+    for line in lines.split(b"\n"):
+        if not line or line.startswith(b":"):
+            continue  # an event's end, or an SSE comment
+        if not line.startswith(_DATA):
+            return OUTPUT
+        data = line[len(_DATA) :]
+        if data == b"[DONE]":
+            return UNANSWERED_MESSAGE
+        if ABORT not in data and _ANSWERED.search(data) is not None:
+            return OUTPUT  # a token's text, or a finish reason other than abort
+        said = _said_nothing(data)
+        if said != NOTHING_YET:
+            return said
+    return NOTHING_YET
+
+
+def _said_nothing(data: bytes) -> str | None:
+    """:func:`before_output` for one event's JSON."""
+    try:
+        event = json.loads(data)
+    except ValueError:
+        return OUTPUT
+    choices = event.get("choices") if isinstance(event, dict) else None
+    if not isinstance(choices, list):
+        return OUTPUT  # an error event, or no chunk vLLM writes
+    stopped = False
+    for choice in choices:
+        if not isinstance(choice, dict):
+            return OUTPUT
+        for key, value in choice.items():
+            if key == "finish_reason" and value == _ABORT_REASON:
+                stopped = True
+            elif key == "delta":
+                if not isinstance(value, dict):
+                    return OUTPUT
+                if any(v for k, v in value.items() if k != "role"):
+                    return OUTPUT  # text, a tool call, reasoning: output
+            elif value and key != "index":
+                return OUTPUT  # text, a finish reason, logprobs, token ids
+    return ABORTED_UNANSWERED_MESSAGE if stopped else NOTHING_YET
 
 
 def aborted(body: bytes) -> bool:

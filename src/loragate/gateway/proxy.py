@@ -26,10 +26,13 @@ reached the client) is retried once on another replica, counted as ``engine_stop
 loragate_upstream_retries_total, and the replica is out of rotation until a poll succeeds. A
 stream that breaks off after it started ends with an SSE error event, and the break is logged;
 a stream the replica ended unfinished (an error event of its own, or ``finish_reason:
-"abort"``) is relayed as is and logged; one it ended with neither a token nor a finish reason
-(vLLM's answer to a stream it stopped before the request produced a token) gets an SSE error
-event before its ``[DONE]``, and is logged; all count as ``stream_error`` in
-loragate_requests_total.
+"abort"``) is relayed as is and logged; all count as ``stream_error`` in
+loragate_requests_total. A stream the replica stopped before the request produced anything
+(vLLM's ``[DONE]`` after its head alone, a chat's role chunk or a usage chunk, or an abort
+chunk without text) is retried like a non-streaming request (``engine_stopped``): while another
+replica could take it, the response head and the chunks that carry no output wait for the
+first chunk that does (``_pipe``), so nothing of it reached the client; without one (or after
+the one retry), the client gets those chunks and an SSE error event before the ``[DONE]``.
 
 Access log: one DEBUG line per finished request (id, path, tenant, model, replica, status or
 outcome, latency, TTFT when streamed, retries, and why for errors); nothing is formatted
@@ -58,9 +61,11 @@ from loragate.backends.client import VllmClient
 from loragate.backends.engine_failures import (
     ABORT,
     ERROR_EVENT,
+    NOTHING_YET,
     UNANSWERED_MESSAGE,
     aborted,
     answered,
+    before_output,
     done_at,
     engine_stopped,
     error_event_text,
@@ -508,9 +513,20 @@ class Proxy:
                             continue
                         if stream and status == 200:
                             piping = True
-                            return await self._pipe(
-                                request, conn, rid, client, rreq, path, t0, t_send, retries
+                            # Hold the head until the first output when another replica could
+                            # take the request if this one stops it before any.
+                            hold = not retried and self._can_retry(rid)
+                            out = await self._pipe(
+                                request, conn, rid, client, rreq, path, t0, t_send, retries, hold
                             )
+                            if out is not None:
+                                return out
+                            # Stopped before it produced anything; nothing reached the client.
+                            piping = False
+                            self._telemetry.count_retry(rid, ENGINE_STOPPED)
+                            retried, exclude = True, rid
+                            retries += 1
+                            continue
                         data = (
                             conn.body()
                             if not stream
@@ -719,13 +735,22 @@ class Proxy:
         t0: float,
         t_send: float,
         retries: int,
-    ) -> web.StreamResponse:
+        hold: bool,
+    ) -> web.StreamResponse | None:
         """Relay a streaming answer chunk by chunk; never buffer it whole. Only whole lines are
         relayed (the end of a line that a read cut in two waits for the next read), so that a
         stream breaking off leaves the client with whole events plus one clear error event,
         not a half JSON line its SSE parser would choke on. An error event of the replica's
         own (vLLM's ``data: {"error": ...}``, e.g. its engine stopped) is relayed as is, and
-        the request counts as ``stream_error``."""
+        the request counts as ``stream_error``.
+
+        With ``hold`` (another replica could take the request), the head and the events that
+        carry nothing of the output (a chat's role chunk, a usage chunk:
+        ``engine_failures.before_output``) wait for the first one that does, and go out with
+        it: the client's first byte comes with its first token, and until then nothing reached
+        it. If the replica ends the stream before any output (vLLM stopped: its ``[DONE]``, or
+        an abort chunk without text), the replica is out of rotation, nothing is sent and
+        None is returned: the caller sends the request to another replica."""
         out = _RelayResponse(
             status=200,
             headers={
@@ -743,10 +768,12 @@ class Proxy:
         relayed = 0
         ttft_s: float | None = None
         try:
-            await out.prepare(request)
+            if not hold:
+                await out.prepare(request)
             timeout_s = self._stream_timeout_s
             held = b""
-            head_held = True
+            head_held = not hold  # (held: the head goes out with the first output)
+            pending = b""  # the events held before the first output (``hold``)
             while True:
                 if head_held and not conn.ready:
                     head_held = False
@@ -766,13 +793,26 @@ class Proxy:
                     )
                     outcome = STREAM_ERROR
                     err = UpstreamConnectError(f"replica {rid} broke off the stream: {exc.message}")
+                    if hold:  # what was held goes out first
+                        hold, last, pending = False, pending, b""
+                        await out.prepare(request)
+                        err_event = last + _event_break(last) + sse_error_event(err)
+                    else:
+                        err_event = _event_break(last) + sse_error_event(err)
                     with contextlib.suppress(ConnectionError):
-                        await out.write(_event_break(last) + sse_error_event(err))
+                        await out.write(err_event)
                     break
                 if not chunk:
                     if not held:
-                        break
-                    chunk, held = held, b""  # the answer ended without a final newline
+                        if not hold:
+                            break
+                        # The answer ended without [DONE] before any output: relayed as is.
+                        hold, chunk, pending = False, pending, b""
+                        await out.prepare(request)
+                        if not chunk:
+                            break
+                    else:
+                        chunk, held = held, b""  # the answer ended without a final newline
                 else:
                     if held:
                         chunk, held = held + chunk, b""
@@ -782,6 +822,17 @@ class Proxy:
                             chunk, held = chunk[:cut], chunk[cut:]
                             if not chunk:
                                 continue
+                if hold:
+                    said = before_output(chunk)
+                    if said == NOTHING_YET and len(pending) + len(chunk) < _MAX_HELD_BYTES:
+                        pending += chunk
+                        continue
+                    if said and self._can_retry(rid):
+                        # Stopped before it produced anything: nothing reached the client.
+                        self._engine_stopped(rid, client, rreq, f"it {said}")
+                        return None
+                    hold, chunk, pending = False, pending + chunk, b""
+                    await out.prepare(request)
                 if not relayed:
                     ttft_s = self._now() - t0
                     telemetry.observe_ttft(rid, ttft_s)
@@ -841,6 +892,10 @@ class Proxy:
                         ttft_s, outcome,
                     )  # fmt: skip
                 raise
+            if hold:
+                # Cut at the shutdown deadline before anything was sent: 503 (retryable).
+                self._finished(rreq, path, rid, "503", t0, retries)
+                return error_response(_SHUTTING_DOWN, headers={REPLICA_HEADER: rid})
             if not ended:
                 # Cut at the shutdown deadline: end the stream with an error event, cleanly.
                 self._finished(rreq, path, rid, "shutdown", t0, retries, ttft_s)

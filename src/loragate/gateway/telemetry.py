@@ -305,7 +305,9 @@ class _ProxyMetrics(Collector):
             "loragate_ttft_seconds",
             "Streaming requests: time from arrival at the gateway to the first body chunk "
             "relayed (routing, any adapter load and the replica's queue included), by "
-            "replica.",
+            "replica. While another replica could take the request, the first chunk relayed "
+            "is the first with output (a token, a finish reason): the head and a chat's role "
+            "chunk wait for it.",
             self.ttft,
         )
 
