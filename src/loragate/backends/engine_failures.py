@@ -98,8 +98,15 @@ def before_output(lines: bytes) -> str | None:
     tool call, an error event, anything not read as one of those); or why the replica stopped
     the request before it produced anything: ``data: [DONE]`` (:data:`UNANSWERED_MESSAGE`) or
     an abort chunk without text (:data:`ABORTED_UNANSWERED_MESSAGE`), see the module
-    docstring. A token's chunk costs one regex search; the others one ``json.loads`` each."""
-    for line in lines.split(b"\n"):
+    docstring. A token's chunk costs one regex search on its first line (the lines after the
+    one that decides are not read, nor split); the others one ``json.loads`` each."""
+    start, end = 0, len(lines)
+    while start < end:
+        stop = lines.find(b"\n", start)
+        if stop < 0:
+            stop = end
+        line = lines[start:stop]
+        start = stop + 1
         if not line or line.startswith(b":"):
             continue  # an event's end, or an SSE comment
         if not line.startswith(_DATA):

@@ -836,7 +836,7 @@ class Proxy:
                 if not relayed:
                     ttft_s = self._now() - t0
                     telemetry.observe_ttft(rid, ttft_s)
-                if (ERROR_EVENT in chunk or ABORT in chunk) and outcome != STREAM_ERROR:
+                if outcome != STREAM_ERROR and (ERROR_EVENT in chunk or ABORT in chunk):
                     # The replica ended the stream unfinished (relayed as is): an error event
                     # (its engine died), or finish_reason abort (it is stopping).
                     why = (
