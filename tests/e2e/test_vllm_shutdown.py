@@ -44,9 +44,14 @@ SERVER = dataclasses.replace(REAL_CONFIG, enable_lora=False)  # (no adapter is u
 _RUNNING = re.compile(r"^vllm:num_requests_running\{[^}]*\} ([0-9.]+)$", re.MULTILINE)
 
 
+class NotAnsweredError(Exception):
+    """A request in flight answered other than 200 (real vLLM: its engine-dead 500)."""
+
+
 async def _post(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Any:
     async with http.post(url, json=body) as resp:
-        assert resp.status == 200, await resp.text()
+        if resp.status != 200:
+            raise NotAnsweredError(f"{resp.status} {await resp.text()}")
         return await resp.json()
 
 
@@ -95,9 +100,14 @@ def _check(name: str, plain: Any, chat: Any, chunks: list[Any]) -> list[str]:
     ):
         problems.append(f"{name}: chat {chat['usage']}")
     abort, usage = chunks[-2], chunks[-1]
-    want = [{"index": 0, "text": "", "logprobs": None, "finish_reason": "abort",
-             "stop_reason": None, "prompt_token_ids": None, "token_ids": None}]  # fmt: skip
-    if abort["choices"] != want or "system_fingerprint" in abort:
+    want = {"index": 0, "logprobs": None, "finish_reason": "abort", "stop_reason": None,
+            "prompt_token_ids": None, "token_ids": None}  # fmt: skip
+    # The abort chunk carries whatever text the engine had not sent yet: real vLLM's often has
+    # the last token (measured: '46'), the twin's none, as it sends every token at its step.
+    (choice,) = abort["choices"] if len(abort["choices"]) == 1 else (None,)
+    text_ok = choice is not None and isinstance(choice.get("text"), str)
+    rest = {k: v for k, v in (choice or {}).items() if k != "text"}
+    if not text_ok or rest != want or "system_fingerprint" in abort:
         problems.append(f"{name}: the stream's abort chunk {abort}")
     tokens = chunks[:-2]
     if usage["choices"] != [] or usage["usage"]["completion_tokens"] < len(tokens):
@@ -148,7 +158,7 @@ async def test_stopped_with_requests_in_flight(
 
         try:
             real = await _scenario(http, rep.base_url, real_running, sigterm)
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, NotAnsweredError) as exc:
             failed: BaseException | None = exc
         else:
             failed = None
@@ -166,9 +176,11 @@ async def test_stopped_with_requests_in_flight(
         # nothing answers the requests, which hang until the server is killed (here:
         # Replica.stop's SIGKILL, 30 s later). Seen 3 times of 3 on 2026-11-28 (once after
         # "aborting in-flight requests count=4"); the abort answers were seen on 6c0e5b2's run.
+        # A third outcome: the API server sees the engine die first and answers a request in
+        # flight with its EngineDeadError 500 (seen once in 3 runs at d601859).
         aborted = "aborting in-flight requests" in log
         pytest.skip(
-            f"vLLM answered no request in flight ({failed!r}; EngineCore "
+            f"vLLM did not give the requests in flight its abort answers ({failed!r}; EngineCore "
             f"{'aborted them, too late' if aborted else 'was killed before it aborted them'})"
         )
     assert failed is None, failed
