@@ -3,8 +3,9 @@
 vLLM 0.32 on SIGTERM with its default ``--shutdown-timeout 0`` aborts every unfinished request
 (``EngineCore._handle_shutdown``, logged ``aborting in-flight requests count=N``): a
 non-streaming request gets a 200 with the text so far and ``finish_reason: "abort"``; a stream
-ends with a chunk of empty text and ``finish_reason: "abort"``, the usage chunk if asked, and
-``[DONE]``. The simulated replica, stopped (leaving ``run_replica``), must answer the same.
+ends with a chunk of the text not sent yet (the twin's: none) and ``finish_reason: "abort"``,
+the usage chunk if asked, and ``[DONE]``. The simulated replica, stopped (leaving
+``run_replica``), must answer the same.
 That is when EngineCore's abort outputs reach the API server before it closes its engine
 client: with ``--shutdown-timeout 0`` the process manager kills EngineCore at once, and when
 they do not, the requests get no answer and hang until the server is killed (then this test
