@@ -17,24 +17,12 @@ from typing import Any
 import aiohttp
 import pytest
 from gateway_harness import BASE, ScriptedReplica, gateway_config, openai_client
+from sse_answers import DONE, ROLE, USAGE, chunked
 
 from loragate.gateway import running_gateway
 from loragate.twin.replica_config import ReplicaConfig
 from loragate.twin.server import run_replica
 
-_HEAD = (
-    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
-    b"transfer-encoding: chunked\r\n\r\n"
-)
-_ROLE = (
-    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"tiny-llama",'
-    b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,'
-    b'"finish_reason":null}]}\n\n'
-)
-_USAGE = (
-    b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"tiny-llama",'
-    b'"choices":[],"usage":{"prompt_tokens":4,"total_tokens":4,"completion_tokens":0}}\n\n'
-)
 _ABORT = (
     b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"tiny-llama",'
     b'"choices":[{"index":0,"text":"","logprobs":null,"finish_reason":"abort",'
@@ -44,13 +32,8 @@ _CHAT_ABORT = (
     b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"tiny-llama",'
     b'"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"abort"}]}\n\n'
 )
-_DONE = b"data: [DONE]\n\n"
 _CHAT = "/v1/chat/completions"
 _COMPLETIONS = "/v1/completions"
-
-
-def _chunked(body: bytes) -> bytes:
-    return _HEAD + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
 
 
 def _request(path: str) -> dict[str, Any]:
@@ -76,18 +59,18 @@ async def _counts(http: aiohttp.ClientSession, url: str, name: str) -> dict[tupl
 @pytest.mark.parametrize(
     ("path", "body"),
     [
-        (_COMPLETIONS, _DONE),  # a completion: nothing but [DONE]
-        (_CHAT, _ROLE + _DONE),  # a chat: the role chunk, then [DONE]
-        (_COMPLETIONS, _USAGE + _DONE),  # include_usage: the usage chunk, then [DONE]
-        (_COMPLETIONS, _ABORT + _USAGE + _DONE),  # an abort chunk without text
-        (_CHAT, _ROLE + _CHAT_ABORT + _DONE),  # a chat's, after its role chunk
+        (_COMPLETIONS, DONE),  # a completion: nothing but [DONE]
+        (_CHAT, ROLE + DONE),  # a chat: the role chunk, then [DONE]
+        (_COMPLETIONS, USAGE + DONE),  # include_usage: the usage chunk, then [DONE]
+        (_COMPLETIONS, _ABORT + USAGE + DONE),  # an abort chunk without text
+        (_CHAT, ROLE + _CHAT_ABORT + DONE),  # a chat's, after its role chunk
     ],
 )
 async def test_a_stream_stopped_before_any_output_is_answered_by_another_replica(
     replicas: list[ScriptedReplica], path: str, body: bytes
 ) -> None:
     stopped, other = replicas
-    stopped.raw_answer = _chunked(body)
+    stopped.raw_answer = chunked(body)
     cfg = gateway_config([r.url for r in replicas], routing="round_robin")
     async with running_gateway(cfg, port=0) as gw, aiohttp.ClientSession() as http:
         async with http.post(gw.url + path, json=_request(path)) as resp:
@@ -100,7 +83,7 @@ async def test_a_stream_stopped_before_any_output_is_answered_by_another_replica
         texts = [
             c["choices"][0][key]["content"] if key else c["choices"][0]["text"] for c in events
         ]
-        assert "".join(texts) == " one two three" and raw.endswith(_DONE)
+        assert "".join(texts) == " one two three" and raw.endswith(DONE)
         assert len(stopped.requests) == len(other.requests) == 1
         requests = await _counts(http, gw.url, "loragate_requests_total")
         retries = await _counts(http, gw.url, "loragate_upstream_retries_total")
@@ -117,7 +100,7 @@ async def test_a_retried_stream_stopped_again_gets_the_error_event(
     # One retry per request: the second replica's empty stream reaches the client with the
     # error event, as with no other replica (test_stream_unanswered.py).
     for rep in replicas:
-        rep.raw_answer = _chunked(_ROLE + _DONE)
+        rep.raw_answer = chunked(ROLE + DONE)
     cfg = gateway_config([r.url for r in replicas], routing="round_robin")
     async with running_gateway(cfg, port=0) as gw, aiohttp.ClientSession() as http:
         async with http.post(gw.url + _CHAT, json=_request(_CHAT)) as resp:
@@ -126,7 +109,7 @@ async def test_a_retried_stream_stopped_again_gets_the_error_event(
         requests = await _counts(http, gw.url, "loragate_requests_total")
         retries = await _counts(http, gw.url, "loragate_upstream_retries_total")
     events = raw.split(b"\n\n")
-    assert events[0] == _ROLE.removesuffix(b"\n\n")  # r1's, as it came
+    assert events[0] == ROLE.removesuffix(b"\n\n")  # r1's, as it came
     assert b"without a token or a finish reason" in events[1] and events[2] == b"data: [DONE]"
     assert requests == {("r1", "stream_error"): 1}
     assert retries == {("r0", "engine_stopped"): 1}

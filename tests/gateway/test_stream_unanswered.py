@@ -20,33 +20,16 @@ import aiohttp
 import openai
 import pytest
 from gateway_harness import BASE, ScriptedReplica, gateway_config, openai_client
+from sse_answers import DONE, ROLE, USAGE, chunked
 
 from loragate.gateway import running_gateway
 from loragate.twin.replica_config import ReplicaConfig
 from loragate.twin.server import run_replica
 
-_HEAD = (
-    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
-    b"transfer-encoding: chunked\r\n\r\n"
-)
-_ROLE = (
-    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"tiny-llama",'
-    b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,'
-    b'"finish_reason":null}]}\n\n'
-)
-_USAGE = (
-    b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"tiny-llama",'
-    b'"choices":[],"usage":{"prompt_tokens":4,"total_tokens":4,"completion_tokens":0}}\n\n'
-)
 _TOKEN = (
     b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"tiny-llama",'
     b'"choices":[{"index":0,"text":" data: [DONE]","finish_reason":null}]}\n\n'
 )
-_DONE = b"data: [DONE]\n\n"
-
-
-def _chunked(body: bytes) -> bytes:
-    return _HEAD + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
 
 
 def _events(raw: bytes) -> list[bytes]:
@@ -63,16 +46,16 @@ async def _requests_total(http: aiohttp.ClientSession, url: str) -> dict[str, fl
 @pytest.mark.parametrize(
     ("path", "body"),
     [
-        ("/v1/completions", _DONE),  # a completion: nothing but [DONE]
-        ("/v1/chat/completions", _ROLE + _DONE),  # a chat: the role chunk, then [DONE]
-        ("/v1/completions", _USAGE + _DONE),  # include_usage: the usage chunk, then [DONE]
+        ("/v1/completions", DONE),  # a completion: nothing but [DONE]
+        ("/v1/chat/completions", ROLE + DONE),  # a chat: the role chunk, then [DONE]
+        ("/v1/completions", USAGE + DONE),  # include_usage: the usage chunk, then [DONE]
     ],
 )
 async def test_a_stream_without_a_token_or_finish_reason_ends_with_an_error_event(
     replicas: list[ScriptedReplica], path: str, body: bytes
 ) -> None:
     rep = replicas[0]
-    rep.raw_answer = _chunked(body)
+    rep.raw_answer = chunked(body)
     request: dict[str, Any] = {"model": BASE, "stream": True, "max_tokens": 5}
     request.update(
         {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "p"}
@@ -84,7 +67,7 @@ async def test_a_stream_without_a_token_or_finish_reason_ends_with_an_error_even
             raw = await resp.read()
         counted = await _requests_total(http, gw.url)
     events = _events(raw)
-    assert raw.startswith(body[: -len(_DONE)])  # what the replica sent is relayed as it came
+    assert raw.startswith(body[: -len(DONE)])  # what the replica sent is relayed as it came
     assert events[-1] == b"[DONE]"
     error = json.loads(events[-2])["error"]
     assert error["type"] == "upstream_error"
@@ -98,12 +81,12 @@ async def test_a_stream_with_a_token_but_no_finish_reason_is_relayed_unchanged(
     # Not vLLM's (it always ends a choice with a reason), but nothing was lost: left alone;
     # a token's text that holds "data: [DONE]" is no end of the stream either.
     rep = replicas[0]
-    rep.raw_answer = _chunked(_TOKEN + _DONE)
+    rep.raw_answer = chunked(_TOKEN + DONE)
     gw_cfg = gateway_config([rep.url])
     async with running_gateway(gw_cfg, port=0) as gw, aiohttp.ClientSession() as http:
         body = {"model": BASE, "prompt": "p", "stream": True}
         async with http.post(gw.url + "/v1/completions", json=body) as resp:
-            assert await resp.read() == _TOKEN + _DONE
+            assert await resp.read() == _TOKEN + DONE
         assert await _requests_total(http, gw.url) == {"200": 1.0}
 
 
