@@ -13,7 +13,6 @@ loopback; requests through the ``openai`` SDK.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -27,7 +26,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from shared_cluster import AUTH, BASE, TOKEN, eventually, sdk, twin_replicas
 
 from loragate.core.config import config_from_mapping
-from loragate.gateway import app as gateway_app
 from loragate.gateway import running_gateway
 from loragate.gateway.runner import RunningGateway
 from loragate.twin.adapters import write_adapter_folder
@@ -35,16 +33,6 @@ from loragate.twin.server import RunningReplica
 from redis_fixture import RedisServer
 
 POLL_S = 0.1
-
-# The catalog takes the config adapters as defined for every instance once gateway.app asks
-# SharedState for them (set_config_adapters / config_adapters: the lead's wiring of H1).
-_WIRED = "config_adapters" in inspect.signature(gateway_app.catalog_from_config).parameters
-pytestmark = pytest.mark.xfail(
-    not _WIRED,
-    strict=True,
-    reason="gateway.app does not build the catalog from "
-    "SharedState.config_adapters() yet: each instance serves its own file's definition",
-)
 
 
 def _doc(
