@@ -82,9 +82,16 @@ async def test_the_no_replica_error_says_which_replicas_drain(
     assert pool.no_replica_error().message == "no healthy replica is available"
 
 
-async def test_a_replica_removed_loses_its_drain(pool: ReplicaPool) -> None:
+async def test_a_replica_removed_and_added_back_is_drained_still(
+    pool: ReplicaPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The drain is the shared state's (other instances may still route there): leaving this
+    pool does not end it, and the replica added back under its id gets no traffic."""
     pool.set_draining(["r1"])
     pool.remove_replica("r1")
-    assert not pool.is_draining("r1")
+    assert not pool.is_draining("r1")  # not in the pool
     assert pool.add_replicas([ReplicaConfig(replica_id="r1", url="http://127.0.0.1:9")])
+    assert pool.is_draining("r1")
+    assert "replica r1 (http://127.0.0.1:9) is added drained" in caplog.text
+    pool.set_draining([])
     assert not pool.is_draining("r1")

@@ -84,7 +84,7 @@ async def test_replicas_show_snapshots_and_shadow_residency(
             routed.setdefault(raw.headers["x-loragate-replica"], []).append(model)
         status, body = await _call(http, "GET", gw.url + "/admin/replicas", headers=AUTH)
     assert status == 200 and body["policy"] == "lru_multiplex"
-    assert body["state"] == {"backend": "memory", "degraded": False}
+    assert body["state"] == {"backend": "memory", "degraded": False, "synced": True}
     by_id = {r["id"]: r for r in body["replicas"]}
     assert set(by_id) == {"r0", "r1"}
     for rid, models in routed.items():

@@ -218,9 +218,12 @@ def _write(path: Path, replicas: list[ScriptedReplica]) -> Path:
     return path
 
 
-async def test_a_reload_keeps_a_drain_and_a_replica_removed_loses_it(
+async def test_a_reload_keeps_a_drain_and_a_replica_removed_keeps_it_too(
     replicas: list[ScriptedReplica], tmp_path: Path
 ) -> None:
+    """A drain lasts until it is ended: removing the replica from the config does not end it
+    (with Redis, instances not reloaded yet still route by it), a replica added back under the
+    id is drained still, and the drain can be ended while no config has the replica."""
     r0, r1 = replicas
     path = _write(tmp_path / "gw.yaml", [r0, r1])
     async with (
@@ -231,20 +234,37 @@ async def test_a_reload_keeps_a_drain_and_a_replica_removed_loses_it(
         for rid in ("r0", "r1"):
             status, _ = await _call(http, "POST", f"{gw.url}/admin/replicas/{rid}/drain")
             assert status == 200
-        # r1 leaves the config: r0's drain stays, r1's ends with it.
+        # r1 leaves the config: both drains stay; r1's is shown apart.
         _write(path, [r0])
         status, body = await _call(http, "POST", gw.url + "/admin/reload")
         assert status == 200, body
         assert body["replicas_removed"] == ["r1"]
         status, body = await _call(http, "GET", gw.url + "/admin/replicas/r0")
-        assert body["draining"] is True
-        status, _ = await _call(http, "GET", gw.url + "/admin/replicas/r1")
-        assert status == 404
-        # r1 comes back under the same id: not drained; r0 still is.
+        assert (body["draining"], body["configured_here"]) == (True, True)
+        status, body = await _call(http, "GET", gw.url + "/admin/replicas")
+        assert [r["id"] for r in body["replicas"]] == ["r0"]
+        assert [r["id"] for r in body["drained_not_configured"]] == ["r1"]
+        status, body = await _call(http, "GET", gw.url + "/admin/replicas/r1")
+        assert status == 200, body
+        assert (body["configured_here"], body["draining"], body["url"]) == (False, True, r1.url)
+        assert "r1" in gw.gateway.shared.drains()
+        # r1 comes back under the same id: drained still; r0 too.
         _write(path, [r0, r1])
         status, body = await _call(http, "POST", gw.url + "/admin/reload")
         assert (status, body["replicas_added"]) == (200, ["r1"]), body
         status, body = await _call(http, "GET", gw.url + "/admin/replicas")
-        assert {r["id"]: r["draining"] for r in body["replicas"]} == {"r0": True, "r1": False}
-        assert "r1" not in gw.gateway.shared.drains()
+        assert {r["id"]: r["draining"] for r in body["replicas"]} == {"r0": True, "r1": True}
+        assert body["drained_not_configured"] == []
+        # r1 leaves again, and its drain is ended while no config has it: back, it is routed.
+        _write(path, [r0])
+        status, body = await _call(http, "POST", gw.url + "/admin/reload")
+        assert status == 200, body
+        status, body = await _call(http, "DELETE", gw.url + "/admin/replicas/r1/drain")
+        assert status == 200, body
+        assert (body["configured_here"], body["draining"]) == (False, False)
+        status, body = await _call(http, "DELETE", gw.url + "/admin/replicas/r1/drain")
+        assert status == 200, body  # idempotent: the shared registry still knows r1
+        _write(path, [r0, r1])
+        status, body = await _call(http, "POST", gw.url + "/admin/reload")
+        assert (status, body["replicas_added"]) == (200, ["r1"]), body
         assert [await _routed_to(client) for _ in range(3)] == ["r1"] * 3

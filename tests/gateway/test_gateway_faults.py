@@ -175,7 +175,7 @@ async def test_metrics_and_health_endpoints(replicas: list[ScriptedReplica]) -> 
         "replicas_healthy": 2,
         "replicas_total": 2,
         "replicas_draining": 0,
-        "state": {"backend": "memory", "degraded": False},
+        "state": {"backend": "memory", "degraded": False, "synced": True},
     }
     counted = [line for line in text.splitlines() if line.startswith("loragate_requests_total")]
     assert sum(float(line.rsplit(" ", 1)[1]) for line in counted) == 3

@@ -122,3 +122,37 @@ async def test_drains_are_written_back_after_redis_lost_its_data(
     await gw.maintain()  # the refresh sees the epoch gone and pushes its view back
     assert not gw.degraded
     assert dict((await redis_stores().snapshot()).drains) == {"r0": 7.25}
+
+
+@pytest.mark.parametrize("redis_keeps_its_data", [True, False], ids=["kept", "lost"])
+async def test_drain_writes_made_while_redis_is_down_reach_it_when_it_returns(
+    redis_server: RedisServer, redis_stores: StoreFactory, redis_keeps_its_data: bool
+) -> None:
+    """The gateway refuses drain writes while degraded (503), but one can fail halfway (Redis
+    went away during it): it stays in the mirror and the journal, and reaches Redis with the
+    resync, as does an undrain; the other instance then sees them."""
+    clock = VirtualClock()
+    a = ResilientStore(redis_stores(instance_id="a"), clock=clock)
+    b = ResilientStore(redis_stores(instance_id="b"), clock=clock)
+    for s in (a, b):
+        await s.start()
+    for rid in ("r0", "r1"):
+        await a.upsert_replica(ReplicaRecord(replica_id=rid, url=f"http://{rid}"))
+    await a.set_drain("r1", 1.0)
+    redis_server.stop(save=redis_keeps_its_data)
+    await a.set_drain("r0", 2.0)
+    await a.clear_drain("r1")
+    assert a.degraded and a.journal_len > 0
+    assert dict(a.drains()) == {"r0": 2.0}
+    redis_server.start()
+    for _ in range(20):  # B notices the outage at its first call, then both resync
+        clock.advance_by(10.0)
+        for s in (a, b):
+            await s.maintain()
+        if not (a.degraded or b.degraded):
+            break
+    assert (a.recoveries, b.recoveries) == (1, 1)
+    clock.advance_by(1.0)
+    await b.maintain()  # a refresh after both resyncs
+    assert dict((await redis_stores().snapshot()).drains) == {"r0": 2.0}
+    assert dict(b.drains()) == {"r0": 2.0}

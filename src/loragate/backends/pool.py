@@ -43,8 +43,9 @@ listener's state): :meth:`ReplicaPool.set_draining` names the replicas that get 
 requests. They are polled as before (health, residency, in-place reloads, tombstone unloads)
 and keep their requests and adapter loads under way, but :meth:`ReplicaPool.healthy_snapshots`
 (the replicas that may get traffic) leaves them out, so the proxy neither routes nor retries
-there, and the admin API loads no newly registered adapter there. A replica a reload removes
-loses its drain (the listener hears of it: :meth:`PoolListener.replica_removed`).
+there, and the admin API loads no newly registered adapter there. A drain outlives the
+replica's place in the pool: one a reload removes and adds back under its id is drained still
+(until the drain is ended), as other instances sharing the drain may route there meanwhile.
 """
 
 from __future__ import annotations
@@ -102,10 +103,6 @@ class PoolListener(RefusalSink, Protocol):
     def retired_adapters(self) -> Collection[str]:
         """Adapters deleted through the admin API lately (their tombstones): a replica that
         still lists one, and that the catalog does not serve (again), gets it unloaded."""
-        ...
-
-    def replica_removed(self, replica_id: ReplicaId) -> None:
-        """A reload removed the replica from the pool (it loses its drain, if any)."""
         ...
 
 
@@ -267,6 +264,12 @@ class ReplicaPool:
             old = self._replicas.get(rid)
             if old is not None:
                 self._retire_replica(old, successor=rep)
+            elif rid in self._draining:
+                log.warning(
+                    "replica %s (%s) is added drained: a drain of that id is in force, so it "
+                    "gets no requests until DELETE /admin/replicas/%s/drain",
+                    rid, rep.config.url, rid,
+                )  # fmt: skip
             self._replicas[rid] = rep
         return tuple(rep.config.replica_id for rep in fresh)
 
@@ -288,10 +291,13 @@ class ReplicaPool:
             raise ValueError("a pool needs at least one replica")
         del self._replicas[replica_id]
         self._retire_replica(rep)
-        self._draining -= {replica_id}  # added back later, it is not drained
         self._rebuild_healthy()
-        if self.listener is not None:
-            self.listener.replica_removed(replica_id)
+        if replica_id in self._draining:
+            log.info(
+                "replica %s left the config while drained: its drain stays in force (other "
+                "gateway instances may still have it; DELETE /admin/replicas/%s/drain ends it)",
+                replica_id, replica_id,
+            )  # fmt: skip
 
     def _retire_replica(self, rep: _Replica, *, successor: _Replica | None = None) -> None:
         """``rep`` leaves the pool (removed, or replaced by ``successor``). Its adapter loads

@@ -7,7 +7,12 @@
                             how old its engine metrics are (``seconds_since_scrape``; null
                             until a poll of it succeeded)
 ``GET /admin/replicas/R``   one replica, as listed above (404 for an unknown id, param
-                            ``id``): what a script polls while the replica drains
+                            ``id``): what a script polls while the replica drains. A replica
+                            this instance's config lacks but the shared state knows (another
+                            instance's config, or drained) is answered from the shared state:
+                            ``configured_here: false``, ``url``, ``draining``,
+                            ``draining_for_s``, ``in_flight``, ``in_flight_here``; the list
+                            shows the drained ones under ``drained_not_configured``
 ``POST /admin/replicas/R/drain``
                             drain replica R: no instance routes new requests there (within
                             one ``state.refresh_s`` for the others); requests under way,
@@ -15,10 +20,12 @@
                             still polled. 200 with the replica as above (``draining: true``,
                             ``in_flight``: every instance's requests there, ``in_flight_here``:
                             this one's); idempotent; kept in the state store (Redis: across
-                            restarts); a reload keeps it, removing R from the config ends it
+                            restarts); a reload keeps it, removing R from the config too
+                            (other instances may still route there), and R added back under
+                            its id is drained still
 ``DELETE /admin/replicas/R/drain``
                             end the drain: 200 with the replica (``draining: false``);
-                            idempotent
+                            idempotent; also for an R no longer in this config
 ``GET /admin/adapters``     every adapter: config-file ones and admin-registered ones, the
                             replicas that hold it (``registered_on``) and those that hold it
                             from another path (``stale_on``: replica -> that path); a

@@ -1,5 +1,11 @@
 """The admin API's replica endpoints: ``GET /admin/replicas``, ``GET /admin/replicas/R`` and
-``POST``/``DELETE /admin/replicas/R/drain`` (what they answer: ``gateway.admin``)."""
+``POST``/``DELETE /admin/replicas/R/drain`` (what they answer: ``gateway.admin``).
+
+A replica this instance's config has is answered in full. One it does not have but the shared
+state knows (another instance's config registered it, this one's did before a reload removed
+it, or it is drained) is answered too, from the shared state alone (``configured_here:
+false``): a drain is shared, and outlives a replica's removal from a config, so any instance
+can show it, set it and end it, and tell the requests still running there."""
 
 from __future__ import annotations
 
@@ -26,13 +32,24 @@ class ReplicaAdmin:
 
     async def replicas(self, _: web.Request) -> web.Response:
         gw = self._gw
-        out = [self._replica_json(snap) for snap in gw.pool.snapshots()]
+        pool = gw.pool
+        out = [self._replica_json(snap) for snap in pool.snapshots()]
+        elsewhere = [
+            self._unconfigured_json(rid)
+            for rid in sorted(gw.shared.drains())
+            if not pool.has_replica(rid)
+        ]
         return json_response(
-            {"replicas": out, "policy": gw.policy.name, "state": gw.shared.status()}
+            {
+                "replicas": out,
+                "drained_not_configured": elsewhere,
+                "policy": gw.policy.name,
+                "state": gw.shared.status(),
+            }
         )
 
     async def replica(self, request: web.Request) -> web.Response:
-        return json_response(self._replica_json(self._known(request.match_info["id"])))
+        return json_response(self._json(request.match_info["id"]))
 
     async def drain(self, request: web.Request) -> web.Response:
         return await self._drain(request.match_info["id"], on=True)
@@ -46,7 +63,7 @@ class ReplicaAdmin:
         gw = self._gw
         what = f"{'drain' if on else 'undrain'} replica {rid!r}"
         async with gw.lock:  # no reload removes the replica meanwhile
-            self._known(rid)
+            self._check_known(rid)
             if gw.shared.degraded:
                 return state_unavailable(what, check="GET /admin/replicas")
             changed = await (gw.shared.drain(rid) if on else gw.shared.undrain(rid))
@@ -58,15 +75,39 @@ class ReplicaAdmin:
                     "drained: no new requests are routed there (every instance)" if on
                     else "undrained: it gets requests again (every instance)",
                 )  # fmt: skip
-            return json_response(self._replica_json(gw.pool.snapshot(rid)))
+            return json_response(self._json(rid))
 
-    def _known(self, rid: str) -> ReplicaSnapshot:
-        pool = self._gw.pool
-        if not pool.has_replica(rid):
+    def _check_known(self, rid: str) -> None:
+        """404 unless this instance's config has the replica or the shared state knows it."""
+        gw = self._gw
+        if gw.pool.has_replica(rid) or rid in gw.shared.drains():
+            return
+        if gw.shared.registered_replica(rid) is None:
             raise NotFoundError(
                 f"replica {rid!r} does not exist (GET /admin/replicas lists them)", param="id"
             )
-        return pool.snapshot(rid)
+
+    def _json(self, rid: str) -> dict[str, Any]:
+        self._check_known(rid)
+        pool = self._gw.pool
+        if pool.has_replica(rid):
+            return self._replica_json(pool.snapshot(rid))
+        return self._unconfigured_json(rid)
+
+    def _unconfigured_json(self, rid: str) -> dict[str, Any]:
+        """A replica this instance's config does not have, as the shared state shows it."""
+        gw = self._gw
+        record = gw.shared.registered_replica(rid)
+        since = gw.shared.drains().get(rid)
+        return {
+            "id": rid,
+            "configured_here": False,
+            "url": record.url if record is not None else None,
+            "draining": since is not None,
+            "draining_for_s": _draining_for_s(since),
+            "in_flight": gw.shared.in_flight_of(rid),
+            "in_flight_here": gw.inflight.count(rid),
+        }
 
     def _replica_json(self, snap: ReplicaSnapshot) -> dict[str, Any]:
         gw = self._gw
@@ -78,6 +119,7 @@ class ReplicaAdmin:
         now = pool.clock.now()
         return {
             "id": rid,
+            "configured_here": True,
             "url": snap.url,
             "healthy": snap.healthy,
             "last_error": pool.last_error(rid) if pool.has_replica(rid) else None,
@@ -94,9 +136,7 @@ class ReplicaAdmin:
             "kv_usage": snap.kv_usage,
             "active_adapters": sorted(snap.active_adapters),
             "draining": draining,
-            "draining_for_s": round(max(0.0, time.time() - since), 1)
-            if draining and since is not None
-            else None,
+            "draining_for_s": _draining_for_s(since) if draining else None,
             "in_flight": shared.in_flight_of(rid),
             "in_flight_here": gw.inflight.count(rid),
             "adapter_loads_here": pool.adapter_loads().get(rid, 0),
@@ -114,6 +154,11 @@ class ReplicaAdmin:
             },
             "seconds_since_scrape": _seconds_since_scrape(now, snap),
         }
+
+
+def _draining_for_s(since: float | None) -> float | None:
+    """How long ago the drain began (the draining instance's clock), or None."""
+    return None if since is None else round(max(0.0, time.time() - since), 1)
 
 
 def _seconds_since_scrape(now: float, snap: ReplicaSnapshot) -> float | None:

@@ -32,9 +32,11 @@ adapter out of that replica's shadow residency, which the refused request had to
 Drained replicas (``POST /admin/replicas/{id}/drain``): :meth:`drain` and :meth:`undrain` write
 the store (the mirror at once, Redis before they return) and hand the drains to the pool
 (``on_drains``: ``ReplicaPool.set_draining``), as does each round of :meth:`run` (another
-instance's drain, at its next refresh) and :meth:`sync_drains` at start-up (drains kept in
-Redis across restarts). A replica a reload removes from the pool loses its drain
-(``replica_removed``: written in the background, in order with the refusal writes).
+instance's drain, at its next refresh; an instance that started while Redis was down, once
+it is back) and :meth:`sync_drains` at start-up (drains kept in Redis across restarts). A
+drain lasts until it is undrained: a reload that removes the replica from this instance's
+config leaves it in force, as other instances may still route there (their configs not
+reloaded yet), and a replica added back under that id comes back drained.
 
 Adapters of the config file (``state.definitions``): instances whose files define one name
 with another path or rank would each make the replicas load their own. This object claims the
@@ -322,24 +324,17 @@ class SharedState:
         self._records.pop(replica_id, None)
         self._missing.pop(replica_id, None)
 
-    def replica_removed(self, replica_id: ReplicaId) -> None:
-        """A reload removed the replica from the pool: it loses its drain (in the store, for
-        every instance; written in the background)."""
-        if replica_id in self.store.drains():
-            store = self.store
-            self._queue_refusal_write(lambda: self._clear_drain(store, replica_id))
-
-    @staticmethod
-    async def _clear_drain(store: GatewayStore, replica_id: ReplicaId) -> None:
-        if await store.clear_drain(replica_id):
-            log.info("replica %s: its drain ends with its removal from the config", replica_id)
-
     # -- drained replicas (admin API) ---------------------------------------------------------
 
     def drains(self) -> Mapping[ReplicaId, float]:
         """The drained replicas (every instance's, as of the last refresh): id -> since (epoch
-        seconds)."""
+        seconds). Replicas no longer in this instance's config included."""
         return self.store.drains()
+
+    def registered_replica(self, replica_id: ReplicaId) -> ReplicaRecord | None:
+        """The replica's entry in the shared registry: any instance's config put it there
+        (this one's too, before a reload removed it), or None."""
+        return self.store.view().replicas.get(replica_id)
 
     async def drain(self, replica_id: ReplicaId) -> bool:
         """Drain the replica for every instance; True if it was not drained yet. This
@@ -583,10 +578,23 @@ class SharedState:
             "journal_dropped": int(getattr(self.store, "journal_dropped", 0)),
         }
 
+    @property
+    def synced(self) -> bool:
+        """False until this instance has read the shared state once: started while Redis was
+        unreachable, it knows neither the drains kept there nor the adapters registered on
+        other instances (it takes them up when Redis is back). Always True embedded."""
+        return int(getattr(self.store, "resyncs", 1)) > 0
+
     def status(self) -> dict[str, Any]:
-        """For ``/health`` and ``/admin/replicas``; ``definition_conflicts`` (the config-file
-        adapters whose definition here is not the one in force) only if there are any."""
-        out: dict[str, Any] = {"backend": self.backend, "degraded": self.store.degraded}
+        """For ``/health`` and ``/admin/replicas``: the backend, ``degraded`` (Redis
+        unreachable: routing by the view last read), ``synced`` (see :attr:`synced`), and
+        ``definition_conflicts`` (the config-file adapters whose definition here is not the
+        one in force) only if there are any."""
+        out: dict[str, Any] = {
+            "backend": self.backend,
+            "degraded": self.store.degraded,
+            "synced": self.synced,
+        }
         if self._conflicts:
             out["definition_conflicts"] = sorted(self._conflicts)
         return out

@@ -45,9 +45,11 @@ key                          type    content / lifetime
                                      when (epoch seconds, the draining instance's clock); no
                                      instance routes new requests there. No TTL: a drain
                                      lasts until undrained, or until the replica leaves the
-                                     registry (``remove_replica``) or an instance's config
-                                     (reload); a resync after Redis lost its data writes
-                                     back the drains its instance knows
+                                     registry (``remove_replica``, which the gateway never
+                                     calls); a replica leaving an instance's config (reload)
+                                     keeps it, as instances not reloaded yet route to it; a
+                                     resync after Redis lost its data writes back the drains
+                                     its instance knows
 ``P demand:B``               HASH    adapter -> requests routed in bucket ``B``
                                      (``B = floor(t / demand_bucket_s)``); EXPIRE
                                      ``demand_retention_s``
