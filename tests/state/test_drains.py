@@ -156,3 +156,30 @@ async def test_drain_writes_made_while_redis_is_down_reach_it_when_it_returns(
     await b.maintain()  # a refresh after both resyncs
     assert dict((await redis_stores().snapshot()).drains) == {"r0": 2.0}
     assert dict(b.drains()) == {"r0": 2.0}
+
+
+async def test_each_instance_s_last_read_is_shared_and_a_closed_or_stale_one_leaves(
+    redis_server: RedisServer, redis_stores: StoreFactory
+) -> None:
+    """``P readers``: each refresh of a ResilientStore records its instance's read (what tells
+    which instances have not seen a drain); a probe's snapshot does not; an instance that
+    closes removes its entry, and one past ``reader_ttl_s`` is dropped by the next read."""
+    a = ResilientStore(redis_stores(instance_id="a"))
+    b = ResilientStore(redis_stores(instance_id="b"))
+    for s in (a, b):
+        await s.start()  # the first sync is a read
+    await a._refresh()
+    assert set(a.reader_ages()) == {"b"}  # not itself
+    assert all(0 <= age < 3600 for age in a.reader_ages().values())
+    probe = await redis_stores(instance_id="probe").snapshot()
+    assert set(probe.readers) == {"a", "b"}
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        key = redis_stores().keys.readers
+        await client.hset(key, "ghost", 1000)  # read in 1970: long past the ttl
+        await b.close()
+        await a._refresh()
+        assert set(a.reader_ages()) == set()
+        assert set(map(bytes.decode, await client.hkeys(key))) == {"a"}
+    finally:
+        await client.aclose()

@@ -107,6 +107,7 @@ class ReplicaAdmin:
             "draining_for_s": _draining_for_s(since),
             "in_flight": gw.shared.in_flight_of(rid),
             "in_flight_here": gw.inflight.count(rid),
+            "drain_not_seen_by": gw.shared.drain_not_seen_by(rid),
         }
 
     def _replica_json(self, snap: ReplicaSnapshot) -> dict[str, Any]:
@@ -139,6 +140,7 @@ class ReplicaAdmin:
             "draining_for_s": _draining_for_s(since) if draining else None,
             "in_flight": shared.in_flight_of(rid),
             "in_flight_here": gw.inflight.count(rid),
+            "drain_not_seen_by": shared.drain_not_seen_by(rid) if draining else [],
             "adapter_loads_here": pool.adapter_loads().get(rid, 0),
             "adapter_loads_under_way_here": sorted(pool.loading(rid)),
             "refused_adapters": {

@@ -331,6 +331,22 @@ class SharedState:
         seconds). Replicas no longer in this instance's config included."""
         return self.store.drains()
 
+    def drain_not_seen_by(self, replica_id: ReplicaId) -> list[dict[str, Any]]:
+        """The other gateway instances that have not read the shared state since the
+        replica's drain began (as of this instance's last refresh): cut off from Redis (each
+        one's /health says degraded), they still route there by what they last read, and
+        their requests there are not counted in ``in_flight``; or gone (crashed: listed for
+        ``Ttls.reader_ttl_s``). Empty if the replica is not drained, or with one instance."""
+        since = self.store.drains().get(replica_id)
+        if since is None:
+            return []
+        draining_for_s = time.time() - since
+        return [
+            {"instance": instance, "last_read_s_ago": round(age, 1)}
+            for instance, age in sorted(self.store.reader_ages().items())
+            if age > draining_for_s
+        ]
+
     def registered_replica(self, replica_id: ReplicaId) -> ReplicaRecord | None:
         """The replica's entry in the shared registry: any instance's config put it there
         (this one's too, before a reload removed it), or None."""

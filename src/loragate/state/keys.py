@@ -50,6 +50,14 @@ key                          type    content / lifetime
                                      keeps it, as instances not reloaded yet route to it; a
                                      resync after Redis lost its data writes back the drains
                                      its instance knows
+``P readers``                HASH    gateway instances' last reads of the shared state:
+                                     instance id -> Redis ms of its last refresh (the
+                                     snapshot script, called by a ``ResilientStore``); an
+                                     instance whose last read is older than a drain has not
+                                     seen it (cut off from Redis, or gone). Entries older
+                                     than ``Ttls.reader_ttl_s`` are dropped by the script; an
+                                     instance that closes removes its own; the key PEXPIREs
+                                     ``reader_ttl_s`` after the last read
 ``P demand:B``               HASH    adapter -> requests routed in bucket ``B``
                                      (``B = floor(t / demand_bucket_s)``); EXPIRE
                                      ``demand_retention_s``
@@ -99,6 +107,9 @@ class Ttls:
     # plus one replica poll to notice it listed: far more than a few refresh periods.
     # ``state.tombstone_ttl_s`` in the gateway config.
     tombstone_ttl_s: float = 30.0
+    # How long an instance's last read of the shared state is remembered (``P readers``): a
+    # crashed instance is listed that long as one that may not have seen a drain.
+    reader_ttl_s: float = 3600.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -110,6 +121,7 @@ class Ttls:
             "retry_initial_s",
             "retry_max_s",
             "tombstone_ttl_s",
+            "reader_ttl_s",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"Ttls.{name} must be > 0")
@@ -123,6 +135,10 @@ class Ttls:
     @property
     def tombstone_ttl_ms(self) -> int:
         return max(1, round(self.tombstone_ttl_s * 1000))
+
+    @property
+    def reader_ttl_ms(self) -> int:
+        return max(1, round(self.reader_ttl_s * 1000))
 
     def demand_bucket(self, t_s: float) -> int:
         return int(t_s // self.demand_bucket_s)
@@ -208,6 +224,10 @@ class KeySpace:
     @property
     def drains(self) -> str:
         return f"{self.prefix}drains"
+
+    @property
+    def readers(self) -> str:
+        return f"{self.prefix}readers"
 
     def residency_keys(self, replica_id: ReplicaId) -> list[str]:
         """Keys of one replica's shadow residency, in the order the Lua scripts expect."""

@@ -117,13 +117,15 @@ return 1
 """
 )
 
-# KEYS: replicas, version, adapters, epoch, refusals, tombstones, drains
-# ARGV: per-replica key prefix, version the caller already knows ('' = none)
+# KEYS: replicas, version, adapters, epoch, refusals, tombstones, drains, readers
+# ARGV: per-replica key prefix, version the caller already knows ('' = none), the reading
+#       instance's id ('' = a read not recorded), reader ttl ms
 # Returns {version, epoch or '', adapters (flat HGETALL) or 0 if unchanged, refusals,
-# tombstones, drains, rows…}; refusals = {field, JSON, ms left, …} of the refusals in force,
-# tombstones = {name, ms left, …} of the tombstones in force (expired entries of both are
-# deleted); drains = the drained replicas (flat HGETALL: id, since); row = {id, info (flat
-# HGETALL), registered, gpu, cpu, in-flight count}.
+# tombstones, drains, readers, rows…}; refusals = {field, JSON, ms left, …} of the refusals in
+# force, tombstones = {name, ms left, …} of the tombstones in force (expired entries of both
+# are deleted); drains = the drained replicas (flat HGETALL: id, since); readers = {instance,
+# ms since its last read, …} (this read recorded first; entries past the ttl deleted); row =
+# {id, info (flat HGETALL), registered, gpu, cpu, in-flight count}.
 SNAPSHOT = (
     _COMMON
     + """
@@ -158,7 +160,24 @@ for i = 1, #ts, 2 do
     redis.call('HDEL', KEYS[6], ts[i])
   end
 end
-local out = {version, epoch, adapters, refusals, tombstones, redis.call('HGETALL', KEYS[7])}
+local reader_ttl = tonumber(ARGV[4])
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[8], ARGV[3], string.format('%.0f', now))
+  redis.call('PEXPIRE', KEYS[8], reader_ttl)
+end
+local readers = {}
+local rd = redis.call('HGETALL', KEYS[8])
+for i = 1, #rd, 2 do
+  local age = now - (tonumber(rd[i + 1]) or 0)
+  if age < reader_ttl then
+    readers[#readers + 1] = rd[i]
+    readers[#readers + 1] = age
+  else
+    redis.call('HDEL', KEYS[8], rd[i])
+  end
+end
+local out = {version, epoch, adapters, refusals, tombstones, redis.call('HGETALL', KEYS[7]),
+  readers}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local base = ARGV[1] .. id
   out[#out + 1] = {

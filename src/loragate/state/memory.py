@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from loragate.core.clock import Clock, WallClock
 from loragate.core.types import AdapterId, AdapterSpec, ReplicaId, ReplicaSettings, Residency
@@ -325,6 +325,10 @@ class MemoryStore:
     def drains(self) -> DrainMap:
         """The drained replicas: replica -> since (epoch seconds)."""
         return self._drains if self._drains else NO_DRAINS
+
+    def reader_ages(self) -> Mapping[str, float]:
+        """No other instance shares an embedded store."""
+        return {}
 
     # --- demand -------------------------------------------------------------------------------
     async def demand(self, since_s: float, until_s: float) -> dict[float, dict[AdapterId, int]]:

@@ -312,7 +312,9 @@ class RedisStore:
         member = own[1] if own is not None else lease_member(self.instance_id, request_id)
         await self._io(self._r.zrem(self.keys.in_flight(replica_id), member))
 
-    async def snapshot(self) -> StateView:
+    async def snapshot(self, *, as_reader: bool = False) -> StateView:
+        """The shared view (one round trip). ``as_reader``: record this read as this
+        instance's latest (``P readers``; the gateway's refreshes do, probes do not)."""
         k = self.keys
         cache = self._adapters_cache
         known = str(cache[1]) if cache is not None and cache[0] == self.epoch else ""
@@ -326,8 +328,14 @@ class RedisStore:
                     k.refusals,
                     k.tombstones,
                     k.drains,
+                    k.readers,
                 ],
-                args=[k.replica_base, known],
+                args=[
+                    k.replica_base,
+                    known,
+                    self.instance_id if as_reader else "",
+                    self.ttls.reader_ttl_ms,
+                ],
             )
         )
         version = int(raw[0])
@@ -343,7 +351,7 @@ class RedisStore:
         replicas: dict[ReplicaId, ReplicaRecord] = {}
         residency: dict[ReplicaId, Residency] = {}
         in_flight: dict[ReplicaId, int] = {}
-        for row in raw[6:]:
+        for row in raw[7:]:
             replica_id = str(row[0])
             replicas[replica_id] = decode_replica(replica_id, _pairs(row[1]))
             residency[replica_id] = Residency(
@@ -361,6 +369,9 @@ class RedisStore:
                 str(n): int(ms) / 1000.0 for n, ms in zip(raw[4][::2], raw[4][1::2], strict=True)
             },
             drains=decode_drains(raw[5]),
+            readers={
+                str(i): int(ms) / 1000.0 for i, ms in zip(raw[6][::2], raw[6][1::2], strict=True)
+            },
             degraded=False,
         )
 
@@ -652,6 +663,11 @@ class RedisStore:
 
     async def ping(self) -> None:
         await self._io(self._r.ping())
+
+    async def forget_reader(self) -> None:
+        """This instance stops reading the shared state (it closes): no longer listed as an
+        instance that may not have seen a drain."""
+        await self._io(self._r.hdel(self.keys.readers, self.instance_id))
 
     async def close(self) -> None:
         await self._r.aclose(close_connection_pool=True)

@@ -118,6 +118,8 @@ class ResilientStore:
         self._next_retry_s = -math.inf
         self._last_refresh_s = -math.inf
         self._others: dict[ReplicaId, int] = {}
+        # Other instances' last reads (instance -> seconds since), as of our last refresh.
+        self._readers: dict[str, float] = {}
         self._known_epoch: str | None = None
         self.resyncs = 0
         self._refusal_writes = 0  # refusal writes begun so far
@@ -277,7 +279,7 @@ class ResilientStore:
         refusal_busy = self._refusal_writing > 0
         drain_mark = self._drain_writes
         drain_busy = self._drain_writing > 0
-        view = await self._remote.snapshot()
+        view = await self._remote.snapshot(as_reader=True)
         if allow_resync and self._remote.epoch != self._known_epoch:
             # Redis was replaced without a failed call in between: resynchronise.
             await self._recover()
@@ -288,6 +290,8 @@ class ResilientStore:
         keep = refusal_busy or self._refusal_writes != refusal_mark or bool(self._journal)
         keep_drains = drain_busy or self._drain_writes != drain_mark or bool(self._journal)
         self._local.replace_shared(view, keep_refusals=keep, keep_drains=keep_drains)
+        me = self._remote.instance_id
+        self._readers = {i: age for i, age in view.readers.items() if i != me}
         self._last_refresh_s = self._clock.now()
 
     async def maintain(self) -> None:
@@ -543,6 +547,13 @@ class ResilientStore:
         """``view().drains`` without building the view."""
         return self._local.drains()
 
+    def reader_ages(self) -> dict[str, float]:
+        """The other instances on this Redis: instance -> seconds since it last read the
+        shared state, as of now (as of our last refresh, plus the time since; while we are
+        cut off, it grows for every instance alike)."""
+        since = max(0.0, self._clock.now() - self._last_refresh_s)
+        return {i: age + since for i, age in self._readers.items()}
+
     # --- demand, leader, version -------------------------------------------------------------
     async def demand(self, since_s: float, until_s: float) -> dict[float, dict[AdapterId, int]]:
         """Shared counts; this instance's own counts only while degraded."""
@@ -600,6 +611,11 @@ class ResilientStore:
         return self._local.version
 
     async def close(self) -> None:
+        if not self._degraded:  # no longer an instance that may miss a drain
+            try:
+                await self._remote.forget_reader()
+            except StateUnavailableError as exc:
+                log.debug("state: removing this instance from the readers: %s", exc)
         await self._remote.close()
 
 

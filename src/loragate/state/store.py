@@ -80,8 +80,10 @@ class StateView:
     every registered replica. ``refusals`` holds the adapter loads replicas refused that are
     still in force (any instance's). ``tombstones`` holds the adapters deleted lately (name ->
     seconds left), which no replica should keep. ``drains`` holds the replicas being drained
-    (replica -> when), which no instance routes new requests to. ``degraded`` is True when the
-    view is local-only because the shared backend is unreachable.
+    (replica -> when), which no instance routes new requests to. ``readers`` holds the
+    gateway instances' last reads of the shared state (instance id -> seconds since, as of
+    this view; Redis only). ``degraded`` is True when the view is local-only because the
+    shared backend is unreachable.
     """
 
     version: int = 0
@@ -92,6 +94,7 @@ class StateView:
     refusals: RefusalMap = field(default_factory=dict)
     tombstones: TombstoneMap = field(default_factory=dict)
     drains: DrainMap = field(default_factory=dict)
+    readers: Mapping[str, float] = field(default_factory=dict)
     degraded: bool = False
 
     def residency_of(self, replica_id: ReplicaId) -> Residency:
@@ -264,6 +267,12 @@ class GatewayStore(StateStore, Protocol):
 
     def drains(self) -> DrainMap:
         """``view().drains`` without building the view."""
+        ...
+
+    def reader_ages(self) -> Mapping[str, float]:
+        """The other gateway instances sharing this store: instance id -> seconds since it
+        last read the shared state, as of now (empty for the embedded store). One that last
+        read before a drain began has not seen it."""
         ...
 
     def set_adapter(self, spec: AdapterSpec) -> None:
