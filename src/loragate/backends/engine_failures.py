@@ -63,19 +63,20 @@ UNANSWERED_MESSAGE = (
 )
 
 
-def done_at(chunk: bytes) -> int:
-    """Where ``chunk`` (whole SSE lines) holds the ``data: [DONE]`` line, -1 if it does not (a
-    token's text may hold those bytes, but never at the start of a line)."""
-    if chunk.startswith(DONE_EVENT):
-        return 0
-    at = chunk.find(b"\n" + DONE_EVENT)
+def done_at(chunk: bytes, start: int = 0) -> int:
+    """Where ``chunk`` (whole SSE lines) holds the ``data: [DONE]`` line from ``start`` (a
+    line's start) on, -1 if it does not (a token's text may hold those bytes, but never at the
+    start of a line)."""
+    if chunk.startswith(DONE_EVENT, start):
+        return start
+    at = chunk.find(b"\n" + DONE_EVENT, start)
     return at + 1 if at >= 0 else -1
 
 
-def answered(chunk: bytes) -> bool:
+def answered(chunk: bytes, start: int = 0) -> bool:
     """Whether ``chunk`` (some of a stream's whole lines) holds a token's text or a choice's
-    finish reason."""
-    return _ANSWERED.search(chunk) is not None
+    finish reason from ``start`` on."""
+    return _ANSWERED.search(chunk, start) is not None
 
 
 # What a stream's events say while the replica has sent nothing of the request's output
@@ -87,6 +88,7 @@ ABORTED_UNANSWERED_MESSAGE = (
     "text: it is stopping)"
 )
 _DATA = b"data: "
+_ERROR_KEY = ERROR_EVENT[len(_DATA) :]  # an error event's JSON starts so
 _ABORT_REASON = "abort"
 
 
@@ -100,26 +102,36 @@ def before_output(lines: bytes) -> str | None:
     an abort chunk without text (:data:`ABORTED_UNANSWERED_MESSAGE`), see the module
     docstring. A token's chunk costs one regex search on its first line (the lines after the
     one that decides are not read, nor split); the others one ``json.loads`` each."""
+    return read_before_output(lines)[0]
+
+
+def read_before_output(lines: bytes) -> tuple[str | None, int, bool]:
+    """:func:`before_output`'s answer, where the reading of ``lines`` stopped, and whether it
+    read a token's text or a finish reason: (what they say; where a reader looking for more
+    must start: after the line that decided if it was a token's text or a finish reason other
+    than abort, nothing else to find in it, else at its start (the end of ``lines`` if none
+    decided); whether it was such a line)."""
     start, end = 0, len(lines)
     while start < end:
         stop = lines.find(b"\n", start)
         if stop < 0:
             stop = end
         line = lines[start:stop]
+        if line and not line.startswith(b":"):  # (else an event's end, or an SSE comment)
+            if not line.startswith(_DATA):
+                return OUTPUT, start, False
+            data = line[len(_DATA) :]
+            if data == b"[DONE]":
+                return UNANSWERED_MESSAGE, start, False
+            if data.startswith(_ERROR_KEY):
+                return OUTPUT, start, False
+            if ABORT not in data and _ANSWERED.search(data) is not None:
+                return OUTPUT, stop + 1, True  # a token's text, or a finish reason not abort
+            said = _said_nothing(data)
+            if said != NOTHING_YET:
+                return said, start, False
         start = stop + 1
-        if not line or line.startswith(b":"):
-            continue  # an event's end, or an SSE comment
-        if not line.startswith(_DATA):
-            return OUTPUT
-        data = line[len(_DATA) :]
-        if data == b"[DONE]":
-            return UNANSWERED_MESSAGE
-        if ABORT not in data and _ANSWERED.search(data) is not None:
-            return OUTPUT  # a token's text, or a finish reason other than abort
-        said = _said_nothing(data)
-        if said != NOTHING_YET:
-            return said
-    return NOTHING_YET
+    return NOTHING_YET, end, False
 
 
 def _said_nothing(data: bytes) -> str | None:

@@ -31,8 +31,10 @@ loragate_requests_total. A stream the replica stopped before the request produce
 (vLLM's ``[DONE]`` after its head alone, a chat's role chunk or a usage chunk, or an abort
 chunk without text) is retried like a non-streaming request (``engine_stopped``): while another
 replica could take it, the response head and the chunks that carry no output wait for the
-first chunk that does (``_pipe``), so nothing of it reached the client; without one (or after
-the one retry), the client gets those chunks and an SSE error event before the ``[DONE]``.
+first chunk that does, so nothing of it reached the client; without one (or after the one
+retry), the client gets those chunks and an SSE error event before the ``[DONE]``. What a
+stream has shown so far and what to relay of each read is ``gateway.stream_state``;
+``_pipe`` is the I/O loop around it.
 
 Access log: one DEBUG line per finished request (id, path, tenant, model, replica, status or
 outcome, latency, TTFT when streamed, retries, and why for errors); nothing is formatted
@@ -58,18 +60,7 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from loragate.backends.client import VllmClient
-from loragate.backends.engine_failures import (
-    ABORT,
-    ERROR_EVENT,
-    NOTHING_YET,
-    UNANSWERED_MESSAGE,
-    aborted,
-    answered,
-    before_output,
-    done_at,
-    engine_stopped,
-    error_event_text,
-)
+from loragate.backends.engine_failures import ABORT, engine_stopped
 from loragate.backends.pool import ReplicaPool
 from loragate.backends.upstream import UpstreamConn
 from loragate.core.clock import Clock
@@ -88,11 +79,11 @@ from loragate.gateway.errors import (
     classify,
     error_response,
     internal_error_response,
-    sse_error_event,
 )
 from loragate.gateway.inflight import InFlightTracker
 from loragate.gateway.request_body import read_request_body
 from loragate.gateway.shared import SharedState
+from loragate.gateway.stream_state import STREAM_ERROR, StreamState
 from loragate.gateway.telemetry import Telemetry, retry_reason
 from loragate.gateway.vllm_validation import (
     check_body_object,
@@ -111,7 +102,6 @@ REPLICA_HEADER = "X-Loragate-Replica"
 _JSON = "application/json"
 _DEFAULT_MAX_TOKENS = 16
 _ROUTING_MAX_TOKENS = 1 << 20  # routing's view of max_tokens is capped here
-_MAX_HELD_BYTES = 1 << 16  # a stream "line" longer than this is relayed without its end
 _COMPLETIONS = "/v1/completions"
 _CHAT = "/v1/chat/completions"
 _set_field = object.__setattr__
@@ -122,8 +112,6 @@ _SHUTTING_DOWN = ShuttingDownError(
 _CUT = "loragate: shutdown deadline"  # the cancel message of a request cut at the deadline
 # The status label in loragate_requests_total of a request whose client went away first.
 CLIENT_CLOSED = "client_closed"
-# The status label of a stream that broke off or that the replica ended with an error event.
-STREAM_ERROR = "stream_error"
 # The reason label in loragate_upstream_retries_total of a request whose replica answered
 # that its engine stopped under it (``backends.engine_failures``).
 ENGINE_STOPPED = "engine_stopped"
@@ -737,20 +725,17 @@ class Proxy:
         retries: int,
         hold: bool,
     ) -> web.StreamResponse | None:
-        """Relay a streaming answer chunk by chunk; never buffer it whole. Only whole lines are
-        relayed (the end of a line that a read cut in two waits for the next read), so that a
-        stream breaking off leaves the client with whole events plus one clear error event,
-        not a half JSON line its SSE parser would choke on. An error event of the replica's
-        own (vLLM's ``data: {"error": ...}``, e.g. its engine stopped) is relayed as is, and
-        the request counts as ``stream_error``.
+        """Relay a streaming answer chunk by chunk; never buffer it whole. What to relay of
+        each read, and when, is the stream's :class:`StreamState` (whole lines only; the
+        replica's own error event or abort relayed as is, a ``stream_error``; an unanswered
+        stream's error event); this is the I/O around it.
 
         With ``hold`` (another replica could take the request), the head and the events that
-        carry nothing of the output (a chat's role chunk, a usage chunk:
-        ``engine_failures.before_output``) wait for the first one that does, and go out with
-        it: the client's first byte comes with its first token, and until then nothing reached
-        it. If the replica ends the stream before any output (vLLM stopped: its ``[DONE]``, or
-        an abort chunk without text), the replica is out of rotation, nothing is sent and
-        None is returned: the caller sends the request to another replica."""
+        carry nothing of the output wait for the first one that does, and go out with it: the
+        client's first byte comes with its first token, and until then nothing reached it. If
+        the replica ends the stream before any output (vLLM stopped: its ``[DONE]``, or an
+        abort chunk without text), the replica is out of rotation, nothing is sent and None is
+        returned: the caller sends the request to another replica."""
         out = _RelayResponse(
             status=200,
             headers={
@@ -760,23 +745,18 @@ class Proxy:
             },
         )
         telemetry = self._telemetry
-        last = b""
+        state = StreamState(rid, hold)
         ended = counted = False
-        outcome = "200"
-        # A token's text, a finish reason or the replica's own error was relayed.
-        answer_seen = False
-        relayed = 0
         ttft_s: float | None = None
+        unprepared = hold  # the response is prepared with the first bytes to relay
         try:
             if not hold:
                 await out.prepare(request)
+            head_waits = not hold  # (prepared: it goes out with the first bytes)
             timeout_s = self._stream_timeout_s
-            held = b""
-            head_held = not hold  # (held: the head goes out with the first output)
-            pending = b""  # the events held before the first output (``hold``)
             while True:
-                if head_held and not conn.ready:
-                    head_held = False
+                if head_waits and not conn.ready:
+                    head_waits = False
                     try:
                         await out.write(b"")  # the head alone, unless it went out already
                     except ConnectionError:
@@ -789,98 +769,53 @@ class Proxy:
                     # The head (status 200, the replica header) is out: the log line and the
                     # metric name the replica, and so does the error event.
                     self._upstream_failed(
-                        exc, rid, client, rreq, f"streaming (after {relayed} bytes)"
+                        exc, rid, client, rreq, f"streaming (after {state.relayed} bytes)"
                     )
-                    outcome = STREAM_ERROR
                     err = UpstreamConnectError(f"replica {rid} broke off the stream: {exc.message}")
-                    if hold:  # what was held goes out first
-                        hold, last, pending = False, pending, b""
+                    if unprepared:  # what was held goes out first
+                        unprepared = False
                         await out.prepare(request)
-                        err_event = last + _event_break(last) + sse_error_event(err)
-                    else:
-                        err_event = _event_break(last) + sse_error_event(err)
                     with contextlib.suppress(ConnectionError):
-                        await out.write(err_event)
+                        await out.write(state.broke_off(err))
                     break
-                if not chunk:
-                    if not held:
-                        if not hold:
-                            break
-                        # The answer ended without [DONE] before any output: relayed as is.
-                        hold, chunk, pending = False, pending, b""
-                        await out.prepare(request)
-                        if not chunk:
-                            break
-                    else:
-                        chunk, held = held, b""  # the answer ended without a final newline
-                else:
-                    if held:
-                        chunk, held = held + chunk, b""
-                    if not chunk.endswith(b"\n"):
-                        cut = chunk.rfind(b"\n") + 1
-                        if cut or len(chunk) < _MAX_HELD_BYTES:
-                            chunk, held = chunk[:cut], chunk[cut:]
-                            if not chunk:
-                                continue
-                if hold:
-                    said = before_output(chunk)
-                    if said == NOTHING_YET and len(pending) + len(chunk) < _MAX_HELD_BYTES:
-                        pending += chunk
-                        continue
-                    if said and self._can_retry(rid):
-                        # Stopped before it produced anything: nothing reached the client.
-                        self._engine_stopped(rid, client, rreq, f"it {said}")
+                data = state.read(chunk) if chunk else state.end()
+                if data is None:  # stopped before it produced anything
+                    if self._can_retry(rid):  # nothing reached the client
+                        self._engine_stopped(rid, client, rreq, f"it {state.stopped}")
                         return None
-                    hold, chunk, pending = False, pending + chunk, b""
+                    data = state.release()
+                if state.warning:
+                    self._stream_warning(rreq, rid, state)
+                if not data:
+                    if chunk:
+                        continue
+                    break  # the end of the answer
+                if unprepared:
+                    unprepared = False
                     await out.prepare(request)
-                if not relayed:
+                if ttft_s is None:
                     ttft_s = self._now() - t0
                     telemetry.observe_ttft(rid, ttft_s)
-                if outcome != STREAM_ERROR and (ERROR_EVENT in chunk or ABORT in chunk):
-                    # The replica ended the stream unfinished (relayed as is): an error event
-                    # (its engine died), or finish_reason abort (it is stopping).
-                    why = (
-                        f"sent an error event: {error_event_text(chunk)}"
-                        if ERROR_EVENT in chunk
-                        else "aborted it (finish_reason 'abort': it is stopping)"
-                        if aborted(chunk)
-                        else ""  # a token that is "abort"
-                    )
-                    if why:
-                        outcome = STREAM_ERROR
-                        log.warning(
-                            "request %s (model %s) on replica %s: the replica %s (after %d "
-                            "bytes of its stream, relayed as is)",
-                            rreq.request_id,
-                            rreq.adapter or "<base>",
-                            rid,
-                            why,
-                            relayed,
-                        )
-                if not answer_seen:  # (a scan of the first chunks only)
-                    answer_seen = outcome == STREAM_ERROR or answered(chunk)
-                    if not answer_seen and (at := done_at(chunk)) >= 0:
-                        chunk = self._unanswered(rreq, rid, relayed, chunk, at, last)
-                        outcome = STREAM_ERROR
-                relayed += len(chunk)
-                last = chunk
                 try:
-                    if not held and conn.exhausted:  # the last bytes: the end of the body with them
-                        ended = True
-                        await out.write_eof(chunk)
+                    if conn.exhausted and not state.mid_line:
+                        ended = True  # the last bytes: the end of the body with them
+                        await out.write_eof(data)
                         break
-                    await out.write(chunk)
+                    await out.write(data)
                 except ConnectionError:
                     # The client went away; releasing the unfinished connection closes it, which
                     # aborts the generation on the replica.
                     counted = True
                     self._client_left(
-                        rreq, path, rid, t0, retries, f"streaming (after {relayed} bytes)",
-                        ttft_s, outcome,
+                        rreq, path, rid, t0, retries, f"streaming (after {state.relayed} bytes)",
+                        ttft_s, state.outcome,
                     )  # fmt: skip
                     return out
+            if unprepared:  # the answer ended empty: relayed as is
+                unprepared = False
+                await out.prepare(request)
             telemetry.observe_latency(rid, self._now() - t_send)
-            self._finished(rreq, path, rid, outcome, t0, retries, ttft_s)
+            self._finished(rreq, path, rid, state.outcome, t0, retries, ttft_s)
             ended = counted = True
             with contextlib.suppress(ConnectionError):
                 await out.write_eof()  # nothing if it was sent with the last bytes
@@ -888,11 +823,11 @@ class Proxy:
             if not self._was_cut(_current_task()):
                 if not counted:  # the client went away (aiohttp cancelled the handler)
                     self._client_left(
-                        rreq, path, rid, t0, retries, f"streaming (after {relayed} bytes)",
-                        ttft_s, outcome,
+                        rreq, path, rid, t0, retries, f"streaming (after {state.relayed} bytes)",
+                        ttft_s, state.outcome,
                     )  # fmt: skip
                 raise
-            if hold:
+            if unprepared:
                 # Cut at the shutdown deadline before anything was sent: 503 (retryable).
                 self._finished(rreq, path, rid, "503", t0, retries)
                 return error_response(_SHUTTING_DOWN, headers={REPLICA_HEADER: rid})
@@ -900,28 +835,23 @@ class Proxy:
                 # Cut at the shutdown deadline: end the stream with an error event, cleanly.
                 self._finished(rreq, path, rid, "shutdown", t0, retries, ttft_s)
                 with contextlib.suppress(ConnectionError):
-                    await out.write(_event_break(last) + sse_error_event(_SHUTTING_DOWN))
+                    await out.write(state.closing(_SHUTTING_DOWN))
                     await out.write_eof()
             elif not counted:  # the whole answer is out but for its last write
-                self._finished(rreq, path, rid, outcome, t0, retries, ttft_s)
+                self._finished(rreq, path, rid, state.outcome, t0, retries, ttft_s)
         return out
 
     @staticmethod
-    def _unanswered(
-        rreq: RoutingRequest, rid: ReplicaId, relayed: int, chunk: bytes, at: int, last: bytes
-    ) -> bytes:
-        """``chunk`` with an error event before its ``[DONE]`` (at ``at``): the replica ended
-        the stream with neither a token nor a finish reason, as vLLM ends one it stopped
-        before the request produced a token (``engine_failures``); relayed as is, the client
-        would read an empty answer that ended well."""
+    def _stream_warning(rreq: RoutingRequest, rid: ReplicaId, state: StreamState) -> None:
+        """Log what the stream's checks found (the replica ended it unfinished), once."""
         log.warning(
-            "request %s (model %s) on replica %s: the replica %s (after %d bytes of its "
-            "stream; the client gets an error event)",
-            rreq.request_id, rreq.adapter or "<base>", rid, UNANSWERED_MESSAGE, relayed,
-        )  # fmt: skip
-        err = UpstreamConnectError(f"replica {rid} {UNANSWERED_MESSAGE}")
-        head = chunk[:at]
-        return head + _event_break(head or last) + sse_error_event(err)
+            "request %s (model %s) on replica %s: the replica %s",
+            rreq.request_id,
+            rreq.adapter or "<base>",
+            rid,
+            state.warning,
+        )
+        state.warning = ""
 
 
 class _RefusedEverywhere(AdapterLoadError):
@@ -943,12 +873,3 @@ def _for_client(exc: UpstreamError, rid: ReplicaId, loading: str | None) -> Upst
             )
         return type(exc)(f"replica {rid}: could not be reached to load adapter {loading!r}")
     return type(exc)(f"replica {rid}: {exc.message}")
-
-
-def _event_break(last: bytes) -> bytes:
-    """What ends the SSE event in progress after ``last`` (the last bytes relayed), so that an
-    error event written next stands on its own. The client has whole lines only (a line cut
-    short is never relayed)."""
-    if not last or last.endswith(b"\n\n"):
-        return b""
-    return b"\n" if last.endswith(b"\n") else b"\n\n"

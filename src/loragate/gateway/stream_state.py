@@ -1,0 +1,203 @@
+"""The state of one stream being relayed to its client: what the replica's answer has shown so
+far and what the relay must do with what it reads next. ``Proxy._pipe`` is the I/O loop around
+it (reads, writes, the response head, the client leaving, the shutdown's cut); this module does
+no I/O, reads no clock and logs nothing.
+
+* Lines: only whole lines are relayed (the end of a line that a read cut in two waits for the
+  next read), so that a stream breaking off leaves the client with whole events plus one clear
+  error event, not a half JSON line its SSE parser would choke on. A "line" longer than
+  ``MAX_HELD_BYTES`` is relayed without its end (nothing waits without bound).
+* Holding (``hold``: another replica could take the request): the events that carry nothing of
+  the request's output (a chat's role chunk, a usage chunk: ``engine_failures.before_output``)
+  wait for the first one that does, and go out with it (the relay sends the response head with
+  them). If the replica stopped the request before that (vLLM's ``[DONE]`` or an abort chunk
+  without text), :meth:`StreamState.read` says so (None, :attr:`StreamState.stopped` says how):
+  nothing reached the client, the relay may send the request to another replica, or relay what
+  was held (:meth:`StreamState.release`).
+* Checks of what is relayed: an error event of the replica's own (its engine died) or
+  ``finish_reason: "abort"`` (it is stopping) make the stream a ``stream_error``, relayed as
+  is; a stream that reaches ``[DONE]`` with neither a token nor a finish reason gets an error
+  event before it (vLLM's answer to a request it stopped before the request produced any: an
+  empty answer that ended well, else). :attr:`StreamState.warning` says what the log should.
+
+Each chunk is scanned once: while held, ``engine_failures.read_before_output`` reads its lines
+up to the event that decides, and the checks read on from there (from the line after it when
+it was a token's text or a finish reason: nothing else to find in it); once the first token or
+finish reason went by, a chunk costs two substring searches (an error event, an abort).
+"""
+
+from __future__ import annotations
+
+from loragate.backends.engine_failures import (
+    ABORT,
+    ERROR_EVENT,
+    NOTHING_YET,
+    UNANSWERED_MESSAGE,
+    aborted,
+    answered,
+    done_at,
+    error_event_text,
+    read_before_output,
+)
+from loragate.core.errors import LoragateError, UpstreamConnectError
+from loragate.gateway.errors import sse_error_event
+
+MAX_HELD_BYTES = 1 << 16  # a line, or the events held before the first output, up to this
+# The status label in loragate_requests_total of a stream that broke off or that the replica
+# ended unfinished (an error event, an abort, no answer).
+STREAM_ERROR = "stream_error"
+OK = "200"
+
+
+class StreamState:
+    """One relayed stream's state (see the module docstring). ``replica``: its id, for the
+    error event the client gets when the replica ended the stream unanswered."""
+
+    __slots__ = (
+        "_check_from",
+        "_cut",
+        "_held",
+        "answered",
+        "holding",
+        "last",
+        "outcome",
+        "relayed",
+        "replica",
+        "stopped",
+        "warning",
+    )
+
+    def __init__(self, replica: str, hold: bool) -> None:
+        self.replica = replica
+        # Events without output wait for the first with output (``hold``), until released.
+        self.holding = hold
+        # A token's text, a finish reason or the replica's own error was relayed.
+        self.answered = False
+        self.outcome = OK  # the status label so far: OK or STREAM_ERROR
+        self.relayed = 0  # bytes relayed
+        self.last = b""  # the last bytes relayed (an error event of ours must start an event)
+        self.stopped = ""  # why the replica stopped the request before any output
+        self.warning = ""  # what the checks found for the log (the relay clears it)
+        self._cut = b""  # the start of a line a read cut in two
+        self._held = b""  # the events without output held so far
+        self._check_from = 0  # where the checks of ``_held`` start (once stopped)
+
+    @property
+    def mid_line(self) -> bool:
+        """The start of a line waits for its end (the stream's bytes are not all relayed)."""
+        return bool(self._cut)
+
+    def read(self, chunk: bytes) -> bytes | None:
+        """What to relay now of ``chunk`` (the next bytes read; not empty): its whole lines
+        unless they are held (b"": nothing now). None: the replica stopped the request before
+        any output (:attr:`stopped` says how; nothing was relayed): :meth:`release` relays
+        what was held if the request is not sent to another replica."""
+        cut = self._cut
+        if cut:
+            chunk, self._cut = cut + chunk, b""
+        if not chunk.endswith(b"\n"):
+            at = chunk.rfind(b"\n") + 1
+            if at or len(chunk) < MAX_HELD_BYTES:
+                chunk, self._cut = chunk[:at], chunk[at:]
+                if not chunk:
+                    return b""
+        if self.holding:
+            return self._first_output(chunk)
+        return self._checked(chunk, 0)
+
+    def end(self) -> bytes | None:
+        """At the end of the answer's body: what is left to relay (the line it ended without
+        a newline; what was held: the stream ended without ``[DONE]`` before any output,
+        relayed as is), b"" if nothing, or None as :meth:`read`."""
+        cut, self._cut = self._cut, b""
+        if cut:
+            data = self._first_output(cut) if self.holding else self._checked(cut, 0)
+            if data is None or not self.holding:
+                return data
+        return self.release() if self.holding else b""
+
+    def release(self) -> bytes:
+        """Stop holding: what was held, checked, to relay now."""
+        held, self._held, self.holding = self._held, b"", False
+        return self._checked(held, self._check_from) if held else b""
+
+    def broke_off(self, err: LoragateError) -> bytes:
+        """The stream broke off (``err`` says how): what to relay to end it, what was held and
+        an error event (the client reads whole events only); a ``stream_error``."""
+        held = self.release() if self.holding else b""
+        self.outcome = STREAM_ERROR
+        return held + self.closing(err)
+
+    def closing(self, err: LoragateError) -> bytes:
+        """``err`` as the error event that ends the stream after what was relayed."""
+        end = _event_break(self.last) + sse_error_event(err)
+        self.last = end
+        return end
+
+    def _first_output(self, lines: bytes) -> bytes | None:
+        """:meth:`read` while holding."""
+        said, check_from, answer = read_before_output(lines)
+        held = self._held
+        if said == NOTHING_YET:
+            if len(held) + len(lines) < MAX_HELD_BYTES:
+                self._held = held + lines
+                return b""
+        elif said:  # stopped before any output
+            self.stopped = said
+            self._held, self._check_from = held + lines, len(held) + check_from
+            return None
+        self._held, self.holding = b"", False
+        self.answered = answer
+        return self._checked(held + lines if held else lines, len(held) + check_from)
+
+    def _checked(self, data: bytes, start: int) -> bytes:
+        """``data`` (whole lines) to relay, read from ``start`` on (what is before it was read
+        already): a ``stream_error`` if it holds the replica's error event or its abort; with
+        an error event before its ``[DONE]`` if no token or finish reason came before."""
+        if self.outcome != STREAM_ERROR:
+            error_at = data.find(ERROR_EVENT, start)
+            if error_at >= 0 or data.find(ABORT, start) >= 0:
+                # The replica ended the stream unfinished (relayed as is): an error event (its
+                # engine died), or finish_reason abort (it is stopping).
+                why = (
+                    f"sent an error event: {error_event_text(data[error_at:])}"
+                    if error_at >= 0
+                    else "aborted it (finish_reason 'abort': it is stopping)"
+                    if aborted(data)
+                    else ""  # a token that is "abort"
+                )
+                if why:
+                    self.outcome = STREAM_ERROR
+                    self.warning = (
+                        f"{why} (after {self.relayed} bytes of its stream, relayed as is)"
+                    )
+        if not self.answered:  # (a scan of the first chunks only)
+            self.answered = self.outcome == STREAM_ERROR or answered(data, start)
+            if not self.answered and (at := done_at(data, start)) >= 0:
+                data = self._unanswered(data, at)
+        self.relayed += len(data)
+        self.last = data
+        return data
+
+    def _unanswered(self, data: bytes, at: int) -> bytes:
+        """``data`` with an error event before its ``[DONE]`` (at ``at``): the replica ended
+        the stream with neither a token nor a finish reason, as vLLM ends one it stopped
+        before the request produced a token (``engine_failures``); relayed as is, the client
+        would read an empty answer that ended well."""
+        self.outcome = STREAM_ERROR
+        self.warning = (
+            f"{UNANSWERED_MESSAGE} (after {self.relayed} bytes of its stream; the client gets "
+            "an error event)"
+        )
+        err = UpstreamConnectError(f"replica {self.replica} {UNANSWERED_MESSAGE}")
+        head = data[:at]
+        return head + _event_break(head or self.last) + sse_error_event(err)
+
+
+def _event_break(last: bytes) -> bytes:
+    """What ends the SSE event in progress after ``last`` (the last bytes relayed), so that an
+    error event written next stands on its own. The client has whole lines only (a line cut
+    short is never relayed)."""
+    if not last or last.endswith(b"\n\n"):
+        return b""
+    return b"\n" if last.endswith(b"\n") else b"\n\n"
