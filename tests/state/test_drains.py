@@ -183,3 +183,35 @@ async def test_each_instance_s_last_read_is_shared_and_a_closed_or_stale_one_lea
         assert set(map(bytes.decode, await client.hkeys(key))) == {"a"}
     finally:
         await client.aclose()
+
+
+async def test_drains_written_back_after_redis_lost_its_data_are_named_in_a_warning(
+    redis_server: RedisServer, redis_stores: StoreFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The instance that refills Redis writes back the drains it knew of, which may hold one
+    ended just before the loss (its view predates the undrain): the operator is told which,
+    once, by that instance; an instance with nothing to write back says nothing."""
+    clock = VirtualClock()
+    a = ResilientStore(redis_stores(instance_id="a"), clock=clock)
+    b = ResilientStore(redis_stores(instance_id="b"), clock=clock)
+    for s in (a, b):
+        await s.start()
+    await a.upsert_replica(ReplicaRecord(replica_id="r0", url="http://r0"))
+    await a.set_drain("r0", 1.0)
+    await a.set_drain("r1", 2.0)
+    clock.advance_by(1.0)
+    await b.maintain()  # B's view: r0 and r1 drained
+    await a.clear_drain("r1")  # A ends r1's drain; Redis loses its data before B refreshes
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await client.flushall()
+    finally:
+        await client.aclose()
+    clock.advance_by(1.0)
+    with caplog.at_level("WARNING", logger="loragate.state"):
+        await b.maintain()  # B refills Redis first: r1 is back
+        await a.maintain()
+    warnings = [r.getMessage() for r in caplog.records if "wrote back the drains" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "knew of: r0, r1." in warnings[0]
+    assert dict((await redis_stores().snapshot()).drains) == {"r0": 1.0, "r1": 2.0}

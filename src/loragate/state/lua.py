@@ -306,7 +306,7 @@ return {redis.call('GET', KEYS[1]), 0}
 #       "drains": [[replica id, since], …]}, tombstone ttl ms
 # Fills in what is missing after Redis lost its data; never overwrites what is there (another
 # gateway may have pushed first), so the first instance back wins per replica (and refusal,
-# and drain).
+# and drain). Returns the ids of the drains it wrote back.
 # Deletions win over stale views: a tombstone is written back with the time it has left, an
 # adapter is not written back while its name has a tombstone in force, and a tombstone removes
 # an adapter that another instance's push wrote back (marked in ``restored``), but not one
@@ -323,7 +323,10 @@ for _, x in ipairs(state.refusals) do
     set_refusal(KEYS[4], x[1], x[2], tonumber(x[3]), now)
   end
 end
-for _, d in ipairs(state.drains) do redis.call('HSETNX', KEYS[7], d[1], d[2]) end
+local drains = {}
+for _, d in ipairs(state.drains) do
+  if redis.call('HSETNX', KEYS[7], d[1], d[2]) == 1 then drains[#drains + 1] = d[1] end
+end
 for _, r in ipairs(state.replicas) do
   local base = ARGV[1] .. r.id
   if redis.call('EXISTS', base) == 0 then
@@ -368,7 +371,7 @@ if v <= tonumber(state.version) then
 elseif changed then
   redis.call('INCR', KEYS[3])
 end
-return 1
+return drains
 """
 )
 

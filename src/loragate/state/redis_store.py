@@ -567,10 +567,11 @@ class RedisStore:
         )
         return str(raw[0]), int(raw[1]) == 1
 
-    async def push_missing(self, view: StateView) -> None:
+    async def push_missing(self, view: StateView) -> list[ReplicaId]:
         """Write ``view`` where Redis has nothing (after Redis lost its data), tombstones
         included; an adapter with a tombstone in force (this view's or one already written
-        back) is not written back (see ``lua.PUSH_MISSING``)."""
+        back) is not written back (see ``lua.PUSH_MISSING``). Returns the drained replicas
+        it wrote back."""
         payload = {
             "version": view.version,
             "adapters": {n: encode_adapter(s) for n, s in view.adapters.items()},
@@ -605,7 +606,7 @@ class RedisStore:
             "drains": [[r, repr(float(since))] for r, since in view.drains.items()],
         }
         k = self.keys
-        await self._io(
+        written: list[Any] = await self._io(
             self._push_missing(
                 keys=[
                     k.replicas,
@@ -619,6 +620,7 @@ class RedisStore:
                 args=[k.replica_base, json.dumps(payload), self.ttls.tombstone_ttl_ms],
             )
         )
+        return [str(r) for r in written or ()]
 
     async def sync_leases(self) -> None:
         """Make Redis hold exactly this instance's live leases, all renewed to a full TTL."""

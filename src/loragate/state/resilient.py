@@ -227,7 +227,15 @@ class ResilientStore:
         epoch, created = await remote.ensure_epoch()
         if created or epoch != self._known_epoch:
             # Redis lost its data (or we never saw it): fill in what it misses from our view.
-            await remote.push_missing(self._local.view())
+            restored = await remote.push_missing(self._local.view())
+            if restored:
+                log.warning(
+                    "state: Redis had lost its data; this instance wrote back the drains it "
+                    "knew of: %s. Every instance routes by them again. A drain ended shortly "
+                    "before the loss (or while this instance was cut off from Redis) may be "
+                    "among them: check GET /admin/replicas and end it again",
+                    ", ".join(sorted(restored)),
+                )  # fmt: skip
         await self._drain()
         self._known_epoch = epoch
         await self._refresh(allow_resync=False)
