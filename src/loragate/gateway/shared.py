@@ -336,7 +336,8 @@ class SharedState:
         replica's drain began (as of this instance's last refresh): cut off from Redis (each
         one's /health says degraded), they still route there by what they last read, and
         their requests there are not counted in ``in_flight``; or gone (crashed: listed for
-        ``Ttls.reader_ttl_s``). Empty if the replica is not drained, or with one instance."""
+        ``Ttls.reader_ttl_s``, 5 min; one stopped gracefully is not). Empty if the replica
+        is not drained, or with one instance."""
         since = self.store.drains().get(replica_id)
         if since is None:
             return []

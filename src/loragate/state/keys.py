@@ -108,8 +108,10 @@ class Ttls:
     # ``state.tombstone_ttl_s`` in the gateway config.
     tombstone_ttl_s: float = 30.0
     # How long an instance's last read of the shared state is remembered (``P readers``): a
-    # crashed instance is listed that long as one that may not have seen a drain.
-    reader_ttl_s: float = 3600.0
+    # crashed instance is listed that long as one that may not have seen a drain (a script
+    # waiting for a drain to be seen everywhere waits that long), and one cut off from Redis
+    # longer is no longer listed (its own /health says degraded all along).
+    reader_ttl_s: float = 300.0
 
     def __post_init__(self) -> None:
         for name in (
