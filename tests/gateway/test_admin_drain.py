@@ -264,6 +264,10 @@ async def test_a_reload_keeps_a_drain_and_a_replica_removed_keeps_it_too(
         assert (body["configured_here"], body["draining"]) == (False, False)
         status, body = await _call(http, "DELETE", gw.url + "/admin/replicas/r1/drain")
         assert status == 200, body  # idempotent: the shared registry still knows r1
+        status, body = await _call(http, "POST", gw.url + "/admin/replicas/r1/drain")
+        assert (status, body["configured_here"], body["draining"]) == (200, False, True), body
+        status, body = await _call(http, "DELETE", gw.url + "/admin/replicas/r1/drain")
+        assert (status, body["draining"]) == (200, False), body
         _write(path, [r0, r1])
         status, body = await _call(http, "POST", gw.url + "/admin/reload")
         assert (status, body["replicas_added"]) == (200, ["r1"]), body
