@@ -318,32 +318,16 @@ class Generator:
             kind=gen.kind, request_id=request_id, created=created, model=model
         )
         usage_of = self._usage_of(gen)
+        head = (request_id, created, model)
+        opened = gen.kind != "chat"  # a chat stream opens with its role chunks
         try:
-            if gen.kind == "chat":
-                for c in choices:
-                    role = chat_role_chunk(
-                        request_id=request_id,
-                        created=created,
-                        model=model,
-                        index=c.index,
-                        role=gen.role,
-                    )
-                    await response.write(sse(with_usage(role, usage_of(c))))
-                for c in choices:
-                    echo = gen.prompts[c.index // gen.n].echo_text if gen.echo else ""
-                    if echo:
-                        chunk = chat_echo_chunk(
-                            request_id=request_id,
-                            created=created,
-                            model=model,
-                            index=c.index,
-                            text=echo,
-                        )
-                        await response.write(sse(with_usage(chunk, usage_of(c))))
             # A choice's terminal chunk carries the fingerprint unless a usage chunk follows.
             fingerprint = not gen.include_usage
             echo_ids = gen.echo and gen.kind == "completion"
             async for c, text, finish in self._events(choices):
+                if not opened:
+                    opened = True
+                    await self._write_chat_head(response, gen, choices, head)
                 if echo_ids and not c.echo_sent:
                     # The echoing chunk also returns the prompt's token ids.
                     c.echo_sent = True
@@ -366,9 +350,10 @@ class Generator:
                             c.index, text, finish, fingerprint=fingerprint, usage=usage_of(c)
                         )
                     )
+            if not opened:  # stopped before any token: the aborts are the first output
+                await self._write_chat_head(response, gen, choices, head)
             for c in choices:  # unfinished: the replica stopped, as vLLM aborts them
                 if not c.finished:
-                    head = (request_id, created, model)
                     await self._write_abort(response, gen, c, encoder, head, fingerprint)
             if gen.include_usage:
                 usage = usage_chunk(
@@ -390,6 +375,35 @@ class Generator:
                 await response.write(b"data: " + _engine_dead().body() + b"\n\n" + SSE_DONE)
                 await response.write_eof()
         return response
+
+    async def _write_chat_head(
+        self,
+        response: web.StreamResponse,
+        gen: GenerationRequest,
+        choices: list[_Choice],
+        head: tuple[str, int, str],
+    ) -> None:
+        """A chat stream's role chunk for every choice, then the echo of the last message.
+
+        vLLM 0.32 writes them with the request's first output from the engine (its first token,
+        or its abort when stopped), not when the stream opens (``chat_completion/serving.py``,
+        ``first_iteration``): until then the client has the response head and nothing else, so
+        a client timing its first chunk measures the queue and the prefill. Their running
+        usage (``continuous_usage_stats``) counts no completion token yet."""
+        request_id, created, model = head
+        zero = self._zero_usage(gen)
+        for c in choices:
+            role = chat_role_chunk(
+                request_id=request_id, created=created, model=model, index=c.index, role=gen.role
+            )
+            await response.write(sse(with_usage(role, zero(c))))
+        for c in choices:
+            echo = gen.prompts[c.index // gen.n].echo_text if gen.echo else ""
+            if echo:
+                chunk = chat_echo_chunk(
+                    request_id=request_id, created=created, model=model, index=c.index, text=echo
+                )
+                await response.write(sse(with_usage(chunk, zero(c))))
 
     async def _write_abort(
         self,
@@ -434,6 +448,13 @@ class Generator:
             return running_usage(gen.kind, prompt_tokens, c.emitted)
 
         return usage
+
+    @staticmethod
+    def _zero_usage(gen: GenerationRequest) -> Callable[[_Choice], dict[str, Any] | None]:
+        """A choice's running usage before its first token (``continuous_usage_stats``)."""
+        if not gen.continuous_usage:
+            return lambda c: None
+        return lambda c: running_usage(gen.kind, gen.prompts[c.index // gen.n].prompt_tokens, 0)
 
     def _abort_unfinished(self, choices: list[_Choice]) -> None:
         for c in choices:
