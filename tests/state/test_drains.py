@@ -5,6 +5,7 @@ instances and written back after Redis lost its data. Against a real redis-serve
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -161,25 +162,34 @@ async def test_drain_writes_made_while_redis_is_down_reach_it_when_it_returns(
 async def test_each_instance_s_last_read_is_shared_and_a_closed_or_stale_one_leaves(
     redis_server: RedisServer, redis_stores: StoreFactory
 ) -> None:
-    """``P readers``: each refresh of a ResilientStore records its instance's read (what tells
-    which instances have not seen a drain); a probe's snapshot does not; an instance that
-    closes removes its entry, and one past ``reader_ttl_s`` is dropped by the next read."""
+    """``P readers``: each refresh of a ResilientStore records its instance's read, timed by
+    Redis's clock as a drain Redis times is (what tells which instances have not seen a
+    drain, without clock skew); a probe's snapshot is not recorded; an instance that closes
+    removes its entry, and one past ``reader_ttl_s`` is dropped by the next read."""
     a = ResilientStore(redis_stores(instance_id="a"))
     b = ResilientStore(redis_stores(instance_id="b"))
     for s in (a, b):
         await s.start()  # the first sync is a read
+    assert await a.set_drain("r0") is True  # timed by Redis, after B's read
+    since = a.drains()["r0"]
     await a._refresh()
-    assert set(a.reader_ages()) == {"b"}  # not itself
-    assert all(0 <= age < 3600 for age in a.reader_ages().values())
+    assert a.drains()["r0"] == since
+    assert set(a.readers_before(since)) == {"b"}  # not itself
+    await asyncio.sleep(0.002)  # Redis times both to the ms: the next read is a later ms
+    await b._refresh()  # B reads the drain
+    await a._refresh()
+    assert a.readers_before(since) == {}
+    assert set(a.readers_before(math.inf)) == {"b"}
     probe = await redis_stores(instance_id="probe").snapshot()
     assert set(probe.readers) == {"a", "b"}
+    assert all(since <= t for t in probe.readers.values())
     client = aioredis.Redis.from_url(redis_server.url)
     try:
         key = redis_stores().keys.readers
         await client.hset(key, "ghost", 1000)  # read in 1970: long past the ttl
         await b.close()
         await a._refresh()
-        assert set(a.reader_ages()) == set()
+        assert a.readers_before(math.inf) == {}
         assert set(map(bytes.decode, await client.hkeys(key))) == {"a"}
     finally:
         await client.aclose()

@@ -341,11 +341,10 @@ class SharedState:
         since = self.store.drains().get(replica_id)
         if since is None:
             return []
-        draining_for_s = time.time() - since
+        now = time.time()
         return [
-            {"instance": instance, "last_read_s_ago": round(age, 1)}
-            for instance, age in sorted(self.store.reader_ages().items())
-            if age > draining_for_s
+            {"instance": instance, "last_read_s_ago": round(max(0.0, now - last), 1)}
+            for instance, last in sorted(self.store.readers_before(since).items())
         ]
 
     def registered_replica(self, replica_id: ReplicaId) -> ReplicaRecord | None:
@@ -356,7 +355,7 @@ class SharedState:
     async def drain(self, replica_id: ReplicaId) -> bool:
         """Drain the replica for every instance; True if it was not drained yet. This
         instance stops routing there before this returns."""
-        added = await self.store.set_drain(replica_id, time.time())
+        added = await self.store.set_drain(replica_id)
         self.sync_drains()
         return added
 

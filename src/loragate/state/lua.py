@@ -124,8 +124,8 @@ return 1
 # tombstones, drains, readers, rows…}; refusals = {field, JSON, ms left, …} of the refusals in
 # force, tombstones = {name, ms left, …} of the tombstones in force (expired entries of both
 # are deleted); drains = the drained replicas (flat HGETALL: id, since); readers = {instance,
-# ms since its last read, …} (this read recorded first; entries past the ttl deleted); row =
-# {id, info (flat HGETALL), registered, gpu, cpu, in-flight count}.
+# ms of its last read, …} (flat HGETALL; this read recorded first; entries past the ttl
+# deleted); row = {id, info (flat HGETALL), registered, gpu, cpu, in-flight count}.
 SNAPSHOT = (
     _COMMON
     + """
@@ -168,10 +168,9 @@ end
 local readers = {}
 local rd = redis.call('HGETALL', KEYS[8])
 for i = 1, #rd, 2 do
-  local age = now - (tonumber(rd[i + 1]) or 0)
-  if age < reader_ttl then
+  if now - (tonumber(rd[i + 1]) or 0) < reader_ttl then
     readers[#readers + 1] = rd[i]
-    readers[#readers + 1] = age
+    readers[#readers + 1] = rd[i + 1]
   else
     redis.call('HDEL', KEYS[8], rd[i])
   end
@@ -190,6 +189,21 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   }
 end
 return out
+"""
+)
+
+# KEYS: drains; ARGV: replica id, since (epoch seconds; '' = now, by the server's clock)
+# Drains the replica unless it is drained already. Returns {1 if it was not, the since in
+# force} (the since as a string: a Lua number would come back as an integer).
+SET_DRAIN = (
+    _COMMON
+    + """
+local since = redis.call('HGET', KEYS[1], ARGV[1])
+if since then return {0, since} end
+since = ARGV[2]
+if since == '' then since = string.format('%.3f', now_ms() / 1000) end
+redis.call('HSET', KEYS[1], ARGV[1], since)
+return {1, since}
 """
 )
 

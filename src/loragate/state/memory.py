@@ -10,6 +10,7 @@ cannot outlive a crashed gateway; the gateway must call ``end_request`` in a ``f
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
@@ -310,11 +311,17 @@ class MemoryStore:
         return out
 
     # --- drained replicas ---------------------------------------------------------------------
-    async def set_drain(self, replica_id: ReplicaId, since_s: float) -> bool:
+    async def set_drain(self, replica_id: ReplicaId, since_s: float | None = None) -> bool:
         if replica_id in self._drains:
             return False
-        self._drains = {**self._drains, replica_id: since_s}
+        since = time.time() if since_s is None else since_s
+        self._drains = {**self._drains, replica_id: since}
         return True
+
+    def retime_drain(self, replica_id: ReplicaId, since_s: float) -> None:
+        """The drain's since as the shared store recorded it (if it is still drained here)."""
+        if replica_id in self._drains:
+            self._drains = {**self._drains, replica_id: since_s}
 
     async def clear_drain(self, replica_id: ReplicaId) -> bool:
         if replica_id not in self._drains:
@@ -326,7 +333,7 @@ class MemoryStore:
         """The drained replicas: replica -> since (epoch seconds)."""
         return self._drains if self._drains else NO_DRAINS
 
-    def reader_ages(self) -> Mapping[str, float]:
+    def readers_before(self, t_s: float) -> Mapping[str, float]:
         """No other instance shares an embedded store."""
         return {}
 

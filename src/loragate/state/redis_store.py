@@ -187,6 +187,7 @@ class RedisStore:
         self._snapshot = client.register_script(lua.SNAPSHOT)
         self._sync_leases = client.register_script(lua.SYNC_LEASES)
         self._set_health = client.register_script(lua.SET_HEALTH)
+        self._set_drain = client.register_script(lua.SET_DRAIN)
         self._put_adapter = client.register_script(lua.PUT_ADAPTER)
         self._delete_adapter = client.register_script(lua.DELETE_ADAPTER)
         self._leader_acquire = client.register_script(lua.LEADER_ACQUIRE)
@@ -514,9 +515,18 @@ class RedisStore:
         await self._io(self._forget_refusals(keys=[self.keys.refusals], args=[adapter, field]))
 
     # --- drained replicas ---------------------------------------------------------------------
-    async def set_drain(self, replica_id: ReplicaId, since_s: float) -> bool:
-        added = await self._io(self._r.hsetnx(self.keys.drains, replica_id, repr(float(since_s))))
-        return bool(added)
+    async def set_drain(self, replica_id: ReplicaId, since_s: float | None = None) -> bool:
+        return (await self.drain(replica_id, since_s))[0]
+
+    async def drain(self, replica_id: ReplicaId, since_s: float | None) -> tuple[bool, float]:
+        """:meth:`set_drain`, also returning the since in force (None: the server's time)."""
+        added, since = await self._io(
+            self._set_drain(
+                keys=[self.keys.drains],
+                args=[replica_id, "" if since_s is None else repr(float(since_s))],
+            )
+        )
+        return int(added) == 1, float(since)
 
     async def clear_drain(self, replica_id: ReplicaId) -> bool:
         removed = await self._io(self._r.hdel(self.keys.drains, replica_id))

@@ -118,7 +118,7 @@ class ResilientStore:
         self._next_retry_s = -math.inf
         self._last_refresh_s = -math.inf
         self._others: dict[ReplicaId, int] = {}
-        # Other instances' last reads (instance -> seconds since), as of our last refresh.
+        # Other instances' last reads (instance -> epoch s, Redis's clock), as of our refresh.
         self._readers: dict[str, float] = {}
         self._known_epoch: str | None = None
         self.resyncs = 0
@@ -299,7 +299,7 @@ class ResilientStore:
         keep_drains = drain_busy or self._drain_writes != drain_mark or bool(self._journal)
         self._local.replace_shared(view, keep_refusals=keep, keep_drains=keep_drains)
         me = self._remote.instance_id
-        self._readers = {i: age for i, age in view.readers.items() if i != me}
+        self._readers = {i: t for i, t in view.readers.items() if i != me}
         self._last_refresh_s = self._clock.now()
 
     async def maintain(self) -> None:
@@ -531,11 +531,18 @@ class ResilientStore:
         return self._local.refusals()
 
     # --- drained replicas ----------------------------------------------------------------------
-    async def set_drain(self, replica_id: ReplicaId, since_s: float) -> bool:
+    async def set_drain(self, replica_id: ReplicaId, since_s: float | None = None) -> bool:
         """In the mirror at once (this instance stops routing there), then in Redis (every
-        instance at its next refresh). True if the mirror did not hold it yet."""
-        added = await self._local.set_drain(replica_id, since_s)
-        await self._drain_write(lambda r: r.set_drain(replica_id, since_s))
+        instance at its next refresh). True if the mirror did not hold it yet. ``since_s``
+        None: Redis times it (its clock, which times the instances' reads); the mirror holds
+        our clock's time until Redis answers (or, if Redis is down, until the resync)."""
+        local = self._local
+        added = await local.set_drain(replica_id, since_s)
+
+        async def op(r: RedisStore) -> None:
+            local.retime_drain(replica_id, (await r.drain(replica_id, since_s))[1])
+
+        await self._drain_write(op)
         return added
 
     async def clear_drain(self, replica_id: ReplicaId) -> bool:
@@ -555,12 +562,11 @@ class ResilientStore:
         """``view().drains`` without building the view."""
         return self._local.drains()
 
-    def reader_ages(self) -> dict[str, float]:
-        """The other instances on this Redis: instance -> seconds since it last read the
-        shared state, as of now (as of our last refresh, plus the time since; while we are
-        cut off, it grows for every instance alike)."""
-        since = max(0.0, self._clock.now() - self._last_refresh_s)
-        return {i: age + since for i, age in self._readers.items()}
+    def readers_before(self, t_s: float) -> dict[str, float]:
+        """The other instances on this Redis whose last read (as of our last refresh) was
+        before ``t_s``: instance -> when (epoch seconds, Redis's clock). Both are timed to the
+        millisecond: a read in the same millisecond as ``t_s`` counts as before it."""
+        return {i: t for i, t in self._readers.items() if t <= t_s}
 
     # --- demand, leader, version -------------------------------------------------------------
     async def demand(self, since_s: float, until_s: float) -> dict[float, dict[AdapterId, int]]:

@@ -81,9 +81,9 @@ class StateView:
     still in force (any instance's). ``tombstones`` holds the adapters deleted lately (name ->
     seconds left), which no replica should keep. ``drains`` holds the replicas being drained
     (replica -> when), which no instance routes new requests to. ``readers`` holds the
-    gateway instances' last reads of the shared state (instance id -> seconds since, as of
-    this view; Redis only). ``degraded`` is True when the view is local-only because the
-    shared backend is unreachable.
+    gateway instances' last reads of the shared state (instance id -> when, epoch seconds of
+    the Redis server's clock, as the drains Redis timed; Redis only). ``degraded`` is True
+    when the view is local-only because the shared backend is unreachable.
     """
 
     version: int = 0
@@ -195,11 +195,13 @@ class StateStore(Protocol):
         ...
 
     # --- drained replicas (admin API) -----------------------------------------------------
-    async def set_drain(self, replica_id: ReplicaId, since_s: float) -> bool:
+    async def set_drain(self, replica_id: ReplicaId, since_s: float | None = None) -> bool:
         """Drain the replica for every instance (no new requests; it stays in the registry and
         is still polled) until :meth:`clear_drain` or its removal from the registry. Kept
         across gateway restarts (Redis). True if it was not drained yet (else nothing changes:
-        the first ``since_s`` stays)."""
+        the first ``since_s`` stays). ``since_s`` None: now, by the store's clock (Redis: the
+        server's, the clock of the instances' reads, so that whether an instance has read the
+        shared state since the drain began is decided without clock skew)."""
         ...
 
     async def clear_drain(self, replica_id: ReplicaId) -> bool:
@@ -269,10 +271,10 @@ class GatewayStore(StateStore, Protocol):
         """``view().drains`` without building the view."""
         ...
 
-    def reader_ages(self) -> Mapping[str, float]:
-        """The other gateway instances sharing this store: instance id -> seconds since it
-        last read the shared state, as of now (empty for the embedded store). One that last
-        read before a drain began has not seen it."""
+    def readers_before(self, t_s: float) -> Mapping[str, float]:
+        """The other gateway instances sharing this store whose last read of the shared state
+        (as of this instance's last refresh) was before ``t_s`` (a drain's since): instance id
+        -> when (epoch seconds). They have not seen that drain. Empty for the embedded store."""
         ...
 
     def set_adapter(self, spec: AdapterSpec) -> None:
