@@ -1,7 +1,9 @@
 """``Engine.reload_adapter``: vLLM 0.32's runtime ``add_lora`` reads the adapter from disk
 whatever the caches hold (``LRUCacheWorkerLoRAManager.add_adapter``: ``load_inplace`` forces
 ``_load_adapter``, the new copy replaces the cached one; a name registered again gets a new
-``lora_int_id``), so the engine charges the profile's disk->CPU cost as for a first load."""
+``lora_int_id``), so the engine charges the profile's disk->CPU cost as for a first load; and
+``add_adapter`` activates it (``activate_adapter``), so it takes a GPU slot at once (CPU->GPU),
+evicting the least recently used idle one, and its first request loads nothing."""
 
 from __future__ import annotations
 
@@ -25,14 +27,38 @@ def request(rid: str, adapter: str, out: int = 50) -> EngineRequest:
     )
 
 
+def _load_s(rank: int) -> float:
+    return FAST.disk_to_cpu_load_s(rank) + FAST.cpu_to_gpu_load_s(rank)
+
+
 def test_a_cached_idle_adapter_is_read_from_disk_again() -> None:
     e = Engine(CFG, FAST)
     assert e.load_adapter("a", 8) == pytest.approx(FAST.disk_to_cpu_load_s(8))
-    assert e.reload_adapter("a", 8) == pytest.approx(FAST.disk_to_cpu_load_s(8))
+    assert e.reload_adapter("a", 8) == pytest.approx(_load_s(8))
     assert e.loads_from_disk == 2 and e.cpu_adapters() == ["a"]
     # A name the engine never saw: a first load.
-    assert e.reload_adapter("b", 16) == pytest.approx(FAST.disk_to_cpu_load_s(16))
+    assert e.reload_adapter("b", 16) == pytest.approx(_load_s(16))
     assert e.loads_from_disk == 3 and e.cpu_adapters() == ["a", "b"]
+
+
+def test_a_runtime_load_takes_a_gpu_slot_and_its_first_request_loads_nothing() -> None:
+    e = Engine(CFG, FAST)
+    assert e.reload_adapter("a", 8) == pytest.approx(_load_s(8))
+    assert e.gpu_adapters() == ["a"] and (e.loads_from_disk, e.loads_from_memory) == (1, 1)
+    e.add_request(request("r", "a"))
+    e.step(e.time_s)
+    assert e.running_adapters == ["a"]
+    assert (e.loads_from_disk, e.loads_from_memory) == (1, 1)  # no CPU->GPU for "r"
+
+
+def test_a_runtime_load_evicts_the_least_recently_used_idle_slot() -> None:
+    e = Engine(CFG, FAST)  # 2 slots, 4 CPU entries
+    for name in ("a", "b", "c"):
+        e.reload_adapter(name, 8)
+    assert e.gpu_adapters() == ["b", "c"] and e.cpu_adapters() == ["a", "b", "c"]
+    e.add_request(request("r", "a"))  # "a" left its slot: its request loads it back
+    e.step(e.time_s)
+    assert e.loads_from_memory == 4 and sorted(e.gpu_adapters()) == ["a", "c"]
 
 
 def test_an_adapter_in_use_is_read_from_disk_and_its_slot_refilled() -> None:

@@ -719,13 +719,19 @@ class Engine:
         ``lora_int_id``; ``load_inplace`` forces a reload of a cached one), and the fresh copy
         replaces the cached one (``LRUCacheWorkerLoRAManager.add_adapter``): so the disk->CPU
         cost is charged as for a first load, in-place reloads and names registered again after
-        an unload included. An idle adapter leaves both caches first (its next use fills a slot
-        again); one that running requests use keeps its slot, which vLLM fills with the new
-        weights at once (``activate_adapter``): CPU->GPU too. Returns the load time, added to the
-        next step when the engine is busy, as ``load_adapter``'s.
+        an unload included. ``add_adapter`` then activates it (``activate_adapter``): the
+        adapter takes a GPU slot at once, evicting the least recently used idle one when none
+        is free, and its first request pays no CPU->GPU load (a first load too). An idle adapter
+        leaves both caches first; one that running requests use keeps its slot, which vLLM fills
+        with the new weights at once: CPU->GPU too. Returns the load time, added to the next
+        step when the engine is busy, as ``load_adapter``'s.
+
+        Not modelled: with every slot held by running requests vLLM still activates the new
+        adapter, evicting one the batch uses, which its next step loads back (one or two
+        CPU->GPU copies); here the new adapter then stays in the CPU cache only.
         """
         if self._caches.remove(name) or not self._caches.in_cpu(name):
-            return self.load_adapter(name, rank)
+            return self.load_adapter(name, rank, to_gpu=True)
         ast = self._adapter(name, rank)  # running requests use it: it stays in its slot
         self.loads_from_disk += 1
         self.loads_from_memory += 1

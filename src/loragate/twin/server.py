@@ -96,7 +96,8 @@ class ReplicaState:
                 adapter = self.registry.load(module.name, module.path)
             except VllmApiError as exc:
                 raise ConfigError(exc.message, key="lora_modules") from exc
-            self.engine.load_adapter(adapter.name, adapter.rank)
+            # vLLM loads --lora-modules as it loads at runtime (add_lora): into a GPU slot
+            self.engine.load_adapter(adapter.name, adapter.rank, to_gpu=True)
         self.lora_info = LoraRequestsInfo(max_lora=config.max_loras) if config.enable_lora else None
         self.counters = RequestCounters()
         self.server_load = 0
@@ -113,7 +114,8 @@ class ReplicaState:
         await self.realtime.stop()
 
     async def add_lora(self, adapter: RegisteredAdapter) -> None:
-        """Put a newly registered adapter in the engine's CPU cache, taking its load time.
+        """Put a newly registered adapter in the engine's CPU cache and a GPU slot, taking its
+        load time.
 
         vLLM's ``add_lora`` is synchronous: the admin call (or the resolver's first request)
         answers once the adapter has been read from disk, which it always is at runtime, even
