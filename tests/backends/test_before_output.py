@@ -12,10 +12,12 @@ import pytest
 
 from loragate.backends.engine_failures import (
     ABORTED_UNANSWERED_MESSAGE,
+    ENGINE_DEAD_UNANSWERED_MESSAGE,
     NOTHING_YET,
     OUTPUT,
     UNANSWERED_MESSAGE,
     before_output,
+    read_before_output,
 )
 
 
@@ -57,7 +59,9 @@ _USAGE = _event([], usage={"prompt_tokens": 4, "completion_tokens": 0, "total_to
         (_event([_delta({"tool_calls": [{"index": 0, "function": {"name": "f"}}]})]), OUTPUT),
         (_event([_delta({"reasoning_content": "hmm"})]), OUTPUT),
         (_event([_text("", None) | {"prompt_token_ids": [1, 2]}]), OUTPUT),
-        (b'data: {"error": {"message": "The engine stopped"}}\n\n', OUTPUT),
+        (b'data: {"error": {"message": "The prompt is too long"}}\n\n', OUTPUT),
+        (b'data: {"error": "The engine stopped"}\n\n', OUTPUT),  # not vLLM's shape
+        (b'data: {"error": {not json\n\n', OUTPUT),
         (b"data: {not json\n\n", OUTPUT),
         (b"event: x\n", OUTPUT),
         (_event([_text(" data: [DONE]")]), OUTPUT),  # a token's text is no end
@@ -65,3 +69,63 @@ _USAGE = _event([], usage={"prompt_tokens": 4, "completion_tokens": 0, "total_to
 )
 def test_before_output(lines: bytes, said: str | None) -> None:
     assert before_output(lines) == said
+
+
+_VLLM_DEAD = (
+    "EngineCore encountered an issue. See stack trace (above) for the root cause.",
+    "InternalServerError",
+)
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (
+            b"data: "
+            + json.dumps(
+                {
+                    "error": {
+                        "message": _VLLM_DEAD[0],
+                        "type": _VLLM_DEAD[1],
+                        "param": None,
+                        "code": 500,
+                    }
+                }
+            ).encode()
+            + b"\n\n",
+            _VLLM_DEAD[0],
+        ),
+        (
+            _ROLE + b'data: {"error":{"message":"The engine stopped: shutting down"}}\n\n',
+            "The engine stopped: shutting down",
+        ),
+    ],
+)
+def test_the_engines_error_event_before_any_output_says_it_stopped(
+    lines: bytes, message: str
+) -> None:
+    # vLLM's EngineDeadError in a stream (the simulated replica's words too): nothing of the
+    # request's output was made, as with [DONE] alone.
+    assert before_output(lines) == f"{ENGINE_DEAD_UNANSWERED_MESSAGE}: {message}"
+
+
+@pytest.mark.parametrize(
+    ("lines", "read"),
+    [
+        (_ROLE, (NOTHING_YET, len(_ROLE), False)),
+        # A token: the reading stops after its line (before the blank line ending its event),
+        # which was an answer.
+        (
+            _ROLE + _event([_text(" a")]) + _USAGE,
+            (OUTPUT, len(_ROLE) + len(_event([_text(" a")])) - 1, True),
+        ),
+        # Anything else decides at the start of its line (the relay's checks read it again).
+        (_ROLE + _event([_text(" a", "abort")]), (OUTPUT, len(_ROLE), False)),
+        (_ROLE + b"data: [DONE]\n\n", (UNANSWERED_MESSAGE, len(_ROLE), False)),
+        (_USAGE + b'data: {"error": {}}\n\n', (OUTPUT, len(_USAGE), False)),
+    ],
+)
+def test_where_the_reading_before_output_stops(
+    lines: bytes, read: tuple[str | None, int, bool]
+) -> None:
+    assert read_before_output(lines) == read

@@ -5,18 +5,20 @@ not started with its head and ``data: [DONE]`` alone (a chat: the role chunk fir
 include_usage: the usage chunk); an abort chunk without text says the same. The gateway holds
 the head and those chunks until the first one with output, so that until then nothing reached
 the client and the retry is invisible to it. Before, the client got the head at once and then
-an SSE error event (7948a91): the request failed although another replica could run it."""
+an SSE error event (7948a91): the request failed although another replica could run it.
+A held stream that breaks off or carries the engine's error event before its first output:
+test_stream_retry_failures.py."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
 from typing import Any
 
 import aiohttp
 import pytest
 from gateway_harness import BASE, ScriptedReplica, gateway_config, openai_client
+from metric_counts import counts
 from sse_answers import DONE, ROLE, USAGE, chunked
 
 from loragate.gateway import running_gateway
@@ -42,18 +44,6 @@ def _request(path: str) -> dict[str, Any]:
         {"messages": [{"role": "user", "content": "hi"}]} if path == _CHAT else {"prompt": "p"}
     )
     return request
-
-
-async def _counts(http: aiohttp.ClientSession, url: str, name: str) -> dict[tuple[str, str], int]:
-    """``name``'s samples by (replica, status or reason)."""
-    async with http.get(url + "/metrics") as resp:
-        text = await resp.text()
-    counts = {}
-    for labels, n in re.findall(name + r"\{([^}]*)\} (\S+)", text):
-        label = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-        if float(n):
-            counts[label["replica"], label.get("status") or label["reason"]] = int(float(n))
-    return counts
 
 
 @pytest.mark.parametrize(
@@ -85,8 +75,8 @@ async def test_a_stream_stopped_before_any_output_is_answered_by_another_replica
         ]
         assert "".join(texts) == " one two three" and raw.endswith(DONE)
         assert len(stopped.requests) == len(other.requests) == 1
-        requests = await _counts(http, gw.url, "loragate_requests_total")
-        retries = await _counts(http, gw.url, "loragate_upstream_retries_total")
+        requests = await counts(http, gw.url, "loragate_requests_total")
+        retries = await counts(http, gw.url, "loragate_upstream_retries_total")
         # Out of rotation until a poll succeeds, as for a non-streaming request.
         healthy = [s.replica_id for s in gw.gateway.pool.healthy_snapshots()]
     assert requests == {("r1", "200"): 1}  # once, under the replica that answered
@@ -106,8 +96,8 @@ async def test_a_retried_stream_stopped_again_gets_the_error_event(
         async with http.post(gw.url + _CHAT, json=_request(_CHAT)) as resp:
             assert resp.status == 200 and resp.headers["X-Loragate-Replica"] == "r1"
             raw = await resp.read()
-        requests = await _counts(http, gw.url, "loragate_requests_total")
-        retries = await _counts(http, gw.url, "loragate_upstream_retries_total")
+        requests = await counts(http, gw.url, "loragate_requests_total")
+        retries = await counts(http, gw.url, "loragate_upstream_retries_total")
     events = raw.split(b"\n\n")
     assert events[0] == ROLE.removesuffix(b"\n\n")  # r1's, as it came
     assert b"without a token or a finish reason" in events[1] and events[2] == b"data: [DONE]"
@@ -150,8 +140,8 @@ async def test_a_queued_stream_on_a_stopped_simulated_replica_gets_its_answer_el
             await r0.state.stop_engine()
             replica, chunks = await asyncio.wait_for(answer, timeout=30)
             reasons = [c.choices[0].finish_reason async for c in running if c.choices]
-            requests = await _counts(http, gw.url, "loragate_requests_total")
-            retries = await _counts(http, gw.url, "loragate_upstream_retries_total")
+            requests = await counts(http, gw.url, "loragate_requests_total")
+            retries = await counts(http, gw.url, "loragate_upstream_retries_total")
     assert replica == "r1"
     assert "".join(c.choices[0].text for c in chunks if c.choices)  # a whole answer, from r1
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
@@ -178,7 +168,7 @@ async def test_a_held_stream_cut_at_shutdown_gets_a_503(replicas: list[ScriptedR
         async with await asyncio.wait_for(sent, timeout=30) as resp:
             assert resp.status == 503 and resp.headers["X-Loragate-Replica"] == "r0"
             error = (await resp.json())["error"]
-        requests = await _counts(http, gw.url, "loragate_requests_total")
+        requests = await counts(http, gw.url, "loragate_requests_total")
         rep.head_gate.set()
     assert (finished, cut) == (0, 1)
     assert "shutting down" in error["message"]
@@ -204,7 +194,7 @@ async def test_a_client_that_leaves_a_held_stream_is_counted_once(
             if rep.cancelled:
                 break
             await asyncio.sleep(0.05)
-        requests = await _counts(http, gw.url, "loragate_requests_total")
-        retries = await _counts(http, gw.url, "loragate_upstream_retries_total")
+        requests = await counts(http, gw.url, "loragate_requests_total")
+        retries = await counts(http, gw.url, "loragate_upstream_retries_total")
     assert rep.cancelled == 1 and len(replicas[1].requests) == 0
     assert requests == {("r0", "client_closed"): 1} and retries == {}

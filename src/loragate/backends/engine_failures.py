@@ -21,7 +21,9 @@ answers the proxy relays.
   ``InternalServerError`` (``engine_error_handler``); in a stream that started, an in-band
   ``data: {"error": {...}}`` event, then ``data: [DONE]``. The simulated replica
   (``loragate.twin``) answers a stop with a 500 "The engine stopped before the request
-  finished." and, in a stream, the error event "The engine stopped: ...".
+  finished." and, in a stream, the error event "The engine stopped: ...". Such an event
+  before the request produced anything (:func:`before_output`) says, as the ``[DONE]`` alone
+  does, that nothing of the request's output was made: the request may be sent again.
 
 Before any byte reached the client (a non-streaming answer, or a stream refused before it
 started), the generation was aborted and nothing was shown: the request may be sent again.
@@ -87,6 +89,9 @@ ABORTED_UNANSWERED_MESSAGE = (
     "aborted the stream before the request produced a token (finish_reason 'abort' without "
     "text: it is stopping)"
 )
+ENGINE_DEAD_UNANSWERED_MESSAGE = (
+    "sent its engine's error event before the request produced a token (its engine died)"
+)
 _DATA = b"data: "
 _ERROR_KEY = ERROR_EVENT[len(_DATA) :]  # an error event's JSON starts so
 _ABORT_REASON = "abort"
@@ -97,9 +102,11 @@ def before_output(lines: bytes) -> str | None:
     nothing of the request's output) say: ``NOTHING_YET`` while every event carries nothing (a
     chat's role chunk, a usage chunk, a choice with empty text, a comment line); ``OUTPUT``
     (None) at the first event that carries anything else (a token's text, a finish reason, a
-    tool call, an error event, anything not read as one of those); or why the replica stopped
-    the request before it produced anything: ``data: [DONE]`` (:data:`UNANSWERED_MESSAGE`) or
-    an abort chunk without text (:data:`ABORTED_UNANSWERED_MESSAGE`), see the module
+    tool call, an error event other than the engine's, anything not read as one of those); or
+    why the replica stopped the request before it produced anything: ``data: [DONE]``
+    (:data:`UNANSWERED_MESSAGE`), an abort chunk without text
+    (:data:`ABORTED_UNANSWERED_MESSAGE`), or its engine's error event
+    (:data:`ENGINE_DEAD_UNANSWERED_MESSAGE` and the event's message), see the module
     docstring. A token's chunk costs one regex search on its first line (the lines after the
     one that decides are not read, nor split); the others one ``json.loads`` each."""
     return read_before_output(lines)[0]
@@ -123,8 +130,8 @@ def read_before_output(lines: bytes) -> tuple[str | None, int, bool]:
             data = line[len(_DATA) :]
             if data == b"[DONE]":
                 return UNANSWERED_MESSAGE, start, False
-            if data.startswith(_ERROR_KEY):
-                return OUTPUT, start, False
+            if data.startswith(_ERROR_KEY):  # its engine died, or another error: relayed
+                return _engine_dead_event(data), start, False
             if ABORT not in data and _ANSWERED.search(data) is not None:
                 return OUTPUT, stop + 1, True  # a token's text, or a finish reason not abort
             said = _said_nothing(data)
@@ -132,6 +139,20 @@ def read_before_output(lines: bytes) -> tuple[str | None, int, bool]:
                 return said, start, False
         start = stop + 1
     return NOTHING_YET, end, False
+
+
+def _engine_dead_event(data: bytes) -> str | None:
+    """:func:`before_output` for an error event's JSON: why, if it says the engine stopped
+    (vLLM's ``EngineDeadError``, the simulated replica's), else ``OUTPUT``."""
+    try:
+        event = json.loads(data)
+    except ValueError:
+        return OUTPUT
+    error = event.get("error") if isinstance(event, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    if isinstance(message, str) and message.startswith(_ENGINE_STOPPED):
+        return f"{ENGINE_DEAD_UNANSWERED_MESSAGE}: {_quoted(message)}"
+    return OUTPUT
 
 
 def _said_nothing(data: bytes) -> str | None:
@@ -189,5 +210,9 @@ def error_event_text(chunk: bytes) -> str:
     """The first error event in ``chunk`` (whole SSE lines holding ``ERROR_EVENT``), as text
     for a log line (cut if long)."""
     line = chunk[max(chunk.find(ERROR_EVENT), 0) :].split(b"\n", 1)[0]
-    text = line.decode("utf-8", "replace")
+    return _quoted(line.decode("utf-8", "replace"))
+
+
+def _quoted(text: str) -> str:
+    """``text`` for a log line: cut if long."""
     return text if len(text) <= _MAX_QUOTED else text[:_MAX_QUOTED] + "..."

@@ -23,18 +23,23 @@ replica may still be working on it). An answer that says the replica stopped the
 before answering it (``backends.engine_failures``: vLLM's 200 with ``finish_reason: "abort"``
 when it shuts down, its 500 when its engine died: the generation was aborted and nothing
 reached the client) is retried once on another replica, counted as ``engine_stopped`` in
-loragate_upstream_retries_total, and the replica is out of rotation until a poll succeeds. A
-stream that breaks off after it started ends with an SSE error event, and the break is logged;
-a stream the replica ended unfinished (an error event of its own, or ``finish_reason:
-"abort"``) is relayed as is and logged; all count as ``stream_error`` in
-loragate_requests_total. A stream the replica stopped before the request produced anything
-(vLLM's ``[DONE]`` after its head alone, a chat's role chunk or a usage chunk, or an abort
-chunk without text) is retried like a non-streaming request (``engine_stopped``): while another
-replica could take it, the response head and the chunks that carry no output wait for the
-first chunk that does, so nothing of it reached the client; without one (or after the one
-retry), the client gets those chunks and an SSE error event before the ``[DONE]``. What a
-stream has shown so far and what to relay of each read is ``gateway.stream_state``;
-``_pipe`` is the I/O loop around it.
+loragate_upstream_retries_total, and the replica is out of rotation until a poll succeeds.
+
+Streams: while another replica could take the request (not retried yet, another healthy
+replica), the response head and the chunks that carry no output (a chat's role chunk, a usage
+chunk) wait for the first chunk that does, so that until then nothing of the stream reached the
+client. A stream that fails before that is retried like a non-streaming request
+(``engine_stopped``): the replica stopped the request (vLLM's ``[DONE]`` after its head alone,
+or an abort chunk without text), its engine died (vLLM's engine-dead error event), or the
+stream broke off (the connection dropped, the chunked framing broke, the body ended without
+``[DONE]``; a read that timed out is not retried: the replica may still be working on it).
+Without another replica (or after the one retry), or once output reached the client: a stream
+that breaks off ends with an SSE error event of the gateway's, and the break is logged; one
+the replica ended unfinished (an error event of its own, or ``finish_reason: "abort"``) is
+relayed as is and logged; one the replica ended with ``[DONE]`` before any token or finish
+reason gets an SSE error event before the ``[DONE]``; all count as ``stream_error`` in
+loragate_requests_total. What a stream has shown so far and what to relay of each read is
+``gateway.stream_state``; ``_pipe`` is the I/O loop around it.
 
 Access log: one DEBUG line per finished request (id, path, tenant, model, replica, status or
 outcome, latency, TTFT when streamed, retries, and why for errors); nothing is formatted
@@ -733,9 +738,10 @@ class Proxy:
         With ``hold`` (another replica could take the request), the head and the events that
         carry nothing of the output wait for the first one that does, and go out with it: the
         client's first byte comes with its first token, and until then nothing reached it. If
-        the replica ends the stream before any output (vLLM stopped: its ``[DONE]``, or an
-        abort chunk without text), the replica is out of rotation, nothing is sent and None is
-        returned: the caller sends the request to another replica."""
+        the stream stops before any output (vLLM stopped: its ``[DONE]``, or an abort chunk
+        without text; its engine's error event; the stream broke off or ended without
+        ``[DONE]``, but for a read that timed out), the replica is out of rotation, nothing is
+        sent and None is returned: the caller sends the request to another replica."""
         out = _RelayResponse(
             status=200,
             headers={
@@ -766,6 +772,10 @@ class Proxy:
                 try:
                     chunk = await conn.read_chunk(timeout_s)
                 except UpstreamError as exc:
+                    if state.stopped_by(exc) and self._can_retry(rid):
+                        # Broke off before it produced anything: nothing reached the client.
+                        self._engine_stopped(rid, client, rreq, f"it {state.stopped}")
+                        return None
                     # The head (status 200, the replica header) is out: the log line and the
                     # metric name the replica, and so does the error event.
                     self._upstream_failed(

@@ -10,10 +10,12 @@ no I/O, reads no clock and logs nothing.
 * Holding (``hold``: another replica could take the request): the events that carry nothing of
   the request's output (a chat's role chunk, a usage chunk: ``engine_failures.before_output``)
   wait for the first one that does, and go out with it (the relay sends the response head with
-  them). If the replica stopped the request before that (vLLM's ``[DONE]`` or an abort chunk
-  without text), :meth:`StreamState.read` says so (None, :attr:`StreamState.stopped` says how):
-  nothing reached the client, the relay may send the request to another replica, or relay what
-  was held (:meth:`StreamState.release`).
+  them). If the replica stopped the request before that (vLLM's ``[DONE]``, an abort chunk
+  without text, its engine's error event; the stream broke off, or ended without ``[DONE]``),
+  :meth:`StreamState.read`, :meth:`StreamState.end` or :meth:`StreamState.stopped_by` say so
+  (:attr:`StreamState.stopped` says how): nothing reached the client, the relay may send the
+  request to another replica, or relay what was held (:meth:`StreamState.release`). A read
+  that timed out is no stop: the replica may still be working on the request.
 * Checks of what is relayed: an error event of the replica's own (its engine died) or
   ``finish_reason: "abort"`` (it is stopping) make the stream a ``stream_error``, relayed as
   is; a stream that reaches ``[DONE]`` with neither a token nor a finish reason gets an error
@@ -39,7 +41,12 @@ from loragate.backends.engine_failures import (
     error_event_text,
     read_before_output,
 )
-from loragate.core.errors import LoragateError, UpstreamConnectError
+from loragate.core.errors import (
+    LoragateError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
 from loragate.gateway.errors import sse_error_event
 
 MAX_HELD_BYTES = 1 << 16  # a line, or the events held before the first output, up to this
@@ -47,6 +54,7 @@ MAX_HELD_BYTES = 1 << 16  # a line, or the events held before the first output, 
 # ended unfinished (an error event, an abort, no answer).
 STREAM_ERROR = "stream_error"
 OK = "200"
+_ENDED_UNANSWERED = "ended the stream without [DONE] before the request produced a token"
 
 
 class StreamState:
@@ -107,14 +115,27 @@ class StreamState:
 
     def end(self) -> bytes | None:
         """At the end of the answer's body: what is left to relay (the line it ended without
-        a newline; what was held: the stream ended without ``[DONE]`` before any output,
-        relayed as is), b"" if nothing, or None as :meth:`read`."""
+        a newline), b"" if nothing, or None as :meth:`read`: also if the stream ended without
+        ``[DONE]`` before any output, while held (cut short: the replica may have stopped
+        before it wrote the rest)."""
         cut, self._cut = self._cut, b""
         if cut:
             data = self._first_output(cut) if self.holding else self._checked(cut, 0)
             if data is None or not self.holding:
                 return data
-        return self.release() if self.holding else b""
+        if self.holding:
+            self.stopped = _ENDED_UNANSWERED
+            return None
+        return b""
+
+    def stopped_by(self, exc: UpstreamError) -> bool:
+        """Whether the read that failed with ``exc`` stopped the request before any output,
+        as a replica stopping does (:attr:`stopped` says how): while held (nothing reached the
+        client), unless it timed out (the replica may still be working on the request)."""
+        if not self.holding or isinstance(exc, UpstreamTimeoutError):
+            return False
+        self.stopped = f"broke off the stream before the request produced a token: {exc.message}"
+        return True
 
     def release(self) -> bytes:
         """Stop holding: what was held, checked, to relay now."""
