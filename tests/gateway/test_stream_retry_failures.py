@@ -129,6 +129,34 @@ async def test_the_second_replica_breaking_off_too_reaches_the_client(
     assert retries == {("r0", "engine_stopped"): 1}
 
 
+async def test_the_second_replica_ending_without_done_too_gets_the_error_event(
+    replicas: list[ScriptedReplica],
+) -> None:
+    # r1's stream is not held (the retry is spent): it ends without [DONE] before any output,
+    # so the client gets r1's role chunk, then an error event (test_stream_unanswered.py).
+    for rep in replicas:
+        rep.raw_answer = chunked(ROLE)
+    cfg = gateway_config([r.url for r in replicas], routing="round_robin")
+    async with (
+        running_gateway(cfg, port=0) as gw,
+        openai_client(gw.url) as client,
+        aiohttp.ClientSession() as http,
+    ):
+        raw = await client.chat.completions.with_raw_response.create(
+            model=BASE, messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        assert raw.headers["X-Loragate-Replica"] == "r1"
+        roles = []
+        with pytest.raises(openai.APIError, match=r"^replica r1 ended the stream without \[DONE\]"):
+            async for chunk in raw.parse():
+                roles.append(chunk.choices[0].delta.role)
+        requests = await counts(http, gw.url, "loragate_requests_total")
+        retries = await counts(http, gw.url, "loragate_upstream_retries_total")
+    assert roles == ["assistant"]
+    assert requests == {("r1", "stream_error"): 1}
+    assert retries == {("r0", "engine_stopped"): 1}
+
+
 async def test_a_held_stream_that_times_out_is_not_sent_again(
     replicas: list[ScriptedReplica],
 ) -> None:

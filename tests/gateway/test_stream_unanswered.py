@@ -7,7 +7,8 @@ counted it a 200, so the client saw a request that "succeeded" with nothing in i
 tests/gateway/test_chaos_accounting.py: 1-4 such streams per run around a SIGTERM). Now the
 client gets an SSE error event before the ``[DONE]``, and the request counts as
 ``stream_error``, when no other replica can take it (these tests have one; with another, the
-request is sent there: test_stream_retry.py)."""
+request is sent there: test_stream_retry.py). So does a stream whose body ends without
+``[DONE]`` before any token or finish reason (relayed as is, it was an empty 200 too)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import aiohttp
 import openai
 import pytest
 from gateway_harness import BASE, ScriptedReplica, gateway_config, openai_client
-from sse_answers import DONE, ROLE, USAGE, chunked
+from sse_answers import DONE, HEAD, ROLE, USAGE, chunked
 
 from loragate.gateway import running_gateway
 from loragate.twin.replica_config import ReplicaConfig
@@ -73,6 +74,51 @@ async def test_a_stream_without_a_token_or_finish_reason_ends_with_an_error_even
     assert error["type"] == "upstream_error"
     assert "without a token or a finish reason" in error["message"]
     assert counted == {"stream_error": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("path", "answer", "relayed"),
+    [
+        pytest.param("/v1/completions", HEAD + b"0\r\n\r\n", b"", id="nothing"),
+        pytest.param("/v1/chat/completions", chunked(ROLE), ROLE, id="role-chunk"),
+        pytest.param("/v1/completions", chunked(USAGE), USAGE, id="usage-chunk"),
+        pytest.param(  # the last line without its newline
+            "/v1/completions", chunked(USAGE.rstrip(b"\n")), USAGE.rstrip(b"\n"), id="cut"
+        ),
+    ],
+)
+async def test_a_stream_that_ends_without_done_or_a_token_ends_with_an_error_event(
+    replicas: list[ScriptedReplica], path: str, answer: bytes, relayed: bytes
+) -> None:
+    # The body ended (well framed) without [DONE], before any output: relayed as is, the
+    # client read an empty answer that ended well (the openai SDK ends its iteration quietly).
+    rep = replicas[0]
+    rep.raw_answer = answer
+    request: dict[str, Any] = {"model": BASE, "stream": True, "max_tokens": 5}
+    request.update(
+        {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "p"}
+    )
+    async with (
+        running_gateway(gateway_config([rep.url]), port=0) as gw,
+        openai_client(gw.url) as client,
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.post(gw.url + path, json=request) as resp:
+            assert resp.status == 200
+            raw = await resp.read()
+        events = _events(raw)
+        assert raw.startswith(relayed)  # what the replica sent, as it came
+        assert events[-1] == b"[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["message"] == (
+            "replica r0 ended the stream without [DONE] before the request produced a token"
+        )
+        assert error["type"] == "upstream_error"
+        stream = await client.completions.create(model=BASE, prompt="p", stream=True)
+        with pytest.raises(openai.APIError, match=r"without \[DONE\] before"):
+            async for chunk in stream:
+                assert not chunk.choices or not chunk.choices[0].text
+        assert await _requests_total(http, gw.url) == {"stream_error": 2.0}
 
 
 async def test_a_stream_with_a_token_but_no_finish_reason_is_relayed_unchanged(

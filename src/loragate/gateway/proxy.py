@@ -36,10 +36,10 @@ stream broke off (the connection dropped, the chunked framing broke, the body en
 Without another replica (or after the one retry), or once output reached the client: a stream
 that breaks off ends with an SSE error event of the gateway's, and the break is logged; one
 the replica ended unfinished (an error event of its own, or ``finish_reason: "abort"``) is
-relayed as is and logged; one the replica ended with ``[DONE]`` before any token or finish
-reason gets an SSE error event before the ``[DONE]``; all count as ``stream_error`` in
-loragate_requests_total. What a stream has shown so far and what to relay of each read is
-``gateway.stream_state``; ``_pipe`` is the I/O loop around it.
+relayed as is and logged; one the replica ended before any token or finish reason (with
+``[DONE]`` or without) gets an SSE error event (before the ``[DONE]``); all count as
+``stream_error`` in loragate_requests_total. What a stream has shown so far and what to relay
+of each read is ``gateway.stream_state``; ``_pipe`` is the I/O loop around it.
 
 Access log: one DEBUG line per finished request (id, path, tenant, model, replica, status or
 outcome, latency, TTFT when streamed, retries, and why for errors); nothing is formatted
@@ -788,7 +788,8 @@ class Proxy:
                     with contextlib.suppress(ConnectionError):
                         await out.write(state.broke_off(err))
                     break
-                data = state.read(chunk) if chunk else state.end()
+                last = conn.exhausted  # the answer's last bytes: the end of the body with them
+                data = state.read(chunk, last) if chunk else state.end()
                 if data is None:  # stopped before it produced anything
                     if self._can_retry(rid):  # nothing reached the client
                         self._engine_stopped(rid, client, rreq, f"it {state.stopped}")
@@ -797,9 +798,9 @@ class Proxy:
                 if state.warning:
                     self._stream_warning(rreq, rid, state)
                 if not data:
-                    if chunk:
-                        continue
-                    break  # the end of the answer
+                    if last:
+                        break
+                    continue
                 if unprepared:
                     unprepared = False
                     await out.prepare(request)
@@ -807,8 +808,8 @@ class Proxy:
                     ttft_s = self._now() - t0
                     telemetry.observe_ttft(rid, ttft_s)
                 try:
-                    if conn.exhausted and not state.mid_line:
-                        ended = True  # the last bytes: the end of the body with them
+                    if last:
+                        ended = True
                         await out.write_eof(data)
                         break
                     await out.write(data)

@@ -20,7 +20,8 @@ no I/O, reads no clock and logs nothing.
   ``finish_reason: "abort"`` (it is stopping) make the stream a ``stream_error``, relayed as
   is; a stream that reaches ``[DONE]`` with neither a token nor a finish reason gets an error
   event before it (vLLM's answer to a request it stopped before the request produced any: an
-  empty answer that ended well, else). :attr:`StreamState.warning` says what the log should.
+  empty answer that ended well, else), and so does one whose body ends without ``[DONE]``
+  before any of them. :attr:`StreamState.warning` says what the log should.
 
 Each chunk is scanned once: while held, ``engine_failures.read_before_output`` reads its lines
 up to the event that decides, and the checks read on from there (from the line after it when
@@ -90,16 +91,12 @@ class StreamState:
         self._held = b""  # the events without output held so far
         self._check_from = 0  # where the checks of ``_held`` start (once stopped)
 
-    @property
-    def mid_line(self) -> bool:
-        """The start of a line waits for its end (the stream's bytes are not all relayed)."""
-        return bool(self._cut)
-
-    def read(self, chunk: bytes) -> bytes | None:
+    def read(self, chunk: bytes, last: bool = False) -> bytes | None:
         """What to relay now of ``chunk`` (the next bytes read; not empty): its whole lines
-        unless they are held (b"": nothing now). None: the replica stopped the request before
-        any output (:attr:`stopped` says how; nothing was relayed): :meth:`release` relays
-        what was held if the request is not sent to another replica."""
+        unless they are held (b"": nothing now); with ``last`` (the answer's last bytes), all
+        that is left (:meth:`end`). None: the replica stopped the request before any output
+        (:attr:`stopped` says how; nothing was relayed): :meth:`release` relays what was held
+        if the request is not sent to another replica."""
         cut = self._cut
         if cut:
             chunk, self._cut = cut + chunk, b""
@@ -107,26 +104,36 @@ class StreamState:
             at = chunk.rfind(b"\n") + 1
             if at or len(chunk) < MAX_HELD_BYTES:
                 chunk, self._cut = chunk[:at], chunk[at:]
-                if not chunk:
-                    return b""
-        if self.holding:
-            return self._first_output(chunk)
-        return self._checked(chunk, 0)
+        if not chunk:
+            data: bytes | None = b""
+        elif self.holding:
+            data = self._first_output(chunk)
+        else:
+            data = self._checked(chunk, 0)
+        if last and data is not None:
+            rest = self.end()
+            return None if rest is None else data + rest
+        return data
 
     def end(self) -> bytes | None:
         """At the end of the answer's body: what is left to relay (the line it ended without
         a newline), b"" if nothing, or None as :meth:`read`: also if the stream ended without
         ``[DONE]`` before any output, while held (cut short: the replica may have stopped
-        before it wrote the rest)."""
+        before it wrote the rest). Not held, such a stream ends with an error event, as one
+        that reached ``[DONE]`` so does: the client would read an empty answer."""
         cut, self._cut = self._cut, b""
+        data = b""
         if cut:
-            data = self._first_output(cut) if self.holding else self._checked(cut, 0)
-            if data is None or not self.holding:
-                return data
+            relayed = self._first_output(cut) if self.holding else self._checked(cut, 0)
+            if relayed is None:
+                return None
+            data = relayed
         if self.holding:
             self.stopped = _ENDED_UNANSWERED
             return None
-        return b""
+        if not self.answered and self.outcome != STREAM_ERROR:
+            data += self._ended_unanswered()
+        return data
 
     def stopped_by(self, exc: UpstreamError) -> bool:
         """Whether the read that failed with ``exc`` stopped the request before any output,
@@ -138,9 +145,13 @@ class StreamState:
         return True
 
     def release(self) -> bytes:
-        """Stop holding: what was held, checked, to relay now."""
+        """Stop holding: what was held, checked, to relay now (and an error event if the
+        stream ended without ``[DONE]``: see :meth:`end`)."""
         held, self._held, self.holding = self._held, b"", False
-        return self._checked(held, self._check_from) if held else b""
+        data = self._checked(held, self._check_from) if held else b""
+        if self.stopped == _ENDED_UNANSWERED:
+            data += self._ended_unanswered()
+        return data
 
     def broke_off(self, err: LoragateError) -> bytes:
         """The stream broke off (``err`` says how): what to relay to end it, what was held and
@@ -213,6 +224,16 @@ class StreamState:
         err = UpstreamConnectError(f"replica {self.replica} {UNANSWERED_MESSAGE}")
         head = data[:at]
         return head + _event_break(head or self.last) + sse_error_event(err)
+
+    def _ended_unanswered(self) -> bytes:
+        """The error event that ends a stream whose body ended without ``[DONE]`` and without
+        a token or a finish reason (relayed as is, the client would read an empty answer)."""
+        self.outcome = STREAM_ERROR
+        self.warning = (
+            f"{_ENDED_UNANSWERED} (after {self.relayed} bytes of its stream; the client gets "
+            "an error event)"
+        )
+        return self.closing(UpstreamConnectError(f"replica {self.replica} {_ENDED_UNANSWERED}"))
 
 
 def _event_break(last: bytes) -> bytes:
