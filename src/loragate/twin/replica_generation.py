@@ -61,6 +61,12 @@ from loragate.twin.replica_responses import (
     usage_chunk,
     with_usage,
 )
+from loragate.twin.synthetic_logprobs import (
+    chat_logprobs,
+    completion_logprobs,
+    output_logprob,
+    prompt_logprobs_field,
+)
 from loragate.twin.synthetic_text import OutputPlan, OutputSampler
 from loragate.twin.vllm_errors import (
     VllmApiError,
@@ -96,6 +102,8 @@ class _Choice:
     finished: bool = False
     aborted: bool = False  # finished by an abort (the replica stopping, or the client gone)
     echo_sent: bool = False
+    logprob_key: str = ""  # seeds the choice's synthetic logprobs
+    text_offset: int = 0  # completions' logprobs: the text sent before the next token
 
     @property
     def finish_reason(self) -> str:
@@ -161,6 +169,8 @@ class Generator:
                 else self._chat_text(gen, c),
                 finish_reason=c.finish_reason,
                 completion_tokens=c.emitted,
+                logprobs=self._logprobs(gen, c, 0, c.emitted, with_prompt=True),
+                prompt_logprobs=self._prompt_logprobs(gen, c),
             )
             for c in choices
         ]
@@ -172,7 +182,9 @@ class Generator:
                 choices=results,
                 prompt_tokens=prompt_tokens,
                 role=gen.role,
-                prompt_logprobs=gen.prompts[0].prompt_logprobs() if gen.echo else None,
+                prompt_logprobs=gen.prompts[0].prompt_logprobs(gen.prompt_logprobs or 0)
+                if gen.echo
+                else None,
             )
         else:
             payload = completion_body(
@@ -183,6 +195,17 @@ class Generator:
                 prompt_tokens=prompt_tokens,
             )
         return web.Response(body=dumps(payload), content_type="application/json")
+
+    @staticmethod
+    def _prompt_logprobs(gen: GenerationRequest, c: _Choice) -> list[Any] | None:
+        """A completion choice's ``prompt_logprobs``: with ``echo`` and ``logprobs``, the
+        prompt's tokens as its ``logprobs`` list them (ids to ``{logprob, rank,
+        decoded_token}``)."""
+        if gen.kind != "completion" or not gen.echo or gen.logprobs is None:
+            return None
+        spec = gen.prompts[c.index // gen.n]
+        entries = spec.logprob_entries(gen.logprobs, spec.token_texts())
+        return prompt_logprobs_field(entries, spec.ids())
 
     @staticmethod
     def _chat_text(gen: GenerationRequest, c: _Choice) -> str:
@@ -215,6 +238,7 @@ class Generator:
                         plan=plan,
                         echo_text=spec.echo_text if gen.echo and gen.kind == "completion" else "",
                         hide_output=gen.echo_only,
+                        logprob_key=f"{model}|{spec.key}#{j}",
                     )
                 )
         return choices
@@ -243,7 +267,9 @@ class Generator:
             )
             state.counters.prompt_tokens_total += spec.prompt_tokens
 
-    def _advance(self, c: _Choice, event: TokenEvent) -> tuple[str, str | None]:
+    def _advance(self, c: _Choice, event: TokenEvent) -> tuple[str, str | None, int, int]:
+        """Count ``event``'s tokens for ``c``: (their text, the finish reason if the last,
+        the first's and one past the last's positions)."""
         state = self._state
         start = c.emitted
         c.emitted += event.n_tokens
@@ -254,7 +280,7 @@ class Generator:
             c.finished = True
             finish = c.plan.finish_reason
             state.counters.finished(finish)
-        return c.text_of(start, c.emitted), finish
+        return c.text_of(start, c.emitted), finish, start, c.emitted
 
     async def _drain(self, c: _Choice) -> None:
         assert c.stream is not None
@@ -263,24 +289,22 @@ class Generator:
 
     async def _events(
         self, choices: list[_Choice]
-    ) -> AsyncIterator[tuple[_Choice, str, str | None]]:
+    ) -> AsyncIterator[tuple[_Choice, str, str | None, int, int]]:
         if len(choices) == 1:
             c = choices[0]
             assert c.stream is not None
             async for event in c.stream:
-                text, finish = self._advance(c, event)
-                yield c, text, finish
+                yield c, *self._advance(c, event)
             return
-        queue: asyncio.Queue[tuple[_Choice, str, str | None] | EngineStoppedError | None] = (
-            asyncio.Queue()
-        )
+        queue: asyncio.Queue[
+            tuple[_Choice, str, str | None, int, int] | EngineStoppedError | None
+        ] = asyncio.Queue()
 
         async def pump(c: _Choice) -> None:
             try:
                 assert c.stream is not None
                 async for event in c.stream:
-                    text, finish = self._advance(c, event)
-                    await queue.put((c, text, finish))
+                    await queue.put((c, *self._advance(c, event)))
             except EngineStoppedError as exc:  # the engine failed: the stream's error event
                 await queue.put(exc)
             finally:
@@ -324,7 +348,8 @@ class Generator:
             # A choice's terminal chunk carries the fingerprint unless a usage chunk follows.
             fingerprint = not gen.include_usage
             echo_ids = gen.echo and gen.kind == "completion"
-            async for c, text, finish in self._events(choices):
+            async for c, text, finish, start, end in self._events(choices):
+                logprobs = self._logprobs(gen, c, start, end, with_prompt=not c.echo_sent)
                 if not opened:
                     opened = True
                     await self._write_chat_head(response, gen, choices, head)
@@ -340,14 +365,20 @@ class Generator:
                         finish_reason=finish,
                         prompt_token_ids=gen.prompts[c.index // gen.n].ids(),
                         fingerprint=fingerprint and finish is not None,
+                        logprobs=logprobs,
                     )
                     await response.write(sse(with_usage(chunk, usage_of(c))))
                 elif finish is None:
-                    await response.write(encoder.token(c.index, text, usage_of(c)))
+                    await response.write(encoder.token(c.index, text, usage_of(c), logprobs))
                 else:
                     await response.write(
                         encoder.final(
-                            c.index, text, finish, fingerprint=fingerprint, usage=usage_of(c)
+                            c.index,
+                            text,
+                            finish,
+                            fingerprint=fingerprint,
+                            usage=usage_of(c),
+                            logprobs=logprobs,
                         )
                     )
             if not opened:  # stopped before any token: the aborts are the first output
@@ -418,6 +449,8 @@ class Generator:
         request's final output, empty text, ``finish_reason: "abort"``)."""
         c.aborted = True
         usage = self._usage_of(gen)(c)
+        # No new token: the logprobs of none (a completions echo: the prompt's).
+        logprobs = self._logprobs(gen, c, c.emitted, c.emitted, with_prompt=not c.echo_sent)
         if gen.echo and gen.kind == "completion" and not c.echo_sent:
             c.echo_sent = True  # the echo rides on the choice's first chunk, this one
             request_id, created, model = head
@@ -430,11 +463,14 @@ class Generator:
                 finish_reason=ABORT,
                 prompt_token_ids=gen.prompts[c.index // gen.n].ids(),
                 fingerprint=fingerprint,
+                logprobs=logprobs,
             )
             await response.write(sse(with_usage(chunk, usage)))
         elif c.emitted:  # vLLM sends no empty chunk for a choice without a token yet
             await response.write(
-                encoder.final(c.index, "", ABORT, fingerprint=fingerprint, usage=usage)
+                encoder.final(
+                    c.index, "", ABORT, fingerprint=fingerprint, usage=usage, logprobs=logprobs
+                )
             )
 
     @staticmethod
@@ -448,6 +484,30 @@ class Generator:
             return running_usage(gen.kind, prompt_tokens, c.emitted)
 
         return usage
+
+    @staticmethod
+    def _logprobs(
+        gen: GenerationRequest, c: _Choice, start: int, end: int, *, with_prompt: bool
+    ) -> dict[str, Any] | None:
+        """The ``logprobs`` of ``c``'s tokens ``start:end`` (None unless asked for); a
+        completions echo (``with_prompt``, its first chunk) lists the prompt's tokens first.
+        Completions' ``text_offset`` runs on from the choice's text sent so far."""
+        count = gen.logprobs
+        if count is None:
+            return None
+        alternatives = max(count - 1, 0)  # the token ranks first among the ``count`` listed
+        tokens = c.plan.token_texts
+        out = [] if c.hide_output else [
+            output_logprob(c.logprob_key, i, tokens[i], alternatives) for i in range(start, end)
+        ]  # fmt: skip
+        if gen.kind == "chat":
+            return chat_logprobs(out, count)
+        if with_prompt and gen.echo:
+            spec = gen.prompts[c.index // gen.n]
+            out = spec.logprob_entries(count, spec.token_texts()) + out
+        logprobs = completion_logprobs(out, c.text_offset)
+        c.text_offset += sum(len(e.token) for e in out)
+        return logprobs
 
     @staticmethod
     def _zero_usage(gen: GenerationRequest) -> Callable[[_Choice], dict[str, Any] | None]:

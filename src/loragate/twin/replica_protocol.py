@@ -33,7 +33,13 @@ from loragate.twin.request_prechecks import (
     no_prompt,
 )
 from loragate.twin.sampling_checks import SamplingFields, check_sampling_fields
-from loragate.twin.synthetic_text import TINY_LLAMA_FORMAT, VOCAB, PromptFormat
+from loragate.twin.synthetic_logprobs import (
+    TokenLogprob,
+    check_logprobs_limit,
+    prompt_logprob,
+    prompt_logprobs_field,
+)
+from loragate.twin.synthetic_text import TINY_LLAMA_FORMAT, VOCAB, PromptFormat, text_tokens
 from loragate.twin.vllm_errors import FieldError, bad_request, validation_error
 from loragate.twin.vllm_fields import field_error, read_bool, read_int, read_prompt, read_str
 
@@ -62,20 +68,27 @@ class PromptSpec:
         rng = random.Random(f"ids|{self.key}")
         return [rng.randrange(SYNTHETIC_VOCAB_SIZE) for _ in range(self.prompt_tokens)]
 
-    def prompt_logprobs(self) -> list[dict[str, dict[str, Any]] | None]:
+    def token_texts(self) -> list[str]:
+        """The prompt's tokens as text, joined: ``echo_text`` (a token-id prompt: each id's
+        piece; a text: the synthetic tokenizer's cuts, after an empty one per token the
+        tokenizer adds)."""
+        if self.token_ids is not None:
+            return [VOCAB[t % len(VOCAB)] for t in self.token_ids]
+        tokens = text_tokens(self.echo_text)
+        return [""] * max(0, self.prompt_tokens - len(tokens)) + tokens
+
+    def logprob_entries(self, alternatives: int, texts: list[str]) -> list[TokenLogprob]:
+        """Each prompt token's synthetic logprob after ``alternatives`` better tokens."""
+        return [prompt_logprob(self.key, i, t, alternatives) for i, t in enumerate(texts)]
+
+    def prompt_logprobs(self, top: int = 0) -> list[dict[str, dict[str, Any]] | None]:
         """What vLLM returns as ``prompt_logprobs`` for a chat request with ``echo`` (its
         ``top_logprobs``, 0 by default, becomes ``prompt_logprobs``): ``null`` for the first
-        token, then each prompt token's own entry; the numbers are synthetic."""
-        rng = random.Random(f"logprobs|{self.key}")
-        out: list[dict[str, dict[str, Any]] | None] = [None]
-        for token in self.ids()[1:]:
-            entry = {
-                "logprob": -rng.uniform(4.0, 9.0),
-                "rank": rng.randrange(1, SYNTHETIC_VOCAB_SIZE),
-                "decoded_token": VOCAB[token % len(VOCAB)],
-            }
-            out.append({str(token): entry})
-        return out
+        token, then each prompt token's own entry and ``top`` better ones; the numbers are
+        synthetic."""
+        ids = self.ids()
+        entries = self.logprob_entries(top, [VOCAB[t % len(VOCAB)] for t in ids])
+        return prompt_logprobs_field(entries, ids)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -97,6 +110,8 @@ class GenerationRequest:
     prompt_embeds: bool = False  # completions: embeddings given (refused once the model is known)
     role: str = "assistant"  # chat: the answer's role
     max_tokens_param: str = "max_tokens"  # the field max_tokens came from
+    logprobs: int | None = None  # sample logprobs per token (chat: top_logprobs), None: off
+    prompt_logprobs: int | None = None  # the prompt's (echo: logprobs), for the limit check
 
     @property
     def echo_only(self) -> bool:
@@ -182,6 +197,8 @@ def parse_generation_request(
         prompt_texts = _completion_prompts(f)
         echo = f.bool_("echo", False)
         frequency_penalty = f.float_("frequency_penalty", None)
+        logprobs = f.int_("logprobs", None)
+        echo_logprobs = logprobs
         # CompletionRequest.max_tokens defaults to 16, and a null is replaced by that default.
         max_tokens = f.int_("max_tokens", COMPLETION_DEFAULT_MAX_TOKENS)
         n = f.int_("n", 1, nullable=False)
@@ -189,6 +206,10 @@ def parse_generation_request(
         chat_texts = _chat_texts(f)
         model = f.str_("model")
         frequency_penalty = f.float_("frequency_penalty", None)
+        want_logprobs = f.bool_("logprobs", False)
+        top_logprobs = f.int_("top_logprobs", 0)  # null is 0
+        logprobs = top_logprobs if want_logprobs else None
+        echo_logprobs = top_logprobs
         max_tokens = f.int_("max_tokens", None)
         max_completion_tokens = f.int_("max_completion_tokens", None)
         if max_completion_tokens is not None:  # it wins over max_tokens
@@ -230,6 +251,9 @@ def parse_generation_request(
     if f.errors:
         raise validation_error(f.errors)
     assert n is not None and min_tokens is not None
+    prompt_logprobs = body.get("prompt_logprobs")
+    if prompt_logprobs is None and echo:  # vLLM: echo asks for the prompt's logprobs too
+        prompt_logprobs = echo_logprobs
     # max_tokens and min_tokens are checked per prompt, once the model is known:
     # resolve_max_tokens.
     assert prompts is not None
@@ -251,6 +275,8 @@ def parse_generation_request(
         prompt_embeds=kind == "completion" and body.get("prompt_embeds") not in (None, []),
         role=role,
         max_tokens_param=max_tokens_param,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs if isinstance(prompt_logprobs, int) else None,
     )
 
 
@@ -477,12 +503,14 @@ def resolve_max_tokens(gen: GenerationRequest, spec: PromptSpec, max_model_len: 
        (so after the model lookup, not with the body's fields); the sampling fields' ranges
        (``sampling_checks``); the result (1 for an echo without generation) below 1,
        ``min_tokens`` below 0 or above it; then ``n`` above 1 with greedy sampling.
-    4. The engine's ``_validate_prompt_len`` (``v1/engine/input_processor.py``): an empty
-       prompt; a prompt of exactly ``max_model_len`` tokens (reachable only by an echo without
-       generation).
+    4. The engine's input processor (``v1/engine/input_processor.py``): ``logprobs`` (and the
+       prompt's) above ``--max-logprobs`` (``synthetic_logprobs.check_logprobs_limit``), then
+       ``_validate_prompt_len``: an empty prompt; a prompt of exactly ``max_model_len`` tokens
+       (reachable only by an echo without generation).
     """
     _check_rendered(gen, spec, max_model_len)
     sampled = _sampling_max_tokens(gen, spec, max_model_len)
+    check_logprobs_limit(gen.logprobs, gen.prompt_logprobs)
     _check_engine_input(spec, max_model_len)
     return sampled
 
@@ -495,6 +523,8 @@ def resolve_all_max_tokens(gen: GenerationRequest, max_model_len: int) -> list[i
     for spec in gen.prompts:
         _check_rendered(gen, spec, max_model_len)
     sampled = [_sampling_max_tokens(gen, spec, max_model_len) for spec in gen.prompts]
+    if gen.prompts:  # the engine's input processor: the parameters, then the prompt
+        check_logprobs_limit(gen.logprobs, gen.prompt_logprobs)
     for spec in gen.prompts:
         _check_engine_input(spec, max_model_len)
     return sampled

@@ -42,6 +42,8 @@ class ChoiceResult:
     text: str
     finish_reason: str
     completion_tokens: int
+    logprobs: dict[str, Any] | None = None
+    prompt_logprobs: list[Any] | None = None  # completions with echo and logprobs
 
 
 def _usage(prompt_tokens: int, completion_tokens: int, *, details: bool) -> dict[str, Any]:
@@ -94,11 +96,11 @@ def completion_body(
             {
                 "index": c.index,
                 "text": c.text,
-                "logprobs": None,
+                "logprobs": c.logprobs,
                 "finish_reason": c.finish_reason,
                 "stop_reason": None,
                 "token_ids": None,
-                "prompt_logprobs": None,
+                "prompt_logprobs": c.prompt_logprobs,
                 "prompt_token_ids": None,
                 "routed_experts": None,
             }
@@ -140,7 +142,7 @@ def chat_body(
                     "function_call": None,
                     "reasoning": None,
                 },
-                "logprobs": None,
+                "logprobs": c.logprobs,
                 "finish_reason": c.finish_reason,
                 "stop_reason": None,
                 "token_ids": None,
@@ -170,6 +172,7 @@ def completion_chunk(
     finish_reason: str | None,
     prompt_token_ids: list[int] | None = None,
     fingerprint: bool = False,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One chunk of a completion stream. ``prompt_token_ids`` rides on a choice's first chunk
     when ``echo`` is on; ``fingerprint`` marks a choice's terminal chunk of a stream without
@@ -178,7 +181,7 @@ def completion_chunk(
     choice: dict[str, Any] = {
         "index": index,
         "text": text,
-        "logprobs": None,
+        "logprobs": logprobs,
         "finish_reason": finish_reason,
         "stop_reason": None,
         "prompt_token_ids": prompt_token_ids,
@@ -242,11 +245,12 @@ def chat_chunk(
     text: str,
     finish_reason: str | None,
     fingerprint: bool = False,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     choice: dict[str, Any] = {
         "index": index,
         "delta": {"content": text},
-        "logprobs": None,
+        "logprobs": logprobs,
         "finish_reason": finish_reason,
     }
     if finish_reason is not None:
@@ -344,9 +348,15 @@ class TokenChunkEncoder:
         self._model = model
         self._cache: dict[int, tuple[bytes, bytes]] = {}
 
-    def token(self, index: int, text: str, usage: dict[str, Any] | None = None) -> bytes:
-        if usage is not None:  # continuous usage stats: no two chunks alike
-            return self.final(index, text, None, fingerprint=False, usage=usage)
+    def token(
+        self,
+        index: int,
+        text: str,
+        usage: dict[str, Any] | None = None,
+        logprobs: dict[str, Any] | None = None,
+    ) -> bytes:
+        if usage is not None or logprobs is not None:  # no two chunks alike
+            return self.final(index, text, None, fingerprint=False, usage=usage, logprobs=logprobs)
         parts = self._cache.get(index)
         if parts is None:
             chunk = self._build(
@@ -369,6 +379,7 @@ class TokenChunkEncoder:
         *,
         fingerprint: bool,
         usage: dict[str, Any] | None = None,
+        logprobs: dict[str, Any] | None = None,
     ) -> bytes:
         chunk = self._build(
             request_id=self._request_id,
@@ -378,5 +389,6 @@ class TokenChunkEncoder:
             text=text,
             finish_reason=finish_reason,
             fingerprint=fingerprint,
+            logprobs=logprobs,
         )
         return sse(with_usage(chunk, usage))

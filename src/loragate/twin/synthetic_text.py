@@ -146,6 +146,18 @@ def count_text_tokens(text: str) -> int:
     return total
 
 
+def text_tokens(text: str) -> list[str]:
+    """``text`` cut into the synthetic tokenizer's tokens (``count_text_tokens`` of them, in
+    order, joined: ``text``)."""
+    tokens: list[str] = []
+    for piece in _PIECE.findall(text):
+        core = piece.lstrip(" ") or piece
+        lead = piece[: len(piece) - len(core)]
+        cuts = range(0, len(core), MAX_PIECE_CHARS)
+        tokens += [(lead if i == 0 else "") + core[i : i + MAX_PIECE_CHARS] for i in cuts]
+    return tokens
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PromptFormat:
     """The tokens a model's tokenizer and chat template add around a prompt's text.
