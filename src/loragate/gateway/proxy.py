@@ -794,7 +794,7 @@ class Proxy:
                     if self._can_retry(rid):  # nothing reached the client
                         self._engine_stopped(rid, client, rreq, f"it {state.stopped}")
                         return None
-                    data = state.release()
+                    data = state.release(last)
                 if state.warning:
                     self._stream_warning(rreq, rid, state)
                 if not data:

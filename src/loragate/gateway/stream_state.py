@@ -121,19 +121,15 @@ class StreamState:
         ``[DONE]`` before any output, while held (cut short: the replica may have stopped
         before it wrote the rest). Not held, such a stream ends with an error event, as one
         that reached ``[DONE]`` so does: the client would read an empty answer."""
+        if not self.holding:
+            return self._rest()
         cut, self._cut = self._cut, b""
-        data = b""
-        if cut:
-            relayed = self._first_output(cut) if self.holding else self._checked(cut, 0)
-            if relayed is None:
-                return None
-            data = relayed
-        if self.holding:
+        data = self._first_output(cut) if cut else b""
+        if data:  # released by its last line
+            return data + self._rest()
+        if data is not None:
             self.stopped = _ENDED_UNANSWERED
-            return None
-        if not self.answered and self.outcome != STREAM_ERROR:
-            data += self._ended_unanswered()
-        return data
+        return None
 
     def stopped_by(self, exc: UpstreamError) -> bool:
         """Whether the read that failed with ``exc`` stopped the request before any output,
@@ -144,14 +140,12 @@ class StreamState:
         self.stopped = f"broke off the stream before the request produced a token: {exc.message}"
         return True
 
-    def release(self) -> bytes:
-        """Stop holding: what was held, checked, to relay now (and an error event if the
-        stream ended without ``[DONE]``: see :meth:`end`)."""
+    def release(self, last: bool = False) -> bytes:
+        """Stop holding: what was held, checked, to relay now; with ``last`` (the body
+        ended), all that is left (see :meth:`end`)."""
         held, self._held, self.holding = self._held, b"", False
         data = self._checked(held, self._check_from) if held else b""
-        if self.stopped == _ENDED_UNANSWERED:
-            data += self._ended_unanswered()
-        return data
+        return data + self._rest() if last else data
 
     def broke_off(self, err: LoragateError) -> bytes:
         """The stream broke off (``err`` says how): what to relay to end it, what was held and
@@ -225,15 +219,21 @@ class StreamState:
         head = data[:at]
         return head + _event_break(head or self.last) + sse_error_event(err)
 
-    def _ended_unanswered(self) -> bytes:
-        """The error event that ends a stream whose body ended without ``[DONE]`` and without
-        a token or a finish reason (relayed as is, the client would read an empty answer)."""
+    def _rest(self) -> bytes:
+        """Not held, at the end of the body: the line it ended without a newline, and the
+        error event of a stream that ended without ``[DONE]`` and without a token or a finish
+        reason (relayed as is, the client would read an empty answer)."""
+        cut, self._cut = self._cut, b""
+        data = self._checked(cut, 0) if cut else b""
+        if self.answered or self.outcome == STREAM_ERROR:
+            return data
         self.outcome = STREAM_ERROR
         self.warning = (
             f"{_ENDED_UNANSWERED} (after {self.relayed} bytes of its stream; the client gets "
             "an error event)"
         )
-        return self.closing(UpstreamConnectError(f"replica {self.replica} {_ENDED_UNANSWERED}"))
+        err = UpstreamConnectError(f"replica {self.replica} {_ENDED_UNANSWERED}")
+        return data + self.closing(err)
 
 
 def _event_break(last: bytes) -> bytes:
