@@ -776,8 +776,8 @@ class Proxy:
                         # Broke off before it produced anything: nothing reached the client.
                         self._engine_stopped(rid, client, rreq, f"it {state.stopped}")
                         return None
-                    # The head (status 200, the replica header) is out: the log line and the
-                    # metric name the replica, and so does the error event.
+                    # The stream's head (status 200, the replica header) is the client's:
+                    # the log line and the metric name the replica, and so does the error event.
                     self._upstream_failed(
                         exc, rid, client, rreq, f"streaming (after {state.relayed} bytes)"
                     )
@@ -822,7 +822,7 @@ class Proxy:
                         ttft_s, state.outcome,
                     )  # fmt: skip
                     return out
-            if unprepared:  # the answer ended empty: relayed as is
+            if unprepared:  # nothing to relay at all: the head alone
                 unprepared = False
                 await out.prepare(request)
             telemetry.observe_latency(rid, self._now() - t_send)
