@@ -4,7 +4,9 @@ An adapter is a folder holding ``adapter_config.json`` (peft's format); its rank
 Anything else gets vLLM's 404 ``Loading lora NAME failed: No adapter found for PATH`` (PATH
 sanitised as vLLM sanitises messages: ``<path>`` for a path under /tmp, /home, ... or naming a
 file). The registry is the API server's name -> adapter map: loading
-registers a name, unloading only forgets it (0.32 never evicts the engine's caches on unload).
+registers a name, unloading only forgets it (0.32 never evicts the engine's caches on unload):
+each new registration gets a new ``lora_int_id``, so a name unloaded and loaded again is a new
+adapter to the engine, beside its old copy.
 The filesystem resolver (``--resolver-dir``, vLLM's ``lora_filesystem_resolver``) registers an
 unknown model name on first use when ``DIR/<name>`` is a LoRA folder whose
 ``base_model_name_or_path`` equals ``--model`` exactly.
@@ -12,6 +14,7 @@ unknown model name on first use when ``DIR/<name>`` is a LoRA folder whose
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -89,6 +92,7 @@ class RegisteredAdapter:
     name: str
     path: str
     rank: int
+    lora_int_id: int = 0  # vLLM's id of the registration (a new one per new registration)
 
 
 class AdapterRegistry:
@@ -109,6 +113,7 @@ class AdapterRegistry:
         self._max_rank = max_lora_rank
         self._resolver_dir = resolver_dir
         self._adapters: dict[str, RegisteredAdapter] = {}
+        self._last_id = 0  # vLLM's lora_id_counter
 
     def __contains__(self, name: object) -> bool:
         return name in self._adapters
@@ -132,9 +137,17 @@ class AdapterRegistry:
             raise invalid_user_input(
                 f"The lora adapter '{name}' conflicts with a served base model."
             )
-        adapter = self._check_loadable(name, path)
+        adapter = self._with_id(self._check_loadable(name, path))
         self._adapters[name] = adapter
         return adapter
+
+    def _with_id(self, adapter: RegisteredAdapter) -> RegisteredAdapter:
+        """vLLM's ``lora_int_id``: the registered name's (in place), else the next one."""
+        held = self._adapters.get(adapter.name)
+        if held is not None:
+            return dataclasses.replace(adapter, lora_int_id=held.lora_int_id)
+        self._last_id += 1
+        return dataclasses.replace(adapter, lora_int_id=self._last_id)
 
     def unload(self, name: str) -> None:
         """``POST /v1/unload_lora_adapter``: forget the name (the engine keeps its caches)."""
@@ -166,6 +179,7 @@ class AdapterRegistry:
             adapter = self._check_loadable(name, path)
         except VllmApiError as exc:
             raise bad_request(f"LoRA adapter '{name}' was found but could not be loaded.") from exc
+        adapter = self._with_id(adapter)
         self._adapters[name] = adapter
         return adapter
 

@@ -712,6 +712,17 @@ class Engine:
         """Drop an idle adapter from the caches (False if absent or in use)."""
         return self._caches.remove(name)
 
+    def retire_adapter(self, name: str, as_name: str) -> bool:
+        """Keep ``name``'s cached copy, idle, under ``as_name``, where it is in the LRUs.
+
+        vLLM 0.32's unload only forgets the name: the engine keeps the copy under its old
+        ``lora_int_id``, and a name loaded again gets a new id, so the old copy takes a CPU
+        cache entry (and its GPU slot) until the LRUs evict it, and evicts another adapter
+        one load sooner. False if ``name`` is not cached or running requests use it (then a
+        load replaces it, as ``reload_adapter`` says).
+        """
+        return self._caches.rename(name, as_name)
+
     def reload_adapter(self, name: str, rank: int) -> float:
         """vLLM's runtime ``add_lora``: the folder is read from disk whatever the caches hold.
 

@@ -83,6 +83,15 @@ class LoraCaches:
                 to_gpu_now = True
         return from_disk, to_gpu_now
 
+    def rename(self, name: str, new_name: str) -> bool:
+        """``name``'s idle entries, kept where they are in both LRUs, now read ``new_name``
+        (False, nothing changed, if ``name`` is absent or running)."""
+        if name not in self._cpu_idle:
+            return False
+        self._cpu_idle = {new_name if k == name else k: None for k in self._cpu_idle}
+        self._gpu_idle = {new_name if k == name else k: None for k in self._gpu_idle}
+        return True
+
     def remove(self, name: str) -> bool:
         """Drop an idle adapter from both caches (unload). Pinned adapters stay."""
         if name in self._pinned:

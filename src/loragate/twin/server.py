@@ -91,6 +91,8 @@ class ReplicaState:
             max_lora_rank=config.max_lora_rank,
             resolver_dir=config.resolver_dir,
         )
+        # The registration (lora_int_id) whose copy the engine caches under each name.
+        self._engine_ids: dict[str, int] = {}
         for module in config.lora_modules:
             try:
                 adapter = self.registry.load(module.name, module.path)
@@ -98,6 +100,7 @@ class ReplicaState:
                 raise ConfigError(exc.message, key="lora_modules") from exc
             # vLLM loads --lora-modules as it loads at runtime (add_lora): into a GPU slot
             self.engine.load_adapter(adapter.name, adapter.rank, to_gpu=True)
+            self._engine_ids[adapter.name] = adapter.lora_int_id
         self.lora_info = LoraRequestsInfo(max_lora=config.max_loras) if config.enable_lora else None
         self.counters = RequestCounters()
         self.server_load = 0
@@ -120,11 +123,26 @@ class ReplicaState:
         vLLM's ``add_lora`` is synchronous: the admin call (or the resolver's first request)
         answers once the adapter has been read from disk, which it always is at runtime, even
         when the engine still caches the name (``load_inplace``, or a name unloaded and loaded
-        again): ``Engine.reload_adapter``.
+        again): ``Engine.reload_adapter``. A name unloaded and registered again is a new
+        ``lora_int_id`` to vLLM: the engine's copy of the old registration stays cached as
+        another adapter (``Engine.retire_adapter``) until the LRUs evict it.
         """
+        held = self._engine_ids.get(adapter.name)
+        if held is not None and held != adapter.lora_int_id:
+            self.engine.retire_adapter(adapter.name, _retired_name(adapter.name, held))
+        self._engine_ids[adapter.name] = adapter.lora_int_id
         cost_s = self.engine.reload_adapter(adapter.name, adapter.rank)
         if cost_s > 0:
             await asyncio.sleep(cost_s / self.config.time_scale)
+
+    def list_loras(self) -> set[int]:
+        """The ``lora_int_id`` of every registration the engine's CPU cache holds, unloaded
+        and replaced ones included: what vLLM's engine answers to ``list_loras`` (its
+        ``/collective_rpc`` in dev mode)."""
+        return {
+            int(key.rsplit(_RETIRED, 1)[1]) if _RETIRED in key else self._engine_ids[key]
+            for key in self.engine.cpu_adapters()
+        }
 
     def observe_step(self) -> None:
         """Called for every token event: refreshes ``vllm:lora_requests_info``."""
@@ -293,6 +311,14 @@ async def _vllm_errors(request: web.Request, handler: Handler) -> web.StreamResp
         log.exception("replica handler failed")
         err = VllmApiError(500, f"{type(exc).__name__}: {exc}", "InternalServerError")
         return web.Response(body=err.body(), status=500, content_type="application/json")
+
+
+_RETIRED = "\x00lora_int_id="
+
+
+def _retired_name(name: str, lora_int_id: int) -> str:
+    """The engine's name for a copy vLLM keeps under an id its name no longer has."""
+    return f"{name}{_RETIRED}{lora_int_id}"
 
 
 STATE_KEY: web.AppKey[ReplicaState] = web.AppKey("replica_state", ReplicaState)
