@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_WORK_DIR = Path("/tmp/loragate-vllm")
+AMX_PERMISSION_DIR = Path(__file__).resolve().parent / "amx_permission"
 SERVED_NAME = "tiny-llama"
 
 
@@ -125,6 +126,11 @@ class ReplicaConfig:
             TMPDIR=str(tmp_dir),
         )
         env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        # Each server process asks for AMX first, or vLLM's AMX attention dies with SIGILL
+        # (amx_permission/sitecustomize.py says why).
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(AMX_PERMISSION_DIR), env.get("PYTHONPATH", "")) if p
+        )
         if self.resolver_dir is not None:
             env.update(
                 VLLM_PLUGINS="lora_filesystem_resolver",
