@@ -78,3 +78,24 @@ def test_an_adapter_in_use_is_read_from_disk_and_its_slot_refilled() -> None:
     reloaded, plain = e.step(now), twin.step(now)
     assert reloaded.duration_s - plain.duration_s == pytest.approx(cost, abs=1e-8)
     assert cost > 0
+
+
+def test_a_runtime_load_with_every_slot_in_use_costs_the_batch_a_slot_copy() -> None:
+    # vLLM activates the new adapter anyway, evicting one the batch uses; the batch's next step
+    # copies that one back and evicts the new one.
+    e, twin = Engine(CFG, FAST), Engine(CFG, FAST)  # 2 slots
+    for engine in (e, twin):
+        for name in ("a", "b"):
+            engine.load_adapter(name, 8)
+            engine.add_request(request(f"r-{name}", name))
+        engine.step(0.0)
+        assert sorted(engine.running_adapters) == ["a", "b"]
+    loads = e.loads_from_memory
+    cost = e.reload_adapter("c", 16)
+    copies = FAST.cpu_to_gpu_load_s(16) + FAST.cpu_to_gpu_load_s(8)
+    assert cost == pytest.approx(FAST.disk_to_cpu_load_s(16) + copies)
+    assert e.loads_from_memory == loads + 2
+    assert sorted(e.gpu_adapters()) == ["a", "b"] and "c" in e.cpu_adapters()
+    now = max(e.time_s, twin.time_s)
+    loaded, plain = e.step(now), twin.step(now)
+    assert loaded.duration_s - plain.duration_s == pytest.approx(cost, abs=1e-8)

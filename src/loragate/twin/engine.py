@@ -704,6 +704,16 @@ class Engine:
         if gpu:
             self.loads_from_memory += 1
             cost += self.profile.cpu_to_gpu_load_s(ast.rank)
+        elif to_gpu and not self._caches.on_gpu(name):
+            # Every slot is held by running requests. vLLM activates the adapter anyway
+            # (``LRUCacheLoRAModelManager.activate_adapter`` evicts the least recently used
+            # active one, which the batch uses): its next step copies that one back, evicting
+            # this one. Charged: both copies (the order of the batch's activations can make it
+            # two copies back; one is counted).
+            displaced = self._adapters[self._caches.gpu()[0]]
+            self.loads_from_memory += 2
+            cost += self.profile.cpu_to_gpu_load_s(ast.rank)
+            cost += self.profile.cpu_to_gpu_load_s(displaced.rank)
         if self._running or self._n_waiting:
             self._extra_s += cost
         return cost
@@ -737,9 +747,9 @@ class Engine:
         with the new weights at once: CPU->GPU too. Returns the load time, added to the next
         step when the engine is busy, as ``load_adapter``'s.
 
-        Not modelled: with every slot held by running requests vLLM still activates the new
-        adapter, evicting one the batch uses, which its next step loads back (one or two
-        CPU->GPU copies); here the new adapter then stays in the CPU cache only.
+        With every slot held by running requests vLLM still activates the new adapter,
+        evicting one the batch uses, which its next step loads back, evicting the new one:
+        ``load_adapter`` charges both copies and leaves the new adapter in the CPU cache.
         """
         if self._caches.remove(name) or not self._caches.in_cpu(name):
             return self.load_adapter(name, rank, to_gpu=True)
