@@ -34,6 +34,13 @@ CALLS: list[tuple[str, dict[str, Any]]] = [
     ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 3, "stream": True}),
     ("/v1/chat/completions", {**CHAT, "logprobs": True}),
 ]
+# Without logprobs: the prompt's alone (completions: the choice's; chat: the body's).
+PROMPT_ONLY: list[tuple[str, dict[str, Any]]] = [
+    ("/v1/completions", {**COMP, "prompt_logprobs": 2}),
+    ("/v1/completions", {**COMP, "prompt_logprobs": 0}),
+    ("/v1/chat/completions", {**CHAT, "prompt_logprobs": 1}),
+    ("/v1/chat/completions", {**CHAT, "echo": True}),
+]
 REFUSED: list[tuple[str, dict[str, Any]]] = [
     ("/v1/completions", {**COMP, "logprobs": 21}),
     ("/v1/completions", {**COMP, "logprobs": -1}),
@@ -140,6 +147,19 @@ async def test_logprobs_on_real_vllm_and_the_twin(
                        for ch in body["choices"]] for body in seen]  # fmt: skip
             if counts[0] != counts[1]:
                 problems.append(f"{path} {call}: entries real {counts[0]} twin {counts[1]}")
+        for path, call in PROMPT_ONLY:
+            bodies = []
+            for base in (real_vllm.base_url, twin.url):
+                async with http.post(base + path, json=call) as r:
+                    bodies.append(await r.json())
+            rows = [b["prompt_logprobs"] if "messages" in call
+                    else b["choices"][0]["prompt_logprobs"] for b in bodies]  # fmt: skip
+            if shape(bodies[0]) != shape(bodies[1]) or len(rows[0]) != len(rows[1]):
+                problems.append(f"{path} {call}: real {bodies[0]}\n  twin {bodies[1]}")
+            sizes = [sorted({len(row) for row in x[1:]}) for x in rows]
+            want = call.get("prompt_logprobs", 0) + 1
+            if any(s_ and s_[-1] > want for s_ in sizes) or rows[1][0] is not None:
+                problems.append(f"{path} {call}: rows of sizes {sizes}, at most {want}")
         for path, call in REFUSED:
             answers = []
             for base in (real_vllm.base_url, twin.url):

@@ -116,6 +116,30 @@ async def test_chat_logprobs(start_replica: StartReplica, top: int | None) -> No
     assert [e for lp in streamed if lp and lp.content for e in lp.content] == content
 
 
+async def test_prompt_logprobs_asked_alone(start_replica: StartReplica) -> None:
+    # vLLM 0.32: a completion choice's prompt_logprobs, a chat body's; per prompt token
+    # (none for the first) its id and the asked number of better ones, logprobs left null.
+    async with start_replica() as r, _client(r) as client:
+        out = await client.completions.create(
+            model=BASE, prompt="hello world the", max_tokens=2, extra_body={"prompt_logprobs": 2}
+        )
+        chat = await client.chat.completions.create(
+            model=BASE, messages=CHAT, max_tokens=2, extra_body={"prompt_logprobs": 1}
+        )
+    assert out.usage is not None and chat.usage is not None
+    for rows, tokens, size in (
+        ((out.choices[0].model_extra or {})["prompt_logprobs"], out.usage.prompt_tokens, 3),
+        ((chat.model_extra or {})["prompt_logprobs"], chat.usage.prompt_tokens, 2),
+    ):
+        assert len(rows) == tokens and rows[0] is None
+        assert {len(row) for row in rows[1:]} == {size}
+        for row in rows[1:]:
+            ranks = [e["rank"] for e in row.values()]
+            assert ranks[1:] == list(range(1, size)) and ranks[0] > size
+            assert all(_valid(e["logprob"]) for e in row.values())
+    assert out.choices[0].logprobs is None and chat.choices[0].logprobs is None
+
+
 async def test_without_logprobs_there_are_none(start_replica: StartReplica) -> None:
     async with start_replica() as r, _client(r) as client:
         out = await client.completions.create(model=BASE, prompt="hi", **GREEDY)

@@ -182,8 +182,8 @@ class Generator:
                 choices=results,
                 prompt_tokens=prompt_tokens,
                 role=gen.role,
-                prompt_logprobs=gen.prompts[0].prompt_logprobs(gen.prompt_logprobs or 0)
-                if gen.echo
+                prompt_logprobs=gen.prompts[0].prompt_logprobs(gen.prompt_logprobs)
+                if gen.prompt_logprobs is not None
                 else None,
             )
         else:
@@ -198,13 +198,13 @@ class Generator:
 
     @staticmethod
     def _prompt_logprobs(gen: GenerationRequest, c: _Choice) -> list[Any] | None:
-        """A completion choice's ``prompt_logprobs``: with ``echo`` and ``logprobs``, the
-        prompt's tokens as its ``logprobs`` list them (ids to ``{logprob, rank,
-        decoded_token}``)."""
-        if gen.kind != "completion" or not gen.echo or gen.logprobs is None:
+        """A completion choice's ``prompt_logprobs`` when asked for (the field, or ``echo``
+        with ``logprobs``): the prompt's tokens as an echo's ``logprobs`` list them (ids to
+        ``{logprob, rank, decoded_token}``)."""
+        if gen.kind != "completion" or gen.prompt_logprobs is None:
             return None
         spec = gen.prompts[c.index // gen.n]
-        entries = spec.logprob_entries(gen.logprobs, spec.token_texts())
+        entries = spec.logprob_entries(gen.prompt_logprobs, spec.token_texts())
         return prompt_logprobs_field(entries, spec.ids())
 
     @staticmethod
