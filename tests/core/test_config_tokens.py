@@ -1,6 +1,7 @@
 """The admin and metrics tokens: in the file (``admin.token``, ``metrics.token``) or in the
-environment (``LORAGATE_ADMIN_TOKEN``, ``LORAGATE_METRICS_TOKEN``), one rule for both, checked
-when the file is read (start-up and every reload) with errors naming the key or variable."""
+environment (``LORAGATE_ADMIN_TOKEN``, ``LORAGATE_METRICS_TOKEN``), which wins, one rule for
+both, checked when the file is read (start-up and every reload) with errors naming the key or
+variable."""
 
 from __future__ import annotations
 
@@ -57,10 +58,29 @@ def test_the_variables_stand_in_for_a_file_without_tokens() -> None:
     assert (cfg.admin.token, cfg.metrics.token) == ("from-env", "scrape-env")
     cfg = config_from_mapping(_doc(admin={"token": None}, metrics={}), environ=environ)
     assert (cfg.admin.token, cfg.metrics.token) == ("from-env", "scrape-env")
-    cfg = config_from_mapping(
-        _doc(admin={"token": "file-a"}, metrics={"token": "file-m"}), environ=environ
-    )
+    assert not cfg.admin.file_token_ignored and not cfg.metrics.file_token_ignored
+
+
+def test_the_variables_win_over_the_files_tokens() -> None:
+    """A secret injected at deploy time overrides the checked-in file (before, the file's
+    token won, silently)."""
+    doc = _doc(admin={"token": "file-a"}, metrics={"token": "file-m"})
+    cfg = config_from_mapping(doc, environ={ADMIN_ENV: "env-a", METRICS_ENV: "env-m"})
+    assert (cfg.admin.token, cfg.metrics.token) == ("env-a", "env-m")
+    assert cfg.admin.file_token_ignored and cfg.metrics.file_token_ignored
+    cfg = config_from_mapping(doc, environ={ADMIN_ENV: "file-a"})  # the same token: no warning
     assert (cfg.admin.token, cfg.metrics.token) == ("file-a", "file-m")
+    assert not cfg.admin.file_token_ignored and not cfg.metrics.file_token_ignored
+    cfg = config_from_mapping(doc, environ={})
+    assert (cfg.admin.token, cfg.metrics.token) == ("file-a", "file-m")
+
+
+@pytest.mark.parametrize(("section", "env"), [("admin", ADMIN_ENV), ("metrics", METRICS_ENV)])
+def test_a_bad_files_token_is_refused_even_while_the_variable_wins(section: str, env: str) -> None:
+    """A reload without the variable would put the file's token in force."""
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(_doc(**{section: {"token": "x\n"}}), environ={env: "good"})
+    assert info.value.key == f"{section}.token"
 
 
 def test_empty_variables_are_unset_and_metrics_stay_open_by_default() -> None:

@@ -1,4 +1,5 @@
-"""``LORAGATE_ADMIN_TOKEN`` follows ``admin.token``'s rule (14ec46c): a value no
+"""``LORAGATE_ADMIN_TOKEN`` wins over ``admin.token`` (and ``LORAGATE_METRICS_TOKEN`` over
+``metrics.token``), with a WARNING when they differ, and follows its rule (14ec46c): a value no
 ``Authorization`` header can carry stops ``loragate serve`` at start-up and is a rejected
 reload, the error naming the variable (before, a gateway started whose admin API no request
 could ever open)."""
@@ -6,6 +7,7 @@ could ever open)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 from pathlib import Path
@@ -60,3 +62,61 @@ async def test_a_reload_checks_the_variable_and_keeps_the_running_token(
         assert "starts or ends with a space" in error["message"]
         async with http.get(gw.url + "/admin/replicas", headers=auth) as resp:
             assert resp.status == 200  # the running config, and its token, stay
+
+
+def _ignored_token_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "in the config file" in r.getMessage()
+    ]
+
+
+async def test_the_variables_win_over_the_files_tokens_with_a_warning(
+    replicas: list[ScriptedReplica],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A token set from a secret at deploy time overrides the checked-in file's (before, the
+    file's ``change-me`` answered 200, the variable's 401, and nothing was logged)."""
+    monkeypatch.setenv("LORAGATE_ADMIN_TOKEN", "admin-from-env")
+    monkeypatch.setenv("LORAGATE_METRICS_TOKEN", "metrics-from-env")
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        f"base_model: {BASE}\nreplicas: ['{replicas[0].url}']\n"
+        "admin: {token: change-me}\nmetrics: {token: scrape-me}\n",
+        encoding="utf-8",
+    )
+    caplog.set_level(logging.WARNING, logger="loragate.gateway")
+    async with (
+        running_gateway(load_config(path), port=0, config_path=path) as gw,
+        aiohttp.ClientSession() as http,
+    ):
+
+        async def status(method: str, path: str, token: str) -> int:
+            headers = {"Authorization": f"Bearer {token}"}
+            async with http.request(method, gw.url + path, headers=headers) as resp:
+                return resp.status
+
+        assert await status("GET", "/admin/replicas", "admin-from-env") == 200
+        assert await status("GET", "/admin/replicas", "change-me") == 401
+        assert await status("GET", "/metrics", "metrics-from-env") == 200
+        assert await status("GET", "/metrics", "scrape-me") == 401
+        (started,) = _ignored_token_warnings(caplog)
+        assert started.startswith("at start-up: admin.token and metrics.token in the config")
+        assert "LORAGATE_ADMIN_TOKEN and LORAGATE_METRICS_TOKEN are set" in started
+        # At each reload again; the file's admin token is now the variable's: not warned of.
+        path.write_text(
+            f"base_model: {BASE}\nreplicas: ['{replicas[0].url}']\n"
+            "admin: {token: admin-from-env}\nmetrics: {token: scrape-me}\n",
+            encoding="utf-8",
+        )
+        assert await status("POST", "/admin/reload", "admin-from-env") == 200
+        assert await status("GET", "/metrics", "scrape-me") == 401
+        _, reloaded = _ignored_token_warnings(caplog)
+        assert reloaded.startswith("at reload: metrics.token in the config file is ignored")
+        assert "because LORAGATE_METRICS_TOKEN is set to another token" in reloaded
+    secrets = ("change-me", "scrape-me", "admin-from-env", "metrics-from-env")
+    for message in _ignored_token_warnings(caplog):
+        assert not any(secret in message for secret in secrets)

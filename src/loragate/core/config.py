@@ -24,8 +24,8 @@ Example (see ``examples/gateway.yaml``)::
     limits: {max_body_bytes: 1048576, request_timeout_s: 600}
     poller: {interval_s: 0.5}
     state: {backend: redis, redis_url: "redis://127.0.0.1:6379/0"}   # default: memory
-    admin: {token: change-me}      # or env LORAGATE_ADMIN_TOKEN; no token = no admin API
-    metrics: {token: scrape-me}    # or env LORAGATE_METRICS_TOKEN; no token = /metrics is open
+    admin: {token: change-me}      # env LORAGATE_ADMIN_TOKEN wins; no token = no admin API
+    metrics: {token: scrape-me}    # env LORAGATE_METRICS_TOKEN wins; none = /metrics is open
 """
 
 from __future__ import annotations
@@ -152,19 +152,23 @@ class EnvironmentVariableError(ConfigError):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AdminConfig:
-    """The ``admin:`` section. ``token``: ``admin.token``, else ``LORAGATE_ADMIN_TOKEN`` (read
-    with the file). Without one the ``/admin`` routes answer 404."""
+    """The ``admin:`` section. ``token``: ``LORAGATE_ADMIN_TOKEN`` if set (read with the file),
+    else ``admin.token``. Without one the ``/admin`` routes answer 404. ``file_token_ignored``:
+    the file sets another ``admin.token``, which the variable overrides (the gateway warns)."""
 
     token: str | None = None
+    file_token_ignored: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MetricsConfig:
-    """The ``metrics:`` section. ``token``: ``metrics.token``, else ``LORAGATE_METRICS_TOKEN``
-    (read with the file). With one, ``GET /metrics`` needs ``Authorization: Bearer <token>``
-    (Prometheus: ``authorization: {credentials: ...}``); without one it is open."""
+    """The ``metrics:`` section. ``token``: ``LORAGATE_METRICS_TOKEN`` if set (read with the
+    file), else ``metrics.token``. With one, ``GET /metrics`` needs ``Authorization: Bearer
+    <token>`` (Prometheus: ``authorization: {credentials: ...}``); without one it is open.
+    ``file_token_ignored``: as ``AdminConfig``'s."""
 
     token: str | None = None
+    file_token_ignored: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -751,24 +755,29 @@ def _check_tombstone_ttl(state: StateConfig, poller: PollerConfig) -> None:
         )
 
 
-def _token(section: object, name: str, environ: Mapping[str, str], env: str) -> str | None:
-    """The ``token`` of section ``name`` (a mapping or None), else the environment variable
-    ``env`` (empty: unset). Both follow one rule (``_header_value``); the variable is checked
-    even while the file's token is in force (a reload without it would put it in force)."""
+def _token(
+    section: object, name: str, environ: Mapping[str, str], env: str
+) -> tuple[str | None, bool]:
+    """The token in force for section ``name`` (a mapping or None): the environment variable
+    ``env`` if set (empty: unset), else the section's ``token``; and whether the file's token
+    differs from the variable's, so is ignored. The variable wins, as a secret injected at
+    deploy time overrides the checked-in file. Both follow one rule (``_header_value``) and
+    both are checked, whichever is in force (a reload may change which one is)."""
     from_env = environ.get(env) or None
     if from_env is not None:
         try:
             _header_value(from_env, f"environment variable {env}", _KEY_MATCHED)
         except ConfigError as exc:
             raise EnvironmentVariableError(exc) from None
-    if section is None:
-        return from_env
-    data = _mapping(section, name)
-    _check_keys(data, {"token"}, name)
-    token = data.get("token")
-    if token is None:
-        return from_env
-    return _header_value(token, f"{name}.token", _KEY_MATCHED)
+    from_file = None
+    if section is not None:
+        data = _mapping(section, name)
+        _check_keys(data, {"token"}, name)
+        if data.get("token") is not None:
+            from_file = _header_value(data["token"], f"{name}.token", _KEY_MATCHED)
+    if from_env is not None:
+        return from_env, from_file is not None and from_file != from_env
+    return from_file, False
 
 
 _TOP_KEYS = {
@@ -788,7 +797,7 @@ _TOP_KEYS = {
 
 def config_from_mapping(data: object, *, environ: Mapping[str, str] | None = None) -> GatewayConfig:
     """Validate a parsed config document and build the frozen :class:`GatewayConfig`. The
-    tokens the file may leave to the environment (``LORAGATE_ADMIN_TOKEN``,
+    environment variables that override the file's tokens (``LORAGATE_ADMIN_TOKEN``,
     ``LORAGATE_METRICS_TOKEN``) are read from ``environ`` (default: ``os.environ``) and checked
     with it, at start-up and at every reload."""
     env = os.environ if environ is None else environ
@@ -812,10 +821,10 @@ def config_from_mapping(data: object, *, environ: Mapping[str, str] | None = Non
         kwargs["server"] = _server(top["server"])
     if top.get("state") is not None:
         kwargs["state"] = _state(top["state"])
-    kwargs["admin"] = AdminConfig(token=_token(top.get("admin"), "admin", env, ADMIN_TOKEN_ENV))
-    kwargs["metrics"] = MetricsConfig(
-        token=_token(top.get("metrics"), "metrics", env, METRICS_TOKEN_ENV)
-    )
+    token, ignored = _token(top.get("admin"), "admin", env, ADMIN_TOKEN_ENV)
+    kwargs["admin"] = AdminConfig(token=token, file_token_ignored=ignored)
+    token, ignored = _token(top.get("metrics"), "metrics", env, METRICS_TOKEN_ENV)
+    kwargs["metrics"] = MetricsConfig(token=token, file_token_ignored=ignored)
     if "tombstone_ttl_s" in (top.get("state") or {}):  # the default (30 s) is far above
         _check_tombstone_ttl(kwargs["state"], kwargs.get("poller", PollerConfig()))
     return GatewayConfig(

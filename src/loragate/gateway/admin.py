@@ -66,7 +66,7 @@
                             traceback, the running config stays in force
 ==========================  ==================================================================
 
-The token comes from ``admin.token`` or ``LORAGATE_ADMIN_TOKEN``; without one every path
+The token is ``LORAGATE_ADMIN_TOKEN`` if set, else ``admin.token``; without one every path
 under ``/admin`` answers the same 404 (code ``not_found``) saying that the admin API is disabled
 and how to enable it; with one, a wrong or missing ``Authorization: Bearer`` gets 401.
 Errors use the OpenAI error shape. Adapter changes go to the shared state store (with a

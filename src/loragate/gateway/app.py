@@ -36,6 +36,7 @@ from loragate.core.tasks import cancel_and_wait
 from loragate.core.types import AdapterId, AdapterSpec, ReplicaId
 from loragate.gateway.admin import AdminApi, bearer_matches
 from loragate.gateway.catalog import Catalog
+from loragate.gateway.config_warnings import warn_ignored_file_tokens
 from loragate.gateway.errors import error_payload, error_response
 from loragate.gateway.inflight import InFlightTracker, LocalInFlight
 from loragate.gateway.proxy import Proxy
@@ -70,7 +71,7 @@ class Gateway:
 
     @property
     def admin_token(self) -> str | None:
-        """From ``admin.token``, else the ``LORAGATE_ADMIN_TOKEN`` environment variable (read
+        """The ``LORAGATE_ADMIN_TOKEN`` environment variable if set, else ``admin.token`` (read
         and checked with the config file: ``core.config``)."""
         return self.config.admin.token
 
@@ -214,6 +215,7 @@ def create_app(
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     gateway = app[GATEWAY]
+    warn_ignored_file_tokens(gateway.config, when="at start-up")
     # Polling and admin calls only; the proxy uses each replica's lean keep-alive pool.
     connector = aiohttp.TCPConnector(
         limit=64,
@@ -359,8 +361,8 @@ async def no_route(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """``GET /metrics``: open unless a metrics token is set (``metrics.token`` or
-    ``LORAGATE_METRICS_TOKEN``): then a 401 in the OpenAI error shape without
+    """``GET /metrics``: open unless a metrics token is set (``LORAGATE_METRICS_TOKEN``, else
+    ``metrics.token``): then a 401 in the OpenAI error shape without
     ``Authorization: Bearer <token>`` (the series name adapters, which tenants must not see)."""
     gateway = request.app[GATEWAY]
     token = gateway.config.metrics.token  # a reload may set or change it
@@ -368,7 +370,7 @@ async def metrics(request: web.Request) -> web.Response:
         return error_response(  # with WWW-Authenticate: Bearer
             AuthenticationError(
                 "/metrics: missing or invalid metrics token (Authorization: Bearer <token>; "
-                f"the token is metrics.token or {METRICS_TOKEN_ENV})"
+                f"the token is {METRICS_TOKEN_ENV} if set, else metrics.token)"
             )
         )
     return web.Response(body=gateway.telemetry.render(), headers={hdrs.CONTENT_TYPE: CONTENT_TYPE})

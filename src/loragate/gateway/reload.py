@@ -16,8 +16,9 @@ the error names the key. Then, without dropping a request:
   nothing changed (an ``api_key`` or URL no HTTP request can carry is refused earlier, as a
   bad file);
 * ``admin.token`` and ``metrics.token`` changes take effect at once (with
-  ``LORAGATE_ADMIN_TOKEN`` / ``LORAGATE_METRICS_TOKEN`` read again and checked as the file's
-  values are: a bad one rejects the reload naming the variable); a new ``base_model`` from
+  ``LORAGATE_ADMIN_TOKEN`` / ``LORAGATE_METRICS_TOKEN``, which win over them, read again and
+  checked as the file's values are: a bad one rejects the reload naming the variable; a file
+  token a variable overrides is warned about again); a new ``base_model`` from
   the next poll on (a replica that does not serve it gets no traffic).
 
 ``/metrics`` counters never go backwards across a reload: a replaced replica's series count
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from loragate.core.config import GatewayConfig
 from loragate.core.errors import ConfigError
 from loragate.gateway.config_file import load_config
+from loragate.gateway.config_warnings import warn_ignored_file_tokens
 from loragate.routing import build_policy
 
 if TYPE_CHECKING:
@@ -155,6 +157,7 @@ async def apply_config(gateway: Gateway, new: GatewayConfig) -> ReloadResult:
         list(removed),
         list(changed),
     )
+    warn_ignored_file_tokens(effective, when="at reload")
     if frozen:  # the operator asked for something that did not happen: say so louder
         log.warning(
             "config reloaded, but these sections keep their old values until a restart: %s",
