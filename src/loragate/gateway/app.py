@@ -18,11 +18,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -30,13 +28,13 @@ from prometheus_client import CollectorRegistry
 
 from loragate.backends.pool import ReplicaPool
 from loragate.core.clock import Clock, WallClock
-from loragate.core.config import METRICS_TOKEN_ENV, GatewayConfig, ReplicaConfig
+from loragate.core.config import METRICS_TOKEN_ENV, GatewayConfig
 from loragate.core.errors import AuthenticationError, LoragateError
 from loragate.core.tasks import cancel_and_wait
 from loragate.core.types import AdapterId, AdapterSpec, ReplicaId
 from loragate.gateway.admin import AdminApi, bearer_matches
 from loragate.gateway.catalog import Catalog
-from loragate.gateway.config_warnings import warn_ignored_file_tokens
+from loragate.gateway.config_warnings import warn_ignored_file_tokens, warn_same_servers
 from loragate.gateway.errors import error_payload, error_response
 from loragate.gateway.inflight import InFlightTracker, LocalInFlight
 from loragate.gateway.proxy import Proxy
@@ -253,40 +251,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await shared.close()
         await session.close()
         gateway.session = None
-
-
-async def warn_same_servers(replicas: Sequence[ReplicaConfig], timeout_s: float = 5.0) -> None:
-    """Log a WARNING for two replicas whose hosts resolve to one address (same port and path):
-    one server listed twice under two names (``localhost`` and ``127.0.0.1``) is modelled as
-    two. The config refuses the same URL twice without resolving names (``core.config``);
-    this only warns, once at start-up and off its path: a name may resolve otherwise later, or
-    stand for a balancer in front of several servers."""
-    loop = asyncio.get_running_loop()
-
-    async def endpoints(replica: ReplicaConfig) -> frozenset[tuple[str, int, str]]:
-        parts = urlsplit(replica.url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        try:
-            infos = await asyncio.wait_for(
-                loop.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM), timeout_s
-            )
-        except (OSError, TimeoutError):  # unresolvable now: the poller will say so
-            return frozenset()
-        return frozenset((str(i[4][0]), int(i[4][1]), parts.path.rstrip("/")) for i in infos)
-
-    found = await asyncio.gather(*(endpoints(r) for r in replicas))
-    for i, replica in enumerate(replicas):
-        for j in range(i):
-            common = found[i] & found[j]
-            if common:
-                address, port, _ = min(common)
-                log.warning(
-                    "replicas %s (%s) and %s (%s) resolve to the same server (%s port %d): "
-                    "if they are one vLLM server, list it once (it is modelled as two: two "
-                    "shadow residencies, its load counted apart)",
-                    replicas[j].replica_id, replicas[j].url, replica.replica_id, replica.url,
-                    address, port,
-                )  # fmt: skip
 
 
 # -- small handlers -------------------------------------------------------------------------

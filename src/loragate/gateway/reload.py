@@ -14,7 +14,8 @@ the error names the key. Then, without dropping a request:
   its adapters, and an adapter load running there counts for the new entry. Every new entry
   is built before the pool changes: one that cannot be fails the reload (``error``) with
   nothing changed (an ``api_key`` or URL no HTTP request can carry is refused earlier, as a
-  bad file);
+  bad file); a new entry whose URL resolves to the server of another one is warned about,
+  as at start-up;
 * ``admin.token`` and ``metrics.token`` changes take effect at once (with
   ``LORAGATE_ADMIN_TOKEN`` / ``LORAGATE_METRICS_TOKEN``, which win over them, read again and
   checked as the file's values are: a bad one rejects the reload naming the variable; a file
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from loragate.core.config import GatewayConfig
 from loragate.core.errors import ConfigError
 from loragate.gateway.config_file import load_config
-from loragate.gateway.config_warnings import warn_ignored_file_tokens
+from loragate.gateway.config_warnings import warn_ignored_file_tokens, warn_same_servers
 from loragate.routing import build_policy
 
 if TYPE_CHECKING:
@@ -158,6 +159,8 @@ async def apply_config(gateway: Gateway, new: GatewayConfig) -> ReloadResult:
         list(changed),
     )
     warn_ignored_file_tokens(effective, when="at reload")
+    if added or changed:  # as at start-up: a new name may resolve to a listed server
+        await warn_same_servers(effective.replicas, only=added + changed)
     if frozen:  # the operator asked for something that did not happen: say so louder
         log.warning(
             "config reloaded, but these sections keep their old values until a restart: %s",
