@@ -64,3 +64,31 @@ async def test_with_a_token_unknown_admin_paths_are_answered_like_other_unknown_
             assert resp.status == 405 and resp.headers["Allow"] == "POST"
         async with http.get(gw.url + "/admin/replicas", headers=AUTH) as resp:
             assert resp.status == 200
+
+
+async def test_get_on_a_drain_path_is_a_405_naming_post_and_delete(
+    replicas: list[ScriptedReplica], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, ``GET /admin/replicas/r0/drain`` was read as ``GET /admin/replicas/R`` for a
+    replica ``r0/drain`` (ids may hold '/') and answered 404 "replica 'r0/drain' does not
+    exist"."""
+    monkeypatch.delenv("LORAGATE_ADMIN_TOKEN", raising=False)
+    cfg = gateway_config(
+        [r.url for r in replicas],
+        admin={"token": "some-token"},
+        replicas=[{"id": "r0", "url": replicas[0].url}, {"id": "x/drain", "url": replicas[1].url}],
+    )
+    async with running_gateway(cfg, port=0) as gw, aiohttp.ClientSession() as http:
+        for rid in ("r0", "no-such-replica"):
+            async with http.get(f"{gw.url}/admin/replicas/{rid}/drain", headers=AUTH) as resp:
+                assert resp.status == 405 and resp.headers["Allow"] == "DELETE,POST"
+                error = (await resp.json())["error"]
+            assert error["code"] == "method_not_allowed"
+            assert error["message"] == (
+                f"method not allowed: GET /admin/replicas/{rid}/drain (allowed: DELETE, POST)"
+            )
+        # A replica whose id ends so is still answered.
+        async with http.get(gw.url + "/admin/replicas/x/drain", headers=AUTH) as resp:
+            assert resp.status == 200 and (await resp.json())["id"] == "x/drain"
+        async with http.get(gw.url + "/admin/replicas/r0/drain") as resp:
+            assert resp.status == 401  # the token first, as on every admin path

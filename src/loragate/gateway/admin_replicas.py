@@ -12,11 +12,12 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from loragate.core.errors import NotFoundError
 from loragate.core.types import ReplicaSnapshot
 from loragate.gateway.admin_common import json_response, log, state_unavailable
+from loragate.gateway.route_errors import method_not_allowed
 
 if TYPE_CHECKING:
     from loragate.gateway.app import Gateway
@@ -49,7 +50,15 @@ class ReplicaAdmin:
         )
 
     async def replica(self, request: web.Request) -> web.Response:
-        return json_response(self._json(request.match_info["id"]))
+        rid = request.match_info["id"]
+        try:
+            return json_response(self._json(rid))
+        except NotFoundError:
+            # The path of POST/DELETE .../drain, asked with GET (or HEAD), for no replica of
+            # that whole id (which may hold a slash): the drain endpoint, whose 405 it gets.
+            if rid.endswith("/drain") and len(rid) > len("/drain"):
+                return method_not_allowed(request, (hdrs.METH_POST, hdrs.METH_DELETE))
+            raise
 
     async def drain(self, request: web.Request) -> web.Response:
         return await self._drain(request.match_info["id"], on=True)

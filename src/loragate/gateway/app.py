@@ -35,9 +35,10 @@ from loragate.core.types import AdapterId, AdapterSpec, ReplicaId
 from loragate.gateway.admin import AdminApi, bearer_matches
 from loragate.gateway.catalog import Catalog
 from loragate.gateway.config_warnings import warn_ignored_file_tokens, warn_same_servers
-from loragate.gateway.errors import error_payload, error_response
+from loragate.gateway.errors import error_response
 from loragate.gateway.inflight import InFlightTracker, LocalInFlight
 from loragate.gateway.proxy import Proxy
+from loragate.gateway.route_errors import method_not_allowed, not_found
 from loragate.gateway.shared import SharedState, build_store
 from loragate.gateway.telemetry import CONTENT_TYPE, Telemetry
 from loragate.routing import Policy, build_policy
@@ -305,23 +306,9 @@ async def no_route(request: web.Request) -> web.Response:
         if resource is not own:
             allowed |= (await resource.resolve(request))[1]
     allowed.discard(hdrs.METH_ANY)  # a fallback for any method (this one, /admin's)
-    where = f"{request.method} {request.path[:200]}"
     if allowed:
-        return web.Response(
-            status=405,
-            body=error_payload(
-                f"method not allowed: {where} (allowed: {', '.join(sorted(allowed))})",
-                "invalid_request_error",
-                "method_not_allowed",
-            ),
-            content_type="application/json",
-            headers={hdrs.ALLOW: ",".join(sorted(allowed))},
-        )
-    return web.Response(
-        status=404,
-        body=error_payload(f"no such endpoint: {where}", "invalid_request_error", "not_found"),
-        content_type="application/json",
-    )
+        return method_not_allowed(request, allowed)
+    return not_found(request)
 
 
 async def metrics(request: web.Request) -> web.Response:
