@@ -15,7 +15,6 @@ TOKEN = "admin-s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-
 async def _call(
     http: aiohttp.ClientSession,
     method: str,
@@ -116,7 +115,8 @@ async def test_register_use_and_delete_an_adapter(replicas: list[ScriptedReplica
         url = gw.url + "/admin/adapters"
         new = {"name": "fresh", "path": "/loras/fresh", "rank": 16, "tenants": ["acme"]}
         status, body = await _call(http, "POST", url, headers=AUTH, body=new)
-        assert status == 201 and body == {**new, "rank_source": "request"}
+        loaded = {"loaded_on": ["r0"], "untried": False, "refused_by": {}, "not_tried": {}}
+        assert status == 201 and body == {**new, "rank_source": "request", **loaded}
         # Served at once, to the tenants it names only.
         done = await acme.completions.create(model="fresh", prompt="x", max_tokens=2)
         assert done.model == "fresh"

@@ -1,7 +1,9 @@
 """``POST /admin/adapters`` loads the adapter on the first healthy replica that takes it: a path
 no replica can load is a 400 with vLLM's reasons (the registration taken back), not a 201
 followed by a 502 for every request. A replica that cannot be reached (nothing listening, or no
-answer within ``limits.admin_timeout_s``) is passed over for the next one. Scripted replicas on
+answer within ``limits.admin_timeout_s``) is passed over for the next one. The 201 says where
+it was loaded (``loaded_on``), or that it was not (``untried``), and why not elsewhere
+(``refused_by``, ``not_tried``). Scripted replicas on
 loopback answer as vLLM does."""
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ async def test_a_replica_that_refuses_while_another_loads_it_keeps_its_refusal()
         status, body = await _admin(gw.url, "POST", "/admin/adapters", spec)
         assert status == 201, body
         assert r0.refused == 1 and r1.adapters.get("extra") == "/loras/extra"
+        # The body says where it was loaded and who refused (before: the same 201 either way).
+        assert (body["loaded_on"], body["untried"], body["not_tried"]) == (["r1"], False, {})
+        assert list(body["refused_by"]) == ["r0"]
+        assert "greater than max_lora_rank" in body["refused_by"]["r0"]  # vLLM's reason
         _, reps = await _admin(gw.url, "GET", "/admin/replicas")
         refused = {r["id"]: set(r["refused_adapters"]) for r in reps["replicas"]}
         assert refused == {"r0": {"extra"}, "r1": set()}
@@ -98,6 +104,8 @@ async def test_an_unreachable_replica_is_passed_over_for_one_that_loads_it(
                 status, body = await _admin(gw.url, "POST", "/admin/adapters", spec)
             assert status == 201, body
             assert r1.adapters.get("extra") == "/loras/extra"  # tried after r0, and loaded
+            assert (body["loaded_on"], body["untried"]) == (["r1"], False)
+            assert (body["refused_by"], body["not_tried"]) == ({}, {"r0": "unreachable"})
             assert "adapter extra not tried on replica r0" in caplog.text
             _, listed = await _admin(gw.url, "GET", "/admin/adapters")
             extra = next(a for a in listed["adapters"] if a["name"] == "extra")
@@ -147,6 +155,9 @@ async def test_a_registration_no_replica_could_be_asked_about_stays(
         with caplog.at_level(logging.WARNING, logger="loragate.gateway.admin"):
             status, body = await _admin(gw.url, "POST", "/admin/adapters", spec)
         assert status == 201, body
+        # Automation can tell it apart from a load (before, only the log said so).
+        assert (body["loaded_on"], body["untried"], body["refused_by"]) == ([], True, {})
+        assert body["not_tried"] == {"r0": "unreachable", "r1": "unreachable"}
         assert "adapter later registered untried: no healthy replica could be asked" in (
             caplog.text
         )

@@ -39,8 +39,12 @@
                             ``state.definitions``)
 ``POST /admin/adapters``    register ``{name, path, rank?, tenants?}``: 201 (the body says
                             where the rank came from: ``rank_source``, see
-                            ``gateway.adapter_rank``); 400 naming the bad key, or a rank that
-                            disagrees with the folder's ``adapter_config.json``, or a path
+                            ``gateway.adapter_rank``; and where it was loaded: ``loaded_on``
+                            (a list: empty if none was asked), ``untried`` (true then),
+                            ``refused_by`` (replica -> vLLM's reason) and ``not_tried``
+                            (replica -> why it was not asked)); 400 naming the bad key, or
+                            a rank that disagrees with the folder's ``adapter_config.json``,
+                            or a path
                             no healthy replica loads while at least one refuses it (it is
                             loaded on the first that takes it at once, as vLLM would load it
                             on first use, passing over replicas that refuse it or cannot be

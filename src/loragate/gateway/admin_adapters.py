@@ -149,7 +149,7 @@ class AdapterAdmin:
             gw.shared.check_adapters()  # this instance serves it at once
         gw.pool.refusals.forget(spec.name)  # registered anew: every replica may try it again
         try:
-            await self._try_load(spec)
+            load = await self._try_load(spec)
         except InvalidRequestError:  # no replica can load it: take the registration back
             async with gw.lock:
                 await gw.shared.store.delete_adapter(spec.name)
@@ -167,9 +167,11 @@ class AdapterAdmin:
                 "and %s",
                 spec.name, spec.path, spec.rank, settled.unread,
             )  # fmt: skip
-        return json_response({**adapter_json(spec), "rank_source": settled.source}, status=201)
+        return json_response(
+            {**adapter_json(spec), "rank_source": settled.source, **load.to_json()}, status=201
+        )
 
-    async def _try_load(self, spec: AdapterSpec) -> None:
+    async def _try_load(self, spec: AdapterSpec) -> LoadAttempt:
         """Load ``spec`` (just registered) on the healthy replicas in turn until one has it, so
         that a path no replica can load is a 400 now, not a 502 for every request later.
 
@@ -181,8 +183,9 @@ class AdapterAdmin:
         read the same folders); no refusal at all (every healthy replica unreachable, or none
         healthy) leaves the registration standing, logged: nothing says the path is bad. A
         replica that refuses while another loads it keeps its refusal, as after a routed
-        request."""
+        request. Returns what happened, for the 201's body."""
         pool = self._gw.pool
+        attempt = LoadAttempt()
         refused: list[str] = []
         unreachable: list[str] = []
         for snap in pool.healthy_snapshots():
@@ -191,17 +194,20 @@ class AdapterAdmin:
                 await pool.ensure_adapter(rid, spec)
             except AdapterLoadError as exc:
                 refused.append(f"replica {rid}: {exc.message}")
+                attempt.refused_by[rid] = exc.message
                 continue
             except LoragateError as exc:  # unreachable, timed out: not the adapter's fault
                 log.warning("admin: adapter %s not tried on replica %s: %s", spec.name, rid, exc)
                 unreachable.append(f"replica {rid} ({_why_not_tried(exc)})")
+                attempt.not_tried[rid] = _why_not_tried(exc)
                 continue
             if refused or unreachable:
                 log.info(
                     "admin: adapter %s loaded on replica %s after %s",
                     spec.name, rid, "; ".join(refused + unreachable),
                 )  # fmt: skip
-            return
+            attempt.loaded_on = rid
+            return attempt
         if not refused:
             if unreachable:
                 log.warning(
@@ -211,7 +217,7 @@ class AdapterAdmin:
                 )  # fmt: skip
             else:
                 log.warning("admin: adapter %s registered untried: no healthy replica", spec.name)
-            return
+            return attempt
         pool.refusals.forget(spec.name)  # taken back: nothing to remember
         message = f"no replica could load adapter {spec.name!r} from {spec.path!r}: " + "; ".join(
             refused
@@ -259,6 +265,26 @@ class AdapterAdmin:
                 errors[rid] = exc.message
         log.info("admin: deleted adapter %s (unloaded from %s)", name, unloaded)
         return json_response({"deleted": name, "unloaded_from": unloaded, "unload_errors": errors})
+
+
+@dataclasses.dataclass(slots=True)
+class LoadAttempt:
+    """What the load a registration tries did (``AdapterAdmin._try_load``), as the 201 tells
+    it: ``loaded_on`` the replica that loaded it (None: none did, the registration stands
+    untried), ``refused_by`` replica -> vLLM's reason, ``not_tried`` replica -> why it could
+    not be asked (no healthy replica at all: both empty)."""
+
+    loaded_on: str | None = None
+    refused_by: dict[str, str] = dataclasses.field(default_factory=dict)
+    not_tried: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "loaded_on": [] if self.loaded_on is None else [self.loaded_on],
+            "untried": self.loaded_on is None,
+            "refused_by": self.refused_by,
+            "not_tried": self.not_tried,
+        }
 
 
 def _why_not_tried(exc: LoragateError) -> str:
