@@ -143,6 +143,10 @@ async def test_a_run_maps_the_spec_onto_the_fleet_and_accounts_for_every_request
     assert sorted(r["index"] for r in rows) == list(range(30))
     assert all(r["ok"] and r["status"] == 200 for r in rows)
     assert sum(r["output_tokens"] for r in rows) == summary["output_tokens"]
+    # The gateway relays vLLM's usage chunk: every count is the server's, none estimated.
+    assert {r["tokens_source"] for r in rows} == {"usage"}
+    assert summary["answers"]["without_usage"] == 0
+    assert "no usage" not in captured.out
     # The spec's adapters were sent as the fleet's (acme's two, never globex's lora-2), the most
     # popular one as the first listed; base-model requests named the base model.
     fleet = await listed_adapters(gateway_url, KEY)

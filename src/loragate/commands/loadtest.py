@@ -40,8 +40,12 @@ from loragate.workload import Workload, WorkloadRequest, load_spec
 HELP = "Replay a workload spec open-loop against any OpenAI-compatible URL and report."
 
 EPILOG = """\
-Requests are streamed (stream_options.include_usage, ignore_eos) with prompts of the spec's
-length in words. The summary goes to stdout, the model mapping and progress to stderr.
+Requests are streamed (stream_options.include_usage, ignore_eos; --no-stream,
+--no-stream-options, --no-ignore-eos leave these out) with prompts of the spec's length in
+words. The summary goes to stdout, the model mapping and progress to stderr.
+Output tokens are the server's usage counts; a server that sends no usage gets an estimate
+(content chunks of a stream, words of a JSON answer), said once on stderr and in the summary.
+TTFT is the time to the first chunk that carries output; JSON answers have none.
 
 exit status:
   0    every request the workload scheduled was sent and answered 200 (or the failed
@@ -136,6 +140,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="/v1/completions, /v1/chat/completions or every third request chat "
         "(default: %(default)s)",
     )
+    body = parser.add_argument_group("what the requests ask")
+    body.add_argument(
+        "--no-stream",
+        dest="stream",
+        action="store_false",
+        help="ask for JSON answers (stream: false), for endpoints that do not stream; "
+        "no TTFT is measured",
+    )
+    body.add_argument(
+        "--no-stream-options",
+        dest="stream_usage",
+        action="store_false",
+        help="leave out stream_options.include_usage, for servers that refuse it; output "
+        "tokens are then estimated from the stream's chunks",
+    )
+    body.add_argument(
+        "--no-ignore-eos",
+        dest="ignore_eos",
+        action="store_false",
+        help="leave out ignore_eos, vLLM's extension that makes outputs exactly max_tokens "
+        "long (servers that refuse unknown fields, e.g. OpenAI's, answer it with 400)",
+    )
     out = parser.add_argument_group("output")
     out.add_argument(
         "--json", type=Path, metavar="FILE", help="write the summary as JSON ('-': stdout)"
@@ -171,6 +197,8 @@ class _Run:
     started: float = 0.0
     ended: float = 0.0
     writer: RecordWriter | None = None
+    stream: bool = True  # streamed answers were asked for
+    noted: set[str] = dataclasses.field(default_factory=set)  # notes said once
 
     def take(self, requests: Iterator[WorkloadRequest]) -> Iterator[WorkloadRequest]:
         for req in requests:
@@ -182,6 +210,48 @@ class _Run:
         self.results.append(r)
         if self.writer is not None:
             self.writer.write(r)
+        for key in _answer_notes(r, stream=self.stream):
+            if key not in self.noted:
+                self.noted.add(key)
+                _note(_NOTES[key])
+
+
+# What an answer shows about the target, said once per run.
+_NOTES = {
+    "chunks": "note: the target sent a stream without usage (it ignores "
+    "stream_options.include_usage): output tokens are estimated as the chunks that carried output",
+    "words": "note: the target sent an answer without usage: output tokens are estimated as the "
+    "words of its text",
+    "json": "note: the target answered a streamed request with one JSON object (it ignores "
+    "stream: true): no TTFT for such answers",
+}
+
+
+def _answer_notes(r: RequestResult, *, stream: bool) -> list[str]:
+    """The keys of the :data:`_NOTES` a successful answer calls for."""
+    if not r.ok:
+        return []
+    keys: list[str] = [r.tokens_source] if r.tokens_source in ("chunks", "words") else []
+    if stream and not r.streamed:
+        keys.append("json")
+    return keys
+
+
+# Request fields a server may refuse, and the flag that leaves each out.
+_REFUSED_FIELD_HINTS = (
+    ("ignore_eos", "--no-ignore-eos"),
+    ("stream_options", "--no-stream-options"),
+)
+
+
+def _hints(results: list[RequestResult]) -> list[str]:
+    """Flags to try when 400 answers name a field the load test sends."""
+    messages = {r.error or "" for r in results if r.status == 400}
+    return [
+        f"hint: 400 answers name {field}, which the target may not accept: try {flag}"
+        for field, flag in _REFUSED_FIELD_HINTS
+        if any(field in m for m in messages)
+    ]
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -263,7 +333,7 @@ async def _loadtest(args: argparse.Namespace, workload: Workload, state: _Run) -
     bound = f", at most {args.max_requests} requests" if args.max_requests else ""
     _note(
         f"{spec.name}: {workload.offered_rate_rps:.3g} req/s offered for {spec.duration_s:g} s"
-        f"{bound} -> {base_url} ({args.endpoint}, streamed)"
+        f"{bound} -> {base_url} ({args.endpoint}, {'streamed' if args.stream else 'not streamed'})"
     )
     cfg = OpenLoopConfig(
         base_url=base_url,
@@ -273,8 +343,12 @@ async def _loadtest(args: argparse.Namespace, workload: Workload, state: _Run) -
         deadline_s=spec.duration_s + args.timeout_s + 1.0,
         request_timeout_s=args.timeout_s,
         chat_every=ENDPOINTS[args.endpoint],
+        stream=args.stream,
+        stream_usage=args.stream_usage,
+        ignore_eos=args.ignore_eos,
         adapter_map=plan.mapping,
     )
+    state.stream = args.stream
     requests: Iterator[WorkloadRequest] = workload.requests()
     if args.max_requests is not None:
         requests = itertools.islice(requests, args.max_requests)
@@ -329,7 +403,9 @@ def _summary(
     return summary
 
 
-def _report(args: argparse.Namespace, summary: dict[str, Any]) -> None:
+def _report(args: argparse.Namespace, summary: dict[str, Any], state: _Run) -> None:
+    for hint in _hints(state.results):
+        _note(hint)
     text = format_text(summary)
     if args.json is not None and str(args.json) == "-":
         print(text, file=sys.stderr)
@@ -359,14 +435,14 @@ def run(args: argparse.Namespace) -> int:
         _note("interrupted: the summary covers the requests answered so far")
         if state.started:
             state.ended = state.ended or time.perf_counter()
-            _report(args, _summary(args, workload, state, interrupted=True))
+            _report(args, _summary(args, workload, state, interrupted=True), state)
         return EXIT_INTERRUPTED
     finally:
         if state.writer is not None:
             state.writer.close()
             _note(f"{state.writer.written} records in {state.writer.path}")
     summary = _summary(args, workload, state)
-    _report(args, summary)
+    _report(args, summary, state)
     req = summary["requests"]
     if req["sent"] == 0:
         _note("no request was sent: the workload has none in its duration")

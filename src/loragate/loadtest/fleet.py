@@ -87,7 +87,11 @@ async def fetch_models(base_url: str, *, api_key: str | None, timeout_s: float) 
     except aiohttp.ClientError as exc:
         raise TargetError(f"cannot reach {url}: {exc}", reachable=False) from exc
     if status != 200:
-        hint = " (check --api-key or OPENAI_API_KEY)" if status in (401, 403) else ""
+        hint = ""
+        if status in (401, 403):
+            hint = " (check --api-key or OPENAI_API_KEY)"
+        elif status in (404, 405):
+            hint = " (a target without a model list: name its models with --models, --base-model)"
         raise TargetError(f"GET {url} answered {status}: {_message(body)}{hint}")
     try:
         doc = json.loads(body)

@@ -2,10 +2,12 @@
 
 Requests are sent at their scheduled times (``WorkloadRequest.t_s`` after the start) whether
 or not earlier ones have finished, as real clients do; a concurrency cap bounds what one
-process keeps in flight, and a deadline bounds the run. Every request is streamed so the time
-to first token is measured on the client side; a result is recorded for every request sent,
-errors included (with an ``error_type``: ``http``, ``timeout``, ``connect``, ``disconnected``,
-``stream_error``, ``protocol``, ``client`` or ``deadline``), so nothing is lost silently.
+process keeps in flight, and a deadline bounds the run. Requests are streamed (unless
+``OpenLoopConfig.stream`` is False) so the time to first token is measured on the client side;
+a result is recorded for every request sent, errors included (with an ``error_type``: ``http``,
+``timeout``, ``connect``, ``disconnected``, ``stream_error``, ``answer_error``, ``aborted``,
+``protocol``, ``client`` or ``deadline``), so nothing is lost silently. How answers are read,
+and output tokens counted when a server sends no usage: :mod:`loragate.loadtest.answers`.
 
 ``OpenLoopConfig.adapter_map`` renames the workload's adapters to models the target serves
 (``loragate loadtest`` maps a spec's ``adapter-000``... onto the adapters a fleet lists).
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from loragate.loadtest.answers import StreamReading, TokensSource, read_json
 from loragate.workload.generator import WorkloadRequest
 
 # Words the simulated replica counts as one token each; any OpenAI server accepts them.
@@ -37,9 +40,13 @@ class RequestResult:
     scheduled_s: float  # offset from the start of the run
     sent_s: float
     status: int  # HTTP status; 0 when no response arrived
-    ttft_s: float | None
+    ttft_s: float | None  # None: no output, or a JSON answer (not streamed)
     latency_s: float
     output_tokens: int
+    # "usage": the server's count; "chunks" / "words": estimated (it sent no usage); "none"
+    tokens_source: TokensSource = "none"
+    streamed: bool = False  # the answer came as an SSE stream (else one JSON object)
+    finish_reason: str | None = None
     error: str | None = None
     error_type: str | None = None  # see the module docstring; None when ok
     model: str = ""  # the ``model`` the request named (after ``adapter_map``)
@@ -60,6 +67,9 @@ class OpenLoopConfig:
     deadline_s: float = 120.0  # hard stop of the whole run, from its start
     request_timeout_s: float = 60.0
     chat_every: int = 3  # every n-th request uses /chat/completions (0: never)
+    stream: bool = True  # stream answers
+    stream_usage: bool = True  # ask a stream for usage (stream_options.include_usage)
+    ignore_eos: bool = True  # vLLM's extension: outputs of exactly max_tokens
     # workload adapter -> model to name instead (absent: the adapter's own name)
     adapter_map: Mapping[str, str] = field(default_factory=dict)
 
@@ -78,14 +88,16 @@ def prompt_of(n_tokens: int, index: int) -> str:
 
 def request_body(cfg: OpenLoopConfig, req: WorkloadRequest, index: int) -> tuple[str, bytes]:
     """The endpoint path and JSON body for one workload request."""
-    common = {
+    common: dict[str, object] = {
         "model": model_of(cfg, req.adapter),
         "max_tokens": int(req.max_tokens),
         "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "ignore_eos": True,
+        "stream": cfg.stream,
     }
+    if cfg.stream and cfg.stream_usage:  # vLLM refuses stream_options without stream
+        common["stream_options"] = {"include_usage": True}
+    if cfg.ignore_eos:
+        common["ignore_eos"] = True
     prompt = prompt_of(int(req.prompt_tokens), index)
     if cfg.chat_every and index % cfg.chat_every == cfg.chat_every - 1:
         body = {**common, "messages": [{"role": "user", "content": prompt}]}
@@ -105,8 +117,12 @@ async def _send(
     if cfg.api_key:
         headers["Authorization"] = f"Bearer {cfg.api_key}"
     sent = time.perf_counter()
+    stream = StreamReading(started=sent)
+    streamed = False
     ttft: float | None = None
     tokens = 0
+    source: TokensSource = "none"
+    finish_reason: str | None = None
     status = 0
     error: str | None = None
     error_type: str | None = None
@@ -115,27 +131,20 @@ async def _send(
             status = resp.status
             if status != 200:
                 error, error_type = _error_message(await resp.read(), status), "http"
+            elif resp.content_type == "application/json":
+                answer = read_json(await resp.read())
+                tokens, source = answer.output_tokens, answer.tokens_source
+                finish_reason, error, error_type = (
+                    answer.finish_reason,
+                    answer.error,
+                    answer.error_type,
+                )
             else:
+                streamed = True
                 async for raw in resp.content:
-                    line = raw.strip()
-                    if not line.startswith(b"data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == b"[DONE]":
+                    if not stream.feed(raw, time.perf_counter()):
                         break
-                    event = json.loads(payload)
-                    if not isinstance(event, dict):
-                        raise ValueError(f"an SSE event that is not an object: {payload[:80]!r}")
-                    if "error" in event:
-                        error, error_type = _event_error(event["error"]), "stream_error"
-                        break
-                    if ttft is None and event.get("choices"):
-                        ttft = time.perf_counter() - sent
-                    usage = event.get("usage")
-                    if isinstance(usage, dict):
-                        tokens = int(usage.get("completion_tokens") or 0)
-                if error is None and tokens == 0:
-                    error, error_type = "stream ended without usage", "protocol"
+                stream.end()
     except TimeoutError:
         error = f"no complete answer within {cfg.request_timeout_s:g} s"
         error_type = "timeout"
@@ -145,8 +154,13 @@ async def _send(
         error, error_type = f"{type(exc).__name__}: {exc}", "disconnected"
     except aiohttp.ClientError as exc:
         error, error_type = f"{type(exc).__name__}: {exc}", "client"
-    except (ValueError, TypeError) as exc:  # not JSON, or not the OpenAI stream's shape
+    except (ValueError, TypeError) as exc:  # not JSON, or not the OpenAI answer's shape
         error, error_type = f"{type(exc).__name__}: {exc}", "protocol"
+    if streamed:
+        ttft, finish_reason = stream.first_output_s, stream.finish_reason
+        tokens, source = stream.tokens()
+        if error is None:
+            error, error_type = stream.error, stream.error_type
     return RequestResult(
         index=index,
         adapter=req.adapter,
@@ -157,18 +171,15 @@ async def _send(
         ttft_s=ttft,
         latency_s=time.perf_counter() - sent,
         output_tokens=tokens,
+        tokens_source=source,
+        streamed=streamed,
+        finish_reason=finish_reason,
         error=error,
         error_type=error_type,
         model=model_of(cfg, req.adapter),
         prompt_tokens=int(req.prompt_tokens),
         max_tokens=int(req.max_tokens),
     )
-
-
-def _event_error(err: object) -> str:
-    if isinstance(err, dict):
-        return str(err.get("message", err))
-    return str(err)
 
 
 def _error_message(body: bytes, status: int) -> str:

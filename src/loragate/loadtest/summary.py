@@ -7,6 +7,11 @@ the arrival window: a bursty spec over a short run draws more or fewer than the 
 ``sent_rps`` what the client achieved (requests sent over the send window, which grows past the
 arrival window when sends lag), ``ok_rps`` successful requests over the whole run, drain
 included.
+
+Output tokens are the servers' usage counts where they sent usage; where not, the estimate each
+request states (``tokens_source``: content chunks of a stream, words of a JSON answer), summed
+in ``output_tokens_by_source`` and counted in ``answers.without_usage``, so a figure that is
+partly estimated says so.
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ def summarise(
     send_window_s = max(window_s, last_sent_s)
     lags = [max(0.0, r.sent_s - r.scheduled_s) for r in results]
     tokens = sum(r.output_tokens for r in ok)
+    by_source: Counter[str] = Counter()
+    for r in ok:
+        by_source[r.tokens_source] += r.output_tokens
     samples = Counter(f"{_error_key(r)}: {r.error}" for r in failed)
     return {
         "requests": {
@@ -87,6 +95,13 @@ def summarise(
         "e2e_ms": _ms([r.latency_s for r in ok], (50, 90, 99)),
         "output_tokens": tokens,
         "output_tokens_per_s": round(tokens / elapsed_s, 2) if elapsed_s > 0 else None,
+        "output_tokens_by_source": dict(sorted(by_source.items())),
+        "answers": {
+            "streamed": sum(1 for r in ok if r.streamed),
+            "json": sum(1 for r in ok if not r.streamed),
+            "without_usage": sum(1 for r in ok if r.tokens_source != "usage"),
+            "finish_reasons": dict(Counter(r.finish_reason or "none" for r in ok).most_common()),
+        },
         "models": _per_model(results, top),
         "error_samples": [{"count": n, "error": text[:300]} for text, n in samples.most_common(5)],
     }
@@ -117,6 +132,22 @@ def _f(v: float | None, unit: str = " ms") -> str:
     return "-" if v is None else f"{v:.1f}{unit}"
 
 
+def _estimated(summary: dict[str, Any]) -> str:
+    """What part of the token count is estimated, or ''."""
+    answers = summary["answers"]
+    n = answers["without_usage"]
+    if not n:
+        return ""
+    by_source = summary["output_tokens_by_source"]
+    how = ", ".join(
+        f"{by_source[k]} counted as {what}"
+        for k, what in (("chunks", "content chunks"), ("words", "words"))
+        if k in by_source
+    )
+    ok = answers["streamed"] + answers["json"]
+    return f" ({n} of {ok} answers sent no usage: {how}, an estimate)"
+
+
 def format_text(summary: dict[str, Any]) -> str:
     """The summary as the lines ``loragate loadtest`` prints."""
     req, rate = summary["requests"], summary["rate"]
@@ -139,8 +170,12 @@ def format_text(summary: dict[str, Any]) -> str:
         f"TTFT      p50 {_f(ttft['p50'])}  p90 {_f(ttft['p90'])}  p99 {_f(ttft['p99'])}",
         f"E2E       p50 {_f(e2e['p50'])}  p90 {_f(e2e['p90'])}  p99 {_f(e2e['p99'])}",
         f"tokens    {summary['output_tokens']} output tokens, "
-        f"{'-' if tps is None else f'{tps:.1f}'} tok/s",
+        f"{'-' if tps is None else f'{tps:.1f}'} tok/s{_estimated(summary)}",
     ]
+    reasons = summary["answers"]["finish_reasons"]
+    if set(reasons) - {"length"}:  # with ignore_eos every answer runs to max_tokens
+        counts = ", ".join(f"{k} {v}" for k, v in reasons.items())
+        lines.append(f"finished  {counts} (finish_reason of the answers that succeeded)")
     models = summary["models"]
     if models["top"]:
         shown = len(models["top"])
