@@ -22,6 +22,7 @@ import math
 import uuid
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import BlockingConnectionPool
@@ -163,6 +164,21 @@ def _registry_answer(answer: int, epoch: str | None) -> bool:
     return answer == 1
 
 
+def redacted_url(url: str) -> str:
+    """``url`` with its password, in the user part or the query (``?password=``), as ``***``:
+    what a log may show of a Redis URL."""
+    parts = urlsplit(url)
+    out = url
+    if parts.password is not None:
+        user, _, host = parts.netloc.rpartition("@")
+        out = out.replace(parts.netloc, f"{user.partition(':')[0]}:***@{host}", 1)
+    if "password" in parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*")
+        out = out.replace(parts.query, query, 1)
+    return out
+
+
 class RedisStore:
     """``StateStore`` on one Redis. Build with ``RedisStore.from_url``."""
 
@@ -175,8 +191,11 @@ class RedisStore:
         instance_id: str | None = None,
         op_timeout_s: float = 0.5,
         clock: Clock | None = None,
+        url: str | None = None,
     ) -> None:
         self._r = client
+        # Where this Redis is, for logs: the URL with its password left out (``from_url``).
+        self.url = "redis" if url is None else redacted_url(url)
         self.keys = keys or KeySpace()
         self.ttls = ttls or Ttls()
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
@@ -243,6 +262,7 @@ class RedisStore:
             instance_id=instance_id,
             op_timeout_s=op_timeout_s,
             clock=clock,
+            url=url,
         )
 
     # --- plumbing ---------------------------------------------------------------------------

@@ -192,14 +192,16 @@ class ResilientStore:
     # --- synchronisation ------------------------------------------------------------------------
     async def start(self) -> None:
         """Connect and synchronise now; if Redis is down, stay degraded (no exception)."""
-        await self._try_recover()
-        if self._degraded:
+        error = await self._try_recover()
+        if error is not None:
             log.warning(
-                "state: Redis unreachable at start-up, serving from the local view until it is"
-                " reachable"
-            )
+                "state: Redis unreachable at start-up (%s: %s), serving from the local view "
+                "until it is reachable",
+                self._remote.url, error,
+            )  # fmt: skip
 
-    async def _try_recover(self) -> None:
+    async def _try_recover(self) -> StateUnavailableError | None:
+        """Resynchronise with Redis; what failed, if it did (then degraded still)."""
         try:
             await self._recover()
         except StateUnavailableError as exc:
@@ -209,12 +211,13 @@ class ResilientStore:
             )
             self._backoff_s = min(self._backoff_s * 2.0, self._ttls.retry_max_s)
             log.debug("state: Redis still unreachable (%s)", exc)
-            return
+            return exc
         if self.resyncs > 0:
             log.warning("state: Redis reachable again, resynchronised")
         self.resyncs += 1
         self._degraded = False
         self._backoff_s = self._ttls.retry_initial_s
+        return None
 
     async def _recover(self) -> None:
         async with self._resync_lock:
