@@ -146,24 +146,33 @@ class AdminApi:
         """Without a token: the same 404 as every admin route. With one: what any unknown
         path or method gets (404 ``no such endpoint``, 405 with ``Allow``)."""
         if self._gw.admin_token is None:
-            return _disabled()
+            return self._gw.endpoint_errors.answered(request, _disabled())
         from loragate.gateway.app import no_route  # the app imports this module
 
-        return await no_route(request)
+        return await no_route(request)  # (counted there)
 
     def _guard(self, handler: Any) -> Any:
+        """``handler`` behind the token, its errors in the OpenAI shape and counted
+        (``gateway.endpoint_errors``)."""
+        errors = self._gw.endpoint_errors
+
         async def guarded(request: web.Request) -> web.StreamResponse:
             token = self._gw.admin_token
             if token is None:
-                return _disabled()
+                return errors.answered(request, _disabled())
             if not bearer_matches(request, token):
-                return error_response(
-                    AuthenticationError("admin API: missing or invalid admin token")
+                return errors.answered(
+                    request,
+                    error_response(
+                        AuthenticationError("admin API: missing or invalid admin token")
+                    ),
                 )
             try:
                 response: web.StreamResponse = await handler(request)
             except LoragateError as exc:
-                return error_response(exc)
+                return errors.answered(request, error_response(exc))
+            if isinstance(response, web.Response):
+                errors.answered(request, response)
             return response
 
         return guarded

@@ -35,6 +35,7 @@ from loragate.core.types import AdapterId, AdapterSpec, ReplicaId
 from loragate.gateway.admin import AdminApi, bearer_matches
 from loragate.gateway.catalog import Catalog
 from loragate.gateway.config_warnings import warn_ignored_file_tokens, warn_same_servers
+from loragate.gateway.endpoint_errors import EndpointErrors
 from loragate.gateway.errors import error_response
 from loragate.gateway.inflight import InFlightTracker, LocalInFlight
 from loragate.gateway.proxy import Proxy
@@ -59,6 +60,7 @@ class Gateway:
     proxy: Proxy
     clock: Clock
     shared: SharedState
+    endpoint_errors: EndpointErrors
     config_path: Path | None = None
     session: aiohttp.ClientSession | None = None
     # Serialises reloads and admin writes that rebuild the catalog.
@@ -192,6 +194,7 @@ def create_app(
         proxy=proxy,
         clock=clock,
         shared=shared,
+        endpoint_errors=EndpointErrors(telemetry, clock),
         config_path=None if config_path is None else Path(config_path),
     )
     shared.on_adapters = gateway.rebuild_catalog
@@ -265,7 +268,7 @@ async def list_models(request: web.Request) -> web.Response:
     try:
         tenant = catalog.tenant_of(request.headers.get(hdrs.AUTHORIZATION))
     except LoragateError as exc:
-        return error_response(exc)
+        return gateway.endpoint_errors.answered(request, error_response(exc))
     body = catalog.models_json(tenant, gateway.pool.base_model_card())
     return web.Response(body=body, content_type="application/json")
 
@@ -306,9 +309,8 @@ async def no_route(request: web.Request) -> web.Response:
         if resource is not own:
             allowed |= (await resource.resolve(request))[1]
     allowed.discard(hdrs.METH_ANY)  # a fallback for any method (this one, /admin's)
-    if allowed:
-        return method_not_allowed(request, allowed)
-    return not_found(request)
+    response = method_not_allowed(request, allowed) if allowed else not_found(request)
+    return request.app[GATEWAY].endpoint_errors.answered(request, response)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -318,10 +320,11 @@ async def metrics(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     token = gateway.config.metrics.token  # a reload may set or change it
     if token is not None and not bearer_matches(request, token):
-        return error_response(  # with WWW-Authenticate: Bearer
+        refused = error_response(  # with WWW-Authenticate: Bearer
             AuthenticationError(
                 "/metrics: missing or invalid metrics token (Authorization: Bearer <token>; "
                 f"the token is {METRICS_TOKEN_ENV} if set, else metrics.token)"
             )
         )
+        return gateway.endpoint_errors.answered(request, refused)
     return web.Response(body=gateway.telemetry.render(), headers={hdrs.CONTENT_TYPE: CONTENT_TYPE})

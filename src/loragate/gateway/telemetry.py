@@ -46,6 +46,12 @@ _LATENCY_BUCKETS_S = (
 
 _RELOAD_RESULTS = ("ok", "rejected", "error")  # loragate_config_reloads_total{result}
 
+# loragate_endpoint_errors_total{endpoint}: the gateway's own endpoints by class (never the raw
+# path: a client could make the series unbounded) and, shown from 0, the failed
+# authentications an alert would watch.
+ENDPOINT_CLASSES = ("admin", "models", "metrics", "health", "api", "other")
+_AUTH_ENDPOINTS = ("admin", "models", "metrics")
+
 
 class _ScrapeTimeGauges(Collector):
     """Gauges computed from the gateway's state when ``/metrics`` is scraped."""
@@ -219,6 +225,7 @@ class _ProxyMetrics(Collector):
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, str], int] = {}
         self.http_errors: dict[str, int] = {}
+        self.endpoint_errors: dict[tuple[str, str], int] = {}
         self.latency: dict[str, _Histogram] = {}
         self.ttft: dict[str, _Histogram] = {}
         self.retries: dict[tuple[str, str], int] = {}
@@ -250,15 +257,34 @@ class _ProxyMetrics(Collector):
         for status, n in self.http_errors.items():
             http_errors.add_metric([status], n)
         yield http_errors
+        endpoint_errors = CounterMetricFamily(
+            "loragate_endpoint_errors",
+            "Error answers (status >= 400) of the gateway's own endpoints, not of proxied "
+            "requests (those are in loragate_requests_total) nor of the HTTP parser "
+            "(loragate_http_errors_total), by endpoint class and status: admin (/admin/*), "
+            "models (GET /v1/models), metrics (/metrics), health, api (another /v1 path or a "
+            "method the path does not take), other (any other path). 401 is a failed "
+            "authentication (a missing or wrong bearer token: the admin token, a tenant's API "
+            "key, the metrics token); 404 an unknown path (or, under /admin, replica or "
+            "adapter); 405 a wrong method.",
+            labels=["endpoint", "status"],
+        )
+        for endpoint in _AUTH_ENDPOINTS:  # from 0: increase() sees the first failure too
+            if (endpoint, "401") not in self.endpoint_errors:
+                endpoint_errors.add_metric([endpoint, "401"], 0)
+        for (endpoint, status), n in self.endpoint_errors.items():
+            endpoint_errors.add_metric([endpoint, status], n)
+        yield endpoint_errors
         retries = CounterMetricFamily(
             "loragate_upstream_retries",
             "Requests this gateway instance sent again after a replica failed them before "
             "any answer reached the client, by the replica that failed and reason: connect "
             "(could not connect), dropped (closed the connection before answering), "
             "bad_response (an answer that is not HTTP), refused_load (refused to load the "
-            "adapter), load_failed (the adapter load did not get through: connect or "
-            "dropped), adapter_missing (answered 404 for an adapter the gateway had loaded "
-            "there, e.g. after a restart: routed again, and the adapter loaded again), "
+            "adapter), load_failed (the adapter load did not get through: connect, dropped, "
+            "or not done within the request's timeout), adapter_missing (answered 404 for an "
+            "adapter the gateway had loaded there, e.g. after a restart: routed again, and "
+            "the adapter loaded again), "
             "engine_stopped (the replica stopped the request before any answer reached the "
             "client: vLLM's finish_reason abort at shutdown, or its engine-dead 500). "
             "Except after adapter_missing the retry goes to another replica. "
@@ -413,6 +439,13 @@ class Telemetry:
         """One request the HTTP layer answered itself (see ``gateway/protocol_errors.py``)."""
         key = str(status)
         errors = self._metrics.http_errors
+        errors[key] = errors.get(key, 0) + 1
+
+    def count_endpoint_error(self, endpoint: str, status: int) -> None:
+        """An error answer of the gateway's own endpoint class ``endpoint`` (one of
+        ``ENDPOINT_CLASSES``)."""
+        key = (endpoint, str(status))
+        errors = self._metrics.endpoint_errors
         errors[key] = errors.get(key, 0) + 1
 
     def count_retry(self, replica: str, reason: str) -> None:

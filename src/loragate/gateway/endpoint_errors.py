@@ -1,0 +1,79 @@
+"""Error answers of the gateway's own endpoints (the admin API, ``GET /v1/models``,
+``/metrics``, unknown paths and wrong methods), which no proxied request's accounting sees:
+each is counted in ``loragate_endpoint_errors_total{endpoint,status}`` by endpoint class, never
+the raw path. A failed authentication (401: a missing or wrong bearer token) is also logged,
+as one WARNING at most every ``log_interval_s`` (60 s) saying how many more came meanwhile,
+so that token guessing shows in the log without flooding it; the token sent is never logged.
+Other errors are logged at DEBUG."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from aiohttp import hdrs, web
+
+from loragate.core.clock import Clock
+from loragate.gateway.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+_MAX_PATH_LOGGED = 200
+
+
+def endpoint_class(path: str) -> str:
+    """The label ``loragate_endpoint_errors_total`` gives ``path`` (``telemetry.
+    ENDPOINT_CLASSES``)."""
+    if path == "/admin" or path.startswith("/admin/"):
+        return "admin"
+    if path == "/v1/models":
+        return "models"
+    if path == "/metrics":
+        return "metrics"
+    if path == "/health":
+        return "health"
+    if path.startswith("/v1/"):
+        return "api"
+    return "other"
+
+
+class EndpointErrors:
+    """Counts (and logs) the error answers the gateway's own handlers give."""
+
+    def __init__(self, telemetry: Telemetry, clock: Clock, log_interval_s: float = 60.0) -> None:
+        self._telemetry = telemetry
+        self._clock = clock
+        self._log_interval_s = log_interval_s
+        self._last_logged_s = -math.inf
+        self._not_logged = 0  # auth failures since the last one logged
+
+    def answered(self, request: web.Request, response: web.Response) -> web.Response:
+        """``response``, counted first if it is an error answer (status >= 400)."""
+        status = response.status
+        if status < 400:
+            return response
+        endpoint = endpoint_class(request.path)
+        self._telemetry.count_endpoint_error(endpoint, status)
+        where = f"{request.method} {request.raw_path[:_MAX_PATH_LOGGED]}"  # as sent: escaped
+        if status == 401:
+            self._auth_failed(request, where)
+        else:
+            log.debug("%s from %s: %d (%s)", where, request.remote, status, endpoint)
+        return response
+
+    def _auth_failed(self, request: web.Request, where: str) -> None:
+        now = self._clock.now()
+        if now - self._last_logged_s < self._log_interval_s:
+            self._not_logged += 1
+            return
+        more, self._not_logged = self._not_logged, 0
+        self._last_logged_s = now
+        sent = "without an" if hdrs.AUTHORIZATION not in request.headers else "with a wrong"
+        log.warning(
+            "authentication failed: %s from %s %s Authorization header (401)%s; at most one "
+            "such line per "
+            "%g s, loragate_endpoint_errors_total{status=\"401\"} counts them all",
+            where, request.remote, sent,
+            f"; {more} more since the last such line" if more else "",
+            self._log_interval_s,
+        )  # fmt: skip
