@@ -335,7 +335,9 @@ async def test_a_server_that_refuses_stream_options_gets_a_hint_and_runs_without
 
     fake.bodies["no-options"].clear()
     assert await loadtest(url, spec, "no-options", tmp_path, "--no-stream-options") == 0
-    capsys.readouterr()
+    err = capsys.readouterr().err
+    assert err.count("streams carry no usage without stream_options (--no-stream-options)") == 1
+    assert "ignores stream_options" not in err  # it was not asked
     assert all("stream_options" not in b and b["stream"] for b in fake.bodies["no-options"])
     rows = records(tmp_path)
     assert {(r["ok"], r["output_tokens"], r["tokens_source"]) for r in rows} == {

@@ -198,6 +198,7 @@ class _Run:
     ended: float = 0.0
     writer: RecordWriter | None = None
     stream: bool = True  # streamed answers were asked for
+    stream_usage: bool = True  # and usage in them
     noted: set[str] = dataclasses.field(default_factory=set)  # notes said once
 
     def take(self, requests: Iterator[WorkloadRequest]) -> Iterator[WorkloadRequest]:
@@ -210,7 +211,7 @@ class _Run:
         self.results.append(r)
         if self.writer is not None:
             self.writer.write(r)
-        for key in _answer_notes(r, stream=self.stream):
+        for key in _answer_notes(r, stream=self.stream, stream_usage=self.stream_usage):
             if key not in self.noted:
                 self.noted.add(key)
                 _note(_NOTES[key])
@@ -222,16 +223,22 @@ _NOTES = {
     "stream_options.include_usage): output tokens are estimated as the chunks that carried output",
     "words": "note: the target sent an answer without usage: output tokens are estimated as the "
     "words of its text",
+    "chunks unasked": "note: streams carry no usage without stream_options "
+    "(--no-stream-options): output tokens are estimated as the chunks that carried output",
     "json": "note: the target answered a streamed request with one JSON object (it ignores "
     "stream: true): no TTFT for such answers",
 }
 
 
-def _answer_notes(r: RequestResult, *, stream: bool) -> list[str]:
+def _answer_notes(r: RequestResult, *, stream: bool, stream_usage: bool) -> list[str]:
     """The keys of the :data:`_NOTES` a successful answer calls for."""
     if not r.ok:
         return []
-    keys: list[str] = [r.tokens_source] if r.tokens_source in ("chunks", "words") else []
+    keys: list[str] = []
+    if r.tokens_source == "chunks":
+        keys.append("chunks" if stream_usage else "chunks unasked")
+    elif r.tokens_source == "words":
+        keys.append("words")
     if stream and not r.streamed:
         keys.append("json")
     return keys
@@ -348,7 +355,7 @@ async def _loadtest(args: argparse.Namespace, workload: Workload, state: _Run) -
         ignore_eos=args.ignore_eos,
         adapter_map=plan.mapping,
     )
-    state.stream = args.stream
+    state.stream, state.stream_usage = args.stream, args.stream_usage
     requests: Iterator[WorkloadRequest] = workload.requests()
     if args.max_requests is not None:
         requests = itertools.islice(requests, args.max_requests)
