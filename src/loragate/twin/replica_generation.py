@@ -4,7 +4,10 @@ Each choice (prompt x ``n``) becomes one engine request whose ``max_tokens`` is 
 its synthetic output plan; the engine decides *when* each token exists, the plan decides *what*
 it says. Non-streaming answers when every choice has finished; streaming writes one SSE event
 per engine token event, as vLLM does (one token per decode step). ``usage`` counts exactly the
-tokens the engine emitted. A client that disconnects aborts its engine requests.
+tokens the engine emitted. A client that disconnects aborts its engine requests. A stream's
+head goes out at once; a chat's role chunks wait for the request's first output (its first
+token, or its abort), as vLLM writes them. ``logprobs`` are synthetic, in vLLM's shapes
+(``synthetic_logprobs``).
 
 ``echo`` (see ``replica_protocol``): a choice's first text is prefixed with its prompt's
 ``echo_text`` (completions: in the choice's first token event, as vLLM does; chat: in one event
