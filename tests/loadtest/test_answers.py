@@ -8,7 +8,13 @@ from typing import Any
 
 import pytest
 
-from loragate.loadtest.answers import StreamReading, TokensSource, completion_tokens, read_json
+from loragate.loadtest.answers import (
+    StreamReading,
+    TokensSource,
+    completion_tokens,
+    error_message,
+    read_json,
+)
 from loragate.loadtest.openloop import RequestResult
 from loragate.loadtest.summary import format_text, summarise
 
@@ -95,6 +101,24 @@ def test_json_answers() -> None:
     for body in (b"[]", b'{"choices": []}', b"not json"):
         with pytest.raises(ValueError):
             read_json(body)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"error": {"message": "m", "type": "t", "param": null, "code": 400}}', "m"),  # OpenAI
+        (
+            b'{"error": "Input validation error", "error_type": "validation"}',
+            "Input validation error",
+        ),
+        (b'{"object": "error", "message": "old vLLM", "code": 400}', "old vLLM"),
+        (b'{"error": {"code": 1}}', None),
+        (b"[1]", None),
+        (b"<html>Bad Gateway</html>", None),
+    ],
+)
+def test_error_messages_of_several_servers(body: bytes, message: str | None) -> None:
+    assert error_message(body) == message
 
 
 def _ok(

@@ -189,3 +189,22 @@ def _error_text(err: object) -> str:
     if isinstance(err, dict):
         return str(err.get("message", err))
     return str(err)
+
+
+def error_message(body: bytes) -> str | None:
+    """The message of an error answer: OpenAI's ``{"error": {"message"}}``, a plain
+    ``{"error": "..."}`` (Hugging Face TGI) or ``{"message": "..."}`` (vLLM before 0.6); None
+    when the body is none of these."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    err = doc.get("error")
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        return str(err["message"])
+    if isinstance(err, str):
+        return err
+    message = doc.get("message")
+    return message if isinstance(message, str) else None

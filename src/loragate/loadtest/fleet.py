@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from loragate.core.errors import LoragateError
+from loragate.loadtest.answers import error_message
 
 
 class TargetError(LoragateError):
@@ -101,10 +102,8 @@ async def fetch_models(base_url: str, *, api_key: str | None, timeout_s: float) 
 
 
 def _message(body: bytes) -> str:
-    try:
-        return str(json.loads(body)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return repr(body[:200])
+    message = error_message(body)
+    return repr(body[:200]) if message is None else message
 
 
 def by_popularity(names: Sequence[str], rates: Sequence[float]) -> list[str]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from loragate.loadtest.answers import StreamReading, TokensSource, read_json
+from loragate.loadtest.answers import StreamReading, TokensSource, error_message, read_json
 from loragate.workload.generator import WorkloadRequest
 
 # Words the simulated replica counts as one token each; any OpenAI server accepts them.
@@ -183,10 +183,8 @@ async def _send(
 
 
 def _error_message(body: bytes, status: int) -> str:
-    try:
-        return str(json.loads(body)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return f"HTTP {status}: {body[:200]!r}"
+    message = error_message(body)
+    return f"HTTP {status}: {body[:200]!r}" if message is None else message
 
 
 async def run_open_loop(
