@@ -86,3 +86,21 @@ def test_a_break_stops_a_held_stream_unless_it_timed_out() -> None:
     data = state.broke_off(UpstreamConnectError("replica r0 broke off the stream"))
     assert data.startswith(ROLE) and _error(data) == "replica r0 broke off the stream"
     assert state.outcome == STREAM_ERROR
+
+
+def test_done_says_the_bytes_to_relay_reached_the_streams_done() -> None:
+    text_done = _TOKEN.replace(b'" a"', b'" data: [DONE]"')  # a token's text is not the end
+    state = StreamState("r0", False)
+    assert state.read(text_done) == text_done and not state.done
+    assert state.read(DONE[:-1]) == DONE[:-1] and state.done  # its blank line may come later
+    assert state.read(b"\n") == b"\n" and state.done
+    held = StreamState("r0", True)
+    assert held.read(ROLE) == b"" and not held.done
+    assert held.read(_TOKEN + DONE) == ROLE + _TOKEN + DONE and held.done
+    unanswered = StreamState("r0", False)  # the gateway's error event goes before the [DONE]
+    data = unanswered.read(DONE, True)
+    assert data is not None and data.endswith(DONE) and unanswered.done
+    assert unanswered.outcome == STREAM_ERROR
+    cut = StreamState("r0", False)  # a body that ends without a newline after its [DONE]
+    assert cut.read(_TOKEN + DONE[:-2]) == _TOKEN and not cut.done
+    assert cut.end() == DONE[:-2] and cut.done

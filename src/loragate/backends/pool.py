@@ -70,6 +70,7 @@ from loragate.core.errors import (
     LoragateError,
     NoReplicaAvailableError,
     UpstreamConnectError,
+    UpstreamTimeoutError,
 )
 from loragate.core.tasks import cancel_and_wait
 from loragate.core.types import AdapterSpec, ReplicaId, ReplicaSettings, ReplicaSnapshot, Residency
@@ -710,11 +711,19 @@ class ReplicaPool:
 
     # -- adapters ---------------------------------------------------------------------------
 
-    async def ensure_adapter(self, replica_id: ReplicaId, spec: AdapterSpec) -> bool:
+    async def ensure_adapter(
+        self, replica_id: ReplicaId, spec: AdapterSpec, *, timeout_s: float | None = None
+    ) -> bool:
         """Make sure ``spec`` is registered on the replica, loading it through the admin API if
         needed. One load per (adapter, replica) at a time however many requests wait; a waiter
         that is cancelled does not cancel the load for the others. Returns True if this call
-        waited for a load, False if the adapter was already registered."""
+        waited for a load, False if the adapter was already registered.
+
+        ``timeout_s``: the longest this call waits for the load (None: until the load ends,
+        which is within ``admin_timeout_s``). Past it, it raises
+        :class:`UpstreamTimeoutError`, and the load goes on, up to ``admin_timeout_s``, for
+        its other waiters and the next requests (a load the replica completes registers the
+        adapter there as usual)."""
         rep = self._replicas.get(replica_id)
         if rep is None:  # removed by a reload while the request was being routed
             raise UpstreamConnectError(f"replica {replica_id} was removed from the pool")
@@ -724,7 +733,18 @@ class ReplicaPool:
         task = self._loads.get(key)
         if task is None:
             task = self._start_load(key, rep, spec)
-        await asyncio.shield(task)
+        if timeout_s is None:
+            await asyncio.shield(task)
+            return True
+        # (asyncio.wait neither cancels the task at its timeout nor when this waiter is.)
+        wait_s = max(timeout_s, 0.0)
+        done, _ = await asyncio.wait((task,), timeout=wait_s)
+        if not done:
+            raise UpstreamTimeoutError(
+                f"loading adapter {spec.name} on replica {replica_id} did not finish within "
+                f"{wait_s:.3g} s (the load goes on, up to {self._admin_timeout_s:g} s)"
+            )
+        task.result()  # its error, if it failed
         return True
 
     def _start_load(

@@ -9,21 +9,27 @@ registered (single-flight admin load), then forward the *original bytes* upstrea
 replica's keep-alive connection pool (``backends.upstream``, a lean HTTP/1.1 client) and pass
 the answer back: non-streaming bodies as bytes, streams chunk by chunk as they arrive.
 
-Faults: a replica that refuses or drops the connection before answering is reported to the
-pool (no more traffic until a poll succeeds) and the request is retried once on another
-replica. A replica that refuses to load the adapter stays in rotation, and the request is
-retried once on another replica; the pool remembers the refusal for a while
-(``poller.adapter_refusal_ttl_s``), and routing leaves that replica out of the adapter's
-candidates meanwhile (routing is pure and per-request: the proxy filters the candidates it
-hands to the policy, so every policy gets this). While every candidate has a refusal in force,
-the request is answered at once from them (a 502 naming each replica and its reason, no load);
-the first refusal to lapse lets the next request try that replica again (one load, the pool's
-single flight, however many requests arrive meanwhile). A timeout is a 504 (not retried: the
-replica may still be working on it). An answer that says the replica stopped the request
-before answering it (``backends.engine_failures``: vLLM's 200 with ``finish_reason: "abort"``
-when it shuts down, its 500 when its engine died: the generation was aborted and nothing
-reached the client) is retried once on another replica, counted as ``engine_stopped`` in
-loragate_upstream_retries_total, and the replica is out of rotation until a poll succeeds.
+Faults: a replica that refuses or drops the connection before answering is reported to the pool
+(no more traffic until a poll succeeds) and the request is retried once on another replica. A
+replica that refuses to load the adapter stays in rotation, and the request is retried once on
+another replica; the pool remembers the refusal for a while (``poller.adapter_refusal_ttl_s``),
+and routing leaves that replica out of the adapter's candidates meanwhile (routing is pure and
+per-request: the proxy filters the candidates it hands to the policy, so every policy gets
+this). While every candidate has a refusal in force, the request is answered at once from them
+(a 502 naming each replica and its reason, no load); the first refusal to lapse lets the next
+request try that replica again (one load, the pool's single flight, however many requests
+arrive meanwhile). A request waits for an adapter load no longer than
+``limits.request_timeout_s`` from its routing (the body read is not counted; a retry gets it
+whole again, as it does for its answer); past it, it is retried once on another replica like a
+load that could not connect (``load_failed``: nothing was generated), while the load itself,
+shared by every request waiting for it, goes on up to ``limits.admin_timeout_s`` (a load the
+replica completes registers the adapter as usual). Any other timeout is a 504 (not retried: the
+replica may still be working on the request). An answer that says the replica stopped the
+request before answering it (``backends.engine_failures``: vLLM's 200 with
+``finish_reason: "abort"`` when it shuts down, its 500 when its engine died: the generation was
+aborted and nothing reached the client) is retried once on another replica, counted as
+``engine_stopped`` in loragate_upstream_retries_total, and the replica is out of rotation until a
+poll succeeds.
 
 Streams: while another replica could take the request (not retried yet, another healthy
 replica), the response head and the chunks that carry no output (a chat's role chunk, a usage
@@ -38,8 +44,14 @@ that breaks off ends with an SSE error event of the gateway's, and the break is 
 the replica ended unfinished (an error event of its own, or ``finish_reason: "abort"``) is
 relayed as is and logged; one the replica ended before any token or finish reason (with
 ``[DONE]`` or without) gets an SSE error event (before the ``[DONE]``); all count as
-``stream_error`` in loragate_requests_total. What a stream has shown so far and what to relay
-of each read is ``gateway.stream_state``; ``_pipe`` is the I/O loop around it.
+``stream_error`` in loragate_requests_total. A read that timed out
+(``limits.stream_read_timeout_s`` of silence) ends the stream with an ``upstream_timeout``
+error event, any other break with ``upstream_unavailable``. A client that goes away counts as
+``client_closed``, unless the stream's ``[DONE]`` had gone out to it (a client that stops
+reading at ``[DONE]`` and closes before the body's end arrives): it had the whole answer, which
+counts with its outcome (200 or ``stream_error``) and its latency. What a stream has shown so
+far and what to relay of each read is ``gateway.stream_state``; ``_pipe`` is the I/O loop
+around it.
 
 Access log: one DEBUG line per finished request (id, path, tenant, model, replica, status or
 outcome, latency, TTFT when streamed, retries, and why for errors); nothing is formatted
@@ -438,6 +450,9 @@ class Proxy:
             while True:
                 rid = ""  # (an error before the choice is no replica's)
                 rid = self._choose(rreq, spec, exclude)
+                # The try's start: its wait for a load ends within request_timeout_s of it (a
+                # retry gets the whole of it again, as it does for its answer).
+                t_try = self._now()
                 client = pool.client(rid)  # (a reload may replace the replica's entry meanwhile)
                 upstream = client.upstream
                 if sync:  # the embedded store: no coroutine
@@ -448,18 +463,28 @@ class Proxy:
                     if spec is not None and not pool.is_registered(rid, spec.name):
                         loading = spec.name
                         try:
-                            await pool.ensure_adapter(rid, spec)
-                        except (UpstreamConnectError, AdapterLoadError) as exc:
-                            # Unreachable: reported to the pool (out of rotation). Refused (no
+                            # This try waits for the (shared) load what is left of its
+                            # request_timeout_s; the load itself may go on to admin_timeout_s.
+                            await pool.ensure_adapter(
+                                rid, spec, timeout_s=self._timeout_s - (self._now() - t_try)
+                            )
+                        except (
+                            UpstreamConnectError,
+                            UpstreamTimeoutError,
+                            AdapterLoadError,
+                        ) as exc:
+                            # Unreachable: reported to the pool (out of rotation). Not loaded in
+                            # time (a hung replica; a load that may still complete: nothing was
+                            # generated): logged, left to the poller. Refused (no
                             # --enable-lora, a rank above its --max-lora-rank, a path it cannot
                             # read): it stays in rotation, the pool logged the refusal. Either
                             # way another replica may take it.
-                            if isinstance(exc, UpstreamConnectError):
+                            if isinstance(exc, AdapterLoadError):
+                                refused.append((rid, exc.message))
+                            else:
                                 self._upstream_failed(
                                     exc, rid, client, rreq, f"loading adapter {loading!r}"
                                 )
-                            if isinstance(exc, AdapterLoadError):
-                                refused.append((rid, exc.message))
                             if not retried and self._can_retry(rid):
                                 self._telemetry.count_retry(rid, retry_reason(exc, loading=True))
                                 retried, exclude, loading = True, rid, None
@@ -659,6 +684,26 @@ class Proxy:
             f"the client went away while {stage}",
         )  # fmt: skip
 
+    def _answered_then_left(
+        self,
+        rreq: RoutingRequest,
+        path: str,
+        rid: ReplicaId,
+        t0: float,
+        t_send: float,
+        retries: int,
+        ttft_s: float | None,
+        outcome: str,
+    ) -> None:
+        """Count a stream whose client went away after its ``[DONE]`` went out: the client had
+        the whole answer, so it counts with the stream's outcome (200, or ``stream_error`` if
+        the replica ended it unfinished), its latency observed, as a stream read to its end."""
+        self._telemetry.observe_latency(rid, self._now() - t_send)
+        self._finished(
+            rreq, path, rid, outcome, t0, retries, ttft_s,
+            "the client went away after the stream's [DONE]",
+        )  # fmt: skip
+
     def _engine_stopped(
         self, rid: ReplicaId, client: VllmClient, rreq: RoutingRequest, message: str
     ) -> None:
@@ -753,6 +798,7 @@ class Proxy:
         telemetry = self._telemetry
         state = StreamState(rid, hold)
         ended = counted = False
+        done_out = False  # the stream's [DONE] went out: the client has the whole answer
         ttft_s: float | None = None
         unprepared = hold  # the response is prepared with the first bytes to relay
         try:
@@ -781,7 +827,7 @@ class Proxy:
                     self._upstream_failed(
                         exc, rid, client, rreq, f"streaming (after {state.relayed} bytes)"
                     )
-                    err = UpstreamConnectError(f"replica {rid} broke off the stream: {exc.message}")
+                    err = _broke_off(exc, rid, timeout_s)
                     if unprepared:  # what was held goes out first
                         unprepared = False
                         await out.prepare(request)
@@ -813,10 +859,17 @@ class Proxy:
                         await out.write_eof(data)
                         break
                     await out.write(data)
+                    done_out = state.done
                 except ConnectionError:
-                    # The client went away; releasing the unfinished connection closes it, which
-                    # aborts the generation on the replica.
+                    # The client went away (aiohttp refuses a write on a closing connection);
+                    # releasing the unfinished connection closes it, which aborts the
+                    # generation on the replica.
                     counted = True
+                    if done_out:  # after the whole answer: bytes after [DONE] went unread
+                        self._answered_then_left(
+                            rreq, path, rid, t0, t_send, retries, ttft_s, state.outcome
+                        )
+                        return out
                     self._client_left(
                         rreq, path, rid, t0, retries, f"streaming (after {state.relayed} bytes)",
                         ttft_s, state.outcome,
@@ -832,7 +885,14 @@ class Proxy:
                 await out.write_eof()  # nothing if it was sent with the last bytes
         except asyncio.CancelledError:
             if not self._was_cut(_current_task()):
-                if not counted:  # the client went away (aiohttp cancelled the handler)
+                # The client went away (aiohttp cancelled the handler).
+                if not counted and done_out:
+                    # After the whole answer, e.g. a client that stops reading at [DONE] and
+                    # closes while the replica's last bytes (the body's end) are on their way.
+                    self._answered_then_left(
+                        rreq, path, rid, t0, t_send, retries, ttft_s, state.outcome
+                    )
+                elif not counted:
                     self._client_left(
                         rreq, path, rid, t0, retries, f"streaming (after {state.relayed} bytes)",
                         ttft_s, state.outcome,
@@ -863,6 +923,17 @@ class Proxy:
             state.warning,
         )
         state.warning = ""
+
+
+def _broke_off(exc: UpstreamError, rid: ReplicaId, timeout_s: float) -> UpstreamError:
+    """The error event's error of a stream whose read failed with ``exc``: a silence past
+    ``timeout_s`` (``limits.stream_read_timeout_s``) is a timeout (``upstream_timeout``, as a
+    non-streaming request's), anything else a break (``upstream_unavailable``)."""
+    if isinstance(exc, UpstreamTimeoutError):
+        return UpstreamTimeoutError(
+            f"replica {rid} {exc.message}: its stream was silent for {timeout_s:g} s"
+        )
+    return UpstreamConnectError(f"replica {rid} broke off the stream: {exc.message}")
 
 
 class _RefusedEverywhere(AdapterLoadError):

@@ -22,6 +22,10 @@ no I/O, reads no clock and logs nothing.
   event before it (vLLM's answer to a request it stopped before the request produced any: an
   empty answer that ended well, else), and so does one whose body ends without ``[DONE]``
   before any of them. :attr:`StreamState.warning` says what the log should.
+* The end: :attr:`StreamState.done` says that the bytes to relay reached the stream's
+  ``data: [DONE]`` line (some bytes to relay ended with it): once those went out, the client
+  has the whole answer, and one that goes away then (a client that stops reading at ``[DONE]``
+  and closes) left nothing unread but the end of the body's framing.
 
 Each chunk is scanned once: while held, ``engine_failures.read_before_output`` reads its lines
 up to the event that decides, and the checks read on from there (from the line after it when
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 from loragate.backends.engine_failures import (
     ABORT,
+    DONE_EVENT,
     ERROR_EVENT,
     NOTHING_YET,
     UNANSWERED_MESSAGE,
@@ -56,6 +61,9 @@ MAX_HELD_BYTES = 1 << 16  # a line, or the events held before the first output, 
 STREAM_ERROR = "stream_error"
 OK = "200"
 _ENDED_UNANSWERED = "ended the stream without [DONE] before the request produced a token"
+# How relayed bytes end when their last line is the stream's [DONE] (its event's blank line may
+# come with it or in the next read; the body may end without a newline after it).
+_DONE_ENDINGS = tuple(DONE_EVENT + end for end in (b"\n\n", b"\n", b"\r\n\r\n", b"\r\n", b""))
 
 
 class StreamState:
@@ -67,6 +75,7 @@ class StreamState:
         "_cut",
         "_held",
         "answered",
+        "done",
         "holding",
         "last",
         "outcome",
@@ -82,6 +91,7 @@ class StreamState:
         self.holding = hold
         # A token's text, a finish reason or the replica's own error was relayed.
         self.answered = False
+        self.done = False  # the bytes to relay reached the stream's [DONE] line
         self.outcome = OK  # the status label so far: OK or STREAM_ERROR
         self.relayed = 0  # bytes relayed
         self.last = b""  # the last bytes relayed (an error event of ours must start an event)
@@ -201,6 +211,8 @@ class StreamState:
             self.answered = self.outcome == STREAM_ERROR or answered(data, start)
             if not self.answered and (at := done_at(data, start)) >= 0:
                 data = self._unanswered(data, at)
+        if data.endswith(_DONE_ENDINGS):
+            self.done = True
         self.relayed += len(data)
         self.last = data
         return data
