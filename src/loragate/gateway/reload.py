@@ -114,6 +114,9 @@ async def reload_from_file(gateway: Gateway, path: Path | None = None) -> Reload
         telemetry.count_reload("error")
         raise
     telemetry.count_reload("ok")
+    new_entries = result.replicas_added + result.replicas_changed
+    if new_entries:  # as at start-up (after the count: it may wait for DNS)
+        await warn_same_servers(gateway.config.replicas, only=new_entries)
     return result
 
 
@@ -159,8 +162,6 @@ async def apply_config(gateway: Gateway, new: GatewayConfig) -> ReloadResult:
         list(changed),
     )
     warn_ignored_file_tokens(effective, when="at reload")
-    if added or changed:  # as at start-up: a new name may resolve to a listed server
-        await warn_same_servers(effective.replicas, only=added + changed)
     if frozen:  # the operator asked for something that did not happen: say so louder
         log.warning(
             "config reloaded, but these sections keep their old values until a restart: %s",
