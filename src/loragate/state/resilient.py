@@ -159,7 +159,7 @@ class ResilientStore:
     # --- failure handling -----------------------------------------------------------------------
     def _on_error(self, exc: StateUnavailableError) -> None:
         if not self._degraded:
-            log.warning("state: Redis unreachable, serving from the local view (%s)", exc)
+            self._log_unreachable("", exc)
             self._degraded = True
             self._backoff_s = self._ttls.retry_initial_s
             self._next_retry_s = self._clock.now() + self._backoff_s
@@ -194,11 +194,16 @@ class ResilientStore:
         """Connect and synchronise now; if Redis is down, stay degraded (no exception)."""
         error = await self._try_recover()
         if error is not None:
-            log.warning(
-                "state: Redis unreachable at start-up (%s: %s), serving from the local view "
-                "until it is reachable",
-                self._remote.url, error,
-            )  # fmt: skip
+            self._log_unreachable(" at start-up", error)
+
+    def _log_unreachable(self, when: str, error: StateUnavailableError) -> None:
+        """The WARNING of an outage (at start-up, or while serving): where Redis is (its URL,
+        password as ``***``) and what failed."""
+        log.warning(
+            "state: Redis unreachable%s (%s: %s), serving from the local view until it is "
+            "reachable",
+            when, self._remote.url, error,
+        )  # fmt: skip
 
     async def _try_recover(self) -> StateUnavailableError | None:
         """Resynchronise with Redis; what failed, if it did (then degraded still)."""
@@ -213,7 +218,7 @@ class ResilientStore:
             log.debug("state: Redis still unreachable (%s)", exc)
             return exc
         if self.resyncs > 0:
-            log.warning("state: Redis reachable again, resynchronised")
+            log.warning("state: Redis reachable again (%s), resynchronised", self._remote.url)
         self.resyncs += 1
         self._degraded = False
         self._backoff_s = self._ttls.retry_initial_s
