@@ -164,6 +164,38 @@ async def test_unknown_replica_is_404_and_a_missing_token_401(
         assert not gw.gateway.pool.is_draining("r0")
 
 
+async def test_a_wrong_method_on_a_drain_path_names_post_and_delete_only(
+    replicas: list[ScriptedReplica],
+) -> None:
+    """Before, ``PUT /admin/replicas/r0/drain`` answered 405 with ``Allow: DELETE,GET,HEAD,POST``
+    (the route ``GET /admin/replicas/{id:.+}`` matches the path), though a GET there is a 405
+    too. A replica whose id is ``x/drain`` does take GET at its path."""
+    cfg = gateway_config(
+        [r.url for r in replicas],
+        admin={"token": TOKEN},
+        replicas=[{"id": "r0", "url": replicas[0].url}, {"id": "x/drain", "url": replicas[1].url}],
+    )
+    async with running_gateway(cfg, port=0) as gw, aiohttp.ClientSession() as http:
+        for method, path, allow in (
+            ("PUT", "/admin/replicas/r0/drain", "DELETE,POST"),
+            ("PATCH", "/admin/replicas/r9/drain", "DELETE,POST"),  # no such replica: the same
+            ("PUT", "/admin/replicas/a%2Fb/drain", "DELETE,POST"),  # an id with a slash
+            ("GET", "/admin/replicas/r0/drain", "DELETE,POST"),
+            ("HEAD", "/admin/replicas/r0/drain", "DELETE,POST"),
+            ("PUT", "/admin/replicas/x/drain", "DELETE,GET,HEAD,POST"),  # replica 'x/drain'
+            ("PUT", "/admin/replicas/r0", "GET,HEAD"),
+        ):
+            async with http.request(method, gw.url + path, headers=AUTH) as resp:
+                assert (resp.status, resp.headers.get("Allow")) == (405, allow), (method, path)
+                if method != "HEAD":
+                    error = (await resp.json())["error"]
+                    assert error["code"] == "method_not_allowed"
+                    assert error["message"].endswith(f"(allowed: {allow.replace(',', ', ')})")
+        # The drain itself still works.
+        status, body = await _call(http, "POST", gw.url + "/admin/replicas/r0/drain")
+        assert status == 200 and body["draining"] is True
+
+
 async def test_a_draining_replica_is_still_polled_and_its_adapter_load_under_way_finishes(
     replicas: list[ScriptedReplica],
 ) -> None:

@@ -23,6 +23,33 @@ if TYPE_CHECKING:
     from loragate.gateway.app import Gateway
 
 _NEVER_SCRAPED = ReplicaSnapshot(replica_id="", url="").scraped_at_s
+_REPLICA_PATH = "/admin/replicas/"  # then the id, as GET /admin/replicas/{id:.+} reads it
+_DRAIN = "/drain"
+# What the path of POST/DELETE /admin/replicas/{id:.+}/drain takes (unless it is a replica's).
+DRAIN_METHODS = (hdrs.METH_DELETE, hdrs.METH_POST)
+
+
+def _is_drain_id(rid: str) -> bool:
+    return rid.endswith(_DRAIN) and len(rid) > len(_DRAIN)
+
+
+def _known(gw: Gateway, rid: str) -> bool:
+    """Whether this instance's config has the replica or the shared state knows it."""
+    return (
+        gw.pool.has_replica(rid)
+        or rid in gw.shared.drains()
+        or gw.shared.registered_replica(rid) is not None
+    )
+
+
+def drain_path_only(gw: Gateway, path: str) -> bool:
+    """Whether ``path`` (decoded) is ``/admin/replicas/R/drain`` for no replica of id
+    ``R/drain``: the drain endpoint's path, which takes ``DRAIN_METHODS`` only, although the
+    route ``GET /admin/replicas/{id:.+}`` matches it too (and answers 405 there)."""
+    if not path.startswith(_REPLICA_PATH):
+        return False
+    rid = path[len(_REPLICA_PATH) :]
+    return _is_drain_id(rid) and not _known(gw, rid)
 
 
 class ReplicaAdmin:
@@ -51,14 +78,11 @@ class ReplicaAdmin:
 
     async def replica(self, request: web.Request) -> web.Response:
         rid = request.match_info["id"]
-        try:
-            return json_response(self._json(rid))
-        except NotFoundError:
+        if _is_drain_id(rid) and not _known(self._gw, rid):
             # The path of POST/DELETE .../drain, asked with GET (or HEAD), for no replica of
             # that whole id (which may hold a slash): the drain endpoint, whose 405 it gets.
-            if rid.endswith("/drain") and len(rid) > len("/drain"):
-                return method_not_allowed(request, (hdrs.METH_POST, hdrs.METH_DELETE))
-            raise
+            return method_not_allowed(request, DRAIN_METHODS)
+        return json_response(self._json(rid))
 
     async def drain(self, request: web.Request) -> web.Response:
         return await self._drain(request.match_info["id"], on=True)
@@ -88,10 +112,7 @@ class ReplicaAdmin:
 
     def _check_known(self, rid: str) -> None:
         """404 unless this instance's config has the replica or the shared state knows it."""
-        gw = self._gw
-        if gw.pool.has_replica(rid) or rid in gw.shared.drains():
-            return
-        if gw.shared.registered_replica(rid) is None:
+        if not _known(self._gw, rid):
             raise NotFoundError(
                 f"replica {rid!r} does not exist (GET /admin/replicas lists them)", param="id"
             )

@@ -33,6 +33,7 @@ from loragate.core.errors import AuthenticationError, LoragateError
 from loragate.core.tasks import cancel_and_wait
 from loragate.core.types import AdapterId, AdapterSpec, ReplicaId
 from loragate.gateway.admin import AdminApi, bearer_matches
+from loragate.gateway.admin_replicas import drain_path_only
 from loragate.gateway.catalog import Catalog
 from loragate.gateway.config_warnings import warn_ignored_file_tokens, warn_same_servers
 from loragate.gateway.endpoint_errors import EndpointErrors
@@ -309,6 +310,9 @@ async def no_route(request: web.Request) -> web.Response:
         if resource is not own:
             allowed |= (await resource.resolve(request))[1]
     allowed.discard(hdrs.METH_ANY)  # a fallback for any method (this one, /admin's)
+    if hdrs.METH_GET in allowed and drain_path_only(request.app[GATEWAY], request.path):
+        # GET /admin/replicas/{id:.+} matches a drain path but answers it 405: not allowed.
+        allowed -= {hdrs.METH_GET, hdrs.METH_HEAD}
     response = method_not_allowed(request, allowed) if allowed else not_found(request)
     return request.app[GATEWAY].endpoint_errors.answered(request, response)
 
