@@ -176,6 +176,7 @@ def create_app(
     )
     catalog = catalog_from_config(config)
     pool.expect_adapters(catalog.adapters)
+    endpoint_errors = EndpointErrors(telemetry, clock)
     proxy = Proxy(
         catalog=catalog,
         pool=pool,
@@ -185,6 +186,7 @@ def create_app(
         telemetry=telemetry,
         limits=config.limits,
         clock=clock,
+        auth_failed=endpoint_errors.auth_failed,  # logged as the own endpoints' 401s are
     )
     gateway = Gateway(
         config=config,
@@ -195,7 +197,7 @@ def create_app(
         proxy=proxy,
         clock=clock,
         shared=shared,
-        endpoint_errors=EndpointErrors(telemetry, clock),
+        endpoint_errors=endpoint_errors,
         config_path=None if config_path is None else Path(config_path),
     )
     shared.on_adapters = gateway.rebuild_catalog

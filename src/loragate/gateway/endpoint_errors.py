@@ -4,7 +4,10 @@ each is counted in ``loragate_endpoint_errors_total{endpoint,status}`` by endpoi
 the raw path. A failed authentication (401: a missing or wrong bearer token) is also logged,
 as one WARNING at most every ``log_interval_s`` (60 s) saying how many more came meanwhile,
 so that token guessing shows in the log without flooding it; the token sent is never logged.
-Other errors are logged at DEBUG."""
+Other errors are logged at DEBUG. The proxy's failed authentications (a missing or wrong tenant
+key on ``POST /v1/completions`` and ``/v1/chat/completions``, counted in
+``loragate_requests_total``) are logged the same way, in the same lines
+(:meth:`EndpointErrors.auth_failed`)."""
 
 from __future__ import annotations
 
@@ -19,6 +22,10 @@ from loragate.gateway.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 _MAX_PATH_LOGGED = 200
+
+
+def _where(request: web.Request) -> str:
+    return f"{request.method} {request.raw_path[:_MAX_PATH_LOGGED]}"  # as sent: escaped
 
 
 def endpoint_class(path: str) -> str:
@@ -54,14 +61,16 @@ class EndpointErrors:
             return response
         endpoint = endpoint_class(request.path)
         self._telemetry.count_endpoint_error(endpoint, status)
-        where = f"{request.method} {request.raw_path[:_MAX_PATH_LOGGED]}"  # as sent: escaped
         if status == 401:
-            self._auth_failed(request, where)
+            self.auth_failed(request)
         else:
-            log.debug("%s from %s: %d (%s)", where, request.remote, status, endpoint)
+            log.debug("%s from %s: %d (%s)", _where(request), request.remote, status, endpoint)
         return response
 
-    def _auth_failed(self, request: web.Request, where: str) -> None:
+    def auth_failed(self, request: web.Request) -> None:
+        """Log that ``request`` failed authentication (rate-limited; not counted here: a
+        proxied request is counted in ``loragate_requests_total``, an own endpoint's in
+        :meth:`answered`)."""
         now = self._clock.now()
         if now - self._last_logged_s < self._log_interval_s:
             self._not_logged += 1
@@ -71,9 +80,9 @@ class EndpointErrors:
         sent = "without an" if hdrs.AUTHORIZATION not in request.headers else "with a wrong"
         log.warning(
             "authentication failed: %s from %s %s Authorization header (401)%s; at most one "
-            "such line per "
-            "%g s, loragate_endpoint_errors_total{status=\"401\"} counts them all",
-            where, request.remote, sent,
+            "such line per %g s; loragate_endpoint_errors_total (admin API, /v1/models, "
+            "/metrics) and loragate_requests_total (completions) count them all, status 401",
+            _where(request), request.remote, sent,
             f"; {more} more since the last such line" if more else "",
             self._log_interval_s,
         )  # fmt: skip

@@ -1,13 +1,15 @@
 """The hot path: ``POST /v1/completions`` and ``POST /v1/chat/completions``.
 
-Per request: authenticate (one dict lookup), read the body as bytes, ``json.loads`` it once to
-validate it and read the few fields routing needs, resolve the model to an adapter the tenant
-may use, route (the pool's snapshots with in-flight counts and shadow residency from the shared
-state, read locally), take the in-flight lease (``SharedState.begin``: one Redis round trip
-with Redis, released in the ``finally``), make sure the chosen replica has the adapter
-registered (single-flight admin load), then forward the *original bytes* upstream on the
-replica's keep-alive connection pool (``backends.upstream``, a lean HTTP/1.1 client) and pass
-the answer back: non-streaming bodies as bytes, streams chunk by chunk as they arrive.
+Per request: authenticate (one dict lookup; a missing or wrong key is a 401, logged as the
+gateway's own endpoints' failed authentications are: ``gateway.endpoint_errors``, one WARNING a
+minute at most), read the body as bytes, ``json.loads`` it once to validate it and read the few
+fields routing needs, resolve the model to an adapter the tenant may use, route (the pool's
+snapshots with in-flight counts and shadow residency from the shared state, read locally), take the
+in-flight lease (``SharedState.begin``: one Redis round trip with Redis, released in the
+``finally``), make sure the chosen replica has the adapter registered (single-flight admin load),
+then forward the *original bytes* upstream on the replica's keep-alive connection pool
+(``backends.upstream``, a lean HTTP/1.1 client) and pass the answer back: non-streaming bodies as
+bytes, streams chunk by chunk as they arrive.
 
 Faults: a replica that refuses or drops the connection before answering is reported to the pool
 (no more traffic until a poll succeeds) and the request is retried once on another replica. A
@@ -72,6 +74,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -84,6 +87,7 @@ from loragate.core.clock import Clock
 from loragate.core.config import LimitsConfig
 from loragate.core.errors import (
     AdapterLoadError,
+    AuthenticationError,
     LoragateError,
     ShuttingDownError,
     UpstreamConnectError,
@@ -147,6 +151,7 @@ class Proxy:
 
     __slots__ = (
         "_active",
+        "_auth_failed",
         "_body_timeout_s",
         "_cut",
         "_hurry",
@@ -177,8 +182,11 @@ class Proxy:
         telemetry: Telemetry,
         limits: LimitsConfig,
         clock: Clock,
+        auth_failed: Callable[[web.Request], None] | None = None,
     ) -> None:
         self.catalog = catalog
+        # Told of each request refused for a missing or wrong key (the 401's log line).
+        self._auth_failed = auth_failed
         self._pool = pool
         self._refused = pool.refusals.by_adapter  # adapters some replica refused lately
         self._policy = policy
@@ -311,6 +319,8 @@ class Proxy:
                     request_id, request.path, tenant, adapter_label, "", str(classify(exc)[0]), t0,
                     note=exc.message,
                 )  # fmt: skip
+                if isinstance(exc, AuthenticationError) and self._auth_failed is not None:
+                    self._auth_failed(request)
                 return error_response(exc)
             except asyncio.CancelledError:
                 if not self._was_cut(task):
