@@ -26,7 +26,7 @@
 ``DELETE /admin/replicas/R/drain``
                             end the drain: 200 with the replica (``draining: false``);
                             idempotent; also for an R no longer in this config
-                            (``GET`` of a drain path: 405, ``Allow: DELETE,POST``, unless a
+                            (any other method on a drain path: 405, ``Allow: DELETE,POST``, unless a
                             replica's id is ``R/drain``)
 ``GET /admin/adapters``     every adapter: config-file ones and admin-registered ones, the
                             replicas that hold it (``registered_on``) and those that hold it
