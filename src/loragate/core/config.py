@@ -109,6 +109,10 @@ class ServerConfig:
     # On SIGTERM/SIGINT: how long requests in flight may run on before they are answered
     # with an error (below Kubernetes' default terminationGracePeriodSeconds of 30 s).
     shutdown_timeout_s: float = 25.0
+    # On SIGTERM/SIGINT, before that: how long the gateway keeps accepting and serving while
+    # GET /readyz answers 503 (Kubernetes removes a pod from its Service's endpoints only after
+    # the SIGTERM; 0: stop accepting at once).
+    shutdown_delay_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -676,7 +680,7 @@ def _poller(value: object) -> PollerConfig:
 
 def _server(value: object) -> ServerConfig:
     data = _mapping(value, "server")
-    _check_keys(data, {"host", "port", "shutdown_timeout_s"}, "server")
+    _check_keys(data, {"host", "port", "shutdown_timeout_s", "shutdown_delay_s"}, "server")
     kwargs: dict[str, Any] = {}
     if "host" in data:
         kwargs["host"] = _str(data["host"], "server.host")
@@ -688,6 +692,10 @@ def _server(value: object) -> ServerConfig:
     if "shutdown_timeout_s" in data:
         kwargs["shutdown_timeout_s"] = _seconds(
             data["shutdown_timeout_s"], "server.shutdown_timeout_s"
+        )
+    if "shutdown_delay_s" in data:
+        kwargs["shutdown_delay_s"] = _seconds(
+            data["shutdown_delay_s"], "server.shutdown_delay_s", zero=True
         )
     return ServerConfig(**kwargs)
 

@@ -37,7 +37,7 @@ from loragate.gateway.admin_replicas import drain_path_only
 from loragate.gateway.catalog import Catalog
 from loragate.gateway.config_warnings import warn_ignored_file_tokens, warn_same_servers
 from loragate.gateway.endpoint_errors import EndpointErrors
-from loragate.gateway.errors import error_response
+from loragate.gateway.errors import error_payload, error_response
 from loragate.gateway.inflight import InFlightTracker, LocalInFlight
 from loragate.gateway.proxy import Proxy
 from loragate.gateway.route_errors import method_not_allowed, not_found
@@ -66,6 +66,8 @@ class Gateway:
     session: aiohttp.ClientSession | None = None
     # Serialises reloads and admin writes that rebuild the catalog.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Set when the shutdown begins (the runner): GET /readyz answers 503 from then on.
+    shutting_down: bool = False
 
     @property
     def catalog(self) -> Catalog:
@@ -210,6 +212,8 @@ def create_app(
     app.router.add_post("/v1/chat/completions", proxy.chat_completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
+    app.router.add_get("/livez", livez)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     AdminApi(gateway).register(app.router)
     # Last: only requests no route above takes (the router tries exact paths first, so the
@@ -276,6 +280,14 @@ async def list_models(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
+def _healthy_replicas(gateway: Gateway) -> tuple[int, int]:
+    """(healthy replicas, replicas): ``/health``'s and ``/readyz``'s verdict (drained replicas
+    count as healthy if they are: an operator's doing, not a fault)."""
+    pool = gateway.pool
+    ids = pool.replica_ids
+    return sum(1 for rid in ids if pool.is_healthy(rid)), len(ids)
+
+
 async def health(request: web.Request) -> web.Response:
     """``GET /health``: 200 ``ok`` (all replicas healthy, shared state reachable) or
     ``degraded`` (some replicas, or Redis unreachable: routing on the local view), 503 if no
@@ -284,8 +296,7 @@ async def health(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     pool = gateway.pool
     ids = pool.replica_ids
-    total = len(ids)
-    healthy = sum(1 for rid in ids if pool.is_healthy(rid))
+    healthy, total = _healthy_replicas(gateway)
     state = gateway.shared.status()
     ok = healthy == total and not state["degraded"]
     status = "ok" if ok else ("degraded" if healthy else "unavailable")
@@ -301,6 +312,37 @@ async def health(request: web.Request) -> web.Response:
         body=json.dumps(body).encode(),
         content_type="application/json",
     )
+
+
+_PROBE_OK = json.dumps({"status": "ok"}).encode()
+
+
+async def livez(_: web.Request) -> web.Response:
+    """``GET /livez`` (a liveness probe): 200 while the process serves HTTP. It checks nothing
+    else: a gateway whose replicas are down or starting (vLLM takes minutes) is alive, and
+    restarting it would not help. Open (no token)."""
+    return web.Response(body=_PROBE_OK, content_type="application/json")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """``GET /readyz`` (a readiness probe): 200 when the gateway can route (at least one
+    replica healthy: ``/health``'s 200), else 503 in the OpenAI error shape, code
+    ``no_replica_available``; 503 ``shutting_down`` from the moment a shutdown begins (during
+    ``server.shutdown_delay_s`` it still serves, so that Kubernetes takes the pod out of its
+    Service's endpoints before it stops accepting). Open (no token)."""
+    gateway = request.app[GATEWAY]
+    if gateway.shutting_down:
+        body = error_payload("the gateway is shutting down", "service_unavailable", "shutting_down")
+        return web.Response(status=503, body=body, content_type="application/json")
+    healthy, total = _healthy_replicas(gateway)
+    if not healthy:
+        body = error_payload(
+            f"no replica is healthy (0 of {total}): the gateway cannot route",
+            "service_unavailable",
+            "no_replica_available",
+        )
+        return web.Response(status=503, body=body, content_type="application/json")
+    return web.Response(body=_PROBE_OK, content_type="application/json")
 
 
 async def no_route(request: web.Request) -> web.Response:

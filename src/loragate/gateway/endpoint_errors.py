@@ -37,7 +37,7 @@ def endpoint_class(path: str) -> str:
         return "models"
     if path == "/metrics":
         return "metrics"
-    if path == "/health":
+    if path in ("/health", "/livez", "/readyz"):  # the probes
         return "health"
     if path.startswith("/v1/"):
         return "api"

@@ -5,12 +5,16 @@ Start-up binds the listening socket before anything else: a port in use (or an a
 this host) fails at once with :class:`ListenError`, before the app starts or polls a replica.
 
 Shutdown (leaving :func:`running_gateway`; SIGTERM/SIGINT in ``loragate serve``), as a load
-balancer drains: the listening socket closes at once (new connections are refused) and idle
-keep-alive connections close; the requests in flight may finish within the drain period
-(``server.shutdown_timeout_s``); those still running then are answered (a 503, or a final SSE
-error event once a stream started) and their upstream connections closed (vLLM aborts the
-generations). The whole shutdown is bounded by the drain period plus about 3 s of grace
-(CUT_GRACE_S, then 2 x HANDLER_GRACE_S for handlers outside the proxy) and the app cleanup.
+balancer drains: ``GET /readyz`` answers 503 from its start. In ``loragate serve`` the gateway
+first keeps accepting and serving for ``server.shutdown_delay_s`` (default 0), the time
+Kubernetes needs to take the pod out of its Service's endpoints after the SIGTERM
+(:func:`shutdown_delay`). Then the listening socket closes at once (new connections are
+refused) and idle keep-alive connections close; the requests in flight may finish within the
+drain period (``server.shutdown_timeout_s``); those still running then are answered (a 503, or
+a final SSE error event once a stream started) and their upstream connections closed (vLLM
+aborts the generations). The whole shutdown is bounded by the delay, the drain period, about
+3 s of grace (CUT_GRACE_S, then 2 x HANDLER_GRACE_S for handlers outside the proxy) and the
+app cleanup.
 """
 
 from __future__ import annotations
@@ -102,6 +106,7 @@ async def running_gateway(
         # follows. Nothing to drain, or to say, if the socket was never bound.
         nonlocal shutting_down
         shutting_down = True
+        app[GATEWAY].shutting_down = True  # /readyz: 503 (on connections still open)
         if not listening:
             return
         if runner.server is not None:
@@ -234,6 +239,7 @@ async def serve_until_signalled(
     requests still running at once). SIGHUP reloads ``config_path`` (when given) without
     dropping requests."""
     stop = asyncio.Event()
+    hurry = asyncio.Event()  # a second signal: end the shutdown delay, cut the drain short
     loop = asyncio.get_running_loop()
     gateways: list[Gateway] = []
 
@@ -243,6 +249,7 @@ async def serve_until_signalled(
             stop.set()
         elif gateways:
             log.info("%s again: cutting the requests still running now", sig.name)
+            hurry.set()
             gateways[0].proxy.end_drain()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -272,6 +279,28 @@ async def serve_until_signalled(
             running.gateway.policy.name,
         )
         await stop.wait()
+        await shutdown_delay(running.gateway, hurry)
+
+
+async def shutdown_delay(gateway: Gateway, hurry: asyncio.Event) -> None:
+    """The shutdown's first step in ``loragate serve``: ``GET /readyz`` answers 503 from now
+    on, and for ``server.shutdown_delay_s`` (as the config in force says; 0: no delay) the
+    gateway goes on accepting connections and serving requests, or until ``hurry`` is set (a
+    second signal). Kubernetes sends SIGTERM and removes the pod from its Service's endpoints
+    at the same time, so for a few seconds new connections still arrive: refused, they would
+    fail; this way they are served, and the drain that follows finds them in flight."""
+    gateway.shutting_down = True
+    delay_s = gateway.config.server.shutdown_delay_s
+    if delay_s <= 0 or hurry.is_set():
+        return
+    log.info(
+        "shutdown: still accepting connections for %g s (server.shutdown_delay_s; /readyz "
+        "answers 503); %s in flight",
+        delay_s,
+        _requests(gateway.proxy.in_flight),
+    )
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(hurry.wait(), timeout=delay_s)
 
 
 def _requests(n: int) -> str:
