@@ -125,3 +125,32 @@ def test_registry_rejects_duplicate_names() -> None:
     reg = default_registry()
     with pytest.raises(ValueError, match="already registered"):
         reg.add_scorer("load", lambda p, env: reg.scorers["queue"](p, env))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"scorers": []},
+        {"filters": ["registered"]},
+        {"filters": ["registered"], "scorers": [], "picker": "max_score"},
+        {"scorers": None, "picker": {"name": "weighted_random"}},
+        {"scorers": [], "picker": "power_of_two"},
+    ],
+)
+def test_a_picker_that_uses_scores_needs_a_scorer(spec: object) -> None:
+    """With no scorer every total is 0 and max_score picks at random: refused, saying so,
+    instead of a policy that looks score-driven and is not (it was accepted silently)."""
+    with pytest.raises(ConfigError) as exc:
+        build_policy(spec)
+    assert exc.value.key == "routing.scorers"
+    assert "no scorer" in str(exc.value) and "picker: random" in str(exc.value)
+
+
+@pytest.mark.parametrize("picker", ["random", "round_robin"])
+def test_a_picker_that_ignores_scores_takes_none(picker: str, snap: Snap, req: Req) -> None:
+    policy = build_policy({"filters": ["registered"], "picker": picker})
+    assert policy.choose(req("a"), [snap("r0", registered=["a"]), snap("r1")]) == "r0"
+    with pytest.raises(ConfigError) as exc:
+        build_policy({"scorers": ["load"], "picker": picker})
+    assert exc.value.key == "routing.picker"
+    assert "ignores scores" in str(exc.value)

@@ -8,8 +8,9 @@ Accepted forms (``routing`` is the key path used in error messages):
       routing: {policy: consistent_hash, load_factor: 1.25, virtual_nodes: 160}
       routing: {policy: consistent_hash, params: {load_factor: 1.25}}
 
-* a composition (``name`` optional, ``filters`` and ``scorers`` optional, ``picker`` defaults to
-  ``max_score``)::
+* a composition (``name`` and ``filters`` optional, ``picker`` defaults to ``max_score``;
+  ``scorers`` required with a picker that uses scores, refused with ``random`` or
+  ``round_robin``, which ignore them)::
 
       routing:
         name: my-affinity
@@ -170,5 +171,26 @@ def _build_composed(
     pparams = _params(praw, pkey)
     picker = pfactory(pparams, env)
     pparams.finish()
+    _check_picker_scorers(picker, pname, bool(scorers), key)
 
     return RoutingProfile(name=name, filters=filters, scorers=scorers, picker=picker, seed=env.seed)
+
+
+def _check_picker_scorers(picker: object, name: object, has_scorers: bool, key: str) -> None:
+    """A picker that chooses by the totals needs a scorer: without one every total is 0, and
+    ``max_score`` would pick at random, unsaid. One that ignores them (``uses_scores = False``:
+    ``random``, ``round_robin``) takes none: they would be computed for nothing."""
+    uses_scores = bool(getattr(picker, "uses_scores", True))
+    if uses_scores and not has_scorers:
+        raise ConfigError(
+            f"no scorer: picker {name!r} chooses by the scorers' weighted totals, and with none "
+            "every total is 0 (a choice at random); name at least one scorer (`loragate "
+            "policies` lists them), or say 'picker: random' if random is what you want",
+            key=f"{key}.scorers",
+        )
+    if not uses_scores and has_scorers:
+        raise ConfigError(
+            f"picker {name!r} ignores scores: the scorers would be computed for nothing; drop "
+            "them, or pick by them with max_score, weighted_random or power_of_two",
+            key=f"{key}.picker",
+        )

@@ -2,6 +2,10 @@
 
 ``scored`` keeps candidate order (the order of the replicas the caller passed in, minus the ones
 filtered out), which makes the deterministic tie-breaks stable.
+
+A picker class that ignores the scores says so with ``uses_scores = False``: a composed
+``routing:`` section then must name no scorer, and one whose picker uses scores must name one
+(``routing.config``), so neither is computed for nothing or left to pick at random unsaid.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ class MaxScorePicker:
 class RoundRobinPicker:
     """Cycles through the candidates, ignoring scores. The counter lives in this object."""
 
+    # A composed routing section with this picker takes no scorer (``routing.config``).
+    uses_scores = False
     __slots__ = ("_next",)
 
     def __init__(self) -> None:
@@ -57,6 +63,7 @@ class RoundRobinPicker:
 class RandomPicker:
     """Uniformly random among the candidates, ignoring scores."""
 
+    uses_scores = False
     __slots__ = ()
 
     def pick(self, ctx: RoutingContext, scored: Mapping[ReplicaId, float]) -> ReplicaId:
