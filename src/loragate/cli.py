@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "twin": "twin",
     "simulate": "simulate",
     "loadtest": "loadtest",
+    "policies": "policies",
 }
 
 

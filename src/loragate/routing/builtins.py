@@ -18,7 +18,12 @@ from __future__ import annotations
 
 from loragate.core.errors import ConfigError
 from loragate.routing.consistent_hash import BoundedLoadFilter, HashRingScorer
-from loragate.routing.expected_ttft import CostParams, ExpectedTTFTPicker, ExpectedTTFTScorer
+from loragate.routing.expected_ttft import (
+    SCORE_TAU_S,
+    CostParams,
+    ExpectedTTFTPicker,
+    ExpectedTTFTScorer,
+)
 from loragate.routing.filters import KVUsageFilter, MaxLoadFilter, RegisteredFilter
 from loragate.routing.framework import RoutingProfile, WeightedScorer
 from loragate.routing.lora_affinity import LoraAffinityScorer
@@ -40,22 +45,44 @@ def default_registry() -> Registry:
     """A new registry with every built-in filter, scorer, picker and policy."""
     reg = Registry()
     _register_plugins(reg)
-    reg.add_profile("round_robin", _round_robin)
-    reg.add_profile("least_loaded", _least_loaded)
-    reg.add_profile("consistent_hash", _consistent_hash)
-    reg.add_profile("lora_affinity", _lora_affinity)
-    reg.add_profile("lru_multiplex", _lru_multiplex)
-    reg.add_profile("loragate", _loragate)
+    reg.add_profile("round_robin", _round_robin, "cycle through the healthy replicas")
+    reg.add_profile(
+        "least_loaded", _least_loaded, "fewest in-flight + waiting requests (scorer load)"
+    )
+    reg.add_profile(
+        "consistent_hash",
+        _consistent_hash,
+        "hash ring on the adapter with bounded loads (filter bounded_load, scorer hash_ring)",
+    )
+    reg.add_profile(
+        "lora_affinity",
+        _lora_affinity,
+        "Gateway API Inference Extension: scorers lora_affinity + queue + kv_cache, max_score",
+    )
+    reg.add_profile(
+        "lru_multiplex",
+        _lru_multiplex,
+        "Ray Serve model multiplexing: replicas holding the adapter, least loaded among them "
+        "(filter multiplex, scorer load)",
+    )
+    reg.add_profile(
+        "loragate",
+        _loragate,
+        "lowest expected time to first token: queue, LoRA slot pressure, adapter load cost, "
+        "step-time model (scorer expected_ttft)",
+    )
     return reg
 
 
 def _register_plugins(reg: Registry) -> None:
     # filters
+    # filters ("fallback: true": a filter that would leave no replica keeps its input)
     reg.add_filter(
         "max_load",
         lambda p, env: MaxLoadFilter(
             p.integer("max_load", 64, min_value=0), fallback=p.boolean("fallback", True)
         ),
+        "keeps replicas with at most max_load in-flight + waiting requests",
     )
     reg.add_filter(
         "max_kv_usage",
@@ -63,29 +90,71 @@ def _register_plugins(reg: Registry) -> None:
             p.number("max_usage", 0.9, min_value=0.0, max_value=1.0),
             fallback=p.boolean("fallback", True),
         ),
+        "keeps replicas whose KV-cache usage (0-1) is at most max_usage",
     )
     reg.add_filter(
-        "registered", lambda p, env: RegisteredFilter(fallback=p.boolean("fallback", True))
+        "registered",
+        lambda p, env: RegisteredFilter(fallback=p.boolean("fallback", True)),
+        "keeps replicas where the adapter is registered (base-model requests pass)",
     )
-    reg.add_filter("bounded_load", lambda p, env: BoundedLoadFilter(_load_factor(p)))
-    reg.add_filter("multiplex", lambda p, env: _multiplex_filter(p))
-    # scorers
-    reg.add_scorer("load", lambda p, env: LoadScorer())
-    reg.add_scorer("queue", lambda p, env: QueueScorer())
-    reg.add_scorer("kv_cache", lambda p, env: KVCacheScorer())
-    reg.add_scorer("lora_affinity", lambda p, env: LoraAffinityScorer())
-    reg.add_scorer("hash_ring", lambda p, env: HashRingScorer(_virtual_nodes(p)))
+    reg.add_filter(
+        "bounded_load",
+        lambda p, env: BoundedLoadFilter(_load_factor(p)),
+        "keeps replicas with load + 1 <= ceil(load_factor * (total + 1) / n); never empties",
+    )
+    reg.add_filter(
+        "multiplex",
+        lambda p, env: _multiplex_filter(p),
+        "keeps replicas holding the adapter (GPU slot or CPU cache), else the fallback's",
+    )
+    # scorers (each score in [0, 1], higher is better)
     reg.add_scorer(
-        "expected_ttft", lambda p, env: ExpectedTTFTScorer(env.step_time_model, _cost_params(p))
+        "load",
+        lambda p, env: LoadScorer(),
+        "fewer in-flight + waiting requests scores higher (min-max scaled; 1 when all equal)",
+    )
+    reg.add_scorer(
+        "queue",
+        lambda p, env: QueueScorer(),
+        "shorter waiting queue scores higher (min-max scaled; the extension's queue-scorer)",
+    )
+    reg.add_scorer(
+        "kv_cache", lambda p, env: KVCacheScorer(), "1 - KV-cache usage (free KV memory)"
+    )
+    reg.add_scorer(
+        "lora_affinity",
+        lambda p, env: LoraAffinityScorer(),
+        "1.0 adapter active there, 0.8 a free LoRA slot, 0.6 adapter queued there, else 0",
+    )
+    reg.add_scorer(
+        "hash_ring",
+        lambda p, env: HashRingScorer(_virtual_nodes(p)),
+        "1.0 for the replica met first walking the hash ring from the adapter, then lower",
+    )
+    reg.add_scorer(
+        "expected_ttft",
+        lambda p, env: ExpectedTTFTScorer(env.step_time_model, _cost_params(p)),
+        f"the cheapest replica 1.0, others (c_min + tau) / (c + tau) of their expected time to "
+        f"first token c (tau {SCORE_TAU_S * 1e3:g} ms): twice as slow ~0.5",
     )
     # pickers
     reg.add_picker(
-        "max_score", lambda p, env: MaxScorePicker(p.choice("tie_break", "random", TIE_BREAKS))
+        "max_score",
+        lambda p, env: MaxScorePicker(p.choice("tie_break", "random", TIE_BREAKS)),
+        "the highest total wins; ties: a random one or the first in replica order",
     )
-    reg.add_picker("round_robin", lambda p, env: RoundRobinPicker())
-    reg.add_picker("random", lambda p, env: RandomPicker())
-    reg.add_picker("weighted_random", lambda p, env: WeightedRandomPicker())
-    reg.add_picker("power_of_two", lambda p, env: PowerOfTwoPicker())
+    reg.add_picker("round_robin", lambda p, env: RoundRobinPicker(), "in turn, ignoring scores")
+    reg.add_picker("random", lambda p, env: RandomPicker(), "uniformly random, ignoring scores")
+    reg.add_picker(
+        "weighted_random",
+        lambda p, env: WeightedRandomPicker(),
+        "random with probability proportional to the total (uniform when all are 0)",
+    )
+    reg.add_picker(
+        "power_of_two",
+        lambda p, env: PowerOfTwoPicker(),
+        "two distinct replicas drawn at random, the higher total wins",
+    )
 
 
 def _round_robin(p: Params, env: BuildEnv) -> RoutingProfile:

@@ -3,6 +3,9 @@
 A factory reads its parameters through ``Params`` (which names the key path in errors) and gets
 the ``BuildEnv`` (seed, step-time model). ``default_registry()`` returns a fresh registry holding
 every built-in; callers may register their own plugins on it before building a policy.
+
+Each entry may carry a one-line description (``description=``); ``routing.catalog`` lists the
+entries with it and the parameters their factories read (``loragate policies``).
 """
 
 from __future__ import annotations
@@ -35,27 +38,40 @@ F = TypeVar("F")
 
 
 class Registry:
-    """Four name spaces: filters, scorers, pickers, profiles (built-in policies)."""
+    """Four name spaces: filters, scorers, pickers, profiles (built-in policies).
 
-    __slots__ = ("filters", "pickers", "profiles", "scorers")
+    ``descriptions`` maps ``(kind, name)`` (kind: ``filter``, ``scorer``, ``picker``,
+    ``policy``) to the entry's one-line description, for those registered with one.
+    """
+
+    __slots__ = ("descriptions", "filters", "pickers", "profiles", "scorers")
 
     def __init__(self) -> None:
         self.filters: dict[str, FilterFactory] = {}
         self.scorers: dict[str, ScorerFactory] = {}
         self.pickers: dict[str, PickerFactory] = {}
         self.profiles: dict[str, ProfileFactory] = {}
+        self.descriptions: dict[tuple[str, str], str] = {}
 
-    def add_filter(self, name: str, factory: FilterFactory) -> None:
+    def add_filter(self, name: str, factory: FilterFactory, description: str = "") -> None:
         _add(self.filters, "filter", name, factory)
+        self._describe("filter", name, description)
 
-    def add_scorer(self, name: str, factory: ScorerFactory) -> None:
+    def add_scorer(self, name: str, factory: ScorerFactory, description: str = "") -> None:
         _add(self.scorers, "scorer", name, factory)
+        self._describe("scorer", name, description)
 
-    def add_picker(self, name: str, factory: PickerFactory) -> None:
+    def add_picker(self, name: str, factory: PickerFactory, description: str = "") -> None:
         _add(self.pickers, "picker", name, factory)
+        self._describe("picker", name, description)
 
-    def add_profile(self, name: str, factory: ProfileFactory) -> None:
+    def add_profile(self, name: str, factory: ProfileFactory, description: str = "") -> None:
         _add(self.profiles, "policy", name, factory)
+        self._describe("policy", name, description)
+
+    def _describe(self, kind: str, name: str, description: str) -> None:
+        if description:
+            self.descriptions[(kind, name)] = description
 
 
 def _add(table: dict[str, F], kind: str, name: str, factory: F) -> None:
