@@ -11,6 +11,8 @@ hour, seeds 1..3. Run::
     .venv/bin/python bench/compare_policies_sim.py --rate-rps 21 --json # a fixed rate
     .venv/bin/python bench/compare_policies_sim.py --rate-rps 7.175 --free-disk-loads
                                         # what-if: the table's rate, disk loads taking no time
+    .venv/bin/python bench/compare_policies_sim.py --rate-rps 7.175 \
+        --policies loragate,examples/policies/composed_affinity.yaml   # your own policy file
 
 Capacity (printed, and in ``--json``): the *SLO goodput* of the cluster under ``round_robin``,
 i.e. the highest total arrival rate at which the adapter-blind baseline still serves at least
@@ -57,6 +59,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from loragate.commands.simulate import policy_from_arg
+from loragate.core.errors import ConfigError
+from loragate.routing import build_policy
 from loragate.simulate import ReplicaEngineSettings, SimulationConfig, run_simulation
 from loragate.simulate.runner import Simulation
 from loragate.twin.profile import RankCost, load_profile
@@ -120,14 +125,40 @@ def make_spec(setup: Setup, *, rate_rps: float, duration_s: float, seed: int) ->
     return spec
 
 
-def run_one(args: tuple[Setup, str, float, float, int]) -> dict[str, Any]:
+# A policy of --policies: (its label in the table, the name or routing section it builds from).
+PolicyArg = tuple[str, str | dict[str, Any]]
+
+
+def parse_policies(text: str) -> list[PolicyArg]:
+    """``--policies``' comma list: built-in names and policy files (a routing section, a name,
+    or a gateway config, as ``loragate simulate --policy FILE`` reads them), each checked here,
+    before any run, so a bad one is one line naming it (``unknown policy 'loragte' (is it a
+    misspelling of 'loragate'?; ...)``, ``p.yaml:3:7: routing.filters[0]: unknown filter
+    ...``). A file's label is the path as given. Raises ``ConfigError``."""
+    out: list[PolicyArg] = []
+    for item in (p.strip() for p in text.split(",")):
+        if not item:
+            continue
+        if any(label == item for label, _ in out):
+            raise ConfigError(f"{item!r} is given twice")
+        spec = policy_from_arg(item)  # a file: read and built here, errors naming its line
+        if spec == item:  # a name: build it to check it
+            build_policy(item, key="")  # (no key: the message is "unknown policy ...")
+        out.append((item, spec))
+    if not out:
+        raise ConfigError("names no policy")
+    return out
+
+
+def run_one(args: tuple[Setup, str | PolicyArg, float, float, int]) -> dict[str, Any]:
     """One simulation; the figures the table needs (runs in a worker process)."""
-    setup, policy, rate_rps, duration_s, seed = args
+    setup, policy_arg, rate_rps, duration_s, seed = args
+    policy, policy_spec = (policy_arg, policy_arg) if isinstance(policy_arg, str) else policy_arg
     spec = make_spec(setup, rate_rps=rate_rps, duration_s=duration_s, seed=seed)
     config = SimulationConfig(
         replicas=setup.replicas,
         profile=setup.profile,
-        policy=policy,
+        policy=policy_spec,
         engine=ReplicaEngineSettings(max_loras=setup.max_loras, max_cpu_loras=setup.max_cpu_loras),
         seed=seed,
         ttft_slo_ms=setup.ttft_slo_ms,
@@ -272,8 +303,9 @@ def _n(a: dict[str, Any], k: str) -> str:
 
 
 def print_table(table: dict[str, dict[str, Any]]) -> None:
+    w = max([16, *(len(policy) for policy in table)])  # a policy file's label is its path
     head = (
-        f"{'policy':16} {'TTFT p50 ms':>14} {'TTFT p99 ms':>14} {'E2E p99 s':>12} "
+        f"{'policy':{w}} {'TTFT p50 ms':>14} {'TTFT p99 ms':>14} {'E2E p99 s':>12} "
         f"{'req/s':>6} {'SLO':>6} {'adapter loads':>14} {'gpu loads':>14} "
         f"{'disk loads':>14} {'deferred':>14}"
     )
@@ -281,7 +313,7 @@ def print_table(table: dict[str, dict[str, Any]]) -> None:
     print("-" * len(head))
     for policy, a in table.items():
         print(
-            f"{policy:16} {_ms(a, 'ttft_p50_s')} {_ms(a, 'ttft_p99_s')} {_s(a, 'e2e_p99_s')} "
+            f"{policy:{w}} {_ms(a, 'ttft_p50_s')} {_ms(a, 'ttft_p99_s')} {_s(a, 'e2e_p99_s')} "
             f"{a['throughput_rps']:6.2f} {a['slo_attainment']:6.1%} {_n(a, 'adapter_loads')} "
             f"{_n(a, 'gpu_loads')} {_n(a, 'disk_loads')} {_n(a, 'deferred')}"
             + (f"  starved in {a['starved_runs']} runs" if a["starved_runs"] else "")
@@ -329,7 +361,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--capacity-duration-s", type=float, default=900.0)
     ap.add_argument("--capacity-attainment", type=float, default=0.9)
     ap.add_argument("--ttft-slo-ms", type=float, default=1000.0)
-    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument(
+        "--policies",
+        default=",".join(POLICIES),
+        help="comma list of built-in policy names and policy files (as `loragate simulate "
+        "--policy FILE` takes; e.g. examples/policies/composed_affinity.yaml), each checked "
+        "before any run (default: %(default)s)",
+    )
     ap.add_argument("--jobs", type=int, default=2, help="worker processes")
     ap.add_argument("--json", action="store_true", help="print everything as JSON")
     ap.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
@@ -339,7 +377,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="what-if: disk->CPU adapter loads take no time in the table's runs (the capacity "
         "search keeps the profile's; pass --rate-rps to compare at the default table's rate)",
     )
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    try:
+        args.policy_args = parse_policies(args.policies)
+    except ConfigError as exc:
+        ap.error(f"--policies: {exc}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -347,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall0 = time.perf_counter()
     setup = Setup.from_args(args, ttft_slo_ms=args.ttft_slo_ms)
     seeds = list(range(1, args.seeds + 1))
-    policies = [p for p in args.policies.split(",") if p]
+    policies: list[PolicyArg] = args.policy_args
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
 
