@@ -13,18 +13,20 @@ from typing import Any
 
 import aiohttp
 import pytest
-from gateway_harness import BASE, ScriptedReplica, openai_client, serve_process
+from gateway_harness import BASE, ScriptedReplica, openai_client, serve_process, wait_until
 
 from loragate.core.config import config_from_mapping
 from loragate.core.errors import ConfigError
 from loragate.gateway import parse_config_text
 
 
-def _config_file(tmp_path: Path, rep: ScriptedReplica, *, delay_s: float) -> Path:
+def _config_file(
+    tmp_path: Path, rep: ScriptedReplica, *, delay_s: float, drain_s: float = 0.3
+) -> Path:
     path = tmp_path / "gw.yaml"
     path.write_text(
         f"base_model: {BASE}\nreplicas: ['{rep.url}']\n"
-        f"server: {{shutdown_delay_s: {delay_s}, shutdown_timeout_s: 0.3}}\n",
+        f"server: {{shutdown_delay_s: {delay_s}, shutdown_timeout_s: {drain_s}}}\n",
         encoding="utf-8",
     )
     return path
@@ -69,6 +71,25 @@ async def test_the_delay_ends_by_itself_then_the_drain_runs(
         serve.proc.send_signal(signal.SIGTERM)
         await serve.wait_for_log(r"still accepting connections for 0\.2 s")
         await serve.wait_for_log(r"not accepting connections; 0 requests in flight")
+        assert await asyncio.wait_for(serve.proc.wait(), timeout=30) == 0
+
+
+async def test_a_request_running_through_the_delay_finishes_in_the_drain(
+    replicas: list[ScriptedReplica], tmp_path: Path
+) -> None:
+    rep = replicas[0]
+    rep.answer_gate = asyncio.Event()  # the replica holds non-streaming answers
+    path = _config_file(tmp_path, rep, delay_s=0.2, drain_s=600)
+    async with serve_process(path) as serve, openai_client(serve.url) as client:
+        held = asyncio.create_task(client.completions.create(model=BASE, prompt="p"))
+        await wait_until(lambda: rep.requests, "the request to reach the replica")
+        serve.proc.send_signal(signal.SIGTERM)
+        await serve.wait_for_log(r"still accepting connections for 0\.2 s .*; 1 request in flight")
+        await serve.wait_for_log(r"not accepting connections; 1 request in flight")
+        rep.answer_gate.set()
+        answer = await asyncio.wait_for(held, timeout=30)
+        assert answer.choices[0].text == "hi from r0"
+        await serve.wait_for_log(r"1 request finished during the drain, 0 cut")
         assert await asyncio.wait_for(serve.proc.wait(), timeout=30) == 0
 
 
