@@ -1,4 +1,8 @@
-"""``loragate simulate``: N twin replicas behind a routing policy, in virtual time."""
+"""``loragate simulate``: N twin replicas behind a routing policy, in virtual time.
+
+What ``--out`` writes (records, ``summary.json``) and what each field means:
+:mod:`loragate.simulate.outputs`.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +18,11 @@ from loragate.routing import build_policy
 from loragate.simulate import (
     RecordWriter,
     ReplicaEngineSettings,
+    Simulation,
     SimulationConfig,
-    run_simulation,
 )
+from loragate.simulate.config import KvCapacityError
+from loragate.simulate.outputs import claim, write_summary
 from loragate.simulate.records import CONTEXT_LENGTH, RecordFormat
 from loragate.workload import SpecFileError, Workload, load_spec
 from loragate.workload.yaml_file import load_yaml_with_lines, naming_file, read_text_file
@@ -65,7 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help="write records.{csv,jsonl} and summary.json here",
+        help="write records.{csv,jsonl} and, when the run completes, summary.json here",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run's records and summary.json in --out (without it, a run "
+        "refuses such a directory; other files there are never touched)",
     )
     parser.add_argument(
         "--records",
@@ -118,7 +130,7 @@ def policy_from_arg(arg: str) -> str | dict[str, Any]:
     the line and column, and the key (``p.yaml:3:7: routing.filters[0]: unknown filter ...``).
     """
     path = Path(arg)
-    if not (arg.endswith((".yaml", ".yml")) or path.is_file()):
+    if not _is_policy_file(arg):
         return arg
     try:
         text = read_text_file(path, "policy file")
@@ -139,6 +151,23 @@ def policy_from_arg(arg: str) -> str | dict[str, Any]:
             )
         build_policy(data)  # validate now: unknown names and keys, its size
     return data
+
+
+def _is_policy_file(arg: str) -> bool:
+    """Whether ``--policy``'s value names a file (else it is a built-in policy's name)."""
+    return arg.endswith((".yaml", ".yml")) or Path(arg).is_file()
+
+
+def _with_files(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The summary's ``config`` with the files the run read, each beside what it gave."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        out[key] = value
+        if key == "workload":
+            out["workload_file"] = args.workload
+        elif key == "policy":
+            out["policy_file"] = args.policy if _is_policy_file(args.policy) else None
+    return out
 
 
 def _under_routing(key: str) -> str:
@@ -176,8 +205,14 @@ def _print_text(summary: dict[str, Any]) -> None:
     req = summary["requests"]
     tp = summary["throughput"]
     cfg = summary["config"]
+    eng = cfg["engine"]
+    policy = cfg["policy"]
+    if cfg.get("policy_file"):
+        policy += f" from {cfg['policy_file']}"
     print(
-        f"{cfg['workload']}: {cfg['replicas']} replicas, policy {cfg['policy']}, "
+        f"{cfg['workload']}: {cfg['replicas']} replicas (max_loras {eng['max_loras']}, "
+        f"max_cpu_loras {eng['max_cpu_loras']}, max_lora_rank {eng['max_lora_rank']}), "
+        f"policy {policy} (routing sha256 {cfg['routing']['sha256'][:12]}), "
         f"profile {cfg['profile']}, seed {cfg['seed']}"
     )
     reasons = req["rejected_by_reason"]
@@ -203,8 +238,12 @@ def _print_text(summary: dict[str, Any]) -> None:
     slo = summary["slo"]
     att = slo["attainment"]
     print(f"TTFT SLO {slo['ttft_ms']:g} ms attained by {'-' if att is None else f'{att:.1%}'}")
-    loads = {r: v["adapter_loads"] for r, v in summary["replicas"].items()}
-    print(f"adapter loads per replica {loads}; deferred requests {summary['deferred']['requests']}")
+    loads = [(r, v["adapter_loads"]) for r, v in summary["replicas"].items()]
+    per_replica = ", ".join(f"{r} {n}" for r, n in loads)
+    print(
+        f"adapter loads {sum(n for _, n in loads)} ({per_replica}); "
+        f"deferred requests {summary['deferred']['requests']}"
+    )
     st = summary["starvation"]
     starved = (
         f"{st['requests']} ({st['fraction']:.2%}), of {st['adapters']} adapters"
@@ -239,6 +278,8 @@ _FLAG_KEYS = frozenset(
 def _as_flag(exc: LoragateError) -> str:
     """``max_lora_rank: ...`` -> ``--max-lora-rank: ...`` for errors in command-line settings
     (errors in the workload file start with the file instead)."""
+    if isinstance(exc, KvCapacityError):
+        return _kv_capacity_message(exc)
     text = str(exc)
     if isinstance(exc, SpecFileError) or not isinstance(exc, ConfigError):
         return text
@@ -246,6 +287,26 @@ def _as_flag(exc: LoragateError) -> str:
     if key in _FLAG_KEYS and text.startswith(f"{key}: "):
         return f"--{key.replace('_', '-')}: {text[len(key) + 2 :]}"
     return text
+
+
+def _kv_capacity_message(exc: KvCapacityError) -> str:
+    """:class:`KvCapacityError` in the flags that decide the KV cache's size."""
+    if exc.given_tokens is not None:
+        source = f"--kv-capacity-tokens {exc.given_tokens}"
+        fixes = "raise --kv-capacity-tokens"
+    else:
+        source = (
+            f"profile {exc.profile}'s KV memory model for --max-loras {exc.max_loras} x "
+            f"--max-lora-rank {exc.max_lora_rank}"
+        )
+        fixes = (
+            "give --kv-capacity-tokens, a --profile with more KV memory, or lower --max-loras "
+            "x --max-lora-rank (LoRA slots take KV memory)"
+        )
+    return (
+        f"--max-model-len: {exc.max_model_len} tokens do not fit in a replica's KV cache "
+        f"({exc.kv_tokens} tokens, from {source}): lower --max-model-len, or {fixes}"
+    )
 
 
 def _cannot_write(path: Path, exc: OSError) -> ConfigError:
@@ -271,25 +332,26 @@ def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     workload = Workload(spec)
     for note in workload.notes:
         print(f"loragate simulate: note: {args.workload}: {note}", file=sys.stderr)
+    simulation = Simulation(workload, config)  # every setting checked before --out is touched
     try:
         if args.out is not None:
             fmt: RecordFormat = args.records
             path = args.out / f"records.{fmt}"
             try:
-                args.out.mkdir(parents=True, exist_ok=True)
+                claim(args.out, overwrite=args.overwrite)
                 writer = RecordWriter(path, fmt)
             except OSError as exc:
                 raise _cannot_write(path, exc) from exc
-        summary = run_simulation(workload, config, writer.write if writer else None).summary
+        summary = simulation.run(writer.write if writer else None).summary
     finally:
         if writer is not None:
             writer.close()
+    summary["config"] = _with_files(summary["config"], args)
     if args.out is not None:
-        path = args.out / "summary.json"
         try:
-            path.write_text(json.dumps(summary, indent=2) + "\n")
+            write_summary(args.out, summary)
         except OSError as exc:
-            raise _cannot_write(path, exc) from exc
+            raise _cannot_write(args.out / "summary.json", exc) from exc
     return summary
 
 

@@ -13,9 +13,7 @@ prometheus_client's default registry does.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
-import json
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 
@@ -35,6 +33,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from loragate.core import routing_digest
 from loragate.core.config import RoutingConfig
 from loragate.core.errors import AdapterLoadError, UpstreamConnectError, UpstreamError
 
@@ -339,11 +338,8 @@ class _ProxyMetrics(Collector):
 
 
 def routing_sha256(routing: RoutingConfig) -> str:
-    """The sha256 of a routing section: of its policy spec and seed as canonical JSON (sorted
-    keys, no spaces), so that formatting and the other sections of the file do not count."""
-    doc = {"policy": routing.build_spec(), "seed": routing.seed}
-    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    """The sha256 of a routing section (:func:`loragate.core.routing_digest.routing_sha256`)."""
+    return routing_digest.routing_sha256(routing.build_spec(), routing.seed)
 
 
 def retry_reason(exc: UpstreamError, *, loading: bool) -> str:

@@ -61,3 +61,44 @@ class SimulationConfig:
             raise ConfigError("must be >= 0", key="drain_s")
         if self.seed is not None and self.seed < 0:
             raise ConfigError("must be >= 0", key="seed")
+
+
+class KvCapacityError(ConfigError):
+    """A replica's KV cache cannot hold one sequence of ``max_model_len`` tokens (vLLM refuses
+    to start so). ``kv_tokens`` is the cache's size in whole 16-token blocks: from
+    ``given_tokens`` (``kv_capacity_tokens``) if set, else from ``profile``'s KV memory model for
+    ``max_loras`` x ``max_lora_rank``."""
+
+    def __init__(
+        self,
+        *,
+        max_model_len: int,
+        kv_tokens: int,
+        given_tokens: int | None,
+        profile: str,
+        max_loras: int,
+        max_lora_rank: int,
+    ) -> None:
+        self.max_model_len = max_model_len
+        self.kv_tokens = kv_tokens
+        self.given_tokens = given_tokens
+        self.profile = profile
+        self.max_loras = max_loras
+        self.max_lora_rank = max_lora_rank
+        if given_tokens is not None:
+            source = f"kv_capacity_tokens {given_tokens}"
+            fixes = "raise kv_capacity_tokens"
+        else:
+            source = (
+                f"profile {profile}'s KV memory model for max_loras {max_loras} x "
+                f"max_lora_rank {max_lora_rank}"
+            )
+            fixes = (
+                "set kv_capacity_tokens, use a profile with more KV memory, or lower "
+                "max_loras x max_lora_rank (LoRA slots take KV memory)"
+            )
+        super().__init__(
+            f"{max_model_len} tokens do not fit in a replica's KV cache ({kv_tokens} tokens, "
+            f"from {source}): lower max_model_len, or {fixes}",
+            key="max_model_len",
+        )

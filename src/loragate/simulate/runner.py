@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from loragate import __version__
 from loragate.core.errors import ConfigError, InvalidRequestError, NoReplicaAvailableError
+from loragate.core.routing_digest import routing_sha256
 from loragate.core.types import ReplicaSettings, ReplicaSnapshot, Residency, RoutingRequest
 from loragate.routing import RoutingProfile, build_policy
-from loragate.simulate.config import SimulationConfig
+from loragate.simulate.config import KvCapacityError, SimulationConfig
 from loragate.simulate.records import (
     CONTEXT_LENGTH,
     INVALID_REQUEST,
@@ -34,12 +36,22 @@ from loragate.simulate.records import (
 from loragate.simulate.step_time import ProfileStepTime
 from loragate.simulate.summary import SummaryBuilder
 from loragate.state.residency import touch
-from loragate.twin.engine import Engine, EngineConfig, EngineRequest, RequestRecord
+from loragate.twin.engine import (
+    Engine,
+    EngineConfig,
+    EngineRequest,
+    EngineStartupError,
+    RequestRecord,
+)
 from loragate.twin.profile import PerformanceProfile, load_profile
 from loragate.twin.replica_config import VLLM_LORA_RANKS
 from loragate.workload import Workload, WorkloadRequest
 
 RecordSink = Callable[[SimRecord], None]
+
+# summary.json's layout (simulate/outputs.py documents it); raised when a field changes meaning
+# or goes away, not when one is added.
+SUMMARY_SCHEMA_VERSION = 1
 
 
 @dataclass(slots=True)
@@ -132,8 +144,7 @@ def _max_lora_rank(given: int | None, workload: Workload) -> int:
         fits = [r for r in VLLM_LORA_RANKS if r >= need]
         if not fits:
             raise ConfigError(
-                f"the workload has rank-{need} adapters; vLLM's largest is "
-                f"{VLLM_LORA_RANKS[-1]}",
+                f"the workload has rank-{need} adapters; vLLM's largest is {VLLM_LORA_RANKS[-1]}",
                 key="max_lora_rank",
             )
         return fits[0]
@@ -205,13 +216,40 @@ class Simulation:
         self.replicas = [
             _Replica(
                 replica_id=f"r{i}",
-                engine=Engine(ecfg, self.profile),
+                engine=self._engine(ecfg),
                 settings=settings,
                 residency=Residency(registered=registered),
             )
             for i in range(config.replicas)
         ]
         self._by_id = {r.replica_id: r for r in self.replicas}
+
+    def _engine(self, ecfg: EngineConfig) -> Engine:
+        try:
+            return Engine(ecfg, self.profile)
+        except EngineStartupError as exc:
+            if exc.key != "max_model_len":
+                raise
+            # vLLM's own words ("Try increasing `gpu_memory_utilization`") name no setting of
+            # a simulation: say which of ours decided the KV cache's size.
+            given = ecfg.kv_capacity_tokens
+            cap = given
+            if cap is None:
+                cap = self.profile.specialize(
+                    max_loras=ecfg.max_loras, max_lora_rank=ecfg.max_lora_rank
+                ).kv_capacity_tokens(
+                    max_loras=ecfg.max_loras,
+                    max_lora_rank=ecfg.max_lora_rank,
+                    lora_enabled=ecfg.enable_lora,
+                )
+            raise KvCapacityError(
+                max_model_len=ecfg.max_model_len,
+                kv_tokens=cap // ecfg.block_size * ecfg.block_size,
+                given_tokens=given,
+                profile=self.profile.name,
+                max_loras=ecfg.max_loras,
+                max_lora_rank=ecfg.max_lora_rank,
+            ) from exc
 
     def run(self, on_record: RecordSink | None = None) -> SimulationResult:
         wall0 = time.perf_counter()
@@ -291,12 +329,16 @@ class Simulation:
             for request_id, req in rep.pending.items():  # insertion order = arrival order
                 emit(_unserved(request_id, req, rep.replica_id, "unfinished"))
         wall_s = time.perf_counter() - wall0
-        result = summary.build(
-            replicas=self._replica_stats(),
-            config=self._config_echo(),
-            wall_s=wall_s,
-            speedup=spec.duration_s / wall_s if wall_s > 0 else None,
-        )
+        result = {
+            "schema_version": SUMMARY_SCHEMA_VERSION,
+            "loragate_version": __version__,
+            **summary.build(
+                replicas=self._replica_stats(),
+                config=self._config_echo(),
+                wall_s=wall_s,
+                speedup=spec.duration_s / wall_s if wall_s > 0 else None,
+            ),
+        }
         return SimulationResult(summary=result, wall_s=wall_s)
 
     def _finish(self, rep: _Replica, done: list[RequestRecord], emit: RecordSink) -> None:
@@ -343,11 +385,13 @@ class Simulation:
 
     def _config_echo(self) -> dict[str, Any]:
         cfg = self.config
+        section = cfg.policy if isinstance(cfg.policy, str) else dict(cfg.policy)
         return {
             "workload": self.workload.spec.name,
             "replicas": cfg.replicas,
             "profile": self.profile.name,
             "policy": self.policy.name,
+            "routing": {"section": section, "sha256": routing_sha256(section)},
             "seed": self.seed,
             "engine": {
                 **{
@@ -361,8 +405,13 @@ class Simulation:
                     )
                 },
                 "max_lora_rank": self.max_lora_rank,
+                "kv_capacity_tokens": self.replicas[0].engine.kv_capacity_tokens,
+                "kv_capacity_from": "profile" if cfg.engine.kv_capacity_tokens is None else "given",
             },
             "scrape_interval_s": cfg.scrape_interval_s,
+            "drain_s": cfg.drain_s,
+            "ttft_slo_ms": cfg.ttft_slo_ms,
+            "starvation_wait_s": cfg.starvation_wait_s,
             "adapters": len(self.workload.adapters),
             "offered_rate_rps": self.workload.offered_rate_rps,
         }
