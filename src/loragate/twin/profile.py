@@ -28,7 +28,9 @@ from typing import Any
 
 import yaml
 
+from loragate.core.config import unknown_key
 from loragate.core.errors import ConfigError
+from loragate.workload.yaml_file import load_yaml_with_lines, naming_file, read_text_file
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
@@ -271,6 +273,16 @@ class PerformanceProfile:
 # --- YAML ---------------------------------------------------------------------------------------
 
 
+def _check_fields(data: dict[str, Any], known: set[str], key: str) -> None:
+    """The first key of ``data`` not in ``known`` is an error naming it (``step.itl_ms: unknown
+    key (is 'itl_ms' a misspelling of ...?)``), so a file's reader can point at its line."""
+    for name in data:
+        if name not in known:
+            raise ConfigError(
+                unknown_key(str(name), known), key=f"{key}.{name}" if key else str(name)
+            )
+
+
 def _section(raw: dict[str, Any], key: str, cls: type[Any], required: bool) -> Any:
     data = raw.get(key)
     if data is None:
@@ -280,9 +292,7 @@ def _section(raw: dict[str, Any], key: str, cls: type[Any], required: bool) -> A
     if not isinstance(data, dict):
         raise ConfigError("must be a mapping", key=key)
     names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown field(s) {unknown}; known: {sorted(names)}", key=key)
+    _check_fields(data, names, key)
     try:
         return cls(**data)
     except TypeError as exc:
@@ -294,9 +304,7 @@ def _rank_cost(data: Any, key: str) -> RankCost:
         return RankCost()
     if not isinstance(data, dict):
         raise ConfigError("must be a mapping (intercept_ms/ms_per_rank or table)", key=key)
-    unknown = sorted(set(data) - {"intercept_ms", "ms_per_rank", "table"})
-    if unknown:
-        raise ConfigError(f"unknown field(s) {unknown}", key=key)
+    _check_fields(data, {"intercept_ms", "ms_per_rank", "table"}, key)
     table_raw = data.get("table") or {}
     if not isinstance(table_raw, dict):
         raise ConfigError("table must map rank -> ms", key=f"{key}.table")
@@ -311,9 +319,7 @@ def _rank_cost(data: Any, key: str) -> RankCost:
 def _kv(data: Any) -> KvModel:
     if not isinstance(data, dict) or "kv0_tokens" not in data:
         raise ConfigError("missing section or kv0_tokens", key="kv")
-    unknown = sorted(set(data) - {f.name for f in fields(KvModel)})
-    if unknown:
-        raise ConfigError(f"unknown field(s) {unknown}", key="kv")
+    _check_fields(data, {f.name for f in fields(KvModel)}, "kv")
     rows: list[tuple[int, int, int | None]] = []
     for row in data.get("table") or []:
         if not isinstance(row, list | tuple) or len(row) != 3:
@@ -330,20 +336,17 @@ def _kv(data: Any) -> KvModel:
 
 
 def profile_from_dict(raw: dict[str, Any]) -> PerformanceProfile:
-    known = {f.name for f in fields(PerformanceProfile)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"unknown top-level key(s) {unknown}; known: {sorted(known)}")
+    _check_fields(raw, {f.name for f in fields(PerformanceProfile)}, "")
     if not raw.get("name"):
         raise ConfigError("missing", key="name")
     loading_raw = raw.get("loading") or {}
     if not isinstance(loading_raw, dict):
         raise ConfigError("must be a mapping", key="loading")
-    unknown = sorted(
-        set(loading_raw) - {"cpu_to_gpu_ms", "disk_to_cpu_ms", "cpu_to_gpu_pad_ms", "max_lora_rank"}
+    _check_fields(
+        loading_raw,
+        {"cpu_to_gpu_ms", "disk_to_cpu_ms", "cpu_to_gpu_pad_ms", "max_lora_rank"},
+        "loading",
     )
-    if unknown:
-        raise ConfigError(f"unknown field(s) {unknown}", key="loading")
     fit = raw.get("fit") or {}
     if not isinstance(fit, dict):
         raise ConfigError("must be a mapping", key="fit")
@@ -414,15 +417,19 @@ def load_profile(name_or_path: str | Path) -> PerformanceProfile:
                 f"unknown profile {str(name_or_path)!r}; built-in: {', '.join(list_profiles())}",
                 key="profile",
             )
+    # Read as every loragate file is (workload.yaml_file): each error one line naming the
+    # file, and the line and column of its key (``p.yaml:3:1: stepp: unknown key (is 'stepp'
+    # a misspelling of 'step'?)``).
+    source = str(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read profile file {path}: {exc}", key="profile") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML in {path}: {exc}", key="profile") from exc
+        text = read_text_file(path, "profile file")
+    except ConfigError as exc:
+        raise ConfigError(str(exc), key="profile") from exc
+    raw, lines = load_yaml_with_lines(text, source)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a profile must be a YAML mapping", key="profile")
-    return profile_from_dict(raw)
+    with naming_file(source, lines):
+        return profile_from_dict(raw)
 
 
 def dump_profile(p: PerformanceProfile, path: str | Path) -> None:
