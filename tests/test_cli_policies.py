@@ -22,6 +22,14 @@ def test_json_lists_every_registered_name_with_its_parameters(
     for title, table in KINDS.items():
         assert [e["name"] for e in listing[title]] == list(getattr(reg, table))
         assert all(e["description"] for e in listing[title])
+    uses = {e["name"]: e["uses_scores"] for e in listing["pickers"]}
+    assert uses == {
+        "max_score": True,
+        "round_robin": False,
+        "random": False,
+        "weighted_random": True,
+        "power_of_two": True,
+    }
     (loragate,) = [e for e in listing["policies"] if e["name"] == "loragate"]
     params = {p["name"]: p for p in loragate["params"]}
     assert params["load_stall_weight"] == {
@@ -55,3 +63,4 @@ def test_text_names_every_entry_and_parameter(capsys: pytest.CaptureFixture[str]
                 assert f" {p['name']} " in out
     assert "  tie_break             one of random, first; default random" in out
     assert "weight * score" in out and "[0, 1]" in out
+    assert "round_robin and random ignore them" in out

@@ -32,8 +32,7 @@ def _spec(entry: EntryInfo, params: dict[str, object]) -> object:
         return {"policy": entry.name, **params}
     item = {"name": entry.name, "params": params}
     if entry.kind == "picker":
-        uses_scores = entry.name not in ("random", "round_robin")
-        return {"scorers": ["load"] if uses_scores else [], "picker": item}
+        return {"scorers": ["load"] if entry.uses_scores else [], "picker": item}
     return {entry.kind + "s": [item], **({"scorers": ["load"]} if entry.kind == "filter" else {})}
 
 
@@ -87,3 +86,11 @@ def test_a_plugin_registered_without_description_shows_its_class_docstring() -> 
     (mine,) = [e for e in describe(reg)["filter"] if e.name == "mine"]
     assert mine.description == RegisteredFilter.__doc__.split("\n")[0]  # type: ignore[union-attr]
     assert [(p.name, p.type, p.default) for p in mine.params] == [("strict", "boolean", False)]
+
+
+@pytest.mark.parametrize("entry", CATALOG["picker"], ids=[e.name for e in CATALOG["picker"]])
+def test_a_picker_listed_as_using_scores_needs_a_scorer_and_no_other(entry: EntryInfo) -> None:
+    assert entry.uses_scores is (entry.name not in ("random", "round_robin"))
+    with pytest.raises(ConfigError, match="no scorer" if entry.uses_scores else "ignores"):
+        build_policy({"scorers": [] if entry.uses_scores else ["load"], "picker": entry.name})
+    assert all(e.uses_scores is None for e in ENTRIES if e.kind != "picker")

@@ -33,8 +33,8 @@ COMPOSING = (
     "fallback: true that would leave none keeps its input), gives each remaining replica the sum "
     "over the scorers of weight * score (every score in [0, 1], higher is better, clamped; "
     "weights are numbers >= 0, not all 0), and the picker chooses one replica from those totals. "
-    "A picker that uses scores needs a scorer; random and round_robin ignore them and take "
-    "none. A gateway config's routing mapping may also hold seed: N (ties and random "
+    "A picker that uses scores needs a scorer; {ignoring} ignore them and take none. A "
+    "gateway config's routing mapping may also hold seed: N (ties and random "
     "choices; default 0). examples/policies/ has one file per policy and a composed one; "
     "`loragate simulate --policy FILE` checks and runs a file."
 )
@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--json",
         action="store_true",
         help="print the listing as JSON: policies, filters, scorers, pickers, each a list of "
-        "{name, description, params: [{name, type, default, min?, max?, choices?}]}",
+        "{name, description, params: [{name, type, default, min?, max?, choices?}]} "
+        "(pickers also uses_scores)",
     )
 
 
@@ -68,7 +69,9 @@ def render(catalog: dict[str, list[EntryInfo]]) -> str:
     lines: list[str] = []
     for kind, title in KINDS:
         if kind == "filter":
-            lines += [*textwrap.wrap(COMPOSING, WIDTH), ""]
+            ignoring = [e.name for e in catalog["picker"] if e.uses_scores is False]
+            text = COMPOSING.replace("{ignoring}", " and ".join(ignoring) or "none")
+            lines += [*textwrap.wrap(text, WIDTH), ""]
         lines.append(f"{title.capitalize()} ({SYNTAX[kind]}):")
         for entry in catalog[kind]:
             lines += _entry_lines(entry)

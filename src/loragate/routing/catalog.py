@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from loragate.routing.builtins import default_registry
+from loragate.routing.config import picker_uses_scores
 from loragate.routing.params import Params
 from loragate.routing.registry import BuildEnv, Registry
 from loragate.routing.step_time import LinearStepTimeModel
@@ -74,22 +75,28 @@ class ParamInfo:
 
 @dataclass(frozen=True, slots=True)
 class EntryInfo:
-    """One registry entry: ``kind`` is ``policy``, ``filter``, ``scorer`` or ``picker``."""
+    """One registry entry: ``kind`` is ``policy``, ``filter``, ``scorer`` or ``picker``;
+    ``uses_scores`` (pickers only) whether it chooses by the totals (a composition with it needs
+    a scorer) or ignores them (it takes none)."""
 
     kind: str
     name: str
     description: str
     params: tuple[ParamInfo, ...]
+    uses_scores: bool | None = None
 
     def defaults(self) -> dict[str, float | int | bool | str | None]:
         return {p.name: p.default for p in self.params}
 
     def as_dict(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "name": self.name,
             "description": self.description,
             "params": [p.as_dict() for p in self.params],
         }
+        if self.uses_scores is not None:
+            out["uses_scores"] = self.uses_scores
+        return out
 
 
 def _yaml_value(value: object) -> str:
@@ -161,7 +168,9 @@ def describe(registry: Registry | None = None) -> dict[str, list[EntryInfo]]:
             description = reg.descriptions.get((kind, name), "")
             if not description and kind != "policy":  # a profile's class says nothing of it
                 description = _first_line(built)
-            entries.append(EntryInfo(kind, name, description, tuple(params.read.values())))
+            uses_scores = picker_uses_scores(built) if kind == "picker" else None
+            read = tuple(params.read.values())
+            entries.append(EntryInfo(kind, name, description, read, uses_scores))
         out[kind] = entries
     return out
 

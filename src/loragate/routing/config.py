@@ -180,7 +180,7 @@ def _check_picker_scorers(picker: object, name: object, has_scorers: bool, key: 
     """A picker that chooses by the totals needs a scorer: without one every total is 0, and
     ``max_score`` would pick at random, unsaid. One that ignores them (``uses_scores = False``:
     ``random``, ``round_robin``) takes none: they would be computed for nothing."""
-    uses_scores = bool(getattr(picker, "uses_scores", True))
+    uses_scores = picker_uses_scores(picker)
     if uses_scores and not has_scorers:
         raise ConfigError(
             f"no scorer: picker {name!r} chooses by the scorers' weighted totals, and with none "
@@ -194,3 +194,8 @@ def _check_picker_scorers(picker: object, name: object, has_scorers: bool, key: 
             "them, or pick by them with max_score, weighted_random or power_of_two",
             key=f"{key}.picker",
         )
+
+
+def picker_uses_scores(picker: object) -> bool:
+    """Whether ``picker`` chooses by the totals: unless its class says ``uses_scores = False``."""
+    return bool(getattr(picker, "uses_scores", True))
