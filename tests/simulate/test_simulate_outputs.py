@@ -81,6 +81,36 @@ def test_summary_tells_policy_variants_apart(
     assert by_name["routing"]["section"] == "loragate"
 
 
+def test_summary_resolves_every_routing_parameter(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The name and the example file (every default written out) are one policy: their
+    sections and sha256 differ, their resolved parameters do not; the variant differs in its
+    one parameter."""
+    by_name = _run(capsys, "--policy", "loragate")["config"]["routing"]["parameters"]
+    from_file = _run(capsys, "--policy", str(LORAGATE_POLICY))["config"]["routing"]
+    variant = _run(capsys, "--policy", str(_variant(tmp_path)))["config"]["routing"]
+    assert by_name["policy"] == "loragate" and by_name["params"]["new_slot_weight"] == 0.5
+    assert from_file["parameters"] == by_name
+    differs = {k for k, v in variant["parameters"]["params"].items() if by_name["params"][k] != v}
+    assert differs == {"new_slot_weight"}
+    assert set(variant["parameters"]["params"]) == set(by_name["params"])
+
+    composed = tmp_path / "composed.yaml"
+    composed.write_text(
+        "routing:\n  filters: [registered]\n"
+        "  scorers: [{name: expected_ttft, weight: 2, params: {new_slot_weight: 3}}, queue]\n",
+        encoding="utf-8",
+    )
+    resolved = _run(capsys, "--policy", str(composed))["config"]["routing"]["parameters"]
+    assert resolved["name"] == "custom"
+    assert resolved["filters"] == [{"name": "registered", "params": {"fallback": True}}]
+    ttft, queue = resolved["scorers"]
+    assert ttft["weight"] == 2 and queue == {"name": "queue", "weight": 1.0, "params": {}}
+    assert ttft["params"] == {**by_name["params"], "new_slot_weight": 3}
+    assert resolved["picker"] == {"name": "max_score", "params": {"tie_break": "random"}}
+
+
 def test_summary_records_the_run_settings_and_versions(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -33,6 +33,7 @@ from loragate.simulate.records import (
     SimRecord,
     Status,
 )
+from loragate.simulate.routing_echo import resolved_routing
 from loragate.simulate.step_time import ProfileStepTime
 from loragate.simulate.summary import SummaryBuilder
 from loragate.state.residency import touch
@@ -391,7 +392,11 @@ class Simulation:
             "replicas": cfg.replicas,
             "profile": self.profile.name,
             "policy": self.policy.name,
-            "routing": {"section": section, "sha256": routing_sha256(section)},
+            "routing": {
+                "section": section,
+                "sha256": routing_sha256(section),
+                "parameters": resolved_routing(section),
+            },
             "seed": self.seed,
             "engine": {
                 **{
