@@ -325,24 +325,21 @@ async def livez(_: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """``GET /readyz`` (a readiness probe): 200 when the gateway can route (at least one
-    replica healthy: ``/health``'s 200), else 503 in the OpenAI error shape, code
-    ``no_replica_available``; 503 ``shutting_down`` from the moment a shutdown begins (during
+    """``GET /readyz`` (a readiness probe): 200 while the gateway takes requests, 503 in the
+    OpenAI error shape, code ``shutting_down``, from the moment a shutdown begins (during
     ``server.shutdown_delay_s`` it still serves, so that Kubernetes takes the pod out of its
-    Service's endpoints before it stops accepting). Open (no token)."""
+    Service's endpoints before it stops accepting). Replica health does not make it 503: every
+    gateway sees the same replicas, so all of them would leave the Service at once while vLLM
+    starts or is down (clients refused a connection instead of answered a 503 that says why,
+    and a rolling update of the gateways blocked until vLLM is back). The body says how many
+    replicas are healthy (``/health`` has the details). Open (no token)."""
     gateway = request.app[GATEWAY]
     if gateway.shutting_down:
         body = error_payload("the gateway is shutting down", "service_unavailable", "shutting_down")
         return web.Response(status=503, body=body, content_type="application/json")
     healthy, total = _healthy_replicas(gateway)
-    if not healthy:
-        body = error_payload(
-            f"no replica is healthy (0 of {total}): the gateway cannot route",
-            "service_unavailable",
-            "no_replica_available",
-        )
-        return web.Response(status=503, body=body, content_type="application/json")
-    return web.Response(body=_PROBE_OK, content_type="application/json")
+    ready = json.dumps({"status": "ok", "replicas_healthy": healthy, "replicas": total})
+    return web.Response(text=ready, content_type="application/json")
 
 
 async def no_route(request: web.Request) -> web.Response:
