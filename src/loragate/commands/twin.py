@@ -18,6 +18,9 @@ from typing import Any
 
 from loragate.core.errors import ConfigError, LoragateError
 
+# The shell's status of a process stopped by SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
+
 HELP = "Digital twin: calibrate profiles from benchmark data, validate against real vLLM runs."
 
 
@@ -85,7 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Bad input exits 2 with one line on stderr naming the subcommand, like the other
     commands; with ``--json``, one JSON object (``{"error": {"message", "type", "param",
-    "code"}}``) instead."""
+    "code"}}``) instead. Ctrl-C exits 130 with one line (``loragate twin validate:
+    interrupted``), nothing written to ``--out``."""
     try:
         return int(args._twin(args))
     except LoragateError as exc:
@@ -96,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"loragate twin {args.twin_command}: {exc.message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the queued runs are cancelled, the workers stopped
+        print(f"loragate twin {args.twin_command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _calibrate(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -142,7 +143,8 @@ def run_validation(
         return [r for r in out if r is not None]
     # Longest runs first so the pool ends evenly.
     order = sorted(range(len(work)), key=lambda i: -_expected_cost(work[i][0]))
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
+    try:
         futures = {pool.submit(replay_job, work[i]): i for i in order}
         for done, future in enumerate(as_completed(futures), start=1):
             i = futures[future]
@@ -151,7 +153,28 @@ def run_validation(
             except Exception as exc:  # the worker died (e.g. out of memory)
                 out[i] = failed_metrics(f"worker process failed: {type(exc).__name__}: {exc}")
             report(done, i)
+    except BaseException:  # Ctrl-C: drop the queued runs and stop the running ones now
+        _stop_pool(pool)
+        raise
+    pool.shutdown()
     return [r for r in out if r is not None]
+
+
+def _ignore_sigint() -> None:
+    """In each worker: Ctrl-C reaches the whole process group; the parent alone handles it
+    (:func:`_stop_pool`), so a worker neither prints a traceback nor goes on to the next run."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Cancel what is queued and end the workers without waiting for their runs (Python 3.14's
+    ``terminate_workers()``; ``shutdown`` alone lets every queued run finish first)."""
+    workers = list(pool._processes.values())  # no public handle before 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.join()
 
 
 def _row_floats(row: dict[str, str] | None, keys: Sequence[str]) -> dict[str, float]:
