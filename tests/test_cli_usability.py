@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from loragate.cli import main
+from loragate.twin.validate_workload import DEFAULT_REPLAYS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,6 +63,13 @@ def test_twin_profiles_prints_every_description_whole(capsys: pytest.CaptureFixt
         (["replica"], ["(default: fast)", "adapters per batch / GPU slots (default: 1)"]),
         (["simulate"], ["(default: round_robin)", "(default: fast)"]),
         (["demo"], ["GPU LoRA slots per replica (2)", "CPU LoRA cache per replica (4)"]),
+        (
+            ["twin", "validate"],
+            [
+                f"SEED*REPLAYS+k; default: {DEFAULT_REPLAYS})",
+                "replayed window in seconds (default: 3600.0)",
+            ],
+        ),
     ],
 )
 def test_help_names_the_defaults_a_user_runs_with(

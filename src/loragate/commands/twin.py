@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from loragate.core.errors import ConfigError, LoragateError
+from loragate.twin.validate_workload import DEFAULT_REPLAYS
 
 # The shell's status of a process stopped by SIGINT (128 + 2).
 EXIT_INTERRUPTED = 130
@@ -59,11 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     val.add_argument("--model", action="append", default=[], help="only runs of this model")
     val.add_argument("--run-id", action="append", default=[], help="only this run (repeatable)")
     val.add_argument("--limit", type=int, default=None, help="at most this many runs")
-    val.add_argument("--window-s", type=float, default=3600.0, help="replayed window (s)")
+    val.add_argument("--window-s", type=float, default=3600.0,
+                     help="replayed window in seconds (default: %(default)s)")
     val.add_argument("--seed", type=int, default=0, help="default: %(default)s")
-    val.add_argument("--replays", type=int, default=None,
+    val.add_argument("--replays", type=int, default=DEFAULT_REPLAYS,
                      help="replays of each synthesised run, metrics averaged (replay k: seed "
-                          "SEED*REPLAYS+k; default: ValidateConfig's)")
+                          "SEED*REPLAYS+k; default: %(default)s)")
     val.add_argument(
         "--offered-load", choices=("sent", "accounted", "nominal"), default="sent",
         help="requests each replay offers: the row's requests_sent (sent, default; rows without "
@@ -71,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "more certain than the rates' Poisson spread and the engine queue stayed below "
              "the front-end cap, else the nominal rates (accounted); or the nominal per-adapter "
              "rates (nominal)")
-    val.add_argument("--jobs", type=int, default=0, help="worker processes (0 = all cores)")
+    val.add_argument("--jobs", type=int, default=0,
+                     help="worker processes (0 = all cores, the default)")
     val.add_argument("--json", action="store_true", help="print the full result as JSON")
     val.add_argument("--out", default=None, help="also write the JSON result to this file")
     val.add_argument("--progress", action="store_true", help="one line per finished run (stderr)")
@@ -176,8 +179,7 @@ def _validate(args: argparse.Namespace) -> int:
         paper_runs=paper,
         profile_for=_profile_map(args.profile),
         cfg=ValidateConfig(window_s=args.window_s, seed=args.seed,
-                           offered_load=args.offered_load,
-                           **({} if args.replays is None else {"replays": args.replays})),
+                           offered_load=args.offered_load, replays=args.replays),
         models=args.model,
         run_ids=args.run_id,
         limit=args.limit,
