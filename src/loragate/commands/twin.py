@@ -156,7 +156,7 @@ def _cannot_write(path: Path, exc: OSError) -> ConfigError:
     return ConfigError(f"cannot write {path}: {reason}", key="--out")
 
 
-def _check_out_dir(path: Path) -> None:
+def check_out_path(path: Path) -> None:
     """Fail before a long run, not after it, if ``--out`` cannot be a file."""
     if path.is_dir():
         raise ConfigError(f"cannot write {path}: it is a directory", key="--out")
@@ -164,16 +164,27 @@ def _check_out_dir(path: Path) -> None:
         raise ConfigError(f"cannot write {path}: no directory {path.parent}", key="--out")
 
 
+def write_out(path: Path, text: str) -> None:
+    """Write ``--out``; a failure is one ``ConfigError`` naming the file."""
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise _cannot_write(path, exc) from exc
+
+
+def paper_runs_beside(real_runs: str | Path) -> str | None:
+    """``--paper-runs``' default: the ``paper_twin_runs.csv`` next to ``--real-runs``, if any."""
+    guess = Path(real_runs).with_name("paper_twin_runs.csv")
+    return str(guess) if guess.is_file() else None
+
+
 def _validate(args: argparse.Namespace) -> int:
     from loragate.twin.validate import validate
     from loragate.twin.validate_workload import ValidateConfig
 
     if args.out:
-        _check_out_dir(Path(args.out))
-    paper = args.paper_runs
-    if paper is None:
-        guess = Path(args.real_runs).with_name("paper_twin_runs.csv")
-        paper = str(guess) if guess.is_file() else None
+        check_out_path(Path(args.out))
+    paper = paper_runs_beside(args.real_runs) if args.paper_runs is None else args.paper_runs
     result = validate(
         args.real_runs,
         paper_runs=paper,
@@ -188,10 +199,7 @@ def _validate(args: argparse.Namespace) -> int:
     )
     text = json.dumps(_clean(result), indent=1)
     if args.out:
-        try:
-            Path(args.out).write_text(text)
-        except OSError as exc:
-            raise _cannot_write(Path(args.out), exc) from exc
+        write_out(Path(args.out), text)
     if args.json:
         print(text)
     else:
