@@ -23,21 +23,50 @@ from loragate.twin.validate_lengths import (
 )
 from loragate.twin.validate_workload import ValidateConfig, synthesize_arrivals
 
-FIELDS = ["run_id", "model", "workload", "ranks_set", "rate_counts", "rank_counts", "max_loras",
-          "max_cpu_loras", "max_lora_rank", "requests_sent", "pool_mean_input_tokens",
-          "pool_mean_output_tokens", "flag", "total_throughput", "itl_mean_ms", "ttft_mean_ms",
-          "ttft_mean_penalised_ms", "successful_requests"]
+FIELDS = [
+    "run_id",
+    "model",
+    "workload",
+    "ranks_set",
+    "rate_counts",
+    "rank_counts",
+    "max_loras",
+    "max_cpu_loras",
+    "max_lora_rank",
+    "requests_sent",
+    "pool_mean_input_tokens",
+    "pool_mean_output_tokens",
+    "flag",
+    "total_throughput",
+    "itl_mean_ms",
+    "ttft_mean_ms",
+    "ttft_mean_penalised_ms",
+    "successful_requests",
+]
 
 
-def _row(run_id: str, model: str, *, loras: int, served: int, rates: str, sent: str = "",
-         flag: str = "") -> dict[str, str]:
+def _row(
+    run_id: str, model: str, *, loras: int, served: int, rates: str, sent: str = "", flag: str = ""
+) -> dict[str, str]:
     return {
-        "run_id": run_id, "model": model, "workload": "w", "ranks_set": "8 16",
-        "rate_counts": rates, "rank_counts": f"8:{(served + 1) // 2} 16:{served // 2}",
-        "max_loras": str(loras), "max_cpu_loras": str(served), "max_lora_rank": "16",
-        "requests_sent": sent, "pool_mean_input_tokens": "223", "pool_mean_output_tokens": "196",
-        "flag": flag, "total_throughput": "800", "itl_mean_ms": "17", "ttft_mean_ms": "40",
-        "ttft_mean_penalised_ms": "45", "successful_requests": "100",
+        "run_id": run_id,
+        "model": model,
+        "workload": "w",
+        "ranks_set": "8 16",
+        "rate_counts": rates,
+        "rank_counts": f"8:{(served + 1) // 2} 16:{served // 2}",
+        "max_loras": str(loras),
+        "max_cpu_loras": str(served),
+        "max_lora_rank": "16",
+        "requests_sent": sent,
+        "pool_mean_input_tokens": "223",
+        "pool_mean_output_tokens": "196",
+        "flag": flag,
+        "total_throughput": "800",
+        "itl_mean_ms": "17",
+        "ttft_mean_ms": "40",
+        "ttft_mean_penalised_ms": "45",
+        "successful_requests": "100",
     }
 
 
@@ -51,16 +80,41 @@ def _write_runs(path: Path, rows: list[dict[str, str]]) -> Path:
 
 @pytest.fixture
 def runs_csv(tmp_path: Path) -> Path:
-    return _write_runs(tmp_path / "real_runs.csv", [
-        _row("llama-3.1-8b-instruct/w/_4_8_16_", "llama-3.1-8b-instruct", loras=4, served=8,
-             rates="0.5:4 1:4"),
-        _row("qwen-2.5-7b-instruct/w/_8_8_16_", "qwen-2.5-7b-instruct", loras=8, served=8,
-             rates="0.5:8"),
-        _row("qwen-2.5-7b-instruct/w/_2_4_16_", "qwen-2.5-7b-instruct", loras=2, served=4,
-             rates="20:4", sent="3000"),
-        _row("qwen-2.5-7b-instruct/w/_9_9_16_", "qwen-2.5-7b-instruct", loras=9, served=9,
-             rates="1:9", flag="served_adapters_mismatch"),
-    ])
+    return _write_runs(
+        tmp_path / "real_runs.csv",
+        [
+            _row(
+                "llama-3.1-8b-instruct/w/_4_8_16_",
+                "llama-3.1-8b-instruct",
+                loras=4,
+                served=8,
+                rates="0.5:4 1:4",
+            ),
+            _row(
+                "qwen-2.5-7b-instruct/w/_8_8_16_",
+                "qwen-2.5-7b-instruct",
+                loras=8,
+                served=8,
+                rates="0.5:8",
+            ),
+            _row(
+                "qwen-2.5-7b-instruct/w/_2_4_16_",
+                "qwen-2.5-7b-instruct",
+                loras=2,
+                served=4,
+                rates="20:4",
+                sent="3000",
+            ),
+            _row(
+                "qwen-2.5-7b-instruct/w/_9_9_16_",
+                "qwen-2.5-7b-instruct",
+                loras=9,
+                served=9,
+                rates="1:9",
+                flag="served_adapters_mismatch",
+            ),
+        ],
+    )
 
 
 def test_run_spec_parsing() -> None:
@@ -96,10 +150,12 @@ def test_sharegpt_lengths_follow_the_dataset() -> None:
     pct = list(SHAREGPT_PCT)
     for q in (10.0, 50.0, 90.0):
         i = pct.index(q)
-        assert float(np.percentile(prompt, q)) == pytest.approx(SHAREGPT_PROMPT_Q[i], rel=0.05,
-                                                                abs=1.0)
-        assert float(np.percentile(output, q)) == pytest.approx(SHAREGPT_OUTPUT_Q[i], rel=0.05,
-                                                                abs=1.0)
+        assert float(np.percentile(prompt, q)) == pytest.approx(
+            SHAREGPT_PROMPT_Q[i], rel=0.05, abs=1.0
+        )
+        assert float(np.percentile(output, q)) == pytest.approx(
+            SHAREGPT_OUTPUT_Q[i], rel=0.05, abs=1.0
+        )
     # long prompts come with short answers (ShareGPT: Pearson -0.27)
     assert float(np.corrcoef(prompt, output)[0, 1]) < -0.2
     # the context a running request holds (time-weighted by its output tokens) is what bounds
@@ -116,8 +172,9 @@ def test_sharegpt_lengths_follow_the_dataset() -> None:
 
 def test_requests_sent_scales_the_offered_load() -> None:
     full = run_spec_from_row(_row("m/w/_2_4_16_", "m", loras=2, served=4, rates="20:4"))
-    capped = run_spec_from_row(_row("m/w/_2_4_16_", "m", loras=2, served=4, rates="20:4",
-                                    sent="28800"))
+    capped = run_spec_from_row(
+        _row("m/w/_2_4_16_", "m", loras=2, served=4, rates="20:4", sent="28800")
+    )
     cfg = ValidateConfig(window_s=3600.0)
     n_full = synthesize_arrivals(full, cfg).time_s.size
     n_capped = synthesize_arrivals(capped, cfg).time_s.size
@@ -147,17 +204,32 @@ def test_validate_end_to_end_small_subset(runs_csv: Path) -> None:
     # deterministic for a seed, different for another seed
     again = validate(runs_csv, cfg=cfg, jobs=1)
     assert [r["ours"] | {"wall_s": 0} for r in again["runs"]] == [  # type: ignore[attr-defined]
-        r["ours"] | {"wall_s": 0} for r in result["runs"]  # type: ignore[attr-defined]
+        r["ours"] | {"wall_s": 0}
+        for r in result["runs"]  # type: ignore[attr-defined]
     ]
     other = validate(runs_csv, cfg=ValidateConfig(window_s=120.0, seed=7), jobs=1)
     assert [r["ours"]["requests_sent"] for r in other["runs"]] != [  # type: ignore[attr-defined]
-        r["ours"]["requests_sent"] for r in result["runs"]  # type: ignore[attr-defined]
+        r["ours"]["requests_sent"]
+        for r in result["runs"]  # type: ignore[attr-defined]
     ]
 
 
 def test_cli_validate_json(runs_csv: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli_main(["twin", "validate", "--real-runs", str(runs_csv), "--window-s", "60",
-                     "--jobs", "1", "--model", "qwen-2.5-7b-instruct", "--json"])
+    code = cli_main(
+        [
+            "twin",
+            "validate",
+            "--real-runs",
+            str(runs_csv),
+            "--window-s",
+            "60",
+            "--jobs",
+            "1",
+            "--model",
+            "qwen-2.5-7b-instruct",
+            "--json",
+        ]
+    )
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["runs_replayed"] == 2
@@ -181,12 +253,22 @@ def test_front_end_cap_bounds_the_engine_queue(tmp_path: Path) -> None:
 
     base = load_profile("qwen-2.5-7b-h100")
     # a steep queue-walk cost makes the engine's queue length visible in the step time
-    prof = replace(base, name="capped", scheduler=replace(
-        base.scheduler, max_waiting=50, ms_per_waiting_slots_full=0.05))
+    prof = replace(
+        base,
+        name="capped",
+        scheduler=replace(base.scheduler, max_waiting=50, ms_per_waiting_slots_full=0.05),
+    )
     path = tmp_path / "capped.yaml"
     dump_profile(prof, path)
-    spec = run_spec_from_row(_row("qwen-2.5-7b-instruct/w/_2_8_16_", "qwen-2.5-7b-instruct",
-                                  loras=2, served=8, rates="6:8"))
+    spec = run_spec_from_row(
+        _row(
+            "qwen-2.5-7b-instruct/w/_2_8_16_",
+            "qwen-2.5-7b-instruct",
+            loras=2,
+            served=8,
+            rates="6:8",
+        )
+    )
     capped = replay_run(spec, str(path), ValidateConfig(window_s=120.0))
     uncapped = replay_run(spec, str(path), ValidateConfig(window_s=120.0, front_end_cap=False))
     assert capped.requests_sent == uncapped.requests_sent
@@ -203,8 +285,15 @@ def test_replays_average_independent_seeds() -> None:
 
     from loragate.twin.validate_replay import replay_run
 
-    spec = run_spec_from_row(_row("qwen-2.5-7b-instruct/w/_8_8_16_", "qwen-2.5-7b-instruct",
-                                  loras=8, served=8, rates="2:8"))
+    spec = run_spec_from_row(
+        _row(
+            "qwen-2.5-7b-instruct/w/_8_8_16_",
+            "qwen-2.5-7b-instruct",
+            loras=8,
+            served=8,
+            rates="2:8",
+        )
+    )
     one = ValidateConfig(window_s=30.0, replays=1)
     singles = [replay_run(spec, "qwen-2.5-7b-h100", replace(one, seed=k)) for k in range(6)]
     assert len({m.requests_sent for m in singles}) > 1  # the seeds give other realisations
@@ -213,7 +302,8 @@ def test_replays_average_independent_seeds() -> None:
     assert mean.replay_itl_ms == tuple(m.itl_mean_ms for m in singles[:3])
     assert mean.itl_mean_ms == pytest.approx(np.mean([m.itl_mean_ms for m in singles[:3]]))
     assert mean.total_throughput == pytest.approx(
-        np.mean([m.total_throughput for m in singles[:3]]))
+        np.mean([m.total_throughput for m in singles[:3]])
+    )
     assert mean.requests_sent == round(np.mean([m.requests_sent for m in singles[:3]]))
     other = replay_run(spec, "qwen-2.5-7b-h100", replace(one, replays=3, seed=1))
     assert other.replay_itl_ms == tuple(m.itl_mean_ms for m in singles[3:])

@@ -23,8 +23,11 @@ def _row(run_id: str) -> dict[str, str]:
 
 def _recorded(run_id: str, window_s: float) -> list[dict[str, str]]:
     with (DATA / "requests.csv").open(newline="") as handle:
-        return [r for r in csv.DictReader(handle)
-                if r["run_id"] == run_id and float(r["t_send_offset_s"]) < window_s]
+        return [
+            r
+            for r in csv.DictReader(handle)
+            if r["run_id"] == run_id and float(r["t_send_offset_s"]) < window_s
+        ]
 
 
 def test_explicit_adapters_and_engine_settings_are_read() -> None:
@@ -46,7 +49,8 @@ def test_exact_arrivals_are_the_recorded_requests() -> None:
     assert sorted(arr.prompt.tolist()) == sorted(int(r["input_tokens"]) for r in rec)
     assert sorted(arr.output.tolist()) == sorted(int(r["output_tokens"]) for r in rec)
     assert sorted(spec.ranks[a] for a in arr.adapter.tolist()) == sorted(
-        int(r["adapter_rank"]) for r in rec)
+        int(r["adapter_rank"]) for r in rec
+    )
     assert (arr.time_s[1:] >= arr.time_s[:-1]).all()
 
 

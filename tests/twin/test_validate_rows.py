@@ -67,8 +67,17 @@ def _runs(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_empty_optional_columns_fall_back_and_say_so(tmp_path: Path) -> None:
-    empty = ("requests_sent", "pool_mean_input_tokens", "pool_mean_output_tokens", "ranks_set",
-             "rate_counts", "total_time_s", "ttft_mean_penalised_ms", "max_running", "flag")
+    empty = (
+        "requests_sent",
+        "pool_mean_input_tokens",
+        "pool_mean_output_tokens",
+        "ranks_set",
+        "rate_counts",
+        "total_time_s",
+        "ttft_mean_penalised_ms",
+        "max_running",
+        "flag",
+    )
     path = _write(tmp_path / "runs.csv", [_row(**dict.fromkeys(empty, ""))])
     result = validate(path, cfg=CFG, jobs=1)
     assert result["runs_failed"] == [] and result["runs_skipped"] == []
@@ -88,8 +97,16 @@ def test_empty_optional_columns_fall_back_and_say_so(tmp_path: Path) -> None:
 def test_missing_optional_columns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A file with only the settings and one measured quantity (no rank_counts, no lengths,
     no requests_sent, no paper twin beside it) is replayed."""
-    fields = ["run_id", "model", "rates_set", "ranks_set", "max_loras", "max_cpu_loras",
-              "max_lora_rank", "total_throughput"]
+    fields = [
+        "run_id",
+        "model",
+        "rates_set",
+        "ranks_set",
+        "max_loras",
+        "max_cpu_loras",
+        "max_lora_rank",
+        "total_throughput",
+    ]
     path = _write(tmp_path / "runs.csv", [_row(), _row(QWEN)], fields)
     code, out, _ = _cli(capsys, "--real-runs", str(path), *WINDOW, "--json")
     assert code == 0
@@ -112,8 +129,9 @@ def test_offered_load_sources() -> None:
     sent = run_spec_from_row(_row())
     assert offered_requests(sent, CFG, 20_000) == OfferedCount(1736.0, "requests_sent")
     nominal = ValidateConfig(window_s=20.0, offered_load="nominal")
-    assert offered_requests(sent, nominal, 20_000) == \
-        OfferedCount(pytest.approx(1800.0), "nominal", nominal=True)
+    assert offered_requests(sent, nominal, 20_000) == OfferedCount(
+        pytest.approx(1800.0), "nominal", nominal=True
+    )
     queued = run_spec_from_row(_row(requests_sent="", max_waiting="500"))
     queued_count = offered_requests(queued, CFG, 20_000)
     assert queued_count.requests == pytest.approx(1800.0) and queued_count.nominal
@@ -133,21 +151,45 @@ def test_a_realised_count_above_nominal_is_replayed_too() -> None:
     n = synthesize_arrivals(spec, ValidateConfig(window_s=3600.0)).time_s.size
     assert n == pytest.approx(60480, rel=0.02)
     below = run_spec_from_row(_row(rate_counts="2:8", requests_sent="54720"))  # 0.95 x
-    assert synthesize_arrivals(below, ValidateConfig(window_s=3600.0)).time_s.size == \
-        pytest.approx(54720, rel=0.02)
+    assert synthesize_arrivals(below, ValidateConfig(window_s=3600.0)).time_s.size == pytest.approx(
+        54720, rel=0.02
+    )
 
 
 def test_other_rates_ranks_and_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rows = [
         # rates and a rank R1 never used; rank 64 is beyond the KV table: the line extrapolates
-        _row(run_id="r64", rates_set="3.2 0.2", rate_counts="3.2:2 0.2:2", ranks_set="64",
-             rank_counts="64:4", max_loras="4", max_cpu_loras="4", max_lora_rank="64"),
+        _row(
+            run_id="r64",
+            rates_set="3.2 0.2",
+            rate_counts="3.2:2 0.2:2",
+            ranks_set="64",
+            rank_counts="64:4",
+            max_loras="4",
+            max_cpu_loras="4",
+            max_lora_rank="64",
+        ),
         # far beyond the KV table: the twin's server does not start (vLLM's start-up check)
-        _row(run_id="big", rates_set="0.01", rate_counts="0.01:512", ranks_set="64",
-             rank_counts="64:512", max_loras="512", max_cpu_loras="512", max_lora_rank="64"),
+        _row(
+            run_id="big",
+            rates_set="0.01",
+            rate_counts="0.01:512",
+            ranks_set="64",
+            rank_counts="64:512",
+            max_loras="512",
+            max_cpu_loras="512",
+            max_lora_rank="64",
+        ),
         # in the KV table as a server that did not start (R7: 128 slots at rank 32)
-        _row(run_id="r7fail", rate_counts="0.01:128", rank_counts="8:64 16:64", ranks_set="8 16",
-             max_loras="128", max_cpu_loras="128", max_lora_rank="32"),
+        _row(
+            run_id="r7fail",
+            rate_counts="0.01:128",
+            rank_counts="8:64 16:64",
+            ranks_set="8 16",
+            max_loras="128",
+            max_cpu_loras="128",
+            max_lora_rank="32",
+        ),
         # settings no vLLM server accepts: skipped, with the reason
         _row(run_id="rank>max", rank_counts="8:4 32:4", ranks_set="8 32"),
         _row(run_id="odd-rank", max_lora_rank="48"),
@@ -181,11 +223,14 @@ def test_other_rates_ranks_and_settings(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_flagged_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = _write(tmp_path / "runs.csv", [
-        _row(run_id="mismatch", flag="served_adapters_mismatch", served_adapters="7"),
-        _row(run_id="folder", flag="folder_name_mismatch"),
-        _row(run_id="clean"),
-    ])
+    path = _write(
+        tmp_path / "runs.csv",
+        [
+            _row(run_id="mismatch", flag="served_adapters_mismatch", served_adapters="7"),
+            _row(run_id="folder", flag="folder_name_mismatch"),
+            _row(run_id="clean"),
+        ],
+    )
     result = validate(path, cfg=CFG, jobs=1)
     (skip,) = result["runs_skipped"]  # type: ignore[misc]
     assert skip["run_id"] == "mismatch" and skip["line"] == 2
@@ -210,63 +255,99 @@ def test_unknown_model_is_one_clear_line(
     code, _, err = _cli(capsys, "--real-runs", str(path), *WINDOW, "--json")
     assert code == 2 and "mistral-7b-instruct" in json.loads(err)["error"]["message"]
     # with a profile it is replayed; max_model_len comes from the profile's own model
-    code, out, _ = _cli(capsys, "--real-runs", str(path), *WINDOW, "--json",
-                        "--profile", "mistral-7b-instruct=llama-3.1-8b-h100")
+    code, out, _ = _cli(
+        capsys,
+        "--real-runs",
+        str(path),
+        *WINDOW,
+        "--json",
+        "--profile",
+        "mistral-7b-instruct=llama-3.1-8b-h100",
+    )
     assert code == 0
     result = json.loads(out)
     run = _runs(result)[LLAMA]
     assert run["profile"] == "llama-3.1-8b-h100" and not run["ours"]["error"]
     assert any("131072, the default of llama-3.1-8b-instruct" in n for n in run["notes"])
     # an unknown profile name: one line too, before anything is replayed
-    code, _, err = _cli(capsys, "--real-runs", str(path), *WINDOW,
-                        "--profile", "mistral-7b-instruct=nope")
+    code, _, err = _cli(
+        capsys, "--real-runs", str(path), *WINDOW, "--profile", "mistral-7b-instruct=nope"
+    )
     assert code == 2 and err.count("\n") == 1 and "unknown profile 'nope'" in err
 
 
 def test_model_names_spelled_otherwise(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = _write(tmp_path / "runs.csv", [
-        _row(model="meta-llama/Meta-Llama-3.1-8B-Instruct"),
-        _row(QWEN, model="Qwen/Qwen2.5-7B-Instruct"),
-    ])
-    code, out, _ = _cli(capsys, "--real-runs", str(path), *WINDOW, "--json",
-                        "--model", "Llama-3.1-8B-Instruct")
+    path = _write(
+        tmp_path / "runs.csv",
+        [
+            _row(model="meta-llama/Meta-Llama-3.1-8B-Instruct"),
+            _row(QWEN, model="Qwen/Qwen2.5-7B-Instruct"),
+        ],
+    )
+    code, out, _ = _cli(
+        capsys, "--real-runs", str(path), *WINDOW, "--json", "--model", "Llama-3.1-8B-Instruct"
+    )
     assert code == 0
     result = json.loads(out)
     (run,) = result["runs"]
     assert run["model"] == "llama-3.1-8b-instruct" and run["profile"] == "llama-3.1-8b-h100"
     assert run["model_in_file"] == "meta-llama/Meta-Llama-3.1-8B-Instruct"
     assert result["rows_not_selected"] == 1
-    code, out, _ = _cli(capsys, "--real-runs", str(path), *WINDOW, "--json",
-                        "--profile", "qwen2.5-7b-instruct=qwen-2.5-7b-h100-batch")
+    code, out, _ = _cli(
+        capsys,
+        "--real-runs",
+        str(path),
+        *WINDOW,
+        "--json",
+        "--profile",
+        "qwen2.5-7b-instruct=qwen-2.5-7b-h100-batch",
+    )
     assert code == 0
     profiles = {m["model"]: m["profile"] for m in json.loads(out)["models"]}
-    assert profiles == {"llama-3.1-8b-instruct": "llama-3.1-8b-h100",
-                        "qwen-2.5-7b-instruct": "qwen-2.5-7b-h100-batch"}
+    assert profiles == {
+        "llama-3.1-8b-instruct": "llama-3.1-8b-h100",
+        "qwen-2.5-7b-instruct": "qwen-2.5-7b-h100-batch",
+    }
 
 
 def test_a_bare_profile_is_for_every_model(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = _write(tmp_path / "runs.csv", [_row(model="my-model"), _row(QWEN)])
-    code, out, _ = _cli(capsys, "--real-runs", str(path), *WINDOW, "--json",
-                        "--profile", "qwen-2.5-7b-h100-batch",
-                        "--profile", "qwen-2.5-7b-instruct=qwen-2.5-7b-h100")
+    code, out, _ = _cli(
+        capsys,
+        "--real-runs",
+        str(path),
+        *WINDOW,
+        "--json",
+        "--profile",
+        "qwen-2.5-7b-h100-batch",
+        "--profile",
+        "qwen-2.5-7b-instruct=qwen-2.5-7b-h100",
+    )
     assert code == 0
     profiles = {m["model"]: m["profile"] for m in json.loads(out)["models"]}
-    assert profiles == {"my-model": "qwen-2.5-7b-h100-batch",
-                        "qwen-2.5-7b-instruct": "qwen-2.5-7b-h100"}
+    assert profiles == {
+        "my-model": "qwen-2.5-7b-h100-batch",
+        "qwen-2.5-7b-instruct": "qwen-2.5-7b-h100",
+    }
     code, _, err = _cli(capsys, "--real-runs", str(path), "--profile", "=x")
     assert code == 2 and "MODEL=PROFILE" in err
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ("a,b,c\n1,2,3\n", "missing run_id; model; max_loras"),
-    ("run_id,model,max_loras,max_cpu_loras,max_lora_rank,rank_counts,total_throughput\n",
-     "missing rate_counts or rates_set or adapter_rates_rps"),
-    ("", "is empty (no header line)"),
-    (b"\xff\xfe\x00r\x00u\x00n", "not a UTF-8 CSV file"),
-    ("run_id,model\n" + "x" * 200_000 + ",y\n", "unreadable CSV at line 2"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("a,b,c\n1,2,3\n", "missing run_id; model; max_loras"),
+        (
+            "run_id,model,max_loras,max_cpu_loras,max_lora_rank,rank_counts,total_throughput\n",
+            "missing rate_counts or rates_set or adapter_rates_rps",
+        ),
+        ("", "is empty (no header line)"),
+        (b"\xff\xfe\x00r\x00u\x00n", "not a UTF-8 CSV file"),
+        ("run_id,model\n" + "x" * 200_000 + ",y\n", "unreadable CSV at line 2"),
+    ],
+)
 def test_a_file_that_is_not_a_runs_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | bytes, message: str
 ) -> None:
@@ -283,16 +364,18 @@ def test_a_file_that_is_not_a_runs_file(
 def test_no_replayable_row_is_one_line_with_the_reasons(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = _write(tmp_path / "runs.csv", [_row(flag="served_adapters_mismatch"),
-                                          _row(max_lora_rank="")])
+    path = _write(
+        tmp_path / "runs.csv", [_row(flag="served_adapters_mismatch"), _row(max_lora_rank="")]
+    )
     code, _, err = _cli(capsys, "--real-runs", str(path), *WINDOW)
     assert code == 2 and err.count("\n") == 1
     assert "max_lora_rank is empty" in err and "served_adapters_mismatch" in err
 
 
 def test_duplicate_run_ids_compare_with_their_own_row(tmp_path: Path) -> None:
-    path = _write(tmp_path / "runs.csv", [_row(total_throughput="100"),
-                                          _row(total_throughput="300")])
+    path = _write(
+        tmp_path / "runs.csv", [_row(total_throughput="100"), _row(total_throughput="300")]
+    )
     result = validate(path, cfg=CFG, jobs=1)
     assert [r["real"]["total_throughput"] for r in result["runs"]] == [100.0, 300.0]
     assert [r["line"] for r in result["runs"]] == [2, 3]
@@ -310,9 +393,15 @@ def test_semicolon_separated_and_upper_case_header(tmp_path: Path) -> None:
 
 
 def test_every_row_is_accounted_for_with_filters(tmp_path: Path) -> None:
-    path = _write(tmp_path / "runs.csv", [
-        _row(run_id="a"), _row(run_id="b"), _row(run_id="c", max_loras=""), _row(QWEN),
-    ])
+    path = _write(
+        tmp_path / "runs.csv",
+        [
+            _row(run_id="a"),
+            _row(run_id="b"),
+            _row(run_id="c", max_loras=""),
+            _row(QWEN),
+        ],
+    )
     result = validate(path, cfg=CFG, jobs=1, models=["llama-3.1-8b-instruct"], limit=1)
     assert [r["run_id"] for r in result["runs"]] == ["a"]  # type: ignore[attr-defined]
     assert [s["run_id"] for s in result["runs_skipped"]] == ["c"]  # type: ignore[attr-defined]

@@ -1,9 +1,9 @@
 """``loragate twin``: fit performance profiles, validate the twin against real runs, list profiles.
 
-    loragate twin calibrate --data DIR --model NAME --out FILE [--name PROFILE]
-    loragate twin validate --real-runs CSV [--paper-runs CSV] [--profile P | MODEL=P ...]
-        [--offered-load sent|accounted|nominal] [--json]
-    loragate twin profiles
+loragate twin calibrate --data DIR --model NAME --out FILE [--name PROFILE]
+loragate twin validate --real-runs CSV [--paper-runs CSV] [--profile P | MODEL=P ...]
+    [--offered-load sent|accounted|nominal] [--json]
+loragate twin profiles
 """
 
 from __future__ import annotations
@@ -40,9 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cal.add_argument("--name", default=None, help="profile name (default: --out file stem)")
     cal.add_argument("--description", default="", help="the profile's one-line description")
     cal.add_argument(
-        "--lora-source", choices=("poisson", "batch"), default="poisson",
+        "--lora-source",
+        choices=("poisson", "batch"),
+        default="poisson",
         help="LoRA compute cost from the Poisson runs over slot counts plus the per-slot step "
-             "cost (poisson, default) or from the all-at-once runs at one slot count (batch)")
+        "cost (poisson, default) or from the all-at-once runs at one slot count (batch)",
+    )
     cal.add_argument("--json", action="store_true", help="print the fit report as JSON")
     cal.set_defaults(_twin=_calibrate)
 
@@ -53,28 +56,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "report throughput, ITL and TTFT errors (MAPE and median bias).",
     )
     val.add_argument("--real-runs", required=True, help="real_runs.csv")
-    val.add_argument("--paper-runs", default=None,
-                     help="paper_twin_runs.csv (default: next to --real-runs if present)")
-    val.add_argument("--profile", action="append", default=[],
-                     help="profile for all models, or MODEL=PROFILE (repeatable)")
+    val.add_argument(
+        "--paper-runs",
+        default=None,
+        help="paper_twin_runs.csv (default: next to --real-runs if present)",
+    )
+    val.add_argument(
+        "--profile",
+        action="append",
+        default=[],
+        help="profile for all models, or MODEL=PROFILE (repeatable)",
+    )
     val.add_argument("--model", action="append", default=[], help="only runs of this model")
     val.add_argument("--run-id", action="append", default=[], help="only this run (repeatable)")
     val.add_argument("--limit", type=int, default=None, help="at most this many runs")
-    val.add_argument("--window-s", type=float, default=3600.0,
-                     help="replayed window in seconds (default: %(default)s)")
-    val.add_argument("--seed", type=int, default=0, help="default: %(default)s")
-    val.add_argument("--replays", type=int, default=DEFAULT_REPLAYS,
-                     help="replays of each synthesised run, metrics averaged (replay k: seed "
-                          "SEED*REPLAYS+k; default: %(default)s)")
     val.add_argument(
-        "--offered-load", choices=("sent", "accounted", "nominal"), default="sent",
+        "--window-s",
+        type=float,
+        default=3600.0,
+        help="replayed window in seconds (default: %(default)s)",
+    )
+    val.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    val.add_argument(
+        "--replays",
+        type=int,
+        default=DEFAULT_REPLAYS,
+        help="replays of each synthesised run, metrics averaged (replay k: seed "
+        "SEED*REPLAYS+k; default: %(default)s)",
+    )
+    val.add_argument(
+        "--offered-load",
+        choices=("sent", "accounted", "nominal"),
+        default="sent",
         help="requests each replay offers: the row's requests_sent (sent, default; rows without "
-             "it: accounted); successful_requests + max_running + max_waiting where that is "
-             "more certain than the rates' Poisson spread and the engine queue stayed below "
-             "the front-end cap, else the nominal rates (accounted); or the nominal per-adapter "
-             "rates (nominal)")
-    val.add_argument("--jobs", type=int, default=0,
-                     help="worker processes (0 = all cores, the default)")
+        "it: accounted); successful_requests + max_running + max_waiting where that is "
+        "more certain than the rates' Poisson spread and the engine queue stayed below "
+        "the front-end cap, else the nominal rates (accounted); or the nominal per-adapter "
+        "rates (nominal)",
+    )
+    val.add_argument(
+        "--jobs", type=int, default=0, help="worker processes (0 = all cores, the default)"
+    )
     val.add_argument("--json", action="store_true", help="print the full result as JSON")
     val.add_argument("--out", default=None, help="also write the JSON result to this file")
     val.add_argument("--progress", action="store_true", help="one line per finished run (stderr)")
@@ -97,8 +119,14 @@ def run(args: argparse.Namespace) -> int:
         return int(args._twin(args))
     except LoragateError as exc:
         if getattr(args, "json", False):
-            err = {"error": {"message": exc.message, "type": "invalid_request_error",
-                             "param": exc.param, "code": 400}}
+            err = {
+                "error": {
+                    "message": exc.message,
+                    "type": "invalid_request_error",
+                    "param": exc.param,
+                    "code": 400,
+                }
+            }
             print(json.dumps(err), file=sys.stderr)
         else:
             print(f"loragate twin {args.twin_command}: {exc.message}", file=sys.stderr)
@@ -114,12 +142,20 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     name = args.name or out.stem
-    source = (f"loragate twin calibrate --data {args.data} --model {args.model} "
-              f"--out {args.out}" + (f" --name {args.name}" if args.name else "")
-              + (f" --lora-source {args.lora_source}" if args.lora_source != "poisson" else ""))
-    profile, report = calibrate_profile(args.data, args.model, name=name,
-                                        description=args.description, source=source,
-                                        lora_source=args.lora_source)
+    source = (
+        f"loragate twin calibrate --data {args.data} --model {args.model} "
+        f"--out {args.out}"
+        + (f" --name {args.name}" if args.name else "")
+        + (f" --lora-source {args.lora_source}" if args.lora_source != "poisson" else "")
+    )
+    profile, report = calibrate_profile(
+        args.data,
+        args.model,
+        name=name,
+        description=args.description,
+        source=source,
+        lora_source=args.lora_source,
+    )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         dump_profile(profile, out)
@@ -189,8 +225,12 @@ def _validate(args: argparse.Namespace) -> int:
         args.real_runs,
         paper_runs=paper,
         profile_for=_profile_map(args.profile),
-        cfg=ValidateConfig(window_s=args.window_s, seed=args.seed,
-                           offered_load=args.offered_load, replays=args.replays),
+        cfg=ValidateConfig(
+            window_s=args.window_s,
+            seed=args.seed,
+            offered_load=args.offered_load,
+            replays=args.replays,
+        ),
         models=args.model,
         run_ids=args.run_id,
         limit=args.limit,
@@ -211,15 +251,21 @@ def format_table(result: dict[str, Any]) -> str:
     """The error table, then every row that was not compared (skipped or failed, with the
     reason), the offered-load sources and the fallbacks noted on runs."""
     failed, skipped = result["runs_failed"], result.get("runs_skipped", [])
-    lines = [f"rows: {result.get('rows_read', result['runs_replayed'])}  replayed: "
-             f"{result['runs_replayed'] - len(failed)}  failed: {len(failed)}  skipped: "
-             f"{len(skipped)}  not selected: {result.get('rows_not_selected', 0)}  "
-             f"elapsed: {result['elapsed_s']:.1f} s  cpu: {result['cpu_s_total']:.1f} s"]
+    lines = [
+        f"rows: {result.get('rows_read', result['runs_replayed'])}  replayed: "
+        f"{result['runs_replayed'] - len(failed)}  failed: {len(failed)}  skipped: "
+        f"{len(skipped)}  not selected: {result.get('rows_not_selected', 0)}  "
+        f"elapsed: {result['elapsed_s']:.1f} s  cpu: {result['cpu_s_total']:.1f} s"
+    ]
     if result.get("offered_load"):
-        lines.append("offered load: " + "; ".join(
-            f"{n} x {source}" for source, n in result["offered_load"].items()))
-    head = f"{'model':<24}{'who':<7}{'metric':<16}{'n':>4}{'MAPE':>8}{'SMAPE':>8}" \
-           f"{'SMAPEp':>8}{'bias':>8}"
+        lines.append(
+            "offered load: "
+            + "; ".join(f"{n} x {source}" for source, n in result["offered_load"].items())
+        )
+    head = (
+        f"{'model':<24}{'who':<7}{'metric':<16}{'n':>4}{'MAPE':>8}{'SMAPE':>8}"
+        f"{'SMAPEp':>8}{'bias':>8}"
+    )
     lines.append(head)
     for m in result["models"]:
         for who in ("ours", "paper"):
@@ -233,8 +279,9 @@ def format_table(result: dict[str, Any]) -> str:
                 )
     if skipped:
         lines.append(f"skipped ({len(skipped)}):")
-        lines += [f"  line {s['line']}  {s['run_id'] or '(no run_id)'}: {s['reason']}"
-                  for s in skipped]
+        lines += [
+            f"  line {s['line']}  {s['run_id'] or '(no run_id)'}: {s['reason']}" for s in skipped
+        ]
     if failed:
         lines.append(f"failed ({len(failed)}):")
         lines += [f"  line {f.get('line', '?')}  {f['run_id']}: {f['error']}" for f in failed]
