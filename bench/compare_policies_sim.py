@@ -109,6 +109,13 @@ class Setup:
         )
 
 
+def check_setup(setup: Setup) -> None:
+    """A one-second round_robin run of the deployment, before any real one: a bad --workload,
+    --profile or engine setting (--replicas 0) is a ``ConfigError`` now, not a traceback from
+    a worker after the capacity search has run for minutes."""
+    run_one((setup, BASELINE, 1.0, 1.0, 1))
+
+
 def make_spec(setup: Setup, *, rate_rps: float, duration_s: float, seed: int) -> WorkloadSpec:
     spec = load_spec(setup.workload)
     if spec.arrivals.rate_rps is None:
@@ -389,6 +396,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     wall0 = time.perf_counter()
     setup = Setup.from_args(args, ttft_slo_ms=args.ttft_slo_ms)
+    try:
+        check_setup(setup)
+    except ConfigError as exc:
+        print(f"compare_policies_sim.py: error: {exc}", file=sys.stderr)
+        return 2
     seeds = list(range(1, args.seeds + 1))
     policies: list[PolicyArg] = args.policy_args
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print

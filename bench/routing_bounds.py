@@ -68,6 +68,7 @@ from pathlib import Path
 import numpy as np
 
 import compare_policies_sim as cps
+from loragate.core.errors import ConfigError
 from loragate.simulate import ReplicaEngineSettings
 from loragate.twin.profile import load_profile
 from loragate.twin.replica_config import VLLM_LORA_RANKS
@@ -366,6 +367,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--floor", action="store_true", help="also the TTFT floor (slower)")
     args = ap.parse_args(argv)
     setup = cps.Setup.from_args(args, ttft_slo_ms=1000.0)
+    try:
+        cps.check_setup(setup)
+    except ConfigError as exc:
+        print(f"routing_bounds.py: error: {exc}", file=sys.stderr)
+        return 2
     seeds = range(1, args.seeds + 1)
     n_adapters = len(Workload(cps.make_spec(setup, rate_rps=1.0, duration_s=1.0, seed=1)).adapters)
     per_seed: dict[str, list[tuple[int, int, int]]] = {}
