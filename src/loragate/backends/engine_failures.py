@@ -25,6 +25,11 @@ answers the proxy relays.
   before the request produced anything (:func:`before_output`) says, as the ``[DONE]`` alone
   does, that nothing of the request's output was made: the request may be sent again.
 
+* It is stopping and takes no new request: a 503 (the simulated replica answers a request
+  that arrives during its shutdown "The replica is shutting down."; vLLM's
+  ``ServiceUnavailableMiddleware``, in the versions that have it, answers every request but
+  ``/live`` and ``/metrics`` with a 503 while it drains). The request did not run.
+
 Before any byte reached the client (a non-streaming answer, or a stream refused before it
 started), the generation was aborted and nothing was shown: the request may be sent again.
 
@@ -51,6 +56,7 @@ _MAX_QUOTED = 300  # an error event quoted in a log line is cut here
 ABORT = b'"abort"'
 _ABORTED = (b'"finish_reason":"abort"', b'"finish_reason": "abort"')
 ABORTED_MESSAGE = "a 200 with finish_reason 'abort': it is stopping"
+UNAVAILABLE_MESSAGE = "a 503: it takes no requests (it is stopping)"
 
 
 # A token's text (a completion's ``text``, a chat's ``content``; not empty) or a choice's finish
@@ -193,6 +199,8 @@ def engine_stopped(status: int, body: bytes) -> str | None:
     the module docstring), else None."""
     if status == 200:
         return ABORTED_MESSAGE if aborted(body) else None
+    if status == 503:
+        return UNAVAILABLE_MESSAGE
     if status != 500:
         return None
     try:

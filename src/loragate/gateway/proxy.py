@@ -29,9 +29,9 @@ replica completes registers the adapter as usual). Any other timeout is a 504 (n
 replica may still be working on the request). An answer that says the replica stopped the
 request before answering it (``backends.engine_failures``: vLLM's 200 with
 ``finish_reason: "abort"`` when it shuts down, its 500 when its engine died: the generation was
-aborted and nothing reached the client) is retried once on another replica, counted as
-``engine_stopped`` in loragate_upstream_retries_total, and the replica is out of rotation until a
-poll succeeds.
+aborted and nothing reached the client; its 503 while it stops: the request did not run) is
+retried once on another replica, counted as ``engine_stopped`` in
+loragate_upstream_retries_total, and the replica is out of rotation until a poll succeeds.
 
 Streams: while another replica could take the request (not retried yet, another healthy
 replica), the response head and the chunks that carry no output (a chat's role chunk, a usage
@@ -560,7 +560,7 @@ class Proxy:
                             if not stream
                             else await self._drain(conn, rid, client, rreq)
                         )
-                        if (status == 500 or ABORT in data) and (
+                        if (status in (500, 503) or ABORT in data) and (
                             stopped := engine_stopped(status, data)
                         ):
                             # The replica stopped the request (its shutdown aborts what runs,
