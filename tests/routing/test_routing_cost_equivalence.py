@@ -465,14 +465,21 @@ def test_fused_pick_is_pick_of_scores(
 def test_only_the_plain_loragate_profile_is_fused(snap: Callable[..., ReplicaSnapshot]) -> None:
     """The built-in ``loragate`` profile and an equal composition take the fused path; other
     compositions with the ``expected_ttft`` scorer score and pick as before, and a
-    composition of it with ``max_score`` picks what the fused profile picks (the linear model
-    has no prefill term, so the backlog ``ExpectedTTFTPicker`` reports changes nothing)."""
-    fused = build_policy("loragate", seed=4)
+    composition of it with ``max_score`` picks what the fused profile picks, with a prefill
+    term, so the prefill backlog counts (the profile tells the scorer each choice, whatever the
+    picker)."""
+    model = _PrefillModel()
+    fused = build_policy("loragate", seed=4, step_time_model=model)
     assert fused._fused is not None
-    composed = build_policy({"scorers": ["expected_ttft"], "picker": {"name": "max_score"}}, seed=4)
+    composed = build_policy(
+        {"scorers": ["expected_ttft"], "picker": {"name": "max_score"}},
+        seed=4,
+        step_time_model=model,
+    )
     weighted = build_policy(
         {"scorers": [{"name": "expected_ttft", "weight": 2.0}, {"name": "queue", "weight": 0.1}]},
         seed=4,
+        step_time_model=model,
     )
     assert composed._fused is None and weighted._fused is None
     rng = random.Random(9)

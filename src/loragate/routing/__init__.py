@@ -14,6 +14,7 @@ Public API::
 from loragate.routing.builtins import default_registry
 from loragate.routing.config import build_policy
 from loragate.routing.framework import (
+    ChoiceObserver,
     Filter,
     NoCandidateError,
     Picker,
@@ -30,6 +31,7 @@ from loragate.routing.step_time import LinearStepTimeModel, StepTimeModel
 
 __all__ = [
     "BuildEnv",
+    "ChoiceObserver",
     "Filter",
     "LinearStepTimeModel",
     "NoCandidateError",

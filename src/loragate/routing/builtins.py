@@ -135,9 +135,8 @@ def _register_plugins(reg: Registry) -> None:
         "expected_ttft",
         lambda p, env: ExpectedTTFTScorer(env.step_time_model, _cost_params(p)),
         f"the cheapest replica 1.0, others (c_min + tau) / (c + tau) of their expected time to "
-        f"first token c (tau {SCORE_TAU_S * 1e3:g} ms): twice as slow ~0.5. In a composition "
-        "no picker reports its choices back, so prefill_memory has nothing to remember (the "
-        "loragate policy's picker does)",
+        f"first token c (tau {SCORE_TAU_S * 1e3:g} ms): twice as slow ~0.5; with "
+        "prefill_memory it remembers the prompts it saw routed, whatever the picker",
     )
     # pickers
     reg.add_picker(

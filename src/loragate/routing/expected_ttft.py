@@ -29,8 +29,8 @@ Terms:
   backlog* this policy itself sent there (with ``prefill_memory``: every routed prompt's
   prefill seconds, drained at one second per second of ``ctx.now_s``). The backlog sees the
   prompts the engine metrics cannot: those just routed, and the one being prefilled in chunks
-  (it counts as running). The ``loragate`` profile's picker (``ExpectedTTFTPicker``) reports
-  each choice back to the scorer for this.
+  (it counts as running). The profile tells the scorer each choice (``chosen``, whatever the
+  picker) for this.
 * ``wait_seq``: if the replica is full (``n_eff + 1 > S_eff``, where ``S_eff`` is
   ``max_num_seqs`` or lower when KV usage says memory runs out first), the excess must wait
   for completions, which come at rate ``B / T_seq``: work ahead / service rate.
@@ -521,11 +521,12 @@ _NEAR = 1.0 + 4.0 * EPSILON
 
 
 class ExpectedTTFTPicker(MaxScorePicker):
-    """``MaxScorePicker`` that tells the scorer where its request went (prefill backlog).
+    """``MaxScorePicker`` that can also score, with its ``ExpectedTTFTScorer``.
 
     When it is its scorer's only company in a profile (the ``loragate`` profile: one scorer at
     weight 1, this picker), the profile calls ``score_and_pick`` instead of ``score`` and
-    ``pick``: the same choice, with the same random draws, without building the scores.
+    ``pick``: the same choice, with the same random draws, without building the scores. The
+    profile then tells the scorer the choice (``chosen``), as it does with any picker.
     """
 
     __slots__ = ("scorer",)
@@ -534,18 +535,13 @@ class ExpectedTTFTPicker(MaxScorePicker):
         super().__init__(tie_break)
         self.scorer = scorer
 
-    def pick(self, ctx: RoutingContext, scored: Mapping[ReplicaId, float]) -> ReplicaId:
-        rid = super().pick(ctx, scored)
-        self.scorer.chosen(ctx, rid)
-        return rid
-
     def fuses_with(self, scorer: Scorer) -> bool:
         """Whether ``score_and_pick`` stands for ``pick(ctx, scorer.score(...))``: ``scorer``
         is this picker's own, and neither ``score`` nor ``pick`` is overridden."""
         return (
             scorer is self.scorer
             and type(scorer).score is ExpectedTTFTScorer.score
-            and type(self).pick is ExpectedTTFTPicker.pick
+            and type(self).pick is MaxScorePicker.pick
         )
 
     def score_and_pick(
@@ -578,5 +574,4 @@ class ExpectedTTFTPicker(MaxScorePicker):
                 rid = replicas[ties[0]].replica_id
             else:
                 rid = replicas[ties[ctx.rng.randrange(len(ties))]].replica_id
-        scorer.chosen(ctx, rid)
         return rid

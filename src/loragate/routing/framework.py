@@ -6,7 +6,9 @@ A routing decision runs, in order:
 2. each ``Filter`` of the profile, narrowing the candidate list;
 3. each ``Scorer``, giving every candidate a score in [0, 1] (clamped here, whatever the scorer
    returns); the profile sums ``weight * score`` per candidate;
-4. the ``Picker``, choosing one replica from the weighted totals.
+4. the ``Picker``, choosing one replica from the weighted totals;
+5. each scorer that wants to know where the request went (a ``ChoiceObserver``, e.g. the
+   ``expected_ttft`` scorer's prefill backlog) is told the chosen replica, whatever the picker.
 
 (Steps 3 and 4 are one call when the profile's only scorer, at weight 1, is one its picker can
 score with itself: a ``FusedPicker``, as in the ``loragate`` profile. Same choice.)
@@ -66,6 +68,19 @@ class Scorer(Protocol):
     ) -> Mapping[ReplicaId, float]: ...
 
 
+@runtime_checkable
+class ChoiceObserver(Protocol):
+    """Optional for a scorer: told the replica each decision it scored chose.
+
+    A scorer with a ``chosen(ctx, replica_id)`` method (found once, when the profile is built)
+    is called with the picked replica after the picker of a decision it scored has chosen,
+    whichever picker that is, with the decision's ``ctx`` (its ``scratch`` as the scorer left
+    it). A profile without such a scorer does nothing more per decision.
+    """
+
+    def chosen(self, ctx: RoutingContext, replica_id: ReplicaId) -> None: ...
+
+
 class Picker(Protocol):
     """Chooses one replica from the weighted score totals (insertion order = candidate order)."""
 
@@ -109,7 +124,16 @@ class RoutingProfile:
     Named ``RoutingProfile`` (not ``Profile``) to keep clear of the twin's performance profiles.
     """
 
-    __slots__ = ("_direct", "_filters", "_fused", "_picker", "_rng", "_scorers", "name")
+    __slots__ = (
+        "_direct",
+        "_filters",
+        "_fused",
+        "_observers",
+        "_picker",
+        "_rng",
+        "_scorers",
+        "name",
+    )
 
     def __init__(
         self,
@@ -131,6 +155,13 @@ class RoutingProfile:
         self._direct = (
             len(self._scorers) == 1 and self._scorers[0][0] == 1.0 and self._scorers[0][2]
         )
+        # Scorers told each choice: once each, in scorer order (the same object listed twice
+        # scores twice, but one request went to one replica).
+        observers: dict[int, ChoiceObserver] = {}
+        for _, scorer, _ in self._scorers:
+            if isinstance(scorer, ChoiceObserver):
+                observers.setdefault(id(scorer), scorer)
+        self._observers = tuple(o.chosen for o in observers.values())
         self._picker = picker
         # That scorer and a picker that can do both at once: one call per decision.
         self._fused = (
@@ -180,24 +211,29 @@ class RoutingProfile:
                 param="model",
             )
         if self._fused is not None:
-            return self._fused.score_and_pick(ctx, request, candidates)
-        if self._direct:
-            return self._picker.pick(ctx, self._scorers[0][1].score(ctx, request, candidates))
-        totals: dict[ReplicaId, float] = dict.fromkeys([r.replica_id for r in candidates], 0.0)
-        for weight, scorer, bounded in self._scorers:
-            scores = scorer.score(ctx, request, candidates)
-            if bounded:
-                for rid, v in scores.items():
-                    totals[rid] += weight * v
-                continue
-            for rid in totals:
-                v = scores.get(rid, 0.0)
-                if v > 1.0:
-                    v = 1.0
-                elif not v >= 0.0:  # negative or NaN
-                    v = 0.0
-                totals[rid] += weight * v
-        return self._picker.pick(ctx, totals)
+            rid = self._fused.score_and_pick(ctx, request, candidates)
+        elif self._direct:
+            rid = self._picker.pick(ctx, self._scorers[0][1].score(ctx, request, candidates))
+        else:
+            totals: dict[ReplicaId, float] = dict.fromkeys([r.replica_id for r in candidates], 0.0)
+            for weight, scorer, bounded in self._scorers:
+                scores = scorer.score(ctx, request, candidates)
+                if bounded:
+                    for key, v in scores.items():
+                        totals[key] += weight * v
+                    continue
+                for key in totals:
+                    v = scores.get(key, 0.0)
+                    if v > 1.0:
+                        v = 1.0
+                    elif not v >= 0.0:  # negative or NaN
+                        v = 0.0
+                    totals[key] += weight * v
+            rid = self._picker.pick(ctx, totals)
+        if self._observers:
+            for chosen in self._observers:
+                chosen(ctx, rid)
+        return rid
 
 
 # The name other modules may use for "a routing policy".
