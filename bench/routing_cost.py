@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable, Sequence
 from types import MappingProxyType
 
+from loragate.core.errors import ConfigError
 from loragate.core.types import ReplicaSettings, ReplicaSnapshot, Residency, RoutingRequest
 from loragate.gateway.inflight import LocalInFlight
 from loragate.routing import RoutingProfile, build_policy, default_registry
@@ -237,6 +238,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", default=None, help="comma-separated (default: all built-in)")
     ap.add_argument("--check", action="store_true", help="exit 1 if a p50 is over budget")
     args = ap.parse_args(argv)
+    known = list(default_registry().profiles)
+    names = [n.strip() for n in args.policies.split(",") if n.strip()] if args.policies else known
+    try:  # bad input: one line before any work, not a traceback from the first measurement
+        for flag in ("replicas", "adapters", "decisions", "decisions_per_poll"):
+            if getattr(args, flag) < 1:
+                key = "--" + flag.replace("_", "-")
+                raise ConfigError(f"must be >= 1 (got {getattr(args, flag)})", key=key)
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise ConfigError(
+                f"unknown policy {', '.join(map(repr, unknown))}; known: {', '.join(known)}"
+                if unknown
+                else "names no policy",
+                key="--policies",
+            )
+    except ConfigError as exc:
+        print(f"routing_cost.py: error: {exc.message}", file=sys.stderr)
+        return 2
 
     rng = random.Random(args.seed)
     adapters = [f"lora-{i}" for i in range(args.adapters)]
@@ -254,7 +273,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         for i, a in enumerate(rng.choices(adapters, weights=weights, k=4096))
     ]
-    names = args.policies.split(",") if args.policies else list(default_registry().profiles)
     print(
         f"routing cost: {args.replicas} replicas, {args.adapters} adapters, "
         f"{args.decisions} decisions per policy and column, gateway view polled every "

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from loragate.core.errors import ConfigError
 from loragate.twin.engine import Engine, EngineConfig
 from loragate.twin.profile import load_profile
 from loragate.twin.request_ids import NumberedIds
@@ -207,7 +208,19 @@ def main() -> int:
     ap.add_argument("--profile", default=DEFAULT_PROFILE, help="twin profile (name or YAML file)")
     ap.add_argument("--no-header", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    wanted = [c for c in CASES if not args.only or c.name in args.only.split(",")]
+    names = [n for n in args.only.split(",") if n]
+    try:  # bad input: one line before any work, not a traceback (or nothing) after the header
+        unknown = sorted(set(names) - {c.name for c in CASES})
+        if unknown:
+            known = ", ".join(c.name for c in CASES)
+            raise ConfigError(f"unknown case(s) {', '.join(unknown)}; known: {known}", key="--only")
+        if not (math.isfinite(args.hours) and args.hours > 0):
+            raise ConfigError(f"must be a positive number (got {args.hours:g})", key="--hours")
+        load_profile(args.profile)
+    except ConfigError as exc:
+        print(f"{ap.prog}: error: {exc.message}", file=sys.stderr)
+        return 2
+    wanted = [c for c in CASES if not names or c.name in names]
     if not args.no_header:
         print(f"one replica, {args.hours:g} simulated hour(s), profile {args.profile}")
         print(f"machine: 10M-addition pure-Python loop {machine_reference_s():.2f} CPU s")

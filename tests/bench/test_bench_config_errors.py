@@ -1,9 +1,11 @@
-"""The simulation benches check their deployment before any run: a bad --workload, --profile or
-engine setting is one line and exit 2 (it was a ConfigError traceback from a worker, after the
-capacity search had run)."""
+"""The benches check their arguments before any work: a bad one is one line and exit 2 (the
+simulation benches raised a ConfigError traceback from a worker, after the capacity search had
+run; routing_cost.py a traceback from its first measurement; twin_speed.py one per case, or
+nothing at all for an unknown --only)."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,6 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import compare_policies_sim
 import routing_bounds
+import routing_cost
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 MAINS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "compare_policies_sim.py": compare_policies_sim.main,
@@ -46,3 +51,44 @@ def test_a_bad_deployment_is_one_line_before_any_run(
     assert len(lines) == 1, captured.err
     assert lines[0].startswith(f"{script}: error: ")
     assert message.replace("TMP", str(tmp_path)) in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--policies", "loragate,lorgate"], "--policies: unknown policy 'lorgate'; known: "),
+        (["--policies", ","], "--policies: names no policy"),
+        (["--replicas", "0"], "--replicas: must be >= 1 (got 0)"),
+        (["--decisions-per-poll", "0"], "--decisions-per-poll: must be >= 1 (got 0)"),
+    ],
+)
+def test_routing_cost_checks_its_arguments_first(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert routing_cost.main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no header, no measurement
+    assert captured.err.startswith(f"routing_cost.py: error: {message}")
+    assert captured.err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--profile", "nope"], "unknown profile 'nope'"),
+        (["--only", "low,nope"], "--only: unknown case(s) nope; known: low, "),
+        (["--hours", "0"], "--hours: must be a positive number (got 0)"),
+    ],
+)
+def test_twin_speed_checks_its_arguments_first(args: list[str], message: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "twin_speed.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""  # not even the header (or, for --only nope, only the header)
+    assert done.stderr.startswith("twin_speed.py: error: ")
+    assert message in done.stderr
+    assert done.stderr.count("\n") == 1
