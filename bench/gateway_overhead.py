@@ -764,6 +764,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 1 <= args.rounds <= 20 or not 0.5 <= args.duration_s <= 120:
         p.error("--rounds must be 1..20 and --duration-s 0.5..120")
+    if args.replicas < 1:
+        p.error(f"--replicas must be >= 1 (got {args.replicas})")
+    # Checked here, not by a gateway that does not start (a traceback after 30 s).
+    policies = [x.strip() for x in args.policies.split(",") if x.strip()]
+    if not policies and (args.extra_src or not args.no_gateway):
+        p.error("--policies names no policy")
+    for src in [args.src, *(e.partition("=")[2] for e in args.extra_src)]:
+        if src and not Path(src, "loragate").is_dir():
+            p.error(f"no loragate package in {src} (--src and --extra-src take a src/ folder)")
+    if any(not e.partition("=")[1] for e in args.extra_src):
+        p.error("--extra-src takes LABEL=SRC_DIR")
+    if not args.src:  # the installed tree's policies (another tree may have others)
+        from loragate.routing import default_registry
+
+        known = list(default_registry().profiles)
+        unknown = [x for x in policies if x not in known]
+        if unknown:
+            p.error(f"--policies: unknown policy {', '.join(unknown)} (known: {', '.join(known)})")
     return args
 
 

@@ -1,7 +1,8 @@
 """The benches check their arguments before any work: a bad one is one line and exit 2 (the
 simulation benches raised a ConfigError traceback from a worker, after the capacity search had
 run; routing_cost.py a traceback from its first measurement; twin_speed.py one per case, or
-nothing at all for an unknown --only)."""
+nothing at all for an unknown --only; gateway_overhead.py a traceback after waiting 30 s for a
+gateway that could not start)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import compare_policies_sim
+import gateway_overhead
 import routing_bounds
 import routing_cost
 
@@ -92,3 +94,24 @@ def test_twin_speed_checks_its_arguments_first(args: list[str], message: str) ->
     assert done.stderr.startswith("twin_speed.py: error: ")
     assert message in done.stderr
     assert done.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--policies", "loragate,lorgate"], "--policies: unknown policy lorgate (known: "),
+        (["--policies", ","], "--policies names no policy"),
+        (["--replicas", "0"], "--replicas must be >= 1 (got 0)"),
+        (["--src", "TMP"], "no loragate package in TMP"),
+        (["--extra-src", "TMP"], "--extra-src takes LABEL=SRC_DIR"),
+    ],
+)
+def test_gateway_overhead_checks_its_arguments_before_starting_a_gateway(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [a.replace("TMP", str(tmp_path)) for a in args]
+    with pytest.raises(SystemExit) as done:
+        gateway_overhead.parse_args(args)
+    assert done.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # argparse's: after its usage lines
+    assert f": error: {message.replace('TMP', str(tmp_path))}" in last
