@@ -156,3 +156,28 @@ def test_each_observing_scorer_is_told_once_per_decision(snap: Snap, req: Req) -
         assert observer.told == list(zip(map(float, range(5)), picked, strict=True))
     assert unused.told == []
     assert RoutingProfile(name="rr", picker=RoundRobinPicker())._observers == ()
+
+
+def test_two_expected_ttft_scorers_each_remember_their_own_estimate(snap: Snap, req: Req) -> None:
+    """A request without a prompt length counts as each scorer's own mean prompt, and a
+    choice told twice is added once."""
+    policy = build_policy(
+        {
+            "scorers": [
+                {"name": "expected_ttft", "params": {"mean_prompt_tokens": 100.0}},
+                {"name": "expected_ttft", "params": {"mean_prompt_tokens": 4000.0}},
+            ],
+        },
+        step_time_model=_CostlyPrefill(),
+    )
+    short, long = (ws.scorer for ws in policy.scorers)
+    assert isinstance(short, ExpectedTTFTScorer) and isinstance(long, ExpectedTTFTScorer)
+    reps = [snap("r0"), snap("r1")]
+    probe = req(None, prompt_tokens=10)
+    before = short.costs(probe, reps), long.costs(probe, reps)
+    ctx = policy.context(0.0)
+    rid = policy.choose(req(None, prompt_tokens=0), reps, ctx)
+    short.chosen(ctx, rid)  # told again: nothing more
+    i = [r.replica_id for r in reps].index(rid)
+    for scorer, was, tokens in ((short, before[0], 100), (long, before[1], 4000)):
+        assert scorer.costs(probe, reps)[i] - was[i] == pytest.approx(tokens * 70e-6)

@@ -208,6 +208,7 @@ class ExpectedTTFTScorer:
         "_mean_out",
         "_mean_prompt",
         "_misses",
+        "_pending",
         "_ptok",
         "_terms",
         "_tiers",
@@ -232,6 +233,9 @@ class ExpectedTTFTScorer:
         self._ptok = prefill_token_s(model)
         # replica -> (seconds of prefill work routed there not yet done, as of time t)
         self._backlog: dict[ReplicaId, tuple[float, float]] = {}
+        # (the decision's context, its prompt's prefill seconds): what ``chosen`` adds, kept
+        # here rather than in ``ctx.scratch``, which other scorers of the decision share
+        self._pending: tuple[RoutingContext, float] | None = None
         # replica -> its ReplicaTerms as of the last decision that saw it
         self._terms: dict[ReplicaId, ReplicaTerms] = {}
         # replica -> (gpu, cpu) tiers of its residency last seen, and their sets once seen twice
@@ -483,21 +487,24 @@ class ExpectedTTFTScorer:
     def _decide(
         self, ctx: RoutingContext, req: RoutingRequest, replicas: Sequence[ReplicaSnapshot]
     ) -> list[float]:
-        """The costs of a decision: ``costs``, then learn from ``req`` and leave the costs
-        (and the prompt's prefill seconds, for ``chosen``) in ``ctx.scratch``."""
+        """The costs of a decision: ``costs``, then learn from ``req``, leave the costs in
+        ``ctx.scratch`` and keep the prompt's prefill seconds for ``chosen``."""
         costs = self.costs(req, replicas, ctx.now_s)
         self._observe(req)
         ctx.scratch["expected_ttft_s"] = costs
         if self._ptok > 0.0 and self.p.prefill_memory:
             prompt = req.prompt_tokens if req.prompt_tokens > 0 else self._mean_prompt
-            ctx.scratch["prefill_s"] = prompt * self._ptok
+            self._pending = (ctx, prompt * self._ptok)
         return costs
 
     def chosen(self, ctx: RoutingContext, replica_id: ReplicaId) -> None:
-        """The request just scored goes to ``replica_id``: add its prefill to that backlog."""
-        work = ctx.scratch.get("prefill_s")
-        if not isinstance(work, float):
+        """The request just scored (with ``ctx``) goes to ``replica_id``: add its prefill to
+        that backlog, once."""
+        pending = self._pending
+        if pending is None or pending[0] is not ctx:
             return
+        self._pending = None
+        work = pending[1]
         now = ctx.now_s
         prev = self._backlog.get(replica_id)
         left = 0.0
