@@ -104,6 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [p for p in parts if p not in PARTS]
     if bad:
         ap.error(f"unknown part(s) {bad}; choose from {PARTS}")
+    wanted = {s for s in a.scenarios.split(",") if s}
+    names = [s.name for s in SCENARIOS]
+    unknown = sorted(wanted - set(names))
+    if unknown:  # else the validation part ran none of them and said "done"
+        ap.error(f"unknown scenario(s) {unknown}; choose from {names}")
     work_dir = a.work_dir or work_dir_from_env()
     problem = env_problem(work_dir)
     if problem:
@@ -139,7 +144,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log(f"calibration written ({', '.join(k for k, v in tables.items() if v)}); "
              f"kv rows -> {kv_path}")
     if "validation" in parts:
-        wanted = {s for s in a.scenarios.split(",") if s}
         scs = [s for s in SCENARIOS if not wanted or s.name in wanted]
         window = a.window_s if a.window_s is not None else (20.0 if a.quick else None)
         rows, reqs = run_validation(work_dir, _log, scs, window_s=window)

@@ -15,6 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
+import calibrate_vllm_cpu
 import compare_policies_sim
 import gateway_overhead
 import routing_bounds
@@ -115,3 +116,12 @@ def test_gateway_overhead_checks_its_arguments_before_starting_a_gateway(
     assert done.value.code == 2
     last = capsys.readouterr().err.splitlines()[-1]  # argparse's: after its usage lines
     assert f": error: {message.replace('TMP', str(tmp_path))}" in last
+
+
+def test_calibrate_vllm_cpu_refuses_an_unknown_scenario(capsys: pytest.CaptureFixture[str]) -> None:
+    """It ran no scenario and said 'done' (before checking that a vLLM environment exists)."""
+    with pytest.raises(SystemExit) as done:
+        calibrate_vllm_cpu.main(["--parts", "validation", "--scenarios", "v1_deferral_4ad,nope"])
+    assert done.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert ": error: unknown scenario(s) ['nope']; choose from ['v1_deferral_4ad', " in last
