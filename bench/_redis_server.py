@@ -13,6 +13,24 @@ import time
 import redis.asyncio as aioredis
 
 
+def redis_url_problem(url: str) -> str | None:
+    """Why ``--url`` cannot be used, in one line (a malformed URL, no Redis answering a PING
+    within 5 s), or None: for the benchmarks to check before any work."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=5.0, socket_timeout=5.0)
+    except ValueError as exc:
+        return f"--url {url}: {exc}"
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        return f"--url {url}: no Redis answers ({type(exc).__name__}: {exc})"
+    finally:
+        client.close()
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

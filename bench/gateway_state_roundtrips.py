@@ -28,7 +28,7 @@ from pathlib import Path
 import aiohttp
 import redis.asyncio as aioredis
 
-from _redis_server import start_redis, watch_client_commands
+from _redis_server import redis_url_problem, start_redis, watch_client_commands
 from loragate.core.config import config_from_mapping
 from loragate.gateway import running_gateway
 from loragate.state import lua
@@ -154,4 +154,11 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--url", default=None, help="existing Redis (default: start one)")
     p.add_argument("--requests", type=int, default=500)
-    asyncio.run(main(p.parse_args()))
+    args = p.parse_args()
+    for flag in [k for k in ("requests", "replicas", "adapters") if k in vars(args)]:
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
+    problem = redis_url_problem(args.url) if args.url else None
+    if problem:
+        p.error(problem)
+    asyncio.run(main(args))

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 from redis.utils import HIREDIS_AVAILABLE
 
-from _redis_server import start_redis, watch_client_commands
+from _redis_server import redis_url_problem, start_redis, watch_client_commands
 from loragate.core.types import ReplicaSettings
 from loragate.state import KeySpace, MemoryStore, RedisStore, ReplicaRecord, ResilientStore
 
@@ -120,4 +120,11 @@ if __name__ == "__main__":
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--replicas", type=int, default=16)
     p.add_argument("--adapters", type=int, default=1000)
-    asyncio.run(main(p.parse_args()))
+    args = p.parse_args()
+    for flag in [k for k in ("requests", "replicas", "adapters") if k in vars(args)]:
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
+    problem = redis_url_problem(args.url) if args.url else None
+    if problem:
+        p.error(problem)
+    asyncio.run(main(args))

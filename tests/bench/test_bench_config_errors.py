@@ -2,10 +2,11 @@
 simulation benches raised a ConfigError traceback from a worker, after the capacity search had
 run; routing_cost.py a traceback from its first measurement; twin_speed.py one per case, or
 nothing at all for an unknown --only; gateway_overhead.py a traceback after waiting 30 s for a
-gateway that could not start)."""
+gateway that could not start; the Redis benches a traceback from the store for a bad --url)."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -15,11 +16,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
+import _redis_server
 import calibrate_vllm_cpu
 import compare_policies_sim
 import gateway_overhead
 import routing_bounds
 import routing_cost
+from redis_fixture import RedisServer
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -125,3 +128,40 @@ def test_calibrate_vllm_cpu_refuses_an_unknown_scenario(capsys: pytest.CaptureFi
     assert done.value.code == 2
     last = capsys.readouterr().err.splitlines()[-1]
     assert ": error: unknown scenario(s) ['nope']; choose from ['v1_deferral_4ad', " in last
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("script", ["state_roundtrips.py", "gateway_state_roundtrips.py"])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--url", "redis://127.0.0.1:PORT/0"], "--url redis://127.0.0.1:PORT/0: no Redis answers"),
+        (["--url", "127.0.0.1:6379"], "--url 127.0.0.1:6379: Redis URL must specify one of"),
+        (["--requests", "0"], "--requests must be >= 1 (got 0)"),
+    ],
+)
+def test_the_redis_benches_check_url_and_counts_first(
+    script: str, args: list[str], message: str
+) -> None:
+    """They raised a traceback from the store, or (the gateway one) ran on without Redis."""
+    port = str(_closed_port())
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), *(a.replace("PORT", port) for a in args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1].startswith(
+        f"{script}: error: {message.replace('PORT', port)}"
+    )
+
+
+def test_a_redis_that_answers_is_no_problem(redis_server: RedisServer) -> None:
+    assert _redis_server.redis_url_problem(redis_server.url) is None
