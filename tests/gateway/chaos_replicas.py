@@ -1,12 +1,18 @@
 """Simulated replicas as real processes (``loragate replica --simulated``), for chaos tests:
 each can be SIGKILLed or SIGTERMed and started again on the same port, as an operator or a
-crash would do to a vLLM server. Their logs go to a file (a full pipe would stall them)."""
+crash would do to a vLLM server. Their logs go to a file (a full pipe would stall them).
+
+While a replica is down, its port is held by a socket bound to it (``SO_REUSEADDR``, not
+listening: the replica can still bind it): the port was an ephemeral one, and any connection
+made meanwhile on this machine may otherwise take it as its local port, so that the restart
+fails ("address already in use"; seen once in ~30 runs of the chaos test under load)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -30,6 +36,7 @@ class SimReplica:
         self.port = 0  # 0 until the first start picked one
         self.proc: asyncio.subprocess.Process | None = None
         self.exit_codes: list[int] = []
+        self._port_hold: socket.socket | None = None  # the port, while the replica is down
 
     @property
     def url(self) -> str:
@@ -51,11 +58,15 @@ class SimReplica:
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )  # fmt: skip
         assert self.proc.stdout is not None
-        line = (await asyncio.wait_for(self.proc.stdout.readline(), _START_TIMEOUT_S)).decode()
-        if not line.startswith(READY_PREFIX):
+        try:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), _START_TIMEOUT_S)
+        finally:
+            self._release_port()
+        if not line.startswith(READY_PREFIX.encode()):
             await self._reap()
-            raise AssertionError(f"{self.name} did not start: {line!r}; see {self.log_path}")
-        port = int(line.rsplit(":", 1)[-1].strip().rstrip("/"))
+            last = self.log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            raise AssertionError(f"{self.name} did not start: {line!r}; {self.log_path}: {last}")
+        port = int(line.decode().rsplit(":", 1)[-1].strip().rstrip("/"))
         assert self.port in (0, port), (self.port, port)
         self.port = port
 
@@ -81,10 +92,28 @@ class SimReplica:
             proc.kill()
             code = await proc.wait()
         self.exit_codes.append(code)
+        self._hold_port()
         return code
+
+    def _hold_port(self) -> None:
+        if self.port and self._port_hold is None:
+            hold = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                hold.bind(("127.0.0.1", self.port))
+            except OSError:  # taken already: the restart will say so
+                hold.close()
+                return
+            self._port_hold = hold
+
+    def _release_port(self) -> None:
+        hold, self._port_hold = self._port_hold, None
+        if hold is not None:
+            hold.close()
 
     async def stop(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             await self.kill()
         elif self.proc is not None:
             await self._reap()
+        self._release_port()

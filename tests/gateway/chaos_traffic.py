@@ -48,10 +48,14 @@ class Outcome:
 
 
 class Progress:
-    """How many requests have their outcome; the chaos script waits on it."""
+    """How many requests have their outcome (the chaos script waits on it), and how many may
+    start: with ``allowed`` set, request ``i`` waits until ``i < allowed`` (the script lets the
+    traffic run only so far ahead of its next step; None: no limit)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, allowed: int | None = None) -> None:
         self.done = 0
+        self._allowed = allowed
+        self._changed = asyncio.Condition()
 
     async def reached(self, n: int, *, timeout_s: float = 60.0) -> None:
         for _ in range(int(timeout_s / 0.01)):
@@ -59,6 +63,16 @@ class Progress:
                 return
             await asyncio.sleep(0.01)
         raise AssertionError(f"traffic stalled: {self.done} of {n} requests done")
+
+    async def allow(self, n: int | None) -> None:
+        """Let the requests before ``n`` start (None: every request)."""
+        async with self._changed:
+            self._allowed = n
+            self._changed.notify_all()
+
+    async def may_start(self, index: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._allowed is None or index < self._allowed)
 
 
 def plan(n: int, models: list[str], *, instances: int = 1, seed: int = 7) -> list[Spec]:
@@ -160,10 +174,12 @@ async def run_traffic(
     timeout_s: float,
     progress: Progress,
 ) -> list[Outcome]:
-    """Send every spec (``concurrency`` at a time, in order) to its instance's client."""
+    """Send every spec (``concurrency`` at a time, in order, as far as ``progress`` allows) to
+    its instance's client."""
     gate = asyncio.Semaphore(concurrency)
 
     async def one(spec: Spec) -> Outcome:
+        await progress.may_start(spec.index)
         async with gate:
             outcome = await send(clients[spec.instance], spec, timeout_s)
         progress.done += 1
