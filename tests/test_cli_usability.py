@@ -83,6 +83,13 @@ def test_help_names_the_defaults_a_user_runs_with(
         assert phrase in text
 
 
+def _sigint_as_by_default() -> None:
+    """In the child before it runs: a job runner may start the tests with SIGINT ignored,
+    which the child would inherit (Python then installs no KeyboardInterrupt handler and the
+    Ctrl-C below would do nothing); a terminal gives the default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupted(
     args: list[str], after_s: float = 4.0, started: Callable[[], bool] | None = None
 ) -> tuple[int, str]:
@@ -96,6 +103,7 @@ def _interrupted(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_sigint_as_by_default,
     )
     try:
         with pytest.raises(subprocess.TimeoutExpired):
