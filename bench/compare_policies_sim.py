@@ -61,6 +61,7 @@ from typing import Any
 
 from loragate.commands.simulate import policy_from_arg
 from loragate.core.errors import ConfigError
+from loragate.core.process_pool import ignore_sigint, stop_pool
 from loragate.routing import build_policy
 from loragate.simulate import ReplicaEngineSettings, SimulationConfig, run_simulation
 from loragate.simulate.runner import Simulation
@@ -404,10 +405,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = list(range(1, args.seeds + 1))
     policies: list[PolicyArg] = args.policy_args
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs), initializer=ignore_sigint) as pool:
 
         def pmap(fn: Callable[[Any], dict[str, Any]], items: Sequence[Any]) -> list[dict[str, Any]]:
-            return list(pool.map(fn, items))
+            try:
+                return list(pool.map(fn, items))
+            except BaseException:  # Ctrl-C: not every queued hour-long run first
+                stop_pool(pool)
+                raise
 
         capacity: float | None = None
         probes: list[dict[str, Any]] = []
@@ -479,4 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("compare_policies_sim.py: interrupted", file=sys.stderr)
+        sys.exit(130)

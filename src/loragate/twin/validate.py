@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
 import time
 from collections import Counter
@@ -25,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from loragate.core.errors import ConfigError
+from loragate.core.process_pool import ignore_sigint, stop_pool
 from loragate.twin.metrics_errors import ErrorSummary, summarize
 from loragate.twin.real_runs import (
     DEFAULT_PROFILES,
@@ -143,7 +143,7 @@ def run_validation(
         return [r for r in out if r is not None]
     # Longest runs first so the pool ends evenly.
     order = sorted(range(len(work)), key=lambda i: -_expected_cost(work[i][0]))
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=ignore_sigint)
     try:
         futures = {pool.submit(replay_job, work[i]): i for i in order}
         for done, future in enumerate(as_completed(futures), start=1):
@@ -154,27 +154,10 @@ def run_validation(
                 out[i] = failed_metrics(f"worker process failed: {type(exc).__name__}: {exc}")
             report(done, i)
     except BaseException:  # Ctrl-C: drop the queued runs and stop the running ones now
-        _stop_pool(pool)
+        stop_pool(pool)
         raise
     pool.shutdown()
     return [r for r in out if r is not None]
-
-
-def _ignore_sigint() -> None:
-    """In each worker: Ctrl-C reaches the whole process group; the parent alone handles it
-    (:func:`_stop_pool`), so a worker neither prints a traceback nor goes on to the next run."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _stop_pool(pool: ProcessPoolExecutor) -> None:
-    """Cancel what is queued and end the workers without waiting for their runs (Python 3.14's
-    ``terminate_workers()``; ``shutdown`` alone lets every queued run finish first)."""
-    workers = list(pool._processes.values())  # no public handle before 3.14
-    pool.shutdown(wait=False, cancel_futures=True)
-    for worker in workers:
-        worker.terminate()
-    for worker in workers:
-        worker.join()
 
 
 def _row_floats(row: dict[str, str] | None, keys: Sequence[str]) -> dict[str, float]:
