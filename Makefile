@@ -25,12 +25,13 @@ demo: $(VENV)/.runtime-installed
 test: $(VENV)/.dev-installed
 	bash scripts/ensure_redis.sh
 	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy --strict src
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench || true
+	$(VENV)/bin/ruff format --check src tests bench
 
 typecheck: $(VENV)/.dev-installed
 	$(VENV)/bin/mypy --strict src

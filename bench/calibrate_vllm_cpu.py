@@ -88,17 +88,29 @@ def _log(msg: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=REPO / "data" / "tiny-llama-cpu")
-    ap.add_argument("--work-dir", type=Path, default=None,
-                    help="real-vLLM env (default $LORAGATE_VLLM_DIR or /tmp/loragate-vllm)")
+    ap.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="real-vLLM env (default $LORAGATE_VLLM_DIR or /tmp/loragate-vllm)",
+    )
     ap.add_argument("--parts", default=",".join(PARTS[:4]), help=f"comma list of {PARTS}")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3)")
-    ap.add_argument("--window-s", type=float, default=None,
-                    help="validation window per run (default per scenario, 90 s)")
+    ap.add_argument(
+        "--window-s",
+        type=float,
+        default=None,
+        help="validation window per run (default per scenario, 90 s)",
+    )
     ap.add_argument("--scenarios", default="", help="comma list of validation scenario names")
     ap.add_argument("--quick", action="store_true", help="tiny plan for a smoke test")
-    ap.add_argument("--nice", type=int, default=-10,
-                    help="scheduling priority of the servers and of this client (default -10; "
-                         "needs root, else 0 is used)")
+    ap.add_argument(
+        "--nice",
+        type=int,
+        default=-10,
+        help="scheduling priority of the servers and of this client (default -10; "
+        "needs root, else 0 is used)",
+    )
     a = ap.parse_args(argv)
     parts = [p.strip() for p in a.parts.split(",") if p.strip()]
     bad = [p for p in parts if p not in PARTS]
@@ -136,13 +148,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, rows in tables.items():
             if name == "kv_capacity":
                 merge_csv(kv_path, rows, key="group")
-            elif rows and name.startswith(("base_latency", "raw/base_latency")) and \
-                    "base" not in calib:
+            elif (
+                rows
+                and name.startswith(("base_latency", "raw/base_latency"))
+                and "base" not in calib
+            ):
                 merge_csv(a.out / "calibration" / f"{name}.csv", rows, key="phase")
             elif rows:
                 write_csv(a.out / "calibration" / f"{name}.csv", rows)
-        _log(f"calibration written ({', '.join(k for k, v in tables.items() if v)}); "
-             f"kv rows -> {kv_path}")
+        _log(
+            f"calibration written ({', '.join(k for k, v in tables.items() if v)}); "
+            f"kv rows -> {kv_path}"
+        )
     if "validation" in parts:
         scs = [s for s in SCENARIOS if not wanted or s.name in wanted]
         window = a.window_s if a.window_s is not None else (20.0 if a.quick else None)

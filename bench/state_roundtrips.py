@@ -70,8 +70,11 @@ async def main(args: argparse.Namespace) -> None:
         for r in replicas:
             await store.upsert_replica(ReplicaRecord(replica_id=r, url=r, settings=settings))
         rng = random.Random(0)
-        plan = [(rng.choice(replicas), f"lora-{rng.randrange(args.adapters)}")
-                for _ in range(args.requests)]
+        plan = [
+            (rng.choice(replicas), f"lora-{rng.randrange(args.adapters)}")
+            for _ in range(args.requests)
+        ]
+
         async def one(i: int) -> None:
             r, a = plan[i]
             await store.begin_request(r, a, f"q{i}", time.time())

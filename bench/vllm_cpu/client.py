@@ -83,7 +83,8 @@ async def stream_completion(
     last: float | None = None
     try:
         async with session.post(
-            f"{base_url}/v1/completions", json=body,
+            f"{base_url}/v1/completions",
+            json=body,
             timeout=aiohttp.ClientTimeout(total=timeout_s),
         ) as resp:
             res.status = resp.status

@@ -95,12 +95,24 @@ class ReplicaConfig:
 
     def cli_args(self, model_dir: Path, port: int) -> list[str]:
         args = [
-            "--model", str(model_dir), "--served-model-name", SERVED_NAME,
-            "--host", "127.0.0.1", "--port", str(port),
-            "--dtype", self.dtype, "--max-model-len", str(self.max_model_len),
-            "--max-num-seqs", str(self.max_num_seqs),
-            "--max-num-batched-tokens", str(self.max_num_batched_tokens),
-            "--kv-cache-memory-bytes", self.kv_cache_bytes,
+            "--model",
+            str(model_dir),
+            "--served-model-name",
+            SERVED_NAME,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dtype",
+            self.dtype,
+            "--max-model-len",
+            str(self.max_model_len),
+            "--max-num-seqs",
+            str(self.max_num_seqs),
+            "--max-num-batched-tokens",
+            str(self.max_num_batched_tokens),
+            "--kv-cache-memory-bytes",
+            self.kv_cache_bytes,
         ]
         if not self.prefix_caching:
             args.append("--no-enable-prefix-caching")
@@ -110,9 +122,13 @@ class ReplicaConfig:
             args += ["--compilation-config", '{"mode": 0}']
         if self.enable_lora:
             args += [
-                "--enable-lora", "--max-loras", str(self.max_loras),
-                "--max-cpu-loras", str(self.max_cpu_loras),
-                "--max-lora-rank", str(self.max_lora_rank),
+                "--enable-lora",
+                "--max-loras",
+                str(self.max_loras),
+                "--max-cpu-loras",
+                str(self.max_cpu_loras),
+                "--max-lora-rank",
+                str(self.max_lora_rank),
             ]
         return args + list(self.extra_args)
 
@@ -120,8 +136,10 @@ class ReplicaConfig:
         env = dict(os.environ)
         env.update(
             VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
-            HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-            VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            VLLM_NO_USAGE_STATS="1",
+            DO_NOT_TRACK="1",
             VLLM_CPU_OMP_THREADS_BIND=self.omp_bind,
             TMPDIR=str(tmp_dir),
         )
@@ -235,15 +253,22 @@ def process_tree_cpu_s(session_id: int) -> dict[str, float]:
             raw = stat.read_text()
         except OSError:
             continue
-        comm = raw[raw.index("(") + 1:raw.rindex(")")]
-        fields = raw[raw.rindex(")") + 2:].split()
+        comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2 :].split()
         # fields[0] is state (field 3); session is field 6, utime 14, stime 15
         if int(fields[3]) != session_id:
             continue
         cpu = (int(fields[11]) + int(fields[12])) * _TICK_S
         pid = int(stat.parent.name)
-        role = ("api" if pid == session_id else "engine" if "EngineCor" in comm
-                else "worker" if "Worker" in comm else "other")
+        role = (
+            "api"
+            if pid == session_id
+            else "engine"
+            if "EngineCor" in comm
+            else "worker"
+            if "Worker" in comm
+            else "other"
+        )
         out[role] += cpu
     return out
 
@@ -279,18 +304,28 @@ def start_replica(
     tmp_dir = wd / "tmp" / f"replica-{port}"
     tmp_dir.mkdir(parents=True, exist_ok=True)
     model_dir = wd / "models" / SERVED_NAME
-    cmd = [str(wd / "venv" / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
-           *config.cli_args(model_dir, port)]
+    cmd = [
+        str(wd / "venv" / "bin" / "python"),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        *config.cli_args(model_dir, port),
+    ]
     if nice:
         cmd = ["nice", "-n", str(nice), *cmd]
     t0 = time.monotonic()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            cmd, cwd=wd, env=config.env(tmp_dir), stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            cmd,
+            cwd=wd,
+            env=config.env(tmp_dir),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
-    rep = Replica(config=config, work_dir=wd, port=port, proc=proc, log_path=log_path,
-                  tmp_dir=tmp_dir)
+    rep = Replica(
+        config=config, work_dir=wd, port=port, proc=proc, log_path=log_path, tmp_dir=tmp_dir
+    )
     deadline = t0 + ready_timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:

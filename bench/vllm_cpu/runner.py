@@ -24,9 +24,16 @@ from .client import (
 Row = dict[str, object]
 CpuProbe = Callable[[], dict[str, float]]
 # extra per-run columns: server-side latency histograms and CPU time of the server processes
-EXTRA_COLS = ("itl_server_mean_ms", "ttft_server_mean_ms", "worker_cpu_ms_per_step",
-              "engine_cpu_ms_per_step", "worker_cpu_util", "worker_cpu_s", "engine_cpu_s",
-              "api_cpu_s")
+EXTRA_COLS = (
+    "itl_server_mean_ms",
+    "ttft_server_mean_ms",
+    "worker_cpu_ms_per_step",
+    "engine_cpu_ms_per_step",
+    "worker_cpu_util",
+    "worker_cpu_s",
+    "engine_cpu_s",
+    "api_cpu_s",
+)
 
 
 def _no_cpu() -> dict[str, float]:
@@ -92,8 +99,7 @@ async def run_closed_loop(
             nonlocal sent, wave_open
             if sent % concurrency == 0:
                 elapsed = time.perf_counter() - t_start
-                wave_open = (sent < n_requests or elapsed < min_duration_s) and \
-                    sent < max_requests
+                wave_open = (sent < n_requests or elapsed < min_duration_s) and sent < max_requests
             if not wave_open:
                 return None
             sent += 1
@@ -101,8 +107,12 @@ async def run_closed_loop(
 
         async def worker(w: int) -> None:
             while (i := take()) is not None:
-                spec = RequestSpec(model=models[w % len(models)], input_tokens=input_tokens,
-                                   output_tokens=output_tokens, seed=seed * 100_003 + i)
+                spec = RequestSpec(
+                    model=models[w % len(models)],
+                    input_tokens=input_tokens,
+                    output_tokens=output_tokens,
+                    seed=seed * 100_003 + i,
+                )
                 results.append(await stream_completion(session, base_url, spec))
 
         load0 = load_average()
@@ -114,9 +124,18 @@ async def run_closed_loop(
         cpu1 = cpu_probe()
         await poller.stop()
         after = await poller.sample()
-        return RunOutcome(results=results, t0=t0, t1=t1, samples=poller.window(t0, t1),
-                          before=before, after=after, load_start=load0, load_end=load_average(),
-                          cpu_before=cpu0, cpu_after=cpu1)
+        return RunOutcome(
+            results=results,
+            t0=t0,
+            t1=t1,
+            samples=poller.window(t0, t1),
+            before=before,
+            after=after,
+            load_start=load0,
+            load_end=load_average(),
+            cpu_before=cpu0,
+            cpu_after=cpu1,
+        )
 
 
 async def run_open_loop(
@@ -145,8 +164,11 @@ async def run_open_loop(
         cpu0 = cpu_probe()
         poller.start()
         t0 = time.perf_counter()
-        tasks = [asyncio.create_task(one(i, tr, t0)) for i, tr in enumerate(schedule)
-                 if tr.t_arrival_s < window_s]
+        tasks = [
+            asyncio.create_task(one(i, tr, t0))
+            for i, tr in enumerate(schedule)
+            if tr.t_arrival_s < window_s
+        ]
         _, pending = await asyncio.wait(tasks, timeout=window_s)
         t1 = time.perf_counter()
         cpu1 = cpu_probe()
@@ -161,9 +183,18 @@ async def run_open_loop(
         for r in ordered:
             if r.t_end is None or r.t_end > t1:
                 r.error = r.error or "cancelled at window end"
-        return RunOutcome(results=ordered, t0=t0, t1=t1, samples=poller.window(t0, t1),
-                          before=before, after=after, load_start=load0,
-                          load_end=load_average(), cpu_before=cpu0, cpu_after=cpu1)
+        return RunOutcome(
+            results=ordered,
+            t0=t0,
+            t1=t1,
+            samples=poller.window(t0, t1),
+            before=before,
+            after=after,
+            load_start=load0,
+            load_end=load_average(),
+            cpu_before=cpu0,
+            cpu_after=cpu1,
+        )
 
 
 def _ms(xs: Sequence[float]) -> tuple[float | None, float | None, float | None]:
@@ -189,6 +220,7 @@ def summarize(out: RunOutcome, *, duration_s: float | None = None) -> Row:
     wait = [s.get("waiting", 0.0) for s in out.samples]
     deferred = [s.get("deferred", 0.0) for s in out.samples]
     kv = [s.get("kv_usage", 0.0) for s in out.samples]
+
     def delta(key: str) -> float:
         return out.after.get(key, 0.0) - out.before.get(key, 0.0)
 
@@ -211,9 +243,15 @@ def summarize(out: RunOutcome, *, duration_s: float | None = None) -> Row:
         "max_kv_usage": max(kv) if kv else None,
         "preemptions": out.after.get("preemptions", 0.0) - out.before.get("preemptions", 0.0),
         "metrics_samples": len(out.samples),
-        "itl_mean_ms": itl_mean, "itl_median_ms": itl_med, "itl_p99_ms": itl_p99,
-        "tpot_mean_ms": tpot_mean, "tpot_median_ms": tpot_med, "tpot_p99_ms": tpot_p99,
-        "ttft_mean_ms": ttft_mean, "ttft_median_ms": ttft_med, "ttft_p99_ms": ttft_p99,
+        "itl_mean_ms": itl_mean,
+        "itl_median_ms": itl_med,
+        "itl_p99_ms": itl_p99,
+        "tpot_mean_ms": tpot_mean,
+        "tpot_median_ms": tpot_med,
+        "tpot_p99_ms": tpot_p99,
+        "ttft_mean_ms": ttft_mean,
+        "ttft_median_ms": ttft_med,
+        "ttft_p99_ms": ttft_p99,
         "total_input_tokens": tin,
         "total_output_tokens": tout,
         "request_throughput": len(ok) / dur if dur > 0 else None,
@@ -224,14 +262,16 @@ def summarize(out: RunOutcome, *, duration_s: float | None = None) -> Row:
         "mean_step_interval_ms": dur * 1000.0 / steps if steps > 0 else None,
         "mean_tokens_per_step": step_tok / steps if steps > 0 else None,
         "itl_server_mean_ms": delta("itl_sum_s") * 1000.0 / srv_itl_n if srv_itl_n else None,
-        "ttft_server_mean_ms": (delta("ttft_sum_s") * 1000.0 / srv_ttft_n
-                                if srv_ttft_n else None),
-        "worker_cpu_s": cpu.get("worker"), "engine_cpu_s": cpu.get("engine"),
+        "ttft_server_mean_ms": (delta("ttft_sum_s") * 1000.0 / srv_ttft_n if srv_ttft_n else None),
+        "worker_cpu_s": cpu.get("worker"),
+        "engine_cpu_s": cpu.get("engine"),
         "api_cpu_s": cpu.get("api"),
-        "worker_cpu_ms_per_step": (cpu["worker"] * 1000.0 / steps
-                                   if steps > 0 and "worker" in cpu else None),
-        "engine_cpu_ms_per_step": (cpu["engine"] * 1000.0 / steps
-                                   if steps > 0 and "engine" in cpu else None),
+        "worker_cpu_ms_per_step": (
+            cpu["worker"] * 1000.0 / steps if steps > 0 and "worker" in cpu else None
+        ),
+        "engine_cpu_ms_per_step": (
+            cpu["engine"] * 1000.0 / steps if steps > 0 and "engine" in cpu else None
+        ),
         "worker_cpu_util": cpu["worker"] / dur if "worker" in cpu and dur > 0 else None,
         "loadavg_1m_start": out.load_start,
         "loadavg_1m_end": out.load_end,
@@ -246,8 +286,9 @@ def median_rows(rows: Sequence[Row]) -> Row:
         nums = [v for v in vals if isinstance(v, int | float) and not isinstance(v, bool)]
         if nums and len(nums) == len(vals):
             med = float(np.median(np.asarray(nums, dtype=float)))
-            merged[key] = int(med) if all(isinstance(v, int) for v in nums) and med.is_integer() \
-                else med
+            merged[key] = (
+                int(med) if all(isinstance(v, int) for v in nums) and med.is_integer() else med
+            )
         else:
             merged[key] = vals[0]
     merged["n_reps"] = len(rows)

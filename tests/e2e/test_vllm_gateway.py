@@ -28,36 +28,54 @@ async def _registered(http: aiohttp.ClientSession, rep: Replica) -> set[str]:
 
 
 async def test_sdk_through_gateway_to_real_vllm(
-    real_vllm: Replica, http: aiohttp.ClientSession, lora_paths: dict[int, list[str]],
+    real_vllm: Replica,
+    http: aiohttp.ClientSession,
+    lora_paths: dict[int, list[str]],
     unique_name: str,
 ) -> None:
     names = [f"{unique_name}-r8", f"{unique_name}-r16"]
     doc: dict[str, Any] = {
         "base_model": BASE,
         "replicas": [{"id": "real0", "url": real_vllm.base_url}],
-        "adapters": [{"name": names[0], "path": lora_paths[8][0], "rank": 8},
-                     {"name": names[1], "path": lora_paths[16][0], "rank": 16}],
+        "adapters": [
+            {"name": names[0], "path": lora_paths[8][0], "rank": 8},
+            {"name": names[1], "path": lora_paths[16][0], "rank": 16},
+        ],
         "poller": {"interval_s": 0.5},
     }
     async with running_gateway(config_from_mapping(doc), port=0) as gw, _sdk(gw.url) as client:
-        done = await client.completions.create(model=names[0], prompt="hello world",
-                                               max_tokens=5, temperature=0,
-                                               extra_body={"ignore_eos": True})
+        done = await client.completions.create(
+            model=names[0],
+            prompt="hello world",
+            max_tokens=5,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
         assert done.model == names[0]
         assert done.usage is not None and done.usage.completion_tokens == 5
         assert names[0] in await _registered(http, real_vllm)
 
         chat = await client.chat.completions.create(
-            model=names[1], messages=[{"role": "user", "content": "hi"}], max_tokens=4,
-            temperature=0, extra_body={"ignore_eos": True})
+            model=names[1],
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=4,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
         assert chat.model == names[1] and chat.choices[0].finish_reason == "length"
         assert chat.usage is not None and chat.usage.completion_tokens == 4
 
         pieces: list[str] = []
         usage_tokens = None
         stream = await client.completions.create(
-            model=names[1], prompt="hello", max_tokens=6, temperature=0, stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            model=names[1],
+            prompt="hello",
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
         async for chunk in stream:
             if chunk.choices:
                 pieces.append(chunk.choices[0].text)
@@ -68,13 +86,18 @@ async def test_sdk_through_gateway_to_real_vllm(
         # the same request straight to vLLM gives the same greedy text: the gateway is a proxy
         async with _sdk(real_vllm.base_url) as raw:
             direct = await raw.completions.create(
-                model=names[0], prompt="hello world", max_tokens=5, temperature=0,
-                extra_body={"ignore_eos": True})
+                model=names[0],
+                prompt="hello world",
+                max_tokens=5,
+                temperature=0,
+                extra_body={"ignore_eos": True},
+            )
         assert direct.choices[0].text == done.choices[0].text
 
         with pytest.raises(openai.NotFoundError):
-            await client.completions.create(model=f"{unique_name}-unknown", prompt="x",
-                                            max_tokens=2)
+            await client.completions.create(
+                model=f"{unique_name}-unknown", prompt="x", max_tokens=2
+            )
 
 
 @pytest.mark.parametrize(

@@ -57,12 +57,16 @@ pytestmark = pytest.mark.vllm
 
 _NO_PROMPT = "Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)"
 _EMPTY = "The decoder prompt cannot be empty"
-_NO_EMBEDS = ("You must set `--enable-prompt-embeds` to input `prompt_embeds`. "
-              "(parameter=prompt_embeds)")
-_TOO_MANY = ("prompt list length 1025 exceeds the maximum allowed count of 1024. To increase this "
-             "limit, set the VLLM_MAX_COMPLETION_PROMPTS environment variable. (parameter=prompt)")
-_STREAM_OPTIONS = ("Stream options can only be defined when `stream=True`. "
-                   "(parameter=stream_options)")
+_NO_EMBEDS = (
+    "You must set `--enable-prompt-embeds` to input `prompt_embeds`. (parameter=prompt_embeds)"
+)
+_TOO_MANY = (
+    "prompt list length 1025 exceeds the maximum allowed count of 1024. To increase this "
+    "limit, set the VLLM_MAX_COMPLETION_PROMPTS environment variable. (parameter=prompt)"
+)
+_STREAM_OPTIONS = (
+    "Stream options can only be defined when `stream=True`. (parameter=stream_options)"
+)
 # (body, message, param): every answer is a 400 BadRequestError with code 400.
 REFUSALS: list[tuple[dict[str, Any], str, str | None]] = [
     ({}, _NO_PROMPT, "prompt"),
@@ -79,55 +83,114 @@ REFUSALS: list[tuple[dict[str, Any], str, str | None]] = [
     ({"model": BASE, "prompt": ["hi", ""]}, _EMPTY, None),
     ({"model": BASE, "prompt_embeds": "AAAA"}, _NO_EMBEDS, "prompt_embeds"),
     ({"model": BASE, "prompt": "x", "prompt_embeds": "AAAA"}, _NO_EMBEDS, "prompt_embeds"),
-    ({"model": BASE, "prompt_embeds": "AAAA", "echo": True},
-     "Echo is unsupported with prompt embeds.", None),
+    (
+        {"model": BASE, "prompt_embeds": "AAAA", "echo": True},
+        "Echo is unsupported with prompt embeds.",
+        None,
+    ),
     # Every prompt is rendered before any gets its sampling parameters, and those come before
     # the engine takes any: a later prompt's earlier-step error is the answer.
-    ({"model": BASE, "prompt": [[1, 2], [1] * 600], "min_tokens": -1},
-     "This model's maximum context length is 512 tokens. However, your prompt contains 600 "
-     "input tokens, which exceeds this limit even without any output tokens. Please reduce "
-     "the length of the input prompt. (parameter=input_tokens, value=600)", "input_tokens"),
-    ({"model": BASE, "prompt": [[], [1] * 512], "max_tokens": 1},
-     "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)", "max_tokens"),
+    (
+        {"model": BASE, "prompt": [[1, 2], [1] * 600], "min_tokens": -1},
+        "This model's maximum context length is 512 tokens. However, your prompt contains 600 "
+        "input tokens, which exceeds this limit even without any output tokens. Please reduce "
+        "the length of the input prompt. (parameter=input_tokens, value=600)",
+        "input_tokens",
+    ),
+    (
+        {"model": BASE, "prompt": [[], [1] * 512], "max_tokens": 1},
+        "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)",
+        "max_tokens",
+    ),
     # vLLM's "before" validators, ahead of the model lookup and of every field's type.
     ({"model": BASE, "prompt": ["x"] * 1025}, _TOO_MANY, "prompt"),
-    ({"model": "no-such-model", "prompt": [[1, 2]] * 1025, "max_tokens": "abc"}, _TOO_MANY,
-     "prompt"),
-    ({"model": BASE, "prompt": "x", "stream_options": {"include_usage": True}},
-     _STREAM_OPTIONS, "stream_options"),
-    ({"model": BASE, "prompt": "x", "stream_options": {"include_usage": True},
-      "max_tokens": "abc"}, _STREAM_OPTIONS, "stream_options"),
+    (
+        {"model": "no-such-model", "prompt": [[1, 2]] * 1025, "max_tokens": "abc"},
+        _TOO_MANY,
+        "prompt",
+    ),
+    (
+        {"model": BASE, "prompt": "x", "stream_options": {"include_usage": True}},
+        _STREAM_OPTIONS,
+        "stream_options",
+    ),
+    (
+        {
+            "model": BASE,
+            "prompt": "x",
+            "stream_options": {"include_usage": True},
+            "max_tokens": "abc",
+        },
+        _STREAM_OPTIONS,
+        "stream_options",
+    ),
     # The logprobs fields' "before" checks (after stream_options' on completions).
-    ({"model": BASE, "prompt": "x", "logprobs": -2, "max_tokens": "abc"},
-     "`logprobs` must be a positive value or -1. (parameter=logprobs, value=-2)", "logprobs"),
-    ({"model": BASE, "prompt": "x", "logprobs": "3"},
-     "`logprobs` must be an integer. (parameter=logprobs, value=3)", "logprobs"),
-    ({"model": BASE, "prompt": "x", "prompt_logprobs": 1, "stream": True},
-     "`prompt_logprobs` are not available when `stream=True`. (parameter=prompt_logprobs)",
-     "prompt_logprobs"),
+    (
+        {"model": BASE, "prompt": "x", "logprobs": -2, "max_tokens": "abc"},
+        "`logprobs` must be a positive value or -1. (parameter=logprobs, value=-2)",
+        "logprobs",
+    ),
+    (
+        {"model": BASE, "prompt": "x", "logprobs": "3"},
+        "`logprobs` must be an integer. (parameter=logprobs, value=3)",
+        "logprobs",
+    ),
+    (
+        {"model": BASE, "prompt": "x", "prompt_logprobs": 1, "stream": True},
+        "`prompt_logprobs` are not available when `stream=True`. (parameter=prompt_logprobs)",
+        "prompt_logprobs",
+    ),
     # SamplingParams' n, once the model is known.
     ({"model": BASE, "prompt": "x", "n": 0}, "n must be at least 1, got 0.", None),
-    ({"model": BASE, "prompt": "x", "n": 16385}, "n must be at most 16384, got 16385. To "
-     "increase this limit, set the VLLM_MAX_N_SEQUENCES environment variable.", None),
+    (
+        {"model": BASE, "prompt": "x", "n": 16385},
+        "n must be at most 16384, got 16385. To "
+        "increase this limit, set the VLLM_MAX_N_SEQUENCES environment variable.",
+        None,
+    ),
 ]
 # The same for chat: no messages (transformers' apply_chat_template refuses them).
 _NO_MESSAGES = "Cannot apply chat template to an empty conversation. Provide at least one message."
 CHAT_REFUSALS: list[tuple[dict[str, Any], str, str | None]] = [
     ({"model": BASE, "messages": []}, _NO_MESSAGES, None),
     ({"model": BASE, "messages": [], "add_generation_prompt": False}, _NO_MESSAGES, None),
-    ({"model": BASE, "messages": None, "max_tokens": "abc"}, "'NoneType' object is not iterable",
-     None),
-    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}],
-      "stream_options": {"include_usage": True}, "max_tokens": "abc"}, _STREAM_OPTIONS,
-     "stream_options"),
+    (
+        {"model": BASE, "messages": None, "max_tokens": "abc"},
+        "'NoneType' object is not iterable",
+        None,
+    ),
+    (
+        {
+            "model": BASE,
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream_options": {"include_usage": True},
+            "max_tokens": "abc",
+        },
+        _STREAM_OPTIONS,
+        "stream_options",
+    ),
     # Chat checks the logprobs fields before stream_options.
-    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2,
-      "stream_options": {"include_usage": True}},
-     "when using `top_logprobs`, `logprobs` must be set to true. (parameter=top_logprobs)",
-     "top_logprobs"),
-    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}],
-      "continue_final_message": True, "add_generation_prompt": True, "max_tokens": "abc"},
-     "Cannot set both `continue_final_message` and `add_generation_prompt` to True.", None),
+    (
+        {
+            "model": BASE,
+            "messages": [{"role": "user", "content": "hi"}],
+            "top_logprobs": 2,
+            "stream_options": {"include_usage": True},
+        },
+        "when using `top_logprobs`, `logprobs` must be set to true. (parameter=top_logprobs)",
+        "top_logprobs",
+    ),
+    (
+        {
+            "model": BASE,
+            "messages": [{"role": "user", "content": "hi"}],
+            "continue_final_message": True,
+            "add_generation_prompt": True,
+            "max_tokens": "abc",
+        },
+        "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+        None,
+    ),
 ]
 
 # (prompt, extra body, usage.prompt_tokens on real vLLM)
@@ -141,9 +204,11 @@ COMPLETIONS: list[tuple[str, dict[str, Any], int]] = [
     ("Hello world, this is the gateway", {}, 7),
 ]
 _HI = [{"role": "user", "content": "hi"}]
-_TURNS = [{"role": "user", "content": "Hello world"},
-          {"role": "assistant", "content": "Hello there"},
-          {"role": "user", "content": "What is the answer?"}]
+_TURNS = [
+    {"role": "user", "content": "Hello world"},
+    {"role": "assistant", "content": "Hello there"},
+    {"role": "user", "content": "What is the answer?"},
+]
 CHATS: list[tuple[list[dict[str, str]], dict[str, Any], int]] = [
     (_HI, {}, 4),
     (_HI, {"add_generation_prompt": False}, 3),
@@ -158,21 +223,32 @@ CHATS: list[tuple[list[dict[str, str]], dict[str, Any], int]] = [
 def _twin_config(real: Replica) -> ReplicaConfig:
     c = REAL_CONFIG
     return ReplicaConfig(
-        model=str(real.model_dir), served_model_name=BASE, enable_lora=True,
-        max_loras=c.max_loras, max_cpu_loras=c.max_cpu_loras, max_lora_rank=c.max_lora_rank,
-        max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
-        max_model_len=c.max_model_len, profile="fast", time_scale=10.0,
+        model=str(real.model_dir),
+        served_model_name=BASE,
+        enable_lora=True,
+        max_loras=c.max_loras,
+        max_cpu_loras=c.max_cpu_loras,
+        max_lora_rank=c.max_lora_rank,
+        max_num_seqs=c.max_num_seqs,
+        max_num_batched_tokens=c.max_num_batched_tokens,
+        max_model_len=c.max_model_len,
+        profile="fast",
+        time_scale=10.0,
     )
 
 
 async def test_prompt_refusals_on_real_vllm_the_twin_and_the_gateway(
     real_vllm: Replica, http: aiohttp.ClientSession
 ) -> None:
-    doc: dict[str, Any] = {"base_model": BASE,
-                           "replicas": [{"id": "real0", "url": real_vllm.base_url}]}
+    doc: dict[str, Any] = {
+        "base_model": BASE,
+        "replicas": [{"id": "real0", "url": real_vllm.base_url}],
+    }
     problems: list[str] = []
-    async with (run_replica(_twin_config(real_vllm), host="127.0.0.1", port=0) as twin,
-                running_gateway(config_from_mapping(doc), port=0) as gw):
+    async with (
+        run_replica(_twin_config(real_vllm), host="127.0.0.1", port=0) as twin,
+        running_gateway(config_from_mapping(doc), port=0) as gw,
+    ):
         servers = [("real", real_vllm.base_url), ("twin", twin.url), ("gateway", gw.url)]
         for name, base in servers:
             cases = [("/v1/completions", *c) for c in REFUSALS]
@@ -181,8 +257,13 @@ async def test_prompt_refusals_on_real_vllm_the_twin_and_the_gateway(
                 async with http.post(base + path, json=body) as r:
                     status, answer = r.status, await r.json()
                 err = answer.get("error", {}) if isinstance(answer, dict) else {}
-                seen = (status, err.get("type"), err.get("code"), err.get("param"),
-                        err.get("message"))
+                seen = (
+                    status,
+                    err.get("type"),
+                    err.get("code"),
+                    err.get("param"),
+                    err.get("message"),
+                )
                 want = (400, "BadRequestError", 400, param, message)
                 if seen != want:
                     shown = str(body) if len(str(body)) < 200 else str(body)[:200] + "...}"
@@ -194,23 +275,30 @@ async def test_prompt_tokens_on_real_vllm_and_the_twin(real_vllm: Replica) -> No
     problems: list[str] = []
     async with run_replica(_twin_config(real_vllm), host="127.0.0.1", port=0) as twin:
         for name, base in (("real", real_vllm.base_url), ("twin", twin.url)):
-            async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0,
-                                          timeout=120) as client:
+            async with openai.AsyncOpenAI(
+                base_url=base + "/v1", api_key="x", max_retries=0, timeout=120
+            ) as client:
                 for prompt, extra, tokens in COMPLETIONS:
-                    out = await client.completions.create(model=BASE, prompt=prompt,
-                                                          max_tokens=1, extra_body=extra)
+                    out = await client.completions.create(
+                        model=BASE, prompt=prompt, max_tokens=1, extra_body=extra
+                    )
                     seen = out.usage.prompt_tokens if out.usage else None
                     if seen != tokens:
-                        problems.append(f"{name} completion {prompt!r} {extra}: {seen} tokens, "
-                                        f"vLLM {tokens}")
+                        problems.append(
+                            f"{name} completion {prompt!r} {extra}: {seen} tokens, vLLM {tokens}"
+                        )
                 for messages, extra, tokens in CHATS:
                     chat = await client.chat.completions.create(
-                        model=BASE, messages=messages, max_tokens=1,  # type: ignore[arg-type]
-                        extra_body=extra)
+                        model=BASE,
+                        messages=messages,
+                        max_tokens=1,  # type: ignore[arg-type]
+                        extra_body=extra,
+                    )
                     seen = chat.usage.prompt_tokens if chat.usage else None
                     if seen != tokens:
-                        problems.append(f"{name} chat {messages} {extra}: {seen} tokens, "
-                                        f"vLLM {tokens}")
+                        problems.append(
+                            f"{name} chat {messages} {extra}: {seen} tokens, vLLM {tokens}"
+                        )
     assert not problems, "prompt tokens differ from vLLM 0.32:\n" + "\n".join(problems)
 
 
@@ -223,60 +311,123 @@ async def test_checks_made_once_the_fields_are_valid_and_the_model_known(
     ``n`` error comes before ``max_tokens``'. The gateway in front of vLLM answers the same:
     it refuses ``max_tokens: 0`` itself only where no earlier check can fire."""
     cases: list[tuple[dict[str, Any], int, str]] = [
-        ({"model": "no-such-model", "prompt": "x", "n": 0}, 404,
-         "The model `no-such-model` does not exist. Valid aliases: tiny-llama."),
-        ({"model": BASE, "prompt": "x", "n": 0, "max_tokens": 0}, 400,
-         "n must be at least 1, got 0."),
-        ({"model": BASE, "prompt": [1] * 600, "max_tokens": 0}, 400,
-         "This model's maximum context length is 512 tokens. However, your prompt contains 600 "
-         "input tokens, which exceeds this limit even without any output tokens. Please reduce "
-         "the length of the input prompt. (parameter=input_tokens, value=600)"),
-        ({"model": BASE, "prompt": "x " * 600, "max_tokens": 0}, 400,
-         "This model's maximum context length is 512 tokens. However, your prompt contains at "
-         "least 513 input tokens, which exceeds this limit even without any output tokens. "
-         "Please reduce the length of the input prompt. (parameter=input_tokens, value=513)"),
-        ({"model": BASE, "prompt": "x", "max_tokens": 0}, 400,
-         "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"),
-        ({"model": BASE, "prompt": [1, 2], "max_tokens": -1, "stream": True}, 400,
-         "max_tokens must be at least 1, got -1. (parameter=max_tokens, value=-1)"),
+        (
+            {"model": "no-such-model", "prompt": "x", "n": 0},
+            404,
+            "The model `no-such-model` does not exist. Valid aliases: tiny-llama.",
+        ),
+        (
+            {"model": BASE, "prompt": "x", "n": 0, "max_tokens": 0},
+            400,
+            "n must be at least 1, got 0.",
+        ),
+        (
+            {"model": BASE, "prompt": [1] * 600, "max_tokens": 0},
+            400,
+            "This model's maximum context length is 512 tokens. However, your prompt contains 600 "
+            "input tokens, which exceeds this limit even without any output tokens. Please reduce "
+            "the length of the input prompt. (parameter=input_tokens, value=600)",
+        ),
+        (
+            {"model": BASE, "prompt": "x " * 600, "max_tokens": 0},
+            400,
+            "This model's maximum context length is 512 tokens. However, your prompt contains at "
+            "least 513 input tokens, which exceeds this limit even without any output tokens. "
+            "Please reduce the length of the input prompt. (parameter=input_tokens, value=513)",
+        ),
+        (
+            {"model": BASE, "prompt": "x", "max_tokens": 0},
+            400,
+            "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)",
+        ),
+        (
+            {"model": BASE, "prompt": [1, 2], "max_tokens": -1, "stream": True},
+            400,
+            "max_tokens must be at least 1, got -1. (parameter=max_tokens, value=-1)",
+        ),
         # SamplingParams' ranges: after n, before max_tokens (the twin uses none of these).
-        ({"model": BASE, "prompt": "x", "max_tokens": 0, "top_p": 0}, 400,
-         "top_p must be in (0, 1], got 0.0. (parameter=top_p, value=0.0)"),
-        ({"model": BASE, "prompt": "x", "n": 0, "temperature": -1}, 400,
-         "n must be at least 1, got 0."),
-        ({"model": BASE, "prompt": "x", "temperature": -1, "presence_penalty": 2.5}, 400,
-         "presence_penalty must be in [-2, 2], got 2.5."),
-        ({"model": BASE, "prompt": "x", "frequency_penalty": -3}, 400,
-         "frequency_penalty must be in [-2, 2], got -3.0."),
-        ({"model": BASE, "prompt": "x", "repetition_penalty": 0}, 400,
-         "repetition_penalty must be greater than zero, got 0.0."),
-        ({"model": BASE, "prompt": "x", "temperature": 2.5}, 400,
-         "temperature must be in [0, 2], got 2.5. (parameter=temperature, value=2.5)"),
-        ({"model": BASE, "prompt": "x", "temperature": float("nan")}, 400,
-         "temperature must be a finite number, got nan. (parameter=temperature, value=nan)"),
-        ({"model": BASE, "prompt": "x", "top_k": -2, "min_p": 1.5}, 400,
-         "top_k must be 0 (disable), or at least 1, got -2."),
-        ({"model": BASE, "prompt": "x", "min_p": 1.5, "max_tokens": 0}, 400,
-         "min_p must be in [0, 1], got 1.5."),
-        ({"model": BASE, "prompt": "x", "top_p": "abc", "stream": True,
-          "stream_options": {"continuous_usage_stats": "maybe"}}, 400,
-         "2 validation errors:\n  {'type': 'bool_parsing', 'loc': "
-         "'body.stream_options.continuous_usage_stats', 'msg': 'Input should be a valid "
-         "boolean, unable to interpret input', 'input': 'maybe'}\n  {'type': 'float_parsing', "
-         "'loc': 'body.top_p', 'msg': 'Input should be a valid number, unable to parse string "
-         "as a number', 'input': 'abc'}"),
-        ({"model": "no-such-model", "prompt_embeds": "AAAA"}, 404,
-         "The model `no-such-model` does not exist. Valid aliases: tiny-llama."),
-        ({"model": BASE, "prompt_embeds": "AAAA", "max_tokens": "abc"}, 400,
-         "1 validation error:\n  {'type': 'int_parsing', 'loc': 'body.max_tokens', 'msg': "
-         "'Input should be a valid integer, unable to parse string as an integer', 'input': "
-         "'abc'}"),
+        (
+            {"model": BASE, "prompt": "x", "max_tokens": 0, "top_p": 0},
+            400,
+            "top_p must be in (0, 1], got 0.0. (parameter=top_p, value=0.0)",
+        ),
+        (
+            {"model": BASE, "prompt": "x", "n": 0, "temperature": -1},
+            400,
+            "n must be at least 1, got 0.",
+        ),
+        (
+            {"model": BASE, "prompt": "x", "temperature": -1, "presence_penalty": 2.5},
+            400,
+            "presence_penalty must be in [-2, 2], got 2.5.",
+        ),
+        (
+            {"model": BASE, "prompt": "x", "frequency_penalty": -3},
+            400,
+            "frequency_penalty must be in [-2, 2], got -3.0.",
+        ),
+        (
+            {"model": BASE, "prompt": "x", "repetition_penalty": 0},
+            400,
+            "repetition_penalty must be greater than zero, got 0.0.",
+        ),
+        (
+            {"model": BASE, "prompt": "x", "temperature": 2.5},
+            400,
+            "temperature must be in [0, 2], got 2.5. (parameter=temperature, value=2.5)",
+        ),
+        (
+            {"model": BASE, "prompt": "x", "temperature": float("nan")},
+            400,
+            "temperature must be a finite number, got nan. (parameter=temperature, value=nan)",
+        ),
+        (
+            {"model": BASE, "prompt": "x", "top_k": -2, "min_p": 1.5},
+            400,
+            "top_k must be 0 (disable), or at least 1, got -2.",
+        ),
+        (
+            {"model": BASE, "prompt": "x", "min_p": 1.5, "max_tokens": 0},
+            400,
+            "min_p must be in [0, 1], got 1.5.",
+        ),
+        (
+            {
+                "model": BASE,
+                "prompt": "x",
+                "top_p": "abc",
+                "stream": True,
+                "stream_options": {"continuous_usage_stats": "maybe"},
+            },
+            400,
+            "2 validation errors:\n  {'type': 'bool_parsing', 'loc': "
+            "'body.stream_options.continuous_usage_stats', 'msg': 'Input should be a valid "
+            "boolean, unable to interpret input', 'input': 'maybe'}\n  {'type': 'float_parsing', "
+            "'loc': 'body.top_p', 'msg': 'Input should be a valid number, unable to parse string "
+            "as a number', 'input': 'abc'}",
+        ),
+        (
+            {"model": "no-such-model", "prompt_embeds": "AAAA"},
+            404,
+            "The model `no-such-model` does not exist. Valid aliases: tiny-llama.",
+        ),
+        (
+            {"model": BASE, "prompt_embeds": "AAAA", "max_tokens": "abc"},
+            400,
+            "1 validation error:\n  {'type': 'int_parsing', 'loc': 'body.max_tokens', 'msg': "
+            "'Input should be a valid integer, unable to parse string as an integer', 'input': "
+            "'abc'}",
+        ),
     ]
-    doc: dict[str, Any] = {"base_model": BASE,
-                           "replicas": [{"id": "real0", "url": real_vllm.base_url}]}
+    doc: dict[str, Any] = {
+        "base_model": BASE,
+        "replicas": [{"id": "real0", "url": real_vllm.base_url}],
+    }
     problems: list[str] = []
-    async with (run_replica(_twin_config(real_vllm), host="127.0.0.1", port=0) as twin,
-                running_gateway(config_from_mapping(doc), port=0) as gw):
+    async with (
+        run_replica(_twin_config(real_vllm), host="127.0.0.1", port=0) as twin,
+        running_gateway(config_from_mapping(doc), port=0) as gw,
+    ):
         servers = (("real", real_vllm.base_url), ("twin", twin.url), ("gateway", gw.url))
         for name, base in servers:
             for body, status, message in cases:
@@ -318,11 +469,15 @@ async def test_json_endpoints_refuse_another_content_type(
              ("application/vnd.api+json", False, json_invalid),
              ("application/json ; x=y", True, want), ("application/json ; x=y", False,
                                                       json_invalid)]  # fmt: skip
-    doc: dict[str, Any] = {"base_model": BASE,
-                           "replicas": [{"id": "real0", "url": real_vllm.base_url}]}
+    doc: dict[str, Any] = {
+        "base_model": BASE,
+        "replicas": [{"id": "real0", "url": real_vllm.base_url}],
+    }
     problems: list[str] = []
-    async with (run_replica(_twin_config(real_vllm), host="127.0.0.1", port=0) as twin,
-                running_gateway(config_from_mapping(doc), port=0) as gw):
+    async with (
+        run_replica(_twin_config(real_vllm), host="127.0.0.1", port=0) as twin,
+        running_gateway(config_from_mapping(doc), port=0) as gw,
+    ):
         servers = (("real", real_vllm.base_url), ("twin", twin.url), ("gateway", gw.url))
         for name, base in servers:
             for path, body in bodies.items():
@@ -332,8 +487,9 @@ async def test_json_endpoints_refuse_another_content_type(
                     headers = {"Content-Type": ctype} if ctype else {}
                     skip = () if ctype else ("Content-Type",)
                     data = json.dumps(body) if valid else "{not json"
-                    async with http.post(base + path, data=data, headers=headers,
-                                         skip_auto_headers=skip) as r:
+                    async with http.post(
+                        base + path, data=data, headers=headers, skip_auto_headers=skip
+                    ) as r:
                         seen = (r.status, await r.json(content_type=None))
                     if seen != answer:
                         problems.append(f"{name} {path} {ctype} {data[:20]}: got {seen}")
@@ -348,19 +504,25 @@ async def test_json_bodies_that_cannot_be_decoded(
     than 4,300 digits, nesting deeper than the recursion limit. Real vLLM answers it in
     FastAPI's shape, ``{"detail": ...}``, and so does the twin; the gateway in its own."""
     bodies = [b"\xff", b"[" * 100_000, b'{"prompt": ' + b"9" * 5000 + b"}"]
-    doc: dict[str, Any] = {"base_model": BASE,
-                           "replicas": [{"id": "real0", "url": real_vllm.base_url}]}
+    doc: dict[str, Any] = {
+        "base_model": BASE,
+        "replicas": [{"id": "real0", "url": real_vllm.base_url}],
+    }
     seen: dict[str, list[Any]] = {}
-    async with (run_replica(_twin_config(real_vllm), host="127.0.0.1", port=0) as twin,
-                running_gateway(config_from_mapping(doc), port=0) as gw):
+    async with (
+        run_replica(_twin_config(real_vllm), host="127.0.0.1", port=0) as twin,
+        running_gateway(config_from_mapping(doc), port=0) as gw,
+    ):
         for name, base in (("real", real_vllm.base_url), ("twin", twin.url), ("gateway", gw.url)):
             seen[name] = []
             for path in ("/v1/completions", "/v1/chat/completions"):
                 for raw in bodies:
-                    async with http.post(base + path, data=raw,
-                                         headers={"Content-Type": "application/json"}) as r:
-                        seen[name].append((path, raw[:12], r.status,
-                                           await r.json(content_type=None)))
+                    async with http.post(
+                        base + path, data=raw, headers={"Content-Type": "application/json"}
+                    ) as r:
+                        seen[name].append(
+                            (path, raw[:12], r.status, await r.json(content_type=None))
+                        )
     assert seen["real"][0][2:] == (400, {"detail": "There was an error parsing the body"})
     assert seen["twin"] == seen["real"], seen
     # The gateway answers in the OpenAI shape it gives every error, with vLLM's words.
@@ -405,11 +567,15 @@ async def test_prompt_lists_as_pydantics_union_reads_them(
         {"model": BASE, "prompt": [[1], [-2, "b"]], "max_tokens": "x"},
         {"model": BASE, "prompt": ["x", 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]},
     ]
-    doc: dict[str, Any] = {"base_model": BASE,
-                           "replicas": [{"id": "real0", "url": real_vllm.base_url}]}
+    doc: dict[str, Any] = {
+        "base_model": BASE,
+        "replicas": [{"id": "real0", "url": real_vllm.base_url}],
+    }
     seen: dict[str, list[Any]] = {}
-    async with (run_replica(_twin_config(real_vllm), host="127.0.0.1", port=0) as twin,
-                running_gateway(config_from_mapping(doc), port=0) as gw):
+    async with (
+        run_replica(_twin_config(real_vllm), host="127.0.0.1", port=0) as twin,
+        running_gateway(config_from_mapping(doc), port=0) as gw,
+    ):
         for name, base in (("real", real_vllm.base_url), ("twin", twin.url), ("gateway", gw.url)):
             seen[name] = []
             for body in bodies:

@@ -20,8 +20,7 @@ pytestmark = pytest.mark.vllm
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 
-async def _post(http: aiohttp.ClientSession, url: str, body: dict[str, Any]
-                ) -> tuple[int, str]:
+async def _post(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[int, str]:
     async with http.post(url, json=body) as r:
         return r.status, await r.text()
 
@@ -33,16 +32,23 @@ def _error(text: str) -> dict[str, Any]:
     return err
 
 
-async def _load(http: aiohttp.ClientSession, rep: Replica, name: str, path: str
-                ) -> tuple[int, str]:
-    return await _post(http, f"{rep.base_url}/v1/load_lora_adapter",
-                       {"lora_name": name, "lora_path": path})
+async def _load(http: aiohttp.ClientSession, rep: Replica, name: str, path: str) -> tuple[int, str]:
+    return await _post(
+        http, f"{rep.base_url}/v1/load_lora_adapter", {"lora_name": name, "lora_path": path}
+    )
 
 
-async def _complete(http: aiohttp.ClientSession, rep: Replica, model: str, max_tokens: int = 6,
-                    **extra: Any) -> tuple[int, dict[str, Any]]:
-    body = {"model": model, "prompt": "hello world the", "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True, **extra}
+async def _complete(
+    http: aiohttp.ClientSession, rep: Replica, model: str, max_tokens: int = 6, **extra: Any
+) -> tuple[int, dict[str, Any]]:
+    body = {
+        "model": model,
+        "prompt": "hello world the",
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        **extra,
+    }
     async with http.post(f"{rep.base_url}/v1/completions", json=body) as r:
         return r.status, await r.json(content_type=None)
 
@@ -61,7 +67,9 @@ async def test_models_and_version(real_vllm: Replica, http: aiohttp.ClientSessio
 
 
 async def test_load_adapter_and_complete_with_it(
-    real_vllm: Replica, http: aiohttp.ClientSession, lora_paths: dict[int, list[str]],
+    real_vllm: Replica,
+    http: aiohttp.ClientSession,
+    lora_paths: dict[int, list[str]],
     unique_name: str,
 ) -> None:
     status, text = await _load(http, real_vllm, unique_name, lora_paths[8][0])
@@ -80,8 +88,11 @@ async def test_load_adapter_and_complete_with_it(
 
 
 async def test_admin_errors_have_the_recorded_status_and_shape(
-    real_vllm: Replica, http: aiohttp.ClientSession, lora_paths: dict[int, list[str]],
-    unique_name: str, tmp_path: Any,
+    real_vllm: Replica,
+    http: aiohttp.ClientSession,
+    lora_paths: dict[int, list[str]],
+    unique_name: str,
+    tmp_path: Any,
 ) -> None:
     url = f"{real_vllm.base_url}/v1/load_lora_adapter"
     assert (await _load(http, real_vllm, unique_name, lora_paths[16][0]))[0] == 200
@@ -97,11 +108,13 @@ async def test_admin_errors_have_the_recorded_status_and_shape(
     assert status == 400 and _error(text)["param"] == "body.lora_path"
     status, text = await _post(http, url, {"lora_name": unique_name + "-z", "lora_path": ""})
     assert status == 400 and "must be provided" in _error(text)["message"]
-    status, text = await _post(http, f"{real_vllm.base_url}/v1/unload_lora_adapter",
-                               {"lora_name": unique_name + "-never"})
+    status, text = await _post(
+        http, f"{real_vllm.base_url}/v1/unload_lora_adapter", {"lora_name": unique_name + "-never"}
+    )
     assert status == 404 and "cannot be found" in _error(text)["message"]
-    status, text = await _post(http, f"{real_vllm.base_url}/v1/unload_lora_adapter",
-                               {"lora_name": unique_name})
+    status, text = await _post(
+        http, f"{real_vllm.base_url}/v1/unload_lora_adapter", {"lora_name": unique_name}
+    )
     assert (status, text) == (200, f"Success: LoRA adapter '{unique_name}' removed successfully.")
 
 
@@ -114,16 +127,21 @@ async def test_unknown_model_is_a_json_404_even_when_streaming(
         assert r.status == 404
         assert r.content_type == "application/json"
         err = _error(await r.text())
-    assert err["message"] == ("The model `no-such-adapter` does not exist. "
-                              f"Valid aliases: {BASE}.")
+    assert err["message"] == (f"The model `no-such-adapter` does not exist. Valid aliases: {BASE}.")
     assert err["param"] == "model" and err["code"] == 404
 
 
 async def test_stream_with_usage_ends_with_usage_chunk_then_done(
     real_vllm: Replica, http: aiohttp.ClientSession
 ) -> None:
-    body = {"model": BASE, "prompt": "hello", "max_tokens": 5, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": BASE,
+        "prompt": "hello",
+        "max_tokens": 5,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     events: list[str] = []
     async with http.post(f"{real_vllm.base_url}/v1/completions", json=body) as r:
         assert r.status == 200 and r.content_type == "text/event-stream"
@@ -140,15 +158,20 @@ async def test_stream_with_usage_ends_with_usage_chunk_then_done(
 
 
 async def test_max_loras_budget_defers_the_third_adapter(
-    real_vllm: Replica, http: aiohttp.ClientSession, lora_paths: dict[int, list[str]],
+    real_vllm: Replica,
+    http: aiohttp.ClientSession,
+    lora_paths: dict[int, list[str]],
     unique_name: str,
 ) -> None:
     """3 adapters, max_loras 2: requests of the third wait with reason="deferred"."""
     names = [f"{unique_name}-{i}" for i in range(3)]
     for i, n in enumerate(names):
         assert (await _load(http, real_vllm, n, lora_paths[8][i % len(lora_paths[8])]))[0] == 200
-    jobs = [asyncio.create_task(_complete(http, real_vllm, n, max_tokens=400))
-            for n in names for _ in range(2)]
+    jobs = [
+        asyncio.create_task(_complete(http, real_vllm, n, max_tokens=400))
+        for n in names
+        for _ in range(2)
+    ]
     max_deferred = 0.0
     for _ in range(2000):  # bounded: stops when the requests are done
         async with http.get(f"{real_vllm.base_url}/metrics") as r:

@@ -52,13 +52,18 @@ class Answer:
         return json.loads(self.text)
 
 
-async def call(http: aiohttp.ClientSession, base: str, method: str, path: str,
-               body: dict[str, Any] | None) -> Answer:
+async def call(
+    http: aiohttp.ClientSession, base: str, method: str, path: str, body: dict[str, Any] | None
+) -> Answer:
     async with http.request(method, base + path, json=body) as r:
         text = await r.text()
         events = [ln[5:].strip() for ln in text.splitlines() if ln.startswith("data:")]
-        return Answer(status=r.status, content_type=r.content_type, text=text,
-                      events=events if r.content_type == "text/event-stream" else [])
+        return Answer(
+            status=r.status,
+            content_type=r.content_type,
+            text=text,
+            events=events if r.content_type == "text/event-stream" else [],
+        )
 
 
 def compare(label: str, real: Answer, twin: Answer, *, exact_message: bool) -> list[str]:
@@ -76,8 +81,10 @@ def compare(label: str, real: Answer, twin: Answer, *, exact_message: bool) -> l
             out.append(f"{label}: {len(r_chunks)} real chunks vs {len(t_chunks)} twin chunks")
         for i in (0, len(r_chunks) // 2, -2, -1):
             if i < len(t_chunks) and shape(r_chunks[i]) != shape(t_chunks[i]):
-                out.append(f"{label}: chunk {i} shape\n  real {shape(r_chunks[i])}\n"
-                           f"  twin {shape(t_chunks[i])}")
+                out.append(
+                    f"{label}: chunk {i} shape\n  real {shape(r_chunks[i])}\n"
+                    f"  twin {shape(t_chunks[i])}"
+                )
         return out
     try:
         rj = real.json()
@@ -94,8 +101,9 @@ def compare(label: str, real: Answer, twin: Answer, *, exact_message: bool) -> l
     if isinstance(rj, dict) and "error" in rj and isinstance(tj, dict) and "error" in tj:
         for key in ("type", "param", "code") + (("message",) if exact_message else ()):
             if rj["error"].get(key) != tj["error"].get(key):
-                out.append(f"{label}: error.{key} {rj['error'].get(key)!r} vs "
-                           f"{tj['error'].get(key)!r}")
+                out.append(
+                    f"{label}: error.{key} {rj['error'].get(key)!r} vs {tj['error'].get(key)!r}"
+                )
     return out
 
 
@@ -103,17 +111,31 @@ def script(name: str, r8: str, missing_dir: str) -> list[tuple[str, str, str, An
     """(label, method, path, body, compare error messages exactly) in order."""
     load, unload = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
     comp = {"prompt": "hello world the", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
-    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0,
-            "ignore_eos": True}
+    chat = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     usage = {"stream": True, "stream_options": {"include_usage": True}}
     return [
         ("models", "GET", "/v1/models", None, True),
         ("load", "POST", load, {"lora_name": name, "lora_path": r8}, True),
         ("load duplicate", "POST", load, {"lora_name": name, "lora_path": r8}, True),
-        ("load inplace", "POST", load, {"lora_name": name, "lora_path": r8,
-                                        "load_inplace": True}, True),
-        ("load missing dir", "POST", load, {"lora_name": name + "-x",
-                                            "lora_path": missing_dir}, True),
+        (
+            "load inplace",
+            "POST",
+            load,
+            {"lora_name": name, "lora_path": r8, "load_inplace": True},
+            True,
+        ),
+        (
+            "load missing dir",
+            "POST",
+            load,
+            {"lora_name": name + "-x", "lora_path": missing_dir},
+            True,
+        ),
         ("load base name", "POST", load, {"lora_name": BASE, "lora_path": r8}, True),
         ("load no path", "POST", load, {"lora_name": name + "-y"}, False),
         ("load empty path", "POST", load, {"lora_name": name + "-z", "lora_path": ""}, True),
@@ -123,13 +145,22 @@ def script(name: str, r8: str, missing_dir: str) -> list[tuple[str, str, str, An
         ("completion stream", "POST", "/v1/completions", {"model": name, **comp, **usage}, True),
         ("completion no model", "POST", "/v1/completions", comp, True),
         ("chat", "POST", "/v1/chat/completions", {"model": name, **chat}, True),
-        ("chat stream", "POST", "/v1/chat/completions", {"model": name, **chat,
-                                                         "stream": True}, True),
+        (
+            "chat stream",
+            "POST",
+            "/v1/chat/completions",
+            {"model": name, **chat, "stream": True},
+            True,
+        ),
         ("unknown model", "POST", "/v1/completions", {"model": "nope-x", **comp}, True),
-        ("unknown model stream", "POST", "/v1/completions", {"model": "nope-x", **comp,
-                                                             "stream": True}, True),
-        ("chat unknown model", "POST", "/v1/chat/completions", {"model": "nope-x", **chat},
-         True),
+        (
+            "unknown model stream",
+            "POST",
+            "/v1/completions",
+            {"model": "nope-x", **comp, "stream": True},
+            True,
+        ),
+        ("chat unknown model", "POST", "/v1/chat/completions", {"model": "nope-x", **chat}, True),
         ("unload", "POST", unload, {"lora_name": name}, True),
         ("completion after unload", "POST", "/v1/completions", {"model": name, **comp}, True),
         ("health", "GET", "/health", None, True),
@@ -139,28 +170,40 @@ def script(name: str, r8: str, missing_dir: str) -> list[tuple[str, str, str, An
 
 
 async def test_twin_and_real_vllm_answer_the_same_api_calls(
-    real_vllm: Replica, http: aiohttp.ClientSession, lora_paths: dict[int, list[str]],
-    unique_name: str, tmp_path: Any,
+    real_vllm: Replica,
+    http: aiohttp.ClientSession,
+    lora_paths: dict[int, list[str]],
+    unique_name: str,
+    tmp_path: Any,
 ) -> None:
     c = REAL_CONFIG
     twin_cfg = ReplicaConfig(
-        model=str(real_vllm.model_dir), served_model_name=BASE, enable_lora=True,
-        max_loras=c.max_loras, max_cpu_loras=c.max_cpu_loras, max_lora_rank=c.max_lora_rank,
-        max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
-        max_model_len=c.max_model_len, profile="fast", time_scale=10.0,
+        model=str(real_vllm.model_dir),
+        served_model_name=BASE,
+        enable_lora=True,
+        max_loras=c.max_loras,
+        max_cpu_loras=c.max_cpu_loras,
+        max_lora_rank=c.max_lora_rank,
+        max_num_seqs=c.max_num_seqs,
+        max_num_batched_tokens=c.max_num_batched_tokens,
+        max_model_len=c.max_model_len,
+        profile="fast",
+        time_scale=10.0,
     )
     problems: list[str] = []
     async with run_replica(twin_cfg, host="127.0.0.1", port=0) as twin:
-        for label, method, path, body, exact in script(unique_name, lora_paths[8][0],
-                                                       str(tmp_path / "missing")):
+        for label, method, path, body, exact in script(
+            unique_name, lora_paths[8][0], str(tmp_path / "missing")
+        ):
             real = await call(http, real_vllm.base_url, method, path, body)
             sim = await call(http, twin.url, method, path, body)
             problems += compare(label, real, sim, exact_message=exact)
     unknown = [p for p in problems if p.split("\n")[0] not in KNOWN_DIFFS]
     assert not unknown, "twin differs from real vLLM:\n" + "\n".join(problems)
     if problems:
-        pytest.xfail("known twin/vLLM differences: " + "; ".join(p.split("\n")[0]
-                                                                 for p in problems))
+        pytest.xfail(
+            "known twin/vLLM differences: " + "; ".join(p.split("\n")[0] for p in problems)
+        )
 
 
 def test_shape_ignores_values_but_not_keys() -> None:

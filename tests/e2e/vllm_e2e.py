@@ -14,6 +14,13 @@ from vllm_cpu.replica import SERVED_NAME, ReplicaConfig  # noqa: E402
 
 BASE = SERVED_NAME
 # The replica the recorded transcripts used (shared/design/VLLM_API.md §3), with small KV.
-REAL_CONFIG = ReplicaConfig(max_loras=2, max_cpu_loras=4, max_lora_rank=16, max_num_seqs=16,
-                            kv_cache_bytes="64M", omp_bind="0", server_load_tracking=False,
-                            prefix_caching=True)
+REAL_CONFIG = ReplicaConfig(
+    max_loras=2,
+    max_cpu_loras=4,
+    max_lora_rank=16,
+    max_num_seqs=16,
+    kv_cache_bytes="64M",
+    omp_bind="0",
+    server_load_tracking=False,
+    prefix_caching=True,
+)

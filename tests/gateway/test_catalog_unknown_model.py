@@ -24,8 +24,10 @@ def test_unknown_and_not_allowed_models_are_one_404_told_apart_inside() -> None:
         catalog.resolve("mine", "b")
     assert not isinstance(hidden.value, UnknownModelError)
     # What the client sees does not tell them apart.
-    assert classify(unknown.value) == classify(hidden.value) == (
-        404, "invalid_request_error", "model_not_found"
+    assert (
+        classify(unknown.value)
+        == classify(hidden.value)
+        == (404, "invalid_request_error", "model_not_found")
     )
     assert unknown.value.message == "The model `nope` does not exist."
     assert hidden.value.message == "The model `mine` does not exist."

@@ -34,8 +34,6 @@ from loragate.gateway import RunningGateway, running_gateway
 RUNNER_LOG = "loragate.gateway.runner"
 
 
-
-
 def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
     return any(text in r.getMessage() for r in caplog.records if r.name == RUNNER_LOG)
 

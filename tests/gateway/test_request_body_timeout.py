@@ -68,9 +68,7 @@ async def _serving(gw: RunningGateway) -> None:
 async def test_a_body_that_stops_arriving_is_a_408_and_the_gateway_keeps_serving(
     replicas: list[ScriptedReplica], case: str
 ) -> None:
-    cfg = gateway_config(
-        [r.url for r in replicas], limits={"client_body_timeout_s": _TIMEOUT_S}
-    )
+    cfg = gateway_config([r.url for r in replicas], limits={"client_body_timeout_s": _TIMEOUT_S})
     async with running_gateway(cfg, port=0) as gw:
         status, headers, err = _parse(await _exchange(gw, b"/v1/completions", case))
         assert status == 408

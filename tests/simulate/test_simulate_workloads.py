@@ -151,9 +151,7 @@ def test_cli_workload_error_names_file_and_key(
     )
 
 
-def test_cli_unwritable_out_is_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_unwritable_out_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = tmp_path / "ok.yaml"
     spec.write_text(SPEC.replace("rate_rps: 2, ", "").replace("5000", "50"))
     blocker = tmp_path / "file"

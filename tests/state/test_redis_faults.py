@@ -257,8 +257,9 @@ async def test_resync_ends_while_leases_change_during_every_sync(
     forever without a bound. The resync ends after MAX_DRAIN_PASSES syncs, and the next
     renewal leaves Redis holding exactly the live leases."""
     clock = VirtualClock()
-    gw = ResilientStore(redis_stores(instance_id="gw-churn"), clock=clock, jitter=0.0,
-                        journal_max=200)
+    gw = ResilientStore(
+        redis_stores(instance_id="gw-churn"), clock=clock, jitter=0.0, journal_max=200
+    )
     await gw.start()
     await gw.upsert_replica(ReplicaRecord(replica_id="r1", url="r1", settings=SETTINGS))
     redis_server.stop()

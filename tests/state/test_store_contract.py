@@ -188,7 +188,6 @@ async def test_view_fills_pool_snapshots(store: StateStore) -> None:
     assert filled[0].residency == Residency()
 
 
-
 async def test_gateway_stores_satisfy_the_protocol(redis_stores: StoreFactory) -> None:
     stores: list[GatewayStore] = [MemoryStore(), ResilientStore(redis_stores())]
     for s in stores:

@@ -66,8 +66,15 @@ def _r6_itl(max_rank: float, p: dict[str, float] = TRUE) -> float:
     """R6's single-request ITL: one token of one adapter on a one-slot engine pays the LoRA
     intercept and that token's, slot's and adapter's LoRA cost."""
     l_plain = p["l_tok"] - 300 * p["l_st"]
-    return (_base(1, 0, p) + _sched(1) + p["l0"] + l_plain + p["l_st"] + p["l_ad"]
-            + _slots(1, max_rank, p))
+    return (
+        _base(1, 0, p)
+        + _sched(1)
+        + p["l0"]
+        + l_plain
+        + p["l_st"]
+        + p["l_ad"]
+        + _slots(1, max_rank, p)
+    )
 
 
 def make_folder(
@@ -212,8 +219,11 @@ def make_folder(
                 prefill = R3_MEAN_PROMPT_TOKENS * per_step
                 tokens = running + prefill
                 step_ms = (
-                    _base(running + p["w"] * prefill,
-                          running * (R3_MEAN_PROMPT_TOKENS + p["r3_out"] / 2), p)
+                    _base(
+                        running + p["w"] * prefill,
+                        running * (R3_MEAN_PROMPT_TOKENS + p["r3_out"] / 2),
+                        p,
+                    )
                     + p["l0"]
                     + l_plain * tokens
                     + p["l_st"] * tokens * slots
@@ -304,8 +314,13 @@ def test_fit_degrades_with_noise_but_stays_close(tmp_path: Path) -> None:
 
 def test_missing_optional_files_fall_back(tmp_path: Path) -> None:
     folder = make_folder(tmp_path, noise=0.0)
-    for name in ("loading.csv", "kv_capacity.csv", "scheduler_overhead.csv", "lora_overhead.csv",
-                 "slot_sweep.csv"):
+    for name in (
+        "loading.csv",
+        "kv_capacity.csv",
+        "scheduler_overhead.csv",
+        "lora_overhead.csv",
+        "slot_sweep.csv",
+    ):
         (folder / name).unlink()
     report = fit_coefficients(load_calibration_data(folder, MODEL))
     c = report.coefficients
@@ -335,8 +350,9 @@ def test_cli_calibrate_round_trip(tmp_path: Path) -> None:
 
     folder = make_folder(tmp_path, noise=0.0)
     out = tmp_path / "profiles" / "toy.yaml"
-    code = cli_main(["twin", "calibrate", "--data", str(folder), "--model", MODEL,
-                     "--out", str(out)])  # the default LoRA source: poisson
+    code = cli_main(
+        ["twin", "calibrate", "--data", str(folder), "--model", MODEL, "--out", str(out)]
+    )  # the default LoRA source: poisson
     assert code == 0
     profile = load_profile(out)
     assert profile.name == "toy"
@@ -344,36 +360,80 @@ def test_cli_calibrate_round_trip(tmp_path: Path) -> None:
     assert "--model toy-8b" in profile.source and "--lora-source" not in profile.source
     assert profile.lora.ms_per_slot > 0  # only the poisson source fits the per-slot cost
     batch_out = tmp_path / "profiles" / "toy-batch.yaml"
-    assert cli_main(["twin", "calibrate", "--data", str(folder), "--model", MODEL,
-                     "--out", str(batch_out), "--lora-source", "batch"]) == 0
+    assert (
+        cli_main(
+            [
+                "twin",
+                "calibrate",
+                "--data",
+                str(folder),
+                "--model",
+                MODEL,
+                "--out",
+                str(batch_out),
+                "--lora-source",
+                "batch",
+            ]
+        )
+        == 0
+    )
     batch_profile = load_profile(batch_out)
     assert "--lora-source batch" in batch_profile.source
     assert batch_profile.lora.ms_per_slot == 0.0
     # The loaded profile reproduces the generating model's step time (decode, LoRA, sched).
     batch, adapters, waiting = 300, 40, 1000
-    got_ms = 1000 * profile.step_time_s(
-        batch_size=batch, distinct_adapters=adapters, prefill_tokens=0, decode_tokens=batch,
-        max_rank_in_batch=8, num_waiting=waiting, lora_enabled=True,
-    ) - profile.step.ms_per_context_token * profile.step.context_tokens_per_seq * batch
-    want_ms = (_base(batch, 0) + _sched(batch, waiting) + TRUE["l0"]
-               + TRUE["l_tok"] * batch + TRUE["l_ad"] * adapters
-               + _slots(300, 8))  # not specialised: the calibration's 300 slots
+    got_ms = (
+        1000
+        * profile.step_time_s(
+            batch_size=batch,
+            distinct_adapters=adapters,
+            prefill_tokens=0,
+            decode_tokens=batch,
+            max_rank_in_batch=8,
+            num_waiting=waiting,
+            lora_enabled=True,
+        )
+        - profile.step.ms_per_context_token * profile.step.context_tokens_per_seq * batch
+    )
+    want_ms = (
+        _base(batch, 0)
+        + _sched(batch, waiting)
+        + TRUE["l0"]
+        + TRUE["l_tok"] * batch
+        + TRUE["l_ad"] * adapters
+        + _slots(300, 8)
+    )  # not specialised: the calibration's 300 slots
     assert got_ms == pytest.approx(want_ms, rel=0.03)
     plain_ms = 1000 * profile.step_time_s(
-        batch_size=batch, distinct_adapters=0, prefill_tokens=0, decode_tokens=batch,
-        max_rank_in_batch=0, num_waiting=0, lora_enabled=False,
+        batch_size=batch,
+        distinct_adapters=0,
+        prefill_tokens=0,
+        decode_tokens=batch,
+        max_rank_in_batch=0,
+        num_waiting=0,
+        lora_enabled=False,
     )
     assert plain_ms < got_ms
     # fewer LoRA slots -> cheaper LoRA kernels (per-slot term), same everything else
     small = profile.specialize(max_loras=8)
-    assert small.step_time_s(
-        batch_size=batch, distinct_adapters=adapters, prefill_tokens=0, decode_tokens=batch,
-        max_rank_in_batch=8, num_waiting=waiting, lora_enabled=True,
-    ) < got_ms / 1000
-    assert profile.kv_capacity_tokens(max_loras=64, max_lora_rank=16, lora_enabled=True) == \
-        pytest.approx(TRUE["kv0"] - 64 * (TRUE["kv_rank"] * 16 + TRUE["kv_slot"]), rel=0.01)
-    assert profile.cpu_to_gpu_load_s(8) == pytest.approx((TRUE["c0"] + 8 * TRUE["c_rank"]) / 1e3,
-                                                         rel=0.05)
+    assert (
+        small.step_time_s(
+            batch_size=batch,
+            distinct_adapters=adapters,
+            prefill_tokens=0,
+            decode_tokens=batch,
+            max_rank_in_batch=8,
+            num_waiting=waiting,
+            lora_enabled=True,
+        )
+        < got_ms / 1000
+    )
+    assert profile.kv_capacity_tokens(
+        max_loras=64, max_lora_rank=16, lora_enabled=True
+    ) == pytest.approx(TRUE["kv0"] - 64 * (TRUE["kv_rank"] * 16 + TRUE["kv_slot"]), rel=0.01)
+    assert profile.cpu_to_gpu_load_s(8) == pytest.approx(
+        (TRUE["c0"] + 8 * TRUE["c_rank"]) / 1e3, rel=0.05
+    )
 
 
 def test_lora_per_token_cost_counts_prefill_tokens(tmp_path: Path) -> None:
@@ -390,12 +450,26 @@ def test_lora_per_token_cost_counts_prefill_tokens(tmp_path: Path) -> None:
             eff = batch * (1 + TRUE["w"] * prompt / out)
             every = batch * (1 + prompt / out)
             ctx = batch * (prompt + out / 2)
-            itl = (_base(eff, ctx) + _sched(batch) + TRUE["l0"] + TRUE["l_tok"] * every
-                   + TRUE["l_ad"] * adapters)
-            rows.append({"model": MODEL, "max_loras": 300, "n_distinct_adapters": n_ad,
-                         "mean_running_batch": batch, "output_len": out,
-                         "mean_input_tokens_per_prompt": prompt, "itl_mean_ms": itl,
-                         "mean_unique_adapters_per_step": adapters, "sched_time_mean_ms": ""})
+            itl = (
+                _base(eff, ctx)
+                + _sched(batch)
+                + TRUE["l0"]
+                + TRUE["l_tok"] * every
+                + TRUE["l_ad"] * adapters
+            )
+            rows.append(
+                {
+                    "model": MODEL,
+                    "max_loras": 300,
+                    "n_distinct_adapters": n_ad,
+                    "mean_running_batch": batch,
+                    "output_len": out,
+                    "mean_input_tokens_per_prompt": prompt,
+                    "itl_mean_ms": itl,
+                    "mean_unique_adapters_per_step": adapters,
+                    "sched_time_mean_ms": "",
+                }
+            )
     _write(folder / "lora_overhead.csv", rows)
     report = fit_coefficients(load_calibration_data(folder, MODEL))
     c = report.coefficients
@@ -431,8 +505,6 @@ def test_slot_sweep_read_from_r7_result_files(tmp_path: Path) -> None:
     assert json_fit.lora_ms_per_slot_per_rank == pytest.approx(
         csv_fit.lora_ms_per_slot_per_rank, rel=1e-9
     )
-
-
 
 
 def _r5_point_ms(c: FittedCoefficients, batch: float, adapters: float) -> float:
@@ -507,11 +579,15 @@ def test_one_adapter_step_is_r6s_single_request_itl(
     assert report.coefficients.lora_intercept_ms == pytest.approx(TRUE["l0"], abs=0.1)
     profile = build_profile(report, data, name="toy")
     for max_rank in (16, 32):
-        one = profile.specialize(max_loras=1, max_lora_rank=max_rank,
-                                 context_tokens_per_seq=0.0)
+        one = profile.specialize(max_loras=1, max_lora_rank=max_rank, context_tokens_per_seq=0.0)
         step_ms = 1000 * one.step_time_s(
-            batch_size=1, distinct_adapters=1, prefill_tokens=0, decode_tokens=1,
-            max_rank_in_batch=8, num_waiting=0, lora_enabled=True,
+            batch_size=1,
+            distinct_adapters=1,
+            prefill_tokens=0,
+            decode_tokens=1,
+            max_rank_in_batch=8,
+            num_waiting=0,
+            lora_enabled=True,
         )
         assert step_ms == pytest.approx(_r6_itl(max_rank), rel=0.005)
 
@@ -541,8 +617,13 @@ def test_one_adapter_step_is_r6s_median_itl_from_its_raw_result(tmp_path: Path) 
         profile = build_profile(fit_coefficients(data), data, name="toy")
         one = profile.specialize(max_loras=1, max_lora_rank=max_rank, context_tokens_per_seq=0.0)
         return 1000 * one.step_time_s(
-            batch_size=1, distinct_adapters=1, prefill_tokens=0, decode_tokens=1,
-            max_rank_in_batch=8, num_waiting=0, lora_enabled=True,
+            batch_size=1,
+            distinct_adapters=1,
+            prefill_tokens=0,
+            decode_tokens=1,
+            max_rank_in_batch=8,
+            num_waiting=0,
+            lora_enabled=True,
         )
 
     assert one_adapter_step_ms(16) == pytest.approx(_r6_itl(16), rel=0.005)
@@ -556,12 +637,24 @@ def test_one_adapter_step_is_r6s_median_itl_from_its_raw_result(tmp_path: Path) 
 OTHER = "toy-7b"
 K = 0.8
 TRUE_OTHER = {
-    **TRUE, "m0": 10.5, "a": 0.05, "knee": 80.0, "a_ctx": 2e-5, "c0": 3.0, "c_pad": 0.4,
-    "kv0": 700000.0, "kv_rank": 88.0,
+    **TRUE,
+    "m0": 10.5,
+    "a": 0.05,
+    "knee": 80.0,
+    "a_ctx": 2e-5,
+    "c0": 3.0,
+    "c_pad": 0.4,
+    "kv0": 700000.0,
+    "kv_rank": 88.0,
     **{k: K * TRUE[k] for k in ("l0", "l_tok", "l_ad", "l_st", "u0", "u_r")},
 }
-_FILES = ("base_latency.csv", "lora_overhead.csv", "loading.csv", "kv_capacity.csv",
-          "slot_sweep.csv")
+_FILES = (
+    "base_latency.csv",
+    "lora_overhead.csv",
+    "loading.csv",
+    "kv_capacity.csv",
+    "slot_sweep.csv",
+)
 
 
 def _read(path: Path) -> list[dict[str, str]]:
@@ -571,8 +664,10 @@ def _read(path: Path) -> list[dict[str, str]]:
 
 def make_two_model_folder(root: Path, r3_model: str, noise: float = 0.0) -> Path:
     """toy-8b and toy-7b in one folder; R3 (no model column) ran ``r3_model``."""
-    parts = {MODEL: make_folder(_mkdir(root / "a"), noise, p=TRUE, model=MODEL),
-             OTHER: make_folder(_mkdir(root / "b"), noise, seed=2, p=TRUE_OTHER, model=OTHER)}
+    parts = {
+        MODEL: make_folder(_mkdir(root / "a"), noise, p=TRUE, model=MODEL),
+        OTHER: make_folder(_mkdir(root / "b"), noise, seed=2, p=TRUE_OTHER, model=OTHER),
+    }
     both = _mkdir(root / "both")
     for name in _FILES:
         _write(both / name, _read(parts[MODEL] / name) + _read(parts[OTHER] / name))
@@ -593,9 +688,7 @@ def _prices(c: FittedCoefficients) -> tuple[float, float, float]:
 
 
 @pytest.mark.parametrize("r3_model", [MODEL, OTHER])
-def test_r3_model_is_the_one_whose_swaps_take_r3s_load_time(
-    tmp_path: Path, r3_model: str
-) -> None:
+def test_r3_model_is_the_one_whose_swaps_take_r3s_load_time(tmp_path: Path, r3_model: str) -> None:
     from loragate.twin.calibrate_r3 import attribute_r3
 
     folder = make_two_model_folder(tmp_path, r3_model)
@@ -630,14 +723,16 @@ def test_other_model_takes_the_r3_models_prices_times_their_r5_cost_ratio(
     r3_fit = fit_coefficients(load_calibration_data(folder, MODEL)).coefficients
     report = fit_coefficients(load_calibration_data(folder, OTHER))
     c = report.coefficients
-    for got, ref, true in zip(_prices(c), _prices(r3_fit), (L_PLAIN, TRUE["l_st"], TRUE["l_ad"]),
-                              strict=True):
+    for got, ref, true in zip(
+        _prices(c), _prices(r3_fit), (L_PLAIN, TRUE["l_st"], TRUE["l_ad"]), strict=True
+    ):
         assert got == pytest.approx(K * ref, rel=0.03 + noise)
         assert got == pytest.approx(K * true, rel=0.1 + 2 * noise)
     # its own R6 step, R7 slots, base step, loads and KV
     assert c.lora_intercept_ms == pytest.approx(TRUE_OTHER["l0"], abs=0.15)
     assert c.lora_ms_per_slot + 16 * c.lora_ms_per_slot_per_rank == pytest.approx(
-        TRUE_OTHER["u0"] + 16 * TRUE_OTHER["u_r"], rel=0.05)
+        TRUE_OTHER["u0"] + 16 * TRUE_OTHER["u_r"], rel=0.05
+    )
     assert c.base_ms == pytest.approx(TRUE_OTHER["m0"], rel=0.05)
     assert c.cpu_load_base_ms == pytest.approx(TRUE_OTHER["c0"], rel=0.05)
     assert c.kv_base_tokens == pytest.approx(TRUE_OTHER["kv0"], rel=0.01)
@@ -675,10 +770,17 @@ def test_r5_ratio_compares_runs_at_the_same_tokens_and_adapters(tmp_path: Path) 
         n_ad, out = float(row["n_distinct_adapters"]), float(row["output_len"])
         adapters = float(expected_distinct(np.array([n_ad]), np.array([batch]))[0])
         tokens = batch * (1 + TRUE_OTHER["w"] * 5 / out)
-        lora = (TRUE_OTHER["l0"] + TRUE_OTHER["l_tok"] * tokens + TRUE_OTHER["l_ad"] * adapters
-                + _slots(300, 8, TRUE_OTHER))
-        row.update(mean_running_batch=batch, mean_unique_adapters_per_step=adapters,
-                   itl_mean_ms=float(row["base_itl_ms"]) + lora)
+        lora = (
+            TRUE_OTHER["l0"]
+            + TRUE_OTHER["l_tok"] * tokens
+            + TRUE_OTHER["l_ad"] * adapters
+            + _slots(300, 8, TRUE_OTHER)
+        )
+        row.update(
+            mean_running_batch=batch,
+            mean_unique_adapters_per_step=adapters,
+            itl_mean_ms=float(row["base_itl_ms"]) + lora,
+        )
     _write(folder / "lora_overhead.csv", rows)
     data = load_calibration_data(folder, OTHER)
     ratio, _ = lora_cost_ratio(data.lora_overhead, data.peers[MODEL].lora_overhead)
@@ -695,15 +797,19 @@ def test_without_the_evidence_each_model_is_fitted_on_r3_as_before(
 
     folder = make_two_model_folder(tmp_path, MODEL)
     if missing == "r3_loads":
-        rows = [{k: v for k, v in row.items() if "lora_load" not in k}
-                for row in _read(folder / "scheduler_overhead.csv")]
+        rows = [
+            {k: v for k, v in row.items() if "lora_load" not in k}
+            for row in _read(folder / "scheduler_overhead.csv")
+        ]
         _write(folder / "scheduler_overhead.csv", rows)
     elif missing == "r3_model_r6":
         rows = [row for row in _read(folder / "loading.csv") if row["model"] != MODEL]
         _write(folder / "loading.csv", rows)
     else:
-        rows = [{k: v for k, v in row.items() if k != "base_itl_ms"}
-                for row in _read(folder / "lora_overhead.csv")]
+        rows = [
+            {k: v for k, v in row.items() if k != "base_itl_ms"}
+            for row in _read(folder / "lora_overhead.csv")
+        ]
         _write(folder / "lora_overhead.csv", rows)
     data = load_calibration_data(folder, OTHER)
     report = fit_coefficients(data)

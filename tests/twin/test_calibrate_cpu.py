@@ -30,17 +30,27 @@ def test_cpu_fit_uses_server_side_step_times(fitted) -> None:  # type: ignore[no
     profile, report = fitted
     # KV is an explicit byte budget on CPU: 64 MiB = 32,768 tokens whatever the LoRA settings.
     for loras in (1, 4, 16):
-        assert profile.kv_capacity_tokens(max_loras=loras, max_lora_rank=16,
-                                          lora_enabled=True) == 32768
+        assert (
+            profile.kv_capacity_tokens(max_loras=loras, max_lora_rank=16, lora_enabled=True)
+            == 32768
+        )
     # Server-side ITL at batch 1 is ~2.8 ms (the client's 2.2 ms is distorted by coalescing);
     # a one-sequence decode step without LoRA must sit near the server-side figure.
-    one = profile.step_time_s(batch_size=1, distinct_adapters=0, prefill_tokens=0,
-                              decode_tokens=1, max_rank_in_batch=0, num_waiting=0,
-                              lora_enabled=False) * 1000
+    one = (
+        profile.step_time_s(
+            batch_size=1,
+            distinct_adapters=0,
+            prefill_tokens=0,
+            decode_tokens=1,
+            max_rank_in_batch=0,
+            num_waiting=0,
+            lora_enabled=False,
+        )
+        * 1000
+    )
     assert 2.0 < one < 4.0
     # LoRA on CPU costs x2-3 at batch 8 (README): the fitted LoRA step is well above the base.
-    kw = dict(batch_size=8, prefill_tokens=0, decode_tokens=8, max_rank_in_batch=16,
-              num_waiting=0)
+    kw = dict(batch_size=8, prefill_tokens=0, decode_tokens=8, max_rank_in_batch=16, num_waiting=0)
     base = profile.step_time_s(distinct_adapters=0, lora_enabled=False, **kw)
     lora = profile.step_time_s(distinct_adapters=1, lora_enabled=True, **kw)
     assert 2.0 < lora / base < 4.0

@@ -270,7 +270,12 @@ def test_engine_binds_the_profile_to_its_lora_settings() -> None:
     assert engine.profile.loading.max_lora_rank == 32
     # The slot-dependent LoRA cost differs from the unbound profile's (fitted at 300 slots).
     kw: dict[str, Any] = {
-        "batch_size": 64, "distinct_adapters": 8, "prefill_tokens": 0, "decode_tokens": 64,
-        "max_rank_in_batch": 16, "num_waiting": 0, "lora_enabled": True,
+        "batch_size": 64,
+        "distinct_adapters": 8,
+        "prefill_tokens": 0,
+        "decode_tokens": 64,
+        "max_rank_in_batch": 16,
+        "num_waiting": 0,
+        "lora_enabled": True,
     }
     assert engine.profile.step_time_s(**kw) != fitted.step_time_s(**kw)

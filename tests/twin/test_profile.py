@@ -125,8 +125,9 @@ def test_lora_prefill_token_weight_counts_scheduled_tokens() -> None:
     # Without prefill both agree; 1000 prefill tokens cost 1000 * 0.01 ms in the LoRA term at
     # weight 1, and only 1000 * 0.05 * 0.01 ms with the base step's weight.
     assert _t(every, batch_size=10) == pytest.approx(_t(weighted, batch_size=10))
-    extra = _t(every, batch_size=10, prefill_tokens=1000) - _t(weighted, batch_size=10,
-                                                               prefill_tokens=1000)
+    extra = _t(every, batch_size=10, prefill_tokens=1000) - _t(
+        weighted, batch_size=10, prefill_tokens=1000
+    )
     assert extra == pytest.approx(1000 * 0.01 * (1 - 0.05) / 1000.0)
 
 
@@ -135,7 +136,8 @@ def test_slot_cost_grows_with_the_engines_slots_and_padded_rank() -> None:
     plain = _t(p)  # not specialised: no slot count, no slot cost
     at = {
         (slots, rank): _t(p.specialize(max_loras=slots, max_lora_rank=rank)) - plain
-        for slots in (8, 64) for rank in (8, 16, 32)
+        for slots in (8, 64)
+        for rank in (8, 16, 32)
     }
     # max_loras * (0.02 + 0.001 * max(rank, 16)) ms, whatever the batch holds
     assert at[(64, 32)] == pytest.approx(64 * (0.02 + 0.032) / 1000.0)
@@ -146,6 +148,7 @@ def test_slot_cost_grows_with_the_engines_slots_and_padded_rank() -> None:
     assert _t(with_adapters, distinct_adapters=5, batch_size=40) - _t(
         p, distinct_adapters=5, batch_size=40
     ) == pytest.approx(at[(64, 32)])
-    base_only = replace(with_adapters, lora=replace(with_adapters.lora, ms_per_slot=0.0,
-                                                    ms_per_slot_per_rank=0.0))
+    base_only = replace(
+        with_adapters, lora=replace(with_adapters.lora, ms_per_slot=0.0, ms_per_slot_per_rank=0.0)
+    )
     assert _t(base_only) == pytest.approx(plain)

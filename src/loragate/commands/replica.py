@@ -47,9 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     v.add_argument("--max-cpu-loras", type=int, default=None, help="CPU cache (default: max-loras)")
     v.add_argument("--max-lora-rank", type=int, default=16, help="default: %(default)s")
     v.add_argument("--max-num-seqs", type=int, default=256, help="default: %(default)s")
-    v.add_argument(
-        "--max-num-batched-tokens", type=int, default=2048, help="default: %(default)s"
-    )
+    v.add_argument("--max-num-batched-tokens", type=int, default=2048, help="default: %(default)s")
     v.add_argument("--max-model-len", type=int, default=4096, help="default: %(default)s")
     v.add_argument("--block-size", type=int, default=16, help="default: %(default)s")
     v.add_argument(

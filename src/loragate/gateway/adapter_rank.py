@@ -42,9 +42,7 @@ def settle_rank(path: str, given: int | None, *, given_source: str) -> SettledRa
     else:
         if folder is not None:
             if given is not None and given != folder.rank:
-                raise RankError(
-                    f"rank {given} disagrees with r = {folder.rank} in {config_file}"
-                )
+                raise RankError(f"rank {given} disagrees with r = {folder.rank} in {config_file}")
             if folder.rank > MAX_ADAPTER_RANK:
                 raise RankError(
                     f"r = {folder.rank} in {config_file} is above {MAX_ADAPTER_RANK}, the "

@@ -101,9 +101,7 @@ def read_table(path: Path, *, model: str | None = None) -> Table:
             row_model = raw.get("model")
             if model is not None and row_model not in (None, "", model):
                 continue
-            values.append(
-                {k: _to_float(v) for k, v in raw.items() if k and k not in _TEXT_COLUMNS}
-            )
+            values.append({k: _to_float(v) for k, v in raw.items() if k and k not in _TEXT_COLUMNS})
             text.append({k: (v or "") for k, v in raw.items() if k and k in _TEXT_COLUMNS})
     return Table(values=values, text=text)
 
@@ -180,12 +178,14 @@ def _slot_sweep_table(folder: Path, model: str) -> Table:
                 itl = raw.get("mean_itl_ms")
                 if not isinstance(itl, int | float) or not raw.get("completed"):
                     continue
-                values.append({
-                    "max_loras": float(match.group(1)),
-                    "max_lora_rank": float(match.group(2)),
-                    "itl_mean_ms": float(itl),
-                    "completed": float(raw["completed"]),
-                })
+                values.append(
+                    {
+                        "max_loras": float(match.group(1)),
+                        "max_lora_rank": float(match.group(2)),
+                        "itl_mean_ms": float(itl),
+                        "completed": float(raw["completed"]),
+                    }
+                )
                 text.append({"model": model, "source_path": str(result.relative_to(folder))})
     return Table(values=values, text=text)
 

@@ -206,8 +206,12 @@ class PerformanceProfile:
                 )
             compute_ms *= pct / 100.0
             compute_ms += lo.slot_ms()
-            if lo.extra_ms_per_token or lo.extra_ms_per_token_per_slot or lo.extra_intercept_ms \
-                    or lo.extra_ms_per_adapter:
+            if (
+                lo.extra_ms_per_token
+                or lo.extra_ms_per_token_per_slot
+                or lo.extra_intercept_ms
+                or lo.extra_ms_per_adapter
+            ):
                 per_seq = s.decode_ms_per_seq
                 weight = lo.prefill_token_weight
                 if weight is None:
@@ -215,7 +219,8 @@ class PerformanceProfile:
                 tokens = batch_size + weight * prefill_tokens
                 per_token = lo.extra_ms_per_token + lo.extra_ms_per_token_per_slot * lo.max_loras
                 compute_ms += (
-                    lo.extra_intercept_ms + per_token * tokens
+                    lo.extra_intercept_ms
+                    + per_token * tokens
                     + lo.extra_ms_per_adapter * distinct_adapters
                 )
         sc = self.scheduler
@@ -248,8 +253,14 @@ class PerformanceProfile:
         for slots, rank, tokens in kv.table:
             if slots == max_loras and rank == max_lora_rank and tokens is not None:
                 return tokens
-        return max(0, int(kv.kv0_tokens - kv.tokens_per_slot_rank * max_loras * max_lora_rank
-                          - kv.tokens_per_slot * max_loras))
+        return max(
+            0,
+            int(
+                kv.kv0_tokens
+                - kv.tokens_per_slot_rank * max_loras * max_lora_rank
+                - kv.tokens_per_slot * max_loras
+            ),
+        )
 
     def specialize(
         self,
@@ -263,8 +274,11 @@ class PerformanceProfile:
         if max_loras is not None:
             p = replace(p, lora=replace(p.lora, max_loras=max_loras))
         if max_lora_rank is not None:
-            p = replace(p, loading=replace(p.loading, max_lora_rank=max_lora_rank),
-                        lora=replace(p.lora, max_lora_rank=max_lora_rank))
+            p = replace(
+                p,
+                loading=replace(p.loading, max_lora_rank=max_lora_rank),
+                lora=replace(p.lora, max_lora_rank=max_lora_rank),
+            )
         if context_tokens_per_seq is not None:
             p = replace(p, step=replace(p.step, context_tokens_per_seq=context_tokens_per_seq))
         return p
@@ -386,9 +400,12 @@ def profile_to_dict(p: PerformanceProfile) -> dict[str, Any]:
             "cpu_to_gpu_ms": _rank_cost_dict(p.loading.cpu_to_gpu),
             "disk_to_cpu_ms": _rank_cost_dict(p.loading.disk_to_cpu),
             **(
-                {"cpu_to_gpu_pad_ms": p.loading.cpu_to_gpu_pad_ms,
-                 "max_lora_rank": p.loading.max_lora_rank}
-                if p.loading.cpu_to_gpu_pad_ms or p.loading.max_lora_rank else {}
+                {
+                    "cpu_to_gpu_pad_ms": p.loading.cpu_to_gpu_pad_ms,
+                    "max_lora_rank": p.loading.max_lora_rank,
+                }
+                if p.loading.cpu_to_gpu_pad_ms or p.loading.max_lora_rank
+                else {}
             ),
         },
         "kv": {

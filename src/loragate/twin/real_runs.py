@@ -39,7 +39,7 @@ DEFAULT_PROFILES: dict[str, str] = {
 # row holds) are replayed and the flag is shown on the run.
 EXCLUDED_FLAGS: dict[str, str] = {
     "served_adapters_mismatch": "the benchmark found a different number of adapters on the "
-                                "server than the launcher configured (it measured another server)",
+    "server than the launcher configured (it measured another server)",
 }
 # vLLM 0.8.5's start-up check (the version of the BSC runs): --max-lora-rank must be one of
 # these (vllm/config.py, LoRAConfig). vLLM 0.32, which the simulated replica speaks, also
@@ -199,8 +199,9 @@ def _served_ranks(row: dict[str, str], served: int) -> tuple[int, ...]:
     """Ranks of the served adapters: round robin over ``ranks_set`` as the benchmark's server
     creates them, checked against ``rank_counts`` (which wins if they disagree)."""
     pairs = _counts(cell_text(row, "rank_counts"), "rank_counts")
-    rank_counts = list(zip(_whole([v for v, _ in pairs], "rank_counts"), [c for _, c in pairs],
-                           strict=True))
+    rank_counts = list(
+        zip(_whole([v for v, _ in pairs], "rank_counts"), [c for _, c in pairs], strict=True)
+    )
     ranks_set = _whole(_values(row, "ranks_set"), "ranks_set")
     ranks_set = ranks_set or sorted({r for r, _ in rank_counts})
     if not ranks_set:
@@ -209,8 +210,10 @@ def _served_ranks(row: dict[str, str], served: int) -> tuple[int, ...]:
     if rank_counts:
         listed = sum(c for _, c in rank_counts)
         if listed != served:
-            raise RowError(f"rank_counts lists {listed} adapters but max_cpu_loras (the served "
-                           f"adapters) is {served}")
+            raise RowError(
+                f"rank_counts lists {listed} adapters but max_cpu_loras (the served "
+                f"adapters) is {served}"
+            )
         wanted = Counter[int]()
         for r, c in rank_counts:
             wanted[r] += c
@@ -225,8 +228,10 @@ def _served_rates(row: dict[str, str], served: int, notes: list[str]) -> tuple[f
     if rate_counts:
         listed = sum(c for _, c in rate_counts)
         if listed != served:
-            raise RowError(f"rate_counts lists {listed} adapters but max_cpu_loras (the served "
-                           f"adapters) is {served}")
+            raise RowError(
+                f"rate_counts lists {listed} adapters but max_cpu_loras (the served "
+                f"adapters) is {served}"
+            )
         rates = tuple(v for v, c in rate_counts for _ in range(c))
     else:
         rates_set = _values(row, "rates_set")
@@ -239,19 +244,25 @@ def _served_rates(row: dict[str, str], served: int, notes: list[str]) -> tuple[f
     return rates
 
 
-def _check_lora_settings(max_loras: int, max_cpu_loras: int, max_lora_rank: int,
-                         ranks: Sequence[int]) -> None:
+def _check_lora_settings(
+    max_loras: int, max_cpu_loras: int, max_lora_rank: int, ranks: Sequence[int]
+) -> None:
     """Settings a real vLLM 0.8.5 server refuses (so the row cannot be what it says)."""
     if max_lora_rank not in VLLM_MAX_LORA_RANKS:
-        raise RowError(f"max_lora_rank {max_lora_rank} is not one vLLM accepts "
-                       f"({', '.join(map(str, VLLM_MAX_LORA_RANKS))}): no server could start")
+        raise RowError(
+            f"max_lora_rank {max_lora_rank} is not one vLLM accepts "
+            f"({', '.join(map(str, VLLM_MAX_LORA_RANKS))}): no server could start"
+        )
     if max_cpu_loras < max_loras:
-        raise RowError(f"max_cpu_loras {max_cpu_loras} < max_loras {max_loras}: vLLM refuses "
-                       "to start")
+        raise RowError(
+            f"max_cpu_loras {max_cpu_loras} < max_loras {max_loras}: vLLM refuses to start"
+        )
     too_big = sorted({r for r in ranks if r > max_lora_rank or r < 1})
     if too_big:
-        raise RowError(f"adapter rank {too_big[0]} outside 1..max_lora_rank {max_lora_rank}: "
-                       "vLLM refuses to load the adapter")
+        raise RowError(
+            f"adapter rank {too_big[0]} outside 1..max_lora_rank {max_lora_rank}: "
+            "vLLM refuses to load the adapter"
+        )
 
 
 def _mean_tokens(row: dict[str, str], key: str, notes: list[str]) -> float:
@@ -266,8 +277,9 @@ def _mean_tokens(row: dict[str, str], key: str, notes: list[str]) -> float:
 def _accounted(row: dict[str, str]) -> tuple[int | None, float | None, float]:
     """successful_requests + max_running + max_waiting, max_waiting, and the last two's sum
     (None / 0 where a column is empty)."""
-    succ, running, waiting = (cell_float(row, k) for k in
-                              ("successful_requests", "max_running", "max_waiting"))
+    succ, running, waiting = (
+        cell_float(row, k) for k in ("successful_requests", "max_running", "max_waiting")
+    )
     if not all(math.isfinite(v) and v >= 0 for v in (succ, running, waiting)):
         return None, (waiting if math.isfinite(waiting) and waiting >= 0 else None), 0.0
     return int(succ + running + waiting), waiting, running + waiting
@@ -357,8 +369,9 @@ def read_table(path: str | Path, *, key: str = "real_runs") -> RunsTable:
     try:
         text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{p} is not a UTF-8 CSV file (undecodable byte at offset {exc.start})",
-                          key=key) from exc
+        raise ConfigError(
+            f"{p} is not a UTF-8 CSV file (undecodable byte at offset {exc.start})", key=key
+        ) from exc
     except OSError as exc:
         raise ConfigError(f"cannot read {p}: {exc.strerror or exc}", key=key) from exc
     header = text.split("\n", 1)[0]
@@ -394,10 +407,13 @@ def check_columns(table: RunsTable) -> None:
     missing += [" or ".join(group) for group in ONE_OF_COLUMNS if not have & set(group)]
     if missing:
         shown = ", ".join(c for c in table.columns[:6] if c) + (
-            ", ..." if len(table.columns) > 6 else "")
+            ", ..." if len(table.columns) > 6 else ""
+        )
         raise ConfigError(
             f"{table.path} does not have the columns of a runs file (validation/real_runs.csv): "
-            f"missing {'; '.join(missing)} (its header: {shown or 'empty'})", key="real_runs")
+            f"missing {'; '.join(missing)} (its header: {shown or 'empty'})",
+            key="real_runs",
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -411,7 +427,10 @@ class Selection:
 
 
 def select_runs(
-    table: RunsTable, *, models: Sequence[str] = (), limit: int | None = None,
+    table: RunsTable,
+    *,
+    models: Sequence[str] = (),
+    limit: int | None = None,
     run_ids: Sequence[str] = (),
 ) -> Selection:
     wanted = {canonical_model(m) for m in models}
@@ -429,19 +448,33 @@ def select_runs(
         except RowError as exc:
             skipped.append(SkippedRow(line=line, run_id=run_id, model=model, reason=exc.reason))
         except (ValueError, TypeError, OverflowError) as exc:  # a value no check above names
-            skipped.append(SkippedRow(line=line, run_id=run_id, model=model,
-                                      reason=f"unreadable row ({type(exc).__name__}: {exc})"))
+            skipped.append(
+                SkippedRow(
+                    line=line,
+                    run_id=run_id,
+                    model=model,
+                    reason=f"unreadable row ({type(exc).__name__}: {exc})",
+                )
+            )
     if limit is not None and len(runs) > limit:
         not_selected += len(runs) - max(limit, 0)
-        runs = runs[:max(limit, 0)]
+        runs = runs[: max(limit, 0)]
     return Selection(runs=runs, skipped=skipped, not_selected=not_selected)
 
 
 def select_specs(
-    rows: Sequence[dict[str, str]], *, models: Sequence[str] = (), limit: int | None = None,
-    run_ids: Sequence[str] = (), base: Path | None = None,
+    rows: Sequence[dict[str, str]],
+    *,
+    models: Sequence[str] = (),
+    limit: int | None = None,
+    run_ids: Sequence[str] = (),
+    base: Path | None = None,
 ) -> list[RunSpec]:
     """The replayable runs of ``rows`` (rows that cannot be replayed are left out)."""
-    table = RunsTable(path=(base or Path.cwd()) / "runs.csv", columns=(), rows=list(rows),
-                      lines=list(range(2, len(rows) + 2)))
+    table = RunsTable(
+        path=(base or Path.cwd()) / "runs.csv",
+        columns=(),
+        rows=list(rows),
+        lines=list(range(2, len(rows) + 2)),
+    )
     return [s for s, _ in select_runs(table, models=models, limit=limit, run_ids=run_ids).runs]
