@@ -32,6 +32,7 @@ from loragate.loadtest.fleet import (
     plan_models,
 )
 from loragate.loadtest.openloop import OpenLoopConfig, RequestResult, run_open_loop
+from loragate.loadtest.prompt_tokens import PromptTokens, measure_prompt_tokens
 from loragate.loadtest.records import RecordWriter
 from loragate.loadtest.scaling import scale_rates
 from loragate.loadtest.summary import format_text, summarise
@@ -42,7 +43,9 @@ HELP = "Replay a workload spec open-loop against any OpenAI-compatible URL and r
 EPILOG = """\
 Requests are streamed (stream_options.include_usage, ignore_eos; --no-stream,
 --no-stream-options, --no-ignore-eos leave these out) with prompts of the spec's length in
-words. The summary goes to stdout, the model mapping and progress to stderr.
+words, each one token in common tokenizers; a target with vLLM's POST /tokenize counts one
+such prompt at start-up and the summary's prompts line says what it counted. The summary goes
+to stdout, the model mapping and progress to stderr.
 Output tokens are the server's usage counts; a server that sends no usage gets an estimate
 (content chunks of a stream, words of a JSON answer), said once on stderr and in the summary.
 TTFT is the time to the first chunk that carries output; JSON answers have none.
@@ -200,6 +203,7 @@ class _Run:
     stream: bool = True  # streamed answers were asked for
     stream_usage: bool = True  # and usage in them
     noted: set[str] = dataclasses.field(default_factory=set)  # notes said once
+    prompt_tokens: PromptTokens | None = None  # the target's count of a probe prompt
 
     def take(self, requests: Iterator[WorkloadRequest]) -> Iterator[WorkloadRequest]:
         for req in requests:
@@ -356,6 +360,9 @@ async def _loadtest(args: argparse.Namespace, workload: Workload, state: _Run) -
         adapter_map=plan.mapping,
     )
     state.stream, state.stream_usage = args.stream, args.stream_usage
+    state.prompt_tokens = await measure_prompt_tokens(
+        base_url, model=plan.base_model, api_key=args.api_key, timeout_s=min(args.timeout_s, 10.0)
+    )
     requests: Iterator[WorkloadRequest] = workload.requests()
     if args.max_requests is not None:
         requests = itertools.islice(requests, args.max_requests)
@@ -401,6 +408,8 @@ def _summary(
         top=args.top,
     )
     summary["target"] = {"url": openai_base(args.url), "endpoint": args.endpoint}
+    if state.prompt_tokens is not None:
+        summary["prompt_tokens"] = state.prompt_tokens.as_dict()
     summary["workload"] = {
         "name": workload.spec.name,
         "file": str(args.workload),

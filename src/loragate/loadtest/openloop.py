@@ -26,8 +26,17 @@ import aiohttp
 from loragate.loadtest.answers import StreamReading, TokensSource, error_message, read_json
 from loragate.workload.generator import WorkloadRequest
 
-# Words the simulated replica counts as one token each; any OpenAI server accepts them.
-_WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
+# Frequent short English words; with a leading space each is one token in common BPE
+# vocabularies (Llama, GPT, Qwen; even the bundled tiny-llama's 1024-token one) and in the
+# simulated replica's synthetic tokenizer, so a prompt of N of them is ~N tokens everywhere.
+PROMPT_WORDS = (
+    "the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with", "be",
+    "by", "on", "not", "he", "this", "are", "or", "from", "at", "which", "but", "have", "an",
+    "were", "their", "all", "we", "can", "her", "has", "there", "been", "if", "more", "when",
+    "will", "would", "who", "so", "no", "she", "other", "its", "may", "these", "than", "time",
+    "into", "only", "some", "could", "them", "two", "first", "what", "do", "my", "up", "out",
+    "about",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,7 +59,7 @@ class RequestResult:
     error: str | None = None
     error_type: str | None = None  # see the module docstring; None when ok
     model: str = ""  # the ``model`` the request named (after ``adapter_map``)
-    prompt_tokens: int = 0  # the workload's prompt length (words sent)
+    prompt_tokens: int = 0  # the workload's prompt length (words sent, one token each)
     max_tokens: int = 0
 
     @property
@@ -82,8 +91,10 @@ def model_of(cfg: OpenLoopConfig, adapter: str | None) -> str:
 
 
 def prompt_of(n_tokens: int, index: int) -> str:
-    """A prompt of ``n_tokens`` whitespace-separated words."""
-    return " ".join(_WORDS[(index + i) % len(_WORDS)] for i in range(max(1, n_tokens)))
+    """A prompt of ``n_tokens`` of :data:`PROMPT_WORDS`, each with a leading space (so each is
+    the same token wherever it stands, the first one too)."""
+    n = len(PROMPT_WORDS)
+    return "".join(" " + PROMPT_WORDS[(index + i) % n] for i in range(max(1, n_tokens)))
 
 
 def request_body(cfg: OpenLoopConfig, req: WorkloadRequest, index: int) -> tuple[str, bytes]:

@@ -148,6 +148,21 @@ def _estimated(summary: dict[str, Any]) -> str:
     return f" ({n} of {ok} answers sent no usage: {how}, an estimate)"
 
 
+def _prompt_line(prompts: dict[str, Any]) -> str:
+    """The spec's prompt tokens against the target's tokenizer (see
+    :mod:`loragate.loadtest.prompt_tokens`)."""
+    words = prompts["words"]
+    if prompts["target_tokens"] is None:
+        why = prompts["not_measured"]
+        return f"prompts   one word per spec token, not measured by the target ({why})"
+    context = prompts["max_model_len"]
+    ctx = f", context {context} tokens" if context is not None else ""
+    return (
+        f"prompts   {words} spec tokens (words) are {prompts['target_tokens']} tokens for the "
+        f"target's tokenizer ({prompts['tokens_per_word']:.2f} per word, POST /tokenize{ctx})"
+    )
+
+
 def format_text(summary: dict[str, Any]) -> str:
     """The summary as the lines ``loragate loadtest`` prints."""
     req, rate = summary["requests"], summary["rate"]
@@ -172,6 +187,9 @@ def format_text(summary: dict[str, Any]) -> str:
         f"tokens    {summary['output_tokens']} output tokens, "
         f"{'-' if tps is None else f'{tps:.1f}'} tok/s{_estimated(summary)}",
     ]
+    prompts = summary.get("prompt_tokens")
+    if prompts:
+        lines.append(_prompt_line(prompts))
     reasons = summary["answers"]["finish_reasons"]
     if set(reasons) - {"length"}:  # with ignore_eos every answer runs to max_tokens
         counts = ", ".join(f"{k} {v}" for k, v in reasons.items())
