@@ -36,10 +36,8 @@ async def _random_ops(rng: random.Random, stores: list[StateStore], steps: int) 
             elif x < 0.7 and open_requests:
                 rr, q = open_requests[0]
                 await store.end_request(rr, q)
-            elif x < 0.75:
-                await store.record_load(r, a)
             elif x < 0.8:
-                await store.record_load(r, a, activated=True)
+                await store.record_load(r, a)
             elif x < 0.9:
                 await store.record_unload(r, a)
             elif x < 0.95:

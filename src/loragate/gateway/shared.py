@@ -304,11 +304,11 @@ class SharedState:
             await self.store.reconcile(rid, listed | keep)
 
     async def adapter_loaded(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
-        """The pool's on-demand load for a routed request succeeded; that request runs next,
-        so the adapter is recorded as activated (GPU slot too), after the load. Routing already
-        touched it, but a poll of another instance that could not list it yet may have dropped
-        it meanwhile; this puts it back where the running request has it."""
-        await self.store.record_load(replica_id, adapter, activated=True)
+        """The pool's load (on demand for a routed request, an admin registration, an in-place
+        reload) succeeded: vLLM put the adapter in a GPU slot too, recorded after the load.
+        Routing may already have touched it, but a poll of another instance that could not list
+        it yet may have dropped it meanwhile; this puts it back where the replica has it."""
+        await self.store.record_load(replica_id, adapter)
 
     async def adapter_unloaded(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
         await self.store.record_unload(replica_id, adapter)

@@ -1,8 +1,9 @@
 """Lua scripts of ``RedisStore``. Each runs atomically on the Redis server.
 
-The residency functions (``lru_touch``, ``res_touch``, ``res_load``) implement exactly the
-transitions of ``state/residency.py``; ``tests/state/test_equivalence.py`` checks that both
-give the same result on random sequences. Lease expiry uses the Redis server clock (``TIME``),
+The residency functions (``lru_touch``, ``res_touch``: a routed request and a load alike)
+implement exactly the transitions of ``state/residency.py``;
+``tests/state/test_lua_equivalence.py`` checks that both give the same result on random
+sequences. Lease expiry uses the Redis server clock (``TIME``),
 so gateway hosts need no synchronised clocks.
 """
 
@@ -36,16 +37,13 @@ local function caps(info_key, default_gpu, default_cpu)
 end
 
 -- residency keys: reg (SET), gpu (LIST), cpu (LIST), info (HASH)
-local function res_load(reg, gpu, cpu, info, adapter, dg, dc)
-  local _, c = caps(info, dg, dc)
+-- A routed request or a load (vLLM's add_adapter ends with activate_adapter): registered,
+-- most recent in the CPU cache (its evicted leave their slots too) and in the GPU slots.
+local function res_touch(reg, gpu, cpu, info, adapter, dg, dc)
+  local g, c = caps(info, dg, dc)
   redis.call('SADD', reg, adapter)
   local evicted = lru_touch(cpu, adapter, c)
   for _, e in ipairs(evicted) do redis.call('LREM', gpu, 0, e) end
-end
-
-local function res_touch(reg, gpu, cpu, info, adapter, dg, dc)
-  local g, _ = caps(info, dg, dc)
-  res_load(reg, gpu, cpu, info, adapter, dg, dc)
   lru_touch(gpu, adapter, g)
 end
 
@@ -87,15 +85,13 @@ return 1
 )
 
 # KEYS: reg, gpu, cpu, info
-# ARGV: op ('load' | 'activate' | 'unload' | 'reconcile'), default max_loras, default
-#       max_cpu_loras, adapters…
+# ARGV: op ('load' | 'unload' | 'reconcile'), default max_loras, default max_cpu_loras,
+#       adapters…
 RESIDENCY = (
     _COMMON
     + """
 local op = ARGV[1]
 if op == 'load' then
-  res_load(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[4], ARGV[2], ARGV[3])
-elseif op == 'activate' then
   res_touch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[4], ARGV[2], ARGV[3])
 elseif op == 'unload' then
   redis.call('SREM', KEYS[1], ARGV[4])

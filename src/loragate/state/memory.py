@@ -176,12 +176,9 @@ class MemoryStore:
             self._replicas = {**self._replicas, replica_id: new}
 
     # --- residency --------------------------------------------------------------------------
-    async def record_load(
-        self, replica_id: ReplicaId, adapter: AdapterId, *, activated: bool = False
-    ) -> None:
+    async def record_load(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
         res = self._residency.get(replica_id, rz.EMPTY)
-        op = rz.touch if activated else rz.load
-        self._residency[replica_id] = op(res, adapter, self.settings_of(replica_id))
+        self._residency[replica_id] = rz.load(res, adapter, self.settings_of(replica_id))
 
     async def record_unload(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
         self._residency[replica_id] = rz.unload(self._residency.get(replica_id, rz.EMPTY), adapter)

@@ -433,10 +433,8 @@ class RedisStore:
             )
         )
 
-    async def record_load(
-        self, replica_id: ReplicaId, adapter: AdapterId, *, activated: bool = False
-    ) -> None:
-        await self._residency_op(replica_id, "activate" if activated else "load", [adapter])
+    async def record_load(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
+        await self._residency_op(replica_id, "load", [adapter])
 
     async def record_unload(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
         await self._residency_op(replica_id, "unload", [adapter])

@@ -8,9 +8,11 @@ very same transitions as Lua (``state/lua.py``; a test checks they agree step by
 The model follows vLLM's ``LRUCacheLoRAModelManager``: the CPU cache (``max_cpu_loras``) holds
 every loaded adapter, *including* those active in a GPU slot (``max_loras``, a subset), and
 activating an adapter touches it in both LRUs. Evicting an adapter from the CPU cache also
-frees its GPU slot. So ``Residency.cpu`` here is the whole CPU cache, ``gpu`` ⊆ ``cpu`` after
-any sequence of these transitions, and a replica holds at most ``max_cpu_loras`` adapters
-(not ``max_loras + max_cpu_loras``). Slot pinning of adapters with running requests is not
+frees its GPU slot. Loading one (``/v1/load_lora_adapter``) activates it too
+(``LRUCacheWorkerLoRAManager.add_adapter`` ends with ``activate_adapter``). So
+``Residency.cpu`` here is the whole CPU cache, ``gpu`` ⊆ ``cpu`` after any sequence of these
+transitions, and a replica holds at most ``max_cpu_loras`` adapters (not ``max_loras +
+max_cpu_loras``). Slot pinning of adapters with running requests is not
 modelled: routing decisions arrive in the order vLLM schedules them, closely enough.
 """
 
@@ -75,11 +77,14 @@ def touch(res: Residency, adapter: AdapterId, settings: ReplicaSettings) -> Resi
 
 
 def load(res: Residency, adapter: AdapterId, settings: ReplicaSettings) -> Residency:
-    """Our admin call ``/v1/load_lora_adapter`` succeeded: registered and read into CPU cache."""
-    _, cpu_cap = capacities(settings)
-    cpu, evicted = lru_touch(res.cpu, adapter, cpu_cap)
-    gpu = tuple(a for a in res.gpu if a not in evicted)
-    return Residency(registered=res.registered | {adapter}, gpu=gpu, cpu=cpu)
+    """Our admin call ``/v1/load_lora_adapter`` succeeded (a first load or ``load_inplace``).
+
+    vLLM 0.32's ``add_lora`` reads the adapter into the CPU cache and then activates it
+    (``LRUCacheWorkerLoRAManager.add_adapter`` ends with ``activate_adapter``): it takes a GPU
+    slot at once, evicting the least recently used one when all are taken, whether or not a
+    request for it follows. So a load moves the residency exactly as ``touch`` does.
+    """
+    return touch(res, adapter, settings)
 
 
 def unload(res: Residency, adapter: AdapterId) -> Residency:

@@ -388,11 +388,9 @@ class ResilientStore:
         await self._local.set_replica_health(replica_id, healthy, now_s)
         await self._write(lambda r: r.set_replica_health(replica_id, healthy, now_s))
 
-    async def record_load(
-        self, replica_id: ReplicaId, adapter: AdapterId, *, activated: bool = False
-    ) -> None:
-        await self._local.record_load(replica_id, adapter, activated=activated)
-        await self._write(lambda r: r.record_load(replica_id, adapter, activated=activated))
+    async def record_load(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
+        await self._local.record_load(replica_id, adapter)
+        await self._write(lambda r: r.record_load(replica_id, adapter))
 
     async def record_unload(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
         await self._local.record_unload(replica_id, adapter)

@@ -146,12 +146,10 @@ class StateStore(Protocol):
     ) -> None: ...
 
     # --- shadow residency from admin calls and polls --------------------------------------
-    async def record_load(
-        self, replica_id: ReplicaId, adapter: AdapterId, *, activated: bool = False
-    ) -> None:
-        """Our ``/v1/load_lora_adapter`` call succeeded. ``activated``: the load was made for a
-        request routed there, which runs next, so the adapter also takes a GPU slot (a
-        ``residency.touch``; else a ``residency.load``, CPU cache only)."""
+    async def record_load(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
+        """Our ``/v1/load_lora_adapter`` call succeeded: the adapter is registered and, as vLLM
+        activates what it loads, most recent in the CPU cache and a GPU slot
+        (``residency.load``), whether or not a request for it follows."""
         ...
 
     async def record_unload(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
