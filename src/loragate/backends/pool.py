@@ -38,6 +38,13 @@ the catalog: a replica may hold adapters an operator loaded outside loragate
 (``--lora-modules``), and those stay.
 Replicas can be added and removed while running (config reload).
 
+A replica that stopped listening: a poll refused at connect (vLLM closes its listener at once on
+SIGTERM; a connect that timed out does not count: the replica may only be slow) wakes the
+requests in progress there (``UpstreamPool.replica_stopped``): each fails with
+``ReplicaStoppedError`` once it has received nothing for ``stopped_replica_grace_s``
+(``limits.stopped_replica_grace_s``), and its connection is closed, so that a vLLM waiting for
+its connections to close can exit; the proxy retries the request elsewhere or ends it.
+
 Draining (``POST /admin/replicas/{id}/drain``, shared by every gateway instance through the
 listener's state): :meth:`ReplicaPool.set_draining` names the replicas that get no new
 requests. They are polled as before (health, residency, in-place reloads, tombstone unloads)
@@ -52,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import functools
 import logging
 import os
@@ -143,6 +151,7 @@ class ReplicaPool:
         clock: Clock | None = None,
         listener: PoolListener | None = None,
         base_model: str | None = None,
+        stopped_replica_grace_s: float = 5.0,
     ) -> None:
         if not replicas:
             raise ValueError("a pool needs at least one replica")
@@ -173,6 +182,9 @@ class ReplicaPool:
         self.base_model = base_model
         # The adapters the gateway serves, by name (:meth:`expect_adapters`).
         self._specs: dict[str, AdapterSpec] = {}
+        # How long a request in progress on a replica that stopped listening may go without
+        # a byte before it is failed (``limits.stopped_replica_grace_s``; a reload may change it).
+        self.stopped_replica_grace_s = stopped_replica_grace_s
 
     @staticmethod
     def _new_replica(cfg: ReplicaConfig) -> _Replica:
@@ -396,6 +408,8 @@ class ReplicaPool:
             )
         except (LoragateError, ValueError) as exc:
             self._record_failure(rep, str(exc), immediate=False)
+            if connection_refused(exc):
+                self._stopped_listening(rep, client, str(exc))
             await self._tell_polled(rep, models_seen=False)
             return
         base = self.base_model
@@ -432,6 +446,19 @@ class ReplicaPool:
             self._found_stale(rep, spec, root)
         self._retire(rep, models.adapters)
         await self._tell_polled(rep, models_seen=True)
+
+    def _stopped_listening(self, rep: _Replica, client: VllmClient, error: str) -> None:
+        """A poll found ``rep``'s listener closed (vLLM closes it at once on SIGTERM): the
+        requests in progress there fail once nothing arrives for the grace
+        (``stopped_replica_grace_s``): the proxy retries them elsewhere or ends them."""
+        grace_s = self.stopped_replica_grace_s
+        waiting = client.upstream.replica_stopped(grace_s)
+        if waiting:
+            log.warning(
+                "replica %s (%s) stopped listening (%s): %d request(s) in progress there end "
+                "if nothing arrives for %g s",
+                rep.config.replica_id, rep.config.url, error, waiting, grace_s,
+            )  # fmt: skip
 
     def _retire(self, rep: _Replica, listed: Collection[str]) -> None:
         """Unload (in the background) the adapters ``rep`` lists that were deleted through the
@@ -902,6 +929,22 @@ class ReplicaPool:
         if not healthy:
             raise self.no_replica_error()
         return healthy
+
+
+def connection_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a refused connection: nothing
+    listens on the replica's port (not a connect that timed out: it may only be slow)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ECONNREFUSED:
+            return True
+        seen = seen.__cause__
+    # asyncio's "Multiple exceptions: [Errno 111] Connect call failed (...), ..." (every
+    # address of the host refused) has no errno of its own.
+    text = str(exc)
+    return "Multiple exceptions" in text and text.count("[Errno") == text.count(
+        f"[Errno {errno.ECONNREFUSED}]"
+    )
 
 
 def same_path(a: str | None, b: str) -> bool:

@@ -15,6 +15,15 @@ ones: uvicorn after 5 s). A reused connection that the replica *reset* before an
 (its bytes reached a socket nobody reads: the replica had closed or lost it) is retried once on
 a fresh one, transparently. One that the replica closed cleanly after the request went out is
 not: the replica may have read the request, and a POST must not be delivered twice.
+
+A replica that stopped listening (the pool's poll could not connect: vLLM closes its listener
+at once on SIGTERM, then may wait for its connections to close before it exits) may leave the
+requests it holds waiting for answers that will not come (an engine killed before its abort
+answers got out). :meth:`UpstreamPool.replica_stopped` wakes them: each connection in use that
+then receives nothing for ``grace_s`` fails with :class:`ReplicaStoppedError` and is closed
+(bytes still arriving restart its grace: an answer on its way is let through). The pool keeps
+the connections in use in a set (an add and a discard per request); a read costs one flag
+store more, nothing is checked per read.
 """
 
 from __future__ import annotations
@@ -34,6 +43,12 @@ from loragate.core.errors import (
     UpstreamProtocolError,
     UpstreamTimeoutError,
 )
+
+
+class ReplicaStoppedError(UpstreamConnectError):
+    """The replica stopped listening (its poll could not connect) and sent nothing on this
+    connection for the grace that followed: the request is not answered there."""
+
 
 _MAX_HEAD_BYTES = 64 * 1024
 _HEAD_END = b"\r\n\r\n"
@@ -68,11 +83,14 @@ class UpstreamConn(asyncio.Protocol):
         "_framing",
         "_got_bytes",
         "_head_waiter",
+        "_heard",
         "_left",
         "_loop",
         "_paused",
         "_peer_reset",
         "_read_waiter",
+        "_stop_grace_s",
+        "_stop_timer",
         "_timer",
         "_timer_at",
         "_whole",
@@ -96,9 +114,17 @@ class UpstreamConn(asyncio.Protocol):
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        # The replica stopped listening (:meth:`replica_stopped`): bytes heard since the last
+        # check of its grace, and the check's timer.
+        self._heard = False
+        self._stop_grace_s = 0.0
+        self._stop_timer: asyncio.TimerHandle | None = None
         self._reset()
 
     def _reset(self) -> None:
+        if self._stop_timer is not None:
+            self._stop_timer.cancel()
+            self._stop_timer = None
         self._buf = bytearray()
         self._body: list[bytes] = []
         self._chunks: collections.deque[bytes] = collections.deque()
@@ -139,7 +165,7 @@ class UpstreamConn(asyncio.Protocol):
         self._fail(UpstreamConnectError(f"connection closed {where}"))
 
     def data_received(self, data: bytes) -> None:
-        self._got_bytes = True
+        self._got_bytes = self._heard = True
         if self.status:
             self._feed(data)
             return
@@ -362,6 +388,35 @@ class UpstreamConn(asyncio.Protocol):
             self._timer = loop.call_at(deadline, self._on_timer)
             self._timer_at = deadline
 
+    def replica_stopped(self, grace_s: float) -> bool:
+        """The replica stopped listening: fail the request in progress once nothing arrives
+        for ``grace_s`` (checked every ``grace_s``; a check that finds bytes heard since the
+        last one waits another ``grace_s``). False if that was under way already (or the
+        request is over)."""
+        if self._stop_timer is not None or self.closed or self._done or self._error is not None:
+            return False
+        self._heard = False
+        self._stop_grace_s = grace_s
+        self._stop_timer = self._loop.call_later(grace_s, self._check_stopped)
+        return True
+
+    def _check_stopped(self) -> None:
+        self._stop_timer = None
+        if self.closed or self._done or self._error is not None:
+            return
+        grace_s = self._stop_grace_s
+        if self._heard:  # still answering: let it
+            self._heard = False
+            self._stop_timer = self._loop.call_later(grace_s, self._check_stopped)
+            return
+        where = "before answering" if not self._got_bytes else "in the middle of the answer"
+        self._fail(
+            ReplicaStoppedError(
+                f"stopped listening (its poll could not connect) and sent nothing for "
+                f"{grace_s:g} s {where}: the connection was closed"
+            )
+        )
+
     def _on_timer(self) -> None:
         self._timer = None
         deadline = self._deadline
@@ -398,6 +453,9 @@ class UpstreamConn(asyncio.Protocol):
         """Drop the connection (e.g. the client went away: this aborts the generation)."""
         self.reusable = False
         self._drop_timer()
+        if self._stop_timer is not None:
+            self._stop_timer.cancel()
+            self._stop_timer = None
         if self.transport is not None and not self.closed:
             self.transport.close()
 
@@ -476,6 +534,7 @@ class UpstreamPool:
     """Keep-alive connections to one replica (``base_url``), for ``POST path`` with JSON."""
 
     __slots__ = (
+        "_busy",
         "_closed",
         "_connect_timeout_s",
         "_heads",
@@ -516,6 +575,7 @@ class UpstreamPool:
         self._keepalive_s = keepalive_s
         self._max_idle = max_idle
         self._idle: collections.deque[UpstreamConn] = collections.deque()
+        self._busy: set[UpstreamConn] = set()  # the connections with a request in progress
         self._closed = False
 
     async def _connect(self) -> UpstreamConn:
@@ -554,6 +614,7 @@ class UpstreamPool:
     def release(self, conn: UpstreamConn) -> None:
         """Return ``conn`` after its response was fully read (else it is closed; so is every
         connection released after :meth:`close`)."""
+        self._busy.discard(conn)
         if (
             conn.complete
             and conn.reusable
@@ -571,26 +632,39 @@ class UpstreamPool:
         (``whole=True``) or its head (``whole=False``) has arrived; the caller reads the
         rest with ``read_chunk`` and must call :meth:`release`. Raises ``UpstreamError``s."""
         head = self._heads[path] + str(len(body)).encode() + _HEAD_END
+        busy = self._busy  # (a request waiting here is woken if the replica stops listening)
         conn = self._take_idle()
         if conn is not None:
+            busy.add(conn)
             try:
                 await conn.send(head, body, whole=whole, timeout_s=timeout_s)
             except BaseException:  # cancelled (the client went away): do not leave it half-used
+                busy.discard(conn)
                 conn.abort()
                 raise
             if conn._error is None:
                 return conn
+            busy.discard(conn)
             if not conn.reset_before_answer:
                 raise conn._error
             # A stale keep-alive connection the replica had dropped: retry on a fresh one.
         conn = await self._connect()
+        busy.add(conn)
         try:
             await conn.send(head, body, whole=whole, timeout_s=timeout_s)
+            conn.raise_for_error()
         except BaseException:
+            busy.discard(conn)
             conn.abort()
             raise
-        conn.raise_for_error()
         return conn
+
+    def replica_stopped(self, grace_s: float) -> int:
+        """The replica stopped listening (a poll could not connect): every request in progress
+        here that receives nothing for ``grace_s`` from now on fails with
+        :class:`ReplicaStoppedError`, its connection closed. Returns how many requests began
+        that wait now (those an earlier call told are waiting already)."""
+        return sum(conn.replica_stopped(grace_s) for conn in self._busy)
 
     def close(self) -> None:
         """Close the idle connections; those in use close when released (the replica left

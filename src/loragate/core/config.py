@@ -85,6 +85,10 @@ class LimitsConfig:
     # Longest silence while reading a client's request body before a 408.
     client_body_timeout_s: float = 60.0
     admin_timeout_s: float = 60.0
+    # A request in progress on a replica that stopped listening (its poll could not connect)
+    # fails once it has received nothing for this long (retried elsewhere if nothing reached
+    # the client; a stream that had sent output ends with an error event).
+    stopped_replica_grace_s: float = 5.0
     # Idle keep-alive connections kept open to each replica for proxied requests.
     max_upstream_connections: int = 1024
 
@@ -652,6 +656,7 @@ def _limits(value: object) -> LimitsConfig:
         "stream_read_timeout_s",
         "client_body_timeout_s",
         "admin_timeout_s",
+        "stopped_replica_grace_s",
     }
     counts = {"max_body_bytes", "max_upstream_connections"}
     _check_keys(data, seconds | counts, "limits")

@@ -32,6 +32,16 @@ request before answering it (``backends.engine_failures``: vLLM's 200 with
 aborted and nothing reached the client; its 503 while it stops: the request did not run) is
 retried once on another replica, counted as ``engine_stopped`` in
 loragate_upstream_retries_total, and the replica is out of rotation until a poll succeeds.
+A replica that stopped listening (its poll was refused at connect: vLLM closes its listener at
+once on SIGTERM, and may then lose the race between its shutdown and its abort answers, and
+wait for its connections to close) wakes the requests in progress there (``backends.pool``):
+one that has received nothing for ``limits.stopped_replica_grace_s`` fails with
+``ReplicaStoppedError`` and its connection is closed. Before any answer (or while a stream is
+held, below) it is retried once on another replica (``engine_stopped``: the generation was
+lost with the engine), else the client's 502 names the replica; a stream that had sent output
+ends with an error event (``upstream_unavailable``, a ``stream_error``). A replica that is
+only slow (its polls succeed, or time out) is left alone: its requests wait for
+``limits.request_timeout_s`` / ``limits.stream_read_timeout_s`` as before.
 
 Streams: while another replica could take the request (not retried yet, another healthy
 replica), the response head and the chunks that carry no output (a chat's role chunk, a usage
@@ -82,7 +92,7 @@ from aiohttp import hdrs, web
 from loragate.backends.client import VllmClient
 from loragate.backends.engine_failures import ABORT, engine_stopped
 from loragate.backends.pool import ReplicaPool
-from loragate.backends.upstream import UpstreamConn
+from loragate.backends.upstream import ReplicaStoppedError, UpstreamConn
 from loragate.core.clock import Clock
 from loragate.core.config import LimitsConfig
 from loragate.core.errors import (
@@ -213,6 +223,8 @@ class Proxy:
         self._timeout_s = limits.request_timeout_s
         self._stream_timeout_s = limits.stream_read_timeout_s
         self._body_timeout_s = limits.client_body_timeout_s
+        # (the pool wakes the requests of a replica that stopped listening, after this grace)
+        self._pool.stopped_replica_grace_s = limits.stopped_replica_grace_s
 
     # -- shutdown ---------------------------------------------------------------------------
 
@@ -524,7 +536,13 @@ class Proxy:
                             and not retried
                             and self._can_retry(rid)
                         ):
-                            self._telemetry.count_retry(rid, retry_reason(exc, loading=False))
+                            self._telemetry.count_retry(
+                                rid,
+                                # (a replica that stopped listening lost the generation)
+                                ENGINE_STOPPED
+                                if isinstance(exc, ReplicaStoppedError)
+                                else retry_reason(exc, loading=False),
+                            )
                             retried, exclude = True, rid
                             retries += 1
                             continue
