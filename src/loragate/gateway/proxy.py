@@ -67,7 +67,11 @@ around it.
 
 Access log: one DEBUG line per finished request (id, path, tenant, model, replica, status or
 outcome, latency, TTFT when streamed, retries, and why for errors); nothing is formatted
-unless DEBUG is on for ``loragate.gateway.proxy``.
+unless DEBUG is on for ``loragate.gateway.proxy``. A request refused before routing (the
+gateway's own 400s, an unknown model, a 401) is counted under the adapter its body names when
+the catalog holds it (else ``adapter=""``: the label's values stay bounded) and logged with the
+name asked (an unknown one quoted and cut at 64 characters; ``-`` when no body was read or it
+is no JSON object), never as ``<base>`` unless it named the base model or none.
 
 Shutdown (:meth:`Proxy.drain`, run by the runner once the gateway stopped accepting
 connections): the requests being handled may finish within the drain period; those still
@@ -83,6 +87,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -135,6 +140,7 @@ _DEFAULT_MAX_TOKENS = 16
 _ROUTING_MAX_TOKENS = 1 << 20  # routing's view of max_tokens is capped here
 _COMPLETIONS = "/v1/completions"
 _CHAT = "/v1/chat/completions"
+_LOGGED_NAME_CHARS = 64  # an unknown model name in the access log is cut here
 _set_field = object.__setattr__
 _current_task = asyncio.current_task
 _SHUTTING_DOWN = ShuttingDownError(
@@ -299,7 +305,7 @@ class Proxy:
         active = self._active
         active.add(task)
         request_id = str(next(self._ids))
-        adapter_label = ""
+        body = b""  # (read: the model it names counts and logs a refusal before routing)
         tenant: str | None = None
         try:
             # Until a replica is chosen: errors here are no replica's (``_forward`` answers,
@@ -315,8 +321,6 @@ class Proxy:
                     if await self._state.find_adapter(exc.model) is None:
                         raise
                     spec, stream, max_tokens = self._parse(body, chat, tenant)
-                if spec is not None:
-                    adapter_label = spec.name
                 rreq = RoutingRequest(
                     request_id=request_id,
                     adapter=spec.name if spec is not None else None,
@@ -327,10 +331,9 @@ class Proxy:
                     adapter_rank=spec.rank if spec is not None else None,
                 )
             except LoragateError as exc:
-                self._done(
-                    request_id, request.path, tenant, adapter_label, "", str(classify(exc)[0]), t0,
-                    note=exc.message,
-                )  # fmt: skip
+                self._unrouted(
+                    request_id, request.path, tenant, body, str(classify(exc)[0]), t0, exc.message
+                )
                 if isinstance(exc, AuthenticationError) and self._auth_failed is not None:
                     self._auth_failed(request)
                 return error_response(exc)
@@ -338,17 +341,17 @@ class Proxy:
                 if not self._was_cut(task):
                     # The client went away before its request was read (or the server's own
                     # shutdown): nobody to answer.
-                    self._done(
-                        request_id, request.path, tenant, adapter_label, "", CLIENT_CLOSED, t0,
-                        note="the client went away before it was routed",
+                    self._unrouted(
+                        request_id, request.path, tenant, body, CLIENT_CLOSED, t0,
+                        "the client went away before it was routed",
                     )  # fmt: skip
                     raise
                 # Cut at the shutdown deadline before it was routed: 503 (retryable).
-                self._done(request_id, request.path, tenant, adapter_label, "", "503", t0)
+                self._unrouted(request_id, request.path, tenant, body, "503", t0)
                 return error_response(_SHUTTING_DOWN)
             except Exception:
                 log.exception("request %s: unexpected error reading %s", request_id, request.path)
-                self._done(request_id, request.path, tenant, adapter_label, "", "500", t0)
+                self._unrouted(request_id, request.path, tenant, body, "500", t0)
                 return internal_error_response()
             return await self._forward(request, body, rreq, spec, chat, t0)
         finally:
@@ -649,9 +652,11 @@ class Proxy:
         retries: int = 0,
         ttft_s: float | None = None,
         note: str = "",
+        model: str = "",
     ) -> None:
         """A request finished with ``status`` (an HTTP status or an outcome label): counted in
-        loragate_requests_total, and the access log's line, at DEBUG (formatted only then)."""
+        loragate_requests_total, and the access log's line, at DEBUG (formatted only then).
+        ``model``: the access log's model when it is not ``adapter`` (or ``<base>``)."""
         self._telemetry.count(adapter, rid, status)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -660,7 +665,7 @@ class Proxy:
                 request_id,
                 path,
                 tenant or "-",
-                adapter or "<base>",
+                model or adapter or "<base>",
                 rid or "-",
                 status,
                 (self._now() - t0) * 1000.0,
@@ -668,6 +673,34 @@ class Proxy:
                 retries,
                 f" ({note})" if note else "",
             )
+
+    def _unrouted(
+        self,
+        request_id: str,
+        path: str,
+        tenant: str | None,
+        body: bytes,
+        status: str,
+        t0: float,
+        note: str = "",
+    ) -> None:
+        """:meth:`_done` for a request that ended before it was routed (refused by the gateway
+        itself, its client gone, cut at shutdown), counted under the adapter its body names if
+        the catalog holds it (``""`` for the base model and for names it does not hold: the
+        label's values stay bounded), logged with the name it asked for (``<base>`` for the
+        base model, or when the body names none; ``-`` when no body was read or it is no JSON
+        object; an unknown name quoted, cut at ``_LOGGED_NAME_CHARS``)."""
+        model = _model_named(body)
+        if model is None:
+            self._done(request_id, path, tenant, "", "", status, t0, note=note, model="-")
+        elif model in self.catalog.adapters:
+            self._done(request_id, path, tenant, model, "", status, t0, note=note)
+        elif not model or model == self.catalog.base_model:
+            self._done(request_id, path, tenant, "", "", status, t0, note=note)
+        else:
+            cut = model[:_LOGGED_NAME_CHARS]
+            logged = repr(cut) + ("..." if len(cut) < len(model) else "")
+            self._done(request_id, path, tenant, "", "", status, t0, note=note, model=logged)
 
     def _finished(
         self,
@@ -951,6 +984,24 @@ class Proxy:
             state.warning,
         )
         state.warning = ""
+
+
+def _model_named(body: bytes) -> str | None:
+    """The ``model`` a request body names, read again for a request refused before routing:
+    ``""`` if it names none (vLLM serves the base model); None if the body is empty, no JSON
+    object, or its ``model`` no string."""
+    if not body:
+        return None
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):  # (nested too deep: refused as vLLM refuses it)
+        return None
+    if not isinstance(payload, dict):
+        return None
+    model = payload.get("model")
+    if model is None:
+        return ""
+    return model if isinstance(model, str) else None
 
 
 def _broke_off(exc: UpstreamError, rid: ReplicaId, timeout_s: float) -> UpstreamError:
