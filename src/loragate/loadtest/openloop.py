@@ -221,7 +221,15 @@ async def run_open_loop(
         slots.release()
         if task.cancelled():
             return
-        result = task.result()
+        exc = task.exception()
+        if exc is None:
+            result = task.result()
+        else:  # an error _send does not turn into a result: the result says it, not the loop
+            index, req, sent_s = pending[task]
+            result = _cancelled_result(
+                cfg, index, req, sent_s, time.perf_counter() - start,
+                error=f"{type(exc).__name__}: {exc}", error_type="client",
+            )  # fmt: skip
         results.append(result)
         if on_result is not None:
             on_result(result)
@@ -259,7 +267,14 @@ async def run_open_loop(
 
 
 def _cancelled_result(
-    cfg: OpenLoopConfig, index: int, req: WorkloadRequest, sent_s: float, now_s: float
+    cfg: OpenLoopConfig,
+    index: int,
+    req: WorkloadRequest,
+    sent_s: float,
+    now_s: float,
+    *,
+    error: str = "cancelled at the run's deadline",
+    error_type: str = "deadline",
 ) -> RequestResult:
     return RequestResult(
         index=index,
@@ -271,8 +286,8 @@ def _cancelled_result(
         ttft_s=None,
         latency_s=now_s - sent_s,
         output_tokens=0,
-        error="cancelled at the run's deadline",
-        error_type="deadline",
+        error=error,
+        error_type=error_type,
         model=model_of(cfg, req.adapter),
         prompt_tokens=int(req.prompt_tokens),
         max_tokens=int(req.max_tokens),
