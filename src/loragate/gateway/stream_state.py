@@ -222,12 +222,7 @@ class StreamState:
         the stream with neither a token nor a finish reason, as vLLM ends one it stopped
         before the request produced a token (``engine_failures``); relayed as is, the client
         would read an empty answer that ended well."""
-        self.outcome = STREAM_ERROR
-        self.warning = (
-            f"{UNANSWERED_MESSAGE} (after {self.relayed} bytes of its stream; the client gets "
-            "an error event)"
-        )
-        err = UpstreamConnectError(f"replica {self.replica} {UNANSWERED_MESSAGE}")
+        err = self._ended_unanswered(UNANSWERED_MESSAGE)
         head = data[:at]
         return head + _event_break(head or self.last) + sse_error_event(err)
 
@@ -239,13 +234,16 @@ class StreamState:
         data = self._checked(cut, 0) if cut else b""
         if self.answered or self.outcome == STREAM_ERROR:
             return data
+        return data + self.closing(self._ended_unanswered(_ENDED_UNANSWERED))
+
+    def _ended_unanswered(self, how: str) -> UpstreamConnectError:
+        """The replica ended the stream ``how``, before any token or finish reason: a
+        ``stream_error``, logged; the error the client's event carries."""
         self.outcome = STREAM_ERROR
         self.warning = (
-            f"{_ENDED_UNANSWERED} (after {self.relayed} bytes of its stream; the client gets "
-            "an error event)"
+            f"{how} (after {self.relayed} bytes of its stream; the client gets an error event)"
         )
-        err = UpstreamConnectError(f"replica {self.replica} {_ENDED_UNANSWERED}")
-        return data + self.closing(err)
+        return UpstreamConnectError(f"replica {self.replica} {how}")
 
 
 def _event_break(last: bytes) -> bytes:
