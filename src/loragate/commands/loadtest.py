@@ -56,7 +56,8 @@ exit status:
   1    requests failed (any HTTP error, timeout, broken stream, or not sent before the
        run's deadline), or none was sent
   2    bad flags or spec, unreachable URL, GET /v1/models refused (e.g. 401) when needed
-  130  interrupted (Ctrl-C): the summary of what finished is printed
+  130  interrupted (Ctrl-C): the summary of the requests sent is printed, those in
+       flight counted as failed (interrupted)
 
 example:
   loragate loadtest --url http://127.0.0.1:8080 --workload workload/demo.yaml \\
@@ -402,7 +403,7 @@ def _summary(
         window_s=window_s,
         elapsed_s=elapsed_s,
         unanswered=max(0, state.pulled - len(state.results)),
-        unanswered_why="in flight or due at Ctrl-C"
+        unanswered_why="not sent before Ctrl-C"
         if interrupted
         else "not sent before the run's deadline",
         top=args.top,
@@ -448,7 +449,10 @@ def run(args: argparse.Namespace) -> int:
         _note(f"error: {exc}")
         return 2
     except KeyboardInterrupt:
-        _note("interrupted: the summary covers the requests answered so far")
+        _note(
+            "interrupted: the summary covers the requests sent so far; requests in flight are "
+            "counted as failed (interrupted)"
+        )
         if state.started:
             state.ended = state.ended or time.perf_counter()
             _report(args, _summary(args, workload, state, interrupted=True), state)

@@ -6,8 +6,9 @@ process keeps in flight, and a deadline bounds the run. Requests are streamed (u
 ``OpenLoopConfig.stream`` is False) so the time to first token is measured on the client side;
 a result is recorded for every request sent, errors included (with an ``error_type``: ``http``,
 ``timeout``, ``connect``, ``disconnected``, ``stream_error``, ``answer_error``, ``aborted``,
-``protocol``, ``client`` or ``deadline``), so nothing is lost silently. How answers are read,
-and output tokens counted when a server sends no usage: :mod:`loragate.loadtest.answers`.
+``protocol``, ``client``, ``deadline`` or ``interrupted``), so nothing is lost silently, the
+requests in flight when the run is cancelled included. How answers are read, and output tokens
+counted when a server sends no usage: :mod:`loragate.loadtest.answers`.
 
 ``OpenLoopConfig.adapter_map`` renames the workload's adapters to models the target serves
 (``loragate loadtest`` maps a spec's ``adapter-000``... onto the adapters a fleet lists).
@@ -207,7 +208,10 @@ async def run_open_loop(
     """Send ``requests`` at their scheduled offsets until they run out or the deadline passes.
 
     Requests still scheduled after the deadline are not sent; requests in flight at the
-    deadline are cancelled and recorded as errors.
+    deadline are cancelled and recorded as errors (``deadline``). When the run itself is
+    cancelled (Ctrl-C under ``asyncio.run``, an outer timeout), the requests in flight are
+    cancelled and awaited, each recorded (``interrupted``, passed to ``on_result``) before the
+    HTTP session closes and the cancellation goes on.
     """
     results: list[RequestResult] = []
     slots = asyncio.Semaphore(cfg.max_concurrency)
@@ -216,54 +220,77 @@ async def run_open_loop(
     start = time.perf_counter()
     deadline = start + cfg.deadline_s
     pending: dict[asyncio.Task[RequestResult], tuple[int, WorkloadRequest, float]] = {}
+    # What a request task cancelled from here on is recorded as (the run's cancellation
+    # unless the deadline came first).
+    ending = _INTERRUPTED
 
     def finished(task: asyncio.Task[RequestResult]) -> None:
         slots.release()
+        index, req, sent_s = pending.pop(task)
         if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is None:
-            result = task.result()
-        else:  # an error _send does not turn into a result: the result says it, not the loop
-            index, req, sent_s = pending[task]
+            error, error_type = ending
+            result = _cancelled_result(
+                cfg, index, req, sent_s, time.perf_counter() - start,
+                error=error, error_type=error_type,
+            )  # fmt: skip
+        elif (exc := task.exception()) is not None:
+            # an error _send does not turn into a result: the result says it, not the loop
             result = _cancelled_result(
                 cfg, index, req, sent_s, time.perf_counter() - start,
                 error=f"{type(exc).__name__}: {exc}", error_type="client",
             )  # fmt: skip
+        else:
+            result = task.result()
         results.append(result)
         if on_result is not None:
             on_result(result)
 
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        for index, req in enumerate(requests):
-            due = start + req.t_s
-            if due >= deadline:
-                break
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await slots.acquire()
-            if time.perf_counter() >= deadline:  # waited for a slot past the deadline
-                slots.release()
-                break
-            task = asyncio.create_task(_send(session, cfg, req, index, start))
-            pending[task] = (index, req, time.perf_counter() - start)
-            task.add_done_callback(finished)
-        unfinished = [t for t in pending if not t.done()]
-        if unfinished:
-            remaining_s = max(0.0, deadline - time.perf_counter())
-            _, late = await asyncio.wait(unfinished, timeout=remaining_s)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
-            for task in late:
-                index, req, sent_s = pending[task]
-                result = _cancelled_result(cfg, index, req, sent_s, time.perf_counter() - start)
-                results.append(result)
-                if on_result is not None:
-                    on_result(result)
+        try:
+            for index, req in enumerate(requests):
+                due = start + req.t_s
+                if due >= deadline:
+                    break
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if not await _slot(slots, deadline):  # every slot still taken at the deadline
+                    break
+                task = asyncio.create_task(_send(session, cfg, req, index, start))
+                pending[task] = (index, req, time.perf_counter() - start)
+                task.add_done_callback(finished)
+            if pending:
+                remaining_s = max(0.0, deadline - time.perf_counter())
+                await asyncio.wait(list(pending), timeout=remaining_s)
+            ending = _DEADLINE
+        finally:  # the deadline passed, or the run was cancelled: end what is in flight first
+            await _cancel_all(list(pending))
     results.sort(key=lambda r: r.index)
     return results
+
+
+_DEADLINE = ("cancelled at the run's deadline", "deadline")
+_INTERRUPTED = ("the run was interrupted before the answer ended", "interrupted")
+
+
+async def _slot(slots: asyncio.Semaphore, deadline: float) -> bool:
+    """Take a slot of ``slots``; False (none taken) if none is free before ``deadline``."""
+    if not slots.locked():
+        await slots.acquire()
+        return True
+    try:
+        await asyncio.wait_for(slots.acquire(), timeout=max(0.0, deadline - time.perf_counter()))
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _cancel_all(tasks: list[asyncio.Task[RequestResult]]) -> None:
+    """Cancel ``tasks`` and wait until each has ended (its done-callback has recorded it)."""
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
 
 
 def _cancelled_result(
