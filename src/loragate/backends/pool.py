@@ -104,7 +104,10 @@ class PoolListener(RefusalSink, Protocol):
         ...
 
     async def adapter_loaded(self, replica_id: ReplicaId, adapter: str) -> None:
-        """An on-demand load (``ensure_adapter``, for a request routed there) succeeded."""
+        """A load (``ensure_adapter``: for a request routed there, an admin registration, an
+        in-place reload) succeeded: the replica answered 200, so vLLM activated the adapter
+        (a GPU slot). Not called when the replica answered that it had the adapter already:
+        that load did nothing there (the adapter stays where it was)."""
         ...
 
     async def adapter_unloaded(self, replica_id: ReplicaId, adapter: str) -> None: ...
@@ -852,7 +855,7 @@ class ReplicaPool:
             entry.roots[spec.name] = spec.path
             entry.loaded_at_s[spec.name] = now
             self._refresh_residency(entry)
-        if self.listener is not None:
+        if loaded and self.listener is not None:  # ("already loaded" changed nothing there)
             try:
                 await self.listener.adapter_loaded(rep.config.replica_id, spec.name)
             except Exception:
