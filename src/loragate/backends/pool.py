@@ -43,7 +43,15 @@ SIGTERM; a connect that timed out does not count: the replica may only be slow) 
 requests in progress there (``UpstreamPool.replica_stopped``): each fails with
 ``ReplicaStoppedError`` once it has received nothing for ``stopped_replica_grace_s``
 (``limits.stopped_replica_grace_s``), and its connection is closed, so that a vLLM waiting for
-its connections to close can exit; the proxy retries the request elsewhere or ends it.
+its connections to close can exit; the proxy retries the request elsewhere or ends it. The
+adapter loads under way there are abandoned at once (their connections closed too), and the
+requests waiting for them fail with ``ReplicaStoppedError`` at once (nothing was generated, and
+the replica takes no request any more): the proxy retries them elsewhere or answers a 502.
+A replica the gateway's own request found refused at connect counts the same
+(:meth:`ReplicaPool.report_failure` with ``refused``).
+
+Replicas a config reload removes or replaces: the requests waiting for an adapter load there
+stop waiting (``ReplicaRetiredError``), and the proxy routes them again.
 
 Draining (``POST /admin/replicas/{id}/drain``, shared by every gateway instance through the
 listener's state): :meth:`ReplicaPool.set_draining` names the replicas that get no new
@@ -71,6 +79,7 @@ import aiohttp
 from loragate.backends.client import ModelCard, VllmClient
 from loragate.backends.metrics import VllmMetrics
 from loragate.backends.refusals import Refusals, RefusalSink
+from loragate.backends.upstream import ReplicaStoppedError
 from loragate.core.clock import Clock, WallClock
 from loragate.core.config import PollerConfig, ReplicaConfig
 from loragate.core.errors import (
@@ -84,6 +93,11 @@ from loragate.core.tasks import cancel_and_wait
 from loragate.core.types import AdapterSpec, ReplicaId, ReplicaSettings, ReplicaSnapshot, Residency
 
 log = logging.getLogger(__name__)
+
+
+class ReplicaRetiredError(UpstreamConnectError):
+    """A config reload removed or replaced the replica's entry while a request waited for an
+    adapter load there: the request is routed again (not a failure of the replica)."""
 
 
 class PoolListener(RefusalSink, Protocol):
@@ -138,6 +152,10 @@ class _Replica:
     inplace_failed: dict[str, str] = dataclasses.field(default_factory=dict)
     # The base model's card in the replica's last /v1/models that listed it (root, max_model_len).
     base_card: ModelCard | None = None
+    # The requests waiting for adapter loads here wait on this too (made by the first of them):
+    # set, they stop waiting (:meth:`ReplicaPool._wake_load_waiters`: the replica stopped
+    # listening, or a reload retired this entry), with the error class and the reason.
+    wake: asyncio.Future[tuple[type[UpstreamConnectError], str]] | None = None
 
 
 class ReplicaPool:
@@ -261,11 +279,11 @@ class ReplicaPool:
         ids, to poll with :meth:`poll_replicas` (an added one gets no traffic before).
         Every new entry is built first: if one cannot be (its client cannot be made), this
         raises with the pool as it was. A replaced replica keeps its place in the pool
-        (config order) and its adapter-load count; requests already on it, and the adapter
-        loads they wait for, finish on it. Replaced at the same URL (key or settings
-        changed: the same vLLM server), the new entry starts from what the old one knew of
-        the adapters registered there, and an adapter load under way there registers on the
-        new entry when it ends."""
+        (config order) and its adapter-load count; requests already on it finish on it,
+        those waiting for an adapter load there are routed again (:meth:`_retire_replica`).
+        Replaced at the same URL (key or settings changed: the same vLLM server), the new
+        entry starts from what the old one knew of the adapters registered there, and an
+        adapter load under way there registers on the new entry when it ends."""
         fresh: list[_Replica] = []
         for cfg in configs:
             old = self._replicas.get(cfg.replica_id)
@@ -298,8 +316,9 @@ class ReplicaPool:
         self._rebuild_healthy()
 
     def remove_replica(self, replica_id: ReplicaId) -> None:
-        """Stop routing to a replica. Requests already on it finish (the adapter loads they
-        wait for too); its idle connections close. Its adapter-load count stays."""
+        """Stop routing to a replica. Requests already on it finish; those waiting for an
+        adapter load there are routed again (the load runs on); its idle connections close.
+        Its adapter-load count stays."""
         rep = self._replicas.get(replica_id)
         if rep is None:
             return
@@ -316,16 +335,24 @@ class ReplicaPool:
             )  # fmt: skip
 
     def _retire_replica(self, rep: _Replica, *, successor: _Replica | None = None) -> None:
-        """``rep`` leaves the pool (removed, or replaced by ``successor``). Its adapter loads
-        run on to their end: the requests waiting for them are sent there once they finish,
-        as the requests already running there finish (cancelling them would cancel those
-        requests as if their clients had left). A successor at the same URL is the same vLLM
+        """``rep`` leaves the pool (removed, or replaced by ``successor``). The requests
+        already running there finish there; those waiting for an adapter load there stop
+        waiting (:class:`ReplicaRetiredError`: the proxy routes them again, to the
+        successor or another replica). Its adapter loads run on to their end (the replica
+        may still be serving). A successor at the same URL is the same vLLM
         server: it takes over what ``rep`` knew of its adapters, and ``rep``'s loads stay
         the single flight for that id (they register on the entry in the pool when they
-        end). Otherwise the loads leave ``_loads`` and the next load for the id is the
-        successor's own. Background unloads stop; its refusals are forgotten here; its idle
-        connections close."""
+        end; a request routed again to the successor waits for them). Otherwise the loads
+        leave ``_loads`` and the next load for the id is the successor's own. Background
+        unloads stop; its refusals are forgotten here; its idle connections close."""
         rid = rep.config.replica_id
+        self._wake_load_waiters(
+            rep,
+            ReplicaRetiredError,
+            "was removed from the pool by a config reload"
+            if successor is None
+            else "was replaced by a config reload (its URL, key or settings changed)",
+        )
         if successor is not None and successor.config.url == rep.config.url:
             successor.registered = set(rep.registered)
             successor.roots = dict(rep.roots)
@@ -453,14 +480,29 @@ class ReplicaPool:
     def _stopped_listening(self, rep: _Replica, client: VllmClient, error: str) -> None:
         """A poll found ``rep``'s listener closed (vLLM closes it at once on SIGTERM): the
         requests in progress there fail once nothing arrives for the grace
-        (``stopped_replica_grace_s``): the proxy retries them elsewhere or ends them."""
+        (``stopped_replica_grace_s``): the proxy retries them elsewhere or ends them. The
+        adapter loads under way there are abandoned at once (their connections closed: vLLM
+        may wait for them before it exits), and the requests waiting for them fail now with
+        :class:`ReplicaStoppedError` (nothing was generated; the replica takes no request)."""
+        rid = rep.config.replica_id
         grace_s = self.stopped_replica_grace_s
         waiting = client.upstream.replica_stopped(grace_s)
         if waiting:
             log.warning(
                 "replica %s (%s) stopped listening (%s): %d request(s) in progress there end "
                 "if nothing arrives for %g s",
-                rep.config.replica_id, rep.config.url, error, waiting, grace_s,
+                rid, rep.config.url, error, waiting, grace_s,
+            )  # fmt: skip
+        self._wake_load_waiters(rep, ReplicaStoppedError, _STOPPED_LOADING)
+        abandoned = sorted(name for name, r in self._loads if r == rid)
+        for name in abandoned:
+            self._loads.pop((name, rid)).cancel()
+        if abandoned:
+            log.warning(
+                "replica %s (%s) stopped listening (%s): adapter load(s) under way there "
+                "abandoned (%s); the requests waiting for them are retried on another replica "
+                "or answered with a 502",
+                rid, rep.config.url, error, ", ".join(abandoned),
             )  # fmt: skip
 
     def _retire(self, rep: _Replica, listed: Collection[str]) -> None:
@@ -623,12 +665,20 @@ class ReplicaPool:
         )
 
     def report_failure(
-        self, replica_id: ReplicaId, error: str, *, client: VllmClient | None = None
+        self,
+        replica_id: ReplicaId,
+        error: str,
+        *,
+        client: VllmClient | None = None,
+        refused: bool = False,
     ) -> None:
         """Passive health: the gateway could not talk to this replica. It gets no traffic until
         a poll succeeds again. ``client``: the one the failed call used (``client(id)`` when
         it began); if a reload replaced the replica since, the failure was the old entry's
-        (its old URL, key or settings) and says nothing of the new one: it is ignored."""
+        (its old URL, key or settings) and says nothing of the new one: it is ignored.
+        ``refused``: the connection was refused (:func:`connection_refused`: nothing listens
+        there): what a poll refused at connect does follows (the requests in progress there
+        are woken, the adapter loads under way abandoned) without waiting for the next poll."""
         rep = self._replicas.get(replica_id)
         if rep is None:
             return
@@ -640,6 +690,8 @@ class ReplicaPool:
             )
             return
         self._record_failure(rep, error, immediate=True)
+        if refused:
+            self._stopped_listening(rep, self._client(rep), error)
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -753,29 +805,49 @@ class ReplicaPool:
         which is within ``admin_timeout_s``). Past it, it raises
         :class:`UpstreamTimeoutError`, and the load goes on, up to ``admin_timeout_s``, for
         its other waiters and the next requests (a load the replica completes registers the
-        adapter there as usual)."""
+        adapter there as usual).
+
+        The wait also ends when the replica goes away: :class:`ReplicaStoppedError` once a
+        poll finds its listener closed (the load is abandoned: its connection is closed),
+        :class:`ReplicaRetiredError` once a config reload removes or replaces its entry (the
+        load runs on; a replacement at the same URL waits for it again)."""
         rep = self._replicas.get(replica_id)
         if rep is None:  # removed by a reload while the request was being routed
-            raise UpstreamConnectError(f"replica {replica_id} was removed from the pool")
+            raise ReplicaRetiredError(
+                f"was removed from the pool by a config reload before adapter {spec.name!r} "
+                "could load there"
+            )
         if spec.name in rep.registered and same_path(rep.roots.get(spec.name), spec.path):
             return False
         key = (spec.name, replica_id)
         task = self._loads.get(key)
         if task is None:
             task = self._start_load(key, rep, spec)
-        if timeout_s is None:
-            await asyncio.shield(task)
-            return True
+        wake = rep.wake
+        if wake is None:
+            wake = rep.wake = asyncio.get_running_loop().create_future()
         # (asyncio.wait neither cancels the task at its timeout nor when this waiter is.)
-        wait_s = max(timeout_s, 0.0)
-        done, _ = await asyncio.wait((task,), timeout=wait_s)
-        if not done:
+        wait_s = None if timeout_s is None else max(timeout_s, 0.0)
+        await asyncio.wait((task, wake), timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+        if wake.done() and not (task.done() and not task.cancelled() and not task.exception()):
+            error, reason = wake.result()
+            raise error(f"{reason} while adapter {spec.name!r} was loading there")
+        if not task.done():
             raise UpstreamTimeoutError(
                 f"loading adapter {spec.name} on replica {replica_id} did not finish within "
                 f"{wait_s:.3g} s (the load goes on, up to {self._admin_timeout_s:g} s)"
             )
-        task.result()  # its error, if it failed
+        task.result()  # its error, if it failed (cancelled: the pool stopped)
         return True
+
+    def _wake_load_waiters(
+        self, rep: _Replica, error: type[UpstreamConnectError], reason: str
+    ) -> None:
+        """The requests waiting for adapter loads on ``rep`` now stop waiting: each raises
+        ``error`` (``reason``, and the adapter it waited for). Later ones wait anew."""
+        wake, rep.wake = rep.wake, None
+        if wake is not None and not wake.done():
+            wake.set_result((error, reason))
 
     def _start_load(
         self, key: tuple[str, ReplicaId], rep: _Replica, spec: AdapterSpec
@@ -932,6 +1004,10 @@ class ReplicaPool:
         if not healthy:
             raise self.no_replica_error()
         return healthy
+
+
+# Why the requests waiting for a load on a replica that stopped listening stop waiting.
+_STOPPED_LOADING = "stopped listening (its poll could not connect)"
 
 
 def connection_refused(exc: BaseException) -> bool:

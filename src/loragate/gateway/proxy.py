@@ -39,9 +39,16 @@ one that has received nothing for ``limits.stopped_replica_grace_s`` fails with
 ``ReplicaStoppedError`` and its connection is closed. Before any answer (or while a stream is
 held, below) it is retried once on another replica (``engine_stopped``: the generation was
 lost with the engine), else the client's 502 names the replica; a stream that had sent output
-ends with an error event (``upstream_unavailable``, a ``stream_error``). A replica that is
-only slow (its polls succeed, or time out) is left alone: its requests wait for
-``limits.request_timeout_s`` / ``limits.stream_read_timeout_s`` as before.
+ends with an error event (``upstream_unavailable``, a ``stream_error``). A request waiting for
+an adapter load there stops waiting at once (``ReplicaStoppedError``; the load is abandoned):
+it is retried once on another replica (``load_failed``: nothing was generated), else the
+client's 502 names the replica. The gateway's own connection refused there (a request's, a
+load's) counts as such a poll. A replica that is only slow (its polls succeed, or time out) is
+left alone: its requests wait for ``limits.request_timeout_s`` /
+``limits.stream_read_timeout_s`` as before. A request waiting for an adapter load on a replica
+entry that a config reload removes or replaces is routed again at once (counted ``reload``;
+its one retry stays unused): a replacement at the same URL is the same server, so the load
+there goes on, and a request routed to it again waits for that load, not a second one.
 
 Streams: while another replica could take the request (not retried yet, another healthy
 replica), the response head and the chunks that carry no output (a chat's role chunk, a usage
@@ -96,7 +103,7 @@ from aiohttp import hdrs, web
 
 from loragate.backends.client import VllmClient
 from loragate.backends.engine_failures import ABORT, engine_stopped
-from loragate.backends.pool import ReplicaPool
+from loragate.backends.pool import ReplicaPool, ReplicaRetiredError, connection_refused
 from loragate.backends.upstream import ReplicaStoppedError, UpstreamConn
 from loragate.core.clock import Clock
 from loragate.core.config import LimitsConfig
@@ -152,6 +159,9 @@ CLIENT_CLOSED = "client_closed"
 # The reason label in loragate_upstream_retries_total of a request whose replica answered
 # that its engine stopped under it (``backends.engine_failures``).
 ENGINE_STOPPED = "engine_stopped"
+# The reason label of a request routed again because a config reload removed or replaced the
+# replica entry whose adapter load it waited for.
+RELOAD = "reload"
 
 
 class _RelayResponse(web.StreamResponse):
@@ -493,6 +503,13 @@ class Proxy:
                             await pool.ensure_adapter(
                                 rid, spec, timeout_s=self._timeout_s - (self._now() - t_try)
                             )
+                        except ReplicaRetiredError as exc:
+                            # A reload removed or replaced the replica's entry meanwhile: not
+                            # the replica's failure; routed again (its one retry stays unused).
+                            self._rerouted(rid, rreq, exc)
+                            loading = None
+                            retries += 1
+                            continue
                         except (
                             UpstreamConnectError,
                             UpstreamTimeoutError,
@@ -795,6 +812,18 @@ class Proxy:
             raise
         return b"".join(parts)
 
+    def _rerouted(self, rid: ReplicaId, rreq: RoutingRequest, exc: ReplicaRetiredError) -> None:
+        """A request waiting for an adapter load on ``rid``'s entry, which a config reload
+        removed or replaced: counted (``reload``) and logged; the caller routes it again."""
+        self._telemetry.count_retry(rid, RELOAD)
+        log.info(
+            "request %s (model %s): replica %s %s: routed again",
+            rreq.request_id,
+            rreq.adapter or "<base>",
+            rid,
+            exc.message,
+        )
+
     def _can_retry(self, failed: ReplicaId) -> bool:
         return any(s.replica_id != failed for s in self._pool.healthy_snapshots())
 
@@ -812,7 +841,10 @@ class Proxy:
         entry out (the pool tells them apart by client)."""
         url = client.base_url
         if not isinstance(err, UpstreamTimeoutError):
-            self._pool.report_failure(rid, f"{stage} ({url}): {err.message}", client=client)
+            self._pool.report_failure(
+                rid, f"{stage} ({url}): {err.message}", client=client,
+                refused=connection_refused(err),
+            )  # fmt: skip
         log.warning(
             "request %s (model %s) on replica %s (%s) failed while %s: %s",
             rreq.request_id,
@@ -1027,6 +1059,8 @@ def _for_client(exc: UpstreamError, rid: ReplicaId, loading: str | None) -> Upst
         return exc  # names every replica already
     if isinstance(exc, AdapterLoadError):
         return AdapterLoadError(f"replica {rid}: {exc.message}", status=exc.status)
+    if isinstance(exc, ReplicaStoppedError):  # (its words carry no URL; they name the load)
+        return ReplicaStoppedError(f"replica {rid}: {exc.message}")
     if loading is not None:
         if isinstance(exc, UpstreamTimeoutError):
             return UpstreamTimeoutError(
