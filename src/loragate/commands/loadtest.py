@@ -33,6 +33,7 @@ from loragate.loadtest.fleet import (
 )
 from loragate.loadtest.openloop import OpenLoopConfig, RequestResult, run_open_loop
 from loragate.loadtest.prompt_tokens import PromptTokens, measure_prompt_tokens
+from loragate.loadtest.proxy_env import env_proxy
 from loragate.loadtest.records import RecordWriter
 from loragate.loadtest.scaling import scale_rates
 from loragate.loadtest.summary import format_text, summarise
@@ -49,6 +50,10 @@ to stdout, the model mapping and progress to stderr.
 Output tokens are the server's usage counts; a server that sends no usage gets an estimate
 (content chunks of a stream, words of a JSON answer), said once on stderr and in the summary.
 TTFT is the time to the first chunk that carries output; JSON answers have none.
+Proxies: HTTP_PROXY / HTTPS_PROXY / ALL_PROXY (either case) are used as the openai SDK
+(httpx) and requests use them, except for hosts NO_PROXY lists and loopback targets
+(localhost, 127.0.0.0/8, ::1); the proxy is said on stderr, as its latency is then in every
+figure. --no-proxy-env connects directly. ~/.netrc is not read.
 
 exit status:
   0    every request the workload scheduled was sent and answered 200 (or the failed
@@ -160,11 +165,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "tokens are then estimated from the stream's chunks",
     )
     body.add_argument(
+        "--max-completion-tokens",
+        action="store_true",
+        help="chat requests bound their output with max_completion_tokens, OpenAI's newer "
+        "name (its reasoning models refuse max_tokens with 400), instead of max_tokens; "
+        "/v1/completions knows only max_tokens. Needs --endpoint chat or mixed",
+    )
+    body.add_argument(
         "--no-ignore-eos",
         dest="ignore_eos",
         action="store_false",
         help="leave out ignore_eos, vLLM's extension that makes outputs exactly max_tokens "
         "long (servers that refuse unknown fields, e.g. OpenAI's, answer it with 400)",
+    )
+    net = parser.add_argument_group("network")
+    net.add_argument(
+        "--no-proxy-env",
+        dest="proxy_env",
+        action="store_false",
+        help="ignore HTTP_PROXY/HTTPS_PROXY/ALL_PROXY and connect to the target directly "
+        "(default: use them, see below)",
     )
     out = parser.add_argument_group("output")
     out.add_argument(
@@ -249,10 +269,13 @@ def _answer_notes(r: RequestResult, *, stream: bool, stream_usage: bool) -> list
     return keys
 
 
-# Request fields a server may refuse, and the flag that leaves each out.
+# Request fields a server may refuse: what its 400 message says, the field, the flag to try.
 _REFUSED_FIELD_HINTS = (
-    ("ignore_eos", "--no-ignore-eos"),
-    ("stream_options", "--no-stream-options"),
+    ("ignore_eos", "ignore_eos", "--no-ignore-eos"),
+    ("stream_options", "stream_options", "--no-stream-options"),
+    # OpenAI's reasoning models: "Unsupported parameter: 'max_tokens' is not supported with
+    # this model. Use 'max_completion_tokens' instead."
+    ("'max_tokens' is not supported", "max_tokens", "--max-completion-tokens --endpoint chat"),
 )
 
 
@@ -261,8 +284,8 @@ def _hints(results: list[RequestResult]) -> list[str]:
     messages = {r.error or "" for r in results if r.status == 400}
     return [
         f"hint: 400 answers name {field}, which the target may not accept: try {flag}"
-        for field, flag in _REFUSED_FIELD_HINTS
-        if any(field in m for m in messages)
+        for said, field, flag in _REFUSED_FIELD_HINTS
+        if any(said in m for m in messages)
     ]
 
 
@@ -289,6 +312,12 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise ConfigError(f"must be {what}, got {value}", key=flag)
     if not 0 <= args.max_error_rate <= 1:
         raise ConfigError(f"must be in [0, 1], got {args.max_error_rate}", key="--max-error-rate")
+    if args.max_completion_tokens and args.endpoint == "completions":
+        raise ConfigError(
+            "names the chat requests' output bound, and --endpoint completions sends none "
+            "(/v1/completions knows only max_tokens): add --endpoint chat or mixed",
+            key="--max-completion-tokens",
+        )
 
 
 def _workload(args: argparse.Namespace) -> Workload:
@@ -311,10 +340,12 @@ def _note(text: str) -> None:
     print(f"loragate loadtest: {text}", file=sys.stderr, flush=True)
 
 
-async def _plan(args: argparse.Namespace, base_url: str, workload: Workload) -> ModelPlan:
+async def _plan(
+    args: argparse.Namespace, base_url: str, workload: Workload, proxy: str | None
+) -> ModelPlan:
     try:
         listing: FleetModels | TargetError = await fetch_models(
-            base_url, api_key=args.api_key, timeout_s=min(args.timeout_s, 10.0)
+            base_url, api_key=args.api_key, timeout_s=min(args.timeout_s, 10.0), proxy=proxy
         )
     except TargetError as exc:
         if not exc.reachable:
@@ -333,7 +364,14 @@ async def _plan(args: argparse.Namespace, base_url: str, workload: Workload) -> 
 
 async def _loadtest(args: argparse.Namespace, workload: Workload, state: _Run) -> None:
     base_url = openai_base(args.url)
-    plan = await _plan(args, base_url, workload)
+    proxy = env_proxy(base_url) if args.proxy_env else None
+    if proxy is not None:
+        _note(
+            f"through the proxy {proxy.shown()} ({proxy.variable}; --no-proxy-env connects "
+            "directly): its latency is in every figure"
+        )
+    proxy_url = None if proxy is None else proxy.url
+    plan = await _plan(args, base_url, workload, proxy_url)
     for line in plan.notes:
         _note(line)
     if args.results is not None:
@@ -359,10 +397,16 @@ async def _loadtest(args: argparse.Namespace, workload: Workload, state: _Run) -
         stream_usage=args.stream_usage,
         ignore_eos=args.ignore_eos,
         adapter_map=plan.mapping,
+        max_completion_tokens=args.max_completion_tokens,
+        proxy=proxy_url,
     )
     state.stream, state.stream_usage = args.stream, args.stream_usage
     state.prompt_tokens = await measure_prompt_tokens(
-        base_url, model=plan.base_model, api_key=args.api_key, timeout_s=min(args.timeout_s, 10.0)
+        base_url,
+        model=plan.base_model,
+        api_key=args.api_key,
+        timeout_s=min(args.timeout_s, 10.0),
+        proxy=proxy_url,
     )
     requests: Iterator[WorkloadRequest] = workload.requests()
     if args.max_requests is not None:

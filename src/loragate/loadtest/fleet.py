@@ -71,14 +71,17 @@ def parse_models(doc: object) -> FleetModels:
     return FleetModels(base_model=base, adapters=tuple(adapters), others=others)
 
 
-async def fetch_models(base_url: str, *, api_key: str | None, timeout_s: float) -> FleetModels:
-    """``GET {base_url}/models``; :class:`TargetError` naming the cause when it fails."""
+async def fetch_models(
+    base_url: str, *, api_key: str | None, timeout_s: float, proxy: str | None = None
+) -> FleetModels:
+    """``GET {base_url}/models`` (through ``proxy`` if given); :class:`TargetError` naming the
+    cause when it fails."""
     url = base_url + "/models"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         timeout = aiohttp.ClientTimeout(total=timeout_s)
         async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
+            aiohttp.ClientSession(timeout=timeout, proxy=proxy) as session,
             session.get(url, headers=headers) as resp,
         ):
             body = await resp.read()

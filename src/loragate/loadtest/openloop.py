@@ -82,6 +82,10 @@ class OpenLoopConfig:
     ignore_eos: bool = True  # vLLM's extension: outputs of exactly max_tokens
     # workload adapter -> model to name instead (absent: the adapter's own name)
     adapter_map: Mapping[str, str] = field(default_factory=dict)
+    # chat requests bound their output with max_completion_tokens (OpenAI's newer name, which
+    # its reasoning models require) instead of max_tokens; /completions knows only max_tokens
+    max_completion_tokens: bool = False
+    proxy: str | None = None  # an HTTP proxy to send every request through
 
 
 def model_of(cfg: OpenLoopConfig, adapter: str | None) -> str:
@@ -100,9 +104,11 @@ def prompt_of(n_tokens: int, index: int) -> str:
 
 def request_body(cfg: OpenLoopConfig, req: WorkloadRequest, index: int) -> tuple[str, bytes]:
     """The endpoint path and JSON body for one workload request."""
+    chat = bool(cfg.chat_every) and index % cfg.chat_every == cfg.chat_every - 1
+    bound = "max_completion_tokens" if chat and cfg.max_completion_tokens else "max_tokens"
     common: dict[str, object] = {
         "model": model_of(cfg, req.adapter),
-        "max_tokens": int(req.max_tokens),
+        bound: int(req.max_tokens),
         "temperature": 0,
         "stream": cfg.stream,
     }
@@ -111,7 +117,7 @@ def request_body(cfg: OpenLoopConfig, req: WorkloadRequest, index: int) -> tuple
     if cfg.ignore_eos:
         common["ignore_eos"] = True
     prompt = prompt_of(int(req.prompt_tokens), index)
-    if cfg.chat_every and index % cfg.chat_every == cfg.chat_every - 1:
+    if chat:
         body = {**common, "messages": [{"role": "user", "content": prompt}]}
         return "/chat/completions", json.dumps(body).encode()
     return "/completions", json.dumps({**common, "prompt": prompt}).encode()
@@ -245,7 +251,9 @@ async def run_open_loop(
         if on_result is not None:
             on_result(result)
 
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+    async with aiohttp.ClientSession(
+        timeout=timeout, connector=connector, proxy=cfg.proxy
+    ) as session:
         try:
             for index, req in enumerate(requests):
                 due = start + req.t_s

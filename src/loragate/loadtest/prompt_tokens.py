@@ -53,6 +53,7 @@ async def measure_prompt_tokens(
     api_key: str | None,
     timeout_s: float,
     words: int = PROBE_WORDS,
+    proxy: str | None = None,
 ) -> PromptTokens:
     """``POST {root}/tokenize`` of a prompt of ``words`` words; not measured (``why_not``) when
     the target has no such endpoint, refuses it or answers something else."""
@@ -65,7 +66,9 @@ async def measure_prompt_tokens(
         headers["Authorization"] = f"Bearer {api_key}"
     try:
         async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
+            aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=timeout_s), proxy=proxy
+            ) as session,
             session.post(url, data=json.dumps(body).encode(), headers=headers) as resp,
         ):
             status, raw = resp.status, await resp.read()
