@@ -513,7 +513,8 @@ def _settings(value: object, key: str) -> ReplicaSettings:
     kwargs = {k: _int(v, f"{key}.{k}", minimum=1) for k, v in data.items()}
     if "max_loras" in kwargs and "max_cpu_loras" not in kwargs:
         kwargs["max_cpu_loras"] = kwargs["max_loras"]  # vLLM's default for --max-cpu-loras
-    settings = ReplicaSettings(**kwargs)
+    # Said: routing keeps higher ranks off the replica (vLLM's default 16 is only assumed).
+    settings = ReplicaSettings(**kwargs, max_lora_rank_known="max_lora_rank" in kwargs)
     if settings.max_cpu_loras < settings.max_loras:  # vLLM refuses to start so
         raise ConfigError(
             f"max_cpu_loras ({settings.max_cpu_loras}) must be at least max_loras "

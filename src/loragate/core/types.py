@@ -34,13 +34,19 @@ class AdapterSpec:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReplicaSettings:
-    """The LoRA-relevant engine settings of one replica (from config or discovered)."""
+    """The LoRA-relevant engine settings of one replica (from config or discovered).
+
+    ``max_lora_rank_known``: ``max_lora_rank`` is the replica's ``--max-lora-rank`` as its
+    config says it (``settings.max_lora_rank``), not vLLM's default assumed (vLLM does not
+    report it). Routing then never sends the replica an adapter of a higher rank, which it would
+    refuse to load; an assumed one keeps every rank allowed."""
 
     max_loras: int = 4
     max_cpu_loras: int = 8
     max_lora_rank: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
+    max_lora_rank_known: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -6,17 +6,68 @@ given with the adapter (the config file's ``rank:``, ``POST /admin/adapters``' `
 says otherwise is refused, naming both. When the folder is not readable here (the path is the
 replicas', on another host, or a hub id), the given rank is taken, else 8 is assumed, and the
 answer says which (``source``): ``adapter_config``, ``config``, ``request`` or ``default``.
+
+A rank above the ``max_lora_rank`` of every replica, when the config says each one's
+(``settings.max_lora_rank``), is one no replica can load (vLLM refuses it): :func:`rank_problem`
+says so, for the config file (an error naming the key), ``POST /admin/adapters`` (a 400) and
+the catalog (a request for such an adapter is a 400 before routing, with no load tried).
+Routing leaves out each replica whose known ``max_lora_rank`` is below the adapter's rank
+(``routing.rank_limit``).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from loragate.core.config import ReplicaConfig
+from loragate.core.errors import InvalidRequestError
 from loragate.core.types import MAX_ADAPTER_RANK
 from loragate.twin.adapters import ADAPTER_CONFIG, AdapterFolderError, read_adapter_folder
 
 DEFAULT_RANK = 8
+
+
+@dataclass(frozen=True, slots=True)
+class RankLimits:
+    """The replicas' ``max_lora_rank`` as their configs say it: ``ceiling`` is the highest when
+    every replica says its own (None: some replica's is unknown, so any rank may be taken
+    there, or there is no replica), ``described`` names each one (``r0: 16, r1: 8``)."""
+
+    ceiling: int | None
+    described: str
+
+    @classmethod
+    def of(cls, replicas: Sequence[ReplicaConfig]) -> RankLimits:
+        known = [
+            (r.replica_id, r.settings.max_lora_rank)
+            for r in replicas
+            if r.settings is not None and r.settings.max_lora_rank_known
+        ]
+        if not known or len(known) < len(replicas):
+            return cls(None, "")
+        return cls(max(m for _, m in known), ", ".join(f"{rid}: {m}" for rid, m in known))
+
+    def problem(self, rank: int) -> str | None:
+        """Why no replica can load an adapter of ``rank`` (None: some replica may)."""
+        if self.ceiling is None or rank <= self.ceiling:
+            return None
+        return (
+            f"LoRA rank {rank} is above the max_lora_rank of every replica ({self.described}; "
+            "their settings.max_lora_rank), and vLLM refuses to load an adapter whose rank is "
+            "above its --max-lora-rank"
+        )
+
+
+def rank_problem(rank: int, replicas: Sequence[ReplicaConfig]) -> str | None:
+    """Why none of ``replicas`` can load an adapter of ``rank`` (None: one may)."""
+    return RankLimits.of(replicas).problem(rank)
+
+
+class RankAboveReplicasError(InvalidRequestError):
+    """A request for an adapter whose rank is above every replica's known ``max_lora_rank``:
+    a 400 (``param: model``), before routing, with no load tried."""
 
 
 class RankError(ValueError):

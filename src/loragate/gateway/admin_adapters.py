@@ -1,6 +1,14 @@
 """The admin API's adapter endpoints: ``GET``/``POST /admin/adapters`` and ``DELETE
 /admin/adapters/N`` (what they answer: ``gateway.admin``), and the checks of a registration's
-body."""
+body.
+
+A registration whose rank is above the ``max_lora_rank`` of every replica (each one said in
+its config's ``settings.max_lora_rank``) is refused, 400 ``param: rank`` naming the numbers,
+with nothing registered and no load tried: no replica could ever load it, and every request
+for it would be a 400. (Refused, not warned about: the registration's point is an adapter the
+gateway can serve, which is why it tries a load at once.) The load it tries passes over the
+replicas whose known ``max_lora_rank`` is below the rank (``not_tried`` says why).
+"""
 
 from __future__ import annotations
 
@@ -22,14 +30,21 @@ from loragate.core.errors import (
     UpstreamTimeoutError,
 )
 from loragate.core.types import MAX_ADAPTER_RANK, AdapterSpec
-from loragate.gateway.adapter_rank import DEFAULT_RANK, RankError, settle_rank
+from loragate.gateway.adapter_rank import DEFAULT_RANK, RankError, rank_problem, settle_rank
 from loragate.gateway.admin_common import json_response, log, state_unavailable
 from loragate.gateway.request_body import read_request_body
+from loragate.routing.rank_limit import within_rank_limit
 
 if TYPE_CHECKING:
     from loragate.gateway.app import Gateway
 
 _ADAPTER_KEYS = ("name", "path", "rank", "tenants")
+# How a registration's rank was settled (``SettledRank.source``), for its messages.
+_RANK_SOURCES = {
+    "adapter_config": "from its adapter_config.json",
+    "request": "as given",
+    "default": f"assumed: {DEFAULT_RANK} when none is given and the folder cannot be read",
+}
 _MAX_ADMIN_BODY = 64 * 1024
 
 
@@ -130,6 +145,12 @@ class AdapterAdmin:
         except RankError as exc:
             raise InvalidRequestError(str(exc), param="rank") from exc
         spec = dataclasses.replace(spec, rank=settled.rank)
+        if (problem := rank_problem(spec.rank, gw.config.replicas)) is not None:
+            raise InvalidRequestError(
+                f"adapter {spec.name!r} not registered: its {problem} (the rank "
+                f"{_RANK_SOURCES.get(settled.source, settled.source)}); no replica could load it",
+                param="rank",
+            )
         async with gw.lock:
             if gw.shared.degraded:
                 return state_unavailable(f"register adapter {spec.name!r}")
@@ -176,7 +197,8 @@ class AdapterAdmin:
         that a path no replica can load is a 400 now, not a 502 for every request later.
 
         A replica that refuses it (vLLM's 4xx/5xx) and one that cannot be reached or does not
-        answer within ``limits.admin_timeout_s`` are both passed over for the next one. If
+        answer within ``limits.admin_timeout_s`` are both passed over for the next one, and
+        one whose known ``max_lora_rank`` is below the rank is not asked (it would refuse). If
         none loads it: at least one refusal is a 400 (param ``path``) naming every refusal
         (vLLM's reasons) and every replica that could not be asked, and the registration is
         taken back (the replicas that answered all refused; the others run the same vLLM and
@@ -187,9 +209,14 @@ class AdapterAdmin:
         pool = self._gw.pool
         attempt = LoadAttempt()
         refused: list[str] = []
-        unreachable: list[str] = []
+        passed_over: list[str] = []
         for snap in pool.healthy_snapshots():
             rid = snap.replica_id
+            if not within_rank_limit(snap.settings, spec.rank):  # it would refuse: not asked
+                why = f"its max_lora_rank {snap.settings.max_lora_rank} is below rank {spec.rank}"
+                passed_over.append(f"replica {rid} ({why})")
+                attempt.not_tried[rid] = why
+                continue
             try:
                 await pool.ensure_adapter(rid, spec)
             except AdapterLoadError as exc:
@@ -198,22 +225,22 @@ class AdapterAdmin:
                 continue
             except LoragateError as exc:  # unreachable, timed out: not the adapter's fault
                 log.warning("admin: adapter %s not tried on replica %s: %s", spec.name, rid, exc)
-                unreachable.append(f"replica {rid} ({_why_not_tried(exc)})")
+                passed_over.append(f"replica {rid} ({_why_not_tried(exc)})")
                 attempt.not_tried[rid] = _why_not_tried(exc)
                 continue
-            if refused or unreachable:
+            if refused or passed_over:
                 log.info(
                     "admin: adapter %s loaded on replica %s after %s",
-                    spec.name, rid, "; ".join(refused + unreachable),
+                    spec.name, rid, "; ".join(refused + passed_over),
                 )  # fmt: skip
             attempt.loaded_on = rid
             return attempt
         if not refused:
-            if unreachable:
+            if passed_over:
                 log.warning(
                     "admin: adapter %s registered untried: no healthy replica could be asked "
                     "(%s)",
-                    spec.name, ", ".join(unreachable),
+                    spec.name, ", ".join(passed_over),
                 )  # fmt: skip
             else:
                 log.warning("admin: adapter %s registered untried: no healthy replica", spec.name)
@@ -222,8 +249,8 @@ class AdapterAdmin:
         message = f"no replica could load adapter {spec.name!r} from {spec.path!r}: " + "; ".join(
             refused
         )
-        if unreachable:
-            message += "; not tried: " + ", ".join(unreachable)
+        if passed_over:
+            message += "; not tried: " + ", ".join(passed_over)
         raise InvalidRequestError(message, param="path")
 
     async def delete_adapter(self, request: web.Request) -> web.Response:

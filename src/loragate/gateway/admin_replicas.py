@@ -158,6 +158,8 @@ class ReplicaAdmin:
                 "max_loras": snap.settings.max_loras,
                 "max_cpu_loras": snap.settings.max_cpu_loras,
                 "max_lora_rank": snap.settings.max_lora_rank,
+                # Said in its config (routing keeps higher ranks off it), or vLLM's default.
+                "max_lora_rank_known": snap.settings.max_lora_rank_known,
                 "max_num_seqs": snap.settings.max_num_seqs,
                 "max_num_batched_tokens": snap.settings.max_num_batched_tokens,
             },

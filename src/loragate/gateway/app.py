@@ -32,6 +32,7 @@ from loragate.core.config import METRICS_TOKEN_ENV, GatewayConfig
 from loragate.core.errors import AuthenticationError, LoragateError
 from loragate.core.tasks import cancel_and_wait
 from loragate.core.types import AdapterId, AdapterSpec, ReplicaId
+from loragate.gateway.adapter_rank import RankLimits
 from loragate.gateway.admin import AdminApi, bearer_matches
 from loragate.gateway.admin_replicas import drain_path_only
 from loragate.gateway.catalog import Catalog
@@ -109,6 +110,7 @@ def catalog_from_config(
         base_model=config.base_model,
         adapters=adapters,
         api_keys=config.tenant_by_key(),
+        rank_limits=RankLimits.of(config.replicas),
     )
 
 

@@ -13,6 +13,10 @@ are what the replicas' own ``/v1/models`` report (``ReplicaPool.base_model_card`
 tenants, as vLLM shows them to every caller: a tenant sees the paths of the adapters it may use
 (and of the base model), never another tenant's. Before any replica has answered, the base card
 has ``root`` = the model name and ``max_model_len: null``.
+
+An adapter whose rank is above the ``max_lora_rank`` of every replica (each one said in its
+config: ``gateway.adapter_rank.RankLimits``) is answered 400 (``param: model``) naming the
+numbers, to the tenants that may use it, before any routing or load: no replica could load it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Iterable, Mapping
 from loragate.backends.client import ModelCard
 from loragate.core.errors import AuthenticationError, NotFoundError
 from loragate.core.types import AdapterSpec, TenantId
+from loragate.gateway.adapter_rank import RankAboveReplicasError, RankLimits
 from loragate.twin.replica_responses import model_card
 
 _BEARER = "bearer "
@@ -48,7 +53,7 @@ class Catalog:
     """The models the deployment serves and the tenants allowed to call it."""
 
     __slots__ = ("_adapters", "_auth_required", "_by_header", "_by_key", "_created", "_models_json",
-                 "base_model")  # fmt: skip
+                 "_rank_limits", "base_model")  # fmt: skip
 
     def __init__(
         self,
@@ -56,8 +61,12 @@ class Catalog:
         base_model: str,
         adapters: Iterable[AdapterSpec] = (),
         api_keys: Mapping[str, TenantId] | None = None,
+        rank_limits: RankLimits | None = None,
     ) -> None:
+        """``rank_limits``: the replicas' ``max_lora_rank`` (None: unknown, any rank is let
+        through to routing)."""
         self.base_model = base_model
+        self._rank_limits = rank_limits if rank_limits is not None else RankLimits(None, "")
         self._adapters: dict[str, AdapterSpec] = {a.name: a for a in adapters}
         self._by_key: dict[str, TenantId] = dict(api_keys or {})
         self._by_header = {f"Bearer {k}": t for k, t in self._by_key.items()}
@@ -91,7 +100,8 @@ class Catalog:
 
     def resolve(self, model: str | None, tenant: TenantId | None) -> AdapterSpec | None:
         """The adapter ``model`` names (None = the base model); 404 if unknown
-        (:class:`UnknownModelError`) or not allowed (the same answer)."""
+        (:class:`UnknownModelError`) or not allowed (the same answer); 400 if its rank is above
+        every replica's known ``max_lora_rank`` (:class:`RankAboveReplicasError`)."""
         if model is None or model == self.base_model:
             return None
         spec = self._adapters.get(model)
@@ -99,6 +109,12 @@ class Catalog:
             raise UnknownModelError(model)
         if not spec.allows(tenant):
             raise NotFoundError(_not_found(model), param="model")
+        ceiling = self._rank_limits.ceiling
+        if ceiling is not None and spec.rank > ceiling:
+            raise RankAboveReplicasError(
+                f"model {model!r} cannot be served: its {self._rank_limits.problem(spec.rank)}",
+                param="model",
+            )
         return spec
 
     def visible_models(self, tenant: TenantId | None) -> list[str]:

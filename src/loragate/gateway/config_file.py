@@ -17,7 +17,9 @@ YAML 1.2 booleans), so both kinds of file follow the same rules. A bad
 
 Adapter ranks are read from the adapters' folders where the gateway can read them
 (``gateway.adapter_rank``): a ``rank:`` that disagrees with the folder's ``r`` is an error
-naming the key, and adapters with neither are logged with the rank assumed (8).
+naming the key, and adapters with neither are logged with the rank assumed (8). A rank above
+the ``max_lora_rank`` of every replica (each one's ``settings.max_lora_rank`` given) is an error
+naming the adapter's key: no replica could load it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 
 from loragate.core.config import EnvironmentVariableError, GatewayConfig, config_from_mapping
 from loragate.core.errors import ConfigError
-from loragate.gateway.adapter_rank import DEFAULT_RANK, RankError, settle_rank
+from loragate.gateway.adapter_rank import DEFAULT_RANK, RankError, RankLimits, settle_rank
 from loragate.routing import build_policy
 from loragate.workload.yaml_file import load_yaml_with_lines, naming_file, read_text_file
 
@@ -54,12 +56,26 @@ def _settle_ranks(config: GatewayConfig, data: object, source: str) -> GatewayCo
     if not config.adapters or not isinstance(raw, list):
         return config
     specs, assumed = [], []
+    limits = RankLimits.of(config.replicas)
     for i, (spec, item) in enumerate(zip(config.adapters, raw, strict=True)):
         given = spec.rank if isinstance(item, Mapping) and "rank" in item else None
         try:
             settled = settle_rank(spec.path, given, given_source="config")
         except RankError as exc:
             raise ConfigError(str(exc), key=f"adapters[{i}].rank") from exc
+        if (problem := limits.problem(settled.rank)) is not None:
+            # Named where the rank came from: the rank: given, else the folder (its r, or
+            # none readable there: 8 assumed).
+            if given is not None:
+                raise ConfigError(f"{problem}: no replica could load it", key=f"adapters[{i}].rank")
+            why = (
+                "read from its adapter_config.json"
+                if settled.unread is None
+                else f"assumed: no rank: given, and {settled.unread}"
+            )
+            raise ConfigError(
+                f"{problem} (the rank {why}): no replica could load it", key=f"adapters[{i}].path"
+            )
         if settled.source == "default":
             assumed.append(f"{spec.name} ({settled.unread})")
         specs.append(dataclasses.replace(spec, rank=settled.rank))

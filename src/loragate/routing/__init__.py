@@ -8,7 +8,9 @@ Public API::
     ctx = policy.context(now_s=clock.now())                # or RoutingContext(now_s=..., rng=...)
     replica_id = policy.choose(request, snapshots, ctx)    # NoCandidateError -> 503
 
-``NoCandidateError`` subclasses ``loragate.core.errors.NoReplicaAvailableError``.
+``NoCandidateError`` subclasses ``loragate.core.errors.NoReplicaAvailableError``; its subclass
+``RankLimitedError`` says every healthy candidate's known ``max_lora_rank`` is below the
+adapter's rank (``routing.rank_limit``).
 """
 
 from loragate.routing.builtins import default_registry
@@ -19,6 +21,7 @@ from loragate.routing.framework import (
     NoCandidateError,
     Picker,
     Policy,
+    RankLimitedError,
     RoutingContext,
     RoutingProfile,
     Scorer,
@@ -38,6 +41,7 @@ __all__ = [
     "Params",
     "Picker",
     "Policy",
+    "RankLimitedError",
     "Registry",
     "RoutingContext",
     "RoutingProfile",

@@ -2,7 +2,9 @@
 
 A routing decision runs, in order:
 
-1. the implicit health filter (an unhealthy replica never gets traffic);
+1. the implicit filters, in every profile, built-in or composed: health (an unhealthy replica
+   never gets traffic) and rank (a replica whose ``max_lora_rank`` is known, said in its
+   config, never gets an adapter of a higher rank: vLLM refuses to load it; ``rank_limit``);
 2. each ``Filter`` of the profile, narrowing the candidate list;
 3. each ``Scorer``, giving every candidate a score in [0, 1] (clamped here, whatever the scorer
    returns); the profile sums ``weight * score`` per candidate;
@@ -27,10 +29,24 @@ from typing import Protocol, runtime_checkable
 
 from loragate.core.errors import NoReplicaAvailableError
 from loragate.core.types import ReplicaId, ReplicaSnapshot, RoutingRequest
+from loragate.routing.rank_limit import above_rank_limit
 
 
 class NoCandidateError(NoReplicaAvailableError):
     """No replica can take the request (none healthy, or every one filtered out)."""
+
+
+class RankLimitedError(NoCandidateError):
+    """Every healthy candidate was left out because its known ``max_lora_rank`` is below the
+    adapter's ``rank``: ``limited`` lists them, (replica, max_lora_rank), in candidate order
+    (e.g. for a caller that left other replicas out itself and can say why)."""
+
+    def __init__(
+        self, message: str, *, rank: int, limited: Sequence[tuple[ReplicaId, int]]
+    ) -> None:
+        super().__init__(message, param="model")
+        self.rank = rank
+        self.limited = tuple(limited)
 
 
 @dataclass(slots=True)
@@ -198,7 +214,20 @@ class RoutingProfile:
         """The replica to send ``request`` to; raises ``NoCandidateError`` if there is none."""
         if ctx is None:
             ctx = RoutingContext(0.0, self._rng, {})
-        candidates: Sequence[ReplicaSnapshot] = [r for r in replicas if r.healthy]
+        rank = request.adapter_rank
+        candidates: Sequence[ReplicaSnapshot] = (
+            [r for r in replicas if r.healthy]
+            if rank is None
+            else [
+                r
+                for r in replicas
+                # ``rank_limit.within_rank_limit``, inlined: a call per replica per decision
+                if r.healthy
+                and (rank <= r.settings.max_lora_rank or not r.settings.max_lora_rank_known)
+            ]
+        )
+        if not candidates and rank is not None:
+            self._check_ranks(request, rank, replicas)
         for flt in self._filters:
             if not candidates:
                 break
@@ -234,6 +263,19 @@ class RoutingProfile:
             for chosen in self._observers:
                 chosen(ctx, rid)
         return rid
+
+    def _check_ranks(
+        self, request: RoutingRequest, rank: int, replicas: Sequence[ReplicaSnapshot]
+    ) -> None:
+        """Raise the ``NoCandidateError`` that names the ranks when every healthy replica was
+        left out for its ``max_lora_rank`` (none healthy: the caller's usual error)."""
+        limited = [(r.replica_id, r.settings.max_lora_rank) for r in replicas if r.healthy]
+        if limited:
+            raise RankLimitedError(
+                above_rank_limit(request.adapter or "<base>", rank, replicas, self.name),
+                rank=rank,
+                limited=limited,
+            )
 
 
 # The name other modules may use for "a routing policy".
