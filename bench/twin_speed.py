@@ -25,6 +25,9 @@ heavy).
 
 The header's machine line times a fixed pure-Python loop (10M additions) in CPU seconds, so runs
 on different days or machines can be compared: the speeds scale roughly inversely with it.
+
+Ctrl-C: one line, exit 130, the case's process (several cases run one process each, started with
+SIGINT ignored: the script alone handles it) killed.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from loragate.core.errors import ConfigError
+from loragate.core.process_pool import ignore_sigint
 from loragate.twin.engine import Engine, EngineConfig
 from loragate.twin.profile import load_profile
 from loragate.twin.request_ids import NumberedIds
@@ -232,7 +236,8 @@ def main() -> int:
         )
     if len(wanted) > 1:  # one fresh process per case: no heap left over from the previous one
         for case in wanted:
-            subprocess.run(
+            # SIGINT ignored there (no traceback of its own): on Ctrl-C, killed and reaped here.
+            child = subprocess.Popen(
                 [
                     sys.executable,
                     __file__,
@@ -242,8 +247,19 @@ def main() -> int:
                     f"--profile={args.profile}",
                     "--no-header",
                 ],
-                check=True,
+                preexec_fn=ignore_sigint,
             )
+            try:
+                child.wait()
+            except BaseException:
+                child.kill()
+                child.wait()
+                raise
+            if child.returncode != 0:
+                print(
+                    f"{ap.prog}: case {case.name} failed (exit {child.returncode})", file=sys.stderr
+                )
+                return 1
         return 0
     for case in wanted:
         r = run(case, args.hours, args.seed, args.profile)
@@ -257,4 +273,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        print("twin_speed.py: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
