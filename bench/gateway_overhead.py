@@ -6,6 +6,12 @@ Run (the first is the reference command; ``--realtime``/``--nice`` need root)::
     .venv/bin/python bench/gateway_overhead.py --policies least_loaded --check --json out.json
     .venv/bin/python bench/gateway_overhead.py --py-spy /tmp/prof     # + top functions
     .venv/bin/python bench/gateway_overhead.py --extra-src old=/tmp/old/src   # A/B two trees
+    .venv/bin/python bench/gateway_overhead.py --calls 500 --extra-src old=/tmp/old/src
+
+``--calls N`` counts instead of timing: Python function calls per request in the gateway's
+process (cProfile, N requests of each kind one after another), which do not depend on the
+machine's load: an A/B of two trees that CPU µs cannot resolve here (±30 % between rounds) shows
+in it, with the functions that differ (``bench/_call_counts.py``).
 
 Latency on a busy shared machine is decided by the run queues unless the c=1 runs are
 ``--realtime`` (SCHED_FIFO for the proxy, the upstream and wrk): without it the same gateway
@@ -96,6 +102,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import http.client
 import json
 import os
 import shutil
@@ -115,6 +122,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _call_counts import CallCount, profile_requests, render_calls
+from _call_counts import send as send_requests
 from _instant_upstream import ADAPTER, BASE_MODEL
 from _loadgen import LoadResult, Request, run_python, run_wrk, set_realtime, wrk_path
 
@@ -480,8 +489,13 @@ def _frame_name(frame: str) -> str:
     return f"{name} ({short})"
 
 
-def gateway_config(upstream_ports: Sequence[int], policy: str) -> dict[str, object]:
-    return {
+def gateway_config(
+    upstream_ports: Sequence[int], policy: str, *, quiet: bool = False, src: str = ""
+) -> dict[str, object]:
+    """The bench's gateway config; ``quiet``: background work kept out of a call count (the
+    poller polls at start-up, then hourly; a tree that validates the tombstone's lifetime
+    against the poll interval gets one to match)."""
+    config: dict[str, object] = {
         "base_model": BASE_MODEL,
         "replicas": [
             {"id": f"u{i}", "url": f"http://127.0.0.1:{p}"} for i, p in enumerate(upstream_ports)
@@ -489,8 +503,22 @@ def gateway_config(upstream_ports: Sequence[int], policy: str) -> dict[str, obje
         "adapters": [{"name": ADAPTER, "path": f"/bench/{ADAPTER}", "rank": 8}],
         "tenants": [{"name": "bench", "api_keys": [API_KEY]}],
         "routing": policy,
-        "poller": {"interval_s": 0.5},
+        "poller": {"interval_s": 3600.0 if quiet else 0.5},
     }
+    if quiet and _knows_tombstone_ttl(src):
+        config["state"] = {"tombstone_ttl_s": 2 * 3600.0 + 60.0}
+    return config
+
+
+def _knows_tombstone_ttl(src: str) -> bool:
+    """Whether the loragate tree at ``src`` ("": the installed one) has state.tombstone_ttl_s."""
+    if src:
+        config_py = Path(src, "loragate", "core", "config.py")
+    else:
+        import loragate.core.config as installed
+
+        config_py = Path(installed.__file__)
+    return "tombstone_ttl_s" in config_py.read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,6 +527,87 @@ class TargetSpec:
     kind: str  # direct | baseline | loragate
     policy: str = ""
     src: str = ""  # PYTHONPATH for an alternative loragate tree ("" = the installed one)
+
+
+@contextlib.contextmanager
+def start_gateway(
+    spec: TargetSpec,
+    upstream: Child,
+    workdir: Path,
+    *,
+    cpu: int | None,
+    nice: int,
+    stats_path: Path | None = None,
+) -> Iterator[tuple[Child, str]]:
+    """``loragate serve`` from ``spec``'s tree, healthy; with ``stats_path``, under
+    ``_profiled_serve.py`` (cProfile switched by signals) and with its background work quiet."""
+    quiet = stats_path is not None
+    cfg = workdir / f"gateway-{spec.policy}.yaml"
+    config = gateway_config(upstream.ports, spec.policy, quiet=quiet, src=spec.src)
+    cfg.write_text(json.dumps(config, indent=2))
+    port = free_port()
+    env = dict(os.environ)
+    if spec.src:
+        env["PYTHONPATH"] = spec.src + os.pathsep + env.get("PYTHONPATH", "")
+    if stats_path is None:
+        entry = [
+            sys.executable,
+            "-c",
+            "import sys; from loragate.cli import main; sys.exit(main())",
+        ]
+    else:
+        entry = [sys.executable, str(HERE / "_profiled_serve.py"), str(stats_path)]
+    cmd = [*entry, "serve", "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port),
+           "--log-level", "WARNING"]  # fmt: skip
+    name = spec.label.replace(" ", "_").replace("@", "-")
+    with spawn(name, cmd, cpu=cpu, workdir=workdir, env=env, wait_ports=False, nice=nice) as child:
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(url)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n{child.log_tail()}") from exc
+        yield child, url
+
+
+def count_calls(
+    specs: Sequence[TargetSpec],
+    upstream: Child,
+    workdir: Path,
+    *,
+    path: str,
+    requests: int,
+    warmup: int,
+    cpu: int | None,
+) -> list[CallCount]:
+    """Function calls per request of each loragate target (``--calls``), by kind."""
+    rows: list[CallCount] = []
+    for spec in specs:
+        print(f"  counting {spec.label} ...", file=sys.stderr, flush=True)
+        stats_path = workdir / f"{spec.label.replace(' ', '_')}.pstats"
+        with start_gateway(spec, upstream, workdir, cpu=cpu, nice=0, stats_path=stats_path) as (
+            child,
+            url,
+        ):
+            try:
+                check_answers(url, path)
+                conn = http.client.HTTPConnection(
+                    "127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=30
+                )
+                try:
+                    for kind in KINDS:  # warm-up: connection pools, caches, lazy imports
+                        send_requests(conn, make_request(path, kind == "stream"), warmup)
+                    for kind in KINDS:
+                        req = make_request(path, kind == "stream")
+                        rows.append(
+                            profile_requests(
+                                spec.label, kind, conn, req, requests, child.pid, stats_path
+                            )
+                        )
+                finally:
+                    conn.close()
+            except RuntimeError as exc:
+                raise RuntimeError(f"{spec.label}: {exc}\n{child.log_tail()}") from exc
+    return rows
 
 
 def run_round(
@@ -525,42 +634,9 @@ def run_round(
                 )
                 url = f"http://127.0.0.1:{child.ports[0]}"
             else:
-                cfg = workdir / f"gateway-{spec.policy}.yaml"
-                cfg.write_text(json.dumps(gateway_config(upstream.ports, spec.policy), indent=2))
-                port = free_port()
-                env = dict(os.environ)
-                if spec.src:
-                    env["PYTHONPATH"] = spec.src + os.pathsep + env.get("PYTHONPATH", "")
-                cmd = [
-                    sys.executable,
-                    "-c",
-                    "import sys; from loragate.cli import main; sys.exit(main())",
-                    "serve",
-                    "--config",
-                    str(cfg),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--log-level",
-                    "WARNING",
-                ]
-                child = stack.enter_context(
-                    spawn(
-                        spec.label.replace(" ", "_"),
-                        cmd,
-                        cpu=proxy_cpu,
-                        workdir=workdir,
-                        env=env,
-                        wait_ports=False,
-                        nice=s.nice,
-                    )
+                child, url = stack.enter_context(
+                    start_gateway(spec, upstream, workdir, cpu=proxy_cpu, nice=s.nice)
                 )
-                url = f"http://127.0.0.1:{port}"
-                try:
-                    wait_healthy(url)
-                except RuntimeError as exc:
-                    raise RuntimeError(f"{exc}\n{child.log_tail()}") from exc
             try:
                 rows += measure(spec.label, url, child.pid, upstream.pid, s)
             except RuntimeError as exc:
@@ -761,7 +837,37 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="after each measurement, profile the proxy with py-spy during an "
         "extra c=64 run; raw stacks to DIR, top functions to stderr",
     )
+    calls = p.add_argument_group("call counts (instead of timing)")
+    calls.add_argument(
+        "--calls",
+        type=int,
+        metavar="N",
+        help="count Python function calls per request in the gateway (cProfile, N requests "
+        "of each kind one after another), for each loragate target: independent of the "
+        "machine's load, unlike CPU µs; no timing runs",
+    )
+    calls.add_argument(
+        "--calls-warmup",
+        type=int,
+        default=50,
+        metavar="N",
+        help="requests of each kind before counting (default: %(default)s)",
+    )
+    calls.add_argument(
+        "--calls-top",
+        type=int,
+        default=12,
+        metavar="K",
+        help="functions shown whose calls per request differ most from the first target's, "
+        "0: none (default: %(default)s)",
+    )
     args = p.parse_args(argv)
+    if args.calls is not None and not 1 <= args.calls <= 100_000:
+        p.error(f"--calls must be 1..100000 (got {args.calls})")
+    if args.calls_warmup < 0 or args.calls_top < 0:
+        p.error("--calls-warmup and --calls-top must be >= 0")
+    if args.calls is not None and args.no_gateway and not args.extra_src:
+        p.error("--calls counts loragate's calls: --no-gateway leaves no loragate target")
     if not 1 <= args.rounds <= 20 or not 0.5 <= args.duration_s <= 120:
         p.error("--rounds must be 1..20 and --duration-s 0.5..120")
     if args.replicas < 1:
@@ -834,6 +940,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         label, _, src = extra.partition("=")
         specs.append(TargetSpec(f"loragate@{label} {policies[0]}", "loragate", policies[0], src))
     command = "bench/gateway_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.calls is not None:
+        return main_calls(args, [t for t in specs if t.kind == "loragate"], command, load_cpu)
     rounds: list[list[Row]] = []
     with tempfile.TemporaryDirectory(prefix="lg-overhead-") as tmp:
         workdir = Path(tmp)
@@ -875,6 +983,47 @@ def main(argv: Sequence[str] | None = None) -> int:
             Path(args.json).write_text(text + "\n")
     if args.check and not targets_met(rows):
         return 1
+    return 0
+
+
+def main_calls(
+    args: argparse.Namespace, specs: Sequence[TargetSpec], command: str, load_cpu: int | None
+) -> int:
+    """``--calls``: function calls per request of each loragate target, printed (and JSON)."""
+    with tempfile.TemporaryDirectory(prefix="lg-calls-") as tmp:
+        workdir = Path(tmp)
+        upstream_cmd = [sys.executable, str(HERE / "_instant_upstream.py"), "--replicas",
+                        str(args.replicas), "--watch-stdin"]  # fmt: skip
+        with spawn("upstream", upstream_cmd, cpu=load_cpu, workdir=workdir) as upstream:
+            rows = count_calls(
+                specs,
+                upstream,
+                workdir,
+                path=args.path,
+                requests=args.calls,
+                warmup=args.calls_warmup,
+                cpu=args.proxy_cpu if load_cpu is not None else None,
+            )
+    header = (
+        f"gateway call counts: POST {args.path}, {args.replicas} instant replicas, "
+        f"{args.calls} requests of each kind one after another (after {args.calls_warmup} of "
+        "warm-up), Python function calls in the gateway's process (cProfile) per request\n"
+        f"command: .venv/bin/python {command.strip()}\n"
+    )
+    print(render_calls(rows, header, args.calls_top))
+    if args.json:
+        doc = {
+            "command": command.strip(),
+            "mode": "calls",
+            "requests": args.calls,
+            "rows": [{k: v for k, v in asdict(r).items() if k != "by_function"} for r in rows],
+            "by_function": {f"{r.target} {r.kind}": r.by_function for r in rows},
+        }
+        text = json.dumps(doc, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
     return 0
 
 
