@@ -1,8 +1,9 @@
 """The HTTP proxy the environment names for a load test's target, resolved once per run.
 
 As curl, requests and the ``openai`` SDK do: ``{scheme}_proxy`` (lower case first, then upper
-case), else ``all_proxy``; none for a host ``no_proxy`` lists (``*``, a name, or a domain that
-is a suffix of the host, a leading dot optional; no CIDR ranges). A loopback target (localhost,
+case), else ``all_proxy``; none for a host ``no_proxy`` lists (``*``, a name, a domain that
+is a suffix of the host, a leading dot optional, or for an IP address a CIDR range such as
+``10.0.0.0/8``, as curl 7.86+ reads it). A loopback target (localhost,
 ``127.0.0.0/8``, ``::1``) is never proxied, as Go's ``ProxyFromEnvironment`` decides: a proxy
 elsewhere cannot reach this machine's loopback.
 
@@ -81,13 +82,12 @@ def _first(env: Mapping[str, str], name: str) -> str:
 def _loopback(host: str) -> bool:
     if host == "localhost" or host.endswith(".localhost"):
         return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    address = _address(host)
+    return address is not None and address.is_loopback
 
 
 def _bypassed(host: str, no_proxy: str) -> bool:
+    address = _address(host)
     for entry in (e.strip().lower() for e in no_proxy.split(",")):
         if entry == "*":
             return True
@@ -96,4 +96,21 @@ def _bypassed(host: str, no_proxy: str) -> bool:
             name = name[1:-1]
         if name and (host == name or host.endswith("." + name)):
             return True
+        if address is not None and "/" in name and _in_range(address, name):
+            return True
     return False
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _in_range(address: ipaddress.IPv4Address | ipaddress.IPv6Address, cidr: str) -> bool:
+    try:
+        network = ipaddress.ip_network(cidr, strict=False)
+    except ValueError:
+        return False
+    return address.version == network.version and address in network
