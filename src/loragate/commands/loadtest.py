@@ -51,9 +51,9 @@ Output tokens are the server's usage counts; a server that sends no usage gets a
 (content chunks of a stream, words of a JSON answer), said once on stderr and in the summary.
 TTFT is the time to the first chunk that carries output; JSON answers have none.
 Proxies: HTTP_PROXY / HTTPS_PROXY / ALL_PROXY (either case) are used as the openai SDK
-(httpx) and requests use them, except for hosts NO_PROXY lists and loopback targets
-(localhost, 127.0.0.0/8, ::1); the proxy is said on stderr, as its latency is then in every
-figure. --no-proxy-env connects directly. ~/.netrc is not read.
+(httpx) and requests use them, except for hosts NO_PROXY lists (names, domain suffixes, CIDR
+ranges) and loopback targets (localhost, 127.0.0.0/8, ::1); the proxy is said on stderr, as
+its latency is then in every figure. --no-proxy-env connects directly. ~/.netrc is not read.
 
 exit status:
   0    every request the workload scheduled was sent and answered 200 (or the failed
