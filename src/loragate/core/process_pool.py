@@ -9,8 +9,12 @@ parent alone decides: queued tasks are cancelled and running ones stopped at onc
 
 from __future__ import annotations
 
+import logging
 import signal
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.process import BaseProcess
+
+log = logging.getLogger(__name__)
 
 
 def ignore_sigint() -> None:
@@ -18,11 +22,34 @@ def ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _workers(pool: ProcessPoolExecutor) -> list[BaseProcess] | None:
+    """The pool's worker processes, [] once it was shut down, None when they cannot be
+    known. Python 3.11 has no public handle on them (3.14 has ``terminate_workers()``): this
+    reads the private ``_processes`` dict, which ``shutdown`` sets to None."""
+    processes = getattr(pool, "_processes", _MISSING)
+    if processes is None:  # shut down before (by stop_pool too): nothing left to end here
+        return []
+    if not isinstance(processes, dict):
+        return None
+    return [p for p in processes.values() if isinstance(p, BaseProcess)]
+
+
+_MISSING = object()
+
+
 def stop_pool(pool: ProcessPoolExecutor) -> None:
     """Cancel what is queued and end the workers without waiting for their tasks (Python
-    3.14's ``terminate_workers()``; ``shutdown`` alone lets every queued task run first)."""
-    workers = list(pool._processes.values())  # no public handle before 3.14
+    3.14's ``terminate_workers()``; ``shutdown`` alone lets every queued task run first).
+    Safe to call twice, or after the pool was shut down: without a handle on the workers it
+    cancels the queue and lets the running tasks finish, saying so in the log."""
+    workers = _workers(pool)
     pool.shutdown(wait=False, cancel_futures=True)
+    if workers is None:
+        log.warning(
+            "stop_pool: this Python's ProcessPoolExecutor has no _processes dict; queued tasks "
+            "are cancelled, running ones finish on their own"
+        )
+        return
     for worker in workers:
         worker.terminate()
     for worker in workers:
