@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import itertools
 import json
 import logging
 import os
@@ -73,6 +72,10 @@ ENDPOINTS = {"completions": 0, "chat": 1, "mixed": 3}  # -> OpenLoopConfig.chat_
 
 # The shell's status of a process stopped by SIGINT (128 + 2).
 EXIT_INTERRUPTED = 130
+
+# The shortest arrival window --max-requests may leave that a rate is given over: the first
+# arrivals of a bursty trace can fall within microseconds, and N over that is no rate.
+MIN_RATE_WINDOW_S = 1.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -217,7 +220,9 @@ class _Run:
 
     results: list[RequestResult] = dataclasses.field(default_factory=list)
     pulled: int = 0  # requests taken from the workload stream
-    last_t_s: float = 0.0
+    # The time of the first arrival --max-requests left out (None: it cut nothing, so far):
+    # the first N requests are the arrivals of [0, next_t_s).
+    next_t_s: float | None = None
     started: float = 0.0
     ended: float = 0.0
     writer: RecordWriter | None = None
@@ -226,10 +231,15 @@ class _Run:
     noted: set[str] = dataclasses.field(default_factory=set)  # notes said once
     prompt_tokens: PromptTokens | None = None  # the target's count of a probe prompt
 
-    def take(self, requests: Iterator[WorkloadRequest]) -> Iterator[WorkloadRequest]:
+    def take(
+        self, requests: Iterator[WorkloadRequest], limit: int | None
+    ) -> Iterator[WorkloadRequest]:
+        """The first ``limit`` (None: all) of ``requests``, counted."""
         for req in requests:
+            if limit is not None and self.pulled >= limit:
+                self.next_t_s = req.t_s
+                return
             self.pulled += 1
-            self.last_t_s = req.t_s
             yield req
 
     def done(self, r: RequestResult) -> None:
@@ -408,13 +418,11 @@ async def _loadtest(args: argparse.Namespace, workload: Workload, state: _Run) -
         timeout_s=min(args.timeout_s, 10.0),
         proxy=proxy_url,
     )
-    requests: Iterator[WorkloadRequest] = workload.requests()
-    if args.max_requests is not None:
-        requests = itertools.islice(requests, args.max_requests)
+    requests = state.take(workload.requests(), args.max_requests)
     ticker = asyncio.create_task(_progress(args.progress_s, state))
     state.started = time.perf_counter()
     try:
-        await run_open_loop(cfg, state.take(requests), on_result=state.done)
+        await run_open_loop(cfg, requests, on_result=state.done)
     finally:
         state.ended = time.perf_counter()
         ticker.cancel()
@@ -437,8 +445,11 @@ def _summary(
     args: argparse.Namespace, workload: Workload, state: _Run, *, interrupted: bool = False
 ) -> dict[str, Any]:
     elapsed_s = max(0.0, state.ended - state.started)
-    cut = args.max_requests is not None and state.pulled >= args.max_requests
-    window_s = state.last_t_s if cut and state.last_t_s > 0 else workload.spec.duration_s
+    # The arrival window: the spec's duration, or, when --max-requests cut the stream, the
+    # span that holds exactly the requests taken (up to the first one left out), which a burst
+    # can make microseconds long: no rate is given over less than MIN_RATE_WINDOW_S of that.
+    cut = state.next_t_s is not None
+    window_s = workload.spec.duration_s if state.next_t_s is None else state.next_t_s
     if interrupted:
         window_s = min(window_s, elapsed_s)
     summary = summarise(
@@ -451,6 +462,7 @@ def _summary(
         if interrupted
         else "not sent before the run's deadline",
         top=args.top,
+        min_window_s=MIN_RATE_WINDOW_S if cut else 0.0,
     )
     summary["target"] = {"url": openai_base(args.url), "endpoint": args.endpoint}
     if state.prompt_tokens is not None:

@@ -10,6 +10,10 @@ a result is recorded for every request sent, errors included (with an ``error_ty
 requests in flight when the run is cancelled included. How answers are read, and output tokens
 counted when a server sends no usage: :mod:`loragate.loadtest.answers`.
 
+A loragate gateway names the replica that served each request in its ``X-Loragate-Replica``
+answer header (errors included); ``RequestResult.replica`` keeps it (None when the target sends
+no such header, e.g. vLLM itself, or no answer arrived).
+
 ``OpenLoopConfig.adapter_map`` renames the workload's adapters to models the target serves
 (``loragate loadtest`` maps a spec's ``adapter-000``... onto the adapters a fleet lists).
 """
@@ -39,6 +43,9 @@ PROMPT_WORDS = (
     "about",
 )  # fmt: skip
 
+# The answer header in which a loragate gateway names the replica that served the request.
+REPLICA_HEADER = "X-Loragate-Replica"
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RequestResult:
@@ -62,6 +69,7 @@ class RequestResult:
     model: str = ""  # the ``model`` the request named (after ``adapter_map``)
     prompt_tokens: int = 0  # the workload's prompt length (words sent, one token each)
     max_tokens: int = 0
+    replica: str | None = None  # the gateway's X-Loragate-Replica header; None: not sent
 
     @property
     def ok(self) -> bool:
@@ -142,11 +150,13 @@ async def _send(
     source: TokensSource = "none"
     finish_reason: str | None = None
     status = 0
+    replica: str | None = None
     error: str | None = None
     error_type: str | None = None
     try:
         async with session.post(cfg.base_url + endpoint, data=body, headers=headers) as resp:
             status = resp.status
+            replica = resp.headers.get(REPLICA_HEADER) or None
             if status != 200:
                 error, error_type = _error_message(await resp.read(), status), "http"
             elif resp.content_type == "application/json":
@@ -197,6 +207,7 @@ async def _send(
         model=model_of(cfg, req.adapter),
         prompt_tokens=int(req.prompt_tokens),
         max_tokens=int(req.max_tokens),
+        replica=replica,
     )
 
 

@@ -6,12 +6,18 @@ scaling), ``offered_rps`` the rate of the stream this run drew from it (requests
 the arrival window: a bursty spec over a short run draws more or fewer than the mean),
 ``sent_rps`` what the client achieved (requests sent over the send window, which grows past the
 arrival window when sends lag), ``ok_rps`` successful requests over the whole run, drain
-included.
+included. A window the arrivals themselves set (a run cut after its first N requests) may be
+microseconds long (a trace's burst): below ``min_window_s`` the offered and sent rates are
+None (``n/a``) and ``rate.not_measured`` says why.
 
 Output tokens are the servers' usage counts where they sent usage; where not, the estimate each
 request states (``tokens_source``: content chunks of a stream, words of a JSON answer), summed
 in ``output_tokens_by_source`` and counted in ``answers.without_usage``, so a figure that is
 partly estimated says so.
+
+``replicas``: the requests of each replica a loragate gateway named (``X-Loragate-Replica``),
+requests without the header under ``None``; the text shows them when more than one replica
+served.
 """
 
 from __future__ import annotations
@@ -53,15 +59,23 @@ def summarise(
     unanswered: int = 0,
     unanswered_why: str = "not sent before the run's deadline",
     top: int = 10,
+    min_window_s: float = 0.0,
 ) -> dict[str, Any]:
     """The summary of ``results`` (every request sent); ``window_s``: the arrival window
     (requests are scheduled in it); ``unanswered``: requests the workload scheduled that have no
     result (``unanswered_why``: not sent before the deadline, or cut by Ctrl-C); they count as
-    failures."""
+    failures. Offered and sent rates over a window shorter than ``min_window_s`` are None."""
     ok = [r for r in results if r.ok]
     failed = [r for r in results if not r.ok]
+    scheduled = len(results) + unanswered
     last_sent_s = max((r.sent_s for r in results), default=0.0)
     send_window_s = max(window_s, last_sent_s)
+    not_measured = None
+    if window_s < min_window_s:
+        not_measured = (
+            f"{scheduled} requests arrived within {_secs(window_s)}: a rate needs "
+            f"{min_window_s:g} s of arrivals or more"
+        )
     lags = [max(0.0, r.sent_s - r.scheduled_s) for r in results]
     tokens = sum(r.output_tokens for r in ok)
     by_source: Counter[str] = Counter()
@@ -70,7 +84,7 @@ def summarise(
     samples = Counter(f"{_error_key(r)}: {r.error}" for r in failed)
     return {
         "requests": {
-            "scheduled": len(results) + unanswered,
+            "scheduled": scheduled,
             "sent": len(results),
             "ok": len(ok),
             "failed": len(failed),
@@ -81,13 +95,12 @@ def summarise(
         },
         "rate": {
             "spec_rps": round(spec_rps, 4),
-            "offered_rps": round((len(results) + unanswered) / window_s, 4)
-            if window_s > 0
-            else None,
-            "sent_rps": round(len(results) / send_window_s, 4) if send_window_s > 0 else None,
-            "ok_rps": round(len(ok) / elapsed_s, 4) if elapsed_s > 0 else None,
-            "window_s": round(window_s, 3),
-            "send_window_s": round(send_window_s, 3),
+            "offered_rps": _rate(scheduled, window_s, min_window_s),
+            "sent_rps": _rate(len(results), send_window_s, min_window_s),
+            "ok_rps": _rate(len(ok), elapsed_s, 0.0),
+            "not_measured": not_measured,
+            "window_s": float(f"{window_s:.6g}"),
+            "send_window_s": float(f"{send_window_s:.6g}"),
             "elapsed_s": round(elapsed_s, 3),
             "send_lag_ms": _ms(lags, (50, 99)),
         },
@@ -103,7 +116,33 @@ def summarise(
             "finish_reasons": dict(Counter(r.finish_reason or "none" for r in ok).most_common()),
         },
         "models": _per_model(results, top),
+        "replicas": _per_replica(results),
         "error_samples": [{"count": n, "error": text[:300]} for text, n in samples.most_common(5)],
+    }
+
+
+def _rate(n: int, window_s: float, min_window_s: float) -> float | None:
+    """``n`` per second over ``window_s``; None over an empty window or one under
+    ``min_window_s``."""
+    if window_s <= 0 or window_s < min_window_s:
+        return None
+    return round(n / window_s, 4)
+
+
+def _secs(s: float) -> str:
+    """A duration for a line: 0.1 s resolution from 1 s, three significant digits below."""
+    return f"{s:.1f} s" if s >= 1 else f"{s:.3g} s"
+
+
+def _row(rs: Sequence[RequestResult]) -> dict[str, Any]:
+    """Counts and TTFT percentiles of one group of requests."""
+    ok = [r for r in rs if r.ok]
+    ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
+    return {
+        "requests": len(rs),
+        "ok": len(ok),
+        "failed": len(rs) - len(ok),
+        "ttft_ms": _ms(ttfts, (50, 99)),
     }
 
 
@@ -112,20 +151,18 @@ def _per_model(results: Sequence[RequestResult], top: int) -> dict[str, Any]:
     for r in results:
         by_model.setdefault(r.model, []).append(r)
     ranked = sorted(by_model.items(), key=lambda kv: (-len(kv[1]), kv[0]))
-    rows = []
-    for model, rs in ranked[:top]:
-        ok = [r for r in rs if r.ok]
-        ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
-        rows.append(
-            {
-                "model": model,
-                "requests": len(rs),
-                "ok": len(ok),
-                "failed": len(rs) - len(ok),
-                "ttft_ms": _ms(ttfts, (50, 99)),
-            }
-        )
+    rows = [{"model": model, **_row(rs)} for model, rs in ranked[:top]]
     return {"count": len(by_model), "top": rows}
+
+
+def _per_replica(results: Sequence[RequestResult]) -> dict[str, Any]:
+    """Every replica named (``count``), busiest first; requests that named none last."""
+    by_replica: dict[str | None, list[RequestResult]] = {}
+    for r in results:
+        by_replica.setdefault(r.replica, []).append(r)
+    ranked = sorted(by_replica.items(), key=lambda kv: (kv[0] is None, -len(kv[1]), kv[0] or ""))
+    rows = [{"replica": replica, **_row(rs)} for replica, rs in ranked]
+    return {"count": sum(1 for replica in by_replica if replica is not None), "rows": rows}
 
 
 def _f(v: float | None, unit: str = " ms") -> str:
@@ -163,6 +200,17 @@ def _prompt_line(prompts: dict[str, Any]) -> str:
     )
 
 
+def _row_lines(rows: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+    """One aligned line per ``(name, row)`` of :func:`_row`."""
+    width = max(len(name) for name, _ in rows)
+    return [
+        f"  {name:<{width}}  {row['requests']:>6} sent  {row['ok']:>6} ok  "
+        f"{row['failed']:>5} failed  TTFT p50 {_f(row['ttft_ms']['p50'])}  "
+        f"p99 {_f(row['ttft_ms']['p99'])}"
+        for name, row in rows
+    ]
+
+
 def format_text(summary: dict[str, Any]) -> str:
     """The summary as the lines ``loragate loadtest`` prints."""
     req, rate = summary["requests"], summary["rate"]
@@ -171,16 +219,20 @@ def format_text(summary: dict[str, Any]) -> str:
     n = req["unanswered"]
     unsent = f", unanswered {n} ({req['unanswered_why']})" if n else ""
     offered, sent_rps, ok_rps = (
-        "-" if rate[k] is None else f"{rate[k]:.2f}" for k in ("offered_rps", "sent_rps", "ok_rps")
+        "n/a" if rate[k] is None else f"{rate[k]:.2f} req/s"
+        for k in ("offered_rps", "sent_rps", "ok_rps")
     )
+    spec_mean = f"spec mean {rate['spec_rps']:.2f}"
+    if rate.get("not_measured"):
+        offered_text = f"offered n/a ({rate['not_measured']}; {spec_mean})"
+    else:
+        offered_text = f"offered {offered} over {_secs(rate['window_s'])} ({spec_mean})"
     lag = rate["send_lag_ms"]
     ttft, e2e = summary["ttft_ms"], summary["e2e_ms"]
     tps = summary["output_tokens_per_s"]
     lines = [
         f"requests  sent {req['sent']}, ok {req['ok']}, failed {req['failed']}{why}{unsent}",
-        f"rate      offered {offered} req/s over {rate['window_s']:.1f} s (spec mean "
-        f"{rate['spec_rps']:.2f}), sent {sent_rps} req/s, ok {ok_rps} req/s over "
-        f"{rate['elapsed_s']:.1f} s",
+        f"rate      {offered_text}, sent {sent_rps}, ok {ok_rps} over {_secs(rate['elapsed_s'])}",
         f"send lag  p50 {_f(lag['p50'])}  p99 {_f(lag['p99'])} (sent after the scheduled time)",
         f"TTFT      p50 {_f(ttft['p50'])}  p90 {_f(ttft['p90'])}  p99 {_f(ttft['p99'])}",
         f"E2E       p50 {_f(e2e['p50'])}  p90 {_f(e2e['p90'])}  p99 {_f(e2e['p99'])}",
@@ -198,13 +250,11 @@ def format_text(summary: dict[str, Any]) -> str:
     if models["top"]:
         shown = len(models["top"])
         lines.append(f"models    top {shown} of {models['count']} by requests:")
-        width = max(len(row["model"]) for row in models["top"])
-        for row in models["top"]:
-            t = row["ttft_ms"]
-            lines.append(
-                f"  {row['model']:<{width}}  {row['requests']:>6} sent  {row['ok']:>6} ok  "
-                f"{row['failed']:>5} failed  TTFT p50 {_f(t['p50'])}  p99 {_f(t['p99'])}"
-            )
+        lines.extend(_row_lines([(row["model"], row) for row in models["top"]]))
+    replicas = summary.get("replicas")
+    if replicas and replicas["count"] > 1:
+        lines.append(f"replicas  {replicas['count']} served (the gateway's X-Loragate-Replica):")
+        lines.extend(_row_lines([(row["replica"] or "(none)", row) for row in replicas["rows"]]))
     for sample in summary["error_samples"]:
         lines.append(f"error     {sample['count']} x {sample['error']}")
     return "\n".join(lines)
