@@ -187,7 +187,7 @@ async def test_load_and_unload_adapter_cases(
         status, _, body = await call(
             http, "POST", r.url + load, {"lora_name": "big", "lora_path": big}
         )
-        assert status == 400 and "greater than max_lora_rank 16" in error_of(body)["message"]
+        assert status == 500 and "greater than max_lora_rank 16" in error_of(body)["message"]
 
         unload = "/v1/unload_lora_adapter"
         assert await call(http, "POST", r.url + unload, {"lora_name": "lora-0"}) == (

@@ -1,12 +1,12 @@
 """LoRA adapter folders and the replica's adapter registry, as vLLM 0.32 behaves.
 
 An adapter is a folder holding ``adapter_config.json`` (peft's format); its rank is ``r``.
-Anything else gets vLLM's 404 ``Loading lora NAME failed: No adapter found for PATH`` (PATH
+A path without one gets vLLM's 404 ``Loading lora NAME failed: No adapter found for PATH`` (PATH
 sanitised as vLLM sanitises messages: ``<path>`` for a path under /tmp, /home, ... or naming a
-file). The registry is the API server's name -> adapter map: loading
-registers a name, unloading only forgets it (0.32 never evicts the engine's caches on unload):
-each new registration gets a new ``lora_int_id``, so a name unloaded and loaded again is a new
-adapter to the engine, beside its old copy.
+file); a config vLLM's engine cannot use, its 500 (``vllm_lora_load``). The registry is the API
+server's name -> adapter map: loading registers a name, unloading only forgets it (0.32 never
+evicts the engine's caches on unload): each new registration gets a new ``lora_int_id``, so a
+name unloaded and loaded again is a new adapter to the engine, beside its old copy.
 The filesystem resolver (``--resolver-dir``, vLLM's ``lora_filesystem_resolver``) registers an
 unknown model name on first use when ``DIR/<name>`` is a LoRA folder whose
 ``base_model_name_or_path`` equals ``--model`` exactly.
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loragate.twin.vllm_errors import VllmApiError, bad_request, invalid_user_input
+from loragate.twin.vllm_lora_load import add_lora_error, not_found, worker_failed
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -188,21 +189,16 @@ class AdapterRegistry:
             raise bad_request(
                 f"Loading lora {name} failed: LoRA is not enabled (start with --enable-lora)."
             )
+        # What vLLM's engine answers when its add_lora reads the folder (404, or its 500).
+        error = add_lora_error(name, path, max_lora_rank=self._max_rank)
+        if error is not None:
+            raise error
         try:
             folder = read_adapter_folder(path)
-        except AdapterFolderError as exc:
-            raise bad_request(f"Loading lora {name} failed: {exc}") from exc
+        except AdapterFolderError as exc:  # (add_lora_error refuses what this cannot read)
+            raise worker_failed(str(exc)) from exc
         if folder is None:
-            # vLLM's LoRAAdapterNotFoundError; the path is sanitised like any message: a
-            # system or file path reads <path>, as recorded.
-            raise VllmApiError(
-                404, f"Loading lora {name} failed: No adapter found for {path}", "NotFoundError"
-            )
-        if folder.rank > self._max_rank:
-            # vLLM's PEFTHelper.validate_legal wording.
-            raise bad_request(
-                f"LoRA rank {folder.rank} is greater than max_lora_rank {self._max_rank}."
-            )
+            raise not_found(name, path)
         return RegisteredAdapter(name=name, path=path, rank=folder.rank)
 
 
