@@ -67,6 +67,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     v.add_argument(
         "--enable-server-load-tracking", action=argparse.BooleanOptionalAction, default=False
     )
+    v.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=0.0,
+        help="seconds a SIGTERM lets requests in flight finish (listening, /health 200, new "
+        "requests refused with vLLM's 500) before the engine stops; 0 aborts them at once "
+        "(default: %(default)s)",
+    )
     t = parser.add_argument_group("twin flags")
     t.add_argument(
         "--simulated",
@@ -128,6 +136,7 @@ def config_from_args(args: argparse.Namespace) -> ReplicaConfig:
         num_gpu_blocks_override=args.num_gpu_blocks_override,
         lora_modules=tuple(parse_lora_module(m) for m in args.lora_modules),
         enable_server_load_tracking=args.enable_server_load_tracking,
+        shutdown_timeout=args.shutdown_timeout,
         profile=args.profile,
         resolver_dir=args.resolver_dir,
         seed=args.seed,

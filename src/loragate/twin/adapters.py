@@ -127,6 +127,13 @@ class AdapterRegistry:
 
     def load(self, name: str, path: str, *, load_inplace: bool = False) -> RegisteredAdapter:
         """``POST /v1/load_lora_adapter``: validate, then register ``name``."""
+        self.check_request(name, path, load_inplace=load_inplace)
+        adapter = self._with_id(self._check_loadable(name, path))
+        self._adapters[name] = adapter
+        return adapter
+
+    def check_request(self, name: str, path: str, *, load_inplace: bool = False) -> None:
+        """The API server's own checks of a load (its 400s), before it asks the engine."""
         if not name or not path:
             raise invalid_user_input("Both 'lora_name' and 'lora_path' must be provided.")
         if name in self._adapters and not load_inplace:
@@ -138,9 +145,6 @@ class AdapterRegistry:
             raise invalid_user_input(
                 f"The lora adapter '{name}' conflicts with a served base model."
             )
-        adapter = self._with_id(self._check_loadable(name, path))
-        self._adapters[name] = adapter
-        return adapter
 
     def _with_id(self, adapter: RegisteredAdapter) -> RegisteredAdapter:
         """vLLM's ``lora_int_id``: the registered name's (in place), else the next one."""

@@ -79,6 +79,8 @@ class RealtimeEngine:
         self._e0 = engine.time_s
         self._streams: dict[str, TokenStream] = {}
         self._wake = asyncio.Event()
+        self._idle = asyncio.Event()  # set while no stream is open
+        self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self.steps = 0
         self.busy_engine_s = 0.0  # sum of step durations run so far
@@ -103,11 +105,28 @@ class RealtimeEngine:
             await cancel_and_wait(task)
         self._fail_all(StopAsyncIteration())
 
+    async def kill(self) -> None:
+        """The engine dies under its requests (vLLM's EngineCore killed when its
+        ``--shutdown-timeout`` ends): each open stream raises :class:`EngineStoppedError`."""
+        task, self._task = self._task, None
+        if task is not None:
+            await cancel_and_wait(task)
+        self._fail_all(RuntimeError("the engine was killed"))
+
+    async def idle(self) -> None:
+        """Until no request's consumer waits for its last event."""
+        await self._idle.wait()
+
+    def _forget_done(self) -> None:
+        if not self._streams:
+            self._idle.set()
+
     def submit(self, req: EngineRequest) -> TokenStream:
         """Queue ``req`` (validated by the engine; raises its errors) and return its stream."""
         self.engine.add_request(req)
         stream = TokenStream(req.request_id, self)
         self._streams[req.request_id] = stream
+        self._idle.clear()
         self._wake.set()
         return stream
 
@@ -115,10 +134,12 @@ class RealtimeEngine:
         stream = self._streams.pop(request_id, None)
         if stream is not None:
             stream._done = True
+            self._forget_done()
         return self.engine.abort(request_id)
 
     def _fail_all(self, exc: BaseException) -> None:
         streams, self._streams = self._streams, {}
+        self._idle.set()
         for stream in streams.values():
             stream._push(exc)
 
@@ -131,6 +152,7 @@ class RealtimeEngine:
             stream._push(ev)
             if ev.finished:
                 del streams[ev.request_id]
+                self._forget_done()
 
     async def _run(self) -> None:
         engine = self.engine

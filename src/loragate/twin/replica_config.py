@@ -68,6 +68,10 @@ class ReplicaConfig:
     num_gpu_blocks_override: int | None = None  # KV capacity = blocks * block_size
     lora_modules: tuple[LoraModule, ...] = ()
     enable_server_load_tracking: bool = False
+    # --shutdown-timeout: seconds (of the replica's time, like every duration: wall seconds
+    # times time_scale) that a SIGTERM lets requests in flight finish before the engine is
+    # killed; 0 aborts them at once (vLLM's default).
+    shutdown_timeout: float = 0.0
     # Twin-only knobs.
     profile: str = "fast"
     resolver_dir: str | None = None
@@ -104,6 +108,8 @@ class ReplicaConfig:
             )
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ConfigError("must be >= 1", key="num_gpu_blocks_override")
+        if self.shutdown_timeout < 0:
+            raise ConfigError(f"must be >= 0, got {self.shutdown_timeout}", key="shutdown_timeout")
         if self.time_scale <= 0:
             raise ConfigError(f"must be > 0, got {self.time_scale}", key="time_scale")
         if self.mean_output_tokens <= 0:

@@ -146,11 +146,12 @@ class Generator:
         gen_kind: Kind = "chat" if kind == "chat" else "completion"
         raw = await request.read()
         check_json_media_type(request.headers.get(hdrs.CONTENT_TYPE, ""), raw)
-        if not self._state.accepting:
+        if not self._state.accepting and self._state.phase == "serving":  # stop_engine alone
             raise VllmApiError(503, "The replica is shutting down.", "ServiceUnavailableError")
         body = parse_json_object(raw)
         gen = parse_generation_request(gen_kind, body, self._state.config.prompt_format)
         model, adapter = await self._resolve_model(gen.model)
+        self._state.refuse_while_stopping()  # after the model check, as vLLM's preflight
         choices = self._plan(gen, model)
         request_id = new_id(gen_kind, request.headers.get("X-Request-Id"))
         prompt_tokens = sum(p.prompt_tokens for p in gen.prompts)
@@ -406,7 +407,7 @@ class Generator:
         except EngineStoppedError:
             # The engine failed. Headers are sent: report in-band as vLLM does, then end.
             with contextlib.suppress(ConnectionResetError):
-                await response.write(b"data: " + _engine_dead().body() + b"\n\n" + SSE_DONE)
+                await response.write(b"data: " + _engine_dead().event_body() + b"\n\n" + SSE_DONE)
                 await response.write_eof()
         return response
 

