@@ -4,8 +4,9 @@ every policy; when every replica's is below the rank, the request is a 400 befor
 naming the adapter, its rank and each replica's max_lora_rank, and ``POST /admin/adapters``
 refuses to register it. A replica whose max_lora_rank is not said (vLLM's default assumed)
 may take any rank, as before. Over loopback: simulated vLLM 0.32 replicas (``loragate.twin``,
-which refuse a rank above their ``--max-lora-rank`` as vLLM does, 400 "LoRA rank 16 is greater
-than max_lora_rank 8."), the gateway, the openai SDK."""
+which refuse a rank above their ``--max-lora-rank`` as vLLM 0.32 does: its 500 "Call to
+add_lora method failed: Worker failed with error 'LoRA rank 16 is greater than max_lora_rank
+8.' ..."), the gateway, the openai SDK."""
 
 from __future__ import annotations
 
@@ -176,7 +177,7 @@ async def test_a_replica_below_the_rank_is_never_asked_to_load_it(
                 json={"lora_name": "probe", "lora_path": str(tmp_path / "big")},
             ) as resp,
         ):
-            assert resp.status >= 400  # (vLLM: its 400 BadRequestError)
+            assert resp.status >= 400  # (vLLM 0.32: its 500 InternalServerError)
             assert "max_lora_rank 8" in await resp.text()
         async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as client:
             served = []
