@@ -16,9 +16,9 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from loragate.core.errors import ConfigError, LoragateError
 from loragate.loadtest.fleet import (
@@ -31,12 +31,12 @@ from loragate.loadtest.fleet import (
     plan_models,
 )
 from loragate.loadtest.openloop import OpenLoopConfig, RequestResult, run_open_loop
-from loragate.loadtest.prompt_tokens import PromptTokens, measure_prompt_tokens
+from loragate.loadtest.prompt_tokens import PromptTokens, measure_prompt_tokens, root_of
 from loragate.loadtest.proxy_env import env_proxy
 from loragate.loadtest.records import RecordWriter
 from loragate.loadtest.scaling import scale_rates
 from loragate.loadtest.summary import format_text, summarise
-from loragate.workload import Workload, WorkloadRequest, load_spec
+from loragate.workload import Workload, WorkloadRequest, WorkloadSpec, load_spec
 
 HELP = "Replay a workload spec open-loop against any OpenAI-compatible URL and report."
 
@@ -45,10 +45,14 @@ Requests are streamed (stream_options.include_usage, ignore_eos; --no-stream,
 --no-stream-options, --no-ignore-eos leave these out) with prompts of the spec's length in
 words, each one token in common tokenizers; a target with vLLM's POST /tokenize counts one
 such prompt at start-up and the summary's prompts line says what it counted. The summary goes
-to stdout, the model mapping and progress to stderr.
+to stdout, the model mapping, start-up steps and progress to stderr.
 Output tokens are the server's usage counts; a server that sends no usage gets an estimate
 (content chunks of a stream, words of a JSON answer), said once on stderr and in the summary.
 TTFT is the time to the first chunk that carries output; JSON answers have none.
+With --max-requests N the offered rate is over the arrivals up to the first one left out:
+n/a when that is under 1 s (a trace's first arrivals can be microseconds apart). Each
+--results record names the replica a loragate gateway says served it (X-Loragate-Replica,
+null from other targets); the summary lists replicas when more than one served.
 Proxies: HTTP_PROXY / HTTPS_PROXY / ALL_PROXY (either case) are used as the openai SDK
 (httpx) and requests use them, except for hosts NO_PROXY lists (names, domain suffixes, CIDR
 ranges) and loopback targets (localhost, 127.0.0.0/8, ::1); the proxy is said on stderr, as
@@ -72,6 +76,11 @@ ENDPOINTS = {"completions": 0, "chat": 1, "mixed": 3}  # -> OpenLoopConfig.chat_
 
 # The shell's status of a process stopped by SIGINT (128 + 2).
 EXIT_INTERRUPTED = 130
+
+# A start-up step (GET /v1/models, POST /tokenize) that takes longer is said on stderr.
+SLOW_STEP_S = 1.0
+
+T = TypeVar("T")
 
 # The shortest arrival window --max-requests may leave that a rate is given over: the first
 # arrivals of a bursty trace can fall within microseconds, and N over that is no rate.
@@ -332,6 +341,7 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 def _workload(args: argparse.Namespace) -> Workload:
     spec = load_spec(args.workload)
+    _say_trace(spec)
     if args.duration_s is not None:
         spec = dataclasses.replace(spec, duration_s=args.duration_s)
     if args.seed is not None:
@@ -350,12 +360,42 @@ def _note(text: str) -> None:
     print(f"loragate loadtest: {text}", file=sys.stderr, flush=True)
 
 
+def _say_trace(spec: WorkloadSpec) -> None:
+    """Say that the spec's ServeGen trace is being read: seconds for a large one (the 4 MB
+    m-large trace, 326,592 rows), with nothing else on the screen meanwhile."""
+    sg = spec.arrivals.servegen
+    if sg is None:
+        return
+    try:
+        size = sg.file.stat().st_size
+    except OSError:
+        return  # reading it will say what is wrong
+    _note(
+        f"{spec.name}: reading the ServeGen trace {os.path.normpath(sg.file)} "
+        f"({size / 1e6:.1f} MB) for {spec.adapters.count} clients"
+    )
+
+
+async def _announced(step: Awaitable[T], text: str) -> T:
+    """Await ``step``, saying ``text`` on stderr if it takes over :data:`SLOW_STEP_S`."""
+    task = asyncio.ensure_future(step)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=SLOW_STEP_S)
+        if not done:
+            _note(text)
+        return await task
+    finally:
+        task.cancel()  # no-op once done; ends it when the run is cancelled meanwhile
+
+
 async def _plan(
     args: argparse.Namespace, base_url: str, workload: Workload, proxy: str | None
 ) -> ModelPlan:
+    timeout_s = min(args.timeout_s, 10.0)
     try:
-        listing: FleetModels | TargetError = await fetch_models(
-            base_url, api_key=args.api_key, timeout_s=min(args.timeout_s, 10.0), proxy=proxy
+        listing: FleetModels | TargetError = await _announced(
+            fetch_models(base_url, api_key=args.api_key, timeout_s=timeout_s, proxy=proxy),
+            f"waiting for GET {base_url}/models (what the target serves; up to {timeout_s:g} s)",
         )
     except TargetError as exc:
         if not exc.reachable:
@@ -391,9 +431,11 @@ async def _loadtest(args: argparse.Namespace, workload: Workload, state: _Run) -
             raise ConfigError(f"cannot write: {exc.strerror}", key=str(args.results)) from exc
     spec = workload.spec
     bound = f", at most {args.max_requests} requests" if args.max_requests else ""
+    expected = workload.offered_rate_rps * spec.duration_s
     _note(
-        f"{spec.name}: {workload.offered_rate_rps:.3g} req/s offered for {spec.duration_s:g} s"
-        f"{bound} -> {base_url} ({args.endpoint}, {'streamed' if args.stream else 'not streamed'})"
+        f"{spec.name}: {workload.offered_rate_rps:.3g} req/s offered for {spec.duration_s:g} s "
+        f"(about {expected:,.0f} requests){bound} -> {base_url} ({args.endpoint}, "
+        f"{'streamed' if args.stream else 'not streamed'})"
     )
     cfg = OpenLoopConfig(
         base_url=base_url,
@@ -411,12 +453,17 @@ async def _loadtest(args: argparse.Namespace, workload: Workload, state: _Run) -
         proxy=proxy_url,
     )
     state.stream, state.stream_usage = args.stream, args.stream_usage
-    state.prompt_tokens = await measure_prompt_tokens(
-        base_url,
-        model=plan.base_model,
-        api_key=args.api_key,
-        timeout_s=min(args.timeout_s, 10.0),
-        proxy=proxy_url,
+    timeout_s = min(args.timeout_s, 10.0)
+    state.prompt_tokens = await _announced(
+        measure_prompt_tokens(
+            base_url,
+            model=plan.base_model,
+            api_key=args.api_key,
+            timeout_s=timeout_s,
+            proxy=proxy_url,
+        ),
+        f"waiting for POST {root_of(base_url)}/tokenize (the target's count of the prompts' "
+        f"tokens; up to {timeout_s:g} s)",
     )
     requests = state.take(workload.requests(), args.max_requests)
     ticker = asyncio.create_task(_progress(args.progress_s, state))
