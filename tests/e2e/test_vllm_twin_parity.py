@@ -5,7 +5,9 @@ where VLLM_API.md records them, the same messages. Every mismatch is listed in o
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -107,7 +109,7 @@ def compare(label: str, real: Answer, twin: Answer, *, exact_message: bool) -> l
     return out
 
 
-def script(name: str, r8: str, missing_dir: str) -> list[tuple[str, str, str, Any, bool]]:
+def script(name: str, r8: str, missing_dir: str, r32: str) -> list[tuple[str, str, str, Any, bool]]:
     """(label, method, path, body, compare error messages exactly) in order."""
     load, unload = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
     comp = {"prompt": "hello world the", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
@@ -137,6 +139,14 @@ def script(name: str, r8: str, missing_dir: str) -> list[tuple[str, str, str, An
             True,
         ),
         ("load base name", "POST", load, {"lora_name": BASE, "lora_path": r8}, True),
+        ("load rank too high", "POST", load, {"lora_name": name + "-r", "lora_path": r32}, True),
+        (
+            "load a file",
+            "POST",
+            load,
+            {"lora_name": name + "-f", "lora_path": r32 + "/x.json"},
+            True,
+        ),
         ("load no path", "POST", load, {"lora_name": name + "-y"}, False),
         ("load empty path", "POST", load, {"lora_name": name + "-z", "lora_path": ""}, True),
         ("unload unknown", "POST", unload, {"lora_name": name + "-never"}, True),
@@ -169,12 +179,23 @@ def script(name: str, r8: str, missing_dir: str) -> list[tuple[str, str, str, An
     ]
 
 
+def _rank_32(lora_paths: dict[int, list[str]], tmp_path: Path) -> str:
+    """A copy of a rank-16 adapter whose config says r=32 (above max_lora_rank 16), and a file
+    in it (``x.json``) to give as a folder."""
+    folder = tmp_path / "r32"
+    shutil.copytree(lora_paths[16][0], folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 32}))
+    (folder / "x.json").write_text("{}")
+    return str(folder)
+
+
 async def test_twin_and_real_vllm_answer_the_same_api_calls(
     real_vllm: Replica,
     http: aiohttp.ClientSession,
     lora_paths: dict[int, list[str]],
     unique_name: str,
-    tmp_path: Any,
+    tmp_path: Path,
 ) -> None:
     c = REAL_CONFIG
     twin_cfg = ReplicaConfig(
@@ -193,7 +214,7 @@ async def test_twin_and_real_vllm_answer_the_same_api_calls(
     problems: list[str] = []
     async with run_replica(twin_cfg, host="127.0.0.1", port=0) as twin:
         for label, method, path, body, exact in script(
-            unique_name, lora_paths[8][0], str(tmp_path / "missing")
+            unique_name, lora_paths[8][0], str(tmp_path / "missing"), _rank_32(lora_paths, tmp_path)
         ):
             real = await call(http, real_vllm.base_url, method, path, body)
             sim = await call(http, twin.url, method, path, body)

@@ -84,6 +84,8 @@ async def test_a_drain_keeps_serving_what_runs_and_refuses_what_is_new(
         assert await _post(http, r.url + "/v1/chat/completions", chat) == (500, refused)
         stream = {"prompt": "new", "stream": True}
         assert await _post(http, r.url + "/v1/completions", stream) == (500, refused)
+        async with http.post(r.url + "/v1/completions", json={"prompt": "new"}) as resp:
+            assert resp.headers.get("Connection") == "close"  # as uvicorn closes it
         status, body = await _post(http, r.url + "/v1/completions", {"model": "x", "prompt": "p"})
         assert status == 404 and body["error"]["type"] == "NotFoundError"
         load = {"lora_name": "b", "lora_path": adapter_dir("b")}

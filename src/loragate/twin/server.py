@@ -155,10 +155,17 @@ class ReplicaState:
 
     def refuse_while_stopping(self) -> None:
         """A request that needs the engine while the replica shuts down: vLLM's 500s."""
-        if self.phase == "draining":
-            raise VllmApiError(500, SHUTDOWN_REFUSED, "InternalServerError")
+        if self.phase == "draining":  # a RuntimeError vLLM's handlers do not catch
+            raise VllmApiError(500, SHUTDOWN_REFUSED, "InternalServerError", close_connection=True)
         if self.phase == "stopped":
             raise VllmApiError(500, ENGINE_DEAD, "InternalServerError")
+
+    def _refuse_load_while_stopping(self) -> None:
+        """A load while the replica shuts down: EngineCore rejects the add_lora utility call
+        ("Server shutting down"), or its engine is dead."""
+        if self.phase != "serving":
+            message = LOAD_REFUSED if self.phase == "draining" else ENGINE_DEAD
+            raise VllmApiError(500, message, "InternalServerError")
 
     async def add_lora(self, adapter: RegisteredAdapter) -> None:
         """Put a newly registered adapter in the engine's CPU cache and a GPU slot, taking its
@@ -257,9 +264,7 @@ class ReplicaState:
         if errors:
             raise validation_error(errors)
         self.registry.check_request(name, path, load_inplace=inplace)
-        if self.phase != "serving":  # EngineCore rejects add_lora ("Server shutting down")
-            raise VllmApiError(500, LOAD_REFUSED if self.phase == "draining" else ENGINE_DEAD,
-                               "InternalServerError")  # fmt: skip
+        self._refuse_load_while_stopping()
         # In place: vLLM reads the folder again and the new copy replaces the cached one.
         await self.add_lora(self.registry.load(name, path, load_inplace=inplace))
         return _plain(f"Success: LoRA adapter '{name}' added successfully.")
@@ -283,9 +288,7 @@ class ReplicaState:
         if errors:
             raise validation_error(errors)
         self.registry.check_request(name, src)
-        if self.phase != "serving":
-            raise VllmApiError(500, LOAD_REFUSED if self.phase == "draining" else ENGINE_DEAD,
-                               "InternalServerError")  # fmt: skip
+        self._refuse_load_while_stopping()
         await self.add_lora(self.registry.load(name, src))
         return _plain(f"Adapter {name} registered")
 
@@ -350,7 +353,10 @@ async def _vllm_errors(request: web.Request, handler: Handler) -> web.StreamResp
     try:
         return await handler(request)
     except VllmApiError as exc:
-        return web.Response(body=exc.body(), status=exc.status, content_type="application/json")
+        response = web.Response(body=exc.body(), status=exc.status, content_type="application/json")
+        if exc.close_connection:
+            response.force_close()
+        return response
     except InvalidRequestError as exc:  # the engine's own request checks
         err = VllmApiError(400, exc.message, "BadRequestError", exc.param)
         return web.Response(body=err.body(), status=400, content_type="application/json")

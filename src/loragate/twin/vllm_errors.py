@@ -21,13 +21,24 @@ class VllmApiError(Exception):
     """An error the simulated replica answers with, in vLLM's JSON shape. Its message is
     sanitised as vLLM sanitises every error message (``sanitize_message``)."""
 
-    def __init__(self, status: int, message: str, err_type: str, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        err_type: str,
+        param: str | None = None,
+        *,
+        close_connection: bool = False,
+    ) -> None:
         message = sanitize_message(message)
         super().__init__(message)
         self.status = status
         self.message = message
         self.err_type = err_type
         self.param = param
+        # vLLM answered an exception no handler of its own caught (starlette's last-resort
+        # handler): uvicorn then closes the connection, a kept-alive one too.
+        self.close_connection = close_connection
 
     def event_body(self) -> bytes:
         """The error as vLLM writes it in a stream that started
