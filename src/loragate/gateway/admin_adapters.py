@@ -8,6 +8,14 @@ with nothing registered and no load tried: no replica could ever load it, and ev
 for it would be a 400. (Refused, not warned about: the registration's point is an adapter the
 gateway can serve, which is why it tries a load at once.) The load it tries passes over the
 replicas whose known ``max_lora_rank`` is below the rank (``not_tried`` says why).
+
+Where it tries that load first (``gateway.load_placement``): not the first healthy replica in
+config order every time (vLLM 0.32 activates what it loads, so each registration there
+evicted that replica's hot adapters), but the one where it evicts least, with the fewest
+loads under way, the routing policy's choice for the adapter when the policy has one, then
+the fewest requests in flight and the most free slots, a burst taking turns over replicas
+that would all evict alike. A replica that refuses, cannot be reached or does not answer in
+time is passed over for the next one in that order.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from loragate.core.errors import (
 from loragate.core.types import MAX_ADAPTER_RANK, AdapterSpec
 from loragate.gateway.adapter_rank import DEFAULT_RANK, RankError, rank_problem, settle_rank
 from loragate.gateway.admin_common import json_response, log, state_unavailable
+from loragate.gateway.load_placement import LoadPlacer, ReplicaView
 from loragate.gateway.request_body import read_request_body
 from loragate.routing.rank_limit import within_rank_limit
 
@@ -105,6 +114,7 @@ class AdapterAdmin:
 
     def __init__(self, gateway: Gateway) -> None:
         self._gw = gateway
+        self._placer = LoadPlacer()  # where a registration's load is tried first
 
     async def adapters(self, _: web.Request) -> web.Response:
         gw = self._gw
@@ -194,7 +204,8 @@ class AdapterAdmin:
 
     async def _try_load(self, spec: AdapterSpec) -> LoadAttempt:
         """Load ``spec`` (just registered) on the healthy replicas in turn until one has it, so
-        that a path no replica can load is a 400 now, not a 502 for every request later.
+        that a path no replica can load is a 400 now, not a 502 for every request later. The
+        turn is ``gateway.load_placement``'s order: least harm and most use first.
 
         A replica that refuses it (vLLM's 4xx/5xx) and one that cannot be reached or does not
         answer within ``limits.admin_timeout_s`` are both passed over for the next one, and
@@ -206,17 +217,38 @@ class AdapterAdmin:
         healthy) leaves the registration standing, logged: nothing says the path is bad. A
         replica that refuses while another loads it keeps its refusal, as after a routed
         request. Returns what happened, for the 201's body."""
-        pool = self._gw.pool
+        gw = self._gw
+        pool = gw.pool
         attempt = LoadAttempt()
         refused: list[str] = []
-        passed_over: list[str] = []
+        passed_over: list[str] = []  # not asked: below the rank, unreachable, timed out
+        skipped: list[str] = []  # of those, the ones tried in turn
+        eligible = []
         for snap in pool.healthy_snapshots():
             rid = snap.replica_id
             if not within_rank_limit(snap.settings, spec.rank):  # it would refuse: not asked
                 why = f"its max_lora_rank {snap.settings.max_lora_rank} is below rank {spec.rank}"
                 passed_over.append(f"replica {rid} ({why})")
                 attempt.not_tried[rid] = why
-                continue
+            else:
+                eligible.append(snap)
+        view = ReplicaView(
+            in_flight_of=gw.shared.in_flight_of,
+            residency_of=gw.shared.residency_of,
+            adapter_counts=gw.inflight.adapter_counts,
+            loading=pool.loading,
+            is_registered=pool.is_registered,
+            now_s=gw.clock.now(),
+        )
+        order = self._placer.order(spec, eligible, view, gw.config.routing)
+        if order:
+            log.debug(
+                "admin: adapter %s: load tried on %s in turn; %s first (%s)",
+                spec.name, ", ".join(c.replica_id for c in order), order[0].replica_id,
+                order[0].why(),
+            )  # fmt: skip
+        for cand in order:
+            rid = cand.replica_id
             try:
                 await pool.ensure_adapter(rid, spec)
             except AdapterLoadError as exc:
@@ -226,13 +258,15 @@ class AdapterAdmin:
             except LoragateError as exc:  # unreachable, timed out: not the adapter's fault
                 log.warning("admin: adapter %s not tried on replica %s: %s", spec.name, rid, exc)
                 passed_over.append(f"replica {rid} ({_why_not_tried(exc)})")
+                skipped.append(passed_over[-1])
                 attempt.not_tried[rid] = _why_not_tried(exc)
                 continue
-            if refused or passed_over:
+            if refused or skipped:  # (not the ones below the rank: never in the order)
                 log.info(
                     "admin: adapter %s loaded on replica %s after %s",
-                    spec.name, rid, "; ".join(refused + passed_over),
+                    spec.name, rid, "; ".join(refused + skipped),
                 )  # fmt: skip
+            self._placer.took(rid)
             attempt.loaded_on = rid
             return attempt
         if not refused:
