@@ -19,11 +19,11 @@ are asked in this order, each key breaking the ties of the one before:
    a burst of concurrent registrations spreads instead of queueing on one replica);
 4. the replica the routing policy would send the adapter's first request to, when it has a
    preference (so the load is not wasted: e.g. ``consistent_hash``'s ring). The policy is
-   asked on a copy built afresh from the ``routing:`` section, never the one serving
-   requests (its counters, running means and random draws stay untouched), with the
-   snapshots routing would see (in-flight counts, shadow residency with the loads under way),
-   twice: once breaking every tie (and every random draw) towards the first replica, once
-   towards the last. Only a choice both runs agree on is a preference; ``round_robin``,
+   asked on a copy of its own built from the ``routing:`` section (again after a reload),
+   never the one serving requests (its counters, running means and random draws stay
+   untouched), with the snapshots routing would see (in-flight counts, shadow residency with
+   the loads under way), twice: once breaking every tie (and every random draw) towards the
+   first replica, once towards the last. Only a choice both runs agree on is a preference; ``round_robin``,
    ``random`` or a tie among idle replicas has none;
 5. fewest requests in flight and waiting (a load stalls the replica's running batch);
 6. most free GPU slots left after the load, then most free CPU cache places (a burst of
@@ -182,10 +182,12 @@ class ReplicaView:
 
 class LoadPlacer:
     """Orders the replicas for a registration's load (one per gateway: it keeps whose turn it
-    is)."""
+    is and its copy of the routing policy)."""
 
     def __init__(self) -> None:
         self._last: ReplicaId | None = None
+        self._policy: Policy | None = None
+        self._policy_of: RoutingConfig | None = None  # the routing section it was built from
 
     def took(self, replica_id: ReplicaId) -> None:
         """The load went to ``replica_id``: the turn passes to the replica after it."""
@@ -263,12 +265,15 @@ class LoadPlacer:
             return None
         return picks.pop() if len(picks) == 1 else None
 
-    @staticmethod
-    def _policy_for(routing: RoutingConfig) -> Policy | None:
-        """A fresh policy from the ``routing:`` section (~0.1 ms): no state of earlier
-        decisions (running means, counters) carried from one registration to the next."""
-        try:
-            return build_policy(routing.build_spec(), seed=routing.seed)
-        except LoragateError as exc:  # validated with the config: not expected
-            log.warning("admin: routing policy not consulted for an adapter load: %s", exc)
-            return None
+    def _policy_for(self, routing: RoutingConfig) -> Policy | None:
+        """The placements' own policy from the ``routing:`` section, built again after a
+        reload changed it (kept: ``consistent_hash`` builds its ring once, ~8 ms for 16
+        replicas). Its state (counters, running means) is that of these dry runs alone."""
+        if routing is not self._policy_of:
+            self._policy_of = routing
+            try:
+                self._policy = build_policy(routing.build_spec(), seed=routing.seed)
+            except LoragateError as exc:  # validated with the config: not expected
+                log.warning("admin: routing policy not consulted for adapter loads: %s", exc)
+                self._policy = None
+        return self._policy
