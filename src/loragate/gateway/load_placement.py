@@ -23,8 +23,8 @@ are asked in this order, each key breaking the ties of the one before:
    never the one serving requests (its counters, running means and random draws stay
    untouched), with the snapshots routing would see (in-flight counts, shadow residency with
    the loads under way), twice: once breaking every tie (and every random draw) towards the
-   first replica, once towards the last. Only a choice both runs agree on is a preference; ``round_robin``,
-   ``random`` or a tie among idle replicas has none;
+   first replica, once towards the last. Only a choice both runs agree on is a preference;
+   ``round_robin``, ``random`` or a tie among idle replicas has none;
 5. fewest requests in flight and waiting (a load stalls the replica's running batch);
 6. most free GPU slots left after the load, then most free CPU cache places (a burst of
    registrations on idle replicas fills them evenly);
