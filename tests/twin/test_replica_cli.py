@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -107,3 +111,58 @@ def test_the_design_documents_spelling_with_simulated_is_accepted() -> None:
     args = build_parser().parse_args(["replica", "--simulated", "--port", "0"])
     assert args.simulated is True
     assert build_parser().parse_args(["replica", "--port", "0"]).simulated is False
+
+
+def _post(url: str, body: dict[str, object]) -> tuple[int, dict[str, object]]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_cli_shutdown_timeout_drains_on_sigterm_as_vllm() -> None:
+    """vLLM's --shutdown-timeout: after SIGTERM the replica still listens, /health says 200,
+    a new request gets vLLM's 500, the request in flight finishes; then it exits 0."""
+    proc = start(["--port", "0", "--profile", "fast", "--time-scale", "0.2",
+                  "--shutdown-timeout", "3600"])  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith(READY_PREFIX), (line, proc.stderr.read() if proc.stderr else "")
+        url = line.rsplit(" ", 1)[-1].strip()
+        long = {"prompt": "long", "max_tokens": 300, "ignore_eos": True}  # ~3 s here
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(_post, url + "/v1/completions", long)
+            for _ in range(1000):  # until it runs (bounded)
+                metrics = get(url + "/metrics")[1].decode()
+                if re.search(r"^vllm:num_requests_running\{[^}]*\} 1\.0$", metrics, re.M):
+                    break
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            for _ in range(1000):  # until the signal is handled (bounded)
+                status, body = _post(url + "/v1/completions", {"prompt": "new", "max_tokens": 1})
+                if status != 200:
+                    break
+            assert (status, body["error"]) == (500, {  # type: ignore[index]
+                "message": "cannot schedule new futures after shutdown",
+                "type": "InternalServerError", "param": None, "code": 500})  # fmt: skip
+            assert get(url + "/health") == (200, b"")
+            status, done = in_flight.result(timeout=120)
+        assert status == 200 and done["choices"][0]["finish_reason"] == "length"  # type: ignore[index]
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_cli_refuses_a_negative_shutdown_timeout() -> None:
+    proc = start(["--port", "0", "--shutdown-timeout", "-1"])
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "shutdown_timeout" in err and "must be >= 0, got -1.0" in err
