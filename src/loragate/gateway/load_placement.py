@@ -263,6 +263,14 @@ class LoadPlacer:
         except LoragateError as exc:  # e.g. a filter without fallback left no replica
             log.debug("admin: no routing preference for adapter %s: %s", spec.name, exc)
             return None
+        except Exception:  # a fault in a plugin must not fail a registration already stored
+            log.warning(
+                "admin: the routing policy failed on adapter %s's placement; its load is "
+                "placed without the policy's preference",
+                spec.name,
+                exc_info=True,
+            )
+            return None
         return picks.pop() if len(picks) == 1 else None
 
     def _policy_for(self, routing: RoutingConfig) -> Policy | None:
