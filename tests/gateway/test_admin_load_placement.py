@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 from gateway_harness import (
     BASE,
     ScriptedReplica,
@@ -28,7 +29,7 @@ from shared_cluster import AUTH as SHARED_AUTH
 from shared_cluster import eventually, get_json, shared_config, twin_replicas
 
 from loragate.core.config import GatewayConfig, config_from_mapping
-from loragate.gateway import running_gateway
+from loragate.gateway import load_config, running_gateway
 from loragate.twin.adapters import write_adapter_folder
 from loragate.twin.replica_config import ReplicaConfig
 from loragate.twin.server import RunningReplica, run_replica
@@ -65,7 +66,13 @@ async def _twins(slots: list[tuple[int, int]]) -> AsyncIterator[list[RunningRepl
 def _config(
     replicas: list[RunningReplica], slots: list[tuple[int, int]], tmp: Path, **sections: Any
 ) -> GatewayConfig:
-    doc: dict[str, Any] = {
+    return config_from_mapping({**_document(replicas, slots, tmp), **sections})
+
+
+def _document(
+    replicas: list[RunningReplica], slots: list[tuple[int, int]], tmp: Path
+) -> dict[str, Any]:
+    return {
         "base_model": BASE,
         "replicas": [
             {"id": f"r{i}", "url": r.url, "settings": {"max_loras": g, "max_cpu_loras": c}}
@@ -75,8 +82,6 @@ def _config(
         "poller": {"interval_s": 3600},
         "admin": {"token": TOKEN},
     }
-    doc.update(sections)
-    return config_from_mapping(doc)
 
 
 def _folders(tmp: Path, names: list[str]) -> None:
@@ -259,3 +264,37 @@ async def test_two_gateways_on_one_redis_spread_their_registrations(
         # of the others out of its slots.
         assert Counter(placed) == {"r0": 2, "r1": 2}, placed
         assert sorted(len(t.state.engine.gpu_adapters()) for t in twins) == [2, 2]
+
+
+async def test_the_placement_follows_a_reloaded_routing_policy(tmp_path: Path) -> None:
+    # Started with round_robin (no preference), reloaded to consistent_hash: the loads then go
+    # where the ring sends each adapter's requests.
+    slots = [(4, 8), (4, 8)]
+    names = [f"ring-{i}" for i in range(6)]
+    _folders(tmp_path, names)
+    async with _twins(slots) as twins:
+        doc = _document(twins, slots, tmp_path)
+        path = tmp_path / "gateway.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        async with running_gateway(load_config(path), port=0, config_path=path) as gw:
+            first = {"name": names[4], "path": str(tmp_path / names[4])}
+            status, body = await _admin(gw.url, "POST", "/admin/adapters", first)
+            assert status == 201 and body["loaded_on"] == ["r0"], body  # no preference
+            path.write_text(yaml.safe_dump({**doc, "routing": "consistent_hash"}))
+            status, body = await _admin(gw.url, "POST", "/admin/reload")
+            assert status == 200 and body["policy"] == "consistent_hash", body
+            placed: dict[str, str] = {}
+            for name in names[:4]:
+                status, body = await _admin(
+                    gw.url, "POST", "/admin/adapters", {"name": name, "path": str(tmp_path / name)}
+                )
+                assert status == 201, body
+                placed[name] = body["loaded_on"][0]
+            served: dict[str, str] = {}
+            async with openai_client(gw.url) as client:
+                for name in placed:
+                    raw = await client.completions.with_raw_response.create(
+                        model=name, prompt="x", max_tokens=1
+                    )
+                    served[name] = raw.headers["X-Loragate-Replica"]
+            assert placed == served, (placed, served)
