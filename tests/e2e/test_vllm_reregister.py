@@ -85,3 +85,29 @@ async def test_a_name_loaded_again_is_a_new_adapter_beside_its_old_copy(
             sim.append(twin.state.list_loras())
     assert real == EXPECTED
     assert sim == EXPECTED
+
+
+async def test_a_refused_load_of_a_new_name_uses_up_an_id(
+    dev_vllm: Replica, http: aiohttp.ClientSession, lora_paths: dict[int, list[str]]
+) -> None:
+    """A load refused by the engine (404, no adapter at the path) still took an id: the next
+    new name's id is two past the last one (relative: the module's replica is shared)."""
+
+    async def ids() -> set[int]:
+        async with http.post(dev_vllm.base_url + "/collective_rpc",
+                             json={"method": "list_loras"}) as r:  # fmt: skip
+            assert r.status == 200, await r.text()
+            (found,) = (await r.json())["results"]
+        return set(found)
+
+    good = {"lora_name": "z-good", "lora_path": lora_paths[8][0]}
+    async with http.post(dev_vllm.base_url + "/v1/load_lora_adapter", json=good) as r:
+        assert r.status == 200, await r.text()
+    last = max(await ids())
+    bad = {"lora_name": "z-bad", "lora_path": lora_paths[8][0] + "-missing"}
+    async with http.post(dev_vllm.base_url + "/v1/load_lora_adapter", json=bad) as r:
+        assert r.status == 404, await r.text()
+    again = {"lora_name": "z-next", "lora_path": lora_paths[16][0]}
+    async with http.post(dev_vllm.base_url + "/v1/load_lora_adapter", json=again) as r:
+        assert r.status == 200, await r.text()
+    assert max(await ids()) == last + 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 
 import aiohttp
 
@@ -66,3 +67,21 @@ async def test_the_old_copy_in_a_slot_costs_another_adapter_its_slot(
         engine = r.state.engine
         assert len(engine.cpu_adapters()) == 3 and len(engine.gpu_adapters()) == 2
         assert "a" not in engine.gpu_adapters() and "g" in engine.gpu_adapters()
+
+
+async def test_a_refused_load_of_a_new_name_uses_up_an_id(
+    start_replica: StartReplica,
+    adapter_dir: MakeAdapterDir,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """vLLM's load_lora_adapter takes the next lora_int_id before its add_lora, which may
+    fail (here: no adapter at the path, 404): the next adapter gets the id after it."""
+    async with start_replica() as r:
+        bad = {"lora_name": "x", "lora_path": str(tmp_path / "missing")}
+        async with http.post(r.url + "/v1/load_lora_adapter", json=bad) as resp:
+            assert resp.status == 404
+        good = {"lora_name": "y", "lora_path": adapter_dir("y")}
+        async with http.post(r.url + "/v1/load_lora_adapter", json=good) as resp:
+            assert resp.status == 200
+        assert r.state.list_loras() == {2}

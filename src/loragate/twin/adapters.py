@@ -128,7 +128,13 @@ class AdapterRegistry:
     def load(self, name: str, path: str, *, load_inplace: bool = False) -> RegisteredAdapter:
         """``POST /v1/load_lora_adapter``: validate, then register ``name``."""
         self.check_request(name, path, load_inplace=load_inplace)
-        adapter = self._with_id(self._check_loadable(name, path))
+        try:
+            loadable = self._check_loadable(name, path)
+        except VllmApiError:
+            if name not in self._adapters:  # vLLM took the next lora_int_id before add_lora
+                self._last_id += 1
+            raise
+        adapter = self._with_id(loadable)
         self._adapters[name] = adapter
         return adapter
 
