@@ -71,7 +71,7 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Protocol
 
 import aiohttp
@@ -93,6 +93,9 @@ from loragate.core.tasks import cancel_and_wait
 from loragate.core.types import AdapterSpec, ReplicaId, ReplicaSettings, ReplicaSnapshot, Residency
 
 log = logging.getLogger(__name__)
+
+# Why a poll failed (``ReplicaPool.on_poll_failed``; loragate_replica_poll_failures_total).
+POLL_FAILURE_REASONS = ("connect", "timeout", "bad_response", "wrong_model")
 
 
 class ReplicaRetiredError(UpstreamConnectError):
@@ -206,6 +209,11 @@ class ReplicaPool:
         # How long a request in progress on a replica that stopped listening may go without
         # a byte before it is failed (``limits.stopped_replica_grace_s``; a reload may change it).
         self.stopped_replica_grace_s = stopped_replica_grace_s
+        # Told of each adapter load's end: (replica, result, seconds it took); the result is
+        # ok, already_loaded, refused, timeout, unreachable, abandoned or error (_timed_load).
+        self.on_load_done: Callable[[ReplicaId, str, float], None] | None = None
+        # Told of each failed poll: (replica, one of POLL_FAILURE_REASONS).
+        self.on_poll_failed: Callable[[ReplicaId, str], None] | None = None
 
     @staticmethod
     def _new_replica(cfg: ReplicaConfig) -> _Replica:
@@ -437,6 +445,7 @@ class ReplicaPool:
                 client.check_health(), client.metrics(), client.list_models()
             )
         except (LoragateError, ValueError) as exc:
+            self._poll_failed(rep, poll_failure_reason(exc))
             self._record_failure(rep, str(exc), immediate=False)
             if connection_refused(exc):
                 self._stopped_listening(rep, client, str(exc))
@@ -444,6 +453,7 @@ class ReplicaPool:
             return
         base = self.base_model
         if base is not None and base not in models.base_models:
+            self._poll_failed(rep, "wrong_model")
             self._refuse(rep, _wrong_model(base, models.base_models))
             await self._tell_polled(rep, models_seen=False)
             return
@@ -476,6 +486,10 @@ class ReplicaPool:
             self._found_stale(rep, spec, root)
         self._retire(rep, models.adapters)
         await self._tell_polled(rep, models_seen=True)
+
+    def _poll_failed(self, rep: _Replica, reason: str) -> None:
+        if self.on_poll_failed is not None:
+            self.on_poll_failed(rep.config.replica_id, reason)
 
     def _stopped_listening(self, rep: _Replica, client: VllmClient, error: str) -> None:
         """A poll found ``rep``'s listener closed (vLLM closes it at once on SIGTERM): the
@@ -852,7 +866,7 @@ class ReplicaPool:
     def _start_load(
         self, key: tuple[str, ReplicaId], rep: _Replica, spec: AdapterSpec
     ) -> asyncio.Task[None]:
-        task = asyncio.create_task(self._load(rep, spec), name=f"load {key}")
+        task = asyncio.create_task(self._timed_load(rep, spec), name=f"load {key}")
         self._loads[key] = task
         task.add_done_callback(lambda t: self._load_done(key, t))
         return task
@@ -864,7 +878,31 @@ class ReplicaPool:
         if not task.cancelled():
             task.exception()  # retrieved: all waiters may have gone away
 
-    async def _load(self, rep: _Replica, spec: AdapterSpec) -> None:
+    async def _timed_load(self, rep: _Replica, spec: AdapterSpec) -> None:
+        """:meth:`_load`, its duration and outcome told to :attr:`on_load_done`."""
+        started = self._clock.now()
+        result = "error"
+        try:
+            result = "ok" if await self._load(rep, spec) else "already_loaded"
+        except AdapterLoadError:
+            result = "refused"
+            raise
+        except UpstreamTimeoutError:
+            result = "timeout"
+            raise
+        except UpstreamConnectError:
+            result = "unreachable"
+            raise
+        except asyncio.CancelledError:
+            result = "abandoned"
+            raise
+        finally:
+            if self.on_load_done is not None:
+                self.on_load_done(rep.config.replica_id, result, self._clock.now() - started)
+
+    async def _load(self, rep: _Replica, spec: AdapterSpec) -> bool:
+        """Load ``spec`` on ``rep``; True if the replica loaded it (200), False if it had it
+        registered already (from the configured path)."""
         # Errors are already loragate errors: AdapterLoadError (the replica refused the
         # adapter), UpstreamConnectError or UpstreamTimeoutError (the replica is unreachable).
         rid = rep.config.replica_id
@@ -932,6 +970,7 @@ class ReplicaPool:
                 await self.listener.adapter_loaded(rep.config.replica_id, spec.name)
             except Exception:
                 log.exception("pool listener failed on a load of %s", spec.name)
+        return loaded
 
     def _entries_of(self, rep: _Replica) -> tuple[_Replica, ...]:
         """``rep``, and the entry that replaced it if that is at the same URL (the same vLLM
@@ -1008,6 +1047,15 @@ class ReplicaPool:
 
 # Why the requests waiting for a load on a replica that stopped listening stop waiting.
 _STOPPED_LOADING = "stopped listening (its poll could not connect)"
+
+
+def poll_failure_reason(exc: BaseException) -> str:
+    """The reason (one of ``POLL_FAILURE_REASONS``) a poll failed with ``exc``."""
+    if isinstance(exc, UpstreamTimeoutError):
+        return "timeout"
+    if isinstance(exc, UpstreamConnectError):
+        return "connect"
+    return "bad_response"
 
 
 def connection_refused(exc: BaseException) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +42,9 @@ from loragate.gateway.endpoint_errors import EndpointErrors
 from loragate.gateway.errors import error_payload, error_response
 from loragate.gateway.inflight import InFlightTracker, LocalInFlight
 from loragate.gateway.proxy import Proxy
-from loragate.gateway.route_errors import method_not_allowed, not_found
+from loragate.gateway.route_errors import NoReplicaLog, method_not_allowed, not_found
 from loragate.gateway.shared import SharedState, build_store
-from loragate.gateway.telemetry import CONTENT_TYPE, Telemetry
+from loragate.gateway.telemetry import CONTENT_TYPE, Telemetry, instances_reading
 from loragate.routing import Policy, build_policy
 from loragate.state import GatewayStore
 
@@ -170,6 +171,19 @@ def create_app(
         shared_in_flight=lambda: {rid: shared.in_flight_of(rid) for rid in in_flight_replicas()},
     )
     telemetry.set_config(policy.name, config.routing)
+    pool.on_load_done = telemetry.observe_adapter_load
+    pool.on_poll_failed = telemetry.count_poll_failure
+    readers_window_s = max(3.0 * config.state.refresh_s, 5.0)
+    telemetry.bind_replicas(
+        replica_ids=lambda: pool.replica_ids,
+        snapshots=pool.snapshots,
+        residency_of=shared.residency_of,
+        instances=lambda: (
+            None
+            if shared.degraded
+            else instances_reading(shared.store.readers_before, readers_window_s, time.time())
+        ),
+    )
     telemetry.bind_draining(lambda: {rid: pool.is_draining(rid) for rid in pool.replica_ids})
     telemetry.bind_refusals(lambda: pool.refusals.counts)
     telemetry.bind_shared_state(
@@ -191,6 +205,7 @@ def create_app(
         limits=config.limits,
         clock=clock,
         auth_failed=endpoint_errors.auth_failed,  # logged as the own endpoints' 401s are
+        no_replica=NoReplicaLog(pool, clock).refused,
     )
     gateway = Gateway(
         config=config,

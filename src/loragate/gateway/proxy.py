@@ -111,6 +111,7 @@ from loragate.core.errors import (
     AdapterLoadError,
     AuthenticationError,
     LoragateError,
+    NoReplicaAvailableError,
     ShuttingDownError,
     UpstreamConnectError,
     UpstreamError,
@@ -184,6 +185,7 @@ class Proxy:
         "_ids",
         "_inflight",
         "_max_body",
+        "_no_replica",
         "_now",
         "_policy",
         "_pool",
@@ -209,10 +211,13 @@ class Proxy:
         limits: LimitsConfig,
         clock: Clock,
         auth_failed: Callable[[web.Request], None] | None = None,
+        no_replica: Callable[[str, str | None, str], None] | None = None,
     ) -> None:
         self.catalog = catalog
         # Told of each request refused for a missing or wrong key (the 401's log line).
         self._auth_failed = auth_failed
+        # Told of each 503 no_replica_available: (path, adapter, message) (its log line).
+        self._no_replica = no_replica
         self._pool = pool
         self._refused = pool.refusals.by_adapter  # adapters some replica refused lately
         self._policy = policy
@@ -477,6 +482,8 @@ class Proxy:
         retries = 0  # attempts that failed and were sent again (for the access log)
         state = self._state
         sync = state.sync
+        residency_of = state.residency_of
+        telemetry = self._telemetry
         rid: ReplicaId = ""
         loading: str | None = None  # the adapter being loaded on rid, while that is under way
         refused: list[tuple[ReplicaId, str]] = []  # this request's refused loads
@@ -488,6 +495,8 @@ class Proxy:
                 # The try's start: its wait for a load ends within request_timeout_s of it (a
                 # retry gets the whole of it again, as it does for its answer).
                 t_try = self._now()
+                if spec is not None:  # where the adapter was there (before the lease's touch)
+                    telemetry.count_residency(rid, spec.name, residency_of(rid))
                 client = pool.client(rid)  # (a reload may replace the replica's entry meanwhile)
                 upstream = client.upstream
                 if sync:  # the embedded store: no coroutine
@@ -497,12 +506,16 @@ class Proxy:
                 try:
                     if spec is not None and not pool.is_registered(rid, spec.name):
                         loading = spec.name
+                        t_load = self._now()
                         try:
                             # This try waits for the (shared) load what is left of its
                             # request_timeout_s; the load itself may go on to admin_timeout_s.
-                            await pool.ensure_adapter(
-                                rid, spec, timeout_s=self._timeout_s - (self._now() - t_try)
-                            )
+                            try:
+                                await pool.ensure_adapter(
+                                    rid, spec, timeout_s=self._timeout_s - (t_load - t_try)
+                                )
+                            finally:
+                                telemetry.observe_load_wait(rid, self._now() - t_load)
                         except ReplicaRetiredError as exc:
                             # A reload removed or replaced the replica's entry meanwhile: not
                             # the replica's failure; routed again (its one retry stays unused).
@@ -629,6 +642,8 @@ class Proxy:
                 # The client learns which replica failed by its id, never by its URL (the log
                 # line and the admin API's last_error have that).
                 exc = _for_client(exc, rid, loading)
+            elif isinstance(exc, NoReplicaAvailableError) and self._no_replica is not None:
+                self._no_replica(path, rreq.adapter, exc.message)  # (a rate-limited WARNING)
             # Counted with the replica that failed it (the handler counts errors raised
             # before a replica was chosen), and named to the client in the replica header.
             self._finished(rreq, path, rid, str(classify(exc)[0]), t0, retries, note=exc.message)

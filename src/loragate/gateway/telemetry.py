@@ -1,21 +1,25 @@
 """Prometheus metrics of one gateway app, in its own ``CollectorRegistry``.
 
 Hot-path cost is kept to one counter increment and one or two histogram observations per
-request, each a plain dict/list update (no locks, no per-bucket walk); the Prometheus families
-are built from them only when ``/metrics`` is scraped. Gauges that can be read at scrape time
-(in-flight per replica, this instance's and the shared view, replica health and draining,
-adapter loads) cost
-nothing per request either. The registry also carries the process collectors
-(``process_start_time_seconds``, ``process_resident_memory_bytes``, ``python_info``, ...), as
-prometheus_client's default registry does.
+request, each a plain dict/list update (no locks, no per-bucket walk), plus, for a request for
+an adapter, one increment of the residency its replica had (``count_residency``); the
+Prometheus families are built from them only when ``/metrics`` is scraped. Gauges that can be
+read at scrape time (in-flight per replica, this instance's and the shared view, replica health
+and draining, adapter loads, what routing sees of each replica: shadow residency occupancy,
+queue depth and KV usage of its last poll) cost nothing per request either. The registry also
+carries the process collectors (``process_start_time_seconds``,
+``process_resident_memory_bytes``, ``python_info``, ...), as prometheus_client's default
+registry does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TypeVar
 
 import aiohttp
 from prometheus_client import (
@@ -33,17 +37,27 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from loragate.backends.pool import POLL_FAILURE_REASONS
 from loragate.core import routing_digest
 from loragate.core.config import RoutingConfig
 from loragate.core.errors import AdapterLoadError, UpstreamConnectError, UpstreamError
+from loragate.core.types import ReplicaId, ReplicaSnapshot, Residency
+from loragate.state.residency import capacities
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_K = TypeVar("_K")
 
 _LATENCY_BUCKETS_S = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 )  # fmt: skip
 
 _RELOAD_RESULTS = ("ok", "rejected", "error")  # loragate_config_reloads_total{result}
+
+# loragate_routing_residency_total{replica,residency}: where the shadow residency had the
+# adapter on the replica routing chose (a GPU slot, the CPU cache, registered only, or not
+# registered: a load follows).
+RESIDENCIES = ("gpu", "cpu", "registered", "unregistered")
 
 # loragate_endpoint_errors_total{endpoint}: the gateway's own endpoints by class (never the raw
 # path: a client could make the series unbounded) and, shown from 0, the failed
@@ -207,6 +221,80 @@ class _StateGauges(Collector):
         )
 
 
+class _ReplicaView(Collector):
+    """What routing sees of each replica, read when ``/metrics`` is scraped: the shadow
+    residency's occupancy and the load signals of the replica's last successful poll; and how
+    many gateway instances share the state store."""
+
+    def __init__(
+        self,
+        snapshots: Callable[[], Iterable[ReplicaSnapshot]],
+        residency_of: Callable[[ReplicaId], Residency],
+        instances: Callable[[], int | None] | None,
+    ) -> None:
+        self._snapshots = snapshots
+        self._residency_of = residency_of
+        self._instances = instances
+
+    def collect(self) -> Iterator[Metric]:
+        adapters = GaugeMetricFamily(
+            "loragate_replica_adapters",
+            "Adapters the replica holds by the shadow residency (the model routing decides "
+            "by, shared by every instance; vLLM 0.32 does not report it), by tier: gpu (in a "
+            "GPU slot), cpu (in the CPU cache, those in a GPU slot included, as vLLM's LRU "
+            "cache holds them), registered (known to the replica: /v1/models, and the loads "
+            "of the gateways). Compare with loragate_replica_adapter_slots.",
+            labels=["replica", "tier"],
+        )
+        slots = GaugeMetricFamily(
+            "loragate_replica_adapter_slots",
+            "The replica's adapter capacity by tier: gpu (--max-loras), cpu (--max-cpu-loras, "
+            "at least --max-loras), from its config's settings, else from its "
+            "vllm:lora_requests_info (max_lora) and vLLM's defaults.",
+            labels=["replica", "tier"],
+        )
+        queue = GaugeMetricFamily(
+            "loragate_replica_requests",
+            "The replica's requests by state at its last successful poll (vLLM's /metrics): "
+            "running (vllm:num_requests_running), waiting (vllm:num_requests_waiting), "
+            "deferred (of the waiting, those held back by the LoRA slot budget: "
+            'vllm:num_requests_waiting_by_reason{reason="deferred"}). Sums over engines.',
+            labels=["replica", "state"],
+        )
+        kv = GaugeMetricFamily(
+            "loragate_replica_kv_cache_usage_ratio",
+            "The replica's KV-cache usage (0-1; vllm:kv_cache_usage_perc, averaged over "
+            "engines) at its last successful poll.",
+            labels=["replica"],
+        )
+        residency_of = self._residency_of
+        for snap in self._snapshots():
+            rid = snap.replica_id
+            res = residency_of(rid)
+            adapters.add_metric([rid, "gpu"], len(res.gpu))
+            adapters.add_metric([rid, "cpu"], len(res.cpu))
+            adapters.add_metric([rid, "registered"], len(res.registered))
+            gpu_slots, cpu_slots = capacities(snap.settings)
+            slots.add_metric([rid, "gpu"], gpu_slots)
+            slots.add_metric([rid, "cpu"], cpu_slots)
+            queue.add_metric([rid, "running"], snap.num_running)
+            queue.add_metric([rid, "waiting"], snap.num_waiting)
+            queue.add_metric([rid, "deferred"], snap.num_deferred)
+            kv.add_metric([rid], snap.kv_usage)
+        yield from (adapters, slots, queue, kv)
+        n = self._instances() if self._instances is not None else None
+        if n is not None:
+            yield GaugeMetricFamily(
+                "loragate_gateway_instances",
+                "Gateway instances sharing this state store (Redis) that read it lately, this "
+                "one included: those whose last read of the shared state is at most "
+                "max(3 x state.refresh_s, 5 s) old, as of this instance's last refresh (Redis "
+                "keeps each instance's last read). Not shown while this instance is degraded, "
+                "nor with the embedded store (one instance).",
+                value=n,
+            )
+
+
 class _Histogram:
     """One label set of a histogram: per-bucket counts (the last is +Inf) and the sum."""
 
@@ -230,6 +318,15 @@ class _ProxyMetrics(Collector):
         self.retries: dict[tuple[str, str], int] = {}
         self.reloads: dict[str, int] = {}
         self.config: tuple[str, str] | None = None  # (policy, sha256 of the routing section)
+        self.residency: dict[tuple[str, str], int] = {}  # (replica, one of RESIDENCIES)
+        self.poll_failures: dict[tuple[str, str], int] = {}  # (replica, reason)
+        self.load_duration: dict[tuple[str, str], _Histogram] = {}  # (replica, result)
+        self.load_wait: dict[str, _Histogram] = {}
+        # The pool's replicas now: their residency and poll-failure series are shown from 0,
+        # and stay (at their last value) once a reload removed the replica: a counter's series
+        # does not vanish. (Every replica ever seen, in order.)
+        self.replica_ids: Callable[[], Iterable[str]] = tuple
+        self._replicas_seen: dict[str, None] = {}
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -328,7 +425,9 @@ class _ProxyMetrics(Collector):
             "Time from sending a request upstream to the end of its response, by replica "
             "(responses a replica sent, its errors included; attempts that got no response "
             "and answers the client left are not observed).",
-            self.latency,
+            ["replica"],
+            ((k,) for k in self.latency),
+            self.latency.values(),
         )
         yield _histogram_family(
             "loragate_ttft_seconds",
@@ -337,13 +436,89 @@ class _ProxyMetrics(Collector):
             "replica. While another replica could take the request, the first chunk relayed "
             "is the first with output (a token, a finish reason): the head and a chat's role "
             "chunk wait for it.",
-            self.ttft,
+            ["replica"],
+            ((k,) for k in self.ttft),
+            self.ttft.values(),
+        )
+        seen = self._replicas_seen
+        seen.update(dict.fromkeys(self.replica_ids()))
+        replica_ids = list(seen)
+        residency = CounterMetricFamily(
+            "loragate_routing_residency",
+            "Routing decisions for an adapter (not the base model) by the replica chosen and "
+            "where the shadow residency had the adapter there at that moment: gpu (in a GPU "
+            "slot: no swap), cpu (in the CPU cache: moved to a GPU slot), registered (known "
+            "to the replica but in neither cache, as far as the model knows: read from disk "
+            "again), unregistered (not registered there: the gateway loads it first, "
+            "loragate_adapter_load_wait_seconds). A request routed again (a retry) counts "
+            "each decision. The share of gpu is the main measure of adapter-aware routing.",
+            labels=["replica", "residency"],
+        )
+        for rid in replica_ids:  # from 0: increase() sees the first of each
+            for kind in RESIDENCIES:
+                if (rid, kind) not in self.residency:
+                    residency.add_metric([rid, kind], 0)
+        for (rid, label), n in self.residency.items():
+            residency.add_metric([rid, label], n)
+        yield residency
+        polls = CounterMetricFamily(
+            "loragate_replica_poll_failures",
+            "Polls of the replica (GET /health, /metrics, /v1/models, every poller.interval_s) "
+            "that failed, by reason: connect (could not connect, or the connection dropped), "
+            "timeout (no answer within poller.timeout_s), bad_response (an answer other than "
+            "200, e.g. /health's 503 while vLLM stops, or one that could not be read), "
+            "wrong_model (its /v1/models lacks the base model). poller.failures_to_unhealthy "
+            "failures in a row take it out of rotation (loragate_replica_healthy); "
+            "/admin/replicas last_error has the latest message.",
+            labels=["replica", "reason"],
+        )
+        for rid in replica_ids:
+            for reason in POLL_FAILURE_REASONS:
+                if (rid, reason) not in self.poll_failures:
+                    polls.add_metric([rid, reason], 0)
+        for (rid, label), n in self.poll_failures.items():
+            polls.add_metric([rid, label], n)
+        yield polls
+        yield _histogram_family(
+            "loragate_adapter_load_duration_seconds",
+            "Adapter loads this gateway instance made (POST /v1/load_lora_adapter, one per "
+            "(adapter, replica) at a time however many requests wait; on-demand and admin-API "
+            "loads), from the call to its end, by replica and result: ok (loaded: the loads "
+            "loragate_adapter_loads_total counts), already_loaded (the replica had registered "
+            "it meanwhile), refused (the replica refused it: "
+            "loragate_adapter_load_refusals_total), timeout (no answer within "
+            "limits.admin_timeout_s), unreachable (could not connect, or the connection "
+            "dropped), abandoned (the replica stopped listening, or the gateway stopped), "
+            "error (any other failure).",
+            ["replica", "result"],
+            self.load_duration.keys(),
+            self.load_duration.values(),
+        )
+        yield _histogram_family(
+            "loragate_adapter_load_wait_seconds",
+            "Requests that waited for an adapter load on the replica routing chose (the "
+            "adapter was not registered there), by replica: how long each waited, whatever "
+            "the load's outcome (a request waits at most what is left of its "
+            "limits.request_timeout_s; several requests can wait for one load). Part of "
+            "their TTFT and latency as the client sees them.",
+            ["replica"],
+            ((k,) for k in self.load_wait),
+            self.load_wait.values(),
         )
 
 
 def routing_sha256(routing: RoutingConfig) -> str:
     """The sha256 of a routing section (:func:`loragate.core.routing_digest.routing_sha256`)."""
     return routing_digest.routing_sha256(routing.build_spec(), routing.seed)
+
+
+def instances_reading(
+    readers_before: Callable[[float], Mapping[str, float]], window_s: float, now_s: float
+) -> int:
+    """This gateway instance and the others whose last read of the shared state
+    (``readers_before``: the store's, epoch seconds) is at most ``window_s`` before
+    ``now_s``."""
+    return 1 + len(readers_before(math.inf)) - len(readers_before(now_s - window_s))
 
 
 def retry_reason(exc: UpstreamError, *, loading: bool) -> str:
@@ -364,15 +539,31 @@ def retry_reason(exc: UpstreamError, *, loading: bool) -> str:
     return "bad_response"
 
 
-def _histogram_family(name: str, doc: str, series: Mapping[str, _Histogram]) -> Metric:
-    family = HistogramMetricFamily(name, doc, labels=["replica"])
+def _histogram_family(
+    name: str,
+    doc: str,
+    labels: list[str],
+    label_values: Iterable[tuple[str, ...]],
+    series: Iterable[_Histogram],
+) -> Metric:
+    """A histogram family: one series per label set of ``label_values``, whose counts are
+    the ``_Histogram`` at the same place in ``series``."""
+    family = HistogramMetricFamily(name, doc, labels=labels)
     bounds = [repr(b) for b in _LATENCY_BUCKETS_S] + ["+Inf"]  # "0.005", "1.0": Prometheus' own
-    for replica, hist in series.items():
+    for values, hist in zip(label_values, series, strict=True):
         cumulative = list(itertools.accumulate(hist.counts))
         family.add_metric(
-            [replica], list(zip(bounds, cumulative, strict=True)), sum_value=hist.total
+            list(values), list(zip(bounds, cumulative, strict=True)), sum_value=hist.total
         )
     return family
+
+
+def _observe(series: dict[_K, _Histogram], key: _K, seconds: float) -> None:
+    hist = series.get(key)
+    if hist is None:
+        hist = series[key] = _Histogram(len(_LATENCY_BUCKETS_S))
+    hist.counts[bisect_left(_LATENCY_BUCKETS_S, seconds)] += 1
+    hist.total += seconds
 
 
 class Telemetry:
@@ -394,6 +585,7 @@ class Telemetry:
         self._requests = self._metrics.requests
         self._latency = self._metrics.latency
         self._ttft = self._metrics.ttft
+        self._residency = self._metrics.residency
 
     def bind_state(
         self,
@@ -409,6 +601,22 @@ class Telemetry:
         self.registry.register(
             _ScrapeTimeGauges(in_flight, healthy, adapter_loads, shared_in_flight)
         )
+
+    def bind_replicas(
+        self,
+        *,
+        replica_ids: Callable[[], Iterable[ReplicaId]],
+        snapshots: Callable[[], Iterable[ReplicaSnapshot]],
+        residency_of: Callable[[ReplicaId], Residency],
+        instances: Callable[[], int | None] | None = None,
+    ) -> None:
+        """What routing sees of each replica, read at scrape time: the pool's replicas now
+        (``replica_ids``: their residency and poll-failure counters are shown from 0), their
+        last snapshots (queue depth, KV usage, capacities), the shadow residency
+        (``residency_of``) and (``instances``) how many gateway instances share the state
+        store (None: not known now)."""
+        self._metrics.replica_ids = replica_ids
+        self.registry.register(_ReplicaView(snapshots, residency_of, instances))
 
     def bind_draining(self, draining: Callable[[], Mapping[str, bool]]) -> None:
         """Whether each replica is being drained (read at scrape time)."""
@@ -462,6 +670,36 @@ class Telemetry:
     def set_config(self, policy: str, routing: RoutingConfig) -> None:
         """The policy in force and its routing section (``loragate_config_info``)."""
         self._metrics.config = (policy, routing_sha256(routing))
+
+    def count_residency(self, replica: str, adapter: str, residency: Residency) -> None:
+        """A routing decision sent a request for ``adapter`` to ``replica``, whose shadow
+        residency was ``residency`` (before the request touched it)."""
+        if adapter in residency.gpu:
+            key = (replica, "gpu")
+        elif adapter in residency.cpu:
+            key = (replica, "cpu")
+        elif adapter in residency.registered:
+            key = (replica, "registered")
+        else:
+            key = (replica, "unregistered")
+        counts = self._residency
+        counts[key] = counts.get(key, 0) + 1
+
+    def count_poll_failure(self, replica: str, reason: str) -> None:
+        """A poll of ``replica`` failed (``reason``: one of the pool's
+        ``POLL_FAILURE_REASONS``)."""
+        key = (replica, reason)
+        failures = self._metrics.poll_failures
+        failures[key] = failures.get(key, 0) + 1
+
+    def observe_adapter_load(self, replica: str, result: str, seconds: float) -> None:
+        """An adapter load on ``replica`` ended with ``result`` (the pool's
+        ``on_load_done``) after ``seconds``."""
+        _observe(self._metrics.load_duration, (replica, result), seconds)
+
+    def observe_load_wait(self, replica: str, seconds: float) -> None:
+        """A request waited ``seconds`` for an adapter load on ``replica``."""
+        _observe(self._metrics.load_wait, replica, seconds)
 
     def observe_latency(self, replica: str, seconds: float) -> None:
         hist = self._latency.get(replica)
