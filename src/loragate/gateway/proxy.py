@@ -445,7 +445,13 @@ class Proxy:
             if not kept:
                 raise self._refused_everywhere(spec, view)
             candidates = kept
-        return self._policy.choose(rreq, candidates, self._policy.context(self._now()))
+        chosen = self._policy.choose(rreq, candidates, self._policy.context(self._now()))
+        if spec is not None:  # where the adapter was there (before the lease's touch)
+            for snap in candidates:
+                if snap.replica_id == chosen:
+                    self._telemetry.count_residency(chosen, spec.name, snap.residency)
+                    break
+        return chosen
 
     def _refused_everywhere(
         self, spec: AdapterSpec, view: list[ReplicaSnapshot]
@@ -482,7 +488,6 @@ class Proxy:
         retries = 0  # attempts that failed and were sent again (for the access log)
         state = self._state
         sync = state.sync
-        residency_of = state.residency_of
         telemetry = self._telemetry
         rid: ReplicaId = ""
         loading: str | None = None  # the adapter being loaded on rid, while that is under way
@@ -495,8 +500,6 @@ class Proxy:
                 # The try's start: its wait for a load ends within request_timeout_s of it (a
                 # retry gets the whole of it again, as it does for its answer).
                 t_try = self._now()
-                if spec is not None:  # where the adapter was there (before the lease's touch)
-                    telemetry.count_residency(rid, spec.name, residency_of(rid))
                 client = pool.client(rid)  # (a reload may replace the replica's entry meanwhile)
                 upstream = client.upstream
                 if sync:  # the embedded store: no coroutine
