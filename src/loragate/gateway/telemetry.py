@@ -454,12 +454,7 @@ class _ProxyMetrics(Collector):
             "each decision. The share of gpu is the main measure of adapter-aware routing.",
             labels=["replica", "residency"],
         )
-        for rid in replica_ids:  # from 0: increase() sees the first of each
-            for kind in RESIDENCIES:
-                if (rid, kind) not in self.residency:
-                    residency.add_metric([rid, kind], 0)
-        for (rid, label), n in self.residency.items():
-            residency.add_metric([rid, label], n)
+        _add_from_zero(residency, self.residency, replica_ids, RESIDENCIES)
         yield residency
         polls = CounterMetricFamily(
             "loragate_replica_poll_failures",
@@ -472,12 +467,7 @@ class _ProxyMetrics(Collector):
             "/admin/replicas last_error has the latest message.",
             labels=["replica", "reason"],
         )
-        for rid in replica_ids:
-            for reason in POLL_FAILURE_REASONS:
-                if (rid, reason) not in self.poll_failures:
-                    polls.add_metric([rid, reason], 0)
-        for (rid, label), n in self.poll_failures.items():
-            polls.add_metric([rid, label], n)
+        _add_from_zero(polls, self.poll_failures, replica_ids, POLL_FAILURE_REASONS)
         yield polls
         yield _histogram_family(
             "loragate_adapter_load_duration_seconds",
@@ -556,6 +546,27 @@ def _histogram_family(
             list(values), list(zip(bounds, cumulative, strict=True)), sum_value=hist.total
         )
     return family
+
+
+def _add_from_zero(
+    family: CounterMetricFamily,
+    counts: Mapping[tuple[str, str], int],
+    replica_ids: Iterable[str],
+    values: Iterable[str],
+) -> None:
+    """``counts`` by (replica, label) into ``family``: every (replica, value) pair of
+    ``replica_ids`` x ``values`` in that order, from 0 (increase() sees the first of each),
+    then any other pair counted."""
+    values = tuple(values)
+    shown = set()
+    for rid in replica_ids:
+        for value in values:
+            key = (rid, value)
+            shown.add(key)
+            family.add_metric([rid, value], counts.get(key, 0))
+    for key, n in counts.items():
+        if key not in shown:
+            family.add_metric(list(key), n)
 
 
 def _observe(series: dict[_K, _Histogram], key: _K, seconds: float) -> None:
