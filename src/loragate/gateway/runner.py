@@ -8,13 +8,18 @@ Shutdown (leaving :func:`running_gateway`; SIGTERM/SIGINT in ``loragate serve``)
 balancer drains: ``GET /readyz`` answers 503 from its start. In ``loragate serve`` the gateway
 first keeps accepting and serving for ``server.shutdown_delay_s`` (default 0), the time
 Kubernetes needs to take the pod out of its Service's endpoints after the SIGTERM
-(:func:`shutdown_delay`). Then the listening socket closes at once (new connections are
-refused) and idle keep-alive connections close; the requests in flight may finish within the
-drain period (``server.shutdown_timeout_s``); those still running then are answered (a 503, or
-a final SSE error event once a stream started) and their upstream connections closed (vLLM
-aborts the generations). The whole shutdown is bounded by the delay, the drain period, about
-3 s of grace (CUT_GRACE_S, then 2 x HANDLER_GRACE_S for handlers outside the proxy) and the
-app cleanup.
+(:func:`shutdown_delay`). Then the listening socket closes (new connections are refused),
+after the connections waiting in its backlog were accepted: every connection the kernel
+accepted is answered (``listener_close``). Idle keep-alive connections close after
+IDLE_GRACE_S in ``loragate serve`` (at once in-process), once no request waits unread on them;
+a connection that has not sent its request yet gets up to FIRST_REQUEST_GRACE_S to send it.
+Requests arriving meanwhile are served, every answer from then on saying ``Connection:
+close``. The requests in flight may finish within the drain period
+(``server.shutdown_timeout_s``); those still running then are answered (a 503, or a final SSE
+error event once a stream started) and their upstream connections closed (vLLM aborts the
+generations). The whole shutdown is bounded by the delay, the longer of IDLE_GRACE_S and
+FIRST_REQUEST_GRACE_S, the drain period, about 3 s of grace (CUT_GRACE_S, then 2 x
+HANDLER_GRACE_S for handlers outside the proxy) and the app cleanup.
 """
 
 from __future__ import annotations
@@ -33,7 +38,14 @@ from aiohttp import hdrs, web
 
 from loragate.core.config import GatewayConfig
 from loragate.core.errors import ConfigError
+from loragate.core.tasks import cancel_and_wait
 from loragate.gateway.app import GATEWAY, Gateway, create_app
+from loragate.gateway.listener_close import (
+    ConnectionCounts,
+    ConnectionKeeper,
+    accept_waiting,
+    adopt,
+)
 from loragate.gateway.protocol_errors import OpenAIErrorAppRunner
 from loragate.gateway.reload import log_reload_failure, reload_from_file
 
@@ -44,7 +56,15 @@ CUT_GRACE_S = 1.0
 # Then aiohttp's own shutdown, for handlers outside the proxy (admin, /health, /metrics; they
 # had the drain period too): it waits this long, cancels them and waits this long again.
 HANDLER_GRACE_S = 1.0
+# A connection accepted but silent when the listener closes: how long it may take to send its
+# first request (a client sends it at once; over a network it arrives a round trip later).
+FIRST_REQUEST_GRACE_S = 1.0
+# ``loragate serve``: how long idle keep-alive connections stay open after the listener closed
+# (their requests are served): a busy client reuses one before it sees the close. Measured with
+# ``loragate loadtest`` (servegen spec, 25 req/s): closing them at once reset 1-2 requests a run.
+IDLE_GRACE_S = 1.0
 _BACKLOG = 128  # the listening sockets' (aiohttp's default)
+_DRAIN_POLL_S = 0.01  # the drain's look for requests that arrived on open connections
 
 
 class ListenError(Exception):
@@ -71,11 +91,19 @@ async def running_gateway(
     host: str | None = None,
     port: int | None = None,
     shutdown_timeout_s: float | None = None,
+    first_request_grace_s: float = FIRST_REQUEST_GRACE_S,
+    idle_grace_s: float = 0.0,
+    hurry: asyncio.Event | None = None,
     **create_app_kwargs: Any,
 ) -> AsyncIterator[RunningGateway]:
     """Serve a gateway built by ``create_app(config, **create_app_kwargs)`` until the block
     exits, then shut down gracefully (see the module docstring); ``shutdown_timeout_s`` is the
-    drain period (default: ``server.shutdown_timeout_s``). ``port=0`` picks a free port;
+    drain period (default: ``server.shutdown_timeout_s``), ``first_request_grace_s`` how long
+    a connection silent when the listener closes may take to send its request, and
+    ``idle_grace_s`` how long idle keep-alive connections stay open then (``loragate serve``:
+    IDLE_GRACE_S; 0 here: closed at once, unless a request waits unread on them); setting
+    ``hurry`` during the drain ends it (the requests still running are cut). ``port=0`` picks a
+    free port;
     ``host``/``port`` default to ``config.server``. Raises :class:`ListenError` if the socket
     cannot be bound."""
     host = config.server.host if host is None else host
@@ -89,6 +117,8 @@ async def running_gateway(
         raise
     listening = False
     shutting_down = False
+    sites: list[tuple[web.SockSite, socket.socket]] = []
+    counts = ConnectionCounts()
 
     async def close_after_answer(_: web.Request, response: web.StreamResponse) -> None:
         # aiohttp closes a connection after the answer it is busy with once the shutdown has
@@ -101,17 +131,24 @@ async def running_gateway(
 
     app.on_response_prepare.append(close_after_answer)
 
-    async def drain(app: web.Application) -> None:
-        # aiohttp's on_shutdown: the site is closed; aiohttp's own shutdown (HANDLER_GRACE_S)
-        # follows. Nothing to drain, or to say, if the socket was never bound.
+    async def stop_listening() -> None:
+        """The shutdown after any delay, before aiohttp's own (``runner.cleanup``): accept the
+        connections waiting in the listen backlog and close the listening sockets, then drain:
+        the connections close as ``listener_close.ConnectionKeeper`` says while the requests
+        in flight (and those that arrive on open connections meanwhile) may finish within the
+        drain period; those still running then are cut (``Proxy.drain``)."""
         nonlocal shutting_down
         shutting_down = True
-        app[GATEWAY].shutting_down = True  # /readyz: 503 (on connections still open)
-        if not listening:
-            return
-        if runner.server is not None:
-            await _close_idle_connections(runner.server)
         gateway = app[GATEWAY]
+        gateway.shutting_down = True  # /readyz: 503 (on connections still open)
+        waiting: list[socket.socket] = []
+        for site, sock in sites:
+            waiting += accept_waiting(sock, limit=4 * _BACKLOG)
+            await site.stop()  # closes ``sock`` without suspending: nothing is reset
+        server = runner.server
+        assert server is not None
+        counts.requests_before = server.requests_count
+        counts.backlog = await adopt(server, waiting)
         period = (
             gateway.config.server.shutdown_timeout_s
             if shutdown_timeout_s is None
@@ -122,12 +159,32 @@ async def running_gateway(
             _requests(gateway.proxy.in_flight),
             period,
         )
-        finished, cut = await gateway.proxy.drain(period, grace_s=CUT_GRACE_S)
+        keeper = ConnectionKeeper(
+            server,
+            idle_grace_s=idle_grace_s,
+            first_request_grace_s=first_request_grace_s,
+            counts=counts,
+        )
+        closing = asyncio.create_task(keeper.run(), name="loragate-shutdown-connections")
+        try:
+            finished, cut = await _drain(gateway, period, closing, hurry)
+        finally:
+            await cancel_and_wait(closing)
+        counts.late_requests = server.requests_count - counts.requests_before
         log.info(
-            "shutdown: %s finished during the drain, %d cut at its end (answered with an error)",
+            "shutdown: %s finished during the drain, %d cut at its end (answered with an "
+            "error); connections: %s",
             _requests(finished),
             cut,
+            counts.describe(),
         )
+
+    async def drain(_: web.Application) -> None:
+        # aiohttp's on_shutdown, after ``stop_listening`` and aiohttp's pre_shutdown: close the
+        # connections left waiting (at the drain's deadline, or a second signal); aiohttp's
+        # own shutdown (HANDLER_GRACE_S) follows.
+        if listening and runner.server is not None:
+            await _close_idle_connections(runner.server)
 
     app.on_shutdown.append(drain)
     # handler_cancellation: a client that goes away cancels its handler, which drops the
@@ -150,7 +207,9 @@ async def running_gateway(
     try:
         try:
             for sock in socks:
-                await web.SockSite(runner, sock, backlog=_BACKLOG).start()
+                site = web.SockSite(runner, sock, backlog=_BACKLOG)
+                await site.start()
+                sites.append((site, sock))
         except BaseException:
             _close_all(socks)  # (those a site serves already are closed again: harmless)
             raise
@@ -162,7 +221,32 @@ async def running_gateway(
             url=f"http://{url_host}:{actual_port}", host=actual_host, port=actual_port, app=app
         )
     finally:
-        await runner.cleanup()
+        try:
+            if listening:
+                await stop_listening()
+        finally:
+            await runner.cleanup()
+
+
+async def _drain(
+    gateway: Gateway, period: float, closing: asyncio.Task[None], hurry: asyncio.Event | None
+) -> tuple[int, int]:
+    """Wait up to ``period`` for the requests in flight, and for those that arrive on the
+    connections still open (``closing``: their keeper, done once all are closed), then cut
+    those still running (``Proxy.drain``); a set ``hurry`` cuts them at once. Returns
+    (requests finished, requests cut)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + period
+    finished = cut = 0
+    while True:
+        done, now_cut = await gateway.proxy.drain(
+            max(0.0, deadline - loop.time()), grace_s=CUT_GRACE_S
+        )
+        finished, cut = finished + done, cut + now_cut
+        if closing.done() or loop.time() >= deadline or (hurry is not None and hurry.is_set()):
+            return finished, cut
+        # Connections still open (busy, or waiting within their grace): a request may come.
+        await asyncio.wait({closing}, timeout=_DRAIN_POLL_S)
 
 
 async def _listen(host: str, port: int) -> list[socket.socket]:
@@ -256,7 +340,14 @@ async def serve_until_signalled(
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, on_stop, sig)
     reloads: set[asyncio.Task[bool]] = set()
-    async with running_gateway(config, host=host, port=port, config_path=config_path) as running:
+    async with running_gateway(
+        config,
+        host=host,
+        port=port,
+        config_path=config_path,
+        idle_grace_s=IDLE_GRACE_S,
+        hurry=hurry,
+    ) as running:
         gateways.append(running.gateway)
         if config_path is not None:
 
