@@ -148,6 +148,7 @@ from loragate.gateway.vllm_validation import (
     read_completion,
 )
 from loragate.routing import Policy
+from loragate.routing.rank_limit import within_rank_limit
 
 log = logging.getLogger(__name__)
 
@@ -451,7 +452,8 @@ class Proxy:
             # answered from the refusals, with no load (the first to lapse lets one load try
             # again: the pool's single flight for that replica).
             kept = [s for s in candidates if s.replica_id not in refusing]
-            if not kept:
+            # (the others all above their known max_lora_rank: as good as refusing)
+            if not any(within_rank_limit(s.settings, spec.rank) for s in kept):
                 raise self._refused_everywhere(spec, view)
             candidates = kept
         chosen = self._policy.choose(rreq, candidates, self._policy.context(self._now()))
@@ -471,10 +473,18 @@ class Proxy:
         now = self._now()
         named = [(s.replica_id, in_force[s.replica_id]) for s in view if s.replica_id in in_force]
         left_s = min((r.until_s - now for _, r in named), default=0.0)
+        limited = [
+            f"replica {s.replica_id}: its max_lora_rank {s.settings.max_lora_rank} is below "
+            f"the adapter's rank {spec.rank}"
+            for s in view
+            if s.replica_id not in in_force and not within_rank_limit(s.settings, spec.rank)
+        ]
         return _RefusedEverywhere(
             f"every healthy replica refused to load adapter {spec.name!r} lately (tried "
-            f"again in {max(left_s, 0.0):.0f} s): "
-            + "; ".join(f"replica {rid}: {r.error}" for rid, r in named),
+            f"again in {max(left_s, 0.0):.0f} s)"
+            + (" or cannot take its rank" if limited else "")
+            + ": "
+            + "; ".join([*(f"replica {rid}: {r.error}" for rid, r in named), *limited]),
             status=None,
         )
 
@@ -552,7 +562,7 @@ class Proxy:
                                 self._upstream_failed(
                                     exc, rid, client, rreq, f"loading adapter {loading!r}"
                                 )
-                            if not retried and self._can_retry(rid):
+                            if not retried and self._can_retry(rid, rreq.adapter_rank):
                                 self._telemetry.count_retry(rid, retry_reason(exc, loading=True))
                                 retried, exclude, loading = True, rid, None
                                 retries += 1
@@ -579,7 +589,7 @@ class Proxy:
                         if (
                             not isinstance(exc, UpstreamTimeoutError)
                             and not retried
-                            and self._can_retry(rid)
+                            and self._can_retry(rid, rreq.adapter_rank)
                         ):
                             self._telemetry.count_retry(
                                 rid,
@@ -606,7 +616,7 @@ class Proxy:
                             piping = True
                             # Hold the head until the first output when another replica could
                             # take the request if this one stops it before any.
-                            hold = not retried and self._can_retry(rid)
+                            hold = not retried and self._can_retry(rid, rreq.adapter_rank)
                             out = await self._pipe(
                                 request, conn, rid, client, rreq, path, t0, t_send, retries, hold
                             )
@@ -630,7 +640,7 @@ class Proxy:
                             # its engine died): nothing reached the client, so another replica
                             # may run it; this one is out until a poll.
                             self._engine_stopped(rid, client, rreq, stopped)
-                            if not retried and self._can_retry(rid):
+                            if not retried and self._can_retry(rid, rreq.adapter_rank):
                                 self._telemetry.count_retry(rid, ENGINE_STOPPED)
                                 retried, exclude = True, rid
                                 retries += 1
@@ -856,8 +866,13 @@ class Proxy:
             exc.message,
         )
 
-    def _can_retry(self, failed: ReplicaId) -> bool:
-        return any(s.replica_id != failed for s in self._pool.healthy_snapshots())
+    def _can_retry(self, failed: ReplicaId, rank: int | None = None) -> bool:
+        """Whether another healthy replica could take the request (its adapter's ``rank``
+        within that replica's known max_lora_rank)."""
+        return any(
+            s.replica_id != failed and (rank is None or within_rank_limit(s.settings, rank))
+            for s in self._pool.healthy_snapshots()
+        )
 
     def _upstream_failed(
         self,
@@ -943,7 +958,7 @@ class Proxy:
                 try:
                     chunk = await conn.read_chunk(timeout_s)
                 except UpstreamError as exc:
-                    if state.stopped_by(exc) and self._can_retry(rid):
+                    if state.stopped_by(exc) and self._can_retry(rid, rreq.adapter_rank):
                         # Broke off before it produced anything: nothing reached the client.
                         self._engine_stopped(rid, client, rreq, f"it {state.stopped}")
                         return None
@@ -962,7 +977,7 @@ class Proxy:
                 last = conn.exhausted  # the answer's last bytes: the end of the body with them
                 data = state.read(chunk, last) if chunk else state.end()
                 if data is None:  # stopped before it produced anything
-                    if self._can_retry(rid):  # nothing reached the client
+                    if self._can_retry(rid, rreq.adapter_rank):  # nothing reached the client
                         self._engine_stopped(rid, client, rreq, f"it {state.stopped}")
                         return None
                     data = state.release(last)
