@@ -14,7 +14,7 @@ from aiohttp import hdrs
 from loragate.cli import build_parser
 from loragate.core.config import ADMIN_TOKEN_ENV, METRICS_TOKEN_ENV, GatewayConfig
 from loragate.gateway import create_app, parse_config_text
-from loragate.gateway.runner import CUT_GRACE_S, HANDLER_GRACE_S
+from loragate.gateway.runner import CUT_GRACE_S, HANDLER_GRACE_S, IDLE_GRACE_S
 
 KUBERNETES = Path(__file__).resolve().parents[1] / "examples" / "kubernetes"
 
@@ -117,7 +117,13 @@ def test_the_grace_period_covers_the_delay_and_the_drain(
     pod = _one(docs, "Deployment", "loragate")["spec"]["template"]["spec"]
     server = config.server
     assert server.shutdown_delay_s > 0  # Kubernetes needs it: endpoints go after SIGTERM
-    needed = server.shutdown_delay_s + server.shutdown_timeout_s + CUT_GRACE_S + 2 * HANDLER_GRACE_S
+    needed = (
+        server.shutdown_delay_s
+        + IDLE_GRACE_S  # idle keep-alive connections' last second (listener_close)
+        + server.shutdown_timeout_s
+        + CUT_GRACE_S
+        + 2 * HANDLER_GRACE_S
+    )
     assert pod["terminationGracePeriodSeconds"] >= needed + 1  # + a margin for the cleanup
     assert "lifecycle" not in _container(_one(docs, "Deployment", "loragate"))  # no preStop
 
