@@ -3,12 +3,13 @@
 health (a failed proxy connection takes a replica out at once), and single-flight adapter loads.
 
 Health: a replica is taken out of rotation after ``failures_to_unhealthy`` failed polls in a
-row, or at once when the gateway reports a failed connection, or while its ``/v1/models`` does
-not list the base model (``base_model``: a replica started without the right
-``--served-model-name`` would answer every base-model request with a 404); one successful poll
-brings it back. Registered adapters: the set from ``/v1/models`` (entries with a ``parent``),
-plus the adapters this gateway loaded since that poll began (a poll that started before a load
-finished cannot see it, so it must not erase it).
+row (a poll that timed out counts only once ``timeouts_to_unhealthy`` polls in a row timed out:
+on a busy host a healthy replica may miss the poll timeout now and then), or at once when the
+gateway reports a failed connection, or while its ``/v1/models`` does not list the base model
+(``base_model``: a replica started without the right ``--served-model-name`` would answer every
+base-model request with a 404); one successful poll brings it back. Registered adapters: the set
+from ``/v1/models`` (entries with a ``parent``), plus the adapters this gateway loaded since that
+poll began (a poll that started before a load finished cannot see it, so it must not erase it).
 
 Adapter paths: the gateway tells the pool the adapters it serves
 (:meth:`ReplicaPool.expect_adapters`, at start and whenever the catalog changes). A replica
@@ -169,6 +170,7 @@ class _Replica:
     registered: set[str] = dataclasses.field(default_factory=set)
     loaded_at_s: dict[str, float] = dataclasses.field(default_factory=dict)
     failures: int = 0
+    timeouts: int = 0  # polls in a row that timed out (poller.timeouts_to_unhealthy)
     last_error: str | None = None
     answered: bool = False  # a poll has succeeded at least once
     # Said it is shutting down (:meth:`ReplicaPool.report_stopping`): out of rotation until a
@@ -478,13 +480,16 @@ class ReplicaPool:
                 client.check_health(), client.metrics(), client.list_models()
             )
         except (LoragateError, ValueError) as exc:
-            self._poll_failed(rep, poll_failure_reason(exc))
+            reason = poll_failure_reason(exc)
+            self._poll_failed(rep, reason)
             rep.stopping_until = None  # it went away: the next poll that succeeds is it back
-            self._record_failure(rep, str(exc), immediate=False)
+            rep.timeouts = rep.timeouts + 1 if reason == "timeout" else 0
+            self._record_failure(rep, str(exc), immediate=False, timed_out=reason == "timeout")
             if connection_refused(exc):
                 self._stopped_listening(rep, client, str(exc))
             await self._tell_polled(rep, models_seen=False)
             return
+        rep.timeouts = 0
         base = self.base_model
         if base is not None and base not in models.base_models:
             self._poll_failed(rep, "wrong_model")
@@ -645,7 +650,11 @@ class ReplicaPool:
             scraped_at_s=self._clock.now(),
         )
 
-    def _record_failure(self, rep: _Replica, error: str, *, immediate: bool) -> None:
+    def _record_failure(
+        self, rep: _Replica, error: str, *, immediate: bool, timed_out: bool = False
+    ) -> None:
+        """``timed_out``: a poll that timed out (weak evidence: the replica may only be slow,
+        or the gateway's host busy): out only after ``timeouts_to_unhealthy`` in a row."""
         rep.failures += 1
         rep.last_error = error
         snap = rep.snapshot
@@ -660,7 +669,15 @@ class ReplicaPool:
             return
         if snap is None or not snap.healthy:
             return
-        if immediate or rep.failures >= self._poller.failures_to_unhealthy:
+        poller = self._poller
+        out = immediate or rep.failures >= poller.failures_to_unhealthy
+        if out and timed_out and not immediate and rep.timeouts < poller.timeouts_to_unhealthy:
+            log.info(
+                "replica %s: poll timed out (%d in a row; out of rotation at %d): %s",
+                rep.config.replica_id, rep.timeouts, poller.timeouts_to_unhealthy, error,
+            )  # fmt: skip
+            return
+        if out:
             log.warning("replica %s is unhealthy: %s", rep.config.replica_id, error)
             rep.snapshot = dataclasses.replace(snap, healthy=False)
             self._rebuild_healthy()
@@ -830,6 +847,11 @@ class ReplicaPool:
     def is_healthy(self, replica_id: ReplicaId) -> bool:
         snap = self._replicas[replica_id].snapshot
         return snap is not None and snap.healthy
+
+    def poll_timeouts_in_a_row(self, replica_id: ReplicaId) -> int:
+        """How many of the replica's latest polls in a row timed out (0: the last did not)."""
+        rep = self._replicas.get(replica_id)
+        return rep.timeouts if rep is not None else 0
 
     def last_error(self, replica_id: ReplicaId) -> str | None:
         return self._replicas[replica_id].last_error

@@ -100,6 +100,10 @@ class PollerConfig:
     # Consecutive failed polls before a replica is taken out of rotation (a failed proxy
     # connection takes it out at once; one successful poll brings it back).
     failures_to_unhealthy: int = 1
+    # Consecutive poll *timeouts* before a replica is taken out (a timeout is weak evidence:
+    # on a busy host a healthy replica's poll can miss timeout_s now and then); a refused
+    # connect or a bad answer counts by failures_to_unhealthy.
+    timeouts_to_unhealthy: int = 2
     # A replica that refused to load an adapter (vLLM's 4xx/5xx on /v1/load_lora_adapter: no
     # --enable-lora, a rank above its --max-lora-rank, a folder it cannot read) gets no requests
     # for that adapter for this long, unless no other replica can take them (0: no memory).
@@ -671,11 +675,17 @@ def _limits(value: object) -> LimitsConfig:
 
 def _poller(value: object) -> PollerConfig:
     data = _mapping(value, "poller")
-    keys = {"interval_s", "timeout_s", "failures_to_unhealthy", "adapter_refusal_ttl_s"}
+    keys = {
+        "interval_s",
+        "timeout_s",
+        "failures_to_unhealthy",
+        "timeouts_to_unhealthy",
+        "adapter_refusal_ttl_s",
+    }
     _check_keys(data, keys, "poller")
     kwargs: dict[str, Any] = {}
     for k, v in data.items():
-        if k == "failures_to_unhealthy":
+        if k in ("failures_to_unhealthy", "timeouts_to_unhealthy"):
             kwargs[k] = _int(v, f"poller.{k}", minimum=1)
         elif k == "adapter_refusal_ttl_s":
             kwargs[k] = _seconds(v, f"poller.{k}", zero=True)

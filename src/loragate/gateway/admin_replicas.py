@@ -154,6 +154,8 @@ class ReplicaAdmin:
             "url": snap.url,
             "healthy": snap.healthy,
             "last_error": pool.last_error(rid) if pool.has_replica(rid) else None,
+            # Polls in a row that timed out; poller.timeouts_to_unhealthy of them take it out.
+            "poll_timeouts_in_a_row": pool.poll_timeouts_in_a_row(rid),
             # Said it is shutting down while /health says 200 (vLLM's drain): how long it may
             # stay out yet (a failed poll ends it first); None: not held.
             "stopping_hold_left_s": _rounded(pool.stopping_for_s(rid))

@@ -463,8 +463,9 @@ class _ProxyMetrics(Collector):
             "timeout (no answer within poller.timeout_s), bad_response (an answer other than "
             "200, e.g. /health's 503 while vLLM stops, or one that could not be read), "
             "wrong_model (its /v1/models lacks the base model). poller.failures_to_unhealthy "
-            "failures in a row take it out of rotation (loragate_replica_healthy); "
-            "/admin/replicas last_error has the latest message.",
+            "failures in a row take it out of rotation (loragate_replica_healthy), timeouts "
+            "only once poller.timeouts_to_unhealthy polls in a row timed out; /admin/replicas "
+            "last_error has the latest message, poll_timeouts_in_a_row the timeouts' count.",
             labels=["replica", "reason"],
         )
         _add_from_zero(polls, self.poll_failures, replica_ids, POLL_FAILURE_REASONS)
