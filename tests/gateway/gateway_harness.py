@@ -150,10 +150,16 @@ async def serving(app: web.Application) -> AsyncIterator[tuple[str, web.AppRunne
         await runner.cleanup()
 
 
-def openai_client(url: str, key: str = "none") -> openai.AsyncOpenAI:
+@contextlib.asynccontextmanager
+async def openai_client(url: str, key: str = "none") -> AsyncIterator[openai.AsyncOpenAI]:
     """The reference client for a gateway at ``url``: no retries, so a test sees every failure;
-    the timeout only keeps a broken server from hanging the test."""
-    return openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30.0)
+    the timeout only keeps a broken server from hanging the test. Only ``async with`` (or an
+    exit stack) gives the client, and closes it with its connections: a client left open is
+    finalized during some later test, which then fails (see ``resource_leaks.py``)."""
+    async with openai.AsyncOpenAI(
+        base_url=url + "/v1", api_key=key, max_retries=0, timeout=30.0
+    ) as client:
+        yield client
 
 
 async def wait_until(predicate: Callable[[], object], what: str, timeout_s: float = 30.0) -> None:

@@ -75,8 +75,14 @@ def shared_config(
     return config_from_mapping(doc)
 
 
-def sdk(url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30.0)
+@contextlib.asynccontextmanager
+async def sdk(url: str) -> AsyncIterator[openai.AsyncOpenAI]:
+    """An ``openai`` client for the gateway at ``url``, closed on exit (``async with`` only, as
+    ``gateway_harness.openai_client``)."""
+    async with openai.AsyncOpenAI(
+        base_url=url + "/v1", api_key="none", max_retries=0, timeout=30.0
+    ) as client:
+        yield client
 
 
 async def get_json(http: aiohttp.ClientSession, url: str) -> Any:

@@ -34,7 +34,16 @@ def _count(gw: RunningGateway, replica: str, status: str, adapter: str = "") -> 
 
 
 def _proxy_logs(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == PROXY_LOG]
+    """The proxy's log lines, each generated request id (``<instance prefix>-<n>``) shown as
+    its count ``n`` (``request 1``: the gateway's first request)."""
+    return [
+        _GENERATED_ID.sub(r"request \1 ", r.getMessage())
+        for r in caplog.records
+        if r.name == PROXY_LOG
+    ]
+
+
+_GENERATED_ID = re.compile(r"^request [0-9a-f]{12}-(\d+) ")
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -150,12 +159,10 @@ async def test_requests_cut_at_shutdown_are_counted_with_their_replica(
     rep = replicas[0]
     rep.answer_gate = asyncio.Event()  # the replica holds non-streaming answers
     rep.stream_gate = asyncio.Event()  # ...and streams after their first event
-    async with _gateway_in_background(gateway_config([rep.url]), drain_s=0.2) as (
-        gw,
-        stop,
-        shutdown,
+    async with (
+        _gateway_in_background(gateway_config([rep.url]), drain_s=0.2) as (gw, stop, shutdown),
+        openai_client(gw.url) as client,
     ):
-        client = openai_client(gw.url)
         stream = await client.completions.create(model=BASE, prompt="s", stream=True)
         events = stream.__aiter__()
         await events.__anext__()

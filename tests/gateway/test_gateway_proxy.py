@@ -119,8 +119,10 @@ async def test_auth_and_tenant_isolation(replicas: list[ScriptedReplica]) -> Non
         ):
             assert resp.status == 401
             assert (await resp.json())["error"]["code"] == "invalid_api_key"
-        acme_sdk = openai_client(gw.url, "sk-acme")
-        async with acme_sdk as acme, openai_client(gw.url, "sk-beta") as beta:
+        async with (
+            openai_client(gw.url, "sk-acme") as acme,
+            openai_client(gw.url, "sk-beta") as beta,
+        ):
             ok = await acme.completions.create(model="acme-lora", prompt="p", max_tokens=2)
             assert ok.model == "acme-lora"
             with pytest.raises(openai.NotFoundError):

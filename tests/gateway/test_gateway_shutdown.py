@@ -97,8 +97,10 @@ async def test_requests_running_at_the_deadline_are_answered_and_aborted_upstrea
     caplog.set_level(logging.INFO, logger=RUNNER_LOG)
     rep = replicas[0]
     config = gateway_config([rep.url])
-    async with _gateway_in_background(config, drain_s=0.2) as (gw, stop, shutdown):
-        client = openai_client(gw.url)
+    async with (
+        _gateway_in_background(config, drain_s=0.2) as (gw, stop, shutdown),
+        openai_client(gw.url) as client,
+    ):
         events, first, plain = await _start_held_requests(rep, client)
         assert first == " one"
         stop.set()
@@ -136,8 +138,10 @@ async def test_requests_that_finish_within_the_drain_period_complete_normally(
     caplog.set_level(logging.INFO, logger=RUNNER_LOG)
     rep = replicas[0]
     config = gateway_config([rep.url])
-    async with _gateway_in_background(config, drain_s=600) as (gw, stop, shutdown):
-        client = openai_client(gw.url)
+    async with (
+        _gateway_in_background(config, drain_s=600) as (gw, stop, shutdown),
+        openai_client(gw.url) as client,
+    ):
         # An idle keep-alive connection (one request answered on it).
         reader, writer = await asyncio.open_connection(gw.host, gw.port)
         writer.write(b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n")
@@ -214,8 +218,11 @@ async def test_sigterm_drains_then_answers_and_exits_0(
     replicas: list[ScriptedReplica], tmp_path: Path
 ) -> None:
     rep = replicas[0]
-    async with serve_process(_config_file(tmp_path, rep, drain_s=0.3)) as serve:
-        events, _, plain = await _start_held_requests(rep, openai_client(serve.url))
+    async with (
+        serve_process(_config_file(tmp_path, rep, drain_s=0.3)) as serve,
+        openai_client(serve.url) as client,
+    ):
+        events, _, plain = await _start_held_requests(rep, client)
         serve.proc.send_signal(signal.SIGTERM)
         await serve.wait_for_log(r"SIGTERM: shutting down")
         await serve.wait_for_log(r"2 requests in flight, waiting up to 0\.3 s")
@@ -235,8 +242,11 @@ async def test_a_second_sigterm_cuts_the_drain_short(
     replicas: list[ScriptedReplica], tmp_path: Path
 ) -> None:
     rep = replicas[0]
-    async with serve_process(_config_file(tmp_path, rep, drain_s=600)) as serve:
-        events, _, plain = await _start_held_requests(rep, openai_client(serve.url))
+    async with (
+        serve_process(_config_file(tmp_path, rep, drain_s=600)) as serve,
+        openai_client(serve.url) as client,
+    ):
+        events, _, plain = await _start_held_requests(rep, client)
         serve.proc.send_signal(signal.SIGTERM)
         await serve.wait_for_log(r"2 requests in flight, waiting up to 600 s")
         serve.proc.send_signal(signal.SIGTERM)
