@@ -22,6 +22,9 @@ from redis_fixture import RedisServer
 TOKEN = "admin-s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TTL_S = 60.0
+# Bound of the waits for another instance to see a write (a hang guard: on a loaded machine a
+# Redis call can time out, op_timeout_s 0.5, and the resync after it waits out a backoff).
+WAIT_S = 30.0
 
 
 def _config(replicas: list[PickyReplica], redis_url: str) -> GatewayConfig:
@@ -80,17 +83,25 @@ async def test_a_refusal_met_through_one_instance_keeps_the_other_off_that_repli
         assert await _replica_of(c1, "lora-0") == "r1"
         assert r0.refused == 1
 
-        # Gateway 2 never met the refusal; it learns it through Redis.
-        async def refused_2() -> dict[str, list[str]]:
-            return _refused(await _replicas_view(http, gw2.url))
+        # Gateway 2 never met the refusal; it learns it through Redis, and that the refused
+        # load took lora-0 out of r0's shared shadow residency again. Gateway 1 writes the two
+        # one after the other (the refusal, then the unload): a refresh of gateway 2 between
+        # them sees the refusal with lora-0 still registered on r0, so wait for both.
+        async def view_2() -> dict[str, Any]:
+            return await _replicas_view(http, gw2.url)
 
-        seen = await eventually(refused_2, lambda v: v["r0"] == ["lora-0"])
-        assert seen == {"r0": ["lora-0"], "r1": []}
-        view2 = await _replicas_view(http, gw2.url)
+        view2 = await eventually(
+            view_2,
+            lambda v: (
+                _refused(v)["r0"] == ["lora-0"]
+                and "lora-0" not in v["r0"]["residency"]["registered"]
+            ),
+            timeout_s=WAIT_S,
+        )
+        assert _refused(view2) == {"r0": ["lora-0"], "r1": []}
+        assert "lora-0" not in view2["r0"]["residency"]["registered"]
         refusal = view2["r0"]["refused_adapters"]["lora-0"]
         assert "max_lora_rank" in refusal["error"] and 0 < refusal["expires_in_s"] <= TTL_S
-        # The refused load took lora-0 out of r0's shared shadow residency again.
-        assert "lora-0" not in view2["r0"]["residency"]["registered"]
 
         # Through gateway 2, every request for lora-0 goes to r1: r0 gets no second load call.
         assert [await _replica_of(c2, "lora-0") for _ in range(4)] == ["r1"] * 4
@@ -112,7 +123,8 @@ async def test_a_refusal_met_through_one_instance_keeps_the_other_off_that_repli
         async def refused_1() -> dict[str, list[str]]:
             return _refused(await _replicas_view(http, gw1.url))
 
-        assert await eventually(refused_1, lambda v: v["r0"] == []) == {"r0": [], "r1": []}
+        seen = await eventually(refused_1, lambda v: v["r0"] == [], timeout_s=WAIT_S)
+        assert seen == {"r0": [], "r1": []}
         assert "r0" in {await _replica_of(c1, "lora-0") for _ in range(2)}
 
 
@@ -140,7 +152,7 @@ async def test_a_refusal_met_while_redis_is_down_reaches_the_other_instance_afte
         async def refused_2() -> dict[str, list[str]]:
             return _refused(await _replicas_view(http, gw2.url))
 
-        seen = await eventually(refused_2, lambda v: v["r0"] == ["lora-2"], timeout_s=20.0)
+        seen = await eventually(refused_2, lambda v: v["r0"] == ["lora-2"], timeout_s=WAIT_S)
         assert seen == {"r0": ["lora-2"], "r1": []}
         assert [await _replica_of(c2, "lora-2") for _ in range(3)] == ["r1"] * 3
         assert r0.refused == 1
