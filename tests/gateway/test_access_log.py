@@ -73,12 +73,13 @@ async def test_one_debug_line_per_request(
     assert len(lines) == 3, lines
     ok, streamed, refused = lines
     assert re.fullmatch(
-        r"request \d+ /v1/completions tenant=acme model=<base> replica=r1 status=200 "
+        r"request [0-9a-f]{12}-\d+ /v1/completions tenant=acme model=<base> replica=r1 status=200 "
         r"latency_ms=[0-9.]+ retries=1",
         ok,
     ), ok
     assert re.fullmatch(
-        r"request \d+ /v1/chat/completions tenant=acme model=<base> replica=r1 status=200 "
+        r"request [0-9a-f]{12}-\d+ /v1/chat/completions tenant=acme model=<base> replica=r1 "
+        r"status=200 "
         r"latency_ms=[0-9.]+ ttft_ms=[0-9.]+ retries=0",
         streamed,
     ), streamed
@@ -111,6 +112,7 @@ async def test_serve_at_debug_logs_requests(
         async with openai_client(serve.url, key="sk-acme") as client:
             await client.completions.create(model=BASE, prompt="p", max_tokens=1)
         await serve.wait_for_log(
-            r"request \d+ /v1/completions tenant=acme model=<base> replica=r0 status=200 ",
+            r"request [0-9a-f]{12}-\d+ /v1/completions tenant=acme model=<base> replica=r0 "
+            r"status=200 ",
             max_lines=400,
         )

@@ -627,11 +627,24 @@ class UpstreamPool:
         else:
             conn.abort()
 
-    async def start(self, path: str, body: bytes, *, whole: bool, timeout_s: float) -> UpstreamConn:
-        """Send ``POST path`` with ``body``. Returns the connection once the whole response
-        (``whole=True``) or its head (``whole=False``) has arrived; the caller reads the
-        rest with ``read_chunk`` and must call :meth:`release`. Raises ``UpstreamError``s."""
-        head = self._heads[path] + str(len(body)).encode() + _HEAD_END
+    async def start(
+        self,
+        path: str,
+        body: bytes,
+        *,
+        whole: bool,
+        timeout_s: float,
+        request_id: str | None = None,
+    ) -> UpstreamConn:
+        """Send ``POST path`` with ``body`` (and an ``X-Request-Id: request_id`` header, if
+        given: printable ASCII, the caller checked it). Returns the connection once the whole
+        response (``whole=True``) or its head (``whole=False``) has arrived; the caller reads
+        the rest with ``read_chunk`` and must call :meth:`release`. Raises
+        ``UpstreamError``s."""
+        head = self._heads[path] + str(len(body)).encode()
+        if request_id is not None:
+            head += b"\r\nX-Request-Id: " + request_id.encode("ascii")
+        head += _HEAD_END
         busy = self._busy  # (a request waiting here is woken if the replica stops listening)
         conn = self._take_idle()
         if conn is not None:

@@ -84,6 +84,19 @@ the catalog holds it (else ``adapter=""``: the label's values stay bounded) and 
 name asked (an unknown one quoted and cut at 64 characters; ``-`` when no body was read or it
 is no JSON object), never as ``<base>`` unless it named the base model or none.
 
+Request ids: a request's id is its client's ``X-Request-Id`` when that is 1-128 printable
+ASCII characters without spaces (anything else could forge or break log lines: replaced),
+else generated (``<12 random hex of this instance>-<count>``: unique across instances and
+restarts). Every log line about the request names it (``request <id> ...``), every answer
+carries it (``X-Request-Id``: successes, streams, and each error the gateway gives, before or
+after routing), and each try sends the replica ``X-Request-Id: <id>-<try>`` (1, 2, ...; a
+client's id gets the gateway's own between: ``<client id>-<generated>-<try>``). vLLM 0.32
+makes that header its request id (the answer's ``id`` is ``cmpl-<it>`` / ``chatcmpl-<it>``,
+its request log names it); its engine appends 8 random characters internally, but an abort
+(the gateway closing the connection: the client went away) ends every request sent with that
+header's id. So each try's id is its own: a retry, and a client that reuses its id, never send
+a replica the id of a request it may still be running.
+
 Shutdown (:meth:`Proxy.drain`, run by the runner once the gateway stopped accepting
 connections): the requests being handled may finish within the drain period; those still
 running at its end are cancelled with a cancellation the handler recognises, so that each still
@@ -100,6 +113,8 @@ import dataclasses
 import itertools
 import json
 import logging
+import re
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -153,6 +168,11 @@ from loragate.routing.rank_limit import within_rank_limit
 log = logging.getLogger(__name__)
 
 REPLICA_HEADER = "X-Loragate-Replica"
+# The request's id: taken from the client's header when it is 1-128 printable ASCII characters
+# without spaces (else generated), in every log line about the request, in every answer's
+# headers, and sent to the replica (``-<try>`` appended: vLLM makes it its own request id).
+REQUEST_ID_HEADER = "X-Request-Id"
+_client_id_ok = re.compile(r"[!-~]{1,128}").fullmatch
 _JSON = "application/json"
 _DEFAULT_MAX_TOKENS = 16
 _ROUTING_MAX_TOKENS = 1 << 20  # routing's view of max_tokens is capped here
@@ -192,6 +212,7 @@ class Proxy:
         "_body_timeout_s",
         "_cut",
         "_hurry",
+        "_id_prefix",
         "_ids",
         "_inflight",
         "_max_body",
@@ -236,6 +257,9 @@ class Proxy:
         self._telemetry = telemetry
         self.set_limits(limits)
         self._now = clock.now
+        # Generated request ids: this instance's random prefix and a count (unique across
+        # instances and restarts, cheap to make).
+        self._id_prefix = secrets.token_hex(6) + "-"
         self._ids = itertools.count(1)
         self._view: list[ReplicaSnapshot] = []
         self._view_src: tuple[ReplicaSnapshot, ...] = ()
@@ -329,7 +353,14 @@ class Proxy:
         task = _current_task()
         active = self._active
         active.add(task)
-        request_id = str(next(self._ids))
+        own_id = self._id_prefix + str(next(self._ids))
+        request_id = request.headers.get(REQUEST_ID_HEADER)
+        if request_id is None or not _client_id_ok(request_id):
+            # (none, or not safe to log and send on: too long, spaces, control bytes, non-ASCII)
+            request_id = upstream_id = own_id
+        else:  # the client's: another request may reuse it; the replica's id must not collide
+            upstream_id = f"{request_id}-{own_id}"
+        id_header = {REQUEST_ID_HEADER: request_id}
         body = b""  # (read: the model it names counts and logs a refusal before routing)
         tenant: str | None = None
         try:
@@ -361,7 +392,7 @@ class Proxy:
                 )
                 if isinstance(exc, AuthenticationError) and self._auth_failed is not None:
                     self._auth_failed(request)
-                return error_response(exc)
+                return error_response(exc, headers=id_header)
             except asyncio.CancelledError:
                 if not self._was_cut(task):
                     # The client went away before its request was read (or the server's own
@@ -373,12 +404,12 @@ class Proxy:
                     raise
                 # Cut at the shutdown deadline before it was routed: 503 (retryable).
                 self._unrouted(request_id, request.path, tenant, body, "503", t0)
-                return error_response(_SHUTTING_DOWN)
+                return error_response(_SHUTTING_DOWN, headers=id_header)
             except Exception:
                 log.exception("request %s: unexpected error reading %s", request_id, request.path)
                 self._unrouted(request_id, request.path, tenant, body, "500", t0)
-                return internal_error_response()
-            return await self._forward(request, body, rreq, spec, chat, t0)
+                return internal_error_response(headers=id_header)
+            return await self._forward(request, body, rreq, spec, chat, t0, upstream_id)
         finally:
             active.discard(task)
 
@@ -498,7 +529,10 @@ class Proxy:
         spec: AdapterSpec | None,
         chat: bool,
         t0: float,
+        upstream_id: str,
     ) -> web.StreamResponse:
+        """Route, forward and answer ``rreq``; the replica gets ``X-Request-Id:
+        <upstream_id>-<try>`` (1, 2, ...: each try's id its own, on whichever replica)."""
         pool = self._pool
         stream = rreq.stream
         path = _CHAT if chat else _COMPLETIONS
@@ -581,6 +615,7 @@ class Proxy:
                             body,
                             whole=not stream,
                             timeout_s=self._stream_timeout_s if stream else self._timeout_s,
+                            request_id=f"{upstream_id}-{retries + 1}",
                         )
                     except UpstreamError as exc:
                         self._upstream_failed(exc, rid, client, rreq, "answering")
@@ -653,6 +688,7 @@ class Proxy:
                             headers={
                                 hdrs.CONTENT_TYPE: conn.content_type or _JSON,
                                 REPLICA_HEADER: rid,
+                                REQUEST_ID_HEADER: rreq.request_id,
                             },
                         )
                     finally:
@@ -669,7 +705,7 @@ class Proxy:
             # Counted with the replica that failed it (the handler counts errors raised
             # before a replica was chosen), and named to the client in the replica header.
             self._finished(rreq, path, rid, str(classify(exc)[0]), t0, retries, note=exc.message)
-            return error_response(exc, headers={REPLICA_HEADER: rid} if rid else None)
+            return error_response(exc, headers=self._headers(rreq, rid))
         except asyncio.CancelledError:
             if not self._was_cut(_current_task()):
                 # The client went away (aiohttp cancels its handler; the upstream connection,
@@ -680,7 +716,7 @@ class Proxy:
                 raise
             # Cut at the shutdown deadline before an answer started: 503 (retryable).
             self._finished(rreq, path, rid, "503", t0, retries)
-            return error_response(_SHUTTING_DOWN, headers={REPLICA_HEADER: rid} if rid else None)
+            return error_response(_SHUTTING_DOWN, headers=self._headers(rreq, rid))
         except Exception:
             log.exception(
                 "request %s (model %s) on replica %s: unexpected error while proxying %s",
@@ -690,7 +726,14 @@ class Proxy:
                 path,
             )
             self._finished(rreq, path, rid, "500", t0, retries)
-            return internal_error_response(headers={REPLICA_HEADER: rid} if rid else None)
+            return internal_error_response(headers=self._headers(rreq, rid))
+
+    @staticmethod
+    def _headers(rreq: RoutingRequest, rid: ReplicaId) -> dict[str, str]:
+        """An error answer's headers: the request's id, and the replica's if one was chosen."""
+        if rid:
+            return {REQUEST_ID_HEADER: rreq.request_id, REPLICA_HEADER: rid}
+        return {REQUEST_ID_HEADER: rreq.request_id}
 
     # -- accounting -------------------------------------------------------------------------
 
@@ -933,6 +976,7 @@ class Proxy:
                 hdrs.CONTENT_TYPE: conn.content_type or "text/event-stream",
                 hdrs.CACHE_CONTROL: "no-cache",
                 REPLICA_HEADER: rid,
+                REQUEST_ID_HEADER: rreq.request_id,
             },
         )
         telemetry = self._telemetry
@@ -1041,7 +1085,7 @@ class Proxy:
             if unprepared:
                 # Cut at the shutdown deadline before anything was sent: 503 (retryable).
                 self._finished(rreq, path, rid, "503", t0, retries)
-                return error_response(_SHUTTING_DOWN, headers={REPLICA_HEADER: rid})
+                return error_response(_SHUTTING_DOWN, headers=self._headers(rreq, rid))
             if not ended:
                 # Cut at the shutdown deadline: end the stream with an error event, cleanly.
                 self._finished(rreq, path, rid, "shutdown", t0, retries, ttft_s)
