@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins = ["redis_fixture"]
+pytest_plugins = ["redis_fixture", "resource_leaks"]
 
 # Read by the gateway's config loading: a value in the developer's or CI's environment would
 # change what every test's gateway config means (tests that need one set it themselves).
