@@ -12,11 +12,11 @@ key on ``POST /v1/completions`` and ``/v1/chat/completions``, counted in
 from __future__ import annotations
 
 import logging
-import math
 
 from aiohttp import hdrs, web
 
 from loragate.core.clock import Clock
+from loragate.gateway.log_rate import LineRate
 from loragate.gateway.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,7 @@ class EndpointErrors:
 
     def __init__(self, telemetry: Telemetry, clock: Clock, log_interval_s: float = 60.0) -> None:
         self._telemetry = telemetry
-        self._clock = clock
-        self._log_interval_s = log_interval_s
-        self._last_logged_s = -math.inf
-        self._not_logged = 0  # auth failures since the last one logged
+        self._line = LineRate(clock, log_interval_s)
 
     def answered(self, request: web.Request, response: web.Response) -> web.Response:
         """``response``, counted first if it is an error answer (status >= 400)."""
@@ -71,12 +68,9 @@ class EndpointErrors:
         """Log that ``request`` failed authentication (rate-limited; not counted here: a
         proxied request is counted in ``loragate_requests_total``, an own endpoint's in
         :meth:`answered`)."""
-        now = self._clock.now()
-        if now - self._last_logged_s < self._log_interval_s:
-            self._not_logged += 1
+        more = self._line.due()
+        if more is None:
             return
-        more, self._not_logged = self._not_logged, 0
-        self._last_logged_s = now
         sent = "without an" if hdrs.AUTHORIZATION not in request.headers else "with a wrong"
         log.warning(
             "authentication failed: %s from %s %s Authorization header (401)%s; at most one "
@@ -84,5 +78,5 @@ class EndpointErrors:
             "/metrics) and loragate_requests_total (completions) count them all, status 401",
             _where(request), request.remote, sent,
             f"; {more} more since the last such line" if more else "",
-            self._log_interval_s,
+            self._line.interval_s,
         )  # fmt: skip

@@ -13,7 +13,6 @@ without flooding it (each request is also in the DEBUG access log and counted in
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Collection
 
 from aiohttp import hdrs, web
@@ -21,6 +20,7 @@ from aiohttp import hdrs, web
 from loragate.backends.pool import ReplicaPool
 from loragate.core.clock import Clock
 from loragate.gateway.errors import error_payload
+from loragate.gateway.log_rate import LineRate
 
 log = logging.getLogger(__name__)
 
@@ -63,27 +63,21 @@ class NoReplicaLog:
 
     def __init__(self, pool: ReplicaPool, clock: Clock, log_interval_s: float = 60.0) -> None:
         self._pool = pool
-        self._clock = clock
-        self._log_interval_s = log_interval_s
-        self._last_logged_s = -math.inf
-        self._not_logged = 0  # such answers since the last line
+        self._line = LineRate(clock, log_interval_s)
 
     def refused(self, path: str, adapter: str | None, reason: str) -> None:
         """A request for ``adapter`` (None: the base model) on ``path`` was answered 503
         because no replica could take it (``reason``: the error's message)."""
-        now = self._clock.now()
-        if now - self._last_logged_s < self._log_interval_s:
-            self._not_logged += 1
+        more = self._line.due()
+        if more is None:
             return
-        more, self._not_logged = self._not_logged, 0
-        self._last_logged_s = now
         log.warning(
             "no replica available: POST %s for model %s answered 503 no_replica_available (%s); "
             "replicas: %s%s; at most one such line per %g s; "
             'loragate_requests_total{status="503"} counts them all',
             path, adapter or "<base>", reason, self._replica_states(),
             f"; {more} more since the last such line" if more else "",
-            self._log_interval_s,
+            self._line.interval_s,
         )  # fmt: skip
 
     def _replica_states(self) -> str:
