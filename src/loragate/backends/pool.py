@@ -679,8 +679,7 @@ class ReplicaPool:
             return
         if out:
             log.warning("replica %s is unhealthy: %s", rep.config.replica_id, error)
-            rep.snapshot = dataclasses.replace(snap, healthy=False)
-            self._rebuild_healthy()
+            self._take_out(rep)
 
     def _refuse(self, rep: _Replica, error: str) -> None:
         """The replica answers but must get no traffic (it serves another model): out at once,
@@ -689,6 +688,10 @@ class ReplicaPool:
             rid, url = rep.config.replica_id, rep.config.url
             log.warning("replica %s (%s) gets no traffic: it %s", rid, url, error)
         rep.last_error = error
+        self._take_out(rep)
+
+    def _take_out(self, rep: _Replica) -> None:
+        """No traffic to the replica until a poll finds it healthy again (if it has any now)."""
         snap = rep.snapshot
         if snap is not None and snap.healthy:
             rep.snapshot = dataclasses.replace(snap, healthy=False)
@@ -801,10 +804,7 @@ class ReplicaPool:
             log.warning("replica %s (%s) is %s", rep.config.replica_id, rep.config.url, message)
         rep.failures += 1
         rep.last_error = message
-        snap = rep.snapshot
-        if snap is not None and snap.healthy:
-            rep.snapshot = dataclasses.replace(snap, healthy=False)
-            self._rebuild_healthy()
+        self._take_out(rep)
 
     def stopping_for_s(self, replica_id: ReplicaId) -> float | None:
         """How long the replica's hold (:meth:`report_stopping`) may last yet, None if it is
