@@ -14,7 +14,7 @@ from loragate.state.keys import KeySpace
 from loragate.state.memory import MemoryStore
 from loragate.state.redis_store import RedisStore
 from loragate.state.resilient import ResilientStore
-from loragate.state.store import RefusalMap, StateStore
+from loragate.state.store import RefusalMap, ReplicaRecord, StateStore
 from redis_fixture import RedisServer
 
 StoreFactory = Callable[..., RedisStore]
@@ -80,6 +80,25 @@ async def test_record_replace_and_forget(store: StateStore) -> None:
     await store.record_refusal("r0", "x", path="/p/x", error=ERR, ttl_s=0.0)  # 0: forgotten
     await store.forget_refusals("a")
     assert _plain((await store.snapshot()).refusals) == {"x": {"r0|a": ("/p/x", ERR)}}
+
+
+async def test_a_refusal_and_its_residency_change_are_one_write(store: StateStore) -> None:
+    # The refused request had touched the adapter there: the refusal takes it out of the
+    # replica's shadow residency in the same write (before, a second write did, and another
+    # instance's refresh could see the refusal with the adapter still resident there).
+    await store.upsert_replica(ReplicaRecord(replica_id="r0", url="http://r0"))
+    for name in ("a", "b", "c"):
+        await store.begin_request("r0", name, f"q-{name}", 0.0)
+    await store.record_refusal("r0", "a", path="/p/a", error=ERR, ttl_s=60.0)
+    view = await store.snapshot()
+    assert _plain(view.refusals) == {"a": {"r0": ("/p/a", ERR)}}
+    held = view.residency_of("r0")
+    assert (held.registered, set(held.gpu), set(held.cpu)) == ({"b", "c"}, {"b", "c"}, {"b", "c"})
+    # Not remembered (ttl 0): the residency change alone.
+    await store.record_refusal("r0", "c", path="/p/c", error=ERR, ttl_s=0.0)
+    view = await store.snapshot()
+    assert _plain(view.refusals) == {"a": {"r0": ("/p/a", ERR)}}
+    assert view.residency_of("r0").registered == {"b"}
 
 
 async def test_memory_refusals_expire_on_its_clock() -> None:

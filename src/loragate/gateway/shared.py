@@ -27,7 +27,9 @@ rest of the shared view, 0 extra round trips) back to the pool, unless writes of
 queued (the store would not show them yet). With Redis down the store serves its local view,
 which holds our refusals and the shared ones it last saw. The embedded store (one process)
 shares nothing: the pool's own record is the only one. Either way a refusal also takes the
-adapter out of that replica's shadow residency, which the refused request had touched.
+adapter out of that replica's shadow residency, which the refused request had touched, in the
+same atomic write as the refusal (``StateStore.record_refusal``): no instance's refresh sees the
+refusal with the adapter still resident there, or the reverse.
 
 Drained replicas (``POST /admin/replicas/{id}/drain``): :meth:`drain` and :meth:`undrain` write
 the store (the mirror at once, Redis before they return) and hand the drains to the pool
@@ -384,7 +386,8 @@ class SharedState:
         self, replica_id: ReplicaId, spec: AdapterSpec, error: str, ttl_s: float
     ) -> None:
         """Shared (if not embedded); and the shadow residency, which the routed request
-        touched, drops the adapter there: the replica did not register it."""
+        touched, drops the adapter there: the replica did not register it. Both in one atomic
+        write of the store, so no instance sees one without the other."""
         store, name = self.store, spec.name
         if self._refusals is not None and ttl_s > 0:
             self._queue_refusal_write(
@@ -392,7 +395,8 @@ class SharedState:
                     replica_id, name, path=spec.path, error=error, ttl_s=ttl_s
                 )
             )
-        self._queue_refusal_write(lambda: store.record_unload(replica_id, name))
+        else:
+            self._queue_refusal_write(lambda: store.record_unload(replica_id, name))
 
     def refusals_forgotten(self, adapter: AdapterId, replica_id: ReplicaId | None) -> None:
         if self._refusals is not None:

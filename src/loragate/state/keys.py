@@ -67,7 +67,9 @@ key                          type    content / lifetime
                                      <JSON {path, error}>"``; each entry expires at its own
                                      ``until`` (Redis server time; the caller's TTL,
                                      ``poller.adapter_refusal_ttl_s``), dropped by the snapshot
-                                     script once past; the key PEXPIREs with its last entry
+                                     script once past; the key PEXPIREs with its last entry.
+                                     Written in the same script as the adapter's removal from
+                                     ``P rep:R:reg`` / ``:gpu`` / ``:cpu``
 ==========================  ======  ===========================================================
 
 The snapshot and resync scripts build per-replica key names from the prefix inside Lua, so the

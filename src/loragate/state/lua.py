@@ -47,6 +47,13 @@ local function res_touch(reg, gpu, cpu, info, adapter, dg, dc)
   lru_touch(gpu, adapter, g)
 end
 
+-- the replica does not hold the adapter (an unload, or a load it refused)
+local function res_unload(reg, gpu, cpu, adapter)
+  redis.call('SREM', reg, adapter)
+  redis.call('LREM', gpu, 0, adapter)
+  redis.call('LREM', cpu, 0, adapter)
+end
+
 -- one refusal (hash field -> '<until ms> <JSON>'); the hash lives as long as its last entry
 local function set_refusal(key, field, json, ttl, now)
   redis.call('HSET', key, field, string.format('%.0f', now + ttl) .. ' ' .. json)
@@ -94,9 +101,7 @@ local op = ARGV[1]
 if op == 'load' then
   res_touch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[4], ARGV[2], ARGV[3])
 elseif op == 'unload' then
-  redis.call('SREM', KEYS[1], ARGV[4])
-  redis.call('LREM', KEYS[2], 0, ARGV[4])
-  redis.call('LREM', KEYS[3], 0, ARGV[4])
+  res_unload(KEYS[1], KEYS[2], KEYS[3], ARGV[4])
 elseif op == 'reconcile' then
   local keep = {}
   redis.call('DEL', KEYS[1])
@@ -385,11 +390,20 @@ return drains
 """
 )
 
-# KEYS: refusals; ARGV: field, ttl ms, JSON {path, error}. Sets (or replaces) one refusal.
+# KEYS: refusals, the replica's reg, gpu, cpu; ARGV: field, ttl ms (0: not remembered),
+# JSON {path, error}, adapter. Sets (or replaces; ttl 0: deletes) one refusal and drops the
+# adapter from the replica's shadow residency (it did not register there), in one step: no
+# reader sees one without the other.
 RECORD_REFUSAL = (
     _COMMON
     + """
-set_refusal(KEYS[1], ARGV[1], ARGV[3], tonumber(ARGV[2]), now_ms())
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then
+  set_refusal(KEYS[1], ARGV[1], ARGV[3], ttl, now_ms())
+else
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+res_unload(KEYS[2], KEYS[3], KEYS[4], ARGV[4])
 return 1
 """
 )

@@ -271,6 +271,7 @@ class MemoryStore:
     async def record_refusal(
         self, replica_id: ReplicaId, adapter: AdapterId, *, path: str, error: str, ttl_s: float
     ) -> None:
+        await self.record_unload(replica_id, adapter)
         if ttl_s <= 0:
             await self.forget_refusals(adapter, replica_id)
             return

@@ -512,16 +512,15 @@ class RedisStore:
     async def record_refusal(
         self, replica_id: ReplicaId, adapter: AdapterId, *, path: str, error: str, ttl_s: float
     ) -> None:
-        if ttl_s <= 0:
-            await self.forget_refusals(adapter, replica_id)
-            return
+        k = self.keys
         await self._io(
             self._record_refusal(
-                keys=[self.keys.refusals],
+                keys=[k.refusals, k.registered(replica_id), k.gpu(replica_id), k.cpu(replica_id)],
                 args=[
                     refusal_field(replica_id, adapter),
-                    max(1, math.ceil(ttl_s * 1000)),
+                    max(1, math.ceil(ttl_s * 1000)) if ttl_s > 0 else 0,
                     encode_refusal(path, error),
+                    adapter,
                 ],
             )
         )

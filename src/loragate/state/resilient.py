@@ -515,6 +515,8 @@ class ResilientStore:
             left = until - clock.now()  # replayed after an outage: only what is left
             if left > 0:
                 await r.record_refusal(replica_id, adapter, path=path, error=error, ttl_s=left)
+            else:  # (not remembered, or lapsed: only the residency change is left to make)
+                await r.record_unload(replica_id, adapter)
 
         await self._refusal_write(op)
 

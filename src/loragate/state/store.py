@@ -183,7 +183,10 @@ class StateStore(Protocol):
         self, replica_id: ReplicaId, adapter: AdapterId, *, path: str, error: str, ttl_s: float
     ) -> None:
         """The replica refused to load ``adapter`` from ``path``: every instance leaves it out
-        of that adapter's candidates for ``ttl_s`` (a new refusal replaces the old one)."""
+        of that adapter's candidates for ``ttl_s`` (a new refusal replaces the old one; 0: not
+        remembered, an older one is forgotten), and the adapter leaves the replica's shadow
+        residency (it did not register there; the routed request had touched it). One atomic
+        write: no instance sees the refusal without the residency change, or the reverse."""
         ...
 
     async def forget_refusals(
