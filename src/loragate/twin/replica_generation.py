@@ -129,7 +129,7 @@ class Generator:
             seed=state.config.seed, mean_output_tokens=state.config.mean_output_tokens
         )
 
-    async def _resolve_model(self, name: str | None) -> tuple[str, RegisteredAdapter | None]:
+    async def resolve_model(self, name: str | None) -> tuple[str, RegisteredAdapter | None]:
         registry = self._state.registry
         base = self._state.config.base_model_name
         if name is None or name == base:
@@ -150,7 +150,7 @@ class Generator:
             raise VllmApiError(503, "The replica is shutting down.", "ServiceUnavailableError")
         body = parse_json_object(raw)
         gen = parse_generation_request(gen_kind, body, self._state.config.prompt_format)
-        model, adapter = await self._resolve_model(gen.model)
+        model, adapter = await self.resolve_model(gen.model)
         self._state.refuse_while_stopping()  # after the model check, as vLLM's preflight
         choices = self._plan(gen, model)
         request_id = new_id(gen_kind, request.headers.get("X-Request-Id"))

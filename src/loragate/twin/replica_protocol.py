@@ -345,6 +345,14 @@ def detokenize(token_ids: list[int]) -> str:
     return "".join(VOCAB[t % len(VOCAB)] for t in token_ids)
 
 
+def chat_message_texts(body: Mapping[str, Any]) -> tuple[list[str] | None, list[FieldError]]:
+    """Each message's text content of a body's ``messages`` (as a chat completion reads them),
+    or None and the pydantic-style errors found."""
+    f = _Fields(body)
+    texts = _chat_texts(f)
+    return texts, f.errors
+
+
 def _chat_texts(f: _Fields) -> list[str] | None:
     """Each message's text content, or None (errors recorded) when ``messages`` is invalid."""
     messages = f.body.get("messages")

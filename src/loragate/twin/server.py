@@ -29,6 +29,13 @@ from loragate.twin.realtime import RealtimeEngine
 from loragate.twin.replica_config import ReplicaConfig
 from loragate.twin.replica_generation import ENGINE_DEAD, Generator
 from loragate.twin.replica_responses import VLLM_VERSION, dumps, model_card, now_unix
+from loragate.twin.replica_tokenize import (
+    detokenized,
+    parse_json,
+    read_detokenize,
+    read_tokenize,
+    tokenize,
+)
 from loragate.twin.vllm_errors import (
     FieldError,
     VllmApiError,
@@ -297,6 +304,24 @@ class ReplicaState:
         self.registry.unload(name)
         return _plain(f"Adapter {name} unregistered")
 
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's ``POST /tokenize`` (``twin.replica_tokenize``): the body checked, then the
+        model (an adapter the resolver finds is registered, as vLLM does), then the synthetic
+        tokenizer's ids."""
+        raw = await request.read()
+        check_json_media_type(request.headers.get(hdrs.CONTENT_TYPE, ""), raw)
+        req = read_tokenize(parse_json(raw, members=2))
+        await self.generator.resolve_model(req.model or None)
+        return _json(tokenize(req, self.config.prompt_format, self.config.max_model_len))
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        """vLLM's ``POST /detokenize``: the ids' text."""
+        raw = await request.read()
+        check_json_media_type(request.headers.get(hdrs.CONTENT_TYPE, ""), raw)
+        model, tokens = read_detokenize(parse_json(raw, members=1))
+        await self.generator.resolve_model(model or None)
+        return _json(detokenized(tokens))
+
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._tracked(request, "completion")
 
@@ -417,6 +442,8 @@ def create_replica_app(
     r.add_get("/v1/models", state.models)
     r.add_post("/v1/completions", state.completions)
     r.add_post("/v1/chat/completions", state.chat_completions)
+    r.add_post("/tokenize", state.tokenize)
+    r.add_post("/detokenize", state.detokenize)
     r.add_post("/v1/load_lora_adapter", state.load_lora_adapter)
     r.add_post("/v1/unload_lora_adapter", state.unload_lora_adapter)
     r.add_post("/adapters", state.sagemaker_load)

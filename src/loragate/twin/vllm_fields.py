@@ -245,3 +245,17 @@ def prompt_type_errors(prompt: Any) -> list[FieldError]:
         field_error("string_type", "prompt", NOT_STR, prompt),
         field_error("list_type", "prompt", "Input should be a valid list", prompt),
     ]
+
+
+def read_token_list(payload: Mapping[str, Any], name: str, errors: list[FieldError]) -> list[int]:
+    """A required ``list[int]`` field of ids ``>= 0`` (``/detokenize``'s ``tokens``), lax:
+    missing, not a list, or each bad item an error of its own."""
+    if name not in payload:
+        errors.append(FieldError(kind="missing", loc=("body", name), msg="Field required",
+                                 input=payload))  # fmt: skip
+        return []
+    value = payload[name]
+    if type(value) is not list:
+        errors.append(field_error("list_type", name, _NOT_LIST, value))
+        return []
+    return _token_ids(value, ("body", name), errors)
