@@ -51,6 +51,18 @@ the replica takes no request any more): the proxy retries them elsewhere or answ
 A replica the gateway's own request found refused at connect counts the same
 (:meth:`ReplicaPool.report_failure` with ``refused``).
 
+A replica that stopped answering: once its polls timed out ``timeouts_to_unhealthy`` times in
+a row (it is out of rotation; a hung process, e.g. SIGSTOPped, or a wedged engine keeps its
+sockets open and sends nothing), the requests in progress there are watched
+(``UpstreamPool.replica_silent``): if none of them receives a byte for
+``stopped_replica_grace_s``, each fails with ``ReplicaHungError`` (a ``ReplicaStoppedError``:
+the proxy retries it elsewhere or ends it, as for a replica that stopped listening) and its
+connection is closed. The whole replica's silence is the evidence, not one request's: a
+replica only slow under load still sends on some connection (a stream producing, an answer
+completing), and then none of its requests is failed (one waiting in its queue waits on). Each
+later poll that times out watches again; a poll it answers ends a watch under way. Adapter
+loads there are left to ``limits.admin_timeout_s`` (their calls are not watched).
+
 A replica that says it is shutting down while its ``/health`` still answers 200 (vLLM 0.32's
 drain under ``--shutdown-timeout N``: its 500 "cannot schedule new futures after shutdown" to a
 new request, "Server shutting down" to a load; ``backends.engine_failures``) is held out of
@@ -487,9 +499,15 @@ class ReplicaPool:
             self._record_failure(rep, str(exc), immediate=False, timed_out=reason == "timeout")
             if connection_refused(exc):
                 self._stopped_listening(rep, client, str(exc))
+            elif reason == "timeout":
+                if rep.timeouts >= self._poller.timeouts_to_unhealthy:
+                    self._stopped_answering(rep, client, str(exc))
+            elif reason == "bad_response":  # it answered (an error): alive
+                client.upstream.replica_answered()
             await self._tell_polled(rep, models_seen=False)
             return
         rep.timeouts = 0
+        client.upstream.replica_answered()  # (alive: a watch of its silence ends)
         base = self.base_model
         if base is not None and base not in models.base_models:
             self._poll_failed(rep, "wrong_model")
@@ -576,6 +594,43 @@ class ReplicaPool:
                 "abandoned (%s); the requests waiting for them are retried on another replica "
                 "or answered with a 502",
                 rid, rep.config.url, error, ", ".join(abandoned),
+            )  # fmt: skip
+
+    def _stopped_answering(self, rep: _Replica, client: VllmClient, error: str) -> None:
+        """``rep``'s polls timed out ``timeouts_to_unhealthy`` times in a row (it is out of
+        rotation): a hung replica (its process stopped, its engine wedged) keeps its sockets
+        open and sends nothing. Its requests in progress are watched for
+        ``stopped_replica_grace_s``: if none of them receives a byte meanwhile, each fails
+        (``ReplicaHungError``; the proxy retries it elsewhere or ends it) and its connection
+        is closed; a byte on any of them (it is only slow) leaves them all alone. Called at
+        each poll that times out from then on (a watch under way goes on; the next one starts
+        when it ended with the replica alive); a poll it answers ends the watch."""
+        rid = rep.config.replica_id
+        url = rep.config.url
+        grace_s = self.stopped_replica_grace_s
+        reason = f"its polls timed out {rep.timeouts} times in a row"
+
+        def done(alive: bool, failed: int) -> None:
+            if failed:
+                log.warning(
+                    "replica %s (%s) stopped answering: nothing arrived on any of its "
+                    "connections for %g s: %d request(s) in progress there failed "
+                    "(retried on another replica, or ended with an error)",
+                    rid, url, grace_s, failed,
+                )  # fmt: skip
+            elif alive:
+                log.info(
+                    "replica %s (%s) does not answer its polls but still sends on its "
+                    "connections: its request(s) in progress there go on",
+                    rid, url,
+                )  # fmt: skip
+
+        watched = client.upstream.replica_silent(grace_s, reason, done)
+        if watched:
+            log.warning(
+                "replica %s (%s) stopped answering (%s: %s): %d request(s) in progress "
+                "there fail if none of them receives anything for %g s",
+                rid, url, reason, error, watched, grace_s,
             )  # fmt: skip
 
     def _retire(self, rep: _Replica, listed: Collection[str]) -> None:

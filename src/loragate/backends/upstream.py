@@ -21,9 +21,18 @@ at once on SIGTERM, then may wait for its connections to close before it exits) 
 requests it holds waiting for answers that will not come (an engine killed before its abort
 answers got out). :meth:`UpstreamPool.replica_stopped` wakes them: each connection in use that
 then receives nothing for ``grace_s`` fails with :class:`ReplicaStoppedError` and is closed
-(bytes still arriving restart its grace: an answer on its way is let through). The pool keeps
-the connections in use in a set (an add and a discard per request); a read costs one flag
-store more, nothing is checked per read.
+(bytes still arriving restart its grace: an answer on its way is let through).
+
+A replica that stopped answering (its polls time out: a hung process, e.g. SIGSTOPped, or a
+wedged engine, keeps its sockets open and sends nothing) may leave the requests it holds
+waiting for ``limits.stream_read_timeout_s`` / ``request_timeout_s``.
+:meth:`UpstreamPool.replica_silent` watches the replica as a whole: if nothing arrives on any
+of its connections for ``grace_s``, each request in progress there fails with
+:class:`ReplicaHungError` and its connection is closed; a byte on any of them (a stream still
+producing, an answer completing) shows the replica is alive, only slow, and none is failed (a
+request silent on a replica that still sends elsewhere, e.g. queued behind the others, waits
+as before). The pool keeps the connections in use in a set (an add and a discard per
+request); a read adds one to a counter, nothing is checked per read.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import re
 import select
 import ssl
 import time
+from collections.abc import Callable
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -48,6 +58,13 @@ from loragate.core.errors import (
 class ReplicaStoppedError(UpstreamConnectError):
     """The replica stopped listening (its poll could not connect) and sent nothing on this
     connection for the grace that followed: the request is not answered there."""
+
+
+class ReplicaHungError(ReplicaStoppedError):
+    """The replica stopped answering (its polls timed out) and sent nothing on any of its
+    connections for the grace that followed: the request is not answered there. (A
+    :class:`ReplicaStoppedError`: handled alike, retried elsewhere if nothing reached the
+    client.)"""
 
 
 _MAX_HEAD_BYTES = 64 * 1024
@@ -83,13 +100,14 @@ class UpstreamConn(asyncio.Protocol):
         "_framing",
         "_got_bytes",
         "_head_waiter",
-        "_heard",
         "_left",
         "_loop",
         "_paused",
         "_peer_reset",
         "_read_waiter",
+        "_reads",
         "_stop_grace_s",
+        "_stop_mark",
         "_stop_timer",
         "_timer",
         "_timer_at",
@@ -114,9 +132,13 @@ class UpstreamConn(asyncio.Protocol):
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        # The replica stopped listening (:meth:`replica_stopped`): bytes heard since the last
-        # check of its grace, and the check's timer.
-        self._heard = False
+        # Reads (data_received calls) over the connection's life: a check of a replica's
+        # silence compares it with the count it noted (:meth:`replica_stopped`: ``_stop_mark``;
+        # ``UpstreamPool.replica_silent``).
+        self._reads = 0
+        # The replica stopped listening (:meth:`replica_stopped`): the reads counted at the
+        # last check of its grace, and the check's timer.
+        self._stop_mark = 0
         self._stop_grace_s = 0.0
         self._stop_timer: asyncio.TimerHandle | None = None
         self._reset()
@@ -165,7 +187,8 @@ class UpstreamConn(asyncio.Protocol):
         self._fail(UpstreamConnectError(f"connection closed {where}"))
 
     def data_received(self, data: bytes) -> None:
-        self._got_bytes = self._heard = True
+        self._got_bytes = True
+        self._reads += 1
         if self.status:
             self._feed(data)
             return
@@ -395,7 +418,7 @@ class UpstreamConn(asyncio.Protocol):
         request is over)."""
         if self._stop_timer is not None or self.closed or self._done or self._error is not None:
             return False
-        self._heard = False
+        self._stop_mark = self._reads
         self._stop_grace_s = grace_s
         self._stop_timer = self._loop.call_later(grace_s, self._check_stopped)
         return True
@@ -405,17 +428,29 @@ class UpstreamConn(asyncio.Protocol):
         if self.closed or self._done or self._error is not None:
             return
         grace_s = self._stop_grace_s
-        if self._heard:  # still answering: let it
-            self._heard = False
+        if self._reads != self._stop_mark:  # still answering: let it
+            self._stop_mark = self._reads
             self._stop_timer = self._loop.call_later(grace_s, self._check_stopped)
             return
-        where = "before answering" if not self._got_bytes else "in the middle of the answer"
         self._fail(
             ReplicaStoppedError(
                 f"stopped listening (its poll could not connect) and sent nothing for "
-                f"{grace_s:g} s {where}: the connection was closed"
+                f"{grace_s:g} s {self._where}: the connection was closed"
             )
         )
+
+    @property
+    def _where(self) -> str:
+        return "before answering" if not self._got_bytes else "in the middle of the answer"
+
+    def fail_hung(self, why: str) -> bool:
+        """The replica stopped answering (``why``: what showed it, and for how long nothing
+        arrived): fail the request in progress with :class:`ReplicaHungError` and close the
+        connection. False if the request is over."""
+        if self.closed or self._done or self._error is not None:
+            return False
+        self._fail(ReplicaHungError(f"{why} {self._where}: the connection was closed"))
+        return True
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -543,6 +578,8 @@ class UpstreamPool:
         "_keepalive_s",
         "_max_idle",
         "_port",
+        "_silence",
+        "_silence_timer",
         "_ssl",
     )
 
@@ -577,6 +614,10 @@ class UpstreamPool:
         self._idle: collections.deque[UpstreamConn] = collections.deque()
         self._busy: set[UpstreamConn] = set()  # the connections with a request in progress
         self._closed = False
+        # A watch of the replica's silence (:meth:`replica_silent`): the connections watched,
+        # each with its read count when the watch began, and the timer that ends the watch.
+        self._silence: dict[UpstreamConn, int] = {}
+        self._silence_timer: asyncio.TimerHandle | None = None
 
     async def _connect(self) -> UpstreamConn:
         loop = asyncio.get_running_loop()
@@ -679,9 +720,56 @@ class UpstreamPool:
         that wait now (those an earlier call told are waiting already)."""
         return sum(conn.replica_stopped(grace_s) for conn in self._busy)
 
+    def replica_silent(
+        self, grace_s: float, reason: str, done: Callable[[bool, int], None] | None = None
+    ) -> int:
+        """The replica stopped answering its polls (``reason`` says how): watch its requests
+        in progress now. If none of their connections receives a byte for ``grace_s``, each
+        of those still in progress fails with :class:`ReplicaHungError` and its connection is
+        closed; a byte on any of them (the replica is alive, only slow) ends the watch with
+        none failed. ``done(alive, failed)`` is told how the watch ended: whether a byte
+        arrived, and how many requests failed (not those that ended meanwhile). Returns how
+        many requests it watches (0: a watch is under way already, or none is in progress;
+        the next call, e.g. at the next poll that times out, watches again)."""
+        if self._silence_timer is not None or not self._busy:
+            return 0
+        self._silence = {conn: conn._reads for conn in self._busy}
+        self._silence_timer = asyncio.get_running_loop().call_later(
+            grace_s, self._silence_over, grace_s, reason, done
+        )
+        return len(self._silence)
+
+    def replica_answered(self) -> None:
+        """The replica answered a poll: a watch of its silence under way ends, none failed."""
+        self._end_watch()
+
+    def _end_watch(self) -> None:
+        timer, self._silence_timer = self._silence_timer, None
+        if timer is not None:
+            timer.cancel()
+            self._silence = {}
+
+    def _silence_over(
+        self, grace_s: float, reason: str, done: Callable[[bool, int], None] | None
+    ) -> None:
+        self._silence_timer = None
+        watched, self._silence = self._silence, {}
+        failed = 0
+        alive = any(conn._reads != mark for conn, mark in watched.items())
+        if not alive:
+            why = (
+                f"stopped answering ({reason}) and sent nothing on any connection for {grace_s:g} s"
+            )
+            busy = self._busy
+            failed = sum(conn.fail_hung(why) for conn in watched if conn in busy)
+        if done is not None:
+            done(alive, failed)
+
     def close(self) -> None:
         """Close the idle connections; those in use close when released (the replica left
-        the pool: a reload removed or replaced it, or the gateway stops)."""
+        the pool: a reload removed or replaced it, or the gateway stops). A watch of the
+        replica's silence ends."""
         self._closed = True
+        self._end_watch()
         while self._idle:
             self._idle.pop().abort()

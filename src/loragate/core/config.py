@@ -87,7 +87,9 @@ class LimitsConfig:
     admin_timeout_s: float = 60.0
     # A request in progress on a replica that stopped listening (its poll could not connect)
     # fails once it has received nothing for this long (retried elsewhere if nothing reached
-    # the client; a stream that had sent output ends with an error event).
+    # the client; a stream that had sent output ends with an error event). So do the requests
+    # in progress on a replica that stopped answering (poller.timeouts_to_unhealthy polls in a
+    # row timed out) once none of them has received anything for this long.
     stopped_replica_grace_s: float = 5.0
     # Idle keep-alive connections kept open to each replica for proxied requests.
     max_upstream_connections: int = 1024

@@ -47,9 +47,18 @@ ends with an error event (``upstream_unavailable``, a ``stream_error``). A reque
 an adapter load there stops waiting at once (``ReplicaStoppedError``; the load is abandoned):
 it is retried once on another replica (``load_failed``: nothing was generated), else the
 client's 502 names the replica. The gateway's own connection refused there (a request's, a
-load's) counts as such a poll. A replica that is only slow (its polls succeed, or time out) is
-left alone: its requests wait for ``limits.request_timeout_s`` /
-``limits.stream_read_timeout_s`` as before. A request waiting for an adapter load on a replica
+load's) counts as such a poll. A replica that stopped answering (its polls timed out
+``poller.timeouts_to_unhealthy`` times in a row: a hung process, e.g. SIGSTOPped, or a wedged
+engine, keeps its sockets open and sends nothing) has its requests in progress watched
+(``backends.pool``): if none of them receives a byte for ``limits.stopped_replica_grace_s``,
+each fails with ``ReplicaHungError``, a ``ReplicaStoppedError`` handled as above (retried once
+elsewhere before any answer, ``engine_stopped``, else a 502 naming the replica; a stream that
+had sent output ends with an ``upstream_unavailable`` error event), its connection closed. A
+replica that is only slow (its polls succeed; or they time out, but a byte still arrives on
+one of its connections: a stream producing, an answer completing) is left alone: its requests
+wait for ``limits.request_timeout_s`` / ``limits.stream_read_timeout_s`` as before, even one
+silent meanwhile (queued behind the others). Adapter loads there are not watched (their
+waits end within ``limits.admin_timeout_s``). A request waiting for an adapter load on a replica
 entry that a config reload removes or replaces is routed again at once (counted ``reload``;
 its one retry stays unused): a replacement at the same URL is the same server, so the load
 there goes on, and a request routed to it again waits for that load, not a second one.
