@@ -75,6 +75,9 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # not allowed in a header v
 # An idle connection older than this is checked for a close the event loop has not handled
 # yet before it is reused (one select() call; servers' keep-alive timeouts are seconds).
 _CHECK_IDLE_AFTER_S = 0.2
+# A check of a replica's silence (``UpstreamPool.replica_silent``) that fires this late decides
+# nothing: the event loop was blocked, and what the replica sent may not have been read yet.
+_SILENCE_LATE_S = 0.5
 # A deadline timer that fires this close to the deadline counts as on time (uvloop's timers
 # have millisecond resolution, so they may fire a fraction of a millisecond early).
 _TIMER_SLACK_S = 0.001
@@ -734,10 +737,13 @@ class UpstreamPool:
         if self._silence_timer is not None or not self._busy:
             return 0
         self._silence = {conn: conn._reads for conn in self._busy}
-        self._silence_timer = asyncio.get_running_loop().call_later(
-            grace_s, self._silence_over, grace_s, reason, done
-        )
+        self._watch(grace_s, reason, done)
         return len(self._silence)
+
+    def _watch(self, grace_s: float, reason: str, done: Callable[[bool, int], None] | None) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time() + grace_s
+        self._silence_timer = loop.call_at(due, self._silence_over, due, grace_s, reason, done)
 
     def replica_answered(self) -> None:
         """The replica answered a poll: a watch of its silence under way ends, none failed."""
@@ -750,12 +756,19 @@ class UpstreamPool:
             self._silence = {}
 
     def _silence_over(
-        self, grace_s: float, reason: str, done: Callable[[bool, int], None] | None
+        self, due: float, grace_s: float, reason: str, done: Callable[[bool, int], None] | None
     ) -> None:
         self._silence_timer = None
-        watched, self._silence = self._silence, {}
+        watched = self._silence
+        # A connection paused for a client that reads slowly is not read from: no evidence.
+        alive = any(conn._reads != mark or conn._paused for conn, mark in watched.items())
+        if not alive and asyncio.get_running_loop().time() - due > _SILENCE_LATE_S:
+            # The gateway's loop was blocked (uvloop runs due timers before reading the
+            # sockets): bytes may be waiting unread. Watch on (the same marks) rather than judge.
+            self._watch(grace_s, reason, done)
+            return
+        self._silence = {}
         failed = 0
-        alive = any(conn._reads != mark for conn, mark in watched.items())
         if not alive:
             why = (
                 f"stopped answering ({reason}) and sent nothing on any connection for {grace_s:g} s"
