@@ -189,7 +189,7 @@ class _SlowReplica(ScriptedReplica):
 async def test_a_slow_replica_whose_polls_time_out_keeps_its_requests(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="loragate.backends.pool")
+    caplog.set_level(logging.DEBUG, logger="loragate.backends.pool")
     slow = _SlowReplica()
     # Polls time out after 0.5 s; the replica's stream sends every 50 ms, its other request
     # is silent until the end: the replica as a whole is heard, so neither is cut.
@@ -211,11 +211,9 @@ async def test_a_slow_replica_whose_polls_time_out_keeps_its_requests(
             )
             await wait_until(lambda: len(slow.requests) == 2, "r0 got both requests")
             slow.answers.clear()
-            # Out of rotation for its polls, and its requests watched, then spared.
+            # Out of rotation for its polls, and its requests watched, then spared: twice.
             await wait_until(lambda: not gw.gateway.pool.is_healthy("r0"), "r0 out of rotation")
-            await wait_until(
-                lambda: "still sends on its connections" in caplog.text, "a watch that spared r0"
-            )
+            await wait_until(lambda: len(_levels(caplog, _SPARED)) >= 2, "two watches sparing r0")
             slow.finish.set()
             slow.answers.set()
 
@@ -230,4 +228,15 @@ async def test_a_slow_replica_whose_polls_time_out_keeps_its_requests(
     assert late.choices[0].text == "late"
     assert requests == {("r0", "200"): 2}
     assert retries == {} and slow.cancelled == 0
-    assert "request(s) in progress there fail if none of them receives anything" in caplog.text
+    # Said once (a slow replica is watched at every poll that times out), then at DEBUG.
+    assert _levels(caplog, _WATCHED)[:2] == ["WARNING", "DEBUG"]
+    assert _levels(caplog, _SPARED)[:2] == ["INFO", "DEBUG"]
+
+
+_WATCHED = "request(s) in progress there fail if none of them receives anything"
+_SPARED = "still sends on its connections"
+
+
+def _levels(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    """The levels of the pool's log records saying ``text``, in order."""
+    return [r.levelname for r in caplog.records if text in r.getMessage()]

@@ -188,6 +188,10 @@ class _Replica:
     # Said it is shutting down (:meth:`ReplicaPool.report_stopping`): out of rotation until a
     # poll fails or this time (the pool's clock) passes; None: not held.
     stopping_until: float | None = None
+    # Its polls time out (``_stopped_answering``): what was said of the watches of its requests
+    # since its last answer (each said once a run: a slow replica is watched at every poll).
+    watch_said: bool = False
+    spared_said: bool = False
     # Adapter -> the path the replica registered it from (its /v1/models card's ``root``, or
     # the path of this gateway's load since the poll that listed it began).
     roots: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -503,11 +507,11 @@ class ReplicaPool:
                 if rep.timeouts >= self._poller.timeouts_to_unhealthy:
                     self._stopped_answering(rep, client, str(exc))
             elif reason == "bad_response":  # it answered (an error): alive
-                client.upstream.replica_answered()
+                self._answered(rep, client)
             await self._tell_polled(rep, models_seen=False)
             return
         rep.timeouts = 0
-        client.upstream.replica_answered()  # (alive: a watch of its silence ends)
+        self._answered(rep, client)
         base = self.base_model
         if base is not None and base not in models.base_models:
             self._poll_failed(rep, "wrong_model")
@@ -596,6 +600,12 @@ class ReplicaPool:
                 rid, rep.config.url, error, ", ".join(abandoned),
             )  # fmt: skip
 
+    @staticmethod
+    def _answered(rep: _Replica, client: VllmClient) -> None:
+        """``rep`` answered a poll: alive; a watch of its silence ends (``_stopped_answering``)."""
+        client.upstream.replica_answered()
+        rep.watch_said = rep.spared_said = False
+
     def _stopped_answering(self, rep: _Replica, client: VllmClient, error: str) -> None:
         """``rep``'s polls timed out ``timeouts_to_unhealthy`` times in a row (it is out of
         rotation): a hung replica (its process stopped, its engine wedged) keeps its sockets
@@ -604,7 +614,9 @@ class ReplicaPool:
         (``ReplicaHungError``; the proxy retries it elsewhere or ends it) and its connection
         is closed; a byte on any of them (it is only slow) leaves them all alone. Called at
         each poll that times out from then on (a watch under way goes on; the next one starts
-        when it ended with the replica alive); a poll it answers ends the watch."""
+        when it ended with the replica alive); a poll it answers ends the watch. Until then
+        the start of a watch is logged once, so is a watch that spared the requests (at
+        DEBUG after that); every watch that failed requests is."""
         rid = rep.config.replica_id
         url = rep.config.url
         grace_s = self.stopped_replica_grace_s
@@ -619,19 +631,23 @@ class ReplicaPool:
                     rid, url, grace_s, failed,
                 )  # fmt: skip
             elif alive:
-                log.info(
+                log.log(
+                    logging.DEBUG if rep.spared_said else logging.INFO,
                     "replica %s (%s) does not answer its polls but still sends on its "
                     "connections: its request(s) in progress there go on",
                     rid, url,
                 )  # fmt: skip
+                rep.spared_said = True
 
         watched = client.upstream.replica_silent(grace_s, reason, done)
         if watched:
-            log.warning(
+            log.log(
+                logging.DEBUG if rep.watch_said else logging.WARNING,
                 "replica %s (%s) stopped answering (%s: %s): %d request(s) in progress "
                 "there fail if none of them receives anything for %g s",
                 rid, url, reason, error, watched, grace_s,
             )  # fmt: skip
+            rep.watch_said = True
 
     def _retire(self, rep: _Replica, listed: Collection[str]) -> None:
         """Unload (in the background) the adapters ``rep`` lists that were deleted through the
