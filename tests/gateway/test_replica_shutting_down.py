@@ -12,12 +12,7 @@ request in flight; a second simulated replica; the openai SDK as the client."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
-import re
-import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,61 +21,17 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
+from draining import DRAIN_500, draining_replica
 from gateway_harness import BASE, ScriptedReplica, gateway_config, openai_client, serving
 from metric_counts import counts
 
-from loragate.commands.replica import READY_PREFIX
 from loragate.gateway import running_gateway
 from loragate.twin.adapters import write_adapter_folder
 from loragate.twin.replica_config import ReplicaConfig
 from loragate.twin.server import run_replica
 from vllm_stub import vllm_error
 
-DRAIN_500 = "cannot schedule new futures after shutdown"
 TOKEN = "shutting-s3cret"
-
-
-@contextlib.asynccontextmanager
-async def draining_replica(http: aiohttp.ClientSession) -> AsyncIterator[str]:
-    """``loragate replica --shutdown-timeout 3600``, SIGTERMed while a long request runs
-    there: its URL once it refuses a new request with vLLM's drain 500 (killed at the end)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "loragate.cli", "replica", "--port", "0", "--profile", "fast",
-        "--served-model-name", BASE, "--enable-lora", "--time-scale", "0.05",
-        "--shutdown-timeout", "3600",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    long: asyncio.Task[Any] | None = None
-    try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), timeout=60)).decode()
-        assert line.startswith(READY_PREFIX), line
-        url = line.rsplit(" ", 1)[-1].strip()
-        body = {"model": BASE, "prompt": "long", "max_tokens": 2000, "ignore_eos": True}
-        long = asyncio.create_task(http.post(url + "/v1/completions", json=body))
-        for _ in range(1000):  # until it runs (bounded)
-            async with http.get(url + "/metrics") as resp:
-                if re.search(r"^vllm:num_requests_running\{[^}]*\} 1\.0$", await resp.text(), re.M):
-                    break
-            await asyncio.sleep(0.01)
-        proc.send_signal(signal.SIGTERM)
-        new = {"model": BASE, "prompt": "new", "max_tokens": 1}
-        for _ in range(1000):  # until the signal is handled (bounded)
-            async with http.post(url + "/v1/completions", json=new) as resp:
-                if resp.status != 200:
-                    assert resp.status == 500 and DRAIN_500 in await resp.text()
-                    break
-            await asyncio.sleep(0.01)
-        yield url
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-        if long is not None:
-            long.cancel()
-            with contextlib.suppress(BaseException):
-                (await long).close()
 
 
 async def _replica_json(http: aiohttp.ClientSession, url: str, rid: str) -> dict[str, Any]:

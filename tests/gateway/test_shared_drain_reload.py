@@ -101,7 +101,7 @@ async def test_a_replica_one_instance_removes_stays_drained_for_every_instance(
         # Whatever A writes in the background is written; then a drain of r2 on A, which B
         # sees after anything A wrote before it.
         shared_a = gw_a.gateway.shared
-        assert await eventually(lambda: _async(shared_a._refusal_writer is None), bool)
+        assert await eventually(lambda: _async(shared_a._pool_writer is None), bool)
         status, _ = await _call(http, "POST", gw_a.url + "/admin/replicas/r2/drain")
         assert status == 200
         assert await eventually(lambda: _draining(http, gw_b, "r2"), bool)

@@ -72,9 +72,13 @@ a new process at its URL) or ``stopping_hold_s`` (:data:`STOPPING_HOLD_S`) passe
 comes first. The bound keeps a replica that answered so without going away (a URL in front of
 several servers, one of them draining) from being lost for good: past it, a successful poll
 brings it back, and a new request refused the same way holds it again (one retry elsewhere per
-hold). A load it answers so is not a refusal of the adapter (none is recorded): the requests
-waiting for it fail with :class:`ReplicaStoppingError` (the proxy retries them elsewhere as a
-load that failed).
+hold). The hold is shared by the gateway instances on one state store: the listener hears of
+each (``replica_stopping``) and of each end by a failed poll (``replica_stopping_ended``), and
+hands the shared holds back (:meth:`ReplicaPool.adopt_stopping`), so another instance holds the
+replica from its next refresh on, without a retry of its own, and a failed poll of any
+instance ends the hold for all. A load it answers so is not a refusal of the adapter (none is
+recorded): the requests waiting for it fail with :class:`ReplicaStoppingError` (the proxy
+retries them elsewhere as a load that failed).
 
 Replicas a config reload removes or replaces: the requests waiting for an adapter load there
 stop waiting (``ReplicaRetiredError``), and the proxy routes them again.
@@ -167,6 +171,16 @@ class PoolListener(RefusalSink, Protocol):
         ...
 
     async def adapter_unloaded(self, replica_id: ReplicaId, adapter: str) -> None: ...
+
+    def replica_stopping(self, replica_id: ReplicaId, error: str, hold_s: float) -> None:
+        """The replica answered that it is shutting down (``error``; :meth:`ReplicaPool.
+        report_stopping`): held out of rotation here for ``hold_s`` at most. Told
+        synchronously (the listener queues what it shares)."""
+        ...
+
+    def replica_stopping_ended(self, replica_id: ReplicaId) -> None:
+        """A poll found the held replica gone: its hold ended here."""
+        ...
 
     def retired_adapters(self) -> Collection[str]:
         """Adapters deleted through the admin API lately (their tombstones): a replica that
@@ -498,7 +512,10 @@ class ReplicaPool:
         except (LoragateError, ValueError) as exc:
             reason = poll_failure_reason(exc)
             self._poll_failed(rep, reason)
-            rep.stopping_until = None  # it went away: the next poll that succeeds is it back
+            if rep.stopping_until is not None:  # it went away: the next poll that succeeds
+                rep.stopping_until = None  # is it back (for every instance sharing the hold)
+                if self.listener is not None:
+                    self.listener.replica_stopping_ended(rep.config.replica_id)
             rep.timeouts = rep.timeouts + 1 if reason == "timeout" else 0
             self._record_failure(rep, str(exc), immediate=False, timed_out=reason == "timeout")
             if connection_refused(exc):
@@ -864,18 +881,54 @@ class ReplicaPool:
         self._hold_stopping(rep, error)
 
     def _hold_stopping(self, rep: _Replica, error: str) -> None:
+        self._hold(rep, error, self.stopping_hold_s)
+        if self.listener is not None:  # (it queues the write: no I/O here)
+            self.listener.replica_stopping(rep.config.replica_id, error, self.stopping_hold_s)
+
+    def _hold(self, rep: _Replica, error: str, hold_s: float, *, where: str = "") -> None:
+        """Hold ``rep`` out of rotation for ``hold_s`` (or until a poll fails); ``where``:
+        who found it shutting down, if not this instance (for the log line)."""
         now = self._clock.now()
         held = rep.stopping_until is not None and rep.stopping_until > now
-        rep.stopping_until = now + self.stopping_hold_s
+        rep.stopping_until = now + hold_s
         message = (
             f"shutting down: {error}; no new requests until a poll finds it gone, for "
             f"{self.stopping_hold_s:g} s at most"
         )
         if not held:
-            log.warning("replica %s (%s) is %s", rep.config.replica_id, rep.config.url, message)
+            log.warning(
+                "replica %s (%s) is %s%s", rep.config.replica_id, rep.config.url, message, where
+            )
         rep.failures += 1
         rep.last_error = message
         self._take_out(rep)
+
+    def adopt_stopping(self, holds: Mapping[ReplicaId, tuple[str, float]]) -> None:
+        """The holds of replicas shutting down that every gateway instance sharing the state
+        keeps (the listener's, at each refresh): replica -> (what it answered, seconds left).
+        A replica held there and not here is held here too, as long (another instance's
+        request found it shutting down: this instance pays no retry to learn it); one held
+        here follows the shared time; one held here and not there any more is released (a
+        poll of some instance found it gone, or the hold lapsed): back in rotation at its
+        next successful poll. Ids not in the pool are ignored."""
+        now = self._clock.now()
+        for rid, rep in self._replicas.items():
+            shared = holds.get(rid)
+            until = rep.stopping_until
+            if shared is not None:
+                error, left_s = shared
+                if until is None or until <= now:
+                    self._hold(rep, error, left_s, where=" (another gateway instance found so)")
+                else:
+                    rep.stopping_until = now + left_s
+            elif until is not None:
+                rep.stopping_until = None
+                log.info(
+                    "replica %s (%s): its shutting-down hold ended for every gateway instance "
+                    "(a poll found it gone, or the hold lapsed): back in rotation at its next "
+                    "successful poll",
+                    rid, rep.config.url,
+                )  # fmt: skip
 
     def stopping_for_s(self, replica_id: ReplicaId) -> float | None:
         """How long the replica's hold (:meth:`report_stopping`) may last yet, None if it is

@@ -154,6 +154,7 @@ def create_app(
     )
     pool.listener = shared
     shared.on_drains = pool.set_draining
+    shared.on_stopping = pool.adopt_stopping
     shared.set_config_adapters(config.adapters)  # claimed by shared.start()
     telemetry = Telemetry(registry)
     tracker = inflight
@@ -264,6 +265,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await shared.register_replicas(gateway.config.replicas)
         shared.check_adapters()  # adapters other instances registered before we started
         shared.sync_drains()  # drains kept in Redis: none of them gets a request from us
+        shared.sync_stopping()  # replicas another instance found shutting down: held from
+        # the first poll on (the pool's first poll finds them held)
         await gateway.pool.start(session)
         maintenance = asyncio.create_task(shared.run(), name="loragate-state-maintenance")
         same = asyncio.create_task(

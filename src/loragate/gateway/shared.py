@@ -40,6 +40,18 @@ drain lasts until it is undrained: a reload that removes the replica from this i
 config leaves it in force, as other instances may still route there (their configs not
 reloaded yet), and a replica added back under that id comes back drained.
 
+Replicas shutting down (vLLM's drain under ``--shutdown-timeout``: ``/health`` 200, new requests
+refused with a 500; ``ReplicaPool.report_stopping``): the pool's hold is shared like a refusal.
+The instance whose request was refused writes the hold to the store in the background
+(``replica_stopping``; a TTL of the pool's ``stopping_hold_s``, so a crashed instance leaves
+nothing behind), and each round of :meth:`run` hands the store's holds to the pool
+(``on_stopping``: ``ReplicaPool.adopt_stopping``; 0 extra round trips, they ride the refresh),
+so the other instances stop routing there at their next refresh instead of each paying a
+retry to learn it. A poll that finds the replica gone ends the hold here and in the store
+(``replica_stopping_ended``), and so on every instance; the hold lapses everywhere at its TTL.
+With Redis down the store's local view keeps this instance's holds. The embedded store
+shares nothing: the pool's hold is the only one.
+
 Adapters of the config file (``state.definitions``): instances whose files define one name
 with another path or rank would each make the replicas load their own. This object claims the
 file's definitions in the store (at :meth:`start`, after a reload changed them, when the
@@ -87,6 +99,11 @@ log = logging.getLogger(__name__)
 
 AdaptersCallback = Callable[[Mapping[AdapterId, AdapterSpec]], None]
 DrainsCallback = Callable[[Collection[ReplicaId]], None]
+StoppingCallback = Callable[[Mapping[ReplicaId, tuple[str, float]]], None]
+
+# A hold of a replica shutting down is written again at most this often (seconds) by one
+# instance: the requests already sent there come back refused one after the other.
+_STOPPING_REWRITE_S = 1.0
 
 
 def build_store(config: StateConfig) -> GatewayStore:
@@ -134,17 +151,20 @@ class SharedState:
         "_lease_ids",
         "_maintenance_interval_s",
         "_missing",
+        "_pool_writer",
+        "_pool_writes",
         "_previous",
         "_records",
-        "_refusal_ops",
-        "_refusal_writer",
         "_refusals",
         "_seen_adapters",
+        "_stopping_seen",
+        "_stopping_written",
         "_sync",
         "backend",
         "in_flight_of",
         "on_adapters",
         "on_drains",
+        "on_stopping",
         "residency_of",
         "store",
     )
@@ -176,10 +196,18 @@ class SharedState:
         self.on_drains: DrainsCallback | None = None
         self._drains_seen: Mapping[ReplicaId, float] | None = None
         # The pool's refusals (shared only through a store other than the embedded one), and
-        # the store writes about them not done yet, oldest first.
+        # the store writes about what the pool learnt (refusals, holds of replicas shutting
+        # down) not done yet, oldest first.
         self._refusals: Refusals | None = None
-        self._refusal_ops: deque[Callable[[], Awaitable[None]]] = deque()
-        self._refusal_writer: asyncio.Task[None] | None = None
+        self._pool_writes: deque[Callable[[], Awaitable[None]]] = deque()
+        self._pool_writer: asyncio.Task[None] | None = None
+        # Told the holds of replicas shutting down that every instance keeps (the pool's
+        # ``adopt_stopping``; not with the embedded store): replica -> (error, seconds left).
+        self.on_stopping: StoppingCallback | None = None
+        self._stopping_seen = False  # the last holds handed to on_stopping were not none
+        # Replica -> when (monotonic) this instance last wrote its hold (one write a second
+        # at most while the requests already sent there come back refused).
+        self._stopping_written: dict[ReplicaId, float] = {}
         # Adapters of this instance's config file and the definitions in force for them
         # (``state.definitions``): see :meth:`set_config_adapters`.
         self._config_specs: dict[AdapterId, AdapterSpec] = {}
@@ -390,41 +418,41 @@ class SharedState:
         write of the store, so no instance sees one without the other."""
         store, name = self.store, spec.name
         if self._refusals is not None and ttl_s > 0:
-            self._queue_refusal_write(
+            self._queue_write(
                 lambda: store.record_refusal(
                     replica_id, name, path=spec.path, error=error, ttl_s=ttl_s
                 )
             )
         else:
-            self._queue_refusal_write(lambda: store.record_unload(replica_id, name))
+            self._queue_write(lambda: store.record_unload(replica_id, name))
 
     def refusals_forgotten(self, adapter: AdapterId, replica_id: ReplicaId | None) -> None:
         if self._refusals is not None:
             store = self.store
-            self._queue_refusal_write(lambda: store.forget_refusals(adapter, replica_id))
+            self._queue_write(lambda: store.forget_refusals(adapter, replica_id))
 
-    def _queue_refusal_write(self, op: Callable[[], Awaitable[None]]) -> None:
-        self._refusal_ops.append(op)
-        if self._refusal_writer is None:
-            self._refusal_writer = asyncio.ensure_future(self._write_refusals())
+    def _queue_write(self, op: Callable[[], Awaitable[None]]) -> None:
+        self._pool_writes.append(op)
+        if self._pool_writer is None:
+            self._pool_writer = asyncio.ensure_future(self._write_queued())
 
-    async def _write_refusals(self) -> None:
-        ops = self._refusal_ops
+    async def _write_queued(self) -> None:
+        ops = self._pool_writes
         try:
             while ops:
                 try:
                     await ops[0]()
                 except Exception:  # the store keeps its local view; nothing to retry here
-                    log.exception("state: writing an adapter-load refusal failed")
+                    log.exception("state: writing what the replica pool learnt failed")
                 ops.popleft()
         finally:
-            self._refusal_writer = None
+            self._pool_writer = None
 
     def sync_refusals(self) -> None:
         """Hand the store's refusals to the pool (each round of :meth:`run`), unless writes
         of ours are still queued: the store would not show them yet."""
         refusals = self._refusals
-        if refusals is None or self._refusal_ops:
+        if refusals is None or self._pool_writes:
             return
         shared = self.store.refusals()
         if shared or refusals.by_adapter:
@@ -434,6 +462,40 @@ class SharedState:
                     for name, by_replica in shared.items()
                 }
             )
+
+    # -- replicas shutting down (backends.pool.PoolListener) -----------------------------------
+
+    def replica_stopping(self, replica_id: ReplicaId, error: str, hold_s: float) -> None:
+        """The replica answered this instance that it is shutting down: every instance holds
+        it out of rotation (written in the background; not with the embedded store)."""
+        if self._sync is not None:
+            return
+        now = time.monotonic()
+        if now - self._stopping_written.get(replica_id, -math.inf) < _STOPPING_REWRITE_S:
+            return
+        self._stopping_written[replica_id] = now
+        store = self.store
+        self._queue_write(lambda: store.hold_stopping(replica_id, error=error, ttl_s=hold_s))
+
+    def replica_stopping_ended(self, replica_id: ReplicaId) -> None:
+        """A poll of this instance found the held replica gone: the hold ends everywhere."""
+        if self._sync is not None:
+            return
+        self._stopping_written.pop(replica_id, None)
+        store = self.store
+        self._queue_write(lambda: store.release_stopping(replica_id))
+
+    def sync_stopping(self) -> None:
+        """Hand the holds every instance keeps to ``on_stopping`` (each round of :meth:`run`;
+        refreshed with the rest of the shared view: no extra round trip), unless writes of
+        ours are still queued (the store would not show them yet)."""
+        if self._sync is not None or self.on_stopping is None or self._pool_writes:
+            return
+        holds = self.store.stopping()
+        if not holds and not self._stopping_seen:
+            return
+        self._stopping_seen = bool(holds)
+        self.on_stopping({rid: (h.error, h.left_s) for rid, h in holds.items()})
 
     # -- adapter registry -------------------------------------------------------------------
 
@@ -639,6 +701,7 @@ class SharedState:
                 self.check_adapters()
                 self.sync_refusals()
                 self.sync_drains()
+                self.sync_stopping()
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let housekeeping die; the next round retries
@@ -649,8 +712,8 @@ class SharedState:
         """Wait (bounded) for background lease releases and refusal writes, then close the
         store."""
         pending = [*self._ends]
-        if self._refusal_writer is not None:
-            pending.append(self._refusal_writer)
+        if self._pool_writer is not None:
+            pending.append(self._pool_writer)
         if pending:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(drain_timeout_s):

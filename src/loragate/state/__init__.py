@@ -31,6 +31,8 @@ from loragate.state.store import (
     StateStore,
     StateUnavailableError,
     StateView,
+    StoppingHold,
+    StoppingMap,
     TombstoneMap,
 )
 
@@ -46,6 +48,8 @@ __all__ = [
     "StateStore",
     "StateUnavailableError",
     "StateView",
+    "StoppingHold",
+    "StoppingMap",
     "TombstoneMap",
     "Ttls",
     "run_maintenance",

@@ -50,6 +50,15 @@ key                          type    content / lifetime
                                      keeps it, as instances not reloaded yet route to it; a
                                      resync after Redis lost its data writes back the drains
                                      its instance knows
+``P stopping``               HASH    replicas that answered a gateway instance that they are
+                                     shutting down (vLLM's drain: ``/health`` still 200):
+                                     replica id -> ``"<until ms> <what it answered>"``; no
+                                     instance routes new requests there until ``until``
+                                     (Redis server time; the caller's TTL, the pool's
+                                     ``stopping_hold_s``, 30 s) or until an instance's poll
+                                     finds it gone (HDEL). Dropped by the snapshot script
+                                     once past; the key PEXPIREs with its last entry, so a
+                                     crashed instance's hold ends on time
 ``P readers``                HASH    gateway instances' last reads of the shared state:
                                      instance id -> Redis ms of its last refresh (the
                                      snapshot script, called by a ``ResilientStore``); an
@@ -228,6 +237,10 @@ class KeySpace:
     @property
     def drains(self) -> str:
         return f"{self.prefix}drains"
+
+    @property
+    def stopping(self) -> str:
+        return f"{self.prefix}stopping"
 
     @property
     def readers(self) -> str:

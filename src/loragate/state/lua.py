@@ -54,10 +54,31 @@ local function res_unload(reg, gpu, cpu, adapter)
   redis.call('LREM', cpu, 0, adapter)
 end
 
--- one refusal (hash field -> '<until ms> <JSON>'); the hash lives as long as its last entry
-local function set_refusal(key, field, json, ttl, now)
-  redis.call('HSET', key, field, string.format('%.0f', now + ttl) .. ' ' .. json)
+-- one entry with its own expiry (hash field -> '<until ms> <value>': a refusal, a hold of a
+-- replica shutting down); the hash lives as long as its last entry
+local function set_until(key, field, value, ttl, now)
+  redis.call('HSET', key, field, string.format('%.0f', now + ttl) .. ' ' .. value)
   if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+end
+
+-- the entries of such a hash in force: {field, value, ms left, ...}; the others are deleted
+local function in_force(key, now)
+  local out = {}
+  local all = redis.call('HGETALL', key)
+  for i = 1, #all, 2 do
+    local v = all[i + 1]
+    local sp = string.find(v, ' ', 1, true)
+    local left = -1
+    if sp then left = (tonumber(string.sub(v, 1, sp - 1)) or 0) - now end
+    if left > 0 then
+      out[#out + 1] = all[i]
+      out[#out + 1] = string.sub(v, sp + 1)
+      out[#out + 1] = left
+    else
+      redis.call('HDEL', key, all[i])
+    end
+  end
+  return out
 end
 
 local function list_filter(key, keep)
@@ -118,15 +139,17 @@ return 1
 """
 )
 
-# KEYS: replicas, version, adapters, epoch, refusals, tombstones, drains, readers
+# KEYS: replicas, version, adapters, epoch, refusals, tombstones, drains, readers, stopping
 # ARGV: per-replica key prefix, version the caller already knows ('' = none), the reading
 #       instance's id ('' = a read not recorded), reader ttl ms
 # Returns {version, epoch or '', adapters (flat HGETALL) or 0 if unchanged, refusals,
-# tombstones, drains, readers, rows…}; refusals = {field, JSON, ms left, …} of the refusals in
-# force, tombstones = {name, ms left, …} of the tombstones in force (expired entries of both
-# are deleted); drains = the drained replicas (flat HGETALL: id, since); readers = {instance,
-# ms of its last read, …} (flat HGETALL; this read recorded first; entries past the ttl
-# deleted); row = {id, info (flat HGETALL), registered, gpu, cpu, in-flight count}.
+# tombstones, drains, readers, stopping, rows…}; refusals = {field, JSON, ms left, …} of the
+# refusals in force, tombstones = {name, ms left, …} of the tombstones in force, stopping =
+# {replica id, what it answered, ms left, …} of the holds of replicas shutting down in force
+# (expired entries of the three are deleted); drains = the drained replicas (flat HGETALL:
+# id, since); readers = {instance, ms of its last read, …} (flat HGETALL; this read recorded
+# first; entries past the ttl deleted); row = {id, info (flat HGETALL), registered, gpu, cpu,
+# in-flight count}.
 SNAPSHOT = (
     _COMMON
     + """
@@ -135,21 +158,7 @@ local version = redis.call('GET', KEYS[2]) or '0'
 local epoch = redis.call('GET', KEYS[4]) or ''
 local adapters = 0
 if version ~= ARGV[2] then adapters = redis.call('HGETALL', KEYS[3]) end
-local refusals = {}
-local rf = redis.call('HGETALL', KEYS[5])
-for i = 1, #rf, 2 do
-  local v = rf[i + 1]
-  local sp = string.find(v, ' ', 1, true)
-  local left = -1
-  if sp then left = (tonumber(string.sub(v, 1, sp - 1)) or 0) - now end
-  if left > 0 then
-    refusals[#refusals + 1] = rf[i]
-    refusals[#refusals + 1] = string.sub(v, sp + 1)
-    refusals[#refusals + 1] = left
-  else
-    redis.call('HDEL', KEYS[5], rf[i])
-  end
-end
+local refusals = in_force(KEYS[5], now)
 local tombstones = {}
 local ts = redis.call('HGETALL', KEYS[6])
 for i = 1, #ts, 2 do
@@ -177,7 +186,7 @@ for i = 1, #rd, 2 do
   end
 end
 local out = {version, epoch, adapters, refusals, tombstones, redis.call('HGETALL', KEYS[7]),
-  readers}
+  readers, in_force(KEYS[9], now)}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local base = ARGV[1] .. id
   out[#out + 1] = {
@@ -335,7 +344,7 @@ local ttl = tonumber(ARGV[3])
 local changed = false
 for _, x in ipairs(state.refusals) do
   if redis.call('HEXISTS', KEYS[4], x[1]) == 0 then
-    set_refusal(KEYS[4], x[1], x[2], tonumber(x[3]), now)
+    set_until(KEYS[4], x[1], x[2], tonumber(x[3]), now)
   end
 end
 local drains = {}
@@ -399,11 +408,21 @@ RECORD_REFUSAL = (
     + """
 local ttl = tonumber(ARGV[2])
 if ttl > 0 then
-  set_refusal(KEYS[1], ARGV[1], ARGV[3], ttl, now_ms())
+  set_until(KEYS[1], ARGV[1], ARGV[3], ttl, now_ms())
 else
   redis.call('HDEL', KEYS[1], ARGV[1])
 end
 res_unload(KEYS[2], KEYS[3], KEYS[4], ARGV[4])
+return 1
+"""
+)
+
+# KEYS: stopping; ARGV: replica id, ttl ms, what it answered. Holds the replica (or renews
+# its hold) for ttl ms.
+HOLD_STOPPING = (
+    _COMMON
+    + """
+set_until(KEYS[1], ARGV[1], ARGV[3], tonumber(ARGV[2]), now_ms())
 return 1
 """
 )

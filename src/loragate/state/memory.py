@@ -22,12 +22,15 @@ from loragate.state.keys import Ttls
 from loragate.state.store import (
     NO_DRAINS,
     NO_REFUSALS,
+    NO_STOPPING,
     NO_TOMBSTONES,
     DrainMap,
     RefusalMap,
     ReplicaRecord,
     SharedRefusal,
     StateView,
+    StoppingHold,
+    StoppingMap,
     TombstoneMap,
 )
 
@@ -54,6 +57,8 @@ class MemoryStore:
         self._definitions: dict[AdapterId, tuple[InForce, float]] = {}
         # Drained replica -> since (epoch seconds); copy-on-write (views share it).
         self._drains: dict[ReplicaId, float] = {}
+        # Replica shutting down -> (what it answered, until on ``clock``).
+        self._stopping: dict[ReplicaId, tuple[str, float]] = {}
         self._version = 0
         # Whose claims these are (``RedisStore.instance_id`` in the mirror of a ResilientStore).
         self.instance_id = "local"
@@ -99,6 +104,7 @@ class MemoryStore:
             refusals=self.refusals(),
             tombstones=self.tombstones(),
             drains=self.drains(),
+            stopping=self.stopping(),
             degraded=False,
         )
 
@@ -135,11 +141,16 @@ class MemoryStore:
         return {rid: r for r, ids in self._leases.items() for rid in ids}
 
     def replace_shared(
-        self, view: StateView, *, keep_refusals: bool = False, keep_drains: bool = False
+        self,
+        view: StateView,
+        *,
+        keep_refusals: bool = False,
+        keep_drains: bool = False,
+        keep_stopping: bool = False,
     ) -> None:
         """Adopt a shared view (registry, residency, adapters, tombstones, refusals unless
-        ``keep_refusals``, drains unless ``keep_drains``, version); keep own leases and demand
-        counts."""
+        ``keep_refusals``, drains unless ``keep_drains``, holds of replicas shutting down
+        unless ``keep_stopping``, version); keep own leases and demand counts."""
         if not keep_drains:
             self._drains = dict(view.drains)
         self._replicas = dict(view.replicas)
@@ -148,6 +159,8 @@ class MemoryStore:
         self._version = view.version
         now = self._clock.now()
         self._tombstones = {name: now + left for name, left in view.tombstones.items()}
+        if not keep_stopping:
+            self._stopping = {r: (x.error, now + x.left_s) for r, x in view.stopping.items()}
         if not keep_refusals:
             self._refusals = {
                 name: {r: (x.path, x.error, now + x.left_s) for r, x in by_replica.items()}
@@ -330,6 +343,28 @@ class MemoryStore:
     def drains(self) -> DrainMap:
         """The drained replicas: replica -> since (epoch seconds)."""
         return self._drains if self._drains else NO_DRAINS
+
+    # --- replicas shutting down ---------------------------------------------------------------
+    async def hold_stopping(self, replica_id: ReplicaId, *, error: str, ttl_s: float) -> None:
+        if ttl_s <= 0:
+            self._stopping.pop(replica_id, None)
+            return
+        self._stopping[replica_id] = (error, self._clock.now() + ttl_s)
+
+    async def release_stopping(self, replica_id: ReplicaId) -> None:
+        self._stopping.pop(replica_id, None)
+
+    def stopping(self) -> StoppingMap:
+        """The holds in force now (expired ones are dropped here): replica -> hold."""
+        if not self._stopping:
+            return NO_STOPPING
+        now = self._clock.now()
+        for rid in [r for r, (_, until) in self._stopping.items() if until <= now]:
+            del self._stopping[rid]
+        return {
+            rid: StoppingHold(error=error, left_s=until - now)
+            for rid, (error, until) in self._stopping.items()
+        }
 
     def readers_before(self, t_s: float) -> Mapping[str, float]:
         """No other instance shares an embedded store."""

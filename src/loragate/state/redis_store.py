@@ -3,7 +3,8 @@
 Round trips: ``begin_request`` 1 (one EVALSHA: GC + lease + residency touch + demand),
 ``end_request`` 1 (ZREM), ``snapshot`` 1 (one EVALSHA returning every replica, the adapter
 load refusals and the deleted adapters' tombstones in force, and the drained replicas),
-``get_adapter`` 1 (HGET), ``set_drain`` / ``clear_drain`` 1 (HSETNX / HDEL).
+``get_adapter`` 1 (HGET), ``set_drain`` / ``clear_drain`` 1 (HSETNX / HDEL),
+``hold_stopping`` / ``release_stopping`` 1 (EVALSHA / HDEL; the holds ride the snapshot).
 Every multi-key write is one Lua script or one MULTI/EXEC.
 
 This class is the raw store: when Redis is unreachable every method raises
@@ -46,6 +47,7 @@ from loragate.state.store import (
     SharedRefusal,
     StateUnavailableError,
     StateView,
+    StoppingHold,
 )
 
 log = logging.getLogger("loragate.state")
@@ -112,6 +114,14 @@ def decode_refusals(flat: Sequence[Any]) -> dict[AdapterId, dict[ReplicaId, Shar
             path=str(info["path"]), error=str(info["error"]), left_s=int(flat[i + 2]) / 1000.0
         )
     return out
+
+
+def decode_stopping(flat: Sequence[Any]) -> dict[ReplicaId, StoppingHold]:
+    """The snapshot script's ``{replica id, what it answered, ms left, …}``."""
+    return {
+        str(flat[i]): StoppingHold(error=str(flat[i + 1]), left_s=int(flat[i + 2]) / 1000.0)
+        for i in range(0, len(flat) - 2, 3)
+    }
 
 
 def decode_drains(flat: Sequence[Any]) -> dict[ReplicaId, float]:
@@ -215,6 +225,7 @@ class RedisStore:
         self._push_missing = client.register_script(lua.PUSH_MISSING)
         self._record_refusal = client.register_script(lua.RECORD_REFUSAL)
         self._forget_refusals = client.register_script(lua.FORGET_REFUSALS)
+        self._hold_stopping = client.register_script(lua.HOLD_STOPPING)
         self._claim_definitions = client.register_script(lua.CLAIM_DEFINITIONS)
         # request id -> (replica id, lease member) of this instance's in-flight requests
         self._own: dict[str, tuple[ReplicaId, str]] = {}
@@ -350,6 +361,7 @@ class RedisStore:
                     k.tombstones,
                     k.drains,
                     k.readers,
+                    k.stopping,
                 ],
                 args=[
                     k.replica_base,
@@ -372,7 +384,7 @@ class RedisStore:
         replicas: dict[ReplicaId, ReplicaRecord] = {}
         residency: dict[ReplicaId, Residency] = {}
         in_flight: dict[ReplicaId, int] = {}
-        for row in raw[7:]:
+        for row in raw[8:]:
             replica_id = str(row[0])
             replicas[replica_id] = decode_replica(replica_id, _pairs(row[1]))
             residency[replica_id] = Residency(
@@ -393,6 +405,7 @@ class RedisStore:
             readers={
                 str(i): int(ms) / 1000.0 for i, ms in zip(raw[6][::2], raw[6][1::2], strict=True)
             },
+            stopping=decode_stopping(raw[7]),
             degraded=False,
         )
 
@@ -530,6 +543,21 @@ class RedisStore:
     ) -> None:
         field = "" if replica_id is None else refusal_field(replica_id, adapter)
         await self._io(self._forget_refusals(keys=[self.keys.refusals], args=[adapter, field]))
+
+    # --- replicas shutting down ---------------------------------------------------------------
+    async def hold_stopping(self, replica_id: ReplicaId, *, error: str, ttl_s: float) -> None:
+        if ttl_s <= 0:
+            await self.release_stopping(replica_id)
+            return
+        await self._io(
+            self._hold_stopping(
+                keys=[self.keys.stopping],
+                args=[replica_id, max(1, math.ceil(ttl_s * 1000)), error],
+            )
+        )
+
+    async def release_stopping(self, replica_id: ReplicaId) -> None:
+        await self._io(self._r.hdel(self.keys.stopping, replica_id))
 
     # --- drained replicas ---------------------------------------------------------------------
     async def set_drain(self, replica_id: ReplicaId, since_s: float | None = None) -> bool:

@@ -30,6 +30,12 @@ drain or undrain made here is in the mirror at once, and a refresh whose snapsho
 one of this instance's drain writes keeps the mirror's drains. A drain made while Redis is
 down (the gateway refuses that, 503, but one can fail halfway) is replayed with the journal.
 
+Holds of replicas shutting down (``hold_stopping``: a replica answered an instance that it
+drains) ride the same refresh and are kept like drains (a hold or release made here is in the
+mirror at once; a refresh whose snapshot may predate one of this instance's writes keeps the
+mirror's holds). While Redis is down the mirror keeps this instance's holds, lapsing on time,
+and the journal replays them with the time they have left.
+
 Adapter registrations and deletions (the admin API's) are decided by Redis when it is
 reachable: ``put_adapter`` registers a name only if Redis does not hold it yet, whatever the
 mirror says (two instances registering one name at once: one wins), and ``delete_adapter``
@@ -74,6 +80,7 @@ from loragate.state.store import (
     StateStore,
     StateUnavailableError,
     StateView,
+    StoppingMap,
     TombstoneMap,
 )
 
@@ -126,6 +133,8 @@ class ResilientStore:
         self._refusal_writing = 0  # refusal writes waiting for Redis now
         self._drain_writes = 0  # drain writes begun so far
         self._drain_writing = 0  # drain writes waiting for Redis now
+        self._stopping_writes = 0  # writes of holds of replicas shutting down begun so far
+        self._stopping_writing = 0  # such writes waiting for Redis now
         # Held by a resynchronisation, and by an adapter-registry write deciding against Redis
         # (which must not run against a Redis still being refilled).
         self._resync_lock = asyncio.Lock()
@@ -295,6 +304,8 @@ class ResilientStore:
         refusal_busy = self._refusal_writing > 0
         drain_mark = self._drain_writes
         drain_busy = self._drain_writing > 0
+        stopping_mark = self._stopping_writes
+        stopping_busy = self._stopping_writing > 0
         view = await self._remote.snapshot(as_reader=True)
         if allow_resync and self._remote.epoch != self._known_epoch:
             # Redis was replaced without a failed call in between: resynchronise.
@@ -305,7 +316,12 @@ class ResilientStore:
         # keep our refusals this time; the next refresh reads them back from Redis.
         keep = refusal_busy or self._refusal_writes != refusal_mark or bool(self._journal)
         keep_drains = drain_busy or self._drain_writes != drain_mark or bool(self._journal)
-        self._local.replace_shared(view, keep_refusals=keep, keep_drains=keep_drains)
+        keep_stopping = (
+            stopping_busy or self._stopping_writes != stopping_mark or bool(self._journal)
+        )
+        self._local.replace_shared(
+            view, keep_refusals=keep, keep_drains=keep_drains, keep_stopping=keep_stopping
+        )
         me = self._remote.instance_id
         self._readers = {i: t for i, t in view.readers.items() if i != me}
         self._last_refresh_s = self._clock.now()
@@ -569,6 +585,37 @@ class ResilientStore:
     def drains(self) -> DrainMap:
         """``view().drains`` without building the view."""
         return self._local.drains()
+
+    # --- replicas shutting down ------------------------------------------------------------------
+    async def hold_stopping(self, replica_id: ReplicaId, *, error: str, ttl_s: float) -> None:
+        """In the mirror at once, then in Redis (every instance at its next refresh); replayed
+        after an outage with the time it has left."""
+        await self._local.hold_stopping(replica_id, error=error, ttl_s=ttl_s)
+        clock = self._clock
+        until = clock.now() + ttl_s
+
+        async def op(r: RedisStore) -> None:
+            left = until - clock.now()
+            if left > 0:
+                await r.hold_stopping(replica_id, error=error, ttl_s=left)
+
+        await self._stopping_write(op)
+
+    async def release_stopping(self, replica_id: ReplicaId) -> None:
+        await self._local.release_stopping(replica_id)
+        await self._stopping_write(lambda r: r.release_stopping(replica_id))
+
+    async def _stopping_write(self, op: RemoteOp) -> None:
+        self._stopping_writes += 1
+        self._stopping_writing += 1
+        try:
+            await self._write(op)
+        finally:
+            self._stopping_writing -= 1
+
+    def stopping(self) -> StoppingMap:
+        """``view().stopping`` without building the view."""
+        return self._local.stopping()
 
     def readers_before(self, t_s: float) -> dict[str, float]:
         """The other instances on this Redis whose last read (as of our last refresh) was

@@ -73,6 +73,23 @@ NO_DRAINS: DrainMap = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StoppingHold:
+    """A replica answered a gateway instance that it is shutting down (vLLM's drain under
+    ``--shutdown-timeout``: its ``/health`` still says 200), so no instance routes new requests
+    there, for ``left_s`` more seconds at the time the view was taken (expiry measured by the
+    store: Redis server time for Redis) or until an instance's poll finds it gone.
+    ``error``: what it answered."""
+
+    error: str
+    left_s: float
+
+
+# Replica -> its hold: the replicas every instance keeps out of rotation while they shut down.
+StoppingMap = Mapping[ReplicaId, StoppingHold]
+NO_STOPPING: StoppingMap = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StateView:
     """A consistent read of the shared state (one Redis round trip for ``RedisStore``).
 
@@ -80,7 +97,9 @@ class StateView:
     every registered replica. ``refusals`` holds the adapter loads replicas refused that are
     still in force (any instance's). ``tombstones`` holds the adapters deleted lately (name ->
     seconds left), which no replica should keep. ``drains`` holds the replicas being drained
-    (replica -> when), which no instance routes new requests to. ``readers`` holds the
+    (replica -> when), which no instance routes new requests to. ``stopping`` holds the
+    replicas that said they are shutting down (replica -> hold), which no instance routes new
+    requests to either while the hold lasts. ``readers`` holds the
     gateway instances' last reads of the shared state (instance id -> when, epoch seconds of
     the Redis server's clock, as the drains Redis timed; Redis only). ``degraded`` is True
     when the view is local-only because the shared backend is unreachable.
@@ -94,6 +113,7 @@ class StateView:
     refusals: RefusalMap = field(default_factory=dict)
     tombstones: TombstoneMap = field(default_factory=dict)
     drains: DrainMap = field(default_factory=dict)
+    stopping: StoppingMap = field(default_factory=dict)
     readers: Mapping[str, float] = field(default_factory=dict)
     degraded: bool = False
 
@@ -195,6 +215,18 @@ class StateStore(Protocol):
         """Forget the refusals of ``adapter`` by ``replica_id`` (None: by every replica)."""
         ...
 
+    # --- replicas shutting down (vLLM's drain) ---------------------------------------------
+    async def hold_stopping(self, replica_id: ReplicaId, *, error: str, ttl_s: float) -> None:
+        """The replica answered that it is shutting down (``error``): every instance keeps it
+        out of rotation for ``ttl_s`` (a new hold replaces the old one), or until
+        :meth:`release_stopping`. Lives no longer than ``ttl_s`` whoever wrote it (an instance
+        that crashed leaves nothing behind)."""
+        ...
+
+    async def release_stopping(self, replica_id: ReplicaId) -> None:
+        """The replica's hold ends for every instance (a poll found it gone)."""
+        ...
+
     # --- drained replicas (admin API) -----------------------------------------------------
     async def set_drain(self, replica_id: ReplicaId, since_s: float | None = None) -> bool:
         """Drain the replica for every instance (no new requests; it stays in the registry and
@@ -270,6 +302,10 @@ class GatewayStore(StateStore, Protocol):
 
     def drains(self) -> DrainMap:
         """``view().drains`` without building the view."""
+        ...
+
+    def stopping(self) -> StoppingMap:
+        """``view().stopping`` without building the view."""
         ...
 
     def readers_before(self, t_s: float) -> Mapping[str, float]:
