@@ -200,6 +200,10 @@ class VllmClient:
             raise UpstreamProtocolError("GET /v1/models: body is not JSON") from exc
         return parse_models(payload)
 
+    async def version(self) -> tuple[int, bytes]:
+        """``GET /version``: (status, body). Connection failures raise ``UpstreamError``."""
+        return await self._get("/version")
+
     async def metrics(self) -> VllmMetrics:
         status, body = await self._get("/metrics")
         if status != 200:

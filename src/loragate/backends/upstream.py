@@ -568,6 +568,11 @@ def _readable(transport: asyncio.Transport) -> bool:
         return True
 
 
+# The paths :meth:`UpstreamPool.start` posts to: the proxied generations, and vLLM's tokenizer
+# endpoints (``gateway.tokenize``).
+UPSTREAM_PATHS = ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize")
+
+
 class UpstreamPool:
     """Keep-alive connections to one replica (``base_url``), for ``POST path`` with JSON."""
 
@@ -605,7 +610,7 @@ class UpstreamPool:
         host_header = parts.netloc.encode("latin-1")
         auth = f"Authorization: Bearer {api_key}\r\n".encode("latin-1") if api_key else b""
         self._heads: dict[str, bytes] = {}
-        for path in ("/v1/completions", "/v1/chat/completions"):
+        for path in UPSTREAM_PATHS:
             self._heads[path] = (
                 f"POST {prefix}{path} HTTP/1.1\r\n".encode("latin-1")
                 + b"Host: " + host_header + b"\r\n" + auth

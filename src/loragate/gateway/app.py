@@ -45,6 +45,7 @@ from loragate.gateway.proxy import Proxy
 from loragate.gateway.route_errors import NoReplicaLog, method_not_allowed, not_found
 from loragate.gateway.shared import SharedState, build_store
 from loragate.gateway.telemetry import CONTENT_TYPE, Telemetry, instances_reading
+from loragate.gateway.tokenize import TokenizerProxy
 from loragate.routing import Policy, build_policy
 from loragate.state import GatewayStore
 
@@ -196,6 +197,7 @@ def create_app(
     catalog = catalog_from_config(config)
     pool.expect_adapters(catalog.adapters)
     endpoint_errors = EndpointErrors(telemetry, clock)
+    no_replica = NoReplicaLog(pool, clock)
     proxy = Proxy(
         catalog=catalog,
         pool=pool,
@@ -206,7 +208,7 @@ def create_app(
         limits=config.limits,
         clock=clock,
         auth_failed=endpoint_errors.auth_failed,  # logged as the own endpoints' 401s are
-        no_replica=NoReplicaLog(pool, clock).refused,
+        no_replica=no_replica.refused,
     )
     gateway = Gateway(
         config=config,
@@ -229,6 +231,18 @@ def create_app(
     app.router.add_post("/v1/completions", proxy.completions)
     app.router.add_post("/v1/chat/completions", proxy.chat_completions)
     app.router.add_get("/v1/models", list_models)
+    tokenizer = TokenizerProxy(
+        proxy=proxy,
+        pool=pool,
+        state=shared,
+        telemetry=telemetry,
+        limits=lambda: gateway.config.limits,  # (a reload replaces the config)
+        auth_failed=endpoint_errors.auth_failed,
+        no_replica=no_replica.refused,
+    )
+    app.router.add_post("/tokenize", tokenizer.tokenize)
+    app.router.add_post("/detokenize", tokenizer.detokenize)
+    app.router.add_get("/version", tokenizer.version)
     app.router.add_get("/health", health)
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)

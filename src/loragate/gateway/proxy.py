@@ -349,6 +349,15 @@ class Proxy:
         task.uncancel()
         return True
 
+    def request_ids(self, client_id: str | None) -> tuple[str, str]:
+        """A request's id (its client's ``X-Request-Id`` if fit to log and send on, else a new
+        one) and the id its tries send the replica (``-<try>`` appended), as :meth:`_handle`
+        makes them: for the gateway's other forwarded endpoints (``gateway.tokenize``)."""
+        own_id = self._id_prefix + str(next(self._ids))
+        if client_id is None or not _client_id_ok(client_id):
+            return own_id, own_id
+        return client_id, f"{client_id}-{own_id}"
+
     # -- handlers ---------------------------------------------------------------------------
 
     async def completions(self, request: web.Request) -> web.StreamResponse:

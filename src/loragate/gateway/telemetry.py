@@ -311,6 +311,7 @@ class _ProxyMetrics(Collector):
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, str], int] = {}
+        self.tokenizer: dict[tuple[str, str, str], int] = {}  # (endpoint, replica, status)
         self.http_errors: dict[str, int] = {}
         self.endpoint_errors: dict[tuple[str, str], int] = {}
         self.latency: dict[str, _Histogram] = {}
@@ -344,6 +345,17 @@ class _ProxyMetrics(Collector):
         for labels, n in self.requests.items():
             requests.add_metric(list(labels), n)
         yield requests
+        tokenizer = CounterMetricFamily(
+            "loragate_tokenizer_requests",
+            "Requests of vLLM's own endpoints this gateway instance answered (not in "
+            "loragate_requests_total: no generation, no in-flight lease), by endpoint "
+            "(tokenize: POST /tokenize, detokenize: POST /detokenize, version: GET /version), "
+            "replica ('' = none chosen) and status: the HTTP status sent, or client_closed.",
+            labels=["endpoint", "replica", "status"],
+        )
+        for labels, n in self.tokenizer.items():
+            tokenizer.add_metric(list(labels), n)
+        yield tokenizer
         http_errors = CounterMetricFamily(
             "loragate_http_errors",
             "Requests answered by the HTTP server itself, before or instead of any handler: "
@@ -391,7 +403,10 @@ class _ProxyMetrics(Collector):
             "maybe to the entry that replaced it). "
             "Except after adapter_missing and reload the retry goes to another replica. "
             "loragate_requests_total counts the request once, with the replica that "
-            "answered it.",
+            "answered it (POST /tokenize, /detokenize and GET /version: "
+            "loragate_tokenizer_requests_total; their adapter_missing is a replica that "
+            "answered 404 for an adapter it was thought to hold: asked again as the base "
+            "model).",
             labels=["replica", "reason"],
         )
         for (replica, reason), n in self.retries.items():
@@ -658,6 +673,12 @@ class Telemetry:
         key = (adapter, replica, status)
         requests = self._requests
         requests[key] = requests.get(key, 0) + 1
+
+    def count_tokenizer(self, endpoint: str, replica: str, status: str) -> None:
+        """A request of ``gateway.tokenize``'s ``endpoint`` answered ``status``."""
+        key = (endpoint, replica, status)
+        counts = self._metrics.tokenizer
+        counts[key] = counts.get(key, 0) + 1
 
     def count_http_error(self, status: int) -> None:
         """One request the HTTP layer answered itself (see ``gateway/protocol_errors.py``)."""

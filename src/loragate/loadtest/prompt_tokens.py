@@ -3,8 +3,9 @@
 A workload spec gives prompt lengths in tokens; the load test sends that many words
 (:func:`loragate.loadtest.openloop.prompt_of`), each one token in common tokenizers. Whether the
 target agrees is measured once, before the run, when it has vLLM's ``POST /tokenize`` (at the
-server's root, not under ``/v1``): one prompt of :data:`PROBE_WORDS` words, nothing per request.
-A target without it (a gateway, another server) is simply not measured.
+server's root, not under ``/v1``; loragate's gateway forwards it to a replica): one prompt of
+:data:`PROBE_WORDS` words, nothing per request. A target without it (another server) is simply
+not measured.
 """
 
 from __future__ import annotations
