@@ -240,3 +240,56 @@ _SPARED = "still sends on its connections"
 def _levels(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     """The levels of the pool's log records saying ``text``, in order."""
     return [r.levelname for r in caplog.records if text in r.getMessage()]
+
+
+class _HangingReplica(ScriptedReplica):
+    """Hangs in-process: completions never answer (``mode = "hang"``), nor do adapter loads,
+    nor (once ``answers`` is cleared) ``/health``."""
+
+    def __init__(self) -> None:
+        super().__init__("r0")
+        self.mode = "hang"
+        self.answers = asyncio.Event()
+        self.answers.set()
+        self.loads_started = 0
+
+    async def _health(self, request: web.Request) -> web.Response:
+        await self.answers.wait()
+        return await super()._health(request)
+
+    async def _load(self, request: web.Request) -> web.Response:
+        self.loads_started += 1
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_a_request_waiting_for_an_adapter_load_there_stops_waiting_too() -> None:
+    hung = _HangingReplica()
+    # admin_timeout_s far above the bound: before, the load wait ended only with the load.
+    limits = {**_LIMITS, "stopped_replica_grace_s": 0.5, "admin_timeout_s": 120}
+    async with serving(hung.app) as (url, _):
+        cfg = gateway_config([url], poller={"interval_s": 0.1, "timeout_s": 0.5}, limits=limits)
+        async with (
+            running_gateway(cfg, port=0) as gw,
+            openai_client(gw.url) as client,
+            aiohttp.ClientSession() as http,
+        ):
+            base = asyncio.create_task(client.completions.create(model=BASE, prompt="p"))
+            await wait_until(lambda: hung.requests, "r0 got the base model's request")
+            loading = asyncio.create_task(client.completions.create(model="lora-0", prompt="p"))
+            await wait_until(lambda: hung.loads_started, "r0 began loading lora-0")
+            hung.answers.clear()  # its polls time out from now on
+            errors = []
+            for task in (base, loading):
+                with pytest.raises(openai.APIStatusError) as caught:
+                    await asyncio.wait_for(task, _BOUND_S)
+                errors.append(caught.value)
+            async with http.get(gw.url + "/metrics") as resp:
+                metrics = await resp.text()
+    assert [e.status_code for e in errors] == [502, 502]
+    assert all(e.response.headers["X-Loragate-Replica"] == "r0" for e in errors)
+    assert "replica r0: stopped answering" in errors[0].message
+    assert "replica r0: stopped answering" in errors[1].message
+    assert "while adapter 'lora-0' was loading there" in errors[1].message
+    for adapter in ("", "lora-0"):
+        assert f'requests_total{{adapter="{adapter}",replica="r0",status="502"}} 1.0' in metrics

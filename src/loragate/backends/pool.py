@@ -60,8 +60,11 @@ the proxy retries it elsewhere or ends it, as for a replica that stopped listeni
 connection is closed. The whole replica's silence is the evidence, not one request's: a
 replica only slow under load still sends on some connection (a stream producing, an answer
 completing), and then none of its requests is failed (one waiting in its queue waits on). Each
-later poll that times out watches again; a poll it answers ends a watch under way. Adapter
-loads there are left to ``limits.admin_timeout_s`` (their calls are not watched).
+later poll that times out watches again; a poll it answers ends a watch under way. A watch that
+failed its requests also wakes the requests waiting for adapter loads there: each fails with
+``ReplicaHungError`` (nothing was generated: the proxy retries it elsewhere or answers a 502);
+the loads themselves run on to ``limits.admin_timeout_s`` (a replica that comes back may finish
+them). Without requests in progress there is nothing to judge by: load waits end as before.
 
 A replica that says it is shutting down while its ``/health`` still answers 200 (vLLM 0.32's
 drain under ``--shutdown-timeout N``: its 500 "cannot schedule new futures after shutdown" to a
@@ -110,7 +113,7 @@ from loragate.backends.client import ModelCard, VllmClient
 from loragate.backends.engine_failures import load_refused_stopping
 from loragate.backends.metrics import VllmMetrics
 from loragate.backends.refusals import Refusals, RefusalSink
-from loragate.backends.upstream import ReplicaStoppedError
+from loragate.backends.upstream import ReplicaHungError, ReplicaStoppedError
 from loragate.core.clock import Clock, WallClock
 from loragate.core.config import PollerConfig, ReplicaConfig
 from loragate.core.errors import (
@@ -631,7 +634,10 @@ class ReplicaPool:
         (``ReplicaHungError``; the proxy retries it elsewhere or ends it) and its connection
         is closed; a byte on any of them (it is only slow) leaves them all alone. Called at
         each poll that times out from then on (a watch under way goes on; the next one starts
-        when it ended with the replica alive); a poll it answers ends the watch. Until then
+        when it ended with the replica alive); a poll it answers ends the watch. A watch that
+        failed requests wakes the requests waiting for adapter loads there too
+        (``ReplicaHungError``: the proxy retries them elsewhere or answers a 502; the loads run
+        on). Until then
         the start of a watch is logged once, so is a watch that spared the requests (at
         DEBUG after that); every watch that failed requests is."""
         rid = rep.config.replica_id
@@ -640,6 +646,13 @@ class ReplicaPool:
         reason = f"its polls timed out {rep.timeouts} times in a row"
 
         def done(alive: bool, failed: int) -> None:
+            if not alive:  # (nothing arrived on any connection it had in progress)
+                self._wake_load_waiters(
+                    rep,
+                    ReplicaHungError,
+                    f"stopped answering ({reason}) and sent nothing on any connection for "
+                    f"{grace_s:g} s",
+                )
             if failed:
                 log.warning(
                     "replica %s (%s) stopped answering: nothing arrived on any of its "

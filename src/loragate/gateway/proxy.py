@@ -57,11 +57,15 @@ had sent output ends with an ``upstream_unavailable`` error event), its connecti
 replica that is only slow (its polls succeed; or they time out, but a byte still arrives on
 one of its connections: a stream producing, an answer completing) is left alone: its requests
 wait for ``limits.request_timeout_s`` / ``limits.stream_read_timeout_s`` as before, even one
-silent meanwhile (queued behind the others). Adapter loads there are not watched (their
-waits end within ``limits.admin_timeout_s``). A request waiting for an adapter load on a replica
-entry that a config reload removes or replaces is routed again at once (counted ``reload``;
-its one retry stays unused): a replacement at the same URL is the same server, so the load
-there goes on, and a request routed to it again waits for that load, not a second one.
+silent meanwhile (queued behind the others). A watch that failed its requests also ends the
+waits for adapter loads there (``ReplicaHungError``: retried once elsewhere, ``load_failed``,
+else a 502 naming the replica); without requests in progress there to judge by, such a wait
+ends with the load, within ``limits.admin_timeout_s``.
+
+A request waiting for an adapter load on a replica entry that a config reload removes or
+replaces is routed again at once (counted ``reload``; its one retry stays unused): a
+replacement at the same URL is the same server, so the load there goes on, and a request
+routed to it again waits for that load, not a second one.
 
 Streams: while another replica could take the request (not retried yet, another healthy
 replica), the response head and the chunks that carry no output (a chat's role chunk, a usage
