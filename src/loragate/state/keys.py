@@ -58,7 +58,9 @@ key                          type    content / lifetime
                                      ``stopping_hold_s``, 30 s) or until an instance's poll
                                      finds it gone (HDEL). Dropped by the snapshot script
                                      once past; the key PEXPIREs with its last entry, so a
-                                     crashed instance's hold ends on time
+                                     crashed instance's hold ends on time; a resync after
+                                     Redis lost its data writes back the holds its instance
+                                     knows, with the time they have left
 ``P readers``                HASH    gateway instances' last reads of the shared state:
                                      instance id -> Redis ms of its last refresh (the
                                      snapshot script, called by a ``ResilientStore``); an

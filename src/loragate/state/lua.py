@@ -323,11 +323,12 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX') then return {ARGV[1], 1} end
 return {redis.call('GET', KEYS[1]), 0}
 """
 
-# KEYS: replicas, adapters, version, refusals, tombstones, restored, drains
+# KEYS: replicas, adapters, version, refusals, tombstones, restored, drains, stopping
 # ARGV: per-replica key prefix, JSON {"version": n, "adapters": {name: json},
 #       "replicas": [{"id", "info": [k, v, …], "reg": [], "gpu": [], "cpu": []}],
 #       "refusals": [[field, json, ms left], …], "tombstones": [[name, ms left], …],
-#       "drains": [[replica id, since], …]}, tombstone ttl ms
+#       "drains": [[replica id, since], …], "stopping": [[replica id, error, ms left], …]},
+#       tombstone ttl ms
 # Fills in what is missing after Redis lost its data; never overwrites what is there (another
 # gateway may have pushed first), so the first instance back wins per replica (and refusal,
 # and drain). Returns the ids of the drains it wrote back.
@@ -345,6 +346,11 @@ local changed = false
 for _, x in ipairs(state.refusals) do
   if redis.call('HEXISTS', KEYS[4], x[1]) == 0 then
     set_until(KEYS[4], x[1], x[2], tonumber(x[3]), now)
+  end
+end
+for _, x in ipairs(state.stopping) do
+  if redis.call('HEXISTS', KEYS[8], x[1]) == 0 then
+    set_until(KEYS[8], x[1], x[2], tonumber(x[3]), now)
   end
 end
 local drains = {}

@@ -659,6 +659,12 @@ class RedisStore:
             ],
             # Drains it knows of: an operator's drain must not end with Redis's data.
             "drains": [[r, repr(float(since))] for r, since in view.drains.items()],
+            # Replicas it holds as shutting down, with the time the holds have left.
+            "stopping": [
+                [r, x.error, math.ceil(x.left_s * 1000)]
+                for r, x in view.stopping.items()
+                if x.left_s > 0
+            ],
         }
         k = self.keys
         written: list[Any] = await self._io(
@@ -671,6 +677,7 @@ class RedisStore:
                     k.tombstones,
                     k.restored,
                     k.drains,
+                    k.stopping,
                 ],
                 args=[k.replica_base, json.dumps(payload), self.ttls.tombstone_ttl_ms],
             )

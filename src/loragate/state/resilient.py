@@ -34,7 +34,8 @@ Holds of replicas shutting down (``hold_stopping``: a replica answered an instan
 drains) ride the same refresh and are kept like drains (a hold or release made here is in the
 mirror at once; a refresh whose snapshot may predate one of this instance's writes keeps the
 mirror's holds). While Redis is down the mirror keeps this instance's holds, lapsing on time,
-and the journal replays them with the time they have left.
+and the journal replays them with the time they have left; a resync after Redis lost its data
+writes back the holds the mirror has (``push_missing``).
 
 Adapter registrations and deletions (the admin API's) are decided by Redis when it is
 reachable: ``put_adapter`` registers a name only if Redis does not hold it yet, whatever the
