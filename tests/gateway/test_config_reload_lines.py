@@ -6,6 +6,7 @@ YAML nested too deep is such a bad file (``rejected``), not a failure of the gat
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +81,12 @@ async def test_a_rejected_reload_names_the_line_in_its_answer_and_its_warning(
         assert error["param"] == param and error["code"] == "invalid_config"
         (record,) = [r for r in caplog.records if "reload" in r.getMessage()]
         assert record.levelno == logging.WARNING
-        assert record.getMessage() == (
-            f"config reload rejected, keeping the running config: {error['message']}"
-        )
+        # (the request's id at the end: what asked for the reload)
+        assert re.fullmatch(
+            re.escape(f"config reload rejected, keeping the running config: {error['message']}")
+            + r" \(POST /admin/reload, request [0-9a-f]{12}-[0-9]+\)",
+            record.getMessage(),
+        ), record.getMessage()
         async with http.get(gw.url + "/metrics") as resp:
             text = await resp.text()
         assert 'loragate_config_reloads_total{result="rejected"} 1.0' in text

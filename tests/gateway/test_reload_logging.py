@@ -68,7 +68,11 @@ async def test_a_rejected_admin_reload_is_logged_with_the_file_and_the_reason(
     logged = record.getMessage()
     # the file named once: a message that names it already (the YAML reader's) is not prefixed
     named = message if str(path) in message else f"{path}: {message}"
-    assert logged == f"config reload rejected, keeping the running config: {named}"
+    assert re.fullmatch(  # (the request's id at the end: what asked for the reload)
+        re.escape(f"config reload rejected, keeping the running config: {named}")
+        + r" \(POST /admin/reload, request [0-9a-f]{12}-[0-9]+\)",
+        logged,
+    ), logged
     assert logged.count(str(path)) == 1
     assert reason in logged
 

@@ -29,6 +29,7 @@ from loragate.core.errors import (
 )
 
 _ALREADY_LOADED = "has already been loaded"
+REQUEST_ID_HEADER = "X-Request-Id"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -158,12 +159,17 @@ class VllmClient:
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise map_client_error(exc, f"GET {self.base_url}{path}") from exc
 
-    async def _post_json(self, path: str, payload: Mapping[str, Any]) -> tuple[int, bytes]:
+    async def _post_json(
+        self, path: str, payload: Mapping[str, Any], request_id: str | None = None
+    ) -> tuple[int, bytes]:
+        headers = self.json_headers
+        if request_id is not None:
+            headers = {**headers, REQUEST_ID_HEADER: request_id}
         try:
             async with self.session.post(
                 self.base_url + path,
                 data=json.dumps(payload).encode(),
-                headers=self.json_headers,
+                headers=headers,
                 timeout=self.admin_timeout,
             ) as resp:
                 return resp.status, await resp.read()
@@ -210,16 +216,20 @@ class VllmClient:
             raise self._status_error("/metrics", status)
         return parse_vllm_metrics(body.decode("utf-8", "replace"))
 
-    async def load_adapter(self, name: str, path: str, *, load_inplace: bool = False) -> bool:
+    async def load_adapter(
+        self, name: str, path: str, *, load_inplace: bool = False, request_id: str | None = None
+    ) -> bool:
         """Register adapter ``name`` from ``path``. Returns False if it was already registered
         (vLLM's 400 "has already been loaded" is treated as success: the call is idempotent),
         which says nothing of the path it was registered from: the caller compares its
         ``/v1/models`` card's ``root`` (``ReplicaPool`` does). ``load_inplace``: replace a
-        registered adapter of that name (vLLM reads the folder again; 200 either way)."""
+        registered adapter of that name (vLLM reads the folder again; 200 either way).
+        ``request_id``: sent as ``X-Request-Id`` (vLLM 0.32 ignores it there; proxies in front
+        of it may log it)."""
         payload: dict[str, Any] = {"lora_name": name, "lora_path": path}
         if load_inplace:
             payload["load_inplace"] = True
-        status, body = await self._post_json("/v1/load_lora_adapter", payload)
+        status, body = await self._post_json("/v1/load_lora_adapter", payload, request_id)
         if status == 200:
             return True
         message = error_message(body)
@@ -230,9 +240,12 @@ class VllmClient:
             f"loading adapter {name!r} failed ({status}): {message}", status=status
         )
 
-    async def unload_adapter(self, name: str) -> bool:
-        """Unregister ``name``. Returns False if the replica did not know it (404)."""
-        status, body = await self._post_json("/v1/unload_lora_adapter", {"lora_name": name})
+    async def unload_adapter(self, name: str, *, request_id: str | None = None) -> bool:
+        """Unregister ``name``. Returns False if the replica did not know it (404).
+        ``request_id``: sent as ``X-Request-Id``."""
+        status, body = await self._post_json(
+            "/v1/unload_lora_adapter", {"lora_name": name}, request_id
+        )
         if status == 200:
             return True
         if status == 404:

@@ -86,6 +86,16 @@ retries them elsewhere as a load that failed).
 Replicas a config reload removes or replaces: the requests waiting for an adapter load there
 stop waiting (``ReplicaRetiredError``), and the proxy routes them again.
 
+Request ids: each admin call carries the ``X-Request-Id`` its caller gives
+(:meth:`ReplicaPool.ensure_adapter`'s ``load_id``, :meth:`ReplicaPool.unload_adapter`'s
+``request_id``: the gateway's request's id with ``-load``/``-unload`` parts, see
+``gateway.request_ids``); the pool's own calls (an in-place reload a poll found needed, a
+deleted adapter's unload) get ``<generated>-reload`` / ``<generated>-unload`` from
+:attr:`ReplicaPool.new_request_id`. A load ends with one log line (INFO; a refusal's is the
+WARNING above) naming the adapter, the replica, the request it was for (the one that started
+it: the others wait for the same load) and the load's id, its result and duration, so a load
+in a replica's (or a proxy's) log can be matched to the request or admin call that caused it.
+
 Draining (``POST /admin/replicas/{id}/drain``, shared by every gateway instance through the
 listener's state): :meth:`ReplicaPool.set_draining` names the replicas that get no new
 requests. They are polled as before (health, residency, in-place reloads, tombstone unloads)
@@ -282,6 +292,10 @@ class ReplicaPool:
         self.on_load_done: Callable[[ReplicaId, str, float], None] | None = None
         # Told of each failed poll: (replica, one of POLL_FAILURE_REASONS).
         self.on_poll_failed: Callable[[ReplicaId, str], None] | None = None
+        # Makes the request ids of the pool's own admin calls (an in-place reload a poll
+        # found needed: ``<id>-reload``; a deleted adapter's unload: ``<id>-unload``); the
+        # gateway's generator (``gateway.request_ids``). None: sent without X-Request-Id.
+        self.new_request_id: Callable[[], str] | None = None
 
     @staticmethod
     def _new_replica(cfg: ReplicaConfig) -> _Replica:
@@ -488,7 +502,9 @@ class ReplicaPool:
             return
         key = (spec.name, rid)
         if key not in self._loads:
-            self._start_load(key, rep, spec)
+            self._start_load(
+                key, rep, spec, "the poller (an in-place reload)", self._own_id("reload")
+            )
 
     async def _run(self) -> None:
         while True:
@@ -698,22 +714,33 @@ class ReplicaPool:
                 or key in self._unloads
             ):
                 continue
+            unload_id = self._own_id("unload")
             log.info(
                 "replica %s (%s) still holds adapter %s, deleted through the admin API: "
-                "unloading it",
-                rid, rep.config.url, name,
+                "unloading it (X-Request-Id %s)",
+                rid, rep.config.url, name, unload_id or "-",
             )  # fmt: skip
-            task = asyncio.create_task(self._unload_retired(rid, name), name=f"unload {key}")
+            task = asyncio.create_task(
+                self._unload_retired(rid, name, unload_id), name=f"unload {key}"
+            )
             self._unloads[key] = task
             task.add_done_callback(functools.partial(self._unload_done, key))
 
-    async def _unload_retired(self, replica_id: ReplicaId, adapter: str) -> None:
+    def _own_id(self, kind: str) -> str | None:
+        """The request id of an admin call of the pool's own (``kind``: reload, unload)."""
+        new = self.new_request_id
+        return None if new is None else f"{new()}-{kind}"
+
+    async def _unload_retired(
+        self, replica_id: ReplicaId, adapter: str, request_id: str | None
+    ) -> None:
         try:
-            await self.unload_adapter(replica_id, adapter)
+            await self.unload_adapter(replica_id, adapter, request_id=request_id)
         except Exception as exc:  # the next poll tries again (if the tombstone still stands)
             log.warning(
-                "unloading deleted adapter %s from replica %s failed: %s", adapter, replica_id, exc
-            )
+                "unloading deleted adapter %s from replica %s failed (X-Request-Id %s): %s",
+                adapter, replica_id, request_id or "-", exc,
+            )  # fmt: skip
 
     def _unload_done(self, key: tuple[str, ReplicaId], task: asyncio.Task[None]) -> None:
         if self._unloads.get(key) is task:
@@ -1059,7 +1086,13 @@ class ReplicaPool:
     # -- adapters ---------------------------------------------------------------------------
 
     async def ensure_adapter(
-        self, replica_id: ReplicaId, spec: AdapterSpec, *, timeout_s: float | None = None
+        self,
+        replica_id: ReplicaId,
+        spec: AdapterSpec,
+        *,
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+        load_id: str | None = None,
     ) -> bool:
         """Make sure ``spec`` is registered on the replica, loading it through the admin API if
         needed. One load per (adapter, replica) at a time however many requests wait; a waiter
@@ -1075,7 +1108,12 @@ class ReplicaPool:
         The wait also ends when the replica goes away: :class:`ReplicaStoppedError` once a
         poll finds its listener closed (the load is abandoned: its connection is closed),
         :class:`ReplicaRetiredError` once a config reload removes or replaces its entry (the
-        load runs on; a replacement at the same URL waits for it again)."""
+        load runs on; a replacement at the same URL waits for it again).
+
+        ``request_id``: the id of the gateway request this load is for, and ``load_id`` the
+        ``X-Request-Id`` the load call carries (``gateway.request_ids``), if this call starts
+        the load (else it waits for the one under way, started for another request); the
+        load's log line, at its end, names both."""
         rep = self._replicas.get(replica_id)
         if rep is None:  # removed by a reload while the request was being routed
             raise ReplicaRetiredError(
@@ -1087,7 +1125,8 @@ class ReplicaPool:
         key = (spec.name, replica_id)
         task = self._loads.get(key)
         if task is None:
-            task = self._start_load(key, rep, spec)
+            cause = "the gateway" if request_id is None else f"request {request_id}"
+            task = self._start_load(key, rep, spec, cause, load_id)
         wake = rep.wake
         if wake is None:
             wake = rep.wake = asyncio.get_running_loop().create_future()
@@ -1115,9 +1154,14 @@ class ReplicaPool:
             wake.set_result((error, reason))
 
     def _start_load(
-        self, key: tuple[str, ReplicaId], rep: _Replica, spec: AdapterSpec
+        self,
+        key: tuple[str, ReplicaId],
+        rep: _Replica,
+        spec: AdapterSpec,
+        cause: str,
+        load_id: str | None,
     ) -> asyncio.Task[None]:
-        task = asyncio.create_task(self._timed_load(rep, spec), name=f"load {key}")
+        task = asyncio.create_task(self._timed_load(rep, spec, cause, load_id), name=f"load {key}")
         self._loads[key] = task
         task.add_done_callback(lambda t: self._load_done(key, t))
         return task
@@ -1129,12 +1173,17 @@ class ReplicaPool:
         if not task.cancelled():
             task.exception()  # retrieved: all waiters may have gone away
 
-    async def _timed_load(self, rep: _Replica, spec: AdapterSpec) -> None:
-        """:meth:`_load`, its duration and outcome told to :attr:`on_load_done`."""
+    async def _timed_load(
+        self, rep: _Replica, spec: AdapterSpec, cause: str, load_id: str | None
+    ) -> None:
+        """:meth:`_load`, its duration and outcome told to :attr:`on_load_done` and logged
+        (INFO; DEBUG for a refusal, which :meth:`_load` logs as a WARNING): the adapter, the
+        replica, what it was for (``cause``: the request, or the poller) and its
+        ``X-Request-Id`` (``load_id``)."""
         started = self._clock.now()
         result = "error"
         try:
-            result = "ok" if await self._load(rep, spec) else "already_loaded"
+            result = "ok" if await self._load(rep, spec, load_id) else "already_loaded"
         except AdapterLoadError:
             result = "refused"
             raise
@@ -1151,12 +1200,20 @@ class ReplicaPool:
             result = "abandoned"
             raise
         finally:
+            took_s = self._clock.now() - started
             if self.on_load_done is not None:
-                self.on_load_done(rep.config.replica_id, result, self._clock.now() - started)
+                self.on_load_done(rep.config.replica_id, result, took_s)
+            log.log(
+                logging.DEBUG if result == "refused" else logging.INFO,
+                "adapter %s load on replica %s (%s) for %s (X-Request-Id %s): %s after %.0f ms",
+                spec.name, rep.config.replica_id, rep.config.url, cause, load_id or "-",
+                _LOAD_RESULTS.get(result, result), took_s * 1000.0,
+            )  # fmt: skip
 
-    async def _load(self, rep: _Replica, spec: AdapterSpec) -> bool:
+    async def _load(self, rep: _Replica, spec: AdapterSpec, load_id: str | None = None) -> bool:
         """Load ``spec`` on ``rep``; True if the replica loaded it (200), False if it had it
-        registered already (from the configured path)."""
+        registered already (from the configured path). ``load_id``: the call's
+        ``X-Request-Id`` (an in-place reload after "already loaded": ``<load_id>-inplace``)."""
         # Errors are already loragate errors: AdapterLoadError (the replica refused the
         # adapter), UpstreamConnectError or UpstreamTimeoutError (the replica is unreachable).
         rid = rep.config.replica_id
@@ -1165,8 +1222,10 @@ class ReplicaPool:
         loaded = True  # the replica loaded it (answered 200), not "already loaded"
         try:
             if old is not None:
-                await client.load_adapter(spec.name, spec.path, load_inplace=True)
-            elif not await client.load_adapter(spec.name, spec.path):
+                await client.load_adapter(
+                    spec.name, spec.path, load_inplace=True, request_id=load_id
+                )
+            elif not await client.load_adapter(spec.name, spec.path, request_id=load_id):
                 # "already loaded": registered there since the last poll (by another gateway,
                 # or by hand). From the configured path? Its card says.
                 old = await self._root_on(rep, spec.name)
@@ -1176,7 +1235,10 @@ class ReplicaPool:
                         "configured %s: reloading it in place",
                         rid, rep.config.url, spec.name, old, spec.path,
                     )  # fmt: skip
-                    await client.load_adapter(spec.name, spec.path, load_inplace=True)
+                    await client.load_adapter(
+                        spec.name, spec.path, load_inplace=True,
+                        request_id=None if load_id is None else f"{load_id}-inplace",
+                    )  # fmt: skip
                 else:
                     old = None
                     loaded = False
@@ -1196,11 +1258,12 @@ class ReplicaPool:
             # meanwhile, e.g. racing another instance's shared refusal, logs at debug).
             log.log(
                 logging.WARNING if news else logging.DEBUG,
-                "adapter %s (%s) failed to load on replica %s (%s): %s%s%s",
+                "adapter %s (%s) failed to load on replica %s (%s%s): %s%s%s",
                 spec.name,
                 spec.path,
                 rid,
                 rep.config.url,
+                "" if load_id is None else f", X-Request-Id {load_id}",
                 exc,
                 f" (it stays registered there from {old}: it gets no requests for "
                 f"{spec.name} there that this gateway does not try to reload in place first)"
@@ -1264,11 +1327,14 @@ class ReplicaPool:
             return None
         return next((c.root for c in models.cards if c.id == adapter and c.parent), None)
 
-    async def unload_adapter(self, replica_id: ReplicaId, adapter: str) -> bool:
-        """Unregister ``adapter`` on the replica through the admin API. Returns False if the
-        replica did not know it. Errors (unreachable replica, refusal) propagate."""
+    async def unload_adapter(
+        self, replica_id: ReplicaId, adapter: str, *, request_id: str | None = None
+    ) -> bool:
+        """Unregister ``adapter`` on the replica through the admin API (``request_id``: the
+        call's ``X-Request-Id``). Returns False if the replica did not know it. Errors
+        (unreachable replica, refusal) propagate."""
         rep = self._replicas[replica_id]
-        known = await self._client(rep).unload_adapter(adapter)
+        known = await self._client(rep).unload_adapter(adapter, request_id=request_id)
         rep.registered.discard(adapter)
         rep.loaded_at_s.pop(adapter, None)
         rep.roots.pop(adapter, None)
@@ -1304,6 +1370,18 @@ class ReplicaPool:
             raise self.no_replica_error()
         return healthy
 
+
+# A load's result (``_timed_load``) as its log line says it.
+_LOAD_RESULTS = {
+    "ok": "loaded",
+    "already_loaded": "already registered there",
+    "refused": "refused",
+    "timeout": "no answer in time",
+    "unreachable": "unreachable",
+    "stopping": "the replica is shutting down",
+    "abandoned": "abandoned",
+    "error": "failed",
+}
 
 # Why the requests waiting for a load on a replica that stopped listening stop waiting.
 _STOPPED_LOADING = "stopped listening (its poll could not connect)"

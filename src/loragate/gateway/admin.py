@@ -94,6 +94,7 @@ from loragate.gateway.admin_common import json_response
 from loragate.gateway.admin_replicas import ReplicaAdmin
 from loragate.gateway.errors import error_payload, error_response
 from loragate.gateway.reload import log_reload_failure, reload_from_file
+from loragate.gateway.request_ids import REQUEST_ID, with_request_id
 
 if TYPE_CHECKING:
     from loragate.gateway.app import Gateway
@@ -126,6 +127,7 @@ class AdminApi:
         self._gw = gateway
         self._replicas = ReplicaAdmin(gateway)
         self._adapters = AdapterAdmin(gateway)
+        self._ids = gateway.request_ids
 
     def register(self, router: web.UrlDispatcher) -> None:
         replicas, adapters = self._replicas, self._adapters
@@ -140,7 +142,7 @@ class AdminApi:
         router.add_delete("/admin/adapters/{name:.+}", self._guard(adapters.delete_adapter))
         router.add_post("/admin/reload", self._guard(self.reload))
         # Last: any other path under /admin, or a method an admin path does not take.
-        router.add_route("*", "/admin{tail:(/.*)?}", self._other)
+        router.add_route("*", "/admin{tail:(/.*)?}", with_request_id(self._ids, self._other))
 
     async def _other(self, request: web.Request) -> web.StreamResponse:
         """Without a token: the same 404 as every admin route. With one: what any unknown
@@ -175,19 +177,20 @@ class AdminApi:
                 errors.answered(request, response)
             return response
 
-        return guarded
+        return with_request_id(self._ids, guarded)
 
-    async def reload(self, _: web.Request) -> web.Response:
+    async def reload(self, request: web.Request) -> web.Response:
         """200 with what changed; a bad file is a 400 naming the key (``ConfigError``, through
         the guard); any other failure a 500 in the OpenAI error shape, logged with its
         traceback as a SIGHUP reload's is (``reload.log_reload_failure``): the running config
         stays in force and the gateway serves on."""
+        how = f"POST /admin/reload, request {request[REQUEST_ID]}"
         try:
-            result = await reload_from_file(self._gw)
+            result = await reload_from_file(self._gw, how=how)
         except ConfigError:
             raise
         except Exception as exc:
-            log_reload_failure(self._gw, "POST /admin/reload")
+            log_reload_failure(self._gw, how)
             what = f"{type(exc).__name__}: {exc}"[:300]
             return web.Response(
                 status=500,

@@ -16,6 +16,10 @@ loads under way, the routing policy's choice for the adapter when the policy has
 the fewest requests in flight and the most free slots, a burst taking turns over replicas
 that would all evict alike. A replica that refuses, cannot be reached or does not answer in
 time is passed over for the next one in that order.
+
+Request ids (``gateway.request_ids``): the log lines name the request's id; the load a
+registration asks of the ``k``-th replica in turn carries ``X-Request-Id: <upstream id>-load-<k>``
+and a deletion's unload from the ``k``-th replica ``<upstream id>-unload-<k>``.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from loragate.gateway.adapter_rank import DEFAULT_RANK, RankError, rank_problem,
 from loragate.gateway.admin_common import json_response, log, state_unavailable
 from loragate.gateway.load_placement import LoadPlacer, ReplicaView
 from loragate.gateway.request_body import read_request_body
+from loragate.gateway.request_ids import REQUEST_ID, UPSTREAM_ID
 from loragate.routing.rank_limit import within_rank_limit
 
 if TYPE_CHECKING:
@@ -144,6 +149,7 @@ class AdapterAdmin:
 
     async def add_adapter(self, request: web.Request) -> web.Response:
         gw = self._gw
+        req_id = request[REQUEST_ID]
         payload = await _read_json(request, gw.config.limits.client_body_timeout_s)
         spec, given = parse_adapter(
             payload,
@@ -163,14 +169,14 @@ class AdapterAdmin:
             )
         async with gw.lock:
             if gw.shared.degraded:
-                return state_unavailable(f"register adapter {spec.name!r}")
+                return state_unavailable(request, f"register adapter {spec.name!r}")
             if any(a.name == spec.name for a in gw.config.adapters):
                 raise ConflictError(f"adapter {spec.name!r} already exists", param="name")
             # The store decides, not this instance's view (which may not show a registration
             # another instance made a moment ago): one of two racing registrations wins.
             added = await gw.shared.store.put_adapter(spec)
             if gw.shared.degraded:  # Redis went away during the write
-                return state_unavailable(f"register adapter {spec.name!r}", during=True)
+                return state_unavailable(request, f"register adapter {spec.name!r}", during=True)
             if not added:
                 raise ConflictError(
                     f"adapter {spec.name!r} already exists (registered through the admin API, "
@@ -180,29 +186,29 @@ class AdapterAdmin:
             gw.shared.check_adapters()  # this instance serves it at once
         gw.pool.refusals.forget(spec.name)  # registered anew: every replica may try it again
         try:
-            load = await self._try_load(spec)
+            load = await self._try_load(spec, request)
         except InvalidRequestError:  # no replica can load it: take the registration back
             async with gw.lock:
                 await gw.shared.store.delete_adapter(spec.name)
                 gw.shared.check_adapters()
             raise
         if settled.unread is None:
-            log.info("admin: registered adapter %s (%s, rank %d from its adapter_config.json)",
-                     spec.name, spec.path, spec.rank)  # fmt: skip
+            log.info("admin: request %s: registered adapter %s (%s, rank %d from its "
+                     "adapter_config.json)", req_id, spec.name, spec.path, spec.rank)  # fmt: skip
         elif settled.source == "request":
-            log.info("admin: registered adapter %s (%s), rank %d as given (%s)",
-                     spec.name, spec.path, spec.rank, settled.unread)  # fmt: skip
+            log.info("admin: request %s: registered adapter %s (%s), rank %d as given (%s)",
+                     req_id, spec.name, spec.path, spec.rank, settled.unread)  # fmt: skip
         else:  # routing's load-cost estimates may be off: say so louder
             log.warning(
-                "admin: registered adapter %s (%s) with rank %d assumed: no rank was given "
-                "and %s",
-                spec.name, spec.path, spec.rank, settled.unread,
+                "admin: request %s: registered adapter %s (%s) with rank %d assumed: no rank "
+                "was given and %s",
+                req_id, spec.name, spec.path, spec.rank, settled.unread,
             )  # fmt: skip
         return json_response(
             {**adapter_json(spec), "rank_source": settled.source, **load.to_json()}, status=201
         )
 
-    async def _try_load(self, spec: AdapterSpec) -> LoadAttempt:
+    async def _try_load(self, spec: AdapterSpec, request: web.Request) -> LoadAttempt:
         """Load ``spec`` (just registered) on the healthy replicas in turn until one has it, so
         that a path no replica can load is a 400 now, not a 502 for every request later. The
         turn is ``gateway.load_placement``'s order: least harm and most use first.
@@ -216,8 +222,11 @@ class AdapterAdmin:
         read the same folders); no refusal at all (every healthy replica unreachable, or none
         healthy) leaves the registration standing, logged: nothing says the path is bad. A
         replica that refuses while another loads it keeps its refusal, as after a routed
-        request. Returns what happened, for the 201's body."""
+        request. Returns what happened, for the 201's body. ``request``: the registration's
+        (its id in the log lines and, ``-load-<k>`` appended, in each load's
+        ``X-Request-Id``)."""
         gw = self._gw
+        req_id, upstream_id = request[REQUEST_ID], request[UPSTREAM_ID]
         pool = gw.pool
         attempt = LoadAttempt()
         refused: list[str] = []
@@ -243,28 +252,33 @@ class AdapterAdmin:
         order = self._placer.order(spec, eligible, view, gw.config.routing)
         if order:
             log.debug(
-                "admin: adapter %s: load tried on %s in turn; %s first (%s)",
-                spec.name, ", ".join(c.replica_id for c in order), order[0].replica_id,
+                "admin: request %s: adapter %s: load tried on %s in turn; %s first (%s)",
+                req_id, spec.name, ", ".join(c.replica_id for c in order), order[0].replica_id,
                 order[0].why(),
             )  # fmt: skip
-        for cand in order:
+        for k, cand in enumerate(order, 1):
             rid = cand.replica_id
             try:
-                await pool.ensure_adapter(rid, spec)
+                await pool.ensure_adapter(
+                    rid, spec, request_id=req_id, load_id=f"{upstream_id}-load-{k}"
+                )
             except AdapterLoadError as exc:
                 refused.append(f"replica {rid}: {exc.message}")
                 attempt.refused_by[rid] = exc.message
                 continue
             except LoragateError as exc:  # unreachable, timed out: not the adapter's fault
-                log.warning("admin: adapter %s not tried on replica %s: %s", spec.name, rid, exc)
+                log.warning(
+                    "admin: request %s: adapter %s not tried on replica %s: %s",
+                    req_id, spec.name, rid, exc,
+                )  # fmt: skip
                 passed_over.append(f"replica {rid} ({_why_not_tried(exc)})")
                 skipped.append(passed_over[-1])
                 attempt.not_tried[rid] = _why_not_tried(exc)
                 continue
             if refused or skipped:  # (not the ones below the rank: never in the order)
                 log.info(
-                    "admin: adapter %s loaded on replica %s after %s",
-                    spec.name, rid, "; ".join(refused + skipped),
+                    "admin: request %s: adapter %s loaded on replica %s after %s",
+                    req_id, spec.name, rid, "; ".join(refused + skipped),
                 )  # fmt: skip
             self._placer.took(rid)
             attempt.loaded_on = rid
@@ -272,12 +286,15 @@ class AdapterAdmin:
         if not refused:
             if passed_over:
                 log.warning(
-                    "admin: adapter %s registered untried: no healthy replica could be asked "
-                    "(%s)",
-                    spec.name, ", ".join(passed_over),
+                    "admin: request %s: adapter %s registered untried: no healthy replica "
+                    "could be asked (%s)",
+                    req_id, spec.name, ", ".join(passed_over),
                 )  # fmt: skip
             else:
-                log.warning("admin: adapter %s registered untried: no healthy replica", spec.name)
+                log.warning(
+                    "admin: request %s: adapter %s registered untried: no healthy replica",
+                    req_id, spec.name,
+                )  # fmt: skip
             return attempt
         pool.refusals.forget(spec.name)  # taken back: nothing to remember
         message = f"no replica could load adapter {spec.name!r} from {spec.path!r}: " + "; ".join(
@@ -301,30 +318,37 @@ class AdapterAdmin:
                     param="name",
                 )
             if gw.shared.degraded:
-                return state_unavailable(f"delete adapter {name!r}")
+                return state_unavailable(request, f"delete adapter {name!r}")
             # Removes it and leaves its tombstone (see ``state.keys``) in one step: every
             # instance's poller unloads it from a replica that still lists it, e.g. loaded back
             # on demand by an instance that had not refreshed its view yet.
             existed = await gw.shared.store.delete_adapter(name)
             if gw.shared.degraded:
-                return state_unavailable(f"delete adapter {name!r}", during=True)
+                return state_unavailable(request, f"delete adapter {name!r}", during=True)
             if not existed:
                 raise NotFoundError(f"adapter {name!r} does not exist", param="name")
             gw.shared.check_adapters()
         pool = gw.pool
         pool.refusals.forget(name)
         unloaded, errors = [], {}
+        upstream_id = request[UPSTREAM_ID]
+        k = 0
         for rid in pool.replica_ids:
             if not (
                 pool.is_registered(rid, name) or name in gw.shared.residency_of(rid).registered
             ):
                 continue
+            k += 1
             try:
-                await pool.unload_adapter(rid, name)
+                await pool.unload_adapter(rid, name, request_id=f"{upstream_id}-unload-{k}")
                 unloaded.append(rid)
             except LoragateError as exc:
                 errors[rid] = exc.message
-        log.info("admin: deleted adapter %s (unloaded from %s)", name, unloaded)
+        log.info(
+            "admin: request %s: deleted adapter %s (unloaded from %s; X-Request-Id "
+            "%s-unload-<k> for the k-th replica asked)",
+            request[REQUEST_ID], name, unloaded, upstream_id,
+        )  # fmt: skip
         return json_response({"deleted": name, "unloaded_from": unloaded, "unload_errors": errors})
 
 

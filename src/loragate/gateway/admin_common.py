@@ -1,5 +1,7 @@
 """What the admin API's endpoint modules share: their logger, a JSON answer and the 503 for a
-write while the shared state store is unreachable (see ``gateway.admin``)."""
+write while the shared state store is unreachable (see ``gateway.admin``). Their log lines
+about a request name its id (``admin: request <id>: ...``: the ``X-Request-Id`` of its
+answer, ``gateway.request_ids``)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from loragate.gateway.errors import error_payload
+from loragate.gateway.request_ids import REQUEST_ID
 
 # One logger for every admin module: its log lines keep the name they always had.
 log = logging.getLogger("loragate.gateway.admin")
@@ -22,11 +25,12 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 
 def state_unavailable(
-    what: str, *, during: bool = False, check: str = "GET /admin/adapters"
+    request: web.Request, what: str, *, during: bool = False, check: str = "GET /admin/adapters"
 ) -> web.Response:
-    """503 for an admin write while the shared state store (Redis) is unreachable: the
-    registry is shared, and a write this instance made alone would be decided later against
-    other instances' writes (a deletion could come back, a name be taken twice)."""
+    """503 for an admin write (``request``) while the shared state store (Redis) is
+    unreachable: the registry is shared, and a write this instance made alone would be decided
+    later against other instances' writes (a deletion could come back, a name be taken
+    twice)."""
     if during:
         message = (
             f"cannot {what} now: the shared state store (Redis) became unreachable during the "
@@ -38,7 +42,7 @@ def state_unavailable(
             f"cannot {what} now: the shared state store (Redis) is unreachable; "
             "retry when /health says ok"
         )
-    log.warning("admin: %s", message)
+    log.warning("admin: request %s: %s", request[REQUEST_ID], message)
     return web.Response(
         status=503,
         body=error_payload(message, "service_unavailable", "state_unavailable"),

@@ -17,6 +17,7 @@ from aiohttp import hdrs, web
 from loragate.core.errors import NotFoundError
 from loragate.core.types import ReplicaSnapshot
 from loragate.gateway.admin_common import json_response, log, state_unavailable
+from loragate.gateway.request_ids import REQUEST_ID
 from loragate.gateway.route_errors import method_not_allowed
 
 if TYPE_CHECKING:
@@ -85,12 +86,12 @@ class ReplicaAdmin:
         return json_response(self._json(rid))
 
     async def drain(self, request: web.Request) -> web.Response:
-        return await self._drain(request.match_info["id"], on=True)
+        return await self._drain(request, request.match_info["id"], on=True)
 
     async def undrain(self, request: web.Request) -> web.Response:
-        return await self._drain(request.match_info["id"], on=False)
+        return await self._drain(request, request.match_info["id"], on=False)
 
-    async def _drain(self, rid: str, *, on: bool) -> web.Response:
+    async def _drain(self, request: web.Request, rid: str, *, on: bool) -> web.Response:
         """Drain (``on``) or undrain a replica of this instance's config, in the state store
         (shared; refused while it is degraded, as the adapter writes are)."""
         gw = self._gw
@@ -98,13 +99,13 @@ class ReplicaAdmin:
         async with gw.lock:  # no reload removes the replica meanwhile
             self._check_known(rid)
             if gw.shared.degraded:
-                return state_unavailable(what, check="GET /admin/replicas")
+                return state_unavailable(request, what, check="GET /admin/replicas")
             changed = await (gw.shared.drain(rid) if on else gw.shared.undrain(rid))
             if gw.shared.degraded:  # Redis went away during the write
-                return state_unavailable(what, during=True, check="GET /admin/replicas")
+                return state_unavailable(request, what, during=True, check="GET /admin/replicas")
             if changed:
                 log.info(
-                    "admin: replica %s %s", rid,
+                    "admin: request %s: replica %s %s", request[REQUEST_ID], rid,
                     "drained: no new requests are routed there (every instance)" if on
                     else "undrained: it gets requests again (every instance)",
                 )  # fmt: skip

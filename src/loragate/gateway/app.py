@@ -42,6 +42,7 @@ from loragate.gateway.endpoint_errors import EndpointErrors
 from loragate.gateway.errors import error_payload, error_response
 from loragate.gateway.inflight import InFlightTracker, LocalInFlight
 from loragate.gateway.proxy import Proxy
+from loragate.gateway.request_ids import RequestIds, with_request_id
 from loragate.gateway.route_errors import NoReplicaLog, method_not_allowed, not_found
 from loragate.gateway.shared import SharedState, build_store
 from loragate.gateway.telemetry import CONTENT_TYPE, Telemetry, instances_reading
@@ -65,6 +66,9 @@ class Gateway:
     clock: Clock
     shared: SharedState
     endpoint_errors: EndpointErrors
+    # The app's one request-id generator (``gateway.request_ids``): the proxy's, the other
+    # endpoints', aiohttp's own error answers' and the pool's own admin calls'.
+    request_ids: RequestIds = field(default_factory=RequestIds)
     config_path: Path | None = None
     session: aiohttp.ClientSession | None = None
     # Serialises reloads and admin writes that rebuild the catalog.
@@ -198,6 +202,8 @@ def create_app(
     pool.expect_adapters(catalog.adapters)
     endpoint_errors = EndpointErrors(telemetry, clock)
     no_replica = NoReplicaLog(pool, clock)
+    ids = RequestIds()
+    pool.new_request_id = ids.new  # (the ids of the pool's own loads and unloads)
     proxy = Proxy(
         catalog=catalog,
         pool=pool,
@@ -209,6 +215,7 @@ def create_app(
         clock=clock,
         auth_failed=endpoint_errors.auth_failed,  # logged as the own endpoints' 401s are
         no_replica=no_replica.refused,
+        ids=ids,
     )
     gateway = Gateway(
         config=config,
@@ -220,6 +227,7 @@ def create_app(
         clock=clock,
         shared=shared,
         endpoint_errors=endpoint_errors,
+        request_ids=ids,
         config_path=None if config_path is None else Path(config_path),
     )
     shared.on_adapters = gateway.rebuild_catalog
@@ -228,9 +236,12 @@ def create_app(
     app = web.Application(client_max_size=config.limits.max_body_bytes)
     app[GATEWAY] = gateway
     app.cleanup_ctx.append(_lifecycle)
+    # The completion endpoints make their request ids themselves (the hot path), and so do the
+    # forwarded tokenizer endpoints (``gateway.tokenize``, the proxy's generator); every other
+    # handler is wrapped (``request_ids.with_request_id``): no middleware, no response hook.
     app.router.add_post("/v1/completions", proxy.completions)
     app.router.add_post("/v1/chat/completions", proxy.chat_completions)
-    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models", with_request_id(ids, list_models))
     tokenizer = TokenizerProxy(
         proxy=proxy,
         pool=pool,
@@ -243,14 +254,14 @@ def create_app(
     app.router.add_post("/tokenize", tokenizer.tokenize)
     app.router.add_post("/detokenize", tokenizer.detokenize)
     app.router.add_get("/version", tokenizer.version)
-    app.router.add_get("/health", health)
-    app.router.add_get("/livez", livez)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/health", with_request_id(ids, health))
+    app.router.add_get("/livez", with_request_id(ids, livez))
+    app.router.add_get("/readyz", with_request_id(ids, readyz))
+    app.router.add_get("/metrics", with_request_id(ids, metrics))
     AdminApi(gateway).register(app.router)
     # Last: only requests no route above takes (the router tries exact paths first, so the
     # hot path never reaches it).
-    app.router.add_route("*", "/{path:.*}", no_route)
+    app.router.add_route("*", "/{path:.*}", with_request_id(ids, no_route))
     return app
 
 

@@ -4,7 +4,8 @@ each is counted in ``loragate_endpoint_errors_total{endpoint,status}`` by endpoi
 the raw path. A failed authentication (401: a missing or wrong bearer token) is also logged,
 as one WARNING at most every ``log_interval_s`` (60 s) saying how many more came meanwhile,
 so that token guessing shows in the log without flooding it; the token sent is never logged.
-Other errors are logged at DEBUG. The proxy's failed authentications (a missing or wrong tenant
+Other errors are logged at DEBUG. Each line names the request's id (``gateway.request_ids``:
+the ``X-Request-Id`` of its answer). The proxy's failed authentications (a missing or wrong tenant
 key on ``POST /v1/completions`` and ``/v1/chat/completions``, counted in
 ``loragate_requests_total``) are logged the same way, in the same lines
 (:meth:`EndpointErrors.auth_failed`)."""
@@ -17,6 +18,7 @@ from aiohttp import hdrs, web
 
 from loragate.core.clock import Clock
 from loragate.gateway.log_rate import LineRate
+from loragate.gateway.request_ids import REQUEST_ID
 from loragate.gateway.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -61,22 +63,28 @@ class EndpointErrors:
         if status == 401:
             self.auth_failed(request)
         else:
-            log.debug("%s from %s: %d (%s)", _where(request), request.remote, status, endpoint)
+            log.debug(
+                "request %s %s from %s: %d (%s)",
+                request.get(REQUEST_ID, "-"), _where(request), request.remote, status, endpoint,
+            )  # fmt: skip
         return response
 
-    def auth_failed(self, request: web.Request) -> None:
+    def auth_failed(self, request: web.Request, request_id: str | None = None) -> None:
         """Log that ``request`` failed authentication (rate-limited; not counted here: a
         proxied request is counted in ``loragate_requests_total``, an own endpoint's in
-        :meth:`answered`)."""
+        :meth:`answered`). ``request_id``: its id (default: the one its handler's wrapper
+        gave it)."""
         more = self._line.due()
         if more is None:
             return
         sent = "without an" if hdrs.AUTHORIZATION not in request.headers else "with a wrong"
         log.warning(
-            "authentication failed: %s from %s %s Authorization header (401)%s; at most one "
-            "such line per %g s; loragate_endpoint_errors_total (admin API, /v1/models, "
-            "/metrics) and loragate_requests_total (completions) count them all, status 401",
+            "authentication failed: %s from %s %s Authorization header (401, request %s)%s; at "
+            "most one such line per %g s; loragate_endpoint_errors_total (admin API, "
+            "/v1/models, /metrics) and loragate_requests_total (completions) count them all, "
+            "status 401",
             _where(request), request.remote, sent,
+            request.get(REQUEST_ID, "-") if request_id is None else request_id,
             f"; {more} more since the last such line" if more else "",
             self._line.interval_s,
         )  # fmt: skip

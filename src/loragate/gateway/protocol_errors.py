@@ -5,7 +5,10 @@ a malformed request line, an invalid method, bad ``Transfer-Encoding`` or chunke
 itself, from ``aiohttp.web_protocol.RequestHandler.handle_error``, with a plain-text body; it
 also uses that method for the 500/504 of a handler that raised. ``OpenAIErrorAppRunner`` is a
 ``web.AppRunner`` whose connections answer those with ``{"error": {"message", "type",
-"param", "code"}}`` (application/json), keeping aiohttp's status and its ``Connection: close``.
+"param", "code"}}`` (application/json), keeping aiohttp's status and its ``Connection: close``,
+with an ``X-Request-Id`` as every answer of the gateway (``gateway.request_ids``: the one the
+handler's wrapper gave the request, else the client's if safe, else generated), which the log
+line names.
 
 The aiohttp internals used (checked against aiohttp 3.14) are all in the three small classes
 at the end of this module: ``OpenAIErrorAppRunner._make_server`` (the hook ``web.BaseRunner``
@@ -14,7 +17,8 @@ handler kwargs) and then changes that object's class to ``_OpenAIErrorServer``, 
 factory (``__call__``) lets aiohttp build each connection's ``web.RequestHandler`` and changes
 its class to one that overrides ``handle_error``. The handler subclass adds no instance state
 (``__slots__ = ()``, as its base uses slots; the runner's ``on_error`` callback, which counts
-the errors in ``/metrics``, is in a class attribute of a subclass made per runner), so Python
+the errors in ``/metrics``, and its request-id generator are class attributes of a subclass
+made per runner), so Python
 accepts the class change
 or raises ``TypeError`` on the first connection if aiohttp's layout ever changes (the tests in
 tests/gateway/test_protocol_errors.py would fail), and aiohttp's own construction logic is kept
@@ -33,6 +37,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, LineTooLong, TransferEncodingError
 
 from loragate.gateway.errors import error_payload
+from loragate.gateway.request_ids import REQUEST_ID_HEADER, RequestIds, request_id_of
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +82,8 @@ class _OpenAIErrorRequestHandler(web.RequestHandler):
     __slots__ = ()
     # Called with the status of every error answered here; set per runner (see below).
     error_listeners: ClassVar[tuple[Callable[[int], None], ...]] = ()
+    # The app's request-id generator; set per runner (see below).
+    request_ids: ClassVar[RequestIds] = RequestIds()
 
     def handle_error(
         self,
@@ -85,6 +92,7 @@ class _OpenAIErrorRequestHandler(web.RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
+        request_id = request_id_of(request, self.request_ids)
         if status < 500:
             detail = describe_protocol_error(exc, message)
             text = f"malformed HTTP request: {detail}" if detail else "malformed HTTP request"
@@ -93,7 +101,8 @@ class _OpenAIErrorRequestHandler(web.RequestHandler):
             level = logging.DEBUG if isinstance(exc, BadHttpMethod) else logging.WARNING
             log.log(
                 level,
-                "rejected a request from %s with %d: %s (%s)",
+                "rejected request %s from %s with %d: %s (%s)",
+                request_id,
                 request.remote,
                 status,
                 text,
@@ -103,7 +112,10 @@ class _OpenAIErrorRequestHandler(web.RequestHandler):
         else:
             # The server log keeps the traceback of a handler that raised; the client never
             # gets it (aiohttp would send it in debug mode).
-            log.error("error handling a request from %s (%d)", request.remote, status, exc_info=exc)
+            log.error(
+                "error handling request %s from %s (%d)",
+                request_id, request.remote, status, exc_info=exc,
+            )  # fmt: skip
             text = "internal gateway error"
             if status == HTTPStatus.GATEWAY_TIMEOUT:
                 text = "the gateway timed out handling the request"
@@ -119,6 +131,7 @@ class _OpenAIErrorRequestHandler(web.RequestHandler):
             status=status,
             body=error_payload(text, err_type, _code(status)),
             content_type="application/json",
+            headers={REQUEST_ID_HEADER: request_id},
         )
         resp.force_close()
         return resp
@@ -139,23 +152,27 @@ class OpenAIErrorAppRunner(web.AppRunner):
     """``web.AppRunner`` that answers HTTP protocol errors in the OpenAI error shape.
 
     ``on_error(status)``, when given, is called once for every such error (the gateway counts
-    them in ``/metrics``); the other arguments are ``web.AppRunner``'s."""
+    them in ``/metrics``); ``request_ids`` is the app's request-id generator (default: one of
+    the runner's own); the other arguments are ``web.AppRunner``'s."""
 
     def __init__(
         self,
         app: web.Application,
         *,
         on_error: Callable[[int], None] | None = None,
+        request_ids: RequestIds | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
-        self._handler_class: type[_OpenAIErrorRequestHandler] = _OpenAIErrorRequestHandler
-        if on_error is not None:
-            self._handler_class = type(
-                "_CountingOpenAIErrorRequestHandler",
-                (_OpenAIErrorRequestHandler,),
-                {"__slots__": (), "error_listeners": (on_error,)},
-            )
+        self._handler_class: type[_OpenAIErrorRequestHandler] = type(
+            "_AppOpenAIErrorRequestHandler",
+            (_OpenAIErrorRequestHandler,),
+            {
+                "__slots__": (),
+                "error_listeners": () if on_error is None else (on_error,),
+                "request_ids": request_ids or RequestIds(),
+            },
+        )
 
     async def _make_server(self) -> web.Server:
         # The one use of aiohttp internals (see the module docstring).

@@ -103,7 +103,12 @@ else generated (``<12 random hex of this instance>-<count>``: unique across inst
 restarts). Every log line about the request names it (``request <id> ...``), every answer
 carries it (``X-Request-Id``: successes, streams, and each error the gateway gives, before or
 after routing), and each try sends the replica ``X-Request-Id: <id>-<try>`` (1, 2, ...; a
-client's id gets the gateway's own between: ``<client id>-<generated>-<try>``). vLLM 0.32
+client's id gets the gateway's own between: ``<client id>-<generated>-<try>``); an adapter
+load a try starts there is sent as ``<id>-<try>-load`` (``<client id>-<generated>-<try>-load``),
+and its log line (``backends.pool``: at its end) names the request's id and the load's. The
+gateway's other endpoints, aiohttp's own error answers and the admin API's loads and unloads
+get their ids from the same generator (``gateway.request_ids``), so every answer of the
+gateway carries one. vLLM 0.32
 makes that header its request id (the answer's ``id`` is ``cmpl-<it>`` / ``chatcmpl-<it>``,
 its request log names it); its engine appends 8 random characters internally, but an abort
 (the gateway closing the connection: the client went away) ends every request sent with that
@@ -123,11 +128,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import itertools
 import json
 import logging
-import re
-import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -163,6 +165,7 @@ from loragate.gateway.errors import (
 )
 from loragate.gateway.inflight import InFlightTracker
 from loragate.gateway.request_body import read_request_body
+from loragate.gateway.request_ids import REQUEST_ID_HEADER, RequestIds, client_id_ok
 from loragate.gateway.shared import SharedState
 from loragate.gateway.stream_state import STREAM_ERROR, StreamState
 from loragate.gateway.telemetry import Telemetry, retry_reason
@@ -181,11 +184,11 @@ from loragate.routing.rank_limit import within_rank_limit
 log = logging.getLogger(__name__)
 
 REPLICA_HEADER = "X-Loragate-Replica"
-# The request's id: taken from the client's header when it is 1-128 printable ASCII characters
-# without spaces (else generated), in every log line about the request, in every answer's
-# headers, and sent to the replica (``-<try>`` appended: vLLM makes it its own request id).
-REQUEST_ID_HEADER = "X-Request-Id"
-_client_id_ok = re.compile(r"[!-~]{1,128}").fullmatch
+# The request's id (``gateway.request_ids``): taken from the client's header when it is 1-128
+# printable ASCII characters without spaces (else generated), in every log line about the
+# request, in every answer's headers, and sent to the replica (``-<try>`` appended: vLLM makes
+# it its own request id). ``_handle`` makes it inline (``RequestIds.of``, without its calls).
+_client_id_ok = client_id_ok
 _JSON = "application/json"
 _DEFAULT_MAX_TOKENS = 16
 _ROUTING_MAX_TOKENS = 1 << 20  # routing's view of max_tokens is capped here
@@ -226,6 +229,7 @@ class Proxy:
         "_cut",
         "_hurry",
         "_id_prefix",
+        "_id_source",
         "_ids",
         "_inflight",
         "_max_body",
@@ -254,8 +258,9 @@ class Proxy:
         telemetry: Telemetry,
         limits: LimitsConfig,
         clock: Clock,
-        auth_failed: Callable[[web.Request], None] | None = None,
+        auth_failed: Callable[[web.Request, str], None] | None = None,
         no_replica: Callable[[str, str | None, str], None] | None = None,
+        ids: RequestIds | None = None,
     ) -> None:
         self.catalog = catalog
         # Told of each request refused for a missing or wrong key (the 401's log line).
@@ -270,10 +275,11 @@ class Proxy:
         self._telemetry = telemetry
         self.set_limits(limits)
         self._now = clock.now
-        # Generated request ids: this instance's random prefix and a count (unique across
-        # instances and restarts, cheap to make).
-        self._id_prefix = secrets.token_hex(6) + "-"
-        self._ids = itertools.count(1)
+        # Generated request ids: the app's generator's random prefix and count (unique across
+        # instances and restarts, cheap to make; shared with the gateway's other endpoints).
+        ids = self._id_source = ids or RequestIds()
+        self._id_prefix = ids.prefix
+        self._ids = ids.count
         self._view: list[ReplicaSnapshot] = []
         self._view_src: tuple[ReplicaSnapshot, ...] = ()
         # The handler tasks of the requests being handled, for the shutdown's drain.
@@ -357,10 +363,7 @@ class Proxy:
         """A request's id (its client's ``X-Request-Id`` if fit to log and send on, else a new
         one) and the id its tries send the replica (``-<try>`` appended), as :meth:`_handle`
         makes them: for the gateway's other forwarded endpoints (``gateway.tokenize``)."""
-        own_id = self._id_prefix + str(next(self._ids))
-        if client_id is None or not _client_id_ok(client_id):
-            return own_id, own_id
-        return client_id, f"{client_id}-{own_id}"
+        return self._id_source.of(client_id)
 
     # -- handlers ---------------------------------------------------------------------------
 
@@ -413,7 +416,7 @@ class Proxy:
                     request_id, request.path, tenant, body, str(classify(exc)[0]), t0, exc.message
                 )
                 if isinstance(exc, AuthenticationError) and self._auth_failed is not None:
-                    self._auth_failed(request)
+                    self._auth_failed(request, request_id)
                 return error_response(exc, headers=id_header)
             except asyncio.CancelledError:
                 if not self._was_cut(task):
@@ -590,7 +593,11 @@ class Proxy:
                             # request_timeout_s; the load itself may go on to admin_timeout_s.
                             try:
                                 await pool.ensure_adapter(
-                                    rid, spec, timeout_s=self._timeout_s - (t_load - t_try)
+                                    rid,
+                                    spec,
+                                    timeout_s=self._timeout_s - (t_load - t_try),
+                                    request_id=rreq.request_id,
+                                    load_id=f"{upstream_id}-{retries + 1}-load",
                                 )
                             finally:
                                 telemetry.observe_load_wait(rid, self._now() - t_load)

@@ -83,11 +83,16 @@ def restart_required(old: GatewayConfig, new: GatewayConfig) -> tuple[str, ...]:
     return tuple(keys)
 
 
-async def reload_from_file(gateway: Gateway, path: Path | None = None) -> ReloadResult:
+async def reload_from_file(
+    gateway: Gateway, path: Path | None = None, *, how: str | None = None
+) -> ReloadResult:
     """Re-read ``path`` (default: the file the gateway started with) and apply it.
     Raises ``ConfigError`` (nothing changed) if the file is bad or there is no file; that is
     logged here (a WARNING naming the file and the reason), however the reload was asked
-    for (``POST /admin/reload`` or SIGHUP). Counted in ``loragate_config_reloads_total``."""
+    for (``POST /admin/reload`` or SIGHUP). Counted in ``loragate_config_reloads_total``.
+    ``how``: what asked for it, at the end of its log lines (``POST /admin/reload, request
+    <id>``; None: nothing, a SIGHUP)."""
+    said = "" if how is None else f" ({how})"
     path = path or gateway.config_path
     telemetry = gateway.telemetry
     try:
@@ -100,13 +105,13 @@ async def reload_from_file(gateway: Gateway, path: Path | None = None) -> Reload
         where = "no config file" if path is None else str(path)
         if where not in reason:  # the YAML and file readers' messages name the file already
             reason = f"{where}: {reason}"
-        log.warning("config reload rejected, keeping the running config: %s", reason)
+        log.warning("config reload rejected, keeping the running config: %s%s", reason, said)
         raise
     except Exception:  # reading failed other than as a bad file says (a bug): nothing applied
         telemetry.count_reload("error")
         raise
     try:
-        result = await apply_config(gateway, config)
+        result = await apply_config(gateway, config, said=said)
     except ConfigError:
         telemetry.count_reload("rejected")
         raise
@@ -131,8 +136,9 @@ def log_reload_failure(gateway: Gateway, how: str) -> None:
     )  # fmt: skip
 
 
-async def apply_config(gateway: Gateway, new: GatewayConfig) -> ReloadResult:
-    """Apply a validated config to a running gateway (see the module docstring)."""
+async def apply_config(gateway: Gateway, new: GatewayConfig, *, said: str = "") -> ReloadResult:
+    """Apply a validated config to a running gateway (see the module docstring). ``said``:
+    the end of its log line (what asked for it)."""
     async with gateway.lock:
         old = gateway.config
         # Validated by load_config already; build now so nothing below can fail on it.
@@ -155,11 +161,12 @@ async def apply_config(gateway: Gateway, new: GatewayConfig) -> ReloadResult:
         restart_required=frozen,
     )
     log.info(
-        "config reloaded: policy %s, replicas +%s -%s ~%s",
+        "config reloaded: policy %s, replicas +%s -%s ~%s%s",
         policy.name,
         list(added),
         list(removed),
         list(changed),
+        said,
     )
     warn_ignored_file_tokens(effective, when="at reload")
     if frozen:  # the operator asked for something that did not happen: say so louder

@@ -194,6 +194,7 @@ async def running_gateway(
     runner = OpenAIErrorAppRunner(
         app,
         on_error=app[GATEWAY].telemetry.count_http_error,
+        request_ids=app[GATEWAY].request_ids,
         access_log=None,
         handle_signals=False,
         handler_cancellation=True,

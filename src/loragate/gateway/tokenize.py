@@ -62,8 +62,9 @@ from loragate.gateway.errors import (
     error_response,
     internal_error_response,
 )
-from loragate.gateway.proxy import REPLICA_HEADER, REQUEST_ID_HEADER, Proxy
+from loragate.gateway.proxy import REPLICA_HEADER, Proxy
 from loragate.gateway.request_body import read_request_body
+from loragate.gateway.request_ids import REQUEST_ID_HEADER
 from loragate.gateway.shared import SharedState
 from loragate.gateway.telemetry import Telemetry, retry_reason
 from loragate.gateway.vllm_validation import check_media_type
@@ -97,7 +98,7 @@ class TokenizerProxy:
         state: SharedState,
         telemetry: Telemetry,
         limits: Callable[[], LimitsConfig],
-        auth_failed: Callable[[web.Request], None] | None = None,
+        auth_failed: Callable[[web.Request, str], None] | None = None,
         no_replica: Callable[[str, str | None, str], None] | None = None,
     ) -> None:
         """``proxy``: the completions' (its catalog, as a reload or the admin API swaps it, and
@@ -338,7 +339,7 @@ class TokenizerProxy:
     ) -> web.Response:
         status = classify(exc)[0] if not isinstance(exc, VllmRequestError) else 400
         if isinstance(exc, AuthenticationError) and self._auth_failed is not None:
-            self._auth_failed(request)
+            self._auth_failed(request, request_id)
         if status == 503 and self._no_replica is not None and path != VERSION:
             self._no_replica(path, model, exc.message)
         if isinstance(exc, UpstreamError):
