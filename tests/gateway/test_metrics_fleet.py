@@ -30,6 +30,7 @@ from loragate.gateway import load_config, running_gateway
 from redis_fixture import RedisServer
 
 TOKEN = "metrics-token"
+EXAMPLE_POLICY = Path(__file__).resolve().parents[2] / "examples" / "policies" / "loragate.yaml"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -222,6 +223,39 @@ async def test_reloads_and_the_policy_in_force_are_in_metrics(
             seen += _config_info(await _scrape(gw.url))
     assert seen[0] == second
     assert seen[1]["policy"] == "consistent_hash" and seen[1]["sha256"] != second["sha256"]
+
+
+async def test_equivalent_routing_sections_show_one_sha256(
+    replicas: list[ScriptedReplica], tmp_path: Path
+) -> None:
+    """A policy's name, the same as a mapping, the example file with every parameter at its
+    default, and a file that gives one default as an integer are one routing section: one
+    sha256 in loragate_config_info. Another value of one parameter, another seed, another
+    policy: another sha256. (Before, the first four showed four digests.)"""
+    written_out = yaml.safe_load(EXAMPLE_POLICY.read_text(encoding="utf-8"))["routing"]
+    sections: list[Any] = [
+        "loragate",
+        {"policy": "loragate"},
+        written_out,
+        {"policy": "loragate", "params": {"hold_factor": 1, "new_slot_weight": None}},
+        {"policy": "loragate", "hold_factor": 2},
+        {"policy": "loragate", "seed": 7},
+        "least_loaded",
+    ]
+    seen = []
+    for i, routing in enumerate(sections):
+        path = _write(tmp_path / f"gw{i}.yaml", replicas, routing)
+        async with running_gateway(load_config(path), port=0) as gw:
+            [info] = _config_info(await _scrape(gw.url))
+        seen.append(info)
+    by_name, as_mapping, example_file, int_and_null, other_value, seeded, other = seen
+    assert by_name["policy"] == "loragate" and re.fullmatch(r"[0-9a-f]{64}", by_name["sha256"])
+    assert as_mapping == by_name
+    assert example_file == by_name
+    assert int_and_null == by_name
+    assert other_value["policy"] == "loragate" and other_value["sha256"] != by_name["sha256"]
+    assert seeded["sha256"] not in {by_name["sha256"], other_value["sha256"]}
+    assert other["sha256"] not in {by_name["sha256"], other_value["sha256"], seeded["sha256"]}
 
 
 # -- 4. process collectors -----------------------------------------------------------------

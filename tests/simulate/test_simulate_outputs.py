@@ -85,13 +85,16 @@ def test_summary_resolves_every_routing_parameter(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The name and the example file (every default written out) are one policy: their
-    sections and sha256 differ, their resolved parameters do not; the variant differs in its
-    one parameter."""
-    by_name = _run(capsys, "--policy", "loragate")["config"]["routing"]["parameters"]
+    sections differ, their resolved parameters and sha256 do not; the variant differs in its
+    one parameter, and in its sha256."""
+    named = _run(capsys, "--policy", "loragate")["config"]["routing"]
+    by_name = named["parameters"]
     from_file = _run(capsys, "--policy", str(LORAGATE_POLICY))["config"]["routing"]
     variant = _run(capsys, "--policy", str(_variant(tmp_path)))["config"]["routing"]
     assert by_name["policy"] == "loragate" and by_name["params"]["new_slot_weight"] == 0.5
     assert from_file["parameters"] == by_name
+    assert from_file["section"] != named["section"]
+    assert from_file["sha256"] == named["sha256"] != variant["sha256"]
     differs = {k for k, v in variant["parameters"]["params"].items() if by_name["params"][k] != v}
     assert differs == {"new_slot_weight"}
     assert set(variant["parameters"]["params"]) == set(by_name["params"])

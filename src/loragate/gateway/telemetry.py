@@ -38,10 +38,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from loragate.backends.pool import POLL_FAILURE_REASONS
-from loragate.core import routing_digest
 from loragate.core.config import RoutingConfig
 from loragate.core.errors import AdapterLoadError, UpstreamConnectError, UpstreamError
 from loragate.core.types import ReplicaId, ReplicaSnapshot, Residency
+from loragate.routing.resolved import routing_sha256 as _section_sha256
 from loragate.state.residency import capacities
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -431,8 +431,11 @@ class _ProxyMetrics(Collector):
             info = GaugeMetricFamily(
                 "loragate_config_info",
                 "1, labelled with the routing policy this instance runs and the sha256 of its "
-                "routing section (policy, weights, seed; as canonical JSON), so that "
-                "instances running different policies differ here. Changes on reload.",
+                "routing section in canonical form (the policy or composition with every "
+                "parameter, defaults filled in, and the seed; as canonical JSON: what loragate "
+                "simulate's summary.json has as config.routing.sha256), so that instances "
+                "running different policies or parameters differ here, and instances whose "
+                "sections are written differently but mean the same do not. Changes on reload.",
                 labels=["policy", "sha256"],
             )
             info.add_metric(list(self.config), 1)
@@ -518,8 +521,9 @@ class _ProxyMetrics(Collector):
 
 
 def routing_sha256(routing: RoutingConfig) -> str:
-    """The sha256 of a routing section (:func:`loragate.core.routing_digest.routing_sha256`)."""
-    return routing_digest.routing_sha256(routing.build_spec(), routing.seed)
+    """The sha256 of a routing section's canonical form (:mod:`loragate.routing.resolved`):
+    equal for equivalent sections however they are written."""
+    return _section_sha256(routing.build_spec(), routing.seed)
 
 
 def instances_reading(

@@ -44,10 +44,10 @@ window ``[0, duration_s]``.
   ``policy_file`` (null for a built-in name); ``routing``: ``section`` (the routing section
   run: a name, or the mapping with its parameters as written), ``sha256`` (what
   ``loragate_config_info{sha256}`` shows for a gateway whose ``routing:`` is that section, see
-  :mod:`loragate.core.routing_digest`) and ``parameters`` (every parameter as run, defaults
+  :mod:`loragate.routing.resolved`) and ``parameters`` (every parameter as run, defaults
   filled in: ``{policy, params}``, or ``{name, filters, scorers, picker}`` for a composition,
-  see :mod:`loragate.simulate.routing_echo`; equal for ``--policy loragate`` and a file with
-  the defaults, whose sections and sha256 differ); ``seed``; ``engine``: every replica's
+  see :mod:`loragate.routing.resolved`; equal for ``--policy loragate`` and a file with the
+  defaults, whose sections differ, and so are their sha256); ``seed``; ``engine``: every replica's
   ``max_loras``, ``max_cpu_loras``, ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``,
   ``max_lora_rank`` (as run: the workload's if not given), ``kv_capacity_tokens`` (as run, in
   whole 16-token blocks) and ``kv_capacity_from`` (``given``: ``--kv-capacity-tokens``, or

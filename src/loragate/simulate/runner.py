@@ -22,9 +22,9 @@ from typing import Any
 
 from loragate import __version__
 from loragate.core.errors import ConfigError, InvalidRequestError, NoReplicaAvailableError
-from loragate.core.routing_digest import routing_sha256
 from loragate.core.types import ReplicaSettings, ReplicaSnapshot, Residency, RoutingRequest
 from loragate.routing import RoutingProfile, build_policy
+from loragate.routing.resolved import resolved_routing, routing_sha256
 from loragate.simulate.config import KvCapacityError, SimulationConfig
 from loragate.simulate.records import (
     CONTEXT_LENGTH,
@@ -33,7 +33,6 @@ from loragate.simulate.records import (
     SimRecord,
     Status,
 )
-from loragate.simulate.routing_echo import resolved_routing
 from loragate.simulate.step_time import ProfileStepTime
 from loragate.simulate.summary import SummaryBuilder
 from loragate.state.residency import touch
