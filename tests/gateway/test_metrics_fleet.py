@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import platform
 import re
 import time
 import uuid
@@ -26,6 +27,7 @@ from gateway_harness import (
     serving,
 )
 
+import loragate
 from loragate.gateway import load_config, running_gateway
 from redis_fixture import RedisServer
 
@@ -270,6 +272,17 @@ async def test_process_metrics_are_exported(replicas: list[ScriptedReplica]) -> 
     rss = _sample(text, "process_resident_memory_bytes")
     assert rss is not None and rss > 0
     assert _samples(text, "python_info")
+
+
+async def test_build_info_names_the_version_and_python(replicas: list[ScriptedReplica]) -> None:
+    """loragate_build_info{version,python} 1: which release each instance of a fleet runs."""
+    cfg = gateway_config([replicas[0].url])
+    async with running_gateway(cfg, port=0) as gw:
+        text = await _scrape(gw.url)
+    assert "# TYPE loragate_build_info gauge" in text
+    assert _samples(text, "loragate_build_info") == [
+        ({"version": loragate.__version__, "python": platform.python_version()}, 1.0)
+    ]
 
 
 # -- 5. the shared in-flight view ----------------------------------------------------------

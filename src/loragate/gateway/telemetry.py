@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import platform
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TypeVar
@@ -37,6 +38,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from loragate import __version__
 from loragate.backends.pool import POLL_FAILURE_REASONS
 from loragate.core.config import RoutingConfig
 from loragate.core.errors import AdapterLoadError, UpstreamConnectError, UpstreamError
@@ -129,6 +131,24 @@ class _ScrapeTimeGauges(Collector):
         for rid, n in self._adapter_loads().items():
             loads.add_metric([rid], n)
         yield loads
+
+
+class _BuildInfo(Collector):
+    """``loragate_build_info``: the same at every scrape, built once."""
+
+    def __init__(self) -> None:
+        info = GaugeMetricFamily(
+            "loragate_build_info",
+            "1, labelled with the loragate version this gateway instance runs and the version "
+            "of the Python running it (python_info has the interpreter's details): instances of a "
+            "fleet that run different releases differ here.",
+            labels=["version", "python"],
+        )
+        info.add_metric([__version__, platform.python_version()], 1)
+        self._families = (info,)
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
 
 
 class _DrainingGauge(Collector):
@@ -613,6 +633,7 @@ class Telemetry:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._metrics = _ProxyMetrics()
         self.registry.register(self._metrics)
+        self.registry.register(_BuildInfo())
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             # (A registry given in may hold them already: prometheus_client's default does.)
             with contextlib.suppress(ValueError):
