@@ -63,6 +63,32 @@ async def test_a_path_no_replica_can_load_is_a_400_and_not_registered() -> None:
         assert any("typo" in r.adapters for r in replicas)
 
 
+async def test_the_refusals_of_a_rejected_registration_say_it_is_taken_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every replica refuses: the log lines say what happens (taken back, a 404 for its
+    requests), not what a refusal of a served adapter means (a 502 naming the refusals)."""
+    async with picky_replicas() as replicas, running_gateway(_cfg(replicas), port=0) as gw:
+        bad = {"name": "ghost", "path": "/models/loras/ghost"}  # the stubs read /loras/ only
+        with caplog.at_level(logging.WARNING):
+            status, body = await _admin(gw.url, "POST", "/admin/adapters", bad)
+        assert status == 400, body
+        async with openai_client(gw.url) as client:
+            with pytest.raises(openai.NotFoundError):
+                await client.completions.create(model="ghost", prompt="x", max_tokens=2)
+    refusals = [
+        r.getMessage() for r in caplog.records if "failed to load on replica" in r.getMessage()
+    ]
+    assert len(refusals) == 2, refusals
+    assert not any("get a 502" in m for m in refusals), refusals
+    first, last = refusals
+    assert "(tried next on replica " in first
+    assert "the registration is taken back" in last
+    assert "requests for ghost get a 404 model_not_found" in last
+    taken_back = [r for r in caplog.records if "not registered (taken back" in r.getMessage()]
+    assert len(taken_back) == 1 and taken_back[0].levelno == logging.WARNING
+
+
 async def test_a_replica_that_refuses_while_another_loads_it_keeps_its_refusal() -> None:
     async with picky_replicas() as replicas, running_gateway(_cfg(replicas), port=0) as gw:
         r0, r1 = replicas

@@ -1023,6 +1023,25 @@ class ReplicaPool:
     def registered_adapters(self) -> Mapping[ReplicaId, frozenset[str]]:
         return {rid: frozenset(r.registered) for rid, r in self._replicas.items()}
 
+    def unknown_adapters(self) -> dict[ReplicaId, dict[str, str | None]]:
+        """Adapters replicas list as registered that the gateway does not serve (not in
+        :meth:`expect_adapters`' catalog, not deleted lately: the listener's tombstones), by
+        replica: adapter -> the path its ``/v1/models`` card gives (None: no ``root``). E.g.
+        registered through an embedded store's admin API before the gateway restarted, or
+        loaded outside loragate. They are left alone (see the module docstring)."""
+        retired = self.listener.retired_adapters() if self.listener is not None else ()
+        out: dict[ReplicaId, dict[str, str | None]] = {}
+        for rid, rep in self._replicas.items():
+            names = sorted(n for n in rep.registered if n not in self._specs and n not in retired)
+            if names:
+                out[rid] = {n: rep.roots.get(n) for n in names}
+        return out
+
+    def has_answered(self, replica_id: ReplicaId) -> bool:
+        """Whether a poll of the replica has succeeded since it joined the pool."""
+        rep = self._replicas.get(replica_id)
+        return rep is not None and rep.answered
+
     def base_model_card(self) -> ModelCard | None:
         """The base model as the replicas' ``/v1/models`` described it at their last good poll:
         ``root`` from the first replica (config order) that listed it, ``max_model_len`` the
@@ -1093,6 +1112,7 @@ class ReplicaPool:
         timeout_s: float | None = None,
         request_id: str | None = None,
         load_id: str | None = None,
+        refusal_outlook: str | None = None,
     ) -> bool:
         """Make sure ``spec`` is registered on the replica, loading it through the admin API if
         needed. One load per (adapter, replica) at a time however many requests wait; a waiter
@@ -1113,7 +1133,10 @@ class ReplicaPool:
         ``request_id``: the id of the gateway request this load is for, and ``load_id`` the
         ``X-Request-Id`` the load call carries (``gateway.request_ids``), if this call starts
         the load (else it waits for the one under way, started for another request); the
-        load's log line, at its end, names both."""
+        load's log line, at its end, names both. ``refusal_outlook``: what a refusal means for
+        the adapter's requests, for the refusal's log line, if this call starts the load
+        (None: what it means for requests routed there; an admin registration's load says
+        what happens to the registration)."""
         rep = self._replicas.get(replica_id)
         if rep is None:  # removed by a reload while the request was being routed
             raise ReplicaRetiredError(
@@ -1126,7 +1149,7 @@ class ReplicaPool:
         task = self._loads.get(key)
         if task is None:
             cause = "the gateway" if request_id is None else f"request {request_id}"
-            task = self._start_load(key, rep, spec, cause, load_id)
+            task = self._start_load(key, rep, spec, cause, load_id, refusal_outlook)
         wake = rep.wake
         if wake is None:
             wake = rep.wake = asyncio.get_running_loop().create_future()
@@ -1160,8 +1183,11 @@ class ReplicaPool:
         spec: AdapterSpec,
         cause: str,
         load_id: str | None,
+        refusal_outlook: str | None = None,
     ) -> asyncio.Task[None]:
-        task = asyncio.create_task(self._timed_load(rep, spec, cause, load_id), name=f"load {key}")
+        task = asyncio.create_task(
+            self._timed_load(rep, spec, cause, load_id, refusal_outlook), name=f"load {key}"
+        )
         self._loads[key] = task
         task.add_done_callback(lambda t: self._load_done(key, t))
         return task
@@ -1174,7 +1200,12 @@ class ReplicaPool:
             task.exception()  # retrieved: all waiters may have gone away
 
     async def _timed_load(
-        self, rep: _Replica, spec: AdapterSpec, cause: str, load_id: str | None
+        self,
+        rep: _Replica,
+        spec: AdapterSpec,
+        cause: str,
+        load_id: str | None,
+        refusal_outlook: str | None = None,
     ) -> None:
         """:meth:`_load`, its duration and outcome told to :attr:`on_load_done` and logged
         (INFO; DEBUG for a refusal, which :meth:`_load` logs as a WARNING): the adapter, the
@@ -1183,7 +1214,8 @@ class ReplicaPool:
         started = self._clock.now()
         result = "error"
         try:
-            result = "ok" if await self._load(rep, spec, load_id) else "already_loaded"
+            loaded = await self._load(rep, spec, load_id, refusal_outlook)
+            result = "ok" if loaded else "already_loaded"
         except AdapterLoadError:
             result = "refused"
             raise
@@ -1210,7 +1242,13 @@ class ReplicaPool:
                 _LOAD_RESULTS.get(result, result), took_s * 1000.0,
             )  # fmt: skip
 
-    async def _load(self, rep: _Replica, spec: AdapterSpec, load_id: str | None = None) -> bool:
+    async def _load(
+        self,
+        rep: _Replica,
+        spec: AdapterSpec,
+        load_id: str | None = None,
+        refusal_outlook: str | None = None,
+    ) -> bool:
         """Load ``spec`` on ``rep``; True if the replica loaded it (200), False if it had it
         registered already (from the configured path). ``load_id``: the call's
         ``X-Request-Id`` (an in-place reload after "already loaded": ``<load_id>-inplace``)."""
@@ -1269,7 +1307,11 @@ class ReplicaPool:
                 f"{spec.name} there that this gateway does not try to reload in place first)"
                 if old is not None
                 else "",
-                self._refusal_outlook(spec, rid) if refusals.ttl_s > 0 else "",
+                refusal_outlook
+                if refusal_outlook is not None
+                else self._refusal_outlook(spec, rid)
+                if refusals.ttl_s > 0
+                else "",
             )
             raise
         if old is not None:

@@ -5,7 +5,9 @@
                             instances, and this one's), settings, shadow residency, the
                             adapters it refused to load lately (``refused_adapters``), and
                             how old its engine metrics are (``seconds_since_scrape``; null
-                            until a poll of it succeeded)
+                            until a poll of it succeeded), and the adapters it holds registered
+                            that this gateway does not serve (``unknown_registered``, see
+                            below)
 ``GET /admin/replicas/R``   one replica, as listed above (404 for an unknown id, param
                             ``id``): what a script polls while the replica drains. A replica
                             this instance's config lacks but the shared state knows (another
@@ -36,13 +38,21 @@
                             API before, is served as that one defines it, and shows
                             ``definition_conflict`` (``configured``, ``in_force``; its
                             ``instance`` is ``admin API`` for a registration; see
-                            ``state.definitions``)
+                            ``state.definitions``). ``unknown_registered``: the adapters
+                            replicas hold registered that this gateway does not serve
+                            (``name``, ``registered_on``, ``paths``: replica -> the path it
+                            holds it from), e.g. registered in the embedded store before a
+                            restart; not adopted (``gateway.unknown_adapters``)
 ``POST /admin/adapters``    register ``{name, path, rank?, tenants?}``: 201 (the body says
                             where the rank came from: ``rank_source``, see
                             ``gateway.adapter_rank``; and where it was loaded: ``loaded_on``
                             (a list: empty if none was asked), ``untried`` (true then),
                             ``refused_by`` (replica -> vLLM's reason) and ``not_tried``
-                            (replica -> why it was not asked)); 400 naming the bad key, or
+                            (replica -> why it was not asked); and where the registration
+                            lives: ``persisted`` ``redis`` (shared, kept across restarts) or
+                            ``memory`` (the embedded store: this process only, lost when it
+                            restarts; then a ``warning`` says so, and the first such
+                            registration is logged, WARNING)); 400 naming the bad key, or
                             a rank that disagrees with the folder's ``adapter_config.json``,
                             or a path
                             no healthy replica loads while at least one refuses it (it is

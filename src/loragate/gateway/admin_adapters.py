@@ -47,6 +47,7 @@ from loragate.gateway.admin_common import json_response, log, state_unavailable
 from loragate.gateway.load_placement import LoadPlacer, ReplicaView
 from loragate.gateway.request_body import read_request_body
 from loragate.gateway.request_ids import REQUEST_ID, UPSTREAM_ID
+from loragate.gateway.unknown_adapters import unknown_json
 from loragate.routing.rank_limit import within_rank_limit
 
 if TYPE_CHECKING:
@@ -60,6 +61,11 @@ _RANK_SOURCES = {
     "default": f"assumed: {DEFAULT_RANK} when none is given and the folder cannot be read",
 }
 _MAX_ADMIN_BODY = 64 * 1024
+EMBEDDED_WARNING = (
+    "registered in the embedded state store (state.backend: memory): kept in this gateway "
+    "process only, lost when it restarts (the replicas keep the adapter, requests for it then "
+    "get a 404); add it to the config file or use state.backend: redis to keep it"
+)
 
 
 def adapter_json(spec: AdapterSpec) -> dict[str, Any]:
@@ -120,6 +126,7 @@ class AdapterAdmin:
     def __init__(self, gateway: Gateway) -> None:
         self._gw = gateway
         self._placer = LoadPlacer()  # where a registration's load is tried first
+        self._said_embedded = False  # the embedded store's warning was logged
 
     async def adapters(self, _: web.Request) -> web.Response:
         gw = self._gw
@@ -145,7 +152,9 @@ class AdapterAdmin:
                     },
                 }
             out.append(item)
-        return json_response({"adapters": out})
+        # Held registered by replicas, unknown here (gateway.unknown_adapters): not served.
+        unknown = unknown_json(gw.pool.unknown_adapters())
+        return json_response({"adapters": out, "unknown_registered": unknown})
 
     async def add_adapter(self, request: web.Request) -> web.Response:
         gw = self._gw
@@ -205,8 +214,28 @@ class AdapterAdmin:
                 req_id, spec.name, spec.path, spec.rank, settled.unread,
             )  # fmt: skip
         return json_response(
-            {**adapter_json(spec), "rank_source": settled.source, **load.to_json()}, status=201
+            {
+                **adapter_json(spec),
+                "rank_source": settled.source,
+                **load.to_json(),
+                **self._persisted(req_id, spec.name),
+            },
+            status=201,
         )
+
+    def _persisted(self, req_id: str, name: str) -> dict[str, str]:
+        """Where a registration lives, for its 201: ``persisted`` ``redis`` (the shared store:
+        every instance, across restarts) or ``memory`` (the embedded store: this process only),
+        then with a ``warning`` saying what that means; the first such registration of the
+        process is also logged (WARNING) once."""
+        if not self._gw.shared.embedded:
+            return {"persisted": "redis"}
+        if not self._said_embedded:
+            self._said_embedded = True
+            log.warning(
+                "admin: request %s: adapter %s %s (said once)", req_id, name, EMBEDDED_WARNING
+            )
+        return {"persisted": "memory", "warning": EMBEDDED_WARNING}
 
     async def _try_load(self, spec: AdapterSpec, request: web.Request) -> LoadAttempt:
         """Load ``spec`` (just registered) on the healthy replicas in turn until one has it, so
@@ -258,9 +287,23 @@ class AdapterAdmin:
             )  # fmt: skip
         for k, cand in enumerate(order, 1):
             rid = cand.replica_id
+            # What a refusal here means, for the pool's log line of it: not what it means for
+            # routed requests (the registration is taken back if no replica loads it).
+            if k < len(order):
+                outlook = f" (tried next on replica {order[k].replica_id})"
+            else:
+                outlook = (
+                    f" (no replica loaded it: the registration is taken back, request {req_id} "
+                    f"gets a 400 naming the refusals, and requests for {spec.name} get a 404 "
+                    "model_not_found)"
+                )
             try:
                 await pool.ensure_adapter(
-                    rid, spec, request_id=req_id, load_id=f"{upstream_id}-load-{k}"
+                    rid,
+                    spec,
+                    request_id=req_id,
+                    load_id=f"{upstream_id}-load-{k}",
+                    refusal_outlook=outlook,
                 )
             except AdapterLoadError as exc:
                 refused.append(f"replica {rid}: {exc.message}")
@@ -302,6 +345,11 @@ class AdapterAdmin:
         )
         if passed_over:
             message += "; not tried: " + ", ".join(passed_over)
+        log.warning(
+            "admin: request %s: adapter %s not registered (taken back: requests for it get a "
+            "404 model_not_found): %s",
+            req_id, spec.name, message,
+        )  # fmt: skip
         raise InvalidRequestError(message, param="path")
 
     async def delete_adapter(self, request: web.Request) -> web.Response:

@@ -10,6 +10,7 @@ can show it, set it and end it, and tell the requests still running there."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import hdrs, web
@@ -62,7 +63,8 @@ class ReplicaAdmin:
     async def replicas(self, _: web.Request) -> web.Response:
         gw = self._gw
         pool = gw.pool
-        out = [self._replica_json(snap) for snap in pool.snapshots()]
+        unknown = pool.unknown_adapters()
+        out = [self._replica_json(snap, unknown) for snap in pool.snapshots()]
         elsewhere = [
             self._unconfigured_json(rid)
             for rid in sorted(gw.shared.drains())
@@ -141,7 +143,10 @@ class ReplicaAdmin:
             "drain_not_seen_by": gw.shared.drain_not_seen_by(rid),
         }
 
-    def _replica_json(self, snap: ReplicaSnapshot) -> dict[str, Any]:
+    def _replica_json(
+        self, snap: ReplicaSnapshot, unknown: Mapping[str, Mapping[str, str | None]] | None = None
+    ) -> dict[str, Any]:
+        """``unknown``: ``ReplicaPool.unknown_adapters()`` (None: asked here)."""
         gw = self._gw
         pool, shared = gw.pool, gw.shared
         rid = snap.replica_id
@@ -189,6 +194,10 @@ class ReplicaAdmin:
             }
             if pool.has_replica(rid)
             else {},
+            # Registered there, not served by this gateway (gateway.unknown_adapters).
+            "unknown_registered": sorted(
+                (pool.unknown_adapters() if unknown is None else unknown).get(rid, {})
+            ),
             "residency": {
                 "registered": sorted(res.registered),
                 "gpu": list(res.gpu),

@@ -47,6 +47,7 @@ from loragate.gateway.route_errors import NoReplicaLog, method_not_allowed, not_
 from loragate.gateway.shared import SharedState, build_store
 from loragate.gateway.telemetry import CONTENT_TYPE, Telemetry, instances_reading
 from loragate.gateway.tokenize import TokenizerProxy
+from loragate.gateway.unknown_adapters import UnknownAdapterWarning
 from loragate.routing import Policy, build_policy
 from loragate.state import GatewayStore
 
@@ -285,6 +286,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     shared = gateway.shared
     maintenance: asyncio.Task[None] | None = None
     same: asyncio.Task[None] | None = None
+    watch: asyncio.Task[None] | None = None
     try:
         await shared.start()
         await shared.register_replicas(gateway.config.replicas)
@@ -293,6 +295,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         shared.sync_stopping()  # replicas another instance found shutting down: held from
         # the first poll on (the pool's first poll finds them held)
         await gateway.pool.start(session)
+        unknown = UnknownAdapterWarning(gateway)
+        unknown.check()  # adapters the replicas hold that the catalog lacks: said once
+        watch = asyncio.create_task(
+            unknown.watch(gateway.config.poller.interval_s), name="loragate-unknown-adapters"
+        )
         maintenance = asyncio.create_task(shared.run(), name="loragate-state-maintenance")
         same = asyncio.create_task(
             warn_same_servers(gateway.config.replicas), name="loragate-same-servers"
@@ -301,6 +308,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     finally:
         if same is not None:
             await cancel_and_wait(same)
+        if watch is not None:
+            await cancel_and_wait(watch)
         if maintenance is not None:
             await cancel_and_wait(maintenance)
         await gateway.pool.stop()

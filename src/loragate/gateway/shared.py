@@ -514,6 +514,12 @@ class SharedState:
             self.check_adapters()
         return spec
 
+    @property
+    def embedded(self) -> bool:
+        """Whether the store is the embedded one: the admin API's registrations live in this
+        process only, and a restart forgets them."""
+        return self._sync is not None
+
     def check_adapters(self) -> None:
         """Call ``on_adapters`` if the shared adapter registry, or a definition in force for
         an adapter of the config file, changed since the last call."""
