@@ -19,8 +19,16 @@ the error names the key. Then, without dropping a request:
 * ``admin.token`` and ``metrics.token`` changes take effect at once (with
   ``LORAGATE_ADMIN_TOKEN`` / ``LORAGATE_METRICS_TOKEN``, which win over them, read again and
   checked as the file's values are: a bad one rejects the reload naming the variable; a file
-  token a variable overrides is warned about again); a new ``base_model`` from
-  the next poll on (a replica that does not serve it gets no traffic).
+  token a variable overrides is warned about again);
+* a new ``base_model`` from the next poll on (a replica that does not serve it gets no
+  traffic), but only if at least one replica of the new file serves it now: before anything
+  changes, every replica of the new file is asked for its ``/v1/models`` (concurrently,
+  within ``poller.timeout_s``), and if none lists the new model the reload is rejected
+  (``ConfigError`` naming ``base_model`` and what each replica serves: 400 for
+  ``POST /admin/reload``, a logged rejection for SIGHUP) with the running config kept. Before,
+  such a reload answered ``reloaded`` and took every replica out of rotation (each one's polls
+  then failed as ``wrong_model``). A new model that some replicas serve is a deliberate move
+  of the traffic to them: applied, the others named in a WARNING.
 
 ``/metrics`` counters never go backwards across a reload: a replaced replica's series count
 on, a removed replica's counters keep their last value (its health and in-flight gauges
@@ -32,14 +40,18 @@ connections) are reported in ``restart_required`` when they changed, and keep th
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loragate.core.config import GatewayConfig
-from loragate.core.errors import ConfigError
+import aiohttp
+
+from loragate.backends.client import VllmClient
+from loragate.core.config import GatewayConfig, ReplicaConfig
+from loragate.core.errors import ConfigError, LoragateError
 from loragate.gateway.config_file import load_config
 from loragate.gateway.config_warnings import warn_ignored_file_tokens, warn_same_servers
 from loragate.routing import build_policy
@@ -111,9 +123,15 @@ async def reload_from_file(
         telemetry.count_reload("error")
         raise
     try:
+        await check_base_model(gateway, config)
         result = await apply_config(gateway, config, said=said)
-    except ConfigError:
+    except ConfigError as exc:
         telemetry.count_reload("rejected")
+        if exc.key == "base_model":
+            log.warning(
+                "config reload rejected, keeping the running config: %s: %s%s",
+                path, exc, said,
+            )  # fmt: skip
         raise
     except Exception:
         telemetry.count_reload("error")
@@ -123,6 +141,55 @@ async def reload_from_file(
     if new_entries:  # as at start-up (after the count: it may wait for DNS)
         await warn_same_servers(gateway.config.replicas, only=new_entries)
     return result
+
+
+async def check_base_model(gateway: Gateway, new: GatewayConfig) -> None:
+    """Raise ``ConfigError`` (key ``base_model``) if ``new`` changes the base model and no
+    replica of ``new`` serves that model now (see the module docstring); warn about the
+    replicas that do not serve it if some do. No-op if the model is unchanged or the gateway
+    has not started (no session: nothing could be asked)."""
+    old_model, model = gateway.config.base_model, new.base_model
+    session = gateway.session
+    if model == old_model or session is None:
+        return
+    served = await asyncio.gather(
+        *(_served_models(session, r, gateway.config.poller.timeout_s) for r in new.replicas)
+    )
+    said = {r.replica_id: what for r, what in zip(new.replicas, served, strict=True)}
+    serving = [rid for rid, what in said.items() if isinstance(what, tuple) and model in what]
+    others = "; ".join(
+        f"{rid}: {', '.join(what) or 'no model'}"
+        if isinstance(what, tuple)
+        else f"{rid}: not asked ({what})"
+        for rid, what in said.items()
+        if rid not in serving
+    )
+    if not serving:
+        raise ConfigError(
+            f"no replica serves {model!r} ({others}): the reload would take every replica out "
+            f"of rotation; the running config stays in force (base_model {old_model!r}). Start "
+            "replicas serving it first (or list them in the same file), then reload",
+            key="base_model",
+        )
+    if others:
+        log.warning(
+            "config reload: base_model %r (was %r) is served by %s only; the other replicas "
+            "get no traffic (%s)",
+            model, old_model, ", ".join(serving), others,
+        )  # fmt: skip
+
+
+async def _served_models(
+    session: aiohttp.ClientSession, replica: ReplicaConfig, timeout_s: float
+) -> tuple[str, ...] | str:
+    """The base models ``replica``'s ``/v1/models`` lists now, or why it could not be read."""
+    client = VllmClient(session, replica.url, api_key=replica.api_key, poll_timeout_s=timeout_s)
+    try:
+        return (await client.list_models()).base_models
+    except (LoragateError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"[:200]
+    finally:
+        client.upstream.close()
 
 
 def log_reload_failure(gateway: Gateway, how: str) -> None:
