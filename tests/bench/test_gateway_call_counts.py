@@ -4,7 +4,8 @@ process, for A/B comparisons that do not depend on the machine's load.
 The real bench runs: the instant upstream, ``loragate serve`` under cProfile
 (``bench/_profiled_serve.py``), requests over loopback. The same tree measured twice (as
 ``--extra-src``) must count the same within a call or two per request, where the CPU µs figure
-moves ±30 % between rounds here.
+moves ±30 % between rounds here, and however busy the machine is: nothing that runs by the
+clock (the poller, the state store's housekeeping) is counted as a request's work.
 """
 
 from __future__ import annotations
@@ -42,10 +43,14 @@ def test_calls_counts_each_tree_and_kind_and_an_ab_of_one_tree_agrees(tmp_path: 
         by_function = doc["by_function"][f"{target} {kind}"]
         # the request path is in the count: the proxy's handler ran once per request
         assert any(name.startswith("loragate/gateway/") for name in by_function)
+        # background loops that run by the clock are kept out of the window: counted, they
+        # made a request that took longer (a busy machine) cost more calls
+        clocked = ("loragate/gateway/shared.py:run", "loragate/backends/pool.py:_run")
+        assert not [name for name in clocked if name in by_function], (target, kind)
     for kind in ("non-stream", "stream"):
         a = rows[("loragate least_loaded", kind)]["calls_per_request"]
         b = rows[("loragate@same least_loaded", kind)]["calls_per_request"]
-        assert abs(a - b) <= 0.02 * a, (kind, a, b)
+        assert abs(a - b) <= 0.01 * a, (kind, a, b)  # measured: within 0.1 %, under load too
     a_stream = rows[("loragate least_loaded", "stream")]["calls_per_request"]
     a_plain = rows[("loragate least_loaded", "non-stream")]["calls_per_request"]
     assert a_stream > a_plain  # a stream's chunks are relayed one read at a time
