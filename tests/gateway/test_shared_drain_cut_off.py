@@ -7,10 +7,8 @@ relay on loopback that the test cuts and restores; three simulated replicas (the
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,58 +20,7 @@ from loragate.gateway import running_gateway
 from loragate.gateway.runner import RunningGateway
 from loragate.state import ResilientStore
 from redis_fixture import RedisServer
-
-
-class Relay:
-    """Forwards loopback TCP connections to a port; ``cut()`` closes them all and refuses new
-    ones, ``restore()`` listens again on the same port."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def restore(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def cut(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        await self._server.wait_closed()
-        self._server = None
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers |= {writer, up_writer}
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.transport.abort()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        self._writers -= {writer, up_writer}
-
-
-@contextlib.asynccontextmanager
-async def relay_to(port: int) -> AsyncIterator[Relay]:
-    relay = Relay(port)
-    await relay.restore()
-    try:
-        yield relay
-    finally:
-        if relay._server is not None:
-            await relay.cut()
+from tcp_relay import relay_to
 
 
 async def _call(http: aiohttp.ClientSession, method: str, url: str) -> tuple[int, Any]:

@@ -148,10 +148,21 @@ async def bounded(aw: Awaitable[T], timeout_s: float) -> T:
     honouring cancellation: redis-py's asyncio client has had paths that swallow a
     ``CancelledError`` (redis/redis-py#2551), which turns a timeout into a hang. The call runs
     as its own task; on timeout it is cancelled and abandoned, and the caller goes on.
+
+    A stalled event loop is not a slow server: when the timer fires late (the loop was held up
+    past the deadline, e.g. on a saturated host, and the answer may be waiting unread on the
+    socket), the call gets as long again as the loop overran, at most ``timeout_s`` more, before
+    it counts as timed out. The timer runs before the socket is read in the iteration that
+    ends a stall, so without this a stall longer than ``timeout_s`` failed every call in flight.
     """
     task = asyncio.ensure_future(aw)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
     try:
         done, _ = await asyncio.wait((task,), timeout=timeout_s)
+        late = loop.time() - deadline
+        if not done and late > 0:
+            done, _ = await asyncio.wait((task,), timeout=min(late, timeout_s))
     except asyncio.CancelledError:
         task.cancel()
         task.add_done_callback(_consume)
@@ -161,6 +172,13 @@ async def bounded(aw: Awaitable[T], timeout_s: float) -> T:
         task.add_done_callback(_consume)
         raise TimeoutError(f"no answer within {timeout_s} s")
     return task.result()
+
+
+def backstop_timeout_s(op_timeout_s: float) -> float:
+    """redis-py's own socket, connect and pool timeouts: far above ``op_timeout_s`` (which
+    ``bounded`` enforces), there only to free a connection whose abandoned call ignored its
+    cancellation."""
+    return max(30.0, 10.0 * op_timeout_s)
 
 
 class EpochChangedError(StateUnavailableError):
@@ -253,16 +271,20 @@ class RedisStore:
     ) -> RedisStore:
         """A client that fails fast (no client-side retries: the caller decides what to do).
 
-        Bursts beyond ``max_connections`` concurrent calls wait for a free connection (up to
-        ``op_timeout_s``) instead of failing.
+        Bursts beyond ``max_connections`` concurrent calls wait for a free connection instead of
+        failing. Every call is bounded by ``op_timeout_s`` (``bounded``, which does not count a
+        stall of our own event loop against Redis); redis-py's own timeouts are only a backstop
+        (``backstop_timeout_s``): at ``op_timeout_s`` they failed calls whose answer had come
+        in time but sat unread while the loop was held up.
         """
+        backstop_s = backstop_timeout_s(op_timeout_s)
         pool = BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
-            timeout=op_timeout_s,
+            timeout=backstop_s,
             decode_responses=True,
-            socket_timeout=op_timeout_s,
-            socket_connect_timeout=op_timeout_s,
+            socket_timeout=backstop_s,
+            socket_connect_timeout=backstop_s,
             retry=Retry(NoBackoff(), 0),
         )
         client = aioredis.Redis(connection_pool=pool)
@@ -319,25 +341,38 @@ class RedisStore:
 
     async def replay_touch(self, replica_id: ReplicaId, adapter: AdapterId, now_s: float) -> None:
         """Residency touch and demand count of a request routed while Redis was down."""
-        await self._run_begin(replica_id, adapter, "", now_s)
+        await self.replay_touches([(replica_id, adapter, now_s)])
+
+    async def replay_touches(self, touches: Sequence[tuple[ReplicaId, AdapterId, float]]) -> None:
+        """``replay_touch`` for each of ``touches`` (replica, adapter, time), in order, in one
+        pipelined round trip (plus one to check that the script is loaded): a resync's cost
+        must not grow with the number of requests routed during the outage."""
+        pipe = self._r.pipeline(transaction=False)
+        for replica_id, adapter, now_s in touches:
+            keys, args = self._begin_args(replica_id, adapter, "", now_s)
+            await self._begin(keys=keys, args=args, client=pipe)  # queued: no I/O
+        await self._io(pipe.execute())
 
     async def _run_begin(
         self, replica_id: ReplicaId, adapter: AdapterId | None, member: str, now_s: float
     ) -> None:
+        keys, args = self._begin_args(replica_id, adapter, member, now_s)
+        await self._io(self._begin(keys=keys, args=args))
+
+    def _begin_args(
+        self, replica_id: ReplicaId, adapter: AdapterId | None, member: str, now_s: float
+    ) -> tuple[list[str], list[str | int]]:
         k = self.keys
         bucket = self.ttls.demand_bucket(now_s)
-        await self._io(
-            self._begin(
-                keys=[k.in_flight(replica_id), *k.residency_keys(replica_id), k.demand(bucket)],
-                args=[
-                    member,
-                    self.ttls.lease_ttl_ms,
-                    adapter or "",
-                    *self._settings_args(),
-                    self._demand_ttl_s,
-                ],
-            )
-        )
+        keys = [k.in_flight(replica_id), *k.residency_keys(replica_id), k.demand(bucket)]
+        args: list[str | int] = [
+            member,
+            self.ttls.lease_ttl_ms,
+            adapter or "",
+            *self._settings_args(),
+            self._demand_ttl_s,
+        ]
+        return keys, args
 
     async def end_request(self, replica_id: ReplicaId, request_id: str) -> None:
         own = self.note_end(request_id)

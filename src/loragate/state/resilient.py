@@ -17,7 +17,10 @@ The gateway's store in a multi-instance deployment. It keeps a local mirror (a
   drained replicas, and the tombstones of adapters deleted lately, so that another
   instance's stale view does not bring a deleted adapter back); then it
   replays the journal (residency touches, demand counts, admin writes), replaces this
-  instance's leases with the live ones, and refreshes the mirror.
+  instance's leases with the live ones, and refreshes the mirror. That is a fixed number of
+  round trips whatever the traffic: the requests' touches are replayed in pipelined batches,
+  and what traffic adds meanwhile is left to the next maintenance round (see
+  ``_recover_locked``), so a resync on a saturated host is not a race against the requests.
 
 Adapter-load refusals ride the same refresh: a refusal recorded here is in the mirror at
 once; a refresh whose snapshot may predate one of this instance's refusal writes (one was in
@@ -61,6 +64,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from itertools import islice
 
 from loragate.core.clock import Clock, WallClock
 from loragate.core.types import AdapterId, AdapterSpec, ReplicaId, Residency
@@ -87,10 +91,23 @@ from loragate.state.store import (
 
 log = logging.getLogger("loragate.state")
 
-# Lease syncs per resynchronisation before giving the rest to the periodic renewal.
-MAX_DRAIN_PASSES = 8
+# Journaled request touches replayed per round trip.
+REPLAY_BATCH = 256
 
 RemoteOp = Callable[[RedisStore], Awaitable[object]]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class _Touch:
+    """The journal entry of a request routed while Redis was down (residency touch and demand
+    count): one per request, so replayed in batches (``RedisStore.replay_touches``)."""
+
+    replica_id: ReplicaId
+    adapter: AdapterId
+    now_s: float
+
+    def __call__(self, r: RedisStore) -> Awaitable[object]:
+        return r.replay_touch(self.replica_id, self.adapter, self.now_s)
 
 
 class ResilientStore:
@@ -118,7 +135,9 @@ class ResilientStore:
         self._journal: deque[RemoteOp] = deque()
         self._journal_max = journal_max
         self.journal_dropped = 0
-        self.drain_pass_limit_hits = 0  # resyncs whose lease sync hit MAX_DRAIN_PASSES
+        # Leases begun or ended during the last resync, after its lease sync: the next
+        # maintenance round syncs them.
+        self._leases_behind = False
         self._jitter = jitter
         self._rng = rng or random.Random()
         self._degraded = True  # until the first successful sync
@@ -239,6 +258,19 @@ class ResilientStore:
             await self._recover_locked()
 
     async def _recover_locked(self) -> None:
+        """One pass whatever the traffic: Redis's data checked (refilled if lost), the journal
+        entries present now replayed, our leases synced, the mirror refreshed. Requests keep
+        coming meanwhile; their touches go to the journal and their leases are only remembered
+        while we are degraded. Chasing them here (replay, sync, until nothing changed) made the
+        resync as long as the traffic let it on a saturated host, where each round trip is slow
+        and the requests journaled during one replay are as many as it replayed; every extra
+        round trip was one more chance for a timeout that failed the whole resync. So the caller
+        clears ``degraded`` when this returns (no await in between), and from then on requests
+        go to Redis directly: the journal only shrinks. The entries left are replayed by the next
+        ``maintain`` round, in order, before anything queued behind them (``_queueing``), and
+        the leases are synced there too if they changed meanwhile (``_leases_behind``); until
+        then the mirror keeps its refusals, drains and stopping holds (``_refresh``), and
+        another instance may count a lease begun here during the resync one round late."""
         remote = self._remote
         if self.resyncs > 0:  # an outage: do not reuse connections to the old server
             await remote.drop_idle_connections()
@@ -254,50 +286,40 @@ class ResilientStore:
                     "among them: check GET /admin/replicas and end it again",
                     ", ".join(sorted(restored)),
                 )  # fmt: skip
-        await self._drain()
+        await self._replay_journal()
+        mark = remote.lease_changes
+        await remote.sync_leases()
         self._known_epoch = epoch
         await self._refresh(allow_resync=False)
-        # Writes made while we were awaiting above went to the journal: drain again. The caller
-        # clears ``degraded`` right after this returns, with no await in between.
-        await self._drain()
-
-    async def _drain(self) -> None:
-        """Replay the journal and sync our leases until nothing changed meanwhile.
-
-        Bounded: traffic goes on while each replay and sync awaits Redis, so both could chase
-        new entries forever. Each pass replays the journal entries present when it starts, and
-        there are at most ``MAX_DRAIN_PASSES`` passes. What is left then is self-correcting and
-        nothing is lost: a lease begun meanwhile reaches Redis with the next renewal
-        (``maintain`` runs ``sync_leases`` every ``lease_renew_s``, which makes Redis hold
-        exactly our live leases), one ended meanwhile expires at its TTL at the latest, and the
-        journal entries still waiting (adapter touches, registry writes) stay in the journal:
-        later writes queue behind them (``_write``) and ``maintain`` replays them.
-        """
-        remote = self._remote
-        for _ in range(MAX_DRAIN_PASSES):
-            await self._replay_journal()
-            mark = remote.lease_changes
-            await remote.sync_leases()
-            if not self._journal and remote.lease_changes == mark:
-                return
-        self.drain_pass_limit_hits += 1
-        log.info(
-            "state: resync still racing traffic after %d passes (%d journal entries "
-            "left); the next maintenance rounds complete it",
-            MAX_DRAIN_PASSES,
-            len(self._journal),
-        )
+        if remote.lease_changes != mark:
+            self._leases_behind = True
 
     async def _replay_journal(self) -> None:
         """Replay, in order, the journal entries present now (an entry leaves the journal only
-        once Redis has taken it; on an error it stays first in line). One replay at a time."""
+        once Redis has taken it; on an error it stays first in line). Runs of request touches
+        go in batches of up to ``REPLAY_BATCH`` per round trip. One replay at a time."""
         if not self._journal:
             return
         async with self._replay_lock:
+            journal = self._journal
             remote = self._remote
-            for _ in range(len(self._journal)):
-                await self._journal[0](remote)
-                self._journal.popleft()
+            left = len(journal)
+            while left > 0 and journal:
+                if isinstance(journal[0], _Touch):
+                    batch: list[_Touch] = []
+                    for entry in islice(journal, min(left, REPLAY_BATCH)):
+                        if not isinstance(entry, _Touch):
+                            break
+                        batch.append(entry)
+                    await remote.replay_touches([(t.replica_id, t.adapter, t.now_s) for t in batch])
+                    done: Sequence[RemoteOp] = batch
+                else:
+                    done = [journal[0]]
+                    await done[0](remote)
+                for entry in done:  # unless a full journal dropped it meanwhile
+                    if journal and journal[0] is entry:
+                        journal.popleft()
+                left -= len(done)
 
     async def _refresh(self, *, allow_resync: bool = True) -> None:
         own_before = self._remote.own_in_flight()
@@ -338,6 +360,9 @@ class ResilientStore:
         try:
             if self._journal:  # left over from a resync that raced traffic
                 await self._replay_journal()
+            if self._leases_behind:  # changed during the resync, after its lease sync
+                await self._remote.sync_leases()
+                self._leases_behind = False
             await self._remote.maintain()
             if now - self._last_refresh_s >= self._ttls.refresh_s:
                 await self._refresh()
@@ -352,14 +377,14 @@ class ResilientStore:
         if self._degraded:
             self._remote.note_begin(replica_id, request_id)
             if adapter is not None:
-                self._journal_append(lambda r: r.replay_touch(replica_id, adapter, now_s))
+                self._journal_append(_Touch(replica_id, adapter, now_s))
             return
         try:
             await self._remote.begin_request(replica_id, adapter, request_id, now_s)
         except StateUnavailableError as exc:
             self._on_error(exc)  # the lease is remembered; sync_leases re-creates it
             if adapter is not None:
-                self._journal_append(lambda r: r.replay_touch(replica_id, adapter, now_s))
+                self._journal_append(_Touch(replica_id, adapter, now_s))
 
     async def end_request(self, replica_id: ReplicaId, request_id: str) -> None:
         await self._local.end_request(replica_id, request_id)
