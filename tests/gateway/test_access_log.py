@@ -74,17 +74,50 @@ async def test_one_debug_line_per_request(
     ok, streamed, refused = lines
     assert re.fullmatch(
         r"request [0-9a-f]{12}-\d+ /v1/completions tenant=acme model=<base> replica=r1 status=200 "
-        r"latency_ms=[0-9.]+ retries=1",
+        r"latency_ms=[0-9.]+ retries=1 residency=base load_wait_ms=0.0",
         ok,
     ), ok
     assert re.fullmatch(
         r"request [0-9a-f]{12}-\d+ /v1/chat/completions tenant=acme model=<base> replica=r1 "
         r"status=200 "
-        r"latency_ms=[0-9.]+ ttft_ms=[0-9.]+ retries=0",
+        r"latency_ms=[0-9.]+ ttft_ms=[0-9.]+ retries=0 residency=base load_wait_ms=0.0",
         streamed,
     ), streamed
     assert refused.startswith("request ") and " /v1/completions tenant=- " in refused
     assert " replica=- status=401 " in refused
+    assert " residency=none load_wait_ms=0.0" in refused
+
+
+async def test_the_line_says_where_routing_found_the_adapter_and_the_load_wait(
+    replicas: list[ScriptedReplica], caplog: pytest.LogCaptureFixture
+) -> None:
+    """residency= is where the shadow residency had the adapter on the replica chosen (as
+    loragate_routing_residency_total counts it; base for the base model, none when no
+    replica was chosen), load_wait_ms= how long the request waited for adapter loads."""
+    cfg = gateway_config([replicas[0].url], tenants=TENANTS)
+    caplog.set_level(logging.DEBUG, logger=PROXY_LOG)
+    async with running_gateway(cfg, port=0) as gw, openai_client(gw.url, key="sk-acme") as client:
+        for model in ("lora-0", "lora-0", BASE):
+            await client.completions.create(model=model, prompt="p", max_tokens=1)
+        events = await client.completions.create(
+            model="lora-1", prompt="p", max_tokens=1, stream=True
+        )
+        _ = [e async for e in events]
+        with pytest.raises(openai.NotFoundError):
+            await client.completions.create(model="no-such-lora", prompt="p", max_tokens=1)
+    found = [
+        re.search(r" model=(\S+) .* residency=(\S+) load_wait_ms=([0-9.]+)", line)
+        for line in _access_lines(caplog)
+    ]
+    assert all(found), _access_lines(caplog)
+    got = [(m.group(1), m.group(2), float(m.group(3))) for m in found if m is not None]
+    assert [(model, residency) for model, residency, _ in got] == [
+        ("lora-0", "unregistered"), ("lora-0", "gpu"), ("<base>", "base"),
+        ("lora-1", "unregistered"), ("'no-such-lora'", "none"),
+    ]  # fmt: skip
+    waits = [wait for _, _, wait in got]
+    assert waits[0] > 0 and waits[3] > 0  # (a load over loopback: well above 0.05 ms)
+    assert waits[1] == waits[2] == waits[4] == 0.0
 
 
 async def test_nothing_at_info(

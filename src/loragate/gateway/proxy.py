@@ -168,7 +168,7 @@ from loragate.gateway.request_body import read_request_body
 from loragate.gateway.request_ids import REQUEST_ID_HEADER, RequestIds, client_id_ok
 from loragate.gateway.shared import SharedState
 from loragate.gateway.stream_state import STREAM_ERROR, StreamState
-from loragate.gateway.telemetry import Telemetry, retry_reason
+from loragate.gateway.telemetry import BASE, NOT_ROUTED, Telemetry, retry_reason
 from loragate.gateway.vllm_validation import (
     check_body_object,
     check_max_tokens_first,
@@ -209,6 +209,11 @@ ENGINE_STOPPED = "engine_stopped"
 # The reason label of a request routed again because a config reload removed or replaced the
 # replica entry whose adapter load it waited for.
 RELOAD = "reload"
+# What the request's routing found, for its accounting: (where its last routing decision found
+# the adapter on the replica chosen: ``telemetry.ROUTED_RESIDENCIES``, or ``NOT_ROUTED``;
+# seconds it waited for adapter loads, all its tries).
+_Routed = tuple[str, float]
+_UNROUTED: _Routed = (NOT_ROUTED, 0.0)
 
 
 class _RelayResponse(web.StreamResponse):
@@ -473,7 +478,9 @@ class Proxy:
 
     def _choose(
         self, rreq: RoutingRequest, spec: AdapterSpec | None, exclude: ReplicaId | None
-    ) -> ReplicaId:
+    ) -> tuple[ReplicaId, str]:
+        """The replica chosen for ``rreq``, and where the shadow residency had its adapter
+        there (one of ``telemetry.ROUTED_RESIDENCIES``: ``base`` for the base model)."""
         healthy = self._pool.healthy_snapshots()
         inflight = self._inflight
         if healthy is not self._view_src:  # the pool polled or health changed: rebuild
@@ -513,12 +520,12 @@ class Proxy:
                 raise self._refused_everywhere(spec, view)
             candidates = kept
         chosen = self._policy.choose(rreq, candidates, self._policy.context(self._now()))
-        if spec is not None:  # where the adapter was there (before the lease's touch)
-            for snap in candidates:
-                if snap.replica_id == chosen:
-                    self._telemetry.count_residency(chosen, spec.name, snap.residency)
-                    break
-        return chosen
+        if spec is None:
+            return chosen, BASE
+        for snap in candidates:  # where the adapter was there (before the lease's touch)
+            if snap.replica_id == chosen:
+                return chosen, self._telemetry.count_residency(chosen, spec.name, snap.residency)
+        return chosen, NOT_ROUTED  # (a policy chooses among the candidates)
 
     def _refused_everywhere(
         self, spec: AdapterSpec, view: list[ReplicaSnapshot]
@@ -571,10 +578,13 @@ class Proxy:
         loading: str | None = None  # the adapter being loaded on rid, while that is under way
         refused: list[tuple[ReplicaId, str]] = []  # this request's refused loads
         piping = False  # the stream is being relayed (``_pipe`` counts how it ends)
+        residency = NOT_ROUTED  # where the last routing decision found the adapter
+        load_wait_s = 0.0  # waited for adapter loads, all tries
         try:
             while True:
                 rid = ""  # (an error before the choice is no replica's)
-                rid = self._choose(rreq, spec, exclude)
+                residency = NOT_ROUTED
+                rid, residency = self._choose(rreq, spec, exclude)
                 # The try's start: its wait for a load ends within request_timeout_s of it (a
                 # retry gets the whole of it again, as it does for its answer).
                 t_try = self._now()
@@ -600,7 +610,9 @@ class Proxy:
                                     load_id=f"{upstream_id}-{retries + 1}-load",
                                 )
                             finally:
-                                telemetry.observe_load_wait(rid, self._now() - t_load)
+                                waited = self._now() - t_load
+                                load_wait_s += waited
+                                telemetry.observe_load_wait(rid, waited)
                         except ReplicaRetiredError as exc:
                             # A reload removed or replaced the replica's entry meanwhile: not
                             # the replica's failure; routed again (its one retry stays unused).
@@ -682,8 +694,9 @@ class Proxy:
                             # take the request if this one stops it before any.
                             hold = not retried and self._can_retry(rid, rreq.adapter_rank)
                             out = await self._pipe(
-                                request, conn, rid, client, rreq, path, t0, t_send, retries, hold
-                            )
+                                request, conn, rid, client, rreq, path, t0, t_send, retries, hold,
+                                (residency, load_wait_s),
+                            )  # fmt: skip
                             if out is not None:
                                 return out
                             # Stopped before it produced anything; nothing reached the client.
@@ -709,8 +722,12 @@ class Proxy:
                                 retried, exclude = True, rid
                                 retries += 1
                                 continue
-                        self._telemetry.observe_latency(rid, self._now() - t_send)
-                        self._finished(rreq, path, rid, str(status), t0, retries)
+                        now = self._now()
+                        self._telemetry.observe_latency(rid, now - t_send)
+                        self._finished(
+                            rreq, path, rid, str(status), t0, retries,
+                            routed=(residency, load_wait_s), now=now,
+                        )  # fmt: skip
                         return web.Response(
                             body=data,
                             status=status,
@@ -733,7 +750,10 @@ class Proxy:
                 self._no_replica(path, rreq.adapter, exc.message)  # (a rate-limited WARNING)
             # Counted with the replica that failed it (the handler counts errors raised
             # before a replica was chosen), and named to the client in the replica header.
-            self._finished(rreq, path, rid, str(classify(exc)[0]), t0, retries, note=exc.message)
+            self._finished(
+                rreq, path, rid, str(classify(exc)[0]), t0, retries, note=exc.message,
+                routed=(residency, load_wait_s),
+            )  # fmt: skip
             return error_response(exc, headers=self._headers(rreq, rid))
         except asyncio.CancelledError:
             if not self._was_cut(_current_task()):
@@ -741,10 +761,13 @@ class Proxy:
                 # released unfinished, was closed: vLLM aborts the generation). A stream
                 # counts its own (``_pipe``).
                 if not piping:
-                    self._client_left(rreq, path, rid, t0, retries, "waiting for the answer")
+                    self._client_left(
+                        rreq, path, rid, t0, retries, "waiting for the answer",
+                        routed=(residency, load_wait_s),
+                    )  # fmt: skip
                 raise
             # Cut at the shutdown deadline before an answer started: 503 (retryable).
-            self._finished(rreq, path, rid, "503", t0, retries)
+            self._finished(rreq, path, rid, "503", t0, retries, routed=(residency, load_wait_s))
             return error_response(_SHUTTING_DOWN, headers=self._headers(rreq, rid))
         except Exception:
             log.exception(
@@ -754,7 +777,7 @@ class Proxy:
                 rid or "<none chosen>",
                 path,
             )
-            self._finished(rreq, path, rid, "500", t0, retries)
+            self._finished(rreq, path, rid, "500", t0, retries, routed=(residency, load_wait_s))
             return internal_error_response(headers=self._headers(rreq, rid))
 
     @staticmethod
@@ -779,15 +802,27 @@ class Proxy:
         ttft_s: float | None = None,
         note: str = "",
         model: str = "",
+        routed: _Routed = _UNROUTED,
+        streamed: bool = False,
+        now: float | None = None,
     ) -> None:
         """A request finished with ``status`` (an HTTP status or an outcome label): counted in
-        loragate_requests_total, and the access log's line, at DEBUG (formatted only then).
-        ``model``: the access log's model when it is not ``adapter`` (or ``<base>``)."""
-        self._telemetry.count(adapter, rid, status)
+        loragate_requests_total and, unless ``streamed`` (a replica began an SSE stream for
+        it), in loragate_request_duration_seconds (until ``now``: the whole answer is ready),
+        and the access log's line, at DEBUG (formatted only then). ``model``: the access log's
+        model when it is not ``adapter`` (or ``<base>``); ``routed``: what its routing found
+        (residency, adapter load waits)."""
+        residency = routed[0]
+        if streamed:
+            self._telemetry.count(adapter, rid, status)
+        else:
+            self._telemetry.count(
+                adapter, rid, status, residency, (self._now() if now is None else now) - t0
+            )
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "request %s %s tenant=%s model=%s replica=%s status=%s latency_ms=%.1f%s "
-                "retries=%d%s",
+                "retries=%d residency=%s load_wait_ms=%.1f%s",
                 request_id,
                 path,
                 tenant or "-",
@@ -797,6 +832,8 @@ class Proxy:
                 (self._now() - t0) * 1000.0,
                 "" if ttft_s is None else f" ttft_ms={ttft_s * 1000.0:.1f}",
                 retries,
+                residency,
+                routed[1] * 1000.0,
                 f" ({note})" if note else "",
             )
 
@@ -838,11 +875,15 @@ class Proxy:
         retries: int,
         ttft_s: float | None = None,
         note: str = "",
+        *,
+        routed: _Routed,
+        streamed: bool = False,
+        now: float | None = None,
     ) -> None:
         """:meth:`_done` for a routed request."""
         self._done(
             rreq.request_id, path, rreq.tenant, rreq.adapter or "", rid, status, t0, retries,
-            ttft_s, note,
+            ttft_s, note, "", routed, streamed, now,
         )  # fmt: skip
 
     def _client_left(
@@ -855,6 +896,9 @@ class Proxy:
         stage: str,
         ttft_s: float | None = None,
         outcome: str = "200",
+        *,
+        routed: _Routed,
+        streamed: bool = False,
     ) -> None:
         """Count (and log in the access log, at DEBUG: clients leave all the time) a request
         whose client went away before its answer was out. ``outcome``: the stream's so far; a
@@ -864,11 +908,12 @@ class Proxy:
             self._finished(
                 rreq, path, rid, STREAM_ERROR, t0, retries, ttft_s,
                 f"the client went away after the replica's error, while {stage}",
+                routed=routed, streamed=streamed,
             )  # fmt: skip
             return
         self._finished(
             rreq, path, rid, CLIENT_CLOSED, t0, retries, ttft_s,
-            f"the client went away while {stage}",
+            f"the client went away while {stage}", routed=routed, streamed=streamed,
         )  # fmt: skip
 
     def _answered_then_left(
@@ -881,6 +926,7 @@ class Proxy:
         retries: int,
         ttft_s: float | None,
         outcome: str,
+        routed: _Routed,
     ) -> None:
         """Count a stream whose client went away after its ``[DONE]`` went out: the client had
         the whole answer, so it counts with the stream's outcome (200, or ``stream_error`` if
@@ -888,7 +934,7 @@ class Proxy:
         self._telemetry.observe_latency(rid, self._now() - t_send)
         self._finished(
             rreq, path, rid, outcome, t0, retries, ttft_s,
-            "the client went away after the stream's [DONE]",
+            "the client went away after the stream's [DONE]", routed=routed, streamed=True,
         )  # fmt: skip
 
     def _engine_stopped(
@@ -986,6 +1032,7 @@ class Proxy:
         t_send: float,
         retries: int,
         hold: bool,
+        routed: _Routed,
     ) -> web.StreamResponse | None:
         """Relay a streaming answer chunk by chunk; never buffer it whole. What to relay of
         each read, and when, is the stream's :class:`StreamState` (whole lines only; the
@@ -1026,7 +1073,10 @@ class Proxy:
                         await out.write(b"")  # the head alone, unless it went out already
                     except ConnectionError:
                         counted = True
-                        self._client_left(rreq, path, rid, t0, retries, "the stream began")
+                        self._client_left(
+                            rreq, path, rid, t0, retries, "the stream began",
+                            routed=routed, streamed=True,
+                        )  # fmt: skip
                         return out
                 try:
                     chunk = await conn.read_chunk(timeout_s)
@@ -1065,7 +1115,7 @@ class Proxy:
                     await out.prepare(request)
                 if ttft_s is None:
                     ttft_s = self._now() - t0
-                    telemetry.observe_ttft(rid, ttft_s)
+                    telemetry.observe_ttft(rid, ttft_s, routed[0])
                 try:
                     if last:
                         ended = True
@@ -1080,19 +1130,21 @@ class Proxy:
                     counted = True
                     if done_out:  # after the whole answer: bytes after [DONE] went unread
                         self._answered_then_left(
-                            rreq, path, rid, t0, t_send, retries, ttft_s, state.outcome
+                            rreq, path, rid, t0, t_send, retries, ttft_s, state.outcome, routed
                         )
                         return out
                     self._client_left(
                         rreq, path, rid, t0, retries, f"streaming (after {state.relayed} bytes)",
-                        ttft_s, state.outcome,
+                        ttft_s, state.outcome, routed=routed, streamed=True,
                     )  # fmt: skip
                     return out
             if unprepared:  # nothing to relay at all: the head alone
                 unprepared = False
                 await out.prepare(request)
             telemetry.observe_latency(rid, self._now() - t_send)
-            self._finished(rreq, path, rid, state.outcome, t0, retries, ttft_s)
+            self._finished(
+                rreq, path, rid, state.outcome, t0, retries, ttft_s, routed=routed, streamed=True
+            )
             ended = counted = True
             with contextlib.suppress(ConnectionError):
                 await out.write_eof()  # nothing if it was sent with the last bytes
@@ -1103,26 +1155,31 @@ class Proxy:
                     # After the whole answer, e.g. a client that stops reading at [DONE] and
                     # closes while the replica's last bytes (the body's end) are on their way.
                     self._answered_then_left(
-                        rreq, path, rid, t0, t_send, retries, ttft_s, state.outcome
+                        rreq, path, rid, t0, t_send, retries, ttft_s, state.outcome, routed
                     )
                 elif not counted:
                     self._client_left(
                         rreq, path, rid, t0, retries, f"streaming (after {state.relayed} bytes)",
-                        ttft_s, state.outcome,
+                        ttft_s, state.outcome, routed=routed, streamed=True,
                     )  # fmt: skip
                 raise
             if unprepared:
                 # Cut at the shutdown deadline before anything was sent: 503 (retryable).
-                self._finished(rreq, path, rid, "503", t0, retries)
+                self._finished(rreq, path, rid, "503", t0, retries, routed=routed, streamed=True)
                 return error_response(_SHUTTING_DOWN, headers=self._headers(rreq, rid))
             if not ended:
                 # Cut at the shutdown deadline: end the stream with an error event, cleanly.
-                self._finished(rreq, path, rid, "shutdown", t0, retries, ttft_s)
+                self._finished(
+                    rreq, path, rid, "shutdown", t0, retries, ttft_s, routed=routed, streamed=True
+                )
                 with contextlib.suppress(ConnectionError):
                     await out.write(state.closing(_SHUTTING_DOWN))
                     await out.write_eof()
             elif not counted:  # the whole answer is out but for its last write
-                self._finished(rreq, path, rid, state.outcome, t0, retries, ttft_s)
+                self._finished(
+                    rreq, path, rid, state.outcome, t0, retries, ttft_s, routed=routed,
+                    streamed=True,
+                )  # fmt: skip
         return out
 
     @staticmethod

@@ -1,9 +1,11 @@
 """Prometheus metrics of one gateway app, in its own ``CollectorRegistry``.
 
-Hot-path cost is kept to one counter increment and one or two histogram observations per
-request, each a plain dict/list update (no locks, no per-bucket walk), plus, for a request for
-an adapter, one increment of the residency its replica had (``count_residency``); the
-Prometheus families are built from them only when ``/metrics`` is scraped. Gauges that can be
+Hot-path cost is kept to one counter increment and two histogram observations per request
+(its upstream latency; its duration as the client saw it, or a stream's TTFT, whose one bound
+search serves the per-replica and the per-residency series), each a plain dict/list update (no
+locks, no per-bucket walk), plus, for a request for an adapter, one increment of the residency
+its replica had (``count_residency``); the Prometheus families are built from them only when
+``/metrics`` is scraped (the durations merged into status classes then). Gauges that can be
 read at scrape time (in-flight per replica, this instance's and the shared view, replica health
 and draining, adapter loads, what routing sees of each replica: shadow residency occupancy,
 queue depth and KV usage of its last poll) cost nothing per request either. The registry also
@@ -60,6 +62,13 @@ _RELOAD_RESULTS = ("ok", "rejected", "error")  # loragate_config_reloads_total{r
 # adapter on the replica routing chose (a GPU slot, the CPU cache, registered only, or not
 # registered: a load follows).
 RESIDENCIES = ("gpu", "cpu", "registered", "unregistered")
+# The residency label of the latency histograms (loragate_ttft_by_residency_seconds,
+# loragate_request_duration_seconds): one of RESIDENCIES at the request's last routing decision,
+# BASE for a request for the base model (no adapter to find), NOT_ROUTED for one that ended
+# before any replica was chosen.
+BASE = "base"
+NOT_ROUTED = "none"
+ROUTED_RESIDENCIES = (*RESIDENCIES, BASE)
 
 # loragate_endpoint_errors_total{endpoint}: the gateway's own endpoints by class (never the raw
 # path: a client could make the series unbounded) and, shown from 0, the failed
@@ -336,6 +345,10 @@ class _ProxyMetrics(Collector):
         self.endpoint_errors: dict[tuple[str, str], int] = {}
         self.latency: dict[str, _Histogram] = {}
         self.ttft: dict[str, _Histogram] = {}
+        # By residency (one of ROUTED_RESIDENCIES: all there from the start, shown from 0).
+        self.ttft_residency = {r: _Histogram(len(_LATENCY_BUCKETS_S)) for r in ROUTED_RESIDENCIES}
+        # (status or outcome, residency): turned into status classes at scrape time.
+        self.duration: dict[tuple[str, str], _Histogram] = {}
         self.retries: dict[tuple[str, str], int] = {}
         self.reloads: dict[str, int] = {}
         self.config: tuple[str, str] | None = None  # (policy, sha256 of the routing section)
@@ -480,6 +493,43 @@ class _ProxyMetrics(Collector):
             ((k,) for k in self.ttft),
             self.ttft.values(),
         )
+        yield _histogram_family(
+            "loragate_ttft_by_residency_seconds",
+            "Streaming requests: loragate_ttft_seconds (arrival at the gateway to the first "
+            "body chunk relayed) by where the shadow residency had the adapter on the replica "
+            "chosen, at the request's last routing decision (as "
+            "loragate_routing_residency_total counts it): gpu, cpu, registered, unregistered "
+            "(the gateway loaded it first: loragate_adapter_load_wait_seconds), or base (a "
+            "request for the base model). A TTFT tail in gpu too is not adapter loads (a busy "
+            "host, long queues: loragate_replica_requests).",
+            ["residency"],
+            ((k,) for k in self.ttft_residency),
+            self.ttft_residency.values(),
+        )
+        by_class: dict[tuple[str, str], _Histogram] = {}
+        for (status, where), hist in self.duration.items():
+            key = (status_class(status), where)
+            merged = by_class.get(key)
+            if merged is None:
+                merged = by_class[key] = _Histogram(len(_LATENCY_BUCKETS_S))
+            merged.counts = [a + b for a, b in zip(merged.counts, hist.counts, strict=True)]
+            merged.total += hist.total
+        yield _histogram_family(
+            "loragate_request_duration_seconds",
+            "Requests of /v1/completions and /v1/chat/completions answered without a stream, "
+            "as their client saw them: from arrival at the gateway to the whole answer handed "
+            "to the connection (or to the client leaving), routing, adapter load waits and "
+            "retries included (loragate_upstream_latency_seconds times each attempt alone). "
+            "Every request but the SSE streams a replica began (their first chunk: "
+            "loragate_ttft_seconds): non-streaming requests, and any request refused or failed "
+            "before its stream began. By status_class (2xx, 4xx, 5xx: the HTTP status sent; "
+            "client_closed: the client went away first) and residency (as "
+            "loragate_ttft_by_residency_seconds, or none: ended before any replica was "
+            "chosen, e.g. the gateway's own 400s and 401s).",
+            ["status_class", "residency"],
+            by_class.keys(),
+            by_class.values(),
+        )
         seen = self._replicas_seen
         seen.update(dict.fromkeys(self.replica_ids()))
         replica_ids = list(seen)
@@ -553,6 +603,14 @@ def instances_reading(
     (``readers_before``: the store's, epoch seconds) is at most ``window_s`` before
     ``now_s``."""
     return 1 + len(readers_before(math.inf)) - len(readers_before(now_s - window_s))
+
+
+def status_class(status: str) -> str:
+    """The ``status_class`` label of ``status`` (an HTTP status, or an outcome such as
+    ``client_closed``): ``2xx``, ``4xx``, ... or the outcome itself."""
+    if len(status) == 3 and status.isdigit():
+        return status[0] + "xx"
+    return status
 
 
 def retry_reason(exc: UpstreamError, *, loading: bool) -> str:
@@ -641,6 +699,8 @@ class Telemetry:
         self._requests = self._metrics.requests
         self._latency = self._metrics.latency
         self._ttft = self._metrics.ttft
+        self._ttft_residency = self._metrics.ttft_residency
+        self._duration = self._metrics.duration
         self._residency = self._metrics.residency
 
     def bind_state(
@@ -694,10 +754,28 @@ class Telemetry:
         instance's config-file adapters served with a definition other than its file's."""
         self.registry.register(_StateGauges(degraded, errors, resync_counts, definition_conflicts))
 
-    def count(self, adapter: str, replica: str, status: str) -> None:
+    def count(
+        self,
+        adapter: str,
+        replica: str,
+        status: str,
+        residency: str = NOT_ROUTED,
+        seconds: float | None = None,
+    ) -> None:
+        """A request of the completions endpoints ended with ``status`` (an HTTP status or an
+        outcome). ``seconds``: from its arrival to its whole answer (None for a stream a
+        replica began: not in loragate_request_duration_seconds), with the ``residency`` of
+        its last routing decision (one of ``ROUTED_RESIDENCIES``, or ``NOT_ROUTED``)."""
         key = (adapter, replica, status)
         requests = self._requests
         requests[key] = requests.get(key, 0) + 1
+        if seconds is not None:
+            try:
+                hist = self._duration[status, residency]
+            except KeyError:
+                hist = self._duration[status, residency] = _Histogram(len(_LATENCY_BUCKETS_S))
+            hist.counts[bisect_left(_LATENCY_BUCKETS_S, seconds)] += 1
+            hist.total += seconds
 
     def count_tokenizer(self, endpoint: str, replica: str, status: str) -> None:
         """A request of ``gateway.tokenize``'s ``endpoint`` answered ``status``."""
@@ -733,9 +811,10 @@ class Telemetry:
         """The policy in force and its routing section (``loragate_config_info``)."""
         self._metrics.config = (policy, routing_sha256(routing))
 
-    def count_residency(self, replica: str, adapter: str, residency: Residency) -> None:
+    def count_residency(self, replica: str, adapter: str, residency: Residency) -> str:
         """A routing decision sent a request for ``adapter`` to ``replica``, whose shadow
-        residency was ``residency`` (before the request touched it)."""
+        residency was ``residency`` (before the request touched it); returns where the
+        adapter was (one of ``RESIDENCIES``)."""
         if adapter in residency.gpu:
             key = (replica, "gpu")
         elif adapter in residency.cpu:
@@ -746,6 +825,7 @@ class Telemetry:
             key = (replica, "unregistered")
         counts = self._residency
         counts[key] = counts.get(key, 0) + 1
+        return key[1]
 
     def count_poll_failure(self, replica: str, reason: str) -> None:
         """A poll of ``replica`` failed (``reason``: one of the pool's
@@ -770,11 +850,17 @@ class Telemetry:
         hist.counts[bisect_left(_LATENCY_BUCKETS_S, seconds)] += 1
         hist.total += seconds
 
-    def observe_ttft(self, replica: str, seconds: float) -> None:
+    def observe_ttft(self, replica: str, seconds: float, residency: str = BASE) -> None:
+        """A stream's first chunk went out ``seconds`` after its request arrived; its last
+        routing decision found the adapter at ``residency`` (one of ``ROUTED_RESIDENCIES``)."""
         hist = self._ttft.get(replica)
         if hist is None:
             hist = self._ttft[replica] = _Histogram(len(_LATENCY_BUCKETS_S))
-        hist.counts[bisect_left(_LATENCY_BUCKETS_S, seconds)] += 1
+        bucket = bisect_left(_LATENCY_BUCKETS_S, seconds)  # (one bound search for both)
+        hist.counts[bucket] += 1
+        hist.total += seconds
+        hist = self._ttft_residency[residency]
+        hist.counts[bucket] += 1
         hist.total += seconds
 
     def render(self) -> bytes:
