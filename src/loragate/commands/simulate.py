@@ -1,7 +1,10 @@
 """``loragate simulate``: N twin replicas behind a routing policy, in virtual time.
 
 What ``--out`` writes (records, ``summary.json``) and what each field means:
-:mod:`loragate.simulate.outputs`.
+:mod:`loragate.simulate.outputs`. ``--rate-rps`` and ``--adapters`` change the workload
+(:mod:`loragate.workload.overrides`); ``--sweep`` runs a grid of deployments and names the
+smallest that meets the SLO target (:mod:`loragate.simulate.sweep`, its output
+:mod:`loragate.simulate.sweep_report`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +24,16 @@ from loragate.simulate import (
     ReplicaEngineSettings,
     Simulation,
     SimulationConfig,
+    sweep,
 )
-from loragate.simulate.config import KvCapacityError
+from loragate.simulate.config import KvCapacityError, is_demo_profile, profile_label
 from loragate.simulate.outputs import claim, write_summary
 from loragate.simulate.records import CONTEXT_LENGTH, RecordFormat
+from loragate.simulate.summary import SLOT_BOUND_SHARE, STARVATION_RATIO, slot_bound
+from loragate.simulate.sweep import MAX_POINTS
+from loragate.simulate.sweep_report import sweep_lines, sweep_result
 from loragate.workload import SpecFileError, Workload, load_spec
+from loragate.workload.overrides import trace_notes, with_adapter_count, with_total_rate
 from loragate.workload.yaml_file import load_yaml_with_lines, naming_file, read_text_file
 
 HELP = "Simulate a deployment (twin replicas + routing policy) on a workload, in virtual time."
@@ -36,12 +45,18 @@ EXIT_INTERRUPTED = 130
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", required=True, metavar="W.yaml", help="workload spec")
     parser.add_argument(
-        "--replicas", type=int, required=True, metavar="N", help="simulated vLLM replicas"
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="simulated vLLM replicas (required, unless --sweep replicas=...)",
     )
     parser.add_argument(
         "--profile",
         default="fast",
-        help="twin profile name (loragate twin profiles) or YAML path (default: %(default)s)",
+        help="twin profile name (loragate twin profiles) or YAML path (default: %(default)s); "
+        "fast is the demo profile, hand-set and calibrated on no hardware: to size a "
+        "deployment pass a calibrated one, e.g. llama-3.1-8b-h100",
     )
     parser.add_argument(
         "--policy",
@@ -52,6 +67,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=None, help="default: the workload's seed")
     parser.add_argument("--duration-s", type=float, default=None, help="override the spec's")
+    parser.add_argument(
+        "--rate-rps",
+        type=float,
+        default=None,
+        metavar="R",
+        help="scale the spec's rates so that its mean total rate is R req/s (its shape in time "
+        "kept; a ServeGen replay: every window's count scaled by one factor)",
+    )
+    parser.add_argument(
+        "--adapters",
+        type=int,
+        default=None,
+        metavar="N",
+        help="N adapters instead of the spec's adapters.count, sharing the same total rate by "
+        "the spec's popularity law; a ServeGen replay: its N busiest (select: top) or N "
+        "sampled clients, at their traced rates (add --rate-rps to fix the total); refused "
+        "for specs that list their adapters",
+    )
     parser.add_argument(
         "--ttft-slo-ms",
         type=float,
@@ -98,6 +131,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=600.0,
         help="virtual time allowed after the workload to finish requests (default: %(default)s)",
     )
+    sw = parser.add_argument_group(
+        "sizing (--sweep)",
+        "Run the workload on every point of a grid and name the smallest point (fewest "
+        "replicas, then max_loras, then max_cpu_loras) whose SLO attainment (--ttft-slo-ms) "
+        "is at least --slo-attainment without throughput starvation. Every point replays the "
+        "same requests (the seed); one table row per point.",
+    )
+    sw.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2,...",
+        help="an axis of the grid: replicas, max_loras or max_cpu_loras (repeatable; the "
+        "values replace --replicas / --max-loras / --max-cpu-loras; points with "
+        f"max_cpu_loras < max_loras are left out; at most {MAX_POINTS} points)",
+    )
+    sw.add_argument(
+        "--slo-attainment",
+        type=float,
+        default=0.99,
+        metavar="A",
+        help="share of requests that must meet --ttft-slo-ms (default: %(default)s)",
+    )
+    sw.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="worker processes for the points (0 = all cores, the default)",
+    )
+    sw.add_argument("--progress", action="store_true", help="one line per finished point (stderr)")
     e = parser.add_argument_group("replica (vLLM) settings")
     e.add_argument("--max-loras", type=int, default=4, help="default: %(default)s")
     e.add_argument("--max-cpu-loras", type=int, default=8, help="default: %(default)s")
@@ -159,12 +222,19 @@ def _is_policy_file(arg: str) -> bool:
 
 
 def _with_files(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """The summary's ``config`` with the files the run read, each beside what it gave."""
+    """The summary's ``config`` with the files the run read, each beside what it gave, and
+    the workload's settings the command line changed."""
     out: dict[str, Any] = {}
     for key, value in config.items():
         out[key] = value
         if key == "workload":
             out["workload_file"] = args.workload
+            out["workload_overrides"] = {
+                "rate_rps": args.rate_rps,
+                "adapters": args.adapters,
+                "duration_s": args.duration_s,
+                "seed": args.seed,
+            }
         elif key == "policy":
             out["policy_file"] = args.policy if _is_policy_file(args.policy) else None
     return out
@@ -175,9 +245,17 @@ def _under_routing(key: str) -> str:
     return f"routing{key}" if not key or key.startswith("[") else f"routing.{key}"
 
 
-def config_from_args(args: argparse.Namespace) -> SimulationConfig:
+def config_from_args(args: argparse.Namespace, *, replicas: int | None = None) -> SimulationConfig:
+    """The run's settings; ``replicas`` stands in for ``--replicas`` (a sweep's)."""
+    if replicas is None:
+        if args.replicas is None:
+            raise ConfigError(
+                "required: how many replicas to simulate (or --sweep replicas=N1,N2,...)",
+                key="--replicas",
+            )
+        replicas = args.replicas
     return SimulationConfig(
-        replicas=args.replicas,
+        replicas=replicas,
         profile=args.profile,
         policy=policy_from_arg(args.policy),
         engine=ReplicaEngineSettings(
@@ -213,7 +291,7 @@ def _print_text(summary: dict[str, Any]) -> None:
         f"{cfg['workload']}: {cfg['replicas']} replicas (max_loras {eng['max_loras']}, "
         f"max_cpu_loras {eng['max_cpu_loras']}, max_lora_rank {eng['max_lora_rank']}), "
         f"policy {policy} (routing sha256 {cfg['routing']['sha256'][:12]}), "
-        f"profile {cfg['profile']}, seed {cfg['seed']}"
+        f"profile {profile_label(cfg['profile'])}, seed {cfg['seed']}"
     )
     reasons = req["rejected_by_reason"]
     why = f" ({', '.join(f'{k} {v}' for k, v in reasons.items())})" if reasons else ""
@@ -228,9 +306,14 @@ def _print_text(summary: dict[str, Any]) -> None:
             f"{cfg['engine']['max_model_len']} (prompt + max_tokens): vLLM refuses them; "
             "lengths.max_total_tokens in the spec caps them"
         )
+    keeps_up = (
+        f"cluster throughput STARVED (achieved < {STARVATION_RATIO:g} x offered)"
+        if summary["starved"]
+        else f"cluster throughput keeps up (achieved >= {STARVATION_RATIO:g} x offered)"
+    )
     print(
         f"tokens/s achieved {tp['achieved_tokens_per_s']:.1f} of "
-        f"{tp['offered_tokens_per_s']:.1f} offered; starved: {summary['starved']}"
+        f"{tp['offered_tokens_per_s']:.1f} offered: {keeps_up}"
     )
     for name in ("ttft_s", "itl_s", "e2e_s"):
         s = summary[name]
@@ -240,10 +323,19 @@ def _print_text(summary: dict[str, Any]) -> None:
     print(f"TTFT SLO {slo['ttft_ms']:g} ms attained by {'-' if att is None else f'{att:.1%}'}")
     loads = [(r, v["adapter_loads"]) for r, v in summary["replicas"].items()]
     per_replica = ", ".join(f"{r} {n}" for r, n in loads)
+    deferred = summary["deferred"]
+    waited = (
+        f" ({deferred['fraction']:.1%} of those served; {deferred['share_of_ttft']:.0%} of "
+        "their time to first token was waiting for a LoRA slot)"
+        if deferred["requests"]
+        else ""
+    )
     print(
         f"adapter loads {sum(n for _, n in loads)} ({per_replica}); "
-        f"deferred requests {summary['deferred']['requests']}"
+        f"deferred requests {deferred['requests']}{waited}"
     )
+    for line in _bottleneck_hints(summary):
+        print(f"  {line}")
     st = summary["starvation"]
     starved = (
         f"{st['requests']} ({st['fraction']:.2%}), of {st['adapters']} adapters"
@@ -252,6 +344,34 @@ def _print_text(summary: dict[str, Any]) -> None:
     )
     print(f"starved requests (first token after > {st['wait_s']:g} s, or never): {starved}")
     print(f"simulated {summary['duration_s']:g} s in {summary['wall_s']:.2f} s wall")
+
+
+def _demo_profile_note(name: str) -> None:
+    if is_demo_profile(name):
+        print(
+            f"loragate simulate: note: profile {name} is the demo and test profile (hand-set "
+            "~2 ms steps, calibrated on no hardware): its latencies and capacities size no "
+            "real deployment; for sizing pass --profile llama-3.1-8b-h100, qwen-2.5-7b-h100, "
+            "tiny-llama-cpu or your own (loragate twin profiles)",
+            file=sys.stderr,
+        )
+
+
+def _bottleneck_hints(summary: dict[str, Any]) -> list[str]:
+    """What to change first when the run is short of LoRA slots or of throughput."""
+    if summary["starved"]:
+        return [
+            "throughput-starved: the replicas cannot keep up with the offered tokens: add "
+            "replicas (more LoRA slots take KV memory and can make this worse)"
+        ]
+    if slot_bound(summary):
+        return [
+            f"slot-bound (>= {SLOT_BOUND_SHARE:.0%} of the time to first token is waiting for a "
+            "LoRA slot): to cut TTFT, raise --max-loras (with --max-cpu-loras >= it) before "
+            "adding replicas; "
+            "compare with --sweep max_loras=A,B --sweep replicas=N,M"
+        ]
+    return []
 
 
 # Settings that come from command-line flags: their errors name the flag.
@@ -317,9 +437,9 @@ def _cannot_write(path: Path, exc: OSError) -> ConfigError:
     return ConfigError(f"cannot write {path}: {reason}", key="--out")
 
 
-def _simulate(args: argparse.Namespace) -> dict[str, Any]:
-    writer: RecordWriter | None = None
-    config = config_from_args(args)
+def _workload(args: argparse.Namespace) -> Workload:
+    """The workload spec with the command line's changes (``--duration-s``, ``--seed``,
+    ``--adapters``, ``--rate-rps``), its notes said on stderr."""
     if args.duration_s is not None and not args.duration_s > 0:
         raise ConfigError(f"must be > 0, got {args.duration_s:g}", key="--duration-s")
     if args.seed is not None and args.seed < 0:
@@ -329,9 +449,22 @@ def _simulate(args: argparse.Namespace) -> dict[str, Any]:
         spec = dataclasses.replace(spec, duration_s=args.duration_s)
     if args.seed is not None:
         spec = dataclasses.replace(spec, seed=args.seed)
+    given = spec
+    if args.adapters is not None:
+        spec = with_adapter_count(spec, args.adapters)
+    if args.rate_rps is not None:
+        spec = with_total_rate(spec, args.rate_rps)
     workload = Workload(spec)
-    for note in workload.notes:
+    changed = trace_notes(given, workload, adapters=args.adapters, rate_rps=args.rate_rps)
+    for note in [*workload.notes, *changed]:
         print(f"loragate simulate: note: {args.workload}: {note}", file=sys.stderr)
+    return workload
+
+
+def _simulate(args: argparse.Namespace) -> dict[str, Any]:
+    writer: RecordWriter | None = None
+    config = config_from_args(args)
+    workload = _workload(args)
     simulation = Simulation(workload, config)  # every setting checked before --out is touched
     try:
         if args.out is not None:
@@ -342,6 +475,7 @@ def _simulate(args: argparse.Namespace) -> dict[str, Any]:
                 writer = RecordWriter(path, fmt)
             except OSError as exc:
                 raise _cannot_write(path, exc) from exc
+        _demo_profile_note(simulation.profile.name)
         summary = simulation.run(writer.write if writer else None).summary
     finally:
         if writer is not None:
@@ -355,18 +489,70 @@ def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _sweep(args: argparse.Namespace) -> dict[str, Any]:
+    """``--sweep``: every point's summary, the table's rows and the smallest point meeting the
+    target (:mod:`loragate.simulate.sweep`)."""
+    axes = sweep.parse_axes(args.sweep)
+    if args.out is not None:
+        raise ConfigError(
+            "not used with --sweep (--json prints every point's summary)", key="--out"
+        )
+    if "replicas" in axes and args.replicas is not None:
+        raise ConfigError("not used with --sweep replicas=...", key="--replicas")
+    if not 0 < args.slo_attainment <= 1:
+        raise ConfigError(f"must be in (0, 1], got {args.slo_attainment:g}", key="--slo-attainment")
+    if args.jobs < 0:
+        raise ConfigError(f"must be >= 0, got {args.jobs}", key="--jobs")
+    base = config_from_args(args, replicas=axes["replicas"][0] if "replicas" in axes else None)
+    workload = _workload(args)
+    points, left_out = sweep.grid(axes, base)
+    sims = sweep.prepare(workload, base, points)
+    _demo_profile_note(sims[0].profile.name)
+    wall0 = time.perf_counter()
+
+    def progress(n: int, total: int, point: sweep.Point, elapsed_s: float) -> None:
+        print(
+            f"loragate simulate: [{n}/{total}] {point.label()} done ({elapsed_s:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    summaries = sweep.run_points(
+        sims, points, jobs=args.jobs, progress=progress if args.progress else None
+    )
+    for summary in summaries:
+        summary["config"] = _with_files(summary["config"], args)
+    return sweep_result(
+        axes,
+        points,
+        summaries,
+        slo_attainment=args.slo_attainment,
+        left_out=left_out,
+        jobs=args.jobs,
+        wall_s=time.perf_counter() - wall0,
+    )
+
+
+def _error_text(exc: LoragateError) -> str:
+    if isinstance(exc, sweep.PointConfigError):
+        return f"--sweep at {exc.point.label()}: {_as_flag(exc.cause)}"
+    return _as_flag(exc)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        summary = _simulate(args)
+        result = _sweep(args) if args.sweep else _simulate(args)
     except LoragateError as exc:
-        print(f"loragate simulate: error: {_as_flag(exc)}", file=sys.stderr)
+        print(f"loragate simulate: error: {_error_text(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C in a long run: one line, not a traceback
         partial = f" ({args.out}/records.{args.records} is incomplete)" if args.out else ""
         print(f"loragate simulate: interrupted{partial}", file=sys.stderr)
         return EXIT_INTERRUPTED
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(result, indent=2))
+    elif args.sweep:
+        print("\n".join(sweep_lines(result)))
     else:
-        _print_text(summary)
+        _print_text(result)
     return 0

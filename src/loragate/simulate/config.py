@@ -8,6 +8,20 @@ from typing import Any, Literal
 
 from loragate.core.errors import ConfigError
 
+# The profile made for demos and tests (hand-set ~2 ms steps, calibrated on no hardware):
+# ``loragate demo``'s on purpose, and the simulator's default.
+DEMO_PROFILE = "fast"
+
+
+def is_demo_profile(name: str) -> bool:
+    """Whether a loaded profile's name is the demo profile's (a run with it sizes nothing)."""
+    return name == DEMO_PROFILE
+
+
+def profile_label(name: str) -> str:
+    """A profile's name as run summaries print it: the demo one says what it is."""
+    return f"{name} (the demo profile: sizes no real deployment)" if is_demo_profile(name) else name
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReplicaEngineSettings:
@@ -37,7 +51,7 @@ class SimulationConfig:
     """
 
     replicas: int
-    profile: str = "fast"
+    profile: str = DEMO_PROFILE
     policy: str | Mapping[str, Any] = "round_robin"
     engine: ReplicaEngineSettings = ReplicaEngineSettings()
     seed: int | None = None  # None: the workload spec's seed

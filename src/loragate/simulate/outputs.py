@@ -25,7 +25,8 @@ window ``[0, duration_s]``.
   ``offered_tokens_per_s`` (``max_tokens`` of the requests that arrived, refused-as-invalid
   ones left out), ``achieved_tokens_per_s`` (output tokens emitted inside the window),
   ``output_tokens_total``
-- ``starved``: achieved < 0.9 x offered token throughput (the seed paper's criterion);
+- ``starved``: the cluster's throughput is starved: achieved < 0.9 x offered token throughput
+  (the seed paper's criterion; false while the throughput keeps up even if requests starve);
   ``starvation``: ``wait_s`` (``--starvation-wait-s``), ``requests`` (first token after more
   than ``wait_s``, or never), ``fraction`` (of ``requests.total``), ``adapters`` (how many
   adapters those belong to; ``""`` is the base model), ``worst_adapters`` (the 5 with most)
@@ -33,13 +34,17 @@ window ``[0, duration_s]``.
   ``p90``, ``p99``, ``max`` over the ``ok`` requests (null when there are none)
 - ``slo``: ``ttft_ms`` and ``attainment`` (share of all requests with a first token within it;
   rejected and unfinished requests count as misses)
-- ``deferred``: ``requests`` that waited because every LoRA slot was taken, ``total_s`` of
-  waiting; ``preemptions``
+- ``deferred``: ``requests`` that waited because every LoRA slot was taken, ``fraction`` (of
+  the ``ok`` requests), ``total_s`` of waiting, ``share_of_ttft`` (that waiting over the ``ok``
+  requests' summed TTFT; at least 0.5 without throughput starvation: slot-bound, see
+  :mod:`loragate.simulate.summary`); ``preemptions``
 - ``routed_per_replica`` (requests), ``adapters_per_replica`` (distinct adapters routed there)
 - ``replicas``: per replica id, ``loads_from_disk``, ``loads_from_memory`` (CPU cache -> GPU
   slot), ``adapter_loads`` (their sum), ``preemptions``, ``gpu_adapters`` (in its GPU slots at
   the end) and ``shadow_gpu_adapters`` (what the gateway's shadow residency believed)
-- ``config``: ``workload`` (the spec's name) and ``workload_file``; ``replicas``; ``profile``;
+- ``config``: ``workload`` (the spec's name) and ``workload_file``; ``workload_overrides``
+  (what the command line changed in the spec, null when not given: ``rate_rps`` (``--rate-rps``),
+  ``adapters`` (``--adapters``), ``duration_s``, ``seed``); ``replicas``; ``profile``;
   ``policy`` (the policy's name, ``custom`` for a composition without ``name:``) and
   ``policy_file`` (null for a built-in name); ``routing``: ``section`` (the routing section
   run: a name, or the mapping with its parameters as written), ``sha256`` (what
@@ -52,7 +57,8 @@ window ``[0, duration_s]``.
   ``max_lora_rank`` (as run: the workload's if not given), ``kv_capacity_tokens`` (as run, in
   whole 16-token blocks) and ``kv_capacity_from`` (``given``: ``--kv-capacity-tokens``, or
   ``profile``: its KV memory model); ``scrape_interval_s``, ``drain_s``, ``ttft_slo_ms``,
-  ``starvation_wait_s``; ``adapters`` (in the workload), ``offered_rate_rps`` (the spec's)
+  ``starvation_wait_s``; ``adapters`` (in the workload as run), ``offered_rate_rps`` (the spec's
+  mean total rate as run, after ``--rate-rps`` / ``--adapters``)
 - ``wall_s``, ``speedup`` (simulated seconds per wall second)
 
 Records (``records.csv`` has a header row, empty cells for null/NaN; ``records.jsonl`` one JSON

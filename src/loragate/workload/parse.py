@@ -176,7 +176,7 @@ def _adapters(node: Node, *, servegen: bool) -> AdaptersSpec:
                 "not supported with arrivals.process servegen", key=node.sub("base_fraction")
             )
     if not items:
-        _check_names(name_pattern, count, node.sub("name_pattern"), servegen=servegen)
+        check_names(name_pattern, count, node.sub("name_pattern"), servegen=servegen)
     node.finish()
     return AdaptersSpec(
         count=count,
@@ -275,7 +275,8 @@ def _check_pattern(pattern: str, key: str, **fields: object) -> str:
         raise ConfigError(f"bad pattern {pattern!r}: {exc}", key=key) from None
 
 
-def _check_names(pattern: str, count: int, key: str, *, servegen: bool) -> None:
+def check_names(pattern: str, count: int, key: str, *, servegen: bool) -> None:
+    """``pattern`` names ``count`` adapters, each once (a ServeGen replay's: by client id)."""
     if servegen:
         # Client ids are known once the trace is read; they are unique, so {client} suffices.
         _check_pattern(pattern, key, i=0, client=0)
