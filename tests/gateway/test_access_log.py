@@ -5,9 +5,12 @@ retries), none at INFO. In-process gateway over loopback, the openai SDK as clie
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import logging
 import re
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -149,3 +152,59 @@ async def test_serve_at_debug_logs_requests(
             r"status=200 ",
             max_lines=400,
         )
+
+
+async def test_serve_writes_json_lines_with_the_request_id_as_a_field(
+    replicas: list[ScriptedReplica], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--log-format json``: every line one JSON object; a line about a request carries its
+    id (a client's X-Request-Id taken whole, punctuation and all) as ``request_id``."""
+    config = {
+        "base_model": BASE,
+        "replicas": [{"id": "r0", "url": replicas[0].url}],
+        "poller": {"interval_s": 3600},
+        "tenants": TENANTS,
+    }
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("LORAGATE_LOG_FORMAT", "text")  # the option wins
+    async with serve_process(path, "--log-level", "DEBUG", "--log-format", "json") as serve:
+        async with openai_client(serve.url, key="sk-acme") as client:
+            await client.completions.create(
+                model=BASE, prompt="p", max_tokens=1,
+                extra_headers={"X-Request-Id": "trace:42,(a)"},
+            )  # fmt: skip
+        found = await serve.wait_for_log(r"/v1/completions tenant=acme", max_lines=400)
+    line = json.loads(found.string)
+    assert line["request_id"] == "trace:42,(a)"
+    assert line["level"] == "DEBUG" and line["logger"] == PROXY_LOG
+    assert line["message"].startswith("request trace:42,(a) /v1/completions tenant=acme ")
+    assert " residency=base load_wait_ms=0.0" in line["message"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", line["time"])
+
+
+async def test_serve_takes_the_log_format_from_the_environment(
+    replicas: list[ScriptedReplica], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``LORAGATE_LOG_FORMAT=json`` without the option; a value it does not know is refused
+    before the gateway starts."""
+    config = {"base_model": BASE, "replicas": [{"id": "r0", "url": replicas[0].url}]}
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("LORAGATE_LOG_FORMAT", "json")
+    async with serve_process(path, "--log-level", "DEBUG") as serve:
+        async with openai_client(serve.url) as client:
+            await client.completions.create(model=BASE, prompt="p", max_tokens=1)
+        found = await serve.wait_for_log(r"/v1/completions tenant=-", max_lines=400)
+    line = json.loads(found.string)
+    assert line["message"].startswith(f"request {line['request_id']} /v1/completions ")
+    monkeypatch.setenv("LORAGATE_LOG_FORMAT", "yaml")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "loragate.cli", "serve", "--config", str(path),
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 2
+    assert err.decode() == (
+        "loragate serve: LORAGATE_LOG_FORMAT='yaml': expected one of text, json\n"
+    )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import os
 import sys
 
 HELP = "Run the loragate gateway (OpenAI-compatible front door for vLLM replicas)."
@@ -33,6 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
         help="log level (per-request events are never logged at INFO)",
     )
+    parser.add_argument(
+        "--log-format",
+        default=None,
+        choices=("text", "json"),
+        help="log lines as text (default) or one JSON object per line, with request_id as a "
+        "field in the lines about a request (default: $LORAGATE_LOG_FORMAT, else text)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,11 +47,17 @@ def run(args: argparse.Namespace) -> int:
 
     from loragate.core.errors import ConfigError
     from loragate.gateway import load_config, serve_until_signalled
+    from loragate.gateway.log_format import ENV, FORMATS, configure_logging
     from loragate.gateway.runner import ListenError
 
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    log_format = args.log_format or os.environ.get(ENV) or "text"
+    if log_format not in FORMATS:
+        print(
+            f"loragate serve: {ENV}={log_format!r}: expected one of {', '.join(FORMATS)}",
+            file=sys.stderr,
+        )
+        return 2
+    configure_logging(args.log_level, log_format)
     try:
         config = load_config(args.config)
     except ConfigError as exc:

@@ -90,8 +90,12 @@ far and what to relay of each read is ``gateway.stream_state``; ``_pipe`` is the
 around it.
 
 Access log: one DEBUG line per finished request (id, path, tenant, model, replica, status or
-outcome, latency, TTFT when streamed, retries, and why for errors); nothing is formatted
-unless DEBUG is on for ``loragate.gateway.proxy``. A request refused before routing (the
+outcome, latency, TTFT when streamed, retries, ``residency=``: where its last routing decision
+found the adapter on the replica chosen, ``base`` for the base model, ``none`` when no replica
+was chosen, ``load_wait_ms=``: its waits for adapter loads, all tries; and why for errors);
+nothing is formatted unless DEBUG is on for ``loragate.gateway.proxy``. The same residency
+labels loragate_ttft_by_residency_seconds and loragate_request_duration_seconds (the whole
+answers: every request but the SSE streams a replica began). A request refused before routing (the
 gateway's own 400s, an unknown model, a 401) is counted under the adapter its body names when
 the catalog holds it (else ``adapter=""``: the label's values stay bounded) and logged with the
 name asked (an unknown one quoted and cut at 64 characters; ``-`` when no body was read or it
