@@ -69,9 +69,9 @@ import numpy as np
 
 import compare_policies_sim as cps
 from loragate.core.errors import ConfigError
+from loragate.core.types import VLLM_LORA_RANKS
 from loragate.simulate import ReplicaEngineSettings
 from loragate.twin.profile import load_profile
-from loragate.twin.replica_config import VLLM_LORA_RANKS
 from loragate.workload import Workload
 
 

@@ -114,6 +114,10 @@ ERRORS = [
      "19:27: server.port: must be <= 65535, got 70000"),
     ("{max_loras: 2}", "{max_loras: 0}",
      "6:16: replicas[0].settings.max_loras: must be >= 1, got 0"),
+    # a max_lora_rank vLLM 0.32 refuses to start with (its --max-lora-rank choices)
+    ("{max_loras: 2}", "{max_loras: 2, max_lora_rank: 12}",
+     "6:30: replicas[0].settings.max_lora_rank: must be one of vLLM's "
+     "[1, 8, 16, 32, 64, 128, 256, 320, 512] (its --max-lora-rank choices), got 12"),
     # a list item given as a bare value: the item itself
     ("  - http://127.0.0.1:18102", "  - ftp://127.0.0.1:18102",
      "7:5: replicas[1].url: expected an http(s) URL, got 'ftp://127.0.0.1:18102'"),

@@ -41,7 +41,12 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from loragate.core.errors import ConfigError
-from loragate.core.types import MAX_ADAPTER_RANK, AdapterSpec, ReplicaSettings
+from loragate.core.types import (
+    MAX_ADAPTER_RANK,
+    AdapterSpec,
+    ReplicaSettings,
+    max_lora_rank_problem,
+)
 
 T = TypeVar("T")
 
@@ -517,6 +522,9 @@ def _settings(value: object, key: str) -> ReplicaSettings:
     data = _mapping(value, key)
     _check_keys(data, _SETTINGS_KEYS, key)
     kwargs = {k: _int(v, f"{key}.{k}", minimum=1) for k, v in data.items()}
+    rank_problem = max_lora_rank_problem(kwargs.get("max_lora_rank", 16))
+    if rank_problem is not None:  # vLLM refuses to start so (16: its default)
+        raise ConfigError(rank_problem, key=f"{key}.max_lora_rank")
     if "max_loras" in kwargs and "max_cpu_loras" not in kwargs:
         kwargs["max_cpu_loras"] = kwargs["max_loras"]  # vLLM's default for --max-cpu-loras
     # Said: routing keeps higher ranks off the replica (vLLM's default 16 is only assumed).

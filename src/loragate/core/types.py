@@ -15,6 +15,19 @@ TenantId = str
 # rank (vLLM takes at most 512), small enough that cost models stay finite.
 MAX_ADAPTER_RANK = 65536
 
+# vLLM 0.32's --max-lora-rank choices (vllm/config/lora.py: ``MaxLoRARanks = Literal[1, 8, 16,
+# 32, 64, 128, 256, 320, 512]``, the type of ``LoRAConfig.max_lora_rank``): it refuses to start
+# with another. The one definition: gateway configs, simulated replicas and simulations check it.
+VLLM_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def max_lora_rank_problem(rank: int) -> str | None:
+    """Why vLLM would refuse ``--max-lora-rank rank`` (None: it takes it)."""
+    if rank in VLLM_LORA_RANKS:
+        return None
+    choices = list(VLLM_LORA_RANKS)
+    return f"must be one of vLLM's {choices} (its --max-lora-rank choices), got {rank}"
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AdapterSpec:

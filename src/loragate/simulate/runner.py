@@ -22,7 +22,14 @@ from typing import Any
 
 from loragate import __version__
 from loragate.core.errors import ConfigError, InvalidRequestError, NoReplicaAvailableError
-from loragate.core.types import ReplicaSettings, ReplicaSnapshot, Residency, RoutingRequest
+from loragate.core.types import (
+    VLLM_LORA_RANKS,
+    ReplicaSettings,
+    ReplicaSnapshot,
+    Residency,
+    RoutingRequest,
+    max_lora_rank_problem,
+)
 from loragate.routing import RoutingProfile, build_policy
 from loragate.routing.resolved import resolved_routing, routing_sha256
 from loragate.simulate.config import KvCapacityError, SimulationConfig
@@ -44,7 +51,6 @@ from loragate.twin.engine import (
     RequestRecord,
 )
 from loragate.twin.profile import PerformanceProfile, load_profile
-from loragate.twin.replica_config import VLLM_LORA_RANKS
 from loragate.workload import Workload, WorkloadRequest
 
 RecordSink = Callable[[SimRecord], None]
@@ -148,10 +154,9 @@ def _max_lora_rank(given: int | None, workload: Workload) -> int:
                 key="max_lora_rank",
             )
         return fits[0]
-    if given not in VLLM_LORA_RANKS:
-        raise ConfigError(
-            f"must be one of vLLM's {list(VLLM_LORA_RANKS)}, got {given}", key="max_lora_rank"
-        )
+    rank_problem = max_lora_rank_problem(given)
+    if rank_problem is not None:
+        raise ConfigError(rank_problem, key="max_lora_rank")
     if given < need:
         raise ConfigError(
             f"{given} is below the workload's largest adapter rank ({need})", key="max_lora_rank"

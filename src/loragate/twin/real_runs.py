@@ -43,7 +43,7 @@ EXCLUDED_FLAGS: dict[str, str] = {
 }
 # vLLM 0.8.5's start-up check (the version of the BSC runs): --max-lora-rank must be one of
 # these (vllm/config.py, LoRAConfig). vLLM 0.32, which the simulated replica speaks, also
-# accepts 1 (twin.replica_config.VLLM_LORA_RANKS).
+# accepts 1 (core.types.VLLM_LORA_RANKS).
 VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 

@@ -12,10 +12,9 @@ import json
 from dataclasses import dataclass
 
 from loragate.core.errors import ConfigError
+from loragate.core.types import max_lora_rank_problem
 from loragate.twin.synthetic_text import TINY_LLAMA_FORMAT, PromptFormat
 
-# vLLM's LoRAConfig accepts only these ranks (``MaxLoRARanks``).
-VLLM_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 DEFAULT_MODEL = "loragate/sim-base"
 
 
@@ -96,11 +95,9 @@ class ReplicaConfig:
                 raise ConfigError(f"must be >= 1, got {value}", key=key)
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"must be in 0..65535, got {self.port}", key="port")
-        if self.max_lora_rank not in VLLM_LORA_RANKS:
-            raise ConfigError(
-                f"must be one of {list(VLLM_LORA_RANKS)}, got {self.max_lora_rank}",
-                key="max_lora_rank",
-            )
+        rank_problem = max_lora_rank_problem(self.max_lora_rank)
+        if rank_problem is not None:
+            raise ConfigError(rank_problem, key="max_lora_rank")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ConfigError(
                 f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})",
