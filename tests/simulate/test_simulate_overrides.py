@@ -221,3 +221,78 @@ def test_the_demo_profile_is_named_and_warned_about(
     )
     assert "profile llama-3.1-8b-h100, seed 5" in out
     assert err == ""
+
+
+@pytest.mark.parametrize(
+    ("select", "adapters", "rate", "fragment"),
+    [
+        ("", "4", [], "--adapters: 4 adapters asked, but the ServeGen trace trace.csv.gz has "
+         "only 3 clients: give at most 3"),
+        # With --rate-rps too (it builds the workload first): the same error.
+        ("", "4", ["--rate-rps", "5"], "--adapters: 4 adapters asked, but the ServeGen trace "
+         "trace.csv.gz has only 3 clients: give at most 3"),
+        # select: sample draws from the clients active in the replayed span (client 13 is not).
+        (", select: sample", "3", [], "--adapters: 3 adapters asked, but only 2 of the ServeGen "
+         "trace trace.csv.gz's clients are active in the replayed span (select: sample draws "
+         "from those): give at most 2"),
+    ],
+)  # fmt: skip
+def test_a_trace_with_too_few_clients_for_adapters_names_the_flag(
+    tmp_path: Path,
+    select: str,
+    adapters: str,
+    rate: list[str],
+    fragment: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Before: "sg.yaml:4:12: adapters.count: the trace has only 3 clients", the spec's line of
+    # a count the flag had replaced.
+    lines = ["client_id,window_start_s,rate_rps,iat_cv,iat_dist,dist_param1,dist_param2\n"]
+    for cid, n in ((11, 60), (12, 40), (13, 0)):
+        for w in range(2):
+            lines.append(f"{cid},{w * 600},{n / 600},1.0,Gamma,1.0,{600 / max(n, 1)}\n")
+    with gzip.open(tmp_path / "trace.csv.gz", "wt") as fh:
+        fh.writelines(lines)
+    spec = tmp_path / "sg.yaml"
+    spec.write_text(
+        "name: sg\nseed: 2\nduration_s: 20\nadapters: {count: 2, ranks: [8]}\n"
+        "arrivals:\n  process: servegen\n"
+        f"  servegen: {{file: {tmp_path / 'trace.csv.gz'}, time_scale: 60{select}}}\n"
+        "lengths: {prompt: 32, output: 8}\n"
+    )
+    argv = ["simulate", "--workload", str(spec), "--replicas", "1"]
+    assert main([*argv, "--adapters", adapters, *rate]) == 2
+    err = capsys.readouterr().err
+    assert err == f"loragate simulate: error: {fragment}\n"
+    # Without the flag, the spec's own count too high is still at its line.
+    spec.write_text(spec.read_text().replace("count: 2", f"count: {adapters}"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"loragate simulate: error: {spec}:4:12: adapters.count: "), err
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--slo-attainment", "0.5"], "--slo-attainment: used only with --sweep (a single run "
+         "has no target to meet: its summary prints the share it attained, 'TTFT SLO <ms> "
+         "attained by <share>')"),
+        (["--jobs", "2"], "--jobs: used only with --sweep"),
+        (["--progress"], "--progress: used only with --sweep"),
+    ],
+)  # fmt: skip
+def test_sweep_only_flags_in_a_single_run_are_refused(
+    spec_file: Path, extra: list[str], fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: accepted and silently ignored (exit 0).
+    assert main(["simulate", "--workload", str(spec_file), "--replicas", "1", *extra]) == 2
+    assert capsys.readouterr().err == f"loragate simulate: error: {fragment}\n"
+
+
+def test_one_replica_is_said_in_the_singular(
+    spec_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, _ = _run(capsys, "--workload", str(spec_file), "--replicas", "1")
+    assert out.startswith("tiny: 1 replica (max_loras 4, "), out  # before: "1 replicas"
+    out, _ = _run(capsys, "--workload", str(spec_file), "--replicas", "2")
+    assert out.startswith("tiny: 2 replicas (max_loras 4, "), out

@@ -33,8 +33,27 @@ from loragate.simulate.summary import SLOT_BOUND_SHARE, STARVATION_RATIO, slot_b
 from loragate.simulate.sweep import MAX_POINTS
 from loragate.simulate.sweep_report import sweep_lines, sweep_result
 from loragate.workload import SpecFileError, Workload, load_spec
-from loragate.workload.overrides import trace_notes, with_adapter_count, with_total_rate
+from loragate.workload.overrides import (
+    naming_the_adapter_flag,
+    trace_notes,
+    with_adapter_count,
+    with_total_rate,
+)
 from loragate.workload.yaml_file import load_yaml_with_lines, naming_file, read_text_file
+
+# --slo-attainment's default: the share of requests a sweep's point must serve within the SLO.
+SLO_ATTAINMENT = 0.99
+# Flags that only a sweep uses (argparse dest, flag, why): refused in a single run.
+_SWEEP_ONLY = (
+    (
+        "slo_attainment",
+        "--slo-attainment",
+        " (a single run has no target to meet: its summary prints the share it attained, "
+        "'TTFT SLO <ms> attained by <share>')",
+    ),
+    ("jobs", "--jobs", ""),
+    ("progress", "--progress", ""),
+)
 
 HELP = "Simulate a deployment (twin replicas + routing policy) on a workload, in virtual time."
 
@@ -150,14 +169,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sw.add_argument(
         "--slo-attainment",
         type=float,
-        default=0.99,
+        default=None,
         metavar="A",
-        help="share of requests that must meet --ttft-slo-ms (default: %(default)s)",
+        help=f"share of requests that must meet --ttft-slo-ms (default: {SLO_ATTAINMENT:g}; "
+        "only with --sweep: a single run prints the share it attained)",
     )
     sw.add_argument(
         "--jobs",
         type=int,
-        default=0,
+        default=None,
         help="worker processes for the points (0 = all cores, the default)",
     )
     sw.add_argument("--progress", action="store_true", help="one line per finished point (stderr)")
@@ -275,6 +295,10 @@ def config_from_args(args: argparse.Namespace, *, replicas: int | None = None) -
     )
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _fmt(v: object) -> str:
     return "-" if v is None else f"{v * 1000:.1f} ms" if isinstance(v, float) else str(v)
 
@@ -288,7 +312,7 @@ def _print_text(summary: dict[str, Any]) -> None:
     if cfg.get("policy_file"):
         policy += f" from {cfg['policy_file']}"
     print(
-        f"{cfg['workload']}: {cfg['replicas']} replicas (max_loras {eng['max_loras']}, "
+        f"{cfg['workload']}: {_count(cfg['replicas'], 'replica')} (max_loras {eng['max_loras']}, "
         f"max_cpu_loras {eng['max_cpu_loras']}, max_lora_rank {eng['max_lora_rank']}), "
         f"policy {policy} (routing sha256 {cfg['routing']['sha256'][:12]}), "
         f"profile {profile_label(cfg['profile'])}, seed {cfg['seed']}"
@@ -452,9 +476,10 @@ def _workload(args: argparse.Namespace) -> Workload:
     given = spec
     if args.adapters is not None:
         spec = with_adapter_count(spec, args.adapters)
-    if args.rate_rps is not None:
-        spec = with_total_rate(spec, args.rate_rps)
-    workload = Workload(spec)
+    with naming_the_adapter_flag(args.adapters):  # a trace with fewer clients names the flag
+        if args.rate_rps is not None:
+            spec = with_total_rate(spec, args.rate_rps)
+        workload = Workload(spec)
     changed = trace_notes(given, workload, adapters=args.adapters, rate_rps=args.rate_rps)
     for note in [*workload.notes, *changed]:
         print(f"loragate simulate: note: {args.workload}: {note}", file=sys.stderr)
@@ -462,6 +487,9 @@ def _workload(args: argparse.Namespace) -> Workload:
 
 
 def _simulate(args: argparse.Namespace) -> dict[str, Any]:
+    for attr, flag, why in _SWEEP_ONLY:  # silently ignored before
+        if getattr(args, attr) not in (None, False):
+            raise ConfigError(f"used only with --sweep{why}", key=flag)
     writer: RecordWriter | None = None
     config = config_from_args(args)
     workload = _workload(args)
@@ -499,10 +527,12 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
         )
     if "replicas" in axes and args.replicas is not None:
         raise ConfigError("not used with --sweep replicas=...", key="--replicas")
-    if not 0 < args.slo_attainment <= 1:
-        raise ConfigError(f"must be in (0, 1], got {args.slo_attainment:g}", key="--slo-attainment")
-    if args.jobs < 0:
-        raise ConfigError(f"must be >= 0, got {args.jobs}", key="--jobs")
+    slo_attainment = SLO_ATTAINMENT if args.slo_attainment is None else args.slo_attainment
+    jobs = 0 if args.jobs is None else args.jobs
+    if not 0 < slo_attainment <= 1:
+        raise ConfigError(f"must be in (0, 1], got {slo_attainment:g}", key="--slo-attainment")
+    if jobs < 0:
+        raise ConfigError(f"must be >= 0, got {jobs}", key="--jobs")
     base = config_from_args(args, replicas=axes["replicas"][0] if "replicas" in axes else None)
     workload = _workload(args)
     points, left_out = sweep.grid(axes, base)
@@ -518,7 +548,7 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
         )
 
     summaries = sweep.run_points(
-        sims, points, jobs=args.jobs, progress=progress if args.progress else None
+        sims, points, jobs=jobs, progress=progress if args.progress else None
     )
     for summary in summaries:
         summary["config"] = _with_files(summary["config"], args)
@@ -526,9 +556,9 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
         axes,
         points,
         summaries,
-        slo_attainment=args.slo_attainment,
+        slo_attainment=slo_attainment,
         left_out=left_out,
-        jobs=args.jobs,
+        jobs=jobs,
         wall_s=time.perf_counter() - wall0,
     )
 

@@ -13,17 +13,22 @@ over that many adapters by its popularity law (rank mix, name pattern and seed k
 replay (``select: top`` or ``sample``) replays that many clients, each at its own traced rate,
 so its total rate changes with the count. Specs whose adapters are listed one by one
 (``adapters.items``, explicit popularity weights, ``select: ids``) are refused: the list is the
-count.
+count. A replay whose trace has fewer clients than ``--adapters`` is an error naming the flag
+and the number of clients there are (:func:`naming_the_adapter_flag`), not the spec's
+``adapters.count`` line the flag replaced.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 from loragate.core.errors import ConfigError
 from loragate.workload.generator import Workload
 from loragate.workload.parse import MAX_ADAPTERS, check_names
+from loragate.workload.servegen import TooFewClientsError
 from loragate.workload.spec import ExplicitPopularity, WorkloadSpec
 
 
@@ -98,6 +103,27 @@ def with_adapter_count(spec: WorkloadSpec, count: int, *, key: str = "--adapters
     except ConfigError as exc:
         raise ConfigError(f"the spec's {exc}", key=key) from exc
     return replace(spec, adapters=replace(a, count=count))
+
+
+@contextmanager
+def naming_the_adapter_flag(count: int | None, *, key: str = "--adapters") -> Iterator[None]:
+    """Around building the :class:`Workload` of a spec whose adapter count ``count`` came from
+    the flag ``key`` (None: from the spec): a trace with too few clients for it is a
+    :class:`ConfigError` of ``key`` saying how many the trace has."""
+    try:
+        yield
+    except ConfigError as exc:
+        cause = exc if isinstance(exc, TooFewClientsError) else exc.__cause__
+        if count is None or not isinstance(cause, TooFewClientsError):
+            raise
+        n, trace = cause.available, cause.trace.name
+        has = (
+            f"only {n} of the ServeGen trace {trace}'s clients are active in the replayed span "
+            "(select: sample draws from those)"
+            if cause.active_only
+            else f"the ServeGen trace {trace} has only {n} clients"
+        )
+        raise ConfigError(f"{count} adapters asked, but {has}: give at most {n}", key=key) from exc
 
 
 def trace_notes(

@@ -34,6 +34,22 @@ _DIST_CODES = {"": NO_DIST, "Gamma": GAMMA, "Weibull": WEIBULL}
 REQUIRED_COLUMNS = ("client_id", "window_start_s", "rate_rps", "iat_dist", "dist_param1")
 
 
+class TooFewClientsError(ConfigError):
+    """``adapters.count`` asks for more clients than the trace ``trace`` has (``active_only``:
+    than are active in its replayed span, which ``select: sample`` draws from): ``available``."""
+
+    def __init__(self, *, available: int, trace: Path, active_only: bool) -> None:
+        detail = (
+            f"only {available} clients are active in the replayed span"
+            if active_only
+            else f"the trace has only {available} clients"
+        )
+        super().__init__(detail, key="adapters.count")
+        self.available = available
+        self.trace = trace
+        self.active_only = active_only
+
+
 @dataclass(frozen=True, slots=True)
 class ClientWindows:
     """Per-client window matrices, rows = clients (``client_ids``), columns = windows."""
@@ -211,18 +227,15 @@ def select_clients(
         rows = np.array([pos[c] for c in spec.client_ids], dtype=np.int64)
     else:
         if count > len(trace.client_ids):
-            raise ConfigError(
-                f"the trace has only {len(trace.client_ids)} clients", key="adapters.count"
+            raise TooFewClientsError(
+                available=len(trace.client_ids), trace=spec.file, active_only=False
             )
         if spec.select == "top":
             rows = np.argsort(-totals, kind="stable")[:count]
         else:
             active = np.nonzero(totals > 0)[0]
             if count > len(active):
-                raise ConfigError(
-                    f"only {len(active)} clients are active in the replayed span",
-                    key="adapters.count",
-                )
+                raise TooFewClientsError(available=len(active), trace=spec.file, active_only=True)
             rows = np.sort(rng.choice(active, size=count, replace=False))
     rows = rows[np.argsort(-totals[rows], kind="stable")]
     sl = slice(w0, w0 + n_w)
