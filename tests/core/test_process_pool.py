@@ -1,14 +1,18 @@
 """``stop_pool`` ends a pool's workers through ``ProcessPoolExecutor._processes`` (no public
 handle before Python 3.14) and must not fail where that is not a dict: after the pool was shut
 down (``shutdown`` sets it to None: a second ``stop_pool``, or one after the ``with`` block,
-raised AttributeError) or on a Python without it (the queue is still cancelled)."""
+raised AttributeError) or on a Python without it (the queue is still cancelled). It returns once
+the pool's manager thread has ended: Python 3.11's exit hook otherwise raced that thread for
+its wake-up pipe and printed a traceback after a Ctrl-C's one line, now and then."""
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import process as futures_process
 
 import pytest
 
@@ -81,3 +85,34 @@ def test_without_the_private_handle_the_queue_is_still_cancelled(
         for worker in workers.values():
             worker.terminate()
             worker.join()
+
+
+def test_stop_pool_returns_once_the_manager_thread_has_ended(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Python 3.11's atexit hook (``_python_exit``) checks that the manager thread's wake-up
+    pipe is open, then writes to it, while the thread closes it on seeing the workers gone:
+    "Exception ignored ... Bad file descriptor" with a traceback, after "interrupted", on a
+    busy machine (tests/twin/test_validate_interrupt.py). Once the thread has ended, the pipe
+    is closed and the hook does nothing. The thread's closing is slowed down here so that a
+    ``stop_pool`` that does not wait for it returns before (it did: the thread was alive)."""
+    close = futures_process._ThreadWakeup.close
+
+    def slow_close(self: futures_process._ThreadWakeup) -> None:
+        time.sleep(0.5)
+        close(self)
+
+    monkeypatch.setattr(futures_process._ThreadWakeup, "close", slow_close)
+    pool = ProcessPoolExecutor(max_workers=2, initializer=ignore_sigint)
+    assert pool.submit(_nap, 0).result() == 0
+    queued = [pool.submit(_nap, 600) for _ in range(4)]
+    manager = pool._executor_manager_thread
+    wakeup = pool._executor_manager_thread_wakeup
+    assert isinstance(manager, threading.Thread) and wakeup is not None
+    try:
+        stop_pool(pool)
+        assert not manager.is_alive()
+        assert wakeup._closed  # the exit hook's wakeup() is a no-op now
+        assert _never_ran(queued)
+    finally:
+        manager.join(60)  # bounded

@@ -5,16 +5,26 @@ KeyboardInterrupt in its task (or prints a traceback if idle) and goes on with t
 one, while the parent's ``with ProcessPoolExecutor`` waits for the whole queue. With
 :func:`ignore_sigint` as the pool's initializer and :func:`stop_pool` on the way out, the
 parent alone decides: queued tasks are cancelled and running ones stopped at once.
+
+:func:`stop_pool` also waits (bounded) for the pool's manager thread to end. Python 3.11's
+``ProcessPoolExecutor`` has a race at exit: its atexit hook writes to the manager thread's
+wake-up pipe while that thread, seeing the workers gone, closes it (the check and the write are
+not under one lock; 3.12 takes a lock), which printed "Exception ignored ... Bad file
+descriptor" (or a TypeError) with a traceback after "interrupted", now and then on a busy
+machine. Once the thread has ended, the pipe is closed and the hook does nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.process import BaseProcess
 
 log = logging.getLogger(__name__)
+
+MANAGER_JOIN_S = 30.0  # a hang guard: the thread ends as soon as it sees the workers gone
 
 
 def ignore_sigint() -> None:
@@ -37,12 +47,20 @@ def _workers(pool: ProcessPoolExecutor) -> list[BaseProcess] | None:
 _MISSING = object()
 
 
+def _manager_thread(pool: ProcessPoolExecutor) -> threading.Thread | None:
+    """The pool's manager thread (private ``_executor_manager_thread``; ``shutdown`` sets it
+    to None), None when not started or not known."""
+    thread = getattr(pool, "_executor_manager_thread", None)
+    return thread if isinstance(thread, threading.Thread) else None
+
+
 def stop_pool(pool: ProcessPoolExecutor) -> None:
     """Cancel what is queued and end the workers without waiting for their tasks (Python
     3.14's ``terminate_workers()``; ``shutdown`` alone lets every queued task run first).
     Safe to call twice, or after the pool was shut down: without a handle on the workers it
     cancels the queue and lets the running tasks finish, saying so in the log."""
     workers = _workers(pool)
+    manager = _manager_thread(pool)  # read before shutdown forgets it
     pool.shutdown(wait=False, cancel_futures=True)
     if workers is None:
         log.warning(
@@ -54,3 +72,9 @@ def stop_pool(pool: ProcessPoolExecutor) -> None:
         worker.terminate()
     for worker in workers:
         worker.join()
+    if manager is not None and manager is not threading.current_thread():
+        manager.join(MANAGER_JOIN_S)
+        if manager.is_alive():
+            log.warning(
+                "stop_pool: the pool's manager thread still runs after %g s", MANAGER_JOIN_S
+            )
