@@ -231,6 +231,29 @@ async def test_put_adapter_is_conditional_and_delete_leaves_a_tombstone(
     assert view.adapters["sql"].path == "/m/sql2"
 
 
+async def test_replace_adapter_swaps_a_registered_definition_only(store: StateStore) -> None:
+    first = AdapterSpec(name="sql", path="/m/sql", rank=16, tenants=frozenset({"acme"}))
+    second = AdapterSpec(name="sql", path="/m/sql-v2", rank=8)
+    # Not registered: nothing changes (PUT's 404).
+    assert await store.replace_adapter(second) is None
+    assert "sql" not in (await store.snapshot()).adapters
+    assert await store.put_adapter(first)
+    v1 = (await store.snapshot()).version
+    assert await store.replace_adapter(second) == first  # the definition replaced
+    view = await store.snapshot()
+    assert view.adapters["sql"] == second and view.version > v1
+    assert await store.get_adapter("sql") == second
+    # With expected: only if registered as expected (a PUT's put-back).
+    assert await store.replace_adapter(first, expected=first) is None
+    assert (await store.snapshot()).adapters["sql"] == second
+    assert await store.replace_adapter(first, expected=second) == second
+    assert (await store.snapshot()).adapters["sql"] == first
+    # A deleted name is not replaced (no resurrection past its tombstone).
+    assert await store.delete_adapter("sql")
+    assert await store.replace_adapter(second) is None
+    assert "sql" not in (await store.snapshot()).adapters
+
+
 async def test_tombstones_expire() -> None:
     clock = VirtualClock()
     store = MemoryStore(ttls=Ttls(tombstone_ttl_s=5.0), clock=clock)

@@ -1167,6 +1167,41 @@ class ReplicaPool:
         task.result()  # its error, if it failed (cancelled: the pool stopped)
         return True
 
+    def holds_adapter(self, replica_id: ReplicaId, adapter: str) -> bool:
+        """Whether the replica has ``adapter`` registered, from the configured path or from
+        another one (being reloaded in place)."""
+        rep = self._replicas.get(replica_id)
+        return rep is not None and (adapter in rep.registered or adapter in rep.stale)
+
+    async def reload_adapter(
+        self,
+        replica_id: ReplicaId,
+        spec: AdapterSpec,
+        *,
+        request_id: str | None = None,
+        load_id: str | None = None,
+    ) -> None:
+        """Reload ``spec`` in place on a replica that holds it (``load_inplace: true``: vLLM
+        swaps the weights under the name; requests already running there finish as vLLM
+        finishes them, and the name stays registered throughout). If a load of it is under
+        way there (the in-place reload :meth:`expect_adapters` starts when the path changed),
+        this waits for that one; else it starts one, from ``spec.path`` even if the replica
+        holds it from there already (the folder was rewritten). Errors as
+        :meth:`ensure_adapter`'s (:class:`AdapterLoadError`: the replica refused it, and
+        keeps what it had)."""
+        rep = self._replicas.get(replica_id)
+        if rep is None:
+            raise ReplicaRetiredError(
+                f"was removed from the pool by a config reload before adapter {spec.name!r} "
+                "could be reloaded there"
+            )
+        key = (spec.name, replica_id)
+        task = self._loads.get(key)
+        if task is None:
+            cause = "the gateway" if request_id is None else f"request {request_id}"
+            task = self._start_load(key, rep, spec, cause, load_id, inplace=True)
+        await asyncio.shield(task)
+
     def _wake_load_waiters(
         self, rep: _Replica, error: type[UpstreamConnectError], reason: str
     ) -> None:
@@ -1184,9 +1219,12 @@ class ReplicaPool:
         cause: str,
         load_id: str | None,
         refusal_outlook: str | None = None,
+        *,
+        inplace: bool = False,
     ) -> asyncio.Task[None]:
         task = asyncio.create_task(
-            self._timed_load(rep, spec, cause, load_id, refusal_outlook), name=f"load {key}"
+            self._timed_load(rep, spec, cause, load_id, refusal_outlook, inplace=inplace),
+            name=f"load {key}",
         )
         self._loads[key] = task
         task.add_done_callback(lambda t: self._load_done(key, t))
@@ -1206,6 +1244,8 @@ class ReplicaPool:
         cause: str,
         load_id: str | None,
         refusal_outlook: str | None = None,
+        *,
+        inplace: bool = False,
     ) -> None:
         """:meth:`_load`, its duration and outcome told to :attr:`on_load_done` and logged
         (INFO; DEBUG for a refusal, which :meth:`_load` logs as a WARNING): the adapter, the
@@ -1214,7 +1254,7 @@ class ReplicaPool:
         started = self._clock.now()
         result = "error"
         try:
-            loaded = await self._load(rep, spec, load_id, refusal_outlook)
+            loaded = await self._load(rep, spec, load_id, refusal_outlook, inplace=inplace)
             result = "ok" if loaded else "already_loaded"
         except AdapterLoadError:
             result = "refused"
@@ -1248,15 +1288,21 @@ class ReplicaPool:
         spec: AdapterSpec,
         load_id: str | None = None,
         refusal_outlook: str | None = None,
+        *,
+        inplace: bool = False,
     ) -> bool:
         """Load ``spec`` on ``rep``; True if the replica loaded it (200), False if it had it
         registered already (from the configured path). ``load_id``: the call's
-        ``X-Request-Id`` (an in-place reload after "already loaded": ``<load_id>-inplace``)."""
+        ``X-Request-Id`` (an in-place reload after "already loaded": ``<load_id>-inplace``).
+        ``inplace``: reload it in place even if the replica holds it from ``spec.path``
+        (:meth:`reload_adapter`: the folder's weights changed)."""
         # Errors are already loragate errors: AdapterLoadError (the replica refused the
         # adapter), UpstreamConnectError or UpstreamTimeoutError (the replica is unreachable).
         rid = rep.config.replica_id
         client = self._client(rep)
         old = rep.stale.get(spec.name)
+        if old is None and inplace:
+            old = rep.roots.get(spec.name, spec.path)
         loaded = True  # the replica loaded it (answered 200), not "already loaded"
         try:
             if old is not None:

@@ -76,6 +76,18 @@
                             definition in force). It leaves a
                             tombstone: any instance's poller unloads the adapter from a
                             replica that lists it later (loaded back by a stale instance)
+``PUT /admin/adapters/N``   replace an admin-registered adapter's definition in place
+                            (``{path, rank?, tenants?}``, checked as ``POST``'s; the name is
+                            served throughout, no window of 404s): the replicas holding it
+                            reload it in place (vLLM's ``load_inplace``, as for a config-file
+                            adapter whose path changed; requests running there finish), or
+                            one loads it if none holds it. 200 with the definition,
+                            ``rank_source``, ``previous``, ``reloaded_on``, ``refused_by``,
+                            ``not_tried``, ``persisted``; 404 unknown (param ``name``); 409
+                            if only the config file defines it; 400 naming the bad key, or a
+                            path every replica asked refused (the previous definition is put
+                            back, still served); shared through the state store as ``POST``
+                            (see ``gateway.admin_adapter_update``)
 ``POST /admin/reload``      re-read the config file (see ``gateway.reload``): 200; 400 with
                             the error naming the key (the old config stays in force); 500
                             (code ``reload_failed``) if it failed otherwise: logged with its
@@ -87,7 +99,7 @@ under ``/admin`` answers the same 404 (code ``not_found``) saying that the admin
 and how to enable it; with one, a wrong or missing ``Authorization: Bearer`` gets 401.
 Errors use the OpenAI error shape. Adapter changes go to the shared state store (with a
 version bump), so every gateway instance on the same Redis serves them within its refresh
-interval. While the store is degraded (Redis unreachable) ``POST`` and ``DELETE
+interval. While the store is degraded (Redis unreachable) ``POST``, ``PUT`` and ``DELETE
 /admin/adapters`` and the drain writes answer 503 with code ``state_unavailable``.
 """
 
@@ -99,6 +111,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import hdrs, web
 
 from loragate.core.errors import AuthenticationError, ConfigError, LoragateError
+from loragate.gateway.admin_adapter_update import AdapterUpdate
 from loragate.gateway.admin_adapters import AdapterAdmin
 from loragate.gateway.admin_common import json_response
 from loragate.gateway.admin_replicas import ReplicaAdmin
@@ -137,6 +150,7 @@ class AdminApi:
         self._gw = gateway
         self._replicas = ReplicaAdmin(gateway)
         self._adapters = AdapterAdmin(gateway)
+        self._update = AdapterUpdate(gateway, self._adapters)
         self._ids = gateway.request_ids
 
     def register(self, router: web.UrlDispatcher) -> None:
@@ -150,6 +164,7 @@ class AdminApi:
         router.add_post("/admin/adapters", self._guard(adapters.add_adapter))
         # Any name vLLM takes, '/' included ('org/name'): as written or percent-encoded.
         router.add_delete("/admin/adapters/{name:.+}", self._guard(adapters.delete_adapter))
+        router.add_put("/admin/adapters/{name:.+}", self._guard(self._update.replace_adapter))
         router.add_post("/admin/reload", self._guard(self.reload))
         # Last: any other path under /admin, or a method an admin path does not take.
         router.add_route("*", "/admin{tail:(/.*)?}", with_request_id(self._ids, self._other))

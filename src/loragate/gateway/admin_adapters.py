@@ -42,7 +42,13 @@ from loragate.core.errors import (
     UpstreamTimeoutError,
 )
 from loragate.core.types import MAX_ADAPTER_RANK, AdapterSpec
-from loragate.gateway.adapter_rank import DEFAULT_RANK, RankError, rank_problem, settle_rank
+from loragate.gateway.adapter_rank import (
+    DEFAULT_RANK,
+    RankError,
+    SettledRank,
+    rank_problem,
+    settle_rank,
+)
 from loragate.gateway.admin_common import json_response, log, state_unavailable
 from loragate.gateway.load_placement import LoadPlacer, ReplicaView
 from loragate.gateway.request_body import read_request_body
@@ -159,23 +165,8 @@ class AdapterAdmin:
     async def add_adapter(self, request: web.Request) -> web.Response:
         gw = self._gw
         req_id = request[REQUEST_ID]
-        payload = await _read_json(request, gw.config.limits.client_body_timeout_s)
-        spec, given = parse_adapter(
-            payload,
-            base_model=gw.config.base_model,
-            tenants={t.name for t in gw.config.tenants},
-        )
-        try:  # the folder's rank, if the gateway can read it (off the loop: it may be slow)
-            settled = await asyncio.to_thread(settle_rank, spec.path, given, given_source="request")
-        except RankError as exc:
-            raise InvalidRequestError(str(exc), param="rank") from exc
-        spec = dataclasses.replace(spec, rank=settled.rank)
-        if (problem := rank_problem(spec.rank, gw.config.replicas)) is not None:
-            raise InvalidRequestError(
-                f"adapter {spec.name!r} not registered: its {problem} (the rank "
-                f"{_RANK_SOURCES.get(settled.source, settled.source)}); no replica could load it",
-                param="rank",
-            )
+        payload = await read_json(request, gw.config.limits.client_body_timeout_s)
+        spec, settled = await checked_spec(gw, payload, "registered")
         async with gw.lock:
             if gw.shared.degraded:
                 return state_unavailable(request, f"register adapter {spec.name!r}")
@@ -195,7 +186,7 @@ class AdapterAdmin:
             gw.shared.check_adapters()  # this instance serves it at once
         gw.pool.refusals.forget(spec.name)  # registered anew: every replica may try it again
         try:
-            load = await self._try_load(spec, request)
+            load = await self.try_load(spec, request)
         except InvalidRequestError:  # no replica can load it: take the registration back
             async with gw.lock:
                 await gw.shared.store.delete_adapter(spec.name)
@@ -218,12 +209,12 @@ class AdapterAdmin:
                 **adapter_json(spec),
                 "rank_source": settled.source,
                 **load.to_json(),
-                **self._persisted(req_id, spec.name),
+                **self.persisted(req_id, spec.name),
             },
             status=201,
         )
 
-    def _persisted(self, req_id: str, name: str) -> dict[str, str]:
+    def persisted(self, req_id: str, name: str) -> dict[str, str]:
         """Where a registration lives, for its 201: ``persisted`` ``redis`` (the shared store:
         every instance, across restarts) or ``memory`` (the embedded store: this process only),
         then with a ``warning`` saying what that means; the first such registration of the
@@ -237,7 +228,9 @@ class AdapterAdmin:
             )
         return {"persisted": "memory", "warning": EMBEDDED_WARNING}
 
-    async def _try_load(self, spec: AdapterSpec, request: web.Request) -> LoadAttempt:
+    async def try_load(
+        self, spec: AdapterSpec, request: web.Request, *, previous: AdapterSpec | None = None
+    ) -> LoadAttempt:
         """Load ``spec`` (just registered) on the healthy replicas in turn until one has it, so
         that a path no replica can load is a 400 now, not a 502 for every request later. The
         turn is ``gateway.load_placement``'s order: least harm and most use first.
@@ -253,7 +246,8 @@ class AdapterAdmin:
         replica that refuses while another loads it keeps its refusal, as after a routed
         request. Returns what happened, for the 201's body. ``request``: the registration's
         (its id in the log lines and, ``-load-<k>`` appended, in each load's
-        ``X-Request-Id``)."""
+        ``X-Request-Id``). ``previous``: the definition a ``PUT`` replaced (its caller puts it
+        back if this raises; the log lines say so)."""
         gw = self._gw
         req_id, upstream_id = request[REQUEST_ID], request[UPSTREAM_ID]
         pool = gw.pool
@@ -291,6 +285,11 @@ class AdapterAdmin:
             # routed requests (the registration is taken back if no replica loads it).
             if k < len(order):
                 outlook = f" (tried next on replica {order[k].replica_id})"
+            elif previous is not None:
+                outlook = (
+                    f" (no replica loaded it: the previous definition, from {previous.path}, "
+                    f"is put back, and request {req_id} gets a 400 naming the refusals)"
+                )
             else:
                 outlook = (
                     f" (no replica loaded it: the registration is taken back, request {req_id} "
@@ -314,9 +313,9 @@ class AdapterAdmin:
                     "admin: request %s: adapter %s not tried on replica %s: %s",
                     req_id, spec.name, rid, exc,
                 )  # fmt: skip
-                passed_over.append(f"replica {rid} ({_why_not_tried(exc)})")
+                passed_over.append(f"replica {rid} ({why_not_tried(exc)})")
                 skipped.append(passed_over[-1])
-                attempt.not_tried[rid] = _why_not_tried(exc)
+                attempt.not_tried[rid] = why_not_tried(exc)
                 continue
             if refused or skipped:  # (not the ones below the rank: never in the order)
                 log.info(
@@ -345,11 +344,12 @@ class AdapterAdmin:
         )
         if passed_over:
             message += "; not tried: " + ", ".join(passed_over)
-        log.warning(
-            "admin: request %s: adapter %s not registered (taken back: requests for it get a "
-            "404 model_not_found): %s",
-            req_id, spec.name, message,
-        )  # fmt: skip
+        if previous is None:
+            log.warning(
+                "admin: request %s: adapter %s not registered (taken back: requests for it "
+                "get a 404 model_not_found): %s",
+                req_id, spec.name, message,
+            )  # fmt: skip
         raise InvalidRequestError(message, param="path")
 
     async def delete_adapter(self, request: web.Request) -> web.Response:
@@ -402,7 +402,7 @@ class AdapterAdmin:
 
 @dataclasses.dataclass(slots=True)
 class LoadAttempt:
-    """What the load a registration tries did (``AdapterAdmin._try_load``), as the 201 tells
+    """What the load a registration tries did (``AdapterAdmin.try_load``), as the 201 tells
     it: ``loaded_on`` the replica that loaded it (None: none did, the registration stands
     untried), ``refused_by`` replica -> vLLM's reason, ``not_tried`` replica -> why it could
     not be asked (no healthy replica at all: both empty)."""
@@ -420,7 +420,7 @@ class LoadAttempt:
         }
 
 
-def _why_not_tried(exc: LoragateError) -> str:
+def why_not_tried(exc: LoragateError) -> str:
     """Why a replica could not be asked to load an adapter, for a client: no URL (the log
     line has the whole error)."""
     if isinstance(exc, UpstreamTimeoutError):
@@ -430,7 +430,31 @@ def _why_not_tried(exc: LoragateError) -> str:
     return "no usable answer"
 
 
-async def _read_json(request: web.Request, idle_timeout_s: float) -> object:
+async def checked_spec(gw: Gateway, payload: object, what: str) -> tuple[AdapterSpec, SettledRank]:
+    """A ``POST``/``PUT /admin/adapters`` body checked (``parse_adapter``), its rank settled
+    from the folder's ``adapter_config.json`` if readable (off the loop: it may be slow), and
+    refused if every replica's ``max_lora_rank`` is below it (400, param ``rank``; ``what``:
+    ``registered`` or ``replaced``, for that message)."""
+    spec, given = parse_adapter(
+        payload,
+        base_model=gw.config.base_model,
+        tenants={t.name for t in gw.config.tenants},
+    )
+    try:
+        settled = await asyncio.to_thread(settle_rank, spec.path, given, given_source="request")
+    except RankError as exc:
+        raise InvalidRequestError(str(exc), param="rank") from exc
+    spec = dataclasses.replace(spec, rank=settled.rank)
+    if (problem := rank_problem(spec.rank, gw.config.replicas)) is not None:
+        raise InvalidRequestError(
+            f"adapter {spec.name!r} not {what}: its {problem} (the rank "
+            f"{_RANK_SOURCES.get(settled.source, settled.source)}); no replica could load it",
+            param="rank",
+        )
+    return spec, settled
+
+
+async def read_json(request: web.Request, idle_timeout_s: float) -> object:
     body = await read_request_body(
         request, max_bytes=_MAX_ADMIN_BODY, idle_timeout_s=idle_timeout_s
     )

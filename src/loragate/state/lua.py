@@ -276,6 +276,23 @@ return 0
 """
 )
 
+# KEYS: adapters, version, epoch; ARGV: name, JSON spec, the JSON spec expected there ('' =
+# any), the epoch the caller knows ('' = any). Replaces a registered adapter's definition
+# (PUT /admin/adapters/N), bumping the version: returns {1, the JSON replaced}; {0} (nothing
+# done) if the name is not registered or not as expected; -1 (nothing done) if the epoch is
+# not the caller's.
+REPLACE_ADAPTER = (
+    _COMMON
+    + """
+if ARGV[4] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[4] then return -1 end
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old or (ARGV[3] ~= '' and old ~= ARGV[3]) then return {0} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('INCR', KEYS[2])
+return {1, old}
+"""
+)
+
 # KEYS: adapters, version, tombstones, epoch; ARGV: name, tombstone ttl ms, the epoch the
 # caller knows ('' = any). Deletes the adapter and leaves its tombstone (name -> until ms,
 # Redis server time). Returns 1 if it existed, else 0; -1 (nothing done) if the epoch is not

@@ -212,6 +212,15 @@ class MemoryStore:
         self._tombstones.pop(spec.name, None)
         self._version += 1
 
+    async def replace_adapter(
+        self, spec: AdapterSpec, *, expected: AdapterSpec | None = None
+    ) -> AdapterSpec | None:
+        old = self._adapters.get(spec.name)
+        if old is None or (expected is not None and old != expected):
+            return None
+        self.set_adapter(spec)
+        return old
+
     async def delete_adapter(self, name: AdapterId) -> bool:
         if name not in self._adapters:
             return False

@@ -237,6 +237,7 @@ class RedisStore:
         self._set_drain = client.register_script(lua.SET_DRAIN)
         self._put_adapter = client.register_script(lua.PUT_ADAPTER)
         self._delete_adapter = client.register_script(lua.DELETE_ADAPTER)
+        self._replace_adapter = client.register_script(lua.REPLACE_ADAPTER)
         self._leader_acquire = client.register_script(lua.LEADER_ACQUIRE)
         self._leader_release = client.register_script(lua.LEADER_RELEASE)
         self._ensure_epoch = client.register_script(lua.ENSURE_EPOCH)
@@ -503,6 +504,35 @@ class RedisStore:
             )
         )
         return _registry_answer(int(added), epoch)
+
+    async def replace_adapter(
+        self,
+        spec: AdapterSpec,
+        *,
+        expected: AdapterSpec | None = None,
+        epoch: str | None = None,
+    ) -> AdapterSpec | None:
+        """Replace the registered ``spec.name`` (if registered, and as ``expected`` if given):
+        the definition replaced, or None; ``epoch`` as in ``put_adapter``."""
+        k = self.keys
+        answer = await self._io(
+            self._replace_adapter(
+                keys=[k.adapters, k.version, k.epoch],
+                args=[
+                    spec.name,
+                    encode_adapter(spec),
+                    "" if expected is None else encode_adapter(expected),
+                    epoch or "",
+                ],
+            )
+        )
+        if not isinstance(answer, list):
+            _registry_answer(int(answer), epoch)  # (-1: raises)
+            return None
+        if int(answer[0]) != 1:
+            return None
+        raw = answer[1]
+        return decode_adapter(spec.name, raw.decode() if isinstance(raw, bytes) else str(raw))
 
     async def delete_adapter(self, name: AdapterId, *, epoch: str | None = None) -> bool:
         """Delete ``name`` leaving its tombstone; ``epoch`` as in ``put_adapter``."""

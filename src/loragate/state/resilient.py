@@ -65,6 +65,7 @@ import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from itertools import islice
+from typing import TypeVar
 
 from loragate.core.clock import Clock, WallClock
 from loragate.core.types import AdapterId, AdapterSpec, ReplicaId, Residency
@@ -95,6 +96,7 @@ log = logging.getLogger("loragate.state")
 REPLAY_BATCH = 256
 
 RemoteOp = Callable[[RedisStore], Awaitable[object]]
+_T = TypeVar("_T")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, eq=False)
@@ -459,6 +461,26 @@ class ResilientStore:
             self._journal_append(lambda r: r.put_adapter(spec))
         return added
 
+    async def replace_adapter(
+        self, spec: AdapterSpec, *, expected: AdapterSpec | None = None
+    ) -> AdapterSpec | None:
+        async with self._resync_lock:
+            if not self._degraded:
+                try:
+                    old = await self._decide(
+                        lambda r, e: r.replace_adapter(spec, expected=expected, epoch=e)
+                    )
+                except StateUnavailableError as exc:
+                    self._on_error(exc)
+                else:
+                    if old is not None:
+                        self._local.set_adapter(spec)
+                    return old
+        old = await self._local.replace_adapter(spec, expected=expected)
+        if old is not None:
+            self._journal_append(lambda r: r.replace_adapter(spec, expected=old))
+        return old
+
     async def delete_adapter(self, name: AdapterId) -> bool:
         async with self._resync_lock:
             if not self._degraded:
@@ -474,7 +496,7 @@ class ResilientStore:
         self._journal_append(lambda r: r.delete_adapter(name))
         return existed
 
-    async def _decide(self, op: Callable[[RedisStore, str | None], Awaitable[bool]]) -> bool:
+    async def _decide(self, op: Callable[[RedisStore, str | None], Awaitable[_T]]) -> _T:
         """A registry write decided by Redis (call with the resync lock held). Older writes go
         first (queued during an outage and not replayed yet), so Redis, not the mirror, decides
         against all of them; and only in the dataset this instance synchronised with: if Redis

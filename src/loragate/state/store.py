@@ -187,6 +187,16 @@ class StateStore(Protocol):
         version bump and clearing the name's tombstone: True; else change nothing: False."""
         ...
 
+    async def replace_adapter(
+        self, spec: AdapterSpec, *, expected: AdapterSpec | None = None
+    ) -> AdapterSpec | None:
+        """Replace the registered adapter ``spec.name`` with ``spec`` (``PUT
+        /admin/adapters/N``), atomically with the version bump, if it is registered (and,
+        with ``expected``, registered as ``expected``): returns the definition it replaced;
+        None if nothing changed (not registered, or not as ``expected``). The name is
+        registered throughout: no instance ever sees it unknown."""
+        ...
+
     async def delete_adapter(self, name: AdapterId) -> bool:
         """Remove the adapter and leave a tombstone for it (``Ttls.tombstone_ttl_s``) in one
         atomic step: True; False (nothing changed) if it was not registered."""

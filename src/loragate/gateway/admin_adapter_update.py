@@ -1,0 +1,226 @@
+"""``PUT /admin/adapters/N``: replace a registered adapter's definition (path, rank, tenants)
+in place, e.g. with a retrained customer adapter, without a moment in which the name is
+unknown (``DELETE`` then ``POST`` left a window of 404s).
+
+1. The body is ``{path, rank?, tenants?}`` (``name`` may be given, equal to N: a ``PUT`` does
+   not rename), checked as ``POST``'s (400 naming the key; the rank from the folder's
+   ``adapter_config.json`` if readable; a rank above every replica's ``max_lora_rank`` is a 400,
+   ``param: rank``). 404 (``param: name``) if N is not registered through the admin API; 409 if
+   only the config file defines it (change it there and reload); 503 while the state store is
+   unreachable.
+2. The state store swaps the definition atomically (``StateStore.replace_adapter``, with the
+   version bump: every instance on the same Redis serves the new one within its refresh
+   interval), and this instance's catalog at once: the name stays served throughout.
+3. The replicas that hold the adapter from the old path reload it in place (vLLM's
+   ``load_inplace: true``), through the mechanism that reloads a config-file adapter whose path
+   changed (``backends.pool``: ``expect_adapters`` finds them stale and starts the reloads;
+   requests routed there meanwhile wait for the reload, requests already running there finish
+   as vLLM finishes them). With the same path they are reloaded in place too (the folder may
+   have been rewritten). The ``PUT`` waits for those reloads
+   (``ReplicaPool.reload_adapter``, up to ``limits.admin_timeout_s``); if no replica holds the
+   adapter, it is loaded on one as ``POST`` loads a new registration.
+4. If no replica took the new definition and at least one refused it (vLLM's reasons), the
+   previous definition is put back (unless another instance replaced it meanwhile) and the
+   answer is a 400 (``param: path``) naming the refusals: the replicas that refused keep the
+   old weights, which stay served. Replicas that could not be reached are not refusals (a
+   ``PUT`` none could be asked about stands, as a registration does).
+
+200: the new definition (``name, path, rank, tenants``), ``rank_source``, ``previous`` (the
+definition replaced), ``reloaded_on`` (replicas that hold the new definition now),
+``refused_by`` (replica -> vLLM's reason), ``not_tried`` (replica -> why it was not asked) and
+``persisted`` (plus ``warning`` with the embedded store), as ``POST``'s 201. The reloads carry
+``X-Request-Id: <upstream id>-reload-<k>`` (the ``k``-th replica), or the poller's own id when
+they were already under way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from loragate.core.errors import (
+    AdapterLoadError,
+    ConflictError,
+    InvalidRequestError,
+    LoragateError,
+    NotFoundError,
+)
+from loragate.core.types import AdapterSpec, ReplicaId
+from loragate.gateway.admin_adapters import (
+    AdapterAdmin,
+    LoadAttempt,
+    adapter_json,
+    checked_spec,
+    read_json,
+    why_not_tried,
+)
+from loragate.gateway.admin_common import json_response, log, state_unavailable
+from loragate.gateway.request_ids import REQUEST_ID, UPSTREAM_ID
+
+if TYPE_CHECKING:
+    from loragate.gateway.app import Gateway
+
+
+class AdapterUpdate:
+    """The handler of ``PUT /admin/adapters/N`` for one gateway (behind the guard)."""
+
+    def __init__(self, gateway: Gateway, adapters: AdapterAdmin) -> None:
+        self._gw = gateway
+        self._adapters = adapters  # its first load (no replica holds it) and persisted()
+
+    async def replace_adapter(self, request: web.Request) -> web.Response:
+        gw = self._gw
+        name = request.match_info["name"]
+        req_id = request[REQUEST_ID]
+        payload = await read_json(request, gw.config.limits.client_body_timeout_s)
+        if not isinstance(payload, dict):
+            raise InvalidRequestError("the request body must be a JSON object")
+        if payload.get("name", name) != name:
+            raise InvalidRequestError(
+                f"'name' {payload['name']!r} is not the adapter's name {name!r} (a PUT does not "
+                "rename: DELETE it and POST the new name)",
+                param="name",
+            )
+        spec, settled = await checked_spec(gw, {**payload, "name": name}, "replaced")
+        what = f"replace adapter {name!r}"
+        async with gw.lock:
+            if gw.shared.degraded:
+                return state_unavailable(request, what)
+            if any(a.name == name for a in gw.config.adapters) and (
+                name not in gw.shared.shared_adapters()
+            ):
+                raise ConflictError(
+                    f"adapter {name!r} is defined in the config file: change it there and reload",
+                    param="name",
+                )
+            previous = await gw.shared.store.replace_adapter(spec)
+            if gw.shared.degraded:
+                return state_unavailable(request, what, during=True)
+            if previous is None:
+                raise NotFoundError(
+                    f"adapter {name!r} does not exist (POST /admin/adapters registers it)",
+                    param="name",
+                )
+            # The catalog serves the new definition at once; the pool starts the in-place
+            # reloads where replicas hold the old path.
+            gw.shared.check_adapters()
+        gw.pool.refusals.forget(name)  # a new definition: every replica may try it again
+        try:
+            attempt = await self._reload(spec, previous, request)
+        except InvalidRequestError as exc:  # no replica took it, some refused: put it back
+            await self._put_back(previous, spec, req_id)
+            raise InvalidRequestError(
+                f"{exc.message}; adapter {name!r} stays as it was (path {previous.path!r})",
+                param="path",
+            ) from exc
+        log.info(
+            "admin: request %s: replaced adapter %s: %s, rank %d (was %s, rank %d); reloaded "
+            "on %s",
+            req_id, name, spec.path, spec.rank, previous.path, previous.rank,
+            attempt.reloaded_on or "no replica",
+        )  # fmt: skip
+        return json_response(
+            {
+                **adapter_json(spec),
+                "rank_source": settled.source,
+                "previous": adapter_json(previous),
+                "reloaded_on": attempt.reloaded_on,
+                "refused_by": attempt.refused_by,
+                "not_tried": attempt.not_tried,
+                **self._adapters.persisted(req_id, name),
+            }
+        )
+
+    async def _reload(
+        self, spec: AdapterSpec, previous: AdapterSpec, request: web.Request
+    ) -> Reloads:
+        """Reload ``spec`` in place on every replica that holds the adapter (concurrently), or
+        load it on one if none does (``AdapterAdmin.try_load``). Raises
+        ``InvalidRequestError`` (param ``path``) if none took it and at least one refused."""
+        gw = self._gw
+        pool = gw.pool
+        holders = [rid for rid in pool.replica_ids if pool.holds_adapter(rid, spec.name)]
+        if not holders:
+            first: LoadAttempt = await self._adapters.try_load(spec, request, previous=previous)
+            return Reloads(
+                reloaded_on=[] if first.loaded_on is None else [first.loaded_on],
+                refused_by=first.refused_by,
+                not_tried=first.not_tried,
+            )
+        req_id, upstream_id = request[REQUEST_ID], request[UPSTREAM_ID]
+        outcomes = await asyncio.gather(
+            *(
+                self._reload_one(rid, spec, req_id, f"{upstream_id}-reload-{k}")
+                for k, rid in enumerate(holders, 1)
+            )
+        )
+        out = Reloads(reloaded_on=[], refused_by={}, not_tried={})
+        for rid, (kind, why) in zip(holders, outcomes, strict=True):
+            if kind == "ok":
+                out.reloaded_on.append(rid)
+            elif kind == "refused":
+                out.refused_by[rid] = why
+            else:
+                out.not_tried[rid] = why
+        if not out.reloaded_on and out.refused_by:
+            message = f"no replica could reload adapter {spec.name!r} from {spec.path!r}: " + (
+                "; ".join(f"replica {rid}: {why}" for rid, why in out.refused_by.items())
+            )
+            if out.not_tried:
+                message += "; not tried: " + ", ".join(
+                    f"replica {rid} ({why})" for rid, why in out.not_tried.items()
+                )
+            raise InvalidRequestError(message, param="path")
+        return out
+
+    async def _reload_one(
+        self, rid: ReplicaId, spec: AdapterSpec, req_id: str, load_id: str
+    ) -> tuple[str, str]:
+        """("ok", ""), ("refused", vLLM's reason) or ("not_tried", why)."""
+        try:
+            await self._gw.pool.reload_adapter(rid, spec, request_id=req_id, load_id=load_id)
+        except AdapterLoadError as exc:
+            return "refused", exc.message
+        except LoragateError as exc:
+            log.warning(
+                "admin: request %s: adapter %s not reloaded on replica %s: %s",
+                req_id, spec.name, rid, exc,
+            )  # fmt: skip
+            return "not_tried", why_not_tried(exc)
+        return "ok", ""
+
+    async def _put_back(self, previous: AdapterSpec, spec: AdapterSpec, req_id: str) -> None:
+        """Put ``previous`` back in force, unless the definition is no longer ``spec`` (another
+        instance replaced or deleted it meanwhile: theirs stands)."""
+        gw = self._gw
+        async with gw.lock:
+            back = await gw.shared.store.replace_adapter(previous, expected=spec)
+            gw.shared.check_adapters()
+        gw.pool.refusals.forget(spec.name)  # those refusals were of the definition put back
+        if back is None:
+            log.warning(
+                "admin: request %s: adapter %s: no replica took its new definition (%s), and "
+                "it changed meanwhile (another instance): not put back to %s",
+                req_id, spec.name, spec.path, previous.path,
+            )  # fmt: skip
+        else:
+            log.warning(
+                "admin: request %s: adapter %s: no replica took its new definition (%s): the "
+                "previous one (%s) is put back",
+                req_id, spec.name, spec.path, previous.path,
+            )  # fmt: skip
+
+
+class Reloads:
+    """What a ``PUT``'s reloads did (the 200's body)."""
+
+    __slots__ = ("not_tried", "refused_by", "reloaded_on")
+
+    def __init__(
+        self, *, reloaded_on: list[str], refused_by: dict[str, str], not_tried: dict[str, str]
+    ) -> None:
+        self.reloaded_on = reloaded_on
+        self.refused_by = refused_by
+        self.not_tried = not_tried
