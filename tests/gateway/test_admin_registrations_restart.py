@@ -7,6 +7,7 @@ does not adopt them. With Redis the 201 says ``redis`` and a restart forgets not
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -16,6 +17,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from gateway_harness import ScriptedReplica, gateway_config
 from shared_cluster import AUTH, sdk, shared_config, twin_replicas
 
 from loragate.core.config import GatewayConfig, StateConfig
@@ -108,3 +110,31 @@ async def test_a_registration_in_redis_says_so_and_survives_a_restart(
         client = await stack.enter_async_context(sdk(gw.url))
         done = await client.completions.create(model="cust-1", prompt="x", max_tokens=2)
         assert done.choices
+
+
+async def test_a_replica_that_answers_after_start_up_gets_its_own_warning(
+    replicas: list[ScriptedReplica], caplog: pytest.LogCaptureFixture
+) -> None:
+    r0, r1 = replicas
+    r0.adapters = {"cust-1": "/loras/cust-1", "lora-0": "/loras/lora-0"}
+    r1.adapters = {"cust-1": "/loras/cust-1", "cust-9": "/loras/cust-9"}
+    r1.health_status = 503  # down at start-up: its adapters are not known yet
+    cfg = gateway_config(
+        [r.url for r in replicas], admin={"token": "t"}, poller={"interval_s": 0.05}
+    )
+    with caplog.at_level(logging.WARNING, logger="loragate.gateway.unknown_adapters"):
+        async with running_gateway(cfg, port=0):
+            first = [r.getMessage() for r in caplog.records if "does not serve" in r.getMessage()]
+            assert len(first) == 1, first
+            assert "1 adapter(s)" in first[0] and "cust-1 (on r0, from /loras/cust-1)" in first[0]
+            r1.health_status = 200
+            for _ in range(200):  # bounded: until r1 answered a poll and was checked
+                said = [
+                    r.getMessage() for r in caplog.records if "does not serve" in r.getMessage()
+                ]
+                if len(said) > 1:
+                    break
+                await asyncio.sleep(0.05)
+    assert len(said) == 2, said
+    assert "1 adapter(s)" in said[1] and "cust-9 (on r1, from /loras/cust-9)" in said[1]
+    assert "cust-1" not in said[1]  # named once

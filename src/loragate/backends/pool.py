@@ -36,7 +36,9 @@ request for it and load it back on demand. So every poll also unloads, in the ba
 adapters a replica lists that the listener says were deleted lately (tombstones in the shared
 state) and the catalog does not serve. Adapters are never unloaded for being merely unknown to
 the catalog: a replica may hold adapters an operator loaded outside loragate
-(``--lora-modules``), and those stay.
+(``--lora-modules``), and those stay. :meth:`ReplicaPool.unknown_adapters` lists them (and
+those an embedded store forgot at a gateway restart): the gateway warns about them
+(``gateway.unknown_adapters``) and does not serve them.
 Replicas can be added and removed while running (config reload).
 
 A replica that stopped listening: a poll refused at connect (vLLM closes its listener at once on
