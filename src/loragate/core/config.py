@@ -153,6 +153,9 @@ class StateConfig:
     # had not refreshed yet). It must cover a stale instance's refresh, an on-demand load it
     # began before that (up to limits.admin_timeout_s; seconds on real vLLM) and one poll.
     tombstone_ttl_s: float = 30.0
+    # While Redis is unreachable, reconnect attempts back off from 0.1 s, doubling up to this
+    # (+ up to 20% jitter): a returning Redis is noticed within about 1.2 x this.
+    reconnect_max_backoff_s: float = 5.0
 
 
 ADMIN_TOKEN_ENV = "LORAGATE_ADMIN_TOKEN"
@@ -733,6 +736,7 @@ _STATE_SECONDS = {
     "lease_renew_s",
     "maintenance_interval_s",
     "tombstone_ttl_s",
+    "reconnect_max_backoff_s",
 }
 
 

@@ -81,6 +81,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from loragate.backends.refusals import Refusals
+from loragate.core.clock import Clock
 from loragate.core.config import ReplicaConfig, StateConfig
 from loragate.core.types import AdapterId, AdapterSpec, ReplicaId, ReplicaSnapshot, Residency
 from loragate.gateway.inflight import InFlightTracker
@@ -106,16 +107,18 @@ StoppingCallback = Callable[[Mapping[ReplicaId, tuple[str, float]]], None]
 _STOPPING_REWRITE_S = 1.0
 
 
-def build_store(config: StateConfig) -> GatewayStore:
-    """The store the ``state:`` section asks for (Redis is not contacted here)."""
+def build_store(config: StateConfig, *, clock: Clock | None = None) -> GatewayStore:
+    """The store the ``state:`` section asks for (Redis is not contacted here); ``clock``
+    times it (the Redis store's refreshes and reconnect backoff; default: the wall clock)."""
     ttls = Ttls(
         lease_ttl_s=config.lease_ttl_s,
         lease_renew_s=config.lease_renew_s,
         refresh_s=config.refresh_s,
         tombstone_ttl_s=config.tombstone_ttl_s,
+        retry_max_s=config.reconnect_max_backoff_s,
     )
     if config.backend == "memory":
-        return MemoryStore(ttls=ttls)
+        return MemoryStore(ttls=ttls, clock=clock)
     assert config.redis_url is not None  # validated by the config loader
     remote = RedisStore.from_url(
         config.redis_url,
@@ -124,7 +127,7 @@ def build_store(config: StateConfig) -> GatewayStore:
         ttls=ttls,
         instance_id=instance_name(),
     )
-    return ResilientStore(remote)
+    return ResilientStore(remote, clock=clock)
 
 
 def instance_name() -> str:

@@ -11,7 +11,9 @@ The gateway's store in a multi-instance deployment. It keeps a local mirror (a
 * When a Redis call fails the store turns *degraded*: it logs once, counts the error
   (``error_count``), and from then on serves from the mirror without touching Redis (no
   client request waits on a dead Redis more than once per outage). Writes go to a bounded
-  journal; leases are remembered. ``maintain()`` retries with exponential backoff.
+  journal; leases are remembered. ``maintain()`` retries with exponential backoff:
+  ``Ttls.retry_initial_s`` doubling up to ``Ttls.retry_max_s`` (the gateway config's
+  ``state.reconnect_max_backoff_s``), each wait lengthened by up to ``jitter``.
 * On reconnect it resynchronises: if Redis lost its data (the epoch token is gone or new) it
   first writes the mirror where Redis has nothing (registry, adapters, residency, refusals,
   drained replicas, and the tombstones of adapters deleted lately, so that another
@@ -143,7 +145,7 @@ class ResilientStore:
         self._jitter = jitter
         self._rng = rng or random.Random()
         self._degraded = True  # until the first successful sync
-        self._backoff_s = self._ttls.retry_initial_s
+        self._backoff_s = self._first_backoff_s
         self._next_retry_s = -math.inf
         self._last_refresh_s = -math.inf
         self._others: dict[ReplicaId, int] = {}
@@ -164,6 +166,11 @@ class ResilientStore:
         self._replay_lock = asyncio.Lock()
         # Config-file adapter name -> (the definition Redis had in force, until on our clock).
         self._definitions: dict[AdapterId, tuple[AdapterDefinition, float]] = {}
+
+    @property
+    def _first_backoff_s(self) -> float:
+        """The first wait after a failure: ``retry_initial_s``, unless the cap is lower."""
+        return min(self._ttls.retry_initial_s, self._ttls.retry_max_s)
 
     # --- status -------------------------------------------------------------------------------
     @property
@@ -192,7 +199,7 @@ class ResilientStore:
         if not self._degraded:
             self._log_unreachable("", exc)
             self._degraded = True
-            self._backoff_s = self._ttls.retry_initial_s
+            self._backoff_s = self._first_backoff_s
             self._next_retry_s = self._clock.now() + self._backoff_s
 
     def _journal_append(self, op: RemoteOp) -> None:
@@ -252,7 +259,7 @@ class ResilientStore:
             log.warning("state: Redis reachable again (%s), resynchronised", self._remote.url)
         self.resyncs += 1
         self._degraded = False
-        self._backoff_s = self._ttls.retry_initial_s
+        self._backoff_s = self._first_backoff_s
         return None
 
     async def _recover(self) -> None:
