@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from loragate.core.errors import ConfigError
-from loragate.core.process_pool import ignore_sigint
+from loragate.core.process_pool import ignore_sigint, sigint_deferred
 from loragate.twin.engine import Engine, EngineConfig
 from loragate.twin.profile import load_profile
 from loragate.twin.request_ids import NumberedIds
@@ -237,23 +237,27 @@ def main() -> int:
     if len(wanted) > 1:  # one fresh process per case: no heap left over from the previous one
         for case in wanted:
             # SIGINT ignored there (no traceback of its own): on Ctrl-C, killed and reaped here.
-            child = subprocess.Popen(
-                [
-                    sys.executable,
-                    __file__,
-                    f"--hours={args.hours}",
-                    f"--seed={args.seed}",
-                    f"--only={case.name}",
-                    f"--profile={args.profile}",
-                    "--no-header",
-                ],
-                preexec_fn=ignore_sigint,
-            )
+            # A Ctrl-C while Popen runs waits for it to return, so the child is held to kill.
+            child: subprocess.Popen[bytes] | None = None
             try:
+                with sigint_deferred():
+                    child = subprocess.Popen(
+                        [
+                            sys.executable,
+                            __file__,
+                            f"--hours={args.hours}",
+                            f"--seed={args.seed}",
+                            f"--only={case.name}",
+                            f"--profile={args.profile}",
+                            "--no-header",
+                        ],
+                        preexec_fn=ignore_sigint,
+                    )
                 child.wait()
             except BaseException:
-                child.kill()
-                child.wait()
+                if child is not None:
+                    child.kill()
+                    child.wait()
                 raise
             if child.returncode != 0:
                 print(

@@ -6,6 +6,12 @@ one, while the parent's ``with ProcessPoolExecutor`` waits for the whole queue. 
 :func:`ignore_sigint` as the pool's initializer and :func:`stop_pool` on the way out, the
 parent alone decides: queued tasks are cancelled and running ones stopped at once.
 
+A command that starts its child processes itself (``subprocess.Popen(...,
+preexec_fn=ignore_sigint)``) starts each one under :func:`sigint_deferred`: a Ctrl-C that
+lands while ``Popen`` runs (the child forked, not yet exec'd) raised KeyboardInterrupt inside
+``Popen``, before the caller held the child to kill it, so the child ran on, ignoring Ctrl-C;
+and one that reached the child before its ``preexec_fn`` printed the child's traceback.
+
 :func:`stop_pool` also waits (bounded) for the pool's manager thread to end. Python 3.11's
 ``ProcessPoolExecutor`` has a race at exit: its atexit hook writes to the manager thread's
 wake-up pipe while that thread, seeing the workers gone, closes it (the check and the write are
@@ -16,11 +22,14 @@ machine. Once the thread has ended, the pipe is closed and the hook does nothing
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.process import BaseProcess
+from types import FrameType
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +37,32 @@ MANAGER_JOIN_S = 30.0  # a hang guard: the thread ends as soon as it sees the wo
 
 
 def ignore_sigint() -> None:
-    """The pool's ``initializer``: a worker ignores Ctrl-C; its parent handles it."""
+    """The pool's ``initializer`` (or a child's ``preexec_fn``): a worker ignores Ctrl-C; its
+    parent handles it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Ctrl-C held back for the block (main thread only): a SIGINT meanwhile is recorded, and
+    acted on when the block ends (KeyboardInterrupt, with Python's default handler). A child
+    forked in the block inherits the recording handler until its ``preexec_fn``
+    (:func:`ignore_sigint`) replaces it, so a Ctrl-C there does nothing either."""
+    caught: list[int] = []
+
+    def hold(signum: int, _frame: FrameType | None) -> None:
+        caught.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            if callable(previous):
+                previous(signal.SIGINT, None)
+            elif previous == signal.SIG_DFL:
+                signal.raise_signal(signal.SIGINT)
 
 
 def _workers(pool: ProcessPoolExecutor) -> list[BaseProcess] | None:
