@@ -497,7 +497,7 @@ def gateway_config(
     start-up, then hourly: at its default 50 ms it ran once per 50 ms of the counting window,
     ~30 calls a round, so a request that took longer on a busy machine counted more calls; a
     tree that validates the tombstone's lifetime against the poll interval gets one to
-    match)."""
+    match; the event-loop lag check, every 0.25 s by default, hourly too)."""
     config: dict[str, object] = {
         "base_model": BASE_MODEL,
         "replicas": [
@@ -517,6 +517,8 @@ def gateway_config(
             state["tombstone_ttl_s"] = 2 * 3600.0 + 60.0
         if state:
             config["state"] = state
+        if "loop_lag_interval_s" in known:
+            config["metrics"] = {"loop_lag_interval_s": 3600.0}
     return config
 
 

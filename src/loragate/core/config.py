@@ -187,10 +187,15 @@ class MetricsConfig:
     """The ``metrics:`` section. ``token``: ``LORAGATE_METRICS_TOKEN`` if set (read with the
     file), else ``metrics.token``. With one, ``GET /metrics`` needs ``Authorization: Bearer
     <token>`` (Prometheus: ``authorization: {credentials: ...}``); without one it is open.
-    ``file_token_ignored``: as ``AdminConfig``'s."""
+    ``file_token_ignored``: as ``AdminConfig``'s. ``loop_lag_interval_s``: how often the
+    gateway checks how late its own event loop runs (``loragate_event_loop_lag_seconds``);
+    ``loop_lag_warning_s``: a lag from which a WARNING says so (at most one a minute). A reload
+    applies both from the next check."""
 
     token: str | None = None
     file_token_ignored: bool = False
+    loop_lag_interval_s: float = 0.25
+    loop_lag_warning_s: float = 1.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -794,13 +799,18 @@ def _check_tombstone_ttl(state: StateConfig, poller: PollerConfig) -> None:
 
 
 def _token(
-    section: object, name: str, environ: Mapping[str, str], env: str
+    section: object,
+    name: str,
+    environ: Mapping[str, str],
+    env: str,
+    more_keys: Collection[str] = (),
 ) -> tuple[str | None, bool]:
     """The token in force for section ``name`` (a mapping or None): the environment variable
     ``env`` if set (empty: unset), else the section's ``token``; and whether the file's token
     differs from the variable's, so is ignored. The variable wins, as a secret injected at
     deploy time overrides the checked-in file. Both follow one rule (``_header_value``) and
-    both are checked, whichever is in force (a reload may change which one is)."""
+    both are checked, whichever is in force (a reload may change which one is). ``more_keys``:
+    the section's other keys (read by the caller)."""
     from_env = environ.get(env) or None
     if from_env is not None:
         try:
@@ -810,12 +820,22 @@ def _token(
     from_file = None
     if section is not None:
         data = _mapping(section, name)
-        _check_keys(data, {"token"}, name)
+        _check_keys(data, {"token", *more_keys}, name)
         if data.get("token") is not None:
             from_file = _header_value(data["token"], f"{name}.token", _KEY_MATCHED)
     if from_env is not None:
         return from_env, from_file is not None and from_file != from_env
     return from_file, False
+
+
+_METRICS_SECONDS = ("loop_lag_interval_s", "loop_lag_warning_s")
+
+
+def _metrics(section: object, environ: Mapping[str, str]) -> MetricsConfig:
+    token, ignored = _token(section, "metrics", environ, METRICS_TOKEN_ENV, _METRICS_SECONDS)
+    data = {} if section is None else _mapping(section, "metrics")
+    seconds = {k: _seconds(data[k], f"metrics.{k}") for k in _METRICS_SECONDS if k in data}
+    return MetricsConfig(token=token, file_token_ignored=ignored, **seconds)
 
 
 _TOP_KEYS = {
@@ -861,8 +881,7 @@ def config_from_mapping(data: object, *, environ: Mapping[str, str] | None = Non
         kwargs["state"] = _state(top["state"])
     token, ignored = _token(top.get("admin"), "admin", env, ADMIN_TOKEN_ENV)
     kwargs["admin"] = AdminConfig(token=token, file_token_ignored=ignored)
-    token, ignored = _token(top.get("metrics"), "metrics", env, METRICS_TOKEN_ENV)
-    kwargs["metrics"] = MetricsConfig(token=token, file_token_ignored=ignored)
+    kwargs["metrics"] = _metrics(top.get("metrics"), env)
     if "tombstone_ttl_s" in (top.get("state") or {}):  # the default (30 s) is far above
         _check_tombstone_ttl(kwargs["state"], kwargs.get("poller", PollerConfig()))
     return GatewayConfig(

@@ -7,10 +7,10 @@ startup; the state store connects (a ``ResilientStore`` starts degraded if Redis
 never fails the start) and gets the configured replicas; the pool polls every replica once and
 then keeps polling in the background (each poll reconciles the shared shadow residency); a
 background task maintains the store (lease renewal, refresh, reconnects) and picks up adapter
-registry changes made by other instances. At cleanup the maintenance task and the poller stop,
-pending lease releases drain, the store and the replicas' keep-alive connections close, then
-the session. Proxied requests go through each replica's lean keep-alive pool
-(``backends.upstream``).
+registry changes made by other instances; another measures how late the event loop runs
+(``gateway.loop_lag``). At cleanup those tasks and the poller stop, pending lease releases
+drain, the store and the replicas' keep-alive connections close, then the session. Proxied
+requests go through each replica's lean keep-alive pool (``backends.upstream``).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from loragate.gateway.config_warnings import warn_ignored_file_tokens, warn_same
 from loragate.gateway.endpoint_errors import EndpointErrors
 from loragate.gateway.errors import error_payload, error_response
 from loragate.gateway.inflight import InFlightTracker, LocalInFlight
+from loragate.gateway.loop_lag import LoopLag
 from loragate.gateway.proxy import Proxy
 from loragate.gateway.request_ids import RequestIds, with_request_id
 from loragate.gateway.route_errors import NoReplicaLog, method_not_allowed, not_found
@@ -67,6 +68,8 @@ class Gateway:
     clock: Clock
     shared: SharedState
     endpoint_errors: EndpointErrors
+    # How late the event loop runs (its task: the app's lifecycle; its series: the registry's).
+    loop_lag: LoopLag
     # The app's one request-id generator (``gateway.request_ids``): the proxy's, the other
     # endpoints', aiohttp's own error answers' and the pool's own admin calls'.
     request_ids: RequestIds = field(default_factory=RequestIds)
@@ -228,10 +231,16 @@ def create_app(
         clock=clock,
         shared=shared,
         endpoint_errors=endpoint_errors,
+        loop_lag=LoopLag(
+            lambda: gateway.config.metrics.loop_lag_interval_s,  # (a reload replaces the config)
+            lambda: gateway.config.metrics.loop_lag_warning_s,
+            clock,
+        ),
         request_ids=ids,
         config_path=None if config_path is None else Path(config_path),
     )
     shared.on_adapters = gateway.rebuild_catalog
+    telemetry.registry.register(gateway.loop_lag)
     # The body limit is enforced by request_body.read_request_body (also after a reload changed
     # it); client_max_size only bounds handlers that would read with request.read().
     app = web.Application(client_max_size=config.limits.max_body_bytes)
@@ -287,6 +296,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     maintenance: asyncio.Task[None] | None = None
     same: asyncio.Task[None] | None = None
     watch: asyncio.Task[None] | None = None
+    lag: asyncio.Task[None] | None = None
     try:
         await shared.start()
         await shared.register_replicas(gateway.config.replicas)
@@ -304,8 +314,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         same = asyncio.create_task(
             warn_same_servers(gateway.config.replicas), name="loragate-same-servers"
         )
+        lag = asyncio.create_task(gateway.loop_lag.run(), name="loragate-loop-lag")
         yield
     finally:
+        if lag is not None:
+            await cancel_and_wait(lag)
         if same is not None:
             await cancel_and_wait(same)
         if watch is not None:
