@@ -91,6 +91,9 @@ class ReplicaConfig:
     # no-LoRA model with torch.compile/inductor; eager=True keeps no-LoRA servers comparable.
     eager: bool = True
     resolver_dir: Path | None = None
+    # VLLM_ALLOW_RUNTIME_LORA_UPDATING=True: the server has /v1/load_lora_adapter (without it,
+    # that route is a 404 {"detail":"Not Found"}).
+    runtime_lora_updating: bool = True
     extra_args: tuple[str, ...] = ()
 
     def cli_args(self, model_dir: Path, port: int) -> list[str]:
@@ -143,6 +146,8 @@ class ReplicaConfig:
             VLLM_CPU_OMP_THREADS_BIND=self.omp_bind,
             TMPDIR=str(tmp_dir),
         )
+        if not self.runtime_lora_updating:
+            del env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"]
         env.pop("VLLM_CPU_KVCACHE_SPACE", None)
         # Each server process asks for AMX first, or vLLM's AMX attention dies with SIGILL
         # (amx_permission/sitecustomize.py says why).

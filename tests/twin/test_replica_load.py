@@ -152,7 +152,33 @@ async def test_lora_modules_at_startup_and_lora_disabled(
         assert "vllm:num_requests_running{" in text and "lora_requests_info" not in text
         body = {"lora_name": "a", "lora_path": adapter_dir("a")}
         async with http.post(r.url + "/v1/load_lora_adapter", json=body) as resp:
-            assert resp.status == 400
+            # vLLM 0.32's answer, byte for byte (bench/vllm_cpu/lora_off_transcript.md)
+            assert resp.status == 500
+            assert await resp.read() == (
+                b'{"error":{"message":"Call to add_lora method failed: Worker failed with '
+                b"error 'LoRA is not enabled. Use --enable-lora to enable LoRA.', please "
+                b'check the stack trace above for the root cause","type":"InternalServerError"'
+                b',"param":null,"code":500}}'
+            )
+
+
+async def test_without_runtime_lora_updating_the_admin_routes_are_fastapis_404(
+    start_replica: StartReplica, http: aiohttp.ClientSession, adapter_dir: MakeAdapterDir
+) -> None:
+    """vLLM 0.32 without VLLM_ALLOW_RUNTIME_LORA_UPDATING=True has no load/unload routes: a
+    404 ``{"detail":"Not Found"}`` (bench/vllm_cpu/lora_off_transcript.md); adapters given at
+    start-up are served."""
+    from loragate.twin.replica_config import LoraModule
+
+    module = LoraModule(name="pre", path=adapter_dir("pre"))
+    async with start_replica(runtime_lora_updating=False, lora_modules=(module,)) as r:
+        body = {"lora_name": "a", "lora_path": adapter_dir("a")}
+        for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+            async with http.post(r.url + path, json=body) as resp:
+                assert (resp.status, await resp.read()) == (404, b'{"detail":"Not Found"}')
+        done = {"model": "pre", "prompt": "hi", "max_tokens": 2}
+        async with http.post(r.url + "/v1/completions", json=done) as resp:
+            assert resp.status == 200
 
 
 async def test_non_streaming_client_timeout_aborts(

@@ -36,7 +36,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--enable-lora",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="serve LoRA adapters (without it, every adapter load is refused with a 400)",
+        help="serve LoRA adapters (without it, every adapter load is refused with vLLM's 500 "
+        "'LoRA is not enabled')",
+    )
+    v.add_argument(
+        "--runtime-lora-updating",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serve /v1/load_lora_adapter, /v1/unload_lora_adapter and /adapters, as vLLM does "
+        "with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (--no-runtime-lora-updating: they are 404 "
+        '{"detail":"Not Found"}, as without it; default: on)',
     )
     v.add_argument(
         "--max-loras",
@@ -126,6 +135,7 @@ def config_from_args(args: argparse.Namespace) -> ReplicaConfig:
         model=args.model,
         served_model_name=served[0] if served else None,
         enable_lora=args.enable_lora,
+        runtime_lora_updating=args.runtime_lora_updating,
         max_loras=args.max_loras,
         max_cpu_loras=args.max_cpu_loras,
         max_lora_rank=args.max_lora_rank,

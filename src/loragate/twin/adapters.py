@@ -21,7 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from loragate.twin.vllm_errors import VllmApiError, bad_request, invalid_user_input
-from loragate.twin.vllm_lora_load import add_lora_error, not_found, worker_failed
+from loragate.twin.vllm_lora_load import (
+    LORA_NOT_ENABLED,
+    add_lora_error,
+    not_found,
+    worker_failed,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -195,10 +200,8 @@ class AdapterRegistry:
         return adapter
 
     def _check_loadable(self, name: str, path: str) -> RegisteredAdapter:
-        if not self._enable_lora:
-            raise bad_request(
-                f"Loading lora {name} failed: LoRA is not enabled (start with --enable-lora)."
-            )
+        if not self._enable_lora:  # vLLM's worker refuses every add_lora: its 500, any path
+            raise worker_failed(LORA_NOT_ENABLED)
         # What vLLM's engine answers when its add_lora reads the folder (404, or its 500).
         error = add_lora_error(name, path, max_lora_rank=self._max_rank)
         if error is not None:

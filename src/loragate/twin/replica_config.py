@@ -57,6 +57,9 @@ class ReplicaConfig:
     model: str = DEFAULT_MODEL
     served_model_name: str | None = None
     enable_lora: bool = False
+    # vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING=True: the admin routes (load, unload, /adapters)
+    # exist; without it they are FastAPI's 404 {"detail":"Not Found"}.
+    runtime_lora_updating: bool = True
     max_loras: int = 1
     max_cpu_loras: int | None = None  # None -> max_loras, as in vLLM
     max_lora_rank: int = 16

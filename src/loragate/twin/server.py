@@ -444,10 +444,11 @@ def create_replica_app(
     r.add_post("/v1/chat/completions", state.chat_completions)
     r.add_post("/tokenize", state.tokenize)
     r.add_post("/detokenize", state.detokenize)
-    r.add_post("/v1/load_lora_adapter", state.load_lora_adapter)
-    r.add_post("/v1/unload_lora_adapter", state.unload_lora_adapter)
-    r.add_post("/adapters", state.sagemaker_load)
-    r.add_delete("/adapters/{name}", state.sagemaker_unload)
+    if config.runtime_lora_updating:  # (vLLM attaches these only then: else a 404)
+        r.add_post("/v1/load_lora_adapter", state.load_lora_adapter)
+        r.add_post("/v1/unload_lora_adapter", state.unload_lora_adapter)
+        r.add_post("/adapters", state.sagemaker_load)
+        r.add_delete("/adapters/{name}", state.sagemaker_unload)
     return app
 
 

