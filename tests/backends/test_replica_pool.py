@@ -51,13 +51,23 @@ async def test_first_poll_builds_snapshots(
         await pool.stop()
 
 
-async def test_configured_settings_win_over_discovery(
+async def test_configured_settings_stand_but_the_reported_max_lora_wins(
     stub_vllm: StubVllm, session: aiohttp.ClientSession
 ) -> None:
-    pool = _pool(stub_vllm, settings=ReplicaSettings(max_loras=7))
+    """The config's settings are used, except max_loras while vLLM reports its max_lora (the
+    running server's truth; the CPU cache stays at least as large)."""
+    pool = _pool(stub_vllm, settings=ReplicaSettings(max_loras=7, max_cpu_loras=9, max_lora_rank=8))
     await pool.start(session)
     try:
-        assert pool.snapshot("r0").settings.max_loras == 7
+        settings = pool.snapshot("r0").settings  # the stub reports max_lora 3
+        assert (settings.max_loras, settings.max_cpu_loras, settings.max_lora_rank) == (3, 9, 8)
+        assert pool.reported_max_loras("r0") == 3
+        stub_vllm.metrics_text = 'vllm:num_requests_running{engine="0"} 0.0\n'
+        await pool.poll_once()  # not reported (e.g. a restart): the config's stand
+        assert pool.snapshot("r0").settings == ReplicaSettings(
+            max_loras=7, max_cpu_loras=9, max_lora_rank=8
+        )
+        assert pool.reported_max_loras("r0") is None
     finally:
         await pool.stop()
 

@@ -24,6 +24,7 @@ _WAITING_BY_REASON = "vllm:num_requests_waiting_by_reason"
 _KV_USAGE = "vllm:kv_cache_usage_perc"
 _PREEMPTIONS = "vllm:num_preemptions_total"
 _LORA_INFO = "vllm:lora_requests_info"
+_GENERATION = "vllm:generation_tokens_total"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -35,6 +36,8 @@ class VllmMetrics:
     num_deferred: int = 0
     kv_usage: float = 0.0
     num_preemptions: int = 0
+    # vllm:generation_tokens_total: > 0 once the engine has run a step that generated.
+    generation_tokens: int = 0
     # From the current ``vllm:lora_requests_info`` series (None when the metric is absent).
     max_loras: int | None = None
     running_adapters: tuple[str, ...] = ()
@@ -107,7 +110,7 @@ def _adapter_list(value: str) -> tuple[str, ...]:
 
 def parse_vllm_metrics(text: str) -> VllmMetrics:
     """Extract :class:`VllmMetrics` from a ``/metrics`` page; other metrics are skipped."""
-    running = waiting = deferred = preemptions = 0.0
+    running = waiting = deferred = preemptions = generated = 0.0
     kv_total, kv_count = 0.0, 0
     lora_best: tuple[float, str, str] | None = None  # (seen_at, raw labels, line)
     for raw in text.splitlines():
@@ -127,6 +130,8 @@ def parse_vllm_metrics(text: str) -> VllmMetrics:
             kv_count += 1
         elif name == _PREEMPTIONS:
             preemptions += value
+        elif name == _GENERATION:
+            generated += value
         elif name == _LORA_INFO and (lora_best is None or value > lora_best[0]):
             lora_best = (value, labels, line)
     max_loras: int | None = None
@@ -146,6 +151,7 @@ def parse_vllm_metrics(text: str) -> VllmMetrics:
         num_deferred=int(deferred),
         kv_usage=kv_total / kv_count if kv_count else 0.0,
         num_preemptions=int(preemptions),
+        generation_tokens=int(generated),
         max_loras=max_loras,
         running_adapters=running_adapters,
         waiting_adapters=waiting_adapters,

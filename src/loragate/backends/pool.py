@@ -21,10 +21,27 @@ and the card's ``root`` becomes the new path). If that reload fails, the failure
 like any other (below) and the adapter stays unregistered there; a request routed there anyway
 tries the in-place load again first.
 
-Refused loads: a replica that refuses to load an adapter (no ``--enable-lora``, a rank above
-its ``--max-lora-rank``, a folder it cannot read) stays in rotation, and the refusal is
+Refused loads: a replica that refuses to load an adapter (a rank above its
+``--max-lora-rank``, a folder it cannot read) stays in rotation, and the refusal is
 remembered for ``poller.adapter_refusal_ttl_s`` (``backends.refusals``): the proxy asks
 :meth:`ReplicaPool.refusing` and leaves those replicas out of that adapter's candidates.
+
+A replica that serves no adapters (``backends.lora_off``: vLLM's 500 "LoRA is not enabled" to
+a load, without ``--enable-lora``; its 404 ``{"detail":"Not Found"}`` for the load route,
+without ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``) is marked as such, not as refusing that one
+adapter: :attr:`ReplicaPool.lora_off` (the proxy routes no adapter request there, base-model
+requests still go; without runtime loading, only the adapters it lists go there), one WARNING
+naming the cause, ``last_error`` saying it while nothing else is wrong. It is checked again
+with a load that changes nothing (:data:`~loragate.backends.lora_off.CHECK_PATH` does not
+exist) every ``poller.adapter_refusal_ttl_s`` and at its first answered poll after a failed one
+(it may have restarted with other flags); a ``/metrics`` with ``vllm:lora_requests_info`` lets
+a replica marked for no ``--enable-lora`` go at once. A replica whose ``/metrics`` shows
+generated tokens without that gauge is checked so before any request finds out.
+
+Settings: a replica's ``settings:`` in the config are what it is modelled with, except
+``max_loras`` while vLLM reports its ``max_lora`` (``vllm:lora_requests_info``, from the
+server's first engine step on): the running server's is the truth (:func:`effective_settings`),
+and a difference from the config is said once (a WARNING naming both) per change.
 
 A :class:`PoolListener` (the gateway's shared state) hears about every poll, every adapter
 load and unload, so the shadow residency shared by all gateway instances follows the pool; it
@@ -123,6 +140,15 @@ import aiohttp
 
 from loragate.backends.client import ModelCard, VllmClient
 from loragate.backends.engine_failures import load_refused_stopping
+from loragate.backends.lora_off import (
+    CHECK_NAME,
+    CHECK_PATH,
+    LORA_DISABLED,
+    LoraOff,
+    cause_of,
+    explain,
+    looks_lora_off,
+)
 from loragate.backends.metrics import VllmMetrics
 from loragate.backends.refusals import Refusals, RefusalSink
 from loragate.backends.upstream import ReplicaHungError, ReplicaStoppedError
@@ -159,6 +185,12 @@ class ReplicaStoppingError(UpstreamConnectError):
     """The replica answered an adapter load that it is shutting down (vLLM's 500 "Server
     shutting down" while it drains, or its engine-dead 500): nothing was loaded, and it takes
     no new work; not a refusal of the adapter."""
+
+
+class ReplicaServesNoAdaptersError(AdapterLoadError):
+    """The replica refused an adapter load for a reason of its own, not the adapter's (no
+    ``--enable-lora``; no ``/v1/load_lora_adapter`` route: ``backends.lora_off``): it is
+    marked as serving no adapters, and no refusal of the adapter is recorded."""
 
 
 class PoolListener(RefusalSink, Protocol):
@@ -231,6 +263,15 @@ class _Replica:
     inplace_failed: dict[str, str] = dataclasses.field(default_factory=dict)
     # The base model's card in the replica's last /v1/models that listed it (root, max_model_len).
     base_card: ModelCard | None = None
+    # Found serving no adapters (``backends.lora_off``): why, and when it is checked again.
+    lora_off: LoraOff | None = None
+    # Its /metrics hinted at no --enable-lora and the check load said otherwise: not checked
+    # again for the hint until a poll fails (it may restart with other flags).
+    lora_hint_checked: bool = False
+    # vLLM's max_lora (vllm:lora_requests_info) at its last successful poll (None: not
+    # reported), and the one that differed from the config, as last said.
+    reported_max_loras: int | None = None
+    said_max_loras: int | None = None
     # The requests waiting for adapter loads here wait on this too (made by the first of them):
     # set, they stop waiting (:meth:`ReplicaPool._wake_load_waiters`: the replica stopped
     # listening, or a reload retired this entry), with the error class and the reason.
@@ -294,6 +335,10 @@ class ReplicaPool:
         self.on_load_done: Callable[[ReplicaId, str, float], None] | None = None
         # Told of each failed poll: (replica, one of POLL_FAILURE_REASONS).
         self.on_poll_failed: Callable[[ReplicaId, str], None] | None = None
+        # Replicas found serving no adapters (``backends.lora_off``), by id: read by the proxy
+        # for each adapter request (empty while every replica serves adapters).
+        self.lora_off: dict[ReplicaId, LoraOff] = {}
+        self._lora_checks: dict[ReplicaId, asyncio.Task[None]] = {}
         # Makes the request ids of the pool's own admin calls (an in-place reload a poll
         # found needed: ``<id>-reload``; a deleted adapter's unload: ``<id>-unload``); the
         # gateway's generator (``gateway.request_ids``). None: sent without X-Request-Id.
@@ -354,7 +399,12 @@ class ReplicaPool:
         task, self._task = self._task, None
         if task is not None:
             await cancel_and_wait(task)
-        for load in [*self._loads.values(), *self._unloads.values(), *self._orphan_loads]:
+        for load in [
+            *self._loads.values(),
+            *self._unloads.values(),
+            *self._orphan_loads,
+            *self._lora_checks.values(),
+        ]:
             load.cancel()
         for rep in self._replicas.values():
             if rep.client is not None:
@@ -452,12 +502,21 @@ class ReplicaPool:
             successor.stale = dict(rep.stale)
             successor.inplace_failed = dict(rep.inplace_failed)
             successor.base_card = rep.base_card
+            successor.lora_off = rep.lora_off
+            successor.said_max_loras = rep.said_max_loras
             self._refresh_residency(successor)
         else:
             for key in [k for k in self._loads if k[1] == rid]:
                 self._orphan_loads.add(self._loads.pop(key))
         for key in [k for k in self._unloads if k[1] == rid]:
             self._unloads[key].cancel()
+        check = self._lora_checks.pop(rid, None)
+        if check is not None:
+            check.cancel()
+        if successor is not None and successor.lora_off is not None:
+            self.lora_off[rid] = successor.lora_off
+        else:
+            self.lora_off.pop(rid, None)
         self.refusals.forget_replica(rid)
         if rep.client is not None:
             rep.client.upstream.close()
@@ -538,6 +597,10 @@ class ReplicaPool:
                 if self.listener is not None:
                     self.listener.replica_stopping_ended(rep.config.replica_id)
             rep.timeouts = rep.timeouts + 1 if reason == "timeout" else 0
+            # It may be restarting (with other flags): checked again at its next answer.
+            rep.lora_hint_checked = False
+            if rep.lora_off is not None:
+                rep.lora_off.check_at_s = 0.0
             self._record_failure(rep, str(exc), immediate=False, timed_out=reason == "timeout")
             if connection_refused(exc):
                 self._stopped_listening(rep, client, str(exc))
@@ -587,6 +650,7 @@ class ReplicaPool:
         rep.snapshot = self._snapshot_from(rep, metrics, healthy=not stopping)
         for spec, root in stale.values():
             self._found_stale(rep, spec, root)
+        self._check_lora(rep, metrics)
         self._retire(rep, models.adapters)
         await self._tell_polled(rep, models_seen=True)
 
@@ -605,6 +669,110 @@ class ReplicaPool:
             rep.config.replica_id, rep.config.url, self.stopping_hold_s,
         )  # fmt: skip
         return False
+
+    # -- replicas that serve no adapters (backends.lora_off) ----------------------------------
+
+    def _check_lora(self, rep: _Replica, m: VllmMetrics) -> None:
+        """After a successful poll: a replica marked as serving no adapters is checked again
+        once its time comes (``poller.adapter_refusal_ttl_s`` after the last check, at once
+        after a failed poll: it may have restarted), or let go when its ``/metrics`` shows the
+        LoRA gauge (vLLM has it only with --enable-lora); one whose ``/metrics`` hints at no
+        --enable-lora is checked before any request finds out."""
+        off = rep.lora_off
+        if off is not None:
+            if off.cause == LORA_DISABLED and m.max_loras is not None:
+                self._lora_back(rep, "its /metrics has vllm:lora_requests_info (--enable-lora)")
+            elif self._clock.now() >= off.check_at_s:
+                self._start_lora_check(rep)
+        elif not rep.lora_hint_checked and looks_lora_off(m):
+            rep.lora_hint_checked = True
+            self._start_lora_check(rep)
+
+    def _start_lora_check(self, rep: _Replica) -> None:
+        rid = rep.config.replica_id
+        if self._session is None or rid in self._lora_checks:
+            return
+        task = asyncio.create_task(self._lora_check(rep), name=f"lora check {rid}")
+        self._lora_checks[rid] = task
+        task.add_done_callback(functools.partial(self._lora_check_done, rid))
+
+    def _lora_check_done(self, rid: ReplicaId, task: asyncio.Task[None]) -> None:
+        if self._lora_checks.get(rid) is task:
+            del self._lora_checks[rid]
+        if not task.cancelled():
+            task.exception()
+
+    async def _lora_check(self, rep: _Replica) -> None:
+        """Ask the replica to load an adapter from a path that does not exist: a replica that
+        serves adapters answers 404 "No adapter found" (nothing registered), one that does
+        not answers as it does every load (``backends.lora_off``)."""
+        off = rep.lora_off
+        if off is not None:  # (until this check's answer, or the next time)
+            off.check_at_s = self._clock.now() + self._poller.adapter_refusal_ttl_s
+        try:
+            await self._client(rep).load_adapter(CHECK_NAME, CHECK_PATH)
+        except AdapterLoadError as exc:
+            cause = cause_of(exc.status, exc.message)
+            if cause is not None:
+                self._mark_lora_off(rep, cause, exc.message)
+                return
+        except LoragateError as exc:  # unreachable: the polls say so; checked again later
+            log.debug("replica %s: LoRA check failed: %s", rep.config.replica_id, exc)
+            return
+        if off is not None:
+            self._lora_back(rep, "a check load was answered as by a server that loads adapters")
+
+    def _mark_lora_off(self, rep: _Replica, cause: str, answer: str) -> None:
+        """``rep`` serves no adapters (``cause``, the replica's ``answer``): said once (until the
+        cause changes), checked again in ``poller.adapter_refusal_ttl_s``."""
+        rid = rep.config.replica_id
+        check_at_s = self._clock.now() + self._poller.adapter_refusal_ttl_s
+        old = rep.lora_off
+        off = LoraOff(cause=cause, answer=answer, check_at_s=check_at_s)
+        for entry in self._entries_of(rep):
+            entry.lora_off = off
+        current = self._replicas.get(rid)
+        if current is not None and current.lora_off is off:  # (not a retired entry's)
+            self.lora_off[rid] = off
+        if old is None or old.cause != cause:
+            log.warning(
+                "replica %s (%s) serves no adapters: %s (it answered an adapter load: %s); "
+                "checked again every %g s and when it restarts",
+                rid, rep.config.url, explain(cause), answer,
+                self._poller.adapter_refusal_ttl_s,
+            )  # fmt: skip
+        else:
+            log.debug("replica %s still serves no adapters: %s", rid, answer)
+
+    def _lora_back(self, rep: _Replica, why: str) -> None:
+        rid = rep.config.replica_id
+        for entry in self._entries_of(rep):
+            entry.lora_off = None
+        current = self._replicas.get(rid)
+        if current is None or current.lora_off is None:
+            self.lora_off.pop(rid, None)
+        log.info("replica %s (%s) serves adapters again: %s", rid, rep.config.url, why)
+
+    def takes_adapter(self, replica_id: ReplicaId, adapter: str) -> bool:
+        """Whether a request for ``adapter`` may go to the replica: it serves adapters, or it
+        only cannot load them (no runtime loading) and has ``adapter`` registered."""
+        off = self.lora_off.get(replica_id)
+        if off is None:
+            return True
+        rep = self._replicas.get(replica_id)
+        return off.serves_listed and rep is not None and adapter in rep.registered
+
+    def lora_checking(self, replica_id: ReplicaId) -> bool:
+        """Whether a check of the replica's LoRA support (:meth:`_lora_check`) is under way."""
+        return replica_id in self._lora_checks
+
+    def lora_off_of(self, replica_id: ReplicaId) -> tuple[str, str, float] | None:
+        """Why the replica serves no adapters: (cause, its answer, seconds until it is checked
+        again), None if it does. For the admin API."""
+        off = self.lora_off.get(replica_id)
+        if off is None:
+            return None
+        return off.cause, off.answer, max(0.0, off.check_at_s - self._clock.now())
 
     def _poll_failed(self, rep: _Replica, reason: str) -> None:
         if self.on_poll_failed is not None:
@@ -762,7 +930,24 @@ class ReplicaPool:
             log.exception("pool listener failed on a poll of %s", rep.config.replica_id)
 
     def _snapshot_from(self, rep: _Replica, m: VllmMetrics, *, healthy: bool) -> ReplicaSnapshot:
-        settings = rep.config.settings or assumed_settings(m.max_loras)
+        configured = rep.config.settings
+        rep.reported_max_loras = m.max_loras
+        settings = effective_settings(configured, m.max_loras)
+        if configured is not None and m.max_loras == configured.max_loras:
+            rep.said_max_loras = None  # (agrees again: a later difference is said again)
+        elif (
+            configured is not None
+            and settings is not configured
+            and rep.said_max_loras != m.max_loras
+        ):
+            rep.said_max_loras = m.max_loras
+            log.warning(
+                "replica %s (%s): its config says settings.max_loras %d, but vLLM reports "
+                "max_lora %s (vllm:lora_requests_info): the shadow residency models %d GPU "
+                "slots, as the server runs (set settings.max_loras: %s in the config)",
+                rep.config.replica_id, rep.config.url, configured.max_loras, m.max_loras,
+                settings.max_loras, m.max_loras,
+            )  # fmt: skip
         old = rep.snapshot
         return ReplicaSnapshot(
             replica_id=rep.config.replica_id,
@@ -1020,7 +1205,20 @@ class ReplicaPool:
         return rep.timeouts if rep is not None else 0
 
     def last_error(self, replica_id: ReplicaId) -> str | None:
-        return self._replicas[replica_id].last_error
+        """Why the replica gets no traffic (its last failed poll, ...), else why it gets no
+        adapter traffic (it serves no adapters), else None."""
+        rep = self._replicas[replica_id]
+        if rep.last_error is None and rep.lora_off is not None:
+            return rep.lora_off.message(replica_id)
+        return rep.last_error
+
+    def reported_max_loras(self, replica_id: ReplicaId) -> int | None:
+        """vLLM's ``max_lora`` at the replica's last successful poll (None: not reported)."""
+        return self._replicas[replica_id].reported_max_loras
+
+    def configured_settings(self, replica_id: ReplicaId) -> ReplicaSettings | None:
+        """The replica's ``settings:`` in the config (None: not given)."""
+        return self._replicas[replica_id].config.settings
 
     def registered_adapters(self) -> Mapping[ReplicaId, frozenset[str]]:
         return {rid: frozenset(r.registered) for rid, r in self._replicas.items()}
@@ -1335,6 +1533,12 @@ class ReplicaPool:
                 raise ReplicaStoppingError(
                     f"replica {rid} is shutting down ({exc.message})"
                 ) from exc
+            cause = cause_of(exc.status, exc.message)
+            if cause is not None:  # the replica's doing, not the adapter's: no refusal
+                self._mark_lora_off(rep, cause, exc.message)
+                raise ReplicaServesNoAdaptersError(
+                    f"serves no adapters: {exc.message}", status=exc.status
+                ) from exc
             refusals = self.refusals
             news = refusals.record(spec, rid, exc.message)
             if old is not None:
@@ -1512,11 +1716,33 @@ def same_path(a: str | None, b: str) -> bool:
 def assumed_settings(max_loras: int | None) -> ReplicaSettings:
     """The settings of a replica without ``settings:`` in the config: vLLM's defaults for what
     it does not report. ``max_loras`` comes from ``vllm:lora_requests_info``'s ``max_lora``
-    label once a LoRA request ran there (None before: the default 4 is assumed);
+    label once the server ran a request (any: vLLM 0.32 exports the series from its first
+    engine step on, ``bench/vllm_cpu/lora_off_transcript.md``; None before: the default 4 is
+    assumed);
     ``max_cpu_loras`` is not reported at all, and vLLM's default for it is ``max_loras`` (a
     CPU cache smaller than the GPU slots is refused at start), so that is what is assumed."""
     slots = ReplicaSettings().max_loras if max_loras is None else max_loras
     return ReplicaSettings(max_loras=slots, max_cpu_loras=slots)
+
+
+def effective_settings(
+    configured: ReplicaSettings | None, reported_max_loras: int | None
+) -> ReplicaSettings:
+    """The settings the pool models a replica with: vLLM's reported ``max_lora`` is the truth
+    for the running server (the config may be wrong or stale: it is replaced there, and the
+    CPU cache is at least as large, as vLLM requires), the config's settings for the rest,
+    :func:`assumed_settings` without a config. Not reported (no LoRA request ran since the
+    server started: vLLM 0.32 exports the series from its first engine step on): the config's
+    (``configured`` itself)."""
+    if configured is None:
+        return assumed_settings(reported_max_loras)
+    if reported_max_loras is None or reported_max_loras == configured.max_loras:
+        return configured
+    return dataclasses.replace(
+        configured,
+        max_loras=reported_max_loras,
+        max_cpu_loras=max(configured.max_cpu_loras, reported_max_loras),
+    )
 
 
 def _wrong_model(base_model: str, served: Sequence[str]) -> str:

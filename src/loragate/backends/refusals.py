@@ -1,8 +1,9 @@
 """Adapter loads a replica refused, remembered for a while so that routing stops choosing it.
 
 A replica refuses to load an adapter (vLLM's 400/404/500 on ``POST /v1/load_lora_adapter``)
-when it runs without ``--enable-lora``, when the adapter's rank is above its
-``--max-lora-rank``, or when it cannot read the adapter's folder. None of these pass by
+when the adapter's rank is above its ``--max-lora-rank``, or when it cannot read the adapter's
+folder (one that refuses every adapter, without ``--enable-lora`` or runtime loading, is marked
+as a whole instead: ``backends.lora_off``). None of these pass by
 themselves, so the request is retried on another replica and the refusal is remembered per
 (adapter, replica) for ``ttl_s``: the proxy leaves such replicas out of that adapter's candidates
 (while every candidate refused it, its requests are answered from the refusals, with no

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from loragate.backends.pool import ReplicaServesNoAdaptersError
 from loragate.core.config import adapter_name_problem, adapter_path_problem
 from loragate.core.errors import (
     AdapterLoadError,
@@ -262,6 +263,10 @@ class AdapterAdmin:
                 why = f"its max_lora_rank {snap.settings.max_lora_rank} is below rank {spec.rank}"
                 passed_over.append(f"replica {rid} ({why})")
                 attempt.not_tried[rid] = why
+            elif not pool.takes_adapter(rid, spec.name):  # no --enable-lora, no runtime loads
+                why = "it serves no adapters (GET /admin/replicas lora_off says why)"
+                passed_over.append(f"replica {rid} ({why})")
+                attempt.not_tried[rid] = why
             else:
                 eligible.append(snap)
         view = ReplicaView(
@@ -304,6 +309,13 @@ class AdapterAdmin:
                     load_id=f"{upstream_id}-load-{k}",
                     refusal_outlook=outlook,
                 )
+            except ReplicaServesNoAdaptersError as exc:  # the replica's doing, not the path's
+                why = f"it serves no adapters: {exc.message}"
+                log.warning("admin: adapter %s not loaded on replica %s: %s", spec.name, rid, why)
+                passed_over.append(f"replica {rid} ({why})")
+                skipped.append(passed_over[-1])
+                attempt.not_tried[rid] = why
+                continue
             except AdapterLoadError as exc:
                 refused.append(f"replica {rid}: {exc.message}")
                 attempt.refused_by[rid] = exc.message

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import hdrs, web
 
 from loragate.core.errors import NotFoundError
-from loragate.core.types import ReplicaSnapshot
+from loragate.core.types import ReplicaSettings, ReplicaSnapshot
 from loragate.gateway.admin_common import json_response, log, state_unavailable
 from loragate.gateway.request_ids import REQUEST_ID
 from loragate.gateway.route_errors import method_not_allowed
@@ -153,6 +153,7 @@ class ReplicaAdmin:
         res = shared.residency_of(rid)
         since = shared.drains().get(rid)
         draining = pool.is_draining(rid)
+        configured = pool.configured_settings(rid) if pool.has_replica(rid) else None
         now = pool.clock.now()
         return {
             "id": rid,
@@ -167,15 +168,19 @@ class ReplicaAdmin:
             "stopping_hold_left_s": _rounded(pool.stopping_for_s(rid))
             if pool.has_replica(rid)
             else None,
-            "settings": {
-                "max_loras": snap.settings.max_loras,
-                "max_cpu_loras": snap.settings.max_cpu_loras,
-                "max_lora_rank": snap.settings.max_lora_rank,
-                # Said in its config (routing keeps higher ranks off it), or vLLM's default.
-                "max_lora_rank_known": snap.settings.max_lora_rank_known,
-                "max_num_seqs": snap.settings.max_num_seqs,
-                "max_num_batched_tokens": snap.settings.max_num_batched_tokens,
-            },
+            # What routing and the shadow residency use: the config's settings, with vLLM's
+            # reported max_lora in place of the configured max_loras (the running server's).
+            "settings": _settings_json(snap.settings),
+            # The config's ``settings:`` (None: not given: vLLM's defaults are assumed).
+            "settings_configured": _settings_json(configured) if configured else None,
+            # What vLLM reports (vllm:lora_requests_info's max_lora; None: not reported, as
+            # before the server ran its first request, or without --enable-lora).
+            "settings_reported": {"max_loras": pool.reported_max_loras(rid)}
+            if pool.has_replica(rid)
+            else {"max_loras": None},
+            # Found serving no adapters (no --enable-lora, no runtime loading): why, and when
+            # it is checked again; None: it serves adapters.
+            "lora_off": _lora_off_json(pool.lora_off_of(rid)) if pool.has_replica(rid) else None,
             "num_running": snap.num_running,
             "num_waiting": snap.num_waiting,
             "num_deferred": snap.num_deferred,
@@ -205,6 +210,25 @@ class ReplicaAdmin:
             },
             "seconds_since_scrape": _seconds_since_scrape(now, snap),
         }
+
+
+def _settings_json(settings: ReplicaSettings) -> dict[str, Any]:
+    return {
+        "max_loras": settings.max_loras,
+        "max_cpu_loras": settings.max_cpu_loras,
+        "max_lora_rank": settings.max_lora_rank,
+        # Said in its config (routing keeps higher ranks off it), or vLLM's default.
+        "max_lora_rank_known": settings.max_lora_rank_known,
+        "max_num_seqs": settings.max_num_seqs,
+        "max_num_batched_tokens": settings.max_num_batched_tokens,
+    }
+
+
+def _lora_off_json(off: tuple[str, str, float] | None) -> dict[str, Any] | None:
+    if off is None:
+        return None
+    cause, answer, check_in_s = off
+    return {"cause": cause, "answer": answer, "checked_again_in_s": round(check_in_s, 1)}
 
 
 def _rounded(seconds: float | None) -> float | None:

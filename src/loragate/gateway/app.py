@@ -196,6 +196,12 @@ def create_app(
     )
     telemetry.bind_draining(lambda: {rid: pool.is_draining(rid) for rid in pool.replica_ids})
     telemetry.bind_refusals(lambda: pool.refusals.counts)
+    telemetry.bind_lora_off(
+        lambda: {
+            rid: off.cause if (off := pool.lora_off.get(rid)) is not None else None
+            for rid in pool.replica_ids
+        }
+    )
     telemetry.bind_shared_state(
         degraded=lambda: shared.degraded,
         errors=lambda: shared.error_count,

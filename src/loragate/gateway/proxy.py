@@ -241,6 +241,7 @@ class Proxy:
         "_id_source",
         "_ids",
         "_inflight",
+        "_lora_off",
         "_max_body",
         "_no_replica",
         "_now",
@@ -278,6 +279,7 @@ class Proxy:
         self._no_replica = no_replica
         self._pool = pool
         self._refused = pool.refusals.by_adapter  # adapters some replica refused lately
+        self._lora_off = pool.lora_off  # replicas that serve no adapters (mostly empty)
         self._policy = policy
         self._inflight = inflight  # this instance's own counts, per adapter
         self._state = state
@@ -513,6 +515,14 @@ class Proxy:
         candidates = view if exclude is None else [s for s in view if s.replica_id != exclude]
         if not candidates:
             raise self._pool.no_replica_error()  # says so if the replicas are draining
+        if spec is not None and self._lora_off:
+            # Replicas that serve no adapters (no --enable-lora, no runtime loading: then
+            # only the adapters they list) are left out of an adapter's candidates.
+            takes = self._pool.takes_adapter
+            kept = [s for s in candidates if takes(s.replica_id, spec.name)]
+            if not kept:
+                raise self._served_nowhere(spec, candidates)
+            candidates = kept
         if spec is not None and spec.name in self._refused:
             refusing = self._pool.refusing(spec)
             # Replicas that refused to load this adapter lately are left out. None other left:
@@ -530,6 +540,17 @@ class Proxy:
             if snap.replica_id == chosen:
                 return chosen, self._telemetry.count_residency(chosen, spec.name, snap.residency)
         return chosen, NOT_ROUTED  # (a policy chooses among the candidates)
+
+    def _served_nowhere(
+        self, spec: AdapterSpec, candidates: list[ReplicaSnapshot]
+    ) -> AdapterLoadError:
+        """The 502 for ``spec`` while no candidate serves adapters: each one's cause."""
+        pool = self._pool
+        return _RefusedEverywhere(
+            f"no healthy replica serves adapter {spec.name!r}: "
+            + "; ".join(pool.last_error(s.replica_id) or s.replica_id for s in candidates),
+            status=None,
+        )
 
     def _refused_everywhere(
         self, spec: AdapterSpec, view: list[ReplicaSnapshot]
@@ -641,7 +662,7 @@ class Proxy:
                                 self._upstream_failed(
                                     exc, rid, client, rreq, f"loading adapter {loading!r}"
                                 )
-                            if not retried and self._can_retry(rid, rreq.adapter_rank):
+                            if not retried and self._can_retry(rid, rreq):
                                 self._telemetry.count_retry(rid, retry_reason(exc, loading=True))
                                 retried, exclude, loading = True, rid, None
                                 retries += 1
@@ -669,7 +690,7 @@ class Proxy:
                         if (
                             not isinstance(exc, UpstreamTimeoutError)
                             and not retried
-                            and self._can_retry(rid, rreq.adapter_rank)
+                            and self._can_retry(rid, rreq)
                         ):
                             self._telemetry.count_retry(
                                 rid,
@@ -696,7 +717,7 @@ class Proxy:
                             piping = True
                             # Hold the head until the first output when another replica could
                             # take the request if this one stops it before any.
-                            hold = not retried and self._can_retry(rid, rreq.adapter_rank)
+                            hold = not retried and self._can_retry(rid, rreq)
                             out = await self._pipe(
                                 request, conn, rid, client, rreq, path, t0, t_send, retries, hold,
                                 (residency, load_wait_s),
@@ -721,7 +742,7 @@ class Proxy:
                             # its engine died): nothing reached the client, so another replica
                             # may run it; this one is out until a poll.
                             self._engine_stopped(rid, client, rreq, stopped)
-                            if not retried and self._can_retry(rid, rreq.adapter_rank):
+                            if not retried and self._can_retry(rid, rreq):
                                 self._telemetry.count_retry(rid, ENGINE_STOPPED)
                                 retried, exclude = True, rid
                                 retries += 1
@@ -988,11 +1009,15 @@ class Proxy:
             exc.message,
         )
 
-    def _can_retry(self, failed: ReplicaId, rank: int | None = None) -> bool:
-        """Whether another healthy replica could take the request (its adapter's ``rank``
-        within that replica's known max_lora_rank)."""
+    def _can_retry(self, failed: ReplicaId, rreq: RoutingRequest) -> bool:
+        """Whether another healthy replica could take the request (its adapter's rank within
+        that replica's known max_lora_rank; one that serves adapters, for an adapter)."""
+        rank, adapter = rreq.adapter_rank, rreq.adapter
+        takes = self._pool.takes_adapter if adapter is not None and self._lora_off else None
         return any(
-            s.replica_id != failed and (rank is None or within_rank_limit(s.settings, rank))
+            s.replica_id != failed
+            and (rank is None or within_rank_limit(s.settings, rank))
+            and (takes is None or adapter is None or takes(s.replica_id, adapter))
             for s in self._pool.healthy_snapshots()
         )
 
@@ -1085,7 +1110,7 @@ class Proxy:
                 try:
                     chunk = await conn.read_chunk(timeout_s)
                 except UpstreamError as exc:
-                    if state.stopped_by(exc) and self._can_retry(rid, rreq.adapter_rank):
+                    if state.stopped_by(exc) and self._can_retry(rid, rreq):
                         # Broke off before it produced anything: nothing reached the client.
                         self._engine_stopped(rid, client, rreq, f"it {state.stopped}")
                         return None
@@ -1104,7 +1129,7 @@ class Proxy:
                 last = conn.exhausted  # the answer's last bytes: the end of the body with them
                 data = state.read(chunk, last) if chunk else state.end()
                 if data is None:  # stopped before it produced anything
-                    if self._can_retry(rid, rreq.adapter_rank):  # nothing reached the client
+                    if self._can_retry(rid, rreq):  # nothing reached the client
                         self._engine_stopped(rid, client, rreq, f"it {state.stopped}")
                         return None
                     data = state.release(last)

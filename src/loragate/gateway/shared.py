@@ -95,6 +95,7 @@ from loragate.state import (
     Ttls,
 )
 from loragate.state.definitions import REGISTERED, AdapterDefinition, DefinitionClaim, InForce
+from loragate.state.residency import capacities
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +321,8 @@ class SharedState:
             )
             await self.store.upsert_replica(record)
             self._records[rid] = record
+            if old is not None and old.settings != snapshot.settings:
+                await self._fit_residency(rid)
         elif old.healthy != snapshot.healthy:
             await self.store.set_replica_health(rid, snapshot.healthy, now)
             self._records[rid] = ReplicaRecord(
@@ -335,6 +338,17 @@ class SharedState:
             keep = missing - self._missing.get(rid, frozenset())
             self._missing[rid] = missing
             await self.store.reconcile(rid, listed | keep)
+
+    async def _fit_residency(self, replica_id: ReplicaId) -> None:
+        """The replica's settings changed (vLLM reported another max_lora than the config's):
+        a shadow residency holding more adapters than its new slots is cut to them now, not
+        at the next request routed there. Touching its most recent GPU adapter again does
+        that on every store (the touch evicts from the least recent end, with the settings
+        just written; the order of the rest stays)."""
+        res = self.store.residency_of(replica_id)
+        gpu_cap, cpu_cap = capacities(self._records[replica_id].settings)
+        if res.gpu and (len(res.gpu) > gpu_cap or len(res.cpu) > cpu_cap):
+            await self.store.record_load(replica_id, res.gpu[-1])
 
     async def adapter_loaded(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
         """The pool's load (on demand for a routed request, an admin registration, an in-place

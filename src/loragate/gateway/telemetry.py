@@ -41,6 +41,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from loragate import __version__
+from loragate.backends.lora_off import CAUSES as LORA_OFF_CAUSES
 from loragate.backends.pool import POLL_FAILURE_REASONS
 from loragate.core.config import RoutingConfig
 from loragate.core.errors import AdapterLoadError, UpstreamConnectError, UpstreamError
@@ -179,6 +180,29 @@ class _DrainingGauge(Collector):
         yield gauge
 
 
+class _LoraOffGauge(Collector):
+    """Which replicas serve no adapters, and why, read when ``/metrics`` is scraped."""
+
+    def __init__(self, causes: Callable[[], Mapping[str, str | None]]) -> None:
+        self._causes = causes
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            "loragate_replica_lora_off",
+            "1 while this instance found the replica serving no adapters, by cause: "
+            "lora_disabled (started without --enable-lora: no adapter request goes there), "
+            "no_runtime_loading (its POST /v1/load_lora_adapter is a 404: "
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True missing; only the adapters it lists go "
+            "there); else 0. Base-model requests still go there. Checked again every "
+            "poller.adapter_refusal_ttl_s and when it restarts; /admin/replicas lora_off.",
+            labels=["replica", "cause"],
+        )
+        for rid, found in self._causes().items():
+            for cause in LORA_OFF_CAUSES:
+                gauge.add_metric([rid, cause], 1.0 if found == cause else 0.0)
+        yield gauge
+
+
 class _RefusalCounter(Collector):
     """Adapter loads the replicas refused, read when ``/metrics`` is scraped."""
 
@@ -189,8 +213,9 @@ class _RefusalCounter(Collector):
         refused = CounterMetricFamily(
             "loragate_adapter_load_refusals",
             "Adapter loads a replica refused to this gateway instance (vLLM's error on "
-            "/v1/load_lora_adapter: no --enable-lora, a rank above --max-lora-rank, a folder "
-            "it cannot read), by adapter and replica. Each keeps the replica out of that "
+            "/v1/load_lora_adapter: a rank above --max-lora-rank, a folder it cannot read; "
+            "not a replica that serves no adapters: loragate_replica_lora_off), by adapter and "
+            "replica. Each keeps the replica out of that "
             "adapter's candidates for poller.adapter_refusal_ttl_s, on every instance.",
             labels=["adapter", "replica"],
         )
@@ -737,6 +762,11 @@ class Telemetry:
     def bind_draining(self, draining: Callable[[], Mapping[str, bool]]) -> None:
         """Whether each replica is being drained (read at scrape time)."""
         self.registry.register(_DrainingGauge(draining))
+
+    def bind_lora_off(self, causes: Callable[[], Mapping[str, str | None]]) -> None:
+        """By replica: why it serves no adapters (one of ``backends.lora_off.CAUSES``), or
+        None (read at scrape time)."""
+        self.registry.register(_LoraOffGauge(causes))
 
     def bind_refusals(self, counts: Callable[[], Mapping[tuple[str, str], int]]) -> None:
         """Refused adapter loads by (adapter, replica), counted since start."""
