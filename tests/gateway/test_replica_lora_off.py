@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 from gateway_harness import openai_client, wait_until
 
@@ -220,3 +221,31 @@ async def test_metrics_without_the_lora_gauge_get_the_replica_checked_before_any
         assert "loragate_upstream_retries_total{" not in metrics  # no client paid a retry
         await pool.poll_once()  # a LoRA replica's gauge says it is on: not checked
         assert not pool.lora_checking("r1") and "r1" not in pool.lora_off
+
+
+async def test_with_no_replica_serving_adapters_the_502_names_the_cause_without_a_load(
+    tmp_path: Path,
+) -> None:
+    async with (
+        _twin(enable_lora=False) as r0,
+        _twin(enable_lora=False) as r1,
+        _gateway(tmp_path, r0, r1) as gw,
+        openai_client(gw.url) as client,
+    ):
+        messages = []
+        for name in ADAPTERS[:3]:
+            with pytest.raises(openai.APIStatusError) as caught:
+                await client.completions.create(model=name, prompt="p", max_tokens=2)
+            assert caught.value.status_code == 502
+            assert isinstance(caught.value.body, dict)
+            messages.append(caught.value.body["message"])
+        # The first found both replicas out (its try and its retry), the others no replica.
+        assert "serves no adapters" in messages[0] and "LoRA is not enabled" in messages[0]
+        for later in messages[1:]:
+            assert later.startswith("no healthy replica serves adapter")
+            assert "replica r0 serves no adapters" in later
+            assert "replica r1 serves no adapters" in later
+        metrics = await _get(gw.url, "/metrics")
+        assert _metric(metrics, "loragate_upstream_retries_total") == 1.0
+        done = await client.completions.create(model="m", prompt="p", max_tokens=2)
+        assert done.model == "m"  # the base model is served

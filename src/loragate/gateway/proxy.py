@@ -20,7 +20,12 @@ per-request: the proxy filters the candidates it hands to the policy, so every p
 this). While every candidate has a refusal in force, the request is answered at once from them
 (a 502 naming each replica and its reason, no load); the first refusal to lapse lets the next
 request try that replica again (one load, the pool's single flight, however many requests
-arrive meanwhile). A request waits for an adapter load no longer than
+arrive meanwhile). A replica that refuses every adapter (no ``--enable-lora``, no runtime
+loading: ``backends.lora_off``) is marked by the pool as a whole: it is left out of every
+adapter's candidates (base-model requests still go there; without runtime loading, requests
+for the adapters it lists too) until the pool finds it serving adapters again; with no other
+candidate, the request is answered at once (a 502 naming each replica's cause, no load). A
+request waits for an adapter load no longer than
 ``limits.request_timeout_s`` from its routing (the body read is not counted; a retry gets it
 whole again, as it does for its answer); past it, it is retried once on another replica like a
 load that could not connect (``load_failed``: nothing was generated), while the load itself,
@@ -652,10 +657,10 @@ class Proxy:
                         ) as exc:
                             # Unreachable: reported to the pool (out of rotation). Not loaded in
                             # time (a hung replica; a load that may still complete: nothing was
-                            # generated): logged, left to the poller. Refused (no
-                            # --enable-lora, a rank above its --max-lora-rank, a path it cannot
-                            # read): it stays in rotation, the pool logged the refusal. Either
-                            # way another replica may take it.
+                            # generated): logged, left to the poller. Refused (a rank above
+                            # its --max-lora-rank, a path it cannot read; no --enable-lora: the
+                            # pool marked the replica): it stays in rotation, the pool logged
+                            # the refusal. Either way another replica may take it.
                             if isinstance(exc, AdapterLoadError):
                                 refused.append((rid, exc.message))
                             else:
