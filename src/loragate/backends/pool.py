@@ -161,6 +161,7 @@ from loragate.core.errors import (
     UpstreamConnectError,
     UpstreamTimeoutError,
 )
+from loragate.core.log_fields import about_request
 from loragate.core.tasks import cancel_and_wait
 from loragate.core.types import AdapterSpec, ReplicaId, ReplicaSettings, ReplicaSnapshot, Residency
 
@@ -564,7 +565,7 @@ class ReplicaPool:
         key = (spec.name, rid)
         if key not in self._loads:
             self._start_load(
-                key, rep, spec, "the poller (an in-place reload)", self._own_id("reload")
+                key, rep, spec, self._own_id("reload"), by="the poller (an in-place reload)"
             )
 
     async def _run(self) -> None:
@@ -1348,8 +1349,7 @@ class ReplicaPool:
         key = (spec.name, replica_id)
         task = self._loads.get(key)
         if task is None:
-            cause = "the gateway" if request_id is None else f"request {request_id}"
-            task = self._start_load(key, rep, spec, cause, load_id, refusal_outlook)
+            task = self._start_load(key, rep, spec, load_id, refusal_outlook, request_id=request_id)
         wake = rep.wake
         if wake is None:
             wake = rep.wake = asyncio.get_running_loop().create_future()
@@ -1398,8 +1398,7 @@ class ReplicaPool:
         key = (spec.name, replica_id)
         task = self._loads.get(key)
         if task is None:
-            cause = "the gateway" if request_id is None else f"request {request_id}"
-            task = self._start_load(key, rep, spec, cause, load_id, inplace=True)
+            task = self._start_load(key, rep, spec, load_id, request_id=request_id, inplace=True)
         await asyncio.shield(task)
 
     def _wake_load_waiters(
@@ -1416,14 +1415,17 @@ class ReplicaPool:
         key: tuple[str, ReplicaId],
         rep: _Replica,
         spec: AdapterSpec,
-        cause: str,
         load_id: str | None,
         refusal_outlook: str | None = None,
         *,
+        request_id: str | None = None,
+        by: str = "the gateway",
         inplace: bool = False,
     ) -> asyncio.Task[None]:
         task = asyncio.create_task(
-            self._timed_load(rep, spec, cause, load_id, refusal_outlook, inplace=inplace),
+            self._timed_load(
+                rep, spec, load_id, refusal_outlook, request_id=request_id, by=by, inplace=inplace
+            ),
             name=f"load {key}",
         )
         self._loads[key] = task
@@ -1441,20 +1443,24 @@ class ReplicaPool:
         self,
         rep: _Replica,
         spec: AdapterSpec,
-        cause: str,
         load_id: str | None,
         refusal_outlook: str | None = None,
         *,
+        request_id: str | None = None,
+        by: str = "the gateway",
         inplace: bool = False,
     ) -> None:
         """:meth:`_load`, its duration and outcome told to :attr:`on_load_done` and logged
         (INFO; DEBUG for a refusal, which :meth:`_load` logs as a WARNING): the adapter, the
-        replica, what it was for (``cause``: the request, or the poller) and its
-        ``X-Request-Id`` (``load_id``)."""
+        replica, what it was for (the request ``request_id``, else ``by``: the poller) and its
+        ``X-Request-Id`` (``load_id``). The lines of a load for a request carry its id
+        (``core.log_fields``)."""
         started = self._clock.now()
         result = "error"
         try:
-            loaded = await self._load(rep, spec, load_id, refusal_outlook, inplace=inplace)
+            loaded = await self._load(
+                rep, spec, load_id, refusal_outlook, request_id=request_id, inplace=inplace
+            )
             result = "ok" if loaded else "already_loaded"
         except AdapterLoadError:
             result = "refused"
@@ -1478,8 +1484,10 @@ class ReplicaPool:
             log.log(
                 logging.DEBUG if result == "refused" else logging.INFO,
                 "adapter %s load on replica %s (%s) for %s (X-Request-Id %s): %s after %.0f ms",
-                spec.name, rep.config.replica_id, rep.config.url, cause, load_id or "-",
+                spec.name, rep.config.replica_id, rep.config.url,
+                by if request_id is None else f"request {request_id}", load_id or "-",
                 _LOAD_RESULTS.get(result, result), took_s * 1000.0,
+                extra=about_request(request_id),
             )  # fmt: skip
 
     async def _load(
@@ -1489,11 +1497,13 @@ class ReplicaPool:
         load_id: str | None = None,
         refusal_outlook: str | None = None,
         *,
+        request_id: str | None = None,
         inplace: bool = False,
     ) -> bool:
         """Load ``spec`` on ``rep``; True if the replica loaded it (200), False if it had it
         registered already (from the configured path). ``load_id``: the call's
-        ``X-Request-Id`` (an in-place reload after "already loaded": ``<load_id>-inplace``).
+        ``X-Request-Id`` (an in-place reload after "already loaded": ``<load_id>-inplace``);
+        ``request_id``: the request it is for, if any (its log lines carry it).
         ``inplace``: reload it in place even if the replica holds it from ``spec.path``
         (:meth:`reload_adapter`: the folder's weights changed)."""
         # Errors are already loragate errors: AdapterLoadError (the replica refused the
@@ -1518,6 +1528,7 @@ class ReplicaPool:
                         "replica %s (%s) has adapter %s registered from %s, not from the "
                         "configured %s: reloading it in place",
                         rid, rep.config.url, spec.name, old, spec.path,
+                        extra=about_request(request_id),
                     )  # fmt: skip
                     await client.load_adapter(
                         spec.name, spec.path, load_inplace=True,
@@ -1564,12 +1575,13 @@ class ReplicaPool:
                 else self._refusal_outlook(spec, rid)
                 if refusals.ttl_s > 0
                 else "",
+                extra=about_request(request_id),
             )
             raise
         if old is not None:
             log.info(
                 "adapter %s reloaded in place on replica %s: %s (was %s)",
-                spec.name, rid, spec.path, old,
+                spec.name, rid, spec.path, old, extra=about_request(request_id),
             )  # fmt: skip
         self.refusals.forget(spec.name, rid)
         if loaded:
@@ -1586,7 +1598,10 @@ class ReplicaPool:
             try:
                 await self.listener.adapter_loaded(rep.config.replica_id, spec.name)
             except Exception:
-                log.exception("pool listener failed on a load of %s", spec.name)
+                log.exception(
+                    "pool listener failed on a load of %s", spec.name,
+                    extra=about_request(request_id),
+                )  # fmt: skip
         return loaded
 
     def _entries_of(self, rep: _Replica) -> tuple[_Replica, ...]:

@@ -211,11 +211,11 @@ class AdminApi:
         stays in force and the gateway serves on."""
         how = f"POST /admin/reload, request {request[REQUEST_ID]}"
         try:
-            result = await reload_from_file(self._gw, how=how)
+            result = await reload_from_file(self._gw, how=how, request_id=request[REQUEST_ID])
         except ConfigError:
             raise
         except Exception as exc:
-            log_reload_failure(self._gw, how)
+            log_reload_failure(self._gw, how, request[REQUEST_ID])
             what = f"{type(exc).__name__}: {exc}"[:300]
             return web.Response(
                 status=500,

@@ -277,7 +277,7 @@ class AdapterAdmin:
             is_registered=pool.is_registered,
             now_s=gw.clock.now(),
         )
-        order = self._placer.order(spec, eligible, view, gw.config.routing)
+        order = self._placer.order(spec, eligible, view, gw.config.routing, req_id)
         if order:
             log.debug(
                 "admin: request %s: adapter %s: load tried on %s in turn; %s first (%s)",

@@ -47,6 +47,7 @@ from typing import TypeVar
 
 from loragate.core.config import RoutingConfig
 from loragate.core.errors import LoragateError
+from loragate.core.log_fields import about_request
 from loragate.core.types import (
     AdapterId,
     AdapterSpec,
@@ -199,8 +200,10 @@ class LoadPlacer:
         replicas: Sequence[ReplicaSnapshot],
         view: ReplicaView,
         routing: RoutingConfig,
+        request_id: str | None = None,
     ) -> list[Candidate]:
-        """``replicas`` (those that may take ``spec``, config order) best first."""
+        """``replicas`` (those that may take ``spec``, config order) best first.
+        ``request_id``: the admin request it is for (its log lines carry it)."""
         n = len(replicas)
         ids = [r.replica_id for r in replicas]
         start = ids.index(self._last) + 1 if self._last in ids else 0
@@ -217,7 +220,7 @@ class LoadPlacer:
             )
             snaps.append(snap)
             scored.append((snap, harm, after, view.is_registered(rid, spec.name), len(loading)))
-        preferred = self._preference(spec, snaps, routing, view.now_s)
+        preferred = self._preference(spec, snaps, routing, view.now_s, request_id)
         out = []
         for i, (snap, harm, after, held, loading_n) in enumerate(scored):
             gpu_cap, cpu_cap = rz.capacities(snap.settings)
@@ -244,12 +247,14 @@ class LoadPlacer:
         snaps: Sequence[ReplicaSnapshot],
         routing: RoutingConfig,
         now_s: float,
+        request_id: str | None = None,
     ) -> ReplicaId | None:
         """The replica the policy would send ``spec``'s first request to, if it has a
         preference (see the module docstring); None: none, or it could not say."""
         if len(snaps) < 2:
             return None
-        policy = self._policy_for(routing)
+        about = about_request(request_id)
+        policy = self._policy_for(routing, about)
         if policy is None:
             return None
         req = RoutingRequest(
@@ -261,7 +266,9 @@ class LoadPlacer:
                 for last in (False, True)
             }
         except LoragateError as exc:  # e.g. a filter without fallback left no replica
-            log.debug("admin: no routing preference for adapter %s: %s", spec.name, exc)
+            log.debug(
+                "admin: no routing preference for adapter %s: %s", spec.name, exc, extra=about
+            )
             return None
         except Exception:  # a fault in a plugin must not fail a registration already stored
             log.warning(
@@ -269,11 +276,14 @@ class LoadPlacer:
                 "placed without the policy's preference",
                 spec.name,
                 exc_info=True,
+                extra=about,
             )
             return None
         return picks.pop() if len(picks) == 1 else None
 
-    def _policy_for(self, routing: RoutingConfig) -> Policy | None:
+    def _policy_for(
+        self, routing: RoutingConfig, about: Mapping[str, object] | None = None
+    ) -> Policy | None:
         """The placements' own policy from the ``routing:`` section, built again after a
         reload changed it (kept: ``consistent_hash`` builds its ring once, ~8 ms for 16
         replicas). Its state (counters, running means) is that of these dry runs alone."""
@@ -282,6 +292,8 @@ class LoadPlacer:
             try:
                 self._policy = build_policy(routing.build_spec(), seed=routing.seed)
             except LoragateError as exc:  # validated with the config: not expected
-                log.warning("admin: routing policy not consulted for adapter loads: %s", exc)
+                log.warning(
+                    "admin: routing policy not consulted for adapter loads: %s", exc, extra=about
+                )
                 self._policy = None
         return self._policy

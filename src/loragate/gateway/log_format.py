@@ -2,10 +2,12 @@
 
 ``loragate serve --log-format json`` (or ``LORAGATE_LOG_FORMAT=json``; the option wins) writes
 each record as ``{"time", "level", "logger", "message"}`` plus ``request_id`` when the record
-is about a request (its message names it as ``request <id>``: every per-request line, the
-access log's included) and ``exception`` / ``stack`` when it carries a traceback: a log
-pipeline can then select a request's lines by a field rather than by parsing the text. The
-message is the same text either way.
+is about a request and ``exception`` / ``stack`` when it carries a traceback: a log pipeline
+can then select a request's lines by a field rather than by parsing the text. The message is
+the same text either way. A record is about a request when its log call says so: it passes
+the id as ``extra=core.log_fields.about_request(id)`` (the lines whose text names the request
+otherwise, or not at all: an adapter load's, a config reload's), or its format names it as a
+``request %s`` argument (the access log and most per-request lines).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import datetime
 import json
 import logging
 import re
+
+from loragate.core.log_fields import REQUEST_ID
 
 FORMATS = ("text", "json")
 ENV = "LORAGATE_LOG_FORMAT"
@@ -28,8 +32,11 @@ _PLACEHOLDER = re.compile(r"%(?:%|[-#0 +]*(?:\*|\d+)?(?:\.(?:\*|\d+))?[diouxXeEf
 
 
 def request_id_of(record: logging.LogRecord) -> str | None:
-    """The request id a record's message names (``request <id>``, from its format's
-    arguments), or None."""
+    """The request id its log call gave a record (``extra``), else the one its message names
+    (``request <id>``, from its format's arguments), or None."""
+    given = record.__dict__.get(REQUEST_ID)
+    if given is not None:
+        return str(given)
     msg, args = record.msg, record.args
     if not isinstance(msg, str) or not isinstance(args, tuple) or not args:
         return None

@@ -274,13 +274,13 @@ class Proxy:
         limits: LimitsConfig,
         clock: Clock,
         auth_failed: Callable[[web.Request, str], None] | None = None,
-        no_replica: Callable[[str, str | None, str], None] | None = None,
+        no_replica: Callable[[str, str | None, str, str], None] | None = None,
         ids: RequestIds | None = None,
     ) -> None:
         self.catalog = catalog
         # Told of each request refused for a missing or wrong key (the 401's log line).
         self._auth_failed = auth_failed
-        # Told of each 503 no_replica_available: (path, adapter, message) (its log line).
+        # Told of each 503 no_replica_available (its log line): path, adapter, message, id.
         self._no_replica = no_replica
         self._pool = pool
         self._refused = pool.refusals.by_adapter  # adapters some replica refused lately
@@ -777,7 +777,8 @@ class Proxy:
                 # line and the admin API's last_error have that).
                 exc = _for_client(exc, rid, loading)
             elif isinstance(exc, NoReplicaAvailableError) and self._no_replica is not None:
-                self._no_replica(path, rreq.adapter, exc.message)  # (a rate-limited WARNING)
+                # (a rate-limited WARNING)
+                self._no_replica(path, rreq.adapter, exc.message, rreq.request_id)
             # Counted with the replica that failed it (the handler counts errors raised
             # before a replica was chosen), and named to the client in the replica header.
             self._finished(

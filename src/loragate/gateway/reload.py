@@ -52,6 +52,7 @@ import aiohttp
 from loragate.backends.client import VllmClient
 from loragate.core.config import GatewayConfig, ReplicaConfig
 from loragate.core.errors import ConfigError, LoragateError
+from loragate.core.log_fields import about_request
 from loragate.gateway.config_file import load_config
 from loragate.gateway.config_warnings import warn_ignored_file_tokens, warn_same_servers
 from loragate.routing import build_policy
@@ -96,15 +97,21 @@ def restart_required(old: GatewayConfig, new: GatewayConfig) -> tuple[str, ...]:
 
 
 async def reload_from_file(
-    gateway: Gateway, path: Path | None = None, *, how: str | None = None
+    gateway: Gateway,
+    path: Path | None = None,
+    *,
+    how: str | None = None,
+    request_id: str | None = None,
 ) -> ReloadResult:
     """Re-read ``path`` (default: the file the gateway started with) and apply it.
     Raises ``ConfigError`` (nothing changed) if the file is bad or there is no file; that is
     logged here (a WARNING naming the file and the reason), however the reload was asked
     for (``POST /admin/reload`` or SIGHUP). Counted in ``loragate_config_reloads_total``.
     ``how``: what asked for it, at the end of its log lines (``POST /admin/reload, request
-    <id>``; None: nothing, a SIGHUP)."""
+    <id>``; None: nothing, a SIGHUP); ``request_id``: the request that asked for it, if one
+    did (its log lines carry it: ``core.log_fields``)."""
     said = "" if how is None else f" ({how})"
+    about = about_request(request_id)
     path = path or gateway.config_path
     telemetry = gateway.telemetry
     try:
@@ -117,20 +124,22 @@ async def reload_from_file(
         where = "no config file" if path is None else str(path)
         if where not in reason:  # the YAML and file readers' messages name the file already
             reason = f"{where}: {reason}"
-        log.warning("config reload rejected, keeping the running config: %s%s", reason, said)
+        log.warning(
+            "config reload rejected, keeping the running config: %s%s", reason, said, extra=about
+        )
         raise
     except Exception:  # reading failed other than as a bad file says (a bug): nothing applied
         telemetry.count_reload("error")
         raise
     try:
-        await check_base_model(gateway, config)
-        result = await apply_config(gateway, config, said=said)
+        await check_base_model(gateway, config, request_id=request_id)
+        result = await apply_config(gateway, config, said=said, request_id=request_id)
     except ConfigError as exc:
         telemetry.count_reload("rejected")
         if exc.key == "base_model":
             log.warning(
                 "config reload rejected, keeping the running config: %s: %s%s",
-                path, exc, said,
+                path, exc, said, extra=about,
             )  # fmt: skip
         raise
     except Exception:
@@ -143,7 +152,9 @@ async def reload_from_file(
     return result
 
 
-async def check_base_model(gateway: Gateway, new: GatewayConfig) -> None:
+async def check_base_model(
+    gateway: Gateway, new: GatewayConfig, *, request_id: str | None = None
+) -> None:
     """Raise ``ConfigError`` (key ``base_model``) if ``new`` changes the base model and no
     replica of ``new`` serves that model now (see the module docstring); warn about the
     replicas that do not serve it if some do. No-op if the model is unchanged or the gateway
@@ -175,7 +186,7 @@ async def check_base_model(gateway: Gateway, new: GatewayConfig) -> None:
         log.warning(
             "config reload: base_model %r (was %r) is served by %s only; the other replicas "
             "get no traffic (%s)",
-            model, old_model, ", ".join(serving), others,
+            model, old_model, ", ".join(serving), others, extra=about_request(request_id),
         )  # fmt: skip
 
 
@@ -192,20 +203,24 @@ async def _served_models(
         client.upstream.close()
 
 
-def log_reload_failure(gateway: Gateway, how: str) -> None:
+def log_reload_failure(gateway: Gateway, how: str, request_id: str | None = None) -> None:
     """Log, with its traceback (call it in the ``except`` block), a reload that failed other
     than on a bad file: ``reload_from_file`` counted it as ``error`` and the gateway serves on
-    with the running config. ``how``: what asked for it (``SIGHUP``, ``POST /admin/reload``)."""
+    with the running config. ``how``: what asked for it (``SIGHUP``, ``POST /admin/reload``);
+    ``request_id``: the request that did, if one did."""
     log.exception(
         "config reload (%s) of %s failed, serving on with the running config "
         "(GET /admin/replicas shows the replicas in use)",
-        how, gateway.config_path,
+        how, gateway.config_path, extra=about_request(request_id),
     )  # fmt: skip
 
 
-async def apply_config(gateway: Gateway, new: GatewayConfig, *, said: str = "") -> ReloadResult:
+async def apply_config(
+    gateway: Gateway, new: GatewayConfig, *, said: str = "", request_id: str | None = None
+) -> ReloadResult:
     """Apply a validated config to a running gateway (see the module docstring). ``said``:
-    the end of its log line (what asked for it)."""
+    the end of its log line (what asked for it); ``request_id``: the request that asked for
+    it, if one did (its log lines carry it)."""
     async with gateway.lock:
         old = gateway.config
         # Validated by load_config already; build now so nothing below can fail on it.
@@ -234,12 +249,14 @@ async def apply_config(gateway: Gateway, new: GatewayConfig, *, said: str = "") 
         list(removed),
         list(changed),
         said,
+        extra=about_request(request_id),
     )
     warn_ignored_file_tokens(effective, when="at reload")
     if frozen:  # the operator asked for something that did not happen: say so louder
         log.warning(
             "config reloaded, but these sections keep their old values until a restart: %s",
             ", ".join(frozen),
+            extra=about_request(request_id),
         )
     return result
 

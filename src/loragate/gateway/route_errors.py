@@ -19,6 +19,7 @@ from aiohttp import hdrs, web
 
 from loragate.backends.pool import ReplicaPool
 from loragate.core.clock import Clock
+from loragate.core.log_fields import about_request
 from loragate.gateway.errors import error_payload
 from loragate.gateway.log_rate import LineRate
 
@@ -65,9 +66,12 @@ class NoReplicaLog:
         self._pool = pool
         self._line = LineRate(clock, log_interval_s)
 
-    def refused(self, path: str, adapter: str | None, reason: str) -> None:
+    def refused(
+        self, path: str, adapter: str | None, reason: str, request_id: str | None = None
+    ) -> None:
         """A request for ``adapter`` (None: the base model) on ``path`` was answered 503
-        because no replica could take it (``reason``: the error's message)."""
+        because no replica could take it (``reason``: the error's message); ``request_id``:
+        its id (the line's, when it gets one)."""
         more = self._line.due()
         if more is None:
             return
@@ -77,7 +81,7 @@ class NoReplicaLog:
             'loragate_requests_total{status="503"} counts them all',
             path, adapter or "<base>", reason, self._replica_states(),
             f"; {more} more since the last such line" if more else "",
-            self._line.interval_s,
+            self._line.interval_s, extra=about_request(request_id),
         )  # fmt: skip
 
     def _replica_states(self) -> str:

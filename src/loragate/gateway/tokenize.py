@@ -99,7 +99,7 @@ class TokenizerProxy:
         telemetry: Telemetry,
         limits: Callable[[], LimitsConfig],
         auth_failed: Callable[[web.Request, str], None] | None = None,
-        no_replica: Callable[[str, str | None, str], None] | None = None,
+        no_replica: Callable[[str, str | None, str, str], None] | None = None,
     ) -> None:
         """``proxy``: the completions' (its catalog, as a reload or the admin API swaps it, and
         its request ids); ``limits``: the limits in force (a reload may change them)."""
@@ -341,7 +341,7 @@ class TokenizerProxy:
         if isinstance(exc, AuthenticationError) and self._auth_failed is not None:
             self._auth_failed(request, request_id)
         if status == 503 and self._no_replica is not None and path != VERSION:
-            self._no_replica(path, model, exc.message)
+            self._no_replica(path, model, exc.message, request_id)
         if isinstance(exc, UpstreamError):
             exc = type(exc)(f"replica {rid}: {exc.message}")  # its id, never its URL
         self._count(request_id, path, rid, str(status), model, exc.message)
