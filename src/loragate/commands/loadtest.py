@@ -30,7 +30,7 @@ from loragate.loadtest.fleet import (
     openai_base,
     plan_models,
 )
-from loragate.loadtest.openloop import OpenLoopConfig, RequestResult, run_open_loop
+from loragate.loadtest.openloop import OpenLoopConfig, RequestResult, RunStart, run_open_loop
 from loragate.loadtest.prompt_tokens import PromptTokens, measure_prompt_tokens, root_of
 from loragate.loadtest.proxy_env import env_proxy
 from loragate.loadtest.records import RecordWriter
@@ -53,6 +53,11 @@ With --max-requests N the offered rate is over the arrivals up to the first one 
 n/a when that is under 1 s (a trace's first arrivals can be microseconds apart). Each
 --results record names the replica a loragate gateway says served it (X-Loragate-Replica,
 null from other targets); the summary lists replicas when more than one served.
+Every request is sent with X-Request-Id lt-<run id>-<index> (a loragate gateway keeps it and
+names the request by it in its logs); each record has it (sent_request_id), the answer's
+X-Request-Id (request_id; null without an answer) and its wall-clock send time (sent_at,
+epoch seconds); the JSON summary's run has the run's id and start (started_at, ISO-8601 UTC,
+and started_epoch_s).
 Proxies: HTTP_PROXY / HTTPS_PROXY / ALL_PROXY (either case) are used as the openai SDK
 (httpx) and requests use them, except for hosts NO_PROXY lists (names, domain suffixes, CIDR
 ranges) and loopback targets (localhost, 127.0.0.0/8, ::1); the proxy is said on stderr, as
@@ -232,7 +237,9 @@ class _Run:
     # The time of the first arrival --max-requests left out (None: it cut nothing, so far):
     # the first N requests are the arrivals of [0, next_t_s).
     next_t_s: float | None = None
-    started: float = 0.0
+    started: float = 0.0  # the run's start (perf_counter); 0: not started
+    start: RunStart | None = None  # the same, with the wall clock's
+    run_id: str = ""  # the middle of every X-Request-Id sent (lt-<run id>-<index>)
     ended: float = 0.0
     writer: RecordWriter | None = None
     stream: bool = True  # streamed answers were asked for
@@ -467,9 +474,15 @@ async def _loadtest(args: argparse.Namespace, workload: Workload, state: _Run) -
     )
     requests = state.take(workload.requests(), args.max_requests)
     ticker = asyncio.create_task(_progress(args.progress_s, state))
-    state.started = time.perf_counter()
+    state.run_id = cfg.run_id
+    state.start = RunStart.now()
+    _note(
+        f"run {cfg.run_id} started at {state.start.iso()}: requests carry X-Request-Id "
+        f"lt-{cfg.run_id}-<index>"
+    )
+    state.started = state.start.perf
     try:
-        await run_open_loop(cfg, requests, on_result=state.done)
+        await run_open_loop(cfg, requests, on_result=state.done, started=state.start)
     finally:
         state.ended = time.perf_counter()
         ticker.cancel()
@@ -512,6 +525,12 @@ def _summary(
         min_window_s=MIN_RATE_WINDOW_S if cut else 0.0,
     )
     summary["target"] = {"url": openai_base(args.url), "endpoint": args.endpoint}
+    if state.start is not None:
+        summary["run"] = {
+            "id": state.run_id,
+            "started_at": state.start.iso(),
+            "started_epoch_s": round(state.start.epoch_s, 6),
+        }
     if state.prompt_tokens is not None:
         summary["prompt_tokens"] = state.prompt_tokens.as_dict()
     summary["workload"] = {

@@ -14,6 +14,16 @@ A loragate gateway names the replica that served each request in its ``X-Loragat
 answer header (errors included); ``RequestResult.replica`` keeps it (None when the target sends
 no such header, e.g. vLLM itself, or no answer arrived).
 
+Joining the results to a gateway's logs: every request is sent with its own ``X-Request-Id``,
+``lt-<run id>-<index>`` (``OpenLoopConfig.run_id``: random per run), kept as
+``RequestResult.sent_request_id``; ``RequestResult.request_id`` is the ``X-Request-Id`` of the
+answer (a loragate gateway puts one on every answer, errors included, and keeps a client's id
+when it is 1-128 printable ASCII characters without spaces, as these are: the two are equal,
+and the gateway's log lines name the request by it). A request without an answer (a refused
+connection, a timeout) has no ``request_id``, but its ``sent_request_id`` is what the gateway
+logged if it received it. Times: ``scheduled_s`` and ``sent_s`` are offsets from the run's
+start (:class:`RunStart`), ``sent_at`` the wall-clock send time (Unix epoch seconds).
+
 ``OpenLoopConfig.adapter_map`` renames the workload's adapters to models the target serves
 (``loragate loadtest`` maps a spec's ``adapter-000``... onto the adapters a fleet lists).
 """
@@ -22,9 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import aiohttp
 
@@ -45,6 +57,36 @@ PROMPT_WORDS = (
 
 # The answer header in which a loragate gateway names the replica that served the request.
 REPLICA_HEADER = "X-Loragate-Replica"
+# The request id header: sent with every request, read from every answer.
+REQUEST_ID_HEADER = "X-Request-Id"
+
+
+@dataclass(frozen=True, slots=True)
+class RunStart:
+    """When a run started, on both clocks: ``perf`` (``time.perf_counter``: the offsets
+    ``scheduled_s`` and ``sent_s`` count from it) and ``epoch_s`` (``time.time``: joins the
+    run with other logs)."""
+
+    perf: float
+    epoch_s: float
+
+    @classmethod
+    def now(cls) -> RunStart:
+        return cls(perf=time.perf_counter(), epoch_s=time.time())
+
+    def epoch_of(self, perf: float) -> float:
+        """The wall-clock time (epoch seconds) of the ``perf_counter`` reading ``perf``."""
+        return self.epoch_s + (perf - self.perf)
+
+    def iso(self) -> str:
+        """The start as ISO-8601 UTC, to the millisecond (``2026-11-28T19:40:49.123Z``)."""
+        when = datetime.fromtimestamp(self.epoch_s, UTC)
+        return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_run_id() -> str:
+    """A random run id (12 hex digits), the middle of every request id a run sends."""
+    return secrets.token_hex(6)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,6 +112,9 @@ class RequestResult:
     prompt_tokens: int = 0  # the workload's prompt length (words sent, one token each)
     max_tokens: int = 0
     replica: str | None = None  # the gateway's X-Loragate-Replica header; None: not sent
+    request_id: str | None = None  # the answer's X-Request-Id; None: no answer, or none in it
+    sent_request_id: str | None = None  # the X-Request-Id sent (lt-<run id>-<index>)
+    sent_at: float = 0.0  # when it was sent: Unix epoch seconds (wall clock)
 
     @property
     def ok(self) -> bool:
@@ -94,6 +139,13 @@ class OpenLoopConfig:
     # its reasoning models require) instead of max_tokens; /completions knows only max_tokens
     max_completion_tokens: bool = False
     proxy: str | None = None  # an HTTP proxy to send every request through
+    # the run's id: request ``index`` is sent with ``X-Request-Id: lt-<run_id>-<index>``
+    run_id: str = field(default_factory=new_run_id)
+
+
+def sent_request_id(cfg: OpenLoopConfig, index: int) -> str:
+    """The ``X-Request-Id`` request ``index`` of the run is sent with."""
+    return f"lt-{cfg.run_id}-{index}"
 
 
 def model_of(cfg: OpenLoopConfig, adapter: str | None) -> str:
@@ -136,10 +188,11 @@ async def _send(
     cfg: OpenLoopConfig,
     req: WorkloadRequest,
     index: int,
-    start: float,
+    start: RunStart,
 ) -> RequestResult:
     endpoint, body = request_body(cfg, req, index)
-    headers = {"Content-Type": "application/json"}
+    sent_id = sent_request_id(cfg, index)
+    headers = {"Content-Type": "application/json", REQUEST_ID_HEADER: sent_id}
     if cfg.api_key:
         headers["Authorization"] = f"Bearer {cfg.api_key}"
     sent = time.perf_counter()
@@ -151,12 +204,14 @@ async def _send(
     finish_reason: str | None = None
     status = 0
     replica: str | None = None
+    request_id: str | None = None
     error: str | None = None
     error_type: str | None = None
     try:
         async with session.post(cfg.base_url + endpoint, data=body, headers=headers) as resp:
             status = resp.status
             replica = resp.headers.get(REPLICA_HEADER) or None
+            request_id = resp.headers.get(REQUEST_ID_HEADER) or None
             if status != 200:
                 error, error_type = _error_message(await resp.read(), status), "http"
             elif resp.content_type == "application/json":
@@ -194,7 +249,7 @@ async def _send(
         adapter=req.adapter,
         endpoint=endpoint,
         scheduled_s=req.t_s,
-        sent_s=sent - start,
+        sent_s=sent - start.perf,
         status=status,
         ttft_s=ttft,
         latency_s=time.perf_counter() - sent,
@@ -208,6 +263,9 @@ async def _send(
         prompt_tokens=int(req.prompt_tokens),
         max_tokens=int(req.max_tokens),
         replica=replica,
+        request_id=request_id,
+        sent_request_id=sent_id,
+        sent_at=start.epoch_of(sent),
     )
 
 
@@ -221,6 +279,7 @@ async def run_open_loop(
     requests: Iterable[WorkloadRequest],
     *,
     on_result: Callable[[RequestResult], None] | None = None,
+    started: RunStart | None = None,
 ) -> list[RequestResult]:
     """Send ``requests`` at their scheduled offsets until they run out or the deadline passes.
 
@@ -228,13 +287,15 @@ async def run_open_loop(
     deadline are cancelled and recorded as errors (``deadline``). When the run itself is
     cancelled (Ctrl-C under ``asyncio.run``, an outer timeout), the requests in flight are
     cancelled and awaited, each recorded (``interrupted``, passed to ``on_result``) before the
-    HTTP session closes and the cancellation goes on.
+    HTTP session closes and the cancellation goes on. ``started``: the run's start (offsets
+    count from it; default: now).
     """
     results: list[RequestResult] = []
     slots = asyncio.Semaphore(cfg.max_concurrency)
     timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s)
     connector = aiohttp.TCPConnector(limit=cfg.max_concurrency)
-    start = time.perf_counter()
+    run_start = RunStart.now() if started is None else started
+    start = run_start.perf
     deadline = start + cfg.deadline_s
     pending: dict[asyncio.Task[RequestResult], tuple[int, WorkloadRequest, float]] = {}
     # What a request task cancelled from here on is recorded as (the run's cancellation
@@ -247,13 +308,13 @@ async def run_open_loop(
         if task.cancelled():
             error, error_type = ending
             result = _cancelled_result(
-                cfg, index, req, sent_s, time.perf_counter() - start,
+                cfg, run_start, index, req, sent_s, time.perf_counter() - start,
                 error=error, error_type=error_type,
             )  # fmt: skip
         elif (exc := task.exception()) is not None:
             # an error _send does not turn into a result: the result says it, not the loop
             result = _cancelled_result(
-                cfg, index, req, sent_s, time.perf_counter() - start,
+                cfg, run_start, index, req, sent_s, time.perf_counter() - start,
                 error=f"{type(exc).__name__}: {exc}", error_type="client",
             )  # fmt: skip
         else:
@@ -275,7 +336,7 @@ async def run_open_loop(
                     await asyncio.sleep(delay)
                 if not await _slot(slots, deadline):  # every slot still taken at the deadline
                     break
-                task = asyncio.create_task(_send(session, cfg, req, index, start))
+                task = asyncio.create_task(_send(session, cfg, req, index, run_start))
                 pending[task] = (index, req, time.perf_counter() - start)
                 task.add_done_callback(finished)
             if pending:
@@ -314,6 +375,7 @@ async def _cancel_all(tasks: list[asyncio.Task[RequestResult]]) -> None:
 
 def _cancelled_result(
     cfg: OpenLoopConfig,
+    start: RunStart,
     index: int,
     req: WorkloadRequest,
     sent_s: float,
@@ -337,4 +399,6 @@ def _cancelled_result(
         model=model_of(cfg, req.adapter),
         prompt_tokens=int(req.prompt_tokens),
         max_tokens=int(req.max_tokens),
+        sent_request_id=sent_request_id(cfg, index),
+        sent_at=start.epoch_s + sent_s,
     )
