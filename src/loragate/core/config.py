@@ -140,6 +140,11 @@ class StateConfig:
     key_prefix: str = "loragate:"
     # Each Redis call gives up after this long (then the gateway serves from its local view).
     op_timeout_s: float = 0.5
+    # After a timeout, Redis counts as unreachable (the WARNING, loragate_state_resyncs) only
+    # once it has not answered for this long, or a reconnection failed otherwise; answering
+    # sooner is a blip (INFO, loragate_state_blips). A refused connection is an outage at once.
+    # 0: every timeout is an outage.
+    outage_warning_s: float = 2.0
     # How often the local view is refreshed from Redis (other instances' in-flight counts,
     # residency, adapter registry).
     refresh_s: float = 0.25
@@ -759,7 +764,9 @@ def _redis_url(value: object, key: str) -> str:
 
 def _state(value: object) -> StateConfig:
     data = _mapping(value, "state")
-    _check_keys(data, {"backend", "redis_url", "key_prefix"} | _STATE_SECONDS, "state")
+    _check_keys(
+        data, {"backend", "redis_url", "key_prefix", "outage_warning_s"} | _STATE_SECONDS, "state"
+    )
     kwargs: dict[str, Any] = {}
     backend = _str(data.get("backend", "memory"), "state.backend")
     if backend not in ("memory", "redis"):
@@ -773,6 +780,10 @@ def _state(value: object) -> StateConfig:
         kwargs["key_prefix"] = _str(data["key_prefix"], "state.key_prefix")
     for k in _STATE_SECONDS & data.keys():
         kwargs[k] = _seconds(data[k], f"state.{k}")
+    if "outage_warning_s" in data:
+        kwargs["outage_warning_s"] = _seconds(
+            data["outage_warning_s"], "state.outage_warning_s", zero=True
+        )
     config = StateConfig(**kwargs)
     if config.lease_renew_s >= config.lease_ttl_s:
         raise ConfigError(

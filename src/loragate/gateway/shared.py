@@ -128,7 +128,7 @@ def build_store(config: StateConfig, *, clock: Clock | None = None) -> GatewaySt
         ttls=ttls,
         instance_id=instance_name(),
     )
-    return ResilientStore(remote, clock=clock)
+    return ResilientStore(remote, clock=clock, outage_warning_s=config.outage_warning_s)
 
 
 def instance_name() -> str:
@@ -677,9 +677,12 @@ class SharedState:
         return self.store.error_count
 
     def resync_counts(self) -> dict[str, int]:
-        """Resyncs after Redis outages and journal entries dropped (0 for the embedded store)."""
+        """Resyncs after Redis outages, blips (Redis answering again within
+        ``state.outage_warning_s`` of a timeout) and journal entries dropped (0 for the
+        embedded store)."""
         return {
             "resyncs": int(getattr(self.store, "recoveries", 0)),
+            "blips": int(getattr(self.store, "blips", 0)),
             "journal_dropped": int(getattr(self.store, "journal_dropped", 0)),
         }
 

@@ -242,7 +242,10 @@ class _StateGauges(Collector):
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
             "loragate_state_degraded",
-            "1 while the shared state (Redis) is unreachable and routing uses the local view.",
+            "1 while the shared state (Redis) is unreachable and routing uses the local view; "
+            "also for a blip (a call timed out, Redis answering again within "
+            "state.outage_warning_s): alert on it lasting that long (for: 2s by default), or "
+            "on the 'Redis unreachable' WARNING.",
             value=1.0 if self._degraded() else 0.0,
         )
         yield CounterMetricFamily(
@@ -255,8 +258,17 @@ class _StateGauges(Collector):
         counts = self._resync_counts()
         yield CounterMetricFamily(
             "loragate_state_resyncs",
-            "Resynchronisations with the shared state backend (Redis) after an outage.",
+            "Resynchronisations with the shared state backend (Redis) after an outage (one "
+            "with its 'Redis unreachable' WARNING).",
             value=counts.get("resyncs", 0),
+        )
+        yield CounterMetricFamily(
+            "loragate_state_blips",
+            "Redis calls that timed out with Redis answering again within "
+            "state.outage_warning_s (a slow Redis, or this instance's event loop held up): "
+            "routed from the local view meanwhile and resynchronised, logged at INFO, not an "
+            "outage.",
+            value=counts.get("blips", 0),
         )
         yield CounterMetricFamily(
             "loragate_state_journal_dropped",

@@ -30,6 +30,7 @@ from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from loragate.core.clock import Clock, WallClock
 from loragate.core.types import AdapterId, AdapterSpec, ReplicaId, ReplicaSettings, Residency
@@ -45,6 +46,7 @@ from loragate.state.keys import KeySpace, Ttls, lease_member, refusal_field
 from loragate.state.store import (
     ReplicaRecord,
     SharedRefusal,
+    StateTimeoutError,
     StateUnavailableError,
     StateView,
     StoppingHold,
@@ -306,7 +308,10 @@ class RedisStore:
         except (RedisError, OSError, TimeoutError) as exc:
             self._errors += 1
             self._failing = True
-            raise StateUnavailableError(f"redis: {type(exc).__name__}: {exc}") from exc
+            what = f"redis: {type(exc).__name__}: {exc}"
+            if isinstance(exc, (TimeoutError, RedisTimeoutError)):
+                raise StateTimeoutError(what) from exc
+            raise StateUnavailableError(what) from exc
         self._failing = False
         return result
 

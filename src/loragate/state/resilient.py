@@ -8,9 +8,16 @@ The gateway's store in a multi-instance deployment. It keeps a local mirror (a
   current in between. In-flight counts are this instance's live count plus the other
   instances' count at the last refresh. Routing thus costs 2 Redis round trips per request:
   ``begin_request`` and ``end_request``.
-* When a Redis call fails the store turns *degraded*: it logs once, counts the error
+* When a Redis call fails the store turns *degraded* at once: it counts the error
   (``error_count``), and from then on serves from the mirror without touching Redis (no
-  client request waits on a dead Redis more than once per outage). Writes go to a bounded
+  client request waits on a dead Redis more than once per outage). It logs the outage once,
+  as a WARNING, when it is one: at once if Redis refused or dropped the connection or
+  answered with an error, but after a timeout (no answer within ``op_timeout_s``) only once
+  Redis has stayed unreachable for ``outage_warning_s``, or a reconnection failed otherwise
+  than by a timeout. A timeout alone does not tell an outage: Redis may have been slow for a
+  moment, or our event loop held up past the deadline on a saturated host. Redis answering
+  again sooner is a *blip*: logged at INFO ("Redis slow for 0.6 s ... (no outage)") and
+  counted in ``blips``, not in ``recoveries``. Writes go to a bounded
   journal; leases are remembered. ``maintain()`` retries with exponential backoff:
   ``Ttls.retry_initial_s`` doubling up to ``Ttls.retry_max_s`` (the gateway config's
   ``state.reconnect_max_backoff_s``), each wait lengthened by up to ``jitter``.
@@ -86,6 +93,7 @@ from loragate.state.store import (
     RefusalMap,
     ReplicaRecord,
     StateStore,
+    StateTimeoutError,
     StateUnavailableError,
     StateView,
     StoppingMap,
@@ -96,6 +104,13 @@ log = logging.getLogger("loragate.state")
 
 # Journaled request touches replayed per round trip.
 REPLAY_BATCH = 256
+
+# How long Redis must stay unanswering after a timeout before that is an outage (WARNING):
+# four default op_timeout_s. The false ones a soak on a host at load 5-9 found lasted 0.14 to
+# 1.1 s (a loop stall past op_timeout_s, then the first reconnection or the next); a timeout
+# that is an outage shows as one within the first reconnections' backoff (0.1 + 0.2 + 0.4 +
+# 0.8 s), and a refused connection is one at once.
+OUTAGE_WARNING_S = 2.0
 
 RemoteOp = Callable[[RedisStore], Awaitable[object]]
 _T = TypeVar("_T")
@@ -130,6 +145,7 @@ class ResilientStore:
         journal_max: int = 10_000,
         jitter: float = 0.2,
         rng: random.Random | None = None,
+        outage_warning_s: float = OUTAGE_WARNING_S,
     ) -> None:
         self._remote = remote
         self._ttls = remote.ttls
@@ -147,6 +163,13 @@ class ResilientStore:
         self._degraded = True  # until the first successful sync
         self._backoff_s = self._first_backoff_s
         self._next_retry_s = -math.inf
+        self._outage_warning_s = outage_warning_s
+        # The degraded spell: since when (our clock), its first error, and whether it was
+        # logged as an outage (the WARNING) yet; shorter unlogged ones are blips.
+        self._outage_since_s = self._clock.now()
+        self._outage_error: StateUnavailableError | None = None
+        self._outage_logged = False
+        self.blips = 0
         self._last_refresh_s = -math.inf
         self._others: dict[ReplicaId, int] = {}
         # Other instances' last reads (instance -> epoch s, Redis's clock), as of our refresh.
@@ -187,8 +210,9 @@ class ResilientStore:
 
     @property
     def recoveries(self) -> int:
-        """Resynchronisations after an outage (``resyncs`` also counts the first sync)."""
-        return max(0, self.resyncs - 1)
+        """Resynchronisations after an outage (``resyncs`` also counts the first sync and
+        the blips')."""
+        return max(0, self.resyncs - 1 - self.blips)
 
     @property
     def remote(self) -> RedisStore:
@@ -197,10 +221,28 @@ class ResilientStore:
     # --- failure handling -----------------------------------------------------------------------
     def _on_error(self, exc: StateUnavailableError) -> None:
         if not self._degraded:
-            self._log_unreachable("", exc)
             self._degraded = True
+            now = self._clock.now()
+            self._outage_since_s = now
+            self._outage_error = exc
+            self._outage_logged = False
             self._backoff_s = self._first_backoff_s
-            self._next_retry_s = self._clock.now() + self._backoff_s
+            self._next_retry_s = now + self._backoff_s
+            self._check_outage(exc)
+
+    def _check_outage(self, exc: StateUnavailableError | None = None) -> None:
+        """While degraded: log the WARNING of an outage once it is one (``exc``: the latest
+        error; an error other than a timeout is one at once, a timeout only once Redis has
+        not answered for ``outage_warning_s``)."""
+        if self._outage_logged or not self._degraded:
+            return
+        lasted = self._clock.now() - self._outage_since_s
+        if exc is not None and not isinstance(exc, StateTimeoutError):
+            self._outage_logged = True
+            self._log_unreachable("", exc)
+        elif lasted >= self._outage_warning_s and self._outage_error is not None:
+            self._outage_logged = True
+            self._log_unreachable(f" for {lasted:.1f} s", self._outage_error)
 
     def _journal_append(self, op: RemoteOp) -> None:
         if len(self._journal) >= self._journal_max:
@@ -230,6 +272,7 @@ class ResilientStore:
     # --- synchronisation ------------------------------------------------------------------------
     async def start(self) -> None:
         """Connect and synchronise now; if Redis is down, stay degraded (no exception)."""
+        self._outage_logged = True  # a failure here is logged at once, whatever it is
         error = await self._try_recover()
         if error is not None:
             self._log_unreachable(" at start-up", error)
@@ -254,11 +297,23 @@ class ResilientStore:
             )
             self._backoff_s = min(self._backoff_s * 2.0, self._ttls.retry_max_s)
             log.debug("state: Redis still unreachable (%s)", exc)
+            self._check_outage(exc)
             return exc
         if self.resyncs > 0:
-            log.warning("state: Redis reachable again (%s), resynchronised", self._remote.url)
+            if self._outage_logged:
+                log.warning("state: Redis reachable again (%s), resynchronised", self._remote.url)
+            else:
+                self.blips += 1
+                log.info(
+                    "state: Redis slow for %.2f s (%s: %s), served from the local view "
+                    "meanwhile, resynchronised (no outage: it answered again within "
+                    "state.outage_warning_s, %g s)",
+                    self._clock.now() - self._outage_since_s, self._remote.url,
+                    self._outage_error, self._outage_warning_s,
+                )  # fmt: skip
         self.resyncs += 1
         self._degraded = False
+        self._outage_logged = False
         self._backoff_s = self._first_backoff_s
         return None
 
@@ -363,6 +418,7 @@ class ResilientStore:
         renew leases when due and refresh the mirror when due."""
         now = self._clock.now()
         if self._degraded:
+            self._check_outage()
             if now >= self._next_retry_s:
                 await self._try_recover()
             return

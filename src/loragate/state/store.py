@@ -37,6 +37,12 @@ class StateUnavailableError(LoragateError):
     """The shared state backend (Redis) could not be reached or answered with an error."""
 
 
+class StateTimeoutError(StateUnavailableError):
+    """No answer in time: Redis slow (``DEBUG SLEEP``, a long script, a fork), or its answer
+    unread while our own event loop was held up, or Redis gone without a word (a partition).
+    Unlike a refused or reset connection, one such error does not tell an outage."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReplicaRecord:
     """One replica in the shared replica registry."""
