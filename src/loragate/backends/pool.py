@@ -123,6 +123,10 @@ and keep their requests and adapter loads under way, but :meth:`ReplicaPool.heal
 there, and the admin API loads no newly registered adapter there. A drain outlives the
 replica's place in the pool: one a reload removes and adds back under its id is drained still
 (until the drain is ended), as other instances sharing the drain may route there meanwhile.
+A drained replica whose polls fail goes out of rotation as any other (the same health state
+and metrics), but its line is INFO, ``drained replica r0 is down (expected during a restart):
+...``, not the WARNING ``replica r0 is unhealthy: ...``: a drain ahead of a restart is how a
+rolling restart is planned.
 """
 
 from __future__ import annotations
@@ -994,7 +998,11 @@ class ReplicaPool:
             )  # fmt: skip
             return
         if out:
-            log.warning("replica %s is unhealthy: %s", rep.config.replica_id, error)
+            rid = rep.config.replica_id
+            if rid in self._draining:  # drained first: a planned restart or removal
+                log.info("drained replica %s is down (expected during a restart): %s", rid, error)
+            else:
+                log.warning("replica %s is unhealthy: %s", rid, error)
             self._take_out(rep)
 
     def _refuse(self, rep: _Replica, error: str) -> None:
