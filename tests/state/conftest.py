@@ -20,13 +20,15 @@ async def redis_stores(redis_server: RedisServer) -> AsyncIterator[StoreFactory]
     prefix = f"t{uuid.uuid4().hex[:8]}:"
     made: list[RedisStore] = []
 
-    def make(*, ttls: Ttls | None = None, instance_id: str | None = None) -> RedisStore:
+    def make(
+        *, ttls: Ttls | None = None, instance_id: str | None = None, op_timeout_s: float = 2.0
+    ) -> RedisStore:
         store = RedisStore.from_url(
             redis_server.url,
             keys=KeySpace(prefix=prefix),
             ttls=ttls,
             instance_id=instance_id,
-            op_timeout_s=2.0,
+            op_timeout_s=op_timeout_s,
         )
         made.append(store)
         return store
