@@ -81,12 +81,16 @@ local function in_force(key, now)
   return out
 end
 
+-- drop from a list the items not in keep (order kept); writes nothing if it has none
 local function list_filter(key, keep)
   local items = redis.call('LRANGE', key, 0, -1)
-  redis.call('DEL', key)
+  local kept = {}
   for _, a in ipairs(items) do
-    if keep[a] then redis.call('RPUSH', key, a) end
+    if keep[a] then kept[#kept + 1] = a end
   end
+  if #kept == #items then return end
+  redis.call('DEL', key)
+  for _, a in ipairs(kept) do redis.call('RPUSH', key, a) end
 end
 """
 
@@ -124,11 +128,16 @@ if op == 'load' then
 elseif op == 'unload' then
   res_unload(KEYS[1], KEYS[2], KEYS[3], ARGV[4])
 elseif op == 'reconcile' then
+  -- the registered set becomes ARGV[4..]: only the difference is written (an unchanged set,
+  -- every poll of an idle replica, writes nothing)
   local keep = {}
-  redis.call('DEL', KEYS[1])
+  for i = 4, #ARGV do keep[ARGV[i]] = true end
+  for _, a in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+    if keep[a] then keep[a] = false else redis.call('SREM', KEYS[1], a) end
+  end
   for i = 4, #ARGV do
+    if keep[ARGV[i]] then redis.call('SADD', KEYS[1], ARGV[i]) end
     keep[ARGV[i]] = true
-    redis.call('SADD', KEYS[1], ARGV[i])
   end
   list_filter(KEYS[2], keep)
   list_filter(KEYS[3], keep)

@@ -4,7 +4,9 @@ Round trips: ``begin_request`` 1 (one EVALSHA: GC + lease + residency touch + de
 ``end_request`` 1 (ZREM), ``snapshot`` 1 (one EVALSHA returning every replica, the adapter
 load refusals and the deleted adapters' tombstones in force, and the drained replicas),
 ``get_adapter`` 1 (HGET), ``set_drain`` / ``clear_drain`` 1 (HSETNX / HDEL),
-``hold_stopping`` / ``release_stopping`` 1 (EVALSHA / HDEL; the holds ride the snapshot).
+``hold_stopping`` / ``release_stopping`` 1 (EVALSHA / HDEL; the holds ride the snapshot),
+``reconcile`` 1 (EVALSHA writing only the difference; ``ResilientStore`` sends it only when its
+view of the replica's residency differs, so an idle poll costs nothing).
 Every multi-key write is one Lua script or one MULTI/EXEC.
 
 This class is the raw store: when Redis is unreachable every method raises

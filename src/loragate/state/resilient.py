@@ -504,6 +504,14 @@ class ResilientStore:
         await self._write(lambda r: r.record_unload(replica_id, adapter))
 
     async def reconcile(self, replica_id: ReplicaId, seen: frozenset[AdapterId]) -> None:
+        """Nothing to write (no round trip) when the mirror holds that residency already: it
+        is the shared view of the last refresh plus this instance's writes since, so an
+        unchanged poll of an idle replica costs Redis nothing (before: one script rewriting the
+        whole set, per poll of each replica by each instance). If another instance changed the
+        set since our refresh, the next refresh brings that and the next poll corrects it."""
+        res = self._local.residency_of(replica_id)
+        if res.registered == seen and seen.issuperset(res.gpu) and seen.issuperset(res.cpu):
+            return
         await self._local.reconcile(replica_id, seen)
         await self._write(lambda r: r.reconcile(replica_id, seen))
 
