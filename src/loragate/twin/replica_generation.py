@@ -30,12 +30,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import hdrs, web
 
+from loragate.core.log_fields import about_request
 from loragate.twin.adapters import RegisteredAdapter
 from loragate.twin.engine import EngineRequest, TokenEvent
 from loragate.twin.realtime import EngineStoppedError
@@ -83,6 +85,8 @@ if TYPE_CHECKING:
 
     from loragate.twin.server import ReplicaState
 
+
+log = logging.getLogger(__name__)
 
 # vLLM 0.32's EngineDeadError (``v1/engine/exceptions.py``), answered when the engine failed.
 ENGINE_DEAD = "EngineCore encountered an issue. See stack trace (above) for the root cause."
@@ -340,7 +344,6 @@ class Generator:
         prompt_tokens: int,
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": SSE_CONTENT_TYPE})
-        await response.prepare(request)
         created = now_unix()
         encoder = TokenChunkEncoder(
             kind=gen.kind, request_id=request_id, created=created, model=model
@@ -349,6 +352,9 @@ class Generator:
         head = (request_id, created, model)
         opened = gen.kind != "chat"  # a chat stream opens with its role chunks
         try:
+            # Inside the ``try``: a client may be gone before the head goes out (its request
+            # waited in the socket while the replica was paused, e.g. SIGSTOP).
+            await response.prepare(request)
             # A choice's terminal chunk carries the fingerprint unless a usage chunk follows.
             fingerprint = not gen.include_usage
             echo_ids = gen.echo and gen.kind == "completion"
@@ -403,7 +409,14 @@ class Generator:
             await response.write(SSE_DONE)
             await response.write_eof()
         except ConnectionResetError:
-            pass  # client went away; the caller's ``finally`` aborts the engine requests
+            # The client went away: normal, not an error (vLLM aborts the request and says so
+            # only with --enable-log-requests, at INFO). The caller's ``finally`` aborts the
+            # engine requests, which frees their slots and counts them as aborted.
+            log.debug(
+                "request %s aborted: the client closed the stream",
+                request_id,
+                extra=about_request(request_id),
+            )
         except EngineStoppedError:
             # The engine failed. Headers are sent: report in-band as vLLM does, then end.
             with contextlib.suppress(ConnectionResetError):
