@@ -51,11 +51,15 @@ Deleted adapters: ``DELETE /admin/adapters/N`` unloads the adapter from the repl
 hold it, but another gateway instance that has not refreshed its view yet may still route a
 request for it and load it back on demand. So every poll also unloads, in the background, the
 adapters a replica lists that the listener says were deleted lately (tombstones in the shared
-state) and the catalog does not serve. Adapters are never unloaded for being merely unknown to
-the catalog: a replica may hold adapters an operator loaded outside loragate
-(``--lora-modules``), and those stay. :meth:`ReplicaPool.unknown_adapters` lists them (and
-those an embedded store forgot at a gateway restart): the gateway warns about them
-(``gateway.unknown_adapters``) and does not serve them.
+state) and the catalog does not serve, once the listener confirms from the shared registry
+itself that the name is still deleted (:meth:`PoolListener.still_retired`: this instance's
+view lags by up to a refresh, and another instance may have registered the name again and
+loaded it there meanwhile; unloading that would cost its next request vLLM's 404).
+Adapters are never unloaded for being merely unknown to the catalog: a replica may hold
+adapters an operator loaded outside loragate (``--lora-modules``), and those stay.
+:meth:`ReplicaPool.unknown_adapters` lists them (and those an embedded store forgot at a
+gateway restart): the gateway warns about them (``gateway.unknown_adapters``) and does not
+serve them.
 Replicas can be added and removed while running (config reload).
 
 A replica that stopped listening: a poll refused at connect (vLLM closes its listener at once on
@@ -136,6 +140,7 @@ import dataclasses
 import errno
 import functools
 import logging
+import math
 import os
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Protocol
@@ -239,6 +244,13 @@ class PoolListener(RefusalSink, Protocol):
         still lists one, and that the catalog does not serve (again), gets it unloaded."""
         ...
 
+    async def still_retired(self, adapter: str) -> bool:
+        """Asked just before such an unload: whether ``adapter`` is still deleted in the
+        shared registry itself, not only in this instance's view of it (which lags by up to
+        a refresh: another instance may have registered the name again since, and loaded it
+        on the replica). False: registered again (the catalog takes it up): not unloaded."""
+        ...
+
 
 @dataclasses.dataclass(slots=True)
 class _Replica:
@@ -319,6 +331,8 @@ class ReplicaPool:
         # Adapters loaded, by replica id, for the pool's whole life: a replica that a reload
         # replaces or removes keeps its count (loragate_adapter_loads_total is a counter).
         self._load_counts: dict[ReplicaId, int] = {}
+        # When :meth:`forget_unloaded` was last called (the pool's clock).
+        self._unloads_seen_s = self._clock.now()
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self.refusals = Refusals(self._poller.adapter_refusal_ttl_s, self._clock)
@@ -910,6 +924,14 @@ class ReplicaPool:
         self, replica_id: ReplicaId, adapter: str, request_id: str | None
     ) -> None:
         try:
+            listener = self.listener
+            if listener is not None and not await listener.still_retired(adapter):
+                log.info(
+                    "replica %s: adapter %s not unloaded: registered again through the admin "
+                    "API since its deletion (this instance's view had not caught up yet)",
+                    replica_id, adapter,
+                )  # fmt: skip
+                return
             await self.unload_adapter(replica_id, adapter, request_id=request_id)
         except Exception as exc:  # the next poll tries again (if the tombstone still stands)
             log.warning(
@@ -1322,11 +1344,17 @@ class ReplicaPool:
         request_id: str | None = None,
         load_id: str | None = None,
         refusal_outlook: str | None = None,
+        ask: bool = False,
     ) -> bool:
         """Make sure ``spec`` is registered on the replica, loading it through the admin API if
         needed. One load per (adapter, replica) at a time however many requests wait; a waiter
         that is cancelled does not cancel the load for the others. Returns True if this call
         waited for a load, False if the adapter was already registered.
+
+        ``ask``: send the load even if this pool's view says the replica has the adapter (an
+        admin registration, whose answer names where the adapter is: the view is the last
+        poll's, and another gateway instance may have unloaded it since; vLLM's "already
+        loaded" answer is a success that changes nothing there).
 
         ``timeout_s``: the longest this call waits for the load (None: until the load ends,
         which is within ``admin_timeout_s``). Past it, it raises
@@ -1352,7 +1380,11 @@ class ReplicaPool:
                 f"was removed from the pool by a config reload before adapter {spec.name!r} "
                 "could load there"
             )
-        if spec.name in rep.registered and same_path(rep.roots.get(spec.name), spec.path):
+        if (
+            not ask
+            and spec.name in rep.registered
+            and same_path(rep.roots.get(spec.name), spec.path)
+        ):
             return False
         key = (spec.name, replica_id)
         task = self._loads.get(key)
@@ -1668,6 +1700,50 @@ class ReplicaPool:
         if rep is not None and adapter in rep.registered:
             rep.registered.discard(adapter)
             rep.loaded_at_s.pop(adapter, None)
+            self._refresh_residency(rep)
+
+    def forget_everywhere(self, adapter: str) -> None:
+        """``adapter`` was registered anew (an admin registration of a name the shared registry
+        did not hold: deleted, maybe by another gateway instance, or never registered): what
+        this pool's polls said of it predates the registration (the deletion may have unloaded
+        it since), so it counts as registered nowhere until a load or a poll says otherwise (a
+        request routed where it still is loads it again: vLLM's "already loaded", no error)."""
+        for rid in self._replicas:
+            self.forget_adapter(rid, adapter)
+
+    def forget_unloaded(self, gone: Mapping[ReplicaId, Collection[str]]) -> None:
+        """The shared residency dropped these adapters from these replicas since the last call
+        (``SharedState.sync_unloads``, called each round of its loop, with nothing if nothing
+        was dropped): another gateway instance unloaded them (an admin
+        ``DELETE``, the planner), or refused them, or its polls stopped listing them. This
+        pool's view (its last poll's) stops counting them as registered there at once,
+        instead of at its next poll: a request routed there would get vLLM's 404 and spend its
+        retry. Kept: a load of ours under way there, or one that ended since the last call
+        (the shared view may have been read before that load was written). A drop that was
+        wrong costs the next request there one load that vLLM answers "already loaded"."""
+        since, self._unloads_seen_s = self._unloads_seen_s, self._clock.now()
+        for rid, names in gone.items():
+            rep = self._replicas.get(rid)
+            if rep is None:
+                continue
+            dropped = [
+                name
+                for name in names
+                if name in rep.registered
+                and (name, rid) not in self._loads
+                and rep.loaded_at_s.get(name, -math.inf) < since
+            ]
+            if not dropped:
+                continue
+            for name in dropped:
+                rep.registered.discard(name)
+                rep.loaded_at_s.pop(name, None)
+            log.debug(
+                "replica %s (%s): adapter(s) %s no longer registered there per the shared "
+                "state (unloaded by another gateway instance, or no longer listed): loaded "
+                "again on demand",
+                rid, rep.config.url, ", ".join(sorted(dropped)),
+            )  # fmt: skip
             self._refresh_residency(rep)
 
     def _refresh_residency(self, rep: _Replica) -> None:

@@ -17,6 +17,14 @@ the fewest requests in flight and the most free slots, a burst taking turns over
 that would all evict alike. A replica that refuses, cannot be reached or does not answer in
 time is passed over for the next one in that order.
 
+The load is always sent to the replica (``ReplicaPool.ensure_adapter(ask=True)``), even where
+this instance's view (its last poll) says the replica holds the name already: another
+instance's ``DELETE`` may have unloaded it there a moment ago. vLLM's "already loaded" answer
+is a success (from another path: reloaded in place), so ``loaded_on`` names a replica whose
+``/v1/models`` lists the adapter. A registration also drops what this instance's polls said of
+the name (``ReplicaPool.forget_everywhere``: it was deleted, or never registered), so the
+placement and the next requests do not count on a replica holding it from before.
+
 Request ids (``gateway.request_ids``): the log lines name the request's id; the load a
 registration asks of the ``k``-th replica in turn carries ``X-Request-Id: <upstream id>-load-<k>``
 and a deletion's unload from the ``k``-th replica ``<upstream id>-unload-<k>``.
@@ -186,6 +194,9 @@ class AdapterAdmin:
                 )
             gw.shared.check_adapters()  # this instance serves it at once
         gw.pool.refusals.forget(spec.name)  # registered anew: every replica may try it again
+        # ... and what this instance's polls said of the name predates it: a DELETE (maybe on
+        # another instance, a moment ago) may have unloaded it where the last poll listed it.
+        gw.pool.forget_everywhere(spec.name)
         try:
             load = await self.try_load(spec, request)
         except InvalidRequestError:  # no replica can load it: take the registration back
@@ -308,6 +319,7 @@ class AdapterAdmin:
                     request_id=req_id,
                     load_id=f"{upstream_id}-load-{k}",
                     refusal_outlook=outlook,
+                    ask=True,  # the 201's loaded_on is the replica's word, not our view's
                 )
             except ReplicaServesNoAdaptersError as exc:  # the replica's doing, not the path's
                 why = f"it serves no adapters: {exc.message}"

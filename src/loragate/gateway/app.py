@@ -164,6 +164,7 @@ def create_app(
     pool.listener = shared
     shared.on_drains = pool.set_draining
     shared.on_stopping = pool.adopt_stopping
+    shared.on_unloads = pool.forget_unloaded
     shared.set_config_adapters(config.adapters)  # claimed by shared.start()
     telemetry = Telemetry(registry)
     tracker = inflight

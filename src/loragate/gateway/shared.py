@@ -52,6 +52,13 @@ retry to learn it. A poll that finds the replica gone ends the hold here and in 
 With Redis down the store's local view keeps this instance's holds. The embedded store
 shares nothing: the pool's hold is the only one.
 
+Unloads by other instances: the pool's view of what each replica has registered comes from
+its own polls and loads; another instance's unload (its ``DELETE``, its planner) reaches the
+shared residency at once (written before its call returns) and this instance's mirror at its
+next refresh, and each round of :meth:`run` hands the pool what the shared residency dropped
+since the round before (``on_unloads``: ``ReplicaPool.forget_unloaded``), so the pool stops
+counting on it there before its next poll (0 extra round trips).
+
 Adapters of the config file (``state.definitions``): instances whose files define one name
 with another path or rank would each make the replicas load their own. This object claims the
 file's definitions in the store (at :meth:`start`, after a reload changed them, when the
@@ -102,6 +109,7 @@ log = logging.getLogger(__name__)
 AdaptersCallback = Callable[[Mapping[AdapterId, AdapterSpec]], None]
 DrainsCallback = Callable[[Collection[ReplicaId]], None]
 StoppingCallback = Callable[[Mapping[ReplicaId, tuple[str, float]]], None]
+UnloadsCallback = Callable[[Mapping[ReplicaId, frozenset[AdapterId]]], None]
 
 # A hold of a replica shutting down is written again at most this often (seconds) by one
 # instance: the requests already sent there come back refused one after the other.
@@ -160,6 +168,7 @@ class SharedState:
         "_previous",
         "_records",
         "_refusals",
+        "_registered_seen",
         "_seen_adapters",
         "_stopping_seen",
         "_stopping_written",
@@ -169,6 +178,7 @@ class SharedState:
         "on_adapters",
         "on_drains",
         "on_stopping",
+        "on_unloads",
         "residency_of",
         "store",
     )
@@ -209,6 +219,10 @@ class SharedState:
         # ``adopt_stopping``; not with the embedded store): replica -> (error, seconds left).
         self.on_stopping: StoppingCallback | None = None
         self._stopping_seen = False  # the last holds handed to on_stopping were not none
+        # Told the adapters the shared residency dropped from a replica since the last round
+        # (the pool's ``forget_unloaded``; not with the embedded store), and what it held then.
+        self.on_unloads: UnloadsCallback | None = None
+        self._registered_seen: dict[ReplicaId, frozenset[AdapterId]] = {}
         # Replica -> when (monotonic) this instance last wrote its hold (one write a second
         # at most while the requests already sent there come back refused).
         self._stopping_written: dict[ReplicaId, float] = {}
@@ -365,6 +379,13 @@ class SharedState:
         with the rest of the shared view: no extra round trip)."""
         return self.store.tombstones().keys()
 
+    async def still_retired(self, adapter: AdapterId) -> bool:
+        """Whether ``adapter`` is still deleted in the store (one read, before a tombstone
+        unload: not on the routed requests' path). Registered again meanwhile (by another
+        instance, since this one's last refresh): this instance's view adopts it at once
+        (:meth:`find_adapter`) and it is not unloaded."""
+        return await self.find_adapter(adapter) is None
+
     def forget_replica(self, replica_id: ReplicaId) -> None:
         """The replica left this instance's config (reload). Its shared entry stays: other
         instances may still route to it."""
@@ -513,6 +534,28 @@ class SharedState:
             return
         self._stopping_seen = bool(holds)
         self.on_stopping({rid: (h.error, h.left_s) for rid, h in holds.items()})
+
+    def sync_unloads(self) -> None:
+        """Hand ``on_unloads`` the adapters the shared residency no longer has registered on
+        a replica it had them on at the last round (each round of :meth:`run`, even if none;
+        no I/O): above
+        all another instance's unloads (its ``DELETE``'s, its planner's), which the pool's
+        own view (its polls) would learn only at its next poll, routing requests there
+        meanwhile into vLLM's 404 and a retry. Not with the embedded store (one instance:
+        the pool made every change itself)."""
+        if self._sync is not None or self.on_unloads is None:
+            return
+        gone: dict[ReplicaId, frozenset[AdapterId]] = {}
+        seen = self._registered_seen
+        for rid in self._records:
+            now = self.store.residency_of(rid).registered
+            before = seen.get(rid)
+            seen[rid] = now
+            if before is not None and before is not now and (lost := before - now):
+                gone[rid] = lost
+        for rid in [r for r in seen if r not in self._records]:
+            del seen[rid]
+        self.on_unloads(gone)  # (also when empty: the pool times its rounds by these calls)
 
     # -- adapter registry -------------------------------------------------------------------
 
@@ -728,6 +771,7 @@ class SharedState:
                 self.sync_refusals()
                 self.sync_drains()
                 self.sync_stopping()
+                self.sync_unloads()
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let housekeeping die; the next round retries
