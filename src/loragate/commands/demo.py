@@ -84,6 +84,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="workload spec YAML (default: built in, 12 adapters at 12 req/s)",
     )
+    parser.add_argument(
+        "--traces-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a copy of the traces the spec reads: its relative file paths are looked for "
+        "under DIR first, by their trailing parts (../../shared/traces/x/y.csv as "
+        "DIR/shared/traces/x/y.csv, DIR/traces/x/y.csv, DIR/x/y.csv, DIR/y.csv), then beside "
+        "the spec (default: $LORAGATE_TRACES_DIR)",
+    )
     parser.add_argument("--rate", type=float, help="override the workload's total req/s")
     parser.add_argument("--seed", type=int, default=0, help="seed of the replicas and routing (0)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -114,7 +124,11 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         policy = policy_from_arg(args.policy)
-        spec = load_spec(args.workload) if args.workload else spec_from_mapping(DEMO_WORKLOAD)
+        spec = (
+            load_spec(args.workload, traces_dir=args.traces_dir)
+            if args.workload
+            else spec_from_mapping(DEMO_WORKLOAD)
+        )
         spec = replace(spec, duration_s=args.duration)
         if args.rate is not None:
             spec = replace(spec, arrivals=replace(spec.arrivals, rate_rps=args.rate))

@@ -108,6 +108,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="workload spec, as loragate simulate reads it (e.g. workload/demo.yaml)",
     )
     parser.add_argument(
+        "--traces-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a copy of the traces the spec reads: its relative file paths are looked for "
+        "under DIR first, by their trailing parts (../../shared/traces/x/y.csv as "
+        "DIR/shared/traces/x/y.csv, DIR/traces/x/y.csv, DIR/x/y.csv, DIR/y.csv), then beside "
+        "the spec (default: $LORAGATE_TRACES_DIR)",
+    )
+    parser.add_argument(
         "--api-key",
         default=os.environ.get("OPENAI_API_KEY"),
         help="sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY, else none)",
@@ -347,7 +357,7 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 def _workload(args: argparse.Namespace) -> Workload:
-    spec = load_spec(args.workload)
+    spec = load_spec(args.workload, traces_dir=args.traces_dir)
     _say_trace(spec)
     if args.duration_s is not None:
         spec = dataclasses.replace(spec, duration_s=args.duration_s)

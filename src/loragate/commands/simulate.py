@@ -64,6 +64,16 @@ EXIT_INTERRUPTED = 130
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", required=True, metavar="W.yaml", help="workload spec")
     parser.add_argument(
+        "--traces-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a copy of the traces the spec reads: its relative file paths are looked for "
+        "under DIR first, by their trailing parts (../../shared/traces/x/y.csv as "
+        "DIR/shared/traces/x/y.csv, DIR/traces/x/y.csv, DIR/x/y.csv, DIR/y.csv), then beside "
+        "the spec (default: $LORAGATE_TRACES_DIR)",
+    )
+    parser.add_argument(
         "--replicas",
         type=int,
         default=None,
@@ -468,7 +478,7 @@ def _workload(args: argparse.Namespace) -> Workload:
         raise ConfigError(f"must be > 0, got {args.duration_s:g}", key="--duration-s")
     if args.seed is not None and args.seed < 0:
         raise ConfigError(f"must be >= 0, got {args.seed}", key="--seed")
-    spec = load_spec(args.workload)
+    spec = load_spec(args.workload, traces_dir=args.traces_dir)
     if args.duration_s is not None:
         spec = dataclasses.replace(spec, duration_s=args.duration_s)
     if args.seed is not None:

@@ -14,8 +14,9 @@ Example (``workload/zipf-200.yaml``)::
       prompt: {kind: lognormal, mean: 512, sigma: 0.8, min: 16, max: 4096}
       output: {kind: lognormal, mean: 128, sigma: 0.8, min: 1, max: 1024}
 
-Relative file paths (ServeGen traces, empirical length files) resolve against the spec file's
-directory first, then the current directory.
+Relative file paths (ServeGen traces, empirical length files) resolve under the traces
+directory if one is given (``--traces-dir``, ``LORAGATE_TRACES_DIR``), then against the spec
+file's directory, then the current directory (:mod:`.file_paths`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Literal, cast
 
 from loragate.core.errors import ConfigError
 from loragate.workload._reader import Node, as_int, as_list, as_number, naming_file, type_name
+from loragate.workload.file_paths import FileRoots, file_roots, resolve_path
 from loragate.workload.lengths import load_length_values
 from loragate.workload.spec import (
     AdaptersSpec,
@@ -83,11 +85,25 @@ LENGTH_KEYS = (
 )
 
 
-def load_spec(path: str | Path) -> WorkloadSpec:
-    """Read and validate a workload YAML file; every error starts with the file's path."""
+def load_spec(
+    path: str | Path,
+    *,
+    traces_dir: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> WorkloadSpec:
+    """Read and validate a workload YAML file; every error starts with the file's path.
+    Its relative file paths are looked for under ``traces_dir`` (``--traces-dir``; None: the
+    ``LORAGATE_TRACES_DIR`` of ``environ``, default ``os.environ``) first, if any."""
     p = Path(path)
     text = read_text_file(p, "workload spec")
-    return parse_spec_text(text, base_dir=p.resolve().parent, default_name=p.stem, source=str(p))
+    return parse_spec_text(
+        text,
+        base_dir=p.resolve().parent,
+        default_name=p.stem,
+        source=str(p),
+        traces_dir=traces_dir,
+        environ=environ,
+    )
 
 
 def parse_spec_text(
@@ -96,21 +112,33 @@ def parse_spec_text(
     base_dir: Path | None = None,
     default_name: str = "workload",
     source: str | None = None,
+    traces_dir: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> WorkloadSpec:
     """Parse and validate spec text; ``source`` (the file it came from) starts every error,
     followed by the line and column of the key at fault (``w.yaml:7:3: arrivals.cv: ...``)."""
     data, lines = load_yaml_with_lines(text, source or "workload spec")
+    roots = file_roots(base_dir, traces_dir, environ)
     if source is None:
-        return spec_from_mapping(data, base_dir=base_dir, default_name=default_name)
+        return _spec(data, roots, default_name)
     with naming_file(source, lines):
-        spec = spec_from_mapping(data, base_dir=base_dir, default_name=default_name)
+        spec = _spec(data, roots, default_name)
     return replace(spec, source=source, key_lines=lines)
 
 
 def spec_from_mapping(
-    data: object, *, base_dir: Path | None = None, default_name: str = "workload"
+    data: object,
+    *,
+    base_dir: Path | None = None,
+    default_name: str = "workload",
+    traces_dir: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> WorkloadSpec:
     """Validate an already-parsed mapping (e.g. built in code by another package)."""
+    return _spec(data, file_roots(base_dir, traces_dir, environ), default_name)
+
+
+def _spec(data: object, roots: FileRoots, default_name: str) -> WorkloadSpec:
     if data is None:
         raise ConfigError("the spec is empty")
     root = Node(data, "", ROOT_KEYS)
@@ -121,8 +149,8 @@ def spec_from_mapping(
     arrivals_node = root.node("arrivals", ARRIVALS_KEYS)
     process = arrivals_node.get_str("process", "poisson", choices=("poisson", "gamma", "servegen"))
     adapters = _adapters(root.node("adapters", ADAPTERS_KEYS), servegen=process == "servegen")
-    arrivals = _arrivals(arrivals_node, process, adapters, base_dir)
-    lengths = _lengths(root.opt_node("lengths", LENGTHS_KEYS), base_dir)
+    arrivals = _arrivals(arrivals_node, process, adapters, roots)
+    lengths = _lengths(root.opt_node("lengths", LENGTHS_KEYS), roots)
     root.finish()
     return WorkloadSpec(
         name=name,
@@ -291,15 +319,13 @@ def check_names(pattern: str, count: int, key: str, *, servegen: bool) -> None:
 # --- arrivals -----------------------------------------------------------------------------------
 
 
-def _arrivals(
-    node: Node, process: str, adapters: AdaptersSpec, base_dir: Path | None
-) -> ArrivalsSpec:
+def _arrivals(node: Node, process: str, adapters: AdaptersSpec, roots: FileRoots) -> ArrivalsSpec:
     explicit_rates = bool(adapters.items) and adapters.items[0].rate_rps is not None
     if process == "servegen":
         for key in ("rate_rps", "cv", "scope", "diurnal", "onoff"):
             if node.has(key):
                 raise ConfigError("not used with process servegen", key=node.sub(key))
-        servegen = _servegen(node.node("servegen", SERVEGEN_KEYS), base_dir)
+        servegen = _servegen(node.node("servegen", SERVEGEN_KEYS), roots)
         node.finish()
         return ArrivalsSpec(process="servegen", servegen=servegen)
     if node.has("servegen"):
@@ -372,8 +398,8 @@ def _onoff(node: Node) -> OnOffSpec:
     return out
 
 
-def _servegen(node: Node, base_dir: Path | None) -> ServeGenSpec:
-    file = resolve_path(node.get_str("file"), base_dir, node.sub("file"))
+def _servegen(node: Node, roots: FileRoots) -> ServeGenSpec:
+    file = resolve_path(node.get_str("file"), roots, node.sub("file"))
     select = node.get_str("select", "top", choices=("top", "sample", "ids"))
     ids: tuple[int, ...] = ()
     if select == "ids":
@@ -402,31 +428,14 @@ def _servegen(node: Node, base_dir: Path | None) -> ServeGenSpec:
     return out
 
 
-def resolve_path(value: str, base_dir: Path | None, key: str) -> Path:
-    """Absolute as is; relative against the spec's directory, then the current directory."""
-    p = Path(value).expanduser()
-    candidates = [p] if p.is_absolute() else [*([base_dir / p] if base_dir else []), Path.cwd() / p]
-    unique: dict[Path, Path] = {}  # the spec's directory may be the current one
-    for c in candidates:
-        unique.setdefault(c.resolve(), c)
-    candidates = list(unique.values())
-    for c in candidates:
-        if c.is_file():
-            return c
-    if len(candidates) == 1 and candidates[0].is_dir():
-        raise ConfigError(f"{candidates[0]} is a directory, not a file", key=key)
-    tried = ", ".join(str(c) for c in candidates)
-    raise ConfigError(f"file not found (tried {tried})", key=key)
-
-
 # --- lengths ------------------------------------------------------------------------------------
 
 
-def _lengths(node: Node | None, base_dir: Path | None) -> LengthsSpec:
+def _lengths(node: Node | None, roots: FileRoots) -> LengthsSpec:
     if node is None:
         return LengthsSpec()
-    prompt = _length(node.raw("prompt", 256), node.sub("prompt"), base_dir)
-    output = _length(node.raw("output", 128), node.sub("output"), base_dir)
+    prompt = _length(node.raw("prompt", 256), node.sub("prompt"), roots)
+    output = _length(node.raw("output", 128), node.sub("output"), roots)
     max_total: int | None = None
     if node.has("max_total_tokens"):
         max_total = node.get_int("max_total_tokens", ge=2)
@@ -436,7 +445,7 @@ def _lengths(node: Node | None, base_dir: Path | None) -> LengthsSpec:
     return LengthsSpec(prompt=prompt, output=output, max_total_tokens=max_total)
 
 
-def _length(value: object, key: str, base_dir: Path | None) -> LengthDist:
+def _length(value: object, key: str, roots: FileRoots) -> LengthDist:
     if not isinstance(value, Mapping):
         if isinstance(value, int | float | str) and not isinstance(value, bool):
             n = as_int(value, key)
@@ -463,12 +472,12 @@ def _length(value: object, key: str, base_dir: Path | None) -> LengthDist:
             max=hi,
         )
     else:
-        out = _empirical(node, base_dir)
+        out = _empirical(node, roots)
     node.finish()
     return out
 
 
-def _empirical(node: Node, base_dir: Path | None) -> EmpiricalLength:
+def _empirical(node: Node, roots: FileRoots) -> EmpiricalLength:
     if node.has("file") == node.has("values"):
         raise ConfigError("give exactly one of file or values", key=node.key)
     weights: tuple[float, ...] = ()
@@ -484,7 +493,7 @@ def _empirical(node: Node, base_dir: Path | None) -> EmpiricalLength:
             if any(w < 0 for w in weights) or sum(weights) <= 0:
                 raise ConfigError("weights must be >= 0 and not all 0", key=node.sub("weights"))
     else:
-        path = resolve_path(node.get_str("file"), base_dir, node.sub("file"))
+        path = resolve_path(node.get_str("file"), roots, node.sub("file"))
         column: str | None = node.get_str("column") if node.has("column") else None
         node.raw("column", None)
         values = load_length_values(path, column, key=node.sub("file"))
