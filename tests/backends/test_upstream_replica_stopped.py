@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 from raw_http_server import read_request_body
 
-from loragate.backends.pool import connection_refused
+from loragate.backends.pool_health import connection_refused
 from loragate.backends.upstream import ReplicaStoppedError, UpstreamPool
 from loragate.core.errors import UpstreamConnectError
 

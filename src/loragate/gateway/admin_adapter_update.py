@@ -13,7 +13,7 @@ unknown (``DELETE`` then ``POST`` left a window of 404s).
    interval), and this instance's catalog at once: the name stays served throughout.
 3. The replicas that hold the adapter from the old path reload it in place (vLLM's
    ``load_inplace: true``), through the mechanism that reloads a config-file adapter whose path
-   changed (``backends.pool``: ``expect_adapters`` finds them stale and starts the reloads;
+   changed (``backends.pool_loads``: ``expect_adapters`` finds them stale and starts the reloads;
    requests routed there meanwhile wait for the reload, requests already running there finish
    as vLLM finishes them). With the same path they are reloaded in place too (the folder may
    have been rewritten). The ``PUT`` waits for those reloads

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from loragate.backends.pool import ReplicaServesNoAdaptersError
+from loragate.backends.pool_types import ReplicaServesNoAdaptersError
 from loragate.core.config import adapter_name_problem, adapter_path_problem
 from loragate.core.errors import (
     AdapterLoadError,

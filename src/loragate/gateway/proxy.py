@@ -43,9 +43,10 @@ draining one, whose ``/health`` still says 200, until a poll fails or a bounded 
 retried once elsewhere (``load_failed``; no refusal of the adapter is recorded).
 A replica that stopped listening (its poll was refused at connect: vLLM closes its listener at
 once on SIGTERM, and may then lose the race between its shutdown and its abort answers, and
-wait for its connections to close) wakes the requests in progress there (``backends.pool``):
-one that has received nothing for ``limits.stopped_replica_grace_s`` fails with
-``ReplicaStoppedError`` and its connection is closed. Before any answer (or while a stream is
+wait for its connections to close) wakes the requests in progress there
+(``backends.pool_stopped``): one that has received nothing for
+``limits.stopped_replica_grace_s`` fails with ``ReplicaStoppedError`` and its connection is
+closed. Before any answer (or while a stream is
 held, below) it is retried once on another replica (``engine_stopped``: the generation was
 lost with the engine), else the client's 502 names the replica; a stream that had sent output
 ends with an error event (``upstream_unavailable``, a ``stream_error``). A request waiting for
@@ -55,7 +56,7 @@ client's 502 names the replica. The gateway's own connection refused there (a re
 load's) counts as such a poll. A replica that stopped answering (its polls timed out
 ``poller.timeouts_to_unhealthy`` times in a row: a hung process, e.g. SIGSTOPped, or a wedged
 engine, keeps its sockets open and sends nothing) has its requests in progress watched
-(``backends.pool``): if none of them receives a byte for ``limits.stopped_replica_grace_s``,
+(``backends.pool_stopped``): if none of them receives a byte for ``limits.stopped_replica_grace_s``,
 each fails with ``ReplicaHungError``, a ``ReplicaStoppedError`` handled as above (retried once
 elsewhere before any answer, ``engine_stopped``, else a 502 naming the replica; a stream that
 had sent output ends with an ``upstream_unavailable`` error event), its connection closed. A
@@ -114,7 +115,7 @@ carries it (``X-Request-Id``: successes, streams, and each error the gateway giv
 after routing), and each try sends the replica ``X-Request-Id: <id>-<try>`` (1, 2, ...; a
 client's id gets the gateway's own between: ``<client id>-<generated>-<try>``); an adapter
 load a try starts there is sent as ``<id>-<try>-load`` (``<client id>-<generated>-<try>-load``),
-and its log line (``backends.pool``: at its end) names the request's id and the load's. The
+and its log line (``backends.pool_loads``: at its end) names the request's id and the load's. The
 gateway's other endpoints, aiohttp's own error answers and the admin API's loads and unloads
 get their ids from the same generator (``gateway.request_ids``), so every answer of the
 gateway carries one. vLLM 0.32
@@ -146,12 +147,9 @@ from aiohttp import hdrs, web
 
 from loragate.backends.client import VllmClient
 from loragate.backends.engine_failures import ABORT, DRAINING_MESSAGE, engine_stopped
-from loragate.backends.pool import (
-    ReplicaPool,
-    ReplicaRetiredError,
-    ReplicaStoppingError,
-    connection_refused,
-)
+from loragate.backends.pool import ReplicaPool
+from loragate.backends.pool_health import connection_refused
+from loragate.backends.pool_types import ReplicaRetiredError, ReplicaStoppingError
 from loragate.backends.upstream import ReplicaStoppedError, UpstreamConn
 from loragate.core.clock import Clock
 from loragate.core.config import LimitsConfig

@@ -9,7 +9,8 @@ the completion endpoints (``gateway.proxy``, which keep their own inline copy of
 (:func:`with_request_id`, which wraps each of their handlers: the completion path pays
 nothing for it, as it would for an aiohttp middleware or ``on_response_prepare`` hook, which
 run for every request), aiohttp's answers to requests it could not parse or whose handler
-raised (``gateway.protocol_errors``), and the pool's own admin calls (``backends.pool``).
+raised (``gateway.protocol_errors``), and the pool's own admin calls (``backends.pool_loads``,
+``backends.pool_unloads``).
 
 Each request also has an *upstream* id, the start of every id the gateway sends a replica on
 its behalf: its own id when generated, ``<client id>-<generated>`` for a client's (clients may

@@ -289,7 +289,7 @@ class SharedState:
         if not task.cancelled() and task.exception() is not None:
             log.error("state: releasing a lease failed: %r", task.exception())
 
-    # -- pool listener (backends.pool.PoolListener) -------------------------------------------
+    # -- pool listener (backends.pool_types.PoolListener) -------------------------------------
 
     async def register_replicas(self, replicas: tuple[ReplicaConfig, ...]) -> None:
         """Put the configured replicas in the shared registry (before the first poll)."""
@@ -501,7 +501,7 @@ class SharedState:
                 }
             )
 
-    # -- replicas shutting down (backends.pool.PoolListener) -----------------------------------
+    # -- replicas shutting down (backends.pool_types.PoolListener) -----------------------------
 
     def replica_stopping(self, replica_id: ReplicaId, error: str, hold_s: float) -> None:
         """The replica answered this instance that it is shutting down: every instance holds

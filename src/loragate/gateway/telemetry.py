@@ -42,7 +42,7 @@ from prometheus_client.registry import Collector
 
 from loragate import __version__
 from loragate.backends.lora_off import CAUSES as LORA_OFF_CAUSES
-from loragate.backends.pool import POLL_FAILURE_REASONS
+from loragate.backends.pool_types import POLL_FAILURE_REASONS
 from loragate.core.config import RoutingConfig
 from loragate.core.errors import AdapterLoadError, UpstreamConnectError, UpstreamError
 from loragate.core.types import ReplicaId, ReplicaSnapshot, Residency

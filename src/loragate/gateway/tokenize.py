@@ -46,7 +46,8 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from loragate.backends.client import VllmClient
-from loragate.backends.pool import ReplicaPool, connection_refused
+from loragate.backends.pool import ReplicaPool
+from loragate.backends.pool_health import connection_refused
 from loragate.core.config import LimitsConfig
 from loragate.core.errors import (
     AuthenticationError,

@@ -2,7 +2,7 @@
 
 Instances on one Redis each read their own config file. If two files define one adapter name
 with different paths or ranks, each instance made the replicas load its own definition, and a
-replica that holds another path is reloaded in place by the poller (``backends.pool``): the
+replica that holds another path is reloaded in place by the poller (``backends.pool_loads``): the
 replicas flipped between the two definitions at every poll, for good, and a request met
 either. The rule that ends it, kept in the shared store (``P definitions``, ``state.keys``):
 
