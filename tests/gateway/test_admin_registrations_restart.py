@@ -138,3 +138,47 @@ async def test_a_replica_that_answers_after_start_up_gets_its_own_warning(
     assert len(said) == 2, said
     assert "1 adapter(s)" in said[1] and "cust-9 (on r1, from /loras/cust-9)" in said[1]
     assert "cust-1" not in said[1]  # named once
+
+
+async def test_a_restart_while_redis_is_down_names_only_adapters_really_unknown(
+    redis_server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Started with Redis unreachable, the catalog lacks what was registered there: the check
+    waits for the first sync, then names only the adapter loaded outside loragate."""
+    for name in ("cust-1", "by-hand"):
+        write_adapter_folder(str(tmp_path / name), rank=8)
+    async with contextlib.AsyncExitStack() as stack:
+        replicas = await stack.enter_async_context(twin_replicas(tmp_path, 1, 1))
+        cfg = shared_config(replicas, tmp_path, redis_server.url, 1)
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        body = {"lora_name": "by-hand", "lora_path": str(tmp_path / "by-hand")}
+        async with http.post(replicas[0].url + "/v1/load_lora_adapter", json=body) as resp:
+            assert resp.status == 200, await resp.text()  # loaded outside loragate
+        async with running_gateway(cfg, port=0) as gw:
+            body = {"name": "cust-1", "path": str(tmp_path / "cust-1")}
+            status, answer = await _admin(http, "POST", gw.url + "/admin/adapters", body)
+            assert status == 201 and answer["persisted"] == "redis", answer
+        redis_server.stop(save=True)
+        caplog.clear()  # the first run named by-hand
+        with caplog.at_level(logging.INFO, logger="loragate.gateway.unknown_adapters"):
+            gw = await stack.enter_async_context(running_gateway(cfg, port=0))
+            assert "waits for it" in caplog.text  # deferred, said once
+            assert "does not serve" not in caplog.text
+            redis_server.start()
+            client = await stack.enter_async_context(sdk(gw.url))
+            said: list[str] = []
+            for _ in range(200):  # bounded: until the first sync and the check after it
+                said = [
+                    r.getMessage() for r in caplog.records if "does not serve" in r.getMessage()
+                ]
+                if said:
+                    break
+                await asyncio.sleep(0.05)
+        assert len(said) == 1, said
+        assert "1 adapter(s)" in said[0] and "by-hand (on r0" in said[0]
+        assert "cust-1" not in said[0]  # in Redis: served, not unknown
+        assert caplog.text.count("waits for it") == 1
+        done = await client.completions.create(model="cust-1", prompt="x", max_tokens=2)
+        assert done.choices
+        status, listed = await _admin(http, "GET", gw.url + "/admin/adapters")
+        assert [u["name"] for u in listed["unknown_registered"]] == ["by-hand"]

@@ -84,14 +84,30 @@ def describe(adapters: Mapping[str, Mapping[ReplicaId, str | None]]) -> str:
 class UnknownAdapterWarning:
     """Logs the WARNING (see the module docstring) once for the replicas that answered their
     first poll by start-up, then once more for each replica that answers for the first time
-    later, naming only adapters not named before."""
+    later, naming only adapters not named before. Not before the shared state has been read
+    once (started with Redis unreachable: at the first sync), so that adapters registered in
+    Redis are not named."""
 
     def __init__(self, gateway: Gateway) -> None:
         self._gw = gateway
         self._checked: set[ReplicaId] = set()
         self._named: set[str] = set()
+        self._deferred = False
 
     def check(self) -> None:
+        shared = self._gw.shared
+        if not shared.synced:
+            # Started with Redis unreachable: the catalog lacks the adapters registered there,
+            # so they would be named (and "the shared state store does not have them" would be
+            # false). Checked at the first sync instead (``watch``), naming only those unknown.
+            if not self._deferred:
+                self._deferred = True
+                log.info(
+                    "the shared state store has not been read yet (unreachable): the check for "
+                    "adapters the replicas hold but the catalog lacks waits for it"
+                )
+            return
+        shared.check_adapters()  # the catalog as just read (before the maintenance loop does)
         pool = self._gw.pool
         newly = [
             rid for rid in pool.replica_ids if rid not in self._checked and pool.has_answered(rid)
