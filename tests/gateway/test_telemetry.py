@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from typing import get_args
 
-from loragate.gateway.telemetry import Telemetry
+from loragate.gateway.telemetry import ROUTED_RESIDENCIES, RoutedResidency, Telemetry
 
 
 def _sample(text: str, name: str, **labels: str) -> float:
@@ -70,3 +71,13 @@ def test_ttft_is_separate_from_latency_and_gauges_are_read_at_scrape_time() -> N
     assert _sample(text, "loragate_in_flight_requests", replica="r0") == 2
     assert _sample(text, "loragate_replica_healthy", replica="r1") == 0
     assert _sample(text, "loragate_adapter_loads_total", replica="r0") == 3
+
+
+def test_every_routed_residency_has_its_ttft_histogram() -> None:
+    """observe_ttft's lookup is total: its label type (checked by mypy) is exactly the keys."""
+    labels = {a for arg in get_args(RoutedResidency) for a in get_args(arg)}
+    t = Telemetry()
+    assert labels == set(ROUTED_RESIDENCIES) == set(t._ttft_residency)
+    for label in ROUTED_RESIDENCIES:
+        t.observe_ttft("r1", 0.01, label)
+    assert all(h.counts[1] == 1 for h in t._ttft_residency.values())

@@ -175,7 +175,14 @@ from loragate.gateway.request_body import read_request_body
 from loragate.gateway.request_ids import REQUEST_ID_HEADER, RequestIds, client_id_ok
 from loragate.gateway.shared import SharedState
 from loragate.gateway.stream_state import STREAM_ERROR, StreamState
-from loragate.gateway.telemetry import BASE, NOT_ROUTED, Telemetry, retry_reason
+from loragate.gateway.telemetry import (
+    BASE,
+    NOT_ROUTED,
+    ResidencyLabel,
+    RoutedResidency,
+    Telemetry,
+    retry_reason,
+)
 from loragate.gateway.vllm_validation import (
     check_body_object,
     check_max_tokens_first,
@@ -219,8 +226,11 @@ RELOAD = "reload"
 # What the request's routing found, for its accounting: (where its last routing decision found
 # the adapter on the replica chosen: ``telemetry.ROUTED_RESIDENCIES``, or ``NOT_ROUTED``;
 # seconds it waited for adapter loads, all its tries).
-_Routed = tuple[str, float]
+_Routed = tuple[ResidencyLabel, float]
 _UNROUTED: _Routed = (NOT_ROUTED, 0.0)
+# The same once a replica was chosen (a stream being relayed: its TTFT is observed by residency,
+# which NOT_ROUTED is not).
+_Chosen = tuple[RoutedResidency, float]
 
 
 class _RelayResponse(web.StreamResponse):
@@ -487,7 +497,7 @@ class Proxy:
 
     def _choose(
         self, rreq: RoutingRequest, spec: AdapterSpec | None, exclude: ReplicaId | None
-    ) -> tuple[ReplicaId, str]:
+    ) -> tuple[ReplicaId, RoutedResidency]:
         """The replica chosen for ``rreq``, and where the shadow residency had its adapter
         there (one of ``telemetry.ROUTED_RESIDENCIES``: ``base`` for the base model)."""
         healthy = self._pool.healthy_snapshots()
@@ -542,7 +552,8 @@ class Proxy:
         for snap in candidates:  # where the adapter was there (before the lease's touch)
             if snap.replica_id == chosen:
                 return chosen, self._telemetry.count_residency(chosen, spec.name, snap.residency)
-        return chosen, NOT_ROUTED  # (a policy chooses among the candidates)
+        # (a policy chooses among the candidates; were it not, its residency all the same)
+        return chosen, self._telemetry.count_residency(chosen, spec.name, residency_of(chosen))
 
     def _served_nowhere(
         self, spec: AdapterSpec, candidates: list[ReplicaSnapshot]
@@ -606,7 +617,7 @@ class Proxy:
         loading: str | None = None  # the adapter being loaded on rid, while that is under way
         refused: list[tuple[ReplicaId, str]] = []  # this request's refused loads
         piping = False  # the stream is being relayed (``_pipe`` counts how it ends)
-        residency = NOT_ROUTED  # where the last routing decision found the adapter
+        residency: ResidencyLabel = NOT_ROUTED  # where the last routing decision found the adapter
         load_wait_s = 0.0  # waited for adapter loads, all tries
         try:
             while True:
@@ -1065,7 +1076,7 @@ class Proxy:
         t_send: float,
         retries: int,
         hold: bool,
-        routed: _Routed,
+        routed: _Chosen,
     ) -> web.StreamResponse | None:
         """Relay a streaming answer chunk by chunk; never buffer it whole. What to relay of
         each read, and when, is the stream's :class:`StreamState` (whole lines only; the

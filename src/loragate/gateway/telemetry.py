@@ -22,7 +22,7 @@ import math
 import platform
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TypeVar
+from typing import Final, Literal, TypeVar
 
 import aiohttp
 from prometheus_client import (
@@ -62,14 +62,20 @@ _RELOAD_RESULTS = ("ok", "rejected", "error")  # loragate_config_reloads_total{r
 # loragate_routing_residency_total{replica,residency}: where the shadow residency had the
 # adapter on the replica routing chose (a GPU slot, the CPU cache, registered only, or not
 # registered: a load follows).
-RESIDENCIES = ("gpu", "cpu", "registered", "unregistered")
+AdapterResidency = Literal["gpu", "cpu", "registered", "unregistered"]
+RESIDENCIES: tuple[AdapterResidency, ...] = ("gpu", "cpu", "registered", "unregistered")
 # The residency label of the latency histograms (loragate_ttft_by_residency_seconds,
 # loragate_request_duration_seconds): one of RESIDENCIES at the request's last routing decision,
 # BASE for a request for the base model (no adapter to find), NOT_ROUTED for one that ended
 # before any replica was chosen.
-BASE = "base"
-NOT_ROUTED = "none"
-ROUTED_RESIDENCIES = (*RESIDENCIES, BASE)
+# Typed (mypy checks them): ``observe_ttft``'s label indexes a histogram made for each of
+# ROUTED_RESIDENCIES, so only a RoutedResidency may reach it; NOT_ROUTED is for the
+# request counters' label (ResidencyLabel) alone.
+BASE: Final = "base"
+NOT_ROUTED: Final = "none"
+RoutedResidency = AdapterResidency | Literal["base"]
+ResidencyLabel = RoutedResidency | Literal["none"]
+ROUTED_RESIDENCIES: tuple[RoutedResidency, ...] = (*RESIDENCIES, BASE)
 
 # loragate_endpoint_errors_total{endpoint}: the gateway's own endpoints by class (never the raw
 # path: a client could make the series unbounded) and, shown from 0, the failed
@@ -383,7 +389,9 @@ class _ProxyMetrics(Collector):
         self.latency: dict[str, _Histogram] = {}
         self.ttft: dict[str, _Histogram] = {}
         # By residency (one of ROUTED_RESIDENCIES: all there from the start, shown from 0).
-        self.ttft_residency = {r: _Histogram(len(_LATENCY_BUCKETS_S)) for r in ROUTED_RESIDENCIES}
+        self.ttft_residency: dict[RoutedResidency, _Histogram] = {
+            r: _Histogram(len(_LATENCY_BUCKETS_S)) for r in ROUTED_RESIDENCIES
+        }
         # (status or outcome, residency): turned into status classes at scrape time.
         self.duration: dict[tuple[str, str], _Histogram] = {}
         self.retries: dict[tuple[str, str], int] = {}
@@ -801,7 +809,7 @@ class Telemetry:
         adapter: str,
         replica: str,
         status: str,
-        residency: str = NOT_ROUTED,
+        residency: ResidencyLabel = NOT_ROUTED,
         seconds: float | None = None,
     ) -> None:
         """A request of the completions endpoints ended with ``status`` (an HTTP status or an
@@ -853,21 +861,23 @@ class Telemetry:
         """The policy in force and its routing section (``loragate_config_info``)."""
         self._metrics.config = (policy, routing_sha256(routing))
 
-    def count_residency(self, replica: str, adapter: str, residency: Residency) -> str:
+    def count_residency(self, replica: str, adapter: str, residency: Residency) -> AdapterResidency:
         """A routing decision sent a request for ``adapter`` to ``replica``, whose shadow
         residency was ``residency`` (before the request touched it); returns where the
         adapter was (one of ``RESIDENCIES``)."""
+        where: AdapterResidency
         if adapter in residency.gpu:
-            key = (replica, "gpu")
+            where = "gpu"
         elif adapter in residency.cpu:
-            key = (replica, "cpu")
+            where = "cpu"
         elif adapter in residency.registered:
-            key = (replica, "registered")
+            where = "registered"
         else:
-            key = (replica, "unregistered")
+            where = "unregistered"
+        key = (replica, where)
         counts = self._residency
         counts[key] = counts.get(key, 0) + 1
-        return key[1]
+        return where
 
     def count_poll_failure(self, replica: str, reason: str) -> None:
         """A poll of ``replica`` failed (``reason``: one of the pool's
@@ -892,7 +902,7 @@ class Telemetry:
         hist.counts[bisect_left(_LATENCY_BUCKETS_S, seconds)] += 1
         hist.total += seconds
 
-    def observe_ttft(self, replica: str, seconds: float, residency: str = BASE) -> None:
+    def observe_ttft(self, replica: str, seconds: float, residency: RoutedResidency = BASE) -> None:
         """A stream's first chunk went out ``seconds`` after its request arrived; its last
         routing decision found the adapter at ``residency`` (one of ``ROUTED_RESIDENCIES``)."""
         hist = self._ttft.get(replica)
