@@ -35,12 +35,14 @@ TOKEN = "stopping-s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def _config(urls: list[str], redis_url: str, prefix: str, *, poll_s: float) -> GatewayConfig:
+def _config(
+    urls: list[str], redis_url: str, prefix: str, *, poll_s: float, poll_timeout_s: float = 2.0
+) -> GatewayConfig:
     return gateway_config(
         urls,
         routing="round_robin",
         admin={"token": TOKEN},
-        poller={"interval_s": poll_s},
+        poller={"interval_s": poll_s, "timeout_s": poll_timeout_s},
         state={
             "backend": "redis",
             "redis_url": redis_url,
@@ -116,6 +118,12 @@ class DrainingScripted(ScriptedReplica):
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self.draining = False
+        self.health_delay_s = 0.0  # > the poll timeout: its polls time out
+
+    async def _health(self, request: web.Request) -> web.Response:
+        if self.health_delay_s:
+            await asyncio.sleep(self.health_delay_s)
+        return await super()._health(request)
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         if not self.draining:
@@ -185,6 +193,54 @@ async def test_a_poll_of_one_instance_that_finds_the_replica_gone_ends_the_hold_
         assert await counts(http, gw_a.url, "loragate_upstream_retries_total") == {
             ("r0", "engine_stopped"): 1
         }
+
+
+async def test_a_poll_that_times_out_ends_the_hold_for_neither_instance(
+    redis_server: RedisServer, scripted: list[DrainingScripted]
+) -> None:
+    """A draining vLLM may be slow to answer its /health: a poll that timed out did not find
+    it gone. Before, it ended the hold here and, through Redis, on every instance."""
+    r0, _ = scripted
+    r0.draining = True
+    prefix = f"stop-{uuid.uuid4().hex[:8]}:"
+    urls = [r.url for r in scripted]
+    async with contextlib.AsyncExitStack() as stack:
+        # A polls every 0.1 s (timeout 0.2 s); B only when the test says.
+        gw_a = await stack.enter_async_context(
+            running_gateway(
+                _config(urls, redis_server.url, prefix, poll_s=0.1, poll_timeout_s=0.2), port=0
+            )
+        )
+        gw_b = await stack.enter_async_context(
+            running_gateway(_config(urls, redis_server.url, prefix, poll_s=3600), port=0)
+        )
+        client_a = await stack.enter_async_context(openai_client(gw_a.url))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        pool_a, pool_b = gw_a.gateway.pool, gw_b.gateway.pool
+
+        async def held(pool: Any) -> bool:
+            return bool(pool.stopping_for_s("r0"))
+
+        done = await client_a.completions.create(model=BASE, prompt="p", max_tokens=1)
+        assert done.choices[0].text == "hi from r1"  # r0 refused it: retried
+        assert await eventually(lambda: held(pool_b), bool)
+
+        # r0's /health answers late: A's polls time out (two of them, so that the release
+        # the old code wrote after the first had reached B's refresh).
+        r0.health_delay_s = 5.0
+
+        async def timeouts() -> int:
+            polls = await counts(http, gw_a.url, "loragate_replica_poll_failures_total")
+            return polls.get(("r0", "timeout"), 0)
+
+        assert await eventually(timeouts, lambda n: n >= 2) >= 2
+        assert await held(pool_a)  # before: released at the first timed-out poll
+        assert await held(pool_b)  # before: released through Redis
+
+        # Then r0 goes away (its /health answers 503 at once): the hold ends for both.
+        r0.health_delay_s, r0.health_status = 0.0, 503
+        assert not await eventually(lambda: held(pool_b), lambda h: not h)
+        assert not await held(pool_a)
 
 
 async def test_while_redis_is_down_the_hold_is_kept_here_and_shared_once_it_is_back(

@@ -40,7 +40,11 @@ import aiohttp
 
 from loragate.backends.client import ModelCard, VllmClient
 from loragate.backends.metrics import VllmMetrics
-from loragate.backends.pool_health import connection_refused, poll_failure_reason
+from loragate.backends.pool_health import (
+    connection_refused,
+    poll_failure_reason,
+    poll_found_gone,
+)
 from loragate.backends.pool_state import assumed_settings, same_path
 from loragate.backends.pool_stopped import PoolStopped
 from loragate.backends.pool_types import ReplicaEntry, ReplicaRetiredError
@@ -213,8 +217,11 @@ class ReplicaPool(PoolStopped, PoolUnloads):
         except (LoragateError, ValueError) as exc:
             reason = poll_failure_reason(exc)
             self._poll_failed(rep, reason)
-            if rep.stopping_until is not None:  # it went away: the next poll that succeeds
-                rep.stopping_until = None  # is it back (for every instance sharing the hold)
+            if rep.stopping_until is not None and poll_found_gone(exc):
+                # It went away: the next poll that succeeds is it back (for every instance
+                # sharing the hold). A poll that timed out ends no hold: a draining replica
+                # may only be slow to answer.
+                rep.stopping_until = None
                 if self.listener is not None:
                     self.listener.replica_stopping_ended(rep.config.replica_id)
             rep.timeouts = rep.timeouts + 1 if reason == "timeout" else 0

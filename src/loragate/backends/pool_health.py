@@ -11,16 +11,18 @@ A replica that says it is shutting down while its ``/health`` still answers 200 
 drain under ``--shutdown-timeout N``: its 500 "cannot schedule new futures after shutdown" to a
 new request, "Server shutting down" to a load; ``backends.engine_failures``) is held out of
 rotation (:meth:`ReplicaPool.report_stopping`): unhealthy, ``last_error`` saying so, while its
-polls succeed, until a poll fails (it went away: the next poll that succeeds is the server back,
-a new process at its URL) or ``stopping_hold_s`` (:data:`STOPPING_HOLD_S`) passes, whichever
-comes first. The bound keeps a replica that answered so without going away (a URL in front of
-several servers, one of them draining) from being lost for good: past it, a successful poll
-brings it back, and a new request refused the same way holds it again (one retry elsewhere per
-hold). The hold is shared by the gateway instances on one state store: the listener hears of
-each (``replica_stopping``) and of each end by a failed poll (``replica_stopping_ended``), and
-hands the shared holds back (:meth:`ReplicaPool.adopt_stopping`), so another instance holds the
-replica from its next refresh on, without a retry of its own, and a failed poll of any
-instance ends the hold for all. A load it answers so is not a refusal of the adapter (none is
+polls succeed, until a poll finds it gone (:func:`poll_found_gone`: refused, reset, an error
+status; the next poll that succeeds is the server back, a new process at its URL) or
+``stopping_hold_s`` (:data:`STOPPING_HOLD_S`) passes, whichever comes first. A poll that timed
+out ends no hold (the replica may only be slow to answer). The bound keeps a replica that
+answered so without going away (a URL in front of several servers, one of them draining) from
+being lost for good: past it, a successful poll brings it back, and a new request refused the
+same way holds it again (one retry elsewhere per hold). The hold is shared by the gateway
+instances on one state store: the listener hears of each (``replica_stopping``) and of each end
+by a poll that found the replica gone (``replica_stopping_ended``), and hands the shared holds
+back (:meth:`ReplicaPool.adopt_stopping`), so another instance holds the replica from its next
+refresh on, without a retry of its own, and a poll of any instance that finds the replica gone
+ends the hold for all. A load it answers so is not a refusal of the adapter (none is
 recorded): the requests waiting for it fail with :class:`ReplicaStoppingError` (the proxy
 retries them elsewhere as a load that failed).
 
@@ -175,7 +177,8 @@ class PoolHealth(PoolState):
     ) -> None:
         """The replica answered that it is shutting down although its ``/health`` may still
         answer 200 (vLLM's drain, see the module docstring): out of rotation until a poll
-        fails, for ``stopping_hold_s`` at most. ``client``: as for :meth:`report_failure`."""
+        finds it gone, for ``stopping_hold_s`` at most. ``client``: as for
+        :meth:`report_failure`."""
         rep = self._replicas.get(replica_id)
         if rep is None or (client is not None and rep.client is not client):
             return
@@ -187,7 +190,7 @@ class PoolHealth(PoolState):
             self.listener.replica_stopping(rep.config.replica_id, error, self.stopping_hold_s)
 
     def _hold(self, rep: ReplicaEntry, error: str, hold_s: float, *, where: str = "") -> None:
-        """Hold ``rep`` out of rotation for ``hold_s`` (or until a poll fails); ``where``:
+        """Hold ``rep`` out of rotation for ``hold_s`` (or until a poll finds it gone); ``where``:
         who found it shutting down, if not this instance (for the log line)."""
         now = self._clock.now()
         held = rep.stopping_until is not None and rep.stopping_until > now
@@ -265,6 +268,21 @@ def poll_failure_reason(exc: BaseException) -> str:
     if isinstance(exc, UpstreamConnectError):
         return "connect"
     return "bad_response"
+
+
+def poll_found_gone(exc: BaseException) -> bool:
+    """Whether a poll that failed with ``exc`` found the replica gone (refused, reset, an
+    error status such as the 503 of a vLLM whose drain ran out): what ends a shutting-down
+    hold. A poll that timed out, reading or connecting, did not: the replica may only be slow
+    (a draining vLLM still answers, late)."""
+    if isinstance(exc, UpstreamTimeoutError):
+        return False
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, TimeoutError):  # (aiohttp's connect timeout among them)
+            return False
+        seen = seen.__cause__
+    return True
 
 
 def connection_refused(exc: BaseException) -> bool:

@@ -36,8 +36,9 @@ class ReplicaRetiredError(UpstreamConnectError):
 
 
 # How long at most a replica that said it is shutting down stays out of rotation while its polls
-# succeed (``backends.pool_health``; a failed poll ends the hold first). vLLM's drain lasts up to
-# its --shutdown-timeout; past the hold a request refused again costs one retry and holds it again.
+# succeed (``backends.pool_health``; a poll that finds it gone ends the hold first). vLLM's
+# drain lasts up to its --shutdown-timeout; past the hold a request refused again costs one
+# retry and holds it again.
 STOPPING_HOLD_S = 30.0
 
 

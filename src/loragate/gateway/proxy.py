@@ -38,9 +38,9 @@ aborted and nothing reached the client; its 503 while it stops, and its 500 "can
 new futures after shutdown" while it drains under ``--shutdown-timeout``: the request did not
 run) is retried once on another replica, counted as ``engine_stopped`` in
 loragate_upstream_retries_total, and the replica is out of rotation until a poll succeeds (a
-draining one, whose ``/health`` still says 200, until a poll fails or a bounded hold passes:
-``ReplicaPool.report_stopping``). An on-demand load it answers "Server shutting down" is
-retried once elsewhere (``load_failed``; no refusal of the adapter is recorded).
+draining one, whose ``/health`` still says 200, until a poll finds it gone or a bounded hold
+passes: ``ReplicaPool.report_stopping``). An on-demand load it answers "Server shutting down"
+is retried once elsewhere (``load_failed``; no refusal of the adapter is recorded).
 A replica that stopped listening (its poll was refused at connect: vLLM closes its listener at
 once on SIGTERM, and may then lose the race between its shutdown and its abort answers, and
 wait for its connections to close) wakes the requests in progress there
@@ -982,8 +982,8 @@ class Proxy:
     ) -> None:
         """The replica answered that it stopped the request (``backends.engine_failures``): out
         of rotation until a poll succeeds (it is stopping, or its engine died; one draining
-        under --shutdown-timeout, whose /health says 200 meanwhile, until a poll fails or the
-        pool's hold passes: ``ReplicaPool.report_stopping``), and logged."""
+        under --shutdown-timeout, whose /health says 200 meanwhile, until a poll finds it gone
+        or the pool's hold passes: ``ReplicaPool.report_stopping``), and logged."""
         url = client.base_url
         if message == DRAINING_MESSAGE:
             self._pool.report_stopping(rid, f"answering ({url}): {message}", client=client)
