@@ -65,7 +65,7 @@ from loragate.gateway.errors import (
 )
 from loragate.gateway.proxy import REPLICA_HEADER, Proxy
 from loragate.gateway.request_body import read_request_body
-from loragate.gateway.request_ids import REQUEST_ID_HEADER
+from loragate.gateway.request_ids import REQUEST_ID, REQUEST_ID_HEADER, UPSTREAM_ID
 from loragate.gateway.shared import SharedState
 from loragate.gateway.telemetry import Telemetry, retry_reason
 from loragate.gateway.vllm_validation import check_media_type
@@ -120,7 +120,7 @@ class TokenizerProxy:
         return await self._handle(request, DETOKENIZE)
 
     async def version(self, request: web.Request) -> web.StreamResponse:
-        request_id, _ = self._proxy.request_ids(request.headers.get(REQUEST_ID_HEADER))
+        request_id = _ids(request, self._proxy.request_ids)[0]
         rid: ReplicaId = ""
         try:
             for rid, last in self._tries(None):
@@ -142,11 +142,18 @@ class TokenizerProxy:
         except asyncio.CancelledError:
             self._count(request_id, VERSION, rid, CLIENT_CLOSED, None)
             raise
+        except Exception:  # (e.g. a reload removed the replica of the second try meanwhile)
+            log.exception(
+                "request %s: unexpected error forwarding GET %s (replica %s)",
+                request_id, VERSION, rid or "<none chosen>",
+            )  # fmt: skip
+            self._count(request_id, VERSION, rid, "500", None)
+            return internal_error_response(headers=_headers(request_id, rid))
 
     # -- the POST endpoints -------------------------------------------------------------------
 
     async def _handle(self, request: web.Request, path: str) -> web.StreamResponse:
-        request_id, upstream_id = self._proxy.request_ids(request.headers.get(REQUEST_ID_HEADER))
+        request_id, upstream_id = _ids(request, self._proxy.request_ids)
         model: str | None = None
         rid: ReplicaId = ""  # (none chosen before the body is read and checked)
         try:
@@ -379,6 +386,16 @@ def _check_fields(payload: dict[str, Any], path: str, *, local_only: bool) -> No
         if local_only and path == TOKENIZE and "messages" in payload:
             return
         raise _vllm_error(exc) from None
+
+
+def _ids(request: web.Request, ids: Callable[[str | None], tuple[str, str]]) -> tuple[str, str]:
+    """The request's ids (as ``request_ids.with_request_id`` gives the other routes'), also set
+    where ``gateway.protocol_errors`` reads them: anything escaping a handler is answered with
+    the id its log lines said."""
+    request_id, upstream_id = ids(request.headers.get(REQUEST_ID_HEADER))
+    request[REQUEST_ID] = request_id
+    request[UPSTREAM_ID] = upstream_id
+    return request_id, upstream_id
 
 
 def _with_model(payload: Mapping[str, Any], model: str) -> bytes:
