@@ -136,7 +136,9 @@ class PoolLoraOff(PoolState):
         return off.serves_listed and rep is not None and adapter in rep.registered
 
     def lora_checking(self, replica_id: ReplicaId) -> bool:
-        """Whether a check of the replica's LoRA support (:meth:`_lora_check`) is under way."""
+        """Whether a check of the replica's LoRA support (:meth:`_lora_check`) is under way.
+        Not read by the gateway itself (nothing it does depends on it): the tests wait on it,
+        bounded, for a check's end (``tests/gateway/test_replica_lora_off.py``)."""
         return replica_id in self._lora_checks
 
     def lora_off_of(self, replica_id: ReplicaId) -> tuple[str, str, float] | None:
