@@ -24,6 +24,7 @@ from gateway_harness import BASE, ScriptedReplica, gateway_config, openai_client
 from metric_counts import counts
 from shared_cluster import eventually
 
+from loragate.core.clock import VirtualClock
 from loragate.core.config import GatewayConfig
 from loragate.gateway import running_gateway
 from loragate.twin.replica_config import ReplicaConfig
@@ -241,6 +242,52 @@ async def test_a_poll_that_times_out_ends_the_hold_for_neither_instance(
         r0.health_delay_s, r0.health_status = 0.0, 503
         assert not await eventually(lambda: held(pool_b), lambda h: not h)
         assert not await held(pool_a)
+
+
+async def test_a_hold_reported_again_within_its_second_outlives_an_older_release(
+    redis_server: RedisServer, scripted: list[DrainingScripted]
+) -> None:
+    """An instance writes its hold once a second at most: a refusal within that second after
+    another instance's release (its poll found the replica gone, and a new process at the URL
+    drains at once) is held here, and shared once the second is over. Before, the next refresh
+    showing the (older) release ended this instance's fresh hold, and it was never shared."""
+    r0, _ = scripted
+    r0.draining = True
+    prefix = f"stop-{uuid.uuid4().hex[:8]}:"
+    urls = [r.url for r in scripted]
+    clock = VirtualClock(1000.0)  # A's: its second is over when the test says
+    async with contextlib.AsyncExitStack() as stack:
+        cfg = _config(urls, redis_server.url, prefix, poll_s=3600)
+        gw_a = await stack.enter_async_context(running_gateway(cfg, port=0, clock=clock))
+        gw_b = await stack.enter_async_context(running_gateway(cfg, port=0))
+        client_a = await stack.enter_async_context(openai_client(gw_a.url))
+        pool_a, pool_b = gw_a.gateway.pool, gw_b.gateway.pool
+        shared_a = gw_a.gateway.shared
+
+        async def held(pool: Any) -> bool:
+            return bool(pool.stopping_for_s("r0"))
+
+        done = await client_a.completions.create(model=BASE, prompt="p", max_tokens=1)
+        assert done.choices[0].text == "hi from r1"  # r0 refused it: A holds it (written)
+        assert await eventually(lambda: held(pool_b), bool)
+
+        # B's poll finds r0 gone (its release is queued), then A's request already sent there
+        # comes back refused (A's second is not over: not written).
+        r0.health_status = 503
+        await pool_b.poll_once()
+        r0.health_status = 200
+        pool_a.report_stopping("r0", f"answering ({r0.url}): {DRAIN_500}")
+
+        async def shows_release() -> bool:
+            return "r0" not in shared_a.store.stopping()
+
+        assert await eventually(shows_release, bool)  # A's view of the store has the release
+        shared_a.sync_stopping()  # (one more round, whatever the loop did meanwhile)
+        assert await held(pool_a)  # before: ended by the older release
+
+        clock.advance_by(1.0)  # A's second is over: its hold is written, B holds r0 again
+        assert await eventually(lambda: held(pool_b), bool)
+        assert await held(pool_a)
 
 
 async def test_while_redis_is_down_the_hold_is_kept_here_and_shared_once_it_is_back(

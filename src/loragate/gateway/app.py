@@ -160,6 +160,7 @@ def create_app(
         inflight,
         backend=backend,
         maintenance_interval_s=config.state.maintenance_interval_s,
+        clock=clock,
     )
     pool.listener = shared
     shared.on_drains = pool.set_draining

@@ -88,7 +88,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from loragate.backends.refusals import Refusals
-from loragate.core.clock import Clock
+from loragate.core.clock import Clock, WallClock
 from loragate.core.config import ReplicaConfig, StateConfig
 from loragate.core.types import AdapterId, AdapterSpec, ReplicaId, ReplicaSnapshot, Residency
 from loragate.gateway.inflight import InFlightTracker
@@ -153,6 +153,7 @@ class SharedState:
         "_claim_due",
         "_claimed_at_s",
         "_claimed_version",
+        "_clock",
         "_config_specs",
         "_conflicts",
         "_definitions_changed",
@@ -171,6 +172,7 @@ class SharedState:
         "_registered_seen",
         "_seen_adapters",
         "_stopping_seen",
+        "_stopping_unwritten",
         "_stopping_written",
         "_sync",
         "backend",
@@ -190,8 +192,10 @@ class SharedState:
         *,
         backend: str = "memory",
         maintenance_interval_s: float = 0.05,
+        clock: Clock | None = None,
     ) -> None:
         self.store = store
+        self._clock: Clock = clock or WallClock()
         self.backend = backend
         self._inflight = inflight
         self._maintenance_interval_s = maintenance_interval_s
@@ -223,9 +227,11 @@ class SharedState:
         # (the pool's ``forget_unloaded``; not with the embedded store), and what it held then.
         self.on_unloads: UnloadsCallback | None = None
         self._registered_seen: dict[ReplicaId, frozenset[AdapterId]] = {}
-        # Replica -> when (monotonic) this instance last wrote its hold (one write a second
-        # at most while the requests already sent there come back refused).
+        # Replica -> when (``clock``) this instance last wrote its hold (one write a second
+        # at most while the requests already sent there come back refused), and the hold
+        # reported since that write and not written yet: (error, hold_s, when reported).
         self._stopping_written: dict[ReplicaId, float] = {}
+        self._stopping_unwritten: dict[ReplicaId, tuple[str, float, float]] = {}
         # Adapters of this instance's config file and the definitions in force for them
         # (``state.definitions``): see :meth:`set_config_adapters`.
         self._config_specs: dict[AdapterId, AdapterSpec] = {}
@@ -508,32 +514,59 @@ class SharedState:
         it out of rotation (written in the background; not with the embedded store)."""
         if self._sync is not None:
             return
-        now = time.monotonic()
+        now = self._clock.now()
         if now - self._stopping_written.get(replica_id, -math.inf) < _STOPPING_REWRITE_S:
+            # Written within the second: this one is written when it is over (a round of
+            # :meth:`sync_stopping`), and kept here meanwhile: a release by another instance
+            # the store shows now is older than it and must not end this hold.
+            self._stopping_unwritten[replica_id] = (error, hold_s, now)
             return
+        self._write_stopping(replica_id, error, hold_s, now)
+
+    def _write_stopping(self, replica_id: ReplicaId, error: str, ttl_s: float, now: float) -> None:
         self._stopping_written[replica_id] = now
+        self._stopping_unwritten.pop(replica_id, None)
         store = self.store
-        self._queue_write(lambda: store.hold_stopping(replica_id, error=error, ttl_s=hold_s))
+        self._queue_write(lambda: store.hold_stopping(replica_id, error=error, ttl_s=ttl_s))
 
     def replica_stopping_ended(self, replica_id: ReplicaId) -> None:
         """A poll of this instance found the held replica gone: the hold ends everywhere."""
         if self._sync is not None:
             return
         self._stopping_written.pop(replica_id, None)
+        self._stopping_unwritten.pop(replica_id, None)
         store = self.store
         self._queue_write(lambda: store.release_stopping(replica_id))
 
     def sync_stopping(self) -> None:
         """Hand the holds every instance keeps to ``on_stopping`` (each round of :meth:`run`;
         refreshed with the rest of the shared view: no extra round trip), unless writes of
-        ours are still queued (the store would not show them yet)."""
-        if self._sync is not None or self.on_stopping is None or self._pool_writes:
+        ours are still queued (the store would not show them yet). A hold reported here and
+        not written yet (:meth:`replica_stopping`) is written once its second is over, and
+        handed on meanwhile as if the store showed it."""
+        if self._sync is not None or self.on_stopping is None:
             return
-        holds = self.store.stopping()
-        if not holds and not self._stopping_seen:
+        unwritten = self._stopping_unwritten
+        if unwritten:
+            now = self._clock.now()
+            for rid, (error, hold_s, at) in list(unwritten.items()):
+                if now - self._stopping_written.get(rid, -math.inf) >= _STOPPING_REWRITE_S:
+                    if (left_s := hold_s - (now - at)) > 0:
+                        self._write_stopping(rid, error, left_s, now)
+                    else:
+                        del unwritten[rid]
+        if self._pool_writes:
             return
-        self._stopping_seen = bool(holds)
-        self.on_stopping({rid: (h.error, h.left_s) for rid, h in holds.items()})
+        shown = {rid: (h.error, h.left_s) for rid, h in self.store.stopping().items()}
+        if unwritten:
+            now = self._clock.now()
+            for rid, (error, hold_s, at) in unwritten.items():
+                if rid not in shown and (left_s := hold_s - (now - at)) > 0:
+                    shown[rid] = (error, left_s)
+        if not shown and not self._stopping_seen:
+            return
+        self._stopping_seen = bool(shown)
+        self.on_stopping(shown)
 
     def sync_unloads(self) -> None:
         """Hand ``on_unloads`` the adapters the shared residency no longer has registered on
