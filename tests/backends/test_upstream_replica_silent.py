@@ -4,7 +4,8 @@ each fails with ``ReplicaHungError`` (a ``ReplicaStoppedError``) and its connect
 a byte on any of them (the replica is alive, only slow) spares them all, even one silent
 meanwhile; a poll answered (``replica_answered``) ends the watch. Real loopback sockets: the
 server answers the request whose body says ``talk`` with an event every 50 ms until told to
-stop, any other with its head and one event, then nothing."""
+stop, ``flood`` with more events than the gateway buffers for a client then nothing, any other
+with its head and one event, then nothing."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from loragate.backends.upstream import (
     UpstreamPool,
 )
 
+_FLOOD = 400  # events a "flood" request gets before the silence
+
 _HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 
 
@@ -38,7 +41,12 @@ class Server:
         try:
             body = await read_request_body(reader)
             writer.write(_HEAD + _chunk(b"data: 0\n\n"))
-            if body == b"talk":
+            if body == b"flood":  # more events than the gateway buffers, then silent
+                for _ in range(_FLOOD):
+                    writer.write(_chunk(b"data: f\n\n"))
+                    await writer.drain()
+                    await asyncio.sleep(0.002)  # (one read each, mostly)
+            elif body == b"talk":
                 while not self.quiet.is_set():
                     await asyncio.sleep(0.05)
                     writer.write(_chunk(b"data: t\n\n"))
@@ -145,3 +153,37 @@ async def test_a_poll_answered_ends_the_watch() -> None:
         with pytest.raises(ReplicaHungError):
             await _rest(conn)
         pool.release(conn)
+
+
+async def test_a_connection_paused_for_a_client_not_reading_is_no_evidence_either_way() -> None:
+    """A stream whose client does not read is paused once the gateway buffered 64 pieces: it is
+    not read from, so the silence watch learns nothing from it. Before, it counted as alive and
+    spared every request on a hung replica until stream_read_timeout_s."""
+    server = Server()
+    async with serving(server) as pool:
+        flooded = await pool.start("/v1/completions", b"flood", whole=False, timeout_s=60)
+        silent = await _open(pool, b"quiet")
+        for _ in range(500):  # the gateway pauses reading it (a hang guard)
+            if flooded._paused:
+                break
+            await asyncio.sleep(0.01)
+        assert flooded._paused
+        watch, done = _watch_result()
+        assert pool.replica_silent(0.3, "its polls timed out", done) == 2
+        assert await _ended(watch) == (False, 1)  # before: (True, 0)
+        with pytest.raises(ReplicaHungError):
+            await _rest(silent)
+        pool.release(silent)
+        assert flooded._error is None  # the paused one was not cut
+
+        # Its client reads what arrived (reading resumes: the rest arrives), then nothing comes:
+        # the next watch judges it.
+        received = 0
+        while received < _FLOOD + 1:
+            received += (await flooded.read_chunk(60)).count(b"data: ")
+        watch, done = _watch_result()
+        assert pool.replica_silent(0.3, "its polls timed out", done) == 1
+        assert await _ended(watch) == (False, 1)
+        with pytest.raises(ReplicaHungError):
+            await _rest(flooded)
+        pool.release(flooded)

@@ -31,7 +31,9 @@ of its connections for ``grace_s``, each request in progress there fails with
 :class:`ReplicaHungError` and its connection is closed; a byte on any of them (a stream still
 producing, an answer completing) shows the replica is alive, only slow, and none is failed (a
 request silent on a replica that still sends elsewhere, e.g. queued behind the others, waits
-as before). The pool keeps the connections in use in a set (an add and a discard per
+as before). A connection not read from because its client reads slowly (paused) is evidence
+neither way: it spares none and is not failed (a later watch judges it once its client caught
+up). The pool keeps the connections in use in a set (an add and a discard per
 request); a read adds one to a counter, nothing is checked per read.
 """
 
@@ -735,8 +737,9 @@ class UpstreamPool:
         in progress now. If none of their connections receives a byte for ``grace_s``, each
         of those still in progress fails with :class:`ReplicaHungError` and its connection is
         closed; a byte on any of them (the replica is alive, only slow) ends the watch with
-        none failed. ``done(alive, failed)`` is told how the watch ended: whether a byte
-        arrived, and how many requests failed (not those that ended meanwhile). Returns how
+        none failed. One paused for a client that reads slowly neither spares them nor
+        fails. ``done(alive, failed)`` is told how the watch ended: whether a byte arrived,
+        and how many requests failed (not those that ended meanwhile, nor paused). Returns how
         many requests it watches (0: a watch is under way already, or none is in progress;
         the next call, e.g. at the next poll that times out, watches again)."""
         if self._silence_timer is not None or not self._busy:
@@ -765,8 +768,10 @@ class UpstreamPool:
     ) -> None:
         self._silence_timer = None
         watched = self._silence
-        # A connection paused for a client that reads slowly is not read from: no evidence.
-        alive = any(conn._reads != mark or conn._paused for conn, mark in watched.items())
+        # A byte read on any connection is evidence of life. One paused for a client that
+        # reads slowly (not read from) is evidence neither way: it spares none, nor is it cut
+        # (its client is the one not reading; a later watch judges it once it reads again).
+        alive = any(conn._reads != mark for conn, mark in watched.items())
         if not alive and asyncio.get_running_loop().time() - due > _SILENCE_LATE_S:
             # The gateway's loop was blocked (uvloop runs due timers before reading the
             # sockets): bytes may be waiting unread. Watch on (the same marks) rather than judge.
@@ -779,7 +784,9 @@ class UpstreamPool:
                 f"stopped answering ({reason}) and sent nothing on any connection for {grace_s:g} s"
             )
             busy = self._busy
-            failed = sum(conn.fail_hung(why) for conn in watched if conn in busy)
+            failed = sum(
+                conn.fail_hung(why) for conn in watched if conn in busy and not conn._paused
+            )
         if done is not None:
             done(alive, failed)
 
