@@ -293,3 +293,39 @@ async def test_a_request_waiting_for_an_adapter_load_there_stops_waiting_too() -
     assert "while adapter 'lora-0' was loading there" in errors[1].message
     for adapter in ("", "lora-0"):
         assert f'requests_total{{adapter="{adapter}",replica="r0",status="502"}} 1.0' in metrics
+
+
+_NOTHING_JUDGED = "none of the requests watched there was left to fail"
+
+
+async def test_a_watch_with_no_request_left_to_fail_leaves_the_load_waits(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A watch wakes the requests waiting for adapter loads only if it failed requests: one
+    whose watched requests all ended meanwhile (their clients left) judged nothing. Before, it
+    woke them (a 502) on the silence of a request that was no longer there."""
+    caplog.set_level(logging.DEBUG, logger="loragate.backends.pool")
+    hung = _HangingReplica()
+    # A grace long enough for the client to leave once the watch began (the WARNING line).
+    limits = {**_LIMITS, "stopped_replica_grace_s": 2.0, "admin_timeout_s": 120}
+    async with serving(hung.app) as (url, _):
+        cfg = gateway_config([url], poller={"interval_s": 0.1, "timeout_s": 0.5}, limits=limits)
+        async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as client:
+            base = asyncio.create_task(client.completions.create(model=BASE, prompt="p"))
+            await wait_until(lambda: hung.requests, "r0 got the base model's request")
+            loading = asyncio.create_task(client.completions.create(model="lora-0", prompt="p"))
+            await wait_until(lambda: hung.loads_started, "r0 began loading lora-0")
+            hung.answers.clear()  # its polls time out from now on
+            await wait_until(lambda: _levels(caplog, _WATCHED), "the watch of r0 began")
+            base.cancel()  # its client leaves: the request ends, nothing failed
+            with contextlib.suppress(asyncio.CancelledError):
+                await base
+            await wait_until(
+                lambda: loading.done() or _levels(caplog, _NOTHING_JUDGED), "the watch ended"
+            )
+            assert not loading.done()  # before: woken with a 502
+            assert _levels(caplog, _NOTHING_JUDGED)[:1] == ["DEBUG"]
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+            hung.answers.set()

@@ -26,7 +26,8 @@ later poll that times out watches again; a poll it answers ends a watch under wa
 failed its requests also wakes the requests waiting for adapter loads there: each fails with
 ``ReplicaHungError`` (nothing was generated: the proxy retries it elsewhere or answers a 502);
 the loads themselves run on to ``limits.admin_timeout_s`` (a replica that comes back may finish
-them). Without requests in progress there is nothing to judge by: load waits end as before.
+them). Without requests in progress there is nothing to judge by: load waits end as before;
+so with none left to fail (those watched ended meanwhile, or wait for clients that read slowly).
 """
 
 from __future__ import annotations
@@ -131,14 +132,13 @@ class PoolStopped(PoolLoads):
         reason = f"its polls timed out {rep.timeouts} times in a row"
 
         def done(alive: bool, failed: int) -> None:
-            if not alive:  # (nothing arrived on any connection it had in progress)
+            if failed:  # (nothing arrived on any connection it had in progress)
                 self._wake_load_waiters(
                     rep,
                     ReplicaHungError,
                     f"stopped answering ({reason}) and sent nothing on any connection for "
                     f"{grace_s:g} s",
                 )
-            if failed:
                 log.warning(
                     "replica %s (%s) stopped answering: nothing arrived on any of its "
                     "connections for %g s: %d request(s) in progress there failed "
@@ -153,6 +153,14 @@ class PoolStopped(PoolLoads):
                     rid, url,
                 )  # fmt: skip
                 rep.spared_said = True
+            else:
+                log.debug(
+                    "replica %s (%s) sent nothing for %g s, but none of the requests watched "
+                    "there was left to fail (they ended, or wait for clients that read "
+                    "slowly): nothing judged; the requests waiting for adapter loads there "
+                    "wait on",
+                    rid, url, grace_s,
+                )  # fmt: skip
 
         watched = client.upstream.replica_silent(grace_s, reason, done)
         if watched:
