@@ -45,7 +45,7 @@ from loragate.backends.pool_health import (
     poll_failure_reason,
     poll_found_gone,
 )
-from loragate.backends.pool_state import assumed_settings, same_path
+from loragate.backends.pool_state import assumed_settings, fits
 from loragate.backends.pool_stopped import PoolStopped
 from loragate.backends.pool_types import ReplicaEntry, ReplicaRetiredError
 from loragate.backends.pool_unloads import PoolUnloads
@@ -268,7 +268,7 @@ class ReplicaPool(PoolStopped, PoolUnloads):
             for name in models.adapters - recent
             if (spec := self._specs.get(name)) is not None
             and name in roots
-            and not same_path(roots[name], spec.path)
+            and not fits(roots[name], spec, self._replacing)
         }
         for name in [n for n in rep.stale if n not in stale]:
             del rep.stale[name]

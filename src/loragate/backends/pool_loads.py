@@ -39,7 +39,7 @@ from loragate.backends.lora_off import (
 )
 from loragate.backends.pool_health import PoolHealth
 from loragate.backends.pool_lora_off import PoolLoraOff
-from loragate.backends.pool_state import same_path
+from loragate.backends.pool_state import fits, same_path
 from loragate.backends.pool_types import (
     ReplicaEntry,
     ReplicaRetiredError,
@@ -72,14 +72,14 @@ class PoolLoads(PoolHealth, PoolLoraOff):
             changed = False
             for name, held in list(rep.stale.items()):  # e.g. a path changed back
                 spec = self._specs.get(name)
-                if spec is None or same_path(held, spec.path):
+                if spec is None or fits(held, spec, self._replacing):
                     del rep.stale[name]
                     rep.registered.add(name)
                     changed = True
             for name in list(rep.registered):
                 spec = self._specs.get(name)
                 root = rep.roots.get(name)
-                if spec is not None and root is not None and not same_path(root, spec.path):
+                if spec is not None and root is not None and not fits(root, spec, self._replacing):
                     rep.registered.discard(name)
                     rep.loaded_at_s.pop(name, None)
                     changed = True
@@ -89,6 +89,21 @@ class PoolLoads(PoolHealth, PoolLoraOff):
                     del rep.inplace_failed[name]
             if changed:
                 self._refresh_residency(rep)
+
+    def begin_replace(self, spec: AdapterSpec) -> None:
+        """A ``PUT /admin/adapters/N`` is about to reload ``spec.name`` from ``spec.path`` while
+        the catalog still has its old definition (swapped only once a replica took the new
+        one): until :meth:`end_replace`, a replica holding it from either path counts as
+        registered and serves it (the old weights until its reload is done), and no poll
+        reloads one back to the old path."""
+        self._replacing[spec.name] = spec.path
+
+    def end_replace(self, name: str) -> None:
+        """The ``PUT`` of ``name`` is over (the catalog has the definition in force, new or
+        old): the replicas that hold it from another path are found stale and reloaded in
+        place, as after any catalog change."""
+        if self._replacing.pop(name, None) is not None:
+            self.expect_adapters(self._specs)
 
     def _found_stale(self, rep: ReplicaEntry, spec: AdapterSpec, root: str) -> None:
         """``rep`` holds ``spec.name`` from ``root``, not from ``spec.path``: say so (once per
@@ -157,7 +172,7 @@ class PoolLoads(PoolHealth, PoolLoraOff):
         if (
             not ask
             and spec.name in rep.registered
-            and same_path(rep.roots.get(spec.name), spec.path)
+            and fits(rep.roots.get(spec.name), spec, self._replacing)
         ):
             return False
         key = (spec.name, replica_id)
@@ -197,22 +212,22 @@ class PoolLoads(PoolHealth, PoolLoraOff):
     ) -> None:
         """Reload ``spec`` in place on a replica that holds it (``load_inplace: true``: vLLM
         swaps the weights under the name; requests already running there finish as vLLM
-        finishes them, and the name stays registered throughout). If a load of it is under
-        way there (the in-place reload :meth:`expect_adapters` starts when the path changed),
-        this waits for that one; else it starts one, from ``spec.path`` even if the replica
+        finishes them, and the name stays registered throughout). A load of it under way
+        there (maybe of another path: a request's, while a ``PUT`` keeps the old definition in
+        force) is waited for first; then it reloads from ``spec.path``, even if the replica
         holds it from there already (the folder was rewritten). Errors as
         :meth:`ensure_adapter`'s (:class:`AdapterLoadError`: the replica refused it, and
         keeps what it had)."""
+        key = (spec.name, replica_id)
+        while (under_way := self._loads.get(key)) is not None:
+            await asyncio.wait((under_way,))
         rep = self._replicas.get(replica_id)
         if rep is None:
             raise ReplicaRetiredError(
                 f"was removed from the pool by a config reload before adapter {spec.name!r} "
                 "could be reloaded there"
             )
-        key = (spec.name, replica_id)
-        task = self._loads.get(key)
-        if task is None:
-            task = self._start_load(key, rep, spec, load_id, request_id=request_id, inplace=True)
+        task = self._start_load(key, rep, spec, load_id, request_id=request_id, inplace=True)
         await asyncio.shield(task)
 
     def _wake_load_waiters(

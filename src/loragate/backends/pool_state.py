@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import aiohttp
 
@@ -79,6 +79,10 @@ class PoolState:
         self.base_model = base_model
         # The adapters the gateway serves, by name (:meth:`expect_adapters`).
         self._specs: dict[str, AdapterSpec] = {}
+        # Adapters a ``PUT /admin/adapters/N`` is replacing: name -> the new path, which counts
+        # as registered until the catalog takes it or the PUT gives it up
+        # (:meth:`PoolLoads.begin_replace`).
+        self._replacing: dict[str, str] = {}
         # How long a request in progress on a replica that stopped listening may go without
         # a byte before it is failed (``limits.stopped_replica_grace_s``; a reload may change it).
         self.stopped_replica_grace_s = stopped_replica_grace_s
@@ -176,6 +180,15 @@ class PoolState:
         """The request id of an admin call of the pool's own (``kind``: reload, unload)."""
         new = self.new_request_id
         return None if new is None else f"{new()}-{kind}"
+
+
+def fits(root: str | None, spec: AdapterSpec, replacing: Mapping[str, str]) -> bool:
+    """Whether an adapter held from ``root`` is ``spec`` as the pool expects it: from its path,
+    or from the new path a ``PUT`` is replacing it with (``replacing``: name -> path)."""
+    if same_path(root, spec.path):
+        return True
+    new = replacing.get(spec.name)
+    return new is not None and same_path(root, new)
 
 
 def same_path(a: str | None, b: str) -> bool:

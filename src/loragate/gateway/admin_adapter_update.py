@@ -8,29 +8,33 @@ unknown (``DELETE`` then ``POST`` left a window of 404s).
    ``param: rank``). 404 (``param: name``) if N is not registered through the admin API; 409 if
    only the config file defines it (change it there and reload); 503 while the state store is
    unreachable.
-2. The state store swaps the definition atomically (``StateStore.replace_adapter``, with the
-   version bump: every instance on the same Redis serves the new one within its refresh
-   interval), and this instance's catalog at once: the name stays served throughout.
-3. The replicas that hold the adapter from the old path reload it in place (vLLM's
-   ``load_inplace: true``), through the mechanism that reloads a config-file adapter whose path
-   changed (``backends.pool_loads``: ``expect_adapters`` finds them stale and starts the reloads;
-   requests routed there meanwhile wait for the reload, requests already running there finish
-   as vLLM finishes them). With the same path they are reloaded in place too (the folder may
-   have been rewritten). The ``PUT`` waits for those reloads
-   (``ReplicaPool.reload_adapter``, up to ``limits.admin_timeout_s``); if no replica holds the
-   adapter, it is loaded on one as ``POST`` loads a new registration.
-4. If no replica took the new definition and at least one refused it (vLLM's reasons), the
-   previous definition is put back (unless another instance replaced it meanwhile) and the
-   answer is a 400 (``param: path``) naming the refusals: the replicas that refused keep the
-   old weights, which stay served. Replicas that could not be reached are not refusals (a
-   ``PUT`` none could be asked about stands, as a registration does).
+2. The replicas that hold the adapter reload it in place from the new path (vLLM's
+   ``load_inplace: true``; ``ReplicaPool.reload_adapter``, concurrently, each up to
+   ``limits.admin_timeout_s``), also with the same path (the folder may have been rewritten);
+   if no replica holds it, it is loaded on one as ``POST`` loads a new registration. The
+   catalog and the state store keep the definition in force meanwhile, and the pool counts a
+   replica holding either path as serving the name (``ReplicaPool.begin_replace``): requests
+   arriving meanwhile are served at once by the weights the replica holds (the old ones until
+   its reload is done), none waits for a reload nor fails because of it.
+3. Once a replica took the new definition, the state store swaps it atomically
+   (``StateStore.replace_adapter`` with ``expected``: the version bump makes every instance
+   on the same Redis serve it within its refresh interval; 409 if another instance replaced
+   or deleted it meanwhile, whose change stands), and this instance's catalog at once; a
+   replica that refused it is found stale and gets no requests for the name (``GET
+   /admin/adapters`` ``stale_on``).
+4. If no replica took it and at least one refused it (vLLM's reasons), nothing changed: the
+   answer is a 400 (``param: path``) naming the refusals, and the definition in force stays.
+   Replicas that could not be reached are not refusals (a ``PUT`` none could be asked about
+   stands, as a registration does).
+5. The write (from the existence check on) runs to its end even if the client goes away
+   (``admin_common.run_to_the_end``: a client or ingress timeout cancels the handler, not
+   the reloads nor the swap), logged.
 
 200: the new definition (``name, path, rank, tenants``), ``rank_source``, ``previous`` (the
 definition replaced), ``reloaded_on`` (replicas that hold the new definition now),
 ``refused_by`` (replica -> vLLM's reason), ``not_tried`` (replica -> why it was not asked) and
 ``persisted`` (plus ``warning`` with the embedded store), as ``POST``'s 201. The reloads carry
-``X-Request-Id: <upstream id>-reload-<k>`` (the ``k``-th replica), or the poller's own id when
-they were already under way.
+``X-Request-Id: <upstream id>-reload-<k>`` (the ``k``-th replica).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from loragate.core.errors import (
     NotFoundError,
 )
 from loragate.core.types import AdapterSpec, ReplicaId
+from loragate.gateway.adapter_rank import SettledRank
 from loragate.gateway.admin_adapters import (
     AdapterAdmin,
     LoadAttempt,
@@ -56,7 +61,7 @@ from loragate.gateway.admin_adapters import (
     read_json,
     why_not_tried,
 )
-from loragate.gateway.admin_common import json_response, log, state_unavailable
+from loragate.gateway.admin_common import json_response, log, run_to_the_end, state_unavailable
 from loragate.gateway.request_ids import REQUEST_ID, UPSTREAM_ID
 
 if TYPE_CHECKING:
@@ -84,6 +89,21 @@ class AdapterUpdate:
                 param="name",
             )
         spec, settled = await checked_spec(gw, {**payload, "name": name}, "replaced")
+        return await run_to_the_end(
+            self._replace(spec, settled, request),
+            keep=self._adapters.running,
+            req_id=req_id,
+            what=f"the replacement of adapter {name!r}",
+        )
+
+    async def _replace(
+        self, spec: AdapterSpec, settled: SettledRank, request: web.Request
+    ) -> web.Response:
+        """The reloads, then the swap of the definition if a replica took it
+        (``run_to_the_end``: done even if the client leaves)."""
+        gw = self._gw
+        name = spec.name
+        req_id = request[REQUEST_ID]
         what = f"replace adapter {name!r}"
         async with gw.lock:
             if gw.shared.degraded:
@@ -95,26 +115,54 @@ class AdapterUpdate:
                     f"adapter {name!r} is defined in the config file: change it there and reload",
                     param="name",
                 )
-            previous = await gw.shared.store.replace_adapter(spec)
+            current = await gw.shared.store.get_adapter(name)
             if gw.shared.degraded:
-                return state_unavailable(request, what, during=True)
-            if previous is None:
+                return state_unavailable(request, what)
+            if current is None:
                 raise NotFoundError(
                     f"adapter {name!r} does not exist (POST /admin/adapters registers it)",
                     param="name",
                 )
-            # The catalog serves the new definition at once; the pool starts the in-place
-            # reloads where replicas hold the old path.
-            gw.shared.check_adapters()
-        gw.pool.refusals.forget(name)  # a new definition: every replica may try it again
+        pool = gw.pool
+        pool.refusals.forget(name)  # a new definition: every replica may try it again
+        # The catalog keeps the definition in force until a replica took the new one: the
+        # replicas holding either path serve the name meanwhile (the old weights until their
+        # reload is done), and a refused path changes nothing a request sees.
+        pool.begin_replace(spec)
+        swapped = False
         try:
-            attempt = await self._reload(spec, previous, request)
-        except InvalidRequestError as exc:  # no replica took it, some refused: put it back
-            await self._put_back(previous, spec, req_id)
-            raise InvalidRequestError(
-                f"{exc.message}; adapter {name!r} stays as it was (path {previous.path!r})",
-                param="path",
-            ) from exc
+            try:
+                attempt = await self._reload(spec, current, request)
+            except InvalidRequestError as exc:  # no replica took it, some refused
+                log.warning(
+                    "admin: request %s: adapter %s: no replica took its new definition (%s): "
+                    "the one in force (%s) stays",
+                    req_id, name, spec.path, current.path,
+                )  # fmt: skip
+                raise InvalidRequestError(
+                    f"{exc.message}; adapter {name!r} stays as it was (path {current.path!r})",
+                    param="path",
+                ) from exc
+            async with gw.lock:
+                # The store swaps it atomically (with the version bump: every instance on the
+                # same Redis serves the new one within its refresh interval), unless another
+                # instance replaced or deleted it meanwhile (theirs stands).
+                previous = await gw.shared.store.replace_adapter(spec, expected=current)
+                if gw.shared.degraded:
+                    return state_unavailable(request, what, during=True)
+                if previous is None:
+                    raise ConflictError(
+                        f"adapter {name!r} was replaced or deleted meanwhile (another "
+                        f"instance): that stands, and the replicas that reloaded it from "
+                        f"{spec.path!r} are brought back to it",
+                        param="name",
+                    )
+                gw.shared.check_adapters()  # this instance's catalog at once
+                swapped = True
+        finally:
+            pool.end_replace(name)  # replicas holding a path not in force are reloaded
+            if not swapped:
+                pool.refusals.forget(name)  # refusals of a definition not in force
         log.info(
             "admin: request %s: replaced adapter %s: %s, rank %d (was %s, rank %d); reloaded "
             "on %s",
@@ -190,27 +238,6 @@ class AdapterUpdate:
             )  # fmt: skip
             return "not_tried", why_not_tried(exc)
         return "ok", ""
-
-    async def _put_back(self, previous: AdapterSpec, spec: AdapterSpec, req_id: str) -> None:
-        """Put ``previous`` back in force, unless the definition is no longer ``spec`` (another
-        instance replaced or deleted it meanwhile: theirs stands)."""
-        gw = self._gw
-        async with gw.lock:
-            back = await gw.shared.store.replace_adapter(previous, expected=spec)
-            gw.shared.check_adapters()
-        gw.pool.refusals.forget(spec.name)  # those refusals were of the definition put back
-        if back is None:
-            log.warning(
-                "admin: request %s: adapter %s: no replica took its new definition (%s), and "
-                "it changed meanwhile (another instance): not put back to %s",
-                req_id, spec.name, spec.path, previous.path,
-            )  # fmt: skip
-        else:
-            log.warning(
-                "admin: request %s: adapter %s: no replica took its new definition (%s): the "
-                "previous one (%s) is put back",
-                req_id, spec.name, spec.path, previous.path,
-            )  # fmt: skip
 
 
 class Reloads:

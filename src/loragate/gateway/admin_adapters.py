@@ -58,7 +58,7 @@ from loragate.gateway.adapter_rank import (
     rank_problem,
     settle_rank,
 )
-from loragate.gateway.admin_common import json_response, log, state_unavailable
+from loragate.gateway.admin_common import json_response, log, run_to_the_end, state_unavailable
 from loragate.gateway.load_placement import LoadPlacer, ReplicaView
 from loragate.gateway.request_body import read_request_body
 from loragate.gateway.request_ids import REQUEST_ID, UPSTREAM_ID
@@ -142,6 +142,8 @@ class AdapterAdmin:
         self._gw = gateway
         self._placer = LoadPlacer()  # where a registration's load is tried first
         self._said_embedded = False  # the embedded store's warning was logged
+        # The admin writes under way (POST's, PUT's: ``run_to_the_end``), held till they end.
+        self.running: set[asyncio.Task[Any]] = set()
 
     async def adapters(self, _: web.Request) -> web.Response:
         gw = self._gw
@@ -176,6 +178,20 @@ class AdapterAdmin:
         req_id = request[REQUEST_ID]
         payload = await read_json(request, gw.config.limits.client_body_timeout_s)
         spec, settled = await checked_spec(gw, payload, "registered")
+        return await run_to_the_end(
+            self._register(spec, settled, request),
+            keep=self.running,
+            req_id=req_id,
+            what=f"the registration of adapter {spec.name!r}",
+        )
+
+    async def _register(
+        self, spec: AdapterSpec, settled: SettledRank, request: web.Request
+    ) -> web.Response:
+        """``POST``'s store write, its load and, if every replica asked refused, its taking
+        back (``run_to_the_end``: done even if the client leaves)."""
+        gw = self._gw
+        req_id = request[REQUEST_ID]
         async with gw.lock:
             if gw.shared.degraded:
                 return state_unavailable(request, f"register adapter {spec.name!r}")
@@ -258,8 +274,8 @@ class AdapterAdmin:
         replica that refuses while another loads it keeps its refusal, as after a routed
         request. Returns what happened, for the 201's body. ``request``: the registration's
         (its id in the log lines and, ``-load-<k>`` appended, in each load's
-        ``X-Request-Id``). ``previous``: the definition a ``PUT`` replaced (its caller puts it
-        back if this raises; the log lines say so)."""
+        ``X-Request-Id``). ``previous``: the definition in force that a ``PUT`` is replacing
+        (it stays if this raises; the log lines say so)."""
         gw = self._gw
         req_id, upstream_id = request[REQUEST_ID], request[UPSTREAM_ID]
         pool = gw.pool
@@ -303,8 +319,8 @@ class AdapterAdmin:
                 outlook = f" (tried next on replica {order[k].replica_id})"
             elif previous is not None:
                 outlook = (
-                    f" (no replica loaded it: the previous definition, from {previous.path}, "
-                    f"is put back, and request {req_id} gets a 400 naming the refusals)"
+                    f" (no replica loaded it: the definition in force, from {previous.path}, "
+                    f"stays, and request {req_id} gets a 400 naming the refusals)"
                 )
             else:
                 outlook = (
