@@ -28,7 +28,8 @@ unknown (``DELETE`` then ``POST`` left a window of 404s).
    stands, as a registration does).
 5. The write (from the existence check on) runs to its end even if the client goes away
    (``admin_common.run_to_the_end``: a client or ingress timeout cancels the handler, not
-   the reloads nor the swap), logged.
+   the reloads nor the swap), logged. It runs after any other ``POST``/``PUT``/``DELETE`` of
+   the name on this instance (``admin_name_locks``), one at a time.
 
 200: the new definition (``name, path, rank, tenants``), ``rank_source``, ``previous`` (the
 definition replaced), ``reloaded_on`` (replicas that hold the new definition now),
@@ -100,7 +101,15 @@ class AdapterUpdate:
         self, spec: AdapterSpec, settled: SettledRank, request: web.Request
     ) -> web.Response:
         """The reloads, then the swap of the definition if a replica took it
-        (``run_to_the_end``: done even if the client leaves)."""
+        (``run_to_the_end``: done even if the client leaves), after any other write of the
+        name on this instance (``AdapterAdmin.names``: a second ``PUT`` reads the definition
+        the first left in force, and the pool's new path is one ``PUT``'s at a time)."""
+        async with self._adapters.names.held(spec.name):
+            return await self._replace_alone(spec, settled, request)
+
+    async def _replace_alone(
+        self, spec: AdapterSpec, settled: SettledRank, request: web.Request
+    ) -> web.Response:
         gw = self._gw
         name = spec.name
         req_id = request[REQUEST_ID]

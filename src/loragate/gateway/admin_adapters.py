@@ -59,6 +59,7 @@ from loragate.gateway.adapter_rank import (
     settle_rank,
 )
 from loragate.gateway.admin_common import json_response, log, run_to_the_end, state_unavailable
+from loragate.gateway.admin_name_locks import NameLocks
 from loragate.gateway.load_placement import LoadPlacer, ReplicaView
 from loragate.gateway.request_body import read_request_body
 from loragate.gateway.request_ids import REQUEST_ID, UPSTREAM_ID
@@ -143,7 +144,9 @@ class AdapterAdmin:
         self._placer = LoadPlacer()  # where a registration's load is tried first
         self._said_embedded = False  # the embedded store's warning was logged
         # The admin writes under way (POST's, PUT's: ``run_to_the_end``), held till they end.
-        self.running: set[asyncio.Task[Any]] = set()
+        self.running: set[asyncio.Task[Any]] = gateway.admin_writes
+        # One write of a name at a time on this instance (POST, PUT, DELETE: each whole).
+        self.names: NameLocks = gateway.admin_names
 
     async def adapters(self, _: web.Request) -> web.Response:
         gw = self._gw
@@ -189,7 +192,14 @@ class AdapterAdmin:
         self, spec: AdapterSpec, settled: SettledRank, request: web.Request
     ) -> web.Response:
         """``POST``'s store write, its load and, if every replica asked refused, its taking
-        back (``run_to_the_end``: done even if the client leaves)."""
+        back (``run_to_the_end``: done even if the client leaves), after any other write of
+        the name on this instance (``names``)."""
+        async with self.names.held(spec.name):
+            return await self._register_alone(spec, settled, request)
+
+    async def _register_alone(
+        self, spec: AdapterSpec, settled: SettledRank, request: web.Request
+    ) -> web.Response:
         gw = self._gw
         req_id = request[REQUEST_ID]
         async with gw.lock:
@@ -393,6 +403,11 @@ class AdapterAdmin:
         raise InvalidRequestError(message, param="path")
 
     async def delete_adapter(self, request: web.Request) -> web.Response:
+        """After any other write of the name on this instance (``names``)."""
+        async with self.names.held(request.match_info["name"]):
+            return await self._delete(request)
+
+    async def _delete(self, request: web.Request) -> web.Response:
         gw = self._gw
         name = request.match_info["name"]
         async with gw.lock:

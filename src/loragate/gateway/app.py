@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -35,6 +36,7 @@ from loragate.core.tasks import cancel_and_wait
 from loragate.core.types import AdapterId, AdapterSpec, ReplicaId
 from loragate.gateway.adapter_rank import RankLimits
 from loragate.gateway.admin import AdminApi, bearer_matches
+from loragate.gateway.admin_name_locks import NameLocks
 from loragate.gateway.admin_replicas import drain_path_only
 from loragate.gateway.catalog import Catalog
 from loragate.gateway.config_warnings import warn_ignored_file_tokens, warn_same_servers
@@ -77,6 +79,11 @@ class Gateway:
     session: aiohttp.ClientSession | None = None
     # Serialises reloads and admin writes that rebuild the catalog.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # One admin write of an adapter name at a time on this instance (``admin_name_locks``).
+    admin_names: NameLocks = field(default_factory=NameLocks)
+    # The admin writes under way (``admin_common.run_to_the_end``), held till they end; the
+    # shutdown waits for them within the drain period (``runner``).
+    admin_writes: set[asyncio.Task[Any]] = field(default_factory=set)
     # Set when the shutdown begins (the runner): GET /readyz answers 503 from then on.
     shutting_down: bool = False
 
