@@ -161,6 +161,10 @@ class StateConfig:
     # While Redis is unreachable, reconnect attempts back off from 0.1 s, doubling up to this
     # (+ up to 20% jitter): a returning Redis is noticed within about 1.2 x this.
     reconnect_max_backoff_s: float = 5.0
+    # Per-adapter request counts are kept in one bucket per 10 s (Redis: one hash per bucket,
+    # P demand:<bucket>, written on every request) for this long: on Redis the key count grows
+    # for this long, then levels off at retention / 10 s keys (8,640 for a day).
+    demand_retention_s: float = 86400.0
 
 
 ADMIN_TOKEN_ENV = "LORAGATE_ADMIN_TOKEN"
@@ -747,6 +751,7 @@ _STATE_SECONDS = {
     "maintenance_interval_s",
     "tombstone_ttl_s",
     "reconnect_max_backoff_s",
+    "demand_retention_s",
 }
 
 

@@ -125,6 +125,7 @@ def build_store(config: StateConfig, *, clock: Clock | None = None) -> GatewaySt
         refresh_s=config.refresh_s,
         tombstone_ttl_s=config.tombstone_ttl_s,
         retry_max_s=config.reconnect_max_backoff_s,
+        demand_retention_s=config.demand_retention_s,
     )
     if config.backend == "memory":
         return MemoryStore(ttls=ttls, clock=clock)

@@ -106,7 +106,7 @@ class Ttls:
     lease_ttl_s: float = 30.0
     # A live gateway renews all of its leases this often (must be well below lease_ttl_s).
     lease_renew_s: float = 10.0
-    # Width of one demand bucket, and how long buckets are kept.
+    # Width of one demand bucket, and how long buckets are kept (``state.demand_retention_s``).
     demand_bucket_s: float = 10.0
     demand_retention_s: float = 24 * 3600.0
     # How often a ResilientStore pulls the shared view (0 Redis calls per request in between).
