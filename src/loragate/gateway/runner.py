@@ -17,8 +17,10 @@ Requests arriving meanwhile are served, every answer from then on saying ``Conne
 close``. The requests in flight may finish within the drain period
 (``server.shutdown_timeout_s``); those still running then are answered (a 503, or a final SSE
 error event once a stream started) and their upstream connections closed (vLLM aborts the
-generations). The whole shutdown is bounded by the delay, the longer of IDLE_GRACE_S and
-FIRST_REQUEST_GRACE_S, the drain period, about 3 s of grace (CUT_GRACE_S, then 2 x
+generations). The admin writes still running (``POST``/``PUT /admin/adapters``, which run to
+their end even if their client left) may finish within the same drain period; those left then
+are cancelled, each logged. The whole shutdown is bounded by the delay, the longer of
+IDLE_GRACE_S and FIRST_REQUEST_GRACE_S, the drain period, about 3 s of grace (CUT_GRACE_S, then 2 x
 HANDLER_GRACE_S for handlers outside the proxy) and the app cleanup.
 """
 
@@ -166,10 +168,12 @@ async def running_gateway(
             counts=counts,
         )
         closing = asyncio.create_task(keeper.run(), name="loragate-shutdown-connections")
+        deadline = asyncio.get_running_loop().time() + period
         try:
             finished, cut = await _drain(gateway, period, closing, hurry)
         finally:
             await cancel_and_wait(closing)
+        await _finish_admin_writes(gateway, deadline, hurry)
         counts.late_requests = server.requests_count - counts.requests_before
         log.info(
             "shutdown: %s finished during the drain, %d cut at its end (answered with an "
@@ -248,6 +252,47 @@ async def _drain(
             return finished, cut
         # Connections still open (busy, or waiting within their grace): a request may come.
         await asyncio.wait({closing}, timeout=_DRAIN_POLL_S)
+
+
+async def _finish_admin_writes(
+    gateway: Gateway, deadline: float, hurry: asyncio.Event | None
+) -> None:
+    """Wait until ``deadline`` (the drain period's end; a set ``hurry``: not at all) for the
+    admin writes still running (``Gateway.admin_writes``: a ``POST``/``PUT`` whose client
+    may have left, its replica loads, store swap or undoing), then cancel those
+    left, each logged: without this the app cleanup closed their sessions under them."""
+    writes = {t for t in gateway.admin_writes if not t.done()}
+    if not writes:
+        return
+    loop = asyncio.get_running_loop()
+    left = max(0.0, deadline - loop.time())
+    log.info(
+        "shutdown: %d admin write(s) running, waiting up to %.3g s for them: %s",
+        len(writes), left, ", ".join(sorted(t.get_name() for t in writes)),
+    )  # fmt: skip
+    if left > 0 and not (hurry is not None and hurry.is_set()):
+        waits: set[asyncio.Future[Any]] = set(writes)
+        hurried = None if hurry is None else loop.create_task(hurry.wait())
+        if hurried is not None:
+            waits.add(hurried)
+        try:
+            while writes and loop.time() < deadline and not (hurried and hurried.done()):
+                await asyncio.wait(
+                    waits, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED
+                )
+                writes = {t for t in writes if not t.done()}
+                waits = {*writes, *([hurried] if hurried is not None else [])}
+        finally:
+            if hurried is not None:
+                await cancel_and_wait(hurried)
+    for task in writes:
+        log.warning(
+            "shutdown: %s still running at the end of the drain period: cancelled",
+            task.get_name(),
+        )
+        task.cancel()
+    if writes:
+        await asyncio.wait(writes, timeout=HANDLER_GRACE_S)
 
 
 async def _listen(host: str, port: int) -> list[socket.socket]:
