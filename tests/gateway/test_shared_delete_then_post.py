@@ -34,6 +34,9 @@ SLOW_POLL_S = 3600.0
 # An instance whose view of the shared state is never refreshed during a test.
 STALE_REFRESH_S = 3600.0
 RETRIES = "loragate_upstream_retries_total"
+# The longest a test waits for a state it asserts (a hang guard, not a timing assertion): on a
+# saturated host the instances' maintenance rounds and refreshes run late.
+WAIT_S = 30.0
 
 
 def _with_poll(cfg: GatewayConfig, interval_s: float) -> GatewayConfig:
@@ -174,14 +177,21 @@ async def test_another_instances_unload_reaches_this_instances_pool_before_its_p
         async def known0() -> bool:
             return "lora-0" in gw0.gateway.shared.residency_of("r0").registered
 
-        assert await eventually(known0, lambda ok: ok)
+        assert await eventually(known0, lambda ok: ok, timeout_s=WAIT_S)
         await gw0.gateway.pool.unload_adapter("r0", "lora-0")
         assert "lora-0" not in await _listed(http, replicas[0].url)
 
+        # gw1's shared view learns it at its next refresh (late on a saturated host)...
+        async def shared1() -> bool:
+            return "lora-0" in gw1.gateway.shared.residency_of("r0").registered
+
+        assert not await eventually(shared1, lambda held: not held, timeout_s=WAIT_S)
+
+        # ... and its pool, at the maintenance round after that (not at its next poll: never).
         async def registered1() -> bool:
             return pool1.is_registered("r0", "lora-0")
 
-        assert not await eventually(registered1, lambda held: not held)
+        assert not await eventually(registered1, lambda held: not held, timeout_s=WAIT_S)
         before = await counts(http, gw1.url, RETRIES)
         done = await client1.completions.create(model="lora-0", prompt="x", max_tokens=2)
         assert done.choices, done
