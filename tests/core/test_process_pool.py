@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -116,3 +117,28 @@ def test_stop_pool_returns_once_the_manager_thread_has_ended(
         assert _never_ran(queued)
     finally:
         manager.join(60)  # bounded
+
+
+def test_stop_pool_ends_workers_when_the_parent_swallows_sigterm() -> None:
+    """A forked worker inherits the parent's SIGTERM handler. One that swallows it (uvloop's,
+    left behind after ``loragate serve`` ran in-process) made ``terminate()`` do nothing:
+    ``stop_pool`` waited in ``join()`` for the 600 s task (tests/core after tests/gateway hung)."""
+    previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
+    try:
+        pool = ProcessPoolExecutor(max_workers=1, initializer=ignore_sigint)
+        running = pool.submit(_nap, 600)
+        workers = list(pool._processes.values())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    try:
+        time.sleep(0.5)  # let the worker take the task (the initializer ran before)
+        stopper = threading.Thread(target=stop_pool, args=(pool,), daemon=True)
+        stopper.start()
+        stopper.join(60)  # bounded
+        assert not stopper.is_alive(), "stop_pool still waits for a worker that got SIGTERM"
+        assert all(_gone(w.pid) for w in workers)
+        assert _never_ran([running])
+    finally:
+        for worker in workers:
+            worker.kill()
+        stopper.join(60)

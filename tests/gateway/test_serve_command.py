@@ -204,3 +204,20 @@ def test_a_bad_config_is_one_line_naming_the_file_the_line_and_the_key(
     err = capsys.readouterr().err
     assert err.startswith(f"loragate serve: bad config: {tmp_path}/{expected}")  # named once
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_serve_in_process_leaves_the_signal_handlers_as_they_were(tmp_path: Path) -> None:
+    """uvloop leaves its handler on SIGINT/SIGTERM after its loop closed: a process that goes
+    on after main(["serve", ...]) swallowed Ctrl-C and SIGTERM, and so did every child it
+    forked later (a process pool's workers ignored terminate(): tests/core hung after this)."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    path = tmp_path / "gw.yaml"
+    path.write_text("base_model: m\nreplicas: ['http://127.0.0.1:9']\n", encoding="utf-8")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert (
+            main(["serve", "--config", str(path), "--port", str(port), "--host", "127.0.0.1"]) == 1
+        )
+    assert {sig: signal.getsignal(sig) for sig in before} == before

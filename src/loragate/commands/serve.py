@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 
 HELP = "Run the loragate gateway (OpenAI-compatible front door for vLLM replicas)."
@@ -66,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
         where = "" if str(exc).startswith(f"{args.config}:") else f" {args.config}"
         print(f"loragate serve: bad config{where}: {exc}", file=sys.stderr)
         return 2
+    # uvloop leaves its own handler on SIGINT/SIGTERM/SIGHUP after the loop closed: in a
+    # process that goes on (main() called in-process), Ctrl-C and SIGTERM were swallowed, and
+    # so in every child forked later (a ProcessPoolExecutor worker ignored terminate()).
+    saved = {sig: signal.getsignal(sig) for sig in _SIGNALS}
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(
@@ -76,4 +81,11 @@ def run(args: argparse.Namespace) -> int:
     except ListenError as exc:
         print(f"loragate serve: {exc}", file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
     return 0
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

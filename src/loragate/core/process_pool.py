@@ -38,8 +38,11 @@ MANAGER_JOIN_S = 30.0  # a hang guard: the thread ends as soon as it sees the wo
 
 def ignore_sigint() -> None:
     """The pool's ``initializer`` (or a child's ``preexec_fn``): a worker ignores Ctrl-C; its
-    parent handles it."""
+    parent handles it. SIGTERM gets its default action back: a forked worker inherits the
+    parent's handler, and one that swallows it (uvloop's, left behind by a closed loop) made
+    :func:`stop_pool`'s ``terminate()`` do nothing, and its join wait for the task."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextlib.contextmanager
