@@ -37,6 +37,8 @@ RETRIES = "loragate_upstream_retries_total"
 # The longest a test waits for a state it asserts (a hang guard, not a timing assertion): on a
 # saturated host the instances' maintenance rounds and refreshes run late.
 WAIT_S = 30.0
+# Maintenance rounds far apart (a saturated host runs them late).
+SLOW_ROUNDS_S = 1.0
 
 
 def _with_poll(cfg: GatewayConfig, interval_s: float) -> GatewayConfig:
@@ -196,3 +198,42 @@ async def test_another_instances_unload_reaches_this_instances_pool_before_its_p
         done = await client1.completions.create(model="lora-0", prompt="x", max_tokens=2)
         assert done.choices, done
         assert await counts(http, gw1.url, RETRIES) == before
+
+
+async def test_an_unload_right_after_this_instances_load_reaches_its_pool(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """As above, with this instance's maintenance rounds far apart (as on a saturated host):
+    its load ends after one round, and the next round's refresh already lacks the adapter
+    (the other instance unloaded it meanwhile). The pool keeps it that round (the shared view
+    may predate its load) and must drop it at a later one. (Before: the drop was handed to it
+    once, kept, and never again: its pool counted on the adapter there until its next poll.)"""
+    async with contextlib.AsyncExitStack() as stack:
+        replicas = await stack.enter_async_context(twin_replicas(tmp_path, 1, 1))
+        cfg = shared_config(replicas, tmp_path, redis_server.url, 1)
+        gw0 = await stack.enter_async_context(running_gateway(cfg, port=0))
+        slow = _with_poll(cfg, SLOW_POLL_S)
+        slow = dataclasses.replace(
+            slow, state=dataclasses.replace(slow.state, maintenance_interval_s=SLOW_ROUNDS_S)
+        )
+        gw1 = await stack.enter_async_context(running_gateway(slow, port=0))
+        client1 = await stack.enter_async_context(sdk(gw1.url))
+        await client1.completions.create(model="lora-0", prompt="x", max_tokens=2)
+        pool1 = gw1.gateway.pool
+        assert pool1.is_registered("r0", "lora-0")
+
+        async def known0() -> bool:
+            return "lora-0" in gw0.gateway.shared.residency_of("r0").registered
+
+        assert await eventually(known0, lambda ok: ok, timeout_s=WAIT_S)
+        await gw0.gateway.pool.unload_adapter("r0", "lora-0")
+
+        async def shared1() -> bool:
+            return "lora-0" in gw1.gateway.shared.residency_of("r0").registered
+
+        assert not await eventually(shared1, lambda held: not held, timeout_s=WAIT_S)
+
+        async def registered1() -> bool:
+            return pool1.is_registered("r0", "lora-0")
+
+        assert not await eventually(registered1, lambda held: not held, timeout_s=WAIT_S)

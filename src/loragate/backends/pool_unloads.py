@@ -71,7 +71,9 @@ class PoolUnloads(PoolState):
         for rid in self._replicas:
             self.forget_adapter(rid, adapter)
 
-    def forget_unloaded(self, gone: Mapping[ReplicaId, Collection[str]]) -> None:
+    def forget_unloaded(
+        self, gone: Mapping[ReplicaId, Collection[str]]
+    ) -> dict[ReplicaId, frozenset[str]]:
         """The shared residency dropped these adapters from these replicas since the last call
         (``SharedState.sync_unloads``, called each round of its loop, with nothing if nothing
         was dropped): another gateway instance unloaded them (an admin
@@ -80,19 +82,23 @@ class PoolUnloads(PoolState):
         instead of at its next poll: a request routed there would get vLLM's 404 and spend its
         retry. Kept: a load of ours under way there, or one that ended since the last call
         (the shared view may have been read before that load was written). A drop that was
-        wrong costs the next request there one load that vLLM answers "already loaded"."""
+        wrong costs the next request there one load that vLLM answers "already loaded".
+        Returns the names kept (the caller hands them again while the shared view lacks
+        them: by then the load is older than the last call, and they are dropped)."""
         since, self._unloads_seen_s = self._unloads_seen_s, self._clock.now()
+        kept: dict[ReplicaId, frozenset[str]] = {}
         for rid, names in gone.items():
             rep = self._replicas.get(rid)
             if rep is None:
                 continue
+            held = [name for name in names if name in rep.registered]
             dropped = [
                 name
-                for name in names
-                if name in rep.registered
-                and (name, rid) not in self._loads
-                and rep.loaded_at_s.get(name, -math.inf) < since
+                for name in held
+                if (name, rid) not in self._loads and rep.loaded_at_s.get(name, -math.inf) < since
             ]
+            if len(dropped) < len(held):
+                kept[rid] = frozenset(held).difference(dropped)
             if not dropped:
                 continue
             for name in dropped:
@@ -105,6 +111,7 @@ class PoolUnloads(PoolState):
                 rid, rep.config.url, ", ".join(sorted(dropped)),
             )  # fmt: skip
             self._refresh_residency(rep)
+        return kept
 
     def _retire(self, rep: ReplicaEntry, listed: Collection[str]) -> None:
         """Unload (in the background) the adapters ``rep`` lists that were deleted through the

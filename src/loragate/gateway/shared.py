@@ -109,7 +109,10 @@ log = logging.getLogger(__name__)
 AdaptersCallback = Callable[[Mapping[AdapterId, AdapterSpec]], None]
 DrainsCallback = Callable[[Collection[ReplicaId]], None]
 StoppingCallback = Callable[[Mapping[ReplicaId, tuple[str, float]]], None]
-UnloadsCallback = Callable[[Mapping[ReplicaId, frozenset[AdapterId]]], None]
+# Returns what it kept (still counted as registered: a load of its own may postdate the read).
+UnloadsCallback = Callable[
+    [Mapping[ReplicaId, frozenset[AdapterId]]], Mapping[ReplicaId, frozenset[AdapterId]]
+]
 
 # A hold of a replica shutting down is written again at most this often (seconds) by one
 # instance: the requests already sent there come back refused one after the other.
@@ -163,6 +166,7 @@ class SharedState:
         "_in_force",
         "_inflight",
         "_lease_ids",
+        "_loaded_since",
         "_maintenance_interval_s",
         "_missing",
         "_pool_writer",
@@ -176,6 +180,7 @@ class SharedState:
         "_stopping_unwritten",
         "_stopping_written",
         "_sync",
+        "_unloads_kept",
         "backend",
         "in_flight_of",
         "on_adapters",
@@ -228,6 +233,11 @@ class SharedState:
         # (the pool's ``forget_unloaded``; not with the embedded store), and what it held then.
         self.on_unloads: UnloadsCallback | None = None
         self._registered_seen: dict[ReplicaId, frozenset[AdapterId]] = {}
+        # What ``on_unloads`` kept, handed again while the shared residency still lacks it.
+        self._unloads_kept: Mapping[ReplicaId, frozenset[AdapterId]] = {}
+        # This instance's loads since the last round (a load and another instance's unload
+        # may both fall between two rounds: the shared view never showed it there).
+        self._loaded_since: dict[ReplicaId, set[AdapterId]] = {}
         # Replica -> when (``clock``) this instance last wrote its hold (one write a second
         # at most while the requests already sent there come back refused), and the hold
         # reported since that write and not written yet: (error, hold_s, when reported).
@@ -376,6 +386,8 @@ class SharedState:
         reload) succeeded: vLLM put the adapter in a GPU slot too, recorded after the load.
         Routing may already have touched it, but a poll of another instance that could not list
         it yet may have dropped it meanwhile; this puts it back where the replica has it."""
+        if self._sync is None and self.on_unloads is not None:  # (what sync_unloads reads)
+            self._loaded_since.setdefault(replica_id, set()).add(adapter)
         await self.store.record_load(replica_id, adapter)
 
     async def adapter_unloaded(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
@@ -576,20 +588,34 @@ class SharedState:
         all another instance's unloads (its ``DELETE``'s, its planner's), which the pool's
         own view (its polls) would learn only at its next poll, routing requests there
         meanwhile into vLLM's 404 and a retry. Not with the embedded store (one instance:
-        the pool made every change itself)."""
+        the pool made every change itself).
+
+        What the pool kept (a load of its own there ended since its last round: the shared
+        view may have been read before that load was written) is handed again each round
+        while the shared residency lacks it (before: never, so an unload by another instance
+        right after our load stayed unseen until our next poll). So are this instance's own
+        loads since the last round that the shared residency lacks (an unload right after one
+        may fall between the same two rounds); the pool drops them once the load is
+        older than its last round (if the view was only late, that costs one load
+        that vLLM answers "already loaded")."""
         if self._sync is not None or self.on_unloads is None:
             return
         gone: dict[ReplicaId, frozenset[AdapterId]] = {}
-        seen = self._registered_seen
+        seen, kept = self._registered_seen, self._unloads_kept
+        ours, self._loaded_since = self._loaded_since, {}
         for rid in self._records:
             now = self.store.residency_of(rid).registered
             before = seen.get(rid)
             seen[rid] = now
-            if before is not None and before is not now and (lost := before - now):
+            lost = kept.get(rid, frozenset()).union(ours.get(rid, ())) - now
+            if before is not None and before is not now:
+                lost |= before - now
+            if lost:
                 gone[rid] = lost
         for rid in [r for r in seen if r not in self._records]:
             del seen[rid]
-        self.on_unloads(gone)  # (also when empty: the pool times its rounds by these calls)
+        # (also when empty: the pool times its rounds by these calls)
+        self._unloads_kept = {rid: names for rid, names in self.on_unloads(gone).items() if names}
 
     # -- adapter registry -------------------------------------------------------------------
 
