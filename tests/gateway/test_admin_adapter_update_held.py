@@ -16,14 +16,13 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from chaos_replicas import SimReplica
 from gateway_harness import gateway_config, openai_client
+from paused_replicas import admin_call, paused_replicas, signal_all
 from shared_cluster import AUTH, eventually
 
 from loragate.gateway import running_gateway
@@ -33,36 +32,8 @@ _BOUND_S = 30.0  # the longest a test waits for an answer (a hang guard)
 _LEFT = "its client gone"  # the log line of a write that ended after its client left
 
 
-@contextlib.asynccontextmanager
-async def _replicas(tmp_path: Path) -> AsyncIterator[list[SimReplica]]:
-    reps = [SimReplica(f"r{i}", tmp_path, seed=i, time_scale=1.0) for i in range(2)]
-    try:
-        for rep in reps:
-            await rep.start()
-        yield reps
-    finally:
-        for rep in reps:
-            if rep.proc is not None and rep.proc.returncode is None:
-                rep.proc.send_signal(signal.SIGCONT)
-            await rep.stop()
-
-
-def _signal(reps: list[SimReplica], sig: signal.Signals) -> None:
-    for rep in reps:
-        assert rep.proc is not None
-        rep.proc.send_signal(sig)
-
-
-async def _call(
-    http: aiohttp.ClientSession, method: str, url: str, body: Any = None, timeout_s: float = 30
-) -> tuple[int, Any]:
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with http.request(method, url, json=body, headers=AUTH, timeout=timeout) as resp:
-        return resp.status, await resp.json()
-
-
 async def _definition(http: aiohttp.ClientSession, url: str, name: str) -> str | None:
-    status, listed = await _call(http, "GET", url + "/admin/adapters")
+    status, listed = await admin_call(http, "GET", url + "/admin/adapters")
     assert status == 200, listed
     return next((a["path"] for a in listed["adapters"] if a["name"] == name), None)
 
@@ -82,23 +53,23 @@ async def test_a_put_whose_client_left_still_leaves_the_old_definition_in_force(
     good = str(tmp_path / "t-a")
     write_adapter_folder(good, rank=8)
     async with contextlib.AsyncExitStack() as stack:
-        reps = await stack.enter_async_context(_replicas(tmp_path))
+        reps = await stack.enter_async_context(paused_replicas(tmp_path))
         gw = await stack.enter_async_context(
             running_gateway(_config([r.url for r in reps]), port=0)
         )
         http = await stack.enter_async_context(aiohttp.ClientSession())
         client = await stack.enter_async_context(openai_client(gw.url))
-        status, body = await _call(
+        status, body = await admin_call(
             http, "POST", gw.url + "/admin/adapters", {"name": "t-a", "path": good, "rank": 8}
         )
         assert status == 201 and body["loaded_on"], body
-        _signal(reps, signal.SIGSTOP)
+        signal_all(reps, signal.SIGSTOP)
         with pytest.raises(asyncio.TimeoutError):  # the client leaves after 1 s
-            await _call(
+            await admin_call(
                 http, "PUT", gw.url + "/admin/adapters/t-a",
                 {"path": str(tmp_path / "nonexistent-t-b"), "rank": 8}, timeout_s=1,
             )  # fmt: skip
-        _signal(reps, signal.SIGCONT)
+        signal_all(reps, signal.SIGCONT)
         assert await eventually(lambda: _left_logged(caplog), bool, timeout_s=_BOUND_S)
         assert await _definition(http, gw.url, "t-a") == good
         done = await client.completions.create(model="t-a", prompt="x", max_tokens=2)
@@ -110,19 +81,19 @@ async def test_a_post_whose_client_left_is_still_taken_back_if_refused(
 ) -> None:
     caplog.set_level(logging.INFO, logger="loragate.gateway.admin")
     async with contextlib.AsyncExitStack() as stack:
-        reps = await stack.enter_async_context(_replicas(tmp_path))
+        reps = await stack.enter_async_context(paused_replicas(tmp_path))
         gw = await stack.enter_async_context(
             running_gateway(_config([r.url for r in reps]), port=0)
         )
         http = await stack.enter_async_context(aiohttp.ClientSession())
-        _signal(reps, signal.SIGSTOP)
+        signal_all(reps, signal.SIGSTOP)
         with pytest.raises(asyncio.TimeoutError):
-            await _call(
+            await admin_call(
                 http, "POST", gw.url + "/admin/adapters",
                 {"name": "t-x", "path": str(tmp_path / "nonexistent-t-x"), "rank": 8},
                 timeout_s=1,
             )  # fmt: skip
-        _signal(reps, signal.SIGCONT)
+        signal_all(reps, signal.SIGCONT)
         assert await eventually(lambda: _left_logged(caplog), bool, timeout_s=_BOUND_S)
         assert await _definition(http, gw.url, "t-x") is None  # taken back
 
@@ -133,21 +104,21 @@ async def test_requests_during_a_refused_put_are_served_by_the_old_definition(
     good = str(tmp_path / "t-a")
     write_adapter_folder(good, rank=8)
     async with contextlib.AsyncExitStack() as stack:
-        reps = await stack.enter_async_context(_replicas(tmp_path))
+        reps = await stack.enter_async_context(paused_replicas(tmp_path))
         gw = await stack.enter_async_context(
             running_gateway(_config([r.url for r in reps]), port=0)
         )
         http = await stack.enter_async_context(aiohttp.ClientSession())
         client = await stack.enter_async_context(openai_client(gw.url))
-        status, body = await _call(
+        status, body = await admin_call(
             http, "POST", gw.url + "/admin/adapters", {"name": "t-a", "path": good, "rank": 8}
         )
         assert status == 201 and body["loaded_on"], body
         holder = body["loaded_on"][0]
         pool = gw.gateway.pool
-        _signal(reps, signal.SIGSTOP)
+        signal_all(reps, signal.SIGSTOP)
         put = asyncio.create_task(
-            _call(
+            admin_call(
                 http,
                 "PUT",
                 gw.url + "/admin/adapters/t-a",
@@ -167,7 +138,7 @@ async def test_requests_during_a_refused_put_are_served_by_the_old_definition(
             return sum(gw.gateway.inflight.count(r) for r in ("r0", "r1"))
 
         assert await eventually(in_flight, lambda n: n >= 1, timeout_s=_BOUND_S) >= 1
-        _signal(reps, signal.SIGCONT)
+        signal_all(reps, signal.SIGCONT)
         status, body = await asyncio.wait_for(put, _BOUND_S)
         assert status == 400 and body["error"]["param"] == "path", body
         done = await asyncio.wait_for(asked, _BOUND_S)  # before: a 502 (the reload's refusal)

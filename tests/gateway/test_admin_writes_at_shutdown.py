@@ -13,57 +13,19 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from chaos_replicas import SimReplica
 from gateway_harness import gateway_config
+from paused_replicas import adapter_roots, admin_call, paused_replicas, signal_all
 from shared_cluster import AUTH, eventually
 
 from loragate.gateway import running_gateway
 from loragate.twin.adapters import write_adapter_folder
 
 _BOUND_S = 30.0  # the longest a test waits for anything (a hang guard)
-
-
-@contextlib.asynccontextmanager
-async def _replicas(tmp_path: Path) -> AsyncIterator[list[SimReplica]]:
-    reps = [SimReplica(f"r{i}", tmp_path, seed=i, time_scale=1.0) for i in range(2)]
-    try:
-        for rep in reps:
-            await rep.start()
-        yield reps
-    finally:
-        for rep in reps:
-            if rep.proc is not None and rep.proc.returncode is None:
-                rep.proc.send_signal(signal.SIGCONT)
-            await rep.stop()
-
-
-def _signal(reps: list[SimReplica], sig: signal.Signals) -> None:
-    for rep in reps:
-        assert rep.proc is not None
-        rep.proc.send_signal(sig)
-
-
-async def _call(
-    http: aiohttp.ClientSession, method: str, url: str, body: Any = None, timeout_s: float = 30
-) -> tuple[int, Any]:
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with http.request(method, url, json=body, headers=AUTH, timeout=timeout) as resp:
-        return resp.status, await resp.json()
-
-
-async def _roots(http: aiohttp.ClientSession, reps: list[SimReplica], name: str) -> set[str]:
-    out = set()
-    for rep in reps:
-        async with http.get(rep.url + "/v1/models") as resp:
-            listed = await resp.json()
-        out |= {m["root"] for m in listed["data"] if m["id"] == name}
-    return out
 
 
 def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
@@ -79,7 +41,7 @@ async def test_the_shutdown_waits_for_a_put_whose_client_left(
     for path in (old, new):
         write_adapter_folder(path, rank=8)
     async with contextlib.AsyncExitStack() as stack:
-        reps = await stack.enter_async_context(_replicas(tmp_path))
+        reps = await stack.enter_async_context(paused_replicas(tmp_path))
         http = await stack.enter_async_context(aiohttp.ClientSession())
         config = gateway_config(
             [r.url for r in reps], admin={"token": AUTH["Authorization"].split()[1]}
@@ -90,11 +52,13 @@ async def test_the_shutdown_waits_for_a_put_whose_client_left(
         stop: asyncio.Task[Any] | None = None
         try:
             url = gw.url + "/admin/adapters"
-            status, body = await _call(http, "POST", url, {"name": "t-a", "path": old, "rank": 8})
+            status, body = await admin_call(
+                http, "POST", url, {"name": "t-a", "path": old, "rank": 8}
+            )
             assert status == 201 and body["loaded_on"], body
-            _signal(reps, signal.SIGSTOP)
+            signal_all(reps, signal.SIGSTOP)
             with pytest.raises(asyncio.TimeoutError):  # the client leaves after 1 s
-                await _call(http, "PUT", url + "/t-a", {"path": new, "rank": 8}, timeout_s=1)
+                await admin_call(http, "PUT", url + "/t-a", {"path": new, "rank": 8}, timeout_s=1)
             assert gw.gateway.admin_writes  # the write goes on
             stop = asyncio.create_task(running.__aexit__(None, None, None))
 
@@ -103,10 +67,10 @@ async def test_the_shutdown_waits_for_a_put_whose_client_left(
 
             assert await eventually(waiting, bool, timeout_s=_BOUND_S)
             if resume:
-                _signal(reps, signal.SIGCONT)
+                signal_all(reps, signal.SIGCONT)
             await asyncio.wait_for(stop, _BOUND_S)  # the gateway exits, within the bound
         finally:
-            _signal(reps, signal.SIGCONT)
+            signal_all(reps, signal.SIGCONT)
             if stop is None:
                 await running.__aexit__(None, None, None)
         if resume:
@@ -114,7 +78,7 @@ async def test_the_shutdown_waits_for_a_put_whose_client_left(
             assert _logged(caplog, "ended, its client gone: 200")
             stored = await gw.gateway.shared.store.get_adapter("t-a")
             assert stored is not None and stored.path == new
-            held = await eventually(lambda: _roots(http, reps, "t-a"), lambda r: new in r)
+            held = await eventually(lambda: adapter_roots(http, reps, "t-a"), lambda r: new in r)
             assert new in held
         else:
             assert _logged(caplog, "still running at the end of the drain period: cancelled")
