@@ -129,6 +129,26 @@ class _Touch:
         return r.replay_touch(self.replica_id, self.adapter, self.now_s)
 
 
+class _TrackedWrites:
+    """One kind of write to Redis (refusals, drains, holds of replicas shutting down), counted so
+    that a refresh can tell whether its snapshot may lack one of ours."""
+
+    __slots__ = ("begun", "waiting")
+
+    def __init__(self) -> None:
+        self.begun = 0  # writes begun so far
+        self.waiting = 0  # writes waiting for Redis now
+
+    def mark(self) -> tuple[int, bool]:
+        """Taken before a snapshot is read."""
+        return self.begun, self.waiting > 0
+
+    def raced(self, mark: tuple[int, bool]) -> bool:
+        """Whether a write was waiting when ``mark`` was taken, or began since."""
+        begun, busy = mark
+        return busy or self.begun != begun
+
+
 class ResilientStore:
     """``StateStore`` over a ``RedisStore`` that never fails a request because Redis is down.
 
@@ -176,12 +196,9 @@ class ResilientStore:
         self._readers: dict[str, float] = {}
         self._known_epoch: str | None = None
         self.resyncs = 0
-        self._refusal_writes = 0  # refusal writes begun so far
-        self._refusal_writing = 0  # refusal writes waiting for Redis now
-        self._drain_writes = 0  # drain writes begun so far
-        self._drain_writing = 0  # drain writes waiting for Redis now
-        self._stopping_writes = 0  # writes of holds of replicas shutting down begun so far
-        self._stopping_writing = 0  # such writes waiting for Redis now
+        self._refusal_writes = _TrackedWrites()
+        self._drain_writes = _TrackedWrites()
+        self._stopping_writes = _TrackedWrites()  # holds of replicas shutting down
         # Held by a resynchronisation, and by an adapter-registry write deciding against Redis
         # (which must not run against a Redis still being refilled).
         self._resync_lock = asyncio.Lock()
@@ -387,12 +404,9 @@ class ResilientStore:
 
     async def _refresh(self, *, allow_resync: bool = True) -> None:
         own_before = self._remote.own_in_flight()
-        refusal_mark = self._refusal_writes
-        refusal_busy = self._refusal_writing > 0
-        drain_mark = self._drain_writes
-        drain_busy = self._drain_writing > 0
-        stopping_mark = self._stopping_writes
-        stopping_busy = self._stopping_writing > 0
+        refusal_mark = self._refusal_writes.mark()
+        drain_mark = self._drain_writes.mark()
+        stopping_mark = self._stopping_writes.mark()
         view = await self._remote.snapshot(as_reader=True)
         if allow_resync and self._remote.epoch != self._known_epoch:
             # Redis was replaced without a failed call in between: resynchronise.
@@ -401,11 +415,10 @@ class ResilientStore:
         self._others = {r: max(0, n - own_before.get(r, 0)) for r, n in view.in_flight.items()}
         # The snapshot may lack a refusal write of ours (in flight or journaled meanwhile):
         # keep our refusals this time; the next refresh reads them back from Redis.
-        keep = refusal_busy or self._refusal_writes != refusal_mark or bool(self._journal)
-        keep_drains = drain_busy or self._drain_writes != drain_mark or bool(self._journal)
-        keep_stopping = (
-            stopping_busy or self._stopping_writes != stopping_mark or bool(self._journal)
-        )
+        journaled = bool(self._journal)
+        keep = self._refusal_writes.raced(refusal_mark) or journaled
+        keep_drains = self._drain_writes.raced(drain_mark) or journaled
+        keep_stopping = self._stopping_writes.raced(stopping_mark) or journaled
         self._local.replace_shared(
             view, keep_refusals=keep, keep_drains=keep_drains, keep_stopping=keep_stopping
         )
@@ -653,21 +666,23 @@ class ResilientStore:
             else:  # (not remembered, or lapsed: only the residency change is left to make)
                 await r.record_unload(replica_id, adapter)
 
-        await self._refusal_write(op)
+        await self._tracked_write(self._refusal_writes, op)
 
     async def forget_refusals(
         self, adapter: AdapterId, replica_id: ReplicaId | None = None
     ) -> None:
         await self._local.forget_refusals(adapter, replica_id)
-        await self._refusal_write(lambda r: r.forget_refusals(adapter, replica_id))
+        await self._tracked_write(
+            self._refusal_writes, lambda r: r.forget_refusals(adapter, replica_id)
+        )
 
-    async def _refusal_write(self, op: RemoteOp) -> None:
-        self._refusal_writes += 1
-        self._refusal_writing += 1
+    async def _tracked_write(self, writes: _TrackedWrites, op: RemoteOp) -> None:
+        writes.begun += 1
+        writes.waiting += 1
         try:
             await self._write(op)
         finally:
-            self._refusal_writing -= 1
+            writes.waiting -= 1
 
     def refusals(self) -> RefusalMap:
         """``view().refusals`` without building the view."""
@@ -685,21 +700,13 @@ class ResilientStore:
         async def op(r: RedisStore) -> None:
             local.retime_drain(replica_id, (await r.drain(replica_id, since_s))[1])
 
-        await self._drain_write(op)
+        await self._tracked_write(self._drain_writes, op)
         return added
 
     async def clear_drain(self, replica_id: ReplicaId) -> bool:
         removed = await self._local.clear_drain(replica_id)
-        await self._drain_write(lambda r: r.clear_drain(replica_id))
+        await self._tracked_write(self._drain_writes, lambda r: r.clear_drain(replica_id))
         return removed
-
-    async def _drain_write(self, op: RemoteOp) -> None:
-        self._drain_writes += 1
-        self._drain_writing += 1
-        try:
-            await self._write(op)
-        finally:
-            self._drain_writing -= 1
 
     def drains(self) -> DrainMap:
         """``view().drains`` without building the view."""
@@ -718,19 +725,11 @@ class ResilientStore:
             if left > 0:
                 await r.hold_stopping(replica_id, error=error, ttl_s=left)
 
-        await self._stopping_write(op)
+        await self._tracked_write(self._stopping_writes, op)
 
     async def release_stopping(self, replica_id: ReplicaId) -> None:
         await self._local.release_stopping(replica_id)
-        await self._stopping_write(lambda r: r.release_stopping(replica_id))
-
-    async def _stopping_write(self, op: RemoteOp) -> None:
-        self._stopping_writes += 1
-        self._stopping_writing += 1
-        try:
-            await self._write(op)
-        finally:
-            self._stopping_writing -= 1
+        await self._tracked_write(self._stopping_writes, lambda r: r.release_stopping(replica_id))
 
     def stopping(self) -> StoppingMap:
         """``view().stopping`` without building the view."""
