@@ -41,6 +41,7 @@ from loragate.backends.pool_health import PoolHealth
 from loragate.backends.pool_lora_off import PoolLoraOff
 from loragate.backends.pool_state import fits, same_path
 from loragate.backends.pool_types import (
+    LoadOrder,
     ReplicaEntry,
     ReplicaRetiredError,
     ReplicaServesNoAdaptersError,
@@ -118,10 +119,14 @@ class PoolLoads(PoolHealth, PoolLoraOff):
             )  # fmt: skip
         if self._session is None or rep.inplace_failed.get(spec.name) == spec.path:
             return
-        key = (spec.name, rid)
-        if key not in self._loads:
+        if (spec.name, rid) not in self._loads:
             self._start_load(
-                key, rep, spec, self._own_id("reload"), by="the poller (an in-place reload)"
+                LoadOrder(
+                    rep=rep,
+                    spec=spec,
+                    load_id=self._own_id("reload"),
+                    by="the poller (an in-place reload)",
+                )
             )
 
     async def ensure_adapter(
@@ -175,10 +180,16 @@ class PoolLoads(PoolHealth, PoolLoraOff):
             and fits(rep.roots.get(spec.name), spec, self._replacing)
         ):
             return False
-        key = (spec.name, replica_id)
-        task = self._loads.get(key)
+        task = self._loads.get((spec.name, replica_id))
         if task is None:
-            task = self._start_load(key, rep, spec, load_id, refusal_outlook, request_id=request_id)
+            order = LoadOrder(
+                rep=rep,
+                spec=spec,
+                load_id=load_id,
+                request_id=request_id,
+                refusal_outlook=refusal_outlook,
+            )
+            task = self._start_load(order)
         wake = rep.wake
         if wake is None:
             wake = rep.wake = asyncio.get_running_loop().create_future()
@@ -227,7 +238,9 @@ class PoolLoads(PoolHealth, PoolLoraOff):
                 f"was removed from the pool by a config reload before adapter {spec.name!r} "
                 "could be reloaded there"
             )
-        task = self._start_load(key, rep, spec, load_id, request_id=request_id, inplace=True)
+        task = self._start_load(
+            LoadOrder(rep=rep, spec=spec, load_id=load_id, request_id=request_id, inplace=True)
+        )
         await asyncio.shield(task)
 
     def _wake_load_waiters(
@@ -239,24 +252,9 @@ class PoolLoads(PoolHealth, PoolLoraOff):
         if wake is not None and not wake.done():
             wake.set_result((error, reason))
 
-    def _start_load(
-        self,
-        key: tuple[str, ReplicaId],
-        rep: ReplicaEntry,
-        spec: AdapterSpec,
-        load_id: str | None,
-        refusal_outlook: str | None = None,
-        *,
-        request_id: str | None = None,
-        by: str = "the gateway",
-        inplace: bool = False,
-    ) -> asyncio.Task[None]:
-        task = asyncio.create_task(
-            self._timed_load(
-                rep, spec, load_id, refusal_outlook, request_id=request_id, by=by, inplace=inplace
-            ),
-            name=f"load {key}",
-        )
+    def _start_load(self, order: LoadOrder) -> asyncio.Task[None]:
+        key = order.key
+        task = asyncio.create_task(self._timed_load(order), name=f"load {key}")
         self._loads[key] = task
         task.add_done_callback(lambda t: self._load_done(key, t))
         return task
@@ -268,28 +266,17 @@ class PoolLoads(PoolHealth, PoolLoraOff):
         if not task.cancelled():
             task.exception()  # retrieved: all waiters may have gone away
 
-    async def _timed_load(
-        self,
-        rep: ReplicaEntry,
-        spec: AdapterSpec,
-        load_id: str | None,
-        refusal_outlook: str | None = None,
-        *,
-        request_id: str | None = None,
-        by: str = "the gateway",
-        inplace: bool = False,
-    ) -> None:
+    async def _timed_load(self, order: LoadOrder) -> None:
         """:meth:`_load`, its duration and outcome told to :attr:`on_load_done` and logged
         (INFO; DEBUG for a refusal, which :meth:`_load` logs as a WARNING): the adapter, the
-        replica, what it was for (the request ``request_id``, else ``by``: the poller) and its
-        ``X-Request-Id`` (``load_id``). The lines of a load for a request carry its id
-        (``core.log_fields``)."""
+        replica, what it was for (the request ``order.request_id``, else ``order.by``: the
+        poller) and its ``X-Request-Id`` (``order.load_id``). The lines of a load for a request
+        carry its id (``core.log_fields``)."""
+        rep, spec, request_id = order.rep, order.spec, order.request_id
         started = self._clock.now()
         result = "error"
         try:
-            loaded = await self._load(
-                rep, spec, load_id, refusal_outlook, request_id=request_id, inplace=inplace
-            )
+            loaded = await self._load(order)
             result = "ok" if loaded else "already_loaded"
         except AdapterLoadError:
             result = "refused"
@@ -314,33 +301,25 @@ class PoolLoads(PoolHealth, PoolLoraOff):
                 logging.DEBUG if result == "refused" else logging.INFO,
                 "adapter %s load on replica %s (%s) for %s (X-Request-Id %s): %s after %.0f ms",
                 spec.name, rep.config.replica_id, rep.config.url,
-                by if request_id is None else f"request {request_id}", load_id or "-",
+                order.by if request_id is None else f"request {request_id}", order.load_id or "-",
                 _LOAD_RESULTS.get(result, result), took_s * 1000.0,
                 extra=about_request(request_id),
             )  # fmt: skip
 
-    async def _load(
-        self,
-        rep: ReplicaEntry,
-        spec: AdapterSpec,
-        load_id: str | None = None,
-        refusal_outlook: str | None = None,
-        *,
-        request_id: str | None = None,
-        inplace: bool = False,
-    ) -> bool:
-        """Load ``spec`` on ``rep``; True if the replica loaded it (200), False if it had it
-        registered already (from the configured path). ``load_id``: the call's
+    async def _load(self, order: LoadOrder) -> bool:
+        """Load ``order.spec`` on ``order.rep``; True if the replica loaded it (200), False if
+        it had it registered already (from the configured path). ``order.load_id``: the call's
         ``X-Request-Id`` (an in-place reload after "already loaded": ``<load_id>-inplace``);
-        ``request_id``: the request it is for, if any (its log lines carry it).
-        ``inplace``: reload it in place even if the replica holds it from ``spec.path``
+        ``order.request_id``: the request it is for, if any (its log lines carry it).
+        ``order.inplace``: reload it in place even if the replica holds it from ``spec.path``
         (:meth:`reload_adapter`: the folder's weights changed)."""
         # Errors are already loragate errors: AdapterLoadError (the replica refused the
         # adapter), UpstreamConnectError or UpstreamTimeoutError (the replica is unreachable).
+        rep, spec, load_id, request_id = order.rep, order.spec, order.load_id, order.request_id
         rid = rep.config.replica_id
         client = self._client(rep)
         old = rep.stale.get(spec.name)
-        if old is None and inplace:
+        if old is None and order.inplace:
             old = rep.roots.get(spec.name, spec.path)
         loaded = True  # the replica loaded it (answered 200), not "already loaded"
         try:
@@ -399,8 +378,8 @@ class PoolLoads(PoolHealth, PoolLoraOff):
                 f"{spec.name} there that this gateway does not try to reload in place first)"
                 if old is not None
                 else "",
-                refusal_outlook
-                if refusal_outlook is not None
+                order.refusal_outlook
+                if order.refusal_outlook is not None
                 else self._refusal_outlook(spec, rid)
                 if refusals.ttl_s > 0
                 else "",

@@ -4,7 +4,8 @@ shutting-down hold, LoRA-off mark, the future its load waiters wait on); the
 :class:`PoolListener` protocol (the gateway's shared state hears the pool through it); the
 errors the pool raises of its own (:class:`ReplicaRetiredError`, :class:`ReplicaStoppingError`,
 :class:`ReplicaServesNoAdaptersError`); and the constants :data:`POLL_FAILURE_REASONS` and
-:data:`STOPPING_HOLD_S`. The pool itself: ``backends.pool``.
+:data:`STOPPING_HOLD_S`; :class:`LoadOrder`, one adapter load as the pool's load functions pass
+it on. The pool itself: ``backends.pool``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from loragate.core.errors import (
     AdapterLoadError,
     UpstreamConnectError,
 )
-from loragate.core.types import ReplicaId, ReplicaSnapshot
+from loragate.core.types import AdapterSpec, ReplicaId, ReplicaSnapshot
 
 # Why a poll failed (``ReplicaPool.on_poll_failed``; loragate_replica_poll_failures_total).
 POLL_FAILURE_REASONS = ("connect", "timeout", "bad_response", "wrong_model")
@@ -144,3 +145,27 @@ class ReplicaEntry:
     # set, they stop waiting (:meth:`ReplicaPool._wake_load_waiters`: the replica stopped
     # listening, or a reload retired this entry), with the error class and the reason.
     wake: asyncio.Future[tuple[type[UpstreamConnectError], str]] | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True, eq=False, kw_only=True)
+class LoadOrder:
+    """One adapter load, as ``backends.pool_loads`` starts it, times it and sends it: what to
+    load (``spec``, from ``spec.path``), where (``rep``), how (``inplace``: with
+    ``load_inplace: true`` even if the replica holds it from ``spec.path`` already) and for
+    whom, for its log lines: ``request_id`` the gateway request it is for (None: ``by``, e.g.
+    the poller), ``load_id`` the ``X-Request-Id`` the load call carries, ``refusal_outlook``
+    what a refusal means for the adapter's requests (None: what it means for requests routed
+    there)."""
+
+    rep: ReplicaEntry
+    spec: AdapterSpec
+    load_id: str | None = None
+    request_id: str | None = None
+    refusal_outlook: str | None = None
+    by: str = "the gateway"
+    inplace: bool = False
+
+    @property
+    def key(self) -> tuple[str, ReplicaId]:
+        """The single-flight key of the load: (adapter, replica)."""
+        return self.spec.name, self.rep.config.replica_id
