@@ -113,9 +113,9 @@ async def test_resilient_store_sends_nothing_for_an_unchanged_poll(
             await s.reconcile("r1", ADAPTERS)  # an idle poll each
         assert await calls.take() == {}  # not even a round trip (before: evalsha 2, sadd 80)
 
-        # A change is written, as before.
+        # A change is written, as before, with its stamp (when, by whom: HSET P rep:R:stamps).
         await b.reconcile("r1", ADAPTERS - {"a9"})
-        assert _writes(await calls.take()) == {"srem": 1}
+        assert _writes(await calls.take()) == {"srem": 1, "hset": 1}
         assert (await probe.snapshot()).residency_of("r1").registered == ADAPTERS - {"a9"}
         await calls.take()
 
@@ -128,7 +128,7 @@ async def test_resilient_store_sends_nothing_for_an_unchanged_poll(
         await a.maintain()
         await calls.take()
         await a.reconcile("r1", ADAPTERS)
-        assert _writes(await calls.take()) == {"sadd": 1}
+        assert _writes(await calls.take()) == {"sadd": 1, "hset": 1}
         assert (await probe.snapshot()).residency_of("r1").registered == ADAPTERS
 
         # b refreshes (the shared view lists a9 again) and its next poll does not: written,
@@ -137,7 +137,7 @@ async def test_resilient_store_sends_nothing_for_an_unchanged_poll(
         await b.maintain()
         await calls.take()
         await b.reconcile("r1", ADAPTERS - {"a9"})
-        assert _writes(await calls.take()) == {"srem": 1}
+        assert _writes(await calls.take()) == {"srem": 1, "hset": 1}
         assert (await probe.snapshot()).residency_of("r1").registered == ADAPTERS - {"a9"}
     finally:
         for s in (a, b):

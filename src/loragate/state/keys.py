@@ -14,6 +14,13 @@ key                          type    content / lifetime
 ``P rep:R:reg``              SET     registered adapters (shadow residency)
 ``P rep:R:gpu``              LIST    GPU-slot LRU, least recent first (``max_loras`` long)
 ``P rep:R:cpu``              LIST    CPU-cache LRU, least recent first (``max_cpu_loras`` long)
+``P rep:R:stamps``           HASH    adapter -> ``"<ms> <instance>"``: when (Redis server time)
+                                     and by which instance the adapter last joined or left
+                                     ``P rep:R:reg``; a reconcile leaves alone an adapter
+                                     another instance changed since the reconciling
+                                     instance's last read (its ``P readers`` entry), so a
+                                     poll journaled during an outage and replayed later does
+                                     not undo a newer write. Deleted with the replica
 ``P rep:R:inflight``         ZSET    in-flight leases ``<instance>|<request id>`` -> expiry
                                      (ms, Redis server time); key PEXPIREs ``lease_ttl_s``
                                      after its last write
@@ -211,6 +218,9 @@ class KeySpace:
     def cpu(self, replica_id: ReplicaId) -> str:
         return f"{self.replica_base}{replica_id}:cpu"
 
+    def stamps(self, replica_id: ReplicaId) -> str:
+        return f"{self.replica_base}{replica_id}:stamps"
+
     def in_flight(self, replica_id: ReplicaId) -> str:
         return f"{self.replica_base}{replica_id}:inflight"
 
@@ -255,6 +265,7 @@ class KeySpace:
             self.gpu(replica_id),
             self.cpu(replica_id),
             self.replica(replica_id),
+            self.stamps(replica_id),
         ]
 
 

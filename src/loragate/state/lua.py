@@ -36,20 +36,25 @@ local function caps(info_key, default_gpu, default_cpu)
   return g, c
 end
 
--- residency keys: reg (SET), gpu (LIST), cpu (LIST), info (HASH)
+-- an adapter joined or left the replica's registered set: when and by whom (``stamps``)
+local function stamp(stamps, adapter, who)
+  redis.call('HSET', stamps, adapter, string.format('%.0f', now_ms()) .. ' ' .. who)
+end
+
+-- residency keys: reg (SET), gpu (LIST), cpu (LIST), info (HASH), stamps (HASH)
 -- A routed request or a load (vLLM's add_adapter ends with activate_adapter): registered,
 -- most recent in the CPU cache (its evicted leave their slots too) and in the GPU slots.
-local function res_touch(reg, gpu, cpu, info, adapter, dg, dc)
+local function res_touch(reg, gpu, cpu, info, adapter, dg, dc, stamps, who)
   local g, c = caps(info, dg, dc)
-  redis.call('SADD', reg, adapter)
+  if redis.call('SADD', reg, adapter) == 1 then stamp(stamps, adapter, who) end
   local evicted = lru_touch(cpu, adapter, c)
   for _, e in ipairs(evicted) do redis.call('LREM', gpu, 0, e) end
   lru_touch(gpu, adapter, g)
 end
 
 -- the replica does not hold the adapter (an unload, or a load it refused)
-local function res_unload(reg, gpu, cpu, adapter)
-  redis.call('SREM', reg, adapter)
+local function res_unload(reg, gpu, cpu, adapter, stamps, who)
+  if redis.call('SREM', reg, adapter) == 1 then stamp(stamps, adapter, who) end
   redis.call('LREM', gpu, 0, adapter)
   redis.call('LREM', cpu, 0, adapter)
 end
@@ -94,9 +99,9 @@ local function list_filter(key, keep)
 end
 """
 
-# KEYS: inflight, reg, gpu, cpu, info, demand
+# KEYS: inflight, reg, gpu, cpu, info, stamps, demand
 # ARGV: lease member ('' = none), lease ttl ms, adapter ('' = base model), default max_loras,
-#       default max_cpu_loras, demand ttl s
+#       default max_cpu_loras, demand ttl s, instance id
 BEGIN = (
     _COMMON
     + """
@@ -108,36 +113,58 @@ if ARGV[1] ~= '' then
   redis.call('PEXPIRE', KEYS[1], ttl)
 end
 if ARGV[3] ~= '' then
-  res_touch(KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[3], ARGV[4], ARGV[5])
-  redis.call('HINCRBY', KEYS[6], ARGV[3], 1)
-  redis.call('EXPIRE', KEYS[6], ARGV[6])
+  res_touch(KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[3], ARGV[4], ARGV[5], KEYS[6], ARGV[7])
+  redis.call('HINCRBY', KEYS[7], ARGV[3], 1)
+  redis.call('EXPIRE', KEYS[7], ARGV[6])
 end
 return 1
 """
 )
 
-# KEYS: reg, gpu, cpu, info
+# KEYS: reg, gpu, cpu, info, stamps
 # ARGV: op ('load' | 'unload' | 'reconcile'), default max_loras, default max_cpu_loras,
-#       adapters…
+#       instance id, since ms (reconcile: the caller's last read of the shared state, Redis
+#       server time; '' = never read), adapters…
 RESIDENCY = (
     _COMMON
     + """
 local op = ARGV[1]
+local who = ARGV[4]
 if op == 'load' then
-  res_touch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[4], ARGV[2], ARGV[3])
+  res_touch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[6], ARGV[2], ARGV[3], KEYS[5], who)
 elseif op == 'unload' then
-  res_unload(KEYS[1], KEYS[2], KEYS[3], ARGV[4])
+  res_unload(KEYS[1], KEYS[2], KEYS[3], ARGV[6], KEYS[5], who)
 elseif op == 'reconcile' then
-  -- the registered set becomes ARGV[4..]: only the difference is written (an unchanged set,
-  -- every poll of an idle replica, writes nothing)
-  local keep = {}
-  for i = 4, #ARGV do keep[ARGV[i]] = true end
-  for _, a in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-    if keep[a] then keep[a] = false else redis.call('SREM', KEYS[1], a) end
+  -- the registered set becomes ARGV[6..]: only the difference is written (an unchanged set,
+  -- every poll of an idle replica, writes nothing), and an adapter another instance added
+  -- or removed at or after the caller's last read keeps its state: the caller's poll may
+  -- predate that write (a poll journaled during an outage, replayed later)
+  local since = tonumber(ARGV[5])
+  local function newer(a)
+    if not since then return false end
+    local s = redis.call('HGET', KEYS[5], a)
+    if not s then return false end
+    local sp = string.find(s, ' ', 1, true)
+    return (tonumber(string.sub(s, 1, sp - 1)) or 0) >= since and string.sub(s, sp + 1) ~= who
   end
-  for i = 4, #ARGV do
-    if keep[ARGV[i]] then redis.call('SADD', KEYS[1], ARGV[i]) end
-    keep[ARGV[i]] = true
+  local seen = {}
+  for i = 6, #ARGV do seen[ARGV[i]] = true end
+  local keep = {}
+  for _, a in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+    if seen[a] or newer(a) then
+      keep[a] = true
+    else
+      redis.call('SREM', KEYS[1], a)
+      stamp(KEYS[5], a, who)
+    end
+  end
+  for i = 6, #ARGV do
+    local a = ARGV[i]
+    if not keep[a] and not newer(a) then
+      redis.call('SADD', KEYS[1], a)
+      stamp(KEYS[5], a, who)
+      keep[a] = true
+    end
   end
   list_filter(KEYS[2], keep)
   list_filter(KEYS[3], keep)
@@ -431,10 +458,10 @@ return drains
 """
 )
 
-# KEYS: refusals, the replica's reg, gpu, cpu; ARGV: field, ttl ms (0: not remembered),
-# JSON {path, error}, adapter. Sets (or replaces; ttl 0: deletes) one refusal and drops the
-# adapter from the replica's shadow residency (it did not register there), in one step: no
-# reader sees one without the other.
+# KEYS: refusals, the replica's reg, gpu, cpu, stamps; ARGV: field, ttl ms (0: not
+# remembered), JSON {path, error}, adapter, instance id. Sets (or replaces; ttl 0: deletes)
+# one refusal and drops the adapter from the replica's shadow residency (it did not register
+# there), in one step: no reader sees one without the other.
 RECORD_REFUSAL = (
     _COMMON
     + """
@@ -444,7 +471,7 @@ if ttl > 0 then
 else
   redis.call('HDEL', KEYS[1], ARGV[1])
 end
-res_unload(KEYS[2], KEYS[3], KEYS[4], ARGV[4])
+res_unload(KEYS[2], KEYS[3], KEYS[4], ARGV[4], KEYS[5], ARGV[5])
 return 1
 """
 )

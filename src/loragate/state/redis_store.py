@@ -258,6 +258,9 @@ class RedisStore:
         self._last_lease_sync_s = -math.inf
         self._adapters_cache: tuple[str, int, dict[AdapterId, AdapterSpec]] | None = None
         self.epoch: str | None = None
+        # Redis server time (ms) of this instance's last recorded read (``snapshot(as_reader=
+        # True)``): what its view of the shared state includes, for ``reconcile``'s since.
+        self.read_ms: int | None = None
         self._errors = 0
         self._failing = False
         self._demand_ttl_s = math.ceil(self.ttls.demand_retention_s + self.ttls.demand_bucket_s)
@@ -379,6 +382,7 @@ class RedisStore:
             adapter or "",
             *self._settings_args(),
             self._demand_ttl_s,
+            self.instance_id,
         ]
         return keys, args
 
@@ -417,6 +421,9 @@ class RedisStore:
         version = int(raw[0])
         epoch = str(raw[1])
         self.epoch = epoch or None
+        readers = {str(i): int(ms) for i, ms in zip(raw[6][::2], raw[6][1::2], strict=True)}
+        if as_reader:
+            self.read_ms = readers.get(self.instance_id, self.read_ms)
         if isinstance(raw[2], list):
             adapters = {n: decode_adapter(n, v) for n, v in _pairs(raw[2]).items()}
         elif cache is not None and cache[0] == epoch:
@@ -445,9 +452,7 @@ class RedisStore:
                 str(n): int(ms) / 1000.0 for n, ms in zip(raw[4][::2], raw[4][1::2], strict=True)
             },
             drains=decode_drains(raw[5]),
-            readers={
-                str(i): int(ms) / 1000.0 for i, ms in zip(raw[6][::2], raw[6][1::2], strict=True)
-            },
+            readers={i: ms / 1000.0 for i, ms in readers.items()},
             stopping=decode_stopping(raw[7]),
             degraded=False,
         )
@@ -481,11 +486,19 @@ class RedisStore:
         )
 
     # --- residency ----------------------------------------------------------------------------
-    async def _residency_op(self, replica_id: ReplicaId, op: str, adapters: list[str]) -> None:
+    async def _residency_op(
+        self, replica_id: ReplicaId, op: str, adapters: list[str], since_ms: int | None = None
+    ) -> None:
         await self._io(
             self._residency(
                 keys=self.keys.residency_keys(replica_id),
-                args=[op, *self._settings_args(), *adapters],
+                args=[
+                    op,
+                    *self._settings_args(),
+                    self.instance_id,
+                    "" if since_ms is None else since_ms,
+                    *adapters,
+                ],
             )
         )
 
@@ -495,8 +508,15 @@ class RedisStore:
     async def record_unload(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
         await self._residency_op(replica_id, "unload", [adapter])
 
-    async def reconcile(self, replica_id: ReplicaId, seen: frozenset[AdapterId]) -> None:
-        await self._residency_op(replica_id, "reconcile", sorted(seen))
+    async def reconcile(
+        self, replica_id: ReplicaId, seen: frozenset[AdapterId], *, since_ms: int | None = None
+    ) -> None:
+        """``seen`` becomes the registered set, except for the adapters another instance added
+        or removed at or after ``since_ms`` (Redis server time: the caller's last read of the
+        shared state, ``read_ms``), which keep their state: the caller did not know of that
+        write, and its poll may predate it (one journaled during an outage and replayed after
+        a newer load). None: ``seen`` as it is."""
+        await self._residency_op(replica_id, "reconcile", sorted(seen), since_ms)
 
     # --- adapter registry ---------------------------------------------------------------------
     async def put_adapter(self, spec: AdapterSpec, *, epoch: str | None = None) -> bool:
@@ -600,12 +620,19 @@ class RedisStore:
         k = self.keys
         await self._io(
             self._record_refusal(
-                keys=[k.refusals, k.registered(replica_id), k.gpu(replica_id), k.cpu(replica_id)],
+                keys=[
+                    k.refusals,
+                    k.registered(replica_id),
+                    k.gpu(replica_id),
+                    k.cpu(replica_id),
+                    k.stamps(replica_id),
+                ],
                 args=[
                     refusal_field(replica_id, adapter),
                     max(1, math.ceil(ttl_s * 1000)) if ttl_s > 0 else 0,
                     encode_refusal(path, error),
                     adapter,
+                    self.instance_id,
                 ],
             )
         )

@@ -30,6 +30,9 @@ The gateway's store in a multi-instance deployment. It keeps a local mirror (a
   round trips whatever the traffic: the requests' touches are replayed in pipelined batches,
   and what traffic adds meanwhile is left to the next maintenance round (see
   ``_recover_locked``), so a resync on a saturated host is not a race against the requests.
+  A replayed poll (``reconcile``) does not undo a newer write: it carries this instance's last
+  read of the shared state, and Redis leaves alone the adapters another instance added to or
+  removed from that replica since (``P rep:R:stamps``), e.g. a load made after Redis returned.
 
 Adapter-load refusals ride the same refresh: a refusal recorded here is in the mirror at
 once; a refresh whose snapshot may predate one of this instance's refusal writes (one was in
@@ -526,7 +529,10 @@ class ResilientStore:
         if res.registered == seen and seen.issuperset(res.gpu) and seen.issuperset(res.cpu):
             return
         await self._local.reconcile(replica_id, seen)
-        await self._write(lambda r: r.reconcile(replica_id, seen))
+        # What our view includes now: Redis leaves alone what another instance changed since
+        # (this poll may predate it, above all if it waits in the journal for Redis to return).
+        since_ms = self._remote.read_ms
+        await self._write(lambda r: r.reconcile(replica_id, seen, since_ms=since_ms))
 
     # --- adapter registry -------------------------------------------------------------------------
     async def put_adapter(self, spec: AdapterSpec) -> bool:
