@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-import uuid
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis.asyncio as aioredis
+from store_kinds import STORE_KINDS, store_of_kind
 
 from loragate.core.clock import VirtualClock
-from loragate.state.keys import KeySpace
-from loragate.state.memory import MemoryStore
 from loragate.state.redis_store import RedisStore
 from loragate.state.resilient import ResilientStore
 from loragate.state.store import ReplicaRecord, StateStore
@@ -23,23 +21,10 @@ from redis_fixture import RedisServer
 StoreFactory = Callable[..., RedisStore]
 
 
-@pytest.fixture(params=["memory", "redis", "resilient"])
+@pytest.fixture(params=STORE_KINDS)
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    server: RedisServer = request.getfixturevalue("redis_server")
-    remote = RedisStore.from_url(
-        server.url, keys=KeySpace(prefix=f"d{uuid.uuid4().hex[:6]}:"), op_timeout_s=2.0
-    )
-    if request.param == "redis":
-        yield remote
-    else:
-        resilient = ResilientStore(remote)
-        await resilient.start()
-        assert not resilient.degraded
-        yield resilient
-    await remote.close()
+    async with store_of_kind(request) as made:
+        yield made
 
 
 async def test_set_and_clear_are_idempotent_and_keep_the_first_time(store: StateStore) -> None:

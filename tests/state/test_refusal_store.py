@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis.asyncio as aioredis
+from store_kinds import STORE_KINDS, store_of_kind
 
 from loragate.core.clock import VirtualClock
 from loragate.state.keys import KeySpace
@@ -31,19 +32,10 @@ def _plain(refusals: RefusalMap) -> dict[str, dict[str, tuple[str, str]]]:
     }
 
 
-@pytest.fixture(params=["memory", "redis", "resilient"])
-async def store(
-    request: pytest.FixtureRequest, redis_stores: StoreFactory
-) -> AsyncIterator[StateStore]:
-    if request.param == "memory":
-        yield MemoryStore()
-    elif request.param == "redis":
-        yield redis_stores()
-    else:
-        resilient = ResilientStore(redis_stores())
-        await resilient.start()
-        assert not resilient.degraded
-        yield resilient
+@pytest.fixture(params=STORE_KINDS)
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
+    async with store_of_kind(request) as made:
+        yield made
 
 
 async def test_record_replace_and_forget(store: StateStore) -> None:

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+from store_kinds import STORE_KINDS, store_of_kind
 
 from loragate.core.clock import VirtualClock
 from loragate.core.types import AdapterSpec, ReplicaSettings, ReplicaSnapshot, Residency
@@ -22,23 +23,10 @@ SETTINGS = ReplicaSettings(max_loras=2, max_cpu_loras=3)
 TTLS = Ttls(demand_bucket_s=10.0, demand_retention_s=3600.0)
 
 
-@pytest.fixture(params=["memory", "redis", "resilient"])
+@pytest.fixture(params=STORE_KINDS)
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
-    if request.param == "memory":
-        yield MemoryStore(ttls=TTLS)
-    else:
-        server: RedisServer = request.getfixturevalue("redis_server")
-        redis_store = RedisStore.from_url(
-            server.url, keys=KeySpace(prefix="contract:"), ttls=TTLS, op_timeout_s=2.0
-        )
-        if request.param == "redis":
-            yield redis_store
-        else:
-            resilient = ResilientStore(redis_store)
-            await resilient.start()
-            assert not resilient.degraded
-            yield resilient
-        await redis_store.close()
+    async with store_of_kind(request, ttls=TTLS) as made:
+        yield made
 
 
 async def add_replicas(store: StateStore, *ids: str) -> None:
