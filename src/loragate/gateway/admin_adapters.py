@@ -143,7 +143,8 @@ class AdapterAdmin:
         self._gw = gateway
         self._placer = LoadPlacer()  # where a registration's load is tried first
         self._said_embedded = False  # the embedded store's warning was logged
-        # The admin writes under way (POST's, PUT's: ``run_to_the_end``), held till they end.
+        # The admin writes under way (POST's, PUT's, DELETE's: ``run_to_the_end``), held till
+        # they end.
         self.running: set[asyncio.Task[Any]] = gateway.admin_writes
         # One write of a name at a time on this instance (POST, PUT, DELETE: each whole).
         self.names: NameLocks = gateway.admin_names
@@ -403,8 +404,19 @@ class AdapterAdmin:
         raise InvalidRequestError(message, param="path")
 
     async def delete_adapter(self, request: web.Request) -> web.Response:
-        """After any other write of the name on this instance (``names``)."""
-        async with self.names.held(request.match_info["name"]):
+        name = request.match_info["name"]
+        return await run_to_the_end(
+            self._delete_held(name, request),
+            keep=self.running,
+            req_id=request[REQUEST_ID],
+            what=f"the deletion of adapter {name!r}",
+        )
+
+    async def _delete_held(self, name: str, request: web.Request) -> web.Response:
+        """``DELETE``'s store write and its unloads (``run_to_the_end``: done even if the
+        client leaves, so a client timeout does not stop the unloads halfway), after any other
+        write of the name on this instance (``names``)."""
+        async with self.names.held(name):
             return await self._delete(request)
 
     async def _delete(self, request: web.Request) -> web.Response:

@@ -258,8 +258,8 @@ async def _finish_admin_writes(
     gateway: Gateway, deadline: float, hurry: asyncio.Event | None
 ) -> None:
     """Wait until ``deadline`` (the drain period's end; a set ``hurry``: not at all) for the
-    admin writes still running (``Gateway.admin_writes``: a ``POST``/``PUT`` whose client
-    may have left, its replica loads, store swap or undoing), then cancel those
+    admin writes still running (``Gateway.admin_writes``: a ``POST``/``PUT``/``DELETE`` whose
+    client may have left, its replica loads or unloads, store swap or undoing), then cancel those
     left, each logged: without this the app cleanup closed their sessions under them."""
     writes = {t for t in gateway.admin_writes if not t.done()}
     if not writes:
