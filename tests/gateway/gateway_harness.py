@@ -11,7 +11,7 @@ import re
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import openai
 import pydantic
@@ -30,6 +30,8 @@ class ScriptedReplica(StubVllm):
     set, is written to the socket as the whole answer (bytes exactly as given: broken framing,
     a body cut short; a list is written piece by piece, 10 ms apart), then the connection is
     closed."""
+
+    runner: web.AppRunner  # its server, set by serving_replicas (cleanup() takes it down)
 
     def __init__(self, name: str) -> None:
         super().__init__(BASE)  # health, /v1/models and the admin API with vLLM's answers
@@ -244,13 +246,24 @@ class PickyReplica(ScriptedReplica):
         return await super()._load(request)
 
 
+_Replica = TypeVar("_Replica", bound=ScriptedReplica)
+
+
 @contextlib.asynccontextmanager
-async def picky_replicas(n: int = 2) -> AsyncIterator[list[PickyReplica]]:
-    """``n`` picky replicas ``r0``.. serving on loopback."""
+async def serving_replicas(
+    make: Callable[[str], _Replica], n: int = 2
+) -> AsyncIterator[list[_Replica]]:
+    """``n`` replicas ``make("r0")``, ``make("r1")``.. serving on loopback, each with its
+    ``url`` and its ``runner`` (``runner.cleanup()`` takes one down); all stopped at the end."""
     async with contextlib.AsyncExitStack() as stack:
         out = []
         for i in range(n):
-            rep = PickyReplica(f"r{i}")
-            rep.url, _ = await stack.enter_async_context(serving(rep.app))
+            rep = make(f"r{i}")
+            rep.url, rep.runner = await stack.enter_async_context(serving(rep.app))
             out.append(rep)
         yield out
+
+
+def picky_replicas(n: int = 2) -> contextlib.AbstractAsyncContextManager[list[PickyReplica]]:
+    """``n`` picky replicas ``r0``.. serving on loopback."""
+    return serving_replicas(PickyReplica, n)

@@ -6,7 +6,6 @@ retries), none at INFO. In-process gateway over loopback, the openai SDK as clie
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import re
@@ -23,7 +22,7 @@ from gateway_harness import (
     gateway_config,
     openai_client,
     serve_process,
-    serving,
+    serving_replicas,
 )
 
 from loragate.gateway import running_gateway
@@ -34,12 +33,7 @@ TENANTS = [{"name": "acme", "api_keys": ["sk-acme"]}]
 
 @pytest.fixture
 async def replicas() -> AsyncIterator[list[ScriptedReplica]]:
-    async with contextlib.AsyncExitStack() as stack:
-        out = []
-        for i in range(2):
-            rep = ScriptedReplica(f"r{i}")
-            rep.url, _ = await stack.enter_async_context(serving(rep.app))
-            out.append(rep)
+    async with serving_replicas(ScriptedReplica) as out:
         yield out
 
 

@@ -22,7 +22,7 @@ from gateway_harness import (
     ScriptedReplica,
     gateway_config,
     openai_client,
-    serving,
+    serving_replicas,
     wait_until,
 )
 from shared_cluster import AUTH as SHARED_AUTH
@@ -172,12 +172,7 @@ async def test_concurrent_registrations_do_not_all_land_on_one_replica(tmp_path:
 
 async def test_the_replica_with_fewer_requests_in_flight_gets_the_load() -> None:
     async with contextlib.AsyncExitStack() as stack:
-        reps = []
-        for i in range(2):
-            rep = ScriptedReplica(f"r{i}")
-            rep.url, _ = await stack.enter_async_context(serving(rep.app))
-            reps.append(rep)
-        r0, r1 = reps
+        r0, r1 = await stack.enter_async_context(serving_replicas(ScriptedReplica))
         r0.answer_gate = asyncio.Event()  # r0 holds its answers: its requests stay in flight
         gw = await stack.enter_async_context(
             running_gateway(gateway_config([r0.url, r1.url], admin={"token": TOKEN}), port=0)

@@ -8,15 +8,13 @@ loopback answer as vLLM does."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
-from gateway_harness import PickyReplica, gateway_config, openai_client, picky_replicas, serving
+from gateway_harness import PickyReplica, gateway_config, openai_client, picky_replicas
 
 from loragate.gateway import running_gateway
 
@@ -106,25 +104,13 @@ async def test_a_replica_that_refuses_while_another_loads_it_keeps_its_refusal()
         assert refused == {"r0": {"extra"}, "r1": set()}
 
 
-@contextlib.asynccontextmanager
-async def _replicas_with_runners(n: int) -> AsyncIterator[list[tuple[PickyReplica, Any]]]:
-    """``n`` picky replicas with their runners (``runner.cleanup()`` takes one down)."""
-    async with contextlib.AsyncExitStack() as stack:
-        out = []
-        for i in range(n):
-            rep = PickyReplica(f"r{i}")
-            rep.url, runner = await stack.enter_async_context(serving(rep.app))
-            out.append((rep, runner))
-        yield out
-
-
 async def test_an_unreachable_replica_is_passed_over_for_one_that_loads_it(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    async with _replicas_with_runners(2) as reps:
-        (r0, r0_runner), (r1, _) = reps
+    async with picky_replicas(2) as reps:
+        r0, r1 = reps
         async with running_gateway(_cfg([r0, r1]), port=0) as gw:
-            await r0_runner.cleanup()  # polled healthy at start, nothing listening now
+            await r0.runner.cleanup()  # polled healthy at start, nothing listening now
             spec = {"name": "extra", "path": "/loras/extra"}
             with caplog.at_level(logging.INFO, logger="loragate.gateway.admin"):
                 status, body = await _admin(gw.url, "POST", "/admin/adapters", spec)
@@ -142,15 +128,15 @@ async def test_an_unreachable_replica_is_passed_over_for_one_that_loads_it(
 
 
 async def test_a_path_the_reachable_replicas_refuse_is_a_400_naming_the_unreachable_ones() -> None:
-    async with _replicas_with_runners(3) as reps:
-        (r0, _), (r1, r1_runner), (r2, _) = reps
+    async with picky_replicas(3) as reps:
+        r0, r1, r2 = reps
         r0.load_delay_s = 3600.0  # takes the load and never answers: past admin_timeout_s
         r2.refuse = {"big"}
         cfg = gateway_config(
             [r.url for r in (r0, r1, r2)], admin={"token": TOKEN}, limits={"admin_timeout_s": 0.5}
         )
         async with running_gateway(cfg, port=0) as gw:
-            await r1_runner.cleanup()  # polled healthy at start, nothing listening now
+            await r1.runner.cleanup()  # polled healthy at start, nothing listening now
             spec = {"name": "big", "path": "/loras/big"}
             status, body = await _admin(gw.url, "POST", "/admin/adapters", spec)
             assert status == 400, body
@@ -172,11 +158,11 @@ async def test_a_registration_no_replica_could_be_asked_about_stays(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async with (
-        _replicas_with_runners(2) as reps,
-        running_gateway(_cfg([r for r, _ in reps]), port=0) as gw,
+        picky_replicas(2) as reps,
+        running_gateway(_cfg(reps), port=0) as gw,
     ):
-        for _, runner in reps:
-            await runner.cleanup()
+        for rep in reps:
+            await rep.runner.cleanup()
         spec = {"name": "later", "path": "/loras/later"}
         with caplog.at_level(logging.WARNING, logger="loragate.gateway.admin"):
             status, body = await _admin(gw.url, "POST", "/admin/adapters", spec)

@@ -67,7 +67,7 @@ async def test_an_unreachable_replica_is_named_by_its_id(
     with caplog.at_level(logging.WARNING, logger="loragate.gateway.proxy"):
         async with running_gateway(cfg, port=0) as gw:
             for rep in replicas:  # both die after the first poll found them healthy
-                await rep.runner.cleanup()  # type: ignore[attr-defined]
+                await rep.runner.cleanup()
             status, err = await _post(
                 gw.url + "/v1/completions", {"model": model, "prompt": "p", "max_tokens": 1}
             )

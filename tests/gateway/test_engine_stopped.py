@@ -28,7 +28,7 @@ from gateway_harness import (
     ScriptedReplica,
     gateway_config,
     openai_client,
-    serving,
+    serving_replicas,
     wait_until,
 )
 
@@ -116,12 +116,7 @@ class StoppingReplica(ScriptedReplica):
 
 @pytest.fixture
 async def replicas() -> AsyncIterator[list[StoppingReplica]]:
-    async with contextlib.AsyncExitStack() as stack:
-        out = []
-        for i in range(2):
-            rep = StoppingReplica(f"r{i}")
-            rep.url, _ = await stack.enter_async_context(serving(rep.app))
-            out.append(rep)
+    async with serving_replicas(StoppingReplica) as out:
         yield out
 
 

@@ -148,7 +148,7 @@ async def test_replica_killed_mid_run(replicas: list[ScriptedReplica]) -> None:
 
         first = await asyncio.gather(*(one(i) for i in range(10)))
         assert {"hi from r0", "hi from r1"} == set(first)
-        await replicas[1].runner.cleanup()  # type: ignore[attr-defined]
+        await replicas[1].runner.cleanup()
         after = await asyncio.gather(*(one(i) for i in range(20)))
         assert set(after) == {"hi from r0"}  # every request still answered
         assert [s.replica_id for s in gw.gateway.pool.healthy_snapshots()] == ["r0"]

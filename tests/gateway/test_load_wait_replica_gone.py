@@ -18,7 +18,6 @@ as uvicorn closes it on SIGTERM), the gateway in-process, the openai SDK as clie
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from gateway_harness import (
     ScriptedReplica,
     gateway_config,
     openai_client,
-    serving,
+    serving_replicas,
     wait_until,
 )
 from metric_counts import counts
@@ -77,7 +76,7 @@ class HeldLoads(ScriptedReplica):
         return await super()._completions(request)
 
     async def stop_listening(self) -> None:
-        runner: web.AppRunner = self.runner  # type: ignore[attr-defined]
+        runner: web.AppRunner = self.runner
         for site in list(runner.sites):
             await site.stop()
         assert runner.server is not None
@@ -90,12 +89,7 @@ class HeldLoads(ScriptedReplica):
 @pytest.fixture
 async def replicas() -> AsyncIterator[list[HeldLoads]]:
     """r0, r1, r2 on loopback."""
-    async with contextlib.AsyncExitStack() as stack:
-        out = []
-        for i in range(3):
-            rep = HeldLoads(f"r{i}")
-            rep.url, rep.runner = await stack.enter_async_context(serving(rep.app))  # type: ignore[attr-defined]
-            out.append(rep)
+    async with serving_replicas(HeldLoads, 3) as out:
         yield out
 
 

@@ -133,7 +133,7 @@ async def test_an_adapter_load_that_does_not_get_through_counts_a_retry() -> Non
     async with contextlib.AsyncExitStack() as stack:
         pair = []
         for rep in (_DroppingLoads("r0"), ScriptedReplica("r1")):
-            rep.url, rep.runner = await stack.enter_async_context(serving(rep.app))  # type: ignore[attr-defined]
+            rep.url, rep.runner = await stack.enter_async_context(serving(rep.app))
             pair.append(rep)
         text = await _serve_two(pair, "lora-0", "load_failed")
         assert pair[0].load_calls == 1

@@ -17,7 +17,13 @@ from typing import Any
 import aiohttp
 import yaml
 from aiohttp import web
-from gateway_harness import BASE, ScriptedReplica, openai_client, serve_process, serving
+from gateway_harness import (
+    BASE,
+    ScriptedReplica,
+    openai_client,
+    serve_process,
+    serving_replicas,
+)
 
 from loragate.gateway import load_config, running_gateway
 
@@ -39,12 +45,7 @@ class CountingReplica(ScriptedReplica):
 
 @contextlib.asynccontextmanager
 async def _replicas() -> AsyncIterator[list[CountingReplica]]:
-    async with contextlib.AsyncExitStack() as stack:
-        out = []
-        for i in range(2):
-            rep = CountingReplica(f"r{i}")
-            rep.url, _ = await stack.enter_async_context(serving(rep.app))
-            out.append(rep)
+    async with serving_replicas(CountingReplica) as out:
         yield out
 
 

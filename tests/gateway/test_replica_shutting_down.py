@@ -12,7 +12,6 @@ request in flight; a second simulated replica; the openai SDK as the client."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,13 @@ import openai
 import pytest
 from aiohttp import web
 from draining import DRAIN_500, draining_replica
-from gateway_harness import BASE, ScriptedReplica, gateway_config, openai_client, serving
+from gateway_harness import (
+    BASE,
+    ScriptedReplica,
+    gateway_config,
+    openai_client,
+    serving_replicas,
+)
 from metric_counts import counts
 
 from loragate.gateway import running_gateway
@@ -125,12 +130,7 @@ class DrainingScripted(ScriptedReplica):
 
 @pytest.fixture
 async def scripted() -> AsyncIterator[list[DrainingScripted]]:
-    async with contextlib.AsyncExitStack() as stack:
-        out = []
-        for i in range(2):
-            rep = DrainingScripted(f"r{i}")
-            rep.url, _ = await stack.enter_async_context(serving(rep.app))
-            out.append(rep)
+    async with serving_replicas(DrainingScripted) as out:
         yield out
 
 

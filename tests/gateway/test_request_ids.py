@@ -7,14 +7,19 @@ gateways over loopback, scripted replicas, the openai SDK as client."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
 import openai
 import pytest
 from aiohttp import web
-from gateway_harness import BASE, ScriptedReplica, gateway_config, openai_client, serving
+from gateway_harness import (
+    BASE,
+    ScriptedReplica,
+    gateway_config,
+    openai_client,
+    serving_replicas,
+)
 
 from loragate.gateway import running_gateway
 
@@ -37,12 +42,7 @@ class IdReplica(ScriptedReplica):
 
 @pytest.fixture
 async def id_replicas() -> AsyncIterator[list[IdReplica]]:
-    async with contextlib.AsyncExitStack() as stack:
-        out = []
-        for i in range(2):
-            rep = IdReplica(f"r{i}")
-            rep.url, _ = await stack.enter_async_context(serving(rep.app))
-            out.append(rep)
+    async with serving_replicas(IdReplica) as out:
         yield out
 
 

@@ -20,7 +20,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 from draining import DRAIN_500, draining_replica
-from gateway_harness import BASE, ScriptedReplica, gateway_config, openai_client, serving
+from gateway_harness import (
+    BASE,
+    ScriptedReplica,
+    gateway_config,
+    openai_client,
+    serving_replicas,
+)
 from metric_counts import counts
 from shared_cluster import eventually
 
@@ -135,12 +141,7 @@ class DrainingScripted(ScriptedReplica):
 
 @pytest.fixture
 async def scripted() -> AsyncIterator[list[DrainingScripted]]:
-    async with contextlib.AsyncExitStack() as stack:
-        out = []
-        for i in range(2):
-            rep = DrainingScripted(f"r{i}")
-            rep.url, _ = await stack.enter_async_context(serving(rep.app))
-            out.append(rep)
+    async with serving_replicas(DrainingScripted) as out:
         yield out
 
 

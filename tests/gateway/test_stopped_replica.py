@@ -14,7 +14,6 @@ closed while its connections stay open (its aiohttp site stopped)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,7 +26,7 @@ from gateway_harness import (
     ScriptedReplica,
     gateway_config,
     openai_client,
-    serving,
+    serving_replicas,
     wait_until,
 )
 from metric_counts import counts
@@ -55,7 +54,7 @@ class StoppingReplica(ScriptedReplica):
             self.busy.discard(request.transport)
 
     async def stop_listening(self) -> None:
-        runner: web.AppRunner = self.runner  # type: ignore[attr-defined]
+        runner: web.AppRunner = self.runner
         for site in list(runner.sites):
             await site.stop()
         assert runner.server is not None
@@ -68,12 +67,7 @@ class StoppingReplica(ScriptedReplica):
 @pytest.fixture
 async def replicas() -> AsyncIterator[list[StoppingReplica]]:
     """r0 and r1 (the conftest's scripted replicas, able to stop listening)."""
-    async with contextlib.AsyncExitStack() as stack:
-        out = []
-        for i in range(2):
-            rep = StoppingReplica(f"r{i}")
-            rep.url, rep.runner = await stack.enter_async_context(serving(rep.app))  # type: ignore[attr-defined]
-            out.append(rep)
+    async with serving_replicas(StoppingReplica) as out:
         yield out
 
 

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from gateway_harness import BASE, ScriptedReplica, serving
+from gateway_harness import BASE, ScriptedReplica, serving_replicas
 
 from loragate.gateway import load_config, running_gateway
 
@@ -59,9 +59,7 @@ async def test_a_version_whose_second_replica_a_reload_removed_answers_with_its_
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
-        reps = [VersionReplica("r0"), VersionReplica("r1")]
-        for rep in reps:
-            rep.url, _ = await stack.enter_async_context(serving(rep.app))
+        reps = await stack.enter_async_context(serving_replicas(VersionReplica))
         first = reps[0]
         first.gate = asyncio.Event()
         path = _write(tmp_path / "gw.yaml", reps)
