@@ -23,6 +23,13 @@ for an adapter it would have to load goes there; base-model requests still do), 
 and checks it again later with a load that cannot succeed and changes nothing
 (:data:`CHECK_NAME` from :data:`CHECK_PATH`, a path that does not exist: a LoRA-enabled vLLM
 answers 404 "No adapter found", registering nothing).
+
+Gateway instances on one state store share what they find: the finding is shared as the
+replica's refusal of the check load (:data:`CHECK_NAME`, from :func:`shared_path` of its
+cause, the replica's answer as the error; ``backends.refusals``), so every instance stops
+sending that replica adapter requests at its next state refresh instead of each paying one
+retried request to learn it; a check that finds the replica serving adapters again ends it
+for all.
 """
 
 from __future__ import annotations
@@ -43,6 +50,17 @@ ROUTE_NOT_FOUND = '{"detail":"Not Found"}'
 # The check load: refused by a LoRA-off replica as any load is, a 404 from any other.
 CHECK_NAME = "loragate-lora-check"
 CHECK_PATH = "/nonexistent/loragate-lora-check"
+
+
+def shared_path(cause: str) -> str:
+    """The path a shared finding of ``cause`` is recorded with (the check load's, tagged)."""
+    return f"{CHECK_PATH}#{cause}"
+
+
+def cause_of_shared(path: str) -> str | None:
+    """The cause a shared finding's path (:func:`shared_path`) names, None if it names none."""
+    base, _, cause = path.partition("#")
+    return cause if base == CHECK_PATH and cause in CAUSES else None
 
 
 def cause_of(status: int | None, message: str) -> str | None:

@@ -11,6 +11,14 @@ exist) every ``poller.adapter_refusal_ttl_s`` and at its first answered poll aft
 (it may have restarted with other flags); a ``/metrics`` with ``vllm:lora_requests_info`` lets
 a replica marked for no ``--enable-lora`` go at once. A replica whose ``/metrics`` shows
 generated tokens without that gauge is checked so before any request finds out.
+
+Shared by the gateway instances on one state store (``backends.lora_off``): a replica this
+instance finds serving no adapters is told to the others (for twice
+``poller.adapter_refusal_ttl_s``, renewed by each check that finds it so again), who mark it
+at their next state refresh (:meth:`PoolLoraOff._adopt_lora_off`, logged at INFO) without a
+request of theirs paying a failed load; a check of any instance that finds it serving
+adapters again ends the finding for all, and a finding no longer shared (ended, or lapsed:
+its finder is gone) lets the replica go here too.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Mapping
 
 from loragate.backends.lora_off import (
     CHECK_NAME,
@@ -25,8 +34,10 @@ from loragate.backends.lora_off import (
     LORA_DISABLED,
     LoraOff,
     cause_of,
+    cause_of_shared,
     explain,
     looks_lora_off,
+    shared_path,
 )
 from loragate.backends.metrics import VllmMetrics
 from loragate.backends.pool_state import PoolState
@@ -95,11 +106,17 @@ class PoolLoraOff(PoolState):
         if off is not None:
             self._lora_back(rep, "a check load was answered as by a server that loads adapters")
 
-    def _mark_lora_off(self, rep: ReplicaEntry, cause: str, answer: str) -> None:
+    def _mark_lora_off(
+        self, rep: ReplicaEntry, cause: str, answer: str, *, found_here: bool = True
+    ) -> None:
         """``rep`` serves no adapters (``cause``, the replica's ``answer``): said once (until the
-        cause changes), checked again in ``poller.adapter_refusal_ttl_s``."""
+        cause changes), checked again in ``poller.adapter_refusal_ttl_s``. ``found_here``: by
+        this instance's load or check (told to the other instances), else by another's."""
         rid = rep.config.replica_id
-        check_at_s = self._clock.now() + self._poller.adapter_refusal_ttl_s
+        ttl_s = self._poller.adapter_refusal_ttl_s
+        if found_here:
+            self.refusals.share_finding(rid, shared_path(cause), answer, 2 * ttl_s)
+        check_at_s = self._clock.now() + ttl_s
         old = rep.lora_off
         off = LoraOff(cause=cause, answer=answer, check_at_s=check_at_s)
         for entry in self._entries_of(rep):
@@ -107,7 +124,14 @@ class PoolLoraOff(PoolState):
         current = self._replicas.get(rid)
         if current is not None and current.lora_off is off:  # (not a retired entry's)
             self.lora_off[rid] = off
-        if old is None or old.cause != cause:
+        if not found_here:
+            if old is None or old.cause != cause:
+                log.info(
+                    "replica %s (%s) serves no adapters (another gateway instance on this "
+                    "state store found so): %s (it answered: %s)",
+                    rid, rep.config.url, explain(cause), answer,
+                )  # fmt: skip
+        elif old is None or old.cause != cause:
             log.warning(
                 "replica %s (%s) serves no adapters: %s (it answered an adapter load: %s); "
                 "checked again every %g s and when it restarts",
@@ -117,14 +141,38 @@ class PoolLoraOff(PoolState):
         else:
             log.debug("replica %s still serves no adapters: %s", rid, answer)
 
-    def _lora_back(self, rep: ReplicaEntry, why: str) -> None:
+    def _lora_back(self, rep: ReplicaEntry, why: str, *, found_here: bool = True) -> None:
+        """``rep`` serves adapters again; ``found_here``: this instance found so (the finding
+        ends for every instance), else the shared finding ended."""
         rid = rep.config.replica_id
+        if found_here:
+            self.refusals.clear_finding(rid)
         for entry in self._entries_of(rep):
             entry.lora_off = None
         current = self._replicas.get(rid)
         if current is None or current.lora_off is None:
             self.lora_off.pop(rid, None)
         log.info("replica %s (%s) serves adapters again: %s", rid, rep.config.url, why)
+
+    def _adopt_lora_off(self, findings: Mapping[ReplicaId, tuple[str, str, float]]) -> None:
+        """The replicas the instances on the state store hold as serving no adapters
+        (replica -> (the finding's path, the replica's answer, seconds left); each refresh
+        while any is, and once after the last ends): marked here too, and a replica marked
+        here that is not among them any more let go (another instance found it serving
+        adapters again, or the finding lapsed). This instance's own findings are among them
+        (written before the shared refusals are handed over)."""
+        for rep in list(self._replicas.values()):
+            found = findings.get(rep.config.replica_id)
+            cause = None if found is None else cause_of_shared(found[0])
+            if found is not None and cause is not None:
+                if rep.lora_off is None or rep.lora_off.cause != cause:
+                    self._mark_lora_off(rep, cause, found[1], found_here=False)
+            elif rep.lora_off is not None:
+                self._lora_back(
+                    rep,
+                    "no gateway instance on the state store holds it as serving none any more",
+                    found_here=False,
+                )
 
     def takes_adapter(self, replica_id: ReplicaId, adapter: str) -> bool:
         """Whether a request for ``adapter`` may go to the replica: it serves adapters, or it

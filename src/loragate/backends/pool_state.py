@@ -18,6 +18,7 @@ import aiohttp
 
 from loragate.backends.client import VllmClient
 from loragate.backends.lora_off import (
+    CHECK_NAME,
     LoraOff,
 )
 from loragate.backends.pool_types import STOPPING_HOLD_S, PoolListener, ReplicaEntry
@@ -72,7 +73,11 @@ class PoolState:
         self._unloads_seen_s = self._clock.now()
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
-        self.refusals = Refusals(self._poller.adapter_refusal_ttl_s, self._clock)
+        # Findings that a replica serves no adapters ride the refusals, as the check load's.
+        self.refusals = Refusals(
+            self._poller.adapter_refusal_ttl_s, self._clock, findings_name=CHECK_NAME
+        )
+        self.refusals.on_findings = self._adopt_lora_off
         self._listener: PoolListener | None = None
         self.listener = listener
         # The model every replica must serve (None: not checked). A reload may change it.
@@ -103,6 +108,9 @@ class PoolState:
         # found needed: ``<id>-reload``; a deleted adapter's unload: ``<id>-unload``); the
         # gateway's generator (``gateway.request_ids``). None: sent without X-Request-Id.
         self.new_request_id: Callable[[], str] | None = None
+
+    def _adopt_lora_off(self, findings: Mapping[ReplicaId, tuple[str, str, float]]) -> None:
+        """The replicas every instance holds as serving no adapters (``PoolLoraOff``)."""
 
     @staticmethod
     def _new_replica(cfg: ReplicaConfig) -> ReplicaEntry:

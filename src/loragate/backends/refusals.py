@@ -19,11 +19,18 @@ store's refusals back with :meth:`Refusals.adopt` as its view of the shared stat
 so a refusal seen by one instance keeps every instance off that replica for that adapter. The
 expiry of a shared refusal is the store's. ``counts`` (the metric) stays per instance: the
 refused loads this instance made.
+
+The same channel carries findings about a replica as a whole (``backends.lora_off``: it
+serves no adapters): a refusal of the pseudo-adapter :attr:`Refusals.findings_name` (the LoRA
+check load's name). :meth:`Refusals.share_finding` and :meth:`Refusals.clear_finding` tell
+the sink; :meth:`Refusals.adopt` hands the shared findings to :attr:`Refusals.on_findings`
+(the pool) and keeps them out of ``by_adapter``: no request names that adapter, and the admin
+API and ``/metrics`` show them as the replica's ``lora_off``, not as refusals.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -61,18 +68,34 @@ class RefusalSink(Protocol):
 
 # Adapter -> replica -> (path, the replica's error, seconds left): a sink's shared set.
 SharedRefusals = Mapping[str, Mapping[ReplicaId, tuple[str, str, float]]]
+# Replica -> (path, the replica's answer, seconds left): the shared findings about replicas.
+SharedFindings = Mapping[ReplicaId, tuple[str, str, float]]
 
 
 class Refusals:
     """Refused adapter loads per adapter and replica (``ttl_s`` 0: none are remembered, only
     counted)."""
 
-    __slots__ = ("_now", "by_adapter", "counts", "sink", "ttl_s")
+    __slots__ = (
+        "_findings_held",
+        "_now",
+        "by_adapter",
+        "counts",
+        "findings_name",
+        "on_findings",
+        "sink",
+        "ttl_s",
+    )
 
-    def __init__(self, ttl_s: float, clock: Clock) -> None:
+    def __init__(self, ttl_s: float, clock: Clock, *, findings_name: str | None = None) -> None:
         self.ttl_s = ttl_s
         self._now = clock.now
         self.sink: RefusalSink | None = None
+        # The pseudo-adapter whose refusals are findings about replicas (see the module), and
+        # who is handed the shared ones (``adopt``); whether it was last handed any.
+        self.findings_name = findings_name
+        self.on_findings: Callable[[SharedFindings], None] | None = None
+        self._findings_held = False
         # Adapter -> replica -> refusal; read-only outside this class (the proxy checks
         # ``name in by_adapter`` before calling :meth:`refusing`: no call while none refused).
         self.by_adapter: dict[str, dict[ReplicaId, Refusal]] = {}
@@ -148,17 +171,43 @@ class Refusals:
             if not by_replica:
                 del self.by_adapter[name]
 
+    @property
+    def holds_findings(self) -> bool:
+        """Whether :attr:`on_findings` was last handed some (``adopt`` must tell it their
+        end even while no refusal is shared)."""
+        return self._findings_held
+
+    def share_finding(self, replica_id: ReplicaId, path: str, answer: str, ttl_s: float) -> None:
+        """Tell the other instances a finding about the replica as a whole (the refusal of
+        :attr:`findings_name` from ``path``, the replica's ``answer``), in force for
+        ``ttl_s``. Nothing is shared while refusals are not remembered (``ttl_s`` 0)."""
+        name = self.findings_name
+        if self.sink is not None and name is not None and self.ttl_s > 0 and ttl_s > 0:
+            spec = AdapterSpec(name=name, path=path)
+            self.sink.refusal_recorded(replica_id, spec, answer, ttl_s)
+
+    def clear_finding(self, replica_id: ReplicaId) -> None:
+        """The finding about the replica no longer holds: it ends for every instance."""
+        name = self.findings_name
+        if self.sink is not None and name is not None and self.ttl_s > 0:
+            self.sink.refusals_forgotten(name, replica_id)
+
     def adopt(self, shared: SharedRefusals) -> None:
         """Take the shared set as this instance's refusals (in place: ``by_adapter`` stays
-        the same dict). With ``ttl_s`` 0 none are remembered, shared ones neither."""
+        the same dict), and hand the shared findings to :attr:`on_findings` (none: an empty
+        mapping, once, after some). With ``ttl_s`` 0 none are remembered, shared ones neither."""
         by_adapter = self.by_adapter
-        if not shared and not by_adapter:
-            return
+        if not shared and not by_adapter and not self._findings_held:
+            return  # (nothing here, nothing shared)
         now = self._now()
         by_adapter.clear()
         if self.ttl_s <= 0:
             return
+        findings: SharedFindings = {}
         for name, by_replica in shared.items():
+            if name == self.findings_name:
+                findings = {rid: f for rid, f in by_replica.items() if f[2] > 0}
+                continue
             kept = {
                 rid: Refusal(path, now + left_s, error)
                 for rid, (path, error, left_s) in by_replica.items()
@@ -166,6 +215,9 @@ class Refusals:
             }
             if kept:
                 by_adapter[name] = kept
+        if self.on_findings is not None and (findings or self._findings_held):
+            self.on_findings(findings)
+        self._findings_held = bool(findings)
 
     def of_replica(self, replica_id: ReplicaId) -> Mapping[str, tuple[str, float]]:
         """The refusals of the replica in force now: adapter -> (the replica's error, seconds

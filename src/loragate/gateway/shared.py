@@ -512,7 +512,7 @@ class SharedState:
         if refusals is None or self._pool_writes:
             return
         shared = self.store.refusals()
-        if shared or refusals.by_adapter:
+        if shared or refusals.by_adapter or refusals.holds_findings:
             refusals.adopt(
                 {
                     name: {rid: (x.path, x.error, x.left_s) for rid, x in by_replica.items()}
