@@ -226,6 +226,27 @@ async def serve_process(config_path: Path, *args: str) -> AsyncIterator[ServePro
             await proc.wait()
 
 
+class StopsListening(ScriptedReplica):
+    """A scripted replica that can stop listening as vLLM's server (uvicorn) does on SIGTERM
+    (:meth:`stop_listening`): its listening socket and its idle keep-alive connections (the
+    gateway's polls use them) close; the connections in ``busy`` (a subclass adds those with
+    a call in progress) stay open."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.busy: set[asyncio.BaseTransport] = set()
+
+    async def stop_listening(self) -> None:
+        runner = self.runner
+        for site in list(runner.sites):
+            await site.stop()
+        assert runner.server is not None
+        for handler in runner.server.connections:
+            transport = handler.transport
+            if transport is not None and transport not in self.busy:
+                transport.close()
+
+
 class PickyReplica(ScriptedReplica):
     """Refuses to load the adapters named in ``refuse`` with vLLM's 400 for a rank above its
     ``--max-lora-rank``; counts the refusals."""

@@ -29,7 +29,7 @@ import yaml
 from aiohttp import web
 from gateway_harness import (
     BASE,
-    ScriptedReplica,
+    StopsListening,
     gateway_config,
     openai_client,
     serving_replicas,
@@ -44,14 +44,12 @@ _LIMITS = {"request_timeout_s": 3600, "admin_timeout_s": 3600, "stopped_replica_
 TOKEN = "load-wait-token"
 
 
-class HeldLoads(ScriptedReplica):
+class HeldLoads(StopsListening):
     """A scripted replica whose adapter loads wait for ``load_gate`` (when set), and that can
-    stop listening as vLLM's server does on SIGTERM: its listening socket and its idle
-    keep-alive connections close, the connections with a call in progress stay open."""
+    stop listening (``StopsListening``); the connections with a load in progress stay open."""
 
     def __init__(self, name: str) -> None:
         super().__init__(name)
-        self.busy: set[asyncio.BaseTransport] = set()
         self.load_gate: asyncio.Event | None = None
         self.loads_begun = 0
         self.loads_cancelled = 0  # loads whose client (the gateway) closed the connection
@@ -74,16 +72,6 @@ class HeldLoads(ScriptedReplica):
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         self.auth.append(request.headers.get("Authorization"))
         return await super()._completions(request)
-
-    async def stop_listening(self) -> None:
-        runner: web.AppRunner = self.runner
-        for site in list(runner.sites):
-            await site.stop()
-        assert runner.server is not None
-        for handler in runner.server.connections:
-            transport = handler.transport
-            if transport is not None and transport not in self.busy:
-                transport.close()
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 from gateway_harness import (
     BASE,
-    ScriptedReplica,
+    StopsListening,
     gateway_config,
     openai_client,
     serving_replicas,
@@ -36,14 +36,9 @@ from loragate.gateway import running_gateway
 _GRACE = {"stopped_replica_grace_s": 0.2, "request_timeout_s": 120, "stream_read_timeout_s": 120}
 
 
-class StoppingReplica(ScriptedReplica):
-    """A scripted replica that can stop listening as vLLM's server (uvicorn) does on SIGTERM:
-    its listening socket and its idle keep-alive connections (the gateway's polls use them)
-    are closed; the connections with a request in progress stay open."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.busy: set[asyncio.BaseTransport] = set()  # connections with a request in progress
+class StoppingReplica(StopsListening):
+    """A scripted replica that can stop listening (``StopsListening``); the connections with a
+    request in progress stay open."""
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         assert request.transport is not None
@@ -52,16 +47,6 @@ class StoppingReplica(ScriptedReplica):
             return await super()._completions(request)
         finally:
             self.busy.discard(request.transport)
-
-    async def stop_listening(self) -> None:
-        runner: web.AppRunner = self.runner
-        for site in list(runner.sites):
-            await site.stop()
-        assert runner.server is not None
-        for handler in runner.server.connections:
-            transport = handler.transport
-            if transport is not None and transport not in self.busy:
-                transport.close()
 
 
 @pytest.fixture
