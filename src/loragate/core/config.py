@@ -199,12 +199,25 @@ class MetricsConfig:
     ``file_token_ignored``: as ``AdminConfig``'s. ``loop_lag_interval_s``: how often the
     gateway checks how late its own event loop runs (``loragate_event_loop_lag_seconds``);
     ``loop_lag_warning_s``: a lag from which a WARNING says so (at most one a minute). A reload
-    applies both from the next check."""
+    applies both from the next check.
+
+    ``adapter_labels`` / ``tenant_labels``: what the ``adapter`` / ``tenant`` label of every
+    family that has one holds (``LABEL_MODES``): ``all`` (every name: one series per adapter,
+    unbounded), ``first_n`` (the first ``adapter_label_limit`` / ``tenant_label_limit`` names
+    this instance counts keep their own value for its lifetime; any later one is counted as
+    ``__other__``: at most limit + 2 values with the base model's ``''``), ``none`` (every
+    name is ``__other__``). Prometheus cannot drop a series once scraped, so the names kept
+    never change while the gateway runs: read at start only (a reload reports a change in
+    ``restart_required``)."""
 
     token: str | None = None
     file_token_ignored: bool = False
     loop_lag_interval_s: float = 0.25
     loop_lag_warning_s: float = 1.0
+    adapter_labels: str = "first_n"
+    adapter_label_limit: int = 20
+    tenant_labels: str = "first_n"
+    tenant_label_limit: int = 20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -845,13 +858,55 @@ def _token(
 
 
 _METRICS_SECONDS = ("loop_lag_interval_s", "loop_lag_warning_s")
+# metrics.adapter_labels / metrics.tenant_labels (see MetricsConfig).
+LABEL_MODES = ("all", "first_n", "none")
+# Each label's mode key and its limit's key.
+_METRICS_LABELS = (
+    ("adapter_labels", "adapter_label_limit"),
+    ("tenant_labels", "tenant_label_limit"),
+)
+# The largest metrics.*_label_limit: 100,000 names (x 17 series per histogram) is far past
+# what a Prometheus server scrapes from one target; beyond it a typo (an extra 0) is likelier.
+MAX_LABEL_LIMIT = 100_000
+
+
+def _label_modes(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``metrics`` section's label modes and limits: a mode one of ``LABEL_MODES``, a limit
+    an integer from 1 and set only with ``first_n`` (the only mode that reads it)."""
+    out: dict[str, Any] = {}
+    for mode_key, limit_key in _METRICS_LABELS:
+        mode = "first_n"
+        if mode_key in data:
+            mode = _str(data[mode_key], f"metrics.{mode_key}")
+            if mode not in LABEL_MODES:
+                hint = misspelling(mode, LABEL_MODES)
+                raise ConfigError(
+                    f"expected one of {', '.join(repr(m) for m in LABEL_MODES)}, got {mode!r}"
+                    + (f" ({hint})" if hint else ""),
+                    key=f"metrics.{mode_key}",
+                )
+            out[mode_key] = mode
+        if limit_key in data:
+            if mode != "first_n":
+                raise ConfigError(
+                    f"read only with metrics.{mode_key}: first_n (it is {mode!r} here)",
+                    key=f"metrics.{limit_key}",
+                )
+            out[limit_key] = _int(
+                data[limit_key], f"metrics.{limit_key}", minimum=1, maximum=MAX_LABEL_LIMIT
+            )
+    return out
 
 
 def _metrics(section: object, environ: Mapping[str, str]) -> MetricsConfig:
-    token, ignored = _token(section, "metrics", environ, METRICS_TOKEN_ENV, _METRICS_SECONDS)
+    more = (*_METRICS_SECONDS, *(k for pair in _METRICS_LABELS for k in pair))
+    token, ignored = _token(section, "metrics", environ, METRICS_TOKEN_ENV, more)
     data = {} if section is None else _mapping(section, "metrics")
-    seconds = {k: _seconds(data[k], f"metrics.{k}") for k in _METRICS_SECONDS if k in data}
-    return MetricsConfig(token=token, file_token_ignored=ignored, **seconds)
+    kwargs: dict[str, Any] = {
+        k: _seconds(data[k], f"metrics.{k}") for k in _METRICS_SECONDS if k in data
+    }
+    kwargs.update(_label_modes(data))
+    return MetricsConfig(token=token, file_token_ignored=ignored, **kwargs)
 
 
 _TOP_KEYS = {

@@ -43,6 +43,7 @@ from loragate.gateway.config_warnings import warn_ignored_file_tokens, warn_same
 from loragate.gateway.endpoint_errors import EndpointErrors
 from loragate.gateway.errors import error_payload, error_response
 from loragate.gateway.inflight import InFlightTracker, LocalInFlight
+from loragate.gateway.label_fold import LabelFold
 from loragate.gateway.loop_lag import LoopLag
 from loragate.gateway.proxy import Proxy
 from loragate.gateway.request_ids import RequestIds, with_request_id
@@ -174,7 +175,12 @@ def create_app(
     shared.on_stopping = pool.adopt_stopping
     shared.on_unloads = pool.forget_unloaded
     shared.set_config_adapters(config.adapters)  # claimed by shared.start()
-    telemetry = Telemetry(registry)
+    labels = config.metrics  # (read at start only: a reload keeps them)
+    telemetry = Telemetry(
+        registry,
+        adapter_labels=LabelFold(labels.adapter_labels, labels.adapter_label_limit),
+        tenant_labels=LabelFold(labels.tenant_labels, labels.tenant_label_limit),
+    )
     tracker = inflight
 
     def in_flight_replicas() -> list[ReplicaId]:

@@ -847,18 +847,17 @@ class Proxy:
         now: float | None = None,
     ) -> None:
         """A request finished with ``status`` (an HTTP status or an outcome label): counted in
-        loragate_requests_total and, unless ``streamed`` (a replica began an SSE stream for
-        it), in loragate_request_duration_seconds (until ``now``: the whole answer is ready),
-        and the access log's line, at DEBUG (formatted only then). ``model``: the access log's
-        model when it is not ``adapter`` (or ``<base>``); ``routed``: what its routing found
-        (residency, adapter load waits)."""
+        loragate_requests_total and in loragate_request_duration_seconds (until ``now``: the
+        whole answer is ready), or if ``streamed`` (a replica began an SSE stream for it)
+        loragate_stream_duration_seconds (until now), and the access log's line, at DEBUG
+        (formatted only then). ``model``: the access log's model when it is not ``adapter``
+        (or ``<base>``); ``routed``: what its routing found (residency, adapter load waits)."""
         residency = routed[0]
+        seconds = (self._now() if now is None else now) - t0
         if streamed:
-            self._telemetry.count(adapter, rid, status)
+            self._telemetry.count_stream(adapter, rid, status, residency, seconds)
         else:
-            self._telemetry.count(
-                adapter, rid, status, residency, (self._now() if now is None else now) - t0
-            )
+            self._telemetry.count(adapter, rid, status, residency, seconds, tenant or "")
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "request %s %s tenant=%s model=%s replica=%s status=%s latency_ms=%.1f%s "
@@ -1159,7 +1158,9 @@ class Proxy:
                     await out.prepare(request)
                 if ttft_s is None:
                     ttft_s = self._now() - t0
-                    telemetry.observe_ttft(rid, ttft_s, routed[0])
+                    telemetry.observe_ttft(
+                        rid, ttft_s, routed[0], rreq.adapter or "", rreq.tenant or ""
+                    )
                 try:
                     if last:
                         ended = True
@@ -1185,10 +1186,12 @@ class Proxy:
             if unprepared:  # nothing to relay at all: the head alone
                 unprepared = False
                 await out.prepare(request)
-            telemetry.observe_latency(rid, self._now() - t_send)
+            now = self._now()  # (the stream's end: its latency and its whole duration)
+            telemetry.observe_latency(rid, now - t_send)
             self._finished(
-                rreq, path, rid, state.outcome, t0, retries, ttft_s, routed=routed, streamed=True
-            )
+                rreq, path, rid, state.outcome, t0, retries, ttft_s, routed=routed, streamed=True,
+                now=now,
+            )  # fmt: skip
             ended = counted = True
             with contextlib.suppress(ConnectionError):
                 await out.write_eof()  # nothing if it was sent with the last bytes

@@ -34,8 +34,9 @@ the error names the key. Then, without dropping a request:
 on, a removed replica's counters keep their last value (its health and in-flight gauges
 go) and count on from it if it comes back.
 
-Sections read only at start (``server``, ``state``, ``poller``, and the ``limits`` that size
-connections) are reported in ``restart_required`` when they changed, and keep their old value.
+Sections read only at start (``server``, ``state``, ``poller``, the ``limits`` that size
+connections, and the ``metrics`` label modes: ``adapter_labels``, ``tenant_labels`` and their
+limits) are reported in ``restart_required`` when they changed, and keep their old value.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ log = logging.getLogger(__name__)
 # limits that size connections or the app's body reader: fixed at start.
 _STARTUP_LIMITS = ("connect_timeout_s", "admin_timeout_s", "max_upstream_connections",
                    "max_body_bytes")  # fmt: skip
+# metrics label modes: which names have their own series must not change while Prometheus
+# scrapes (see gateway/label_fold.py).
+_STARTUP_METRICS = ("adapter_labels", "adapter_label_limit", "tenant_labels",
+                    "tenant_label_limit")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -92,6 +97,11 @@ def restart_required(old: GatewayConfig, new: GatewayConfig) -> tuple[str, ...]:
         f"limits.{name}"
         for name in _STARTUP_LIMITS
         if getattr(old.limits, name) != getattr(new.limits, name)
+    ]
+    keys += [
+        f"metrics.{name}"
+        for name in _STARTUP_METRICS
+        if getattr(old.metrics, name) != getattr(new.metrics, name)
     ]
     return tuple(keys)
 
@@ -265,8 +275,11 @@ def _keep_startup_sections(old: GatewayConfig, new: GatewayConfig) -> GatewayCon
     limits = dataclasses.replace(
         new.limits, **{name: getattr(old.limits, name) for name in _STARTUP_LIMITS}
     )
+    metrics = dataclasses.replace(
+        new.metrics, **{name: getattr(old.metrics, name) for name in _STARTUP_METRICS}
+    )
     return dataclasses.replace(
-        new, server=old.server, state=old.state, poller=old.poller, limits=limits
+        new, server=old.server, state=old.state, poller=old.poller, limits=limits, metrics=metrics
     )
 
 

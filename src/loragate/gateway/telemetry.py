@@ -1,10 +1,14 @@
 """Prometheus metrics of one gateway app, in its own ``CollectorRegistry``.
 
-Hot-path cost is kept to one counter increment and two histogram observations per request
-(its upstream latency; its duration as the client saw it, or a stream's TTFT, whose one bound
-search serves the per-replica and the per-residency series), each a plain dict/list update (no
-locks, no per-bucket walk), plus, for a request for an adapter, one increment of the residency
-its replica had (``count_residency``); the Prometheus families are built from them only when
+Hot-path cost is kept to one counter increment and a few histogram observations per request
+(its upstream latency; its duration as the client saw it, a 2xx's also by adapter and tenant;
+a stream's TTFT, whose one bound search serves the per-replica, per-residency, per-adapter and
+per-tenant series, and its whole duration), each a plain dict/list update (no locks, no
+per-bucket walk, no call per series), plus, for a request for an adapter, one
+increment of the residency its replica had (``count_residency``). The adapter and tenant label
+values are folded (``label_fold.LabelFold``: ``metrics.adapter_labels``,
+``metrics.tenant_labels``) as they are counted, so the series, and the dicts holding them,
+stay bounded. The Prometheus families are built from them only when
 ``/metrics`` is scraped (the durations merged into status classes then). Gauges that can be
 read at scrape time (in-flight per replica, this instance's and the shared view, replica health
 and draining, adapter loads, what routing sees of each replica: shadow residency occupancy,
@@ -21,6 +25,7 @@ import itertools
 import math
 import platform
 from bisect import bisect_left
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Final, Literal, TypeVar
 
@@ -46,6 +51,7 @@ from loragate.backends.pool_types import POLL_FAILURE_REASONS
 from loragate.core.config import RoutingConfig
 from loragate.core.errors import AdapterLoadError, UpstreamConnectError, UpstreamError
 from loragate.core.types import ReplicaId, ReplicaSnapshot, Residency
+from loragate.gateway.label_fold import LabelFold
 from loragate.routing.resolved import routing_sha256 as _section_sha256
 from loragate.state.residency import capacities
 
@@ -82,6 +88,18 @@ ROUTED_RESIDENCIES: tuple[RoutedResidency, ...] = (*RESIDENCIES, BASE)
 # authentications an alert would watch.
 ENDPOINT_CLASSES = ("admin", "models", "metrics", "health", "api", "other")
 _AUTH_ENDPOINTS = ("admin", "models", "metrics")
+
+# The end of the HELP of every family with an adapter or tenant label.
+_ADAPTER_LABEL_DOC = (
+    "The adapter label follows metrics.adapter_labels: with first_n (the default) the first "
+    "metrics.adapter_label_limit adapters (20) this instance counted have their own value "
+    "and any other is __other__; all: every adapter; none: __other__ for every adapter."
+)
+_TENANT_LABEL_DOC = (
+    "tenant: the API key's tenant ('' when the config has no tenants); the label follows "
+    "metrics.tenant_labels (first_n, limit metrics.tenant_label_limit, 20; all; none) as "
+    "the adapter label follows metrics.adapter_labels."
+)
 
 
 class _ScrapeTimeGauges(Collector):
@@ -210,10 +228,16 @@ class _LoraOffGauge(Collector):
 
 
 class _RefusalCounter(Collector):
-    """Adapter loads the replicas refused, read when ``/metrics`` is scraped."""
+    """Adapter loads the replicas refused, read when ``/metrics`` is scraped (by the adapter's
+    label value: ``adapter_label``)."""
 
-    def __init__(self, counts: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+    def __init__(
+        self,
+        counts: Callable[[], Mapping[tuple[str, str], int]],
+        adapter_label: Callable[[str], str],
+    ) -> None:
         self._counts = counts
+        self._adapter_label = adapter_label
 
     def collect(self) -> Iterator[Metric]:
         refused = CounterMetricFamily(
@@ -222,11 +246,17 @@ class _RefusalCounter(Collector):
             "/v1/load_lora_adapter: a rank above --max-lora-rank, a folder it cannot read; "
             "not a replica that serves no adapters: loragate_replica_lora_off), by adapter and "
             "replica. Each keeps the replica out of that "
-            "adapter's candidates for poller.adapter_refusal_ttl_s, on every instance.",
+            "adapter's candidates for poller.adapter_refusal_ttl_s, on every instance. "
+            + _ADAPTER_LABEL_DOC,
             labels=["adapter", "replica"],
         )
+        label = self._adapter_label
+        folded: dict[tuple[str, str], int] = {}
         for (adapter, replica), n in self._counts().items():
-            refused.add_metric([adapter, replica], n)
+            key = (label(adapter), replica)
+            folded[key] = folded.get(key, 0) + n
+        for key, n in folded.items():
+            refused.add_metric(list(key), n)
         yield refused
 
 
@@ -377,6 +407,10 @@ class _Histogram:
         self.total = 0.0
 
 
+def _new() -> _Histogram:
+    return _Histogram(len(_LATENCY_BUCKETS_S))
+
+
 class _ProxyMetrics(Collector):
     """The per-request counters and histograms, as plain ints and floats (one event loop, no
     locks), turned into Prometheus families only when ``/metrics`` is scraped."""
@@ -394,6 +428,13 @@ class _ProxyMetrics(Collector):
         }
         # (status or outcome, residency): turned into status classes at scrape time.
         self.duration: dict[tuple[str, str], _Histogram] = {}
+        # (The same, of streams; and by label value, folded: see label_fold.py. A missing
+        # key makes its histogram: a hit costs no Python call.)
+        self.stream_duration: defaultdict[tuple[str, str], _Histogram] = defaultdict(_new)
+        self.ttft_adapter: defaultdict[str, _Histogram] = defaultdict(_new)
+        self.ttft_tenant: defaultdict[str, _Histogram] = defaultdict(_new)
+        self.duration_adapter: defaultdict[str, _Histogram] = defaultdict(_new)
+        self.duration_tenant: defaultdict[str, _Histogram] = defaultdict(_new)
         self.retries: dict[tuple[str, str], int] = {}
         self.reloads: dict[str, int] = {}
         self.config: tuple[str, str] | None = None  # (policy, sha256 of the routing section)
@@ -417,7 +458,7 @@ class _ProxyMetrics(Collector):
             "token nor a finish reason), "
             "shutdown (a stream cut at the shutdown deadline). A request retried on another "
             "replica counts once, with the replica that answered it (the failed attempt is "
-            "in loragate_upstream_retries_total).",
+            "in loragate_upstream_retries_total). " + _ADAPTER_LABEL_DOC,
             labels=["adapter", "replica", "status"],
         )
         for labels, n in self.requests.items():
@@ -551,14 +592,22 @@ class _ProxyMetrics(Collector):
             ((k,) for k in self.ttft_residency),
             self.ttft_residency.values(),
         )
-        by_class: dict[tuple[str, str], _Histogram] = {}
-        for (status, where), hist in self.duration.items():
-            key = (status_class(status), where)
-            merged = by_class.get(key)
-            if merged is None:
-                merged = by_class[key] = _Histogram(len(_LATENCY_BUCKETS_S))
-            merged.counts = [a + b for a, b in zip(merged.counts, hist.counts, strict=True)]
-            merged.total += hist.total
+        yield _histogram_family(
+            "loragate_ttft_by_adapter_seconds",
+            "Streaming requests: loragate_ttft_seconds (arrival at the gateway to the first "
+            "body chunk relayed) by adapter ('' = the base model). " + _ADAPTER_LABEL_DOC,
+            ["adapter"],
+            ((k,) for k in self.ttft_adapter),
+            self.ttft_adapter.values(),
+        )
+        yield _histogram_family(
+            "loragate_ttft_by_tenant_seconds",
+            "Streaming requests: loragate_ttft_seconds by tenant. " + _TENANT_LABEL_DOC,
+            ["tenant"],
+            ((k,) for k in self.ttft_tenant),
+            self.ttft_tenant.values(),
+        )
+        by_class = _by_status_class(self.duration)
         yield _histogram_family(
             "loragate_request_duration_seconds",
             "Requests of /v1/completions and /v1/chat/completions answered without a stream, "
@@ -566,14 +615,48 @@ class _ProxyMetrics(Collector):
             "to the connection (or to the client leaving), routing, adapter load waits and "
             "retries included (loragate_upstream_latency_seconds times each attempt alone). "
             "Every request but the SSE streams a replica began (their first chunk: "
-            "loragate_ttft_seconds): non-streaming requests, and any request refused or failed "
-            "before its stream began. By status_class (2xx, 4xx, 5xx: the HTTP status sent; "
+            "loragate_ttft_seconds; their whole duration: loragate_stream_duration_seconds): "
+            "non-streaming requests, and any request refused or failed before its stream "
+            "began. By status_class (2xx, 4xx, 5xx: the HTTP status sent; "
             "client_closed: the client went away first) and residency (as "
             "loragate_ttft_by_residency_seconds, or none: ended before any replica was "
             "chosen, e.g. the gateway's own 400s and 401s).",
             ["status_class", "residency"],
             by_class.keys(),
             by_class.values(),
+        )
+        streams = _by_status_class(self.stream_duration)
+        yield _histogram_family(
+            "loragate_stream_duration_seconds",
+            "Requests of /v1/completions and /v1/chat/completions a replica began an SSE "
+            "stream for (those loragate_request_duration_seconds leaves out), as their client "
+            "saw them: from arrival at the gateway to the stream's end handed to the "
+            "connection (its [DONE], the replica's error event relayed, the client leaving, or "
+            "the shutdown's cut), routing, adapter load waits and retries included. By "
+            "status_class (2xx: the whole stream relayed; stream_error, client_closed, "
+            "shutdown, or 5xx: cut at shutdown before anything was sent: as "
+            "loragate_requests_total's status) and residency (as "
+            "loragate_ttft_by_residency_seconds).",
+            ["status_class", "residency"],
+            streams.keys(),
+            streams.values(),
+        )
+        yield _histogram_family(
+            "loragate_request_duration_by_adapter_seconds",
+            "Requests answered without a stream with a 2xx (as loragate_request_duration_"
+            'seconds{status_class="2xx"}: arrival to the whole answer; a stream\'s first '
+            "chunk is in loragate_ttft_by_adapter_seconds), by adapter ('' = the base model). "
+            + _ADAPTER_LABEL_DOC,
+            ["adapter"],
+            ((k,) for k in self.duration_adapter),
+            self.duration_adapter.values(),
+        )
+        yield _histogram_family(
+            "loragate_request_duration_by_tenant_seconds",
+            "loragate_request_duration_by_adapter_seconds by tenant. " + _TENANT_LABEL_DOC,
+            ["tenant"],
+            ((k,) for k in self.duration_tenant),
+            self.duration_tenant.values(),
         )
         seen = self._replicas_seen
         seen.update(dict.fromkeys(self.replica_ids()))
@@ -695,6 +778,21 @@ def _histogram_family(
     return family
 
 
+def _by_status_class(
+    series: Mapping[tuple[str, str], _Histogram],
+) -> dict[tuple[str, str], _Histogram]:
+    """``series`` by (status or outcome, residency) merged into (status class, residency)."""
+    by_class: dict[tuple[str, str], _Histogram] = {}
+    for (status, where), hist in series.items():
+        key = (status_class(status), where)
+        merged = by_class.get(key)
+        if merged is None:
+            merged = by_class[key] = _Histogram(len(_LATENCY_BUCKETS_S))
+        merged.counts = [a + b for a, b in zip(merged.counts, hist.counts, strict=True)]
+        merged.total += hist.total
+    return by_class
+
+
 def _add_from_zero(
     family: CounterMetricFamily,
     counts: Mapping[tuple[str, str], int],
@@ -732,8 +830,21 @@ class Telemetry:
     call, several times dearer, for values nobody reads between scrapes.
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        adapter_labels: LabelFold | None = None,
+        tenant_labels: LabelFold | None = None,
+    ) -> None:
+        """``adapter_labels``, ``tenant_labels``: the label values of adapters and tenants in
+        every family (default: every name, ``all``)."""
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.adapter_labels = adapter_labels if adapter_labels is not None else LabelFold()
+        self.tenant_labels = tenant_labels if tenant_labels is not None else LabelFold()
+        # Per request: ``values[name] if name in values else label(name)`` (no call on a hit).
+        self._adapters, self._adapter_label = self.adapter_labels.values, self.adapter_labels.label
+        self._tenants, self._tenant_label = self.tenant_labels.values, self.tenant_labels.label
         self._metrics = _ProxyMetrics()
         self.registry.register(self._metrics)
         self.registry.register(_BuildInfo())
@@ -790,7 +901,7 @@ class Telemetry:
 
     def bind_refusals(self, counts: Callable[[], Mapping[tuple[str, str], int]]) -> None:
         """Refused adapter loads by (adapter, replica), counted since start."""
-        self.registry.register(_RefusalCounter(counts))
+        self.registry.register(_RefusalCounter(counts, self._adapter_label))
 
     def bind_shared_state(
         self,
@@ -811,21 +922,49 @@ class Telemetry:
         status: str,
         residency: ResidencyLabel = NOT_ROUTED,
         seconds: float | None = None,
+        tenant: str = "",
     ) -> None:
         """A request of the completions endpoints ended with ``status`` (an HTTP status or an
-        outcome). ``seconds``: from its arrival to its whole answer (None for a stream a
-        replica began: not in loragate_request_duration_seconds), with the ``residency`` of
-        its last routing decision (one of ``ROUTED_RESIDENCIES``, or ``NOT_ROUTED``)."""
+        outcome), answered without a stream (see :meth:`count_stream`). ``seconds``: from its
+        arrival to its whole answer (None: not observed), with the ``residency`` of its last
+        routing decision (one of ``ROUTED_RESIDENCIES``, or ``NOT_ROUTED``); a 2xx's also by
+        ``adapter`` and ``tenant`` ('': none)."""
+        labels = self._adapters
+        adapter = labels[adapter] if adapter in labels else self._adapter_label(adapter)
         key = (adapter, replica, status)
         requests = self._requests
         requests[key] = requests.get(key, 0) + 1
         if seconds is not None:
+            bucket = bisect_left(_LATENCY_BUCKETS_S, seconds)
             try:
                 hist = self._duration[status, residency]
             except KeyError:
-                hist = self._duration[status, residency] = _Histogram(len(_LATENCY_BUCKETS_S))
-            hist.counts[bisect_left(_LATENCY_BUCKETS_S, seconds)] += 1
+                hist = self._duration[status, residency] = _new()
+            hist.counts[bucket] += 1
             hist.total += seconds
+            if status[0] == "2":  # (an outcome label never starts with a digit)
+                hist = self._metrics.duration_adapter[adapter]
+                hist.counts[bucket] += 1
+                hist.total += seconds
+                labels = self._tenants
+                tenant = labels[tenant] if tenant in labels else self._tenant_label(tenant)
+                hist = self._metrics.duration_tenant[tenant]
+                hist.counts[bucket] += 1
+                hist.total += seconds
+
+    def count_stream(
+        self, adapter: str, replica: str, status: str, residency: ResidencyLabel, seconds: float
+    ) -> None:
+        """A request a replica began an SSE stream for ended with ``status`` (an HTTP status
+        or an outcome), ``seconds`` after its arrival (loragate_stream_duration_seconds)."""
+        labels = self._adapters
+        adapter = labels[adapter] if adapter in labels else self._adapter_label(adapter)
+        key = (adapter, replica, status)
+        requests = self._requests
+        requests[key] = requests.get(key, 0) + 1
+        hist = self._metrics.stream_duration[status, residency]
+        hist.counts[bisect_left(_LATENCY_BUCKETS_S, seconds)] += 1
+        hist.total += seconds
 
     def count_tokenizer(self, endpoint: str, replica: str, status: str) -> None:
         """A request of ``gateway.tokenize``'s ``endpoint`` answered ``status``."""
@@ -902,16 +1041,36 @@ class Telemetry:
         hist.counts[bisect_left(_LATENCY_BUCKETS_S, seconds)] += 1
         hist.total += seconds
 
-    def observe_ttft(self, replica: str, seconds: float, residency: RoutedResidency = BASE) -> None:
+    def observe_ttft(
+        self,
+        replica: str,
+        seconds: float,
+        residency: RoutedResidency = BASE,
+        adapter: str = "",
+        tenant: str = "",
+    ) -> None:
         """A stream's first chunk went out ``seconds`` after its request arrived; its last
-        routing decision found the adapter at ``residency`` (one of ``ROUTED_RESIDENCIES``)."""
+        routing decision found the adapter (``adapter``; '': the base model) at ``residency``
+        (one of ``ROUTED_RESIDENCIES``); ``tenant``: its API key's ('': none)."""
         hist = self._ttft.get(replica)
         if hist is None:
             hist = self._ttft[replica] = _Histogram(len(_LATENCY_BUCKETS_S))
-        bucket = bisect_left(_LATENCY_BUCKETS_S, seconds)  # (one bound search for both)
+        bucket = bisect_left(_LATENCY_BUCKETS_S, seconds)  # (one bound search for all)
         hist.counts[bucket] += 1
         hist.total += seconds
         hist = self._ttft_residency[residency]
+        hist.counts[bucket] += 1
+        hist.total += seconds
+        labels = self._adapters
+        hist = self._metrics.ttft_adapter[
+            labels[adapter] if adapter in labels else self._adapter_label(adapter)
+        ]
+        hist.counts[bucket] += 1
+        hist.total += seconds
+        labels = self._tenants
+        hist = self._metrics.ttft_tenant[
+            labels[tenant] if tenant in labels else self._tenant_label(tenant)
+        ]
         hist.counts[bucket] += 1
         hist.total += seconds
 

@@ -1,0 +1,239 @@
+"""The adapter and tenant labels of ``/metrics`` (``metrics.adapter_labels``,
+``metrics.tenant_labels``), scraped over loopback from a gateway in front of a simulated replica
+and parsed with prometheus_client's own parser: with ``first_n`` the first N names counted keep
+their own series for the gateway's lifetime and every later one is ``__other__`` (the series
+count is bounded, and never moves a name between series); ``none`` folds every name; ``all``
+names each. The per-adapter and per-tenant TTFT (streams) and duration (answers without a
+stream) histograms follow the same rule, and so does the refusals counter. A successful
+stream's whole duration is in ``loragate_stream_duration_seconds``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+from gateway_harness import (
+    BASE,
+    ScriptedReplica,
+    gateway_config,
+    openai_client,
+    picky_replicas,
+    serving,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from loragate.gateway import load_config, running_gateway
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+OTHER = "__other__"
+TENANTS = [{"name": f"t{i}", "api_keys": [f"sk-{i}"]} for i in range(3)]
+
+
+async def _scrape(url: str) -> Samples:
+    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _by(samples: Samples, name: str, label: str) -> dict[str, float]:
+    """``name``'s samples by ``label``, summed over its other labels."""
+    out: dict[str, float] = {}
+    for (got, pairs), value in samples.items():
+        d = dict(pairs)
+        if got == name and label in d:
+            out[d[label]] = out.get(d[label], 0.0) + value
+    return out
+
+
+def _config(url: str, n: int, **metrics: Any) -> Any:
+    adapters = [{"name": f"lora-{i}", "path": f"/loras/lora-{i}"} for i in range(n)]
+    return gateway_config([url], adapters=adapters, tenants=TENANTS, metrics=metrics)
+
+
+async def _traffic(gw_url: str, calls: list[tuple[str, int, bool]]) -> None:
+    """One request per (model, tenant index, stream), with that tenant's API key."""
+    for model, tenant, stream in calls:
+        async with openai_client(gw_url, f"sk-{tenant}") as client:
+            if stream:
+                events = await client.completions.create(
+                    model=model, prompt="p", max_tokens=2, stream=True
+                )
+                assert [e async for e in events]
+            else:
+                done = await client.completions.create(model=model, prompt="p", max_tokens=2)
+                assert done.model == model
+
+
+async def test_first_n_keeps_the_first_names_and_folds_the_rest() -> None:
+    replica = ScriptedReplica("r0")
+    async with serving(replica.app) as (url, _):
+        config = _config(
+            url, 6, adapter_labels="first_n", adapter_label_limit=2, tenant_label_limit=1
+        )
+        async with running_gateway(config, port=0) as gw:
+            # lora-3 first, then lora-1: those two keep their names; the base model is never
+            # folded; lora-0, lora-4, lora-5 are __other__ however often they come later.
+            await _traffic(
+                gw.url,
+                [
+                    ("lora-3", 0, True),
+                    ("lora-1", 1, False),
+                    (BASE, 2, True),
+                    ("lora-0", 2, True),
+                    ("lora-4", 1, False),
+                    ("lora-5", 0, True),
+                    ("lora-4", 1, False),
+                    ("lora-3", 0, False),
+                ],
+            )
+            after = await _scrape(gw.url)
+    assert _by(after, "loragate_requests_total", "adapter") == {
+        "lora-3": 2, "lora-1": 1, "": 1, OTHER: 4,
+    }  # fmt: skip
+    # TTFT of the streams: lora-3, base, lora-0, lora-5.
+    assert _by(after, "loragate_ttft_by_adapter_seconds_count", "adapter") == {
+        "lora-3": 1, "": 1, OTHER: 2,
+    }  # fmt: skip
+    # Whole answers without a stream: lora-1, lora-4 twice, lora-3.
+    assert _by(after, "loragate_request_duration_by_adapter_seconds_count", "adapter") == {
+        "lora-1": 1, OTHER: 2, "lora-3": 1,
+    }  # fmt: skip
+    # Tenants, limit 1: t0 came first (its stream); t1 and t2 are folded.
+    assert _by(after, "loragate_ttft_by_tenant_seconds_count", "tenant") == {"t0": 2, OTHER: 2}
+    assert _by(after, "loragate_request_duration_by_tenant_seconds_count", "tenant") == {
+        "t0": 1, OTHER: 3,
+    }  # fmt: skip
+    # Every histogram's +Inf bucket holds its count.
+    inf = {
+        d["adapter"]: v
+        for (name, pairs), v in after.items()
+        if name == "loragate_ttft_by_adapter_seconds_bucket" and (d := dict(pairs))["le"] == "+Inf"
+    }
+    assert inf == {"lora-3": 1, "": 1, OTHER: 2}
+
+
+async def test_none_folds_every_adapter_and_tenant_all_names_each() -> None:
+    replica = ScriptedReplica("r0")
+    calls = [("lora-0", 0, True), ("lora-1", 1, False), (BASE, 2, False), ("lora-2", 2, True)]
+    async with serving(replica.app) as (url, _):
+        config = _config(url, 3, adapter_labels="none", tenant_labels="none")
+        async with running_gateway(config, port=0) as gw:
+            await _traffic(gw.url, calls)
+            folded = await _scrape(gw.url)
+        config = _config(url, 3, adapter_labels="all", tenant_labels="all")
+        async with running_gateway(config, port=0) as gw:
+            await _traffic(gw.url, calls)
+            named = await _scrape(gw.url)
+    assert _by(folded, "loragate_requests_total", "adapter") == {OTHER: 3, "": 1}
+    assert _by(folded, "loragate_ttft_by_adapter_seconds_count", "adapter") == {OTHER: 2}
+    assert _by(folded, "loragate_ttft_by_tenant_seconds_count", "tenant") == {OTHER: 2}
+    assert _by(folded, "loragate_request_duration_by_adapter_seconds_count", "adapter") == {
+        OTHER: 1, "": 1,
+    }  # fmt: skip
+    assert _by(named, "loragate_requests_total", "adapter") == {
+        "lora-0": 1, "lora-1": 1, "lora-2": 1, "": 1,
+    }  # fmt: skip
+    assert _by(named, "loragate_ttft_by_tenant_seconds_count", "tenant") == {"t0": 1, "t2": 1}
+    assert _by(named, "loragate_request_duration_by_tenant_seconds_count", "tenant") == {
+        "t1": 1, "t2": 1,
+    }  # fmt: skip
+
+
+async def test_a_successful_streams_whole_duration_is_observed() -> None:
+    """Before, a stream a replica began was in no duration histogram: only its TTFT."""
+    replica = ScriptedReplica("r0")
+    async with serving(replica.app) as (url, _), running_gateway(_config(url, 2), port=0) as gw:
+        await _traffic(gw.url, [("lora-0", 0, True), (BASE, 1, True), ("lora-1", 0, False)])
+        after = await _scrape(gw.url)
+    streams = {
+        (d["status_class"], d["residency"]): v
+        for (name, pairs), v in after.items()
+        if name == "loragate_stream_duration_seconds_count" and (d := dict(pairs))
+    }
+    assert streams == {("2xx", "unregistered"): 1, ("2xx", "base"): 1}
+    # From arrival to the stream's end: at least its TTFT.
+    stream_sum = sum(_by(after, "loragate_stream_duration_seconds_sum", "residency").values())
+    ttft_sum = sum(_by(after, "loragate_ttft_by_residency_seconds_sum", "residency").values())
+    assert stream_sum >= ttft_sum > 0
+    # The answer without a stream stays in loragate_request_duration_seconds alone.
+    assert _by(after, "loragate_request_duration_seconds_count", "status_class") == {"2xx": 1}
+
+
+async def test_a_reload_keeps_the_label_modes_until_a_restart(tmp_path: Path) -> None:
+    """Which names have their own series must not change under a running Prometheus: a
+    reload that changes the label modes says so (restart_required) and keeps them; the
+    section's other keys apply."""
+    replica = ScriptedReplica("r0")
+    path = tmp_path / "gw.yaml"
+    auth = {"Authorization": "Bearer reload-token"}
+
+    def write(**metrics: Any) -> None:
+        doc = {
+            "base_model": BASE,
+            "replicas": [{"id": "r0", "url": replica.url}],
+            "adapters": [{"name": f"lora-{i}", "path": f"/loras/lora-{i}"} for i in range(2)],
+            "tenants": TENANTS,
+            "poller": {"interval_s": 3600},
+            "admin": {"token": "reload-token"},
+            "metrics": metrics,
+        }
+        path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+
+    async with serving(replica.app) as (url, _):
+        replica.url = url
+        write(adapter_labels="first_n", adapter_label_limit=1)
+        async with (
+            running_gateway(load_config(path), port=0, config_path=path) as gw,
+            aiohttp.ClientSession() as http,
+        ):
+            await _traffic(gw.url, [("lora-0", 0, False), ("lora-1", 0, False)])
+            write(adapter_labels="all", tenant_labels="none", loop_lag_warning_s=2)
+            async with http.post(gw.url + "/admin/reload", headers=auth) as resp:
+                assert resp.status == 200
+                body = await resp.json()
+            assert body["restart_required"] == [
+                "metrics.adapter_labels", "metrics.adapter_label_limit", "metrics.tenant_labels",
+            ]  # fmt: skip
+            metrics = gw.gateway.config.metrics
+            assert (metrics.adapter_labels, metrics.adapter_label_limit) == ("first_n", 1)
+            assert metrics.tenant_labels == "first_n"
+            assert metrics.loop_lag_warning_s == 2  # applied
+            await _traffic(gw.url, [("lora-1", 1, False)])
+            after = await _scrape(gw.url)
+    assert _by(after, "loragate_requests_total", "adapter") == {"lora-0": 1, OTHER: 2}
+    assert _by(after, "loragate_request_duration_by_tenant_seconds_count", "tenant") == {
+        "t0": 2, "t1": 1,
+    }  # fmt: skip
+
+
+async def test_refused_loads_are_counted_under_the_folded_adapter_label() -> None:
+    """r0 refuses every adapter's load; r1 serves them (round robin tries r0 first for
+    each). With a limit of 1, lora-1 (first counted) keeps its name, lora-0 and lora-2 share
+    __other__ in loragate_adapter_load_refusals_total as in loragate_requests_total."""
+    async with picky_replicas() as (r0, r1):
+        r0.refuse = {"lora-0", "lora-1", "lora-2"}
+        cfg = gateway_config(
+            [r0.url, r1.url],
+            routing="round_robin",
+            metrics={"adapter_labels": "first_n", "adapter_label_limit": 1},
+        )
+        async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as client:
+            for model in ("lora-1", "lora-0", "lora-2"):
+                done = await client.completions.create(model=model, prompt="p", max_tokens=1)
+                assert done.choices[0].text == "hi from r1"
+            after = await _scrape(gw.url)
+    assert r0.refused == 3
+    refused = {
+        (d["adapter"], d["replica"]): v
+        for (name, pairs), v in after.items()
+        if name == "loragate_adapter_load_refusals_total" and (d := dict(pairs))
+    }
+    assert refused == {("lora-1", "r0"): 1, (OTHER, "r0"): 2}
+    assert _by(after, "loragate_requests_total", "adapter") == {"lora-1": 1, OTHER: 2}
