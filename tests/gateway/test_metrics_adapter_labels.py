@@ -117,6 +117,16 @@ async def test_first_n_keeps_the_first_names_and_folds_the_rest() -> None:
         if name == "loragate_ttft_by_adapter_seconds_bucket" and (d := dict(pairs))["le"] == "+Inf"
     }
     assert inf == {"lora-3": 1, "": 1, OTHER: 2}
+    # How many names are named and how many folded, so the limit can be sized.
+    names = {
+        (d["label"], d["kind"]): v
+        for (name, pairs), v in after.items()
+        if name == "loragate_metric_label_names" and (d := dict(pairs))
+    }
+    assert names == {
+        ("adapter", "own"): 2, ("adapter", "other"): 3,
+        ("tenant", "own"): 1, ("tenant", "other"): 2,
+    }  # fmt: skip
 
 
 async def test_none_folds_every_adapter_and_tenant_all_names_each() -> None:

@@ -39,6 +39,11 @@ class LabelFold:
         self.values: dict[str, str] = {"": ""}
         self._named = 0  # names that got their own value (first_n)
 
+    def counts(self) -> tuple[int, int]:
+        """How many names seen have their own value, and how many were folded into
+        ``OTHER``."""
+        return self._named, len(self.values) - 1 - self._named
+
     def label(self, name: str) -> str:
         """``name``'s label value, decided at its first call and kept."""
         value = self.values.get(name)

@@ -167,6 +167,30 @@ class _ScrapeTimeGauges(Collector):
         yield loads
 
 
+class _LabelNames(Collector):
+    """How many adapters and tenants have their own label value, read at scrape time."""
+
+    def __init__(self, folds: Mapping[str, LabelFold]) -> None:
+        self._folds = folds
+
+    def collect(self) -> Iterator[Metric]:
+        names = GaugeMetricFamily(
+            "loragate_metric_label_names",
+            "Adapters (label=adapter) and tenants (label=tenant) this instance counted in "
+            "its metrics, by whether they have their own label value (own) or were folded "
+            "into __other__ (other), as metrics.adapter_labels / metrics.tenant_labels say. "
+            "other above 0 with first_n: that many are in the __other__ series; raising "
+            "metrics.adapter_label_limit (or tenant_label_limit; a restart) names them, at "
+            "about 35 series each for adapters (2 histograms and the request counters).",
+            labels=["label", "kind"],
+        )
+        for label, fold in self._folds.items():
+            own, other = fold.counts()
+            names.add_metric([label, "own"], own)
+            names.add_metric([label, "other"], other)
+        yield names
+
+
 class _BuildInfo(Collector):
     """``loragate_build_info``: the same at every scrape, built once."""
 
@@ -848,6 +872,9 @@ class Telemetry:
         self._metrics = _ProxyMetrics()
         self.registry.register(self._metrics)
         self.registry.register(_BuildInfo())
+        self.registry.register(
+            _LabelNames({"adapter": self.adapter_labels, "tenant": self.tenant_labels})
+        )
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             # (A registry given in may hold them already: prometheus_client's default does.)
             with contextlib.suppress(ValueError):
