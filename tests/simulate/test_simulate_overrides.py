@@ -9,24 +9,9 @@ import math
 from pathlib import Path
 
 import pytest
+from tiny_spec import SPEC
 
 from loragate.cli import main
-
-SPEC = """
-name: tiny
-seed: 5
-duration_s: 20
-adapters: {count: 6, ranks: {8: 0.5, 32: 0.5}, popularity: zipf}
-arrivals: {process: poisson, rate_rps: 10}
-lengths: {prompt: 64, output: {kind: uniform, min: 8, max: 40}}
-"""
-
-
-@pytest.fixture
-def spec_file(tmp_path: Path) -> Path:
-    p = tmp_path / "tiny.yaml"
-    p.write_text(SPEC)
-    return p
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[str, str]:

@@ -17,25 +17,10 @@ import pytest
 from loragate.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
-SPEC = """
-name: tiny
-seed: 5
-duration_s: 20
-adapters: {count: 6, ranks: {8: 0.5, 32: 0.5}, popularity: zipf}
-arrivals: {process: poisson, rate_rps: 10}
-lengths: {prompt: 64, output: {kind: uniform, min: 8, max: 40}}
-"""
 # 6 adapters at 40 req/s: with 1-2 LoRA slots the requests wait for slots (fast profile).
 TARGET = ["--rate-rps", "40", "--ttft-slo-ms", "50", "--slo-attainment", "0.95"]
 GRID = ["--sweep", "replicas=3,1,2", "--sweep", "max_loras=1,2,4"]
 AXES = ("replicas", "max_loras", "max_cpu_loras")
-
-
-@pytest.fixture
-def spec_file(tmp_path: Path) -> Path:
-    p = tmp_path / "tiny.yaml"
-    p.write_text(SPEC)
-    return p
 
 
 def _json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
