@@ -100,10 +100,12 @@ outcome, latency, TTFT when streamed, retries, ``residency=``: where its last ro
 found the adapter on the replica chosen, ``base`` for the base model, ``none`` when no replica
 was chosen, ``load_wait_ms=``: its waits for adapter loads, all tries; and why for errors);
 nothing is formatted unless DEBUG is on for ``loragate.gateway.proxy``. The same residency
-labels loragate_ttft_by_residency_seconds and loragate_request_duration_seconds (the whole
-answers: every request but the SSE streams a replica began). A request refused before routing (the
-gateway's own 400s, an unknown model, a 401) is counted under the adapter its body names when
-the catalog holds it (else ``adapter=""``: the label's values stay bounded) and logged with the
+labels loragate_ttft_by_residency_seconds, loragate_request_duration_seconds (the whole
+answers: every request but the SSE streams a replica began) and
+loragate_stream_duration_seconds (those streams, to their end). A request refused before routing
+(the gateway's own 400s, an unknown model, a 401) is counted under the adapter its body names
+when the catalog holds it (else ``adapter=""``: the label's values stay bounded; and every
+adapter label is folded as ``metrics.adapter_labels`` says: ``label_fold``) and logged with the
 name asked (an unknown one quoted and cut at 64 characters; ``-`` when no body was read or it
 is no JSON object), never as ``<base>`` unless it named the base model or none.
 
