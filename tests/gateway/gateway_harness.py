@@ -18,6 +18,7 @@ import pydantic
 from aiohttp import web
 
 from loragate.core.config import GatewayConfig, config_from_mapping
+from loragate.gateway import RunningGateway, running_gateway
 from vllm_stub import StubVllm, vllm_error
 
 BASE = "tiny-llama"
@@ -150,6 +151,32 @@ async def serving(app: web.Application) -> AsyncIterator[tuple[str, web.AppRunne
         yield f"http://{host}:{port}", runner
     finally:
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def gateway_in_background(
+    config: GatewayConfig, **options: Any
+) -> AsyncIterator[tuple[RunningGateway, asyncio.Event, asyncio.Task[None]]]:
+    """``running_gateway(config, port=0, **options)`` in a task of its own, so that the test
+    goes on while it shuts down: setting the event starts the shutdown (the task's next step,
+    before the loop polls any socket again); the task ends when the shutdown is over."""
+    started: asyncio.Future[RunningGateway] = asyncio.get_running_loop().create_future()
+    stop = asyncio.Event()
+
+    async def run() -> None:
+        async with running_gateway(config, port=0, **options) as gw:
+            started.set_result(gw)
+            await stop.wait()
+
+    task = asyncio.create_task(run())
+    try:
+        await asyncio.wait({started, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # start-up failed: raise its error
+        yield started.result(), stop, task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=60)
 
 
 @contextlib.asynccontextmanager

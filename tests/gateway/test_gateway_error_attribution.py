@@ -7,17 +7,21 @@ Real loopback sockets; waits are bounded only as hang guards."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
 
 import aiohttp
 import openai
 import pytest
-from gateway_harness import BASE, ScriptedReplica, gateway_config, openai_client, wait_until
+from gateway_harness import (
+    BASE,
+    ScriptedReplica,
+    gateway_config,
+    gateway_in_background,
+    openai_client,
+    wait_until,
+)
 
-from loragate.core.config import GatewayConfig
 from loragate.gateway import RunningGateway, running_gateway
 from loragate.gateway.proxy import REPLICA_HEADER
 
@@ -129,38 +133,15 @@ async def test_a_stream_that_breaks_off_is_logged_and_counted_with_its_replica(
     assert "failed while streaming (after " in line
 
 
-@contextlib.asynccontextmanager
-async def _gateway_in_background(
-    config: GatewayConfig, drain_s: float
-) -> AsyncIterator[tuple[RunningGateway, asyncio.Event, asyncio.Task[None]]]:
-    """``running_gateway`` in a task of its own: setting the event starts its shutdown."""
-    started: asyncio.Future[RunningGateway] = asyncio.get_running_loop().create_future()
-    stop = asyncio.Event()
-
-    async def run() -> None:
-        async with running_gateway(config, port=0, shutdown_timeout_s=drain_s) as gw:
-            started.set_result(gw)
-            await stop.wait()
-
-    task = asyncio.create_task(run())
-    try:
-        await asyncio.wait({started, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            task.result()
-        yield started.result(), stop, task
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, timeout=60)
-
-
 async def test_requests_cut_at_shutdown_are_counted_with_their_replica(
     replicas: list[ScriptedReplica],
 ) -> None:
     rep = replicas[0]
     rep.answer_gate = asyncio.Event()  # the replica holds non-streaming answers
     rep.stream_gate = asyncio.Event()  # ...and streams after their first event
+    cfg = gateway_config([rep.url])
     async with (
-        _gateway_in_background(gateway_config([rep.url]), drain_s=0.2) as (gw, stop, shutdown),
+        gateway_in_background(cfg, shutdown_timeout_s=0.2) as (gw, stop, shutdown),
         openai_client(gw.url) as client,
     ):
         stream = await client.completions.create(model=BASE, prompt="s", stream=True)

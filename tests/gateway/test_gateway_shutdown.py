@@ -8,10 +8,8 @@ waits are bounded only as hang guards."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,45 +20,20 @@ from gateway_harness import (
     BASE,
     ScriptedReplica,
     gateway_config,
+    gateway_in_background,
     openai_client,
     serve_process,
     wait_until,
 )
 
-from loragate.core.config import GatewayConfig, config_from_mapping
+from loragate.core.config import config_from_mapping
 from loragate.core.errors import ConfigError
-from loragate.gateway import RunningGateway, running_gateway
 
 RUNNER_LOG = "loragate.gateway.runner"
 
 
 def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
     return any(text in r.getMessage() for r in caplog.records if r.name == RUNNER_LOG)
-
-
-@contextlib.asynccontextmanager
-async def _gateway_in_background(
-    config: GatewayConfig, drain_s: float
-) -> AsyncIterator[tuple[RunningGateway, asyncio.Event, asyncio.Task[None]]]:
-    """``running_gateway`` in a task of its own, so that the test goes on while it shuts down:
-    setting the event starts the shutdown; the task ends when the shutdown is over."""
-    started: asyncio.Future[RunningGateway] = asyncio.get_running_loop().create_future()
-    stop = asyncio.Event()
-
-    async def run() -> None:
-        async with running_gateway(config, port=0, shutdown_timeout_s=drain_s) as gw:
-            started.set_result(gw)
-            await stop.wait()
-
-    task = asyncio.create_task(run())
-    try:
-        await asyncio.wait({started, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            task.result()  # start-up failed: raise its error
-        yield started.result(), stop, task
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, timeout=60)
 
 
 async def _refused(host: str, port: int) -> bool:
@@ -98,7 +71,7 @@ async def test_requests_running_at_the_deadline_are_answered_and_aborted_upstrea
     rep = replicas[0]
     config = gateway_config([rep.url])
     async with (
-        _gateway_in_background(config, drain_s=0.2) as (gw, stop, shutdown),
+        gateway_in_background(config, shutdown_timeout_s=0.2) as (gw, stop, shutdown),
         openai_client(gw.url) as client,
     ):
         events, first, plain = await _start_held_requests(rep, client)
@@ -139,7 +112,7 @@ async def test_requests_that_finish_within_the_drain_period_complete_normally(
     rep = replicas[0]
     config = gateway_config([rep.url])
     async with (
-        _gateway_in_background(config, drain_s=600) as (gw, stop, shutdown),
+        gateway_in_background(config, shutdown_timeout_s=600) as (gw, stop, shutdown),
         openai_client(gw.url) as client,
     ):
         # An idle keep-alive connection (one request answered on it).
@@ -185,7 +158,7 @@ async def test_answers_finished_during_the_drain_say_connection_close(
     rep.answer_gate = asyncio.Event()
     config = gateway_config([rep.url])
     async with (
-        _gateway_in_background(config, drain_s=600) as (gw, stop, _),
+        gateway_in_background(config, shutdown_timeout_s=600) as (gw, stop, _),
         aiohttp.ClientSession() as http,
     ):
         before = await http.get(gw.url + "/health")  # answered before the shutdown

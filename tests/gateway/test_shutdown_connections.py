@@ -12,13 +12,12 @@ import contextlib
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator
 
 import pytest
-from gateway_harness import BASE, ScriptedReplica, gateway_config, wait_until
+from gateway_harness import BASE, ScriptedReplica, gateway_config, gateway_in_background, wait_until
 
 from loragate.core.config import GatewayConfig
-from loragate.gateway import RunningGateway, running_gateway
+from loragate.gateway import RunningGateway
 
 RUNNER_LOG = "loragate.gateway.runner"
 _BODY = json.dumps({"model": BASE, "prompt": "p", "max_tokens": 2}).encode()
@@ -28,31 +27,13 @@ _REQUEST = (
 )
 
 
-@contextlib.asynccontextmanager
-async def _gateway(
+def _gateway(
     config: GatewayConfig, *, grace_s: float = 60.0
-) -> AsyncIterator[tuple[RunningGateway, asyncio.Event, asyncio.Task[None]]]:
-    """The gateway in a task of its own: setting the event starts its shutdown (the task's
-    next step, before the loop polls any socket again); the task ends with the shutdown."""
-    started: asyncio.Future[RunningGateway] = asyncio.get_running_loop().create_future()
-    stop = asyncio.Event()
-
-    async def run() -> None:
-        async with running_gateway(
-            config, port=0, shutdown_timeout_s=600, first_request_grace_s=grace_s
-        ) as gw:
-            started.set_result(gw)
-            await stop.wait()
-
-    task = asyncio.create_task(run())
-    try:
-        await asyncio.wait({started, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            task.result()
-        yield started.result(), stop, task
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, timeout=60)
+) -> contextlib.AbstractAsyncContextManager[
+    tuple[RunningGateway, asyncio.Event, asyncio.Task[None]]
+]:
+    """The gateway in a task of its own (``gateway_in_background``), with a long drain."""
+    return gateway_in_background(config, shutdown_timeout_s=600, first_request_grace_s=grace_s)
 
 
 async def _answer(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, str], bytes]:
