@@ -242,6 +242,21 @@ async def test_replace_adapter_swaps_a_registered_definition_only(store: StateSt
     assert "sql" not in (await store.snapshot()).adapters
 
 
+async def test_paths_in_force_name_the_registered_path_and_a_replacement_under_way(
+    store: StateStore,
+) -> None:
+    assert await store.paths_in_force("sql") == frozenset()
+    assert await store.put_adapter(AdapterSpec(name="sql", path="/m/sql"))
+    assert await store.paths_in_force("sql") == {"/m/sql"}
+    await store.begin_replacing("sql", "/m/sql-v2", 60.0)  # a PUT under way
+    assert await store.paths_in_force("sql") == {"/m/sql", "/m/sql-v2"}
+    await store.end_replacing("sql")
+    assert await store.paths_in_force("sql") == {"/m/sql"}
+    await store.begin_replacing("sql", "/m/sql-v3", 0.001)  # its instance crashed: it lapses
+    await asyncio.sleep(0.05)
+    assert await store.paths_in_force("sql") == {"/m/sql"}
+
+
 async def test_tombstones_expire() -> None:
     clock = VirtualClock()
     store = MemoryStore(ttls=Ttls(tombstone_ttl_s=5.0), clock=clock)

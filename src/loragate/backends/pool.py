@@ -79,6 +79,7 @@ class ReplicaPool(PoolStopped, PoolUnloads):
             *self._unloads.values(),
             *self._orphan_loads,
             *self._lora_checks.values(),
+            *self._stale_checks.values(),
         ]:
             load.cancel()
         for rep in self._replicas.values():

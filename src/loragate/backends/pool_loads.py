@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Collection, Mapping
 
 from loragate.backends.engine_failures import load_refused_stopping
 from loragate.backends.lora_off import (
@@ -108,26 +108,101 @@ class PoolLoads(PoolHealth, PoolLoraOff):
 
     def _found_stale(self, rep: ReplicaEntry, spec: AdapterSpec, root: str) -> None:
         """``rep`` holds ``spec.name`` from ``root``, not from ``spec.path``: say so (once per
-        old path) and reload it in place in the background (unless that failed already)."""
+        old path) and reload it in place in the background (unless that failed already).
+        With a shared state, only once the listener said that ``root`` is not a path in force
+        for another instance (:meth:`PoolListener.paths_in_force`: a ``PUT`` of theirs is
+        reloading the replicas from it, or put it in force since our catalog's last refresh):
+        such a replica is not reloaded back, and gets no requests for the name here until
+        this instance's catalog has that path."""
         rid = rep.config.replica_id
-        if rep.stale.get(spec.name) != root:
-            rep.stale[spec.name] = root
-            log.warning(
-                "replica %s (%s) has adapter %s registered from %s, not from the configured %s: "
-                "it gets no requests for %s until it is reloaded in place from %s",
-                rid, rep.config.url, spec.name, root, spec.path, spec.name, spec.path,
-            )  # fmt: skip
-        if self._session is None or rep.inplace_failed.get(spec.name) == spec.path:
+        news = rep.stale.get(spec.name) != root
+        rep.stale[spec.name] = root
+        key = (spec.name, rid)
+        if self._session is None or key in self._loads or key in self._stale_checks:
+            if news:
+                self._say_stale(rep, spec, root)
             return
-        if (spec.name, rid) not in self._loads:
-            self._start_load(
-                LoadOrder(
-                    rep=rep,
-                    spec=spec,
-                    load_id=self._own_id("reload"),
-                    by="the poller (an in-place reload)",
-                )
+        asked = None if self.listener is None else self.listener.paths_in_force(spec.name)
+        if asked is None:
+            if news:
+                self._say_stale(rep, spec, root)
+            self._reload_stale(rep, spec)
+            return
+        task = asyncio.create_task(
+            self._reload_unless_in_force(rep, spec, root, asked, news=news),
+            name=f"stale check {spec.name} on {rid}",
+        )
+        self._stale_checks[key] = task
+        task.add_done_callback(lambda t: self._stale_check_done(key, t))
+
+    def _say_stale(self, rep: ReplicaEntry, spec: AdapterSpec, root: str) -> None:
+        log.warning(
+            "replica %s (%s) has adapter %s registered from %s, not from the configured %s: "
+            "it gets no requests for %s until it is reloaded in place from %s",
+            rep.config.replica_id, rep.config.url, spec.name, root, spec.path, spec.name,
+            spec.path,
+        )  # fmt: skip
+
+    def _reload_stale(self, rep: ReplicaEntry, spec: AdapterSpec) -> None:
+        if rep.inplace_failed.get(spec.name) == spec.path:
+            return  # (failed already: a request routed there tries again first)
+        self._start_load(
+            LoadOrder(
+                rep=rep,
+                spec=spec,
+                load_id=self._own_id("reload"),
+                by="the poller (an in-place reload)",
             )
+        )
+
+    async def _reload_unless_in_force(
+        self,
+        rep: ReplicaEntry,
+        spec: AdapterSpec,
+        root: str,
+        asked: Awaitable[frozenset[str]],
+        *,
+        news: bool,
+    ) -> None:
+        rid = rep.config.replica_id
+        paths = await asked
+        if any(same_path(root, p) and not same_path(p, spec.path) for p in paths):
+            if news:
+                log.info(
+                    "replica %s (%s) has adapter %s registered from %s, the path another "
+                    "gateway instance's PUT /admin/adapters is reloading it from or has put in "
+                    "force (this instance's catalog still says %s): not reloaded back; it gets "
+                    "no requests for %s here until the catalog takes the new path",
+                    rid, rep.config.url, spec.name, root, spec.path, spec.name,
+                )  # fmt: skip
+            return
+        if news:
+            self._say_stale(rep, spec, root)
+        # Still so after the wait (a poll or a catalog change may have settled it meanwhile)?
+        if (
+            self._session is not None
+            and self._replicas.get(rid) is rep
+            and self._specs.get(spec.name) == spec
+            and rep.stale.get(spec.name) == root
+            and (spec.name, rid) not in self._loads
+        ):
+            self._reload_stale(rep, spec)
+
+    def _stale_check_done(self, key: tuple[str, ReplicaId], task: asyncio.Task[None]) -> None:
+        if self._stale_checks.get(key) is task:
+            del self._stale_checks[key]
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "checking the paths in force of adapter %s on replica %s failed", *key,
+                exc_info=task.exception(),
+            )  # fmt: skip
+
+    def stale_checking(self, replica_id: ReplicaId, adapter: str) -> bool:
+        """Whether the pool is finding out whether to reload ``adapter`` on the replica
+        (:meth:`_found_stale`), or reloading it. Not read by the gateway itself: the tests
+        wait on it, bounded."""
+        key = (adapter, replica_id)
+        return key in self._stale_checks or key in self._loads
 
     async def ensure_adapter(
         self,

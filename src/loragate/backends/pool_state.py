@@ -104,6 +104,9 @@ class PoolState:
         # for each adapter request (empty while every replica serves adapters).
         self.lora_off: dict[ReplicaId, LoraOff] = {}
         self._lora_checks: dict[ReplicaId, asyncio.Task[None]] = {}
+        # (adapter, replica) -> the check of the paths in force before an in-place reload of
+        # an adapter a poll found held from another path (``PoolLoads._found_stale``).
+        self._stale_checks: dict[tuple[str, ReplicaId], asyncio.Task[None]] = {}
         # Makes the request ids of the pool's own admin calls (an in-place reload a poll
         # found needed: ``<id>-reload``; a deleted adapter's unload: ``<id>-unload``); the
         # gateway's generator (``gateway.request_ids``). None: sent without X-Request-Id.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Collection
+from collections.abc import Awaitable, Collection
 from typing import Protocol
 
 from loragate.backends.client import ModelCard, VllmClient
@@ -94,6 +94,15 @@ class PoolListener(RefusalSink, Protocol):
     def retired_adapters(self) -> Collection[str]:
         """Adapters deleted through the admin API lately (their tombstones): a replica that
         still lists one, and that the catalog does not serve (again), gets it unloaded."""
+        ...
+
+    def paths_in_force(self, adapter: str) -> Awaitable[frozenset[str]] | None:
+        """Asked before the poller reloads in place an adapter a replica holds from another
+        path than the catalog's: the paths it may be held from for every gateway instance on
+        the shared state (the shared registry's definition, which this instance's catalog
+        takes up to a refresh later, and the new path a ``PUT`` of another instance is
+        reloading it from): a replica holding it from one of those is not reloaded back.
+        None: nothing is shared (the catalog is the registry)."""
         ...
 
     async def still_retired(self, adapter: str) -> bool:

@@ -15,7 +15,11 @@ unknown (``DELETE`` then ``POST`` left a window of 404s).
    catalog and the state store keep the definition in force meanwhile, and the pool counts a
    replica holding either path as serving the name (``ReplicaPool.begin_replace``): requests
    arriving meanwhile are served at once by the weights the replica holds (the old ones until
-   its reload is done), none waits for a reload nor fails because of it.
+   its reload is done), none waits for a reload nor fails because of it. The other instances
+   on the state store, whose catalogs have the old definition until their refresh after the
+   swap, do not reload back a replica holding the new path either: the store holds the new
+   path while the ``PUT`` runs (``StateStore.begin_replacing``), and their pollers ask it
+   (and the registry itself) before an in-place reload (``PoolListener.paths_in_force``).
 3. Once a replica took the new definition, the state store swaps it atomically
    (``StateStore.replace_adapter`` with ``expected``: the version bump makes every instance
    on the same Redis serve it within its refresh interval; 409 if another instance replaced
@@ -138,8 +142,15 @@ class AdapterUpdate:
         # replicas holding either path serve the name meanwhile (the old weights until their
         # reload is done), and a refused path changes nothing a request sees.
         pool.begin_replace(spec)
+        # ... and so do the other instances on the state store, whose catalogs have the old
+        # definition until their refresh after the swap: their polls do not reload back a
+        # replica this PUT reloaded (bounded: the reloads run concurrently, a first load tries
+        # the replicas one after the other).
+        store = gw.shared.store
+        bound_s = gw.config.limits.admin_timeout_s * (len(pool.replica_ids) + 1)
         swapped = False
         try:
+            await store.begin_replacing(name, spec.path, bound_s)
             try:
                 attempt = await self._reload(spec, current, request)
             except InvalidRequestError as exc:  # no replica took it, some refused
@@ -169,6 +180,8 @@ class AdapterUpdate:
                 gw.shared.check_adapters()  # this instance's catalog at once
                 swapped = True
         finally:
+            # The hint first: the pool's checks before reloading back ask the store.
+            await store.end_replacing(name)
             pool.end_replace(name)  # replicas holding a path not in force are reloaded
             if not swapped:
                 pool.refusals.forget(name)  # refusals of a definition not in force

@@ -393,6 +393,13 @@ class SharedState:
     async def adapter_unloaded(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
         await self.store.record_unload(replica_id, adapter)
 
+    def paths_in_force(self, adapter: AdapterId) -> Awaitable[frozenset[str]] | None:
+        """The store's answer (one round trip; before an in-place reload by the poller, not
+        on the routed requests' path); None with the embedded store (nothing shared)."""
+        if self._sync is not None:
+            return None
+        return self.store.paths_in_force(adapter)
+
     def retired_adapters(self) -> Collection[AdapterId]:
         """Adapters deleted through the admin API lately (the store's tombstones, refreshed
         with the rest of the shared view: no extra round trip)."""

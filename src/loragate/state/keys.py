@@ -42,6 +42,12 @@ key                          type    content / lifetime
                                      the admin API since): a tombstone written back later
                                      removes them (that view predated the deletion); PEXPIREs
                                      ``Ttls.tombstone_ttl_s`` after its last addition
+``P replacing:N``            STRING  the new path a ``PUT /admin/adapters/N`` on some instance is
+                                     reloading the replicas with (before the registry swaps
+                                     to it): a replica another instance finds holding the name
+                                     from it is not reloaded back to the old path. Deleted when
+                                     the ``PUT`` ends; PX a bound of its length (a crashed
+                                     instance's lapses)
 ``P definitions``            HASH    adapters defined in config files: name -> JSON {path,
                                      rank, instance, until ms} (Redis server time): the
                                      definition in force for every instance (the first
@@ -241,6 +247,9 @@ class KeySpace:
     @property
     def restored(self) -> str:
         return f"{self.prefix}restored"
+
+    def replacing(self, name: str) -> str:
+        return f"{self.prefix}replacing:{name}"
 
     @property
     def definitions(self) -> str:

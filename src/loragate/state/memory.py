@@ -59,6 +59,8 @@ class MemoryStore:
         self._drains: dict[ReplicaId, float] = {}
         # Replica shutting down -> (what it answered, until on ``clock``).
         self._stopping: dict[ReplicaId, tuple[str, float]] = {}
+        # Adapter a PUT is replacing -> (the new path, until on ``clock``).
+        self._replacing: dict[AdapterId, tuple[str, float]] = {}
         self._version = 0
         # Whose claims these are (``RedisStore.instance_id`` in the mirror of a ResilientStore).
         self.instance_id = "local"
@@ -235,6 +237,25 @@ class MemoryStore:
 
     async def get_adapter(self, name: AdapterId) -> AdapterSpec | None:
         return self._adapters.get(name)
+
+    async def begin_replacing(self, name: AdapterId, path: str, ttl_s: float) -> None:
+        self._replacing[name] = (path, self._clock.now() + ttl_s)
+
+    async def end_replacing(self, name: AdapterId) -> None:
+        self._replacing.pop(name, None)
+
+    async def paths_in_force(self, name: AdapterId) -> frozenset[str]:
+        paths = set()
+        spec = self._adapters.get(name)
+        if spec is not None:
+            paths.add(spec.path)
+        replacing = self._replacing.get(name)
+        if replacing is not None:
+            if replacing[1] > self._clock.now():
+                paths.add(replacing[0])
+            else:
+                del self._replacing[name]
+        return frozenset(paths)
 
     def tombstones(self) -> TombstoneMap:
         """The tombstones in force now: name -> seconds left (expired ones are dropped)."""

@@ -576,6 +576,26 @@ class RedisStore:
         raw = await self._io(self._r.hget(self.keys.adapters, name))
         return None if raw is None else decode_adapter(name, str(raw))
 
+    async def begin_replacing(self, name: AdapterId, path: str, ttl_s: float) -> None:
+        key = self.keys.replacing(name)
+        await self._io(self._r.set(key, path, px=max(1, math.ceil(ttl_s * 1000))))
+
+    async def end_replacing(self, name: AdapterId) -> None:
+        await self._io(self._r.delete(self.keys.replacing(name)))
+
+    async def paths_in_force(self, name: AdapterId) -> frozenset[str]:
+        """One pipelined round trip: the registered definition's path and the replacement's."""
+        pipe = self._r.pipeline(transaction=False)
+        pipe.hget(self.keys.adapters, name)
+        pipe.get(self.keys.replacing(name))
+        raw, replacing = await self._io(pipe.execute())
+        paths = set()
+        if raw is not None:
+            paths.add(decode_adapter(name, str(raw)).path)
+        if replacing is not None:
+            paths.add(str(replacing))
+        return frozenset(paths)
+
     async def _load_adapters(self) -> dict[AdapterId, AdapterSpec]:
         raw = await self._io(self._r.hgetall(self.keys.adapters))
         return {str(n): decode_adapter(str(n), str(v)) for n, v in raw.items()}

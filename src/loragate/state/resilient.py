@@ -613,6 +613,33 @@ class ResilientStore:
     async def list_adapters(self) -> list[AdapterSpec]:
         return await self._local.list_adapters()
 
+    async def begin_replacing(self, name: AdapterId, path: str, ttl_s: float) -> None:
+        """In the mirror and, if reachable, in Redis (a hint: not journaled; a PUT is refused
+        while Redis is unreachable anyway)."""
+        await self._local.begin_replacing(name, path, ttl_s)
+        await self._hint(lambda r: r.begin_replacing(name, path, ttl_s))
+
+    async def end_replacing(self, name: AdapterId) -> None:
+        await self._local.end_replacing(name)
+        await self._hint(lambda r: r.end_replacing(name))
+
+    async def _hint(self, op: RemoteOp) -> None:
+        if self._degraded:  # (its own key: no journaled write orders it)
+            return
+        try:
+            await op(self._remote)
+        except StateUnavailableError as exc:
+            self._on_error(exc)
+
+    async def paths_in_force(self, name: AdapterId) -> frozenset[str]:
+        """Redis's answer (one round trip) when reachable, else the mirror's."""
+        if not self._degraded:
+            try:
+                return await self._remote.paths_in_force(name)
+            except StateUnavailableError as exc:
+                self._on_error(exc)
+        return await self._local.paths_in_force(name)
+
     def tombstones(self) -> TombstoneMap:
         """``view().tombstones`` without building the view."""
         return self._local.tombstones()

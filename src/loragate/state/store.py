@@ -212,6 +212,22 @@ class StateStore(Protocol):
         """One registered adapter, read from the shared backend (one Redis round trip)."""
         ...
 
+    async def begin_replacing(self, name: AdapterId, path: str, ttl_s: float) -> None:
+        """A ``PUT`` of this instance starts reloading the replicas that hold ``name`` from
+        ``path`` (before the registry swaps to it): :meth:`paths_in_force` names ``path`` for
+        every instance until :meth:`end_replacing`, or ``ttl_s`` (a crashed instance's). A hint
+        of no consequence to the registry: not replayed after an outage."""
+        ...
+
+    async def end_replacing(self, name: AdapterId) -> None: ...
+
+    async def paths_in_force(self, name: AdapterId) -> frozenset[str]:
+        """The paths ``name`` may be held from for every instance, read from the shared
+        backend (one Redis round trip; the local view while it is unreachable): the
+        registered definition's, and the path a ``PUT`` under way on any instance is
+        reloading it from. Empty if neither."""
+        ...
+
     async def list_adapters(self) -> list[AdapterSpec]: ...
 
     # --- adapter-load refusals (shared by every instance) -----------------------------------
