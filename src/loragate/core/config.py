@@ -89,6 +89,10 @@ class LimitsConfig:
     stream_read_timeout_s: float = 300.0
     # Longest silence while reading a client's request body before a 408.
     client_body_timeout_s: float = 60.0
+    # Longest time a client may take to send a complete request head (from the connection's
+    # start, or from the first byte of a later request head on a keep-alive connection);
+    # then the connection is closed (gateway.head_deadline).
+    client_header_timeout_s: float = 30.0
     admin_timeout_s: float = 60.0
     # A request in progress on a replica that stopped listening (its poll could not connect)
     # fails once it has received nothing for this long (retried elsewhere if nothing reached
@@ -700,6 +704,7 @@ def _limits(value: object) -> LimitsConfig:
         "request_timeout_s",
         "stream_read_timeout_s",
         "client_body_timeout_s",
+        "client_header_timeout_s",
         "admin_timeout_s",
         "stopped_replica_grace_s",
     }

@@ -22,11 +22,14 @@ made per runner), so Python
 accepts the class change
 or raises ``TypeError`` on the first connection if aiohttp's layout ever changes (the tests in
 tests/gateway/test_protocol_errors.py would fail), and aiohttp's own construction logic is kept
-rather than copied. Nothing else (limits, keep-alive, parser) is changed.
+rather than copied. The same handler class keeps the request-head deadline
+(``gateway.head_deadline``: ``connection_made``, ``data_received`` and ``connection_lost``
+start and stop it). Nothing else (limits, keep-alive, parser) is changed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Callable
@@ -37,6 +40,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, LineTooLong, TransferEncodingError
 
 from loragate.gateway.errors import error_payload
+from loragate.gateway.head_deadline import HeadDeadlines
 from loragate.gateway.request_ids import REQUEST_ID_HEADER, RequestIds, request_id_of
 
 log = logging.getLogger(__name__)
@@ -84,6 +88,31 @@ class _OpenAIErrorRequestHandler(web.RequestHandler):
     error_listeners: ClassVar[tuple[Callable[[int], None], ...]] = ()
     # The app's request-id generator; set per runner (see below).
     request_ids: ClassVar[RequestIds] = RequestIds()
+    # The connections that owe a request head (``gateway.head_deadline``); set per runner.
+    head_deadlines: ClassVar[HeadDeadlines | None] = None
+
+    # -- the request-head deadline (aiohttp 3.14: ``_request_count`` counts the heads parsed,
+    # ``_waiter`` is pending while the connection waits for one) --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if (deadlines := self.head_deadlines) is not None:
+            deadlines.start(self, self.peername)
+
+    def data_received(self, data: bytes) -> None:
+        heads = self._request_count
+        super().data_received(data)
+        if (deadlines := self.head_deadlines) is None:
+            return
+        if self._request_count != heads:
+            deadlines.stop(self)
+        elif data and (waiter := self._waiter) is not None and not waiter.done():
+            deadlines.start(self, self.peername)  # the first bytes of a head
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if (deadlines := self.head_deadlines) is not None:
+            deadlines.stop(self)
+        super().connection_lost(exc)
 
     def handle_error(
         self,
@@ -153,7 +182,10 @@ class OpenAIErrorAppRunner(web.AppRunner):
 
     ``on_error(status)``, when given, is called once for every such error (the gateway counts
     them in ``/metrics``); ``request_ids`` is the app's request-id generator (default: one of
-    the runner's own); the other arguments are ``web.AppRunner``'s."""
+    the runner's own); ``head_timeout_s()``, when given, is how long a connection may take to
+    send a request head (``gateway.head_deadline``; none: aiohttp's keep-alive timeout), and
+    ``on_head_timeout()`` is called for every connection closed at that deadline; the other
+    arguments are ``web.AppRunner``'s."""
 
     def __init__(
         self,
@@ -161,9 +193,14 @@ class OpenAIErrorAppRunner(web.AppRunner):
         *,
         on_error: Callable[[int], None] | None = None,
         request_ids: RequestIds | None = None,
+        head_timeout_s: Callable[[], float] | None = None,
+        on_head_timeout: Callable[[], None] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
+        deadlines = (
+            None if head_timeout_s is None else HeadDeadlines(head_timeout_s, on_head_timeout)
+        )
         self._handler_class: type[_OpenAIErrorRequestHandler] = type(
             "_AppOpenAIErrorRequestHandler",
             (_OpenAIErrorRequestHandler,),
@@ -171,6 +208,7 @@ class OpenAIErrorAppRunner(web.AppRunner):
                 "__slots__": (),
                 "error_listeners": () if on_error is None else (on_error,),
                 "request_ids": request_ids or RequestIds(),
+                "head_deadlines": deadlines,
             },
         )
 

@@ -194,11 +194,15 @@ async def running_gateway(
     # handler_cancellation: a client that goes away cancels its handler, which drops the
     # upstream connection, which makes vLLM abort the generation. OpenAIErrorAppRunner: a
     # request aiohttp's HTTP parser rejects gets an OpenAI-shaped JSON error, not plain text,
-    # counted in /metrics (loragate_http_errors_total).
+    # counted in /metrics (loragate_http_errors_total); a connection that does not send a
+    # complete request head within limits.client_header_timeout_s is closed (head_deadline).
     runner = OpenAIErrorAppRunner(
         app,
         on_error=app[GATEWAY].telemetry.count_http_error,
         request_ids=app[GATEWAY].request_ids,
+        # (a reload replaces the config)
+        head_timeout_s=lambda: app[GATEWAY].config.limits.client_header_timeout_s,
+        on_head_timeout=app[GATEWAY].telemetry.count_header_timeout,
         access_log=None,
         handle_signals=False,
         handler_cancellation=True,

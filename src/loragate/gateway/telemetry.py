@@ -443,6 +443,7 @@ class _ProxyMetrics(Collector):
         self.requests: dict[tuple[str, str, str], int] = {}
         self.tokenizer: dict[tuple[str, str, str], int] = {}  # (endpoint, replica, status)
         self.http_errors: dict[str, int] = {}
+        self.header_timeouts = 0
         self.endpoint_errors: dict[tuple[str, str], int] = {}
         self.latency: dict[str, _Histogram] = {}
         self.ttft: dict[str, _Histogram] = {}
@@ -508,6 +509,13 @@ class _ProxyMetrics(Collector):
         for status, n in self.http_errors.items():
             http_errors.add_metric([status], n)
         yield http_errors
+        yield CounterMetricFamily(
+            "loragate_client_header_timeouts",
+            "Client connections closed because no complete request head arrived within "
+            "limits.client_header_timeout_s (from the connection's start, or from the first "
+            "byte of a later request head).",
+            value=self.header_timeouts,
+        )
         endpoint_errors = CounterMetricFamily(
             "loragate_endpoint_errors",
             "Error answers (status >= 400) of the gateway's own endpoints, not of proxied "
@@ -1004,6 +1012,10 @@ class Telemetry:
         key = str(status)
         errors = self._metrics.http_errors
         errors[key] = errors.get(key, 0) + 1
+
+    def count_header_timeout(self) -> None:
+        """A client connection closed at its request-head deadline (``gateway.head_deadline``)."""
+        self._metrics.header_timeouts += 1
 
     def count_endpoint_error(self, endpoint: str, status: int) -> None:
         """An error answer of the gateway's own endpoint class ``endpoint`` (one of
