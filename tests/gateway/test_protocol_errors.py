@@ -167,3 +167,21 @@ async def test_a_handler_that_raises_gets_a_server_error_without_the_traceback()
     err = _assert_openai_error(body, "server_error")
     assert err["code"] == "internal_error" and b"internal detail" not in body
     assert statuses == [500]
+
+
+async def test_a_flood_of_bad_requests_logs_one_warning_and_counts_them_all(
+    gateway: RunningGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As failed logins: one WARNING a minute at most (saying how to see the rest), the rest
+    at DEBUG; every one counted."""
+    raw = BAD_REQUESTS["malformed request line"][0]
+    with caplog.at_level(logging.DEBUG, logger="loragate.gateway.protocol_errors"):
+        for _ in range(30):
+            status, _, body = await _raw_exchange(gateway, raw)
+            assert status == 400
+            _assert_openai_error(body, "invalid_request_error")
+    rejected = [r for r in caplog.records if r.name == "loragate.gateway.protocol_errors"]
+    assert [r.levelno for r in rejected] == [logging.WARNING] + [logging.DEBUG] * 29
+    assert "at most one such line per 60 s" in rejected[0].getMessage()
+    assert all("rejected request" in r.getMessage() for r in rejected)
+    assert await _http_errors_counted(gateway) == {"400": 30.0}

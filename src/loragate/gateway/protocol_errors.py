@@ -8,7 +8,7 @@ also uses that method for the 500/504 of a handler that raised. ``OpenAIErrorApp
 "param", "code"}}`` (application/json), keeping aiohttp's status and its ``Connection: close``,
 with an ``X-Request-Id`` as every answer of the gateway (``gateway.request_ids``: the one the
 handler's wrapper gave the request, else the client's if safe, else generated), which the log
-line names.
+line names (a WARNING at most once a minute, saying how many more came; the others at DEBUG).
 
 The aiohttp internals used (checked against aiohttp 3.14) are all in the three small classes
 at the end of this module: ``OpenAIErrorAppRunner._make_server`` (the hook ``web.BaseRunner``
@@ -39,8 +39,10 @@ from typing import Any, ClassVar
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, LineTooLong, TransferEncodingError
 
+from loragate.core.clock import WallClock
 from loragate.gateway.errors import error_payload
 from loragate.gateway.head_deadline import HeadDeadlines
+from loragate.gateway.log_rate import LineRate
 from loragate.gateway.request_ids import REQUEST_ID_HEADER, RequestIds, request_id_of
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,8 @@ class _OpenAIErrorRequestHandler(web.RequestHandler):
     error_listeners: ClassVar[tuple[Callable[[int], None], ...]] = ()
     # The app's request-id generator; set per runner (see below).
     request_ids: ClassVar[RequestIds] = RequestIds()
+    # At most one WARNING a minute for rejected requests; set per runner (see below).
+    warning_line: ClassVar[LineRate] = LineRate(WallClock())
     # The connections that owe a request head (``gateway.head_deadline``); set per runner.
     head_deadlines: ClassVar[HeadDeadlines | None] = None
 
@@ -126,16 +130,25 @@ class _OpenAIErrorRequestHandler(web.RequestHandler):
             detail = describe_protocol_error(exc, message)
             text = f"malformed HTTP request: {detail}" if detail else "malformed HTTP request"
             # A bad method is mostly TLS or other non-HTTP traffic sent to the port (scanners,
-            # a client configured with https): like aiohttp, keep that out of WARNING.
-            level = logging.DEBUG if isinstance(exc, BadHttpMethod) else logging.WARNING
+            # a client configured with https): like aiohttp, keep that out of WARNING. The
+            # other rejections come in floods too (a broken or hostile client): one WARNING
+            # per minute at most, the rest at DEBUG (all counted in /metrics).
+            more = None if isinstance(exc, BadHttpMethod) else self.warning_line.due()
             log.log(
-                level,
-                "rejected request %s from %s with %d: %s (%s)",
+                logging.DEBUG if more is None else logging.WARNING,
+                "rejected request %s from %s with %d: %s (%s)%s",
                 request_id,
                 request.remote,
                 status,
                 text,
                 type(exc).__name__ if exc is not None else "no exception",
+                ""
+                if more is None
+                else (
+                    f"{f'; {more} more since the last such line' if more else ''}; at most "
+                    f"one such line per {self.warning_line.interval_s:g} s, the others at "
+                    "DEBUG; loragate_http_errors_total counts them all"
+                ),
             )
             err_type = "invalid_request_error"
         else:
@@ -209,6 +222,7 @@ class OpenAIErrorAppRunner(web.AppRunner):
                 "error_listeners": () if on_error is None else (on_error,),
                 "request_ids": request_ids or RequestIds(),
                 "head_deadlines": deadlines,
+                "warning_line": LineRate(WallClock()),
             },
         )
 
