@@ -43,6 +43,7 @@ from loragate.core.clock import WallClock
 from loragate.gateway.errors import error_payload
 from loragate.gateway.head_deadline import HeadDeadlines
 from loragate.gateway.log_rate import LineRate
+from loragate.gateway.request_body import unreadable_body_request_id
 from loragate.gateway.request_ids import REQUEST_ID_HEADER, RequestIds, request_id_of
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,23 @@ class _OpenAIErrorRequestHandler(web.RequestHandler):
         if (deadlines := self.head_deadlines) is not None:
             deadlines.stop(self)
         super().connection_lost(exc)
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        # aiohttp drains the unread rest of a body after the answer (``start``) and logs an
+        # "Unhandled exception" (ERROR, the chained tracebacks) if the body had failed: a
+        # Content-Encoding that does not decode, bad framing. The handler read that error
+        # already and answered it (400, ``request_body``): say so at DEBUG, naming the request.
+        exc = kw.get("exc_info")
+        if isinstance(exc, web.RequestPayloadError):
+            log.debug(
+                "request %s from %s: its body could not be read (%s); answered, the "
+                "connection is closed",
+                unreadable_body_request_id(exc) or "-",
+                self.peername,
+                " ".join(str(exc).split()),
+            )
+            return
+        super().log_exception(*args, **kw)
 
     def handle_error(
         self,

@@ -419,7 +419,7 @@ class Proxy:
             # counts and logs everything that happens after).
             try:
                 tenant = self.catalog.tenant_of(request.headers.get(hdrs.AUTHORIZATION))
-                body = await self._read_body(request)
+                body = await self._read_body(request, request_id)
                 try:
                     spec, stream, max_tokens = self._parse(body, chat, tenant)
                 except UnknownModelError as exc:
@@ -464,9 +464,12 @@ class Proxy:
         finally:
             active.discard(task)
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def _read_body(self, request: web.Request, request_id: str) -> bytes:
         body = await read_request_body(
-            request, max_bytes=self._max_body, idle_timeout_s=self._body_timeout_s
+            request,
+            max_bytes=self._max_body,
+            idle_timeout_s=self._body_timeout_s,
+            request_id=request_id,
         )
         check_media_type(request.headers.get(hdrs.CONTENT_TYPE), body)  # vLLM's first check
         if not body:

@@ -23,16 +23,19 @@ from loragate.core.errors import (
     PayloadTooLargeError,
     UnreadableBodyError,
 )
+from loragate.gateway.request_ids import REQUEST_ID
 
 
 async def read_request_body(
-    request: web.Request, *, max_bytes: int, idle_timeout_s: float
+    request: web.Request, *, max_bytes: int, idle_timeout_s: float, request_id: str | None = None
 ) -> bytes:
     """The whole body (decoded, if it had a ``Content-Encoding``).
 
     Raises ``PayloadTooLargeError`` past ``max_bytes``, ``ClientBodyTimeoutError`` after
     ``idle_timeout_s`` without new bytes, and ``UnreadableBodyError`` if the body cannot be
-    decoded (bad compression, or framing errors the parser does report)."""
+    decoded (bad compression, or framing errors the parser does report); the parser's error
+    is then tagged with ``request_id`` (default: ``request[REQUEST_ID]``) for
+    :func:`unreadable_body_request_id`."""
     length = request.content_length
     if length is not None and length > max_bytes:
         raise _too_large(max_bytes, length)
@@ -61,8 +64,24 @@ async def read_request_body(
             "the request body was not received in full"
         ) from exc
     except web.RequestPayloadError as exc:  # e.g. a Content-Encoding that does not decode
+        setattr(
+            exc, _REQUEST_ID_ATTR, request.get(REQUEST_ID) if request_id is None else request_id
+        )
         raise UnreadableBodyError(f"the request body cannot be read: {_reason(exc)}") from exc
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+# aiohttp raises the same exception object again when it drains the rest of the body after
+# the answer (``web.RequestHandler.start``), and logs it there without the request: the tag
+# lets that log line (``protocol_errors``) name the request.
+_REQUEST_ID_ATTR = "loragate_request_id"
+
+
+def unreadable_body_request_id(exc: BaseException) -> str | None:
+    """The id of the request whose body ``read_request_body`` could not read with ``exc``
+    (None: not such an error, or no id known)."""
+    value = getattr(exc, _REQUEST_ID_ATTR, None)
+    return value if isinstance(value, str) else None
 
 
 def _too_large(max_bytes: int, declared: int | None = None) -> PayloadTooLargeError:
