@@ -155,19 +155,21 @@ class AdminApi:
 
     def register(self, router: web.UrlDispatcher) -> None:
         replicas, adapters = self._replicas, self._adapters
+        # The patterns match any character with [\s\S] ('.' does not match a newline: a path
+        # with %0a got aiohttp's plain-text 404, no request id, not counted).
         router.add_get("/admin/replicas", self._guard(replicas.replicas))
         # Replica ids may hold '/' (any header value): as written or percent-encoded.
-        router.add_post("/admin/replicas/{id:.+}/drain", self._guard(replicas.drain))
-        router.add_delete("/admin/replicas/{id:.+}/drain", self._guard(replicas.undrain))
-        router.add_get("/admin/replicas/{id:.+}", self._guard(replicas.replica))
+        router.add_post(r"/admin/replicas/{id:[\s\S]+}/drain", self._guard(replicas.drain))
+        router.add_delete(r"/admin/replicas/{id:[\s\S]+}/drain", self._guard(replicas.undrain))
+        router.add_get(r"/admin/replicas/{id:[\s\S]+}", self._guard(replicas.replica))
         router.add_get("/admin/adapters", self._guard(adapters.adapters))
         router.add_post("/admin/adapters", self._guard(adapters.add_adapter))
         # Any name vLLM takes, '/' included ('org/name'): as written or percent-encoded.
-        router.add_delete("/admin/adapters/{name:.+}", self._guard(adapters.delete_adapter))
-        router.add_put("/admin/adapters/{name:.+}", self._guard(self._update.replace_adapter))
+        router.add_delete(r"/admin/adapters/{name:[\s\S]+}", self._guard(adapters.delete_adapter))
+        router.add_put(r"/admin/adapters/{name:[\s\S]+}", self._guard(self._update.replace_adapter))
         router.add_post("/admin/reload", self._guard(self.reload))
         # Last: any other path under /admin, or a method an admin path does not take.
-        router.add_route("*", "/admin{tail:(/.*)?}", with_request_id(self._ids, self._other))
+        router.add_route("*", r"/admin{tail:(/[\s\S]*)?}", with_request_id(self._ids, self._other))
 
     async def _other(self, request: web.Request) -> web.StreamResponse:
         """Without a token: the same 404 as every admin route. With one: what any unknown

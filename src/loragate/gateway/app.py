@@ -291,8 +291,8 @@ def create_app(
     app.router.add_get("/metrics", with_request_id(ids, metrics))
     AdminApi(gateway).register(app.router)
     # Last: only requests no route above takes (the router tries exact paths first, so the
-    # hot path never reaches it).
-    app.router.add_route("*", "/{path:.*}", with_request_id(ids, no_route))
+    # hot path never reaches it). [\s\S]: any character, a newline (%0a) too ('.' is not).
+    app.router.add_route("*", r"/{path:[\s\S]*}", with_request_id(ids, no_route))
     return app
 
 
