@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -166,3 +167,16 @@ def test_cli_refuses_a_negative_shutdown_timeout() -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert "shutdown_timeout" in err and "must be >= 0, got -1.0" in err
+
+
+def test_replica_in_process_leaves_the_signal_handlers_as_they_were() -> None:
+    """uvloop leaves its handler on SIGINT/SIGTERM after its loop closed: a process that goes
+    on after main(["replica", ...]) swallowed Ctrl-C and SIGTERM, and so did every child it
+    forked later (as ``serve`` did before 2e43527)."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["replica", "--host", "127.0.0.1", "--port", str(port)]) == 1
+    assert {sig: signal.getsignal(sig) for sig in before} == before

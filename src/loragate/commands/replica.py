@@ -174,7 +174,11 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         import uvloop
 
-        uvloop.run(serve(config))
+        from loragate.core.signal_handlers import signal_handlers_kept
+
+        # uvloop leaves its own handlers behind after the loop closed (core.signal_handlers).
+        with signal_handlers_kept():
+            uvloop.run(serve(config))
     except ConfigError as exc:
         print(f"loragate replica: {exc}", file=sys.stderr)
         return 2

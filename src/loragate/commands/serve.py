@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
 
 HELP = "Run the loragate gateway (OpenAI-compatible front door for vLLM replicas)."
@@ -47,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     import uvloop
 
     from loragate.core.errors import ConfigError
+    from loragate.core.signal_handlers import signal_handlers_kept
     from loragate.gateway import load_config, serve_until_signalled
     from loragate.gateway.log_format import ENV, FORMATS, configure_logging
     from loragate.gateway.runner import ListenError
@@ -67,12 +67,9 @@ def run(args: argparse.Namespace) -> int:
         where = "" if str(exc).startswith(f"{args.config}:") else f" {args.config}"
         print(f"loragate serve: bad config{where}: {exc}", file=sys.stderr)
         return 2
-    # uvloop leaves its own handler on SIGINT/SIGTERM/SIGHUP after the loop closed: in a
-    # process that goes on (main() called in-process), Ctrl-C and SIGTERM were swallowed, and
-    # so in every child forked later (a ProcessPoolExecutor worker ignored terminate()).
-    saved = {sig: signal.getsignal(sig) for sig in _SIGNALS}
     try:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        # uvloop leaves its own handlers behind after the loop closed (core.signal_handlers).
+        with signal_handlers_kept(), asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(
                 serve_until_signalled(
                     config, host=args.host, port=args.port, config_path=args.config
@@ -81,11 +78,4 @@ def run(args: argparse.Namespace) -> int:
     except ListenError as exc:
         print(f"loragate serve: {exc}", file=sys.stderr)
         return 1
-    finally:
-        for sig, handler in saved.items():
-            if handler is not None:
-                signal.signal(sig, handler)
     return 0
-
-
-_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
