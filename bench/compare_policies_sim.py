@@ -55,13 +55,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from loragate.commands.simulate import policy_from_arg
 from loragate.core.errors import ConfigError
-from loragate.core.process_pool import ignore_sigint, stop_pool
+from loragate.core.process_pool import WorkerPool, stop_pool
 from loragate.routing import build_policy
 from loragate.simulate import ReplicaEngineSettings, SimulationConfig, run_simulation
 from loragate.simulate.runner import Simulation
@@ -405,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = list(range(1, args.seeds + 1))
     policies: list[PolicyArg] = args.policy_args
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs), initializer=ignore_sigint) as pool:
+    with WorkerPool(max(1, args.jobs)) as pool:
 
         def pmap(fn: Callable[[Any], dict[str, Any]], items: Sequence[Any]) -> list[dict[str, Any]]:
             try:

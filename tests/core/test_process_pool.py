@@ -1,23 +1,22 @@
-"""``stop_pool`` ends a pool's workers through ``ProcessPoolExecutor._processes`` (no public
-handle before Python 3.14) and must not fail where that is not a dict: after the pool was shut
-down (``shutdown`` sets it to None: a second ``stop_pool``, or one after the ``with`` block,
-raised AttributeError) or on a Python without it (the queue is still cancelled). It returns once
-the pool's manager thread has ended: Python 3.11's exit hook otherwise raced that thread for
-its wake-up pipe and printed a traceback after a Ctrl-C's one line, now and then."""
+"""``stop_pool`` ends a ``WorkerPool``'s workers, which the pool knows through its
+multiprocessing context (no public handle on them before Python 3.14; it read the executor's
+private ``_processes`` before), also after the pool was shut down (a second ``stop_pool``, or
+one after the ``with`` block). It returns once the pool's manager thread has ended: Python
+3.11's exit hook otherwise raced that thread for its wake-up pipe and printed a traceback after
+a Ctrl-C's one line, now and then."""
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import process as futures_process
 
 import pytest
 
-from loragate.core.process_pool import ignore_sigint, stop_pool
+from loragate.core.process_pool import WorkerPool, stop_pool
 
 
 def _nap(seconds: float) -> float:
@@ -48,44 +47,39 @@ def _never_ran(futures: list[Future[float]]) -> bool:
 
 
 def test_stop_pool_ends_running_workers_and_cancels_the_queue() -> None:
-    pool = ProcessPoolExecutor(max_workers=1, initializer=ignore_sigint)
+    pool = WorkerPool(1)
     running = pool.submit(_nap, 600)
     queued = [pool.submit(_nap, 600) for _ in range(4)]  # the first may sit in the call queue
-    workers = list(pool._processes.values())
+    workers = pool.workers
     stop_pool(pool)
     assert workers and all(_gone(w.pid) for w in workers)
     assert _never_ran([running, *queued])
 
 
 def test_stop_pool_twice_and_after_the_pool_was_shut_down() -> None:
-    pool = ProcessPoolExecutor(max_workers=1, initializer=ignore_sigint)
+    pool = WorkerPool(1)
     assert pool.submit(_nap, 0).result() == 0
-    workers = list(pool._processes.values())
+    workers = pool.workers
     stop_pool(pool)
-    stop_pool(pool)  # _processes is None now
+    stop_pool(pool)  # shut down already
     assert all(_gone(w.pid) for w in workers)
-    with ProcessPoolExecutor(max_workers=1) as other:
+    with WorkerPool(1) as other:
         assert other.submit(_nap, 0).result() == 0
     stop_pool(other)  # after the with block's shutdown
 
 
-def test_without_the_private_handle_the_queue_is_still_cancelled(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    pool = ProcessPoolExecutor(max_workers=1, initializer=ignore_sigint)
-    pool.submit(_nap, 0.5)
-    queued = [pool.submit(_nap, 600) for _ in range(4)]
-    workers = dict(pool._processes)
-    del pool._processes  # a Python whose executor keeps its workers elsewhere
-    try:
-        with caplog.at_level(logging.WARNING, logger="loragate.core.process_pool"):
-            stop_pool(pool)
-        assert _never_ran(queued[-1:])
-        assert "no _processes dict" in caplog.text
-    finally:
-        for worker in workers.values():
-            worker.terminate()
-            worker.join()
+def _pid() -> int:
+    time.sleep(0.2)  # the other worker takes the next task
+    return os.getpid()
+
+
+def test_the_pool_knows_the_workers_that_run_its_tasks() -> None:
+    with WorkerPool(2) as pool:
+        ran_in = {f.result() for f in [pool.submit(_pid) for _ in range(6)]}
+        workers = pool.workers
+    assert len(workers) == 2
+    assert ran_in <= {w.pid for w in workers}
+    assert all(_gone(w.pid) for w in workers)  # the with block's shutdown ended them
 
 
 def test_stop_pool_returns_once_the_manager_thread_has_ended(
@@ -104,7 +98,7 @@ def test_stop_pool_returns_once_the_manager_thread_has_ended(
         close(self)
 
     monkeypatch.setattr(futures_process._ThreadWakeup, "close", slow_close)
-    pool = ProcessPoolExecutor(max_workers=2, initializer=ignore_sigint)
+    pool = WorkerPool(2)
     assert pool.submit(_nap, 0).result() == 0
     queued = [pool.submit(_nap, 600) for _ in range(4)]
     manager = pool._executor_manager_thread
@@ -125,9 +119,9 @@ def test_stop_pool_ends_workers_when_the_parent_swallows_sigterm() -> None:
     ``stop_pool`` waited in ``join()`` for the 600 s task (tests/core after tests/gateway hung)."""
     previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
     try:
-        pool = ProcessPoolExecutor(max_workers=1, initializer=ignore_sigint)
+        pool = WorkerPool(1)
         running = pool.submit(_nap, 600)
-        workers = list(pool._processes.values())
+        workers = pool.workers
     finally:
         signal.signal(signal.SIGTERM, previous)
     try:

@@ -2,9 +2,11 @@
 
 A terminal's Ctrl-C reaches the whole process group. Left alone, each worker raises
 KeyboardInterrupt in its task (or prints a traceback if idle) and goes on with the next queued
-one, while the parent's ``with ProcessPoolExecutor`` waits for the whole queue. With
-:func:`ignore_sigint` as the pool's initializer and :func:`stop_pool` on the way out, the
-parent alone decides: queued tasks are cancelled and running ones stopped at once.
+one, while the parent's ``with ProcessPoolExecutor`` waits for the whole queue. With a
+:class:`WorkerPool` (:func:`ignore_sigint` as its initializer) and :func:`stop_pool` on the way
+out, the parent alone decides: queued tasks are cancelled and running ones stopped at once.
+Only public API: the pool knows its workers because its multiprocessing context (``mp_context``)
+records the processes it makes.
 
 A command that starts its child processes itself (``subprocess.Popen(...,
 preexec_fn=ignore_sigint)``) starts each one under :func:`sigint_deferred`: a Ctrl-C that
@@ -17,19 +19,23 @@ and one that reached the child before its ``preexec_fn`` printed the child's tra
 wake-up pipe while that thread, seeing the workers gone, closes it (the check and the write are
 not under one lock; 3.12 takes a lock), which printed "Exception ignored ... Bad file
 descriptor" (or a TypeError) with a traceback after "interrupted", now and then on a busy
-machine. Once the thread has ended, the pipe is closed and the hook does nothing.
+machine. Once the thread has ended, the pipe is closed and the hook does nothing
+(``shutdown(wait=True)`` joins it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -68,49 +74,61 @@ def sigint_deferred() -> Iterator[None]:
                 signal.raise_signal(signal.SIGINT)
 
 
-def _workers(pool: ProcessPoolExecutor) -> list[BaseProcess] | None:
-    """The pool's worker processes, [] once it was shut down, None when they cannot be
-    known. Python 3.11 has no public handle on them (3.14 has ``terminate_workers()``): this
-    reads the private ``_processes`` dict, which ``shutdown`` sets to None."""
-    processes = getattr(pool, "_processes", _MISSING)
-    if processes is None:  # shut down before (by stop_pool too): nothing left to end here
-        return []
-    if not isinstance(processes, dict):
-        return None
-    return [p for p in processes.values() if isinstance(p, BaseProcess)]
+class _RecordingContext(BaseContext):
+    """The default start method's context, recording each process it makes: a pool given it
+    as its ``mp_context`` makes its workers through it (``mp_context.Process``), so they are
+    known without reading the executor's private state (Python 3.11 has no public handle on
+    them; 3.14 has ``terminate_workers()``)."""
+
+    def __init__(self) -> None:
+        base = multiprocessing.get_context()
+        self._make: Callable[..., BaseProcess] = base.Process
+        self._method = base.get_start_method(allow_none=False)
+        self.started: list[BaseProcess] = []
+
+    def Process(self, *args: Any, **kwargs: Any) -> BaseProcess:  # the context API's name
+        process = self._make(*args, **kwargs)
+        self.started.append(process)
+        return process
+
+    def get_start_method(self, allow_none: bool = False) -> str:
+        return self._method
 
 
-_MISSING = object()
+class WorkerPool(ProcessPoolExecutor):
+    """A ``ProcessPoolExecutor`` whose workers ignore Ctrl-C (:func:`ignore_sigint`) and that
+    :func:`stop_pool` can stop at once: it knows its worker processes (:attr:`workers`)."""
 
-
-def _manager_thread(pool: ProcessPoolExecutor) -> threading.Thread | None:
-    """The pool's manager thread (private ``_executor_manager_thread``; ``shutdown`` sets it
-    to None), None when not started or not known."""
-    thread = getattr(pool, "_executor_manager_thread", None)
-    return thread if isinstance(thread, threading.Thread) else None
-
-
-def stop_pool(pool: ProcessPoolExecutor) -> None:
-    """Cancel what is queued and end the workers without waiting for their tasks (Python
-    3.14's ``terminate_workers()``; ``shutdown`` alone lets every queued task run first).
-    Safe to call twice, or after the pool was shut down: without a handle on the workers it
-    cancels the queue and lets the running tasks finish, saying so in the log."""
-    workers = _workers(pool)
-    manager = _manager_thread(pool)  # read before shutdown forgets it
-    pool.shutdown(wait=False, cancel_futures=True)
-    if workers is None:
-        log.warning(
-            "stop_pool: this Python's ProcessPoolExecutor has no _processes dict; queued tasks "
-            "are cancelled, running ones finish on their own"
+    def __init__(self, max_workers: int) -> None:
+        self._recorder = _RecordingContext()
+        super().__init__(
+            max_workers=max_workers, mp_context=self._recorder, initializer=ignore_sigint
         )
-        return
+
+    @property
+    def workers(self) -> list[BaseProcess]:
+        """Every worker process the pool started (those ended too)."""
+        return list(self._recorder.started)
+
+
+def stop_pool(pool: WorkerPool) -> None:
+    """Cancel what is queued and end the workers without waiting for their tasks (Python
+    3.14's ``terminate_workers()``; ``shutdown`` alone lets every queued task run first), then
+    wait (bounded) for the pool's manager thread to end: ``shutdown(wait=True)`` joins it, run
+    in a thread of its own since it returns only once the workers ended. Safe to call twice,
+    or after the pool was shut down."""
+    workers = pool.workers
+    stopper = threading.Thread(
+        target=pool.shutdown,
+        kwargs={"wait": True, "cancel_futures": True},
+        name="loragate-stop-pool",
+        daemon=True,
+    )
+    stopper.start()
     for worker in workers:
         worker.terminate()
     for worker in workers:
         worker.join()
-    if manager is not None and manager is not threading.current_thread():
-        manager.join(MANAGER_JOIN_S)
-        if manager.is_alive():
-            log.warning(
-                "stop_pool: the pool's manager thread still runs after %g s", MANAGER_JOIN_S
-            )
+    stopper.join(MANAGER_JOIN_S)
+    if stopper.is_alive():
+        log.warning("stop_pool: the pool's manager thread still runs after %g s", MANAGER_JOIN_S)

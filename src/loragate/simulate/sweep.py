@@ -19,12 +19,12 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass
 from typing import Any
 
 from loragate.core.errors import ConfigError
-from loragate.core.process_pool import ignore_sigint, stop_pool
+from loragate.core.process_pool import WorkerPool, stop_pool
 from loragate.simulate.config import SimulationConfig
 from loragate.simulate.runner import Simulation
 from loragate.workload import Workload, WorkloadSpec
@@ -171,7 +171,7 @@ def run_points(
             done(i + 1, i)
     else:
         pending.clear()  # each worker builds its own
-        pool = ProcessPoolExecutor(max_workers=workers, initializer=ignore_sigint)
+        pool = WorkerPool(workers)
         try:
             futures = {pool.submit(_run_point, job): i for i, job in enumerate(jobs_in)}
             for n, future in enumerate(as_completed(futures), start=1):

@@ -19,12 +19,12 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from loragate.core.errors import ConfigError
-from loragate.core.process_pool import ignore_sigint, stop_pool
+from loragate.core.process_pool import WorkerPool, stop_pool
 from loragate.twin.metrics_errors import ErrorSummary, summarize
 from loragate.twin.real_runs import (
     DEFAULT_PROFILES,
@@ -143,7 +143,7 @@ def run_validation(
         return [r for r in out if r is not None]
     # Longest runs first so the pool ends evenly.
     order = sorted(range(len(work)), key=lambda i: -_expected_cost(work[i][0]))
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=ignore_sigint)
+    pool = WorkerPool(workers)
     try:
         futures = {pool.submit(replay_job, work[i]): i for i in order}
         for done, future in enumerate(as_completed(futures), start=1):
