@@ -202,3 +202,28 @@ async def test_serve_takes_the_log_format_from_the_environment(
     assert err.decode() == (
         "loragate serve: LORAGATE_LOG_FORMAT='yaml': expected one of text, json\n"
     )
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "x\nINFO loragate: forged line",
+        "nul\x00byte\x1b[31m",
+        "line\u2028separator",
+        "long" + "y" * 100_000,
+    ],
+)
+async def test_client_text_in_the_note_is_escaped_and_cut(
+    replicas: list[ScriptedReplica], caplog: pytest.LogCaptureFixture, model: str
+) -> None:
+    """An unknown model's name is in the 404's message, which the line quotes as its note:
+    control characters escaped, cut as ``model=`` is, so that the line stays one line."""
+    cfg = gateway_config([r.url for r in replicas], tenants=TENANTS)
+    async with running_gateway(cfg, port=0) as gw, openai_client(gw.url, key="sk-acme") as client:
+        with caplog.at_level(logging.DEBUG, logger=PROXY_LOG), pytest.raises(openai.NotFoundError):
+            await client.completions.create(model=model, prompt="p", max_tokens=1)
+    (line,) = _access_lines(caplog)
+    assert line.splitlines() == [line]  # one line: no newline, no line separator
+    assert not re.search("[\x00-\x1f\x7f-\x9f\u2028\u2029]", line)
+    assert len(line) < 1000
+    assert "status=404" in line

@@ -142,6 +142,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -211,6 +212,11 @@ _ROUTING_MAX_TOKENS = 1 << 20  # routing's view of max_tokens is capped here
 _COMPLETIONS = "/v1/completions"
 _CHAT = "/v1/chat/completions"
 _LOGGED_NAME_CHARS = 64  # an unknown model name in the access log is cut here
+_LOGGED_NOTE_CHARS = 300  # the access log's note (an error message) is cut here
+# What a note may not hold as is (it may quote the client's text: a model name): control
+# characters (a newline would start a forged log line, a NUL makes the log binary) and the
+# line separators str.splitlines() breaks at; escaped as repr() escapes them.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _set_field = object.__setattr__
 _current_task = asyncio.current_task
 _SHUTTING_DOWN = ShuttingDownError(
@@ -878,7 +884,7 @@ class Proxy:
                 retries,
                 residency,
                 routed[1] * 1000.0,
-                f" ({note})" if note else "",
+                f" ({_logged_note(note)})" if note else "",
             )
 
     def _unrouted(
@@ -1299,3 +1305,11 @@ def _for_client(exc: UpstreamError, rid: ReplicaId, loading: str | None) -> Upst
             )
         return type(exc)(f"replica {rid}: could not be reached to load adapter {loading!r}")
     return type(exc)(f"replica {rid}: {exc.message}")
+
+
+def _logged_note(note: str) -> str:
+    """``note`` for the access log: on one line, control characters escaped (``\\n``,
+    ``\\x00``), cut at ``_LOGGED_NOTE_CHARS`` (then ``...``), as ``model=`` is."""
+    cut = note[:_LOGGED_NOTE_CHARS]
+    escaped = _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], cut)
+    return escaped + ("..." if len(cut) < len(note) else "")
