@@ -31,6 +31,11 @@ BAD_REQUESTS = {
         b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: gzip\r\n\r\n",
         "Transfer-Encoding",
     ),
+    "missing Host": (b"GET /health HTTP/1.1\r\n\r\n", "Missing 'Host' header in request"),
+    "two Host headers": (
+        b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        "Duplicate 'Host' header found",
+    ),
     "bad chunk size": (
         b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
         b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
@@ -140,6 +145,17 @@ def test_describe_protocol_error_drops_the_echoed_bytes_and_the_caret() -> None:
     )
     assert describe_protocol_error(None, "Invalid HTTP header: b'X Y'") == "Invalid HTTP header"
     assert describe_protocol_error(None, None) == ""
+    # A str echo at the end goes too; a quoted word inside the message stays.
+    assert describe_protocol_error(None, "Bad status line 'G@T /x'") == "Bad status line"
+    assert describe_protocol_error(None, "Got more than 9 bytes when reading: b'aa'.") == (
+        "Got more than 9 bytes when reading"
+    )
+    assert describe_protocol_error(None, "Missing 'Host' header in request.") == (
+        "Missing 'Host' header in request"
+    )
+    assert describe_protocol_error(None, "Duplicate 'Host' header found.") == (
+        "Duplicate 'Host' header found"
+    )
 
 
 @pytest.mark.filterwarnings("ignore:debug argument is deprecated:DeprecationWarning")

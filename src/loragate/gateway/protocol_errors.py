@@ -49,8 +49,10 @@ from loragate.gateway.request_ids import REQUEST_ID_HEADER, RequestIds, request_
 log = logging.getLogger(__name__)
 
 _MAX_MESSAGE_CHARS = 200
-# A trailing echo of the offending bytes: ": b'...'", ": bytearray(b'...')", " '...'".
-_BYTES_ECHO = re.compile(r"""(?::\s*|\s+)(?:bytearray\()?b?['"].*$""")
+# A trailing echo of the offending bytes, as aiohttp's messages end with one (a repr() of
+# bytes or str): ": b'...'", ": bytearray(b'...')", " '...'", ": '...'." (a quoted word inside
+# the message, "Missing 'Host' header in request.", is no echo: kept).
+_BYTES_ECHO = re.compile(r"""(?::\s*|\s+)(?:bytearray\()?b?(['"]).*\1\)?\.?$""")
 
 
 def describe_protocol_error(exc: BaseException | None, message: str | None) -> str:
