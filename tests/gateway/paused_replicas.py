@@ -1,5 +1,6 @@
 """Two simulated replicas in their own processes, which a test can pause (SIGSTOP) and resume,
-and the admin calls the admin-write tests make against a gateway in front of them."""
+and the admin calls the admin-write tests make against a gateway in front of them
+(``admin_call``: ``shared_cluster``'s)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import contextlib
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 from chaos_replicas import SimReplica
-from shared_cluster import AUTH
+from shared_cluster import admin_call
+
+__all__ = ["adapter_roots", "admin_call", "paused_replicas", "signal_all"]
 
 
 @contextlib.asynccontextmanager
@@ -33,15 +35,6 @@ def signal_all(reps: list[SimReplica], sig: signal.Signals) -> None:
     for rep in reps:
         assert rep.proc is not None
         rep.proc.send_signal(sig)
-
-
-async def admin_call(
-    http: aiohttp.ClientSession, method: str, url: str, body: Any = None, timeout_s: float = 30
-) -> tuple[int, Any]:
-    """An admin API call with the token; ``timeout_s`` bounds it (a client that leaves)."""
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with http.request(method, url, json=body, headers=AUTH, timeout=timeout) as resp:
-        return resp.status, await resp.json()
 
 
 async def adapter_roots(http: aiohttp.ClientSession, reps: list[SimReplica], name: str) -> set[str]:

@@ -91,6 +91,21 @@ async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
         return await resp.json()
 
 
+async def admin_call(
+    http: aiohttp.ClientSession, method: str, url: str, body: Any = None, timeout_s: float = 30
+) -> tuple[int, Any]:
+    """An admin API call with the token; ``timeout_s`` bounds it (a client that leaves)."""
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with http.request(method, url, json=body, headers=AUTH, timeout=timeout) as resp:
+        return resp.status, await resp.json()
+
+
+async def routed_to(client: openai.AsyncOpenAI) -> str:
+    """The replica the gateway sent one small base-model completion to."""
+    raw = await client.completions.with_raw_response.create(model=BASE, prompt="x", max_tokens=2)
+    return raw.headers["x-loragate-replica"]
+
+
 async def eventually(
     probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], *, timeout_s: float = 10.0
 ) -> T:

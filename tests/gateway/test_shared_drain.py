@@ -11,22 +11,21 @@ from typing import Any
 
 import aiohttp
 import openai
-from shared_cluster import AUTH, BASE, eventually, get_json, sdk, shared_config, twin_replicas
+from shared_cluster import (
+    BASE,
+    admin_call,
+    eventually,
+    get_json,
+    routed_to,
+    sdk,
+    shared_config,
+    twin_replicas,
+)
 
 from loragate.gateway import running_gateway
 from redis_fixture import RedisServer
 
 N_ADAPTERS = 1
-
-
-async def _call(http: aiohttp.ClientSession, method: str, url: str) -> tuple[int, Any]:
-    async with http.request(method, url, headers=AUTH) as resp:
-        return resp.status, await resp.json()
-
-
-async def _routed_to(client: openai.AsyncOpenAI) -> str:
-    raw = await client.completions.with_raw_response.create(model=BASE, prompt="x", max_tokens=2)
-    return raw.headers["x-loragate-replica"]
 
 
 async def _gauge(http: aiohttp.ClientSession, url: str, replica: str) -> str:
@@ -65,7 +64,7 @@ async def test_a_drain_on_one_instance_holds_for_every_instance_and_across_resta
             await stream.__aiter__().__anext__()  # flowing
 
             # Drained on A: A's answer counts B's stream (A's view of the shared state).
-            status, body = await _call(http, "POST", gw_a.url + "/admin/replicas/r0/drain")
+            status, body = await admin_call(http, "POST", gw_a.url + "/admin/replicas/r0/drain")
             assert (status, body["draining"]) == (200, True), body
             assert body["in_flight_here"] == 0
 
@@ -83,7 +82,7 @@ async def test_a_drain_on_one_instance_holds_for_every_instance_and_across_resta
             assert seen["draining"] is True, seen
             assert seen["in_flight_here"] == 1  # its stream runs on
             assert await _gauge(http, gw_b.url, "r0") == "1.0"
-            assert [await _routed_to(client_b) for _ in range(6)] == ["r1"] * 6
+            assert [await routed_to(client_b) for _ in range(6)] == ["r1"] * 6
 
             # The stream ends (its client leaves); A sees in-flight 0: safe to restart r0.
             await stream.close()
@@ -94,14 +93,14 @@ async def test_a_drain_on_one_instance_holds_for_every_instance_and_across_resta
         gw_c = await stack.enter_async_context(running_gateway(cfg, port=0))
         client_c = await stack.enter_async_context(sdk(gw_c.url))
         assert gw_c.gateway.pool.is_draining("r0")
-        assert [await _routed_to(client_c) for _ in range(4)] == ["r1"] * 4
-        status, body = await _call(http, "GET", gw_c.url + "/admin/replicas")
+        assert [await routed_to(client_c) for _ in range(4)] == ["r1"] * 4
+        status, body = await admin_call(http, "GET", gw_c.url + "/admin/replicas")
         assert {r["id"]: r["draining"] for r in body["replicas"]} == {"r0": True, "r1": False}
 
         # Undrained (on C): routed to again.
-        status, body = await _call(http, "DELETE", gw_c.url + "/admin/replicas/r0/drain")
+        status, body = await admin_call(http, "DELETE", gw_c.url + "/admin/replicas/r0/drain")
         assert (status, body["draining"]) == (200, False), body
-        assert sorted([await _routed_to(client_c) for _ in range(2)]) == ["r0", "r1"]
+        assert sorted([await routed_to(client_c) for _ in range(2)]) == ["r0", "r1"]
         assert await _gauge(http, gw_c.url, "r0") == "0.0"
 
 
@@ -117,7 +116,7 @@ async def test_every_instance_answers_503_saying_so_when_every_replica_drains(
         client_b = await stack.enter_async_context(sdk(gw_b.url))
         http = await stack.enter_async_context(aiohttp.ClientSession())
         for rid in ("r0", "r1"):
-            status, _ = await _call(http, "POST", f"{gw_a.url}/admin/replicas/{rid}/drain")
+            status, _ = await admin_call(http, "POST", f"{gw_a.url}/admin/replicas/{rid}/drain")
             assert status == 200
 
         async def b_view() -> Any:
@@ -144,7 +143,7 @@ async def test_drain_writes_while_redis_is_down_are_503(
         cfg = shared_config(replicas, tmp_path, redis_server.url, N_ADAPTERS)
         gw = await stack.enter_async_context(running_gateway(cfg, port=0))
         http = await stack.enter_async_context(aiohttp.ClientSession())
-        status, _ = await _call(http, "POST", gw.url + "/admin/replicas/r1/drain")
+        status, _ = await admin_call(http, "POST", gw.url + "/admin/replicas/r1/drain")
         assert status == 200
 
         async def health() -> str:
@@ -153,7 +152,7 @@ async def test_drain_writes_while_redis_is_down_are_503(
         await asyncio.to_thread(redis_server.stop)
         assert await eventually(health, lambda s: s == "degraded") == "degraded"
         for method, rid in (("POST", "r0"), ("DELETE", "r1")):
-            status, body = await _call(http, method, f"{gw.url}/admin/replicas/{rid}/drain")
+            status, body = await admin_call(http, method, f"{gw.url}/admin/replicas/{rid}/drain")
             assert status == 503, body
             assert set(body["error"]) == {"message", "type", "param", "code"}
             assert body["error"]["code"] == "state_unavailable"
@@ -163,5 +162,5 @@ async def test_drain_writes_while_redis_is_down_are_503(
             False,
             True,
         )
-        status, body = await _call(http, "POST", gw.url + "/admin/replicas/r9/drain")
+        status, body = await admin_call(http, "POST", gw.url + "/admin/replicas/r9/drain")
         assert status == 404, body

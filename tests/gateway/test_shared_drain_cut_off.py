@@ -14,7 +14,15 @@ from typing import Any
 
 import aiohttp
 import openai
-from shared_cluster import AUTH, BASE, eventually, get_json, sdk, shared_config, twin_replicas
+from shared_cluster import (
+    admin_call,
+    eventually,
+    get_json,
+    routed_to,
+    sdk,
+    shared_config,
+    twin_replicas,
+)
 
 from loragate.gateway import running_gateway
 from loragate.gateway.runner import RunningGateway
@@ -23,19 +31,8 @@ from redis_fixture import RedisServer
 from tcp_relay import relay_to
 
 
-async def _call(http: aiohttp.ClientSession, method: str, url: str) -> tuple[int, Any]:
-    async with http.request(method, url, headers=AUTH) as resp:
-        return resp.status, await resp.json()
-
-
 async def _routed(client: openai.AsyncOpenAI, n: int) -> set[str]:
-    out = set()
-    for _ in range(n):
-        raw = await client.completions.with_raw_response.create(
-            model=BASE, prompt="x", max_tokens=2
-        )
-        out.add(raw.headers["x-loragate-replica"])
-    return out
+    return {await routed_to(client) for _ in range(n)}
 
 
 def _instance(gw: RunningGateway) -> str:
@@ -72,7 +69,7 @@ async def test_an_instance_cut_off_from_redis_is_named_as_not_having_seen_the_dr
             lambda: get_json(http, gw_b.url + "/health"), lambda h: h["state"]["degraded"]
         )
         assert health["status"] == "degraded", health
-        status, body = await _call(http, "POST", gw_a.url + "/admin/replicas/r0/drain")
+        status, body = await admin_call(http, "POST", gw_a.url + "/admin/replicas/r0/drain")
         assert (status, body["draining"]) == (200, True), body
         assert [x["instance"] for x in body["drain_not_seen_by"]] == [b], body
         assert gone not in {x["instance"] for x in body["drain_not_seen_by"]}
@@ -90,5 +87,5 @@ async def test_an_instance_cut_off_from_redis_is_named_as_not_having_seen_the_dr
         )
         assert await _routed(client_b, 4) == {"r1", "r2"}
         # Not drained: nobody is listed.
-        status, body = await _call(http, "GET", gw_a.url + "/admin/replicas/r1")
+        status, body = await admin_call(http, "GET", gw_a.url + "/admin/replicas/r1")
         assert body["drain_not_seen_by"] == [], body

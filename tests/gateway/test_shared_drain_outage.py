@@ -11,24 +11,21 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import openai
 import pytest
-from shared_cluster import AUTH, BASE, eventually, get_json, sdk, shared_config, twin_replicas
+from shared_cluster import (
+    admin_call,
+    eventually,
+    get_json,
+    routed_to,
+    sdk,
+    shared_config,
+    twin_replicas,
+)
 
 from loragate.gateway import running_gateway
 from redis_fixture import RedisServer
 
 N_ADAPTERS = 1
-
-
-async def _call(http: aiohttp.ClientSession, method: str, url: str) -> tuple[int, Any]:
-    async with http.request(method, url, headers=AUTH) as resp:
-        return resp.status, await resp.json()
-
-
-async def _routed_to(client: openai.AsyncOpenAI) -> str:
-    raw = await client.completions.with_raw_response.create(model=BASE, prompt="x", max_tokens=2)
-    return raw.headers["x-loragate-replica"]
 
 
 @pytest.mark.parametrize("redis_keeps_its_data", [True, False], ids=["kept", "lost"])
@@ -40,7 +37,7 @@ async def test_an_instance_started_while_redis_is_down_takes_up_the_drains_when_
         cfg = shared_config(replicas, tmp_path, redis_server.url, N_ADAPTERS, routing="round_robin")
         http = await stack.enter_async_context(aiohttp.ClientSession())
         gw_a = await stack.enter_async_context(running_gateway(cfg, port=0))
-        status, body = await _call(http, "POST", gw_a.url + "/admin/replicas/r0/drain")
+        status, body = await admin_call(http, "POST", gw_a.url + "/admin/replicas/r0/drain")
         assert (status, body["draining"]) == (200, True), body
 
         # Redis goes away (its data saved, or lost as after a crash); B starts meanwhile.
@@ -61,4 +58,4 @@ async def test_an_instance_started_while_redis_is_down_takes_up_the_drains_when_
         health = await get_json(http, gw_b.url + "/health")
         assert (health["status"], health["replicas_draining"]) == ("ok", 1), health
         assert health["state"]["synced"] is True, health
-        assert sorted({await _routed_to(client_b) for _ in range(6)}) == ["r1", "r2"]
+        assert sorted({await routed_to(client_b) for _ in range(6)}) == ["r1", "r2"]

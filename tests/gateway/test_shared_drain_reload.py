@@ -15,7 +15,16 @@ from typing import Any
 import aiohttp
 import openai
 import yaml
-from shared_cluster import AUTH, BASE, TOKEN, eventually, get_json, sdk, twin_replicas
+from shared_cluster import (
+    BASE,
+    TOKEN,
+    admin_call,
+    eventually,
+    get_json,
+    routed_to,
+    sdk,
+    twin_replicas,
+)
 
 from loragate.core.config import config_from_mapping
 from loragate.gateway import running_gateway
@@ -43,23 +52,12 @@ def _doc(replicas: list[RunningReplica], ids: list[str], redis_url: str, prefix:
     }
 
 
-async def _call(http: aiohttp.ClientSession, method: str, url: str) -> tuple[int, Any]:
-    async with http.request(method, url, headers=AUTH) as resp:
-        return resp.status, await resp.json()
-
-
 async def _routed(client: openai.AsyncOpenAI, n: int) -> set[str]:
-    out = set()
-    for _ in range(n):
-        raw = await client.completions.with_raw_response.create(
-            model=BASE, prompt="x", max_tokens=2
-        )
-        out.add(raw.headers["x-loragate-replica"])
-    return out
+    return {await routed_to(client) for _ in range(n)}
 
 
 async def _reload(http: aiohttp.ClientSession, gw: RunningGateway) -> Any:
-    status, body = await _call(http, "POST", gw.url + "/admin/reload")
+    status, body = await admin_call(http, "POST", gw.url + "/admin/reload")
     assert status == 200, body
     return body
 
@@ -93,7 +91,7 @@ async def test_a_replica_one_instance_removes_stays_drained_for_every_instance(
         http = await stack.enter_async_context(aiohttp.ClientSession())
 
         # The operator drains r0, then rolls out a config without it: A reloads first.
-        status, _ = await _call(http, "POST", gw_a.url + "/admin/replicas/r0/drain")
+        status, _ = await admin_call(http, "POST", gw_a.url + "/admin/replicas/r0/drain")
         assert status == 200
         assert await eventually(lambda: _draining(http, gw_b, "r0"), bool)
         write("a", ["r1", "r2"])
@@ -102,21 +100,21 @@ async def test_a_replica_one_instance_removes_stays_drained_for_every_instance(
         # sees after anything A wrote before it.
         shared_a = gw_a.gateway.shared
         assert await eventually(lambda: _async(shared_a._pool_writer is None), bool)
-        status, _ = await _call(http, "POST", gw_a.url + "/admin/replicas/r2/drain")
+        status, _ = await admin_call(http, "POST", gw_a.url + "/admin/replicas/r2/drain")
         assert status == 200
         assert await eventually(lambda: _draining(http, gw_b, "r2"), bool)
 
         # B has not reloaded: r0 is still in its config, and still drained.
         assert await _draining(http, gw_b, "r0") is True
         assert await _routed(client_b, 4) == {"r1"}
-        status, _ = await _call(http, "DELETE", gw_a.url + "/admin/replicas/r2/drain")
+        status, _ = await admin_call(http, "DELETE", gw_a.url + "/admin/replicas/r2/drain")
         assert status == 200
 
         # A shows the drain it no longer routes by, and answers for r0 from the shared state.
         listing = await get_json(http, gw_a.url + "/admin/replicas")
         assert [r["id"] for r in listing["replicas"]] == ["r1", "r2"]
         assert [r["id"] for r in listing["drained_not_configured"]] == ["r0"]
-        status, body = await _call(http, "GET", gw_a.url + "/admin/replicas/r0")
+        status, body = await admin_call(http, "GET", gw_a.url + "/admin/replicas/r0")
         assert status == 200, body
         assert (body["configured_here"], body["draining"], body["url"]) == (
             False,
@@ -135,13 +133,13 @@ async def test_a_replica_one_instance_removes_stays_drained_for_every_instance(
         assert await _routed(client_a, 4) == {"r1", "r2"}
 
         # Ended on B, whose config no longer has r0: A routes there again.
-        status, body = await _call(http, "DELETE", gw_b.url + "/admin/replicas/r0/drain")
+        status, body = await admin_call(http, "DELETE", gw_b.url + "/admin/replicas/r0/drain")
         assert status == 200, body
         assert (body["configured_here"], body["draining"]) == (False, False)
         assert not await eventually(lambda: _draining(http, gw_a, "r0"), lambda d: not d)
         assert await _routed(client_a, 3) == {"r0", "r1", "r2"}
         # Unknown everywhere is still a 404.
-        status, body = await _call(http, "DELETE", gw_b.url + "/admin/replicas/r9/drain")
+        status, body = await admin_call(http, "DELETE", gw_b.url + "/admin/replicas/r9/drain")
         assert (status, body["error"]["param"]) == (404, "id"), body
 
 
