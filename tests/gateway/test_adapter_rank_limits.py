@@ -21,6 +21,7 @@ import aiohttp
 import openai
 import pytest
 from gateway_harness import openai_client
+from metric_counts import metrics_text
 
 from loragate.core.config import GatewayConfig, config_from_mapping
 from loragate.gateway import running_gateway
@@ -89,11 +90,6 @@ async def _get(url: str, path: str) -> Any:
         return await resp.json(content_type=None)
 
 
-async def _metrics(url: str) -> str:
-    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as resp:
-        return await resp.text()
-
-
 def _sample(text: str, name: str, **labels: str) -> float:
     """The value of ``name`` with exactly these labels (0 when absent)."""
     for found, value in re.findall(re.escape(name) + r"\{([^}]*)\} (\S+)", text):
@@ -134,7 +130,7 @@ async def test_above_every_known_max_lora_rank_is_a_400_naming_the_numbers(
                 )
             # No replica was asked to load it.
             assert [await _registered_on(u) for u in urls] == [set(), set()]
-            text = await _metrics(gw.url)
+            text = await metrics_text(gw.url)
             assert "loragate_adapter_load_refusals_total{" not in text
             # Counted as the gateway's other refusals before routing: under the adapter named.
             requests = "loragate_requests_total"
@@ -189,7 +185,7 @@ async def test_a_replica_below_the_rank_is_never_asked_to_load_it(
             # Before: r0 was tried for some (a refused load, a retry on r1; remembered after).
             assert served == ["r1"] * 12
             assert await _registered_on(urls[0]) == set()
-            text = await _metrics(gw.url)
+            text = await metrics_text(gw.url)
             assert "loragate_adapter_load_refusals_total{" not in text
             assert "loragate_upstream_retries_total{" not in text
             # The admin API says which max_lora_rank routing goes by.
@@ -254,7 +250,7 @@ async def test_admin_refuses_a_rank_above_every_known_max_lora_rank(tmp_path: Pa
             assert "LoRA rank 64" in body["error"]["message"]
             assert "as given" in body["error"]["message"]
             assert [await _registered_on(u) for u in urls] == [set(), set()]
-            assert "loragate_adapter_load_refusals_total{" not in await _metrics(gw.url)
+            assert "loragate_adapter_load_refusals_total{" not in await metrics_text(gw.url)
             listed = {a["name"] for a in (await _get(gw.url, "/admin/adapters"))["adapters"]}
             assert "huge" not in listed and "far" not in listed
             # Within the replicas' rank: registered and loaded as before.

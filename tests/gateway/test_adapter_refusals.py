@@ -11,6 +11,7 @@ import aiohttp
 import openai
 import pytest
 from gateway_harness import BASE, PickyReplica, gateway_config, openai_client, picky_replicas
+from metric_counts import metrics_text
 
 from loragate.core.clock import VirtualClock
 from loragate.core.errors import ConfigError
@@ -35,11 +36,6 @@ async def _texts(client: openai.AsyncOpenAI, model: str, n: int) -> list[str]:
     return out
 
 
-async def _metrics(url: str) -> str:
-    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as resp:
-        return await resp.text()
-
-
 async def _admin(url: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     async with (
         aiohttp.ClientSession() as http,
@@ -61,7 +57,7 @@ async def test_a_refusing_replica_gets_no_more_requests_for_that_adapter(
         # r0 still serves the base model and its other adapters.
         assert set(await _texts(client, BASE, 2)) == {"hi from r0", "hi from r1"}
         assert set(await _texts(client, "lora-1", 2)) == {"hi from r0", "hi from r1"}
-        metrics = await _metrics(gw.url)
+        metrics = await metrics_text(gw.url)
         assert 'loragate_adapter_load_refusals_total{adapter="lora-0",replica="r0"} 1.0' in metrics
         _, body = await _admin(gw.url, "GET", "/admin/replicas")
         listed = {r["id"]: r for r in body["replicas"]}
@@ -95,7 +91,7 @@ async def test_without_memory_every_request_is_refused_first(
         assert await _texts(client, "lora-0", 6) == ["hi from r1"] * 6
         # round_robin's counter moves on with the retry too, so r0 comes first every time.
         assert picky[0].refused == 6
-        metrics = await _metrics(gw.url)
+        metrics = await metrics_text(gw.url)
         assert 'loragate_adapter_load_refusals_total{adapter="lora-0",replica="r0"} 6.0' in metrics
 
 

@@ -31,6 +31,7 @@ from gateway_harness import (
     serving_replicas,
     wait_until,
 )
+from metric_counts import metrics_text
 
 from loragate.gateway import running_gateway
 from loragate.gateway.proxy import REPLICA_HEADER
@@ -120,11 +121,6 @@ async def replicas() -> AsyncIterator[list[StoppingReplica]]:
         yield out
 
 
-async def _metrics(url: str) -> str:
-    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as resp:
-        return await resp.text()
-
-
 @pytest.mark.parametrize("message", [VLLM_ENGINE_DEAD, TWIN_ENGINE_STOPPED])
 @pytest.mark.parametrize("stream", [False, True])
 async def test_an_engine_that_stopped_before_answering_is_retried_elsewhere(
@@ -149,7 +145,7 @@ async def test_an_engine_that_stopped_before_answering_is_retried_elsewhere(
             done = await client.completions.create(model=BASE, prompt="p", max_tokens=1)
             assert done.choices[0].text == "hi from r1"
         assert len(r0.requests) == 1
-        metrics = await _metrics(gw.url)
+        metrics = await metrics_text(gw.url)
         assert 'loragate_upstream_retries_total{reason="engine_stopped",replica="r0"} 1.0' in (
             metrics
         )
@@ -182,7 +178,7 @@ async def test_other_500s_and_a_second_engine_stop_are_passed_through(
             await client.completions.create(model=BASE, prompt="p", max_tokens=1)
         assert "EngineCore encountered an issue" in str(info.value)
         assert len(r0.requests) + len(r1.requests) == 3
-        metrics = (await _metrics(gw.url)).split("\n")
+        metrics = (await metrics_text(gw.url)).split("\n")
         retries = [line for line in metrics if 'reason="engine_stopped"' in line]
         assert len(retries) == 1 and retries[0].endswith(" 1.0"), retries
         answered = [line for line in metrics if 'status="500"' in line]
@@ -218,7 +214,7 @@ async def test_an_error_event_in_a_stream_counts_as_a_stream_error(
             b'data: {"error": {"message": "The engine stopped: the replica is shutting down", '
             b'"type": "InternalServerError", "param": null, "code": 500}}\n\ndata: [DONE]\n\n'
         )
-        metrics = await _metrics(gw.url)
+        metrics = await metrics_text(gw.url)
         assert 'loragate_requests_total{adapter="",replica="r0",status="stream_error"} 2.0' in (
             metrics
         )
@@ -251,7 +247,7 @@ async def test_a_simulated_replica_stopped_under_a_request_is_retried_elsewhere(
             raw = await request
             assert raw.headers[REPLICA_HEADER] == "r1"
             assert raw.parse().usage is not None and raw.parse().usage.completion_tokens == 50
-            metrics = await _metrics(gw.url)
+            metrics = await metrics_text(gw.url)
         assert 'loragate_upstream_retries_total{reason="engine_stopped",replica="r0"} 1.0' in (
             metrics
         )
@@ -273,7 +269,7 @@ async def test_a_replica_that_aborted_the_request_when_stopping_is_retried_elsew
         assert len(r0.requests) == 1 and len(r1.requests) == 1
         done = await client.completions.create(model=BASE, prompt="p", max_tokens=1)
         assert done.choices[0].text == "hi from r1"  # r0 is out until a poll succeeds
-        metrics = await _metrics(gw.url)
+        metrics = await metrics_text(gw.url)
         assert 'loragate_upstream_retries_total{reason="engine_stopped",replica="r0"} 1.0' in (
             metrics
         )
@@ -299,7 +295,7 @@ async def test_a_stream_the_replica_aborted_counts_as_a_stream_error(
         rep.token = "abort"  # a token that reads "abort" ends no stream
         events = await client.completions.create(model=BASE, prompt="p", max_tokens=3, stream=True)
         assert [event.choices[0].finish_reason async for event in events] == [None, "length"]
-        metrics = await _metrics(gw.url)
+        metrics = await metrics_text(gw.url)
         assert 'loragate_requests_total{adapter="",replica="r0",status="stream_error"} 1.0' in (
             metrics
         )

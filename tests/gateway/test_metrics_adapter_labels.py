@@ -22,24 +22,12 @@ from gateway_harness import (
     picky_replicas,
     serving,
 )
-from prometheus_client.parser import text_string_to_metric_families
+from metric_counts import Samples, scrape
 
 from loragate.gateway import load_config, running_gateway
 
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 OTHER = "__other__"
 TENANTS = [{"name": f"t{i}", "api_keys": [f"sk-{i}"]} for i in range(3)]
-
-
-async def _scrape(url: str) -> Samples:
-    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as resp:
-        assert resp.status == 200
-        text = await resp.text()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def _by(samples: Samples, name: str, label: str) -> dict[str, float]:
@@ -93,7 +81,7 @@ async def test_first_n_keeps_the_first_names_and_folds_the_rest() -> None:
                     ("lora-3", 0, False),
                 ],
             )
-            after = await _scrape(gw.url)
+            after = await scrape(gw.url)
     assert _by(after, "loragate_requests_total", "adapter") == {
         "lora-3": 2, "lora-1": 1, "": 1, OTHER: 4,
     }  # fmt: skip
@@ -136,11 +124,11 @@ async def test_none_folds_every_adapter_and_tenant_all_names_each() -> None:
         config = _config(url, 3, adapter_labels="none", tenant_labels="none")
         async with running_gateway(config, port=0) as gw:
             await _traffic(gw.url, calls)
-            folded = await _scrape(gw.url)
+            folded = await scrape(gw.url)
         config = _config(url, 3, adapter_labels="all", tenant_labels="all")
         async with running_gateway(config, port=0) as gw:
             await _traffic(gw.url, calls)
-            named = await _scrape(gw.url)
+            named = await scrape(gw.url)
     assert _by(folded, "loragate_requests_total", "adapter") == {OTHER: 3, "": 1}
     assert _by(folded, "loragate_ttft_by_adapter_seconds_count", "adapter") == {OTHER: 2}
     assert _by(folded, "loragate_ttft_by_tenant_seconds_count", "tenant") == {OTHER: 2}
@@ -161,7 +149,7 @@ async def test_a_successful_streams_whole_duration_is_observed() -> None:
     replica = ScriptedReplica("r0")
     async with serving(replica.app) as (url, _), running_gateway(_config(url, 2), port=0) as gw:
         await _traffic(gw.url, [("lora-0", 0, True), (BASE, 1, True), ("lora-1", 0, False)])
-        after = await _scrape(gw.url)
+        after = await scrape(gw.url)
     streams = {
         (d["status_class"], d["residency"]): v
         for (name, pairs), v in after.items()
@@ -216,7 +204,7 @@ async def test_a_reload_keeps_the_label_modes_until_a_restart(tmp_path: Path) ->
             assert metrics.tenant_labels == "first_n"
             assert metrics.loop_lag_warning_s == 2  # applied
             await _traffic(gw.url, [("lora-1", 1, False)])
-            after = await _scrape(gw.url)
+            after = await scrape(gw.url)
     assert _by(after, "loragate_requests_total", "adapter") == {"lora-0": 1, OTHER: 2}
     assert _by(after, "loragate_request_duration_by_tenant_seconds_count", "tenant") == {
         "t0": 2, "t1": 1,
@@ -238,7 +226,7 @@ async def test_refused_loads_are_counted_under_the_folded_adapter_label() -> Non
             for model in ("lora-1", "lora-0", "lora-2"):
                 done = await client.completions.create(model=model, prompt="p", max_tokens=1)
                 assert done.choices[0].text == "hi from r1"
-            after = await _scrape(gw.url)
+            after = await scrape(gw.url)
     assert r0.refused == 3
     refused = {
         (d["adapter"], d["replica"]): v

@@ -13,7 +13,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import openai
 import pytest
 from gateway_harness import (
@@ -23,7 +22,7 @@ from gateway_harness import (
     openai_client,
     serving,
 )
-from prometheus_client.parser import text_string_to_metric_families
+from metric_counts import Samples, scrape
 
 from loragate.core.config import GatewayConfig
 from loragate.gateway import running_gateway
@@ -31,21 +30,8 @@ from loragate.twin.adapters import write_adapter_folder
 from loragate.twin.replica_config import ReplicaConfig
 from loragate.twin.server import RunningReplica, run_replica
 
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 TTFT = "loragate_ttft_by_residency_seconds"
 DURATION = "loragate_request_duration_seconds"
-
-
-async def _scrape(url: str) -> Samples:
-    """Every sample of the gateway's /metrics, by (sample name, sorted labels)."""
-    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as resp:
-        assert resp.status == 200
-        text = await resp.text()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def _by(samples: Samples, name: str, *labels: str) -> dict[tuple[str, ...], float]:
@@ -89,7 +75,7 @@ async def test_ttft_and_whole_answers_by_residency(tmp_path: Path) -> None:
         running_gateway(_config(replica, tmp_path), port=0) as gw,
         openai_client(gw.url) as client,
     ):
-        before = await _scrape(gw.url)
+        before = await scrape(gw.url)
         # One GPU slot, a CPU cache of two. Where each adapter is at its request:
         #   stream lora-0      unregistered (load) -> gpu [0]  cpu [0]
         #   stream lora-0      gpu
@@ -108,7 +94,7 @@ async def test_ttft_and_whole_answers_by_residency(tmp_path: Path) -> None:
             assert done.model == model
         with pytest.raises(openai.NotFoundError):
             await client.completions.create(model="no-such-lora", prompt="p", max_tokens=2)
-        after = await _scrape(gw.url)
+        after = await scrape(gw.url)
     # TTFT by residency: every residency shown from 0 (increase() sees the first of each).
     assert _by(before, TTFT + "_count", "residency") == {
         ("gpu",): 0, ("cpu",): 0, ("registered",): 0, ("unregistered",): 0, ("base",): 0,
@@ -143,7 +129,7 @@ async def test_a_whole_answers_duration_holds_its_load_wait_and_its_upstream_tim
         openai_client(gw.url) as client,
     ):
         await client.completions.create(model="lora-0", prompt="p", max_tokens=2)
-        after = await _scrape(gw.url)
+        after = await scrape(gw.url)
     [duration] = _by(after, DURATION + "_sum", "status_class", "residency").items()
     assert duration[0] == ("2xx", "unregistered")
     load_wait = _by(after, "loragate_adapter_load_wait_seconds_sum", "replica")[("r0",)]
@@ -168,7 +154,7 @@ async def test_a_client_that_gave_up_waiting_is_in_the_duration() -> None:
             with pytest.raises(openai.APITimeoutError):
                 await client.completions.create(model=BASE, prompt="p", max_tokens=1)
         for _ in range(200):  # until the gateway has seen the client leave (bounded)
-            seen = await _scrape(gw.url)
+            seen = await scrape(gw.url)
             if _by(seen, DURATION + "_count", "status_class", "residency"):
                 break
             await asyncio.sleep(0.05)

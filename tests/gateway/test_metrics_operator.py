@@ -28,7 +28,7 @@ from gateway_harness import (
     picky_replicas,
     serving,
 )
-from prometheus_client.parser import text_string_to_metric_families
+from metric_counts import Samples, scrape
 
 from loragate.core.clock import VirtualClock
 from loragate.gateway import running_gateway
@@ -37,20 +37,6 @@ from loragate.twin.replica_config import ReplicaConfig
 from loragate.twin.server import RunningReplica, run_replica
 from redis_fixture import RedisServer
 from vllm_stub import StubVllm
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-async def _scrape(url: str) -> Samples:
-    """Every sample of the gateway's /metrics, by (sample name, sorted labels)."""
-    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as resp:
-        assert resp.status == 200
-        text = await resp.text()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def _get(samples: Samples, name: str, **labels: str) -> float | None:
@@ -99,7 +85,7 @@ async def test_residency_at_each_routing_decision_and_the_loads_it_caused(tmp_pa
             adapters=_adapters(tmp_path, 3),
         )
         async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as client:
-            before = await _scrape(gw.url)
+            before = await scrape(gw.url)
             # One GPU slot, a CPU cache of two. Where each adapter is at its request:
             #   lora-0 unregistered (load) -> gpu [0]       cpu [0]
             #   lora-0 gpu                 -> gpu [0]       cpu [0]
@@ -111,7 +97,7 @@ async def test_residency_at_each_routing_decision_and_the_loads_it_caused(tmp_pa
             for model in ("lora-0", "lora-0", "lora-1", "lora-0", "lora-2", "lora-1", BASE):
                 done = await client.completions.create(model=model, prompt="p", max_tokens=2)
                 assert done.model == model
-            after = await _scrape(gw.url)
+            after = await scrape(gw.url)
     # Shown from 0 before any traffic (increase() sees the first of each).
     assert _by(before, "loragate_routing_residency_total", "residency", replica="r0") == {
         "gpu": 0, "cpu": 0, "registered": 0, "unregistered": 0,
@@ -144,7 +130,7 @@ async def test_a_refused_load_and_its_retry_count_each_decision_and_each_load() 
         async with running_gateway(cfg, port=0) as gw, openai_client(gw.url) as client:
             done = await client.completions.create(model="lora-0", prompt="p", max_tokens=1)
             assert done.choices[0].text == "hi from r1"
-            after = await _scrape(gw.url)
+            after = await scrape(gw.url)
     residency = "loragate_routing_residency_total"
     assert _get(after, residency, replica="r0", residency="unregistered") == 1
     assert _get(after, residency, replica="r1", residency="unregistered") == 1
@@ -164,13 +150,13 @@ async def test_each_replicas_queue_and_kv_usage_from_its_last_poll() -> None:
     async with serving(stub.app) as (url, _):
         cfg = gateway_config([url])
         async with running_gateway(cfg, port=0) as gw:
-            first = await _scrape(gw.url)
+            first = await scrape(gw.url)
             stub.metrics_text = stub.metrics_text.replace(
                 'vllm:num_requests_running{engine="0",model_name="tiny-llama"} 1.0',
                 'vllm:num_requests_running{engine="0",model_name="tiny-llama"} 7.0',
             )
             await gw.gateway.pool.poll_once()
-            second = await _scrape(gw.url)
+            second = await scrape(gw.url)
     assert _by(first, "loragate_replica_requests", "state", replica="r0") == {
         "running": 1, "waiting": 3, "deferred": 2,
     }  # fmt: skip
@@ -204,7 +190,7 @@ async def test_poll_failures_are_counted_by_replica_and_reason() -> None:
         cfg = gateway_config([*urls, gone_url], poller={"interval_s": 3600, "timeout_s": 0.2})
         async with running_gateway(cfg, port=0) as gw:
             await gw.gateway.pool.poll_once()  # the start's poll, and this one
-            samples = await _scrape(gw.url)
+            samples = await scrape(gw.url)
     failures = "loragate_replica_poll_failures_total"
     found = {
         rid: {k: v for k, v in _by(samples, failures, "reason", replica=rid).items() if v}
@@ -241,7 +227,7 @@ async def test_gateway_instances_counts_those_sharing_redis(
 
         async def both_see_two() -> bool:
             for name, gw in (("a", a), ("b", b)):
-                seen[name] = _get(await _scrape(gw.url), "loragate_gateway_instances")
+                seen[name] = _get(await scrape(gw.url), "loragate_gateway_instances")
             return seen == {"a": 2, "b": 2}
 
         for _ in range(200):  # a hang guard (the refreshes run every 50 ms), not a timing check
@@ -297,7 +283,7 @@ async def test_no_replica_available_leaves_one_warning_a_minute_naming_the_repli
         assert "POST /v1/chat/completions for model lora-0" in lines[1]
         assert "2 more since the last such line" in lines[1]
         # The gateway keeps serving: its /metrics counted every 503.
-        samples = await _scrape(gw.url)
+        samples = await scrape(gw.url)
     assert _by(samples, "loragate_requests_total", "adapter", status="503") == {
         "lora-0": 2, "": 1, "lora-1": 1,
     }  # fmt: skip
