@@ -4,8 +4,10 @@ DEBUG line naming the request, no ERROR with aiohttp's tracebacks (raw loopback 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
+import zlib
 
 import pytest
 from gateway_harness import ScriptedReplica, gateway_config
@@ -59,3 +61,41 @@ async def test_a_body_that_does_not_decode_is_a_400_logged_at_debug_with_its_req
     assert f"request {request_id} from" in lines[0].getMessage()
     assert lines[0].exc_info is None
     assert not [b for r in replicas for b in r.requests]
+
+
+@pytest.mark.parametrize(
+    "encoding",
+    ["br", "zstd", "foo", "gzip, gzip", "compress", "gzip\r\nContent-Encoding: gzip"],
+)
+@pytest.mark.parametrize("path", ["/v1/completions", "/tokenize"])
+async def test_an_unsupported_content_encoding_is_a_415_naming_the_supported_ones(
+    replicas: list[ScriptedReplica], path: str, encoding: str
+) -> None:
+    async with running_gateway(gateway_config([r.url for r in replicas]), port=0) as gw:
+        raw = _post(path, b'{"prompt": "p", "model": "m"}', encoding)
+        raw = raw.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+        status, headers, body = await _exchange(gw, raw)
+    assert status == 415, body
+    err = json.loads(body)["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error"
+    assert err["code"] == "unsupported_content_encoding"
+    assert "supported: identity, gzip, deflate" in err["message"]
+    assert "install" not in err["message"]
+    assert headers["accept-encoding"] == "identity, gzip, deflate"
+    assert headers["x-request-id"]
+    assert not [b for r in replicas for b in r.requests]
+
+
+@pytest.mark.parametrize("encoding", ["identity", "GZIP", "deflate"])
+async def test_the_supported_encodings_are_served(
+    replicas: list[ScriptedReplica], encoding: str
+) -> None:
+    plain = b'{"prompt": "encoded", "max_tokens": 2}'
+    body = {"identity": plain, "GZIP": gzip.compress(plain), "deflate": zlib.compress(plain)}
+    async with running_gateway(gateway_config([r.url for r in replicas]), port=0) as gw:
+        raw = _post("/v1/completions", body[encoding], encoding)
+        raw = raw.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+        status, _, answer = await _exchange(gw, raw)
+    assert status == 200, answer
+    assert [b["prompt"] for r in replicas for b in r.requests] == ["encoded"]

@@ -51,6 +51,10 @@ class PayloadTooLargeError(LoragateError):
     """The request body exceeds the configured limit."""
 
 
+class UnsupportedEncodingError(LoragateError):
+    """The request body has a ``Content-Encoding`` the gateway does not decode."""
+
+
 class ShuttingDownError(LoragateError):
     """The gateway is shutting down and cut a request its drain period did not see finish."""
 

@@ -20,8 +20,22 @@ from loragate.core.errors import (
     PayloadTooLargeError,
     ShuttingDownError,
     UnreadableBodyError,
+    UnsupportedEncodingError,
     UpstreamTimeoutError,
 )
+
+# The request body encodings the gateway reads (aiohttp decodes gzip and deflate; br and zstd
+# only with optional packages): said in a 415's Accept-Encoding (RFC 9110 section 12.5.3).
+ACCEPTED_ENCODINGS = ("identity", "gzip", "deflate")
+ACCEPT_ENCODING = ", ".join(ACCEPTED_ENCODINGS)  # the 415's Accept-Encoding header
+
+
+def unsupported_encoding_message(encoding: str) -> str:
+    """A 415's message for a body whose ``Content-Encoding`` is ``encoding``."""
+    return (
+        f"unsupported Content-Encoding {encoding[:100]!r} of the request body; supported: "
+        f"{ACCEPT_ENCODING} (one of them, once)"
+    )
 
 
 class VllmRequestError(InvalidRequestError):
@@ -43,6 +57,7 @@ _MAPPING: tuple[tuple[type[LoragateError], int, str, str], ...] = (
     (ClientBodyTimeoutError, 408, "invalid_request_error", "request_timeout"),
     (ConflictError, 409, "invalid_request_error", "conflict"),
     (PayloadTooLargeError, 413, "invalid_request_error", "request_too_large"),
+    (UnsupportedEncodingError, 415, "invalid_request_error", "unsupported_content_encoding"),
     (NoReplicaAvailableError, 503, "service_unavailable", "no_replica_available"),
     (ShuttingDownError, 503, "service_unavailable", "shutting_down"),
     (UpstreamTimeoutError, 504, "upstream_error", "upstream_timeout"),
@@ -76,6 +91,8 @@ def error_response(exc: LoragateError, *, headers: dict[str, str] | None = None)
     status, err_type, code = classify(exc)
     if status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
+    elif status == 415:
+        headers = {**(headers or {}), "Accept-Encoding": ACCEPT_ENCODING}
     response = web.Response(
         status=status,
         body=error_payload(exc.message, err_type, code, exc.param),

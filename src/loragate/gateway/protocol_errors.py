@@ -2,7 +2,9 @@
 
 aiohttp answers a request its HTTP parser rejects (a request line or header over its limits,
 a malformed request line, an invalid method, bad ``Transfer-Encoding`` or chunked framing)
-itself, from ``aiohttp.web_protocol.RequestHandler.handle_error``, with a plain-text body; it
+itself, from ``aiohttp.web_protocol.RequestHandler.handle_error``, with a plain-text body (a
+``Content-Encoding`` it knows but cannot decode without an optional package, ``br`` or
+``zstd``, is such an error too: answered 415 here, as ``request_body`` answers the others); it
 also uses that method for the 500/504 of a handler that raised. ``OpenAIErrorAppRunner`` is a
 ``web.AppRunner`` whose connections answer those with ``{"error": {"message", "type",
 "param", "code"}}`` (application/json), keeping aiohttp's status and its ``Connection: close``,
@@ -36,11 +38,20 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, ClassVar
 
-from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMethod, LineTooLong, TransferEncodingError
+from aiohttp import hdrs, web
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    ContentEncodingError,
+    LineTooLong,
+    TransferEncodingError,
+)
 
 from loragate.core.clock import WallClock
-from loragate.gateway.errors import error_payload
+from loragate.gateway.errors import (
+    ACCEPT_ENCODING,
+    error_payload,
+    unsupported_encoding_message,
+)
 from loragate.gateway.head_deadline import HeadDeadlines
 from loragate.gateway.log_rate import LineRate
 from loragate.gateway.request_body import unreadable_body_request_id
@@ -49,6 +60,8 @@ from loragate.gateway.request_ids import REQUEST_ID_HEADER, RequestIds, request_
 log = logging.getLogger(__name__)
 
 _MAX_MESSAGE_CHARS = 200
+# The encoding aiohttp names in "Can not decode content-encoding: brotli (br). Please ...".
+_ENCODING_NAMED = re.compile(r"content-encoding: \S+ \((\S+)\)")
 # A trailing echo of the offending bytes, as aiohttp's messages end with one (a repr() of
 # bytes or str): ": b'...'", ": bytearray(b'...')", " '...'", ": '...'." (a quoted word inside
 # the message, "Missing 'Host' header in request.", is no echo: kept).
@@ -82,6 +95,8 @@ def _code(status: int) -> str:
         return "request_header_fields_too_large"
     if status == HTTPStatus.GATEWAY_TIMEOUT:
         return "gateway_timeout"
+    if status == HTTPStatus.UNSUPPORTED_MEDIA_TYPE:
+        return "unsupported_content_encoding"
     return "invalid_http_request" if status < 500 else "internal_error"
 
 
@@ -146,9 +161,19 @@ class _OpenAIErrorRequestHandler(web.RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         request_id = request_id_of(request, self.request_ids)
+        headers = {REQUEST_ID_HEADER: request_id}
+        if isinstance(exc, ContentEncodingError) and status == HTTPStatus.BAD_REQUEST:
+            # A Content-Encoding aiohttp knows but cannot decode here (br, zstd: optional
+            # packages), refused with the head: as request_body refuses the others.
+            status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
         if status < 500:
-            detail = describe_protocol_error(exc, message)
-            text = f"malformed HTTP request: {detail}" if detail else "malformed HTTP request"
+            if status == HTTPStatus.UNSUPPORTED_MEDIA_TYPE:
+                found = _ENCODING_NAMED.search(message or "")
+                text = unsupported_encoding_message(found[1] if found else "?")
+                headers[hdrs.ACCEPT_ENCODING] = ACCEPT_ENCODING
+            else:
+                detail = describe_protocol_error(exc, message)
+                text = f"malformed HTTP request: {detail}" if detail else "malformed HTTP request"
             # A bad method is mostly TLS or other non-HTTP traffic sent to the port (scanners,
             # a client configured with https): like aiohttp, keep that out of WARNING. The
             # other rejections come in floods too (a broken or hostile client): one WARNING
@@ -193,7 +218,7 @@ class _OpenAIErrorRequestHandler(web.RequestHandler):
             status=status,
             body=error_payload(text, err_type, _code(status)),
             content_type="application/json",
-            headers={REQUEST_ID_HEADER: request_id},
+            headers=headers,
         )
         resp.force_close()
         return resp

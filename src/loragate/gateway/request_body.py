@@ -22,7 +22,9 @@ from loragate.core.errors import (
     ClientBodyTimeoutError,
     PayloadTooLargeError,
     UnreadableBodyError,
+    UnsupportedEncodingError,
 )
+from loragate.gateway.errors import ACCEPTED_ENCODINGS, unsupported_encoding_message
 from loragate.gateway.request_ids import REQUEST_ID
 
 
@@ -31,7 +33,10 @@ async def read_request_body(
 ) -> bytes:
     """The whole body (decoded, if it had a ``Content-Encoding``).
 
-    Raises ``PayloadTooLargeError`` past ``max_bytes``, ``ClientBodyTimeoutError`` after
+    Raises ``UnsupportedEncodingError`` before reading if the ``Content-Encoding`` is not one
+    of ``ACCEPTED_ENCODINGS`` (aiohttp would read an unknown one, or ``gzip, gzip``, as plain
+    bytes, and answer ``br``/``zstd`` with a hint to install a package),
+    ``PayloadTooLargeError`` past ``max_bytes``, ``ClientBodyTimeoutError`` after
     ``idle_timeout_s`` without new bytes, and ``UnreadableBodyError`` if the body cannot be
     decoded (bad compression, or framing errors the parser does report); the parser's error
     is then tagged with ``request_id`` (default: ``request[REQUEST_ID]``) for
@@ -39,8 +44,11 @@ async def read_request_body(
     length = request.content_length
     if length is not None and length > max_bytes:
         raise _too_large(max_bytes, length)
+    encoded = hdrs.CONTENT_ENCODING in request.headers
+    if encoded:
+        _check_encoding(request)
     content = request.content
-    if content.is_eof() and hdrs.CONTENT_ENCODING not in request.headers:
+    if content.is_eof() and not encoded:
         # The whole (plain) body arrived with the head, the usual case: take it at once.
         body = content.read_nowait()
         if len(body) > max_bytes:
@@ -82,6 +90,13 @@ def unreadable_body_request_id(exc: BaseException) -> str | None:
     (None: not such an error, or no id known)."""
     value = getattr(exc, _REQUEST_ID_ATTR, None)
     return value if isinstance(value, str) else None
+
+
+def _check_encoding(request: web.Request) -> None:
+    values = request.headers.getall(hdrs.CONTENT_ENCODING)
+    value = values[0].strip().lower() if len(values) == 1 else ", ".join(values)
+    if value not in ACCEPTED_ENCODINGS:
+        raise UnsupportedEncodingError(unsupported_encoding_message(value))
 
 
 def _too_large(max_bytes: int, declared: int | None = None) -> PayloadTooLargeError:

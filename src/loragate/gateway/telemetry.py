@@ -503,7 +503,8 @@ class _ProxyMetrics(Collector):
         http_errors = CounterMetricFamily(
             "loragate_http_errors",
             "Requests answered by the HTTP server itself, before or instead of any handler: "
-            "parser rejections (400, 413, 431) and handlers that raised (500), by status.",
+            "parser rejections (400, 413, 431; 415: a Content-Encoding it cannot decode, br or "
+            "zstd) and handlers that raised (500), by status.",
             labels=["status"],
         )
         for status, n in self.http_errors.items():
