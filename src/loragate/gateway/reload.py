@@ -2,7 +2,8 @@
 
 The new file is read and validated completely (``load_config``: every section, and the routing
 policy built once) before anything changes, so a bad file leaves the old config in force and
-the error names the key. Then, without dropping a request:
+the error names the key. It is read in a worker thread: the gateway serves (and answers
+``/livez``) while a big file is read. Then, without dropping a request:
 
 * routing policy, catalog (adapters, tenants, API keys) and request limits are swapped (a
   request already running keeps the policy and limits it started with);
@@ -127,7 +128,10 @@ async def reload_from_file(
     try:
         if path is None:
             raise ConfigError("the gateway was started without a config file: nothing to reload")
-        config = load_config(path)
+        # Off the event loop: a big file takes a while to read and check (adapter folders
+        # are read too), and the gateway serves on meanwhile (a 1,200-adapter file held
+        # the loop for seconds: /livez did not answer).
+        config = await asyncio.to_thread(load_config, path)
     except ConfigError as exc:
         telemetry.count_reload("rejected")
         reason = str(exc)
