@@ -91,9 +91,12 @@ relayed as is and logged; one the replica ended before any token or finish reaso
 error event, any other break with ``upstream_unavailable``. A client that goes away counts as
 ``client_closed``, unless the stream's ``[DONE]`` had gone out to it (a client that stops
 reading at ``[DONE]`` and closes before the body's end arrives): it had the whole answer, which
-counts with its outcome (200 or ``stream_error``) and its latency. What a stream has shown so
-far and what to relay of each read is ``gateway.stream_state``; ``_pipe`` is the I/O loop
-around it.
+counts with its outcome (200 or ``stream_error``) and its latency. A client that stops reading
+(a write waits for it, its socket's buffers full, longer than ``limits.client_write_timeout_s``)
+has its connection closed and is counted as one that went away (the access log says it
+stalled); its lease is released and the replica's connection closed (vLLM aborts the
+generation). What a stream has shown so far and what to relay of each read is
+``gateway.stream_state``; ``_pipe`` is the I/O loop around it.
 
 Access log: one DEBUG line per finished request (id, path, tenant, model, replica, status or
 outcome, latency, TTFT when streamed, retries, ``residency=``: where its last routing decision
@@ -222,6 +225,8 @@ _current_task = asyncio.current_task
 _SHUTTING_DOWN = ShuttingDownError(
     "the gateway is shutting down and the request did not finish within its drain period; retry it"
 )
+# Room for a stream's response head (a few hundred bytes), which goes out with its first bytes.
+_HEAD_ROOM = 4096
 _CUT = "loragate: shutdown deadline"  # the cancel message of a request cut at the deadline
 # The status label in loragate_requests_total of a request whose client went away first.
 CLIENT_CLOSED = "client_closed"
@@ -256,6 +261,7 @@ class Proxy:
         "_active",
         "_auth_failed",
         "_body_timeout_s",
+        "_client_write_timeout_s",
         "_cut",
         "_hurry",
         "_id_prefix",
@@ -329,6 +335,7 @@ class Proxy:
         self._timeout_s = limits.request_timeout_s
         self._stream_timeout_s = limits.stream_read_timeout_s
         self._body_timeout_s = limits.client_body_timeout_s
+        self._client_write_timeout_s = limits.client_write_timeout_s
         # (the pool wakes the requests of a replica that stopped listening, after this grace)
         self._pool.stopped_replica_grace_s = limits.stopped_replica_grace_s
 
@@ -949,11 +956,18 @@ class Proxy:
         *,
         routed: _Routed,
         streamed: bool = False,
+        stalled: bool = False,
     ) -> None:
         """Count (and log in the access log, at DEBUG: clients leave all the time) a request
         whose client went away before its answer was out. ``outcome``: the stream's so far; a
         stream the replica ended unfinished stays a ``stream_error`` (clients leave on an error
-        event: the openai SDK raises at once)."""
+        event: the openai SDK raises at once). ``stalled``: the client did not go away but
+        stopped reading, and the gateway closed its connection (``_ClientStalled``)."""
+        if stalled:
+            stage = (
+                f"{stage}: it read nothing for {self._client_write_timeout_s:g} s "
+                "(limits.client_write_timeout_s), its connection was closed"
+            )
         if outcome == STREAM_ERROR:
             self._finished(
                 rreq, path, rid, STREAM_ERROR, t0, retries, ttft_s,
@@ -1115,6 +1129,14 @@ class Proxy:
         done_out = False  # the stream's [DONE] went out: the client has the whole answer
         ttft_s: float | None = None
         unprepared = hold  # the response is prepared with the first bytes to relay
+        # A write to the client may wait only while its socket's buffer holds bytes the
+        # client did not take (``_may_wait``, inlined for the chunks): then it is bounded
+        # (``_write``); the others (the client keeps up: the buffer is empty) go out with no
+        # timer.
+        transport = request.transport
+        marks = _marks(transport)
+        low, high = marks
+        write_s = self._client_write_timeout_s
         try:
             if not hold:
                 await out.prepare(request)
@@ -1149,7 +1171,7 @@ class Proxy:
                         unprepared = False
                         await out.prepare(request)
                     with contextlib.suppress(ConnectionError):
-                        await out.write(state.broke_off(err))
+                        await _write(out, state.broke_off(err), transport, marks, write_s)
                     break
                 last = conn.exhausted  # the answer's last bytes: the end of the body with them
                 data = state.read(chunk, last) if chunk else state.end()
@@ -1175,12 +1197,20 @@ class Proxy:
                 try:
                     if last:
                         ended = True
+                    if transport is not None and (
+                        (size := transport.get_write_buffer_size()) > low or size + len(data) > high
+                    ):  # the client is behind: the write may wait for it (bounded)
+                        await _write(out, data, transport, marks, write_s, eof=last)
+                    elif last:
                         await out.write_eof(data)
+                    else:
+                        await out.write(data)
+                    if last:
                         break
-                    await out.write(data)
                     done_out = state.done
-                except ConnectionError:
-                    # The client went away (aiohttp refuses a write on a closing connection);
+                except ConnectionError as exc:
+                    # The client went away (aiohttp refuses a write on a closing connection),
+                    # or stopped reading (``_ClientStalled``: its connection was closed);
                     # releasing the unfinished connection closes it, which aborts the
                     # generation on the replica.
                     counted = True
@@ -1192,6 +1222,7 @@ class Proxy:
                     self._client_left(
                         rreq, path, rid, t0, retries, f"streaming (after {state.relayed} bytes)",
                         ttft_s, state.outcome, routed=routed, streamed=True,
+                        stalled=isinstance(exc, _ClientStalled),
                     )  # fmt: skip
                     return out
             if unprepared:  # nothing to relay at all: the head alone
@@ -1203,9 +1234,11 @@ class Proxy:
                 rreq, path, rid, state.outcome, t0, retries, ttft_s, routed=routed, streamed=True,
                 now=now,
             )  # fmt: skip
-            ended = counted = True
-            with contextlib.suppress(ConnectionError):
-                await out.write_eof()  # nothing if it was sent with the last bytes
+            counted = True
+            if not ended:  # (else it went out with the last bytes)
+                ended = True
+                with contextlib.suppress(ConnectionError):
+                    await _write(out, b"", transport, marks, write_s, eof=True)
         except asyncio.CancelledError:
             if not self._was_cut(_current_task()):
                 # The client went away (aiohttp cancelled the handler).
@@ -1231,8 +1264,8 @@ class Proxy:
                     rreq, path, rid, "shutdown", t0, retries, ttft_s, routed=routed, streamed=True
                 )
                 with contextlib.suppress(ConnectionError):
-                    await out.write(state.closing(_SHUTTING_DOWN))
-                    await out.write_eof()
+                    await _write(out, state.closing(_SHUTTING_DOWN), transport, marks, write_s)
+                    await _write(out, b"", transport, marks, write_s, eof=True)
             elif not counted:  # the whole answer is out but for its last write
                 self._finished(
                     rreq, path, rid, state.outcome, t0, retries, ttft_s, routed=routed,
@@ -1251,6 +1284,54 @@ class Proxy:
             state.warning,
         )
         state.warning = ""
+
+
+class _ClientStalled(ConnectionResetError):
+    """A stream's client read nothing for ``limits.client_write_timeout_s`` while a write
+    waited for it: its connection was closed (handled as a client that went away)."""
+
+
+def _marks(transport: asyncio.Transport | None) -> tuple[int, int]:
+    """``transport``'s write buffer water marks for :func:`_may_wait`: (low, high less room
+    for a response head, which goes out with a stream's first bytes)."""
+    if transport is None:
+        return 0, 0
+    low, high = transport.get_write_buffer_limits()
+    return low, high - _HEAD_ROOM
+
+
+def _may_wait(transport: asyncio.Transport, n: int, marks: tuple[int, int]) -> bool:
+    """Whether writing ``n`` bytes to ``transport`` (:func:`_marks`: its buffer's water
+    marks) may wait for the client to read. aiohttp's writes wait (drain) only while the
+    transport has paused writing, which it does when its buffer goes above the high-water
+    mark, until the buffer drops to the low one: so only if the buffer holds more than the
+    low-water mark already, or this write may take it above the high one."""
+    size = transport.get_write_buffer_size()
+    return size > marks[0] or size + n > marks[1]
+
+
+async def _write(
+    out: web.StreamResponse,
+    data: bytes,
+    transport: asyncio.Transport | None,
+    marks: tuple[int, int],
+    timeout_s: float,
+    *,
+    eof: bool = False,
+) -> None:
+    """Write ``data`` to a stream's client (and end the body with ``eof``). A write that may
+    wait for the client to read (:func:`_may_wait`) waits at most ``timeout_s``; then the
+    connection is closed (aborted: its buffered bytes are dropped) and :class:`_ClientStalled`
+    raised."""
+    if transport is None or not _may_wait(transport, len(data), marks):
+        await (out.write_eof(data) if eof else out.write(data))
+        return
+    try:
+        async with asyncio.timeout(timeout_s):
+            await (out.write_eof(data) if eof else out.write(data))
+    except TimeoutError:
+        transport.abort()
+        raise _ClientStalled("the client read nothing in time") from None
 
 
 def _model_named(body: bytes) -> str | None:
