@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from loadtest_files import write_spec
 
 from loragate.cli import main
 from loragate.core.config import config_from_mapping
@@ -49,9 +50,7 @@ lengths: {prompt: 16, output: {kind: uniform, min: 2, max: 8}}
 
 @pytest.fixture
 def spec(tmp_path: Path) -> Path:
-    path = tmp_path / "tiny.yaml"
-    path.write_text(SPEC, encoding="utf-8")
-    return path
+    return write_spec(tmp_path, SPEC)
 
 
 @pytest.fixture

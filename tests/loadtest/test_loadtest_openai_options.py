@@ -22,18 +22,11 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from loadtest_files import FAKE_SERVER_SPEC, summary_of, write_spec
 
 from loragate.cli import main
 
 MODEL = "o-mini"
-SPEC = """\
-name: tiny
-seed: 5
-duration_s: 3
-adapters: {count: 2, base_fraction: 0.5}
-arrivals: {process: poisson, rate_rps: 40}
-lengths: {prompt: 4, output: {kind: uniform, min: 2, max: 8}}
-"""
 UNSUPPORTED = (
     "Unsupported parameter: 'max_tokens' is not supported with this model. "
     "Use 'max_completion_tokens' instead."
@@ -139,9 +132,7 @@ async def proxy(server: tuple[int, ReasoningServer]) -> AsyncIterator[tuple[int,
 
 @pytest.fixture
 def spec(tmp_path: Path) -> Path:
-    path = tmp_path / "tiny.yaml"
-    path.write_text(SPEC, encoding="utf-8")
-    return path
+    return write_spec(tmp_path, FAKE_SERVER_SPEC)
 
 
 @pytest.fixture(autouse=True)
@@ -157,11 +148,6 @@ async def loadtest(url: str, spec: Path, tmp_path: Path, *argv: str) -> int:
             "--base-only", "--max-requests", "6", "--timeout-s", "20", "--endpoint", "chat",
             "--no-ignore-eos", "--json", str(tmp_path / "summary.json"), *argv]  # fmt: skip
     return await asyncio.to_thread(main, args)
-
-
-def summary_of(tmp_path: Path) -> dict[str, Any]:
-    doc: dict[str, Any] = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
-    return doc
 
 
 async def test_max_completion_tokens_names_the_bound_as_reasoning_models_want_it(

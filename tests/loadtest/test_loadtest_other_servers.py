@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from loadtest_files import FAKE_SERVER_SPEC, summary_of, write_spec
 
 from loragate.cli import main
 
@@ -46,15 +47,6 @@ SLOW_S = 0.3
 # What the strict server accepts (OpenAI's fields the load test may send).
 OPENAI_FIELDS = {"model", "prompt", "messages", "max_tokens", "temperature", "stream",
                  "stream_options"}  # fmt: skip
-
-SPEC = """\
-name: tiny
-seed: 5
-duration_s: 3
-adapters: {count: 2, base_fraction: 0.5}
-arrivals: {process: poisson, rate_rps: 40}
-lengths: {prompt: 4, output: {kind: uniform, min: 2, max: 8}}
-"""
 
 
 def chunk(chat: bool, text: str | None, *, finish: str | None = None, **extra: Any) -> bytes:
@@ -167,9 +159,7 @@ async def server() -> AsyncIterator[tuple[str, FakeServer]]:
 
 @pytest.fixture
 def spec(tmp_path: Path) -> Path:
-    path = tmp_path / "tiny.yaml"
-    path.write_text(SPEC, encoding="utf-8")
-    return path
+    return write_spec(tmp_path, FAKE_SERVER_SPEC)
 
 
 async def loadtest(url: str, spec: Path, model: str, tmp_path: Path, *argv: str) -> int:
@@ -179,11 +169,6 @@ async def loadtest(url: str, spec: Path, model: str, tmp_path: Path, *argv: str)
             "--json", str(tmp_path / "summary.json"), "--results", str(tmp_path / "r.jsonl"),
             *argv]  # fmt: skip
     return await asyncio.to_thread(main, args)
-
-
-def summary_of(tmp_path: Path) -> dict[str, Any]:
-    doc: dict[str, Any] = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
-    return doc
 
 
 def records(tmp_path: Path) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from loadtest_files import summary_of
 
 from loragate.cli import main
 from loragate.loadtest.openloop import prompt_of
@@ -111,11 +112,6 @@ async def loadtest(url: str, tmp_path: Path) -> int:
             "--base-only", "--no-stream", "--max-requests", "8", "--timeout-s", "20",
             "--json", str(tmp_path / "summary.json")]  # fmt: skip
     return await asyncio.to_thread(main, args)
-
-
-def summary_of(tmp_path: Path) -> dict[str, Any]:
-    doc: dict[str, Any] = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
-    return doc
 
 
 def test_every_prompt_word_is_a_frequent_word_so_n_words_are_n_tokens() -> None:
