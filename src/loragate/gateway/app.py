@@ -42,6 +42,7 @@ from loragate.gateway.catalog import Catalog
 from loragate.gateway.config_warnings import warn_ignored_file_tokens, warn_same_servers
 from loragate.gateway.endpoint_errors import EndpointErrors
 from loragate.gateway.errors import error_payload, error_response
+from loragate.gateway.expect_continue import Handler, expect_handler
 from loragate.gateway.inflight import InFlightTracker, LocalInFlight
 from loragate.gateway.label_fold import LabelFold
 from loragate.gateway.loop_lag import LoopLag
@@ -267,11 +268,30 @@ def create_app(
     app = web.Application(client_max_size=config.limits.max_body_bytes)
     app[GATEWAY] = gateway
     app.cleanup_ctx.append(_lifecycle)
+
     # The completion endpoints make their request ids themselves (the hot path), and so do the
     # forwarded tokenizer endpoints (``gateway.tokenize``, the proxy's generator); every other
     # handler is wrapped (``request_ids.with_request_id``): no middleware, no response hook.
-    app.router.add_post("/v1/completions", proxy.completions)
-    app.router.add_post("/v1/chat/completions", proxy.chat_completions)
+    def refused_unread(request: web.Request) -> bool:
+        """Whether the proxy's and the tokenizer's handlers refuse ``request`` before reading
+        its body (``gateway.expect_continue``): no or a wrong API key, or a Content-Length
+        over the limit (as the config in force says)."""
+        length = request.content_length
+        if length is not None and length > gateway.config.limits.max_body_bytes:
+            return True
+        try:
+            gateway.catalog.tenant_of(request.headers.get(hdrs.AUTHORIZATION))
+        except LoragateError:
+            return True
+        return False
+
+    def add_post(path: str, handler: Handler) -> None:
+        app.router.add_post(
+            path, handler, expect_handler=expect_handler(handler, refused_unread, ids)
+        )
+
+    add_post("/v1/completions", proxy.completions)
+    add_post("/v1/chat/completions", proxy.chat_completions)
     app.router.add_get("/v1/models", with_request_id(ids, list_models))
     tokenizer = TokenizerProxy(
         proxy=proxy,
@@ -282,8 +302,8 @@ def create_app(
         auth_failed=endpoint_errors.auth_failed,
         no_replica=no_replica.refused,
     )
-    app.router.add_post("/tokenize", tokenizer.tokenize)
-    app.router.add_post("/detokenize", tokenizer.detokenize)
+    add_post("/tokenize", tokenizer.tokenize)
+    add_post("/detokenize", tokenizer.detokenize)
     app.router.add_get("/version", tokenizer.version)
     app.router.add_get("/health", with_request_id(ids, health))
     app.router.add_get("/livez", with_request_id(ids, livez))

@@ -99,10 +99,13 @@ def error_response(exc: LoragateError, *, headers: dict[str, str] | None = None)
         content_type="application/json",
         headers=headers,
     )
-    if isinstance(exc, UnreadableBodyError | ClientBodyTimeoutError | ShuttingDownError):
+    if isinstance(
+        exc,
+        UnreadableBodyError | ClientBodyTimeoutError | PayloadTooLargeError | ShuttingDownError,
+    ):
         # The server closes the connection after this answer (the rest of the body cannot be
-        # skipped, or the gateway is going away): say so (Connection: close), rather than let
-        # the client reuse it.
+        # skipped or is not worth reading, or the gateway is going away): say so (Connection:
+        # close), rather than let the client reuse it (or go on sending a large body).
         response.force_close()
     return response
 
