@@ -1,13 +1,21 @@
-"""Fixtures: scripted vLLM stand-ins (``vllm_stub.StubVllm``) on loopback sockets."""
+"""Fixtures: scripted vLLM stand-ins (``vllm_stub.StubVllm``) on loopback sockets, and an HTTP
+client session for the pools and clients under test."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 from vllm_stub import StubVllm, serve_app
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@ assumes for a replica the config gives none (vLLM's defaults for what it does no
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import aiohttp
 import pytest
 
@@ -15,12 +13,6 @@ from vllm_stub import StubVllm
 
 SLOW_POLLS = PollerConfig(interval_s=3600.0, timeout_s=2.0)
 NEW = AdapterSpec(name="lora-0", path="/loras/new/lora-0")
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 def _pool(stub: StubVllm) -> ReplicaPool:

@@ -5,7 +5,6 @@ than it may (what is left of its request_timeout_s), while the shared load itsel
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -15,12 +14,6 @@ from loragate.core.config import PollerConfig, ReplicaConfig
 from loragate.core.errors import UpstreamTimeoutError
 from loragate.core.types import AdapterSpec
 from vllm_stub import StubVllm
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 async def test_a_waiter_gives_up_at_its_timeout_and_the_load_goes_on(

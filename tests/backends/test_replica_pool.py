@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -18,12 +17,6 @@ from loragate.core.types import AdapterSpec, ReplicaSettings
 from vllm_stub import StubVllm
 
 SLOW_POLLS = PollerConfig(interval_s=3600.0, timeout_s=2.0)
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 def _pool(*stubs: StubVllm, settings: ReplicaSettings | None = None) -> ReplicaPool:

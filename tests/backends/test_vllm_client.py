@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import aiohttp
 import pytest
 
@@ -20,12 +18,6 @@ MODELS_JSON = {
         {"id": "lora-1", "object": "model", "root": "/l/1", "parent": "tiny-llama"},
     ],
 }
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 def test_parse_models_splits_base_and_adapters() -> None:
