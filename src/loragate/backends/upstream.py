@@ -9,7 +9,8 @@ back the body as bytes or as chunks as they arrive. Admin calls, polling and any
 the hot path keep using aiohttp (``loragate.backends.client``).
 
 Supported responses: ``Content-Length`` bodies, ``Transfer-Encoding: chunked`` bodies (decoded;
-trailers ignored) and bodies delimited by connection close. Connections are reused while the
+trailers ignored) and bodies delimited by connection close (a clean close, EOF: one the replica
+resets is cut short, an error like any connection lost mid-answer). Connections are reused while the
 server allows it; an idle connection older than ``keepalive_s`` is dropped (servers close idle
 ones: uvicorn after 5 s). A reused connection that the replica *reset* before any response byte
 (its bytes reached a socket nobody reads: the replica had closed or lost it) is retried once on
@@ -185,11 +186,12 @@ class UpstreamConn(asyncio.Protocol):
             self._head_waiter is None and self._read_waiter is None and not self.status
         ):
             return
-        if self.status and self._framing == _UNTIL_CLOSE:
-            self._finish()
+        if self.status and self._framing == _UNTIL_CLOSE and exc is None:
+            self._finish()  # the body's end: a clean close (EOF)
             return
-        where = "before answering" if not self._got_bytes else "in the middle of the answer"
-        self._fail(UpstreamConnectError(f"connection closed {where}"))
+        # (a body framed by the close that ends in a reset is cut short: the replica died)
+        how = "reset" if exc is not None else "closed"
+        self._fail(UpstreamConnectError(f"connection {how} {self._where}"))
 
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
