@@ -12,7 +12,6 @@ vLLM's validation handler renders the errors."""
 from __future__ import annotations
 
 import json
-import re
 from typing import Annotated, Any
 
 import aiohttp
@@ -31,6 +30,7 @@ from loragate.gateway.vllm_validation import (
     read_completion,
 )
 from loragate.twin import vllm_errors
+from vllm_reference import clean_loc, input_summary
 
 pydantic = pytest.importorskip("pydantic")
 
@@ -62,21 +62,6 @@ class _Chat(_VllmBase):
     stream: bool | None = False
 
 
-def _clean_loc(loc: tuple[Any, ...]) -> str:
-    """A location as vLLM names it: pydantic's wrapper and union-member segments dropped."""
-    markers = {"function-wrap", "int", "str", "list", "bool", "nullable", "union"}
-    parts = [str(p) for p in loc if not re.search(r"[\[\]{}()]", str(p)) and p not in markers]
-    return ".".join(parts)
-
-
-def _summary(value: Any) -> Any:
-    """An error's input as vLLM shows it: containers described, text cut at 200 characters."""
-    if isinstance(value, list | dict):
-        return f"<{type(value).__name__} of {len(value)} items>"
-    text = str(value)
-    return text if len(text) <= 200 else text[:200] + "...[truncated]"
-
-
 def _vllm_answer(model: type[pydantic.BaseModel], payload: Any) -> dict[str, Any] | None:
     """vLLM's request-validation answer to ``payload`` (None: it validates)."""
     try:
@@ -87,14 +72,18 @@ def _vllm_answer(model: type[pydantic.BaseModel], payload: Any) -> dict[str, Any
         return None
     lines = []
     for err in errors[:10]:  # at most 10 listed
-        entry = {**err, "loc": _clean_loc(("body", *err["loc"])), "input": _summary(err["input"])}
+        entry = {
+            **err,
+            "loc": clean_loc(("body", *err["loc"])),
+            "input": input_summary(err["input"]),
+        }
         text = str(entry)  # each entry cut at 1,000 characters
         lines.append(f"  {text if len(text) <= 1000 else text[:1000] + '...[truncated]'}\n")
     label = "error" if len(errors) == 1 else "errors"
     if len(errors) > 10:
         lines.append(f"  ...and {len(errors) - 10} more {label}\n")
     message = (f"{len(errors)} validation {label}:\n" + "".join(lines)).rstrip()
-    param = _clean_loc(("body", *errors[0]["loc"]))
+    param = clean_loc(("body", *errors[0]["loc"]))
     return {"message": message, "type": "Bad Request", "param": param, "code": 400}
 
 

@@ -10,7 +10,6 @@ a body and rendered as vLLM's validation handler renders the errors."""
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -20,6 +19,7 @@ import pytest
 from loragate.twin.replica_protocol import parse_generation_request
 from loragate.twin.vllm_errors import VllmApiError
 from loragate.twin.vllm_fields import lax_bool, lax_int
+from vllm_reference import clean_loc, input_summary
 
 pydantic = pytest.importorskip("pydantic")
 StartReplica = Callable[..., Any]
@@ -105,19 +105,6 @@ VALUES = [
 ]  # fmt: skip
 
 
-def _clean_loc(loc: tuple[Any, ...]) -> str:
-    markers = {"function-wrap", "int", "str", "list", "bool", "nullable", "union"}
-    parts = [str(p) for p in loc if not re.search(r"[\[\]{}()]", str(p)) and p not in markers]
-    return ".".join(parts)
-
-
-def _summary(value: Any) -> Any:
-    if isinstance(value, list | dict):
-        return f"<{type(value).__name__} of {len(value)} items>"
-    text = str(value)
-    return text if len(text) <= 200 else text[:200] + "...[truncated]"
-
-
 def _vllm(kind: str, payload: dict[str, Any]) -> tuple[str, str] | None:
     """vLLM's (message, param) for ``payload``'s request validation, None if it validates."""
     model = _Chat if kind == "chat" else _Completion
@@ -128,14 +115,14 @@ def _vllm(kind: str, payload: dict[str, Any]) -> tuple[str, str] | None:
     else:
         return None
     entries = [
-        {**e, "loc": _clean_loc(("body", *e["loc"])), "input": _summary(e["input"])}
+        {**e, "loc": clean_loc(("body", *e["loc"])), "input": input_summary(e["input"])}
         for e in errors[:10]
     ]
     lines = [f"  {entry}\n" for entry in entries]
     label = "error" if len(errors) == 1 else "errors"
     more = f"  ...and {len(errors) - 10} more {label}\n" if len(errors) > 10 else ""
     message = (f"{len(errors)} validation {label}:\n" + "".join(lines) + more).rstrip()
-    return message, _clean_loc(("body", *errors[0]["loc"]))
+    return message, clean_loc(("body", *errors[0]["loc"]))
 
 
 def _twin(kind: str, payload: dict[str, Any]) -> tuple[str, str] | None:
@@ -272,7 +259,7 @@ async def test_adapter_admin_bodies_are_read_as_vllm_reads_them(
     except pydantic.ValidationError as exc:
         errors = exc.errors(include_url=False)
         entries = [
-            {**e, "loc": _clean_loc(("body", *e["loc"])), "input": _summary(e["input"])}
+            {**e, "loc": clean_loc(("body", *e["loc"])), "input": input_summary(e["input"])}
             for e in errors
         ]
         label = "error" if len(errors) == 1 else "errors"
@@ -280,7 +267,7 @@ async def test_adapter_admin_bodies_are_read_as_vllm_reads_them(
         want: dict[str, Any] | None = {
             "message": f"{len(errors)} validation {label}:\n{lines}".rstrip(),
             "type": "Bad Request",
-            "param": _clean_loc(("body", *errors[0]["loc"])),
+            "param": clean_loc(("body", *errors[0]["loc"])),
             "code": 400,
         }
     else:
