@@ -83,9 +83,14 @@ class RoutingConfig:
 class LimitsConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     connect_timeout_s: float = 3.0
-    # Whole non-streaming request, and time to response headers of a streaming one.
+    # A non-streaming request's whole answer (-> 504), and any request's wait for an adapter
+    # load on its replica (then it is retried on another).
     request_timeout_s: float = 600.0
-    # Longest silence between two chunks of a stream.
+    # Longest silence of a streaming request's replica: until its response head (-> 504), and
+    # from then on until each chunk (-> an SSE error event). vLLM sends a stream's head as soon
+    # as it accepted the request; the wait in its queue and the prefill come before the first
+    # chunk. So the wait for the head is timed as every silence of the stream, whether a
+    # replica sends its head at once or with its first token.
     stream_read_timeout_s: float = 300.0
     # Longest silence while reading a client's request body before a 408.
     client_body_timeout_s: float = 60.0

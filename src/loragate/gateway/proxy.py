@@ -712,6 +712,8 @@ class Proxy:
                             path,
                             body,
                             whole=not stream,
+                            # (a stream's head: as every silence of the stream; vLLM sends
+                            # it at once, its queue wait comes before the first chunk)
                             timeout_s=self._stream_timeout_s if stream else self._timeout_s,
                             request_id=f"{upstream_id}-{retries + 1}",
                         )
