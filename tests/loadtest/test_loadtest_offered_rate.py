@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from loragate.cli import main
-from loragate.twin.replica_config import ReplicaConfig
-from loragate.twin.server import run_replica
 from loragate.workload import Workload, load_spec
 
 BASE = "tiny-llama"
@@ -37,14 +34,6 @@ def spec_file(tmp_path: Path, *, rate_rps: float, duration_s: float, seed: int =
 
 def arrivals(spec: Path) -> list[float]:
     return [r.t_s for r in Workload(load_spec(spec)).requests()]
-
-
-@pytest.fixture
-async def replica_url() -> AsyncIterator[str]:
-    async with run_replica(
-        ReplicaConfig(served_model_name=BASE), host="127.0.0.1", port=0
-    ) as replica:
-        yield replica.url
 
 
 async def loadtest(url: str, spec: Path, *argv: str) -> tuple[int, dict[str, Any]]:

@@ -18,8 +18,6 @@ import pytest
 from aiohttp import web
 
 from loragate.cli import main
-from loragate.twin.replica_config import ReplicaConfig
-from loragate.twin.server import run_replica
 
 BASE = "tiny-llama"
 
@@ -37,14 +35,6 @@ TRACE_HEADER = "client_id,window_start_s,rate_rps,iat_cv,iat_dist,dist_param1,di
 
 async def loadtest(*argv: str) -> int:
     return await asyncio.to_thread(main, ["loadtest", "--progress-s", "0", *argv])
-
-
-@pytest.fixture
-async def replica_url() -> AsyncIterator[str]:
-    async with run_replica(
-        ReplicaConfig(served_model_name=BASE), host="127.0.0.1", port=0
-    ) as replica:
-        yield replica.url
 
 
 async def test_a_servegen_spec_says_it_reads_the_trace_and_how_many_requests_the_run_holds(
