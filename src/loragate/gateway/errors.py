@@ -28,6 +28,10 @@ from loragate.core.errors import (
 # only with optional packages): said in a 415's Accept-Encoding (RFC 9110 section 12.5.3).
 ACCEPTED_ENCODINGS = ("identity", "gzip", "deflate")
 ACCEPT_ENCODING = ", ".join(ACCEPTED_ENCODINGS)  # the 415's Accept-Encoding header
+# A 503 no_replica_available's Retry-After (seconds): about two of the poller's default
+# intervals, after which a replica back in rotation is seen (the OpenAI SDKs wait that long
+# before their retry, rather than their own backoff of about 0.5 s).
+NO_REPLICA_RETRY_AFTER = "1"
 
 
 def unsupported_encoding_message(encoding: str) -> str:
@@ -93,6 +97,12 @@ def error_response(exc: LoragateError, *, headers: dict[str, str] | None = None)
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     elif status == 415:
         headers = {**(headers or {}), "Accept-Encoding": ACCEPT_ENCODING}
+    elif isinstance(exc, UpstreamTimeoutError):
+        # The replica ran the request for the whole request_timeout_s: sent again, it would
+        # run as long again (the OpenAI SDKs retry a 504 twice unless told not to).
+        headers = {**(headers or {}), "x-should-retry": "false"}
+    elif isinstance(exc, NoReplicaAvailableError):
+        headers = {**(headers or {}), "Retry-After": NO_REPLICA_RETRY_AFTER}
     response = web.Response(
         status=status,
         body=error_payload(exc.message, err_type, code, exc.param),
