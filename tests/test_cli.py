@@ -23,3 +23,18 @@ def test_console_script_help_lists_subcommands() -> None:
         text=True,
     ).stdout
     assert "usage: loragate" in out
+
+
+def test_python_dash_m_loragate_runs_the_cli() -> None:
+    """``python -m loragate`` is the ``loragate`` command (no ``__main__`` module before)."""
+    from loragate import __version__
+
+    done = subprocess.run(
+        [sys.executable, "-m", "loragate", "--version"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"loragate {__version__}"
+    usage = subprocess.run(
+        [sys.executable, "-m", "loragate", "--help"], check=True, capture_output=True, text=True
+    ).stdout
+    assert "usage: loragate" in usage and "serve" in usage
