@@ -24,10 +24,10 @@ from gateway_harness import (
     serve_process,
     serving_replicas,
 )
+from log_lines import PROXY_LOG, access_lines
 
 from loragate.gateway import running_gateway
 
-PROXY_LOG = "loragate.gateway.proxy"
 TENANTS = [{"name": "acme", "api_keys": ["sk-acme"]}]
 
 
@@ -35,14 +35,6 @@ TENANTS = [{"name": "acme", "api_keys": ["sk-acme"]}]
 async def replicas() -> AsyncIterator[list[ScriptedReplica]]:
     async with serving_replicas(ScriptedReplica) as out:
         yield out
-
-
-def _access_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.name == PROXY_LOG and r.levelno == logging.DEBUG and " status=" in r.getMessage()
-    ]
 
 
 async def _requests(url: str) -> None:
@@ -66,7 +58,7 @@ async def test_one_debug_line_per_request(
     caplog.set_level(logging.DEBUG, logger=PROXY_LOG)
     async with running_gateway(cfg, port=0) as gw:
         await _requests(gw.url)
-    lines = _access_lines(caplog)
+    lines = access_lines(caplog)
     assert len(lines) == 3, lines
     ok, streamed, refused = lines
     assert re.fullmatch(
@@ -104,9 +96,9 @@ async def test_the_line_says_where_routing_found_the_adapter_and_the_load_wait(
             await client.completions.create(model="no-such-lora", prompt="p", max_tokens=1)
     found = [
         re.search(r" model=(\S+) .* residency=(\S+) load_wait_ms=([0-9.]+)", line)
-        for line in _access_lines(caplog)
+        for line in access_lines(caplog)
     ]
-    assert all(found), _access_lines(caplog)
+    assert all(found), access_lines(caplog)
     got = [(m.group(1), m.group(2), float(m.group(3))) for m in found if m is not None]
     assert [(model, residency) for model, residency, _ in got] == [
         ("lora-0", "unregistered"), ("lora-0", "gpu"), ("<base>", "base"),
@@ -222,7 +214,7 @@ async def test_client_text_in_the_note_is_escaped_and_cut(
     async with running_gateway(cfg, port=0) as gw, openai_client(gw.url, key="sk-acme") as client:
         with caplog.at_level(logging.DEBUG, logger=PROXY_LOG), pytest.raises(openai.NotFoundError):
             await client.completions.create(model=model, prompt="p", max_tokens=1)
-    (line,) = _access_lines(caplog)
+    (line,) = access_lines(caplog)
     assert line.splitlines() == [line]  # one line: no newline, no line separator
     assert not re.search("[\x00-\x1f\x7f-\x9f\u2028\u2029]", line)
     assert len(line) < 1000

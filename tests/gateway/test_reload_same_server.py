@@ -10,16 +10,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 from gateway_harness import BASE, ScriptedReplica
+from log_lines import same_server_warnings
 
 from loragate.gateway import load_config, running_gateway
-
-
-def _same_server(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.levelno == logging.WARNING and "resolve to the same server" in r.getMessage()
-    ]
 
 
 def _write(path: Path, urls: list[str]) -> None:
@@ -47,11 +40,11 @@ async def test_a_reload_that_adds_a_second_name_of_a_server_is_warned_about(
         async with http.post(gw.url + "/admin/reload", headers=auth) as resp:
             assert resp.status == 200
             assert (await resp.json())["replicas_added"] == ["r2"]
-        (message,) = _same_server(caplog)
+        (message,) = same_server_warnings(caplog)
         assert f"replicas r0 ({url}) and r2 ({alias})" in message
         # A reload that adds no such pair says nothing more (r2 is still r0: warned of once).
         _write(path, [url, replicas[1].url, alias, "http://no-such-host.invalid:1"])
         async with http.post(gw.url + "/admin/reload", headers=auth) as resp:
             assert resp.status == 200
             assert (await resp.json())["replicas_added"] == ["r3"]
-        assert len(_same_server(caplog)) == 1
+        assert len(same_server_warnings(caplog)) == 1

@@ -8,18 +8,11 @@ import logging
 
 import pytest
 from gateway_harness import ScriptedReplica, gateway_config, wait_until
+from log_lines import same_server_warnings
 
 from loragate.core.config import config_from_mapping
 from loragate.gateway import running_gateway
 from loragate.gateway.app import warn_same_servers
-
-
-def _same_server(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.levelno == logging.WARNING and "resolve to the same server" in r.getMessage()
-    ]
 
 
 async def test_two_names_of_one_server_are_warned_about_at_start_up(
@@ -31,8 +24,8 @@ async def test_two_names_of_one_server_are_warned_about_at_start_up(
     cfg = gateway_config([url, replicas[1].url, alias])  # r0, r1, r2 (= r0)
     caplog.set_level(logging.WARNING, logger="loragate.gateway.app")
     async with running_gateway(cfg, port=0):
-        await wait_until(lambda: _same_server(caplog), "the same-server warning")
-    (message,) = _same_server(caplog)
+        await wait_until(lambda: same_server_warnings(caplog), "the same-server warning")
+    (message,) = same_server_warnings(caplog)
     assert f"replicas r0 ({url}) and r2 ({alias.rstrip('/')})" in message
     assert "127.0.0.1 port" in message
 
@@ -51,4 +44,4 @@ async def test_different_servers_and_unresolvable_names_are_not_warned_about(
     }
     caplog.set_level(logging.WARNING, logger="loragate.gateway.app")
     await warn_same_servers(config_from_mapping(doc).replicas)
-    assert not _same_server(caplog)
+    assert not same_server_warnings(caplog)

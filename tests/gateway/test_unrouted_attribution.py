@@ -13,10 +13,9 @@ import aiohttp
 import openai
 import pytest
 from gateway_harness import BASE, ScriptedReplica, gateway_config, openai_client
+from log_lines import PROXY_LOG, access_lines
 
 from loragate.gateway import running_gateway
-
-PROXY_LOG = "loragate.gateway.proxy"
 
 
 def _requests_total(text: str) -> dict[tuple[str, str, str], int]:
@@ -31,14 +30,6 @@ def _requests_total(text: str) -> dict[tuple[str, str, str], int]:
         )
         if float(n)
     }
-
-
-def _access_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.name == PROXY_LOG and r.levelno == logging.DEBUG and " status=" in r.getMessage()
-    ]
 
 
 async def test_refusals_before_routing_name_the_model_asked(
@@ -63,7 +54,7 @@ async def test_refusals_before_routing_name_the_model_asked(
         async with http.get(gw.url + "/metrics") as resp:
             counted = _requests_total(await resp.text())
     assert counted == {("lora-1", "", "400"): 1, ("", "", "400"): 2, ("", "", "404"): 2}
-    models = [re.search(r" model=(.*) replica=", line) for line in _access_lines(caplog)]
+    models = [re.search(r" model=(.*) replica=", line) for line in access_lines(caplog)]
     assert [m.group(1) if m else None for m in models] == [
         "lora-1",
         "<base>",
