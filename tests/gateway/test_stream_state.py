@@ -104,3 +104,29 @@ def test_done_says_the_bytes_to_relay_reached_the_streams_done() -> None:
     cut = StreamState("r0", False)  # a body that ends without a newline after its [DONE]
     assert cut.read(_TOKEN + DONE[:-2]) == _TOKEN and not cut.done
     assert cut.end() == DONE[:-2] and cut.done
+
+
+def test_a_stream_that_ends_without_done_after_output_but_no_finish_reason_is_cut_short() -> None:
+    # vLLM ends every stream with [DONE]: a body that ends without it after tokens, with no
+    # finish reason, was cut short on its way; relayed as is, it would end well.
+    state = StreamState("r0", False)
+    assert state.read(_TOKEN) == _TOKEN
+    data = state.end()
+    assert data is not None
+    assert _error(data) == (
+        "replica r0 ended the stream without [DONE] and without a finish reason: its answer "
+        "may be cut short"
+    )
+    assert state.outcome == STREAM_ERROR and state.warning
+    # Its last line without a newline: relayed, then the error event.
+    cut = StreamState("r0", False)
+    assert cut.read(_TOKEN + _TOKEN[:-2], last=True) is not None
+    assert cut.outcome == STREAM_ERROR
+
+
+def test_a_stream_that_ends_without_done_after_its_finish_reason_ends_as_it_came() -> None:
+    finish = _TOKEN.replace(b'"finish_reason":null', b'"finish_reason":"length"')
+    state = StreamState("r0", False)
+    assert state.read(_TOKEN) == _TOKEN
+    assert state.read(finish, last=True) == finish  # the whole answer: nothing added
+    assert state.outcome == "200" and not state.warning

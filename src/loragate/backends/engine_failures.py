@@ -101,6 +101,14 @@ def done_at(chunk: bytes, start: int = 0) -> int:
     return at + 1 if at >= 0 else -1
 
 
+_FINISHED = re.compile(rb'"finish_reason": ?"')
+
+
+def finished(chunk: bytes) -> bool:
+    """Whether ``chunk`` (some of a stream's whole lines) holds a choice's finish reason."""
+    return _FINISHED.search(chunk) is not None
+
+
 def answered(chunk: bytes, start: int = 0) -> bool:
     """Whether ``chunk`` (some of a stream's whole lines) holds a token's text or a choice's
     finish reason from ``start`` on."""

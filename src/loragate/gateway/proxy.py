@@ -85,8 +85,10 @@ Without another replica (or after the one retry), or once output reached the cli
 that breaks off ends with an SSE error event of the gateway's, and the break is logged; one
 the replica ended unfinished (an error event of its own, or ``finish_reason: "abort"``) is
 relayed as is and logged; one the replica ended before any token or finish reason (with
-``[DONE]`` or without) gets an SSE error event (before the ``[DONE]``); all count as
-``stream_error`` in loragate_requests_total. A read that timed out
+``[DONE]`` or without) gets an SSE error event (before the ``[DONE]``), and so does one whose
+body ended without ``[DONE]`` after output but without a finish reason (cut short on its way:
+vLLM ends every stream with ``[DONE]``); all count as ``stream_error`` in
+loragate_requests_total. A read that timed out
 (``limits.stream_read_timeout_s`` of silence) ends the stream with an ``upstream_timeout``
 error event, any other break with ``upstream_unavailable``. A client that goes away counts as
 ``client_closed``, unless the stream's ``[DONE]`` had gone out to it (a client that stops

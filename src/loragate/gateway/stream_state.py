@@ -21,7 +21,13 @@ no I/O, reads no clock and logs nothing.
   is; a stream that reaches ``[DONE]`` with neither a token nor a finish reason gets an error
   event before it (vLLM's answer to a request it stopped before the request produced any: an
   empty answer that ended well, else), and so does one whose body ends without ``[DONE]``
-  before any of them. :attr:`StreamState.warning` says what the log should.
+  before any of them. So does one whose body ends without ``[DONE]`` after output, unless its
+  last bytes relayed hold a finish reason (the answer is whole; with several choices, or a
+  usage chunk after the finish reasons, only the last read is looked at): vLLM ends every
+  stream with ``[DONE]`` (after its own error event too), so a body that ends without it was
+  cut short on its way, and relayed as is the client would take a truncated answer for a whole
+  one (the openai SDK ends its iteration quietly). :attr:`StreamState.warning` says what the
+  log should.
 * The end: :attr:`StreamState.done` says that the bytes to relay reached the stream's
   ``data: [DONE]`` line (some bytes to relay ended with it): once those went out, the client
   has the whole answer, and one that goes away then (a client that stops reading at ``[DONE]``
@@ -45,6 +51,7 @@ from loragate.backends.engine_failures import (
     answered,
     done_at,
     error_event_text,
+    finished,
     read_before_output,
 )
 from loragate.core.errors import (
@@ -61,6 +68,9 @@ MAX_HELD_BYTES = 1 << 16  # a line, or the events held before the first output, 
 STREAM_ERROR = "stream_error"
 OK = "200"
 _ENDED_UNANSWERED = "ended the stream without [DONE] before the request produced a token"
+_ENDED_CUT_SHORT = (
+    "ended the stream without [DONE] and without a finish reason: its answer may be cut short"
+)
 # How relayed bytes end when their last line is the stream's [DONE] (its event's blank line may
 # come with it or in the next read; the body may end without a newline after it).
 _DONE_ENDINGS = tuple(DONE_EVENT + end for end in (b"\n\n", b"\n", b"\r\n\r\n", b"\r\n", b""))
@@ -229,16 +239,21 @@ class StreamState:
     def _rest(self) -> bytes:
         """Not held, at the end of the body: the line it ended without a newline, and the
         error event of a stream that ended without ``[DONE]`` and without a token or a finish
-        reason (relayed as is, the client would read an empty answer)."""
+        reason (relayed as is, the client would read an empty answer), or with a token but
+        no finish reason in the last bytes relayed (a truncated answer that ended well)."""
         cut, self._cut = self._cut, b""
         data = self._checked(cut, 0) if cut else b""
-        if self.answered or self.outcome == STREAM_ERROR:
+        if self.outcome == STREAM_ERROR or self.done:
             return data
-        return data + self.closing(self._ended_unanswered(_ENDED_UNANSWERED))
+        if not self.answered:
+            return data + self.closing(self._ended_unanswered(_ENDED_UNANSWERED))
+        if finished(self.last):
+            return data
+        return data + self.closing(self._ended_unanswered(_ENDED_CUT_SHORT))
 
     def _ended_unanswered(self, how: str) -> UpstreamConnectError:
-        """The replica ended the stream ``how``, before any token or finish reason: a
-        ``stream_error``, logged; the error the client's event carries."""
+        """The replica ended the stream ``how``: before any token or finish reason, or cut
+        short; a ``stream_error``, logged; the error the client's event carries."""
         self.outcome = STREAM_ERROR
         self.warning = (
             f"{how} (after {self.relayed} bytes of its stream; the client gets an error event)"
