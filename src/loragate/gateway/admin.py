@@ -77,13 +77,17 @@
                             tombstone: any instance's poller unloads the adapter from a
                             replica that lists it later (loaded back by a stale instance)
 ``PUT /admin/adapters/N``   replace an admin-registered adapter's definition in place
-                            (``{path, rank?, tenants?}``, checked as ``POST``'s; the name is
+                            (``{path, rank?, tenants?}``, checked as ``POST``'s; ``tenants``
+                            left out keeps the current ones, ``null`` opens it to every
+                            tenant as in a ``POST``; the name is
                             served throughout, no window of 404s): the replicas holding it
                             reload it in place (vLLM's ``load_inplace``, as for a config-file
                             adapter whose path changed; requests running there finish), or
-                            one loads it if none holds it. 200 with the definition,
-                            ``rank_source``, ``previous``, ``reloaded_on``, ``refused_by``,
-                            ``not_tried``, ``persisted``; 404 unknown (param ``name``); 409
+                            one loads it if none holds it. 200 with the definition (its
+                            effective ``tenants``; ``tenants_source`` ``kept`` or
+                            ``request``), ``rank_source``, ``previous``, ``reloaded_on``,
+                            ``refused_by``, ``not_tried``, ``persisted``; 404 unknown (param
+                            ``name``); 409
                             if only the config file defines it; 400 naming the bad key, or a
                             path every replica asked refused (the previous definition is put
                             back, still served); shared through the state store as ``POST``

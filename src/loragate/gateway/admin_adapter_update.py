@@ -5,9 +5,13 @@ unknown (``DELETE`` then ``POST`` left a window of 404s).
 1. The body is ``{path, rank?, tenants?}`` (``name`` may be given, equal to N: a ``PUT`` does
    not rename), checked as ``POST``'s (400 naming the key; the rank from the folder's
    ``adapter_config.json`` if readable; a rank above every replica's ``max_lora_rank`` is a 400,
-   ``param: rank``). 404 (``param: name``) if N is not registered through the admin API; 409 if
-   only the config file defines it (change it there and reload); 503 while the state store is
-   unreachable.
+   ``param: rank``). ``tenants`` left out keeps the definition in force's tenants
+   (re-pointing a retrained adapter does not widen who may use it: before, it opened the
+   adapter to every tenant); ``"tenants": null`` opens it to every tenant, as in a ``POST``;
+   a list replaces them. The kept tenants are the store's, read with the definition the swap
+   expects (another instance's change meanwhile is a 409). 404 (``param: name``) if N is not
+   registered through the admin API; 409 if only the config file defines it (change it there
+   and reload); 503 while the state store is unreachable.
 2. The replicas that hold the adapter reload it in place from the new path (vLLM's
    ``load_inplace: true``; ``ReplicaPool.reload_adapter``, concurrently, each up to
    ``limits.admin_timeout_s``), also with the same path (the folder may have been rewritten);
@@ -35,7 +39,8 @@ unknown (``DELETE`` then ``POST`` left a window of 404s).
    the reloads nor the swap), logged. It runs after any other ``POST``/``PUT``/``DELETE`` of
    the name on this instance (``admin_name_locks``), one at a time.
 
-200: the new definition (``name, path, rank, tenants``), ``rank_source``, ``previous`` (the
+200: the new definition (``name, path, rank, tenants``: the effective tenants, kept or
+given; ``tenants_source`` ``kept`` or ``request``), ``rank_source``, ``previous`` (the
 definition replaced), ``reloaded_on`` (replicas that hold the new definition now),
 ``refused_by`` (replica -> vLLM's reason), ``not_tried`` (replica -> why it was not asked) and
 ``persisted`` (plus ``warning`` with the embedded store), as ``POST``'s 201. The reloads carry
@@ -45,6 +50,7 @@ definition replaced), ``reloaded_on`` (replicas that hold the new definition now
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -94,25 +100,26 @@ class AdapterUpdate:
                 param="name",
             )
         spec, settled = await checked_spec(gw, {**payload, "name": name}, "replaced")
+        keep_tenants = "tenants" not in payload  # null is given: every tenant, as in a POST
         return await run_to_the_end(
-            self._replace(spec, settled, request),
+            self._replace(spec, settled, request, keep_tenants=keep_tenants),
             keep=self._adapters.running,
             req_id=req_id,
             what=f"the replacement of adapter {name!r}",
         )
 
     async def _replace(
-        self, spec: AdapterSpec, settled: SettledRank, request: web.Request
+        self, spec: AdapterSpec, settled: SettledRank, request: web.Request, *, keep_tenants: bool
     ) -> web.Response:
         """The reloads, then the swap of the definition if a replica took it
         (``run_to_the_end``: done even if the client leaves), after any other write of the
         name on this instance (``AdapterAdmin.names``: a second ``PUT`` reads the definition
         the first left in force, and the pool's new path is one ``PUT``'s at a time)."""
         async with self._adapters.names.held(spec.name):
-            return await self._replace_alone(spec, settled, request)
+            return await self._replace_alone(spec, settled, request, keep_tenants=keep_tenants)
 
     async def _replace_alone(
-        self, spec: AdapterSpec, settled: SettledRank, request: web.Request
+        self, spec: AdapterSpec, settled: SettledRank, request: web.Request, *, keep_tenants: bool
     ) -> web.Response:
         gw = self._gw
         name = spec.name
@@ -136,6 +143,8 @@ class AdapterUpdate:
                     f"adapter {name!r} does not exist (POST /admin/adapters registers it)",
                     param="name",
                 )
+            if keep_tenants:  # the definition in force's (the one the swap expects)
+                spec = dataclasses.replace(spec, tenants=current.tenants)
         pool = gw.pool
         pool.refusals.forget(name)  # a new definition: every replica may try it again
         # The catalog keeps the definition in force until a replica took the new one: the
@@ -185,15 +194,17 @@ class AdapterUpdate:
             pool.end_replace(name)  # replicas holding a path not in force are reloaded
             if not swapped:
                 pool.refusals.forget(name)  # refusals of a definition not in force
+        tenants_source = "kept" if keep_tenants else "request"
         log.info(
-            "admin: request %s: replaced adapter %s: %s, rank %d (was %s, rank %d); reloaded "
-            "on %s",
-            req_id, name, spec.path, spec.rank, previous.path, previous.rank,
-            attempt.reloaded_on or "no replica",
+            "admin: request %s: replaced adapter %s: %s, rank %d, tenants %s (%s) (was %s, "
+            "rank %d, tenants %s); reloaded on %s",
+            req_id, name, spec.path, spec.rank, _tenants(spec), tenants_source, previous.path,
+            previous.rank, _tenants(previous), attempt.reloaded_on or "no replica",
         )  # fmt: skip
         return json_response(
             {
                 **adapter_json(spec),
+                "tenants_source": tenants_source,
                 "rank_source": settled.source,
                 "previous": adapter_json(previous),
                 "reloaded_on": attempt.reloaded_on,
@@ -260,6 +271,13 @@ class AdapterUpdate:
             )  # fmt: skip
             return "not_tried", why_not_tried(exc)
         return "ok", ""
+
+
+def _tenants(spec: AdapterSpec) -> str:
+    """An adapter's tenants for a log line."""
+    if spec.tenants is None:
+        return "every tenant"
+    return ", ".join(sorted(spec.tenants)) or "no tenant"
 
 
 class Reloads:
