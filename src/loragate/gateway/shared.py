@@ -62,7 +62,8 @@ counting on it there before its next poll (0 extra round trips).
 Adapters of the config file (``state.definitions``): instances whose files define one name
 with another path or rank would each make the replicas load their own. This object claims the
 file's definitions in the store (at :meth:`start`, after a reload changed them, when the
-store's version moves, and every ``lease_renew_s``) and serves the definitions in force
+store's version moves; renewed every ``lease_renew_s``, by one lease key on Redis when they
+are all in force as the file says) and serves the definitions in force
 (:meth:`config_adapters`, what the catalog is built from); a conflict is logged once as an
 ERROR and shown by :meth:`definition_conflicts` and :meth:`status` (and counted in
 ``loragate_adapter_definition_conflicts``). A name registered through the admin API before a
@@ -707,13 +708,34 @@ class SharedState:
         return dict(self._conflicts)
 
     def _claims_due(self) -> bool:
-        if not self._config_specs:
-            return False
-        return (
-            self._claim_due
-            or self.store.version != self._claimed_version
-            or time.monotonic() - self._claimed_at_s >= self.store.ttls.lease_renew_s
+        """A full claim is due: at start, after a reload, when the store's version moved."""
+        return bool(self._config_specs) and (
+            self._claim_due or self.store.version != self._claimed_version
         )
+
+    def _renewal_due(self) -> bool:
+        return (
+            bool(self._config_specs)
+            and time.monotonic() - self._claimed_at_s >= self.store.ttls.lease_renew_s
+        )
+
+    async def renew_definitions(self) -> None:
+        """Every ``lease_renew_s``: renew the claims without sending them again (the store's
+        ``renew_definitions``: Redis, one lease key) when the last claim found every name
+        of the file in force as the file defines it, else (a conflict, a change not in force
+        yet, a lease Redis lost) claim in full, which also notices a losing definition that
+        lapsed. Before, every renewal sent every claim (1,200 adapters: a 168 KB script
+        argument and a rewrite of every entry, every 10 s, per instance)."""
+        specs = self._config_specs
+        if (
+            not self._conflicts
+            and not self._previous
+            and all(name in self._in_force for name in specs)
+        ):
+            self._claimed_at_s = time.monotonic()
+            if await self.store.renew_definitions(list(specs)):
+                return
+        await self.claim_definitions()
 
     async def claim_definitions(self) -> None:
         """Claim the config file's definitions (one store round trip) and adopt the ones in
@@ -834,6 +856,8 @@ class SharedState:
                 await self.store.maintain()
                 if self._claims_due():
                     await self.claim_definitions()
+                elif self._renewal_due():
+                    await self.renew_definitions()
                 self.check_adapters()
                 self.sync_refusals()
                 self.sync_drains()

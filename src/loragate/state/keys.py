@@ -49,11 +49,22 @@ key                          type    content / lifetime
                                      the ``PUT`` ends; PX a bound of its length (a crashed
                                      instance's lapses)
 ``P definitions``            HASH    adapters defined in config files: name -> JSON {path,
-                                     rank, instance, until ms} (Redis server time): the
+                                     rank, instance, until ms, by} (Redis server time): the
                                      definition in force for every instance (the first
-                                     claim; see ``state.definitions``), ``Ttls.lease_ttl_s``
-                                     long, renewed by every instance whose file agrees; the
-                                     key PEXPIREs with its last entry
+                                     claim; see ``state.definitions``). It lapses when its
+                                     ``until`` and every lease its ``by`` names (instance ->
+                                     claim generation: ``P deflease:I|G``) have: an instance
+                                     whose file agrees writes itself into ``by`` when it
+                                     claims, and renews its lease, one key, every
+                                     ``Ttls.lease_renew_s``; the hash PEXPIREs with the last
+                                     claim or renewal
+``P deflease:I|G``           STRING  instance ``I``'s claims of generation ``G`` (one per full
+                                     claim: the definitions its file agreed with then) hold
+                                     while it exists: PX ``Ttls.lease_ttl_s``, renewed every
+                                     ``lease_renew_s`` (the current generation's only: a
+                                     definition the file no longer claims lapses
+                                     ``lease_ttl_s`` after that claim's last renewal, as
+                                     does every claim of a crashed instance)
 ``P drains``                 HASH    replicas drained through the admin API: replica id ->
                                      when (epoch seconds, the draining instance's clock); no
                                      instance routes new requests there. No TTL: a drain
@@ -254,6 +265,14 @@ class KeySpace:
     @property
     def definitions(self) -> str:
         return f"{self.prefix}definitions"
+
+    @property
+    def definition_lease_base(self) -> str:
+        """Prefix of ``P deflease:I|G`` (the Lua scripts append ``I|G``)."""
+        return f"{self.prefix}deflease:"
+
+    def definition_lease(self, instance_id: str, generation: int) -> str:
+        return f"{self.definition_lease_base}{instance_id}{LEASE_SEPARATOR}{generation}"
 
     @property
     def drains(self) -> str:

@@ -52,6 +52,19 @@ local function res_touch(reg, gpu, cpu, info, adapter, dg, dc, stamps, who)
   lru_touch(gpu, adapter, g)
 end
 
+-- a config-file definition's time left, ms (<= 0: lapsed): its until, or the longest lease
+-- of the claims that hold it (``by``: instance -> generation; ``P deflease:I|G``)
+local function def_left(e, now, lease_base)
+  local left = tonumber(e['until']) - now
+  if type(e.by) == 'table' then
+    for inst, gen in pairs(e.by) do
+      local p = redis.call('PTTL', lease_base .. inst .. '|' .. gen)
+      if p > left then left = p end
+    end
+  end
+  return left
+end
+
 -- the replica does not hold the adapter (an unload, or a load it refused)
 local function res_unload(reg, gpu, cpu, adapter, stamps, who)
   if redis.call('SREM', reg, adapter) == 1 then stamp(stamps, adapter, who) end
@@ -291,17 +304,17 @@ return 0
 """
 
 # KEYS: adapters, version, tombstones, restored, epoch, definitions; ARGV: name, JSON spec,
-# the epoch the caller knows ('' = any). Registers the adapter only if the name is free (not
-# registered, and no instance's config file defines it: no definition in force, see
-# CLAIM_DEFINITIONS), bumping the version, clearing its tombstone and its mark of an entry a
-# resync wrote back: returns 1; else 0; -1 (nothing done) if the epoch is not the caller's
-# (Redis lost its data since).
+# the epoch the caller knows ('' = any), the definition leases' prefix (``P deflease:``).
+# Registers the adapter only if the name is free (not registered, and no instance's config
+# file defines it: no definition in force, see CLAIM_DEFINITIONS), bumping the version,
+# clearing its tombstone and its mark of an entry a resync wrote back: returns 1; else 0; -1
+# (nothing done) if the epoch is not the caller's (Redis lost its data since).
 PUT_ADAPTER = (
     _COMMON
     + """
 if ARGV[3] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[3] then return -1 end
 local defined = redis.call('HGET', KEYS[6], ARGV[1])
-if defined and tonumber(cjson.decode(defined)['until']) > now_ms() then return 0 end
+if defined and def_left(cjson.decode(defined), now_ms(), ARGV[4]) > 0 then return 0 end
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('HDEL', KEYS[3], ARGV[1])
   redis.call('SREM', KEYS[4], ARGV[1])
@@ -499,9 +512,14 @@ return n
 
 # KEYS: definitions, version, adapters; ARGV: claim ttl ms, instance id, JSON list of claims
 # [{"name", "path", "rank", "prev": [path, rank]?, "known": [path, rank, instance, left ms]?}],
-# the instance name of an admin registration (``definitions.REGISTERED``).
+# the instance name of an admin registration (``definitions.REGISTERED``), the definition
+# leases' prefix (``P deflease:``), this claim's generation.
 # The rule of ``state.definitions.decide``, for each claim in turn; entries are JSON
-# {"path", "rank", "instance", "until"} (Redis server time, ms); a lapsed entry counts as none.
+# {"path", "rank", "instance", "until", "by"} (until: Redis server time, ms; by: instance ->
+# generation of the claims holding it); a lapsed entry (``def_left``) counts as none. This
+# instance's lease of this generation (``P deflease:I|G``) is set, ttl long: every entry in
+# force that agrees with its claim gets it in ``by`` (dead leases there are dropped), so that
+# renewing the lease (RENEW_DEFINITIONS) renews them all.
 # A name registered through the admin API (``adapters``) is the registration's: nothing is
 # written for it. Bumps the version if a definition changed. Returns [name, JSON [path, rank,
 # instance, left ms], ...]: the definitions in force for the claimed names.
@@ -510,10 +528,23 @@ CLAIM_DEFINITIONS = (
     + """
 local now = now_ms()
 local ttl = tonumber(ARGV[1])
+local me, base, gen = ARGV[2], ARGV[5], ARGV[6]
 local out = {}
 local changed = false
+redis.call('SET', base .. me .. '|' .. gen, '1', 'PX', ttl)
 local function agrees(e, path, rank)
   return e.path == path and tonumber(e.rank) == tonumber(rank)
+end
+local function ours(e)
+  local by = {}
+  if type(e.by) == 'table' then
+    for inst, g in pairs(e.by) do
+      if inst ~= me and redis.call('PTTL', base .. inst .. '|' .. g) > 0 then by[inst] = g end
+    end
+  end
+  by[me] = gen
+  e.by = by
+  return e
 end
 for _, c in ipairs(cjson.decode(ARGV[3])) do
   local cur = nil
@@ -526,7 +557,7 @@ for _, c in ipairs(cjson.decode(ARGV[3])) do
     local raw = redis.call('HGET', KEYS[1], c.name)
     if raw then
       cur = cjson.decode(raw)
-      if tonumber(cur['until']) <= now then cur = nil end
+      if def_left(cur, now, base) <= 0 then cur = nil end
     end
   end
   if reg then
@@ -537,26 +568,38 @@ for _, c in ipairs(cjson.decode(ARGV[3])) do
     if k and tonumber(k[4]) > 0 and not agrees({path = k[1], rank = k[2]}, c.path, c.rank) then
       new = {path = k[1], rank = k[2], instance = k[3], ['until'] = now + tonumber(k[4])}
     elseif k and agrees({path = k[1], rank = k[2]}, c.path, c.rank) then
-      new = {path = k[1], rank = k[2], instance = k[3], ['until'] = now + ttl}
+      new = ours({path = k[1], rank = k[2], instance = k[3], ['until'] = now + ttl})
     else
-      new = {path = c.path, rank = c.rank, instance = ARGV[2], ['until'] = now + ttl}
+      new = ours({path = c.path, rank = c.rank, instance = me, ['until'] = now + ttl})
     end
   elseif agrees(cur, c.path, c.rank) then
     cur['until'] = now + ttl
-    new = cur
+    new = ours(cur)
   elseif c.prev and agrees(cur, c.prev[1], c.prev[2]) then
     changed = true
-    new = {path = c.path, rank = c.rank, instance = ARGV[2], ['until'] = now + ttl}
+    new = ours({path = c.path, rank = c.rank, instance = me, ['until'] = now + ttl})
   end
   if new then
     redis.call('HSET', KEYS[1], c.name, cjson.encode(new))
     cur = new
   end
   out[#out + 1] = c.name
-  out[#out + 1] = cjson.encode({cur.path, cur.rank, cur.instance, tonumber(cur['until']) - now})
+  out[#out + 1] = cjson.encode({cur.path, cur.rank, cur.instance, def_left(cur, now, base)})
 end
 if #out > 0 and redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
 if changed then redis.call('INCR', KEYS[2]) end
 return out
 """
 )
+
+# KEYS: this instance's definition lease (``P deflease:I|G`` of its last claim), definitions;
+# ARGV: ttl ms. Renews every definition that claim holds (one PEXPIRE, whatever their
+# number) and the hash's own expiry: 1; 0 (nothing done) if the lease or the hash is gone
+# (Redis lost its data, or the lease lapsed): the caller claims in full (CLAIM_DEFINITIONS).
+RENEW_DEFINITIONS = """
+local ttl = tonumber(ARGV[1])
+local left = redis.call('PTTL', KEYS[2])
+if left == -2 or redis.call('PEXPIRE', KEYS[1], ttl) == 0 then return 0 end
+if left < ttl then redis.call('PEXPIRE', KEYS[2], ttl) end
+return 1
+"""

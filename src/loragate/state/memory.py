@@ -293,6 +293,10 @@ class MemoryStore:
             out[claim.name] = in_force
         return out
 
+    async def renew_definitions(self, names: Sequence[AdapterId]) -> bool:
+        """Always False: claiming in full costs nothing in process."""
+        return False
+
     def definition(self, name: AdapterId) -> InForce | None:
         """The definition in force for ``name`` (None: none, or it lapsed)."""
         entry = self._definitions.get(name)

@@ -250,6 +250,10 @@ class RedisStore:
         self._forget_refusals = client.register_script(lua.FORGET_REFUSALS)
         self._hold_stopping = client.register_script(lua.HOLD_STOPPING)
         self._claim_definitions = client.register_script(lua.CLAIM_DEFINITIONS)
+        self._renew_definitions = client.register_script(lua.RENEW_DEFINITIONS)
+        # Generation of this instance's last definition claim (0: none yet): its lease
+        # (``P deflease:I|G``) holds the definitions that claim agreed with.
+        self._claim_generation = 0
         # request id -> (replica id, lease member) of this instance's in-flight requests
         self._own: dict[str, tuple[ReplicaId, str]] = {}
         # replicas whose in-flight ZSET may still hold a lease of ours
@@ -527,7 +531,7 @@ class RedisStore:
         added = await self._io(
             self._put_adapter(
                 keys=[k.adapters, k.version, k.tombstones, k.restored, k.epoch, k.definitions],
-                args=[spec.name, encode_adapter(spec), epoch or ""],
+                args=[spec.name, encode_adapter(spec), epoch or "", k.definition_lease_base],
             )
         )
         return _registry_answer(int(added), epoch)
@@ -608,9 +612,11 @@ class RedisStore:
     async def claim_definitions(self, claims: Sequence[DefinitionClaim]) -> DefinitionMap:
         """Claim each definition in one script (the rule: ``definitions.decide``; claims live
         ``Ttls.lease_ttl_s``; a name registered through the admin API is the registration's).
-        Returns the definitions in force for the claimed names."""
+        Returns the definitions in force for the claimed names. The claims are held by a new
+        lease of this instance (``P deflease:I|G``): :meth:`renew_definitions` renews them."""
         if not claims:
             return {}
+        self._claim_generation += 1
         payload = []
         for c in claims:
             item: dict[str, Any] = {"name": c.name, "path": c.ours.path, "rank": c.ours.rank}
@@ -623,7 +629,14 @@ class RedisStore:
         raw: list[str] = await self._io(
             self._claim_definitions(
                 keys=[self.keys.definitions, self.keys.version, self.keys.adapters],
-                args=[self.ttls.lease_ttl_ms, self.instance_id, json.dumps(payload), REGISTERED],
+                args=[
+                    self.ttls.lease_ttl_ms,
+                    self.instance_id,
+                    json.dumps(payload),
+                    REGISTERED,
+                    self.keys.definition_lease_base,
+                    self._claim_generation,
+                ],
             )
         )
         out: dict[AdapterId, InForce] = {}
@@ -632,6 +645,22 @@ class RedisStore:
             definition = AdapterDefinition(path=path, rank=int(rank), instance=str(instance))
             out[name] = InForce(definition, int(left_ms) / 1000.0)
         return out
+
+    async def renew_definitions(self) -> bool:
+        """Renew the definitions the last :meth:`claim_definitions` holds (every one in force
+        that agreed with it) for ``Ttls.lease_ttl_s``: one small script, whatever their
+        number. False (nothing renewed) if there was no claim or its lease is gone (Redis lost
+        its data, or this instance was away longer than ``lease_ttl_s``): claim in full."""
+        if self._claim_generation == 0:
+            return False
+        k = self.keys
+        renewed = await self._io(
+            self._renew_definitions(
+                keys=[k.definition_lease(self.instance_id, self._claim_generation), k.definitions],
+                args=[self.ttls.lease_ttl_ms],
+            )
+        )
+        return int(renewed) == 1
 
     # --- adapter-load refusals ------------------------------------------------------------------
     async def record_refusal(

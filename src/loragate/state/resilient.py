@@ -675,6 +675,27 @@ class ResilientStore:
                 out[c.name] = InForce(own, self._ttls.lease_ttl_s)
         return out
 
+    async def renew_definitions(self, names: Sequence[AdapterId]) -> bool:
+        """Redis renews the last claim's lease (one small script); the definitions last seen
+        in force for ``names`` are then known to hold ``lease_ttl_s`` more (what a claim
+        writes back if Redis loses its data). False while Redis is unreachable, and if it
+        lost the lease: claim in full."""
+        if self._degraded:
+            return False
+        now = self._clock.now()
+        try:
+            renewed = await self._remote.renew_definitions()
+        except StateUnavailableError as exc:
+            self._on_error(exc)
+            return False
+        if renewed:
+            until = now + self._ttls.lease_ttl_s
+            for name in names:
+                seen = self._definitions.get(name)
+                if seen is not None:
+                    self._definitions[name] = (seen[0], max(seen[1], until))
+        return renewed
+
     def _known(self, name: AdapterId, now: float) -> InForce | None:
         """The definition last seen in force, to write back if Redis lost it; not an admin
         registration's (the registry is written back by the resync, and a deleted one must

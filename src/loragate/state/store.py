@@ -356,6 +356,13 @@ class GatewayStore(StateStore, Protocol):
         the definitions in force for those names. Never raises because Redis is down."""
         ...
 
+    async def renew_definitions(self, names: Sequence[AdapterId]) -> bool:
+        """Renew what the last :meth:`claim_definitions` (of ``names``) holds, without sending
+        the claims again (Redis: one lease key). False: nothing renewed, claim in full (the
+        embedded store, whose claims cost nothing; Redis unreachable, or it lost the lease).
+        Never raises because Redis is down."""
+        ...
+
     @property
     def ttls(self) -> Ttls: ...
 
