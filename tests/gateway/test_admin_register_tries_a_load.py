@@ -82,7 +82,7 @@ async def test_the_refusals_of_a_rejected_registration_say_it_is_taken_back(
     first, last = refusals
     assert "(tried next on replica " in first
     assert "the registration is taken back" in last
-    assert "requests for ghost get a 404 model_not_found" in last
+    assert "requests for ghost get a 404: the model does not exist" in last
     taken_back = [r for r in caplog.records if "not registered (taken back" in r.getMessage()]
     assert len(taken_back) == 1 and taken_back[0].levelno == logging.WARNING
 

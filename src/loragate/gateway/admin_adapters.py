@@ -336,8 +336,8 @@ class AdapterAdmin:
             else:
                 outlook = (
                     f" (no replica loaded it: the registration is taken back, request {req_id} "
-                    f"gets a 400 naming the refusals, and requests for {spec.name} get a 404 "
-                    "model_not_found)"
+                    f"gets a 400 naming the refusals, and requests for {spec.name} get a 404: the "
+                    "model does not exist)"
                 )
             try:
                 await pool.ensure_adapter(
@@ -398,7 +398,7 @@ class AdapterAdmin:
         if previous is None:
             log.warning(
                 "admin: request %s: adapter %s not registered (taken back: requests for it "
-                "get a 404 model_not_found): %s",
+                "get a 404: the model does not exist): %s",
                 req_id, spec.name, message,
             )  # fmt: skip
         raise InvalidRequestError(message, param="path")

@@ -306,6 +306,8 @@ def create_app(
     add_post("/detokenize", tokenizer.detokenize)
     app.router.add_get("/version", tokenizer.version)
     app.router.add_get("/health", with_request_id(ids, health))
+    # vLLM's /ping is its /health (VLLM_API.md 4.6): the same answer here.
+    app.router.add_get("/ping", with_request_id(ids, health))
     app.router.add_get("/livez", with_request_id(ids, livez))
     app.router.add_get("/readyz", with_request_id(ids, readyz))
     app.router.add_get("/metrics", with_request_id(ids, metrics))

@@ -1,8 +1,8 @@
 """Who may call, and which models they may name: API keys -> tenants, model -> adapter.
 
-An adapter a tenant may not use is reported exactly like an unknown one (404), so other
-tenants' adapters stay invisible. The catalog is immutable; a config reload or the admin API
-swaps in a new one.
+An adapter a tenant may not use is reported exactly like an unknown one (404, vLLM 0.32's
+answer: ``errors.VllmNotFoundError``), so other tenants' adapters stay invisible. The catalog
+is immutable; a config reload or the admin API swaps in a new one.
 
 ``GET /v1/models`` gives vLLM 0.32's cards field for field (``id, object, created, owned_by:
 "vllm", root, parent, max_model_len, permission``), so clients and routers in front of the
@@ -27,25 +27,27 @@ import time
 from collections.abc import Iterable, Mapping
 
 from loragate.backends.client import ModelCard
-from loragate.core.errors import AuthenticationError, NotFoundError
+from loragate.core.errors import AuthenticationError
 from loragate.core.types import AdapterSpec, TenantId
 from loragate.gateway.adapter_rank import RankAboveReplicasError, RankLimits
+from loragate.gateway.errors import VllmNotFoundError
 from loragate.twin.replica_responses import model_card
 
 _BEARER = "bearer "
 
 
-def _not_found(model: str) -> str:
-    return f"The model `{model}` does not exist."
+def _not_found(model: str, base_model: str) -> str:
+    # vLLM 0.32's words: "Valid aliases" lists only the base model, never the adapters.
+    return f"The model `{model}` does not exist. Valid aliases: {base_model}."
 
 
-class UnknownModelError(NotFoundError):
+class UnknownModelError(VllmNotFoundError):
     """The catalog holds no adapter named ``model`` (not: one the tenant may not use). The
     client's answer is the same 404; the gateway may first ask the shared store whether another
     instance registered it since this one's last refresh (``SharedState.find_adapter``)."""
 
-    def __init__(self, model: str) -> None:
-        super().__init__(_not_found(model), param="model")
+    def __init__(self, model: str, base_model: str) -> None:
+        super().__init__(_not_found(model, base_model), param="model")
         self.model = model
 
 
@@ -106,9 +108,9 @@ class Catalog:
             return None
         spec = self._adapters.get(model)
         if spec is None:
-            raise UnknownModelError(model)
+            raise UnknownModelError(model, self.base_model)
         if not spec.allows(tenant):
-            raise NotFoundError(_not_found(model), param="model")
+            raise VllmNotFoundError(_not_found(model, self.base_model), param="model")
         ceiling = self._rank_limits.ceiling
         if ceiling is not None and spec.rank > ceiling:
             raise RankAboveReplicasError(

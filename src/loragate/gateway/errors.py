@@ -52,6 +52,14 @@ class VllmRequestError(InvalidRequestError):
         self.err_type = err_type
 
 
+class VllmNotFoundError(NotFoundError):
+    """A model vLLM 0.32 would not find, answered as vLLM answers it (404; type
+    "NotFoundError", an integer ``code`` 404, ``param: model``; recorded in
+    ../shared/design/vllm-0.32/transcript_basic.md and bench/vllm_cpu/tokenize_transcript.md):
+    a client written for vLLM reads the same body (the SDKs raise their ``NotFoundError`` for
+    the status either way)."""
+
+
 # (status, OpenAI error type, code), most specific class first.
 _MAPPING: tuple[tuple[type[LoragateError], int, str, str], ...] = (
     (InvalidRequestError, 400, "invalid_request_error", "invalid_request"),
@@ -88,6 +96,14 @@ def error_response(exc: LoragateError, *, headers: dict[str, str] | None = None)
         body = {"message": exc.message, "type": exc.err_type, "param": exc.param, "code": 400}
         return web.Response(
             status=400,
+            body=json.dumps({"error": body}).encode(),
+            content_type="application/json",
+            headers=headers,
+        )
+    if isinstance(exc, VllmNotFoundError):
+        body = {"message": exc.message, "type": "NotFoundError", "param": exc.param, "code": 404}
+        return web.Response(
+            status=404,
             body=json.dumps({"error": body}).encode(),
             content_type="application/json",
             headers=headers,

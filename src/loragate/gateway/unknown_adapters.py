@@ -4,12 +4,12 @@ that names them after start-up.
 The usual cause: adapters registered through ``POST /admin/adapters`` with the embedded state
 store (``state.backend: memory``, the default), which keeps registrations in the gateway's
 process only. After a restart the catalog has the config file's adapters alone, the replicas
-still hold the others, and every request for one gets a 404 (``model_not_found``) that looks
-like the client's mistake. So once the replicas have answered their first poll (at start-up,
-or later for one that was down then) the gateway logs one WARNING listing them (the first
-:data:`LISTED` and how many more) with what to do, and ``GET /admin/adapters`` (top-level
-``unknown_registered``) and ``GET /admin/replicas`` (each replica's ``unknown_registered``)
-show them.
+still hold the others, and every request for one gets vLLM's 404 ("The model ... does not
+exist") that looks like the client's mistake. So once the replicas have answered their first
+poll (at start-up, or later for one that was down then) the gateway logs one WARNING listing
+them (the first :data:`LISTED` and how many more) with what to do, and ``GET
+/admin/adapters`` (top-level ``unknown_registered``) and ``GET /admin/replicas`` (each
+replica's ``unknown_registered``) show them.
 
 They are not adopted into the catalog, although each card's ``root`` gives the path: the
 tenants allowed to use them are not on the replica, and an adapter without tenants is open to
@@ -127,8 +127,8 @@ class UnknownAdapterWarning:
         hint = EMBEDDED_HINT if self._gw.shared.embedded else SHARED_HINT
         log.warning(
             "replicas hold %d adapter(s) registered that this gateway does not serve (requests "
-            "for them get a 404 model_not_found): %s. %s. They are not adopted: their tenants "
-            "are unknown, and an adapter without tenants is open to every tenant. GET "
+            "for them get a 404: the model does not exist): %s. %s. They are not adopted: their "
+            "tenants are unknown, and an adapter without tenants is open to every tenant. GET "
             "/admin/adapters lists them (unknown_registered)",
             len(fresh), describe(fresh), hint,
         )  # fmt: skip
