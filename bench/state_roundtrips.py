@@ -7,6 +7,11 @@ Starts its own redis-server on a free 127.0.0.1 port (or uses ``--url``) and mea
   ResilientStore.view() (what the gateway calls per request), and of MemoryStore.
 
     .venv/bin/python bench/state_roundtrips.py [--requests 2000] [--replicas 16]
+                                               [--op-timeout-s 10]
+
+Each store call is bounded by ``--op-timeout-s`` (default 10 s: the bench measures latency, it
+does not fail over; the gateway's ``state.op_timeout_s`` of 0.5 s timed out under load on a busy
+machine, a traceback). A store error or timeout is one line on stderr, exit 1.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import asyncio
 import random
 import statistics
+import sys
 import time
 from collections.abc import Awaitable, Callable
 
@@ -23,7 +29,14 @@ from redis.utils import HIREDIS_AVAILABLE
 
 from _redis_server import redis_url_problem, start_redis, watch_client_commands
 from loragate.core.types import ReplicaSettings
-from loragate.state import KeySpace, MemoryStore, RedisStore, ReplicaRecord, ResilientStore
+from loragate.state import (
+    KeySpace,
+    MemoryStore,
+    RedisStore,
+    ReplicaRecord,
+    ResilientStore,
+    StateUnavailableError,
+)
 
 
 def _us(samples: list[float]) -> str:
@@ -64,7 +77,9 @@ async def _count_round_trips(url: str, n: int, one: Callable[[int], Awaitable[ob
 async def main(args: argparse.Namespace) -> None:
     proc, url = (None, args.url) if args.url else start_redis()
     try:
-        store = RedisStore.from_url(url, keys=KeySpace(prefix="bench:"))
+        store = RedisStore.from_url(
+            url, keys=KeySpace(prefix="bench:"), op_timeout_s=args.op_timeout_s
+        )
         settings = ReplicaSettings(max_loras=8, max_cpu_loras=32)
         replicas = [f"r{i}" for i in range(args.replicas)]
         for r in replicas:
@@ -90,7 +105,9 @@ async def main(args: argparse.Namespace) -> None:
         snap = await _timed(200, lambda i: store.snapshot())
         print(f"RedisStore.snapshot ({args.replicas} replicas) {_us(snap)}")
 
-        resilient = ResilientStore(RedisStore.from_url(url, keys=KeySpace(prefix="bench:")))
+        resilient = ResilientStore(
+            RedisStore.from_url(url, keys=KeySpace(prefix="bench:"), op_timeout_s=args.op_timeout_s)
+        )
         await resilient.start()
         view_lat = []
         for _ in range(2000):
@@ -123,11 +140,27 @@ if __name__ == "__main__":
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--replicas", type=int, default=16)
     p.add_argument("--adapters", type=int, default=1000)
+    p.add_argument(
+        "--op-timeout-s",
+        type=float,
+        default=10.0,
+        help="bound of each store call (default 10 s; the gateway's state.op_timeout_s is 0.5)",
+    )
     args = p.parse_args()
+    if not args.op_timeout_s > 0:
+        p.error(f"--op-timeout-s must be > 0 (got {args.op_timeout_s})")
     for flag in [k for k in ("requests", "replicas", "adapters") if k in vars(args)]:
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
     problem = redis_url_problem(args.url) if args.url else None
     if problem:
         p.error(problem)
-    asyncio.run(main(args))
+    try:
+        asyncio.run(main(args))
+    except StateUnavailableError as exc:  # Redis gone, refusing, or slower than --op-timeout-s
+        print(
+            f"state_roundtrips.py: error: the state store failed: {exc} (--op-timeout-s "
+            f"{args.op_timeout_s:g})",
+            file=sys.stderr,
+        )
+        sys.exit(1)
