@@ -10,11 +10,15 @@ smallest that meets the SLO target (:mod:`loragate.simulate.sweep`, its output
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from loragate.core.errors import ConfigError, LoragateError
@@ -59,6 +63,7 @@ HELP = "Simulate a deployment (twin replicas + routing policy) on a workload, in
 
 # The shell's status of a process stopped by SIGINT (128 + 2).
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM stopped
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -557,20 +562,48 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
 
-    summaries = sweep.run_points(
-        sims, points, jobs=jobs, progress=progress if args.progress else None
-    )
-    for summary in summaries:
-        summary["config"] = _with_files(summary["config"], args)
-    return sweep_result(
-        axes,
-        points,
-        summaries,
-        slo_attainment=slo_attainment,
-        left_out=left_out,
-        jobs=jobs,
-        wall_s=time.perf_counter() - wall0,
-    )
+    def result(
+        at: list[sweep.Point], summaries: list[dict[str, Any]], of: int | None = None
+    ) -> dict[str, Any]:
+        for summary in summaries:
+            summary["config"] = _with_files(summary["config"], args)
+        return sweep_result(
+            axes,
+            at,
+            summaries,
+            slo_attainment=slo_attainment,
+            left_out=left_out,
+            jobs=jobs,
+            wall_s=time.perf_counter() - wall0,
+            of_points=of,
+        )
+
+    try:
+        summaries = sweep.run_points(
+            sims, points, jobs=jobs, progress=progress if args.progress else None
+        )
+    except sweep.SweepInterrupted as exc:  # the points done are printed, not lost
+        if exc.done:
+            exc.result = result([points[i] for i, _ in exc.done], [s for _, s in exc.done],
+                                len(points))  # fmt: skip
+        raise
+    return result(points, summaries)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, a job runner's stop), handled as Ctrl-C is."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise _Terminated
+
+    before = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _error_text(exc: LoragateError) -> str:
@@ -581,14 +614,27 @@ def _error_text(exc: LoragateError) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        result = _sweep(args) if args.sweep else _simulate(args)
+        with _sigterm_as_ctrl_c():
+            result = _sweep(args) if args.sweep else _simulate(args)
     except LoragateError as exc:
         print(f"loragate simulate: error: {_error_text(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C in a long run: one line, not a traceback
+    except KeyboardInterrupt as exc:  # Ctrl-C (or SIGTERM) in a long run: no traceback
+        cause = exc.__cause__ if isinstance(exc, sweep.SweepInterrupted) else exc
+        code = EXIT_TERMINATED if isinstance(cause, _Terminated) else EXIT_INTERRUPTED
+        if isinstance(exc, sweep.SweepInterrupted) and exc.result is not None:
+            # A sweep's finished points: their table (or JSON), as a whole sweep prints it.
+            lines = [json.dumps(exc.result, indent=2)] if args.json else sweep_lines(exc.result)
+            print("\n".join(lines), flush=True)
+            done = exc.result["sweep"]["interrupted"]
+            print(
+                f"loragate simulate: {done['points_done']} of {done['points']} points done "
+                "(their table is on stdout)",
+                file=sys.stderr,
+            )
         partial = f" ({args.out}/records.{args.records} is incomplete)" if args.out else ""
         print(f"loragate simulate: interrupted{partial}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return code
     if args.json:
         print(json.dumps(result, indent=2))
     elif args.sweep:

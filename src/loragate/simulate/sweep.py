@@ -55,6 +55,17 @@ class PointConfigError(ConfigError):
         self.cause = cause
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, which ``loragate simulate`` handles as one) stopped
+    :func:`run_points`: ``done`` holds the points that had finished, as (index in the grid,
+    summary), in grid order. ``result``: what the command makes of them to print."""
+
+    def __init__(self, done: list[tuple[int, dict[str, Any]]]) -> None:
+        super().__init__()
+        self.done = done
+        self.result: dict[str, Any] | None = None
+
+
 def parse_axes(values: Sequence[str]) -> dict[str, tuple[int, ...]]:
     """``["replicas=2,4,6", "max_loras=8,16"]`` -> ``{"replicas": (2, 4, 6), ...}``."""
     axes: dict[str, tuple[int, ...]] = {}
@@ -153,7 +164,8 @@ def run_points(
     progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
     """Every point's summary, in the order of ``points`` (``sims`` from :func:`prepare`,
-    emptied as they run); ``jobs`` 0 = one worker per core."""
+    emptied as they run); ``jobs`` 0 = one worker per core. A ``KeyboardInterrupt`` (the
+    workers stopped) is raised as :class:`SweepInterrupted` with the points done by then."""
     out: list[dict[str, Any] | None] = [None] * len(points)
     workers = min(jobs if jobs > 0 else (os.cpu_count() or 1), len(points))
     started = time.perf_counter()
@@ -165,23 +177,26 @@ def run_points(
     jobs_in = [(_picklable(sim.workload.spec), sim.config) for sim in sims]
     pending = sims[::-1]
     sims.clear()  # a point's engines are freed once it has run
-    if workers <= 1:
-        for i in range(len(points)):
-            out[i] = pending.pop().run().summary
-            done(i + 1, i)
-    else:
-        pending.clear()  # each worker builds its own
-        pool = WorkerPool(workers)
-        try:
-            futures = {pool.submit(_run_point, job): i for i, job in enumerate(jobs_in)}
-            for n, future in enumerate(as_completed(futures), start=1):
-                i = futures[future]
-                out[i] = future.result()
-                done(n, i)
-        except BaseException:  # Ctrl-C, or a worker died: stop the others now
-            stop_pool(pool)
-            raise
-        pool.shutdown()
+    try:
+        if workers <= 1:
+            for i in range(len(points)):
+                out[i] = pending.pop().run().summary
+                done(i + 1, i)
+        else:
+            pending.clear()  # each worker builds its own
+            pool = WorkerPool(workers)
+            try:
+                futures = {pool.submit(_run_point, job): i for i, job in enumerate(jobs_in)}
+                for n, future in enumerate(as_completed(futures), start=1):
+                    i = futures[future]
+                    out[i] = future.result()
+                    done(n, i)
+            except BaseException:  # Ctrl-C, or a worker died: stop the others now
+                stop_pool(pool)
+                raise
+            pool.shutdown()
+    except KeyboardInterrupt as exc:
+        raise SweepInterrupted([(i, s) for i, s in enumerate(out) if s is not None]) from exc
     return [s for s in out if s is not None]
 
 

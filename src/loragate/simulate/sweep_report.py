@@ -13,7 +13,8 @@ more without throughput starvation is slot-bound), ``loads`` (adapter loads, all
 (``ttft_slo_ms``, ``slo_attainment``), ``smallest`` (the smallest point meeting the target,
 ``{replicas, max_loras, max_cpu_loras}``, or null), ``left_out`` (combinations with
 ``max_cpu_loras < max_loras``), the workload's name, ``adapters``, ``offered_rate_rps`` and
-``duration_s``, ``profile``, ``policy``, ``seed``, ``jobs``, ``wall_s``) and ``points``: per
+``duration_s``, ``profile``, ``policy``, ``seed``, ``jobs``, ``wall_s``; and, if Ctrl-C or
+SIGTERM stopped the sweep, ``interrupted``: ``points_done`` of ``points``) and ``points``: per
 point its table row (the keys of :func:`row`) and its whole ``summary``, as ``summary.json``
 of a single run with the same flags (:mod:`loragate.simulate.outputs`).
 """
@@ -89,8 +90,10 @@ def sweep_result(
     left_out: int,
     jobs: int,
     wall_s: float,
+    of_points: int | None = None,
 ) -> dict[str, Any]:
-    """The sweep's outcome (see the module's docstring)."""
+    """The sweep's outcome (see the module's docstring). ``of_points``: the sweep was
+    interrupted, ``points`` are those done of that many (``sweep.interrupted``)."""
     best = smallest(points, summaries, slo_attainment)
     first = summaries[0]
     cfg = first["config"]
@@ -109,6 +112,11 @@ def sweep_result(
             "seed": cfg["seed"],
             "jobs": jobs,
             "wall_s": wall_s,
+            **(
+                {}
+                if of_points is None
+                else {"interrupted": {"points_done": len(points), "points": of_points}}
+            ),
         },
         "points": [
             {**row(p, s, slo_attainment), "summary": s}
@@ -154,6 +162,12 @@ def sweep_lines(result: dict[str, Any]) -> list[str]:
         *table(rows),
     ]
     best = sw["smallest"]
+    cut = sw.get("interrupted")
+    if cut is not None:
+        lines.append(
+            f"interrupted: {cut['points_done']} of {cut['points']} points done, the rest not "
+            "run; what follows is about the points done only"
+        )
     if best is not None:
         r = next(r for r in rows if _point_of(r) == Point(**best))
         lines.append(
