@@ -145,7 +145,13 @@ def _consume(task: asyncio.Future[Any]) -> None:
         task.exception()  # retrieved, so an abandoned call's error is not logged as unhandled
 
 
-async def bounded(aw: Awaitable[T], timeout_s: float) -> T:
+async def bounded(
+    aw: Awaitable[T],
+    timeout_s: float,
+    *,
+    left: dict[str, asyncio.Future[Any]] | None = None,
+    key: str = "",
+) -> T:
     """Await ``aw`` for at most ``timeout_s``, raising ``TimeoutError`` after that.
 
     Unlike ``asyncio.timeout`` around the call, this does not depend on the awaited code
@@ -158,6 +164,11 @@ async def bounded(aw: Awaitable[T], timeout_s: float) -> T:
     socket), the call gets as long again as the loop overran, at most ``timeout_s`` more, before
     it counts as timed out. The timer runs before the socket is read in the iteration that
     ends a stall, so without this a stall longer than ``timeout_s`` failed every call in flight.
+
+    With ``left``: a caller cancelled meanwhile (its client went away) does not cancel the
+    call, whose command may be on its way to Redis already: the call goes on until it ends or
+    its deadline passes (then it is cancelled), and sits in ``left`` under ``key`` meanwhile,
+    so that a command that must not overtake it can wait for it (``RedisStore.end_request``).
     """
     task = asyncio.ensure_future(aw)
     loop = asyncio.get_running_loop()
@@ -168,7 +179,10 @@ async def bounded(aw: Awaitable[T], timeout_s: float) -> T:
         if not done and late > 0:
             done, _ = await asyncio.wait((task,), timeout=min(late, timeout_s))
     except asyncio.CancelledError:
-        task.cancel()
+        if left is None:
+            task.cancel()
+        else:
+            _leave(task, left, key, loop.call_at(deadline, task.cancel))
         task.add_done_callback(_consume)
         raise
     if not done:
@@ -176,6 +190,24 @@ async def bounded(aw: Awaitable[T], timeout_s: float) -> T:
         task.add_done_callback(_consume)
         raise TimeoutError(f"no answer within {timeout_s} s")
     return task.result()
+
+
+def _leave(
+    task: asyncio.Future[Any],
+    left: dict[str, asyncio.Future[Any]],
+    key: str,
+    deadline: asyncio.TimerHandle,
+) -> None:
+    """``task`` goes on after its caller was cancelled: in ``left`` under ``key`` until it
+    ends (by ``deadline`` at the latest: then it is cancelled)."""
+    left[key] = task
+
+    def ended(_: asyncio.Future[Any]) -> None:
+        deadline.cancel()
+        if left.get(key) is task:
+            del left[key]
+
+    task.add_done_callback(ended)
 
 
 def backstop_timeout_s(op_timeout_s: float) -> float:
@@ -258,6 +290,9 @@ class RedisStore:
         self._own: dict[str, tuple[ReplicaId, str]] = {}
         # replicas whose in-flight ZSET may still hold a lease of ours
         self._lease_replicas: set[ReplicaId] = set()
+        # lease member -> the begin (ZADD) of a request that went away while it was in flight,
+        # until it ends: the lease's ZREM waits for it (``end_request``)
+        self._begins: dict[str, asyncio.Future[Any]] = {}
         self.lease_changes = 0  # bumped on every note_begin / note_end
         self._last_lease_sync_s = -math.inf
         self._adapters_cache: tuple[str, int, dict[AdapterId, AdapterSpec]] | None = None
@@ -311,9 +346,15 @@ class RedisStore:
         )
 
     # --- plumbing ---------------------------------------------------------------------------
-    async def _io(self, aw: Awaitable[T]) -> T:
+    async def _io(self, aw: Awaitable[T], left: str | None = None) -> T:
+        """``aw`` within the op timeout, its failures as ``StateUnavailableError``s. With
+        ``left`` (a lease member): a caller cancelled meanwhile leaves the call going on, in
+        ``_begins`` (see :func:`bounded`)."""
         try:
-            result = await bounded(aw, self._op_timeout_s)
+            if left is None:
+                result = await bounded(aw, self._op_timeout_s)
+            else:
+                result = await bounded(aw, self._op_timeout_s, left=self._begins, key=left)
         except (RedisError, OSError, TimeoutError) as exc:
             self._errors += 1
             self._failing = True
@@ -372,7 +413,7 @@ class RedisStore:
         self, replica_id: ReplicaId, adapter: AdapterId | None, member: str, now_s: float
     ) -> None:
         keys, args = self._begin_args(replica_id, adapter, member, now_s)
-        await self._io(self._begin(keys=keys, args=args))
+        await self._io(self._begin(keys=keys, args=args), left=member)
 
     def _begin_args(
         self, replica_id: ReplicaId, adapter: AdapterId | None, member: str, now_s: float
@@ -393,6 +434,12 @@ class RedisStore:
     async def end_request(self, replica_id: ReplicaId, request_id: str) -> None:
         own = self.note_end(request_id)
         member = own[1] if own is not None else lease_member(self.instance_id, request_id)
+        if self._begins and (begin := self._begins.get(member)) is not None:
+            # The request went away while its begin was in flight (its EVALSHA may be on its
+            # way on another connection): the ZREM must not reach Redis before its ZADD, which
+            # would leave an orphan lease that every instance counts until our next lease
+            # sync. (The begin ends within the op timeout: its deadline cancels it.)
+            await asyncio.wait((begin,), timeout=self._op_timeout_s)
         await self._io(self._r.zrem(self.keys.in_flight(replica_id), member))
 
     async def snapshot(self, *, as_reader: bool = False) -> StateView:
