@@ -33,6 +33,17 @@ async def _tokens_out(r: RunningReplica, at_least: int) -> None:
     raise AssertionError("the engine emitted no tokens")
 
 
+async def _waiting(r: RunningReplica, n: int) -> None:
+    """Until ``n`` requests wait in the engine's queue (bounded: 30 s of polling). A request
+    joins it at its arrival on the engine's clock, which lags the wall clock on a loaded
+    machine: until then it is an arrival still to come, not counted in ``num_waiting``."""
+    for _ in range(3000):
+        if r.state.engine.num_waiting >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never {n} waiting requests")
+
+
 def _events(raw: bytes) -> list[str]:
     return [e.removeprefix("data: ") for e in raw.decode().split("\n\n") if e]
 
@@ -112,7 +123,7 @@ async def test_a_chat_stream_and_a_choice_without_tokens(
         ):
             await running.content.readuntil(b"\n\n")  # the role chunk
             await running.content.readuntil(b"\n\n")  # a token
-            assert r.state.engine.num_waiting == 1
+            await _waiting(r, 1)  # the second (the first holds the only seat)
             await r.state.stop_engine()
             chat_events = _events(await running.read())
             waiting_events = _events(await waiting.read())
