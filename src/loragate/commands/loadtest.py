@@ -16,11 +16,12 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from loragate.core.errors import ConfigError, LoragateError
+from loragate.loadtest.api_keys import read_api_keys
 from loragate.loadtest.fleet import (
     FleetModels,
     ModelPlan,
@@ -121,6 +122,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--api-key",
         default=os.environ.get("OPENAI_API_KEY"),
         help="sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY, else none)",
+    )
+    parser.add_argument(
+        "--api-keys",
+        type=Path,
+        metavar="FILE",
+        help="each model's own API key, for a fleet of tenants that each see only their "
+        "adapters: FILE.csv of 'model,key' lines, or a YAML/JSON mapping {model: key}. "
+        "With --models auto the spec's adapters are mapped onto the file's models (the base "
+        "model's line, if any, is its requests' key); a model without a line is sent with "
+        "--api-key. GET /v1/models and POST /tokenize use --api-key, else the file's first key",
     )
     parser.add_argument(
         "--models",
@@ -405,13 +416,24 @@ async def _announced(step: Awaitable[T], text: str) -> T:
         task.cancel()  # no-op once done; ends it when the run is cancelled meanwhile
 
 
+def _listing_key(args: argparse.Namespace, keys: Mapping[str, str]) -> str | None:
+    """The key of the requests that are about no model: GET /v1/models, POST /tokenize."""
+    return args.api_key or next(iter(keys.values()), None)
+
+
 async def _plan(
-    args: argparse.Namespace, base_url: str, workload: Workload, proxy: str | None
+    args: argparse.Namespace,
+    base_url: str,
+    workload: Workload,
+    proxy: str | None,
+    keys: Mapping[str, str],
 ) -> ModelPlan:
     timeout_s = min(args.timeout_s, 10.0)
     try:
         listing: FleetModels | TargetError = await _announced(
-            fetch_models(base_url, api_key=args.api_key, timeout_s=timeout_s, proxy=proxy),
+            fetch_models(
+                base_url, api_key=_listing_key(args, keys), timeout_s=timeout_s, proxy=proxy
+            ),
             f"waiting for GET {base_url}/models (what the target serves; up to {timeout_s:g} s)",
         )
     except TargetError as exc:
@@ -419,8 +441,12 @@ async def _plan(
             raise
         listing = exc
     names = by_popularity(workload.adapter_names, workload.mean_rates_rps.tolist())
+    models: str | list[str] = args.models
+    if keys and args.models == "auto":  # the file's models (its base model's line: a key)
+        base = args.base_model or (listing.base_model if isinstance(listing, FleetModels) else None)
+        models = [m for m in keys if m != base]
     return plan_models(
-        models=args.models,
+        models=models,
         base_only=args.base_only,
         base_model=args.base_model,
         listing=listing,
@@ -438,9 +464,12 @@ async def _loadtest(args: argparse.Namespace, workload: Workload, state: _Run) -
             "directly): its latency is in every figure"
         )
     proxy_url = None if proxy is None else proxy.url
-    plan = await _plan(args, base_url, workload, proxy_url)
+    keys = {} if args.api_keys is None else read_api_keys(args.api_keys)
+    plan = await _plan(args, base_url, workload, proxy_url, keys)
     for line in plan.notes:
         _note(line)
+    if keys:
+        _note(_keys_note(args, keys, plan))
     if args.results is not None:
         try:
             state.writer = RecordWriter(args.results)
@@ -458,6 +487,7 @@ async def _loadtest(args: argparse.Namespace, workload: Workload, state: _Run) -
         base_url=base_url,
         base_model=plan.base_model or "",
         api_key=args.api_key,
+        api_keys=keys,
         max_concurrency=args.max_concurrency,
         deadline_s=spec.duration_s + args.timeout_s + 1.0,
         request_timeout_s=args.timeout_s,
@@ -475,7 +505,7 @@ async def _loadtest(args: argparse.Namespace, workload: Workload, state: _Run) -
         measure_prompt_tokens(
             base_url,
             model=plan.base_model,
-            api_key=args.api_key,
+            api_key=_listing_key(args, keys),
             timeout_s=timeout_s,
             proxy=proxy_url,
         ),
@@ -496,6 +526,19 @@ async def _loadtest(args: argparse.Namespace, workload: Workload, state: _Run) -
     finally:
         state.ended = time.perf_counter()
         ticker.cancel()
+
+
+def _keys_note(args: argparse.Namespace, keys: Mapping[str, str], plan: ModelPlan) -> str:
+    """What ``--api-keys`` does for this run: how many models have their own key, and the
+    models the run names that have none."""
+    named = {*plan.mapping.values(), *([plan.base_model] if plan.base_model else [])}
+    without = sorted(m for m in named if m not in keys)
+    said = f"--api-keys {args.api_keys}: {len(keys)} models with their own key"
+    if not without:
+        return said
+    fallback = "--api-key" if args.api_key else "no key"
+    shown = ", ".join(without[:5]) + (f" and {len(without) - 5} more" if len(without) > 5 else "")
+    return f"{said}; {len(without)} model(s) without one, sent with {fallback}: {shown}"
 
 
 async def _progress(every_s: float, state: _Run) -> None:

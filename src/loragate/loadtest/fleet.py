@@ -141,19 +141,25 @@ class ModelPlan:
 
 def plan_models(
     *,
-    models: str,
+    models: str | Sequence[str],
     base_only: bool,
     base_model: str | None,
     listing: FleetModels | TargetError,
     spec_adapters: Sequence[str],
     spec_has_base: bool,
 ) -> ModelPlan:
-    """Resolve ``--models`` (``auto`` or ``a,b,c``), ``--base-only`` and ``--base-model``
-    against what ``GET /v1/models`` answered (or the error it gave). ``spec_adapters`` are in
-    popularity order. Raises :class:`TargetError` when the listing was needed and failed."""
+    """Resolve ``--models`` (``auto`` or ``a,b,c``; or a list: the ``--api-keys`` file's
+    models), ``--base-only`` and ``--base-model`` against what ``GET /v1/models`` answered (or
+    the error it gave). ``spec_adapters`` are in popularity order. Raises
+    :class:`TargetError` when the listing was needed and failed. A list of models is not
+    checked against the listing (each model's own key may be needed to see it)."""
     fleet = listing if isinstance(listing, FleetModels) else None
     notes: list[str] = []
-    explicit = [] if models == "auto" else [m.strip() for m in models.split(",") if m.strip()]
+    keyed = not isinstance(models, str)
+    if not isinstance(models, str):
+        explicit = list(models)
+    else:
+        explicit = [] if models == "auto" else [m.strip() for m in models.split(",") if m.strip()]
     if models != "auto" and not explicit:
         raise TargetError(f"--models: expected 'auto' or a comma-separated list, got {models!r}")
     if fleet is None and not explicit and not base_only:
@@ -172,7 +178,7 @@ def plan_models(
     if fleet is not None and fleet.others and base is not None and not base_model:
         notes.append(f"several base models listed ({', '.join((base, *fleet.others))}): "
                      f"using {base} (--base-model chooses)")  # fmt: skip
-    if fleet is not None and explicit:
+    if fleet is not None and explicit and not keyed:
         listed = {*fleet.adapters, *fleet.others, *([fleet.base_model] if fleet.base_model else [])}
         missing = [m for m in explicit if m not in listed]
         if missing:
@@ -186,7 +192,7 @@ def plan_models(
         notes.append(f"every adapter request goes to the base model {base} ({why})")
     else:
         mapping = map_adapters(spec_adapters, targets)
-        source = "--models" if explicit else "GET /v1/models"
+        source = "--api-keys" if keyed else "--models" if explicit else "GET /v1/models"
         cycling = ", cycling" if len(targets) < len(spec_adapters) else ""
         notes.append(
             f"{len(spec_adapters)} workload adapters -> {len(targets)} model(s) from {source} "

@@ -126,6 +126,8 @@ class OpenLoopConfig:
     base_url: str  # e.g. "http://127.0.0.1:8080/v1"
     base_model: str
     api_key: str | None = None
+    # model -> the API key its requests are sent with (``--api-keys``); absent: ``api_key``
+    api_keys: Mapping[str, str] = field(default_factory=dict)
     max_concurrency: int = 256
     deadline_s: float = 120.0  # hard stop of the whole run, from its start
     request_timeout_s: float = 60.0
@@ -193,8 +195,9 @@ async def _send(
     endpoint, body = request_body(cfg, req, index)
     sent_id = sent_request_id(cfg, index)
     headers = {"Content-Type": "application/json", REQUEST_ID_HEADER: sent_id}
-    if cfg.api_key:
-        headers["Authorization"] = f"Bearer {cfg.api_key}"
+    key = cfg.api_keys.get(model_of(cfg, req.adapter), cfg.api_key)
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
     sent = time.perf_counter()
     stream = StreamReading(started=sent)
     streamed = False
