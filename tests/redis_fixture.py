@@ -17,14 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from ports import unused_port
+
 _START_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 10.0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _command(port: int, *parts: str) -> bytes:
@@ -129,7 +125,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     data_dir = tmp_path_factory.mktemp("redis")
     server: RedisServer | None = None
     for _ in range(5):  # another process may grab the free port between probe and bind
-        candidate = RedisServer(binary, _free_port(), data_dir)
+        candidate = RedisServer(binary, unused_port(), data_dir)
         try:
             candidate.start()
         except RuntimeError:

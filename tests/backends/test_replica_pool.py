@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 
 import aiohttp
 import pytest
@@ -14,6 +13,7 @@ from loragate.backends.pool import ReplicaPool
 from loragate.core.config import PollerConfig, ReplicaConfig
 from loragate.core.errors import AdapterLoadError
 from loragate.core.types import AdapterSpec, ReplicaSettings
+from ports import unused_port
 from vllm_stub import StubVllm
 
 SLOW_POLLS = PollerConfig(interval_s=3600.0, timeout_s=2.0)
@@ -232,17 +232,11 @@ async def test_background_poller_runs(stub_vllm: StubVllm, session: aiohttp.Clie
         await pool.stop()
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_replica_down_at_start_is_logged_once(
     stub_vllm: StubVllm, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A replica that never answered was silent in the log (only healthy -> unhealthy was)."""
-    down = f"http://127.0.0.1:{_closed_port()}"
+    down = f"http://127.0.0.1:{unused_port()}"
     pool = ReplicaPool(
         [
             ReplicaConfig(replica_id="up", url=stub_vllm.url),

@@ -6,7 +6,6 @@ gateway that could not start; the Redis benches a traceback from the store for a
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ import compare_policies_sim
 import gateway_overhead
 import routing_bounds
 import routing_cost
+from ports import unused_port
 from redis_fixture import RedisServer
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
@@ -130,12 +130,6 @@ def test_calibrate_vllm_cpu_refuses_an_unknown_scenario(capsys: pytest.CaptureFi
     assert ": error: unknown scenario(s) ['nope']; choose from ['v1_deferral_4ad', " in last
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.parametrize("script", ["state_roundtrips.py", "gateway_state_roundtrips.py"])
 @pytest.mark.parametrize(
     ("args", "message"),
@@ -149,7 +143,7 @@ def test_the_redis_benches_check_url_and_counts_first(
     script: str, args: list[str], message: str
 ) -> None:
     """They raised a traceback from the store, or (the gateway one) ran on without Redis."""
-    port = str(_closed_port())
+    port = str(unused_port())
     done = subprocess.run(
         [sys.executable, str(BENCH / script), *(a.replace("PORT", port) for a in args)],
         capture_output=True,

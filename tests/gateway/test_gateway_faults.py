@@ -4,7 +4,6 @@ answers in the OpenAI error shape with the right status and keeps serving."""
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import aiohttp
 import openai
@@ -12,13 +11,11 @@ import pytest
 from gateway_harness import BASE, ScriptedReplica, gateway_config, openai_client, wait_until
 
 from loragate.gateway import running_gateway
+from ports import unused_port
 
 
 def _closed_port_url() -> str:
-    with socket.socket() as s:  # bind then close: nothing listens there afterwards
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{unused_port()}"  # nothing listens there
 
 
 async def _error(resp: aiohttp.ClientResponse) -> dict[str, object]:

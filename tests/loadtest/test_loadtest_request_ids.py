@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import re
-import socket
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -28,6 +27,7 @@ from loragate.loadtest.openloop import OpenLoopConfig, RunStart, run_open_loop
 from loragate.twin.replica_config import ReplicaConfig
 from loragate.twin.server import run_replica
 from loragate.workload.generator import WorkloadRequest
+from ports import unused_port
 
 BASE = "tiny-llama"
 
@@ -105,12 +105,6 @@ async def test_records_carry_the_gateway_request_id_and_wall_clock_times(
     assert {r["request_id"] for r in records} == logged_ids(caplog)
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_an_error_answer_has_the_id_and_a_refused_connection_only_the_sent_one(
     gateway_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -125,7 +119,7 @@ async def test_an_error_answer_has_the_id_and_a_refused_connection_only_the_sent
     before = time.time()
     start = RunStart.now()
     refused = OpenLoopConfig(
-        base_url=f"http://127.0.0.1:{closed_port()}/v1", base_model=BASE, request_timeout_s=10.0
+        base_url=f"http://127.0.0.1:{unused_port()}/v1", base_model=BASE, request_timeout_s=10.0
     )
     [lost] = await run_open_loop(refused, [req], started=start)
     assert lost.error_type == "connect"
