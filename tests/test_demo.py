@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -114,3 +115,42 @@ def test_a_workload_error_in_the_demo_names_file_line_and_key(tmp_path: Path) ->
     proc = _demo("--workload", str(spec))
     assert proc.returncode == 2
     assert proc.stderr == f"loragate demo: {spec}:5:3: arrivals.cv: expected a number, got 'high'\n"
+
+
+SERVEGEN_HEADER = "client_id,window_start_s,rate_rps,iat_cv,iat_dist,dist_param1,dist_param2\n"
+
+
+def _small_traces(root: Path) -> Path:
+    """A --traces-dir with small copies of the two traces workload/servegen.yaml reads: 64
+    ServeGen clients busy in trace hour 24, and conversation lengths whose prompts mostly reach
+    the spec's max_total_tokens (4096: a 4095-word prompt, then 1 output token)."""
+    servegen = root / "shared/traces/servegen-alibaba-2025"
+    servegen.mkdir(parents=True)
+    rows = [SERVEGEN_HEADER]
+    for cid in range(64):
+        rows += [f"{cid},{86400 + w * 600},0.8,1.0,Gamma,1.0,1.25\n" for w in range(2)]
+    with gzip.open(servegen / "language_m-large_client_windows.csv.gz", "wt") as fh:
+        fh.writelines(rows)
+    azure = root / "shared/traces/azure-llm-2023"
+    azure.mkdir(parents=True)
+    pairs = [(5000, 3), (4500, 8), (4400, 5), (200, 16)]
+    (azure / "AzureLLMInferenceTrace_conv.csv").write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        + "".join(f"2023-11-16 18:15:46.{i:07d},{p},{o}\n" for i, (p, o) in enumerate(pairs))
+    )
+    return root
+
+
+def test_the_servegen_demo_serves_prompts_as_long_as_the_spec_allows(tmp_path: Path) -> None:
+    """README's `loragate demo --workload workload/servegen.yaml --traces-dir DIR` (here with
+    small traces): a 4095-word prompt sent as a chat is 4098 tokens, which replicas with vLLM's
+    default context (4096) refused (400, "maximum context length is 4096 tokens"), exit 1.
+    The demo's replicas now get the context the workload's longest request needs."""
+    traces = _small_traces(tmp_path / "traces")
+    proc = _demo("--workload", "workload/servegen.yaml", "--traces-dir", str(traces), "--json")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)
+    assert summary["requests"] > 10 and summary["errors"] == 0, summary["error_samples"]
+    assert summary["succeeded"] == summary["requests"]
+    # The longest request: 4095 prompt words + 1 output token, plus a chat's 3 template tokens.
+    assert summary["max_model_len"] == 4096 + 3

@@ -1,6 +1,14 @@
 """``loragate demo``: simulated replicas + the gateway on loopback, driven by a mixed workload.
 
 Everything runs in this process on 127.0.0.1 with embedded in-memory state: no Redis, no GPU.
+
+The replicas' context (``max_model_len``) fits the workload: vLLM's default 4096, or more when
+the workload's longest request (prompt + output, plus what the chat template adds around a
+message) needs it, so that a trace's long prompts are served, not refused (a spec's
+``max_total_tokens: 4096`` bounds the prompt's words and the output, and a chat's template adds
+3 tokens: 4098 tokens against a 4096 context). Every request sent within ``--duration`` gets
+its full request timeout (60 s) to finish: the run ends when the last one does. The exit status
+is 1 if any request failed.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from loragate.loadtest.openloop import OpenLoopConfig, RequestResult, run_open_l
 from loragate.twin.adapters import write_adapter_folder
 from loragate.twin.replica_config import ReplicaConfig
 from loragate.twin.server import RunningReplica, run_replica
+from loragate.twin.synthetic_text import PromptFormat
 from loragate.workload.generator import Workload
 from loragate.workload.parse import load_spec, spec_from_mapping
 from loragate.workload.spec import WorkloadSpec
@@ -39,6 +48,10 @@ from loragate.workload.spec import WorkloadSpec
 HELP = "Run simulated replicas and the gateway on loopback and drive a mixed workload through it."
 
 BASE_MODEL = "demo-base"
+
+# How long one request may take (the load test's default); the run waits that long after the
+# last request is sent.
+REQUEST_TIMEOUT_S = 60.0
 
 # The shell's status of a process stopped by SIGINT (128 + 2).
 EXIT_INTERRUPTED = 130
@@ -113,6 +126,7 @@ class DemoSummary:
     output_tokens: int
     duration_s: float
     replicas: tuple[dict[str, Any], ...]
+    max_model_len: int  # the replicas' context (``context_for``)
     error_samples: tuple[str, ...]
 
 
@@ -147,6 +161,18 @@ def run(args: argparse.Namespace) -> int:
     return 0 if summary.errors == 0 and summary.requests > 0 else 1
 
 
+def context_for(workload: Workload, fmt: PromptFormat) -> int:
+    """The replicas' ``max_model_len`` for ``workload``: vLLM's default (4096), or the longest
+    request's prompt + output plus the tokens the model's tokenizer and chat template add around
+    a prompt (a BOS; a chat's message and generation prompt), if more."""
+    longest = max(
+        (int((b.prompt_tokens + b.max_tokens).max()) for b in workload.batches() if len(b.t_s)),
+        default=0,
+    )
+    added = max(int(fmt.add_bos), fmt.chat_prompt_tokens([""]))
+    return max(ReplicaConfig().max_model_len, longest + added)
+
+
 def write_adapter_dirs(root: Path, adapters: Sequence[AdapterSpec]) -> tuple[AdapterSpec, ...]:
     """Create one PEFT-style adapter folder per adapter (config only: the twin needs no weights)."""
     return tuple(
@@ -168,6 +194,7 @@ async def _demo(
     console: Console,
 ) -> DemoSummary:
     workload = Workload(spec)
+    max_model_len = context_for(workload, ReplicaConfig().prompt_format)
     with tempfile.TemporaryDirectory(prefix="loragate-demo-") as tmp:
         adapters = write_adapter_dirs(Path(tmp), workload.adapters)
         settings = ReplicaSettings(
@@ -184,6 +211,7 @@ async def _demo(
                 max_cpu_loras=settings.max_cpu_loras,
                 max_lora_rank=settings.max_lora_rank,
                 max_num_seqs=settings.max_num_seqs,
+                max_model_len=max_model_len,
                 profile=args.profile,
                 seed=args.seed + i,
             )
@@ -205,7 +233,7 @@ async def _demo(
             )
             async with running_gateway(config, host="127.0.0.1", port=0) as gateway:
                 results, elapsed_s = await _drive(args, workload, gateway, console)
-                return _summarise(results, elapsed_s, gateway, replicas)
+                return _summarise(results, elapsed_s, gateway, replicas, max_model_len)
 
 
 async def _drive(
@@ -215,7 +243,10 @@ async def _drive(
         base_url=gateway.url + "/v1",
         base_model=BASE_MODEL,
         max_concurrency=256,
-        deadline_s=args.duration + 30.0,  # room for the tail of the last requests
+        # Every request sent (within --duration) gets its own timeout to finish: a request cut
+        # by the run's deadline would count as failed though nothing went wrong.
+        deadline_s=args.duration + REQUEST_TIMEOUT_S + 5.0,
+        request_timeout_s=REQUEST_TIMEOUT_S,
     )
     done = [0, 0]  # succeeded, failed
     loop = asyncio.get_running_loop()
@@ -268,6 +299,7 @@ def _summarise(
     elapsed_s: float,
     gateway: RunningGateway,
     replicas: Sequence[RunningReplica],
+    max_model_len: int,
 ) -> DemoSummary:
     ok = [r for r in results if r.ok]
     ttfts = [r.ttft_s * 1000 for r in ok if r.ttft_s is not None]
@@ -299,6 +331,7 @@ def _summarise(
         output_tokens=sum(r.output_tokens for r in ok),
         duration_s=elapsed_s,
         replicas=tuple(per_replica),
+        max_model_len=max_model_len,
         error_samples=tuple(sorted(set(errors))[:5]),
     )
 
@@ -329,5 +362,6 @@ def _print_summary(console: Console, s: DemoSummary, args: argparse.Namespace) -
             str(r["disk_loads"]),
         )
     console.print(per)
+    console.print(f"replicas' context (max_model_len): {s.max_model_len} tokens")
     for sample in s.error_samples:
         console.print(f"[red]error:[/] {sample}")
