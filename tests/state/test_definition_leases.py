@@ -93,3 +93,23 @@ async def test_after_redis_lost_its_data_a_renewal_asks_for_a_full_claim(
     assert not await a.renew_definitions()
     await a.claim_definitions(_claims(x=A))
     assert await a.renew_definitions()
+
+
+async def test_claiming_the_same_names_again_writes_no_entry(
+    redis_stores: StoreFactory, redis_server: RedisServer
+) -> None:
+    """A full claim comes after every move of the store's version (each admin registration
+    moves it): with every entry held by this instance's lease already, it only reads."""
+    a = redis_stores(instance_id="gw-a", ttls=TTLS)
+    claims = [DefinitionClaim(name=f"a{i}", ours=A) for i in range(50)]
+    await a.claim_definitions(claims)
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await client.config_resetstat()
+        in_force = await a.claim_definitions(claims)
+        stats = await client.info("commandstats")
+    finally:
+        await client.aclose()
+    assert {d.definition.instance for d in in_force.values()} == {"gw-a"}
+    assert "cmdstat_hset" not in stats
+    assert stats["cmdstat_hget"]["calls"] == 2 * 50  # the registry's and the definition's

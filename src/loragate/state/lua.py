@@ -519,7 +519,8 @@ return n
 # generation of the claims holding it); a lapsed entry (``def_left``) counts as none. This
 # instance's lease of this generation (``P deflease:I|G``) is set, ttl long: every entry in
 # force that agrees with its claim gets it in ``by`` (dead leases there are dropped), so that
-# renewing the lease (RENEW_DEFINITIONS) renews them all.
+# renewing the lease (RENEW_DEFINITIONS) renews them all; an entry that has it already is not
+# written again (a claim of the same names keeps its generation: only reads).
 # A name registered through the admin API (``adapters``) is the registration's: nothing is
 # written for it. Bumps the version if a definition changed. Returns [name, JSON [path, rank,
 # instance, left ms], ...]: the definitions in force for the claimed names.
@@ -573,8 +574,10 @@ for _, c in ipairs(cjson.decode(ARGV[3])) do
       new = ours({path = c.path, rank = c.rank, instance = me, ['until'] = now + ttl})
     end
   elseif agrees(cur, c.path, c.rank) then
-    cur['until'] = now + ttl
-    new = ours(cur)
+    if type(cur.by) ~= 'table' or cur.by[me] ~= gen then  -- (else held by our lease already)
+      cur['until'] = now + ttl
+      new = ours(cur)
+    end
   elseif c.prev and agrees(cur, c.prev[1], c.prev[2]) then
     changed = true
     new = ours({path = c.path, rank = c.rank, instance = me, ['until'] = now + ttl})

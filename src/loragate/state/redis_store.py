@@ -283,9 +283,13 @@ class RedisStore:
         self._hold_stopping = client.register_script(lua.HOLD_STOPPING)
         self._claim_definitions = client.register_script(lua.CLAIM_DEFINITIONS)
         self._renew_definitions = client.register_script(lua.RENEW_DEFINITIONS)
-        # Generation of this instance's last definition claim (0: none yet): its lease
-        # (``P deflease:I|G``) holds the definitions that claim agreed with.
+        # Generation of this instance's definition claims (0: none yet): its lease
+        # (``P deflease:I|G``) holds the definitions they agreed with. A new one only when a
+        # claim leaves out a name the last one made (a reload dropped it: its entry must lapse
+        # lease_ttl_s after the old lease's last renewal); else the entries that hold it
+        # already are not written again.
         self._claim_generation = 0
+        self._claimed_names: frozenset[AdapterId] = frozenset()
         # request id -> (replica id, lease member) of this instance's in-flight requests
         self._own: dict[str, tuple[ReplicaId, str]] = {}
         # replicas whose in-flight ZSET may still hold a lease of ours
@@ -663,7 +667,10 @@ class RedisStore:
         lease of this instance (``P deflease:I|G``): :meth:`renew_definitions` renews them."""
         if not claims:
             return {}
-        self._claim_generation += 1
+        names = frozenset(c.name for c in claims)
+        if self._claim_generation == 0 or not names >= self._claimed_names:
+            self._claim_generation += 1
+        self._claimed_names = names
         payload = []
         for c in claims:
             item: dict[str, Any] = {"name": c.name, "path": c.ours.path, "rank": c.ours.rank}
