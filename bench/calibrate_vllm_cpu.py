@@ -15,7 +15,6 @@ See data/tiny-llama-cpu/README.md for the setup and the meaning of the extra col
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import os
 import signal
@@ -26,59 +25,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from vllm_cpu.calibration import CalibrationPlan, run_calibration
-from vllm_cpu.replica import env_problem, work_dir_from_env
-from vllm_cpu.runner import Row
+from loragate.twin.measure_csv import merge_csv, read_csv, write_calibration
+from loragate.twin.measure_rows import Labels
+from loragate.twin.measure_sweeps import CalibrationPlan, Measurement, run_calibration
+from vllm_cpu.replica import EnvLauncher, adapter_dirs, env_problem, work_dir_from_env
 from vllm_cpu.validation import SCENARIOS, run_validation
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("base", "lora", "loading", "validation", "prefill")  # prefill: redo only those rows
-
-
-def _fmt(v: object) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
-
-
-def write_csv(path: Path, rows: Sequence[Row]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cols: list[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        for r in rows:
-            w.writerow([_fmt(r.get(c)) for c in cols])
-
-
-def merge_csv(path: Path, rows: Sequence[Row], key: str) -> None:
-    """Write ``rows``, keeping the rows of an existing file whose ``key`` is not re-measured."""
-    new_keys = {str(r.get(key)) for r in rows}
-    kept: list[Row] = []
-    if path.exists():
-        with open(path, newline="") as f:
-            kept = [dict(r) for r in csv.DictReader(f) if r.get(key) not in new_keys]
-    write_csv(path, [*kept, *rows])
-
-
-def read_csv(path: Path) -> list[Row]:
-    if not path.exists():
-        return []
-    out: list[Row] = []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            row: Row = {}
-            for k, v in r.items():
-                try:
-                    row[k] = int(v) if v.lstrip("-").isdigit() else float(v) if v else None
-                except ValueError:
-                    row[k] = v
-            out.append(row)
-    return out
+LABELS = Labels(model="tiny-llama-cpu", source="bench/calibrate_vllm_cpu.py")
 
 
 def _log(msg: str) -> None:
@@ -142,23 +97,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log(f"parts={parts} out={a.out} work_dir={work_dir} nice={nice} argv={sys.argv[1:]}")
     calib = [p for p in parts if p != "validation"]
     if calib:
-        old_base = read_csv(a.out / "calibration" / "base_latency.csv")
-        tables = run_calibration(plan, work_dir, _log, calib, base_rows=old_base)
-        kv_path = a.out / "calibration" / "kv_capacity.csv"
-        for name, rows in tables.items():
-            if name == "kv_capacity":
-                merge_csv(kv_path, rows, key="group")
-            elif (
-                rows
-                and name.startswith(("base_latency", "raw/base_latency"))
-                and "base" not in calib
-            ):
-                merge_csv(a.out / "calibration" / f"{name}.csv", rows, key="phase")
-            elif rows:
-                write_csv(a.out / "calibration" / f"{name}.csv", rows)
+        folder = a.out / "calibration"
+        old_base = read_csv(folder / "base_latency.csv")
+        m = Measurement(
+            launcher=EnvLauncher(work_dir=work_dir),
+            adapters=adapter_dirs(work_dir),
+            labels=LABELS,
+            log=_log,
+        )
+        tables = run_calibration(plan, m, calib, base_rows=old_base)
+        write_calibration(folder, tables, calib)
         _log(
             f"calibration written ({', '.join(k for k, v in tables.items() if v)}); "
-            f"kv rows -> {kv_path}"
+            f"kv rows -> {folder / 'kv_capacity.csv'}"
         )
     if "validation" in parts:
         scs = [s for s in SCENARIOS if not wanted or s.name in wanted]

@@ -15,18 +15,39 @@ leaves its file in ``/tmp``.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
-import shutil
-import signal
-import socket
-import subprocess
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from loragate.core.errors import MeasurementError
+from loragate.twin.measure_launch import MeasuredServer, ServerSettings
+from loragate.twin.measure_server import (
+    ServerProcess,
+    StartupFacts,
+    free_port,
+    parse_log,
+    process_tree_cpu_s,
+    spawn_server,
+    wait_ready,
+)
+
+__all__ = [
+    "AMX_PERMISSION_DIR",
+    "DEFAULT_WORK_DIR",
+    "SERVED_NAME",
+    "EnvLauncher",
+    "Replica",
+    "ReplicaConfig",
+    "StartupFacts",
+    "adapter_dirs",
+    "env_problem",
+    "free_port",
+    "parse_log",
+    "process_tree_cpu_s",
+    "start_replica",
+    "work_dir_from_env",
+]
 
 DEFAULT_WORK_DIR = Path("/tmp/loragate-vllm")
 AMX_PERMISSION_DIR = Path(__file__).resolve().parent / "amx_permission"
@@ -62,13 +83,6 @@ def adapter_dirs(work_dir: Path) -> dict[int, list[Path]]:
         rank = 8 if int(d.name[5:]) % 2 == 0 else 16
         out.setdefault(rank, []).append(d)
     return out
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,126 +178,20 @@ class ReplicaConfig:
         return env
 
 
-_KV_RE = re.compile(
-    r"KV cache size: ([\d,]+) tokens, Maximum concurrency for (\d+) tokens per request: "
-    r"([\d.]+)x"
-)
-_INIT_RE = re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s")
-_WEIGHTS_RE = re.compile(r"Loading weights took ([\d.]+) seconds")
-
-
-@dataclass(frozen=True, kw_only=True)
-class StartupFacts:
-    """What the server log says about itself (empty fields when a line is absent)."""
-
-    kv_tokens: int | None = None
-    max_model_len_logged: int | None = None
-    max_concurrency_x: float | None = None
-    engine_init_s: float | None = None
-    weights_load_s: float | None = None
-
-
-def parse_log(text: str) -> StartupFacts:
-    kv = _KV_RE.search(text)
-    init = _INIT_RE.search(text)
-    w = _WEIGHTS_RE.search(text)
-    return StartupFacts(
-        kv_tokens=int(kv.group(1).replace(",", "")) if kv else None,
-        max_model_len_logged=int(kv.group(2)) if kv else None,
-        max_concurrency_x=float(kv.group(3)) if kv else None,
-        engine_init_s=float(init.group(1)) if init else None,
-        weights_load_s=float(w.group(1)) if w else None,
-    )
-
-
 @dataclass(kw_only=True)
-class Replica:
-    """One running server. Use :func:`start_replica` and always :meth:`stop` (or ``with``)."""
+class Replica(ServerProcess):
+    """One running server of the env. Use :func:`start_replica` and always :meth:`stop` (or
+    ``with``)."""
 
     config: ReplicaConfig
     work_dir: Path
-    port: int
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    tmp_dir: Path
-    startup_s: float = 0.0
-    facts: StartupFacts = field(default_factory=StartupFacts)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def model_dir(self) -> Path:
         return self.work_dir / "models" / SERVED_NAME
 
-    def cpu_seconds(self) -> dict[str, float]:
-        """CPU time (user+system, s) used so far by the server's processes, by role: "api"
-        (API server), "engine" (EngineCore), "worker" (model runner). On a shared machine the
-        CPU time per engine step is a contention-free estimate of the step's compute cost."""
-        return process_tree_cpu_s(self.proc.pid)
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM the API server (it stops EngineCore/Worker), SIGKILL its group if stuck."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        # children left behind (should not happen) share the session we created
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
-
     def __enter__(self) -> Replica:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
-
-
-def process_tree_cpu_s(session_id: int) -> dict[str, float]:
-    out = {"api": 0.0, "engine": 0.0, "worker": 0.0, "other": 0.0}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            raw = stat.read_text()
-        except OSError:
-            continue
-        comm = raw[raw.index("(") + 1 : raw.rindex(")")]
-        fields = raw[raw.rindex(")") + 2 :].split()
-        # fields[0] is state (field 3); session is field 6, utime 14, stime 15
-        if int(fields[3]) != session_id:
-            continue
-        cpu = (int(fields[11]) + int(fields[12])) * _TICK_S
-        pid = int(stat.parent.name)
-        role = (
-            "api"
-            if pid == session_id
-            else "engine"
-            if "EngineCor" in comm
-            else "worker"
-            if "Worker" in comm
-            else "other"
-        )
-        out[role] += cpu
-    return out
-
-
-def _http_ok(url: str, timeout_s: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as r:
-            return int(r.status) == 200
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 def start_replica(
@@ -295,17 +203,15 @@ def start_replica(
     log_name: str | None = None,
     nice: int = 0,
 ) -> Replica:
-    """Start a replica and wait for ``/health`` 200 (raises RuntimeError on failure).
+    """Start a replica and wait for ``/health`` 200 (raises MeasurementError on failure).
     ``nice`` < 0 raises the scheduling priority of the whole server tree (needs root; used by
     the calibration on the shared machine so that other load perturbs the timings less)."""
     wd = work_dir or work_dir_from_env()
     problem = env_problem(wd)
     if problem:
-        raise RuntimeError(problem)
+        raise MeasurementError(problem)
     port = port or free_port()
-    logs = wd / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    log_path = logs / (log_name or f"replica-{port}.log")
+    log_path = wd / "logs" / (log_name or f"replica-{port}.log")
     tmp_dir = wd / "tmp" / f"replica-{port}"
     tmp_dir.mkdir(parents=True, exist_ok=True)
     model_dir = wd / "models" / SERVED_NAME
@@ -318,29 +224,38 @@ def start_replica(
     if nice:
         cmd = ["nice", "-n", str(nice), *cmd]
     t0 = time.monotonic()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=wd,
-            env=config.env(tmp_dir),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    proc = spawn_server(cmd, env=config.env(tmp_dir), log_path=log_path, cwd=wd)
     rep = Replica(
         config=config, work_dir=wd, port=port, proc=proc, log_path=log_path, tmp_dir=tmp_dir
     )
-    deadline = t0 + ready_timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = rep.log_text()[-3000:]
-            rep.stop()
-            raise RuntimeError(f"vLLM exited with {proc.returncode} during start-up:\n{tail}")
-        if _http_ok(f"{rep.base_url}/health"):
-            rep.startup_s = time.monotonic() - t0
-            rep.facts = parse_log(rep.log_text())
-            return rep
-        time.sleep(0.5)
-    rep.stop()
-    raise RuntimeError(f"vLLM not healthy after {ready_timeout_s} s; log: {log_path}")
+    wait_ready(rep, ready_timeout_s=ready_timeout_s, t0=t0)
+    return rep
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnvLauncher:
+    """The calibration sweeps' servers (``loragate.twin.measure_sweeps``) from this env: each
+    sweep's settings on top of ``ReplicaConfig``'s defaults (the data/tiny-llama-cpu setup)."""
+
+    work_dir: Path
+    nice: int = 0
+
+    def start(self, settings: ServerSettings, name: str) -> MeasuredServer:
+        config = ReplicaConfig(
+            enable_lora=settings.enable_lora,
+            max_loras=settings.max_loras,
+            max_cpu_loras=settings.max_cpu_loras,
+            max_lora_rank=settings.max_lora_rank,
+            max_num_seqs=settings.max_num_seqs,
+        )
+        rep = start_replica(
+            config, work_dir=self.work_dir, log_name=f"calib-{name}.log", nice=self.nice
+        )
+        return MeasuredServer(
+            settings=settings,
+            process=rep,
+            base_model=SERVED_NAME,
+            max_model_len=config.max_model_len,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            kv_cache_bytes=config.kv_cache_bytes,
+        )

@@ -34,9 +34,10 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from .client import RequestSpec, register_adapter
+from loragate.twin.measure_client import RequestSpec, parse_metrics, register_adapter
+from loragate.twin.measure_runner import EXTRA_COLS, Row, TimedRequest, run_open_loop, summarize
+
 from .replica import Replica, ReplicaConfig, adapter_dirs, start_replica
-from .runner import EXTRA_COLS, Row, TimedRequest, run_open_loop, summarize
 
 MODEL = "tiny-llama-cpu"
 Log = Callable[[str], None]
@@ -180,7 +181,6 @@ def _counts(vals: Sequence[float | int]) -> str:
 
 
 async def _wait_idle(rep: Replica, timeout_s: float = 120.0) -> None:
-    from .client import parse_metrics
 
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession() as s:
@@ -204,7 +204,7 @@ async def run_scenario(
             name = f"{sc.name}-a{i}"
             path = dirs[rank][used[rank] % len(dirs[rank])]
             used[rank] += 1
-            status, _ = await register_adapter(s, rep.base_url, name, str(path))
+            status, _, _ = await register_adapter(s, rep.base_url, name, str(path))
             if status != 200:
                 raise RuntimeError(f"register {name}: {status}")
             names.append(name)

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from vllm_e2e import BASE
 
-from vllm_cpu.client import parse_metrics
+from loragate.twin.measure_client import parse_metrics
 from vllm_cpu.replica import Replica
 
 pytestmark = pytest.mark.vllm

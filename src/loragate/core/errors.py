@@ -23,6 +23,10 @@ class ConfigError(LoragateError):
         self.key = key
 
 
+class MeasurementError(LoragateError):
+    """Measuring a real server failed: it did not start, refused an adapter or a request."""
+
+
 class InvalidRequestError(LoragateError):
     """The client's request is malformed or has an invalid field."""
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import numpy as np
 
-from .client import (
+from loragate.twin.measure_client import (
     MetricsPoller,
     RequestResult,
     RequestSpec,

@@ -1,4 +1,4 @@
-"""Client-side measurement against a real vLLM server.
+"""Client-side measurement against a real vLLM server (``loragate twin measure``).
 
 * :func:`stream_completion` sends one streaming ``/v1/completions`` request with a prompt given
   as token ids (exact input length, no tokenizer needed), ``ignore_eos`` and ``max_tokens``
@@ -205,14 +205,14 @@ class MetricsPoller:
 
 async def register_adapter(
     session: aiohttp.ClientSession, base_url: str, name: str, path: str
-) -> tuple[int, float]:
-    """POST /v1/load_lora_adapter; returns (status, latency_s)."""
+) -> tuple[int, float, str]:
+    """POST /v1/load_lora_adapter; returns (status, latency_s, body)."""
     t0 = time.perf_counter()
     async with session.post(
         f"{base_url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}
     ) as r:
-        await r.read()
-        return r.status, time.perf_counter() - t0
+        body = await r.read()
+        return r.status, time.perf_counter() - t0, body.decode(errors="replace")
 
 
 def load_average() -> float:
