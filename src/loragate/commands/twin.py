@@ -1,5 +1,6 @@
 """``loragate twin``: fit performance profiles, validate the twin against real runs, list profiles.
 
+loragate twin measure --vllm-command TEMPLATE --adapter DIR --model NAME --out DIR [--quick]
 loragate twin calibrate --data DIR --model NAME --out FILE [--name PROFILE]
 loragate twin validate --real-runs CSV [--paper-runs CSV] [--profile P | MODEL=P ...]
     [--offered-load sent|accounted|nominal] [--json]
@@ -16,18 +17,24 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from loragate.commands.twin_measure import add_measure_parser
 from loragate.core.errors import ConfigError, LoragateError
 from loragate.twin.validate_workload import DEFAULT_REPLAYS
 
 # The shell's status of a process stopped by SIGINT (128 + 2).
 EXIT_INTERRUPTED = 130
 
-HELP = "Digital twin: calibrate profiles from benchmark data, validate against real vLLM runs."
+HELP = (
+    "Digital twin: measure your vLLM, calibrate profiles from benchmark data, validate "
+    "against real vLLM runs."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="twin_command", metavar="SUBCOMMAND")
     sub.required = True
+
+    add_measure_parser(sub)
 
     cal = sub.add_parser(
         "calibrate",
