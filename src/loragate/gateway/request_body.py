@@ -93,8 +93,10 @@ def unreadable_body_request_id(exc: BaseException) -> str | None:
 
 
 def _check_encoding(request: web.Request) -> None:
-    values = request.headers.getall(hdrs.CONTENT_ENCODING)
-    value = values[0].strip().lower() if len(values) == 1 else ", ".join(values)
+    values = [v.strip().lower() for v in request.headers.getall(hdrs.CONTENT_ENCODING)]
+    if not any(values):
+        return  # an empty list of codings (RFC 9110 section 5.6.1): none, as aiohttp reads it
+    value = values[0] if len(values) == 1 else ", ".join(values)
     if value not in ACCEPTED_ENCODINGS:
         raise UnsupportedEncodingError(unsupported_encoding_message(value))
 
