@@ -61,7 +61,9 @@ async def run_to_the_end(
     whose client left (``handler_cancellation``), which, inside ``op``, would stop a ``PUT``
     before it puts the old definition back or a ``POST`` before it takes a refused
     registration back. ``keep`` holds the task until it ends (the loop keeps only a weak
-    reference); a client that left is logged, and so is the end of its write."""
+    reference); a client that left is logged, and so is the end of its write, also when the
+    write ended between the client leaving and the handler seeing its cancellation (its answer
+    was never sent either)."""
     task = asyncio.create_task(op, name=f"admin request {req_id}: {what}")
     keep.add(task)
     task.add_done_callback(keep.discard)
@@ -73,7 +75,8 @@ async def run_to_the_end(
                 "admin: request %s: the client left before the answer; %s goes on to its end",
                 req_id, what,
             )  # fmt: skip
-            task.add_done_callback(lambda t: _ended_unseen(t, req_id, what))
+        # On a task already done the callback runs at the loop's next turn.
+        task.add_done_callback(lambda t: _ended_unseen(t, req_id, what))
         raise
 
 
