@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import socket
+import time
 
 import aiohttp
 import pytest
@@ -112,6 +113,47 @@ async def test_a_client_that_stops_reading_a_stream_is_cut_and_its_lease_release
     assert requests == {("r0", "client_closed"): 1}
     (line,) = [r.getMessage() for r in caplog.records if "status=client_closed" in r.getMessage()]
     assert "read nothing for 0.5 s (limits.client_write_timeout_s)" in line
+
+
+def _read_slowly(sock: socket.socket, total: int) -> int:
+    """Read ``total`` bytes a little at a time, steadily (a reader slower than the stream:
+    its socket's buffers stay full); how many bytes came (fewer: the gateway closed)."""
+    got = 0
+    while got < total:
+        data = sock.recv(4096)
+        if not data:
+            break
+        got += len(data)
+        time.sleep(0.01)
+    return got
+
+
+async def test_a_client_that_reads_slowly_but_steadily_is_not_cut() -> None:
+    # The replica streams far faster than the client reads: the socket's buffers (megabytes
+    # on Linux) fill, and every write of the gateway waits for the client. Each wait lasted
+    # until the client had taken enough to bring the gateway's buffer down to its low-water
+    # mark (about half the socket's send queue: longer than the write timeout at this pace),
+    # so a client taking bytes every 10 ms was cut as one that read nothing. The deadline
+    # runs from the last bytes the client took.
+    rep = Endless("r0")
+    limits = {**_LIMITS, "client_write_timeout_s": 2}
+    async with serving(rep.app) as (url, _):
+        cfg = gateway_config([url], limits=limits)
+        async with running_gateway(cfg, port=0) as gw:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((gw.host, gw.port))
+            try:
+                sock.sendall(_request())
+                sock.settimeout(15)  # (a hang guard)
+                # 6 MB: more than the socket buffers hold, so the gateway wrote to this
+                # client, and waited for it, all along.
+                got = await asyncio.to_thread(_read_slowly, sock, 6_000_000)
+                still = gw.gateway.proxy.in_flight, rep.cancelled
+            finally:
+                sock.close()
+    assert got >= 6_000_000
+    assert still == (1, 0)  # the stream was still going on, to the replica too
 
 
 async def test_a_client_that_reads_gets_its_whole_stream_with_a_short_write_timeout(

@@ -98,10 +98,11 @@ class LimitsConfig:
     # start, or from the first byte of a later request head on a keep-alive connection);
     # then the connection is closed (gateway.head_deadline).
     client_header_timeout_s: float = 30.0
-    # Longest time a write of a stream to its client may wait for the client to read (its
-    # socket's buffers full: it stopped reading); then the client's connection is closed and
-    # the request ends as client_closed (the replica's connection too: vLLM aborts the
-    # generation). As nginx's send_timeout: a client that reads, however slowly, is not cut.
+    # Longest time a write of a stream to its client may wait with the client taking none of
+    # its bytes (its socket's buffers full: it stopped reading); then the client's connection
+    # is closed and the request ends as client_closed (the replica's connection too: vLLM
+    # aborts the generation). As nginx's send_timeout: a client that reads, however slowly,
+    # is not cut.
     client_write_timeout_s: float = 60.0
     admin_timeout_s: float = 60.0
     # A request in progress on a replica that stopped listening (its poll could not connect)

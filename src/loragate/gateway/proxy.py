@@ -94,8 +94,9 @@ error event, any other break with ``upstream_unavailable``. A client that goes a
 ``client_closed``, unless the stream's ``[DONE]`` had gone out to it (a client that stops
 reading at ``[DONE]`` and closes before the body's end arrives): it had the whole answer, which
 counts with its outcome (200 or ``stream_error``) and its latency. A client that stops reading
-(a write waits for it, its socket's buffers full, longer than ``limits.client_write_timeout_s``)
-has its connection closed and is counted as one that went away (the access log says it
+(a write waits for it, its socket's buffers full, and it takes none of the bytes it owes for
+``limits.client_write_timeout_s``; one that reads, however slowly, is not cut) has its
+connection closed and is counted as one that went away (the access log says it
 stalled); its lease is released and the replica's connection closed (vLLM aborts the
 generation). What a stream has shown so far and what to relay of each read is
 ``gateway.stream_state``; ``_pipe`` is the I/O loop around it.
@@ -145,9 +146,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import re
+import struct
+import termios
 from collections.abc import Callable
 from typing import Any
 
@@ -1291,7 +1295,7 @@ class Proxy:
 
 
 class _ClientStalled(ConnectionResetError):
-    """A stream's client read nothing for ``limits.client_write_timeout_s`` while a write
+    """A stream's client took nothing for ``limits.client_write_timeout_s`` while a write
     waited for it: its connection was closed (handled as a client that went away)."""
 
 
@@ -1324,18 +1328,67 @@ async def _write(
     eof: bool = False,
 ) -> None:
     """Write ``data`` to a stream's client (and end the body with ``eof``). A write that may
-    wait for the client to read (:func:`_may_wait`) waits at most ``timeout_s``; then the
-    connection is closed (aborted: its buffered bytes are dropped) and :class:`_ClientStalled`
-    raised."""
+    wait for the client to read (:func:`_may_wait`) waits as long as the client takes some of
+    what it owes (:func:`_unsent` goes down) at least once every ``timeout_s``, as nginx's
+    send_timeout; else the connection is closed (aborted: its buffered bytes are dropped) and
+    :class:`_ClientStalled` raised. (Not the whole wait: it lasts until the transport's buffer
+    is down to its low-water mark, for which the socket's send queue, megabytes, must make
+    room first; a client that reads slower than the stream, however steadily, may take
+    longer than ``timeout_s`` for that, and was cut as one that read nothing.)"""
     if transport is None or not _may_wait(transport, len(data), marks):
         await (out.write_eof(data) if eof else out.write(data))
         return
+    loop = asyncio.get_running_loop()
+    fd = _fileno(transport)
+    owed = 0
+    timer: asyncio.Handle
     try:
-        async with asyncio.timeout(timeout_s):
-            await (out.write_eof(data) if eof else out.write(data))
+        async with asyncio.timeout(None) as deadline:
+
+            def check() -> None:
+                nonlocal owed, timer
+                now_owed = _unsent(transport, fd)
+                if now_owed < owed:  # the client took some since the last check
+                    owed = now_owed
+                    timer = loop.call_later(timeout_s, check)
+                else:
+                    deadline.reschedule(loop.time())  # (times out at once)
+
+            def start() -> None:
+                # Run once the write handed its bytes to the transport and waits.
+                nonlocal owed, timer
+                owed = _unsent(transport, fd)
+                timer = loop.call_later(timeout_s, check)
+
+            timer = loop.call_soon(start)
+            try:
+                await (out.write_eof(data) if eof else out.write(data))
+            finally:
+                timer.cancel()
     except TimeoutError:
         transport.abort()
-        raise _ClientStalled("the client read nothing in time") from None
+        raise _ClientStalled("the client took nothing in time") from None
+
+
+def _fileno(transport: asyncio.Transport) -> int | None:
+    """The file descriptor of ``transport``'s socket (None: none known)."""
+    sock = transport.get_extra_info("socket")
+    try:
+        return None if sock is None else int(sock.fileno())
+    except (OSError, ValueError):
+        return None
+
+
+def _unsent(transport: asyncio.Transport, fd: int | None) -> int:
+    """The bytes written to ``transport`` that its client has not taken yet: those in its
+    buffer and those in its socket's send queue not acknowledged (``TIOCOUTQ``, Linux; 0
+    where the socket does not say). While a write waits, nothing is added: it goes down only
+    as the client reads."""
+    queued = 0
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            queued = struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    return transport.get_write_buffer_size() + queued
 
 
 def _model_named(body: bytes) -> str | None:
