@@ -7,11 +7,18 @@ seen, so ``fresh`` left the shared residency (and every instance's view at its n
 until a later poll brought it back. Now Redis stamps every change of a replica's registered
 set (when, by whom), and a reconcile leaves alone what another instance changed at or after
 the reconciling instance's last read. Real redis-server, A behind a TCP relay that is cut.
+
+Stamps and reads are in Redis server milliseconds, and a write in the same millisecond as a read
+counts as after it (kept: the reconcile cannot tell): A reads only once Redis time has left the
+millisecond of B's earlier writes (``_next_ms``), else the test failed about 1 run in 2.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+
+from redis.asyncio import Redis
 
 from loragate.core.clock import VirtualClock
 from loragate.core.types import ReplicaSettings
@@ -23,6 +30,26 @@ from redis_fixture import RedisServer
 from tcp_relay import relay_to
 
 SETTINGS = ReplicaSettings(max_loras=2, max_cpu_loras=4)
+
+
+async def _next_ms(url: str) -> None:
+    """Returns once Redis server time is past the millisecond it is in now (bounded): a read
+    after this is stamped later than any write before it."""
+
+    async def ms(r: Redis) -> int:
+        sec, usec = await r.time()
+        return int(sec) * 1000 + int(usec) // 1000
+
+    r = Redis.from_url(url)
+    try:
+        first = await ms(r)
+        for _ in range(1000):
+            if await ms(r) > first:
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError("Redis server time stood still for 1000 polls")
+    finally:
+        await r.aclose()
 
 
 async def _resync(store: ResilientStore, clock: VirtualClock) -> None:
@@ -50,6 +77,7 @@ async def test_a_replayed_poll_keeps_an_adapter_loaded_after_it(redis_server: Re
             await b.start()
             await b.upsert_replica(ReplicaRecord(replica_id="r1", url="r1", settings=SETTINGS))
             await b.reconcile("r1", frozenset({"kept", "gone"}))
+            await _next_ms(redis_server.url)  # a's read below is after b's write
             clock.advance_by(1.0)
             await a.maintain()  # a's view: {kept, gone}
             assert a.residency_of("r1").registered == {"kept", "gone"}
@@ -69,6 +97,7 @@ async def test_a_replayed_poll_keeps_an_adapter_loaded_after_it(redis_server: Re
 
             # a's next poll that does not list fresh (the replica lost it since) drops it: a
             # has read the shared state since b's load.
+            await _next_ms(redis_server.url)
             clock.advance_by(1.0)
             await a.maintain()
             await a.reconcile("r1", frozenset({"kept"}))
@@ -97,6 +126,7 @@ async def test_a_replayed_poll_does_not_bring_back_an_adapter_unloaded_after_it(
             await b.start()
             await b.upsert_replica(ReplicaRecord(replica_id="r1", url="r1", settings=SETTINGS))
             await b.reconcile("r1", frozenset({"kept", "old"}))
+            await _next_ms(redis_server.url)
             clock.advance_by(1.0)
             await a.maintain()
 
