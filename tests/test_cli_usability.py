@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -91,7 +92,10 @@ def _sigint_as_by_default() -> None:
 
 
 def _interrupted(
-    args: list[str], after_s: float = 4.0, started: Callable[[], bool] | None = None
+    args: list[str],
+    started: Callable[[], bool],
+    after_s: float = 4.0,
+    env: dict[str, str] | None = None,
 ) -> tuple[int, str]:
     """Run ``loragate ARGS`` in its own process, press Ctrl-C (SIGINT) after ``after_s``, and
     not before ``started()`` says the run is under way (up to 60 s: on a busy machine the
@@ -104,12 +108,13 @@ def _interrupted(
         stderr=subprocess.PIPE,
         text=True,
         preexec_fn=_sigint_as_by_default,
+        env=env,
     )
     try:
         with pytest.raises(subprocess.TimeoutExpired):
             proc.wait(timeout=after_s)  # still running: the signal lands inside the run
         deadline = time.monotonic() + 60.0
-        while started is not None and not started() and time.monotonic() < deadline:
+        while not started() and time.monotonic() < deadline:
             with pytest.raises(subprocess.TimeoutExpired):
                 proc.wait(timeout=0.1)
         proc.send_signal(signal.SIGINT)
@@ -121,12 +126,50 @@ def _interrupted(
     return proc.returncode, err
 
 
-def test_ctrl_c_stops_the_demo_with_one_line() -> None:
-    """Ctrl-C during `make demo`: the replicas and the gateway are closed, no traceback."""
-    code, err = _interrupted(["demo", "--duration", "60", "--no-progress", "--replicas", "1"])
+def test_ctrl_c_stops_the_demo_with_one_line(tmp_path: Path) -> None:
+    """Ctrl-C during `make demo`: the replicas and the gateway are closed, no traceback. The
+    run is under way once its adapter folders are written (in its temporary folder, under
+    TMPDIR): a fixed wait let the Ctrl-C land during the imports on a busy machine."""
+    code, err = _interrupted(
+        ["demo", "--duration", "60", "--no-progress", "--replicas", "1"],
+        started=lambda: any(tmp_path.glob("loragate-demo-*/*")),
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
     assert code == 130, err
     assert err.strip().splitlines()[-1] == "loragate demo: interrupted"
     assert "Traceback" not in err
+
+
+# Run as the child of the test below: Ctrl-C (a real SIGINT to itself) while the command's
+# modules are imported, as a user's Ctrl-C lands on a busy machine before the demo starts.
+_CTRL_C_DURING_IMPORT = """
+import os, signal, sys
+from importlib.abc import MetaPathFinder
+
+class CtrlC(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "loragate.gateway":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, CtrlC())
+from loragate.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_while_the_demo_is_imported_is_one_line() -> None:
+    """Before, a Ctrl-C during the imports (seconds on a busy host) printed their traceback."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_DURING_IMPORT, "demo", "--duration", "60"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_sigint_as_by_default,
+    )
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert done.stderr == "loragate demo: interrupted\n"
 
 
 def test_ctrl_c_stops_a_simulation_with_one_line(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ dependencies load only when it runs.
 
 Output into a pipe closed early (``loragate twin validate --json | head``) ends the command
 quietly with exit status 141, as a Unix tool killed by SIGPIPE, not with a traceback.
+Ctrl-C while the command's modules are still being imported (seconds on a busy host) ends it
+with one line and exit status 130, as Ctrl-C later in the run does.
 """
 
 from __future__ import annotations
@@ -67,14 +69,20 @@ def _version() -> str:
 
 # The shell's status of a process killed by SIGPIPE (128 + 13).
 EXIT_BROKEN_PIPE = 141
+# The status of a command interrupted by Ctrl-C (128 + SIGINT), as the commands' own.
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     # A command named first is all that is parsed: only its module is imported.
     only = args_in[0] if args_in and args_in[0] in COMMANDS else None
-    parser = build_parser(only)
-    args = parser.parse_args(args_in)
+    try:
+        parser = build_parser(only)  # imports the command's modules
+        args = parser.parse_args(args_in)
+    except KeyboardInterrupt:  # Ctrl-C before the command runs: no traceback of the imports
+        print(f"loragate{f' {only}' if only else ''}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     run = args._run
     try:
         code = run(args)
