@@ -31,7 +31,7 @@ from redis_fixture import RedisServer
 
 StoreFactory = Callable[..., RedisStore]
 
-WRITES = ("sadd", "srem", "del", "rpush", "lpush", "lrem", "lpop", "hset", "hdel")
+WRITES = ("sadd", "srem", "del", "rpush", "lpush", "lrem", "lpop", "hset", "hdel", "hincrby")
 ADAPTERS = frozenset(f"a{i}" for i in range(40))
 
 
@@ -113,9 +113,10 @@ async def test_resilient_store_sends_nothing_for_an_unchanged_poll(
             await s.reconcile("r1", ADAPTERS)  # an idle poll each
         assert await calls.take() == {}  # not even a round trip (before: evalsha 2, sadd 80)
 
-        # A change is written, as before, with its stamp (when, by whom: HSET P rep:R:stamps).
+        # A change is written, as before, with its stamp (change number, by whom: HINCRBY and
+        # HSET P rep:R:stamps).
         await b.reconcile("r1", ADAPTERS - {"a9"})
-        assert _writes(await calls.take()) == {"srem": 1, "hset": 1}
+        assert _writes(await calls.take()) == {"srem": 1, "hset": 1, "hincrby": 1}
         assert (await probe.snapshot()).residency_of("r1").registered == ADAPTERS - {"a9"}
         await calls.take()
 
@@ -128,7 +129,7 @@ async def test_resilient_store_sends_nothing_for_an_unchanged_poll(
         await a.maintain()
         await calls.take()
         await a.reconcile("r1", ADAPTERS)
-        assert _writes(await calls.take()) == {"sadd": 1, "hset": 1}
+        assert _writes(await calls.take()) == {"sadd": 1, "hset": 1, "hincrby": 1}
         assert (await probe.snapshot()).residency_of("r1").registered == ADAPTERS
 
         # b refreshes (the shared view lists a9 again) and its next poll does not: written,
@@ -137,7 +138,7 @@ async def test_resilient_store_sends_nothing_for_an_unchanged_poll(
         await b.maintain()
         await calls.take()
         await b.reconcile("r1", ADAPTERS - {"a9"})
-        assert _writes(await calls.take()) == {"srem": 1, "hset": 1}
+        assert _writes(await calls.take()) == {"srem": 1, "hset": 1, "hincrby": 1}
         assert (await probe.snapshot()).residency_of("r1").registered == ADAPTERS - {"a9"}
     finally:
         for s in (a, b):

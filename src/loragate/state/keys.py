@@ -14,13 +14,15 @@ key                          type    content / lifetime
 ``P rep:R:reg``              SET     registered adapters (shadow residency)
 ``P rep:R:gpu``              LIST    GPU-slot LRU, least recent first (``max_loras`` long)
 ``P rep:R:cpu``              LIST    CPU-cache LRU, least recent first (``max_cpu_loras`` long)
-``P rep:R:stamps``           HASH    adapter -> ``"<ms> <instance>"``: when (Redis server time)
-                                     and by which instance the adapter last joined or left
+``P rep:R:stamps``           HASH    adapter -> ``"<n> <instance>"``: change number n (field
+                                     ``''``: the last one, counting up) and the instance of
+                                     the adapter's last join to or leave from
                                      ``P rep:R:reg``; a reconcile leaves alone an adapter
                                      another instance changed since the reconciling
-                                     instance's last read (its ``P readers`` entry), so a
-                                     poll journaled during an outage and replayed later does
-                                     not undo a newer write. Deleted with the replica
+                                     instance's last read (the number its snapshot row
+                                     gave), so a poll journaled during an outage and
+                                     replayed later does not undo a newer write. Deleted
+                                     with the replica
 ``P rep:R:inflight``         ZSET    in-flight leases ``<instance>|<request id>`` -> expiry
                                      (ms, Redis server time); key PEXPIREs ``lease_ttl_s``
                                      after its last write

@@ -36,9 +36,12 @@ local function caps(info_key, default_gpu, default_cpu)
   return g, c
 end
 
--- an adapter joined or left the replica's registered set: when and by whom (``stamps``)
+-- an adapter joined or left the replica's registered set: the replica's next change number
+-- (``stamps`` field '', counting up: a total order, where two writes or a write and a read
+-- in the same millisecond of the server's clock were not ordered) and by whom
 local function stamp(stamps, adapter, who)
-  redis.call('HSET', stamps, adapter, string.format('%.0f', now_ms()) .. ' ' .. who)
+  local n = redis.call('HINCRBY', stamps, '', 1)
+  redis.call('HSET', stamps, adapter, n .. ' ' .. who)
 end
 
 -- residency keys: reg (SET), gpu (LIST), cpu (LIST), info (HASH), stamps (HASH)
@@ -136,8 +139,8 @@ return 1
 
 # KEYS: reg, gpu, cpu, info, stamps
 # ARGV: op ('load' | 'unload' | 'reconcile'), default max_loras, default max_cpu_loras,
-#       instance id, since ms (reconcile: the caller's last read of the shared state, Redis
-#       server time; '' = never read), adapters…
+#       instance id, since (reconcile: the replica's change number at the caller's last read
+#       of the shared state, a snapshot's row; '' = never read), adapters…
 RESIDENCY = (
     _COMMON
     + """
@@ -150,15 +153,17 @@ elseif op == 'unload' then
 elseif op == 'reconcile' then
   -- the registered set becomes ARGV[6..]: only the difference is written (an unchanged set,
   -- every poll of an idle replica, writes nothing), and an adapter another instance added
-  -- or removed at or after the caller's last read keeps its state: the caller's poll may
-  -- predate that write (a poll journaled during an outage, replayed later)
+  -- or removed after the caller's last read (a change number above since) keeps its state:
+  -- the caller's poll may predate that write (a poll journaled during an outage, replayed
+  -- later)
   local since = tonumber(ARGV[5])
   local function newer(a)
-    if not since then return false end
+    if not since or a == '' then return false end
     local s = redis.call('HGET', KEYS[5], a)
     if not s then return false end
     local sp = string.find(s, ' ', 1, true)
-    return (tonumber(string.sub(s, 1, sp - 1)) or 0) >= since and string.sub(s, sp + 1) ~= who
+    if not sp then return false end
+    return (tonumber(string.sub(s, 1, sp - 1)) or 0) > since and string.sub(s, sp + 1) ~= who
   end
   local seen = {}
   for i = 6, #ARGV do seen[ARGV[i]] = true end
@@ -198,7 +203,7 @@ return 1
 # (expired entries of the three are deleted); drains = the drained replicas (flat HGETALL:
 # id, since); readers = {instance, ms of its last read, …} (flat HGETALL; this read recorded
 # first; entries past the ttl deleted); row = {id, info (flat HGETALL), registered, gpu, cpu,
-# in-flight count}.
+# in-flight count, change number of the registered set (stamps field '', 0 if none)}.
 SNAPSHOT = (
     _COMMON
     + """
@@ -245,6 +250,7 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     redis.call('LRANGE', base .. ':gpu', 0, -1),
     redis.call('LRANGE', base .. ':cpu', 0, -1),
     redis.call('ZCOUNT', base .. ':inflight', '(' .. now, '+inf'),
+    redis.call('HGET', base .. ':stamps', '') or '0',
   }
 end
 return out

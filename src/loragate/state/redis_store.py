@@ -301,9 +301,10 @@ class RedisStore:
         self._last_lease_sync_s = -math.inf
         self._adapters_cache: tuple[str, int, dict[AdapterId, AdapterSpec]] | None = None
         self.epoch: str | None = None
-        # Redis server time (ms) of this instance's last recorded read (``snapshot(as_reader=
-        # True)``): what its view of the shared state includes, for ``reconcile``'s since.
-        self.read_ms: int | None = None
+        # Each replica's change number (``P rep:R:stamps``) at this instance's last recorded
+        # read (``snapshot(as_reader=True)``): what its view of the shared state includes, for
+        # ``reconcile``'s since (``read_change``).
+        self._read_changes: dict[ReplicaId, int] = {}
         self._errors = 0
         self._failing = False
         self._demand_ttl_s = math.ceil(self.ttls.demand_retention_s + self.ttls.demand_bucket_s)
@@ -478,7 +479,7 @@ class RedisStore:
         self.epoch = epoch or None
         readers = {str(i): int(ms) for i, ms in zip(raw[6][::2], raw[6][1::2], strict=True)}
         if as_reader:
-            self.read_ms = readers.get(self.instance_id, self.read_ms)
+            self._read_changes = {str(row[0]): int(row[6]) for row in raw[8:]}
         if isinstance(raw[2], list):
             adapters = {n: decode_adapter(n, v) for n, v in _pairs(raw[2]).items()}
         elif cache is not None and cache[0] == epoch:
@@ -541,8 +542,13 @@ class RedisStore:
         )
 
     # --- residency ----------------------------------------------------------------------------
+    def read_change(self, replica_id: ReplicaId) -> int | None:
+        """The change number of ``replica_id``'s registered set at this instance's last
+        recorded read (None: not read yet), for ``reconcile``'s ``since``."""
+        return self._read_changes.get(replica_id)
+
     async def _residency_op(
-        self, replica_id: ReplicaId, op: str, adapters: list[str], since_ms: int | None = None
+        self, replica_id: ReplicaId, op: str, adapters: list[str], since: int | None = None
     ) -> None:
         await self._io(
             self._residency(
@@ -551,7 +557,7 @@ class RedisStore:
                     op,
                     *self._settings_args(),
                     self.instance_id,
-                    "" if since_ms is None else since_ms,
+                    "" if since is None else since,
                     *adapters,
                 ],
             )
@@ -564,14 +570,15 @@ class RedisStore:
         await self._residency_op(replica_id, "unload", [adapter])
 
     async def reconcile(
-        self, replica_id: ReplicaId, seen: frozenset[AdapterId], *, since_ms: int | None = None
+        self, replica_id: ReplicaId, seen: frozenset[AdapterId], *, since: int | None = None
     ) -> None:
         """``seen`` becomes the registered set, except for the adapters another instance added
-        or removed at or after ``since_ms`` (Redis server time: the caller's last read of the
-        shared state, ``read_ms``), which keep their state: the caller did not know of that
-        write, and its poll may predate it (one journaled during an outage and replayed after
-        a newer load). None: ``seen`` as it is."""
-        await self._residency_op(replica_id, "reconcile", sorted(seen), since_ms)
+        or removed after change number ``since`` of the replica's registered set (the caller's
+        last read of it, ``read_change``), which keep their state: the caller did not know of
+        that write, and its poll may predate it (one journaled during an outage and replayed
+        after a newer load). Change numbers, not the server's clock: a write and a read in the
+        same millisecond were not ordered. None: ``seen`` as it is."""
+        await self._residency_op(replica_id, "reconcile", sorted(seen), since)
 
     # --- adapter registry ---------------------------------------------------------------------
     async def put_adapter(self, spec: AdapterSpec, *, epoch: str | None = None) -> bool:

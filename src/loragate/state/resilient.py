@@ -531,8 +531,8 @@ class ResilientStore:
         await self._local.reconcile(replica_id, seen)
         # What our view includes now: Redis leaves alone what another instance changed since
         # (this poll may predate it, above all if it waits in the journal for Redis to return).
-        since_ms = self._remote.read_ms
-        await self._write(lambda r: r.reconcile(replica_id, seen, since_ms=since_ms))
+        since = self._remote.read_change(replica_id)
+        await self._write(lambda r: r.reconcile(replica_id, seen, since=since))
 
     # --- adapter registry -------------------------------------------------------------------------
     async def put_adapter(self, spec: AdapterSpec) -> bool:
