@@ -65,7 +65,8 @@ file's definitions in the store (at :meth:`start`, after a reload changed them, 
 store's version moves; renewed every ``lease_renew_s``, by one lease key on Redis when they
 are all in force as the file says) and serves the definitions in force
 (:meth:`config_adapters`, what the catalog is built from); a conflict is logged once as an
-ERROR and shown by :meth:`definition_conflicts` and :meth:`status` (and counted in
+ERROR (the ones a claim round finds together: one summary line naming the count and the first
+five, each at DEBUG) and shown by :meth:`definition_conflicts` and :meth:`status` (and counted in
 ``loragate_adapter_definition_conflicts``). A name registered through the admin API before a
 config file defined it stays the registration's for every instance, this one too (the
 reverse of the admin API's 409 for a name a file defines: whoever holds a name first keeps
@@ -762,41 +763,59 @@ class SharedState:
         self._report_conflicts()
 
     def _report_conflicts(self) -> None:
+        """Log the conflicts this claim round found that were not said already, and the ones
+        that ended: one line each if there is one, else one summary line (the count and the
+        first few names; each conflict at DEBUG). 200 adapters defined otherwise by another
+        instance's file made 200 ERROR lines at once before."""
+        found: list[tuple[int, AdapterId, AdapterDefinition, AdapterDefinition]] = []
+        agreed: list[AdapterId] = []
         for index, (name, spec) in enumerate(self._config_specs.items()):
             ours = _definition(spec)
             entry = self._in_force.get(name)
             if entry is None or entry.definition.agrees(ours):
                 if self._conflicts.pop(name, None) is not None:
-                    log.warning(
-                        "adapter %s: the definition in force agrees with this config file "
-                        "again (%s)",
-                        name, ours.describe(),
-                    )  # fmt: skip
+                    agreed.append(name)
                 continue
             theirs = entry.definition
             if self._conflicts.get(name) == (ours, theirs):
                 continue  # said already
             self._conflicts[name] = (ours, theirs)
-            if theirs.instance == REGISTERED:
-                log.error(
-                    "adapter %s (config key adapters[%d]): this instance's config file defines "
-                    "it as %s, but it was registered through the admin API first, as %s: "
-                    "serving the registration, so that every gateway instance on this state "
-                    "store routes it alike. Rename the adapter in the file, or delete the "
-                    "registration (DELETE /admin/adapters/%s) to put the file's definition in "
-                    "force",
-                    name, index, ours.describe(), theirs.describe(), name,
-                )  # fmt: skip
-                continue
-            log.error(
-                "adapter %s (config key adapters[%d]): this instance's config file defines it "
-                "as %s, but the definition in force for every gateway instance on this state "
-                "store is %s (claimed by instance %s, whose config file said so first): serving "
-                "that one, so that every instance routes it alike. Make the config files agree; "
-                "to change the definition in force, edit the file of an instance that has it "
-                "and reload that instance (SIGHUP or POST /admin/reload)",
-                name, index, ours.describe(), theirs.describe(), theirs.instance or "?",
+            found.append((index, name, ours, theirs))
+        if len(agreed) == 1:
+            name = agreed[0]
+            log.warning(
+                "adapter %s: the definition in force agrees with this config file again (%s)",
+                name, _definition(self._config_specs[name]).describe(),
             )  # fmt: skip
+        elif agreed:
+            log.warning(
+                "%d adapters: the definitions in force agree with this config file again (%s)",
+                len(agreed), _some(agreed),
+            )  # fmt: skip
+        if len(found) == 1:
+            line, args = _conflict_line(*found[0])
+            log.error(line, *args)
+            return
+        if not found:
+            return
+        index, name, ours, theirs = found[0]
+        log.error(
+            "%d adapters of this instance's config file are defined differently from the "
+            "definitions in force for every gateway instance on this state store (%s): serving "
+            "the ones in force, so that every instance routes them alike. The first, %s "
+            "(config key adapters[%d]): this file says %s, in force is %s (%s). Make the config "
+            "files agree; to change a definition in force, edit the file of an instance that "
+            "has it and reload that instance (SIGHUP or POST /admin/reload); a name registered "
+            "through the admin API first stays the registration until it is deleted (DELETE "
+            "/admin/adapters/NAME). GET /admin/adapters (definition_conflict) shows each, and "
+            "each is logged at DEBUG",
+            len(found), _some([n for _, n, _, _ in found]), name, index, ours.describe(),
+            theirs.describe(), _claimed_by(theirs),
+        )  # fmt: skip
+        if log.isEnabledFor(logging.DEBUG):
+            for conflict in found:
+                line, args = _conflict_line(*conflict)
+                log.debug(line, *args)
 
     # -- status and lifecycle -----------------------------------------------------------------
 
@@ -884,3 +903,42 @@ class SharedState:
 
 def _definition(spec: AdapterSpec) -> AdapterDefinition:
     return AdapterDefinition.of(spec)
+
+
+SOME = 5  # names a summary log line names
+
+
+def _some(names: list[AdapterId]) -> str:
+    """The first :data:`SOME` names, and how many more."""
+    shown = ", ".join(names[:SOME])
+    return shown if len(names) <= SOME else f"{shown} and {len(names) - SOME} more"
+
+
+def _claimed_by(theirs: AdapterDefinition) -> str:
+    if theirs.instance == REGISTERED:
+        return "registered through the admin API first"
+    return f"claimed by instance {theirs.instance or '?'}, whose config file said so first"
+
+
+def _conflict_line(
+    index: int, name: AdapterId, ours: AdapterDefinition, theirs: AdapterDefinition
+) -> tuple[str, tuple[object, ...]]:
+    """The log line (format, arguments) naming one conflict, with what to do about it."""
+    if theirs.instance == REGISTERED:
+        return (
+            "adapter %s (config key adapters[%d]): this instance's config file defines it as "
+            "%s, but it was registered through the admin API first, as %s: serving the "
+            "registration, so that every gateway instance on this state store routes it alike. "
+            "Rename the adapter in the file, or delete the registration (DELETE "
+            "/admin/adapters/%s) to put the file's definition in force",
+            (name, index, ours.describe(), theirs.describe(), name),
+        )  # fmt: skip
+    return (
+        "adapter %s (config key adapters[%d]): this instance's config file defines it as %s, "
+        "but the definition in force for every gateway instance on this state store is %s "
+        "(claimed by instance %s, whose config file said so first): serving that one, so that "
+        "every instance routes it alike. Make the config files agree; to change the definition "
+        "in force, edit the file of an instance that has it and reload that instance (SIGHUP "
+        "or POST /admin/reload)",
+        (name, index, ours.describe(), theirs.describe(), theirs.instance or "?"),
+    )  # fmt: skip
