@@ -59,3 +59,21 @@ def test_a_bad_value_names_the_key(metrics: dict[str, Any], key: str, says: str)
     assert info.value.key == key
     assert str(info.value).startswith(f"{key}: ")
     assert says in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ({"adapters": [{"name": "__other__", "path": "/p"}]}, "adapters[0].name"),
+        ({"tenants": [{"name": "__other__", "api_keys": ["sk-1"]}]}, "tenants[0].name"),
+    ],
+)
+def test_the_folded_label_value_names_no_adapter_nor_tenant(
+    section: dict[str, Any], key: str
+) -> None:
+    """``__other__`` is the label value of folded names: an adapter or tenant so named would
+    add up with them."""
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping({"base_model": "m", "replicas": ["http://h:1"], **section})
+    assert info.value.key == key
+    assert "'__other__' is reserved" in str(info.value)

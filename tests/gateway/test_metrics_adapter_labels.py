@@ -66,8 +66,9 @@ async def test_first_n_keeps_the_first_names_and_folds_the_rest() -> None:
             url, 6, adapter_labels="first_n", adapter_label_limit=2, tenant_label_limit=1
         )
         async with running_gateway(config, port=0) as gw:
-            # lora-3 first, then lora-1: those two keep their names; the base model is never
-            # folded; lora-0, lora-4, lora-5 are __other__ however often they come later.
+            # The config file's first two, lora-0 and lora-1, keep their names (whichever
+            # came first here: lora-3 did); the base model is never folded; lora-2 to lora-5
+            # are __other__ however often they come.
             await _traffic(
                 gw.url,
                 [
@@ -83,17 +84,17 @@ async def test_first_n_keeps_the_first_names_and_folds_the_rest() -> None:
             )
             after = await scrape(gw.url)
     assert _by(after, "loragate_requests_total", "adapter") == {
-        "lora-3": 2, "lora-1": 1, "": 1, OTHER: 4,
+        "lora-0": 1, "lora-1": 1, "": 1, OTHER: 5,
     }  # fmt: skip
     # TTFT of the streams: lora-3, base, lora-0, lora-5.
     assert _by(after, "loragate_ttft_by_adapter_seconds_count", "adapter") == {
-        "lora-3": 1, "": 1, OTHER: 2,
+        "lora-0": 1, "": 1, OTHER: 2,
     }  # fmt: skip
     # Whole answers without a stream: lora-1, lora-4 twice, lora-3.
     assert _by(after, "loragate_request_duration_by_adapter_seconds_count", "adapter") == {
-        "lora-1": 1, OTHER: 2, "lora-3": 1,
+        "lora-1": 1, OTHER: 3,
     }  # fmt: skip
-    # Tenants, limit 1: t0 came first (its stream); t1 and t2 are folded.
+    # Tenants, limit 1: t0 is the file's first; t1 and t2 are folded.
     assert _by(after, "loragate_ttft_by_tenant_seconds_count", "tenant") == {"t0": 2, OTHER: 2}
     assert _by(after, "loragate_request_duration_by_tenant_seconds_count", "tenant") == {
         "t0": 1, OTHER: 3,
@@ -104,15 +105,15 @@ async def test_first_n_keeps_the_first_names_and_folds_the_rest() -> None:
         for (name, pairs), v in after.items()
         if name == "loragate_ttft_by_adapter_seconds_bucket" and (d := dict(pairs))["le"] == "+Inf"
     }
-    assert inf == {"lora-3": 1, "": 1, OTHER: 2}
-    # How many names are named and how many folded, so the limit can be sized.
+    assert inf == {"lora-0": 1, "": 1, OTHER: 2}
+    # How many names are named and how many folded (the file's too), so the limit can be sized.
     names = {
         (d["label"], d["kind"]): v
         for (name, pairs), v in after.items()
         if name == "loragate_metric_label_names" and (d := dict(pairs))
     }
     assert names == {
-        ("adapter", "own"): 2, ("adapter", "other"): 3,
+        ("adapter", "own"): 2, ("adapter", "other"): 4,
         ("tenant", "own"): 1, ("tenant", "other"): 2,
     }  # fmt: skip
 
@@ -213,7 +214,7 @@ async def test_a_reload_keeps_the_label_modes_until_a_restart(tmp_path: Path) ->
 
 async def test_refused_loads_are_counted_under_the_folded_adapter_label() -> None:
     """r0 refuses every adapter's load; r1 serves them (round robin tries r0 first for
-    each). With a limit of 1, lora-1 (first counted) keeps its name, lora-0 and lora-2 share
+    each). With a limit of 1, lora-0 (the file's first) keeps its name, lora-1 and lora-2 share
     __other__ in loragate_adapter_load_refusals_total as in loragate_requests_total."""
     async with picky_replicas() as (r0, r1):
         r0.refuse = {"lora-0", "lora-1", "lora-2"}
@@ -233,5 +234,56 @@ async def test_refused_loads_are_counted_under_the_folded_adapter_label() -> Non
         for (name, pairs), v in after.items()
         if name == "loragate_adapter_load_refusals_total" and (d := dict(pairs))
     }
-    assert refused == {("lora-1", "r0"): 1, (OTHER, "r0"): 2}
-    assert _by(after, "loragate_requests_total", "adapter") == {"lora-1": 1, OTHER: 2}
+    assert refused == {("lora-0", "r0"): 1, (OTHER, "r0"): 2}
+    assert _by(after, "loragate_requests_total", "adapter") == {"lora-0": 1, OTHER: 2}
+
+
+async def test_instances_on_one_config_file_keep_the_same_names() -> None:
+    """Two gateways on one config file, whose traffic came in opposite orders, keep the same
+    names (the file's first, in file order), so ``sum by (adapter)`` over the instances adds
+    one adapter's series to its own. Before, each kept the first names it counted: A lora-5
+    and lora-4, B lora-0 and lora-1, and lora-0 was named on B, __other__ on A."""
+    replica = ScriptedReplica("r0")
+    order = [(f"lora-{i}", i % 3, bool(i % 2)) for i in range(6)]
+    async with serving(replica.app) as (url, _):
+        config = _config(url, 6, adapter_label_limit=2, tenant_label_limit=1)
+        async with (
+            running_gateway(config, port=0) as gw_a,
+            running_gateway(config, port=0) as gw_b,
+        ):
+            await _traffic(gw_a.url, order[::-1])
+            await _traffic(gw_b.url, order)
+            scraped = [await scrape(gw.url) for gw in (gw_a, gw_b)]
+    for after in scraped:
+        assert _by(after, "loragate_requests_total", "adapter") == {
+            "lora-0": 1, "lora-1": 1, OTHER: 4,
+        }  # fmt: skip
+        # Tenants t1, t0, t2 streamed; t0, t2, t1 did not: t0 is the file's first.
+        for family in ("ttft", "request_duration"):
+            by_tenant = _by(after, f"loragate_{family}_by_tenant_seconds_count", "tenant")
+            assert by_tenant == {"t0": 1, OTHER: 2}, family
+
+
+async def test_an_adapter_named_like_the_folded_value_is_refused() -> None:
+    """``__other__`` is the label value of the folded names: an adapter registered under it
+    would add its requests to theirs. POST and PUT /admin/adapters answer 400 naming it (the
+    config file's adapters and tenants: tests/core/test_metrics_label_config.py)."""
+    replica = ScriptedReplica("r0")
+    auth = {"Authorization": "Bearer t0ken"}
+    async with serving(replica.app) as (url, _):
+        config = gateway_config([url], admin={"token": "t0ken"})
+        async with running_gateway(config, port=0) as gw, aiohttp.ClientSession() as http:
+            for method, path in (("POST", ""), ("PUT", "/" + OTHER)):
+                async with http.request(
+                    method,
+                    gw.url + "/admin/adapters" + path,
+                    json={"name": OTHER, "path": "/loras/x"},
+                    headers=auth,
+                ) as resp:
+                    assert resp.status == 400, method
+                    error = (await resp.json())["error"]
+                assert error["param"] == "name", error
+                assert "'__other__' is reserved" in error["message"], error
+            async with http.get(gw.url + "/admin/adapters", headers=auth) as resp:
+                names = [a["name"] for a in (await resp.json())["adapters"]]
+    assert OTHER not in names and "lora-0" in names

@@ -219,7 +219,9 @@ class MetricsConfig:
     ``adapter_labels`` / ``tenant_labels``: what the ``adapter`` / ``tenant`` label of every
     family that has one holds (``LABEL_MODES``): ``all`` (every name: one series per adapter,
     unbounded), ``first_n`` (the first ``adapter_label_limit`` / ``tenant_label_limit`` names
-    this instance counts keep their own value for its lifetime; any later one is counted as
+    keep their own value for the instance's lifetime: the config file's adapters / tenants
+    first, in file order, so every instance reading the file keeps the same ones, then those
+    this instance counts first; any later one is counted as
     ``__other__``: at most limit + 2 values with the base model's ``''``), ``none`` (every
     name is ``__other__``). Prometheus cannot drop a series once scraped, so the names kept
     never change while the gateway runs: read at start only (a reload reports a change in
@@ -471,13 +473,31 @@ def replica_address(url: str) -> str:
     return f"{parts.scheme}://{host}:{port}{parts.path.rstrip('/')}"
 
 
+# The value a metric's adapter or tenant label takes for the names it folds
+# (metrics.adapter_labels / tenant_labels; gateway/label_fold.py): no adapter nor tenant may be
+# named so, or its series would add up with the folded ones.
+RESERVED_LABEL = "__other__"
+
+
+def _reserved_problem(name: str, what: str) -> str | None:
+    if name == RESERVED_LABEL:
+        return (
+            f"{RESERVED_LABEL!r} is reserved and cannot name {what}: it is the metric label "
+            "value of the names metrics.adapter_labels / metrics.tenant_labels fold"
+        )
+    return None
+
+
 def adapter_name_problem(name: str) -> str | None:
     """Why ``name`` cannot name an adapter, or None. vLLM 0.32 takes any non-empty
     ``lora_name`` (``org/name`` too, as its Hugging Face resolver names them); refused here is
     only what ``DELETE /admin/adapters/{name}`` could not address: a ``.`` or ``..`` path
     segment (HTTP clients remove them from a URL before sending it; curl, aiohttp, requests)
     and control characters (no route matches a newline; in a log line one would start a forged
-    line). Config-file and admin-registered adapters follow the same rule."""
+    line), and ``RESERVED_LABEL`` (the metrics' folded value). Config-file and
+    admin-registered adapters follow the same rule."""
+    if (problem := _reserved_problem(name, "an adapter")) is not None:
+        return problem
     for i, ch in enumerate(name):
         if ch < " " or "\x7f" <= ch <= "\x9f":
             return (
@@ -646,6 +666,8 @@ def _tenants(value: object) -> tuple[TenantConfig, ...]:
         name = _str(data["name"], f"{key}.name")
         if name in names:
             raise ConfigError(f"duplicate tenant {name!r}", key=f"{key}.name")
+        if (problem := _reserved_problem(name, "a tenant")) is not None:
+            raise ConfigError(problem, key=f"{key}.name")
         names.add(name)
         api_keys = _str_list(data["api_keys"], f"{key}.api_keys")
         if not api_keys:

@@ -179,8 +179,15 @@ def create_app(
     labels = config.metrics  # (read at start only: a reload keeps them)
     telemetry = Telemetry(
         registry,
-        adapter_labels=LabelFold(labels.adapter_labels, labels.adapter_label_limit),
-        tenant_labels=LabelFold(labels.tenant_labels, labels.tenant_label_limit),
+        # first_n keeps the file's names first, in file order: the same on every instance.
+        adapter_labels=LabelFold(
+            labels.adapter_labels,
+            labels.adapter_label_limit,
+            seeds=[a.name for a in config.adapters],
+        ),
+        tenant_labels=LabelFold(
+            labels.tenant_labels, labels.tenant_label_limit, seeds=[t.name for t in config.tenants]
+        ),
     )
     tracker = inflight
 

@@ -92,8 +92,9 @@ _AUTH_ENDPOINTS = ("admin", "models", "metrics")
 # The end of the HELP of every family with an adapter or tenant label.
 _ADAPTER_LABEL_DOC = (
     "The adapter label follows metrics.adapter_labels: with first_n (the default) the first "
-    "metrics.adapter_label_limit adapters (20) this instance counted have their own value "
-    "and any other is __other__; all: every adapter; none: __other__ for every adapter."
+    "metrics.adapter_label_limit adapters (20) have their own value (the config file's first, "
+    "in file order, then those this instance counted first) and any other is __other__; "
+    "all: every adapter; none: __other__ for every adapter."
 )
 _TENANT_LABEL_DOC = (
     "tenant: the API key's tenant ('' when the config has no tenants); the label follows "
