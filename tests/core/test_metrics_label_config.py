@@ -31,6 +31,21 @@ def test_modes_and_limits_are_read() -> None:
     assert config_from_mapping(_doc(adapter_labels="none")).metrics.adapter_labels == "none"
 
 
+def test_listed_names_are_read() -> None:
+    cfg = config_from_mapping(
+        _doc(
+            adapter_labels="listed",
+            adapter_label_names=["org/lora-b", "lora-a"],
+            tenant_labels="listed",
+            tenant_label_names=["acme"],
+        )
+    )
+    assert (cfg.metrics.adapter_labels, cfg.metrics.adapter_label_names) == (
+        "listed", ("org/lora-b", "lora-a"),
+    )  # fmt: skip
+    assert (cfg.metrics.tenant_labels, cfg.metrics.tenant_label_names) == ("listed", ("acme",))
+
+
 @pytest.mark.parametrize(
     ("metrics", "key", "says"),
     [
@@ -51,6 +66,47 @@ def test_modes_and_limits_are_read() -> None:
             "read only with metrics.tenant_labels: first_n",
         ),
         ({"adapter_label": "none"}, "metrics.adapter_label", "misspelling of 'adapter_labels'"),
+        (
+            {"adapter_labels": "listed"},
+            "metrics.adapter_label_names",
+            "required with metrics.adapter_labels: listed",
+        ),
+        (
+            {"tenant_label_names": ["t"]},
+            "metrics.tenant_label_names",
+            "read only with metrics.tenant_labels: listed (it is 'first_n' here)",
+        ),
+        (
+            {"adapter_labels": "listed", "adapter_label_names": ["a"], "adapter_label_limit": 2},
+            "metrics.adapter_label_limit",
+            "read only with metrics.adapter_labels: first_n (it is 'listed' here)",
+        ),
+        (
+            {"adapter_labels": "listed", "adapter_label_names": []},
+            "metrics.adapter_label_names",
+            "at least one name",
+        ),
+        (
+            {"adapter_labels": "listed", "adapter_label_names": "lora-0"},
+            "metrics.adapter_label_names",
+            "expected a list",
+        ),
+        (
+            {"tenant_labels": "listed", "tenant_label_names": ["t", ""]},
+            "metrics.tenant_label_names[1]",
+            "expected a non-empty string",
+        ),
+        (
+            {"adapter_labels": "listed", "adapter_label_names": ["a", "b", "a"]},
+            "metrics.adapter_label_names[2]",
+            "duplicate name 'a'",
+        ),
+        (
+            {"adapter_labels": "listed", "adapter_label_names": ["__other__"]},
+            "metrics.adapter_label_names[0]",
+            "'__other__' is reserved",
+        ),
+        ({"adapter_label_name": ["a"]}, "metrics.adapter_label_name", "adapter_label_names"),
     ],
 )
 def test_a_bad_value_names_the_key(metrics: dict[str, Any], key: str, says: str) -> None:

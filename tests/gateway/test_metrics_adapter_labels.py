@@ -287,3 +287,52 @@ async def test_an_adapter_named_like_the_folded_value_is_refused() -> None:
             async with http.get(gw.url + "/admin/adapters", headers=auth) as resp:
                 names = [a["name"] for a in (await resp.json())["adapters"]]
     assert OTHER not in names and "lora-0" in names
+
+
+async def test_listed_names_keep_their_values_on_every_instance() -> None:
+    """``listed``: the names of ``metrics.adapter_label_names`` / ``tenant_label_names`` keep
+    their own value on every instance, whatever the traffic's order, an adapter registered
+    through the admin API too (``late``); every other name is ``__other__``."""
+    replica = ScriptedReplica("r0")
+    order = [(f"lora-{i}", i % 3, bool(i % 2)) for i in range(6)]
+    auth = {"Authorization": "Bearer t0ken"}
+    async with serving(replica.app) as (url, _):
+        adapters = [{"name": f"lora-{i}", "path": f"/loras/lora-{i}"} for i in range(6)]
+        metrics = {
+            "adapter_labels": "listed",
+            "adapter_label_names": ["lora-4", "late", "lora-1"],
+            "tenant_labels": "listed",
+            "tenant_label_names": ["t2"],
+        }
+        config = gateway_config(
+            [url], adapters=adapters, tenants=TENANTS, metrics=metrics, admin={"token": "t0ken"}
+        )
+        async with (
+            running_gateway(config, port=0) as gw_a,
+            running_gateway(config, port=0) as gw_b,
+            aiohttp.ClientSession() as http,
+        ):
+            async with http.post(
+                gw_a.url + "/admin/adapters",
+                json={"name": "late", "path": "/loras/late"},
+                headers=auth,
+            ) as resp:
+                assert resp.status == 201, await resp.text()
+            await _traffic(gw_a.url, [*order[::-1], ("late", 0, False)])
+            await _traffic(gw_b.url, order)
+            scraped = [await scrape(gw.url) for gw in (gw_a, gw_b)]
+    a, b = (_by(after, "loragate_requests_total", "adapter") for after in scraped)
+    assert a == {"lora-4": 1, "lora-1": 1, "late": 1, OTHER: 4}
+    assert b == {"lora-4": 1, "lora-1": 1, OTHER: 4}
+    for after in scraped:
+        # Tenants t1, t0, t2 streamed; t0, t2, t1 did not (and t0 asked for late on A).
+        assert _by(after, "loragate_ttft_by_tenant_seconds_count", "tenant") == {"t2": 1, OTHER: 2}
+        names = {
+            (d["label"], d["kind"]): v
+            for (name, pairs), v in after.items()
+            if name == "loragate_metric_label_names" and (d := dict(pairs))
+        }
+        assert names == {
+            ("adapter", "own"): 3, ("adapter", "other"): 4,
+            ("tenant", "own"): 1, ("tenant", "other"): 2,
+        }  # fmt: skip

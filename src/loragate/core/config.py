@@ -222,7 +222,10 @@ class MetricsConfig:
     keep their own value for the instance's lifetime: the config file's adapters / tenants
     first, in file order, so every instance reading the file keeps the same ones, then those
     this instance counts first; any later one is counted as
-    ``__other__``: at most limit + 2 values with the base model's ``''``), ``none`` (every
+    ``__other__``: at most limit + 2 values with the base model's ``''``), ``listed`` (the
+    names of ``adapter_label_names`` / ``tenant_label_names`` keep their own value, every
+    other is ``__other__``: the same names on every instance and across restarts, whatever
+    registered them, for adapters the admin API adds), ``none`` (every
     name is ``__other__``). Prometheus cannot drop a series once scraped, so the names kept
     never change while the gateway runs: read at start only (a reload reports a change in
     ``restart_required``)."""
@@ -235,6 +238,8 @@ class MetricsConfig:
     adapter_label_limit: int = 20
     tenant_labels: str = "first_n"
     tenant_label_limit: int = 20
+    adapter_label_names: tuple[str, ...] = ()
+    tenant_label_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -898,22 +903,44 @@ def _token(
 
 _METRICS_SECONDS = ("loop_lag_interval_s", "loop_lag_warning_s")
 # metrics.adapter_labels / metrics.tenant_labels (see MetricsConfig).
-LABEL_MODES = ("all", "first_n", "none")
-# Each label's mode key and its limit's key.
+LABEL_MODES = ("all", "first_n", "listed", "none")
+# Each label's mode key, its limit's key (first_n) and its names' key (listed).
 _METRICS_LABELS = (
-    ("adapter_labels", "adapter_label_limit"),
-    ("tenant_labels", "tenant_label_limit"),
+    ("adapter_labels", "adapter_label_limit", "adapter_label_names"),
+    ("tenant_labels", "tenant_label_limit", "tenant_label_names"),
 )
 # The largest metrics.*_label_limit: 100,000 names (x 17 series per histogram) is far past
 # what a Prometheus server scrapes from one target; beyond it a typo (an extra 0) is likelier.
 MAX_LABEL_LIMIT = 100_000
 
 
+def _label_names(value: object, key: str) -> tuple[str, ...]:
+    """A ``metrics.*_label_names`` list: 1 to ``MAX_LABEL_LIMIT`` distinct non-empty names,
+    none ``RESERVED_LABEL``."""
+    names = _str_list(value, key)
+    if not names:
+        raise ConfigError("expected at least one name", key=key)
+    if len(names) > MAX_LABEL_LIMIT:
+        raise ConfigError(f"at most {MAX_LABEL_LIMIT} names, got {len(names)}", key=key)
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name == RESERVED_LABEL:
+            raise ConfigError(
+                f"{RESERVED_LABEL!r} is reserved: it is the value of every name not listed",
+                key=f"{key}[{i}]",
+            )
+        if name in seen:
+            raise ConfigError(f"duplicate name {name!r}", key=f"{key}[{i}]")
+        seen.add(name)
+    return names
+
+
 def _label_modes(data: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``metrics`` section's label modes and limits: a mode one of ``LABEL_MODES``, a limit
-    an integer from 1 and set only with ``first_n`` (the only mode that reads it)."""
+    """The ``metrics`` section's label modes, limits and names: a mode one of ``LABEL_MODES``,
+    a limit an integer from 1 and set only with ``first_n``, names required with ``listed``
+    and set only with it (the only modes that read them)."""
     out: dict[str, Any] = {}
-    for mode_key, limit_key in _METRICS_LABELS:
+    for mode_key, limit_key, names_key in _METRICS_LABELS:
         mode = "first_n"
         if mode_key in data:
             mode = _str(data[mode_key], f"metrics.{mode_key}")
@@ -925,20 +952,29 @@ def _label_modes(data: Mapping[str, Any]) -> dict[str, Any]:
                     key=f"metrics.{mode_key}",
                 )
             out[mode_key] = mode
-        if limit_key in data:
-            if mode != "first_n":
+        for key, reader in ((limit_key, "first_n"), (names_key, "listed")):
+            if key in data and mode != reader:
                 raise ConfigError(
-                    f"read only with metrics.{mode_key}: first_n (it is {mode!r} here)",
-                    key=f"metrics.{limit_key}",
+                    f"read only with metrics.{mode_key}: {reader} (it is {mode!r} here)",
+                    key=f"metrics.{key}",
                 )
+        if limit_key in data:
             out[limit_key] = _int(
                 data[limit_key], f"metrics.{limit_key}", minimum=1, maximum=MAX_LABEL_LIMIT
             )
+        if mode == "listed":
+            if names_key not in data:
+                raise ConfigError(
+                    f"required with metrics.{mode_key}: listed (the names that keep their own "
+                    "label value)",
+                    key=f"metrics.{names_key}",
+                )
+            out[names_key] = _label_names(data[names_key], f"metrics.{names_key}")
     return out
 
 
 def _metrics(section: object, environ: Mapping[str, str]) -> MetricsConfig:
-    more = (*_METRICS_SECONDS, *(k for pair in _METRICS_LABELS for k in pair))
+    more = (*_METRICS_SECONDS, *(k for keys in _METRICS_LABELS for k in keys))
     token, ignored = _token(section, "metrics", environ, METRICS_TOKEN_ENV, more)
     data = {} if section is None else _mapping(section, "metrics")
     kwargs: dict[str, Any] = {

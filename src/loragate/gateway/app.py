@@ -179,14 +179,17 @@ def create_app(
     labels = config.metrics  # (read at start only: a reload keeps them)
     telemetry = Telemetry(
         registry,
-        # first_n keeps the file's names first, in file order: the same on every instance.
+        # first_n keeps the file's names first, in file order: the same on every instance;
+        # listed keeps the names listed.
         adapter_labels=LabelFold(
             labels.adapter_labels,
             labels.adapter_label_limit,
-            seeds=[a.name for a in config.adapters],
+            seeds=labels.adapter_label_names or [a.name for a in config.adapters],
         ),
         tenant_labels=LabelFold(
-            labels.tenant_labels, labels.tenant_label_limit, seeds=[t.name for t in config.tenants]
+            labels.tenant_labels,
+            labels.tenant_label_limit,
+            seeds=labels.tenant_label_names or [t.name for t in config.tenants],
         ),
     )
     tracker = inflight

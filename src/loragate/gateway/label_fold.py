@@ -12,7 +12,9 @@ where "the top N by requests" would move names in and out of ``OTHER`` as traffi
 seeds make it the same rule on every instance reading one config file, and after a restart:
 ``sum by (adapter)`` over instances adds one adapter's series to the same adapter's, never to
 another instance's ``OTHER`` (first-seen names alone differ by instance, as its traffic came).
-Names no file lists (registered through the admin API) get the slots the seeds leave. The
+Names no file lists (registered through the admin API) get the slots the seeds leave.
+``listed`` keeps exactly the names ``metrics.*_label_names`` gives (any registration's),
+the same everywhere whatever the traffic. The
 empty name (the base model, or no tenant) is never folded, nor counted in ``limit``.
 ``OTHER`` is no name: the config and the admin API refuse it as an adapter's or a tenant's
 (``core.config.RESERVED_LABEL``).
@@ -36,7 +38,7 @@ OTHER: Final = RESERVED_LABEL
 class LabelFold:
     """The label value of a name under ``mode`` (one of ``LABEL_MODES``): ``values[name]``
     once :meth:`label` decided it. ``seeds``: with ``first_n``, names decided first, in
-    order (the config file's)."""
+    order (the config file's); with ``listed``, the only names that keep their own value."""
 
     __slots__ = ("_named", "limit", "mode", "values")
 
@@ -50,6 +52,9 @@ class LabelFold:
         if mode == "first_n":
             for name in seeds:
                 self.label(name)
+        elif mode == "listed":  # every other name: OTHER, as label() finds no room for it
+            self.values.update((name, name) for name in seeds)
+            self._named = len(self.values) - 1
 
     def counts(self) -> tuple[int, int]:
         """How many names seen have their own value, and how many were folded into

@@ -70,7 +70,8 @@ _STARTUP_LIMITS = ("connect_timeout_s", "admin_timeout_s", "max_upstream_connect
 # metrics label modes: which names have their own series must not change while Prometheus
 # scrapes (see gateway/label_fold.py).
 _STARTUP_METRICS = ("adapter_labels", "adapter_label_limit", "tenant_labels",
-                    "tenant_label_limit")  # fmt: skip
+                    "tenant_label_limit", "adapter_label_names",
+                    "tenant_label_names")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

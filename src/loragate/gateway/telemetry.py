@@ -94,11 +94,13 @@ _ADAPTER_LABEL_DOC = (
     "The adapter label follows metrics.adapter_labels: with first_n (the default) the first "
     "metrics.adapter_label_limit adapters (20) have their own value (the config file's first, "
     "in file order, then those this instance counted first) and any other is __other__; "
+    "listed: the adapters of metrics.adapter_label_names, any other __other__; "
     "all: every adapter; none: __other__ for every adapter."
 )
 _TENANT_LABEL_DOC = (
     "tenant: the API key's tenant ('' when the config has no tenants); the label follows "
-    "metrics.tenant_labels (first_n, limit metrics.tenant_label_limit, 20; all; none) as "
+    "metrics.tenant_labels (first_n, limit metrics.tenant_label_limit, 20; listed, "
+    "metrics.tenant_label_names; all; none) as "
     "the adapter label follows metrics.adapter_labels."
 )
 
