@@ -336,3 +336,41 @@ async def test_listed_names_keep_their_values_on_every_instance() -> None:
             ("adapter", "own"): 3, ("adapter", "other"): 4,
             ("tenant", "own"): 1, ("tenant", "other"): 2,
         }  # fmt: skip
+
+
+async def test_a_reload_keeps_the_listed_names_until_a_restart(tmp_path: Path) -> None:
+    """Changing metrics.adapter_label_names by a reload says restart_required and keeps the
+    names in force (lora-0), as a change of the modes does."""
+    replica = ScriptedReplica("r0")
+    path = tmp_path / "gw.yaml"
+
+    def write(names: list[str]) -> None:
+        doc = {
+            "base_model": BASE,
+            "replicas": [{"id": "r0", "url": replica.url}],
+            "adapters": [{"name": f"lora-{i}", "path": f"/loras/lora-{i}"} for i in range(2)],
+            "tenants": TENANTS,
+            "poller": {"interval_s": 3600},
+            "admin": {"token": "reload-token"},
+            "metrics": {"adapter_labels": "listed", "adapter_label_names": names},
+        }
+        path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+
+    async with serving(replica.app) as (url, _):
+        replica.url = url
+        write(["lora-0"])
+        async with (
+            running_gateway(load_config(path), port=0, config_path=path) as gw,
+            aiohttp.ClientSession() as http,
+        ):
+            write(["lora-1"])
+            async with http.post(
+                gw.url + "/admin/reload", headers={"Authorization": "Bearer reload-token"}
+            ) as resp:
+                assert resp.status == 200
+                body = await resp.json()
+            assert body["restart_required"] == ["metrics.adapter_label_names"]
+            assert gw.gateway.config.metrics.adapter_label_names == ("lora-0",)
+            await _traffic(gw.url, [("lora-0", 0, False), ("lora-1", 0, False)])
+            after = await scrape(gw.url)
+    assert _by(after, "loragate_requests_total", "adapter") == {"lora-0": 1, OTHER: 1}
