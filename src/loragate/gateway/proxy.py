@@ -98,8 +98,11 @@ counts with its outcome (200 or ``stream_error``) and its latency. A client that
 ``limits.client_write_timeout_s``; one that reads, however slowly, is not cut) has its
 connection closed and is counted as one that went away (the access log says it
 stalled); its lease is released and the replica's connection closed (vLLM aborts the
-generation). What a stream has shown so far and what to relay of each read is
-``gateway.stream_state``; ``_pipe`` is the I/O loop around it.
+generation). The write of a whole (non-streamed) answer is bounded alike (``_Answer``): a
+client that takes none of it for ``limits.client_write_timeout_s`` has its connection closed
+(logged at DEBUG; the request was counted when the answer came). What a stream has shown so
+far and what to relay of each read is ``gateway.stream_state``; ``_pipe`` is the I/O loop
+around it.
 
 Access log: one DEBUG line per finished request (id, path, tenant, model, replica, status or
 outcome, latency, TTFT when streamed, retries, ``residency=``: where its last routing decision
@@ -152,7 +155,7 @@ import logging
 import re
 import struct
 import termios
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -793,7 +796,9 @@ class Proxy:
                             rreq, path, rid, str(status), t0, retries,
                             routed=(residency, load_wait_s), now=now,
                         )  # fmt: skip
-                        return web.Response(
+                        return _Answer(
+                            request.transport,
+                            self._client_write_timeout_s,
                             body=data,
                             status=status,
                             headers={
@@ -1338,6 +1343,13 @@ async def _write(
     if transport is None or not _may_wait(transport, len(data), marks):
         await (out.write_eof(data) if eof else out.write(data))
         return
+    await _bounded(out.write_eof(data) if eof else out.write(data), transport, timeout_s)
+
+
+async def _bounded(write: Awaitable[None], transport: asyncio.Transport, timeout_s: float) -> None:
+    """Await ``write`` (a write to ``transport``'s client that may wait for it to read) as
+    long as the client takes some of what it owes at least once every ``timeout_s``
+    (:func:`_write`)."""
     loop = asyncio.get_running_loop()
     fd = _fileno(transport)
     owed = 0
@@ -1362,12 +1374,44 @@ async def _write(
 
             timer = loop.call_soon(start)
             try:
-                await (out.write_eof(data) if eof else out.write(data))
+                await write
             finally:
                 timer.cancel()
     except TimeoutError:
         transport.abort()
         raise _ClientStalled("the client took nothing in time") from None
+
+
+class _Answer(web.Response):
+    """A whole (non-streamed) answer whose write to the client is bounded as a stream's
+    (:func:`_write`: ``limits.client_write_timeout_s`` without the client taking any of it).
+    Before, an answer larger than the socket's buffers to a client that never read held its
+    connection and aiohttp's handler task until the client closed (its lease and in-flight
+    count were released already). A stalled client's connection is closed (aiohttp then
+    handles it as a client that went away)."""
+
+    def __init__(
+        self, transport: asyncio.Transport | None, timeout_s: float, body: bytes, **kwargs: Any
+    ) -> None:
+        super().__init__(body=body, **kwargs)
+        self._transport = transport
+        self._write_timeout_s = timeout_s
+        self._size = len(body)
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        transport, size = self._transport, self._size
+        if transport is None or not _may_wait(transport, size, _marks(transport)):
+            await super().write_eof(data)
+            return
+        try:
+            await _bounded(super().write_eof(data), transport, self._write_timeout_s)
+        except _ClientStalled:
+            log.debug(
+                "request %s: its client took nothing of its answer (%d bytes) for %g s "
+                "(limits.client_write_timeout_s): its connection was closed",
+                self.headers.get(REQUEST_ID_HEADER, "?"), size, self._write_timeout_s,
+            )  # fmt: skip
+            raise
 
 
 def _fileno(transport: asyncio.Transport) -> int | None:
