@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from loragate.core.errors import ConfigError, MeasurementError
+from loragate.core.signal_handlers import signals_deferred
 from loragate.twin.measure_launch import AdapterSet, MeasuredServer, ServerSettings, base_model_card
 from loragate.twin.measure_server import ServerProcess, free_port, spawn_server, wait_ready
 
@@ -167,16 +168,25 @@ class TemplateLauncher:
         env.update(VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", TMPDIR=str(tmp_dir))
         log_path = self.log_dir / f"{name}.log"
         t0 = time.monotonic()
+        server: ServerProcess | None = None
         try:
-            proc = spawn_server(cmd, env=env, log_path=log_path)
-        except MeasurementError:
-            os.rmdir(tmp_dir)
-            raise
-        server = ServerProcess(port=port, proc=proc, log_path=log_path, tmp_dir=tmp_dir)
-        try:
+            # A SIGTERM or Ctrl-C between the fork and ``server`` being set (inside Popen, which
+            # waits for the exec) is acted on once it is set: the server is stopped below, not
+            # left running in its session of its own.
+            with signals_deferred():
+                try:
+                    proc = spawn_server(cmd, env=env, log_path=log_path)
+                except MeasurementError:
+                    os.rmdir(tmp_dir)
+                    raise
+                server = ServerProcess(port=port, proc=proc, log_path=log_path, tmp_dir=tmp_dir)
             wait_ready(server, ready_timeout_s=self.ready_timeout_s, t0=t0)
         except MeasurementError as exc:
             raise MeasurementError(f"{name} server ({shlex.join(cmd)}): {exc.message}") from exc
+        except BaseException:
+            if server is not None:
+                server.stop()
+            raise
         try:
             base_model, max_model_len = base_model_card(server.base_url)
         except BaseException:
