@@ -182,6 +182,8 @@ class TemplateLauncher:
                 server = ServerProcess(port=port, proc=proc, log_path=log_path, tmp_dir=tmp_dir)
             wait_ready(server, ready_timeout_s=self.ready_timeout_s, t0=t0)
         except MeasurementError as exc:
+            if server is None:  # the command cannot run: spawn_server's message names it
+                raise
             raise MeasurementError(f"{name} server ({shlex.join(cmd)}): {exc.message}") from exc
         except BaseException:
             if server is not None:
