@@ -81,6 +81,8 @@ class Gateway:
     session: aiohttp.ClientSession | None = None
     # Serialises reloads and admin writes that rebuild the catalog.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # One config reload at a time, from its file read to its apply (``reload.reload_from_file``).
+    reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # One admin write of an adapter name at a time on this instance (``admin_name_locks``).
     admin_names: NameLocks = field(default_factory=NameLocks)
     # The admin writes under way (``admin_common.run_to_the_end``), held till they end; the

@@ -3,7 +3,9 @@
 The new file is read and validated completely (``load_config``: every section, and the routing
 policy built once) before anything changes, so a bad file leaves the old config in force and
 the error names the key. It is read in a worker thread: the gateway serves (and answers
-``/livez``) while a big file is read. Then, without dropping a request:
+``/livez``) while a big file is read. Reloads run one at a time, from the read to the apply
+(a later one reads the file once the earlier one is applied, so the newest file is the one
+left in force). Then, without dropping a request:
 
 * routing policy, catalog (adapters, tenants, API keys) and request limits are swapped (a
   request already running keeps the policy and limits it started with);
@@ -123,8 +125,24 @@ async def reload_from_file(
     <id>``; None: nothing, a SIGHUP); ``request_id``: the request that asked for it, if one
     did (its log lines carry it: ``core.log_fields``)."""
     said = "" if how is None else f" ({how})"
+    # One reload at a time, from the read to the apply: two reloads whose reads end out of
+    # order (a slow read of a big file, the file rewritten meanwhile) would apply the older
+    # file last otherwise, and it would stay in force though both answered ``reloaded``. The
+    # later reload reads the file once the earlier one is applied. Requests are served
+    # meanwhile (the read is off the loop; ``gateway.lock`` is held only to apply).
+    async with gateway.reload_lock:
+        result = await _read_and_apply(gateway, path or gateway.config_path, said, request_id)
+    new_entries = result.replicas_added + result.replicas_changed
+    if new_entries:  # as at start-up (after the count: it may wait for DNS)
+        await warn_same_servers(gateway.config.replicas, only=new_entries)
+    return result
+
+
+async def _read_and_apply(
+    gateway: Gateway, path: Path | None, said: str, request_id: str | None
+) -> ReloadResult:
+    """``reload_from_file``'s read, check and apply (under ``gateway.reload_lock``), counted."""
     about = about_request(request_id)
-    path = path or gateway.config_path
     telemetry = gateway.telemetry
     try:
         if path is None:
@@ -161,9 +179,6 @@ async def reload_from_file(
         telemetry.count_reload("error")
         raise
     telemetry.count_reload("ok")
-    new_entries = result.replicas_added + result.replicas_changed
-    if new_entries:  # as at start-up (after the count: it may wait for DNS)
-        await warn_same_servers(gateway.config.replicas, only=new_entries)
     return result
 
 
