@@ -134,3 +134,25 @@ def test_a_bad_keys_file_is_one_line_naming_the_line_and_exit_2(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     assert f"{tmp_path}/{says}" in err[0], err[0]
+
+
+async def test_a_keys_file_naming_only_the_base_model_keeps_models_auto(
+    gateway_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The adapters come from ``GET /v1/models`` as with no file. Before, the run stopped with
+    "--models: expected 'auto' or a comma-separated list, got []" (--models was not given)."""
+    keys = tmp_path / "keys.csv"
+    keys.write_text(f"{BASE},sk-t0\n", encoding="utf-8")
+    out_records = tmp_path / "records.jsonl"
+    code = await loadtest(
+        "--url", gateway_url, "--workload", str(write_spec(tmp_path, SPEC)),
+        "--api-keys", str(keys), "--api-key", "sk-t0", "--max-requests", "20",
+        "--timeout-s", "30", "--results", str(out_records),
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "--models" not in err, err
+    rows = _records(out_records)
+    assert len(rows) == 20 and all(r["status"] == 200 for r in rows), err
+    assert {r["model"] for r in rows if r["adapter"] is not None} == {"cust-0"}  # what t0 sees
+    assert "6 workload adapters -> 1 model(s) from GET /v1/models" in err

@@ -444,7 +444,8 @@ async def _plan(
     models: str | list[str] = args.models
     if keys and args.models == "auto":  # the file's models (its base model's line: a key)
         base = args.base_model or (listing.base_model if isinstance(listing, FleetModels) else None)
-        models = [m for m in keys if m != base]
+        # A file naming the base model only: the adapters are GET /v1/models's, as without it.
+        models = [m for m in keys if m != base] or "auto"
     return plan_models(
         models=models,
         base_only=args.base_only,
