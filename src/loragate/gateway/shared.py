@@ -119,6 +119,8 @@ UnloadsCallback = Callable[
 # A hold of a replica shutting down is written again at most this often (seconds) by one
 # instance: the requests already sent there come back refused one after the other.
 _STOPPING_REWRITE_S = 1.0
+# ``_loaded_since``'s mark of a load whose store write has not ended yet.
+_WRITING = -2
 
 
 def build_store(config: StateConfig, *, clock: Clock | None = None) -> GatewayStore:
@@ -174,6 +176,7 @@ class SharedState:
         "_pool_writer",
         "_pool_writes",
         "_previous",
+        "_reads",
         "_records",
         "_refusals",
         "_registered_seen",
@@ -237,9 +240,12 @@ class SharedState:
         self._registered_seen: dict[ReplicaId, frozenset[AdapterId]] = {}
         # What ``on_unloads`` kept, handed again while the shared residency still lacks it.
         self._unloads_kept: Mapping[ReplicaId, frozenset[AdapterId]] = {}
-        # This instance's loads since the last round (a load and another instance's unload
-        # may both fall between two rounds: the shared view never showed it there).
-        self._loaded_since: dict[ReplicaId, set[AdapterId]] = {}
+        # This instance's loads not handed to ``on_unloads`` yet (a load and another
+        # instance's unload may both fall between two rounds: the shared view never showed it
+        # there), each with the store's ``read_mark`` once its write was done: until a refresh
+        # begun after it, the shared view may lack the load for being read before the write.
+        self._loaded_since: dict[tuple[ReplicaId, AdapterId], int] = {}
+        self._reads: ResilientStore | None = store if isinstance(store, ResilientStore) else None
         # Replica -> when (``clock``) this instance last wrote its hold (one write a second
         # at most while the requests already sent there come back refused), and the hold
         # reported since that write and not written yet: (error, hold_s, when reported).
@@ -388,9 +394,14 @@ class SharedState:
         reload) succeeded: vLLM put the adapter in a GPU slot too, recorded after the load.
         Routing may already have touched it, but a poll of another instance that could not list
         it yet may have dropped it meanwhile; this puts it back where the replica has it."""
-        if self._sync is None and self.on_unloads is not None:  # (what sync_unloads reads)
-            self._loaded_since.setdefault(replica_id, set()).add(adapter)
+        track = self._sync is None and self.on_unloads is not None  # (what sync_unloads reads)
+        if track:
+            self._loaded_since[replica_id, adapter] = _WRITING
         await self.store.record_load(replica_id, adapter)
+        if track:
+            self._loaded_since[replica_id, adapter] = (
+                -1 if self._reads is None else self._reads.read_mark()
+            )
 
     async def adapter_unloaded(self, replica_id: ReplicaId, adapter: AdapterId) -> None:
         await self.store.record_unload(replica_id, adapter)
@@ -606,12 +617,27 @@ class SharedState:
         loads since the last round that the shared residency lacks (an unload right after one
         may fall between the same two rounds); the pool drops them once the load is
         older than its last round (if the view was only late, that costs one load
-        that vLLM answers "already loaded")."""
+        that vLLM answers "already loaded"). A load of ours is handed only once the view was
+        read by a refresh begun after its write (``ResilientStore.read_includes``): a refresh
+        begun before may bring a view without it, and rounds with no refresh between would
+        hand it twice, the pool dropping it the second time (before: the flake of
+        ``test_shared_delete_then_post``)."""
         if self._sync is not None or self.on_unloads is None:
             return
         gone: dict[ReplicaId, frozenset[AdapterId]] = {}
         seen, kept = self._registered_seen, self._unloads_kept
-        ours, self._loaded_since = self._loaded_since, {}
+        # Our loads the shared view may lack only for being read before their write (a
+        # refresh begun before it landed replaced the mirror's) are not handed yet: handed
+        # once and kept, they would be dropped the next round, with no newer read between.
+        ours: dict[ReplicaId, set[AdapterId]] = {}
+        unread: dict[ReplicaId, set[AdapterId]] = {}
+        reads = self._reads
+        for (rid, name), mark in list(self._loaded_since.items()):
+            if mark == _WRITING or (reads is not None and not reads.read_includes(mark)):
+                unread.setdefault(rid, set()).add(name)
+            else:
+                del self._loaded_since[rid, name]
+                ours.setdefault(rid, set()).add(name)
         for rid in self._records:
             now = self.store.residency_of(rid).registered
             before = seen.get(rid)
@@ -619,6 +645,7 @@ class SharedState:
             lost = kept.get(rid, frozenset()).union(ours.get(rid, ())) - now
             if before is not None and before is not now:
                 lost |= before - now
+            lost -= unread.get(rid, set())
             if lost:
                 gone[rid] = lost
         for rid in [r for r in seen if r not in self._records]:

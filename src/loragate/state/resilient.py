@@ -194,6 +194,10 @@ class ResilientStore:
         self._outage_logged = False
         self.blips = 0
         self._last_refresh_s = -math.inf
+        # Refreshes begun, and the number of the one the mirror's shared view was read by
+        # (``read_mark`` / ``read_includes``).
+        self._reads_begun = 0
+        self._read_by = 0
         self._others: dict[ReplicaId, int] = {}
         # Other instances' last reads (instance -> epoch s, Redis's clock), as of our refresh.
         self._readers: dict[str, float] = {}
@@ -410,6 +414,8 @@ class ResilientStore:
         refusal_mark = self._refusal_writes.mark()
         drain_mark = self._drain_writes.mark()
         stopping_mark = self._stopping_writes.mark()
+        self._reads_begun += 1
+        read = self._reads_begun
         view = await self._remote.snapshot(as_reader=True)
         if allow_resync and self._remote.epoch != self._known_epoch:
             # Redis was replaced without a failed call in between: resynchronise.
@@ -427,7 +433,18 @@ class ResilientStore:
         )
         me = self._remote.instance_id
         self._readers = {i: t for i, t in view.readers.items() if i != me}
+        self._read_by = read
         self._last_refresh_s = self._clock.now()
+
+    def read_mark(self) -> int:
+        """The refreshes begun so far: a write of ours done now is in the mirror's shared view
+        once ``read_includes`` this mark (a refresh begun before the write landed may bring a
+        view without it, replacing the mirror's)."""
+        return self._reads_begun
+
+    def read_includes(self, mark: int) -> bool:
+        """Whether the mirror's shared view was read by a refresh begun after ``mark``."""
+        return self._read_by > mark
 
     async def maintain(self) -> None:
         """One round of housekeeping: retry Redis if degraded and the backoff elapsed; else
