@@ -43,9 +43,18 @@ async def _answer(reader: asyncio.StreamReader) -> tuple[list[int], dict[str, st
     return statuses, headers, body
 
 
-def _request(path: str, length: int, *, auth: bool, expect: str | None = "100-continue") -> bytes:
+def _request(
+    path: str,
+    length: int,
+    *,
+    auth: bool,
+    expect: str | None = "100-continue",
+    encoding: str | None = None,
+) -> bytes:
     head = f"POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
     head += f"Content-Length: {length}\r\n"
+    if encoding is not None:
+        head += f"Content-Encoding: {encoding}\r\n"
     if auth:
         head += f"Authorization: Bearer {KEY}\r\n"
     if expect is not None:
@@ -82,6 +91,26 @@ async def test_a_request_refused_before_its_body_gets_the_refusal_instead_of_100
     assert headers["x-request-id"]
     err = json.loads(body)["error"]
     assert set(err) == {"message", "type", "param", "code"}
+    assert not [b for r in replicas for b in r.requests]
+
+
+@pytest.mark.parametrize(
+    ("path", "encoding"),
+    [("/v1/completions", "compress"), ("/tokenize", "gzip, gzip"), ("/v1/completions", "x")],
+)
+async def test_an_unsupported_content_encoding_gets_the_415_instead_of_100(
+    gateway: RunningGateway, replicas: list[ScriptedReplica], path: str, encoding: str
+) -> None:
+    """Before, the gateway sent 100 Continue, took the body, then answered 415."""
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    try:
+        writer.write(_request(path, 20, auth=True, encoding=encoding))
+        statuses, headers, body = await _answer(reader)
+    finally:
+        writer.close()
+    assert statuses == [415], body  # no 100 Continue first
+    assert headers["connection"] == "close"
+    assert json.loads(body)["error"]["code"] == "unsupported_content_encoding"
     assert not [b for r in replicas for b in r.requests]
 
 

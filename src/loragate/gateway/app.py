@@ -47,6 +47,7 @@ from loragate.gateway.inflight import InFlightTracker, LocalInFlight
 from loragate.gateway.label_fold import LabelFold
 from loragate.gateway.loop_lag import LoopLag
 from loragate.gateway.proxy import Proxy
+from loragate.gateway.request_body import encoding_refused
 from loragate.gateway.request_ids import RequestIds, with_request_id
 from loragate.gateway.route_errors import NoReplicaLog, method_not_allowed, not_found
 from loragate.gateway.shared import SharedState, build_store
@@ -286,10 +287,13 @@ def create_app(
     # handler is wrapped (``request_ids.with_request_id``): no middleware, no response hook.
     def refused_unread(request: web.Request) -> bool:
         """Whether the proxy's and the tokenizer's handlers refuse ``request`` before reading
-        its body (``gateway.expect_continue``): no or a wrong API key, or a Content-Length
-        over the limit (as the config in force says)."""
+        its body (``gateway.expect_continue``): no or a wrong API key, a Content-Length
+        over the limit (as the config in force says), or a Content-Encoding it does not read
+        (415)."""
         length = request.content_length
         if length is not None and length > gateway.config.limits.max_body_bytes:
+            return True
+        if encoding_refused(request):
             return True
         try:
             gateway.catalog.tenant_of(request.headers.get(hdrs.AUTHORIZATION))

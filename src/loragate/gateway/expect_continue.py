@@ -1,7 +1,8 @@
 """``Expect: 100-continue`` on the routes that take a body: a request the handler refuses
-before reading its body (no or a wrong API key: 401; a ``Content-Length`` over the limit: 413)
-is answered with that refusal instead of ``100 Continue``, so that the client does not send a
-body only to have it refused; the others get ``100 Continue`` (as aiohttp's default handler).
+before reading its body (no or a wrong API key: 401; a ``Content-Length`` over the limit: 413;
+a ``Content-Encoding`` it does not read: 415) is answered with that refusal instead of
+``100 Continue``, so that the client does not send a body only to have it refused; the others
+get ``100 Continue`` (as aiohttp's default handler).
 
 aiohttp calls a route's expect handler before the route's handler, and answers with the
 response it returns, if any, without calling the handler. Here the refusal is the handler's

@@ -92,6 +92,18 @@ def unreadable_body_request_id(exc: BaseException) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def encoding_refused(request: web.Request) -> bool:
+    """Whether ``read_request_body`` refuses ``request``'s ``Content-Encoding`` (415) before
+    reading its body (``gateway.expect_continue`` answers that instead of ``100 Continue``)."""
+    if hdrs.CONTENT_ENCODING not in request.headers:
+        return False
+    try:
+        _check_encoding(request)
+    except UnsupportedEncodingError:
+        return True
+    return False
+
+
 def _check_encoding(request: web.Request) -> None:
     values = [v.strip().lower() for v in request.headers.getall(hdrs.CONTENT_ENCODING)]
     if not any(values):
