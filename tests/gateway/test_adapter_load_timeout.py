@@ -4,7 +4,8 @@ for it, and is retried once on another replica, as a load that could not connect
 ``load_failed`` in loragate_upstream_retries_total). It waited ``limits.admin_timeout_s``
 (60 s by default) and got a 504, not retried, while another replica was healthy (found by a
 walk-through: a SIGSTOPped replica, 504 after 60.5 s). Without another replica the client
-gets the 504 at its request_timeout_s, and the load goes on for the replica's sake."""
+gets the 504 at its request_timeout_s, and the load goes on for the replica's sake; the 504
+carries no ``x-should-retry: false`` (the replica never got the request, so a retry is safe)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ async def test_without_another_replica_the_client_gets_a_504_at_its_request_time
     async with running_gateway(cfg, port=0) as gw, aiohttp.ClientSession() as http:
         async with http.post(gw.url + "/v1/completions", json=_REQUEST) as resp:
             status, replica = resp.status, resp.headers["X-Loragate-Replica"]
+            retry_hint = resp.headers.get("x-should-retry")
             error = (await resp.json())["error"]
         requests = await counts(http, gw.url, "loragate_requests_total")
         assert gw.gateway.pool.loading("r0") == {"lora-0"}
@@ -57,3 +59,5 @@ async def test_without_another_replica_the_client_gets_a_504_at_its_request_time
     assert error["code"] == "upstream_timeout"
     assert error["message"] == "replica r0: loading adapter 'lora-0' did not finish in time"
     assert requests == {("r0", "504"): 1}
+    # The replica never got the request: the SDKs may retry it (before: "false").
+    assert retry_hint is None

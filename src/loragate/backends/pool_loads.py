@@ -49,6 +49,7 @@ from loragate.backends.pool_types import (
 )
 from loragate.core.errors import (
     AdapterLoadError,
+    AdapterLoadTimeoutError,
     LoragateError,
     UpstreamConnectError,
     UpstreamTimeoutError,
@@ -275,7 +276,7 @@ class PoolLoads(PoolHealth, PoolLoraOff):
             error, reason = wake.result()
             raise error(f"{reason} while adapter {spec.name!r} was loading there")
         if not task.done():
-            raise UpstreamTimeoutError(
+            raise AdapterLoadTimeoutError(
                 f"loading adapter {spec.name} on replica {replica_id} did not finish within "
                 f"{wait_s:.3g} s (the load goes on, up to {self._admin_timeout_s:g} s)"
             )

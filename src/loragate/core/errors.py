@@ -79,6 +79,11 @@ class UpstreamTimeoutError(UpstreamError):
     """The replica did not answer in time."""
 
 
+class AdapterLoadTimeoutError(UpstreamTimeoutError):
+    """A request's wait for its adapter's load on a replica ran out: the replica never got the
+    request itself (sent again, it may well be served: no ``x-should-retry: false``)."""
+
+
 class UpstreamProtocolError(UpstreamError):
     """The replica answered with something we cannot use (bad status, bad body)."""
 

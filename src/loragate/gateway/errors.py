@@ -9,6 +9,7 @@ from aiohttp import web
 
 from loragate.core.errors import (
     AdapterLoadError,
+    AdapterLoadTimeoutError,
     AuthenticationError,
     ClientBodyTimeoutError,
     ConfigError,
@@ -113,9 +114,10 @@ def error_response(exc: LoragateError, *, headers: dict[str, str] | None = None)
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     elif status == 415:
         headers = {**(headers or {}), "Accept-Encoding": ACCEPT_ENCODING}
-    elif isinstance(exc, UpstreamTimeoutError):
+    elif isinstance(exc, UpstreamTimeoutError) and not isinstance(exc, AdapterLoadTimeoutError):
         # The replica ran the request for the whole request_timeout_s: sent again, it would
-        # run as long again (the OpenAI SDKs retry a 504 twice unless told not to).
+        # run as long again (the OpenAI SDKs retry a 504 twice unless told not to). Not after
+        # a wait for an adapter's load that ran out: the replica never got the request.
         headers = {**(headers or {}), "x-should-retry": "false"}
     elif isinstance(exc, NoReplicaAvailableError):
         headers = {**(headers or {}), "Retry-After": NO_REPLICA_RETRY_AFTER}

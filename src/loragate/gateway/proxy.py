@@ -170,6 +170,7 @@ from loragate.core.clock import Clock
 from loragate.core.config import LimitsConfig
 from loragate.core.errors import (
     AdapterLoadError,
+    AdapterLoadTimeoutError,
     AuthenticationError,
     LoragateError,
     NoReplicaAvailableError,
@@ -1481,8 +1482,8 @@ def _for_client(exc: UpstreamError, rid: ReplicaId, loading: str | None) -> Upst
     if isinstance(exc, ReplicaStoppedError):  # (its words carry no URL; they name the load)
         return ReplicaStoppedError(f"replica {rid}: {exc.message}")
     if loading is not None:
-        if isinstance(exc, UpstreamTimeoutError):
-            return UpstreamTimeoutError(
+        if isinstance(exc, UpstreamTimeoutError):  # (the request itself was not sent)
+            return AdapterLoadTimeoutError(
                 f"replica {rid}: loading adapter {loading!r} did not finish in time"
             )
         return type(exc)(f"replica {rid}: could not be reached to load adapter {loading!r}")
