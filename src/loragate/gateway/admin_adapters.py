@@ -447,13 +447,15 @@ class AdapterAdmin:
         pool.refusals.forget(name)
         unloaded, errors = [], {}
         upstream_id = request[UPSTREAM_ID]
-        k = 0
-        for rid in pool.replica_ids:
-            if not (
-                pool.is_registered(rid, name) or name in gw.shared.residency_of(rid).registered
-            ):
-                continue
-            k += 1
+        # Where it sits, decided before the first unload: this instance's poller may unload
+        # it from one of them meanwhile (it lists the name the deletion just retired), which
+        # would drop it from the view before the loop reaches it, and the answer would lack it.
+        holding = [
+            rid
+            for rid in pool.replica_ids
+            if pool.is_registered(rid, name) or name in gw.shared.residency_of(rid).registered
+        ]
+        for k, rid in enumerate(holding, 1):
             try:
                 await pool.unload_adapter(rid, name, request_id=f"{upstream_id}-unload-{k}")
                 unloaded.append(rid)
