@@ -418,8 +418,8 @@ class _ReplicaView(Collector):
                 "Gateway instances sharing this state store (Redis) that read it lately, this "
                 "one included: those whose last read of the shared state is at most "
                 "max(3 x state.refresh_s, 5 s) old, as of this instance's last refresh (Redis "
-                "keeps each instance's last read). Not shown while this instance is degraded, "
-                "nor with the embedded store (one instance).",
+                "keeps each instance's last read); 1 with the embedded store (one instance). "
+                "Not shown while this instance is degraded.",
                 value=n,
             )
 
