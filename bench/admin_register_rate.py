@@ -23,56 +23,22 @@ import argparse
 import asyncio
 import contextlib
 import os
-import re
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import yaml
 
+from _child_process import child, drain, line_matching
 from _redis_server import start_redis
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 TOKEN = "bench-admin"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@contextlib.asynccontextmanager
-async def _child(args: list[str], env: dict[str, str]) -> AsyncIterator[asyncio.subprocess.Process]:
-    proc = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
-        limit=1 << 24,
-    )  # fmt: skip
-    try:
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-
-
-async def _line(stream: asyncio.StreamReader | None, pattern: str) -> re.Match[str]:
-    assert stream is not None
-    for _ in range(500):
-        line = (await asyncio.wait_for(stream.readline(), 120)).decode()
-        if match := re.search(pattern, line):
-            return match
-    raise RuntimeError(f"no line matching {pattern!r}")
-
-
-async def _drain(stream: asyncio.StreamReader | None) -> None:
-    assert stream is not None
-    while await stream.readline():
-        pass
 
 
 async def main() -> None:
@@ -98,11 +64,11 @@ async def main() -> None:
             for _ in range(args.replicas):
                 argv = [*cli, "replica", "--port", "0", "--served-model-name", "base",
                         "--enable-lora", "--max-loras", "8", "--max-cpu-loras", "64"]  # fmt: skip
-                rep = await stack.enter_async_context(_child(argv, env))
+                rep = await stack.enter_async_context(child(argv, env, stdin=None))
                 streams = (rep.stdout, rep.stderr)
                 url = await asyncio.wait_for(_first_url(streams), 120)
                 urls.append(url)
-                drains += [asyncio.create_task(_drain(s)) for s in streams]
+                drains += [asyncio.create_task(drain(s)) for s in streams]
             config = {
                 "base_model": "base",
                 "replicas": [{"id": f"r{i}", "url": u} for i, u in enumerate(urls)],
@@ -121,11 +87,15 @@ async def main() -> None:
                 config["state"] = {"backend": "redis", "redis_url": redis_url}
             path = Path(tmp) / "gw.yaml"
             path.write_text(yaml.safe_dump(config))
-            gw = await stack.enter_async_context(_child(
+            gw = await stack.enter_async_context(child(
                 [*cli, "serve", "--config", str(path), "--host", "127.0.0.1", "--port", "0"],
-                env))  # fmt: skip
-            gw_url = (await _line(gw.stderr, r"listening on (http://\S+)")).group(1)
-            drains += [asyncio.create_task(_drain(s)) for s in (gw.stdout, gw.stderr)]
+                env, stdin=None))  # fmt: skip
+            gw_url = (
+                await line_matching(
+                    gw.stderr, r"listening on (http://\S+)", lines=500, line_timeout_s=120
+                )
+            ).group(1)
+            drains += [asyncio.create_task(drain(s)) for s in (gw.stdout, gw.stderr)]
             await _register(gw_url, paths, args)
     for task in drains:
         task.cancel()
@@ -133,7 +103,9 @@ async def main() -> None:
 
 async def _first_url(streams: tuple[asyncio.StreamReader | None, ...]) -> str:
     """The replica's ready line (stdout) names its URL."""
-    return (await _line(streams[0], r"(http://127\.0\.0\.1:\d+)")).group(1)
+    return (
+        await line_matching(streams[0], r"(http://127\.0\.0\.1:\d+)", lines=500, line_timeout_s=120)
+    ).group(1)
 
 
 async def _register(url: str, paths: list[str], args: argparse.Namespace) -> None:

@@ -27,57 +27,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
-import re
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import yaml
 
+from _child_process import child, drain, line_matching
+
 HERE = Path(__file__).resolve().parent
 TOKEN = "bench-admin"
-
-
-@contextlib.asynccontextmanager
-async def _child(args: list[str], env: dict[str, str]) -> AsyncIterator[asyncio.subprocess.Process]:
-    proc = await asyncio.create_subprocess_exec(
-        *args,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-        limit=1 << 24,  # (a log line may name every adapter)
-    )
-    try:
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-
-
-async def _line(stream: asyncio.StreamReader | None, pattern: str) -> re.Match[str]:
-    assert stream is not None
-    for _ in range(500):
-        line = (await asyncio.wait_for(stream.readline(), 300)).decode()
-        if match := re.search(pattern, line):
-            return match
-    raise RuntimeError(f"no line matching {pattern!r}")
-
-
-async def _drain(stream: asyncio.StreamReader | None) -> None:
-    assert stream is not None
-    while await stream.readline():
-        pass
 
 
 def _config(port: int, n: int) -> dict[str, object]:
@@ -110,18 +72,24 @@ async def _probe(http: aiohttp.ClientSession, url: str, stop: asyncio.Event) -> 
 async def _measure(src: str, n: int, reloads: int) -> None:
     env = dict(os.environ, PYTHONPATH=src)
     upstream = [sys.executable, str(HERE / "_instant_upstream.py"), "--replicas", "1"]
-    async with _child(upstream, env) as up:
-        port = int((await _line(up.stdout, r"PORTS (\d+)")).group(1))
+    async with child(upstream, env) as up:
+        port = int(
+            (await line_matching(up.stdout, r"PORTS (\d+)", lines=500, line_timeout_s=300)).group(1)
+        )
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "gw.yaml"
             path.write_text(yaml.safe_dump(_config(port, n), sort_keys=False))
             serve = [sys.executable, "-m", "loragate.cli", "serve", "--config", str(path),
                      "--host", "127.0.0.1", "--port", "0"]  # fmt: skip
             started = time.perf_counter()
-            async with _child(serve, env) as gw:
-                url = (await _line(gw.stderr, r"listening on (http://\S+)")).group(1)
+            async with child(serve, env) as gw:
+                url = (
+                    await line_matching(
+                        gw.stderr, r"listening on (http://\S+)", lines=500, line_timeout_s=300
+                    )
+                ).group(1)
                 print(f"  start-up {time.perf_counter() - started:.2f} s")
-                drain = asyncio.create_task(_drain(gw.stderr))
+                reader = asyncio.create_task(drain(gw.stderr))
                 async with aiohttp.ClientSession() as http:
                     for i in range(reloads):
                         stop = asyncio.Event()
@@ -137,7 +105,7 @@ async def _measure(src: str, n: int, reloads: int) -> None:
                         worst, count = await probe
                         print(f"  reload {i + 1}: {status} in {took:.2f} s, slowest /livez "
                               f"meanwhile {worst * 1000:.0f} ms ({count} probes)")  # fmt: skip
-                drain.cancel()
+                reader.cancel()
 
 
 async def main() -> None:

@@ -32,18 +32,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
-import re
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+
+from _child_process import child, drain, line_matching
 
 HERE = Path(__file__).resolve().parent
 MODES = {
@@ -52,37 +51,6 @@ MODES = {
     "first_n": {"adapter_labels": "first_n", "tenant_labels": "first_n"},
     "none": {"adapter_labels": "none", "tenant_labels": "none"},
 }
-
-
-@contextlib.asynccontextmanager
-async def _child(args: list[str], env: dict[str, str]) -> AsyncIterator[asyncio.subprocess.Process]:
-    proc = await asyncio.create_subprocess_exec(
-        *args,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-        limit=1 << 24,  # (a log line may name every adapter)
-    )
-    try:
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-
-
-async def _line(stream: asyncio.StreamReader | None, pattern: str) -> re.Match[str]:
-    assert stream is not None
-    for _ in range(200):
-        line = (await asyncio.wait_for(stream.readline(), 60)).decode()
-        if match := re.search(pattern, line):
-            return match
-    raise RuntimeError(f"no line matching {pattern!r}")
 
 
 def _config(port: int, n: int, tenants: int, metrics: dict[str, str] | None) -> dict[str, object]:
@@ -104,16 +72,22 @@ def _config(port: int, n: int, tenants: int, metrics: dict[str, str] | None) -> 
 async def _measure(src: str, mode: str, n: int, tenants: int) -> tuple[int, Counter[str]]:
     env = dict(os.environ, PYTHONPATH=src)
     upstream = [sys.executable, str(HERE / "_instant_upstream.py"), "--replicas", "1"]
-    async with _child(upstream, env) as up:
-        port = int((await _line(up.stdout, r"PORTS (\d+)")).group(1))
+    async with child(upstream, env) as up:
+        port = int(
+            (await line_matching(up.stdout, r"PORTS (\d+)", lines=200, line_timeout_s=60)).group(1)
+        )
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "gw.yaml"
             path.write_text(yaml.safe_dump(_config(port, n, tenants, MODES[mode])))
             serve = [sys.executable, "-m", "loragate.cli", "serve", "--config", str(path),
                      "--host", "127.0.0.1", "--port", "0"]  # fmt: skip
-            async with _child(serve, env) as gw:
-                url = (await _line(gw.stderr, r"listening on (http://\S+)")).group(1)
-                drain = asyncio.create_task(_drain(gw.stderr))
+            async with child(serve, env) as gw:
+                url = (
+                    await line_matching(
+                        gw.stderr, r"listening on (http://\S+)", lines=200, line_timeout_s=60
+                    )
+                ).group(1)
+                reader = asyncio.create_task(drain(gw.stderr))
                 async with aiohttp.ClientSession() as http:
                     for i in range(n):
                         auth = {"Authorization": f"Bearer sk-{i % tenants}"}
@@ -128,7 +102,7 @@ async def _measure(src: str, mode: str, n: int, tenants: int) -> tuple[int, Coun
                                     raise RuntimeError(f"lora-{i}: {resp.status}")
                     async with http.get(url + "/metrics") as resp:
                         text = await resp.text()
-                drain.cancel()
+                reader.cancel()
     total = 0
     labelled: Counter[str] = Counter()
     for family in text_string_to_metric_families(text):
@@ -137,13 +111,6 @@ async def _measure(src: str, mode: str, n: int, tenants: int) -> tuple[int, Coun
             if "adapter" in sample.labels or "tenant" in sample.labels:
                 labelled[family.name] += 1
     return total, labelled
-
-
-async def _drain(stream: asyncio.StreamReader | None) -> None:
-    """Read the gateway's log (a full pipe would stall it)."""
-    assert stream is not None
-    while await stream.readline():
-        pass
 
 
 async def main() -> None:
